@@ -1,0 +1,227 @@
+//! The agent's configuration file (TOML), checked strictly: unknown keys,
+//! wrong types and missing files are errors that name the file and key.
+
+use std::path::{Path, PathBuf};
+
+use lifeboat_common::tls::TlsFiles;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Errors reading the configuration.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has wrong keys/values.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value is syntactically fine but unusable.
+    #[error("invalid config file {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// No host id configured and none readable from /etc/machine-id.
+    #[error("no host_id in the config and {path} is unreadable or empty: {reason}")]
+    NoHostId {
+        /// The machine-id file tried.
+        path: PathBuf,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// How to reach the controller.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// `https://HOST:PORT`.
+    pub url: String,
+    /// Name the controller's certificate must carry.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// CA bundle.
+    pub ca: PathBuf,
+    /// This agent's certificate (issued with `lifeboat certs issue --agent HOST`).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+impl ControllerConfig {
+    /// The TLS file set.
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
+    }
+}
+
+fn default_server_name() -> String {
+    lifeboat_common::pki::CONTROLLER_NAME.to_string()
+}
+fn default_uri() -> String {
+    "qemu:///system".into()
+}
+fn default_boot_id_file() -> PathBuf {
+    "/proc/sys/kernel/random/boot_id".into()
+}
+fn default_machine_id_file() -> PathBuf {
+    "/etc/machine-id".into()
+}
+fn default_autostart_dir() -> PathBuf {
+    "/etc/libvirt/qemu/autostart".into()
+}
+fn default_qemu_conf() -> PathBuf {
+    "/etc/libvirt/qemu.conf".into()
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/lifeboat".into()
+}
+fn default_resync() -> u64 {
+    30
+}
+fn default_libvirt_guests() -> Vec<PathBuf> {
+    vec!["/etc/sysconfig/libvirt-guests".into(), "/etc/default/libvirt-guests".into()]
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Stable host id; default: the contents of `machine_id_file`.
+    pub host_id: Option<String>,
+    /// Where the machine id is read when `host_id` is not set.
+    #[serde(default = "default_machine_id_file")]
+    pub machine_id_file: PathBuf,
+    /// Where the boot id is read (changes on every boot).
+    #[serde(default = "default_boot_id_file")]
+    pub boot_id_file: PathBuf,
+    /// libvirt connection URI.
+    #[serde(default = "default_uri")]
+    pub libvirt_uri: String,
+    /// Directory of libvirt's autostart links, watched for changes
+    /// (libvirt sends no event when autostart is switched).
+    #[serde(default = "default_autostart_dir")]
+    pub autostart_dir: PathBuf,
+    /// qemu driver configuration, read for `lock_manager`.
+    #[serde(default = "default_qemu_conf")]
+    pub qemu_conf: PathBuf,
+    /// libvirt-guests configuration files, first existing one wins.
+    #[serde(default = "default_libvirt_guests")]
+    pub libvirt_guests_conf: Vec<PathBuf>,
+    /// Agent's own state (leases, later).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Full rescan of libvirt every this many seconds (the backstop).
+    #[serde(default = "default_resync")]
+    pub resync_interval_s: u64,
+    /// The controller.
+    pub controller: ControllerConfig,
+}
+
+impl AgentConfig {
+    /// Parses configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: AgentConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let invalid = |m: &str| ConfigError::Invalid { path: path.into(), message: m.to_string() };
+        if !(cfg.controller.url.starts_with("https://")) {
+            return Err(invalid(&format!(
+                "controller.url '{}' must start with https:// (the session is always mutual TLS)",
+                cfg.controller.url
+            )));
+        }
+        if cfg.resync_interval_s == 0 {
+            return Err(invalid("resync_interval_s must be at least 1"));
+        }
+        if let Some(h) = &cfg.host_id {
+            if h.trim().is_empty() {
+                return Err(invalid("host_id must not be empty (remove it to use /etc/machine-id)"));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Reads and parses the file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// The host id: configured, else the machine id. Never the hostname.
+    pub fn resolve_host_id(&self) -> Result<String, ConfigError> {
+        if let Some(h) = &self.host_id {
+            return Ok(h.trim().to_string());
+        }
+        let p = &self.machine_id_file;
+        match std::fs::read_to_string(p) {
+            Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+            Ok(_) => Err(ConfigError::NoHostId { path: p.clone(), reason: "empty".into() }),
+            Err(e) => Err(ConfigError::NoHostId { path: p.clone(), reason: e.to_string() }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+host_id = "host-a"
+[controller]
+url = "https://10.0.0.1:7443"
+ca = "/ca.pem"
+cert = "/a.pem"
+key = "/a.key"
+"#;
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = AgentConfig::parse(GOOD, Path::new("x.toml")).unwrap();
+        assert_eq!(c.libvirt_uri, "qemu:///system");
+        assert_eq!(c.controller.server_name, "lifeboat-controller");
+        assert_eq!(c.resolve_host_id().unwrap(), "host-a");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = AgentConfig::parse(&format!("{GOOD}\nbogus = 1\n"), Path::new("x.toml")).unwrap_err().to_string();
+        assert!(e.contains("x.toml") && e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn malformed_toml_names_the_line() {
+        let e = AgentConfig::parse("host_id = \n", Path::new("/etc/lifeboat/agent.toml")).unwrap_err().to_string();
+        assert!(e.contains("/etc/lifeboat/agent.toml") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_is_refused() {
+        let e = AgentConfig::parse(&GOOD.replace("https", "http"), Path::new("x")).unwrap_err().to_string();
+        assert!(e.contains("https://"), "{e}");
+    }
+
+    #[test]
+    fn machine_id_is_the_fallback_never_the_hostname() {
+        let dir = tempfile::tempdir().unwrap();
+        let mid = dir.path().join("machine-id");
+        std::fs::write(&mid, "0123abcd\n").unwrap();
+        let text = GOOD.replace("host_id = \"host-a\"", &format!("machine_id_file = {:?}", mid));
+        let c = AgentConfig::parse(&text, Path::new("x")).unwrap();
+        assert_eq!(c.resolve_host_id().unwrap(), "0123abcd");
+        std::fs::write(&mid, "").unwrap();
+        assert!(c.resolve_host_id().is_err());
+    }
+}

@@ -1,0 +1,36 @@
+//! `lifeboat-agent`: runs on every hypervisor host, reports the host and
+//! its guests to the controller and carries out the controller's commands.
+//!
+//! Code map: [`config`] reads the agent's TOML file; [`domxml`] is the pure
+//! parser of libvirt domain XML; [`hostfacts`] reads host facts from local
+//! files; [`libvirt`] is the one thread that owns every `virt` call;
+//! [`session`] keeps the gRPC session to the controller.
+
+pub mod config;
+pub mod domxml;
+pub mod hostfacts;
+pub mod libvirt;
+pub mod session;
+
+use std::sync::Arc;
+
+use tracing::info;
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
+    lifeboat_common::tls::install_crypto_provider();
+    let tls = cfg.controller.tls().load()?;
+    let host_id = cfg.resolve_host_id()?;
+    info!(host_id = %host_id, uri = %cfg.libvirt_uri, controller = %cfg.controller.url, "lifeboat-agent starting");
+    let shared = Arc::new(libvirt::Shared::default());
+    let (actor, updates) = libvirt::spawn(libvirt::ActorConfig::from_agent(&cfg, host_id.clone()), shared.clone())?;
+    let session = session::Session::new(&cfg, host_id, tls, actor.clone(), shared);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = session.run(updates) => r?,
+        _ = tokio::signal::ctrl_c() => info!("interrupted, exiting"),
+        _ = sigterm.recv() => info!("SIGTERM, exiting"),
+    }
+    actor.shutdown();
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! The agent's gRPC session to the controller: dial, say hello, send the
+//! inventory and then changes and heartbeats; reconnect with backoff.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use lifeboat_common::tls::TlsMaterial;
+use lifeboat_proto::v1::{
+    AgentMessage, GuestChanged, GuestRemoved, Heartbeat, Hello, agent_message, agent_session_client::AgentSessionClient,
+    controller_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::hostfacts;
+use crate::libvirt::{Actor, Shared, Update};
+
+/// Session settings and handles.
+pub struct Session {
+    url: String,
+    server_name: String,
+    host_id: String,
+    boot_id_file: std::path::PathBuf,
+    tls: TlsMaterial,
+    actor: Actor,
+    shared: Arc<Shared>,
+}
+
+/// Why one session attempt ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Could not reach or handshake with the controller.
+    #[error("cannot connect to controller {url}: {source}")]
+    Connect {
+        /// Controller URL.
+        url: String,
+        /// Cause.
+        source: tonic::transport::Error,
+    },
+    /// The controller refused or ended the session.
+    #[error("controller ended the session: {0}")]
+    Status(#[from] tonic::Status),
+    /// The controller sent something unexpected.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+impl Session {
+    /// Prepares a session; nothing is dialled until [`Session::run`].
+    pub fn new(cfg: &AgentConfig, host_id: String, tls: TlsMaterial, actor: Actor, shared: Arc<Shared>) -> Self {
+        Session {
+            url: cfg.controller.url.clone(),
+            server_name: cfg.controller.server_name.clone(),
+            host_id,
+            boot_id_file: cfg.boot_id_file.clone(),
+            tls,
+            actor,
+            shared,
+        }
+    }
+
+    /// Keeps a session open forever, reconnecting with capped exponential
+    /// backoff (0.5 s .. 10 s, with jitter).
+    pub async fn run(&self, mut updates: mpsc::Receiver<Update>) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let started = Instant::now();
+            match self.once(&mut updates).await {
+                Ok(()) => info!("session closed by controller"),
+                Err(e) => warn!("{}", error_chain(&e)),
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(500);
+            }
+            let jitter = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * 2);
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, SessionError> {
+        let err = |source| SessionError::Connect { url: self.url.clone(), source };
+        Endpoint::from_shared(self.url.clone())
+            .map_err(err)?
+            .tls_config(self.tls.client_config(&self.server_name))
+            .map_err(err)?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_keepalive(Some(Duration::from_secs(10)))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect()
+            .await
+            .map_err(err)
+    }
+
+    async fn once(&self, updates: &mut mpsc::Receiver<Update>) -> Result<(), SessionError> {
+        let channel = self.channel().await?;
+        let mut client = AgentSessionClient::new(channel);
+        let (tx, rx) = mpsc::channel::<AgentMessage>(256);
+        let send = |m: agent_message::Msg| AgentMessage { msg: Some(m) };
+        let boot_id = hostfacts::read_trimmed(&self.boot_id_file).unwrap_or_default();
+        let _ = tx
+            .send(send(agent_message::Msg::Hello(Hello {
+                host_id: self.host_id.clone(),
+                agent_version: lifeboat_common::VERSION.to_string(),
+                boot_id,
+            })))
+            .await;
+        let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        let welcome = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+            Err(_) => return Err(SessionError::Protocol("no Welcome within 10 s".into())),
+            Ok(r) => match r?.and_then(|m| m.msg) {
+                Some(controller_message::Msg::Welcome(w)) => w,
+                other => return Err(SessionError::Protocol(format!("expected Welcome, got {other:?}"))),
+            },
+        };
+        let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
+        info!(controller = %self.url, heartbeat_ms = hb_ms, "session established");
+        while updates.try_recv().is_ok() {}
+        self.actor.request_snapshot();
+        let mut hb = tokio::time::interval(Duration::from_millis(hb_ms));
+        hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                _ = hb.tick() => {
+                    seq += 1;
+                    let m = send(agent_message::Msg::Heartbeat(Heartbeat {
+                        seq,
+                        sent_unix_ms: lifeboat_common::now_unix_ms(),
+                        memory_free_kib: self.shared.memory_free_kib.load(Ordering::Relaxed),
+                    }));
+                    if tx.send(m).await.is_err() { return Err(SessionError::Protocol("outbound stream closed".into())); }
+                }
+                u = updates.recv() => {
+                    let Some(u) = u else { return Err(SessionError::Protocol("libvirt actor stopped".into())) };
+                    let m = match u {
+                        Update::Inventory(inv) => agent_message::Msg::Inventory(inv),
+                        Update::Changed(g) => agent_message::Msg::GuestChanged(GuestChanged { guest: Some(g) }),
+                        Update::Removed { uuid, name } => agent_message::Msg::GuestRemoved(GuestRemoved { uuid, name }),
+                        Update::Host(h) => agent_message::Msg::Host(h),
+                    };
+                    if tx.send(send(m)).await.is_err() { return Err(SessionError::Protocol("outbound stream closed".into())); }
+                }
+                m = inbound.message() => {
+                    match m? {
+                        None => return Ok(()),
+                        Some(msg) => match msg.msg {
+                            Some(controller_message::Msg::Command(c)) => match c.kind {
+                                Some(lifeboat_proto::v1::command::Kind::Resync(_)) => self.actor.request_snapshot(),
+                                None => warn!(id = %c.id, "command of a kind this agent does not know; ignored"),
+                            },
+                            Some(controller_message::Msg::Welcome(_)) | None => {}
+                        },
+                    }
+                }
+            }
+        }
+    }
+}

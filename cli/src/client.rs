@@ -1,0 +1,185 @@
+//! Connecting to the controller, and turning failures into messages an
+//! operator can act on.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use lifeboat_common::tls::TlsFiles;
+use lifeboat_proto::v1::admin_client::AdminClient;
+use serde::Deserialize;
+use thiserror::Error;
+use tonic::transport::{Channel, Endpoint};
+
+/// Where the controller is and which certificate to use. Flags win over
+/// environment variables, which win over the config file.
+#[derive(Args, Debug, Clone)]
+pub struct Connection {
+    /// CLI config file (TOML: controller, server_name, ca, cert, key).
+    #[arg(long, env = "LIFEBOAT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Controller URL, e.g. https://controller:7443.
+    #[arg(long = "controller-url", env = "LIFEBOAT_CONTROLLER", global = true)]
+    controller_url: Option<String>,
+    /// Name the controller's certificate must carry.
+    #[arg(long, env = "LIFEBOAT_SERVER_NAME", global = true)]
+    server_name: Option<String>,
+    /// CA bundle.
+    #[arg(long, env = "LIFEBOAT_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Your client certificate.
+    #[arg(long, env = "LIFEBOAT_CERT", global = true)]
+    cert: Option<PathBuf>,
+    /// Your private key.
+    #[arg(long, env = "LIFEBOAT_KEY", global = true)]
+    key: Option<PathBuf>,
+    /// Seconds to wait for the controller.
+    #[arg(long, default_value_t = 10, global = true)]
+    timeout: u64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    controller: Option<String>,
+    server_name: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+/// A CLI failure with its exit code.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// Bad arguments or configuration (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Controller not reachable (exit 3).
+    #[error("{0}")]
+    Unreachable(String),
+    /// Certificate or permission refused (exit 4).
+    #[error("{0}")]
+    Refused(String),
+    /// No such thing (exit 5).
+    #[error("{0}")]
+    NotFound(String),
+    /// Anything else (exit 1).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    /// Process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Other(_) => 1,
+            CliError::Usage(_) => 2,
+            CliError::Unreachable(_) => 3,
+            CliError::Refused(_) => 4,
+            CliError::NotFound(_) => 5,
+        }
+    }
+
+    /// Maps an RPC status.
+    pub fn from_status(s: tonic::Status) -> CliError {
+        use tonic::Code;
+        let mut msg = s.message().to_string();
+        if let Some(src) = std::error::Error::source(&s) {
+            let detail = chain(src);
+            if !msg.contains(&detail) {
+                msg = format!("{msg}: {detail}");
+            }
+        }
+        match s.code() {
+            Code::NotFound => CliError::NotFound(msg),
+            Code::PermissionDenied => CliError::Refused(format!("permission denied: {msg}")),
+            Code::Unauthenticated => CliError::Refused(format!("certificate rejected: {msg}")),
+            Code::InvalidArgument | Code::FailedPrecondition => CliError::Usage(msg),
+            Code::Unavailable | Code::Unknown if msg.contains("transport error") => classify_transport(&msg),
+            Code::Unavailable => classify_transport(&msg),
+            _ => CliError::Other(format!("{:?}: {msg}", s.code())),
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn classify_transport(detail: &str) -> CliError {
+    let d = detail.to_ascii_lowercase();
+    if d.contains("alert") && (d.contains("certificate") || d.contains("unknownca") || d.contains("decrypt")) {
+        CliError::Refused(format!(
+            "certificate rejected: the controller refused our client certificate ({detail}); \
+             is it issued by the controller's CA (`lifeboat certs issue --client`)?"
+        ))
+    } else if d.contains("invalid peer certificate") || d.contains("unknownissuer") || d.contains("notvalidforname") {
+        CliError::Refused(format!(
+            "certificate rejected: the controller's certificate is not trusted ({detail}); check --ca and --server-name"
+        ))
+    } else {
+        CliError::Unreachable(format!(
+            "cannot reach the controller: {detail}; is lifeboat-controller running and is the controller URL right?"
+        ))
+    }
+}
+
+impl Connection {
+    fn file(&self) -> Result<FileConfig, CliError> {
+        let path = match &self.config {
+            Some(p) => p.clone(),
+            None => {
+                let p = Path::new("/etc/lifeboat/cli.toml");
+                if !p.exists() {
+                    return Ok(FileConfig::default());
+                }
+                p.to_path_buf()
+            }
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| CliError::Usage(format!("cannot read CLI config {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| CliError::Usage(format!("invalid CLI config {}: {e}", path.display())))
+    }
+
+    /// Connects to the admin service.
+    pub async fn admin(&self) -> Result<AdminClient<Channel>, CliError> {
+        let f = self.file()?;
+        let missing = |what: &str, flag: &str, env: &str| {
+            CliError::Usage(format!("no {what} given: use {flag}, ${env}, or the CLI config file"))
+        };
+        let url = self.controller_url.clone().or(f.controller).ok_or_else(|| missing("controller address", "--controller-url", "LIFEBOAT_CONTROLLER"))?;
+        let tls = TlsFiles {
+            ca: self.ca.clone().or(f.ca).ok_or_else(|| missing("CA bundle", "--ca", "LIFEBOAT_CA"))?,
+            cert: self.cert.clone().or(f.cert).ok_or_else(|| missing("client certificate", "--cert", "LIFEBOAT_CERT"))?,
+            key: self.key.clone().or(f.key).ok_or_else(|| missing("private key", "--key", "LIFEBOAT_KEY"))?,
+        };
+        let server_name = self
+            .server_name
+            .clone()
+            .or(f.server_name)
+            .unwrap_or_else(|| lifeboat_common::pki::CONTROLLER_NAME.to_string());
+        if !url.starts_with("https://") {
+            return Err(CliError::Usage(format!("controller address '{url}' must start with https://")));
+        }
+        lifeboat_common::tls::install_crypto_provider();
+        let material = tls.load().map_err(|e| CliError::Usage(e.to_string()))?;
+        let ep = Endpoint::from_shared(url.clone())
+            .map_err(|e| CliError::Usage(format!("invalid controller address '{url}': {e}")))?
+            .tls_config(material.client_config(&server_name))
+            .map_err(|e| CliError::Usage(chain(&e)))?
+            .connect_timeout(Duration::from_secs(self.timeout))
+            .timeout(Duration::from_secs(self.timeout));
+        let ch = ep.connect().await.map_err(|e| classify_transport(&format!("{url}: {}", chain(&e))))?;
+        Ok(AdminClient::new(ch).max_decoding_message_size(256 * 1024 * 1024))
+    }
+}

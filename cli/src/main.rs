@@ -1,0 +1,212 @@
+//! `lifeboat`: the operators' command-line tool.
+
+mod client;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lifeboat_common::identity::Role;
+use lifeboat_common::pki::{self, Leaf};
+
+use client::{CliError, Connection};
+
+/// Lifeboat: get KVM guests running again after their host fails.
+#[derive(Parser)]
+#[command(name = "lifeboat", version = lifeboat_common::VERSION)]
+struct Cli {
+    #[command(flatten)]
+    conn: Connection,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Format::Table, global = true)]
+    output: Format,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Output formats.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    /// A readable table.
+    Table,
+    /// JSON with stable field names (docs/cli.md).
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Hypervisor hosts.
+    #[command(subcommand)]
+    Hosts(HostsCmd),
+    /// Guests (virtual machines).
+    #[command(subcommand)]
+    Vms(VmsCmd),
+    /// Show who the controller thinks you are.
+    Whoami,
+    /// Certificates for controller, agents and operators.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+#[derive(Subcommand)]
+enum HostsCmd {
+    /// List all hosts.
+    List,
+    /// Show one host (by host id or hostname).
+    Show {
+        /// Host id or hostname.
+        host: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmsCmd {
+    /// List guests.
+    List {
+        /// Only guests of this host.
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Show one guest (by name or UUID), with its disks, NICs and definition.
+    Show {
+        /// Guest name or UUID.
+        vm: String,
+        /// Only on this host (when the same guest is defined on several).
+        #[arg(long)]
+        host: Option<String>,
+        /// Also print the full libvirt definition.
+        #[arg(long)]
+        xml: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a new certificate authority in DIR (ca.pem, ca.key).
+    Init {
+        /// Directory for the CA files.
+        dir: PathBuf,
+    },
+    /// Issue a certificate signed by the CA.
+    Issue(IssueArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("kind").required(true).args(["agent", "controller", "client"])))]
+struct IssueArgs {
+    /// Directory holding ca.pem and ca.key.
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// Where to write the certificate and key (default: the CA directory).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// An agent certificate for this host id.
+    #[arg(long, value_name = "HOST_ID")]
+    agent: Option<String>,
+    /// The controller's certificate.
+    #[arg(long)]
+    controller: bool,
+    /// Extra DNS names or IP addresses for the controller certificate.
+    #[arg(long, requires = "controller")]
+    san: Vec<String>,
+    /// A client certificate for a person or tool.
+    #[arg(long, value_name = "NAME", requires = "role")]
+    client: Option<String>,
+    /// The client's role: viewer, operator or admin.
+    #[arg(long, requires = "client")]
+    role: Option<String>,
+}
+
+fn certs(cmd: CertsCmd) -> Result<(), CliError> {
+    match cmd {
+        CertsCmd::Init { dir } => {
+            let (c, k) = pki::init(&dir).map_err(|e| CliError::Usage(e.to_string()))?;
+            println!("CA created: {} (keep {} secret)", c.display(), k.display());
+        }
+        CertsCmd::Issue(a) => {
+            let leaf = if let Some(h) = a.agent {
+                Leaf::Agent(h)
+            } else if a.controller {
+                Leaf::Controller(a.san)
+            } else {
+                let role: Role = a.role.unwrap_or_default().parse().map_err(|e: lifeboat_common::identity::IdentityError| CliError::Usage(e.to_string()))?;
+                Leaf::Client(a.client.unwrap_or_default(), role)
+            };
+            let out = a.out.unwrap_or_else(|| a.ca_dir.clone());
+            let (c, k) = pki::issue(&a.ca_dir, &out, &leaf).map_err(|e| CliError::Usage(e.to_string()))?;
+            println!("issued {} and {}", c.display(), k.display());
+        }
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let fmt = cli.output;
+    match cli.cmd {
+        Cmd::Certs(c) => certs(c),
+        Cmd::Whoami => {
+            let mut c = cli.conn.admin().await?;
+            let r = c.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await.map_err(CliError::from_status)?.into_inner();
+            output::whoami(fmt, &r);
+            Ok(())
+        }
+        Cmd::Hosts(HostsCmd::List) => {
+            let mut c = cli.conn.admin().await?;
+            let r = c.list_hosts(lifeboat_proto::v1::ListHostsRequest {}).await.map_err(CliError::from_status)?;
+            output::hosts(fmt, &r.into_inner().hosts);
+            Ok(())
+        }
+        Cmd::Hosts(HostsCmd::Show { host }) => {
+            let mut c = cli.conn.admin().await?;
+            let h = c.get_host(lifeboat_proto::v1::GetHostRequest { host }).await.map_err(CliError::from_status)?;
+            output::host(fmt, &h.into_inner());
+            Ok(())
+        }
+        Cmd::Vms(VmsCmd::List { host }) => {
+            let mut c = cli.conn.admin().await?;
+            let r = c
+                .list_guests(lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default() })
+                .await
+                .map_err(CliError::from_status)?;
+            output::vms(fmt, &r.into_inner().guests);
+            Ok(())
+        }
+        Cmd::Vms(VmsCmd::Show { vm, host, xml }) => {
+            let mut c = cli.conn.admin().await?;
+            let r = c
+                .list_guests(lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default() })
+                .await
+                .map_err(CliError::from_status)?;
+            let found: Vec<_> = r
+                .into_inner()
+                .guests
+                .into_iter()
+                .filter(|g| g.guest.as_ref().is_some_and(|x| x.name == vm || x.uuid == vm))
+                .collect();
+            if found.is_empty() {
+                return Err(CliError::NotFound(format!("unknown guest '{vm}' (see `lifeboat vms list`)")));
+            }
+            output::vm_detail(fmt, &found, xml);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lifeboat: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lifeboat: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

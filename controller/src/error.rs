@@ -1,0 +1,46 @@
+//! Domain errors and the one place they become gRPC status codes.
+
+use thiserror::Error;
+use tonic::Status;
+
+/// Everything the controller can refuse or fail with.
+#[derive(Debug, Error)]
+pub enum ControllerError {
+    /// No such host.
+    #[error("unknown host '{host}'{}", known_hint(.known))]
+    UnknownHost {
+        /// What was asked for.
+        host: String,
+        /// Hosts that do exist.
+        known: Vec<String>,
+    },
+    /// No usable client certificate.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Certificate valid, but not allowed to do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Malformed request.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Database failure.
+    #[error("database error: {0}")]
+    Storage(#[from] crate::store::StoreError),
+}
+
+fn known_hint(known: &[String]) -> String {
+    if known.is_empty() { " (no hosts are registered)".into() } else { format!(" (known hosts: {})", known.join(", ")) }
+}
+
+impl From<ControllerError> for Status {
+    fn from(e: ControllerError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ControllerError::UnknownHost { .. } => Status::not_found(msg),
+            ControllerError::Unauthenticated(_) => Status::unauthenticated(msg),
+            ControllerError::PermissionDenied(_) => Status::permission_denied(msg),
+            ControllerError::InvalidArgument(_) => Status::invalid_argument(msg),
+            ControllerError::Storage(_) => Status::internal(msg),
+        }
+    }
+}

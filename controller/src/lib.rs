@@ -1,0 +1,58 @@
+//! `lifeboat-controller`: the single source of truth for hosts, guests and
+//! (later) placement, jobs and the audit log.
+//!
+//! Code map: [`config`] reads the TOML file; [`store`] is the SQLite
+//! persistence; [`model`] holds pure logic (liveness, statuses);
+//! [`registry`] is the in-memory state backed by the store; [`rpc`] is the
+//! thin gRPC layer (authenticate, authorize, delegate); [`error`] maps
+//! domain errors to gRPC status codes in one place.
+//!
+//! Architecture invariant: the controller never talks to libvirt.
+
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod registry;
+pub mod rpc;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeboat_proto::v1::{admin_server::AdminServer, agent_session_server::AgentSessionServer};
+use tonic::transport::Server;
+use tracing::info;
+
+/// Runs the controller until the future `shutdown` completes.
+pub async fn serve(
+    cfg: config::ControllerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    lifeboat_common::tls::install_crypto_provider();
+    let tls = cfg.tls.load()?;
+    let store = store::Store::open(&cfg.database)?;
+    let registry = Arc::new(registry::Registry::load(store, cfg.timing())?);
+    info!(
+        listen = %listener.local_addr()?,
+        database = %cfg.database.display(),
+        hosts = registry.host_count(),
+        "lifeboat-controller serving"
+    );
+    let watcher = tokio::spawn(registry::watch_liveness(registry.clone()));
+    let agent = rpc::agent::AgentService::new(registry.clone());
+    let admin = rpc::admin::AdminService::new(registry.clone());
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let res = Server::builder()
+        .tls_config(tls.server_config())?
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(AgentSessionServer::new(agent))
+        .add_service(AdminServer::new(admin))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    watcher.abort();
+    registry.flush()?;
+    res?;
+    Ok(())
+}

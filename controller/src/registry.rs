@@ -1,0 +1,351 @@
+//! The controller's in-memory view of hosts and guests, written through to
+//! the [`Store`] before any change is acknowledged.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use lifeboat_common::now_unix_ms;
+use lifeboat_proto::v1::{ControllerMessage, Guest, GuestRecord, GuestState, HostInfo, HostRecord, Inventory};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::error::ControllerError;
+use crate::model::{HostStatus, Liveness, Timing, liveness};
+use crate::store::{HostRow, Store, StoreError};
+
+/// An open agent session.
+struct SessionHandle {
+    generation: u64,
+    #[allow(dead_code)] // Carries commands in later features.
+    tx: mpsc::Sender<ControllerMessage>,
+}
+
+struct HostEntry {
+    row: HostRow,
+    /// When anything last arrived; `None` since this controller started.
+    last_heard_ms: Option<i64>,
+    session: Option<SessionHandle>,
+    reported: Liveness,
+}
+
+struct GuestEntry {
+    guest: Guest,
+    updated_ms: i64,
+}
+
+struct Inner {
+    store: Store,
+    hosts: BTreeMap<String, HostEntry>,
+    guests: BTreeMap<String, BTreeMap<String, GuestEntry>>,
+    next_generation: u64,
+}
+
+/// Hosts and guests, in memory and in the database.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    timing: Timing,
+}
+
+/// A session token: updates from a superseded session are ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionId(u64);
+
+fn valid_guest(g: &Guest) -> Result<(), String> {
+    if g.uuid.trim().is_empty() {
+        return Err(format!("guest '{}' has no UUID", g.name));
+    }
+    if g.name.trim().is_empty() {
+        return Err(format!("guest {} has no name", g.uuid));
+    }
+    Ok(())
+}
+
+impl Registry {
+    /// Loads everything from the store.
+    pub fn load(store: Store, timing: Timing) -> Result<Self, StoreError> {
+        let mut hosts = BTreeMap::new();
+        for row in store.hosts()? {
+            hosts.insert(
+                row.info.host_id.clone(),
+                HostEntry { row, last_heard_ms: None, session: None, reported: Liveness::Unreachable },
+            );
+        }
+        let mut guests: BTreeMap<String, BTreeMap<String, GuestEntry>> = BTreeMap::new();
+        for g in store.guests()? {
+            guests
+                .entry(g.host_id)
+                .or_default()
+                .insert(g.guest.uuid.clone(), GuestEntry { guest: g.guest, updated_ms: g.updated_ms });
+        }
+        Ok(Registry { inner: Mutex::new(Inner { store, hosts, guests, next_generation: 1 }), timing })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Timing settings.
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// Number of known hosts.
+    pub fn host_count(&self) -> usize {
+        self.lock().hosts.len()
+    }
+
+    /// Registers a new session for an authenticated host; supersedes any
+    /// older session of the same host.
+    pub fn open_session(
+        &self,
+        host_id: &str,
+        boot_id: &str,
+        tx: mpsc::Sender<ControllerMessage>,
+    ) -> Result<SessionId, ControllerError> {
+        let now = now_unix_ms();
+        let mut inner = self.lock();
+        let generation = inner.next_generation;
+        inner.next_generation += 1;
+        if !inner.hosts.contains_key(host_id) {
+            let info = HostInfo { host_id: host_id.into(), boot_id: boot_id.into(), ..Default::default() };
+            inner.store.upsert_host(&info, now)?;
+            let row = HostRow { info, status: HostStatus::Available.as_str().into(), first_seen_ms: now, last_seen_ms: now };
+            inner.hosts.insert(
+                host_id.into(),
+                HostEntry { row, last_heard_ms: None, session: None, reported: Liveness::Unreachable },
+            );
+            info!(host = host_id, "new host registered");
+        }
+        let e = inner.hosts.get_mut(host_id).expect("inserted above");
+        if e.session.is_some() {
+            info!(host = host_id, "new session supersedes the previous one");
+        }
+        e.session = Some(SessionHandle { generation, tx });
+        e.last_heard_ms = Some(now);
+        Ok(SessionId(generation))
+    }
+
+    /// Ends a session (if it is still the current one).
+    pub fn close_session(&self, host_id: &str, sid: SessionId) {
+        let mut inner = self.lock();
+        if let Some(e) = inner.hosts.get_mut(host_id) {
+            if e.session.as_ref().map(|s| s.generation) == Some(sid.0) {
+                e.session = None;
+                let seen = e.last_heard_ms.unwrap_or(0);
+                let _ = inner.store.touch_hosts(&[(host_id.to_string(), seen)]);
+            }
+        }
+    }
+
+    fn current<'a>(inner: &'a mut Inner, host_id: &str, sid: SessionId) -> Option<&'a mut HostEntry> {
+        inner.hosts.get_mut(host_id).filter(|e| e.session.as_ref().map(|s| s.generation) == Some(sid.0))
+    }
+
+    /// Anything arrived from the host: it is alive now.
+    pub fn heard(&self, host_id: &str, sid: SessionId) {
+        let now = now_unix_ms();
+        let mut inner = self.lock();
+        if let Some(e) = Self::current(&mut inner, host_id, sid) {
+            e.last_heard_ms = Some(now);
+        }
+    }
+
+    fn set_host_info(inner: &mut Inner, host_id: &str, mut info: HostInfo, now: i64) -> Result<(), StoreError> {
+        // The authenticated id wins over whatever the message says.
+        info.host_id = host_id.to_string();
+        inner.store.upsert_host(&info, now)?;
+        if let Some(e) = inner.hosts.get_mut(host_id) {
+            e.row.info = info;
+            e.row.last_seen_ms = now;
+        }
+        Ok(())
+    }
+
+    /// A full inventory: replaces the host's facts and all its guests.
+    /// Returns the messages for guests that were skipped as invalid.
+    pub fn apply_inventory(&self, host_id: &str, sid: SessionId, inv: Inventory) -> Result<Vec<String>, ControllerError> {
+        let now = now_unix_ms();
+        let mut inner = self.lock();
+        if Self::current(&mut inner, host_id, sid).is_none() {
+            return Ok(vec![]);
+        }
+        let mut skipped = Vec::new();
+        let guests: Vec<Guest> = inv
+            .guests
+            .into_iter()
+            .filter(|g| match valid_guest(g) {
+                Ok(()) => true,
+                Err(m) => {
+                    skipped.push(m);
+                    false
+                }
+            })
+            .collect();
+        if let Some(h) = inv.host {
+            Self::set_host_info(&mut inner, host_id, h, now)?;
+        }
+        inner.store.replace_guests(host_id, &guests, now)?;
+        let map = guests.into_iter().map(|g| (g.uuid.clone(), GuestEntry { guest: g, updated_ms: now })).collect();
+        inner.guests.insert(host_id.to_string(), map);
+        Ok(skipped)
+    }
+
+    /// Host facts changed.
+    pub fn apply_host(&self, host_id: &str, sid: SessionId, info: HostInfo) -> Result<(), ControllerError> {
+        let now = now_unix_ms();
+        let mut inner = self.lock();
+        if Self::current(&mut inner, host_id, sid).is_none() {
+            return Ok(());
+        }
+        Self::set_host_info(&mut inner, host_id, info, now)?;
+        Ok(())
+    }
+
+    /// One guest appeared or changed.
+    pub fn apply_guest(&self, host_id: &str, sid: SessionId, g: Guest) -> Result<(), ControllerError> {
+        valid_guest(&g).map_err(ControllerError::InvalidArgument)?;
+        let now = now_unix_ms();
+        let mut inner = self.lock();
+        if Self::current(&mut inner, host_id, sid).is_none() {
+            return Ok(());
+        }
+        inner.store.upsert_guest(host_id, &g, now)?;
+        inner.guests.entry(host_id.to_string()).or_default().insert(g.uuid.clone(), GuestEntry { guest: g, updated_ms: now });
+        Ok(())
+    }
+
+    /// One guest was undefined.
+    pub fn remove_guest(&self, host_id: &str, sid: SessionId, uuid: &str) -> Result<(), ControllerError> {
+        let mut inner = self.lock();
+        if Self::current(&mut inner, host_id, sid).is_none() {
+            return Ok(());
+        }
+        inner.store.delete_guest(host_id, uuid)?;
+        if let Some(m) = inner.guests.get_mut(host_id) {
+            m.remove(uuid);
+        }
+        Ok(())
+    }
+
+    fn record(&self, inner: &Inner, e: &HostEntry, now: i64) -> HostRecord {
+        let guests = inner.guests.get(&e.row.info.host_id);
+        let guest_count = guests.map(|g| g.len()).unwrap_or(0) as u32;
+        let running_count = guests
+            .map(|g| g.values().filter(|g| g.guest.state == GuestState::Running as i32).count())
+            .unwrap_or(0) as u32;
+        HostRecord {
+            info: Some(e.row.info.clone()),
+            status: e.row.status.clone(),
+            liveness: liveness(now, e.last_heard_ms, self.timing).as_str().into(),
+            session_open: e.session.is_some(),
+            last_seen_unix_ms: e.last_heard_ms.unwrap_or(e.row.last_seen_ms),
+            first_seen_unix_ms: e.row.first_seen_ms,
+            guest_count,
+            running_count,
+        }
+    }
+
+    /// All hosts.
+    pub fn list_hosts(&self) -> Vec<HostRecord> {
+        let now = now_unix_ms();
+        let inner = self.lock();
+        inner.hosts.values().map(|e| self.record(&inner, e, now)).collect()
+    }
+
+    fn resolve<'a>(inner: &'a Inner, host: &str) -> Result<&'a HostEntry, ControllerError> {
+        if let Some(e) = inner.hosts.get(host) {
+            return Ok(e);
+        }
+        let by_name: Vec<&HostEntry> = inner.hosts.values().filter(|e| e.row.info.hostname == host).collect();
+        match by_name.as_slice() {
+            [one] => Ok(one),
+            _ => Err(ControllerError::UnknownHost { host: host.into(), known: inner.hosts.keys().cloned().collect() }),
+        }
+    }
+
+    /// One host, by id or (unique) hostname.
+    pub fn get_host(&self, host: &str) -> Result<HostRecord, ControllerError> {
+        let now = now_unix_ms();
+        let inner = self.lock();
+        let e = Self::resolve(&inner, host)?;
+        Ok(self.record(&inner, e, now))
+    }
+
+    /// Guests, all or of one host.
+    pub fn list_guests(&self, host: Option<&str>) -> Result<Vec<GuestRecord>, ControllerError> {
+        let now = now_unix_ms();
+        let inner = self.lock();
+        let ids: Vec<String> = match host {
+            Some(h) => vec![Self::resolve(&inner, h)?.row.info.host_id.clone()],
+            None => inner.hosts.keys().cloned().collect(),
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            let live = inner.hosts.get(&id).map(|e| liveness(now, e.last_heard_ms, self.timing)).unwrap_or(Liveness::Unreachable);
+            if let Some(m) = inner.guests.get(&id) {
+                let mut v: Vec<&GuestEntry> = m.values().collect();
+                v.sort_by(|a, b| a.guest.name.cmp(&b.guest.name));
+                for g in v {
+                    out.push(GuestRecord {
+                        guest: Some(g.guest.clone()),
+                        host_id: id.clone(),
+                        updated_unix_ms: g.updated_ms,
+                        host_liveness: live.as_str().into(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Logs liveness transitions; returns hosts whose liveness changed.
+    pub fn check_liveness(&self) -> Vec<(String, Liveness)> {
+        let now = now_unix_ms();
+        let mut inner = self.lock();
+        let timing = self.timing;
+        let mut changed = Vec::new();
+        for (id, e) in inner.hosts.iter_mut() {
+            let l = liveness(now, e.last_heard_ms, timing);
+            if l != e.reported {
+                e.reported = l;
+                match l {
+                    Liveness::Unreachable => warn!(
+                        host = %id,
+                        silent_ms = now - e.last_heard_ms.unwrap_or(now),
+                        "host UNREACHABLE: no message within {} ms",
+                        timing.unreachable_after_ms
+                    ),
+                    Liveness::Reachable => info!(host = %id, "host REACHABLE"),
+                }
+                changed.push((id.clone(), l));
+            }
+        }
+        changed
+    }
+
+    /// Persists last-heard times.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let seen: Vec<(String, i64)> =
+            inner.hosts.iter().filter_map(|(id, e)| e.last_heard_ms.map(|t| (id.clone(), t))).collect();
+        inner.store.touch_hosts(&seen)
+    }
+}
+
+/// Background task: liveness transitions every 250 ms, last-heard times
+/// persisted every 5 s.
+pub async fn watch_liveness(reg: Arc<Registry>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut n = 0u64;
+    loop {
+        tick.tick().await;
+        reg.check_liveness();
+        n += 1;
+        if n % 20 == 0 {
+            if let Err(e) = reg.flush() {
+                warn!("persisting last-seen times failed: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! `AgentSession`: one bidirectional stream per agent.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeboat_common::identity::Identity;
+use lifeboat_proto::v1::{
+    AgentMessage, ControllerMessage, Welcome, agent_message::Msg, agent_session_server::AgentSession,
+    controller_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::error::ControllerError;
+use crate::registry::Registry;
+
+/// The agent-facing service.
+pub struct AgentService {
+    reg: Arc<Registry>,
+}
+
+impl AgentService {
+    /// Wraps the registry.
+    pub fn new(reg: Arc<Registry>) -> Self {
+        AgentService { reg }
+    }
+}
+
+type OutStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentSession for AgentService {
+    type SessionStream = OutStream;
+
+    async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<OutStream>, Status> {
+        let cert_host = match super::peer_identity(&req)? {
+            Identity::Agent { host_id } => host_id,
+            other => {
+                return Err(ControllerError::PermissionDenied(format!(
+                    "only agent certificates may open an agent session; this certificate is for {other}"
+                ))
+                .into());
+            }
+        };
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+            Err(_) => return Err(Status::invalid_argument("no Hello within 10 s")),
+            Ok(m) => match m?.and_then(|m| m.msg) {
+                Some(Msg::Hello(h)) => h,
+                _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
+            },
+        };
+        if hello.host_id != cert_host {
+            warn!(cert = %cert_host, claimed = %hello.host_id, "refused agent: certificate names another host");
+            return Err(ControllerError::PermissionDenied(format!(
+                "certificate is for host '{cert_host}' but the agent claims to be '{}'; refusing the session",
+                hello.host_id
+            ))
+            .into());
+        }
+        let timing = self.reg.timing();
+        let (tx, rx) = mpsc::channel::<ControllerMessage>(64);
+        let sid = self.reg.open_session(&cert_host, &hello.boot_id, tx.clone())?;
+        info!(host = %cert_host, agent_version = %hello.agent_version, boot_id = %hello.boot_id, "agent session opened");
+        let welcome = ControllerMessage {
+            msg: Some(controller_message::Msg::Welcome(Welcome {
+                heartbeat_interval_ms: timing.heartbeat_interval_ms,
+                resync_interval_s: 30,
+            })),
+        };
+        let _ = tx.send(welcome).await;
+        let reg = self.reg.clone();
+        tokio::spawn(async move {
+            let host = cert_host;
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        info!(host = %host, "agent stream error: {e}");
+                        break;
+                    }
+                };
+                reg.heard(&host, sid);
+                let r = match msg.msg {
+                    Some(Msg::Heartbeat(_)) => Ok(()),
+                    Some(Msg::Inventory(inv)) => reg.apply_inventory(&host, sid, inv).map(|skipped| {
+                        for s in skipped {
+                            warn!(host = %host, "skipped invalid guest: {s}");
+                        }
+                    }),
+                    Some(Msg::GuestChanged(c)) => match c.guest {
+                        Some(g) => reg.apply_guest(&host, sid, g),
+                        None => Err(ControllerError::InvalidArgument("GuestChanged without a guest".into())),
+                    },
+                    Some(Msg::GuestRemoved(r)) => reg.remove_guest(&host, sid, &r.uuid),
+                    Some(Msg::Host(h)) => reg.apply_host(&host, sid, h),
+                    Some(Msg::CommandResult(_)) => Ok(()),
+                    Some(Msg::Hello(_)) => Err(ControllerError::InvalidArgument("Hello sent twice".into())),
+                    None => Err(ControllerError::InvalidArgument("empty message".into())),
+                };
+                if let Err(e) = r {
+                    warn!(host = %host, "agent message rejected: {e}");
+                }
+            }
+            reg.close_session(&host, sid);
+            info!(host = %host, "agent session closed");
+            drop(tx);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map_ok())))
+    }
+}
+
+trait MapOk: Sized {
+    fn map_ok(self) -> futures::stream::Map<Self, fn(ControllerMessage) -> Result<ControllerMessage, Status>>;
+}
+
+impl MapOk for ReceiverStream<ControllerMessage> {
+    fn map_ok(self) -> futures::stream::Map<Self, fn(ControllerMessage) -> Result<ControllerMessage, Status>> {
+        use futures::StreamExt;
+        StreamExt::map(self, Ok as fn(ControllerMessage) -> Result<ControllerMessage, Status>)
+    }
+}

@@ -1,0 +1,19 @@
+//! The gRPC layer: authenticate the peer certificate, authorize, delegate
+//! to the registry. No business logic here.
+
+pub mod admin;
+pub mod agent;
+
+use lifeboat_common::identity::{Identity, identity_from_der};
+use tonic::Request;
+
+use crate::error::ControllerError;
+
+/// The identity proven by the request's client certificate.
+pub fn peer_identity<T>(req: &Request<T>) -> Result<Identity, ControllerError> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| ControllerError::Unauthenticated("no client certificate presented".into()))?;
+    let leaf = certs.first().ok_or_else(|| ControllerError::Unauthenticated("empty client certificate chain".into()))?;
+    identity_from_der(leaf.as_ref()).map_err(|e| ControllerError::Unauthenticated(e.to_string()))
+}
