@@ -18,6 +18,21 @@ use tracing::info;
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
+    let shutdown = async {
+        let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("interrupted, exiting"),
+            _ = sigterm.recv() => info!("SIGTERM, exiting"),
+        }
+    };
+    run_until(cfg, shutdown).await
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run_until(cfg: config::AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     lifeboat_common::tls::install_crypto_provider();
     let tls = cfg.controller.tls().load()?;
     let host_id = cfg.resolve_host_id()?;
@@ -25,11 +40,9 @@ pub async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
     let shared = Arc::new(libvirt::Shared::default());
     let (actor, updates) = libvirt::spawn(libvirt::ActorConfig::from_agent(&cfg, host_id.clone()), shared.clone())?;
     let session = session::Session::new(&cfg, host_id, tls, actor.clone(), shared);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = session.run(updates) => r?,
-        _ = tokio::signal::ctrl_c() => info!("interrupted, exiting"),
-        _ = sigterm.recv() => info!("SIGTERM, exiting"),
+        _ = shutdown => {},
     }
     actor.shutdown();
     Ok(())

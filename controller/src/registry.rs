@@ -349,3 +349,41 @@ pub async fn watch_liveness(reg: Arc<Registry>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(uuid: &str, name: &str) -> Guest {
+        Guest { uuid: uuid.into(), name: name.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn invalid_guests_are_skipped_without_dropping_the_others() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let inv = Inventory { host: None, guests: vec![g("u1", "vm1"), g("", "broken"), g("u3", "vm3")] };
+        let skipped = reg.apply_inventory("h", sid, inv).unwrap();
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].contains("broken"));
+        let names: Vec<String> =
+            reg.list_guests(None).unwrap().into_iter().map(|r| r.guest.unwrap().name).collect();
+        assert_eq!(names, ["vm1", "vm3"]);
+        assert!(reg.apply_guest("h", sid, g("", "x")).is_err());
+    }
+
+    #[test]
+    fn a_superseded_session_cannot_change_anything() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let old = reg.open_session("h", "boot", tx.clone()).unwrap();
+        let new = reg.open_session("h", "boot", tx).unwrap();
+        reg.apply_guest("h", old, g("u1", "stale")).unwrap();
+        assert!(reg.list_guests(None).unwrap().is_empty());
+        reg.apply_guest("h", new, g("u1", "fresh")).unwrap();
+        assert_eq!(reg.list_guests(Some("h")).unwrap().len(), 1);
+        reg.close_session("h", old);
+        assert!(reg.list_hosts()[0].session_open, "closing the old session leaves the new one open");
+    }
+}

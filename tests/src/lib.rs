@@ -1,1 +1,166 @@
-//! placeholder
+//! Test harness: a real controller (tonic, mutual TLS, SQLite) on
+//! 127.0.0.1:0 and real agents against libvirt's test driver, all in one
+//! process; plus helpers for the multi-host lab (`lab/lab.sh`).
+
+pub mod lab;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lifeboat_common::identity::Role;
+use lifeboat_common::pki::{self, Leaf};
+use lifeboat_common::tls::TlsFiles;
+use lifeboat_proto::v1::admin_client::AdminClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+/// A CA and certificates in a temporary directory.
+pub struct Pki {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// Creates a CA with a controller certificate.
+    pub fn new(dir: &Path) -> Self {
+        pki::init(dir).expect("CA");
+        pki::issue(dir, dir, &Leaf::Controller(vec![])).expect("controller cert");
+        Pki { dir: dir.to_path_buf() }
+    }
+
+    /// Issues (once) and returns an agent certificate for `host`.
+    pub fn agent(&self, host: &str) -> TlsFiles {
+        let cert = self.dir.join(format!("agent-{host}.pem"));
+        if !cert.exists() {
+            pki::issue(&self.dir, &self.dir, &Leaf::Agent(host.into())).expect("agent cert");
+        }
+        TlsFiles { ca: self.dir.join("ca.pem"), cert, key: self.dir.join(format!("agent-{host}.key")) }
+    }
+
+    /// Issues (once) and returns a client certificate.
+    pub fn client(&self, name: &str, role: Role) -> TlsFiles {
+        let cert = self.dir.join(format!("client-{name}.pem"));
+        if !cert.exists() {
+            pki::issue(&self.dir, &self.dir, &Leaf::Client(name.into(), role)).expect("client cert");
+        }
+        TlsFiles { ca: self.dir.join("ca.pem"), cert, key: self.dir.join(format!("client-{name}.key")) }
+    }
+
+    /// The controller's certificate files.
+    pub fn controller(&self) -> TlsFiles {
+        TlsFiles { ca: self.dir.join("ca.pem"), cert: self.dir.join("controller.pem"), key: self.dir.join("controller.key") }
+    }
+}
+
+/// A controller running in this process.
+pub struct Controller {
+    /// Its address.
+    pub addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Controller {
+    /// Starts a controller on 127.0.0.1:`port` (0 = any) with `db`.
+    pub async fn start(pki: &Pki, db: &Path, port: u16, hb_ms: u32, unreachable_ms: u32) -> Self {
+        let text = format!(
+            "listen = \"127.0.0.1:{port}\"\ndatabase = {db:?}\nheartbeat_interval_ms = {hb_ms}\nunreachable_after_ms = {unreachable_ms}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            pki.controller().ca,
+            pki.controller().cert,
+            pki.controller().key
+        );
+        let cfg = lifeboat_controller::config::ControllerConfig::parse(&text, Path::new("test.toml")).expect("config");
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(lifeboat_controller::serve(cfg, listener, async {
+            let _ = rx.await;
+        }));
+        Controller { addr, stop: Some(tx), task: Some(task) }
+    }
+
+    /// The URL agents and clients use.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Stops it and waits until it has flushed its database.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+
+    /// An admin client with the given certificate.
+    pub async fn admin(&self, tls: &TlsFiles) -> AdminClient<Channel> {
+        lifeboat_common::tls::install_crypto_provider();
+        let m = tls.load().expect("client tls");
+        let ch = Endpoint::from_shared(self.url())
+            .unwrap()
+            .tls_config(m.client_config(pki::CONTROLLER_NAME))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect admin");
+        AdminClient::new(ch)
+    }
+}
+
+/// An agent running in this process.
+pub struct Agent {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Agent configuration text for tests.
+pub fn agent_config(host_id: &str, uri: &str, url: &str, tls: &TlsFiles, extra: &str) -> String {
+    format!(
+        "host_id = \"{host_id}\"\nlibvirt_uri = \"{uri}\"\nautostart_dir = \"/nonexistent/autostart\"\nresync_interval_s = 2\n{extra}\n[controller]\nurl = \"{url}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        tls.ca, tls.cert, tls.key
+    )
+}
+
+impl Agent {
+    /// Starts an agent from configuration text.
+    pub fn start(config_text: &str) -> Self {
+        let cfg = lifeboat_agent::config::AgentConfig::parse(config_text, Path::new("agent-test.toml")).expect("agent config");
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(lifeboat_agent::run_until(cfg, async {
+            let _ = rx.await;
+        }));
+        Agent { stop: Some(tx), task: Some(task) }
+    }
+
+    /// Stops it.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or fails after `limit`.
+/// Returns the value and how long it took.
+pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return (v, start.elapsed());
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
