@@ -1,1 +1,155 @@
-//! Lab helpers (filled in below).
+//! Driving the multi-host lab (`lab/lab.sh`) from tests.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+static LAB_LOCK: Mutex<()> = Mutex::new(());
+
+/// A running lab; torn down when dropped.
+pub struct Lab {
+    script: PathBuf,
+    _guard: MutexGuard<'static, ()>,
+    /// `lab.sh paths` output.
+    pub paths: HashMap<String, String>,
+}
+
+fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo").to_path_buf()
+}
+
+/// Why the lab cannot run here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc_getuid() };
+    if uid != 0 {
+        return Some("the lab needs root: network/PID/mount namespaces and privileged libvirtd".into());
+    }
+    for bin in ["/usr/sbin/libvirtd", "/usr/bin/qemu-system-x86_64", "/usr/bin/tini"] {
+        if !std::path::Path::new(bin).exists() {
+            return Some(format!("{bin} is missing: run scripts/install-deps.sh"));
+        }
+    }
+    let bins = repo_dir().join("target/debug");
+    for b in ["lifeboat", "lifeboat-agent", "lifeboat-controller"] {
+        if !bins.join(b).exists() {
+            return Some(format!("{} is not built: run cargo build --workspace --bins", bins.join(b).display()));
+        }
+    }
+    None
+}
+
+unsafe extern "C" {
+    #[link_name = "getuid"]
+    fn libc_getuid() -> u32;
+}
+
+impl Lab {
+    /// Brings up a fresh lab, or returns why it cannot (the caller skips).
+    pub fn up(hosts: u32, guests: u32) -> Result<Lab, String> {
+        if let Some(why) = unavailable() {
+            return Err(why);
+        }
+        let guard = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lab = Lab { script: repo_dir().join("lab/lab.sh"), _guard: guard, paths: HashMap::new() };
+        let t = Instant::now();
+        lab.ok(&["up", "--hosts", &hosts.to_string(), "--guests", &guests.to_string()]);
+        println!("lab up ({hosts} hosts x {guests} guests) in {:?}", t.elapsed());
+        let out = lab.ok(&["paths"]);
+        lab.paths = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+            .collect();
+        Ok(lab)
+    }
+
+    /// Runs `lab.sh ARGS`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new("bash")
+            .arg(&self.script)
+            .args(args)
+            .env("LIFEBOAT_BIN_DIR", repo_dir().join("target/debug"))
+            .output()
+            .expect("run lab.sh")
+    }
+
+    /// Runs `lab.sh ARGS` and panics with its output when it fails.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let o = self.run(args);
+        if !o.status.success() {
+            panic!(
+                "lab.sh {} failed ({}):\n{}\n{}",
+                args.join(" "),
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        o
+    }
+
+    /// `lifeboat ARGS --output json` as the lab's admin, parsed.
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value, String> {
+        let mut a = vec!["cli"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--output", "json"]);
+        let o = self.run(&a);
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+        }
+        serde_json::from_slice(&o.stdout).map_err(|e| format!("bad JSON from CLI: {e}"))
+    }
+
+    /// `lifeboat vms list --output json`, as a vector (empty on error).
+    pub fn vms(&self) -> Vec<Value> {
+        self.cli_json(&["vms", "list"]).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+    }
+
+    /// One guest's JSON by name (first match).
+    pub fn vm(&self, name: &str) -> Option<Value> {
+        self.vms().into_iter().find(|v| v["name"] == name)
+    }
+
+    /// One host's JSON.
+    pub fn host(&self, host: &str) -> Option<Value> {
+        self.cli_json(&["hosts", "show", host]).ok()
+    }
+
+    /// `virsh` on a host, must succeed.
+    pub fn virsh(&self, host: &str, args: &[&str]) -> String {
+        let mut a = vec!["virsh", host];
+        a.extend_from_slice(args);
+        String::from_utf8_lossy(&self.ok(&a).stdout).into_owned()
+    }
+
+    /// A path printed by `lab.sh paths`.
+    pub fn path(&self, key: &str) -> PathBuf {
+        PathBuf::from(self.paths.get(key).unwrap_or_else(|| panic!("lab.sh paths has no {key}: {:?}", self.paths)))
+    }
+
+    /// Polls `f` every 50 ms until it returns true; returns the time taken.
+    pub fn wait(&self, limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+        let t = Instant::now();
+        loop {
+            if f() {
+                return t.elapsed();
+            }
+            if t.elapsed() > limit {
+                panic!("timed out after {limit:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::env::var_os("LIFEBOAT_LAB_KEEP").is_none() {
+            let _ = self.run(&["down"]);
+        }
+    }
+}
