@@ -92,7 +92,7 @@ wait_gone() {
     sleep 0.05
   done
 }
-# kill_wait SIGNAL-then-KILL pids with a grace period
+# term_then_kill GRACE_S PID...: SIGTERM, then SIGKILL after GRACE_S seconds
 term_then_kill() {
   local grace=$1
   shift
@@ -102,11 +102,6 @@ term_then_kill() {
     kill -KILL "$@" 2>/dev/null || true
     wait_gone 10 "$@" || true
   fi
-}
-
-all_pids() {
-  local d
-  for d in /proc/[0-9]*; do printf '%s\n' "${d#/proc/}"; done
 }
 
 # pids whose PID namespace is NSLINK (e.g. "pid:[4026532301]"), not zombies
@@ -129,7 +124,14 @@ pids_in_netns() {
 }
 netns_exists() { [ -e "/run/netns/$1" ]; }
 
+# LAB_ACCEL=auto (default: KVM when /dev/kvm opens read-write, else TCG) | kvm | tcg
 kvm_usable() {
+  case ${LAB_ACCEL:-auto} in
+    tcg) return 1 ;;
+    kvm) return 0 ;;
+    auto) ;;
+    *) die "LAB_ACCEL must be auto, kvm or tcg (got '$LAB_ACCEL')" ;;
+  esac
   [ -c /dev/kvm ] || return 1
   { exec 8<>/dev/kvm; } 2>/dev/null || return 1
   exec 8>&-
@@ -494,7 +496,7 @@ host_launch() {
   cat /proc/sys/kernel/random/uuid >"$hd/boot_id.tmp"
   mv "$hd/boot_id.tmp" "$hd/boot_id"
   # seed the qemu capabilities cache (saves the ~1.5 s probe per libvirtd start)
-  if [ -d "$CAPS_CACHE/qemu" ] && [ ! -d "$hd/cache-libvirt/qemu/capabilities" ]; then
+  if [ -f "$CAPS_CACHE/.saved" ] && [ ! -d "$hd/cache-libvirt/qemu/capabilities" ]; then
     cp -a "$CAPS_CACHE/qemu" "$hd/cache-libvirt/"
   fi
   rm -f "$hd/init.pid" "$hd/pidns"
@@ -510,7 +512,6 @@ host_launch() {
   done
   echo "$pid $(proc_starttime "$pid")" >"$hd/init.pid"
   readlink "/proc/$pid/ns/pid" >"$hd/pidns"
-
 }
 
 # Wait until the host's libvirtd answers on its socket.
@@ -532,15 +533,20 @@ host_wait_libvirtd() {
   done
 }
 
-# Keep a warmed capabilities cache for later boots.
+# Keep a warmed capabilities cache for later boots: save the host's cache when there is none
+# yet, or when its libvirtd re-probed qemu (files newer than the last save, e.g. after an upgrade).
 save_caps_cache() {
   local h=$1 hd
   hd=$(host_dir "$h")
-  [ -d "$CAPS_CACHE/qemu/capabilities" ] && return 0
   ls "$hd/cache-libvirt/qemu/capabilities/"*.xml >/dev/null 2>&1 || return 0
+  if [ -f "$CAPS_CACHE/.saved" ] &&
+    [ -z "$(find "$hd/cache-libvirt/qemu/capabilities" -name '*.xml' -newer "$CAPS_CACHE/.saved")" ]; then
+    return 0
+  fi
   rm -rf "$CAPS_CACHE.tmp"
   mkdir -p "$CAPS_CACHE.tmp"
   cp -a "$hd/cache-libvirt/qemu" "$CAPS_CACHE.tmp/"
+  touch "$CAPS_CACHE.tmp/.saved"
   rm -rf "$CAPS_CACHE"
   mv "$CAPS_CACHE.tmp" "$CAPS_CACHE"
 }
@@ -801,7 +807,7 @@ LAB_GUESTS_PER_HOST=$nguests
 LAB_KVM=$kvm
 LAB_CREATED="$(date -Is)"
 EOF
-  [ "$kvm" = 1 ] || warn "/dev/kvm is not usable: guests run under TCG (<domain type='qemu'>)"
+  [ "$kvm" = 1 ] || warn "guests run under TCG (<domain type='qemu'>): /dev/kvm is not usable or LAB_ACCEL=tcg"
 
   # networking
   setup_bridge_ns
@@ -835,7 +841,7 @@ EOF
   # host probes qemu alone (~1.5 s) and the others start from its cache: on 2 cores that is
   # faster than 3 parallel probes.
   local -a rest=("${HOSTS[@]}")
-  if [ ! -d "$CAPS_CACHE/qemu/capabilities" ]; then
+  if [ ! -f "$CAPS_CACHE/.saved" ]; then
     log "no warmed qemu capabilities cache yet: ${HOSTS[0]} probes qemu first"
     host_launch "${HOSTS[0]}"
     host_wait_libvirtd "${HOSTS[0]}"
@@ -844,6 +850,7 @@ EOF
   fi
   for h in "${rest[@]}"; do host_launch "$h"; done
   for h in "${rest[@]}"; do host_wait_libvirtd "$h"; done
+  save_caps_cache "${HOSTS[0]}"
   log "${#HOSTS[@]} hosts up, libvirtd answering ($(($(now_ms) - t0)) ms)"
 
   # guests, all defined and started in parallel
@@ -922,7 +929,7 @@ EOF
     echo "CLIENT_${r^^}_CERT=$PKI_DIR/client-$r.pem"
     echo "CLIENT_${r^^}_KEY=$PKI_DIR/client-$r.key"
   done
-  echo "HOSTS=${HOSTS[*]}"
+  echo "HOSTS=$(IFS=,; echo "${HOSTS[*]}")"
   for h in "${HOSTS[@]}"; do
     V=$(host_var "$h")
     hd=$(host_dir "$h")

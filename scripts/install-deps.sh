@@ -22,10 +22,12 @@ export DEBIAN_FRONTEND=noninteractive
 #   tini: the init (zombie reaper) of each simulated host's PID namespace
 #   iproute2: netns/veth/bridge   procps, util-linux: ps/pkill-free helpers, unshare, nsenter, flock
 #   gcc/libc6-dev: C compiler for bundled sqlite (rusqlite) and other build scripts
+#   python3, openssl: the lab's stand-in binaries (lab/testbin, used by lab/selftest.sh)
 MAIN_PKGS=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 qemu-system-data tini iproute2 procps util-linux
   gcc libc6-dev ca-certificates
+  python3 openssl
 )
 # qemu-utils must come AFTER qemu-system-x86: installing qemu-system-x86 removes a newer
 # (backported) qemu-utils when one is present; we then put Debian's matching one back.

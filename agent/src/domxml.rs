@@ -3,6 +3,9 @@
 
 use lifeboat_proto::v1::{Disk, Nic};
 
+/// XML namespace of Lifeboat's ownership element in a domain's `<metadata>`.
+pub const OWNER_NS: &str = "https://lifeboat.example/xmlns/owner/1";
+
 /// What Lifeboat reads from a domain definition.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DomainFacts {
@@ -18,6 +21,8 @@ pub struct DomainFacts {
     pub disks: Vec<Disk>,
     /// Every `<interface>`.
     pub nics: Vec<Nic>,
+    /// Lifeboat ownership from `<metadata>`: (host, generation).
+    pub owner: Option<(String, u64)>,
 }
 
 fn to_kib(value: u64, unit: &str) -> Result<u64, String> {
@@ -56,6 +61,15 @@ pub fn parse(xml: &str) -> Result<DomainFacts, String> {
         let v = m.text().unwrap_or("").trim();
         let n: u64 = v.parse().map_err(|_| format!("<memory> '{v}' is not a number"))?;
         f.memory_kib = to_kib(n, m.attribute("unit").unwrap_or("KiB"))?;
+    }
+    if let Some(md) = child("metadata") {
+        if let Some(o) = md.children().find(|n| n.tag_name().namespace() == Some(OWNER_NS) && n.tag_name().name() == "owner") {
+            let host = o.attribute("host").unwrap_or("").to_string();
+            let generation = o.attribute("generation").unwrap_or("0");
+            let generation: u64 =
+                generation.parse().map_err(|_| format!("Lifeboat owner generation '{generation}' is not a number"))?;
+            f.owner = Some((host, generation));
+        }
     }
     if let Some(devices) = child("devices") {
         for d in devices.children().filter(|n| n.has_tag_name("disk")) {
@@ -139,6 +153,16 @@ mod tests {
         assert_eq!(f.nics[0].source, "br0");
         assert_eq!(f.nics[1].mac, "52:54:00:aa:bb:02");
         assert_eq!(f.nics[1].source, "default");
+    }
+
+    #[test]
+    fn reads_lifeboat_ownership() {
+        let xml = XML.replace(
+            "<devices>",
+            &format!("<metadata><lb:owner xmlns:lb='{OWNER_NS}' host='host-b' generation='7'/></metadata><devices>"),
+        );
+        assert_eq!(parse(&xml).unwrap().owner, Some(("host-b".into(), 7)));
+        assert_eq!(parse(XML).unwrap().owner, None);
     }
 
     #[test]

@@ -165,10 +165,14 @@ impl Session {
                     match m? {
                         None => return Ok(()),
                         Some(msg) => match msg.msg {
-                            Some(controller_message::Msg::Command(c)) => match c.kind {
-                                Some(lifeboat_proto::v1::command::Kind::Resync(_)) => self.actor.request_snapshot(),
-                                None => warn!(id = %c.id, "command of a kind this agent does not know; ignored"),
-                            },
+                            Some(controller_message::Msg::Command(c)) => {
+                                let actor = self.actor.clone();
+                                let tx = tx.clone();
+                                tokio::spawn(async move {
+                                    let r = actor.command(c).await;
+                                    let _ = tx.send(AgentMessage { msg: Some(agent_message::Msg::CommandResult(r)) }).await;
+                                });
+                            }
                             Some(controller_message::Msg::Welcome(_)) | None => {}
                         },
                     }

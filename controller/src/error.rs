@@ -23,6 +23,9 @@ pub enum ControllerError {
     /// Malformed request.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The host's agent cannot be asked right now.
+    #[error("{0}")]
+    AgentUnavailable(String),
     /// Database failure.
     #[error("database error: {0}")]
     Storage(#[from] crate::store::StoreError),
@@ -40,6 +43,7 @@ impl From<ControllerError> for Status {
             ControllerError::Unauthenticated(_) => Status::unauthenticated(msg),
             ControllerError::PermissionDenied(_) => Status::permission_denied(msg),
             ControllerError::InvalidArgument(_) => Status::invalid_argument(msg),
+            ControllerError::AgentUnavailable(_) => Status::unavailable(msg),
             ControllerError::Storage(_) => Status::internal(msg),
         }
     }

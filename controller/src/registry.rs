@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lifeboat_common::now_unix_ms;
-use lifeboat_proto::v1::{ControllerMessage, Guest, GuestRecord, GuestState, HostInfo, HostRecord, Inventory};
+use lifeboat_proto::v1::{
+    Command, CommandResult, ControllerMessage, Guest, GuestRecord, GuestState, HostInfo, HostRecord, Inventory,
+    command::Kind, controller_message,
+};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -17,7 +20,6 @@ use crate::store::{HostRow, Store, StoreError};
 /// An open agent session.
 struct SessionHandle {
     generation: u64,
-    #[allow(dead_code)] // Carries commands in later features.
     tx: mpsc::Sender<ControllerMessage>,
 }
 
@@ -45,6 +47,7 @@ struct Inner {
 pub struct Registry {
     inner: Mutex<Inner>,
     timing: Timing,
+    pending: Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<CommandResult>>>,
 }
 
 /// A session token: updates from a superseded session are ignored.
@@ -78,7 +81,11 @@ impl Registry {
                 .or_default()
                 .insert(g.guest.uuid.clone(), GuestEntry { guest: g.guest, updated_ms: g.updated_ms });
         }
-        Ok(Registry { inner: Mutex::new(Inner { store, hosts, guests, next_generation: 1 }), timing })
+        Ok(Registry {
+            inner: Mutex::new(Inner { store, hosts, guests, next_generation: 1 }),
+            timing,
+            pending: Mutex::new(Default::default()),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -297,6 +304,45 @@ impl Registry {
             }
         }
         Ok(out)
+    }
+
+    /// Sends a command to a host's agent over its session and waits for
+    /// the result.
+    pub async fn call(&self, host_id: &str, kind: Kind, timeout: Duration) -> Result<CommandResult, ControllerError> {
+        let tx = {
+            let inner = self.lock();
+            let e = inner.hosts.get(host_id).ok_or_else(|| ControllerError::UnknownHost {
+                host: host_id.into(),
+                known: inner.hosts.keys().cloned().collect(),
+            })?;
+            match &e.session {
+                Some(s) => s.tx.clone(),
+                None => return Err(ControllerError::AgentUnavailable(format!("host '{host_id}' has no open agent session"))),
+            }
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        let (otx, orx) = tokio::sync::oneshot::channel();
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), otx);
+        let msg = ControllerMessage { msg: Some(controller_message::Msg::Command(Command { id: id.clone(), kind: Some(kind) })) };
+        let sent = tx.send(msg).await.is_ok();
+        let r = if !sent {
+            Err(ControllerError::AgentUnavailable(format!("the session to '{host_id}' closed")))
+        } else {
+            match tokio::time::timeout(timeout, orx).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(_)) => Err(ControllerError::AgentUnavailable(format!("the session to '{host_id}' closed"))),
+                Err(_) => Err(ControllerError::AgentUnavailable(format!("'{host_id}' did not answer within {timeout:?}"))),
+            }
+        };
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        r
+    }
+
+    /// A command result arrived.
+    pub fn complete(&self, r: CommandResult) {
+        if let Some(tx) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.id) {
+            let _ = tx.send(r);
+        }
     }
 
     /// Logs liveness transitions; returns hosts whose liveness changed.

@@ -101,8 +101,8 @@ fn lab_bad_certificate_config_and_libvirt_faults() {
     lab.wait(Duration::from_secs(20), "4 guests", || lab.vms().len() == 4);
 
     // host-b's agent presents host-a's certificate: refused, host-b goes silent.
-    let b_pki = lab.path("HOST_host-b_DIR").join("etc-lifeboat/pki");
-    let a_pki = lab.path("HOST_host-a_DIR").join("etc-lifeboat/pki");
+    let b_pki = lab.path("HOST_B_AGENT_CONFIG").parent().unwrap().join("pki");
+    let a_pki = lab.path("HOST_A_AGENT_CONFIG").parent().unwrap().join("pki");
     lab.ok(&["agent-stop", "host-b"]);
     let saved_cert = std::fs::read(b_pki.join("agent.pem")).unwrap();
     let saved_key = std::fs::read(b_pki.join("agent.key")).unwrap();
@@ -136,14 +136,14 @@ fn lab_bad_certificate_config_and_libvirt_faults() {
     assert!(err.contains("bad-agent.toml") && err.contains("ca") && err.contains("line 4"), "{err}");
 
     // libvirtd dies on host-a: the agent stays up, reports why, and recovers.
-    lab.ok(&["exec", "host-a", "pkill", "-x", "libvirtd"]);
+    lab.ok(&["libvirtd-kill", "host-a"]);
     lab.wait(Duration::from_secs(15), "libvirt error reported", || {
         lab.host("host-a").is_some_and(|h| h["libvirt_error"].as_str().is_some_and(|e| !e.is_empty()))
     });
     let h = lab.host("host-a").unwrap();
     assert_eq!(h["liveness"], "REACHABLE", "agent alive: {h}");
     assert_eq!(lab.vms().iter().filter(|g| g["host_id"] == "host-a").count(), 2, "guests not dropped");
-    lab.ok(&["exec", "host-a", "libvirtd", "-d", "-p", "/run/libvirt/libvirtd-lab.pid"]);
+    lab.ok(&["libvirtd-start", "host-a"]);
     lab.wait(Duration::from_secs(20), "libvirt back", || {
         lab.host("host-a").is_some_and(|h| h["libvirt_error"] == "")
     });

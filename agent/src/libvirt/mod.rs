@@ -9,6 +9,7 @@
 //! every `resync_interval` is the backstop; each re-read is compared with
 //! what was last reported and only differences are sent.
 
+mod commands;
 mod ffi;
 pub mod state;
 
@@ -20,7 +21,7 @@ use std::sync::{Arc, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lifeboat_proto::v1::{Guest, GuestState, HostInfo, Inventory};
+use lifeboat_proto::v1::{Command, CommandResult, Guest, GuestState, HostInfo, Inventory};
 use tokio::sync::mpsc as tmpsc;
 use tracing::{debug, info, warn};
 use virt::connect::Connect;
@@ -97,6 +98,7 @@ impl ActorConfig {
 enum Request {
     Snapshot,
     Event(ffi::DomainEvent),
+    Command(Command, tokio::sync::oneshot::Sender<CommandResult>),
     Shutdown,
 }
 
@@ -111,6 +113,16 @@ impl Actor {
     pub fn request_snapshot(&self) {
         let _ = self.tx.send(Request::Snapshot);
     }
+    /// Carries out a controller command on the actor thread.
+    pub async fn command(&self, cmd: Command) -> CommandResult {
+        let id = cmd.id.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Request::Command(cmd, tx)).is_err() {
+            return CommandResult { id, ok: false, error: "libvirt actor stopped".into(), ..Default::default() };
+        }
+        rx.await.unwrap_or_else(|_| CommandResult { id, ok: false, error: "libvirt actor dropped the command".into(), ..Default::default() })
+    }
+
     /// Stops the thread.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Request::Shutdown);
@@ -231,6 +243,10 @@ impl ActorState {
                     self.rescan(false);
                     let inv = Inventory { host: Some(self.host.clone()), guests: self.known.values().cloned().collect() };
                     self.emit(Update::Inventory(inv));
+                }
+                Ok(Request::Command(cmd, reply)) => {
+                    let r = self.command(cmd);
+                    let _ = reply.send(r);
                 }
                 Ok(Request::Event(ev)) => {
                     debug!(uuid = %ev.uuid, event = ev.event, "libvirt domain event");
@@ -467,6 +483,10 @@ fn read_guest(d: &Domain) -> Result<Guest, virt::error::Error> {
                     }
                     g.disks = f.disks;
                     g.nics = f.nics;
+                    if let Some((h, gen_)) = f.owner {
+                        g.owner_host = h;
+                        g.owner_generation = gen_;
+                    }
                 }
                 Err(e) => errors.push(e),
             }

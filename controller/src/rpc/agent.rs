@@ -55,12 +55,12 @@ impl AgentSession for AgentService {
             },
         };
         if hello.host_id != cert_host {
-            warn!(cert = %cert_host, claimed = %hello.host_id, "refused agent: certificate names another host");
-            return Err(ControllerError::PermissionDenied(format!(
+            let msg = format!(
                 "certificate is for host '{cert_host}' but the agent claims to be '{}'; refusing the session",
                 hello.host_id
-            ))
-            .into());
+            );
+            warn!("refused agent session: {msg}");
+            return Err(ControllerError::PermissionDenied(msg).into());
         }
         let timing = self.reg.timing();
         let (tx, rx) = mpsc::channel::<ControllerMessage>(64);
@@ -99,7 +99,10 @@ impl AgentSession for AgentService {
                     },
                     Some(Msg::GuestRemoved(r)) => reg.remove_guest(&host, sid, &r.uuid),
                     Some(Msg::Host(h)) => reg.apply_host(&host, sid, h),
-                    Some(Msg::CommandResult(_)) => Ok(()),
+                    Some(Msg::CommandResult(r)) => {
+                        reg.complete(r);
+                        Ok(())
+                    }
                     Some(Msg::Hello(_)) => Err(ControllerError::InvalidArgument("Hello sent twice".into())),
                     None => Err(ControllerError::InvalidArgument("empty message".into())),
                 };

@@ -1,0 +1,170 @@
+//! The controller's commands, carried out on the actor thread. Each is
+//! check-then-act: it first looks whether its effect is already there, so
+//! a repeated command (after a controller crash) does nothing twice.
+
+use lifeboat_proto::v1::{
+    CheckPaths, Command, CommandResult, DefineGuest, GuestState, PathCheck, SetAutostart, StartGuest, command::Kind,
+};
+use tracing::info;
+use virt::sys;
+
+use super::{ActorState, is_no_domain, read_guest};
+use crate::domxml::{self, OWNER_NS};
+
+fn fail(id: &str, error: String) -> CommandResult {
+    CommandResult { id: id.to_string(), ok: false, error, ..Default::default() }
+}
+
+/// Which paths this host can see. Only absolute paths are checked; other
+/// sources (network disks) are reported as not checkable.
+pub fn check_paths(cmd: &CheckPaths) -> Vec<PathCheck> {
+    cmd.paths
+        .iter()
+        .map(|p| {
+            if !p.starts_with('/') {
+                return PathCheck { path: p.clone(), visible: false, error: "not a local path; cannot check".into() };
+            }
+            match std::fs::metadata(p) {
+                Ok(_) => PathCheck { path: p.clone(), visible: true, error: String::new() },
+                Err(e) => PathCheck { path: p.clone(), visible: false, error: e.to_string() },
+            }
+        })
+        .collect()
+}
+
+impl ActorState {
+    pub(super) fn command(&mut self, cmd: Command) -> CommandResult {
+        let id = cmd.id.clone();
+        let Some(kind) = cmd.kind else { return fail(&id, "command without a kind".into()) };
+        if let Kind::CheckPaths(c) = &kind {
+            return CommandResult { id, ok: true, outcome: "done".into(), paths: check_paths(c), ..Default::default() };
+        }
+        if let Kind::Resync(_) = &kind {
+            let _ = self.self_tx.send(super::Request::Snapshot);
+            return CommandResult { id, ok: true, outcome: "done".into(), ..Default::default() };
+        }
+        if self.conn.is_none() {
+            return fail(&id, format!("libvirt is not connected: {}", self.host.libvirt_error));
+        }
+        let r = match kind {
+            Kind::DefineGuest(d) => self.define(&id, d),
+            Kind::StartGuest(s) => self.start(&id, s),
+            Kind::SetAutostart(a) => self.set_autostart(&id, a),
+            Kind::CheckPaths(_) | Kind::Resync(_) => unreachable!("handled above"),
+        };
+        if let Some(g) = &r.guest {
+            self.known.insert(g.uuid.clone(), g.clone());
+            self.emit(super::Update::Changed(g.clone()));
+        }
+        r
+    }
+
+    fn define(&mut self, id: &str, d: DefineGuest) -> CommandResult {
+        let facts = match domxml::parse(&d.definition_xml) {
+            Ok(f) => f,
+            Err(e) => return fail(id, format!("definition refused: {e}")),
+        };
+        if d.owner_host.is_empty() || d.generation == 0 {
+            return fail(id, "define needs an owner host and a generation".into());
+        }
+        let conn = &self.conn.as_ref().expect("checked").conn;
+        // Check: is it already here?
+        match conn.lookup_domain_by_uuid_string(&facts.uuid) {
+            Ok(dom) => {
+                let g = match read_guest(&dom) {
+                    Ok(g) => g,
+                    Err(e) => return fail(id, format!("guest {} exists but cannot be read: {e}", facts.uuid)),
+                };
+                if g.owner_host == d.owner_host && g.owner_generation == d.generation {
+                    return CommandResult { id: id.into(), ok: true, outcome: "already".into(), guest: Some(g), ..Default::default() };
+                }
+                return fail(
+                    id,
+                    format!(
+                        "a guest with UUID {} is already defined on this host (name '{}', owner '{}' generation {}); refusing to overwrite it",
+                        facts.uuid, g.name, g.owner_host, g.owner_generation
+                    ),
+                );
+            }
+            Err(e) if is_no_domain(&e) => {}
+            Err(e) => return fail(id, format!("looking up {} failed: {}", facts.uuid, e.message())),
+        }
+        if let Ok(other) = conn.lookup_domain_by_name(&facts.name) {
+            let uuid = other.uuid_string().unwrap_or_default();
+            return fail(id, format!("another guest named '{}' (UUID {uuid}) is already defined on this host", facts.name));
+        }
+        // Act.
+        let dom = match conn.define_domain_xml(&d.definition_xml) {
+            Ok(dom) => dom,
+            Err(e) => return fail(id, format!("libvirt refused the definition: {}", e.message())),
+        };
+        let mut problems = Vec::new();
+        if let Err(e) = dom.set_autostart(false) {
+            problems.push(format!("disabling autostart failed: {}", e.message()));
+        }
+        let md = format!("<owner host='{}' generation='{}'/>", xml_escape(&d.owner_host), d.generation);
+        if let Err(e) = dom.set_metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(&md),
+            Some("lifeboat"),
+            Some(OWNER_NS),
+            sys::VIR_DOMAIN_AFFECT_CONFIG,
+        ) {
+            problems.push(format!("writing ownership metadata failed: {}", e.message()));
+        }
+        let g = read_guest(&dom).ok();
+        if !problems.is_empty() {
+            // Defined but not as required: undefine again so nothing half-done stays.
+            let _ = dom.undefine();
+            return fail(id, problems.join("; "));
+        }
+        info!(uuid = %facts.uuid, name = %facts.name, owner = %d.owner_host, generation = d.generation, "guest defined");
+        CommandResult { id: id.into(), ok: true, outcome: "done".into(), guest: g, ..Default::default() }
+    }
+
+    fn start(&mut self, id: &str, s: StartGuest) -> CommandResult {
+        let conn = &self.conn.as_ref().expect("checked").conn;
+        let dom = match conn.lookup_domain_by_uuid_string(&s.uuid) {
+            Ok(d) => d,
+            Err(e) => return fail(id, format!("guest {} not found on this host: {}", s.uuid, e.message())),
+        };
+        let before = match read_guest(&dom) {
+            Ok(g) => g,
+            Err(e) => return fail(id, format!("reading guest {} failed: {}", s.uuid, e.message())),
+        };
+        if before.state == GuestState::Running as i32 {
+            return CommandResult { id: id.into(), ok: true, outcome: "already".into(), guest: Some(before), ..Default::default() };
+        }
+        if let Err(e) = dom.create() {
+            return fail(id, format!("starting {} failed: {}", before.name, e.message()));
+        }
+        match read_guest(&dom) {
+            Ok(g) if g.state == GuestState::Running as i32 => {
+                info!(uuid = %s.uuid, name = %g.name, "guest started");
+                CommandResult { id: id.into(), ok: true, outcome: "done".into(), guest: Some(g), ..Default::default() }
+            }
+            Ok(g) => fail(id, format!("{} was started but is {} ({})", g.name, g.state, g.state_reason)),
+            Err(e) => fail(id, format!("verifying {} failed: {}", before.name, e.message())),
+        }
+    }
+
+    fn set_autostart(&mut self, id: &str, a: SetAutostart) -> CommandResult {
+        let conn = &self.conn.as_ref().expect("checked").conn;
+        let dom = match conn.lookup_domain_by_uuid_string(&a.uuid) {
+            Ok(d) => d,
+            Err(e) => return fail(id, format!("guest {} not found on this host: {}", a.uuid, e.message())),
+        };
+        let outcome = match dom.autostart() {
+            Ok(cur) if cur == a.enabled => "already",
+            _ => match dom.set_autostart(a.enabled) {
+                Ok(_) => "done",
+                Err(e) => return fail(id, format!("setting autostart failed: {}", e.message())),
+            },
+        };
+        CommandResult { id: id.into(), ok: true, outcome: outcome.into(), guest: read_guest(&dom).ok(), ..Default::default() }
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('\'', "&apos;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
