@@ -23,11 +23,16 @@ export DEBIAN_FRONTEND=noninteractive
 #   iproute2: netns/veth/bridge   procps, util-linux: ps/pkill-free helpers, unshare, nsenter, flock
 #   gcc/libc6-dev: C compiler for bundled sqlite (rusqlite) and other build scripts
 #   python3, openssl: the lab's stand-in binaries (lab/testbin, used by lab/selftest.sh)
+#   fence-agents: ClusterLabs fence agents (fence_redfish, fence_ipmilan, ...) for the
+#     controller's fence-agent driver and its tests
+#   python3-venv: the venv for sushy-tools (the lab's Redfish BMCs, below)
+#   curl: lab.sh talks to the lab's BMCs with it (bmc-state, bmc-power)
 MAIN_PKGS=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 qemu-system-data tini iproute2 procps util-linux
   gcc libc6-dev ca-certificates
   python3 openssl
+  fence-agents python3-venv curl
 )
 # qemu-utils must come AFTER qemu-system-x86: installing qemu-system-x86 removes a newer
 # (backported) qemu-utils when one is present; we then put Debian's matching one back.
@@ -84,9 +89,31 @@ if ! getent passwd libvirt-qemu >/dev/null; then
     --shell /usr/sbin/nologin libvirt-qemu
 fi
 
+# The lab's BMCs and the fencing tests: sushy-tools (a Redfish BMC emulator, PyPI only) in a
+# venv of Debian's python3. Version pinned: the lab relies on the fake driver's behaviour and
+# on its external notifier (docs/lab.md). bcrypt (a dependency of sushy-tools) hashes the
+# htpasswd files. Set LAB_VENV to put it elsewhere (lab.sh and the tests read LAB_VENV too).
+LAB_VENV=${LAB_VENV:-/opt/lifeboat-lab/venv}
+SUSHY_VERSION=2.2.0
+venv_ok() {
+  [ -x "$LAB_VENV/bin/sushy-emulator" ] &&
+    "$LAB_VENV/bin/python" -c 'import sushy_tools, bcrypt, importlib.metadata as m, sys; sys.exit(m.version("sushy-tools") != sys.argv[1])' \
+      "$SUSHY_VERSION" 2>/dev/null
+}
+if venv_ok; then
+  log "sushy-tools $SUSHY_VERSION already installed in $LAB_VENV"
+else
+  log "creating the venv $LAB_VENV with sushy-tools $SUSHY_VERSION (pip)"
+  mkdir -p "$(dirname "$LAB_VENV")"
+  [ -x "$LAB_VENV/bin/pip" ] || /usr/bin/python3 -m venv "$LAB_VENV"
+  "$LAB_VENV/bin/pip" install -q --disable-pip-version-check "sushy-tools==$SUSHY_VERSION" bcrypt
+  venv_ok || die "sushy-tools is not usable in $LAB_VENV after pip install"
+fi
+
 # Sanity checks of what the lab relies on.
 for f in /usr/sbin/libvirtd /usr/bin/virsh /usr/bin/qemu-system-x86_64 /usr/bin/tini \
-         /usr/share/qemu/qboot.rom /usr/bin/unshare /usr/bin/nsenter /usr/bin/flock; do
+         /usr/share/qemu/qboot.rom /usr/bin/unshare /usr/bin/nsenter /usr/bin/flock \
+         /usr/sbin/fence_redfish /usr/bin/curl; do
   [ -e "$f" ] || die "expected $f after installing packages, it is missing"
 done
 log "done"

@@ -23,6 +23,8 @@ pub struct DomainFacts {
     pub nics: Vec<Nic>,
     /// Lifeboat ownership from `<metadata>`: (host, generation).
     pub owner: Option<(String, u64)>,
+    /// Evacuation priority from `<metadata><lb:priority value='N'/>`.
+    pub priority: i32,
 }
 
 fn to_kib(value: u64, unit: &str) -> Result<u64, String> {
@@ -69,6 +71,10 @@ pub fn parse(xml: &str) -> Result<DomainFacts, String> {
             let generation: u64 =
                 generation.parse().map_err(|_| format!("Lifeboat owner generation '{generation}' is not a number"))?;
             f.owner = Some((host, generation));
+        }
+        if let Some(p) = md.children().find(|n| n.tag_name().namespace() == Some(OWNER_NS) && n.tag_name().name() == "priority") {
+            let v = p.attribute("value").unwrap_or("0");
+            f.priority = v.parse().map_err(|_| format!("Lifeboat priority '{v}' is not a number"))?;
         }
     }
     if let Some(devices) = child("devices") {

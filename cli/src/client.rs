@@ -34,7 +34,7 @@ pub struct Connection {
     #[arg(long, env = "LIFEBOAT_KEY", global = true)]
     key: Option<PathBuf>,
     /// Seconds to wait for the controller.
-    #[arg(long, default_value_t = 10, global = true)]
+    #[arg(long, default_value_t = 30, global = true)]
     timeout: u64,
 }
 
@@ -63,6 +63,9 @@ pub enum CliError {
     /// No such thing (exit 5).
     #[error("{0}")]
     NotFound(String),
+    /// A precondition failed; nothing was changed (exit 6).
+    #[error("{0}")]
+    Refused6(String),
     /// Anything else (exit 1).
     #[error("{0}")]
     Other(String),
@@ -77,6 +80,7 @@ impl CliError {
             CliError::Unreachable(_) => 3,
             CliError::Refused(_) => 4,
             CliError::NotFound(_) => 5,
+            CliError::Refused6(_) => 6,
         }
     }
 
@@ -94,7 +98,8 @@ impl CliError {
             Code::NotFound => CliError::NotFound(msg),
             Code::PermissionDenied => CliError::Refused(format!("permission denied: {msg}")),
             Code::Unauthenticated => CliError::Refused(format!("certificate rejected: {msg}")),
-            Code::InvalidArgument | Code::FailedPrecondition => CliError::Usage(msg),
+            Code::InvalidArgument => CliError::Usage(msg),
+            Code::FailedPrecondition => CliError::Refused6(msg),
             Code::Unavailable | Code::Unknown if msg.contains("transport error") => classify_transport(&msg),
             Code::Unavailable => classify_transport(&msg),
             _ => CliError::Other(format!("{:?}: {msg}", s.code())),

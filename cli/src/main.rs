@@ -1,6 +1,7 @@
 //! `lifeboat`: the operators' command-line tool.
 
 mod client;
+mod migrate;
 mod output;
 
 use std::path::PathBuf;
@@ -47,6 +48,46 @@ enum Cmd {
     /// Certificates for controller, agents and operators.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Recreate a failed host's guests on other hosts (needs --force).
+    Migrate(migrate::MigrateArgs),
+    /// Jobs (forced migrations).
+    #[command(subcommand)]
+    Jobs(JobsCmd),
+    /// The audit log: every decision and side effect.
+    Log {
+        /// Only entries about this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only entries about this guest (name or UUID).
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only entries of this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only entries since TIME (RFC 3339, or 30s / 15m / 2h / 1d ago).
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCmd {
+    /// Jobs, newest first.
+    List {
+        /// Only jobs whose source is this host.
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// One job with every guest's move.
+    Show {
+        /// Job id.
+        id: String,
+    },
+    /// Follow a job until it ends.
+    Watch {
+        /// Job id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -145,6 +186,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let fmt = cli.output;
     match cli.cmd {
         Cmd::Certs(c) => certs(c),
+        Cmd::Migrate(a) => migrate::migrate(&mut cli.conn.admin().await?, a, fmt).await,
+        Cmd::Jobs(JobsCmd::List { host }) => migrate::jobs_list(&mut cli.conn.admin().await?, host, fmt).await,
+        Cmd::Jobs(JobsCmd::Show { id }) => migrate::jobs_show(&mut cli.conn.admin().await?, id, fmt).await,
+        Cmd::Jobs(JobsCmd::Watch { id }) => migrate::jobs_watch(&mut cli.conn.admin().await?, id, fmt).await,
+        Cmd::Log { host, vm, job, since } => migrate::log(&mut cli.conn.admin().await?, host, vm, job, since, fmt).await,
         Cmd::Whoami => {
             let mut c = cli.conn.admin().await?;
             let r = c.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await.map_err(CliError::from_status)?.into_inner();

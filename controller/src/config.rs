@@ -61,6 +61,23 @@ pub struct ControllerConfig {
     pub unreachable_after_ms: u32,
     /// Certificates (the controller's, and the CA that signs agents and clients).
     pub tls: TlsFiles,
+    /// A forced migration needs the source silent at least this long.
+    #[serde(default = "default_grace")]
+    pub force_grace_ms: u64,
+    /// Memory kept for the hypervisor on every host when placing guests.
+    #[serde(default = "default_reserve")]
+    pub host_memory_reserve_mib: u64,
+    /// Out-of-band power control per host id: `[bmc.HOST]`.
+    #[serde(default)]
+    pub bmc: std::collections::BTreeMap<String, crate::fence::BmcConfig>,
+}
+
+fn default_reserve() -> u64 {
+    1024
+}
+
+fn default_grace() -> u64 {
+    30_000
 }
 
 impl ControllerConfig {

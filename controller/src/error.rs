@@ -14,6 +14,9 @@ pub enum ControllerError {
         /// Hosts that do exist.
         known: Vec<String>,
     },
+    /// Something else that does not exist (job, guest).
+    #[error("{0}")]
+    NotFound(String),
     /// No usable client certificate.
     #[error("{0}")]
     Unauthenticated(String),
@@ -26,6 +29,9 @@ pub enum ControllerError {
     /// The host's agent cannot be asked right now.
     #[error("{0}")]
     AgentUnavailable(String),
+    /// A precondition failed; nothing was changed.
+    #[error("{0}")]
+    Refused(String),
     /// Database failure.
     #[error("database error: {0}")]
     Storage(#[from] crate::store::StoreError),
@@ -39,11 +45,13 @@ impl From<ControllerError> for Status {
     fn from(e: ControllerError) -> Status {
         let msg = e.to_string();
         match e {
-            ControllerError::UnknownHost { .. } => Status::not_found(msg),
+            ControllerError::UnknownHost { .. } | ControllerError::NotFound(_) => Status::not_found(msg),
             ControllerError::Unauthenticated(_) => Status::unauthenticated(msg),
             ControllerError::PermissionDenied(_) => Status::permission_denied(msg),
             ControllerError::InvalidArgument(_) => Status::invalid_argument(msg),
             ControllerError::AgentUnavailable(_) => Status::unavailable(msg),
+            ControllerError::Refused(_) => Status::failed_precondition(msg),
+            ControllerError::Storage(crate::store::StoreError::Busy { .. }) => Status::failed_precondition(msg),
             ControllerError::Storage(_) => Status::internal(msg),
         }
     }

@@ -11,6 +11,8 @@
 
 pub mod config;
 pub mod error;
+pub mod fence;
+pub mod migrate;
 pub mod model;
 pub mod registry;
 pub mod rpc;
@@ -22,6 +24,11 @@ use std::time::Duration;
 use lifeboat_proto::v1::{admin_server::AdminServer, agent_session_server::AgentSessionServer};
 use tonic::transport::Server;
 use tracing::info;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    lifeboat_common::now_unix_ms()
+}
 
 /// Runs the controller until the future `shutdown` completes.
 pub async fn serve(
@@ -41,7 +48,17 @@ pub async fn serve(
     );
     let watcher = tokio::spawn(registry::watch_liveness(registry.clone()));
     let agent = rpc::agent::AgentService::new(registry.clone());
-    let admin = rpc::admin::AdminService::new(registry.clone());
+    let engine = migrate::engine::Engine::new(
+        registry.clone(),
+        &cfg.bmc,
+        cfg.force_grace_ms,
+        cfg.host_memory_reserve_mib * 1024,
+    )?;
+    let resumed = engine.resume_all()?;
+    if resumed > 0 {
+        info!(jobs = resumed, "resumed unfinished jobs");
+    }
+    let admin = rpc::admin::AdminService::new(registry.clone(), engine);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let res = Server::builder()
         .tls_config(tls.server_config())?

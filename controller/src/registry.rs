@@ -45,6 +45,7 @@ struct Inner {
 
 /// Hosts and guests, in memory and in the database.
 pub struct Registry {
+    started_ms: i64,
     inner: Mutex<Inner>,
     timing: Timing,
     pending: Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<CommandResult>>>,
@@ -82,6 +83,7 @@ impl Registry {
                 .insert(g.guest.uuid.clone(), GuestEntry { guest: g.guest, updated_ms: g.updated_ms });
         }
         Ok(Registry {
+            started_ms: now_unix_ms(),
             inner: Mutex::new(Inner { store, hosts, guests, next_generation: 1 }),
             timing,
             pending: Mutex::new(Default::default()),
@@ -304,6 +306,55 @@ impl Registry {
             }
         }
         Ok(out)
+    }
+
+    /// Runs `f` with the database, under the registry's lock.
+    pub fn db<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
+        f(&mut self.lock().store)
+    }
+
+    /// Every host as the planner sees it. Silence is counted from the last
+    /// message, but never from before this controller started (a restart
+    /// must not make a host look silent for longer than we know).
+    pub fn host_views(&self) -> Vec<crate::migrate::plan::HostView> {
+        let now = now_unix_ms();
+        let inner = self.lock();
+        inner
+            .hosts
+            .values()
+            .map(|e| {
+                let live = liveness(now, e.last_heard_ms, self.timing);
+                let last = e.last_heard_ms.unwrap_or(e.row.last_seen_ms).max(self.started_ms);
+                crate::migrate::plan::HostView {
+                    id: e.row.info.host_id.clone(),
+                    status: e.row.status.parse().unwrap_or(HostStatus::Available),
+                    liveness: live,
+                    silent_ms: match live {
+                        Liveness::Reachable => None,
+                        Liveness::Unreachable => Some(now.saturating_sub(last).max(0) as u64),
+                    },
+                    memory_total_kib: e.row.info.memory_total_kib,
+                    lock_manager: e.row.info.lock_manager.clone(),
+                    guests: inner
+                        .guests
+                        .get(&e.row.info.host_id)
+                        .map(|m| m.values().map(|g| g.guest.clone()).collect())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether the host is REACHABLE right now.
+    pub fn is_reachable(&self, host_id: &str) -> bool {
+        let now = now_unix_ms();
+        let inner = self.lock();
+        inner.hosts.get(host_id).is_some_and(|e| liveness(now, e.last_heard_ms, self.timing) == Liveness::Reachable)
+    }
+
+    /// Whether the host has an open agent session.
+    pub fn has_session(&self, host_id: &str) -> bool {
+        self.lock().hosts.get(host_id).is_some_and(|e| e.session.is_some())
     }
 
     /// Sends a command to a host's agent over its session and waits for

@@ -22,13 +22,132 @@ pub enum StoreError {
         /// Decoder message.
         message: String,
     },
+    /// Another operation on the host is still running.
+    #[error("another operation on host '{host}' is still running: job {job}")]
+    Busy {
+        /// Host.
+        host: String,
+        /// The running job.
+        job: String,
+    },
     /// The database was written by a newer Lifeboat.
     #[error("database schema version {0} is newer than this controller understands ({SCHEMA_VERSION})")]
     TooNew(i64),
 }
 
 /// Current schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// A durable job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    /// Job id.
+    pub id: String,
+    /// "migrate" (later also "cleanup").
+    pub kind: String,
+    /// Source host.
+    pub source: String,
+    /// State name (see `migrate::state::JobState`).
+    pub state: String,
+    /// Operator (certificate name).
+    pub operator: String,
+    /// Plan id carried out.
+    pub plan_id: String,
+    /// How the source is proven off.
+    pub power_evidence: String,
+    /// The request (protobuf bytes of `MigrateRequest`).
+    pub request: Vec<u8>,
+    /// Guests moved at once.
+    pub parallel: u32,
+    /// Created, ms.
+    pub created_ms: i64,
+    /// Last change, ms.
+    pub updated_ms: i64,
+    /// Why it failed.
+    pub error: String,
+}
+
+/// One guest's move.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoveRow {
+    /// Job.
+    pub job_id: String,
+    /// Guest UUID.
+    pub uuid: String,
+    /// Guest name.
+    pub name: String,
+    /// From.
+    pub source: String,
+    /// To.
+    pub target: String,
+    /// Ownership generation this move creates.
+    pub generation: u64,
+    /// State name (see `migrate::state::MoveState`).
+    pub state: String,
+    /// Start on the target.
+    pub start: bool,
+    /// The definition to create.
+    pub definition_xml: String,
+    /// Why it failed.
+    pub error: String,
+    /// Evacuation order.
+    pub priority: i32,
+    /// Last change, ms.
+    pub updated_ms: i64,
+}
+
+/// An audit log entry.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AuditRow {
+    /// Sequence number (assigned on insert).
+    pub seq: i64,
+    /// When, ms.
+    pub at_ms: i64,
+    /// Who (operator name, or "controller").
+    pub actor: String,
+    /// What, e.g. `bmc.request`.
+    pub action: String,
+    /// Host concerned.
+    pub host: String,
+    /// Guest concerned.
+    pub vm: String,
+    /// Job concerned.
+    pub job: String,
+    /// Details.
+    pub detail: String,
+}
+
+/// Filter for reading the audit log.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only this host.
+    pub host: Option<String>,
+    /// Only this guest (name or UUID).
+    pub vm: Option<String>,
+    /// Only this job.
+    pub job: Option<String>,
+    /// Only entries at or after this time.
+    pub since_ms: Option<i64>,
+    /// At most this many (newest kept).
+    pub limit: Option<u32>,
+}
+
+/// Who owns a guest now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnerRow {
+    /// Guest UUID.
+    pub uuid: String,
+    /// Owning host.
+    pub host: String,
+    /// Generation.
+    pub generation: u64,
+    /// Moved from.
+    pub from_host: String,
+    /// Moving job.
+    pub job: String,
+    /// Whether the move completed.
+    pub complete: bool,
+}
 
 /// A stored host.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +224,70 @@ impl Store {
                  );
                  CREATE INDEX guests_by_uuid ON guests(uuid);
                  PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
+        if v < 2 {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE jobs (
+                    id TEXT PRIMARY KEY,
+                    kind TEXT NOT NULL,
+                    source TEXT NOT NULL,
+                    state TEXT NOT NULL,
+                    operator TEXT NOT NULL,
+                    plan_id TEXT NOT NULL,
+                    power_evidence TEXT NOT NULL,
+                    request BLOB NOT NULL,
+                    parallel INTEGER NOT NULL,
+                    created_ms INTEGER NOT NULL,
+                    updated_ms INTEGER NOT NULL,
+                    error TEXT NOT NULL DEFAULT ''
+                 );
+                 -- One operation at a time per host, enforced by the database.
+                 CREATE UNIQUE INDEX one_active_job_per_host ON jobs(source)
+                    WHERE state NOT IN ('SUCCEEDED', 'PARTIAL', 'FAILED');
+                 CREATE TABLE moves (
+                    job_id TEXT NOT NULL REFERENCES jobs(id),
+                    uuid TEXT NOT NULL,
+                    name TEXT NOT NULL,
+                    source TEXT NOT NULL,
+                    target TEXT NOT NULL,
+                    generation INTEGER NOT NULL,
+                    state TEXT NOT NULL,
+                    start INTEGER NOT NULL,
+                    definition_xml TEXT NOT NULL,
+                    error TEXT NOT NULL DEFAULT '',
+                    priority INTEGER NOT NULL DEFAULT 0,
+                    updated_ms INTEGER NOT NULL,
+                    PRIMARY KEY (job_id, uuid)
+                 );
+                 CREATE INDEX moves_by_source ON moves(source);
+                 CREATE TABLE owners (
+                    uuid TEXT PRIMARY KEY,
+                    host TEXT NOT NULL,
+                    generation INTEGER NOT NULL,
+                    from_host TEXT NOT NULL,
+                    job TEXT NOT NULL,
+                    complete INTEGER NOT NULL
+                 );
+                 CREATE TABLE audit (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                    at_ms INTEGER NOT NULL,
+                    actor TEXT NOT NULL,
+                    action TEXT NOT NULL,
+                    host TEXT NOT NULL,
+                    vm TEXT NOT NULL,
+                    job TEXT NOT NULL,
+                    detail TEXT NOT NULL
+                 );
+                 CREATE INDEX audit_by_time ON audit(at_ms);
+                 -- The audit log is append-only.
+                 CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+                    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+                 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+                    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+                 PRAGMA user_version = 2;
                  COMMIT;",
             )?;
         }
@@ -212,6 +395,225 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Creates a job with its moves and first audit entry, atomically.
+    /// Fails with [`StoreError::Busy`] when another job on the same source
+    /// is still active.
+    pub fn create_job(&mut self, job: &JobRow, moves: &[MoveRow], audit: &AuditRow) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let active: Option<String> = tx
+            .query_row(
+                "SELECT id FROM jobs WHERE source = ?1 AND state NOT IN ('SUCCEEDED','PARTIAL','FAILED')",
+                params![job.source],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(id) = active {
+            return Err(StoreError::Busy { host: job.source.clone(), job: id });
+        }
+        tx.execute(
+            "INSERT INTO jobs (id, kind, source, state, operator, plan_id, power_evidence, request, parallel, created_ms, updated_ms, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                job.id, job.kind, job.source, job.state, job.operator, job.plan_id, job.power_evidence, job.request,
+                job.parallel, job.created_ms, job.updated_ms, job.error
+            ],
+        )?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO moves (job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for m in moves {
+                st.execute(params![
+                    m.job_id, m.uuid, m.name, m.source, m.target, m.generation as i64, m.state, m.start,
+                    m.definition_xml, m.error, m.priority, m.updated_ms
+                ])?;
+            }
+        }
+        insert_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Sets a job's state (and error), with an audit entry, atomically.
+    pub fn set_job_state(&mut self, id: &str, state: &str, error: &str, audit: Option<&AuditRow>) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE jobs SET state = ?2, error = ?3, updated_ms = ?4 WHERE id = ?1",
+            params![id, state, error, crate::now_ms()],
+        )?;
+        if let Some(a) = audit {
+            insert_audit(&tx, a)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Sets a move's state; optionally records ownership in the same
+    /// transaction (so the placement change is durable before it is made).
+    pub fn set_move(
+        &mut self,
+        job_id: &str,
+        uuid: &str,
+        state: &str,
+        error: &str,
+        owner: Option<&OwnerRow>,
+        audit: Option<&AuditRow>,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE moves SET state = ?3, error = ?4, updated_ms = ?5 WHERE job_id = ?1 AND uuid = ?2",
+            params![job_id, uuid, state, error, crate::now_ms()],
+        )?;
+        if let Some(o) = owner {
+            tx.execute(
+                "INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(uuid) DO UPDATE SET host = excluded.host, generation = excluded.generation,
+                    from_host = excluded.from_host, job = excluded.job, complete = excluded.complete",
+                params![o.uuid, o.host, o.generation as i64, o.from_host, o.job, o.complete],
+            )?;
+        }
+        if let Some(a) = audit {
+            insert_audit(&tx, a)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every ownership record.
+    pub fn owners(&self) -> Result<Vec<OwnerRow>, StoreError> {
+        let mut st = self.conn.prepare("SELECT uuid, host, generation, from_host, job, complete FROM owners")?;
+        let rows = st.query_map([], |r| {
+            Ok(OwnerRow {
+                uuid: r.get(0)?,
+                host: r.get(1)?,
+                generation: r.get::<_, i64>(2)? as u64,
+                from_host: r.get(3)?,
+                job: r.get(4)?,
+                complete: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Jobs, newest first, optionally of one source host.
+    pub fn jobs(&self, host: Option<&str>, limit: u32) -> Result<Vec<JobRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, kind, source, state, operator, plan_id, power_evidence, request, parallel, created_ms, updated_ms, error
+             FROM jobs WHERE (?1 IS NULL OR source = ?1) ORDER BY created_ms DESC, id LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![host, limit], job_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, kind, source, state, operator, plan_id, power_evidence, request, parallel, created_ms, updated_ms, error
+                 FROM jobs WHERE id = ?1",
+                params![id],
+                job_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Jobs not yet finished.
+    pub fn active_jobs(&self) -> Result<Vec<JobRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, kind, source, state, operator, plan_id, power_evidence, request, parallel, created_ms, updated_ms, error
+             FROM jobs WHERE state NOT IN ('SUCCEEDED','PARTIAL','FAILED') ORDER BY created_ms",
+        )?;
+        let rows = st.query_map([], job_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A job's moves, in evacuation order.
+    pub fn moves(&self, job_id: &str) -> Result<Vec<MoveRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms
+             FROM moves WHERE job_id = ?1 ORDER BY priority DESC, name",
+        )?;
+        let rows = st.query_map(params![job_id], |r| {
+            Ok(MoveRow {
+                job_id: r.get(0)?,
+                uuid: r.get(1)?,
+                name: r.get(2)?,
+                source: r.get(3)?,
+                target: r.get(4)?,
+                generation: r.get::<_, i64>(5)? as u64,
+                state: r.get(6)?,
+                start: r.get(7)?,
+                definition_xml: r.get(8)?,
+                error: r.get(9)?,
+                priority: r.get(10)?,
+                updated_ms: r.get(11)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Appends to the audit log.
+    pub fn audit(&self, a: &AuditRow) -> Result<(), StoreError> {
+        insert_audit(&self.conn, a)
+    }
+
+    /// Reads the audit log, oldest first.
+    pub fn read_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT seq, at_ms, actor, action, host, vm, job, detail FROM (
+                SELECT * FROM audit
+                WHERE (?1 IS NULL OR host = ?1) AND (?2 IS NULL OR vm = ?2 OR detail LIKE '%' || ?2 || '%')
+                  AND (?3 IS NULL OR job = ?3) AND (?4 IS NULL OR at_ms >= ?4)
+                ORDER BY seq DESC LIMIT ?5
+             ) ORDER BY seq",
+        )?;
+        let rows = st.query_map(
+            params![f.host, f.vm, f.job, f.since_ms, f.limit.unwrap_or(100_000)],
+            |r| {
+                Ok(AuditRow {
+                    seq: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    host: r.get(4)?,
+                    vm: r.get(5)?,
+                    job: r.get(6)?,
+                    detail: r.get(7)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    Ok(JobRow {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        source: r.get(2)?,
+        state: r.get(3)?,
+        operator: r.get(4)?,
+        plan_id: r.get(5)?,
+        power_evidence: r.get(6)?,
+        request: r.get(7)?,
+        parallel: r.get(8)?,
+        created_ms: r.get(9)?,
+        updated_ms: r.get(10)?,
+        error: r.get(11)?,
+    })
+}
+
+fn insert_audit(conn: &Connection, a: &AuditRow) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO audit (at_ms, actor, action, host, vm, job, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![if a.at_ms > 0 { a.at_ms } else { crate::now_ms() }, a.actor, a.action, a.host, a.vm, a.job, a.detail],
+    )?;
+    Ok(())
+}
+
 fn decode_host(b: &[u8]) -> Result<HostInfo, StoreError> {
     HostInfo::decode(b).map_err(|e| StoreError::Corrupt { table: "hosts", message: e.to_string() })
 }
@@ -242,6 +644,34 @@ mod tests {
         let g = s.guests().unwrap();
         assert_eq!(g.len(), 1);
         assert_eq!(g[0].guest.name, "vm1");
+    }
+
+    #[test]
+    fn one_active_job_per_host_and_an_append_only_audit_log() {
+        let mut s = Store::open_in_memory().unwrap();
+        let job = |id: &str, state: &str| JobRow {
+            id: id.into(),
+            kind: "migrate".into(),
+            source: "a".into(),
+            state: state.into(),
+            operator: "ann".into(),
+            plan_id: "p".into(),
+            power_evidence: "bmc-off".into(),
+            request: vec![],
+            parallel: 4,
+            created_ms: 1,
+            updated_ms: 1,
+            error: String::new(),
+        };
+        let a = AuditRow { actor: "ann".into(), action: "migrate.requested".into(), host: "a".into(), ..Default::default() };
+        s.create_job(&job("j1", "CREATED"), &[], &a).unwrap();
+        let e = s.create_job(&job("j2", "CREATED"), &[], &a).unwrap_err();
+        assert!(e.to_string().contains("job j1"), "{e}");
+        s.set_job_state("j1", "SUCCEEDED", "", None).unwrap();
+        s.create_job(&job("j2", "CREATED"), &[], &a).unwrap();
+        assert_eq!(s.read_audit(&AuditFilter::default()).unwrap().len(), 2);
+        assert!(s.conn.execute("DELETE FROM audit", []).is_err());
+        assert!(s.conn.execute("UPDATE audit SET detail = 'x'", []).is_err());
     }
 
     #[test]

@@ -64,8 +64,13 @@ pub struct Controller {
 impl Controller {
     /// Starts a controller on 127.0.0.1:`port` (0 = any) with `db`.
     pub async fn start(pki: &Pki, db: &Path, port: u16, hb_ms: u32, unreachable_ms: u32) -> Self {
+        Self::start_with(pki, db, port, hb_ms, unreachable_ms, "").await
+    }
+
+    /// Like [`Controller::start`], with extra top-level config lines.
+    pub async fn start_with(pki: &Pki, db: &Path, port: u16, hb_ms: u32, unreachable_ms: u32, extra: &str) -> Self {
         let text = format!(
-            "listen = \"127.0.0.1:{port}\"\ndatabase = {db:?}\nheartbeat_interval_ms = {hb_ms}\nunreachable_after_ms = {unreachable_ms}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            "listen = \"127.0.0.1:{port}\"\ndatabase = {db:?}\nheartbeat_interval_ms = {hb_ms}\nunreachable_after_ms = {unreachable_ms}\n{extra}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
             pki.controller().ca,
             pki.controller().cert,
             pki.controller().key

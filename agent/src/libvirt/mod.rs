@@ -483,6 +483,7 @@ fn read_guest(d: &Domain) -> Result<Guest, virt::error::Error> {
                     }
                     g.disks = f.disks;
                     g.nics = f.nics;
+                    g.priority = f.priority;
                     if let Some((h, gen_)) = f.owner {
                         g.owner_host = h;
                         g.owner_generation = gen_;

@@ -3,26 +3,43 @@
 use std::sync::Arc;
 
 use lifeboat_common::identity::{Identity, Role};
+use std::pin::Pin;
+
 use lifeboat_proto::v1::{
-    GetHostRequest, HostRecord, ListGuestsRequest, ListGuestsResponse, ListHostsRequest, ListHostsResponse,
-    WhoAmIRequest, WhoAmIResponse, admin_server::Admin,
+    AuditEntry, GetHostRequest, GetJobRequest, HostRecord, JobRecord, ListAuditRequest, ListAuditResponse,
+    ListGuestsRequest, ListGuestsResponse, ListHostsRequest, ListHostsResponse, ListJobsRequest, ListJobsResponse,
+    MigrateRequest, MigrationPlan, WhoAmIRequest, WhoAmIResponse, admin_server::Admin,
 };
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use tracing::info;
 
 use crate::error::ControllerError;
+use crate::migrate::engine::Engine;
 use crate::registry::Registry;
+use crate::store::AuditFilter;
 
 /// The admin service.
 pub struct AdminService {
     reg: Arc<Registry>,
+    engine: Arc<Engine>,
 }
 
 impl AdminService {
-    /// Wraps the registry.
-    pub fn new(reg: Arc<Registry>) -> Self {
-        AdminService { reg }
+    /// Wraps the registry and the migration engine.
+    pub fn new(reg: Arc<Registry>, engine: Arc<Engine>) -> Self {
+        AdminService { reg, engine }
     }
 }
+
+fn check_migrate(req: &MigrateRequest) -> Result<(), ControllerError> {
+    if req.source.trim().is_empty() {
+        return Err(ControllerError::InvalidArgument("--from HOST is required".into()));
+    }
+    Ok(())
+}
+
+type JobStream = Pin<Box<dyn Stream<Item = Result<JobRecord, Status>> + Send>>;
 
 /// Checks that the caller is a person/tool with at least `needed`.
 pub fn authorize<T>(req: &Request<T>, needed: Role, action: &str) -> Result<(String, Role), ControllerError> {
@@ -63,5 +80,95 @@ impl Admin for AdminService {
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<WhoAmIResponse>, Status> {
         let (name, role) = authorize(&req, Role::Viewer, "asking who you are")?;
         Ok(Response::new(WhoAmIResponse { name, role: role.as_str().into() }))
+    }
+
+    async fn plan_migration(&self, req: Request<MigrateRequest>) -> Result<Response<MigrationPlan>, Status> {
+        authorize(&req, Role::Operator, "planning a forced migration")?;
+        check_migrate(req.get_ref())?;
+        Ok(Response::new(self.engine.plan(req.get_ref()).await?))
+    }
+
+    async fn start_migration(&self, req: Request<MigrateRequest>) -> Result<Response<JobRecord>, Status> {
+        let (name, _) = authorize(&req, Role::Operator, "a forced migration")?;
+        check_migrate(req.get_ref())?;
+        info!(operator = %name, source = %req.get_ref().source, plan = %req.get_ref().plan_id, "forced migration requested");
+        let r = self.engine.start(req.into_inner(), &name).await;
+        if let Err(e) = &r {
+            info!(operator = %name, "forced migration refused: {e}");
+        }
+        Ok(Response::new(r?))
+    }
+
+    async fn list_jobs(&self, req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        authorize(&req, Role::Viewer, "listing jobs")?;
+        let r = req.get_ref();
+        let host = if r.host.is_empty() { None } else { Some(r.host.as_str()) };
+        let limit = if r.limit == 0 { 50 } else { r.limit };
+        Ok(Response::new(ListJobsResponse { jobs: self.engine.jobs(host, limit)? }))
+    }
+
+    async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobRecord>, Status> {
+        authorize(&req, Role::Viewer, "showing a job")?;
+        Ok(Response::new(self.engine.job_record(&req.get_ref().id)?))
+    }
+
+    type WatchJobStream = JobStream;
+
+    async fn watch_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobStream>, Status> {
+        authorize(&req, Role::Viewer, "watching a job")?;
+        let id = req.get_ref().id.clone();
+        let mut rx = self.engine.subscribe();
+        let first = self.engine.job_record(&id)?;
+        let engine = self.engine.clone();
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut done = crate::migrate::state::JobState::Succeeded.as_str() == first.state
+                || ["PARTIAL", "FAILED"].contains(&first.state.as_str());
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            while !done {
+                let changed = tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv()).await;
+                if let Ok(Ok(j)) = &changed {
+                    if j != &id {
+                        continue;
+                    }
+                }
+                let Ok(rec) = engine.job_record(&id) else { return };
+                done = ["SUCCEEDED", "PARTIAL", "FAILED"].contains(&rec.state.as_str());
+                if tx.send(Ok(rec)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<ListAuditResponse>, Status> {
+        authorize(&req, Role::Viewer, "reading the audit log")?;
+        let r = req.get_ref();
+        let opt = |s: &str| if s.is_empty() { None } else { Some(s.to_string()) };
+        let f = AuditFilter {
+            host: opt(&r.host),
+            vm: opt(&r.vm),
+            job: opt(&r.job),
+            since_ms: if r.since_unix_ms > 0 { Some(r.since_unix_ms) } else { None },
+            limit: if r.limit == 0 { None } else { Some(r.limit) },
+        };
+        let rows = self.reg.db(|s| s.read_audit(&f)).map_err(ControllerError::from)?;
+        let entries = rows
+            .into_iter()
+            .map(|a| AuditEntry {
+                seq: a.seq,
+                at_unix_ms: a.at_ms,
+                actor: a.actor,
+                action: a.action,
+                host: a.host,
+                vm: a.vm,
+                job: a.job,
+                detail: a.detail,
+            })
+            .collect();
+        Ok(Response::new(ListAuditResponse { entries }))
     }
 }

@@ -1,0 +1,358 @@
+//! `lifeboat migrate --force`, `lifeboat jobs ...` and `lifeboat log`.
+
+use std::io::IsTerminal;
+
+use clap::Args;
+use lifeboat_proto::v1::{
+    GetJobRequest, JobRecord, ListAuditRequest, ListJobsRequest, MigrateRequest, MigrationPlan, admin_client::AdminClient,
+};
+use tonic::transport::Channel;
+
+use crate::Format;
+use crate::client::CliError;
+
+/// Arguments of `lifeboat migrate`.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Required: recreate the guests of a failed host elsewhere (the only kind of migration).
+    #[arg(long)]
+    force: bool,
+    /// The failed host.
+    #[arg(long, value_name = "HOST")]
+    from: String,
+    /// Only to this host (may be NOT_ACCEPTING, to test it).
+    #[arg(long, value_name = "HOST")]
+    to: Option<String>,
+    /// Only these guests (name or UUID; repeat).
+    #[arg(long = "vm", value_name = "NAME")]
+    vms: Vec<String>,
+    /// Power the failed host off through its BMC first, and wait until it reads Off.
+    #[arg(long)]
+    fence: bool,
+    /// You verified the host is powered off (no BMC can answer); recorded in the audit log.
+    #[arg(long, requires = "reason")]
+    attest_powered_off: bool,
+    /// Why you are sure (required with --attest-powered-off).
+    #[arg(long, value_name = "TEXT")]
+    reason: Option<String>,
+    /// Define the guests on their targets but leave them stopped.
+    #[arg(long)]
+    no_start: bool,
+    /// Guests moved at once (default 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    parallel: Option<u32>,
+    /// Only print the plan (the default when neither --yes nor --plan-id is given).
+    #[arg(long, conflicts_with_all = ["yes", "plan_id"])]
+    plan: bool,
+    /// Plan and carry it out at once.
+    #[arg(long, conflicts_with = "plan_id")]
+    yes: bool,
+    /// Carry out the plan with this id, refusing if anything changed since.
+    #[arg(long, value_name = "ID")]
+    plan_id: Option<String>,
+    /// Return after starting the job instead of following it.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+fn request(a: &MigrateArgs) -> MigrateRequest {
+    MigrateRequest {
+        source: a.from.clone(),
+        target: a.to.clone().unwrap_or_default(),
+        vms: a.vms.clone(),
+        fence: a.fence,
+        attest_powered_off: a.attest_powered_off,
+        attest_reason: a.reason.clone().unwrap_or_default(),
+        no_start: a.no_start,
+        parallel: a.parallel.unwrap_or(0),
+        plan_id: a.plan_id.clone().unwrap_or_default(),
+        command_line: std::env::args().collect::<Vec<_>>().join(" "),
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+}
+
+fn print_plan(fmt: Format, p: &MigrationPlan) {
+    if fmt == Format::Json {
+        return json(p);
+    }
+    println!("Forced migration plan {} for host {}", p.plan_id, p.source);
+    println!("\nPreconditions:");
+    for c in &p.preconditions {
+        println!("  [{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+        if !c.ok && !c.remedy.is_empty() {
+            println!("         what to do: {}", c.remedy);
+        }
+    }
+    println!("\nGuests:");
+    for g in &p.guests {
+        let what = if g.movable {
+            format!("-> {}{} ({})", g.target, if g.start { ", start" } else { ", leave stopped" }, g.reason)
+        } else {
+            format!("CANNOT MOVE: {}", g.reason)
+        };
+        println!("  {} ({}) {}", g.name, g.uuid, what);
+        println!(
+            "      last known: {}, autostart {}, managed save {}, {} MiB, priority {}",
+            g.last_state,
+            if g.last_autostart { "on" } else { "off" },
+            if g.managed_save { "yes" } else { "no" },
+            g.memory_kib / 1024,
+            g.priority
+        );
+        println!("      disks: {}", if g.disks.is_empty() { "-".into() } else { g.disks.join(", ") });
+        println!("      protection: {}", g.lock_protection);
+        for c in &g.checks {
+            println!("      [{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+        }
+        if !g.cleanup.is_empty() {
+            println!("      later: {}", g.cleanup);
+        }
+    }
+    println!("\n{}", p.summary);
+}
+
+fn print_job(fmt: Format, j: &JobRecord) {
+    if fmt == Format::Json {
+        return json(j);
+    }
+    println!("Job {} ({}) from {}: {}", j.id, j.kind, j.source, j.state);
+    println!("  operator {}, plan {}, power evidence {}, parallel {}", j.operator, j.plan_id, j.power_evidence, j.parallel);
+    if !j.error.is_empty() {
+        println!("  error: {}", j.error);
+    }
+    for m in &j.moves {
+        println!(
+            "  {:<20} -> {:<12} {:<16} gen {}{}",
+            m.name,
+            m.target,
+            m.state,
+            m.generation,
+            if m.error.is_empty() { String::new() } else { format!("  {}", m.error) }
+        );
+    }
+}
+
+fn terminal(state: &str) -> bool {
+    matches!(state, "SUCCEEDED" | "PARTIAL" | "FAILED")
+}
+
+/// Follows a job until it ends; prints each change. Returns the last record.
+pub async fn watch(c: &mut AdminClient<Channel>, id: &str, fmt: Format) -> Result<JobRecord, CliError> {
+    let mut stream = c.watch_job(GetJobRequest { id: id.into() }).await.map_err(CliError::from_status)?.into_inner();
+    let tty = std::io::stdout().is_terminal() && fmt == Format::Table;
+    let mut seen: std::collections::HashMap<String, String> = Default::default();
+    let mut last_state = String::new();
+    let mut last: Option<JobRecord> = None;
+    while let Some(j) = stream.message().await.map_err(CliError::from_status)? {
+        if fmt == Format::Table {
+            if j.state != last_state {
+                println!("job {}: {}", j.id, j.state);
+                last_state = j.state.clone();
+            }
+            for m in &j.moves {
+                if seen.get(&m.uuid) != Some(&m.state) {
+                    seen.insert(m.uuid.clone(), m.state.clone());
+                    let err = if m.error.is_empty() { String::new() } else { format!(": {}", m.error) };
+                    println!("  {} -> {}: {}{}", m.name, m.target, m.state, err);
+                }
+            }
+            if tty {
+                let done = j.moves.iter().filter(|m| matches!(m.state.as_str(), "RUNNING" | "DEFINED_STOPPED")).count();
+                let failed = j.moves.iter().filter(|m| m.state == "FAILED").count();
+                eprintln!("  progress: {done}/{} done, {failed} failed", j.moves.len());
+            }
+        }
+        let end = terminal(&j.state);
+        last = Some(j);
+        if end {
+            break;
+        }
+    }
+    last.ok_or_else(|| CliError::Other("the controller ended the watch without any job state".into()))
+}
+
+fn job_exit(j: &JobRecord) -> Result<(), CliError> {
+    match j.state.as_str() {
+        "SUCCEEDED" => Ok(()),
+        "PARTIAL" => Err(CliError::Other(format!("job {} finished PARTIAL: {}", j.id, j.error))),
+        "FAILED" => Err(CliError::Other(format!("job {} FAILED: {}", j.id, j.error))),
+        other => Err(CliError::Other(format!("job {} is {other}", j.id))),
+    }
+}
+
+/// `lifeboat migrate`.
+pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) -> Result<(), CliError> {
+    if !a.force {
+        return Err(CliError::Usage(
+            "only forced migration of a failed host is supported: add --force (and read the plan first)".into(),
+        ));
+    }
+    if a.to.as_deref() == Some(a.from.as_str()) {
+        return Err(CliError::Usage(format!("--to {} is the failed host itself; name another host", a.from)));
+    }
+    let mut req = request(&a);
+    if a.plan_id.is_none() {
+        let p = c.plan_migration(req.clone()).await.map_err(CliError::from_status)?.into_inner();
+        if !a.yes {
+            print_plan(fmt, &p);
+            if fmt == Format::Table && p.executable {
+                println!("\nNothing has been changed. To carry out this plan: add --plan-id {} (or --yes)", p.plan_id);
+            }
+            return if p.executable {
+                Ok(())
+            } else {
+                Err(CliError::Refused6("the plan cannot be carried out; nothing was changed".into()))
+            };
+        }
+        if fmt == Format::Table {
+            print_plan(fmt, &p);
+            println!();
+        }
+        if !p.executable {
+            return Err(CliError::Refused6("the plan cannot be carried out; nothing was changed".into()));
+        }
+        req.plan_id = p.plan_id;
+    }
+    let job = c.start_migration(req).await.map_err(CliError::from_status)?.into_inner();
+    if fmt == Format::Table {
+        println!("started job {} ({} guests)", job.id, job.moves.len());
+    }
+    if a.no_wait {
+        if fmt == Format::Json {
+            json(&job);
+        }
+        return Ok(());
+    }
+    let last = watch(c, &job.id, fmt).await?;
+    print_job(fmt, &last);
+    job_exit(&last)
+}
+
+/// `lifeboat jobs list`.
+pub async fn jobs_list(c: &mut AdminClient<Channel>, host: Option<String>, fmt: Format) -> Result<(), CliError> {
+    let jobs = c
+        .list_jobs(ListJobsRequest { host: host.unwrap_or_default(), limit: 100 })
+        .await
+        .map_err(CliError::from_status)?
+        .into_inner()
+        .jobs;
+    if fmt == Format::Json {
+        return Ok(json(&jobs));
+    }
+    println!("{:<18} {:<8} {:<10} {:<10} {:<8} {:<10} CREATED", "JOB", "KIND", "SOURCE", "STATE", "GUESTS", "OPERATOR");
+    for j in jobs {
+        println!(
+            "{:<18} {:<8} {:<10} {:<10} {:<8} {:<10} {}",
+            j.id,
+            j.kind,
+            j.source,
+            j.state,
+            j.moves.len(),
+            j.operator,
+            fmt_time(j.created_unix_ms)
+        );
+    }
+    Ok(())
+}
+
+/// `lifeboat jobs show`.
+pub async fn jobs_show(c: &mut AdminClient<Channel>, id: String, fmt: Format) -> Result<(), CliError> {
+    let j = c.get_job(GetJobRequest { id }).await.map_err(CliError::from_status)?.into_inner();
+    print_job(fmt, &j);
+    Ok(())
+}
+
+/// `lifeboat jobs watch`.
+pub async fn jobs_watch(c: &mut AdminClient<Channel>, id: String, fmt: Format) -> Result<(), CliError> {
+    let last = watch(c, &id, fmt).await?;
+    print_job(fmt, &last);
+    job_exit(&last)
+}
+
+/// Formats a timestamp as RFC 3339 UTC.
+pub fn fmt_time(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Parses `--since`: RFC 3339, or a duration ago like `30s`, `15m`, `2h`, `1d`.
+pub fn parse_since(s: &str) -> Result<i64, CliError> {
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    }
+    let (num, unit) = s.split_at(s.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len());
+    let n: i64 = num
+        .parse()
+        .map_err(|_| CliError::Usage(format!("--since '{s}': use RFC 3339 (2026-11-25T17:00:00Z) or a duration like 30s, 15m, 2h, 1d")))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(CliError::Usage(format!("--since '{s}': unknown unit '{unit}' (s, m, h, d)"))),
+    };
+    Ok(lifeboat_common::now_unix_ms() - secs * 1000)
+}
+
+/// `lifeboat log`.
+pub async fn log(
+    c: &mut AdminClient<Channel>,
+    host: Option<String>,
+    vm: Option<String>,
+    job: Option<String>,
+    since: Option<String>,
+    fmt: Format,
+) -> Result<(), CliError> {
+    let since_unix_ms = match since {
+        Some(s) => parse_since(&s)?,
+        None => 0,
+    };
+    let r = c
+        .list_audit(ListAuditRequest {
+            host: host.unwrap_or_default(),
+            vm: vm.unwrap_or_default(),
+            job: job.unwrap_or_default(),
+            since_unix_ms,
+            limit: 0,
+        })
+        .await
+        .map_err(CliError::from_status)?
+        .into_inner();
+    if fmt == Format::Json {
+        return Ok(json(&r.entries));
+    }
+    for e in r.entries {
+        let mut ctx = Vec::new();
+        if !e.host.is_empty() {
+            ctx.push(format!("host={}", e.host));
+        }
+        if !e.vm.is_empty() {
+            ctx.push(format!("vm={}", e.vm));
+        }
+        if !e.job.is_empty() {
+            ctx.push(format!("job={}", e.job));
+        }
+        println!("{} {:<10} {:<20} {} {}", fmt_time(e.at_unix_ms), e.actor, e.action, ctx.join(" "), e.detail);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_accepts_durations_and_rfc3339() {
+        let now = lifeboat_common::now_unix_ms();
+        let t = parse_since("15m").unwrap();
+        assert!((now - t - 900_000).abs() < 5_000);
+        assert_eq!(parse_since("1970-01-01T00:00:01Z").unwrap(), 1000);
+        assert!(parse_since("yesterday").is_err());
+        assert!(parse_since("5w").is_err());
+    }
+}

@@ -1,0 +1,514 @@
+//! The forced-migration engine: gathers the planner's inputs, and carries
+//! out durable jobs. Every step is written to the database before it is
+//! done and is check-then-act (the agent answers "already" for a step that
+//! already took effect), so a controller crash anywhere resumes on restart
+//! without doing anything twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeboat_proto::v1::{
+    CheckPaths, DefineGuest, JobRecord, MigrateRequest, MigrationPlan, MoveRecord, StartGuest, command::Kind,
+};
+use prost::Message;
+use tokio::sync::{Semaphore, broadcast};
+use tracing::{info, warn};
+
+use super::plan::{self, Ownership, PlanInput, PowerReading};
+use super::state::{JobState, MoveState};
+use crate::error::ControllerError;
+use crate::fence::{BmcConfig, FenceConfigError, FenceEvent, Fencer, PowerState};
+use crate::registry::Registry;
+use crate::store::{AuditRow, JobRow, MoveRow, OwnerRow, StoreError};
+
+/// Default number of guests moved at once.
+pub const DEFAULT_PARALLEL: u32 = 4;
+
+/// How long a step waits for a target's agent session to come back.
+const SESSION_WAIT: Duration = Duration::from_secs(60);
+
+/// The engine.
+pub struct Engine {
+    reg: Arc<Registry>,
+    fencers: BTreeMap<String, Arc<Fencer>>,
+    grace_ms: u64,
+    memory_reserve_kib: u64,
+    changes: broadcast::Sender<String>,
+    call_timeout: Duration,
+}
+
+fn audit(actor: &str, action: &str, host: &str, vm: &str, job: &str, detail: impl Into<String>) -> AuditRow {
+    AuditRow {
+        actor: actor.into(),
+        action: action.into(),
+        host: host.into(),
+        vm: vm.into(),
+        job: job.into(),
+        detail: detail.into(),
+        ..Default::default()
+    }
+}
+
+impl Engine {
+    /// Builds the engine with one fencer per configured BMC.
+    pub fn new(
+        reg: Arc<Registry>,
+        bmc: &BTreeMap<String, BmcConfig>,
+        grace_ms: u64,
+        memory_reserve_kib: u64,
+    ) -> Result<Arc<Self>, FenceConfigError> {
+        let mut fencers = BTreeMap::new();
+        for (host, cfg) in bmc {
+            fencers.insert(host.clone(), Arc::new(Fencer::new(host, cfg)?));
+        }
+        let (changes, _) = broadcast::channel(1024);
+        Ok(Arc::new(Engine { reg, fencers, grace_ms, memory_reserve_kib, changes, call_timeout: Duration::from_secs(60) }))
+    }
+
+    /// Job ids are sent here whenever a job or one of its moves changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self, job: &str) {
+        let _ = self.changes.send(job.to_string());
+    }
+
+    fn owners(&self) -> Result<BTreeMap<String, Ownership>, StoreError> {
+        Ok(self
+            .reg
+            .db(|s| s.owners())?
+            .into_iter()
+            .map(|o| {
+                (o.uuid.clone(), Ownership { host: o.host, generation: o.generation, from_host: o.from_host, complete: o.complete, job: o.job })
+            })
+            .collect())
+    }
+
+    async fn power_reading(&self, host: &str) -> PowerReading {
+        match self.fencers.get(host) {
+            None => PowerReading::NoBmc,
+            Some(f) => {
+                let mut log = Vec::new();
+                PowerReading::Bmc(f.power_state(&mut log).await)
+            }
+        }
+    }
+
+    /// Gathers everything and makes a plan. No side effects besides reading
+    /// the source's BMC and asking candidate targets which paths they see.
+    pub async fn plan(&self, req: &MigrateRequest) -> Result<MigrationPlan, ControllerError> {
+        let hosts = self.reg.host_views();
+        let source_guests: Vec<_> = hosts.iter().find(|h| h.id == req.source).map(|h| h.guests.clone()).unwrap_or_default();
+        let owners = self.owners()?;
+        let active_job = self.reg.db(|s| s.active_jobs())?.into_iter().find(|j| j.source == req.source).map(|j| j.id);
+        let power = if hosts.iter().any(|h| h.id == req.source) { self.power_reading(&req.source).await } else { PowerReading::NoBmc };
+        let mut paths: Vec<String> = source_guests.iter().flat_map(plan::guest_paths).collect();
+        paths.sort();
+        paths.dedup();
+        let mut visibility = BTreeMap::new();
+        let cands = plan::visibility_hosts(req, &hosts);
+        let checks = cands.iter().map(|h| {
+            let kind = Kind::CheckPaths(CheckPaths { paths: paths.clone() });
+            async move { (h.clone(), self.reg.call(h, kind, Duration::from_secs(10)).await) }
+        });
+        for (h, r) in futures::future::join_all(checks).await {
+            let m: BTreeMap<String, (bool, String)> = match r {
+                Ok(r) if r.ok => r.paths.into_iter().map(|p| (p.path, (p.visible, p.error))).collect(),
+                Ok(r) => paths.iter().map(|p| (p.clone(), (false, format!("path check failed: {}", r.error)))).collect(),
+                Err(e) => paths.iter().map(|p| (p.clone(), (false, format!("path check failed: {e}")))).collect(),
+            };
+            visibility.insert(h, m);
+        }
+        let input = PlanInput {
+            req: req.clone(),
+            hosts,
+            source_guests,
+            owners,
+            power,
+            active_job,
+            grace_ms: self.grace_ms,
+            visibility,
+            memory_reserve_kib: self.memory_reserve_kib,
+        };
+        Ok(plan::plan(&input))
+    }
+
+    /// Starts a job for a reviewed plan: refuses (changing nothing) unless
+    /// the plan is still executable and its id matches.
+    pub async fn start(self: &Arc<Self>, req: MigrateRequest, operator: &str) -> Result<JobRecord, ControllerError> {
+        let p = self.plan(&req).await?;
+        if !p.executable {
+            let failed: Vec<String> = p
+                .preconditions
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| format!("  - {}: {}{}", c.name, c.detail, if c.remedy.is_empty() { String::new() } else { format!("\n    what to do: {}", c.remedy) }))
+                .collect();
+            return Err(ControllerError::Refused(format!(
+                "forced migration of {} refused; nothing was changed. Failed checks:\n{}",
+                req.source,
+                failed.join("\n")
+            )));
+        }
+        if req.plan_id.is_empty() {
+            return Err(ControllerError::Refused(format!(
+                "no plan id given; review the plan (`lifeboat migrate --force --from {} --plan`) and pass --plan-id {} (or --yes)",
+                req.source, p.plan_id
+            )));
+        }
+        if req.plan_id != p.plan_id {
+            return Err(ControllerError::Refused(format!(
+                "the plan changed since it was made (reviewed {}, now {}); nothing was changed. Review the new plan: {}",
+                req.plan_id, p.plan_id, p.summary
+            )));
+        }
+        let now = crate::now_ms();
+        let id = format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let owners = self.owners()?;
+        let guests: BTreeMap<String, lifeboat_proto::v1::Guest> = self
+            .reg
+            .host_views()
+            .into_iter()
+            .find(|h| h.id == req.source)
+            .map(|h| h.guests.into_iter().map(|g| (g.uuid.clone(), g)).collect())
+            .unwrap_or_default();
+        let mut moves = Vec::new();
+        for gp in p.guests.iter().filter(|g| g.movable) {
+            let Some(g) = guests.get(&gp.uuid) else {
+                return Err(ControllerError::Refused(format!("guest {} vanished while planning; plan again", gp.name)));
+            };
+            let generation = match owners.get(&gp.uuid) {
+                Some(o) if o.host == gp.target && !o.complete => o.generation,
+                Some(o) => o.generation + 1,
+                None => 1,
+            };
+            moves.push(MoveRow {
+                job_id: id.clone(),
+                uuid: gp.uuid.clone(),
+                name: gp.name.clone(),
+                source: req.source.clone(),
+                target: gp.target.clone(),
+                generation,
+                state: MoveState::Pending.as_str().into(),
+                start: gp.start,
+                definition_xml: g.definition_xml.clone(),
+                error: String::new(),
+                priority: gp.priority,
+                updated_ms: now,
+            });
+        }
+        let parallel = if req.parallel == 0 { DEFAULT_PARALLEL } else { req.parallel.min(64) };
+        let job = JobRow {
+            id: id.clone(),
+            kind: "migrate".into(),
+            source: req.source.clone(),
+            state: JobState::Created.as_str().into(),
+            operator: operator.into(),
+            plan_id: p.plan_id.clone(),
+            power_evidence: p.power_evidence.clone(),
+            request: req.encode_to_vec(),
+            parallel,
+            created_ms: now,
+            updated_ms: now,
+            error: String::new(),
+        };
+        let detail = format!(
+            "command: {}; plan {}; {} guest(s): {}; power evidence: {}",
+            if req.command_line.is_empty() { "(not given)" } else { &req.command_line },
+            p.plan_id,
+            moves.len(),
+            moves.iter().map(|m| format!("{} -> {}", m.name, m.target)).collect::<Vec<_>>().join(", "),
+            p.power_evidence
+        );
+        self.reg.db(|s| s.create_job(&job, &moves, &audit(operator, "migrate.requested", &req.source, "", &id, detail)))?;
+        info!(job = %id, source = %req.source, operator, guests = moves.len(), "forced migration job created");
+        let me = self.clone();
+        let jid = id.clone();
+        tokio::spawn(async move { me.run(jid).await });
+        self.job_record(&id)
+    }
+
+    /// Resumes every unfinished job (at controller start).
+    pub fn resume_all(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let jobs = self.reg.db(|s| s.active_jobs())?;
+        for j in &jobs {
+            info!(job = %j.id, state = %j.state, "resuming unfinished job");
+            let _ = self.reg.db(|s| s.audit(&audit("controller", "job.resumed", &j.source, "", &j.id, format!("resumed in state {}", j.state))));
+            let me = self.clone();
+            let id = j.id.clone();
+            tokio::spawn(async move { me.run(id).await });
+        }
+        Ok(jobs.len())
+    }
+
+    /// A job and its moves, for the API.
+    pub fn job_record(&self, id: &str) -> Result<JobRecord, ControllerError> {
+        let (job, moves) = self.reg.db(|s| -> Result<_, StoreError> { Ok((s.job(id)?, s.moves(id)?)) })?;
+        let job = job.ok_or_else(|| ControllerError::NotFound(format!("unknown job '{id}' (see `lifeboat jobs list`)")))?;
+        Ok(to_record(job, moves))
+    }
+
+    /// Jobs, newest first.
+    pub fn jobs(&self, host: Option<&str>, limit: u32) -> Result<Vec<JobRecord>, ControllerError> {
+        let rows = self.reg.db(|s| s.jobs(host, limit))?;
+        let mut out = Vec::new();
+        for j in rows {
+            let moves = self.reg.db(|s| s.moves(&j.id))?;
+            out.push(to_record(j, moves));
+        }
+        Ok(out)
+    }
+
+    fn set_job(&self, job: &JobRow, to: JobState, error: &str, a: Option<AuditRow>) -> Result<(), StoreError> {
+        let from: JobState = job.state.parse().unwrap_or(JobState::Failed);
+        if !from.valid_transition(to) {
+            warn!(job = %job.id, %from, %to, "refusing an invalid job transition");
+            return Ok(());
+        }
+        self.reg.db(|s| s.set_job_state(&job.id, to.as_str(), error, a.as_ref()))?;
+        self.changed(&job.id);
+        Ok(())
+    }
+
+    async fn run(self: Arc<Self>, id: String) {
+        if let Err(e) = self.clone().run_inner(&id).await {
+            warn!(job = %id, "job stopped on a database error: {e}; it resumes when the controller restarts");
+        }
+    }
+
+    async fn run_inner(self: Arc<Self>, id: &str) -> Result<(), StoreError> {
+        loop {
+            let Some(job) = self.reg.db(|s| s.job(id))? else { return Ok(()) };
+            let state: JobState = job.state.parse().unwrap_or(JobState::Failed);
+            match state {
+                JobState::Created => {
+                    self.set_job(&job, JobState::Fencing, "", None)?;
+                }
+                JobState::Fencing => match self.fence(&job).await? {
+                    Ok(()) => self.set_job(&job, JobState::Moving, "", None)?,
+                    Err(why) => {
+                        let msg = format!("{why}; no guest was defined anywhere");
+                        warn!(job = %id, "{msg}");
+                        self.set_job(&job, JobState::Failed, &msg, Some(audit("controller", "job.failed", &job.source, "", id, msg.clone())))?;
+                    }
+                },
+                JobState::Moving => {
+                    let moves = self.reg.db(|s| s.moves(id))?;
+                    let sem = Arc::new(Semaphore::new(job.parallel.max(1) as usize));
+                    let tasks = moves.into_iter().map(|m| {
+                        let me = self.clone();
+                        let sem = sem.clone();
+                        let operator = job.operator.clone();
+                        async move {
+                            let _permit = sem.acquire().await;
+                            me.run_move(m, &operator).await
+                        }
+                    });
+                    for r in futures::future::join_all(tasks).await {
+                        r?;
+                    }
+                    let moves = self.reg.db(|s| s.moves(id))?;
+                    let states: Vec<MoveState> = moves.iter().map(|m| m.state.parse().unwrap_or(MoveState::Failed)).collect();
+                    let ok = states.iter().filter(|s| s.is_success()).count();
+                    let (to, msg) = if ok == states.len() {
+                        (JobState::Succeeded, String::new())
+                    } else if ok == 0 {
+                        (JobState::Failed, "no guest could be moved; see each move's error".to_string())
+                    } else {
+                        (JobState::Partial, format!("{} of {} moves failed; re-run the same command to finish the rest", states.len() - ok, states.len()))
+                    };
+                    let detail = format!("{ok} of {} guests moved{}", states.len(), if msg.is_empty() { String::new() } else { format!("; {msg}") });
+                    info!(job = %id, "{detail}");
+                    self.set_job(&job, to, &msg, Some(audit("controller", &format!("job.{}", to.as_str().to_lowercase()), &job.source, "", id, detail)))?;
+                }
+                JobState::Succeeded | JobState::Partial | JobState::Failed => return Ok(()),
+            }
+        }
+    }
+
+    fn audit_bmc(&self, job: &JobRow, events: &[FenceEvent]) -> Result<(), StoreError> {
+        for e in events {
+            let mut a = audit("controller", "bmc.exchange", &job.source, "", &job.id, format!("request: {} | answer: {}", e.request, e.answer));
+            a.at_ms = e.at_ms;
+            self.reg.db(|s| s.audit(&a))?;
+        }
+        Ok(())
+    }
+
+    /// Proves the source is off. Check-then-act: reads first, powers off
+    /// only if it does not read Off.
+    async fn fence(&self, job: &JobRow) -> Result<Result<(), String>, StoreError> {
+        if self.reg.is_reachable(&job.source) {
+            return Ok(Err(format!("{} is talking to the controller again: a host that talks is alive", job.source)));
+        }
+        let req = MigrateRequest::decode(&job.request[..]).unwrap_or_default();
+        if job.power_evidence == "attestation" {
+            self.reg.db(|s| {
+                s.audit(&audit(
+                    &job.operator,
+                    "power.attested",
+                    &job.source,
+                    "",
+                    &job.id,
+                    format!("operator {} attests {} is powered off: {}", job.operator, job.source, req.attest_reason),
+                ))
+            })?;
+            return Ok(Ok(()));
+        }
+        let Some(f) = self.fencers.get(&job.source) else {
+            return Ok(Err(format!("no BMC configured for {} any more", job.source)));
+        };
+        let mut log = Vec::new();
+        let mut st = f.power_state(&mut log).await;
+        if st != PowerState::Off && job.power_evidence == "bmc-fence" {
+            self.audit_bmc(job, &log)?;
+            log.clear();
+            self.reg.db(|s| s.audit(&audit("controller", "bmc.power_off", &job.source, "", &job.id, format!("ForceOff requested; waiting up to {:?} for Off", f.off_timeout()))))?;
+            st = f.power_off(&mut log).await;
+        }
+        self.audit_bmc(job, &log)?;
+        match st {
+            PowerState::Off => {
+                self.reg.db(|s| s.audit(&audit("controller", "power.confirmed_off", &job.source, "", &job.id, format!("{}'s BMC reads Off", job.source))))?;
+                Ok(Ok(()))
+            }
+            PowerState::On => Ok(Err(format!("{}'s BMC still reads On: power-off not confirmed", job.source))),
+            PowerState::Unknown(why) => Ok(Err(format!("{}'s power state is UNKNOWN ({why}): power-off not confirmed", job.source))),
+        }
+    }
+
+    async fn call_target(&self, host: &str, kind: Kind) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
+        let deadline = tokio::time::Instant::now() + SESSION_WAIT;
+        loop {
+            if self.reg.has_session(host) {
+                return self.reg.call(host, kind, self.call_timeout).await;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ControllerError::AgentUnavailable(format!("target {host} has had no agent session for {SESSION_WAIT:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn set_move(&self, m: &mut MoveRow, to: MoveState, error: &str, owner: Option<OwnerRow>, a: Option<AuditRow>) -> Result<(), StoreError> {
+        let from: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
+        if !from.valid_transition(to) {
+            warn!(job = %m.job_id, guest = %m.name, %from, %to, "refusing an invalid move transition");
+            return Ok(());
+        }
+        self.reg.db(|s| s.set_move(&m.job_id, &m.uuid, to.as_str(), error, owner.as_ref(), a.as_ref()))?;
+        m.state = to.as_str().into();
+        self.changed(&m.job_id);
+        Ok(())
+    }
+
+    fn owner(&self, m: &MoveRow, complete: bool) -> OwnerRow {
+        OwnerRow {
+            uuid: m.uuid.clone(),
+            host: m.target.clone(),
+            generation: m.generation,
+            from_host: m.source.clone(),
+            job: m.job_id.clone(),
+            complete,
+        }
+    }
+
+    async fn run_move(&self, mut m: MoveRow, operator: &str) -> Result<(), StoreError> {
+        let _ = operator;
+        loop {
+            let state: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
+            let (t, n, j) = (m.target.clone(), m.name.clone(), m.job_id.clone());
+            let a = move |action: &str, detail: String| Some(audit("controller", action, &t, &n, &j, detail));
+            match state {
+                MoveState::Pending => {
+                    if self.reg.is_reachable(&m.source) {
+                        let msg = format!("{} is talking to the controller again; not defining {} elsewhere", m.source, m.name);
+                        self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
+                        continue;
+                    }
+                    let detail = format!("{} ({}) {} -> {}, generation {}", m.name, m.uuid, m.source, m.target, m.generation);
+                    let owner = self.owner(&m, false);
+                    self.set_move(&mut m, MoveState::Defining, "", Some(owner), a("move.recorded", detail))?;
+                }
+                MoveState::Defining => {
+                    let kind = Kind::DefineGuest(DefineGuest {
+                        definition_xml: m.definition_xml.clone(),
+                        owner_host: m.target.clone(),
+                        generation: m.generation,
+                    });
+                    match self.call_target(&m.target, kind).await {
+                        Ok(r) if r.ok => {
+                            let detail = format!("defined {} ({}) on {} ({}), autostart off, owner generation {}", m.name, m.uuid, m.target, r.outcome, m.generation);
+                            self.set_move(&mut m, MoveState::Defined, "", None, a("guest.defined", detail))?;
+                        }
+                        Ok(r) => {
+                            let msg = format!("define on {} failed: {}", m.target, r.error);
+                            self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
+                        }
+                        Err(e) => {
+                            let msg = format!("define on {} failed: {e}", m.target);
+                            self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
+                        }
+                    }
+                }
+                MoveState::Defined => {
+                    if m.start {
+                        self.set_move(&mut m, MoveState::Starting, "", None, None)?;
+                    } else {
+                        let owner = self.owner(&m, true);
+                        let detail = format!("{} left defined and stopped on {}", m.name, m.target);
+                        self.set_move(&mut m, MoveState::DefinedStopped, "", Some(owner), a("move.done", detail))?;
+                    }
+                }
+                MoveState::Starting => match self.call_target(&m.target, Kind::StartGuest(StartGuest { uuid: m.uuid.clone() })).await {
+                    Ok(r) if r.ok => {
+                        let owner = self.owner(&m, true);
+                        let detail = format!("{} ({}) running on {} ({})", m.name, m.uuid, m.target, r.outcome);
+                        self.set_move(&mut m, MoveState::Running, "", Some(owner), a("guest.running", detail))?;
+                    }
+                    Ok(r) => {
+                        let msg = format!("start on {} failed: {}", m.target, r.error);
+                        self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
+                    }
+                    Err(e) => {
+                        let msg = format!("start on {} failed: {e}", m.target);
+                        self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
+                    }
+                },
+                MoveState::Running | MoveState::DefinedStopped | MoveState::Failed => return Ok(()),
+            }
+        }
+    }
+}
+
+fn to_record(j: JobRow, moves: Vec<MoveRow>) -> JobRecord {
+    JobRecord {
+        id: j.id,
+        kind: j.kind,
+        source: j.source,
+        state: j.state,
+        operator: j.operator,
+        plan_id: j.plan_id,
+        created_unix_ms: j.created_ms,
+        updated_unix_ms: j.updated_ms,
+        error: j.error,
+        power_evidence: j.power_evidence,
+        parallel: j.parallel,
+        moves: moves
+            .into_iter()
+            .map(|m| MoveRecord {
+                uuid: m.uuid,
+                name: m.name,
+                source: m.source,
+                target: m.target,
+                generation: m.generation,
+                state: m.state,
+                error: m.error,
+                updated_unix_ms: m.updated_ms,
+                start: m.start,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,712 @@
+//! The forced-migration planner. Pure: every input (hosts, guests, power
+//! reading, path visibility seen by each candidate target) is gathered by
+//! the caller; this module only decides and explains.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lifeboat_proto::v1::{Check, Guest, GuestPlan, GuestState, MigrateRequest, MigrationPlan};
+use sha2::{Digest, Sha256};
+
+use crate::fence::PowerState;
+use crate::model::{HostStatus, Liveness};
+
+/// A host as the planner sees it.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    /// Host id.
+    pub id: String,
+    /// Operators' status.
+    pub status: HostStatus,
+    /// Whether we hear from it.
+    pub liveness: Liveness,
+    /// How long it has been silent, in ms (`None`: talking now).
+    pub silent_ms: Option<u64>,
+    /// Physical memory in KiB.
+    pub memory_total_kib: u64,
+    /// qemu.conf lock manager.
+    pub lock_manager: String,
+    /// Guests defined there (for UUID/name conflicts).
+    pub guests: Vec<Guest>,
+}
+
+/// Who owns a guest, from the owners table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    /// Owning host.
+    pub host: String,
+    /// Generation of the ownership.
+    pub generation: u64,
+    /// Host it was moved from.
+    pub from_host: String,
+    /// Whether that move completed.
+    pub complete: bool,
+    /// Job that moved it.
+    pub job: String,
+}
+
+/// The source's power as far as the controller can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PowerReading {
+    /// No BMC is configured for the source.
+    NoBmc,
+    /// The BMC answered (or could not: `Unknown`).
+    Bmc(PowerState),
+}
+
+/// Everything the planner needs.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    /// The operator's request.
+    pub req: MigrateRequest,
+    /// Every host, the source included.
+    pub hosts: Vec<HostView>,
+    /// The source's guests as last reported.
+    pub source_guests: Vec<Guest>,
+    /// Ownership records by UUID.
+    pub owners: BTreeMap<String, Ownership>,
+    /// Power reading of the source.
+    pub power: PowerReading,
+    /// An operation already running on the source (job id).
+    pub active_job: Option<String>,
+    /// The silence a forced migration needs, ms.
+    pub grace_ms: u64,
+    /// Path visibility per candidate host: host → path → (visible, error).
+    pub visibility: BTreeMap<String, BTreeMap<String, (bool, String)>>,
+    /// Memory kept free on every host for the hypervisor itself, KiB.
+    pub memory_reserve_kib: u64,
+}
+
+/// Memory a host can still give to guests: physical memory minus the
+/// memory of the guests running there and the hypervisor's reserve.
+pub fn available_memory_kib(h: &HostView, reserve_kib: u64) -> u64 {
+    let committed: u64 = h
+        .guests
+        .iter()
+        .filter(|g| matches!(GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified), GuestState::Running | GuestState::Paused | GuestState::Blocked))
+        .map(|g| g.memory_kib)
+        .sum();
+    h.memory_total_kib.saturating_sub(committed).saturating_sub(reserve_kib)
+}
+
+fn check(name: &str, ok: bool, detail: impl Into<String>, remedy: impl Into<String>) -> Check {
+    Check { name: name.into(), ok, detail: detail.into(), remedy: if ok { String::new() } else { remedy.into() } }
+}
+
+fn state_name(s: i32) -> &'static str {
+    match GuestState::try_from(s).unwrap_or(GuestState::Unspecified) {
+        GuestState::Running => "running",
+        GuestState::Paused => "paused",
+        GuestState::Blocked => "blocked",
+        GuestState::Shutoff => "shutoff",
+        GuestState::Shutdown => "shutdown",
+        GuestState::Crashed => "crashed",
+        GuestState::Pmsuspended => "pmsuspended",
+        GuestState::Nostate => "nostate",
+        GuestState::Unspecified => "unknown",
+    }
+}
+
+/// Disk sources a target must see (local paths; network disks need no check).
+pub fn guest_paths(g: &Guest) -> Vec<String> {
+    g.disks.iter().map(|d| d.source.clone()).filter(|s| s.starts_with('/')).collect()
+}
+
+/// The hosts whose disk visibility the caller must gather: every reachable
+/// host but the source (to tell local storage from a target's blind spot).
+pub fn visibility_hosts(req: &MigrateRequest, hosts: &[HostView]) -> Vec<String> {
+    hosts.iter().filter(|h| h.id != req.source && h.liveness == Liveness::Reachable).map(|h| h.id.clone()).collect()
+}
+
+/// The hosts a guest may be placed on.
+pub fn candidate_hosts(req: &MigrateRequest, hosts: &[HostView]) -> Vec<String> {
+    hosts
+        .iter()
+        .filter(|h| h.id != req.source && h.liveness == Liveness::Reachable)
+        .filter(|h| {
+            if req.target.is_empty() {
+                h.status == HostStatus::Available
+            } else {
+                h.id == req.target
+            }
+        })
+        .map(|h| h.id.clone())
+        .collect()
+}
+
+/// Makes the plan.
+pub fn plan(input: &PlanInput) -> MigrationPlan {
+    let req = &input.req;
+    let mut pre = Vec::new();
+    let source = input.hosts.iter().find(|h| h.id == req.source);
+    let known: Vec<&str> = input.hosts.iter().map(|h| h.id.as_str()).collect();
+    let mut out = MigrationPlan { source: req.source.clone(), ..Default::default() };
+
+    // The request itself.
+    let Some(source) = source else {
+        pre.push(check(
+            "source host known",
+            false,
+            format!("unknown host '{}' (known hosts: {})", req.source, known.join(", ")),
+            "name a host from `lifeboat hosts list`",
+        ));
+        out.preconditions = pre;
+        out.summary = "refused: unknown source host".into();
+        return finish(out, input);
+    };
+    if !req.target.is_empty() {
+        if req.target == req.source {
+            pre.push(check("target differs from source", false, format!("--to {} is the failed host itself", req.target), "name another host with --to, or leave --to out"));
+        } else {
+            match input.hosts.iter().find(|h| h.id == req.target) {
+                None => pre.push(check(
+                    "target host known",
+                    false,
+                    format!("unknown target host '{}' (known hosts: {})", req.target, known.join(", ")),
+                    "name a host from `lifeboat hosts list`",
+                )),
+                Some(t) => {
+                    let status_ok = matches!(t.status, HostStatus::Available | HostStatus::NotAccepting);
+                    pre.push(check(
+                        "target accepts guests",
+                        status_ok,
+                        format!("target {} is {}", t.id, t.status),
+                        "only an AVAILABLE or (named explicitly) NOT_ACCEPTING host can receive guests; `lifeboat hosts set-status`",
+                    ));
+                    pre.push(check(
+                        "target reachable",
+                        t.liveness == Liveness::Reachable,
+                        format!("target {} is {}", t.id, t.liveness.as_str()),
+                        "bring the target's agent back, or choose another target",
+                    ));
+                }
+            }
+        }
+    }
+
+    // The source must be silent: a host still talking to us is alive.
+    let silent = match source.silent_ms {
+        None => check(
+            "source silent",
+            false,
+            format!("{} is still talking to the controller (REACHABLE); a host that talks is alive", source.id),
+            "a running host is never force-migrated: if it is partitioned but alive, fix the network or stop its guests by hand",
+        ),
+        Some(ms) if ms < input.grace_ms => check(
+            "source silent",
+            false,
+            format!("{} has been silent for {:.1} s, less than the required {:.1} s", source.id, ms as f64 / 1000.0, input.grace_ms as f64 / 1000.0),
+            "wait until the grace period has passed, then plan again",
+        ),
+        Some(ms) => check(
+            "source silent",
+            true,
+            format!("{} silent for {:.1} s (grace {:.1} s)", source.id, ms as f64 / 1000.0, input.grace_ms as f64 / 1000.0),
+            "",
+        ),
+    };
+    pre.push(silent);
+
+    // Power evidence.
+    let (power_check, evidence) = power_check(req, &input.power, &source.id);
+    pre.push(power_check);
+    out.power_evidence = evidence;
+
+    pre.push(match &input.active_job {
+        Some(j) => check(
+            "one operation per host",
+            false,
+            format!("job {j} on {} is still running", source.id),
+            format!("wait for it (`lifeboat jobs watch {j}`) and plan again"),
+        ),
+        None => check("one operation per host", true, "no other operation on this host", ""),
+    });
+
+    // Which guests.
+    let mut guests: Vec<&Guest> = input.source_guests.iter().collect();
+    if !req.vms.is_empty() {
+        let mut picked = Vec::new();
+        for v in &req.vms {
+            match input.source_guests.iter().find(|g| &g.name == v || &g.uuid == v) {
+                Some(g) => picked.push(g),
+                None => pre.push(check(
+                    "guest known",
+                    false,
+                    format!("host {} has no guest '{v}'", source.id),
+                    format!("see `lifeboat vms list --host {}`", source.id),
+                )),
+            }
+        }
+        guests = picked;
+    }
+    guests.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+
+    // Per guest: target choice and checks.
+    let candidates: Vec<&HostView> = candidate_hosts(req, &input.hosts)
+        .into_iter()
+        .filter_map(|id| input.hosts.iter().find(|h| h.id == id))
+        .collect();
+    let mut reserved: BTreeMap<String, u64> = BTreeMap::new();
+    let mut claimed_names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let lock = if source.lock_manager.is_empty() {
+        format!("none: {} has no qemu lock_manager; only Lifeboat's power proof prevents a second copy", source.id)
+    } else {
+        format!("lock manager '{}' on {}", source.lock_manager, source.id)
+    };
+    for g in guests {
+        let mut gp = GuestPlan {
+            uuid: g.uuid.clone(),
+            name: g.name.clone(),
+            last_state: state_name(g.state).into(),
+            last_autostart: g.autostart,
+            managed_save: g.managed_save,
+            memory_kib: g.memory_kib,
+            disks: g.disks.iter().map(|d| d.source.clone()).filter(|s| !s.is_empty()).collect(),
+            priority: g.priority,
+            lock_protection: lock.clone(),
+            ..Default::default()
+        };
+        let was_running = matches!(
+            GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified),
+            GuestState::Running | GuestState::Paused | GuestState::Blocked
+        );
+        gp.start = !req.no_start && was_running;
+        if let Some(o) = input.owners.get(&g.uuid).filter(|o| o.host != source.id) {
+            if o.complete || o.from_host != source.id {
+                gp.movable = false;
+                gp.reason = format!("already moved to {} (job {}, generation {})", o.host, o.job, o.generation);
+                gp.checks.push(check("owned by source", false, gp.reason.clone(), "nothing to do for this guest"));
+                out.guests.push(gp);
+                continue;
+            }
+            // An unfinished earlier move: finish it on the same target.
+            gp.movable = true;
+            gp.target = o.host.clone();
+            gp.reason = format!("finishing the unfinished move of job {} to {}", o.job, o.host);
+            let t = input.hosts.iter().find(|h| h.id == o.host);
+            let reach = t.is_some_and(|t| t.liveness == Liveness::Reachable);
+            gp.checks.push(check("target reachable", reach, format!("{} must answer to finish the move", o.host), "bring that host's agent back"));
+            gp.movable = reach;
+            gp.cleanup = cleanup_note(&source.id, g);
+            out.guests.push(gp);
+            continue;
+        }
+        if !g.error.is_empty() && g.definition_xml.is_empty() {
+            gp.checks.push(check("definition known", false, format!("the agent could not read the definition: {}", g.error), "the definition is needed to recreate the guest"));
+            gp.reason = "definition unknown".into();
+            out.guests.push(gp);
+            continue;
+        }
+        if g.managed_save {
+            gp.checks.push(check(
+                "managed save",
+                true,
+                format!("a managed-save image exists on {}; it stays there and the guest cold-boots on the target", source.id),
+                "",
+            ));
+        }
+        let paths = guest_paths(g);
+        let mut best: Option<(&HostView, u64)> = None;
+        let mut per_target: Vec<Check> = Vec::new();
+        let sees_all = |host: &str| {
+            paths.iter().all(|p| input.visibility.get(host).and_then(|v| v.get(p)).is_some_and(|(ok, _)| *ok))
+        };
+        let seen_elsewhere: Vec<&str> =
+            input.visibility.keys().map(|h| h.as_str()).filter(|h| sees_all(h)).collect();
+        let seen_by_any = paths.is_empty() || !seen_elsewhere.is_empty();
+        for t in &candidates {
+            let vis = input.visibility.get(&t.id);
+            let missing: Vec<String> = paths
+                .iter()
+                .filter(|p| !vis.and_then(|v| v.get(*p)).is_some_and(|(ok, _)| *ok))
+                .map(|p| {
+                    let why = vis.and_then(|v| v.get(p)).map(|(_, e)| e.as_str()).unwrap_or("not checked");
+                    format!("{p} ({why})")
+                })
+                .collect();
+            let free = available_memory_kib(t, input.memory_reserve_kib).saturating_sub(*reserved.get(&t.id).unwrap_or(&0));
+            let conflict = t.guests.iter().find(|x| x.uuid == g.uuid || x.name == g.name).map(|x| {
+                format!("{} already has a guest '{}' ({})", t.id, x.name, x.uuid)
+            });
+            let name_taken = claimed_names.get(&t.id).is_some_and(|n| n.contains(&g.name));
+            let disks_ok = missing.is_empty();
+            let mem_ok = free >= g.memory_kib;
+            let conflict_ok = conflict.is_none() && !name_taken;
+            per_target.push(check(
+                &format!("disks visible from {}", t.id),
+                disks_ok,
+                if disks_ok { format!("{} sees {}", t.id, if paths.is_empty() { "no local disks to check".into() } else { paths.join(", ") }) } else { format!("{} cannot see {}", t.id, missing.join(", ")) },
+                "shared storage must be mounted at the same path on the target",
+            ));
+            per_target.push(check(
+                &format!("memory on {}", t.id),
+                mem_ok,
+                format!(
+                    "needs {} MiB; {} MiB available (physical - running guests - {} MiB reserve - earlier placements)",
+                    g.memory_kib / 1024,
+                    free / 1024,
+                    input.memory_reserve_kib / 1024
+                ),
+                "free memory on the target or choose another",
+            ));
+            per_target.push(check(
+                &format!("no conflict on {}", t.id),
+                conflict_ok,
+                conflict.unwrap_or_else(|| if name_taken { format!("another guest named {} is planned there", g.name) } else { format!("no guest with this UUID or name on {}", t.id) }),
+                "remove the conflicting definition on the target (`virsh undefine`) if it is stale",
+            ));
+            if disks_ok && mem_ok && conflict_ok && best.is_none_or(|(_, f)| free > f) {
+                best = Some((t, free));
+            }
+        }
+        match best {
+            Some((t, free)) => {
+                gp.movable = true;
+                gp.target = t.id.clone();
+                gp.reason = if req.target.is_empty() {
+                    format!("most available memory among eligible hosts ({} MiB)", free / 1024)
+                } else {
+                    "named with --to".into()
+                };
+                *reserved.entry(t.id.clone()).or_default() += g.memory_kib;
+                claimed_names.entry(t.id.clone()).or_default().insert(g.name.clone());
+                gp.checks = per_target.into_iter().filter(|c| c.name.ends_with(&t.id)).collect();
+                gp.cleanup = cleanup_note(&source.id, g);
+            }
+            None => {
+                gp.movable = false;
+                if candidates.is_empty() {
+                    gp.reason = "no reachable target host accepts guests".into();
+                    gp.checks.push(check("target available", false, "no AVAILABLE, REACHABLE host other than the source", "bring a host back or set one AVAILABLE"));
+                } else if !seen_by_any && req.target.is_empty() {
+                    gp.reason = format!("local storage: no other host sees {}", paths.join(", "));
+                } else {
+                    gp.reason = "no target passes every check".into();
+                }
+                gp.checks.extend(per_target);
+                if !req.target.is_empty() && seen_by_any && !sees_all(&req.target) {
+                    pre.push(check(
+                        "target sees the disks",
+                        false,
+                        format!(
+                            "target {} cannot see the disks of {} ({}), but {} can",
+                            req.target,
+                            g.name,
+                            paths.join(", "),
+                            seen_elsewhere.join(", ")
+                        ),
+                        "choose a target on the same shared storage, or leave --to out",
+                    ));
+                } else if !seen_by_any {
+                    gp.reason = format!("local storage: no other host sees {}", paths.join(", "));
+                }
+            }
+        }
+        if !req.vms.is_empty() && !gp.movable {
+            pre.push(check(
+                "named guest movable",
+                false,
+                format!("{} cannot move: {}", g.name, gp.reason),
+                "see the guest's checks in the plan",
+            ));
+        }
+        out.guests.push(gp);
+    }
+    out.preconditions = pre;
+    finish(out, input)
+}
+
+fn cleanup_note(source: &str, g: &Guest) -> String {
+    format!("`lifeboat cleanup {source}` will undefine '{}' ({}) on {source}; its disks are never touched", g.name, g.uuid)
+}
+
+fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Check, String) {
+    const NAME: &str = "source powered off";
+    if req.attest_powered_off {
+        if req.attest_reason.trim().is_empty() {
+            return (check(NAME, false, "--attest-powered-off needs --reason TEXT: the attestation is recorded in the audit log", "add --reason \"how you verified it is off\""), String::new());
+        }
+        if req.fence {
+            return (check(NAME, false, "--fence and --attest-powered-off exclude each other", "use one of them"), String::new());
+        }
+        if let PowerReading::Bmc(PowerState::On) = power {
+            return (check(NAME, false, format!("{source}'s BMC reads On: an attestation cannot contradict it"), "use --fence to power it off through the BMC"), String::new());
+        }
+        return (check(NAME, true, format!("operator attests {source} is powered off: {}", req.attest_reason.trim()), ""), "attestation".into());
+    }
+    match power {
+        PowerReading::NoBmc => (
+            check(NAME, false, format!("no BMC is configured for {source}: its power state is unknown"), "configure [bmc.HOST] in the controller, or verify it is off yourself and use --attest-powered-off --reason TEXT"),
+            String::new(),
+        ),
+        PowerReading::Bmc(PowerState::Off) => (check(NAME, true, format!("{source}'s BMC reads Off"), ""), "bmc-off".into()),
+        PowerReading::Bmc(PowerState::On) if req.fence => (
+            check(NAME, true, format!("{source}'s BMC reads On: it will be powered off (ForceOff) and must read Off before any guest moves"), ""),
+            "bmc-fence".into(),
+        ),
+        PowerReading::Bmc(PowerState::On) => (
+            check(NAME, false, format!("{source}'s BMC reads On: the host may still run its guests"), "add --fence to power it off through the BMC"),
+            String::new(),
+        ),
+        PowerReading::Bmc(PowerState::Unknown(why)) => (
+            check(NAME, false, format!("{source}'s power state is UNKNOWN: {why}"), "fix the BMC access, or verify the host is off yourself and use --attest-powered-off --reason TEXT"),
+            String::new(),
+        ),
+    }
+}
+
+fn finish(mut out: MigrationPlan, input: &PlanInput) -> MigrationPlan {
+    let movable = out.guests.iter().filter(|g| g.movable).count();
+    let pre_ok = out.preconditions.iter().all(|c| c.ok);
+    if pre_ok && movable == 0 && out.source_known(&input.hosts) {
+        out.preconditions.push(check("something to move", false, format!("no guest of {} can move", out.source), "see each guest's reason"));
+    }
+    out.executable = out.preconditions.iter().all(|c| c.ok) && movable > 0;
+    let failed: Vec<&str> = out.preconditions.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
+    out.summary = if out.executable {
+        format!("{movable} of {} guests will move from {}", out.guests.len(), out.source)
+    } else {
+        format!("refused: {}", failed.join(", "))
+    };
+    out.plan_id = plan_id(&out, &input.req);
+    out
+}
+
+trait SourceKnown {
+    fn source_known(&self, hosts: &[HostView]) -> bool;
+}
+impl SourceKnown for MigrationPlan {
+    fn source_known(&self, hosts: &[HostView]) -> bool {
+        hosts.iter().any(|h| h.id == self.source)
+    }
+}
+
+/// A short stable id over everything that matters in the plan: the same
+/// inputs give the same id; any change in guests, targets, checks' outcome,
+/// evidence kind or options gives another.
+pub fn plan_id(p: &MigrationPlan, req: &MigrateRequest) -> String {
+    let mut h = Sha256::new();
+    let mut put = |s: &str| {
+        h.update(s.as_bytes());
+        h.update([0]);
+    };
+    put(&p.source);
+    put(&p.power_evidence);
+    put(&req.target);
+    put(&format!("{}{}{}{}", req.fence, req.attest_powered_off, req.no_start, req.parallel));
+    for c in &p.preconditions {
+        put(&c.name);
+        put(if c.ok { "ok" } else { "fail" });
+    }
+    for g in &p.guests {
+        put(&g.uuid);
+        put(&g.name);
+        put(&g.target);
+        put(if g.movable { "m" } else { "-" });
+        put(if g.start { "s" } else { "-" });
+        put(&g.disks.join(","));
+        put(&g.memory_kib.to_string());
+    }
+    let d = h.finalize();
+    d.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_proto::v1::Disk;
+
+    fn guest(name: &str, uuid: &str, disk: &str, running: bool) -> Guest {
+        Guest {
+            uuid: uuid.into(),
+            name: name.into(),
+            state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
+            memory_kib: 32 * 1024,
+            disks: vec![Disk { source: disk.into(), target: "vda".into(), ..Default::default() }],
+            definition_xml: format!("<domain><name>{name}</name><uuid>{uuid}</uuid></domain>"),
+            persistent: true,
+            ..Default::default()
+        }
+    }
+
+    fn host(id: &str, silent: Option<u64>, free_mib: u64) -> HostView {
+        HostView {
+            id: id.into(),
+            status: HostStatus::Available,
+            liveness: if silent.is_some() { Liveness::Unreachable } else { Liveness::Reachable },
+            silent_ms: silent,
+            memory_total_kib: free_mib * 1024,
+            lock_manager: String::new(),
+            guests: vec![],
+        }
+    }
+
+    fn input() -> PlanInput {
+        let mut vis = BTreeMap::new();
+        for h in ["b", "c"] {
+            let mut m = BTreeMap::new();
+            m.insert("/shared/g1.img".to_string(), (true, String::new()));
+            m.insert("/shared/g2.img".to_string(), (true, String::new()));
+            m.insert("/local/g3.img".to_string(), (false, "No such file or directory".to_string()));
+            vis.insert(h.to_string(), m);
+        }
+        PlanInput {
+            req: MigrateRequest { source: "a".into(), fence: true, ..Default::default() },
+            hosts: vec![host("a", Some(60_000), 1000), host("b", None, 1000), host("c", None, 2000)],
+            source_guests: vec![
+                guest("g1", "u1", "/shared/g1.img", true),
+                guest("g2", "u2", "/shared/g2.img", false),
+                guest("g3", "u3", "/local/g3.img", true),
+            ],
+            owners: BTreeMap::new(),
+            power: PowerReading::Bmc(PowerState::On),
+            active_job: None,
+            grace_ms: 30_000,
+            visibility: vis,
+            memory_reserve_kib: 0,
+        }
+    }
+
+    #[test]
+    fn places_shared_guests_and_lists_local_ones() {
+        let p = plan(&input());
+        assert!(p.executable, "{p:?}");
+        assert_eq!(p.power_evidence, "bmc-fence");
+        let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
+        assert_eq!(g1.target, "c", "most free memory");
+        assert!(g1.start);
+        let g2 = p.guests.iter().find(|g| g.name == "g2").unwrap();
+        assert!(g2.movable && !g2.start, "a shut-off guest is defined, not started");
+        let g3 = p.guests.iter().find(|g| g.name == "g3").unwrap();
+        assert!(!g3.movable);
+        assert!(g3.reason.contains("local storage"), "{}", g3.reason);
+        assert!(g1.cleanup.contains("cleanup a"));
+    }
+
+    #[test]
+    fn a_talking_source_is_refused() {
+        let mut i = input();
+        i.hosts[0] = host("a", None, 1000);
+        let p = plan(&i);
+        assert!(!p.executable);
+        let c = p.preconditions.iter().find(|c| c.name == "source silent").unwrap();
+        assert!(!c.ok && c.detail.contains("alive"), "{c:?}");
+        i.hosts[0] = host("a", Some(10_000), 1000);
+        let p = plan(&i);
+        assert!(!p.executable, "silent for less than the grace");
+    }
+
+    #[test]
+    fn unknown_power_is_never_off() {
+        let mut i = input();
+        i.power = PowerReading::Bmc(PowerState::Unknown("BMC unreachable".into()));
+        let p = plan(&i);
+        assert!(!p.executable);
+        let c = p.preconditions.iter().find(|c| c.name == "source powered off").unwrap();
+        assert!(c.detail.contains("UNKNOWN") && c.remedy.contains("attest"), "{c:?}");
+        i.req.fence = false;
+        i.power = PowerReading::Bmc(PowerState::On);
+        assert!(!plan(&i).executable, "On without --fence");
+        i.power = PowerReading::NoBmc;
+        assert!(!plan(&i).executable, "no BMC and no attestation");
+        i.req.attest_powered_off = true;
+        assert!(!plan(&i).executable, "attestation without a reason");
+        i.req.attest_reason = "PDU outlet 7 switched off, checked on site".into();
+        let p = plan(&i);
+        assert!(p.executable);
+        assert_eq!(p.power_evidence, "attestation");
+        i.power = PowerReading::Bmc(PowerState::On);
+        assert!(!plan(&i).executable, "attestation cannot contradict a BMC reading On");
+    }
+
+    #[test]
+    fn bad_targets_and_guests_are_refused() {
+        let mut i = input();
+        i.req.target = "a".into();
+        assert!(!plan(&i).executable);
+        i.req.target = "zz".into();
+        let p = plan(&i);
+        assert!(p.preconditions.iter().any(|c| !c.ok && c.detail.contains("unknown target host 'zz'")));
+        i.req.target = String::new();
+        i.req.vms = vec!["nope".into()];
+        let p = plan(&i);
+        assert!(p.preconditions.iter().any(|c| !c.ok && c.detail.contains("no guest 'nope'")));
+        i.req.vms = vec!["g3".into()];
+        assert!(!plan(&i).executable, "a named guest that cannot move refuses the plan");
+        i.req.source = "q".into();
+        let p = plan(&i);
+        assert!(!p.executable && p.preconditions[0].detail.contains("unknown host 'q'"));
+    }
+
+    #[test]
+    fn a_target_that_cannot_see_the_disk_is_refused() {
+        let mut i = input();
+        i.req.target = "b".into();
+        i.visibility.get_mut("b").unwrap().insert("/shared/g1.img".into(), (false, "No such file".into()));
+        let p = plan(&i);
+        assert!(!p.executable);
+        assert!(p.preconditions.iter().any(|c| !c.ok && c.detail.contains("cannot see")), "{:?}", p.preconditions);
+    }
+
+    #[test]
+    fn conflicts_memory_and_not_accepting_hosts() {
+        let mut i = input();
+        i.hosts[2].guests.push(guest("g1", "u1", "/shared/g1.img", false));
+        let p = plan(&i);
+        assert_eq!(p.guests.iter().find(|g| g.name == "g1").unwrap().target, "b", "c already has g1");
+        i.hosts[1].memory_total_kib = 0;
+        i.hosts[2].memory_total_kib = 0;
+        let p = plan(&i);
+        assert!(!p.executable);
+        let mut i = input();
+        i.hosts[1].status = HostStatus::NotAccepting;
+        i.hosts[2].status = HostStatus::NotAccepting;
+        assert!(!plan(&i).executable, "NOT_ACCEPTING is never chosen automatically");
+        i.req.target = "b".into();
+        let p = plan(&i);
+        assert!(p.executable, "…but may be named: {:?}", p.preconditions);
+        i.hosts[1].status = HostStatus::Maintenance;
+        assert!(!plan(&i).executable);
+    }
+
+    #[test]
+    fn available_memory_counts_running_guests_and_the_reserve() {
+        let mut h = host("b", None, 1000);
+        h.guests.push(guest("x", "ux", "/s/x.img", true));
+        h.guests.push(guest("y", "uy", "/s/y.img", false));
+        assert_eq!(available_memory_kib(&h, 100 * 1024), (1000 - 32 - 100) * 1024);
+        assert_eq!(available_memory_kib(&h, 2000 * 1024), 0);
+    }
+
+    #[test]
+    fn plan_ids_are_stable_and_change_with_the_plan() {
+        let i = input();
+        assert_eq!(plan(&i).plan_id, plan(&i).plan_id);
+        let mut j = input();
+        j.hosts[1].memory_total_kib = 5000 * 1024;
+        assert_ne!(plan(&i).plan_id, plan(&j).plan_id, "g1 now goes to b");
+        let mut k = input();
+        k.req.no_start = true;
+        assert_ne!(plan(&i).plan_id, plan(&k).plan_id);
+    }
+
+    #[test]
+    fn priority_orders_placement_and_finished_moves_are_skipped() {
+        let mut i = input();
+        i.source_guests[1].priority = 10;
+        let p = plan(&i);
+        assert_eq!(p.guests[0].name, "g2");
+        i.owners.insert(
+            "u1".into(),
+            Ownership { host: "b".into(), generation: 2, from_host: "a".into(), complete: true, job: "j1".into() },
+        );
+        i.owners.insert(
+            "u2".into(),
+            Ownership { host: "c".into(), generation: 2, from_host: "a".into(), complete: false, job: "j1".into() },
+        );
+        let p = plan(&i);
+        let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
+        assert!(!g1.movable && g1.reason.contains("already moved"));
+        let g2 = p.guests.iter().find(|g| g.name == "g2").unwrap();
+        assert!(g2.movable && g2.target == "c", "an unfinished move finishes on its target");
+    }
+}

@@ -1,0 +1,178 @@
+//! In-process forced-migration tests: real controller (mTLS, SQLite, job
+//! engine) and real agents on libvirt's test driver; disks are real files
+//! so the targets' path checks are real. The BMC paths are covered by the
+//! lab tests with the Redfish emulator; here the operator attests.
+
+use std::path::Path;
+use std::time::Duration;
+
+use lifeboat_common::identity::Role;
+use lifeboat_e2e::{Agent, Controller, Pki, agent_config, wait_for};
+use lifeboat_proto::v1::{
+    GetHostRequest, GetJobRequest, GuestState, ListAuditRequest, ListGuestsRequest, MigrateRequest,
+};
+
+fn domain(name: &str, uuid: &str, disk: &str, mac: &str, runstate: u32) -> String {
+    format!(
+        "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>{name}</name><uuid>{uuid}</uuid>\
+         <memory unit='MiB'>32</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>\
+         <disk type='file' device='disk'><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>\
+         <interface type='bridge'><mac address='{mac}'/><source bridge='br0'/></interface></devices>\
+         <test:runstate>{runstate}</test:runstate></domain>"
+    )
+}
+
+fn node(domains: &[String]) -> String {
+    format!(
+        "<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads><mhz>2000</mhz>\
+         <model>x86_64</model></cpu><memory>8388608</memory>{}</node>",
+        domains.join("")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attested_forced_migration_moves_every_shared_guest_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(&dir.join("pki"));
+    let shared = dir.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let disk = |n: &str| {
+        let p = shared.join(format!("{n}.img"));
+        std::fs::write(&p, b"").unwrap();
+        p.display().to_string()
+    };
+    let a = node(&[
+        domain("vm-1", "22222222-0000-4000-8000-000000000001", &disk("vm-1"), "52:54:00:00:01:01", 1),
+        domain("vm-2", "22222222-0000-4000-8000-000000000002", &disk("vm-2"), "52:54:00:00:01:02", 1),
+        domain("vm-3", "22222222-0000-4000-8000-000000000003", &disk("vm-3"), "52:54:00:00:01:03", 5),
+        domain("vm-local", "22222222-0000-4000-8000-000000000004", "/nonexistent/local/vm-local.img", "52:54:00:00:01:04", 1),
+    ]);
+    for (h, text) in [("host-a", a), ("host-b", node(&[])), ("host-c", node(&[]))] {
+        std::fs::write(dir.join(format!("{h}.xml")), text).unwrap();
+    }
+    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1000").await;
+    let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
+    let agent_a = Agent::start(&agent_config("host-a", &uri("host-a"), &c.url(), &pki.agent("host-a"), ""));
+    let agent_b = Agent::start(&agent_config("host-b", &uri("host-b"), &c.url(), &pki.agent("host-b"), ""));
+    let agent_c = Agent::start(&agent_config("host-c", &uri("host-c"), &c.url(), &pki.agent("host-c"), ""));
+    let mut op = c.admin(&pki.client("olga", Role::Operator)).await;
+    wait_for(Duration::from_secs(10), "inventory", || {
+        let mut op = op.clone();
+        async move {
+            let g = op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests;
+            (g.len() == 4).then_some(())
+        }
+    })
+    .await;
+
+    // A live source is refused, whatever the operator says.
+    let mut req = MigrateRequest {
+        source: "host-a".into(),
+        attest_powered_off: true,
+        attest_reason: "test: host-a is off".into(),
+        ..Default::default()
+    };
+    let p = op.plan_migration(req.clone()).await.unwrap().into_inner();
+    assert!(!p.executable);
+    assert!(p.preconditions.iter().any(|c| c.name == "source silent" && !c.ok));
+
+    // The host "fails": its agent goes silent.
+    agent_a.stop().await;
+    wait_for(Duration::from_secs(10), "host-a silent past the grace", || {
+        let mut op = op.clone();
+        let req = req.clone();
+        async move {
+            let p = op.plan_migration(req).await.ok()?.into_inner();
+            if !p.executable {
+                eprintln!("{:?}", p.preconditions.iter().filter(|c| !c.ok).collect::<Vec<_>>());
+            }
+            p.executable.then_some(())
+        }
+    })
+    .await;
+
+    // Viewers cannot migrate.
+    let mut viewer = c.admin(&pki.client("vic", Role::Viewer)).await;
+    let e = viewer.plan_migration(req.clone()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.message().contains("operator"), "{}", e.message());
+
+    // No BMC and no attestation: refused, with the way out.
+    let mut no_attest = req.clone();
+    no_attest.attest_powered_off = false;
+    let p = op.plan_migration(no_attest).await.unwrap().into_inner();
+    let c_power = p.preconditions.iter().find(|c| c.name == "source powered off").unwrap();
+    assert!(!c_power.ok && c_power.remedy.contains("--attest-powered-off"), "{c_power:?}");
+
+    let p = op.plan_migration(req.clone()).await.unwrap().into_inner();
+    assert!(p.executable, "{p:?}");
+    let local = p.guests.iter().find(|g| g.name == "vm-local").unwrap();
+    assert!(!local.movable && local.reason.contains("local storage"), "{local:?}");
+    assert!(p.guests.iter().find(|g| g.name == "vm-3").is_some_and(|g| g.movable && !g.start));
+
+    // A stale plan id is refused and nothing happens.
+    req.plan_id = "000000000000".into();
+    let e = op.start_migration(req.clone()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("plan changed"), "{}", e.message());
+
+    req.plan_id = p.plan_id.clone();
+    let job = op.start_migration(req.clone()).await.unwrap().into_inner();
+    assert_eq!(job.moves.len(), 3);
+    let (done, took) = wait_for(Duration::from_secs(20), "job end", || {
+        let mut op = op.clone();
+        let id = job.id.clone();
+        async move {
+            let j = op.get_job(GetJobRequest { id }).await.ok()?.into_inner();
+            ["SUCCEEDED", "PARTIAL", "FAILED"].contains(&j.state.as_str()).then_some(j)
+        }
+    })
+    .await;
+    println!("3-guest job finished in {took:?}");
+    assert_eq!(done.state, "SUCCEEDED", "{done:?}");
+
+    // Every shared guest is now defined on b or c, same UUID/name/MAC,
+    // autostart off, owned by its target; the running ones run.
+    let guests = op.list_guests(ListGuestsRequest::default()).await.unwrap().into_inner().guests;
+    for (name, running) in [("vm-1", true), ("vm-2", true), ("vm-3", false)] {
+        let on_targets: Vec<_> = guests
+            .iter()
+            .filter(|g| g.host_id != "host-a" && g.guest.as_ref().unwrap().name == name)
+            .collect();
+        assert_eq!(on_targets.len(), 1, "{name} defined exactly once elsewhere");
+        let g = on_targets[0].guest.as_ref().unwrap();
+        assert_eq!(g.owner_host, on_targets[0].host_id);
+        assert_eq!(g.owner_generation, 1);
+        assert!(!g.autostart, "autostart stays off on the target");
+        assert_eq!(g.state == GuestState::Running as i32, running, "{name}: {g:?}");
+        assert_eq!(g.nics[0].mac, format!("52:54:00:00:01:0{}", &name[3..4]));
+    }
+    let b = op.get_host(GetHostRequest { host: "host-b".into() }).await.unwrap().into_inner();
+    let cc = op.get_host(GetHostRequest { host: "host-c".into() }).await.unwrap().into_inner();
+    assert_eq!(b.guest_count + cc.guest_count, 3);
+    assert!(b.guest_count >= 1 && cc.guest_count >= 1, "spread over both targets");
+
+    // The audit log tells the story.
+    let log = op.list_audit(ListAuditRequest { job: job.id.clone(), ..Default::default() }).await.unwrap().into_inner().entries;
+    let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
+    for a in ["migrate.requested", "power.attested", "move.recorded", "guest.defined", "guest.running", "job.succeeded"] {
+        assert!(actions.contains(&a), "{a} missing from {actions:?}");
+    }
+    let attested = log.iter().find(|e| e.action == "power.attested").unwrap();
+    assert_eq!(attested.actor, "olga");
+    assert!(attested.detail.contains("test: host-a is off"));
+    let first_define = log.iter().position(|e| e.action == "guest.defined").unwrap();
+    let proof = log.iter().position(|e| e.action == "power.attested").unwrap();
+    assert!(proof < first_define, "power evidence recorded before any define");
+
+    // Running the same command again finds nothing left to do.
+    req.plan_id.clear();
+    let p = op.plan_migration(req.clone()).await.unwrap().into_inner();
+    assert!(!p.executable);
+    assert!(p.guests.iter().filter(|g| g.name != "vm-local").all(|g| g.reason.contains("already moved")), "{p:?}");
+    agent_b.stop().await;
+    agent_c.stop().await;
+    c.stop().await;
+    let _ = Path::new("");
+}
