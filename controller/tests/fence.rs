@@ -201,7 +201,10 @@ fn assert_no_password(log: &[FenceEvent]) {
 
 fn unknown_reason(s: PowerState, log: &[FenceEvent]) -> String {
     match s {
-        PowerState::Unknown(r) => r,
+        PowerState::Unknown(r) => {
+            eprintln!("Unknown: {r}");
+            r
+        }
         other => panic!("expected Unknown, got {other:?}\n{}", dump(log)),
     }
 }
@@ -444,4 +447,36 @@ async fn fence_agent_unreachable_is_unknown() {
     let r = unknown_reason(f.power_off(&mut log).await, &log);
     assert!(r.contains("action=off"), "{r}");
     assert!(log.iter().all(|e| !e.request.contains("y-secret") && !e.answer.contains("y-secret")));
+}
+
+#[tokio::test]
+async fn redfish_silent_bmc_times_out() {
+    // accepts TCP connections and never answers (a hung BMC)
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().take(4) {
+            held.push(s);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    pki::init(dir.path()).unwrap();
+    write_private(&dir.path().join("c.cred"), "username = \"a\"\npassword = \"b\"\n");
+    let cfg = BmcConfig::Redfish {
+        url: format!("https://127.0.0.1:{port}"),
+        system_id: "1".into(),
+        credentials_file: dir.path().join("c.cred"),
+        ca: Some(dir.path().join("ca.pem")),
+        power_off_timeout_s: 1,
+        poll_interval_ms: 200,
+    };
+    let mut log = Vec::new();
+    let t = Instant::now();
+    let r = unknown_reason(fencer(&cfg).power_state(&mut log).await, &log);
+    let took = t.elapsed();
+    assert!(r.contains("did not answer in time"), "{r}");
+    assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(11), "{took:?}");
+    drop(holder);
 }

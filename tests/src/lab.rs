@@ -104,6 +104,41 @@ impl Lab {
         serde_json::from_slice(&o.stdout).map_err(|e| format!("bad JSON from CLI: {e}"))
     }
 
+    /// `lifeboat ARGS` as the lab's admin; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let mut a = vec!["cli"];
+        a.extend_from_slice(args);
+        let o = self.run(&a);
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    /// `lifeboat ARGS` with the certificate of `role`.
+    pub fn cli_as(&self, role: &str, args: &[&str]) -> (i32, String, String) {
+        let mut a = vec!["cli-as", role];
+        a.extend_from_slice(args);
+        let o = self.run(&a);
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    /// How many qemu processes run this UUID across all hosts.
+    pub fn copies(&self, uuid: &str) -> u32 {
+        String::from_utf8_lossy(&self.ok(&["copies", uuid]).stdout).trim().parse().expect("copies prints a number")
+    }
+
+    /// Names of the guests defined on a host, per its own libvirtd.
+    pub fn defined(&self, host: &str) -> Vec<String> {
+        let out = self.virsh(host, &["list", "--all", "--name"]);
+        out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+    }
+
     /// `lifeboat vms list --output json`, as a vector (empty on error).
     pub fn vms(&self) -> Vec<Value> {
         self.cli_json(&["vms", "list"]).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()

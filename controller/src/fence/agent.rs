@@ -79,6 +79,27 @@ pub(crate) fn describe_args(agent: &str, action: &str, options: &BTreeMap<String
     s
 }
 
+/// Agent output without the noise: the fencing library's timestamps and its
+/// "Please use '-h' for usage" hint.
+pub(crate) fn clean_output(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            // "2026-11-25 17:52:58,393 ERROR: ..." -> "ERROR: ..."
+            let b = l.as_bytes();
+            let stamped = b.len() > 24
+                && b[4] == b'-'
+                && b[7] == b'-'
+                && b[10] == b' '
+                && b[13] == b':'
+                && b[19] == b','
+                && b[..4].iter().all(u8::is_ascii_digit);
+            if stamped { l[24..].trim_start() } else { l }
+        })
+        .filter(|l| !l.contains("Please use '-h' for usage"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// `action=status` exit code -> state.
 pub(crate) fn status_from_exit(code: Option<i32>) -> Option<PowerState> {
     match code {
@@ -130,8 +151,8 @@ impl Agent {
         let secrets = self.secrets();
         match tokio::time::timeout(limit, child.wait_with_output()).await {
             Ok(Ok(out)) => {
-                let stdout = redact(&String::from_utf8_lossy(&out.stdout), &secrets);
-                let stderr = redact(&String::from_utf8_lossy(&out.stderr), &secrets);
+                let stdout = clean_output(&redact(&String::from_utf8_lossy(&out.stdout), &secrets));
+                let stderr = clean_output(&redact(&String::from_utf8_lossy(&out.stderr), &secrets));
                 let mut short = last_lines(&stdout, 2, 200);
                 let err = last_lines(&stderr, 3, 300);
                 if !err.is_empty() {
@@ -218,7 +239,11 @@ impl Agent {
             }
             if let Some(f) = &failure {
                 // the action failed and the status is not what we want: no point waiting
-                return PowerState::Unknown(format!("{f}; status then: {}", describe(&state)));
+                let then = match &state {
+                    PowerState::Unknown(_) => "unknown too".to_string(),
+                    s => describe(s),
+                };
+                return PowerState::Unknown(format!("{f}; status afterwards: {then}"));
             }
             if Instant::now() >= deadline {
                 let waited = human(start.elapsed());
@@ -261,6 +286,12 @@ mod tests {
         let d = describe_args("fence_ipmilan", "off", &o);
         assert_eq!(d, "fence_ipmilan action=off PASSWORD_script=*** ip=10.0.0.5 lanplus=1 passwd=*** password=*** username=admin");
         assert!(!d.contains("hunter2") && !d.contains("other"));
+    }
+
+    #[test]
+    fn output_cleaning() {
+        let raw = "2026-11-25 17:53:03,634 ERROR: Unable to get PowerState: https://x\n\n2026-11-25 17:53:03,635 ERROR: Please use '-h' for usage\nStatus: ON\n";
+        assert_eq!(clean_output(raw), "ERROR: Unable to get PowerState: https://x\n\nStatus: ON");
     }
 
     #[test]

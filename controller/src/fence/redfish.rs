@@ -231,9 +231,9 @@ impl Redfish {
     fn transport_reason(&self, e: &reqwest::Error) -> String {
         let chain = error_chain(e);
         let lower = chain.join(": ").to_ascii_lowercase();
-        // the innermost messages say what happened; the outer ones repeat the URL
-        let detail = chain.iter().skip(1).cloned().collect::<Vec<_>>();
-        let detail = if detail.is_empty() { chain.join(": ") } else { detail.join(": ") };
+        // the innermost message says what happened ("Connection refused (os error 111)",
+        // "invalid peer certificate: UnknownIssuer"); the outer ones repeat the URL
+        let detail = chain.last().cloned().unwrap_or_default();
         let tls = ["certificate", "handshake", "tls", "alert", "ssl"].iter().any(|k| lower.contains(k));
         if tls {
             let hint = match &self.ca {
@@ -437,6 +437,9 @@ impl Redfish {
                 let waited = human(start.elapsed());
                 record(log, format!("{reset_type}: gave up"), format!("not {} after {waited}; last read {}", describe(&want), describe(&r.state)));
                 return match (post_error, r.state) {
+                    (Some(e), PowerState::Unknown(why)) if why == e => {
+                        PowerState::Unknown(format!("{reset_type} did not go through: {e} (still after {waited})"))
+                    }
                     (Some(e), last) => {
                         PowerState::Unknown(format!("{reset_type} did not go through ({e}); after {waited} the BMC reads {}", describe(&last)))
                     }
