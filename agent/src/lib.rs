@@ -9,6 +9,7 @@
 pub mod config;
 pub mod domxml;
 pub mod hostfacts;
+pub mod lease;
 pub mod libvirt;
 pub mod session;
 

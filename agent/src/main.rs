@@ -23,10 +23,51 @@ enum Cmd {
     Run,
     /// Check the configuration and certificate files, then exit.
     CheckConfig,
+    /// Start guard, run by libvirt's qemu hook (/etc/libvirt/hooks/qemu) as
+    /// `lifeboat-agent guard GUEST OPERATION SUB-OPERATION EXTRA` with the
+    /// domain XML on stdin. Local files only; exits non-zero to refuse.
+    Guard {
+        /// The hook's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
+}
+
+fn guard(config: &std::path::Path, args: Vec<String>) -> ExitCode {
+    use lifeboat_agent::lease::{Verdict, guard};
+    use std::io::Read;
+    let mut xml = String::new();
+    let guarded = matches!(args.get(1).map(String::as_str), Some("prepare" | "migrate" | "restore"));
+    if guarded {
+        let _ = std::io::stdin().read_to_string(&mut xml);
+    }
+    let cfg = AgentConfig::load(config).and_then(|c| c.resolve_host_id().map(|h| (c, h)));
+    let (cfg, host) = match cfg {
+        Ok(x) => x,
+        Err(e) if guarded => {
+            eprintln!("Lifeboat start guard: {e}; failing closed (no guest Lifeboat may manage starts without it)");
+            return ExitCode::FAILURE;
+        }
+        Err(_) => return ExitCode::SUCCESS,
+    };
+    match guard(&args, &xml, &cfg.state_dir, &host, lifeboat_common::now_unix_ms()) {
+        Verdict::Allow => ExitCode::SUCCESS,
+        Verdict::Refuse(m) => {
+            eprintln!("{m}");
+            ExitCode::FAILURE
+        }
+        Verdict::BadCall(m) => {
+            eprintln!("{m}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::Guard { args }) = cli.cmd {
+        return guard(&cli.config, args);
+    }
     lifeboat_common::logging::init("info");
     let cfg = match AgentConfig::load(&cli.config) {
         Ok(c) => c,
@@ -36,6 +77,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd.unwrap_or(Cmd::Run) {
+        Cmd::Guard { .. } => unreachable!("handled above"),
         Cmd::CheckConfig => {
             let r = cfg.resolve_host_id().map_err(anyhow::Error::from).and_then(|h| {
                 cfg.controller.tls().load()?;

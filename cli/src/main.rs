@@ -50,6 +50,29 @@ enum Cmd {
     Certs(CertsCmd),
     /// Recreate a failed host's guests on other hosts (needs --force).
     Migrate(migrate::MigrateArgs),
+    /// Remove from a returned host the stale definitions of guests moved away from it.
+    Cleanup {
+        /// The returned host.
+        host: String,
+        /// Only print what would be removed (the default without --yes).
+        #[arg(long, conflicts_with = "yes")]
+        plan: bool,
+        /// Carry it out.
+        #[arg(long)]
+        yes: bool,
+        /// Destroy a stale copy found running before removing it (normally refused).
+        #[arg(long)]
+        destroy_running: bool,
+        /// Carry out this reviewed plan only.
+        #[arg(long)]
+        plan_id: Option<String>,
+    },
+    /// Alarms: split brain, stale copies found running.
+    Alarms {
+        /// Include cleared alarms.
+        #[arg(long)]
+        all: bool,
+    },
     /// Jobs (forced migrations).
     #[command(subcommand)]
     Jobs(JobsCmd),
@@ -98,6 +121,19 @@ enum HostsCmd {
     Show {
         /// Host id or hostname.
         host: String,
+    },
+    /// Set a host's status: AVAILABLE, NOT_ACCEPTING, MAINTENANCE or OFFLINE.
+    SetStatus {
+        /// Host id or hostname.
+        host: String,
+        /// The new status.
+        status: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        /// With OFFLINE: you verified it is powered off (no BMC reads Off); needs --reason.
+        #[arg(long, requires = "reason")]
+        attest_powered_off: bool,
     },
 }
 
@@ -186,6 +222,24 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let fmt = cli.output;
     match cli.cmd {
         Cmd::Certs(c) => certs(c),
+        Cmd::Hosts(HostsCmd::SetStatus { host, status, reason, attest_powered_off }) => {
+            let mut c = cli.conn.admin().await?;
+            let h = c
+                .set_host_status(lifeboat_proto::v1::SetHostStatusRequest {
+                    host,
+                    status,
+                    reason: reason.unwrap_or_default(),
+                    attest_powered_off,
+                })
+                .await
+                .map_err(CliError::from_status)?;
+            output::host(fmt, &h.into_inner());
+            Ok(())
+        }
+        Cmd::Cleanup { host, plan, yes, destroy_running, plan_id } => {
+            migrate::cleanup(&mut cli.conn.admin().await?, host, plan || (!yes && plan_id.is_none()), destroy_running, plan_id, fmt).await
+        }
+        Cmd::Alarms { all } => migrate::alarms(&mut cli.conn.admin().await?, all, fmt).await,
         Cmd::Migrate(a) => migrate::migrate(&mut cli.conn.admin().await?, a, fmt).await,
         Cmd::Jobs(JobsCmd::List { host }) => migrate::jobs_list(&mut cli.conn.admin().await?, host, fmt).await,
         Cmd::Jobs(JobsCmd::Show { id }) => migrate::jobs_show(&mut cli.conn.admin().await?, id, fmt).await,

@@ -4,7 +4,8 @@ use std::io::IsTerminal;
 
 use clap::Args;
 use lifeboat_proto::v1::{
-    GetJobRequest, JobRecord, ListAuditRequest, ListJobsRequest, MigrateRequest, MigrationPlan, admin_client::AdminClient,
+    CleanupPlan, CleanupRequest, GetJobRequest, JobRecord, ListAlarmsRequest, ListAuditRequest, ListJobsRequest,
+    MigrateRequest, MigrationPlan, admin_client::AdminClient,
 };
 use tonic::transport::Channel;
 
@@ -338,6 +339,69 @@ pub async fn log(
             ctx.push(format!("job={}", e.job));
         }
         println!("{} {:<10} {:<20} {} {}", fmt_time(e.at_unix_ms), e.actor, e.action, ctx.join(" "), e.detail);
+    }
+    Ok(())
+}
+
+fn print_cleanup(fmt: Format, p: &CleanupPlan) {
+    if fmt == Format::Json {
+        return json(p);
+    }
+    println!("Cleanup {} of host {}", p.plan_id, p.host);
+    for c in &p.preconditions {
+        println!("  [{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+        if !c.ok && !c.remedy.is_empty() {
+            println!("         what to do: {}", c.remedy);
+        }
+    }
+    for i in &p.items {
+        println!("  {} ({}) moved to {} by {}: {} — {}", i.name, i.uuid, i.moved_to, i.job, i.action, i.detail);
+    }
+    println!("{}", p.summary);
+}
+
+/// `lifeboat cleanup`.
+pub async fn cleanup(
+    c: &mut AdminClient<Channel>,
+    host: String,
+    plan_only: bool,
+    destroy_running: bool,
+    plan_id: Option<String>,
+    fmt: Format,
+) -> Result<(), CliError> {
+    let req = CleanupRequest { host, destroy_running, plan_id: plan_id.unwrap_or_default() };
+    if plan_only {
+        let p = c.plan_cleanup(req).await.map_err(CliError::from_status)?.into_inner();
+        print_cleanup(fmt, &p);
+        if fmt == Format::Table && p.executable {
+            println!("Nothing has been changed. To carry it out: add --yes (or --plan-id {})", p.plan_id);
+        }
+        return if p.executable || p.preconditions.iter().all(|c| c.ok) {
+            Ok(())
+        } else {
+            Err(CliError::Refused6("the cleanup cannot be carried out; nothing was changed".into()))
+        };
+    }
+    let p = c.cleanup(req).await.map_err(CliError::from_status)?.into_inner();
+    print_cleanup(fmt, &p);
+    if p.items.iter().any(|i| i.action == "failed") {
+        return Err(CliError::Other("some stale definitions could not be removed; see above".into()));
+    }
+    Ok(())
+}
+
+/// `lifeboat alarms`.
+pub async fn alarms(c: &mut AdminClient<Channel>, all: bool, fmt: Format) -> Result<(), CliError> {
+    let r = c.list_alarms(ListAlarmsRequest { include_cleared: all }).await.map_err(CliError::from_status)?.into_inner();
+    if fmt == Format::Json {
+        return Ok(json(&r.alarms));
+    }
+    if r.alarms.is_empty() {
+        println!("no active alarms");
+    }
+    for a in r.alarms {
+        let cleared = if a.cleared_unix_ms > 0 { format!(" (cleared {})", fmt_time(a.cleared_unix_ms)) } else { String::new() };
+        println!("{} ALARM {} on {}: {}{}", fmt_time(a.at_unix_ms), a.kind, a.host, a.detail, cleared);
     }
     Ok(())
 }

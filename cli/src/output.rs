@@ -31,6 +31,9 @@ pub struct HostJson {
     guests_on_boot: String,
     guest_count: u32,
     running_count: u32,
+    status_reason: String,
+    alarms: Vec<String>,
+    stale_definitions: u32,
 }
 
 /// A disk, as `--output json` prints it.
@@ -71,6 +74,9 @@ pub struct VmJson {
     nics: Vec<NicJson>,
     error: String,
     updated_unix_ms: i64,
+    desired_state: String,
+    owner_host: String,
+    owner_generation: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     definition_xml: Option<String>,
 }
@@ -115,6 +121,9 @@ fn host_json(h: &HostRecord) -> HostJson {
         guests_on_boot: i.guests_on_boot,
         guest_count: h.guest_count,
         running_count: h.running_count,
+        status_reason: h.status_reason.clone(),
+        alarms: h.alarms.clone(),
+        stale_definitions: h.stale_definitions,
     }
 }
 
@@ -147,6 +156,9 @@ fn vm_json(r: &GuestRecord, with_xml: bool) -> VmJson {
         nics: g.nics.into_iter().map(|n| NicJson { mac: n.mac, kind: n.kind, source: n.source, model: n.model }).collect(),
         error: g.error,
         updated_unix_ms: r.updated_unix_ms,
+        desired_state: r.desired_state.clone(),
+        owner_host: r.owner_host.clone(),
+        owner_generation: g.owner_generation,
         definition_xml: with_xml.then_some(g.definition_xml),
     }
 }
@@ -196,7 +208,7 @@ pub fn hosts(fmt: crate::Format, hs: &[HostRecord]) {
             vec![
                 j.host_id,
                 j.hostname,
-                j.status,
+                if j.alarms.is_empty() { j.status } else { format!("{} ALARM", j.status) },
                 j.liveness,
                 ago(j.last_seen_unix_ms),
                 format!("{}/{}", j.running_count, j.guest_count),
@@ -217,7 +229,9 @@ pub fn host(fmt: crate::Format, h: &HostRecord) {
     let kv = [
         ("Host id", j.host_id),
         ("Hostname", j.hostname),
-        ("Status", j.status),
+        ("Status", if j.status_reason.is_empty() { j.status } else { format!("{} ({})", j.status, j.status_reason) }),
+        ("Alarms", if j.alarms.is_empty() { "-".into() } else { j.alarms.join("; ") }),
+        ("Stale definitions", j.stale_definitions.to_string()),
         ("Liveness", j.liveness),
         ("Session open", j.session_open.to_string()),
         ("Last seen", ago(j.last_seen_unix_ms)),
@@ -248,18 +262,28 @@ pub fn vms(fmt: crate::Format, gs: &[GuestRecord]) {
             let j = vm_json(r, false);
             vec![
                 j.name,
-                j.host_id,
+                j.host_id.clone(),
                 format!("{} ({})", j.state, j.state_reason),
+                if j.desired_state.is_empty() { "-".into() } else { j.desired_state.clone() },
                 if j.autostart { "yes".into() } else { "no".into() },
                 j.vcpus.to_string(),
                 j.memory_mib.to_string(),
                 j.disks.iter().map(|d| d.source.clone()).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(","),
                 j.uuid,
-                if j.host_liveness == "REACHABLE" { String::new() } else { "host unreachable".into() },
+                {
+                    let mut note = Vec::new();
+                    if j.owner_host != j.host_id && !j.owner_host.is_empty() {
+                        note.push(format!("stale: owned by {}", j.owner_host));
+                    }
+                    if j.host_liveness != "REACHABLE" {
+                        note.push("host unreachable".to_string());
+                    }
+                    note.join("; ")
+                },
             ]
         })
         .collect();
-    table(&["NAME", "HOST", "STATE", "AUTOSTART", "VCPUS", "MiB", "DISKS", "UUID", "NOTE"], rows);
+    table(&["NAME", "HOST", "STATE", "DESIRED", "AUTOSTART", "VCPUS", "MiB", "DISKS", "UUID", "NOTE"], rows);
 }
 
 /// `vms show`.

@@ -64,6 +64,9 @@ pub struct ControllerConfig {
     /// A forced migration needs the source silent at least this long.
     #[serde(default = "default_grace")]
     pub force_grace_ms: u64,
+    /// Start leases granted to hosts last this long (renewed every third).
+    #[serde(default = "default_ttl")]
+    pub lease_ttl_ms: u32,
     /// Memory kept for the hypervisor on every host when placing guests.
     #[serde(default = "default_reserve")]
     pub host_memory_reserve_mib: u64,
@@ -77,6 +80,10 @@ fn default_reserve() -> u64 {
 }
 
 fn default_grace() -> u64 {
+    60_000
+}
+
+fn default_ttl() -> u32 {
     30_000
 }
 
@@ -92,6 +99,15 @@ impl ControllerConfig {
             return Err(invalid(format!(
                 "unreachable_after_ms = {} must be at least twice heartbeat_interval_ms ({}), or one late heartbeat would mark a live host unreachable",
                 cfg.unreachable_after_ms, cfg.heartbeat_interval_ms
+            )));
+        }
+        if cfg.lease_ttl_ms < 1000 {
+            return Err(invalid(format!("lease_ttl_ms = {} is below the minimum of 1000", cfg.lease_ttl_ms)));
+        }
+        if cfg.force_grace_ms <= u64::from(cfg.lease_ttl_ms) {
+            return Err(invalid(format!(
+                "force_grace_ms = {} must be longer than lease_ttl_ms = {}: a forced migration must wait until the source's start leases have expired",
+                cfg.force_grace_ms, cfg.lease_ttl_ms
             )));
         }
         Ok(cfg)

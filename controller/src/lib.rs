@@ -12,8 +12,10 @@
 pub mod config;
 pub mod error;
 pub mod fence;
+pub mod hostops;
 pub mod migrate;
 pub mod model;
+pub mod reconcile;
 pub mod registry;
 pub mod rpc;
 pub mod store;
@@ -47,6 +49,7 @@ pub async fn serve(
         "lifeboat-controller serving"
     );
     let watcher = tokio::spawn(registry::watch_liveness(registry.clone()));
+    let reconciler = tokio::spawn(reconcile::run(registry.clone(), i64::from(cfg.lease_ttl_ms)));
     let agent = rpc::agent::AgentService::new(registry.clone());
     let engine = migrate::engine::Engine::new(
         registry.clone(),
@@ -69,6 +72,7 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     watcher.abort();
+    reconciler.abort();
     registry.flush()?;
     res?;
     Ok(())

@@ -29,6 +29,26 @@ struct HostEntry {
     last_heard_ms: Option<i64>,
     session: Option<SessionHandle>,
     reported: Liveness,
+    /// The host came back from a normal reboot: start what should run.
+    pending_boot_start: bool,
+    /// An inventory arrived in the current session.
+    inventory_seen: bool,
+    /// When leases were last sent in this session, and which.
+    leases_sent: Option<(i64, Vec<String>)>,
+}
+
+impl HostEntry {
+    fn new(row: HostRow) -> Self {
+        HostEntry {
+            row,
+            last_heard_ms: None,
+            session: None,
+            reported: Liveness::Unreachable,
+            pending_boot_start: false,
+            inventory_seen: false,
+            leases_sent: None,
+        }
+    }
 }
 
 struct GuestEntry {
@@ -41,6 +61,35 @@ struct Inner {
     hosts: BTreeMap<String, HostEntry>,
     guests: BTreeMap<String, BTreeMap<String, GuestEntry>>,
     next_generation: u64,
+    /// Ownership records by UUID (cache of the owners table).
+    owners: BTreeMap<String, crate::store::OwnerRow>,
+    /// Desired state by UUID: (host, "running" | "stopped").
+    desired: BTreeMap<String, (String, String)>,
+    /// Active alarms: (host, kind, detail).
+    alarms: Vec<(String, String, String)>,
+}
+
+/// What happened when a host opened a session, for the caller to act on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReturnEvent {
+    /// The host was OFFLINE (force-migrated away) and is back: now MAINTENANCE.
+    pub returned_from_offline: bool,
+    /// ...with the same boot id it had when fenced: it never powered off.
+    pub same_boot_id: bool,
+    /// A normal reboot of a host that owns its guests.
+    pub rebooted: bool,
+}
+
+/// Decides what a returning host means (pure).
+pub fn classify_return(status: &str, prev_boot: &str, fenced_boot: &str, new_boot: &str) -> ReturnEvent {
+    if status == HostStatus::Offline.as_str() {
+        return ReturnEvent {
+            returned_from_offline: true,
+            same_boot_id: !fenced_boot.is_empty() && fenced_boot == new_boot,
+            rebooted: false,
+        };
+    }
+    ReturnEvent { rebooted: !prev_boot.is_empty() && !new_boot.is_empty() && prev_boot != new_boot, ..Default::default() }
 }
 
 /// Hosts and guests, in memory and in the database.
@@ -70,11 +119,11 @@ impl Registry {
     pub fn load(store: Store, timing: Timing) -> Result<Self, StoreError> {
         let mut hosts = BTreeMap::new();
         for row in store.hosts()? {
-            hosts.insert(
-                row.info.host_id.clone(),
-                HostEntry { row, last_heard_ms: None, session: None, reported: Liveness::Unreachable },
-            );
+            hosts.insert(row.info.host_id.clone(), HostEntry::new(row));
         }
+        let owners = store.owners()?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
+        let desired = store.desired()?;
+        let alarms = store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
         let mut guests: BTreeMap<String, BTreeMap<String, GuestEntry>> = BTreeMap::new();
         for g in store.guests()? {
             guests
@@ -84,7 +133,7 @@ impl Registry {
         }
         Ok(Registry {
             started_ms: now_unix_ms(),
-            inner: Mutex::new(Inner { store, hosts, guests, next_generation: 1 }),
+            inner: Mutex::new(Inner { store, hosts, guests, next_generation: 1, owners, desired, alarms }),
             timing,
             pending: Mutex::new(Default::default()),
         })
@@ -119,11 +168,15 @@ impl Registry {
         if !inner.hosts.contains_key(host_id) {
             let info = HostInfo { host_id: host_id.into(), boot_id: boot_id.into(), ..Default::default() };
             inner.store.upsert_host(&info, now)?;
-            let row = HostRow { info, status: HostStatus::Available.as_str().into(), first_seen_ms: now, last_seen_ms: now };
-            inner.hosts.insert(
-                host_id.into(),
-                HostEntry { row, last_heard_ms: None, session: None, reported: Liveness::Unreachable },
-            );
+            let row = HostRow {
+                info,
+                status: HostStatus::Available.as_str().into(),
+                first_seen_ms: now,
+                last_seen_ms: now,
+                status_reason: String::new(),
+                fenced_boot_id: String::new(),
+            };
+            inner.hosts.insert(host_id.into(), HostEntry::new(row));
             info!(host = host_id, "new host registered");
         }
         let e = inner.hosts.get_mut(host_id).expect("inserted above");
@@ -132,7 +185,107 @@ impl Registry {
         }
         e.session = Some(SessionHandle { generation, tx });
         e.last_heard_ms = Some(now);
+        e.inventory_seen = false;
+        e.leases_sent = None;
+        let ev = classify_return(&e.row.status, &e.row.info.boot_id, &e.row.fenced_boot_id, boot_id);
+        if ev.rebooted {
+            e.pending_boot_start = true;
+        }
+        if !boot_id.is_empty() {
+            e.row.info.boot_id = boot_id.to_string();
+        }
+        let fenced_boot = e.row.fenced_boot_id.clone();
+        if ev.returned_from_offline {
+            let reason = if ev.same_boot_id {
+                "returned with the boot id it had when fenced: it was never powered off (split brain)"
+            } else {
+                "returned after its guests were force-migrated away; quarantined until cleanup"
+            };
+            e.row.status = HostStatus::Maintenance.as_str().into();
+            e.row.status_reason = reason.into();
+            let a = crate::store::AuditRow {
+                actor: "controller".into(),
+                action: "host.returned".into(),
+                host: host_id.into(),
+                detail: format!("{host_id} is back (boot id {boot_id}, fenced with {fenced_boot}): status MAINTENANCE; {reason}"),
+                ..Default::default()
+            };
+            inner.store.set_status(host_id, HostStatus::Maintenance.as_str(), reason, Some(&a))?;
+            warn!(host = host_id, "{reason}");
+            if ev.same_boot_id {
+                let detail = format!(
+                    "{host_id} came back with boot id {boot_id}, the one it had when it was fenced: it never powered off; every guest moved away from it is kept from running there"
+                );
+                Self::raise_locked(&mut inner, host_id, "split-brain", &detail)?;
+            }
+        }
         Ok(SessionId(generation))
+    }
+
+    fn raise_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
+        if inner.store.raise_alarm(host, kind, detail)? {
+            tracing::error!(host, kind, "ALARM: {detail}");
+            inner.alarms.push((host.into(), kind.into(), detail.into()));
+            inner.store.audit(&crate::store::AuditRow {
+                actor: "controller".into(),
+                action: format!("alarm.{kind}"),
+                host: host.into(),
+                detail: detail.into(),
+                ..Default::default()
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Raises an alarm (logged at ERROR, stored, audited) unless already active.
+    pub fn raise_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
+        Self::raise_locked(&mut self.lock(), host, kind, detail)
+    }
+
+    /// Re-reads active alarms from the store.
+    pub fn reload_alarms(&self) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let a = inner.store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
+        inner.alarms = a;
+        Ok(())
+    }
+
+    /// Active alarms.
+    pub fn active_alarms(&self) -> Vec<(String, String, String)> {
+        self.lock().alarms.clone()
+    }
+
+    /// Re-reads ownership records (after a move step changed them).
+    pub fn refresh_owners(&self) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let owners = inner.store.owners()?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
+        inner.owners = owners;
+        Ok(())
+    }
+
+    /// Owner of a guest reported by `host`: the recorded owner, else `host`.
+    fn owner_of<'a>(inner: &'a Inner, uuid: &str, host: &'a str) -> &'a str {
+        inner.owners.get(uuid).map(|o| o.host.as_str()).unwrap_or(host)
+    }
+
+    fn note_desired(inner: &mut Inner, host: &str, g: &Guest, from_event: bool) -> Result<(), StoreError> {
+        if Self::owner_of(inner, &g.uuid, host) != host {
+            return Ok(());
+        }
+        let st = GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified);
+        let want = match st {
+            GuestState::Running | GuestState::Paused | GuestState::Blocked => Some("running"),
+            GuestState::Shutoff if from_event && matches!(g.state_reason.as_str(), "shutdown" | "destroyed" | "saved") => Some("stopped"),
+            GuestState::Shutoff if !inner.desired.contains_key(&g.uuid) => Some("stopped"),
+            _ => None,
+        };
+        if let Some(w) = want {
+            if inner.desired.get(&g.uuid) != Some(&(host.to_string(), w.to_string())) {
+                inner.store.set_desired(&g.uuid, host, w)?;
+                inner.desired.insert(g.uuid.clone(), (host.to_string(), w.to_string()));
+            }
+        }
+        Ok(())
     }
 
     /// Ends a session (if it is still the current one).
@@ -195,6 +348,14 @@ impl Registry {
             Self::set_host_info(&mut inner, host_id, h, now)?;
         }
         inner.store.replace_guests(host_id, &guests, now)?;
+        for g in &guests {
+            if !inner.desired.contains_key(&g.uuid) {
+                Self::note_desired(&mut inner, host_id, g, false)?;
+            }
+        }
+        if let Some(e) = inner.hosts.get_mut(host_id) {
+            e.inventory_seen = true;
+        }
         let map = guests.into_iter().map(|g| (g.uuid.clone(), GuestEntry { guest: g, updated_ms: now })).collect();
         inner.guests.insert(host_id.to_string(), map);
         Ok(skipped)
@@ -220,6 +381,7 @@ impl Registry {
             return Ok(());
         }
         inner.store.upsert_guest(host_id, &g, now)?;
+        Self::note_desired(&mut inner, host_id, &g, true)?;
         inner.guests.entry(host_id.to_string()).or_default().insert(g.uuid.clone(), GuestEntry { guest: g, updated_ms: now });
         Ok(())
     }
@@ -252,6 +414,16 @@ impl Registry {
             first_seen_unix_ms: e.row.first_seen_ms,
             guest_count,
             running_count,
+            status_reason: e.row.status_reason.clone(),
+            alarms: inner
+                .alarms
+                .iter()
+                .filter(|a| a.0 == e.row.info.host_id)
+                .map(|a| format!("{}: {}", a.1, a.2))
+                .collect(),
+            stale_definitions: guests
+                .map(|g| g.keys().filter(|u| Self::owner_of(inner, u, &e.row.info.host_id) != e.row.info.host_id).count())
+                .unwrap_or(0) as u32,
         }
     }
 
@@ -296,11 +468,18 @@ impl Registry {
                 let mut v: Vec<&GuestEntry> = m.values().collect();
                 v.sort_by(|a, b| a.guest.name.cmp(&b.guest.name));
                 for g in v {
+                    let owner = Self::owner_of(&inner, &g.guest.uuid, &id).to_string();
+                    let desired = match inner.desired.get(&g.guest.uuid) {
+                        Some((h, st)) if h == &id && owner == id => st.clone(),
+                        _ => String::new(),
+                    };
                     out.push(GuestRecord {
                         guest: Some(g.guest.clone()),
                         host_id: id.clone(),
                         updated_unix_ms: g.updated_ms,
                         host_liveness: live.as_str().into(),
+                        desired_state: desired,
+                        owner_host: owner,
                     });
                 }
             }
@@ -393,6 +572,86 @@ impl Registry {
     pub fn complete(&self, r: CommandResult) {
         if let Some(tx) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.id) {
             let _ = tx.send(r);
+        }
+    }
+
+    /// Sets a host's status (checks are the caller's).
+    pub fn set_status(&self, host_id: &str, status: HostStatus, reason: &str, actor: &str) -> Result<(), ControllerError> {
+        let mut inner = self.lock();
+        let Some(e) = inner.hosts.get(host_id) else {
+            return Err(ControllerError::UnknownHost { host: host_id.into(), known: inner.hosts.keys().cloned().collect() });
+        };
+        let old = e.row.status.clone();
+        let a = crate::store::AuditRow {
+            actor: actor.into(),
+            action: "host.status".into(),
+            host: host_id.into(),
+            detail: format!("{old} -> {status}{}", if reason.is_empty() { String::new() } else { format!(": {reason}") }),
+            ..Default::default()
+        };
+        inner.store.set_status(host_id, status.as_str(), reason, Some(&a))?;
+        let e = inner.hosts.get_mut(host_id).expect("checked");
+        e.row.status = status.as_str().into();
+        e.row.status_reason = reason.into();
+        Ok(())
+    }
+
+    /// Records the boot id a host has as it is fenced.
+    pub fn mark_fenced(&self, host_id: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let boot = inner.hosts.get(host_id).map(|e| e.row.info.boot_id.clone()).unwrap_or_default();
+        inner.store.set_fenced_boot_id(host_id, &boot)?;
+        if let Some(e) = inner.hosts.get_mut(host_id) {
+            e.row.fenced_boot_id = boot;
+        }
+        Ok(())
+    }
+
+    /// The host's status.
+    pub fn status_of(&self, host_id: &str) -> Option<HostStatus> {
+        self.lock().hosts.get(host_id).and_then(|e| e.row.status.parse().ok())
+    }
+
+    /// One reconcile pass's view of a connected host.
+    pub fn reconcile_view(&self) -> Vec<crate::reconcile::HostSnapshot> {
+        let inner = self.lock();
+        inner
+            .hosts
+            .iter()
+            .filter(|(_, e)| e.session.is_some())
+            .map(|(id, e)| {
+                let guests: Vec<Guest> = inner.guests.get(id).map(|m| m.values().map(|g| g.guest.clone()).collect()).unwrap_or_default();
+                crate::reconcile::HostSnapshot {
+                    host: id.clone(),
+                    status: e.row.status.parse().unwrap_or(HostStatus::Available),
+                    inventory_seen: e.inventory_seen,
+                    pending_boot_start: e.pending_boot_start,
+                    leases_sent: e.leases_sent.clone(),
+                    owners: guests
+                        .iter()
+                        .map(|g| (g.uuid.clone(), Self::owner_of(&inner, &g.uuid, id).to_string()))
+                        .collect(),
+                    desired: guests
+                        .iter()
+                        .filter_map(|g| inner.desired.get(&g.uuid).filter(|d| &d.0 == id).map(|d| (g.uuid.clone(), d.1.clone())))
+                        .collect(),
+                    guests,
+                }
+            })
+            .collect()
+    }
+
+    /// Records that leases were sent.
+    pub fn leases_sent(&self, host: &str, at: i64, uuids: Vec<String>) {
+        if let Some(e) = self.lock().hosts.get_mut(host) {
+            e.leases_sent = Some((at, uuids));
+        }
+    }
+
+    /// The boot start was done (or is no longer wanted).
+    pub fn boot_start_done(&self, host: &str) {
+        if let Some(e) = self.lock().hosts.get_mut(host) {
+            e.pending_boot_start = false;
         }
     }
 

@@ -1,6 +1,7 @@
 //! SQLite persistence of hosts and guests. Every change the registry makes
 //! is written here before it is acknowledged, so a restart loses nothing.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use lifeboat_proto::v1::{Guest, HostInfo};
@@ -36,7 +37,7 @@ pub enum StoreError {
 }
 
 /// Current schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// A durable job.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,6 +161,10 @@ pub struct HostRow {
     pub first_seen_ms: i64,
     /// When last heard from (persisted lazily).
     pub last_seen_ms: i64,
+    /// Why the status was set.
+    pub status_reason: String,
+    /// Boot id the host had when it was fenced for a forced migration.
+    pub fenced_boot_id: String,
 }
 
 /// A stored guest.
@@ -291,6 +296,30 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        if v < 3 {
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE hosts ADD COLUMN status_reason TEXT NOT NULL DEFAULT '';
+                 ALTER TABLE hosts ADD COLUMN fenced_boot_id TEXT NOT NULL DEFAULT '';
+                 ALTER TABLE moves ADD COLUMN cleaned_ms INTEGER NOT NULL DEFAULT 0;
+                 CREATE TABLE desired (
+                    uuid TEXT PRIMARY KEY,
+                    host TEXT NOT NULL,
+                    state TEXT NOT NULL,
+                    updated_ms INTEGER NOT NULL
+                 );
+                 CREATE TABLE alarms (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    at_ms INTEGER NOT NULL,
+                    host TEXT NOT NULL,
+                    kind TEXT NOT NULL,
+                    detail TEXT NOT NULL,
+                    cleared_ms INTEGER NOT NULL DEFAULT 0
+                 );
+                 PRAGMA user_version = 3;
+                 COMMIT;",
+            )?;
+        }
         Ok(Store { conn })
     }
 
@@ -349,34 +378,147 @@ impl Store {
         Ok(())
     }
 
-    /// Sets a host's status.
-    pub fn set_status(&self, host_id: &str, status: &str) -> Result<bool, StoreError> {
-        Ok(self.conn.execute("UPDATE hosts SET status = ?2 WHERE host_id = ?1", params![host_id, status])? > 0)
+    /// Sets a host's status (and why), with an audit entry, atomically.
+    pub fn set_status(&mut self, host_id: &str, status: &str, reason: &str, audit: Option<&AuditRow>) -> Result<bool, StoreError> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE hosts SET status = ?2, status_reason = ?3 WHERE host_id = ?1",
+            params![host_id, status, reason],
+        )?;
+        if let Some(a) = audit {
+            insert_audit(&tx, a)?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    /// Records the boot id a host had when it was fenced.
+    pub fn set_fenced_boot_id(&self, host_id: &str, boot_id: &str) -> Result<(), StoreError> {
+        self.conn.execute("UPDATE hosts SET fenced_boot_id = ?2 WHERE host_id = ?1", params![host_id, boot_id])?;
+        Ok(())
+    }
+
+    /// Desired states: uuid → (host, state).
+    pub fn desired(&self) -> Result<BTreeMap<String, (String, String)>, StoreError> {
+        let mut st = self.conn.prepare("SELECT uuid, host, state FROM desired")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Sets a guest's desired state.
+    pub fn set_desired(&self, uuid: &str, host: &str, state: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO desired (uuid, host, state, updated_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(uuid) DO UPDATE SET host = excluded.host, state = excluded.state, updated_ms = excluded.updated_ms",
+            params![uuid, host, state, crate::now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Raises an alarm unless the same one is active; returns whether it is new.
+    pub fn raise_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<bool, StoreError> {
+        let active: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT id FROM alarms WHERE host = ?1 AND kind = ?2 AND detail = ?3 AND cleared_ms = 0",
+                params![host, kind, detail],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if active.is_some() {
+            return Ok(false);
+        }
+        self.conn.execute(
+            "INSERT INTO alarms (at_ms, host, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+            params![crate::now_ms(), host, kind, detail],
+        )?;
+        Ok(true)
+    }
+
+    /// Alarms: (id, at, host, kind, detail, cleared).
+    pub fn alarms(&self, include_cleared: bool) -> Result<Vec<(i64, i64, String, String, String, i64)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, at_ms, host, kind, detail, cleared_ms FROM alarms WHERE (?1 OR cleared_ms = 0) ORDER BY id",
+        )?;
+        let rows = st.query_map(params![include_cleared], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Clears a host's active alarms of one kind.
+    pub fn clear_alarms(&self, host: &str, kind: &str) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "UPDATE alarms SET cleared_ms = ?3 WHERE host = ?1 AND kind = ?2 AND cleared_ms = 0",
+            params![host, kind, crate::now_ms()],
+        )?)
+    }
+
+    /// Completed moves away from `host`: (move, cleaned_ms).
+    pub fn moves_from(&self, host: &str) -> Result<Vec<(MoveRow, i64)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms, cleaned_ms
+             FROM moves WHERE source = ?1 AND state IN ('RUNNING', 'DEFINED_STOPPED') ORDER BY updated_ms",
+        )?;
+        let rows = st.query_map(params![host], |r| {
+            Ok((
+                MoveRow {
+                    job_id: r.get(0)?,
+                    uuid: r.get(1)?,
+                    name: r.get(2)?,
+                    source: r.get(3)?,
+                    target: r.get(4)?,
+                    generation: r.get::<_, i64>(5)? as u64,
+                    state: r.get(6)?,
+                    start: r.get(7)?,
+                    definition_xml: String::new(),
+                    error: r.get(9)?,
+                    priority: r.get(10)?,
+                    updated_ms: r.get(11)?,
+                },
+                r.get(12)?,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records that a move's stale definition was removed, with an audit entry.
+    pub fn mark_cleaned(&mut self, job_id: &str, uuid: &str, audit: &AuditRow) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE moves SET cleaned_ms = ?3 WHERE job_id = ?1 AND uuid = ?2",
+            params![job_id, uuid, crate::now_ms()],
+        )?;
+        insert_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// One host.
     pub fn host(&self, host_id: &str) -> Result<Option<HostRow>, StoreError> {
         self.conn
             .query_row(
-                "SELECT info, status, first_seen_ms, last_seen_ms FROM hosts WHERE host_id = ?1",
+                "SELECT info, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id FROM hosts WHERE host_id = ?1",
                 params![host_id],
-                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
             )
             .optional()?
-            .map(|(b, status, first_seen_ms, last_seen_ms)| {
-                Ok(HostRow { info: decode_host(&b)?, status, first_seen_ms, last_seen_ms })
+            .map(|(b, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id)| {
+                Ok(HostRow { info: decode_host(&b)?, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id })
             })
             .transpose()
     }
 
     /// All hosts.
     pub fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
-        let mut st = self.conn.prepare("SELECT info, status, first_seen_ms, last_seen_ms FROM hosts ORDER BY host_id")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        let mut st = self.conn.prepare(
+            "SELECT info, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id FROM hosts ORDER BY host_id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+        })?;
         let mut out = Vec::new();
         for row in rows {
-            let (b, status, first_seen_ms, last_seen_ms) = row?;
-            out.push(HostRow { info: decode_host(&b)?, status, first_seen_ms, last_seen_ms });
+            let (b, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id) = row?;
+            out.push(HostRow { info: decode_host(&b)?, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id });
         }
         Ok(out)
     }
@@ -635,7 +777,7 @@ mod tests {
             s.upsert_host(&HostInfo { host_id: "a".into(), hostname: "ha".into(), ..Default::default() }, 5).unwrap();
             s.replace_guests("a", &[guest("u1", "vm1"), guest("u2", "vm2")], 6).unwrap();
             s.delete_guest("a", "u2").unwrap();
-            s.set_status("a", "MAINTENANCE").unwrap();
+            s.set_status("a", "MAINTENANCE", "", None).unwrap();
             s.touch_hosts(&[("a".into(), 99)]).unwrap();
         }
         let s = Store::open(&path).unwrap();

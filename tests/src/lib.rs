@@ -123,8 +123,9 @@ pub struct Agent {
 
 /// Agent configuration text for tests.
 pub fn agent_config(host_id: &str, uri: &str, url: &str, tls: &TlsFiles, extra: &str) -> String {
+    let state = tls.ca.parent().expect("pki dir").join(format!("state-{host_id}"));
     format!(
-        "host_id = \"{host_id}\"\nlibvirt_uri = \"{uri}\"\nautostart_dir = \"/nonexistent/autostart\"\nresync_interval_s = 2\n{extra}\n[controller]\nurl = \"{url}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        "host_id = \"{host_id}\"\nlibvirt_uri = \"{uri}\"\nautostart_dir = \"/nonexistent/autostart\"\nresync_interval_s = 2\nstate_dir = {state:?}\n{extra}\n[controller]\nurl = \"{url}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
         tls.ca, tls.cert, tls.key
     )
 }

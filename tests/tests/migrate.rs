@@ -51,7 +51,7 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     for (h, text) in [("host-a", a), ("host-b", node(&[])), ("host-c", node(&[]))] {
         std::fs::write(dir.join(format!("{h}.xml")), text).unwrap();
     }
-    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1000").await;
+    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000").await;
     let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
     let agent_a = Agent::start(&agent_config("host-a", &uri("host-a"), &c.url(), &pki.agent("host-a"), ""));
     let agent_b = Agent::start(&agent_config("host-b", &uri("host-b"), &c.url(), &pki.agent("host-b"), ""));

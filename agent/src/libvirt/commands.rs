@@ -3,7 +3,8 @@
 //! a repeated command (after a controller crash) does nothing twice.
 
 use lifeboat_proto::v1::{
-    CheckPaths, Command, CommandResult, DefineGuest, GuestState, PathCheck, SetAutostart, StartGuest, command::Kind,
+    CheckPaths, CleanupGuest, Command, CommandResult, DefineGuest, GrantLeases, GuestState, PathCheck, SetAutostart,
+    StartGuest, StopGuest, command::Kind,
 };
 use tracing::info;
 use virt::sys;
@@ -43,6 +44,9 @@ impl ActorState {
             let _ = self.self_tx.send(super::Request::Snapshot);
             return CommandResult { id, ok: true, outcome: "done".into(), ..Default::default() };
         }
+        if let Kind::GrantLeases(g) = &kind {
+            return self.grant_leases(&id, g);
+        }
         if self.conn.is_none() {
             return fail(&id, format!("libvirt is not connected: {}", self.host.libvirt_error));
         }
@@ -50,7 +54,9 @@ impl ActorState {
             Kind::DefineGuest(d) => self.define(&id, d),
             Kind::StartGuest(s) => self.start(&id, s),
             Kind::SetAutostart(a) => self.set_autostart(&id, a),
-            Kind::CheckPaths(_) | Kind::Resync(_) => unreachable!("handled above"),
+            Kind::StopGuest(s) => self.stop(&id, s),
+            Kind::CleanupGuest(c) => self.cleanup(&id, c),
+            Kind::CheckPaths(_) | Kind::Resync(_) | Kind::GrantLeases(_) => unreachable!("handled above"),
         };
         if let Some(g) = &r.guest {
             self.known.insert(g.uuid.clone(), g.clone());
@@ -162,6 +168,116 @@ impl ActorState {
             },
         };
         CommandResult { id: id.into(), ok: true, outcome: outcome.into(), guest: read_guest(&dom).ok(), ..Default::default() }
+    }
+}
+
+impl ActorState {
+    /// Writes the granted leases, then makes sure libvirt autostart is off
+    /// on every leased guest (Lifeboat decides what starts).
+    fn grant_leases(&mut self, id: &str, g: &GrantLeases) -> CommandResult {
+        let files: Vec<crate::lease::LeaseFile> = g
+            .leases
+            .iter()
+            .map(|l| crate::lease::LeaseFile {
+                uuid: l.uuid.clone(),
+                name: l.name.clone(),
+                host: self.cfg.host_id.clone(),
+                generation: l.generation,
+                expires_unix_ms: g.expires_unix_ms,
+            })
+            .collect();
+        let fresh = match crate::lease::apply(&self.cfg.state_dir, &self.cfg.host_id, &files) {
+            Ok(f) => f,
+            Err(e) => return fail(id, format!("writing leases to {} failed: {e}", self.cfg.state_dir.display())),
+        };
+        let mut changed = Vec::new();
+        if let Some(c) = &self.conn {
+            // Once, when Lifeboat takes a guest over: from then on the start
+            // guard refuses any start without a lease, autostart included.
+            for l in g.leases.iter().filter(|l| fresh.contains(&l.uuid)) {
+                let on = self.known.get(&l.uuid).is_some_and(|x| x.autostart);
+                if !on {
+                    continue;
+                }
+                if let Ok(dom) = c.conn.lookup_domain_by_uuid_string(&l.uuid) {
+                    match dom.set_autostart(false) {
+                        Ok(_) => info!(uuid = %l.uuid, name = %l.name, "libvirt autostart disabled: Lifeboat starts this guest"),
+                        Err(e) => tracing::warn!(uuid = %l.uuid, "disabling autostart failed: {}", e.message()),
+                    }
+                    if let Ok(g) = read_guest(&dom) {
+                        changed.push(g);
+                    }
+                }
+            }
+        }
+        for g in changed {
+            self.known.insert(g.uuid.clone(), g.clone());
+            self.emit(super::Update::Changed(g));
+        }
+        CommandResult { id: id.into(), ok: true, outcome: "done".into(), ..Default::default() }
+    }
+
+    fn stop(&mut self, id: &str, s: StopGuest) -> CommandResult {
+        let conn = &self.conn.as_ref().expect("checked").conn;
+        let dom = match conn.lookup_domain_by_uuid_string(&s.uuid) {
+            Ok(d) => d,
+            Err(e) if is_no_domain(&e) => return CommandResult { id: id.into(), ok: true, outcome: "already".into(), ..Default::default() },
+            Err(e) => return fail(id, format!("looking up {} failed: {}", s.uuid, e.message())),
+        };
+        match read_guest(&dom) {
+            Ok(g) if g.state != GuestState::Running as i32 && g.state != GuestState::Paused as i32 => {
+                return CommandResult { id: id.into(), ok: true, outcome: "already".into(), guest: Some(g), ..Default::default() };
+            }
+            _ => {}
+        }
+        if let Err(e) = dom.destroy() {
+            return fail(id, format!("destroying {} failed: {}", s.uuid, e.message()));
+        }
+        tracing::warn!(uuid = %s.uuid, reason = %s.reason, "guest destroyed on the controller's order");
+        CommandResult { id: id.into(), ok: true, outcome: "done".into(), guest: read_guest(&dom).ok(), ..Default::default() }
+    }
+
+    fn cleanup(&mut self, id: &str, c: CleanupGuest) -> CommandResult {
+        let conn = &self.conn.as_ref().expect("checked").conn;
+        let dom = match conn.lookup_domain_by_uuid_string(&c.uuid) {
+            Ok(d) => d,
+            Err(e) if is_no_domain(&e) => return CommandResult { id: id.into(), ok: true, outcome: "already".into(), ..Default::default() },
+            Err(e) => return fail(id, format!("looking up {} failed: {}", c.uuid, e.message())),
+        };
+        let g = match read_guest(&dom) {
+            Ok(g) => g,
+            Err(e) => return fail(id, format!("reading {} failed: {}", c.uuid, e.message())),
+        };
+        if g.name != c.name {
+            return fail(id, format!("guest {} is named '{}' here, not '{}'; refusing to remove it", c.uuid, g.name, c.name));
+        }
+        let running = g.state == GuestState::Running as i32 || g.state == GuestState::Paused as i32;
+        if running {
+            if !c.destroy_running {
+                return fail(id, format!("'{}' ({}) is RUNNING on this host; refusing to remove it", g.name, g.uuid));
+            }
+            if let Err(e) = dom.destroy() {
+                return fail(id, format!("destroying running '{}' failed: {}", g.name, e.message()));
+            }
+            tracing::warn!(uuid = %g.uuid, name = %g.name, "running stale copy destroyed for cleanup (--destroy-running)");
+        }
+        let _ = dom.set_autostart(false);
+        if g.managed_save {
+            if let Err(e) = dom.managed_save_remove(0) {
+                return fail(id, format!("removing the managed-save image of '{}' failed: {}", g.name, e.message()));
+            }
+        }
+        let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_NVRAM;
+        if let Err(e) = dom.undefine_flags(flags) {
+            return fail(id, format!("undefining '{}' failed: {}", g.name, e.message()));
+        }
+        info!(uuid = %g.uuid, name = %g.name, "stale definition removed (storage untouched)");
+        self.known.remove(&g.uuid);
+        self.emit(super::Update::Removed { uuid: g.uuid.clone(), name: g.name.clone() });
+        CommandResult { id: id.into(), ok: true, outcome: "done".into(), ..Default::default() }
     }
 }
 

@@ -77,6 +77,8 @@ pub struct ActorConfig {
     pub resync_interval: Duration,
     /// How often to look at the autostart directory.
     pub autostart_poll: Duration,
+    /// Agent state directory (leases).
+    pub state_dir: PathBuf,
 }
 
 impl ActorConfig {
@@ -91,6 +93,7 @@ impl ActorConfig {
             libvirt_guests_conf: cfg.libvirt_guests_conf.clone(),
             resync_interval: Duration::from_secs(cfg.resync_interval_s),
             autostart_poll: Duration::from_millis(200),
+            state_dir: cfg.state_dir.clone(),
         }
     }
 }

@@ -355,6 +355,7 @@ impl Engine {
                     format!("operator {} attests {} is powered off: {}", job.operator, job.source, req.attest_reason),
                 ))
             })?;
+            self.declare_offline(job)?;
             return Ok(Ok(()));
         }
         let Some(f) = self.fencers.get(&job.source) else {
@@ -372,11 +373,25 @@ impl Engine {
         match st {
             PowerState::Off => {
                 self.reg.db(|s| s.audit(&audit("controller", "power.confirmed_off", &job.source, "", &job.id, format!("{}'s BMC reads Off", job.source))))?;
+                self.declare_offline(job)?;
                 Ok(Ok(()))
             }
             PowerState::On => Ok(Err(format!("{}'s BMC still reads On: power-off not confirmed", job.source))),
             PowerState::Unknown(why) => Ok(Err(format!("{}'s power state is UNKNOWN ({why}): power-off not confirmed", job.source))),
         }
+    }
+
+    /// The source is proven off: record its boot id (to recognise a host
+    /// that never powered off when it returns) and declare it OFFLINE.
+    fn declare_offline(&self, job: &JobRow) -> Result<(), StoreError> {
+        self.reg.mark_fenced(&job.source)?;
+        if self.reg.status_of(&job.source) != Some(crate::model::HostStatus::Offline) {
+            let reason = format!("declared dead by forced migration job {}", job.id);
+            if let Err(e) = self.reg.set_status(&job.source, crate::model::HostStatus::Offline, &reason, "controller") {
+                warn!(host = %job.source, "setting OFFLINE failed: {e}");
+            }
+        }
+        Ok(())
     }
 
     async fn call_target(&self, host: &str, kind: Kind) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
@@ -399,6 +414,9 @@ impl Engine {
             return Ok(());
         }
         self.reg.db(|s| s.set_move(&m.job_id, &m.uuid, to.as_str(), error, owner.as_ref(), a.as_ref()))?;
+        if owner.is_some() {
+            self.reg.refresh_owners()?;
+        }
         m.state = to.as_str().into();
         self.changed(&m.job_id);
         Ok(())

@@ -8,7 +8,8 @@ use std::pin::Pin;
 use lifeboat_proto::v1::{
     AuditEntry, GetHostRequest, GetJobRequest, HostRecord, JobRecord, ListAuditRequest, ListAuditResponse,
     ListGuestsRequest, ListGuestsResponse, ListHostsRequest, ListHostsResponse, ListJobsRequest, ListJobsResponse,
-    MigrateRequest, MigrationPlan, WhoAmIRequest, WhoAmIResponse, admin_server::Admin,
+    MigrateRequest, MigrationPlan, WhoAmIRequest, WhoAmIResponse, admin_server::Admin, Alarm, CleanupPlan,
+    CleanupRequest, ListAlarmsRequest, ListAlarmsResponse, SetHostStatusRequest,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -142,6 +143,40 @@ impl Admin for AdminService {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    async fn set_host_status(&self, req: Request<SetHostStatusRequest>) -> Result<Response<HostRecord>, Status> {
+        let (name, _) = authorize(&req, Role::Operator, "setting a host's status")?;
+        let r = req.into_inner();
+        if r.host.trim().is_empty() {
+            return Err(ControllerError::InvalidArgument("no host given".into()).into());
+        }
+        crate::hostops::set_status(&self.reg, &self.engine, r.host.trim(), &r.status, &r.reason, r.attest_powered_off, &name).await?;
+        Ok(Response::new(self.reg.get_host(r.host.trim())?))
+    }
+
+    async fn plan_cleanup(&self, req: Request<CleanupRequest>) -> Result<Response<CleanupPlan>, Status> {
+        authorize(&req, Role::Operator, "planning a cleanup")?;
+        let r = req.get_ref();
+        Ok(Response::new(crate::hostops::cleanup_plan(&self.reg, r.host.trim(), r.destroy_running)?))
+    }
+
+    async fn cleanup(&self, req: Request<CleanupRequest>) -> Result<Response<CleanupPlan>, Status> {
+        let (name, _) = authorize(&req, Role::Operator, "cleanup")?;
+        let r = req.into_inner();
+        info!(operator = %name, host = %r.host, "cleanup requested");
+        Ok(Response::new(crate::hostops::cleanup(&self.reg, r.host.trim(), r.destroy_running, &r.plan_id, &name).await?))
+    }
+
+    async fn list_alarms(&self, req: Request<ListAlarmsRequest>) -> Result<Response<ListAlarmsResponse>, Status> {
+        authorize(&req, Role::Viewer, "listing alarms")?;
+        let all = req.get_ref().include_cleared;
+        let rows = self.reg.db(|s| s.alarms(all)).map_err(ControllerError::from)?;
+        let alarms = rows
+            .into_iter()
+            .map(|(id, at, host, kind, detail, cleared)| Alarm { id, at_unix_ms: at, host, kind, detail, cleared_unix_ms: cleared })
+            .collect();
+        Ok(Response::new(ListAlarmsResponse { alarms }))
     }
 
     async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<ListAuditResponse>, Status> {

@@ -1,0 +1,409 @@
+//! Host operations after a forced migration: `cleanup` of the stale
+//! definitions a returned host still holds, and operators' status changes.
+//! The planning functions are pure; the async ones carry plans out.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lifeboat_proto::v1::{Check, CleanupGuest, CleanupItem, CleanupPlan, Guest, GuestState, MigrateRequest, command::Kind};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use crate::error::ControllerError;
+use crate::migrate::engine::Engine;
+use crate::model::HostStatus;
+use crate::registry::Registry;
+use crate::store::{AuditRow, MoveRow};
+
+fn check(name: &str, ok: bool, detail: impl Into<String>, remedy: impl Into<String>) -> Check {
+    Check { name: name.into(), ok, detail: detail.into(), remedy: if ok { String::new() } else { remedy.into() } }
+}
+
+/// Inputs of a cleanup plan.
+#[derive(Debug, Clone)]
+pub struct CleanupInput {
+    /// Host to clean.
+    pub host: String,
+    /// Whether the host is known at all.
+    pub host_known: bool,
+    /// Completed moves away from the host, with when each was cleaned (0 = not).
+    pub moves: Vec<(MoveRow, i64)>,
+    /// Current owner per UUID.
+    pub owners: BTreeMap<String, String>,
+    /// Guests the host reports now.
+    pub guests: Vec<Guest>,
+    /// Its agent session is open.
+    pub connected: bool,
+    /// A migrate job on this host is running.
+    pub active_job: Option<String>,
+    /// `--destroy-running`.
+    pub destroy_running: bool,
+}
+
+/// Plans a cleanup. Only definitions named by move records are candidates,
+/// matched by UUID (never by name guessing).
+pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
+    let mut p = CleanupPlan { host: i.host.clone(), ..Default::default() };
+    if !i.host_known {
+        p.preconditions.push(check("host known", false, format!("unknown host '{}'", i.host), "name a host from `lifeboat hosts list`"));
+        return finish(p);
+    }
+    if i.moves.is_empty() {
+        p.preconditions.push(check(
+            "move records",
+            false,
+            format!("no move records name {}: Lifeboat never moved a guest away from it, so there is nothing to clean", i.host),
+            "nothing to do; stale definitions of guests Lifeboat did not move are not Lifeboat's to remove",
+        ));
+        return finish(p);
+    }
+    p.preconditions.push(check(
+        "host connected",
+        i.connected,
+        if i.connected { format!("{}'s agent is connected", i.host) } else { format!("{}'s agent is not connected", i.host) },
+        "power the repaired host on and wait until `lifeboat hosts show` says REACHABLE",
+    ));
+    p.preconditions.push(match &i.active_job {
+        Some(j) => check("one operation per host", false, format!("job {j} on {} is still running", i.host), format!("wait: `lifeboat jobs watch {j}`")),
+        None => check("one operation per host", true, "no other operation on this host", ""),
+    });
+    // The newest move per guest.
+    let mut latest: BTreeMap<&str, &(MoveRow, i64)> = BTreeMap::new();
+    for m in &i.moves {
+        latest.insert(m.0.uuid.as_str(), m);
+    }
+    let mut running_refused = Vec::new();
+    for (uuid, (m, cleaned)) in latest {
+        let owner = i.owners.get(uuid).cloned().unwrap_or_default();
+        let mut item = CleanupItem { uuid: uuid.into(), name: m.name.clone(), moved_to: m.target.clone(), job: m.job_id.clone(), ..Default::default() };
+        if owner == i.host {
+            item.action = "skip".into();
+            item.detail = format!("{} is owned by {} again; not stale", m.name, i.host);
+            p.items.push(item);
+            continue;
+        }
+        match i.guests.iter().find(|g| g.uuid == uuid) {
+            None => {
+                item.action = "gone".into();
+                item.detail = if *cleaned > 0 { "removed by an earlier cleanup".into() } else { format!("not defined on {}", i.host) };
+            }
+            Some(g) => {
+                item.managed_save = g.managed_save;
+                let st = GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified);
+                let running = matches!(st, GuestState::Running | GuestState::Paused | GuestState::Blocked);
+                item.state = format!("{st:?}").to_lowercase();
+                if g.name != m.name {
+                    item.action = "refuse-renamed".into();
+                    item.detail = format!("UUID {uuid} is named '{}' on {}, not '{}' as the move record says; not touching it", g.name, i.host, m.name);
+                    running_refused.push(item.detail.clone());
+                } else if running && !i.destroy_running {
+                    item.action = "refuse-running".into();
+                    item.detail = format!("{} is RUNNING on {} although it was moved to {}", m.name, i.host, m.target);
+                    running_refused.push(item.detail.clone());
+                } else if running {
+                    item.action = "destroy-and-remove".into();
+                    item.detail = format!("--destroy-running: destroy the stale copy, then undefine (disks untouched); it runs on {}", m.target);
+                } else {
+                    item.action = "remove".into();
+                    item.detail = format!(
+                        "disable autostart{}, undefine with NVRAM, snapshot and checkpoint metadata; disks untouched; it now lives on {}",
+                        if g.managed_save { ", remove the managed-save image" } else { "" },
+                        m.target
+                    );
+                }
+            }
+        }
+        p.items.push(item);
+    }
+    p.preconditions.push(check(
+        "no stale copy running",
+        running_refused.is_empty(),
+        if running_refused.is_empty() { "no moved guest runs on this host".to_string() } else { running_refused.join("; ") },
+        "find out why it runs (split brain?); `lifeboat cleanup HOST --destroy-running` destroys the stale copies first",
+    ));
+    finish(p)
+}
+
+fn finish(mut p: CleanupPlan) -> CleanupPlan {
+    let todo = p.items.iter().filter(|i| matches!(i.action.as_str(), "remove" | "destroy-and-remove")).count();
+    let pre_ok = p.preconditions.iter().all(|c| c.ok);
+    p.executable = pre_ok && todo > 0;
+    p.summary = if !pre_ok {
+        format!("refused: {}", p.preconditions.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "))
+    } else if todo == 0 {
+        format!("nothing to clean on {}", p.host)
+    } else {
+        format!("{todo} stale definition(s) to remove from {}", p.host)
+    };
+    let mut h = Sha256::new();
+    for i in &p.items {
+        h.update(format!("{}|{}|{}\0", i.uuid, i.action, i.state).as_bytes());
+    }
+    p.plan_id = h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect();
+    p
+}
+
+fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInput, ControllerError> {
+    let views = reg.host_views();
+    let view = views.iter().find(|h| h.id == host);
+    let moves = reg.db(|s| s.moves_from(host))?;
+    let owners = reg.db(|s| s.owners())?.into_iter().map(|o| (o.uuid, o.host)).collect();
+    let active_job = reg.db(|s| s.active_jobs())?.into_iter().find(|j| j.source == host).map(|j| j.id);
+    Ok(CleanupInput {
+        host: host.into(),
+        host_known: view.is_some(),
+        moves,
+        owners,
+        guests: view.map(|v| v.guests.clone()).unwrap_or_default(),
+        connected: reg.has_session(host),
+        active_job,
+        destroy_running,
+    })
+}
+
+/// Plans a cleanup (no side effects).
+pub fn cleanup_plan(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupPlan, ControllerError> {
+    Ok(plan_cleanup(&input(reg, host, destroy_running)?))
+}
+
+fn refusal(p: &CleanupPlan, what: &str) -> ControllerError {
+    let failed: Vec<String> = p
+        .preconditions
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("  - {}: {}{}", c.name, c.detail, if c.remedy.is_empty() { String::new() } else { format!("\n    what to do: {}", c.remedy) }))
+        .collect();
+    ControllerError::Refused(format!("{what} refused; nothing was changed. Failed checks:\n{}", failed.join("\n")))
+}
+
+/// Carries out a cleanup.
+pub async fn cleanup(reg: &Registry, host: &str, destroy_running: bool, plan_id: &str, operator: &str) -> Result<CleanupPlan, ControllerError> {
+    let mut p = cleanup_plan(reg, host, destroy_running)?;
+    if !p.preconditions.iter().all(|c| c.ok) {
+        if p.preconditions.iter().any(|c| c.name == "no stale copy running" && !c.ok) {
+            let detail = p.preconditions.iter().find(|c| c.name == "no stale copy running").map(|c| c.detail.clone()).unwrap_or_default();
+            reg.raise_alarm(host, "stale-copy-running", &detail)?;
+        }
+        return Err(refusal(&p, &format!("cleanup of {host}")));
+    }
+    if !plan_id.is_empty() && plan_id != p.plan_id {
+        return Err(ControllerError::Refused(format!(
+            "the cleanup plan changed since it was made (reviewed {plan_id}, now {}); nothing was changed",
+            p.plan_id
+        )));
+    }
+    if !p.executable {
+        return Ok(p);
+    }
+    reg.db(|s| {
+        s.audit(&AuditRow {
+            actor: operator.into(),
+            action: "cleanup.requested".into(),
+            host: host.into(),
+            detail: format!("plan {}: {}", p.plan_id, p.summary),
+            ..Default::default()
+        })
+    })?;
+    let jobs: BTreeMap<String, String> = p.items.iter().map(|i| (i.uuid.clone(), i.job.clone())).collect();
+    for item in p.items.iter_mut().filter(|i| matches!(i.action.as_str(), "remove" | "destroy-and-remove")) {
+        let cmd = CleanupGuest { uuid: item.uuid.clone(), name: item.name.clone(), destroy_running: item.action == "destroy-and-remove" };
+        let r = reg.call(host, Kind::CleanupGuest(cmd), Duration::from_secs(60)).await;
+        match r {
+            Ok(r) if r.ok => {
+                let a = AuditRow {
+                    actor: operator.into(),
+                    action: "cleanup.removed".into(),
+                    host: host.into(),
+                    vm: item.name.clone(),
+                    job: jobs.get(&item.uuid).cloned().unwrap_or_default(),
+                    detail: format!("undefined stale {} ({}) on {host} ({}); it lives on {}; storage untouched", item.name, item.uuid, r.outcome, item.moved_to),
+                    ..Default::default()
+                };
+                reg.db(|s| s.mark_cleaned(&item.job, &item.uuid, &a))?;
+                item.action = "removed".into();
+                info!(%host, guest = %item.name, "stale definition removed");
+            }
+            Ok(r) => {
+                item.action = "failed".into();
+                item.detail = r.error;
+            }
+            Err(e) => {
+                item.action = "failed".into();
+                item.detail = e.to_string();
+            }
+        }
+        if item.action == "failed" {
+            let _ = reg.db(|s| {
+                s.audit(&AuditRow {
+                    actor: operator.into(),
+                    action: "cleanup.failed".into(),
+                    host: host.into(),
+                    vm: item.name.clone(),
+                    detail: item.detail.clone(),
+                    ..Default::default()
+                })
+            });
+        }
+    }
+    let removed = p.items.iter().filter(|i| i.action == "removed").count();
+    let failed = p.items.iter().filter(|i| i.action == "failed").count();
+    p.summary = format!("removed {removed} stale definition(s) from {host}{}", if failed > 0 { format!(", {failed} failed") } else { String::new() });
+    Ok(p)
+}
+
+/// Changes a host's status, with the runbook's checks.
+pub async fn set_status(
+    reg: &Registry,
+    engine: &Engine,
+    host: &str,
+    status: &str,
+    reason: &str,
+    attest: bool,
+    operator: &str,
+) -> Result<(), ControllerError> {
+    let to: HostStatus = status.parse().map_err(ControllerError::InvalidArgument)?;
+    let rec = reg.get_host(host)?;
+    let id = rec.info.as_ref().map(|i| i.host_id.clone()).unwrap_or_else(|| host.to_string());
+    let from: HostStatus = rec.status.parse().unwrap_or(HostStatus::Available);
+    if from == to {
+        return Ok(());
+    }
+    match to {
+        HostStatus::Offline => {
+            let req = MigrateRequest {
+                source: id.clone(),
+                attest_powered_off: attest,
+                attest_reason: reason.to_string(),
+                ..Default::default()
+            };
+            let p = engine.plan(&req).await?;
+            let failed: Vec<&Check> =
+                p.preconditions.iter().filter(|c| (c.name == "source silent" || c.name == "source powered off") && !c.ok).collect();
+            if !failed.is_empty() {
+                let lines: Vec<String> = failed.iter().map(|c| format!("  - {}: {}\n    what to do: {}", c.name, c.detail, c.remedy)).collect();
+                return Err(ControllerError::Refused(format!(
+                    "declaring {id} OFFLINE refused (the same checks as a forced migration); nothing was changed:\n{}",
+                    lines.join("\n")
+                )));
+            }
+        }
+        HostStatus::Available | HostStatus::NotAccepting => {
+            if rec.stale_definitions > 0 {
+                return Err(ControllerError::Refused(format!(
+                    "{id} still holds {} definition(s) of guests moved away from it; run `lifeboat cleanup {id}` first (the runbook: cleanup, NOT_ACCEPTING, test, AVAILABLE)",
+                    rec.stale_definitions
+                )));
+            }
+            if from == HostStatus::Offline && rec.liveness != "REACHABLE" {
+                return Err(ControllerError::Refused(format!("{id} is OFFLINE and not back yet; power it on and wait until it is REACHABLE")));
+            }
+        }
+        HostStatus::Maintenance => {}
+    }
+    reg.set_status(&id, to, reason, operator)?;
+    if matches!(to, HostStatus::Available | HostStatus::NotAccepting) {
+        for kind in ["split-brain", "stale-copy-running"] {
+            let n = reg.db(|s| s.clear_alarms(&id, kind))?;
+            if n > 0 {
+                reg.reload_alarms()?;
+                reg.db(|s| {
+                    s.audit(&AuditRow {
+                        actor: operator.into(),
+                        action: "alarm.cleared".into(),
+                        host: id.clone(),
+                        detail: format!("{n} {kind} alarm(s) cleared as {id} went back into service"),
+                        ..Default::default()
+                    })
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mv(uuid: &str, name: &str) -> (MoveRow, i64) {
+        (
+            MoveRow {
+                job_id: "j".into(),
+                uuid: uuid.into(),
+                name: name.into(),
+                source: "a".into(),
+                target: "b".into(),
+                generation: 1,
+                state: "RUNNING".into(),
+                start: true,
+                definition_xml: String::new(),
+                error: String::new(),
+                priority: 0,
+                updated_ms: 0,
+            },
+            0,
+        )
+    }
+
+    fn g(uuid: &str, name: &str, running: bool) -> Guest {
+        Guest {
+            uuid: uuid.into(),
+            name: name.into(),
+            state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
+            ..Default::default()
+        }
+    }
+
+    fn input() -> CleanupInput {
+        CleanupInput {
+            host: "a".into(),
+            host_known: true,
+            moves: vec![mv("1", "vm1"), mv("2", "vm2")],
+            owners: [("1", "b"), ("2", "b")].iter().map(|(u, h)| (u.to_string(), h.to_string())).collect(),
+            guests: vec![g("1", "vm1", false), g("2", "vm2", false), g("9", "other", true)],
+            connected: true,
+            active_job: None,
+            destroy_running: false,
+        }
+    }
+
+    #[test]
+    fn removes_only_what_move_records_name() {
+        let p = plan_cleanup(&input());
+        assert!(p.executable);
+        let names: Vec<_> = p.items.iter().map(|i| (i.name.as_str(), i.action.as_str())).collect();
+        assert_eq!(names, [("vm1", "remove"), ("vm2", "remove")], "'other' is not touched");
+    }
+
+    #[test]
+    fn a_running_stale_copy_refuses_unless_told() {
+        let mut i = input();
+        i.guests[0] = g("1", "vm1", true);
+        let p = plan_cleanup(&i);
+        assert!(!p.executable);
+        assert!(p.preconditions.iter().any(|c| c.name == "no stale copy running" && !c.ok && c.remedy.contains("--destroy-running")));
+        i.destroy_running = true;
+        let p = plan_cleanup(&i);
+        assert!(p.executable);
+        assert_eq!(p.items[0].action, "destroy-and-remove");
+    }
+
+    #[test]
+    fn nothing_to_do_and_no_records_are_told_apart() {
+        let mut i = input();
+        i.guests.retain(|g| g.uuid == "9");
+        let p = plan_cleanup(&i);
+        assert!(!p.executable && p.preconditions.iter().all(|c| c.ok));
+        assert!(p.summary.contains("nothing to clean"));
+        i.moves.clear();
+        let p = plan_cleanup(&i);
+        assert!(p.preconditions.iter().any(|c| !c.ok && c.detail.contains("no move records")));
+        let mut i = input();
+        i.connected = false;
+        assert!(!plan_cleanup(&i).executable);
+        let mut i = input();
+        i.guests[1] = g("2", "renamed", false);
+        let p = plan_cleanup(&i);
+        assert!(!p.executable, "a UUID with another name is not removed");
+    }
+}

@@ -1,0 +1,252 @@
+//! The level-triggered reconciler: every pass compares what each connected
+//! host reports with what Lifeboat wants, and acts on the differences:
+//! renew start leases for the guests a host owns, stop a copy of a guest
+//! that runs on a host that does not own it, and after a normal reboot start
+//! the guests that should run (this replaces libvirt autostart).
+//! [`decide`] is pure; [`run`] carries the actions out.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeboat_proto::v1::{GrantLeases, Guest, GuestState, Lease, StartGuest, StopGuest, command::Kind};
+use tracing::{info, warn};
+
+use crate::model::HostStatus;
+use crate::registry::Registry;
+use crate::store::AuditRow;
+
+/// What the reconciler sees of one connected host.
+#[derive(Debug, Clone)]
+pub struct HostSnapshot {
+    /// Host id.
+    pub host: String,
+    /// Operators' status.
+    pub status: HostStatus,
+    /// An inventory arrived in this session.
+    pub inventory_seen: bool,
+    /// Came back from a normal reboot; guests that should run are not started yet.
+    pub pending_boot_start: bool,
+    /// When leases were last sent this session, and for which guests.
+    pub leases_sent: Option<(i64, Vec<String>)>,
+    /// Guests the host reports.
+    pub guests: Vec<Guest>,
+    /// Recorded owner per reported guest.
+    pub owners: BTreeMap<String, String>,
+    /// Desired state per guest this host owns.
+    pub desired: BTreeMap<String, String>,
+}
+
+/// One thing to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send the host the leases of the guests it owns.
+    GrantLeases {
+        /// Host.
+        host: String,
+        /// (uuid, name).
+        leases: Vec<(String, String)>,
+    },
+    /// A guest runs on a host that does not own it: stop it, raise an alarm.
+    StopStale {
+        /// Host running the stale copy.
+        host: String,
+        /// Guest.
+        uuid: String,
+        /// Name.
+        name: String,
+        /// Recorded owner.
+        owner: String,
+    },
+    /// After a normal reboot: start a guest that should run.
+    StartForBoot {
+        /// Host.
+        host: String,
+        /// Guest.
+        uuid: String,
+        /// Name.
+        name: String,
+    },
+    /// The boot start is decided (started what should run, or nothing to do).
+    BootStartDone {
+        /// Host.
+        host: String,
+    },
+}
+
+fn running(g: &Guest) -> bool {
+    matches!(GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified), GuestState::Running | GuestState::Paused | GuestState::Blocked)
+}
+
+/// Decides what to do for one host. Pure.
+pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
+    let mut out = Vec::new();
+    let owned: Vec<&Guest> = s.guests.iter().filter(|g| s.owners.get(&g.uuid).is_none_or(|o| o == &s.host)).collect();
+    for g in s.guests.iter().filter(|g| running(g)) {
+        if let Some(o) = s.owners.get(&g.uuid).filter(|o| *o != &s.host) {
+            out.push(Action::StopStale { host: s.host.clone(), uuid: g.uuid.clone(), name: g.name.clone(), owner: o.clone() });
+        }
+    }
+    if s.status == HostStatus::Offline || !s.inventory_seen {
+        return out;
+    }
+    let mut uuids: Vec<String> = owned.iter().map(|g| g.uuid.clone()).collect();
+    uuids.sort();
+    let due = match &s.leases_sent {
+        None => true,
+        Some((at, set)) => now_ms - at >= lease_ttl_ms / 3 || set != &uuids,
+    };
+    if due {
+        out.push(Action::GrantLeases { host: s.host.clone(), leases: owned.iter().map(|g| (g.uuid.clone(), g.name.clone())).collect() });
+    }
+    if s.pending_boot_start && s.leases_sent.is_some() {
+        if matches!(s.status, HostStatus::Available | HostStatus::NotAccepting) {
+            for g in &owned {
+                let want_running = s.desired.get(&g.uuid).is_some_and(|d| d == "running");
+                if want_running && !running(g) {
+                    out.push(Action::StartForBoot { host: s.host.clone(), uuid: g.uuid.clone(), name: g.name.clone() });
+                }
+            }
+        }
+        out.push(Action::BootStartDone { host: s.host.clone() });
+    }
+    out
+}
+
+fn audit(action: &str, host: &str, vm: &str, detail: String) -> AuditRow {
+    AuditRow { actor: "controller".into(), action: action.into(), host: host.into(), vm: vm.into(), detail, ..Default::default() }
+}
+
+/// Runs the reconciler forever: a pass every 500 ms.
+pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let now = crate::now_ms();
+        for snap in reg.reconcile_view() {
+            let actions = decide(&snap, now, lease_ttl_ms);
+            if actions.is_empty() {
+                continue;
+            }
+            let reg = reg.clone();
+            // Each host's actions run in order; hosts do not wait for each other.
+            tokio::spawn(async move {
+                for a in actions {
+                    act(&reg, a, lease_ttl_ms).await;
+                }
+            });
+        }
+    }
+}
+
+async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
+    let timeout = Duration::from_secs(20);
+    match a {
+        Action::GrantLeases { host, leases } => {
+            let now = crate::now_ms();
+            let uuids = {
+                let mut u: Vec<String> = leases.iter().map(|l| l.0.clone()).collect();
+                u.sort();
+                u
+            };
+            // Mark first, so the next pass does not send the same again meanwhile.
+            reg.leases_sent(&host, now, uuids);
+            let cmd = GrantLeases {
+                leases: leases.into_iter().map(|(uuid, name)| Lease { uuid, name, generation: 0 }).collect(),
+                expires_unix_ms: now + lease_ttl_ms,
+            };
+            match reg.call(&host, Kind::GrantLeases(cmd), timeout).await {
+                Ok(r) if r.ok => {}
+                Ok(r) => warn!(%host, "granting leases failed: {}", r.error),
+                Err(e) => warn!(%host, "granting leases failed: {e}"),
+            }
+        }
+        Action::StopStale { host, uuid, name, owner } => {
+            let detail = format!("{name} ({uuid}) is running on {host}, but Lifeboat recorded {owner} as its owner: stopping the copy on {host}");
+            let _ = reg.raise_alarm(&host, "stale-copy-running", &detail);
+            let r = reg.call(&host, Kind::StopGuest(StopGuest { uuid: uuid.clone(), reason: detail.clone() }), timeout).await;
+            let outcome = match r {
+                Ok(r) if r.ok => format!("stopped ({})", r.outcome),
+                Ok(r) => format!("stop failed: {}", r.error),
+                Err(e) => format!("stop failed: {e}"),
+            };
+            warn!(%host, guest = %name, "stale copy: {outcome}");
+            let _ = reg.db(|s| s.audit(&audit("guest.stopped_stale", &host, &name, format!("{detail}: {outcome}"))));
+        }
+        Action::StartForBoot { host, uuid, name } => {
+            let r = reg.call(&host, Kind::StartGuest(StartGuest { uuid: uuid.clone() }), timeout).await;
+            let outcome = match r {
+                Ok(r) if r.ok => format!("started ({})", r.outcome),
+                Ok(r) => format!("start failed: {}", r.error),
+                Err(e) => format!("start failed: {e}"),
+            };
+            info!(%host, guest = %name, "after reboot: {outcome}");
+            let _ = reg.db(|s| {
+                s.audit(&audit("guest.boot_start", &host, &name, format!("{host} rebooted; {name} ({uuid}) should run: {outcome}")))
+            });
+        }
+        Action::BootStartDone { host } => reg.boot_start_done(&host),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(uuid: &str, running: bool) -> Guest {
+        Guest {
+            uuid: uuid.into(),
+            name: format!("vm-{uuid}"),
+            state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
+            ..Default::default()
+        }
+    }
+
+    fn snap() -> HostSnapshot {
+        HostSnapshot {
+            host: "a".into(),
+            status: HostStatus::Available,
+            inventory_seen: true,
+            pending_boot_start: false,
+            leases_sent: None,
+            guests: vec![g("1", true), g("2", false), g("3", true)],
+            owners: [("1", "a"), ("2", "a"), ("3", "b")].iter().map(|(u, h)| (u.to_string(), h.to_string())).collect(),
+            desired: [("1", "running"), ("2", "running")].iter().map(|(u, d)| (u.to_string(), d.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn leases_cover_owned_guests_only_and_are_renewed() {
+        let a = decide(&snap(), 1000, 30_000);
+        assert!(a.contains(&Action::StopStale { host: "a".into(), uuid: "3".into(), name: "vm-3".into(), owner: "b".into() }));
+        let leases = a.iter().find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None }).unwrap();
+        assert_eq!(leases.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["1", "2"]);
+        let mut s = snap();
+        s.leases_sent = Some((1000, vec!["1".into(), "2".into()]));
+        assert!(!decide(&s, 5000, 30_000).iter().any(|x| matches!(x, Action::GrantLeases { .. })));
+        assert!(decide(&s, 11_001, 30_000).iter().any(|x| matches!(x, Action::GrantLeases { .. })), "renewed at a third of the TTL");
+    }
+
+    #[test]
+    fn a_rebooted_host_starts_what_should_run_after_its_leases() {
+        let mut s = snap();
+        s.pending_boot_start = true;
+        assert!(!decide(&s, 1, 30_000).iter().any(|x| matches!(x, Action::StartForBoot { .. })), "leases first");
+        s.leases_sent = Some((1, vec!["1".into(), "2".into()]));
+        let a = decide(&s, 2, 30_000);
+        assert_eq!(
+            a.iter().filter(|x| matches!(x, Action::StartForBoot { .. })).collect::<Vec<_>>(),
+            [&Action::StartForBoot { host: "a".into(), uuid: "2".into(), name: "vm-2".into() }]
+        );
+        assert!(a.contains(&Action::BootStartDone { host: "a".into() }));
+        s.status = HostStatus::Maintenance;
+        assert!(!decide(&s, 2, 30_000).iter().any(|x| matches!(x, Action::StartForBoot { .. })), "quarantine starts nothing");
+    }
+
+    #[test]
+    fn an_offline_host_gets_no_leases() {
+        let mut s = snap();
+        s.status = HostStatus::Offline;
+        assert!(!decide(&s, 1, 30_000).iter().any(|x| matches!(x, Action::GrantLeases { .. })));
+    }
+}
