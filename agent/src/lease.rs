@@ -114,23 +114,28 @@ pub enum Verdict {
 /// libvirt's qemu hook operations (docs: libvirt.org/hooks.html).
 const KNOWN_OPS: [&str; 9] = ["prepare", "start", "started", "stopped", "release", "migrate", "restore", "reconnect", "attach"];
 
-/// Decides whether libvirt may go on. `args` are the hook's arguments
-/// (GUEST OPERATION SUB-OPERATION EXTRA), `xml` its standard input.
-pub fn guard(args: &[String], xml: &str, state_dir: &Path, host: &str, now_ms: i64) -> Verdict {
+/// Checks the hook's arguments are what libvirt sends; `Some(message)` if not.
+pub fn check_call(args: &[String]) -> Option<String> {
     if args.len() != 4 {
-        return Verdict::BadCall(format!(
+        return Some(format!(
             "lifeboat guard: expected 4 arguments (GUEST OPERATION SUB-OPERATION EXTRA, as libvirt's qemu hook gets them), got {}: {:?}",
             args.len(),
             args
         ));
     }
-    let (guest, op, sub) = (&args[0], args[1].as_str(), args[2].as_str());
-    if !KNOWN_OPS.contains(&op) {
-        return Verdict::BadCall(format!(
-            "lifeboat guard: unknown hook operation '{op}' (libvirt sends {})",
-            KNOWN_OPS.join(", ")
-        ));
+    if !KNOWN_OPS.contains(&args[1].as_str()) {
+        return Some(format!("lifeboat guard: unknown hook operation '{}' (libvirt sends {})", args[1], KNOWN_OPS.join(", ")));
     }
+    None
+}
+
+/// Decides whether libvirt may go on. `args` are the hook's arguments
+/// (GUEST OPERATION SUB-OPERATION EXTRA), `xml` its standard input.
+pub fn guard(args: &[String], xml: &str, state_dir: &Path, host: &str, now_ms: i64) -> Verdict {
+    if let Some(m) = check_call(args) {
+        return Verdict::BadCall(m);
+    }
+    let (guest, op, sub) = (&args[0], args[1].as_str(), args[2].as_str());
     // Only what makes a guest run on this host is guarded.
     let guarded = matches!((op, sub), ("prepare", "begin") | ("migrate", "begin") | ("restore", "begin"));
     if !guarded {

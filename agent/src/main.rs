@@ -34,8 +34,12 @@ enum Cmd {
 }
 
 fn guard(config: &std::path::Path, args: Vec<String>) -> ExitCode {
-    use lifeboat_agent::lease::{Verdict, guard};
+    use lifeboat_agent::lease::{Verdict, check_call, guard};
     use std::io::Read;
+    if let Some(m) = check_call(&args) {
+        eprintln!("{m}");
+        return ExitCode::from(2);
+    }
     let mut xml = String::new();
     let guarded = matches!(args.get(1).map(String::as_str), Some("prepare" | "migrate" | "restore"));
     if guarded {

@@ -50,6 +50,8 @@ enum Cmd {
     Certs(CertsCmd),
     /// Recreate a failed host's guests on other hosts (needs --force).
     Migrate(migrate::MigrateArgs),
+    /// Move guests off a running host: stop, redefine on the target, start, undefine on the source.
+    Move(migrate::MoveArgs),
     /// Remove from a returned host the stale definitions of guests moved away from it.
     Cleanup {
         /// The returned host.
@@ -241,6 +243,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Alarms { all } => migrate::alarms(&mut cli.conn.admin().await?, all, fmt).await,
         Cmd::Migrate(a) => migrate::migrate(&mut cli.conn.admin().await?, a, fmt).await,
+        Cmd::Move(a) => migrate::migrate(&mut cli.conn.admin().await?, a.into(), fmt).await,
         Cmd::Jobs(JobsCmd::List { host }) => migrate::jobs_list(&mut cli.conn.admin().await?, host, fmt).await,
         Cmd::Jobs(JobsCmd::Show { id }) => migrate::jobs_show(&mut cli.conn.admin().await?, id, fmt).await,
         Cmd::Jobs(JobsCmd::Watch { id }) => migrate::jobs_watch(&mut cli.conn.admin().await?, id, fmt).await,

@@ -54,6 +54,58 @@ pub struct MigrateArgs {
     /// Return after starting the job instead of following it.
     #[arg(long)]
     no_wait: bool,
+    #[arg(skip)]
+    planned_move: bool,
+}
+
+/// Arguments of `lifeboat move`: a planned cold move off a running host.
+#[derive(Args, Debug)]
+pub struct MoveArgs {
+    /// The guest to move (name or UUID; repeat for several).
+    #[arg(long = "vm", value_name = "NAME", required = true)]
+    vms: Vec<String>,
+    /// The host it is on now (connected).
+    #[arg(long, value_name = "HOST")]
+    from: String,
+    /// The host to move it to (AVAILABLE, or NOT_ACCEPTING to test it).
+    #[arg(long, value_name = "HOST")]
+    to: String,
+    /// Define it on the target but leave it stopped.
+    #[arg(long)]
+    no_start: bool,
+    /// Only print the plan (the default when neither --yes nor --plan-id is given).
+    #[arg(long, conflicts_with_all = ["yes", "plan_id"])]
+    plan: bool,
+    /// Plan and carry it out at once.
+    #[arg(long, conflicts_with = "plan_id")]
+    yes: bool,
+    /// Carry out the plan with this id, refusing if anything changed since.
+    #[arg(long, value_name = "ID")]
+    plan_id: Option<String>,
+    /// Return after starting the job instead of following it.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+impl From<MoveArgs> for MigrateArgs {
+    fn from(m: MoveArgs) -> Self {
+        MigrateArgs {
+            force: true,
+            from: m.from,
+            to: Some(m.to),
+            vms: m.vms,
+            fence: false,
+            attest_powered_off: false,
+            reason: None,
+            no_start: m.no_start,
+            parallel: None,
+            plan: m.plan,
+            yes: m.yes,
+            plan_id: m.plan_id,
+            no_wait: m.no_wait,
+            planned_move: true,
+        }
+    }
 }
 
 fn request(a: &MigrateArgs) -> MigrateRequest {
@@ -68,6 +120,7 @@ fn request(a: &MigrateArgs) -> MigrateRequest {
         parallel: a.parallel.unwrap_or(0),
         plan_id: a.plan_id.clone().unwrap_or_default(),
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
+        planned_move: a.planned_move,
     }
 }
 
@@ -79,7 +132,8 @@ fn print_plan(fmt: Format, p: &MigrationPlan) {
     if fmt == Format::Json {
         return json(p);
     }
-    println!("Forced migration plan {} for host {}", p.plan_id, p.source);
+    let kind = if p.power_evidence == "stopped-by-agent" { "Move" } else { "Forced migration" };
+    println!("{kind} plan {} for host {}", p.plan_id, p.source);
     println!("\nPreconditions:");
     for c in &p.preconditions {
         println!("  [{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
@@ -195,6 +249,8 @@ pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) 
         return Err(CliError::Usage(format!("--to {} is the failed host itself; name another host", a.from)));
     }
     let mut req = request(&a);
+    let again = if a.planned_move { "lifeboat move" } else { "lifeboat migrate --force" };
+    let _ = again;
     if a.plan_id.is_none() {
         let p = c.plan_migration(req.clone()).await.map_err(CliError::from_status)?.into_inner();
         if !a.yes {

@@ -56,6 +56,7 @@ pub async fn serve(
         &cfg.bmc,
         cfg.force_grace_ms,
         cfg.host_memory_reserve_mib * 1024,
+        i64::from(cfg.lease_ttl_ms),
     )?;
     let resumed = engine.resume_all()?;
     if resumed > 0 {

@@ -176,3 +176,64 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     c.stop().await;
     let _ = Path::new("");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_move_stops_first_then_redefines_and_undefines_on_the_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(&dir.join("pki"));
+    let disk = dir.join("m1.img");
+    std::fs::write(&disk, b"").unwrap();
+    let b = node(&[domain("m-1", "44444444-0000-4000-8000-000000000001", &disk.display().to_string(), "52:54:00:00:04:01", 1)]);
+    std::fs::write(dir.join("b.xml"), b).unwrap();
+    std::fs::write(dir.join("c.xml"), node(&[])).unwrap();
+    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000").await;
+    let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
+    let ab = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
+    let ac = Agent::start(&agent_config("host-c", &uri("c"), &c.url(), &pki.agent("host-c"), ""));
+    let mut op = c.admin(&pki.client("olga", Role::Operator)).await;
+    let req = MigrateRequest {
+        source: "host-b".into(),
+        target: "host-c".into(),
+        vms: vec!["m-1".into()],
+        planned_move: true,
+        ..Default::default()
+    };
+    let (p, _) = wait_for(Duration::from_secs(10), "move plan executable", || {
+        let mut op = op.clone();
+        let req = req.clone();
+        async move { op.plan_migration(req).await.ok().map(|p| p.into_inner()).filter(|p| p.executable) }
+    })
+    .await;
+    let mut go = req.clone();
+    go.plan_id = p.plan_id;
+    let job = op.start_migration(go).await.unwrap().into_inner();
+    assert_eq!(job.kind, "move");
+    let (done, _) = wait_for(Duration::from_secs(20), "move done", || {
+        let mut op = op.clone();
+        let id = job.id.clone();
+        async move {
+            let j = op.get_job(GetJobRequest { id }).await.ok()?.into_inner();
+            ["SUCCEEDED", "PARTIAL", "FAILED"].contains(&j.state.as_str()).then_some(j)
+        }
+    })
+    .await;
+    assert_eq!(done.state, "SUCCEEDED", "{done:?}");
+    let (guests, _) = wait_for(Duration::from_secs(5), "source definition removed", || {
+        let mut op = op.clone();
+        async move {
+            let g = op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests;
+            (g.len() == 1).then_some(g)
+        }
+    })
+    .await;
+    assert_eq!(guests[0].host_id, "host-c");
+    assert_eq!(guests[0].guest.as_ref().unwrap().state, GuestState::Running as i32);
+    let log = op.list_audit(ListAuditRequest { job: job.id.clone(), ..Default::default() }).await.unwrap().into_inner().entries;
+    let pos = |a: &str| log.iter().position(|e| e.action == a).unwrap_or_else(|| panic!("{a} in {log:?}"));
+    assert!(pos("guest.stopped_for_move") < pos("guest.defined"), "stopped on the source before defined on the target");
+    assert!(pos("guest.running") < pos("cleanup.removed"));
+    ab.stop().await;
+    ac.stop().await;
+    c.stop().await;
+}

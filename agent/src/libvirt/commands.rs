@@ -272,7 +272,13 @@ impl ActorState {
             | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
             | sys::VIR_DOMAIN_UNDEFINE_NVRAM;
         if let Err(e) = dom.undefine_flags(flags) {
-            return fail(id, format!("undefining '{}' failed: {}", g.name, e.message()));
+            // Drivers without NVRAM/checkpoint support reject those flags; without
+            // them libvirt still refuses to undefine a guest that has NVRAM or
+            // checkpoints, so retrying cannot leave anything half-removed.
+            let basic = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+            if !e.message().contains("unsupported flags") || dom.undefine_flags(basic).is_err() {
+                return fail(id, format!("undefining '{}' failed: {}", g.name, e.message()));
+            }
         }
         info!(uuid = %g.uuid, name = %g.name, "stale definition removed (storage untouched)");
         self.known.remove(&g.uuid);

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lifeboat_proto::v1::{
-    CheckPaths, DefineGuest, JobRecord, MigrateRequest, MigrationPlan, MoveRecord, StartGuest, command::Kind,
+    CheckPaths, CleanupGuest, DefineGuest, GrantLeases, JobRecord, Lease, MigrateRequest, MigrationPlan, MoveRecord,
+    StartGuest, StopGuest, command::Kind,
 };
 use prost::Message;
 use tokio::sync::{Semaphore, broadcast};
@@ -34,6 +35,7 @@ pub struct Engine {
     fencers: BTreeMap<String, Arc<Fencer>>,
     grace_ms: u64,
     memory_reserve_kib: u64,
+    lease_ttl_ms: i64,
     changes: broadcast::Sender<String>,
     call_timeout: Duration,
 }
@@ -57,13 +59,14 @@ impl Engine {
         bmc: &BTreeMap<String, BmcConfig>,
         grace_ms: u64,
         memory_reserve_kib: u64,
+        lease_ttl_ms: i64,
     ) -> Result<Arc<Self>, FenceConfigError> {
         let mut fencers = BTreeMap::new();
         for (host, cfg) in bmc {
             fencers.insert(host.clone(), Arc::new(Fencer::new(host, cfg)?));
         }
         let (changes, _) = broadcast::channel(1024);
-        Ok(Arc::new(Engine { reg, fencers, grace_ms, memory_reserve_kib, changes, call_timeout: Duration::from_secs(60) }))
+        Ok(Arc::new(Engine { reg, fencers, grace_ms, memory_reserve_kib, lease_ttl_ms, changes, call_timeout: Duration::from_secs(60) }))
     }
 
     /// Job ids are sent here whenever a job or one of its moves changes.
@@ -147,7 +150,8 @@ impl Engine {
                 .map(|c| format!("  - {}: {}{}", c.name, c.detail, if c.remedy.is_empty() { String::new() } else { format!("\n    what to do: {}", c.remedy) }))
                 .collect();
             return Err(ControllerError::Refused(format!(
-                "forced migration of {} refused; nothing was changed. Failed checks:\n{}",
+                "{} of {} refused; nothing was changed. Failed checks:\n{}",
+                if req.planned_move { "move" } else { "forced migration" },
                 req.source,
                 failed.join("\n")
             )));
@@ -202,7 +206,7 @@ impl Engine {
         let parallel = if req.parallel == 0 { DEFAULT_PARALLEL } else { req.parallel.min(64) };
         let job = JobRow {
             id: id.clone(),
-            kind: "migrate".into(),
+            kind: if req.planned_move { "move".into() } else { "migrate".into() },
             source: req.source.clone(),
             state: JobState::Created.as_str().into(),
             operator: operator.into(),
@@ -301,9 +305,10 @@ impl Engine {
                         let me = self.clone();
                         let sem = sem.clone();
                         let operator = job.operator.clone();
+                        let planned = job.kind == "move";
                         async move {
                             let _permit = sem.acquire().await;
-                            me.run_move(m, &operator).await
+                            me.run_move(m, &operator, planned).await
                         }
                     });
                     for r in futures::future::join_all(tasks).await {
@@ -337,9 +342,47 @@ impl Engine {
         Ok(())
     }
 
+    /// A planned move: the connected source's agent stops each guest, and
+    /// the source's leases are re-sent without them, before anything is
+    /// defined elsewhere. Check-then-act: a stopped guest stays stopped.
+    async fn stop_on_source(&self, job: &JobRow) -> Result<Result<(), String>, StoreError> {
+        let moves = self.reg.db(|s| s.moves(&job.id))?;
+        let moving: Vec<String> = moves.iter().map(|m| m.uuid.clone()).collect();
+        for m in &moves {
+            let r = self.reg.call(&job.source, Kind::StopGuest(StopGuest { uuid: m.uuid.clone(), reason: format!("planned move to {} (job {})", m.target, job.id) }), self.call_timeout).await;
+            match r {
+                Ok(r) if r.ok => {
+                    self.reg.db(|s| s.audit(&audit("controller", "guest.stopped_for_move", &job.source, &m.name, &job.id, format!("{} stopped on {} ({})", m.name, job.source, r.outcome))))?;
+                }
+                Ok(r) => return Ok(Err(format!("stopping {} on {} failed: {}", m.name, job.source, r.error))),
+                Err(e) => return Ok(Err(format!("stopping {} on {} failed: {e}", m.name, job.source))),
+            }
+        }
+        let keep: Vec<Lease> = self
+            .reg
+            .host_views()
+            .into_iter()
+            .find(|h| h.id == job.source)
+            .map(|h| h.guests)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|g| !moving.contains(&g.uuid))
+            .map(|g| Lease { uuid: g.uuid, name: g.name, generation: 0 })
+            .collect();
+        let grant = GrantLeases { leases: keep, expires_unix_ms: crate::now_ms() + self.lease_ttl_ms };
+        match self.reg.call(&job.source, Kind::GrantLeases(grant), self.call_timeout).await {
+            Ok(r) if r.ok => Ok(Ok(())),
+            Ok(r) => Ok(Err(format!("revoking the moved guests' leases on {} failed: {}", job.source, r.error))),
+            Err(e) => Ok(Err(format!("revoking the moved guests' leases on {} failed: {e}", job.source))),
+        }
+    }
+
     /// Proves the source is off. Check-then-act: reads first, powers off
     /// only if it does not read Off.
     async fn fence(&self, job: &JobRow) -> Result<Result<(), String>, StoreError> {
+        if job.kind == "move" {
+            return self.stop_on_source(job).await;
+        }
         if self.reg.is_reachable(&job.source) {
             return Ok(Err(format!("{} is talking to the controller again: a host that talks is alive", job.source)));
         }
@@ -433,7 +476,7 @@ impl Engine {
         }
     }
 
-    async fn run_move(&self, mut m: MoveRow, operator: &str) -> Result<(), StoreError> {
+    async fn run_move(&self, mut m: MoveRow, operator: &str, planned: bool) -> Result<(), StoreError> {
         let _ = operator;
         loop {
             let state: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
@@ -441,7 +484,7 @@ impl Engine {
             let a = move |action: &str, detail: String| Some(audit("controller", action, &t, &n, &j, detail));
             match state {
                 MoveState::Pending => {
-                    if self.reg.is_reachable(&m.source) {
+                    if !planned && self.reg.is_reachable(&m.source) {
                         let msg = format!("{} is talking to the controller again; not defining {} elsewhere", m.source, m.name);
                         self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                         continue;
@@ -495,6 +538,23 @@ impl Engine {
                         self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                     }
                 },
+                MoveState::Running | MoveState::DefinedStopped if planned => {
+                    // The source is alive: remove its now stale definition right away.
+                    let cmd = CleanupGuest { uuid: m.uuid.clone(), name: m.name.clone(), destroy_running: false };
+                    let detail = match self.reg.call(&m.source, Kind::CleanupGuest(cmd), self.call_timeout).await {
+                        Ok(r) if r.ok => format!("undefined {} on {} ({}); storage untouched", m.name, m.source, r.outcome),
+                        Ok(r) => format!("undefining {} on {} failed: {}; run `lifeboat cleanup {}`", m.name, m.source, r.error, m.source),
+                        Err(e) => format!("undefining {} on {} failed: {e}; run `lifeboat cleanup {}`", m.name, m.source, m.source),
+                    };
+                    let ok = detail.starts_with("undefined");
+                    let row = audit("controller", if ok { "cleanup.removed" } else { "cleanup.failed" }, &m.source, &m.name, &m.job_id, detail.clone());
+                    if ok {
+                        self.reg.db(|s| s.mark_cleaned(&m.job_id, &m.uuid, &row))?;
+                    } else {
+                        self.reg.db(|s| s.audit(&row))?;
+                    }
+                    return Ok(());
+                }
                 MoveState::Running | MoveState::DefinedStopped | MoveState::Failed => return Ok(()),
             }
         }

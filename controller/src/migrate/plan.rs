@@ -183,6 +183,27 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         }
     }
 
+    if req.planned_move {
+        pre.push(check(
+            "source connected",
+            source.silent_ms.is_none(),
+            if source.silent_ms.is_none() { format!("{} is connected: its agent will stop each guest first", source.id) } else { format!("{} is not connected", source.id) },
+            "a planned move needs the source's agent; for a failed host use `lifeboat migrate --force`",
+        ));
+        pre.push(check(
+            "guests named",
+            !req.vms.is_empty(),
+            if req.vms.is_empty() { "no guest named".to_string() } else { format!("{} guest(s) named", req.vms.len()) },
+            "name the guests to move with --vm",
+        ));
+        pre.push(check(
+            "target named",
+            !req.target.is_empty(),
+            if req.target.is_empty() { "no target named".to_string() } else { format!("to {}", req.target) },
+            "name the target with --to",
+        ));
+        out.power_evidence = "stopped-by-agent".into();
+    }
     // The source must be silent: a host still talking to us is alive.
     let silent = match source.silent_ms {
         None => check(
@@ -204,12 +225,13 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             "",
         ),
     };
-    pre.push(silent);
-
-    // Power evidence.
-    let (power_check, evidence) = power_check(req, &input.power, &source.id);
-    pre.push(power_check);
-    out.power_evidence = evidence;
+    if !req.planned_move {
+        pre.push(silent);
+        // Power evidence.
+        let (power_check, evidence) = power_check(req, &input.power, &source.id);
+        pre.push(power_check);
+        out.power_evidence = evidence;
+    }
 
     pre.push(match &input.active_job {
         Some(j) => check(
@@ -492,7 +514,7 @@ pub fn plan_id(p: &MigrationPlan, req: &MigrateRequest) -> String {
     put(&p.source);
     put(&p.power_evidence);
     put(&req.target);
-    put(&format!("{}{}{}{}", req.fence, req.attest_powered_off, req.no_start, req.parallel));
+    put(&format!("{}{}{}{}{}", req.fence, req.attest_powered_off, req.no_start, req.parallel, req.planned_move));
     for c in &p.preconditions {
         put(&c.name);
         put(if c.ok { "ok" } else { "fail" });
@@ -675,6 +697,21 @@ mod tests {
         h.guests.push(guest("y", "uy", "/s/y.img", false));
         assert_eq!(available_memory_kib(&h, 100 * 1024), (1000 - 32 - 100) * 1024);
         assert_eq!(available_memory_kib(&h, 2000 * 1024), 0);
+    }
+
+    #[test]
+    fn a_planned_move_needs_a_connected_source_a_guest_and_a_target() {
+        let mut i = input();
+        i.req = MigrateRequest { source: "a".into(), planned_move: true, ..Default::default() };
+        assert!(!plan(&i).executable, "source silent, nothing named");
+        i.hosts[0] = host("a", None, 1000);
+        i.req.vms = vec!["g1".into()];
+        i.req.target = "b".into();
+        let p = plan(&i);
+        assert!(p.executable, "{:?}", p.preconditions);
+        assert_eq!(p.power_evidence, "stopped-by-agent");
+        assert_eq!(p.guests.len(), 1);
+        assert_eq!(p.guests[0].target, "b");
     }
 
     #[test]
