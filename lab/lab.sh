@@ -3,7 +3,9 @@
 #
 # Each host = a network namespace (lb-host-X) + a PID/mount/UTS namespace whose init is tini,
 # with its own libvirtd, its own Lifeboat agent and tiny real qemu guests. A controller runs in
-# its own network namespace (lb-ctl). All namespaces meet on a bridge in namespace lb-br.
+# its own network namespace (lb-ctl). Every host has a Redfish BMC (sushy-emulator, fake driver)
+# in namespace lb-bmc, whose power changes power the host off/on. All namespaces meet on a
+# bridge in namespace lb-br.
 # See docs/lab.md for the layout, every subcommand and how faults are injected.
 set -euo pipefail
 
@@ -24,6 +26,19 @@ CTL_NS=lb-ctl
 GUEST_BRIDGE=lbguest0
 LOCK_FILE=/run/lifeboat-lab.lock
 CLIENT_ROLES=(admin operator viewer)
+# BMCs: one sushy-emulator per host in namespace lb-bmc (10.77.0.3), host N (0-based) on port 8001+N
+BMC_NS=lb-bmc
+BMC_IP=$NET_PREFIX.3
+BMC_PORT_BASE=8001
+BMC_LISTENER_PORT=8100
+# the controller's forced-migration grace and start-lease TTL in the lab (grace > lease TTL)
+FORCE_GRACE_MS=${LAB_FORCE_GRACE_MS:-5000}
+LEASE_TTL_MS=${LAB_LEASE_TTL_MS:-4000}
+LAB_VENV=$(realpath -m "${LAB_VENV:-/opt/lifeboat-lab/venv}")
+SUSHY_BIN=$LAB_VENV/bin/sushy-emulator
+VENV_PY=$LAB_VENV/bin/python
+BMC_LISTENER=$REPO_DIR/lab/bmc/notify-listener.py
+BMC_AUTH=$REPO_DIR/lab/bmc/auth.py
 
 PKI_DIR=$LAB_DIR/pki
 SHARED_DIR=$LAB_DIR/shared
@@ -33,6 +48,7 @@ CTL_DB=$CTL_DIR/controller.db
 CTL_LOG=$CTL_DIR/controller.log
 STATE_FILE=$LAB_DIR/lab.env
 GUESTS_FILE=$LAB_DIR/guests.tsv
+BMC_DIR=$LAB_DIR/bmc
 # Warmed qemu capabilities cache, kept across `down`/`up` (copied into every host at boot).
 CAPS_CACHE=$LAB_DIR/qemu-caps-cache
 
@@ -197,9 +213,21 @@ host_init_pid() {
 host_is_on() { host_init_pid "$1" >/dev/null; }
 host_pidns() { cat "$(host_dir "$1")/pidns" 2>/dev/null; }
 host_pids() {
-  local ns
+  local ns o
   ns=$(host_pidns "$1") || return 0
-  [ -n "$ns" ] && pids_in_pidns "$ns"
+  [ -n "$ns" ] || return 0
+  # The kernel recycles namespace ids: the id recorded for a host that is off may by now be the
+  # namespace of a host booted later. Never take a running host's namespace for another's.
+  for o in "${HOSTS[@]}"; do
+    if [ "$o" != "$1" ] && [ "$(host_pidns "$o")" = "$ns" ] && host_is_on "$o"; then return 0; fi
+  done
+  pids_in_pidns "$ns"
+  return 0
+}
+# an off host whose processes are all gone forgets its namespace id (see host_pids)
+host_forget_pidns() {
+  host_is_on "$1" && return 0
+  [ -z "$(host_pids "$1")" ] && rm -f "$(host_dir "$1")/pidns"
   return 0
 }
 # proc_is PID NAME: the process runs program NAME (argv[0]'s basename, or the script run by
@@ -251,6 +279,18 @@ EOF
   cat >"$hd/etc-libvirt/libvirt.conf" <<'EOF'
 uri_default = "qemu:///system"
 EOF
+  # Lifeboat's start guard: libvirt runs this before every start, incoming migration and
+  # restore (it must exist when libvirtd starts). Without the agent binary: no guard.
+  if [ -x "$AGENT_BIN" ]; then
+    cat >"$hd/etc-libvirt/hooks/qemu" <<EOF
+#!/bin/sh
+# Written by lab/lab.sh: Lifeboat's start guard (docs/return.md).
+exec $AGENT_BIN --config /etc/lifeboat/agent.toml guard "\$@"
+EOF
+    chmod 755 "$hd/etc-libvirt/hooks/qemu"
+  else
+    rm -f "$hd/etc-libvirt/hooks/qemu"
+  fi
 }
 
 write_agent_conf() {
@@ -300,12 +340,29 @@ listen = "0.0.0.0:$CTL_PORT"
 database = "$CTL_DB"
 heartbeat_interval_ms = 1000
 unreachable_after_ms = 3000
+force_grace_ms = $FORCE_GRACE_MS
+lease_ttl_ms = $LEASE_TTL_MS
 
 [tls]
 ca = "$PKI_DIR/ca.pem"
 cert = "$PKI_DIR/controller.pem"
 key = "$PKI_DIR/controller.key"
 EOF
+  bmc_enabled || return 0
+  local h
+  for h in "${HOSTS[@]}"; do
+    cat >>"$CTL_CONFIG" <<EOF
+
+[bmc.$h]
+driver = "redfish"
+url = "$(bmc_url "$h")"
+system_id = "$(bmc_system_id "$h")"
+credentials_file = "$BMC_DIR/$h.cred"
+ca = "$BMC_DIR/ca.pem"
+power_off_timeout_s = 30
+poll_interval_ms = 500
+EOF
+  done
 }
 
 # ---- networking -----------------------------------------------------------------------------
@@ -422,6 +479,247 @@ controller_stop() {
     term_then_kill 10 $pids
     log "controller stopped"
   fi
+}
+
+# ---- BMCs -----------------------------------------------------------------------------------
+# One sushy-emulator (Redfish, fake driver) per host, all in network namespace lb-bmc
+# (10.77.0.3), host N on port 8001+N, HTTPS with the lab's BMC CA ($BMC_DIR/ca.pem), basic auth
+# with per-host credentials. Each emulator's one system ("HOST", power On at `up`) notifies
+# lab/bmc/notify-listener.py of its changes; the listener powers the host off/on. A fault the lab
+# injects into a host (host-kill) never reaches its BMC. NEVER read a BMC (an HTTP GET of the
+# system) while holding the lab lock: the read may apply a pending power change whose listener
+# runs `lab.sh host-kill`, which waits for the lock.
+bmc_available() { [ -x "$SUSHY_BIN" ] && [ -x "$VENV_PY" ] && command -v openssl >/dev/null && command -v curl >/dev/null; }
+bmc_enabled() { [ -f "$BMC_DIR/enabled" ]; }
+require_bmc() {
+  require_host "${1:-}"
+  bmc_enabled || die "this lab has no BMCs (the sushy-tools venv $LAB_VENV was missing at 'lab.sh up', or --no-bmc)"
+}
+bmc_port() { local i; i=$(host_index "$1"); echo $((BMC_PORT_BASE + i)); }
+bmc_url() { echo "https://$BMC_IP:$(bmc_port "$1")"; }
+bmc_system_id() { cat "$BMC_DIR/$1.system_id"; }
+bmc_system_url() { echo "$(bmc_url "$1")/redfish/v1/Systems/$(bmc_system_id "$1")"; }
+
+# the lab's BMC CA and one server certificate for 10.77.0.3 (all emulators share it)
+bmc_make_certs() {
+  local d=$BMC_DIR
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+    -keyout "$d/ca.key" -out "$d/ca.pem" -subj "/O=Lifeboat lab/CN=Lifeboat lab BMC CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    2>/dev/null || die "openssl: cannot make the BMC CA in $d"
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$d/bmc.key" -out "$d/bmc.csr" -subj "/O=Lifeboat lab/CN=lab-bmc" \
+    2>/dev/null || die "openssl: cannot make the BMC key in $d"
+  printf '%s\n' "subjectAltName=IP:$BMC_IP,IP:127.0.0.1,DNS:lab-bmc" "basicConstraints=critical,CA:FALSE" \
+    "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
+    "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid" >"$d/bmc.ext"
+  openssl x509 -req -in "$d/bmc.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 825 \
+    -extfile "$d/bmc.ext" -out "$d/bmc.pem" 2>/dev/null || die "openssl: cannot sign the BMC certificate in $d"
+  chmod 600 "$d/ca.key" "$d/bmc.key"
+  rm -f "$d/bmc.csr" "$d/ca.srl"
+}
+
+# sushy-emulator's config (Python) for HOST's BMC
+write_bmc_conf() {
+  local h=$1 disable=False
+  [ -f "$BMC_DIR/$h.no-poweroff" ] && disable=True
+  cat >"$BMC_DIR/$h.conf" <<EOF
+# Written by lab/lab.sh: the lab BMC of $h (sushy-emulator, fake driver).
+SUSHY_EMULATOR_LISTEN_IP = '$BMC_IP'
+SUSHY_EMULATOR_LISTEN_PORT = $(bmc_port "$h")
+SUSHY_EMULATOR_SSL_CERT = '$BMC_DIR/bmc.pem'
+SUSHY_EMULATOR_SSL_KEY = '$BMC_DIR/bmc.key'
+SUSHY_EMULATOR_AUTH_FILE = '$BMC_DIR/$h.htpasswd'
+SUSHY_EMULATOR_STATE_DIR = '$BMC_DIR/$h.state'
+SUSHY_EMULATOR_FAKE_DRIVER = True
+SUSHY_EMULATOR_DISABLE_POWER_OFF = $disable
+SUSHY_EMULATOR_FAKE_SYSTEMS = [{
+    'uuid': '$(bmc_system_id "$h")',
+    'name': '$h',
+    'power_state': 'On',
+    'external_notifier': True,
+    'nics': [{'mac': '52:54:00:77:00:$(printf '%02x' $((11 + $(host_index "$h"))))', 'ip': '$(host_ip "$h")'}],
+}]
+EXTERNAL_NOTIFICATION_URL = 'http://127.0.0.1:$BMC_LISTENER_PORT/$h'
+EOF
+}
+
+# Everything the BMCs need on disk: CA + certificate, per-host system id, credentials, configs.
+bmc_prepare() {
+  local h
+  rm -rf "$BMC_DIR"
+  mkdir -p "$BMC_DIR"
+  chmod 700 "$BMC_DIR"
+  bmc_make_certs
+  for h in "${HOSTS[@]}"; do
+    cat /proc/sys/kernel/random/uuid >"$BMC_DIR/$h.system_id"
+    mkdir -p "$BMC_DIR/$h.state"
+  done
+  "$VENV_PY" "$BMC_AUTH" init "$BMC_DIR" "${HOSTS[@]}" || die "cannot write the BMC credentials ($BMC_AUTH)"
+  for h in "${HOSTS[@]}"; do write_bmc_conf "$h"; done
+  touch "$BMC_DIR/enabled"
+}
+
+# pids of HOST's emulator (in lb-bmc, started with its config file)
+bmc_pids() {
+  local p conf=$BMC_DIR/$1.conf
+  for p in $(pids_in_netns "$BMC_NS"); do
+    grep -qzxF -- "$conf" "/proc/$p/cmdline" 2>/dev/null && echo "$p"
+  done
+  return 0
+}
+bmc_listening() {
+  [ -n "$(ip netns exec "$BMC_NS" ss -Hltn "sport = :$(bmc_port "$1")" 2>/dev/null)" ]
+}
+# start HOST's emulator without waiting
+bmc_launch() {
+  local h=$1
+  [ -n "$(bmc_pids "$h")" ] && return 0
+  printf '\n==== lab: BMC start %s ====\n' "$(date -Is)" >>"$BMC_DIR/$h.log"
+  (
+    exec setsid ip netns exec "$BMC_NS" "$SUSHY_BIN" --config "$BMC_DIR/$h.conf"
+  ) </dev/null >>"$BMC_DIR/$h.log" 2>&1 9>&- &
+}
+# wait until HOST's emulator listens
+bmc_wait() {
+  local h=$1 t0 why=""
+  t0=$(now_ms)
+  until bmc_listening "$h"; do
+    if [ "$(($(now_ms) - t0))" -ge 20000 ]; then
+      why="does not listen on $(bmc_url "$h") after 20 s"
+    elif [ "$(($(now_ms) - t0))" -ge 2000 ] && [ -z "$(bmc_pids "$h")" ]; then
+      why="exited at start"
+    fi
+    if [ -n "$why" ]; then
+      tail -n 20 "$BMC_DIR/$h.log" >&2 || true
+      die "$h: its BMC (sushy-emulator) $why (log: $BMC_DIR/$h.log)"
+    fi
+    sleep 0.05
+  done
+}
+bmc_start() {
+  local h=$1
+  if [ -n "$(bmc_pids "$h")" ]; then log "$h: BMC already running"; return 0; fi
+  netns_exists "$BMC_NS" || die "network namespace $BMC_NS is missing (lab.sh up)"
+  bmc_launch "$h"
+  bmc_wait "$h"
+  log "$h: BMC listening on $(bmc_url "$h")"
+}
+bmc_stop() {
+  local h=$1 pids
+  pids=$(bmc_pids "$h" | paste -sd' ' -)
+  if [ -z "$pids" ]; then log "$h: BMC not running"; return 0; fi
+  # shellcheck disable=SC2086
+  term_then_kill 5 $pids
+  log "$h: BMC stopped"
+}
+
+# the power-change listener: a process of the root namespaces, its socket in lb-bmc
+# (any checkout's listener: there is one lab per machine)
+listener_pids() {
+  local p
+  local -a args
+  for p in $(grep -lzF -- /lab/bmc/notify-listener.py /proc/[0-9]*/cmdline 2>/dev/null | sed 's#/proc/\([0-9]*\)/cmdline#\1#'); do
+    { mapfile -d '' -n 2 args <"/proc/$p/cmdline"; } 2>/dev/null || continue
+    [ "${#args[@]}" -ge 2 ] && [ "${args[1]##*/lab/bmc/}" = notify-listener.py ] || continue
+    proc_running "$p" && echo "$p"
+  done
+  return 0
+}
+listener_start() {
+  [ -n "$(listener_pids)" ] && return 0
+  (
+    exec setsid "$VENV_PY" "$BMC_LISTENER" --netns "$BMC_NS" --port "$BMC_LISTENER_PORT" \
+      --lab-dir "$LAB_DIR" --lab-sh "$LAB_SH"
+  ) </dev/null >>"$BMC_DIR/listener.log" 2>&1 9>&- &
+}
+listener_wait() {
+  local deadline
+  deadline=$(($(now_ms) + 10000))
+  until [ -n "$(ip netns exec "$BMC_NS" ss -Hltn "sport = :$BMC_LISTENER_PORT" 2>/dev/null)" ]; do
+    [ "$(now_ms)" -ge "$deadline" ] && { tail -n 20 "$BMC_DIR/listener.log" >&2 || true; die "the BMC power listener does not listen (log: $BMC_DIR/listener.log)"; }
+    sleep 0.05
+  done
+}
+# kill the listener and whatever lab.sh it is running (its process group)
+listener_stop() {
+  local p pids=""
+  for p in $(listener_pids); do
+    kill -KILL -- "-$p" 2>/dev/null || kill -KILL "$p" 2>/dev/null || true
+    pids="$pids $p"
+  done
+  # shellcheck disable=SC2086
+  if [ -n "${pids// /}" ]; then wait_gone 10 $pids || die "the BMC listener ($pids) survives SIGKILL"; fi
+  return 0
+}
+
+# curl against HOST's BMC with its configured credentials, from the controller's namespace
+bmc_curl() {
+  local h=$1 user pass
+  shift
+  user=$(sed -n 's/^username = "\(.*\)"$/\1/p' "$BMC_DIR/$h.cred")
+  pass=$(sed -n 's/^password = "\(.*\)"$/\1/p' "$BMC_DIR/$h.cred")
+  # credentials through --config on stdin: never on a command line
+  printf 'user = "%s:%s"\n' "$user" "$pass" |
+    ip netns exec "$CTL_NS" curl -sS --config - --cacert "$BMC_DIR/ca.pem" \
+      --connect-timeout 5 --max-time 10 "$@"
+}
+# prints On, Off or unknown (the reason on stderr). Reads the system: never under the lock.
+bmc_state() {
+  local h=$1 out code body ps
+  if ! out=$(bmc_curl "$h" -w '\n%{http_code}' "$(bmc_system_url "$h")" 2>&1); then
+    log "$h: BMC $(bmc_url "$h") unreachable: $(grep -m1 '^curl:' <<<"$out" || echo "curl failed")"
+    echo unknown
+    return 0
+  fi
+  code=$(tail -n 1 <<<"$out")
+  body=$(sed '$d' <<<"$out")
+  if [ "$code" != 200 ]; then
+    log "$h: BMC answered HTTP $code: $(tr -s ' \n' ' ' <<<"$body" | cut -c1-200)"
+    echo unknown
+    return 0
+  fi
+  ps=$(sed -n 's/.*"PowerState": *"\([A-Za-z]*\)".*/\1/p' <<<"$body" | head -n 1)
+  case $ps in
+    On | Off) echo "$ps" ;;
+    PoweringOn | PoweringOff) echo On ;;
+    *) log "$h: BMC answered without a usable PowerState ('$ps')"; echo unknown ;;
+  esac
+}
+# bmc_power HOST on|off [--no-wait]: Reset On / ForceOff, then read until it shows (30 s)
+bmc_power() {
+  local h=$1 want reset out code deadline st
+  case $2 in
+    on) want=On reset=On ;;
+    off) want=Off reset=ForceOff ;;
+    *) usage_die "lab.sh bmc-power HOST on|off [--no-wait]" ;;
+  esac
+  out=$(bmc_curl "$h" -w '\n%{http_code}' -H 'Content-Type: application/json' \
+    -d "{\"ResetType\": \"$reset\"}" "$(bmc_system_url "$h")/Actions/ComputerSystem.Reset" 2>&1) || {
+    echo unknown
+    die "$h: BMC $(bmc_url "$h") unreachable: $(grep -m1 '^curl:' <<<"$out" || echo "curl failed")"
+  }
+  code=$(tail -n 1 <<<"$out")
+  case $code in
+    2??) log "$h: BMC accepted $reset (HTTP $code)" ;;
+    *)
+      # refused (400/409 may also mean "already so"): only a read tells
+      st=$(bmc_state "$h")
+      echo "$st"
+      [ "$st" = "$want" ] && { log "$h: BMC answered HTTP $code to $reset, and reads $st"; return 0; }
+      die "$h: BMC refused $reset (HTTP $code: $(sed '$d' <<<"$out" | tr -s ' \n' ' ' | sed -n 's/.*"message": *"\([^"]*\)".*/\1/p'))"
+      ;;
+  esac
+  if [ "${3:-}" = --no-wait ]; then return 0; fi
+  # the fake driver applies the change 1-11 s later, and only when the system is read
+  deadline=$(($(now_ms) + 30000))
+  while :; do
+    st=$(bmc_state "$h")
+    [ "$st" = "$want" ] && break
+    [ "$(now_ms)" -ge "$deadline" ] && { echo "$st"; die "$h: BMC still reads $st 30 s after $reset"; }
+    sleep 0.3
+  done
+  echo "$st"
 }
 
 # ---- host power -----------------------------------------------------------------------------
@@ -574,6 +872,7 @@ host_reap_leftovers() {
     # shellcheck disable=SC2086
     wait_gone 10 $pids || die "$h: processes $pids survive SIGKILL"
   fi
+  host_forget_pidns "$h"
 }
 
 host_kill() {
@@ -593,6 +892,7 @@ host_kill() {
     if [ "$(now_ms)" -ge "$deadline" ]; then host_reap_leftovers "$h"; break; fi
     sleep 0.02
   done
+  host_forget_pidns "$h"
   log "$h powered off (killed)"
 }
 
@@ -729,6 +1029,8 @@ lab_down() {
   local ns p pids h t0
   t0=$(now_ms)
   load_state
+  # 0. the BMC power listener first (with any lab.sh it runs): nothing may boot a host any more
+  listener_stop
   # 1. power every host off (SIGKILL to each PID namespace init)
   for h in "${HOSTS[@]}"; do
     if p=$(host_init_pid "$h"); then kill -KILL "$p" 2>/dev/null || true; fi
@@ -768,15 +1070,17 @@ lab_down() {
 }
 
 lab_up() {
-  local nhosts=3 nguests=2 with_lifeboat=1
+  local nhosts=3 nguests=2 with_lifeboat=1 with_bmc=1
+  local up_usage="lab.sh up [--hosts N] [--guests N] [--no-lifeboat] [--no-bmc]"
   while [ $# -gt 0 ]; do
     case $1 in
-      --hosts) [ $# -ge 2 ] || usage_die "lab.sh up [--hosts N] [--guests N] [--no-lifeboat]"; nhosts=$2; shift 2 ;;
+      --hosts) [ $# -ge 2 ] || usage_die "$up_usage"; nhosts=$2; shift 2 ;;
       --hosts=*) nhosts=${1#*=}; shift ;;
-      --guests) [ $# -ge 2 ] || usage_die "lab.sh up [--hosts N] [--guests N] [--no-lifeboat]"; nguests=$2; shift 2 ;;
+      --guests) [ $# -ge 2 ] || usage_die "$up_usage"; nguests=$2; shift 2 ;;
       --guests=*) nguests=${1#*=}; shift ;;
       --no-lifeboat) with_lifeboat=0; shift ;;
-      *) usage_die "lab.sh up [--hosts N] [--guests N] [--no-lifeboat]   (unknown: $1)" ;;
+      --no-bmc) with_bmc=0; shift ;;
+      *) usage_die "$up_usage   (unknown: $1)" ;;
     esac
   done
   [[ "$nhosts" =~ ^[0-9]+$ ]] && [ "$nhosts" -ge 1 ] && [ "$nhosts" -le 26 ] || die "--hosts must be 1..26"
@@ -813,6 +1117,18 @@ EOF
   setup_bridge_ns
   attach_ns "$CTL_NS" ve-ctl "$CTL_IP"
   for h in "${HOSTS[@]}"; do setup_host_net "$h"; done
+
+  # BMCs: files now (the controller's config names them), emulators start in the background
+  if [ "$with_bmc" = 0 ]; then
+    log "--no-bmc: no BMCs"
+  elif bmc_available; then
+    attach_ns "$BMC_NS" ve-bmc "$BMC_IP"
+    bmc_prepare
+    listener_start
+    for h in "${HOSTS[@]}"; do bmc_launch "$h"; done
+  else
+    warn "NO BMCs: sushy-tools is not installed in $LAB_VENV (or openssl/curl is missing): the lab runs without out-of-band power control, so the controller cannot fence any host. Install it: sudo scripts/install-deps.sh"
+  fi
 
   # certificates, controller
   local have_cli=0
@@ -865,6 +1181,11 @@ EOF
   done
   for j in "${jobs[@]}"; do wait "$j" || fail=1; done
   [ "$fail" = 0 ] || die "defining/starting guests failed (see above)"
+  if bmc_enabled; then
+    listener_wait
+    for h in "${HOSTS[@]}"; do bmc_wait "$h"; done
+    log "${#HOSTS[@]} BMCs listening on $BMC_IP:$BMC_PORT_BASE.. ($(($(now_ms) - t0)) ms)"
+  fi
   log "lab up in $(($(now_ms) - t0)) ms: ${#HOSTS[@]} hosts, $((nguests * ${#HOSTS[@]})) guests"
   print_guests
 }
@@ -930,6 +1251,21 @@ EOF
     echo "CLIENT_${r^^}_KEY=$PKI_DIR/client-$r.key"
   done
   echo "HOSTS=$(IFS=,; echo "${HOSTS[*]}")"
+  if bmc_enabled; then
+    cat <<EOF
+BMC_ENABLED=1
+BMC_NETNS=$BMC_NS
+BMC_IP=$BMC_IP
+BMC_DIR=$BMC_DIR
+BMC_CA=$BMC_DIR/ca.pem
+BMC_LISTENER_LOG=$BMC_DIR/listener.log
+LAB_VENV=$LAB_VENV
+FORCE_GRACE_MS=$FORCE_GRACE_MS
+LEASE_TTL_MS=$LEASE_TTL_MS
+EOF
+  else
+    echo "BMC_ENABLED=0"
+  fi
   for h in "${HOSTS[@]}"; do
     V=$(host_var "$h")
     hd=$(host_dir "$h")
@@ -950,6 +1286,16 @@ ${V}_AUTOSTART_DIR=$hd/etc-libvirt/qemu/autostart
 ${V}_LOCAL_DISK_DIR=$hd/var-lib-libvirt/images
 ${V}_BOOT_LOG=$hd/boot.log
 EOF
+    if bmc_enabled; then
+      cat <<EOF
+${V}_BMC_URL=$(bmc_url "$h")
+${V}_BMC_PORT=$(bmc_port "$h")
+${V}_BMC_SYSTEM_ID=$(bmc_system_id "$h")
+${V}_BMC_SYSTEM_URL=$(bmc_system_url "$h")
+${V}_BMC_CRED=$BMC_DIR/$h.cred
+${V}_BMC_LOG=$BMC_DIR/$h.log
+EOF
+    fi
   done
 }
 
@@ -984,7 +1330,8 @@ usage() {
 usage: lab/lab.sh COMMAND [ARGS...]        (root; env LAB_DIR, LIFEBOAT_BIN_DIR)
 
 lab:
-  up [--hosts N] [--guests N] [--no-lifeboat]   (re)create the lab (default 3 hosts, 2 guests each)
+  up [--hosts N] [--guests N] [--no-lifeboat] [--no-bmc]
+                                     (re)create the lab (default 3 hosts, 2 guests each, a BMC each)
   down [--purge]                     kill everything, delete the namespaces (--purge: and LAB_DIR)
   status                             one line per host + controller
   paths                              KEY=VALUE lines of the lab's paths
@@ -997,6 +1344,13 @@ faults:
   controller-stop | controller-start | controller-kill
   controller-partition | controller-heal
   libvirtd-stop HOST | libvirtd-kill HOST | libvirtd-start HOST
+BMCs (Redfish, sushy-emulator in netns lb-bmc; a BMC power change powers the host off/on):
+  bmc-state HOST                     On | Off | unknown (read through the BMC, from lb-ctl)
+  bmc-power HOST on|off [--no-wait]  Reset On / ForceOff through the BMC, wait until it reads so
+  bmc-status                         per host: BMC running|stopped, power-off and auth faults
+  bmc-stop HOST | bmc-start HOST     the BMC is unreachable / back (its power state is kept)
+  bmc-break-auth HOST | bmc-fix-auth HOST             the configured password is wrong / right
+  bmc-disable-poweroff HOST | bmc-enable-poweroff HOST  ForceOff refused (HTTP 400) / allowed
 guests and tools:
   define-guest HOST NAME [--no-start] [--no-autostart] [--local-disk]
   copies UUID                        running qemu processes of that guest on all hosts
@@ -1133,6 +1487,58 @@ case $CMD in
       done
     fi
     log "controller $([ $updown = down ] && echo partitioned from all hosts || echo healed)"
+    ;;
+  bmc-state)
+    need_root; require_bmc "${1:-}"
+    bmc_state "$1"
+    ;;
+  bmc-power)
+    # no lock: the reads apply the change, and the listener then runs lab.sh host-kill/host-boot
+    need_root; require_bmc "${1:-}"
+    [ $# -ge 2 ] || usage_die "lab.sh bmc-power HOST on|off [--no-wait]"
+    bmc_power "$1" "$2" "${3:-}"
+    ;;
+  bmc-status)
+    need_root; require_lab
+    bmc_enabled || { echo "no BMCs"; exit 0; }
+    for h in "${HOSTS[@]}"; do
+      if [ -n "$(bmc_pids "$h")" ]; then st=running; else st=stopped; fi
+      po=enabled; [ -f "$BMC_DIR/$h.no-poweroff" ] && po=disabled
+      au=ok; [ -f "$BMC_DIR/$h.auth-broken" ] && au=broken
+      echo "$h $st url=$(bmc_url "$h") poweroff=$po auth=$au"
+    done
+    if [ -n "$(listener_pids)" ]; then echo "listener running"; else echo "listener stopped"; fi
+    ;;
+  bmc-stop) need_root; require_bmc "${1:-}"; take_lock; bmc_stop "$1" ;;
+  bmc-start) need_root; require_bmc "${1:-}"; take_lock; bmc_start "$1" ;;
+  bmc-break-auth | bmc-fix-auth)
+    need_root; require_bmc "${1:-}"; take_lock
+    if [ "$CMD" = bmc-break-auth ]; then
+      "$VENV_PY" "$BMC_AUTH" break "$BMC_DIR" "$1" || die "$1: cannot rewrite $BMC_DIR/$1.htpasswd"
+      touch "$BMC_DIR/$1.auth-broken"
+      log "$1: its BMC now rejects the password in $BMC_DIR/$1.cred (HTTP 401)"
+    else
+      "$VENV_PY" "$BMC_AUTH" fix "$BMC_DIR" "$1" || die "$1: cannot rewrite $BMC_DIR/$1.htpasswd"
+      rm -f "$BMC_DIR/$1.auth-broken"
+      log "$1: its BMC accepts the password in $BMC_DIR/$1.cred again"
+    fi
+    ;;
+  bmc-disable-poweroff | bmc-enable-poweroff)
+    need_root; require_bmc "${1:-}"; take_lock
+    if [ "$CMD" = bmc-disable-poweroff ]; then touch "$BMC_DIR/$1.no-poweroff"; else rm -f "$BMC_DIR/$1.no-poweroff"; fi
+    write_bmc_conf "$1"
+    if [ -n "$(bmc_pids "$1")" ]; then
+      bmc_stop "$1"
+      bmc_start "$1"
+      note=""
+    else
+      note=" (its BMC is stopped: it applies at bmc-start)"
+    fi
+    if [ "$CMD" = bmc-disable-poweroff ]; then
+      log "$1: BMC power off DISABLED: ForceOff answers HTTP 400$note"
+    else
+      log "$1: BMC power off enabled$note"
+    fi
     ;;
   controller-start) need_root; require_lab; take_lock; controller_start ;;
   controller-stop) need_root; require_lab; take_lock; controller_stop TERM ;;

@@ -38,6 +38,34 @@ step "lifeboat vms list"
 lab/lab.sh cli vms list
 step "lifeboat log --host host-a   (the action log)"
 lab/lab.sh cli log --host host-a
+step "host-a is repaired: power it on through its BMC"
+lab/lab.sh bmc-power host-a on
+for _ in $(seq 120); do
+  lab/lab.sh cli hosts show host-a -o json | grep -q '"liveness": "REACHABLE"' && break
+  sleep 0.5
+done
+sleep 2
+lab/lab.sh cli hosts show host-a
+step "the moved guests did not start on host-a (libvirt autostart was refused by Lifeboat's start guard)"
+lab/lab.sh virsh host-a list --all
+moved=$(lab/lab.sh cli vms list --host host-a -o json | python3 -c 'import json,sys; g=[x["name"] for x in json.load(sys.stdin) if x["owner_host"]!="host-a"]; print(g[0] if g else "")')
+if [ -n "$moved" ]; then
+  step "a hand-typed virsh start $moved on host-a is refused too"
+  lab/lab.sh virsh host-a start "$moved" || true
+fi
+step "lifeboat cleanup host-a --plan ; --yes"
+lab/lab.sh cli cleanup host-a --plan
+lab/lab.sh cli cleanup host-a --yes
+step "lifeboat hosts set-status host-a NOT_ACCEPTING; test it with one guest; AVAILABLE"
+lab/lab.sh cli hosts set-status host-a NOT_ACCEPTING --reason "repaired, testing" >/dev/null
+vm=$(lab/lab.sh cli vms list --host host-b -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["name"])')
+lab/lab.sh cli move --vm "$vm" --from host-b --to host-a --yes
+lab/lab.sh cli hosts set-status host-a AVAILABLE --reason "tested with $vm"
+step "lifeboat hosts list ; vms list"
+lab/lab.sh cli hosts list
+lab/lab.sh cli vms list
+step "lifeboat log --host host-a"
+lab/lab.sh cli log --host host-a
 cat <<'MSG'
 
 The lab keeps running. Try:

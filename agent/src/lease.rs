@@ -44,10 +44,11 @@ fn valid_uuid(u: &str) -> bool {
     u.len() == 36 && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
 }
 
-/// Writes the granted set: every listed lease renewed; every other lease
-/// file set to expired (kept, so the guest stays "managed" and is refused).
-/// Returns the UUIDs newly leased (never leased before on this host).
-pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile]) -> std::io::Result<Vec<String>> {
+/// Writes the granted set: every listed lease renewed; unless `merge`,
+/// every other lease file is set to expired (kept, so the guest stays
+/// "managed" and is refused). Returns the UUIDs newly leased (never leased
+/// before on this host).
+pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile], merge: bool) -> std::io::Result<Vec<String>> {
     let d = dir(state_dir);
     std::fs::create_dir_all(&d)?;
     let mut fresh = Vec::new();
@@ -61,6 +62,9 @@ pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile]) -> std::io::Res
             fresh.push(l.uuid.clone());
         }
         write_atomic(&p, &serde_json::to_vec(l).expect("serialisable"))?;
+    }
+    if merge {
+        return Ok(fresh);
     }
     for e in std::fs::read_dir(&d)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -218,14 +222,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = d.path();
         assert_eq!(guard(&args("prepare", "begin"), &xml(None), s, "h", 1000), Verdict::Allow, "never leased: unmanaged");
-        apply(s, "h", &[lease("h", 1, 5000)]).unwrap();
+        apply(s, "h", &[lease("h", 1, 5000)], false).unwrap();
         assert_eq!(guard(&args("prepare", "begin"), &xml(None), s, "h", 1000), Verdict::Allow);
         let Verdict::Refuse(m) = guard(&args("prepare", "begin"), &xml(None), s, "h", 6000) else { panic!() };
         assert!(m.contains("Lifeboat") && m.contains("expired"), "{m}");
         let Verdict::Refuse(m) = guard(&args("migrate", "begin"), &xml(None), s, "h", 6000) else { panic!() };
         assert!(m.contains("incoming migration"), "{m}");
         // Not granted any more: revoked, still refused.
-        apply(s, "h", &[]).unwrap();
+        apply(s, "h", &[], true).unwrap();
+        assert_eq!(guard(&args("prepare", "begin"), &xml(None), s, "h", 1000), Verdict::Allow, "merge revokes nothing");
+        apply(s, "h", &[], false).unwrap();
         let Verdict::Refuse(m) = guard(&args("prepare", "begin"), &xml(None), s, "h", 1000) else { panic!() };
         assert!(m.contains("revoked"), "{m}");
     }
@@ -235,7 +241,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let Verdict::Refuse(m) = guard(&args("prepare", "begin"), &xml(Some(("h", 1))), d.path(), "h", 1) else { panic!() };
         assert!(m.contains("no readable lease"), "{m}");
-        apply(d.path(), "h", &[lease("h", 1, 5000)]).unwrap();
+        apply(d.path(), "h", &[lease("h", 1, 5000)], false).unwrap();
         let Verdict::Refuse(m) = guard(&args("prepare", "begin"), &xml(Some(("other", 2))), d.path(), "h", 1) else { panic!() };
         assert!(m.contains("owned by 'other'"), "{m}");
         assert_eq!(guard(&args("prepare", "begin"), &xml(Some(("h", 1))), d.path(), "h", 1), Verdict::Allow);
@@ -244,7 +250,7 @@ mod tests {
     #[test]
     fn other_operations_pass_and_bad_calls_are_named() {
         let d = tempfile::tempdir().unwrap();
-        apply(d.path(), "h", &[lease("h", 1, 0)]).unwrap();
+        apply(d.path(), "h", &[lease("h", 1, 0)], false).unwrap();
         assert_eq!(guard(&args("stopped", "end"), "", d.path(), "h", 1), Verdict::Allow);
         assert!(matches!(guard(&args("frobnicate", "begin"), "", d.path(), "h", 1), Verdict::BadCall(_)));
         assert!(matches!(guard(&["vm1".to_string()], "", d.path(), "h", 1), Verdict::BadCall(_)));

@@ -35,6 +35,9 @@ pub struct HostSnapshot {
     pub owners: BTreeMap<String, String>,
     /// Desired state per guest this host owns.
     pub desired: BTreeMap<String, String>,
+    /// Guests recorded as owned by this host that it does not report (yet):
+    /// (uuid, name). A move writes the owner before the define.
+    pub owned_unreported: Vec<(String, String)>,
 }
 
 /// One thing to do.
@@ -90,14 +93,16 @@ pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
     if s.status == HostStatus::Offline || !s.inventory_seen {
         return out;
     }
-    let mut uuids: Vec<String> = owned.iter().map(|g| g.uuid.clone()).collect();
+    let mut uuids: Vec<String> = owned.iter().map(|g| g.uuid.clone()).chain(s.owned_unreported.iter().map(|o| o.0.clone())).collect();
     uuids.sort();
     let due = match &s.leases_sent {
         None => true,
         Some((at, set)) => now_ms - at >= lease_ttl_ms / 3 || set != &uuids,
     };
     if due {
-        out.push(Action::GrantLeases { host: s.host.clone(), leases: owned.iter().map(|g| (g.uuid.clone(), g.name.clone())).collect() });
+        let mut leases: Vec<(String, String)> = owned.iter().map(|g| (g.uuid.clone(), g.name.clone())).collect();
+        leases.extend(s.owned_unreported.iter().cloned());
+        out.push(Action::GrantLeases { host: s.host.clone(), leases });
     }
     if s.pending_boot_start && s.leases_sent.is_some() {
         if matches!(s.status, HostStatus::Available | HostStatus::NotAccepting) {
@@ -154,6 +159,7 @@ async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
             let cmd = GrantLeases {
                 leases: leases.into_iter().map(|(uuid, name)| Lease { uuid, name, generation: 0 }).collect(),
                 expires_unix_ms: now + lease_ttl_ms,
+                merge: false,
             };
             match reg.call(&host, Kind::GrantLeases(cmd), timeout).await {
                 Ok(r) if r.ok => {}
@@ -212,6 +218,7 @@ mod tests {
             guests: vec![g("1", true), g("2", false), g("3", true)],
             owners: [("1", "a"), ("2", "a"), ("3", "b")].iter().map(|(u, h)| (u.to_string(), h.to_string())).collect(),
             desired: [("1", "running"), ("2", "running")].iter().map(|(u, d)| (u.to_string(), d.to_string())).collect(),
+            owned_unreported: vec![],
         }
     }
 

@@ -635,6 +635,12 @@ impl Registry {
                         .iter()
                         .filter_map(|g| inner.desired.get(&g.uuid).filter(|d| &d.0 == id).map(|d| (g.uuid.clone(), d.1.clone())))
                         .collect(),
+                    owned_unreported: inner
+                        .owners
+                        .values()
+                        .filter(|o| &o.host == id && !guests.iter().any(|g| g.uuid == o.uuid))
+                        .map(|o| (o.uuid.clone(), String::new()))
+                        .collect(),
                     guests,
                 }
             })

@@ -72,7 +72,7 @@ fn lab_returning_host_is_quarantined_guarded_and_cleaned_up() {
 
     // Power host-a back on through its BMC: libvirt autostart fires at boot
     // (fresh run dir), and the start guard refuses every moved guest.
-    lab.ok(&["bmc-on", "host-a"]);
+    lab.ok(&["bmc-power", "host-a", "on"]);
     lab.wait(Duration::from_secs(60), "host-a back", || lab.host("host-a").is_some_and(|h| h["liveness"] == "REACHABLE"));
     let h = lab.host("host-a").unwrap();
     assert_eq!(h["status"], "MAINTENANCE", "{h}");

@@ -186,27 +186,30 @@ impl ActorState {
                 expires_unix_ms: g.expires_unix_ms,
             })
             .collect();
-        let fresh = match crate::lease::apply(&self.cfg.state_dir, &self.cfg.host_id, &files) {
+        let fresh = match crate::lease::apply(&self.cfg.state_dir, &self.cfg.host_id, &files, g.merge) {
             Ok(f) => f,
             Err(e) => return fail(id, format!("writing leases to {} failed: {e}", self.cfg.state_dir.display())),
         };
         let mut changed = Vec::new();
         if let Some(c) = &self.conn {
-            // Once, when Lifeboat takes a guest over: from then on the start
-            // guard refuses any start without a lease, autostart included.
-            for l in g.leases.iter().filter(|l| fresh.contains(&l.uuid)) {
-                let on = self.known.get(&l.uuid).is_some_and(|x| x.autostart);
-                if !on {
+            // Lifeboat, not libvirt, decides what starts: keep libvirt autostart
+            // off on every leased guest (read from libvirt, not the cache).
+            for l in &g.leases {
+                let Ok(dom) = c.conn.lookup_domain_by_uuid_string(&l.uuid) else { continue };
+                if !dom.autostart().unwrap_or(false) {
                     continue;
                 }
-                if let Ok(dom) = c.conn.lookup_domain_by_uuid_string(&l.uuid) {
-                    match dom.set_autostart(false) {
-                        Ok(_) => info!(uuid = %l.uuid, name = %l.name, "libvirt autostart disabled: Lifeboat starts this guest"),
-                        Err(e) => tracing::warn!(uuid = %l.uuid, "disabling autostart failed: {}", e.message()),
-                    }
-                    if let Ok(g) = read_guest(&dom) {
-                        changed.push(g);
-                    }
+                match dom.set_autostart(false) {
+                    Ok(_) => info!(
+                        uuid = %l.uuid,
+                        name = %l.name,
+                        first = fresh.contains(&l.uuid),
+                        "libvirt autostart disabled: Lifeboat starts this guest"
+                    ),
+                    Err(e) => tracing::warn!(uuid = %l.uuid, "disabling autostart failed: {}", e.message()),
+                }
+                if let Ok(g) = read_guest(&dom) {
+                    changed.push(g);
                 }
             }
         }

@@ -129,11 +129,7 @@ impl Agent {
     async fn run(&self, action: &str, limit: Duration, log: &mut Vec<FenceEvent>) -> Run {
         let req = describe_args(&self.name, action, &self.options);
         let mut cmd = Command::new(&self.path);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -253,7 +249,9 @@ impl Agent {
                     format!("not {} after {waited}; last status {}", describe(&want), describe(&state)),
                 );
                 return match state {
-                    PowerState::Unknown(why) => PowerState::Unknown(format!("{why} (after action={action} succeeded, {waited} ago)")),
+                    PowerState::Unknown(why) => {
+                        PowerState::Unknown(format!("{why} (after action={action} succeeded, {waited} ago)"))
+                    }
                     last => last,
                 };
             }
@@ -275,7 +273,10 @@ mod tests {
 
     #[test]
     fn stdin_format() {
-        assert_eq!(stdin_args("status", &opts()), "action=status\nip=10.0.0.5\nlanplus=1\npassword=hunter2\nusername=admin\n");
+        assert_eq!(
+            stdin_args("status", &opts()),
+            "action=status\nip=10.0.0.5\nlanplus=1\npassword=hunter2\nusername=admin\n"
+        );
     }
 
     #[test]
@@ -284,7 +285,10 @@ mod tests {
         o.insert("passwd".into(), "other".into());
         o.insert("PASSWORD_script".into(), "/bin/pw".into());
         let d = describe_args("fence_ipmilan", "off", &o);
-        assert_eq!(d, "fence_ipmilan action=off PASSWORD_script=*** ip=10.0.0.5 lanplus=1 passwd=*** password=*** username=admin");
+        assert_eq!(
+            d,
+            "fence_ipmilan action=off PASSWORD_script=*** ip=10.0.0.5 lanplus=1 passwd=*** password=*** username=admin"
+        );
         assert!(!d.contains("hunter2") && !d.contains("other"));
     }
 

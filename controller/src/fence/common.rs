@@ -66,8 +66,8 @@ struct CredentialsToml {
 /// Reads `username = "..."` / `password = "..."` (TOML). Errors name the file
 /// and never contain the password.
 pub(crate) fn read_credentials(path: &Path) -> Result<Credentials, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read credentials file {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read credentials file {}: {e}", path.display()))?;
     parse_credentials(&text).map_err(|e| format!("credentials file {} is not usable: {e}", path.display()))
 }
 

@@ -109,7 +109,9 @@ impl Fencer {
         let err = |message: String| FenceConfigError { host: host.to_string(), message };
         let (timeout_s, poll_ms) = match cfg {
             BmcConfig::Redfish { power_off_timeout_s, poll_interval_ms, .. }
-            | BmcConfig::FenceAgent { power_off_timeout_s, poll_interval_ms, .. } => (*power_off_timeout_s, *poll_interval_ms),
+            | BmcConfig::FenceAgent { power_off_timeout_s, poll_interval_ms, .. } => {
+                (*power_off_timeout_s, *poll_interval_ms)
+            }
         };
         if timeout_s == 0 {
             return Err(err("power_off_timeout_s must be at least 1".into()));
@@ -162,5 +164,54 @@ impl Fencer {
                 Duration::from_secs(*power_off_timeout_s)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The controller runs fencing in spawned tasks: the futures must be Send.
+    #[test]
+    fn futures_are_send_and_fencer_is_shareable() {
+        fn send<T: Send>(_: &T) {}
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Fencer>();
+        let dir = tempfile::tempdir().unwrap();
+        let cred = dir.path().join("c");
+        std::fs::write(&cred, "username = \"a\"\npassword = \"b\"\n").unwrap();
+        let cfg = BmcConfig::Redfish {
+            url: "https://127.0.0.1:1".into(),
+            system_id: "1".into(),
+            credentials_file: cred,
+            ca: None,
+            power_off_timeout_s: 1,
+            poll_interval_ms: 100,
+        };
+        let f = Fencer::new("h", &cfg).unwrap();
+        let mut log = Vec::new();
+        send(&f.power_state(&mut log));
+        let mut log = Vec::new();
+        send(&f.power_off(&mut log));
+        let mut log = Vec::new();
+        send(&f.power_on(&mut log));
+        assert_eq!(f.off_timeout(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn config_parses_from_toml_and_checks_timing() {
+        let t = r#"
+driver = "fence_agent"
+agent = "/bin/true"
+options = { ip = "10.0.0.5", password = "x" }
+"#;
+        let cfg: BmcConfig = toml::from_str(t).unwrap();
+        let f = Fencer::new("h", &cfg).unwrap();
+        assert_eq!(f.off_timeout(), Duration::from_secs(60));
+        let bad: BmcConfig =
+            toml::from_str("driver = \"fence_agent\"\nagent = \"/bin/true\"\npoll_interval_ms = 0\n").unwrap();
+        let e = Fencer::new("host-z", &bad).err().unwrap().to_string();
+        assert!(e.contains("host-z") && e.contains("poll_interval_ms"), "{e}");
+        assert!(toml::from_str::<BmcConfig>("driver = \"ipmi\"\n").is_err());
     }
 }

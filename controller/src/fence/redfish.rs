@@ -10,9 +10,9 @@ use reqwest::{Certificate, Client, StatusCode, Url};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::FenceEvent;
 use super::PowerState;
 use super::common::{Credentials, describe, human, permission_warning, read_credentials, record, shorten};
-use super::FenceEvent;
 
 /// Connect timeout of every request to a BMC.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -238,11 +238,17 @@ impl Redfish {
         if tls {
             let hint = match &self.ca {
                 Some(ca) => format!("is the BMC's certificate issued by the CA in {} for this address?", ca.display()),
-                None => "no `ca` is configured, so the system's root certificates were used; set `ca` to the BMC's CA".into(),
+                None => "no `ca` is configured, so the system's root certificates were used; set `ca` to the BMC's CA"
+                    .into(),
             };
             format!("TLS with BMC {} failed: {detail} ({hint})", self.base)
         } else if e.is_timeout() {
-            format!("BMC {} did not answer in time (connect {} / request {}): {detail}", self.base, human(CONNECT_TIMEOUT), human(REQUEST_TIMEOUT))
+            format!(
+                "BMC {} did not answer in time (connect {} / request {}): {detail}",
+                self.base,
+                human(CONNECT_TIMEOUT),
+                human(REQUEST_TIMEOUT)
+            )
         } else if e.is_connect() {
             format!("BMC {} unreachable: {detail}", self.base)
         } else {
@@ -323,7 +329,13 @@ impl Redfish {
                     s.as_u16(),
                     location.as_deref().unwrap_or("?")
                 ),
-                s => format!("BMC {} answered HTTP {} to GET {}: {}", self.base, s.as_u16(), self.system_url.path(), error_message(&body)),
+                s => format!(
+                    "BMC {} answered HTTP {} to GET {}: {}",
+                    self.base,
+                    s.as_u16(),
+                    self.system_url.path(),
+                    error_message(&body)
+                ),
             };
             record(log, req, format!("HTTP {}: {}", status.as_u16(), error_message(&body)));
             unknown(reason)
@@ -338,7 +350,8 @@ impl Redfish {
     }
 
     fn default_reset_url(&self) -> Url {
-        Url::parse(&format!("{}/Actions/ComputerSystem.Reset", self.system_url)).expect("system URL + a fixed path is a URL")
+        Url::parse(&format!("{}/Actions/ComputerSystem.Reset", self.system_url))
+            .expect("system URL + a fixed path is a URL")
     }
 
     /// One POST of a ResetType.
@@ -435,14 +448,19 @@ impl Redfish {
             }
             if Instant::now() >= deadline {
                 let waited = human(start.elapsed());
-                record(log, format!("{reset_type}: gave up"), format!("not {} after {waited}; last read {}", describe(&want), describe(&r.state)));
+                record(
+                    log,
+                    format!("{reset_type}: gave up"),
+                    format!("not {} after {waited}; last read {}", describe(&want), describe(&r.state)),
+                );
                 return match (post_error, r.state) {
                     (Some(e), PowerState::Unknown(why)) if why == e => {
                         PowerState::Unknown(format!("{reset_type} did not go through: {e} (still after {waited})"))
                     }
-                    (Some(e), last) => {
-                        PowerState::Unknown(format!("{reset_type} did not go through ({e}); after {waited} the BMC reads {}", describe(&last)))
-                    }
+                    (Some(e), last) => PowerState::Unknown(format!(
+                        "{reset_type} did not go through ({e}); after {waited} the BMC reads {}",
+                        describe(&last)
+                    )),
                     (None, PowerState::Unknown(why)) => {
                         PowerState::Unknown(format!("{why} (after {reset_type} was accepted, {waited} ago)"))
                     }

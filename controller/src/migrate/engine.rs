@@ -369,7 +369,7 @@ impl Engine {
             .filter(|g| !moving.contains(&g.uuid))
             .map(|g| Lease { uuid: g.uuid, name: g.name, generation: 0 })
             .collect();
-        let grant = GrantLeases { leases: keep, expires_unix_ms: crate::now_ms() + self.lease_ttl_ms };
+        let grant = GrantLeases { leases: keep, expires_unix_ms: crate::now_ms() + self.lease_ttl_ms, merge: false };
         match self.reg.call(&job.source, Kind::GrantLeases(grant), self.call_timeout).await {
             Ok(r) if r.ok => Ok(Ok(())),
             Ok(r) => Ok(Err(format!("revoking the moved guests' leases on {} failed: {}", job.source, r.error))),
@@ -465,6 +465,22 @@ impl Engine {
         Ok(())
     }
 
+    /// Grants the target the guest's start lease (merged: revokes nothing),
+    /// then starts it: the target's start guard refuses a managed guest
+    /// without a lease.
+    async fn lease_then_start(&self, m: &MoveRow) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
+        let grant = GrantLeases {
+            leases: vec![Lease { uuid: m.uuid.clone(), name: m.name.clone(), generation: m.generation }],
+            expires_unix_ms: crate::now_ms() + self.lease_ttl_ms,
+            merge: true,
+        };
+        let r = self.call_target(&m.target, Kind::GrantLeases(grant)).await?;
+        if !r.ok {
+            return Ok(r);
+        }
+        self.call_target(&m.target, Kind::StartGuest(StartGuest { uuid: m.uuid.clone() })).await
+    }
+
     fn owner(&self, m: &MoveRow, complete: bool) -> OwnerRow {
         OwnerRow {
             uuid: m.uuid.clone(),
@@ -523,7 +539,7 @@ impl Engine {
                         self.set_move(&mut m, MoveState::DefinedStopped, "", Some(owner), a("move.done", detail))?;
                     }
                 }
-                MoveState::Starting => match self.call_target(&m.target, Kind::StartGuest(StartGuest { uuid: m.uuid.clone() })).await {
+                MoveState::Starting => match self.lease_then_start(&m).await {
                     Ok(r) if r.ok => {
                         let owner = self.owner(&m, true);
                         let detail = format!("{} ({}) running on {} ({})", m.name, m.uuid, m.target, r.outcome);
