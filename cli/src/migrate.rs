@@ -121,11 +121,24 @@ fn request(a: &MigrateArgs) -> MigrateRequest {
         plan_id: a.plan_id.clone().unwrap_or_default(),
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
         planned_move: a.planned_move,
+        yes: false,
     }
 }
 
 fn json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+}
+
+/// The refusal message: every failed check with what to do.
+fn refusal(p: &MigrationPlan) -> CliError {
+    let mut lines = vec![format!("the plan cannot be carried out; nothing was changed ({})", p.summary)];
+    for c in p.preconditions.iter().filter(|c| !c.ok) {
+        lines.push(format!("  - {}: {}", c.name, c.detail));
+        if !c.remedy.is_empty() {
+            lines.push(format!("    what to do: {}", c.remedy));
+        }
+    }
+    CliError::Refused6(lines.join("\n"))
 }
 
 fn print_plan(fmt: Format, p: &MigrationPlan) {
@@ -258,20 +271,16 @@ pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) 
             if fmt == Format::Table && p.executable {
                 println!("\nNothing has been changed. To carry out this plan: add --plan-id {} (or --yes)", p.plan_id);
             }
-            return if p.executable {
-                Ok(())
-            } else {
-                Err(CliError::Refused6("the plan cannot be carried out; nothing was changed".into()))
-            };
+            return if p.executable { Ok(()) } else { Err(refusal(&p)) };
         }
         if fmt == Format::Table {
             print_plan(fmt, &p);
             println!();
         }
         if !p.executable {
-            return Err(CliError::Refused6("the plan cannot be carried out; nothing was changed".into()));
+            return Err(refusal(&p));
         }
-        req.plan_id = p.plan_id;
+        req.yes = true;
     }
     let job = c.start_migration(req).await.map_err(CliError::from_status)?.into_inner();
     if fmt == Format::Table {

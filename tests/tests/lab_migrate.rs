@@ -156,7 +156,7 @@ fn lab_bmc_faults_and_bad_input_change_nothing() {
 
     // Bad input.
     let (code, _, err) = lab.cli(&["migrate", "--force", "--from", "host-zz", "--yes"]);
-    assert_eq!(code, 6);
+    assert_eq!(code, 6, "{err}");
     assert!(err.contains("unknown host 'host-zz'"), "{err}");
     let (code, _, err) = lab.cli(&["migrate", "--force", "--from", "host-a", "--to", "host-a", "--yes"]);
     assert_eq!(code, 2);

@@ -156,13 +156,13 @@ impl Engine {
                 failed.join("\n")
             )));
         }
-        if req.plan_id.is_empty() {
+        if req.plan_id.is_empty() && !req.yes {
             return Err(ControllerError::Refused(format!(
                 "no plan id given; review the plan (`lifeboat migrate --force --from {} --plan`) and pass --plan-id {} (or --yes)",
                 req.source, p.plan_id
             )));
         }
-        if req.plan_id != p.plan_id {
+        if !req.yes && req.plan_id != p.plan_id {
             return Err(ControllerError::Refused(format!(
                 "the plan changed since it was made (reviewed {}, now {}); nothing was changed. Review the new plan: {}",
                 req.plan_id, p.plan_id, p.summary
@@ -219,9 +219,10 @@ impl Engine {
             error: String::new(),
         };
         let detail = format!(
-            "command: {}; plan {}; {} guest(s): {}; power evidence: {}",
+            "command: {}; plan {}{}; {} guest(s): {}; power evidence: {}",
             if req.command_line.is_empty() { "(not given)" } else { &req.command_line },
             p.plan_id,
+            if req.yes { " (--yes: planned and carried out at once)" } else { "" },
             moves.len(),
             moves.iter().map(|m| format!("{} -> {}", m.name, m.target)).collect::<Vec<_>>().join(", "),
             p.power_evidence
