@@ -29,6 +29,9 @@ pub struct LeaseFile {
     pub generation: u64,
     /// Valid until (ms since the epoch).
     pub expires_unix_ms: i64,
+    /// When the controller decided it; older decisions do not override it.
+    #[serde(default)]
+    pub issued_unix_ms: i64,
 }
 
 /// The lease directory.
@@ -48,7 +51,7 @@ fn valid_uuid(u: &str) -> bool {
 /// every other lease file is set to expired (kept, so the guest stays
 /// "managed" and is refused). Returns the UUIDs newly leased (never leased
 /// before on this host).
-pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile], merge: bool) -> std::io::Result<Vec<String>> {
+pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile], merge: bool, issued_unix_ms: i64) -> std::io::Result<Vec<String>> {
     let d = dir(state_dir);
     std::fs::create_dir_all(&d)?;
     let mut fresh = Vec::new();
@@ -60,6 +63,8 @@ pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile], merge: bool) ->
         let p = path(state_dir, &l.uuid);
         if !p.exists() {
             fresh.push(l.uuid.clone());
+        } else if read(state_dir, &l.uuid).is_ok_and(|old| old.issued_unix_ms > l.issued_unix_ms) {
+            continue;
         }
         write_atomic(&p, &serde_json::to_vec(l).expect("serialisable"))?;
     }
@@ -73,8 +78,9 @@ pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile], merge: bool) ->
             continue;
         }
         if let Ok(mut old) = read(state_dir, uuid) {
-            if old.expires_unix_ms > 0 {
+            if old.expires_unix_ms > 0 && old.issued_unix_ms <= issued_unix_ms {
                 old.expires_unix_ms = 0;
+                old.issued_unix_ms = issued_unix_ms;
                 write_atomic(&e.path(), &serde_json::to_vec(&old).expect("serialisable"))?;
             }
         }
@@ -214,7 +220,7 @@ mod tests {
     }
 
     fn lease(host: &str, gen_: u64, exp: i64) -> LeaseFile {
-        LeaseFile { uuid: U.into(), name: "vm1".into(), host: host.into(), generation: gen_, expires_unix_ms: exp }
+        LeaseFile { uuid: U.into(), name: "vm1".into(), host: host.into(), generation: gen_, expires_unix_ms: exp, issued_unix_ms: 10 }
     }
 
     #[test]
@@ -222,16 +228,18 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = d.path();
         assert_eq!(guard(&args("prepare", "begin"), &xml(None), s, "h", 1000), Verdict::Allow, "never leased: unmanaged");
-        apply(s, "h", &[lease("h", 1, 5000)], false).unwrap();
+        apply(s, "h", &[lease("h", 1, 5000)], false, 10).unwrap();
         assert_eq!(guard(&args("prepare", "begin"), &xml(None), s, "h", 1000), Verdict::Allow);
         let Verdict::Refuse(m) = guard(&args("prepare", "begin"), &xml(None), s, "h", 6000) else { panic!() };
         assert!(m.contains("Lifeboat") && m.contains("expired"), "{m}");
         let Verdict::Refuse(m) = guard(&args("migrate", "begin"), &xml(None), s, "h", 6000) else { panic!() };
         assert!(m.contains("incoming migration"), "{m}");
         // Not granted any more: revoked, still refused.
-        apply(s, "h", &[], true).unwrap();
+        apply(s, "h", &[], true, 11).unwrap();
         assert_eq!(guard(&args("prepare", "begin"), &xml(None), s, "h", 1000), Verdict::Allow, "merge revokes nothing");
-        apply(s, "h", &[], false).unwrap();
+        apply(s, "h", &[], false, 9).unwrap();
+        assert_eq!(guard(&args("prepare", "begin"), &xml(None), s, "h", 1000), Verdict::Allow, "an older decision revokes nothing");
+        apply(s, "h", &[], false, 11).unwrap();
         let Verdict::Refuse(m) = guard(&args("prepare", "begin"), &xml(None), s, "h", 1000) else { panic!() };
         assert!(m.contains("revoked"), "{m}");
     }
@@ -241,7 +249,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let Verdict::Refuse(m) = guard(&args("prepare", "begin"), &xml(Some(("h", 1))), d.path(), "h", 1) else { panic!() };
         assert!(m.contains("no readable lease"), "{m}");
-        apply(d.path(), "h", &[lease("h", 1, 5000)], false).unwrap();
+        apply(d.path(), "h", &[lease("h", 1, 5000)], false, 10).unwrap();
         let Verdict::Refuse(m) = guard(&args("prepare", "begin"), &xml(Some(("other", 2))), d.path(), "h", 1) else { panic!() };
         assert!(m.contains("owned by 'other'"), "{m}");
         assert_eq!(guard(&args("prepare", "begin"), &xml(Some(("h", 1))), d.path(), "h", 1), Verdict::Allow);
@@ -250,7 +258,7 @@ mod tests {
     #[test]
     fn other_operations_pass_and_bad_calls_are_named() {
         let d = tempfile::tempdir().unwrap();
-        apply(d.path(), "h", &[lease("h", 1, 0)], false).unwrap();
+        apply(d.path(), "h", &[lease("h", 1, 0)], false, 10).unwrap();
         assert_eq!(guard(&args("stopped", "end"), "", d.path(), "h", 1), Verdict::Allow);
         assert!(matches!(guard(&args("frobnicate", "begin"), "", d.path(), "h", 1), Verdict::BadCall(_)));
         assert!(matches!(guard(&["vm1".to_string()], "", d.path(), "h", 1), Verdict::BadCall(_)));

@@ -38,6 +38,8 @@ pub struct HostSnapshot {
     /// Guests recorded as owned by this host that it does not report (yet):
     /// (uuid, name). A move writes the owner before the define.
     pub owned_unreported: Vec<(String, String)>,
+    /// Ownership generation per guest (0 = never moved by Lifeboat).
+    pub generations: BTreeMap<String, u64>,
 }
 
 /// One thing to do.
@@ -47,8 +49,10 @@ pub enum Action {
     GrantLeases {
         /// Host.
         host: String,
-        /// (uuid, name).
-        leases: Vec<(String, String)>,
+        /// (uuid, name, generation).
+        leases: Vec<(String, String, u64)>,
+        /// When this was decided (the snapshot's time).
+        issued_ms: i64,
     },
     /// A guest runs on a host that does not own it: stop it, raise an alarm.
     StopStale {
@@ -100,9 +104,11 @@ pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
         Some((at, set)) => now_ms - at >= lease_ttl_ms / 3 || set != &uuids,
     };
     if due {
-        let mut leases: Vec<(String, String)> = owned.iter().map(|g| (g.uuid.clone(), g.name.clone())).collect();
-        leases.extend(s.owned_unreported.iter().cloned());
-        out.push(Action::GrantLeases { host: s.host.clone(), leases });
+        let generation = |u: &str| s.generations.get(u).copied().unwrap_or(0);
+        let mut leases: Vec<(String, String, u64)> =
+            owned.iter().map(|g| (g.uuid.clone(), g.name.clone(), generation(&g.uuid))).collect();
+        leases.extend(s.owned_unreported.iter().map(|(u, n)| (u.clone(), n.clone(), generation(u))));
+        out.push(Action::GrantLeases { host: s.host.clone(), leases, issued_ms: now_ms });
     }
     if s.pending_boot_start && s.leases_sent.is_some() {
         if matches!(s.status, HostStatus::Available | HostStatus::NotAccepting) {
@@ -147,7 +153,7 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
 async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
     let timeout = Duration::from_secs(20);
     match a {
-        Action::GrantLeases { host, leases } => {
+        Action::GrantLeases { host, leases, issued_ms } => {
             let now = crate::now_ms();
             let uuids = {
                 let mut u: Vec<String> = leases.iter().map(|l| l.0.clone()).collect();
@@ -157,9 +163,10 @@ async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
             // Mark first, so the next pass does not send the same again meanwhile.
             reg.leases_sent(&host, now, uuids);
             let cmd = GrantLeases {
-                leases: leases.into_iter().map(|(uuid, name)| Lease { uuid, name, generation: 0 }).collect(),
+                leases: leases.into_iter().map(|(uuid, name, generation)| Lease { uuid, name, generation }).collect(),
                 expires_unix_ms: now + lease_ttl_ms,
                 merge: false,
+                issued_unix_ms: issued_ms,
             };
             match reg.call(&host, Kind::GrantLeases(cmd), timeout).await {
                 Ok(r) if r.ok => {}
@@ -219,6 +226,7 @@ mod tests {
             owners: [("1", "a"), ("2", "a"), ("3", "b")].iter().map(|(u, h)| (u.to_string(), h.to_string())).collect(),
             desired: [("1", "running"), ("2", "running")].iter().map(|(u, d)| (u.to_string(), d.to_string())).collect(),
             owned_unreported: vec![],
+            generations: [("1".to_string(), 3u64)].into_iter().collect(),
         }
     }
 
@@ -228,6 +236,7 @@ mod tests {
         assert!(a.contains(&Action::StopStale { host: "a".into(), uuid: "3".into(), name: "vm-3".into(), owner: "b".into() }));
         let leases = a.iter().find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None }).unwrap();
         assert_eq!(leases.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(leases[0].2, 3, "a lease carries the ownership generation");
         let mut s = snap();
         s.leases_sent = Some((1000, vec!["1".into(), "2".into()]));
         assert!(!decide(&s, 5000, 30_000).iter().any(|x| matches!(x, Action::GrantLeases { .. })));

@@ -635,6 +635,7 @@ impl Registry {
                         .iter()
                         .filter_map(|g| inner.desired.get(&g.uuid).filter(|d| &d.0 == id).map(|d| (g.uuid.clone(), d.1.clone())))
                         .collect(),
+                    generations: inner.owners.values().map(|o| (o.uuid.clone(), o.generation)).collect(),
                     owned_unreported: inner
                         .owners
                         .values()
@@ -645,6 +646,11 @@ impl Registry {
                 }
             })
             .collect()
+    }
+
+    /// Ownership generation of a guest (0 = never moved by Lifeboat).
+    pub fn owner_generation(&self, uuid: &str) -> u64 {
+        self.lock().owners.get(uuid).map(|o| o.generation).unwrap_or(0)
     }
 
     /// Records that leases were sent.

@@ -184,9 +184,10 @@ impl ActorState {
                 host: self.cfg.host_id.clone(),
                 generation: l.generation,
                 expires_unix_ms: g.expires_unix_ms,
+                issued_unix_ms: g.issued_unix_ms,
             })
             .collect();
-        let fresh = match crate::lease::apply(&self.cfg.state_dir, &self.cfg.host_id, &files, g.merge) {
+        let fresh = match crate::lease::apply(&self.cfg.state_dir, &self.cfg.host_id, &files, g.merge, g.issued_unix_ms) {
             Ok(f) => f,
             Err(e) => return fail(id, format!("writing leases to {} failed: {e}", self.cfg.state_dir.display())),
         };

@@ -368,9 +368,10 @@ impl Engine {
             .unwrap_or_default()
             .into_iter()
             .filter(|g| !moving.contains(&g.uuid))
-            .map(|g| Lease { uuid: g.uuid, name: g.name, generation: 0 })
+            .map(|g| Lease { generation: self.reg.owner_generation(&g.uuid), uuid: g.uuid, name: g.name })
             .collect();
-        let grant = GrantLeases { leases: keep, expires_unix_ms: crate::now_ms() + self.lease_ttl_ms, merge: false };
+        let now = crate::now_ms();
+        let grant = GrantLeases { leases: keep, expires_unix_ms: now + self.lease_ttl_ms, merge: false, issued_unix_ms: now };
         match self.reg.call(&job.source, Kind::GrantLeases(grant), self.call_timeout).await {
             Ok(r) if r.ok => Ok(Ok(())),
             Ok(r) => Ok(Err(format!("revoking the moved guests' leases on {} failed: {}", job.source, r.error))),
@@ -474,6 +475,7 @@ impl Engine {
             leases: vec![Lease { uuid: m.uuid.clone(), name: m.name.clone(), generation: m.generation }],
             expires_unix_ms: crate::now_ms() + self.lease_ttl_ms,
             merge: true,
+            issued_unix_ms: crate::now_ms(),
         };
         let r = self.call_target(&m.target, Kind::GrantLeases(grant)).await?;
         if !r.ok {
