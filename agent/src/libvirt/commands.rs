@@ -34,7 +34,29 @@ pub fn check_paths(cmd: &CheckPaths) -> Vec<PathCheck> {
 }
 
 impl ActorState {
-    pub(super) fn command(&mut self, cmd: Command) -> CommandResult {
+    /// Carries out a command and answers on `reply`. A guest start (qemu
+    /// boot, the slow part) runs on a short-lived worker thread with a clone
+    /// of the connection, so several guests start at once; everything else
+    /// runs here, in order.
+    pub(super) fn command(&mut self, cmd: Command, reply: tokio::sync::oneshot::Sender<CommandResult>) {
+        if let Some(Kind::StartGuest(s)) = &cmd.kind {
+            if let Some(c) = &self.conn {
+                let conn = c.conn.clone();
+                let (id, s) = (cmd.id.clone(), s.clone());
+                let spawned = std::thread::Builder::new().name("libvirt-start".into()).spawn(move || {
+                    let _ = reply.send(start_guest(&conn, &id, s));
+                });
+                if let Err(e) = spawned {
+                    tracing::warn!("cannot spawn a start worker: {e}");
+                }
+                return;
+            }
+        }
+        let r = self.command_inline(cmd);
+        let _ = reply.send(r);
+    }
+
+    fn command_inline(&mut self, cmd: Command) -> CommandResult {
         let id = cmd.id.clone();
         let Some(kind) = cmd.kind else { return fail(&id, "command without a kind".into()) };
         if let Kind::CheckPaths(c) = &kind {
@@ -52,7 +74,7 @@ impl ActorState {
         }
         let r = match kind {
             Kind::DefineGuest(d) => self.define(&id, d),
-            Kind::StartGuest(s) => self.start(&id, s),
+            Kind::StartGuest(s) => start_guest(&self.conn.as_ref().expect("checked").conn, &id, s),
             Kind::SetAutostart(a) => self.set_autostart(&id, a),
             Kind::StopGuest(s) => self.stop(&id, s),
             Kind::CleanupGuest(c) => self.cleanup(&id, c),
@@ -126,32 +148,6 @@ impl ActorState {
         }
         info!(uuid = %facts.uuid, name = %facts.name, owner = %d.owner_host, generation = d.generation, "guest defined");
         CommandResult { id: id.into(), ok: true, outcome: "done".into(), guest: g, ..Default::default() }
-    }
-
-    fn start(&mut self, id: &str, s: StartGuest) -> CommandResult {
-        let conn = &self.conn.as_ref().expect("checked").conn;
-        let dom = match conn.lookup_domain_by_uuid_string(&s.uuid) {
-            Ok(d) => d,
-            Err(e) => return fail(id, format!("guest {} not found on this host: {}", s.uuid, e.message())),
-        };
-        let before = match read_guest(&dom) {
-            Ok(g) => g,
-            Err(e) => return fail(id, format!("reading guest {} failed: {}", s.uuid, e.message())),
-        };
-        if before.state == GuestState::Running as i32 {
-            return CommandResult { id: id.into(), ok: true, outcome: "already".into(), guest: Some(before), ..Default::default() };
-        }
-        if let Err(e) = dom.create() {
-            return fail(id, format!("starting {} failed: {}", before.name, e.message()));
-        }
-        match read_guest(&dom) {
-            Ok(g) if g.state == GuestState::Running as i32 => {
-                info!(uuid = %s.uuid, name = %g.name, "guest started");
-                CommandResult { id: id.into(), ok: true, outcome: "done".into(), guest: Some(g), ..Default::default() }
-            }
-            Ok(g) => fail(id, format!("{} was started but is {} ({})", g.name, g.state, g.state_reason)),
-            Err(e) => fail(id, format!("verifying {} failed: {}", before.name, e.message())),
-        }
     }
 
     fn set_autostart(&mut self, id: &str, a: SetAutostart) -> CommandResult {
@@ -288,6 +284,33 @@ impl ActorState {
         self.known.remove(&g.uuid);
         self.emit(super::Update::Removed { uuid: g.uuid.clone(), name: g.name.clone() });
         CommandResult { id: id.into(), ok: true, outcome: "done".into(), ..Default::default() }
+    }
+}
+
+/// Starts a guest (check-then-act: a running guest is "already"), then
+/// verifies it runs. Safe on any thread: libvirt connections are.
+fn start_guest(conn: &virt::connect::Connect, id: &str, s: StartGuest) -> CommandResult {
+    let dom = match conn.lookup_domain_by_uuid_string(&s.uuid) {
+        Ok(d) => d,
+        Err(e) => return fail(id, format!("guest {} not found on this host: {}", s.uuid, e.message())),
+    };
+    let before = match read_guest(&dom) {
+        Ok(g) => g,
+        Err(e) => return fail(id, format!("reading guest {} failed: {}", s.uuid, e.message())),
+    };
+    if before.state == GuestState::Running as i32 {
+        return CommandResult { id: id.into(), ok: true, outcome: "already".into(), guest: Some(before), ..Default::default() };
+    }
+    if let Err(e) = dom.create() {
+        return fail(id, format!("starting {} failed: {}", before.name, e.message()));
+    }
+    match read_guest(&dom) {
+        Ok(g) if g.state == GuestState::Running as i32 => {
+            info!(uuid = %s.uuid, name = %g.name, "guest started");
+            CommandResult { id: id.into(), ok: true, outcome: "done".into(), guest: Some(g), ..Default::default() }
+        }
+        Ok(g) => fail(id, format!("{} was started but is {} ({})", g.name, g.state, g.state_reason)),
+        Err(e) => fail(id, format!("verifying {} failed: {}", before.name, e.message())),
     }
 }
 

@@ -247,10 +247,7 @@ impl ActorState {
                     let inv = Inventory { host: Some(self.host.clone()), guests: self.known.values().cloned().collect() };
                     self.emit(Update::Inventory(inv));
                 }
-                Ok(Request::Command(cmd, reply)) => {
-                    let r = self.command(cmd);
-                    let _ = reply.send(r);
-                }
+                Ok(Request::Command(cmd, reply)) => self.command(cmd, reply),
                 Ok(Request::Event(ev)) => {
                     debug!(uuid = %ev.uuid, event = ev.event, "libvirt domain event");
                     self.refresh_one(&ev.uuid);
