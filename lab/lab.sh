@@ -342,6 +342,7 @@ heartbeat_interval_ms = 1000
 unreachable_after_ms = 3000
 force_grace_ms = $FORCE_GRACE_MS
 lease_ttl_ms = $LEASE_TTL_MS
+metrics_listen = "$CTL_IP:9464"
 
 [tls]
 ca = "$PKI_DIR/ca.pem"
@@ -1244,6 +1245,7 @@ CONTROLLER_DIR=$CTL_DIR
 CONTROLLER_CONFIG=$CTL_CONFIG
 CONTROLLER_DB=$CTL_DB
 CONTROLLER_LOG=$CTL_LOG
+CONTROLLER_METRICS_URL=http://$CTL_IP:9464/metrics
 EOF
   local r h V hd
   for r in "${CLIENT_ROLES[@]}"; do
@@ -1358,6 +1360,7 @@ guests and tools:
   exec HOST CMD...                   run CMD inside the host's namespaces
   cli ARGS...                        lifeboat CLI as admin, inside the controller's netns
   cli-as ROLE ARGS...                same with the viewer|operator|admin certificate
+  metrics                            the controller's Prometheus metrics (http://10.77.0.2:9464/metrics)
 EOF
 }
 
@@ -1560,6 +1563,10 @@ case $CMD in
     require_host "$h"
     take_lock
     define_guest "$h" "$name" "$start" "$autostart" "$local_disk"
+    ;;
+  metrics)
+    # the controller's Prometheus metrics, fetched inside its network namespace
+    ip netns exec "$CTL_NS" curl -sf "http://$CTL_IP:9464/metrics" || die "cannot read http://$CTL_IP:9464/metrics (controller running?)"
     ;;
   copies)
     [ $# -eq 1 ] || usage_die "lab.sh copies UUID"

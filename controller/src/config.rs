@@ -64,6 +64,9 @@ pub struct ControllerConfig {
     /// A forced migration needs the source silent at least this long.
     #[serde(default = "default_grace")]
     pub force_grace_ms: u64,
+    /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP); off when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Start leases granted to hosts last this long (renewed every third).
     #[serde(default = "default_ttl")]
     pub lease_ttl_ms: u32,

@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod fence;
 pub mod hostops;
+pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod reconcile;
@@ -50,6 +51,14 @@ pub async fn serve(
     );
     let watcher = tokio::spawn(registry::watch_liveness(registry.clone()));
     let reconciler = tokio::spawn(reconcile::run(registry.clone(), i64::from(cfg.lease_ttl_ms)));
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on metrics_listen {addr}: {e}"))?;
+            info!(listen = %addr, "metrics at /metrics");
+            Some(tokio::spawn(metrics::serve(registry.clone(), l)))
+        }
+        None => None,
+    };
     let agent = rpc::agent::AgentService::new(registry.clone());
     let engine = migrate::engine::Engine::new(
         registry.clone(),
@@ -74,6 +83,9 @@ pub async fn serve(
         .await;
     watcher.abort();
     reconciler.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     registry.flush()?;
     res?;
     Ok(())

@@ -181,6 +181,8 @@ fn lab_split_brain_agent_outage_reboot_and_bad_input() {
     lab.wait(Duration::from_secs(20), "moved guests stopped on host-a", || {
         moved.iter().all(|(name, uuid)| lab.virsh("host-a", &["domstate", name]).trim() == "shut off" && lab.copies(uuid) == 1)
     });
+    let metrics = String::from_utf8_lossy(&lab.ok(&["metrics"]).stdout).into_owned();
+    assert!(metrics.contains("lifeboat_alarms_active{host=\"host-a\",kind=\"split-brain\"} 1"), "{metrics}");
     let h = lab.host("host-a").unwrap();
     assert_eq!(h["status"], "MAINTENANCE");
     assert!(h["alarms"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().contains("split-brain")), "{h}");
