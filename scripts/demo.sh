@@ -16,7 +16,7 @@ lab/lab.sh cli vms list
 step "lifeboat hosts show host-a"
 lab/lab.sh cli hosts show host-a
 
-if ! lab/lab.sh paths | grep -q '^HOST_A_BMC_URL='; then
+if ! grep -q '^HOST_A_BMC_URL=' <<<"$(lab/lab.sh paths)"; then
   echo "demo.sh: the lab has no BMC emulator; the forced-migration part needs it (scripts/install-deps.sh)" >&2
   exit 1
 fi
@@ -24,7 +24,7 @@ step "host-a fails: it hangs (its BMC still reads On)"
 lab/lab.sh host-kill host-a
 echo "waiting until the controller has not heard from host-a for the grace period..."
 for _ in $(seq 60); do
-  lab/lab.sh cli hosts show host-a -o json | grep -q '"liveness": "UNREACHABLE"' && break
+  grep -q '"liveness": "UNREACHABLE"' <<<"$(lab/lab.sh cli hosts show host-a -o json)" && break
   sleep 0.5
 done
 sleep 6
@@ -41,7 +41,7 @@ lab/lab.sh cli log --host host-a
 step "host-a is repaired: power it on through its BMC"
 lab/lab.sh bmc-power host-a on
 for _ in $(seq 120); do
-  lab/lab.sh cli hosts show host-a -o json | grep -q '"liveness": "REACHABLE"' && break
+  grep -q '"liveness": "REACHABLE"' <<<"$(lab/lab.sh cli hosts show host-a -o json)" && break
   sleep 0.5
 done
 sleep 2
