@@ -40,11 +40,34 @@ pub async fn run_until(cfg: config::AgentConfig, shutdown: impl std::future::Fut
     info!(host_id = %host_id, uri = %cfg.libvirt_uri, controller = %cfg.controller.url, "lifeboat-agent starting");
     let shared = Arc::new(libvirt::Shared::default());
     let (actor, updates) = libvirt::spawn(libvirt::ActorConfig::from_agent(&cfg, host_id.clone()), shared.clone())?;
-    let session = session::Session::new(&cfg, host_id, tls, actor.clone(), shared);
+    let session = session::Session::new(&cfg, host_id, tls, actor.clone(), shared.clone());
+    // systemd (Type=notify): ready now; feed the watchdog while the libvirt
+    // actor keeps going round. Both are no-ops outside systemd.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let mut wd_usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut wd_usec).then(|| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let period = std::time::Duration::from_micros(wd_usec / 2);
+            loop {
+                tokio::time::sleep(period).await;
+                let age = lifeboat_common::now_unix_ms() - shared.last_tick_ms.load(std::sync::atomic::Ordering::Relaxed);
+                if age < 10_000 {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::error!(age_ms = age, "libvirt actor stuck; not feeding the systemd watchdog");
+                }
+            }
+        })
+    });
     tokio::select! {
         r = session.run(updates) => r?,
         _ = shutdown => {},
     }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     actor.shutdown();
     Ok(())
 }

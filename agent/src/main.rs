@@ -8,7 +8,7 @@ use lifeboat_agent::config::AgentConfig;
 
 /// Lifeboat host agent: reports this host's libvirt guests to the controller.
 #[derive(Parser)]
-#[command(name = "lifeboat-agent", version = lifeboat_common::VERSION)]
+#[command(name = "lifeboat-agent", version = lifeboat_common::VERSION_LONG)]
 struct Cli {
     /// Configuration file.
     #[arg(long, short, default_value = "/etc/lifeboat/agent.toml", env = "LIFEBOAT_AGENT_CONFIG", global = true)]

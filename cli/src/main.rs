@@ -15,7 +15,7 @@ use client::{CliError, Connection};
 
 /// Lifeboat: get KVM guests running again after their host fails.
 #[derive(Parser)]
-#[command(name = "lifeboat", version = lifeboat_common::VERSION)]
+#[command(name = "lifeboat", version = lifeboat_common::VERSION_LONG)]
 struct Cli {
     #[command(flatten)]
     conn: Connection,
@@ -78,6 +78,9 @@ enum Cmd {
     /// Jobs (forced migrations).
     #[command(subcommand)]
     Jobs(JobsCmd),
+    /// Generate man pages or shell completions from this CLI's definition.
+    #[command(subcommand)]
+    Generate(GenerateCmd),
     /// The audit log: every decision and side effect.
     Log {
         /// Only entries about this host.
@@ -93,6 +96,41 @@ enum Cmd {
         #[arg(long)]
         since: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum GenerateCmd {
+    /// Write lifeboat.1 and one page per subcommand (lifeboat-hosts.1, ...) into DIR.
+    Man {
+        /// Output directory.
+        dir: PathBuf,
+    },
+    /// Print a completion script for a shell.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn generate(cmd: GenerateCmd) -> Result<(), CliError> {
+    use clap::CommandFactory;
+    let root = Cli::command();
+    match cmd {
+        GenerateCmd::Man { dir } => {
+            std::fs::create_dir_all(&dir).map_err(|e| CliError::Usage(format!("cannot create {}: {e}", dir.display())))?;
+            clap_mangen::generate_to(root, &dir).map_err(|e| CliError::Other(format!("writing man pages to {}: {e}", dir.display())))?;
+            Ok(())
+        }
+        GenerateCmd::Completions { shell } => {
+            let mut root = root;
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut root, "lifeboat", &mut buf);
+            use std::io::Write;
+            // A closed pipe (e.g. `| head`) is not an error worth a panic.
+            let _ = std::io::stdout().write_all(&buf);
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -224,6 +262,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let fmt = cli.output;
     match cli.cmd {
         Cmd::Certs(c) => certs(c),
+        Cmd::Generate(g) => generate(g),
         Cmd::Hosts(HostsCmd::SetStatus { host, status, reason, attest_powered_off }) => {
             let mut c = cli.conn.admin().await?;
             let h = c
@@ -297,6 +336,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 fn main() -> ExitCode {
+    // Like every Unix tool: end quietly when the reader of stdout goes away
+    // (`lifeboat vms list | head`) instead of panicking on EPIPE.
+    // SAFETY: called first, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -15,5 +15,11 @@ pub fn now_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The version string every binary prints for `--version`.
+/// The package version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git revision the binaries were built from.
+pub const GIT_REV: &str = env!("LIFEBOAT_GIT_REV");
+
+/// What every binary prints for `--version`: version and git revision.
+pub const VERSION_LONG: &str = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("LIFEBOAT_GIT_REV"), ")");

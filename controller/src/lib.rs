@@ -9,6 +9,7 @@
 //!
 //! Architecture invariant: the controller never talks to libvirt.
 
+pub mod backup;
 pub mod config;
 pub mod error;
 pub mod fence;
@@ -41,6 +42,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     lifeboat_common::tls::install_crypto_provider();
     let tls = cfg.tls.load()?;
+    let _db_lock = backup::lock(&cfg.database)?;
     let store = store::Store::open(&cfg.database)?;
     let registry = Arc::new(registry::Registry::load(store, cfg.timing())?);
     info!(

@@ -8,7 +8,7 @@ use lifeboat_controller::config::ControllerConfig;
 
 /// Lifeboat controller: the source of truth for hosts, guests and jobs.
 #[derive(Parser)]
-#[command(name = "lifeboat-controller", version = lifeboat_common::VERSION)]
+#[command(name = "lifeboat-controller", version = lifeboat_common::VERSION_LONG)]
 struct Cli {
     /// Configuration file.
     #[arg(long, short, default_value = "/etc/lifeboat/controller.toml", env = "LIFEBOAT_CONTROLLER_CONFIG")]
@@ -16,6 +16,27 @@ struct Cli {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Write an online, consistent copy of the database (the controller may run).
+    Backup {
+        /// The backup file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replace the database with a backup (the controller must be stopped).
+    Restore {
+        /// The backup file to restore.
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -28,6 +49,33 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match cli.cmd {
+        Some(Cmd::Backup { out, force }) => {
+            return match lifeboat_controller::backup::backup(&cfg.database, &out, force) {
+                Ok(s) => {
+                    println!("backup of {} written to {} ({s})", cfg.database.display(), out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lifeboat-controller: backup failed: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Cmd::Restore { from }) => {
+            return match lifeboat_controller::backup::restore(&from, &cfg.database) {
+                Ok(s) => {
+                    println!("{} restored from {} ({s}); start the controller", cfg.database.display(), from.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lifeboat-controller: restore refused: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
+    }
     if let Err(e) = cfg.tls.load() {
         eprintln!("lifeboat-controller: {e}");
         return ExitCode::from(2);

@@ -56,6 +56,9 @@ pub enum Update {
 pub struct Shared {
     /// Free host memory in KiB, refreshed every few seconds.
     pub memory_free_kib: AtomicU64,
+    /// When the actor loop last went round (ms since the epoch): a stuck
+    /// libvirt call stops it, and the systemd watchdog then stops being fed.
+    pub last_tick_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Settings for the actor.
@@ -237,6 +240,7 @@ impl ActorState {
         let mut last_resync = Instant::now();
         let mut last_alive_check = Instant::now();
         loop {
+            self.shared.last_tick_ms.store(lifeboat_common::now_unix_ms(), Ordering::Relaxed);
             if self.conn.is_none() && Instant::now() >= self.next_connect {
                 self.connect();
             }
