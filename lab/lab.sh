@@ -304,6 +304,7 @@ boot_id_file = "$hd/boot_id"
 libvirt_uri = "qemu:///system"
 autostart_dir = "/etc/libvirt/qemu/autostart"
 state_dir = "/var/lib/lifeboat"
+metrics_listen = "$(host_ip "$h"):9465"
 
 [controller]
 url = "$CONTROLLER_URL"
@@ -1361,6 +1362,7 @@ guests and tools:
   cli ARGS...                        lifeboat CLI as admin, inside the controller's netns
   cli-as ROLE ARGS...                same with the viewer|operator|admin certificate
   metrics                            the controller's Prometheus metrics (http://10.77.0.2:9464/metrics)
+  agent-metrics HOST                 that host's agent metrics (http://<host ip>:9465/metrics)
 EOF
 }
 
@@ -1563,6 +1565,12 @@ case $CMD in
     require_host "$h"
     take_lock
     define_guest "$h" "$name" "$start" "$autostart" "$local_disk"
+    ;;
+  agent-metrics)
+    # one agent's Prometheus metrics, fetched inside that host's network namespace
+    [ $# -eq 1 ] || usage_die "lab.sh agent-metrics HOST"
+    require_host "$1"
+    ip netns exec "lb-$1" curl -sf "http://$(host_ip "$1"):9465/metrics" || die "cannot read $1's agent metrics (agent running?)"
     ;;
   metrics)
     # the controller's Prometheus metrics, fetched inside its network namespace

@@ -127,6 +127,9 @@ pub struct AgentConfig {
     /// Full rescan of libvirt every this many seconds (the backstop).
     #[serde(default = "default_resync")]
     pub resync_interval_s: u64,
+    /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP); off when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The controller.
     pub controller: ControllerConfig,
 }

@@ -11,6 +11,7 @@ pub mod domxml;
 pub mod hostfacts;
 pub mod lease;
 pub mod libvirt;
+pub mod metrics;
 pub mod session;
 
 use std::sync::Arc;
@@ -40,6 +41,15 @@ pub async fn run_until(cfg: config::AgentConfig, shutdown: impl std::future::Fut
     info!(host_id = %host_id, uri = %cfg.libvirt_uri, controller = %cfg.controller.url, "lifeboat-agent starting");
     let shared = Arc::new(libvirt::Shared::default());
     let (actor, updates) = libvirt::spawn(libvirt::ActorConfig::from_agent(&cfg, host_id.clone()), shared.clone())?;
+    metrics::get().set_state_dir(cfg.state_dir.clone());
+    let metrics_task = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on metrics_listen {addr}: {e}"))?;
+            info!(listen = %addr, "metrics at /metrics");
+            Some(tokio::spawn(metrics::serve(l)))
+        }
+        None => None,
+    };
     let session = session::Session::new(&cfg, host_id, tls, actor.clone(), shared.clone());
     // systemd (Type=notify): ready now; feed the watchdog while the libvirt
     // actor keeps going round. Both are no-ops outside systemd.
@@ -66,6 +76,9 @@ pub async fn run_until(cfg: config::AgentConfig, shutdown: impl std::future::Fut
     }
     if let Some(w) = watchdog {
         w.abort();
+    }
+    if let Some(m) = metrics_task {
+        m.abort();
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     actor.shutdown();

@@ -135,6 +135,20 @@ impl Session {
         };
         let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
         info!(controller = %self.url, heartbeat_ms = hb_ms, "session established");
+        crate::metrics::get().session_up.store(true, Ordering::Relaxed);
+        let r = self.serve(updates, tx, inbound, hb_ms).await;
+        crate::metrics::get().session_up.store(false, Ordering::Relaxed);
+        r
+    }
+
+    async fn serve(
+        &self,
+        updates: &mut mpsc::Receiver<Update>,
+        tx: mpsc::Sender<AgentMessage>,
+        mut inbound: tonic::Streaming<lifeboat_proto::v1::ControllerMessage>,
+        hb_ms: u64,
+    ) -> Result<(), SessionError> {
+        let send = |m: agent_message::Msg| AgentMessage { msg: Some(m) };
         while updates.try_recv().is_ok() {}
         self.actor.request_snapshot();
         let mut hb = tokio::time::interval(Duration::from_millis(hb_ms));

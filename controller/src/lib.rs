@@ -21,6 +21,7 @@ pub mod reconcile;
 pub mod registry;
 pub mod rpc;
 pub mod store;
+pub mod telemetry;
 
 use std::sync::Arc;
 use std::time::Duration;

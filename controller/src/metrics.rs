@@ -44,8 +44,14 @@ pub fn render(reg: &Registry) -> String {
     for (host, kind, _) in reg.active_alarms() {
         alarms.get_or_create(&vec![("host".into(), host), ("kind".into(), kind)]).inc();
     }
-    let mut out = String::new();
-    let _ = encode(&mut out, &p);
+    let mut gauges = String::new();
+    let _ = encode(&mut gauges, &p);
+    // One exposition: the event-driven metrics, then the gauges (which end with `# EOF`).
+    let mut out = crate::telemetry::get().encode();
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out.push_str(&gauges);
     out
 }
 

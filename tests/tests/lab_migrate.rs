@@ -79,12 +79,32 @@ fn lab_fenced_forced_migration_brings_every_guest_back_once() {
     assert_eq!(code, 6, "{out}");
     assert!(out.contains("BMC reads On") && out.contains("--fence"), "{out}");
 
+    let metrics = |lab: &Lab| String::from_utf8_lossy(&lab.ok(&["metrics"]).stdout).into_owned();
+    let scraped = metrics(&lab);
+    assert!(scraped.contains("lifeboat_hosts{status=\"AVAILABLE\",liveness=\"UNREACHABLE\"} 1"), "{scraped}");
+    assert!(!scraped.contains("state=\"SUCCEEDED\""), "{scraped}");
     let t = Instant::now();
     let (code, out, err) = lab.cli(&["migrate", "--force", "--from", "host-a", "--fence", "--yes"]);
     println!("migrate --force --fence --yes took {:?}\n{out}", t.elapsed());
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(String::from_utf8_lossy(&lab.ok(&["bmc-state", "host-a"]).stdout).trim(), "Off");
     assert_eq!(lab.host("host-a").unwrap()["liveness"], "UNREACHABLE");
+
+    // The metrics tell the same story.
+    let after = metrics(&lab);
+    for series in [
+        "lifeboat_jobs{kind=\"migrate\",state=\"SUCCEEDED\"} 1",
+        "lifeboat_hosts{status=\"OFFLINE\",liveness=\"UNREACHABLE\"} 1",
+        "lifeboat_fence_operations_total{op=\"power_off\",result=\"off\"} 1",
+        "lifeboat_fence_power_off_seconds_count 1",
+        "lifeboat_failure_to_recovery_seconds_count 1",
+    ] {
+        assert!(after.contains(series), "{series} missing:\n{after}");
+    }
+
+    let agent = String::from_utf8_lossy(&lab.ok(&["agent-metrics", "host-b"]).stdout).into_owned();
+    assert!(agent.contains("lifeboat_agent_session_up 1") && agent.contains("lifeboat_agent_libvirt_connected 1"), "{agent}");
+    assert!(agent.contains("lifeboat_agent_command_seconds_count{kind=\"grant_leases\"}"), "{agent}");
 
     // Every guest runs elsewhere, once, with its UUID, name and MAC.
     for (name, uuid, mac) in &before {

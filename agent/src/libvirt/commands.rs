@@ -44,7 +44,10 @@ impl ActorState {
                 let conn = c.conn.clone();
                 let (id, s) = (cmd.id.clone(), s.clone());
                 let spawned = std::thread::Builder::new().name("libvirt-start".into()).spawn(move || {
-                    let _ = reply.send(start_guest(&conn, &id, s));
+                    let t = std::time::Instant::now();
+                    let r = start_guest(&conn, &id, s);
+                    crate::metrics::get().command("start_guest", r.ok, t.elapsed().as_secs_f64());
+                    let _ = reply.send(r);
                 });
                 if let Err(e) = spawned {
                     tracing::warn!("cannot spawn a start worker: {e}");
@@ -52,7 +55,20 @@ impl ActorState {
                 return;
             }
         }
+        let kind = match &cmd.kind {
+            Some(Kind::Resync(_)) => "resync",
+            Some(Kind::CheckPaths(_)) => "check_paths",
+            Some(Kind::DefineGuest(_)) => "define_guest",
+            Some(Kind::StartGuest(_)) => "start_guest",
+            Some(Kind::SetAutostart(_)) => "set_autostart",
+            Some(Kind::GrantLeases(_)) => "grant_leases",
+            Some(Kind::StopGuest(_)) => "stop_guest",
+            Some(Kind::CleanupGuest(_)) => "cleanup_guest",
+            None => "none",
+        };
+        let t = std::time::Instant::now();
         let r = self.command_inline(cmd);
+        crate::metrics::get().command(kind, r.ok, t.elapsed().as_secs_f64());
         let _ = reply.send(r);
     }
 

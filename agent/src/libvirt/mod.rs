@@ -314,6 +314,7 @@ impl ActorState {
                     }
                 };
                 info!(uri = %self.cfg.uri, "connected to libvirt");
+                crate::metrics::get().libvirt_connected.store(true, Ordering::Relaxed);
                 self.conn = Some(Conn { conn, callback });
                 self.connect_backoff = Duration::from_millis(500);
                 self.refresh_host_static();
@@ -335,6 +336,7 @@ impl ActorState {
     }
 
     fn disconnect(&mut self) {
+        crate::metrics::get().libvirt_connected.store(false, Ordering::Relaxed);
         if let Some(mut c) = self.conn.take() {
             if let Some(id) = c.callback.take() {
                 ffi::deregister(&c.conn, id);
@@ -413,6 +415,7 @@ impl ActorState {
                 Err(e) => warn!("reading a domain failed: {e}"),
             }
         }
+        crate::metrics::get().guests.store(fresh.len() as i64, Ordering::Relaxed);
         let old = std::mem::replace(&mut self.known, fresh);
         if emit_diffs {
             let removed: Vec<Guest> = old.values().filter(|g| !self.known.contains_key(&g.uuid)).cloned().collect();

@@ -326,6 +326,13 @@ impl Engine {
                         (JobState::Partial, format!("{} of {} moves failed; re-run the same command to finish the rest", states.len() - ok, states.len()))
                     };
                     let detail = format!("{ok} of {} guests moved{}", states.len(), if msg.is_empty() { String::new() } else { format!("; {msg}") });
+                    if to == JobState::Succeeded && job.kind == "migrate" {
+                        if let Some(h) = self.reg.host_views().into_iter().find(|h| h.id == job.source) {
+                            if let Some(silent) = h.silent_ms {
+                                crate::telemetry::get().recovery_seconds.observe(silent as f64 / 1000.0);
+                            }
+                        }
+                    }
                     info!(job = %id, "{detail}");
                     self.set_job(&job, to, &msg, Some(audit("controller", &format!("job.{}", to.as_str().to_lowercase()), &job.source, "", id, detail)))?;
                 }
@@ -407,12 +414,22 @@ impl Engine {
             return Ok(Err(format!("no BMC configured for {} any more", job.source)));
         };
         let mut log = Vec::new();
+        let t = crate::telemetry::get();
+        let name = |st: &PowerState| match st {
+            PowerState::Off => "off",
+            PowerState::On => "on",
+            PowerState::Unknown(_) => "unknown",
+        };
         let mut st = f.power_state(&mut log).await;
+        t.fence("read", name(&st));
         if st != PowerState::Off && job.power_evidence == "bmc-fence" {
             self.audit_bmc(job, &log)?;
             log.clear();
             self.reg.db(|s| s.audit(&audit("controller", "bmc.power_off", &job.source, "", &job.id, format!("ForceOff requested; waiting up to {:?} for Off", f.off_timeout()))))?;
+            let started = std::time::Instant::now();
             st = f.power_off(&mut log).await;
+            t.fence_seconds.observe(started.elapsed().as_secs_f64());
+            t.fence("power_off", name(&st));
         }
         self.audit_bmc(job, &log)?;
         match st {
