@@ -5,63 +5,104 @@ use std::time::Duration;
 
 use lifeboat_common::identity::Role;
 use lifeboat_e2e::{Agent, Controller, Pki, agent_config, wait_for};
-use lifeboat_proto::v1::{GetJobRequest, ListAuditRequest, ListGuestsRequest, ListHostsRequest, ListJobsRequest};
+use lifeboat_proto::v1::{GetJobRequest, ListAuditRequest, ListGuestsRequest, ListHostsRequest, MigrateRequest};
 
 fn fixture(name: &str) -> String {
     let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
     format!("test://{}", p.display())
 }
 
+fn domain(name: &str, uuid: &str, disk: &str) -> String {
+    format!(
+        "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>{name}</name><uuid>{uuid}</uuid>\
+         <memory unit='MiB'>32</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>\
+         <disk type='file' device='disk'><source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices>\
+         <test:runstate>1</test:runstate></domain>"
+    )
+}
+
+fn node(domains: &[String]) -> String {
+    format!(
+        "<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads><mhz>2000</mhz>\
+         <model>x86_64</model></cpu><memory>8388608</memory>{}</node>",
+        domains.join("")
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_of_a_busy_controller_restores_into_a_fresh_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&tmp.path().join("pki"));
-    let db = tmp.path().join("c.db");
+    let dir = tmp.path();
+    let pki = Pki::new(&dir.join("pki"));
+    let db = dir.join("c.db");
+    let mut doms = Vec::new();
+    for i in 0..4 {
+        let disk = dir.join(format!("bk{i}.img"));
+        std::fs::write(&disk, b"").unwrap();
+        doms.push(domain(&format!("bk-{i}"), &format!("66666666-0000-4000-8000-00000000000{i}"), &disk.display().to_string()));
+    }
+    std::fs::write(dir.join("a.xml"), node(&doms)).unwrap();
+    std::fs::write(dir.join("b.xml"), node(&[])).unwrap();
+    let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
     let c = Controller::start_with(&pki, &db, 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000").await;
-    let a = Agent::start(&agent_config("host-a", &fixture("host-a.xml"), &c.url(), &pki.agent("host-a"), ""));
-    let b = Agent::start(&agent_config("host-b", &fixture("host-b.xml"), &c.url(), &pki.agent("host-b"), ""));
-    let mut op = c.admin(&pki.client("olga", Role::Operator)).await;
+    let a = Agent::start(&agent_config("host-a", &uri("a"), &c.url(), &pki.agent("host-a"), ""));
+    let b = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
+    let op = c.admin(&pki.client("olga", Role::Operator)).await;
     wait_for(Duration::from_secs(10), "inventory", || {
         let mut op = op.clone();
-        async move { (op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests.len() == 5).then_some(()) }
+        async move { (op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests.len() == 4).then_some(()) }
     })
     .await;
-    // Something audited to find again after the restore.
-    op.set_host_status(lifeboat_proto::v1::SetHostStatusRequest {
-        host: "host-b".into(),
-        status: "NOT_ACCEPTING".into(),
-        reason: "backup test".into(),
-        attest_powered_off: false,
+    // host-a "fails"; its guests are force-migrated (move records, audit).
+    a.stop().await;
+    let req = MigrateRequest {
+        source: "host-a".into(),
+        attest_powered_off: true,
+        attest_reason: "backup test".into(),
+        yes: true,
+        parallel: 1,
+        ..Default::default()
+    };
+    let (job, _) = wait_for(Duration::from_secs(10), "migration started", || {
+        let mut op = op.clone();
+        let req = req.clone();
+        async move { op.start_migration(req).await.ok().map(|j| j.into_inner()) }
     })
-    .await
-    .unwrap();
-    // Backup while host-b's agent heartbeats every 200 ms and leases are renewed.
-    let out = tmp.path().join("backup.db");
+    .await;
+    // Backups while the job runs and host-b's agent heartbeats every 200 ms.
     for i in 0..5 {
-        let f = tmp.path().join(format!("b{i}.db"));
+        let f = dir.join(format!("b{i}.db"));
         let s = lifeboat_controller::backup::backup(&db, &f, false).unwrap();
-        assert_eq!(s.counts.iter().find(|c| c.0 == "hosts").map(|c| c.1), Some(2));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(s.counts.iter().find(|c| c.0 == "hosts").map(|c| c.1), Some(2), "{s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    wait_for(Duration::from_secs(20), "job done", || {
+        let mut op = op.clone();
+        let id = job.id.clone();
+        async move { (op.get_job(GetJobRequest { id }).await.ok()?.into_inner().state == "SUCCEEDED").then_some(()) }
+    })
+    .await;
+    let out = dir.join("backup.db");
     let summary = lifeboat_controller::backup::backup(&db, &out, false).unwrap();
     println!("backup while busy: {summary}");
-    a.stop().await;
     b.stop().await;
     c.stop().await;
     // Restore into a fresh database and start a fresh controller on it.
-    let db2 = tmp.path().join("fresh.db");
+    let db2 = dir.join("fresh.db");
     lifeboat_controller::backup::restore(&out, &db2).unwrap();
     let c2 = Controller::start(&pki, &db2, 0, 1000, 3000).await;
     let mut v = c2.admin(&pki.client("vic", Role::Viewer)).await;
     let hosts = v.list_hosts(ListHostsRequest {}).await.unwrap().into_inner().hosts;
     assert_eq!(hosts.len(), 2);
-    assert!(hosts.iter().any(|h| h.status == "NOT_ACCEPTING"));
-    assert_eq!(v.list_guests(ListGuestsRequest::default()).await.unwrap().into_inner().guests.len(), 5);
+    assert!(hosts.iter().any(|h| h.status == "OFFLINE"), "{hosts:?}");
+    assert_eq!(v.list_guests(ListGuestsRequest::default()).await.unwrap().into_inner().guests.len(), 8, "4 stale on host-a, 4 moved to host-b");
+    let restored = v.get_job(GetJobRequest { id: job.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(restored.state, "SUCCEEDED");
+    assert_eq!(restored.moves.len(), 4);
+    assert!(restored.moves.iter().all(|m| m.state == "RUNNING" && m.target == "host-b"));
     let audit = v.list_audit(ListAuditRequest::default()).await.unwrap().into_inner().entries;
-    assert!(audit.iter().any(|e| e.action == "host.status" && e.detail.contains("backup test")), "{audit:?}");
-    let jobs = v.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
-    for j in jobs {
-        let _ = v.get_job(GetJobRequest { id: j.id }).await.unwrap();
+    for a in ["migrate.requested", "power.attested", "guest.defined", "guest.running", "job.succeeded"] {
+        assert!(audit.iter().any(|e| e.action == a), "{a} restored");
     }
     c2.stop().await;
 }
