@@ -12,8 +12,8 @@
 # Needs rpmbuild (Debian: apt-get install rpm; RHEL: dnf install rpm-build). The spec is
 # packaging/rpm/lifeboat.spec; see packaging/README.md. VERSION is the workspace version in
 # Cargo.toml ("-" becomes "~", RPM's pre-release separator). Respects CARGO_TARGET_DIR and
-# SOURCE_DATE_EPOCH (default: the time of the last git commit), so two builds of the same
-# binaries give packages with the same file timestamps.
+# SOURCE_DATE_EPOCH (default: the time of the last git commit): packaging the same
+# binaries twice gives byte-identical RPMs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -109,7 +109,7 @@ rpmbuild -bb --nodeps --target x86_64 \
   --define "lb_version $rpm_version" \
   --define "lb_stage $STAGE" \
   --define "use_source_date_epoch_as_buildtime 1" \
-  --define "clamp_mtime_to_source_epoch 1" \
+  --define "clamp_mtime_to_source_date_epoch 1" \
   --define "source_date_epoch_from_changelog 0" \
   packaging/rpm/lifeboat.spec >"$WORK/rpmbuild.log" 2>&1 || {
   tail -n 40 "$WORK/rpmbuild.log" >&2

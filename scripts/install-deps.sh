@@ -27,12 +27,15 @@ export DEBIAN_FRONTEND=noninteractive
 #     controller's fence-agent driver and its tests
 #   python3-venv: the venv for sushy-tools (the lab's Redfish BMCs, below)
 #   curl: lab.sh talks to the lab's BMCs with it (bmc-state, bmc-power)
+#   rpm: rpmbuild and rpm for scripts/build-rpms.sh and tests/tests/packaging.rs
+#   systemd: systemd-analyze, which checks the packaged unit files (tests/tests/packaging.rs)
 MAIN_PKGS=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 qemu-system-data tini iproute2 procps util-linux
   gcc libc6-dev ca-certificates
   python3 openssl
   fence-agents python3-venv curl
+  rpm systemd
 )
 # qemu-utils must come AFTER qemu-system-x86: installing qemu-system-x86 removes a newer
 # (backported) qemu-utils when one is present; we then put Debian's matching one back.
@@ -113,7 +116,7 @@ fi
 # Sanity checks of what the lab relies on.
 for f in /usr/sbin/libvirtd /usr/bin/virsh /usr/bin/qemu-system-x86_64 /usr/bin/tini \
          /usr/share/qemu/qboot.rom /usr/bin/unshare /usr/bin/nsenter /usr/bin/flock \
-         /usr/sbin/fence_redfish /usr/bin/curl; do
+         /usr/sbin/fence_redfish /usr/bin/curl /usr/bin/rpmbuild /usr/bin/systemd-analyze; do
   [ -e "$f" ] || die "expected $f after installing packages, it is missing"
 done
 log "done"
