@@ -49,20 +49,6 @@ pub enum SessionError {
     Protocol(String),
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 impl Session {
     /// Prepares a session; nothing is dialled until [`Session::run`].
     pub fn new(cfg: &AgentConfig, host_id: String, tls: TlsMaterial, actor: Actor, shared: Arc<Shared>) -> Self {
@@ -85,7 +71,7 @@ impl Session {
             let started = Instant::now();
             match self.once(&mut updates).await {
                 Ok(()) => info!("session closed by controller"),
-                Err(e) => warn!("{}", error_chain(&e)),
+                Err(e) => warn!("{}", lifeboat_common::error_chain(&e)),
             }
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = Duration::from_millis(500);

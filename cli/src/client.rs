@@ -89,7 +89,7 @@ impl CliError {
         use tonic::Code;
         let mut msg = s.message().to_string();
         if let Some(src) = std::error::Error::source(&s) {
-            let detail = chain(src);
+            let detail = lifeboat_common::error_chain(src);
             if !msg.contains(&detail) {
                 msg = format!("{msg}: {detail}");
             }
@@ -105,20 +105,6 @@ impl CliError {
             _ => CliError::Other(format!("{:?}: {msg}", s.code())),
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 fn classify_transport(detail: &str) -> CliError {
@@ -181,10 +167,10 @@ impl Connection {
         let ep = Endpoint::from_shared(url.clone())
             .map_err(|e| CliError::Usage(format!("invalid controller address '{url}': {e}")))?
             .tls_config(material.client_config(&server_name))
-            .map_err(|e| CliError::Usage(chain(&e)))?
+            .map_err(|e| CliError::Usage(lifeboat_common::error_chain(&e)))?
             .connect_timeout(Duration::from_secs(self.timeout))
             .timeout(Duration::from_secs(self.timeout));
-        let ch = ep.connect().await.map_err(|e| classify_transport(&format!("{url}: {}", chain(&e))))?;
+        let ch = ep.connect().await.map_err(|e| classify_transport(&format!("{url}: {}", lifeboat_common::error_chain(&e))))?;
         Ok(AdminClient::new(ch).max_decoding_message_size(256 * 1024 * 1024))
     }
 }

@@ -23,3 +23,19 @@ pub const GIT_REV: &str = env!("LIFEBOAT_GIT_REV");
 
 /// What every binary prints for `--version`: version and git revision.
 pub const VERSION_LONG: &str = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("LIFEBOAT_GIT_REV"), ")");
+
+/// An error with its sources, `: `-joined, skipping a source whose text the
+/// message already contains (tonic and hyper repeat themselves).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -37,6 +37,19 @@ pub enum ControllerError {
     Storage(#[from] crate::store::StoreError),
 }
 
+/// A refusal naming every failed check and what the operator can do.
+pub fn refusal(what: &str, checks: &[lifeboat_proto::v1::Check]) -> ControllerError {
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| {
+            let remedy = if c.remedy.is_empty() { String::new() } else { format!("\n    what to do: {}", c.remedy) };
+            format!("  - {}: {}{remedy}", c.name, c.detail)
+        })
+        .collect();
+    ControllerError::Refused(format!("{what} refused; nothing was changed. Failed checks:\n{}", failed.join("\n")))
+}
+
 fn known_hint(known: &[String]) -> String {
     if known.is_empty() { " (no hosts are registered)".into() } else { format!(" (known hosts: {})", known.join(", ")) }
 }

@@ -166,16 +166,6 @@ pub fn cleanup_plan(reg: &Registry, host: &str, destroy_running: bool) -> Result
     Ok(plan_cleanup(&input(reg, host, destroy_running)?))
 }
 
-fn refusal(p: &CleanupPlan, what: &str) -> ControllerError {
-    let failed: Vec<String> = p
-        .preconditions
-        .iter()
-        .filter(|c| !c.ok)
-        .map(|c| format!("  - {}: {}{}", c.name, c.detail, if c.remedy.is_empty() { String::new() } else { format!("\n    what to do: {}", c.remedy) }))
-        .collect();
-    ControllerError::Refused(format!("{what} refused; nothing was changed. Failed checks:\n{}", failed.join("\n")))
-}
-
 /// Carries out a cleanup.
 pub async fn cleanup(reg: &Registry, host: &str, destroy_running: bool, plan_id: &str, operator: &str) -> Result<CleanupPlan, ControllerError> {
     let mut p = cleanup_plan(reg, host, destroy_running)?;
@@ -184,7 +174,7 @@ pub async fn cleanup(reg: &Registry, host: &str, destroy_running: bool, plan_id:
             let detail = p.preconditions.iter().find(|c| c.name == "no stale copy running").map(|c| c.detail.clone()).unwrap_or_default();
             reg.raise_alarm(host, "stale-copy-running", &detail)?;
         }
-        return Err(refusal(&p, &format!("cleanup of {host}")));
+        return Err(crate::error::refusal(&format!("cleanup of {host}"), &p.preconditions));
     }
     if !plan_id.is_empty() && plan_id != p.plan_id {
         return Err(ControllerError::Refused(format!(

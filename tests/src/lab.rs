@@ -10,6 +10,21 @@ use serde_json::Value;
 
 static LAB_LOCK: Mutex<()> = Mutex::new(());
 
+/// Brings up a lab of `$hosts` hosts with `$guests` guests each, or prints
+/// `SKIPPED: <why>` and returns from the calling test.
+#[macro_export]
+macro_rules! lab_or_skip {
+    ($hosts:expr, $guests:expr) => {
+        match $crate::lab::Lab::up($hosts, $guests) {
+            Ok(l) => l,
+            Err(why) => {
+                eprintln!("SKIPPED: {why}");
+                return;
+            }
+        }
+    };
+}
+
 /// A running lab; torn down when dropped.
 pub struct Lab {
     script: PathBuf,
@@ -49,6 +64,16 @@ unsafe extern "C" {
 }
 
 impl Lab {
+    /// Whether the lab has BMC emulators; prints why a test skips if not.
+    pub fn has_bmcs(&self) -> bool {
+        if self.paths.contains_key("HOST_A_BMC_URL") {
+            true
+        } else {
+            eprintln!("SKIPPED: the lab has no BMC emulator (sushy-tools venv missing: run scripts/install-deps.sh)");
+            false
+        }
+    }
+
     /// Brings up a fresh lab, or returns why it cannot (the caller skips).
     pub fn up(hosts: u32, guests: u32) -> Result<Lab, String> {
         if let Some(why) = unavailable() {

@@ -170,3 +170,24 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A guest for a libvirt test-driver node file: 32 MiB, one file disk, one
+/// bridged NIC; `runstate` as libvirt's state number (1 running, 5 shut off).
+pub fn test_domain(name: &str, uuid: &str, disk: &str, mac: &str, runstate: u32) -> String {
+    format!(
+        "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>{name}</name><uuid>{uuid}</uuid>\
+         <memory unit='MiB'>32</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>\
+         <disk type='file' device='disk'><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>\
+         <interface type='bridge'><mac address='{mac}'/><source bridge='br0'/></interface></devices>\
+         <test:runstate>{runstate}</test:runstate></domain>"
+    )
+}
+
+/// A test-driver node file (one simulated host) holding `domains`.
+pub fn test_node(domains: &[String]) -> String {
+    format!(
+        "<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads><mhz>2000</mhz>\
+         <model>x86_64</model></cpu><memory>8388608</memory>{}</node>",
+        domains.join("")
+    )
+}

@@ -5,20 +5,8 @@
 
 use std::time::Duration;
 
-use lifeboat_e2e::lab::Lab;
+use lifeboat_e2e::lab_or_skip;
 use serde_json::Value;
-
-macro_rules! lab_or_skip {
-    ($hosts:expr, $guests:expr) => {
-        match Lab::up($hosts, $guests) {
-            Ok(l) => l,
-            Err(why) => {
-                eprintln!("SKIPPED: {why}");
-                return;
-            }
-        }
-    };
-}
 
 fn field<'a>(v: &'a Value, k: &str) -> &'a Value {
     &v[k]

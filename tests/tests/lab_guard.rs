@@ -6,28 +6,8 @@
 use std::time::Duration;
 
 use lifeboat_e2e::lab::Lab;
+use lifeboat_e2e::lab_or_skip;
 use serde_json::Value;
-
-macro_rules! lab_or_skip {
-    ($hosts:expr, $guests:expr) => {
-        match Lab::up($hosts, $guests) {
-            Ok(l) => l,
-            Err(why) => {
-                eprintln!("SKIPPED: {why}");
-                return;
-            }
-        }
-    };
-}
-
-fn bmc_or_skip(lab: &Lab) -> bool {
-    if lab.paths.contains_key("HOST_A_BMC_URL") {
-        true
-    } else {
-        eprintln!("SKIPPED: the lab has no BMC emulator (sushy-tools venv missing: run scripts/install-deps.sh)");
-        false
-    }
-}
 
 fn settle(lab: &Lab, n: usize) {
     // Every guest running and taken over by Lifeboat (autostart switched off).
@@ -57,7 +37,7 @@ fn moved_from(lab: &Lab, host: &str) -> Vec<(String, String)> {
 #[test]
 fn lab_returning_host_is_quarantined_guarded_and_cleaned_up() {
     let lab = lab_or_skip!(3, 2);
-    if !bmc_or_skip(&lab) {
+    if !lab.has_bmcs() {
         return;
     }
     settle(&lab, 6);
@@ -133,7 +113,7 @@ fn lab_returning_host_is_quarantined_guarded_and_cleaned_up() {
 #[test]
 fn lab_split_brain_agent_outage_reboot_and_bad_input() {
     let lab = lab_or_skip!(3, 2);
-    if !bmc_or_skip(&lab) {
+    if !lab.has_bmcs() {
         return;
     }
     settle(&lab, 6);

@@ -5,28 +5,8 @@
 use std::time::{Duration, Instant};
 
 use lifeboat_e2e::lab::Lab;
+use lifeboat_e2e::lab_or_skip;
 use serde_json::Value;
-
-macro_rules! lab_or_skip {
-    ($hosts:expr, $guests:expr) => {
-        match Lab::up($hosts, $guests) {
-            Ok(l) => l,
-            Err(why) => {
-                eprintln!("SKIPPED: {why}");
-                return;
-            }
-        }
-    };
-}
-
-fn bmc_or_skip(lab: &Lab) -> bool {
-    if lab.paths.contains_key("HOST_A_BMC_URL") {
-        true
-    } else {
-        eprintln!("SKIPPED: the lab has no BMC emulator (sushy-tools venv missing: run scripts/install-deps.sh)");
-        false
-    }
-}
 
 fn wait_running(lab: &Lab, n: usize) {
     lab.wait(Duration::from_secs(30), "guests running", || {
@@ -54,7 +34,7 @@ fn guests_on(lab: &Lab, host: &str) -> Vec<Value> {
 #[test]
 fn lab_fenced_forced_migration_brings_every_guest_back_once() {
     let lab = lab_or_skip!(3, 2);
-    if !bmc_or_skip(&lab) {
+    if !lab.has_bmcs() {
         return;
     }
     wait_running(&lab, 6);
@@ -136,7 +116,7 @@ fn lab_fenced_forced_migration_brings_every_guest_back_once() {
 #[test]
 fn lab_bmc_faults_and_bad_input_change_nothing() {
     let lab = lab_or_skip!(3, 2);
-    if !bmc_or_skip(&lab) {
+    if !lab.has_bmcs() {
         return;
     }
     wait_running(&lab, 6);
@@ -221,7 +201,7 @@ fn lab_bmc_faults_and_bad_input_change_nothing() {
 #[test]
 fn lab_controller_crash_mid_job_resumes_without_doing_anything_twice() {
     let lab = lab_or_skip!(2, 10);
-    if !bmc_or_skip(&lab) {
+    if !lab.has_bmcs() {
         return;
     }
     wait_running(&lab, 20);

@@ -7,28 +7,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use lifeboat_common::identity::Role;
-use lifeboat_e2e::{Agent, Controller, Pki, agent_config, wait_for};
+use lifeboat_e2e::{Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for};
 use lifeboat_proto::v1::{
     GetHostRequest, GetJobRequest, GuestState, ListAuditRequest, ListGuestsRequest, MigrateRequest,
 };
-
-fn domain(name: &str, uuid: &str, disk: &str, mac: &str, runstate: u32) -> String {
-    format!(
-        "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>{name}</name><uuid>{uuid}</uuid>\
-         <memory unit='MiB'>32</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>\
-         <disk type='file' device='disk'><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>\
-         <interface type='bridge'><mac address='{mac}'/><source bridge='br0'/></interface></devices>\
-         <test:runstate>{runstate}</test:runstate></domain>"
-    )
-}
-
-fn node(domains: &[String]) -> String {
-    format!(
-        "<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads><mhz>2000</mhz>\
-         <model>x86_64</model></cpu><memory>8388608</memory>{}</node>",
-        domains.join("")
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attested_forced_migration_moves_every_shared_guest_once() {

@@ -4,29 +4,12 @@
 use std::time::Duration;
 
 use lifeboat_common::identity::Role;
-use lifeboat_e2e::{Agent, Controller, Pki, agent_config, wait_for};
+use lifeboat_e2e::{Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for};
 use lifeboat_proto::v1::{GetJobRequest, ListAuditRequest, ListGuestsRequest, ListHostsRequest, MigrateRequest};
 
 fn fixture(name: &str) -> String {
     let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
     format!("test://{}", p.display())
-}
-
-fn domain(name: &str, uuid: &str, disk: &str) -> String {
-    format!(
-        "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>{name}</name><uuid>{uuid}</uuid>\
-         <memory unit='MiB'>32</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>\
-         <disk type='file' device='disk'><source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices>\
-         <test:runstate>1</test:runstate></domain>"
-    )
-}
-
-fn node(domains: &[String]) -> String {
-    format!(
-        "<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads><mhz>2000</mhz>\
-         <model>x86_64</model></cpu><memory>8388608</memory>{}</node>",
-        domains.join("")
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,7 +22,8 @@ async fn a_backup_of_a_busy_controller_restores_into_a_fresh_one() {
     for i in 0..4 {
         let disk = dir.join(format!("bk{i}.img"));
         std::fs::write(&disk, b"").unwrap();
-        doms.push(domain(&format!("bk-{i}"), &format!("66666666-0000-4000-8000-00000000000{i}"), &disk.display().to_string()));
+        let (name, uuid, mac) = (format!("bk-{i}"), format!("66666666-0000-4000-8000-00000000000{i}"), format!("52:54:00:00:06:0{i}"));
+        doms.push(domain(&name, &uuid, &disk.display().to_string(), &mac, 1));
     }
     std::fs::write(dir.join("a.xml"), node(&doms)).unwrap();
     std::fs::write(dir.join("b.xml"), node(&[])).unwrap();

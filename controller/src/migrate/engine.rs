@@ -143,18 +143,8 @@ impl Engine {
     pub async fn start(self: &Arc<Self>, req: MigrateRequest, operator: &str) -> Result<JobRecord, ControllerError> {
         let p = self.plan(&req).await?;
         if !p.executable {
-            let failed: Vec<String> = p
-                .preconditions
-                .iter()
-                .filter(|c| !c.ok)
-                .map(|c| format!("  - {}: {}{}", c.name, c.detail, if c.remedy.is_empty() { String::new() } else { format!("\n    what to do: {}", c.remedy) }))
-                .collect();
-            return Err(ControllerError::Refused(format!(
-                "{} of {} refused; nothing was changed. Failed checks:\n{}",
-                if req.planned_move { "move" } else { "forced migration" },
-                req.source,
-                failed.join("\n")
-            )));
+            let what = format!("{} of {}", if req.planned_move { "move" } else { "forced migration" }, req.source);
+            return Err(crate::error::refusal(&what, &p.preconditions));
         }
         if req.plan_id.is_empty() && !req.yes {
             return Err(ControllerError::Refused(format!(
