@@ -262,8 +262,6 @@ pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) 
         return Err(CliError::Usage(format!("--to {} is the failed host itself; name another host", a.from)));
     }
     let mut req = request(&a);
-    let again = if a.planned_move { "lifeboat move" } else { "lifeboat migrate --force" };
-    let _ = again;
     if a.plan_id.is_none() {
         let p = c.plan_migration(req.clone()).await.map_err(CliError::from_status)?.into_inner();
         if !a.yes {

@@ -69,8 +69,6 @@ fn lab_returning_host_is_quarantined_guarded_and_cleaned_up() {
     }
     // The guest that could not move (local disk) is not started by Lifeboat either: quarantine.
     assert_eq!(lab.virsh("host-a", &["domstate", "vm-alocal"]).trim(), "shut off");
-    let log = lab.path("HOST_A_LIBVIRTD_LOG");
-    let _ = log;
 
     // Back into service only after cleanup.
     let (code, _, err) = lab.cli(&["hosts", "set-status", "host-a", "AVAILABLE"]);

@@ -3,7 +3,6 @@
 //! so the targets' path checks are real. The BMC paths are covered by the
 //! lab tests with the Redfish emulator; here the operator attests.
 
-use std::path::Path;
 use std::time::Duration;
 
 use lifeboat_common::identity::Role;
@@ -156,7 +155,6 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     agent_b.stop().await;
     agent_c.stop().await;
     c.stop().await;
-    let _ = Path::new("");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -479,7 +479,7 @@ fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Che
 fn finish(mut out: MigrationPlan, input: &PlanInput) -> MigrationPlan {
     let movable = out.guests.iter().filter(|g| g.movable).count();
     let pre_ok = out.preconditions.iter().all(|c| c.ok);
-    if pre_ok && movable == 0 && out.source_known(&input.hosts) {
+    if pre_ok && movable == 0 && input.hosts.iter().any(|h| h.id == out.source) {
         out.preconditions.push(check("something to move", false, format!("no guest of {} can move", out.source), "see each guest's reason"));
     }
     out.executable = out.preconditions.iter().all(|c| c.ok) && movable > 0;
@@ -491,15 +491,6 @@ fn finish(mut out: MigrationPlan, input: &PlanInput) -> MigrationPlan {
     };
     out.plan_id = plan_id(&out, &input.req);
     out
-}
-
-trait SourceKnown {
-    fn source_known(&self, hosts: &[HostView]) -> bool;
-}
-impl SourceKnown for MigrationPlan {
-    fn source_known(&self, hosts: &[HostView]) -> bool {
-        hosts.iter().any(|h| h.id == self.source)
-    }
 }
 
 /// A short stable id over everything that matters in the plan: the same

@@ -10,7 +10,7 @@ use lifeboat_proto::v1::{
     controller_message,
 };
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -114,17 +114,6 @@ impl AgentSession for AgentService {
             info!(host = %host, "agent session closed");
             drop(tx);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map_ok())))
-    }
-}
-
-trait MapOk: Sized {
-    fn map_ok(self) -> futures::stream::Map<Self, fn(ControllerMessage) -> Result<ControllerMessage, Status>>;
-}
-
-impl MapOk for ReceiverStream<ControllerMessage> {
-    fn map_ok(self) -> futures::stream::Map<Self, fn(ControllerMessage) -> Result<ControllerMessage, Status>> {
-        use futures::StreamExt;
-        StreamExt::map(self, Ok as fn(ControllerMessage) -> Result<ControllerMessage, Status>)
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }
 }
