@@ -454,29 +454,11 @@ impl Store {
 
     /// Completed moves away from `host`: (move, cleaned_ms).
     pub fn moves_from(&self, host: &str) -> Result<Vec<(MoveRow, i64)>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms, cleaned_ms
-             FROM moves WHERE source = ?1 AND state IN ('RUNNING', 'DEFINED_STOPPED') ORDER BY updated_ms",
-        )?;
-        let rows = st.query_map(params![host], |r| {
-            Ok((
-                MoveRow {
-                    job_id: r.get(0)?,
-                    uuid: r.get(1)?,
-                    name: r.get(2)?,
-                    source: r.get(3)?,
-                    target: r.get(4)?,
-                    generation: r.get::<_, i64>(5)? as u64,
-                    state: r.get(6)?,
-                    start: r.get(7)?,
-                    definition_xml: String::new(),
-                    error: r.get(9)?,
-                    priority: r.get(10)?,
-                    updated_ms: r.get(11)?,
-                },
-                r.get(12)?,
-            ))
-        })?;
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {MOVE_COLUMNS}, cleaned_ms FROM moves
+             WHERE source = ?1 AND state IN ('RUNNING', 'DEFINED_STOPPED') ORDER BY updated_ms"
+        ))?;
+        let rows = st.query_map(params![host], |r| Ok((move_from_row(r)?, r.get(12)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -641,10 +623,9 @@ impl Store {
 
     /// Jobs, newest first, optionally of one source host.
     pub fn jobs(&self, host: Option<&str>, limit: u32) -> Result<Vec<JobRow>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT id, kind, source, state, operator, plan_id, power_evidence, request, parallel, created_ms, updated_ms, error
-             FROM jobs WHERE (?1 IS NULL OR source = ?1) ORDER BY created_ms DESC, id LIMIT ?2",
-        )?;
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR source = ?1) ORDER BY created_ms DESC, id LIMIT ?2"
+        ))?;
         let rows = st.query_map(params![host, limit], job_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -654,8 +635,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT id, kind, source, state, operator, plan_id, power_evidence, request, parallel, created_ms, updated_ms, error
-                 FROM jobs WHERE id = ?1",
+                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
                 params![id],
                 job_from_row,
             )
@@ -664,36 +644,19 @@ impl Store {
 
     /// Jobs not yet finished.
     pub fn active_jobs(&self) -> Result<Vec<JobRow>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT id, kind, source, state, operator, plan_id, power_evidence, request, parallel, created_ms, updated_ms, error
-             FROM jobs WHERE state NOT IN ('SUCCEEDED','PARTIAL','FAILED') ORDER BY created_ms",
-        )?;
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state NOT IN ('SUCCEEDED','PARTIAL','FAILED') ORDER BY created_ms"
+        ))?;
         let rows = st.query_map([], job_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// A job's moves, in evacuation order.
     pub fn moves(&self, job_id: &str) -> Result<Vec<MoveRow>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms
-             FROM moves WHERE job_id = ?1 ORDER BY priority DESC, name",
-        )?;
-        let rows = st.query_map(params![job_id], |r| {
-            Ok(MoveRow {
-                job_id: r.get(0)?,
-                uuid: r.get(1)?,
-                name: r.get(2)?,
-                source: r.get(3)?,
-                target: r.get(4)?,
-                generation: r.get::<_, i64>(5)? as u64,
-                state: r.get(6)?,
-                start: r.get(7)?,
-                definition_xml: r.get(8)?,
-                error: r.get(9)?,
-                priority: r.get(10)?,
-                updated_ms: r.get(11)?,
-            })
-        })?;
+        let mut st = self
+            .conn
+            .prepare(&format!("SELECT {MOVE_COLUMNS} FROM moves WHERE job_id = ?1 ORDER BY priority DESC, name"))?;
+        let rows = st.query_map(params![job_id], move_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -729,6 +692,31 @@ impl Store {
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// The columns [`job_from_row`] reads, in order.
+const JOB_COLUMNS: &str =
+    "id, kind, source, state, operator, plan_id, power_evidence, request, parallel, created_ms, updated_ms, error";
+
+/// The columns [`move_from_row`] reads, in order.
+const MOVE_COLUMNS: &str =
+    "job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms";
+
+fn move_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MoveRow> {
+    Ok(MoveRow {
+        job_id: r.get(0)?,
+        uuid: r.get(1)?,
+        name: r.get(2)?,
+        source: r.get(3)?,
+        target: r.get(4)?,
+        generation: r.get::<_, i64>(5)? as u64,
+        state: r.get(6)?,
+        start: r.get(7)?,
+        definition_xml: r.get(8)?,
+        error: r.get(9)?,
+        priority: r.get(10)?,
+        updated_ms: r.get(11)?,
+    })
 }
 
 fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
