@@ -620,7 +620,21 @@ impl Registry {
             .iter()
             .filter(|(_, e)| e.session.is_some())
             .map(|(id, e)| {
-                let guests: Vec<Guest> = inner.guests.get(id).map(|m| m.values().map(|g| g.guest.clone()).collect()).unwrap_or_default();
+                // Every 500 ms: only what the reconciler reads, not definitions.
+                let guests: Vec<Guest> = inner
+                    .guests
+                    .get(id)
+                    .map(|m| {
+                        m.values()
+                            .map(|g| Guest {
+                                uuid: g.guest.uuid.clone(),
+                                name: g.guest.name.clone(),
+                                state: g.guest.state,
+                                ..Default::default()
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 crate::reconcile::HostSnapshot {
                     host: id.clone(),
                     status: e.row.status.parse().unwrap_or(HostStatus::Available),

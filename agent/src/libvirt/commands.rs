@@ -206,12 +206,11 @@ impl ActorState {
         let mut changed = Vec::new();
         if let Some(c) = &self.conn {
             // Lifeboat, not libvirt, decides what starts: keep libvirt autostart
-            // off on every leased guest (read from libvirt, not the cache).
-            for l in &g.leases {
+            // off on every leased guest. The cache is kept current by the
+            // autostart-link watcher, so a renewal costs no libvirt calls
+            // unless a guest's autostart is on.
+            for l in g.leases.iter().filter(|l| self.known.get(&l.uuid).is_some_and(|x| x.autostart)) {
                 let Ok(dom) = c.conn.lookup_domain_by_uuid_string(&l.uuid) else { continue };
-                if !dom.autostart().unwrap_or(false) {
-                    continue;
-                }
                 match dom.set_autostart(false) {
                     Ok(_) => info!(
                         uuid = %l.uuid,
