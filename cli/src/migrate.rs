@@ -12,6 +12,26 @@ use tonic::transport::Channel;
 use crate::Format;
 use crate::client::CliError;
 
+/// How a plan is reviewed and carried out (shared by `migrate` and `move`).
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Define the guests on their targets but leave them stopped.
+    #[arg(long)]
+    no_start: bool,
+    /// Only print the plan (the default when neither --yes nor --plan-id is given).
+    #[arg(long, conflicts_with_all = ["yes", "plan_id"])]
+    plan: bool,
+    /// Plan and carry it out at once.
+    #[arg(long, conflicts_with = "plan_id")]
+    yes: bool,
+    /// Carry out the plan with this id, refusing if anything changed since.
+    #[arg(long, value_name = "ID")]
+    plan_id: Option<String>,
+    /// Return after starting the job instead of following it.
+    #[arg(long)]
+    no_wait: bool,
+}
+
 /// Arguments of `lifeboat migrate`.
 #[derive(Args, Debug)]
 pub struct MigrateArgs {
@@ -36,24 +56,11 @@ pub struct MigrateArgs {
     /// Why you are sure (required with --attest-powered-off).
     #[arg(long, value_name = "TEXT")]
     reason: Option<String>,
-    /// Define the guests on their targets but leave them stopped.
-    #[arg(long)]
-    no_start: bool,
     /// Guests moved at once (default 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     parallel: Option<u32>,
-    /// Only print the plan (the default when neither --yes nor --plan-id is given).
-    #[arg(long, conflicts_with_all = ["yes", "plan_id"])]
-    plan: bool,
-    /// Plan and carry it out at once.
-    #[arg(long, conflicts_with = "plan_id")]
-    yes: bool,
-    /// Carry out the plan with this id, refusing if anything changed since.
-    #[arg(long, value_name = "ID")]
-    plan_id: Option<String>,
-    /// Return after starting the job instead of following it.
-    #[arg(long)]
-    no_wait: bool,
+    #[command(flatten)]
+    exec: ExecArgs,
     #[arg(skip)]
     planned_move: bool,
 }
@@ -70,21 +77,8 @@ pub struct MoveArgs {
     /// The host to move it to (AVAILABLE, or NOT_ACCEPTING to test it).
     #[arg(long, value_name = "HOST")]
     to: String,
-    /// Define it on the target but leave it stopped.
-    #[arg(long)]
-    no_start: bool,
-    /// Only print the plan (the default when neither --yes nor --plan-id is given).
-    #[arg(long, conflicts_with_all = ["yes", "plan_id"])]
-    plan: bool,
-    /// Plan and carry it out at once.
-    #[arg(long, conflicts_with = "plan_id")]
-    yes: bool,
-    /// Carry out the plan with this id, refusing if anything changed since.
-    #[arg(long, value_name = "ID")]
-    plan_id: Option<String>,
-    /// Return after starting the job instead of following it.
-    #[arg(long)]
-    no_wait: bool,
+    #[command(flatten)]
+    exec: ExecArgs,
 }
 
 impl From<MoveArgs> for MigrateArgs {
@@ -97,12 +91,8 @@ impl From<MoveArgs> for MigrateArgs {
             fence: false,
             attest_powered_off: false,
             reason: None,
-            no_start: m.no_start,
             parallel: None,
-            plan: m.plan,
-            yes: m.yes,
-            plan_id: m.plan_id,
-            no_wait: m.no_wait,
+            exec: m.exec,
             planned_move: true,
         }
     }
@@ -116,9 +106,9 @@ fn request(a: &MigrateArgs) -> MigrateRequest {
         fence: a.fence,
         attest_powered_off: a.attest_powered_off,
         attest_reason: a.reason.clone().unwrap_or_default(),
-        no_start: a.no_start,
+        no_start: a.exec.no_start,
         parallel: a.parallel.unwrap_or(0),
-        plan_id: a.plan_id.clone().unwrap_or_default(),
+        plan_id: a.exec.plan_id.clone().unwrap_or_default(),
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
         planned_move: a.planned_move,
         yes: false,
@@ -262,9 +252,9 @@ pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) 
         return Err(CliError::Usage(format!("--to {} is the failed host itself; name another host", a.from)));
     }
     let mut req = request(&a);
-    if a.plan_id.is_none() {
+    if a.exec.plan_id.is_none() {
         let p = c.plan_migration(req.clone()).await.map_err(CliError::from_status)?.into_inner();
-        if !a.yes {
+        if !a.exec.yes {
             print_plan(fmt, &p);
             if fmt == Format::Table && p.executable {
                 println!("\nNothing has been changed. To carry out this plan: add --plan-id {} (or --yes)", p.plan_id);
@@ -284,7 +274,7 @@ pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) 
     if fmt == Format::Table {
         println!("started job {} ({} guests)", job.id, job.moves.len());
     }
-    if a.no_wait {
+    if a.exec.no_wait {
         if fmt == Format::Json {
             json(&job);
         }
