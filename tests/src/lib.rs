@@ -191,3 +191,20 @@ pub fn test_node(domains: &[String]) -> String {
         domains.join("")
     )
 }
+
+/// Waits (at most `limit`) until job `id` has ended; returns it and the time taken.
+pub async fn wait_job_end(
+    admin: &AdminClient<Channel>,
+    id: &str,
+    limit: Duration,
+) -> (lifeboat_proto::v1::JobRecord, Duration) {
+    wait_for(limit, &format!("job {id} to end"), || {
+        let mut a = admin.clone();
+        let id = id.to_string();
+        async move {
+            let j = a.get_job(lifeboat_proto::v1::GetJobRequest { id }).await.ok()?.into_inner();
+            ["SUCCEEDED", "PARTIAL", "FAILED"].contains(&j.state.as_str()).then_some(j)
+        }
+    })
+    .await
+}

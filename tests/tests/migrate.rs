@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use lifeboat_common::identity::Role;
-use lifeboat_e2e::{Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for};
+use lifeboat_e2e::{Agent, Controller, Pki, agent_config, wait_job_end, test_domain as domain, test_node as node, wait_for};
 use lifeboat_proto::v1::{
-    GetHostRequest, GetJobRequest, GuestState, ListAuditRequest, ListGuestsRequest, MigrateRequest,
+    GetHostRequest, GuestState, ListAuditRequest, ListGuestsRequest, MigrateRequest,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,15 +101,7 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     req.plan_id = p.plan_id.clone();
     let job = op.start_migration(req.clone()).await.unwrap().into_inner();
     assert_eq!(job.moves.len(), 3);
-    let (done, took) = wait_for(Duration::from_secs(20), "job end", || {
-        let mut op = op.clone();
-        let id = job.id.clone();
-        async move {
-            let j = op.get_job(GetJobRequest { id }).await.ok()?.into_inner();
-            ["SUCCEEDED", "PARTIAL", "FAILED"].contains(&j.state.as_str()).then_some(j)
-        }
-    })
-    .await;
+    let (done, took) = wait_job_end(&op, &job.id, Duration::from_secs(20)).await;
     println!("3-guest job finished in {took:?}");
     assert_eq!(done.state, "SUCCEEDED", "{done:?}");
 
@@ -189,15 +181,7 @@ async fn a_planned_move_stops_first_then_redefines_and_undefines_on_the_source()
     go.plan_id = p.plan_id;
     let job = op.start_migration(go).await.unwrap().into_inner();
     assert_eq!(job.kind, "move");
-    let (done, _) = wait_for(Duration::from_secs(20), "move done", || {
-        let mut op = op.clone();
-        let id = job.id.clone();
-        async move {
-            let j = op.get_job(GetJobRequest { id }).await.ok()?.into_inner();
-            ["SUCCEEDED", "PARTIAL", "FAILED"].contains(&j.state.as_str()).then_some(j)
-        }
-    })
-    .await;
+    let (done, _) = wait_job_end(&op, &job.id, Duration::from_secs(20)).await;
     assert_eq!(done.state, "SUCCEEDED", "{done:?}");
     let (guests, _) = wait_for(Duration::from_secs(5), "source definition removed", || {
         let mut op = op.clone();

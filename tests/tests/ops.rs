@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use lifeboat_common::identity::Role;
-use lifeboat_e2e::{Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for};
+use lifeboat_e2e::{Agent, Controller, Pki, agent_config, wait_job_end, test_domain as domain, test_node as node, wait_for};
 use lifeboat_proto::v1::{GetJobRequest, ListAuditRequest, ListGuestsRequest, ListHostsRequest, MigrateRequest};
 
 fn fixture(name: &str) -> String {
@@ -60,12 +60,8 @@ async fn a_backup_of_a_busy_controller_restores_into_a_fresh_one() {
         assert_eq!(s.counts.iter().find(|c| c.0 == "hosts").map(|c| c.1), Some(2), "{s}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    wait_for(Duration::from_secs(20), "job done", || {
-        let mut op = op.clone();
-        let id = job.id.clone();
-        async move { (op.get_job(GetJobRequest { id }).await.ok()?.into_inner().state == "SUCCEEDED").then_some(()) }
-    })
-    .await;
+    let (done, _) = wait_job_end(&op, &job.id, Duration::from_secs(20)).await;
+    assert_eq!(done.state, "SUCCEEDED", "{done:?}");
     let out = dir.join("backup.db");
     let summary = lifeboat_controller::backup::backup(&db, &out, false).unwrap();
     println!("backup while busy: {summary}");
