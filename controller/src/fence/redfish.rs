@@ -415,6 +415,31 @@ impl Redfish {
 
     /// Reads; if not yet `want`, POSTs `reset_type` and polls until a read says
     /// `want` or the timeout passes. Only a read can say "done".
+    /// Sends one reset. `Ok(None)`: accepted; `Ok(Some(reason))`: unknown
+    /// whether the BMC acted (poll, and send again while it is reachable);
+    /// `Err(state)`: the outcome is decided.
+    async fn send_reset(
+        &self,
+        want: &PowerState,
+        reset_type: &str,
+        target: Option<Url>,
+        log: &mut Vec<FenceEvent>,
+    ) -> Result<Option<String>, PowerState> {
+        match self.reset(reset_type, target, log).await {
+            ResetAnswer::Accepted => Ok(None),
+            ResetAnswer::Denied(reason) => Err(PowerState::Unknown(reason)),
+            ResetAnswer::Refused(reason) => {
+                // 400/409 may mean "already in that state": believe only a read.
+                let now = self.read(log).await.state;
+                if &now == want {
+                    return Err(now);
+                }
+                Err(PowerState::Unknown(format!("{reason}; it then read {}", describe(&now))))
+            }
+            ResetAnswer::Failed(reason) => Ok(Some(reason)),
+        }
+    }
+
     async fn drive(&self, want: PowerState, reset_type: &str, log: &mut Vec<FenceEvent>) -> PowerState {
         let start = Instant::now();
         let deadline = start + self.timeout;
@@ -424,21 +449,10 @@ impl Redfish {
             return want;
         }
         let mut target = first.reset_target;
-        let mut post_error: Option<String> = None;
-        match self.reset(reset_type, target.clone(), log).await {
-            ResetAnswer::Accepted => {}
-            ResetAnswer::Denied(reason) => return PowerState::Unknown(reason),
-            ResetAnswer::Refused(reason) => {
-                // 400/409 may mean "already in that state": believe only a read.
-                let now = self.read(log).await.state;
-                if now == want {
-                    return want;
-                }
-                return PowerState::Unknown(format!("{reason}; it then read {}", describe(&now)));
-            }
-            // Unknown whether the BMC acted: poll, and send again while it is reachable.
-            ResetAnswer::Failed(reason) => post_error = Some(reason),
-        }
+        let mut post_error = match self.send_reset(&want, reset_type, target.clone(), log).await {
+            Ok(failed) => failed,
+            Err(end) => return end,
+        };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             tokio::time::sleep(self.poll.min(left)).await;
@@ -472,17 +486,9 @@ impl Redfish {
                 if r.reset_target.is_some() {
                     target = r.reset_target;
                 }
-                match self.reset(reset_type, target.clone(), log).await {
-                    ResetAnswer::Accepted => post_error = None,
-                    ResetAnswer::Denied(reason) => return PowerState::Unknown(reason),
-                    ResetAnswer::Refused(reason) => {
-                        let now = self.read(log).await.state;
-                        if now == want {
-                            return want;
-                        }
-                        return PowerState::Unknown(format!("{reason}; it then read {}", describe(&now)));
-                    }
-                    ResetAnswer::Failed(reason) => post_error = Some(reason),
+                match self.send_reset(&want, reset_type, target.clone(), log).await {
+                    Ok(failed) => post_error = failed,
+                    Err(end) => return end,
                 }
             }
         }
