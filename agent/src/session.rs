@@ -140,9 +140,20 @@ impl Session {
         let mut hb = tokio::time::interval(Duration::from_millis(hb_ms));
         hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
+        // The controller answers every heartbeat; a session that stops
+        // answering is dead even while TCP still looks open (a healed
+        // partition can leave such a stream behind): dial again.
+        let silent_limit = Duration::from_millis((hb_ms * 5).max(3000));
+        let mut last_heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = hb.tick() => {
+                    if last_heard.elapsed() > silent_limit {
+                        return Err(SessionError::Protocol(format!(
+                            "the controller answered nothing for {} ms; reconnecting",
+                            last_heard.elapsed().as_millis()
+                        )));
+                    }
                     seq += 1;
                     let m = send(agent_message::Msg::Heartbeat(Heartbeat {
                         seq,
@@ -164,7 +175,7 @@ impl Session {
                 m = inbound.message() => {
                     match m? {
                         None => return Ok(()),
-                        Some(msg) => match msg.msg {
+                        Some(msg) => { last_heard = tokio::time::Instant::now(); match msg.msg {
                             Some(controller_message::Msg::Command(c)) => {
                                 let actor = self.actor.clone();
                                 let tx = tx.clone();
@@ -173,8 +184,10 @@ impl Session {
                                     let _ = tx.send(AgentMessage { msg: Some(agent_message::Msg::CommandResult(r)) }).await;
                                 });
                             }
-                            Some(controller_message::Msg::Welcome(_)) | None => {}
-                        },
+                            Some(controller_message::Msg::Welcome(_))
+                            | Some(controller_message::Msg::HeartbeatAck(_))
+                            | None => {}
+                        }},
                     }
                 }
             }

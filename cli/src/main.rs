@@ -308,7 +308,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Vms(VmsCmd::List { host }) => {
             let mut c = cli.conn.admin().await?;
             let r = c
-                .list_guests(lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default() })
+                .list_guests(lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), ..Default::default() })
                 .await
                 .map_err(CliError::from_status)?;
             output::vms(fmt, &r.into_inner().guests);
@@ -317,7 +317,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Vms(VmsCmd::Show { vm, host, xml }) => {
             let mut c = cli.conn.admin().await?;
             let r = c
-                .list_guests(lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default() })
+                .list_guests(lifeboat_proto::v1::ListGuestsRequest {
+                    host: host.unwrap_or_default(),
+                    vm: vm.clone(),
+                    with_definitions: xml,
+                })
                 .await
                 .map_err(CliError::from_status)?;
             let found: Vec<_> = r

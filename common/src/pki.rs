@@ -106,59 +106,85 @@ pub fn init(dir: &Path) -> Result<(PathBuf, PathBuf), PkiError> {
     Ok((cert_path, key_path))
 }
 
+/// A loaded CA that signs leaf certificates in memory.
+pub struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A signed leaf certificate: PEM text of the certificate and its key.
+pub struct IssuedPem {
+    /// File stem (`agent-HOST`, `controller`, `client-NAME`).
+    pub stem: String,
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// Private key, PEM.
+    pub key_pem: String,
+}
+
+impl Authority {
+    /// Reads `ca_dir/ca.pem` and `ca_dir/ca.key`.
+    pub fn load(ca_dir: &Path) -> Result<Self, PkiError> {
+        let ca_cert_path = ca_dir.join("ca.pem");
+        let ca_key_path = ca_dir.join("ca.key");
+        let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io(&ca_cert_path))?;
+        let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+        Ok(Authority { issuer: Issuer::from_ca_cert_pem(&ca_pem, ca_key)? })
+    }
+
+    /// Signs a new leaf certificate with a fresh key.
+    pub fn issue_pem(&self, leaf: &Leaf) -> Result<IssuedPem, PkiError> {
+        let (stem, ou, cn, sans, server) = match leaf {
+            Leaf::Agent(host) => {
+                valid_name(host)?;
+                (format!("agent-{host}"), "agent".to_string(), host.clone(), vec![], false)
+            }
+            Leaf::Controller(extra) => {
+                let mut sans = vec![CONTROLLER_NAME.to_string(), "localhost".to_string(), "127.0.0.1".to_string()];
+                sans.extend(extra.iter().cloned());
+                ("controller".to_string(), "controller".to_string(), CONTROLLER_NAME.to_string(), sans, true)
+            }
+            Leaf::Client(name, role) => {
+                valid_name(name)?;
+                (format!("client-{name}"), role.as_str().to_string(), name.clone(), vec![], false)
+            }
+        };
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        for s in &sans {
+            let san = match s.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(s.clone().try_into().map_err(|_| PkiError::BadName(s.clone()))?),
+            };
+            params.subject_alt_names.push(san);
+        }
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, ORGANIZATION);
+        dn.push(DnType::OrganizationalUnitName, ou);
+        dn.push(DnType::CommonName, cn);
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = if server {
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, 825);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedPem { stem, cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}
+
 /// Issues a leaf certificate signed by the CA in `ca_dir`, written to
 /// `out_dir` as `<stem>.pem` and `<stem>.key` (0600); returns both paths.
 pub fn issue(ca_dir: &Path, out_dir: &Path, leaf: &Leaf) -> Result<(PathBuf, PathBuf), PkiError> {
-    let ca_cert_path = ca_dir.join("ca.pem");
-    let ca_key_path = ca_dir.join("ca.key");
-    let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io(&ca_cert_path))?;
-    let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
-
-    let (stem, ou, cn, sans, server) = match leaf {
-        Leaf::Agent(host) => {
-            valid_name(host)?;
-            (format!("agent-{host}"), "agent".to_string(), host.clone(), vec![], false)
-        }
-        Leaf::Controller(extra) => {
-            let mut sans = vec![CONTROLLER_NAME.to_string(), "localhost".to_string(), "127.0.0.1".to_string()];
-            sans.extend(extra.iter().cloned());
-            ("controller".to_string(), "controller".to_string(), CONTROLLER_NAME.to_string(), sans, true)
-        }
-        Leaf::Client(name, role) => {
-            valid_name(name)?;
-            (format!("client-{name}"), role.as_str().to_string(), name.clone(), vec![], false)
-        }
-    };
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    for s in &sans {
-        let san = match s.parse::<std::net::IpAddr>() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(s.clone().try_into().map_err(|_| PkiError::BadName(s.clone()))?),
-        };
-        params.subject_alt_names.push(san);
-    }
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, ORGANIZATION);
-    dn.push(DnType::OrganizationalUnitName, ou);
-    dn.push(DnType::CommonName, cn);
-    params.distinguished_name = dn;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    params.extended_key_usages = if server {
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
-    } else {
-        vec![ExtendedKeyUsagePurpose::ClientAuth]
-    };
-    params.use_authority_key_identifier_extension = true;
-    validity(&mut params, 825);
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
+    let leaf = Authority::load(ca_dir)?.issue_pem(leaf)?;
     fs::create_dir_all(out_dir).map_err(io(out_dir))?;
-    let cert_path = out_dir.join(format!("{stem}.pem"));
-    let key_path = out_dir.join(format!("{stem}.key"));
-    write_file(&key_path, &key.serialize_pem(), 0o600)?;
-    write_file(&cert_path, &cert.pem(), 0o644)?;
+    let cert_path = out_dir.join(format!("{}.pem", leaf.stem));
+    let key_path = out_dir.join(format!("{}.key", leaf.stem));
+    write_file(&key_path, &leaf.key_pem, 0o600)?;
+    write_file(&cert_path, &leaf.cert_pem, 0o644)?;
     Ok((cert_path, key_path))
 }
 

@@ -20,7 +20,7 @@ fn fixture(name: &str) -> String {
 
 async fn guests(c: &Controller, pki: &Pki, host: &str) -> Vec<GuestRecord> {
     let mut a = c.admin(&pki.client("viewer", Role::Viewer)).await;
-    a.list_guests(ListGuestsRequest { host: host.into() }).await.map(|r| r.into_inner().guests).unwrap_or_default()
+    a.list_guests(ListGuestsRequest { host: host.into(), ..Default::default() }).await.map(|r| r.into_inner().guests).unwrap_or_default()
 }
 
 fn by_name<'a>(gs: &'a [GuestRecord], name: &str) -> Option<&'a lifeboat_proto::v1::Guest> {

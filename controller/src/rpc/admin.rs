@@ -73,9 +73,20 @@ impl Admin for AdminService {
 
     async fn list_guests(&self, req: Request<ListGuestsRequest>) -> Result<Response<ListGuestsResponse>, Status> {
         authorize(&req, Role::Viewer, "listing guests")?;
-        let host = req.get_ref().host.trim();
+        let r = req.get_ref();
+        let host = r.host.trim();
         let filter = if host.is_empty() { None } else { Some(host) };
-        Ok(Response::new(ListGuestsResponse { guests: self.reg.list_guests(filter)? }))
+        let vm = r.vm.trim();
+        let mut guests = self.reg.list_guests(filter)?;
+        if !vm.is_empty() {
+            guests.retain(|g| g.guest.as_ref().is_some_and(|x| x.name == vm || x.uuid == vm));
+        }
+        if !r.with_definitions {
+            for g in guests.iter_mut().filter_map(|g| g.guest.as_mut()) {
+                g.definition_xml = String::new();
+            }
+        }
+        Ok(Response::new(ListGuestsResponse { guests }))
     }
 
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<WhoAmIResponse>, Status> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lifeboat_common::identity::Identity;
 use lifeboat_proto::v1::{
-    AgentMessage, ControllerMessage, Welcome, agent_message::Msg, agent_session_server::AgentSession,
+    AgentMessage, ControllerMessage, HeartbeatAck, Welcome, agent_message::Msg, agent_session_server::AgentSession,
     controller_message,
 };
 use tokio::sync::mpsc;
@@ -87,7 +87,17 @@ impl AgentSession for AgentService {
                 };
                 reg.heard(&host, sid);
                 let r = match msg.msg {
-                    Some(Msg::Heartbeat(_)) => Ok(()),
+                    Some(Msg::Heartbeat(h)) => {
+                        // A full outbound queue means the agent is not reading:
+                        // drop the ack rather than stall this stream.
+                        let _ = tx.try_send(ControllerMessage {
+                            msg: Some(controller_message::Msg::HeartbeatAck(HeartbeatAck {
+                                seq: h.seq,
+                                handled_unix_ms: lifeboat_common::now_unix_ms(),
+                            })),
+                        });
+                        Ok(())
+                    }
                     Some(Msg::Inventory(inv)) => reg.apply_inventory(&host, sid, inv).map(|skipped| {
                         for s in skipped {
                             warn!(host = %host, "skipped invalid guest: {s}");
@@ -112,7 +122,6 @@ impl AgentSession for AgentService {
             }
             reg.close_session(&host, sid);
             info!(host = %host, "agent session closed");
-            drop(tx);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }
