@@ -1,0 +1,783 @@
+//! `lifeboat-loadgen`: measures a real `lifeboat-controller` process under
+//! the load of N simulated agents.
+//!
+//! Every simulated agent has its own certificate and its own mutual-TLS
+//! HTTP/2 connection, says Hello, sends a full inventory (host facts and
+//! guests with realistic definition XML), then heartbeats at the interval
+//! the controller asks for, sends a steady trickle of guest changes, and
+//! answers the controller's commands as a healthy host would (every path
+//! visible, every command carried out). The tool then measures, on the
+//! controller process: CPU and RSS while it holds the load, the heartbeat
+//! round trip (send → `HeartbeatAck`), the time to notice a host that went
+//! silent, the time to plan the evacuation of one host, and the time of
+//! `lifeboat vms list --output json` over every guest (the real CLI).
+//!
+//! It prints one JSON object with the figures (and a readable summary on
+//! stderr). It is a benchmark, not a test: it asserts nothing but that the
+//! controller answered correctly.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use lifeboat_common::identity::Role;
+use lifeboat_common::pki::{self, Authority, Leaf};
+use lifeboat_proto::v1::{
+    AgentMessage, CommandResult, Disk, GetHostRequest, Guest, GuestChanged, GuestState, Heartbeat, Hello, HostInfo,
+    Inventory, ListHostsRequest, MigrateRequest, Nic, PathCheck, admin_client::AdminClient, agent_message,
+    agent_session_client::AgentSessionClient, command, controller_message,
+};
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Command line.
+#[derive(Parser, Debug)]
+#[command(name = "lifeboat-loadgen", about = "Load a real lifeboat-controller with N simulated agents and measure it")]
+struct Args {
+    /// Simulated hosts (one agent session each).
+    #[arg(long, default_value_t = 1000)]
+    hosts: usize,
+    /// Guests per host.
+    #[arg(long, default_value_t = 20)]
+    guests_per_host: usize,
+    /// The controller binary to start.
+    #[arg(long, default_value = "target/release/lifeboat-controller")]
+    controller_bin: PathBuf,
+    /// The CLI binary (for `vms list --output json`).
+    #[arg(long, default_value = "target/release/lifeboat")]
+    cli_bin: PathBuf,
+    /// Seconds of steady load over which CPU and heartbeat latency are measured.
+    #[arg(long, default_value_t = 30)]
+    measure_s: u64,
+    /// Seconds of steady load before measuring.
+    #[arg(long, default_value_t = 10)]
+    warmup_s: u64,
+    /// Guest changes each host sends per minute (the trickle).
+    #[arg(long, default_value_t = 1.0)]
+    changes_per_host_per_min: f64,
+    /// The controller's force_grace_ms (silence a plan needs; must exceed the
+    /// default lease TTL of 30 s).
+    #[arg(long, default_value_t = 35000)]
+    grace_ms: u64,
+    /// The controller's heartbeat_interval_ms (its default).
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u32,
+    /// The controller's unreachable_after_ms, the detection time (its default).
+    #[arg(long, default_value_t = 3000)]
+    unreachable_ms: u32,
+    /// How many times to plan the evacuation of the silent host.
+    #[arg(long, default_value_t = 20)]
+    plan_runs: usize,
+    /// Simultaneous TLS handshakes while connecting.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Working directory (default: a new temporary directory, removed at the end).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+/// The figures, printed as JSON.
+#[derive(Serialize, Default, Debug)]
+struct Report {
+    hosts: usize,
+    guests: usize,
+    definition_bytes: usize,
+    heartbeat_interval_ms: u32,
+    unreachable_after_ms: u32,
+    connect_all_s: f64,
+    inventory_stored_s: f64,
+    measure_s: f64,
+    controller_cpu_pct: f64,
+    loadgen_cpu_pct: f64,
+    controller_rss_mib: f64,
+    controller_peak_rss_mib: f64,
+    heartbeats_measured: usize,
+    heartbeat_rtt_p50_ms: f64,
+    heartbeat_rtt_p99_ms: f64,
+    heartbeat_rtt_max_ms: f64,
+    changes_sent_per_s: f64,
+    silent_detect_ms: f64,
+    plan_ms_p50: f64,
+    plan_ms_max: f64,
+    plan_movable: usize,
+    vms_list_ms: f64,
+    vms_list_guests: usize,
+    vms_list_bytes: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Load,
+    Done,
+}
+
+/// State shared by all simulated agents.
+struct Shared {
+    url: String,
+    ca_pem: String,
+    guests_per_host: usize,
+    change_every: Duration,
+    base: Instant,
+    measuring: AtomicBool,
+    rtts_us: Mutex<Vec<u32>>,
+    /// Index of the host that went silent (usize::MAX = none).
+    silenced: AtomicUsize,
+    /// When the silenced host sent its last heartbeat (µs since `base`).
+    last_hb_us: AtomicI64,
+    connected: AtomicUsize,
+    inventories: AtomicUsize,
+    changes: AtomicU64,
+    heartbeat_ms: AtomicU64,
+    phase: tokio::sync::watch::Receiver<Phase>,
+    connect_gate: Semaphore,
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn host_id(i: usize) -> String {
+    format!("sim-{i:05}")
+}
+
+fn guest_uuid(i: usize, j: usize) -> String {
+    format!("{i:08x}-{j:04x}-4000-8000-{:012x}", splitmix((i * 1000 + j) as u64) & 0xffff_ffff_ffff)
+}
+
+/// A definition shaped like `virsh dumpxml --inactive --security-info` of a
+/// typical q35 RHEL guest (about 4.5 KB).
+fn definition(name: &str, uuid: &str, i: usize, j: usize) -> String {
+    let mac = format!("52:54:00:{:02x}:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff, j & 0xff);
+    let mut ports = String::new();
+    for p in 1..=10 {
+        ports.push_str(&format!(
+            "    <controller type='pci' index='{p}' model='pcie-root-port'>\n      <model name='pcie-root-port'/>\n      <target chassis='{p}' port='0x{:x}'/>\n      <address type='pci' domain='0x0000' bus='0x00' slot='0x02' function='0x{:x}'/>\n    </controller>\n",
+            0x0f + p,
+            p - 1
+        ));
+    }
+    format!(
+        r#"<domain type='kvm'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <metadata>
+    <libosinfo:libosinfo xmlns:libosinfo="http://libosinfo.org/xmlns/libvirt/domain/1.0">
+      <libosinfo:os id="http://redhat.com/rhel/9.4"/>
+    </libosinfo:libosinfo>
+  </metadata>
+  <memory unit='KiB'>4194304</memory>
+  <currentMemory unit='KiB'>4194304</currentMemory>
+  <vcpu placement='static'>4</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc-q35-rhel9.4.0'>hvm</type>
+    <boot dev='hd'/>
+  </os>
+  <features><acpi/><apic/><vmport state='off'/></features>
+  <cpu mode='host-passthrough' check='none' migratable='on'/>
+  <clock offset='utc'>
+    <timer name='rtc' tickpolicy='catchup'/>
+    <timer name='pit' tickpolicy='delay'/>
+    <timer name='hpet' present='no'/>
+  </clock>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <pm><suspend-to-mem enabled='no'/><suspend-to-disk enabled='no'/></pm>
+  <devices>
+    <emulator>/usr/libexec/qemu-kvm</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='/shared/images/{name}.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+      <address type='pci' domain='0x0000' bus='0x04' slot='0x00' function='0x0'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='/shared/images/{name}-data.qcow2'/>
+      <target dev='vdb' bus='virtio'/>
+      <address type='pci' domain='0x0000' bus='0x05' slot='0x00' function='0x0'/>
+    </disk>
+    <controller type='usb' index='0' model='qemu-xhci' ports='15'>
+      <address type='pci' domain='0x0000' bus='0x02' slot='0x00' function='0x0'/>
+    </controller>
+    <controller type='pci' index='0' model='pcie-root'/>
+{ports}    <controller type='sata' index='0'>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x1f' function='0x2'/>
+    </controller>
+    <controller type='virtio-serial' index='0'>
+      <address type='pci' domain='0x0000' bus='0x03' slot='0x00' function='0x0'/>
+    </controller>
+    <interface type='bridge'>
+      <mac address='{mac}'/>
+      <source bridge='br0'/>
+      <model type='virtio'/>
+      <address type='pci' domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>
+    </interface>
+    <serial type='pty'><target type='isa-serial' port='0'><model name='isa-serial'/></target></serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+      <address type='virtio-serial' controller='0' bus='0' port='1'/>
+    </channel>
+    <input type='tablet' bus='usb'><address type='usb' bus='0' port='1'/></input>
+    <input type='mouse' bus='ps2'/>
+    <input type='keyboard' bus='ps2'/>
+    <graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1' passwd='s3cr3t-{j}'>
+      <listen type='address' address='127.0.0.1'/>
+    </graphics>
+    <video>
+      <model type='virtio' heads='1' primary='yes'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x01' function='0x0'/>
+    </video>
+    <memballoon model='virtio'>
+      <address type='pci' domain='0x0000' bus='0x06' slot='0x00' function='0x0'/>
+    </memballoon>
+    <rng model='virtio'>
+      <backend model='random'>/dev/urandom</backend>
+      <address type='pci' domain='0x0000' bus='0x07' slot='0x00' function='0x0'/>
+    </rng>
+  </devices>
+</domain>
+"#
+    )
+}
+
+fn guest(i: usize, j: usize, running: bool) -> Guest {
+    let name = format!("vm-{i:05}-{j:02}");
+    let uuid = guest_uuid(i, j);
+    let definition_xml = definition(&name, &uuid, i, j);
+    Guest {
+        disks: vec![
+            Disk { target: "vda".into(), source_type: "file".into(), source: format!("/shared/images/{name}.qcow2"), device: "disk".into(), ..Default::default() },
+            Disk { target: "vdb".into(), source_type: "file".into(), source: format!("/shared/images/{name}-data.qcow2"), device: "disk".into(), ..Default::default() },
+        ],
+        nics: vec![Nic { mac: format!("52:54:00:{:02x}:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff, j & 0xff), kind: "bridge".into(), source: "br0".into(), model: "virtio".into() }],
+        uuid,
+        name,
+        state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
+        state_reason: if running { "booted".into() } else { "shutdown".into() },
+        persistent: true,
+        vcpus: 4,
+        memory_kib: 4 * 1024 * 1024,
+        definition_xml,
+        ..Default::default()
+    }
+}
+
+fn host_info(i: usize) -> HostInfo {
+    HostInfo {
+        host_id: host_id(i),
+        hostname: format!("{}.lab.example", host_id(i)),
+        boot_id: format!("boot-{:016x}", splitmix(i as u64)),
+        libvirt_version: "10.0.0".into(),
+        hypervisor_type: "QEMU".into(),
+        hypervisor_version: "8.2.0".into(),
+        cpus: 64,
+        cpu_model: "x86_64".into(),
+        memory_total_kib: 512 * 1024 * 1024,
+        memory_free_kib: 300 * 1024 * 1024,
+        guests_on_boot: "ignore".into(),
+        agent_version: "loadgen".into(),
+        libvirt_uri: "qemu:///system".into(),
+        ..Default::default()
+    }
+}
+
+fn answer(c: lifeboat_proto::v1::Command) -> CommandResult {
+    let mut r = CommandResult { id: c.id, ok: true, outcome: "done".into(), ..Default::default() };
+    if let Some(command::Kind::CheckPaths(p)) = c.kind {
+        r.paths = p.paths.into_iter().map(|path| PathCheck { path, visible: true, error: String::new() }).collect();
+    }
+    r
+}
+
+/// One simulated agent: connects (with retries) and runs its session until
+/// the phase is Done.
+async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if *sh.phase.borrow() == Phase::Done {
+            return;
+        }
+        match session(i, &sh, &cert_pem, &key_pem).await {
+            Ok(()) => return,
+            Err(e) => {
+                if *sh.phase.borrow() == Phase::Done {
+                    return;
+                }
+                eprintln!("loadgen: {} session: {e:#}; retrying", host_id(i));
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+    let channel: Channel = {
+        let _permit = sh.connect_gate.acquire().await?;
+        let tls = ClientTlsConfig::new()
+            .domain_name(pki::CONTROLLER_NAME)
+            .ca_certificate(Certificate::from_pem(&sh.ca_pem))
+            .identity(Identity::from_pem(cert_pem, key_pem));
+        Endpoint::from_shared(sh.url.clone())?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(30))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .connect()
+            .await
+            .context("connect")?
+    };
+    let mut client = AgentSessionClient::new(channel);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(64);
+    let send = |m: agent_message::Msg| AgentMessage { msg: Some(m) };
+    tx.send(send(agent_message::Msg::Hello(Hello {
+        host_id: host_id(i),
+        agent_version: "loadgen".into(),
+        boot_id: host_info(i).boot_id,
+    })))
+    .await?;
+    let mut inbound = client.session(ReceiverStream::new(rx)).await.context("open session")?.into_inner();
+    let welcome = match inbound.message().await?.and_then(|m| m.msg) {
+        Some(controller_message::Msg::Welcome(w)) => w,
+        other => bail!("expected Welcome, got {other:?}"),
+    };
+    sh.connected.fetch_add(1, Ordering::Relaxed);
+    let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
+    sh.heartbeat_ms.store(hb_ms, Ordering::Relaxed);
+    let mut guests: Vec<Guest> = (0..sh.guests_per_host).map(|j| guest(i, j, j % 4 != 0)).collect();
+    tx.send(send(agent_message::Msg::Inventory(Inventory { host: Some(host_info(i)), guests: guests.clone() }))).await?;
+    sh.inventories.fetch_add(1, Ordering::Relaxed);
+
+    let seed = splitmix(i as u64 ^ 0x5eed);
+    let hb_phase = Duration::from_micros(seed % (hb_ms * 1000));
+    let change_phase = Duration::from_micros((seed >> 20) % (sh.change_every.as_micros() as u64).max(1));
+    let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + hb_phase, Duration::from_millis(hb_ms));
+    hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut change = tokio::time::interval_at(tokio::time::Instant::now() + change_phase, sh.change_every);
+    change.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut phase = sh.phase.clone();
+    let mut pending: VecDeque<(u64, Instant)> = VecDeque::new();
+    let mut seq = 0u64;
+    let mut next_change = 0usize;
+    loop {
+        let silent = sh.silenced.load(Ordering::Relaxed) == i;
+        tokio::select! {
+            _ = hb.tick() => {
+                if silent { continue; }
+                seq += 1;
+                let now = Instant::now();
+                pending.push_back((seq, now));
+                if pending.len() > 64 { pending.pop_front(); }
+                sh.last_hb_us_for(i, now);
+                tx.send(send(agent_message::Msg::Heartbeat(Heartbeat { seq, sent_unix_ms: lifeboat_common::now_unix_ms(), memory_free_kib: 300 * 1024 * 1024 }))).await?;
+            }
+            _ = change.tick() => {
+                if silent { continue; }
+                let j = next_change % guests.len().max(1);
+                next_change += 1;
+                if let Some(g) = guests.get_mut(j) {
+                    let running = g.state == GuestState::Running as i32;
+                    g.state = if running { GuestState::Paused as i32 } else { GuestState::Running as i32 };
+                    g.state_reason = if running { "user".into() } else { "unpaused".into() };
+                    tx.send(send(agent_message::Msg::GuestChanged(GuestChanged { guest: Some(g.clone()) }))).await?;
+                    sh.changes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            m = inbound.message() => {
+                let Some(m) = m? else { bail!("the controller ended the session") };
+                match m.msg {
+                    Some(controller_message::Msg::HeartbeatAck(a)) => {
+                        while let Some((s, at)) = pending.front().copied() {
+                            if s > a.seq { break; }
+                            pending.pop_front();
+                            if s == a.seq && sh.measuring.load(Ordering::Relaxed) {
+                                let us = at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                                sh.rtts_us.lock().unwrap_or_else(|p| p.into_inner()).push(us);
+                            }
+                        }
+                    }
+                    Some(controller_message::Msg::Command(c)) => {
+                        if !silent {
+                            tx.send(send(agent_message::Msg::CommandResult(answer(c)))).await?;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ = phase.changed() => {
+                if *phase.borrow() == Phase::Done { return Ok(()); }
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn last_hb_us_for(&self, i: usize, at: Instant) {
+        if i == 0 {
+            self.last_hb_us.store(at.duration_since(self.base).as_micros() as i64, Ordering::Relaxed);
+        }
+    }
+}
+
+fn raise_nofile() {
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// utime + stime of a process, in seconds.
+fn proc_cpu_s(pid: u32) -> anyhow::Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &s[s.rfind(')').context("bad stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ut: f64 = f[11].parse()?;
+    let st: f64 = f[12].parse()?;
+    Ok((ut + st) / clock_ticks())
+}
+
+fn self_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(u.ru_utime) + tv(u.ru_stime)
+    }
+}
+
+/// (VmRSS, VmHWM) in MiB.
+fn proc_rss_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| -> f64 {
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0))
+}
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[idx]) / 1000.0
+}
+
+struct ControllerProc {
+    child: Child,
+}
+
+impl Drop for ControllerProc {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn admin(url: &str, dir: &Path) -> anyhow::Result<AdminClient<Channel>> {
+    let tls = ClientTlsConfig::new()
+        .domain_name(pki::CONTROLLER_NAME)
+        .ca_certificate(Certificate::from_pem(std::fs::read(dir.join("ca.pem"))?))
+        .identity(Identity::from_pem(std::fs::read(dir.join("client-bench.pem"))?, std::fs::read(dir.join("client-bench.key"))?));
+    let ch = Endpoint::from_shared(url.to_string())?.tls_config(tls)?.connect().await?;
+    Ok(AdminClient::new(ch).max_decoding_message_size(1 << 30))
+}
+
+fn log(t0: Instant, msg: impl AsRef<str>) {
+    eprintln!("loadgen [{:7.1}s] {}", t0.elapsed().as_secs_f64(), msg.as_ref());
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.hosts == 0 || args.guests_per_host == 0 {
+        bail!("--hosts and --guests-per-host must be at least 1");
+    }
+    let t0 = Instant::now();
+    lifeboat_common::tls::install_crypto_provider();
+    raise_nofile();
+    let tmp;
+    let dir = match &args.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let pki_dir = dir.join("pki");
+    let _ = std::fs::remove_dir_all(&pki_dir);
+    pki::init(&pki_dir)?;
+    pki::issue(&pki_dir, &pki_dir, &Leaf::Controller(vec![]))?;
+    pki::issue(&pki_dir, &pki_dir, &Leaf::Client("bench".into(), Role::Admin))?;
+    let ca = Arc::new(Authority::load(&pki_dir)?);
+    let n = args.hosts;
+    let certs: Vec<(String, String)> = std::thread::scope(|s| {
+        let workers = 2usize;
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let ca = ca.clone();
+                s.spawn(move || {
+                    (0..n)
+                        .filter(|i| i % workers == w)
+                        .map(|i| {
+                            let c = ca.issue_pem(&Leaf::Agent(host_id(i))).expect("agent certificate");
+                            (i, c.cert_pem, c.key_pem)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<(usize, String, String)> = handles.into_iter().flat_map(|h| h.join().expect("cert thread")).collect();
+        all.sort_by_key(|c| c.0);
+        all.into_iter().map(|(_, c, k)| (c, k)).collect()
+    });
+    log(t0, format!("{n} agent certificates issued"));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let url = format!("https://127.0.0.1:{port}");
+    let cfg_path = dir.join("controller.toml");
+    let db = dir.join("controller.db");
+    for ext in ["", "-wal", "-shm", ".lock"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
+    }
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndatabase = {db:?}\nforce_grace_ms = {}\nheartbeat_interval_ms = {}\nunreachable_after_ms = {}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            args.grace_ms,
+            args.heartbeat_ms,
+            args.unreachable_ms,
+            pki_dir.join("ca.pem"),
+            pki_dir.join("controller.pem"),
+            pki_dir.join("controller.key"),
+        ),
+    )?;
+    let log_file = std::fs::File::create(dir.join("controller.log"))?;
+    let child = Command::new(&args.controller_bin)
+        .arg("--config")
+        .arg(&cfg_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("starting {}", args.controller_bin.display()))?;
+    let mut ctl = ControllerProc { child };
+    let pid = ctl.child.id();
+    let ready = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(st)) = ctl.child.try_wait() {
+            bail!("the controller exited ({st}): {}", std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default());
+        }
+        if ready.elapsed() > Duration::from_secs(30) {
+            bail!("the controller did not listen within 30 s; see {}", dir.join("controller.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    log(t0, format!("controller pid {pid} listening on {url}"));
+
+    let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Load);
+    let sh = Arc::new(Shared {
+        url: url.clone(),
+        ca_pem: std::fs::read_to_string(pki_dir.join("ca.pem"))?,
+        guests_per_host: args.guests_per_host,
+        change_every: Duration::from_secs_f64(60.0 / args.changes_per_host_per_min.max(0.001)),
+        base: Instant::now(),
+        measuring: AtomicBool::new(false),
+        rtts_us: Mutex::new(Vec::new()),
+        silenced: AtomicUsize::new(usize::MAX),
+        last_hb_us: AtomicI64::new(0),
+        connected: AtomicUsize::new(0),
+        inventories: AtomicUsize::new(0),
+        changes: AtomicU64::new(0),
+        heartbeat_ms: AtomicU64::new(1000),
+        phase: phase_rx,
+        connect_gate: Semaphore::new(args.connect_concurrency.max(1)),
+    });
+    let mut rep = Report {
+        hosts: n,
+        guests: n * args.guests_per_host,
+        definition_bytes: guest(0, 0, true).definition_xml.len(),
+        ..Default::default()
+    };
+    let start_connect = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for (i, (c, k)) in certs.into_iter().enumerate() {
+        tasks.push(tokio::spawn(sim_agent(i, sh.clone(), c, k)));
+    }
+    let mut last = 0;
+    while sh.inventories.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let c = sh.connected.load(Ordering::Relaxed);
+        if c / 1000 != last / 1000 {
+            log(t0, format!("{c} sessions open"));
+        }
+        last = c;
+        if start_connect.elapsed() > Duration::from_secs(1800) {
+            bail!("only {c} of {n} agents connected within 30 min");
+        }
+    }
+    rep.connect_all_s = start_connect.elapsed().as_secs_f64();
+    log(t0, format!("all {n} sessions open, inventories sent ({:.1} s)", rep.connect_all_s));
+
+    let mut adm = admin(&url, &pki_dir).await?;
+    let want = args.guests_per_host as u32;
+    loop {
+        let hosts = adm.list_hosts(ListHostsRequest {}).await?.into_inner().hosts;
+        let done = hosts.iter().filter(|h| h.session_open && h.guest_count == want).count();
+        if done == n {
+            break;
+        }
+        if start_connect.elapsed() > Duration::from_secs(3600) {
+            bail!("the controller holds only {done} of {n} inventories after an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    rep.inventory_stored_s = start_connect.elapsed().as_secs_f64();
+    log(t0, format!("the controller holds all {} guests ({:.1} s after the first connect)", rep.guests, rep.inventory_stored_s));
+    let h0 = adm.get_host(GetHostRequest { host: host_id(0) }).await?.into_inner();
+    let _ = h0;
+
+    tokio::time::sleep(Duration::from_secs(args.warmup_s)).await;
+    log(t0, format!("measuring steady load for {} s", args.measure_s));
+    let cpu0 = proc_cpu_s(pid)?;
+    let self0 = self_cpu_s();
+    let ch0 = sh.changes.load(Ordering::Relaxed);
+    let m0 = Instant::now();
+    sh.measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(args.measure_s)).await;
+    sh.measuring.store(false, Ordering::Relaxed);
+    let wall = m0.elapsed().as_secs_f64();
+    rep.measure_s = wall;
+    rep.controller_cpu_pct = (proc_cpu_s(pid)? - cpu0) / wall * 100.0;
+    rep.loadgen_cpu_pct = (self_cpu_s() - self0) / wall * 100.0;
+    rep.changes_sent_per_s = (sh.changes.load(Ordering::Relaxed) - ch0) as f64 / wall;
+    let (rss, _) = proc_rss_mib(pid)?;
+    rep.controller_rss_mib = rss;
+    {
+        let mut v = std::mem::take(&mut *sh.rtts_us.lock().unwrap_or_else(|p| p.into_inner()));
+        v.sort_unstable();
+        rep.heartbeats_measured = v.len();
+        rep.heartbeat_rtt_p50_ms = pct(&v, 0.50);
+        rep.heartbeat_rtt_p99_ms = pct(&v, 0.99);
+        rep.heartbeat_rtt_max_ms = v.last().map(|x| f64::from(*x) / 1000.0).unwrap_or(0.0);
+    }
+    rep.heartbeat_interval_ms = sh.heartbeat_ms.load(Ordering::Relaxed) as u32;
+    log(
+        t0,
+        format!(
+            "steady: controller CPU {:.1} %, RSS {:.0} MiB, heartbeat RTT p50 {:.2} ms p99 {:.2} ms ({} samples)",
+            rep.controller_cpu_pct, rep.controller_rss_mib, rep.heartbeat_rtt_p50_ms, rep.heartbeat_rtt_p99_ms, rep.heartbeats_measured
+        ),
+    );
+
+    // `lifeboat vms list --output json` over every guest, with the real CLI.
+    let cli0 = Instant::now();
+    let out = Command::new(&args.cli_bin)
+        .args(["vms", "list", "--output", "json"])
+        .env("LIFEBOAT_CONTROLLER", &url)
+        .env("LIFEBOAT_CA", pki_dir.join("ca.pem"))
+        .env("LIFEBOAT_CERT", pki_dir.join("client-bench.pem"))
+        .env("LIFEBOAT_KEY", pki_dir.join("client-bench.key"))
+        .env("LIFEBOAT_SERVER_NAME", pki::CONTROLLER_NAME)
+        .output()
+        .with_context(|| format!("running {}", args.cli_bin.display()))?;
+    rep.vms_list_ms = cli0.elapsed().as_secs_f64() * 1000.0;
+    if !out.status.success() {
+        bail!("`lifeboat vms list --output json` failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    rep.vms_list_bytes = out.stdout.len();
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).context("vms list output is not JSON")?;
+    rep.vms_list_guests = listed.as_array().map(|a| a.len()).unwrap_or(0);
+    log(t0, format!("vms list --output json: {} guests, {} bytes, {:.0} ms", rep.vms_list_guests, rep.vms_list_bytes, rep.vms_list_ms));
+    if rep.vms_list_guests != rep.guests {
+        bail!("vms list showed {} guests, expected {}", rep.vms_list_guests, rep.guests);
+    }
+
+    // A host goes silent (its stream stays open, nothing arrives: a hung host).
+    sh.silenced.store(0, Ordering::Relaxed);
+    let detect_ms = loop {
+        let h = adm.get_host(GetHostRequest { host: host_id(0) }).await?.into_inner();
+        if h.liveness == "UNREACHABLE" {
+            let now_us = sh.base.elapsed().as_micros() as i64;
+            break (now_us - sh.last_hb_us.load(Ordering::Relaxed)) as f64 / 1000.0;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    rep.silent_detect_ms = detect_ms;
+    let h0 = adm.get_host(GetHostRequest { host: host_id(0) }).await?.into_inner();
+    rep.unreachable_after_ms = args.unreachable_ms;
+    let _ = h0;
+    log(t0, format!("silent host noticed {:.0} ms after its last heartbeat", detect_ms));
+
+    // Plan the evacuation of that host, once its silence passed the grace.
+    let since = sh.base.elapsed().as_micros() as i64 - sh.last_hb_us.load(Ordering::Relaxed);
+    let wait = (args.grace_ms as i64 * 1000 + 500_000 - since).max(0);
+    tokio::time::sleep(Duration::from_micros(wait as u64)).await;
+    let req = MigrateRequest {
+        source: host_id(0),
+        attest_powered_off: true,
+        attest_reason: "loadgen: simulated host, powered off by definition".into(),
+        ..Default::default()
+    };
+    let mut plan_ms = Vec::new();
+    for _ in 0..args.plan_runs.max(1) {
+        let p0 = Instant::now();
+        let p = adm.plan_migration(req.clone()).await?.into_inner();
+        plan_ms.push(p0.elapsed().as_secs_f64() * 1000.0);
+        rep.plan_movable = p.guests.iter().filter(|g| g.movable).count();
+        if !p.executable {
+            bail!("the plan is not executable: {}", p.summary);
+        }
+    }
+    plan_ms.sort_by(|a, b| a.total_cmp(b));
+    rep.plan_ms_p50 = plan_ms[plan_ms.len() / 2];
+    rep.plan_ms_max = *plan_ms.last().unwrap_or(&0.0);
+    log(t0, format!("plan: p50 {:.1} ms, max {:.1} ms, {} guests movable", rep.plan_ms_p50, rep.plan_ms_max, rep.plan_movable));
+
+    let (_, hwm) = proc_rss_mib(pid)?;
+    rep.controller_peak_rss_mib = hwm;
+    let _ = phase_tx.send(Phase::Done);
+    drop(ctl);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    println!("{}", serde_json::to_string(&rep)?);
+    Ok(())
+}
