@@ -1363,6 +1363,7 @@ guests and tools:
   cli-as ROLE ARGS...                same with the viewer|operator|admin certificate
   metrics                            the controller's Prometheus metrics (http://10.77.0.2:9464/metrics)
   agent-metrics HOST                 that host's agent metrics (http://<host ip>:9465/metrics)
+  agent-pid HOST                     root-namespace PID of that host's running agent (not its start guard)
 EOF
 }
 
@@ -1434,6 +1435,18 @@ case $CMD in
       term_then_kill 10 $pids
       log "$1: agent stopped"
     fi
+    ;;
+  agent-pid)
+    # the long-running agent only: the start guard (`lifeboat-agent ... guard ...`) is the same
+    # binary, run briefly by libvirt's qemu hook
+    need_root; require_host "${1:-}"
+    found=
+    for p in $(host_prog_pids "$1" lifeboat-agent); do
+      tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qw guard && continue
+      echo "$p"
+      found=1
+    done
+    [ -n "$found" ] || die "$1: no agent running"
     ;;
   agent-start)
     need_root; require_host "${1:-}"; take_lock
