@@ -8,7 +8,7 @@
 //! Lifeboat ownership metadata) starts only with a valid lease. Fail closed:
 //! an unreadable lease or domain is a refusal.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -47,26 +47,92 @@ fn valid_uuid(u: &str) -> bool {
     u.len() == 36 && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
 }
 
+/// The renewals of the last full grant, in one file (`leases/renewal.json`):
+/// which leases (UUID → generation) it renewed and until when. A renewal
+/// only moves expiries forward, and the controller renews every lease every
+/// third of the TTL: writing one file per renewal instead of one per guest
+/// keeps that steady stream cheap. Grants, generation changes and
+/// revocations are written (and synced) to the guest's own lease file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewal {
+    /// Host the renewal is for.
+    pub host: String,
+    /// When the controller decided it.
+    pub issued_unix_ms: i64,
+    /// Valid until (ms since the epoch).
+    pub expires_unix_ms: i64,
+    /// The renewed leases: UUID → ownership generation.
+    pub leases: BTreeMap<String, u64>,
+}
+
+fn renewal_path(state_dir: &Path) -> PathBuf {
+    dir(state_dir).join("renewal.json")
+}
+
+/// The renewal file; `None` when missing or unreadable (then only the lease
+/// files count: expiries are earlier, never later).
+fn read_renewal(state_dir: &Path) -> Option<Renewal> {
+    serde_json::from_slice(&std::fs::read(renewal_path(state_dir)).ok()?).ok()
+}
+
+/// `lease` as renewed by `renewal`: when the renewal is for the same host
+/// and generation, the lease is not revoked (a revocation, expiry 0, is
+/// final until a new grant), and the renewal is not older than the lease
+/// file's decision.
+fn renewed(mut lease: LeaseFile, renewal: Option<&Renewal>) -> LeaseFile {
+    if let Some(r) = renewal {
+        if r.host == lease.host
+            && r.leases.get(&lease.uuid) == Some(&lease.generation)
+            && lease.expires_unix_ms > 0
+            && r.issued_unix_ms >= lease.issued_unix_ms
+        {
+            lease.expires_unix_ms = lease.expires_unix_ms.max(r.expires_unix_ms);
+            lease.issued_unix_ms = r.issued_unix_ms;
+        }
+    }
+    lease
+}
+
 /// Writes the granted set: every listed lease renewed; unless `merge`,
 /// every other lease file is set to expired (kept, so the guest stays
 /// "managed" and is refused). Returns the UUIDs newly leased (never leased
 /// before on this host).
+///
+/// A new lease, a new generation and a revocation are written to the
+/// guest's lease file and synced before anything else; a full grant's pure
+/// renewals only rewrite the one renewal file (atomically, not synced:
+/// losing it in a crash leaves earlier expiries on disk, so the guard
+/// refuses sooner, never later).
 pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile], merge: bool, issued_unix_ms: i64) -> std::io::Result<Vec<String>> {
     let d = dir(state_dir);
     std::fs::create_dir_all(&d)?;
+    let renewal = read_renewal(state_dir);
     let mut fresh = Vec::new();
+    let mut renew = Renewal { host: host.to_string(), issued_unix_ms, expires_unix_ms: 0, leases: BTreeMap::new() };
     let granted: BTreeSet<&str> = leases.iter().map(|l| l.uuid.as_str()).collect();
     for l in leases {
         if !valid_uuid(&l.uuid) || l.host != host {
             continue;
         }
         let p = path(state_dir, &l.uuid);
+        let mut durable = true;
         if !p.exists() {
             fresh.push(l.uuid.clone());
-        } else if read(state_dir, &l.uuid).is_ok_and(|old| old.issued_unix_ms > l.issued_unix_ms) {
-            continue;
+        } else if let Ok(file) = read_file(state_dir, &l.uuid) {
+            let old = renewed(file.clone(), renewal.as_ref());
+            if old.issued_unix_ms > l.issued_unix_ms {
+                continue;
+            }
+            if is_extension(&old, l) {
+                if !merge && l.issued_unix_ms == issued_unix_ms && file.issued_unix_ms <= issued_unix_ms {
+                    renew.leases.insert(l.uuid.clone(), l.generation);
+                    renew.expires_unix_ms = renew.expires_unix_ms.max(l.expires_unix_ms);
+                    continue;
+                }
+                durable = false;
+            }
         }
-        write_atomic(&p, &serde_json::to_vec(l).expect("serialisable"))?;
+        write_atomic(&p, &serde_json::to_vec(l).expect("serialisable"), durable)?;
     }
     if merge {
         return Ok(fresh);
@@ -81,28 +147,52 @@ pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile], merge: bool, is
             if old.expires_unix_ms > 0 && old.issued_unix_ms <= issued_unix_ms {
                 old.expires_unix_ms = 0;
                 old.issued_unix_ms = issued_unix_ms;
-                write_atomic(&e.path(), &serde_json::to_vec(&old).expect("serialisable"))?;
+                write_atomic(&e.path(), &serde_json::to_vec(&old).expect("serialisable"), true)?;
             }
         }
+    }
+    // Replaced only by a newer decision (a stale grant must not drop renewals).
+    let newer = renewal.as_ref().map_or(!renew.leases.is_empty(), |r| r.issued_unix_ms <= issued_unix_ms);
+    if newer {
+        write_atomic(&renewal_path(state_dir), &serde_json::to_vec(&renew).expect("serialisable"), false)?;
     }
     Ok(fresh)
 }
 
-fn write_atomic(p: &Path, data: &[u8]) -> std::io::Result<()> {
+/// Whether `new` only renews `old`: the same valid (not revoked) lease of
+/// the same guest, host and generation, valid as long or longer.
+fn is_extension(old: &LeaseFile, new: &LeaseFile) -> bool {
+    old.uuid == new.uuid
+        && old.host == new.host
+        && old.generation == new.generation
+        && old.expires_unix_ms > 0
+        && new.expires_unix_ms >= old.expires_unix_ms
+}
+
+/// Replaces `p` atomically (readers see the old or the new file, never a
+/// torn one); with `durable`, the data is on disk before the rename.
+fn write_atomic(p: &Path, data: &[u8], durable: bool) -> std::io::Result<()> {
     let tmp = p.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
     }
     std::fs::rename(&tmp, p)
 }
 
-/// Reads one lease file.
-pub fn read(state_dir: &Path, uuid: &str) -> Result<LeaseFile, String> {
+/// Reads one lease file as it is on disk.
+fn read_file(state_dir: &Path, uuid: &str) -> Result<LeaseFile, String> {
     let p = path(state_dir, uuid);
     let b = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
     serde_json::from_slice(&b).map_err(|e| format!("{} is corrupt: {e}", p.display()))
+}
+
+/// Reads one lease: its lease file, with the last renewal applied.
+pub fn read(state_dir: &Path, uuid: &str) -> Result<LeaseFile, String> {
+    read_file(state_dir, uuid).map(|l| renewed(l, read_renewal(state_dir).as_ref()))
 }
 
 /// Whether a lease file exists for the guest (it is, or was, managed here).
@@ -264,6 +354,52 @@ mod tests {
         assert!(matches!(guard(&["vm1".to_string()], "", d.path(), "h", 1), Verdict::BadCall(_)));
         let Verdict::Refuse(m) = guard(&args("prepare", "begin"), "not xml", d.path(), "h", 1) else { panic!() };
         assert!(m.contains("failing closed"), "{m}");
+    }
+
+    #[test]
+    fn only_pure_renewals_skip_the_sync() {
+        let l = lease("h", 1, 5000);
+        assert!(is_extension(&l, &lease("h", 1, 9000)), "a longer lease of the same generation");
+        assert!(!is_extension(&l, &lease("h", 2, 9000)), "a new generation");
+        assert!(!is_extension(&l, &lease("other", 1, 9000)), "another host");
+        assert!(!is_extension(&l, &lease("h", 1, 4000)), "shortened");
+        assert!(!is_extension(&lease("h", 1, 0), &lease("h", 1, 9000)), "granted again after a revocation");
+        assert!(!is_extension(&l, &lease("h", 1, 0)), "a revocation");
+    }
+
+    #[test]
+    fn renewals_go_to_the_renewal_file_and_never_outlive_a_revocation() {
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path();
+        let at = |exp: i64, issued: i64, gen_: u64| LeaseFile { expires_unix_ms: exp, issued_unix_ms: issued, ..lease("h", gen_, 0) };
+        apply(s, "h", &[at(5000, 10, 1)], false, 10).unwrap();
+        apply(s, "h", &[at(9000, 20, 1)], false, 20).unwrap();
+        assert_eq!(read_file(s, U).unwrap().expires_unix_ms, 5000, "the lease file is not rewritten for a renewal");
+        assert_eq!(read(s, U).unwrap().expires_unix_ms, 9000, "the renewal counts");
+        assert_eq!(guard(&args("prepare", "begin"), &xml(None), s, "h", 7000), Verdict::Allow);
+        // a stale (older) renewal does not shorten or override
+        apply(s, "h", &[at(8000, 15, 1)], false, 15).unwrap();
+        assert_eq!(read(s, U).unwrap().expires_unix_ms, 9000);
+        // a new generation is written to the lease file
+        apply(s, "h", &[at(12000, 30, 2)], false, 30).unwrap();
+        assert_eq!(read_file(s, U).unwrap(), at(12000, 30, 2));
+        apply(s, "h", &[at(15000, 40, 2)], false, 40).unwrap();
+        assert_eq!(read(s, U).unwrap().expires_unix_ms, 15000);
+        // revoked: the renewal file that still lists it no longer counts
+        apply(s, "h", &[], false, 50).unwrap();
+        assert_eq!(read(s, U).unwrap().expires_unix_ms, 0);
+        let Verdict::Refuse(m) = guard(&args("prepare", "begin"), &xml(None), s, "h", 7000) else { panic!() };
+        assert!(m.contains("revoked"), "{m}");
+        // granted again after the revocation: written to the lease file
+        apply(s, "h", &[at(20000, 60, 2)], false, 60).unwrap();
+        assert_eq!(read_file(s, U).unwrap(), at(20000, 60, 2));
+        // a lost or corrupt renewal file only makes leases end sooner
+        apply(s, "h", &[at(25000, 70, 2)], false, 70).unwrap();
+        std::fs::write(renewal_path(s), "garbage").unwrap();
+        assert_eq!(read(s, U).unwrap().expires_unix_ms, 20000);
+        // merge grants renew in the lease file and leave the renewal file alone
+        apply(s, "h", &[at(30000, 80, 2)], true, 80).unwrap();
+        assert_eq!(read_file(s, U).unwrap().expires_unix_ms, 30000);
     }
 
     #[test]

@@ -99,7 +99,10 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Run => {
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+            // One thread runs the session, heartbeats and the metrics endpoint:
+            // little work, and no hand-offs between threads for each message
+            // (libvirt calls run on the actor's own threads).
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("lifeboat-agent: cannot start runtime: {e}");

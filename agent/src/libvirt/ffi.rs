@@ -1,13 +1,15 @@
 //! The few libvirt calls the `virt` crate does not wrap safely, kept in one
-//! small module: domain lifecycle event registration and a `GetState` that
-//! reports errors (the crate's `Domain::state` turns them into `Unknown`).
+//! small module: domain lifecycle event registration, a `GetState` that
+//! reports errors (the crate's `Domain::state` turns them into `Unknown`),
+//! and the state of every domain in one call (`GetAllDomainStats`).
 //!
 //! Safety argument: every raw pointer used here comes from a live
 //! `Connect`/`Domain` owned by the caller for the duration of the call; the
 //! event callback's opaque pointer is a `Box<Sender>` freed exactly once by
 //! libvirt through `free_sender`.
 
-use std::ffi::{CStr, c_char, c_int, c_void};
+use std::collections::BTreeMap;
+use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::sync::mpsc::Sender;
 
 use virt::connect::Connect;
@@ -96,4 +98,48 @@ pub fn get_state(dom: &Domain) -> Result<(i32, i32), virt::error::Error> {
         return Err(virt::error::Error::last_error());
     }
     Ok((state, reason))
+}
+
+/// State and reason (libvirt's ints) of every domain on `conn`, by UUID, in
+/// one call: `virConnectGetAllDomainStats` with `VIR_DOMAIN_STATS_STATE`
+/// (one round trip instead of one `GetState` per domain).
+pub fn all_states(conn: &Connect) -> Result<BTreeMap<String, (i32, i32)>, virt::error::Error> {
+    let mut recs: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
+    // SAFETY: conn is alive; libvirt allocates the NULL-terminated record
+    // list, freed below with virDomainStatsRecordListFree.
+    let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), sys::VIR_DOMAIN_STATS_STATE as c_uint, &mut recs, 0) };
+    if n < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    let mut out = BTreeMap::new();
+    for i in 0..n as usize {
+        // SAFETY: recs holds n valid record pointers (then a NULL).
+        let rec = unsafe { *recs.add(i) };
+        if rec.is_null() {
+            break;
+        }
+        // SAFETY: a record, its domain and its parameters live until the list is freed.
+        let r = unsafe { &*rec };
+        let mut buf = [0 as c_char; sys::VIR_UUID_STRING_BUFLEN as usize];
+        // SAFETY: r.dom is a valid domain; buf has the size libvirt needs.
+        if unsafe { sys::virDomainGetUUIDString(r.dom, buf.as_mut_ptr()) } < 0 {
+            continue;
+        }
+        // SAFETY: NUL-terminated by libvirt.
+        let uuid = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+        let (mut state, mut reason): (c_int, c_int) = (-1, -1);
+        // SAFETY: params/nparams come from the record; names are NUL-terminated; out-pointers valid.
+        let found = unsafe {
+            sys::virTypedParamsGetInt(r.params, r.nparams, c"state.state".as_ptr(), &mut state) == 1
+                && sys::virTypedParamsGetInt(r.params, r.nparams, c"state.reason".as_ptr(), &mut reason) == 1
+        };
+        if found {
+            out.insert(uuid, (state, reason));
+        }
+    }
+    if !recs.is_null() {
+        // SAFETY: the list libvirt returned above, freed once.
+        unsafe { sys::virDomainStatsRecordListFree(recs) };
+    }
+    Ok(out)
 }

@@ -267,8 +267,8 @@ impl ActorState {
                 let _ = self.self_tx.send(Request::Snapshot);
             }
             if self.autostart_dir_changed() {
-                debug!("autostart links changed; rescanning");
-                self.rescan(true);
+                debug!("autostart links changed; re-reading autostart");
+                self.refresh_autostart();
             }
             if last_alive_check.elapsed() >= Duration::from_secs(2) {
                 last_alive_check = Instant::now();
@@ -405,9 +405,13 @@ impl ActorState {
                 return;
             }
         };
+        // Three listings answer persistent / autostart / managed save for
+        // every guest at once (instead of three calls per guest); only the
+        // state and the definition are read per guest.
+        let bulk = Bulk::read(&c.conn);
         let mut fresh = BTreeMap::new();
         for d in &doms {
-            match read_guest(d) {
+            match read_guest_with(d, Some(&bulk)) {
                 Ok(g) => {
                     fresh.insert(g.uuid.clone(), g);
                 }
@@ -427,6 +431,27 @@ impl ActorState {
             for g in changed {
                 self.emit(Update::Changed(g));
             }
+        }
+    }
+
+    /// After a change in the autostart link directory: one listing of the
+    /// autostart guests, and a full re-read of each guest whose flag differs
+    /// from what was last reported. Falls back to a full rescan when the
+    /// listing fails.
+    fn refresh_autostart(&mut self) {
+        let Some(c) = &self.conn else { return };
+        let on = match uuids(&c.conn, sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART) {
+            Ok(on) => on,
+            Err(e) => {
+                debug!("listing autostart guests failed ({e}); rescanning");
+                self.rescan(true);
+                return;
+            }
+        };
+        let differ: Vec<String> =
+            self.known.values().filter(|g| g.autostart != on.contains(&g.uuid)).map(|g| g.uuid.clone()).collect();
+        for u in differ {
+            self.refresh_one(&u);
         }
     }
 
@@ -450,19 +475,73 @@ impl ActorState {
     }
 }
 
+/// UUIDs of the domains one filtered listing returns.
+fn uuids(conn: &Connect, flags: sys::virConnectListAllDomainsFlags) -> Result<BTreeSet<String>, virt::error::Error> {
+    conn.list_all_domains(flags)?.iter().map(|d| d.uuid_string()).collect()
+}
+
+/// What a whole rescan asks once for all guests: persistent / autostart /
+/// managed save from three filtered listings, states from one stats call.
+struct Bulk {
+    flags: Option<BulkFlags>,
+    states: BTreeMap<String, (i32, i32)>,
+}
+
+struct BulkFlags {
+    persistent: BTreeSet<String>,
+    autostart: BTreeSet<String>,
+    managed_save: BTreeSet<String>,
+}
+
+impl Bulk {
+    /// Whatever fails is asked per guest instead.
+    fn read(conn: &Connect) -> Bulk {
+        let flags = (|| {
+            Ok::<_, virt::error::Error>(BulkFlags {
+                persistent: uuids(conn, sys::VIR_CONNECT_LIST_DOMAINS_PERSISTENT)?,
+                autostart: uuids(conn, sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART)?,
+                managed_save: uuids(conn, sys::VIR_CONNECT_LIST_DOMAINS_MANAGEDSAVE)?,
+            })
+        })();
+        let flags = flags.map_err(|e| debug!("filtered domain listing failed ({e}); asking per guest")).ok();
+        let states = ffi::all_states(conn).unwrap_or_else(|e| {
+            debug!("domain stats failed ({e}); asking per guest");
+            BTreeMap::new()
+        });
+        Bulk { flags, states }
+    }
+}
+
 /// Reads one domain. Only a vanished domain is an error; any other failure
 /// is recorded in `Guest::error` with the rest still filled in.
 fn read_guest(d: &Domain) -> Result<Guest, virt::error::Error> {
+    read_guest_with(d, None)
+}
+
+/// [`read_guest`], with the state and persistent / autostart / managed save
+/// taken from `bulk` where it has them.
+fn read_guest_with(d: &Domain, bulk: Option<&Bulk>) -> Result<Guest, virt::error::Error> {
     let uuid = d.uuid_string()?;
     let name = d.name()?;
-    let (st, reason) = ffi::get_state(d)?;
+    let (st, reason) = match bulk.and_then(|b| b.states.get(&uuid)) {
+        Some(s) => *s,
+        None => ffi::get_state(d)?,
+    };
     let mut errors = Vec::new();
-    let persistent = d.is_persistent().unwrap_or_else(|e| {
-        errors.push(format!("persistent: {}", e.message()));
-        true
-    });
-    let autostart = if persistent { d.autostart().unwrap_or(false) } else { false };
-    let managed_save = persistent && d.has_managed_save(0).unwrap_or(false);
+    let (persistent, autostart, managed_save) = match bulk.and_then(|b| b.flags.as_ref()) {
+        Some(b) => {
+            let persistent = b.persistent.contains(&uuid);
+            (persistent, persistent && b.autostart.contains(&uuid), persistent && b.managed_save.contains(&uuid))
+        }
+        None => {
+            let persistent = d.is_persistent().unwrap_or_else(|e| {
+                errors.push(format!("persistent: {}", e.message()));
+                true
+            });
+            let autostart = if persistent { d.autostart().unwrap_or(false) } else { false };
+            (persistent, autostart, persistent && d.has_managed_save(0).unwrap_or(false))
+        }
+    };
     let mut g = Guest {
         uuid,
         name,
@@ -473,10 +552,6 @@ fn read_guest(d: &Domain) -> Result<Guest, virt::error::Error> {
         managed_save,
         ..Default::default()
     };
-    if let Ok(info) = d.info() {
-        g.vcpus = info.nr_virt_cpu;
-        g.memory_kib = info.max_mem;
-    }
     let flags = if persistent { sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE } else { sys::VIR_DOMAIN_XML_SECURE };
     match d.xml_desc(flags) {
         Ok(xml) => {
@@ -502,6 +577,17 @@ fn read_guest(d: &Domain) -> Result<Guest, virt::error::Error> {
         }
         Err(e) if is_no_domain(&e) => return Err(e),
         Err(e) => errors.push(format!("definition unreadable: {}", e.message())),
+    }
+    // The definition gives vCPUs and memory; ask libvirt only without it.
+    if g.vcpus == 0 || g.memory_kib == 0 {
+        if let Ok(info) = d.info() {
+            if g.vcpus == 0 {
+                g.vcpus = info.nr_virt_cpu;
+            }
+            if g.memory_kib == 0 {
+                g.memory_kib = info.max_mem;
+            }
+        }
     }
     if g.state == GuestState::Unspecified as i32 {
         errors.push(format!("unknown libvirt state {st}"));
