@@ -12,8 +12,10 @@
 #     --parallel P --yes`, timed from the command's start to the job's end
 #     (whole) and from the BMC's Off reading to the last guest running
 #     (moving phase, comparable with the baseline, which does not fence);
-#  3. in a second fresh lab, the same without --to: the planner spreads the
-#     guests over host-b and host-c.
+#  3. in a second fresh lab with 4 hosts, the same without --to: the planner
+#     spreads the guests over host-b, host-c and host-d.
+# Timing runs hold /tmp/lifeboat-bench.lock (run it as
+# `flock /tmp/lifeboat-bench.lock scripts/bench-migrate.sh`; other timing runs take it too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LAB=lab/lab.sh
@@ -25,9 +27,9 @@ OUT=${OUT:-docs/benchmarks.md}
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 log() { printf 'bench: %s\n' "$*" >&2; }
 
-prepare() { # N -> lab with N guests on host-a, host-a failed and silent past the grace
-  local n=$1 i
-  $LAB up --hosts 3 --guests 0 >/dev/null
+prepare() { # N [HOSTS] -> lab with N guests on host-a, host-a failed and silent past the grace
+  local n=$1 hosts=${2:-3} i
+  $LAB up --hosts "$hosts" --guests 0 >/dev/null
   for i in $(seq -w 1 "$n"); do $LAB define-guest host-a "bench-$i" >/dev/null; done
   for i in $(seq -w 1 "$n"); do
     $LAB virsh host-a dumpxml --inactive --security-info "bench-$i" >"$WORK/bench-$i.xml"
@@ -50,7 +52,7 @@ end = max((x["at_unix_ms"] for x in e if x["action"] in ("guest.running", "job.s
 print(t("migrate.requested"), t("power.confirmed_off") or t("power.attested"), end)'
 }
 
-lifeboat_run() { # N TO-ARGS... -> "whole_ms moving_ms"
+lifeboat_run() { # N TO-ARGS... -> "whole_ms moving_ms guests-per-target"
   local n=$1; shift
   local t0 t1 out job req off end running
   t0=$(now_ms)
@@ -60,12 +62,13 @@ lifeboat_run() { # N TO-ARGS... -> "whole_ms moving_ms"
   running=$(python3 -c 'import json,sys; print(sum(1 for m in json.loads(sys.stdin.read())["moves"] if m["state"]=="RUNNING"))' <<<"$out")
   [ "$running" = "$n" ] || { log "only $running of $n guests running after job $job"; exit 1; }
   read -r req off end < <(audit_times "$job")
-  echo "$((t1 - t0)) $((end - off))"
+  per=$(python3 -c 'import json,sys,collections; c=collections.Counter(m["target"] for m in json.loads(sys.stdin.read())["moves"]); print("/".join(h.replace("host-", "") + str(n) for h, n in sorted(c.items())))' <<<"$out")
+  echo "$((t1 - t0)) $((end - off)) $per"
 }
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-declare -A SERIAL WHOLE MOVE SWHOLE SMOVE
+declare -A SERIAL WHOLE MOVE SWHOLE SMOVE SPER
 for n in $SIZES; do
   log "N=$n: preparing"
   prepare "$n"
@@ -83,21 +86,21 @@ for n in $SIZES; do
   done
   sleep 1 # let host-b's agent report the removals
   log "N=$n: lifeboat to host-b"
-  read -r w m < <(lifeboat_run "$n" --to host-b)
+  read -r w m _ < <(lifeboat_run "$n" --to host-b)
   WHOLE[$n]=$w; MOVE[$n]=$m
-  log "N=$n: lifeboat, planner spreads over host-b and host-c"
-  prepare "$n"
-  read -r w m < <(lifeboat_run "$n")
-  SWHOLE[$n]=$w; SMOVE[$n]=$m
+  log "N=$n: lifeboat, 4 hosts, planner spreads over host-b, host-c and host-d"
+  prepare "$n" 4
+  read -r w m p < <(lifeboat_run "$n")
+  SWHOLE[$n]=$w; SMOVE[$n]=$m; SPER[$n]=$p
 done
 $LAB down >/dev/null
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 table=$(
-  echo "| guests | serial virsh loop (ms) | Lifeboat, moving phase, to host-b (ms) | ratio | Lifeboat whole command incl. BMC power-off (ms) | Lifeboat moving phase, spread over 2 hosts (ms) | ratio | whole, spread (ms) |"
-  echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| guests | serial virsh loop (ms) | Lifeboat, moving phase, to host-b (ms) | ratio | Lifeboat whole command incl. BMC power-off (ms) | Lifeboat moving phase, spread over 3 hosts (ms) | ratio | whole, spread (ms) | guests per target (b/c/d) |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
   for n in $SIZES; do
-    echo "| $n | ${SERIAL[$n]} | ${MOVE[$n]} | $(ratio "${MOVE[$n]}" "${SERIAL[$n]}") | ${WHOLE[$n]} | ${SMOVE[$n]} | $(ratio "${SMOVE[$n]}" "${SERIAL[$n]}") | ${SWHOLE[$n]} |"
+    echo "| $n | ${SERIAL[$n]} | ${MOVE[$n]} | $(ratio "${MOVE[$n]}" "${SERIAL[$n]}") | ${WHOLE[$n]} | ${SMOVE[$n]} | $(ratio "${SMOVE[$n]}" "${SERIAL[$n]}") | ${SWHOLE[$n]} | ${SPER[$n]} |"
   done
 )
 echo "$table"
@@ -111,6 +114,7 @@ section = f"""<!-- bench-migrate:start -->
 
 \`scripts/bench-migrate.sh\` ({datetime.date.today()}; {machine}; \`--parallel {parallel}\`).
 Per size: a fresh lab (3 hosts), N tiny guests on host-a, host-a hangs (BMC still On).
+*Spread*: the same in a fresh lab with 4 hosts, without \`--to\`: the planner spreads the guests over host-b, host-c and host-d.
 *Serial virsh loop*: \`virsh define\` + \`virsh start\` per guest on host-b, one after another.
 *Moving phase*: from the BMC's confirmed Off reading to the last guest running (audit log times) — the same work as the loop.
 *Whole command*: \`lifeboat migrate --force --fence --yes\` wall time, including planning and the BMC power-off, whose
