@@ -165,7 +165,17 @@ impl Session {
                 u = updates.recv() => {
                     let Some(u) = u else { return Err(SessionError::Protocol("libvirt actor stopped".into())) };
                     let m = match u {
-                        Update::Inventory(inv) => agent_message::Msg::Inventory(inv),
+                        Update::Inventory(inv) => {
+                            // Pages, so no buffer grows with the guest count.
+                            let mut pages = lifeboat_proto::inventory_pages(inv, lifeboat_proto::INVENTORY_PAGE_BYTES);
+                            let last = pages.pop().expect("one page at least");
+                            for p in pages {
+                                if tx.send(send(agent_message::Msg::Inventory(p))).await.is_err() {
+                                    return Err(SessionError::Protocol("outbound stream closed".into()));
+                                }
+                            }
+                            agent_message::Msg::Inventory(last)
+                        }
                         Update::Changed(g) => agent_message::Msg::GuestChanged(GuestChanged { guest: Some(g) }),
                         Update::Removed { uuid, name } => agent_message::Msg::GuestRemoved(GuestRemoved { uuid, name }),
                         Update::Host(h) => agent_message::Msg::Host(h),

@@ -99,6 +99,7 @@ struct Report {
     controller_rss_mib: f64,
     controller_peak_rss_mib: f64,
     heartbeats_measured: usize,
+    session_reconnects: usize,
     heartbeat_rtt_p50_ms: f64,
     heartbeat_rtt_p99_ms: f64,
     heartbeat_rtt_max_ms: f64,
@@ -132,6 +133,7 @@ struct Shared {
     /// When the silenced host sent its last heartbeat (µs since `base`).
     last_hb_us: AtomicI64,
     connected: AtomicUsize,
+    reconnects: AtomicUsize,
     inventories: AtomicUsize,
     changes: AtomicU64,
     heartbeat_ms: AtomicU64,
@@ -316,6 +318,13 @@ async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String)
                 if *sh.phase.borrow() == Phase::Done {
                     return;
                 }
+                if sh.silenced.load(Ordering::Relaxed) == i {
+                    // A hung host does not dial again.
+                    let mut phase = sh.phase.clone();
+                    let _ = phase.wait_for(|p| *p == Phase::Done).await;
+                    return;
+                }
+                sh.reconnects.fetch_add(1, Ordering::Relaxed);
                 eprintln!("loadgen: {} session: {e:#}; retrying", host_id(i));
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
@@ -357,7 +366,10 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
     let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
     sh.heartbeat_ms.store(hb_ms, Ordering::Relaxed);
     let mut guests: Vec<Guest> = (0..sh.guests_per_host).map(|j| guest(i, j, j % 4 != 0)).collect();
-    tx.send(send(agent_message::Msg::Inventory(Inventory { host: Some(host_info(i)), guests: guests.clone() }))).await?;
+    let inv = Inventory { host: Some(host_info(i)), guests: guests.clone(), more: false };
+    for page in lifeboat_proto::inventory_pages(inv, lifeboat_proto::INVENTORY_PAGE_BYTES) {
+        tx.send(send(agent_message::Msg::Inventory(page))).await?;
+    }
     sh.inventories.fetch_add(1, Ordering::Relaxed);
 
     let seed = splitmix(i as u64 ^ 0x5eed);
@@ -593,7 +605,7 @@ async fn main() -> anyhow::Result<()> {
     let child = Command::new(&args.controller_bin)
         .arg("--config")
         .arg(&cfg_path)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("LOADGEN_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .stderr(log_file)
         .spawn()
@@ -624,6 +636,7 @@ async fn main() -> anyhow::Result<()> {
         silenced: AtomicUsize::new(usize::MAX),
         last_hb_us: AtomicI64::new(0),
         connected: AtomicUsize::new(0),
+        reconnects: AtomicUsize::new(0),
         inventories: AtomicUsize::new(0),
         changes: AtomicU64::new(0),
         heartbeat_ms: AtomicU64::new(1000),
@@ -708,23 +721,31 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // `lifeboat vms list --output json` over every guest, with the real CLI.
-    let cli0 = Instant::now();
-    let out = Command::new(&args.cli_bin)
-        .args(["vms", "list", "--output", "json"])
-        .env("LIFEBOAT_CONTROLLER", &url)
-        .env("LIFEBOAT_CA", pki_dir.join("ca.pem"))
-        .env("LIFEBOAT_CERT", pki_dir.join("client-bench.pem"))
-        .env("LIFEBOAT_KEY", pki_dir.join("client-bench.key"))
-        .env("LIFEBOAT_SERVER_NAME", pki::CONTROLLER_NAME)
-        .output()
-        .with_context(|| format!("running {}", args.cli_bin.display()))?;
-    rep.vms_list_ms = cli0.elapsed().as_secs_f64() * 1000.0;
-    if !out.status.success() {
-        bail!("`lifeboat vms list --output json` failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    rep.vms_list_bytes = out.stdout.len();
-    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).context("vms list output is not JSON")?;
-    rep.vms_list_guests = listed.as_array().map(|a| a.len()).unwrap_or(0);
+    // (on a blocking thread: parsing 200 MB of JSON must not stall the
+    // simulated agents' heartbeats)
+    let (cli_bin, env_url, pki2) = (args.cli_bin.clone(), url.clone(), pki_dir.clone());
+    let (ms, bytes, count) = tokio::task::spawn_blocking(move || -> anyhow::Result<(f64, usize, usize)> {
+        let cli0 = Instant::now();
+        let out = Command::new(&cli_bin)
+            .args(["vms", "list", "--output", "json"])
+            .env("LIFEBOAT_CONTROLLER", &env_url)
+            .env("LIFEBOAT_CA", pki2.join("ca.pem"))
+            .env("LIFEBOAT_CERT", pki2.join("client-bench.pem"))
+            .env("LIFEBOAT_KEY", pki2.join("client-bench.key"))
+            .env("LIFEBOAT_SERVER_NAME", pki::CONTROLLER_NAME)
+            .output()
+            .with_context(|| format!("running {}", cli_bin.display()))?;
+        let ms = cli0.elapsed().as_secs_f64() * 1000.0;
+        if !out.status.success() {
+            bail!("`lifeboat vms list --output json` failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).context("vms list output is not JSON")?;
+        Ok((ms, out.stdout.len(), listed.as_array().map(|a| a.len()).unwrap_or(0)))
+    })
+    .await??;
+    rep.vms_list_ms = ms;
+    rep.vms_list_bytes = bytes;
+    rep.vms_list_guests = count;
     log(t0, format!("vms list --output json: {} guests, {} bytes, {:.0} ms", rep.vms_list_guests, rep.vms_list_bytes, rep.vms_list_ms));
     if rep.vms_list_guests != rep.guests {
         bail!("vms list showed {} guests, expected {}", rep.vms_list_guests, rep.guests);
@@ -746,10 +767,15 @@ async fn main() -> anyhow::Result<()> {
     let _ = h0;
     log(t0, format!("silent host noticed {:.0} ms after its last heartbeat", detect_ms));
 
-    // Plan the evacuation of that host, once its silence passed the grace.
-    let since = sh.base.elapsed().as_micros() as i64 - sh.last_hb_us.load(Ordering::Relaxed);
-    let wait = (args.grace_ms as i64 * 1000 + 500_000 - since).max(0);
-    tokio::time::sleep(Duration::from_micros(wait as u64)).await;
+    // Plan the evacuation of that host, once the controller has heard
+    // nothing from it for longer than the grace.
+    loop {
+        let h = adm.get_host(GetHostRequest { host: host_id(0) }).await?.into_inner();
+        if lifeboat_common::now_unix_ms() - h.last_seen_unix_ms > args.grace_ms as i64 + 500 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let req = MigrateRequest {
         source: host_id(0),
         attest_powered_off: true,
@@ -771,6 +797,7 @@ async fn main() -> anyhow::Result<()> {
     rep.plan_ms_max = *plan_ms.last().unwrap_or(&0.0);
     log(t0, format!("plan: p50 {:.1} ms, max {:.1} ms, {} guests movable", rep.plan_ms_p50, rep.plan_ms_max, rep.plan_movable));
 
+    rep.session_reconnects = sh.reconnects.load(Ordering::Relaxed);
     let (_, hwm) = proc_rss_mib(pid)?;
     rep.controller_peak_rss_mib = hwm;
     let _ = phase_tx.send(Phase::Done);

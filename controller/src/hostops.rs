@@ -144,8 +144,7 @@ fn finish(mut p: CleanupPlan) -> CleanupPlan {
 }
 
 fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInput, ControllerError> {
-    let views = reg.host_views();
-    let view = views.iter().find(|h| h.id == host);
+    let view = reg.host_view(host);
     let moves = reg.db(|s| s.moves_from(host))?;
     let owners = reg.db(|s| s.owners())?.into_iter().map(|o| (o.uuid, o.host)).collect();
     let active_job = reg.db(|s| s.active_jobs())?.into_iter().find(|j| j.source == host).map(|j| j.id);
@@ -154,7 +153,7 @@ fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInp
         host_known: view.is_some(),
         moves,
         owners,
-        guests: view.map(|v| v.guests.clone()).unwrap_or_default(),
+        guests: view.as_ref().map(|v| v.guests.clone()).unwrap_or_default(),
         connected: reg.has_session(host),
         active_job,
         destroy_running,

@@ -84,7 +84,10 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Runtime::new() {
+    // More workers than cores: a worker waiting for the registry lock or
+    // the database must not leave 10,000 sessions' heartbeats unread.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads((cores * 2).max(4)).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lifeboat-controller: cannot start runtime: {e}");

@@ -30,11 +30,9 @@ pub fn render(reg: &Registry) -> String {
     for h in reg.list_hosts() {
         hosts.get_or_create(&vec![("status".into(), h.status.clone()), ("liveness".into(), h.liveness.clone())]).inc();
     }
-    if let Ok(gs) = reg.list_guests(None) {
-        for g in gs {
-            let st = g.guest.map(|g| GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified)).unwrap_or(GuestState::Unspecified);
-            guests.get_or_create(&vec![("state".into(), format!("{st:?}").to_lowercase())]).inc();
-        }
+    for (state, n) in reg.guest_state_counts() {
+        let st = GuestState::try_from(state).unwrap_or(GuestState::Unspecified);
+        guests.get_or_create(&vec![("state".into(), format!("{st:?}").to_lowercase())]).set(n as i64);
     }
     if let Ok(js) = reg.db(|s| s.jobs(None, u32::MAX)) {
         for j in js {

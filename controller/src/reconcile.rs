@@ -128,13 +128,18 @@ fn audit(action: &str, host: &str, vm: &str, detail: String) -> AuditRow {
     AuditRow { actor: "controller".into(), action: action.into(), host: host.into(), vm: vm.into(), detail, ..Default::default() }
 }
 
-/// Runs the reconciler forever: a pass every 500 ms.
+/// Runs the reconciler forever: a pass every 500 ms over the hosts whose
+/// state changed or whose leases are due, and over every connected host
+/// every 30 s (the resync backstop of a level-triggered loop).
 pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut pass = 0u64;
     loop {
         tick.tick().await;
         let now = crate::now_ms();
-        for snap in reg.reconcile_view() {
+        let full = pass % 60 == 0;
+        pass += 1;
+        for snap in reg.reconcile_view(now, lease_ttl_ms, full) {
             let actions = decide(&snap, now, lease_ttl_ms);
             if actions.is_empty() {
                 continue;

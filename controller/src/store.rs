@@ -324,58 +324,110 @@ impl Store {
     }
 
     /// Inserts or updates a host's facts (status and first-seen kept).
-    pub fn upsert_host(&self, info: &HostInfo, now_ms: i64) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO hosts (host_id, info, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT(host_id) DO UPDATE SET info = excluded.info, last_seen_ms = excluded.last_seen_ms",
-            params![info.host_id, info.encode_to_vec(), now_ms],
-        )?;
-        Ok(())
+    pub fn upsert_host(&mut self, info: &HostInfo, now_ms: i64) -> Result<(), StoreError> {
+        self.observed(|conn| {
+            conn.execute(
+                "INSERT INTO hosts (host_id, info, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT(host_id) DO UPDATE SET info = excluded.info, last_seen_ms = excluded.last_seen_ms",
+                params![info.host_id, info.encode_to_vec(), now_ms],
+            )?;
+            Ok(())
+        })
     }
 
-    /// Records when hosts were last heard from.
+    /// Runs `f` with observed state (what agents report): committed without
+    /// waiting for the disk (`synchronous = NORMAL` in WAL mode). A power
+    /// loss may drop the last observations; agents report everything again
+    /// when they reconnect. Ownership, jobs, moves, desired state and the
+    /// audit log are always written with `synchronous = FULL`.
+    fn observed<R>(&mut self, f: impl FnOnce(&mut Connection) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let r = f(&mut self.conn);
+        let back = self.conn.pragma_update(None, "synchronous", "FULL");
+        let r = r?;
+        back?;
+        Ok(r)
+    }
+
+    /// Records when hosts were last heard from (observed state).
     pub fn touch_hosts(&mut self, seen: &[(String, i64)]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut st = tx.prepare_cached("UPDATE hosts SET last_seen_ms = ?2 WHERE host_id = ?1 AND last_seen_ms < ?2")?;
-            for (h, t) in seen {
-                st.execute(params![h, t])?;
+        self.observed(|conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut st = tx.prepare_cached("UPDATE hosts SET last_seen_ms = ?2 WHERE host_id = ?1 AND last_seen_ms < ?2")?;
+                for (h, t) in seen {
+                    st.execute(params![h, t])?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Replaces every guest of a host with `guests`, in one transaction.
     pub fn replace_guests(&mut self, host_id: &str, guests: &[Guest], now_ms: i64) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM guests WHERE host_id = ?1", params![host_id])?;
-        {
-            let mut st = tx.prepare_cached(
-                "INSERT INTO guests (host_id, uuid, name, data, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for g in guests {
-                st.execute(params![host_id, g.uuid, g.name, g.encode_to_vec(), now_ms])?;
+        self.observed(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute("DELETE FROM guests WHERE host_id = ?1", params![host_id])?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO guests (host_id, uuid, name, data, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for g in guests {
+                    st.execute(params![host_id, g.uuid, g.name, g.encode_to_vec(), now_ms])?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
-    /// Inserts or updates one guest.
-    pub fn upsert_guest(&self, host_id: &str, g: &Guest, now_ms: i64) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO guests (host_id, uuid, name, data, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(host_id, uuid) DO UPDATE SET name = excluded.name, data = excluded.data, updated_ms = excluded.updated_ms",
-            params![host_id, g.uuid, g.name, g.encode_to_vec(), now_ms],
-        )?;
-        Ok(())
+    /// Writes the guests of a host that changed and deletes those that are
+    /// gone, in one transaction (observed state). `upserts` are encoded
+    /// `Guest` messages with their UUID and name.
+    pub fn write_guests(&mut self, host_id: &str, upserts: &[(&str, &str, &[u8])], deletes: &[&str], now_ms: i64) -> Result<(), StoreError> {
+        if upserts.is_empty() && deletes.is_empty() {
+            return Ok(());
+        }
+        self.observed(|conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut del = tx.prepare_cached("DELETE FROM guests WHERE host_id = ?1 AND uuid = ?2")?;
+                for u in deletes {
+                    del.execute(params![host_id, u])?;
+                }
+                let mut up = tx.prepare_cached(
+                    "INSERT INTO guests (host_id, uuid, name, data, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(host_id, uuid) DO UPDATE SET name = excluded.name, data = excluded.data, updated_ms = excluded.updated_ms",
+                )?;
+                for (uuid, name, data) in upserts {
+                    up.execute(params![host_id, uuid, name, data, now_ms])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Inserts or updates one guest (observed state).
+    pub fn upsert_guest(&mut self, host_id: &str, g: &Guest, now_ms: i64) -> Result<(), StoreError> {
+        self.write_guests(host_id, &[(&g.uuid, &g.name, &g.encode_to_vec())], &[], now_ms)
+    }
+
+    /// The guests of one host as last reported, definitions included.
+    pub fn guests_of(&self, host_id: &str) -> Result<Vec<Guest>, StoreError> {
+        let mut st = self.conn.prepare_cached("SELECT data FROM guests WHERE host_id = ?1 ORDER BY name")?;
+        let rows = st.query_map(params![host_id], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for b in rows {
+            out.push(Guest::decode(&b?[..]).map_err(|e| StoreError::Corrupt { table: "guests", message: e.to_string() })?);
+        }
+        Ok(out)
     }
 
     /// Deletes one guest of a host.
-    pub fn delete_guest(&self, host_id: &str, uuid: &str) -> Result<(), StoreError> {
-        self.conn.execute("DELETE FROM guests WHERE host_id = ?1 AND uuid = ?2", params![host_id, uuid])?;
-        Ok(())
+    pub fn delete_guest(&mut self, host_id: &str, uuid: &str) -> Result<(), StoreError> {
+        self.write_guests(host_id, &[], &[uuid], crate::now_ms())
     }
 
     /// Sets a host's status (and why), with an audit entry, atomically.
@@ -507,15 +559,23 @@ impl Store {
 
     /// All guests.
     pub fn guests(&self) -> Result<Vec<GuestRow>, StoreError> {
-        let mut st = self.conn.prepare("SELECT host_id, data, updated_ms FROM guests ORDER BY host_id, name")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get(2)?)))?;
         let mut out = Vec::new();
-        for row in rows {
-            let (host_id, b, updated_ms) = row?;
-            let guest = Guest::decode(&b[..]).map_err(|e| StoreError::Corrupt { table: "guests", message: e.to_string() })?;
-            out.push(GuestRow { host_id, guest, updated_ms });
-        }
+        self.each_guest(|g| out.push(g))?;
         Ok(out)
+    }
+
+    /// Calls `f` with every guest, one row at a time (the caller keeps what
+    /// it needs, so the whole table is never in memory at once).
+    pub fn each_guest(&self, mut f: impl FnMut(GuestRow)) -> Result<(), StoreError> {
+        let mut st = self.conn.prepare("SELECT host_id, data, updated_ms FROM guests ORDER BY host_id, name")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let host_id: String = r.get(0)?;
+            let b: Vec<u8> = r.get(1)?;
+            let guest = Guest::decode(&b[..]).map_err(|e| StoreError::Corrupt { table: "guests", message: e.to_string() })?;
+            f(GuestRow { host_id, guest, updated_ms: r.get(2)? });
+        }
+        Ok(())
     }
 }
 

@@ -248,7 +248,7 @@ impl ActorState {
                 Ok(Request::Snapshot) => {
                     self.overflowed = false;
                     self.rescan(false);
-                    let inv = Inventory { host: Some(self.host.clone()), guests: self.known.values().cloned().collect() };
+                    let inv = Inventory { host: Some(self.host.clone()), guests: self.known.values().cloned().collect(), more: false };
                     self.emit(Update::Inventory(inv));
                 }
                 Ok(Request::Command(cmd, reply)) => self.command(cmd, reply),

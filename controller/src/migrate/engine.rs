@@ -102,8 +102,11 @@ impl Engine {
     /// Gathers everything and makes a plan. No side effects besides reading
     /// the source's BMC and asking candidate targets which paths they see.
     pub async fn plan(&self, req: &MigrateRequest) -> Result<MigrationPlan, ControllerError> {
-        let hosts = self.reg.host_views();
-        let source_guests: Vec<_> = hosts.iter().find(|h| h.id == req.source).map(|h| h.guests.clone()).unwrap_or_default();
+        let t0 = std::time::Instant::now();
+        let mut hosts = self.reg.host_views_for(&[req.source.as_str()]);
+        // The source's guests with their definitions, from the database.
+        let source_guests: Vec<_> =
+            if hosts.iter().any(|h| h.id == req.source) { self.reg.db(|s| s.guests_of(&req.source))? } else { Vec::new() };
         let owners = self.owners()?;
         let active_job = self.reg.db(|s| s.active_jobs())?.into_iter().find(|j| j.source == req.source).map(|j| j.id);
         let power = if hosts.iter().any(|h| h.id == req.source) { self.power_reading(&req.source).await } else { PowerReading::NoBmc };
@@ -111,7 +114,9 @@ impl Engine {
         paths.sort();
         paths.dedup();
         let mut visibility = BTreeMap::new();
-        let cands = plan::visibility_hosts(req, &hosts);
+        let gathered = t0.elapsed();
+        let cands = plan::visibility_hosts(req, &hosts, source_guests.len(), self.memory_reserve_kib);
+        self.reg.fill_guests(&mut hosts, &cands);
         let checks = cands.iter().map(|h| {
             let kind = Kind::CheckPaths(CheckPaths { paths: paths.clone() });
             async move { (h.clone(), self.reg.call(h, kind, Duration::from_secs(10)).await) }
@@ -124,6 +129,7 @@ impl Engine {
             };
             visibility.insert(h, m);
         }
+        let checked = t0.elapsed();
         let input = PlanInput {
             req: req.clone(),
             hosts,
@@ -135,7 +141,16 @@ impl Engine {
             visibility,
             memory_reserve_kib: self.memory_reserve_kib,
         };
-        Ok(plan::plan(&input))
+        let p = plan::plan(&input);
+        tracing::debug!(
+            source = %req.source,
+            gathered_ms = gathered.as_secs_f64() * 1000.0,
+            paths_checked_ms = checked.as_secs_f64() * 1000.0,
+            total_ms = t0.elapsed().as_secs_f64() * 1000.0,
+            hosts_checked = input.visibility.len(),
+            "planned"
+        );
+        Ok(p)
     }
 
     /// Starts a job for a reviewed plan: refuses (changing nothing) unless
@@ -161,13 +176,8 @@ impl Engine {
         let now = crate::now_ms();
         let id = format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let owners = self.owners()?;
-        let guests: BTreeMap<String, lifeboat_proto::v1::Guest> = self
-            .reg
-            .host_views()
-            .into_iter()
-            .find(|h| h.id == req.source)
-            .map(|h| h.guests.into_iter().map(|g| (g.uuid.clone(), g)).collect())
-            .unwrap_or_default();
+        let guests: BTreeMap<String, lifeboat_proto::v1::Guest> =
+            self.reg.db(|s| s.guests_of(&req.source))?.into_iter().map(|g| (g.uuid.clone(), g)).collect();
         let mut moves = Vec::new();
         for gp in p.guests.iter().filter(|g| g.movable) {
             let Some(g) = guests.get(&gp.uuid) else {
@@ -317,7 +327,7 @@ impl Engine {
                     };
                     let detail = format!("{ok} of {} guests moved{}", states.len(), if msg.is_empty() { String::new() } else { format!("; {msg}") });
                     if to == JobState::Succeeded && job.kind == "migrate" {
-                        if let Some(h) = self.reg.host_views().into_iter().find(|h| h.id == job.source) {
+                        if let Some(h) = self.reg.host_view(&job.source) {
                             if let Some(silent) = h.silent_ms {
                                 crate::telemetry::get().recovery_seconds.observe(silent as f64 / 1000.0);
                             }
@@ -358,9 +368,7 @@ impl Engine {
         }
         let keep: Vec<Lease> = self
             .reg
-            .host_views()
-            .into_iter()
-            .find(|h| h.id == job.source)
+            .host_view(&job.source)
             .map(|h| h.guests)
             .unwrap_or_default()
             .into_iter()

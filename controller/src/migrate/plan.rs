@@ -23,9 +23,12 @@ pub struct HostView {
     pub silent_ms: Option<u64>,
     /// Physical memory in KiB.
     pub memory_total_kib: u64,
+    /// Memory of the guests running there, KiB.
+    pub running_memory_kib: u64,
     /// qemu.conf lock manager.
     pub lock_manager: String,
-    /// Guests defined there (for UUID/name conflicts).
+    /// Guests defined there (for UUID/name conflicts); filled in only for
+    /// the source and the hosts whose disk visibility is checked.
     pub guests: Vec<Guest>,
 }
 
@@ -79,14 +82,22 @@ pub struct PlanInput {
 /// Memory a host can still give to guests: physical memory minus the
 /// memory of the guests running there and the hypervisor's reserve.
 pub fn available_memory_kib(h: &HostView, reserve_kib: u64) -> u64 {
-    let committed: u64 = h
-        .guests
-        .iter()
-        .filter(|g| matches!(GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified), GuestState::Running | GuestState::Paused | GuestState::Blocked))
-        .map(|g| g.memory_kib)
-        .sum();
-    h.memory_total_kib.saturating_sub(committed).saturating_sub(reserve_kib)
+    h.memory_total_kib.saturating_sub(h.running_memory_kib).saturating_sub(reserve_kib)
 }
+
+/// Whether a guest in this state holds its memory (running, paused, blocked).
+pub fn is_running(state: i32) -> bool {
+    matches!(GuestState::try_from(state).unwrap_or(GuestState::Unspecified), GuestState::Running | GuestState::Paused | GuestState::Blocked)
+}
+
+/// Memory of the running guests in `guests`, KiB.
+pub fn running_memory_kib(guests: &[Guest]) -> u64 {
+    guests.iter().filter(|g| is_running(g.state)).map(|g| g.memory_kib).sum()
+}
+
+/// Fewest hosts whose disk visibility is checked when there are more
+/// reachable hosts than that; see [`visibility_hosts`].
+pub const VISIBILITY_SAMPLE: usize = 32;
 
 fn check(name: &str, ok: bool, detail: impl Into<String>, remedy: impl Into<String>) -> Check {
     Check { name: name.into(), ok, detail: detail.into(), remedy: if ok { String::new() } else { remedy.into() } }
@@ -111,14 +122,25 @@ pub fn guest_paths(g: &Guest) -> Vec<String> {
     g.disks.iter().map(|d| d.source.clone()).filter(|s| s.starts_with('/')).collect()
 }
 
-/// The hosts whose disk visibility the caller must gather: every reachable
-/// host but the source (to tell local storage from a target's blind spot).
-pub fn visibility_hosts(req: &MigrateRequest, hosts: &[HostView]) -> Vec<String> {
-    hosts.iter().filter(|h| h.id != req.source && h.liveness == Liveness::Reachable).map(|h| h.id.clone()).collect()
+/// The hosts whose disk visibility the caller must gather. With up to
+/// `max(VISIBILITY_SAMPLE, 2 × guests)` reachable hosts besides the source:
+/// all of them (to tell local storage from a target's blind spot). With
+/// more (a large cluster): the eligible targets with the most available
+/// memory, as many as that, since placement picks among those first —
+/// asking 10,000 agents for every plan would make planning slow without
+/// changing where the guests go.
+pub fn visibility_hosts(req: &MigrateRequest, hosts: &[HostView], guests: usize, reserve_kib: u64) -> Vec<String> {
+    let limit = VISIBILITY_SAMPLE.max(guests.saturating_mul(2));
+    let reachable: Vec<&HostView> = hosts.iter().filter(|h| h.id != req.source && h.liveness == Liveness::Reachable).collect();
+    if reachable.len() <= limit {
+        return reachable.into_iter().map(|h| h.id.clone()).collect();
+    }
+    let mut c = candidates(req, hosts);
+    c.sort_by(|a, b| available_memory_kib(b, reserve_kib).cmp(&available_memory_kib(a, reserve_kib)).then(a.id.cmp(&b.id)));
+    c.into_iter().take(limit).map(|h| h.id.clone()).collect()
 }
 
-/// The hosts a guest may be placed on.
-pub fn candidate_hosts(req: &MigrateRequest, hosts: &[HostView]) -> Vec<String> {
+fn candidates<'a>(req: &MigrateRequest, hosts: &'a [HostView]) -> Vec<&'a HostView> {
     hosts
         .iter()
         .filter(|h| h.id != req.source && h.liveness == Liveness::Reachable)
@@ -129,8 +151,12 @@ pub fn candidate_hosts(req: &MigrateRequest, hosts: &[HostView]) -> Vec<String> 
                 h.id == req.target
             }
         })
-        .map(|h| h.id.clone())
         .collect()
+}
+
+/// The hosts a guest may be placed on.
+pub fn candidate_hosts(req: &MigrateRequest, hosts: &[HostView]) -> Vec<String> {
+    candidates(req, hosts).into_iter().map(|h| h.id.clone()).collect()
 }
 
 /// Makes the plan.
@@ -262,11 +288,22 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
     }
     guests.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
 
-    // Per guest: target choice and checks.
-    let candidates: Vec<&HostView> = candidate_hosts(req, &input.hosts)
-        .into_iter()
-        .filter_map(|id| input.hosts.iter().find(|h| h.id == id))
-        .collect();
+    // Per guest: target choice and checks, among the eligible hosts whose
+    // disk visibility was gathered.
+    let candidates: Vec<&HostView> =
+        candidates(req, &input.hosts).into_iter().filter(|h| input.visibility.contains_key(&h.id)).collect();
+    let reachable = input.hosts.iter().filter(|h| h.id != source.id && h.liveness == Liveness::Reachable).count();
+    let nobody_sees = |paths: &[String]| {
+        if input.visibility.len() >= reachable {
+            format!("local storage: no other host sees {}", paths.join(", "))
+        } else {
+            format!(
+                "local storage: none of the {} hosts checked (of {reachable} reachable) sees {}",
+                input.visibility.len(),
+                paths.join(", ")
+            )
+        }
+    };
     let mut reserved: BTreeMap<String, u64> = BTreeMap::new();
     let mut claimed_names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let lock = if source.lock_manager.is_empty() {
@@ -287,10 +324,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             lock_protection: lock.clone(),
             ..Default::default()
         };
-        let was_running = matches!(
-            GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified),
-            GuestState::Running | GuestState::Paused | GuestState::Blocked
-        );
+        let was_running = is_running(g.state);
         gp.start = !req.no_start && was_running;
         if let Some(o) = input.owners.get(&g.uuid).filter(|o| o.host != source.id) {
             if o.complete || o.from_host != source.id {
@@ -400,7 +434,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                     gp.reason = "no reachable target host accepts guests".into();
                     gp.checks.push(check("target available", false, "no AVAILABLE, REACHABLE host other than the source", "bring a host back or set one AVAILABLE"));
                 } else if !seen_by_any && req.target.is_empty() {
-                    gp.reason = format!("local storage: no other host sees {}", paths.join(", "));
+                    gp.reason = nobody_sees(&paths);
                 } else {
                     gp.reason = "no target passes every check".into();
                 }
@@ -419,7 +453,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                         "choose a target on the same shared storage, or leave --to out",
                     ));
                 } else if !seen_by_any {
-                    gp.reason = format!("local storage: no other host sees {}", paths.join(", "));
+                    gp.reason = nobody_sees(&paths);
                 }
             }
         }
@@ -548,6 +582,7 @@ mod tests {
             liveness: if silent.is_some() { Liveness::Unreachable } else { Liveness::Reachable },
             silent_ms: silent,
             memory_total_kib: free_mib * 1024,
+            running_memory_kib: 0,
             lock_manager: String::new(),
             guests: vec![],
         }

@@ -77,15 +77,7 @@ impl Admin for AdminService {
         let host = r.host.trim();
         let filter = if host.is_empty() { None } else { Some(host) };
         let vm = r.vm.trim();
-        let mut guests = self.reg.list_guests(filter)?;
-        if !vm.is_empty() {
-            guests.retain(|g| g.guest.as_ref().is_some_and(|x| x.name == vm || x.uuid == vm));
-        }
-        if !r.with_definitions {
-            for g in guests.iter_mut().filter_map(|g| g.guest.as_mut()) {
-                g.definition_xml = String::new();
-            }
-        }
+        let guests = self.reg.list_guests(filter, (!vm.is_empty()).then_some(vm), r.with_definitions)?;
         Ok(Response::new(ListGuestsResponse { guests }))
     }
 

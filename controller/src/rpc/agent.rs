@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lifeboat_common::identity::Identity;
 use lifeboat_proto::v1::{
-    AgentMessage, ControllerMessage, HeartbeatAck, Welcome, agent_message::Msg, agent_session_server::AgentSession,
+    AgentMessage, ControllerMessage, HeartbeatAck, Inventory, Welcome, agent_message::Msg, agent_session_server::AgentSession,
     controller_message,
 };
 use tokio::sync::mpsc;
@@ -74,8 +74,11 @@ impl AgentSession for AgentService {
         };
         let _ = tx.send(welcome).await;
         let reg = self.reg.clone();
+        let heard = reg.heard_cell(&cert_host, sid);
         tokio::spawn(async move {
             let host = cert_host;
+            let Some(heard) = heard else { return };
+            let mut paged: Option<Inventory> = None;
             loop {
                 let msg = match inbound.message().await {
                     Ok(Some(m)) => m,
@@ -85,7 +88,9 @@ impl AgentSession for AgentService {
                         break;
                     }
                 };
-                reg.heard(&host, sid);
+                // Liveness without the registry lock: heartbeats from
+                // 10,000 hosts must not queue behind inventory writes.
+                heard.store(lifeboat_common::now_unix_ms(), std::sync::atomic::Ordering::Relaxed);
                 let r = match msg.msg {
                     Some(Msg::Heartbeat(h)) => {
                         // A full outbound queue means the agent is not reading:
@@ -98,11 +103,15 @@ impl AgentSession for AgentService {
                         });
                         Ok(())
                     }
-                    Some(Msg::Inventory(inv)) => reg.apply_inventory(&host, sid, inv).map(|skipped| {
-                        for s in skipped {
-                            warn!(host = %host, "skipped invalid guest: {s}");
-                        }
-                    }),
+                    Some(Msg::Inventory(page)) => match gather_page(&mut paged, page) {
+                        Err(e) => Err(e),
+                        Ok(None) => Ok(()),
+                        Ok(Some(inv)) => reg.apply_inventory(&host, sid, inv).map(|skipped| {
+                            for s in skipped {
+                                warn!(host = %host, "skipped invalid guest: {s}");
+                            }
+                        }),
+                    },
                     Some(Msg::GuestChanged(c)) => match c.guest {
                         Some(g) => reg.apply_guest(&host, sid, g),
                         None => Err(ControllerError::InvalidArgument("GuestChanged without a guest".into())),
@@ -124,5 +133,56 @@ impl AgentSession for AgentService {
             info!(host = %host, "agent session closed");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+}
+
+/// Most guests one inventory may carry, over all its pages.
+pub const MAX_INVENTORY_GUESTS: usize = 100_000;
+
+/// Adds one inventory page; returns the whole inventory when `page` is the
+/// last one. An oversized inventory is refused (and dropped) as a whole.
+fn gather_page(paged: &mut Option<Inventory>, page: Inventory) -> Result<Option<Inventory>, ControllerError> {
+    let acc = match paged.take() {
+        None => page,
+        Some(mut acc) => {
+            if page.host.is_some() {
+                acc.host = page.host;
+            }
+            acc.guests.extend(page.guests);
+            acc.more = page.more;
+            acc
+        }
+    };
+    if acc.guests.len() > MAX_INVENTORY_GUESTS {
+        return Err(ControllerError::InvalidArgument(format!(
+            "inventory of more than {MAX_INVENTORY_GUESTS} guests refused"
+        )));
+    }
+    if acc.more {
+        *paged = Some(acc);
+        Ok(None)
+    } else {
+        Ok(Some(acc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_proto::v1::{Guest, HostInfo};
+
+    #[test]
+    fn pages_are_gathered_into_one_inventory() {
+        let g = |u: &str| Guest { uuid: u.into(), name: u.into(), ..Default::default() };
+        let mut acc = None;
+        let first = Inventory { host: Some(HostInfo { host_id: "h".into(), ..Default::default() }), guests: vec![g("1")], more: true };
+        assert!(gather_page(&mut acc, first).unwrap().is_none());
+        assert!(gather_page(&mut acc, Inventory { host: None, guests: vec![g("2")], more: true }).unwrap().is_none());
+        let inv = gather_page(&mut acc, Inventory { host: None, guests: vec![g("3")], more: false }).unwrap().unwrap();
+        assert_eq!(inv.host.unwrap().host_id, "h");
+        assert_eq!(inv.guests.iter().map(|g| g.uuid.as_str()).collect::<Vec<_>>(), ["1", "2", "3"]);
+        assert!(acc.is_none());
+        let single = gather_page(&mut acc, Inventory { host: None, guests: vec![g("9")], more: false }).unwrap().unwrap();
+        assert_eq!(single.guests.len(), 1);
     }
 }

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Benchmark: one controller under N simulated agents (issue #6, item 1).
+# Runs target/release/lifeboat-loadgen for each N in $SIZES (default
+# "1000 5000 10000"), 20 guests per host, and writes the table to the
+# bench-scale section of docs/benchmarks.md. Needs no root and no lab: the
+# controller is the real binary on 127.0.0.1, every simulated agent has its
+# own certificate and mutual-TLS session. Build first:
+#   cargo build --release -p lifeboat-controller -p lifeboat-cli -p lifeboat-bench
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZES=${SIZES:-"1000 5000 10000"}
+OUT=${OUT:-docs/benchmarks.md}
+MEASURE_S=${MEASURE_S:-30}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+for b in lifeboat-loadgen lifeboat-controller lifeboat; do
+  [ -x "target/release/$b" ] || { echo "bench-scale: target/release/$b missing; cargo build --release --workspace" >&2; exit 1; }
+done
+for n in $SIZES; do
+  echo "bench-scale: $n hosts x 20 guests" >&2
+  flock /tmp/lifeboat-bench.lock target/release/lifeboat-loadgen --hosts "$n" --measure-s "$MEASURE_S" \
+    --work-dir "$WORK/run" >"$WORK/$n.json" 2>"$WORK/$n.log" || { tail -20 "$WORK/$n.log" >&2; exit 1; }
+  cat "$WORK/$n.json"
+done
+python3 - "$OUT" "$WORK" $SIZES <<'PY'
+import json, platform, re, subprocess, sys, datetime, os
+out, work, sizes = sys.argv[1], sys.argv[2], sys.argv[3:]
+rows = [json.load(open(f"{work}/{n}.json")) for n in sizes]
+def sh(c):
+    try: return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
+    except Exception: return "?"
+cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
+mem = int(sh("grep MemTotal /proc/meminfo | awk '{print $2}'") or 0) // 1024 // 1024
+osname = sh(". /etc/os-release; echo $PRETTY_NAME")
+machine = f"{os.cpu_count()} cores ({cpu}), {mem} GiB, {platform.release()}, {osname}"
+r = rows[0]
+lines = [
+    "<!-- bench-scale:start -->",
+    "## Controller at scale",
+    "",
+    f"`scripts/bench-scale.sh` ({datetime.date.today()}; {machine}).",
+    f"`lifeboat-loadgen` starts the release `lifeboat-controller` (defaults but `force_grace_ms`; SQLite on local disk) and N simulated agents in one process on the same 2 cores: each has its own certificate and mutual-TLS HTTP/2 session, sends Hello and a paged inventory of {r['guests']//r['hosts']} guests with {r['definition_bytes']}-byte definitions, heartbeats every {r['heartbeat_interval_ms']} ms, sends about one guest change per host per minute, and answers commands (lease renewals, path checks).",
+    "*Heartbeat RTT*: heartbeat sent → `HeartbeatAck` read back by the simulated agent, over the measuring window (load generator included).",
+    f"*Silent host*: one agent stops sending (its connection stays open) until `hosts show` says UNREACHABLE; the detection time is {r['unreachable_after_ms']} ms.",
+    "*Plan*: `PlanMigration` for that host (attested off), client-side, p50 and max of 10–20 runs.",
+    "*vms list*: the real `lifeboat vms list --output json` over every guest, wall time.",
+    "",
+    "| hosts | guests | controller CPU (% of one core) | load generator CPU | controller RSS (MiB) | peak RSS (MiB) | heartbeat RTT p50 / p99 (ms) | silent host noticed (ms) | plan p50 / max (ms) | `vms list -o json` (ms) | all sessions + inventories (s) | session reconnects |",
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+for r in rows:
+    lines.append(f"| {r['hosts']} | {r['guests']} | {r['controller_cpu_pct']:.1f} | {r['loadgen_cpu_pct']:.1f} | {r['controller_rss_mib']:.0f} | {r['controller_peak_rss_mib']:.0f} | {r['heartbeat_rtt_p50_ms']:.2f} / {r['heartbeat_rtt_p99_ms']:.1f} | {r['silent_detect_ms']:.0f} | {r['plan_ms_p50']:.1f} / {r['plan_ms_max']:.1f} | {r['vms_list_ms']:.0f} | {r['inventory_stored_s']:.0f} | {r.get('session_reconnects', 0)} |")
+lines.append("<!-- bench-scale:end -->")
+section = "\n".join(lines) + "\n"
+text = open(out).read() if os.path.exists(out) else "# Benchmarks\n"
+if "<!-- bench-scale:start -->" in text:
+    text = re.sub(r"<!-- bench-scale:start -->.*?<!-- bench-scale:end -->\n", lambda m: section, text, flags=re.S)
+else:
+    text = text.replace("\n<!--", "\n" + section + "\n<!--", 1) if "\n<!--" in text else text + "\n" + section
+open(out, "w").write(text)
+print(section)
+PY
