@@ -951,6 +951,37 @@ mod tests {
     }
 
     #[test]
+    fn definitions_stay_in_the_database_and_unchanged_guests_are_not_rewritten() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let with_def = |u: &str, n: &str, state: i32| Guest { definition_xml: format!("<domain><name>{n}</name></domain>"), state, ..g(u, n) };
+        let inv = |gs: Vec<Guest>| Inventory { host: None, guests: gs, more: false };
+        reg.apply_inventory("h", sid, inv(vec![with_def("u1", "vm1", 1), with_def("u2", "vm2", 1)])).unwrap();
+        let listed = reg.list_guests(None, None, false).unwrap();
+        assert!(listed.iter().all(|r| r.guest.as_ref().unwrap().definition_xml.is_empty()));
+        let full = reg.list_guests(Some("h"), Some("vm2"), true).unwrap();
+        assert_eq!(full.len(), 1);
+        assert_eq!(full[0].guest.as_ref().unwrap().definition_xml, "<domain><name>vm2</name></domain>");
+        let t1 = reg.list_guests(None, Some("u1"), false).unwrap()[0].updated_unix_ms;
+        std::thread::sleep(Duration::from_millis(5));
+        // vm1 unchanged, vm2 changed, u3 new; nothing else.
+        reg.apply_inventory("h", sid, inv(vec![with_def("u1", "vm1", 1), with_def("u2", "vm2", 6), with_def("u3", "vm3", 1)])).unwrap();
+        let rows = reg.db(|s| s.guests()).unwrap();
+        let updated = |u: &str| rows.iter().find(|r| r.guest.uuid == u).unwrap().updated_ms;
+        assert_eq!(updated("u1"), t1, "an unchanged guest is not written again");
+        assert!(updated("u2") > t1 && updated("u3") > t1);
+        assert_eq!(rows.iter().find(|r| r.guest.uuid == "u2").unwrap().guest.state, 6);
+        reg.apply_inventory("h", sid, inv(vec![with_def("u3", "vm3", 1)])).unwrap();
+        let rows = reg.db(|s| s.guests()).unwrap();
+        assert_eq!(rows.iter().map(|r| r.guest.uuid.as_str()).collect::<Vec<_>>(), ["u3"], "guests gone from the inventory are deleted");
+        // A restart loads the guests back, still without definitions in memory.
+        drop(rows);
+        let listed = reg.list_guests(None, None, true).unwrap();
+        assert_eq!(listed[0].guest.as_ref().unwrap().definition_xml, "<domain><name>vm3</name></domain>");
+    }
+
+    #[test]
     fn a_superseded_session_cannot_change_anything() {
         let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);

@@ -181,6 +181,43 @@ pub struct GuestRow {
 /// The database.
 pub struct Store {
     conn: Connection,
+    /// Set on drop: tells the checkpoint thread to end.
+    stop_checkpoints: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(s) = &self.stop_checkpoints {
+            s.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Copies the write-ahead log into the database file from a thread of its
+/// own, once a second. Without it SQLite does this inside whichever write
+/// pushes the log past 1,000 pages, and that write (under the registry
+/// lock) then waits for megabytes of I/O.
+fn checkpoint_thread(path: &Path, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let path = path.to_path_buf();
+    let spawned = std::thread::Builder::new().name("sqlite-checkpoint".into()).spawn(move || {
+        let conn = match Connection::open(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("checkpoint thread: cannot open {}: {e}", path.display());
+                return;
+            }
+        };
+        let _ = conn.busy_timeout(std::time::Duration::from_millis(100));
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::debug!("checkpoint: {e}");
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the checkpoint thread: {e}");
+    }
 }
 
 impl Store {
@@ -192,7 +229,12 @@ impl Store {
             }
         }
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        let mut store = Self::init(conn)?;
+        store.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        checkpoint_thread(path, stop.clone());
+        store.stop_checkpoints = Some(stop);
+        Ok(store)
     }
 
     /// An in-memory database (tests).
@@ -320,7 +362,7 @@ impl Store {
                  COMMIT;",
             )?;
         }
-        Ok(Store { conn })
+        Ok(Store { conn, stop_checkpoints: None })
     }
 
     /// Inserts or updates a host's facts (status and first-seen kept).

@@ -20,7 +20,10 @@ fn fixture(name: &str) -> String {
 
 async fn guests(c: &Controller, pki: &Pki, host: &str) -> Vec<GuestRecord> {
     let mut a = c.admin(&pki.client("viewer", Role::Viewer)).await;
-    a.list_guests(ListGuestsRequest { host: host.into(), ..Default::default() }).await.map(|r| r.into_inner().guests).unwrap_or_default()
+    a.list_guests(ListGuestsRequest { host: host.into(), vm: String::new(), with_definitions: true })
+        .await
+        .map(|r| r.into_inner().guests)
+        .unwrap_or_default()
 }
 
 fn by_name<'a>(gs: &'a [GuestRecord], name: &str) -> Option<&'a lifeboat_proto::v1::Guest> {
@@ -50,6 +53,21 @@ async fn every_guest_of_every_host_reaches_the_controller() {
     assert_eq!(a1.nics[0].source, "br0");
     assert!(a1.definition_xml.contains("<uuid>11111111-0000-4000-8000-00000000a001</uuid>"));
     assert!(a1.persistent && a1.error.is_empty());
+    // Definitions live in the controller's database, not in its memory:
+    // a plain listing leaves them out; one guest can be asked for.
+    let mut v = c.admin(&pki.client("viewer", Role::Viewer)).await;
+    let plain = v.list_guests(ListGuestsRequest::default()).await.unwrap().into_inner().guests;
+    assert_eq!(plain.len(), 5);
+    assert!(plain.iter().all(|g| g.guest.as_ref().unwrap().definition_xml.is_empty()));
+    assert_eq!(by_name(&plain, "vm-a1").unwrap().disks[0].source, "/srv/shared/vm-a1.img", "everything else is listed");
+    let one = v
+        .list_guests(ListGuestsRequest { host: String::new(), vm: "vm-a1".into(), with_definitions: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .guests;
+    assert_eq!(one.len(), 1);
+    assert!(one[0].guest.as_ref().unwrap().definition_xml.contains("<name>vm-a1</name>"));
     let a2 = by_name(&all, "vm-a2").unwrap();
     assert_eq!(a2.state, GuestState::Shutoff as i32);
     assert!(!a2.managed_save);

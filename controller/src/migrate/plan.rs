@@ -721,8 +721,54 @@ mod tests {
         let mut h = host("b", None, 1000);
         h.guests.push(guest("x", "ux", "/s/x.img", true));
         h.guests.push(guest("y", "uy", "/s/y.img", false));
+        h.running_memory_kib = running_memory_kib(&h.guests);
+        assert_eq!(h.running_memory_kib, 32 * 1024, "only the running guest counts");
         assert_eq!(available_memory_kib(&h, 100 * 1024), (1000 - 32 - 100) * 1024);
         assert_eq!(available_memory_kib(&h, 2000 * 1024), 0);
+    }
+
+    #[test]
+    fn a_large_cluster_checks_the_targets_with_most_memory_only() {
+        let mut hosts = vec![host("a", Some(60_000), 1000)];
+        for n in 0..500u64 {
+            let mut h = host(&format!("h{n:03}"), None, 1000 + n);
+            if n % 7 == 0 {
+                h.status = HostStatus::Maintenance;
+            }
+            hosts.push(h);
+        }
+        let req = MigrateRequest { source: "a".into(), ..Default::default() };
+        let picked = visibility_hosts(&req, &hosts, 3, 0);
+        assert_eq!(picked.len(), VISIBILITY_SAMPLE);
+        assert_eq!(picked[0], "h499", "most available memory first");
+        assert!(!picked.contains(&"h497".to_string()), "h497 is in MAINTENANCE");
+        assert!(picked.contains(&"h463".to_string()) && !picked.contains(&"h461".to_string()), "the 32 AVAILABLE hosts with most memory");
+        assert!(picked.iter().all(|id| id != "a" && hosts.iter().any(|h| &h.id == id && h.status == HostStatus::Available)));
+        assert_eq!(visibility_hosts(&req, &hosts, 100, 0).len(), 200, "twice the guests when that is more");
+        let small = &hosts[..10];
+        assert_eq!(visibility_hosts(&req, small, 3, 0).len(), 9, "a small cluster checks every reachable host");
+        // Only checked hosts are candidates, and a guest nobody checked sees
+        // says how many hosts were checked.
+        let mut vis = BTreeMap::new();
+        for id in &picked {
+            vis.insert(id.clone(), [("/local/g.img".to_string(), (false, "No such file".to_string()))].into_iter().collect());
+        }
+        let input = PlanInput {
+            req: MigrateRequest { source: "a".into(), fence: true, ..Default::default() },
+            hosts,
+            source_guests: vec![guest("g", "ug", "/local/g.img", true)],
+            owners: BTreeMap::new(),
+            power: PowerReading::Bmc(PowerState::Off),
+            active_job: None,
+            grace_ms: 30_000,
+            visibility: vis,
+            memory_reserve_kib: 0,
+        };
+        let p = plan(&input);
+        let g = &p.guests[0];
+        assert!(!g.movable);
+        assert!(g.reason.contains("none of the 32 hosts checked (of 500 reachable)"), "{}", g.reason);
+        assert!(g.checks.len() <= 3 * VISIBILITY_SAMPLE, "checks are bounded by the sample, not the cluster");
     }
 
     #[test]
