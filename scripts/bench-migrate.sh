@@ -105,7 +105,9 @@ table=$(
 )
 echo "$table"
 machine="$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r), $(sed -n 's/^PRETTY_NAME=//p' /etc/os-release | tr -d '"'), libvirt $(libvirtd --version | awk '{print $3}'), qemu $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'), guests $( [ -w /dev/kvm ] && echo KVM || echo TCG)"
-python3 - "$OUT" "$machine" "$PARALLEL" <<PY
+# BIN_NOTE: what the binaries were, for the text (default: the lab's binary directory)
+bin_note=${BIN_NOTE:-binaries from ${LIFEBOAT_BIN_DIR:-target/debug}}
+python3 - "$OUT" "$machine; $bin_note" "$PARALLEL" <<PY
 import sys, re, datetime
 out, machine, parallel = sys.argv[1], sys.argv[2], sys.argv[3]
 table = """$table"""
@@ -114,7 +116,7 @@ section = f"""<!-- bench-migrate:start -->
 
 \`scripts/bench-migrate.sh\` ({datetime.date.today()}; {machine}; \`--parallel {parallel}\`).
 Per size: a fresh lab (3 hosts), N tiny guests on host-a, host-a hangs (BMC still On).
-*Spread*: the same in a fresh lab with 4 hosts, without \`--to\`: the planner spreads the guests over host-b, host-c and host-d.
+*Spread*: the same in a fresh lab with 4 hosts, without \`--to\`: the planner spreads the guests over host-b, host-c and host-d (all lab hosts share the machine's 2 cores, so spreading cannot make the qemu boots faster here; on real hosts each target boots its share).
 *Serial virsh loop*: \`virsh define\` + \`virsh start\` per guest on host-b, one after another.
 *Moving phase*: from the BMC's confirmed Off reading to the last guest running (audit log times) — the same work as the loop.
 *Whole command*: \`lifeboat migrate --force --fence --yes\` wall time, including planning and the BMC power-off, whose
