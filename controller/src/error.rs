@@ -35,6 +35,9 @@ pub enum ControllerError {
     /// Database failure.
     #[error("database error: {0}")]
     Storage(#[from] crate::store::StoreError),
+    /// A bug or a crashed worker, not the caller's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// A refusal naming every failed check and what the operator can do.
@@ -65,7 +68,7 @@ impl From<ControllerError> for Status {
             ControllerError::AgentUnavailable(_) => Status::unavailable(msg),
             ControllerError::Refused(_) => Status::failed_precondition(msg),
             ControllerError::Storage(crate::store::StoreError::Busy { .. }) => Status::failed_precondition(msg),
-            ControllerError::Storage(_) => Status::internal(msg),
+            ControllerError::Storage(_) | ControllerError::Internal(_) => Status::internal(msg),
         }
     }
 }

@@ -31,9 +31,10 @@ pub struct HostSnapshot {
     pub leases_sent: Option<(i64, Vec<String>)>,
     /// Guests the host reports.
     pub guests: Vec<Guest>,
-    /// Recorded owner per reported guest.
+    /// Recorded owner per reported guest (a guest without a record is the
+    /// reporting host's).
     pub owners: BTreeMap<String, String>,
-    /// Desired state per guest this host owns.
+    /// Desired state per guest this host owns (filled in for a boot start).
     pub desired: BTreeMap<String, String>,
     /// Guests recorded as owned by this host that it does not report (yet):
     /// (uuid, name). A move writes the owner before the define.
@@ -139,11 +140,20 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
         let now = crate::now_ms();
         let full = pass % 60 == 0;
         pass += 1;
-        for snap in reg.reconcile_view(now, lease_ttl_ms, full) {
-            let actions = decide(&snap, now, lease_ttl_ms);
-            if actions.is_empty() {
-                continue;
-            }
+        // Snapshots and decisions are plain CPU work (a full pass over 10,000
+        // hosts takes tens of ms): off the async workers, which carry the
+        // agents' heartbeats.
+        let r = reg.clone();
+        let decided = tokio::task::spawn_blocking(move || {
+            r.reconcile_view(now, lease_ttl_ms, full)
+                .iter()
+                .map(|snap| decide(snap, now, lease_ttl_ms))
+                .filter(|a| !a.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for actions in decided {
             let reg = reg.clone();
             // Each host's actions run in order; hosts do not wait for each other.
             tokio::spawn(async move {

@@ -168,7 +168,7 @@ pub struct Registry {
 
 /// Hosts handled per hold of the registry lock by passes over every host,
 /// so that no pass holds it long with 10,000 hosts.
-const LOCK_CHUNK: usize = 500;
+const LOCK_CHUNK: usize = 100;
 
 /// A session token: updates from a superseded session are ignored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,9 +342,10 @@ impl Registry {
         inner.owners.get(uuid).map(|o| o.host.as_str()).unwrap_or(host)
     }
 
-    fn note_desired(inner: &mut Inner, host: &str, g: &Guest, from_event: bool) -> Result<(), StoreError> {
+    /// What the desired state of `g` becomes, if it changes.
+    fn desired_change(inner: &Inner, host: &str, g: &Guest, from_event: bool) -> Option<&'static str> {
         if Self::owner_of(inner, &g.uuid, host) != host {
-            return Ok(());
+            return None;
         }
         let st = GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified);
         let want = match st {
@@ -352,12 +353,17 @@ impl Registry {
             GuestState::Shutoff if from_event && matches!(g.state_reason.as_str(), "shutdown" | "destroyed" | "saved") => Some("stopped"),
             GuestState::Shutoff if !inner.desired.contains_key(&g.uuid) => Some("stopped"),
             _ => None,
-        };
-        if let Some(w) = want {
-            if inner.desired.get(&g.uuid) != Some(&(host.to_string(), w.to_string())) {
-                inner.store.set_desired(&g.uuid, host, w)?;
-                inner.desired.insert(g.uuid.clone(), (host.to_string(), w.to_string()));
-            }
+        }?;
+        match inner.desired.get(&g.uuid) {
+            Some((h, w)) if h == host && w == want => None,
+            _ => Some(want),
+        }
+    }
+
+    fn note_desired(inner: &mut Inner, host: &str, g: &Guest, from_event: bool) -> Result<(), StoreError> {
+        if let Some(w) = Self::desired_change(inner, host, g, from_event) {
+            inner.store.set_desired_many(&[(g.uuid.as_str(), host, w)])?;
+            inner.desired.insert(g.uuid.clone(), (host.to_string(), w.to_string()));
         }
         Ok(())
     }
@@ -443,10 +449,16 @@ impl Registry {
         };
         let dels: Vec<&str> = deletes.iter().map(String::as_str).collect();
         inner.store.write_guests(host_id, &upserts, &dels, now)?;
-        for g in &guests {
-            if !inner.desired.contains_key(&g.uuid) {
-                Self::note_desired(&mut inner, host_id, g, false)?;
-            }
+        // New guests' desired state, in one transaction (200,000 guests
+        // arriving must not mean 200,000 synced writes).
+        let changes: Vec<(&str, &str, &'static str)> = guests
+            .iter()
+            .filter(|g| !inner.desired.contains_key(&g.uuid))
+            .filter_map(|g| Self::desired_change(&inner, host_id, g, false).map(|w| (g.uuid.as_str(), host_id, w)))
+            .collect();
+        inner.store.set_desired_many(&changes)?;
+        for (u, h, w) in changes {
+            inner.desired.insert(u.to_string(), (h.to_string(), w.to_string()));
         }
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.inventory_seen = true;
@@ -812,10 +824,12 @@ impl Registry {
             ids
         };
         let mut out = Vec::with_capacity(wanted.len());
+        let t0 = std::time::Instant::now();
         for chunk in wanted.chunks(LOCK_CHUNK) {
             let inner = self.lock();
             out.extend(chunk.iter().filter_map(|id| inner.hosts.get(id).map(|e| Self::snapshot(&inner, id, e))));
         }
+        tracing::debug!(hosts = out.len(), full, took_ms = t0.elapsed().as_millis() as u64, "reconcile snapshots");
         out
     }
 
@@ -838,11 +852,18 @@ impl Registry {
             inventory_seen: e.inventory_seen,
             pending_boot_start: e.pending_boot_start,
             leases_sent: e.leases_sent.clone(),
-            owners: guests.iter().map(|g| (g.uuid.clone(), Self::owner_of(inner, &g.uuid, id).to_string())).collect(),
-            desired: guests
-                .iter()
-                .filter_map(|g| inner.desired.get(&g.uuid).filter(|d| &d.0 == id).map(|d| (g.uuid.clone(), d.1.clone())))
-                .collect(),
+            // Only recorded owners: a guest without a record belongs to the
+            // host that reports it (most guests; keeps the pass cheap).
+            owners: guests.iter().filter_map(|g| inner.owners.get(&g.uuid).map(|o| (g.uuid.clone(), o.host.clone()))).collect(),
+            // Desired state is read only for a boot start.
+            desired: if e.pending_boot_start {
+                guests
+                    .iter()
+                    .filter_map(|g| inner.desired.get(&g.uuid).filter(|d| &d.0 == id).map(|d| (g.uuid.clone(), d.1.clone())))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
             generations: guests
                 .iter()
                 .filter_map(|g| inner.owners.get(&g.uuid).map(|o| (g.uuid.clone(), o.generation)))
@@ -902,9 +923,11 @@ impl Registry {
     pub fn flush(&self) -> Result<(), StoreError> {
         let seen: Vec<(String, i64)> =
             self.lock().hosts.iter().filter_map(|(id, e)| e.last_heard_ms().map(|t| (id.clone(), t))).collect();
+        let t0 = std::time::Instant::now();
         for chunk in seen.chunks(LOCK_CHUNK) {
             self.lock().store.touch_hosts(chunk)?;
         }
+        tracing::debug!(hosts = seen.len(), took_ms = t0.elapsed().as_millis() as u64, "last-seen times persisted");
         Ok(())
     }
 }
@@ -915,9 +938,23 @@ impl Registry {
 pub async fn watch_liveness(reg: Arc<Registry>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut n = 0u64;
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
     loop {
         tick.tick().await;
+        // A late tick means the runtime could not run tasks: heartbeats
+        // waited too. Worth a line in the log when it is long.
+        let late = last.elapsed().saturating_sub(Duration::from_millis(250));
+        if late > Duration::from_millis(100) {
+            warn!(late_ms = late.as_millis() as u64, "the controller's runtime stalled");
+        }
+        let t0 = std::time::Instant::now();
         reg.check_liveness();
+        let took = t0.elapsed();
+        if took > Duration::from_millis(20) {
+            warn!(took_ms = took.as_millis() as u64, "liveness check slow");
+        }
+        last = tokio::time::Instant::now();
         n += 1;
         if n % 120 == 0 {
             if let Err(e) = reg.flush() {

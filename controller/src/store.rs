@@ -181,44 +181,9 @@ pub struct GuestRow {
 /// The database.
 pub struct Store {
     conn: Connection,
-    /// Set on drop: tells the checkpoint thread to end.
-    stop_checkpoints: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
-impl Drop for Store {
-    fn drop(&mut self) {
-        if let Some(s) = &self.stop_checkpoints {
-            s.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-}
 
-/// Copies the write-ahead log into the database file from a thread of its
-/// own, once a second. Without it SQLite does this inside whichever write
-/// pushes the log past 1,000 pages, and that write (under the registry
-/// lock) then waits for megabytes of I/O.
-fn checkpoint_thread(path: &Path, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    let path = path.to_path_buf();
-    let spawned = std::thread::Builder::new().name("sqlite-checkpoint".into()).spawn(move || {
-        let conn = match Connection::open(&path) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("checkpoint thread: cannot open {}: {e}", path.display());
-                return;
-            }
-        };
-        let _ = conn.busy_timeout(std::time::Duration::from_millis(100));
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(std::time::Duration::from_secs(1));
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::debug!("checkpoint: {e}");
-            }
-        }
-    });
-    if let Err(e) = spawned {
-        tracing::warn!("cannot start the checkpoint thread: {e}");
-    }
-}
 
 impl Store {
     /// Opens (creating if needed) the database and migrates its schema.
@@ -229,12 +194,7 @@ impl Store {
             }
         }
         let conn = Connection::open(path)?;
-        let mut store = Self::init(conn)?;
-        store.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        checkpoint_thread(path, stop.clone());
-        store.stop_checkpoints = Some(stop);
-        Ok(store)
+        Self::init(conn)
     }
 
     /// An in-memory database (tests).
@@ -362,7 +322,7 @@ impl Store {
                  COMMIT;",
             )?;
         }
-        Ok(Store { conn, stop_checkpoints: None })
+        Ok(Store { conn })
     }
 
     /// Inserts or updates a host's facts (status and first-seen kept).
@@ -499,15 +459,26 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Sets a guest's desired state.
-    pub fn set_desired(&self, uuid: &str, host: &str, state: &str) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO desired (uuid, host, state, updated_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(uuid) DO UPDATE SET host = excluded.host, state = excluded.state, updated_ms = excluded.updated_ms",
-            params![uuid, host, state, crate::now_ms()],
-        )?;
+    /// Sets the desired state of several guests, in one transaction.
+    pub fn set_desired_many(&mut self, rows: &[(&str, &str, &str)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO desired (uuid, host, state, updated_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(uuid) DO UPDATE SET host = excluded.host, state = excluded.state, updated_ms = excluded.updated_ms",
+            )?;
+            let now = crate::now_ms();
+            for (uuid, host, state) in rows {
+                st.execute(params![uuid, host, state, now])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
+
 
     /// Raises an alarm unless the same one is active; returns whether it is new.
     pub fn raise_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<bool, StoreError> {

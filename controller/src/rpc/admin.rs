@@ -59,7 +59,11 @@ pub fn authorize<T>(req: &Request<T>, needed: Role, action: &str) -> Result<(Str
 impl Admin for AdminService {
     async fn list_hosts(&self, req: Request<ListHostsRequest>) -> Result<Response<ListHostsResponse>, Status> {
         authorize(&req, Role::Viewer, "listing hosts")?;
-        Ok(Response::new(ListHostsResponse { hosts: self.reg.list_hosts() }))
+        let reg = self.reg.clone();
+        let hosts = tokio::task::spawn_blocking(move || reg.list_hosts())
+            .await
+            .map_err(|e| ControllerError::Internal(format!("listing hosts: {e}")))?;
+        Ok(Response::new(ListHostsResponse { hosts }))
     }
 
     async fn get_host(&self, req: Request<GetHostRequest>) -> Result<Response<HostRecord>, Status> {
@@ -76,8 +80,12 @@ impl Admin for AdminService {
         let r = req.get_ref();
         let host = r.host.trim();
         let filter = if host.is_empty() { None } else { Some(host) };
-        let vm = r.vm.trim();
-        let guests = self.reg.list_guests(filter, (!vm.is_empty()).then_some(vm), r.with_definitions)?;
+        let (host, vm, defs) = (filter.map(str::to_string), r.vm.trim().to_string(), r.with_definitions);
+        let reg = self.reg.clone();
+        // Listing 200,000 guests is CPU work: off the async workers.
+        let guests = tokio::task::spawn_blocking(move || reg.list_guests(host.as_deref(), (!vm.is_empty()).then_some(vm.as_str()), defs))
+            .await
+            .map_err(|e| ControllerError::Internal(format!("listing guests: {e}")))??;
         Ok(Response::new(ListGuestsResponse { guests }))
     }
 
