@@ -33,6 +33,9 @@ struct HostEntry {
     heard: Arc<AtomicI64>,
     /// Set when something the reconciler reads changed for this host.
     dirty: bool,
+    /// Memory of the guests running there (KiB), kept with the guest map so
+    /// a plan over 10,000 hosts need not add up 200,000 guests.
+    running_kib: u64,
     session: Option<SessionHandle>,
     reported: Liveness,
     /// The host came back from a normal reboot: start what should run.
@@ -49,6 +52,7 @@ impl HostEntry {
             row,
             heard: Arc::new(AtomicI64::new(0)),
             dirty: true,
+            running_kib: 0,
             session: None,
             reported: Liveness::Unreachable,
             pending_boot_start: false,
@@ -200,6 +204,11 @@ impl Registry {
             let hash = guest_hash(&prost::Message::encode_to_vec(&g.guest));
             guests.entry(g.host_id).or_default().insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
         })?;
+        for (h, m) in &guests {
+            if let Some(e) = hosts.get_mut(h) {
+                e.running_kib = m.values().filter(|g| crate::migrate::plan::is_running(g.state)).map(|g| g.memory_kib).sum();
+            }
+        }
         Ok(Registry {
             started_ms: now_unix_ms(),
             inner: Mutex::new(Inner { store, hosts, guests, next_generation: 1, owners, owners_by_host, desired, alarms }),
@@ -368,6 +377,17 @@ impl Registry {
         Ok(())
     }
 
+    fn recount(inner: &mut Inner, host_id: &str) {
+        let kib = inner
+            .guests
+            .get(host_id)
+            .map(|m| m.values().filter(|g| crate::migrate::plan::is_running(g.state)).map(|g| g.memory_kib).sum())
+            .unwrap_or(0);
+        if let Some(e) = inner.hosts.get_mut(host_id) {
+            e.running_kib = kib;
+        }
+    }
+
     /// Ends a session (if it is still the current one).
     pub fn close_session(&self, host_id: &str, sid: SessionId) {
         let mut inner = self.lock();
@@ -485,6 +505,7 @@ impl Registry {
             })
             .collect();
         inner.guests.insert(host_id.to_string(), map);
+        Self::recount(&mut inner, host_id);
         Ok(skipped)
     }
 
@@ -515,6 +536,7 @@ impl Registry {
             e.dirty = true;
         }
         inner.guests.entry(host_id.to_string()).or_default().insert(g.uuid.clone(), GuestEntry::new(g, h, now));
+        Self::recount(&mut inner, host_id);
         Ok(())
     }
 
@@ -528,6 +550,7 @@ impl Registry {
         if let Some(m) = inner.guests.get_mut(host_id) {
             m.remove(uuid);
         }
+        Self::recount(&mut inner, host_id);
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.dirty = true;
         }
@@ -697,9 +720,7 @@ impl Registry {
                 Liveness::Unreachable => Some(now.saturating_sub(last).max(0) as u64),
             },
             memory_total_kib: e.row.info.memory_total_kib,
-            running_memory_kib: guests
-                .map(|m| m.values().filter(|g| crate::migrate::plan::is_running(g.state)).map(|g| g.memory_kib).sum())
-                .unwrap_or(0),
+            running_memory_kib: e.running_kib,
             lock_manager: e.row.info.lock_manager.clone(),
             guests: if with_guests {
                 guests.map(|m| m.values().map(GuestEntry::guest).collect()).unwrap_or_default()

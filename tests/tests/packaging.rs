@@ -494,6 +494,7 @@ fn systemd_units() {
     assert_eq!(unit_one(&c, "Service", "Type"), "simple");
     assert_eq!(unit_one(&c, "Service", "Restart"), "on-failure");
     assert_eq!(unit_one(&c, "Service", "ExecStart"), "/usr/bin/lifeboat-controller --config /etc/lifeboat/controller.toml");
+    assert_eq!(unit_one(&c, "Service", "LimitNOFILE"), "65536", "one socket per agent: 10,000 hosts need more than 1024 files");
     assert_eq!(unit_one(&c, "Install", "WantedBy"), "multi-user.target");
 
     // systemd's own check, in a root holding this machine's units, ours and our binaries
