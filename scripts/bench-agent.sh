@@ -38,6 +38,9 @@ CLK_TCK=$(getconf CLK_TCK)
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # utime + stime (fields 14, 15)
 kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
+# PID -> "pss_kib uss_kib": proportional set (shared pages divided among the
+# processes mapping them) and unique set (pages only this process maps).
+smaps() { awk '$1 == "Pss:" { p = $2 } $1 == "Private_Clean:" || $1 == "Private_Dirty:" { u += $2 } END { print p, u }' "/proc/$1/smaps_rollup"; }
 mib() { python3 -c "print(f'{$1/1024:.1f}')"; }
 
 # PID -> "cpu_pct rss_mib hwm_mib anon_mib file_mib threads" over WINDOW_S, holding the bench lock
@@ -51,7 +54,9 @@ measure() {
   flock -u 8
   exec 8>&-
   python3 -c "print(f'{($c1-$c0)/$CLK_TCK/(($t1-$t0)/1e9)*100:.3f}')" | tr '\n' ' '
-  echo "$(mib "$(kib "$pid" VmRSS)") $(mib "$(kib "$pid" VmHWM)") $(mib "$(kib "$pid" RssAnon)") $(mib "$(kib "$pid" RssFile)") $(kib "$pid" Threads)"
+  local pss uss
+  read -r pss uss <<<"$(smaps "$pid")"
+  echo "$(mib "$(kib "$pid" VmRSS)") $(mib "$(kib "$pid" VmHWM)") $(mib "$(kib "$pid" RssAnon)") $(mib "$(kib "$pid" RssFile)") $(kib "$pid" Threads) $(mib "$pss") $(mib "$uss")"
 }
 
 WORK=$(mktemp -d)
@@ -174,14 +179,14 @@ R_LAB="- - - - - -"
 [ "$ONLY" = lab ] || run_test_driver
 [ "$ONLY" = test ] || run_lab
 
-row() { # label "cpu rss hwm anon file threads"
-  local c r h a f t
-  read -r c r h a f t <<<"$2"
-  echo "| $1 | $r | $h | $a | $f | $c | $t |"
+row() { # label "cpu rss hwm anon file threads pss uss"
+  local c r h a f t p u
+  read -r c r h a f t p u <<<"$2"
+  echo "| $1 | $r | $h | $a | $f | $p | $u | $c | $t |"
 }
 table=$(
-  echo "| libvirt | VmRSS (MiB) | VmHWM (MiB) | of which RssAnon (MiB) | of which RssFile (MiB) | idle CPU (% of one core, ${WINDOW_S} s) | threads |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
+  echo "| libvirt | VmRSS (MiB) | VmHWM (MiB) | of which RssAnon (MiB) | of which RssFile (MiB) | PSS (MiB) | USS: private pages (MiB) | idle CPU (% of one core, ${WINDOW_S} s) | threads |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
   row "test driver (\`test:///…/node.xml\`, in-process)" "$R_TEST"
   row "real libvirtd (lab host-a, qemu:///system)" "$R_LAB"
 )
@@ -218,6 +223,9 @@ a resolution of ~0.02 %); memory = \`VmRSS\` / \`VmHWM\` (\`/proc/PID/status\`) 
 \`RssAnon\` is the agent's own memory (heap, stacks, relocated data); \`RssFile\` is mapped program text, ~17 MiB of
 it the shared libraries libvirt's client library pulls in (libvirt, gnutls, libxml2, glib, libcrypto, … — shared with
 libvirtd and every virsh; an idle \`virsh -c test:///default\` shell here has VmRSS 20.0 MiB, RssFile 17.5 MiB).
+*PSS* (\`/proc/PID/smaps_rollup\`) divides each shared page among the processes that map it; *USS* counts only the
+pages no other process maps (\`Private_Clean\` + \`Private_Dirty\`): the memory the agent adds to a host that runs
+libvirtd anyway. (In the test-driver run no libvirtd runs, so the libraries are the agent's alone there.)
 Targets: RSS at most 15 MiB, idle CPU under 0.2 %.
 
 {table}
