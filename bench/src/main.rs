@@ -260,10 +260,16 @@ fn guest(i: usize, j: usize, running: bool) -> Guest {
     let uuid = guest_uuid(i, j);
     let definition_xml = definition(&name, &uuid, i, j);
     Guest {
-        disks: vec![
-            Disk { target: "vda".into(), source_type: "file".into(), source: format!("/shared/images/{name}.qcow2"), device: "disk".into(), ..Default::default() },
-            Disk { target: "vdb".into(), source_type: "file".into(), source: format!("/shared/images/{name}-data.qcow2"), device: "disk".into(), ..Default::default() },
-        ],
+        disks: [("vda", ""), ("vdb", "-data")]
+            .iter()
+            .map(|(target, suffix)| Disk {
+                target: (*target).into(),
+                source_type: "file".into(),
+                source: format!("/shared/images/{name}{suffix}.qcow2"),
+                device: "disk".into(),
+                ..Default::default()
+            })
+            .collect(),
         nics: vec![Nic { mac: format!("52:54:00:{:02x}:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff, j & 0xff), kind: "bridge".into(), source: "br0".into(), model: "virtio".into() }],
         uuid,
         name,
@@ -392,7 +398,9 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
                 let now = Instant::now();
                 pending.push_back((seq, now));
                 if pending.len() > 64 { pending.pop_front(); }
-                sh.last_hb_us_for(i, now);
+                if i == 0 {
+                    sh.last_hb_us.store(now.duration_since(sh.base).as_micros() as i64, Ordering::Relaxed);
+                }
                 tx.send(send(agent_message::Msg::Heartbeat(Heartbeat { seq, sent_unix_ms: lifeboat_common::now_unix_ms(), memory_free_kib: 300 * 1024 * 1024 }))).await?;
             }
             _ = change.tick() => {
@@ -435,24 +443,6 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
     }
 }
 
-impl Shared {
-    fn last_hb_us_for(&self, i: usize, at: Instant) {
-        if i == 0 {
-            self.last_hb_us.store(at.duration_since(self.base).as_micros() as i64, Ordering::Relaxed);
-        }
-    }
-}
-
-fn raise_nofile() {
-    // SAFETY: plain libc calls on a local struct.
-    unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-}
 
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
@@ -541,7 +531,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let t0 = Instant::now();
     lifeboat_common::tls::install_crypto_provider();
-    raise_nofile();
+    lifeboat_common::raise_open_files_limit();
     let tmp;
     let dir = match &args.work_dir {
         Some(d) => {
@@ -684,8 +674,6 @@ async fn main() -> anyhow::Result<()> {
     }
     rep.inventory_stored_s = start_connect.elapsed().as_secs_f64();
     log(t0, format!("the controller holds all {} guests ({:.1} s after the first connect)", rep.guests, rep.inventory_stored_s));
-    let h0 = adm.get_host(GetHostRequest { host: host_id(0) }).await?.into_inner();
-    let _ = h0;
 
     tokio::time::sleep(Duration::from_secs(args.warmup_s)).await;
     log(t0, format!("measuring steady load for {} s", args.measure_s));
@@ -762,9 +750,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     rep.silent_detect_ms = detect_ms;
-    let h0 = adm.get_host(GetHostRequest { host: host_id(0) }).await?.into_inner();
     rep.unreachable_after_ms = args.unreachable_ms;
-    let _ = h0;
     log(t0, format!("silent host noticed {:.0} ms after its last heartbeat", detect_ms));
 
     // Plan the evacuation of that host, once the controller has heard

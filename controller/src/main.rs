@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    raise_open_files();
+    lifeboat_common::raise_open_files_limit();
     // More workers than cores: a worker waiting for the registry lock or
     // the database must not leave 10,000 sessions' heartbeats unread.
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
@@ -115,15 +115,3 @@ fn main() -> ExitCode {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit: the controller
-/// keeps one connection per agent (the systemd unit sets 65536).
-fn raise_open_files() {
-    // SAFETY: plain libc calls on a local struct.
-    unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-}

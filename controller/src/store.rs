@@ -366,24 +366,6 @@ impl Store {
         })
     }
 
-    /// Replaces every guest of a host with `guests`, in one transaction.
-    pub fn replace_guests(&mut self, host_id: &str, guests: &[Guest], now_ms: i64) -> Result<(), StoreError> {
-        self.observed(|conn| {
-            let tx = conn.transaction()?;
-            tx.execute("DELETE FROM guests WHERE host_id = ?1", params![host_id])?;
-            {
-                let mut st = tx.prepare_cached(
-                    "INSERT INTO guests (host_id, uuid, name, data, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for g in guests {
-                    st.execute(params![host_id, g.uuid, g.name, g.encode_to_vec(), now_ms])?;
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
-    }
-
     /// Writes the guests of a host that changed and deletes those that are
     /// gone, in one transaction (observed state). `upserts` are encoded
     /// `Guest` messages with their UUID and name.
@@ -409,11 +391,6 @@ impl Store {
             tx.commit()?;
             Ok(())
         })
-    }
-
-    /// Inserts or updates one guest (observed state).
-    pub fn upsert_guest(&mut self, host_id: &str, g: &Guest, now_ms: i64) -> Result<(), StoreError> {
-        self.write_guests(host_id, &[(&g.uuid, &g.name, &g.encode_to_vec())], &[], now_ms)
     }
 
     /// The guests of one host as last reported, definitions included.
@@ -836,7 +813,8 @@ mod tests {
         {
             let mut s = Store::open(&path).unwrap();
             s.upsert_host(&HostInfo { host_id: "a".into(), hostname: "ha".into(), ..Default::default() }, 5).unwrap();
-            s.replace_guests("a", &[guest("u1", "vm1"), guest("u2", "vm2")], 6).unwrap();
+            let (g1, g2) = (guest("u1", "vm1").encode_to_vec(), guest("u2", "vm2").encode_to_vec());
+            s.write_guests("a", &[("u1", "vm1", &g1), ("u2", "vm2", &g2)], &[], 6).unwrap();
             s.delete_guest("a", "u2").unwrap();
             s.set_status("a", "MAINTENANCE", "", None).unwrap();
             s.touch_hosts(&[("a".into(), 99)]).unwrap();

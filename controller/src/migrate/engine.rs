@@ -102,6 +102,12 @@ impl Engine {
     /// Gathers everything and makes a plan. No side effects besides reading
     /// the source's BMC and asking candidate targets which paths they see.
     pub async fn plan(&self, req: &MigrateRequest) -> Result<MigrationPlan, ControllerError> {
+        Ok(self.gather_and_plan(req).await?.0)
+    }
+
+    /// The plan and what it was made from (the source's guests with their
+    /// definitions, the ownership records), so a job starts from exactly that.
+    async fn gather_and_plan(&self, req: &MigrateRequest) -> Result<(MigrationPlan, PlanInput), ControllerError> {
         let t0 = std::time::Instant::now();
         let mut hosts = self.reg.host_views_for(&[req.source.as_str()]);
         // The source's guests with their definitions, from the database.
@@ -114,7 +120,6 @@ impl Engine {
         paths.sort();
         paths.dedup();
         let mut visibility = BTreeMap::new();
-        let gathered = t0.elapsed();
         let cands = plan::visibility_hosts(req, &hosts, source_guests.len(), self.memory_reserve_kib);
         self.reg.fill_guests(&mut hosts, &cands);
         let checks = cands.iter().map(|h| {
@@ -129,7 +134,6 @@ impl Engine {
             };
             visibility.insert(h, m);
         }
-        let checked = t0.elapsed();
         let input = PlanInput {
             req: req.clone(),
             hosts,
@@ -142,21 +146,14 @@ impl Engine {
             memory_reserve_kib: self.memory_reserve_kib,
         };
         let p = plan::plan(&input);
-        tracing::debug!(
-            source = %req.source,
-            gathered_ms = gathered.as_secs_f64() * 1000.0,
-            paths_checked_ms = checked.as_secs_f64() * 1000.0,
-            total_ms = t0.elapsed().as_secs_f64() * 1000.0,
-            hosts_checked = input.visibility.len(),
-            "planned"
-        );
-        Ok(p)
+        tracing::debug!(source = %req.source, took_ms = t0.elapsed().as_secs_f64() * 1000.0, hosts_checked = input.visibility.len(), "planned");
+        Ok((p, input))
     }
 
     /// Starts a job for a reviewed plan: refuses (changing nothing) unless
     /// the plan is still executable and its id matches.
     pub async fn start(self: &Arc<Self>, req: MigrateRequest, operator: &str) -> Result<JobRecord, ControllerError> {
-        let p = self.plan(&req).await?;
+        let (p, input) = self.gather_and_plan(&req).await?;
         if !p.executable {
             let what = format!("{} of {}", if req.planned_move { "move" } else { "forced migration" }, req.source);
             return Err(crate::error::refusal(&what, &p.preconditions));
@@ -175,9 +172,9 @@ impl Engine {
         }
         let now = crate::now_ms();
         let id = format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let owners = self.owners()?;
+        let owners = input.owners;
         let guests: BTreeMap<String, lifeboat_proto::v1::Guest> =
-            self.reg.db(|s| s.guests_of(&req.source))?.into_iter().map(|g| (g.uuid.clone(), g)).collect();
+            input.source_guests.into_iter().map(|g| (g.uuid.clone(), g)).collect();
         let mut moves = Vec::new();
         for gp in p.guests.iter().filter(|g| g.movable) {
             let Some(g) = guests.get(&gp.uuid) else {

@@ -154,10 +154,6 @@ fn candidates<'a>(req: &MigrateRequest, hosts: &'a [HostView]) -> Vec<&'a HostVi
         .collect()
 }
 
-/// The hosts a guest may be placed on.
-pub fn candidate_hosts(req: &MigrateRequest, hosts: &[HostView]) -> Vec<String> {
-    candidates(req, hosts).into_iter().map(|h| h.id.clone()).collect()
-}
 
 /// Makes the plan.
 pub fn plan(input: &PlanInput) -> MigrationPlan {
