@@ -39,7 +39,7 @@ lines = [
     "## Controller at scale",
     "",
     f"`scripts/bench-scale.sh` ({datetime.date.today()}; {machine}).",
-    f"`lifeboat-loadgen` starts the release `lifeboat-controller` (defaults but `force_grace_ms`; SQLite on local disk) and N simulated agents in one process on the same 2 cores: each has its own certificate and mutual-TLS HTTP/2 session, sends Hello and a paged inventory of {r['guests']//r['hosts']} guests with {r['definition_bytes']}-byte definitions, heartbeats every {r['heartbeat_interval_ms']} ms, sends about one guest change per host per minute, and answers commands (lease renewals, path checks).",
+    f"`lifeboat-loadgen` starts the release `lifeboat-controller` (defaults but `force_grace_ms`; SQLite on local disk) and N simulated agents in one process on the same 2 cores: each has its own certificate and mutual-TLS HTTP/2 session, sends Hello and a paged inventory of {r['guests']//r['hosts']} guests with {r['definition_bytes']}-byte definitions ({r.get('definition_packed_bytes', 0)} bytes packed, as agents send them), heartbeats every {r['heartbeat_interval_ms']} ms, sends about one guest change per host per minute, and answers commands (lease renewals, path checks).",
     "*Heartbeat RTT*: heartbeat sent → `HeartbeatAck` read back by the simulated agent, over the measuring window (load generator included).",
     f"*Silent host*: one agent stops sending (its connection stays open) until `hosts show` says UNREACHABLE; the detection time is {r['unreachable_after_ms']} ms.",
     "*Plan*: `PlanMigration` for that host (attested off), client-side, p50 and max of 10–20 runs.",

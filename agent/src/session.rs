@@ -165,7 +165,8 @@ impl Session {
                 u = updates.recv() => {
                     let Some(u) = u else { return Err(SessionError::Protocol("libvirt actor stopped".into())) };
                     let m = match u {
-                        Update::Inventory(inv) => {
+                        Update::Inventory(mut inv) => {
+                            inv.guests.iter_mut().for_each(lifeboat_proto::pack_definition);
                             // Pages, so no buffer grows with the guest count.
                             let mut pages = lifeboat_proto::inventory_pages(inv, lifeboat_proto::INVENTORY_PAGE_BYTES);
                             let last = pages.pop().expect("one page at least");
@@ -176,7 +177,10 @@ impl Session {
                             }
                             agent_message::Msg::Inventory(last)
                         }
-                        Update::Changed(g) => agent_message::Msg::GuestChanged(GuestChanged { guest: Some(g) }),
+                        Update::Changed(mut g) => {
+                            lifeboat_proto::pack_definition(&mut g);
+                            agent_message::Msg::GuestChanged(GuestChanged { guest: Some(g) })
+                        }
                         Update::Removed { uuid, name } => agent_message::Msg::GuestRemoved(GuestRemoved { uuid, name }),
                         Update::Host(h) => agent_message::Msg::Host(h),
                     };

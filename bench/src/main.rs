@@ -89,6 +89,8 @@ struct Report {
     hosts: usize,
     guests: usize,
     definition_bytes: usize,
+    /// The same definition packed for the wire (DEFLATE).
+    definition_packed_bytes: usize,
     heartbeat_interval_ms: u32,
     unreachable_after_ms: u32,
     connect_all_s: f64,
@@ -371,7 +373,15 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
     sh.connected.fetch_add(1, Ordering::Relaxed);
     let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
     sh.heartbeat_ms.store(hb_ms, Ordering::Relaxed);
-    let mut guests: Vec<Guest> = (0..sh.guests_per_host).map(|j| guest(i, j, j % 4 != 0)).collect();
+    // Definitions packed as the agent sends them (once here: the load
+    // generator's CPU is not what is measured).
+    let mut guests: Vec<Guest> = (0..sh.guests_per_host)
+        .map(|j| {
+            let mut g = guest(i, j, j % 4 != 0);
+            lifeboat_proto::pack_definition(&mut g);
+            g
+        })
+        .collect();
     let inv = Inventory { host: Some(host_info(i)), guests: guests.clone(), more: false };
     for page in lifeboat_proto::inventory_pages(inv, lifeboat_proto::INVENTORY_PAGE_BYTES) {
         tx.send(send(agent_message::Msg::Inventory(page))).await?;
@@ -637,6 +647,11 @@ async fn main() -> anyhow::Result<()> {
         hosts: n,
         guests: n * args.guests_per_host,
         definition_bytes: guest(0, 0, true).definition_xml.len(),
+        definition_packed_bytes: {
+            let mut g = guest(0, 0, true);
+            lifeboat_proto::pack_definition(&mut g);
+            g.definition_deflate.len()
+        },
         ..Default::default()
     };
     let start_connect = Instant::now();

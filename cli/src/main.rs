@@ -307,26 +307,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Vms(VmsCmd::List { host }) => {
             let mut c = cli.conn.admin().await?;
-            let r = c
-                .list_guests(lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), ..Default::default() })
-                .await
-                .map_err(CliError::from_status)?;
-            output::vms(fmt, &r.into_inner().guests);
+            let guests = list_guests(&mut c, lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), ..Default::default() }).await?;
+            output::vms(fmt, &guests);
             Ok(())
         }
         Cmd::Vms(VmsCmd::Show { vm, host, xml }) => {
             let mut c = cli.conn.admin().await?;
-            let r = c
-                .list_guests(lifeboat_proto::v1::ListGuestsRequest {
-                    host: host.unwrap_or_default(),
-                    vm: vm.clone(),
-                    with_definitions: xml,
-                })
-                .await
-                .map_err(CliError::from_status)?;
-            let found: Vec<_> = r
-                .into_inner()
-                .guests
+            let guests = list_guests(
+                &mut c,
+                lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), vm: vm.clone(), with_definitions: xml, ..Default::default() },
+            )
+            .await?;
+            let found: Vec<_> = guests
                 .into_iter()
                 .filter(|g| g.guest.as_ref().is_some_and(|x| x.name == vm || x.uuid == vm))
                 .collect();
@@ -336,6 +328,23 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             output::vm_detail(fmt, &found, xml);
             Ok(())
         }
+    }
+}
+
+/// Every page of a `ListGuests` answer.
+async fn list_guests(
+    c: &mut lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>,
+    mut req: lifeboat_proto::v1::ListGuestsRequest,
+) -> Result<Vec<lifeboat_proto::v1::GuestRecord>, CliError> {
+    req.page_size = 2000;
+    let mut all = Vec::new();
+    loop {
+        let page = c.list_guests(req.clone()).await.map_err(CliError::from_status)?.into_inner();
+        all.extend(page.guests);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        req.page_token = page.next_page_token;
     }
 }
 

@@ -36,10 +36,13 @@ pub fn now_ms() -> i64 {
 }
 
 /// HTTP/2 flow-control window per stream. A peer may send this much before
-/// the controller has read it; every byte of it can end up in the buffers of
-/// a long-lived session, which 10,000 sessions multiply. Session messages
-/// are small (inventories come in pages), so a small window costs nothing.
-pub const STREAM_WINDOW: u32 = 8 * 1024;
+/// the controller has read it, and a session's read buffers grow to hold a
+/// window's worth of DATA plus the message in progress, for the life of the
+/// session: tonic's 8 KiB decode buffer doubled to 32 KiB per session with
+/// an 8 KiB window and 6 KiB messages (heaptrack), 320 MiB at 10,000
+/// agents. With a 4 KiB window and messages under 4 KiB (packed definitions,
+/// 3 KiB inventory pages) it stays at 8 KiB.
+pub const STREAM_WINDOW: u32 = 4 * 1024;
 
 /// Runs the controller until the future `shutdown` completes.
 pub async fn serve(

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use lifeboat_controller::config::ControllerConfig;
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Lifeboat controller: the source of truth for hosts, guests and jobs.
 #[derive(Parser)]
 #[command(name = "lifeboat-controller", version = lifeboat_common::VERSION_LONG)]

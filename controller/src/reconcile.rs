@@ -145,11 +145,9 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
         // agents' heartbeats.
         let r = reg.clone();
         let decided = tokio::task::spawn_blocking(move || {
-            r.reconcile_view(now, lease_ttl_ms, full)
-                .iter()
-                .map(|snap| decide(snap, now, lease_ttl_ms))
-                .filter(|a| !a.is_empty())
-                .collect::<Vec<_>>()
+            let mut decided = r.reconcile_each(now, lease_ttl_ms, full, |snap| decide(snap, now, lease_ttl_ms));
+            decided.retain(|a| !a.is_empty());
+            decided
         })
         .await
         .unwrap_or_default();

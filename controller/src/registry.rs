@@ -21,7 +21,7 @@ use crate::store::{HostRow, Store, StoreError};
 /// An open agent session.
 struct SessionHandle {
     generation: u64,
-    tx: mpsc::Sender<ControllerMessage>,
+    tx: mpsc::Sender<Box<ControllerMessage>>,
 }
 
 struct HostEntry {
@@ -179,6 +179,9 @@ pub struct Registry {
 /// so that no pass holds it long with 10,000 hosts.
 const LOCK_CHUNK: usize = 100;
 
+/// Where a page of guests ends: (host id, guest name, UUID) of its last guest.
+pub type GuestCursor = (String, String, String);
+
 /// A session token: updates from a superseded session are ignored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionId(u64);
@@ -242,7 +245,7 @@ impl Registry {
         &self,
         host_id: &str,
         boot_id: &str,
-        tx: mpsc::Sender<ControllerMessage>,
+        tx: mpsc::Sender<Box<ControllerMessage>>,
     ) -> Result<SessionId, ControllerError> {
         let now = now_unix_ms();
         let mut inner = self.lock();
@@ -599,59 +602,91 @@ impl Registry {
         Ok(self.record(&inner, e, now))
     }
 
-    /// Guests, all or of one host, or one guest (by name or UUID); with
-    /// their definitions (read from the database) only when asked.
+    /// Every guest (or one host's, or the ones named `vm`), in order of host,
+    /// name and UUID: all pages of [`Registry::list_guests_page`].
     pub fn list_guests(&self, host: Option<&str>, vm: Option<&str>, with_definitions: bool) -> Result<Vec<GuestRecord>, ControllerError> {
+        Ok(self.list_guests_page(host, vm, with_definitions, None, usize::MAX)?.0)
+    }
+
+    /// Up to `limit` guests after `after`, in order of host, name and UUID,
+    /// and where the next page starts (`None` = no more). Takes the registry
+    /// lock per 100 hosts: listing 200,000 guests must not stop everything
+    /// else meanwhile.
+    pub fn list_guests_page(
+        &self,
+        host: Option<&str>,
+        vm: Option<&str>,
+        with_definitions: bool,
+        after: Option<&GuestCursor>,
+        limit: usize,
+    ) -> Result<(Vec<GuestRecord>, Option<GuestCursor>), ControllerError> {
+        use std::ops::Bound;
         let now = now_unix_ms();
-        let ids: Vec<String> = {
-            let inner = self.lock();
-            match host {
-                Some(h) => vec![Self::resolve(&inner, h)?.row.info.host_id.clone()],
-                None => inner.hosts.keys().cloned().collect(),
-            }
+        let only = match host {
+            Some(h) => Some(Self::resolve(&self.lock(), h)?.row.info.host_id.clone()),
+            None => None,
         };
-        let mut out = Vec::new();
-        // A chunk of hosts per lock hold: listing 200,000 guests must not
-        // stop everything else meanwhile.
-        for chunk in ids.chunks(LOCK_CHUNK) {
+        let past = |id: &str, name: &str, uuid: &str| after.is_none_or(|c| (id, name, uuid) > (c.0.as_str(), c.1.as_str(), c.2.as_str()));
+        let mut out: Vec<GuestRecord> = Vec::new();
+        // Hosts are visited from the cursor's host on, a chunk per lock hold.
+        let mut from = match (&only, after) {
+            (Some(h), _) => Bound::Included(h.clone()),
+            (None, Some(c)) => Bound::Included(c.0.clone()),
+            (None, None) => Bound::Unbounded,
+        };
+        loop {
             let inner = self.lock();
-            for id in chunk.iter().map(String::as_str) {
-            let live = inner.hosts.get(id).map(|e| liveness(now, e.last_heard_ms(), self.timing)).unwrap_or(Liveness::Unreachable);
-            let Some(m) = inner.guests.get(id) else { continue };
-            let mut v: Vec<(&String, &GuestEntry)> =
-                m.iter().filter(|(u, g)| vm.is_none_or(|vm| &*g.name == vm || u.as_str() == vm)).collect();
-            if v.is_empty() {
-                continue;
-            }
-            v.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-            let definitions: BTreeMap<String, String> = if with_definitions {
-                inner.store.guests_of(id)?.into_iter().map(|g| (g.uuid, g.definition_xml)).collect()
-            } else {
-                BTreeMap::new()
-            };
-            for g in v {
-                let (uuid, g) = g;
-                let owner = Self::owner_of(&inner, uuid, id).to_string();
-                let desired = match inner.desired.get(uuid) {
-                    Some((h, st)) if h == id && owner == id => st.clone(),
-                    _ => String::new(),
-                };
-                let mut guest = g.guest();
-                if let Some(d) = definitions.get(&guest.uuid) {
-                    guest.definition_xml = d.clone();
+            let ids: Vec<String> = inner
+                .hosts
+                .range::<String, _>((from.clone(), Bound::Unbounded))
+                .map(|(k, _)| k.clone())
+                .take_while(|k| only.as_ref().is_none_or(|h| h == k))
+                .take(LOCK_CHUNK)
+                .collect();
+            let Some(last) = ids.last() else { break };
+            from = Bound::Excluded(last.clone());
+            for id in ids.iter().map(String::as_str) {
+                let live = inner.hosts.get(id).map(|e| liveness(now, e.last_heard_ms(), self.timing)).unwrap_or(Liveness::Unreachable);
+                let Some(m) = inner.guests.get(id) else { continue };
+                let mut v: Vec<(&String, &GuestEntry)> = m
+                    .iter()
+                    .filter(|(u, g)| vm.is_none_or(|vm| &*g.name == vm || u.as_str() == vm) && past(id, &g.name, u))
+                    .collect();
+                if v.is_empty() {
+                    continue;
                 }
-                out.push(GuestRecord {
-                    guest: Some(guest),
-                    host_id: id.to_string(),
-                    updated_unix_ms: g.updated_ms,
-                    host_liveness: live.as_str().into(),
-                    desired_state: desired,
-                    owner_host: owner,
-                });
-            }
+                v.sort_by(|a, b| (&a.1.name, a.0).cmp(&(&b.1.name, b.0)));
+                let definitions: BTreeMap<String, String> = if with_definitions {
+                    inner.store.guests_of(id)?.into_iter().map(|g| (g.uuid, g.definition_xml)).collect()
+                } else {
+                    BTreeMap::new()
+                };
+                for (uuid, g) in v {
+                    if out.len() == limit {
+                        let next = out.last().and_then(|r| r.guest.as_ref().map(|g| (r.host_id.clone(), g.name.clone(), g.uuid.clone())));
+                        return Ok((out, next));
+                    }
+                    let owner = Self::owner_of(&inner, uuid, id).to_string();
+                    let desired = match inner.desired.get(uuid) {
+                        Some((h, st)) if h == id && owner == id => st.clone(),
+                        _ => String::new(),
+                    };
+                    let mut guest = g.guest();
+                    if let Some(d) = definitions.get(&guest.uuid) {
+                        guest.definition_xml = d.clone();
+                    }
+                    out.push(GuestRecord {
+                        guest: Some(guest),
+                        host_id: id.to_string(),
+                        updated_unix_ms: g.updated_ms,
+                        host_liveness: live.as_str().into(),
+                        desired_state: desired,
+                        owner_host: owner,
+                    });
+                }
             }
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// How many guests are in each reported state.
@@ -748,7 +783,7 @@ impl Registry {
         let (otx, orx) = tokio::sync::oneshot::channel();
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), otx);
         let msg = ControllerMessage { msg: Some(controller_message::Msg::Command(Command { id: id.clone(), kind: Some(kind) })) };
-        let sent = tx.send(msg).await.is_ok();
+        let sent = tx.send(Box::new(msg)).await.is_ok();
         let r = if !sent {
             Err(ControllerError::AgentUnavailable(format!("the session to '{host_id}' closed")))
         } else {
@@ -807,11 +842,19 @@ impl Registry {
         self.lock().hosts.get(host_id).and_then(|e| e.row.status.parse().ok())
     }
 
-    /// One reconcile pass's view of the connected hosts that may need
-    /// action: those whose state changed since the last pass, whose leases
-    /// are due for renewal, or that wait for their boot start; every
-    /// connected host when `full` (the periodic resync backstop).
-    pub fn reconcile_view(&self, now_ms: i64, lease_ttl_ms: i64, full: bool) -> Vec<crate::reconcile::HostSnapshot> {
+    /// One reconcile pass over the connected hosts that may need action:
+    /// those whose state changed since the last pass, whose leases are due
+    /// for renewal, or that wait for their boot start; every connected host
+    /// when `full` (the periodic resync backstop). `decide` sees each host's
+    /// snapshot outside the lock; snapshots are made and dropped a chunk at a
+    /// time, so a full pass over 200,000 guests does not hold them all at once.
+    pub fn reconcile_each<T>(
+        &self,
+        now_ms: i64,
+        lease_ttl_ms: i64,
+        full: bool,
+        mut decide: impl FnMut(&crate::reconcile::HostSnapshot) -> T,
+    ) -> Vec<T> {
         let wanted: Vec<String> = {
             let mut inner = self.lock();
             let ids: Vec<String> = inner
@@ -835,10 +878,13 @@ impl Registry {
         let mut out = Vec::with_capacity(wanted.len());
         let t0 = std::time::Instant::now();
         for chunk in wanted.chunks(LOCK_CHUNK) {
-            let inner = self.lock();
-            out.extend(chunk.iter().filter_map(|id| inner.hosts.get(id).map(|e| Self::snapshot(&inner, id, e))));
+            let snaps: Vec<crate::reconcile::HostSnapshot> = {
+                let inner = self.lock();
+                chunk.iter().filter_map(|id| inner.hosts.get(id).map(|e| Self::snapshot(&inner, id, e))).collect()
+            };
+            out.extend(snaps.iter().map(&mut decide));
         }
-        tracing::debug!(hosts = out.len(), full, took_ms = t0.elapsed().as_millis() as u64, "reconcile snapshots");
+        tracing::debug!(hosts = wanted.len(), full, took_ms = t0.elapsed().as_millis() as u64, "reconcile pass");
         out
     }
 
@@ -1020,6 +1066,46 @@ mod tests {
         drop(rows);
         let listed = reg.list_guests(None, None, true).unwrap();
         assert_eq!(listed[0].guest.as_ref().unwrap().definition_xml, "<domain><name>vm3</name></domain>");
+    }
+
+    #[test]
+    fn pages_of_guests_cover_every_guest_once_in_order() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        // 250 hosts (more than one lock chunk), some without guests.
+        for h in 0..250 {
+            let host = format!("h{h:03}");
+            let sid = reg.open_session(&host, "boot", tx.clone()).unwrap();
+            let guests = (0..(h % 4)).map(|i| g(&format!("u-{h}-{i}"), &format!("vm{}", 9 - i))).collect();
+            reg.apply_inventory(&host, sid, Inventory { host: None, guests, more: false }).unwrap();
+        }
+        let all = reg.list_guests(None, None, false).unwrap();
+        assert_eq!(all.len(), (0..250).map(|h| h % 4).sum::<usize>());
+        let key = |r: &GuestRecord| {
+            let g = r.guest.as_ref().unwrap();
+            (r.host_id.clone(), g.name.clone(), g.uuid.clone())
+        };
+        assert!(all.windows(2).all(|w| key(&w[0]) < key(&w[1])), "in order of host, name and UUID");
+        for limit in [1, 7, 100, all.len(), all.len() + 1] {
+            let (mut paged, mut after, mut pages) = (Vec::new(), None, 0);
+            loop {
+                let (page, next) = reg.list_guests_page(None, None, false, after.as_ref(), limit).unwrap();
+                assert!(page.len() <= limit);
+                pages += 1;
+                paged.extend(page.iter().map(key));
+                match next {
+                    Some(c) => after = Some(c),
+                    None => break,
+                }
+            }
+            assert_eq!(paged, all.iter().map(key).collect::<Vec<_>>(), "page size {limit}");
+            assert_eq!(pages, all.len().div_ceil(limit).max(1), "no empty last page (size {limit})");
+        }
+        // One host's guests, in pages.
+        let (p1, c1) = reg.list_guests_page(Some("h003"), None, false, None, 2).unwrap();
+        let (p2, c2) = reg.list_guests_page(Some("h003"), None, false, c1.as_ref(), 2).unwrap();
+        assert_eq!(p1.iter().chain(&p2).map(|r| r.guest.as_ref().unwrap().name.as_str()).collect::<Vec<_>>(), ["vm7", "vm8", "vm9"]);
+        assert!(p2.iter().all(|r| r.host_id == "h003") && c2.is_none());
     }
 
     #[test]

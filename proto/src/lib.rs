@@ -8,8 +8,83 @@ pub mod v1 {
 }
 
 /// Encoded size an inventory page aims for: a page holds guests until
-/// adding one more would pass this, and always at least one guest.
-pub const INVENTORY_PAGE_BYTES: usize = 6 * 1024;
+/// adding one more would pass this, and always at least one guest. With
+/// packed definitions (see [`pack_definition`]) a guest is 1–2 KB, so a
+/// page fits the controller's 4 KiB stream window and its 8 KiB read buffer.
+pub const INVENTORY_PAGE_BYTES: usize = 1024;
+
+/// Largest definition a packed one may inflate to. libvirt definitions are a
+/// few KiB; the limit stops a compression bomb from taking the controller's
+/// memory.
+pub const MAX_DEFINITION_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Why a packed definition could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum DefinitionError {
+    /// Not valid DEFLATE (zlib) data.
+    #[error("definition_deflate of guest {uuid} is not valid zlib data: {reason}")]
+    Corrupt {
+        /// The guest.
+        uuid: String,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// Inflates to more than [`MAX_DEFINITION_BYTES`].
+    #[error("definition_deflate of guest {uuid} inflates to more than {MAX_DEFINITION_BYTES} bytes")]
+    TooLarge {
+        /// The guest.
+        uuid: String,
+    },
+    /// Inflates to bytes that are not UTF-8 text.
+    #[error("definition_deflate of guest {uuid} is not UTF-8 text")]
+    NotText {
+        /// The guest.
+        uuid: String,
+    },
+    /// Both forms are set, and they may disagree.
+    #[error("guest {uuid} carries both definition_xml and definition_deflate; send one")]
+    Both {
+        /// The guest.
+        uuid: String,
+    },
+}
+
+/// Moves a guest's `definition_xml` into `definition_deflate` (what an agent
+/// sends). A guest without a definition is left as it is.
+pub fn pack_definition(g: &mut v1::Guest) {
+    use std::io::Write;
+    if g.definition_xml.is_empty() {
+        return;
+    }
+    let mut z = flate2::write::ZlibEncoder::new(Vec::with_capacity(g.definition_xml.len() / 3), flate2::Compression::default());
+    // Writing into a Vec cannot fail.
+    z.write_all(g.definition_xml.as_bytes()).expect("compress into memory");
+    g.definition_deflate = z.finish().expect("compress into memory");
+    g.definition_xml = String::new();
+}
+
+/// Restores `definition_xml` from `definition_deflate` (what the controller
+/// does on arrival); a guest without a packed definition is left as it is.
+pub fn unpack_definition(g: &mut v1::Guest) -> Result<(), DefinitionError> {
+    use std::io::Read;
+    if g.definition_deflate.is_empty() {
+        return Ok(());
+    }
+    if !g.definition_xml.is_empty() {
+        return Err(DefinitionError::Both { uuid: g.uuid.clone() });
+    }
+    let mut out = Vec::with_capacity(g.definition_deflate.len() * 4);
+    flate2::read::ZlibDecoder::new(g.definition_deflate.as_slice())
+        .take(MAX_DEFINITION_BYTES + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| DefinitionError::Corrupt { uuid: g.uuid.clone(), reason: e.to_string() })?;
+    if out.len() as u64 > MAX_DEFINITION_BYTES {
+        return Err(DefinitionError::TooLarge { uuid: g.uuid.clone() });
+    }
+    g.definition_xml = String::from_utf8(out).map_err(|_| DefinitionError::NotText { uuid: g.uuid.clone() })?;
+    g.definition_deflate = Vec::new();
+    Ok(())
+}
 
 /// Splits an inventory into pages of about `page_bytes` each (see
 /// [`v1::Inventory::more`]); the host facts travel on the first page.
@@ -55,5 +130,47 @@ mod tests {
         assert!(!empty[0].more);
         let huge = inventory_pages(v1::Inventory { guests: vec![v1::Guest { definition_xml: "y".repeat(100_000), ..Default::default() }], ..Default::default() }, 1000);
         assert_eq!(huge.len(), 1, "a guest larger than a page gets a page of its own");
+    }
+
+    #[test]
+    fn packed_definitions_round_trip_and_bad_ones_are_named() {
+        let xml = format!("<domain type='kvm'><name>vm1</name>{}</domain>", "<disk type='file' device='disk'/>".repeat(100));
+        let mut g = v1::Guest { uuid: "u1".into(), definition_xml: xml.clone(), ..Default::default() };
+        pack_definition(&mut g);
+        assert!(g.definition_xml.is_empty());
+        assert!(!g.definition_deflate.is_empty() && g.definition_deflate.len() < xml.len() / 4, "{} bytes", g.definition_deflate.len());
+        unpack_definition(&mut g).unwrap();
+        assert_eq!(g.definition_xml, xml);
+        assert!(g.definition_deflate.is_empty());
+        // Plain definitions (and guests without one) pass through.
+        let mut plain = v1::Guest { uuid: "u2".into(), definition_xml: "<domain/>".into(), ..Default::default() };
+        unpack_definition(&mut plain).unwrap();
+        assert_eq!(plain.definition_xml, "<domain/>");
+        let mut none = v1::Guest::default();
+        pack_definition(&mut none);
+        assert!(none.definition_deflate.is_empty());
+
+        let mut corrupt = v1::Guest { uuid: "u3".into(), definition_deflate: b"not zlib".to_vec(), ..Default::default() };
+        let e = unpack_definition(&mut corrupt).unwrap_err().to_string();
+        assert!(e.contains("u3") && e.contains("not valid zlib"), "{e}");
+        assert!(corrupt.definition_xml.is_empty());
+
+        let mut bomb = v1::Guest { uuid: "u4".into(), definition_xml: " ".repeat(MAX_DEFINITION_BYTES as usize + 1), ..Default::default() };
+        pack_definition(&mut bomb);
+        assert!(bomb.definition_deflate.len() < 10_000);
+        assert!(matches!(unpack_definition(&mut bomb), Err(DefinitionError::TooLarge { .. })));
+
+        let mut binary = v1::Guest { uuid: "u5".into(), ..Default::default() };
+        binary.definition_xml = "x".into();
+        pack_definition(&mut binary);
+        let mut bad = binary.definition_deflate.clone();
+        bad.clear();
+        let mut z = flate2::write::ZlibEncoder::new(bad, flate2::Compression::default());
+        std::io::Write::write_all(&mut z, &[0xff, 0xfe, 0x00]).unwrap();
+        binary.definition_deflate = z.finish().unwrap();
+        assert!(matches!(unpack_definition(&mut binary), Err(DefinitionError::NotText { .. })));
+
+        let mut both = v1::Guest { uuid: "u6".into(), definition_xml: "<domain/>".into(), definition_deflate: vec![1], ..Default::default() };
+        assert!(matches!(unpack_definition(&mut both), Err(DefinitionError::Both { .. })));
     }
 }

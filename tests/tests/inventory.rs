@@ -20,7 +20,7 @@ fn fixture(name: &str) -> String {
 
 async fn guests(c: &Controller, pki: &Pki, host: &str) -> Vec<GuestRecord> {
     let mut a = c.admin(&pki.client("viewer", Role::Viewer)).await;
-    a.list_guests(ListGuestsRequest { host: host.into(), vm: String::new(), with_definitions: true })
+    a.list_guests(ListGuestsRequest { host: host.into(), with_definitions: true, ..Default::default() })
         .await
         .map(|r| r.into_inner().guests)
         .unwrap_or_default()
@@ -61,13 +61,34 @@ async fn every_guest_of_every_host_reaches_the_controller() {
     assert!(plain.iter().all(|g| g.guest.as_ref().unwrap().definition_xml.is_empty()));
     assert_eq!(by_name(&plain, "vm-a1").unwrap().disks[0].source, "/srv/shared/vm-a1.img", "everything else is listed");
     let one = v
-        .list_guests(ListGuestsRequest { host: String::new(), vm: "vm-a1".into(), with_definitions: true })
+        .list_guests(ListGuestsRequest { vm: "vm-a1".into(), with_definitions: true, ..Default::default() })
         .await
         .unwrap()
         .into_inner()
         .guests;
     assert_eq!(one.len(), 1);
     assert!(one[0].guest.as_ref().unwrap().definition_xml.contains("<name>vm-a1</name>"));
+    // Pages: two guests at a time, in order, every guest once, no empty last page.
+    let mut req = ListGuestsRequest { page_size: 2, ..Default::default() };
+    let mut paged = Vec::new();
+    let mut pages = 0;
+    loop {
+        let r = v.list_guests(req.clone()).await.unwrap().into_inner();
+        pages += 1;
+        assert!(r.guests.len() <= 2);
+        paged.extend(r.guests.into_iter().map(|g| (g.host_id, g.guest.unwrap().name)));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        req.page_token = r.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    let mut expected: Vec<(String, String)> = plain.iter().map(|g| (g.host_id.clone(), g.guest.as_ref().unwrap().name.clone())).collect();
+    expected.sort();
+    assert_eq!(paged, expected);
+    let bad = v.list_guests(ListGuestsRequest { page_token: "nonsense".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("page_token"), "{}", bad.message());
     let a2 = by_name(&all, "vm-a2").unwrap();
     assert_eq!(a2.state, GuestState::Shutoff as i32);
     assert!(!a2.managed_save);

@@ -81,12 +81,20 @@ impl Admin for AdminService {
         let host = r.host.trim();
         let filter = if host.is_empty() { None } else { Some(host) };
         let (host, vm, defs) = (filter.map(str::to_string), r.vm.trim().to_string(), r.with_definitions);
+        let after = decode_page_token(&r.page_token)?;
+        let limit = match r.page_size {
+            0 => DEFAULT_GUEST_PAGE,
+            n => (n as usize).min(MAX_GUEST_PAGE),
+        };
         let reg = self.reg.clone();
         // Listing 200,000 guests is CPU work: off the async workers.
-        let guests = tokio::task::spawn_blocking(move || reg.list_guests(host.as_deref(), (!vm.is_empty()).then_some(vm.as_str()), defs))
-            .await
-            .map_err(|e| ControllerError::Internal(format!("listing guests: {e}")))??;
-        Ok(Response::new(ListGuestsResponse { guests }))
+        let (guests, next) = tokio::task::spawn_blocking(move || {
+            reg.list_guests_page(host.as_deref(), (!vm.is_empty()).then_some(vm.as_str()), defs, after.as_ref(), limit)
+        })
+        .await
+        .map_err(|e| ControllerError::Internal(format!("listing guests: {e}")))??;
+        let next_page_token = next.map(|c| serde_json::to_string(&c).expect("strings serialize")).unwrap_or_default();
+        Ok(Response::new(ListGuestsResponse { guests, next_page_token }))
     }
 
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<WhoAmIResponse>, Status> {
@@ -217,4 +225,21 @@ impl Admin for AdminService {
             .collect();
         Ok(Response::new(ListAuditResponse { entries }))
     }
+}
+
+/// Guests per `ListGuests` page when the request does not say.
+pub const DEFAULT_GUEST_PAGE: usize = 1000;
+/// Most guests per `ListGuests` page.
+pub const MAX_GUEST_PAGE: usize = 5000;
+
+/// A `ListGuests` page token back into where the page starts ("" = the start).
+fn decode_page_token(token: &str) -> Result<Option<crate::registry::GuestCursor>, ControllerError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(token).map(Some).map_err(|_| {
+        ControllerError::InvalidArgument(
+            "page_token is not one this controller gave out; list again without it to start from the beginning".into(),
+        )
+    })
 }
