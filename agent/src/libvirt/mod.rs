@@ -9,13 +9,14 @@
 //! every `resync_interval` is the backstop; each re-read is compared with
 //! what was last reported and only differences are sent.
 
+mod autostart_watch;
 mod commands;
 mod ffi;
 pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Once};
 use std::thread;
@@ -105,6 +106,8 @@ enum Request {
     Snapshot,
     Event(ffi::DomainEvent),
     Command(Command, tokio::sync::oneshot::Sender<CommandResult>),
+    /// Something in the autostart directory changed (inotify).
+    AutostartChanged,
     Shutdown,
 }
 
@@ -168,8 +171,10 @@ pub fn spawn(cfg: ActorConfig, shared: Arc<Shared>) -> std::io::Result<(Actor, t
     let (tx, rx) = mpsc::channel();
     let (utx, urx) = tmpsc::channel(UPDATE_CAPACITY);
     let self_tx = tx.clone();
+    let watched = Arc::new(AtomicBool::new(false));
+    autostart_watch::spawn(cfg.autostart_dir.clone(), tx.clone(), &watched);
     thread::Builder::new().name("libvirt".into()).spawn(move || {
-        let mut st = ActorState::new(cfg, shared, utx, self_tx);
+        let mut st = ActorState::new(cfg, shared, utx, self_tx, watched);
         st.run(rx);
     })?;
     Ok((Actor { tx }, urx))
@@ -189,6 +194,8 @@ struct ActorState {
     known: BTreeMap<String, Guest>,
     host: HostInfo,
     autostart_links: Option<BTreeSet<String>>,
+    /// True while inotify watches the autostart directory (no polling then).
+    autostart_watched: Arc<AtomicBool>,
     overflowed: bool,
     next_connect: Instant,
     connect_backoff: Duration,
@@ -203,7 +210,13 @@ fn is_no_domain(e: &virt::error::Error) -> bool {
 }
 
 impl ActorState {
-    fn new(cfg: ActorConfig, shared: Arc<Shared>, out: tmpsc::Sender<Update>, self_tx: mpsc::Sender<Request>) -> Self {
+    fn new(
+        cfg: ActorConfig,
+        shared: Arc<Shared>,
+        out: tmpsc::Sender<Update>,
+        self_tx: mpsc::Sender<Request>,
+        autostart_watched: Arc<AtomicBool>,
+    ) -> Self {
         let host = HostInfo {
             host_id: cfg.host_id.clone(),
             libvirt_uri: cfg.uri.clone(),
@@ -220,6 +233,7 @@ impl ActorState {
             known: BTreeMap::new(),
             host,
             autostart_links: None,
+            autostart_watched,
             overflowed: false,
             next_connect: Instant::now(),
             connect_backoff: Duration::from_millis(500),
@@ -244,7 +258,16 @@ impl ActorState {
             if self.conn.is_none() && Instant::now() >= self.next_connect {
                 self.connect();
             }
-            match rx.recv_timeout(self.cfg.autostart_poll) {
+            // Watched by inotify: wake once a second (the libvirt liveness
+            // check needs 2 s); else poll the directory.
+            let watched = self.autostart_watched.load(Ordering::SeqCst);
+            let mut wait = if watched { Duration::from_secs(1) } else { self.cfg.autostart_poll };
+            if self.conn.is_none() {
+                wait = wait.min(self.next_connect.saturating_duration_since(Instant::now())).max(Duration::from_millis(10));
+            }
+            let mut autostart_event = false;
+            match rx.recv_timeout(wait) {
+                Ok(Request::AutostartChanged) => autostart_event = true,
                 Ok(Request::Snapshot) => {
                     self.overflowed = false;
                     self.rescan(false);
@@ -266,7 +289,7 @@ impl ActorState {
                 self.overflowed = false;
                 let _ = self.self_tx.send(Request::Snapshot);
             }
-            if self.autostart_dir_changed() {
+            if (autostart_event || !watched) && self.autostart_dir_changed() {
                 debug!("autostart links changed; re-reading autostart");
                 self.refresh_autostart();
             }
