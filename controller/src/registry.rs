@@ -621,6 +621,7 @@ impl Registry {
         limit: usize,
     ) -> Result<(Vec<GuestRecord>, Option<GuestCursor>), ControllerError> {
         use std::ops::Bound;
+        let limit = limit.max(1);
         let now = now_unix_ms();
         let only = match host {
             Some(h) => Some(Self::resolve(&self.lock(), h)?.row.info.host_id.clone()),
