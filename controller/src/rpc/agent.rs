@@ -105,10 +105,7 @@ impl AgentSession for AgentService {
                         }));
                         Ok(())
                     }
-                    Some(Msg::Inventory(mut page)) => match {
-                        page.guests.iter_mut().for_each(unpack);
-                        gather_page(&mut paged, page)
-                    } {
+                    Some(Msg::Inventory(page)) => match gather_page(&mut paged, page) {
                         Err(e) => Err(e),
                         Ok(None) => Ok(()),
                         Ok(Some(inv)) => reg.apply_inventory(&host, sid, inv).map(|skipped| {
@@ -161,9 +158,11 @@ fn unpack(g: &mut Guest) {
 /// Most guests one inventory may carry, over all its pages.
 pub const MAX_INVENTORY_GUESTS: usize = 100_000;
 
-/// Adds one inventory page; returns the whole inventory when `page` is the
-/// last one. An oversized inventory is refused (and dropped) as a whole.
-fn gather_page(paged: &mut Option<Inventory>, page: Inventory) -> Result<Option<Inventory>, ControllerError> {
+/// Adds one inventory page (its definitions unpacked); returns the whole
+/// inventory when `page` is the last one. An oversized inventory is refused
+/// (and dropped) as a whole.
+fn gather_page(paged: &mut Option<Inventory>, mut page: Inventory) -> Result<Option<Inventory>, ControllerError> {
+    page.guests.iter_mut().for_each(unpack);
     let acc = match paged.take() {
         None => page,
         Some(mut acc) => {
