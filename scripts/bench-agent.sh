@@ -195,20 +195,13 @@ echo "agent $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quie
 [ -n "${NO_WRITE:-}" ] && exit 0
 [ -z "$ONLY" ] || { log "ONLY=$ONLY: not writing $OUT (both parts are needed)"; exit 0; }
 
-machine="$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r), $(sed -n 's/^PRETTY_NAME=//p' /etc/os-release | tr -d '"'), libvirt $(libvirtd --version | awk '{print $3}'), qemu $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'), guests $( [ -w /dev/kvm ] && echo KVM || echo TCG)"
-python3 - "$OUT" "$machine" "$SETTLE_S" "$WINDOW_S" <<PY
-import sys, re, datetime
-out, machine, settle, window = sys.argv[1:5]
+python3 - "$OUT" "$SETTLE_S" "$WINDOW_S" <<PY
+import sys, datetime
+sys.path.insert(0, "scripts")
+import bench_doc
+out, settle, window = sys.argv[1:4]
+machine = bench_doc.machine(libvirt=True)
 table = """$table"""
-try:
-    text = open(out).read()
-except FileNotFoundError:
-    text = "# Benchmarks\n\nFigures printed by the benchmark scripts; each section says how it was measured.\n\n"
-# keep the hand-kept before/after record (everything from its heading to the end marker)
-old = re.search(r"<!-- bench-agent:start -->(.*?)<!-- bench-agent:end -->", text, flags=re.S)
-history = ""
-if old and "### Before and after" in old.group(1):
-    history = "\n" + old.group(1)[old.group(1).index("### Before and after"):].rstrip("\n") + "\n"
 section = f"""<!-- bench-agent:start -->
 ## Agent footprint with 100 guests
 
@@ -229,12 +222,9 @@ libvirtd anyway. (In the test-driver run no libvirtd runs, so the libraries are 
 Targets: RSS at most 15 MiB, idle CPU under 0.2 %.
 
 {table}
-{history}<!-- bench-agent:end -->
+<!-- bench-agent:end -->
 """
-if old:
-    text = text[:old.start()] + section.rstrip("\n") + text[old.end():]
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(out, "w").write(text)
+# the hand-kept before/after record stays
+bench_doc.write_section(out, "bench-agent", section, keep_from="### Before and after")
 PY
 log "wrote $OUT"

@@ -77,10 +77,12 @@ PY
 echo "$table"
 [ -n "${NO_WRITE:-}" ] && exit 0
 
-machine="$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r), $(sed -n 's/^PRETTY_NAME=//p' /etc/os-release | tr -d '"'), libvirt $(libvirtd --version | awk '{print $3}'), qemu $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'), guests $( [ -w /dev/kvm ] && echo KVM || echo TCG)"
-python3 - "$OUT" "$machine" "$POLL_MS" <<PY
-import sys, re, datetime
-out, machine, poll = sys.argv[1:4]
+python3 - "$OUT" "$POLL_MS" <<PY
+import sys, datetime
+sys.path.insert(0, "scripts")
+import bench_doc
+out, poll = sys.argv[1:3]
+machine = bench_doc.machine(libvirt=True)
 table = """$table"""
 section = f"""<!-- bench-events:start -->
 ## Event latency: a libvirt change until the controller shows it
@@ -98,14 +100,6 @@ Target: p99 under 1 s.
 {table}
 <!-- bench-events:end -->
 """
-try:
-    text = open(out).read()
-except FileNotFoundError:
-    text = "# Benchmarks\n\nFigures printed by the benchmark scripts; each section says how it was measured.\n\n"
-if "<!-- bench-events:start -->" in text:
-    text = re.sub(r"<!-- bench-events:start -->.*?<!-- bench-events:end -->\n?", lambda m: section, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(out, "w").write(text)
+bench_doc.write_section(out, "bench-events", section)
 PY
 log "wrote $OUT"

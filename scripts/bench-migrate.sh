@@ -104,12 +104,14 @@ table=$(
   done
 )
 echo "$table"
-machine="$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r), $(sed -n 's/^PRETTY_NAME=//p' /etc/os-release | tr -d '"'), libvirt $(libvirtd --version | awk '{print $3}'), qemu $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'), guests $( [ -w /dev/kvm ] && echo KVM || echo TCG)"
 # BIN_NOTE: what the binaries were, for the text (default: the lab's binary directory)
 bin_note=${BIN_NOTE:-binaries from ${LIFEBOAT_BIN_DIR:-target/debug}}
-python3 - "$OUT" "$machine; $bin_note" "$PARALLEL" <<PY
-import sys, re, datetime
-out, machine, parallel = sys.argv[1], sys.argv[2], sys.argv[3]
+python3 - "$OUT" "$bin_note" "$PARALLEL" <<PY
+import sys, datetime
+sys.path.insert(0, "scripts")
+import bench_doc
+out, bin_note, parallel = sys.argv[1:4]
+machine = bench_doc.machine(libvirt=True) + "; " + bin_note
 table = """$table"""
 section = f"""<!-- bench-migrate:start -->
 ## Forced migration against a serial virsh loop
@@ -126,14 +128,6 @@ Target: moving phase at most 0.6x the serial loop for 20 guests.
 {table}
 <!-- bench-migrate:end -->
 """
-try:
-    text = open(out).read()
-except FileNotFoundError:
-    text = "# Benchmarks\n\nFigures printed by the benchmark scripts; each section says how it was measured.\n\n"
-if "<!-- bench-migrate:start -->" in text:
-    text = re.sub(r"<!-- bench-migrate:start -->.*?<!-- bench-migrate:end -->\n", section, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(out, "w").write(text)
+bench_doc.write_section(out, "bench-migrate", section)
 PY
 log "wrote $OUT"

@@ -23,16 +23,12 @@ for n in $SIZES; do
   cat "$WORK/$n.json"
 done
 python3 - "$OUT" "$WORK" $SIZES <<'PY'
-import json, platform, re, subprocess, sys, datetime, os
+import json, sys, datetime
+sys.path.insert(0, "scripts")
+import bench_doc
 out, work, sizes = sys.argv[1], sys.argv[2], sys.argv[3:]
 rows = [json.load(open(f"{work}/{n}.json")) for n in sizes]
-def sh(c):
-    try: return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
-    except Exception: return "?"
-cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
-mem = int(sh("grep MemTotal /proc/meminfo | awk '{print $2}'") or 0) // 1024 // 1024
-osname = sh(". /etc/os-release; echo $PRETTY_NAME")
-machine = f"{os.cpu_count()} cores ({cpu}), {mem} GiB, {platform.release()}, {osname}"
+machine = bench_doc.machine()
 r = rows[0]
 lines = [
     "<!-- bench-scale:start -->",
@@ -52,11 +48,6 @@ for r in rows:
     lines.append(f"| {r['hosts']} | {r['guests']} | {r['controller_cpu_pct']:.1f} | {r['loadgen_cpu_pct']:.1f} | {r['controller_rss_mib']:.0f} | {r['controller_peak_rss_mib']:.0f} | {r['heartbeat_rtt_p50_ms']:.2f} / {r['heartbeat_rtt_p99_ms']:.1f} | {r['silent_detect_ms']:.0f} | {r['plan_ms_p50']:.1f} / {r['plan_ms_max']:.1f} | {r['vms_list_ms']:.0f} | {r['inventory_stored_s']:.0f} | {r.get('session_reconnects', 0)} |")
 lines.append("<!-- bench-scale:end -->")
 section = "\n".join(lines) + "\n"
-text = open(out).read() if os.path.exists(out) else "# Benchmarks\n"
-if "<!-- bench-scale:start -->" in text:
-    text = re.sub(r"<!-- bench-scale:start -->.*?<!-- bench-scale:end -->\n", lambda m: section, text, flags=re.S)
-else:
-    text = text.replace("\n<!--", "\n" + section + "\n<!--", 1) if "\n<!--" in text else text + "\n" + section
-open(out, "w").write(text)
+bench_doc.write_section(out, "bench-scale", section)
 print(section)
 PY
