@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ONLY=${ONLY:-"scale agent events migrate"}
 cargo build --release --workspace
+# bench-events times changes with an example client (agent/examples/bench_events.rs)
+cargo build --release -p lifeboat-agent --example bench_events
 cargo build --workspace
 for b in $ONLY; do
   s=scripts/bench-$b.sh
