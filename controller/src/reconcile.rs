@@ -175,6 +175,7 @@ async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
             };
             // Mark first, so the next pass does not send the same again meanwhile.
             reg.leases_sent(&host, now, uuids);
+            let names: BTreeMap<String, String> = leases.iter().map(|l| (l.0.clone(), l.1.clone())).collect();
             let cmd = GrantLeases {
                 leases: leases.into_iter().map(|(uuid, name, generation)| Lease { uuid, name, generation }).collect(),
                 expires_unix_ms: now + lease_ttl_ms,
@@ -182,7 +183,16 @@ async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
                 issued_unix_ms: issued_ms,
             };
             match reg.call(&host, Kind::GrantLeases(cmd), timeout).await {
-                Ok(r) if r.ok => {}
+                Ok(r) if r.ok => {
+                    for uuid in &r.autostart_disabled {
+                        let name = names.get(uuid).map(String::as_str).unwrap_or(uuid);
+                        let detail = format!(
+                            "libvirt autostart of {name} ({uuid}) on {host} was on; switched it off: Lifeboat, not libvirt, decides what starts (docs/return.md)"
+                        );
+                        info!(%host, guest = %name, "libvirt autostart switched off");
+                        let _ = reg.db(|s| s.audit(&audit("guest.autostart_disabled", &host, name, detail)));
+                    }
+                }
                 Ok(r) => warn!(%host, "granting leases failed: {}", r.error),
                 Err(e) => warn!(%host, "granting leases failed: {e}"),
             }

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::error::ControllerError;
 use crate::model::{HostStatus, Liveness, Timing, liveness};
-use crate::store::{HostRow, Store, StoreError};
+use crate::store::{AuditRow, HostRow, Store, StoreError};
 
 /// An open agent session.
 struct SessionHandle {
@@ -521,7 +521,28 @@ impl Registry {
         }
         let b = prost::Message::encode_to_vec(&g);
         let h = guest_hash(&b);
+        // Libvirt autostart switched on (with virsh, say) for a guest that
+        // Lifeboat starts: worth a line in the action log, since Lifeboat
+        // switches it off again at the next lease renewal.
+        let autostart_on = g.autostart
+            && Self::owner_of(&inner, &g.uuid, host_id) == host_id
+            && inner.hosts.get(host_id).is_some_and(|e| e.leases_sent.is_some())
+            && inner.guests.get(host_id).and_then(|m| m.get(&g.uuid)).is_some_and(|e| !e.guest().autostart);
         inner.store.write_guests(host_id, &[(&g.uuid, &g.name, &b)], &[], now)?;
+        if autostart_on {
+            let detail = format!(
+                "libvirt autostart of {} ({}) on {host_id} was switched on outside Lifeboat; Lifeboat switches it off at the next lease renewal (it decides what starts)",
+                g.name, g.uuid
+            );
+            inner.store.audit(&AuditRow {
+                actor: "controller".into(),
+                action: "guest.autostart_enabled".into(),
+                host: host_id.into(),
+                vm: g.name.clone(),
+                detail,
+                ..Default::default()
+            })?;
+        }
         Self::note_desired(&mut inner, host_id, &g, true)?;
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.dirty = true;
@@ -1067,6 +1088,35 @@ mod tests {
         drop(rows);
         let listed = reg.list_guests(None, None, true).unwrap();
         assert_eq!(listed[0].guest.as_ref().unwrap().definition_xml, "<domain><name>vm3</name></domain>");
+    }
+
+    #[test]
+    fn autostart_switched_on_outside_lifeboat_is_logged_once_leases_were_sent() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let on = |a: bool| Guest { autostart: a, ..g("u1", "vm1") };
+        let logged = || {
+            reg.db(|s| s.read_audit(&crate::store::AuditFilter::default()))
+                .unwrap()
+                .into_iter()
+                .filter(|a| a.action == "guest.autostart_enabled")
+                .count()
+        };
+        reg.apply_inventory("h", sid, Inventory { host: None, guests: vec![on(false)], more: false }).unwrap();
+        // Before Lifeboat manages the host (no leases yet): nothing to say.
+        reg.apply_guest("h", sid, on(true)).unwrap();
+        assert_eq!(logged(), 0);
+        reg.apply_guest("h", sid, on(false)).unwrap();
+        reg.leases_sent("h", 1, vec!["u1".into()]);
+        reg.apply_guest("h", sid, on(true)).unwrap();
+        assert_eq!(logged(), 1);
+        // Still on (another change of the same guest): not logged again.
+        reg.apply_guest("h", sid, Guest { state: 1, ..on(true) }).unwrap();
+        assert_eq!(logged(), 1);
+        let row = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap().pop().unwrap();
+        assert_eq!((row.host.as_str(), row.vm.as_str()), ("h", "vm1"));
+        assert!(row.detail.contains("outside Lifeboat"), "{}", row.detail);
     }
 
     #[test]

@@ -204,6 +204,7 @@ impl ActorState {
             Err(e) => return fail(id, format!("writing leases to {} failed: {e}", self.cfg.state_dir.display())),
         };
         let mut changed = Vec::new();
+        let mut disabled = Vec::new();
         if let Some(c) = &self.conn {
             // Lifeboat, not libvirt, decides what starts: keep libvirt autostart
             // off on every leased guest. The cache is kept current by the
@@ -212,12 +213,15 @@ impl ActorState {
             for l in g.leases.iter().filter(|l| self.known.get(&l.uuid).is_some_and(|x| x.autostart)) {
                 let Ok(dom) = c.conn.lookup_domain_by_uuid_string(&l.uuid) else { continue };
                 match dom.set_autostart(false) {
-                    Ok(_) => info!(
-                        uuid = %l.uuid,
-                        name = %l.name,
-                        first = fresh.contains(&l.uuid),
-                        "libvirt autostart disabled: Lifeboat starts this guest"
-                    ),
+                    Ok(_) => {
+                        info!(
+                            uuid = %l.uuid,
+                            name = %l.name,
+                            first = fresh.contains(&l.uuid),
+                            "libvirt autostart disabled: Lifeboat starts this guest"
+                        );
+                        disabled.push(l.uuid.clone());
+                    }
                     Err(e) => tracing::warn!(uuid = %l.uuid, "disabling autostart failed: {}", e.message()),
                 }
                 if let Ok(g) = read_guest(&dom) {
@@ -229,7 +233,7 @@ impl ActorState {
             self.known.insert(g.uuid.clone(), g.clone());
             self.emit(super::Update::Changed(g));
         }
-        CommandResult { id: id.into(), ok: true, outcome: "done".into(), ..Default::default() }
+        CommandResult { id: id.into(), ok: true, outcome: "done".into(), autostart_disabled: disabled, ..Default::default() }
     }
 
     fn stop(&mut self, id: &str, s: StopGuest) -> CommandResult {
