@@ -534,14 +534,18 @@ impl Registry {
                 "libvirt autostart of {} ({}) on {host_id} was switched on outside Lifeboat; Lifeboat switches it off at the next lease renewal (it decides what starts)",
                 g.name, g.uuid
             );
-            inner.store.audit(&AuditRow {
+            let row = AuditRow {
                 actor: "controller".into(),
                 action: "guest.autostart_enabled".into(),
                 host: host_id.into(),
                 vm: g.name.clone(),
                 detail,
                 ..Default::default()
-            })?;
+            };
+            // The guest's update is stored already; a lost log line must not undo it.
+            if let Err(e) = inner.store.audit(&row) {
+                warn!(host = %host_id, guest = %g.name, "writing the audit log failed: {e}");
+            }
         }
         Self::note_desired(&mut inner, host_id, &g, true)?;
         if let Some(e) = inner.hosts.get_mut(host_id) {
