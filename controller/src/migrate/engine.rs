@@ -110,6 +110,7 @@ impl Engine {
     async fn gather_and_plan(&self, req: &MigrateRequest) -> Result<(MigrationPlan, PlanInput), ControllerError> {
         let t0 = std::time::Instant::now();
         let mut hosts = self.reg.host_views_for(&[req.source.as_str()]);
+        let t_views = t0.elapsed();
         // The source's guests with their definitions, from the database.
         let source_guests: Vec<_> =
             if hosts.iter().any(|h| h.id == req.source) { self.reg.db(|s| s.guests_of(&req.source))? } else { Vec::new() };
@@ -119,6 +120,7 @@ impl Engine {
         let mut paths: Vec<String> = source_guests.iter().flat_map(plan::guest_paths).collect();
         paths.sort();
         paths.dedup();
+        let t_read = t0.elapsed();
         let mut visibility = BTreeMap::new();
         let cands = plan::visibility_hosts(req, &hosts, source_guests.len(), self.memory_reserve_kib);
         self.reg.fill_guests(&mut hosts, &cands);
@@ -134,6 +136,7 @@ impl Engine {
             };
             visibility.insert(h, m);
         }
+        let t_checks = t0.elapsed();
         let input = PlanInput {
             req: req.clone(),
             hosts,
@@ -146,7 +149,16 @@ impl Engine {
             memory_reserve_kib: self.memory_reserve_kib,
         };
         let p = plan::plan(&input);
-        tracing::debug!(source = %req.source, took_ms = t0.elapsed().as_secs_f64() * 1000.0, hosts_checked = input.visibility.len(), "planned");
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        tracing::debug!(
+            source = %req.source,
+            took_ms = ms(t0.elapsed()),
+            views_ms = ms(t_views),
+            read_ms = ms(t_read - t_views),
+            checks_ms = ms(t_checks - t_read),
+            hosts_checked = input.visibility.len(),
+            "planned"
+        );
         Ok((p, input))
     }
 
