@@ -86,6 +86,14 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if cli.check_config {
+        // The same checks the controller makes when it starts: files readable,
+        // fence agents found, settings in range.
+        for (host, bmc) in &cfg.bmc {
+            if let Err(e) = lifeboat_controller::fence::Fencer::new(host, bmc) {
+                eprintln!("lifeboat-controller: {e}");
+                return ExitCode::from(2);
+            }
+        }
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }

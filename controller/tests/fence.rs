@@ -101,6 +101,11 @@ impl Emulator {
         write_private(&d.join("bad.cred"), &format!("username = \"{USER}\"\npassword = \"not-the-password\"\n"));
         let uuid = uuid::Uuid::new_v4().to_string();
         let mut last_log = String::new();
+        // One emulator starts at a time: two tests picking the same free port
+        // before either listens would otherwise both see it answer, and one
+        // would talk to the other's emulator (until that one is gone).
+        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = STARTING.lock().unwrap_or_else(|e| e.into_inner());
         for _attempt in 0..3 {
             let port = free_port();
             let state_dir = d.join(format!("state-{port}"));
@@ -185,6 +190,7 @@ impl Emulator {
         BmcConfig::FenceAgent {
             agent: "fence_redfish".into(),
             options,
+            env: BTreeMap::new(),
             power_off_timeout_s: timeout_s,
             poll_interval_ms: 500,
         }
@@ -401,6 +407,7 @@ fn config_errors_name_host_file_and_problem() {
     let agent = |name: &str| BmcConfig::FenceAgent {
         agent: name.into(),
         options: BTreeMap::new(),
+        env: BTreeMap::new(),
         power_off_timeout_s: 30,
         poll_interval_ms: 500,
     };
@@ -455,6 +462,42 @@ async fn fence_agent_redfish_status_and_off() {
 }
 
 #[tokio::test]
+async fn fence_agent_redfish_verifies_the_bmc_certificate_with_the_ca_from_env() {
+    if sushy_missing() || fence_redfish_missing() {
+        return;
+    }
+    let emu = Emulator::start(EmuOpts::default());
+    let verified = |env: BTreeMap<String, String>| {
+        let BmcConfig::FenceAgent { agent, mut options, power_off_timeout_s, poll_interval_ms, .. } = emu.fence_redfish(PASSWORD, 10)
+        else {
+            unreachable!()
+        };
+        options.remove("ssl_insecure");
+        options.insert("ssl_secure".into(), "1".into());
+        fencer(&BmcConfig::FenceAgent { agent, options, env, power_off_timeout_s, poll_interval_ms })
+    };
+    // The emulator's certificate is signed by the test CA, which the system
+    // does not trust: without it the agent cannot verify the BMC (Unknown).
+    let mut log = Vec::new();
+    let r = unknown_reason(verified(BTreeMap::new()).power_state(&mut log).await, &log);
+    assert!(r.contains("fence_redfish"), "{r}");
+    let ca = emu.path("ca.pem").to_str().unwrap().to_string();
+    let env: BTreeMap<String, String> = [("REQUESTS_CA_BUNDLE".to_string(), ca.clone())].into_iter().collect();
+    let mut log = Vec::new();
+    assert_eq!(verified(env).power_state(&mut log).await, PowerState::On, "{}", dump(&log));
+    assert!(log.iter().all(|e| !e.request.contains(&ca)), "the environment is not logged: {}", dump(&log));
+    assert_no_password(&log);
+
+    // A name that is not a portable variable name is refused at load.
+    let bad: BTreeMap<String, String> = [("A=B".to_string(), "x".to_string())].into_iter().collect();
+    let BmcConfig::FenceAgent { agent, options, .. } = emu.fence_redfish(PASSWORD, 10) else { unreachable!() };
+    let e = Fencer::new("host-q", &BmcConfig::FenceAgent { agent, options, env: bad, power_off_timeout_s: 10, poll_interval_ms: 500 })
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("env 'A=B'"), "{e}");
+}
+
+#[tokio::test]
 async fn fence_agent_unreachable_is_unknown() {
     if fence_redfish_missing() {
         return;
@@ -474,6 +517,7 @@ async fn fence_agent_unreachable_is_unknown() {
     let f = fencer(&BmcConfig::FenceAgent {
         agent: "fence_redfish".into(),
         options,
+        env: BTreeMap::new(),
         power_off_timeout_s: 5,
         poll_interval_ms: 200,
     });
@@ -515,4 +559,48 @@ async fn redfish_silent_bmc_times_out() {
     assert!(r.contains("did not answer in time"), "{r}");
     assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(11), "{took:?}");
     drop(holder);
+}
+
+/// `lifeboat-controller --check-config` makes the same BMC checks as a start:
+/// a bad `[bmc.HOST]` section fails it, naming the host and what is wrong.
+#[test]
+fn check_config_refuses_a_bad_bmc_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pki::init(d).unwrap();
+    let (cert, key) = pki::issue(d, d, &Leaf::Controller(vec![])).unwrap();
+    let check = |bmc: &str| {
+        let cfg = d.join("controller.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndatabase = \"{db}\"\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n{bmc}",
+                db = d.join("c.db").display(),
+                ca = d.join("ca.pem").display(),
+                cert = cert.display(),
+                key = key.display(),
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_lifeboat-controller")).arg("--config").arg(&cfg).arg("--check-config").output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let agent = |name: &str, env: &str| {
+        format!("[bmc.kvm03]\ndriver = \"fence_agent\"\nagent = \"{name}\"\noptions = {{ ip = \"10.0.0.3\" }}\nenv = {{ {env} }}\n")
+    };
+    let (code, out) = check(&agent("/bin/true", "REQUESTS_CA_BUNDLE = \"/etc/lifeboat/bmc/ca.pem\""));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("configuration OK"), "{out}");
+    let (code, out) = check(&agent("/bin/true", "\"A=B\" = \"x\""));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("kvm03") && out.contains("env 'A=B'"), "{out}");
+    let (code, out) = check(&agent("/nonexistent/fence_x", ""));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("kvm03") && out.contains("/nonexistent/fence_x"), "{out}");
+    let (code, out) = check(&format!(
+        "[bmc.kvm01]\ndriver = \"redfish\"\nurl = \"https://10.0.0.1\"\nsystem_id = \"1\"\ncredentials_file = \"{}\"\n",
+        d.join("missing.cred").display()
+    ));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("kvm01") && out.contains("missing.cred"), "{out}");
 }

@@ -24,6 +24,8 @@ pub(crate) struct Agent {
     name: String,
     path: PathBuf,
     options: BTreeMap<String, String>,
+    /// Extra environment (never written to the audit log).
+    env: BTreeMap<String, String>,
     timeout: Duration,
     poll: Duration,
 }
@@ -52,6 +54,21 @@ pub(crate) fn check_options(options: &BTreeMap<String, String>) -> Result<(), St
         }
         if v.contains('\n') || v.contains('\r') {
             return Err(format!("fence agent option '{k}': the value must be a single line"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the `env` table: portable variable names, values a process can take.
+pub(crate) fn check_env(env: &BTreeMap<String, String>) -> Result<(), String> {
+    for (k, v) in env {
+        let portable = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !portable {
+            return Err(format!("fence agent env '{k}': names are letters, digits and '_', not starting with a digit"));
+        }
+        if v.contains('\0') {
+            return Err(format!("fence agent env '{k}': the value must not contain a NUL byte"));
         }
     }
     Ok(())
@@ -113,12 +130,14 @@ impl Agent {
     pub(crate) fn new(
         agent: &str,
         options: &BTreeMap<String, String>,
+        env: &BTreeMap<String, String>,
         timeout: Duration,
         poll: Duration,
     ) -> Result<Self, String> {
         let path = find_executable(agent, std::env::var("PATH").ok().as_deref())?;
         check_options(options)?;
-        Ok(Agent { name: agent.to_string(), path, options: options.clone(), timeout, poll })
+        check_env(env)?;
+        Ok(Agent { name: agent.to_string(), path, options: options.clone(), env: env.clone(), timeout, poll })
     }
 
     fn secrets(&self) -> Vec<&str> {
@@ -129,6 +148,7 @@ impl Agent {
     async fn run(&self, action: &str, limit: Duration, log: &mut Vec<FenceEvent>) -> Run {
         let req = describe_args(&self.name, action, &self.options);
         let mut cmd = Command::new(&self.path);
+        cmd.envs(&self.env);
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -320,6 +340,17 @@ mod tests {
         assert!(check_options(&o).is_err());
     }
 
+    #[test]
+    fn env_checks() {
+        let env = |k: &str, v: &str| [(k.to_string(), v.to_string())].into_iter().collect::<BTreeMap<_, _>>();
+        assert!(check_env(&env("REQUESTS_CA_BUNDLE", "/etc/lifeboat/bmc/ca.pem")).is_ok());
+        assert!(check_env(&env("_X1", "")).is_ok());
+        for bad in ["", "1X", "A=B", "A B", "A-B"] {
+            assert!(check_env(&env(bad, "x")).unwrap_err().contains("names are letters"), "{bad:?}");
+        }
+        assert!(check_env(&env("X", "a\0b")).unwrap_err().contains("NUL"));
+    }
+
     #[cfg(unix)]
     fn script(dir: &std::path::Path, body: &str) -> String {
         use std::os::unix::fs::PermissionsExt;
@@ -342,7 +373,7 @@ mod tests {
             s = state.display()
         );
         let path = script(dir.path(), &body);
-        let a = Agent::new(&path, &opts(), Duration::from_secs(5), Duration::from_millis(50)).unwrap();
+        let a = Agent::new(&path, &opts(), &BTreeMap::new(), Duration::from_secs(5), Duration::from_millis(50)).unwrap();
         let mut log = Vec::new();
         assert_eq!(a.power_state(&mut log).await, PowerState::On);
         assert_eq!(a.power_off(&mut log).await, PowerState::Off);
@@ -356,7 +387,7 @@ mod tests {
     async fn failing_and_hanging_agents_are_unknown() {
         let dir = tempfile::tempdir().unwrap();
         let path = script(dir.path(), "cat >/dev/null; echo 'Failed: Unable to connect' >&2; exit 1");
-        let a = Agent::new(&path, &opts(), Duration::from_secs(1), Duration::from_millis(50)).unwrap();
+        let a = Agent::new(&path, &opts(), &BTreeMap::new(), Duration::from_secs(1), Duration::from_millis(50)).unwrap();
         let mut log = Vec::new();
         match a.power_state(&mut log).await {
             PowerState::Unknown(r) => assert!(r.contains("exit code 1") && r.contains("Unable to connect"), "{r}"),
@@ -367,7 +398,7 @@ mod tests {
             s => panic!("{s:?}"),
         }
         let path = script(dir.path(), "sleep 30");
-        let a = Agent::new(&path, &opts(), Duration::from_secs(1), Duration::from_millis(50)).unwrap();
+        let a = Agent::new(&path, &opts(), &BTreeMap::new(), Duration::from_secs(1), Duration::from_millis(50)).unwrap();
         let t = Instant::now();
         match a.status(Duration::from_millis(300), &mut log).await {
             PowerState::Unknown(r) => assert!(r.contains("did not finish"), "{r}"),

@@ -66,6 +66,11 @@ pub enum BmcConfig {
         /// Standard stdin arguments (`ip`, `username`, `password`, `lanplus`, ...), without `action`.
         #[serde(default)]
         options: BTreeMap<String, String>,
+        /// Environment for the agent besides the controller's own, e.g.
+        /// `REQUESTS_CA_BUNDLE` = the CA of a BMC's certificate for
+        /// `fence_redfish` (it verifies with Python requests).
+        #[serde(default)]
+        env: BTreeMap<String, String>,
         /// How long to wait for Off after `action=off`.
         #[serde(default = "default_off_timeout")]
         power_off_timeout_s: u64,
@@ -124,8 +129,8 @@ impl Fencer {
             BmcConfig::Redfish { url, system_id, credentials_file, ca, .. } => Driver::Redfish(
                 redfish::Redfish::new(url, system_id, credentials_file, ca.as_deref(), timeout, poll).map_err(err)?,
             ),
-            BmcConfig::FenceAgent { agent, options, .. } => {
-                Driver::Agent(agent::Agent::new(agent, options, timeout, poll).map_err(err)?)
+            BmcConfig::FenceAgent { agent, options, env, .. } => {
+                Driver::Agent(agent::Agent::new(agent, options, env, timeout, poll).map_err(err)?)
             }
         };
         Ok(Fencer { cfg: cfg.clone(), driver })
