@@ -175,7 +175,6 @@ async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
             };
             // Mark first, so the next pass does not send the same again meanwhile.
             reg.leases_sent(&host, now, uuids);
-            let names: BTreeMap<String, String> = leases.iter().map(|l| (l.0.clone(), l.1.clone())).collect();
             let cmd = GrantLeases {
                 leases: leases.into_iter().map(|(uuid, name, generation)| Lease { uuid, name, generation }).collect(),
                 expires_unix_ms: now + lease_ttl_ms,
@@ -185,7 +184,15 @@ async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
             match reg.call(&host, Kind::GrantLeases(cmd), timeout).await {
                 Ok(r) if r.ok => {
                     for uuid in &r.autostart_disabled {
-                        let name = names.get(uuid).map(String::as_str).unwrap_or(uuid);
+                        // Rare (once per guest, or after a `virsh autostart`): look the name up then.
+                        let name = reg
+                            .list_guests(Some(&host), Some(uuid), false)
+                            .ok()
+                            .and_then(|g| g.into_iter().next())
+                            .and_then(|g| g.guest)
+                            .map(|g| g.name)
+                            .unwrap_or_else(|| uuid.clone());
+                        let name = name.as_str();
                         let detail = format!(
                             "libvirt autostart of {name} ({uuid}) on {host} was on; switched it off: Lifeboat, not libvirt, decides what starts (docs/return.md)"
                         );
