@@ -814,8 +814,7 @@ async fn main() -> anyhow::Result<()> {
     std::thread::spawn(move || {
         let _ = done_tx.send(plan_runs(&plan_url, &plan_pki, &req, runs));
     });
-    let (plan_ms, movable) = done_rx.await.map_err(|_| anyhow::anyhow!("the planning thread ended without an answer"))??;
-    let mut plan_ms = plan_ms;
+    let (mut plan_ms, movable) = done_rx.await.map_err(|_| anyhow::anyhow!("the planning thread ended without an answer"))??;
     rep.plan_movable = movable;
     let in_order: Vec<String> = plan_ms.iter().map(|m| format!("{m:.1}")).collect();
     log(t0, format!("plan runs in order (ms): {}", in_order.join(" ")));

@@ -125,10 +125,6 @@ pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
     out
 }
 
-fn audit(action: &str, host: &str, vm: &str, detail: String) -> AuditRow {
-    AuditRow { actor: "controller".into(), action: action.into(), host: host.into(), vm: vm.into(), detail, ..Default::default() }
-}
-
 /// Runs the reconciler forever: a pass every 500 ms over the hosts whose
 /// state changed or whose leases are due, and over every connected host
 /// every 30 s (the resync backstop of a level-triggered loop).
@@ -197,7 +193,7 @@ async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
                             "libvirt autostart of {name} ({uuid}) on {host} was on; switched it off: Lifeboat, not libvirt, decides what starts (docs/return.md)"
                         );
                         info!(%host, guest = %name, "libvirt autostart switched off");
-                        let _ = reg.db(|s| s.audit(&audit("guest.autostart_disabled", &host, name, detail)));
+                        let _ = reg.db(|s| s.audit(&AuditRow::by_controller("guest.autostart_disabled", &host, name, detail)));
                     }
                 }
                 Ok(r) => warn!(%host, "granting leases failed: {}", r.error),
@@ -214,7 +210,7 @@ async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
                 Err(e) => format!("stop failed: {e}"),
             };
             warn!(%host, guest = %name, "stale copy: {outcome}");
-            let _ = reg.db(|s| s.audit(&audit("guest.stopped_stale", &host, &name, format!("{detail}: {outcome}"))));
+            let _ = reg.db(|s| s.audit(&AuditRow::by_controller("guest.stopped_stale", &host, &name, format!("{detail}: {outcome}"))));
         }
         Action::StartForBoot { host, uuid, name } => {
             let r = reg.call(&host, Kind::StartGuest(StartGuest { uuid: uuid.clone() }), timeout).await;
@@ -225,7 +221,7 @@ async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
             };
             info!(%host, guest = %name, "after reboot: {outcome}");
             let _ = reg.db(|s| {
-                s.audit(&audit("guest.boot_start", &host, &name, format!("{host} rebooted; {name} ({uuid}) should run: {outcome}")))
+                s.audit(&AuditRow::by_controller("guest.boot_start", &host, &name, format!("{host} rebooted; {name} ({uuid}) should run: {outcome}")))
             });
         }
         Action::BootStartDone { host } => reg.boot_start_done(&host),

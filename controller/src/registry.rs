@@ -290,13 +290,12 @@ impl Registry {
             };
             e.row.status = HostStatus::Maintenance.as_str().into();
             e.row.status_reason = reason.into();
-            let a = crate::store::AuditRow {
-                actor: "controller".into(),
-                action: "host.returned".into(),
-                host: host_id.into(),
-                detail: format!("{host_id} is back (boot id {boot_id}, fenced with {fenced_boot}): status MAINTENANCE; {reason}"),
-                ..Default::default()
-            };
+            let a = AuditRow::by_controller(
+                "host.returned",
+                host_id,
+                "",
+                format!("{host_id} is back (boot id {boot_id}, fenced with {fenced_boot}): status MAINTENANCE; {reason}"),
+            );
             inner.store.set_status(host_id, HostStatus::Maintenance.as_str(), reason, Some(&a))?;
             warn!(host = host_id, "{reason}");
             if ev.same_boot_id {
@@ -313,13 +312,7 @@ impl Registry {
         if inner.store.raise_alarm(host, kind, detail)? {
             tracing::error!(host, kind, "ALARM: {detail}");
             inner.alarms.push((host.into(), kind.into(), detail.into()));
-            inner.store.audit(&crate::store::AuditRow {
-                actor: "controller".into(),
-                action: format!("alarm.{kind}"),
-                host: host.into(),
-                detail: detail.into(),
-                ..Default::default()
-            })?;
+            inner.store.audit(&AuditRow::by_controller(&format!("alarm.{kind}"), host, "", detail.into()))?;
         }
         Ok(())
     }
@@ -534,16 +527,8 @@ impl Registry {
                 "libvirt autostart of {} ({}) on {host_id} was switched on outside Lifeboat; Lifeboat switches it off at the next lease renewal (it decides what starts)",
                 g.name, g.uuid
             );
-            let row = AuditRow {
-                actor: "controller".into(),
-                action: "guest.autostart_enabled".into(),
-                host: host_id.into(),
-                vm: g.name.clone(),
-                detail,
-                ..Default::default()
-            };
             // The guest's update is stored already; a lost log line must not undo it.
-            if let Err(e) = inner.store.audit(&row) {
+            if let Err(e) = inner.store.audit(&AuditRow::by_controller("guest.autostart_enabled", host_id, &g.name, detail)) {
                 warn!(host = %host_id, guest = %g.name, "writing the audit log failed: {e}");
             }
         }
@@ -682,7 +667,7 @@ impl Registry {
                     continue;
                 }
                 v.sort_by(|a, b| (&a.1.name, a.0).cmp(&(&b.1.name, b.0)));
-                let definitions: BTreeMap<String, String> = if with_definitions {
+                let mut definitions: BTreeMap<String, String> = if with_definitions {
                     inner.store.guests_of(id)?.into_iter().map(|g| (g.uuid, g.definition_xml)).collect()
                 } else {
                     BTreeMap::new()
@@ -698,8 +683,8 @@ impl Registry {
                         _ => String::new(),
                     };
                     let mut guest = g.guest();
-                    if let Some(d) = definitions.get(&guest.uuid) {
-                        guest.definition_xml = d.clone();
+                    if let Some(d) = definitions.remove(&guest.uuid) {
+                        guest.definition_xml = d;
                     }
                     out.push(GuestRecord {
                         guest: Some(guest),

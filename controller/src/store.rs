@@ -118,6 +118,13 @@ pub struct AuditRow {
     pub detail: String,
 }
 
+impl AuditRow {
+    /// An entry about what the controller itself noticed or did.
+    pub fn by_controller(action: &str, host: &str, vm: &str, detail: String) -> Self {
+        AuditRow { actor: "controller".into(), action: action.into(), host: host.into(), vm: vm.into(), detail, ..Default::default() }
+    }
+}
+
 /// Filter for reading the audit log.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
