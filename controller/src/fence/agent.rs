@@ -150,7 +150,20 @@ impl Agent {
         let mut cmd = Command::new(&self.path);
         cmd.envs(&self.env);
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
-        let mut child = match cmd.spawn() {
+        // ETXTBSY: the agent's file is open for writing at this instant (a
+        // package update replacing it, or a fork elsewhere in this process
+        // that still holds a just-written file): it clears within moments.
+        let mut spawned = cmd.spawn();
+        for _ in 0..10 {
+            match &spawned {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    spawned = cmd.spawn();
+                }
+                _ => break,
+            }
+        }
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 let reason = format!("cannot run fence agent {}: {e}", self.path.display());
