@@ -7,6 +7,17 @@ pub mod v1 {
     tonic::include_proto!("lifeboat.v1");
 }
 
+/// Whether a guest in this state may be running and so holds its disks open:
+/// every libvirt state except shut-off. Paused, blocked, crashed (qemu may be
+/// preserved), shutting down, pm-suspended and states Lifeboat cannot name
+/// all keep (or may keep) a qemu process with the disks open. The one rule
+/// for "may this copy write its disks", used by the agent (stop, cleanup)
+/// and the controller (stale copies, planning, reconciling). Fails closed:
+/// an unknown number counts as holding.
+pub fn holds_disk(state: i32) -> bool {
+    v1::GuestState::try_from(state) != Ok(v1::GuestState::Shutoff)
+}
+
 /// Encoded size an inventory page aims for: a page holds guests until
 /// adding one more would pass this, and always at least one guest. With
 /// packed definitions (see [`pack_definition`]) a guest is 1–2 KB, so a
@@ -113,6 +124,16 @@ pub fn inventory_pages(inv: v1::Inventory, page_bytes: usize) -> Vec<v1::Invento
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_shut_off_releases_the_disks() {
+        use v1::GuestState as S;
+        for s in [S::Running, S::Blocked, S::Paused, S::Shutdown, S::Crashed, S::Pmsuspended, S::Nostate, S::Unspecified] {
+            assert!(holds_disk(s as i32), "{s:?}");
+        }
+        assert!(!holds_disk(S::Shutoff as i32));
+        assert!(holds_disk(99), "a state Lifeboat cannot name fails closed");
+    }
 
     #[test]
     fn pages_keep_every_guest_in_order_and_mark_all_but_the_last() {
