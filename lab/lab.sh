@@ -250,6 +250,16 @@ host_prog_pids() {
   done
   return 0
 }
+# pids of the host's own agent processes (the daemon and any start guard it runs), never an
+# impostor (agent-impostor) that runs in this host with another host's identity
+host_agent_pids() {
+  local p
+  for p in $(host_prog_pids "$1" lifeboat-agent); do
+    grep -qzF -- /impostor- "/proc/$p/cmdline" 2>/dev/null && continue
+    echo "$p"
+  done
+  return 0
+}
 
 # ---- config files ---------------------------------------------------------------------------
 write_libvirt_conf() {
@@ -757,6 +767,82 @@ internal_agent_start() {
     </dev/null >>"$hd/agent.log" 2>&1 9>&-
 }
 
+# ---- impostor agents ------------------------------------------------------------------------
+# `agent-impostor HOST FROM start|stop`: a second lifeboat-agent that presents HOST's certificate
+# and host id, run inside host FROM (so from FROM's address, against FROM's own libvirtd), as a
+# host cloned with HOST's agent config would. It has its own state directory (a second machine
+# has its own disk): it never writes leases into HOST's or FROM's agent state.
+# Its files: <FROM's hostdir>/impostor-HOST/{agent.toml,pki/,state/,agent.log}.
+impostor_dir() { echo "$(host_dir "$2")/impostor-$1"; }
+impostor_pids() {
+  local p conf
+  conf="$(impostor_dir "$1" "$2")/agent.toml"
+  for p in $(host_prog_pids "$2" lifeboat-agent); do
+    grep -qzxF -- "$conf" "/proc/$p/cmdline" 2>/dev/null && echo "$p"
+  done
+  return 0
+}
+# Inside FROM: start the impostor detached (setsid -f => a child of FROM's tini).
+internal_impostor_start() {
+  local d
+  d=$(impostor_dir "$1" "$2")
+  printf '\n==== lab: impostor of %s in %s start %s ====\n' "$1" "$2" "$(date -Is)" >>"$d/agent.log"
+  (cd "$d/state" && RUST_LOG="${RUST_LOG:-info}" exec setsid -f "$AGENT_BIN" --config "$d/agent.toml") \
+    </dev/null >>"$d/agent.log" 2>&1 9>&-
+}
+impostor_start() {
+  local h=$1 from=$2 d pid deadline
+  [ "$h" != "$from" ] || die "an impostor of $h must run in another host"
+  pid=$(host_init_pid "$from") || die "$from is off (lab.sh host-boot $from)"
+  [ -x "$AGENT_BIN" ] || die "$AGENT_BIN is missing (cargo build)"
+  [ -f "$PKI_DIR/agent-$h.pem" ] || die "no agent certificate for $h in $PKI_DIR (lab brought up without the lifeboat CLI)"
+  if [ -n "$(impostor_pids "$h" "$from")" ]; then
+    log "an impostor of $h already runs in $from"
+    return 0
+  fi
+  d=$(impostor_dir "$h" "$from")
+  mkdir -p "$d/pki" "$d/state"
+  cp "$PKI_DIR/ca.pem" "$d/pki/ca.pem"
+  cp "$PKI_DIR/agent-$h.pem" "$d/pki/agent.pem"
+  cp "$PKI_DIR/agent-$h.key" "$d/pki/agent.key"
+  chmod 600 "$d/pki/agent.key"
+  # HOST's agent.toml, but with its own state and copies of HOST's certificate, and no metrics
+  # listener (HOST's metrics address does not exist in FROM's network namespace)
+  cat >"$d/agent.toml" <<EOF
+# Written by lab/lab.sh agent-impostor: $h's identity, running inside $from.
+host_id = "$h"
+boot_id_file = "$(host_dir "$h")/boot_id"
+libvirt_uri = "qemu:///system"
+autostart_dir = "/etc/libvirt/qemu/autostart"
+state_dir = "$d/state"
+
+[controller]
+url = "$CONTROLLER_URL"
+server_name = "$CONTROLLER_SERVER_NAME"
+ca = "$d/pki/ca.pem"
+cert = "$d/pki/agent.pem"
+key = "$d/pki/agent.key"
+EOF
+  nsenter -t "$pid" -n -m -p -u -- "$LAB_SH" _impostor-start "$h" "$from" 9>&-
+  deadline=$(($(now_ms) + 5000))
+  until [ -n "$(impostor_pids "$h" "$from")" ]; do
+    [ "$(now_ms)" -ge "$deadline" ] && die "the impostor of $h did not start in $from (log: $d/agent.log)"
+    sleep 0.02
+  done
+  log "impostor of $h started in $from ($(host_ip "$from"), pid $(impostor_pids "$h" "$from" | paste -sd' ' -), log $d/agent.log)"
+}
+impostor_stop() {
+  local pids
+  pids=$(impostor_pids "$1" "$2" | paste -sd' ' -)
+  if [ -z "$pids" ]; then
+    log "no impostor of $1 runs in $2"
+    return 0
+  fi
+  # shellcheck disable=SC2086
+  term_then_kill 10 $pids
+  log "impostor of $1 in $2 stopped"
+}
+
 # find the tini of HOST that we just launched (root-namespace pid)
 find_host_tini() {
   local h=$1 f p
@@ -1013,6 +1099,12 @@ count_copies() {
     done
   done
   echo "$n"
+}
+
+# copies_all -> "UUID COUNT HOSTS" for every UUID with a running qemu process (one pass over
+# /proc; HOSTS comma-separated, "?" for a qemu outside the lab's hosts), sorted by UUID
+copies_all() {
+  running_guests | awk '{ n[$1]++; h[$1] = ($1 in h) ? h[$1] "," $2 : $2 } END { for (u in n) print u, n[u], h[u] }' | sort
 }
 
 # ---- up / down ------------------------------------------------------------------------------
@@ -1314,7 +1406,7 @@ print_status() {
   fi
   for h in "${HOSTS[@]}"; do
     if host_is_on "$h"; then
-      if [ -n "$(host_prog_pids "$h" lifeboat-agent)" ]; then agent=running; else agent=stopped; fi
+      if [ -n "$(host_agent_pids "$h")" ]; then agent=running; else agent=stopped; fi
       if [ -n "$(host_prog_pids "$h" libvirtd)" ]; then lv=running; else lv=stopped; fi
       if ip -n "$BR_NS" -o link show "$(host_bridge_port "$h")" 2>/dev/null | grep -q '<[^>]*[<,]UP[,>]'; then
         net=connected
@@ -1344,6 +1436,7 @@ faults:
   host-kill HOST | host-boot HOST | host-status HOST
   host-partition HOST | host-heal HOST
   agent-stop HOST | agent-start HOST
+  agent-impostor HOST FROM-HOST start|stop   a 2nd agent with HOST's identity, run inside FROM-HOST
   controller-stop | controller-start | controller-kill
   controller-partition | controller-heal
   libvirtd-stop HOST | libvirtd-kill HOST | libvirtd-start HOST
@@ -1357,6 +1450,7 @@ BMCs (Redfish, sushy-emulator in netns lb-bmc; a BMC power change powers the hos
 guests and tools:
   define-guest HOST NAME [--no-start] [--no-autostart] [--local-disk]
   copies UUID                        running qemu processes of that guest on all hosts
+  copies-all                         UUID COUNT HOSTS for every guest with a running qemu (one pass)
   virsh HOST ARGS...                 virsh against the host's libvirtd
   exec HOST CMD...                   run CMD inside the host's namespaces
   cli ARGS...                        lifeboat CLI as admin, inside the controller's netns
@@ -1377,6 +1471,9 @@ case $CMD in
     ;;
   _agent-start)
     internal_agent_start "$1"
+    ;;
+  _impostor-start)
+    internal_impostor_start "$1" "$2"
     ;;
   up)
     need_root
@@ -1427,7 +1524,7 @@ case $CMD in
     ;;
   agent-stop)
     need_root; require_host "${1:-}"; take_lock
-    pids=$(host_prog_pids "$1" lifeboat-agent | tr '\n' ' ')
+    pids=$(host_agent_pids "$1" | tr '\n' ' ')
     if [ -z "${pids// /}" ]; then
       log "$1: agent not running"
     else
@@ -1441,7 +1538,7 @@ case $CMD in
     # binary, run briefly by libvirt's qemu hook
     need_root; require_host "${1:-}"
     found=
-    for p in $(host_prog_pids "$1" lifeboat-agent); do
+    for p in $(host_agent_pids "$1"); do
       tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qw guard && continue
       echo "$p"
       found=1
@@ -1453,12 +1550,12 @@ case $CMD in
     pid=$(host_init_pid "$1") || die "$1 is off (lab.sh host-boot $1)"
     [ -x "$AGENT_BIN" ] || die "$AGENT_BIN is missing (cargo build)"
     [ -f "$(host_dir "$1")/no-agent" ] && die "$1 has no agent certificate (lab brought up without the lifeboat CLI)"
-    if [ -n "$(host_prog_pids "$1" lifeboat-agent)" ]; then
+    if [ -n "$(host_agent_pids "$1")" ]; then
       log "$1: agent already running"
     else
       nsenter -t "$pid" -n -m -p -u -- "$LAB_SH" _agent-start "$1" 9>&-
       deadline=$(($(now_ms) + 5000))
-      until [ -n "$(host_prog_pids "$1" lifeboat-agent)" ]; do
+      until [ -n "$(host_agent_pids "$1")" ]; do
         [ "$(now_ms)" -ge "$deadline" ] && die "$1: the agent did not start (log: $(host_dir "$1")/agent.log)"
         sleep 0.02
       done
@@ -1592,6 +1689,20 @@ case $CMD in
   copies)
     [ $# -eq 1 ] || usage_die "lab.sh copies UUID"
     count_copies "$1"
+    ;;
+  copies-all)
+    [ $# -eq 0 ] || usage_die "lab.sh copies-all"
+    load_state
+    copies_all
+    ;;
+  agent-impostor)
+    [ $# -eq 3 ] || usage_die "lab.sh agent-impostor HOST FROM-HOST start|stop"
+    need_root; require_host "$1"; require_host "$2"; take_lock
+    case $3 in
+      start) impostor_start "$1" "$2" ;;
+      stop) impostor_stop "$1" "$2" ;;
+      *) usage_die "lab.sh agent-impostor HOST FROM-HOST start|stop" ;;
+    esac
     ;;
   virsh)
     [ $# -ge 1 ] || usage_die "lab.sh virsh HOST ARGS..."

@@ -1,4 +1,10 @@
 //! Driving the multi-host lab (`lab/lab.sh`) from tests.
+//!
+//! Every [`Lab`] runs the copies checker ([`copies`]) while it is up: a test
+//! fails if any guest UUID was ever seen running twice, whatever it tested.
+//! Under `CI=true` a lab that cannot run fails the test instead of skipping.
+
+pub mod copies;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,23 +17,40 @@ use serde_json::Value;
 static LAB_LOCK: Mutex<()> = Mutex::new(());
 
 /// Brings up a lab of `$hosts` hosts with `$guests` guests each, or prints
-/// `SKIPPED: <why>` and returns from the calling test.
+/// `SKIPPED: <why>` and returns from the calling test. Under `CI=true` a lab
+/// that cannot run panics with the reason instead: CI must not pass by
+/// skipping.
 #[macro_export]
 macro_rules! lab_or_skip {
     ($hosts:expr, $guests:expr) => {
         match $crate::lab::Lab::up($hosts, $guests) {
             Ok(l) => l,
             Err(why) => {
-                eprintln!("SKIPPED: {why}");
+                $crate::lab::skip_or_fail(&why);
                 return;
             }
         }
     };
 }
 
-/// A running lab; torn down when dropped.
+/// Whether this runs under CI (`CI=true`, as CI systems set it).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// A lab test cannot run: prints `SKIPPED: <why>`, or panics under CI.
+pub fn skip_or_fail(why: &str) {
+    if in_ci() {
+        panic!("the lab test cannot run, and CI=true forbids skipping: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
+/// A running lab; torn down when dropped. While it is up, the copies
+/// checker runs; dropping the lab fails the test if any UUID ran twice.
 pub struct Lab {
     script: PathBuf,
+    checker: Option<copies::Checker>,
     _guard: MutexGuard<'static, ()>,
     /// `lab.sh paths` output.
     pub paths: HashMap<String, String>,
@@ -64,12 +87,13 @@ unsafe extern "C" {
 }
 
 impl Lab {
-    /// Whether the lab has BMC emulators; prints why a test skips if not.
+    /// Whether the lab has BMC emulators; prints why a test skips if not
+    /// (panics instead under `CI=true`).
     pub fn has_bmcs(&self) -> bool {
         if self.paths.contains_key("HOST_A_BMC_URL") {
             true
         } else {
-            eprintln!("SKIPPED: the lab has no BMC emulator (sushy-tools venv missing: run scripts/install-deps.sh)");
+            skip_or_fail("the lab has no BMC emulator (sushy-tools venv missing: run scripts/install-deps.sh)");
             false
         }
     }
@@ -80,7 +104,7 @@ impl Lab {
             return Err(why);
         }
         let guard = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let mut lab = Lab { script: repo_dir().join("lab/lab.sh"), _guard: guard, paths: HashMap::new() };
+        let mut lab = Lab { script: repo_dir().join("lab/lab.sh"), checker: None, _guard: guard, paths: HashMap::new() };
         let t = Instant::now();
         lab.ok(&["up", "--hosts", &hosts.to_string(), "--guests", &guests.to_string()]);
         println!("lab up ({hosts} hosts x {guests} guests) in {:?}", t.elapsed());
@@ -89,7 +113,47 @@ impl Lab {
             .lines()
             .filter_map(|l| l.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
             .collect();
+        let hosts = lab
+            .paths
+            .get("HOSTS")
+            .map(|h| h.split(',').filter(|h| !h.is_empty()).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| copies::HostDir { name: h.to_string(), dir: lab.path(&format!("HOST_{}_DIR", h.trim_start_matches("host-").to_uppercase())) })
+            .collect();
+        lab.checker = Some(copies::Checker::start(hosts));
         Ok(lab)
+    }
+
+    fn checker(&self) -> &copies::Checker {
+        self.checker.as_ref().expect("the copies checker runs while the lab is up")
+    }
+
+    /// Panics if any guest UUID was seen running twice (outside an
+    /// allowance) since the lab came up, or if a sample failed.
+    pub fn assert_never_two(&self) {
+        let (summary, failure) = self.checker().report();
+        println!("{summary}");
+        if let Some(f) = failure {
+            panic!("{f}");
+        }
+    }
+
+    /// Allows two copies of `uuid` for at most `for_at_most`: for a test that
+    /// makes a second copy ON PURPOSE. End it with [`Lab::end_allowance`].
+    pub fn allow_two(&self, uuid: &str, for_at_most: Duration) {
+        self.checker().allow_two(uuid, for_at_most);
+    }
+
+    /// Ends an allowance: panics if two copies of `uuid` still run; returns
+    /// what the checker saw of the double run meanwhile.
+    pub fn end_allowance(&self, uuid: &str) -> copies::AllowedRun {
+        self.checker().end_allowance(uuid)
+    }
+
+    /// Where the running copies of `uuid` are now (host and PID), from /proc.
+    pub fn running_copies(&self, uuid: &str) -> Vec<copies::Qemu> {
+        self.checker().where_runs(uuid)
     }
 
     /// Runs `lab.sh ARGS`.
@@ -208,8 +272,22 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        let report = self.checker.as_mut().map(|c| {
+            c.stop();
+            c.report()
+        });
         if std::env::var_os("LIFEBOAT_LAB_KEEP").is_none() {
             let _ = self.run(&["down"]);
+        }
+        let Some((summary, failure)) = report else { return };
+        println!("{summary}");
+        if let Some(f) = failure {
+            // A panic while the test already panics would abort the run.
+            if std::thread::panicking() {
+                eprintln!("{f}");
+            } else {
+                panic!("{f}");
+            }
         }
     }
 }
