@@ -1104,7 +1104,7 @@ count_copies() {
 # copies_all -> "UUID COUNT HOSTS" for every UUID with a running qemu process (one pass over
 # /proc; HOSTS comma-separated, "?" for a qemu outside the lab's hosts), sorted by UUID
 copies_all() {
-  running_guests | awk '{ n[$1]++; h[$1] = ($1 in h) ? h[$1] "," $2 : $2 } END { for (u in n) print u, n[u], h[u] }' | sort
+  running_guests | awk '{ n[$1]++; h[$1] = (n[$1] > 1) ? h[$1] "," $2 : $2 } END { for (u in n) print u, n[u], h[u] }' | sort
 }
 
 # ---- up / down ------------------------------------------------------------------------------

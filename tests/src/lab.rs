@@ -279,15 +279,12 @@ impl Drop for Lab {
         if std::env::var_os("LIFEBOAT_LAB_KEEP").is_none() {
             let _ = self.run(&["down"]);
         }
-        let Some((summary, failure)) = report else { return };
-        println!("{summary}");
-        if let Some(f) = failure {
+        match report {
+            None => {}
+            Some((summary, None)) => println!("{summary}"),
             // A panic while the test already panics would abort the run.
-            if std::thread::panicking() {
-                eprintln!("{f}");
-            } else {
-                panic!("{f}");
-            }
+            Some((_, Some(f))) if std::thread::panicking() => eprintln!("{f}"),
+            Some((_, Some(f))) => panic!("{f}"),
         }
     }
 }

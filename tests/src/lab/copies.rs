@@ -55,7 +55,7 @@ pub struct Violation {
 pub struct AllowedRun {
     /// Samples that saw two copies within the allowance.
     pub samples: u64,
-    /// First and last such sample, since the checker started.
+    /// First such sample, since the checker started.
     pub first: Option<Duration>,
     /// Last such sample.
     pub last: Option<Duration>,
@@ -78,6 +78,8 @@ pub struct Book {
     pub first_error: Option<String>,
     /// The longest time a sample took.
     pub slowest: Duration,
+    /// The time all samples took together.
+    pub busy: Duration,
 }
 
 impl Book {
@@ -138,9 +140,10 @@ impl Book {
     /// A one-line summary for logs.
     pub fn summary(&self) -> String {
         format!(
-            "copies checker: {} samples (every {:?}, slowest {:?}), {} UUID(s) seen running twice, {} failed sample(s)",
+            "copies checker: {} samples (every {:?}, mean {:?}, slowest {:?}), {} UUID(s) seen running twice, {} failed sample(s)",
             self.samples,
             INTERVAL,
+            self.busy / u32::try_from(self.samples.max(1)).unwrap_or(u32::MAX),
             self.slowest,
             self.violations.len(),
             self.errors
@@ -281,6 +284,7 @@ impl Shared {
             Err(e) => b.record_error(e),
         }
         b.slowest = b.slowest.max(t.elapsed());
+        b.busy += t.elapsed();
     }
 }
 
