@@ -5,16 +5,34 @@
 //! the guests that should run (this replaces libvirt autostart).
 //! [`decide`] is pure; [`run`] carries the actions out.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lifeboat_proto::v1::{GrantLeases, Guest, GuestState, Lease, StartGuest, StopGuest, command::Kind};
+use lifeboat_proto::holds_disk;
+use lifeboat_proto::v1::{GrantLeases, Guest, Lease, StartGuest, StopGuest, command::Kind};
 use tracing::{info, warn};
 
 use crate::model::HostStatus;
 use crate::registry::Registry;
 use crate::store::AuditRow;
+
+/// Who owns a guest that a host reports, as far as the controller can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerView {
+    /// Another host owns it: a copy here that holds its disk must stop.
+    Other {
+        /// The owner.
+        host: String,
+        /// From an ownership record (a move); `false`: the owner is the host
+        /// that first reported the guest and reports it holding its disk now.
+        recorded: bool,
+    },
+    /// Cannot tell (the first host to report it is silent, so whether it
+    /// still runs there is unknown; or reported generations conflict): no
+    /// lease here, no start, no stop; an alarm says why.
+    Unsure,
+}
 
 /// What the reconciler sees of one connected host.
 #[derive(Debug, Clone)]
@@ -23,7 +41,8 @@ pub struct HostSnapshot {
     pub host: String,
     /// Operators' status.
     pub status: HostStatus,
-    /// An inventory arrived in this session.
+    /// An inventory arrived in this session: the guest list is what the host
+    /// reports now, not what it reported before (the database's copy).
     pub inventory_seen: bool,
     /// Came back from a normal reboot; guests that should run are not started yet.
     pub pending_boot_start: bool,
@@ -31,9 +50,8 @@ pub struct HostSnapshot {
     pub leases_sent: Option<(i64, Vec<String>)>,
     /// Guests the host reports.
     pub guests: Vec<Guest>,
-    /// Recorded owner per reported guest (a guest without a record is the
-    /// reporting host's).
-    pub owners: BTreeMap<String, String>,
+    /// Reported guests this host does not own (absent: its own).
+    pub owners: BTreeMap<String, OwnerView>,
     /// Desired state per guest this host owns (filled in for a boot start).
     pub desired: BTreeMap<String, String>,
     /// Guests recorded as owned by this host that it does not report (yet):
@@ -41,6 +59,12 @@ pub struct HostSnapshot {
     pub owned_unreported: Vec<(String, String)>,
     /// Ownership generation per guest (0 = never moved by Lifeboat).
     pub generations: BTreeMap<String, u64>,
+    /// Guests an active job is moving away from this host: left alone (no
+    /// lease, no stop, no start); the job does each step itself.
+    pub in_job: BTreeSet<String>,
+    /// This host's guests that hold their disks on another host (filled in
+    /// for a boot start): never started here.
+    pub elsewhere: BTreeSet<String>,
 }
 
 /// One thing to do.
@@ -55,7 +79,7 @@ pub enum Action {
         /// When this was decided (the snapshot's time).
         issued_ms: i64,
     },
-    /// A guest runs on a host that does not own it: stop it, raise an alarm.
+    /// A guest holds its disk on a host that does not own it: stop it, raise an alarm.
     StopStale {
         /// Host running the stale copy.
         host: String,
@@ -63,8 +87,11 @@ pub enum Action {
         uuid: String,
         /// Name.
         name: String,
-        /// Recorded owner.
+        /// Owner.
         owner: String,
+        /// Alarm kind: `stale-copy-running` (a moved guest's old copy) or
+        /// `split-brain` (a second copy of a guest that runs on its owner).
+        alarm: &'static str,
     },
     /// After a normal reboot: start a guest that should run.
     StartForBoot {
@@ -82,23 +109,31 @@ pub enum Action {
     },
 }
 
-fn running(g: &Guest) -> bool {
-    matches!(GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified), GuestState::Running | GuestState::Paused | GuestState::Blocked)
-}
-
 /// Decides what to do for one host. Pure.
 pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
     let mut out = Vec::new();
-    let owned: Vec<&Guest> = s.guests.iter().filter(|g| s.owners.get(&g.uuid).is_none_or(|o| o == &s.host)).collect();
-    for g in s.guests.iter().filter(|g| running(g)) {
-        if let Some(o) = s.owners.get(&g.uuid).filter(|o| *o != &s.host) {
-            out.push(Action::StopStale { host: s.host.clone(), uuid: g.uuid.clone(), name: g.name.clone(), owner: o.clone() });
+    let mine = |g: &&Guest| !s.owners.contains_key(&g.uuid) && !s.in_job.contains(&g.uuid);
+    let owned: Vec<&Guest> = s.guests.iter().filter(mine).collect();
+    // Stale copies are judged only on what the host reports in this session:
+    // the list from before (the database's) may name copies long gone.
+    if s.inventory_seen {
+        for g in s.guests.iter().filter(|g| holds_disk(g.state) && !s.in_job.contains(&g.uuid)) {
+            if let Some(OwnerView::Other { host, recorded }) = s.owners.get(&g.uuid) {
+                out.push(Action::StopStale {
+                    host: s.host.clone(),
+                    uuid: g.uuid.clone(),
+                    name: g.name.clone(),
+                    owner: host.clone(),
+                    alarm: if *recorded { "stale-copy-running" } else { "split-brain" },
+                });
+            }
         }
     }
     if s.status == HostStatus::Offline || !s.inventory_seen {
         return out;
     }
-    let mut uuids: Vec<String> = owned.iter().map(|g| g.uuid.clone()).chain(s.owned_unreported.iter().map(|o| o.0.clone())).collect();
+    let unreported = s.owned_unreported.iter().filter(|o| !s.in_job.contains(&o.0));
+    let mut uuids: Vec<String> = owned.iter().map(|g| g.uuid.clone()).chain(unreported.clone().map(|o| o.0.clone())).collect();
     uuids.sort();
     let due = match &s.leases_sent {
         None => true,
@@ -108,14 +143,14 @@ pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
         let generation = |u: &str| s.generations.get(u).copied().unwrap_or(0);
         let mut leases: Vec<(String, String, u64)> =
             owned.iter().map(|g| (g.uuid.clone(), g.name.clone(), generation(&g.uuid))).collect();
-        leases.extend(s.owned_unreported.iter().map(|(u, n)| (u.clone(), n.clone(), generation(u))));
+        leases.extend(unreported.map(|(u, n)| (u.clone(), n.clone(), generation(u))));
         out.push(Action::GrantLeases { host: s.host.clone(), leases, issued_ms: now_ms });
     }
     if s.pending_boot_start && s.leases_sent.is_some() {
         if matches!(s.status, HostStatus::Available | HostStatus::NotAccepting) {
             for g in &owned {
                 let want_running = s.desired.get(&g.uuid).is_some_and(|d| d == "running");
-                if want_running && !running(g) {
+                if want_running && !holds_disk(g.state) && !s.elsewhere.contains(&g.uuid) {
                     out.push(Action::StartForBoot { host: s.host.clone(), uuid: g.uuid.clone(), name: g.name.clone() });
                 }
             }
@@ -125,15 +160,61 @@ pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
     out
 }
 
+/// What one pass decided for one host.
+#[derive(Debug)]
+pub struct Decision {
+    /// Host.
+    pub host: String,
+    /// Its snapshot held a fresh inventory (stale copies were judged).
+    pub fresh: bool,
+    /// What to do.
+    pub actions: Vec<Action>,
+}
+
+/// Stop and start attempts against one guest on one host: one at a time,
+/// retried with a growing delay, audited once per distinct outcome, and its
+/// alarm raised once per occurrence (an operator who clears it while the
+/// copy still runs is not shouted at again every pass).
+#[derive(Debug, Clone)]
+struct Attempt {
+    in_flight: bool,
+    next_ms: i64,
+    delay_ms: i64,
+    last_outcome: String,
+    alarm: Option<(&'static str, String)>,
+}
+
+const RETRY_FIRST_MS: i64 = 2_000;
+const RETRY_MAX_MS: i64 = 60_000;
+
+type Attempts = Arc<Mutex<HashMap<(String, String), Attempt>>>;
+
 /// Runs the reconciler forever: a pass every 500 ms over the hosts whose
 /// state changed or whose leases are due, and over every connected host
-/// every 30 s (the resync backstop of a level-triggered loop).
+/// every 30 s (the resync backstop of a level-triggered loop). Nothing is
+/// decided while the registry holds (the startup grace, in which agents
+/// reconnect and report, or a restored database not yet rebuilt from the
+/// hosts' reports): a decision on what the database said before would
+/// grant and start on old information.
 pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut pass = 0u64;
+    let attempts: Attempts = Arc::default();
+    let mut held_logged = false;
     loop {
         tick.tick().await;
         let now = crate::now_ms();
+        if let Some(why) = reg.hold(now) {
+            if !held_logged {
+                info!("reconciler holding: {why}");
+                held_logged = true;
+            }
+            continue;
+        }
+        if held_logged {
+            info!("reconciler running");
+            held_logged = false;
+        }
         let full = pass % 60 == 0;
         pass += 1;
         // Snapshots and decisions are plain CPU work (a full pass over 10,000
@@ -141,25 +222,104 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
         // agents' heartbeats.
         let r = reg.clone();
         let decided = tokio::task::spawn_blocking(move || {
-            let mut decided = r.reconcile_each(now, lease_ttl_ms, full, |snap| decide(snap, now, lease_ttl_ms));
-            decided.retain(|a| !a.is_empty());
-            decided
+            r.reconcile_each(now, lease_ttl_ms, full, |snap| Decision {
+                host: snap.host.clone(),
+                fresh: snap.inventory_seen,
+                actions: decide(snap, now, lease_ttl_ms),
+            })
         })
         .await
         .unwrap_or_default();
-        for actions in decided {
+        for d in decided {
+            let actions = plan_attempts(&reg, &attempts, d, now);
+            if actions.is_empty() {
+                continue;
+            }
             let reg = reg.clone();
+            let attempts = attempts.clone();
             // Each host's actions run in order; hosts do not wait for each other.
             tokio::spawn(async move {
                 for a in actions {
-                    act(&reg, a, lease_ttl_ms).await;
+                    act(&reg, &attempts, a, lease_ttl_ms).await;
                 }
             });
         }
     }
 }
 
-async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
+fn lock(a: &Attempts) -> std::sync::MutexGuard<'_, HashMap<(String, String), Attempt>> {
+    a.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Filters one host's decided actions through the attempts in progress:
+/// a stop or start already running or waiting for its retry time is not
+/// sent again; a boot start is marked done at once (it is decided once per
+/// boot, not once per pass while its starts run). With a fresh inventory, a
+/// stale copy that no longer holds its disk has its alarm cleared: the cause
+/// is gone.
+fn plan_attempts(reg: &Registry, attempts: &Attempts, d: Decision, now: i64) -> Vec<Action> {
+    let mut out = Vec::new();
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    let mut map = lock(attempts);
+    for a in d.actions {
+        let key = match &a {
+            Action::StopStale { host, uuid, .. } | Action::StartForBoot { host, uuid, .. } => (host.clone(), uuid.clone()),
+            Action::BootStartDone { host } => {
+                reg.boot_start_done(host);
+                continue;
+            }
+            Action::GrantLeases { .. } => {
+                out.push(a);
+                continue;
+            }
+        };
+        if matches!(a, Action::StopStale { .. }) {
+            wanted.insert(key.1.clone());
+        }
+        let e = map.entry(key).or_insert_with(|| Attempt { in_flight: false, next_ms: 0, delay_ms: RETRY_FIRST_MS, last_outcome: String::new(), alarm: None });
+        if e.in_flight || now < e.next_ms {
+            continue;
+        }
+        e.in_flight = true;
+        out.push(a);
+    }
+    if d.fresh {
+        let gone: Vec<(String, String)> = map
+            .iter()
+            .filter(|((h, u), e)| h == &d.host && !wanted.contains(u) && !e.in_flight && e.alarm.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            if let Some(Attempt { alarm: Some((kind, detail)), .. }) = map.remove(&k) {
+                match reg.clear_alarm_by_cause(&k.0, kind, &detail, &format!("guest {} no longer holds its disks on {}", k.1, k.0)) {
+                    Ok(()) => info!(host = %k.0, uuid = %k.1, kind, "alarm cleared: the copy no longer runs"),
+                    Err(e) => warn!(host = %k.0, "clearing an alarm failed: {e}"),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Records how one stop or start attempt ended; returns whether this
+/// outcome differs from the last one (only then is it audited).
+fn finish_attempt(attempts: &Attempts, host: &str, uuid: &str, ok: bool, outcome: &str, now: i64) -> bool {
+    let mut map = lock(attempts);
+    let Some(e) = map.get_mut(&(host.to_string(), uuid.to_string())) else { return true };
+    e.in_flight = false;
+    if ok {
+        e.delay_ms = RETRY_FIRST_MS;
+        e.next_ms = now + RETRY_FIRST_MS;
+    } else {
+        e.next_ms = now + e.delay_ms;
+        e.delay_ms = (e.delay_ms * 2).min(RETRY_MAX_MS);
+    }
+    let new = e.last_outcome != outcome;
+    e.last_outcome = outcome.to_string();
+    new
+}
+
+async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) {
     let timeout = Duration::from_secs(20);
     match a {
         Action::GrantLeases { host, leases, issued_ms } => {
@@ -200,29 +360,55 @@ async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
                 Err(e) => warn!(%host, "granting leases failed: {e}"),
             }
         }
-        Action::StopStale { host, uuid, name, owner } => {
-            let detail = format!("{name} ({uuid}) is running on {host}, but Lifeboat recorded {owner} as its owner: stopping the copy on {host}");
-            let _ = reg.raise_alarm(&host, "stale-copy-running", &detail);
-            let r = reg.call(&host, Kind::StopGuest(StopGuest { uuid: uuid.clone(), reason: detail.clone() }), timeout).await;
-            let outcome = match r {
-                Ok(r) if r.ok => format!("stopped ({})", r.outcome),
-                Ok(r) => format!("stop failed: {}", r.error),
-                Err(e) => format!("stop failed: {e}"),
+        Action::StopStale { host, uuid, name, owner, alarm } => {
+            let detail = match alarm {
+                "split-brain" => format!(
+                    "{name} ({uuid}) holds its disks on {host} and on {owner}, which reported it first: two copies; stopping the copy on {host}"
+                ),
+                _ => format!("{name} ({uuid}) is running on {host}, but Lifeboat recorded {owner} as its owner: stopping the copy on {host}"),
             };
-            warn!(%host, guest = %name, "stale copy: {outcome}");
-            let _ = reg.db(|s| s.audit(&AuditRow::by_controller("guest.stopped_stale", &host, &name, format!("{detail}: {outcome}"))));
+            let first = {
+                let mut map = lock(attempts);
+                match map.get_mut(&(host.clone(), uuid.clone())) {
+                    Some(e) if e.alarm.is_none() => {
+                        e.alarm = Some((alarm, detail.clone()));
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if first {
+                if let Err(e) = reg.raise_alarm(&host, alarm, &detail) {
+                    warn!(%host, "raising an alarm failed: {e}");
+                }
+            }
+            let r = reg.call(&host, Kind::StopGuest(StopGuest { uuid: uuid.clone(), reason: detail.clone() }), timeout).await;
+            let (ok, outcome) = match r {
+                Ok(r) if r.ok => (true, format!("stopped ({})", r.outcome)),
+                Ok(r) => (false, format!("stop failed: {}", r.error)),
+                Err(e) => (false, format!("stop failed: {e}")),
+            };
+            if finish_attempt(attempts, &host, &uuid, ok, &outcome, crate::now_ms()) {
+                warn!(%host, guest = %name, "{alarm}: {outcome}");
+                let _ = reg.db(|s| s.audit(&AuditRow::by_controller("guest.stopped_stale", &host, &name, format!("{detail}: {outcome}"))));
+            }
         }
         Action::StartForBoot { host, uuid, name } => {
             let r = reg.call(&host, Kind::StartGuest(StartGuest { uuid: uuid.clone() }), timeout).await;
-            let outcome = match r {
-                Ok(r) if r.ok => format!("started ({})", r.outcome),
-                Ok(r) => format!("start failed: {}", r.error),
-                Err(e) => format!("start failed: {e}"),
+            let (ok, outcome) = match r {
+                Ok(r) if r.ok => (true, format!("started ({})", r.outcome)),
+                Ok(r) => (false, format!("start failed: {}", r.error)),
+                Err(e) => (false, format!("start failed: {e}")),
             };
-            info!(%host, guest = %name, "after reboot: {outcome}");
-            let _ = reg.db(|s| {
-                s.audit(&AuditRow::by_controller("guest.boot_start", &host, &name, format!("{host} rebooted; {name} ({uuid}) should run: {outcome}")))
-            });
+            let new = finish_attempt(attempts, &host, &uuid, ok, &outcome, crate::now_ms());
+            // Decided once per boot: nothing to keep once it has an outcome.
+            lock(attempts).remove(&(host.clone(), uuid.clone()));
+            if new {
+                info!(%host, guest = %name, "after reboot: {outcome}");
+                let _ = reg.db(|s| {
+                    s.audit(&AuditRow::by_controller("guest.boot_start", &host, &name, format!("{host} rebooted; {name} ({uuid}) should run: {outcome}")))
+                });
+            }
         }
         Action::BootStartDone { host } => reg.boot_start_done(&host),
     }
@@ -231,6 +417,7 @@ async fn act(reg: &Registry, a: Action, lease_ttl_ms: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lifeboat_proto::v1::GuestState;
 
     fn g(uuid: &str, running: bool) -> Guest {
         Guest {
@@ -249,17 +436,25 @@ mod tests {
             pending_boot_start: false,
             leases_sent: None,
             guests: vec![g("1", true), g("2", false), g("3", true)],
-            owners: [("1", "a"), ("2", "a"), ("3", "b")].iter().map(|(u, h)| (u.to_string(), h.to_string())).collect(),
+            owners: [("3".to_string(), OwnerView::Other { host: "b".into(), recorded: true })].into_iter().collect(),
             desired: [("1", "running"), ("2", "running")].iter().map(|(u, d)| (u.to_string(), d.to_string())).collect(),
             owned_unreported: vec![],
             generations: [("1".to_string(), 3u64)].into_iter().collect(),
+            in_job: BTreeSet::new(),
+            elsewhere: BTreeSet::new(),
         }
     }
 
     #[test]
     fn leases_cover_owned_guests_only_and_are_renewed() {
         let a = decide(&snap(), 1000, 30_000);
-        assert!(a.contains(&Action::StopStale { host: "a".into(), uuid: "3".into(), name: "vm-3".into(), owner: "b".into() }));
+        assert!(a.contains(&Action::StopStale {
+            host: "a".into(),
+            uuid: "3".into(),
+            name: "vm-3".into(),
+            owner: "b".into(),
+            alarm: "stale-copy-running"
+        }));
         let leases = a.iter().find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None }).unwrap();
         assert_eq!(leases.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["1", "2"]);
         assert_eq!(leases[0].2, 3, "a lease carries the ownership generation");
@@ -290,5 +485,58 @@ mod tests {
         let mut s = snap();
         s.status = HostStatus::Offline;
         assert!(!decide(&s, 1, 30_000).iter().any(|x| matches!(x, Action::GrantLeases { .. })));
+    }
+
+    fn with_state(uuid: &str, st: GuestState) -> Guest {
+        Guest { state: st as i32, ..g(uuid, false) }
+    }
+
+    #[test]
+    fn stale_copies_are_judged_only_on_a_fresh_inventory_and_in_every_state_that_holds_the_disk() {
+        let mut s = snap();
+        s.guests.push(with_state("4", GuestState::Pmsuspended));
+        s.guests.push(with_state("5", GuestState::Shutoff));
+        s.owners.insert("4".into(), OwnerView::Other { host: "b".into(), recorded: true });
+        s.owners.insert("5".into(), OwnerView::Other { host: "b".into(), recorded: true });
+        let stops = |a: &[Action]| {
+            a.iter()
+                .filter_map(|x| if let Action::StopStale { uuid, .. } = x { Some(uuid.clone()) } else { None })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(stops(&decide(&s, 1, 30_000)), ["3", "4"], "pmsuspended holds its disk; shut off does not");
+        s.inventory_seen = false;
+        assert!(stops(&decide(&s, 1, 30_000)).is_empty(), "the list from before this session decides nothing");
+    }
+
+    #[test]
+    fn a_second_copy_of_a_guest_that_runs_on_its_first_host_is_split_brain_and_gets_no_lease() {
+        let mut s = snap();
+        s.owners.insert("1".into(), OwnerView::Other { host: "b".into(), recorded: false });
+        let a = decide(&s, 1, 30_000);
+        assert!(a.iter().any(|x| matches!(x, Action::StopStale { uuid, alarm: "split-brain", .. } if uuid == "1")), "{a:?}");
+        let leases = a.iter().find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None }).unwrap();
+        assert!(!leases.iter().any(|l| l.0 == "1"), "no lease for a second copy");
+        // Unsure (the first host is silent): no lease, no stop.
+        s.owners.insert("1".into(), OwnerView::Unsure);
+        let a = decide(&s, 1, 30_000);
+        assert!(!a.iter().any(|x| matches!(x, Action::StopStale { uuid, .. } if uuid == "1")));
+        let leases = a.iter().find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None }).unwrap();
+        assert!(!leases.iter().any(|l| l.0 == "1"));
+    }
+
+    #[test]
+    fn guests_in_a_job_are_left_alone_and_nothing_starts_that_runs_elsewhere() {
+        let mut s = snap();
+        s.in_job.insert("1".into());
+        s.in_job.insert("3".into());
+        let a = decide(&s, 1, 30_000);
+        assert!(!a.iter().any(|x| matches!(x, Action::StopStale { .. })), "the job stops its own guests");
+        let leases = a.iter().find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None }).unwrap();
+        assert_eq!(leases.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["2"], "no renewal for a guest being moved");
+        let mut s = snap();
+        s.pending_boot_start = true;
+        s.leases_sent = Some((1, vec!["1".into(), "2".into()]));
+        s.elsewhere.insert("2".into());
+        assert!(!decide(&s, 2, 30_000).iter().any(|x| matches!(x, Action::StartForBoot { .. })), "2 runs elsewhere");
     }
 }

@@ -1,7 +1,7 @@
 //! The controller's in-memory view of hosts and guests, written through to
 //! the [`Store`] before any change is acknowledged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -22,6 +22,13 @@ use crate::store::{AuditRow, HostRow, Store, StoreError};
 struct SessionHandle {
     generation: u64,
     tx: mpsc::Sender<Box<ControllerMessage>>,
+    /// Where the agent connected from (for the duplicate-agent alarm).
+    peer: Option<std::net::SocketAddr>,
+    /// Set to `true` when another session takes over the host: the old
+    /// session's reader stops at once (no more heartbeat acknowledgements,
+    /// so its agent cannot believe it is still connected) and its stream
+    /// ends with an error, so that agent dials again.
+    superseded: tokio::sync::watch::Sender<bool>,
 }
 
 struct HostEntry {
@@ -142,6 +149,13 @@ struct Inner {
     desired: BTreeMap<String, (String, String)>,
     /// Active alarms: (host, kind, detail).
     alarms: Vec<(String, String, String)>,
+    /// Guests an active job moves: UUID → (job, source, target). The
+    /// reconciler leaves them alone on their source.
+    in_job: BTreeMap<String, (String, String, String)>,
+    /// Guests whose reported ownership conflicts (a host claims a newer
+    /// generation than the database while the recorded owner runs it):
+    /// no lease, start or stop anywhere until the conflict is gone.
+    conflicts: BTreeSet<String>,
 }
 
 /// What happened when a host opened a session, for the caller to act on.
@@ -153,6 +167,19 @@ pub struct ReturnEvent {
     pub same_boot_id: bool,
     /// A normal reboot of a host that owns its guests.
     pub rebooted: bool,
+}
+
+/// The `duplicate-agent` alarm's text: the same for both orders of the two
+/// addresses, so agents that keep taking the session from each other raise
+/// it once.
+fn duplicate_agent_detail(host: &str, a: std::net::IpAddr, b: std::net::IpAddr) -> String {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    format!(
+        "two agents claim to be {host} (certificate CN={host}): one connected from {lo}, the other from {hi}, while the first \
+         was still talking; each new session closes the other. One of them is not {host}: find it (a cloned host, a copied \
+         certificate) and stop it; revoke the certificate if it was copied. Until then {host}'s liveness cannot be trusted: \
+         it is never force-migrated while this alarm is active"
+    )
 }
 
 /// Decides what a returning host means (pure).
@@ -217,9 +244,26 @@ impl Registry {
                 e.running_kib = running_kib(m);
             }
         }
+        let mut in_job = BTreeMap::new();
+        for j in store.active_jobs()? {
+            for m in store.moves(&j.id)? {
+                in_job.insert(m.uuid, (j.id.clone(), m.source, m.target));
+            }
+        }
         Ok(Registry {
             started_ms: now_unix_ms(),
-            inner: Mutex::new(Inner { store, hosts, guests, next_generation: 1, owners, owners_by_host, desired, alarms }),
+            inner: Mutex::new(Inner {
+                store,
+                hosts,
+                guests,
+                next_generation: 1,
+                owners,
+                owners_by_host,
+                desired,
+                alarms,
+                in_job,
+                conflicts: BTreeSet::new(),
+            }),
             timing,
             pending: Mutex::new(Default::default()),
         })
@@ -247,7 +291,24 @@ impl Registry {
         boot_id: &str,
         tx: mpsc::Sender<Box<ControllerMessage>>,
     ) -> Result<SessionId, ControllerError> {
+        self.open_session_from(host_id, boot_id, tx, None).map(|(sid, _)| sid)
+    }
+
+    /// Like [`Registry::open_session`], for an agent that connected from
+    /// `peer`. The returned receiver turns `true` when a later session
+    /// supersedes this one: the caller must then stop reading and end the
+    /// stream. When the superseded session was still alive (heard within the
+    /// detection time) and came from another address, two agents claim one
+    /// host: a `duplicate-agent` alarm names both.
+    pub fn open_session_from(
+        &self,
+        host_id: &str,
+        boot_id: &str,
+        tx: mpsc::Sender<Box<ControllerMessage>>,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(SessionId, tokio::sync::watch::Receiver<bool>), ControllerError> {
         let now = now_unix_ms();
+        let (superseded, superseded_rx) = tokio::sync::watch::channel(false);
         let mut inner = self.lock();
         let generation = inner.next_generation;
         inner.next_generation += 1;
@@ -266,10 +327,19 @@ impl Registry {
             info!(host = host_id, "new host registered");
         }
         let e = inner.hosts.get_mut(host_id).expect("inserted above");
-        if e.session.is_some() {
-            info!(host = host_id, "new session supersedes the previous one");
+        let mut duplicate = None;
+        if let Some(old) = e.session.take() {
+            let alive = e.last_heard_ms().is_some_and(|t| now.saturating_sub(t) <= i64::from(self.timing.unreachable_after_ms));
+            let ips = (old.peer.map(|p| p.ip()), peer.map(|p| p.ip()));
+            info!(host = host_id, old_peer = ?old.peer, new_peer = ?peer, "new session supersedes the previous one");
+            if let (true, (Some(a), Some(b))) = (alive, ips) {
+                if a != b {
+                    duplicate = Some(duplicate_agent_detail(host_id, a, b));
+                }
+            }
+            let _ = old.superseded.send(true);
         }
-        e.session = Some(SessionHandle { generation, tx });
+        e.session = Some(SessionHandle { generation, tx, peer, superseded });
         e.heard = Arc::new(AtomicI64::new(now));
         e.dirty = true;
         e.inventory_seen = false;
@@ -305,7 +375,10 @@ impl Registry {
                 Self::raise_locked(&mut inner, host_id, "split-brain", &detail)?;
             }
         }
-        Ok(SessionId(generation))
+        if let Some(detail) = duplicate {
+            Self::raise_locked(&mut inner, host_id, "duplicate-agent", &detail)?;
+        }
+        Ok((SessionId(generation), superseded_rx))
     }
 
     fn raise_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
@@ -347,9 +420,125 @@ impl Registry {
         Ok(())
     }
 
-    /// Owner of a guest reported by `host`: the recorded owner, else `host`.
+    /// Whether what `host` reports now is known: its agent is connected and
+    /// sent a full inventory in this session.
+    fn fresh(inner: &Inner, host: &str) -> bool {
+        inner.hosts.get(host).is_some_and(|e| e.session.is_some() && e.inventory_seen)
+    }
+
+    /// Who owns guest `uuid` as reported by `host`; `None`: `host` does.
+    /// One UUID has one owner: the recorded owner of a move; else the host
+    /// that first reported it (its desired-state row), as long as that host
+    /// reports the guest holding its disks; a host that reports it no longer
+    /// (a hand migration, an undefine) hands it to the one that does. While
+    /// the first host is silent nobody can tell: [`OwnerView::Unsure`].
+    fn owner_view(inner: &Inner, uuid: &str, host: &str) -> Option<crate::reconcile::OwnerView> {
+        use crate::reconcile::OwnerView;
+        if inner.conflicts.contains(uuid) {
+            return Some(OwnerView::Unsure);
+        }
+        if let Some(o) = inner.owners.get(uuid) {
+            return (o.host != host).then(|| OwnerView::Other { host: o.host.clone(), recorded: true });
+        }
+        let (first, _) = inner.desired.get(uuid)?;
+        if first == host {
+            return None;
+        }
+        if !Self::fresh(inner, first) {
+            return Some(OwnerView::Unsure);
+        }
+        let there = inner.guests.get(first).and_then(|m| m.get(uuid));
+        there.filter(|g| lifeboat_proto::holds_disk(g.state)).map(|_| OwnerView::Other { host: first.clone(), recorded: false })
+    }
+
+    /// Owner of a guest reported by `host`, for showing and for desired
+    /// state: `host` itself, the other owner, or (unsure) the first host.
     fn owner_of<'a>(inner: &'a Inner, uuid: &str, host: &'a str) -> &'a str {
-        inner.owners.get(uuid).map(|o| o.host.as_str()).unwrap_or(host)
+        use crate::reconcile::OwnerView;
+        match Self::owner_view(inner, uuid, host) {
+            None => host,
+            Some(OwnerView::Other { .. } | OwnerView::Unsure) => inner
+                .owners
+                .get(uuid)
+                .map(|o| o.host.as_str())
+                .or_else(|| inner.desired.get(uuid).map(|d| d.0.as_str()))
+                .unwrap_or(host),
+        }
+    }
+
+    /// Checks the ownership a host's report claims (Lifeboat's metadata in
+    /// the definition: owner and generation) against the database. A claim
+    /// newer than the record means the database is behind the hosts (it was
+    /// restored from an older backup, say): generations only move forward,
+    /// so the newest claim wins and is recorded, unless the recorded owner
+    /// still runs the guest, which is a conflict: no lease, start or stop
+    /// for that guest anywhere, and an alarm.
+    fn check_claims(inner: &mut Inner, host: &str, guests: &[&Guest]) -> Result<(), StoreError> {
+        for g in guests {
+            if g.owner_host != host || g.owner_generation == 0 {
+                continue;
+            }
+            let recorded = inner.owners.get(&g.uuid).map_or(0, |o| o.generation);
+            if g.owner_generation <= recorded {
+                continue;
+            }
+            let current = inner.owners.get(&g.uuid).map(|o| o.host.clone()).or_else(|| inner.desired.get(&g.uuid).map(|d| d.0.clone()));
+            let held_there = current.as_deref().filter(|c| *c != host).is_some_and(|c| {
+                Self::fresh(inner, c) && inner.guests.get(c).and_then(|m| m.get(&g.uuid)).is_some_and(|x| lifeboat_proto::holds_disk(x.state))
+            });
+            if held_there {
+                let c = current.unwrap_or_default();
+                let detail = format!(
+                    "{} ({}): {host} holds a definition owned by {host} with generation {}, newer than the database's record \
+                     (generation {recorded}, owner {c}), while {c} runs it: Lifeboat grants no lease and starts or stops nothing \
+                     for it until one copy is gone; find out which copy is current (`lifeboat vms show {}`, `virsh list` on both)",
+                    g.name, g.uuid, g.owner_generation, g.name
+                );
+                if inner.conflicts.insert(g.uuid.clone()) {
+                    Self::raise_locked(inner, host, "ownership-conflict", &detail)?;
+                }
+                continue;
+            }
+            inner.conflicts.remove(&g.uuid);
+            let row = crate::store::OwnerRow {
+                uuid: g.uuid.clone(),
+                host: host.to_string(),
+                generation: g.owner_generation,
+                from_host: current.clone().unwrap_or_default(),
+                job: String::new(),
+                complete: true,
+            };
+            let a = AuditRow::by_controller(
+                "ownership.rebuilt",
+                host,
+                &g.name,
+                format!(
+                    "{} ({}) is defined on {host} as owned by {host} with generation {}, newer than the database's (generation \
+                     {recorded}{}): the database is behind the hosts; recorded {host} as its owner",
+                    g.name,
+                    g.uuid,
+                    g.owner_generation,
+                    current.as_deref().map(|c| format!(", owner {c}")).unwrap_or_default()
+                ),
+            );
+            inner.store.set_owner(&row, &a)?;
+            if let Some(old) = inner.owners.insert(g.uuid.clone(), row) {
+                if let Some(v) = inner.owners_by_host.get_mut(&old.host) {
+                    v.retain(|u| u != &g.uuid);
+                }
+            }
+            inner.owners_by_host.entry(host.to_string()).or_default().push(g.uuid.clone());
+            let detail = format!(
+                "the database is older than what {host} reports (restored from an older backup?): ownership of the guests \
+                 {host} holds with newer generations was taken from their definitions (highest generation wins); see \
+                 `lifeboat log --host {host}` (ownership.rebuilt)"
+            );
+            Self::raise_locked(inner, host, "store-behind-hosts", &detail)?;
+            for e in inner.hosts.values_mut() {
+                e.dirty = true;
+            }
+        }
+        Ok(())
     }
 
     /// What the desired state of `g` becomes, if it changes.
@@ -459,6 +648,8 @@ impl Registry {
         };
         let dels: Vec<&str> = deletes.iter().map(String::as_str).collect();
         inner.store.write_guests(host_id, &upserts, &dels, now)?;
+        let claims: Vec<&Guest> = guests.iter().filter(|g| g.owner_host == host_id && g.owner_generation > 0).collect();
+        Self::check_claims(&mut inner, host_id, &claims)?;
         // New guests' desired state, in one transaction (200,000 guests
         // arriving must not mean 200,000 synced writes).
         let changes: Vec<(&str, &str, &'static str)> = guests
@@ -522,6 +713,7 @@ impl Registry {
             && inner.hosts.get(host_id).is_some_and(|e| e.leases_sent.is_some())
             && inner.guests.get(host_id).and_then(|m| m.get(&g.uuid)).is_some_and(|e| !e.guest().autostart);
         inner.store.write_guests(host_id, &[(&g.uuid, &g.name, &b)], &[], now)?;
+        Self::check_claims(&mut inner, host_id, &[&g])?;
         if autostart_on {
             let detail = format!(
                 "libvirt autostart of {} ({}) on {host_id} was switched on outside Lifeboat; Lifeboat switches it off at the next lease renewal (it decides what starts)",
@@ -912,16 +1104,21 @@ impl Registry {
             .unwrap_or_default();
         let reported = |u: &str| inner.guests.get(id).is_some_and(|m| m.contains_key(u));
         let owned_here: Vec<&crate::store::OwnerRow> = inner.owners_by_host.get(id).map(|v| v.iter().filter_map(|u| inner.owners.get(u)).collect()).unwrap_or_default();
+        let in_job: BTreeSet<String> = inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 != id).map(|(u, _)| u.clone()).collect();
+        // A status that does not parse makes the host a non-target (OFFLINE:
+        // no leases), never AVAILABLE.
+        let status = e.row.status.parse().unwrap_or_else(|err| {
+            tracing::error!(host = %id, "{err}; treating the host as OFFLINE");
+            HostStatus::Offline
+        });
         crate::reconcile::HostSnapshot {
             host: id.clone(),
-            status: e.row.status.parse().unwrap_or(HostStatus::Available),
+            status,
             inventory_seen: e.inventory_seen,
             pending_boot_start: e.pending_boot_start,
             leases_sent: e.leases_sent.clone(),
-            // Only recorded owners: a guest without a record belongs to the
-            // host that reports it (most guests; keeps the pass cheap).
-            owners: guests.iter().filter_map(|g| inner.owners.get(&g.uuid).map(|o| (g.uuid.clone(), o.host.clone()))).collect(),
-            // Desired state is read only for a boot start.
+            owners: guests.iter().filter_map(|g| Self::owner_view(inner, &g.uuid, id).map(|o| (g.uuid.clone(), o))).collect(),
+            // Desired state and copies elsewhere are read only for a boot start.
             desired: if e.pending_boot_start {
                 guests
                     .iter()
@@ -930,14 +1127,129 @@ impl Registry {
             } else {
                 BTreeMap::new()
             },
+            elsewhere: if e.pending_boot_start {
+                guests
+                    .iter()
+                    .filter(|g| {
+                        inner.guests.iter().any(|(h, m)| h != id && m.get(&g.uuid).is_some_and(|x| lifeboat_proto::holds_disk(x.state)))
+                    })
+                    .map(|g| g.uuid.clone())
+                    .collect()
+            } else {
+                BTreeSet::new()
+            },
             generations: guests
                 .iter()
                 .filter_map(|g| inner.owners.get(&g.uuid).map(|o| (g.uuid.clone(), o.generation)))
                 .chain(owned_here.iter().map(|o| (o.uuid.clone(), o.generation)))
                 .collect(),
             owned_unreported: owned_here.iter().filter(|o| !reported(&o.uuid)).map(|o| (o.uuid.clone(), String::new())).collect(),
+            in_job,
             guests,
         }
+    }
+
+    /// Why the reconciler must not act now, if it must not: during the
+    /// startup grace (twice the detection time) agents reconnect and report
+    /// what runs where, and before that the database's view may be old; a
+    /// database restored from a backup (`store-restored` alarm) holds until
+    /// every host not OFFLINE has reported, and then clears its alarm.
+    pub fn hold(&self, now_ms: i64) -> Option<String> {
+        let grace = self.startup_grace_ms();
+        if now_ms - self.started_ms < grace {
+            return Some(format!("startup grace: {grace} ms for agents to reconnect and report"));
+        }
+        let mut inner = self.lock();
+        let restored: Vec<(String, String)> =
+            inner.alarms.iter().filter(|a| a.1 == "store-restored").map(|a| (a.0.clone(), a.2.clone())).collect();
+        if restored.is_empty() {
+            return None;
+        }
+        let waiting: Vec<String> = inner
+            .hosts
+            .iter()
+            .filter(|(_, e)| e.row.status != HostStatus::Offline.as_str() && !(e.session.is_some() && e.inventory_seen))
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !waiting.is_empty() {
+            return Some(format!(
+                "the database was restored from a backup: no lease, start or stop until these hosts have reported what they run \
+                 (or are declared OFFLINE): {}",
+                waiting.join(", ")
+            ));
+        }
+        for (host, detail) in restored {
+            let why = "every host not OFFLINE has reported since the restore; ownership is rebuilt from their reports";
+            if let Err(e) = Self::clear_by_cause_locked(&mut inner, &host, "store-restored", &detail, why) {
+                warn!("clearing the store-restored alarm failed: {e}");
+                return Some(format!("clearing the store-restored alarm failed: {e}"));
+            }
+        }
+        None
+    }
+
+    /// How long after its start the controller waits before it decides
+    /// anything from what agents report: twice the detection time.
+    pub fn startup_grace_ms(&self) -> i64 {
+        2 * i64::from(self.timing.unreachable_after_ms)
+    }
+
+    fn clear_by_cause_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str, why: &str) -> Result<(), StoreError> {
+        if inner.store.clear_alarm(host, kind, detail)? > 0 {
+            inner.store.audit(&AuditRow::by_controller("alarm.cleared", host, "", format!("{kind} alarm cleared: {why} ({detail})")))?;
+        }
+        inner.alarms.retain(|a| !(a.0 == host && a.1 == kind && a.2 == detail));
+        Ok(())
+    }
+
+    /// Clears one alarm because its cause is gone (audited with `why`).
+    pub fn clear_alarm_by_cause(&self, host: &str, kind: &str, detail: &str, why: &str) -> Result<(), StoreError> {
+        Self::clear_by_cause_locked(&mut self.lock(), host, kind, detail, why)
+    }
+
+    /// Marks the guests of a job as in it: (uuid, source, target) each. From
+    /// now on the reconciler leaves them alone on their source (no lease
+    /// renewal, no stop, no start); the job does every step itself.
+    pub fn set_in_job(&self, job: &str, moves: &[(String, String, String)]) {
+        let mut inner = self.lock();
+        for (u, src, dst) in moves {
+            inner.in_job.insert(u.clone(), (job.to_string(), src.clone(), dst.clone()));
+            if let Some(e) = inner.hosts.get_mut(src) {
+                e.dirty = true;
+            }
+        }
+    }
+
+    /// The job ended: its guests are the reconciler's again.
+    pub fn clear_in_job(&self, job: &str) {
+        let mut inner = self.lock();
+        let hosts: Vec<String> = inner.in_job.values().filter(|j| j.0 == job).map(|j| j.1.clone()).collect();
+        inner.in_job.retain(|_, j| j.0 != job);
+        for h in hosts {
+            if let Some(e) = inner.hosts.get_mut(&h) {
+                e.dirty = true;
+            }
+        }
+    }
+
+    /// The leases a host should hold now, as the reconciler would grant
+    /// them: (uuid, name, generation) of every guest it owns, except guests
+    /// an active job moves away from it.
+    pub fn lease_set(&self, host: &str) -> Vec<(String, String, u64)> {
+        let inner = self.lock();
+        let Some(e) = inner.hosts.get(host) else { return Vec::new() };
+        let mut snap = Self::snapshot(&inner, &host.to_string(), e);
+        drop(inner);
+        snap.inventory_seen = true;
+        snap.leases_sent = None;
+        snap.pending_boot_start = false;
+        crate::reconcile::decide(&snap, 0, 1)
+            .into_iter()
+            .find_map(|a| match a {
+                crate::reconcile::Action::GrantLeases { leases, .. } => Some(leases),
+                _ => None,
+            })
+            .unwrap_or_default()
     }
 
     /// Ownership generation of a guest (0 = never moved by Lifeboat).

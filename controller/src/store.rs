@@ -805,6 +805,34 @@ fn decode_host(b: &[u8]) -> Result<HostInfo, StoreError> {
     HostInfo::decode(b).map_err(|e| StoreError::Corrupt { table: "hosts", message: e.to_string() })
 }
 
+/// Ownership and alarm writes of the safety rules (one UUID, one owner;
+/// alarms cleared by their cause).
+impl Store {
+    /// Records a guest's owner outside a move (ownership rebuilt from what a
+    /// host reports), with its audit entry, in one transaction.
+    pub fn set_owner(&mut self, o: &OwnerRow, audit: &AuditRow) -> Result<(), StoreError> {
+        let generation = i64::try_from(o.generation).map_err(|_| StoreError::Corrupt { table: "owners", message: format!("ownership generation {} of {} is out of range", o.generation, o.uuid) })?;
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(uuid) DO UPDATE SET host = excluded.host, generation = excluded.generation,
+                from_host = excluded.from_host, job = excluded.job, complete = excluded.complete",
+            params![o.uuid, o.host, generation, o.from_host, o.job, o.complete],
+        )?;
+        insert_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Clears one active alarm (host, kind and detail); returns how many rows changed.
+    pub fn clear_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "UPDATE alarms SET cleared_ms = ?4 WHERE host = ?1 AND kind = ?2 AND detail = ?3 AND cleared_ms = 0",
+            params![host, kind, detail, crate::now_ms()],
+        )?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,6 +46,7 @@ impl AgentSession for AgentService {
                 .into());
             }
         };
+        let peer = req.remote_addr();
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
             Err(_) => return Err(Status::invalid_argument("no Hello within 10 s")),
@@ -66,8 +67,8 @@ impl AgentSession for AgentService {
         // Boxed: the queue's blocks hold 32 slots each, and a slot the size
         // of a whole message costs 5.7 KiB per session (heaptrack).
         let (tx, rx) = mpsc::channel::<Box<ControllerMessage>>(64);
-        let sid = self.reg.open_session(&cert_host, &hello.boot_id, tx.clone())?;
-        info!(host = %cert_host, agent_version = %hello.agent_version, boot_id = %hello.boot_id, "agent session opened");
+        let (sid, mut superseded) = self.reg.open_session_from(&cert_host, &hello.boot_id, tx.clone(), peer)?;
+        info!(host = %cert_host, ?peer, agent_version = %hello.agent_version, boot_id = %hello.boot_id, "agent session opened");
         let welcome = ControllerMessage {
             msg: Some(controller_message::Msg::Welcome(Welcome {
                 heartbeat_interval_ms: timing.heartbeat_interval_ms,
@@ -77,12 +78,21 @@ impl AgentSession for AgentService {
         let _ = tx.send(Box::new(welcome)).await;
         let reg = self.reg.clone();
         let heard = reg.heard_cell(&cert_host, sid);
+        let mut reader_superseded = superseded.clone();
+        let host_for_stream = cert_host.clone();
         tokio::spawn(async move {
             let host = cert_host;
             let Some(heard) = heard else { return };
             let mut paged: Option<Inventory> = None;
             loop {
-                let msg = match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = reader_superseded.wait_for(|s| *s) => {
+                        info!(host = %host, "session superseded by a newer one: closing it");
+                        break;
+                    }
+                };
+                let msg = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
@@ -137,7 +147,25 @@ impl AgentSession for AgentService {
             reg.close_session(&host, sid);
             info!(host = %host, "agent session closed");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| Ok(*m)))))
+        // Ends as soon as another session takes the host over, with a status
+        // the agent logs before it dials again; nothing queued for this
+        // session is sent after that.
+        let check = superseded.clone();
+        let ended = async move {
+            let _ = superseded.wait_for(|s| *s).await;
+        };
+        let out = futures::StreamExt::chain(
+            futures::StreamExt::take_until(ReceiverStream::new(rx).map(|m| Ok(*m)), ended),
+            futures::stream::once(async move {
+                (*check.borrow()).then(|| {
+                    Status::aborted(format!(
+                        "another session for host '{host_for_stream}' took over this one; if this agent is {host_for_stream}, it dials again"
+                    ))
+                })
+            })
+            .filter_map(|e| e.map(Err)),
+        );
+        Ok(Response::new(Box::pin(out)))
     }
 }
 
