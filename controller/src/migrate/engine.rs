@@ -237,6 +237,7 @@ impl Engine {
             p.power_evidence
         );
         self.reg.db(|s| s.create_job(&job, &moves, &audit(operator, "migrate.requested", &req.source, "", &id, detail)))?;
+        self.reg.set_in_job(&id, &moves.iter().map(|m| (m.uuid.clone(), m.source.clone(), m.target.clone())).collect::<Vec<_>>());
         info!(job = %id, source = %req.source, operator, guests = moves.len(), "forced migration job created");
         let me = self.clone();
         let jid = id.clone();
@@ -244,15 +245,23 @@ impl Engine {
         self.job_record(&id)
     }
 
-    /// Resumes every unfinished job (at controller start).
+    /// Resumes every unfinished job (at controller start), after the startup
+    /// grace: agents first reconnect and report, so that "the source is
+    /// talking again" and "the step already took effect" are judged on what
+    /// the hosts say now. An attested job re-checks that the source is silent.
     pub fn resume_all(self: &Arc<Self>) -> Result<usize, StoreError> {
         let jobs = self.reg.db(|s| s.active_jobs())?;
+        let grace = Duration::from_millis(u64::try_from(self.reg.startup_grace_ms()).unwrap_or(0));
         for j in &jobs {
-            info!(job = %j.id, state = %j.state, "resuming unfinished job");
-            let _ = self.reg.db(|s| s.audit(&audit("controller", "job.resumed", &j.source, "", &j.id, format!("resumed in state {}", j.state))));
+            info!(job = %j.id, state = %j.state, grace_ms = grace.as_millis() as u64, "resuming unfinished job after the startup grace");
             let me = self.clone();
-            let id = j.id.clone();
-            tokio::spawn(async move { me.run(id).await });
+            let (id, source, state) = (j.id.clone(), j.source.clone(), j.state.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                let detail = format!("resumed in state {state} after a {} ms startup grace for agents to reconnect", grace.as_millis());
+                let _ = me.reg.db(|s| s.audit(&audit("controller", "job.resumed", &source, "", &id, detail)));
+                me.run(id).await
+            });
         }
         Ok(jobs.len())
     }
@@ -287,8 +296,10 @@ impl Engine {
     }
 
     async fn run(self: Arc<Self>, id: String) {
-        if let Err(e) = self.clone().run_inner(&id).await {
-            warn!(job = %id, "job stopped on a database error: {e}; it resumes when the controller restarts");
+        match self.clone().run_inner(&id).await {
+            // Ended: its guests are the reconciler's again.
+            Ok(()) => self.reg.clear_in_job(&id),
+            Err(e) => warn!(job = %id, "job stopped on a database error: {e}; it resumes when the controller restarts"),
         }
     }
 
@@ -359,37 +370,48 @@ impl Engine {
         Ok(())
     }
 
-    /// A planned move: the connected source's agent stops each guest, and
-    /// the source's leases are re-sent without them, before anything is
-    /// defined elsewhere. Check-then-act: a stopped guest stays stopped.
+    /// A planned move: the source's leases of the moving guests are revoked
+    /// first (every other lease it holds is renewed as the reconciler would,
+    /// stale copies owned elsewhere included in nothing), then its agent
+    /// stops each guest and confirms it shut off. The guests were marked as
+    /// in this job when it was created, so the reconciler neither renews
+    /// their leases nor starts them meanwhile. Check-then-act: a stopped
+    /// guest stays stopped, and a repeated revocation changes nothing.
     async fn stop_on_source(&self, job: &JobRow) -> Result<Result<(), String>, StoreError> {
         let moves = self.reg.db(|s| s.moves(&job.id))?;
-        let moving: Vec<String> = moves.iter().map(|m| m.uuid.clone()).collect();
-        for m in &moves {
-            let r = self.reg.call(&job.source, Kind::StopGuest(StopGuest { uuid: m.uuid.clone(), reason: format!("planned move to {} (job {})", m.target, job.id) }), self.call_timeout).await;
-            match r {
-                Ok(r) if r.ok => {
-                    self.reg.db(|s| s.audit(&audit("controller", "guest.stopped_for_move", &job.source, &m.name, &job.id, format!("{} stopped on {} ({})", m.name, job.source, r.outcome))))?;
-                }
-                Ok(r) => return Ok(Err(format!("stopping {} on {} failed: {}", m.name, job.source, r.error))),
-                Err(e) => return Ok(Err(format!("stopping {} on {} failed: {e}", m.name, job.source))),
-            }
-        }
-        let keep: Vec<Lease> = self
-            .reg
-            .host_view(&job.source)
-            .map(|h| h.guests)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|g| !moving.contains(&g.uuid))
-            .map(|g| Lease { generation: self.reg.owner_generation(&g.uuid), uuid: g.uuid, name: g.name })
-            .collect();
+        let keep: Vec<Lease> =
+            self.reg.lease_set(&job.source).into_iter().map(|(uuid, name, generation)| Lease { uuid, name, generation }).collect();
         let now = crate::now_ms();
         let grant = GrantLeases { leases: keep, expires_unix_ms: now + self.lease_ttl_ms, merge: false, issued_unix_ms: now };
         match self.reg.call(&job.source, Kind::GrantLeases(grant), self.call_timeout).await {
-            Ok(r) if r.ok => Ok(Ok(())),
-            Ok(r) => Ok(Err(format!("revoking the moved guests' leases on {} failed: {}", job.source, r.error))),
-            Err(e) => Ok(Err(format!("revoking the moved guests' leases on {} failed: {e}", job.source))),
+            Ok(r) if r.ok => {}
+            Ok(r) => return Ok(Err(format!("revoking the moved guests' leases on {} failed: {}; nothing was stopped", job.source, r.error))),
+            Err(e) => return Ok(Err(format!("revoking the moved guests' leases on {} failed: {e}; nothing was stopped", job.source))),
+        }
+        for m in &moves {
+            match self.stop_confirmed(&job.source, m, &job.id).await {
+                Ok(outcome) => {
+                    self.reg.db(|s| s.audit(&audit("controller", "guest.stopped_for_move", &job.source, &m.name, &job.id, format!("{} stopped on {} ({outcome})", m.name, job.source))))?;
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Asks the source's agent to stop a guest (check-then-act: "already"
+    /// when it is shut off) and checks the answer says shut off.
+    async fn stop_confirmed(&self, source: &str, m: &MoveRow, job: &str) -> Result<String, String> {
+        let cmd = StopGuest { uuid: m.uuid.clone(), reason: format!("planned move to {} (job {job})", m.target) };
+        match self.reg.call(source, Kind::StopGuest(cmd), self.call_timeout).await {
+            Ok(r) if r.ok => match r.guest {
+                Some(g) if lifeboat_proto::holds_disk(g.state) => {
+                    Err(format!("{} on {source} still holds its disks after the stop (state {})", m.name, g.state))
+                }
+                _ => Ok(r.outcome),
+            },
+            Ok(r) => Err(format!("stopping {} on {source} failed: {}", m.name, r.error)),
+            Err(e) => Err(format!("stopping {} on {source} failed: {e}", m.name)),
         }
     }
 
@@ -565,6 +587,16 @@ impl Engine {
                         let detail = format!("{} left defined and stopped on {}", m.name, m.target);
                         self.set_move(&mut m, MoveState::DefinedStopped, "", Some(owner), a("move.done", detail))?;
                     }
+                }
+                MoveState::Starting if planned && let Err(e) = self.stop_confirmed(&m.source, &m, &m.job_id).await => {
+                    // The source is read again right before the start: a copy
+                    // started there since the stop must not meet a second one.
+                    let msg = format!("not starting {} on {}: {e}", m.name, m.target);
+                    self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
+                }
+                MoveState::Starting if !planned && self.reg.is_reachable(&m.source) => {
+                    let msg = format!("{} is talking to the controller again; not starting {} on {}", m.source, m.name, m.target);
+                    self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                 }
                 MoveState::Starting => match self.lease_then_start(&m).await {
                     Ok(r) if r.ok => {
