@@ -350,21 +350,13 @@ impl ActorState {
                 return fail(id, format!("removing the managed-save image of '{}' failed: {}", g.name, e.message()));
             }
         }
-        // KEEP_NVRAM: the moved guest runs elsewhere, possibly from this very
-        // NVRAM file on shared storage; removing it could destroy its
-        // firmware variables.
-        let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-            | sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM;
-        if let Err(e) = dom.undefine_flags(flags) {
+        if let Err(e) = dom.undefine_flags(CLEANUP_UNDEFINE) {
             // Drivers without NVRAM/checkpoint support (libvirt's test driver)
             // reject those flags. Without any NVRAM flag libvirt refuses to
             // undefine a guest that has NVRAM (and without the checkpoint flag
             // one that has checkpoints), so this retry never removes NVRAM and
             // cannot leave anything half-removed.
-            let basic = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
-            if !e.message().contains("unsupported flags") || dom.undefine_flags(basic).is_err() {
+            if !e.message().contains("unsupported flags") || dom.undefine_flags(CLEANUP_UNDEFINE_BASIC).is_err() {
                 return fail(id, format!("undefining '{}' failed: {}", g.name, e.message()));
             }
         }
@@ -374,6 +366,18 @@ impl ActorState {
         CommandResult { id: id.into(), ok: true, outcome: "done".into(), ..Default::default() }
     }
 }
+
+/// How cleanup undefines: with managed save, snapshot and checkpoint
+/// metadata, KEEPING the NVRAM file: the moved guest runs elsewhere,
+/// possibly from this very file on shared storage.
+const CLEANUP_UNDEFINE: sys::virDomainUndefineFlagsValues = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+    | sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM;
+
+/// The fallback for drivers that reject those flags: no NVRAM flag at all
+/// (then libvirt refuses a guest that has NVRAM rather than removing it).
+const CLEANUP_UNDEFINE_BASIC: sys::virDomainUndefineFlagsValues = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
 
 /// A guest's state as the operator sees it (`PMSUSPENDED (unknown)`).
 fn state_name(g: &Guest) -> String {
@@ -435,4 +439,23 @@ fn start_guest(conn: &virt::connect::Connect, id: &str, s: StartGuest) -> Comman
 
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('\'', "&apos;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleanup_never_asks_libvirt_to_remove_nvram() {
+        assert_eq!(CLEANUP_UNDEFINE & sys::VIR_DOMAIN_UNDEFINE_NVRAM, 0);
+        assert_ne!(CLEANUP_UNDEFINE & sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM, 0);
+        assert_eq!(CLEANUP_UNDEFINE_BASIC & (sys::VIR_DOMAIN_UNDEFINE_NVRAM | sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM), 0);
+    }
+
+    #[test]
+    fn states_are_named_as_operators_read_them() {
+        let g = Guest { state: GuestState::Pmsuspended as i32, state_reason: "unknown".into(), ..Default::default() };
+        assert_eq!(state_name(&g), "PMSUSPENDED (unknown)");
+        assert_eq!(state_name(&Guest { state: 42, ..Default::default() }), "state 42");
+    }
 }
