@@ -198,7 +198,11 @@ pub struct Applied {
 /// others still apply. Writes the enrolled marker first, once.
 pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile], merge: bool, issued_unix_ms: i64) -> Result<Applied, LeaseError> {
     let d = dir(state_dir);
-    std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+    if !exists(&d)? {
+        std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+        // The new directory's own name must be on disk before any lease in it counts.
+        sync_dir(state_dir)?;
+    }
     if !enrolled(state_dir)? {
         let marker = serde_json::json!({ "host": host, "enrolled_unix_ms": issued_unix_ms });
         write_atomic(&enrolled_marker(state_dir), marker.to_string().as_bytes(), true)?;
