@@ -97,22 +97,31 @@ async fn a_migration_that_leaves_a_local_guest_behind_is_partial_and_alarms_unti
     let cli = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lifeboat");
     if cli.exists() {
         let olga = pki.client("olga", Role::Operator);
-        let out = std::process::Command::new(&cli)
-            .args(["--controller-url", &c.url(), "--ca"])
-            .arg(&olga.ca)
-            .arg("--cert")
-            .arg(&olga.cert)
-            .arg("--key")
-            .arg(&olga.key)
-            .args(["jobs", "show", &job.id])
-            .env_remove("LIFEBOAT_CONFIG")
-            .output()
-            .unwrap();
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new(&cli)
+                .args(["--controller-url", &c.url(), "--ca"])
+                .arg(&olga.ca)
+                .arg("--cert")
+                .arg(&olga.cert)
+                .arg("--key")
+                .arg(&olga.key)
+                .args(args)
+                .env_remove("LIFEBOAT_CONFIG")
+                .output()
+                .unwrap();
+            (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        let (code, stdout, stderr) = run(&["jobs", "show", &job.id]);
         println!("lifeboat jobs show {}:\n{stdout}{stderr}", job.id);
-        assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+        assert_eq!(code, Some(1), "{stdout}\n{stderr}");
         assert!(stdout.contains("NOT_MOVED") && stdout.contains("left behind on host-a: vm-local (NOT_MOVED)"), "{stdout}");
         assert!(stderr.contains("PARTIAL"), "{stderr}");
+        let (code, stdout, stderr) = run(&["alarms", "--all"]);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(stdout.contains("ALARM guests-not-moved on host-a"), "{stdout}");
+        let (code, _, stderr) = run(&["alarms", "clear", "--host", "host-a", "--kind", "split-brain"]);
+        assert_eq!(code, Some(6), "a refusal changes nothing: {stderr}");
+        assert!(stderr.contains("active: guests-not-moved on host-a"), "{stderr}");
     } else {
         eprintln!("SKIPPED the CLI part: {} not built (scripts/test.sh builds it first)", cli.display());
     }
