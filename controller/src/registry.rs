@@ -247,7 +247,9 @@ impl Registry {
         let mut in_job = BTreeMap::new();
         for j in store.active_jobs()? {
             for m in store.moves(&j.id)? {
-                in_job.insert(m.uuid, (j.id.clone(), m.source, m.target));
+                if m.state != crate::migrate::state::MoveState::NotMoved.as_str() {
+                    in_job.insert(m.uuid, (j.id.clone(), m.source, m.target));
+                }
             }
         }
         Ok(Registry {

@@ -17,7 +17,7 @@ use tokio::sync::{Semaphore, broadcast};
 use tracing::{info, warn};
 
 use super::plan::{self, Ownership, PlanInput, PowerReading};
-use super::state::{JobState, MoveState};
+use super::state::{GUESTS_NOT_MOVED, JobOutcome, JobState, MoveOutcome, MoveState, job_outcome};
 use crate::error::ControllerError;
 use crate::fence::{BmcConfig, FenceConfigError, FenceEvent, Fencer, PowerState};
 use crate::registry::Registry;
@@ -212,6 +212,14 @@ impl Engine {
                 updated_ms: now,
             });
         }
+        // The guests the plan cannot move are recorded with the job, in the
+        // same transaction, so its outcome and report name each one.
+        let left_behind: Vec<MoveRow> = p
+            .guests
+            .iter()
+            .filter(|g| !g.movable && !already_elsewhere(owners.get(&g.uuid), &req.source))
+            .map(|gp| not_moved_row(&id, &req.source, gp, now))
+            .collect();
         let parallel = if req.parallel == 0 { DEFAULT_PARALLEL } else { req.parallel.min(64) };
         let job = JobRow {
             id: id.clone(),
@@ -228,17 +236,25 @@ impl Engine {
             error: String::new(),
         };
         let detail = format!(
-            "command: {}; plan {}{}; {} guest(s): {}; power evidence: {}",
+            "command: {}; plan {}{}; {} guest(s): {}; power evidence: {}{}",
             if req.command_line.is_empty() { "(not given)" } else { &req.command_line },
             p.plan_id,
             if req.yes { " (--yes: planned and carried out at once)" } else { "" },
             moves.len(),
             moves.iter().map(|m| format!("{} -> {}", m.name, m.target)).collect::<Vec<_>>().join(", "),
-            p.power_evidence
+            p.power_evidence,
+            if left_behind.is_empty() {
+                String::new()
+            } else {
+                format!("; {} left behind: {}", left_behind.len(), left_behind.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "))
+            }
         );
+        let (carried, left) = (moves.len(), left_behind.len());
+        moves.extend(left_behind);
         self.reg.db(|s| s.create_job(&job, &moves, &audit(operator, "migrate.requested", &req.source, "", &id, detail)))?;
-        self.reg.set_in_job(&id, &moves.iter().map(|m| (m.uuid.clone(), m.source.clone(), m.target.clone())).collect::<Vec<_>>());
-        info!(job = %id, source = %req.source, operator, guests = moves.len(), "forced migration job created");
+        // Only the guests the job carries: those left behind stay the reconciler's.
+        self.reg.set_in_job(&id, &moves[..carried].iter().map(|m| (m.uuid.clone(), m.source.clone(), m.target.clone())).collect::<Vec<_>>());
+        info!(job = %id, source = %req.source, operator, guests = carried, left_behind = left, "forced migration job created");
         let me = self.clone();
         let jid = id.clone();
         tokio::spawn(async move { me.run(jid).await });
@@ -268,7 +284,7 @@ impl Engine {
 
     /// A job and its moves, for the API.
     pub fn job_record(&self, id: &str) -> Result<JobRecord, ControllerError> {
-        let (job, moves) = self.reg.db(|s| -> Result<_, StoreError> { Ok((s.job(id)?, s.moves(id)?)) })?;
+        let (job, moves) = self.reg.db(|s| -> Result<_, StoreError> { Ok((s.job(id)?, s.job_moves(id)?)) })?;
         let job = job.ok_or_else(|| ControllerError::NotFound(format!("unknown job '{id}' (see `lifeboat jobs list`)")))?;
         Ok(to_record(job, moves))
     }
@@ -278,7 +294,7 @@ impl Engine {
         let rows = self.reg.db(|s| s.jobs(host, limit))?;
         let mut out = Vec::new();
         for j in rows {
-            let moves = self.reg.db(|s| s.moves(&j.id))?;
+            let moves = self.reg.db(|s| s.job_moves(&j.id))?;
             out.push(to_record(j, moves));
         }
         Ok(out)
@@ -335,17 +351,18 @@ impl Engine {
                     for r in futures::future::join_all(tasks).await {
                         r?;
                     }
-                    let moves = self.reg.db(|s| s.moves(id))?;
-                    let states: Vec<MoveState> = moves.iter().map(|m| m.state.parse().unwrap_or(MoveState::Failed)).collect();
-                    let ok = states.iter().filter(|s| s.is_success()).count();
-                    let (to, msg) = if ok == states.len() {
-                        (JobState::Succeeded, String::new())
-                    } else if ok == 0 {
-                        (JobState::Failed, "no guest could be moved; see each move's error".to_string())
-                    } else {
-                        (JobState::Partial, format!("{} of {} moves failed; re-run the same command to finish the rest", states.len() - ok, states.len()))
-                    };
-                    let detail = format!("{ok} of {} guests moved{}", states.len(), if msg.is_empty() { String::new() } else { format!("; {msg}") });
+                    // Every row, the guests left behind at creation included.
+                    let moves = self.reg.db(|s| s.job_moves(id))?;
+                    let outcomes: Vec<MoveOutcome<'_>> = moves
+                        .iter()
+                        .map(|m| MoveOutcome { name: &m.name, state: m.state.parse().unwrap_or(MoveState::Failed), error: &m.error })
+                        .collect();
+                    let JobOutcome { state: to, error: msg, detail, alarm } = job_outcome(id, &job.source, job.kind == "move", &outcomes);
+                    // Raised before the job ends: a crash in between resumes
+                    // here, and the same alarm is not raised twice.
+                    if let Some(a) = &alarm {
+                        self.reg.raise_alarm(&job.source, GUESTS_NOT_MOVED, a)?;
+                    }
                     if to == JobState::Succeeded && job.kind == "migrate" {
                         if let Some(h) = self.reg.host_view(&job.source) {
                             if let Some(silent) = h.silent_ms {
@@ -630,7 +647,7 @@ impl Engine {
                     }
                     return Ok(());
                 }
-                MoveState::Running | MoveState::DefinedStopped | MoveState::Failed => return Ok(()),
+                MoveState::Running | MoveState::DefinedStopped | MoveState::Failed | MoveState::NotMoved => return Ok(()),
             }
         }
     }
@@ -663,5 +680,95 @@ fn to_record(j: JobRow, moves: Vec<MoveRow>) -> JobRecord {
                 start: m.start,
             })
             .collect(),
+    }
+}
+
+/// Whether a guest the plan does not move already belongs elsewhere (moved
+/// by an earlier job): such a guest is not left behind. The planner's rule
+/// for "already moved": owned by another host, and either that move
+/// completed or it did not come from this source.
+fn already_elsewhere(owner: Option<&Ownership>, source: &str) -> bool {
+    owner.is_some_and(|o| o.host != source && (o.complete || o.from_host != source))
+}
+
+/// Most failed checks quoted in a left-behind guest's reason.
+const REASON_CHECKS: usize = 8;
+
+/// The row recording a guest the plan cannot move: NOT_MOVED from the
+/// start, with the plan's reason and its failed checks; no definition (it
+/// is never defined anywhere) and no generation (no ownership changes).
+fn not_moved_row(job: &str, source: &str, gp: &lifeboat_proto::v1::GuestPlan, now: i64) -> MoveRow {
+    let failed: Vec<String> = gp.checks.iter().filter(|c| !c.ok).map(|c| format!("{}: {}", c.name, c.detail)).collect();
+    let mut error = if gp.reason.is_empty() { "the plan could not move it".to_string() } else { gp.reason.clone() };
+    if !failed.is_empty() {
+        let more = failed.len().saturating_sub(REASON_CHECKS);
+        error = format!("{error}; failed checks: {}", failed.into_iter().take(REASON_CHECKS).collect::<Vec<_>>().join("; "));
+        if more > 0 {
+            error.push_str(&format!("; and {more} more"));
+        }
+    }
+    MoveRow {
+        job_id: job.into(),
+        uuid: gp.uuid.clone(),
+        name: gp.name.clone(),
+        source: source.into(),
+        target: gp.target.clone(),
+        generation: 0,
+        state: MoveState::NotMoved.as_str().into(),
+        start: gp.start,
+        definition_xml: String::new(),
+        error,
+        priority: gp.priority,
+        updated_ms: now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_proto::v1::{Check, GuestPlan};
+
+    #[test]
+    fn a_guest_left_behind_carries_the_plans_reason_and_failed_checks() {
+        let check = |name: &str, ok: bool, detail: &str| Check { name: name.into(), ok, detail: detail.into(), remedy: String::new() };
+        let gp = GuestPlan {
+            uuid: "u".into(),
+            name: "vm-local".into(),
+            reason: "local storage: no other host sees /l.img".into(),
+            checks: vec![
+                check("disks visible from host-b", false, "host-b cannot see /l.img (No such file)"),
+                check("memory on host-b", true, "needs 1 MiB"),
+            ],
+            priority: 3,
+            start: true,
+            ..Default::default()
+        };
+        let r = not_moved_row("mig-1", "host-a", &gp, 7);
+        assert_eq!(r.state, "NOT_MOVED");
+        assert_eq!(
+            r.error,
+            "local storage: no other host sees /l.img; failed checks: disks visible from host-b: host-b cannot see /l.img (No such file)"
+        );
+        assert_eq!((r.generation, r.definition_xml.as_str(), r.priority, r.source.as_str()), (0, "", 3, "host-a"));
+
+        let many = GuestPlan { checks: (0..12).map(|i| check(&format!("c{i}"), false, "no")).collect(), ..Default::default() };
+        let r = not_moved_row("mig-1", "host-a", &many, 7);
+        assert!(r.error.starts_with("the plan could not move it; failed checks: c0: no") && r.error.ends_with("c7: no; and 4 more"), "{}", r.error);
+    }
+
+    #[test]
+    fn only_a_guest_owned_elsewhere_counts_as_already_moved() {
+        let own = |host: &str, from: &str, complete: bool| Ownership {
+            host: host.into(),
+            generation: 2,
+            from_host: from.into(),
+            complete,
+            job: "j".into(),
+        };
+        assert!(!already_elsewhere(None, "a"));
+        assert!(!already_elsewhere(Some(&own("a", "", true)), "a"), "owned by the source itself");
+        assert!(already_elsewhere(Some(&own("b", "a", true)), "a"), "moved away and done");
+        assert!(already_elsewhere(Some(&own("b", "c", false)), "a"), "moved from another host");
+        assert!(!already_elsewhere(Some(&own("b", "a", false)), "a"), "an unfinished move off this source is still ours");
     }
 }
