@@ -107,7 +107,7 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
                 } else {
                     item.action = "remove".into();
                     item.detail = format!(
-                        "disable autostart{}, undefine with snapshot and checkpoint metadata; disks and NVRAM untouched (the moved guest may use them); it now lives on {}",
+                        "disable autostart{}, undefine with snapshot and checkpoint metadata, keeping NVRAM (never storage: the moved guest may use both); it now lives on {}",
                         if g.managed_save { ", remove the managed-save image" } else { "" },
                         m.target
                     );
