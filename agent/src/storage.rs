@@ -288,8 +288,11 @@ fn mount_identity(m: &Mount, canon: &Path, dev: u64, device: impl FnOnce(u64) ->
 #[derive(Default)]
 pub struct Cache {
     mounts: Option<(Instant, Result<Vec<Mount>, String>)>,
-    by_id: Option<(Instant, Result<Vec<(String, u64)>, String>)>,
+    by_id: Option<(Instant, Result<Vec<ByIdLink>, String>)>,
 }
+
+/// A `/dev/disk/by-id` link: its name and the block device it resolves to.
+type ByIdLink = (String, u64);
 
 impl Cache {
     fn mounts(&mut self) -> Result<&[Mount], String> {
@@ -322,7 +325,7 @@ impl Cache {
 }
 
 /// The links in a by-id directory with the block device each resolves to.
-fn read_by_id(dir: &Path) -> Result<Vec<(String, u64)>, String> {
+fn read_by_id(dir: &Path) -> Result<Vec<ByIdLink>, String> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         // No by-id directory (no udev, a container): no device has an id.
@@ -333,10 +336,10 @@ fn read_by_id(dir: &Path) -> Result<Vec<(String, u64)>, String> {
     for e in rd {
         let e = e.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
         // A dangling link (a device just removed) names nothing.
-        if let Ok(m) = fs::metadata(e.path()) {
-            if m.file_type().is_block_device() {
-                out.push((e.file_name().to_string_lossy().into_owned(), m.rdev()));
-            }
+        if let Ok(m) = fs::metadata(e.path())
+            && m.file_type().is_block_device()
+        {
+            out.push((e.file_name().to_string_lossy().into_owned(), m.rdev()));
         }
     }
     Ok(out)

@@ -363,6 +363,24 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             )
         }
     };
+    // What (at most 3 of) the checked hosts reported for a path, for refusals.
+    let elsewhere = |p: &str| {
+        let mut seen: Vec<String> = input
+            .visibility
+            .iter()
+            .take(3)
+            .map(|(h, v)| match v.get(p) {
+                Some(s) if s.visible && s.storage.is_empty() => format!("{h}: visible, no identity"),
+                Some(s) if s.visible => format!("{h}: {}", on_storage(&s.storage, &s.storage_path)),
+                Some(_) => format!("{h}: not visible"),
+                None => format!("{h}: not checked"),
+            })
+            .collect();
+        if input.visibility.len() > 3 {
+            seen.push(format!("{} more hosts checked", input.visibility.len() - 3));
+        }
+        if seen.is_empty() { "no other host checked".to_string() } else { seen.join(", ") }
+    };
     let mut reserved: BTreeMap<String, u64> = BTreeMap::new();
     let mut claimed_names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let lock = if source.lock_manager.is_empty() {
@@ -423,7 +441,10 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         let disks: Vec<&Disk> = g.disks.iter().filter(|d| d.source.starts_with('/')).collect();
         // The source's own report says which storage each disk is on; only
         // a disk on shared storage can be found again from another host.
-        let problems: Vec<String> = disks.iter().filter_map(|d| source_disk_problem(&source.id, d)).collect();
+        let problems: Vec<String> = disks
+            .iter()
+            .filter_map(|d| source_disk_problem(&source.id, d).map(|why| format!("{why} ({})", elsewhere(&d.source))))
+            .collect();
         let storage_ok = problems.is_empty();
         if !storage_ok {
             let local = disks.iter().any(|d| d.storage.starts_with("local:"));
@@ -973,7 +994,7 @@ mod tests {
         let g = &pl.guests[0];
         assert!(!g.movable && g.reason.starts_with("local storage"), "{g:?}");
         let c = g.checks.iter().find(|c| c.name == "disks on shared storage").unwrap();
-        assert!(!c.ok && c.detail.contains("a reported /var/lib/libvirt/images/localvm.img on local:ext4"), "{c:?}");
+        assert_eq!(c.detail, "a reported /var/lib/libvirt/images/localvm.img on local:ext4 (b: local:ext4, c: local:ext4)");
         assert!(c.remedy.contains(".lifeboat-storage-id"), "{c:?}");
         assert!(!pl.executable);
 
