@@ -18,21 +18,11 @@ fn fail(id: &str, error: String) -> CommandResult {
     CommandResult { id: id.to_string(), ok: false, error, ..Default::default() }
 }
 
-/// Which paths this host can see. Only absolute paths are checked; other
-/// sources (network disks) are reported as not checkable.
+/// Which paths this host can see, and on which storage (see
+/// [`crate::storage`]). Only absolute paths are checked; other sources
+/// (network disks) are reported as not checkable.
 pub fn check_paths(cmd: &CheckPaths) -> Vec<PathCheck> {
-    cmd.paths
-        .iter()
-        .map(|p| {
-            if !p.starts_with('/') {
-                return PathCheck { path: p.clone(), visible: false, error: "not a local path; cannot check".into() };
-            }
-            match std::fs::metadata(p) {
-                Ok(_) => PathCheck { path: p.clone(), visible: true, error: String::new() },
-                Err(e) => PathCheck { path: p.clone(), visible: false, error: e.to_string() },
-            }
-        })
-        .collect()
+    crate::storage::check_paths(&cmd.paths)
 }
 
 impl ActorState {

@@ -129,10 +129,10 @@ impl Engine {
             async move { (h.clone(), self.reg.call(h, kind, Duration::from_secs(10)).await) }
         });
         for (h, r) in futures::future::join_all(checks).await {
-            let m: BTreeMap<String, (bool, String)> = match r {
-                Ok(r) if r.ok => r.paths.into_iter().map(|p| (p.path, (p.visible, p.error))).collect(),
-                Ok(r) => paths.iter().map(|p| (p.clone(), (false, format!("path check failed: {}", r.error)))).collect(),
-                Err(e) => paths.iter().map(|p| (p.clone(), (false, format!("path check failed: {e}")))).collect(),
+            let m: BTreeMap<String, plan::PathSeen> = match r {
+                Ok(r) if r.ok => r.paths.into_iter().map(|p| (p.path.clone(), p.into())).collect(),
+                Ok(r) => paths.iter().map(|p| (p.clone(), plan::PathSeen::failed(format!("path check failed: {}", r.error)))).collect(),
+                Err(e) => paths.iter().map(|p| (p.clone(), plan::PathSeen::failed(format!("path check failed: {e}")))).collect(),
             };
             visibility.insert(h, m);
         }
