@@ -1194,6 +1194,9 @@ lab_up() {
   touch "$LAB_DIR/.lifeboat-lab"
   find "$LAB_DIR" -mindepth 1 -maxdepth 1 ! -name "$(basename "$CAPS_CACHE")" -exec rm -rf {} +
   mkdir -p "$SHARED_DIR" "$CTL_DIR" "$LAB_DIR/hosts"
+  # The hosts share one kernel and one root filesystem: a storage marker is what
+  # tells the agents that SHARED_DIR is shared storage (per-host dirs stay "local").
+  cat /proc/sys/kernel/random/uuid >"$SHARED_DIR/.lifeboat-storage-id"
 
   HOSTS=()
   for ((i = 0; i < nhosts; i++)); do HOSTS+=("$(host_name_for_index "$i")"); done

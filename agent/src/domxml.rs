@@ -109,6 +109,8 @@ pub fn parse(xml: &str) -> Result<DomainFacts, String> {
                 device: d.attribute("device").unwrap_or("disk").to_string(),
                 shareable: d.children().any(|n| n.has_tag_name("shareable")),
                 readonly: d.children().any(|n| n.has_tag_name("readonly")),
+                // Storage identity needs I/O: `storage::fill_disks` adds it.
+                ..Default::default()
             });
         }
         for i in devices.children().filter(|n| n.has_tag_name("interface")) {

@@ -4,7 +4,8 @@
 //! Code map: [`config`] reads the agent's TOML file; [`domxml`] is the pure
 //! parser of libvirt domain XML; [`hostfacts`] reads host facts from local
 //! files; [`libvirt`] is the one thread that owns every `virt` call;
-//! [`session`] keeps the gRPC session to the controller.
+//! [`session`] keeps the gRPC session to the controller; [`storage`] tells
+//! which storage each disk path is on.
 
 pub mod config;
 pub mod domxml;
@@ -13,6 +14,7 @@ pub mod lease;
 pub mod libvirt;
 pub mod metrics;
 pub mod session;
+pub mod storage;
 
 use std::sync::Arc;
 

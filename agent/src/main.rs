@@ -34,7 +34,7 @@ enum Cmd {
 }
 
 fn guard(config: &std::path::Path, args: Vec<String>) -> ExitCode {
-    use lifeboat_agent::lease::{Verdict, check_call, guard};
+    use lifeboat_agent::lease::{GuardEnv, Verdict, check_call, guard};
     use std::io::Read;
     if let Some(m) = check_call(&args) {
         eprintln!("{m}");
@@ -43,7 +43,9 @@ fn guard(config: &std::path::Path, args: Vec<String>) -> ExitCode {
     let mut xml = String::new();
     let guarded = matches!(args.get(1).map(String::as_str), Some("prepare" | "migrate" | "restore"));
     if guarded {
-        let _ = std::io::stdin().read_to_string(&mut xml);
+        // Bounded: a definition is a few KiB. A read error or a truncated
+        // definition leaves XML that does not parse, which refuses.
+        let _ = std::io::stdin().take(16 << 20).read_to_string(&mut xml);
     }
     let cfg = AgentConfig::load(config).and_then(|c| c.resolve_host_id().map(|h| (c, h)));
     let (cfg, host) = match cfg {
@@ -54,7 +56,8 @@ fn guard(config: &std::path::Path, args: Vec<String>) -> ExitCode {
         }
         Err(_) => return ExitCode::SUCCESS,
     };
-    match guard(&args, &xml, &cfg.state_dir, &host, lifeboat_common::now_unix_ms()) {
+    let env = GuardEnv { state_dir: &cfg.state_dir, host: &host, boot_id_file: &cfg.boot_id_file, now_ms: lifeboat_common::now_unix_ms() };
+    match guard(&args, &xml, &env) {
         Verdict::Allow => ExitCode::SUCCESS,
         Verdict::Refuse(m) => {
             eprintln!("{m}");

@@ -147,6 +147,7 @@ mod tests {
             generation: 0,
             expires_unix_ms: i64::MAX,
             issued_unix_ms: 1,
+            boot_id: String::new(),
         };
         crate::lease::apply(d.path(), "h", &[l], false, 1).unwrap();
         let t = m.render();

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lifeboat_common::tls::TlsMaterial;
 use lifeboat_proto::v1::{
@@ -64,21 +64,19 @@ impl Session {
     }
 
     /// Keeps a session open forever, reconnecting with capped exponential
-    /// backoff (0.5 s .. 10 s, with jitter).
+    /// backoff and jitter ([`Backoff`]): the first retry after ~0.5 s, and
+    /// again after every session that was established (Welcome received).
     pub async fn run(&self, mut updates: mpsc::Receiver<Update>) -> anyhow::Result<()> {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = Backoff::new();
         loop {
-            let started = Instant::now();
-            match self.once(&mut updates).await {
-                Ok(()) => info!("session closed by controller"),
-                Err(e) => warn!("{}", lifeboat_common::error_chain(&e)),
+            let r = self.once(&mut updates, &mut backoff).await;
+            let delay = backoff.next_delay(jitter());
+            let m = describe_end(&r);
+            match r {
+                Ok(()) => info!("{m}; reconnecting in {} ms", delay.as_millis()),
+                Err(_) => warn!("{m}; reconnecting in {} ms", delay.as_millis()),
             }
-            if started.elapsed() > Duration::from_secs(30) {
-                backoff = Duration::from_millis(500);
-            }
-            let jitter = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * 2);
-            tokio::time::sleep(backoff + jitter).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -98,7 +96,7 @@ impl Session {
             .map_err(err)
     }
 
-    async fn once(&self, updates: &mut mpsc::Receiver<Update>) -> Result<(), SessionError> {
+    async fn once(&self, updates: &mut mpsc::Receiver<Update>, backoff: &mut Backoff) -> Result<(), SessionError> {
         let channel = self.channel().await?;
         let mut client = AgentSessionClient::new(channel);
         let (tx, rx) = mpsc::channel::<AgentMessage>(256);
@@ -119,6 +117,8 @@ impl Session {
                 other => return Err(SessionError::Protocol(format!("expected Welcome, got {other:?}"))),
             },
         };
+        // Established: the next disconnection is retried quickly again.
+        backoff.reset();
         let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
         info!(controller = %self.url, heartbeat_ms = hb_ms, "session established");
         crate::metrics::get().session_up.store(true, Ordering::Relaxed);
@@ -206,5 +206,94 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+/// Reconnect delays: the first retry after ~0.5 s, doubling after each
+/// failed attempt up to 10 s, back to the start once a session is
+/// established. Each delay is shortened by up to a quarter at random, so
+/// agents that lost the controller together do not all dial at once.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+}
+
+impl Backoff {
+    /// The first delay (before jitter).
+    pub const FIRST: Duration = Duration::from_millis(500);
+    /// The longest delay.
+    pub const CAP: Duration = Duration::from_secs(10);
+
+    /// A backoff at its first delay.
+    pub fn new() -> Self {
+        Backoff { base: Self::FIRST }
+    }
+
+    /// Back to the first delay (a session was established).
+    pub fn reset(&mut self) {
+        self.base = Self::FIRST;
+    }
+
+    /// The delay before the next attempt, `random` (uniform over `u16`)
+    /// choosing the jitter; doubles the delay after this one.
+    pub fn next_delay(&mut self, random: u16) -> Duration {
+        let base = self.base;
+        self.base = (self.base * 2).min(Self::CAP);
+        base - base / 4 * u32::from(random) / u32::from(u16::MAX)
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn jitter() -> u16 {
+    let b = uuid::Uuid::new_v4();
+    u16::from_le_bytes([b.as_bytes()[0], b.as_bytes()[1]])
+}
+
+/// How a session attempt ended, for the log. A status from the controller
+/// is given as its code and message only (the controller closes a
+/// superseded session with a status saying which session took over).
+pub fn describe_end(r: &Result<(), SessionError>) -> String {
+    match r {
+        Ok(()) => "session closed by the controller".to_string(),
+        Err(SessionError::Status(s)) => {
+            let msg = if s.message().is_empty() { "(no message)" } else { s.message() };
+            format!("the controller ended the session ({:?}): {msg}", s.code())
+        }
+        Err(e) => lifeboat_common::error_chain(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_near_half_a_second_doubles_to_ten_and_resets() {
+        let mut b = Backoff::new();
+        let first = b.next_delay(0);
+        assert_eq!(first, Duration::from_millis(500));
+        let mut b = Backoff::new();
+        let jittered = b.next_delay(u16::MAX);
+        assert_eq!(jittered, Duration::from_millis(375), "at most a quarter shorter");
+        let delays: Vec<u128> = (0..8).map(|_| b.next_delay(0).as_millis()).collect();
+        assert_eq!(delays, vec![1000, 2000, 4000, 8000, 10_000, 10_000, 10_000, 10_000]);
+        b.reset();
+        assert_eq!(b.next_delay(0), Duration::from_millis(500), "an established session starts over");
+        assert!((0..100).all(|_| Backoff::new().next_delay(jitter()) <= Backoff::FIRST));
+    }
+
+    #[test]
+    fn a_status_from_the_controller_is_logged_as_code_and_message() {
+        let r = Err(SessionError::Status(tonic::Status::aborted("superseded: another session of host-a took over")));
+        let m = describe_end(&r);
+        assert_eq!(m, "the controller ended the session (Aborted): superseded: another session of host-a took over");
+        assert_eq!(describe_end(&Ok(())), "session closed by the controller");
+        let m = describe_end(&Err(SessionError::Protocol("no Welcome within 10 s".into())));
+        assert!(m.contains("no Welcome"), "{m}");
     }
 }

@@ -257,6 +257,9 @@ fn definition(name: &str, uuid: &str, i: usize, j: usize) -> String {
     )
 }
 
+/// The storage identity of the simulated hosts' shared /shared (a marker).
+const SIM_STORAGE: &str = "marker:5b0c3f9e-1111-4222-8333-444455556666";
+
 fn guest(i: usize, j: usize, running: bool) -> Guest {
     let name = format!("vm-{i:05}-{j:02}");
     let uuid = guest_uuid(i, j);
@@ -269,6 +272,8 @@ fn guest(i: usize, j: usize, running: bool) -> Guest {
                 source_type: "file".into(),
                 source: format!("/shared/images/{name}{suffix}.qcow2"),
                 device: "disk".into(),
+                storage: SIM_STORAGE.into(),
+                storage_path: format!("images/{name}{suffix}.qcow2"),
                 ..Default::default()
             })
             .collect(),
@@ -307,7 +312,15 @@ fn host_info(i: usize) -> HostInfo {
 fn answer(c: lifeboat_proto::v1::Command) -> CommandResult {
     let mut r = CommandResult { id: c.id, ok: true, outcome: "done".into(), ..Default::default() };
     if let Some(command::Kind::CheckPaths(p)) = c.kind {
-        r.paths = p.paths.into_iter().map(|path| PathCheck { path, visible: true, error: String::new() }).collect();
+        // Every simulated host mounts the same marked storage at /shared.
+        r.paths = p
+            .paths
+            .into_iter()
+            .map(|path| {
+                let storage_path = path.strip_prefix("/shared/").unwrap_or_default().to_string();
+                PathCheck { path, visible: true, error: String::new(), storage: SIM_STORAGE.into(), storage_path }
+            })
+            .collect();
     }
     r
 }

@@ -69,11 +69,14 @@ enum Cmd {
         #[arg(long)]
         plan_id: Option<String>,
     },
-    /// Alarms: split brain, stale copies found running.
+    /// Alarms: split brain, stale copies found running, guests a job left behind.
+    #[command(args_conflicts_with_subcommands = true)]
     Alarms {
         /// Include cleared alarms.
         #[arg(long)]
         all: bool,
+        #[command(subcommand)]
+        cmd: Option<AlarmsCmd>,
     },
     /// Jobs (forced migrations).
     #[command(subcommand)]
@@ -131,6 +134,22 @@ fn generate(cmd: GenerateCmd) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+#[derive(Subcommand)]
+enum AlarmsCmd {
+    /// Clear a host's active alarms of one kind (operator role; audited).
+    Clear {
+        /// The host the alarm is on.
+        #[arg(long, value_name = "HOST")]
+        host: String,
+        /// The alarm kind, e.g. guests-not-moved (see `lifeboat alarms`).
+        #[arg(long, value_name = "KIND")]
+        kind: String,
+        /// Why it can be cleared (recorded in the audit log).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -280,7 +299,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Cleanup { host, plan, yes, destroy_running, plan_id } => {
             migrate::cleanup(&mut cli.conn.admin().await?, host, plan || (!yes && plan_id.is_none()), destroy_running, plan_id, fmt).await
         }
-        Cmd::Alarms { all } => migrate::alarms(&mut cli.conn.admin().await?, all, fmt).await,
+        Cmd::Alarms { all, cmd: None } => migrate::alarms(&mut cli.conn.admin().await?, all, fmt).await,
+        Cmd::Alarms { cmd: Some(AlarmsCmd::Clear { host, kind, reason }), .. } => {
+            migrate::alarms_clear(&mut cli.conn.admin().await?, host, kind, reason.unwrap_or_default(), fmt).await
+        }
         Cmd::Migrate(a) => migrate::migrate(&mut cli.conn.admin().await?, a, fmt).await,
         Cmd::Move(a) => migrate::migrate(&mut cli.conn.admin().await?, a.into(), fmt).await,
         Cmd::Jobs(JobsCmd::List { host }) => migrate::jobs_list(&mut cli.conn.admin().await?, host, fmt).await,

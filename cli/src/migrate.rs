@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 
 use clap::Args;
 use lifeboat_proto::v1::{
-    CleanupPlan, CleanupRequest, GetJobRequest, JobRecord, ListAlarmsRequest, ListAuditRequest, ListJobsRequest,
+    CleanupPlan, CleanupRequest, ClearAlarmsRequest, GetJobRequest, JobRecord, ListAlarmsRequest, ListAuditRequest, ListJobsRequest,
     MigrateRequest, MigrationPlan, admin_client::AdminClient,
 };
 use tonic::transport::Channel;
@@ -178,19 +178,32 @@ fn print_job(fmt: Format, j: &JobRecord) {
     }
     println!("Job {} ({}) from {}: {}", j.id, j.kind, j.source, j.state);
     println!("  operator {}, plan {}, power evidence {}, parallel {}", j.operator, j.plan_id, j.power_evidence, j.parallel);
-    if !j.error.is_empty() {
-        println!("  error: {}", j.error);
-    }
     for m in &j.moves {
+        let target = if m.target.is_empty() { "(none)" } else { m.target.as_str() };
         println!(
             "  {:<20} -> {:<12} {:<16} gen {}{}",
             m.name,
-            m.target,
+            target,
             m.state,
             m.generation,
             if m.error.is_empty() { String::new() } else { format!("  {}", m.error) }
         );
     }
+    let left = left_behind(j);
+    let moved = j.moves.iter().filter(|m| matches!(m.state.as_str(), "RUNNING" | "DEFINED_STOPPED")).count();
+    if !left.is_empty() {
+        let names: Vec<String> = left.iter().map(|m| format!("{} ({})", m.name, m.state)).collect();
+        println!("  {moved} of {} guest(s) moved; left behind on {}: {}", j.moves.len(), j.source, names.join(", "));
+    }
+    if !j.error.is_empty() {
+        println!("  error: {}", j.error);
+    }
+}
+
+/// The guests a job left on its source: moves that failed, and guests the
+/// plan could not move (NOT_MOVED).
+fn left_behind(j: &JobRecord) -> Vec<&lifeboat_proto::v1::MoveRecord> {
+    j.moves.iter().filter(|m| matches!(m.state.as_str(), "FAILED" | "NOT_MOVED")).collect()
 }
 
 fn terminal(state: &str) -> bool {
@@ -214,13 +227,18 @@ pub async fn watch(c: &mut AdminClient<Channel>, id: &str, fmt: Format) -> Resul
                 if seen.get(&m.uuid) != Some(&m.state) {
                     seen.insert(m.uuid.clone(), m.state.clone());
                     let err = if m.error.is_empty() { String::new() } else { format!(": {}", m.error) };
-                    println!("  {} -> {}: {}{}", m.name, m.target, m.state, err);
+                    if m.state == "NOT_MOVED" {
+                        println!("  {}: NOT_MOVED (stays on {}){}", m.name, j.source, err);
+                    } else {
+                        println!("  {} -> {}: {}{}", m.name, m.target, m.state, err);
+                    }
                 }
             }
             if tty {
                 let done = j.moves.iter().filter(|m| matches!(m.state.as_str(), "RUNNING" | "DEFINED_STOPPED")).count();
                 let failed = j.moves.iter().filter(|m| m.state == "FAILED").count();
-                eprintln!("  progress: {done}/{} done, {failed} failed", j.moves.len());
+                let not_moved = j.moves.iter().filter(|m| m.state == "NOT_MOVED").count();
+                eprintln!("  progress: {done}/{} done, {failed} failed, {not_moved} not moved", j.moves.len() - not_moved);
             }
         }
         let end = terminal(&j.state);
@@ -232,6 +250,9 @@ pub async fn watch(c: &mut AdminClient<Channel>, id: &str, fmt: Format) -> Resul
     last.ok_or_else(|| CliError::Other("the controller ended the watch without any job state".into()))
 }
 
+/// The exit status of a finished job: 0 only when every guest moved
+/// (SUCCEEDED); 1 when guests were left behind (PARTIAL) or none moved
+/// (FAILED). `migrate`, `move`, `jobs watch` and `jobs show` all use it.
 fn job_exit(j: &JobRecord) -> Result<(), CliError> {
     match j.state.as_str() {
         "SUCCEEDED" => Ok(()),
@@ -272,7 +293,12 @@ pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) 
     }
     let job = c.start_migration(req).await.map_err(CliError::from_status)?.into_inner();
     if fmt == Format::Table {
-        println!("started job {} ({} guests)", job.id, job.moves.len());
+        let left = job.moves.iter().filter(|m| m.state == "NOT_MOVED").count();
+        if left == 0 {
+            println!("started job {} ({} guests)", job.id, job.moves.len());
+        } else {
+            println!("started job {} ({} guests to move, {left} left behind)", job.id, job.moves.len() - left);
+        }
     }
     if a.exec.no_wait {
         if fmt == Format::Json {
@@ -316,7 +342,8 @@ pub async fn jobs_list(c: &mut AdminClient<Channel>, host: Option<String>, fmt: 
 pub async fn jobs_show(c: &mut AdminClient<Channel>, id: String, fmt: Format) -> Result<(), CliError> {
     let j = c.get_job(GetJobRequest { id }).await.map_err(CliError::from_status)?.into_inner();
     print_job(fmt, &j);
-    Ok(())
+    // A finished job exits as `migrate` and `jobs watch` did; one still running is no failure.
+    if terminal(&j.state) { job_exit(&j) } else { Ok(()) }
 }
 
 /// `lifeboat jobs watch`.
@@ -459,9 +486,52 @@ pub async fn alarms(c: &mut AdminClient<Channel>, all: bool, fmt: Format) -> Res
     Ok(())
 }
 
+/// `lifeboat alarms clear`.
+pub async fn alarms_clear(c: &mut AdminClient<Channel>, host: String, kind: String, reason: String, fmt: Format) -> Result<(), CliError> {
+    let r = c
+        .clear_alarms(ClearAlarmsRequest { host, kind, reason })
+        .await
+        .map_err(CliError::from_status)?
+        .into_inner();
+    if fmt == Format::Json {
+        return Ok(json(&r.cleared));
+    }
+    for a in &r.cleared {
+        println!("cleared: {} ALARM {} on {}: {}", fmt_time(a.at_unix_ms), a.kind, a.host, a.detail);
+    }
+    println!("{} alarm(s) cleared", r.cleared.len());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job(state: &str, moves: &[(&str, &str)]) -> JobRecord {
+        JobRecord {
+            id: "mig-1".into(),
+            state: state.into(),
+            source: "host-a".into(),
+            error: "left behind".into(),
+            moves: moves
+                .iter()
+                .map(|(n, s)| lifeboat_proto::v1::MoveRecord { name: n.to_string(), state: s.to_string(), ..Default::default() })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_a_job_that_moved_every_guest_exits_zero() {
+        assert!(job_exit(&job("SUCCEEDED", &[("vm-1", "RUNNING")])).is_ok());
+        let partial = job("PARTIAL", &[("vm-1", "RUNNING"), ("vm-local", "NOT_MOVED")]);
+        let e = job_exit(&partial).unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+        assert!(e.to_string().contains("PARTIAL") && e.to_string().contains("left behind"), "{e}");
+        assert_eq!(job_exit(&job("FAILED", &[("vm-1", "FAILED")])).unwrap_err().exit_code(), 1);
+        let names: Vec<&str> = left_behind(&partial).iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["vm-local"]);
+    }
 
     #[test]
     fn since_accepts_durations_and_rfc3339() {

@@ -142,7 +142,33 @@ pub fn restore(from: &Path, db: &Path) -> Result<Summary, BackupError> {
     let mut dst = Connection::open(db).map_err(sq(db))?;
     dst.restore(rusqlite::MAIN_DB, from, None::<fn(rusqlite::backup::Progress)>).map_err(sq(db))?;
     drop(dst);
+    mark_restored(from, db)?;
     verify(db)
+}
+
+/// Host name of the alarms the controller raises about itself.
+pub const CONTROLLER_ALARM_HOST: &str = "controller";
+
+/// Marks a restored database: a backup is older than what the hosts have
+/// seen since (guests moved, generations raised), so the controller that
+/// starts on it must not grant leases or start anything from it before the
+/// hosts have reported. The `store-restored` alarm holds the reconciler
+/// until every host not OFFLINE has reported, then clears itself.
+fn mark_restored(from: &Path, db: &Path) -> Result<(), BackupError> {
+    let store = crate::store::Store::open(db).map_err(|e| BackupError::Invalid { path: db.into(), reason: e.to_string() })?;
+    let detail = format!(
+        "the database was restored from {}: it may be older than what the hosts run (guests moved since, newer \
+         ownership generations). Until every host not OFFLINE has reported, Lifeboat grants no lease and starts or stops \
+         nothing; ownership is then rebuilt from the hosts' reports (highest generation wins). A host that is gone for good: \
+         declare it OFFLINE (`lifeboat hosts set-status HOST OFFLINE`)",
+        from.display()
+    );
+    let io = |e: crate::store::StoreError| BackupError::Invalid { path: db.into(), reason: e.to_string() };
+    store.raise_alarm(CONTROLLER_ALARM_HOST, "store-restored", &detail).map_err(io)?;
+    store
+        .audit(&crate::store::AuditRow::by_controller("store.restored", CONTROLLER_ALARM_HOST, "", detail))
+        .map_err(io)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -164,6 +190,9 @@ mod tests {
         assert!(e.contains("stop the controller"), "{e}");
         drop(held);
         restore(&out, &db).unwrap();
+        let s = crate::store::Store::open(&db).unwrap();
+        let alarms = s.alarms(false).unwrap();
+        assert!(alarms.iter().any(|a| a.3 == "store-restored" && a.4.contains("b.db")), "a restored database holds until hosts report: {alarms:?}");
         std::fs::write(d.path().join("junk.db"), b"not a database at all, clearly").unwrap();
         assert!(matches!(verify(&d.path().join("junk.db")), Err(BackupError::Invalid { .. } | BackupError::Sqlite { .. })));
     }

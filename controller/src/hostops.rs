@@ -90,7 +90,8 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
             Some(g) => {
                 item.managed_save = g.managed_save;
                 let st = GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified);
-                let running = matches!(st, GuestState::Running | GuestState::Paused | GuestState::Blocked);
+                // Paused, crashed, pm-suspended, shutting down: a qemu may still hold the disks.
+                let running = lifeboat_proto::holds_disk(g.state);
                 item.state = format!("{st:?}").to_lowercase();
                 if g.name != m.name {
                     item.action = "refuse-renamed".into();
@@ -98,7 +99,7 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
                     running_refused.push(item.detail.clone());
                 } else if running && !i.destroy_running {
                     item.action = "refuse-running".into();
-                    item.detail = format!("{} is RUNNING on {} although it was moved to {}", m.name, i.host, m.target);
+                    item.detail = format!("{} is {} on {} (not shut off) although it was moved to {}", m.name, item.state.to_uppercase(), i.host, m.target);
                     running_refused.push(item.detail.clone());
                 } else if running {
                     item.action = "destroy-and-remove".into();
@@ -106,7 +107,7 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
                 } else {
                     item.action = "remove".into();
                     item.detail = format!(
-                        "disable autostart{}, undefine with NVRAM, snapshot and checkpoint metadata; disks untouched; it now lives on {}",
+                        "disable autostart{}, undefine with snapshot and checkpoint metadata, keeping NVRAM (never storage: the moved guest may use both); it now lives on {}",
                         if g.managed_save { ", remove the managed-save image" } else { "" },
                         m.target
                     );
@@ -275,6 +276,9 @@ pub async fn set_status(
                     lines.join("\n")
                 )));
             }
+            // As a forced migration does: a host that comes back with the boot
+            // id it had now never lost power, and is flagged (split brain).
+            reg.mark_fenced(&id)?;
         }
         HostStatus::Available | HostStatus::NotAccepting => {
             if rec.stale_definitions > 0 {

@@ -9,6 +9,7 @@
 //!
 //! Architecture invariant: the controller never talks to libvirt.
 
+pub mod alarms;
 pub mod backup;
 pub mod config;
 pub mod error;

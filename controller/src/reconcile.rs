@@ -337,7 +337,29 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                 merge: false,
                 issued_unix_ms: issued_ms,
             };
-            match reg.call(&host, Kind::GrantLeases(cmd), timeout).await {
+            let res = reg.call(&host, Kind::GrantLeases(cmd), timeout).await;
+            if let Ok(r) = &res {
+                // The agent refused some leases: a generation older than
+                // one it already holds (this controller's view is behind),
+                // or a lease file it cannot read. Either way those guests
+                // cannot start there until someone looks.
+                for uuid in &r.stale_generation {
+                    let detail = format!(
+                        "{host} refused the lease of {uuid}: its generation is older than the one {host} already holds \
+                         (generations only move forward); the controller's database may be behind the hosts (a restored \
+                         backup?): see `lifeboat vms show {uuid}` and `lifeboat log --vm {uuid}`"
+                    );
+                    let _ = reg.raise_alarm(&host, "stale-generation", &detail);
+                }
+                for uuid in &r.lease_unreadable {
+                    let detail = format!(
+                        "{host} cannot read its lease file of {uuid} (corrupt or an I/O error; the agent's log names the \
+                         path): the guest cannot start there until the file is repaired or removed"
+                    );
+                    let _ = reg.raise_alarm(&host, "lease-unreadable", &detail);
+                }
+            }
+            match res {
                 Ok(r) if r.ok => {
                     for uuid in &r.autostart_disabled {
                         // Rare (once per guest, or after a `virsh autostart`): look the name up then.

@@ -247,7 +247,9 @@ impl Registry {
         let mut in_job = BTreeMap::new();
         for j in store.active_jobs()? {
             for m in store.moves(&j.id)? {
-                in_job.insert(m.uuid, (j.id.clone(), m.source, m.target));
+                if m.state != crate::migrate::state::MoveState::NotMoved.as_str() {
+                    in_job.insert(m.uuid, (j.id.clone(), m.source, m.target));
+                }
             }
         }
         Ok(Registry {
@@ -1472,5 +1474,89 @@ mod tests {
         assert_eq!(reg.list_guests(Some("h"), None, false).unwrap().len(), 1);
         reg.close_session("h", old);
         assert!(reg.list_hosts()[0].session_open, "closing the old session leaves the new one open");
+    }
+
+    #[test]
+    fn a_takeover_closes_the_old_session_and_two_live_agents_at_two_addresses_raise_one_alarm() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let a: std::net::SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        let b: std::net::SocketAddr = "10.0.0.9:5000".parse().unwrap();
+        let (_, first) = reg.open_session_from("h", "boot", tx.clone(), Some(a)).unwrap();
+        assert!(!*first.borrow());
+        // The same address again (a redial after a broken stream): no alarm.
+        let (_, second) = reg.open_session_from("h", "boot", tx.clone(), Some("10.0.0.1:4001".parse().unwrap())).unwrap();
+        assert!(*first.borrow(), "the superseded session is told to close");
+        assert!(reg.active_alarms().is_empty());
+        // Another address while the first still talks: both named, once.
+        let (_, third) = reg.open_session_from("h", "boot", tx.clone(), Some(b)).unwrap();
+        assert!(*second.borrow());
+        let _ = reg.open_session_from("h", "boot", tx.clone(), Some("10.0.0.1:4002".parse().unwrap())).unwrap();
+        assert!(*third.borrow());
+        let alarms = reg.active_alarms();
+        assert_eq!(alarms.len(), 1, "{alarms:?}");
+        assert_eq!(alarms[0].1, "duplicate-agent");
+        assert!(alarms[0].2.contains("10.0.0.1") && alarms[0].2.contains("10.0.0.9"), "{}", alarms[0].2);
+    }
+
+    #[test]
+    fn one_uuid_has_one_owner_and_a_newer_claim_rebuilds_an_older_record() {
+        use crate::reconcile::OwnerView;
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let running = |u: &str, n: &str| Guest { state: GuestState::Running as i32, ..g(u, n) };
+        let inv = |gs: Vec<Guest>| Inventory { host: None, guests: gs, more: false };
+        let sa = reg.open_session("a", "boot", tx.clone()).unwrap();
+        let sb = reg.open_session("b", "boot", tx.clone()).unwrap();
+        reg.apply_inventory("a", sa, inv(vec![running("u1", "vm1")])).unwrap();
+        // A second copy on b while a runs it: b does not own it.
+        reg.apply_inventory("b", sb, inv(vec![running("u1", "vm1")])).unwrap();
+        let view = |h: &str| Registry::owner_view(&reg.lock(), "u1", h);
+        assert_eq!(view("a"), None);
+        assert_eq!(view("b"), Some(OwnerView::Other { host: "a".into(), recorded: false }));
+        assert!(reg.lease_set("b").is_empty(), "no lease for the second copy");
+        assert_eq!(reg.lease_set("a").len(), 1);
+        // a stops it and undefines it (a hand migration): b's copy is the guest now.
+        reg.apply_inventory("a", sa, inv(vec![])).unwrap();
+        assert_eq!(view("b"), None);
+        // a silent first host: nobody can tell.
+        let sc = reg.open_session("c", "boot", tx.clone()).unwrap();
+        reg.apply_inventory("c", sc, inv(vec![running("u2", "vm2")])).unwrap();
+        reg.close_session("c", sc);
+        reg.apply_inventory("b", sb, inv(vec![running("u1", "vm1"), running("u2", "vm2")])).unwrap();
+        assert_eq!(Registry::owner_view(&reg.lock(), "u2", "b"), Some(OwnerView::Unsure));
+        // A claim newer than the record (a restored database): rebuilt, alarmed, audited.
+        let claimed = Guest { owner_host: "b".into(), owner_generation: 3, ..running("u3", "vm3") };
+        reg.apply_guest("b", sb, claimed).unwrap();
+        assert_eq!(reg.owner_generation("u3"), 3);
+        assert!(reg.active_alarms().iter().any(|a| a.1 == "store-behind-hosts" && a.0 == "b"));
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        assert!(log.iter().any(|a| a.action == "ownership.rebuilt" && a.vm == "vm3"));
+        // A newer claim while the recorded owner runs it: a conflict, nobody gets a lease.
+        let sd = reg.open_session("d", "boot", tx).unwrap();
+        reg.apply_inventory("d", sd, inv(vec![Guest { owner_host: "d".into(), owner_generation: 4, ..running("u3", "vm3") }])).unwrap();
+        assert_eq!(reg.owner_generation("u3"), 3, "not taken from a running owner");
+        assert!(reg.active_alarms().iter().any(|a| a.1 == "ownership-conflict"));
+        assert!(!reg.lease_set("b").iter().any(|l| l.0 == "u3") && !reg.lease_set("d").iter().any(|l| l.0 == "u3"));
+    }
+
+    #[test]
+    fn the_reconciler_holds_through_the_startup_grace_and_a_restore_until_every_host_reported() {
+        let store = Store::open_in_memory().unwrap();
+        store.raise_alarm("controller", "store-restored", "restored from b.db").unwrap();
+        let t = Timing { heartbeat_interval_ms: 100, unreachable_after_ms: 300 };
+        let reg = Registry::load(store, t).unwrap();
+        let now = now_unix_ms();
+        assert!(reg.hold(now).unwrap().contains("startup grace"));
+        let (tx, _rx) = mpsc::channel(1);
+        let sa = reg.open_session("a", "boot", tx.clone()).unwrap();
+        let _sb = reg.open_session("b", "boot", tx).unwrap();
+        reg.apply_inventory("a", sa, Inventory::default()).unwrap();
+        let later = now + 1000;
+        let why = reg.hold(later).unwrap();
+        assert!(why.contains("restored") && why.contains('b') && !why.contains("a,"), "{why}");
+        reg.set_status("b", HostStatus::Offline, "gone", "test").unwrap();
+        assert_eq!(reg.hold(later), None, "every host not OFFLINE reported");
+        assert!(reg.active_alarms().is_empty(), "the alarm is cleared by its cause");
     }
 }

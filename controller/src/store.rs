@@ -501,6 +501,30 @@ impl Store {
         )?)
     }
 
+    /// Clears a host's active alarms of one kind and, when any was active,
+    /// appends `audit` in the same transaction. Returns the alarms cleared
+    /// as (id, at, detail); none cleared writes nothing.
+    pub fn clear_alarms_audited(&mut self, host: &str, kind: &str, audit: &AuditRow) -> Result<Vec<(i64, i64, String)>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let active: Vec<(i64, i64, String)> = {
+            let mut st = tx.prepare(
+                "SELECT id, at_ms, detail FROM alarms WHERE host = ?1 AND kind = ?2 AND cleared_ms = 0 ORDER BY id",
+            )?;
+            let rows = st.query_map(params![host, kind], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if active.is_empty() {
+            return Ok(active);
+        }
+        tx.execute(
+            "UPDATE alarms SET cleared_ms = ?3 WHERE host = ?1 AND kind = ?2 AND cleared_ms = 0",
+            params![host, kind, crate::now_ms()],
+        )?;
+        insert_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(active)
+    }
+
     /// Completed moves away from `host`: (move, cleaned_ms).
     pub fn moves_from(&self, host: &str) -> Result<Vec<(MoveRow, i64)>, StoreError> {
         let mut st = self.conn.prepare(&format!(
@@ -708,8 +732,20 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// A job's moves, in evacuation order.
+    /// The moves a job carries out, in evacuation order: every row except
+    /// the guests recorded as left behind (`NOT_MOVED`), which nothing
+    /// ever acts on.
     pub fn moves(&self, job_id: &str) -> Result<Vec<MoveRow>, StoreError> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {MOVE_COLUMNS} FROM moves WHERE job_id = ?1 AND state != 'NOT_MOVED' ORDER BY priority DESC, name"
+        ))?;
+        let rows = st.query_map(params![job_id], move_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every row of a job, the guests left behind (`NOT_MOVED`) included:
+    /// what a report of the job shows. Evacuation order.
+    pub fn job_moves(&self, job_id: &str) -> Result<Vec<MoveRow>, StoreError> {
         let mut st = self
             .conn
             .prepare(&format!("SELECT {MOVE_COLUMNS} FROM moves WHERE job_id = ?1 ORDER BY priority DESC, name"))?;
@@ -888,6 +924,69 @@ mod tests {
         assert_eq!(s.read_audit(&AuditFilter::default()).unwrap().len(), 2);
         assert!(s.conn.execute("DELETE FROM audit", []).is_err());
         assert!(s.conn.execute("UPDATE audit SET detail = 'x'", []).is_err());
+    }
+
+    #[test]
+    fn guests_left_behind_are_recorded_with_the_job_but_never_carried_out() {
+        let mut s = Store::open_in_memory().unwrap();
+        let job = JobRow {
+            id: "j1".into(),
+            kind: "migrate".into(),
+            source: "a".into(),
+            state: "CREATED".into(),
+            operator: "ann".into(),
+            plan_id: "p".into(),
+            power_evidence: "attestation".into(),
+            request: vec![],
+            parallel: 4,
+            created_ms: 1,
+            updated_ms: 1,
+            error: String::new(),
+        };
+        let mv = |uuid: &str, name: &str, state: &str, error: &str| MoveRow {
+            job_id: "j1".into(),
+            uuid: uuid.into(),
+            name: name.into(),
+            source: "a".into(),
+            target: if state == "NOT_MOVED" { String::new() } else { "b".into() },
+            generation: if state == "NOT_MOVED" { 0 } else { 1 },
+            state: state.into(),
+            start: true,
+            definition_xml: String::new(),
+            error: error.into(),
+            priority: 0,
+            updated_ms: 1,
+        };
+        let a = AuditRow { actor: "ann".into(), action: "migrate.requested".into(), host: "a".into(), ..Default::default() };
+        let rows = [mv("u1", "vm-1", "PENDING", ""), mv("u2", "vm-local", "NOT_MOVED", "local storage: no other host sees /l.img")];
+        s.create_job(&job, &rows, &a).unwrap();
+        let carried: Vec<String> = s.moves("j1").unwrap().into_iter().map(|m| m.name).collect();
+        assert_eq!(carried, ["vm-1"], "the engine never sees a NOT_MOVED row");
+        let all = s.job_moves("j1").unwrap();
+        assert_eq!(all.len(), 2);
+        let local = all.iter().find(|m| m.name == "vm-local").unwrap();
+        assert_eq!((local.state.as_str(), local.error.as_str()), ("NOT_MOVED", "local storage: no other host sees /l.img"));
+        assert!(s.moves_from("a").unwrap().is_empty(), "cleanup never names a guest left behind");
+    }
+
+    #[test]
+    fn clearing_alarms_is_audited_and_clearing_nothing_writes_nothing() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.raise_alarm("a", "guests-not-moved", "job j1 left vm-local").unwrap();
+        s.raise_alarm("a", "split-brain", "never powered off").unwrap();
+        let a = AuditRow { actor: "olga".into(), action: "alarm.cleared".into(), host: "a".into(), detail: "checked".into(), ..Default::default() };
+        assert!(s.clear_alarms_audited("a", "stale-copy-running", &a).unwrap().is_empty());
+        assert!(s.clear_alarms_audited("b", "guests-not-moved", &a).unwrap().is_empty());
+        assert!(s.read_audit(&AuditFilter::default()).unwrap().is_empty(), "nothing cleared, nothing audited");
+        let cleared = s.clear_alarms_audited("a", "guests-not-moved", &a).unwrap();
+        assert_eq!(cleared.len(), 1);
+        assert_eq!(cleared[0].2, "job j1 left vm-local");
+        let active: Vec<String> = s.alarms(false).unwrap().into_iter().map(|x| x.3).collect();
+        assert_eq!(active, ["split-brain"], "only the named kind is cleared");
+        let log = s.read_audit(&AuditFilter::default()).unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!((log[0].actor.as_str(), log[0].action.as_str()), ("olga", "alarm.cleared"));
+        assert!(s.clear_alarms_audited("a", "guests-not-moved", &a).unwrap().is_empty(), "already cleared");
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! engine) and real agents on libvirt's test driver; disks are real files
 //! so the targets' path checks are real. The BMC paths are covered by the
 //! lab tests with the Redfish emulator; here the operator attests.
+//!
+//! All agents run in this one process and see one filesystem, as the lab's
+//! hosts share one kernel: the shared directory carries a storage marker,
+//! and a disk outside it is local even though every "host" sees its path.
 
 use std::time::Duration;
 
@@ -11,6 +15,11 @@ use lifeboat_proto::v1::{
     GetHostRequest, GuestState, ListAuditRequest, ListGuestsRequest, MigrateRequest,
 };
 
+/// Marks `dir` as shared storage, as an operator (or lab.sh) does.
+fn mark_shared(dir: &std::path::Path, id: &str) {
+    std::fs::write(dir.join(".lifeboat-storage-id"), format!("{id}\n")).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attested_forced_migration_moves_every_shared_guest_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -18,6 +27,12 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     let pki = Pki::new(&dir.join("pki"));
     let shared = dir.join("shared");
     std::fs::create_dir_all(&shared).unwrap();
+    mark_shared(&shared, "5b0c3f9e-1111-4222-8333-444455556666");
+    // A local disk whose path every other "host" sees too: another host's
+    // file at that path would be another disk.
+    let local_disk = dir.join("local/vm-local.img");
+    std::fs::create_dir_all(local_disk.parent().unwrap()).unwrap();
+    std::fs::write(&local_disk, b"").unwrap();
     let disk = |n: &str| {
         let p = shared.join(format!("{n}.img"));
         std::fs::write(&p, b"").unwrap();
@@ -27,9 +42,13 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
         domain("vm-1", "22222222-0000-4000-8000-000000000001", &disk("vm-1"), "52:54:00:00:01:01", 1),
         domain("vm-2", "22222222-0000-4000-8000-000000000002", &disk("vm-2"), "52:54:00:00:01:02", 1),
         domain("vm-3", "22222222-0000-4000-8000-000000000003", &disk("vm-3"), "52:54:00:00:01:03", 5),
-        domain("vm-local", "22222222-0000-4000-8000-000000000004", "/nonexistent/local/vm-local.img", "52:54:00:00:01:04", 1),
+        domain("vm-local", "22222222-0000-4000-8000-000000000004", &local_disk.display().to_string(), "52:54:00:00:01:04", 1),
+        // A kernel device name: /dev/loop0 can be another device on another host.
+        domain("vm-dev", "22222222-0000-4000-8000-000000000005", "/dev/loop0", "52:54:00:00:01:05", 1),
     ]);
-    for (h, text) in [("host-a", a), ("host-b", node(&[])), ("host-c", node(&[]))] {
+    // host-c has another guest (another UUID) on vm-1's disk: vm-1 must not go there.
+    let c_guests = [domain("squatter", "22222222-0000-4000-8000-0000000000c1", &disk("vm-1"), "52:54:00:00:01:c1", 5)];
+    for (h, text) in [("host-a", a), ("host-b", node(&[])), ("host-c", node(&c_guests))] {
         std::fs::write(dir.join(format!("{h}.xml")), text).unwrap();
     }
     let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000").await;
@@ -42,7 +61,7 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
         let mut op = op.clone();
         async move {
             let g = op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests;
-            (g.len() == 4).then_some(())
+            (g.len() == 6).then_some(())
         }
     })
     .await;
@@ -90,6 +109,27 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     assert!(p.executable, "{p:?}");
     let local = p.guests.iter().find(|g| g.name == "vm-local").unwrap();
     assert!(!local.movable && local.reason.contains("local storage"), "{local:?}");
+    let shared_check = local.checks.iter().find(|c| c.name == "disks on shared storage").unwrap();
+    assert!(shared_check.detail.contains(&format!("host-a reported {} on local:", local_disk.display())), "{shared_check:?}");
+    let dev = p.guests.iter().find(|g| g.name == "vm-dev").unwrap();
+    assert!(!dev.movable && dev.checks[0].detail.contains("/dev/loop0 is a kernel device name"), "{dev:?}");
+    assert!(dev.checks[0].remedy.contains("by-id"), "{dev:?}");
+    // The evidence: the target sees the disk on the storage the source reported.
+    let vm1 = p.guests.iter().find(|g| g.name == "vm-1").unwrap();
+    assert_eq!(vm1.target, "host-b", "host-c has another guest on vm-1's disk: {vm1:?}");
+    let seen = vm1.checks.iter().find(|c| c.name == "same disks on host-b").unwrap();
+    assert!(
+        seen.ok && seen.detail.ends_with("vm-1.img on marker:5b0c3f9e-1111-4222-8333-444455556666 (vm-1.img) like host-a"),
+        "{seen:?}"
+    );
+    // Named explicitly, host-c is refused for vm-1, with the other guest named.
+    let mut to_c = req.clone();
+    to_c.target = "host-c".into();
+    to_c.vms = vec!["vm-1".into()];
+    let pc = op.plan_migration(to_c).await.unwrap().into_inner();
+    assert!(!pc.executable);
+    let busy = pc.guests[0].checks.iter().find(|c| c.name == "disks free on host-c").unwrap();
+    assert!(!busy.ok && busy.detail.contains("'squatter'"), "{busy:?}");
     assert!(p.guests.iter().find(|g| g.name == "vm-3").is_some_and(|g| g.movable && !g.start));
 
     // A stale plan id is refused and nothing happens.
@@ -123,7 +163,7 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     }
     let b = op.get_host(GetHostRequest { host: "host-b".into() }).await.unwrap().into_inner();
     let cc = op.get_host(GetHostRequest { host: "host-c".into() }).await.unwrap().into_inner();
-    assert_eq!(b.guest_count + cc.guest_count, 3);
+    assert_eq!(b.guest_count + cc.guest_count, 4, "three moved, and the squatter");
     assert!(b.guest_count >= 1 && cc.guest_count >= 1, "spread over both targets");
 
     // The audit log tells the story.
@@ -143,7 +183,10 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     req.plan_id.clear();
     let p = op.plan_migration(req.clone()).await.unwrap().into_inner();
     assert!(!p.executable);
-    assert!(p.guests.iter().filter(|g| g.name != "vm-local").all(|g| g.reason.contains("already moved")), "{p:?}");
+    assert!(
+        p.guests.iter().filter(|g| g.name != "vm-local" && g.name != "vm-dev").all(|g| g.reason.contains("already moved")),
+        "{p:?}"
+    );
     agent_b.stop().await;
     agent_c.stop().await;
     c.stop().await;
@@ -154,6 +197,7 @@ async fn a_planned_move_stops_first_then_redefines_and_undefines_on_the_source()
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let pki = Pki::new(&dir.join("pki"));
+    mark_shared(dir, "7d1e2f30-1111-4222-8333-444455556666");
     let disk = dir.join("m1.img");
     std::fs::write(&disk, b"").unwrap();
     let b = node(&[domain("m-1", "44444444-0000-4000-8000-000000000001", &disk.display().to_string(), "52:54:00:00:04:01", 1)]);

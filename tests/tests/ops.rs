@@ -18,6 +18,8 @@ async fn a_backup_of_a_busy_controller_restores_into_a_fresh_one() {
     let dir = tmp.path();
     let pki = Pki::new(&dir.join("pki"));
     let db = dir.join("c.db");
+    // The disks' directory is shared storage (a marker says so: one filesystem for all agents here).
+    std::fs::write(dir.join(".lifeboat-storage-id"), "0f5e0c1a-1111-4222-8333-444455556666\n").unwrap();
     let mut doms = Vec::new();
     for i in 0..4 {
         let disk = dir.join(format!("bk{i}.img"));

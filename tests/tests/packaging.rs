@@ -1063,3 +1063,110 @@ fn rpm_install_upgrade_erase_with_scriptlets_keeps_the_existing_hook() {
     assert!(fs::read_dir(r.join("etc/libvirt/hooks")).unwrap().next().is_none());
     eprintln!("packaging: rpm install/upgrade/erase in scratch roots took {:.1}s", t.elapsed().as_secs_f64());
 }
+
+// ------------------------------------------------------------------------------------
+// The hook script from the source tree, without packages (no root or rpmbuild needed):
+// what it does when the agent binary cannot run.
+
+/// A scratch hook directory (optionally with an administrator's hook chained) and a log
+/// directory, for the source tree's hook script.
+fn source_hook_dir(with_chained: bool) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("hooks");
+    let log = tmp.path().join("log");
+    fs::create_dir_all(&dir).unwrap();
+    fs::create_dir_all(&log).unwrap();
+    if with_chained {
+        write_exec(&dir.join("qemu.lifeboat-chained"), ORIGINAL_HOOK, 0o755);
+    }
+    (tmp, dir, log)
+}
+
+/// Runs packaging/libvirt/qemu-hook as libvirt would, with `agent` as the agent binary.
+fn call_source_hook(dir: &Path, log: &Path, agent: &Path, args: [&str; 4], stdin: &[u8]) -> Output {
+    let mut c = Command::new(workspace().join("packaging/libvirt/qemu-hook"));
+    c.args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("LIFEBOAT_AGENT_BIN", agent)
+        .env("LIFEBOAT_AGENT_CONFIG", "/nonexistent/agent.toml")
+        .env("LIFEBOAT_HOOK_DIR", dir)
+        .env("LOG", log)
+        .env("TMPDIR", log);
+    run_with_stdin(&mut c, stdin)
+}
+
+const STARTS: [&str; 3] = ["prepare", "migrate", "restore"];
+const NOT_STARTS: [&str; 6] = ["start", "started", "stopped", "release", "reconnect", "attach"];
+
+#[test]
+fn hook_without_a_runnable_agent_refuses_starts_and_nothing_else() {
+    let xml = managed_xml();
+    for with_chained in [false, true] {
+        let (tmp, dir, log) = source_hook_dir(with_chained);
+        let not_exec = tmp.path().join("lifeboat-agent-0644");
+        fs::write(&not_exec, "#!/bin/sh\nexit 0\n").unwrap();
+        fs::set_permissions(&not_exec, fs::Permissions::from_mode(0o644)).unwrap();
+        let agents = [tmp.path().join("no-such-agent"), not_exec, tmp.path().to_path_buf()];
+        for agent in &agents {
+            for op in STARTS {
+                let _ = fs::remove_file(log.join("args"));
+                let out = call_source_hook(&dir, &log, agent, ["vm-x", op, "begin", "-"], xml.as_bytes());
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(out.status.code(), Some(1), "{op} with agent {}: {err}", agent.display());
+                assert!(err.contains("missing or not executable") && err.contains("fail closed") && err.contains(op), "{err}");
+                assert!(!log.join("args").exists(), "the chained hook ran after a refusal");
+            }
+            for op in NOT_STARTS {
+                let _ = fs::remove_file(log.join("args"));
+                let out = call_source_hook(&dir, &log, agent, ["vm-x", op, "begin", "-"], xml.as_bytes());
+                assert_eq!(
+                    out.status.code(),
+                    Some(0),
+                    "{op} with agent {} must not fail (on reconnect libvirt would kill the guest): {}",
+                    agent.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                if with_chained {
+                    assert_eq!(fs::read_to_string(log.join("args")).unwrap(), format!("vm-x\n{op}\nbegin\n-\n"));
+                    assert_eq!(fs::read(log.join("stdin")).unwrap(), xml.as_bytes(), "the chained hook gets libvirt's stdin");
+                    assert_eq!(String::from_utf8_lossy(&out.stdout), "chained-stdout\n");
+                }
+            }
+        }
+        if with_chained {
+            // The chained hook's own failure is still its own to report.
+            let mut c = Command::new(workspace().join("packaging/libvirt/qemu-hook"));
+            c.args(["vm-x", "stopped", "end", "-"])
+                .env_clear()
+                .env("PATH", "/usr/bin:/bin")
+                .env("LIFEBOAT_AGENT_BIN", tmp.path().join("no-such-agent"))
+                .env("LIFEBOAT_HOOK_DIR", &dir)
+                .env("LOG", &log)
+                .env("CHAINED_EXIT", "5");
+            assert_eq!(run_with_stdin(&mut c, b"").status.code(), Some(5));
+        }
+    }
+}
+
+#[test]
+fn hook_runs_the_guard_only_for_starts() {
+    // An agent that cannot run (exit 127, as the shell reports a binary whose libraries are
+    // missing): starts are refused with its status, every other operation passes.
+    let (tmp, dir, log) = source_hook_dir(false);
+    let broken = tmp.path().join("broken-agent");
+    write_exec(&broken, "#!/bin/sh\necho ran > \"$LOG/guard-ran\"\nexit 127\n", 0o755);
+    for op in STARTS {
+        let out = call_source_hook(&dir, &log, &broken, ["vm-x", op, "begin", "-"], managed_xml().as_bytes());
+        assert_eq!(out.status.code(), Some(127), "{op}");
+    }
+    fs::remove_file(log.join("guard-ran")).unwrap();
+    for op in NOT_STARTS {
+        let out = call_source_hook(&dir, &log, &broken, ["vm-x", op, "begin", "-"], managed_xml().as_bytes());
+        assert_eq!(out.status.code(), Some(0), "{op}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(!log.join("guard-ran").exists(), "the guard ran for an operation that starts nothing");
+    // An operation a newer libvirt may add is not refused either.
+    let out = call_source_hook(&dir, &log, &broken, ["vm-x", "frobnicate", "begin", "-"], b"");
+    assert_eq!(out.status.code(), Some(0));
+}

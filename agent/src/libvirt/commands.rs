@@ -2,11 +2,13 @@
 //! check-then-act: it first looks whether its effect is already there, so
 //! a repeated command (after a controller crash) does nothing twice.
 
+use lifeboat_proto::holds_disk;
 use lifeboat_proto::v1::{
-    CheckPaths, CleanupGuest, Command, CommandResult, DefineGuest, GrantLeases, GuestState, PathCheck, SetAutostart,
+    CheckPaths, CleanupGuest, Command, CommandResult, DefineGuest, GrantLeases, Guest, GuestState, PathCheck, SetAutostart,
     StartGuest, StopGuest, command::Kind,
 };
 use tracing::info;
+use virt::domain::Domain;
 use virt::sys;
 
 use super::{ActorState, is_no_domain, read_guest};
@@ -16,21 +18,11 @@ fn fail(id: &str, error: String) -> CommandResult {
     CommandResult { id: id.to_string(), ok: false, error, ..Default::default() }
 }
 
-/// Which paths this host can see. Only absolute paths are checked; other
-/// sources (network disks) are reported as not checkable.
+/// Which paths this host can see, and on which storage (see
+/// [`crate::storage`]). Only absolute paths are checked; other sources
+/// (network disks) are reported as not checkable.
 pub fn check_paths(cmd: &CheckPaths) -> Vec<PathCheck> {
-    cmd.paths
-        .iter()
-        .map(|p| {
-            if !p.starts_with('/') {
-                return PathCheck { path: p.clone(), visible: false, error: "not a local path; cannot check".into() };
-            }
-            match std::fs::metadata(p) {
-                Ok(_) => PathCheck { path: p.clone(), visible: true, error: String::new() },
-                Err(e) => PathCheck { path: p.clone(), visible: false, error: e.to_string() },
-            }
-        })
-        .collect()
+    crate::storage::check_paths(&cmd.paths)
 }
 
 impl ActorState {
@@ -111,6 +103,21 @@ impl ActorState {
         if d.owner_host.is_empty() || d.generation == 0 {
             return fail(id, "define needs an owner host and a generation".into());
         }
+        // Generations only move forward: this host's lease file (kept after a
+        // revocation) remembers the highest it was granted.
+        match crate::lease::read_file(&self.cfg.state_dir, &facts.uuid) {
+            Ok(Some(l)) if l.generation > d.generation => {
+                return fail(
+                    id,
+                    format!(
+                        "define of {} ({}) at generation {} refused: this host's lease file records generation {}, and ownership generations only move forward",
+                        facts.name, facts.uuid, d.generation, l.generation
+                    ),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => return fail(id, format!("define of {} refused: its lease file cannot be read ({e}); failing closed", facts.uuid)),
+        }
         let conn = &self.conn.as_ref().expect("checked").conn;
         // Check: is it already here?
         match conn.lookup_domain_by_uuid_string(&facts.uuid) {
@@ -121,6 +128,15 @@ impl ActorState {
                 };
                 if g.owner_host == d.owner_host && g.owner_generation == d.generation {
                     return CommandResult { id: id.into(), ok: true, outcome: "already".into(), guest: Some(g), ..Default::default() };
+                }
+                if g.owner_generation > d.generation {
+                    return fail(
+                        id,
+                        format!(
+                            "define of {} ({}) at generation {} refused: the definition on this host records generation {} (owner '{}'), and ownership generations only move forward",
+                            facts.name, facts.uuid, d.generation, g.owner_generation, g.owner_host
+                        ),
+                    );
                 }
                 return fail(
                     id,
@@ -187,6 +203,11 @@ impl ActorState {
     /// Writes the granted leases, then makes sure libvirt autostart is off
     /// on every leased guest (Lifeboat decides what starts).
     fn grant_leases(&mut self, id: &str, g: &GrantLeases) -> CommandResult {
+        // Leases are bound to this boot. Without a boot id they are still
+        // written (revocations must apply), bound to no boot: the guard
+        // refuses them, and the command reports the failure.
+        let boot = crate::lease::current_boot_id(&self.cfg.boot_id_file);
+        let boot_id = boot.as_ref().map(String::clone).unwrap_or_default();
         let files: Vec<crate::lease::LeaseFile> = g
             .leases
             .iter()
@@ -197,12 +218,24 @@ impl ActorState {
                 generation: l.generation,
                 expires_unix_ms: g.expires_unix_ms,
                 issued_unix_ms: g.issued_unix_ms,
+                boot_id: boot_id.clone(),
             })
             .collect();
-        let fresh = match crate::lease::apply(&self.cfg.state_dir, &self.cfg.host_id, &files, g.merge, g.issued_unix_ms) {
-            Ok(f) => f,
+        let applied = match crate::lease::apply(&self.cfg.state_dir, &self.cfg.host_id, &files, g.merge, g.issued_unix_ms) {
+            Ok(a) => a,
             Err(e) => return fail(id, format!("writing leases to {} failed: {e}", self.cfg.state_dir.display())),
         };
+        if let Err(e) = boot {
+            return CommandResult {
+                id: id.into(),
+                ok: false,
+                error: format!("leases written but bound to no boot, so the start guard refuses them: cannot read this host's boot id ({e})"),
+                stale_generation: applied.stale_generation,
+                lease_unreadable: applied.unreadable,
+                ..Default::default()
+            };
+        }
+        let fresh = applied.fresh;
         let mut changed = Vec::new();
         let mut disabled = Vec::new();
         if let Some(c) = &self.conn {
@@ -233,7 +266,15 @@ impl ActorState {
             self.known.insert(g.uuid.clone(), g.clone());
             self.emit(super::Update::Changed(g));
         }
-        CommandResult { id: id.into(), ok: true, outcome: "done".into(), autostart_disabled: disabled, ..Default::default() }
+        CommandResult {
+            id: id.into(),
+            ok: true,
+            outcome: "done".into(),
+            autostart_disabled: disabled,
+            stale_generation: applied.stale_generation,
+            lease_unreadable: applied.unreadable,
+            ..Default::default()
+        }
     }
 
     fn stop(&mut self, id: &str, s: StopGuest) -> CommandResult {
@@ -243,17 +284,23 @@ impl ActorState {
             Err(e) if is_no_domain(&e) => return CommandResult { id: id.into(), ok: true, outcome: "already".into(), ..Default::default() },
             Err(e) => return fail(id, format!("looking up {} failed: {}", s.uuid, e.message())),
         };
+        // Anything but shut off may hold a qemu process and the disks
+        // (paused, pm-suspended, crashed, shutting down, ...): destroy it. A
+        // state that cannot be read is destroyed too.
         match read_guest(&dom) {
-            Ok(g) if g.state != GuestState::Running as i32 && g.state != GuestState::Paused as i32 => {
+            Ok(g) if !holds_disk(g.state) => {
                 return CommandResult { id: id.into(), ok: true, outcome: "already".into(), guest: Some(g), ..Default::default() };
             }
+            Err(e) if is_no_domain(&e) => return CommandResult { id: id.into(), ok: true, outcome: "already".into(), ..Default::default() },
             _ => {}
         }
-        if let Err(e) = dom.destroy() {
-            return fail(id, format!("destroying {} failed: {}", s.uuid, e.message()));
+        match destroy_and_confirm(&dom, &s.uuid) {
+            Ok(g) => {
+                tracing::warn!(uuid = %s.uuid, reason = %s.reason, "guest destroyed on the controller's order");
+                CommandResult { id: id.into(), ok: true, outcome: "done".into(), guest: g, ..Default::default() }
+            }
+            Err(m) => fail(id, m),
         }
-        tracing::warn!(uuid = %s.uuid, reason = %s.reason, "guest destroyed on the controller's order");
-        CommandResult { id: id.into(), ok: true, outcome: "done".into(), guest: read_guest(&dom).ok(), ..Default::default() }
     }
 
     fn cleanup(&mut self, id: &str, c: CleanupGuest) -> CommandResult {
@@ -270,15 +317,22 @@ impl ActorState {
         if g.name != c.name {
             return fail(id, format!("guest {} is named '{}' here, not '{}'; refusing to remove it", c.uuid, g.name, c.name));
         }
-        let running = g.state == GuestState::Running as i32 || g.state == GuestState::Paused as i32;
-        if running {
+        if holds_disk(g.state) {
             if !c.destroy_running {
-                return fail(id, format!("'{}' ({}) is RUNNING on this host; refusing to remove it", g.name, g.uuid));
+                return fail(
+                    id,
+                    format!(
+                        "'{}' ({}) is {} on this host (it may hold its disks); refusing to remove it. Stop it first, or clean up with --destroy-running",
+                        g.name,
+                        g.uuid,
+                        state_name(&g)
+                    ),
+                );
             }
-            if let Err(e) = dom.destroy() {
-                return fail(id, format!("destroying running '{}' failed: {}", g.name, e.message()));
+            if let Err(m) = destroy_and_confirm(&dom, &g.name) {
+                return fail(id, m);
             }
-            tracing::warn!(uuid = %g.uuid, name = %g.name, "running stale copy destroyed for cleanup (--destroy-running)");
+            tracing::warn!(uuid = %g.uuid, name = %g.name, was = %state_name(&g), "stale copy destroyed for cleanup (--destroy-running)");
         }
         let _ = dom.set_autostart(false);
         if g.managed_save {
@@ -286,23 +340,63 @@ impl ActorState {
                 return fail(id, format!("removing the managed-save image of '{}' failed: {}", g.name, e.message()));
             }
         }
-        let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-            | sys::VIR_DOMAIN_UNDEFINE_NVRAM;
-        if let Err(e) = dom.undefine_flags(flags) {
-            // Drivers without NVRAM/checkpoint support reject those flags; without
-            // them libvirt still refuses to undefine a guest that has NVRAM or
-            // checkpoints, so retrying cannot leave anything half-removed.
-            let basic = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
-            if !e.message().contains("unsupported flags") || dom.undefine_flags(basic).is_err() {
+        if let Err(e) = dom.undefine_flags(CLEANUP_UNDEFINE) {
+            // Drivers without NVRAM/checkpoint support (libvirt's test driver)
+            // reject those flags. Without any NVRAM flag libvirt refuses to
+            // undefine a guest that has NVRAM (and without the checkpoint flag
+            // one that has checkpoints), so this retry never removes NVRAM and
+            // cannot leave anything half-removed.
+            if !e.message().contains("unsupported flags") || dom.undefine_flags(CLEANUP_UNDEFINE_BASIC).is_err() {
                 return fail(id, format!("undefining '{}' failed: {}", g.name, e.message()));
             }
         }
-        info!(uuid = %g.uuid, name = %g.name, "stale definition removed (storage untouched)");
+        info!(uuid = %g.uuid, name = %g.name, "stale definition removed (storage and NVRAM untouched)");
         self.known.remove(&g.uuid);
         self.emit(super::Update::Removed { uuid: g.uuid.clone(), name: g.name.clone() });
         CommandResult { id: id.into(), ok: true, outcome: "done".into(), ..Default::default() }
+    }
+}
+
+/// How cleanup undefines: with managed save, snapshot and checkpoint
+/// metadata, KEEPING the NVRAM file: the moved guest runs elsewhere,
+/// possibly from this very file on shared storage.
+const CLEANUP_UNDEFINE: sys::virDomainUndefineFlagsValues = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+    | sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM;
+
+/// The fallback for drivers that reject those flags: no NVRAM flag at all
+/// (then libvirt refuses a guest that has NVRAM rather than removing it).
+const CLEANUP_UNDEFINE_BASIC: sys::virDomainUndefineFlagsValues = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+
+/// A guest's state as the operator sees it (`PMSUSPENDED (unknown)`).
+fn state_name(g: &Guest) -> String {
+    let st = GuestState::try_from(g.state)
+        .map(|s| s.as_str_name().trim_start_matches("GUEST_STATE_").to_string())
+        .unwrap_or_else(|_| format!("state {}", g.state));
+    if g.state_reason.is_empty() { st } else { format!("{st} ({})", g.state_reason) }
+}
+
+/// Destroys a guest and confirms it reads shut off afterwards (or is gone:
+/// a transient guest disappears when destroyed). `Ok` carries the guest as
+/// it is now; `Err` says what failed and in which state the guest is.
+fn destroy_and_confirm(dom: &Domain, what: &str) -> Result<Option<Guest>, String> {
+    let destroyed = dom.destroy();
+    let after = match read_guest(dom) {
+        Ok(g) => g,
+        Err(e) if is_no_domain(&e) => return Ok(None),
+        Err(e) => {
+            let why = destroyed.err().map(|d| format!("destroying failed ({}); ", d.message())).unwrap_or_default();
+            return Err(format!("{why}reading the state of {what} after destroying it failed: {}", e.message()));
+        }
+    };
+    if !holds_disk(after.state) {
+        // Destroyed, or it went off by itself while being destroyed.
+        return Ok(Some(after));
+    }
+    match destroyed {
+        Err(e) => Err(format!("destroying {what} failed: {}; it is {}", e.message(), state_name(&after))),
+        Ok(()) => Err(format!("{what} was destroyed but still reads {}, not SHUTOFF", state_name(&after))),
     }
 }
 
@@ -335,4 +429,23 @@ fn start_guest(conn: &virt::connect::Connect, id: &str, s: StartGuest) -> Comman
 
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('\'', "&apos;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleanup_never_asks_libvirt_to_remove_nvram() {
+        assert_eq!(CLEANUP_UNDEFINE & sys::VIR_DOMAIN_UNDEFINE_NVRAM, 0);
+        assert_ne!(CLEANUP_UNDEFINE & sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM, 0);
+        assert_eq!(CLEANUP_UNDEFINE_BASIC & (sys::VIR_DOMAIN_UNDEFINE_NVRAM | sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM), 0);
+    }
+
+    #[test]
+    fn states_are_named_as_operators_read_them() {
+        let g = Guest { state: GuestState::Pmsuspended as i32, state_reason: "unknown".into(), ..Default::default() };
+        assert_eq!(state_name(&g), "PMSUSPENDED (unknown)");
+        assert_eq!(state_name(&Guest { state: 42, ..Default::default() }), "state 42");
+    }
 }

@@ -587,6 +587,8 @@ fn read_guest_with(d: &Domain, bulk: Option<&Bulk>) -> Result<Guest, virt::error
                         g.memory_kib = f.memory_kib;
                     }
                     g.disks = f.disks;
+                    // On a worker thread with a timeout: a hung mount cannot stop the actor.
+                    crate::storage::fill_disks(&mut g.disks);
                     g.nics = f.nics;
                     g.priority = f.priority;
                     if let Some((h, gen_)) = f.owner {

@@ -17,7 +17,7 @@ use tokio::sync::{Semaphore, broadcast};
 use tracing::{info, warn};
 
 use super::plan::{self, Ownership, PlanInput, PowerReading};
-use super::state::{JobState, MoveState};
+use super::state::{GUESTS_NOT_MOVED, JobOutcome, JobState, MoveOutcome, MoveState, job_outcome};
 use crate::error::ControllerError;
 use crate::fence::{BmcConfig, FenceConfigError, FenceEvent, Fencer, PowerState};
 use crate::registry::Registry;
@@ -129,10 +129,10 @@ impl Engine {
             async move { (h.clone(), self.reg.call(h, kind, Duration::from_secs(10)).await) }
         });
         for (h, r) in futures::future::join_all(checks).await {
-            let m: BTreeMap<String, (bool, String)> = match r {
-                Ok(r) if r.ok => r.paths.into_iter().map(|p| (p.path, (p.visible, p.error))).collect(),
-                Ok(r) => paths.iter().map(|p| (p.clone(), (false, format!("path check failed: {}", r.error)))).collect(),
-                Err(e) => paths.iter().map(|p| (p.clone(), (false, format!("path check failed: {e}")))).collect(),
+            let m: BTreeMap<String, plan::PathSeen> = match r {
+                Ok(r) if r.ok => r.paths.into_iter().map(|p| (p.path.clone(), p.into())).collect(),
+                Ok(r) => paths.iter().map(|p| (p.clone(), plan::PathSeen::failed(format!("path check failed: {}", r.error)))).collect(),
+                Err(e) => paths.iter().map(|p| (p.clone(), plan::PathSeen::failed(format!("path check failed: {e}")))).collect(),
             };
             visibility.insert(h, m);
         }
@@ -212,6 +212,14 @@ impl Engine {
                 updated_ms: now,
             });
         }
+        // The guests the plan cannot move are recorded with the job, in the
+        // same transaction, so its outcome and report name each one.
+        let left_behind: Vec<MoveRow> = p
+            .guests
+            .iter()
+            .filter(|g| !g.movable && !already_elsewhere(owners.get(&g.uuid), &req.source))
+            .map(|gp| not_moved_row(&id, &req.source, gp, now))
+            .collect();
         let parallel = if req.parallel == 0 { DEFAULT_PARALLEL } else { req.parallel.min(64) };
         let job = JobRow {
             id: id.clone(),
@@ -228,38 +236,55 @@ impl Engine {
             error: String::new(),
         };
         let detail = format!(
-            "command: {}; plan {}{}; {} guest(s): {}; power evidence: {}",
+            "command: {}; plan {}{}; {} guest(s): {}; power evidence: {}{}",
             if req.command_line.is_empty() { "(not given)" } else { &req.command_line },
             p.plan_id,
             if req.yes { " (--yes: planned and carried out at once)" } else { "" },
             moves.len(),
             moves.iter().map(|m| format!("{} -> {}", m.name, m.target)).collect::<Vec<_>>().join(", "),
-            p.power_evidence
+            p.power_evidence,
+            if left_behind.is_empty() {
+                String::new()
+            } else {
+                format!("; {} left behind: {}", left_behind.len(), left_behind.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "))
+            }
         );
+        let (carried, left) = (moves.len(), left_behind.len());
+        moves.extend(left_behind);
         self.reg.db(|s| s.create_job(&job, &moves, &audit(operator, "migrate.requested", &req.source, "", &id, detail)))?;
-        info!(job = %id, source = %req.source, operator, guests = moves.len(), "forced migration job created");
+        // Only the guests the job carries: those left behind stay the reconciler's.
+        self.reg.set_in_job(&id, &moves[..carried].iter().map(|m| (m.uuid.clone(), m.source.clone(), m.target.clone())).collect::<Vec<_>>());
+        info!(job = %id, source = %req.source, operator, guests = carried, left_behind = left, "forced migration job created");
         let me = self.clone();
         let jid = id.clone();
         tokio::spawn(async move { me.run(jid).await });
         self.job_record(&id)
     }
 
-    /// Resumes every unfinished job (at controller start).
+    /// Resumes every unfinished job (at controller start), after the startup
+    /// grace: agents first reconnect and report, so that "the source is
+    /// talking again" and "the step already took effect" are judged on what
+    /// the hosts say now. An attested job re-checks that the source is silent.
     pub fn resume_all(self: &Arc<Self>) -> Result<usize, StoreError> {
         let jobs = self.reg.db(|s| s.active_jobs())?;
+        let grace = Duration::from_millis(u64::try_from(self.reg.startup_grace_ms()).unwrap_or(0));
         for j in &jobs {
-            info!(job = %j.id, state = %j.state, "resuming unfinished job");
-            let _ = self.reg.db(|s| s.audit(&audit("controller", "job.resumed", &j.source, "", &j.id, format!("resumed in state {}", j.state))));
+            info!(job = %j.id, state = %j.state, grace_ms = grace.as_millis() as u64, "resuming unfinished job after the startup grace");
             let me = self.clone();
-            let id = j.id.clone();
-            tokio::spawn(async move { me.run(id).await });
+            let (id, source, state) = (j.id.clone(), j.source.clone(), j.state.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                let detail = format!("resumed in state {state} after a {} ms startup grace for agents to reconnect", grace.as_millis());
+                let _ = me.reg.db(|s| s.audit(&audit("controller", "job.resumed", &source, "", &id, detail)));
+                me.run(id).await
+            });
         }
         Ok(jobs.len())
     }
 
     /// A job and its moves, for the API.
     pub fn job_record(&self, id: &str) -> Result<JobRecord, ControllerError> {
-        let (job, moves) = self.reg.db(|s| -> Result<_, StoreError> { Ok((s.job(id)?, s.moves(id)?)) })?;
+        let (job, moves) = self.reg.db(|s| -> Result<_, StoreError> { Ok((s.job(id)?, s.job_moves(id)?)) })?;
         let job = job.ok_or_else(|| ControllerError::NotFound(format!("unknown job '{id}' (see `lifeboat jobs list`)")))?;
         Ok(to_record(job, moves))
     }
@@ -269,7 +294,7 @@ impl Engine {
         let rows = self.reg.db(|s| s.jobs(host, limit))?;
         let mut out = Vec::new();
         for j in rows {
-            let moves = self.reg.db(|s| s.moves(&j.id))?;
+            let moves = self.reg.db(|s| s.job_moves(&j.id))?;
             out.push(to_record(j, moves));
         }
         Ok(out)
@@ -287,8 +312,10 @@ impl Engine {
     }
 
     async fn run(self: Arc<Self>, id: String) {
-        if let Err(e) = self.clone().run_inner(&id).await {
-            warn!(job = %id, "job stopped on a database error: {e}; it resumes when the controller restarts");
+        match self.clone().run_inner(&id).await {
+            // Ended: its guests are the reconciler's again.
+            Ok(()) => self.reg.clear_in_job(&id),
+            Err(e) => warn!(job = %id, "job stopped on a database error: {e}; it resumes when the controller restarts"),
         }
     }
 
@@ -324,17 +351,18 @@ impl Engine {
                     for r in futures::future::join_all(tasks).await {
                         r?;
                     }
-                    let moves = self.reg.db(|s| s.moves(id))?;
-                    let states: Vec<MoveState> = moves.iter().map(|m| m.state.parse().unwrap_or(MoveState::Failed)).collect();
-                    let ok = states.iter().filter(|s| s.is_success()).count();
-                    let (to, msg) = if ok == states.len() {
-                        (JobState::Succeeded, String::new())
-                    } else if ok == 0 {
-                        (JobState::Failed, "no guest could be moved; see each move's error".to_string())
-                    } else {
-                        (JobState::Partial, format!("{} of {} moves failed; re-run the same command to finish the rest", states.len() - ok, states.len()))
-                    };
-                    let detail = format!("{ok} of {} guests moved{}", states.len(), if msg.is_empty() { String::new() } else { format!("; {msg}") });
+                    // Every row, the guests left behind at creation included.
+                    let moves = self.reg.db(|s| s.job_moves(id))?;
+                    let outcomes: Vec<MoveOutcome<'_>> = moves
+                        .iter()
+                        .map(|m| MoveOutcome { name: &m.name, state: m.state.parse().unwrap_or(MoveState::Failed), error: &m.error })
+                        .collect();
+                    let JobOutcome { state: to, error: msg, detail, alarm } = job_outcome(id, &job.source, job.kind == "move", &outcomes);
+                    // Raised before the job ends: a crash in between resumes
+                    // here, and the same alarm is not raised twice.
+                    if let Some(a) = &alarm {
+                        self.reg.raise_alarm(&job.source, GUESTS_NOT_MOVED, a)?;
+                    }
                     if to == JobState::Succeeded && job.kind == "migrate" {
                         if let Some(h) = self.reg.host_view(&job.source) {
                             if let Some(silent) = h.silent_ms {
@@ -359,37 +387,48 @@ impl Engine {
         Ok(())
     }
 
-    /// A planned move: the connected source's agent stops each guest, and
-    /// the source's leases are re-sent without them, before anything is
-    /// defined elsewhere. Check-then-act: a stopped guest stays stopped.
+    /// A planned move: the source's leases of the moving guests are revoked
+    /// first (every other lease it holds is renewed as the reconciler would,
+    /// stale copies owned elsewhere included in nothing), then its agent
+    /// stops each guest and confirms it shut off. The guests were marked as
+    /// in this job when it was created, so the reconciler neither renews
+    /// their leases nor starts them meanwhile. Check-then-act: a stopped
+    /// guest stays stopped, and a repeated revocation changes nothing.
     async fn stop_on_source(&self, job: &JobRow) -> Result<Result<(), String>, StoreError> {
         let moves = self.reg.db(|s| s.moves(&job.id))?;
-        let moving: Vec<String> = moves.iter().map(|m| m.uuid.clone()).collect();
-        for m in &moves {
-            let r = self.reg.call(&job.source, Kind::StopGuest(StopGuest { uuid: m.uuid.clone(), reason: format!("planned move to {} (job {})", m.target, job.id) }), self.call_timeout).await;
-            match r {
-                Ok(r) if r.ok => {
-                    self.reg.db(|s| s.audit(&audit("controller", "guest.stopped_for_move", &job.source, &m.name, &job.id, format!("{} stopped on {} ({})", m.name, job.source, r.outcome))))?;
-                }
-                Ok(r) => return Ok(Err(format!("stopping {} on {} failed: {}", m.name, job.source, r.error))),
-                Err(e) => return Ok(Err(format!("stopping {} on {} failed: {e}", m.name, job.source))),
-            }
-        }
-        let keep: Vec<Lease> = self
-            .reg
-            .host_view(&job.source)
-            .map(|h| h.guests)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|g| !moving.contains(&g.uuid))
-            .map(|g| Lease { generation: self.reg.owner_generation(&g.uuid), uuid: g.uuid, name: g.name })
-            .collect();
+        let keep: Vec<Lease> =
+            self.reg.lease_set(&job.source).into_iter().map(|(uuid, name, generation)| Lease { uuid, name, generation }).collect();
         let now = crate::now_ms();
         let grant = GrantLeases { leases: keep, expires_unix_ms: now + self.lease_ttl_ms, merge: false, issued_unix_ms: now };
         match self.reg.call(&job.source, Kind::GrantLeases(grant), self.call_timeout).await {
-            Ok(r) if r.ok => Ok(Ok(())),
-            Ok(r) => Ok(Err(format!("revoking the moved guests' leases on {} failed: {}", job.source, r.error))),
-            Err(e) => Ok(Err(format!("revoking the moved guests' leases on {} failed: {e}", job.source))),
+            Ok(r) if r.ok => {}
+            Ok(r) => return Ok(Err(format!("revoking the moved guests' leases on {} failed: {}; nothing was stopped", job.source, r.error))),
+            Err(e) => return Ok(Err(format!("revoking the moved guests' leases on {} failed: {e}; nothing was stopped", job.source))),
+        }
+        for m in &moves {
+            match self.stop_confirmed(&job.source, m, &job.id).await {
+                Ok(outcome) => {
+                    self.reg.db(|s| s.audit(&audit("controller", "guest.stopped_for_move", &job.source, &m.name, &job.id, format!("{} stopped on {} ({outcome})", m.name, job.source))))?;
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Asks the source's agent to stop a guest (check-then-act: "already"
+    /// when it is shut off) and checks the answer says shut off.
+    async fn stop_confirmed(&self, source: &str, m: &MoveRow, job: &str) -> Result<String, String> {
+        let cmd = StopGuest { uuid: m.uuid.clone(), reason: format!("planned move to {} (job {job})", m.target) };
+        match self.reg.call(source, Kind::StopGuest(cmd), self.call_timeout).await {
+            Ok(r) if r.ok => match r.guest {
+                Some(g) if lifeboat_proto::holds_disk(g.state) => {
+                    Err(format!("{} on {source} still holds its disks after the stop (state {})", m.name, g.state))
+                }
+                _ => Ok(r.outcome),
+            },
+            Ok(r) => Err(format!("stopping {} on {source} failed: {}", m.name, r.error)),
+            Err(e) => Err(format!("stopping {} on {source} failed: {e}", m.name)),
         }
     }
 
@@ -566,6 +605,16 @@ impl Engine {
                         self.set_move(&mut m, MoveState::DefinedStopped, "", Some(owner), a("move.done", detail))?;
                     }
                 }
+                MoveState::Starting if planned && let Err(e) = self.stop_confirmed(&m.source, &m, &m.job_id).await => {
+                    // The source is read again right before the start: a copy
+                    // started there since the stop must not meet a second one.
+                    let msg = format!("not starting {} on {}: {e}", m.name, m.target);
+                    self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
+                }
+                MoveState::Starting if !planned && self.reg.is_reachable(&m.source) => {
+                    let msg = format!("{} is talking to the controller again; not starting {} on {}", m.source, m.name, m.target);
+                    self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
+                }
                 MoveState::Starting => match self.lease_then_start(&m).await {
                     Ok(r) if r.ok => {
                         let owner = self.owner(&m, true);
@@ -598,7 +647,7 @@ impl Engine {
                     }
                     return Ok(());
                 }
-                MoveState::Running | MoveState::DefinedStopped | MoveState::Failed => return Ok(()),
+                MoveState::Running | MoveState::DefinedStopped | MoveState::Failed | MoveState::NotMoved => return Ok(()),
             }
         }
     }
@@ -631,5 +680,95 @@ fn to_record(j: JobRow, moves: Vec<MoveRow>) -> JobRecord {
                 start: m.start,
             })
             .collect(),
+    }
+}
+
+/// Whether a guest the plan does not move already belongs elsewhere (moved
+/// by an earlier job): such a guest is not left behind. The planner's rule
+/// for "already moved": owned by another host, and either that move
+/// completed or it did not come from this source.
+fn already_elsewhere(owner: Option<&Ownership>, source: &str) -> bool {
+    owner.is_some_and(|o| o.host != source && (o.complete || o.from_host != source))
+}
+
+/// Most failed checks quoted in a left-behind guest's reason.
+const REASON_CHECKS: usize = 8;
+
+/// The row recording a guest the plan cannot move: NOT_MOVED from the
+/// start, with the plan's reason and its failed checks; no definition (it
+/// is never defined anywhere) and no generation (no ownership changes).
+fn not_moved_row(job: &str, source: &str, gp: &lifeboat_proto::v1::GuestPlan, now: i64) -> MoveRow {
+    let failed: Vec<String> = gp.checks.iter().filter(|c| !c.ok).map(|c| format!("{}: {}", c.name, c.detail)).collect();
+    let mut error = if gp.reason.is_empty() { "the plan could not move it".to_string() } else { gp.reason.clone() };
+    if !failed.is_empty() {
+        let more = failed.len().saturating_sub(REASON_CHECKS);
+        error = format!("{error}; failed checks: {}", failed.into_iter().take(REASON_CHECKS).collect::<Vec<_>>().join("; "));
+        if more > 0 {
+            error.push_str(&format!("; and {more} more"));
+        }
+    }
+    MoveRow {
+        job_id: job.into(),
+        uuid: gp.uuid.clone(),
+        name: gp.name.clone(),
+        source: source.into(),
+        target: gp.target.clone(),
+        generation: 0,
+        state: MoveState::NotMoved.as_str().into(),
+        start: gp.start,
+        definition_xml: String::new(),
+        error,
+        priority: gp.priority,
+        updated_ms: now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_proto::v1::{Check, GuestPlan};
+
+    #[test]
+    fn a_guest_left_behind_carries_the_plans_reason_and_failed_checks() {
+        let check = |name: &str, ok: bool, detail: &str| Check { name: name.into(), ok, detail: detail.into(), remedy: String::new() };
+        let gp = GuestPlan {
+            uuid: "u".into(),
+            name: "vm-local".into(),
+            reason: "local storage: no other host sees /l.img".into(),
+            checks: vec![
+                check("disks visible from host-b", false, "host-b cannot see /l.img (No such file)"),
+                check("memory on host-b", true, "needs 1 MiB"),
+            ],
+            priority: 3,
+            start: true,
+            ..Default::default()
+        };
+        let r = not_moved_row("mig-1", "host-a", &gp, 7);
+        assert_eq!(r.state, "NOT_MOVED");
+        assert_eq!(
+            r.error,
+            "local storage: no other host sees /l.img; failed checks: disks visible from host-b: host-b cannot see /l.img (No such file)"
+        );
+        assert_eq!((r.generation, r.definition_xml.as_str(), r.priority, r.source.as_str()), (0, "", 3, "host-a"));
+
+        let many = GuestPlan { checks: (0..12).map(|i| check(&format!("c{i}"), false, "no")).collect(), ..Default::default() };
+        let r = not_moved_row("mig-1", "host-a", &many, 7);
+        assert!(r.error.starts_with("the plan could not move it; failed checks: c0: no") && r.error.ends_with("c7: no; and 4 more"), "{}", r.error);
+    }
+
+    #[test]
+    fn only_a_guest_owned_elsewhere_counts_as_already_moved() {
+        let own = |host: &str, from: &str, complete: bool| Ownership {
+            host: host.into(),
+            generation: 2,
+            from_host: from.into(),
+            complete,
+            job: "j".into(),
+        };
+        assert!(!already_elsewhere(None, "a"));
+        assert!(!already_elsewhere(Some(&own("a", "", true)), "a"), "owned by the source itself");
+        assert!(already_elsewhere(Some(&own("b", "a", true)), "a"), "moved away and done");
+        assert!(already_elsewhere(Some(&own("b", "c", false)), "a"), "moved from another host");
+        assert!(!already_elsewhere(Some(&own("b", "a", false)), "a"), "an unfinished move off this source is still ours");
     }
 }

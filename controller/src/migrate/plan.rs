@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lifeboat_proto::v1::{Check, Guest, GuestPlan, GuestState, MigrateRequest, MigrationPlan};
+use lifeboat_proto::v1::{Check, Disk, Guest, GuestPlan, GuestState, MigrateRequest, MigrationPlan, PathCheck};
 use sha2::{Digest, Sha256};
 
 use crate::fence::PowerState;
@@ -73,10 +73,73 @@ pub struct PlanInput {
     pub active_job: Option<String>,
     /// The silence a forced migration needs, ms.
     pub grace_ms: u64,
-    /// Path visibility per candidate host: host → path → (visible, error).
-    pub visibility: BTreeMap<String, BTreeMap<String, (bool, String)>>,
+    /// What each candidate host's agent said about each path: host → path.
+    pub visibility: BTreeMap<String, BTreeMap<String, PathSeen>>,
     /// Memory kept free on every host for the hypervisor itself, KiB.
     pub memory_reserve_kib: u64,
+}
+
+/// What a candidate target's agent answered about one disk path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathSeen {
+    /// The path exists there.
+    pub visible: bool,
+    /// Why it is not visible (or why it could not be checked).
+    pub error: String,
+    /// The storage identity the target gives it (as `Disk.storage`).
+    pub storage: String,
+    /// The path relative to that storage (as `Disk.storage_path`).
+    pub storage_path: String,
+}
+
+impl PathSeen {
+    /// A path whose check failed as a whole (agent error, timeout).
+    pub fn failed(why: impl Into<String>) -> Self {
+        PathSeen { error: why.into(), ..Default::default() }
+    }
+}
+
+impl From<PathCheck> for PathSeen {
+    fn from(p: PathCheck) -> Self {
+        PathSeen { visible: p.visible, error: p.error, storage: p.storage, storage_path: p.storage_path }
+    }
+}
+
+/// Storage kinds that several hosts can reach (docs/migrate.md, "Shared
+/// storage"); the agent reports everything else as `local:` or
+/// `unidentified:`, and a kind not listed here counts as not shared.
+pub const SHARED_STORAGE_KINDS: [&str; 17] = [
+    "marker", "wwn", "scsi", "mpath", "eui", "lvm", "nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "lustre", "beegfs",
+    "gpfs", "gfs2", "ocfs2",
+];
+
+/// Whether a storage identity (`<kind>:<id>`) names storage that other
+/// hosts can reach. Empty, `local:…`, `unidentified:…`, unknown or
+/// malformed values are not shared.
+pub fn is_shared_storage(storage: &str) -> bool {
+    storage.split_once(':').is_some_and(|(kind, id)| !id.is_empty() && SHARED_STORAGE_KINDS.contains(&kind))
+}
+
+/// `storage` with the relative path, for check details.
+fn on_storage(storage: &str, rel: &str) -> String {
+    if rel.is_empty() { storage.to_string() } else { format!("{storage} ({rel})") }
+}
+
+/// Why the source's report of a disk does not let it move, if it does not.
+fn source_disk_problem(source: &str, d: &Disk) -> Option<String> {
+    if d.storage.is_empty() {
+        return Some(format!("{source}'s agent reported no storage identity for {} (an agent older than this check)", d.source));
+    }
+    if is_shared_storage(&d.storage) {
+        return None;
+    }
+    Some(format!("{source} reported {} on {}", d.source, d.storage))
+}
+
+/// Whether two disks are the same disk: the same path, or the same shared
+/// storage and relative path.
+fn same_disk(a: &Disk, b: &Disk) -> bool {
+    a.source == b.source || (is_shared_storage(&a.storage) && a.storage == b.storage && a.storage_path == b.storage_path)
 }
 
 /// Memory a host can still give to guests: physical memory minus the
@@ -291,14 +354,32 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
     let reachable = input.hosts.iter().filter(|h| h.id != source.id && h.liveness == Liveness::Reachable).count();
     let nobody_sees = |paths: &[String]| {
         if input.visibility.len() >= reachable {
-            format!("local storage: no other host sees {}", paths.join(", "))
+            format!("no other host sees {} on the same storage", paths.join(", "))
         } else {
             format!(
-                "local storage: none of the {} hosts checked (of {reachable} reachable) sees {}",
+                "none of the {} hosts checked (of {reachable} reachable) sees {} on the same storage",
                 input.visibility.len(),
                 paths.join(", ")
             )
         }
+    };
+    // What (at most 3 of) the checked hosts reported for a path, for refusals.
+    let elsewhere = |p: &str| {
+        let mut seen: Vec<String> = input
+            .visibility
+            .iter()
+            .take(3)
+            .map(|(h, v)| match v.get(p) {
+                Some(s) if s.visible && s.storage.is_empty() => format!("{h}: visible, no identity"),
+                Some(s) if s.visible => format!("{h}: {}", on_storage(&s.storage, &s.storage_path)),
+                Some(_) => format!("{h}: not visible"),
+                None => format!("{h}: not checked"),
+            })
+            .collect();
+        if input.visibility.len() > 3 {
+            seen.push(format!("{} more hosts checked", input.visibility.len() - 3));
+        }
+        if seen.is_empty() { "no other host checked".to_string() } else { seen.join(", ") }
     };
     let mut reserved: BTreeMap<String, u64> = BTreeMap::new();
     let mut claimed_names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -357,37 +438,87 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             ));
         }
         let paths = guest_paths(g);
+        let disks: Vec<&Disk> = g.disks.iter().filter(|d| d.source.starts_with('/')).collect();
+        // The source's own report says which storage each disk is on; only
+        // a disk on shared storage can be found again from another host.
+        let problems: Vec<String> = disks
+            .iter()
+            .filter_map(|d| source_disk_problem(&source.id, d).map(|why| format!("{why} ({})", elsewhere(&d.source))))
+            .collect();
+        let storage_ok = problems.is_empty();
+        if !storage_ok {
+            let local = disks.iter().any(|d| d.storage.starts_with("local:"));
+            gp.checks.push(check(
+                "disks on shared storage",
+                false,
+                problems.join("; "),
+                "a guest on local disks cannot move; if the storage is shared, put a .lifeboat-storage-id marker on it \
+                 (docs/migrate.md) or use /dev/disk/by-id/wwn-… device paths, and let the source report again",
+            ));
+            gp.reason = format!("{}: {}", if local { "local storage" } else { "storage not shown to be shared" }, problems.join("; "));
+        }
+        // Per path on `host`: Ok(evidence) when it is the source's disk, else why not.
+        let same_there = |host: &str, d: &Disk| -> Result<String, String> {
+            let p = &d.source;
+            match input.visibility.get(host).and_then(|v| v.get(p)) {
+                None => Err(format!("{p} (not checked)")),
+                Some(s) if !s.visible => Err(format!("{p} ({})", if s.error.is_empty() { "not visible" } else { &s.error })),
+                Some(s) if s.storage == d.storage && s.storage_path == d.storage_path => {
+                    Ok(format!("{p} on {}", on_storage(&s.storage, &s.storage_path)))
+                }
+                Some(s) => Err(format!(
+                    "{p} is on {} there but on {} on {}",
+                    if s.storage.is_empty() { "no identified storage".to_string() } else { on_storage(&s.storage, &s.storage_path) },
+                    on_storage(&d.storage, &d.storage_path),
+                    source.id
+                )),
+            }
+        };
         let mut best: Option<(&HostView, u64)> = None;
         let mut per_target: Vec<Check> = Vec::new();
-        let sees_all = |host: &str| {
-            paths.iter().all(|p| input.visibility.get(host).and_then(|v| v.get(p)).is_some_and(|(ok, _)| *ok))
-        };
+        let sees_all = |host: &str| storage_ok && disks.iter().all(|d| same_there(host, d).is_ok());
         let seen_elsewhere: Vec<&str> =
             input.visibility.keys().map(|h| h.as_str()).filter(|h| sees_all(h)).collect();
         let seen_by_any = paths.is_empty() || !seen_elsewhere.is_empty();
-        for t in &candidates {
-            let vis = input.visibility.get(&t.id);
-            let missing: Vec<String> = paths
-                .iter()
-                .filter(|p| !vis.and_then(|v| v.get(*p)).is_some_and(|(ok, _)| *ok))
-                .map(|p| {
-                    let why = vis.and_then(|v| v.get(p)).map(|(_, e)| e.as_str()).unwrap_or("not checked");
-                    format!("{p} ({why})")
-                })
-                .collect();
+        for t in candidates.iter().filter(|_| storage_ok) {
+            let (seen, missing): (Vec<_>, Vec<_>) = disks.iter().map(|d| same_there(&t.id, d)).partition(|r| r.is_ok());
+            let seen: Vec<String> = seen.into_iter().filter_map(Result::ok).collect();
+            let missing: Vec<String> = missing.into_iter().filter_map(Result::err).collect();
             let free = available_memory_kib(t, input.memory_reserve_kib).saturating_sub(*reserved.get(&t.id).unwrap_or(&0));
             let conflict = t.guests.iter().find(|x| x.uuid == g.uuid || x.name == g.name).map(|x| {
                 format!("{} already has a guest '{}' ({})", t.id, x.name, x.uuid)
             });
+            // Another guest there on one of these disks would write to it too.
+            let in_use: Vec<String> = t
+                .guests
+                .iter()
+                .filter(|x| x.uuid != g.uuid)
+                .flat_map(|x| {
+                    disks.iter().filter_map(move |d| {
+                        x.disks
+                            .iter()
+                            .filter(|xd| xd.source.starts_with('/'))
+                            .find(|xd| same_disk(d, xd) && !(d.shareable && xd.shareable) && !(d.readonly && xd.readonly))
+                            .map(|xd| format!("'{}' ({}) uses {} as {}", x.name, x.uuid, d.source, xd.source))
+                    })
+                })
+                .collect();
             let name_taken = claimed_names.get(&t.id).is_some_and(|n| n.contains(&g.name));
             let disks_ok = missing.is_empty();
             let mem_ok = free >= g.memory_kib;
             let conflict_ok = conflict.is_none() && !name_taken;
+            let in_use_ok = in_use.is_empty();
             per_target.push(check(
-                &format!("disks visible from {}", t.id),
+                &format!("same disks on {}", t.id),
                 disks_ok,
-                if disks_ok { format!("{} sees {}", t.id, if paths.is_empty() { "no local disks to check".into() } else { paths.join(", ") }) } else { format!("{} cannot see {}", t.id, missing.join(", ")) },
-                "shared storage must be mounted at the same path on the target",
+                if !disks_ok {
+                    format!("{} does not see the disks of {}: {}", t.id, source.id, missing.join("; "))
+                } else if seen.is_empty() {
+                    format!("{}: no local disks to check", t.id)
+                } else {
+                    format!("{} sees {} like {}", t.id, seen.join(", "), source.id)
+                },
+                "the target must reach the same shared storage (same identity and path); see docs/migrate.md, \"Shared storage\"",
             ));
             per_target.push(check(
                 &format!("memory on {}", t.id),
@@ -406,7 +537,13 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                 conflict.unwrap_or_else(|| if name_taken { format!("another guest named {} is planned there", g.name) } else { format!("no guest with this UUID or name on {}", t.id) }),
                 "remove the conflicting definition on the target (`virsh undefine`) if it is stale",
             ));
-            if disks_ok && mem_ok && conflict_ok && best.is_none_or(|(_, f)| free > f) {
+            per_target.push(check(
+                &format!("disks free on {}", t.id),
+                in_use_ok,
+                if in_use_ok { format!("no other guest on {} uses these disks", t.id) } else { format!("on {}: {}", t.id, in_use.join("; ")) },
+                "two guests must not write to one disk: remove the other guest's definition if it is stale, or mark both disks <shareable/>",
+            ));
+            if disks_ok && mem_ok && conflict_ok && in_use_ok && best.is_none_or(|(_, f)| free > f) {
                 best = Some((t, free));
             }
         }
@@ -424,6 +561,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                 gp.checks = per_target.into_iter().filter(|c| c.name.ends_with(&t.id)).collect();
                 gp.cleanup = cleanup_note(&source.id, g);
             }
+            None if !storage_ok => gp.movable = false,
             None => {
                 gp.movable = false;
                 if candidates.is_empty() {
@@ -440,7 +578,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                         "target sees the disks",
                         false,
                         format!(
-                            "target {} cannot see the disks of {} ({}), but {} can",
+                            "target {} does not see the disks of {} ({}) on their storage, but {} does",
                             req.target,
                             g.name,
                             paths.join(", "),
@@ -558,13 +696,29 @@ mod tests {
     use super::*;
     use lifeboat_proto::v1::Disk;
 
+    const MARK: &str = "marker:5b0c3f9e-1111-4222-8333-444455556666";
+
+    /// The identity an agent reports: /shared is marked, the rest is local.
+    fn storage_of(path: &str) -> (String, String) {
+        match path.strip_prefix("/shared/") {
+            Some(rel) => (MARK.into(), rel.into()),
+            None => ("local:ext4".into(), String::new()),
+        }
+    }
+
+    fn seen(path: &str) -> PathSeen {
+        let (storage, storage_path) = storage_of(path);
+        PathSeen { visible: true, error: String::new(), storage, storage_path }
+    }
+
     fn guest(name: &str, uuid: &str, disk: &str, running: bool) -> Guest {
+        let (storage, storage_path) = storage_of(disk);
         Guest {
             uuid: uuid.into(),
             name: name.into(),
             state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
             memory_kib: 32 * 1024,
-            disks: vec![Disk { source: disk.into(), target: "vda".into(), ..Default::default() }],
+            disks: vec![Disk { source: disk.into(), target: "vda".into(), storage, storage_path, ..Default::default() }],
             definition_xml: format!("<domain><name>{name}</name><uuid>{uuid}</uuid></domain>"),
             persistent: true,
             ..Default::default()
@@ -588,9 +742,9 @@ mod tests {
         let mut vis = BTreeMap::new();
         for h in ["b", "c"] {
             let mut m = BTreeMap::new();
-            m.insert("/shared/g1.img".to_string(), (true, String::new()));
-            m.insert("/shared/g2.img".to_string(), (true, String::new()));
-            m.insert("/local/g3.img".to_string(), (false, "No such file or directory".to_string()));
+            m.insert("/shared/g1.img".to_string(), seen("/shared/g1.img"));
+            m.insert("/shared/g2.img".to_string(), seen("/shared/g2.img"));
+            m.insert("/local/g3.img".to_string(), PathSeen::failed("No such file or directory"));
             vis.insert(h.to_string(), m);
         }
         PlanInput {
@@ -622,8 +776,10 @@ mod tests {
         assert!(g2.movable && !g2.start, "a shut-off guest is defined, not started");
         let g3 = p.guests.iter().find(|g| g.name == "g3").unwrap();
         assert!(!g3.movable);
-        assert!(g3.reason.contains("local storage"), "{}", g3.reason);
+        assert!(g3.reason.contains("local storage") && g3.reason.contains("local:ext4"), "{}", g3.reason);
         assert!(g1.cleanup.contains("cleanup a"));
+        let evidence = g1.checks.iter().find(|c| c.name == "same disks on c").unwrap();
+        assert_eq!(evidence.detail, format!("c sees /shared/g1.img on {MARK} (g1.img) like a"));
     }
 
     #[test]
@@ -685,10 +841,10 @@ mod tests {
     fn a_target_that_cannot_see_the_disk_is_refused() {
         let mut i = input();
         i.req.target = "b".into();
-        i.visibility.get_mut("b").unwrap().insert("/shared/g1.img".into(), (false, "No such file".into()));
+        i.visibility.get_mut("b").unwrap().insert("/shared/g1.img".into(), PathSeen::failed("No such file"));
         let p = plan(&i);
         assert!(!p.executable);
-        assert!(p.preconditions.iter().any(|c| !c.ok && c.detail.contains("cannot see")), "{:?}", p.preconditions);
+        assert!(p.preconditions.iter().any(|c| !c.ok && c.detail.contains("does not see the disks")), "{:?}", p.preconditions);
     }
 
     #[test]
@@ -747,12 +903,12 @@ mod tests {
         // says how many hosts were checked.
         let mut vis = BTreeMap::new();
         for id in &picked {
-            vis.insert(id.clone(), [("/local/g.img".to_string(), (false, "No such file".to_string()))].into_iter().collect());
+            vis.insert(id.clone(), [("/shared/g.img".to_string(), PathSeen::failed("No such file"))].into_iter().collect());
         }
         let input = PlanInput {
             req: MigrateRequest { source: "a".into(), fence: true, ..Default::default() },
             hosts,
-            source_guests: vec![guest("g", "ug", "/local/g.img", true)],
+            source_guests: vec![guest("g", "ug", "/shared/g.img", true)],
             owners: BTreeMap::new(),
             power: PowerReading::Bmc(PowerState::Off),
             active_job: None,
@@ -764,7 +920,7 @@ mod tests {
         let g = &p.guests[0];
         assert!(!g.movable);
         assert!(g.reason.contains("none of the 16 hosts checked (of 500 reachable)"), "{}", g.reason);
-        assert!(g.checks.len() <= 3 * VISIBILITY_SAMPLE, "checks are bounded by the sample, not the cluster");
+        assert!(g.checks.len() <= 4 * VISIBILITY_SAMPLE, "checks are bounded by the sample, not the cluster");
     }
 
     #[test]
@@ -813,5 +969,101 @@ mod tests {
         assert!(!g1.movable && g1.reason.contains("already moved"));
         let g2 = p.guests.iter().find(|g| g.name == "g2").unwrap();
         assert!(g2.movable && g2.target == "c", "an unfinished move finishes on its target");
+    }
+
+    #[test]
+    fn only_named_shared_kinds_are_shared() {
+        for s in [MARK, "nfs4:filer:/export/vms", "wwn:0x5000c500a1b2c3d4", "mpath:3600a", "gfs2:wwn:0x1"] {
+            assert!(is_shared_storage(s), "{s}");
+        }
+        for s in ["", "local:ext4", "unidentified:no id", "marker:", "marker", "tmpfs:x", "zfs:tank"] {
+            assert!(!is_shared_storage(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn the_same_path_on_other_storage_is_another_disk() {
+        // A local disk whose path also exists on every target, as another file.
+        let mut i = input();
+        let p = "/var/lib/libvirt/images/localvm.img";
+        i.source_guests = vec![guest("localvm", "ul", p, true)];
+        for v in i.visibility.values_mut() {
+            v.insert(p.into(), seen(p));
+        }
+        let pl = plan(&i);
+        let g = &pl.guests[0];
+        assert!(!g.movable && g.reason.starts_with("local storage"), "{g:?}");
+        let c = g.checks.iter().find(|c| c.name == "disks on shared storage").unwrap();
+        assert_eq!(c.detail, "a reported /var/lib/libvirt/images/localvm.img on local:ext4 (b: local:ext4, c: local:ext4)");
+        assert!(c.remedy.contains(".lifeboat-storage-id"), "{c:?}");
+        assert!(!pl.executable);
+
+        // Shared on the source, but the target's path is on another storage.
+        let mut i = input();
+        i.req.target = "b".into();
+        i.req.vms = vec!["g1".into()];
+        let other = PathSeen { storage: "marker:99999999-1111-4222-8333-444455556666".into(), ..seen("/shared/g1.img") };
+        i.visibility.get_mut("b").unwrap().insert("/shared/g1.img".into(), other);
+        let pl = plan(&i);
+        assert!(!pl.executable);
+        let g = &pl.guests[0];
+        let c = g.checks.iter().find(|c| c.name == "same disks on b").unwrap();
+        assert!(
+            !c.ok && c.detail.contains("is on marker:99999999-1111-4222-8333-444455556666 (g1.img) there but on marker:5b0c"),
+            "{c:?}"
+        );
+        let pre = pl.preconditions.iter().find(|c| c.name == "target sees the disks").unwrap();
+        assert!(pre.detail.contains("but c does"), "{pre:?}");
+
+        // The same storage under another relative path is another file too.
+        let mut i = input();
+        i.visibility.get_mut("b").unwrap().insert("/shared/g1.img".into(), PathSeen { storage_path: "old/g1.img".into(), ..seen("/shared/g1.img") });
+        i.visibility.get_mut("c").unwrap().insert("/shared/g1.img".into(), PathSeen { storage: String::new(), storage_path: String::new(), ..seen("/shared/g1.img") });
+        let g1 = plan(&i).guests.into_iter().find(|g| g.name == "g1").unwrap();
+        assert!(!g1.movable, "{g1:?}");
+        let c = g1.checks.iter().find(|c| c.name == "same disks on c").unwrap();
+        assert!(c.detail.contains("on no identified storage there"), "an older target agent: {c:?}");
+    }
+
+    #[test]
+    fn unidentified_and_unreported_source_disks_are_refused() {
+        let mut i = input();
+        i.source_guests[0].disks[0].source = "/dev/sdb".into();
+        i.source_guests[0].disks[0].storage = "unidentified:/dev/sdb is a kernel device name".into();
+        i.source_guests[1].disks[0].storage.clear();
+        i.source_guests[1].disks[0].storage_path.clear();
+        for v in i.visibility.values_mut() {
+            v.insert("/dev/sdb".into(), PathSeen { visible: true, storage: "unidentified:/dev/sdb is a kernel device name".into(), ..Default::default() });
+        }
+        let p = plan(&i);
+        let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
+        assert!(!g1.movable && g1.reason.starts_with("storage not shown to be shared"), "{g1:?}");
+        assert!(g1.checks[0].detail.contains("/dev/sdb on unidentified:/dev/sdb is a kernel device name"), "{g1:?}");
+        assert!(g1.checks[0].remedy.contains("by-id"), "{g1:?}");
+        let g2 = p.guests.iter().find(|g| g.name == "g2").unwrap();
+        assert!(!g2.movable && g2.checks[0].detail.contains("no storage identity for /shared/g2.img"), "{g2:?}");
+    }
+
+    #[test]
+    fn a_disk_another_guest_uses_on_the_target_is_refused() {
+        let mut i = input();
+        // c (most memory) has another guest on g1's disk, under another path
+        // but on the same storage and relative path.
+        let mut other = guest("other", "uo", "/shared/g1.img", false);
+        other.disks[0].source = "/mnt/shared/g1.img".into();
+        i.hosts[2].guests.push(other);
+        let p = plan(&i);
+        let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
+        assert_eq!(g1.target, "b", "c has the disk in use: {g1:?}");
+        i.req.target = "c".into();
+        let p = plan(&i);
+        let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
+        let c = g1.checks.iter().find(|c| c.name == "disks free on c").unwrap();
+        assert!(!c.ok && c.detail.contains("'other' (uo) uses /shared/g1.img as /mnt/shared/g1.img"), "{c:?}");
+        // Both <shareable/>: allowed.
+        i.hosts[2].guests[0].disks[0].shareable = true;
+        i.source_guests[0].disks[0].shareable = true;
+        let g1 = plan(&i).guests.into_iter().find(|g| g.name == "g1").unwrap();
+        assert!(g1.movable && g1.target == "c", "{g1:?}");
     }
 }

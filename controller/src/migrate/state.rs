@@ -21,11 +21,15 @@ pub enum MoveState {
     DefinedStopped,
     /// Failed; the error says where.
     Failed,
+    /// Left behind: the plan could not move this guest (local disks, no
+    /// target with room, unknown definition...); the error says why. Only
+    /// ever written when the job is created, and never acted on.
+    NotMoved,
 }
 
 impl MoveState {
     /// Every state.
-    pub const ALL: [MoveState; 7] = [
+    pub const ALL: [MoveState; 8] = [
         MoveState::Pending,
         MoveState::Defining,
         MoveState::Defined,
@@ -33,6 +37,7 @@ impl MoveState {
         MoveState::Running,
         MoveState::DefinedStopped,
         MoveState::Failed,
+        MoveState::NotMoved,
     ];
 
     /// Database and API name.
@@ -45,12 +50,13 @@ impl MoveState {
             MoveState::Running => "RUNNING",
             MoveState::DefinedStopped => "DEFINED_STOPPED",
             MoveState::Failed => "FAILED",
+            MoveState::NotMoved => "NOT_MOVED",
         }
     }
 
     /// Whether the move is over (successfully or not).
     pub fn is_terminal(self) -> bool {
-        matches!(self, MoveState::Running | MoveState::DefinedStopped | MoveState::Failed)
+        matches!(self, MoveState::Running | MoveState::DefinedStopped | MoveState::Failed | MoveState::NotMoved)
     }
 
     /// Whether the move reached its goal.
@@ -58,8 +64,15 @@ impl MoveState {
         matches!(self, MoveState::Running | MoveState::DefinedStopped)
     }
 
+    /// Whether the guest was left where it was (the move failed, or was
+    /// never attempted because the plan could not place it).
+    pub fn is_left_behind(self) -> bool {
+        matches!(self, MoveState::Failed | MoveState::NotMoved)
+    }
+
     /// Whether `self → to` is allowed. Staying in the same state is allowed
-    /// for the in-flight states (a resumed step repeats itself).
+    /// for the in-flight states (a resumed step repeats itself). Nothing
+    /// enters NOT_MOVED (a row is created in it) and nothing leaves it.
     pub fn valid_transition(self, to: MoveState) -> bool {
         use MoveState::*;
         match (self, to) {
@@ -68,7 +81,7 @@ impl MoveState {
             (Defined, Starting) | (Defined, DefinedStopped) | (Defined, Failed) => true,
             (Starting, Starting) | (Starting, Running) | (Starting, Failed) => true,
             (Pending, _) | (Defining, _) | (Defined, _) | (Starting, _) => false,
-            (Running, _) | (DefinedStopped, _) | (Failed, _) => false,
+            (Running, _) | (DefinedStopped, _) | (Failed, _) | (NotMoved, _) => false,
         }
     }
 }
@@ -125,6 +138,121 @@ impl JobState {
     }
 }
 
+/// Kind of alarm raised on a job's source host when the job leaves guests
+/// behind (moves that failed or were never attempted).
+pub const GUESTS_NOT_MOVED: &str = "guests-not-moved";
+
+/// Guests named one by one in a job's error text and its alarm; the rest
+/// are counted (every one is listed by `lifeboat jobs show`).
+const LISTED: usize = 10;
+
+/// Longest reason quoted per guest in a job's error text, in characters.
+const REASON_CHARS: usize = 300;
+
+/// One guest's move, as a job's outcome sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct MoveOutcome<'a> {
+    /// Guest name.
+    pub name: &'a str,
+    /// Where its move ended.
+    pub state: MoveState,
+    /// Why it failed or was not moved.
+    pub error: &'a str,
+}
+
+/// How a job ends once every move it carries out is over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOutcome {
+    /// SUCCEEDED (every guest moved), FAILED (none moved) or PARTIAL.
+    pub state: JobState,
+    /// The job's error: each guest left behind, why, and what to do next
+    /// (empty on success).
+    pub error: String,
+    /// The detail of the job's final audit entry.
+    pub detail: String,
+    /// The detail of the [`GUESTS_NOT_MOVED`] alarm to raise on the source,
+    /// when guests were left behind.
+    pub alarm: Option<String>,
+}
+
+/// Decides how a job ends from its moves: SUCCEEDED only when every guest
+/// of the job reached its target; FAILED when none did; PARTIAL otherwise.
+/// A guest the plan could not place (NOT_MOVED) counts as left behind just
+/// like a failed move: for a forced migration it runs nowhere while the
+/// source stays off. `planned` is a planned move (`lifeboat move`), whose
+/// source is alive.
+pub fn job_outcome(job_id: &str, source: &str, planned: bool, moves: &[MoveOutcome<'_>]) -> JobOutcome {
+    let total = moves.len();
+    let moved = moves.iter().filter(|m| m.state.is_success()).count();
+    let left: Vec<&MoveOutcome<'_>> = moves.iter().filter(|m| !m.state.is_success()).collect();
+    let summary = format!("{moved} of {total} guest(s) moved");
+    if left.is_empty() {
+        return JobOutcome { state: JobState::Succeeded, error: String::new(), detail: summary, alarm: None };
+    }
+    let mut listed: Vec<String> = left
+        .iter()
+        .take(LISTED)
+        .map(|m| {
+            let what = match m.state {
+                MoveState::NotMoved => "not moved",
+                MoveState::Failed => "move failed",
+                other => return format!("{} (still {other})", m.name),
+            };
+            let why = if m.error.is_empty() { "no reason recorded".to_string() } else { clip(m.error, REASON_CHARS) };
+            let place = match (planned, m.state) {
+                (true, MoveState::NotMoved) => format!("; still on {source}, untouched"),
+                (true, _) => format!("; stopped on {source}, running nowhere"),
+                (false, _) => String::new(),
+            };
+            format!("{} ({what}: {why}{place})", m.name)
+        })
+        .collect();
+    if left.len() > LISTED {
+        listed.push(format!("and {} more (`lifeboat jobs show {job_id}` lists every one)", left.len() - LISTED));
+    }
+    let list = listed.join(", ");
+    let failed = left.iter().any(|m| m.state != MoveState::NotMoved);
+    let not_moved = left.iter().any(|m| m.state == MoveState::NotMoved);
+    let (state, lead) = if moved == 0 { (JobState::Failed, "no guest could be moved") } else { (JobState::Partial, "") };
+    let head = match (planned, lead.is_empty()) {
+        (false, true) => format!("{} guest(s) left behind, running nowhere while {source} stays off", left.len()),
+        (false, false) => format!("{lead}: {} guest(s) run nowhere while {source} stays off", left.len()),
+        (true, true) => format!("{} guest(s) not moved off {source}", left.len()),
+        (true, false) => format!("{lead}: {} guest(s) not moved off {source}", left.len()),
+    };
+    let mut next = Vec::new();
+    if failed {
+        next.push(if planned {
+            format!("fix each failed move's cause and re-run the same `lifeboat move --from {source}` (it finishes only what is left)")
+        } else {
+            format!("fix each failed move's cause and re-run the same `lifeboat migrate --force --from {source}` (it finishes only what is left)")
+        });
+    }
+    if not_moved {
+        next.push(if planned {
+            "a guest not moved stays where it is; free what its checks name and move it again".to_string()
+        } else {
+            format!("a guest not moved needs its disks visible from another host and a target with room (then migrate again), or {source} repaired and brought back")
+        });
+    }
+    next.push(format!("then `lifeboat alarms clear --host {source} --kind {GUESTS_NOT_MOVED} --reason TEXT`"));
+    let error = format!("{head}: {list}. Next: {}", next.join("; "));
+    let alarm = format!(
+        "job {job_id} left {} of {total} guest(s) of {source} {}: {list}",
+        left.len(),
+        if planned { "not moved" } else { "running nowhere" }
+    );
+    JobOutcome { state, detail: format!("{summary}; {error}"), error, alarm: Some(alarm) }
+}
+
+/// `s` cut to at most `max` characters, marked when cut.
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}...", &s[..i]),
+    }
+}
+
 macro_rules! parse_and_display {
     ($t:ty, $what:literal) => {
         impl FromStr for $t {
@@ -163,6 +291,81 @@ mod tests {
         assert!(!Pending.valid_transition(Running));
         assert!(!Defining.valid_transition(Starting));
         assert!(Defining.valid_transition(Defining), "a resumed define repeats");
+    }
+
+    #[test]
+    fn not_moved_is_terminal_and_only_ever_created() {
+        use MoveState::*;
+        for t in MoveState::ALL {
+            assert!(!NotMoved.valid_transition(t), "nothing leaves NOT_MOVED (-> {t})");
+            assert!(!t.valid_transition(NotMoved), "nothing enters NOT_MOVED ({t} ->)");
+        }
+        assert!(NotMoved.is_terminal() && !NotMoved.is_success() && NotMoved.is_left_behind());
+        assert!(Failed.is_left_behind() && !Running.is_left_behind() && !Pending.is_left_behind());
+        assert_eq!("NOT_MOVED".parse::<MoveState>().unwrap(), NotMoved);
+    }
+
+    fn mv(name: &'static str, state: MoveState, error: &'static str) -> MoveOutcome<'static> {
+        MoveOutcome { name, state, error }
+    }
+
+    #[test]
+    fn a_job_that_leaves_guests_behind_is_partial_and_names_them() {
+        use MoveState::*;
+        let all = [mv("vm-1", Running, ""), mv("vm-2", DefinedStopped, "")];
+        let o = job_outcome("mig-1", "host-a", false, &all);
+        assert_eq!((o.state, o.error.as_str(), o.alarm), (JobState::Succeeded, "", None));
+
+        let some = [mv("vm-1", Running, ""), mv("vm-local", NotMoved, "local storage: no other host sees /l.img")];
+        let o = job_outcome("mig-1", "host-a", false, &some);
+        assert_eq!(o.state, JobState::Partial, "{o:?}");
+        assert!(o.error.contains("vm-local (not moved: local storage: no other host sees /l.img)"), "{}", o.error);
+        assert!(o.error.contains("running nowhere while host-a stays off"), "{}", o.error);
+        assert!(o.error.contains("lifeboat alarms clear --host host-a --kind guests-not-moved"), "{}", o.error);
+        assert!(!o.error.contains("re-run"), "no failed move to retry: {}", o.error);
+        assert!(!o.error.contains("vm-1"), "a moved guest is not left behind: {}", o.error);
+        let alarm = o.alarm.unwrap();
+        assert!(alarm.contains("job mig-1") && alarm.contains("vm-local") && alarm.contains("1 of 2"), "{alarm}");
+        assert!(o.detail.starts_with("1 of 2 guest(s) moved"), "{}", o.detail);
+
+        let failed = [mv("vm-1", Running, ""), mv("vm-2", Failed, "define on host-b failed: boom")];
+        let o = job_outcome("mig-1", "host-a", false, &failed);
+        assert_eq!(o.state, JobState::Partial);
+        assert!(o.error.contains("vm-2 (move failed: define on host-b failed: boom)") && o.error.contains("re-run the same `lifeboat migrate --force --from host-a`"), "{}", o.error);
+    }
+
+    #[test]
+    fn a_job_that_moves_nothing_fails_and_a_planned_move_says_where_guests_are() {
+        use MoveState::*;
+        let none = [mv("vm-2", Failed, "start on host-b failed"), mv("vm-local", NotMoved, "local storage")];
+        let o = job_outcome("mig-2", "host-a", false, &none);
+        assert_eq!(o.state, JobState::Failed);
+        assert!(o.error.starts_with("no guest could be moved: 2 guest(s) run nowhere"), "{}", o.error);
+        assert!(o.alarm.is_some());
+
+        let planned = [mv("m-1", Running, ""), mv("m-2", NotMoved, "no target passes every check"), mv("m-3", Failed, "define failed")];
+        let o = job_outcome("mig-3", "host-b", true, &planned);
+        assert_eq!(o.state, JobState::Partial);
+        assert!(o.error.contains("m-2 (not moved: no target passes every check; still on host-b, untouched)"), "{}", o.error);
+        assert!(o.error.contains("m-3 (move failed: define failed; stopped on host-b, running nowhere)"), "{}", o.error);
+        assert!(o.error.contains("lifeboat move --from host-b"), "{}", o.error);
+    }
+
+    #[test]
+    fn a_long_list_of_guests_left_behind_stays_bounded() {
+        let names: Vec<String> = (0..500).map(|i| format!("vm-{i:03}")).collect();
+        let long = "x".repeat(5000);
+        let moves: Vec<MoveOutcome<'_>> =
+            names.iter().map(|n| MoveOutcome { name: n, state: MoveState::NotMoved, error: &long }).collect();
+        let mut with_one = moves.clone();
+        with_one.push(MoveOutcome { name: "ok", state: MoveState::Running, error: "" });
+        let o = job_outcome("mig-4", "host-a", false, &with_one);
+        assert_eq!(o.state, JobState::Partial);
+        assert!(o.error.contains("and 490 more (`lifeboat jobs show mig-4`"), "{}", &o.error[o.error.len() - 300..]);
+        assert!(o.error.len() < 5_000, "{} bytes", o.error.len());
+        assert!(o.alarm.unwrap().len() < 5_000);
+        assert_eq!(clip("héllo", 2), "hé...");
+        assert_eq!(clip("hé", 2), "hé");
     }
 
     #[test]

@@ -9,7 +9,8 @@ use lifeboat_proto::v1::{
     AuditEntry, GetHostRequest, GetJobRequest, HostRecord, JobRecord, ListAuditRequest, ListAuditResponse,
     ListGuestsRequest, ListGuestsResponse, ListHostsRequest, ListHostsResponse, ListJobsRequest, ListJobsResponse,
     MigrateRequest, MigrationPlan, WhoAmIRequest, WhoAmIResponse, admin_server::Admin, Alarm, CleanupPlan,
-    CleanupRequest, ListAlarmsRequest, ListAlarmsResponse, SetHostStatusRequest,
+    CleanupRequest, ClearAlarmsRequest, ClearAlarmsResponse, ListAlarmsRequest, ListAlarmsResponse,
+    SetHostStatusRequest,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -196,6 +197,16 @@ impl Admin for AdminService {
             .map(|(id, at, host, kind, detail, cleared)| Alarm { id, at_unix_ms: at, host, kind, detail, cleared_unix_ms: cleared })
             .collect();
         Ok(Response::new(ListAlarmsResponse { alarms }))
+    }
+
+    async fn clear_alarms(&self, req: Request<ClearAlarmsRequest>) -> Result<Response<ClearAlarmsResponse>, Status> {
+        let (name, _) = authorize(&req, Role::Operator, "clearing alarms")?;
+        let r = req.into_inner();
+        let reg = self.reg.clone();
+        let cleared = tokio::task::spawn_blocking(move || crate::alarms::clear(&reg, &r.host, &r.kind, &r.reason, &name))
+            .await
+            .map_err(|e| ControllerError::Internal(format!("clearing alarms: {e}")))??;
+        Ok(Response::new(ClearAlarmsResponse { cleared }))
     }
 
     async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<ListAuditResponse>, Status> {
