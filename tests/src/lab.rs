@@ -193,6 +193,19 @@ impl Lab {
         serde_json::from_slice(&o.stdout).map_err(|e| format!("bad JSON from CLI: {e}"))
     }
 
+    /// `lifeboat ARGS --output json` as the lab's admin: the exit code and the
+    /// parsed JSON, whatever the exit code (`jobs show` of a PARTIAL job
+    /// prints it and exits 1).
+    pub fn cli_json_exit(&self, args: &[&str]) -> Result<(i32, Value), String> {
+        let mut a = vec!["cli"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--output", "json"]);
+        let o = self.run(&a);
+        let v = serde_json::from_slice(&o.stdout)
+            .map_err(|e| format!("bad JSON from CLI ({e}): {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))?;
+        Ok((o.status.code().unwrap_or(-1), v))
+    }
+
     /// `lifeboat ARGS` as the lab's admin; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
         let mut a = vec!["cli"];

@@ -270,7 +270,8 @@ fn lab_job_leaving_a_local_disk_guest_behind_is_partial() {
     assert!(text.contains("PARTIAL") && text.contains("vm-alocal") && text.contains("local"), "{text}");
     let jobs = lab.cli_json(&["jobs", "list"]).unwrap();
     assert_eq!(jobs[0]["state"], "PARTIAL", "{jobs}");
-    let job = lab.cli_json(&["jobs", "show", jobs[0]["id"].as_str().unwrap()]).unwrap();
+    let (code, job) = lab.cli_json_exit(&["jobs", "show", jobs[0]["id"].as_str().unwrap()]).unwrap();
+    assert_eq!(code, 1, "jobs show of a PARTIAL job exits 1 like migrate did: {job}");
     let left: Vec<&Value> = job["moves"].as_array().unwrap().iter().filter(|m| m["name"] == "vm-alocal").collect();
     assert_eq!(left.len(), 1, "the job lists the guest it left behind: {job}");
     assert_ne!(left[0]["state"], "RUNNING", "{job}");
