@@ -22,7 +22,9 @@ fn fail_and_migrate(lab: &Lab, host: &str) {
     lab.wait(Duration::from_secs(15), "unreachable", || lab.host(host).is_some_and(|h| h["liveness"] == "UNREACHABLE"));
     std::thread::sleep(Duration::from_millis(5500));
     let (code, out, err) = lab.cli(&["migrate", "--force", "--from", host, "--fence", "--yes"]);
-    assert_eq!(code, 0, "{out}\n{err}");
+    // The local-disk guest stays behind: the job ends PARTIAL, exit 1.
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("vm-alocal: NOT_MOVED"), "{out}\n{err}");
 }
 
 fn moved_from(lab: &Lab, host: &str) -> Vec<(String, String)> {

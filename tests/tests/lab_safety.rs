@@ -40,11 +40,10 @@ fn audit(lab: &Lab) -> Vec<Value> {
     lab.cli_json(&["log"]).ok().and_then(|a| a.as_array().cloned()).unwrap_or_default()
 }
 
-/// The single running copy of `uuid` must be on `host` (from /proc).
-fn runs_once_on(lab: &Lab, uuid: &str, host: &str) {
+/// The single running copy of guest `name` must be on `host` (from /proc).
+fn runs_once_on(lab: &Lab, name: &str, uuid: &str, host: &str) {
     let c = lab.running_copies(uuid);
-    assert_eq!(c.len(), 1, "{uuid} must run exactly once: {c:?}");
-    assert_eq!(c[0].host, host, "{uuid} must run on {host}: {c:?}");
+    assert!(c.len() == 1 && c[0].host == host, "{name} ({uuid}) must run exactly once, on {host}; it runs {c:?}");
 }
 
 /// Pulls the host's power (a crash: its BMC still reads On) and waits past
@@ -101,7 +100,7 @@ fn lab_impostor_agent_alarms_and_the_real_host_is_back_at_once() {
     assert_eq!(lab.host("host-b").unwrap()["liveness"], "REACHABLE");
     for (name, uuid) in &guests {
         let host = format!("host-{}", &name[3..4]);
-        runs_once_on(&lab, uuid, &host);
+        runs_once_on(&lab, name, uuid, &host);
     }
     lab.assert_never_two();
 }
@@ -175,8 +174,8 @@ fn lab_restored_older_backup_runs_no_guest_twice() {
 
     fail_host(&lab, "host-a");
     force_migrate_fenced(&lab, "host-a");
-    for (_, uuid) in &moved {
-        runs_once_on(&lab, uuid, "host-b");
+    for (name, uuid) in &moved {
+        runs_once_on(&lab, name, uuid, "host-b");
     }
 
     lab.ok(&["controller-stop"]);
@@ -200,7 +199,7 @@ fn lab_restored_older_backup_runs_no_guest_twice() {
     // Give the controller time to act on its old view (boot starts, lease renewals).
     std::thread::sleep(Duration::from_secs(5));
     for (name, uuid) in &moved {
-        runs_once_on(&lab, uuid, "host-b");
+        runs_once_on(&lab, name, uuid, "host-b");
         assert_eq!(lab.virsh("host-a", &["domstate", name]).trim(), "shut off", "{name} must not run on host-a");
         assert!(
             lab.vms().iter().any(|g| g["uuid"] == uuid.as_str() && g["host_id"] == "host-b" && g["state"] == "running"),
@@ -235,7 +234,7 @@ fn lab_returning_host_raises_no_false_stale_copy_alarm() {
     // Lease renewals and inventory passes come every ~1.3 s: watch a few.
     std::thread::sleep(Duration::from_secs(4));
     for (name, uuid) in &moved {
-        runs_once_on(&lab, uuid, "host-b");
+        runs_once_on(&lab, name, uuid, "host-b");
         assert_eq!(lab.virsh("host-a", &["domstate", name]).trim(), "shut off");
     }
     let stale: Vec<Value> = alarms(&lab).into_iter().filter(|a| a["kind"] == "stale-copy-running").collect();
@@ -276,7 +275,7 @@ fn lab_job_leaving_a_local_disk_guest_behind_is_partial() {
     assert_eq!(left.len(), 1, "the job lists the guest it left behind: {job}");
     assert_ne!(left[0]["state"], "RUNNING", "{job}");
     assert!(left[0].to_string().contains("local"), "with its reason: {job}");
-    runs_once_on(&lab, &a1, "host-b");
+    runs_once_on(&lab, "vm-a1", &a1, "host-b");
     lab.ok(&["bmc-start", "host-a"]);
     lab.assert_never_two();
 }
