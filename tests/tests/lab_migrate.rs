@@ -190,9 +190,10 @@ fn lab_bmc_faults_and_bad_input_change_nothing() {
         assert_eq!(lab.copies(g["uuid"].as_str().unwrap()), 1);
     }
 
-    // The local-disk guest is listed as unmovable; the others move.
+    // The local-disk guest is listed as unmovable; the others move; the job
+    // says PARTIAL (exit 1): vm-alocal runs nowhere.
     let (code, out, err) = lab.cli(&["migrate", "--force", "--from", "host-a", "--fence", "--yes"]);
-    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(code, 1, "{out}\n{err}");
     assert!(out.contains("vm-alocal") && out.contains("CANNOT MOVE: local storage"), "{out}");
     let uuid = uuid_of(&lab, "vm-a1");
     assert_eq!(lab.copies(&uuid), 1);
