@@ -31,11 +31,7 @@ async fn a_migration_that_leaves_a_local_guest_behind_is_partial_and_alarms_unti
     let agent_a = Agent::start(&agent_config("host-a", &uri("a"), &c.url(), &pki.agent("host-a"), ""));
     let agent_b = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
     let mut op = c.admin(&pki.client("olga", Role::Operator)).await;
-    wait_for(Duration::from_secs(10), "inventory", || {
-        let mut op = op.clone();
-        async move { (op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests.len() == 2).then_some(()) }
-    })
-    .await;
+    lifeboat_e2e::wait_guest_count(&op, 2).await;
 
     // host-a fails; the operator attests it is off and carries out the plan.
     agent_a.stop().await;
