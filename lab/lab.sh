@@ -292,10 +292,13 @@ EOF
   # Lifeboat's start guard: libvirt runs this before every start, incoming migration and
   # restore (it must exist when libvirtd starts). Without the agent binary: no guard.
   if [ -x "$AGENT_BIN" ]; then
+    # The packaged hook itself (packaging/libvirt/qemu-hook): it refuses only
+    # starts when the agent cannot run, and never fails libvirtd's `reconnect`.
     cat >"$hd/etc-libvirt/hooks/qemu" <<EOF
 #!/bin/sh
 # Written by lab/lab.sh: Lifeboat's start guard (docs/return.md).
-exec $AGENT_BIN --config /etc/lifeboat/agent.toml guard "\$@"
+LIFEBOAT_AGENT_BIN=$AGENT_BIN LIFEBOAT_AGENT_CONFIG=/etc/lifeboat/agent.toml LIFEBOAT_HOOK_DIR=/etc/libvirt/hooks \\
+  exec /bin/sh $REPO_DIR/packaging/libvirt/qemu-hook "\$@"
 EOF
     chmod 755 "$hd/etc-libvirt/hooks/qemu"
   else

@@ -1254,6 +1254,26 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Which of `uuids` another host than `source` reports holding their
+    /// disks, among the hosts that talk to us now: UUID → those hosts.
+    pub fn held_elsewhere(&self, source: &str, uuids: &[String]) -> BTreeMap<String, Vec<String>> {
+        let now = now_unix_ms();
+        let inner = self.lock();
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (h, m) in inner.guests.iter().filter(|(h, _)| h.as_str() != source) {
+            let reachable = inner.hosts.get(h).is_some_and(|e| liveness(now, e.last_heard_ms(), self.timing) == Liveness::Reachable);
+            if !reachable {
+                continue;
+            }
+            for u in uuids {
+                if m.get(u).is_some_and(|g| lifeboat_proto::holds_disk(g.state)) {
+                    out.entry(u.clone()).or_default().push(h.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Ownership generation of a guest (0 = never moved by Lifeboat).
     pub fn owner_generation(&self, uuid: &str) -> u64 {
         self.lock().owners.get(uuid).map(|o| o.generation).unwrap_or(0)

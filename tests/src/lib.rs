@@ -171,6 +171,18 @@ where
     }
 }
 
+/// Waits until the controller lists `n` guests (every agent's inventory arrived).
+pub async fn wait_guest_count(op: &AdminClient<Channel>, n: usize) {
+    wait_for(Duration::from_secs(10), "inventory", || {
+        let mut op = op.clone();
+        async move {
+            let listed = op.list_guests(lifeboat_proto::v1::ListGuestsRequest::default()).await.ok()?.into_inner().guests.len();
+            (listed == n).then_some(())
+        }
+    })
+    .await;
+}
+
 /// A guest for a libvirt test-driver node file: 32 MiB, one file disk, one
 /// bridged NIC; `runstate` as libvirt's state number (1 running, 5 shut off).
 pub fn test_domain(name: &str, uuid: &str, disk: &str, mac: &str, runstate: u32) -> String {

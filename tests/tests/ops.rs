@@ -34,11 +34,7 @@ async fn a_backup_of_a_busy_controller_restores_into_a_fresh_one() {
     let a = Agent::start(&agent_config("host-a", &uri("a"), &c.url(), &pki.agent("host-a"), ""));
     let b = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
     let op = c.admin(&pki.client("olga", Role::Operator)).await;
-    wait_for(Duration::from_secs(10), "inventory", || {
-        let mut op = op.clone();
-        async move { (op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests.len() == 4).then_some(()) }
-    })
-    .await;
+    lifeboat_e2e::wait_guest_count(&op, 4).await;
     // host-a "fails"; its guests are force-migrated (move records, audit).
     a.stop().await;
     let req = MigrateRequest {

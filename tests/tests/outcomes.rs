@@ -16,6 +16,8 @@ async fn a_migration_that_leaves_a_local_guest_behind_is_partial_and_alarms_unti
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let pki = Pki::new(&dir.join("pki"));
+    // The directory is shared storage (all agents here share one filesystem: a marker says so).
+    std::fs::write(dir.join(".lifeboat-storage-id"), "7a1e0c1a-1111-4222-8333-444455556666\n").unwrap();
     let shared = dir.join("shared.img");
     std::fs::write(&shared, b"").unwrap();
     let a = node(&[
@@ -29,11 +31,7 @@ async fn a_migration_that_leaves_a_local_guest_behind_is_partial_and_alarms_unti
     let agent_a = Agent::start(&agent_config("host-a", &uri("a"), &c.url(), &pki.agent("host-a"), ""));
     let agent_b = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
     let mut op = c.admin(&pki.client("olga", Role::Operator)).await;
-    wait_for(Duration::from_secs(10), "inventory", || {
-        let mut op = op.clone();
-        async move { (op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests.len() == 2).then_some(()) }
-    })
-    .await;
+    lifeboat_e2e::wait_guest_count(&op, 2).await;
 
     // host-a fails; the operator attests it is off and carries out the plan.
     agent_a.stop().await;
@@ -62,10 +60,10 @@ async fn a_migration_that_leaves_a_local_guest_behind_is_partial_and_alarms_unti
     assert_eq!((shared_move.state.as_str(), shared_move.target.as_str()), ("RUNNING", "host-b"));
     let local = done.moves.iter().find(|m| m.name == "vm-local").unwrap();
     assert_eq!(local.state, "NOT_MOVED");
-    assert!(local.error.contains("local storage") && local.error.contains("/nonexistent/local/vm-local.img"), "{local:?}");
-    assert!(local.error.contains("failed checks: disks visible from host-b"), "the plan's failed checks: {local:?}");
+    assert!(local.error.contains("not shown to be shared") && local.error.contains("/nonexistent/local/vm-local.img"), "{local:?}");
+    assert!(local.error.contains("failed checks: disks on shared storage"), "the plan's failed checks: {local:?}");
     assert!(local.target.is_empty() && local.generation == 0, "{local:?}");
-    for want in ["vm-local (not moved: local storage", "running nowhere while host-a stays off", "lifeboat alarms clear --host host-a --kind guests-not-moved"] {
+    for want in ["vm-local (not moved: storage not shown to be shared", "running nowhere while host-a stays off", "lifeboat alarms clear --host host-a --kind guests-not-moved"] {
         assert!(done.error.contains(want), "job error lacks '{want}': {}", done.error);
     }
     // The report reads the same later.

@@ -137,6 +137,7 @@ impl Engine {
             visibility.insert(h, m);
         }
         let t_checks = t0.elapsed();
+        let source_uuids: Vec<String> = source_guests.iter().map(|g| g.uuid.clone()).collect();
         let input = PlanInput {
             req: req.clone(),
             hosts,
@@ -147,6 +148,8 @@ impl Engine {
             grace_ms: self.grace_ms,
             visibility,
             memory_reserve_kib: self.memory_reserve_kib,
+            source_alarms: self.reg.active_alarms().into_iter().filter(|a| a.0 == req.source).map(|a| a.1).collect(),
+            held_elsewhere: self.reg.held_elsewhere(&req.source, &source_uuids),
         };
         let p = plan::plan(&input);
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;

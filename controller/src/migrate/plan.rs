@@ -77,6 +77,11 @@ pub struct PlanInput {
     pub visibility: BTreeMap<String, BTreeMap<String, PathSeen>>,
     /// Memory kept free on every host for the hypervisor itself, KiB.
     pub memory_reserve_kib: u64,
+    /// Kinds of the source's active alarms.
+    pub source_alarms: Vec<String>,
+    /// Source guests that another reachable host reports holding their
+    /// disks: UUID → those hosts. Such a guest runs elsewhere already.
+    pub held_elsewhere: BTreeMap<String, Vec<String>>,
 }
 
 /// What a candidate target's agent answered about one disk path.
@@ -318,6 +323,19 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         out.power_evidence = evidence;
     }
 
+    // Two agents that claim the source's identity: whichever talks, its
+    // silence or its words prove nothing about the real host.
+    let duplicate = input.source_alarms.iter().any(|k| k == "duplicate-agent");
+    pre.push(check(
+        "one agent per host",
+        !duplicate,
+        if duplicate {
+            format!("a duplicate-agent alarm is active on {}: two agents claimed its identity, so its liveness cannot be trusted", source.id)
+        } else {
+            format!("no other agent claimed {}'s identity", source.id)
+        },
+        format!("find and stop the second agent (`lifeboat alarms` names both addresses), then `lifeboat alarms clear --host {} --kind duplicate-agent`", source.id),
+    ));
     pre.push(match &input.active_job {
         Some(j) => check(
             "one operation per host",
@@ -420,6 +438,17 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             gp.checks.push(check("target reachable", reach, format!("{} must answer to finish the move", o.host), "bring that host's agent back"));
             gp.movable = reach;
             gp.cleanup = cleanup_note(&source.id, g);
+            out.guests.push(gp);
+            continue;
+        }
+        if let Some(holders) = input.held_elsewhere.get(&g.uuid) {
+            gp.reason = format!("already holds its disks on {}", holders.join(", "));
+            gp.checks.push(check(
+                "runs nowhere else",
+                false,
+                format!("{} ({}) is reported running (or holding its disks) on {}: a copy started here would be a second one", g.name, g.uuid, holders.join(", ")),
+                "nothing to move: it runs there; if that copy is not wanted, stop it there first",
+            ));
             out.guests.push(gp);
             continue;
         }
@@ -761,6 +790,8 @@ mod tests {
             grace_ms: 30_000,
             visibility: vis,
             memory_reserve_kib: 0,
+            source_alarms: vec![],
+            held_elsewhere: BTreeMap::new(),
         }
     }
 
@@ -915,6 +946,8 @@ mod tests {
             grace_ms: 30_000,
             visibility: vis,
             memory_reserve_kib: 0,
+            source_alarms: vec![],
+            held_elsewhere: BTreeMap::new(),
         };
         let p = plan(&input);
         let g = &p.guests[0];
@@ -1065,5 +1098,22 @@ mod tests {
         i.source_guests[0].disks[0].shareable = true;
         let g1 = plan(&i).guests.into_iter().find(|g| g.name == "g1").unwrap();
         assert!(g1.movable && g1.target == "c", "{g1:?}");
+    }
+
+    #[test]
+    fn a_duplicate_agent_or_a_guest_running_elsewhere_is_refused() {
+        let mut i = input();
+        i.source_alarms = vec!["duplicate-agent".into()];
+        let p = plan(&i);
+        assert!(!p.executable);
+        let c = p.preconditions.iter().find(|c| c.name == "one agent per host").unwrap();
+        assert!(!c.ok && c.remedy.contains("duplicate-agent"), "{c:?}");
+        let mut i = input();
+        let uuid = i.source_guests[0].uuid.clone();
+        i.held_elsewhere.insert(uuid.clone(), vec!["c".into()]);
+        let p = plan(&i);
+        let g = p.guests.iter().find(|g| g.uuid == uuid).unwrap();
+        assert!(!g.movable && g.reason.contains("on c"), "{g:?}");
+        assert!(g.checks.iter().any(|c| c.name == "runs nowhere else" && !c.ok));
     }
 }
