@@ -425,7 +425,16 @@ impl Registry {
     /// Whether what `host` reports now is known: its agent is connected and
     /// sent a full inventory in this session.
     fn fresh(inner: &Inner, host: &str) -> bool {
-        inner.hosts.get(host).is_some_and(|e| e.session.is_some() && e.inventory_seen)
+        inner.hosts.get(host).is_some_and(|e| e.session.is_some() && e.inventory_seen) && !Self::suspect(inner, host)
+    }
+
+    /// Whether two agents claim this host (an active `duplicate-agent`
+    /// alarm): whichever answers may be the other machine, so its reports
+    /// judge nothing and it is sent no command (a stop meant for a copy on
+    /// "host-a" would destroy a guest on the impostor's machine) until an
+    /// operator has found the second agent and cleared the alarm.
+    fn suspect(inner: &Inner, host: &str) -> bool {
+        inner.alarms.iter().any(|a| a.0 == host && a.1 == "duplicate-agent")
     }
 
     /// Who owns guest `uuid` as reported by `host`; `None`: `host` does.
@@ -476,6 +485,9 @@ impl Registry {
     /// still runs the guest, which is a conflict: no lease, start or stop
     /// for that guest anywhere, and an alarm.
     fn check_claims(inner: &mut Inner, host: &str, guests: &[&Guest]) -> Result<(), StoreError> {
+        if Self::suspect(inner, host) {
+            return Ok(());
+        }
         for g in guests {
             if g.owner_host != host || g.owner_generation == 0 {
                 continue;
@@ -979,6 +991,12 @@ impl Registry {
                 host: host_id.into(),
                 known: inner.hosts.keys().cloned().collect(),
             })?;
+            if Self::suspect(&inner, host_id) {
+                return Err(ControllerError::AgentUnavailable(format!(
+                    "two agents claim to be '{host_id}' (duplicate-agent alarm): no command is sent to it until the second agent \
+                     is found and the alarm cleared (`lifeboat alarms`, then `lifeboat alarms clear --host {host_id} --kind duplicate-agent`)"
+                )));
+            }
             match &e.session {
                 Some(s) => s.tx.clone(),
                 None => return Err(ControllerError::AgentUnavailable(format!("host '{host_id}' has no open agent session"))),
@@ -1065,7 +1083,7 @@ impl Registry {
             let ids: Vec<String> = inner
                 .hosts
                 .iter()
-                .filter(|(_, e)| e.session.is_some())
+                .filter(|(id, e)| e.session.is_some() && !Self::suspect(&inner, id))
                 .filter(|(_, e)| {
                     full || e.dirty
                         || e.pending_boot_start
@@ -1578,5 +1596,28 @@ mod tests {
         reg.set_status("b", HostStatus::Offline, "gone", "test").unwrap();
         assert_eq!(reg.hold(later), None, "every host not OFFLINE reported");
         assert!(reg.active_alarms().is_empty(), "the alarm is cleared by its cause");
+    }
+
+    #[tokio::test]
+    async fn a_host_two_agents_claim_is_sent_nothing_and_its_reports_judge_nothing() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(8);
+        let running = |u: &str, n: &str| Guest { state: GuestState::Running as i32, ..g(u, n) };
+        let inv = |gs: Vec<Guest>| Inventory { host: None, guests: gs, more: false };
+        let sb = reg.open_session("b", "boot", tx.clone()).unwrap();
+        reg.apply_inventory("b", sb, inv(vec![running("ub", "vm-b1")])).unwrap();
+        let (_, _) = reg.open_session_from("a", "boot", tx.clone(), Some("10.0.0.1:1".parse().unwrap())).unwrap();
+        // An impostor with a's certificate on b's machine reports b's guest as a's.
+        let (impostor, _) = reg.open_session_from("a", "boot", tx.clone(), Some("10.0.0.2:1".parse().unwrap())).unwrap();
+        reg.apply_inventory("a", impostor, inv(vec![running("ub", "vm-b1")])).unwrap();
+        assert!(reg.active_alarms().iter().any(|a| a.0 == "a" && a.1 == "duplicate-agent"));
+        let decided = reg.reconcile_each(now_unix_ms(), 30_000, true, |snap| (snap.host.clone(), crate::reconcile::decide(snap, 1, 30_000)));
+        assert!(decided.iter().all(|(h, _)| h != "a"), "nothing is decided for a suspect host");
+        assert!(
+            !decided.iter().flat_map(|(_, a)| a).any(|a| matches!(a, crate::reconcile::Action::StopStale { .. })),
+            "no stop anywhere from what a suspect host reports: {decided:?}"
+        );
+        let e = reg.call("a", Kind::Resync(Default::default()), Duration::from_millis(100)).await.unwrap_err();
+        assert!(e.to_string().contains("duplicate-agent"), "{e}");
     }
 }
