@@ -257,6 +257,11 @@ fn lab_job_leaving_a_local_disk_guest_behind_is_partial() {
     lab.wait(Duration::from_secs(10), "local guest managed", || {
         lab.vm("vm-alocal").is_some_and(|g| g["state"] == "running" && g["autostart"] == false)
     });
+    // The same path exists on host-b, as another file: seeing the path proves
+    // nothing, the guest would boot from the wrong disk there.
+    let impostor_disk = lab.path("HOST_B_LOCAL_DISK_DIR").join("vm-alocal.img");
+    std::fs::create_dir_all(impostor_disk.parent().unwrap()).unwrap();
+    std::fs::write(&impostor_disk, vec![0u8; 4096]).unwrap();
     let a1 = lab.vm("vm-a1").unwrap()["uuid"].as_str().unwrap().to_string();
     // A crash with the BMC unreachable: the operator attests the power is off.
     lab.ok(&["bmc-stop", "host-a"]);
@@ -275,7 +280,49 @@ fn lab_job_leaving_a_local_disk_guest_behind_is_partial() {
     assert_eq!(left.len(), 1, "the job lists the guest it left behind: {job}");
     assert_ne!(left[0]["state"], "RUNNING", "{job}");
     assert!(left[0].to_string().contains("local"), "with its reason: {job}");
+    assert!(left[0]["error"].as_str().is_some_and(|e| e.contains("host-b: local:")), "host-b's file at that path is not the disk: {job}");
     runs_once_on(&lab, "vm-a1", &a1, "host-b");
     lab.ok(&["bmc-start", "host-a"]);
+    lab.assert_never_two();
+}
+
+/// f. The start guard fails closed: on a host enrolled in Lifeboat, a lease
+/// directory that is gone (lost, not mounted) or a lease that cannot be read
+/// (here: a directory where the file should be) refuses every start of the
+/// guest, instead of reading as "not managed here".
+#[test]
+fn lab_start_guard_refuses_when_lease_state_cannot_be_read() {
+    let lab = lab_or_skip!(1, 1);
+    settle(&lab, 1);
+    let uuid = lab.vm("vm-a1").unwrap()["uuid"].as_str().unwrap().to_string();
+    let leases = lab.path("HOST_A_AGENT_STATE_DIR").join("leases");
+    assert!(leases.join(format!("{uuid}.lease")).exists(), "vm-a1 is leased on host-a");
+    // No renewal may rewrite the lease state meanwhile: the agent is stopped
+    // (its guests keep running), and vm-a1 is shut down by hand.
+    lab.ok(&["agent-stop", "host-a"]);
+    lab.virsh("host-a", &["destroy", "vm-a1"]);
+    let start = |lab: &Lab| {
+        let o = lab.run(&["virsh", "host-a", "start", "vm-a1"]);
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let saved = lab.path("HOST_A_AGENT_STATE_DIR").join("leases.saved");
+    std::fs::rename(&leases, &saved).unwrap();
+    let (ok, err) = start(&lab);
+    assert!(!ok, "an enrolled host without its lease directory must refuse: {err}");
+    assert!(err.contains("Lifeboat start guard") && err.contains("lease directory"), "{err}");
+    std::fs::rename(&saved, &leases).unwrap();
+    let file = leases.join(format!("{uuid}.lease"));
+    let kept = leases.join("kept.json");
+    std::fs::rename(&file, &kept).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let (ok, err) = start(&lab);
+    assert!(!ok, "an unreadable lease must refuse: {err}");
+    assert!(err.contains("cannot read Lifeboat's lease state"), "{err}");
+    std::fs::remove_dir(&file).unwrap();
+    std::fs::rename(&kept, &file).unwrap();
+    // With its lease state back (and renewed by the agent), the start passes.
+    lab.ok(&["agent-start", "host-a"]);
+    lab.wait(Duration::from_secs(15), "vm-a1 startable again", || start(&lab).0);
+    runs_once_on(&lab, "vm-a1", &uuid, "host-a");
     lab.assert_never_two();
 }
