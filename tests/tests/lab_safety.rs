@@ -326,3 +326,43 @@ fn lab_start_guard_refuses_when_lease_state_cannot_be_read() {
     runs_once_on(&lab, "vm-a1", &uuid, "host-a");
     lab.assert_never_two();
 }
+
+/// g. A host declared OFFLINE by hand (`hosts set-status OFFLINE`, with an
+/// operator's attestation) while it was only cut off: when it talks again
+/// with the boot id it had, it never lost power. Like after a forced
+/// migration, the controller must recognise that (split-brain alarm,
+/// MAINTENANCE), which needs the boot id recorded when it was declared.
+#[test]
+fn lab_host_declared_offline_by_hand_that_never_powered_off_is_flagged() {
+    let lab = lab_or_skip!(2, 1);
+    if !lab.has_bmcs() {
+        return;
+    }
+    settle(&lab, 2);
+    // Its BMC cannot be reached either: only an attestation can declare it.
+    lab.ok(&["bmc-stop", "host-a"]);
+    lab.ok(&["host-partition", "host-a"]);
+    lab.wait(Duration::from_secs(15), "host-a unreachable", || lab.host("host-a").is_some_and(|h| h["liveness"] == "UNREACHABLE"));
+    std::thread::sleep(Duration::from_millis(5500));
+    let (code, out, err) = lab.cli(&[
+        "hosts",
+        "set-status",
+        "host-a",
+        "OFFLINE",
+        "--attest-powered-off",
+        "--reason",
+        "lab: operator believes host-a is off",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    lab.ok(&["bmc-start", "host-a"]);
+    lab.ok(&["host-heal", "host-a"]);
+    // Back when its agent has a new session (heartbeats the old stream held
+    // through the partition may arrive first, and are not a return).
+    lab.wait(Duration::from_secs(20), "host-a back", || lab.host("host-a").is_some_and(|h| h["session_open"] == true && h["liveness"] == "REACHABLE"));
+    let h = lab.host("host-a").unwrap();
+    assert_eq!(h["status"], "MAINTENANCE", "{h}");
+    lab.wait(Duration::from_secs(5), "split-brain alarm", || {
+        alarms(&lab).iter().any(|a| a["host"] == "host-a" && a["kind"] == "split-brain")
+    });
+    lab.assert_never_two();
+}
