@@ -470,10 +470,15 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         let disks: Vec<&Disk> = g.disks.iter().filter(|d| d.source.starts_with('/')).collect();
         // The source's own report says which storage each disk is on; only
         // a disk on shared storage can be found again from another host.
-        let problems: Vec<String> = disks
+        let mut problems: Vec<String> = disks
             .iter()
             .filter_map(|d| source_disk_problem(&source.id, d).map(|why| format!("{why} ({})", elsewhere(&d.source))))
             .collect();
+        // A storage pool volume names no path: which storage backs the pool
+        // on each host (a local directory, an LVM group) cannot be compared.
+        problems.extend(g.disks.iter().filter(|d| d.source_type == "volume").map(|d| {
+            format!("{} is a storage pool volume ({}): the storage behind a pool cannot be identified across hosts", d.target, d.source)
+        }));
         let storage_ok = problems.is_empty();
         if !storage_ok {
             let local = disks.iter().any(|d| d.storage.starts_with("local:"));
@@ -482,7 +487,8 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                 false,
                 problems.join("; "),
                 "a guest on local disks cannot move; if the storage is shared, put a .lifeboat-storage-id marker on it \
-                 (docs/migrate.md) or use /dev/disk/by-id/wwn-… device paths, and let the source report again",
+                 (docs/migrate.md) or use /dev/disk/by-id/wwn-… device paths (a pool volume: the path behind it), and let \
+                 the source report again",
             ));
             gp.reason = format!("{}: {}", if local { "local storage" } else { "storage not shown to be shared" }, problems.join("; "));
         }
@@ -1115,5 +1121,17 @@ mod tests {
         let g = p.guests.iter().find(|g| g.uuid == uuid).unwrap();
         assert!(!g.movable && g.reason.contains("on c"), "{g:?}");
         assert!(g.checks.iter().any(|c| c.name == "runs nowhere else" && !c.ok));
+    }
+
+    #[test]
+    fn a_storage_pool_volume_is_not_taken_for_shared_storage() {
+        let mut i = input();
+        let d = lifeboat_proto::v1::Disk { target: "vdb".into(), source_type: "volume".into(), source: "default/data.qcow2".into(), ..Default::default() };
+        i.source_guests[0].disks.push(d);
+        let p = plan(&i);
+        let g = &p.guests.iter().find(|g| g.uuid == i.source_guests[0].uuid).unwrap();
+        assert!(!g.movable, "{g:?}");
+        let c = g.checks.iter().find(|c| c.name == "disks on shared storage").unwrap();
+        assert!(!c.ok && c.detail.contains("storage pool volume (default/data.qcow2)"), "{c:?}");
     }
 }
