@@ -167,6 +167,9 @@ pub struct Decision {
     pub host: String,
     /// Its snapshot held a fresh inventory (stale copies were judged).
     pub fresh: bool,
+    /// Its guests that hold their disks there (an alarm about one of them is
+    /// not cleared, whatever was decided).
+    pub holding: BTreeSet<String>,
     /// What to do.
     pub actions: Vec<Action>,
 }
@@ -225,6 +228,7 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
             r.reconcile_each(now, lease_ttl_ms, full, |snap| Decision {
                 host: snap.host.clone(),
                 fresh: snap.inventory_seen,
+                holding: snap.guests.iter().filter(|g| holds_disk(g.state)).map(|g| g.uuid.clone()).collect(),
                 actions: decide(snap, now, lease_ttl_ms),
             })
         })
@@ -286,7 +290,7 @@ fn plan_attempts(reg: &Registry, attempts: &Attempts, d: Decision, now: i64) -> 
     if d.fresh {
         let gone: Vec<(String, String)> = map
             .iter()
-            .filter(|((h, u), e)| h == &d.host && !wanted.contains(u) && !e.in_flight && e.alarm.is_some())
+            .filter(|((h, u), e)| h == &d.host && !wanted.contains(u) && !d.holding.contains(u) && !e.in_flight && e.alarm.is_some())
             .map(|(k, _)| k.clone())
             .collect();
         for k in gone {

@@ -138,6 +138,8 @@ impl GuestEntry {
 
 struct Inner {
     store: Store,
+    /// Silence after which a host is UNREACHABLE (from [`Timing`]).
+    unreachable_after_ms: u32,
     hosts: BTreeMap<String, HostEntry>,
     guests: BTreeMap<String, BTreeMap<String, GuestEntry>>,
     next_generation: u64,
@@ -155,7 +157,7 @@ struct Inner {
     /// Guests whose reported ownership conflicts (a host claims a newer
     /// generation than the database while the recorded owner runs it):
     /// no lease, start or stop anywhere until the conflict is gone.
-    conflicts: BTreeSet<String>,
+    conflicts: BTreeMap<String, String>,
 }
 
 /// What happened when a host opened a session, for the caller to act on.
@@ -256,6 +258,7 @@ impl Registry {
             started_ms: now_unix_ms(),
             inner: Mutex::new(Inner {
                 store,
+                unreachable_after_ms: timing.unreachable_after_ms,
                 hosts,
                 guests,
                 next_generation: 1,
@@ -264,7 +267,7 @@ impl Registry {
                 desired,
                 alarms,
                 in_job,
-                conflicts: BTreeSet::new(),
+                conflicts: BTreeMap::new(),
             }),
             timing,
             pending: Mutex::new(Default::default()),
@@ -425,7 +428,12 @@ impl Registry {
     /// Whether what `host` reports now is known: its agent is connected and
     /// sent a full inventory in this session.
     fn fresh(inner: &Inner, host: &str) -> bool {
-        inner.hosts.get(host).is_some_and(|e| e.session.is_some() && e.inventory_seen) && !Self::suspect(inner, host)
+        let now = now_unix_ms();
+        inner.hosts.get(host).is_some_and(|e| {
+            e.session.is_some()
+                && e.inventory_seen
+                && e.last_heard_ms().is_some_and(|t| now.saturating_sub(t) <= i64::from(inner.unreachable_after_ms))
+        }) && !Self::suspect(inner, host)
     }
 
     /// Whether two agents claim this host (an active `duplicate-agent`
@@ -444,11 +452,24 @@ impl Registry {
     /// (a hand migration, an undefine) hands it to the one that does. While
     /// the first host is silent nobody can tell: [`OwnerView::Unsure`].
     fn owner_view(inner: &Inner, uuid: &str, host: &str) -> Option<crate::reconcile::OwnerView> {
+        Self::owner_view_as(inner, uuid, host, None)
+    }
+
+    /// [`Registry::owner_view`] with whether `host`'s copy holds its disks
+    /// given (`None`: as last reported).
+    fn owner_view_as(inner: &Inner, uuid: &str, host: &str, holds_here: Option<bool>) -> Option<crate::reconcile::OwnerView> {
         use crate::reconcile::OwnerView;
-        if inner.conflicts.contains(uuid) {
+        let holds = |h: &str| inner.guests.get(h).and_then(|m| m.get(uuid)).is_some_and(|g| lifeboat_proto::holds_disk(g.state));
+        if inner.conflicts.contains_key(uuid) {
             return Some(OwnerView::Unsure);
         }
         if let Some(o) = inner.owners.get(uuid) {
+            // A move that never completed and whose job has ended (failed):
+            // the target was recorded before it ran the guest, and the
+            // source may still run it. Neither is sure: no lease, no stop.
+            if !o.complete && !inner.in_job.contains_key(uuid) {
+                return Some(OwnerView::Unsure);
+            }
             return (o.host != host).then(|| OwnerView::Other { host: o.host.clone(), recorded: true });
         }
         let (first, _) = inner.desired.get(uuid)?;
@@ -458,8 +479,13 @@ impl Registry {
         if !Self::fresh(inner, first) {
             return Some(OwnerView::Unsure);
         }
-        let there = inner.guests.get(first).and_then(|m| m.get(uuid));
-        there.filter(|g| lifeboat_proto::holds_disk(g.state)).map(|_| OwnerView::Other { host: first.clone(), recorded: false })
+        // The first host no longer runs it: the one copy that holds its disks
+        // is the guest (a hand migration); a copy that does not stays a
+        // non-owner, so only one host ever holds the lease.
+        if !holds(first) && holds_here.unwrap_or_else(|| holds(host)) {
+            return None;
+        }
+        Some(OwnerView::Other { host: first.clone(), recorded: false })
     }
 
     /// Owner of a guest reported by `host`, for showing and for desired
@@ -508,7 +534,7 @@ impl Registry {
                      for it until one copy is gone; find out which copy is current (`lifeboat vms show {}`, `virsh list` on both)",
                     g.name, g.uuid, g.owner_generation, g.name
                 );
-                if inner.conflicts.insert(g.uuid.clone()) {
+                if inner.conflicts.insert(g.uuid.clone(), host.to_string()).is_none() {
                     Self::raise_locked(inner, host, "ownership-conflict", &detail)?;
                 }
                 continue;
@@ -557,7 +583,7 @@ impl Registry {
 
     /// What the desired state of `g` becomes, if it changes.
     fn desired_change(inner: &Inner, host: &str, g: &Guest, from_event: bool) -> Option<&'static str> {
-        if Self::owner_of(inner, &g.uuid, host) != host {
+        if Self::owner_view_as(inner, &g.uuid, host, Some(lifeboat_proto::holds_disk(g.state))).is_some() {
             return None;
         }
         let st = GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified);
@@ -668,7 +694,8 @@ impl Registry {
         // arriving must not mean 200,000 synced writes).
         let changes: Vec<(&str, &str, &'static str)> = guests
             .iter()
-            .filter(|g| !inner.desired.contains_key(&g.uuid))
+            // New guests, and guests first reported elsewhere that now run here only.
+            .filter(|g| inner.desired.get(&g.uuid).is_none_or(|d| d.0 != host_id))
             .filter_map(|g| Self::desired_change(&inner, host_id, g, false).map(|w| (g.uuid.as_str(), host_id, w)))
             .collect();
         inner.store.set_desired_many(&changes)?;
@@ -1080,6 +1107,17 @@ impl Registry {
     ) -> Vec<T> {
         let wanted: Vec<String> = {
             let mut inner = self.lock();
+            // Conflicting claims are judged again on what the hosts report
+            // now: one copy gone ends the conflict (and may rebuild the record).
+            let pending: Vec<(String, String)> = std::mem::take(&mut inner.conflicts).into_iter().collect();
+            for (uuid, claimant) in pending {
+                let Some(g) = inner.guests.get(&claimant).and_then(|m| m.get(&uuid)).map(GuestEntry::guest) else { continue };
+                let g = Guest { uuid: uuid.clone(), ..g };
+                if let Err(e) = Self::check_claims(&mut inner, &claimant, &[&g]) {
+                    warn!(uuid = %uuid, "judging an ownership conflict again failed: {e}");
+                    inner.conflicts.insert(uuid, claimant);
+                }
+            }
             let ids: Vec<String> = inner
                 .hosts
                 .iter()
@@ -1123,7 +1161,14 @@ impl Registry {
             })
             .unwrap_or_default();
         let reported = |u: &str| inner.guests.get(id).is_some_and(|m| m.contains_key(u));
-        let owned_here: Vec<&crate::store::OwnerRow> = inner.owners_by_host.get(id).map(|v| v.iter().filter_map(|u| inner.owners.get(u)).collect()).unwrap_or_default();
+        // A move's target holds the lease of a guest not yet running there
+        // only while its job runs (the job starts it); a move left unfinished
+        // by a job that ended gives nobody a lease.
+        let owned_here: Vec<&crate::store::OwnerRow> = inner
+            .owners_by_host
+            .get(id)
+            .map(|v| v.iter().filter_map(|u| inner.owners.get(u)).filter(|o| o.complete || inner.in_job.contains_key(&o.uuid)).collect())
+            .unwrap_or_default();
         let in_job: BTreeSet<String> = inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 != id).map(|(u, _)| u.clone()).collect();
         // A status that does not parse makes the host a non-target (OFFLINE:
         // no leases), never AVAILABLE.
@@ -1619,5 +1664,41 @@ mod tests {
         );
         let e = reg.call("a", Kind::Resync(Default::default()), Duration::from_millis(100)).await.unwrap_err();
         assert!(e.to_string().contains("duplicate-agent"), "{e}");
+    }
+
+    #[test]
+    fn one_host_holds_the_lease_of_a_guest_never_moved_and_an_unfinished_move_leases_nobody() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let st = |u: &str, running: bool| Guest {
+            state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
+            ..g(u, "vm1")
+        };
+        let inv = |gs: Vec<Guest>| Inventory { host: None, guests: gs, more: false };
+        let sa = reg.open_session("a", "boot", tx.clone()).unwrap();
+        let sb = reg.open_session("b", "boot", tx.clone()).unwrap();
+        reg.apply_inventory("a", sa, inv(vec![st("u1", false)])).unwrap();
+        reg.apply_inventory("b", sb, inv(vec![st("u1", false)])).unwrap();
+        let leased = |h: &str| reg.lease_set(h).iter().any(|l| l.0 == "u1");
+        assert!(leased("a") && !leased("b"), "two shut-off copies: only the first host's is leased");
+        // b runs it now (a hand migration): b alone holds the lease.
+        reg.apply_guest("b", sb, st("u1", true)).unwrap();
+        assert!(leased("b") && !leased("a"), "the one running copy is the guest");
+        // An unfinished move whose job ended: nobody is leased, nothing is stopped.
+        let row = crate::store::OwnerRow {
+            uuid: "u1".into(),
+            host: "a".into(),
+            generation: 1,
+            from_host: "b".into(),
+            job: "j".into(),
+            complete: false,
+        };
+        reg.db(|s| s.set_owner(&row, &AuditRow::by_controller("test", "a", "vm1", String::new()))).unwrap();
+        reg.refresh_owners().unwrap();
+        assert!(!leased("a") && !leased("b"));
+        assert_eq!(Registry::owner_view(&reg.lock(), "u1", "b"), Some(crate::reconcile::OwnerView::Unsure));
+        // While its job runs, the target holds it.
+        reg.set_in_job("j", &[("u1".into(), "b".into(), "a".into())]);
+        assert!(leased("a") && !leased("b"));
     }
 }

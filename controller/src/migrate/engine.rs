@@ -168,6 +168,9 @@ impl Engine {
     /// Starts a job for a reviewed plan: refuses (changing nothing) unless
     /// the plan is still executable and its id matches.
     pub async fn start(self: &Arc<Self>, req: MigrateRequest, operator: &str) -> Result<JobRecord, ControllerError> {
+        if let Some(why) = self.reg.hold(crate::now_ms()) {
+            return Err(ControllerError::Refused(format!("no job starts now ({why}); nothing was changed: try again when it has passed")));
+        }
         let (p, input) = self.gather_and_plan(&req).await?;
         if !p.executable {
             let what = format!("{} of {}", if req.planned_move { "move" } else { "forced migration" }, req.source);
@@ -277,6 +280,10 @@ impl Engine {
             let (id, source, state) = (j.id.clone(), j.source.clone(), j.state.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
+                // A restored database also waits until the hosts reported.
+                while me.reg.hold(crate::now_ms()).is_some() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
                 let detail = format!("resumed in state {state} after a {} ms startup grace for agents to reconnect", grace.as_millis());
                 let _ = me.reg.db(|s| s.audit(&audit("controller", "job.resumed", &source, "", &id, detail)));
                 me.run(id).await
@@ -409,6 +416,16 @@ impl Engine {
             Err(e) => return Ok(Err(format!("revoking the moved guests' leases on {} failed: {e}; nothing was stopped", job.source))),
         }
         for m in &moves {
+            let now_generation = self.reg.owner_generation(&m.uuid);
+            if now_generation >= m.generation {
+                // Ownership moved on since this job was recorded (a restored
+                // database resuming an old job): the copy there may be the guest.
+                return Ok(Err(format!(
+                    "{} is at ownership generation {now_generation} now, not below this move's {}: the job is older than \
+                     the guest's placement; nothing was stopped",
+                    m.name, m.generation
+                )));
+            }
             match self.stop_confirmed(&job.source, m, &job.id).await {
                 Ok(outcome) => {
                     self.reg.db(|s| s.audit(&audit("controller", "guest.stopped_for_move", &job.source, &m.name, &job.id, format!("{} stopped on {} ({outcome})", m.name, job.source))))?;
@@ -607,6 +624,18 @@ impl Engine {
                         let detail = format!("{} left defined and stopped on {}", m.name, m.target);
                         self.set_move(&mut m, MoveState::DefinedStopped, "", Some(owner), a("move.done", detail))?;
                     }
+                }
+                MoveState::Starting if self.reg.owner_generation(&m.uuid) > m.generation => {
+                    // Ownership moved on since this job recorded it (a restored
+                    // database resuming an old job): this move is history.
+                    let msg = format!(
+                        "not starting {} on {}: its ownership is at generation {} now, newer than this move's {}",
+                        m.name,
+                        m.target,
+                        self.reg.owner_generation(&m.uuid),
+                        m.generation
+                    );
+                    self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                 }
                 MoveState::Starting if planned && let Err(e) = self.stop_confirmed(&m.source, &m, &m.job_id).await => {
                     // The source is read again right before the start: a copy
