@@ -1224,6 +1224,13 @@ impl Registry {
         if now_ms - self.started_ms < grace {
             return Some(format!("startup grace: {grace} ms for agents to reconnect and report"));
         }
+        self.restore_hold()
+    }
+
+    /// The part of [`Registry::hold`] that outlasts the startup grace: a
+    /// restored database waiting for every host not OFFLINE to report
+    /// (clears its alarm once they have).
+    pub fn restore_hold(&self) -> Option<String> {
         let mut inner = self.lock();
         let restored: Vec<(String, String)> =
             inner.alarms.iter().filter(|a| a.1 == "store-restored").map(|a| (a.0.clone(), a.2.clone())).collect();

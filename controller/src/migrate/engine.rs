@@ -168,7 +168,7 @@ impl Engine {
     /// Starts a job for a reviewed plan: refuses (changing nothing) unless
     /// the plan is still executable and its id matches.
     pub async fn start(self: &Arc<Self>, req: MigrateRequest, operator: &str) -> Result<JobRecord, ControllerError> {
-        if let Some(why) = self.reg.hold(crate::now_ms()) {
+        if let Some(why) = self.reg.restore_hold() {
             return Err(ControllerError::Refused(format!("no job starts now ({why}); nothing was changed: try again when it has passed")));
         }
         let (p, input) = self.gather_and_plan(&req).await?;
