@@ -672,12 +672,7 @@ impl Store {
             params![job_id, uuid, state, error, crate::now_ms()],
         )?;
         if let Some(o) = owner {
-            tx.execute(
-                "INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT(uuid) DO UPDATE SET host = excluded.host, generation = excluded.generation,
-                    from_host = excluded.from_host, job = excluded.job, complete = excluded.complete",
-                params![o.uuid, o.host, o.generation as i64, o.from_host, o.job, o.complete],
-            )?;
+            upsert_owner(&tx, o)?;
         }
         if let Some(a) = audit {
             insert_audit(&tx, a)?;
@@ -829,6 +824,22 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     })
 }
 
+/// Writes a guest's ownership record (move or rebuilt); a generation that
+/// does not fit SQLite's integer is refused, never wrapped.
+fn upsert_owner(conn: &Connection, o: &OwnerRow) -> Result<(), StoreError> {
+    let generation = i64::try_from(o.generation).map_err(|_| StoreError::Corrupt {
+        table: "owners",
+        message: format!("ownership generation {} of {} is out of range", o.generation, o.uuid),
+    })?;
+    conn.execute(
+        "INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(uuid) DO UPDATE SET host = excluded.host, generation = excluded.generation,
+            from_host = excluded.from_host, job = excluded.job, complete = excluded.complete",
+        params![o.uuid, o.host, generation, o.from_host, o.job, o.complete],
+    )?;
+    Ok(())
+}
+
 fn insert_audit(conn: &Connection, a: &AuditRow) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO audit (at_ms, actor, action, host, vm, job, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -847,14 +858,8 @@ impl Store {
     /// Records a guest's owner outside a move (ownership rebuilt from what a
     /// host reports), with its audit entry, in one transaction.
     pub fn set_owner(&mut self, o: &OwnerRow, audit: &AuditRow) -> Result<(), StoreError> {
-        let generation = i64::try_from(o.generation).map_err(|_| StoreError::Corrupt { table: "owners", message: format!("ownership generation {} of {} is out of range", o.generation, o.uuid) })?;
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT(uuid) DO UPDATE SET host = excluded.host, generation = excluded.generation,
-                from_host = excluded.from_host, job = excluded.job, complete = excluded.complete",
-            params![o.uuid, o.host, generation, o.from_host, o.job, o.complete],
-        )?;
+        upsert_owner(&tx, o)?;
         insert_audit(&tx, audit)?;
         tx.commit()?;
         Ok(())

@@ -416,15 +416,8 @@ impl Engine {
             Err(e) => return Ok(Err(format!("revoking the moved guests' leases on {} failed: {e}; nothing was stopped", job.source))),
         }
         for m in &moves {
-            let now_generation = self.reg.owner_generation(&m.uuid);
-            if now_generation >= m.generation {
-                // Ownership moved on since this job was recorded (a restored
-                // database resuming an old job): the copy there may be the guest.
-                return Ok(Err(format!(
-                    "{} is at ownership generation {now_generation} now, not below this move's {}: the job is older than \
-                     the guest's placement; nothing was stopped",
-                    m.name, m.generation
-                )));
+            if let Some(why) = self.moved_on(m) {
+                return Ok(Err(format!("{why}; nothing was stopped")));
             }
             match self.stop_confirmed(&job.source, m, &job.id).await {
                 Ok(outcome) => {
@@ -434,6 +427,16 @@ impl Engine {
             }
         }
         Ok(Ok(()))
+    }
+
+    /// Why a move is history, if it is: the guest's ownership has moved past
+    /// this move's generation since the job recorded it (a restored database
+    /// resuming an old job), so acting on it would undo a later placement.
+    fn moved_on(&self, m: &MoveRow) -> Option<String> {
+        let now = self.reg.owner_generation(&m.uuid);
+        (now > m.generation).then(|| {
+            format!("{} is at ownership generation {now} now, newer than this move's {}: the job is older than its placement", m.name, m.generation)
+        })
     }
 
     /// Asks the source's agent to stop a guest (check-then-act: "already"
@@ -625,16 +628,8 @@ impl Engine {
                         self.set_move(&mut m, MoveState::DefinedStopped, "", Some(owner), a("move.done", detail))?;
                     }
                 }
-                MoveState::Starting if self.reg.owner_generation(&m.uuid) > m.generation => {
-                    // Ownership moved on since this job recorded it (a restored
-                    // database resuming an old job): this move is history.
-                    let msg = format!(
-                        "not starting {} on {}: its ownership is at generation {} now, newer than this move's {}",
-                        m.name,
-                        m.target,
-                        self.reg.owner_generation(&m.uuid),
-                        m.generation
-                    );
+                MoveState::Starting if let Some(why) = self.moved_on(&m) => {
+                    let msg = format!("not starting {} on {}: {why}", m.name, m.target);
                     self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                 }
                 MoveState::Starting if planned && let Err(e) = self.stop_confirmed(&m.source, &m, &m.job_id).await => {
