@@ -194,11 +194,10 @@ type Attempts = Arc<Mutex<HashMap<(String, String), Attempt>>>;
 
 /// Runs the reconciler forever: a pass every 500 ms over the hosts whose
 /// state changed or whose leases are due, and over every connected host
-/// every 30 s (the resync backstop of a level-triggered loop). Nothing is
-/// decided while the registry holds (the startup grace, in which agents
-/// reconnect and report, or a restored database not yet rebuilt from the
-/// hosts' reports): a decision on what the database said before would
-/// grant and start on old information.
+/// every 30 s (the resync backstop of a level-triggered loop). During the
+/// startup grace, in which agents reconnect and report, only leases are
+/// granted; while a restored database is not yet rebuilt from the hosts'
+/// reports, nothing is decided: that would grant and start on old information.
 pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut pass = 0u64;
@@ -207,7 +206,12 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
     loop {
         tick.tick().await;
         let now = crate::now_ms();
-        if let Some(why) = reg.hold(now) {
+        // During the startup grace leases are granted (a host that fails in
+        // it must not be left without lease files, with libvirt autostart
+        // on), but nothing is stopped or started: what runs elsewhere is not
+        // known yet. A restored database holds everything.
+        let startup = reg.in_startup_grace(now);
+        if let Some(why) = reg.restore_hold() {
             if !held_logged {
                 info!("reconciler holding: {why}");
                 held_logged = true;
@@ -234,7 +238,11 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
         })
         .await
         .unwrap_or_default();
-        for d in decided {
+        for mut d in decided {
+            if startup {
+                d.actions.retain(|a| matches!(a, Action::GrantLeases { .. }));
+                d.fresh = false;
+            }
             let actions = plan_attempts(&reg, &attempts, d, now);
             if actions.is_empty() {
                 continue;

@@ -522,6 +522,12 @@ impl Registry {
             if g.owner_generation <= recorded {
                 continue;
             }
+            // A generation no Lifeboat ever wrote (it counts moves from 1):
+            // a hand-edited or hostile definition claims nothing.
+            if i64::try_from(g.owner_generation).is_err() {
+                warn!(host, uuid = %g.uuid, generation = g.owner_generation, "ignoring an ownership claim out of range");
+                continue;
+            }
             let current = inner.owners.get(&g.uuid).map(|o| o.host.clone()).or_else(|| inner.desired.get(&g.uuid).map(|d| d.0.clone()));
             let held_there = current.as_deref().filter(|c| *c != host).is_some_and(|c| {
                 Self::fresh(inner, c) && inner.guests.get(c).and_then(|m| m.get(&g.uuid)).is_some_and(|x| lifeboat_proto::holds_disk(x.state))
@@ -1221,7 +1227,7 @@ impl Registry {
     /// every host not OFFLINE has reported, and then clears its alarm.
     pub fn hold(&self, now_ms: i64) -> Option<String> {
         let grace = self.startup_grace_ms();
-        if now_ms - self.started_ms < grace {
+        if self.in_startup_grace(now_ms) {
             return Some(format!("startup grace: {grace} ms for agents to reconnect and report"));
         }
         self.restore_hold()
@@ -1258,6 +1264,11 @@ impl Registry {
             }
         }
         None
+    }
+
+    /// Whether the controller started less than the startup grace ago.
+    pub fn in_startup_grace(&self, now_ms: i64) -> bool {
+        now_ms - self.started_ms < self.startup_grace_ms()
     }
 
     /// How long after its start the controller waits before it decides
@@ -1622,6 +1633,12 @@ mod tests {
         assert!(reg.active_alarms().iter().any(|a| a.1 == "store-behind-hosts" && a.0 == "b"));
         let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
         assert!(log.iter().any(|a| a.action == "ownership.rebuilt" && a.vm == "vm3"));
+        // A generation out of range claims nothing, and the report is stored whole.
+        let absurd = Guest { owner_host: "b".into(), owner_generation: u64::MAX, ..running("u9", "vm9") };
+        let still = Guest { owner_host: "b".into(), owner_generation: 3, ..running("u3", "vm3") };
+        reg.apply_inventory("b", sb, inv(vec![running("u1", "vm1"), running("u2", "vm2"), still, absurd])).unwrap();
+        assert_eq!(reg.owner_generation("u9"), 0);
+        assert_eq!(reg.list_guests(Some("b"), None, false).unwrap().len(), 4);
         // A newer claim while the recorded owner runs it: a conflict, nobody gets a lease.
         let sd = reg.open_session("d", "boot", tx).unwrap();
         reg.apply_inventory("d", sd, inv(vec![Guest { owner_host: "d".into(), owner_generation: 4, ..running("u3", "vm3") }])).unwrap();
