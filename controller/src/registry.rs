@@ -1018,7 +1018,7 @@ impl Registry {
     /// Sends a command to a host's agent over its session and waits for
     /// the result.
     pub async fn call(&self, host_id: &str, kind: Kind, timeout: Duration) -> Result<CommandResult, ControllerError> {
-        let tx = {
+        let (tx, mut ended) = {
             let inner = self.lock();
             let e = inner.hosts.get(host_id).ok_or_else(|| ControllerError::UnknownHost {
                 host: host_id.into(),
@@ -1031,7 +1031,7 @@ impl Registry {
                 )));
             }
             match &e.session {
-                Some(s) => s.tx.clone(),
+                Some(s) => (s.tx.clone(), s.superseded.subscribe()),
                 None => return Err(ControllerError::AgentUnavailable(format!("host '{host_id}' has no open agent session"))),
             }
         };
@@ -1043,10 +1043,18 @@ impl Registry {
         let r = if !sent {
             Err(ControllerError::AgentUnavailable(format!("the session to '{host_id}' closed")))
         } else {
-            match tokio::time::timeout(timeout, orx).await {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(_)) => Err(ControllerError::AgentUnavailable(format!("the session to '{host_id}' closed"))),
-                Err(_) => Err(ControllerError::AgentUnavailable(format!("'{host_id}' did not answer within {timeout:?}"))),
+            // A session replaced or closed meanwhile never answers: fail at
+            // once, so the caller retries on the new session instead of
+            // waiting out the timeout (seen after a healed partition).
+            tokio::select! {
+                r = tokio::time::timeout(timeout, orx) => match r {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(_)) => Err(ControllerError::AgentUnavailable(format!("the session to '{host_id}' closed"))),
+                    Err(_) => Err(ControllerError::AgentUnavailable(format!("'{host_id}' did not answer within {timeout:?}"))),
+                },
+                _ = ended.wait_for(|s| *s) => {
+                    Err(ControllerError::AgentUnavailable(format!("the session to '{host_id}' was replaced or closed before it answered")))
+                }
             }
         };
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
