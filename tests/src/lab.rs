@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 static LAB_LOCK: Mutex<()> = Mutex::new(());
+/// Held (flock) by the test process whose lab is up.
+const MACHINE_LOCK: &str = "/run/lifeboat-lab-tests.lock";
 
 /// Brings up a lab of `$hosts` hosts with `$guests` guests each, or prints
 /// `SKIPPED: <why>` and returns from the calling test. Under `CI=true` a lab
@@ -52,6 +54,9 @@ pub struct Lab {
     script: PathBuf,
     checker: Option<copies::Checker>,
     _guard: MutexGuard<'static, ()>,
+    // Field order matters: dropped after the lab is torn down (Drop runs
+    // first), so the next test process only brings up its lab after this one's is gone.
+    _machine_lock: std::fs::File,
     /// `lab.sh paths` output.
     pub paths: HashMap<String, String>,
 }
@@ -104,7 +109,22 @@ impl Lab {
             return Err(why);
         }
         let guard = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let mut lab = Lab { script: repo_dir().join("lab/lab.sh"), checker: None, _guard: guard, paths: HashMap::new() };
+        // The lab's namespaces and addresses are fixed, one lab per machine:
+        // test processes of other checkouts (or other test binaries) wait here.
+        let machine_lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(MACHINE_LOCK)
+            .map_err(|e| format!("cannot open {MACHINE_LOCK}: {e}"))?;
+        machine_lock.lock().map_err(|e| format!("cannot lock {MACHINE_LOCK}: {e}"))?;
+        let mut lab = Lab {
+            script: repo_dir().join("lab/lab.sh"),
+            checker: None,
+            _guard: guard,
+            _machine_lock: machine_lock,
+            paths: HashMap::new(),
+        };
         let t = Instant::now();
         lab.ok(&["up", "--hosts", &hosts.to_string(), "--guests", &guests.to_string()]);
         println!("lab up ({hosts} hosts x {guests} guests) in {:?}", t.elapsed());
