@@ -48,6 +48,16 @@ pub fn guests_on_boot(files: &[PathBuf]) -> String {
     "absent".into()
 }
 
+/// How often the agent re-reads the host's memory total.
+pub const MEMORY_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether a newly read memory total (KiB) must be reported: it differs
+/// from the one reported. A zero reading (libvirt gave nothing) is never
+/// reported over a known figure.
+pub fn memory_total_changed(reported_kib: u64, read_kib: u64) -> bool {
+    read_kib != 0 && read_kib != reported_kib
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,6 +67,14 @@ mod tests {
         let t = "#lock_manager = \"lockd\"\nuser = \"root\"\nlock_manager = \"sanlock\" # yes\n";
         assert_eq!(conf_value(t, "lock_manager").as_deref(), Some("sanlock"));
         assert_eq!(conf_value("#lock_manager = \"lockd\"\n", "lock_manager"), None);
+    }
+
+    #[test]
+    fn only_a_real_change_of_the_memory_total_is_reported() {
+        assert!(memory_total_changed(8 << 20, 16 << 20));
+        assert!(memory_total_changed(0, 8 << 20), "the first figure");
+        assert!(!memory_total_changed(8 << 20, 8 << 20));
+        assert!(!memory_total_changed(8 << 20, 0), "libvirt answered nothing");
     }
 
     #[test]

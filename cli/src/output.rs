@@ -34,6 +34,7 @@ pub struct HostJson {
     status_reason: String,
     alarms: Vec<String>,
     stale_definitions: u32,
+    reserved_memory_mib: u64,
 }
 
 /// A disk, as `--output json` prints it.
@@ -124,6 +125,7 @@ fn host_json(h: &HostRecord) -> HostJson {
         status_reason: h.status_reason.clone(),
         alarms: h.alarms.clone(),
         stale_definitions: h.stale_definitions,
+        reserved_memory_mib: h.reserved_memory_kib / 1024,
     }
 }
 
@@ -239,6 +241,7 @@ pub fn host(fmt: crate::Format, h: &HostRecord) {
         ("Guests", format!("{} ({} running)", j.guest_count, j.running_count)),
         ("CPUs", format!("{} ({})", j.cpus, j.cpu_model)),
         ("Memory", format!("{} MiB free of {} MiB", j.memory_free_mib, j.memory_total_mib)),
+        ("Reserved memory", format!("{} MiB (moves under way, not yet running here)", j.reserved_memory_mib)),
         ("libvirt", format!("{} at {}", j.libvirt_version, j.libvirt_uri)),
         ("Hypervisor", format!("{} {}", j.hypervisor_type, j.hypervisor_version)),
         ("Lock manager", if j.lock_manager.is_empty() { "none (qemu.conf lock_manager unset)".into() } else { j.lock_manager }),

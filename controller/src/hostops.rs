@@ -333,6 +333,7 @@ mod tests {
                 error: String::new(),
                 priority: 0,
                 updated_ms: 0,
+                memory_kib: 0,
             },
             0,
         )

@@ -822,6 +822,8 @@ impl Registry {
             stale_definitions: guests
                 .map(|g| g.keys().filter(|u| Self::owner_of(inner, u, &e.row.info.host_id) != e.row.info.host_id).count())
                 .unwrap_or(0) as u32,
+            // From the store's reservations: the admin service fills it in.
+            reserved_memory_kib: 0,
         }
     }
 

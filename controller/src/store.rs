@@ -37,7 +37,7 @@ pub enum StoreError {
 }
 
 /// Current schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// A durable job.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,6 +95,24 @@ pub struct MoveRow {
     pub priority: i32,
     /// Last change, ms.
     pub updated_ms: i64,
+    /// The guest's memory, KiB: what the move reserves on its target until
+    /// the guest runs there or the move ends (see [`Store::reservations`]).
+    pub memory_kib: u64,
+}
+
+/// Memory a move holds on its target while it is under way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationRow {
+    /// The job the move belongs to.
+    pub job_id: String,
+    /// Guest UUID.
+    pub uuid: String,
+    /// Guest name.
+    pub name: String,
+    /// The host the guest goes to.
+    pub target: String,
+    /// Memory held there, KiB.
+    pub memory_kib: u64,
 }
 
 /// An audit log entry.
@@ -329,6 +347,18 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        if v < 4 {
+            // Moves created before this version carried no memory figure:
+            // they count as 0 KiB reserved, which only matters for a job
+            // still under way across the upgrade.
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE moves ADD COLUMN memory_kib INTEGER NOT NULL DEFAULT 0;
+                 CREATE INDEX moves_by_state ON moves(state);
+                 PRAGMA user_version = 4;
+                 COMMIT;",
+            )?;
+        }
         Ok(Store { conn })
     }
 
@@ -531,7 +561,7 @@ impl Store {
             "SELECT {MOVE_COLUMNS}, cleaned_ms FROM moves
              WHERE source = ?1 AND state IN ('RUNNING', 'DEFINED_STOPPED') ORDER BY updated_ms"
         ))?;
-        let rows = st.query_map(params![host], |r| Ok((move_from_row(r)?, r.get(12)?)))?;
+        let rows = st.query_map(params![host], |r| Ok((move_from_row(r)?, r.get(13)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -626,13 +656,15 @@ impl Store {
         )?;
         {
             let mut st = tx.prepare_cached(
-                "INSERT INTO moves (job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                "INSERT INTO moves (job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms, memory_kib)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
             for m in moves {
+                let memory = i64::try_from(m.memory_kib)
+                    .map_err(|_| StoreError::Corrupt { table: "moves", message: format!("memory {} KiB of {} out of range", m.memory_kib, m.name) })?;
                 st.execute(params![
                     m.job_id, m.uuid, m.name, m.source, m.target, m.generation as i64, m.state, m.start,
-                    m.definition_xml, m.error, m.priority, m.updated_ms
+                    m.definition_xml, m.error, m.priority, m.updated_ms, memory
                 ])?;
             }
         }
@@ -738,6 +770,32 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The memory held by moves under way: every move of an unfinished job
+    /// that has not yet run (PENDING, DEFINING, DEFINED, STARTING). A move
+    /// that ran, stopped defined, failed or was not moved holds nothing, nor
+    /// does any move of an ended job. Ordered by target, then job.
+    pub fn reservations(&self) -> Result<Vec<ReservationRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT m.job_id, m.uuid, m.name, m.target, m.memory_kib FROM moves m JOIN jobs j ON j.id = m.job_id
+             WHERE m.state IN ('PENDING', 'DEFINING', 'DEFINED', 'STARTING')
+               AND j.state NOT IN ('SUCCEEDED', 'PARTIAL', 'FAILED')
+             ORDER BY m.target, j.created_ms, m.job_id, m.name",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job_id, uuid, name, target, memory) = row?;
+            let memory_kib = u64::try_from(memory).map_err(|_| StoreError::Corrupt {
+                table: "moves",
+                message: format!("move of {name} in job {job_id} reserves {memory} KiB, a negative amount"),
+            })?;
+            out.push(ReservationRow { job_id, uuid, name, target, memory_kib });
+        }
+        Ok(out)
+    }
+
     /// Every row of a job, the guests left behind (`NOT_MOVED`) included:
     /// what a report of the job shows. Evacuation order.
     pub fn job_moves(&self, job_id: &str) -> Result<Vec<MoveRow>, StoreError> {
@@ -788,7 +846,7 @@ const JOB_COLUMNS: &str =
 
 /// The columns [`move_from_row`] reads, in order.
 const MOVE_COLUMNS: &str =
-    "job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms";
+    "job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms, memory_kib";
 
 fn move_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MoveRow> {
     Ok(MoveRow {
@@ -804,6 +862,10 @@ fn move_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MoveRow> {
         error: r.get(9)?,
         priority: r.get(10)?,
         updated_ms: r.get(11)?,
+        memory_kib: {
+            let v: i64 = r.get(12)?;
+            u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(12, v))?
+        },
     })
 }
 
@@ -961,6 +1023,7 @@ mod tests {
             error: error.into(),
             priority: 0,
             updated_ms: 1,
+            memory_kib: 0,
         };
         let a = AuditRow { actor: "ann".into(), action: "migrate.requested".into(), host: "a".into(), ..Default::default() };
         let rows = [mv("u1", "vm-1", "PENDING", ""), mv("u2", "vm-local", "NOT_MOVED", "local storage: no other host sees /l.img")];
@@ -972,6 +1035,56 @@ mod tests {
         let local = all.iter().find(|m| m.name == "vm-local").unwrap();
         assert_eq!((local.state.as_str(), local.error.as_str()), ("NOT_MOVED", "local storage: no other host sees /l.img"));
         assert!(s.moves_from("a").unwrap().is_empty(), "cleanup never names a guest left behind");
+    }
+
+    #[test]
+    fn moves_under_way_of_unfinished_jobs_reserve_their_memory() {
+        let mut s = Store::open_in_memory().unwrap();
+        let job = |id: &str, source: &str| JobRow {
+            id: id.into(),
+            kind: "migrate".into(),
+            source: source.into(),
+            state: "MOVING".into(),
+            operator: "ann".into(),
+            plan_id: "p".into(),
+            power_evidence: "bmc-off".into(),
+            request: vec![],
+            parallel: 4,
+            created_ms: 1,
+            updated_ms: 1,
+            error: String::new(),
+        };
+        let mv = |job: &str, uuid: &str, state: &str, kib: u64| MoveRow {
+            job_id: job.into(),
+            uuid: uuid.into(),
+            name: format!("vm-{uuid}"),
+            source: "a".into(),
+            target: "c".into(),
+            generation: 1,
+            state: state.into(),
+            start: true,
+            definition_xml: String::new(),
+            error: String::new(),
+            priority: 0,
+            updated_ms: 1,
+            memory_kib: kib,
+        };
+        let a = AuditRow { actor: "ann".into(), action: "migrate.requested".into(), ..Default::default() };
+        let states = ["PENDING", "DEFINING", "DEFINED", "STARTING", "RUNNING", "DEFINED_STOPPED", "FAILED", "NOT_MOVED"];
+        let rows: Vec<MoveRow> = states.iter().enumerate().map(|(i, st)| mv("j1", &format!("u{i}"), st, 1024 << i)).collect();
+        s.create_job(&job("j1", "a"), &rows, &a).unwrap();
+        s.create_job(&job("j2", "b"), &[mv("j2", "x", "PENDING", 7)], &a).unwrap();
+        let r = s.reservations().unwrap();
+        let held: Vec<(&str, &str, u64)> = r.iter().map(|r| (r.job_id.as_str(), r.uuid.as_str(), r.memory_kib)).collect();
+        assert_eq!(held, [("j1", "u0", 1024), ("j1", "u1", 2048), ("j1", "u2", 4096), ("j1", "u3", 8192), ("j2", "x", 7)]);
+        assert_eq!(s.job_moves("j1").unwrap()[0].memory_kib, 1024, "the figure is read back with the move");
+        s.set_move("j1", "u0", "RUNNING", "", None, None).unwrap();
+        s.set_job_state("j2", "PARTIAL", "", None).unwrap();
+        let left: Vec<String> = s.reservations().unwrap().into_iter().map(|r| r.uuid).collect();
+        assert_eq!(left, ["u1", "u2", "u3"], "a running move and an ended job hold nothing");
+        s.conn.execute("UPDATE moves SET memory_kib = -5 WHERE uuid = 'u1'", []).unwrap();
+        let e = s.reservations().unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { table: "moves", .. }) && e.to_string().contains("vm-u1"), "{e}");
     }
 
     #[test]

@@ -253,6 +253,7 @@ impl ActorState {
     fn run(&mut self, rx: mpsc::Receiver<Request>) {
         let mut last_resync = Instant::now();
         let mut last_alive_check = Instant::now();
+        let mut last_memory_check = Instant::now();
         loop {
             self.shared.last_tick_ms.store(lifeboat_common::now_unix_ms(), Ordering::Relaxed);
             if self.conn.is_none() && Instant::now() >= self.next_connect {
@@ -300,6 +301,10 @@ impl ActorState {
             if last_resync.elapsed() >= self.cfg.resync_interval {
                 last_resync = Instant::now();
                 self.rescan(true);
+            }
+            if last_memory_check.elapsed() >= hostfacts::MEMORY_REFRESH {
+                last_memory_check = Instant::now();
+                self.refresh_memory();
             }
         }
     }
@@ -384,6 +389,24 @@ impl ActorState {
                 self.shared.memory_free_kib.store(kib, Ordering::Relaxed);
                 self.host.memory_free_kib = kib;
             }
+        }
+    }
+
+    /// Re-reads the host's memory (memory can be hot-added, or a host
+    /// booted with less); the controller plans with the total, so a changed
+    /// total is reported at once. A reconnect to libvirt reads it too.
+    fn refresh_memory(&mut self) {
+        let Some(c) = &self.conn else { return };
+        let Ok(ni) = c.conn.node_info() else { return };
+        if hostfacts::memory_total_changed(self.host.memory_total_kib, ni.memory) {
+            info!(from_kib = self.host.memory_total_kib, to_kib = ni.memory, "host memory changed; reporting it");
+            self.host.memory_total_kib = ni.memory;
+            if let Ok(free) = c.conn.free_memory() {
+                self.host.memory_free_kib = free / 1024;
+                self.shared.memory_free_kib.store(free / 1024, Ordering::Relaxed);
+            }
+            let h = self.host.clone();
+            self.emit(Update::Host(h));
         }
     }
 

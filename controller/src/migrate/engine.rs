@@ -38,6 +38,10 @@ pub struct Engine {
     lease_ttl_ms: i64,
     changes: broadcast::Sender<String>,
     call_timeout: Duration,
+    /// Held from planning until the job and its reservations are written:
+    /// a job's placement is decided against the reservations of every job
+    /// created before it.
+    placing: tokio::sync::Mutex<()>,
 }
 
 fn audit(actor: &str, action: &str, host: &str, vm: &str, job: &str, detail: impl Into<String>) -> AuditRow {
@@ -66,7 +70,7 @@ impl Engine {
             fencers.insert(host.clone(), Arc::new(Fencer::new(host, cfg)?));
         }
         let (changes, _) = broadcast::channel(1024);
-        Ok(Arc::new(Engine { reg, fencers, grace_ms, memory_reserve_kib, lease_ttl_ms, changes, call_timeout: Duration::from_secs(60) }))
+        Ok(Arc::new(Engine { reg, fencers, grace_ms, memory_reserve_kib, lease_ttl_ms, changes, call_timeout: Duration::from_secs(60), placing: tokio::sync::Mutex::new(()) }))
     }
 
     /// Job ids are sent here whenever a job or one of its moves changes.
@@ -99,6 +103,31 @@ impl Engine {
         }
     }
 
+    /// The memory held by every unfinished job's moves under way, from the store.
+    fn reservations(&self) -> Result<Vec<plan::Reservation>, StoreError> {
+        Ok(self
+            .reg
+            .db(|s| s.reservations())?
+            .into_iter()
+            .map(|r| plan::Reservation { job: r.job_id, uuid: r.uuid, name: r.name, target: r.target, memory_kib: r.memory_kib })
+            .collect())
+    }
+
+    /// Memory reserved on each host by moves under way (KiB), those whose
+    /// guest already runs there excepted: what `hosts show` reports.
+    pub fn reserved_by_host(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let reservations = self.reservations()?;
+        let mut targets: Vec<String> = reservations.iter().map(|r| r.target.clone()).collect();
+        targets.sort();
+        targets.dedup();
+        let refs: Vec<&str> = targets.iter().map(String::as_str).collect();
+        let hosts = self.reg.host_views_for(&refs);
+        Ok(plan::held_by_reservations(&reservations, &hosts)
+            .into_iter()
+            .map(|(t, held)| (t, held.iter().fold(0u64, |a, r| a.saturating_add(r.memory_kib))))
+            .collect())
+    }
+
     /// Gathers everything and makes a plan. No side effects besides reading
     /// the source's BMC and asking candidate targets which paths they see.
     pub async fn plan(&self, req: &MigrateRequest) -> Result<MigrationPlan, ControllerError> {
@@ -115,6 +144,7 @@ impl Engine {
         let source_guests: Vec<_> =
             if hosts.iter().any(|h| h.id == req.source) { self.reg.db(|s| s.guests_of(&req.source))? } else { Vec::new() };
         let owners = self.owners()?;
+        let reservations = self.reservations()?;
         let active_job = self.reg.db(|s| s.active_jobs())?.into_iter().find(|j| j.source == req.source).map(|j| j.id);
         let power = if hosts.iter().any(|h| h.id == req.source) { self.power_reading(&req.source).await } else { PowerReading::NoBmc };
         let mut paths: Vec<String> = source_guests.iter().flat_map(plan::guest_paths).collect();
@@ -123,7 +153,13 @@ impl Engine {
         let t_read = t0.elapsed();
         let mut visibility = BTreeMap::new();
         let cands = plan::visibility_hosts(req, &hosts, source_guests.len(), self.memory_reserve_kib);
-        self.reg.fill_guests(&mut hosts, &cands);
+        // Reservation targets too: a reserved guest its target reports
+        // running is counted there once, by the inventory.
+        let mut with_guests = cands.clone();
+        with_guests.extend(reservations.iter().map(|r| r.target.clone()).filter(|t| !cands.contains(t)));
+        with_guests.sort();
+        with_guests.dedup();
+        self.reg.fill_guests(&mut hosts, &with_guests);
         let checks = cands.iter().map(|h| {
             let kind = Kind::CheckPaths(CheckPaths { paths: paths.clone() });
             async move { (h.clone(), self.reg.call(h, kind, Duration::from_secs(10)).await) }
@@ -150,6 +186,7 @@ impl Engine {
             memory_reserve_kib: self.memory_reserve_kib,
             source_alarms: self.reg.active_alarms().into_iter().filter(|a| a.0 == req.source).map(|a| a.1).collect(),
             held_elsewhere: self.reg.held_elsewhere(&req.source, &source_uuids),
+            reservations,
         };
         let p = plan::plan(&input);
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
@@ -171,6 +208,9 @@ impl Engine {
         if let Some(why) = self.reg.restore_hold() {
             return Err(ControllerError::Refused(format!("no job starts now ({why}); nothing was changed: try again when it has passed")));
         }
+        // Until the job is written (or refused): a concurrent start plans
+        // against this job's reservations, never the same free memory.
+        let _placing = self.placing.lock().await;
         let (p, input) = self.gather_and_plan(&req).await?;
         if !p.executable {
             let what = format!("{} of {}", if req.planned_move { "move" } else { "forced migration" }, req.source);
@@ -216,6 +256,7 @@ impl Engine {
                 error: String::new(),
                 priority: gp.priority,
                 updated_ms: now,
+                memory_kib: gp.memory_kib,
             });
         }
         // The guests the plan cannot move are recorded with the job, in the
@@ -747,6 +788,7 @@ fn not_moved_row(job: &str, source: &str, gp: &lifeboat_proto::v1::GuestPlan, no
         error,
         priority: gp.priority,
         updated_ms: now,
+        memory_kib: gp.memory_kib,
     }
 }
 

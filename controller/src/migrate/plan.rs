@@ -82,7 +82,72 @@ pub struct PlanInput {
     /// Source guests that another reachable host reports holding their
     /// disks: UUID → those hosts. Such a guest runs elsewhere already.
     pub held_elsewhere: BTreeMap<String, Vec<String>>,
+    /// Memory held by the moves under way of every unfinished job (from
+    /// the store); see [`held_by_reservations`] for which count.
+    pub reservations: Vec<Reservation>,
 }
+
+/// Memory a move under way holds on its target until the guest runs there
+/// or the move (or its job) ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// The job the move belongs to.
+    pub job: String,
+    /// Guest UUID.
+    pub uuid: String,
+    /// Guest name.
+    pub name: String,
+    /// Where it goes.
+    pub target: String,
+    /// Memory held there, KiB.
+    pub memory_kib: u64,
+}
+
+/// The reservations that count against each target: all of them, except a
+/// move whose guest its target already reports running (its memory is in
+/// the target's running figure then, and must not be counted twice). A
+/// target whose guests are not in `hosts` counts every reservation on it.
+pub fn held_by_reservations<'a>(reservations: &'a [Reservation], hosts: &[HostView]) -> BTreeMap<String, Vec<&'a Reservation>> {
+    let mut out: BTreeMap<String, Vec<&Reservation>> = BTreeMap::new();
+    for r in reservations {
+        let runs_there = hosts
+            .iter()
+            .find(|h| h.id == r.target)
+            .is_some_and(|h| h.guests.iter().any(|g| g.uuid == r.uuid && is_running(g.state)));
+        if !runs_there {
+            out.entry(r.target.clone()).or_default().push(r);
+        }
+    }
+    out
+}
+
+/// Total KiB of some reservations.
+fn reserved_kib(held: &[&Reservation]) -> u64 {
+    held.iter().fold(0u64, |a, r| a.saturating_add(r.memory_kib))
+}
+
+/// "64 MiB reserved by job mig-1 (vm-1, vm-2); 32 MiB by job mig-2 (vm-3)".
+pub fn reserved_note(held: &[&Reservation]) -> String {
+    let mut by_job: BTreeMap<&str, (u64, Vec<&str>)> = BTreeMap::new();
+    for r in held {
+        let e = by_job.entry(r.job.as_str()).or_default();
+        e.0 = e.0.saturating_add(r.memory_kib);
+        e.1.push(r.name.as_str());
+    }
+    by_job
+        .iter()
+        .enumerate()
+        .map(|(i, (job, (kib, names)))| {
+            format!("{} MiB {}by job {job} ({})", kib / 1024, if i == 0 { "reserved " } else { "" }, names.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The reason a guest that fits on no eligible target for memory alone is
+/// not moved. Starts with "no capacity" (what [`finish`] and the job's
+/// report look for).
+pub const NO_CAPACITY: &str = "no capacity";
 
 /// What a candidate target's agent answered about one disk path.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -400,6 +465,8 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         if seen.is_empty() { "no other host checked".to_string() } else { seen.join(", ") }
     };
     let mut reserved: BTreeMap<String, u64> = BTreeMap::new();
+    let held = held_by_reservations(&input.reservations, &input.hosts);
+    let held_on = |t: &str| held.get(t).map(|v| v.as_slice()).unwrap_or(&[]);
     let mut claimed_names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let lock = if source.lock_manager.is_empty() {
         format!("none: {} has no qemu lock_manager; only Lifeboat's power proof prevents a second copy", source.id)
@@ -510,6 +577,8 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             }
         };
         let mut best: Option<(&HostView, u64)> = None;
+        // Targets that pass every check but memory: (target, KiB free there).
+        let mut short: Vec<(&HostView, u64)> = Vec::new();
         let mut per_target: Vec<Check> = Vec::new();
         let sees_all = |host: &str| storage_ok && disks.iter().all(|d| same_there(host, d).is_ok());
         let seen_elsewhere: Vec<&str> =
@@ -519,7 +588,9 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             let (seen, missing): (Vec<_>, Vec<_>) = disks.iter().map(|d| same_there(&t.id, d)).partition(|r| r.is_ok());
             let seen: Vec<String> = seen.into_iter().filter_map(Result::ok).collect();
             let missing: Vec<String> = missing.into_iter().filter_map(Result::err).collect();
-            let free = available_memory_kib(t, input.memory_reserve_kib).saturating_sub(*reserved.get(&t.id).unwrap_or(&0));
+            let others = reserved_kib(held_on(&t.id));
+            let ours = *reserved.get(&t.id).unwrap_or(&0);
+            let free = available_memory_kib(t, input.memory_reserve_kib).saturating_sub(others).saturating_sub(ours);
             let conflict = t.guests.iter().find(|x| x.uuid == g.uuid || x.name == g.name).map(|x| {
                 format!("{} already has a guest '{}' ({})", t.id, x.name, x.uuid)
             });
@@ -558,13 +629,8 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             per_target.push(check(
                 &format!("memory on {}", t.id),
                 mem_ok,
-                format!(
-                    "needs {} MiB; {} MiB available (physical - running guests - {} MiB reserve - earlier placements)",
-                    g.memory_kib / 1024,
-                    free / 1024,
-                    input.memory_reserve_kib / 1024
-                ),
-                "free memory on the target or choose another",
+                memory_detail(g.memory_kib, free, t, input.memory_reserve_kib, held_on(&t.id), ours),
+                "free memory on the target or choose another; moves of other jobs hold their memory until their guests run",
             ));
             per_target.push(check(
                 &format!("no conflict on {}", t.id),
@@ -581,6 +647,9 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             if disks_ok && mem_ok && conflict_ok && in_use_ok && best.is_none_or(|(_, f)| free > f) {
                 best = Some((t, free));
             }
+            if disks_ok && !mem_ok && conflict_ok && in_use_ok {
+                short.push((t, free));
+            }
         }
         match best {
             Some((t, free)) => {
@@ -593,6 +662,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                 };
                 *reserved.entry(t.id.clone()).or_default() += g.memory_kib;
                 claimed_names.entry(t.id.clone()).or_default().insert(g.name.clone());
+                gp.reserved_note = reserved_note(held_on(&t.id));
                 gp.checks = per_target.into_iter().filter(|c| c.name.ends_with(&t.id)).collect();
                 gp.cleanup = cleanup_note(&source.id, g);
             }
@@ -604,6 +674,20 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                     gp.checks.push(check("target available", false, "no AVAILABLE, REACHABLE host other than the source", "bring a host back or set one AVAILABLE"));
                 } else if !seen_by_any && req.target.is_empty() {
                     gp.reason = nobody_sees(&paths);
+                } else if let Some((t, free)) = short.iter().max_by_key(|(t, f)| (*f, std::cmp::Reverse(t.id.clone()))) {
+                    let notes: Vec<String> = short
+                        .iter()
+                        .filter(|(t, _)| !held_on(&t.id).is_empty())
+                        .map(|(t, _)| format!("on {}: {}", t.id, reserved_note(held_on(&t.id))))
+                        .collect();
+                    gp.reserved_note = notes.join("; ");
+                    gp.reason = format!(
+                        "{NO_CAPACITY}: needs {} MiB, the most left on an eligible target is {} MiB on {}{}",
+                        g.memory_kib / 1024,
+                        free / 1024,
+                        t.id,
+                        if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) }
+                    );
                 } else {
                     gp.reason = "no target passes every check".into();
                 }
@@ -638,6 +722,23 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
     }
     out.preconditions = pre;
     finish(out, input)
+}
+
+/// The memory check's detail: what is left on `t` for the guest, and
+/// what took the rest.
+fn memory_detail(needs: u64, free: u64, t: &HostView, reserve: u64, held: &[&Reservation], ours: u64) -> String {
+    let mut parts = vec![
+        format!("{} MiB physical", t.memory_total_kib / 1024),
+        format!("{} MiB running guests", t.running_memory_kib / 1024),
+        format!("{} MiB reserve", reserve / 1024),
+    ];
+    if !held.is_empty() {
+        parts.push(reserved_note(held));
+    }
+    if ours > 0 {
+        parts.push(format!("{} MiB placed earlier in this plan", ours / 1024));
+    }
+    format!("needs {} MiB; {} MiB available ({})", needs / 1024, free / 1024, parts.join(" - "))
 }
 
 fn cleanup_note(source: &str, g: &Guest) -> String {
@@ -682,13 +783,22 @@ fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Che
 fn finish(mut out: MigrationPlan, input: &PlanInput) -> MigrationPlan {
     let movable = out.guests.iter().filter(|g| g.movable).count();
     let pre_ok = out.preconditions.iter().all(|c| c.ok);
-    if pre_ok && movable == 0 && input.hosts.iter().any(|h| h.id == out.source) {
+    // A whole failed host whose guests fit nowhere now still gets a job: it
+    // records each of them NOT_MOVED and raises the guests-not-moved alarm,
+    // rather than leaving them down with nothing but a refused command.
+    let no_room = out.guests.iter().filter(|g| !g.movable && g.reason.starts_with(NO_CAPACITY)).count();
+    let report_only = movable == 0 && no_room > 0 && input.req.vms.is_empty() && !input.req.planned_move;
+    if pre_ok && movable == 0 && !report_only && input.hosts.iter().any(|h| h.id == out.source) {
         out.preconditions.push(check("something to move", false, format!("no guest of {} can move", out.source), "see each guest's reason"));
     }
-    out.executable = out.preconditions.iter().all(|c| c.ok) && movable > 0;
+    out.executable = out.preconditions.iter().all(|c| c.ok) && (movable > 0 || report_only);
     let failed: Vec<&str> = out.preconditions.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
     out.summary = if out.executable {
-        format!("{movable} of {} guests will move from {}", out.guests.len(), out.source)
+        let mut s = format!("{movable} of {} guests will move from {}", out.guests.len(), out.source);
+        if no_room > 0 {
+            s.push_str(&format!("; {no_room} do not fit ({NO_CAPACITY}) and will be recorded NOT_MOVED with the guests-not-moved alarm"));
+        }
+        s
     } else {
         format!("refused: {}", failed.join(", "))
     };
@@ -798,7 +908,107 @@ mod tests {
             memory_reserve_kib: 0,
             source_alarms: vec![],
             held_elsewhere: BTreeMap::new(),
+            reservations: vec![],
         }
+    }
+
+    fn res(job: &str, name: &str, target: &str, mib: u64) -> Reservation {
+        Reservation { job: job.into(), uuid: format!("u-{name}"), name: name.into(), target: target.into(), memory_kib: mib * 1024 }
+    }
+
+    #[test]
+    fn other_jobs_reservations_are_subtracted_per_target() {
+        let mut i = input();
+        i.reservations = vec![res("mig-x", "r1", "c", 1000), res("mig-x", "r2", "c", 990)];
+        let p = plan(&i);
+        let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
+        assert_eq!(g1.target, "b", "c has 10 MiB left after mig-x's moves: {g1:?}");
+        assert_eq!(g1.reserved_note, "", "nothing is reserved on b");
+        i.req.target = "c".into();
+        i.req.vms = vec!["g1".into()];
+        let p = plan(&i);
+        assert!(!p.executable, "a named guest that does not fit refuses the plan");
+        let g1 = &p.guests[0];
+        let c = g1.checks.iter().find(|c| c.name == "memory on c").unwrap();
+        assert!(!c.ok, "{c:?}");
+        assert_eq!(
+            c.detail,
+            "needs 32 MiB; 10 MiB available (2000 MiB physical - 0 MiB running guests - 0 MiB reserve - 1990 MiB reserved by job mig-x (r1, r2))"
+        );
+        assert!(g1.reason.starts_with("no capacity: needs 32 MiB, the most left on an eligible target is 10 MiB on c"), "{}", g1.reason);
+        assert!(g1.reason.contains("on c: 1990 MiB reserved by job mig-x (r1, r2)"), "{}", g1.reason);
+        let pre = p.preconditions.iter().find(|c| c.name == "named guest movable").unwrap();
+        assert!(pre.detail.contains("no capacity"), "{pre:?}");
+    }
+
+    #[test]
+    fn a_reservation_whose_guest_runs_on_its_target_is_not_counted_twice() {
+        let mut i = input();
+        i.reservations = vec![res("mig-x", "r1", "c", 1990)];
+        let p = plan(&i);
+        assert_eq!(p.guests.iter().find(|g| g.name == "g1").unwrap().target, "b");
+        let mut running = guest("r1", "u-r1", "/shared/r1.img", true);
+        running.memory_kib = 1990 * 1024;
+        i.hosts[2].guests.push(running);
+        i.hosts[2].running_memory_kib = running_memory_kib(&i.hosts[2].guests);
+        let p = plan(&i);
+        let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
+        assert_eq!(g1.target, "b", "counted once, by the inventory: c has 10 MiB");
+        let c = g1.checks.iter().find(|c| c.name == "memory on c");
+        assert!(c.is_none(), "only the chosen target's checks are kept");
+        i.hosts[2].running_memory_kib = 0;
+        i.hosts[2].guests[0].state = GuestState::Shutoff as i32;
+        assert_eq!(held_by_reservations(&i.reservations, &i.hosts).get("c").map(Vec::len), Some(1), "defined but not running: still held");
+        i.hosts[2].guests[0].state = GuestState::Running as i32;
+        assert!(held_by_reservations(&i.reservations, &i.hosts).is_empty());
+    }
+
+    #[test]
+    fn guests_that_fit_nowhere_are_not_moved_with_no_capacity_and_the_job_still_reports_them() {
+        // Two hosts fail together; c has room for exactly two 32 MiB guests.
+        let mut i = input();
+        i.hosts = vec![host("a", Some(60_000), 1000), host("b", Some(60_000), 1000), host("c", None, 64)];
+        i.visibility.remove("b");
+        i.source_guests.truncate(2);
+        i.source_guests[1].state = GuestState::Running as i32;
+        let first = plan(&i);
+        assert!(first.executable);
+        assert!(first.guests.iter().all(|g| g.movable && g.target == "c"), "{:?}", first.guests);
+        // The first job's moves are under way: they hold c's memory.
+        let held: Vec<Reservation> = first.guests.iter().map(|g| res("mig-1", &g.name, "c", g.memory_kib / 1024)).collect();
+        let mut j = i.clone();
+        j.req.source = "b".into();
+        j.hosts[1].guests = vec![];
+        j.source_guests = vec![guest("h1", "v1", "/shared/g1.img", true), guest("h2", "v2", "/shared/g2.img", true)];
+        j.reservations = held;
+        let second = plan(&j);
+        assert!(second.guests.iter().all(|g| !g.movable), "{:?}", second.guests);
+        for g in &second.guests {
+            assert!(g.reason.starts_with("no capacity: needs 32 MiB, the most left on an eligible target is 0 MiB on c"), "{}", g.reason);
+            assert_eq!(g.reserved_note, "on c: 64 MiB reserved by job mig-1 (g1, g2)");
+        }
+        assert!(second.executable, "a job records them NOT_MOVED and alarms: {:?}", second.preconditions);
+        assert_eq!(
+            second.summary,
+            "0 of 2 guests will move from b; 2 do not fit (no capacity) and will be recorded NOT_MOVED with the guests-not-moved alarm"
+        );
+        // Without the reservations both plans would have taken c's memory.
+        j.reservations.clear();
+        assert!(plan(&j).guests.iter().all(|g| g.movable && g.target == "c"));
+        // Nothing fits and nothing else is wrong: still refused for a named guest.
+        let mut k = j.clone();
+        k.req.vms = vec!["h1".into()];
+        k.reservations = first.guests.iter().map(|g| res("mig-1", &g.name, "c", 32)).collect();
+        assert!(!plan(&k).executable);
+    }
+
+    #[test]
+    fn reserved_notes_group_by_job() {
+        let a = res("mig-1", "v1", "c", 64);
+        let b = res("mig-1", "v2", "c", 64);
+        let c = res("mig-2", "v3", "c", 32);
+        assert_eq!(reserved_note(&[&a, &b, &c]), "128 MiB reserved by job mig-1 (v1, v2); 32 MiB by job mig-2 (v3)");
+        assert_eq!(reserved_note(&[]), "");
     }
 
     #[test]
@@ -893,7 +1103,11 @@ mod tests {
         i.hosts[1].memory_total_kib = 0;
         i.hosts[2].memory_total_kib = 0;
         let p = plan(&i);
-        assert!(!p.executable);
+        assert!(p.executable && p.guests.iter().all(|g| !g.movable), "nothing fits: a job only reports them");
+        let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
+        assert!(g1.reason.starts_with("no capacity: needs 32 MiB, the most left on an eligible target is 0 MiB on b"), "{g1:?}");
+        i.req.vms = vec!["g1".into()];
+        assert!(!plan(&i).executable, "a named guest that does not fit refuses");
         let mut i = input();
         i.hosts[1].status = HostStatus::NotAccepting;
         i.hosts[2].status = HostStatus::NotAccepting;
@@ -954,6 +1168,7 @@ mod tests {
             memory_reserve_kib: 0,
             source_alarms: vec![],
             held_elsewhere: BTreeMap::new(),
+            reservations: vec![],
         };
         let p = plan(&input);
         let g = &p.guests[0];

@@ -213,7 +213,13 @@ pub fn job_outcome(job_id: &str, source: &str, planned: bool, moves: &[MoveOutco
     let list = listed.join(", ");
     let failed = left.iter().any(|m| m.state != MoveState::NotMoved);
     let not_moved = left.iter().any(|m| m.state == MoveState::NotMoved);
-    let (state, lead) = if moved == 0 { (JobState::Failed, "no guest could be moved") } else { (JobState::Partial, "") };
+    // Nothing moved but nothing failed either (every guest recorded NOT_MOVED,
+    // e.g. no capacity anywhere): the job did all it could and reports them.
+    let (state, lead) = match (moved, failed) {
+        (0, true) => (JobState::Failed, "no guest could be moved"),
+        (0, false) => (JobState::Partial, "no guest could be moved"),
+        _ => (JobState::Partial, ""),
+    };
     let head = match (planned, lead.is_empty()) {
         (false, true) => format!("{} guest(s) left behind, running nowhere while {source} stays off", left.len()),
         (false, false) => format!("{lead}: {} guest(s) run nowhere while {source} stays off", left.len()),
@@ -341,6 +347,12 @@ mod tests {
         let o = job_outcome("mig-2", "host-a", false, &none);
         assert_eq!(o.state, JobState::Failed);
         assert!(o.error.starts_with("no guest could be moved: 2 guest(s) run nowhere"), "{}", o.error);
+        assert!(o.alarm.is_some());
+
+        let no_room = [mv("vm-3", NotMoved, "no capacity: needs 32 MiB"), mv("vm-4", NotMoved, "no capacity: needs 32 MiB")];
+        let o = job_outcome("mig-4", "host-a", false, &no_room);
+        assert_eq!(o.state, JobState::Partial, "nothing failed: every guest is reported");
+        assert!(o.error.starts_with("no guest could be moved: 2 guest(s) run nowhere") && o.error.contains("vm-3 (not moved: no capacity"), "{}", o.error);
         assert!(o.alarm.is_some());
 
         let planned = [mv("m-1", Running, ""), mv("m-2", NotMoved, "no target passes every check"), mv("m-3", Failed, "define failed")];

@@ -56,14 +56,27 @@ pub fn authorize<T>(req: &Request<T>, needed: Role, action: &str) -> Result<(Str
     }
 }
 
+impl AdminService {
+    /// Each host's memory reserved by moves under way, from the store.
+    fn fill_reserved(&self, hosts: &mut [HostRecord]) -> Result<(), ControllerError> {
+        let reserved = self.engine.reserved_by_host()?;
+        for h in hosts {
+            let id = h.info.as_ref().map(|i| i.host_id.as_str()).unwrap_or_default();
+            h.reserved_memory_kib = reserved.get(id).copied().unwrap_or(0);
+        }
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn list_hosts(&self, req: Request<ListHostsRequest>) -> Result<Response<ListHostsResponse>, Status> {
         authorize(&req, Role::Viewer, "listing hosts")?;
         let reg = self.reg.clone();
-        let hosts = tokio::task::spawn_blocking(move || reg.list_hosts())
+        let mut hosts = tokio::task::spawn_blocking(move || reg.list_hosts())
             .await
             .map_err(|e| ControllerError::Internal(format!("listing hosts: {e}")))?;
+        self.fill_reserved(&mut hosts)?;
         Ok(Response::new(ListHostsResponse { hosts }))
     }
 
@@ -73,7 +86,10 @@ impl Admin for AdminService {
         if host.is_empty() {
             return Err(ControllerError::InvalidArgument("no host given".into()).into());
         }
-        Ok(Response::new(self.reg.get_host(host)?))
+        let mut rec = [self.reg.get_host(host)?];
+        self.fill_reserved(&mut rec)?;
+        let [rec] = rec;
+        Ok(Response::new(rec))
     }
 
     async fn list_guests(&self, req: Request<ListGuestsRequest>) -> Result<Response<ListGuestsResponse>, Status> {
