@@ -46,6 +46,7 @@ CTL_DIR=$LAB_DIR/controller
 CTL_CONFIG=$CTL_DIR/controller.toml
 CTL_DB=$CTL_DIR/controller.db
 CTL_LOG=$CTL_DIR/controller.log
+CTL_MEMORY_RESERVE=$CTL_DIR/host-memory-reserve-mib
 STATE_FILE=$LAB_DIR/lab.env
 GUESTS_FILE=$LAB_DIR/guests.tsv
 BMC_DIR=$LAB_DIR/bmc
@@ -357,6 +358,13 @@ unreachable_after_ms = 3000
 force_grace_ms = $FORCE_GRACE_MS
 lease_ttl_ms = $LEASE_TTL_MS
 metrics_listen = "$CTL_IP:9464"
+
+EOF
+  # set with `lab.sh controller-memory-reserve MIB`; kept across controller restarts
+  if [ -f "$CTL_MEMORY_RESERVE" ]; then
+    printf 'host_memory_reserve_mib = %s\n' "$(cat "$CTL_MEMORY_RESERVE")" >>"$CTL_CONFIG"
+  fi
+  cat >>"$CTL_CONFIG" <<EOF
 
 [tls]
 ca = "$PKI_DIR/ca.pem"
@@ -1444,6 +1452,7 @@ faults:
   agent-stop HOST | agent-start HOST
   agent-impostor HOST FROM-HOST start|stop   a 2nd agent with HOST's identity, run inside FROM-HOST
   controller-stop | controller-start | controller-kill
+  controller-memory-reserve MIB|default  the controller's host_memory_reserve_mib (restarts it if running)
   controller-partition | controller-heal
   libvirtd-stop HOST | libvirtd-kill HOST | libvirtd-start HOST
 BMCs (Redfish, sushy-emulator in netns lb-bmc; a BMC power change powers the host off/on):
@@ -1664,6 +1673,22 @@ case $CMD in
   controller-start) need_root; require_lab; take_lock; controller_start ;;
   controller-stop) need_root; require_lab; take_lock; controller_stop TERM ;;
   controller-kill) need_root; require_lab; take_lock; controller_stop KILL ;;
+  controller-memory-reserve)
+    # memory every host keeps for itself: a large value leaves room for few guests (capacity tests)
+    need_root; require_lab
+    [ $# -eq 1 ] || usage_die "lab.sh controller-memory-reserve MIB|default"
+    case $1 in
+      default) ;;
+      *[!0-9]* | '') usage_die "lab.sh controller-memory-reserve MIB|default   (MIB must be a whole number, got '$1')" ;;
+    esac
+    take_lock
+    if [ "$1" = default ]; then rm -f "$CTL_MEMORY_RESERVE"; else printf '%s\n' "$1" >"$CTL_MEMORY_RESERVE"; fi
+    if [ -n "$(controller_pids)" ]; then
+      controller_stop TERM
+      controller_start
+    fi
+    log "controller host_memory_reserve_mib: $1"
+    ;;
   define-guest)
     need_root
     [ $# -ge 2 ] || usage_die "lab.sh define-guest HOST NAME [--no-start] [--no-autostart] [--local-disk]"
