@@ -162,6 +162,9 @@ fn print_plan(fmt: Format, p: &MigrationPlan) {
         );
         println!("      disks: {}", if g.disks.is_empty() { "-".into() } else { g.disks.join(", ") });
         println!("      protection: {}", g.lock_protection);
+        if !g.reserved_note.is_empty() {
+            println!("      reserved by moves under way: {}", g.reserved_note);
+        }
         for c in &g.checks {
             println!("      [{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
         }
