@@ -1735,4 +1735,19 @@ mod tests {
         reg.set_in_job("j", &[("u1".into(), "b".into(), "a".into())]);
         assert!(leased("a") && !leased("b"));
     }
+
+    #[test]
+    fn a_changed_memory_total_reaches_the_planners_view_and_the_store() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let info = |mib: u64| HostInfo { host_id: "h".into(), memory_total_kib: mib * 1024, ..Default::default() };
+        reg.apply_inventory("h", sid, Inventory { host: Some(info(4096)), guests: vec![], more: false }).unwrap();
+        assert_eq!(reg.host_view("h").unwrap().memory_total_kib, 4096 * 1024);
+        // The agent re-read its memory (hot-added) and sent its host facts.
+        reg.apply_host("h", sid, info(8192)).unwrap();
+        assert_eq!(reg.host_view("h").unwrap().memory_total_kib, 8192 * 1024, "plans use the new total");
+        assert_eq!(reg.host_views_for(&[])[0].memory_total_kib, 8192 * 1024);
+        assert_eq!(reg.db(|s| s.host("h")).unwrap().unwrap().info.memory_total_kib, 8192 * 1024, "and it is stored");
+    }
 }
