@@ -706,9 +706,13 @@ impl Registry {
                 old.map(|m| m.keys().filter(|u| !new.contains(u.as_str())).cloned().collect()).unwrap_or_default();
             (upserts, deletes)
         };
-        let dels: Vec<&str> = deletes.iter().map(String::as_str).collect();
-        // A managed guest gone from its owner is kept, not deleted.
+        // A managed guest gone from its owner is kept, not deleted. An
+        // agent whose libvirt is not connected reports what it last knew,
+        // which proves no absence: those guests stay as they were.
         let kept: Vec<String> = deletes.iter().filter(|u| Self::keeps_when_gone(&inner, host_id, u)).cloned().collect();
+        let libvirt_down = inner.hosts.get(host_id).is_some_and(|e| !e.row.info.libvirt_error.is_empty());
+        let (held, kept) = if libvirt_down { (kept, Vec::new()) } else { (Vec::new(), kept) };
+        let dels: Vec<&str> = deletes.iter().filter(|u| !held.contains(u)).map(String::as_str).collect();
         Self::mark_gone(&mut inner, host_id, &kept, now, "absent from its complete inventory")?;
         inner.store.write_guests(host_id, &upserts, &dels, now)?;
         let back: Vec<(String, String, i32)> = guests.iter().map(|g| (g.uuid.clone(), g.name.clone(), g.state)).collect();
@@ -731,7 +735,7 @@ impl Registry {
             e.dirty = true;
         }
         let mut old = inner.guests.remove(host_id).unwrap_or_default();
-        let map = guests
+        let mut map: BTreeMap<String, GuestEntry> = guests
             .into_iter()
             .zip(hashes)
             .map(|(g, h)| {
@@ -744,6 +748,11 @@ impl Registry {
                 (uuid, e)
             })
             .collect();
+        for u in held {
+            if let Some(e) = old.remove(&u) {
+                map.insert(u, e);
+            }
+        }
         inner.guests.insert(host_id.to_string(), map);
         Self::recount(&mut inner, host_id);
         for (uuid, name, state) in back {

@@ -358,3 +358,25 @@ mod tests {
         assert_eq!(seen, want.map(|(h, n, m)| (h.to_string(), n.to_string(), m)));
     }
 }
+
+#[cfg(test)]
+mod libvirt_down_tests {
+    use super::super::*;
+
+    #[test]
+    fn an_inventory_sent_while_libvirt_is_not_connected_proves_no_absence() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(8);
+        let a = reg.open_session("a", "boot", tx).unwrap();
+        let off = Guest { uuid: "u1".into(), name: "vm1".into(), state: GuestState::Shutoff as i32, ..Default::default() };
+        reg.apply_inventory("a", a, Inventory { host: None, guests: vec![off], more: false }).unwrap();
+        let down = HostInfo { host_id: "a".into(), libvirt_error: "libvirt unreachable".into(), ..Default::default() };
+        reg.apply_inventory("a", a, Inventory { host: Some(down), guests: vec![], more: false }).unwrap();
+        assert!(reg.missing_uuids().is_empty());
+        let l = reg.list_guests(Some("a"), None, false).unwrap();
+        assert_eq!((l.len(), l[0].missing), (1, false), "kept as last reported");
+        let up = HostInfo { host_id: "a".into(), ..Default::default() };
+        reg.apply_inventory("a", a, Inventory { host: Some(up), guests: vec![], more: false }).unwrap();
+        assert_eq!(reg.missing_uuids(), ["u1"], "a connected libvirt without it: missing");
+    }
+}
