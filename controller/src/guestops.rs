@@ -17,6 +17,9 @@ use crate::model::HostStatus;
 use crate::registry::Registry;
 use crate::store::{AuditRow, OwnerRow};
 
+/// Held for the whole of a restore (checks, record, define, start).
+static RESTORES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// How long one agent call of a restore may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a restore waits for the agent's report of the defined guest.
@@ -151,6 +154,9 @@ pub async fn restore(reg: &Registry, req: &RestoreGuestRequest, operator: &str, 
     if vm.is_empty() {
         return Err(ControllerError::InvalidArgument(format!("{WHAT}: no guest given")));
     }
+    // One restore at a time: two at once could both pass the checks and
+    // define one guest on two hosts.
+    let _one = RESTORES.lock().await;
     let r = reg.find_missing(vm, WHAT)?;
     let (uuid, name) = (r.guest.uuid.clone(), r.guest.name.clone());
     let owner = reg.restore_owner(&r);
