@@ -16,10 +16,10 @@ use lifeboat_proto::v1::GuestRecord;
 /// and host alone, so that it can be cleared by its cause.
 pub fn missing_detail(name: &str, uuid: &str, host: &str) -> String {
     format!(
-        "{name} ({uuid}) disappeared from {host}, its owner, outside Lifeboat (undefined by hand, or {host} came back \
-         without it); Lifeboat kept its last definition: `lifeboat vms restore {uuid} --reason ...` defines it on {host} \
-         again (`--to HOST` elsewhere, `--start` to run it); if it was removed on purpose, `lifeboat vms forget {uuid} \
-         --reason ...`"
+        "{name} ({uuid}) disappeared from {host} outside Lifeboat (undefined by hand, or {host} came back without it), \
+         and no other host has it; Lifeboat kept its last definition: `lifeboat vms restore {uuid} --reason ...` defines \
+         it on its owner again (`--to HOST` elsewhere, `--start` to run it); if it was removed on purpose, `lifeboat vms \
+         forget {uuid} --reason ...`"
     )
 }
 
@@ -31,22 +31,28 @@ impl Registry {
     }
 
     /// Whether `uuid`, gone from `host`'s report, is kept as missing rather
-    /// than deleted: `host` reported it, owns it, no job acts on it (a job's
-    /// move row holds the definition it moves, and its source's undefine is
-    /// Lifeboat's own), and no other host runs it (a hand migration). A copy
-    /// on a host that is not the owner (a stale copy cleaned up, a planned
-    /// move's source) is deleted as before.
+    /// than deleted: a managed guest that `host` reported, that no job acts
+    /// on (a job's move row holds the definition it moves, and its source's
+    /// undefine is Lifeboat's own), that Lifeboat's records do not place on
+    /// another host (then `host` held a stale copy, which cleanup removes),
+    /// and of which no other host holds a live copy (running, or not a
+    /// stale copy): the last copy of its definition.
     pub(super) fn keeps_when_gone(inner: &Inner, host: &str, uuid: &str) -> bool {
         if inner.in_job.contains_key(uuid) || !inner.guests.get(host).is_some_and(|m| m.contains_key(uuid)) {
             return false;
         }
-        if Self::owner_host_of(inner, uuid) != Some(host) {
+        if Self::owner_host_of(inner, uuid).is_none() || Self::stale_on(inner, uuid, host) {
             return false;
         }
-        !inner
-            .guests
-            .iter()
-            .any(|(h, m)| h != host && m.get(uuid).is_some_and(|g| lifeboat_proto::holds_disk(g.state)))
+        !inner.guests.iter().any(|(h, m)| {
+            h != host && m.get(uuid).is_some_and(|g| lifeboat_proto::holds_disk(g.state) || !Self::stale_on(inner, uuid, h))
+        })
+    }
+
+    /// Whether a copy of `uuid` on `host` is stale by Lifeboat's records:
+    /// its ownership record names another host.
+    fn stale_on(inner: &Inner, uuid: &str, host: &str) -> bool {
+        inner.owners.get(uuid).is_some_and(|o| o.host != host)
     }
 
     /// Keeps the guests `uuids` gone from `host` as missing: their stored row
@@ -62,8 +68,8 @@ impl Registry {
                 host,
                 &name,
                 format!(
-                    "{name} ({uuid}) {how} on {host}, its owner, outside Lifeboat: kept with its last definition, marked \
-                     missing (`lifeboat vms restore` or `lifeboat vms forget`)"
+                    "{name} ({uuid}) {how} on {host} outside Lifeboat, and no other host has it: kept with its last \
+                     definition, marked missing (`lifeboat vms restore` or `lifeboat vms forget`)"
                 ),
             );
             if inner.store.mark_missing(host, uuid, now, &a)? {
@@ -76,12 +82,13 @@ impl Registry {
     }
 
     /// `host` reports `uuid` again: a missing guest defined again on its
-    /// owner, or running anywhere (a hand migration reported late), is no
-    /// longer missing; its mark and alarm are cleared, audited.
+    /// owner, running anywhere (a hand migration reported late), or defined
+    /// by hand on another host (a hand cold move) is no longer missing; its
+    /// mark and alarm are cleared, audited. Only a copy Lifeboat's records
+    /// call stale (a move's source, which cleanup removes) does not count.
     pub(super) fn note_back(inner: &mut Inner, host: &str, uuid: &str, name: &str, state: i32) -> Result<(), StoreError> {
         let Some(r) = inner.missing.get(uuid) else { return Ok(()) };
-        let owner = Self::owner_host_of(inner, uuid).unwrap_or(&r.host).to_string();
-        if owner != host && !lifeboat_proto::holds_disk(state) {
+        if Self::stale_on(inner, uuid, host) && !lifeboat_proto::holds_disk(state) {
             return Ok(());
         }
         let (was_on, was_name) = (r.host.clone(), r.guest.name.clone());
@@ -318,6 +325,15 @@ mod tests {
         assert_eq!(reg.missing_uuids(), ["u2"]);
         assert_eq!(actions(&reg, "guest.reappeared"), ["vm1"]);
         assert_eq!(missing_alarms(&reg).len(), 1);
+        // vm2 is defined by hand on b (a hand cold move): not lost, the mark clears.
+        let b = reg.open_session("b", "boot", tx.clone()).unwrap();
+        reg.apply_guest("b", b, off("u2", "vm2")).unwrap();
+        assert!(reg.missing_uuids().is_empty());
+        assert_eq!(actions(&reg, "guest.reappeared"), ["vm1", "vm2"]);
+        // b comes back without it: that was the last copy, kept again.
+        reg.apply_inventory("b", b, inv(vec![])).unwrap();
+        assert_eq!(reg.missing_uuids(), ["u2"], "the last copy is kept wherever it vanished");
+        assert_eq!(reg.list_guests(Some("b"), Some("vm2"), false).unwrap()[0].owner_host, "a", "restored on its owner");
         // Forget refuses a guest that is not missing, then drops vm2's record.
         let f = AuditRow { actor: "olga".into(), action: "guest.forgotten".into(), ..Default::default() };
         let e = reg.find_missing("vm1", "forgetting a guest").unwrap_err();
