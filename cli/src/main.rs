@@ -215,6 +215,31 @@ enum VmsCmd {
         #[arg(long)]
         xml: bool,
     },
+    /// Define a guest missing on its owner again from its kept definition
+    /// (operator role). Refused, changing nothing, when it is defined anywhere.
+    Restore {
+        /// Guest name or UUID.
+        vm: String,
+        /// Define it on this host instead of its owner (a placement change:
+        /// its owner must be talking or OFFLINE, HOST reachable and AVAILABLE).
+        #[arg(long = "to")]
+        to: Option<String>,
+        /// Then grant its lease and start it.
+        #[arg(long)]
+        start: bool,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Drop a missing guest's record and kept definition on purpose
+    /// (operator role; audited with the definition's size and SHA-256).
+    Forget {
+        /// Guest name or UUID.
+        vm: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -348,6 +373,19 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::NotFound(format!("unknown guest '{vm}' (see `lifeboat vms list`)")));
             }
             output::vm_detail(fmt, &found, xml);
+            Ok(())
+        }
+        Cmd::Vms(VmsCmd::Restore { vm, to, start, reason }) => {
+            let mut c = cli.conn.admin().await?;
+            let req = lifeboat_proto::v1::RestoreGuestRequest { vm, to_host: to.unwrap_or_default(), start, reason };
+            let r = c.restore_guest(req).await.map_err(CliError::from_status)?.into_inner();
+            output::vm_detail(fmt, &[r], false);
+            Ok(())
+        }
+        Cmd::Vms(VmsCmd::Forget { vm, reason }) => {
+            let mut c = cli.conn.admin().await?;
+            let r = c.forget_guest(lifeboat_proto::v1::ForgetGuestRequest { vm, reason }).await.map_err(CliError::from_status)?;
+            output::forgotten(fmt, &r.into_inner());
             Ok(())
         }
     }

@@ -78,6 +78,9 @@ pub struct VmJson {
     desired_state: String,
     owner_host: String,
     owner_generation: u64,
+    /// Gone from its owner outside Lifeboat; its last definition is kept.
+    missing: bool,
+    missing_since_unix_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     definition_xml: Option<String>,
 }
@@ -161,6 +164,8 @@ fn vm_json(r: &GuestRecord, with_xml: bool) -> VmJson {
         desired_state: r.desired_state.clone(),
         owner_host: r.owner_host.clone(),
         owner_generation: g.owner_generation,
+        missing: r.missing,
+        missing_since_unix_ms: r.missing_since_unix_ms,
         definition_xml: with_xml.then_some(g.definition_xml),
     }
 }
@@ -263,10 +268,11 @@ pub fn vms(fmt: crate::Format, gs: &[GuestRecord]) {
         .iter()
         .map(|r| {
             let j = vm_json(r, false);
+            let state = state_cell(&j);
             vec![
                 j.name,
                 j.host_id.clone(),
-                format!("{} ({})", j.state, j.state_reason),
+                state,
                 if j.desired_state.is_empty() { "-".into() } else { j.desired_state.clone() },
                 if j.autostart { "yes".into() } else { "no".into() },
                 j.vcpus.to_string(),
@@ -275,7 +281,9 @@ pub fn vms(fmt: crate::Format, gs: &[GuestRecord]) {
                 j.uuid,
                 {
                     let mut note = Vec::new();
-                    if j.owner_host != j.host_id && !j.owner_host.is_empty() {
+                    if j.missing {
+                        note.push("missing on its owner: `lifeboat vms restore` or `lifeboat vms forget`".to_string());
+                    } else if j.owner_host != j.host_id && !j.owner_host.is_empty() {
                         note.push(format!("stale: owned by {}", j.owner_host));
                     }
                     if j.host_liveness != "REACHABLE" {
@@ -289,6 +297,15 @@ pub fn vms(fmt: crate::Format, gs: &[GuestRecord]) {
     table(&["NAME", "HOST", "STATE", "DESIRED", "AUTOSTART", "VCPUS", "MiB", "DISKS", "UUID", "NOTE"], rows);
 }
 
+/// The STATE cell: MISSING with since when, or the reported state.
+fn state_cell(j: &VmJson) -> String {
+    if j.missing {
+        format!("MISSING (since {}, last {})", ago(j.missing_since_unix_ms), j.state)
+    } else {
+        format!("{} ({})", j.state, j.state_reason)
+    }
+}
+
 /// `vms show`.
 pub fn vm_detail(fmt: crate::Format, gs: &[GuestRecord], xml: bool) {
     if fmt == Format::Json {
@@ -299,7 +316,16 @@ pub fn vm_detail(fmt: crate::Format, gs: &[GuestRecord], xml: bool) {
         println!("Name           {}", j.name);
         println!("UUID           {}", j.uuid);
         println!("Host           {} ({})", j.host_id, j.host_liveness);
-        println!("State          {} ({})", j.state, j.state_reason);
+        println!("State          {}", state_cell(&j));
+        if j.missing {
+            println!(
+                "Missing        since {}: gone from {} outside Lifeboat; its last definition is kept.\n               \
+                 `lifeboat vms restore {} --reason ...` defines it again (--to HOST, --start); `lifeboat vms forget` drops it",
+                crate::migrate::fmt_time(j.missing_since_unix_ms),
+                j.host_id,
+                j.uuid
+            );
+        }
         println!("Persistent     {}", j.persistent);
         println!("Autostart      {}", j.autostart);
         println!("Managed save   {}", j.managed_save);
@@ -318,6 +344,20 @@ pub fn vm_detail(fmt: crate::Format, gs: &[GuestRecord], xml: bool) {
         }
         println!();
     }
+}
+
+/// `vms forget`.
+pub fn forgotten(fmt: crate::Format, r: &lifeboat_proto::v1::ForgetGuestResponse) {
+    if fmt == Format::Json {
+        return print_json(&serde_json::json!({
+            "uuid": r.uuid, "name": r.name, "host": r.host,
+            "definition_bytes": r.definition_bytes, "definition_sha256": r.definition_sha256,
+        }));
+    }
+    println!(
+        "forgot {} ({}), missing on {}: its definition ({} bytes, sha256 {}) is dropped",
+        r.name, r.uuid, r.host, r.definition_bytes, r.definition_sha256
+    );
 }
 
 /// `whoami`.

@@ -14,6 +14,7 @@ pub mod backup;
 pub mod config;
 pub mod error;
 pub mod fence;
+pub mod guestops;
 pub mod hostops;
 pub mod metrics;
 pub mod migrate;

@@ -18,6 +18,9 @@ use crate::error::ControllerError;
 use crate::model::{HostStatus, Liveness, Timing, liveness};
 use crate::store::{AuditRow, HostRow, Store, StoreError};
 
+mod missing;
+pub use missing::missing_detail;
+
 /// An open agent session.
 struct SessionHandle {
     generation: u64,
@@ -158,6 +161,15 @@ struct Inner {
     /// generation than the database while the recorded owner runs it):
     /// no lease, start or stop anywhere until the conflict is gone.
     conflicts: BTreeMap<String, String>,
+    /// Guests missing on their owner, by UUID, with their last report
+    /// (definition included: they are few, and this is the last copy).
+    missing: BTreeMap<String, crate::store::MissingRow>,
+}
+
+/// One row of a guest listing: a reported guest or a missing one.
+enum Listed<'a> {
+    Seen(&'a GuestEntry),
+    Gone(&'a crate::store::MissingRow),
 }
 
 /// What happened when a host opened a session, for the caller to act on.
@@ -235,6 +247,7 @@ impl Registry {
         let owners: BTreeMap<String, crate::store::OwnerRow> = store.owners()?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
         let owners_by_host = by_host(&owners);
         let desired = store.desired()?;
+        let missing = store.missing()?.into_iter().map(|r| (r.guest.uuid.clone(), r)).collect();
         let alarms = store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
         let mut guests: BTreeMap<String, BTreeMap<String, GuestEntry>> = BTreeMap::new();
         store.each_guest(|g| {
@@ -268,6 +281,7 @@ impl Registry {
                 alarms,
                 in_job,
                 conflicts: BTreeMap::new(),
+                missing,
             }),
             timing,
             pending: Mutex::new(Default::default()),
@@ -692,8 +706,16 @@ impl Registry {
                 old.map(|m| m.keys().filter(|u| !new.contains(u.as_str())).cloned().collect()).unwrap_or_default();
             (upserts, deletes)
         };
-        let dels: Vec<&str> = deletes.iter().map(String::as_str).collect();
+        // A managed guest gone from its owner is kept, not deleted. An
+        // agent whose libvirt is not connected reports what it last knew,
+        // which proves no absence: those guests stay as they were.
+        let kept: Vec<String> = deletes.iter().filter(|u| Self::keeps_when_gone(&inner, host_id, u)).cloned().collect();
+        let libvirt_down = inner.hosts.get(host_id).is_some_and(|e| !e.row.info.libvirt_error.is_empty());
+        let (held, kept) = if libvirt_down { (kept, Vec::new()) } else { (Vec::new(), kept) };
+        let dels: Vec<&str> = deletes.iter().filter(|u| !held.contains(u)).map(String::as_str).collect();
+        Self::mark_gone(&mut inner, host_id, &kept, now, "absent from its complete inventory")?;
         inner.store.write_guests(host_id, &upserts, &dels, now)?;
+        let back: Vec<(String, String, i32)> = guests.iter().map(|g| (g.uuid.clone(), g.name.clone(), g.state)).collect();
         let claims: Vec<&Guest> = guests.iter().filter(|g| g.owner_host == host_id && g.owner_generation > 0).collect();
         Self::check_claims(&mut inner, host_id, &claims)?;
         // New guests' desired state, in one transaction (200,000 guests
@@ -713,7 +735,7 @@ impl Registry {
             e.dirty = true;
         }
         let mut old = inner.guests.remove(host_id).unwrap_or_default();
-        let map = guests
+        let mut map: BTreeMap<String, GuestEntry> = guests
             .into_iter()
             .zip(hashes)
             .map(|(g, h)| {
@@ -726,8 +748,16 @@ impl Registry {
                 (uuid, e)
             })
             .collect();
+        for u in held {
+            if let Some(e) = old.remove(&u) {
+                map.insert(u, e);
+            }
+        }
         inner.guests.insert(host_id.to_string(), map);
         Self::recount(&mut inner, host_id);
+        for (uuid, name, state) in back {
+            Self::note_back(&mut inner, host_id, &uuid, &name, state)?;
+        }
         Ok(skipped)
     }
 
@@ -775,8 +805,10 @@ impl Registry {
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.dirty = true;
         }
+        let (uuid, name, state) = (g.uuid.clone(), g.name.clone(), g.state);
         inner.guests.entry(host_id.to_string()).or_default().insert(g.uuid.clone(), GuestEntry::new(g, h, now));
         Self::recount(&mut inner, host_id);
+        Self::note_back(&mut inner, host_id, &uuid, &name, state)?;
         Ok(())
     }
 
@@ -785,6 +817,10 @@ impl Registry {
         let mut inner = self.lock();
         if Self::current(&mut inner, host_id, sid).is_none() {
             return Ok(());
+        }
+        // A managed guest undefined on its owner outside Lifeboat is kept.
+        if Self::keeps_when_gone(&inner, host_id, uuid) {
+            Self::mark_gone(&mut inner, host_id, &[uuid.to_string()], now_unix_ms(), "undefined there")?;
         }
         inner.store.delete_guest(host_id, uuid)?;
         if let Some(m) = inner.guests.get_mut(host_id) {
@@ -899,25 +935,37 @@ impl Registry {
             from = Bound::Excluded(last.clone());
             for id in ids.iter().map(String::as_str) {
                 let live = inner.hosts.get(id).map(|e| liveness(now, e.last_heard_ms(), self.timing)).unwrap_or(Liveness::Unreachable);
-                let Some(m) = inner.guests.get(id) else { continue };
-                let mut v: Vec<(&String, &GuestEntry)> = m
+                let none = BTreeMap::new();
+                let m = inner.guests.get(id).unwrap_or(&none);
+                // Reported guests and guests missing on this host, in one
+                // (name, UUID) order so the page cursor holds for both.
+                let mut v: Vec<(&str, &str, Listed<'_>)> = m
                     .iter()
                     .filter(|(u, g)| vm.is_none_or(|vm| &*g.name == vm || u.as_str() == vm) && past(id, &g.name, u))
+                    .map(|(u, g)| (&*g.name, u.as_str(), Listed::Seen(g)))
+                    .chain(Self::missing_rows_of(&inner, id, vm, &past).into_iter().map(|r| (r.guest.name.as_str(), r.guest.uuid.as_str(), Listed::Gone(r))))
                     .collect();
                 if v.is_empty() {
                     continue;
                 }
-                v.sort_by(|a, b| (&a.1.name, a.0).cmp(&(&b.1.name, b.0)));
-                let mut definitions: BTreeMap<String, String> = if with_definitions {
+                v.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+                let mut definitions: BTreeMap<String, String> = if with_definitions && v.iter().any(|x| matches!(x.2, Listed::Seen(_))) {
                     inner.store.guests_of(id)?.into_iter().map(|g| (g.uuid, g.definition_xml)).collect()
                 } else {
                     BTreeMap::new()
                 };
-                for (uuid, g) in v {
+                for (_, uuid, item) in v {
                     if out.len() == limit {
                         let next = out.last().and_then(|r| r.guest.as_ref().map(|g| (r.host_id.clone(), g.name.clone(), g.uuid.clone())));
                         return Ok((out, next));
                     }
+                    let g = match item {
+                        Listed::Seen(g) => g,
+                        Listed::Gone(r) => {
+                            out.push(Self::missing_record(&inner, r, live, with_definitions));
+                            continue;
+                        }
+                    };
                     let owner = Self::owner_of(&inner, uuid, id).to_string();
                     let desired = match inner.desired.get(uuid) {
                         Some((h, st)) if h == id && owner == id => st.clone(),
@@ -934,6 +982,7 @@ impl Registry {
                         host_liveness: live.as_str().into(),
                         desired_state: desired,
                         owner_host: owner,
+                        ..Default::default()
                     });
                 }
             }
@@ -1497,11 +1546,23 @@ mod tests {
         assert_eq!(rows.iter().find(|r| r.guest.uuid == "u2").unwrap().guest.state, 6);
         reg.apply_inventory("h", sid, inv(vec![with_def("u3", "vm3", 1)])).unwrap();
         let rows = reg.db(|s| s.guests()).unwrap();
-        assert_eq!(rows.iter().map(|r| r.guest.uuid.as_str()).collect::<Vec<_>>(), ["u3"], "guests gone from the inventory are deleted");
-        // A restart loads the guests back, still without definitions in memory.
+        assert_eq!(rows.iter().map(|r| r.guest.uuid.as_str()).collect::<Vec<_>>(), ["u3"], "guests gone from the inventory leave the guests table");
+        // ...but managed guests gone from their owner are kept as missing,
+        // definitions included (vm1, in no state Lifeboat records a desired
+        // state for, was never managed).
         drop(rows);
         let listed = reg.list_guests(None, None, true).unwrap();
-        assert_eq!(listed[0].guest.as_ref().unwrap().definition_xml, "<domain><name>vm3</name></domain>");
+        let shown: Vec<(&str, bool, &str)> = listed
+            .iter()
+            .map(|r| (r.guest.as_ref().unwrap().name.as_str(), r.missing, r.guest.as_ref().unwrap().definition_xml.as_str()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("vm2", true, "<domain><name>vm2</name></domain>"),
+                ("vm3", false, "<domain><name>vm3</name></domain>")
+            ]
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub enum StoreError {
 }
 
 /// Current schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// A durable job.
 #[derive(Debug, Clone, PartialEq)]
@@ -356,6 +356,23 @@ impl Store {
                  ALTER TABLE moves ADD COLUMN memory_kib INTEGER NOT NULL DEFAULT 0;
                  CREATE INDEX moves_by_state ON moves(state);
                  PRAGMA user_version = 4;
+                 COMMIT;",
+            )?;
+        }
+        if v < 5 {
+            // Guests that disappeared from their owner outside Lifeboat,
+            // kept with their last report (definition included) until they
+            // are defined again or an operator forgets them.
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS missing (
+                    uuid TEXT PRIMARY KEY,
+                    host TEXT NOT NULL,
+                    name TEXT NOT NULL,
+                    data BLOB NOT NULL,
+                    since_ms INTEGER NOT NULL
+                 );
+                 PRAGMA user_version = 5;
                  COMMIT;",
             )?;
         }
@@ -936,6 +953,88 @@ impl Store {
     }
 }
 
+/// A guest kept after it disappeared from its owner outside Lifeboat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MissingRow {
+    /// Host it went missing on.
+    pub host: String,
+    /// Its last report, definition included.
+    pub guest: Guest,
+    /// Since when, ms.
+    pub since_ms: i64,
+}
+
+/// The kept definitions of guests missing on their owner.
+impl Store {
+    /// Moves a guest's stored row from `guests` to `missing` (its last
+    /// report, definition included, is kept) with its audit entry, in one
+    /// transaction. Returns false, writing nothing, when the host has no
+    /// stored row for it.
+    pub fn mark_missing(&mut self, host_id: &str, uuid: &str, since_ms: i64, audit: &AuditRow) -> Result<bool, StoreError> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "INSERT INTO missing (uuid, host, name, data, since_ms)
+                SELECT uuid, host_id, name, data, ?3 FROM guests WHERE host_id = ?1 AND uuid = ?2
+             ON CONFLICT(uuid) DO UPDATE SET host = excluded.host, name = excluded.name, data = excluded.data,
+                since_ms = excluded.since_ms",
+            params![host_id, uuid, since_ms],
+        )?;
+        if n == 0 {
+            return Ok(false);
+        }
+        tx.execute("DELETE FROM guests WHERE host_id = ?1 AND uuid = ?2", params![host_id, uuid])?;
+        insert_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Every missing guest. A row that does not decode is an error (the
+    /// controller refuses to start rather than lose it silently).
+    pub fn missing(&self) -> Result<Vec<MissingRow>, StoreError> {
+        let mut st = self.conn.prepare("SELECT host, data, since_ms FROM missing ORDER BY host, name, uuid")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (host, b, since_ms) = row?;
+            let guest = Guest::decode(&b[..]).map_err(|e| StoreError::Corrupt { table: "missing", message: e.to_string() })?;
+            out.push(MissingRow { host, guest, since_ms });
+        }
+        Ok(out)
+    }
+
+    /// Drops a guest's missing mark (it is defined again, or forgotten),
+    /// with its audit entry; `forget` also drops its desired state. Returns
+    /// whether a mark was there (none: nothing written).
+    pub fn clear_missing(&mut self, uuid: &str, forget: bool, audit: &AuditRow) -> Result<bool, StoreError> {
+        let tx = self.conn.transaction()?;
+        if tx.execute("DELETE FROM missing WHERE uuid = ?1", params![uuid])? == 0 {
+            return Ok(false);
+        }
+        if forget {
+            tx.execute("DELETE FROM desired WHERE uuid = ?1", params![uuid])?;
+        }
+        insert_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Records a missing guest's new owner before it is defined there
+    /// (`lifeboat vms restore --to`, or a first ownership record for a
+    /// guest never moved), with its desired state and audit entry.
+    pub fn record_restore_owner(&mut self, o: &OwnerRow, desired: &str, audit: &AuditRow) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        upsert_owner(&tx, o)?;
+        tx.execute(
+            "INSERT INTO desired (uuid, host, state, updated_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(uuid) DO UPDATE SET host = excluded.host, state = excluded.state, updated_ms = excluded.updated_ms",
+            params![o.uuid, o.host, desired, crate::now_ms()],
+        )?;
+        insert_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1105,6 +1204,29 @@ mod tests {
         assert_eq!(log.len(), 1);
         assert_eq!((log[0].actor.as_str(), log[0].action.as_str()), ("olga", "alarm.cleared"));
         assert!(s.clear_alarms_audited("a", "guests-not-moved", &a).unwrap().is_empty(), "already cleared");
+    }
+
+    #[test]
+    fn a_missing_guest_keeps_its_whole_row_and_a_mark_is_cleared_once() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.upsert_host(&HostInfo { host_id: "a".into(), ..Default::default() }, 1).unwrap();
+        let g = Guest { uuid: "u1".into(), name: "vm1".into(), definition_xml: "<domain/>".into(), ..Default::default() };
+        s.write_guests("a", &[("u1", "vm1", &g.encode_to_vec())], &[], 2).unwrap();
+        let a = AuditRow::by_controller("guest.missing", "a", "vm1", "gone".into());
+        assert!(!s.mark_missing("a", "u-other", 5, &a).unwrap(), "no row, nothing kept");
+        assert!(s.read_audit(&AuditFilter::default()).unwrap().is_empty());
+        assert!(s.mark_missing("a", "u1", 5, &a).unwrap());
+        assert!(s.guests().unwrap().is_empty());
+        let m = s.missing().unwrap();
+        assert_eq!(m, [MissingRow { host: "a".into(), guest: g, since_ms: 5 }]);
+        s.set_desired_many(&[("u1", "a", "stopped")]).unwrap();
+        let f = AuditRow::by_controller("guest.forgotten", "a", "vm1", "x".into());
+        assert!(s.clear_missing("u1", true, &f).unwrap());
+        assert!(!s.clear_missing("u1", true, &f).unwrap(), "already cleared");
+        assert!(s.missing().unwrap().is_empty() && s.desired().unwrap().is_empty());
+        assert_eq!(s.read_audit(&AuditFilter::default()).unwrap().len(), 2);
+        s.conn.execute("INSERT INTO missing VALUES ('u2', 'a', 'vm2', x'ffff', 1)", []).unwrap();
+        assert!(matches!(s.missing(), Err(StoreError::Corrupt { table: "missing", .. })), "a corrupt row refuses");
     }
 
     #[test]

@@ -721,6 +721,13 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// How long a start lease granted now is valid, ms.
+    pub fn lease_ttl_ms(&self) -> i64 {
+        self.lease_ttl_ms
+    }
+}
+
 fn to_record(j: JobRow, moves: Vec<MoveRow>) -> JobRecord {
     JobRecord {
         id: j.id,

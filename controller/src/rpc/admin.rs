@@ -10,7 +10,7 @@ use lifeboat_proto::v1::{
     ListGuestsRequest, ListGuestsResponse, ListHostsRequest, ListHostsResponse, ListJobsRequest, ListJobsResponse,
     MigrateRequest, MigrationPlan, WhoAmIRequest, WhoAmIResponse, admin_server::Admin, Alarm, CleanupPlan,
     CleanupRequest, ClearAlarmsRequest, ClearAlarmsResponse, ListAlarmsRequest, ListAlarmsResponse,
-    SetHostStatusRequest,
+    SetHostStatusRequest, ForgetGuestRequest, ForgetGuestResponse, GuestRecord, RestoreGuestRequest,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -223,6 +223,24 @@ impl Admin for AdminService {
             .await
             .map_err(|e| ControllerError::Internal(format!("clearing alarms: {e}")))??;
         Ok(Response::new(ClearAlarmsResponse { cleared }))
+    }
+
+    async fn restore_guest(&self, req: Request<RestoreGuestRequest>) -> Result<Response<GuestRecord>, Status> {
+        let (name, _) = authorize(&req, Role::Operator, "restoring a guest")?;
+        let r = req.into_inner();
+        info!(operator = %name, vm = %r.vm, to = %r.to_host, start = r.start, "restore of a missing guest requested");
+        Ok(Response::new(crate::guestops::restore(&self.reg, &r, &name, self.engine.lease_ttl_ms()).await?))
+    }
+
+    async fn forget_guest(&self, req: Request<ForgetGuestRequest>) -> Result<Response<ForgetGuestResponse>, Status> {
+        let (name, _) = authorize(&req, Role::Operator, "forgetting a guest")?;
+        let r = req.into_inner();
+        info!(operator = %name, vm = %r.vm, "forgetting a missing guest requested");
+        let reg = self.reg.clone();
+        let out = tokio::task::spawn_blocking(move || crate::guestops::forget(&reg, &r, &name))
+            .await
+            .map_err(|e| ControllerError::Internal(format!("forgetting a guest: {e}")))??;
+        Ok(Response::new(out))
     }
 
     async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<ListAuditResponse>, Status> {
