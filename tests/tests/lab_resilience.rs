@@ -192,7 +192,9 @@ fn lab_full_disk_under_the_controller_pauses_a_job_which_resumes_by_itself_when_
     let dir = lab.path("CONTROLLER_DIR");
     let du = |dir: &std::path::Path| {
         let o = std::process::Command::new("du").args(["-sk"]).arg(dir).output().unwrap();
-        String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("?").to_string()
+        let total = String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("?").to_string();
+        let size = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len() / 1024).unwrap_or(0);
+        format!("{total} (controller.db {} KiB, -wal {} KiB, -shm {} KiB)", size("controller.db"), size("controller.db-wal"), size("controller.db-shm"))
     };
     println!("controller directory before the job: {} KiB", du(&dir));
     fail_host(&lab, "host-a");
