@@ -903,6 +903,29 @@ impl Store {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_checkpoint_empties_the_wal_and_a_read_only_store_refuses_writes_with_sqlites_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("c.db");
+        let s = Store::open(&db).unwrap();
+        let wal = dir.path().join("c.db-wal");
+        let limit: i64 = s.conn.pragma_query_value(None, "journal_size_limit", |r| r.get(0)).unwrap();
+        assert_eq!(limit, WAL_SIZE_LIMIT_BYTES);
+        for i in 0..200 {
+            s.audit(&AuditRow::by_controller("test", "h", "", format!("entry {i} {}", "x".repeat(500)))).unwrap();
+        }
+        assert!(std::fs::metadata(&wal).unwrap().len() > 100_000, "the WAL grew");
+        assert!(s.checkpoint().unwrap(), "nothing held it");
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0, "the WAL was truncated");
+        assert_eq!(s.read_audit(&AuditFilter { limit: Some(1000), ..Default::default() }).unwrap().len(), 200, "nothing lost");
+
+        s.set_read_only(true).unwrap();
+        let e = s.audit(&AuditRow::by_controller("test", "h", "", "refused".into())).unwrap_err();
+        assert!(e.to_string().contains("readonly"), "{e}");
+        s.set_read_only(false).unwrap();
+        s.audit(&AuditRow::by_controller("test", "h", "", "accepted".into())).unwrap();
+    }
+
     fn guest(uuid: &str, name: &str) -> Guest {
         Guest { uuid: uuid.into(), name: name.into(), ..Default::default() }
     }
