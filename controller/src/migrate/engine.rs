@@ -816,10 +816,17 @@ fn paused_text(e: &StoreError, since_ms: i64) -> String {
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| format!("{since_ms} ms since the epoch"));
-    format!(
-        "paused since {since}: the controller's database cannot be written ({e}); the job retries by itself and \
-         resumes when writes succeed (free space on the database's filesystem: see docs/operations.md, \"Disk full\")"
-    )
+    match e {
+        StoreError::Sqlite(_) => format!(
+            "paused since {since}: the controller's database cannot be written ({e}); the job retries by itself and \
+             resumes when writes succeed (free space on the database's filesystem: see docs/operations.md, \"Disk full\")"
+        ),
+        // A record that cannot be used is no disk problem: say so, and keep retrying (refusing, never guessing).
+        _ => format!(
+            "paused since {since}: a database record the job needs cannot be used ({e}); the job retries by itself; \
+             see the controller's log and docs/operations.md, \"Disk full\""
+        ),
+    }
 }
 
 fn to_record(j: JobRow, moves: Vec<MoveRow>) -> JobRecord {
