@@ -1707,6 +1707,26 @@ mod tests {
     }
 
     #[test]
+    fn after_a_restart_a_host_silent_for_long_is_neither_unreachable_nor_silent_for_the_planner_until_the_detection_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("c.db");
+        {
+            let reg = Registry::load(Store::open(&db).unwrap(), Timing::default()).unwrap();
+            let (tx, _rx) = mpsc::channel(1);
+            let sid = reg.open_session("h", "boot", tx).unwrap();
+            // Last heard an hour before this controller stops.
+            reg.heard_cell("h", sid).unwrap().store(now_unix_ms() - 3_600_000, Ordering::Relaxed);
+            reg.close_session("h", sid);
+        }
+        let reg = Registry::load(Store::open(&db).unwrap(), Timing::default()).unwrap();
+        let v = reg.host_view("h").unwrap();
+        assert_eq!(v.liveness, Liveness::Reachable, "the startup grace");
+        assert_eq!(v.silent_ms, None, "a forced migration's 'source silent' cannot pass now");
+        assert!(reg.is_reachable("h"));
+        assert_eq!(reg.list_hosts()[0].liveness, "REACHABLE");
+    }
+
+    #[test]
     fn the_reconciler_holds_through_the_startup_grace_and_a_restore_until_every_host_reported() {
         let store = Store::open_in_memory().unwrap();
         store.raise_alarm("controller", "store-restored", "restored from b.db").unwrap();
