@@ -362,7 +362,8 @@ impl Engine {
                     "database writes succeed again after {} s; the job resumes where its records say it stopped",
                     t0.elapsed().as_secs()
                 );
-                let row = AuditRow { at_ms: crate::now_ms(), ..audit("controller", "job.unpaused", "", "", &id, detail) };
+                let source = self.reg.db(|s| s.job(&id)).ok().flatten().map(|j| j.source).unwrap_or_default();
+                let row = AuditRow { at_ms: crate::now_ms(), ..audit("controller", "job.unpaused", &source, "", &id, detail) };
                 match self.reg.db(|s| s.audit(&row)) {
                     Ok(()) => {
                         info!(job = %id, paused_since_ms = since_ms, "job resumes: the database can be written again");
@@ -966,6 +967,7 @@ mod tests {
         let unpaused: Vec<_> = log.iter().filter(|a| a.action == "job.unpaused").collect();
         assert_eq!(unpaused.len(), 1, "{log:?}");
         assert!(unpaused[0].detail.contains("database writes succeed again"), "{}", unpaused[0].detail);
+        assert_eq!(unpaused[0].host, "host-a", "found with `lifeboat log --host`");
         assert!(log.iter().any(|a| a.action == "power.attested"), "the job carried on from where it stopped: {log:?}");
     }
 
