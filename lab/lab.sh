@@ -1161,6 +1161,10 @@ lab_down() {
     # shellcheck disable=SC2086
     wait_gone 15 $pids || die "processes survive SIGKILL: $pids"
   fi
+  # 4b. the controller directory's own filesystem (up --controller-fs-mib), now that nothing uses it
+  if mountpoint -q "$CTL_DIR" 2>/dev/null; then
+    umount "$CTL_DIR" || umount -l "$CTL_DIR" || die "cannot unmount $CTL_DIR"
+  fi
   # 5. the network namespaces (their veths and bridges go with them)
   for ns in $nslist; do ip netns del "$ns" 2>/dev/null || true; done
   for ns in $nslist; do
@@ -1175,8 +1179,8 @@ lab_down() {
 }
 
 lab_up() {
-  local nhosts=3 nguests=2 with_lifeboat=1 with_bmc=1
-  local up_usage="lab.sh up [--hosts N] [--guests N] [--no-lifeboat] [--no-bmc]"
+  local nhosts=3 nguests=2 with_lifeboat=1 with_bmc=1 ctl_fs_mib=0
+  local up_usage="lab.sh up [--hosts N] [--guests N] [--no-lifeboat] [--no-bmc] [--controller-fs-mib N]"
   while [ $# -gt 0 ]; do
     case $1 in
       --hosts) [ $# -ge 2 ] || usage_die "$up_usage"; nhosts=$2; shift 2 ;;
@@ -1185,11 +1189,15 @@ lab_up() {
       --guests=*) nguests=${1#*=}; shift ;;
       --no-lifeboat) with_lifeboat=0; shift ;;
       --no-bmc) with_bmc=0; shift ;;
+      --controller-fs-mib) [ $# -ge 2 ] || usage_die "$up_usage"; ctl_fs_mib=$2; shift 2 ;;
+      --controller-fs-mib=*) ctl_fs_mib=${1#*=}; shift ;;
       *) usage_die "$up_usage   (unknown: $1)" ;;
     esac
   done
   [[ "$nhosts" =~ ^[0-9]+$ ]] && [ "$nhosts" -ge 1 ] && [ "$nhosts" -le 26 ] || die "--hosts must be 1..26"
   [[ "$nguests" =~ ^[0-9]+$ ]] && [ "$nguests" -le 50 ] || die "--guests must be 0..50"
+  [[ "$ctl_fs_mib" =~ ^[0-9]+$ ]] && { [ "$ctl_fs_mib" = 0 ] || { [ "$ctl_fs_mib" -ge 8 ] && [ "$ctl_fs_mib" -le 4096 ]; }; } \
+    || die "--controller-fs-mib must be 8..4096 (MiB)"
   for b in libvirtd virsh qemu-system-x86_64 tini unshare nsenter ip; do
     command -v "$b" >/dev/null || die "$b not found: run scripts/install-deps.sh"
   done
@@ -1205,6 +1213,13 @@ lab_up() {
   touch "$LAB_DIR/.lifeboat-lab"
   find "$LAB_DIR" -mindepth 1 -maxdepth 1 ! -name "$(basename "$CAPS_CACHE")" -exec rm -rf {} +
   mkdir -p "$SHARED_DIR" "$CTL_DIR" "$LAB_DIR/hosts"
+  if [ "$ctl_fs_mib" != 0 ]; then
+    # A small filesystem of its own for the controller's directory (database,
+    # WAL, config, log), so a test can fill it: a full disk under the controller.
+    mount -t tmpfs -o "size=${ctl_fs_mib}m,mode=0755" lifeboat-lab-controller "$CTL_DIR" \
+      || die "cannot mount a ${ctl_fs_mib} MiB tmpfs on $CTL_DIR"
+    log "controller directory on its own ${ctl_fs_mib} MiB filesystem: $CTL_DIR"
+  fi
   # The hosts share one kernel and one root filesystem: a storage marker is what
   # tells the agents that SHARED_DIR is shared storage (per-host dirs stay "local").
   cat /proc/sys/kernel/random/uuid >"$SHARED_DIR/.lifeboat-storage-id"

@@ -64,8 +64,9 @@ impl Session {
     }
 
     /// Keeps a session open forever, reconnecting with capped exponential
-    /// backoff and jitter ([`Backoff`]): the first retry after ~0.5 s, and
-    /// again after every session that was established (Welcome received).
+    /// backoff and jitter ([`Backoff`]): the first retry after ~0.1 s, none
+    /// later than ~1.3 s, and back to ~0.1 s after every session that was
+    /// established (Welcome received).
     pub async fn run(&self, mut updates: mpsc::Receiver<Update>) -> anyhow::Result<()> {
         let mut backoff = Backoff::new();
         loop {
@@ -209,10 +210,12 @@ impl Session {
     }
 }
 
-/// Reconnect delays: the first retry after ~0.5 s, doubling after each
-/// failed attempt up to 10 s, back to the start once a session is
-/// established. Each delay is shortened by up to a quarter at random, so
-/// agents that lost the controller together do not all dial at once.
+/// Reconnect delays: the first retry after ~100 ms, doubling after each
+/// failed attempt up to 1 s, back to the start once a session is
+/// established (Welcome received). A controller that comes back is found
+/// within about a second, however many restarts came before. Each delay is
+/// moved up or down by up to a third at random, so agents that lost the
+/// controller together do not all dial at once.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     base: Duration,
@@ -220,9 +223,9 @@ pub struct Backoff {
 
 impl Backoff {
     /// The first delay (before jitter).
-    pub const FIRST: Duration = Duration::from_millis(500);
-    /// The longest delay.
-    pub const CAP: Duration = Duration::from_secs(10);
+    pub const FIRST: Duration = Duration::from_millis(100);
+    /// The longest delay (before jitter).
+    pub const CAP: Duration = Duration::from_secs(1);
 
     /// A backoff at its first delay.
     pub fn new() -> Self {
@@ -235,11 +238,14 @@ impl Backoff {
     }
 
     /// The delay before the next attempt, `random` (uniform over `u16`)
-    /// choosing the jitter; doubles the delay after this one.
+    /// choosing the jitter: from two thirds to four thirds of the base
+    /// delay (`0` gives the shortest, `u16::MAX` the longest). Doubles the
+    /// base delay after this one, up to [`Backoff::CAP`].
     pub fn next_delay(&mut self, random: u16) -> Duration {
         let base = self.base;
         self.base = (self.base * 2).min(Self::CAP);
-        base - base / 4 * u32::from(random) / u32::from(u16::MAX)
+        let third = base / 3;
+        base - third + third * 2 * u32::from(random) / u32::from(u16::MAX)
     }
 }
 
@@ -273,18 +279,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_starts_near_half_a_second_doubles_to_ten_and_resets() {
+    fn backoff_starts_near_a_tenth_of_a_second_doubles_to_one_and_resets() {
+        let ms = |d: Duration| d.as_millis();
         let mut b = Backoff::new();
-        let first = b.next_delay(0);
-        assert_eq!(first, Duration::from_millis(500));
+        // The middle of the jitter range is the base delay.
+        let mid = u16::MAX / 2;
+        let delays: Vec<u128> = (0..8).map(|_| ms(b.next_delay(mid))).collect();
+        assert_eq!(delays.iter().map(|d| (d + 5) / 10 * 10).collect::<Vec<_>>(), vec![100, 200, 400, 800, 1000, 1000, 1000, 1000]);
         let mut b = Backoff::new();
-        let jittered = b.next_delay(u16::MAX);
-        assert_eq!(jittered, Duration::from_millis(375), "at most a quarter shorter");
-        let delays: Vec<u128> = (0..8).map(|_| b.next_delay(0).as_millis()).collect();
-        assert_eq!(delays, vec![1000, 2000, 4000, 8000, 10_000, 10_000, 10_000, 10_000]);
+        assert_eq!(ms(b.next_delay(0)), 66, "at most a third shorter");
+        let mut b = Backoff::new();
+        assert_eq!(ms(b.next_delay(u16::MAX)), 133, "at most a third longer");
+        for _ in 0..10 {
+            b.next_delay(u16::MAX);
+        }
+        assert_eq!(ms(b.next_delay(u16::MAX)), 1333, "the cap, jittered: every retry within 1.4 s");
         b.reset();
-        assert_eq!(b.next_delay(0), Duration::from_millis(500), "an established session starts over");
-        assert!((0..100).all(|_| Backoff::new().next_delay(jitter()) <= Backoff::FIRST));
+        assert_eq!(ms(b.next_delay(0)), 66, "an established session starts over");
+        // Five failed attempts in a row (a restart storm) still retry within 1.4 s.
+        let mut b = Backoff::new();
+        let total: u128 = (0..5).map(|_| ms(b.next_delay(jitter()))).sum();
+        assert!(total <= 3_400, "five attempts took {total} ms of waiting");
+        assert!((0..100).all(|_| Backoff::new().next_delay(jitter()) <= Backoff::FIRST * 4 / 3 + Duration::from_millis(1)));
     }
 
     #[test]

@@ -181,6 +181,9 @@ fn print_job(fmt: Format, j: &JobRecord) {
     }
     println!("Job {} ({}) from {}: {}", j.id, j.kind, j.source, j.state);
     println!("  operator {}, plan {}, power evidence {}, parallel {}", j.operator, j.plan_id, j.power_evidence, j.parallel);
+    if !j.paused.is_empty() {
+        println!("  PAUSED: {}", j.paused);
+    }
     for m in &j.moves {
         let target = if m.target.is_empty() { "(none)" } else { m.target.as_str() };
         println!(
@@ -219,12 +222,20 @@ pub async fn watch(c: &mut AdminClient<Channel>, id: &str, fmt: Format) -> Resul
     let tty = std::io::stdout().is_terminal() && fmt == Format::Table;
     let mut seen: std::collections::HashMap<String, String> = Default::default();
     let mut last_state = String::new();
+    let mut last_paused = String::new();
     let mut last: Option<JobRecord> = None;
     while let Some(j) = stream.message().await.map_err(CliError::from_status)? {
         if fmt == Format::Table {
             if j.state != last_state {
                 println!("job {}: {}", j.id, j.state);
                 last_state = j.state.clone();
+            }
+            if j.paused != last_paused {
+                match j.paused.as_str() {
+                    "" => println!("job {}: resumed (the database can be written again)", j.id),
+                    p => println!("job {}: PAUSED: {p}", j.id),
+                }
+                last_paused = j.paused.clone();
             }
             for m in &j.moves {
                 if seen.get(&m.uuid) != Some(&m.state) {
@@ -332,7 +343,7 @@ pub async fn jobs_list(c: &mut AdminClient<Channel>, host: Option<String>, fmt: 
             j.id,
             j.kind,
             j.source,
-            j.state,
+            if j.paused.is_empty() { j.state.clone() } else { format!("{}(PAUSED)", j.state) },
             j.moves.len(),
             j.operator,
             fmt_time(j.created_unix_ms)

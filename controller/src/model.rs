@@ -24,7 +24,7 @@ pub enum Liveness {
     /// Heard from within the detection time.
     Reachable,
     /// Silent longer than the detection time (or never heard since the
-    /// controller started). Unreachable is not dead: it proves nothing
+    /// controller started, once it has been up for the detection time). Unreachable is not dead: it proves nothing
     /// about the host's power.
     Unreachable,
 }

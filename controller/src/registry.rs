@@ -842,7 +842,7 @@ impl Registry {
         HostRecord {
             info: Some(e.row.info.clone()),
             status: e.row.status.clone(),
-            liveness: liveness(now, e.last_heard_ms(), self.timing).as_str().into(),
+            liveness: self.liveness_of(e, now).as_str().into(),
             session_open: e.session.is_some(),
             last_seen_unix_ms: e.last_heard_ms().unwrap_or(e.row.last_seen_ms),
             first_seen_unix_ms: e.row.first_seen_ms,
@@ -934,7 +934,7 @@ impl Registry {
             let Some(last) = ids.last() else { break };
             from = Bound::Excluded(last.clone());
             for id in ids.iter().map(String::as_str) {
-                let live = inner.hosts.get(id).map(|e| liveness(now, e.last_heard_ms(), self.timing)).unwrap_or(Liveness::Unreachable);
+                let live = inner.hosts.get(id).map(|e| self.liveness_of(e, now)).unwrap_or(Liveness::Unreachable);
                 let none = BTreeMap::new();
                 let m = inner.guests.get(id).unwrap_or(&none);
                 // Reported guests and guests missing on this host, in one
@@ -1032,7 +1032,7 @@ impl Registry {
     }
 
     fn view(&self, inner: &Inner, e: &HostEntry, now: i64, with_guests: bool) -> crate::migrate::plan::HostView {
-        let live = liveness(now, e.last_heard_ms(), self.timing);
+        let live = self.liveness_of(e, now);
         let last = e.last_heard_ms().unwrap_or(e.row.last_seen_ms).max(self.started_ms);
         let guests = inner.guests.get(&e.row.info.host_id);
         crate::migrate::plan::HostView {
@@ -1054,11 +1054,23 @@ impl Registry {
         }
     }
 
+    /// A host's liveness, silence counted from when it was last heard but
+    /// never from before this controller started: see [`liveness_since_start`].
+    fn liveness_of(&self, e: &HostEntry, now: i64) -> Liveness {
+        liveness_since_start(now, e.last_heard_ms(), self.started_ms, self.timing)
+    }
+
     /// Whether the host is REACHABLE right now.
     pub fn is_reachable(&self, host_id: &str) -> bool {
         let now = now_unix_ms();
         let inner = self.lock();
-        inner.hosts.get(host_id).is_some_and(|e| liveness(now, e.last_heard_ms(), self.timing) == Liveness::Reachable)
+        inner.hosts.get(host_id).is_some_and(|e| self.liveness_of(e, now) == Liveness::Reachable)
+    }
+
+    /// A guest as `host`'s agent last reported it (without its definition),
+    /// if it reported it: how a step whose answer was lost is re-read.
+    pub fn reported_guest(&self, host: &str, uuid: &str) -> Option<Guest> {
+        self.lock().guests.get(host).and_then(|m| m.get(uuid)).map(GuestEntry::guest)
     }
 
     /// Whether the host has an open agent session.
@@ -1401,7 +1413,7 @@ impl Registry {
         let inner = self.lock();
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (h, m) in inner.guests.iter().filter(|(h, _)| h.as_str() != source) {
-            let reachable = inner.hosts.get(h).is_some_and(|e| liveness(now, e.last_heard_ms(), self.timing) == Liveness::Reachable);
+            let reachable = inner.hosts.get(h).is_some_and(|e| self.liveness_of(e, now) == Liveness::Reachable);
             if !reachable {
                 continue;
             }
@@ -1438,9 +1450,10 @@ impl Registry {
         let now = now_unix_ms();
         let mut inner = self.lock();
         let timing = self.timing;
+        let started = self.started_ms;
         let mut changed = Vec::new();
         for (id, e) in inner.hosts.iter_mut() {
-            let l = liveness(now, e.last_heard_ms(), timing);
+            let l = liveness_since_start(now, e.last_heard_ms(), started, timing);
             if l != e.reported {
                 e.reported = l;
                 match l {
@@ -1458,7 +1471,18 @@ impl Registry {
         changed
     }
 
-    /// Persists last-heard times.
+    /// Empties the database's write-ahead log (every 30 s from
+    /// [`watch_liveness`]): SQLite's own checkpoints copy it but leave the
+    /// file at its largest size, which a small disk may not have twice.
+    /// A failure is logged and tried again next time.
+    pub fn checkpoint(&self) {
+        match self.lock().store.checkpoint() {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!("WAL checkpoint incomplete: a reader still needs part of it; tried again in 30 s"),
+            Err(e) => warn!("WAL checkpoint failed: {e}; tried again in 30 s"),
+        }
+    }
+
     /// Persists last-heard times, a chunk of hosts per lock hold.
     pub fn flush(&self) -> Result<(), StoreError> {
         let seen: Vec<(String, i64)> =
@@ -1470,6 +1494,17 @@ impl Registry {
         tracing::debug!(hosts = seen.len(), took_ms = t0.elapsed().as_millis() as u64, "last-seen times persisted");
         Ok(())
     }
+}
+
+/// Liveness with the controller's startup grace: silence is counted from
+/// the later of the last message and the controller's start, so no host
+/// reads UNREACHABLE before the controller has been up for the detection
+/// time (its agent had no chance to reconnect: a host heard a moment before
+/// a restart is not silent). Only the reading waits: a forced migration's
+/// "source silent" check counts from the same instant, so it can pass later
+/// because of a restart, never sooner.
+pub fn liveness_since_start(now_ms: i64, last_heard_ms: Option<i64>, started_ms: i64, timing: Timing) -> Liveness {
+    liveness(now_ms, Some(last_heard_ms.unwrap_or(started_ms).max(started_ms)), timing)
 }
 
 /// Background task: liveness transitions every 250 ms, last-heard times
@@ -1495,6 +1530,7 @@ pub async fn watch_liveness(reg: Arc<Registry>) {
             if let Err(e) = reg.flush() {
                 warn!("persisting last-seen times failed: {e}");
             }
+            reg.checkpoint();
         }
     }
 }
@@ -1716,6 +1752,41 @@ mod tests {
         assert_eq!(reg.owner_generation("u3"), 3, "not taken from a running owner");
         assert!(reg.active_alarms().iter().any(|a| a.1 == "ownership-conflict"));
         assert!(!reg.lease_set("b").iter().any(|l| l.0 == "u3") && !reg.lease_set("d").iter().any(|l| l.0 == "u3"));
+    }
+
+    #[test]
+    fn no_host_reads_unreachable_before_the_controller_was_up_for_the_detection_time() {
+        let t = Timing { unreachable_after_ms: 3000, ..Timing::default() };
+        let started = 100_000;
+        // Never heard since the start: silent from the start, not from long ago.
+        assert_eq!(liveness_since_start(started + 500, None, started, t), Liveness::Reachable);
+        assert_eq!(liveness_since_start(started + 3000, None, started, t), Liveness::Reachable);
+        assert_eq!(liveness_since_start(started + 3001, None, started, t), Liveness::Unreachable);
+        // Heard before the start (a persisted or stale time) counts from the start too.
+        assert_eq!(liveness_since_start(started + 500, Some(started - 60_000), started, t), Liveness::Reachable);
+        // Heard since the start: the ordinary rule.
+        assert_eq!(liveness_since_start(started + 9000, Some(started + 6000), started, t), Liveness::Reachable);
+        assert_eq!(liveness_since_start(started + 9001, Some(started + 6000), started, t), Liveness::Unreachable);
+    }
+
+    #[test]
+    fn after_a_restart_a_host_silent_for_long_is_neither_unreachable_nor_silent_for_the_planner_until_the_detection_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("c.db");
+        {
+            let reg = Registry::load(Store::open(&db).unwrap(), Timing::default()).unwrap();
+            let (tx, _rx) = mpsc::channel(1);
+            let sid = reg.open_session("h", "boot", tx).unwrap();
+            // Last heard an hour before this controller stops.
+            reg.heard_cell("h", sid).unwrap().store(now_unix_ms() - 3_600_000, Ordering::Relaxed);
+            reg.close_session("h", sid);
+        }
+        let reg = Registry::load(Store::open(&db).unwrap(), Timing::default()).unwrap();
+        let v = reg.host_view("h").unwrap();
+        assert_eq!(v.liveness, Liveness::Reachable, "the startup grace");
+        assert_eq!(v.silent_ms, None, "a forced migration's 'source silent' cannot pass now");
+        assert!(reg.is_reachable("h"));
+        assert_eq!(reg.list_hosts()[0].liveness, "REACHABLE");
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub enum StoreError {
     TooNew(i64),
 }
 
+/// Size the write-ahead log is truncated to after a checkpoint (bytes).
+pub const WAL_SIZE_LIMIT_BYTES: i64 = 4 * 1024 * 1024;
+
 /// Current schema version (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 5;
 
@@ -231,6 +234,10 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // The WAL is truncated back to this size after a checkpoint (it would
+        // otherwise keep its largest size for good), so the database
+        // directory needs the database plus a few MiB: see docs/operations.md.
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if v > SCHEMA_VERSION {
@@ -403,6 +410,24 @@ impl Store {
         let r = r?;
         back?;
         Ok(r)
+    }
+
+    /// Copies the write-ahead log into the database and truncates it to
+    /// nothing (`wal_checkpoint(TRUNCATE)`), so the WAL does not keep the
+    /// disk space of a burst of writes. `true` when the WAL was emptied,
+    /// `false` when a reader still needed part of it (tried again later).
+    pub fn checkpoint(&self) -> Result<bool, StoreError> {
+        let (busy, log, copied): (i64, i64, i64) =
+            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(busy == 0 && log == copied)
+    }
+
+    /// Makes every later write fail (`PRAGMA query_only`) or allows writes
+    /// again. The controller never sets it; tests use it to make writes
+    /// fail as a full disk does, with SQLite's own error.
+    pub fn set_read_only(&self, on: bool) -> Result<(), StoreError> {
+        self.conn.pragma_update(None, "query_only", on)?;
+        Ok(())
     }
 
     /// Records when hosts were last heard from (observed state).
@@ -1038,6 +1063,29 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checkpoint_empties_the_wal_and_a_read_only_store_refuses_writes_with_sqlites_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("c.db");
+        let s = Store::open(&db).unwrap();
+        let wal = dir.path().join("c.db-wal");
+        let limit: i64 = s.conn.pragma_query_value(None, "journal_size_limit", |r| r.get(0)).unwrap();
+        assert_eq!(limit, WAL_SIZE_LIMIT_BYTES);
+        for i in 0..200 {
+            s.audit(&AuditRow::by_controller("test", "h", "", format!("entry {i} {}", "x".repeat(500)))).unwrap();
+        }
+        assert!(std::fs::metadata(&wal).unwrap().len() > 100_000, "the WAL grew");
+        assert!(s.checkpoint().unwrap(), "nothing held it");
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0, "the WAL was truncated");
+        assert_eq!(s.read_audit(&AuditFilter { limit: Some(1000), ..Default::default() }).unwrap().len(), 200, "nothing lost");
+
+        s.set_read_only(true).unwrap();
+        let e = s.audit(&AuditRow::by_controller("test", "h", "", "refused".into())).unwrap_err();
+        assert!(e.to_string().contains("readonly"), "{e}");
+        s.set_read_only(false).unwrap();
+        s.audit(&AuditRow::by_controller("test", "h", "", "accepted".into())).unwrap();
+    }
 
     fn guest(uuid: &str, name: &str) -> Guest {
         Guest { uuid: uuid.into(), name: name.into(), ..Default::default() }

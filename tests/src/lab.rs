@@ -105,6 +105,11 @@ impl Lab {
 
     /// Brings up a fresh lab, or returns why it cannot (the caller skips).
     pub fn up(hosts: u32, guests: u32) -> Result<Lab, String> {
+        Self::up_with(hosts, guests, &[])
+    }
+
+    /// [`Lab::up`] with more `lab.sh up` options (e.g. `--controller-fs-mib 24`).
+    pub fn up_with(hosts: u32, guests: u32, options: &[&str]) -> Result<Lab, String> {
         if let Some(why) = unavailable() {
             return Err(why);
         }
@@ -126,7 +131,10 @@ impl Lab {
             paths: HashMap::new(),
         };
         let t = Instant::now();
-        lab.ok(&["up", "--hosts", &hosts.to_string(), "--guests", &guests.to_string()]);
+        let (h, g) = (hosts.to_string(), guests.to_string());
+        let mut args = vec!["up", "--hosts", h.as_str(), "--guests", g.as_str()];
+        args.extend_from_slice(options);
+        lab.ok(&args);
         println!("lab up ({hosts} hosts x {guests} guests) in {:?}", t.elapsed());
         let out = lab.ok(&["paths"]);
         lab.paths = String::from_utf8_lossy(&out.stdout)

@@ -187,12 +187,26 @@ async fn a_silent_host_is_unreachable_and_a_restart_keeps_everything() {
     let port = c.addr.port();
     c.stop().await;
     // A fresh controller on the same database knows every host and guest.
+    let started = std::time::Instant::now();
     let c2 = Controller::start(&pki, &db, port, 1000, 3000).await;
     let mut adm = c2.admin(&pki.client("viewer", Role::Viewer)).await;
     let hosts = adm.list_hosts(ListHostsRequest {}).await.unwrap().into_inner().hosts;
     assert_eq!(hosts.len(), 1);
-    assert_eq!(hosts[0].liveness, "UNREACHABLE", "not heard since restart");
+    // The startup grace: its agent had no chance to reconnect yet.
+    assert_eq!(hosts[0].liveness, "REACHABLE", "not UNREACHABLE before the controller was up for the detection time");
+    assert!(!hosts[0].session_open);
     assert_eq!(hosts[0].info.as_ref().unwrap().cpus, 4);
+    let (_, _) = wait_for(Duration::from_secs(6), "host-a unreachable after the grace", || {
+        let mut adm = adm.clone();
+        async move {
+            let h = adm.get_host(GetHostRequest { host: "host-a".into() }).await.ok()?.into_inner();
+            (h.liveness == "UNREACHABLE").then_some(())
+        }
+    })
+    .await;
+    let took = started.elapsed();
+    println!("not heard since the restart: UNREACHABLE {took:?} after it");
+    assert!(took >= Duration::from_millis(3000) && took <= Duration::from_secs(5), "took {took:?}");
     let g = guests(&c2, &pki, "host-a").await;
     assert_eq!(g.len(), 3);
     assert!(by_name(&g, "vm-a1").unwrap().definition_xml.contains("vm-a1"));

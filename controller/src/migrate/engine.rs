@@ -26,8 +26,15 @@ use crate::store::{AuditRow, JobRow, MoveRow, OwnerRow, StoreError};
 /// Default number of guests moved at once.
 pub const DEFAULT_PARALLEL: u32 = 4;
 
-/// How long a step waits for a target's agent session to come back.
+/// How long a step waits for a target's agent session to come back, and
+/// retries on the new session a call whose session was lost.
 const SESSION_WAIT: Duration = Duration::from_secs(60);
+
+/// A job paused on a database write error retries after this long at
+/// first, doubling up to [`PAUSE_RETRY_MAX`].
+const PAUSE_RETRY_FIRST: Duration = Duration::from_millis(500);
+/// The longest wait between two retries of a paused job.
+const PAUSE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// The engine.
 pub struct Engine {
@@ -42,6 +49,9 @@ pub struct Engine {
     /// a job's placement is decided against the reservations of every job
     /// created before it.
     placing: tokio::sync::Mutex<()>,
+    /// Jobs paused on a database error: job id → why and since when. In
+    /// memory: the database cannot be written while it is so.
+    paused: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 fn audit(actor: &str, action: &str, host: &str, vm: &str, job: &str, detail: impl Into<String>) -> AuditRow {
@@ -70,7 +80,17 @@ impl Engine {
             fencers.insert(host.clone(), Arc::new(Fencer::new(host, cfg)?));
         }
         let (changes, _) = broadcast::channel(1024);
-        Ok(Arc::new(Engine { reg, fencers, grace_ms, memory_reserve_kib, lease_ttl_ms, changes, call_timeout: Duration::from_secs(60), placing: tokio::sync::Mutex::new(()) }))
+        Ok(Arc::new(Engine {
+            reg,
+            fencers,
+            grace_ms,
+            memory_reserve_kib,
+            lease_ttl_ms,
+            changes,
+            call_timeout: Duration::from_secs(60),
+            paused: Default::default(),
+            placing: tokio::sync::Mutex::new(()),
+        }))
     }
 
     /// Job ids are sent here whenever a job or one of its moves changes.
@@ -337,7 +357,7 @@ impl Engine {
     pub fn job_record(&self, id: &str) -> Result<JobRecord, ControllerError> {
         let (job, moves) = self.reg.db(|s| -> Result<_, StoreError> { Ok((s.job(id)?, s.job_moves(id)?)) })?;
         let job = job.ok_or_else(|| ControllerError::NotFound(format!("unknown job '{id}' (see `lifeboat jobs list`)")))?;
-        Ok(to_record(job, moves))
+        Ok(self.with_paused(to_record(job, moves)))
     }
 
     /// Jobs, newest first.
@@ -346,7 +366,7 @@ impl Engine {
         let mut out = Vec::new();
         for j in rows {
             let moves = self.reg.db(|s| s.job_moves(&j.id))?;
-            out.push(to_record(j, moves));
+            out.push(self.with_paused(to_record(j, moves)));
         }
         Ok(out)
     }
@@ -362,11 +382,73 @@ impl Engine {
         Ok(())
     }
 
+    /// A job record with its pause (if any) filled in.
+    fn with_paused(&self, mut r: JobRecord) -> JobRecord {
+        if let Some(p) = self.paused.lock().unwrap_or_else(|p| p.into_inner()).get(&r.id) {
+            r.paused = p.clone();
+        }
+        r
+    }
+
+    /// Carries a job out. A database error pauses it rather than ending it:
+    /// every step is check-then-act and is written before it is carried
+    /// out, so the job retries (with backoff) from what the database holds,
+    /// and resumes by itself once a write succeeds again.
     async fn run(self: Arc<Self>, id: String) {
-        match self.clone().run_inner(&id).await {
-            // Ended: its guests are the reconciler's again.
-            Ok(()) => self.reg.clear_in_job(&id),
-            Err(e) => warn!(job = %id, "job stopped on a database error: {e}; it resumes when the controller restarts"),
+        let mut wait = PAUSE_RETRY_FIRST;
+        let mut since: Option<(i64, std::time::Instant)> = None;
+        loop {
+            if let Some((since_ms, t0)) = since {
+                // The first write after a pause is the audit saying it resumed.
+                let detail = format!(
+                    "database writes succeed again after {} s; the job resumes where its records say it stopped",
+                    t0.elapsed().as_secs()
+                );
+                let source = self.reg.db(|s| s.job(&id)).ok().flatten().map(|j| j.source).unwrap_or_default();
+                let row = AuditRow { at_ms: crate::now_ms(), ..audit("controller", "job.unpaused", &source, "", &id, detail) };
+                match self.reg.db(|s| s.audit(&row)) {
+                    Ok(()) => {
+                        info!(job = %id, paused_since_ms = since_ms, "job resumes: the database can be written again");
+                        self.paused.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        self.changed(&id);
+                        since = None;
+                        wait = PAUSE_RETRY_FIRST;
+                    }
+                    Err(e) => {
+                        self.pause(&id, since_ms, &e);
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(PAUSE_RETRY_MAX);
+                        continue;
+                    }
+                }
+            }
+            match self.clone().run_inner(&id).await {
+                // Ended: its guests are the reconciler's again.
+                Ok(()) => {
+                    self.reg.clear_in_job(&id);
+                    return;
+                }
+                Err(e) => {
+                    let since_ms = since.map(|s| s.0).unwrap_or_else(crate::now_ms);
+                    since.get_or_insert((since_ms, std::time::Instant::now()));
+                    self.pause(&id, since_ms, &e);
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(PAUSE_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// Records (in memory) that a job is paused on a database error, and
+    /// tells its watchers.
+    fn pause(&self, id: &str, since_ms: i64, e: &StoreError) {
+        let why = paused_text(e, since_ms);
+        let mut p = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if p.get(id) != Some(&why) {
+            warn!(job = %id, "{why}");
+            p.insert(id.to_string(), why);
+            drop(p);
+            self.changed(id);
         }
     }
 
@@ -566,17 +648,41 @@ impl Engine {
         Ok(())
     }
 
+    /// Sends a step to the target's agent. A session lost before the answer
+    /// came (the agent was killed, or reconnected) fails the call at once;
+    /// the step is sent again on the next session, until [`SESSION_WAIT`]
+    /// has passed: every step is idempotent on the agent ("already").
     async fn call_target(&self, host: &str, kind: Kind) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
         let deadline = tokio::time::Instant::now() + SESSION_WAIT;
+        let mut last = String::from("no agent session");
         loop {
             if self.reg.has_session(host) {
-                return self.reg.call(host, kind, self.call_timeout).await;
+                match self.reg.call(host, kind.clone(), self.call_timeout).await {
+                    Err(ControllerError::AgentUnavailable(e)) => {
+                        warn!(host, "{e}; the step is sent again on the agent's next session");
+                        last = e;
+                    }
+                    r => return r,
+                }
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(ControllerError::AgentUnavailable(format!("target {host} has had no agent session for {SESSION_WAIT:?}")));
+                return Err(ControllerError::AgentUnavailable(format!(
+                    "target {host} gave no answer on any agent session for {SESSION_WAIT:?} (last: {last})"
+                )));
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Whether the target reports the guest as this move left it after
+    /// `step` (defined, or running), owned by the target at the move's
+    /// generation: a step whose answer was lost may have taken effect.
+    fn target_reports(&self, m: &MoveRow, running: bool) -> Option<lifeboat_proto::v1::Guest> {
+        self.reg.reported_guest(&m.target, &m.uuid).filter(|g| {
+            g.owner_host == m.target
+                && g.owner_generation == m.generation
+                && (!running || g.state == lifeboat_proto::v1::GuestState::Running as i32)
+        })
     }
 
     fn set_move(&self, m: &mut MoveRow, to: MoveState, error: &str, owner: Option<OwnerRow>, a: Option<AuditRow>) -> Result<(), StoreError> {
@@ -654,6 +760,13 @@ impl Engine {
                             let msg = format!("define on {} failed: {}", m.target, r.error);
                             self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                         }
+                        Err(e) if self.target_reports(&m, false).is_some() => {
+                            let detail = format!(
+                                "defined {} ({}) on {}: the answer was lost ({e}) but {} reports it defined at owner generation {}",
+                                m.name, m.uuid, m.target, m.target, m.generation
+                            );
+                            self.set_move(&mut m, MoveState::Defined, "", None, a("guest.defined", detail))?;
+                        }
                         Err(e) => {
                             let msg = format!("define on {} failed: {e}", m.target);
                             self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
@@ -687,6 +800,25 @@ impl Engine {
                     Ok(r) if r.ok => {
                         let owner = self.owner(&m, true);
                         let detail = format!("{} ({}) running on {} ({})", m.name, m.uuid, m.target, r.outcome);
+                        self.set_move(&mut m, MoveState::Running, "", Some(owner), a("guest.running", detail))?;
+                    }
+                    // Before a start is called failed, the target is read
+                    // again: a start whose answer was lost (or that failed
+                    // after qemu came up) may have taken effect.
+                    Ok(r) if self.target_reports(&m, true).is_some() => {
+                        let owner = self.owner(&m, true);
+                        let detail = format!(
+                            "{} ({}) running on {}: the start answered '{}' but {} reports it running at owner generation {}",
+                            m.name, m.uuid, m.target, r.error, m.target, m.generation
+                        );
+                        self.set_move(&mut m, MoveState::Running, "", Some(owner), a("guest.running", detail))?;
+                    }
+                    Err(e) if self.target_reports(&m, true).is_some() => {
+                        let owner = self.owner(&m, true);
+                        let detail = format!(
+                            "{} ({}) running on {}: the start's answer was lost ({e}) but {} reports it running at owner generation {}",
+                            m.name, m.uuid, m.target, m.target, m.generation
+                        );
                         self.set_move(&mut m, MoveState::Running, "", Some(owner), a("guest.running", detail))?;
                     }
                     Ok(r) => {
@@ -728,6 +860,25 @@ impl Engine {
     }
 }
 
+/// What `jobs show` says of a job paused on a database error.
+fn paused_text(e: &StoreError, since_ms: i64) -> String {
+    let since = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(since_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| format!("{since_ms} ms since the epoch"));
+    match e {
+        StoreError::Sqlite(_) => format!(
+            "paused since {since}: the controller's database cannot be written ({e}); the job retries by itself and \
+             resumes when writes succeed (free space on the database's filesystem: see docs/operations.md, \"Disk full\")"
+        ),
+        // A record that cannot be used is no disk problem: say so, and keep retrying (refusing, never guessing).
+        _ => format!(
+            "paused since {since}: a database record the job needs cannot be used ({e}); the job retries by itself; \
+             see the controller's log and docs/operations.md, \"Disk full\""
+        ),
+    }
+}
+
 fn to_record(j: JobRow, moves: Vec<MoveRow>) -> JobRecord {
     JobRecord {
         id: j.id,
@@ -741,6 +892,7 @@ fn to_record(j: JobRow, moves: Vec<MoveRow>) -> JobRecord {
         error: j.error,
         power_evidence: j.power_evidence,
         parallel: j.parallel,
+        paused: String::new(),
         moves: moves
             .into_iter()
             .map(|m| MoveRecord {
@@ -803,6 +955,203 @@ fn not_moved_row(job: &str, source: &str, gp: &lifeboat_proto::v1::GuestPlan, no
 mod tests {
     use super::*;
     use lifeboat_proto::v1::{Check, GuestPlan};
+
+    fn new_engine() -> (Arc<Registry>, Arc<Engine>) {
+        let store = crate::store::Store::open_in_memory().unwrap();
+        let reg = Arc::new(Registry::load(store, crate::model::Timing::default()).unwrap());
+        let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();
+        (reg, engine)
+    }
+
+    fn job_row(id: &str, kind: &str, source: &str) -> JobRow {
+        JobRow {
+            id: id.into(),
+            kind: kind.into(),
+            source: source.into(),
+            state: JobState::Created.as_str().into(),
+            operator: "olga".into(),
+            plan_id: "p".into(),
+            power_evidence: "attestation".into(),
+            request: MigrateRequest { source: source.into(), attest_reason: "unplugged".into(), ..Default::default() }.encode_to_vec(),
+            parallel: 1,
+            created_ms: 1,
+            updated_ms: 1,
+            error: String::new(),
+        }
+    }
+
+    async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        for _ in 0..200 {
+            if let Some(t) = f() {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn a_job_pauses_on_a_database_write_error_shows_why_and_resumes_by_itself() {
+        let (reg, engine) = new_engine();
+        reg.db(|s| s.create_job(&job_row("mig-p", "migrate", "host-a"), &[], &audit("olga", "migrate.requested", "host-a", "", "mig-p", "")))
+            .unwrap();
+        // SQLite refuses every write, as on a full disk.
+        reg.db(|s| s.set_read_only(true)).unwrap();
+        let mut changes = engine.subscribe();
+        tokio::spawn(engine.clone().run("mig-p".into()));
+        let paused = until("the pause", || Some(engine.job_record("mig-p").unwrap().paused).filter(|p| !p.is_empty())).await;
+        assert!(paused.starts_with("paused since 20"), "{paused}");
+        assert!(paused.contains("cannot be written") && paused.contains("readonly"), "{paused}");
+        assert_eq!(changes.try_recv().unwrap(), "mig-p", "watchers are told of the pause");
+        let r = engine.job_record("mig-p").unwrap();
+        assert_eq!(r.state, "CREATED", "nothing moved while paused");
+        assert_eq!(engine.jobs(None, 10).unwrap()[0].paused, paused, "the list shows it too");
+        // A second retry keeps the first time it paused.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(engine.job_record("mig-p").unwrap().paused, paused);
+
+        reg.db(|s| s.set_read_only(false)).unwrap();
+        let r = until("the job's end", || Some(engine.job_record("mig-p").unwrap()).filter(|r| r.state != "CREATED" && r.state != "FENCING" && r.state != "MOVING")).await;
+        assert_eq!(r.paused, "", "no longer paused");
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter { job: Some("mig-p".into()), limit: Some(100), ..Default::default() })).unwrap();
+        let unpaused: Vec<_> = log.iter().filter(|a| a.action == "job.unpaused").collect();
+        assert_eq!(unpaused.len(), 1, "{log:?}");
+        assert!(unpaused[0].detail.contains("database writes succeed again"), "{}", unpaused[0].detail);
+        assert_eq!(unpaused[0].host, "host-a", "found with `lifeboat log --host`");
+        assert!(log.iter().any(|a| a.action == "power.attested"), "the job carried on from where it stopped: {log:?}");
+    }
+
+    /// A fake target agent: answers each command with `answer`, or (when it
+    /// returns `None`) drops the session unanswered, as a killed agent's does.
+    async fn fake_agent(
+        reg: Arc<Registry>,
+        host: &str,
+        guests: Vec<lifeboat_proto::v1::Guest>,
+        mut answer: impl FnMut(&Kind) -> Option<lifeboat_proto::v1::CommandResult> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        use lifeboat_proto::v1::{Inventory, controller_message};
+        let host = host.to_string();
+        tokio::spawn(async move {
+            loop {
+                let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+                let sid = reg.open_session(&host, "boot", tx).unwrap();
+                let info = lifeboat_proto::v1::HostInfo { host_id: host.clone(), ..Default::default() };
+                reg.apply_inventory(&host, sid, Inventory { host: Some(info), guests: guests.clone(), more: false }).unwrap();
+                let Some(heard) = reg.heard_cell(&host, sid) else { return };
+                heard.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+                loop {
+                    let Some(m) = rx.recv().await else { return };
+                    let Some(controller_message::Msg::Command(c)) = m.msg else { continue };
+                    let kind = c.kind.unwrap();
+                    match answer(&kind) {
+                        Some(mut r) => {
+                            r.id = c.id;
+                            reg.complete(r);
+                        }
+                        None => {
+                            reg.close_session(&host, sid);
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn starting_move(job: &str) -> MoveRow {
+        MoveRow {
+            job_id: job.into(),
+            uuid: "11111111-0000-4000-8000-000000000001".into(),
+            name: "vm-1".into(),
+            source: "host-a".into(),
+            target: "host-b".into(),
+            generation: 3,
+            state: MoveState::Starting.as_str().into(),
+            start: true,
+            definition_xml: String::new(),
+            error: String::new(),
+            priority: 0,
+            updated_ms: 1,
+            memory_kib: 32 * 1024,
+        }
+    }
+
+    fn running_there(m: &MoveRow) -> lifeboat_proto::v1::Guest {
+        lifeboat_proto::v1::Guest {
+            uuid: m.uuid.clone(),
+            name: m.name.clone(),
+            state: lifeboat_proto::v1::GuestState::Running as i32,
+            owner_host: m.target.clone(),
+            owner_generation: m.generation,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_start_whose_session_was_lost_is_sent_again_on_the_next_session_and_is_running() {
+        let (reg, engine) = new_engine();
+        let m = starting_move("mig-s");
+        reg.db(|s| s.create_job(&job_row("mig-s", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-s", "")))
+            .unwrap();
+        let g = running_there(&m);
+        let mut starts = 0;
+        let answered = g.clone();
+        let _agent = fake_agent(reg.clone(), "host-b", vec![g.clone()], move |k| match k {
+            Kind::GrantLeases(_) => Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() }),
+            Kind::StartGuest(_) => {
+                starts += 1;
+                // The first start's answer is lost with its session.
+                (starts > 1).then(|| lifeboat_proto::v1::CommandResult {
+                    ok: true,
+                    outcome: "already".into(),
+                    guest: Some(answered.clone()),
+                    ..Default::default()
+                })
+            }
+            _ => None,
+        })
+        .await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        let t0 = std::time::Instant::now();
+        engine.run_move(m, "olga", false).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(t0.elapsed() < Duration::from_secs(5), "no stall: {:?}", t0.elapsed());
+        let row = reg.db(|s| s.moves("mig-s")).unwrap().remove(0);
+        assert_eq!((row.state.as_str(), row.error.as_str()), ("RUNNING", ""));
+    }
+
+    #[tokio::test]
+    async fn a_start_that_reads_failed_while_the_target_reports_it_running_at_this_generation_is_running() {
+        let (reg, engine) = new_engine();
+        let m = starting_move("mig-r");
+        reg.db(|s| s.create_job(&job_row("mig-r", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-r", "")))
+            .unwrap();
+        let ok = |_: &Kind| Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() });
+        let refuse = move |k: &Kind| match k {
+            Kind::StartGuest(_) => Some(lifeboat_proto::v1::CommandResult { ok: false, error: "verifying vm-1 failed: timeout".into(), ..Default::default() }),
+            k => ok(k),
+        };
+        let _agent = fake_agent(reg.clone(), "host-b", vec![running_there(&m)], refuse).await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        engine.run_move(m.clone(), "olga", false).await.unwrap();
+        let row = reg.db(|s| s.moves("mig-r")).unwrap().remove(0);
+        assert_eq!(row.state, "RUNNING", "{}", row.error);
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter { job: Some("mig-r".into()), limit: Some(100), ..Default::default() })).unwrap();
+        assert!(log.iter().any(|a| a.action == "guest.running" && a.detail.contains("reports it running at owner generation 3")), "{log:?}");
+
+        // Another generation running there is not this move's start: FAILED.
+        let (reg, engine) = new_engine();
+        let m = starting_move("mig-f");
+        reg.db(|s| s.create_job(&job_row("mig-f", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-f", "")))
+            .unwrap();
+        let other = lifeboat_proto::v1::Guest { owner_generation: 2, ..running_there(&m) };
+        let _agent = fake_agent(reg.clone(), "host-b", vec![other], refuse).await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        engine.run_move(m, "olga", false).await.unwrap();
+        let row = reg.db(|s| s.moves("mig-f")).unwrap().remove(0);
+        assert_eq!(row.state, "FAILED");
+        assert!(row.error.contains("verifying vm-1 failed"), "{}", row.error);
+    }
 
     #[test]
     fn a_guest_left_behind_carries_the_plans_reason_and_failed_checks() {
