@@ -822,6 +822,7 @@ impl Registry {
             stale_definitions: guests
                 .map(|g| g.keys().filter(|u| Self::owner_of(inner, u, &e.row.info.host_id) != e.row.info.host_id).count())
                 .unwrap_or(0) as u32,
+            ..Default::default()
         }
     }
 
@@ -932,6 +933,7 @@ impl Registry {
                         host_liveness: live.as_str().into(),
                         desired_state: desired,
                         owner_host: owner,
+                        ..Default::default()
                     });
                 }
             }
@@ -1418,6 +1420,58 @@ impl Registry {
         }
         tracing::debug!(hosts = seen.len(), took_ms = t0.elapsed().as_millis() as u64, "last-seen times persisted");
         Ok(())
+    }
+}
+
+/// What the waiting-guest bookkeeping (`crate::waiting`) reads.
+impl Registry {
+    /// A guest's desired-state row: (the host that reported it, "running" or "stopped").
+    pub fn desired_of(&self, uuid: &str) -> Option<(String, String)> {
+        self.lock().desired.get(uuid).cloned()
+    }
+
+    /// A guest's ownership record, if a move (or a rebuilt claim) wrote one.
+    pub fn owner_row(&self, uuid: &str) -> Option<crate::store::OwnerRow> {
+        self.lock().owners.get(uuid).cloned()
+    }
+
+    /// Whether `host` owns `uuid` as the reconciler sees it: no recorded
+    /// owner elsewhere, no unfinished move, no conflict, no other first host.
+    pub fn owns(&self, host: &str, uuid: &str) -> bool {
+        Self::owner_view(&self.lock(), uuid, host).is_none()
+    }
+
+    /// The job moving a guest now, if one is.
+    pub fn job_of(&self, uuid: &str) -> Option<String> {
+        self.lock().in_job.get(uuid).map(|j| j.0.clone())
+    }
+
+    /// Which hosts last reported each of `uuids` holding its disks, whether
+    /// they talk now or not (a silent host's last report counts: it may
+    /// still run the guest).
+    pub fn holders(&self, uuids: &[String]) -> BTreeMap<String, Vec<String>> {
+        let inner = self.lock();
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (h, m) in &inner.guests {
+            for u in uuids {
+                if m.get(u).is_some_and(|g| lifeboat_proto::holds_disk(g.state)) {
+                    out.entry(u.clone()).or_default().push(h.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the host's agent sent an inventory in its current session.
+    pub fn inventory_fresh(&self, host: &str) -> bool {
+        self.lock().hosts.get(host).is_some_and(|e| e.session.is_some() && e.inventory_seen)
+    }
+
+    /// Marks a host for the reconciler's next pass.
+    pub fn touch(&self, host: &str) {
+        if let Some(e) = self.lock().hosts.get_mut(host) {
+            e.dirty = true;
+        }
     }
 }
 
