@@ -34,6 +34,7 @@ pub struct HostJson {
     status_reason: String,
     alarms: Vec<String>,
     stale_definitions: u32,
+    waiting_guests: u32,
 }
 
 /// A disk, as `--output json` prints it.
@@ -77,6 +78,8 @@ pub struct VmJson {
     desired_state: String,
     owner_host: String,
     owner_generation: u64,
+    waiting_reason: String,
+    waiting_since_unix_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     definition_xml: Option<String>,
 }
@@ -124,6 +127,7 @@ fn host_json(h: &HostRecord) -> HostJson {
         status_reason: h.status_reason.clone(),
         alarms: h.alarms.clone(),
         stale_definitions: h.stale_definitions,
+        waiting_guests: h.waiting_guests,
     }
 }
 
@@ -159,6 +163,8 @@ fn vm_json(r: &GuestRecord, with_xml: bool) -> VmJson {
         desired_state: r.desired_state.clone(),
         owner_host: r.owner_host.clone(),
         owner_generation: g.owner_generation,
+        waiting_reason: r.waiting_reason.clone(),
+        waiting_since_unix_ms: r.waiting_since_unix_ms,
         definition_xml: with_xml.then_some(g.definition_xml),
     }
 }
@@ -232,6 +238,7 @@ pub fn host(fmt: crate::Format, h: &HostRecord) {
         ("Status", if j.status_reason.is_empty() { j.status } else { format!("{} ({})", j.status, j.status_reason) }),
         ("Alarms", if j.alarms.is_empty() { "-".into() } else { j.alarms.join("; ") }),
         ("Stale definitions", j.stale_definitions.to_string()),
+        ("Waiting guests", j.waiting_guests.to_string()),
         ("Liveness", j.liveness),
         ("Session open", j.session_open.to_string()),
         ("Last seen", ago(j.last_seen_unix_ms)),
@@ -272,6 +279,9 @@ pub fn vms(fmt: crate::Format, gs: &[GuestRecord]) {
                 j.uuid,
                 {
                     let mut note = Vec::new();
+                    if !j.waiting_reason.is_empty() {
+                        note.push(format!("WAITING since {}", ago(j.waiting_since_unix_ms)));
+                    }
                     if j.owner_host != j.host_id && !j.owner_host.is_empty() {
                         note.push(format!("stale: owned by {}", j.owner_host));
                     }
@@ -309,6 +319,13 @@ pub fn vm_detail(fmt: crate::Format, gs: &[GuestRecord], xml: bool) {
         }
         if !j.error.is_empty() {
             println!("Error          {}", j.error);
+        }
+        if !j.desired_state.is_empty() {
+            println!("Desired        {} (owner {})", j.desired_state, j.owner_host);
+        }
+        if !j.waiting_reason.is_empty() {
+            println!("WAITING        since {}: {}", ago(j.waiting_since_unix_ms), j.waiting_reason);
+            println!("               starts on {} once it is healthy and cleaned up, or now: lifeboat vms start {} --reason TEXT", j.host_id, j.name);
         }
         if xml {
             println!("{}", j.definition_xml.unwrap_or_default());
