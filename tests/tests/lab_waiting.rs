@@ -238,6 +238,13 @@ fn lab_source_powered_on_mid_job_ends_partial_and_the_advice_runs_every_guest_on
         println!("lifeboat {} -> exit {code} in {:?}\n{out}\n{err}", args.join(" "), t.elapsed());
         assert_eq!(code, 0, "the advised command works: {out}\n{err}");
     }
+    let jobs = lab.cli_json(&["jobs", "list"]).unwrap();
+    let follow_up = &jobs[0];
+    assert_eq!(follow_up["kind"], "move", "{follow_up}");
+    assert!(
+        follow_up["moves"].as_array().unwrap().iter().all(|m| m["state"] == "RUNNING"),
+        "every guest the advised move carried is started (desired state running), none DEFINED_STOPPED: {follow_up}"
+    );
     for (n, u) in names.iter().zip(&uuids) {
         lab.wait(Duration::from_secs(20), &format!("{n} running once"), || lab.copies(u) == 1);
         runs_once_on(&lab, n, u, "host-b");

@@ -152,7 +152,9 @@ impl Engine {
             held_elsewhere: self.reg.held_elsewhere(&req.source, &source_uuids),
             desired_running: source_uuids
                 .iter()
-                .filter(|u| self.reg.desired_of(u).is_some_and(|(h, d)| h == req.source && d == "running"))
+                // The guest's desired state, whichever host reported it (an
+                // unfinished move's target may have).
+                .filter(|u| self.reg.desired_of(u).is_some_and(|(_, d)| d == "running"))
                 .cloned()
                 .collect(),
         };
