@@ -303,6 +303,30 @@ mod tests {
     }
 
     #[test]
+    fn waiting_rows_keep_their_since_time_and_end_with_a_move_or_a_run() {
+        let mut s = crate::store::Store::open_in_memory().unwrap();
+        let row = |uuid: &str, host: &str, since: i64, job: &str| WaitingRow {
+            uuid: uuid.into(),
+            host: host.into(),
+            name: format!("vm-{uuid}"),
+            reason: format!("left by {job}"),
+            since_ms: since,
+            job: job.into(),
+        };
+        s.end_job_with_waiting("j1", "PARTIAL", "e", None, &[row("1", "a", 10, "j1"), row("2", "a", 10, "j1")], &[]).unwrap();
+        // A later job leaves 1 waiting again on the same host: since is kept, reason and job follow.
+        s.end_job_with_waiting("j2", "PARTIAL", "e", None, &[row("1", "a", 20, "j2")], &["2".to_string()]).unwrap();
+        assert_eq!(s.waiting().unwrap(), vec![row("1", "a", 10, "j2")]);
+        // On another host it is a new wait.
+        s.end_job_with_waiting("j3", "PARTIAL", "e", None, &[row("1", "b", 30, "j3")], &[]).unwrap();
+        assert_eq!(s.waiting().unwrap(), vec![row("1", "b", 30, "j3")]);
+        let a = AuditRow::by_controller("guest.waiting_ended", "b", "vm-1", "runs".into());
+        assert!(s.end_waiting("1", &a).unwrap());
+        assert!(!s.end_waiting("1", &a).unwrap(), "ending twice changes nothing");
+        assert!(s.waiting().unwrap().is_empty());
+    }
+
+    #[test]
     fn a_jobs_waiting_rows_follow_the_moves_desired_state_and_owner() {
         let moves = [mv("1", "NOT_MOVED", true), mv("2", "FAILED", false), mv("3", "FAILED", false), mv("4", "RUNNING", true), mv("5", "FAILED", true)];
         let desired = |u: &str| match u {

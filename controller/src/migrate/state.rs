@@ -97,7 +97,9 @@ pub enum JobState {
     Moving,
     /// Every move succeeded.
     Succeeded,
-    /// Some moves failed; re-running the command finishes the rest.
+    /// Some moves failed or were never attempted; the job's error says what
+    /// finishes the rest (the same command again, or, when the source talks
+    /// again, a planned move per target).
     Partial,
     /// Nothing was moved (e.g. power-off not confirmed).
     Failed,

@@ -181,7 +181,10 @@ impl Admin for AdminService {
             return Err(ControllerError::InvalidArgument("no host given".into()).into());
         }
         crate::hostops::set_status(&self.reg, &self.engine, r.host.trim(), &r.status, &r.reason, r.attest_powered_off, &name).await?;
-        Ok(Response::new(self.reg.get_host(r.host.trim())?))
+        let mut h = [self.reg.get_host(r.host.trim())?];
+        crate::waiting::annotate_hosts(&self.reg, &mut h);
+        let [h] = h;
+        Ok(Response::new(h))
     }
 
     async fn plan_cleanup(&self, req: Request<CleanupRequest>) -> Result<Response<CleanupPlan>, Status> {
