@@ -420,9 +420,20 @@ impl Engine {
         }
     }
 
-    /// The guests a finished job leaves waiting on its source.
+    /// The guests a finished job leaves waiting on its source. A source
+    /// that talks and reports a guest running there (a planned move's guest
+    /// not moved, untouched) has nothing to wait for; a silent source's
+    /// last report proves nothing.
     fn waiting_rows(&self, moves: &[MoveRow]) -> Vec<WaitingRow> {
-        crate::waiting::rows_for_job(moves, |u| self.reg.desired_of(u), |u| self.reg.owner_row(u), crate::now_ms())
+        let rows = crate::waiting::rows_for_job(moves, |u| self.reg.desired_of(u), |u| self.reg.owner_row(u), crate::now_ms());
+        let uuids: Vec<String> = rows.iter().map(|w| w.uuid.clone()).collect();
+        if uuids.is_empty() {
+            return rows;
+        }
+        let holders = self.reg.holders(&uuids);
+        rows.into_iter()
+            .filter(|w| !(self.reg.is_reachable(&w.host) && holders.get(&w.uuid).is_some_and(|h| h.contains(&w.host))))
+            .collect()
     }
 
     /// A planned move failed while stopping guests on its source: the moves
