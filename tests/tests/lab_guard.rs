@@ -47,6 +47,8 @@ fn lab_returning_host_is_quarantined_guarded_and_cleaned_up() {
     lab.wait(Duration::from_secs(10), "local guest managed", || {
         lab.vm("vm-alocal").is_some_and(|g| g["state"] == "running" && g["autostart"] == false)
     });
+    // It must run once at the end again, or wait with a reason (end-of-test check).
+    lab.note_running();
     fail_and_migrate(&lab, "host-a");
     let moved = moved_from(&lab, "host-a");
     assert_eq!(moved.len(), 2, "{moved:?}");
