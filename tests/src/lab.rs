@@ -226,7 +226,7 @@ impl Lab {
                 Ok(list) => list
                     .iter()
                     .filter(|v| v["uuid"] == uuid.as_str())
-                    .filter_map(|v| v["waiting_reason"].as_str().filter(|r| !r.is_empty()).map(|r| format!("on {}: {r}", v["host_id"])))
+                    .filter_map(|v| v["waiting_reason"].as_str().filter(|r| !r.is_empty()).map(|r| format!("on {}: {r}", v["host_id"].as_str().unwrap_or("?"))))
                     .next(),
                 Err(e) => {
                     wrong.push(format!("{name} ({uuid}) runs nowhere and `vms list` failed: {e}"));
