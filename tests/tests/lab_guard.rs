@@ -105,6 +105,12 @@ fn lab_returning_host_is_quarantined_guarded_and_cleaned_up() {
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = lab.cli(&["hosts", "set-status", "host-a", "AVAILABLE", "--reason", "tested"]);
     assert_eq!(code, 0, "{out}{err}");
+    // The guest that could not move waited for host-a: back in service, it runs there again, once.
+    let alocal = lab.vms().into_iter().find(|g| g["name"] == "vm-alocal").and_then(|g| g["uuid"].as_str().map(String::from)).unwrap();
+    let took = lab.wait(Duration::from_secs(20), "vm-alocal running on host-a again", || lab.copies(&alocal) == 1);
+    println!("vm-alocal started on host-a {took:?} after it was back in service");
+    let c = lab.running_copies(&alocal);
+    assert!(c.len() == 1 && c[0].host == "host-a", "{c:?}");
     let actions: Vec<String> =
         lab.cli_json(&["log", "--host", "host-a"]).unwrap().as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap().to_string()).collect();
     for a in ["host.returned", "cleanup.removed", "host.status"] {
