@@ -151,7 +151,7 @@ async fn a_migration_that_leaves_a_local_guest_behind_is_partial_and_alarms_unti
     assert!(entry.detail.contains("guests-not-moved") && entry.detail.contains("vm-local restored from backup"), "{entry:?}");
     let e = op.clear_alarms(clear("guests-not-moved")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-    assert!(e.message().contains("no alarm is active"), "{}", e.message());
+    assert!(e.message().contains("no active 'guests-not-moved' alarm") && e.message().contains("active: guests-waiting on host-a"), "{}", e.message());
 
     agent_b.stop().await;
     c.stop().await;
