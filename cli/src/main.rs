@@ -240,6 +240,16 @@ enum VmsCmd {
         #[arg(long)]
         reason: String,
     },
+    /// Start a stopped guest on its owner now (a waiting one, or any stopped
+    /// guest its host owns), also on a MAINTENANCE host; the same
+    /// never-twice checks as every start (operator role, audited).
+    Start {
+        /// Guest name or UUID.
+        vm: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, value_name = "TEXT", required = true)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -356,6 +366,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let mut c = cli.conn.admin().await?;
             let guests = list_guests(&mut c, lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), ..Default::default() }).await?;
             output::vms(fmt, &guests);
+            Ok(())
+        }
+        Cmd::Vms(VmsCmd::Start { vm, reason }) => {
+            let mut c = cli.conn.admin().await?;
+            let g = c.start_vm(lifeboat_proto::v1::StartVmRequest { vm, reason }).await.map_err(CliError::from_status)?;
+            output::vm_detail(fmt, &[g.into_inner()], false);
             Ok(())
         }
         Cmd::Vms(VmsCmd::Show { vm, host, xml }) => {

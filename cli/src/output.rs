@@ -35,6 +35,7 @@ pub struct HostJson {
     alarms: Vec<String>,
     stale_definitions: u32,
     reserved_memory_mib: u64,
+    waiting_guests: u32,
 }
 
 /// A disk, as `--output json` prints it.
@@ -81,6 +82,8 @@ pub struct VmJson {
     /// Gone from its owner outside Lifeboat; its last definition is kept.
     missing: bool,
     missing_since_unix_ms: i64,
+    waiting_reason: String,
+    waiting_since_unix_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     definition_xml: Option<String>,
 }
@@ -129,6 +132,7 @@ fn host_json(h: &HostRecord) -> HostJson {
         alarms: h.alarms.clone(),
         stale_definitions: h.stale_definitions,
         reserved_memory_mib: h.reserved_memory_kib / 1024,
+        waiting_guests: h.waiting_guests,
     }
 }
 
@@ -166,6 +170,8 @@ fn vm_json(r: &GuestRecord, with_xml: bool) -> VmJson {
         owner_generation: g.owner_generation,
         missing: r.missing,
         missing_since_unix_ms: r.missing_since_unix_ms,
+        waiting_reason: r.waiting_reason.clone(),
+        waiting_since_unix_ms: r.waiting_since_unix_ms,
         definition_xml: with_xml.then_some(g.definition_xml),
     }
 }
@@ -239,6 +245,7 @@ pub fn host(fmt: crate::Format, h: &HostRecord) {
         ("Status", if j.status_reason.is_empty() { j.status } else { format!("{} ({})", j.status, j.status_reason) }),
         ("Alarms", if j.alarms.is_empty() { "-".into() } else { j.alarms.join("; ") }),
         ("Stale definitions", j.stale_definitions.to_string()),
+        ("Waiting guests", j.waiting_guests.to_string()),
         ("Liveness", j.liveness),
         ("Session open", j.session_open.to_string()),
         ("Last seen", ago(j.last_seen_unix_ms)),
@@ -281,6 +288,9 @@ pub fn vms(fmt: crate::Format, gs: &[GuestRecord]) {
                 j.uuid,
                 {
                     let mut note = Vec::new();
+                    if !j.waiting_reason.is_empty() {
+                        note.push(format!("WAITING since {}", ago(j.waiting_since_unix_ms)));
+                    }
                     if j.missing {
                         note.push("missing on its owner: `lifeboat vms restore` or `lifeboat vms forget`".to_string());
                     } else if j.owner_host != j.host_id && !j.owner_host.is_empty() {
@@ -338,6 +348,13 @@ pub fn vm_detail(fmt: crate::Format, gs: &[GuestRecord], xml: bool) {
         }
         if !j.error.is_empty() {
             println!("Error          {}", j.error);
+        }
+        if !j.desired_state.is_empty() {
+            println!("Desired        {} (owner {})", j.desired_state, j.owner_host);
+        }
+        if !j.waiting_reason.is_empty() {
+            println!("WAITING        since {}: {}", ago(j.waiting_since_unix_ms), j.waiting_reason);
+            println!("               starts on {} once it is healthy and cleaned up, or now: lifeboat vms start {} --reason TEXT", j.host_id, j.name);
         }
         if xml {
             println!("{}", j.definition_xml.unwrap_or_default());

@@ -24,6 +24,7 @@ pub mod registry;
 pub mod rpc;
 pub mod store;
 pub mod telemetry;
+pub mod waiting;
 
 use std::sync::Arc;
 use std::time::Duration;

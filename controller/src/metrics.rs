@@ -42,6 +42,10 @@ pub fn render(reg: &Registry) -> String {
     for (host, kind, _) in reg.active_alarms() {
         alarms.get_or_create(&vec![("host".into(), host), ("kind".into(), kind)]).inc();
     }
+    let waiting = family(&mut p, "guests_waiting", "Guests waiting to run again on their own host, by host (lifeboat vms list shows why)");
+    for (host, n) in crate::waiting::counts(reg) {
+        waiting.get_or_create(&vec![("host".into(), host)]).set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
     let mut gauges = String::new();
     let _ = encode(&mut gauges, &p);
     // One exposition: the event-driven metrics, then the gauges (which end with `# EOF`).

@@ -107,6 +107,61 @@ pub enum Action {
         /// Host.
         host: String,
     },
+    /// A waiting guest's host is healthy again: start it there.
+    StartWaiting {
+        /// Host (its owner).
+        host: String,
+        /// Guest.
+        uuid: String,
+        /// Name.
+        name: String,
+    },
+    /// A guest no longer waits: it runs on its owner, or belongs elsewhere now.
+    EndWaiting {
+        /// The host it waited on.
+        host: String,
+        /// Guest.
+        uuid: String,
+        /// Why it no longer waits.
+        why: String,
+    },
+}
+
+/// What the reconciler decides for the guests waiting on one host (see
+/// `crate::waiting`). Pure. A waiting guest is started only when the host
+/// is healthy (a fresh inventory, AVAILABLE or NOT_ACCEPTING, so cleanup is
+/// done: `hosts set-status` refuses those while stale definitions remain),
+/// when the host owns it, no job moves it, the host was sent its lease in
+/// this session, it does not hold its disks there already, and no other
+/// host reports it holding them (`holders`: every host's last report). It
+/// stops waiting once it holds its disks on its owner, or when a completed
+/// move made another host its owner.
+pub fn decide_waiting(s: &HostSnapshot, waiting: &[(String, String)], holders: &BTreeMap<String, Vec<String>>) -> Vec<Action> {
+    let mut out = Vec::new();
+    for (uuid, name) in waiting {
+        if s.in_job.contains(uuid) {
+            continue;
+        }
+        if let Some(OwnerView::Other { host, recorded: true }) = s.owners.get(uuid) {
+            out.push(Action::EndWaiting { host: s.host.clone(), uuid: uuid.clone(), why: format!("{host} owns it now") });
+            continue;
+        }
+        if s.owners.contains_key(uuid) || !s.inventory_seen {
+            continue;
+        }
+        let Some(g) = s.guests.iter().find(|g| &g.uuid == uuid) else { continue };
+        if holds_disk(g.state) {
+            out.push(Action::EndWaiting { host: s.host.clone(), uuid: uuid.clone(), why: format!("it runs on {} again", s.host) });
+            continue;
+        }
+        let healthy = matches!(s.status, HostStatus::Available | HostStatus::NotAccepting);
+        let leased = s.leases_sent.as_ref().is_some_and(|(_, set)| set.contains(uuid));
+        let elsewhere = holders.get(uuid).is_some_and(|h| h.iter().any(|h| h != &s.host));
+        if healthy && leased && !elsewhere {
+            out.push(Action::StartWaiting { host: s.host.clone(), uuid: uuid.clone(), name: name.clone() });
+        }
+    }
+    out
 }
 
 /// Decides what to do for one host. Pure.
@@ -229,11 +284,29 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
         // agents' heartbeats.
         let r = reg.clone();
         let decided = tokio::task::spawn_blocking(move || {
-            r.reconcile_each(now, lease_ttl_ms, full, |snap| Decision {
-                host: snap.host.clone(),
-                fresh: snap.inventory_seen,
-                holding: snap.guests.iter().filter(|g| holds_disk(g.state)).map(|g| g.uuid.clone()).collect(),
-                actions: decide(snap, now, lease_ttl_ms),
+            // Guests waiting to run again on their host (a small table).
+            // Unreadable: nothing is started or ended this pass.
+            let waiting = r.db(|s| s.waiting()).unwrap_or_else(|e| {
+                warn!("reading waiting guests failed: {e}; no waiting guest is started this pass");
+                Vec::new()
+            });
+            let uuids: Vec<String> = waiting.iter().map(|w| w.uuid.clone()).collect();
+            let holders = if uuids.is_empty() { BTreeMap::new() } else { r.holders(&uuids) };
+            let mut by_host: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+            for w in waiting {
+                by_host.entry(w.host).or_default().push((w.uuid, w.name));
+            }
+            r.reconcile_each(now, lease_ttl_ms, full, |snap| {
+                let mut actions = decide(snap, now, lease_ttl_ms);
+                if let Some(w) = by_host.get(&snap.host) {
+                    actions.extend(decide_waiting(snap, w, &holders));
+                }
+                Decision {
+                    host: snap.host.clone(),
+                    fresh: snap.inventory_seen,
+                    holding: snap.guests.iter().filter(|g| holds_disk(g.state)).map(|g| g.uuid.clone()).collect(),
+                    actions,
+                }
             })
         })
         .await
@@ -275,7 +348,13 @@ fn plan_attempts(reg: &Registry, attempts: &Attempts, d: Decision, now: i64) -> 
     let mut map = lock(attempts);
     for a in d.actions {
         let key = match &a {
-            Action::StopStale { host, uuid, .. } | Action::StartForBoot { host, uuid, .. } => (host.clone(), uuid.clone()),
+            Action::StopStale { host, uuid, .. } | Action::StartForBoot { host, uuid, .. } | Action::StartWaiting { host, uuid, .. } => {
+                (host.clone(), uuid.clone())
+            }
+            Action::EndWaiting { .. } => {
+                out.push(a);
+                continue;
+            }
             Action::BootStartDone { host } => {
                 reg.boot_start_done(host);
                 continue;
@@ -445,6 +524,49 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             }
         }
         Action::BootStartDone { host } => reg.boot_start_done(&host),
+        Action::StartWaiting { host, uuid, name } => {
+            // The lease was sent this session (decided on it); a merged grant
+            // right before the start covers a renewal racing with it.
+            let generation = reg.owner_generation(&uuid);
+            let now = crate::now_ms();
+            let grant = GrantLeases {
+                leases: vec![Lease { uuid: uuid.clone(), name: name.clone(), generation }],
+                expires_unix_ms: now + lease_ttl_ms,
+                merge: true,
+                issued_unix_ms: now,
+            };
+            let r = match reg.call(&host, Kind::GrantLeases(grant), timeout).await {
+                Ok(r) if r.ok => reg.call(&host, Kind::StartGuest(StartGuest { uuid: uuid.clone() }), timeout).await,
+                other => other,
+            };
+            let (ok, outcome) = match r {
+                Ok(r) if r.ok => (true, format!("started ({})", r.outcome)),
+                Ok(r) => (false, format!("start failed: {}", r.error)),
+                Err(e) => (false, format!("start failed: {e}")),
+            };
+            // Kept (not removed) on success: the next attempt waits for the
+            // backoff, by which time the host reports it running.
+            if finish_attempt(attempts, &host, &uuid, ok, &outcome, crate::now_ms()) {
+                info!(%host, guest = %name, "waiting guest: {outcome}");
+                let _ = reg.db(|s| {
+                    s.audit(&AuditRow::by_controller(
+                        "guest.waiting_start",
+                        &host,
+                        &name,
+                        format!("{host} is healthy again; {name} ({uuid}) waited to run there: {outcome}"),
+                    ))
+                });
+            }
+        }
+        Action::EndWaiting { host, uuid, why } => {
+            let rows = reg.db(|s| s.waiting()).unwrap_or_default();
+            if let Some(w) = rows.into_iter().find(|w| w.uuid == uuid && w.host == host) {
+                if let Err(e) = crate::waiting::end(reg, &w, &why) {
+                    warn!(%host, %uuid, "ending a guest's wait failed: {e}");
+                }
+            }
+            lock(attempts).remove(&(host, uuid));
+        }
     }
 }
 
@@ -477,6 +599,44 @@ mod tests {
             in_job: BTreeSet::new(),
             elsewhere: BTreeSet::new(),
         }
+    }
+
+    #[test]
+    fn a_waiting_guest_starts_only_on_a_healthy_owner_with_its_lease_and_nothing_holding_its_disk() {
+        let w = |u: &str| vec![(u.to_string(), format!("vm-{u}"))];
+        let none = BTreeMap::new();
+        let mut s = snap();
+        let start2 = vec![Action::StartWaiting { host: "a".into(), uuid: "2".into(), name: "vm-2".into() }];
+        assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "no lease sent yet this session: lease first");
+        s.leases_sent = Some((0, vec!["1".into(), "2".into()]));
+        assert_eq!(decide_waiting(&s, &w("2"), &none), start2);
+        for st in [HostStatus::Maintenance, HostStatus::Offline] {
+            s.status = st;
+            assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "{st:?}: not healthy, cleanup not done");
+        }
+        s.status = HostStatus::NotAccepting;
+        assert_eq!(decide_waiting(&s, &w("2"), &none), start2, "NOT_ACCEPTING is healthy");
+        s.inventory_seen = false;
+        assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "no fresh inventory");
+        s.inventory_seen = true;
+        let held: BTreeMap<String, Vec<String>> = [("2".to_string(), vec!["c".to_string()])].into_iter().collect();
+        assert!(decide_waiting(&s, &w("2"), &held).is_empty(), "holds its disk on c: never a second copy");
+        let here: BTreeMap<String, Vec<String>> = [("2".to_string(), vec!["a".to_string()])].into_iter().collect();
+        assert_eq!(decide_waiting(&s, &w("2"), &here), start2, "only another host's copy counts as elsewhere");
+        s.in_job.insert("2".into());
+        assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "a job moves it");
+        s.in_job.clear();
+        s.owners.insert("2".into(), OwnerView::Unsure);
+        assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "owner unsure: nothing");
+        s.owners.remove("2");
+        s.leases_sent = Some((0, vec!["1".into()]));
+        assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "its lease was not in the set sent");
+        assert!(decide_waiting(&s, &w("9"), &none).is_empty(), "not reported: nothing to start");
+        // It runs on its owner: it stops waiting (whatever the status).
+        s.status = HostStatus::Maintenance;
+        assert_eq!(decide_waiting(&s, &w("1"), &none), vec![Action::EndWaiting { host: "a".into(), uuid: "1".into(), why: "it runs on a again".into() }]);
+        // A completed move made b its owner.
+        assert_eq!(decide_waiting(&s, &w("3"), &none), vec![Action::EndWaiting { host: "a".into(), uuid: "3".into(), why: "b owns it now".into() }]);
     }
 
     #[test]

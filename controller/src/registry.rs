@@ -860,6 +860,7 @@ impl Registry {
                 .unwrap_or(0) as u32,
             // From the store's reservations: the admin service fills it in.
             reserved_memory_kib: 0,
+            ..Default::default()
         }
     }
 
@@ -1505,6 +1506,43 @@ impl Registry {
 /// because of a restart, never sooner.
 pub fn liveness_since_start(now_ms: i64, last_heard_ms: Option<i64>, started_ms: i64, timing: Timing) -> Liveness {
     liveness(now_ms, Some(last_heard_ms.unwrap_or(started_ms).max(started_ms)), timing)
+}
+
+/// What the waiting-guest bookkeeping (`crate::waiting`) reads.
+impl Registry {
+    /// Whether `host` owns `uuid` as the reconciler sees it: no recorded
+    /// owner elsewhere, no unfinished move, no conflict, no other first host.
+    pub fn owns(&self, host: &str, uuid: &str) -> bool {
+        Self::owner_view(&self.lock(), uuid, host).is_none()
+    }
+
+    /// Which hosts last reported each of `uuids` holding its disks, whether
+    /// they talk now or not (a silent host's last report counts: it may
+    /// still run the guest).
+    pub fn holders(&self, uuids: &[String]) -> BTreeMap<String, Vec<String>> {
+        let inner = self.lock();
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (h, m) in &inner.guests {
+            for u in uuids {
+                if m.get(u).is_some_and(|g| lifeboat_proto::holds_disk(g.state)) {
+                    out.entry(u.clone()).or_default().push(h.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the host's agent sent an inventory in its current session.
+    pub fn inventory_fresh(&self, host: &str) -> bool {
+        self.lock().hosts.get(host).is_some_and(|e| e.session.is_some() && e.inventory_seen)
+    }
+
+    /// Marks a host for the reconciler's next pass.
+    pub fn touch(&self, host: &str) {
+        if let Some(e) = self.lock().hosts.get_mut(host) {
+            e.dirty = true;
+        }
+    }
 }
 
 /// Background task: liveness transitions every 250 ms, last-heard times

@@ -40,7 +40,7 @@ pub enum StoreError {
 pub const WAL_SIZE_LIMIT_BYTES: i64 = 4 * 1024 * 1024;
 
 /// Current schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// A durable job.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +72,7 @@ pub struct JobRow {
 }
 
 /// One guest's move.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct MoveRow {
     /// Job.
     pub job_id: String,
@@ -144,6 +144,24 @@ impl AuditRow {
     pub fn by_controller(action: &str, host: &str, vm: &str, detail: String) -> Self {
         AuditRow { actor: "controller".into(), action: action.into(), host: host.into(), vm: vm.into(), detail, ..Default::default() }
     }
+}
+
+/// A guest that could not move and waits to run again on its own host
+/// (desired state running, still owned by `host`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WaitingRow {
+    /// Guest UUID.
+    pub uuid: String,
+    /// Its host (owner), where it will be started.
+    pub host: String,
+    /// Guest name.
+    pub name: String,
+    /// Why it could not move (the move's error).
+    pub reason: String,
+    /// Since when it waits, ms (kept when a later job records it again).
+    pub since_ms: i64,
+    /// The job that left it behind.
+    pub job: String,
 }
 
 /// Filter for reading the audit log.
@@ -380,6 +398,21 @@ impl Store {
                     since_ms INTEGER NOT NULL
                  );
                  PRAGMA user_version = 5;
+                 COMMIT;",
+            )?;
+        }
+        if v < 6 {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS waiting (
+                    uuid TEXT PRIMARY KEY,
+                    host TEXT NOT NULL,
+                    name TEXT NOT NULL,
+                    reason TEXT NOT NULL,
+                    since_ms INTEGER NOT NULL,
+                    job TEXT NOT NULL
+                 );
+                 PRAGMA user_version = 6;
                  COMMIT;",
             )?;
         }
@@ -727,6 +760,63 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Ends a job (state, error, audit entry) and, in the same transaction,
+    /// records the guests it leaves waiting (a guest already waiting keeps
+    /// its since-time) and ends the waiting of the guests it moved.
+    pub fn end_job_with_waiting(
+        &mut self,
+        id: &str,
+        state: &str,
+        error: &str,
+        audit: Option<&AuditRow>,
+        waiting: &[WaitingRow],
+        moved: &[String],
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE jobs SET state = ?2, error = ?3, updated_ms = ?4 WHERE id = ?1",
+            params![id, state, error, crate::now_ms()],
+        )?;
+        for w in waiting {
+            tx.execute(
+                "INSERT INTO waiting (uuid, host, name, reason, since_ms, job) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(uuid) DO UPDATE SET
+                    since_ms = CASE WHEN waiting.host = excluded.host THEN waiting.since_ms ELSE excluded.since_ms END,
+                    host = excluded.host, name = excluded.name, reason = excluded.reason, job = excluded.job",
+                params![w.uuid, w.host, w.name, w.reason, w.since_ms, w.job],
+            )?;
+        }
+        for u in moved {
+            tx.execute("DELETE FROM waiting WHERE uuid = ?1", params![u])?;
+        }
+        if let Some(a) = audit {
+            insert_audit(&tx, a)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every waiting guest, oldest first.
+    pub fn waiting(&self) -> Result<Vec<WaitingRow>, StoreError> {
+        let mut st = self.conn.prepare_cached("SELECT uuid, host, name, reason, since_ms, job FROM waiting ORDER BY since_ms, uuid")?;
+        let rows = st.query_map([], |r| {
+            Ok(WaitingRow { uuid: r.get(0)?, host: r.get(1)?, name: r.get(2)?, reason: r.get(3)?, since_ms: r.get(4)?, job: r.get(5)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A guest stops waiting (it runs, or moved): the row goes, with its
+    /// audit entry, atomically. Returns whether it was waiting.
+    pub fn end_waiting(&mut self, uuid: &str, audit: &AuditRow) -> Result<bool, StoreError> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute("DELETE FROM waiting WHERE uuid = ?1", params![uuid])?;
+        if n > 0 {
+            insert_audit(&tx, audit)?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
     }
 
     /// Sets a move's state; optionally records ownership in the same

@@ -2,11 +2,17 @@
 //!
 //! Every [`Lab`] runs the copies checker ([`copies`]) while it is up: a test
 //! fails if any guest UUID was ever seen running twice, whatever it tested.
-//! Under `CI=true` a lab that cannot run fails the test instead of skipping.
+//! Every [`Lab`] also runs the end-of-test check: each guest running when
+//! the lab came up (or noted with [`Lab::note_running`]) must run exactly
+//! once when the test ends, or be listed as waiting with a reason by
+//! `lifeboat vms list --output json`, or be excused by the test
+//! ([`Lab::excuse`]). It runs when the lab is dropped, so no test can
+//! forget it. Under `CI=true` a lab that cannot run fails the test instead
+//! of skipping.
 
 pub mod copies;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
@@ -59,7 +65,15 @@ pub struct Lab {
     _machine_lock: std::fs::File,
     /// `lab.sh paths` output.
     pub paths: HashMap<String, String>,
+    /// Guests that must run exactly once at the end: UUID → name.
+    expected: Mutex<BTreeMap<String, String>>,
+    /// Guests a test deliberately leaves not running: UUID or name → why.
+    excused: Mutex<BTreeMap<String, String>>,
 }
+
+/// How long the end-of-test check waits for every guest to settle (a
+/// waiting guest being started, a stop in flight) before it fails.
+const END_CHECK_WAIT: Duration = Duration::from_secs(30);
 
 fn repo_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo").to_path_buf()
@@ -129,6 +143,8 @@ impl Lab {
             _guard: guard,
             _machine_lock: machine_lock,
             paths: HashMap::new(),
+            expected: Mutex::default(),
+            excused: Mutex::default(),
         };
         let t = Instant::now();
         let (h, g) = (hosts.to_string(), guests.to_string());
@@ -150,7 +166,107 @@ impl Lab {
             .map(|h| copies::HostDir { name: h.to_string(), dir: lab.path(&format!("HOST_{}_DIR", h.trim_start_matches("host-").to_uppercase())) })
             .collect();
         lab.checker = Some(copies::Checker::start(hosts));
+        lab.note_running();
         Ok(lab)
+    }
+
+    /// Notes every guest running now: each must run exactly once when the
+    /// test ends, or wait with a reason, or be excused. Called when the lab
+    /// comes up; call it again after defining and starting more guests.
+    pub fn note_running(&self) {
+        let mut e = self.expected.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, uuid, where_) in self.guests() {
+            if !where_.is_empty() {
+                e.insert(uuid, name);
+            }
+        }
+    }
+
+    /// Excuses a guest (name or UUID) the test deliberately leaves not
+    /// running (stopped, undefined, left on a host that stays off) from the
+    /// end-of-test check; `why` is printed at the end.
+    pub fn excuse(&self, vm: &str, why: &str) {
+        self.excused.lock().unwrap_or_else(|p| p.into_inner()).insert(vm.to_string(), why.to_string());
+    }
+
+    /// `lab.sh guests`: (name, uuid, hosts where a qemu of it runs).
+    pub fn guests(&self) -> Vec<(String, String, Vec<String>)> {
+        let out = self.run(&["guests"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                let (name, uuid, where_) = (w.next()?, w.next()?, w.next()?);
+                let hosts = if where_ == "-" { Vec::new() } else { where_.split(',').map(String::from).collect() };
+                Some((name.to_string(), uuid.to_string(), hosts))
+            })
+            .collect()
+    }
+
+    /// The end-of-test check, once: what is wrong now (empty: all good),
+    /// and what was accepted (waiting or excused guests).
+    fn end_check_once(&self) -> (Vec<String>, Vec<String>) {
+        let expected = self.expected.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let excused = self.excused.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let running = match copies::scan(&self.checker().hosts()) {
+            Ok(r) => r,
+            Err(e) => return (vec![format!("cannot read the running guests: {e}")], Vec::new()),
+        };
+        let mut vms: Option<Result<Vec<Value>, String>> = None;
+        let (mut wrong, mut accepted) = (Vec::new(), Vec::new());
+        for (uuid, name) in &expected {
+            let n = running.get(&uuid.to_ascii_lowercase()).map_or(0, Vec::len);
+            if n == 1 {
+                continue;
+            }
+            if n > 1 {
+                wrong.push(format!("{name} ({uuid}) runs {n} times"));
+                continue;
+            }
+            if let Some(why) = excused.get(uuid).or_else(|| excused.get(name)) {
+                accepted.push(format!("{name}: not running, excused by the test: {why}"));
+                continue;
+            }
+            let listed = vms.get_or_insert_with(|| {
+                self.cli_json(&["vms", "list"]).map(|v| v.as_array().cloned().unwrap_or_default())
+            });
+            let waiting = match listed {
+                Ok(list) => list
+                    .iter()
+                    .filter(|v| v["uuid"] == uuid.as_str())
+                    .filter_map(|v| v["waiting_reason"].as_str().filter(|r| !r.is_empty()).map(|r| format!("on {}: {r}", v["host_id"].as_str().unwrap_or("?"))))
+                    .next(),
+                Err(e) => {
+                    wrong.push(format!("{name} ({uuid}) runs nowhere and `vms list` failed: {e}"));
+                    continue;
+                }
+            };
+            match waiting {
+                Some(w) => accepted.push(format!("{name}: waiting {w}")),
+                None => wrong.push(format!(
+                    "{name} ({uuid}) ran when the lab came up, runs nowhere now and is not listed as waiting (excuse it with lab.excuse if the test means it)"
+                )),
+            }
+        }
+        (wrong, accepted)
+    }
+
+    /// Runs the end-of-test check until it passes or [`END_CHECK_WAIT`]
+    /// has passed; returns the failure text, if any.
+    fn end_check(&self) -> Option<String> {
+        let t = Instant::now();
+        loop {
+            let (wrong, accepted) = self.end_check_once();
+            if wrong.is_empty() {
+                let n = self.expected.lock().unwrap_or_else(|p| p.into_inner()).len();
+                println!("end-of-test check: {n} guest(s) that ran at the start: each runs once, or: {}", if accepted.is_empty() { "-".into() } else { accepted.join("; ") });
+                return None;
+            }
+            if t.elapsed() > END_CHECK_WAIT {
+                return Some(format!("end-of-test check failed after {END_CHECK_WAIT:?}:\n  {}", wrong.join("\n  ")));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     fn checker(&self) -> &copies::Checker {
@@ -313,6 +429,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // Before the lab goes down, and only for a test that passed so far.
+        let end = if std::thread::panicking() || self.checker.is_none() { None } else { self.end_check() };
         let report = self.checker.as_mut().map(|c| {
             c.stop();
             c.report()
@@ -326,6 +444,9 @@ impl Drop for Lab {
             // A panic while the test already panics would abort the run.
             Some((_, Some(f))) if std::thread::panicking() => eprintln!("{f}"),
             Some((_, Some(f))) => panic!("{f}"),
+        }
+        if let Some(f) = end {
+            panic!("{f}");
         }
     }
 }

@@ -65,6 +65,7 @@ fn lab_inventory_changes_liveness_and_restart() {
     assert!(lab.virsh("host-a", &["dominfo", "vm-a1"]).lines().any(|l| l.starts_with("Autostart:") && l.contains("disable")));
 
     // A destroyed guest.
+    lab.excuse("vm-b1", "destroyed on purpose (desired state stopped)");
     lab.virsh("host-b", &["destroy", "vm-b1"]);
     let took = lab.wait(Duration::from_secs(5), "vm-b1 shut off in the CLI", || {
         lab.vm("vm-b1").is_some_and(|g| g["state"] == "shutoff" && g["state_reason"] == "destroyed")
@@ -73,6 +74,9 @@ fn lab_inventory_changes_liveness_and_restart() {
     assert!(took < Duration::from_secs(1), "took {took:?}");
 
     // Pull host-c's power: unreachable within 5 s.
+    for vm in ["vm-c1", "vm-c2"] {
+        lab.excuse(vm, "host-c's power is pulled and never restored (no migration in this test)");
+    }
     lab.ok(&["host-kill", "host-c"]);
     let took = lab.wait(Duration::from_secs(10), "host-c UNREACHABLE", || {
         lab.host("host-c").is_some_and(|h| h["liveness"] == "UNREACHABLE")

@@ -257,6 +257,8 @@ fn lab_job_leaving_a_local_disk_guest_behind_is_partial() {
     lab.wait(Duration::from_secs(10), "local guest managed", || {
         lab.vm("vm-alocal").is_some_and(|g| g["state"] == "running" && g["autostart"] == false)
     });
+    // It must run once at the end again, or wait with a reason (end-of-test check).
+    lab.note_running();
     // The same path exists on host-b, as another file: seeing the path proves
     // nothing, the guest would boot from the wrong disk there.
     let impostor_disk = lab.path("HOST_B_LOCAL_DISK_DIR").join("vm-alocal.img");

@@ -21,7 +21,7 @@ use super::state::{GUESTS_NOT_MOVED, JobOutcome, JobState, MoveOutcome, MoveStat
 use crate::error::ControllerError;
 use crate::fence::{BmcConfig, FenceConfigError, FenceEvent, Fencer, PowerState};
 use crate::registry::Registry;
-use crate::store::{AuditRow, JobRow, MoveRow, OwnerRow, StoreError};
+use crate::store::{AuditRow, JobRow, MoveRow, OwnerRow, StoreError, WaitingRow};
 
 /// Default number of guests moved at once.
 pub const DEFAULT_PARALLEL: u32 = 4;
@@ -207,6 +207,13 @@ impl Engine {
             source_alarms: self.reg.active_alarms().into_iter().filter(|a| a.0 == req.source).map(|a| a.1).collect(),
             held_elsewhere: self.reg.held_elsewhere(&req.source, &source_uuids),
             reservations,
+            desired_running: source_uuids
+                .iter()
+                // The guest's desired state, whichever host reported it (an
+                // unfinished move's target may have).
+                .filter(|u| self.reg.desired_of(u).is_some_and(|(_, d)| d == "running"))
+                .cloned()
+                .collect(),
         };
         let p = plan::plan(&input);
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
@@ -463,9 +470,22 @@ impl Engine {
                 JobState::Fencing => match self.fence(&job).await? {
                     Ok(()) => self.set_job(&job, JobState::Moving, "", None)?,
                     Err(why) => {
-                        let msg = format!("{why}; no guest was defined anywhere");
+                        // A planned move may have stopped some guests before
+                        // it failed: those that should run wait to start
+                        // again on the source.
+                        let waiting = if job.kind == "move" { self.stopped_by_failed_move(&job)? } else { Vec::new() };
+                        let names: Vec<&str> = waiting.iter().map(|w| w.name.as_str()).collect();
+                        let msg = if names.is_empty() {
+                            format!("{why}; no guest was defined anywhere")
+                        } else {
+                            format!(
+                                "{why}; no guest was defined anywhere; stopped before the failure and waiting to start again on {}: {} (`lifeboat vms list`)",
+                                job.source,
+                                names.join(", ")
+                            )
+                        };
                         warn!(job = %id, "{msg}");
-                        self.set_job(&job, JobState::Failed, &msg, Some(audit("controller", "job.failed", &job.source, "", id, msg.clone())))?;
+                        self.end_job(&job, JobState::Failed, &msg, audit("controller", "job.failed", &job.source, "", id, msg.clone()), &waiting, &[])?;
                     }
                 },
                 JobState::Moving => {
@@ -486,11 +506,20 @@ impl Engine {
                     }
                     // Every row, the guests left behind at creation included.
                     let moves = self.reg.db(|s| s.job_moves(id))?;
+                    let waiting = self.waiting_rows(&moves);
                     let outcomes: Vec<MoveOutcome<'_>> = moves
                         .iter()
-                        .map(|m| MoveOutcome { name: &m.name, state: m.state.parse().unwrap_or(MoveState::Failed), error: &m.error })
+                        .map(|m| MoveOutcome {
+                            name: &m.name,
+                            state: m.state.parse().unwrap_or(MoveState::Failed),
+                            error: &m.error,
+                            target: &m.target,
+                            waits: waiting.iter().any(|w| w.uuid == m.uuid),
+                        })
                         .collect();
-                    let JobOutcome { state: to, error: msg, detail, alarm } = job_outcome(id, &job.source, job.kind == "move", &outcomes);
+                    let talking = job.kind == "migrate" && self.reg.is_reachable(&job.source);
+                    let JobOutcome { state: to, error: msg, detail, alarm } =
+                        job_outcome(id, &job.source, job.kind == "move", talking, &outcomes);
                     // Raised before the job ends: a crash in between resumes
                     // here, and the same alarm is not raised twice.
                     if let Some(a) = &alarm {
@@ -504,11 +533,73 @@ impl Engine {
                         }
                     }
                     info!(job = %id, "{detail}");
-                    self.set_job(&job, to, &msg, Some(audit("controller", &format!("job.{}", to.as_str().to_lowercase()), &job.source, "", id, detail)))?;
+                    let moved: Vec<String> =
+                        moves.iter().filter(|m| m.state.parse::<MoveState>().is_ok_and(|s| s.is_success())).map(|m| m.uuid.clone()).collect();
+                    let a = audit("controller", &format!("job.{}", to.as_str().to_lowercase()), &job.source, "", id, detail);
+                    self.end_job(&job, to, &msg, a, &waiting, &moved)?;
                 }
                 JobState::Succeeded | JobState::Partial | JobState::Failed => return Ok(()),
             }
         }
+    }
+
+    /// The guests a finished job leaves waiting on its source. A source
+    /// that talks and reports a guest running there (a planned move's guest
+    /// not moved, untouched) has nothing to wait for; a silent source's
+    /// last report proves nothing.
+    fn waiting_rows(&self, moves: &[MoveRow]) -> Vec<WaitingRow> {
+        let rows = crate::waiting::rows_for_job(moves, |u| self.reg.desired_of(u), |u| self.reg.owner_row(u), crate::now_ms());
+        let uuids: Vec<String> = rows.iter().map(|w| w.uuid.clone()).collect();
+        if uuids.is_empty() {
+            return rows;
+        }
+        let holders = self.reg.holders(&uuids);
+        rows.into_iter()
+            .filter(|w| !(self.reg.is_reachable(&w.host) && holders.get(&w.uuid).is_some_and(|h| h.contains(&w.host))))
+            .collect()
+    }
+
+    /// A planned move failed while stopping guests on its source: the moves
+    /// that were to start a guest now reported shut off there (the stop got
+    /// that far) leave it waiting there. Their moves stay PENDING.
+    fn stopped_by_failed_move(&self, job: &JobRow) -> Result<Vec<WaitingRow>, StoreError> {
+        let moves = self.reg.db(|s| s.moves(&job.id))?;
+        let on_source = self.reg.list_guests(Some(&job.source), None, false).unwrap_or_default();
+        let stopped = |uuid: &str| {
+            on_source.iter().filter_map(|r| r.guest.as_ref()).any(|g| g.uuid == uuid && !lifeboat_proto::holds_disk(g.state))
+        };
+        let failed: Vec<MoveRow> = moves
+            .into_iter()
+            .filter(|m| m.start && stopped(&m.uuid))
+            .map(|m| MoveRow { state: MoveState::Failed.as_str().into(), error: format!("stopped for planned move job {} that failed", job.id), ..m })
+            .collect();
+        Ok(self.waiting_rows(&failed))
+    }
+
+    /// Ends a job: the waiting guests' alarms first (a crash in between
+    /// resumes the job, and raises nothing twice), then the job's state and
+    /// its waiting guests in one transaction, then the alarms of the guests
+    /// it moved, which no longer wait.
+    fn end_job(&self, job: &JobRow, to: JobState, error: &str, a: AuditRow, waiting: &[WaitingRow], moved: &[String]) -> Result<(), StoreError> {
+        let from: JobState = job.state.parse().unwrap_or(JobState::Failed);
+        if !from.valid_transition(to) {
+            warn!(job = %job.id, %from, %to, "refusing an invalid job transition");
+            return Ok(());
+        }
+        let before = self.reg.db(|s| s.waiting())?;
+        crate::waiting::raise(&self.reg, waiting, &before)?;
+        self.reg.db(|s| s.end_job_with_waiting(&job.id, to.as_str(), error, Some(&a), waiting, moved))?;
+        crate::waiting::clear_moved(&self.reg, &before, moved, &job.id)?;
+        for w in waiting {
+            self.reg.touch(&w.host);
+        }
+        self.changed(&job.id);
+        Ok(())
+    }
+
+    /// How long a start lease granted now lasts.
+    pub fn lease_ttl_ms(&self) -> i64 {
+        self.lease_ttl_ms
     }
 
     fn audit_bmc(&self, job: &JobRow, events: &[FenceEvent]) -> Result<(), StoreError> {
@@ -850,13 +941,6 @@ impl Engine {
                 MoveState::Running | MoveState::DefinedStopped | MoveState::Failed | MoveState::NotMoved => return Ok(()),
             }
         }
-    }
-}
-
-impl Engine {
-    /// How long a start lease granted now is valid, ms.
-    pub fn lease_ttl_ms(&self) -> i64 {
-        self.lease_ttl_ms
     }
 }
 

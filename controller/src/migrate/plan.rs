@@ -85,6 +85,10 @@ pub struct PlanInput {
     /// Memory held by the moves under way of every unfinished job (from
     /// the store); see [`held_by_reservations`] for which count.
     pub reservations: Vec<Reservation>,
+    /// The source's guests whose desired state is running (they are
+    /// started on their target even if reported shut off now: a host that
+    /// rebooted mid-job left them off).
+    pub desired_running: BTreeSet<String>,
 }
 
 /// Memory a move under way holds on its target until the guest runs there
@@ -487,7 +491,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             ..Default::default()
         };
         let was_running = is_running(g.state);
-        gp.start = !req.no_start && was_running;
+        gp.start = !req.no_start && (was_running || input.desired_running.contains(&g.uuid));
         if let Some(o) = input.owners.get(&g.uuid).filter(|o| o.host != source.id) {
             if o.complete || o.from_host != source.id {
                 gp.movable = false;
@@ -909,6 +913,7 @@ mod tests {
             source_alarms: vec![],
             held_elsewhere: BTreeMap::new(),
             reservations: vec![],
+            desired_running: BTreeSet::new(),
         }
     }
 
@@ -1169,6 +1174,7 @@ mod tests {
             source_alarms: vec![],
             held_elsewhere: BTreeMap::new(),
             reservations: vec![],
+            desired_running: BTreeSet::new(),
         };
         let p = plan(&input);
         let g = &p.guests[0];
@@ -1190,6 +1196,19 @@ mod tests {
         assert_eq!(p.power_evidence, "stopped-by-agent");
         assert_eq!(p.guests.len(), 1);
         assert_eq!(p.guests[0].target, "b");
+    }
+
+    #[test]
+    fn a_guest_shut_off_whose_desired_state_is_running_is_started_on_its_target() {
+        let mut i = input();
+        i.req = MigrateRequest { source: "a".into(), planned_move: true, vms: vec!["g2".into()], target: "b".into(), ..Default::default() };
+        i.hosts[0] = host("a", None, 1000);
+        assert!(!plan(&i).guests[0].start, "shut off and desired stopped: defined, not started");
+        i.desired_running.insert("u2".into());
+        let p = plan(&i);
+        assert!(p.executable && p.guests[0].start, "desired running: started (a source that rebooted mid-job left it off)");
+        i.req.no_start = true;
+        assert!(!plan(&i).guests[0].start, "--no-start wins");
     }
 
     #[test]

@@ -97,7 +97,9 @@ pub enum JobState {
     Moving,
     /// Every move succeeded.
     Succeeded,
-    /// Some moves failed; re-running the command finishes the rest.
+    /// Some moves failed or were never attempted; the job's error says what
+    /// finishes the rest (the same command again, or, when the source talks
+    /// again, a planned move per target).
     Partial,
     /// Nothing was moved (e.g. power-off not confirmed).
     Failed,
@@ -158,6 +160,10 @@ pub struct MoveOutcome<'a> {
     pub state: MoveState,
     /// Why it failed or was not moved.
     pub error: &'a str,
+    /// The target the plan chose (may be empty for a guest not moved).
+    pub target: &'a str,
+    /// Whether the guest waits to run again on the source (see `crate::waiting`).
+    pub waits: bool,
 }
 
 /// How a job ends once every move it carries out is over.
@@ -180,8 +186,12 @@ pub struct JobOutcome {
 /// A guest the plan could not place (NOT_MOVED) counts as left behind just
 /// like a failed move: for a forced migration it runs nowhere while the
 /// source stays off. `planned` is a planned move (`lifeboat move`), whose
-/// source is alive.
-pub fn job_outcome(job_id: &str, source: &str, planned: bool, moves: &[MoveOutcome<'_>]) -> JobOutcome {
+/// source is alive. `source_talking`: the source of a forced migration
+/// talks to the controller again (it came back mid-job): re-running the
+/// forced migration would be refused, so the advice is a planned move of
+/// each guest left (`lifeboat move`), or letting them wait on the source.
+pub fn job_outcome(job_id: &str, source: &str, planned: bool, source_talking: bool, moves: &[MoveOutcome<'_>]) -> JobOutcome {
+    let talking = source_talking && !planned;
     let total = moves.len();
     let moved = moves.iter().filter(|m| m.state.is_success()).count();
     let left: Vec<&MoveOutcome<'_>> = moves.iter().filter(|m| !m.state.is_success()).collect();
@@ -199,10 +209,12 @@ pub fn job_outcome(job_id: &str, source: &str, planned: bool, moves: &[MoveOutco
                 other => return format!("{} (still {other})", m.name),
             };
             let why = if m.error.is_empty() { "no reason recorded".to_string() } else { clip(m.error, REASON_CHARS) };
-            let place = match (planned, m.state) {
-                (true, MoveState::NotMoved) => format!("; still on {source}, untouched"),
-                (true, _) => format!("; stopped on {source}, running nowhere"),
-                (false, _) => String::new(),
+            let place = match (planned || talking, m.state, m.waits) {
+                (true, MoveState::NotMoved, _) if planned => format!("; still on {source}, untouched"),
+                (true, _, true) => format!("; stopped on {source}, waits to start there again"),
+                (true, _, false) => format!("; stopped on {source}, running nowhere"),
+                (false, _, true) => format!("; waits for {source} to return"),
+                (false, _, false) => String::new(),
             };
             format!("{} ({what}: {why}{place})", m.name)
         })
@@ -220,33 +232,64 @@ pub fn job_outcome(job_id: &str, source: &str, planned: bool, moves: &[MoveOutco
         (0, false) => (JobState::Partial, "no guest could be moved"),
         _ => (JobState::Partial, ""),
     };
-    let head = match (planned, lead.is_empty()) {
-        (false, true) => format!("{} guest(s) left behind, running nowhere while {source} stays off", left.len()),
-        (false, false) => format!("{lead}: {} guest(s) run nowhere while {source} stays off", left.len()),
-        (true, true) => format!("{} guest(s) not moved off {source}", left.len()),
-        (true, false) => format!("{lead}: {} guest(s) not moved off {source}", left.len()),
+    let head = match (planned, talking, lead.is_empty()) {
+        (_, true, true) => format!("{source} is talking to the controller again: {} guest(s) not moved off it", left.len()),
+        (_, true, false) => format!("{lead}: {source} is talking to the controller again: {} guest(s) not moved off it", left.len()),
+        (false, false, true) => format!("{} guest(s) left behind, running nowhere while {source} stays off", left.len()),
+        (false, false, false) => format!("{lead}: {} guest(s) run nowhere while {source} stays off", left.len()),
+        (true, _, true) => format!("{} guest(s) not moved off {source}", left.len()),
+        (true, _, false) => format!("{lead}: {} guest(s) not moved off {source}", left.len()),
     };
     let mut next = Vec::new();
-    if failed {
-        next.push(if planned {
-            format!("fix each failed move's cause and re-run the same `lifeboat move --from {source}` (it finishes only what is left)")
-        } else {
-            format!("fix each failed move's cause and re-run the same `lifeboat migrate --force --from {source}` (it finishes only what is left)")
-        });
-    }
-    if not_moved {
-        next.push(if planned {
-            "a guest not moved stays where it is; free what its checks name and move it again".to_string()
-        } else {
-            format!("a guest not moved needs its disks visible from another host and a target with room (then migrate again), or {source} repaired and brought back")
-        });
+    if talking {
+        // One planned move per target, for the guests named above.
+        let mut by_target: Vec<(&str, Vec<&str>)> = Vec::new();
+        for m in left.iter().take(LISTED) {
+            let t = if m.target.is_empty() { "HOST" } else { m.target };
+            match by_target.iter_mut().find(|(x, _)| *x == t) {
+                Some((_, v)) => v.push(m.name),
+                None => by_target.push((t, vec![m.name])),
+            }
+        }
+        let cmds: Vec<String> = by_target
+            .iter()
+            .map(|(t, vms)| {
+                let vms: String = vms.iter().map(|v| format!("--vm {v} ")).collect();
+                format!("`lifeboat move {vms}--from {source} --to {t} --yes`")
+            })
+            .collect();
+        let rest = if left.len() > LISTED { format!(" (and likewise the rest: `lifeboat jobs show {job_id}`)") } else { String::new() };
+        next.push(format!(
+            "{source} talks, so a forced migration would be refused: move them with a planned move, {}{rest}; a guest whose desired state is running is started on its target",
+            cmds.join(", ")
+        ));
+        if left.iter().any(|m| m.waits) {
+            next.push(format!(
+                "or leave the guests that wait on {source}: they start there by themselves after `lifeboat cleanup {source}` and `lifeboat hosts set-status {source} AVAILABLE --reason TEXT` (`lifeboat vms list` shows them WAITING)"
+            ));
+        }
+    } else {
+        if failed {
+            next.push(if planned {
+                format!("fix each failed move's cause and re-run the same `lifeboat move --from {source}` (it finishes only what is left)")
+            } else {
+                format!("fix each failed move's cause and re-run the same `lifeboat migrate --force --from {source}` (it finishes only what is left)")
+            });
+        }
+        if not_moved {
+            next.push(if planned {
+                "a guest not moved stays where it is; free what its checks name and move it again".to_string()
+            } else {
+                format!("a guest not moved needs its disks visible from another host and a target with room (then migrate again), or {source} repaired and brought back (a guest that waits starts there by itself once it is healthy and cleaned up)")
+            });
+        }
     }
     next.push(format!("then `lifeboat alarms clear --host {source} --kind {GUESTS_NOT_MOVED} --reason TEXT`"));
     let error = format!("{head}: {list}. Next: {}", next.join("; "));
     let alarm = format!(
         "job {job_id} left {} of {total} guest(s) of {source} {}: {list}",
         left.len(),
-        if planned { "not moved" } else { "running nowhere" }
+        if planned || talking { "not moved" } else { "running nowhere" }
     );
     JobOutcome { state, detail: format!("{summary}; {error}"), error, alarm: Some(alarm) }
 }
@@ -312,18 +355,18 @@ mod tests {
     }
 
     fn mv(name: &'static str, state: MoveState, error: &'static str) -> MoveOutcome<'static> {
-        MoveOutcome { name, state, error }
+        MoveOutcome { name, state, error, target: "host-b", waits: false }
     }
 
     #[test]
     fn a_job_that_leaves_guests_behind_is_partial_and_names_them() {
         use MoveState::*;
         let all = [mv("vm-1", Running, ""), mv("vm-2", DefinedStopped, "")];
-        let o = job_outcome("mig-1", "host-a", false, &all);
+        let o = job_outcome("mig-1", "host-a", false, false, &all);
         assert_eq!((o.state, o.error.as_str(), o.alarm), (JobState::Succeeded, "", None));
 
         let some = [mv("vm-1", Running, ""), mv("vm-local", NotMoved, "local storage: no other host sees /l.img")];
-        let o = job_outcome("mig-1", "host-a", false, &some);
+        let o = job_outcome("mig-1", "host-a", false, false, &some);
         assert_eq!(o.state, JobState::Partial, "{o:?}");
         assert!(o.error.contains("vm-local (not moved: local storage: no other host sees /l.img)"), "{}", o.error);
         assert!(o.error.contains("running nowhere while host-a stays off"), "{}", o.error);
@@ -335,7 +378,7 @@ mod tests {
         assert!(o.detail.starts_with("1 of 2 guest(s) moved"), "{}", o.detail);
 
         let failed = [mv("vm-1", Running, ""), mv("vm-2", Failed, "define on host-b failed: boom")];
-        let o = job_outcome("mig-1", "host-a", false, &failed);
+        let o = job_outcome("mig-1", "host-a", false, false, &failed);
         assert_eq!(o.state, JobState::Partial);
         assert!(o.error.contains("vm-2 (move failed: define on host-b failed: boom)") && o.error.contains("re-run the same `lifeboat migrate --force --from host-a`"), "{}", o.error);
     }
@@ -344,19 +387,19 @@ mod tests {
     fn a_job_that_moves_nothing_fails_and_a_planned_move_says_where_guests_are() {
         use MoveState::*;
         let none = [mv("vm-2", Failed, "start on host-b failed"), mv("vm-local", NotMoved, "local storage")];
-        let o = job_outcome("mig-2", "host-a", false, &none);
+        let o = job_outcome("mig-2", "host-a", false, false, &none);
         assert_eq!(o.state, JobState::Failed);
         assert!(o.error.starts_with("no guest could be moved: 2 guest(s) run nowhere"), "{}", o.error);
         assert!(o.alarm.is_some());
 
         let no_room = [mv("vm-3", NotMoved, "no capacity: needs 32 MiB"), mv("vm-4", NotMoved, "no capacity: needs 32 MiB")];
-        let o = job_outcome("mig-4", "host-a", false, &no_room);
+        let o = job_outcome("mig-4", "host-a", false, false, &no_room);
         assert_eq!(o.state, JobState::Partial, "nothing failed: every guest is reported");
         assert!(o.error.starts_with("no guest could be moved: 2 guest(s) run nowhere") && o.error.contains("vm-3 (not moved: no capacity"), "{}", o.error);
         assert!(o.alarm.is_some());
 
         let planned = [mv("m-1", Running, ""), mv("m-2", NotMoved, "no target passes every check"), mv("m-3", Failed, "define failed")];
-        let o = job_outcome("mig-3", "host-b", true, &planned);
+        let o = job_outcome("mig-3", "host-b", true, false, &planned);
         assert_eq!(o.state, JobState::Partial);
         assert!(o.error.contains("m-2 (not moved: no target passes every check; still on host-b, untouched)"), "{}", o.error);
         assert!(o.error.contains("m-3 (move failed: define failed; stopped on host-b, running nowhere)"), "{}", o.error);
@@ -364,14 +407,50 @@ mod tests {
     }
 
     #[test]
+    fn a_source_that_talks_again_gets_a_planned_move_per_target_never_a_rerun() {
+        use MoveState::*;
+        let talking = "host-a is talking to the controller again; not defining vm-3 elsewhere";
+        let moves = [
+            mv("vm-1", Running, ""),
+            MoveOutcome { name: "vm-2", state: Failed, error: talking, target: "host-b", waits: true },
+            MoveOutcome { name: "vm-3", state: Failed, error: talking, target: "host-c", waits: true },
+            MoveOutcome { name: "vm-4", state: Failed, error: talking, target: "host-b", waits: false },
+        ];
+        let o = job_outcome("mig-5", "host-a", false, true, &moves);
+        assert_eq!(o.state, JobState::Partial, "{o:?}");
+        assert!(o.error.starts_with("host-a is talking to the controller again: 3 guest(s) not moved off it"), "{}", o.error);
+        assert!(o.error.contains("vm-2 (move failed: host-a is talking"), "{}", o.error);
+        assert!(o.error.contains("stopped on host-a, waits to start there again"), "{}", o.error);
+        assert!(o.error.contains("vm-4 (move failed") && o.error.contains("stopped on host-a, running nowhere"), "{}", o.error);
+        assert!(o.error.contains("`lifeboat move --vm vm-2 --vm vm-4 --from host-a --to host-b --yes`"), "{}", o.error);
+        assert!(o.error.contains("`lifeboat move --vm vm-3 --from host-a --to host-c --yes`"), "{}", o.error);
+        assert!(o.error.contains("lifeboat cleanup host-a") && o.error.contains("set-status host-a AVAILABLE"), "{}", o.error);
+        assert!(!o.error.contains("re-run"), "a re-run is refused while the source talks: {}", o.error);
+        assert!(!o.error.contains("migrate --force"), "{}", o.error);
+        assert!(o.alarm.unwrap().contains("not moved: vm-2"));
+
+        // Silent source: the old advice stands; a planned move ignores `talking`.
+        let o = job_outcome("mig-5", "host-a", false, false, &moves);
+        assert!(o.error.contains("re-run the same `lifeboat migrate --force --from host-a`"), "{}", o.error);
+        assert!(o.error.contains("vm-2 (move failed: host-a is talking to the controller again; not defining vm-3 elsewhere; waits for host-a to return)"), "{}", o.error);
+        let o = job_outcome("mig-6", "host-a", true, true, &moves);
+        assert!(o.error.contains("re-run the same `lifeboat move --from host-a`"), "{}", o.error);
+
+        // Nothing moved before the source came back: FAILED, same advice.
+        let o = job_outcome("mig-7", "host-a", false, true, &moves[1..]);
+        assert_eq!(o.state, JobState::Failed);
+        assert!(o.error.starts_with("no guest could be moved: host-a is talking"), "{}", o.error);
+    }
+
+    #[test]
     fn a_long_list_of_guests_left_behind_stays_bounded() {
         let names: Vec<String> = (0..500).map(|i| format!("vm-{i:03}")).collect();
         let long = "x".repeat(5000);
         let moves: Vec<MoveOutcome<'_>> =
-            names.iter().map(|n| MoveOutcome { name: n, state: MoveState::NotMoved, error: &long }).collect();
+            names.iter().map(|n| MoveOutcome { name: n, state: MoveState::NotMoved, error: &long, target: "", waits: false }).collect();
         let mut with_one = moves.clone();
-        with_one.push(MoveOutcome { name: "ok", state: MoveState::Running, error: "" });
-        let o = job_outcome("mig-4", "host-a", false, &with_one);
+        with_one.push(MoveOutcome { name: "ok", state: MoveState::Running, error: "", target: "host-b", waits: false });
+        let o = job_outcome("mig-4", "host-a", false, false, &with_one);
         assert_eq!(o.state, JobState::Partial);
         assert!(o.error.contains("and 490 more (`lifeboat jobs show mig-4`"), "{}", &o.error[o.error.len() - 300..]);
         assert!(o.error.len() < 5_000, "{} bytes", o.error.len());

@@ -141,6 +141,7 @@ impl Registry {
             owner_host: owner,
             missing: true,
             missing_since_unix_ms: r.since_ms,
+            ..Default::default()
         }
     }
 

@@ -10,7 +10,7 @@ use lifeboat_proto::v1::{
     ListGuestsRequest, ListGuestsResponse, ListHostsRequest, ListHostsResponse, ListJobsRequest, ListJobsResponse,
     MigrateRequest, MigrationPlan, WhoAmIRequest, WhoAmIResponse, admin_server::Admin, Alarm, CleanupPlan,
     CleanupRequest, ClearAlarmsRequest, ClearAlarmsResponse, ListAlarmsRequest, ListAlarmsResponse,
-    SetHostStatusRequest, ForgetGuestRequest, ForgetGuestResponse, GuestRecord, RestoreGuestRequest,
+    SetHostStatusRequest, ForgetGuestRequest, ForgetGuestResponse, GuestRecord, RestoreGuestRequest, StartVmRequest,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -73,7 +73,11 @@ impl Admin for AdminService {
     async fn list_hosts(&self, req: Request<ListHostsRequest>) -> Result<Response<ListHostsResponse>, Status> {
         authorize(&req, Role::Viewer, "listing hosts")?;
         let reg = self.reg.clone();
-        let mut hosts = tokio::task::spawn_blocking(move || reg.list_hosts())
+        let mut hosts = tokio::task::spawn_blocking(move || {
+            let mut hosts = reg.list_hosts();
+            crate::waiting::annotate_hosts(&reg, &mut hosts);
+            hosts
+        })
             .await
             .map_err(|e| ControllerError::Internal(format!("listing hosts: {e}")))?;
         self.fill_reserved(&mut hosts)?;
@@ -87,6 +91,7 @@ impl Admin for AdminService {
             return Err(ControllerError::InvalidArgument("no host given".into()).into());
         }
         let mut rec = [self.reg.get_host(host)?];
+        crate::waiting::annotate_hosts(&self.reg, &mut rec);
         self.fill_reserved(&mut rec)?;
         let [rec] = rec;
         Ok(Response::new(rec))
@@ -106,7 +111,9 @@ impl Admin for AdminService {
         let reg = self.reg.clone();
         // Listing 200,000 guests is CPU work: off the async workers.
         let (guests, next) = tokio::task::spawn_blocking(move || {
-            reg.list_guests_page(host.as_deref(), (!vm.is_empty()).then_some(vm.as_str()), defs, after.as_ref(), limit)
+            let mut page = reg.list_guests_page(host.as_deref(), (!vm.is_empty()).then_some(vm.as_str()), defs, after.as_ref(), limit)?;
+            crate::waiting::annotate_guests(&reg, &mut page.0);
+            Ok::<_, ControllerError>(page)
         })
         .await
         .map_err(|e| ControllerError::Internal(format!("listing guests: {e}")))??;
@@ -188,7 +195,10 @@ impl Admin for AdminService {
             return Err(ControllerError::InvalidArgument("no host given".into()).into());
         }
         crate::hostops::set_status(&self.reg, &self.engine, r.host.trim(), &r.status, &r.reason, r.attest_powered_off, &name).await?;
-        Ok(Response::new(self.reg.get_host(r.host.trim())?))
+        let mut h = [self.reg.get_host(r.host.trim())?];
+        crate::waiting::annotate_hosts(&self.reg, &mut h);
+        let [h] = h;
+        Ok(Response::new(h))
     }
 
     async fn plan_cleanup(&self, req: Request<CleanupRequest>) -> Result<Response<CleanupPlan>, Status> {
@@ -202,6 +212,13 @@ impl Admin for AdminService {
         let r = req.into_inner();
         info!(operator = %name, host = %r.host, "cleanup requested");
         Ok(Response::new(crate::hostops::cleanup(&self.reg, r.host.trim(), r.destroy_running, &r.plan_id, &name).await?))
+    }
+
+    async fn start_vm(&self, req: Request<StartVmRequest>) -> Result<Response<GuestRecord>, Status> {
+        let (name, _) = authorize(&req, Role::Operator, "starting a guest")?;
+        let r = req.into_inner();
+        info!(operator = %name, vm = %r.vm, "guest start requested");
+        Ok(Response::new(crate::waiting::start_vm(&self.reg, &r.vm, &r.reason, &name, self.engine.lease_ttl_ms()).await?))
     }
 
     async fn list_alarms(&self, req: Request<ListAlarmsRequest>) -> Result<Response<ListAlarmsResponse>, Status> {

@@ -351,6 +351,11 @@ impl Checker {
         c
     }
 
+    /// The hosts it samples.
+    pub fn hosts(&self) -> Vec<HostDir> {
+        self.shared.hosts.clone()
+    }
+
     /// Samples taken so far.
     pub fn samples(&self) -> u64 {
         self.shared.book().samples

@@ -1,0 +1,346 @@
+//! Guests that wait: a guest a job could not move (the plan left it behind,
+//! or its move failed) whose desired state is running and which still
+//! belongs to its own host. It is recorded (table `waiting`, in the same
+//! transaction that ends the job), shown in `vms list`/`vms show`/`hosts
+//! show`, alarmed (`guests-waiting`, one alarm per guest naming it) and
+//! counted (`lifeboat_guests_waiting`). The reconciler starts it on its own
+//! host once that host is healthy again; an operator can start it now with
+//! `lifeboat vms start`. It stops waiting when it runs on its owner, or when
+//! a later job moves it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lifeboat_proto::v1::{GrantLeases, GuestRecord, HostRecord, Lease, StartGuest, command::Kind};
+use tracing::{info, warn};
+
+use crate::error::ControllerError;
+use crate::migrate::state::MoveState;
+use crate::model::HostStatus;
+use crate::registry::Registry;
+use crate::store::{AuditRow, MoveRow, OwnerRow, StoreError, WaitingRow};
+
+/// Alarm kind raised on a host for each guest waiting to run there again.
+pub const GUESTS_WAITING: &str = "guests-waiting";
+
+/// Longest reason quoted in a waiting guest's alarm, in characters.
+const REASON_CHARS: usize = 300;
+
+/// Longest guest name or UUID accepted by `vms start`, in bytes.
+const MAX_VM: usize = 256;
+
+/// Longest reason accepted by `vms start`, in bytes.
+const MAX_REASON: usize = 1000;
+
+/// Whether a guest a job ended with waits on `source`: its move was left
+/// behind (never attempted, or failed), it should run (the move was to
+/// start it, or its desired state on the source is running), and it still
+/// belongs to the source (no ownership record elsewhere, not even an
+/// unfinished move: such a guest is nobody's until the move is finished).
+pub fn waits(state: MoveState, should_run: bool, owner: Option<&OwnerRow>, source: &str) -> bool {
+    state.is_left_behind() && should_run && owner.is_none_or(|o| o.host == source && o.complete)
+}
+
+/// The alarm raised for one waiting guest: names it, says why and how it
+/// ends. Deterministic (no times), so raising it again changes nothing.
+pub fn alarm_detail(w: &WaitingRow) -> String {
+    let reason = match w.reason.char_indices().nth(REASON_CHARS) {
+        None => w.reason.clone(),
+        Some((i, _)) => format!("{}...", &w.reason[..i]),
+    };
+    format!(
+        "{name} ({uuid}) waits to run again on {host} (desired state running; left behind by job {job}: {reason}). \
+         It starts on {host} by itself once {host} talks, its cleanup is done and its status is AVAILABLE or NOT_ACCEPTING; \
+         or now: `lifeboat vms start {name} --reason TEXT`",
+        name = w.name,
+        uuid = w.uuid,
+        host = w.host,
+        job = w.job,
+    )
+}
+
+/// The waiting rows a finished job leaves: each left-behind move that waits
+/// (see [`waits`]). `desired` gives a guest's desired-state row, `owner` its
+/// ownership record.
+pub fn rows_for_job(
+    moves: &[MoveRow],
+    desired: impl Fn(&str) -> Option<(String, String)>,
+    owner: impl Fn(&str) -> Option<OwnerRow>,
+    now_ms: i64,
+) -> Vec<WaitingRow> {
+    moves
+        .iter()
+        .filter(|m| {
+            let state: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
+            let desired_running = desired(&m.uuid).is_some_and(|(h, d)| h == m.source && d == "running");
+            waits(state, m.start || desired_running, owner(&m.uuid).as_ref(), &m.source)
+        })
+        .map(|m| WaitingRow {
+            uuid: m.uuid.clone(),
+            host: m.source.clone(),
+            name: m.name.clone(),
+            reason: if m.error.is_empty() { "no reason recorded".into() } else { m.error.clone() },
+            since_ms: now_ms,
+            job: m.job_id.clone(),
+        })
+        .collect()
+}
+
+/// Raises the alarm of each guest about to be recorded as waiting (before
+/// the job's end is written: a crash in between resumes the job, and the
+/// same alarm is not raised twice). A guest that waited already with
+/// another reason has its old alarm cleared.
+pub fn raise(reg: &Registry, rows: &[WaitingRow], before: &[WaitingRow]) -> Result<(), StoreError> {
+    for w in rows {
+        if let Some(old) = before.iter().find(|o| o.uuid == w.uuid) {
+            let (a, b) = (alarm_detail(old), alarm_detail(w));
+            if a != b {
+                reg.clear_alarm_by_cause(&old.host, GUESTS_WAITING, &a, &format!("{} waits again, see the newer alarm", w.name))?;
+            }
+        }
+        reg.raise_alarm(&w.host, GUESTS_WAITING, &alarm_detail(w))?;
+    }
+    Ok(())
+}
+
+/// After a job's end was written: the guests it moved no longer wait, so
+/// their alarms are cleared (the rows went with the job's end).
+pub fn clear_moved(reg: &Registry, before: &[WaitingRow], moved: &[String], job: &str) -> Result<(), StoreError> {
+    for w in before.iter().filter(|w| moved.contains(&w.uuid)) {
+        reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), &format!("job {job} moved {}", w.name))?;
+        info!(guest = %w.name, %job, "stopped waiting: moved");
+    }
+    Ok(())
+}
+
+/// A guest stops waiting (`why`: it runs on its owner, or it belongs
+/// elsewhere now): its row goes (audited `guest.waiting_ended`) and its
+/// alarm is cleared by cause.
+pub fn end(reg: &Registry, w: &WaitingRow, why: &str) -> Result<(), StoreError> {
+    let detail = format!("{} ({}) no longer waits on {}: {why} (waited since {} ms)", w.name, w.uuid, w.host, w.since_ms);
+    let ended = reg.db(|s| s.end_waiting(&w.uuid, &AuditRow::by_controller("guest.waiting_ended", &w.host, &w.name, detail)))?;
+    if ended {
+        info!(host = %w.host, guest = %w.name, "stopped waiting: {why}");
+    }
+    reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), why)
+}
+
+/// Every waiting guest, by UUID; a read error is logged and shows nothing
+/// waiting (only shown, never decided on).
+fn by_uuid(reg: &Registry) -> BTreeMap<String, WaitingRow> {
+    match reg.db(|s| s.waiting()) {
+        Ok(rows) => rows.into_iter().map(|w| (w.uuid.clone(), w)).collect(),
+        Err(e) => {
+            warn!("reading waiting guests failed: {e}");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// Fills in `waiting_reason` / `waiting_since_unix_ms` of the records of
+/// waiting guests (on their own host).
+pub fn annotate_guests(reg: &Registry, records: &mut [GuestRecord]) {
+    let waiting = by_uuid(reg);
+    if waiting.is_empty() {
+        return;
+    }
+    for r in records.iter_mut() {
+        let Some(g) = &r.guest else { continue };
+        if let Some(w) = waiting.get(&g.uuid).filter(|w| w.host == r.host_id) {
+            r.waiting_reason = format!("{} (job {})", w.reason, w.job);
+            r.waiting_since_unix_ms = w.since_ms;
+        }
+    }
+}
+
+/// Fills in `waiting_guests` of host records.
+pub fn annotate_hosts(reg: &Registry, records: &mut [HostRecord]) {
+    let waiting = by_uuid(reg);
+    for r in records.iter_mut() {
+        let id = r.info.as_ref().map(|i| i.host_id.as_str()).unwrap_or_default();
+        r.waiting_guests = u32::try_from(waiting.values().filter(|w| w.host == id).count()).unwrap_or(u32::MAX);
+    }
+}
+
+/// Waiting guests per host, for the metric.
+pub fn counts(reg: &Registry) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for w in by_uuid(reg).into_values() {
+        *out.entry(w.host).or_insert(0) += 1;
+    }
+    out
+}
+
+/// `lifeboat vms start VM --reason TEXT`: starts a stopped guest on its
+/// owner now (a waiting one, or any stopped guest its host owns), also on
+/// a MAINTENANCE host. The same never-twice checks as the reconciler's
+/// starts: its host owns it (no move, conflict or unfinished move says
+/// otherwise), no job moves it, its host talks and reported in this
+/// session, it is not OFFLINE, and no host reports it holding its disks.
+/// The request is audited before anything is sent; the lease goes first.
+pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, lease_ttl_ms: i64) -> Result<GuestRecord, ControllerError> {
+    let vm = vm.trim();
+    let reason = reason.trim();
+    if vm.is_empty() || vm.len() > MAX_VM {
+        return Err(ControllerError::InvalidArgument(format!("name the guest (name or UUID, at most {MAX_VM} bytes)")));
+    }
+    if reason.is_empty() || reason.len() > MAX_REASON {
+        return Err(ControllerError::InvalidArgument(format!("--reason TEXT is required (at most {MAX_REASON} bytes)")));
+    }
+    let refuse = |check: &str, detail: String, remedy: &str| {
+        ControllerError::Refused(format!("starting {vm} refused; nothing was changed. Failed check: {check}: {detail}. {remedy}"))
+    };
+    let records = reg.list_guests(None, Some(vm), false)?;
+    let mut uuids: Vec<&str> = records.iter().filter_map(|r| r.guest.as_ref().map(|g| g.uuid.as_str())).collect();
+    uuids.sort();
+    uuids.dedup();
+    let uuid = match uuids.as_slice() {
+        [] => return Err(ControllerError::NotFound(format!("unknown guest '{vm}' (see `lifeboat vms list`)"))),
+        [u] => u.to_string(),
+        many => {
+            return Err(refuse("one guest named", format!("{} guests are called {vm}: {}", many.len(), many.join(", ")), "name it by UUID"));
+        }
+    };
+    let Some(rec) = records.iter().find(|r| r.guest.as_ref().is_some_and(|g| g.uuid == uuid) && r.owner_host == r.host_id && reg.owns(&r.host_id, &uuid))
+    else {
+        let seen: Vec<String> = records.iter().map(|r| format!("{} (owner recorded: {})", r.host_id, if r.owner_host.is_empty() { "none" } else { &r.owner_host })).collect();
+        return Err(refuse(
+            "owner known",
+            format!("no host that reports {vm} owns it for sure (reported by {}; an unfinished move or a conflict leaves it nobody's)", seen.join(", ")),
+            "see `lifeboat vms show` and `lifeboat jobs list`; finish the move with `lifeboat move` or `lifeboat migrate`",
+        ));
+    };
+    let host = rec.host_id.clone();
+    let name = rec.guest.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+    if let Some(job) = reg.job_of(&uuid) {
+        return Err(refuse("not in a job", format!("job {job} is moving {name}"), "wait for the job to end (`lifeboat jobs watch`)"));
+    }
+    let status = reg.status_of(&host);
+    if status == Some(HostStatus::Offline) || status.is_none() {
+        return Err(refuse("owner not OFFLINE", format!("{host} is OFFLINE"), "bring the host back; it becomes MAINTENANCE when its agent connects"));
+    }
+    if !reg.is_reachable(&host) || !reg.inventory_fresh(&host) {
+        return Err(refuse(
+            "owner connected",
+            format!("{host} is not connected or has not reported its guests in this session"),
+            "start its agent and wait for `lifeboat hosts show` to read REACHABLE",
+        ));
+    }
+    let holders = reg.holders(std::slice::from_ref(&uuid)).remove(&uuid).unwrap_or_default();
+    if !holders.is_empty() {
+        let here = holders.iter().any(|h| h == &host);
+        return Err(refuse(
+            "not running anywhere",
+            format!("{name} is reported running (or holding its disks) on {}", holders.join(", ")),
+            if here { "it runs already: nothing to do" } else { "a second copy must never start; see `lifeboat vms show` and `lifeboat alarms`" },
+        ));
+    }
+    let generation = reg.owner_generation(&uuid);
+    let detail = format!("operator {operator} asks to start {name} ({uuid}) on its owner {host} (generation {generation}): {reason}");
+    reg.db(|s| s.audit(&AuditRow { actor: operator.into(), action: "guest.start_requested".into(), host: host.clone(), vm: name.clone(), detail, ..Default::default() }))?;
+    let now = crate::now_ms();
+    let grant = GrantLeases {
+        leases: vec![Lease { uuid: uuid.clone(), name: name.clone(), generation }],
+        expires_unix_ms: now + lease_ttl_ms,
+        merge: true,
+        issued_unix_ms: now,
+    };
+    let timeout = Duration::from_secs(60);
+    let r = reg.call(&host, Kind::GrantLeases(grant), timeout).await?;
+    if !r.ok {
+        return Err(ControllerError::Refused(format!("granting {name}'s lease on {host} failed: {}; nothing was started", r.error)));
+    }
+    let r = reg.call(&host, Kind::StartGuest(StartGuest { uuid: uuid.clone() }), timeout).await?;
+    let outcome = if r.ok { format!("started ({})", r.outcome) } else { format!("start failed: {}", r.error) };
+    reg.db(|s| s.audit(&AuditRow::by_controller(if r.ok { "guest.started" } else { "guest.start_failed" }, &host, &name, format!("{name} on {host}: {outcome}"))))?;
+    if !r.ok {
+        return Err(ControllerError::Refused(format!("starting {name} on {host} failed: {}", r.error)));
+    }
+    if r.guest.as_ref().is_some_and(|g| lifeboat_proto::holds_disk(g.state)) {
+        if let Some(w) = by_uuid(reg).remove(&uuid).filter(|w| w.host == host) {
+            end(reg, &w, &format!("started on {host} by {operator}"))?;
+        }
+    }
+    reg.touch(&host);
+    let mut out: Vec<GuestRecord> = reg.list_guests(Some(&host), Some(&uuid), false)?;
+    annotate_guests(reg, &mut out);
+    out.into_iter().next().ok_or_else(|| ControllerError::NotFound(format!("{name} is no longer reported by {host}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mv(uuid: &str, state: &str, start: bool) -> MoveRow {
+        MoveRow {
+            job_id: "mig-1".into(),
+            uuid: uuid.into(),
+            name: format!("vm-{uuid}"),
+            source: "a".into(),
+            target: "b".into(),
+            state: state.into(),
+            start,
+            error: format!("why {uuid}"),
+            ..Default::default()
+        }
+    }
+
+    fn own(host: &str, complete: bool) -> OwnerRow {
+        OwnerRow { uuid: "x".into(), host: host.into(), generation: 2, from_host: "a".into(), job: "j".into(), complete }
+    }
+
+    #[test]
+    fn only_a_guest_left_behind_that_should_run_and_is_still_the_sources_waits() {
+        use MoveState::*;
+        assert!(waits(NotMoved, true, None, "a"));
+        assert!(waits(Failed, true, None, "a"));
+        assert!(waits(Failed, true, Some(&own("a", true)), "a"), "owned by the source itself");
+        assert!(!waits(Failed, false, None, "a"), "desired stopped: nothing to wait for");
+        assert!(!waits(Running, true, None, "a") && !waits(DefinedStopped, true, None, "a"), "moved");
+        assert!(!waits(Pending, true, None, "a"), "still in flight");
+        assert!(!waits(Failed, true, Some(&own("b", false)), "a"), "an unfinished move: nobody's until finished");
+        assert!(!waits(NotMoved, true, Some(&own("b", true)), "a"), "moved elsewhere earlier");
+    }
+
+    #[test]
+    fn waiting_rows_keep_their_since_time_and_end_with_a_move_or_a_run() {
+        let mut s = crate::store::Store::open_in_memory().unwrap();
+        let row = |uuid: &str, host: &str, since: i64, job: &str| WaitingRow {
+            uuid: uuid.into(),
+            host: host.into(),
+            name: format!("vm-{uuid}"),
+            reason: format!("left by {job}"),
+            since_ms: since,
+            job: job.into(),
+        };
+        s.end_job_with_waiting("j1", "PARTIAL", "e", None, &[row("1", "a", 10, "j1"), row("2", "a", 10, "j1")], &[]).unwrap();
+        // A later job leaves 1 waiting again on the same host: since is kept, reason and job follow.
+        s.end_job_with_waiting("j2", "PARTIAL", "e", None, &[row("1", "a", 20, "j2")], &["2".to_string()]).unwrap();
+        assert_eq!(s.waiting().unwrap(), vec![row("1", "a", 10, "j2")]);
+        // On another host it is a new wait.
+        s.end_job_with_waiting("j3", "PARTIAL", "e", None, &[row("1", "b", 30, "j3")], &[]).unwrap();
+        assert_eq!(s.waiting().unwrap(), vec![row("1", "b", 30, "j3")]);
+        let a = AuditRow::by_controller("guest.waiting_ended", "b", "vm-1", "runs".into());
+        assert!(s.end_waiting("1", &a).unwrap());
+        assert!(!s.end_waiting("1", &a).unwrap(), "ending twice changes nothing");
+        assert!(s.waiting().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_jobs_waiting_rows_follow_the_moves_desired_state_and_owner() {
+        let moves = [mv("1", "NOT_MOVED", true), mv("2", "FAILED", false), mv("3", "FAILED", false), mv("4", "RUNNING", true), mv("5", "FAILED", true)];
+        let desired = |u: &str| match u {
+            "2" => Some(("a".to_string(), "running".to_string())),
+            "3" => Some(("a".to_string(), "stopped".to_string())),
+            _ => None,
+        };
+        let owner = |u: &str| (u == "5").then(|| own("b", false));
+        let rows = rows_for_job(&moves, desired, owner, 42);
+        let got: Vec<(&str, &str, &str, i64)> = rows.iter().map(|w| (w.uuid.as_str(), w.host.as_str(), w.reason.as_str(), w.since_ms)).collect();
+        assert_eq!(got, [("1", "a", "why 1", 42), ("2", "a", "why 2", 42)]);
+        let d = alarm_detail(&rows[0]);
+        assert!(d.contains("vm-1 (1) waits to run again on a") && d.contains("job mig-1: why 1") && d.contains("lifeboat vms start vm-1"), "{d}");
+        let long = WaitingRow { reason: "x".repeat(1000), ..rows[0].clone() };
+        assert!(alarm_detail(&long).len() < 700, "the reason is clipped");
+    }
+}
