@@ -197,7 +197,8 @@ pub async fn restore(reg: &Registry, req: &RestoreGuestRequest, operator: &str, 
             uuid: uuid.clone(),
             host: target.clone(),
             generation,
-            from_host: owner.clone(),
+            // Where it was last: its owner, or the host it vanished from.
+            from_host: [owner.as_str(), r.host.as_str()].into_iter().find(|h| *h != target).unwrap_or_default().to_string(),
             job: String::new(),
             complete: true,
         };

@@ -708,10 +708,11 @@ impl Registry {
         };
         // A managed guest gone from its owner is kept, not deleted. An
         // agent whose libvirt is not connected reports what it last knew,
-        // which proves no absence: those guests stay as they were.
+        // and a host two agents claim may be answered by the other machine:
+        // neither proves an absence, so those guests stay as they were.
         let kept: Vec<String> = deletes.iter().filter(|u| Self::keeps_when_gone(&inner, host_id, u)).cloned().collect();
-        let libvirt_down = inner.hosts.get(host_id).is_some_and(|e| !e.row.info.libvirt_error.is_empty());
-        let (held, kept) = if libvirt_down { (kept, Vec::new()) } else { (Vec::new(), kept) };
+        let unsure = inner.hosts.get(host_id).is_some_and(|e| !e.row.info.libvirt_error.is_empty()) || Self::suspect(&inner, host_id);
+        let (held, kept) = if unsure { (kept, Vec::new()) } else { (Vec::new(), kept) };
         let dels: Vec<&str> = deletes.iter().filter(|u| !held.contains(u)).map(String::as_str).collect();
         Self::mark_gone(&mut inner, host_id, &kept, now, "absent from its complete inventory")?;
         inner.store.write_guests(host_id, &upserts, &dels, now)?;
@@ -818,8 +819,12 @@ impl Registry {
         if Self::current(&mut inner, host_id, sid).is_none() {
             return Ok(());
         }
-        // A managed guest undefined on its owner outside Lifeboat is kept.
+        // A managed guest undefined on its owner outside Lifeboat is kept;
+        // a host two agents claim proves no absence (it stays as it was).
         if Self::keeps_when_gone(&inner, host_id, uuid) {
+            if Self::suspect(&inner, host_id) {
+                return Ok(());
+            }
             Self::mark_gone(&mut inner, host_id, &[uuid.to_string()], now_unix_ms(), "undefined there")?;
         }
         inner.store.delete_guest(host_id, uuid)?;

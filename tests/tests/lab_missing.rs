@@ -2,8 +2,10 @@
 //! operator's `virsh undefine` of a managed guest (shut off) on its owner
 //! leaves it MISSING in `lifeboat vms show`, alarmed and audited, with its
 //! last definition kept; `lifeboat vms restore --start` defines it again on
-//! its owner and runs it, once. Real libvirtd and qemu, the copies checker
-//! on throughout. Needs root.
+//! its owner and runs it, once. A host that comes back without a guest
+//! (undefined while its agent was down) is the same; that guest is restored
+//! on another host (`--to`). Real libvirtd and qemu, the copies checker on
+//! throughout. Every guest running at the start runs once at the end. Needs root.
 
 use std::time::{Duration, Instant};
 
@@ -89,7 +91,37 @@ fn lab_an_undefined_managed_guest_is_kept_missing_and_restored_on_its_owner() {
     let (code, _, err) = lab.cli(&["vms", "restore", "vm-a1", "--reason", "again"]);
     assert_ne!(code, 0);
     assert!(err.contains("not missing"), "{err}");
-    // Both guests run, once each.
+
+    // host-b's agent is down while vm-b1 is shut off and undefined there:
+    // host-b comes back without it (its complete inventory lacks it).
+    let b1 = lab.vm("vm-b1").expect("vm-b1 listed");
+    let b1_uuid = b1["uuid"].as_str().unwrap().to_string();
+    lab.ok(&["agent-stop", "host-b"]);
+    lab.virsh("host-b", &["destroy", "vm-b1"]);
+    lab.virsh("host-b", &["undefine", "vm-b1"]);
+    lab.ok(&["agent-start", "host-b"]);
+    let took = lab.wait(Duration::from_secs(20), "vm-b1 shown MISSING", || shown(&lab, "vm-b1").is_some_and(|v| v["missing"] == true));
+    println!("vm-b1 shown missing {took:?} after host-b's agent came back without it");
+    lab.wait(Duration::from_secs(5), "a guest-missing alarm for vm-b1 on host-b", || {
+        list(&lab, &["alarms"]).iter().any(|a| a["kind"] == "guest-missing" && a["host"] == "host-b")
+    });
+    // Restored elsewhere: a placement change recorded before the define.
+    let t = Instant::now();
+    let (code, out, err) = lab.cli(&["vms", "restore", "vm-b1", "--to", "host-a", "--start", "--reason", "host-b lost it"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let took = lab.wait(Duration::from_secs(30), "vm-b1 running on host-a", || {
+        lab.vm("vm-b1").is_some_and(|v| v["state"] == "running" && v["host_id"] == "host-a" && v["owner_host"] == "host-a")
+    });
+    println!("vm-b1 restored on host-a and running {took:?} after `vms restore --to host-a --start` (call took {:?})", t.elapsed());
+    let c = lab.running_copies(&b1_uuid);
+    assert!(c.len() == 1 && c[0].host == "host-a", "vm-b1 runs once, on host-a: {c:?}");
+    assert!(!lab.defined("host-b").contains(&"vm-b1".to_string()));
+    let log = list(&lab, &["log", "--vm", "vm-b1"]);
+    let pos = |a: &str| log.iter().position(|e| e["action"] == a).unwrap_or_else(|| panic!("{a} in {log:?}"));
+    assert!(pos("guest.missing") < pos("guest.restore.recorded") && pos("guest.restore.recorded") < pos("guest.restored"));
+    assert!(list(&lab, &["alarms"]).iter().all(|a| a["kind"] != "guest-missing"), "every guest-missing alarm cleared");
+
+    // Both guests run, once each (vm-b1 now on host-a).
     settle(&lab, 2);
     for v in lab.vms() {
         let u = v["uuid"].as_str().unwrap();

@@ -381,7 +381,7 @@ mod libvirt_down_tests {
     use super::super::*;
 
     #[test]
-    fn an_inventory_sent_while_libvirt_is_not_connected_proves_no_absence() {
+    fn an_inventory_without_libvirt_or_from_a_host_two_agents_claim_proves_no_absence() {
         let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
@@ -392,7 +392,16 @@ mod libvirt_down_tests {
         assert!(reg.missing_uuids().is_empty());
         let l = reg.list_guests(Some("a"), None, false).unwrap();
         assert_eq!((l.len(), l[0].missing), (1, false), "kept as last reported");
+        // Two agents claim a: whichever answers may be the other machine.
+        reg.raise_alarm("a", "duplicate-agent", "two agents").unwrap();
         let up = HostInfo { host_id: "a".into(), ..Default::default() };
+        reg.apply_inventory("a", a, Inventory { host: Some(up.clone()), guests: vec![], more: false }).unwrap();
+        reg.remove_guest("a", a, "u1").unwrap();
+        assert!(reg.missing_uuids().is_empty());
+        assert_eq!(reg.list_guests(Some("a"), None, false).unwrap().len(), 1, "kept as last reported");
+        reg.reload_alarms().unwrap();
+        reg.db(|s| s.clear_alarms("a", "duplicate-agent")).unwrap();
+        reg.reload_alarms().unwrap();
         reg.apply_inventory("a", a, Inventory { host: Some(up), guests: vec![], more: false }).unwrap();
         assert_eq!(reg.missing_uuids(), ["u1"], "a connected libvirt without it: missing");
     }
