@@ -652,11 +652,20 @@ impl Engine {
     /// came (the agent was killed, or reconnected) fails the call at once;
     /// the step is sent again on the next session, until [`SESSION_WAIT`]
     /// has passed: every step is idempotent on the agent ("already").
-    async fn call_target(&self, host: &str, kind: Kind) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
+    /// With `guard` (a start: the move and whether it is planned), the
+    /// start's checks run again before every resend (see [`Engine::start_refusal`]).
+    async fn call_target(&self, host: &str, kind: Kind, guard: Option<(&MoveRow, bool)>) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
         let deadline = tokio::time::Instant::now() + SESSION_WAIT;
         let mut last = String::from("no agent session");
+        let mut sent = false;
         loop {
             if self.reg.has_session(host) {
+                // The world may have changed while the session was down: a
+                // resent start meets the same checks as the first one.
+                if sent && let Some((m, planned)) = guard && let Some(why) = self.start_refusal(m, planned).await {
+                    return Err(ControllerError::Refused(format!("not sending the start again on {host}'s new session: {why}")));
+                }
+                sent = true;
                 match self.reg.call(host, kind.clone(), self.call_timeout).await {
                     Err(ControllerError::AgentUnavailable(e)) => {
                         warn!(host, "{e}; the step is sent again on the agent's next session");
@@ -672,6 +681,20 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Why a move must not (re)send its start now, if so: the checks the
+    /// Starting step makes before its first start. The move's ownership has
+    /// moved on; a planned move's source no longer confirms the guest shut
+    /// off; a forced move's source talks to the controller again.
+    async fn start_refusal(&self, m: &MoveRow, planned: bool) -> Option<String> {
+        if let Some(why) = self.moved_on(m) {
+            return Some(why);
+        }
+        if planned {
+            return self.stop_confirmed(&m.source, m, &m.job_id).await.err();
+        }
+        self.reg.is_reachable(&m.source).then(|| format!("{} is talking to the controller again", m.source))
     }
 
     /// Whether the target reports the guest as this move left it after
@@ -703,18 +726,18 @@ impl Engine {
     /// Grants the target the guest's start lease (merged: revokes nothing),
     /// then starts it: the target's start guard refuses a managed guest
     /// without a lease.
-    async fn lease_then_start(&self, m: &MoveRow) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
+    async fn lease_then_start(&self, m: &MoveRow, planned: bool) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
         let grant = GrantLeases {
             leases: vec![Lease { uuid: m.uuid.clone(), name: m.name.clone(), generation: m.generation }],
             expires_unix_ms: crate::now_ms() + self.lease_ttl_ms,
             merge: true,
             issued_unix_ms: crate::now_ms(),
         };
-        let r = self.call_target(&m.target, Kind::GrantLeases(grant)).await?;
+        let r = self.call_target(&m.target, Kind::GrantLeases(grant), Some((m, planned))).await?;
         if !r.ok {
             return Ok(r);
         }
-        self.call_target(&m.target, Kind::StartGuest(StartGuest { uuid: m.uuid.clone() })).await
+        self.call_target(&m.target, Kind::StartGuest(StartGuest { uuid: m.uuid.clone() }), Some((m, planned))).await
     }
 
     fn owner(&self, m: &MoveRow, complete: bool) -> OwnerRow {
@@ -751,7 +774,7 @@ impl Engine {
                         owner_host: m.target.clone(),
                         generation: m.generation,
                     });
-                    match self.call_target(&m.target, kind).await {
+                    match self.call_target(&m.target, kind, None).await {
                         Ok(r) if r.ok => {
                             let detail = format!("defined {} ({}) on {} ({}), autostart off, owner generation {}", m.name, m.uuid, m.target, r.outcome, m.generation);
                             self.set_move(&mut m, MoveState::Defined, "", None, a("guest.defined", detail))?;
@@ -796,7 +819,7 @@ impl Engine {
                     let msg = format!("{} is talking to the controller again; not starting {} on {}", m.source, m.name, m.target);
                     self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                 }
-                MoveState::Starting => match self.lease_then_start(&m).await {
+                MoveState::Starting => match self.lease_then_start(&m, planned).await {
                     Ok(r) if r.ok => {
                         let owner = self.owner(&m, true);
                         let detail = format!("{} ({}) running on {} ({})", m.name, m.uuid, m.target, r.outcome);
@@ -1151,6 +1174,49 @@ mod tests {
         let row = reg.db(|s| s.moves("mig-f")).unwrap().remove(0);
         assert_eq!(row.state, "FAILED");
         assert!(row.error.contains("verifying vm-1 failed"), "{}", row.error);
+    }
+
+    /// Opens a session for `host` that reports `guests` and is heard now,
+    /// as a host that comes back does; the session lives until the test ends.
+    fn comes_back(reg: &Registry, host: &str, guests: Vec<lifeboat_proto::v1::Guest>) {
+        use lifeboat_proto::v1::Inventory;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        std::mem::forget(rx);
+        let sid = reg.open_session(host, "boot-2", tx).unwrap();
+        let info = lifeboat_proto::v1::HostInfo { host_id: host.to_string(), ..Default::default() };
+        reg.apply_inventory(host, sid, Inventory { host: Some(info), guests, more: false }).unwrap();
+        reg.heard_cell(host, sid).unwrap().store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    #[tokio::test]
+    async fn a_start_is_not_sent_again_when_the_forced_moves_source_came_back_meanwhile() {
+        let (reg, engine) = new_engine();
+        let m = starting_move("mig-back");
+        reg.db(|s| s.create_job(&job_row("mig-back", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-back", "")))
+            .unwrap();
+        let starts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (n, r2) = (starts.clone(), reg.clone());
+        let source_copy = lifeboat_proto::v1::Guest { owner_host: "host-a".into(), owner_generation: 2, ..running_there(&m) };
+        let _agent = fake_agent(reg.clone(), "host-b", vec![], move |k| match k {
+            Kind::GrantLeases(_) => Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() }),
+            Kind::StartGuest(_) => {
+                // While the target's agent is down, the source powers on
+                // and reports its own copy running.
+                if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    comes_back(&r2, "host-a", vec![source_copy.clone()]);
+                    return None;
+                }
+                Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "started".into(), ..Default::default() })
+            }
+            _ => None,
+        })
+        .await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        engine.run_move(m, "olga", false).await.unwrap();
+        let row = reg.db(|s| s.moves("mig-back")).unwrap().remove(0);
+        assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 1, "the start was not sent again");
+        assert_eq!(row.state, "FAILED");
+        assert!(row.error.contains("host-a is talking to the controller again"), "{}", row.error);
     }
 
     #[test]
