@@ -809,6 +809,17 @@ impl Engine {
                     let msg = format!("not starting {} on {}: {why}", m.name, m.target);
                     self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                 }
+                // A job resumed after its start took effect (the RUNNING
+                // write failed, or the controller stopped) finds it running
+                // there at this move's generation: that is this move's copy.
+                MoveState::Starting if self.target_reports(&m, true).is_some() => {
+                    let owner = self.owner(&m, true);
+                    let detail = format!(
+                        "{} ({}) running on {}: {} reports it running at owner generation {} (started before this job resumed)",
+                        m.name, m.uuid, m.target, m.target, m.generation
+                    );
+                    self.set_move(&mut m, MoveState::Running, "", Some(owner), a("guest.running", detail))?;
+                }
                 MoveState::Starting if planned && let Err(e) = self.stop_confirmed(&m.source, &m, &m.job_id).await => {
                     // The source is read again right before the start: a copy
                     // started there since the stop must not meet a second one.
@@ -1217,6 +1228,30 @@ mod tests {
         assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 1, "the start was not sent again");
         assert_eq!(row.state, "FAILED");
         assert!(row.error.contains("host-a is talking to the controller again"), "{}", row.error);
+    }
+
+    #[tokio::test]
+    async fn a_job_resumed_in_starting_finds_its_guest_running_on_the_target_and_calls_it_running() {
+        let (reg, engine) = new_engine();
+        let m = starting_move("mig-resumed");
+        reg.db(|s| s.create_job(&job_row("mig-resumed", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-resumed", "")))
+            .unwrap();
+        // The start took effect before the pause; the source is back (stopped copy).
+        let _agent = fake_agent(reg.clone(), "host-b", vec![running_there(&m)], |_| None).await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        let stopped = lifeboat_proto::v1::Guest {
+            owner_host: "host-a".into(),
+            owner_generation: 2,
+            state: lifeboat_proto::v1::GuestState::Shutoff as i32,
+            ..running_there(&m)
+        };
+        comes_back(&reg, "host-a", vec![stopped]);
+        assert!(reg.is_reachable("host-a"));
+        engine.run_move(m, "olga", false).await.unwrap();
+        let row = reg.db(|s| s.moves("mig-resumed")).unwrap().remove(0);
+        assert_eq!((row.state.as_str(), row.error.as_str()), ("RUNNING", ""));
+        let owner = reg.db(|s| s.owners()).unwrap().into_iter().find(|o| o.uuid == row.uuid).unwrap();
+        assert_eq!((owner.host.as_str(), owner.generation, owner.complete), ("host-b", 3, true));
     }
 
     #[test]
