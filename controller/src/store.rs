@@ -430,6 +430,13 @@ impl Store {
         Ok(())
     }
 
+    /// Runs one SQL statement as is: tests use it to damage a row as a
+    /// bad disk or a hand edit would.
+    #[cfg(test)]
+    pub(crate) fn execute_raw(&self, sql: &str) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(sql, [])?)
+    }
+
     /// Records when hosts were last heard from (observed state).
     pub fn touch_hosts(&mut self, seen: &[(String, i64)]) -> Result<(), StoreError> {
         self.observed(|conn| {

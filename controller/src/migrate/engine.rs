@@ -52,6 +52,10 @@ pub struct Engine {
     /// Jobs paused on a database error: job id → why and since when. In
     /// memory: the database cannot be written while it is so.
     paused: std::sync::Mutex<BTreeMap<String, String>>,
+    /// Paused jobs not yet seen to make progress: job id → when the pause
+    /// began (wall clock ms, and a monotonic instant). The first job or
+    /// move write that succeeds removes the entry and audits the resume.
+    pause_began: std::sync::Mutex<BTreeMap<String, (i64, std::time::Instant)>>,
 }
 
 fn audit(actor: &str, action: &str, host: &str, vm: &str, job: &str, detail: impl Into<String>) -> AuditRow {
@@ -89,6 +93,7 @@ impl Engine {
             changes,
             call_timeout: Duration::from_secs(60),
             paused: Default::default(),
+            pause_began: Default::default(),
             placing: tokio::sync::Mutex::new(()),
         }))
     }
@@ -378,6 +383,7 @@ impl Engine {
             return Ok(());
         }
         self.reg.db(|s| s.set_job_state(&job.id, to.as_str(), error, a.as_ref()))?;
+        self.progressed(&job.id, &job.source);
         self.changed(&job.id);
         Ok(())
     }
@@ -394,49 +400,72 @@ impl Engine {
     /// every step is check-then-act and is written before it is carried
     /// out, so the job retries (with backoff) from what the database holds,
     /// and resumes by itself once a write succeeds again.
+    ///
+    /// A job is unpaused (audited `job.unpaused`, backoff reset) only once
+    /// one of its writes succeeds: a record that cannot be used keeps it
+    /// paused with a growing backoff and one `job-paused` alarm, instead of
+    /// an audit entry per retry.
     async fn run(self: Arc<Self>, id: String) {
         let mut wait = PAUSE_RETRY_FIRST;
-        let mut since: Option<(i64, std::time::Instant)> = None;
+        let mut alarmed = false;
+        let source = self.reg.db(|s| s.job(&id)).ok().flatten().map(|j| j.source).unwrap_or_default();
         loop {
-            if let Some((since_ms, t0)) = since {
-                // The first write after a pause is the audit saying it resumed.
-                let detail = format!(
-                    "database writes succeed again after {} s; the job resumes where its records say it stopped",
-                    t0.elapsed().as_secs()
-                );
-                let source = self.reg.db(|s| s.job(&id)).ok().flatten().map(|j| j.source).unwrap_or_default();
-                let row = AuditRow { at_ms: crate::now_ms(), ..audit("controller", "job.unpaused", &source, "", &id, detail) };
-                match self.reg.db(|s| s.audit(&row)) {
-                    Ok(()) => {
-                        info!(job = %id, paused_since_ms = since_ms, "job resumes: the database can be written again");
-                        self.paused.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                        self.changed(&id);
-                        since = None;
-                        wait = PAUSE_RETRY_FIRST;
-                    }
-                    Err(e) => {
-                        self.pause(&id, since_ms, &e);
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(PAUSE_RETRY_MAX);
-                        continue;
-                    }
-                }
-            }
             match self.clone().run_inner(&id).await {
                 // Ended: its guests are the reconciler's again.
                 Ok(()) => {
+                    self.progressed(&id, &source);
                     self.reg.clear_in_job(&id);
                     return;
                 }
                 Err(e) => {
-                    let since_ms = since.map(|s| s.0).unwrap_or_else(crate::now_ms);
-                    since.get_or_insert((since_ms, std::time::Instant::now()));
-                    self.pause(&id, since_ms, &e);
+                    let began = {
+                        let mut b = self.pause_began.lock().unwrap_or_else(|p| p.into_inner());
+                        match b.get(&id) {
+                            Some(&(ms, _)) => ms,
+                            None => {
+                                // New pause (first, or after progress): start the backoff over.
+                                let now = crate::now_ms();
+                                b.insert(id.clone(), (now, std::time::Instant::now()));
+                                wait = PAUSE_RETRY_FIRST;
+                                alarmed = false;
+                                now
+                            }
+                        }
+                    };
+                    self.pause(&id, began, &e);
+                    if !alarmed && !is_write_error(&e) {
+                        alarmed = true;
+                        let detail = format!(
+                            "job {id} is paused: a database record it needs cannot be used ({e}); it retries by itself \
+                             every {} s at most; see the controller's log and `lifeboat jobs show {id}`",
+                            PAUSE_RETRY_MAX.as_secs()
+                        );
+                        if let Err(ae) = self.reg.raise_alarm(&source, JOB_PAUSED, &detail) {
+                            warn!(job = %id, "raising the job-paused alarm failed: {ae}");
+                        }
+                    }
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(PAUSE_RETRY_MAX);
                 }
             }
         }
+    }
+
+    /// A write of the job succeeded: if it was paused, it is no longer,
+    /// and the resume is audited (tried; a failure is only logged).
+    fn progressed(&self, id: &str, source: &str) {
+        let Some((since_ms, t0)) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).remove(id) else { return };
+        let detail = format!(
+            "database writes succeed again after {} s; the job resumes where its records say it stopped",
+            t0.elapsed().as_secs()
+        );
+        let row = AuditRow { at_ms: crate::now_ms(), ..audit("controller", "job.unpaused", source, "", id, detail) };
+        if let Err(e) = self.reg.db(|s| s.audit(&row)) {
+            warn!(job = %id, "auditing the resume failed: {e}");
+        }
+        info!(job = %id, paused_since_ms = since_ms, "job resumes: its writes succeed again");
+        self.paused.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.changed(id);
     }
 
     /// Records (in memory) that a job is paused on a database error, and
@@ -715,6 +744,7 @@ impl Engine {
             return Ok(());
         }
         self.reg.db(|s| s.set_move(&m.job_id, &m.uuid, to.as_str(), error, owner.as_ref(), a.as_ref()))?;
+        self.progressed(&m.job_id, &m.source);
         if owner.is_some() {
             self.reg.refresh_owners()?;
         }
@@ -894,6 +924,16 @@ impl Engine {
     }
 }
 
+/// Alarm kind: a job is paused on a database record it cannot use.
+pub const JOB_PAUSED: &str = "job-paused";
+
+/// Whether a store error is SQLite refusing or failing a statement (full
+/// disk, read-only, I/O, locked): it passes when the database can be
+/// written again. Anything else is a record that cannot be used.
+fn is_write_error(e: &StoreError) -> bool {
+    matches!(e, StoreError::Sqlite(rusqlite::Error::SqliteFailure(..)))
+}
+
 /// What `jobs show` says of a job paused on a database error.
 fn paused_text(e: &StoreError, since_ms: i64) -> String {
     let since = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(since_ms) * 1_000_000)
@@ -901,7 +941,7 @@ fn paused_text(e: &StoreError, since_ms: i64) -> String {
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| format!("{since_ms} ms since the epoch"));
     match e {
-        StoreError::Sqlite(_) => format!(
+        e if is_write_error(e) => format!(
             "paused since {since}: the controller's database cannot be written ({e}); the job retries by itself and \
              resumes when writes succeed (free space on the database's filesystem: see docs/operations.md, \"Disk full\")"
         ),
@@ -1053,6 +1093,30 @@ mod tests {
         assert!(unpaused[0].detail.contains("database writes succeed again"), "{}", unpaused[0].detail);
         assert_eq!(unpaused[0].host, "host-a", "found with `lifeboat log --host`");
         assert!(log.iter().any(|a| a.action == "power.attested"), "the job carried on from where it stopped: {log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_job_paused_on_a_record_it_cannot_use_backs_off_alarms_once_and_writes_no_resume_per_retry() {
+        let (reg, engine) = new_engine();
+        let mut row = job_row("mig-c", "migrate", "host-a");
+        row.state = JobState::Moving.as_str().into();
+        reg.db(|s| s.create_job(&row, &[starting_move("mig-c")], &audit("olga", "x", "host-a", "", "mig-c", ""))).unwrap();
+        reg.db(|s| s.execute_raw("UPDATE moves SET memory_kib = -5 WHERE job_id = 'mig-c'")).unwrap();
+        tokio::spawn(engine.clone().run("mig-c".into()));
+        // `jobs show` cannot read the job either; the pause is kept for it.
+        let paused = until("the pause", || engine.paused.lock().unwrap().get("mig-c").cloned()).await;
+        assert!(paused.contains("cannot be used"), "{paused}");
+        // Retries at 0.5, 1.5, 3.5 s: three of them, no resume among them.
+        tokio::time::sleep(Duration::from_millis(4000)).await;
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+        let unpaused = log.iter().filter(|a| a.action == "job.unpaused").count();
+        assert_eq!(unpaused, 0, "nothing resumed: {log:?}");
+        let alarms: Vec<_> = log.iter().filter(|a| a.action == "alarm.job-paused").collect();
+        assert_eq!(alarms.len(), 1, "one alarm: {log:?}");
+        assert_eq!(alarms[0].host, "host-a");
+        assert!(alarms[0].detail.contains("mig-c") && alarms[0].detail.contains("out of range"), "{}", alarms[0].detail);
+        assert_eq!(reg.db(|s| s.job("mig-c")).unwrap().unwrap().state, "MOVING");
+        assert!(engine.paused.lock().unwrap().contains_key("mig-c"), "still paused");
     }
 
     /// A fake target agent: answers each command with `answer`, or (when it
