@@ -1021,7 +1021,9 @@ fn not_moved_row(job: &str, source: &str, gp: &lifeboat_proto::v1::GuestPlan, no
         error,
         priority: gp.priority,
         updated_ms: now,
-        memory_kib: gp.memory_kib,
+        // It reserves nothing; an agent's overflowing figure must not stop
+        // the job that records it from being written.
+        memory_kib: gp.memory_kib.min(i64::MAX.unsigned_abs()),
     }
 }
 
@@ -1344,6 +1346,15 @@ mod tests {
         let many = GuestPlan { checks: (0..12).map(|i| check(&format!("c{i}"), false, "no")).collect(), ..Default::default() };
         let r = not_moved_row("mig-1", "host-a", &many, 7);
         assert!(r.error.starts_with("the plan could not move it; failed checks: c0: no") && r.error.ends_with("c7: no; and 4 more"), "{}", r.error);
+
+        // A guest reporting u64::MAX memory fits nowhere; its row is still written.
+        let huge = GuestPlan { uuid: "uh".into(), name: "vm-huge".into(), memory_kib: u64::MAX, ..Default::default() };
+        let r = not_moved_row("mig-h", "host-a", &huge, 7);
+        let mut store = crate::store::Store::open_in_memory().unwrap();
+        let mut job = job_row("mig-h", "migrate", "host-a");
+        job.state = "MOVING".into();
+        store.create_job(&job, std::slice::from_ref(&r), &audit("olga", "x", "host-a", "", "mig-h", "")).unwrap();
+        assert_eq!(store.job_moves("mig-h").unwrap()[0].state, "NOT_MOVED");
     }
 
     #[test]
