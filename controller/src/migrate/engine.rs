@@ -53,9 +53,10 @@ pub struct Engine {
     /// memory: the database cannot be written while it is so.
     paused: std::sync::Mutex<BTreeMap<String, String>>,
     /// Paused jobs not yet seen to make progress: job id → when the pause
-    /// began (wall clock ms, and a monotonic instant). The first job or
-    /// move write that succeeds removes the entry and audits the resume.
-    pause_began: std::sync::Mutex<BTreeMap<String, (i64, std::time::Instant)>>,
+    /// began (wall clock ms, and a monotonic instant), and the detail of
+    /// the `job-paused` alarm it raised, if any. The first job or move write
+    /// that succeeds removes the entry, audits the resume and clears that alarm.
+    pause_began: std::sync::Mutex<BTreeMap<String, (i64, std::time::Instant, Option<String>)>>,
 }
 
 fn audit(actor: &str, action: &str, host: &str, vm: &str, job: &str, detail: impl Into<String>) -> AuditRow {
@@ -407,7 +408,6 @@ impl Engine {
     /// an audit entry per retry.
     async fn run(self: Arc<Self>, id: String) {
         let mut wait = PAUSE_RETRY_FIRST;
-        let mut alarmed = false;
         let source = self.reg.db(|s| s.job(&id)).ok().flatten().map(|j| j.source).unwrap_or_default();
         loop {
             match self.clone().run_inner(&id).await {
@@ -421,20 +421,19 @@ impl Engine {
                     let began = {
                         let mut b = self.pause_began.lock().unwrap_or_else(|p| p.into_inner());
                         match b.get(&id) {
-                            Some(&(ms, _)) => ms,
+                            Some(&(ms, _, _)) => ms,
                             None => {
                                 // New pause (first, or after progress): start the backoff over.
                                 let now = crate::now_ms();
-                                b.insert(id.clone(), (now, std::time::Instant::now()));
+                                b.insert(id.clone(), (now, std::time::Instant::now(), None));
                                 wait = PAUSE_RETRY_FIRST;
-                                alarmed = false;
                                 now
                             }
                         }
                     };
                     self.pause(&id, began, &e);
+                    let alarmed = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).get(&id).is_some_and(|b| b.2.is_some());
                     if !alarmed && !is_write_error(&e) {
-                        alarmed = true;
                         let detail = format!(
                             "job {id} is paused: a database record it needs cannot be used ({e}); it retries by itself \
                              every {} s at most; see the controller's log and `lifeboat jobs show {id}`",
@@ -442,6 +441,9 @@ impl Engine {
                         );
                         if let Err(ae) = self.reg.raise_alarm(&source, JOB_PAUSED, &detail) {
                             warn!(job = %id, "raising the job-paused alarm failed: {ae}");
+                        }
+                        if let Some(b) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id) {
+                            b.2 = Some(detail);
                         }
                     }
                     tokio::time::sleep(wait).await;
@@ -454,7 +456,12 @@ impl Engine {
     /// A write of the job succeeded: if it was paused, it is no longer,
     /// and the resume is audited (tried; a failure is only logged).
     fn progressed(&self, id: &str, source: &str) {
-        let Some((since_ms, t0)) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).remove(id) else { return };
+        let Some((since_ms, t0, alarm)) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).remove(id) else { return };
+        if let Some(detail) = alarm
+            && let Err(e) = self.reg.clear_alarm_by_cause(source, JOB_PAUSED, &detail, &format!("job {id} made progress again"))
+        {
+            warn!(job = %id, "clearing the job-paused alarm failed: {e}");
+        }
         let detail = format!(
             "database writes succeed again after {} s; the job resumes where its records say it stopped",
             t0.elapsed().as_secs()
@@ -1119,6 +1126,15 @@ mod tests {
         assert!(alarms[0].detail.contains("mig-c") && alarms[0].detail.contains("out of range"), "{}", alarms[0].detail);
         assert_eq!(reg.db(|s| s.job("mig-c")).unwrap().unwrap().state, "MOVING");
         assert!(engine.paused.lock().unwrap().contains_key("mig-c"), "still paused");
+
+        // The row is repaired (here: the move had failed): the job ends, the
+        // resume is audited once and the alarm is cleared by its cause.
+        reg.db(|s| s.execute_raw("UPDATE moves SET memory_kib = 1, state = 'FAILED', error = 'start failed' WHERE job_id = 'mig-c'")).unwrap();
+        until("the job's end", || reg.db(|s| s.job("mig-c")).unwrap().filter(|j| j.state != "MOVING")).await;
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+        assert_eq!(log.iter().filter(|a| a.action == "job.unpaused").count(), 1, "{log:?}");
+        assert!(!reg.active_alarms().iter().any(|a| a.1 == JOB_PAUSED), "{:?}", reg.active_alarms());
+        assert!(!engine.paused.lock().unwrap().contains_key("mig-c"), "no longer paused");
     }
 
     /// A fake target agent: answers each command with `answer`, or (when it
