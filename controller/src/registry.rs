@@ -108,7 +108,9 @@ fn by_host(owners: &BTreeMap<String, crate::store::OwnerRow>) -> BTreeMap<String
 
 /// Memory of the running guests of one host, KiB.
 fn running_kib(guests: &BTreeMap<String, GuestEntry>) -> u64 {
-    guests.values().filter(|g| crate::migrate::plan::is_running(g.state)).map(|g| g.memory_kib).sum()
+    // Saturating: the figures come from the agent, and an overflow must neither
+    // panic under the registry lock nor wrap to a host that looks empty.
+    guests.values().filter(|g| crate::migrate::plan::is_running(g.state)).fold(0u64, |a, g| a.saturating_add(g.memory_kib))
 }
 
 fn guest_hash(encoded: &[u8]) -> u64 {
@@ -1924,5 +1926,26 @@ mod tests {
         assert_eq!(reg.host_view("h").unwrap().memory_total_kib, 8192 * 1024, "plans use the new total");
         assert_eq!(reg.host_views_for(&[])[0].memory_total_kib, 8192 * 1024);
         assert_eq!(reg.db(|s| s.host("h")).unwrap().unwrap().info.memory_total_kib, 8192 * 1024, "and it is stored");
+    }
+
+    #[test]
+    fn guests_reporting_u64_max_memory_saturate_the_running_figure_instead_of_panicking_or_wrapping() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let huge = |u: &str| Guest {
+            uuid: u.into(),
+            name: format!("vm-{u}"),
+            state: GuestState::Running as i32,
+            memory_kib: u64::MAX,
+            ..Default::default()
+        };
+        let info = HostInfo { host_id: "h".into(), memory_total_kib: 4096 * 1024, ..Default::default() };
+        let inv = Inventory { host: Some(info), guests: vec![huge("u1"), huge("u2"), huge("u3")], more: false };
+        reg.apply_inventory("h", sid, inv).unwrap();
+        let v = reg.host_view("h").unwrap();
+        assert_eq!(v.guests.len(), 3, "the whole inventory was applied");
+        assert_eq!(v.running_memory_kib, u64::MAX, "a full host, not an empty one");
+        assert_eq!(crate::migrate::plan::available_memory_kib(&v, 0), 0);
     }
 }

@@ -36,6 +36,11 @@ pub enum StoreError {
     TooNew(i64),
 }
 
+/// How long a move that became RUNNING keeps holding its memory on its
+/// target (ms), unless the target reports the guest running sooner: until
+/// then the target's running figure may not include it yet.
+pub const RUNNING_HOLD_MS: i64 = 120_000;
+
 /// Size the write-ahead log is truncated to after a checkpoint (bytes).
 pub const WAL_SIZE_LIMIT_BYTES: i64 = 4 * 1024 * 1024;
 
@@ -461,6 +466,13 @@ impl Store {
     pub fn set_read_only(&self, on: bool) -> Result<(), StoreError> {
         self.conn.pragma_update(None, "query_only", on)?;
         Ok(())
+    }
+
+    /// Runs one SQL statement as is: tests use it to damage a row as a
+    /// bad disk or a hand edit would.
+    #[cfg(test)]
+    pub(crate) fn execute_raw(&self, sql: &str) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(sql, [])?)
     }
 
     /// Records when hosts were last heard from (observed state).
@@ -903,17 +915,22 @@ impl Store {
     }
 
     /// The memory held by moves under way: every move of an unfinished job
-    /// that has not yet run (PENDING, DEFINING, DEFINED, STARTING). A move
-    /// that ran, stopped defined, failed or was not moved holds nothing, nor
-    /// does any move of an ended job. Ordered by target, then job.
+    /// that has not yet run (PENDING, DEFINING, DEFINED, STARTING), and every
+    /// move that became RUNNING within [`RUNNING_HOLD_MS`] (whatever its
+    /// job's state): its target counts the guest only from its next report,
+    /// and the planner drops the reservation once the target reports it
+    /// running. A move that stopped defined, failed or was not moved holds
+    /// nothing, nor does any other move of an ended job. Ordered by target,
+    /// then job.
     pub fn reservations(&self) -> Result<Vec<ReservationRow>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT m.job_id, m.uuid, m.name, m.target, m.memory_kib FROM moves m JOIN jobs j ON j.id = m.job_id
-             WHERE m.state IN ('PENDING', 'DEFINING', 'DEFINED', 'STARTING')
-               AND j.state NOT IN ('SUCCEEDED', 'PARTIAL', 'FAILED')
+             WHERE (m.state IN ('PENDING', 'DEFINING', 'DEFINED', 'STARTING')
+                    AND j.state NOT IN ('SUCCEEDED', 'PARTIAL', 'FAILED'))
+                OR (m.state = 'RUNNING' AND m.updated_ms >= ?1)
              ORDER BY m.target, j.created_ms, m.job_id, m.name",
         )?;
-        let rows = st.query_map([], |r| {
+        let rows = st.query_map(params![crate::now_ms().saturating_sub(RUNNING_HOLD_MS)], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?))
         })?;
         let mut out = Vec::new();
@@ -1318,7 +1335,14 @@ mod tests {
         s.set_move("j1", "u0", "RUNNING", "", None, None).unwrap();
         s.set_job_state("j2", "PARTIAL", "", None).unwrap();
         let left: Vec<String> = s.reservations().unwrap().into_iter().map(|r| r.uuid).collect();
-        assert_eq!(left, ["u1", "u2", "u3"], "a running move and an ended job hold nothing");
+        assert_eq!(left, ["u0", "u1", "u2", "u3"], "a guest that just started is held until its target reports it; an ended job's pending move holds nothing");
+        s.set_job_state("j1", "SUCCEEDED", "", None).unwrap();
+        let left: Vec<String> = s.reservations().unwrap().into_iter().map(|r| r.uuid).collect();
+        assert_eq!(left, ["u0"], "also once its job ended");
+        s.conn.execute(&format!("UPDATE moves SET updated_ms = {} WHERE uuid = 'u0'", crate::now_ms() - RUNNING_HOLD_MS - 1), []).unwrap();
+        s.conn.execute("UPDATE jobs SET state = 'MOVING' WHERE id = 'j1'", []).unwrap();
+        let left: Vec<String> = s.reservations().unwrap().into_iter().map(|r| r.uuid).collect();
+        assert_eq!(left, ["u1", "u2", "u3"], "a move that ran long ago and an ended job hold nothing");
         s.conn.execute("UPDATE moves SET memory_kib = -5 WHERE uuid = 'u1'", []).unwrap();
         let e = s.reservations().unwrap_err();
         assert!(matches!(e, StoreError::Corrupt { table: "moves", .. }) && e.to_string().contains("vm-u1"), "{e}");

@@ -52,6 +52,11 @@ pub struct Engine {
     /// Jobs paused on a database error: job id → why and since when. In
     /// memory: the database cannot be written while it is so.
     paused: std::sync::Mutex<BTreeMap<String, String>>,
+    /// Paused jobs not yet seen to make progress: job id → when the pause
+    /// began (wall clock ms, and a monotonic instant), and the detail of
+    /// the `job-paused` alarm it raised, if any. The first job or move write
+    /// that succeeds removes the entry, audits the resume and clears that alarm.
+    pause_began: std::sync::Mutex<BTreeMap<String, (i64, std::time::Instant, Option<String>)>>,
 }
 
 fn audit(actor: &str, action: &str, host: &str, vm: &str, job: &str, detail: impl Into<String>) -> AuditRow {
@@ -89,6 +94,7 @@ impl Engine {
             changes,
             call_timeout: Duration::from_secs(60),
             paused: Default::default(),
+            pause_began: Default::default(),
             placing: tokio::sync::Mutex::new(()),
         }))
     }
@@ -385,6 +391,7 @@ impl Engine {
             return Ok(());
         }
         self.reg.db(|s| s.set_job_state(&job.id, to.as_str(), error, a.as_ref()))?;
+        self.progressed(&job.id, &job.source);
         self.changed(&job.id);
         Ok(())
     }
@@ -401,49 +408,78 @@ impl Engine {
     /// every step is check-then-act and is written before it is carried
     /// out, so the job retries (with backoff) from what the database holds,
     /// and resumes by itself once a write succeeds again.
+    ///
+    /// A job is unpaused (audited `job.unpaused`, backoff reset) only once
+    /// one of its writes succeeds: a record that cannot be used keeps it
+    /// paused with a growing backoff and one `job-paused` alarm, instead of
+    /// an audit entry per retry.
     async fn run(self: Arc<Self>, id: String) {
         let mut wait = PAUSE_RETRY_FIRST;
-        let mut since: Option<(i64, std::time::Instant)> = None;
+        let source = self.reg.db(|s| s.job(&id)).ok().flatten().map(|j| j.source).unwrap_or_default();
         loop {
-            if let Some((since_ms, t0)) = since {
-                // The first write after a pause is the audit saying it resumed.
-                let detail = format!(
-                    "database writes succeed again after {} s; the job resumes where its records say it stopped",
-                    t0.elapsed().as_secs()
-                );
-                let source = self.reg.db(|s| s.job(&id)).ok().flatten().map(|j| j.source).unwrap_or_default();
-                let row = AuditRow { at_ms: crate::now_ms(), ..audit("controller", "job.unpaused", &source, "", &id, detail) };
-                match self.reg.db(|s| s.audit(&row)) {
-                    Ok(()) => {
-                        info!(job = %id, paused_since_ms = since_ms, "job resumes: the database can be written again");
-                        self.paused.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                        self.changed(&id);
-                        since = None;
-                        wait = PAUSE_RETRY_FIRST;
-                    }
-                    Err(e) => {
-                        self.pause(&id, since_ms, &e);
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(PAUSE_RETRY_MAX);
-                        continue;
-                    }
-                }
-            }
             match self.clone().run_inner(&id).await {
                 // Ended: its guests are the reconciler's again.
                 Ok(()) => {
+                    self.progressed(&id, &source);
                     self.reg.clear_in_job(&id);
                     return;
                 }
                 Err(e) => {
-                    let since_ms = since.map(|s| s.0).unwrap_or_else(crate::now_ms);
-                    since.get_or_insert((since_ms, std::time::Instant::now()));
-                    self.pause(&id, since_ms, &e);
+                    let began = {
+                        let mut b = self.pause_began.lock().unwrap_or_else(|p| p.into_inner());
+                        match b.get(&id) {
+                            Some(&(ms, _, _)) => ms,
+                            None => {
+                                // New pause (first, or after progress): start the backoff over.
+                                let now = crate::now_ms();
+                                b.insert(id.clone(), (now, std::time::Instant::now(), None));
+                                wait = PAUSE_RETRY_FIRST;
+                                now
+                            }
+                        }
+                    };
+                    self.pause(&id, began, &e);
+                    let alarmed = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).get(&id).is_some_and(|b| b.2.is_some());
+                    if !alarmed && !is_write_error(&e) {
+                        let detail = format!(
+                            "job {id} is paused: a database record it needs cannot be used ({e}); it retries by itself \
+                             every {} s at most; see the controller's log and `lifeboat jobs show {id}`",
+                            PAUSE_RETRY_MAX.as_secs()
+                        );
+                        if let Err(ae) = self.reg.raise_alarm(&source, JOB_PAUSED, &detail) {
+                            warn!(job = %id, "raising the job-paused alarm failed: {ae}");
+                        }
+                        if let Some(b) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id) {
+                            b.2 = Some(detail);
+                        }
+                    }
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(PAUSE_RETRY_MAX);
                 }
             }
         }
+    }
+
+    /// A write of the job succeeded: if it was paused, it is no longer,
+    /// and the resume is audited (tried; a failure is only logged).
+    fn progressed(&self, id: &str, source: &str) {
+        let Some((since_ms, t0, alarm)) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).remove(id) else { return };
+        if let Some(detail) = alarm
+            && let Err(e) = self.reg.clear_alarm_by_cause(source, JOB_PAUSED, &detail, &format!("job {id} made progress again"))
+        {
+            warn!(job = %id, "clearing the job-paused alarm failed: {e}");
+        }
+        let detail = format!(
+            "database writes succeed again after {} s; the job resumes where its records say it stopped",
+            t0.elapsed().as_secs()
+        );
+        let row = AuditRow { at_ms: crate::now_ms(), ..audit("controller", "job.unpaused", source, "", id, detail) };
+        if let Err(e) = self.reg.db(|s| s.audit(&row)) {
+            warn!(job = %id, "auditing the resume failed: {e}");
+        }
+        info!(job = %id, paused_since_ms = since_ms, "job resumes: its writes succeed again");
+        self.paused.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.changed(id);
     }
 
     /// Records (in memory) that a job is paused on a database error, and
@@ -743,11 +779,20 @@ impl Engine {
     /// came (the agent was killed, or reconnected) fails the call at once;
     /// the step is sent again on the next session, until [`SESSION_WAIT`]
     /// has passed: every step is idempotent on the agent ("already").
-    async fn call_target(&self, host: &str, kind: Kind) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
+    /// With `guard` (a start: the move and whether it is planned), the
+    /// start's checks run again before every resend (see [`Engine::start_refusal`]).
+    async fn call_target(&self, host: &str, kind: Kind, guard: Option<(&MoveRow, bool)>) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
         let deadline = tokio::time::Instant::now() + SESSION_WAIT;
         let mut last = String::from("no agent session");
+        let mut sent = false;
         loop {
             if self.reg.has_session(host) {
+                // The world may have changed while the session was down: a
+                // resent start meets the same checks as the first one.
+                if sent && let Some((m, planned)) = guard && let Some(why) = self.start_refusal(m, planned).await {
+                    return Err(ControllerError::Refused(format!("not sending the start again on {host}'s new session: {why}")));
+                }
+                sent = true;
                 match self.reg.call(host, kind.clone(), self.call_timeout).await {
                     Err(ControllerError::AgentUnavailable(e)) => {
                         warn!(host, "{e}; the step is sent again on the agent's next session");
@@ -763,6 +808,20 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Why a move must not (re)send its start now, if so: the checks the
+    /// Starting step makes before its first start. The move's ownership has
+    /// moved on; a planned move's source no longer confirms the guest shut
+    /// off; a forced move's source talks to the controller again.
+    async fn start_refusal(&self, m: &MoveRow, planned: bool) -> Option<String> {
+        if let Some(why) = self.moved_on(m) {
+            return Some(why);
+        }
+        if planned {
+            return self.stop_confirmed(&m.source, m, &m.job_id).await.err();
+        }
+        self.reg.is_reachable(&m.source).then(|| format!("{} is talking to the controller again", m.source))
     }
 
     /// Whether the target reports the guest as this move left it after
@@ -783,6 +842,7 @@ impl Engine {
             return Ok(());
         }
         self.reg.db(|s| s.set_move(&m.job_id, &m.uuid, to.as_str(), error, owner.as_ref(), a.as_ref()))?;
+        self.progressed(&m.job_id, &m.source);
         if owner.is_some() {
             self.reg.refresh_owners()?;
         }
@@ -794,18 +854,18 @@ impl Engine {
     /// Grants the target the guest's start lease (merged: revokes nothing),
     /// then starts it: the target's start guard refuses a managed guest
     /// without a lease.
-    async fn lease_then_start(&self, m: &MoveRow) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
+    async fn lease_then_start(&self, m: &MoveRow, planned: bool) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
         let grant = GrantLeases {
             leases: vec![Lease { uuid: m.uuid.clone(), name: m.name.clone(), generation: m.generation }],
             expires_unix_ms: crate::now_ms() + self.lease_ttl_ms,
             merge: true,
             issued_unix_ms: crate::now_ms(),
         };
-        let r = self.call_target(&m.target, Kind::GrantLeases(grant)).await?;
+        let r = self.call_target(&m.target, Kind::GrantLeases(grant), Some((m, planned))).await?;
         if !r.ok {
             return Ok(r);
         }
-        self.call_target(&m.target, Kind::StartGuest(StartGuest { uuid: m.uuid.clone() })).await
+        self.call_target(&m.target, Kind::StartGuest(StartGuest { uuid: m.uuid.clone() }), Some((m, planned))).await
     }
 
     fn owner(&self, m: &MoveRow, complete: bool) -> OwnerRow {
@@ -842,7 +902,7 @@ impl Engine {
                         owner_host: m.target.clone(),
                         generation: m.generation,
                     });
-                    match self.call_target(&m.target, kind).await {
+                    match self.call_target(&m.target, kind, None).await {
                         Ok(r) if r.ok => {
                             let detail = format!("defined {} ({}) on {} ({}), autostart off, owner generation {}", m.name, m.uuid, m.target, r.outcome, m.generation);
                             self.set_move(&mut m, MoveState::Defined, "", None, a("guest.defined", detail))?;
@@ -877,6 +937,17 @@ impl Engine {
                     let msg = format!("not starting {} on {}: {why}", m.name, m.target);
                     self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                 }
+                // A job resumed after its start took effect (the RUNNING
+                // write failed, or the controller stopped) finds it running
+                // there at this move's generation: that is this move's copy.
+                MoveState::Starting if self.target_reports(&m, true).is_some() => {
+                    let owner = self.owner(&m, true);
+                    let detail = format!(
+                        "{} ({}) running on {}: {} reports it running at owner generation {} (started before this job resumed)",
+                        m.name, m.uuid, m.target, m.target, m.generation
+                    );
+                    self.set_move(&mut m, MoveState::Running, "", Some(owner), a("guest.running", detail))?;
+                }
                 MoveState::Starting if planned && let Err(e) = self.stop_confirmed(&m.source, &m, &m.job_id).await => {
                     // The source is read again right before the start: a copy
                     // started there since the stop must not meet a second one.
@@ -887,7 +958,7 @@ impl Engine {
                     let msg = format!("{} is talking to the controller again; not starting {} on {}", m.source, m.name, m.target);
                     self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                 }
-                MoveState::Starting => match self.lease_then_start(&m).await {
+                MoveState::Starting => match self.lease_then_start(&m, planned).await {
                     Ok(r) if r.ok => {
                         let owner = self.owner(&m, true);
                         let detail = format!("{} ({}) running on {} ({})", m.name, m.uuid, m.target, r.outcome);
@@ -944,6 +1015,16 @@ impl Engine {
     }
 }
 
+/// Alarm kind: a job is paused on a database record it cannot use.
+pub const JOB_PAUSED: &str = "job-paused";
+
+/// Whether a store error is SQLite refusing or failing a statement (full
+/// disk, read-only, I/O, locked): it passes when the database can be
+/// written again. Anything else is a record that cannot be used.
+fn is_write_error(e: &StoreError) -> bool {
+    matches!(e, StoreError::Sqlite(rusqlite::Error::SqliteFailure(..)))
+}
+
 /// What `jobs show` says of a job paused on a database error.
 fn paused_text(e: &StoreError, since_ms: i64) -> String {
     let since = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(since_ms) * 1_000_000)
@@ -951,7 +1032,7 @@ fn paused_text(e: &StoreError, since_ms: i64) -> String {
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| format!("{since_ms} ms since the epoch"));
     match e {
-        StoreError::Sqlite(_) => format!(
+        e if is_write_error(e) => format!(
             "paused since {since}: the controller's database cannot be written ({e}); the job retries by itself and \
              resumes when writes succeed (free space on the database's filesystem: see docs/operations.md, \"Disk full\")"
         ),
@@ -1031,7 +1112,9 @@ fn not_moved_row(job: &str, source: &str, gp: &lifeboat_proto::v1::GuestPlan, no
         error,
         priority: gp.priority,
         updated_ms: now,
-        memory_kib: gp.memory_kib,
+        // It reserves nothing; an agent's overflowing figure must not stop
+        // the job that records it from being written.
+        memory_kib: gp.memory_kib.min(i64::MAX.unsigned_abs()),
     }
 }
 
@@ -1103,6 +1186,39 @@ mod tests {
         assert!(unpaused[0].detail.contains("database writes succeed again"), "{}", unpaused[0].detail);
         assert_eq!(unpaused[0].host, "host-a", "found with `lifeboat log --host`");
         assert!(log.iter().any(|a| a.action == "power.attested"), "the job carried on from where it stopped: {log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_job_paused_on_a_record_it_cannot_use_backs_off_alarms_once_and_writes_no_resume_per_retry() {
+        let (reg, engine) = new_engine();
+        let mut row = job_row("mig-c", "migrate", "host-a");
+        row.state = JobState::Moving.as_str().into();
+        reg.db(|s| s.create_job(&row, &[starting_move("mig-c")], &audit("olga", "x", "host-a", "", "mig-c", ""))).unwrap();
+        reg.db(|s| s.execute_raw("UPDATE moves SET memory_kib = -5 WHERE job_id = 'mig-c'")).unwrap();
+        tokio::spawn(engine.clone().run("mig-c".into()));
+        // `jobs show` cannot read the job either; the pause is kept for it.
+        let paused = until("the pause", || engine.paused.lock().unwrap().get("mig-c").cloned()).await;
+        assert!(paused.contains("cannot be used"), "{paused}");
+        // Retries at 0.5, 1.5, 3.5 s: three of them, no resume among them.
+        tokio::time::sleep(Duration::from_millis(4000)).await;
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+        let unpaused = log.iter().filter(|a| a.action == "job.unpaused").count();
+        assert_eq!(unpaused, 0, "nothing resumed: {log:?}");
+        let alarms: Vec<_> = log.iter().filter(|a| a.action == "alarm.job-paused").collect();
+        assert_eq!(alarms.len(), 1, "one alarm: {log:?}");
+        assert_eq!(alarms[0].host, "host-a");
+        assert!(alarms[0].detail.contains("mig-c") && alarms[0].detail.contains("out of range"), "{}", alarms[0].detail);
+        assert_eq!(reg.db(|s| s.job("mig-c")).unwrap().unwrap().state, "MOVING");
+        assert!(engine.paused.lock().unwrap().contains_key("mig-c"), "still paused");
+
+        // The row is repaired (here: the move had failed): the job ends, the
+        // resume is audited once and the alarm is cleared by its cause.
+        reg.db(|s| s.execute_raw("UPDATE moves SET memory_kib = 1, state = 'FAILED', error = 'start failed' WHERE job_id = 'mig-c'")).unwrap();
+        until("the job's end", || reg.db(|s| s.job("mig-c")).unwrap().filter(|j| j.state != "MOVING")).await;
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+        assert_eq!(log.iter().filter(|a| a.action == "job.unpaused").count(), 1, "{log:?}");
+        assert!(!reg.active_alarms().iter().any(|a| a.1 == JOB_PAUSED), "{:?}", reg.active_alarms());
+        assert!(!engine.paused.lock().unwrap().contains_key("mig-c"), "no longer paused");
     }
 
     /// A fake target agent: answers each command with `answer`, or (when it
@@ -1237,6 +1353,73 @@ mod tests {
         assert!(row.error.contains("verifying vm-1 failed"), "{}", row.error);
     }
 
+    /// Opens a session for `host` that reports `guests` and is heard now,
+    /// as a host that comes back does; the session lives until the test ends.
+    fn comes_back(reg: &Registry, host: &str, guests: Vec<lifeboat_proto::v1::Guest>) {
+        use lifeboat_proto::v1::Inventory;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        std::mem::forget(rx);
+        let sid = reg.open_session(host, "boot-2", tx).unwrap();
+        let info = lifeboat_proto::v1::HostInfo { host_id: host.to_string(), ..Default::default() };
+        reg.apply_inventory(host, sid, Inventory { host: Some(info), guests, more: false }).unwrap();
+        reg.heard_cell(host, sid).unwrap().store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    #[tokio::test]
+    async fn a_start_is_not_sent_again_when_the_forced_moves_source_came_back_meanwhile() {
+        let (reg, engine) = new_engine();
+        let m = starting_move("mig-back");
+        reg.db(|s| s.create_job(&job_row("mig-back", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-back", "")))
+            .unwrap();
+        let starts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (n, r2) = (starts.clone(), reg.clone());
+        let source_copy = lifeboat_proto::v1::Guest { owner_host: "host-a".into(), owner_generation: 2, ..running_there(&m) };
+        let _agent = fake_agent(reg.clone(), "host-b", vec![], move |k| match k {
+            Kind::GrantLeases(_) => Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() }),
+            Kind::StartGuest(_) => {
+                // While the target's agent is down, the source powers on
+                // and reports its own copy running.
+                if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    comes_back(&r2, "host-a", vec![source_copy.clone()]);
+                    return None;
+                }
+                Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "started".into(), ..Default::default() })
+            }
+            _ => None,
+        })
+        .await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        engine.run_move(m, "olga", false).await.unwrap();
+        let row = reg.db(|s| s.moves("mig-back")).unwrap().remove(0);
+        assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 1, "the start was not sent again");
+        assert_eq!(row.state, "FAILED");
+        assert!(row.error.contains("host-a is talking to the controller again"), "{}", row.error);
+    }
+
+    #[tokio::test]
+    async fn a_job_resumed_in_starting_finds_its_guest_running_on_the_target_and_calls_it_running() {
+        let (reg, engine) = new_engine();
+        let m = starting_move("mig-resumed");
+        reg.db(|s| s.create_job(&job_row("mig-resumed", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-resumed", "")))
+            .unwrap();
+        // The start took effect before the pause; the source is back (stopped copy).
+        let _agent = fake_agent(reg.clone(), "host-b", vec![running_there(&m)], |_| None).await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        let stopped = lifeboat_proto::v1::Guest {
+            owner_host: "host-a".into(),
+            owner_generation: 2,
+            state: lifeboat_proto::v1::GuestState::Shutoff as i32,
+            ..running_there(&m)
+        };
+        comes_back(&reg, "host-a", vec![stopped]);
+        assert!(reg.is_reachable("host-a"));
+        engine.run_move(m, "olga", false).await.unwrap();
+        let row = reg.db(|s| s.moves("mig-resumed")).unwrap().remove(0);
+        assert_eq!((row.state.as_str(), row.error.as_str()), ("RUNNING", ""));
+        let owner = reg.db(|s| s.owners()).unwrap().into_iter().find(|o| o.uuid == row.uuid).unwrap();
+        assert_eq!((owner.host.as_str(), owner.generation, owner.complete), ("host-b", 3, true));
+    }
+
     #[test]
     fn a_guest_left_behind_carries_the_plans_reason_and_failed_checks() {
         let check = |name: &str, ok: bool, detail: &str| Check { name: name.into(), ok, detail: detail.into(), remedy: String::new() };
@@ -1263,6 +1446,15 @@ mod tests {
         let many = GuestPlan { checks: (0..12).map(|i| check(&format!("c{i}"), false, "no")).collect(), ..Default::default() };
         let r = not_moved_row("mig-1", "host-a", &many, 7);
         assert!(r.error.starts_with("the plan could not move it; failed checks: c0: no") && r.error.ends_with("c7: no; and 4 more"), "{}", r.error);
+
+        // A guest reporting u64::MAX memory fits nowhere; its row is still written.
+        let huge = GuestPlan { uuid: "uh".into(), name: "vm-huge".into(), memory_kib: u64::MAX, ..Default::default() };
+        let r = not_moved_row("mig-h", "host-a", &huge, 7);
+        let mut store = crate::store::Store::open_in_memory().unwrap();
+        let mut job = job_row("mig-h", "migrate", "host-a");
+        job.state = "MOVING".into();
+        store.create_job(&job, std::slice::from_ref(&r), &audit("olga", "x", "host-a", "", "mig-h", "")).unwrap();
+        assert_eq!(store.job_moves("mig-h").unwrap()[0].state, "NOT_MOVED");
     }
 
     #[test]

@@ -229,7 +229,8 @@ pub fn is_running(state: i32) -> bool {
 
 /// Memory of the running guests in `guests`, KiB.
 pub fn running_memory_kib(guests: &[Guest]) -> u64 {
-    guests.iter().filter(|g| is_running(g.state)).map(|g| g.memory_kib).sum()
+    // Saturating: agent-reported figures; a wrapped sum would make a full host look empty.
+    guests.iter().filter(|g| is_running(g.state)).fold(0u64, |a, g| a.saturating_add(g.memory_kib))
 }
 
 /// Fewest hosts whose disk visibility is checked when there are more
@@ -664,7 +665,8 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                 } else {
                     "named with --to".into()
                 };
-                *reserved.entry(t.id.clone()).or_default() += g.memory_kib;
+                let ours = reserved.entry(t.id.clone()).or_default();
+                *ours = ours.saturating_add(g.memory_kib);
                 claimed_names.entry(t.id.clone()).or_default().insert(g.name.clone());
                 gp.reserved_note = reserved_note(held_on(&t.id));
                 gp.checks = per_target.into_iter().filter(|c| c.name.ends_with(&t.id)).collect();
@@ -1133,6 +1135,15 @@ mod tests {
         assert_eq!(h.running_memory_kib, 32 * 1024, "only the running guest counts");
         assert_eq!(available_memory_kib(&h, 100 * 1024), (1000 - 32 - 100) * 1024);
         assert_eq!(available_memory_kib(&h, 2000 * 1024), 0);
+        // Agent-reported figures that overflow saturate: the host is full.
+        for g in h.guests.iter_mut() {
+            g.memory_kib = u64::MAX;
+            g.state = GuestState::Running as i32;
+        }
+        assert!(h.guests.len() >= 2);
+        h.running_memory_kib = running_memory_kib(&h.guests);
+        assert_eq!(h.running_memory_kib, u64::MAX);
+        assert_eq!(available_memory_kib(&h, 0), 0);
     }
 
     #[test]
