@@ -254,6 +254,29 @@ impl Registry {
         Ok(r)
     }
 
+    /// Whether what `host` reports can be relied on now: its agent talks,
+    /// sent a full inventory in this session, and no second agent claims it.
+    pub fn reports_now(&self, host: &str) -> bool {
+        Self::fresh(&self.lock(), host)
+    }
+
+    /// Marks `uuid` as acted on by `job` (a restore; `source` its owner,
+    /// `target` where it is defined) unless a job acts on it already, which
+    /// is returned: checked and marked under one lock.
+    pub fn claim_for_restore(&self, uuid: &str, job: &str, source: &str, target: &str) -> Result<(), String> {
+        let mut inner = self.lock();
+        if let Some(j) = inner.in_job.get(uuid) {
+            return Err(j.0.clone());
+        }
+        inner.in_job.insert(uuid.to_string(), (job.to_string(), source.to_string(), target.to_string()));
+        for h in [source, target] {
+            if let Some(e) = inner.hosts.get_mut(h) {
+                e.dirty = true;
+            }
+        }
+        Ok(())
+    }
+
     /// UUIDs of the guests missing now (tests, metrics).
     pub fn missing_uuids(&self) -> Vec<String> {
         self.lock().missing.keys().cloned().collect()
