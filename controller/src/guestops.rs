@@ -60,6 +60,32 @@ pub struct RestoreInput {
     /// Why the controller may not act on what hosts reported yet (startup
     /// grace, a restored database not yet rebuilt), if so.
     pub hold: Option<String>,
+    /// The guest's memory (KiB), as last reported.
+    pub guest_memory_kib: u64,
+    /// The target's memory as the planner counts it, for `--start`.
+    pub target_memory: TargetMemory,
+}
+
+/// A target's memory figures (KiB): what a start there may use is the total
+/// less the running guests, the configured reserve and what moves under way
+/// have reserved there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetMemory {
+    /// Total memory the host reports.
+    pub total_kib: u64,
+    /// Memory of the guests it runs.
+    pub running_kib: u64,
+    /// The configured per-host reserve.
+    pub reserve_kib: u64,
+    /// Held by moves under way to it (not yet running there).
+    pub reserved_kib: u64,
+}
+
+impl TargetMemory {
+    /// What is left for one more guest.
+    pub fn free_kib(&self) -> u64 {
+        self.total_kib.saturating_sub(self.running_kib).saturating_sub(self.reserve_kib).saturating_sub(self.reserved_kib)
+    }
 }
 
 /// Every check of a restore (pure); all must pass.
@@ -141,6 +167,25 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
             format!("{} is {}", i.target, i.target_status.map(|s| s.as_str()).unwrap_or("unknown")),
             "restore without --start, or make the host AVAILABLE first",
         ));
+        let m = i.target_memory;
+        let fits = i.guest_memory_kib <= m.free_kib();
+        let mib = |k: u64| k / 1024;
+        out.push(check(
+            "target-memory",
+            fits,
+            format!(
+                "{} needs {} MiB; {} has {} MiB free ({} MiB total - {} MiB running - {} MiB reserve - {} MiB reserved by moves under way)",
+                i.name,
+                mib(i.guest_memory_kib),
+                i.target,
+                mib(m.free_kib()),
+                mib(m.total_kib),
+                mib(m.running_kib),
+                mib(m.reserve_kib),
+                mib(m.reserved_kib)
+            ),
+            "restore without --start and start it once memory is free, or restore it elsewhere with --to HOST",
+        ));
     }
     out
 }
@@ -211,7 +256,13 @@ fn still_ours(reg: &Registry, uuid: &str, name: &str, target: &str, generation: 
 /// on its owner (or `to_host`, a placement change recorded first, with the
 /// next generation), then optionally grants its lease and starts it.
 /// Refusals change nothing and name every failed check.
-pub async fn restore(reg: &Registry, req: &RestoreGuestRequest, operator: &str, lease_ttl_ms: i64) -> Result<GuestRecord, ControllerError> {
+pub async fn restore(
+    reg: &Registry,
+    req: &RestoreGuestRequest,
+    operator: &str,
+    lease_ttl_ms: i64,
+    memory_reserve_kib: u64,
+) -> Result<GuestRecord, ControllerError> {
     const WHAT: &str = "restoring a guest";
     let reason = reason_of(&req.reason, WHAT)?;
     let vm = bounded(&req.vm, "VM", MAX_NAME, WHAT)?;
@@ -243,6 +294,8 @@ pub async fn restore(reg: &Registry, req: &RestoreGuestRequest, operator: &str, 
         target: target.clone(),
         start: req.start,
         hold: reg.hold(crate::now_ms()),
+        guest_memory_kib: r.guest.memory_kib,
+        target_memory: if req.start { target_memory(reg, &target, memory_reserve_kib)? } else { TargetMemory::default() },
     };
     let checks = restore_checks(&input);
     if checks.iter().any(|c| !c.ok) {
@@ -333,6 +386,20 @@ pub async fn restore(reg: &Registry, req: &RestoreGuestRequest, operator: &str, 
         .into_iter()
         .next()
         .ok_or_else(|| ControllerError::NotFound(format!("{name} is no longer listed on {target}")))
+}
+
+/// The target's memory figures as the planner counts them (reservations of
+/// moves whose guest already runs there are in its running figure).
+fn target_memory(reg: &Registry, target: &str, reserve_kib: u64) -> Result<TargetMemory, ControllerError> {
+    let Some(view) = reg.host_view(target) else { return Ok(TargetMemory { reserve_kib, ..Default::default() }) };
+    let reservations: Vec<crate::migrate::plan::Reservation> = reg
+        .db(|s| s.reservations())?
+        .into_iter()
+        .map(|r| crate::migrate::plan::Reservation { job: r.job_id, uuid: r.uuid, name: r.name, target: r.target, memory_kib: r.memory_kib })
+        .collect();
+    let held = crate::migrate::plan::held_by_reservations(&reservations, std::slice::from_ref(&view));
+    let reserved_kib = held.get(target).map(|v| v.iter().fold(0u64, |a, r| a.saturating_add(r.memory_kib))).unwrap_or(0);
+    Ok(TargetMemory { total_kib: view.memory_total_kib, running_kib: view.running_memory_kib, reserve_kib, reserved_kib })
 }
 
 /// Grants the lease and starts a restored guest, never where another host
@@ -458,6 +525,8 @@ mod tests {
             owner_status: Some(HostStatus::Available),
             start: false,
             hold: None,
+            guest_memory_kib: 512 * 1024,
+            target_memory: TargetMemory { total_kib: 4 << 20, running_kib: 1 << 20, reserve_kib: 1 << 20, reserved_kib: 1 << 20 },
         }
     }
 
@@ -474,6 +543,19 @@ mod tests {
         assert_eq!(failed(&i), ["definition-kept", "no-job", "target-reachable"]);
         let i = RestoreInput { start: true, target_status: Some(HostStatus::Maintenance), ..input() };
         assert_eq!(failed(&i), ["target-may-run"]);
+    }
+
+    #[test]
+    fn a_start_needs_the_targets_free_memory_less_running_reserve_and_reservations() {
+        let i = RestoreInput { start: true, guest_memory_kib: 1 << 20, ..input() };
+        assert!(failed(&i).is_empty(), "1 GiB fits 4 - 1 - 1 - 1 GiB");
+        let i = RestoreInput { guest_memory_kib: (1 << 20) + 1, ..i };
+        assert_eq!(failed(&i), ["target-memory"]);
+        let c = restore_checks(&i).into_iter().find(|c| c.name == "target-memory").unwrap();
+        assert_eq!(c.detail, "vm1 needs 1024 MiB; a has 1024 MiB free (4096 MiB total - 1024 MiB running - 1024 MiB reserve - 1024 MiB reserved by moves under way)");
+        let huge = TargetMemory { total_kib: 1, running_kib: u64::MAX, reserve_kib: u64::MAX, reserved_kib: u64::MAX };
+        assert_eq!(huge.free_kib(), 0);
+        assert_eq!(failed(&RestoreInput { start: false, ..i }), Vec::<String>::new(), "without --start nothing runs");
     }
 
     #[test]
@@ -506,7 +588,7 @@ mod tests {
         let (reg, a, _rx) = with_missing_vm1(300);
         let req = |vm: &str, to: &str| RestoreGuestRequest { vm: vm.into(), to_host: to.into(), start: true, reason: "oops".into() };
         // Right after the controller started, nothing any host reported is current yet.
-        let e = restore(&reg, &req("vm1", ""), "olga", 3000).await.unwrap_err().to_string();
+        let e = restore(&reg, &req("vm1", ""), "olga", 3000, 0).await.unwrap_err().to_string();
         assert!(e.contains("reports-current") && e.contains("startup grace"), "{e}");
         let fr = ForgetGuestRequest { vm: "vm1".into(), reason: "retired".into() };
         let e = forget(&reg, &fr, "olga").unwrap_err().to_string();
@@ -519,10 +601,10 @@ mod tests {
             reg.heard_cell(h, sid).unwrap().store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
         }
         // b talks but has not reported its guests in this session: it may hold vm1.
-        let e = restore(&reg, &req("vm1", "b"), "olga", 3000).await.unwrap_err().to_string();
+        let e = restore(&reg, &req("vm1", "b"), "olga", 3000, 0).await.unwrap_err().to_string();
         assert!(e.contains("target-reachable") && e.contains("has not reported its guests"), "{e}");
         // Outside input is bounded and printable.
-        let e = restore(&reg, &RestoreGuestRequest { reason: "a\u{7}b".into(), ..req("vm1", "") }, "olga", 3000).await.unwrap_err();
+        let e = restore(&reg, &RestoreGuestRequest { reason: "a\u{7}b".into(), ..req("vm1", "") }, "olga", 3000, 0).await.unwrap_err();
         assert!(matches!(e, ControllerError::InvalidArgument(_)), "{e}");
         let e = forget(&reg, &ForgetGuestRequest { vm: "v".repeat(MAX_NAME + 1), ..fr.clone() }, "olga").unwrap_err();
         assert!(matches!(e, ControllerError::InvalidArgument(_)), "{e}");
