@@ -636,7 +636,7 @@ mod tests {
         reg.db(|s| s.end_job_with_waiting("mig-1", "PARTIAL", "", None, std::slice::from_ref(&w), &[])).unwrap();
         crate::waiting::raise(&reg, std::slice::from_ref(&w), &[]).unwrap();
         {
-            let _busy = RESTORES.try_lock().unwrap();
+            let _busy = RESTORES.lock().await;
             let e = forget(&reg, &fr, "olga").unwrap_err().to_string();
             assert!(e.contains("no-restore"), "{e}");
         }
@@ -646,6 +646,42 @@ mod tests {
         assert!(kinds.is_empty(), "{kinds:?}");
         let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
         assert!(log.iter().any(|a| a.action == "guest.waiting_ended" && a.detail.contains("forgotten by olga")), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_restore_whose_define_is_not_reported_starts_nothing_says_so_and_releases_the_guest() {
+        use lifeboat_proto::v1::{CommandResult, controller_message::Msg};
+        let (reg, a, mut rx) = with_missing_vm1(300);
+        let reg = std::sync::Arc::new(reg);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        reg.heard_cell("a", a).unwrap().store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        // An agent that carries out every command but never reports the guest.
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let agent = reg.clone();
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if let Some(Msg::Command(c)) = m.msg {
+                    let _ = seen_tx.send(match c.kind {
+                        Some(Kind::DefineGuest(_)) => "define",
+                        Some(Kind::GrantLeases(_)) => "grant",
+                        Some(Kind::StartGuest(_)) => "start",
+                        _ => "other",
+                    });
+                    agent.complete(CommandResult { id: c.id, ok: true, outcome: "done".into(), ..Default::default() });
+                }
+            }
+        });
+        let req = RestoreGuestRequest { vm: "vm1".into(), to_host: String::new(), start: true, reason: "oops".into() };
+        let e = restore(&reg, &req, "olga", 3000, 0).await.unwrap_err().to_string();
+        assert!(e.contains("was NOT started") && e.contains("lifeboat vms start"), "{e}");
+        let mut sent = Vec::new();
+        while let Ok(k) = seen.try_recv() {
+            sent.push(k);
+        }
+        assert_eq!(sent, ["define"], "no lease, no start: {sent:?}");
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        assert!(log.iter().any(|x| x.action == "guest.restore.unreported" && x.actor == "olga"), "{log:?}");
+        assert!(reg.job_of("u1").is_none(), "the restore's mark ends with it, on errors too");
     }
 
     #[test]
