@@ -12,6 +12,7 @@ use lifeboat_proto::v1::{
 use sha2::{Digest, Sha256};
 use tracing::info;
 
+use crate::alarms::{MAX_NAME, MAX_REASON};
 use crate::error::{ControllerError, refusal};
 use crate::model::HostStatus;
 use crate::registry::Registry;
@@ -56,12 +57,47 @@ pub struct RestoreInput {
     pub owner_status: Option<HostStatus>,
     /// `--start`.
     pub start: bool,
+    /// Why the controller may not act on what hosts reported yet (startup
+    /// grace, a restored database not yet rebuilt), if so.
+    pub hold: Option<String>,
+    /// The guest's memory (KiB), as last reported.
+    pub guest_memory_kib: u64,
+    /// The target's memory as the planner counts it, for `--start`.
+    pub target_memory: TargetMemory,
+}
+
+/// A target's memory figures (KiB): what a start there may use is the total
+/// less the running guests, the configured reserve and what moves under way
+/// have reserved there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetMemory {
+    /// Total memory the host reports.
+    pub total_kib: u64,
+    /// Memory of the guests it runs.
+    pub running_kib: u64,
+    /// The configured per-host reserve.
+    pub reserve_kib: u64,
+    /// Held by moves under way to it (not yet running there).
+    pub reserved_kib: u64,
+}
+
+impl TargetMemory {
+    /// What is left for one more guest.
+    pub fn free_kib(&self) -> u64 {
+        self.total_kib.saturating_sub(self.running_kib).saturating_sub(self.reserve_kib).saturating_sub(self.reserved_kib)
+    }
 }
 
 /// Every check of a restore (pure); all must pass.
 pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
     let moving = i.target != i.owner;
     let mut out = vec![
+        check(
+            "reports-current",
+            i.hold.is_none(),
+            i.hold.clone().unwrap_or_else(|| "every host's report is current".into()),
+            "wait until the hosts have reconnected and reported (`lifeboat alarms`, `lifeboat hosts list`), then run the same command again",
+        ),
         check(
             "definition-kept",
             i.has_definition,
@@ -90,7 +126,11 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
         check(
             "target-reachable",
             i.target_reachable,
-            format!("{} {}", i.target, if i.target_reachable { "talks to the controller" } else { "is not talking to the controller" }),
+            format!(
+                "{} {}",
+                i.target,
+                if i.target_reachable { "talks to the controller and reported its guests" } else { "is not talking to the controller or has not reported its guests in this session" }
+            ),
             format!("start {}'s agent (`systemctl start lifeboat-agent`), or restore it elsewhere with --to HOST", i.target),
         ),
     ];
@@ -127,6 +167,25 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
             format!("{} is {}", i.target, i.target_status.map(|s| s.as_str()).unwrap_or("unknown")),
             "restore without --start, or make the host AVAILABLE first",
         ));
+        let m = i.target_memory;
+        let fits = i.guest_memory_kib <= m.free_kib();
+        let mib = |k: u64| k / 1024;
+        out.push(check(
+            "target-memory",
+            fits,
+            format!(
+                "{} needs {} MiB; {} has {} MiB free ({} MiB total - {} MiB running - {} MiB reserve - {} MiB reserved by moves under way)",
+                i.name,
+                mib(i.guest_memory_kib),
+                i.target,
+                mib(m.free_kib()),
+                mib(m.total_kib),
+                mib(m.running_kib),
+                mib(m.reserve_kib),
+                mib(m.reserved_kib)
+            ),
+            "restore without --start and start it once memory is free, or restore it elsewhere with --to HOST",
+        ));
     }
     out
 }
@@ -136,31 +195,88 @@ fn audit(operator: &str, action: &str, host: &str, vm: &str, detail: String) -> 
 }
 
 fn reason_of(r: &str, what: &str) -> Result<String, ControllerError> {
-    let r = r.trim();
+    let r = bounded(r, "--reason", MAX_REASON, what)?;
     if r.is_empty() {
         return Err(ControllerError::InvalidArgument(format!("{what}: --reason is required (it is recorded in the audit log)")));
     }
     Ok(r.to_string())
 }
 
+/// Outside input, trimmed: at most `max` bytes, no control characters.
+/// `flag` names it in the error.
+pub fn bounded<'a>(v: &'a str, flag: &str, max: usize, what: &str) -> Result<&'a str, ControllerError> {
+    let v = v.trim();
+    if v.len() > max {
+        return Err(ControllerError::InvalidArgument(format!("{what}: {flag} is {} bytes long; at most {max}", v.len())));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(ControllerError::InvalidArgument(format!("{what}: {flag} contains control characters")));
+    }
+    Ok(v)
+}
+
+/// Marks a restored guest as acted on (pseudo job `restore-UUID`) for as
+/// long as it lives: the reconciler leaves the guest alone, and a move
+/// started meanwhile replaces the mark (which the restore's re-checks see).
+/// Dropping it ends the mark on every path, errors included.
+struct Claim<'a> {
+    reg: &'a Registry,
+    job: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.reg.clear_in_job(&self.job);
+    }
+}
+
+/// Right before a restore grants a lease or starts the guest: its owner is
+/// still what the restore recorded and no job took it over meanwhile.
+fn still_ours(reg: &Registry, uuid: &str, name: &str, target: &str, generation: u64, job: &str) -> Result<(), ControllerError> {
+    let owner = reg.owner_row(uuid);
+    let theirs = reg.job_of(uuid).filter(|j| j != job);
+    let same = owner.as_ref().is_some_and(|o| o.host == target && o.generation == generation && o.complete);
+    if same && theirs.is_none() {
+        return Ok(());
+    }
+    let why = match theirs {
+        Some(j) => format!("job {j} acts on it now"),
+        None => format!(
+            "its ownership record changed to {} (restore recorded {target}, generation {generation})",
+            owner.map(|o| format!("{}, generation {}{}", o.host, o.generation, if o.complete { "" } else { ", unfinished" })).unwrap_or_else(|| "none".into())
+        ),
+    };
+    Err(ControllerError::Refused(format!(
+        "{name} ({uuid}) is defined on {target} but was not started: {why}; nothing else was changed. \
+         See `lifeboat vms show {uuid}` and `lifeboat jobs list`"
+    )))
+}
+
 /// `lifeboat vms restore`: defines a missing guest's last definition again
 /// on its owner (or `to_host`, a placement change recorded first, with the
 /// next generation), then optionally grants its lease and starts it.
 /// Refusals change nothing and name every failed check.
-pub async fn restore(reg: &Registry, req: &RestoreGuestRequest, operator: &str, lease_ttl_ms: i64) -> Result<GuestRecord, ControllerError> {
+pub async fn restore(
+    reg: &Registry,
+    req: &RestoreGuestRequest,
+    operator: &str,
+    lease_ttl_ms: i64,
+    memory_reserve_kib: u64,
+) -> Result<GuestRecord, ControllerError> {
     const WHAT: &str = "restoring a guest";
     let reason = reason_of(&req.reason, WHAT)?;
-    let vm = req.vm.trim();
+    let vm = bounded(&req.vm, "VM", MAX_NAME, WHAT)?;
     if vm.is_empty() {
         return Err(ControllerError::InvalidArgument(format!("{WHAT}: no guest given")));
     }
-    // One restore at a time: two at once could both pass the checks and
-    // define one guest on two hosts.
+    let to_host = bounded(&req.to_host, "--to", MAX_NAME, WHAT)?;
+    // One restore (or forget) at a time: two at once could both pass the
+    // checks and define one guest on two hosts.
     let _one = RESTORES.lock().await;
     let r = reg.find_missing(vm, WHAT)?;
     let (uuid, name) = (r.guest.uuid.clone(), r.guest.name.clone());
     let owner = reg.restore_owner(&r);
-    let target = match req.to_host.trim() {
+    let target = match to_host {
         "" => owner.clone(),
         h => reg.get_host(h)?.info.map(|i| i.host_id).unwrap_or_default(),
     };
@@ -171,18 +287,29 @@ pub async fn restore(reg: &Registry, req: &RestoreGuestRequest, operator: &str, 
         owner: owner.clone(),
         reported_on: reg.reported_on(&uuid),
         job: reg.job_of(&uuid),
-        target_reachable: reg.is_reachable(&target) && reg.has_session(&target),
+        target_reachable: reg.reports_now(&target),
         target_status: reg.status_of(&target),
-        owner_reachable: reg.is_reachable(&owner) && reg.has_session(&owner),
+        owner_reachable: reg.reports_now(&owner),
         owner_status: reg.status_of(&owner),
         target: target.clone(),
         start: req.start,
+        hold: reg.hold(crate::now_ms()),
+        guest_memory_kib: r.guest.memory_kib,
+        target_memory: if req.start { target_memory(reg, &target, memory_reserve_kib)? } else { TargetMemory::default() },
     };
     let checks = restore_checks(&input);
     if checks.iter().any(|c| !c.ok) {
         info!(operator, guest = %name, "restore refused");
         return Err(refusal(&format!("restoring {name} ({uuid}) on {target}"), &checks));
     }
+    let job = format!("restore-{uuid}");
+    if let Err(other) = reg.claim_for_restore(&uuid, &job, &owner, &target) {
+        return Err(refusal(
+            &format!("restoring {name} ({uuid}) on {target}"),
+            &[check("no-job", false, format!("job {other} acts on it"), "wait for the job to end (`lifeboat jobs watch`)")],
+        ));
+    }
+    let _claim = Claim { reg, job: job.clone() };
     // The placement is recorded before it is carried out: a new owner
     // (--to) gets the next generation; a guest never moved gets its first
     // ownership record (a definition needs a generation).
@@ -241,14 +368,19 @@ pub async fn restore(reg: &Registry, req: &RestoreGuestRequest, operator: &str, 
     let t0 = tokio::time::Instant::now();
     while !reg.reported_on(&uuid).iter().any(|(h, _)| *h == target) {
         if t0.elapsed() > REPORT_WAIT {
-            return Err(ControllerError::AgentUnavailable(format!(
-                "{name} was defined on {target}, but {target} has not reported it within {REPORT_WAIT:?}; `lifeboat vms show {uuid}` later"
-            )));
+            let msg = format!(
+                "{name} ({uuid}) was defined on {target}, but {target} has not reported it within {REPORT_WAIT:?}{}; \
+                 `lifeboat vms show {uuid}` later{}",
+                if req.start { ", so it was NOT started" } else { "" },
+                if req.start { ", then `lifeboat vms start` it" } else { "" }
+            );
+            reg.db(|s| s.audit(&audit(operator, "guest.restore.unreported", &target, &name, msg.clone())))?;
+            return Err(ControllerError::AgentUnavailable(msg));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if req.start {
-        start(reg, &uuid, &name, &target, generation, lease_ttl_ms, operator).await?;
+        start(reg, &uuid, &name, &target, generation, lease_ttl_ms, operator, &job).await?;
     }
     reg.list_guests(Some(&target), Some(&uuid), false)?
         .into_iter()
@@ -256,9 +388,34 @@ pub async fn restore(reg: &Registry, req: &RestoreGuestRequest, operator: &str, 
         .ok_or_else(|| ControllerError::NotFound(format!("{name} is no longer listed on {target}")))
 }
 
+/// The target's memory figures as the planner counts them (reservations of
+/// moves whose guest already runs there are in its running figure).
+fn target_memory(reg: &Registry, target: &str, reserve_kib: u64) -> Result<TargetMemory, ControllerError> {
+    let Some(view) = reg.host_view(target) else { return Ok(TargetMemory { reserve_kib, ..Default::default() }) };
+    let reservations: Vec<crate::migrate::plan::Reservation> = reg
+        .db(|s| s.reservations())?
+        .into_iter()
+        .map(|r| crate::migrate::plan::Reservation { job: r.job_id, uuid: r.uuid, name: r.name, target: r.target, memory_kib: r.memory_kib })
+        .collect();
+    let held = crate::migrate::plan::held_by_reservations(&reservations, std::slice::from_ref(&view));
+    let reserved_kib = held.get(target).map(|v| v.iter().fold(0u64, |a, r| a.saturating_add(r.memory_kib))).unwrap_or(0);
+    Ok(TargetMemory { total_kib: view.memory_total_kib, running_kib: view.running_memory_kib, reserve_kib, reserved_kib })
+}
+
 /// Grants the lease and starts a restored guest, never where another host
 /// holds it.
-async fn start(reg: &Registry, uuid: &str, name: &str, target: &str, generation: u64, lease_ttl_ms: i64, operator: &str) -> Result<(), ControllerError> {
+#[allow(clippy::too_many_arguments)]
+async fn start(
+    reg: &Registry,
+    uuid: &str,
+    name: &str,
+    target: &str,
+    generation: u64,
+    lease_ttl_ms: i64,
+    operator: &str,
+    job: &str,
+) -> Result<(), ControllerError> {
+    still_ours(reg, uuid, name, target, generation, job)?;
     let elsewhere: Vec<String> =
         reg.reported_on(uuid).into_iter().filter(|(h, s)| h != target && lifeboat_proto::holds_disk(*s)).map(|(h, _)| h).collect();
     if !elsewhere.is_empty() {
@@ -280,7 +437,10 @@ async fn start(reg: &Registry, uuid: &str, name: &str, target: &str, generation:
         Err(e) => Err(format!("{what} failed: {e}")),
     };
     let res = match step(reg.call(target, Kind::GrantLeases(grant), CALL_TIMEOUT).await, "granting its lease") {
-        Ok(_) => step(reg.call(target, Kind::StartGuest(StartGuest { uuid: uuid.into() }), CALL_TIMEOUT).await, "starting it"),
+        Ok(_) => {
+            still_ours(reg, uuid, name, target, generation, job)?;
+            step(reg.call(target, Kind::StartGuest(StartGuest { uuid: uuid.into() }), CALL_TIMEOUT).await, "starting it")
+        }
         Err(e) => Err(e),
     };
     match res {
@@ -302,11 +462,24 @@ async fn start(reg: &Registry, uuid: &str, name: &str, target: &str, generation:
 pub fn forget(reg: &Registry, req: &ForgetGuestRequest, operator: &str) -> Result<ForgetGuestResponse, ControllerError> {
     const WHAT: &str = "forgetting a guest";
     let reason = reason_of(&req.reason, WHAT)?;
-    let vm = req.vm.trim();
+    let vm = bounded(&req.vm, "VM", MAX_NAME, WHAT)?;
     if vm.is_empty() {
         return Err(ControllerError::InvalidArgument(format!("{WHAT}: no guest given")));
     }
+    // Not while a restore of it may be under way (it would define what is
+    // being forgotten); forget is quick, so a busy lock is a refusal.
+    let Ok(_one) = RESTORES.try_lock() else {
+        return Err(ControllerError::Refused(format!(
+            "{WHAT} refused; nothing was changed. Failed check:\n  - no-restore: a restore is under way\n    what to do: run the same command again in a minute"
+        )));
+    };
     let r = reg.find_missing(vm, WHAT)?;
+    if let Some(why) = reg.hold(crate::now_ms()) {
+        return Err(refusal(
+            &format!("forgetting {} ({})", r.guest.name, r.guest.uuid),
+            &[check("reports-current", false, why, "wait until the hosts have reconnected and reported, then run the same command again")],
+        ));
+    }
     let def = r.guest.definition_xml.as_bytes();
     let sha: String = Sha256::digest(def).iter().map(|b| format!("{b:02x}")).collect();
     let a = audit(
@@ -323,6 +496,7 @@ pub fn forget(reg: &Registry, req: &ForgetGuestRequest, operator: &str) -> Resul
         ),
     );
     let r = reg.forget_missing(&r.guest.uuid, &a)?;
+    crate::waiting::end_forgotten(reg, &r.guest.uuid, &format!("{} was forgotten by {operator}", r.guest.name))?;
     Ok(ForgetGuestResponse {
         uuid: r.guest.uuid,
         name: r.guest.name,
@@ -350,6 +524,9 @@ mod tests {
             owner_reachable: true,
             owner_status: Some(HostStatus::Available),
             start: false,
+            hold: None,
+            guest_memory_kib: 512 * 1024,
+            target_memory: TargetMemory { total_kib: 4 << 20, running_kib: 1 << 20, reserve_kib: 1 << 20, reserved_kib: 1 << 20 },
         }
     }
 
@@ -366,6 +543,145 @@ mod tests {
         assert_eq!(failed(&i), ["definition-kept", "no-job", "target-reachable"]);
         let i = RestoreInput { start: true, target_status: Some(HostStatus::Maintenance), ..input() };
         assert_eq!(failed(&i), ["target-may-run"]);
+    }
+
+    #[test]
+    fn a_start_needs_the_targets_free_memory_less_running_reserve_and_reservations() {
+        let i = RestoreInput { start: true, guest_memory_kib: 1 << 20, ..input() };
+        assert!(failed(&i).is_empty(), "1 GiB fits 4 - 1 - 1 - 1 GiB");
+        let i = RestoreInput { guest_memory_kib: (1 << 20) + 1, ..i };
+        assert_eq!(failed(&i), ["target-memory"]);
+        let c = restore_checks(&i).into_iter().find(|c| c.name == "target-memory").unwrap();
+        assert_eq!(c.detail, "vm1 needs 1024 MiB; a has 1024 MiB free (4096 MiB total - 1024 MiB running - 1024 MiB reserve - 1024 MiB reserved by moves under way)");
+        let huge = TargetMemory { total_kib: 1, running_kib: u64::MAX, reserve_kib: u64::MAX, reserved_kib: u64::MAX };
+        assert_eq!(huge.free_kib(), 0);
+        assert_eq!(failed(&RestoreInput { start: false, ..i }), Vec::<String>::new(), "without --start nothing runs");
+    }
+
+    #[test]
+    fn a_restore_waits_for_current_reports_and_outside_input_is_bounded() {
+        let i = RestoreInput { hold: Some("startup grace: 6000 ms".into()), ..input() };
+        assert_eq!(failed(&i), ["reports-current"]);
+        assert_eq!(bounded(" vm1 ", "VM", 8, "x").unwrap(), "vm1");
+        let e = bounded("vm\n1", "VM", 8, "restoring a guest").unwrap_err().to_string();
+        assert!(e.contains("VM contains control characters"), "{e}");
+        let e = bounded(&"r".repeat(MAX_REASON + 1), "--reason", MAX_REASON, "x").unwrap_err().to_string();
+        assert!(e.contains("--reason is 2049 bytes long; at most 2048"), "{e}");
+    }
+
+    /// A registry whose host `a` reported `vm1` (u1) and then lost it.
+    fn with_missing_vm1(ms: u32) -> (Registry, crate::registry::SessionId, tokio::sync::mpsc::Receiver<Box<lifeboat_proto::v1::ControllerMessage>>) {
+        use lifeboat_proto::v1::{Guest, GuestState, Inventory};
+        let timing = crate::model::Timing { heartbeat_interval_ms: ms / 4, unreachable_after_ms: ms };
+        let reg = Registry::load(crate::store::Store::open_in_memory().unwrap(), timing).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let a = reg.open_session("a", "boot", tx).unwrap();
+        let g = Guest { uuid: "u1".into(), name: "vm1".into(), state: GuestState::Shutoff as i32, definition_xml: "<domain/>".into(), ..Default::default() };
+        reg.apply_inventory("a", a, Inventory { host: None, guests: vec![g], more: false }).unwrap();
+        reg.remove_guest("a", a, "u1").unwrap();
+        assert_eq!(reg.missing_uuids(), ["u1"]);
+        (reg, a, rx)
+    }
+
+    #[tokio::test]
+    async fn restore_and_forget_refuse_before_hosts_report_and_forget_ends_a_wait() {
+        let (reg, a, _rx) = with_missing_vm1(300);
+        let req = |vm: &str, to: &str| RestoreGuestRequest { vm: vm.into(), to_host: to.into(), start: true, reason: "oops".into() };
+        // Right after the controller started, nothing any host reported is current yet.
+        let e = restore(&reg, &req("vm1", ""), "olga", 3000, 0).await.unwrap_err().to_string();
+        assert!(e.contains("reports-current") && e.contains("startup grace"), "{e}");
+        let fr = ForgetGuestRequest { vm: "vm1".into(), reason: "retired".into() };
+        let e = forget(&reg, &fr, "olga").unwrap_err().to_string();
+        assert!(e.contains("reports-current"), "{e}");
+        assert_eq!(reg.missing_uuids(), ["u1"], "refusals change nothing");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let (tx, _rx_b) = tokio::sync::mpsc::channel(8);
+        let b = reg.open_session("b", "boot", tx).unwrap();
+        for (h, sid) in [("a", a), ("b", b)] {
+            reg.heard_cell(h, sid).unwrap().store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        }
+        // b talks but has not reported its guests in this session: it may hold vm1.
+        let e = restore(&reg, &req("vm1", "b"), "olga", 3000, 0).await.unwrap_err().to_string();
+        assert!(e.contains("target-reachable") && e.contains("has not reported its guests"), "{e}");
+        // Outside input is bounded and printable.
+        let e = restore(&reg, &RestoreGuestRequest { reason: "a\u{7}b".into(), ..req("vm1", "") }, "olga", 3000, 0).await.unwrap_err();
+        assert!(matches!(e, ControllerError::InvalidArgument(_)), "{e}");
+        let e = forget(&reg, &ForgetGuestRequest { vm: "v".repeat(MAX_NAME + 1), ..fr.clone() }, "olga").unwrap_err();
+        assert!(matches!(e, ControllerError::InvalidArgument(_)), "{e}");
+
+        // The restore's re-checks before its lease and its start.
+        let o = OwnerRow { uuid: "u1".into(), host: "a".into(), generation: 1, from_host: String::new(), job: String::new(), complete: true };
+        reg.record_restore_owner(&o, "running", &AuditRow::by_controller("t", "a", "vm1", String::new())).unwrap();
+        reg.claim_for_restore("u1", "restore-u1", "a", "a").unwrap();
+        assert_eq!(reg.claim_for_restore("u1", "restore-u1", "a", "a"), Err("restore-u1".to_string()), "one claim at a time");
+        still_ours(&reg, "u1", "vm1", "a", 1, "restore-u1").unwrap();
+        reg.set_in_job("mig-7", &[("u1".into(), "a".into(), "c".into())]);
+        let e = still_ours(&reg, "u1", "vm1", "a", 1, "restore-u1").unwrap_err().to_string();
+        assert!(e.contains("job mig-7 acts on it now") && e.contains("not started"), "{e}");
+        reg.clear_in_job("mig-7");
+        assert!(reg.job_of("u1").is_none());
+        let moved = OwnerRow { host: "c".into(), generation: 2, complete: false, ..o.clone() };
+        reg.db(|s| s.set_owner(&moved, &AuditRow::by_controller("t", "c", "vm1", String::new()))).unwrap();
+        reg.refresh_owners().unwrap();
+        let e = still_ours(&reg, "u1", "vm1", "a", 1, "x").unwrap_err().to_string();
+        assert!(e.contains("changed to c, generation 2, unfinished"), "{e}");
+        {
+            let _claim = Claim { reg: &reg, job: "restore-u1".into() };
+            reg.claim_for_restore("u1", "restore-u1", "a", "a").unwrap();
+        }
+        assert!(reg.job_of("u1").is_none(), "the claim ends when dropped");
+
+        // vm1 also waits on a (a job left it behind): forgetting it ends the wait and its alarm.
+        let w = crate::store::WaitingRow { uuid: "u1".into(), host: "a".into(), name: "vm1".into(), reason: "r".into(), since_ms: 1, job: "mig-1".into() };
+        reg.db(|s| s.end_job_with_waiting("mig-1", "PARTIAL", "", None, std::slice::from_ref(&w), &[])).unwrap();
+        crate::waiting::raise(&reg, std::slice::from_ref(&w), &[]).unwrap();
+        {
+            let _busy = RESTORES.lock().await;
+            let e = forget(&reg, &fr, "olga").unwrap_err().to_string();
+            assert!(e.contains("no-restore"), "{e}");
+        }
+        forget(&reg, &fr, "olga").unwrap();
+        assert!(reg.db(|s| s.waiting()).unwrap().is_empty(), "a forgotten guest waits no more");
+        let kinds: Vec<String> = reg.active_alarms().into_iter().map(|a| a.1).collect();
+        assert!(kinds.is_empty(), "{kinds:?}");
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        assert!(log.iter().any(|a| a.action == "guest.waiting_ended" && a.detail.contains("forgotten by olga")), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_restore_whose_define_is_not_reported_starts_nothing_says_so_and_releases_the_guest() {
+        use lifeboat_proto::v1::{CommandResult, controller_message::Msg};
+        let (reg, a, mut rx) = with_missing_vm1(300);
+        let reg = std::sync::Arc::new(reg);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        reg.heard_cell("a", a).unwrap().store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        // An agent that carries out every command but never reports the guest.
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let agent = reg.clone();
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if let Some(Msg::Command(c)) = m.msg {
+                    let _ = seen_tx.send(match c.kind {
+                        Some(Kind::DefineGuest(_)) => "define",
+                        Some(Kind::GrantLeases(_)) => "grant",
+                        Some(Kind::StartGuest(_)) => "start",
+                        _ => "other",
+                    });
+                    agent.complete(CommandResult { id: c.id, ok: true, outcome: "done".into(), ..Default::default() });
+                }
+            }
+        });
+        let req = RestoreGuestRequest { vm: "vm1".into(), to_host: String::new(), start: true, reason: "oops".into() };
+        let e = restore(&reg, &req, "olga", 3000, 0).await.unwrap_err().to_string();
+        assert!(e.contains("was NOT started") && e.contains("lifeboat vms start"), "{e}");
+        let mut sent = Vec::new();
+        while let Ok(k) = seen.try_recv() {
+            sent.push(k);
+        }
+        assert_eq!(sent, ["define"], "no lease, no start: {sent:?}");
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        assert!(log.iter().any(|x| x.action == "guest.restore.unreported" && x.actor == "olga"), "{log:?}");
+        assert!(reg.job_of("u1").is_none(), "the restore's mark ends with it, on errors too");
     }
 
     #[test]

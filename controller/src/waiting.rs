@@ -125,6 +125,16 @@ pub fn end(reg: &Registry, w: &WaitingRow, why: &str) -> Result<(), StoreError> 
     reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), why)
 }
 
+/// A guest forgotten on an operator's word (`lifeboat vms forget`) waits
+/// no more: its wait, if any, ends (audited) and its alarm is cleared.
+/// Unlike listings this reads strictly: a read error is returned.
+pub fn end_forgotten(reg: &Registry, uuid: &str, why: &str) -> Result<(), StoreError> {
+    for w in reg.db(|s| s.waiting())?.into_iter().filter(|w| w.uuid == uuid) {
+        end(reg, &w, why)?;
+    }
+    Ok(())
+}
+
 /// Every waiting guest, by UUID; a read error is logged and shows nothing
 /// waiting (only shown, never decided on).
 fn by_uuid(reg: &Registry) -> BTreeMap<String, WaitingRow> {
@@ -179,12 +189,12 @@ pub fn counts(reg: &Registry) -> BTreeMap<String, u64> {
 /// session, it is not OFFLINE, and no host reports it holding its disks.
 /// The request is audited before anything is sent; the lease goes first.
 pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, lease_ttl_ms: i64) -> Result<GuestRecord, ControllerError> {
-    let vm = vm.trim();
-    let reason = reason.trim();
-    if vm.is_empty() || vm.len() > MAX_VM {
+    let vm = crate::guestops::bounded(vm, "VM", MAX_VM, "starting a guest")?;
+    let reason = crate::guestops::bounded(reason, "--reason", MAX_REASON, "starting a guest")?;
+    if vm.is_empty() {
         return Err(ControllerError::InvalidArgument(format!("name the guest (name or UUID, at most {MAX_VM} bytes)")));
     }
-    if reason.is_empty() || reason.len() > MAX_REASON {
+    if reason.is_empty() {
         return Err(ControllerError::InvalidArgument(format!("--reason TEXT is required (at most {MAX_REASON} bytes)")));
     }
     let refuse = |check: &str, detail: String, remedy: &str| {

@@ -71,9 +71,18 @@ fn lab_an_undefined_managed_guest_is_kept_missing_and_restored_on_its_owner() {
     assert_ne!(code, 0, "{err}");
     assert!(shown(&lab, "vm-a1").is_some_and(|v| v["missing"] == true));
 
-    // Restore on its owner, started.
+    // Restore on its owner, started. Within the controller's startup grace
+    // (a host running the guest may not have reported yet) it is refused,
+    // changing nothing: run again until the grace is over.
     let t = Instant::now();
-    let (code, out, err) = lab.cli(&["vms", "restore", "vm-a1", "--start", "--reason", "undefined by mistake"]);
+    let (code, out, err) = loop {
+        let (code, out, err) = lab.cli(&["vms", "restore", "vm-a1", "--start", "--reason", "undefined by mistake"]);
+        if code == 0 || !err.contains("reports-current") || t.elapsed() > Duration::from_secs(30) {
+            break (code, out, err);
+        }
+        assert!(shown(&lab, "vm-a1").is_some_and(|v| v["missing"] == true), "a refusal changes nothing");
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert_eq!(code, 0, "{out}\n{err}");
     let took = lab.wait(Duration::from_secs(30), "vm-a1 running on host-a", || {
         lab.vm("vm-a1").is_some_and(|v| v["state"] == "running" && v["host_id"] == "host-a" && v["missing"] == false)

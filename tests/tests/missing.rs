@@ -105,6 +105,18 @@ async fn guests_gone_from_their_owner_are_kept_restored_or_forgotten_on_purpose(
     assert_eq!(e.code(), tonic::Code::NotFound, "{}", e.message());
     assert_eq!(listed(&op, "").await.iter().filter(|r| r.missing).count(), 3, "refusals changed nothing");
 
+    // Right after the controller started (startup grace: twice the detection
+    // time), a host that runs the guest may not have reported yet: refused.
+    let e = op.clone().restore_guest(restore("m-1", "", true)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("reports-current") && e.message().contains("startup grace"), "{}", e.message());
+    let e = op.clone().forget_guest(ForgetGuestRequest { vm: "m-3".into(), reason: "retired".into() }).await.unwrap_err();
+    assert!(e.message().contains("reports-current"), "{}", e.message());
+    let e = op.clone().restore_guest(RestoreGuestRequest { reason: "bad\u{1b}[2J".into(), ..restore("m-1", "", true) }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert_eq!(listed(&op, "").await.iter().filter(|r| r.missing).count(), 3, "refusals changed nothing");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+
     // m-1: restored on its owner and started.
     let r = op.clone().restore_guest(restore("m-1", "", true)).await.unwrap().into_inner();
     assert_eq!((r.host_id.as_str(), r.missing), ("host-a", false));

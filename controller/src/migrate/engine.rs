@@ -1473,3 +1473,11 @@ mod tests {
         assert!(!already_elsewhere(Some(&own("b", "a", false)), "a"), "an unfinished move off this source is still ours");
     }
 }
+
+impl Engine {
+    /// Memory kept free on every host (KiB), from the configuration: what
+    /// operators' own starts (`vms restore --start`) leave free too.
+    pub fn memory_reserve_kib(&self) -> u64 {
+        self.memory_reserve_kib
+    }
+}

@@ -26,8 +26,17 @@ pub fn missing_detail(name: &str, uuid: &str, host: &str) -> String {
 impl Registry {
     /// The host Lifeboat holds as a guest's owner: its ownership record,
     /// else the host that first reported it (desired-state row).
+    /// An ownership record that was never finished counts only while its
+    /// job runs: a move whose define failed leaves the target recorded while
+    /// the source holds the only copy.
     pub(super) fn owner_host_of<'a>(inner: &'a Inner, uuid: &str) -> Option<&'a str> {
-        inner.owners.get(uuid).map(|o| o.host.as_str()).or_else(|| inner.desired.get(uuid).map(|d| d.0.as_str()))
+        Self::settled_owner(inner, uuid).map(|o| o.host.as_str()).or_else(|| inner.desired.get(uuid).map(|d| d.0.as_str()))
+    }
+
+    /// The ownership record of `uuid` if it can be relied on: complete, or
+    /// belonging to a job that is still acting on the guest.
+    fn settled_owner<'a>(inner: &'a Inner, uuid: &str) -> Option<&'a OwnerRow> {
+        inner.owners.get(uuid).filter(|o| o.complete || inner.in_job.contains_key(uuid))
     }
 
     /// Whether `uuid`, gone from `host`'s report, is kept as missing rather
@@ -50,9 +59,10 @@ impl Registry {
     }
 
     /// Whether a copy of `uuid` on `host` is stale by Lifeboat's records:
-    /// its ownership record names another host.
+    /// its ownership record names another host and is complete (or its job
+    /// still runs). An unfinished record of an ended job proves nothing.
     fn stale_on(inner: &Inner, uuid: &str, host: &str) -> bool {
-        inner.owners.get(uuid).is_some_and(|o| o.host != host)
+        Self::settled_owner(inner, uuid).is_some_and(|o| o.host != host)
     }
 
     /// Keeps the guests `uuids` gone from `host` as missing: their stored row
@@ -244,6 +254,29 @@ impl Registry {
         Ok(r)
     }
 
+    /// Whether what `host` reports can be relied on now: its agent talks,
+    /// sent a full inventory in this session, and no second agent claims it.
+    pub fn reports_now(&self, host: &str) -> bool {
+        Self::fresh(&self.lock(), host)
+    }
+
+    /// Marks `uuid` as acted on by `job` (a restore; `source` its owner,
+    /// `target` where it is defined) unless a job acts on it already, which
+    /// is returned: checked and marked under one lock.
+    pub fn claim_for_restore(&self, uuid: &str, job: &str, source: &str, target: &str) -> Result<(), String> {
+        let mut inner = self.lock();
+        if let Some(j) = inner.in_job.get(uuid) {
+            return Err(j.0.clone());
+        }
+        inner.in_job.insert(uuid.to_string(), (job.to_string(), source.to_string(), target.to_string()));
+        for h in [source, target] {
+            if let Some(e) = inner.hosts.get_mut(h) {
+                e.dirty = true;
+            }
+        }
+        Ok(())
+    }
+
     /// UUIDs of the guests missing now (tests, metrics).
     pub fn missing_uuids(&self) -> Vec<String> {
         self.lock().missing.keys().cloned().collect()
@@ -373,6 +406,33 @@ mod tests {
         }
         let want = [("a", "vm2", true), ("a", "vm3", false), ("b", "vm1", false)];
         assert_eq!(seen, want.map(|(h, n, m)| (h.to_string(), n.to_string(), m)));
+    }
+}
+
+#[cfg(test)]
+mod unfinished_owner_tests {
+    use super::super::*;
+    use crate::store::OwnerRow;
+
+    #[test]
+    fn the_last_copy_is_kept_when_an_unfinished_move_names_another_owner() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(8);
+        let a = reg.open_session("a", "boot", tx).unwrap();
+        let off = |u: &str, n: &str| Guest { uuid: u.into(), name: n.into(), state: GuestState::Shutoff as i32, ..Default::default() };
+        reg.apply_inventory("a", a, Inventory { host: None, guests: vec![off("u1", "vm1"), off("u2", "vm2")], more: false }).unwrap();
+        // A forced move a -> b recorded b first, then its define on b failed: the job ended, the record stays unfinished.
+        for u in ["u1", "u2"] {
+            let o = OwnerRow { uuid: u.into(), host: "b".into(), generation: 2, from_host: "a".into(), job: "j".into(), complete: false };
+            reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "b", u, String::new()))).unwrap();
+        }
+        reg.refresh_owners().unwrap();
+        reg.remove_guest("a", a, "u1").unwrap();
+        assert_eq!(reg.missing_uuids(), ["u1"], "a holds the only copy: undefined by hand, it is kept");
+        // While the job still acts on it, the source's undefine is the job's own.
+        reg.set_in_job("j2", &[("u2".into(), "a".into(), "b".into())]);
+        reg.remove_guest("a", a, "u2").unwrap();
+        assert_eq!(reg.missing_uuids(), ["u1"]);
     }
 }
 

@@ -246,7 +246,7 @@ impl Admin for AdminService {
         let (name, _) = authorize(&req, Role::Operator, "restoring a guest")?;
         let r = req.into_inner();
         info!(operator = %name, vm = %r.vm, to = %r.to_host, start = r.start, "restore of a missing guest requested");
-        Ok(Response::new(crate::guestops::restore(&self.reg, &r, &name, self.engine.lease_ttl_ms()).await?))
+        Ok(Response::new(crate::guestops::restore(&self.reg, &r, &name, self.engine.lease_ttl_ms(), self.engine.memory_reserve_kib()).await?))
     }
 
     async fn forget_guest(&self, req: Request<ForgetGuestRequest>) -> Result<Response<ForgetGuestResponse>, Status> {
