@@ -212,6 +212,7 @@ impl Engine {
             memory_reserve_kib: self.memory_reserve_kib,
             source_alarms: self.reg.active_alarms().into_iter().filter(|a| a.0 == req.source).map(|a| a.1).collect(),
             held_elsewhere: self.reg.held_elsewhere(&req.source, &source_uuids),
+            in_other_job: source_uuids.iter().filter_map(|u| self.reg.job_of(u).map(|j| (u.clone(), j))).collect(),
             reservations,
             desired_running: source_uuids
                 .iter()

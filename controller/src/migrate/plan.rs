@@ -82,6 +82,9 @@ pub struct PlanInput {
     /// Source guests that another reachable host reports holding their
     /// disks: UUID → those hosts. Such a guest runs elsewhere already.
     pub held_elsewhere: BTreeMap<String, Vec<String>>,
+    /// Source guests another operation acts on now (a `vms restore` of it,
+    /// say): UUID → that operation's id. Such a guest is left alone.
+    pub in_other_job: BTreeMap<String, String>,
     /// Memory held by the moves under way of every unfinished job (from
     /// the store); see [`held_by_reservations`] for which count.
     pub reservations: Vec<Reservation>,
@@ -493,6 +496,17 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         };
         let was_running = is_running(g.state);
         gp.start = !req.no_start && (was_running || input.desired_running.contains(&g.uuid));
+        if let Some(job) = input.in_other_job.get(&g.uuid) {
+            gp.reason = format!("{job} acts on it now");
+            gp.checks.push(check(
+                "in no other operation",
+                false,
+                format!("{} ({}) is being acted on by {job}: two operations on one guest could start it twice", g.name, g.uuid),
+                "wait until that operation has ended (`lifeboat jobs list`, `lifeboat log`), then plan again",
+            ));
+            out.guests.push(gp);
+            continue;
+        }
         if let Some(o) = input.owners.get(&g.uuid).filter(|o| o.host != source.id) {
             if o.complete || o.from_host != source.id {
                 gp.movable = false;
@@ -914,6 +928,7 @@ mod tests {
             memory_reserve_kib: 0,
             source_alarms: vec![],
             held_elsewhere: BTreeMap::new(),
+            in_other_job: BTreeMap::new(),
             reservations: vec![],
             desired_running: BTreeSet::new(),
         }
@@ -1007,6 +1022,20 @@ mod tests {
         k.req.vms = vec!["h1".into()];
         k.reservations = first.guests.iter().map(|g| res("mig-1", &g.name, "c", 32)).collect();
         assert!(!plan(&k).executable);
+    }
+
+    #[test]
+    fn a_guest_another_operation_acts_on_is_left_alone() {
+        let mut i = input();
+        let uuid = i.source_guests[0].uuid.clone();
+        i.in_other_job.insert(uuid.clone(), "restore-x".into());
+        let p = plan(&i);
+        let g = p.guests.iter().find(|g| g.uuid == uuid).unwrap();
+        assert!(!g.movable && g.target.is_empty(), "{g:?}");
+        let c = g.checks.iter().find(|c| c.name == "in no other operation").unwrap();
+        assert!(!c.ok && c.detail.contains("restore-x"), "{c:?}");
+        i.in_other_job.clear();
+        assert!(plan(&i).guests.iter().find(|g| g.uuid == uuid).unwrap().movable);
     }
 
     #[test]
@@ -1184,6 +1213,7 @@ mod tests {
             memory_reserve_kib: 0,
             source_alarms: vec![],
             held_elsewhere: BTreeMap::new(),
+            in_other_job: BTreeMap::new(),
             reservations: vec![],
             desired_running: BTreeSet::new(),
         };
