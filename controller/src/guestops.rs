@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use lifeboat_proto::v1::{
-    Check, DefineGuest, ForgetGuestRequest, ForgetGuestResponse, GrantLeases, GuestRecord, Lease, RestoreGuestRequest,
+    Check, DefineGuest, ForgetGuestRequest, ForgetGuestResponse, GuestRecord, RestoreGuestRequest,
     StartGuest, command::Kind,
 };
 use sha2::{Digest, Sha256};
@@ -424,13 +424,7 @@ async fn start(
             elsewhere.join(", ")
         )));
     }
-    let now = crate::now_ms();
-    let grant = GrantLeases {
-        leases: vec![Lease { uuid: uuid.into(), name: name.into(), generation }],
-        expires_unix_ms: now + lease_ttl_ms,
-        merge: true,
-        issued_unix_ms: now,
-    };
+    let grant = crate::reconcile::merged_lease(uuid, name, generation, lease_ttl_ms);
     let step = |r: Result<lifeboat_proto::v1::CommandResult, ControllerError>, what: &str| match r {
         Ok(x) if x.ok => Ok(x.outcome),
         Ok(x) => Err(format!("{what} failed: {}", x.error)),

@@ -164,6 +164,19 @@ pub fn decide_waiting(s: &HostSnapshot, waiting: &[(String, String)], holders: &
     out
 }
 
+/// One guest's start lease, merged into what the host holds (revokes
+/// nothing), valid for `ttl_ms` from now: what every start sends first, so
+/// the host's start guard lets exactly this generation start.
+pub fn merged_lease(uuid: &str, name: &str, generation: u64, ttl_ms: i64) -> GrantLeases {
+    let now = crate::now_ms();
+    GrantLeases {
+        leases: vec![Lease { uuid: uuid.into(), name: name.into(), generation }],
+        expires_unix_ms: now.saturating_add(ttl_ms),
+        merge: true,
+        issued_unix_ms: now,
+    }
+}
+
 /// Decides what to do for one host. Pure.
 pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
     let mut out = Vec::new();
@@ -528,13 +541,7 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             // The lease was sent this session (decided on it); a merged grant
             // right before the start covers a renewal racing with it.
             let generation = reg.owner_generation(&uuid);
-            let now = crate::now_ms();
-            let grant = GrantLeases {
-                leases: vec![Lease { uuid: uuid.clone(), name: name.clone(), generation }],
-                expires_unix_ms: now + lease_ttl_ms,
-                merge: true,
-                issued_unix_ms: now,
-            };
+            let grant = merged_lease(&uuid, &name, generation, lease_ttl_ms);
             let r = match reg.call(&host, Kind::GrantLeases(grant), timeout).await {
                 Ok(r) if r.ok => reg.call(&host, Kind::StartGuest(StartGuest { uuid: uuid.clone() }), timeout).await,
                 other => other,

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use lifeboat_proto::v1::{GrantLeases, GuestRecord, HostRecord, Lease, StartGuest, command::Kind};
+use lifeboat_proto::v1::{GuestRecord, HostRecord, StartGuest, command::Kind};
 use tracing::{info, warn};
 
 use crate::error::ControllerError;
@@ -248,13 +248,7 @@ pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, le
     let generation = reg.owner_generation(&uuid);
     let detail = format!("operator {operator} asks to start {name} ({uuid}) on its owner {host} (generation {generation}): {reason}");
     reg.db(|s| s.audit(&AuditRow { actor: operator.into(), action: "guest.start_requested".into(), host: host.clone(), vm: name.clone(), detail, ..Default::default() }))?;
-    let now = crate::now_ms();
-    let grant = GrantLeases {
-        leases: vec![Lease { uuid: uuid.clone(), name: name.clone(), generation }],
-        expires_unix_ms: now + lease_ttl_ms,
-        merge: true,
-        issued_unix_ms: now,
-    };
+    let grant = crate::reconcile::merged_lease(&uuid, &name, generation, lease_ttl_ms);
     let timeout = Duration::from_secs(60);
     let r = reg.call(&host, Kind::GrantLeases(grant), timeout).await?;
     if !r.ok {

@@ -856,12 +856,7 @@ impl Engine {
     /// then starts it: the target's start guard refuses a managed guest
     /// without a lease.
     async fn lease_then_start(&self, m: &MoveRow, planned: bool) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
-        let grant = GrantLeases {
-            leases: vec![Lease { uuid: m.uuid.clone(), name: m.name.clone(), generation: m.generation }],
-            expires_unix_ms: crate::now_ms() + self.lease_ttl_ms,
-            merge: true,
-            issued_unix_ms: crate::now_ms(),
-        };
+        let grant = crate::reconcile::merged_lease(&m.uuid, &m.name, m.generation, self.lease_ttl_ms);
         let r = self.call_target(&m.target, Kind::GrantLeases(grant), Some((m, planned))).await?;
         if !r.ok {
             return Ok(r);
