@@ -502,6 +502,16 @@ controller_stop() {
     term_then_kill 10 $pids
     log "controller stopped"
   fi
+  # The process reads as gone when its first thread has exited; its other
+  # threads (one may be in an fsync) close the database lock a moment later.
+  # Stopped means the lock is free: a restore right after must not be refused.
+  local i
+  for i in $(seq 1 100); do
+    flock -n "$CTL_DB.lock" true 2>/dev/null && return 0
+    [ -e "$CTL_DB.lock" ] || return 0
+    sleep 0.1
+  done
+  log "warning: $CTL_DB.lock is still held 10 s after the controller stopped"
 }
 
 # ---- BMCs -----------------------------------------------------------------------------------

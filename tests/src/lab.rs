@@ -69,7 +69,13 @@ pub struct Lab {
     expected: Mutex<BTreeMap<String, String>>,
     /// Guests a test deliberately leaves not running: UUID or name → why.
     excused: Mutex<BTreeMap<String, String>>,
+    /// When `lab.sh up` returned (its controller started before that).
+    up_at: Instant,
 }
+
+/// The lab controller's startup grace: twice its detection time (3 s).
+/// Until it has passed, the controller grants leases but stops and starts nothing.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(6);
 
 /// How long the end-of-test check waits for every guest to settle (a
 /// waiting guest being started, a stop in flight) before it fails.
@@ -145,12 +151,14 @@ impl Lab {
             paths: HashMap::new(),
             expected: Mutex::default(),
             excused: Mutex::default(),
+            up_at: Instant::now(),
         };
         let t = Instant::now();
         let (h, g) = (hosts.to_string(), guests.to_string());
         let mut args = vec!["up", "--hosts", h.as_str(), "--guests", g.as_str()];
         args.extend_from_slice(options);
         lab.ok(&args);
+        lab.up_at = Instant::now();
         println!("lab up ({hosts} hosts x {guests} guests) in {:?}", t.elapsed());
         let out = lab.ok(&["paths"]);
         lab.paths = String::from_utf8_lossy(&out.stdout)
@@ -266,6 +274,16 @@ impl Lab {
                 return Some(format!("end-of-test check failed after {END_CHECK_WAIT:?}:\n  {}", wrong.join("\n  ")));
             }
             std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Waits until the controller `up` started is past its startup grace, so
+    /// that a test timing a stop or an alarm does not time the grace instead.
+    pub fn past_startup_grace(&self) {
+        let until = self.up_at + STARTUP_GRACE + Duration::from_millis(500);
+        let now = Instant::now();
+        if until > now {
+            std::thread::sleep(until - now);
         }
     }
 

@@ -120,6 +120,8 @@ fn lab_guest_started_by_hand_on_a_second_host_is_stopped_there() {
     let xml = lab.path("LAB_DIR").join("xml/vm-a1.xml");
     lab.virsh("host-b", &["define", xml.to_str().unwrap()]);
 
+    // The 3 s below is the reconciler's, not the startup grace's.
+    lab.past_startup_grace();
     lab.allow_two(&uuid, Duration::from_secs(15));
     let t = Instant::now();
     let o = lab.run(&["virsh", "host-b", "start", "vm-a1"]);
