@@ -62,6 +62,10 @@ pub struct HostSnapshot {
     /// Guests an active job is moving away from this host: left alone (no
     /// lease, no stop, no start); the job does each step itself.
     pub in_job: BTreeSet<String>,
+    /// Guests a `vms restore` or `vms start` (or a waiting start) acts on
+    /// here now (a pseudo job with this host as both owner and target):
+    /// the waiting start leaves them alone; their leases stay.
+    pub claimed: BTreeSet<String>,
     /// This host's guests that hold their disks on another host (filled in
     /// for a boot start): never started here.
     pub elsewhere: BTreeSet<String>,
@@ -142,7 +146,7 @@ pub enum Action {
 pub fn decide_waiting(s: &HostSnapshot, waiting: &[(String, String)], holders: &BTreeMap<String, Vec<String>>) -> Vec<Action> {
     let mut out = Vec::new();
     for (uuid, name) in waiting {
-        if s.in_job.contains(uuid) {
+        if s.in_job.contains(uuid) || s.claimed.contains(uuid) {
             continue;
         }
         if let Some(OwnerView::Other { host, recorded: true }) = s.owners.get(uuid) {
@@ -609,6 +613,7 @@ mod tests {
             owned_unreported: vec![],
             generations: [("1".to_string(), 3u64)].into_iter().collect(),
             in_job: BTreeSet::new(),
+            claimed: BTreeSet::new(),
             elsewhere: BTreeSet::new(),
         }
     }
@@ -638,6 +643,9 @@ mod tests {
         s.in_job.insert("2".into());
         assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "a job moves it");
         s.in_job.clear();
+        s.claimed.insert("2".into());
+        assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "a restore or start on its owner acts on it");
+        s.claimed.clear();
         s.owners.insert("2".into(), OwnerView::Unsure);
         assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "owner unsure: nothing");
         s.owners.remove("2");
@@ -771,5 +779,17 @@ mod tests {
         assert_eq!(drain(&mut seen), [("grant", claim.clone()), ("start", claim)]);
         assert!(reg.job_of("u1").is_none());
         assert!(actions(&reg).iter().filter(|a| *a == "guest.waiting_start").count() >= 2);
+    }
+
+    #[tokio::test]
+    async fn a_restore_or_start_on_the_owner_itself_keeps_its_guest_from_the_waiting_start_but_not_from_its_lease() {
+        use crate::waiting::tests::{after_grace, with_vm1};
+        let (reg, a, _rx) = with_vm1();
+        after_grace(&reg, a).await;
+        reg.claim_for_restore("u1", "restore-u1", "a", "a").unwrap();
+        let snaps = reg.reconcile_each(crate::now_ms(), 3000, true, |s| (s.host.clone(), s.claimed.clone(), s.in_job.clone()));
+        let (_, claimed, in_job) = snaps.into_iter().find(|s| s.0 == "a").expect("a's snapshot");
+        assert!(claimed.contains("u1") && !in_job.contains("u1"), "{claimed:?} {in_job:?}");
+        assert!(reg.lease_set("a").iter().any(|l| l.0 == "u1"), "its lease stays while it is restored or started");
     }
 }
