@@ -219,7 +219,7 @@ pub fn bounded<'a>(v: &'a str, flag: &str, max: usize, what: &str) -> Result<&'a
 /// long as it lives: the reconciler leaves the guest alone, and a move
 /// started meanwhile replaces the mark (which the restore's re-checks see).
 /// Dropping it ends the mark on every path, errors included.
-struct Claim<'a> {
+pub(crate) struct Claim<'a> {
     reg: &'a Registry,
     job: String,
 }
@@ -228,6 +228,14 @@ impl Drop for Claim<'_> {
     fn drop(&mut self) {
         self.reg.clear_in_job(&self.job);
     }
+}
+
+/// Claims `uuid` for `job` (a pseudo job such as `start-UUID`; `source`
+/// its owner, `target` where it acts) until the returned guard is dropped,
+/// unless a job acts on it already, which is returned.
+pub(crate) fn claim<'a>(reg: &'a Registry, uuid: &str, job: &str, source: &str, target: &str) -> Result<Claim<'a>, String> {
+    reg.claim_for_restore(uuid, job, source, target)?;
+    Ok(Claim { reg, job: job.to_string() })
 }
 
 /// Right before a restore grants a lease or starts the guest: its owner is

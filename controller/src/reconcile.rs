@@ -62,6 +62,10 @@ pub struct HostSnapshot {
     /// Guests an active job is moving away from this host: left alone (no
     /// lease, no stop, no start); the job does each step itself.
     pub in_job: BTreeSet<String>,
+    /// Guests a `vms restore` or `vms start` (or a waiting start) acts on
+    /// here now (a pseudo job with this host as both owner and target):
+    /// the waiting start leaves them alone; their leases stay.
+    pub claimed: BTreeSet<String>,
     /// This host's guests that hold their disks on another host (filled in
     /// for a boot start): never started here.
     pub elsewhere: BTreeSet<String>,
@@ -115,6 +119,9 @@ pub enum Action {
         uuid: String,
         /// Name.
         name: String,
+        /// Its ownership generation when this was decided: the start goes
+        /// ahead only while it is unchanged.
+        generation: u64,
     },
     /// A guest no longer waits: it runs on its owner, or belongs elsewhere now.
     EndWaiting {
@@ -139,7 +146,7 @@ pub enum Action {
 pub fn decide_waiting(s: &HostSnapshot, waiting: &[(String, String)], holders: &BTreeMap<String, Vec<String>>) -> Vec<Action> {
     let mut out = Vec::new();
     for (uuid, name) in waiting {
-        if s.in_job.contains(uuid) {
+        if s.in_job.contains(uuid) || s.claimed.contains(uuid) {
             continue;
         }
         if let Some(OwnerView::Other { host, recorded: true }) = s.owners.get(uuid) {
@@ -158,7 +165,8 @@ pub fn decide_waiting(s: &HostSnapshot, waiting: &[(String, String)], holders: &
         let leased = s.leases_sent.as_ref().is_some_and(|(_, set)| set.contains(uuid));
         let elsewhere = holders.get(uuid).is_some_and(|h| h.iter().any(|h| h != &s.host));
         if healthy && leased && !elsewhere {
-            out.push(Action::StartWaiting { host: s.host.clone(), uuid: uuid.clone(), name: name.clone() });
+            let generation = s.generations.get(uuid).copied().unwrap_or(0);
+            out.push(Action::StartWaiting { host: s.host.clone(), uuid: uuid.clone(), name: name.clone(), generation });
         }
     }
     out
@@ -537,19 +545,20 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             }
         }
         Action::BootStartDone { host } => reg.boot_start_done(&host),
-        Action::StartWaiting { host, uuid, name } => {
-            // The lease was sent this session (decided on it); a merged grant
-            // right before the start covers a renewal racing with it.
-            let generation = reg.owner_generation(&uuid);
-            let grant = merged_lease(&uuid, &name, generation, lease_ttl_ms);
-            let r = match reg.call(&host, Kind::GrantLeases(grant), timeout).await {
-                Ok(r) if r.ok => reg.call(&host, Kind::StartGuest(StartGuest { uuid: uuid.clone() }), timeout).await,
-                other => other,
-            };
-            let (ok, outcome) = match r {
-                Ok(r) if r.ok => (true, format!("started ({})", r.outcome)),
-                Ok(r) => (false, format!("start failed: {}", r.error)),
-                Err(e) => (false, format!("start failed: {e}")),
+        Action::StartWaiting { host, uuid, name, generation } => {
+            // Claimed for the whole start (a move or restore meanwhile finds
+            // it busy); checked again before the lease and before the start
+            // against what was decided.
+            let job = format!("start-{uuid}");
+            let (ok, outcome) = match crate::guestops::claim(reg, &uuid, &job, &host, &host) {
+                Err(other) => (false, format!("not started: {other} acts on it")),
+                Ok(_claim) => match crate::waiting::guarded_start(reg, &uuid, &name, &host, generation, &job, lease_ttl_ms, timeout).await {
+                    crate::waiting::StartEnd::Started { outcome, .. } => (true, format!("started ({outcome})")),
+                    crate::waiting::StartEnd::Refused { check, detail } => (false, format!("not started: check {check} failed: {detail}")),
+                    crate::waiting::StartEnd::GrantFailed(e) => (false, format!("not started: granting its lease failed: {e}")),
+                    crate::waiting::StartEnd::StartFailed(e) => (false, format!("start failed: {e}")),
+                    crate::waiting::StartEnd::Unknown(e) => (false, format!("start got no answer ({e}); it may still start")),
+                },
             };
             // Kept (not removed) on success: the next attempt waits for the
             // backoff, by which time the host reports it running.
@@ -604,6 +613,7 @@ mod tests {
             owned_unreported: vec![],
             generations: [("1".to_string(), 3u64)].into_iter().collect(),
             in_job: BTreeSet::new(),
+            claimed: BTreeSet::new(),
             elsewhere: BTreeSet::new(),
         }
     }
@@ -613,7 +623,7 @@ mod tests {
         let w = |u: &str| vec![(u.to_string(), format!("vm-{u}"))];
         let none = BTreeMap::new();
         let mut s = snap();
-        let start2 = vec![Action::StartWaiting { host: "a".into(), uuid: "2".into(), name: "vm-2".into() }];
+        let start2 = vec![Action::StartWaiting { host: "a".into(), uuid: "2".into(), name: "vm-2".into(), generation: 0 }];
         assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "no lease sent yet this session: lease first");
         s.leases_sent = Some((0, vec!["1".into(), "2".into()]));
         assert_eq!(decide_waiting(&s, &w("2"), &none), start2);
@@ -633,6 +643,9 @@ mod tests {
         s.in_job.insert("2".into());
         assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "a job moves it");
         s.in_job.clear();
+        s.claimed.insert("2".into());
+        assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "a restore or start on its owner acts on it");
+        s.claimed.clear();
         s.owners.insert("2".into(), OwnerView::Unsure);
         assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "owner unsure: nothing");
         s.owners.remove("2");
@@ -739,5 +752,44 @@ mod tests {
         s.leases_sent = Some((1, vec!["1".into(), "2".into()]));
         s.elsewhere.insert("2".into());
         assert!(!decide(&s, 2, 30_000).iter().any(|x| matches!(x, Action::StartForBoot { .. })), "2 runs elsewhere");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_start_claims_the_guest_and_starts_only_the_decided_generation_on_an_unchanged_owner() {
+        use crate::waiting::tests::{Then, actions, after_grace, agent, drain, with_vm1};
+        let start = |generation: u64| Action::StartWaiting { host: "a".into(), uuid: "u1".into(), name: "vm1".into(), generation };
+        let (reg, a, rx) = with_vm1();
+        let mut seen = agent(reg.clone(), a, rx, Then::Obey);
+        after_grace(&reg, a).await;
+        let attempts: Attempts = Arc::default();
+        // Decided at generation 5; the record says 0 now: nothing is sent.
+        act(&reg, &attempts, start(5), 3000).await;
+        assert!(drain(&mut seen).is_empty());
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        assert!(log.iter().any(|x| x.action == "guest.waiting_start" && x.detail.contains("check owner unchanged failed")), "{log:?}");
+        // A restore acts on it: the waiting start leaves it alone.
+        reg.claim_for_restore("u1", "restore-u1", "a", "a").unwrap();
+        act(&reg, &attempts, start(0), 3000).await;
+        assert!(drain(&mut seen).is_empty());
+        assert_eq!(reg.job_of("u1").as_deref(), Some("restore-u1"), "the restore's claim stays");
+        reg.clear_in_job("restore-u1");
+        // Unchanged: lease and start, both under the start's own claim, released after.
+        act(&reg, &attempts, start(0), 3000).await;
+        let claim = Some("start-u1".to_string());
+        assert_eq!(drain(&mut seen), [("grant", claim.clone()), ("start", claim)]);
+        assert!(reg.job_of("u1").is_none());
+        assert!(actions(&reg).iter().filter(|a| *a == "guest.waiting_start").count() >= 2);
+    }
+
+    #[tokio::test]
+    async fn a_restore_or_start_on_the_owner_itself_keeps_its_guest_from_the_waiting_start_but_not_from_its_lease() {
+        use crate::waiting::tests::{after_grace, with_vm1};
+        let (reg, a, _rx) = with_vm1();
+        after_grace(&reg, a).await;
+        reg.claim_for_restore("u1", "restore-u1", "a", "a").unwrap();
+        let snaps = reg.reconcile_each(crate::now_ms(), 3000, true, |s| (s.host.clone(), s.claimed.clone(), s.in_job.clone()));
+        let (_, claimed, in_job) = snaps.into_iter().find(|s| s.0 == "a").expect("a's snapshot");
+        assert!(claimed.contains("u1") && !in_job.contains("u1"), "{claimed:?} {in_job:?}");
+        assert!(reg.lease_set("a").iter().any(|l| l.0 == "u1"), "its lease stays while it is restored or started");
     }
 }

@@ -1255,6 +1255,7 @@ impl Registry {
             .map(|v| v.iter().filter_map(|u| inner.owners.get(u)).filter(|o| o.complete || inner.in_job.contains_key(&o.uuid)).collect())
             .unwrap_or_default();
         let in_job: BTreeSet<String> = inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 != id).map(|(u, _)| u.clone()).collect();
+        let claimed: BTreeSet<String> = inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 == id).map(|(u, _)| u.clone()).collect();
         // A status that does not parse makes the host a non-target (OFFLINE:
         // no leases), never AVAILABLE.
         let status = e.row.status.parse().unwrap_or_else(|err| {
@@ -1295,6 +1296,7 @@ impl Registry {
                 .collect(),
             owned_unreported: owned_here.iter().filter(|o| !reported(&o.uuid)).map(|o| (o.uuid.clone(), String::new())).collect(),
             in_job,
+            claimed,
             guests,
         }
     }

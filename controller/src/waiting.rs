@@ -184,10 +184,13 @@ pub fn counts(reg: &Registry) -> BTreeMap<String, u64> {
 /// `lifeboat vms start VM --reason TEXT`: starts a stopped guest on its
 /// owner now (a waiting one, or any stopped guest its host owns), also on
 /// a MAINTENANCE host. The same never-twice checks as the reconciler's
-/// starts: its host owns it (no move, conflict or unfinished move says
-/// otherwise), no job moves it, its host talks and reported in this
-/// session, it is not OFFLINE, and no host reports it holding its disks.
-/// The request is audited before anything is sent; the lease goes first.
+/// starts: every host's report is current (no startup grace, no restored
+/// database waiting for reports), its host owns it (no move, conflict or
+/// unfinished move says otherwise) and defines it, no job moves it, its
+/// host talks and reported in this session (one agent), it is not OFFLINE,
+/// and no host reports it holding its disks. The guest is claimed (pseudo
+/// job `start-UUID`) for the whole start, the checks are made again before
+/// the lease and before the start, and every outcome is audited.
 pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, lease_ttl_ms: i64) -> Result<GuestRecord, ControllerError> {
     let vm = crate::guestops::bounded(vm, "VM", MAX_VM, "starting a guest")?;
     let reason = crate::guestops::bounded(reason, "--reason", MAX_REASON, "starting a guest")?;
@@ -200,6 +203,13 @@ pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, le
     let refuse = |check: &str, detail: String, remedy: &str| {
         ControllerError::Refused(format!("starting {vm} refused; nothing was changed. Failed check: {check}: {detail}. {remedy}"))
     };
+    if let Some(hold) = reg.hold(crate::now_ms()) {
+        return Err(refuse(
+            "reports-current",
+            hold,
+            "wait until the hosts have reconnected and reported (`lifeboat alarms`, `lifeboat hosts list`), then run the same command again",
+        ));
+    }
     let records = reg.list_guests(None, Some(vm), false)?;
     let mut uuids: Vec<&str> = records.iter().filter_map(|r| r.guest.as_ref().map(|g| g.uuid.as_str())).collect();
     uuids.sort();
@@ -229,11 +239,18 @@ pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, le
     if status == Some(HostStatus::Offline) || status.is_none() {
         return Err(refuse("owner not OFFLINE", format!("{host} is OFFLINE"), "bring the host back; it becomes MAINTENANCE when its agent connects"));
     }
-    if !reg.is_reachable(&host) || !reg.inventory_fresh(&host) {
+    if !reg.is_reachable(&host) || !reg.reports_now(&host) {
         return Err(refuse(
             "owner connected",
-            format!("{host} is not connected or has not reported its guests in this session"),
-            "start its agent and wait for `lifeboat hosts show` to read REACHABLE",
+            format!("{host} is not connected, has not reported its guests in this session, or a second agent claims it"),
+            "start its agent (one per host) and wait for `lifeboat hosts show` to read REACHABLE",
+        ));
+    }
+    if !reg.reported_on(&uuid).iter().any(|(h, _)| h == &host) {
+        return Err(refuse(
+            "defined on its owner",
+            format!("{host} does not define {name} (it is missing there)"),
+            "define it again with `lifeboat vms restore` (or `lifeboat vms restore --start`)",
         ));
     }
     let holders = reg.holders(std::slice::from_ref(&uuid)).remove(&uuid).unwrap_or_default();
@@ -246,23 +263,42 @@ pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, le
         ));
     }
     let generation = reg.owner_generation(&uuid);
+    let job = format!("start-{uuid}");
+    let _claim = match crate::guestops::claim(reg, &uuid, &job, &host, &host) {
+        Ok(c) => c,
+        Err(other) => return Err(refuse("not in a job", format!("{other} acts on {name} now"), "wait for it to end (`lifeboat jobs watch`)")),
+    };
     let detail = format!("operator {operator} asks to start {name} ({uuid}) on its owner {host} (generation {generation}): {reason}");
     reg.db(|s| s.audit(&AuditRow { actor: operator.into(), action: "guest.start_requested".into(), host: host.clone(), vm: name.clone(), detail, ..Default::default() }))?;
-    let grant = crate::reconcile::merged_lease(&uuid, &name, generation, lease_ttl_ms);
-    let timeout = Duration::from_secs(60);
-    let r = reg.call(&host, Kind::GrantLeases(grant), timeout).await?;
-    if !r.ok {
-        return Err(ControllerError::Refused(format!("granting {name}'s lease on {host} failed: {}; nothing was started", r.error)));
-    }
-    let r = reg.call(&host, Kind::StartGuest(StartGuest { uuid: uuid.clone() }), timeout).await?;
-    let outcome = if r.ok { format!("started ({})", r.outcome) } else { format!("start failed: {}", r.error) };
-    reg.db(|s| s.audit(&AuditRow::by_controller(if r.ok { "guest.started" } else { "guest.start_failed" }, &host, &name, format!("{name} on {host}: {outcome}"))))?;
-    if !r.ok {
-        return Err(ControllerError::Refused(format!("starting {name} on {host} failed: {}", r.error)));
-    }
-    if r.guest.as_ref().is_some_and(|g| lifeboat_proto::holds_disk(g.state)) {
-        if let Some(w) = by_uuid(reg).remove(&uuid).filter(|w| w.host == host) {
-            end(reg, &w, &format!("started on {host} by {operator}"))?;
+    let end_of = guarded_start(reg, &uuid, &name, &host, generation, &job, lease_ttl_ms, Duration::from_secs(60)).await;
+    let (action, outcome) = match &end_of {
+        StartEnd::Started { outcome, .. } => ("guest.started", format!("started ({outcome})")),
+        StartEnd::Refused { check, detail } => ("guest.start_failed", format!("not started: check {check} failed right before it: {detail}")),
+        StartEnd::GrantFailed(e) => ("guest.start_failed", format!("not started: granting its lease failed: {e}")),
+        StartEnd::StartFailed(e) => ("guest.start_failed", format!("start failed: {e}")),
+        StartEnd::Unknown(e) => ("guest.start_unknown", format!("the start got no answer ({e}) and {host} does not report it running yet: it may still start")),
+    };
+    reg.db(|s| s.audit(&AuditRow::by_controller(action, &host, &name, format!("{name} on {host}: {outcome}"))))?;
+    match end_of {
+        StartEnd::Started { holds, .. } => {
+            if holds {
+                if let Some(w) = by_uuid(reg).remove(&uuid).filter(|w| w.host == host) {
+                    end(reg, &w, &format!("started on {host} by {operator}"))?;
+                }
+            }
+        }
+        StartEnd::Refused { check, detail } => {
+            return Err(ControllerError::Refused(format!(
+                "starting {name} on {host} refused; nothing was started. Failed check: {check}: {detail}. See `lifeboat vms show {uuid}` and `lifeboat jobs list`"
+            )));
+        }
+        StartEnd::GrantFailed(_) | StartEnd::StartFailed(_) => {
+            return Err(ControllerError::Refused(format!("starting {name} on {host}: {outcome}")));
+        }
+        StartEnd::Unknown(_) => {
+            // Not a refusal (it may have started) and not an unreachable
+            // controller: an outcome the operator must look at (exit 1).
+            return Err(ControllerError::Internal(format!("starting {name} on {host}: {outcome}; see `lifeboat vms show {uuid}` before trying again")));
         }
     }
     reg.touch(&host);
@@ -271,8 +307,102 @@ pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, le
     out.into_iter().next().ok_or_else(|| ControllerError::NotFound(format!("{name} is no longer reported by {host}")))
 }
 
+/// How a guarded start ([`guarded_start`]) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StartEnd {
+    /// A re-check failed before the lease or before the start: nothing was started.
+    Refused {
+        /// The check that failed.
+        check: &'static str,
+        /// What it found.
+        detail: String,
+    },
+    /// The lease was not granted: nothing was started.
+    GrantFailed(String),
+    /// The host started it (its outcome); `holds`: the host's answer or
+    /// report has it holding its disks.
+    Started {
+        /// The agent's outcome.
+        outcome: String,
+        /// It holds its disks there now.
+        holds: bool,
+    },
+    /// The host refused or failed the start.
+    StartFailed(String),
+    /// The start got no answer and the host does not report it running: it
+    /// may still start.
+    Unknown(String),
+}
+
+/// What a start of `uuid` on `host` at ownership `generation` under the
+/// claim `job` needs right before each step: reports current, the claim
+/// still its own, the owner and generation unchanged, the host reporting
+/// now (one agent), and no other host reporting it holding its disks.
+/// Returns the failed check and what it found.
+pub(crate) fn recheck_start(reg: &Registry, uuid: &str, host: &str, generation: u64, job: &str) -> Result<(), (&'static str, String)> {
+    if let Some(hold) = reg.hold(crate::now_ms()) {
+        return Err(("reports-current", hold));
+    }
+    match reg.job_of(uuid) {
+        Some(j) if j == job => {}
+        Some(j) => return Err(("not in a job", format!("job {j} acts on it now"))),
+        None => return Err(("not in a job", format!("its claim {job} is gone"))),
+    }
+    let now = reg.owner_generation(uuid);
+    if !reg.owns(host, uuid) || now != generation {
+        return Err(("owner unchanged", format!("{host} no longer owns it at generation {generation} (recorded generation now {now})")));
+    }
+    if !reg.reports_now(host) {
+        return Err(("owner connected", format!("{host} is not connected, has not reported in this session, or a second agent claims it")));
+    }
+    let others: Vec<String> = reg.holders(&[uuid.to_string()]).remove(uuid).unwrap_or_default().into_iter().filter(|h| h != host).collect();
+    if !others.is_empty() {
+        return Err(("not running anywhere", format!("{} reports it holding its disks", others.join(", "))));
+    }
+    Ok(())
+}
+
+/// Grants `uuid`'s merged start lease on `host` and starts it there,
+/// re-checking ([`recheck_start`]) before each step; the caller holds the
+/// claim `job` throughout. A start with no answer is judged by the host's
+/// report read again: it may have started.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn guarded_start(
+    reg: &Registry,
+    uuid: &str,
+    name: &str,
+    host: &str,
+    generation: u64,
+    job: &str,
+    lease_ttl_ms: i64,
+    timeout: Duration,
+) -> StartEnd {
+    if let Err((check, detail)) = recheck_start(reg, uuid, host, generation, job) {
+        return StartEnd::Refused { check, detail };
+    }
+    let grant = crate::reconcile::merged_lease(uuid, name, generation, lease_ttl_ms);
+    match reg.call(host, Kind::GrantLeases(grant), timeout).await {
+        Ok(r) if r.ok => {}
+        Ok(r) => return StartEnd::GrantFailed(r.error),
+        Err(e) => return StartEnd::GrantFailed(e.to_string()),
+    }
+    if let Err((check, detail)) = recheck_start(reg, uuid, host, generation, job) {
+        return StartEnd::Refused { check, detail };
+    }
+    let running_here = || reg.reported_on(uuid).iter().any(|(h, s)| h == host && lifeboat_proto::holds_disk(*s));
+    match reg.call(host, Kind::StartGuest(StartGuest { uuid: uuid.to_string() }), timeout).await {
+        Ok(r) if r.ok => {
+            let holds = r.guest.as_ref().is_some_and(|g| lifeboat_proto::holds_disk(g.state)) || running_here();
+            StartEnd::Started { outcome: r.outcome, holds }
+        }
+        Ok(r) => StartEnd::StartFailed(r.error),
+        Err(e) if running_here() => StartEnd::Started { outcome: format!("no answer ({e}), but {host} reports it running"), holds: true },
+        Err(e) => StartEnd::Unknown(e.to_string()),
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn mv(uuid: &str, state: &str, start: bool) -> MoveRow {
@@ -346,5 +476,180 @@ mod tests {
         assert!(d.contains("vm-1 (1) waits to run again on a") && d.contains("job mig-1: why 1") && d.contains("lifeboat vms start vm-1"), "{d}");
         let long = WaitingRow { reason: "x".repeat(1000), ..rows[0].clone() };
         assert!(alarm_detail(&long).len() < 700, "the reason is clipped");
+    }
+
+    /// What the fake agent of the start tests does.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Then {
+        /// Carries out every command.
+        Obey,
+        /// A move claims the guest while the lease is granted.
+        MoveOnGrant,
+        /// A new ownership generation is recorded while the lease is granted.
+        NewGenerationOnGrant,
+        /// Starts the guest, reports it running, and its session closes before it answers.
+        RunThenClose,
+        /// The session closes on the start, unanswered, the guest not started.
+        CloseSilently,
+    }
+
+    pub(crate) type Rx = tokio::sync::mpsc::Receiver<Box<lifeboat_proto::v1::ControllerMessage>>;
+
+    fn vm1(state: lifeboat_proto::v1::GuestState) -> lifeboat_proto::v1::Guest {
+        lifeboat_proto::v1::Guest { uuid: "u1".into(), name: "vm1".into(), state: state as i32, definition_xml: "<domain/>".into(), ..Default::default() }
+    }
+
+    /// A registry whose host `a` reports `vm1` (u1) shut off, in its startup grace.
+    pub(crate) fn with_vm1() -> (std::sync::Arc<Registry>, crate::registry::SessionId, Rx) {
+        use lifeboat_proto::v1::{GuestState, Inventory};
+        let timing = crate::model::Timing { heartbeat_interval_ms: 75, unreachable_after_ms: 300 };
+        let reg = Registry::load(crate::store::Store::open_in_memory().unwrap(), timing).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let a = reg.open_session("a", "boot", tx).unwrap();
+        reg.apply_inventory("a", a, Inventory { host: None, guests: vec![vm1(GuestState::Shutoff)], more: false }).unwrap();
+        (std::sync::Arc::new(reg), a, rx)
+    }
+
+    /// Past the startup grace, `a` heard now.
+    pub(crate) async fn after_grace(reg: &Registry, a: crate::registry::SessionId) {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        reg.heard_cell("a", a).unwrap().store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs the fake agent; each command it receives is sent on the
+    /// returned channel with the job the guest was in at that moment.
+    pub(crate) fn agent(reg: std::sync::Arc<Registry>, a: crate::registry::SessionId, mut rx: Rx, then: Then) -> tokio::sync::mpsc::UnboundedReceiver<(&'static str, Option<String>)> {
+        use lifeboat_proto::v1::{CommandResult, GuestState, Inventory, controller_message::Msg};
+        let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                let Some(Msg::Command(c)) = m.msg else { continue };
+                let kind = match c.kind {
+                    Some(Kind::GrantLeases(_)) => "grant",
+                    Some(Kind::StartGuest(_)) => "start",
+                    _ => "other",
+                };
+                let _ = seen_tx.send((kind, reg.job_of("u1")));
+                match (kind, then) {
+                    ("grant", Then::MoveOnGrant) => reg.set_in_job("mig-9", &[("u1".into(), "a".into(), "b".into())]),
+                    ("grant", Then::NewGenerationOnGrant) => {
+                        let o = OwnerRow { uuid: "u1".into(), host: "a".into(), generation: 3, from_host: "b".into(), job: "mig-8".into(), complete: true };
+                        reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+                        reg.refresh_owners().unwrap();
+                    }
+                    ("start", Then::RunThenClose) => {
+                        reg.apply_inventory("a", a, Inventory { host: None, guests: vec![vm1(GuestState::Running)], more: false }).unwrap();
+                        reg.close_session("a", a);
+                        continue;
+                    }
+                    ("start", Then::CloseSilently) => {
+                        reg.close_session("a", a);
+                        continue;
+                    }
+                    _ => {}
+                }
+                reg.complete(CommandResult { id: c.id, ok: true, outcome: "done".into(), ..Default::default() });
+            }
+        });
+        seen
+    }
+
+    pub(crate) fn drain(seen: &mut tokio::sync::mpsc::UnboundedReceiver<(&'static str, Option<String>)>) -> Vec<(&'static str, Option<String>)> {
+        let mut out = Vec::new();
+        while let Ok(x) = seen.try_recv() {
+            out.push(x);
+        }
+        out
+    }
+
+    pub(crate) fn actions(reg: &Registry) -> Vec<String> {
+        reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap().into_iter().map(|a| a.action).collect()
+    }
+
+    async fn start(reg: &Registry) -> Result<GuestRecord, ControllerError> {
+        tokio::time::timeout(Duration::from_secs(5), start_vm(reg, "vm1", "test", "olga", 3000)).await.expect("vms start answers at once")
+    }
+
+    #[tokio::test]
+    async fn vms_start_refuses_while_reports_are_not_current_or_the_owner_has_two_agents_and_sends_nothing() {
+        let (reg, a, rx) = with_vm1();
+        let mut seen = agent(reg.clone(), a, rx, Then::Obey);
+        let e = start(&reg).await.unwrap_err().to_string();
+        assert!(e.contains("reports-current") && e.contains("startup grace"), "{e}");
+        after_grace(&reg, a).await;
+        // A restored database holds until every host not OFFLINE has reported: b talks but has not.
+        reg.raise_alarm("", "store-restored", "backup of yesterday").unwrap();
+        let (tx, _rx_b) = tokio::sync::mpsc::channel(8);
+        let _b = reg.open_session("b", "boot", tx).unwrap();
+        let e = start(&reg).await.unwrap_err().to_string();
+        assert!(e.contains("reports-current") && e.contains("nothing was changed"), "{e}");
+        reg.set_status("b", HostStatus::Offline, "test", "olga").unwrap();
+        assert!(reg.restore_hold().is_none(), "every host not OFFLINE reported");
+        reg.raise_alarm("a", "duplicate-agent", "two agents").unwrap();
+        let e = start(&reg).await.unwrap_err().to_string();
+        assert!(e.contains("owner connected") && e.contains("second agent"), "{e}");
+        assert!(drain(&mut seen).is_empty(), "nothing sent");
+        assert!(!actions(&reg).iter().any(|a| a.starts_with("guest.start")), "a refusal audits no start: {:?}", actions(&reg));
+    }
+
+    #[tokio::test]
+    async fn vms_start_refuses_a_guest_its_owner_no_longer_defines() {
+        let (reg, a, rx) = with_vm1();
+        let mut seen = agent(reg.clone(), a, rx, Then::Obey);
+        after_grace(&reg, a).await;
+        reg.remove_guest("a", a, "u1").unwrap();
+        assert_eq!(reg.missing_uuids(), ["u1"]);
+        let e = start(&reg).await.unwrap_err().to_string();
+        assert!(e.contains("defined on its owner") && e.contains("lifeboat vms restore"), "{e}");
+        assert!(drain(&mut seen).is_empty(), "nothing sent");
+    }
+
+    #[tokio::test]
+    async fn vms_start_claims_the_guest_and_stops_before_the_start_when_a_move_or_a_new_generation_comes_between() {
+        for then in [Then::MoveOnGrant, Then::NewGenerationOnGrant] {
+            let (reg, a, rx) = with_vm1();
+            let mut seen = agent(reg.clone(), a, rx, then);
+            after_grace(&reg, a).await;
+            let e = start(&reg).await.unwrap_err().to_string();
+            let sent = drain(&mut seen);
+            assert_eq!(sent, [("grant", Some("start-u1".to_string()))], "claimed while it starts; no start sent");
+            if then == Then::MoveOnGrant {
+                assert!(e.contains("not in a job") && e.contains("job mig-9 acts on it now") && e.contains("nothing was started"), "{e}");
+                assert_eq!(reg.job_of("u1").as_deref(), Some("mig-9"), "the start's claim ends without ending the move's");
+            } else {
+                assert!(e.contains("owner unchanged") && e.contains("generation 0") && e.contains("now 3"), "{e}");
+                assert!(reg.job_of("u1").is_none(), "the claim ends on a refusal too");
+            }
+            let log = actions(&reg);
+            assert!(log.contains(&"guest.start_requested".to_string()) && log.contains(&"guest.start_failed".to_string()), "{log:?}");
+        }
+        // Carried out: claimed through the start, released after.
+        let (reg, a, rx) = with_vm1();
+        let mut seen = agent(reg.clone(), a, rx, Then::Obey);
+        after_grace(&reg, a).await;
+        start(&reg).await.unwrap();
+        let claim = Some("start-u1".to_string());
+        assert_eq!(drain(&mut seen), [("grant", claim.clone()), ("start", claim)]);
+        assert!(reg.job_of("u1").is_none());
+        assert!(actions(&reg).contains(&"guest.started".to_string()));
+    }
+
+    #[tokio::test]
+    async fn vms_start_audits_a_start_that_got_no_answer_and_reads_the_hosts_report_again() {
+        let (reg, a, rx) = with_vm1();
+        let _seen = agent(reg.clone(), a, rx, Then::RunThenClose);
+        after_grace(&reg, a).await;
+        let r = start(&reg).await.unwrap();
+        assert_eq!(r.guest.map(|g| g.state), Some(lifeboat_proto::v1::GuestState::Running as i32), "it did start");
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        assert!(log.iter().any(|x| x.action == "guest.started" && x.detail.contains("reports it running")), "{log:?}");
+
+        let (reg, a, rx) = with_vm1();
+        let _seen = agent(reg.clone(), a, rx, Then::CloseSilently);
+        after_grace(&reg, a).await;
+        let e = start(&reg).await.unwrap_err();
+        assert!(matches!(e, ControllerError::Internal(_)) && e.to_string().contains("may still start"), "{e}");
+        assert!(actions(&reg).contains(&"guest.start_unknown".to_string()), "{:?}", actions(&reg));
+        assert!(reg.job_of("u1").is_none());
     }
 }

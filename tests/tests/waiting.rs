@@ -163,3 +163,36 @@ async fn a_guest_left_behind_waits_visibly_and_an_operator_starts_it_on_its_retu
     let alarm_log = op.list_audit(ListAuditRequest { host: "host-a".into(), ..Default::default() }).await.unwrap().into_inner().entries;
     assert!(alarm_log.iter().any(|e| e.action == "alarm.cleared" && e.detail.contains("guests-waiting")), "{alarm_log:?}");
 }
+
+/// `vms start` right after the controller started: refused with
+/// `reports-current` (the startup grace: a host may still run the guest and
+/// not have reported yet), nothing audited as requested; accepted once the
+/// grace is over, audited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_start_waits_for_the_startup_grace() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(&dir.join("pki"));
+    let uuid = "88888888-0000-4000-8000-000000000011";
+    std::fs::write(dir.join("a.xml"), node(&[domain("vm-grace", uuid, "/nonexistent/vm-grace.img", "52:54:00:00:08:11", 5)])).unwrap();
+    // Detection 2.5 s: a startup grace of 5 s.
+    let c = Controller::start(&pki, &dir.join("c.db"), 0, 500, 2500).await;
+    let uri = format!("test://{}", dir.join("a.xml").display());
+    let _agent_a = Agent::start(&agent_config("host-a", &uri, &c.url(), &pki.agent("host-a"), ""));
+    let mut op = c.admin(&pki.client("olga", Role::Operator)).await;
+    lifeboat_e2e::wait_guest_count(&op, 1).await;
+    let e = op.start_vm(StartVmRequest { vm: "vm-grace".into(), reason: "test: too early".into() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("reports-current") && e.message().contains("startup grace"), "{}", e.message());
+    let (started, took) = wait_for(Duration::from_secs(15), "vms start accepted after the grace", || {
+        let mut op = op.clone();
+        async move { op.start_vm(StartVmRequest { vm: "vm-grace".into(), reason: "test: now".into() }).await.ok().map(|r| r.into_inner()) }
+    })
+    .await;
+    println!("StartVm accepted after {took:?}");
+    assert_eq!(started.host_id, "host-a");
+    let log = op.list_audit(ListAuditRequest { vm: "vm-grace".into(), ..Default::default() }).await.unwrap().into_inner().entries;
+    let requested = log.iter().filter(|e| e.action == "guest.start_requested").count();
+    assert_eq!(requested, 1, "a refusal audits no request: {log:?}");
+    assert!(log.iter().any(|e| e.action == "guest.started"), "{log:?}");
+}
