@@ -307,7 +307,17 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
             let holders = if uuids.is_empty() { BTreeMap::new() } else { r.holders(&uuids) };
             let mut by_host: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
             for w in waiting {
-                by_host.entry(w.host).or_default().push((w.uuid, w.name));
+                // Judged on the ownership record whether or not the host
+                // reports the guest (a silent host, a guest undefined there).
+                match crate::waiting::judge(&w, r.owner_row(&w.uuid).as_ref()) {
+                    crate::waiting::WaitJudgement::Ends(why) if !startup => {
+                        if let Err(e) = crate::waiting::end(&r, &w, &why) {
+                            warn!(host = %w.host, uuid = %w.uuid, "ending a guest's wait failed: {e}");
+                        }
+                    }
+                    crate::waiting::WaitJudgement::Ends(_) | crate::waiting::WaitJudgement::Unfinished => {}
+                    crate::waiting::WaitJudgement::PerHost => by_host.entry(w.host).or_default().push((w.uuid, w.name)),
+                }
             }
             r.reconcile_each(now, lease_ttl_ms, full, |snap| {
                 let mut actions = decide(snap, now, lease_ttl_ms);
