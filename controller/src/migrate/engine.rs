@@ -552,6 +552,7 @@ impl Engine {
                             error: &m.error,
                             target: &m.target,
                             waits: waiting.iter().any(|w| w.uuid == m.uuid),
+                            unfinished: waiting.iter().find(|w| w.uuid == m.uuid).and_then(crate::waiting::unfinished_target),
                         })
                         .collect();
                     let talking = job.kind == "migrate" && self.reg.is_reachable(&job.source);
