@@ -135,7 +135,10 @@ pub enum Action {
 /// this session, it does not hold its disks there already, and no other
 /// host reports it holding them (`holders`: every host's last report). It
 /// stops waiting once it holds its disks on its owner, or when a completed
-/// move made another host its owner.
+/// move made another host its owner. (Rows whose ownership record names
+/// another host are judged before, by `crate::waiting::judge`, for hosts
+/// that do not report the guest too: ended when complete, skipped when an
+/// unfinished move, which nothing here starts.)
 pub fn decide_waiting(s: &HostSnapshot, waiting: &[(String, String)], holders: &BTreeMap<String, Vec<String>>) -> Vec<Action> {
     let mut out = Vec::new();
     for (uuid, name) in waiting {

@@ -5,8 +5,12 @@
 //! show`, alarmed (`guests-waiting`, one alarm per guest naming it) and
 //! counted (`lifeboat_guests_waiting`). The reconciler starts it on its own
 //! host once that host is healthy again; an operator can start it now with
-//! `lifeboat vms start`. It stops waiting when it runs on its owner, or when
-//! a later job moves it.
+//! `lifeboat vms start`. It stops waiting when it runs on its owner, when
+//! a later job moves it, or when a complete ownership record names another
+//! host (`vms restore --to`), whether or not its old host reports it.
+//! A guest a forced move left unfinished after recording its new owner
+//! is listed as waiting too ("unfinished move to B"), but nobody owns it:
+//! it is never started by the reconciler, only `lifeboat move` finishes it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -994,8 +994,8 @@ impl Engine {
                     let cmd = CleanupGuest { uuid: m.uuid.clone(), name: m.name.clone(), destroy_running: false };
                     let detail = match self.reg.call(&m.source, Kind::CleanupGuest(cmd), self.call_timeout).await {
                         Ok(r) if r.ok => format!("undefined {} on {} ({}); storage untouched", m.name, m.source, r.outcome),
-                        Ok(r) => format!("undefining {} on {} failed: {}; run `lifeboat cleanup {}`", m.name, m.source, r.error, m.source),
-                        Err(e) => format!("undefining {} on {} failed: {e}; run `lifeboat cleanup {}`", m.name, m.source, m.source),
+                        Ok(r) => format!("undefining {} on {} failed: {}; run `lifeboat cleanup {} --yes`", m.name, m.source, r.error, m.source),
+                        Err(e) => format!("undefining {} on {} failed: {e}; run `lifeboat cleanup {} --yes`", m.name, m.source, m.source),
                     };
                     let ok = detail.starts_with("undefined");
                     let row = audit("controller", if ok { "cleanup.removed" } else { "cleanup.failed" }, &m.source, &m.name, &m.job_id, detail.clone());
