@@ -319,7 +319,18 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
                         }
                     }
                     crate::waiting::WaitJudgement::Ends(_) | crate::waiting::WaitJudgement::Unfinished => {}
-                    crate::waiting::WaitJudgement::PerHost => by_host.entry(w.host).or_default().push((w.uuid, w.name)),
+                    crate::waiting::WaitJudgement::PerHost => {
+                        let held = holders.get(&w.uuid).map(Vec::as_slice).unwrap_or_default();
+                        match crate::waiting::moved_by_hand(&w, held, |h| r.owns(h, &w.uuid)) {
+                            Some(why) if !startup => {
+                                if let Err(e) = crate::waiting::end(&r, &w, &why) {
+                                    warn!(host = %w.host, uuid = %w.uuid, "ending a guest's wait failed: {e}");
+                                }
+                            }
+                            Some(_) => {}
+                            None => by_host.entry(w.host).or_default().push((w.uuid, w.name)),
+                        }
+                    }
                 }
             }
             r.reconcile_each(now, lease_ttl_ms, full, |snap| {

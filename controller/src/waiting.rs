@@ -182,6 +182,15 @@ pub fn judge(w: &WaitingRow, owner: Option<&OwnerRow>) -> WaitJudgement {
     }
 }
 
+/// Why a waiting row ends because the guest was moved by hand: another
+/// host reports it holding its disks and owns it (`owns`: Lifeboat's
+/// ownership view, which gives a hand-moved guest to the one host running
+/// it once its first host talks and holds nothing). Pure; only ends a wait,
+/// never starts anything.
+pub fn moved_by_hand(w: &WaitingRow, holders: &[String], owns: impl Fn(&str) -> bool) -> Option<String> {
+    holders.iter().find(|h| **h != w.host && owns(h)).map(|h| format!("it runs on {h}, which owns it now (moved outside Lifeboat)"))
+}
+
 /// Ends every wait of `uuid` on a host other than `owner` (the guest was
 /// placed on `owner` by an operator, e.g. `vms restore --to`): audited,
 /// alarms cleared. A read error is returned.
@@ -385,6 +394,16 @@ mod tests {
         assert_eq!(unfinished_target(&w), None);
         assert_eq!(judge(&u, Some(&own("b", false))), WaitJudgement::Unfinished);
         assert_eq!(judge(&u, Some(&own("b", true))), WaitJudgement::Ends("b owns it now".into()), "the move was finished");
+    }
+
+    #[test]
+    fn a_wait_ends_when_another_host_runs_and_owns_the_guest() {
+        let w = WaitingRow { uuid: "x".into(), host: "a".into(), name: "vm-x".into(), reason: "r".into(), since_ms: 1, job: "j".into() };
+        let hs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(moved_by_hand(&w, &hs(&["b"]), |h| h == "b").as_deref(), Some("it runs on b, which owns it now (moved outside Lifeboat)"));
+        assert_eq!(moved_by_hand(&w, &hs(&["b"]), |_| false), None, "b runs a copy it does not own: still waits (and never starts on a)");
+        assert_eq!(moved_by_hand(&w, &hs(&["a"]), |_| true), None, "running on its own host ends it elsewhere");
+        assert_eq!(moved_by_hand(&w, &[], |_| true), None);
     }
 
     #[test]
