@@ -347,6 +347,9 @@ pub async fn restore(
         );
         reg.record_restore_owner(&row, &desired, &a)?;
     }
+    // Its owner is recorded on the target now: a wait on another host
+    // (its old owner) would never end there.
+    crate::waiting::end_elsewhere(reg, &uuid, &target, &format!("restored on {target} by {operator}"))?;
     let define = DefineGuest { definition_xml: r.guest.definition_xml.clone(), owner_host: target.clone(), generation };
     let res = reg.call(&target, Kind::DefineGuest(define), CALL_TIMEOUT).await;
     let failed = match &res {

@@ -283,7 +283,7 @@ pub async fn set_status(
         HostStatus::Available | HostStatus::NotAccepting => {
             if rec.stale_definitions > 0 {
                 return Err(ControllerError::Refused(format!(
-                    "{id} still holds {} definition(s) of guests moved away from it; run `lifeboat cleanup {id}` first (the runbook: cleanup, NOT_ACCEPTING, test, AVAILABLE)",
+                    "{id} still holds {} definition(s) of guests moved away from it; run `lifeboat cleanup {id} --yes` first (without --yes it only prints what it would remove; the runbook: cleanup, NOT_ACCEPTING, test, AVAILABLE)",
                     rec.stale_definitions
                 )));
             }

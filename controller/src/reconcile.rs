@@ -142,7 +142,10 @@ pub enum Action {
 /// this session, it does not hold its disks there already, and no other
 /// host reports it holding them (`holders`: every host's last report). It
 /// stops waiting once it holds its disks on its owner, or when a completed
-/// move made another host its owner.
+/// move made another host its owner. (Rows whose ownership record names
+/// another host are judged before, by `crate::waiting::judge`, for hosts
+/// that do not report the guest too: ended when complete, skipped when an
+/// unfinished move, which nothing here starts.)
 pub fn decide_waiting(s: &HostSnapshot, waiting: &[(String, String)], holders: &BTreeMap<String, Vec<String>>) -> Vec<Action> {
     let mut out = Vec::new();
     for (uuid, name) in waiting {
@@ -315,7 +318,28 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
             let holders = if uuids.is_empty() { BTreeMap::new() } else { r.holders(&uuids) };
             let mut by_host: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
             for w in waiting {
-                by_host.entry(w.host).or_default().push((w.uuid, w.name));
+                // Judged on the ownership record whether or not the host
+                // reports the guest (a silent host, a guest undefined there).
+                match crate::waiting::judge(&w, r.owner_row(&w.uuid).as_ref()) {
+                    crate::waiting::WaitJudgement::Ends(why) if !startup => {
+                        if let Err(e) = crate::waiting::end(&r, &w, &why) {
+                            warn!(host = %w.host, uuid = %w.uuid, "ending a guest's wait failed: {e}");
+                        }
+                    }
+                    crate::waiting::WaitJudgement::Ends(_) | crate::waiting::WaitJudgement::Unfinished => {}
+                    crate::waiting::WaitJudgement::PerHost => {
+                        let held = holders.get(&w.uuid).map(Vec::as_slice).unwrap_or_default();
+                        match crate::waiting::moved_by_hand(&w, held, |h| r.owns(h, &w.uuid)) {
+                            Some(why) if !startup => {
+                                if let Err(e) = crate::waiting::end(&r, &w, &why) {
+                                    warn!(host = %w.host, uuid = %w.uuid, "ending a guest's wait failed: {e}");
+                                }
+                            }
+                            Some(_) => {}
+                            None => by_host.entry(w.host).or_default().push((w.uuid, w.name)),
+                        }
+                    }
+                }
             }
             r.reconcile_each(now, lease_ttl_ms, full, |snap| {
                 let mut actions = decide(snap, now, lease_ttl_ms);

@@ -5,8 +5,12 @@
 //! show`, alarmed (`guests-waiting`, one alarm per guest naming it) and
 //! counted (`lifeboat_guests_waiting`). The reconciler starts it on its own
 //! host once that host is healthy again; an operator can start it now with
-//! `lifeboat vms start`. It stops waiting when it runs on its owner, or when
-//! a later job moves it.
+//! `lifeboat vms start`. It stops waiting when it runs on its owner, when
+//! a later job moves it, or when a complete ownership record names another
+//! host (`vms restore --to`), whether or not its old host reports it.
+//! A guest a forced move left unfinished after recording its new owner
+//! is listed as waiting too ("unfinished move to B"), but nobody owns it:
+//! it is never started by the reconciler, only `lifeboat move` finishes it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -41,6 +45,24 @@ pub fn waits(state: MoveState, should_run: bool, owner: Option<&OwnerRow>, sourc
     state.is_left_behind() && should_run && owner.is_none_or(|o| o.host == source && o.complete)
 }
 
+/// Whether a guest a job ended with is left by an unfinished move off
+/// `source`: its move was left behind after its new owner was recorded
+/// (the start failed or timed out, or the source talked mid-move), so the
+/// record names another host but is not complete, and it should run. Such
+/// a guest is nobody's (no lease anywhere): it is listed as waiting, never
+/// started by the reconciler, until an operator finishes the move.
+pub fn unfinished(state: MoveState, should_run: bool, owner: Option<&OwnerRow>, source: &str) -> bool {
+    state.is_left_behind() && should_run && owner.is_some_and(|o| o.host != source && !o.complete && o.from_host == source)
+}
+
+/// How the reason of a waiting row left by an unfinished move starts.
+const UNFINISHED: &str = "unfinished move to ";
+
+/// The target of the unfinished move a waiting row was left by, if it was.
+pub fn unfinished_target(w: &WaitingRow) -> Option<&str> {
+    w.reason.strip_prefix(UNFINISHED)?.split_once(' ').map(|(t, _)| t).filter(|t| !t.is_empty())
+}
+
 /// The alarm raised for one waiting guest: names it, says why and how it
 /// ends. Deterministic (no times), so raising it again changes nothing.
 pub fn alarm_detail(w: &WaitingRow) -> String {
@@ -48,6 +70,17 @@ pub fn alarm_detail(w: &WaitingRow) -> String {
         None => w.reason.clone(),
         Some((i, _)) => format!("{}...", &w.reason[..i]),
     };
+    if let Some(target) = unfinished_target(w) {
+        return format!(
+            "{name} ({uuid}) waits for its unfinished move from {host} (desired state running; left by job {job}: {reason}). \
+             It is nobody's until the move is finished and is NOT started by itself; finish it with \
+             `lifeboat move --vm {name} --from {host} --to {target} --yes`",
+            name = w.name,
+            uuid = w.uuid,
+            host = w.host,
+            job = w.job,
+        );
+    }
     format!(
         "{name} ({uuid}) waits to run again on {host} (desired state running; left behind by job {job}: {reason}). \
          It starts on {host} by itself once {host} talks, its cleanup is done and its status is AVAILABLE or NOT_ACCEPTING; \
@@ -70,18 +103,20 @@ pub fn rows_for_job(
 ) -> Vec<WaitingRow> {
     moves
         .iter()
-        .filter(|m| {
+        .filter_map(|m| {
             let state: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
             let desired_running = desired(&m.uuid).is_some_and(|(h, d)| h == m.source && d == "running");
-            waits(state, m.start || desired_running, owner(&m.uuid).as_ref(), &m.source)
-        })
-        .map(|m| WaitingRow {
-            uuid: m.uuid.clone(),
-            host: m.source.clone(),
-            name: m.name.clone(),
-            reason: if m.error.is_empty() { "no reason recorded".into() } else { m.error.clone() },
-            since_ms: now_ms,
-            job: m.job_id.clone(),
+            let should_run = m.start || desired_running;
+            let o = owner(&m.uuid);
+            let why = if m.error.is_empty() { "no reason recorded".to_string() } else { m.error.clone() };
+            let reason = if waits(state, should_run, o.as_ref(), &m.source) {
+                why
+            } else if let Some(o) = o.filter(|o| unfinished(state, should_run, Some(o), &m.source)) {
+                format!("{UNFINISHED}{} (job {}): {why}", o.host, o.job)
+            } else {
+                return None;
+            };
+            Some(WaitingRow { uuid: m.uuid.clone(), host: m.source.clone(), name: m.name.clone(), reason, since_ms: now_ms, job: m.job_id.clone() })
         })
         .collect()
 }
@@ -123,6 +158,47 @@ pub fn end(reg: &Registry, w: &WaitingRow, why: &str) -> Result<(), StoreError> 
         info!(host = %w.host, guest = %w.name, "stopped waiting: {why}");
     }
     reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), why)
+}
+
+/// What the wait-ending pass makes of one waiting row given the guest's
+/// ownership record (whether or not its host reports the guest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitJudgement {
+    /// A complete ownership record names another host: the wait ends (why).
+    Ends(String),
+    /// An unfinished move names another host: the guest is nobody's until
+    /// an operator finishes the move; never started by the reconciler.
+    Unfinished,
+    /// Its host may still own it: the per-host decision applies.
+    PerHost,
+}
+
+/// Judges one waiting row against its ownership record. Pure.
+pub fn judge(w: &WaitingRow, owner: Option<&OwnerRow>) -> WaitJudgement {
+    match owner {
+        Some(o) if o.host != w.host && o.complete => WaitJudgement::Ends(format!("{} owns it now", o.host)),
+        Some(o) if o.host != w.host => WaitJudgement::Unfinished,
+        _ => WaitJudgement::PerHost,
+    }
+}
+
+/// Why a waiting row ends because the guest was moved by hand: another
+/// host reports it holding its disks and owns it (`owns`: Lifeboat's
+/// ownership view, which gives a hand-moved guest to the one host running
+/// it once its first host talks and holds nothing). Pure; only ends a wait,
+/// never starts anything.
+pub fn moved_by_hand(w: &WaitingRow, holders: &[String], owns: impl Fn(&str) -> bool) -> Option<String> {
+    holders.iter().find(|h| **h != w.host && owns(h)).map(|h| format!("it runs on {h}, which owns it now (moved outside Lifeboat)"))
+}
+
+/// Ends every wait of `uuid` on a host other than `owner` (the guest was
+/// placed on `owner` by an operator, e.g. `vms restore --to`): audited,
+/// alarms cleared. A read error is returned.
+pub fn end_elsewhere(reg: &Registry, uuid: &str, owner: &str, why: &str) -> Result<(), StoreError> {
+    for w in reg.db(|s| s.waiting())?.into_iter().filter(|w| w.uuid == uuid && w.host != owner) {
+        end(reg, &w, why)?;
+    }
+    Ok(())
 }
 
 /// A guest forgotten on an operator's word (`lifeboat vms forget`) waits
@@ -437,6 +513,49 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_wait_ends_on_a_complete_owner_elsewhere_and_an_unfinished_move_is_never_the_hosts() {
+        let w = WaitingRow { uuid: "x".into(), host: "a".into(), name: "vm-x".into(), reason: "r".into(), since_ms: 1, job: "j".into() };
+        assert_eq!(judge(&w, Some(&own("b", true))), WaitJudgement::Ends("b owns it now".into()), "restored or moved to b");
+        assert_eq!(judge(&w, Some(&own("b", false))), WaitJudgement::Unfinished, "nobody's: never started, never ended");
+        assert_eq!(judge(&w, Some(&own("a", true))), WaitJudgement::PerHost);
+        assert_eq!(judge(&w, None), WaitJudgement::PerHost);
+        let u = WaitingRow { reason: "unfinished move to b (job j): start timed out".into(), ..w.clone() };
+        assert_eq!(unfinished_target(&u), Some("b"));
+        assert_eq!(unfinished_target(&w), None);
+        assert_eq!(judge(&u, Some(&own("b", false))), WaitJudgement::Unfinished);
+        assert_eq!(judge(&u, Some(&own("b", true))), WaitJudgement::Ends("b owns it now".into()), "the move was finished");
+    }
+
+    #[test]
+    fn a_wait_ends_when_another_host_runs_and_owns_the_guest() {
+        let w = WaitingRow { uuid: "x".into(), host: "a".into(), name: "vm-x".into(), reason: "r".into(), since_ms: 1, job: "j".into() };
+        let hs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(moved_by_hand(&w, &hs(&["b"]), |h| h == "b").as_deref(), Some("it runs on b, which owns it now (moved outside Lifeboat)"));
+        assert_eq!(moved_by_hand(&w, &hs(&["b"]), |_| false), None, "b runs a copy it does not own: still waits (and never starts on a)");
+        assert_eq!(moved_by_hand(&w, &hs(&["a"]), |_| true), None, "running on its own host ends it elsewhere");
+        assert_eq!(moved_by_hand(&w, &[], |_| true), None);
+    }
+
+    #[test]
+    fn a_forced_move_that_failed_after_its_owner_was_recorded_waits_for_an_operator_to_finish_it() {
+        use MoveState::*;
+        assert!(unfinished(Failed, true, Some(&own("b", false)), "a"));
+        assert!(!unfinished(Failed, false, Some(&own("b", false)), "a"), "desired stopped");
+        assert!(!unfinished(Failed, true, Some(&own("b", true)), "a"), "finished: b's");
+        assert!(!unfinished(Failed, true, None, "a") && !unfinished(Running, true, Some(&own("b", false)), "a"));
+        let other_source = OwnerRow { from_host: "c".into(), ..own("b", false) };
+        assert!(!unfinished(Failed, true, Some(&other_source), "a"), "an unfinished move off another host");
+        let moves = [mv("5", "FAILED", true)];
+        let rows = rows_for_job(&moves, |_| None, |_| Some(own("b", false)), 42);
+        assert_eq!(rows.len(), 1, "listed as waiting");
+        assert_eq!((rows[0].host.as_str(), rows[0].reason.as_str()), ("a", "unfinished move to b (job j): why 5"));
+        assert_eq!(unfinished_target(&rows[0]), Some("b"));
+        let d = alarm_detail(&rows[0]);
+        assert!(d.contains("NOT started by itself") && d.contains("`lifeboat move --vm vm-5 --from a --to b --yes`"), "{d}");
+        assert!(!d.contains("vms start"), "vms start refuses a guest nobody owns: {d}");
+    }
+
+    #[test]
     fn waiting_rows_keep_their_since_time_and_end_with_a_move_or_a_run() {
         let mut s = crate::store::Store::open_in_memory().unwrap();
         let row = |uuid: &str, host: &str, since: i64, job: &str| WaitingRow {
@@ -471,7 +590,9 @@ pub(crate) mod tests {
         let owner = |u: &str| (u == "5").then(|| own("b", false));
         let rows = rows_for_job(&moves, desired, owner, 42);
         let got: Vec<(&str, &str, &str, i64)> = rows.iter().map(|w| (w.uuid.as_str(), w.host.as_str(), w.reason.as_str(), w.since_ms)).collect();
-        assert_eq!(got, [("1", "a", "why 1", 42), ("2", "a", "why 2", 42)]);
+        assert_eq!(&got[..2], [("1", "a", "why 1", 42), ("2", "a", "why 2", 42)]);
+        assert_eq!(got[2], ("5", "a", "unfinished move to b (job j): why 5", 42), "an unfinished move waits for an operator");
+        assert_eq!(got.len(), 3);
         let d = alarm_detail(&rows[0]);
         assert!(d.contains("vm-1 (1) waits to run again on a") && d.contains("job mig-1: why 1") && d.contains("lifeboat vms start vm-1"), "{d}");
         let long = WaitingRow { reason: "x".repeat(1000), ..rows[0].clone() };

@@ -552,6 +552,7 @@ impl Engine {
                             error: &m.error,
                             target: &m.target,
                             waits: waiting.iter().any(|w| w.uuid == m.uuid),
+                            unfinished: waiting.iter().find(|w| w.uuid == m.uuid).and_then(crate::waiting::unfinished_target),
                         })
                         .collect();
                     let talking = job.kind == "migrate" && self.reg.is_reachable(&job.source);
@@ -993,8 +994,8 @@ impl Engine {
                     let cmd = CleanupGuest { uuid: m.uuid.clone(), name: m.name.clone(), destroy_running: false };
                     let detail = match self.reg.call(&m.source, Kind::CleanupGuest(cmd), self.call_timeout).await {
                         Ok(r) if r.ok => format!("undefined {} on {} ({}); storage untouched", m.name, m.source, r.outcome),
-                        Ok(r) => format!("undefining {} on {} failed: {}; run `lifeboat cleanup {}`", m.name, m.source, r.error, m.source),
-                        Err(e) => format!("undefining {} on {} failed: {e}; run `lifeboat cleanup {}`", m.name, m.source, m.source),
+                        Ok(r) => format!("undefining {} on {} failed: {}; run `lifeboat cleanup {} --yes`", m.name, m.source, r.error, m.source),
+                        Err(e) => format!("undefining {} on {} failed: {e}; run `lifeboat cleanup {} --yes`", m.name, m.source, m.source),
                     };
                     let ok = detail.starts_with("undefined");
                     let row = audit("controller", if ok { "cleanup.removed" } else { "cleanup.failed" }, &m.source, &m.name, &m.job_id, detail.clone());
@@ -1347,6 +1348,41 @@ mod tests {
         let row = reg.db(|s| s.moves("mig-f")).unwrap().remove(0);
         assert_eq!(row.state, "FAILED");
         assert!(row.error.contains("verifying vm-1 failed"), "{}", row.error);
+    }
+
+    #[tokio::test]
+    async fn a_forced_move_whose_start_fails_after_its_owner_was_recorded_waits_for_a_planned_move_and_says_so() {
+        let (reg, engine) = new_engine();
+        let m = starting_move("mig-u");
+        let mut row = job_row("mig-u", "migrate", "host-a");
+        row.state = JobState::Moving.as_str().into();
+        reg.db(|s| s.create_job(&row, std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-u", ""))).unwrap();
+        // The move recorded host-b as the new owner before it defined the guest there.
+        let owner = OwnerRow { complete: false, ..engine.owner(&m, false) };
+        reg.db(|s| s.set_owner(&owner, &audit("controller", "guest.owner_recorded", "host-b", "vm-1", "mig-u", ""))).unwrap();
+        reg.refresh_owners().unwrap();
+        let shut = lifeboat_proto::v1::Guest { state: lifeboat_proto::v1::GuestState::Shutoff as i32, ..running_there(&m) };
+        let _agent = fake_agent(reg.clone(), "host-b", vec![shut], |k| match k {
+            Kind::StartGuest(_) => Some(lifeboat_proto::v1::CommandResult { ok: false, error: "boom".into(), ..Default::default() }),
+            _ => Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() }),
+        })
+        .await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        tokio::spawn(engine.clone().run("mig-u".into()));
+        let r = until("the job's end", || Some(engine.job_record("mig-u").unwrap()).filter(|r| r.state == "FAILED" || r.state == "PARTIAL" || r.state == "SUCCEEDED")).await;
+        assert_eq!(r.state, "FAILED", "{r:?}");
+        assert!(r.error.contains("unfinished move to host-b"), "{}", r.error);
+        assert!(r.error.contains("`lifeboat move --vm vm-1 --from host-a --to host-b --yes`"), "{}", r.error);
+        let o = reg.owner_row(&m.uuid).unwrap();
+        assert_eq!((o.host.as_str(), o.complete), ("host-b", false), "the owner stays as recorded: nobody's");
+        let waiting = reg.db(|s| s.waiting()).unwrap();
+        assert_eq!(waiting.len(), 1, "listed as waiting");
+        assert!(waiting[0].host == "host-a" && waiting[0].reason.starts_with("unfinished move to host-b (job mig-u): "), "{waiting:?}");
+        let alarms = reg.db(|s| s.alarms(false)).unwrap();
+        let (_, _, _, _, detail, _) = alarms.iter().find(|a| a.3 == crate::waiting::GUESTS_WAITING).expect("guests-waiting alarm");
+        assert!(detail.contains("NOT started by itself") && detail.contains("lifeboat move --vm vm-1 --from host-a --to host-b --yes"), "{detail}");
+        // The reconciler's judgement: never started, never ended while unfinished.
+        assert_eq!(crate::waiting::judge(&waiting[0], Some(&o)), crate::waiting::WaitJudgement::Unfinished);
     }
 
     /// Opens a session for `host` that reports `guests` and is heard now,

@@ -164,6 +164,10 @@ pub struct MoveOutcome<'a> {
     pub target: &'a str,
     /// Whether the guest waits to run again on the source (see `crate::waiting`).
     pub waits: bool,
+    /// The host its move recorded as new owner when that move is left
+    /// unfinished (see `crate::waiting::unfinished`): only an operator's
+    /// `lifeboat move` to that host finishes it; it starts nowhere by itself.
+    pub unfinished: Option<&'a str>,
 }
 
 /// How a job ends once every move it carries out is over.
@@ -209,6 +213,9 @@ pub fn job_outcome(job_id: &str, source: &str, planned: bool, source_talking: bo
                 other => return format!("{} (still {other})", m.name),
             };
             let why = if m.error.is_empty() { "no reason recorded".to_string() } else { clip(m.error, REASON_CHARS) };
+            if let Some(t) = m.unfinished {
+                return format!("{} ({what}: {why}; unfinished move to {t}: nobody's until it is finished, not started by itself)", m.name);
+            }
             let place = match (planned || talking, m.state, m.waits) {
                 (true, MoveState::NotMoved, _) if planned => format!("; still on {source}, untouched"),
                 (true, _, true) => format!("; stopped on {source}, waits to start there again"),
@@ -245,7 +252,7 @@ pub fn job_outcome(job_id: &str, source: &str, planned: bool, source_talking: bo
         // One planned move per target, for the guests named above.
         let mut by_target: Vec<(&str, Vec<&str>)> = Vec::new();
         for m in left.iter().take(LISTED) {
-            let t = if m.target.is_empty() { "HOST" } else { m.target };
+            let t = m.unfinished.unwrap_or(if m.target.is_empty() { "TARGET" } else { m.target });
             match by_target.iter_mut().find(|(x, _)| *x == t) {
                 Some((_, v)) => v.push(m.name),
                 None => by_target.push((t, vec![m.name])),
@@ -259,13 +266,15 @@ pub fn job_outcome(job_id: &str, source: &str, planned: bool, source_talking: bo
             })
             .collect();
         let rest = if left.len() > LISTED { format!(" (and likewise the rest: `lifeboat jobs show {job_id}`)") } else { String::new() };
+        let placeholder = if by_target.iter().any(|(t, _)| *t == "TARGET") { " (TARGET: a host of your choice)" } else { "" };
         next.push(format!(
-            "{source} talks, so a forced migration would be refused: move them with a planned move, {}{rest}; a guest whose desired state is running is started on its target",
+            "{source} talks, so a forced migration would be refused: move them with a planned move, {}{placeholder}{rest}; a guest whose desired state is running is started on its target",
             cmds.join(", ")
         ));
-        if left.iter().any(|m| m.waits) {
+        if left.iter().any(|m| m.waits && m.unfinished.is_none()) {
             next.push(format!(
-                "or leave the guests that wait on {source}: they start there by themselves after `lifeboat cleanup {source}` and `lifeboat hosts set-status {source} AVAILABLE --reason TEXT` (`lifeboat vms list` shows them WAITING)"
+                "or leave the guests that wait on {source}{}: they start there by themselves after `lifeboat cleanup {source} --yes` and `lifeboat hosts set-status {source} AVAILABLE --reason TEXT` (`lifeboat vms list` shows them WAITING)",
+                if left.iter().any(|m| m.unfinished.is_some()) { " (not those with an unfinished move: only the move above finishes them)" } else { "" }
             ));
         }
     } else {
@@ -275,6 +284,17 @@ pub fn job_outcome(job_id: &str, source: &str, planned: bool, source_talking: bo
             } else {
                 format!("fix each failed move's cause and re-run the same `lifeboat migrate --force --from {source}` (it finishes only what is left)")
             });
+            let unfinished: Vec<String> = left
+                .iter()
+                .take(LISTED)
+                .filter_map(|m| m.unfinished.map(|t| format!("`lifeboat move --vm {} --from {source} --to {t} --yes`", m.name)))
+                .collect();
+            if !planned && !unfinished.is_empty() {
+                next.push(format!(
+                    "if {source} talks again first, that is refused: finish each unfinished move with a planned move instead, {}",
+                    unfinished.join(", ")
+                ));
+            }
         }
         if not_moved {
             next.push(if planned {
@@ -355,7 +375,7 @@ mod tests {
     }
 
     fn mv(name: &'static str, state: MoveState, error: &'static str) -> MoveOutcome<'static> {
-        MoveOutcome { name, state, error, target: "host-b", waits: false }
+        MoveOutcome { name, state, error, target: "host-b", waits: false, unfinished: None }
     }
 
     #[test]
@@ -412,9 +432,9 @@ mod tests {
         let talking = "host-a is talking to the controller again; not defining vm-3 elsewhere";
         let moves = [
             mv("vm-1", Running, ""),
-            MoveOutcome { name: "vm-2", state: Failed, error: talking, target: "host-b", waits: true },
-            MoveOutcome { name: "vm-3", state: Failed, error: talking, target: "host-c", waits: true },
-            MoveOutcome { name: "vm-4", state: Failed, error: talking, target: "host-b", waits: false },
+            MoveOutcome { name: "vm-2", state: Failed, error: talking, target: "host-b", waits: true, unfinished: None },
+            MoveOutcome { name: "vm-3", state: Failed, error: talking, target: "host-c", waits: true, unfinished: None },
+            MoveOutcome { name: "vm-4", state: Failed, error: talking, target: "host-b", waits: false, unfinished: None },
         ];
         let o = job_outcome("mig-5", "host-a", false, true, &moves);
         assert_eq!(o.state, JobState::Partial, "{o:?}");
@@ -424,7 +444,7 @@ mod tests {
         assert!(o.error.contains("vm-4 (move failed") && o.error.contains("stopped on host-a, running nowhere"), "{}", o.error);
         assert!(o.error.contains("`lifeboat move --vm vm-2 --vm vm-4 --from host-a --to host-b --yes`"), "{}", o.error);
         assert!(o.error.contains("`lifeboat move --vm vm-3 --from host-a --to host-c --yes`"), "{}", o.error);
-        assert!(o.error.contains("lifeboat cleanup host-a") && o.error.contains("set-status host-a AVAILABLE"), "{}", o.error);
+        assert!(o.error.contains("`lifeboat cleanup host-a --yes`") && o.error.contains("set-status host-a AVAILABLE"), "{}", o.error);
         assert!(!o.error.contains("re-run"), "a re-run is refused while the source talks: {}", o.error);
         assert!(!o.error.contains("migrate --force"), "{}", o.error);
         assert!(o.alarm.unwrap().contains("not moved: vm-2"));
@@ -443,13 +463,40 @@ mod tests {
     }
 
     #[test]
+    fn an_unfinished_move_is_finished_by_a_planned_move_to_its_recorded_target_and_a_placeholder_says_so() {
+        use MoveState::*;
+        let timed_out = "start on host-b timed out";
+        let moves = [
+            mv("vm-1", Running, ""),
+            MoveOutcome { name: "vm-2", state: Failed, error: timed_out, target: "host-b", waits: true, unfinished: Some("host-b") },
+            MoveOutcome { name: "vm-3", state: NotMoved, error: "no capacity", target: "", waits: true, unfinished: None },
+        ];
+        // Source silent: the re-run stands, and the planned move for when it talks first.
+        let o = job_outcome("mig-8", "host-a", false, false, &moves);
+        assert!(o.error.contains("vm-2 (move failed: start on host-b timed out; unfinished move to host-b: nobody's until it is finished, not started by itself)"), "{}", o.error);
+        assert!(o.error.contains("re-run the same `lifeboat migrate --force --from host-a`"), "{}", o.error);
+        assert!(o.error.contains("if host-a talks again first, that is refused: finish each unfinished move with a planned move instead, `lifeboat move --vm vm-2 --from host-a --to host-b --yes`"), "{}", o.error);
+        // Source talks: the planned move to the recorded target; a never-placed guest gets a placeholder said to be one.
+        let o = job_outcome("mig-8", "host-a", false, true, &moves);
+        assert!(o.error.contains("`lifeboat move --vm vm-2 --from host-a --to host-b --yes`"), "{}", o.error);
+        assert!(o.error.contains("`lifeboat move --vm vm-3 --from host-a --to TARGET --yes` (TARGET: a host of your choice)"), "{}", o.error);
+        assert!(!o.error.contains("--to HOST"), "{}", o.error);
+        assert!(o.error.contains("or leave the guests that wait on host-a (not those with an unfinished move: only the move above finishes them)"), "{}", o.error);
+        assert!(o.error.contains("`lifeboat cleanup host-a --yes`"), "a cleanup without --yes only prints its plan: {}", o.error);
+        assert!(!o.error.contains("re-run"), "{}", o.error);
+        // Only an unfinished move: nothing starts by itself, so no 'leave them' advice.
+        let o = job_outcome("mig-9", "host-a", false, true, &moves[..2]);
+        assert!(!o.error.contains("or leave the guests"), "{}", o.error);
+    }
+
+    #[test]
     fn a_long_list_of_guests_left_behind_stays_bounded() {
         let names: Vec<String> = (0..500).map(|i| format!("vm-{i:03}")).collect();
         let long = "x".repeat(5000);
         let moves: Vec<MoveOutcome<'_>> =
-            names.iter().map(|n| MoveOutcome { name: n, state: MoveState::NotMoved, error: &long, target: "", waits: false }).collect();
+            names.iter().map(|n| MoveOutcome { name: n, state: MoveState::NotMoved, error: &long, target: "", waits: false, unfinished: None }).collect();
         let mut with_one = moves.clone();
-        with_one.push(MoveOutcome { name: "ok", state: MoveState::Running, error: "", target: "host-b", waits: false });
+        with_one.push(MoveOutcome { name: "ok", state: MoveState::Running, error: "", target: "host-b", waits: false, unfinished: None });
         let o = job_outcome("mig-4", "host-a", false, false, &with_one);
         assert_eq!(o.state, JobState::Partial);
         assert!(o.error.contains("and 490 more (`lifeboat jobs show mig-4`"), "{}", &o.error[o.error.len() - 300..]);
