@@ -197,6 +197,99 @@ async fn vms_start_waits_for_the_startup_grace() {
     assert!(log.iter().any(|e| e.action == "guest.started"), "{log:?}");
 }
 
+type Admin = lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>;
+
+/// Two hosts; host-a had a shared-disk guest (moved to host-b by a forced
+/// migration) and a local-disk one, `vm-local`, which the migration left
+/// waiting; host-a then came back without it (vm-local is missing there,
+/// and still waits).
+struct LocalGuestWaiting {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    pki: Pki,
+    c: Controller,
+    op: Admin,
+    _agent_a: Agent,
+    agent_b: Agent,
+    shared: std::path::PathBuf,
+    shared_uuid: &'static str,
+    local_uuid: &'static str,
+}
+
+impl LocalGuestWaiting {
+    async fn set_up(storage_id: &str, shared_uuid: &'static str, local_uuid: &'static str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let pki = Pki::new(&dir.join("pki"));
+        std::fs::write(dir.join(".lifeboat-storage-id"), format!("{storage_id}\n")).unwrap();
+        let shared = dir.join("shared.img");
+        std::fs::write(&shared, b"").unwrap();
+        let moved = domain("vm-shared", shared_uuid, &shared.display().to_string(), "52:54:00:00:08:11", 1);
+        let a_node = node(&[moved, domain("vm-local", local_uuid, "/nonexistent/local/vm-local.img", "52:54:00:00:08:12", 1)]);
+        std::fs::write(dir.join("a.xml"), a_node).unwrap();
+        std::fs::write(dir.join("a-empty.xml"), node(&[])).unwrap();
+        std::fs::write(dir.join("b.xml"), node(&[])).unwrap();
+        let boot = dir.join("boot-a");
+        std::fs::write(&boot, "boot-1\n").unwrap();
+        let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000").await;
+        let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
+        let extra_a = format!("boot_id_file = {boot:?}");
+        let agent_a = Agent::start(&agent_config("host-a", &uri("a"), &c.url(), &pki.agent("host-a"), &extra_a));
+        let agent_b = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
+        let op = c.admin(&pki.client("olga", Role::Operator)).await;
+        lifeboat_e2e::wait_guest_count(&op, 2).await;
+        wait_for(Duration::from_secs(10), "desired state", || {
+            let mut op = op.clone();
+            async move {
+                let g = op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests;
+                g.iter().all(|g| g.desired_state == "running").then_some(())
+            }
+        })
+        .await;
+        agent_a.stop().await;
+        let req = MigrateRequest {
+            source: "host-a".into(),
+            attest_powered_off: true,
+            attest_reason: "test: host-a is off".into(),
+            yes: true,
+            ..Default::default()
+        };
+        let (job, _) = wait_for(Duration::from_secs(10), "migration started", || {
+            let mut op = op.clone();
+            let req = req.clone();
+            async move { op.start_migration(req).await.ok().map(|j| j.into_inner()) }
+        })
+        .await;
+        let (done, _) = wait_job_end(&op, &job.id, Duration::from_secs(20)).await;
+        assert_eq!(done.state, "PARTIAL", "{done:?}");
+        let (w, alarms, _) = waits(&op).await;
+        assert!(w && alarms == 1, "vm-local waits on host-a");
+
+        // host-a comes back (power-cycled) without vm-local: it is missing there.
+        std::fs::write(&boot, "boot-2\n").unwrap();
+        let agent_a = Agent::start(&agent_config("host-a", &uri("a-empty"), &c.url(), &pki.agent("host-a"), &extra_a));
+        wait_for(Duration::from_secs(10), "vm-local missing on host-a", || {
+            let mut op = op.clone();
+            async move {
+                let g = op.list_guests(ListGuestsRequest { vm: "vm-local".into(), ..Default::default() }).await.ok()?.into_inner().guests;
+                g.iter().any(|g| g.missing && g.host_id == "host-a").then_some(())
+            }
+        })
+        .await;
+        let (w, _, _) = waits(&op).await;
+        assert!(w, "still waiting on host-a");
+        LocalGuestWaiting { _tmp: tmp, dir, pki, c, op, _agent_a: agent_a, agent_b, shared, shared_uuid, local_uuid }
+    }
+}
+
+/// Whether vm-local waits, how many `guests-waiting` alarms are active, and its records.
+async fn waits(op: &Admin) -> (bool, usize, Vec<lifeboat_proto::v1::GuestRecord>) {
+    let mut op = op.clone();
+    let g = op.list_guests(ListGuestsRequest { vm: "vm-local".into(), ..Default::default() }).await.unwrap().into_inner().guests;
+    let a = op.list_alarms(ListAlarmsRequest::default()).await.unwrap().into_inner().alarms;
+    (g.iter().any(|g| !g.waiting_reason.is_empty()), a.iter().filter(|a| a.kind == "guests-waiting").count(), g)
+}
+
 /// A guest waiting on host-a that an operator restores on host-b (`vms
 /// restore --to`) waits no more, although host-a does not report it (it came
 /// back without it): the wait ends with the owner recorded on host-b
@@ -204,76 +297,13 @@ async fn vms_start_waits_for_the_startup_grace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_guest_restored_on_another_host_waits_no_more() {
     use lifeboat_proto::v1::RestoreGuestRequest;
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(&dir.join("pki"));
-    std::fs::write(dir.join(".lifeboat-storage-id"), "7a1e0c1a-1111-4222-8333-444455556677\n").unwrap();
-    let shared = dir.join("shared.img");
-    std::fs::write(&shared, b"").unwrap();
-    let (shared_uuid, local_uuid) = ("88888888-0000-4000-8000-000000000011", "88888888-0000-4000-8000-000000000012");
-    let moved = domain("vm-shared", shared_uuid, &shared.display().to_string(), "52:54:00:00:08:11", 1);
-    let a_node = node(&[moved, domain("vm-local", local_uuid, "/nonexistent/local/vm-local.img", "52:54:00:00:08:12", 1)]);
-    std::fs::write(dir.join("a.xml"), a_node).unwrap();
-    std::fs::write(dir.join("a-empty.xml"), node(&[])).unwrap();
-    std::fs::write(dir.join("b.xml"), node(&[])).unwrap();
-    let boot = dir.join("boot-a");
-    std::fs::write(&boot, "boot-1\n").unwrap();
-    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000").await;
-    let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
-    let extra_a = format!("boot_id_file = {boot:?}");
-    let agent_a = Agent::start(&agent_config("host-a", &uri("a"), &c.url(), &pki.agent("host-a"), &extra_a));
-    let _agent_b = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
-    let op = c.admin(&pki.client("olga", Role::Operator)).await;
-    lifeboat_e2e::wait_guest_count(&op, 2).await;
-    wait_for(Duration::from_secs(10), "desired state", || {
-        let mut op = op.clone();
-        async move {
-            let g = op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests;
-            g.iter().all(|g| g.desired_state == "running").then_some(())
-        }
-    })
+    let t = LocalGuestWaiting::set_up(
+        "7a1e0c1a-1111-4222-8333-444455556677",
+        "88888888-0000-4000-8000-000000000011",
+        "88888888-0000-4000-8000-000000000012",
+    )
     .await;
-    agent_a.stop().await;
-    let req = MigrateRequest {
-        source: "host-a".into(),
-        attest_powered_off: true,
-        attest_reason: "test: host-a is off".into(),
-        yes: true,
-        ..Default::default()
-    };
-    let (job, _) = wait_for(Duration::from_secs(10), "migration started", || {
-        let mut op = op.clone();
-        let req = req.clone();
-        async move { op.start_migration(req).await.ok().map(|j| j.into_inner()) }
-    })
-    .await;
-    let (done, _) = wait_job_end(&op, &job.id, Duration::from_secs(20)).await;
-    assert_eq!(done.state, "PARTIAL", "{done:?}");
-    let waiting = |op: &lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>| {
-        let mut op = op.clone();
-        async move {
-            let g = op.list_guests(ListGuestsRequest { vm: "vm-local".into(), ..Default::default() }).await.unwrap().into_inner().guests;
-            let a = op.list_alarms(ListAlarmsRequest::default()).await.unwrap().into_inner().alarms;
-            (g.iter().any(|g| !g.waiting_reason.is_empty()), a.iter().filter(|a| a.kind == "guests-waiting").count(), g)
-        }
-    };
-    let (w, alarms, _) = waiting(&op).await;
-    assert!(w && alarms == 1, "vm-local waits on host-a");
-
-    // host-a comes back (power-cycled) without vm-local: it is missing there.
-    std::fs::write(&boot, "boot-2\n").unwrap();
-    let _agent_a = Agent::start(&agent_config("host-a", &uri("a-empty"), &c.url(), &pki.agent("host-a"), &extra_a));
-    wait_for(Duration::from_secs(10), "vm-local missing on host-a", || {
-        let mut op = op.clone();
-        async move {
-            let g = op.list_guests(ListGuestsRequest { vm: "vm-local".into(), ..Default::default() }).await.ok()?.into_inner().guests;
-            g.iter().any(|g| g.missing && g.host_id == "host-a").then_some(())
-        }
-    })
-    .await;
-    let (w, _, _) = waiting(&op).await;
-    assert!(w, "still waiting on host-a before the restore");
-
+    let op = t.op.clone();
     let restore = RestoreGuestRequest { vm: "vm-local".into(), to_host: "host-b".into(), start: false, reason: "test: lives on b now".into() };
     let (r, _) = wait_for(Duration::from_secs(10), "restore --to host-b accepted", || {
         let mut op = op.clone();
@@ -282,7 +312,7 @@ async fn a_waiting_guest_restored_on_another_host_waits_no_more() {
     })
     .await;
     assert_eq!((r.host_id.as_str(), r.owner_host.as_str()), ("host-b", "host-b"));
-    let (w, alarms, g) = waiting(&op).await;
+    let (w, alarms, g) = waits(&op).await;
     assert!(!w && alarms == 0, "restored on host-b: no longer waits on host-a: {g:?}");
     assert_eq!(op.clone().get_host(GetHostRequest { host: "host-a".into() }).await.unwrap().into_inner().waiting_guests, 0);
     let log = op.clone().list_audit(ListAuditRequest { vm: "vm-local".into(), ..Default::default() }).await.unwrap().into_inner().entries;
@@ -295,87 +325,26 @@ async fn a_waiting_guest_restored_on_another_host_waits_no_more() {
 /// more: host-b runs it and owns it (audited `guest.waiting_ended`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_guest_moved_by_hand_to_another_host_waits_no_more() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(&dir.join("pki"));
-    std::fs::write(dir.join(".lifeboat-storage-id"), "7a1e0c1a-1111-4222-8333-444455556688\n").unwrap();
-    let shared = dir.join("shared.img");
-    std::fs::write(&shared, b"").unwrap();
-    let (shared_uuid, local_uuid) = ("88888888-0000-4000-8000-000000000021", "88888888-0000-4000-8000-000000000022");
-    let moved = domain("vm-shared", shared_uuid, &shared.display().to_string(), "52:54:00:00:08:11", 1);
-    let a_node = node(&[moved, domain("vm-local", local_uuid, "/nonexistent/local/vm-local.img", "52:54:00:00:08:12", 1)]);
-    std::fs::write(dir.join("a.xml"), a_node).unwrap();
-    std::fs::write(dir.join("a-empty.xml"), node(&[])).unwrap();
-    std::fs::write(dir.join("b.xml"), node(&[])).unwrap();
-    let boot = dir.join("boot-a");
-    std::fs::write(&boot, "boot-1\n").unwrap();
-    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000").await;
-    let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
-    let extra_a = format!("boot_id_file = {boot:?}");
-    let agent_a = Agent::start(&agent_config("host-a", &uri("a"), &c.url(), &pki.agent("host-a"), &extra_a));
-    let _agent_b = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
-    let op = c.admin(&pki.client("olga", Role::Operator)).await;
-    lifeboat_e2e::wait_guest_count(&op, 2).await;
-    wait_for(Duration::from_secs(10), "desired state", || {
-        let mut op = op.clone();
-        async move {
-            let g = op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests;
-            g.iter().all(|g| g.desired_state == "running").then_some(())
-        }
-    })
+    let t = LocalGuestWaiting::set_up(
+        "7a1e0c1a-1111-4222-8333-444455556688",
+        "88888888-0000-4000-8000-000000000021",
+        "88888888-0000-4000-8000-000000000022",
+    )
     .await;
-    agent_a.stop().await;
-    let req = MigrateRequest {
-        source: "host-a".into(),
-        attest_powered_off: true,
-        attest_reason: "test: host-a is off".into(),
-        yes: true,
-        ..Default::default()
-    };
-    let (job, _) = wait_for(Duration::from_secs(10), "migration started", || {
-        let mut op = op.clone();
-        let req = req.clone();
-        async move { op.start_migration(req).await.ok().map(|j| j.into_inner()) }
-    })
-    .await;
-    let (done, _) = wait_job_end(&op, &job.id, Duration::from_secs(20)).await;
-    assert_eq!(done.state, "PARTIAL", "{done:?}");
-    let waiting = |op: &lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>| {
-        let mut op = op.clone();
-        async move {
-            let g = op.list_guests(ListGuestsRequest { vm: "vm-local".into(), ..Default::default() }).await.unwrap().into_inner().guests;
-            let a = op.list_alarms(ListAlarmsRequest::default()).await.unwrap().into_inner().alarms;
-            (g.iter().any(|g| !g.waiting_reason.is_empty()), a.iter().filter(|a| a.kind == "guests-waiting").count(), g)
-        }
-    };
-    let (w, alarms, _) = waiting(&op).await;
-    assert!(w && alarms == 1, "vm-local waits on host-a");
-
-    // host-a comes back (power-cycled) without vm-local: it is missing there.
-    std::fs::write(&boot, "boot-2\n").unwrap();
-    let _agent_a = Agent::start(&agent_config("host-a", &uri("a-empty"), &c.url(), &pki.agent("host-a"), &extra_a));
-    wait_for(Duration::from_secs(10), "vm-local missing on host-a", || {
-        let mut op = op.clone();
-        async move {
-            let g = op.list_guests(ListGuestsRequest { vm: "vm-local".into(), ..Default::default() }).await.ok()?.into_inner().guests;
-            g.iter().any(|g| g.missing && g.host_id == "host-a").then_some(())
-        }
-    })
-    .await;
-    let (w, _, _) = waiting(&op).await;
-    assert!(w, "still waiting on host-a before the restore");
-
+    let op = t.op.clone();
     // By hand: vm-local defined and started on host-b (its agent restarted on that node).
-    _agent_b.stop().await;
-    let hand = domain("vm-local", local_uuid, "/nonexistent/local/vm-local.img", "52:54:00:00:08:12", 1);
+    t.agent_b.stop().await;
+    let hand = domain("vm-local", t.local_uuid, "/nonexistent/local/vm-local.img", "52:54:00:00:08:12", 1);
     let b_shared = op.clone().list_guests(ListGuestsRequest { vm: "vm-shared".into(), ..Default::default() }).await.unwrap().into_inner().guests;
     assert!(b_shared.iter().any(|g| g.host_id == "host-b"), "vm-shared moved to host-b");
-    std::fs::write(dir.join("b-hand.xml"), node(&[domain("vm-shared", shared_uuid, &shared.display().to_string(), "52:54:00:00:08:11", 1), hand])).unwrap();
-    let _agent_b = Agent::start(&agent_config("host-b", &uri("b-hand"), &c.url(), &pki.agent("host-b"), ""));
+    let shared = domain("vm-shared", t.shared_uuid, &t.shared.display().to_string(), "52:54:00:00:08:11", 1);
+    std::fs::write(t.dir.join("b-hand.xml"), node(&[shared, hand])).unwrap();
+    let uri = format!("test://{}", t.dir.join("b-hand.xml").display());
+    let _agent_b = Agent::start(&agent_config("host-b", &uri, &t.c.url(), &t.pki.agent("host-b"), ""));
     let (_, took) = wait_for(Duration::from_secs(15), "vm-local no longer waiting", || {
         let op = op.clone();
         async move {
-            let (w, alarms, g) = waiting(&op).await;
+            let (w, alarms, g) = waits(&op).await;
             (!w && alarms == 0 && g.iter().any(|g| g.host_id == "host-b")).then_some(())
         }
     })
