@@ -26,9 +26,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a restore waits for the agent's report of the defined guest.
 const REPORT_WAIT: Duration = Duration::from_secs(10);
 
-fn check(name: &str, ok: bool, detail: impl Into<String>, remedy: impl Into<String>) -> Check {
-    Check { name: name.into(), ok, detail: detail.into(), remedy: if ok { String::new() } else { remedy.into() } }
-}
+use crate::error::check;
 
 /// What the restore checks read.
 #[derive(Debug, Clone)]

@@ -15,9 +15,7 @@ use crate::model::HostStatus;
 use crate::registry::Registry;
 use crate::store::{AuditRow, MoveRow};
 
-fn check(name: &str, ok: bool, detail: impl Into<String>, remedy: impl Into<String>) -> Check {
-    Check { name: name.into(), ok, detail: detail.into(), remedy: if ok { String::new() } else { remedy.into() } }
-}
+use crate::error::check;
 
 /// Inputs of a cleanup plan.
 #[derive(Debug, Clone)]

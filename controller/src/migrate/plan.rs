@@ -240,9 +240,7 @@ pub fn running_memory_kib(guests: &[Guest]) -> u64 {
 /// reachable hosts than that; see [`visibility_hosts`].
 pub const VISIBILITY_SAMPLE: usize = 16;
 
-fn check(name: &str, ok: bool, detail: impl Into<String>, remedy: impl Into<String>) -> Check {
-    Check { name: name.into(), ok, detail: detail.into(), remedy: if ok { String::new() } else { remedy.into() } }
-}
+use crate::error::check;
 
 fn state_name(s: i32) -> &'static str {
     match GuestState::try_from(s).unwrap_or(GuestState::Unspecified) {
