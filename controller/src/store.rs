@@ -821,9 +821,11 @@ impl Store {
 
     /// A guest stops waiting (it runs, or moved): the row goes, with its
     /// audit entry, atomically. Returns whether it was waiting.
-    pub fn end_waiting(&mut self, uuid: &str, audit: &AuditRow) -> Result<bool, StoreError> {
+    pub fn end_waiting(&mut self, w: &WaitingRow, audit: &AuditRow) -> Result<bool, StoreError> {
         let tx = self.conn.transaction()?;
-        let n = tx.execute("DELETE FROM waiting WHERE uuid = ?1", params![uuid])?;
+        // Only the wait that was judged: a job that ended meanwhile may have
+        // written a new one for the same guest (another host or job).
+        let n = tx.execute("DELETE FROM waiting WHERE uuid = ?1 AND host = ?2 AND job = ?3", params![w.uuid, w.host, w.job])?;
         if n > 0 {
             insert_audit(&tx, audit)?;
         }

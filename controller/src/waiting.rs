@@ -153,7 +153,7 @@ pub fn clear_moved(reg: &Registry, before: &[WaitingRow], moved: &[String], job:
 /// alarm is cleared by cause.
 pub fn end(reg: &Registry, w: &WaitingRow, why: &str) -> Result<(), StoreError> {
     let detail = format!("{} ({}) no longer waits on {}: {why} (waited since {} ms)", w.name, w.uuid, w.host, w.since_ms);
-    let ended = reg.db(|s| s.end_waiting(&w.uuid, &AuditRow::by_controller("guest.waiting_ended", &w.host, &w.name, detail)))?;
+    let ended = reg.db(|s| s.end_waiting(w, &AuditRow::by_controller("guest.waiting_ended", &w.host, &w.name, detail)))?;
     if ended {
         info!(host = %w.host, guest = %w.name, "stopped waiting: {why}");
     }
@@ -574,8 +574,10 @@ pub(crate) mod tests {
         s.end_job_with_waiting("j3", "PARTIAL", "e", None, &[row("1", "b", 30, "j3")], &[]).unwrap();
         assert_eq!(s.waiting().unwrap(), vec![row("1", "b", 30, "j3")]);
         let a = AuditRow::by_controller("guest.waiting_ended", "b", "vm-1", "runs".into());
-        assert!(s.end_waiting("1", &a).unwrap());
-        assert!(!s.end_waiting("1", &a).unwrap(), "ending twice changes nothing");
+        assert!(!s.end_waiting(&row("1", "b", 30, "j1"), &a).unwrap(), "a wait another job wrote is not ended");
+        assert!(!s.end_waiting(&row("1", "a", 30, "j3"), &a).unwrap(), "nor one on another host");
+        assert!(s.end_waiting(&row("1", "b", 30, "j3"), &a).unwrap());
+        assert!(!s.end_waiting(&row("1", "b", 30, "j3"), &a).unwrap(), "ending twice changes nothing");
         assert!(s.waiting().unwrap().is_empty());
     }
 
