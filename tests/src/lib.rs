@@ -220,3 +220,43 @@ pub async fn wait_job_end(
     })
     .await
 }
+
+/// A forced migration of `source` the operator attests is powered off,
+/// carried out as planned (`--yes`).
+pub fn attested_migration(source: &str) -> lifeboat_proto::v1::MigrateRequest {
+    lifeboat_proto::v1::MigrateRequest {
+        source: source.into(),
+        attest_powered_off: true,
+        attest_reason: format!("test: {source} is off"),
+        yes: true,
+        ..Default::default()
+    }
+}
+
+/// Sends `req` until the controller accepts it (the source must first be
+/// silent for the grace), and returns the job it started.
+pub async fn start_migration_when_accepted(
+    op: &AdminClient<Channel>,
+    req: &lifeboat_proto::v1::MigrateRequest,
+) -> lifeboat_proto::v1::JobRecord {
+    wait_for(Duration::from_secs(10), "migration started", || {
+        let mut op = op.clone();
+        let req = req.clone();
+        async move { op.start_migration(req).await.ok().map(|j| j.into_inner()) }
+    })
+    .await
+    .0
+}
+
+/// Waits until every guest's desired state is "running" (learned from the
+/// running guests).
+pub async fn wait_desired_running(op: &AdminClient<Channel>) {
+    wait_for(Duration::from_secs(10), "desired state", || {
+        let mut op = op.clone();
+        async move {
+            let g = op.list_guests(lifeboat_proto::v1::ListGuestsRequest::default()).await.ok()?.into_inner().guests;
+            g.iter().all(|g| g.desired_state == "running").then_some(())
+        }
+    })
+    .await;
+}

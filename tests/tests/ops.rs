@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use lifeboat_common::identity::Role;
-use lifeboat_e2e::{Agent, Controller, Pki, agent_config, wait_job_end, test_domain as domain, test_node as node, wait_for};
+use lifeboat_e2e::{Agent, Controller, Pki, agent_config, wait_job_end, test_domain as domain, test_node as node};
 use lifeboat_proto::v1::{GetJobRequest, ListAuditRequest, ListGuestsRequest, ListHostsRequest, MigrateRequest};
 
 fn fixture(name: &str) -> String {
@@ -45,12 +45,7 @@ async fn a_backup_of_a_busy_controller_restores_into_a_fresh_one() {
         parallel: 1,
         ..Default::default()
     };
-    let (job, _) = wait_for(Duration::from_secs(10), "migration started", || {
-        let mut op = op.clone();
-        let req = req.clone();
-        async move { op.start_migration(req).await.ok().map(|j| j.into_inner()) }
-    })
-    .await;
+    let job = lifeboat_e2e::start_migration_when_accepted(&op, &req).await;
     // Backups while the job runs and host-b's agent heartbeats every 200 ms.
     for i in 0..5 {
         let f = dir.join(format!("b{i}.db"));

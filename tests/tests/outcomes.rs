@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use lifeboat_common::identity::Role;
-use lifeboat_e2e::{Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for, wait_job_end};
+use lifeboat_e2e::{Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_job_end};
 use lifeboat_proto::v1::{
-    ClearAlarmsRequest, GetHostRequest, GetJobRequest, ListAlarmsRequest, ListAuditRequest, ListGuestsRequest, MigrateRequest,
+    ClearAlarmsRequest, GetHostRequest, GetJobRequest, ListAlarmsRequest, ListAuditRequest, ListGuestsRequest,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,19 +35,8 @@ async fn a_migration_that_leaves_a_local_guest_behind_is_partial_and_alarms_unti
 
     // host-a fails; the operator attests it is off and carries out the plan.
     agent_a.stop().await;
-    let req = MigrateRequest {
-        source: "host-a".into(),
-        attest_powered_off: true,
-        attest_reason: "test: host-a is off".into(),
-        yes: true,
-        ..Default::default()
-    };
-    let (job, _) = wait_for(Duration::from_secs(10), "migration started", || {
-        let mut op = op.clone();
-        let req = req.clone();
-        async move { op.start_migration(req).await.ok().map(|j| j.into_inner()) }
-    })
-    .await;
+    let req = lifeboat_e2e::attested_migration("host-a");
+    let job = lifeboat_e2e::start_migration_when_accepted(&op, &req).await;
     // The guest left behind is recorded with the job from the start.
     let local = job.moves.iter().find(|m| m.name == "vm-local").expect("vm-local recorded with the job");
     assert_eq!(local.state, "NOT_MOVED", "{job:?}");

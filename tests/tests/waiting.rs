@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lifeboat_common::identity::Role;
 use lifeboat_e2e::{Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for, wait_job_end};
-use lifeboat_proto::v1::{GetHostRequest, ListAlarmsRequest, ListAuditRequest, ListGuestsRequest, MigrateRequest, StartVmRequest};
+use lifeboat_proto::v1::{GetHostRequest, ListAlarmsRequest, ListAuditRequest, ListGuestsRequest, StartVmRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_left_behind_waits_visibly_and_an_operator_starts_it_on_its_returned_host() {
@@ -37,29 +37,11 @@ async fn a_guest_left_behind_waits_visibly_and_an_operator_starts_it_on_its_retu
     let mut op = c.admin(&pki.client("olga", Role::Operator)).await;
     lifeboat_e2e::wait_guest_count(&op, 2).await;
     // Desired state "running" is learned from the running guests.
-    wait_for(Duration::from_secs(10), "desired state", || {
-        let mut op = op.clone();
-        async move {
-            let g = op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests;
-            g.iter().all(|g| g.desired_state == "running").then_some(())
-        }
-    })
-    .await;
+    lifeboat_e2e::wait_desired_running(&op).await;
 
     agent_a.stop().await;
-    let req = MigrateRequest {
-        source: "host-a".into(),
-        attest_powered_off: true,
-        attest_reason: "test: host-a is off".into(),
-        yes: true,
-        ..Default::default()
-    };
-    let (job, _) = wait_for(Duration::from_secs(10), "migration started", || {
-        let mut op = op.clone();
-        let req = req.clone();
-        async move { op.start_migration(req).await.ok().map(|j| j.into_inner()) }
-    })
-    .await;
+    let req = lifeboat_e2e::attested_migration("host-a");
+    let job = lifeboat_e2e::start_migration_when_accepted(&op, &req).await;
     let (done, _) = wait_job_end(&op, &job.id, Duration::from_secs(20)).await;
     assert_eq!(done.state, "PARTIAL", "{done:?}");
     assert!(done.error.contains("vm-local (not moved:") && done.error.contains("waits for host-a to return"), "{}", done.error);
@@ -238,28 +220,10 @@ impl LocalGuestWaiting {
         let agent_b = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
         let op = c.admin(&pki.client("olga", Role::Operator)).await;
         lifeboat_e2e::wait_guest_count(&op, 2).await;
-        wait_for(Duration::from_secs(10), "desired state", || {
-            let mut op = op.clone();
-            async move {
-                let g = op.list_guests(ListGuestsRequest::default()).await.ok()?.into_inner().guests;
-                g.iter().all(|g| g.desired_state == "running").then_some(())
-            }
-        })
-        .await;
+        lifeboat_e2e::wait_desired_running(&op).await;
         agent_a.stop().await;
-        let req = MigrateRequest {
-            source: "host-a".into(),
-            attest_powered_off: true,
-            attest_reason: "test: host-a is off".into(),
-            yes: true,
-            ..Default::default()
-        };
-        let (job, _) = wait_for(Duration::from_secs(10), "migration started", || {
-            let mut op = op.clone();
-            let req = req.clone();
-            async move { op.start_migration(req).await.ok().map(|j| j.into_inner()) }
-        })
-        .await;
+        let req = lifeboat_e2e::attested_migration("host-a");
+        let job = lifeboat_e2e::start_migration_when_accepted(&op, &req).await;
         let (done, _) = wait_job_end(&op, &job.id, Duration::from_secs(20)).await;
         assert_eq!(done.state, "PARTIAL", "{done:?}");
         let (w, alarms, _) = waits(&op).await;
