@@ -1256,6 +1256,11 @@ mod tests {
         })
     }
 
+    /// Writes a forced-migration job of host-a carrying the one move `m`.
+    fn record_job(reg: &Registry, id: &str, m: &MoveRow) {
+        reg.db(|s| s.create_job(&job_row(id, "migrate", "host-a"), std::slice::from_ref(m), &audit("olga", "x", "", "", id, ""))).unwrap();
+    }
+
     fn starting_move(job: &str) -> MoveRow {
         MoveRow {
             job_id: job.into(),
@@ -1289,8 +1294,7 @@ mod tests {
     async fn a_start_whose_session_was_lost_is_sent_again_on_the_next_session_and_is_running() {
         let (reg, engine) = new_engine();
         let m = starting_move("mig-s");
-        reg.db(|s| s.create_job(&job_row("mig-s", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-s", "")))
-            .unwrap();
+        record_job(&reg, "mig-s", &m);
         let g = running_there(&m);
         let mut starts = 0;
         let answered = g.clone();
@@ -1321,8 +1325,7 @@ mod tests {
     async fn a_start_that_reads_failed_while_the_target_reports_it_running_at_this_generation_is_running() {
         let (reg, engine) = new_engine();
         let m = starting_move("mig-r");
-        reg.db(|s| s.create_job(&job_row("mig-r", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-r", "")))
-            .unwrap();
+        record_job(&reg, "mig-r", &m);
         let ok = |_: &Kind| Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() });
         let refuse = move |k: &Kind| match k {
             Kind::StartGuest(_) => Some(lifeboat_proto::v1::CommandResult { ok: false, error: "verifying vm-1 failed: timeout".into(), ..Default::default() }),
@@ -1339,8 +1342,7 @@ mod tests {
         // Another generation running there is not this move's start: FAILED.
         let (reg, engine) = new_engine();
         let m = starting_move("mig-f");
-        reg.db(|s| s.create_job(&job_row("mig-f", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-f", "")))
-            .unwrap();
+        record_job(&reg, "mig-f", &m);
         let other = lifeboat_proto::v1::Guest { owner_generation: 2, ..running_there(&m) };
         let _agent = fake_agent(reg.clone(), "host-b", vec![other], refuse).await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
@@ -1401,8 +1403,7 @@ mod tests {
     async fn a_start_is_not_sent_again_when_the_forced_moves_source_came_back_meanwhile() {
         let (reg, engine) = new_engine();
         let m = starting_move("mig-back");
-        reg.db(|s| s.create_job(&job_row("mig-back", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-back", "")))
-            .unwrap();
+        record_job(&reg, "mig-back", &m);
         let starts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (n, r2) = (starts.clone(), reg.clone());
         let source_copy = lifeboat_proto::v1::Guest { owner_host: "host-a".into(), owner_generation: 2, ..running_there(&m) };
@@ -1432,8 +1433,7 @@ mod tests {
     async fn a_job_resumed_in_starting_finds_its_guest_running_on_the_target_and_calls_it_running() {
         let (reg, engine) = new_engine();
         let m = starting_move("mig-resumed");
-        reg.db(|s| s.create_job(&job_row("mig-resumed", "migrate", "host-a"), std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-resumed", "")))
-            .unwrap();
+        record_job(&reg, "mig-resumed", &m);
         // The start took effect before the pause; the source is back (stopped copy).
         let _agent = fake_agent(reg.clone(), "host-b", vec![running_there(&m)], |_| None).await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
