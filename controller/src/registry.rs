@@ -1419,21 +1419,15 @@ impl Registry {
     /// Which of `uuids` another host than `source` reports holding their
     /// disks, among the hosts that talk to us now: UUID → those hosts.
     pub fn held_elsewhere(&self, source: &str, uuids: &[String]) -> BTreeMap<String, Vec<String>> {
+        let mut held = self.holders(uuids);
         let now = now_unix_ms();
         let inner = self.lock();
-        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (h, m) in inner.guests.iter().filter(|(h, _)| h.as_str() != source) {
-            let reachable = inner.hosts.get(h).is_some_and(|e| self.liveness_of(e, now) == Liveness::Reachable);
-            if !reachable {
-                continue;
-            }
-            for u in uuids {
-                if m.get(u).is_some_and(|g| lifeboat_proto::holds_disk(g.state)) {
-                    out.entry(u.clone()).or_default().push(h.clone());
-                }
-            }
-        }
-        out
+        let talks = |h: &String| h.as_str() != source && inner.hosts.get(h).is_some_and(|e| self.liveness_of(e, now) == Liveness::Reachable);
+        held.retain(|_, hosts| {
+            hosts.retain(talks);
+            !hosts.is_empty()
+        });
+        held
     }
 
     /// Ownership generation of a guest (0 = never moved by Lifeboat).
