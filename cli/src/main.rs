@@ -1,5 +1,6 @@
 //! `lifeboat`: the operators' command-line tool.
 
+mod args;
 mod client;
 mod migrate;
 mod output;
@@ -12,6 +13,7 @@ use lifeboat_common::identity::Role;
 use lifeboat_common::pki::{self, Leaf};
 
 use client::{CliError, Connection};
+use output::{err, out};
 
 /// Lifeboat: get KVM guests running again after their host fails.
 #[derive(Parser)]
@@ -55,6 +57,7 @@ enum Cmd {
     /// Remove from a returned host the stale definitions of guests moved away from it.
     Cleanup {
         /// The returned host.
+        #[arg(value_parser = args::host)]
         host: String,
         /// Only print what would be removed (the default without --yes).
         #[arg(long, conflicts_with = "yes")]
@@ -66,7 +69,7 @@ enum Cmd {
         #[arg(long)]
         destroy_running: bool,
         /// Carry out this reviewed plan only.
-        #[arg(long)]
+        #[arg(long, value_parser = args::id)]
         plan_id: Option<String>,
     },
     /// Alarms: split brain, stale copies found running, guests a job left behind.
@@ -87,17 +90,17 @@ enum Cmd {
     /// The audit log: every decision and side effect.
     Log {
         /// Only entries about this host.
-        #[arg(long)]
+        #[arg(long, value_parser = args::host)]
         host: Option<String>,
         /// Only entries about this guest (name or UUID).
-        #[arg(long)]
+        #[arg(long, value_parser = args::vm)]
         vm: Option<String>,
         /// Only entries of this job.
-        #[arg(long)]
+        #[arg(long, value_parser = args::id)]
         job: Option<String>,
-        /// Only entries since TIME (RFC 3339, or 30s / 15m / 2h / 1d ago).
-        #[arg(long)]
-        since: Option<String>,
+        /// Only entries since TIME (RFC 3339, or 30s / 15m / 2h / 1d ago, at most 3650d).
+        #[arg(long, value_parser = args::since, value_name = "TIME")]
+        since: Option<i64>,
     },
 }
 
@@ -116,8 +119,7 @@ enum GenerateCmd {
 }
 
 fn generate(cmd: GenerateCmd) -> Result<(), CliError> {
-    use clap::CommandFactory;
-    let root = Cli::command();
+    let root = command();
     match cmd {
         GenerateCmd::Man { dir } => {
             std::fs::create_dir_all(&dir).map_err(|e| CliError::Usage(format!("cannot create {}: {e}", dir.display())))?;
@@ -128,9 +130,7 @@ fn generate(cmd: GenerateCmd) -> Result<(), CliError> {
             let mut root = root;
             let mut buf = Vec::new();
             clap_complete::generate(shell, &mut root, "lifeboat", &mut buf);
-            use std::io::Write;
-            // A closed pipe (e.g. `| head`) is not an error worth a panic.
-            let _ = std::io::stdout().write_all(&buf);
+            output::emit_raw(String::from_utf8_lossy(&buf).trim_end_matches('\n'));
             Ok(())
         }
     }
@@ -141,13 +141,13 @@ enum AlarmsCmd {
     /// Clear a host's active alarms of one kind (operator role; audited).
     Clear {
         /// The host the alarm is on.
-        #[arg(long, value_name = "HOST")]
+        #[arg(long, value_name = "HOST", value_parser = args::host)]
         host: String,
         /// The alarm kind, e.g. guests-not-moved (see `lifeboat alarms`).
-        #[arg(long, value_name = "KIND")]
+        #[arg(long, value_name = "KIND", value_parser = args::id)]
         kind: String,
         /// Why it can be cleared (recorded in the audit log).
-        #[arg(long, value_name = "TEXT")]
+        #[arg(long, value_name = "TEXT", value_parser = args::reason)]
         reason: Option<String>,
     },
 }
@@ -157,17 +157,19 @@ enum JobsCmd {
     /// Jobs, newest first.
     List {
         /// Only jobs whose source is this host.
-        #[arg(long)]
+        #[arg(long, value_parser = args::host)]
         host: Option<String>,
     },
     /// One job with every guest's move.
     Show {
         /// Job id.
+        #[arg(value_parser = args::id)]
         id: String,
     },
     /// Follow a job until it ends.
     Watch {
         /// Job id.
+        #[arg(value_parser = args::id)]
         id: String,
     },
 }
@@ -179,16 +181,19 @@ enum HostsCmd {
     /// Show one host (by host id or hostname).
     Show {
         /// Host id or hostname.
+        #[arg(value_parser = args::host)]
         host: String,
     },
     /// Set a host's status: AVAILABLE, NOT_ACCEPTING, MAINTENANCE or OFFLINE.
     SetStatus {
         /// Host id or hostname.
+        #[arg(value_parser = args::host)]
         host: String,
         /// The new status.
+        #[arg(value_parser = args::status)]
         status: String,
         /// Why (recorded in the audit log).
-        #[arg(long)]
+        #[arg(long, value_parser = args::reason)]
         reason: Option<String>,
         /// With OFFLINE: you verified it is powered off (no BMC reads Off); needs --reason.
         #[arg(long, requires = "reason")]
@@ -201,15 +206,16 @@ enum VmsCmd {
     /// List guests.
     List {
         /// Only guests of this host.
-        #[arg(long)]
+        #[arg(long, value_parser = args::host)]
         host: Option<String>,
     },
     /// Show one guest (by name or UUID), with its disks, NICs and definition.
     Show {
         /// Guest name or UUID.
+        #[arg(value_parser = args::vm)]
         vm: String,
         /// Only on this host (when the same guest is defined on several).
-        #[arg(long)]
+        #[arg(long, value_parser = args::host)]
         host: Option<String>,
         /// Also print the full libvirt definition.
         #[arg(long)]
@@ -219,25 +225,27 @@ enum VmsCmd {
     /// (operator role). Refused, changing nothing, when it is defined anywhere.
     Restore {
         /// Guest name or UUID.
+        #[arg(value_parser = args::vm)]
         vm: String,
         /// Define it on this host instead of its owner (a placement change:
         /// its owner must be talking or OFFLINE, HOST reachable and AVAILABLE).
-        #[arg(long = "to")]
+        #[arg(long = "to", value_parser = args::host)]
         to: Option<String>,
         /// Then grant its lease and start it.
         #[arg(long)]
         start: bool,
         /// Why (recorded in the audit log).
-        #[arg(long)]
+        #[arg(long, value_parser = args::reason)]
         reason: String,
     },
     /// Drop a missing guest's record and kept definition on purpose
     /// (operator role; audited with the definition's size and SHA-256).
     Forget {
         /// Guest name or UUID.
+        #[arg(value_parser = args::vm)]
         vm: String,
         /// Why (recorded in the audit log).
-        #[arg(long)]
+        #[arg(long, value_parser = args::reason)]
         reason: String,
     },
     /// Start a stopped guest on its owner now (a waiting one, or any stopped
@@ -245,9 +253,10 @@ enum VmsCmd {
     /// never-twice checks as every start (operator role, audited).
     Start {
         /// Guest name or UUID.
+        #[arg(value_parser = args::vm)]
         vm: String,
         /// Why (recorded in the audit log).
-        #[arg(long, value_name = "TEXT", required = true)]
+        #[arg(long, value_name = "TEXT", required = true, value_parser = args::start_reason)]
         reason: String,
     },
 }
@@ -273,16 +282,16 @@ struct IssueArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// An agent certificate for this host id.
-    #[arg(long, value_name = "HOST_ID")]
+    #[arg(long, value_name = "HOST_ID", value_parser = args::host)]
     agent: Option<String>,
     /// The controller's certificate.
     #[arg(long)]
     controller: bool,
     /// Extra DNS names or IP addresses for the controller certificate.
-    #[arg(long, requires = "controller")]
+    #[arg(long, requires = "controller", value_parser = args::host)]
     san: Vec<String>,
     /// A client certificate for a person or tool.
-    #[arg(long, value_name = "NAME", requires = "role")]
+    #[arg(long, value_name = "NAME", requires = "role", value_parser = args::id)]
     client: Option<String>,
     /// The client's role: viewer, operator or admin.
     #[arg(long, requires = "client")]
@@ -293,7 +302,7 @@ fn certs(cmd: CertsCmd) -> Result<(), CliError> {
     match cmd {
         CertsCmd::Init { dir } => {
             let (c, k) = pki::init(&dir).map_err(|e| CliError::Usage(e.to_string()))?;
-            println!("CA created: {} (keep {} secret)", c.display(), k.display());
+            out!("CA created: {} (keep {} secret)", c.display(), k.display());
         }
         CertsCmd::Issue(a) => {
             let leaf = if let Some(h) = a.agent {
@@ -306,7 +315,7 @@ fn certs(cmd: CertsCmd) -> Result<(), CliError> {
             };
             let out = a.out.unwrap_or_else(|| a.ca_dir.clone());
             let (c, k) = pki::issue(&a.ca_dir, &out, &leaf).map_err(|e| CliError::Usage(e.to_string()))?;
-            println!("issued {} and {}", c.display(), k.display());
+            out!("issued {} and {}", c.display(), k.display());
         }
     }
     Ok(())
@@ -386,7 +395,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .filter(|g| g.guest.as_ref().is_some_and(|x| x.name == vm || x.uuid == vm))
                 .collect();
             if found.is_empty() {
-                return Err(CliError::NotFound(format!("unknown guest '{vm}' (see `lifeboat vms list`)")));
+                return Err(CliError::NotFound(format!("unknown guest '{}' (see `lifeboat vms list`)", output::clean(&vm))));
             }
             output::vm_detail(fmt, &found, xml);
             Ok(())
@@ -424,25 +433,61 @@ async fn list_guests(
     }
 }
 
-fn main() -> ExitCode {
-    // Like every Unix tool: end quietly when the reader of stdout goes away
-    // (`lifeboat vms list | head`) instead of panicking on EPIPE.
-    // SAFETY: called first, before any thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+/// Exit code of a bug: a panic caught by the hook (documented in docs/cli.md).
+const EXIT_INTERNAL: i32 = 70;
+
+/// The CLI's definition, with the checks of the connection flags (declared
+/// in client.rs) added: a usage error (exit 2) names the flag and its form.
+fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command()
+        .mut_arg("timeout", |a| {
+            a.value_parser(args::timeout).help(format!("Seconds to wait for the controller (1 to {})", args::MAX_TIMEOUT_S))
+        })
+        .mut_arg("controller_url", |a| a.value_parser(args::url))
+        .mut_arg("server_name", |a| a.value_parser(args::server_name))
+}
+
+/// Parses the command line; usage errors exit 2 (help and version 0).
+fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let parsed = command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
+    match parsed {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // clap quotes the bad value as typed: escape what a terminal would obey.
+            output::warn(format_args!("{}", output::clean_lines(e.to_string().trim_end())));
+            std::process::exit(e.exit_code());
+        }
     }
-    let cli = Cli::parse();
+}
+
+fn main() -> ExitCode {
+    // SIGPIPE stays ignored (Rust's default): the TLS connection writes with
+    // writev, and a controller that closes it during the handshake must
+    // give an error to report (exit 4), not a silent death by SIGPIPE (141).
+    // A closed stdout (`| head`) is handled where output is written
+    // (output::emit: exit 0, quietly).
+    std::panic::set_hook(Box::new(|info| {
+        let msg = output::clean_lines(&info.to_string()).into_owned();
+        output::warn(format_args!("lifeboat: internal error (a bug in lifeboat; please report it): {msg}"));
+        std::process::exit(EXIT_INTERNAL);
+    }));
+    let cli = parse();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("lifeboat: cannot start runtime: {e}");
+            err!("lifeboat: cannot start runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    output::flush();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lifeboat: {e}");
+            err!("lifeboat: {}", output::clean_lines(&e.to_string()));
             ExitCode::from(e.exit_code())
         }
     }
