@@ -327,7 +327,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Certs(c) => certs(c),
         Cmd::Generate(g) => generate(g),
         Cmd::Hosts(HostsCmd::SetStatus { host, status, reason, attest_powered_off }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let h = c
                 .set_host_status(lifeboat_proto::v1::SetHostStatusRequest {
                     host,
@@ -341,50 +341,50 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Cmd::Cleanup { host, plan, yes, destroy_running, plan_id } => {
-            migrate::cleanup(&mut cli.conn.admin().await?, host, plan || (!yes && plan_id.is_none()), destroy_running, plan_id, fmt).await
+            migrate::cleanup(&mut connect(&cli.conn).await?, host, plan || (!yes && plan_id.is_none()), destroy_running, plan_id, fmt).await
         }
-        Cmd::Alarms { all, cmd: None } => migrate::alarms(&mut cli.conn.admin().await?, all, fmt).await,
+        Cmd::Alarms { all, cmd: None } => migrate::alarms(&mut connect(&cli.conn).await?, all, fmt).await,
         Cmd::Alarms { cmd: Some(AlarmsCmd::Clear { host, kind, reason }), .. } => {
-            migrate::alarms_clear(&mut cli.conn.admin().await?, host, kind, reason.unwrap_or_default(), fmt).await
+            migrate::alarms_clear(&mut connect(&cli.conn).await?, host, kind, reason.unwrap_or_default(), fmt).await
         }
-        Cmd::Migrate(a) => migrate::migrate(&mut cli.conn.admin().await?, a, fmt).await,
-        Cmd::Move(a) => migrate::migrate(&mut cli.conn.admin().await?, a.into(), fmt).await,
-        Cmd::Jobs(JobsCmd::List { host }) => migrate::jobs_list(&mut cli.conn.admin().await?, host, fmt).await,
-        Cmd::Jobs(JobsCmd::Show { id }) => migrate::jobs_show(&mut cli.conn.admin().await?, id, fmt).await,
-        Cmd::Jobs(JobsCmd::Watch { id }) => migrate::jobs_watch(&mut cli.conn.admin().await?, id, fmt).await,
-        Cmd::Log { host, vm, job, since } => migrate::log(&mut cli.conn.admin().await?, host, vm, job, since, fmt).await,
+        Cmd::Migrate(a) => migrate::migrate(&mut connect(&cli.conn).await?, a, fmt).await,
+        Cmd::Move(a) => migrate::migrate(&mut connect(&cli.conn).await?, a.into(), fmt).await,
+        Cmd::Jobs(JobsCmd::List { host }) => migrate::jobs_list(&mut connect(&cli.conn).await?, host, fmt).await,
+        Cmd::Jobs(JobsCmd::Show { id }) => migrate::jobs_show(&mut connect(&cli.conn).await?, id, fmt).await,
+        Cmd::Jobs(JobsCmd::Watch { id }) => migrate::jobs_watch(&mut connect(&cli.conn).await?, id, fmt).await,
+        Cmd::Log { host, vm, job, since } => migrate::log(&mut connect(&cli.conn).await?, host, vm, job, since, fmt).await,
         Cmd::Whoami => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let r = c.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await.map_err(CliError::from_status)?.into_inner();
             output::whoami(fmt, &r);
             Ok(())
         }
         Cmd::Hosts(HostsCmd::List) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let r = c.list_hosts(lifeboat_proto::v1::ListHostsRequest {}).await.map_err(CliError::from_status)?;
             output::hosts(fmt, &r.into_inner().hosts);
             Ok(())
         }
         Cmd::Hosts(HostsCmd::Show { host }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let h = c.get_host(lifeboat_proto::v1::GetHostRequest { host }).await.map_err(CliError::from_status)?;
             output::host(fmt, &h.into_inner());
             Ok(())
         }
         Cmd::Vms(VmsCmd::List { host }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let guests = list_guests(&mut c, lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), ..Default::default() }).await?;
             output::vms(fmt, &guests);
             Ok(())
         }
         Cmd::Vms(VmsCmd::Start { vm, reason }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let g = c.start_vm(lifeboat_proto::v1::StartVmRequest { vm, reason }).await.map_err(CliError::from_status)?;
             output::vm_detail(fmt, &[g.into_inner()], false);
             Ok(())
         }
         Cmd::Vms(VmsCmd::Show { vm, host, xml }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let guests = list_guests(
                 &mut c,
                 lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), vm: vm.clone(), with_definitions: xml, ..Default::default() },
@@ -401,19 +401,55 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Cmd::Vms(VmsCmd::Restore { vm, to, start, reason }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let req = lifeboat_proto::v1::RestoreGuestRequest { vm, to_host: to.unwrap_or_default(), start, reason };
             let r = c.restore_guest(req).await.map_err(CliError::from_status)?.into_inner();
             output::vm_detail(fmt, &[r], false);
             Ok(())
         }
         Cmd::Vms(VmsCmd::Forget { vm, reason }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let r = c.forget_guest(lifeboat_proto::v1::ForgetGuestRequest { vm, reason }).await.map_err(CliError::from_status)?;
             output::forgotten(fmt, &r.into_inner());
             Ok(())
         }
     }
+}
+
+/// Connects and asks who we are before the command's own call: with TLS
+/// 1.3 the controller checks our certificate after our side of the
+/// handshake is done, and refuses it by closing the connection, often
+/// before its alert can be read. A connection closed with no answer to this
+/// first call is reported as that refusal (exit 4), not as an unreachable
+/// controller.
+async fn connect(conn: &Connection) -> Result<lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>, CliError> {
+    let mut c = conn.admin().await?;
+    match c.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await {
+        Ok(_) => Ok(c),
+        Err(s) => Err(first_call_refused(s)),
+    }
+}
+
+/// Maps the failure of the first call on a fresh connection.
+fn first_call_refused(s: tonic::Status) -> CliError {
+    let closed = matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) && {
+        let mut text = s.message().to_ascii_lowercase();
+        if let Some(src) = std::error::Error::source(&s) {
+            text.push_str(&lifeboat_common::error_chain(src).to_ascii_lowercase());
+        }
+        ["connection closed", "connection reset", "broken pipe", "unexpected eof", "close_notify"].iter().any(|w| text.contains(w))
+            && !text.contains("alert")
+    };
+    if closed {
+        return CliError::Refused(format!(
+            "certificate rejected: the controller closed the connection right after the TLS handshake without answering, \
+             which is how it refuses a client certificate (expired or not yet valid, issued by another CA, or not a client \
+             certificate); check it with `openssl x509 -in CERT -noout -dates -issuer` and issue a new one with \
+             `lifeboat certs issue --client NAME --role ROLE` ({})",
+            s.message()
+        ));
+    }
+    CliError::from_status(s)
 }
 
 /// Every page of a `ListGuests` answer.
@@ -456,8 +492,23 @@ fn parse() -> Cli {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            // clap quotes the bad value as typed: escape what a terminal would obey.
-            output::warn(format_args!("{}", output::clean_lines(e.to_string().trim_end())));
+            // clap quotes the bad value as typed: escape what a terminal
+            // would obey, and cut a huge value (the reason stays whole).
+            use clap::error::{ContextKind, ErrorKind};
+            let (arg, value) = (e.get(ContextKind::InvalidArg), e.get(ContextKind::InvalidValue));
+            match (e.kind(), arg, value, std::error::Error::source(&e)) {
+                (ErrorKind::ValueValidation, Some(arg), Some(value), Some(why)) => {
+                    let value = value.to_string();
+                    let shown = output::truncate(&output::clean(&value), 60).into_owned();
+                    let why = output::clean_lines(&why.to_string()).into_owned();
+                    output::warn(format_args!("error: invalid value '{shown}' for '{arg}': {why}\n\nFor more information, try '--help'."));
+                }
+                _ => {
+                    for line in e.to_string().trim_end().lines() {
+                        output::warn(format_args!("{}", output::truncate(&output::clean_lines(line), 400)));
+                    }
+                }
+            }
             std::process::exit(e.exit_code());
         }
     }
