@@ -122,11 +122,11 @@ fn json<T: serde::Serialize>(v: &T) {
 
 /// The refusal message: every failed check with what to do.
 fn refusal(p: &MigrationPlan) -> CliError {
-    let mut lines = vec![format!("the plan cannot be carried out; nothing was changed ({})", p.summary)];
+    let mut lines = vec![format!("the plan cannot be carried out; nothing was changed ({})", clean(&p.summary))];
     for c in p.preconditions.iter().filter(|c| !c.ok) {
-        lines.push(format!("  - {}: {}", c.name, c.detail));
+        lines.push(format!("  - {}: {}", clean(&c.name), clean(&c.detail)));
         if !c.remedy.is_empty() {
-            lines.push(format!("    what to do: {}", c.remedy));
+            lines.push(format!("    what to do: {}", clean(&c.remedy)));
         }
     }
     CliError::Refused6(lines.join("\n"))
