@@ -118,6 +118,12 @@ mod tests {
     }
 
     #[test]
+    fn the_command_definition_is_consistent() {
+        // Also fails if a connection flag checked by name in main.rs is renamed in client.rs.
+        crate::command().debug_assert();
+    }
+
+    #[test]
     fn timeout_status_and_url_forms() {
         assert_eq!(timeout("5").unwrap(), 5);
         for bad in ["0", "-1", "3601", "99999999999999999999999", "", "1.5", "abc"] {

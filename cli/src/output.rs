@@ -626,3 +626,44 @@ mod hygiene_tests {
         assert_eq!(render_table(&["A"], &[]), ["A"]);
     }
 }
+
+#[cfg(test)]
+mod hygiene_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn unsafe_char(c: char) -> bool {
+        c.is_control() || invisible(c)
+    }
+
+    proptest! {
+        #[test]
+        fn clean_leaves_nothing_a_terminal_obeys(s in any::<String>()) {
+            let c = clean(&s);
+            prop_assert!(!c.chars().any(unsafe_char), "{:?}", c);
+            let l = clean_lines(&s);
+            prop_assert!(!l.chars().any(|c| unsafe_char(c) && !matches!(c, '\n' | '\t')));
+            if !s.chars().any(unsafe_char) {
+                prop_assert_eq!(c.as_ref(), s.as_str());
+            }
+        }
+
+        #[test]
+        fn truncate_and_tables_stay_in_bounds(
+            rows in proptest::collection::vec(proptest::collection::vec(any::<String>(), 0..5), 0..6),
+            max in 0usize..80,
+        ) {
+            for r in &rows {
+                for c in r {
+                    prop_assert!(width(&truncate(c, max)) <= max.max(1));
+                }
+            }
+            let lines = render_table(&["A", "BB", "CCC", "D"], &rows);
+            prop_assert_eq!(lines.len(), rows.len() + 1);
+            for l in &lines {
+                prop_assert!(!l.chars().any(unsafe_char));
+                prop_assert!(width(l) <= 3 * (CELL_MAX + 2) + LAST_CELL_MAX);
+            }
+        }
+    }
+}

@@ -277,14 +277,14 @@ async fn certificate_failures_exit_4_every_time() {
 fn guest_bytes(uuid: &str, name: &str, state_reason: &str, disk_source: &str, error: &str) -> Vec<u8> {
     fn varint(out: &mut Vec<u8>, mut v: u64) {
         while v >= 0x80 {
-            out.push((v as u8) | 0x80);
+            out.push(u8::try_from(v & 0x7f).unwrap() | 0x80);
             v >>= 7;
         }
-        out.push(v as u8);
+        out.push(u8::try_from(v).unwrap());
     }
     fn bytes(out: &mut Vec<u8>, field: u64, b: &[u8]) {
-        varint(out, field << 3 | 2);
-        varint(out, b.len() as u64);
+        varint(out, (field << 3) | 2);
+        varint(out, u64::try_from(b.len()).unwrap());
         out.extend_from_slice(b);
     }
     let mut disk = Vec::new();
@@ -296,7 +296,7 @@ fn guest_bytes(uuid: &str, name: &str, state_reason: &str, disk_source: &str, er
     bytes(&mut g, 1, uuid.as_bytes());
     bytes(&mut g, 2, name.as_bytes());
     varint(&mut g, 3 << 3);
-    varint(&mut g, 5); // SHUTOFF... any state; the text is what matters
+    varint(&mut g, 5); // shutdown: any state; the texts are what matter
     bytes(&mut g, 4, state_reason.as_bytes());
     varint(&mut g, 8 << 3);
     varint(&mut g, 2);
