@@ -65,7 +65,10 @@ pub fn status(v: &str) -> Result<String, String> {
     let up = v.trim().to_ascii_uppercase().replace('-', "_");
     match up.as_str() {
         "AVAILABLE" | "NOT_ACCEPTING" | "MAINTENANCE" | "OFFLINE" => Ok(up),
-        _ => Err("use AVAILABLE, NOT_ACCEPTING, MAINTENANCE or OFFLINE".to_string()),
+        _ => Err(format!(
+            "unknown host status '{}' (expected AVAILABLE, NOT_ACCEPTING, MAINTENANCE or OFFLINE)",
+            crate::output::truncate(&crate::output::clean(v), 60)
+        )),
     }
 }
 
