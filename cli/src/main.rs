@@ -543,3 +543,27 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_closed_on_the_first_call_is_a_certificate_refusal() {
+        let closed = tonic::Status::cancelled("operation was canceled: transport error: connection closed");
+        let e = first_call_refused(closed);
+        assert_eq!(e.exit_code(), 4, "{e}");
+        assert!(e.to_string().contains("certificate rejected") && e.to_string().contains("openssl x509"), "{e}");
+        let reset = tonic::Status::unavailable("transport error: connection reset by peer");
+        assert_eq!(first_call_refused(reset).exit_code(), 4);
+        // A TLS alert is named as such by the usual mapping.
+        let alert = tonic::Status::unavailable("transport error: received fatal alert: CertificateExpired");
+        let e = first_call_refused(alert);
+        assert_eq!(e.exit_code(), 4);
+        assert!(e.to_string().contains("CertificateExpired"), "{e}");
+        // Anything else keeps its own code: a role refusal, a timeout.
+        assert_eq!(first_call_refused(tonic::Status::permission_denied("needs the viewer role")).exit_code(), 4);
+        assert_eq!(first_call_refused(tonic::Status::unavailable("transport error: timed out")).exit_code(), 3);
+        assert_eq!(first_call_refused(tonic::Status::internal("boom")).exit_code(), 1);
+    }
+}
