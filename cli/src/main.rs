@@ -444,7 +444,7 @@ fn first_call_refused(s: tonic::Status) -> CliError {
         return CliError::Refused(format!(
             "certificate rejected: the controller closed the connection right after the TLS handshake without answering, \
              which is how it refuses a client certificate (expired or not yet valid, issued by another CA, or not a client \
-             certificate); check it with `openssl x509 -in CERT -noout -dates -issuer` and issue a new one with \
+             certificate; unless it was just stopping); check it with `openssl x509 -in CERT -noout -dates -issuer` and issue a new one with \
              `lifeboat certs issue --client NAME --role ROLE` ({})",
             s.message()
         ));
