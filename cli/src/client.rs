@@ -102,6 +102,7 @@ impl CliError {
             Code::FailedPrecondition => CliError::Refused6(msg),
             Code::Unavailable | Code::Unknown if msg.contains("transport error") => classify_transport(&msg),
             Code::Unavailable => classify_transport(&msg),
+            Code::Cancelled if msg.contains("transport error") => classify_transport(&msg),
             _ => CliError::Other(format!("{:?}: {msg}", s.code())),
         }
     }

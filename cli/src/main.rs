@@ -1,5 +1,6 @@
 //! `lifeboat`: the operators' command-line tool.
 
+mod args;
 mod client;
 mod migrate;
 mod output;
@@ -12,6 +13,7 @@ use lifeboat_common::identity::Role;
 use lifeboat_common::pki::{self, Leaf};
 
 use client::{CliError, Connection};
+use output::{err, out};
 
 /// Lifeboat: get KVM guests running again after their host fails.
 #[derive(Parser)]
@@ -55,6 +57,7 @@ enum Cmd {
     /// Remove from a returned host the stale definitions of guests moved away from it.
     Cleanup {
         /// The returned host.
+        #[arg(value_parser = args::host)]
         host: String,
         /// Only print what would be removed (the default without --yes).
         #[arg(long, conflicts_with = "yes")]
@@ -66,7 +69,7 @@ enum Cmd {
         #[arg(long)]
         destroy_running: bool,
         /// Carry out this reviewed plan only.
-        #[arg(long)]
+        #[arg(long, value_parser = args::id)]
         plan_id: Option<String>,
     },
     /// Alarms: split brain, stale copies found running, guests a job left behind.
@@ -87,17 +90,17 @@ enum Cmd {
     /// The audit log: every decision and side effect.
     Log {
         /// Only entries about this host.
-        #[arg(long)]
+        #[arg(long, value_parser = args::host)]
         host: Option<String>,
         /// Only entries about this guest (name or UUID).
-        #[arg(long)]
+        #[arg(long, value_parser = args::vm)]
         vm: Option<String>,
         /// Only entries of this job.
-        #[arg(long)]
+        #[arg(long, value_parser = args::id)]
         job: Option<String>,
-        /// Only entries since TIME (RFC 3339, or 30s / 15m / 2h / 1d ago).
-        #[arg(long)]
-        since: Option<String>,
+        /// Only entries since TIME (RFC 3339, or 30s / 15m / 2h / 1d ago, at most 3650d).
+        #[arg(long, value_parser = args::since, value_name = "TIME")]
+        since: Option<i64>,
     },
 }
 
@@ -116,8 +119,7 @@ enum GenerateCmd {
 }
 
 fn generate(cmd: GenerateCmd) -> Result<(), CliError> {
-    use clap::CommandFactory;
-    let root = Cli::command();
+    let root = command();
     match cmd {
         GenerateCmd::Man { dir } => {
             std::fs::create_dir_all(&dir).map_err(|e| CliError::Usage(format!("cannot create {}: {e}", dir.display())))?;
@@ -128,9 +130,7 @@ fn generate(cmd: GenerateCmd) -> Result<(), CliError> {
             let mut root = root;
             let mut buf = Vec::new();
             clap_complete::generate(shell, &mut root, "lifeboat", &mut buf);
-            use std::io::Write;
-            // A closed pipe (e.g. `| head`) is not an error worth a panic.
-            let _ = std::io::stdout().write_all(&buf);
+            output::emit_raw(String::from_utf8_lossy(&buf).trim_end_matches('\n'));
             Ok(())
         }
     }
@@ -141,13 +141,13 @@ enum AlarmsCmd {
     /// Clear a host's active alarms of one kind (operator role; audited).
     Clear {
         /// The host the alarm is on.
-        #[arg(long, value_name = "HOST")]
+        #[arg(long, value_name = "HOST", value_parser = args::host)]
         host: String,
         /// The alarm kind, e.g. guests-not-moved (see `lifeboat alarms`).
-        #[arg(long, value_name = "KIND")]
+        #[arg(long, value_name = "KIND", value_parser = args::id)]
         kind: String,
         /// Why it can be cleared (recorded in the audit log).
-        #[arg(long, value_name = "TEXT")]
+        #[arg(long, value_name = "TEXT", value_parser = args::reason)]
         reason: Option<String>,
     },
 }
@@ -157,17 +157,19 @@ enum JobsCmd {
     /// Jobs, newest first.
     List {
         /// Only jobs whose source is this host.
-        #[arg(long)]
+        #[arg(long, value_parser = args::host)]
         host: Option<String>,
     },
     /// One job with every guest's move.
     Show {
         /// Job id.
+        #[arg(value_parser = args::id)]
         id: String,
     },
     /// Follow a job until it ends.
     Watch {
         /// Job id.
+        #[arg(value_parser = args::id)]
         id: String,
     },
 }
@@ -179,16 +181,19 @@ enum HostsCmd {
     /// Show one host (by host id or hostname).
     Show {
         /// Host id or hostname.
+        #[arg(value_parser = args::host)]
         host: String,
     },
     /// Set a host's status: AVAILABLE, NOT_ACCEPTING, MAINTENANCE or OFFLINE.
     SetStatus {
         /// Host id or hostname.
+        #[arg(value_parser = args::host)]
         host: String,
         /// The new status.
+        #[arg(value_parser = args::status)]
         status: String,
         /// Why (recorded in the audit log).
-        #[arg(long)]
+        #[arg(long, value_parser = args::reason)]
         reason: Option<String>,
         /// With OFFLINE: you verified it is powered off (no BMC reads Off); needs --reason.
         #[arg(long, requires = "reason")]
@@ -201,15 +206,16 @@ enum VmsCmd {
     /// List guests.
     List {
         /// Only guests of this host.
-        #[arg(long)]
+        #[arg(long, value_parser = args::host)]
         host: Option<String>,
     },
     /// Show one guest (by name or UUID), with its disks, NICs and definition.
     Show {
         /// Guest name or UUID.
+        #[arg(value_parser = args::vm)]
         vm: String,
         /// Only on this host (when the same guest is defined on several).
-        #[arg(long)]
+        #[arg(long, value_parser = args::host)]
         host: Option<String>,
         /// Also print the full libvirt definition.
         #[arg(long)]
@@ -219,25 +225,27 @@ enum VmsCmd {
     /// (operator role). Refused, changing nothing, when it is defined anywhere.
     Restore {
         /// Guest name or UUID.
+        #[arg(value_parser = args::vm)]
         vm: String,
         /// Define it on this host instead of its owner (a placement change:
         /// its owner must be talking or OFFLINE, HOST reachable and AVAILABLE).
-        #[arg(long = "to")]
+        #[arg(long = "to", value_parser = args::host)]
         to: Option<String>,
         /// Then grant its lease and start it.
         #[arg(long)]
         start: bool,
         /// Why (recorded in the audit log).
-        #[arg(long)]
+        #[arg(long, value_parser = args::reason)]
         reason: String,
     },
     /// Drop a missing guest's record and kept definition on purpose
     /// (operator role; audited with the definition's size and SHA-256).
     Forget {
         /// Guest name or UUID.
+        #[arg(value_parser = args::vm)]
         vm: String,
         /// Why (recorded in the audit log).
-        #[arg(long)]
+        #[arg(long, value_parser = args::reason)]
         reason: String,
     },
     /// Start a stopped guest on its owner now (a waiting one, or any stopped
@@ -245,9 +253,10 @@ enum VmsCmd {
     /// never-twice checks as every start (operator role, audited).
     Start {
         /// Guest name or UUID.
+        #[arg(value_parser = args::vm)]
         vm: String,
         /// Why (recorded in the audit log).
-        #[arg(long, value_name = "TEXT", required = true)]
+        #[arg(long, value_name = "TEXT", required = true, value_parser = args::start_reason)]
         reason: String,
     },
 }
@@ -273,16 +282,16 @@ struct IssueArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// An agent certificate for this host id.
-    #[arg(long, value_name = "HOST_ID")]
+    #[arg(long, value_name = "HOST_ID", value_parser = args::host)]
     agent: Option<String>,
     /// The controller's certificate.
     #[arg(long)]
     controller: bool,
     /// Extra DNS names or IP addresses for the controller certificate.
-    #[arg(long, requires = "controller")]
+    #[arg(long, requires = "controller", value_parser = args::host)]
     san: Vec<String>,
     /// A client certificate for a person or tool.
-    #[arg(long, value_name = "NAME", requires = "role")]
+    #[arg(long, value_name = "NAME", requires = "role", value_parser = args::id)]
     client: Option<String>,
     /// The client's role: viewer, operator or admin.
     #[arg(long, requires = "client")]
@@ -293,7 +302,7 @@ fn certs(cmd: CertsCmd) -> Result<(), CliError> {
     match cmd {
         CertsCmd::Init { dir } => {
             let (c, k) = pki::init(&dir).map_err(|e| CliError::Usage(e.to_string()))?;
-            println!("CA created: {} (keep {} secret)", c.display(), k.display());
+            out!("CA created: {} (keep {} secret)", c.display(), k.display());
         }
         CertsCmd::Issue(a) => {
             let leaf = if let Some(h) = a.agent {
@@ -306,7 +315,7 @@ fn certs(cmd: CertsCmd) -> Result<(), CliError> {
             };
             let out = a.out.unwrap_or_else(|| a.ca_dir.clone());
             let (c, k) = pki::issue(&a.ca_dir, &out, &leaf).map_err(|e| CliError::Usage(e.to_string()))?;
-            println!("issued {} and {}", c.display(), k.display());
+            out!("issued {} and {}", c.display(), k.display());
         }
     }
     Ok(())
@@ -318,7 +327,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Certs(c) => certs(c),
         Cmd::Generate(g) => generate(g),
         Cmd::Hosts(HostsCmd::SetStatus { host, status, reason, attest_powered_off }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let h = c
                 .set_host_status(lifeboat_proto::v1::SetHostStatusRequest {
                     host,
@@ -332,50 +341,50 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Cmd::Cleanup { host, plan, yes, destroy_running, plan_id } => {
-            migrate::cleanup(&mut cli.conn.admin().await?, host, plan || (!yes && plan_id.is_none()), destroy_running, plan_id, fmt).await
+            migrate::cleanup(&mut connect(&cli.conn).await?, host, plan || (!yes && plan_id.is_none()), destroy_running, plan_id, fmt).await
         }
-        Cmd::Alarms { all, cmd: None } => migrate::alarms(&mut cli.conn.admin().await?, all, fmt).await,
+        Cmd::Alarms { all, cmd: None } => migrate::alarms(&mut connect(&cli.conn).await?, all, fmt).await,
         Cmd::Alarms { cmd: Some(AlarmsCmd::Clear { host, kind, reason }), .. } => {
-            migrate::alarms_clear(&mut cli.conn.admin().await?, host, kind, reason.unwrap_or_default(), fmt).await
+            migrate::alarms_clear(&mut connect(&cli.conn).await?, host, kind, reason.unwrap_or_default(), fmt).await
         }
-        Cmd::Migrate(a) => migrate::migrate(&mut cli.conn.admin().await?, a, fmt).await,
-        Cmd::Move(a) => migrate::migrate(&mut cli.conn.admin().await?, a.into(), fmt).await,
-        Cmd::Jobs(JobsCmd::List { host }) => migrate::jobs_list(&mut cli.conn.admin().await?, host, fmt).await,
-        Cmd::Jobs(JobsCmd::Show { id }) => migrate::jobs_show(&mut cli.conn.admin().await?, id, fmt).await,
-        Cmd::Jobs(JobsCmd::Watch { id }) => migrate::jobs_watch(&mut cli.conn.admin().await?, id, fmt).await,
-        Cmd::Log { host, vm, job, since } => migrate::log(&mut cli.conn.admin().await?, host, vm, job, since, fmt).await,
+        Cmd::Migrate(a) => migrate::migrate(&mut connect(&cli.conn).await?, a, fmt).await,
+        Cmd::Move(a) => migrate::migrate(&mut connect(&cli.conn).await?, a.into(), fmt).await,
+        Cmd::Jobs(JobsCmd::List { host }) => migrate::jobs_list(&mut connect(&cli.conn).await?, host, fmt).await,
+        Cmd::Jobs(JobsCmd::Show { id }) => migrate::jobs_show(&mut connect(&cli.conn).await?, id, fmt).await,
+        Cmd::Jobs(JobsCmd::Watch { id }) => migrate::jobs_watch(&mut connect(&cli.conn).await?, id, fmt).await,
+        Cmd::Log { host, vm, job, since } => migrate::log(&mut connect(&cli.conn).await?, host, vm, job, since, fmt).await,
         Cmd::Whoami => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let r = c.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await.map_err(CliError::from_status)?.into_inner();
             output::whoami(fmt, &r);
             Ok(())
         }
         Cmd::Hosts(HostsCmd::List) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let r = c.list_hosts(lifeboat_proto::v1::ListHostsRequest {}).await.map_err(CliError::from_status)?;
             output::hosts(fmt, &r.into_inner().hosts);
             Ok(())
         }
         Cmd::Hosts(HostsCmd::Show { host }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let h = c.get_host(lifeboat_proto::v1::GetHostRequest { host }).await.map_err(CliError::from_status)?;
             output::host(fmt, &h.into_inner());
             Ok(())
         }
         Cmd::Vms(VmsCmd::List { host }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let guests = list_guests(&mut c, lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), ..Default::default() }).await?;
             output::vms(fmt, &guests);
             Ok(())
         }
         Cmd::Vms(VmsCmd::Start { vm, reason }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let g = c.start_vm(lifeboat_proto::v1::StartVmRequest { vm, reason }).await.map_err(CliError::from_status)?;
             output::vm_detail(fmt, &[g.into_inner()], false);
             Ok(())
         }
         Cmd::Vms(VmsCmd::Show { vm, host, xml }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let guests = list_guests(
                 &mut c,
                 lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), vm: vm.clone(), with_definitions: xml, ..Default::default() },
@@ -386,25 +395,61 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .filter(|g| g.guest.as_ref().is_some_and(|x| x.name == vm || x.uuid == vm))
                 .collect();
             if found.is_empty() {
-                return Err(CliError::NotFound(format!("unknown guest '{vm}' (see `lifeboat vms list`)")));
+                return Err(CliError::NotFound(format!("unknown guest '{}' (see `lifeboat vms list`)", output::clean(&vm))));
             }
             output::vm_detail(fmt, &found, xml);
             Ok(())
         }
         Cmd::Vms(VmsCmd::Restore { vm, to, start, reason }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let req = lifeboat_proto::v1::RestoreGuestRequest { vm, to_host: to.unwrap_or_default(), start, reason };
             let r = c.restore_guest(req).await.map_err(CliError::from_status)?.into_inner();
             output::vm_detail(fmt, &[r], false);
             Ok(())
         }
         Cmd::Vms(VmsCmd::Forget { vm, reason }) => {
-            let mut c = cli.conn.admin().await?;
+            let mut c = connect(&cli.conn).await?;
             let r = c.forget_guest(lifeboat_proto::v1::ForgetGuestRequest { vm, reason }).await.map_err(CliError::from_status)?;
             output::forgotten(fmt, &r.into_inner());
             Ok(())
         }
     }
+}
+
+/// Connects and asks who we are before the command's own call: with TLS
+/// 1.3 the controller checks our certificate after our side of the
+/// handshake is done, and refuses it by closing the connection, often
+/// before its alert can be read. A connection closed with no answer to this
+/// first call is reported as that refusal (exit 4), not as an unreachable
+/// controller.
+async fn connect(conn: &Connection) -> Result<lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>, CliError> {
+    let mut c = conn.admin().await?;
+    match c.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await {
+        Ok(_) => Ok(c),
+        Err(s) => Err(first_call_refused(s)),
+    }
+}
+
+/// Maps the failure of the first call on a fresh connection.
+fn first_call_refused(s: tonic::Status) -> CliError {
+    let closed = matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) && {
+        let mut text = s.message().to_ascii_lowercase();
+        if let Some(src) = std::error::Error::source(&s) {
+            text.push_str(&lifeboat_common::error_chain(src).to_ascii_lowercase());
+        }
+        ["connection closed", "connection reset", "broken pipe", "unexpected eof", "close_notify"].iter().any(|w| text.contains(w))
+            && !text.contains("alert")
+    };
+    if closed {
+        return CliError::Refused(format!(
+            "certificate rejected: the controller closed the connection right after the TLS handshake without answering, \
+             which is how it refuses a client certificate (expired or not yet valid, issued by another CA, or not a client \
+             certificate; unless it was just stopping); check it with `openssl x509 -in CERT -noout -dates -issuer` and issue a new one with \
+             `lifeboat certs issue --client NAME --role ROLE` ({})",
+            s.message()
+        ));
+    }
+    CliError::from_status(s)
 }
 
 /// Every page of a `ListGuests` answer.
@@ -424,26 +469,101 @@ async fn list_guests(
     }
 }
 
-fn main() -> ExitCode {
-    // Like every Unix tool: end quietly when the reader of stdout goes away
-    // (`lifeboat vms list | head`) instead of panicking on EPIPE.
-    // SAFETY: called first, before any thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+/// Exit code of a bug: a panic caught by the hook (documented in docs/cli.md).
+const EXIT_INTERNAL: i32 = 70;
+
+/// The CLI's definition, with the checks of the connection flags (declared
+/// in client.rs) added: a usage error (exit 2) names the flag and its form.
+fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command()
+        .mut_arg("timeout", |a| {
+            a.value_parser(args::timeout).help(format!("Seconds to wait for the controller (1 to {})", args::MAX_TIMEOUT_S))
+        })
+        .mut_arg("controller_url", |a| a.value_parser(args::url))
+        .mut_arg("server_name", |a| a.value_parser(args::server_name))
+}
+
+/// Parses the command line; usage errors exit 2 (help and version 0).
+fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let parsed = command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
+    match parsed {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // clap quotes the bad value as typed: escape what a terminal
+            // would obey, and cut a huge value (the reason stays whole).
+            use clap::error::{ContextKind, ErrorKind};
+            let (arg, value) = (e.get(ContextKind::InvalidArg), e.get(ContextKind::InvalidValue));
+            match (e.kind(), arg, value, std::error::Error::source(&e)) {
+                (ErrorKind::ValueValidation, Some(arg), Some(value), Some(why)) => {
+                    let value = value.to_string();
+                    let shown = output::truncate(&output::clean(&value), 60).into_owned();
+                    let why = output::clean_lines(&why.to_string()).into_owned();
+                    output::warn(format_args!("error: invalid value '{shown}' for '{arg}': {why}\n\nFor more information, try '--help'."));
+                }
+                _ => {
+                    for line in e.to_string().trim_end().lines() {
+                        output::warn(format_args!("{}", output::truncate(&output::clean_lines(line), 400)));
+                    }
+                }
+            }
+            std::process::exit(e.exit_code());
+        }
     }
-    let cli = Cli::parse();
+}
+
+fn main() -> ExitCode {
+    // SIGPIPE stays ignored (Rust's default): the TLS connection writes with
+    // writev, and a controller that closes it during the handshake must
+    // give an error to report (exit 4), not a silent death by SIGPIPE (141).
+    // A closed stdout (`| head`) is handled where output is written
+    // (output::emit: exit 0, quietly).
+    std::panic::set_hook(Box::new(|info| {
+        let msg = output::clean_lines(&info.to_string()).into_owned();
+        output::warn(format_args!("lifeboat: internal error (a bug in lifeboat; please report it): {msg}"));
+        std::process::exit(EXIT_INTERNAL);
+    }));
+    let cli = parse();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("lifeboat: cannot start runtime: {e}");
+            err!("lifeboat: cannot start runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    output::flush();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lifeboat: {e}");
+            err!("lifeboat: {}", output::clean_lines(&e.to_string()));
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_closed_on_the_first_call_is_a_certificate_refusal() {
+        let closed = tonic::Status::cancelled("operation was canceled: transport error: connection closed");
+        let e = first_call_refused(closed);
+        assert_eq!(e.exit_code(), 4, "{e}");
+        assert!(e.to_string().contains("certificate rejected") && e.to_string().contains("openssl x509"), "{e}");
+        let reset = tonic::Status::unavailable("transport error: connection reset by peer");
+        assert_eq!(first_call_refused(reset).exit_code(), 4);
+        // A TLS alert is named as such by the usual mapping.
+        let alert = tonic::Status::unavailable("transport error: received fatal alert: CertificateExpired");
+        let e = first_call_refused(alert);
+        assert_eq!(e.exit_code(), 4);
+        assert!(e.to_string().contains("CertificateExpired"), "{e}");
+        // Anything else keeps its own code: a role refusal, a timeout.
+        assert_eq!(first_call_refused(tonic::Status::permission_denied("needs the viewer role")).exit_code(), 4);
+        assert_eq!(first_call_refused(tonic::Status::unavailable("transport error: timed out")).exit_code(), 3);
+        assert_eq!(first_call_refused(tonic::Status::internal("boom")).exit_code(), 1);
     }
 }

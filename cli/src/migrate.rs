@@ -11,6 +11,7 @@ use tonic::transport::Channel;
 
 use crate::Format;
 use crate::client::CliError;
+use crate::output::{clean, err, out, pad};
 
 /// How a plan is reviewed and carried out (shared by `migrate` and `move`).
 #[derive(Args, Debug)]
@@ -25,7 +26,7 @@ pub struct ExecArgs {
     #[arg(long, conflicts_with = "plan_id")]
     yes: bool,
     /// Carry out the plan with this id, refusing if anything changed since.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = crate::args::id)]
     plan_id: Option<String>,
     /// Return after starting the job instead of following it.
     #[arg(long)]
@@ -39,13 +40,13 @@ pub struct MigrateArgs {
     #[arg(long)]
     force: bool,
     /// The failed host.
-    #[arg(long, value_name = "HOST")]
+    #[arg(long, value_name = "HOST", value_parser = crate::args::host)]
     from: String,
     /// Only to this host (may be NOT_ACCEPTING, to test it).
-    #[arg(long, value_name = "HOST")]
+    #[arg(long, value_name = "HOST", value_parser = crate::args::host)]
     to: Option<String>,
     /// Only these guests (name or UUID; repeat).
-    #[arg(long = "vm", value_name = "NAME")]
+    #[arg(long = "vm", value_name = "NAME", value_parser = crate::args::vm)]
     vms: Vec<String>,
     /// Power the failed host off through its BMC first, and wait until it reads Off.
     #[arg(long)]
@@ -54,7 +55,7 @@ pub struct MigrateArgs {
     #[arg(long, requires = "reason")]
     attest_powered_off: bool,
     /// Why you are sure (required with --attest-powered-off).
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, value_name = "TEXT", value_parser = crate::args::reason)]
     reason: Option<String>,
     /// Guests moved at once (default 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -69,13 +70,13 @@ pub struct MigrateArgs {
 #[derive(Args, Debug)]
 pub struct MoveArgs {
     /// The guest to move (name or UUID; repeat for several).
-    #[arg(long = "vm", value_name = "NAME", required = true)]
+    #[arg(long = "vm", value_name = "NAME", required = true, value_parser = crate::args::vm)]
     vms: Vec<String>,
     /// The host it is on now (connected).
-    #[arg(long, value_name = "HOST")]
+    #[arg(long, value_name = "HOST", value_parser = crate::args::host)]
     from: String,
     /// The host to move it to (AVAILABLE, or NOT_ACCEPTING to test it).
-    #[arg(long, value_name = "HOST")]
+    #[arg(long, value_name = "HOST", value_parser = crate::args::host)]
     to: String,
     #[command(flatten)]
     exec: ExecArgs,
@@ -116,16 +117,16 @@ fn request(a: &MigrateArgs) -> MigrateRequest {
 }
 
 fn json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+    crate::output::print_json(v);
 }
 
 /// The refusal message: every failed check with what to do.
 fn refusal(p: &MigrationPlan) -> CliError {
-    let mut lines = vec![format!("the plan cannot be carried out; nothing was changed ({})", p.summary)];
+    let mut lines = vec![format!("the plan cannot be carried out; nothing was changed ({})", clean(&p.summary))];
     for c in p.preconditions.iter().filter(|c| !c.ok) {
-        lines.push(format!("  - {}: {}", c.name, c.detail));
+        lines.push(format!("  - {}: {}", clean(&c.name), clean(&c.detail)));
         if !c.remedy.is_empty() {
-            lines.push(format!("    what to do: {}", c.remedy));
+            lines.push(format!("    what to do: {}", clean(&c.remedy)));
         }
     }
     CliError::Refused6(lines.join("\n"))
@@ -136,73 +137,73 @@ fn print_plan(fmt: Format, p: &MigrationPlan) {
         return json(p);
     }
     let kind = if p.power_evidence == "stopped-by-agent" { "Move" } else { "Forced migration" };
-    println!("{kind} plan {} for host {}", p.plan_id, p.source);
-    println!("\nPreconditions:");
+    out!("{kind} plan {} for host {}", clean(&p.plan_id), clean(&p.source));
+    out!("\nPreconditions:");
     for c in &p.preconditions {
-        println!("  [{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+        out!("  [{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, clean(&c.name), clean(&c.detail));
         if !c.ok && !c.remedy.is_empty() {
-            println!("         what to do: {}", c.remedy);
+            out!("         what to do: {}", clean(&c.remedy));
         }
     }
-    println!("\nGuests:");
+    out!("\nGuests:");
     for g in &p.guests {
         let what = if g.movable {
-            format!("-> {}{} ({})", g.target, if g.start { ", start" } else { ", leave stopped" }, g.reason)
+            format!("-> {}{} ({})", clean(&g.target), if g.start { ", start" } else { ", leave stopped" }, clean(&g.reason))
         } else {
             format!("CANNOT MOVE: {}", g.reason)
         };
-        println!("  {} ({}) {}", g.name, g.uuid, what);
-        println!(
+        out!("  {} ({}) {}", clean(&g.name), clean(&g.uuid), what);
+        out!(
             "      last known: {}, autostart {}, managed save {}, {} MiB, priority {}",
-            g.last_state,
+            clean(&g.last_state),
             if g.last_autostart { "on" } else { "off" },
             if g.managed_save { "yes" } else { "no" },
             g.memory_kib / 1024,
             g.priority
         );
-        println!("      disks: {}", if g.disks.is_empty() { "-".into() } else { g.disks.join(", ") });
-        println!("      protection: {}", g.lock_protection);
+        out!("      disks: {}", if g.disks.is_empty() { "-".into() } else { clean(&g.disks.join(", ")).into_owned() });
+        out!("      protection: {}", clean(&g.lock_protection));
         if !g.reserved_note.is_empty() {
-            println!("      reserved by moves under way: {}", g.reserved_note);
+            out!("      reserved by moves under way: {}", clean(&g.reserved_note));
         }
         for c in &g.checks {
-            println!("      [{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+            out!("      [{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, clean(&c.name), clean(&c.detail));
         }
         if !g.cleanup.is_empty() {
-            println!("      later: {}", g.cleanup);
+            out!("      later: {}", clean(&g.cleanup));
         }
     }
-    println!("\n{}", p.summary);
+    out!("\n{}", clean(&p.summary));
 }
 
 fn print_job(fmt: Format, j: &JobRecord) {
     if fmt == Format::Json {
         return json(j);
     }
-    println!("Job {} ({}) from {}: {}", j.id, j.kind, j.source, j.state);
-    println!("  operator {}, plan {}, power evidence {}, parallel {}", j.operator, j.plan_id, j.power_evidence, j.parallel);
+    out!("Job {} ({}) from {}: {}", clean(&j.id), clean(&j.kind), clean(&j.source), clean(&j.state));
+    out!("  operator {}, plan {}, power evidence {}, parallel {}", clean(&j.operator), clean(&j.plan_id), clean(&j.power_evidence), j.parallel);
     if !j.paused.is_empty() {
-        println!("  PAUSED: {}", j.paused);
+        out!("  PAUSED: {}", clean(&j.paused));
     }
     for m in &j.moves {
         let target = if m.target.is_empty() { "(none)" } else { m.target.as_str() };
-        println!(
-            "  {:<20} -> {:<12} {:<16} gen {}{}",
-            m.name,
-            target,
-            m.state,
+        out!(
+            "  {} -> {} {} gen {}{}",
+            pad(&crate::output::truncate(&clean(&m.name), crate::output::CELL_MAX), 20),
+            pad(&clean(target), 12),
+            pad(&clean(&m.state), 16),
             m.generation,
-            if m.error.is_empty() { String::new() } else { format!("  {}", m.error) }
+            if m.error.is_empty() { String::new() } else { format!("  {}", clean(&m.error)) }
         );
     }
     let left = left_behind(j);
     let moved = j.moves.iter().filter(|m| matches!(m.state.as_str(), "RUNNING" | "DEFINED_STOPPED")).count();
     if !left.is_empty() {
-        let names: Vec<String> = left.iter().map(|m| format!("{} ({})", m.name, m.state)).collect();
-        println!("  {moved} of {} guest(s) moved; left behind on {}: {}", j.moves.len(), j.source, names.join(", "));
+        let names: Vec<String> = left.iter().map(|m| format!("{} ({})", clean(&m.name), clean(&m.state))).collect();
+        out!("  {moved} of {} guest(s) moved; left behind on {}: {}", j.moves.len(), clean(&j.source), names.join(", "));
     }
     if !j.error.is_empty() {
-        println!("  error: {}", j.error);
+        out!("  error: {}", clean(&j.error));
     }
 }
 
@@ -227,24 +228,24 @@ pub async fn watch(c: &mut AdminClient<Channel>, id: &str, fmt: Format) -> Resul
     while let Some(j) = stream.message().await.map_err(CliError::from_status)? {
         if fmt == Format::Table {
             if j.state != last_state {
-                println!("job {}: {}", j.id, j.state);
+                out!("job {}: {}", clean(&j.id), clean(&j.state));
                 last_state = j.state.clone();
             }
             if j.paused != last_paused {
                 match j.paused.as_str() {
-                    "" => println!("job {}: resumed (the database can be written again)", j.id),
-                    p => println!("job {}: PAUSED: {p}", j.id),
+                    "" => out!("job {}: resumed (the database can be written again)", clean(&j.id)),
+                    p => out!("job {}: PAUSED: {}", clean(&j.id), clean(p)),
                 }
                 last_paused = j.paused.clone();
             }
             for m in &j.moves {
                 if seen.get(&m.uuid) != Some(&m.state) {
                     seen.insert(m.uuid.clone(), m.state.clone());
-                    let err = if m.error.is_empty() { String::new() } else { format!(": {}", m.error) };
+                    let err = if m.error.is_empty() { String::new() } else { format!(": {}", clean(&m.error)) };
                     if m.state == "NOT_MOVED" {
-                        println!("  {}: NOT_MOVED (stays on {}){}", m.name, j.source, err);
+                        out!("  {}: NOT_MOVED (stays on {}){}", clean(&m.name), clean(&j.source), err);
                     } else {
-                        println!("  {} -> {}: {}{}", m.name, m.target, m.state, err);
+                        out!("  {} -> {}: {}{}", clean(&m.name), clean(&m.target), clean(&m.state), err);
                     }
                 }
             }
@@ -252,7 +253,7 @@ pub async fn watch(c: &mut AdminClient<Channel>, id: &str, fmt: Format) -> Resul
                 let done = j.moves.iter().filter(|m| matches!(m.state.as_str(), "RUNNING" | "DEFINED_STOPPED")).count();
                 let failed = j.moves.iter().filter(|m| m.state == "FAILED").count();
                 let not_moved = j.moves.iter().filter(|m| m.state == "NOT_MOVED").count();
-                eprintln!("  progress: {done}/{} done, {failed} failed, {not_moved} not moved", j.moves.len() - not_moved);
+                err!("  progress: {done}/{} done, {failed} failed, {not_moved} not moved", j.moves.len().saturating_sub(not_moved));
             }
         }
         let end = terminal(&j.state);
@@ -270,9 +271,9 @@ pub async fn watch(c: &mut AdminClient<Channel>, id: &str, fmt: Format) -> Resul
 fn job_exit(j: &JobRecord) -> Result<(), CliError> {
     match j.state.as_str() {
         "SUCCEEDED" => Ok(()),
-        "PARTIAL" => Err(CliError::Other(format!("job {} finished PARTIAL: {}", j.id, j.error))),
-        "FAILED" => Err(CliError::Other(format!("job {} FAILED: {}", j.id, j.error))),
-        other => Err(CliError::Other(format!("job {} is {other}", j.id))),
+        "PARTIAL" => Err(CliError::Other(format!("job {} finished PARTIAL: {}", clean(&j.id), clean(&j.error)))),
+        "FAILED" => Err(CliError::Other(format!("job {} FAILED: {}", clean(&j.id), clean(&j.error)))),
+        other => Err(CliError::Other(format!("job {} is {other}", clean(&j.id)))),
     }
 }
 
@@ -292,13 +293,13 @@ pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) 
         if !a.exec.yes {
             print_plan(fmt, &p);
             if fmt == Format::Table && p.executable {
-                println!("\nNothing has been changed. To carry out this plan: add --plan-id {} (or --yes)", p.plan_id);
+                out!("\nNothing has been changed. To carry out this plan: add --plan-id {} (or --yes)", clean(&p.plan_id));
             }
             return if p.executable { Ok(()) } else { Err(refusal(&p)) };
         }
         if fmt == Format::Table {
             print_plan(fmt, &p);
-            println!();
+            out!();
         }
         if !p.executable {
             return Err(refusal(&p));
@@ -309,9 +310,9 @@ pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) 
     if fmt == Format::Table {
         let left = job.moves.iter().filter(|m| m.state == "NOT_MOVED").count();
         if left == 0 {
-            println!("started job {} ({} guests)", job.id, job.moves.len());
+            out!("started job {} ({} guests)", clean(&job.id), job.moves.len());
         } else {
-            println!("started job {} ({} guests to move, {left} left behind)", job.id, job.moves.len() - left);
+            out!("started job {} ({} guests to move, {left} left behind)", clean(&job.id), job.moves.len().saturating_sub(left));
         }
     }
     if a.exec.no_wait {
@@ -336,18 +337,22 @@ pub async fn jobs_list(c: &mut AdminClient<Channel>, host: Option<String>, fmt: 
     if fmt == Format::Json {
         return Ok(json(&jobs));
     }
-    println!("{:<18} {:<8} {:<10} {:<10} {:<8} {:<10} CREATED", "JOB", "KIND", "SOURCE", "STATE", "GUESTS", "OPERATOR");
-    for j in jobs {
-        println!(
-            "{:<18} {:<8} {:<10} {:<10} {:<8} {:<10} {}",
-            j.id,
-            j.kind,
-            j.source,
-            if j.paused.is_empty() { j.state.clone() } else { format!("{}(PAUSED)", j.state) },
-            j.moves.len(),
-            j.operator,
-            fmt_time(j.created_unix_ms)
-        );
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                j.kind.clone(),
+                j.source.clone(),
+                if j.paused.is_empty() { j.state.clone() } else { format!("{}(PAUSED)", clean(&j.state)) },
+                j.moves.len().to_string(),
+                j.operator.clone(),
+                fmt_time(j.created_unix_ms),
+            ]
+        })
+        .collect();
+    for l in crate::output::render_table(&["JOB", "KIND", "SOURCE", "STATE", "GUESTS", "OPERATOR", "CREATED"], &rows) {
+        out!("{l}");
     }
     Ok(())
 }
@@ -375,23 +380,51 @@ pub fn fmt_time(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-/// Parses `--since`: RFC 3339, or a duration ago like `30s`, `15m`, `2h`, `1d`.
-pub fn parse_since(s: &str) -> Result<i64, CliError> {
+/// The longest `--since` duration: ten years.
+pub const SINCE_MAX_SECS: i64 = 3650 * 86_400;
+
+const SINCE_FORMS: &str = "use RFC 3339 (2026-11-25T17:00:00Z) or a positive duration ago: \
+     digits then s, m, h or d (30s, 15m, 2h, 1d), at most 3650d";
+
+/// Parses `--since`: RFC 3339 (not before 1970, not in the future), or a
+/// positive duration ago like `30s`, `15m`, `2h`, `1d` of at most ten years.
+/// Returns Unix milliseconds; every bad form is a message naming the
+/// accepted ones (a usage error, exit 2).
+pub fn parse_since(s: &str) -> Result<i64, String> {
+    let now = lifeboat_common::now_unix_ms();
+    let shown = crate::output::truncate(&crate::output::clean(s), 40).into_owned();
+    if s.len() > 64 {
+        return Err(format!("'{shown}' is too long: {SINCE_FORMS}"));
+    }
     if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
-        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+        let ms = i64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| format!("'{shown}' is out of range: {SINCE_FORMS}"))?;
+        if ms < 0 {
+            return Err(format!("'{shown}' is before 1970: {SINCE_FORMS}"));
+        }
+        if ms > now.saturating_add(86_400_000) {
+            return Err(format!("'{shown}' is in the future, nothing would match: {SINCE_FORMS}"));
+        }
+        return Ok(ms);
     }
     let (num, unit) = s.split_at(s.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len());
-    let n: i64 = num
-        .parse()
-        .map_err(|_| CliError::Usage(format!("--since '{s}': use RFC 3339 (2026-11-25T17:00:00Z) or a duration like 30s, 15m, 2h, 1d")))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(CliError::Usage(format!("--since '{s}': unknown unit '{unit}' (s, m, h, d)"))),
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("'{shown}' is not a time: {SINCE_FORMS}"));
+    }
+    let unit_secs: i64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("'{shown}': unknown unit '{}': {SINCE_FORMS}", crate::output::clean(unit))),
     };
-    Ok(lifeboat_common::now_unix_ms() - secs * 1000)
+    let too_far = || format!("'{shown}' is more than ten years: {SINCE_FORMS}");
+    let n: i64 = num.parse().map_err(|_| too_far())?;
+    if n == 0 {
+        return Err(format!("'{shown}' is zero: {SINCE_FORMS}"));
+    }
+    let secs = n.checked_mul(unit_secs).filter(|v| *v <= SINCE_MAX_SECS).ok_or_else(too_far)?;
+    // secs <= ten years, so neither product nor difference can overflow.
+    Ok(now.saturating_sub(secs.saturating_mul(1000)))
 }
 
 /// `lifeboat log`.
@@ -400,13 +433,10 @@ pub async fn log(
     host: Option<String>,
     vm: Option<String>,
     job: Option<String>,
-    since: Option<String>,
+    since: Option<i64>,
     fmt: Format,
 ) -> Result<(), CliError> {
-    let since_unix_ms = match since {
-        Some(s) => parse_since(&s)?,
-        None => 0,
-    };
+    let since_unix_ms = since.unwrap_or(0);
     let r = c
         .list_audit(ListAuditRequest {
             host: host.unwrap_or_default(),
@@ -424,15 +454,22 @@ pub async fn log(
     for e in r.entries {
         let mut ctx = Vec::new();
         if !e.host.is_empty() {
-            ctx.push(format!("host={}", e.host));
+            ctx.push(format!("host={}", clean(&e.host)));
         }
         if !e.vm.is_empty() {
-            ctx.push(format!("vm={}", e.vm));
+            ctx.push(format!("vm={}", clean(&e.vm)));
         }
         if !e.job.is_empty() {
-            ctx.push(format!("job={}", e.job));
+            ctx.push(format!("job={}", clean(&e.job)));
         }
-        println!("{} {:<10} {:<20} {} {}", fmt_time(e.at_unix_ms), e.actor, e.action, ctx.join(" "), e.detail);
+        out!(
+            "{} {} {} {} {}",
+            fmt_time(e.at_unix_ms),
+            pad(&clean(&e.actor), 10),
+            pad(&clean(&e.action), 20),
+            ctx.join(" "),
+            clean(&e.detail)
+        );
     }
     Ok(())
 }
@@ -441,17 +478,17 @@ fn print_cleanup(fmt: Format, p: &CleanupPlan) {
     if fmt == Format::Json {
         return json(p);
     }
-    println!("Cleanup {} of host {}", p.plan_id, p.host);
+    out!("Cleanup {} of host {}", clean(&p.plan_id), clean(&p.host));
     for c in &p.preconditions {
-        println!("  [{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+        out!("  [{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, clean(&c.name), clean(&c.detail));
         if !c.ok && !c.remedy.is_empty() {
-            println!("         what to do: {}", c.remedy);
+            out!("         what to do: {}", clean(&c.remedy));
         }
     }
     for i in &p.items {
-        println!("  {} ({}) moved to {} by {}: {} — {}", i.name, i.uuid, i.moved_to, i.job, i.action, i.detail);
+        out!("  {} ({}) moved to {} by {}: {} — {}", clean(&i.name), clean(&i.uuid), clean(&i.moved_to), clean(&i.job), clean(&i.action), clean(&i.detail));
     }
-    println!("{}", p.summary);
+    out!("{}", clean(&p.summary));
 }
 
 /// `lifeboat cleanup`.
@@ -468,7 +505,7 @@ pub async fn cleanup(
         let p = c.plan_cleanup(req).await.map_err(CliError::from_status)?.into_inner();
         print_cleanup(fmt, &p);
         if fmt == Format::Table && p.executable {
-            println!("Nothing has been changed. To carry it out: add --yes (or --plan-id {})", p.plan_id);
+            out!("Nothing has been changed. To carry it out: add --yes (or --plan-id {})", clean(&p.plan_id));
         }
         return if p.executable || p.preconditions.iter().all(|c| c.ok) {
             Ok(())
@@ -491,11 +528,11 @@ pub async fn alarms(c: &mut AdminClient<Channel>, all: bool, fmt: Format) -> Res
         return Ok(json(&r.alarms));
     }
     if r.alarms.is_empty() {
-        println!("no active alarms");
+        out!("no active alarms");
     }
     for a in r.alarms {
         let cleared = if a.cleared_unix_ms > 0 { format!(" (cleared {})", fmt_time(a.cleared_unix_ms)) } else { String::new() };
-        println!("{} ALARM {} on {}: {}{}", fmt_time(a.at_unix_ms), a.kind, a.host, a.detail, cleared);
+        out!("{} ALARM {} on {}: {}{}", fmt_time(a.at_unix_ms), clean(&a.kind), clean(&a.host), clean(&a.detail), cleared);
     }
     Ok(())
 }
@@ -511,9 +548,9 @@ pub async fn alarms_clear(c: &mut AdminClient<Channel>, host: String, kind: Stri
         return Ok(json(&r.cleared));
     }
     for a in &r.cleared {
-        println!("cleared: {} ALARM {} on {}: {}", fmt_time(a.at_unix_ms), a.kind, a.host, a.detail);
+        out!("cleared: {} ALARM {} on {}: {}", fmt_time(a.at_unix_ms), clean(&a.kind), clean(&a.host), clean(&a.detail));
     }
-    println!("{} alarm(s) cleared", r.cleared.len());
+    out!("{} alarm(s) cleared", r.cleared.len());
     Ok(())
 }
 
@@ -555,5 +592,11 @@ mod tests {
         assert_eq!(parse_since("1970-01-01T00:00:01Z").unwrap(), 1000);
         assert!(parse_since("yesterday").is_err());
         assert!(parse_since("5w").is_err());
+        for bad in ["-5d", "+5d", "0d", "999999999999999d", "99999999999999999999999s", "3651d", "", "d", "5", "1969-12-31T23:59:59Z", "2999-01-01T00:00:00Z", "5d\u{1b}"] {
+            let e = parse_since(bad).expect_err(bad);
+            assert!(e.contains("RFC 3339") && !e.contains('\u{1b}'), "{bad}: {e}");
+        }
+        assert!(parse_since("3650d").is_ok());
+        assert!((now - parse_since("87600h").unwrap() - SINCE_MAX_SECS * 1000).abs() < 5_000);
     }
 }

@@ -1,6 +1,8 @@
 //! Tables for people, JSON with stable field names for scripts
 //! (documented in docs/cli.md).
 
+use std::borrow::Cow;
+
 use lifeboat_proto::v1::{Guest, GuestRecord, GuestState, HostRecord, WhoAmIResponse};
 use serde::Serialize;
 
@@ -176,24 +178,17 @@ fn vm_json(r: &GuestRecord, with_xml: bool) -> VmJson {
     }
 }
 
-fn print_json<T: Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+/// Prints `v` as pretty JSON (serde escapes every control character).
+pub fn print_json<T: Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(text) => emit_raw(&text),
+        Err(e) => err!("lifeboat: cannot encode the answer as JSON: {e}"),
+    }
 }
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
-    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
-        println!("{}", s.join("  ").trim_end());
-    };
-    line(header.iter().map(|s| s.to_string()).collect());
-    for r in rows {
-        line(r);
+    for l in render_table(header, &rows) {
+        out!("{l}");
     }
 }
 
@@ -201,7 +196,7 @@ fn ago(ms: i64) -> String {
     if ms <= 0 {
         return "never".into();
     }
-    let d = (lifeboat_common::now_unix_ms() - ms).max(0) / 1000;
+    let d = lifeboat_common::now_unix_ms().saturating_sub(ms).max(0) / 1000;
     match d {
         0..=119 => format!("{d}s ago"),
         120..=7199 => format!("{}m ago", d / 60),
@@ -262,7 +257,7 @@ pub fn host(fmt: crate::Format, h: &HostRecord) {
         ("libvirt error", if j.libvirt_error.is_empty() { "-".into() } else { j.libvirt_error }),
     ];
     for (k, v) in kv {
-        println!("{k:<24}{v}");
+        out!("{}{}", pad(k, 24), clean(&v));
     }
 }
 
@@ -323,43 +318,49 @@ pub fn vm_detail(fmt: crate::Format, gs: &[GuestRecord], xml: bool) {
     }
     for r in gs {
         let j = vm_json(r, true);
-        println!("Name           {}", j.name);
-        println!("UUID           {}", j.uuid);
-        println!("Host           {} ({})", j.host_id, j.host_liveness);
-        println!("State          {}", state_cell(&j));
+        let c = |v: &str| clean(v).into_owned();
+        out!("Name           {}", c(&j.name));
+        out!("UUID           {}", c(&j.uuid));
+        out!("Host           {} ({})", c(&j.host_id), c(&j.host_liveness));
+        out!("State          {}", c(&state_cell(&j)));
         if j.missing {
-            println!(
+            out!(
                 "Missing        since {}: gone from {} outside Lifeboat; its last definition is kept.\n               \
                  `lifeboat vms restore {} --reason ...` defines it again (--to HOST, --start); `lifeboat vms forget` drops it",
                 crate::migrate::fmt_time(j.missing_since_unix_ms),
-                j.host_id,
-                j.uuid
+                c(&j.host_id),
+                c(&j.uuid)
             );
         }
-        println!("Persistent     {}", j.persistent);
-        println!("Autostart      {}", j.autostart);
-        println!("Managed save   {}", j.managed_save);
-        println!("vCPUs/memory   {} / {} MiB", j.vcpus, j.memory_mib);
+        out!("Persistent     {}", j.persistent);
+        out!("Autostart      {}", j.autostart);
+        out!("Managed save   {}", j.managed_save);
+        out!("vCPUs/memory   {} / {} MiB", j.vcpus, j.memory_mib);
         for d in &j.disks {
-            println!("Disk {:<10}{} {} ({}){}", d.target, d.source_type, d.source, d.device, if d.shareable { " shareable" } else { "" });
+            let shareable = if d.shareable { " shareable" } else { "" };
+            out!("Disk {}{} {} ({}){shareable}", pad(&c(&d.target), 10), c(&d.source_type), c(&d.source), c(&d.device));
         }
         for n in &j.nics {
-            println!("NIC {:<11}{} {} {}", n.mac, n.kind, n.source, n.model);
+            out!("NIC {}{} {} {}", pad(&c(&n.mac), 11), c(&n.kind), c(&n.source), c(&n.model));
         }
         if !j.error.is_empty() {
-            println!("Error          {}", j.error);
+            out!("Error          {}", c(&j.error));
         }
         if !j.desired_state.is_empty() {
-            println!("Desired        {} (owner {})", j.desired_state, j.owner_host);
+            out!("Desired        {} (owner {})", c(&j.desired_state), c(&j.owner_host));
         }
         if !j.waiting_reason.is_empty() {
-            println!("WAITING        since {}: {}", ago(j.waiting_since_unix_ms), j.waiting_reason);
-            println!("               starts on {} once it is healthy and cleaned up, or now: lifeboat vms start {} --reason TEXT", j.host_id, j.name);
+            out!("WAITING        since {}: {}", ago(j.waiting_since_unix_ms), c(&j.waiting_reason));
+            out!(
+                "               starts on {} once it is healthy and cleaned up, or now: lifeboat vms start {} --reason TEXT",
+                c(&j.host_id),
+                c(&j.name)
+            );
         }
         if xml {
-            println!("{}", j.definition_xml.unwrap_or_default());
+            out!("{}", clean_lines(j.definition_xml.as_deref().unwrap_or_default()));
         }
-        println!();
+        out!();
     }
 }
 
@@ -371,9 +372,13 @@ pub fn forgotten(fmt: crate::Format, r: &lifeboat_proto::v1::ForgetGuestResponse
             "definition_bytes": r.definition_bytes, "definition_sha256": r.definition_sha256,
         }));
     }
-    println!(
+    out!(
         "forgot {} ({}), missing on {}: its definition ({} bytes, sha256 {}) is dropped",
-        r.name, r.uuid, r.host, r.definition_bytes, r.definition_sha256
+        clean(&r.name),
+        clean(&r.uuid),
+        clean(&r.host),
+        r.definition_bytes,
+        clean(&r.definition_sha256)
     );
 }
 
@@ -382,5 +387,294 @@ pub fn whoami(fmt: crate::Format, r: &WhoAmIResponse) {
     if fmt == Format::Json {
         return print_json(&serde_json::json!({"name": r.name, "role": r.role}));
     }
-    println!("{} ({})", r.name, r.role);
+    out!("{} ({})", clean(&r.name), clean(&r.role));
+}
+
+// ---------------------------------------------------------------------------
+// Output hygiene: every text that came from outside (agents, the controller's
+// answers) passes through `clean` before it reaches a terminal, and every
+// line reaches stdout through `emit` (a closed pipe ends the CLI quietly).
+// ---------------------------------------------------------------------------
+
+/// Widest a table cell is drawn, in terminal columns (the full value is in
+/// `show` and in JSON).
+pub const CELL_MAX: usize = 48;
+/// Widest the last cell of a table row is drawn (it is not padded).
+pub const LAST_CELL_MAX: usize = 160;
+
+/// Characters that are invisible or reorder text: bidi embeddings,
+/// overrides and isolates, marks, zero-width characters and line separators.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
+    )
+}
+
+fn escape_into(out: &mut String, c: char) {
+    use std::fmt::Write;
+    let code = u32::from(c);
+    // Writing into a String cannot fail.
+    let _ = if code < 0x80 { write!(out, "\\x{code:02x}") } else { write!(out, "\\u{{{code:04x}}}") };
+}
+
+fn sanitize(s: &str, keep_lines: bool) -> Cow<'_, str> {
+    let bad = |c: char| (c.is_control() && !(keep_lines && matches!(c, '\n' | '\t'))) || invisible(c);
+    if !s.chars().any(bad) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len().saturating_add(16));
+    for c in s.chars() {
+        if bad(c) { escape_into(&mut out, c) } else { out.push(c) }
+    }
+    Cow::Owned(out)
+}
+
+/// `s` safe for a terminal on one line: control characters (C0, DEL, C1,
+/// newlines and tabs too) and invisible or reordering characters (bidi
+/// overrides, zero-width) are shown escaped: `\x1b`, `\x00`, `\u{009b}`,
+/// `\u{202e}`. Everything else is unchanged.
+pub fn clean(s: &str) -> Cow<'_, str> {
+    sanitize(s, false)
+}
+
+/// Like [`clean`], but keeps newlines and tabs: for multi-line texts (a
+/// libvirt definition, a refusal listing every failed check).
+pub fn clean_lines(s: &str) -> Cow<'_, str> {
+    sanitize(s, true)
+}
+
+/// Display width in terminal columns (CJK characters take two).
+pub fn width(s: &str) -> usize {
+    unicode_width::UnicodeWidthStr::width(s)
+}
+
+/// `s` cut to at most `max` columns, ending with `…` when cut.
+pub fn truncate(s: &str, max: usize) -> Cow<'_, str> {
+    if width(s) <= max {
+        return Cow::Borrowed(s);
+    }
+    if max == 0 {
+        return Cow::Owned(String::new());
+    }
+    // Widths are measured on whole prefixes, not summed per character: a
+    // variation selector or a joiner changes the width of what precedes it.
+    // At most 4 characters per column are tried, so this stays cheap on a
+    // string of 100,000 zero-width marks.
+    let room = max.saturating_sub(1);
+    let mut end = 0usize;
+    for (i, c) in s.char_indices().take(max.saturating_mul(4).saturating_add(8)) {
+        let next = i.saturating_add(c.len_utf8());
+        if width(&s[..next]) > room {
+            break;
+        }
+        end = next;
+    }
+    let mut out = format!("{}…", &s[..end]);
+    while width(&out) > max {
+        // Drop one more character before the ellipsis.
+        out.pop();
+        if out.pop().is_none() {
+            break;
+        }
+        out.push('…');
+    }
+    Cow::Owned(out)
+}
+
+/// `s` followed by spaces up to `cols` columns (no `{:width$}`: a width
+/// from data must never reach the formatter).
+pub fn pad(s: &str, cols: usize) -> String {
+    let fill = cols.saturating_sub(width(s));
+    let mut out = String::with_capacity(s.len().saturating_add(fill));
+    out.push_str(s);
+    out.extend(std::iter::repeat_n(' ', fill));
+    out
+}
+
+/// Renders a table: cells cleaned, cut to [`CELL_MAX`] columns
+/// ([`LAST_CELL_MAX`] for the last), padded by display width. Rows with
+/// fewer cells than the header are drawn with empty cells.
+pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> Vec<String> {
+    let n = header.len();
+    let cell = |r: &[String], i: usize| -> String {
+        let max = if i.saturating_add(1) == n { LAST_CELL_MAX } else { CELL_MAX };
+        r.get(i).map(|c| truncate(&clean(c), max).into_owned()).unwrap_or_default()
+    };
+    let cells: Vec<Vec<String>> = rows.iter().map(|r| (0..n).map(|i| cell(r, i)).collect()).collect();
+    let mut w: Vec<usize> = header.iter().map(|h| width(h)).collect();
+    for r in &cells {
+        for (wi, c) in w.iter_mut().zip(r) {
+            *wi = (*wi).max(width(c));
+        }
+    }
+    let line = |r: Vec<String>| -> String {
+        let s: Vec<String> = r.iter().zip(&w).map(|(c, wi)| pad(c, *wi)).collect();
+        s.join("  ").trim_end().to_string()
+    };
+    let mut out = vec![line(header.iter().map(|h| h.to_string()).collect())];
+    out.extend(cells.into_iter().map(line));
+    out
+}
+
+/// Writes one line of text output to stdout, passed through
+/// [`clean_lines`] as a last net (fields are cleaned one by one before, so a
+/// newline inside a value cannot forge a line). A reader that went away
+/// (`| head`) ends the CLI quietly with exit 0; any other write error ends
+/// it with exit 1 and a message. Never a panic, never SIGPIPE.
+pub fn emit(args: std::fmt::Arguments<'_>) {
+    let line = std::fmt::format(args);
+    emit_raw(&clean_lines(&line));
+}
+
+/// Writes one line to stdout as is: JSON, whose encoder escapes control
+/// characters itself and must stay exact.
+pub fn emit_raw(line: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(line.as_bytes()).and_then(|()| o.write_all(b"\n")) {
+        stdout_failed(&e);
+    }
+}
+
+/// Flushes stdout at the end, with [`emit`]'s handling of errors.
+pub fn flush() {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().flush() {
+        stdout_failed(&e);
+    }
+}
+
+fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    warn(format_args!("lifeboat: cannot write the output: {e}"));
+    std::process::exit(1);
+}
+
+/// Writes one line to stderr; an unwritable stderr is ignored (nothing
+/// else could report it).
+pub fn warn(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut e = std::io::stderr().lock();
+    let _ = e.write_fmt(args).and_then(|()| e.write_all(b"\n"));
+}
+
+/// `println!` through [`emit`].
+macro_rules! out {
+    () => { $crate::output::emit(format_args!("")) };
+    ($($t:tt)*) => { $crate::output::emit(format_args!($($t)*)) };
+}
+pub(crate) use out;
+
+/// `eprintln!` through [`warn`].
+macro_rules! err {
+    ($($t:tt)*) => { $crate::output::warn(format_args!($($t)*)) };
+}
+pub(crate) use err;
+
+#[cfg(test)]
+mod hygiene_tests {
+    use super::*;
+
+    #[test]
+    fn control_and_invisible_characters_are_escaped() {
+        assert_eq!(clean("vm-01"), "vm-01");
+        assert!(matches!(clean("数据库"), Cow::Borrowed(_)));
+        assert_eq!(clean("a\u{1b}[2Jb"), "a\\x1b[2Jb");
+        assert_eq!(clean("nul\0"), "nul\\x00");
+        assert_eq!(clean("del\u{7f}"), "del\\x7f");
+        assert_eq!(clean("csi\u{9b}31m"), "csi\\u{009b}31m");
+        assert_eq!(clean("abc\u{202e}fed"), "abc\\u{202e}fed");
+        assert_eq!(clean("i\u{2066}x\u{2069}"), "i\\u{2066}x\\u{2069}");
+        assert_eq!(clean("zw\u{200b}sp\u{feff}"), "zw\\u{200b}sp\\u{feff}");
+        assert_eq!(clean("two\nlines\ttab\r"), "two\\x0alines\\x09tab\\x0d");
+        assert_eq!(clean_lines("two\nlines\ttab\r\u{1b}"), "two\nlines\ttab\\x0d\\x1b");
+        assert_eq!(clean(""), "");
+        for c in (0u32..0x20).chain(0x7f..0xa0).filter_map(char::from_u32) {
+            let s = clean(c.encode_utf8(&mut [0; 4])).into_owned();
+            assert!(s.starts_with('\\') && s.chars().all(|c| !c.is_control()), "{c:?} -> {s:?}");
+        }
+    }
+
+    #[test]
+    fn widths_truncation_and_padding() {
+        assert_eq!(width("数据库"), 6);
+        assert_eq!(pad("数据", 6), "数据  ");
+        assert_eq!(pad("toolong", 3), "toolong");
+        assert_eq!(truncate("abcdef", 4), "abc…");
+        assert_eq!(truncate("数据库服务器", 5), "数据…");
+        assert_eq!(truncate("abc", 3), "abc");
+        assert_eq!(truncate("abc", 0), "");
+        assert_eq!(width(&truncate(&"x".repeat(100_000), CELL_MAX)), CELL_MAX);
+    }
+
+    #[test]
+    fn tables_align_by_display_width_and_never_panic() {
+        let huge = "n".repeat(100_000);
+        let rows = vec![
+            vec!["数据库-01".to_string(), "host-a".into(), "running".into()],
+            vec!["web\u{1b}[2J".to_string(), "h\u{202e}b".into(), "shutoff".into()],
+            vec![huge.clone(), String::new(), huge.clone()],
+            vec![String::new()],
+            vec![],
+        ];
+        let lines = render_table(&["NAME", "HOST", "STATE"], &rows);
+        assert_eq!(lines.len(), 6);
+        for l in &lines {
+            assert!(!l.chars().any(|c| c.is_control() || c == '\u{202e}'), "{l:?}");
+            assert!(width(l) <= CELL_MAX * 2 + LAST_CELL_MAX + 4, "{}", width(l));
+        }
+        // The HOST column starts at the same display column on every row.
+        let host_col = |l: &str, host: &str| width(&l[..l.find(host).unwrap()]);
+        let c0 = host_col(&lines[0], "HOST");
+        assert_eq!(host_col(&lines[1], "host-a"), c0);
+        assert_eq!(host_col(&lines[2], "h\\u{202e}b"), c0);
+        assert!(lines[2].contains("web\\x1b[2J"));
+        assert!(lines[3].contains('…'));
+        assert_eq!(c0, CELL_MAX + 2, "the 100,000-char name is cut to {CELL_MAX} columns");
+        assert_eq!(render_table(&["A"], &[]), ["A"]);
+    }
+}
+
+#[cfg(test)]
+mod hygiene_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn unsafe_char(c: char) -> bool {
+        c.is_control() || invisible(c)
+    }
+
+    proptest! {
+        #[test]
+        fn clean_leaves_nothing_a_terminal_obeys(s in any::<String>()) {
+            let c = clean(&s);
+            prop_assert!(!c.chars().any(unsafe_char), "{:?}", c);
+            let l = clean_lines(&s);
+            prop_assert!(!l.chars().any(|c| unsafe_char(c) && !matches!(c, '\n' | '\t')));
+            if !s.chars().any(unsafe_char) {
+                prop_assert_eq!(c.as_ref(), s.as_str());
+            }
+        }
+
+        #[test]
+        fn truncate_and_tables_stay_in_bounds(
+            rows in proptest::collection::vec(proptest::collection::vec(any::<String>(), 0..5), 0..6),
+            max in 0usize..80,
+        ) {
+            for r in &rows {
+                for c in r {
+                    prop_assert!(width(&truncate(c, max)) <= max);
+                }
+            }
+            let lines = render_table(&["A", "BB", "CCC", "D"], &rows);
+            prop_assert_eq!(lines.len(), rows.len() + 1);
+            for l in &lines {
+                prop_assert!(!l.chars().any(unsafe_char));
+                prop_assert!(width(l) <= 3 * (CELL_MAX + 2) + LAST_CELL_MAX);
+            }
+        }
+    }
 }
