@@ -57,6 +57,7 @@ pub async fn serve(
     let tls = cfg.tls.load()?;
     let _db_lock = backup::lock(&cfg.database)?;
     let store = store::Store::open(&cfg.database)?;
+    backup::restrict_db_files(&cfg.database).map_err(|e| anyhow::anyhow!("database {}: {e}", cfg.database.display()))?;
     let registry = Arc::new(registry::Registry::load(store, cfg.timing())?);
     info!(
         listen = %listener.local_addr()?,
