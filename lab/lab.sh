@@ -1283,7 +1283,14 @@ EOF
       touch "$(host_dir "$h")/no-agent"
     fi
   done
-  if [ "$have_cli" = 1 ]; then controller_start; fi
+  if [ "$have_cli" = 1 ]; then
+    # A start never creates a database (a typo in its path would serve no
+    # hosts): a new lab creates its empty one here, once.
+    if [ -x "$CTL_BIN" ] && [ ! -e "$CTL_DB" ]; then
+      "$CTL_BIN" --config "$CTL_CONFIG" init >/dev/null || die "'lifeboat-controller init' could not create $CTL_DB"
+    fi
+    controller_start
+  fi
   [ "$have_cli" = 1 ] && [ ! -x "$AGENT_BIN" ] && warn "$AGENT_BIN is missing: the hosts run NO agent"
 
   # hosts: launch all, then wait for all. Without a warmed qemu capabilities cache the first
