@@ -219,7 +219,7 @@ async fn a_viewer_sees_definitions_without_graphics_passwords() {
     let pki = Pki::new(&tmp.path().join("pki"));
     let c = Controller::start(&pki, &tmp.path().join("c.db"), 0, 1000, 3000).await;
     let agent = Agent::start(&agent_config("host-a", &fixture_with_graphics_password(tmp.path()), &c.url(), &pki.agent("host-a"), ""));
-    let mut operator = c.admin(&pki.client("olga", Role::Operator)).await;
+    let operator = c.admin(&pki.client("olga", Role::Operator)).await;
     let mut viewer = c.admin(&pki.client("vic", Role::Viewer)).await;
     let req = || ListGuestsRequest { vm: "vm-a1".into(), with_definitions: true, ..Default::default() };
     let (op_def, _) = wait_for(Duration::from_secs(10), "vm-a1 with its definition", || {
@@ -237,7 +237,21 @@ async fn a_viewer_sees_definitions_without_graphics_passwords() {
     let v_def = gs.into_iter().filter_map(|g| g.guest).map(|g| g.definition_xml).next().unwrap();
     assert!(!v_def.contains("vnc-s3cret") && !v_def.contains("passwd"), "viewer got: {v_def}");
     assert!(v_def.contains("<graphics type=") && v_def.contains("<name>vm-a1</name>"), "the rest stays: {v_def}");
-    let _ = operator.list_guests(req()).await.unwrap();
+    // The CLI as a viewer: `vms show --xml` prints the definition without the password.
+    if let Some(cli) = bin("lifeboat") {
+        let vic = pki.client("vic", Role::Viewer);
+        let (code, out, err) = run(Command::new(cli)
+            .args(["--controller-url", &c.url(), "--ca"])
+            .arg(&vic.ca)
+            .arg("--cert")
+            .arg(&vic.cert)
+            .arg("--key")
+            .arg(&vic.key)
+            .args(["vms", "show", "vm-a1", "--xml"])
+            .env_remove("LIFEBOAT_CONFIG"));
+        assert_eq!(code, Some(0), "{out}{err}");
+        assert!(out.contains("<graphics") && !out.contains("passwd") && !out.contains("vnc-s3cret"), "{out}");
+    }
     agent.stop().await;
     c.stop().await;
 }
