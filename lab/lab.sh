@@ -467,6 +467,8 @@ controller_start() {
     return 0
   fi
   write_controller_conf
+  # Logs are owner-only like everything the controller writes (they may name secrets' files).
+  touch "$CTL_LOG" && chmod 600 "$CTL_LOG"
   printf '\n==== lab: controller start %s ====\n' "$(date -Is)" >>"$CTL_LOG"
   (
     cd "$CTL_DIR"
@@ -783,6 +785,7 @@ internal_agent_start() {
     echo "lab: WARNING: $AGENT_BIN is missing: no agent on $h"
     return 0
   fi
+  touch "$hd/agent.log" && chmod 600 "$hd/agent.log"
   printf '\n==== lab: agent start %s (boot %s) ====\n' "$(date -Is)" "$(cat "$hd/boot_id")" >>"$hd/agent.log"
   (cd /var/lib/lifeboat && RUST_LOG="${RUST_LOG:-info}" exec setsid -f "$AGENT_BIN" --config /etc/lifeboat/agent.toml) \
     </dev/null >>"$hd/agent.log" 2>&1 9>&-
@@ -1283,7 +1286,14 @@ EOF
       touch "$(host_dir "$h")/no-agent"
     fi
   done
-  if [ "$have_cli" = 1 ]; then controller_start; fi
+  if [ "$have_cli" = 1 ]; then
+    # A start never creates a database (a typo in its path would serve no
+    # hosts): a new lab creates its empty one here, once.
+    if [ -x "$CTL_BIN" ] && [ ! -e "$CTL_DB" ]; then
+      "$CTL_BIN" --config "$CTL_CONFIG" init >/dev/null || die "'lifeboat-controller init' could not create $CTL_DB"
+    fi
+    controller_start
+  fi
   [ "$have_cli" = 1 ] && [ ! -x "$AGENT_BIN" ] && warn "$AGENT_BIN is missing: the hosts run NO agent"
 
   # hosts: launch all, then wait for all. Without a warmed qemu capabilities cache the first

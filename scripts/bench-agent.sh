@@ -123,6 +123,7 @@ cert = "$pki/agent-bench-a.pem"
 key = "$pki/agent-bench-a.key"
 EOF
   python3 -c 'import uuid; print(uuid.uuid4())' >"$WORK/boot_id"
+  "$BIN/lifeboat-controller" --config "$WORK/controller.toml" init >/dev/null  # a start never creates it
   (cd "$WORK" && RUST_LOG=warn exec "$BIN/lifeboat-controller" --config "$WORK/controller.toml" >"$WORK/controller.log" 2>&1) &
   CTL_PID=$!
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done

@@ -177,6 +177,71 @@ impl AgentConfig {
     }
 }
 
+/// A configuration that parses but cannot be run with: the first check that
+/// failed, naming the file, address or setting and what to do.
+#[derive(Debug, Error)]
+pub enum PreflightError {
+    /// No usable host id.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A certificate, key or CA bundle problem.
+    #[error(transparent)]
+    Tls(#[from] lifeboat_common::tls::TlsError),
+    /// `state_dir` is unusable.
+    #[error("{0}")]
+    StateDir(String),
+    /// `metrics_listen` cannot be listened on.
+    #[error("cannot listen on metrics_listen = \"{addr}\": {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl AgentConfig {
+    /// Everything a start checks before it dials the controller, and all
+    /// that `check-config` checks (one list for both): the host id, the
+    /// agent's certificate and key (readable, key owner-only and matching,
+    /// chained to the CA, valid now, issued for this host's agent), the
+    /// state directory, and `metrics_listen` free to bind. Returns the host id.
+    pub fn preflight(&self) -> Result<String, PreflightError> {
+        let host = self.resolve_host_id()?;
+        lifeboat_common::tls::install_crypto_provider();
+        let now_s = lifeboat_common::now_unix_ms() / 1000;
+        self.controller.tls().load_for(&lifeboat_common::identity::Identity::Agent { host_id: host.clone() }, now_s)?;
+        self.check_state_dir()?;
+        if let Some(addr) = self.metrics_listen {
+            std::net::TcpListener::bind(addr).map_err(|source| PreflightError::Bind { addr, source })?;
+        }
+        Ok(host)
+    }
+
+    fn check_state_dir(&self) -> Result<(), PreflightError> {
+        let d = &self.state_dir;
+        let bad = |m: String| Err(PreflightError::StateDir(m));
+        match std::fs::metadata(d) {
+            Ok(m) if !m.is_dir() => bad(format!("state_dir {} is not a directory", d.display())),
+            Ok(_) if !lifeboat_common::files::dir_is_writable(d) => {
+                bad(format!("state_dir {} is not writable by this user (start leases are kept there)", d.display()))
+            }
+            Ok(_) => Ok(()),
+            // Created at the first lease, inside a directory that must exist.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match d.parent() {
+                Some(p) if !p.as_os_str().is_empty() && !p.is_dir() => bad(format!(
+                    "state_dir {}: its directory {} does not exist; correct state_dir or create it (mkdir -p -m 700 {})",
+                    d.display(),
+                    p.display(),
+                    d.display()
+                )),
+                _ => Ok(()),
+            },
+            Err(e) => bad(format!("state_dir {}: {e}", d.display())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +291,38 @@ key = "/a.key"
         assert_eq!(c.resolve_host_id().unwrap(), "0123abcd");
         std::fs::write(&mid, "").unwrap();
         assert!(c.resolve_host_id().is_err());
+    }
+
+    #[test]
+    fn preflight_checks_host_certificate_key_mode_and_state_dir() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        lifeboat_common::pki::init(p).unwrap();
+        lifeboat_common::pki::issue(p, p, &lifeboat_common::pki::Leaf::Agent("host-a".into())).unwrap();
+        lifeboat_common::pki::issue(p, p, &lifeboat_common::pki::Leaf::Controller(vec![])).unwrap();
+        let text = |host: &str, stem: &str, state: &Path| {
+            format!(
+                "host_id = \"{host}\"\nstate_dir = {state:?}\n[controller]\nurl = \"https://127.0.0.1:7443\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                p.join("ca.pem"),
+                p.join(format!("{stem}.pem")),
+                p.join(format!("{stem}.key"))
+            )
+        };
+        let check = |t: String| AgentConfig::parse(&t, Path::new("a.toml")).unwrap().preflight().map_err(|e| e.to_string());
+        assert_eq!(check(text("host-a", "agent-host-a", &p.join("state"))).unwrap(), "host-a");
+        let e = check(text("host-b", "agent-host-a", &p.join("state"))).unwrap_err();
+        assert!(e.contains("host 'host-a'") && e.contains("--agent host-b"), "{e}");
+        let e = check(text("host-a", "controller", &p.join("state"))).unwrap_err();
+        assert!(e.contains("controller's certificate"), "{e}");
+        let e = check(text("host-a", "agent-host-a", &p.join("no/such/state"))).unwrap_err();
+        assert!(e.contains("state_dir") && e.contains("does not exist"), "{e}");
+        let e = check(text("host-a", "agent-host-a", &p.join("ca.pem"))).unwrap_err();
+        assert!(e.contains("not a directory"), "{e}");
+        std::fs::set_permissions(p.join("agent-host-a.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = check(text("host-a", "agent-host-a", &p.join("state"))).unwrap_err();
+        assert!(e.contains("chmod 600"), "{e}");
+        let e = check(text("host-a", "missing", &p.join("state"))).unwrap_err();
+        assert!(e.contains("cannot read certificate"), "{e}");
     }
 }

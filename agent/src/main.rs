@@ -71,6 +71,8 @@ fn guard(config: &std::path::Path, args: Vec<String>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Leases, state and logs this process writes are owner-only.
+    lifeboat_common::files::set_private_umask();
     let cli = Cli::parse();
     if let Some(Cmd::Guard { args }) = cli.cmd {
         return guard(&cli.config, args);
@@ -86,11 +88,8 @@ fn main() -> ExitCode {
     match cli.cmd.unwrap_or(Cmd::Run) {
         Cmd::Guard { .. } => unreachable!("handled above"),
         Cmd::CheckConfig => {
-            let r = cfg.resolve_host_id().map_err(anyhow::Error::from).and_then(|h| {
-                cfg.controller.tls().load()?;
-                Ok(h)
-            });
-            match r {
+            // The same checks as a start (one list, AgentConfig::preflight).
+            match cfg.preflight() {
                 Ok(h) => {
                     println!("configuration OK (host id {h})");
                     ExitCode::SUCCESS
@@ -102,6 +101,12 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Run => {
+            // A configuration error (missing or wrong certificate, ...) is
+            // exit 2 at start as it is for check-config.
+            if let Err(e) = cfg.preflight() {
+                eprintln!("lifeboat-agent: {e}");
+                return ExitCode::from(2);
+            }
             // One thread runs the session, heartbeats and the metrics endpoint:
             // little work, and no hand-offs between threads for each message
             // (libvirt calls run on the actor's own threads).

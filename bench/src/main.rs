@@ -636,6 +636,11 @@ async fn main() -> anyhow::Result<()> {
             pki_dir.join("controller.key"),
         ),
     )?;
+    // A start never creates the database: a new one is made with `init`.
+    let init = Command::new(&args.controller_bin).arg("--config").arg(&cfg_path).arg("init").output()?;
+    if !init.status.success() {
+        bail!("lifeboat-controller init: {}", String::from_utf8_lossy(&init.stderr));
+    }
     let log_file = std::fs::File::create(dir.join("controller.log"))?;
     let child = Command::new(&args.controller_bin)
         .arg("--config")

@@ -2,6 +2,7 @@
 //! the small PKI behind `lifeboat certs`, TLS configuration loading and
 //! logging setup.
 
+pub mod files;
 pub mod identity;
 pub mod logging;
 pub mod pki;

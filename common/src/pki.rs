@@ -65,6 +65,9 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
         .mode(mode)
         .open(path)
         .map_err(io(path))?;
+    // `mode` applies only when the file is created: a key written over an
+    // older file keeps that file's mode unless set here, before the key is in it.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(io(path))?;
     f.write_all(contents.as_bytes()).map_err(io(path))
 }
 
@@ -208,6 +211,10 @@ mod tests {
         let (a, akey) = issue(&dir, &dir, &Leaf::Agent("host-a".into())).unwrap();
         assert_eq!(identity_from_der(&der_of(&a)).unwrap(), Identity::Agent { host_id: "host-a".into() });
         use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&akey).unwrap().permissions().mode() & 0o777, 0o600);
+        // Issued again over a key file someone made readable: 0600 again.
+        fs::set_permissions(&akey, fs::Permissions::from_mode(0o644)).unwrap();
+        issue(&dir, &dir, &Leaf::Agent("host-a".into())).unwrap();
         assert_eq!(fs::metadata(&akey).unwrap().permissions().mode() & 0o777, 0o600);
         let (c, _) = issue(&dir, &dir, &Leaf::Client("ann".into(), Role::Operator)).unwrap();
         assert_eq!(

@@ -99,10 +99,34 @@ pub fn backup(db: &Path, out: &Path, force: bool) -> Result<Summary, BackupError
     src.busy_timeout(std::time::Duration::from_secs(10)).map_err(sq(db))?;
     let tmp = out.with_extension("partial");
     let _ = std::fs::remove_file(&tmp);
+    // The copy holds what the database holds (definitions with their
+    // graphics passwords): owner-only from its first byte, whatever the umask.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|source| BackupError::Io { path: tmp.clone(), source })?;
+    }
     src.backup(rusqlite::MAIN_DB, &tmp, None::<fn(rusqlite::backup::Progress)>).map_err(sq(&tmp))?;
+    restrict_db_files(&tmp).map_err(|source| BackupError::Io { path: tmp.clone(), source })?;
     let summary = verify(&tmp)?;
     std::fs::rename(&tmp, out).map_err(|source| BackupError::Io { path: out.into(), source })?;
     Ok(summary)
+}
+
+/// Sets the database file, its WAL and SHM files and its lock file to mode
+/// 0600 where group or others could read them (files made before the
+/// controller set its umask, or by another tool). Missing files are fine.
+pub fn restrict_db_files(db: &Path) -> std::io::Result<()> {
+    for suffix in ["", "-wal", "-shm", ".lock"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        lifeboat_common::files::restrict_to_owner(Path::new(&p))?;
+    }
+    Ok(())
 }
 
 /// The lock file a running controller holds for its database.
@@ -143,6 +167,7 @@ pub fn restore(from: &Path, db: &Path) -> Result<Summary, BackupError> {
     dst.restore(rusqlite::MAIN_DB, from, None::<fn(rusqlite::backup::Progress)>).map_err(sq(db))?;
     drop(dst);
     mark_restored(from, db)?;
+    restrict_db_files(db).map_err(|source| BackupError::Io { path: db.into(), source })?;
     verify(db)
 }
 
@@ -184,6 +209,7 @@ mod tests {
         let out = d.path().join("b.db");
         let sum = backup(&db, &out, false).unwrap();
         assert!(sum.counts.contains(&("audit".into(), 1)), "{sum}");
+        assert_eq!(lifeboat_common::files::mode(&out).unwrap(), 0o600, "a backup holds secrets: owner-only whatever the umask");
         assert!(matches!(backup(&db, &out, false), Err(BackupError::Refused(_))));
         let held = lock(&db).unwrap();
         let e = restore(&out, &db).unwrap_err().to_string();

@@ -128,6 +128,170 @@ impl ControllerConfig {
     }
 }
 
+/// A configuration that parses but cannot be started with: the first check
+/// that failed, naming the file, address or setting and what to do.
+#[derive(Debug, Error)]
+pub enum PreflightError {
+    /// A certificate, key or CA bundle problem.
+    #[error(transparent)]
+    Tls(#[from] lifeboat_common::tls::TlsError),
+    /// The database path is unusable.
+    #[error("{0}")]
+    Database(String),
+    /// An address cannot be listened on.
+    #[error("cannot listen on {setting} = \"{addr}\": {source}{hint}")]
+    Bind {
+        /// `listen` or `metrics_listen`.
+        setting: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+        /// What to do.
+        hint: &'static str,
+    },
+    /// A `[bmc.HOST]` section is unusable.
+    #[error(transparent)]
+    Fence(#[from] crate::fence::FenceConfigError),
+}
+
+/// Checks the directory the database lives in: it must exist, be a
+/// directory and be writable (WAL, SHM and lock files are created there).
+/// Never creates it: a missing directory is a typo more often than not.
+pub fn check_database_dir(db: &Path, config: &Path) -> Result<(), PreflightError> {
+    let dir = match db.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let bad = |m: String| Err(PreflightError::Database(m));
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return bad(format!(
+                "database {}: {} is not a directory; correct `database` in {}",
+                db.display(),
+                dir.display(),
+                config.display()
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return bad(format!(
+                "database {}: its directory {} does not exist; correct `database` in {} if this is a typo, or create it: mkdir -p -m 700 {}",
+                db.display(),
+                dir.display(),
+                config.display(),
+                dir.display()
+            ));
+        }
+        Err(e) => return bad(format!("database {}: cannot read its directory {}: {e}", db.display(), dir.display())),
+    }
+    if !lifeboat_common::files::dir_is_writable(dir) {
+        return bad(format!(
+            "database {}: directory {} is not writable by this user (the database's journal and lock files are created there)",
+            db.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the database file: it must exist (a start never creates an empty
+/// database: `lifeboat-controller init` does), be a regular file and be
+/// writable.
+pub fn check_database_file(db: &Path, config: &Path) -> Result<(), PreflightError> {
+    check_database_dir(db, config)?;
+    let bad = |m: String| Err(PreflightError::Database(m));
+    match std::fs::metadata(db) {
+        Ok(m) if m.is_dir() => bad(format!(
+            "database {} is a directory; `database` in {} must name a file, e.g. {}",
+            db.display(),
+            config.display(),
+            db.join("controller.db").display()
+        )),
+        Ok(m) if !m.is_file() => bad(format!("database {} is not a regular file; correct `database` in {}", db.display(), config.display())),
+        Ok(_) if !lifeboat_common::files::file_is_writable(db) => {
+            bad(format!("database {} is not writable by this user (check its owner and mode)", db.display()))
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bad(format!(
+            "database {} does not exist. A new installation creates it once with `lifeboat-controller --config {} init`; \
+             otherwise `database` in {} has a typo (the controller never starts on a new empty database: it would serve no hosts)",
+            db.display(),
+            config.display(),
+            config.display()
+        )),
+        Err(e) => bad(format!("database {}: {e}", db.display())),
+    }
+}
+
+fn check_bind(setting: &'static str, addr: SocketAddr) -> Result<(), PreflightError> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(l) => {
+            drop(l);
+            Ok(())
+        }
+        Err(source) => {
+            let hint = match source.kind() {
+                std::io::ErrorKind::AddrInUse => " (another process listens there: is a controller already running? `ss -ltnp` shows which)",
+                std::io::ErrorKind::AddrNotAvailable => " (no interface of this machine has that address)",
+                std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+                _ => "",
+            };
+            Err(PreflightError::Bind { setting, addr, source, hint })
+        }
+    }
+}
+
+impl ControllerConfig {
+    /// Everything a start checks before it serves, and all that
+    /// `--check-config` checks (one list for both): the controller's
+    /// certificate and key (readable, key owner-only and matching, chained
+    /// to the CA, valid now, carrying the controller identity), the
+    /// database (directory exists and is writable, file exists and is a
+    /// writable regular file), `listen` and `metrics_listen` free to bind,
+    /// and every `[bmc.HOST]`. `config` is the file's path, for messages.
+    pub fn preflight(&self, config: &Path) -> Result<lifeboat_common::tls::TlsMaterial, PreflightError> {
+        lifeboat_common::tls::install_crypto_provider();
+        let now_s = crate::now_ms() / 1000;
+        let tls = self.tls.load_for(&lifeboat_common::identity::Identity::Controller, now_s)?;
+        check_database_file(&self.database, config)?;
+        check_bind("listen", self.listen)?;
+        if let Some(m) = self.metrics_listen {
+            check_bind("metrics_listen", m)?;
+        }
+        for (host, bmc) in &self.bmc {
+            crate::fence::Fencer::new(host, bmc)?;
+        }
+        Ok(tls)
+    }
+}
+
+/// Creates a new, empty database at `db` (owner-only), for a new
+/// installation. Refuses if the file exists or its directory does not.
+pub fn init_database(db: &Path, config: &Path) -> Result<i64, PreflightError> {
+    check_database_dir(db, config)?;
+    if std::fs::symlink_metadata(db).is_ok() {
+        return Err(PreflightError::Database(format!(
+            "database {} already exists; `init` only creates a new one (restore a backup with `lifeboat-controller restore --from FILE`)",
+            db.display()
+        )));
+    }
+    // Created owner-only before SQLite opens it, whatever the umask.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(db)
+            .map_err(|e| PreflightError::Database(format!("cannot create database {}: {e}", db.display())))?;
+    }
+    let store = crate::store::Store::open(db).map_err(|e| PreflightError::Database(format!("cannot create database {}: {e}", db.display())))?;
+    drop(store);
+    crate::backup::restrict_db_files(db).map_err(|e| PreflightError::Database(format!("database {}: {e}", db.display())))?;
+    Ok(crate::store::SCHEMA_VERSION)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +315,93 @@ mod tests {
         assert!(e.contains("at least twice"), "{e}");
         let e = ControllerConfig::parse("[tls]\nca = 1\n", Path::new("c.toml")).unwrap_err().to_string();
         assert!(e.contains("line"), "{e}");
+    }
+
+    fn pki(dir: &Path) {
+        lifeboat_common::pki::init(dir).unwrap();
+        lifeboat_common::pki::issue(dir, dir, &lifeboat_common::pki::Leaf::Controller(vec![])).unwrap();
+    }
+
+    fn cfg_text(dir: &Path, db: &Path, listen: &str) -> String {
+        format!(
+            "listen = \"{listen}\"\ndatabase = {db:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            dir.join("ca.pem"),
+            dir.join("controller.pem"),
+            dir.join("controller.key")
+        )
+    }
+
+    fn preflight(dir: &Path, db: &Path, listen: &str) -> Result<(), String> {
+        let c = ControllerConfig::parse(&cfg_text(dir, db, listen), Path::new("/etc/c.toml")).unwrap();
+        c.preflight(Path::new("/etc/c.toml")).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_missing_database_is_refused_and_init_creates_it_owner_only() {
+        let d = tempfile::tempdir().unwrap();
+        pki(d.path());
+        let db = d.path().join("controller.db");
+        let e = preflight(d.path(), &db, "127.0.0.1:0").unwrap_err();
+        assert!(e.contains("does not exist") && e.contains("lifeboat-controller --config /etc/c.toml init") && e.contains("typo"), "{e}");
+        assert!(!db.exists(), "a check creates nothing");
+        init_database(&db, Path::new("/etc/c.toml")).unwrap();
+        assert_eq!(lifeboat_common::files::mode(&db).unwrap(), 0o600);
+        preflight(d.path(), &db, "127.0.0.1:0").unwrap();
+        let e = init_database(&db, Path::new("/etc/c.toml")).unwrap_err().to_string();
+        assert!(e.contains("already exists"), "{e}");
+    }
+
+    #[test]
+    fn a_database_in_a_missing_directory_or_that_is_a_directory_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        pki(d.path());
+        let typo = d.path().join("lifebaot/controller.db");
+        let e = preflight(d.path(), &typo, "127.0.0.1:0").unwrap_err();
+        assert!(e.contains("its directory") && e.contains("does not exist") && e.contains("mkdir"), "{e}");
+        let e = init_database(&typo, Path::new("/etc/c.toml")).unwrap_err().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        assert!(!d.path().join("lifebaot").exists(), "neither check nor init creates the directory");
+        let e = preflight(d.path(), d.path(), "127.0.0.1:0").unwrap_err();
+        assert!(e.contains("is a directory"), "{e}");
+    }
+
+    #[test]
+    fn a_port_in_use_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        pki(d.path());
+        let db = d.path().join("controller.db");
+        init_database(&db, Path::new("c.toml")).unwrap();
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap().to_string();
+        let e = preflight(d.path(), &db, &addr).unwrap_err();
+        assert!(e.contains(&format!("listen = \"{addr}\"")) && e.contains("already running"), "{e}");
+        let text = format!("metrics_listen = \"{addr}\"\n{}", cfg_text(d.path(), &db, "127.0.0.1:0"));
+        let c = ControllerConfig::parse(&text, Path::new("c.toml")).unwrap();
+        let e = c.preflight(Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("metrics_listen"), "{e}");
+    }
+
+    #[test]
+    fn preflight_checks_the_certificate() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        pki(d.path());
+        let db = d.path().join("controller.db");
+        init_database(&db, Path::new("c.toml")).unwrap();
+        let key = d.path().join("controller.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = preflight(d.path(), &db, "127.0.0.1:0").unwrap_err();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (cert, ckey) = lifeboat_common::pki::issue(
+            d.path(),
+            d.path(),
+            &lifeboat_common::pki::Leaf::Client("ann".into(), lifeboat_common::identity::Role::Operator),
+        )
+        .unwrap();
+        std::fs::rename(cert, d.path().join("controller.pem")).unwrap();
+        std::fs::rename(ckey, &key).unwrap();
+        let e = preflight(d.path(), &db, "127.0.0.1:0").unwrap_err();
+        assert!(e.contains("operator 'ann'") && e.contains("needs a controller certificate"), "{e}");
     }
 }

@@ -57,6 +57,12 @@ pub async fn serve(
     let tls = cfg.tls.load()?;
     let _db_lock = backup::lock(&cfg.database)?;
     let store = store::Store::open(&cfg.database)?;
+    // Files made before the umask (older versions, other tools) become
+    // owner-only. A controller that cannot chmod them (not their owner)
+    // still serves: refusing to start would stop failovers over file modes.
+    if let Err(e) = backup::restrict_db_files(&cfg.database) {
+        tracing::warn!(database = %cfg.database.display(), error = %e, "cannot make the database files owner-only (mode 0600): chown them to the controller's user");
+    }
     let registry = Arc::new(registry::Registry::load(store, cfg.timing())?);
     info!(
         listen = %listener.local_addr()?,

@@ -42,9 +42,15 @@ enum Cmd {
         #[arg(long)]
         from: PathBuf,
     },
+    /// Create a new, empty database at the configured path (a new
+    /// installation); refuses if it exists. A start never creates one.
+    Init,
 }
 
 fn main() -> ExitCode {
+    // Everything this process creates (database, WAL, lock, backups) is
+    // owner-only: the database holds guest definitions with their secrets.
+    lifeboat_common::files::set_private_umask();
     let cli = Cli::parse();
     lifeboat_common::logging::init("info");
     let cfg = match ControllerConfig::load(&cli.config) {
@@ -79,21 +85,26 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Cmd::Init) => {
+            return match lifeboat_controller::config::init_database(&cfg.database, &cli.config) {
+                Ok(v) => {
+                    println!("created an empty database {} (schema {v}); start the controller", cfg.database.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lifeboat-controller: init refused: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         None => {}
     }
-    if let Err(e) = cfg.tls.load() {
+    // One list of checks for a start and for --check-config.
+    if let Err(e) = cfg.preflight(&cli.config) {
         eprintln!("lifeboat-controller: {e}");
         return ExitCode::from(2);
     }
     if cli.check_config {
-        // The same checks the controller makes when it starts: files readable,
-        // fence agents found, settings in range.
-        for (host, bmc) in &cfg.bmc {
-            if let Err(e) = lifeboat_controller::fence::Fencer::new(host, bmc) {
-                eprintln!("lifeboat-controller: {e}");
-                return ExitCode::from(2);
-            }
-        }
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }

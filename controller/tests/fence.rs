@@ -582,6 +582,10 @@ fn check_config_refuses_a_bad_bmc_section() {
             ),
         )
         .unwrap();
+        if !d.join("c.db").exists() {
+            let out = Command::new(env!("CARGO_BIN_EXE_lifeboat-controller")).arg("--config").arg(&cfg).arg("init").output().unwrap();
+            assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+        }
         let out = Command::new(env!("CARGO_BIN_EXE_lifeboat-controller")).arg("--config").arg(&cfg).arg("--check-config").output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
     };

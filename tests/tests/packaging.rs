@@ -570,6 +570,11 @@ fn shipped_configs_are_valid() {
     let ctl = fs::read_to_string(b.file("/etc/lifeboat/controller.toml")).unwrap();
     let cfg = dir.path().join("controller.toml");
     fs::write(&cfg, repoint(&ctl).replace("/var/lib/lifeboat/", &format!("{}/", dir.path().display()))).unwrap();
+    // A start never creates the database: check-config names `init` until it exists.
+    let out = Command::new(b.file("/usr/bin/lifeboat-controller")).arg("--config").arg(&cfg).arg("--check-config").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("does not exist") && err.contains("init"), "{err}");
+    ok(Command::new(b.file("/usr/bin/lifeboat-controller")).arg("--config").arg(&cfg).arg("init"));
     let out = ok(Command::new(b.file("/usr/bin/lifeboat-controller")).arg("--config").arg(&cfg).arg("--check-config"));
     assert!(out.contains("configuration OK"), "{out}");
 
@@ -1040,6 +1045,8 @@ fn rpm_install_upgrade_erase_with_scriptlets_keeps_the_existing_hook() {
     // The controller and the CLI install next to it (shared /etc/lifeboat, /var/lib/lifeboat).
     rpm_ok(r, &["-i", "--nodeps"], &[b.rpm("lifeboat-controller"), b.rpm("lifeboat")]);
     assert_eq!(mode(&r.join("etc/lifeboat/controller.toml")), 0o640);
+    // %post created the empty database at the shipped path (a start never does), owner-only.
+    assert_eq!(mode(&r.join("var/lib/lifeboat/controller.db")), 0o600, "%post runs lifeboat-controller init");
     assert!(r.join("usr/share/man/man1/lifeboat.1.gz").is_file());
     rpm_ok(r, &["-e", "--nodeps"], &[Path::new("lifeboat-controller"), Path::new("lifeboat")]);
     assert!(r.join("etc/lifeboat/agent.toml").exists() && r.join("var/lib/lifeboat").is_dir(), "shared directories stay with the agent");

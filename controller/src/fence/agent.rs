@@ -38,9 +38,64 @@ enum Run {
     Failed(String),
 }
 
-/// Is this option a secret (masked in logs)?
+/// Fence-agent options known to hold no secret (fence-agents' long option
+/// names, `-` and `_` alike): shown in logs, the audit log and errors.
+/// Every other option is masked: a list of secret names can never be
+/// complete (`community`, `secret-key`, `apikey`, `hexadecimal-kg`, a new
+/// agent's token), a list of harmless ones fails safe.
+pub const NON_SECRET_OPTIONS: &[&str] = &[
+    "ip",
+    "ipaddr",
+    "ipport",
+    "port",
+    "plug",
+    "username",
+    "login",
+    "user",
+    "lanplus",
+    "privlvl",
+    "cipher",
+    "method",
+    "auth",
+    "ssl",
+    "ssl_secure",
+    "ssl_insecure",
+    "notls",
+    "tls1_0",
+    "ssh",
+    "inet4_only",
+    "inet6_only",
+    "systems_uri",
+    "redfish_uri",
+    "api_version",
+    "snmp_version",
+    "snmp_auth_prot",
+    "snmp_sec_level",
+    "snmp_priv_prot",
+    "power_timeout",
+    "power_wait",
+    "shell_timeout",
+    "login_timeout",
+    "delay",
+    "pcmk_delay_max",
+    "retry_on",
+    "verbose",
+    "uuid",
+    "domain",
+    "zone",
+    "region",
+    "project",
+    "organization",
+    "cmd_prompt",
+    "identity_file",
+    "ssl_cert_file",
+];
+
+/// Is this option a secret (masked in logs, the audit log and errors)?
+/// Everything not on [`NON_SECRET_OPTIONS`] is.
 pub(crate) fn is_secret_key(key: &str) -> bool {
-    key.to_ascii_lowercase().contains("passw")
+    let k = key.to_ascii_lowercase().replace('-', "_");
+    !NON_SECRET_OPTIONS.contains(&k.as_str())
 }
 
 /// Checks the configured options: sane keys, one-line values, no `action`.
@@ -323,6 +378,34 @@ mod tests {
             "fence_ipmilan action=off PASSWORD_script=*** ip=10.0.0.5 lanplus=1 passwd=*** password=*** username=admin"
         );
         assert!(!d.contains("hunter2") && !d.contains("other"));
+    }
+
+    #[test]
+    fn every_option_not_known_harmless_is_masked() {
+        let mut o = opts();
+        for (k, v) in [
+            ("secret-key", "sk-live-1"),
+            ("community", "public-ish"),
+            ("apikey", "AKIA123"),
+            ("hexadecimal-kg", "0badc0de"),
+            ("token", "tok-9"),
+            ("ssl-insecure", "1"),
+            ("ipport", "623"),
+        ] {
+            o.insert(k.into(), v.into());
+        }
+        let d = describe_args("fence_x", "status", &o);
+        for secret in ["sk-live-1", "public-ish", "AKIA123", "0badc0de", "tok-9", "hunter2"] {
+            assert!(!d.contains(secret), "{secret} reached the log line: {d}");
+        }
+        for k in ["secret-key", "community", "apikey", "hexadecimal-kg", "token", "password"] {
+            assert!(d.contains(&format!(" {k}=***")), "{k}: {d}");
+        }
+        assert!(d.contains("ssl-insecure=1") && d.contains("ipport=623") && d.contains("ip=10.0.0.5") && d.contains("username=admin"), "{d}");
+        let f = Agent::new("true", &o, &BTreeMap::new(), Duration::from_secs(1), Duration::from_millis(10)).unwrap();
+        let mut secrets = f.secrets();
+        secrets.sort();
+        assert_eq!(secrets, ["0badc0de", "AKIA123", "hunter2", "public-ish", "sk-live-1", "tok-9"], "agent output is redacted of these");
     }
 
     #[test]

@@ -98,7 +98,7 @@ impl Admin for AdminService {
     }
 
     async fn list_guests(&self, req: Request<ListGuestsRequest>) -> Result<Response<ListGuestsResponse>, Status> {
-        authorize(&req, Role::Viewer, "listing guests")?;
+        let (_, role) = authorize(&req, Role::Viewer, "listing guests")?;
         let r = req.get_ref();
         let host = r.host.trim();
         let filter = if host.is_empty() { None } else { Some(host) };
@@ -117,6 +117,10 @@ impl Admin for AdminService {
         })
         .await
         .map_err(|e| ControllerError::Internal(format!("listing guests: {e}")))??;
+        let mut guests = guests;
+        if !role.allows(Role::Operator) {
+            guests.iter_mut().for_each(strip_record_for_viewer);
+        }
         let next_page_token = next.map(|c| serde_json::to_string(&c).expect("strings serialize")).unwrap_or_default();
         Ok(Response::new(ListGuestsResponse { guests, next_page_token }))
     }
@@ -304,4 +308,111 @@ fn decode_page_token(token: &str) -> Result<Option<crate::registry::GuestCursor>
             "page_token is not one this controller gave out; list again without it to start from the beginning".into(),
         )
     })
+}
+
+/// Elements libvirt's secure flag (`VIR_DOMAIN_XML_SECURE`) adds to a
+/// definition: `<cookies>` of network disks (HTTP session cookies).
+const SECRET_ELEMENTS: &[&str] = &["cookies"];
+/// Attributes it adds: `passwd` of `<graphics>` (VNC, SPICE, RDP).
+const SECRET_ATTRIBUTES: &[&str] = &["passwd"];
+
+/// A definition without what libvirt's secure flag adds (graphics
+/// passwords, network-disk cookies), for the viewer role. The definition is
+/// stored whole (a migration defines the guest from it); viewers see it
+/// for diagnosis, not its secrets. XML that does not parse is withheld
+/// whole (Err): unparsed text cannot be shown as stripped.
+pub fn strip_definition_secrets(xml: &str) -> Result<String, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("it does not parse ({e})"))?;
+    let mut cut: Vec<std::ops::Range<usize>> = Vec::new();
+    for n in doc.descendants().filter(|n| n.is_element()) {
+        if SECRET_ELEMENTS.contains(&n.tag_name().name()) {
+            cut.push(n.range());
+            continue;
+        }
+        cut.extend(n.attributes().filter(|a| SECRET_ATTRIBUTES.contains(&a.name())).map(|a| a.range()));
+    }
+    cut.sort_by_key(|r| r.start);
+    let mut out = String::with_capacity(xml.len());
+    let mut at = 0;
+    for r in cut {
+        // An attribute inside an element already cut is covered by it.
+        if r.start < at {
+            continue;
+        }
+        out.push_str(xml.get(at..r.start).ok_or("a range is not on a character boundary")?);
+        at = r.end;
+    }
+    out.push_str(xml.get(at..).ok_or("a range is not on a character boundary")?);
+    // What is shown must itself parse and hold none of the secrets.
+    let check = roxmltree::Document::parse(&out).map_err(|e| format!("it does not parse once stripped ({e})"))?;
+    let left = check.descendants().any(|n| {
+        n.is_element()
+            && (SECRET_ELEMENTS.contains(&n.tag_name().name()) || n.attributes().any(|a| SECRET_ATTRIBUTES.contains(&a.name())))
+    });
+    if left {
+        return Err("a secret is still in it once stripped".into());
+    }
+    Ok(out)
+}
+
+/// Removes the definition's secrets from a guest record for the viewer
+/// role; a definition that cannot be stripped is withheld.
+fn strip_record_for_viewer(rec: &mut GuestRecord) {
+    let Some(g) = rec.guest.as_mut() else { return };
+    g.definition_deflate.clear();
+    if g.definition_xml.is_empty() {
+        return;
+    }
+    match strip_definition_secrets(&g.definition_xml) {
+        Ok(x) => g.definition_xml = x,
+        Err(why) => {
+            g.definition_xml.clear();
+            if g.error.is_empty() {
+                g.error = format!("definition withheld from the viewer role: {why}; an operator can read it");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    const DEF: &str = r#"<domain type='kvm'>
+  <name>vm1</name>
+  <devices>
+    <disk type='network' device='disk'>
+      <source protocol='https' name='/img.qcow2'>
+        <host name='images.example' port='443'/>
+        <cookies><cookie name='session'>s3cr3t-cookie</cookie></cookies>
+      </source>
+    </disk>
+    <graphics type='vnc' port='-1' autoport='yes' passwd='vnc-pass' passwdValidTo='2030-01-01T00:00:00'/>
+    <graphics type="spice" passwd="spice-pass"><listen type='address'/></graphics>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn viewers_get_definitions_without_passwords_or_cookies() {
+        let out = strip_definition_secrets(DEF).unwrap();
+        for secret in ["vnc-pass", "spice-pass", "s3cr3t-cookie", "passwd=", "<cookies"] {
+            assert!(!out.contains(secret), "{secret} left in:\n{out}");
+        }
+        for kept in ["<name>vm1</name>", "passwdValidTo='2030-01-01T00:00:00'", "<host name='images.example'", "<listen type='address'/>"] {
+            assert!(out.contains(kept), "{kept} lost:\n{out}");
+        }
+        assert_eq!(strip_definition_secrets("<domain><name>x</name></domain>").unwrap(), "<domain><name>x</name></domain>");
+    }
+
+    #[test]
+    fn an_unparsable_definition_is_withheld_from_viewers() {
+        assert!(strip_definition_secrets("<domain><graphics passwd='x'>").is_err());
+        let mut rec = GuestRecord {
+            guest: Some(lifeboat_proto::v1::Guest { definition_xml: "<domain passwd='x'".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        strip_record_for_viewer(&mut rec);
+        let g = rec.guest.unwrap();
+        assert!(g.definition_xml.is_empty() && g.error.contains("withheld"), "{g:?}");
+    }
 }
