@@ -21,7 +21,7 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestE
 /// The repository's `fuzz/` directory.
 pub fn fuzz_dir() -> PathBuf {
     // every crate using this harness sits one level below the workspace root
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("fuzz")
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("crate directory has a parent").join("fuzz")
 }
 
 /// The files of `fuzz/corpus/<target>/` as (file name, bytes), sorted by name.
