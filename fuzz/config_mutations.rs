@@ -9,7 +9,11 @@ use proptest::prelude::*;
 #[derive(Debug, Clone)]
 pub enum Edit {
     /// `key = VALUE` appended to the top level (before the first table) or to a table.
-    Set { table: Option<String>, key: String, value: String },
+    Set {
+        table: Option<String>,
+        key: String,
+        value: String,
+    },
     Truncate(usize),
     Flip(usize, u8),
     Insert(usize, String),

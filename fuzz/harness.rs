@@ -62,7 +62,16 @@ where
     let regressions = fuzz_dir().join("proptest-regressions").join(format!("{target}.txt"));
     let leaked: &'static str = Box::leak(regressions.to_string_lossy().into_owned().into_boxed_str());
     let start = Instant::now();
-    let mut total: u64 = 0;
+    let deadline = budget.map(|b| start + b);
+    // cases actually run (the rest of the batch after the deadline is skipped)
+    let ran = std::cell::Cell::new(0u64);
+    let counted = |v: S::Value| {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(());
+        }
+        ran.set(ran.get().saturating_add(1));
+        test(v)
+    };
     loop {
         let config = Config {
             cases,
@@ -73,19 +82,21 @@ where
             ..Config::default()
         };
         let mut runner = TestRunner::new(config);
-        match runner.run(&strategy, &test) {
-            Ok(()) => total = total.saturating_add(u64::from(cases)),
+        match runner.run(&strategy, &counted) {
+            Ok(()) => {}
             Err(TestError::Fail(why, value)) => panic!(
-                "fuzz {target}: FAILED after {total}+ cases: {why}\nminimized input: {value:#?}\n\
+                "fuzz {target}: FAILED ({} runs, shrinking included): {why}\nminimized input: {value:#?}\n\
                  seed saved in {} (replayed first by every run; commit it with the fix)",
+                ran.get(),
                 regressions.display()
             ),
             Err(TestError::Abort(why)) => panic!("fuzz {target}: aborted: {why}"),
         }
-        if budget.is_none_or(|b| start.elapsed() >= b) {
+        if deadline.is_none_or(|d| Instant::now() >= d) {
             break;
         }
     }
+    let total = ran.get();
     let secs = start.elapsed().as_secs_f64();
     let rate = if secs > 0.0 { total as f64 / secs } else { 0.0 };
     println!("fuzz {target}: {total} cases in {secs:.1} s ({rate:.0} cases/s)");

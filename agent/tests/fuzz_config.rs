@@ -16,8 +16,20 @@ use proptest::prelude::*;
 
 const TABLES: &[&str] = &["controller"];
 const KEYS: &[&str] = &[
-    "host_id", "machine_id_file", "boot_id_file", "libvirt_uri", "autostart_dir", "qemu_conf",
-    "libvirt_guests_conf", "state_dir", "resync_interval_s", "metrics_listen", "url", "server_name", "ca", "cert",
+    "host_id",
+    "machine_id_file",
+    "boot_id_file",
+    "libvirt_uri",
+    "autostart_dir",
+    "qemu_conf",
+    "libvirt_guests_conf",
+    "state_dir",
+    "resync_interval_s",
+    "metrics_listen",
+    "url",
+    "server_name",
+    "ca",
+    "cert",
     "key",
 ];
 

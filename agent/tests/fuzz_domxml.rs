@@ -105,8 +105,22 @@ enum Mutation {
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     let unit = prop_oneof![
-        Just("b"), Just("bytes"), Just("KB"), Just("k"), Just("KiB"), Just("MB"), Just("M"), Just("MiB"),
-        Just("GB"), Just("G"), Just("GiB"), Just("T"), Just("TiB"), Just(""), Just("PiB"), Just("kib")
+        Just("b"),
+        Just("bytes"),
+        Just("KB"),
+        Just("k"),
+        Just("KiB"),
+        Just("MB"),
+        Just("M"),
+        Just("MiB"),
+        Just("GB"),
+        Just("G"),
+        Just("GiB"),
+        Just("T"),
+        Just("TiB"),
+        Just(""),
+        Just("PiB"),
+        Just("kib")
     ]
     .prop_map(str::to_string);
     let value = prop_oneof![
@@ -207,10 +221,7 @@ fn expected_kib(value: &str, unit: &str) -> Option<Option<u64>> {
 
 #[test]
 fn fuzz_domxml_arbitrary_text() {
-    let strategy = prop_oneof![
-        any::<String>(),
-        proptest::collection::vec(token(), 0..60).prop_map(|t| t.concat()),
-    ];
+    let strategy = prop_oneof![any::<String>(), proptest::collection::vec(token(), 0..60).prop_map(|t| t.concat()),];
     harness::run("domxml_arbitrary_text", 128, strategy, |xml| check(&xml));
 }
 
@@ -234,9 +245,13 @@ fn fuzz_domxml_corpus_mutations() {
             match (expected_kib(value, unit), domxml::parse(&doc)) {
                 (Some(Some(kib)), Ok(f)) => prop_assert_eq!(f.memory_kib, kib),
                 (Some(Some(kib)), Err(e)) => prop_assert!(false, "{value} {unit} = {kib} KiB refused: {e}"),
-                (Some(None), Ok(f)) => prop_assert!(false, "{value} {unit} overflows u64 KiB but read as {}", f.memory_kib),
+                (Some(None), Ok(f)) => {
+                    prop_assert!(false, "{value} {unit} overflows u64 KiB but read as {}", f.memory_kib)
+                }
                 (Some(None), Err(e)) => prop_assert!(e.contains("memory"), "{e}"),
-                (None, Ok(f)) => prop_assert!(false, "unusable <memory unit='{unit}'>{value}</memory> read as {} KiB", f.memory_kib),
+                (None, Ok(f)) => {
+                    prop_assert!(false, "unusable <memory unit='{unit}'>{value}</memory> read as {} KiB", f.memory_kib)
+                }
                 (None, Err(_)) => {}
             }
         }

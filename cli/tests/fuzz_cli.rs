@@ -132,15 +132,62 @@ fn check_run(r: &Run) -> Result<(), TestCaseError> {
 /// One argv word.
 fn word() -> impl Strategy<Value = OsString> {
     const COMMANDS: &[&str] = &[
-        "hosts", "list", "show", "set-status", "vms", "restore", "forget", "start", "whoami", "migrate", "move",
-        "cleanup", "alarms", "clear", "jobs", "watch", "log", "help", "generate", "completions", "bash",
-        "AVAILABLE", "MAINTENANCE", "OFFLINE", "NOT_ACCEPTING",
+        "hosts",
+        "list",
+        "show",
+        "set-status",
+        "vms",
+        "restore",
+        "forget",
+        "start",
+        "whoami",
+        "migrate",
+        "move",
+        "cleanup",
+        "alarms",
+        "clear",
+        "jobs",
+        "watch",
+        "log",
+        "help",
+        "generate",
+        "completions",
+        "bash",
+        "AVAILABLE",
+        "MAINTENANCE",
+        "OFFLINE",
+        "NOT_ACCEPTING",
     ];
     const FLAGS: &[&str] = &[
-        "--vm", "--from", "--to", "--since", "--timeout", "-o", "--output", "--parallel", "--plan-id", "--reason",
-        "--host", "--job", "--yes", "--plan", "--force", "--fence", "--all", "--no-wait", "--no-start",
-        "--attest-powered-off", "--destroy-running", "--help", "-h", "--version", "--", "-", "--controller-url",
-        "--server-name", "--config",
+        "--vm",
+        "--from",
+        "--to",
+        "--since",
+        "--timeout",
+        "-o",
+        "--output",
+        "--parallel",
+        "--plan-id",
+        "--reason",
+        "--host",
+        "--job",
+        "--yes",
+        "--plan",
+        "--force",
+        "--fence",
+        "--all",
+        "--no-wait",
+        "--no-start",
+        "--attest-powered-off",
+        "--destroy-running",
+        "--help",
+        "-h",
+        "--version",
+        "--",
+        "-",
+        "--controller-url",
+        "--server-name",
+        "--config",
     ];
     prop_oneof![
         4 => proptest::sample::select(COMMANDS).prop_map(OsString::from),
@@ -203,7 +250,10 @@ fn fuzz_cli_config() {
     // the seeds themselves get as far as the (absent) controller: exit 3
     for s in &seeds {
         std::fs::write(&file, s).unwrap();
-        let r = lifeboat(&["--config".into(), file.clone().into(), "--timeout".into(), "3".into(), "whoami".into()], &scratch.0);
+        let r = lifeboat(
+            &["--config".into(), file.clone().into(), "--timeout".into(), "3".into(), "whoami".into()],
+            &scratch.0,
+        );
         assert_eq!(r.code, Some(3), "seed config: {r:?}");
     }
     let strategy = (0..seeds.len(), proptest::collection::vec(mutations::edit(TABLES, KEYS), 1..4));

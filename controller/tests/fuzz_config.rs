@@ -18,9 +18,26 @@ use proptest::prelude::*;
 
 const TABLES: &[&str] = &["tls", "bmc.kvm01", "bmc.kvm02", "bmc.\"odd host\""];
 const KEYS: &[&str] = &[
-    "listen", "database", "heartbeat_interval_ms", "unreachable_after_ms", "force_grace_ms", "metrics_listen",
-    "lease_ttl_ms", "host_memory_reserve_mib", "ca", "cert", "key", "driver", "url", "system_id",
-    "credentials_file", "power_off_timeout_s", "poll_interval_ms", "agent", "options", "env",
+    "listen",
+    "database",
+    "heartbeat_interval_ms",
+    "unreachable_after_ms",
+    "force_grace_ms",
+    "metrics_listen",
+    "lease_ttl_ms",
+    "host_memory_reserve_mib",
+    "ca",
+    "cert",
+    "key",
+    "driver",
+    "url",
+    "system_id",
+    "credentials_file",
+    "power_off_timeout_s",
+    "poll_interval_ms",
+    "agent",
+    "options",
+    "env",
 ];
 
 fn seeds() -> Vec<String> {

@@ -65,7 +65,13 @@ enum Framing {
 /// One answer of the scripted BMC.
 #[derive(Debug, Clone)]
 enum Answer {
-    Http { status: u16, framing: Framing, headers: Vec<(String, String)>, junk_header: Option<Bytes>, body: Bytes },
+    Http {
+        status: u16,
+        framing: Framing,
+        headers: Vec<(String, String)>,
+        junk_header: Option<Bytes>,
+        body: Bytes,
+    },
     /// Raw bytes instead of an HTTP response.
     Raw(Bytes),
     /// Close the connection without answering.
@@ -112,7 +118,9 @@ impl Answer {
                     }
                     Framing::Long(k) => out.extend_from_slice(format!("Content-Length: {}\r\n", len + k).as_bytes()),
                     Framing::Close => {}
-                    Framing::Chunked | Framing::ChunkedBroken => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+                    Framing::Chunked | Framing::ChunkedBroken => {
+                        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n")
+                    }
                 }
                 out.extend_from_slice(b"\r\n");
                 match framing {
@@ -555,7 +563,10 @@ fn fuzz_redfish_answers() {
         // invariant 1: Off only from a clear Off, read last
         if state == PowerState::Off {
             let last_get = seen.iter().rev().find(|s| s.method == "GET");
-            prop_assert!(last_get.is_some_and(|g| g.may_read_off), "read Off but the last GET was not clearly Off: {seen:#?}");
+            prop_assert!(
+                last_get.is_some_and(|g| g.may_read_off),
+                "read Off but the last GET was not clearly Off: {seen:#?}"
+            );
         }
         // a read is a read; fencing never asks for On
         let resets: Vec<&Seen> = seen.iter().filter(|s| s.method == "POST").collect();

@@ -27,14 +27,55 @@ const MAX_RUN: Duration = Duration::from_secs(20);
 
 fn words() -> impl Strategy<Value = Vec<OsString>> {
     const COMMANDS: &[&str] = &[
-        "hosts", "list", "show", "set-status", "vms", "restore", "forget", "start", "whoami", "migrate", "move",
-        "cleanup", "alarms", "clear", "jobs", "watch", "log", "help", "host-a", "vm-a1", "vm-a2",
-        "11111111-0000-4000-8000-00000000a001", "AVAILABLE", "MAINTENANCE", "OFFLINE", "NOT_ACCEPTING",
+        "hosts",
+        "list",
+        "show",
+        "set-status",
+        "vms",
+        "restore",
+        "forget",
+        "start",
+        "whoami",
+        "migrate",
+        "move",
+        "cleanup",
+        "alarms",
+        "clear",
+        "jobs",
+        "watch",
+        "log",
+        "help",
+        "host-a",
+        "vm-a1",
+        "vm-a2",
+        "11111111-0000-4000-8000-00000000a001",
+        "AVAILABLE",
+        "MAINTENANCE",
+        "OFFLINE",
+        "NOT_ACCEPTING",
     ];
     const FLAGS: &[&str] = &[
-        "--vm", "--from", "--to", "--since", "--timeout", "-o", "--parallel", "--plan-id", "--reason", "--host",
-        "--job", "--yes", "--plan", "--force", "--fence", "--all", "--no-wait", "--no-start",
-        "--attest-powered-off", "--help", "--",
+        "--vm",
+        "--from",
+        "--to",
+        "--since",
+        "--timeout",
+        "-o",
+        "--parallel",
+        "--plan-id",
+        "--reason",
+        "--host",
+        "--job",
+        "--yes",
+        "--plan",
+        "--force",
+        "--fence",
+        "--all",
+        "--no-wait",
+        "--no-start",
+        "--attest-powered-off",
+        "--help",
+        "--",
     ];
     let word = prop_oneof![
         4 => proptest::sample::select(COMMANDS).prop_map(OsString::from),
@@ -119,8 +160,7 @@ fn command() -> impl Strategy<Value = Vec<OsString>> {
         t(&["move", "--vm", "@", "--from", "@", "--to", "@", "--plan"]),
         t(&["whoami", "--timeout", "@"]),
     ];
-    (proptest::sample::select(templates), proptest::collection::vec(v(), 3))
-        .prop_map(move |(a, vs)| with(a, vs))
+    (proptest::sample::select(templates), proptest::collection::vec(v(), 3)).prop_map(move |(a, vs)| with(a, vs))
 }
 
 #[test]
@@ -144,7 +184,9 @@ fn fuzz_cli_live() {
     };
     rt.block_on(wait_for(Duration::from_secs(20), "host-a registered", || {
         let mut a = admin.clone();
-        async move { a.list_hosts(ListHostsRequest::default()).await.ok().filter(|r| !r.get_ref().hosts.is_empty()).map(|_| ()) }
+        async move {
+            a.list_hosts(ListHostsRequest::default()).await.ok().filter(|r| !r.get_ref().hosts.is_empty()).map(|_| ())
+        }
     }));
     let base: Vec<OsString> = vec![
         "--controller-url".into(),
