@@ -91,8 +91,10 @@ fn fuzz_config_controller_mutations() {
             let m = ControllerConfig::parse(&text, Path::new("f.toml")).unwrap_err().to_string();
             let bare = key.trim_matches('"');
             // a BMC section the edit created may be refused for what it lacks (`driver`)
-            let new_table = table.as_ref().filter(|t| !seeds[i].contains(&format!("[{t}]")));
-            let names_table = new_table.is_some_and(|t| m.contains(&format!("[{t}]")));
+            // A `[bmc.X]` section is refused as a whole, naming its table line: it is an
+            // internally tagged enum (`driver`), and serde reports a bad value inside one
+            // without the key. A section the edit created may lack `driver`.
+            let names_table = table.as_ref().is_some_and(|t| t.starts_with("bmc.") && m.contains(&format!("[{t}]")));
             prop_assert!(m.contains(bare) || names_table, "refusal after setting `{key}` does not name it: {m}");
         }
         Ok(())

@@ -309,6 +309,14 @@ impl Bmc {
     }
 }
 
+/// What the BMC answers once the scripted answers are used up.
+#[derive(Debug, Clone, Copy)]
+enum After {
+    Settle,
+    Opposite,
+    Hangup,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Op {
     State,
@@ -539,13 +547,21 @@ fn fuzz_redfish_answers() {
         }
         status_of(name);
     }
-    let after = prop_oneof![6 => Just(Answer::clean("Off")), 1 => Just(Answer::clean("On")), 1 => Just(Answer::Hangup)];
+    // once the script is used up: mostly the state the operation waits for (so a case ends
+    // quickly), sometimes the other one or hang-ups (the operation polls until its timeout)
+    let after = prop_oneof![12 => Just(After::Settle), 1 => Just(After::Opposite), 1 => Just(After::Hangup)];
     let op = prop_oneof![Just(Op::State), Just(Op::Off), Just(Op::On)];
     let strategy = (op, proptest::collection::vec(answer(seeds.clone()), 0..5), after);
     harness::run("redfish_answers", 24, strategy, |(op, answers, after)| {
         {
             let mut s = bmc.script.lock().unwrap();
-            *s = Script { answers: answers.iter().cloned().collect(), after: Some(after.clone()), seen: vec![] };
+            let (settled, other) = if matches!(op, Op::On) { ("On", "Off") } else { ("Off", "On") };
+            let after = match after {
+                After::Settle => Answer::clean(settled),
+                After::Opposite => Answer::clean(other),
+                After::Hangup => Answer::Hangup,
+            };
+            *s = Script { answers: answers.iter().cloned().collect(), after: Some(after), seen: vec![] };
         }
         let fencer = Fencer::new("host-f", &bmc.config()).expect("fencer");
         let mut log: Vec<FenceEvent> = Vec::new();

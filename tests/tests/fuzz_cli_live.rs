@@ -7,6 +7,7 @@
 //!
 //! Needs the CLI binary built (`cargo build -p lifeboat-cli`; scripts/fuzz.sh
 //! and scripts/test.sh do): without it the test fails and says so.
+//! `LIFEBOAT_CLI_BIN=PATH` runs another build of the CLI instead.
 
 #[path = "../../fuzz/harness.rs"]
 mod harness;
@@ -165,7 +166,10 @@ fn command() -> impl Strategy<Value = Vec<OsString>> {
 
 #[test]
 fn fuzz_cli_live() {
-    let cli = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lifeboat");
+    // LIFEBOAT_CLI_BIN: another build of the CLI (e.g. a branch's) against this controller
+    let cli = std::env::var_os("LIFEBOAT_CLI_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lifeboat"));
     assert!(cli.exists(), "{} is missing: run `cargo build -p lifeboat-cli` first", cli.display());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let tmp = tempfile::tempdir().unwrap();
