@@ -98,7 +98,7 @@ impl ControllerConfig {
         if cfg.heartbeat_interval_ms < 100 {
             return Err(invalid(format!("heartbeat_interval_ms = {} is below the minimum of 100", cfg.heartbeat_interval_ms)));
         }
-        if cfg.unreachable_after_ms < 2 * cfg.heartbeat_interval_ms {
+        if u64::from(cfg.unreachable_after_ms) < 2 * u64::from(cfg.heartbeat_interval_ms) {
             return Err(invalid(format!(
                 "unreachable_after_ms = {} must be at least twice heartbeat_interval_ms ({}), or one late heartbeat would mark a live host unreachable",
                 cfg.unreachable_after_ms, cfg.heartbeat_interval_ms

@@ -18,6 +18,13 @@ use super::common::{Credentials, describe, human, permission_warning, read_crede
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Total timeout of every request to a BMC.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest answer body read from a BMC (a ComputerSystem document is a few KiB;
+/// sushy-tools sends 2.8 KiB). A larger answer is not read further: Unknown.
+pub(crate) const MAX_BODY: usize = 1024 * 1024;
+/// Longest advertised Reset target accepted (it is logged with every POST).
+const MAX_TARGET: usize = 1024;
+/// Longest PowerState value considered (longer is neither On nor Off).
+const MAX_STATE: usize = 64;
 
 pub(crate) struct Redfish {
     /// Base URL without trailing `/`, e.g. `https://10.77.0.3:8001`.
@@ -119,18 +126,68 @@ pub(crate) fn load_ca(path: &Path) -> Result<Vec<Certificate>, String> {
 /// The PowerState of a ComputerSystem document: On, Off, or why it is neither.
 /// PoweringOn, PoweringOff and Paused count as On: not (yet) off.
 pub(crate) fn parse_power_state(body: &[u8]) -> Result<(PowerState, String), String> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| format!("the answer is not JSON ({e}): {}", shorten(&String::from_utf8_lossy(body), 120)))?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        format!("the answer is not JSON ({}): {}", printable(&e.to_string()), printable(&shorten(&String::from_utf8_lossy(body), 120)))
+    })?;
+    if !v.is_object() {
+        return Err(format!("the answer is not a JSON object: {}", printable(&shorten(&v.to_string(), 40))));
+    }
+    // serde_json keeps the last of duplicated keys: {"PowerState":"On","PowerState":"Off"}
+    // would read Off. An answer that says two things is not a clear Off.
+    #[derive(serde::Deserialize)]
+    struct OnePowerState {
+        #[serde(rename = "PowerState")]
+        _power_state: Option<serde::de::IgnoredAny>,
+    }
+    if let Err(e) = serde_json::from_slice::<OnePowerState>(body) {
+        return Err(format!("the answer is ambiguous ({})", printable(&shorten(&e.to_string(), 80))));
+    }
     match v.get("PowerState") {
         None | Some(Value::Null) => Err("the answer has no PowerState".into()),
-        Some(Value::String(s)) => match s.trim() {
-            "On" => Ok((PowerState::On, s.clone())),
-            "Off" => Ok((PowerState::Off, s.clone())),
-            "PoweringOn" | "PoweringOff" | "Paused" => Ok((PowerState::On, s.clone())),
-            other => Err(format!("PowerState '{}' is neither On nor Off", shorten(other, 40))),
+        Some(Value::String(s)) if s.len() <= MAX_STATE => match s.trim() {
+            "On" => Ok((PowerState::On, "On".into())),
+            "Off" => Ok((PowerState::Off, "Off".into())),
+            w @ ("PoweringOn" | "PoweringOff" | "Paused") => Ok((PowerState::On, w.into())),
+            other => Err(format!("PowerState '{}' is neither On nor Off", printable(&shorten(other, 40)))),
         },
-        Some(other) => Err(format!("PowerState is not a string: {}", shorten(&other.to_string(), 40))),
+        Some(Value::String(s)) => Err(format!("PowerState '{}' is neither On nor Off", printable(&shorten(s, 40)))),
+        Some(other) => Err(format!("PowerState is not a string: {}", printable(&shorten(&other.to_string(), 40)))),
     }
+}
+
+/// Text from a BMC made safe for one log line: whitespace runs become one
+/// space, other control characters are escaped (`\u{1b}`).
+pub(crate) fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut space = false;
+    for c in s.chars() {
+        if c.is_whitespace() {
+            space = true;
+            continue;
+        }
+        if space && !out.is_empty() {
+            out.push(' ');
+        }
+        space = false;
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Reads an answer's body, at most [`MAX_BODY`] bytes.
+async fn read_body(resp: &mut reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut out: Vec<u8> = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| printable(&error_chain(&e).join(": ")))? {
+        if out.len().saturating_add(chunk.len()) > MAX_BODY {
+            return Err(format!("the answer is larger than {} KiB: not read further", MAX_BODY / 1024));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 /// The Reset action target a ComputerSystem advertises (`Actions."#ComputerSystem.Reset".target`).
@@ -158,11 +215,10 @@ pub(crate) fn error_message(body: &[u8]) -> String {
             }
         }
         if !parts.is_empty() {
-            return shorten(&parts.join("; "), 300);
+            return printable(&shorten(&parts.join("; "), 300));
         }
     }
-    let text = String::from_utf8_lossy(body);
-    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let text = printable(&String::from_utf8_lossy(body));
     if text.is_empty() { "(empty body)".into() } else { shorten(&text, 200) }
 }
 
@@ -284,7 +340,7 @@ impl Redfish {
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await;
-        let resp = match resp {
+        let mut resp = match resp {
             Ok(r) => r,
             Err(e) => {
                 let reason = self.transport_reason(&e);
@@ -293,11 +349,15 @@ impl Redfish {
             }
         };
         let status = resp.status();
-        let location = resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let body = match resp.bytes().await {
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|l| printable(&shorten(l, 200)));
+        let body = match read_body(&mut resp).await {
             Ok(b) => b,
             Err(e) => {
-                let reason = format!("reading the answer of BMC {} failed: {}", self.base, error_chain(&e).join(": "));
+                let reason = format!("reading the answer of BMC {} failed: {e}", self.base);
                 record(log, req, format!("HTTP {}: {reason}", status.as_u16()));
                 return unknown(reason);
             }
@@ -345,6 +405,9 @@ impl Redfish {
     /// Accepts an advertised Reset target only on the same origin as the
     /// configured URL (the credentials go nowhere else).
     fn safe_target(&self, target: &str) -> Option<Url> {
+        if target.len() > MAX_TARGET {
+            return None;
+        }
         let u = self.system_url.join(target).ok()?;
         (u.origin() == self.system_url.origin()).then_some(u)
     }
@@ -383,8 +446,10 @@ impl Redfish {
                 return ResetAnswer::Failed(reason);
             }
         };
+        let mut resp = resp;
         let status = resp.status();
-        let body = resp.bytes().await.unwrap_or_default();
+        // only for the message: an unreadable or oversized body leaves it empty
+        let body = read_body(&mut resp).await.unwrap_or_default();
         let code = status.as_u16();
         if status.is_success() {
             record(log, req, format!("HTTP {code} (accepted)"));
@@ -442,7 +507,8 @@ impl Redfish {
 
     async fn drive(&self, want: PowerState, reset_type: &str, log: &mut Vec<FenceEvent>) -> PowerState {
         let start = Instant::now();
-        let deadline = start + self.timeout;
+        // a configured timeout beyond what Instant can hold waits "forever" (a year), not panics
+        let deadline = start.checked_add(self.timeout).unwrap_or(start + Duration::from_secs(365 * 86_400));
         let first = self.read(log).await;
         if first.state == want {
             record(log, format!("{reset_type} not sent"), format!("the BMC already reads {}", describe(&want)));
@@ -562,5 +628,26 @@ mod tests {
         std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
         assert!(load_ca(&garbage).is_err());
         assert!(load_ca(&dir.path().join("missing.pem")).unwrap_err().contains("cannot read CA bundle"));
+    }
+
+    #[test]
+    fn an_answer_that_says_two_things_is_not_off() {
+        let p = |s: &str| parse_power_state(s.as_bytes());
+        assert!(p(r#"{"PowerState":"On","PowerState":"Off"}"#).unwrap_err().contains("ambiguous"));
+        assert!(p(r#"{"PowerState":"Off","PowerState":"Off"}"#).unwrap_err().contains("ambiguous"));
+        assert!(p(r#"["PowerState","Off"]"#).unwrap_err().contains("not a JSON object"));
+        assert!(p(&format!(r#"{{"PowerState":"Off{}"}}"#, " ".repeat(100))).unwrap_err().contains("neither"));
+        assert_eq!(p(r#"{"PowerState":" Off "}"#).unwrap(), (PowerState::Off, "Off".to_string()));
+        // a nested PowerState is not the system's
+        assert!(p(r#"{"Status":{"PowerState":"Off"}}"#).is_err());
+    }
+
+    #[test]
+    fn bmc_text_is_one_printable_line() {
+        assert_eq!(printable("a\n\t b\u{1b}[2J"), "a b\\u{1b}[2J");
+        let body = br#"{"error":{"message":"clear\u001b[2Jscreen\nnext"}}"#;
+        assert_eq!(error_message(body), "clear\\u{1b}[2Jscreen next");
+        let e = parse_power_state(b"\x1b]0;title\x07 not json").unwrap_err();
+        assert!(!e.chars().any(char::is_control), "{e}");
     }
 }
