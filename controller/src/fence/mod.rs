@@ -108,6 +108,12 @@ pub struct FenceConfigError {
     pub message: String,
 }
 
+/// Longest `power_off_timeout_s` accepted: one hour. A BMC that has not
+/// powered its host off by then will not; a larger value only keeps a
+/// forced migration waiting (and deadlines computed from it must not
+/// overflow).
+pub const MAX_POWER_OFF_TIMEOUT_S: u64 = 3600;
+
 impl Fencer {
     /// Checks the configuration (files readable, URL valid) and builds the driver.
     pub fn new(host: &str, cfg: &BmcConfig) -> Result<Self, FenceConfigError> {
@@ -118,8 +124,8 @@ impl Fencer {
                 (*power_off_timeout_s, *poll_interval_ms)
             }
         };
-        if timeout_s == 0 {
-            return Err(err("power_off_timeout_s must be at least 1".into()));
+        if !(1..=MAX_POWER_OFF_TIMEOUT_S).contains(&timeout_s) {
+            return Err(err(format!("power_off_timeout_s = {timeout_s}: use 1..={MAX_POWER_OFF_TIMEOUT_S} (seconds)")));
         }
         if !(10..=60_000).contains(&poll_ms) {
             return Err(err(format!("poll_interval_ms = {poll_ms}: use 10..=60000")));
@@ -201,6 +207,24 @@ mod tests {
         let mut log = Vec::new();
         send(&f.power_on(&mut log));
         assert_eq!(f.off_timeout(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn power_off_timeout_is_bounded_so_deadlines_cannot_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let cred = dir.path().join("c");
+        std::fs::write(&cred, "username = \"a\"\npassword = \"b\"\n").unwrap();
+        let agent = |t: u64| BmcConfig::FenceAgent {
+            agent: "fence_ipmilan".into(),
+            options: Default::default(),
+            env: Default::default(),
+            power_off_timeout_s: t,
+            poll_interval_ms: 100,
+        };
+        for t in [0, MAX_POWER_OFF_TIMEOUT_S + 1, u64::MAX] {
+            let e = Fencer::new("h", &agent(t)).err().expect("refused").to_string();
+            assert!(e.contains("power_off_timeout_s") && e.contains("1..=3600"), "{e}");
+        }
     }
 
     #[test]
