@@ -215,7 +215,8 @@ pub struct Registry {
     started_ms: i64,
     inner: Mutex<Inner>,
     timing: Timing,
-    pending: Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<CommandResult>>>,
+    /// Commands awaiting their result: id → (host it was sent to, waiter).
+    pending: Mutex<std::collections::HashMap<String, (String, tokio::sync::oneshot::Sender<CommandResult>)>>,
 }
 
 /// Hosts handled per hold of the registry lock by passes over every host,
@@ -670,25 +671,19 @@ impl Registry {
     }
 
     /// A full inventory: replaces the host's facts and all its guests.
-    /// Returns the messages for guests that were skipped as invalid.
+    /// An inventory with an invalid guest is refused whole (nothing is
+    /// written); the returned list is always empty (kept for callers).
     pub fn apply_inventory(&self, host_id: &str, sid: SessionId, inv: Inventory) -> Result<Vec<String>, ControllerError> {
         let now = now_unix_ms();
         let mut inner = self.lock();
         if Self::current(&mut inner, host_id, sid).is_none() {
             return Ok(vec![]);
         }
-        let mut skipped = Vec::new();
-        let guests: Vec<Guest> = inv
-            .guests
-            .into_iter()
-            .filter(|g| match valid_guest(g) {
-                Ok(()) => true,
-                Err(m) => {
-                    skipped.push(m);
-                    false
-                }
-            })
-            .collect();
+        let skipped = Vec::new();
+        if let Some(m) = inv.guests.iter().find_map(|g| valid_guest(g).err()) {
+            return Err(ControllerError::InvalidArgument(format!("inventory refused whole: {m}")));
+        }
+        let guests: Vec<Guest> = inv.guests;
         if let Some(h) = inv.host {
             Self::set_host_info(&mut inner, host_id, h, now)?;
         }
@@ -1108,7 +1103,7 @@ impl Registry {
         };
         let id = uuid::Uuid::new_v4().to_string();
         let (otx, orx) = tokio::sync::oneshot::channel();
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), otx);
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), (host_id.to_string(), otx));
         let msg = ControllerMessage { msg: Some(controller_message::Msg::Command(Command { id: id.clone(), kind: Some(kind) })) };
         let sent = tx.send(Box::new(msg)).await.is_ok();
         let r = if !sent {
@@ -1134,9 +1129,23 @@ impl Registry {
 
     /// A command result arrived.
     pub fn complete(&self, r: CommandResult) {
-        if let Some(tx) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.id) {
+        if let Some((_, tx)) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.id) {
             let _ = tx.send(r);
         }
+    }
+
+    /// A command result arrived from `host`'s session: it completes only a
+    /// command sent to `host`. Returns false (nothing done) for an id that
+    /// is unknown or belongs to another host.
+    pub fn complete_from(&self, host: &str, r: CommandResult) -> bool {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.get(&r.id).is_none_or(|(h, _)| h != host) {
+            return false;
+        }
+        if let Some((_, tx)) = pending.remove(&r.id) {
+            let _ = tx.send(r);
+        }
+        true
     }
 
     /// Sets a host's status (checks are the caller's).
@@ -1576,6 +1585,22 @@ pub async fn watch_liveness(reg: Arc<Registry>) {
     }
 }
 
+/// Alarms that one recurring cause keeps up to date.
+impl Registry {
+    /// Raises `kind` for `host`, or, when one is active, replaces its detail:
+    /// one alarm per host and kind, showing the latest occurrence.
+    pub fn raise_or_refresh_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if inner.store.refresh_alarm(host, kind, detail)? {
+            if let Some(a) = inner.alarms.iter_mut().find(|a| a.0 == host && a.1 == kind) {
+                a.2 = detail.to_string();
+            }
+            return Ok(());
+        }
+        Self::raise_locked(&mut inner, host, kind, detail)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1585,17 +1610,17 @@ mod tests {
     }
 
     #[test]
-    fn invalid_guests_are_skipped_without_dropping_the_others() {
+    fn an_inventory_with_an_invalid_guest_is_refused_whole() {
         let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
+        reg.apply_inventory("h", sid, Inventory { host: None, guests: vec![g("u0", "vm0")], more: false }).unwrap();
         let inv = Inventory { host: None, guests: vec![g("u1", "vm1"), g("", "broken"), g("u3", "vm3")], more: false };
-        let skipped = reg.apply_inventory("h", sid, inv).unwrap();
-        assert_eq!(skipped.len(), 1);
-        assert!(skipped[0].contains("broken"));
+        let e = reg.apply_inventory("h", sid, inv).unwrap_err();
+        assert!(e.to_string().contains("broken"), "{e}");
         let names: Vec<String> =
             reg.list_guests(None, None, false).unwrap().into_iter().map(|r| r.guest.unwrap().name).collect();
-        assert_eq!(names, ["vm1", "vm3"]);
+        assert_eq!(names, ["vm0"]);
         assert!(reg.apply_guest("h", sid, g("", "x")).is_err());
     }
 

@@ -601,6 +601,17 @@ impl Store {
         Ok(true)
     }
 
+    /// Replaces the detail of a host's active alarm of one kind (and its
+    /// time), so that a recurring cause keeps one alarm up to date instead
+    /// of raising one per occurrence. Returns whether one was active.
+    pub fn refresh_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<bool, StoreError> {
+        let n = self.conn.execute(
+            "UPDATE alarms SET detail = ?3, at_ms = ?4 WHERE host = ?1 AND kind = ?2 AND cleared_ms = 0",
+            params![host, kind, detail, crate::now_ms()],
+        )?;
+        Ok(n > 0)
+    }
+
     /// Alarms: (id, at, host, kind, detail, cleared).
     pub fn alarms(&self, include_cleared: bool) -> Result<Vec<(i64, i64, String, String, String, i64)>, StoreError> {
         let mut st = self.conn.prepare(
