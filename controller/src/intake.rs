@@ -222,8 +222,23 @@ fn check_nic(kind: &'static str, prefix: &str, n: &Nic) -> Result<(), Refusal> {
 
 /// Every field of a guest except its definition (see [`unpack_guest`]).
 pub fn check_guest(kind: &'static str, prefix: &str, g: &Guest) -> Result<(), Refusal> {
+    check_uuid(kind, &format!("{prefix}uuid"), &g.uuid)?;
+    check_guest_rest(kind, prefix, g)
+}
+
+/// A guest read back from the database: as [`check_guest`], except that
+/// its UUID need only be bounded printable text (rows written before UUIDs
+/// were checked stay readable; the row's key is that text).
+pub fn check_stored_guest(g: &Guest) -> Result<(), Refusal> {
+    if g.uuid.is_empty() {
+        return Err(Refusal::new("stored guest", "uuid", "empty"));
+    }
+    check_text("stored guest", "uuid", &g.uuid, MAX_NAME_BYTES)?;
+    check_guest_rest("stored guest", "", g)
+}
+
+fn check_guest_rest(kind: &'static str, prefix: &str, g: &Guest) -> Result<(), Refusal> {
     let f = |n: &str| format!("{prefix}{n}");
-    check_uuid(kind, &f("uuid"), &g.uuid)?;
     check_name(kind, &f("name"), &g.name)?;
     if GuestState::try_from(g.state).is_err() {
         return Err(Refusal::new(kind, f("state"), format!("{} is not a guest state this controller knows", g.state)));

@@ -166,6 +166,10 @@ struct Inner {
     /// Guests missing on their owner, by UUID, with their last report
     /// (definition included: they are few, and this is the last copy).
     missing: BTreeMap<String, crate::store::MissingRow>,
+    /// Guests with a row in quarantine (a guest, owner, desired-state or
+    /// missing row that could not be read): nobody knows who owns them, so
+    /// no lease, start or stop anywhere while the row is there.
+    quarantined: BTreeSet<String>,
 }
 
 /// One row of a guest listing: a reported guest or a missing one.
@@ -241,22 +245,36 @@ fn valid_guest(g: &Guest) -> Result<(), String> {
 }
 
 impl Registry {
-    /// Loads everything from the store.
-    pub fn load(store: Store, timing: Timing) -> Result<Self, StoreError> {
+    /// Loads everything from the store. A row that cannot be read does not
+    /// stop the load: it is quarantined (see [`Registry::quarantine_bad_rows`])
+    /// and the rest loads.
+    pub fn load(mut store: Store, timing: Timing) -> Result<Self, StoreError> {
+        let (_, bad_hosts) = store.hosts_checked()?;
+        Self::quarantine_bad_rows(&mut store, &bad_hosts)?;
+        let (host_rows, _) = store.hosts_checked()?;
         let mut hosts = BTreeMap::new();
-        for row in store.hosts()? {
+        for row in host_rows {
             hosts.insert(row.info.host_id.clone(), HostEntry::new(row));
         }
-        let owners: BTreeMap<String, crate::store::OwnerRow> = store.owners()?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
+        let (owner_rows, mut bad) = store.owners_checked()?;
+        let owners: BTreeMap<String, crate::store::OwnerRow> = owner_rows.into_iter().map(|o| (o.uuid.clone(), o)).collect();
         let owners_by_host = by_host(&owners);
-        let desired = store.desired()?;
-        let missing = store.missing()?.into_iter().map(|r| (r.guest.uuid.clone(), r)).collect();
-        let alarms = store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
+        let (desired, b) = store.desired_checked()?;
+        bad.extend(b);
+        let (missing_rows, b) = store.missing_checked()?;
+        bad.extend(b);
+        let missing = missing_rows.into_iter().map(|r| (r.guest.uuid.clone(), r)).collect();
         let mut guests: BTreeMap<String, BTreeMap<String, GuestEntry>> = BTreeMap::new();
-        store.each_guest(|g| {
-            let hash = guest_hash(&prost::Message::encode_to_vec(&g.guest));
-            guests.entry(g.host_id).or_default().insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
-        })?;
+        bad.extend(store.each_guest_checked(
+            |g| crate::intake::check_stored_guest(g).map_err(|r| r.to_string()),
+            |g| {
+                let hash = guest_hash(&prost::Message::encode_to_vec(&g.guest));
+                guests.entry(g.host_id).or_default().insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
+            },
+        )?);
+        Self::quarantine_bad_rows(&mut store, &bad)?;
+        let quarantined: BTreeSet<String> = store.quarantined()?.into_iter().map(|q| q.uuid).filter(|u| !u.is_empty()).collect();
+        let alarms = store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
         for (h, m) in &guests {
             if let Some(e) = hosts.get_mut(h) {
                 e.running_kib = running_kib(m);
@@ -285,6 +303,7 @@ impl Registry {
                 in_job,
                 conflicts: BTreeMap::new(),
                 missing,
+                quarantined,
             }),
             timing,
             pending: Mutex::new(Default::default()),
@@ -477,7 +496,7 @@ impl Registry {
     fn owner_view_as(inner: &Inner, uuid: &str, host: &str, holds_here: Option<bool>) -> Option<crate::reconcile::OwnerView> {
         use crate::reconcile::OwnerView;
         let holds = |h: &str| inner.guests.get(h).and_then(|m| m.get(uuid)).is_some_and(|g| lifeboat_proto::holds_disk(g.state));
-        if inner.conflicts.contains_key(uuid) {
+        if inner.conflicts.contains_key(uuid) || inner.quarantined.contains(uuid) {
             return Some(OwnerView::Unsure);
         }
         if let Some(o) = inner.owners.get(uuid) {
@@ -1261,7 +1280,9 @@ impl Registry {
         let owned_here: Vec<&crate::store::OwnerRow> = inner
             .owners_by_host
             .get(id)
-            .map(|v| v.iter().filter_map(|u| inner.owners.get(u)).filter(|o| o.complete || inner.in_job.contains_key(&o.uuid)).collect())
+            .map(|v| v.iter().filter_map(|u| inner.owners.get(u)).filter(|o| o.complete || inner.in_job.contains_key(&o.uuid))
+                .filter(|o| !inner.quarantined.contains(&o.uuid))
+                .collect())
             .unwrap_or_default();
         let in_job: BTreeSet<String> = inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 != id).map(|(u, _)| u.clone()).collect();
         let claimed: BTreeSet<String> = inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 == id).map(|(u, _)| u.clone()).collect();
@@ -1582,6 +1603,52 @@ pub async fn watch_liveness(reg: Arc<Registry>) {
             }
             reg.checkpoint();
         }
+    }
+}
+
+/// `s` with control characters escaped (`\u{1b}`), for texts read from a
+/// database row that may hold anything.
+fn printable(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+/// Rows that could not be read at a start.
+impl Registry {
+    /// Moves each bad row to the quarantine table and raises a
+    /// `row-quarantined` alarm naming its table and key, what it blocks and
+    /// what the operator can do. Fail closed: the guest a row concerns is
+    /// blocked (no lease, start or stop) while the row is in quarantine, and a
+    /// host whose row is quarantined comes back as MAINTENANCE.
+    fn quarantine_bad_rows(store: &mut Store, bad: &[crate::store::BadRow]) -> Result<(), StoreError> {
+        for b in bad {
+            let host_reason = format!("its database row could not be read ({}); it is in quarantine", b.reason);
+            let id = store.quarantine(b, &host_reason)?;
+            let blocked = if b.table == "hosts" {
+                format!("Host {} is MAINTENANCE (it takes no guests) until an operator sets its status.", b.host)
+            } else {
+                format!("Guest {} is not leased, started, stopped or moved anywhere while the row is in quarantine.", b.uuid)
+            };
+            let alarm_host = if b.host.is_empty() { "controller" } else { b.host.as_str() };
+            let detail = format!(
+                "a row of table {} (key {}) could not be read: {}. It was moved to the quarantine table (id {id}) and the \
+                 rest of the database loaded. {blocked} What to do: look at it with `sqlite3 <database> \"SELECT * FROM \
+                 quarantine WHERE id = {id}\"`; put a corrected row back (or restore a backup), delete the quarantine row, \
+                 restart the controller, then clear this alarm (`lifeboat alarms clear --host {alarm_host} --kind row-quarantined`)",
+                b.table,
+                printable(&b.key),
+                printable(&b.reason)
+            );
+            tracing::error!(table = b.table, quarantine_id = id, "ALARM: {detail}");
+            if store.raise_alarm(alarm_host, "row-quarantined", &detail)? {
+                store.audit(&AuditRow::by_controller("alarm.row-quarantined", alarm_host, "", detail))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether guest `uuid` is blocked by a row in quarantine.
+    pub fn is_quarantined(&self, uuid: &str) -> bool {
+        self.lock().quarantined.contains(uuid)
     }
 }
 
@@ -1969,4 +2036,58 @@ mod tests {
         assert_eq!(v.running_memory_kib, u64::MAX, "a full host, not an empty one");
         assert_eq!(crate::migrate::plan::available_memory_kib(&v, 0), 0);
     }
+
+    #[test]
+    fn bad_rows_are_quarantined_with_an_alarm_the_rest_loads_and_their_guests_get_no_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lifeboat.db");
+        {
+            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            let (tx, _rx) = mpsc::channel(1);
+            let sa = reg.open_session("a", "boot", tx.clone()).unwrap();
+            let _sb = reg.open_session("b", "boot", tx).unwrap();
+            let run = |u: &str, n: &str| Guest { state: GuestState::Running as i32, memory_kib: 1024, ..g(u, n) };
+            let inv = Inventory { host: None, guests: vec![run("u1", "vm1"), run("u2", "vm2"), run("u3", "vm3"), run("u4", "vm4")], more: false };
+            reg.apply_inventory("a", sa, inv).unwrap();
+            assert_eq!(reg.lease_set("a").len(), 4);
+            reg.flush().unwrap();
+        }
+        {
+            // What the tester did by hand, and worse: a guest that overflows,
+            // a blob that does not decode, an owner row with a negative
+            // generation, a desired state that is no state, a host whose
+            // facts do not decode.
+            let c = rusqlite::Connection::open(&path).unwrap();
+            let huge = Guest { state: GuestState::Running as i32, memory_kib: u64::MAX, ..g("u1", "vm1") };
+            c.execute("UPDATE guests SET data = ?1 WHERE uuid = 'u1'", [prost::Message::encode_to_vec(&huge)]).unwrap();
+            c.execute("UPDATE guests SET data = x'ffffffff' WHERE uuid = 'u2'", []).unwrap();
+            c.execute("INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES ('u3', 'a', -5, '', '', 1)", []).unwrap();
+            c.execute("UPDATE desired SET state = 'sideways' WHERE uuid = 'u4'", []).unwrap();
+            c.execute("UPDATE hosts SET info = x'ff' WHERE host_id = 'b'", []).unwrap();
+        }
+        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+        let q = reg.db(|s| s.quarantined()).unwrap();
+        let keys: Vec<(String, String)> = q.iter().map(|q| (q.table.clone(), q.key.clone())).collect();
+        assert_eq!(keys.len(), 5, "{keys:?}");
+        for k in [("hosts", "b"), ("owners", "u3"), ("desired", "u4"), ("guests", "a/u1"), ("guests", "a/u2")] {
+            assert!(keys.contains(&(k.0.to_string(), k.1.to_string())), "{k:?} not quarantined: {keys:?}");
+        }
+        let alarms: Vec<_> = reg.active_alarms().into_iter().filter(|a| a.1 == "row-quarantined").collect();
+        assert_eq!(alarms.len(), 5, "{alarms:?}");
+        assert!(alarms.iter().any(|a| a.2.contains("table owners (key u3)") && a.2.contains("not leased, started")), "{alarms:?}");
+        assert_eq!(reg.status_of("b"), Some(HostStatus::Maintenance));
+        let (tx, _rx) = mpsc::channel(1);
+        let sa = reg.open_session("a", "boot2", tx).unwrap();
+        // The host reports its guests again: still no lease for the blocked ones.
+        let run = |u: &str, n: &str| Guest { state: GuestState::Running as i32, memory_kib: 1024, ..g(u, n) };
+        let inv = Inventory { host: None, guests: vec![run("u1", "vm1"), run("u2", "vm2"), run("u3", "vm3"), run("u4", "vm4")], more: false };
+        reg.apply_inventory("a", sa, inv).unwrap();
+        assert!(reg.lease_set("a").is_empty(), "{:?}", reg.lease_set("a"));
+        // A second start on the same database loads cleanly, the guests still blocked.
+        drop(reg);
+        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+        assert_eq!(reg.db(|s| s.quarantined()).unwrap().len(), 5);
+        assert!(["u1", "u2", "u3", "u4"].iter().all(|u| reg.is_quarantined(u)));
+    }
+
 }
