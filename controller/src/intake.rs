@@ -412,7 +412,7 @@ pub enum Page {
     /// The last page of an inventory refused earlier: it was dropped.
     Discarded,
     /// The whole inventory, validated, definitions restored.
-    Complete(Inventory),
+    Complete(Box<Inventory>),
 }
 
 impl SessionIntake {
@@ -491,7 +491,7 @@ impl SessionIntake {
             self.gathering = Some(acc);
             Ok(Page::Pending)
         } else {
-            Ok(Page::Complete(acc.inv))
+            Ok(Page::Complete(Box::new(acc.inv)))
         }
     }
 

@@ -1,5 +1,6 @@
 //! The controller's in-memory view of hosts and guests, written through to
 //! the [`Store`] before any change is acknowledged.
+#![warn(clippy::arithmetic_side_effects)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -352,7 +353,7 @@ impl Registry {
         let (superseded, superseded_rx) = tokio::sync::watch::channel(false);
         let mut inner = self.lock();
         let generation = inner.next_generation;
-        inner.next_generation += 1;
+        inner.next_generation = inner.next_generation.saturating_add(1);
         if !inner.hosts.contains_key(host_id) {
             let info = HostInfo { host_id: host_id.into(), boot_id: boot_id.into(), ..Default::default() };
             inner.store.upsert_host(&info, now)?;
@@ -1017,7 +1018,8 @@ impl Registry {
         let inner = self.lock();
         let mut out = BTreeMap::new();
         for g in inner.guests.values().flat_map(|m| m.values()) {
-            *out.entry(g.state).or_insert(0) += 1;
+            let n: &mut u64 = out.entry(g.state).or_insert(0);
+            *n = n.saturating_add(1);
         }
         out
     }
@@ -1238,7 +1240,7 @@ impl Registry {
                 .filter(|(_, e)| {
                     full || e.dirty
                         || e.pending_boot_start
-                        || e.leases_sent.as_ref().is_none_or(|(at, _)| now_ms - at >= lease_ttl_ms / 3)
+                        || e.leases_sent.as_ref().is_none_or(|(at, _)| now_ms.saturating_sub(*at) >= lease_ttl_ms / 3)
                 })
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -1379,13 +1381,13 @@ impl Registry {
 
     /// Whether the controller started less than the startup grace ago.
     pub fn in_startup_grace(&self, now_ms: i64) -> bool {
-        now_ms - self.started_ms < self.startup_grace_ms()
+        now_ms.saturating_sub(self.started_ms) < self.startup_grace_ms()
     }
 
     /// How long after its start the controller waits before it decides
     /// anything from what agents report: twice the detection time.
     pub fn startup_grace_ms(&self) -> i64 {
-        2 * i64::from(self.timing.unreachable_after_ms)
+        i64::from(self.timing.unreachable_after_ms).saturating_mul(2)
     }
 
     fn clear_by_cause_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str, why: &str) -> Result<(), StoreError> {
@@ -1493,7 +1495,7 @@ impl Registry {
                 match l {
                     Liveness::Unreachable => warn!(
                         host = %id,
-                        silent_ms = now - e.last_heard_ms().unwrap_or(now),
+                        silent_ms = now.saturating_sub(e.last_heard_ms().unwrap_or(now)),
                         "host UNREACHABLE: no message within {} ms",
                         timing.unreachable_after_ms
                     ),
@@ -1596,8 +1598,8 @@ pub async fn watch_liveness(reg: Arc<Registry>) {
         }
         reg.check_liveness();
         last = tokio::time::Instant::now();
-        n += 1;
-        if n % 120 == 0 {
+        n = n.wrapping_add(1);
+        if n.checked_rem(120) == Some(0) {
             if let Err(e) = reg.flush() {
                 warn!("persisting last-seen times failed: {e}");
             }

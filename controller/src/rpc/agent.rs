@@ -227,7 +227,7 @@ pub fn handle_message(
         Some(Msg::Inventory(page)) => match intake.page(page, now_ms)? {
             Page::Pending | Page::Discarded => Ok(()),
             Page::Complete(inv) => {
-                reg.apply_inventory(host, sid, inv)?;
+                reg.apply_inventory(host, sid, *inv)?;
                 Ok(())
             }
         },
