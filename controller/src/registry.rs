@@ -1156,17 +1156,21 @@ impl Registry {
     }
 
     /// A command result arrived from `host`'s session: it completes only a
-    /// command sent to `host`. Returns false (nothing done) for an id that
-    /// is unknown or belongs to another host.
-    pub fn complete_from(&self, host: &str, r: CommandResult) -> bool {
+    /// command sent to `host`. `Some(false)`: the id awaits another host's
+    /// answer (nothing done); `None`: no command awaits it (answered, timed
+    /// out, or never sent; nothing done).
+    pub fn complete_from(&self, host: &str, r: CommandResult) -> Option<bool> {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.get(&r.id).is_none_or(|(h, _)| h != host) {
-            return false;
+        match pending.get(&r.id) {
+            None => None,
+            Some((h, _)) if h != host => Some(false),
+            Some(_) => {
+                if let Some((_, tx)) = pending.remove(&r.id) {
+                    let _ = tx.send(r);
+                }
+                Some(true)
+            }
         }
-        if let Some((_, tx)) = pending.remove(&r.id) {
-            let _ = tx.send(r);
-        }
-        true
     }
 
     /// Sets a host's status (checks are the caller's).

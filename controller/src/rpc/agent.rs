@@ -112,6 +112,27 @@ impl AgentSession for AgentService {
                 let msg = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
+                    Err(e) if matches!(e.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) => {
+                        // Too large to decode: nothing of it was read. The
+                        // stream cannot go on, but the agent learns why.
+                        let r = Refusal {
+                            kind: "message",
+                            field: "size".into(),
+                            reason: format!(
+                                "{}; a message may have at most {} bytes (docs/security.md, Agent input); the session ends",
+                                e.message(),
+                                intake::MAX_AGENT_MESSAGE_BYTES
+                            ),
+                        };
+                        refusals.refused(&reg, &host, &tx, r);
+                        // Closing the session ends the outbound stream at
+                        // once: first let the agent read the refusal (2 s at most).
+                        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+                        while tx.capacity() < tx.max_capacity() && tokio::time::Instant::now() < until {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        break;
+                    }
                     Err(e) => {
                         info!(host = %host, "agent stream error: {e}");
                         break;
@@ -254,15 +275,21 @@ pub fn handle_message(
         Some(Msg::CommandResult(r)) => {
             intake::check_command_result(&r)?;
             let id = r.id.clone();
-            if !reg.complete_from(host, r) {
-                return Err(Refusal {
+            match reg.complete_from(host, r) {
+                Some(true) => Ok(()),
+                Some(false) => Err(Refusal {
                     kind: "CommandResult",
                     field: "id".into(),
-                    reason: format!("{id} is not a command awaiting a result from {host} (unknown, answered, timed out, or sent to another host)"),
+                    reason: format!("command {id} was sent to another host; a host answers only its own commands"),
                 }
-                .into());
+                .into()),
+                // A late answer (the caller timed out, or the session was
+                // replaced) is an honest agent's normal race: dropped quietly.
+                None => {
+                    tracing::debug!(host, command = %id, "a result for no awaited command dropped");
+                    Ok(())
+                }
             }
-            Ok(())
         }
         Some(Msg::Hello(_)) => Err(Refusal { kind: "Hello", field: "hello".into(), reason: "Hello sent twice in one session".into() }.into()),
         None => Err(Refusal { kind: "message", field: "msg".into(), reason: "empty message (no known kind set)".into() }.into()),
@@ -358,7 +385,7 @@ mod tests {
     #[test]
     fn removals_and_results_for_what_the_host_does_not_own_are_refused() {
         let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
-        let (tx, _rx) = mpsc::channel(8);
+        let (tx, mut _rx) = mpsc::channel(8);
         let (tx2, _rx2) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
         let b = reg.open_session("b", "boot", tx2).unwrap();
@@ -368,8 +395,28 @@ mod tests {
         let e = handle_message(&reg, "b", b, &mut SessionIntake::new(0), rm, 0).unwrap_err();
         assert!(matches!(&e, MessageError::Refused(r) if r.what() == "GuestRemoved uuid"), "{e:?}");
         assert_eq!(names(&reg), ["vm1"]);
-        let res = AgentMessage { msg: Some(Msg::CommandResult(lifeboat_proto::v1::CommandResult { id: uuid(9), ok: true, ..Default::default() })) };
-        assert!(matches!(handle_message(&reg, "b", b, &mut st, res, 0), Err(MessageError::Refused(r)) if r.field == "id"));
+        let res = |id: String| AgentMessage { msg: Some(Msg::CommandResult(lifeboat_proto::v1::CommandResult { id, ok: true, ..Default::default() })) };
+        assert!(handle_message(&reg, "b", b, &mut st, res(uuid(9)), 0).is_ok(), "a late answer is dropped quietly");
+        // A result for a command awaiting host a's answer, sent by b: refused, a's command still waits.
+        let reg = std::sync::Arc::new(reg);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let r2 = reg.clone();
+            let call = tokio::spawn(async move { r2.call("a", lifeboat_proto::v1::command::Kind::Resync(Default::default()), std::time::Duration::from_secs(5)).await });
+            let id = loop {
+                tokio::task::yield_now().await;
+                if let Ok(Some(m)) = _rx.try_recv().map(|m| m.msg) {
+                    if let controller_message::Msg::Command(c) = m {
+                        break c.id;
+                    }
+                }
+            };
+            let e = handle_message(&reg, "b", b, &mut SessionIntake::new(0), res(id.clone()), 0).unwrap_err();
+            assert!(matches!(&e, MessageError::Refused(r) if r.what() == "CommandResult id"), "{e:?}");
+            handle_message(&reg, "a", a, &mut SessionIntake::new(0), res(id), 0).unwrap();
+            assert!(call.await.unwrap().unwrap().ok);
+        });
+        let reg = std::sync::Arc::try_unwrap(reg).ok().unwrap();
         let twice = AgentMessage { msg: Some(Msg::Hello(Default::default())) };
         assert!(matches!(handle_message(&reg, "a", a, &mut st, twice, 0), Err(MessageError::Refused(r)) if r.kind == "Hello"));
         let host = AgentMessage { msg: Some(Msg::Host(HostInfo { hostname: "x\u{1b}[2J".into(), ..Default::default() })) };
