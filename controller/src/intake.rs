@@ -290,7 +290,13 @@ pub fn unpack_guest(kind: &'static str, prefix: &str, g: &mut Guest, limit: u64)
     };
     if !g.definition_xml.is_empty() {
         let n = u64::try_from(g.definition_xml.len()).unwrap_or(u64::MAX);
-        return if n > limit { Err(too_large("definition_xml is")) } else { Ok(n) };
+        if n > limit {
+            return Err(too_large("definition_xml is"));
+        }
+        if let Some(i) = g.definition_xml.find('\0') {
+            return Err(Refusal::new(kind, format!("{prefix}definition_xml"), format!("the definition contains NUL at byte {i}")));
+        }
+        return Ok(n);
     }
     if g.definition_deflate.is_empty() {
         return Ok(0);
@@ -301,8 +307,7 @@ pub fn unpack_guest(kind: &'static str, prefix: &str, g: &mut Guest, limit: u64)
     let n = u64::try_from(out.len()).unwrap_or(u64::MAX);
     g.definition_xml = String::from_utf8(out).map_err(|_| Refusal::new(kind, field.clone(), "inflates to bytes that are not UTF-8 text"))?;
     g.definition_deflate = Vec::new();
-    if let Some((i, c)) = g.definition_xml.char_indices().find(|(_, c)| *c == '\0') {
-        let _ = c;
+    if let Some(i) = g.definition_xml.find('\0') {
         return Err(Refusal::new(kind, field, format!("the definition contains NUL at byte {i}")));
     }
     Ok(n)
@@ -595,6 +600,11 @@ mod tests {
         let mut garbage = guest(U);
         garbage.definition_deflate = b"garbage".to_vec();
         assert!(unpack_guest("K", "", &mut garbage, u64::MAX).unwrap_err().reason.contains("zlib"));
+        let mut nul = guest(U);
+        nul.definition_xml = "<domain>\0</domain>".into();
+        assert_eq!(unpack_guest("K", "", &mut nul.clone(), u64::MAX).unwrap_err().field, "definition_xml");
+        lifeboat_proto::pack_definition(&mut nul);
+        assert_eq!(unpack_guest("K", "", &mut nul, u64::MAX).unwrap_err().field, "definition_deflate");
     }
 
     fn uuid(i: usize) -> String {
