@@ -120,6 +120,18 @@ pub fn check_text(kind: &'static str, field: &str, value: &str, max: usize) -> R
     Ok(())
 }
 
+/// An error text: as [`check_text`], except that line feeds and tabs are
+/// allowed (libvirt's errors carry QEMU's stderr, which has several lines;
+/// refusing them would turn an honest failure report into a timeout). Every
+/// other control character is refused; display escapes what remains.
+pub fn check_error_text(kind: &'static str, field: &str, value: &str) -> Result<(), Refusal> {
+    if value.len() > MAX_ERROR_BYTES {
+        return Err(Refusal::new(kind, field, format!("{} bytes long, more than the limit of {MAX_ERROR_BYTES}", value.len())));
+    }
+    let mut rest = value.split(['\n', '\t']);
+    rest.try_for_each(|part| check_text(kind, field, part, MAX_ERROR_BYTES))
+}
+
 /// A name (guest, host): non-empty, at most [`MAX_NAME_BYTES`], printable,
 /// no `/` (libvirt refuses it too), no leading or trailing blank.
 pub fn check_name(kind: &'static str, field: &str, value: &str) -> Result<(), Refusal> {
@@ -196,7 +208,7 @@ pub fn check_host_info(kind: &'static str, prefix: &str, h: &HostInfo) -> Result
     ] {
         check_text(kind, &f(n), v, MAX_TEXT_BYTES)?;
     }
-    check_text(kind, &f("libvirt_error"), &h.libvirt_error, MAX_ERROR_BYTES)?;
+    check_error_text(kind, &f("libvirt_error"), &h.libvirt_error)?;
     check_max_u32(kind, &f("cpus"), h.cpus, MAX_HOST_CPUS)?;
     check_max_u64(kind, &f("memory_total_kib"), h.memory_total_kib, MAX_MEMORY_KIB)?;
     check_max_u64(kind, &f("memory_free_kib"), h.memory_free_kib, MAX_MEMORY_KIB)
@@ -257,7 +269,7 @@ fn check_guest_rest(kind: &'static str, prefix: &str, g: &Guest) -> Result<(), R
     for (i, n) in g.nics.iter().enumerate() {
         check_nic(kind, &format!("{prefix}nics[{i}]."), n)?;
     }
-    check_text(kind, &f("error"), &g.error, MAX_ERROR_BYTES)?;
+    check_error_text(kind, &f("error"), &g.error)?;
     if !g.owner_host.is_empty() {
         check_name(kind, &f("owner_host"), &g.owner_host)?;
     }
@@ -325,14 +337,14 @@ pub fn check_removed(r: &GuestRemoved) -> Result<(), Refusal> {
 pub fn check_command_result(r: &CommandResult) -> Result<(), Refusal> {
     const K: &str = "CommandResult";
     check_uuid(K, "id", &r.id)?;
-    check_text(K, "error", &r.error, MAX_ERROR_BYTES)?;
+    check_error_text(K, "error", &r.error)?;
     check_text(K, "outcome", &r.outcome, MAX_TEXT_BYTES)?;
     if r.paths.len() > MAX_RESULT_PATHS {
         return Err(Refusal::new(K, "paths", format!("{} entries, more than the limit of {MAX_RESULT_PATHS}", r.paths.len())));
     }
     for (i, p) in r.paths.iter().enumerate() {
         check_text(K, &format!("paths[{i}].path"), &p.path, MAX_PATH_BYTES)?;
-        check_text(K, &format!("paths[{i}].error"), &p.error, MAX_ERROR_BYTES)?;
+        check_error_text(K, &format!("paths[{i}].error"), &p.error)?;
         check_text(K, &format!("paths[{i}].storage"), &p.storage, MAX_PATH_BYTES)?;
         check_text(K, &format!("paths[{i}].storage_path"), &p.storage_path, MAX_PATH_BYTES)?;
     }
@@ -581,6 +593,10 @@ mod tests {
         let h = HostInfo { memory_total_kib: MAX_MEMORY_KIB + 1, ..Default::default() };
         assert_eq!(check_host_info("HostInfo", "", &h).unwrap_err().field, "memory_total_kib");
         assert!(check_heartbeat(&Heartbeat { memory_free_kib: u64::MAX, ..Default::default() }).is_err());
+        assert!(check_error_text("K", "error", "qemu: line 1\n\tline 2").is_ok());
+        assert!(check_error_text("K", "error", "qemu\r\n").is_err());
+        assert!(check_error_text("K", "error", "x\u{1b}[2J").is_err());
+        assert!(check_error_text("K", "error", &"e".repeat(MAX_ERROR_BYTES + 1)).is_err());
         assert!(check_hello(&Hello { host_id: "h".into(), agent_version: "1\n".into(), boot_id: String::new() }).is_err());
     }
 
