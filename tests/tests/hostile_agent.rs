@@ -286,3 +286,88 @@ async fn a_hostile_agent_is_refused_whole_and_honest_hosts_stay_reachable() {
     let store = lifeboat_controller::store::Store::open(&db).unwrap();
     assert!(store.quarantined().unwrap().is_empty());
 }
+
+/// The largest inventory the intake accepts (64 MiB of definitions: 256 of
+/// 256 KiB each, in 32 pages): stored, while an honest session's heartbeats
+/// go on. (The per-minute budget that refuses a flood of them is unit-tested
+/// in `intake`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_legal_inventory_does_not_stall_other_sessions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let c = Controller::start(&pki, &tmp.path().join("c.db"), 0, 500, 3000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let worst_us = Arc::new(AtomicU64::new(0));
+    let honest = heartbeats(RawSession::open(&c, &pki, "host-h").await, stop.clone(), worst_us.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calm_us = worst_us.swap(0, Ordering::Relaxed);
+    let big = RawSession::open(&c, &pki, "host-big").await;
+    let limit = usize::try_from(lifeboat_controller::intake::MAX_DEFINITION_BYTES).unwrap();
+    let pages = |round: usize| -> Vec<Inventory> {
+        (0..32)
+            .map(|p| Inventory {
+                host: None,
+                guests: (0..8)
+                    .map(|i| {
+                        let n = p * 8 + i;
+                        let mut g = guest(round * 1000 + n, &format!("big{n}"));
+                        let mut xml = format!("<domain><name>big{n}</name><description>");
+                        // Random hex, so it compresses like real text does not: about 2:1.
+                        let mut k = n as u64 + 1;
+                        let mut bytes = Vec::with_capacity(limit);
+                        while bytes.len() < limit - 40 - xml.len() {
+                            k ^= k << 13;
+                            k ^= k >> 7;
+                            k ^= k << 17;
+                            bytes.push(b"0123456789abcdef"[(k & 15) as usize]);
+                        }
+                        xml.push_str(std::str::from_utf8(&bytes).unwrap());
+                        xml.truncate(limit - 32);
+                        xml.push_str("</description></domain>");
+                        g.definition_xml = xml;
+                        lifeboat_proto::pack_definition(&mut g);
+                        g
+                    })
+                    .collect(),
+                more: p < 31,
+            })
+            .collect()
+    };
+    let first = pages(0);
+    let t = Instant::now();
+    for p in first {
+        big.send(Msg::Inventory(p)).await;
+    }
+    let mut adm = c.admin(&pki.client("viewer", Role::Viewer)).await;
+    let adm2 = adm.clone();
+    wait_for(Duration::from_secs(120), "256 big guests stored", || {
+        let mut adm = adm2.clone();
+        async move {
+            let n = adm.list_guests(ListGuestsRequest { host: "host-big".into(), ..Default::default() }).await.unwrap().into_inner().guests.len();
+            (n == 256).then_some(())
+        }
+    })
+    .await;
+    let stored_s = t.elapsed().as_secs_f64();
+    let max_legal_us = worst_us.swap(0, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    honest.await.unwrap();
+    let names: Vec<String> = adm
+        .list_guests(ListGuestsRequest { host: "host-big".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .guests
+        .into_iter()
+        .map(|g| g.guest.unwrap().uuid)
+        .collect();
+    assert_eq!(names.len(), 256);
+    println!(
+        "largest legal inventory (256 x 256 KiB) stored in {stored_s:.2} s; honest heartbeat round trip worst {:.1} ms \
+         meanwhile, {:.1} ms before",
+        max_legal_us as f64 / 1000.0,
+        calm_us as f64 / 1000.0
+    );
+    assert!(max_legal_us < 2_000_000, "an honest heartbeat took {max_legal_us} µs");
+    c.stop().await;
+}
