@@ -146,6 +146,7 @@ impl Session {
         // partition can leave such a stream behind): dial again.
         let silent_limit = Duration::from_millis((hb_ms * 5).max(3000));
         let mut last_heard = tokio::time::Instant::now();
+        let mut refused = RefusedLog::default();
         loop {
             tokio::select! {
                 _ = hb.tick() => {
@@ -199,6 +200,7 @@ impl Session {
                                     let _ = tx.send(AgentMessage { msg: Some(agent_message::Msg::CommandResult(r)) }).await;
                                 });
                             }
+                            Some(controller_message::Msg::Refused(r)) => refused.log(&r),
                             Some(controller_message::Msg::Welcome(_))
                             | Some(controller_message::Msg::HeartbeatAck(_))
                             | None => {}
@@ -207,6 +209,34 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+/// Logs the controller's `Refused` answers (a message of ours it refused
+/// whole) at WARN, at most one line per [`RefusedLog::INTERVAL`] with the
+/// count of those not logged; the session goes on.
+#[derive(Debug, Default)]
+struct RefusedLog {
+    last: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusedLog {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn log(&mut self, r: &lifeboat_proto::v1::Refused) {
+        self.unlogged = self.unlogged.saturating_add(1);
+        if self.last.is_some_and(|t| t.elapsed() < Self::INTERVAL) {
+            return;
+        }
+        self.last = Some(tokio::time::Instant::now());
+        tracing::warn!(
+            what = %r.what.escape_debug(),
+            refused = self.unlogged,
+            "the controller refused a message of this agent (nothing of it was stored): {}; see docs/security.md, Agent input",
+            r.reason.escape_debug()
+        );
+        self.unlogged = 0;
     }
 }
 

@@ -16,6 +16,7 @@ pub mod error;
 pub mod fence;
 pub mod guestops;
 pub mod hostops;
+pub mod intake;
 pub mod metrics;
 pub mod migrate;
 pub mod model;
@@ -29,7 +30,7 @@ pub mod waiting;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lifeboat_proto::v1::{admin_server::AdminServer, agent_session_server::AgentSessionServer};
+use lifeboat_proto::v1::admin_server::AdminServer;
 use tonic::transport::Server;
 use tracing::info;
 
@@ -111,7 +112,7 @@ pub async fn serve(
         // handshake and a full inventory.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(AgentSessionServer::new(agent))
+        .add_service(agent.into_server())
         .add_service(AdminServer::new(admin))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

@@ -46,6 +46,11 @@ pub fn render(reg: &Registry) -> String {
     for (host, n) in crate::waiting::counts(reg) {
         waiting.get_or_create(&vec![("host".into(), host)]).set(i64::try_from(n).unwrap_or(i64::MAX));
     }
+    p.register(
+        "agent_messages_refused",
+        "Agent messages refused whole by the intake (docs/security.md, Agent input), by message kind",
+        refused_family().clone(),
+    );
     let mut gauges = String::new();
     let _ = encode(&mut gauges, &p);
     // One exposition: the event-driven metrics, then the gauges (which end with `# EOF`).
@@ -55,6 +60,17 @@ pub fn render(reg: &Registry) -> String {
     }
     out.push_str(&gauges);
     out
+}
+
+fn refused_family() -> &'static Family<Labels, prometheus_client::metrics::counter::Counter> {
+    static F: std::sync::OnceLock<Family<Labels, prometheus_client::metrics::counter::Counter>> = std::sync::OnceLock::new();
+    F.get_or_init(Family::default)
+}
+
+/// Counts an agent message the intake refused (`kind`: "Inventory",
+/// "GuestChanged", ...; no host label, so the series stay few).
+pub fn agent_message_refused(kind: &str) {
+    refused_family().get_or_create(&vec![("kind".into(), kind.into())]).inc();
 }
 
 /// Serves `GET /metrics` on `addr` until the task is aborted.

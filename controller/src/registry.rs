@@ -1,5 +1,6 @@
 //! The controller's in-memory view of hosts and guests, written through to
 //! the [`Store`] before any change is acknowledged.
+#![warn(clippy::arithmetic_side_effects)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -166,6 +167,10 @@ struct Inner {
     /// Guests missing on their owner, by UUID, with their last report
     /// (definition included: they are few, and this is the last copy).
     missing: BTreeMap<String, crate::store::MissingRow>,
+    /// Guests with a row in quarantine (a guest, owner, desired-state or
+    /// missing row that could not be read): nobody knows who owns them, so
+    /// no lease, start or stop anywhere while the row is there.
+    quarantined: BTreeSet<String>,
 }
 
 /// One row of a guest listing: a reported guest or a missing one.
@@ -215,7 +220,8 @@ pub struct Registry {
     started_ms: i64,
     inner: Mutex<Inner>,
     timing: Timing,
-    pending: Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<CommandResult>>>,
+    /// Commands awaiting their result: id → (host it was sent to, waiter).
+    pending: Mutex<std::collections::HashMap<String, (String, tokio::sync::oneshot::Sender<CommandResult>)>>,
 }
 
 /// Hosts handled per hold of the registry lock by passes over every host,
@@ -240,22 +246,36 @@ fn valid_guest(g: &Guest) -> Result<(), String> {
 }
 
 impl Registry {
-    /// Loads everything from the store.
-    pub fn load(store: Store, timing: Timing) -> Result<Self, StoreError> {
+    /// Loads everything from the store. A row that cannot be read does not
+    /// stop the load: it is quarantined (see [`Registry::quarantine_bad_rows`])
+    /// and the rest loads.
+    pub fn load(mut store: Store, timing: Timing) -> Result<Self, StoreError> {
+        let (_, bad_hosts) = store.hosts_checked()?;
+        Self::quarantine_bad_rows(&mut store, &bad_hosts)?;
+        let (host_rows, _) = store.hosts_checked()?;
         let mut hosts = BTreeMap::new();
-        for row in store.hosts()? {
+        for row in host_rows {
             hosts.insert(row.info.host_id.clone(), HostEntry::new(row));
         }
-        let owners: BTreeMap<String, crate::store::OwnerRow> = store.owners()?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
+        let (owner_rows, mut bad) = store.owners_checked()?;
+        let owners: BTreeMap<String, crate::store::OwnerRow> = owner_rows.into_iter().map(|o| (o.uuid.clone(), o)).collect();
         let owners_by_host = by_host(&owners);
-        let desired = store.desired()?;
-        let missing = store.missing()?.into_iter().map(|r| (r.guest.uuid.clone(), r)).collect();
-        let alarms = store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
+        let (desired, b) = store.desired_checked()?;
+        bad.extend(b);
+        let (missing_rows, b) = store.missing_checked()?;
+        bad.extend(b);
+        let missing = missing_rows.into_iter().map(|r| (r.guest.uuid.clone(), r)).collect();
         let mut guests: BTreeMap<String, BTreeMap<String, GuestEntry>> = BTreeMap::new();
-        store.each_guest(|g| {
-            let hash = guest_hash(&prost::Message::encode_to_vec(&g.guest));
-            guests.entry(g.host_id).or_default().insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
-        })?;
+        bad.extend(store.each_guest_checked(
+            |g| crate::intake::check_stored_guest(g).map_err(|r| r.to_string()),
+            |g| {
+                let hash = guest_hash(&prost::Message::encode_to_vec(&g.guest));
+                guests.entry(g.host_id).or_default().insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
+            },
+        )?);
+        Self::quarantine_bad_rows(&mut store, &bad)?;
+        let quarantined: BTreeSet<String> = store.quarantined()?.into_iter().map(|q| q.uuid).filter(|u| !u.is_empty()).collect();
+        let alarms = store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
         for (h, m) in &guests {
             if let Some(e) = hosts.get_mut(h) {
                 e.running_kib = running_kib(m);
@@ -284,6 +304,7 @@ impl Registry {
                 in_job,
                 conflicts: BTreeMap::new(),
                 missing,
+                quarantined,
             }),
             timing,
             pending: Mutex::new(Default::default()),
@@ -332,7 +353,7 @@ impl Registry {
         let (superseded, superseded_rx) = tokio::sync::watch::channel(false);
         let mut inner = self.lock();
         let generation = inner.next_generation;
-        inner.next_generation += 1;
+        inner.next_generation = inner.next_generation.saturating_add(1);
         if !inner.hosts.contains_key(host_id) {
             let info = HostInfo { host_id: host_id.into(), boot_id: boot_id.into(), ..Default::default() };
             inner.store.upsert_host(&info, now)?;
@@ -476,7 +497,7 @@ impl Registry {
     fn owner_view_as(inner: &Inner, uuid: &str, host: &str, holds_here: Option<bool>) -> Option<crate::reconcile::OwnerView> {
         use crate::reconcile::OwnerView;
         let holds = |h: &str| inner.guests.get(h).and_then(|m| m.get(uuid)).is_some_and(|g| lifeboat_proto::holds_disk(g.state));
-        if inner.conflicts.contains_key(uuid) {
+        if inner.conflicts.contains_key(uuid) || inner.quarantined.contains(uuid) {
             return Some(OwnerView::Unsure);
         }
         if let Some(o) = inner.owners.get(uuid) {
@@ -670,25 +691,19 @@ impl Registry {
     }
 
     /// A full inventory: replaces the host's facts and all its guests.
-    /// Returns the messages for guests that were skipped as invalid.
+    /// An inventory with an invalid guest is refused whole (nothing is
+    /// written); the returned list is always empty (kept for callers).
     pub fn apply_inventory(&self, host_id: &str, sid: SessionId, inv: Inventory) -> Result<Vec<String>, ControllerError> {
         let now = now_unix_ms();
         let mut inner = self.lock();
         if Self::current(&mut inner, host_id, sid).is_none() {
             return Ok(vec![]);
         }
-        let mut skipped = Vec::new();
-        let guests: Vec<Guest> = inv
-            .guests
-            .into_iter()
-            .filter(|g| match valid_guest(g) {
-                Ok(()) => true,
-                Err(m) => {
-                    skipped.push(m);
-                    false
-                }
-            })
-            .collect();
+        let skipped = Vec::new();
+        if let Some(m) = inv.guests.iter().find_map(|g| valid_guest(g).err()) {
+            return Err(ControllerError::InvalidArgument(format!("inventory refused whole: {m}")));
+        }
+        let guests: Vec<Guest> = inv.guests;
         if let Some(h) = inv.host {
             Self::set_host_info(&mut inner, host_id, h, now)?;
         }
@@ -1003,7 +1018,8 @@ impl Registry {
         let inner = self.lock();
         let mut out = BTreeMap::new();
         for g in inner.guests.values().flat_map(|m| m.values()) {
-            *out.entry(g.state).or_insert(0) += 1;
+            let n: &mut u64 = out.entry(g.state).or_insert(0);
+            *n = n.saturating_add(1);
         }
         out
     }
@@ -1108,7 +1124,7 @@ impl Registry {
         };
         let id = uuid::Uuid::new_v4().to_string();
         let (otx, orx) = tokio::sync::oneshot::channel();
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), otx);
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), (host_id.to_string(), otx));
         let msg = ControllerMessage { msg: Some(controller_message::Msg::Command(Command { id: id.clone(), kind: Some(kind) })) };
         let sent = tx.send(Box::new(msg)).await.is_ok();
         let r = if !sent {
@@ -1134,8 +1150,26 @@ impl Registry {
 
     /// A command result arrived.
     pub fn complete(&self, r: CommandResult) {
-        if let Some(tx) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.id) {
+        if let Some((_, tx)) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.id) {
             let _ = tx.send(r);
+        }
+    }
+
+    /// A command result arrived from `host`'s session: it completes only a
+    /// command sent to `host`. `Some(false)`: the id awaits another host's
+    /// answer (nothing done); `None`: no command awaits it (answered, timed
+    /// out, or never sent; nothing done).
+    pub fn complete_from(&self, host: &str, r: CommandResult) -> Option<bool> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match pending.get(&r.id) {
+            None => None,
+            Some((h, _)) if h != host => Some(false),
+            Some(_) => {
+                if let Some((_, tx)) = pending.remove(&r.id) {
+                    let _ = tx.send(r);
+                }
+                Some(true)
+            }
         }
     }
 
@@ -1210,7 +1244,7 @@ impl Registry {
                 .filter(|(_, e)| {
                     full || e.dirty
                         || e.pending_boot_start
-                        || e.leases_sent.as_ref().is_none_or(|(at, _)| now_ms - at >= lease_ttl_ms / 3)
+                        || e.leases_sent.as_ref().is_none_or(|(at, _)| now_ms.saturating_sub(*at) >= lease_ttl_ms / 3)
                 })
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -1252,7 +1286,9 @@ impl Registry {
         let owned_here: Vec<&crate::store::OwnerRow> = inner
             .owners_by_host
             .get(id)
-            .map(|v| v.iter().filter_map(|u| inner.owners.get(u)).filter(|o| o.complete || inner.in_job.contains_key(&o.uuid)).collect())
+            .map(|v| v.iter().filter_map(|u| inner.owners.get(u)).filter(|o| o.complete || inner.in_job.contains_key(&o.uuid))
+                .filter(|o| !inner.quarantined.contains(&o.uuid))
+                .collect())
             .unwrap_or_default();
         let in_job: BTreeSet<String> = inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 != id).map(|(u, _)| u.clone()).collect();
         let claimed: BTreeSet<String> = inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 == id).map(|(u, _)| u.clone()).collect();
@@ -1349,13 +1385,13 @@ impl Registry {
 
     /// Whether the controller started less than the startup grace ago.
     pub fn in_startup_grace(&self, now_ms: i64) -> bool {
-        now_ms - self.started_ms < self.startup_grace_ms()
+        now_ms.saturating_sub(self.started_ms) < self.startup_grace_ms()
     }
 
     /// How long after its start the controller waits before it decides
     /// anything from what agents report: twice the detection time.
     pub fn startup_grace_ms(&self) -> i64 {
-        2 * i64::from(self.timing.unreachable_after_ms)
+        i64::from(self.timing.unreachable_after_ms).saturating_mul(2)
     }
 
     fn clear_by_cause_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str, why: &str) -> Result<(), StoreError> {
@@ -1463,7 +1499,7 @@ impl Registry {
                 match l {
                     Liveness::Unreachable => warn!(
                         host = %id,
-                        silent_ms = now - e.last_heard_ms().unwrap_or(now),
+                        silent_ms = now.saturating_sub(e.last_heard_ms().unwrap_or(now)),
                         "host UNREACHABLE: no message within {} ms",
                         timing.unreachable_after_ms
                     ),
@@ -1566,13 +1602,75 @@ pub async fn watch_liveness(reg: Arc<Registry>) {
         }
         reg.check_liveness();
         last = tokio::time::Instant::now();
-        n += 1;
-        if n % 120 == 0 {
+        n = n.wrapping_add(1);
+        if n.checked_rem(120) == Some(0) {
             if let Err(e) = reg.flush() {
                 warn!("persisting last-seen times failed: {e}");
             }
             reg.checkpoint();
         }
+    }
+}
+
+/// `s` with control characters escaped (`\u{1b}`), for texts read from a
+/// database row that may hold anything.
+fn printable(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+/// Rows that could not be read at a start.
+impl Registry {
+    /// Moves each bad row to the quarantine table and raises a
+    /// `row-quarantined` alarm naming its table and key, what it blocks and
+    /// what the operator can do. Fail closed: the guest a row concerns is
+    /// blocked (no lease, start or stop) while the row is in quarantine, and a
+    /// host whose row is quarantined comes back as MAINTENANCE.
+    fn quarantine_bad_rows(store: &mut Store, bad: &[crate::store::BadRow]) -> Result<(), StoreError> {
+        for b in bad {
+            let host_reason = format!("its database row could not be read ({}); it is in quarantine", b.reason);
+            let id = store.quarantine(b, &host_reason)?;
+            let blocked = if b.table == "hosts" {
+                format!("Host {} is MAINTENANCE (it takes no guests) until an operator sets its status.", b.host)
+            } else {
+                format!("Guest {} is not leased, started, stopped or moved anywhere while the row is in quarantine.", b.uuid)
+            };
+            let alarm_host = if b.host.is_empty() { "controller" } else { b.host.as_str() };
+            let detail = format!(
+                "a row of table {} (key {}) could not be read: {}. It was moved to the quarantine table (id {id}) and the \
+                 rest of the database loaded. {blocked} What to do: look at it with `sqlite3 <database> \"SELECT * FROM \
+                 quarantine WHERE id = {id}\"`; put a corrected row back (or restore a backup), delete the quarantine row, \
+                 restart the controller, then clear this alarm (`lifeboat alarms clear --host {alarm_host} --kind row-quarantined`)",
+                b.table,
+                printable(&b.key),
+                printable(&b.reason)
+            );
+            tracing::error!(table = b.table, quarantine_id = id, "ALARM: {detail}");
+            if store.raise_alarm(alarm_host, "row-quarantined", &detail)? {
+                store.audit(&AuditRow::by_controller("alarm.row-quarantined", alarm_host, "", detail))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether guest `uuid` is blocked by a row in quarantine.
+    pub fn is_quarantined(&self, uuid: &str) -> bool {
+        self.lock().quarantined.contains(uuid)
+    }
+}
+
+/// Alarms that one recurring cause keeps up to date.
+impl Registry {
+    /// Raises `kind` for `host`, or, when one is active, replaces its detail:
+    /// one alarm per host and kind, showing the latest occurrence.
+    pub fn raise_or_refresh_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if inner.store.refresh_alarm(host, kind, detail)? {
+            if let Some(a) = inner.alarms.iter_mut().find(|a| a.0 == host && a.1 == kind) {
+                a.2 = detail.to_string();
+            }
+            return Ok(());
+        }
+        Self::raise_locked(&mut inner, host, kind, detail)
     }
 }
 
@@ -1585,17 +1683,17 @@ mod tests {
     }
 
     #[test]
-    fn invalid_guests_are_skipped_without_dropping_the_others() {
+    fn an_inventory_with_an_invalid_guest_is_refused_whole() {
         let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
+        reg.apply_inventory("h", sid, Inventory { host: None, guests: vec![g("u0", "vm0")], more: false }).unwrap();
         let inv = Inventory { host: None, guests: vec![g("u1", "vm1"), g("", "broken"), g("u3", "vm3")], more: false };
-        let skipped = reg.apply_inventory("h", sid, inv).unwrap();
-        assert_eq!(skipped.len(), 1);
-        assert!(skipped[0].contains("broken"));
+        let e = reg.apply_inventory("h", sid, inv).unwrap_err();
+        assert!(e.to_string().contains("broken"), "{e}");
         let names: Vec<String> =
             reg.list_guests(None, None, false).unwrap().into_iter().map(|r| r.guest.unwrap().name).collect();
-        assert_eq!(names, ["vm1", "vm3"]);
+        assert_eq!(names, ["vm0"]);
         assert!(reg.apply_guest("h", sid, g("", "x")).is_err());
     }
 
@@ -1944,4 +2042,58 @@ mod tests {
         assert_eq!(v.running_memory_kib, u64::MAX, "a full host, not an empty one");
         assert_eq!(crate::migrate::plan::available_memory_kib(&v, 0), 0);
     }
+
+    #[test]
+    fn bad_rows_are_quarantined_with_an_alarm_the_rest_loads_and_their_guests_get_no_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lifeboat.db");
+        {
+            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            let (tx, _rx) = mpsc::channel(1);
+            let sa = reg.open_session("a", "boot", tx.clone()).unwrap();
+            let _sb = reg.open_session("b", "boot", tx).unwrap();
+            let run = |u: &str, n: &str| Guest { state: GuestState::Running as i32, memory_kib: 1024, ..g(u, n) };
+            let inv = Inventory { host: None, guests: vec![run("u1", "vm1"), run("u2", "vm2"), run("u3", "vm3"), run("u4", "vm4")], more: false };
+            reg.apply_inventory("a", sa, inv).unwrap();
+            assert_eq!(reg.lease_set("a").len(), 4);
+            reg.flush().unwrap();
+        }
+        {
+            // What the tester did by hand, and worse: a guest that overflows,
+            // a blob that does not decode, an owner row with a negative
+            // generation, a desired state that is no state, a host whose
+            // facts do not decode.
+            let c = rusqlite::Connection::open(&path).unwrap();
+            let huge = Guest { state: GuestState::Running as i32, memory_kib: u64::MAX, ..g("u1", "vm1") };
+            c.execute("UPDATE guests SET data = ?1 WHERE uuid = 'u1'", [prost::Message::encode_to_vec(&huge)]).unwrap();
+            c.execute("UPDATE guests SET data = x'ffffffff' WHERE uuid = 'u2'", []).unwrap();
+            c.execute("INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES ('u3', 'a', -5, '', '', 1)", []).unwrap();
+            c.execute("UPDATE desired SET state = 'sideways' WHERE uuid = 'u4'", []).unwrap();
+            c.execute("UPDATE hosts SET info = x'ff' WHERE host_id = 'b'", []).unwrap();
+        }
+        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+        let q = reg.db(|s| s.quarantined()).unwrap();
+        let keys: Vec<(String, String)> = q.iter().map(|q| (q.table.clone(), q.key.clone())).collect();
+        assert_eq!(keys.len(), 5, "{keys:?}");
+        for k in [("hosts", "b"), ("owners", "u3"), ("desired", "u4"), ("guests", "a/u1"), ("guests", "a/u2")] {
+            assert!(keys.contains(&(k.0.to_string(), k.1.to_string())), "{k:?} not quarantined: {keys:?}");
+        }
+        let alarms: Vec<_> = reg.active_alarms().into_iter().filter(|a| a.1 == "row-quarantined").collect();
+        assert_eq!(alarms.len(), 5, "{alarms:?}");
+        assert!(alarms.iter().any(|a| a.2.contains("table owners (key u3)") && a.2.contains("not leased, started")), "{alarms:?}");
+        assert_eq!(reg.status_of("b"), Some(HostStatus::Maintenance));
+        let (tx, _rx) = mpsc::channel(1);
+        let sa = reg.open_session("a", "boot2", tx).unwrap();
+        // The host reports its guests again: still no lease for the blocked ones.
+        let run = |u: &str, n: &str| Guest { state: GuestState::Running as i32, memory_kib: 1024, ..g(u, n) };
+        let inv = Inventory { host: None, guests: vec![run("u1", "vm1"), run("u2", "vm2"), run("u3", "vm3"), run("u4", "vm4")], more: false };
+        reg.apply_inventory("a", sa, inv).unwrap();
+        assert!(reg.lease_set("a").is_empty(), "{:?}", reg.lease_set("a"));
+        // A second start on the same database loads cleanly, the guests still blocked.
+        drop(reg);
+        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+        assert_eq!(reg.db(|s| s.quarantined()).unwrap().len(), 5);
+        assert!(["u1", "u2", "u3", "u4"].iter().all(|u| reg.is_quarantined(u)));
+    }
+
 }

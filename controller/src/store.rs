@@ -45,7 +45,7 @@ pub const RUNNING_HOLD_MS: i64 = 120_000;
 pub const WAL_SIZE_LIMIT_BYTES: i64 = 4 * 1024 * 1024;
 
 /// Current schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// A durable job.
 #[derive(Debug, Clone, PartialEq)]
@@ -421,6 +421,27 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        if v < 7 {
+            // Rows that could not be read at a start, moved aside whole so
+            // the rest loads (see `Store::quarantine`); `uuid` names the
+            // guest they concern, which stays blocked while the row is here.
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS quarantine (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    at_ms INTEGER NOT NULL,
+                    source_table TEXT NOT NULL,
+                    row_key TEXT NOT NULL,
+                    uuid TEXT NOT NULL,
+                    host TEXT NOT NULL,
+                    reason TEXT NOT NULL,
+                    row_text TEXT NOT NULL,
+                    data BLOB
+                 );
+                 PRAGMA user_version = 7;
+                 COMMIT;",
+            )?;
+        }
         Ok(Store { conn })
     }
 
@@ -599,6 +620,17 @@ impl Store {
             params![crate::now_ms(), host, kind, detail],
         )?;
         Ok(true)
+    }
+
+    /// Replaces the detail of a host's active alarm of one kind (and its
+    /// time), so that a recurring cause keeps one alarm up to date instead
+    /// of raising one per occurrence. Returns whether one was active.
+    pub fn refresh_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<bool, StoreError> {
+        let n = self.conn.execute(
+            "UPDATE alarms SET detail = ?3, at_ms = ?4 WHERE host = ?1 AND kind = ?2 AND cleared_ms = 0",
+            params![host, kind, detail, crate::now_ms()],
+        )?;
+        Ok(n > 0)
     }
 
     /// Alarms: (id, at, host, kind, detail, cleared).
@@ -1166,6 +1198,317 @@ impl Store {
         insert_audit(&tx, audit)?;
         tx.commit()?;
         Ok(())
+    }
+}
+
+/// A stored row that could not be read, as found at a start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRow {
+    /// Table it was in.
+    pub table: &'static str,
+    /// Its SQLite rowid there.
+    pub rowid: i64,
+    /// Its key, as far as it could be read ("host/uuid", "uuid", "host").
+    pub key: String,
+    /// The guest it concerns ("" for a host row).
+    pub uuid: String,
+    /// The host it concerns ("" when unreadable).
+    pub host: String,
+    /// What is wrong with it.
+    pub reason: String,
+    /// Its columns as text (blobs as their length).
+    pub row_text: String,
+    /// Its blob column, kept for recovery.
+    pub data: Option<Vec<u8>>,
+}
+
+/// A row moved to the quarantine table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuarantineRow {
+    /// Quarantine id.
+    pub id: i64,
+    /// Table it came from.
+    pub table: String,
+    /// Its key there.
+    pub key: String,
+    /// The guest it concerns ("" for none).
+    pub uuid: String,
+    /// The host it concerns ("" for none).
+    pub host: String,
+    /// Why it was quarantined.
+    pub reason: String,
+}
+
+fn text(v: &rusqlite::types::Value) -> Option<String> {
+    match v {
+        rusqlite::types::Value::Text(t) => Some(t.clone()),
+        _ => None,
+    }
+}
+
+fn int(v: &rusqlite::types::Value) -> Option<i64> {
+    match v {
+        rusqlite::types::Value::Integer(i) => Some(*i),
+        _ => None,
+    }
+}
+
+fn blob(v: &rusqlite::types::Value) -> Option<Vec<u8>> {
+    match v {
+        rusqlite::types::Value::Blob(b) => Some(b.clone()),
+        _ => None,
+    }
+}
+
+fn row_text(cols: &[&str], vals: &[rusqlite::types::Value]) -> String {
+    use rusqlite::types::Value;
+    cols.iter()
+        .zip(vals)
+        .map(|(c, v)| match v {
+            Value::Null => format!("{c}=NULL"),
+            Value::Integer(i) => format!("{c}={i}"),
+            Value::Real(r) => format!("{c}={r}"),
+            Value::Text(t) => format!("{c}={t:?}"),
+            Value::Blob(b) => format!("{c}=<{} bytes>", b.len()),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Reading at a start that never fails on one bad row: each table's rows
+/// are read as raw values and checked; a row that does not read is
+/// returned as a [`BadRow`] for the caller to [`Store::quarantine`].
+impl Store {
+    fn raw_rows(&self, table: &str, cols: &[&str]) -> Result<Vec<(i64, Vec<rusqlite::types::Value>)>, StoreError> {
+        let mut st = self.conn.prepare(&format!("SELECT rowid, {} FROM {table} ORDER BY rowid", cols.join(", ")))?;
+        let mut rows = st.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            let mut vals = Vec::with_capacity(cols.len());
+            for i in 1..=cols.len() {
+                vals.push(r.get::<_, rusqlite::types::Value>(i)?);
+            }
+            out.push((id, vals));
+        }
+        Ok(out)
+    }
+
+    /// Every host, and the host rows that do not read.
+    pub fn hosts_checked(&self) -> Result<(Vec<HostRow>, Vec<BadRow>), StoreError> {
+        const COLS: [&str; 7] = ["host_id", "info", "status", "first_seen_ms", "last_seen_ms", "status_reason", "fenced_boot_id"];
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for (rowid, v) in self.raw_rows("hosts", &COLS)? {
+            let host = text(&v[0]).unwrap_or_default();
+            let parsed = (|| -> Result<HostRow, String> {
+                let id = text(&v[0]).filter(|h| !h.is_empty()).ok_or("host_id is not a non-empty text")?;
+                let info = HostInfo::decode(&blob(&v[1]).ok_or("info is not a blob")?[..]).map_err(|e| format!("info does not decode: {e}"))?;
+                if info.host_id != id {
+                    return Err(format!("info names host '{}', not '{id}'", info.host_id));
+                }
+                Ok(HostRow {
+                    info,
+                    status: text(&v[2]).ok_or("status is not text")?,
+                    first_seen_ms: int(&v[3]).ok_or("first_seen_ms is not an integer")?,
+                    last_seen_ms: int(&v[4]).ok_or("last_seen_ms is not an integer")?,
+                    status_reason: text(&v[5]).ok_or("status_reason is not text")?,
+                    fenced_boot_id: text(&v[6]).ok_or("fenced_boot_id is not text")?,
+                })
+            })();
+            match parsed {
+                Ok(h) => good.push(h),
+                Err(reason) => bad.push(BadRow {
+                    table: "hosts",
+                    rowid,
+                    key: host.clone(),
+                    uuid: String::new(),
+                    host,
+                    reason,
+                    row_text: row_text(&COLS, &v),
+                    data: blob(&v[1]),
+                }),
+            }
+        }
+        Ok((good, bad))
+    }
+
+    /// Calls `f` with every guest that reads and passes `check`; returns the
+    /// guest rows that do not.
+    pub fn each_guest_checked(
+        &self,
+        mut check: impl FnMut(&Guest) -> Result<(), String>,
+        mut f: impl FnMut(GuestRow),
+    ) -> Result<Vec<BadRow>, StoreError> {
+        const COLS: [&str; 5] = ["host_id", "uuid", "name", "data", "updated_ms"];
+        let mut st = self.conn.prepare("SELECT rowid, host_id, uuid, name, data, updated_ms FROM guests ORDER BY host_id, name")?;
+        let mut rows = st.query([])?;
+        let mut bad = Vec::new();
+        while let Some(r) = rows.next()? {
+            let rowid: i64 = r.get(0)?;
+            let mut v = Vec::with_capacity(COLS.len());
+            for i in 1..=COLS.len() {
+                v.push(r.get::<_, rusqlite::types::Value>(i)?);
+            }
+            let (host, uuid) = (text(&v[0]).unwrap_or_default(), text(&v[1]).unwrap_or_default());
+            let parsed = (|| -> Result<GuestRow, String> {
+                let host_id = text(&v[0]).ok_or("host_id is not text")?;
+                let guest = Guest::decode(&blob(&v[3]).ok_or("data is not a blob")?[..]).map_err(|e| format!("data does not decode: {e}"))?;
+                if guest.uuid != uuid {
+                    return Err(format!("data is guest '{}', not the row's uuid", guest.uuid.escape_debug()));
+                }
+                check(&guest)?;
+                Ok(GuestRow { host_id, guest, updated_ms: int(&v[4]).ok_or("updated_ms is not an integer")? })
+            })();
+            match parsed {
+                Ok(g) => f(g),
+                Err(reason) => bad.push(BadRow {
+                    table: "guests",
+                    rowid,
+                    key: format!("{host}/{uuid}"),
+                    uuid,
+                    host,
+                    reason,
+                    row_text: row_text(&COLS, &v),
+                    data: blob(&v[3]),
+                }),
+            }
+        }
+        Ok(bad)
+    }
+
+    /// Every ownership record, and the rows that do not read (a negative
+    /// generation, a value of the wrong type).
+    pub fn owners_checked(&self) -> Result<(Vec<OwnerRow>, Vec<BadRow>), StoreError> {
+        const COLS: [&str; 6] = ["uuid", "host", "generation", "from_host", "job", "complete"];
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for (rowid, v) in self.raw_rows("owners", &COLS)? {
+            let parsed = (|| -> Result<OwnerRow, String> {
+                Ok(OwnerRow {
+                    uuid: text(&v[0]).filter(|u| !u.is_empty()).ok_or("uuid is not a non-empty text")?,
+                    host: text(&v[1]).filter(|h| !h.is_empty()).ok_or("host is not a non-empty text")?,
+                    generation: int(&v[2])
+                        .and_then(|g| u64::try_from(g).ok())
+                        .ok_or("generation is not a non-negative integer")?,
+                    from_host: text(&v[3]).ok_or("from_host is not text")?,
+                    job: text(&v[4]).ok_or("job is not text")?,
+                    complete: match int(&v[5]) {
+                        Some(0) => false,
+                        Some(1) => true,
+                        _ => return Err("complete is not 0 or 1".into()),
+                    },
+                })
+            })();
+            match parsed {
+                Ok(o) => good.push(o),
+                Err(reason) => bad.push(BadRow {
+                    table: "owners",
+                    rowid,
+                    key: text(&v[0]).unwrap_or_default(),
+                    uuid: text(&v[0]).unwrap_or_default(),
+                    host: text(&v[1]).unwrap_or_default(),
+                    reason,
+                    row_text: row_text(&COLS, &v),
+                    data: None,
+                }),
+            }
+        }
+        Ok((good, bad))
+    }
+
+    /// Desired states (uuid → (host, "running" | "stopped")), and the rows
+    /// that do not read.
+    pub fn desired_checked(&self) -> Result<(BTreeMap<String, (String, String)>, Vec<BadRow>), StoreError> {
+        const COLS: [&str; 3] = ["uuid", "host", "state"];
+        let (mut good, mut bad) = (BTreeMap::new(), Vec::new());
+        for (rowid, v) in self.raw_rows("desired", &COLS)? {
+            let parsed = (|| -> Result<(String, String, String), String> {
+                let uuid = text(&v[0]).filter(|u| !u.is_empty()).ok_or("uuid is not a non-empty text")?;
+                let host = text(&v[1]).filter(|h| !h.is_empty()).ok_or("host is not a non-empty text")?;
+                let state = text(&v[2]).filter(|s| s == "running" || s == "stopped").ok_or("state is not 'running' or 'stopped'")?;
+                Ok((uuid, host, state))
+            })();
+            match parsed {
+                Ok((u, h, st)) => {
+                    good.insert(u, (h, st));
+                }
+                Err(reason) => bad.push(BadRow {
+                    table: "desired",
+                    rowid,
+                    key: text(&v[0]).unwrap_or_default(),
+                    uuid: text(&v[0]).unwrap_or_default(),
+                    host: text(&v[1]).unwrap_or_default(),
+                    reason,
+                    row_text: row_text(&COLS, &v),
+                    data: None,
+                }),
+            }
+        }
+        Ok((good, bad))
+    }
+
+    /// Every missing guest, and the rows that do not read.
+    pub fn missing_checked(&self) -> Result<(Vec<MissingRow>, Vec<BadRow>), StoreError> {
+        const COLS: [&str; 4] = ["uuid", "host", "data", "since_ms"];
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for (rowid, v) in self.raw_rows("missing", &COLS)? {
+            let uuid = text(&v[0]).unwrap_or_default();
+            let parsed = (|| -> Result<MissingRow, String> {
+                let host = text(&v[1]).ok_or("host is not text")?;
+                let guest = Guest::decode(&blob(&v[2]).ok_or("data is not a blob")?[..]).map_err(|e| format!("data does not decode: {e}"))?;
+                if guest.uuid != uuid {
+                    return Err("data is another guest than the row's uuid".into());
+                }
+                Ok(MissingRow { host, guest, since_ms: int(&v[3]).ok_or("since_ms is not an integer")? })
+            })();
+            match parsed {
+                Ok(m) => good.push(m),
+                Err(reason) => bad.push(BadRow {
+                    table: "missing",
+                    rowid,
+                    key: uuid.clone(),
+                    uuid,
+                    host: text(&v[1]).unwrap_or_default(),
+                    reason,
+                    row_text: row_text(&COLS, &v),
+                    data: blob(&v[2]),
+                }),
+            }
+        }
+        good.sort_by(|a, b| (&a.host, &a.guest.name, &a.guest.uuid).cmp(&(&b.host, &b.guest.name, &b.guest.uuid)));
+        Ok((good, bad))
+    }
+
+    /// Moves a bad row to the quarantine table (raw values kept) and, for a
+    /// host row, puts a MAINTENANCE row with `reason` in its place (the
+    /// host then takes no guests and is not reported AVAILABLE); one
+    /// transaction. Returns the quarantine id.
+    pub fn quarantine(&mut self, b: &BadRow, host_reason: &str) -> Result<i64, StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO quarantine (at_ms, source_table, row_key, uuid, host, reason, row_text, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![crate::now_ms(), b.table, b.key, b.uuid, b.host, b.reason, b.row_text, b.data],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.execute(&format!("DELETE FROM {} WHERE rowid = ?1", b.table), params![b.rowid])?;
+        if b.table == "hosts" && !b.host.is_empty() {
+            let info = HostInfo { host_id: b.host.clone(), ..Default::default() };
+            tx.execute(
+                "INSERT INTO hosts (host_id, info, status, first_seen_ms, last_seen_ms, status_reason) VALUES (?1, ?2, 'MAINTENANCE', ?3, 0, ?4)",
+                params![b.host, info.encode_to_vec(), crate::now_ms(), host_reason],
+            )?;
+        }
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Rows in quarantine.
+    pub fn quarantined(&self) -> Result<Vec<QuarantineRow>, StoreError> {
+        let mut st = self.conn.prepare("SELECT id, source_table, row_key, uuid, host, reason FROM quarantine ORDER BY id")?;
+        let rows = st.query_map([], |r| {
+            Ok(QuarantineRow { id: r.get(0)?, table: r.get(1)?, key: r.get(2)?, uuid: r.get(3)?, host: r.get(4)?, reason: r.get(5)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 

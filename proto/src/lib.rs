@@ -97,6 +97,19 @@ pub fn unpack_definition(g: &mut v1::Guest) -> Result<(), DefinitionError> {
     Ok(())
 }
 
+/// Inflates a packed definition (zlib), reading at most `limit + 1` bytes
+/// of output however large the input claims to be: `Ok(None)` when it
+/// inflates to more than `limit` bytes. The controller's intake gives each
+/// guest the smaller of its per-definition limit and what is left of the
+/// inventory's and the session's budgets.
+pub fn inflate_limited(deflated: &[u8], limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let guess = deflated.len().saturating_mul(4).min(usize::try_from(limit).unwrap_or(usize::MAX)).min(1 << 20);
+    let mut out = Vec::with_capacity(guess);
+    flate2::read::ZlibDecoder::new(deflated).take(limit.saturating_add(1)).read_to_end(&mut out)?;
+    Ok((u64::try_from(out.len()).unwrap_or(u64::MAX) <= limit).then_some(out))
+}
+
 /// Splits an inventory into pages of about `page_bytes` each (see
 /// [`v1::Inventory::more`]); the host facts travel on the first page.
 pub fn inventory_pages(inv: v1::Inventory, page_bytes: usize) -> Vec<v1::Inventory> {

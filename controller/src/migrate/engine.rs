@@ -212,7 +212,16 @@ impl Engine {
             memory_reserve_kib: self.memory_reserve_kib,
             source_alarms: self.reg.active_alarms().into_iter().filter(|a| a.0 == req.source).map(|a| a.1).collect(),
             held_elsewhere: self.reg.held_elsewhere(&req.source, &source_uuids),
-            in_other_job: source_uuids.iter().filter_map(|u| self.reg.job_of(u).map(|j| (u.clone(), j))).collect(),
+            // A guest blocked by a quarantined database row is moved by nobody.
+            in_other_job: source_uuids
+                .iter()
+                .filter_map(|u| {
+                    self.reg
+                        .job_of(u)
+                        .or_else(|| self.reg.is_quarantined(u).then(|| "the quarantine of one of its database rows (alarm row-quarantined)".to_string()))
+                        .map(|j| (u.clone(), j))
+                })
+                .collect(),
             reservations,
             desired_running: source_uuids
                 .iter()

@@ -5,6 +5,7 @@
 //! (`guest-missing`), until it is defined there again, `lifeboat vms
 //! restore` defines it, or an operator forgets it (`lifeboat vms forget`).
 //! Nothing here deletes a managed guest's definition on its own.
+#![warn(clippy::arithmetic_side_effects)]
 
 use super::{Inner, Registry};
 use crate::error::ControllerError;

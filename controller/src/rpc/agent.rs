@@ -1,4 +1,6 @@
-//! `AgentSession`: one bidirectional stream per agent.
+//! `AgentSession`: one bidirectional stream per agent. Every message passes
+//! the intake ([`crate::intake`]) before the registry sees it.
+#![warn(clippy::arithmetic_side_effects)]
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -6,7 +8,8 @@ use std::time::Duration;
 
 use lifeboat_common::identity::Identity;
 use lifeboat_proto::v1::{
-    AgentMessage, ControllerMessage, Guest, HeartbeatAck, Inventory, Welcome, agent_message::Msg, agent_session_server::AgentSession,
+    AgentMessage, ControllerMessage, HeartbeatAck, Refused, Welcome, agent_message::Msg,
+    agent_session_server::{AgentSession, AgentSessionServer},
     controller_message,
 };
 use tokio::sync::mpsc;
@@ -16,7 +19,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::error::ControllerError;
-use crate::registry::Registry;
+use crate::intake::{self, Page, Refusal, SessionIntake};
+use crate::registry::{Registry, SessionId};
 
 /// The agent-facing service.
 pub struct AgentService {
@@ -27,6 +31,13 @@ impl AgentService {
     /// Wraps the registry.
     pub fn new(reg: Arc<Registry>) -> Self {
         AgentService { reg }
+    }
+
+    /// The gRPC service, decoding messages of at most
+    /// [`intake::MAX_AGENT_MESSAGE_BYTES`] (a larger one ends the stream with
+    /// an error before it is held in memory).
+    pub fn into_server(self) -> AgentSessionServer<Self> {
+        AgentSessionServer::new(self).max_decoding_message_size(intake::MAX_AGENT_MESSAGE_BYTES)
     }
 }
 
@@ -55,6 +66,11 @@ impl AgentSession for AgentService {
                 _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
             },
         };
+        if let Err(r) = intake::check_hello(&hello) {
+            crate::metrics::agent_message_refused(r.kind);
+            warn!(host = %cert_host, field = %r.what(), "refused agent session: {r}");
+            return Err(Status::invalid_argument(format!("refused: {r}")));
+        }
         if hello.host_id != cert_host {
             let msg = format!(
                 "certificate is for host '{cert_host}' but the agent claims to be '{}'; refusing the session",
@@ -83,7 +99,8 @@ impl AgentSession for AgentService {
         tokio::spawn(async move {
             let host = cert_host;
             let Some(heard) = heard else { return };
-            let mut paged: Option<Inventory> = None;
+            let mut intake = Some(SessionIntake::new(lifeboat_common::now_unix_ms()));
+            let mut refusals = RefusalReport::default();
             loop {
                 let next = tokio::select! {
                     m = inbound.message() => m,
@@ -95,6 +112,27 @@ impl AgentSession for AgentService {
                 let msg = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
+                    Err(e) if matches!(e.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) => {
+                        // Too large to decode: nothing of it was read. The
+                        // stream cannot go on, but the agent learns why.
+                        let r = Refusal {
+                            kind: "message",
+                            field: "size".into(),
+                            reason: format!(
+                                "{}; a message may have at most {} bytes (docs/security.md, Agent input); the session ends",
+                                e.message(),
+                                intake::MAX_AGENT_MESSAGE_BYTES
+                            ),
+                        };
+                        refusals.refused(&reg, &host, &tx, r);
+                        // Closing the session ends the outbound stream at
+                        // once: first let the agent read the refusal (2 s at most).
+                        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+                        while tx.capacity() < tx.max_capacity() && tokio::time::Instant::now() < until {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        break;
+                    }
                     Err(e) => {
                         info!(host = %host, "agent stream error: {e}");
                         break;
@@ -103,45 +141,48 @@ impl AgentSession for AgentService {
                 // Liveness without the registry lock: heartbeats from
                 // 10,000 hosts must not queue behind inventory writes.
                 heard.store(lifeboat_common::now_unix_ms(), std::sync::atomic::Ordering::Relaxed);
-                let r = match msg.msg {
-                    Some(Msg::Heartbeat(h)) => {
-                        // A full outbound queue means the agent is not reading:
-                        // drop the ack rather than stall this stream.
-                        let _ = tx.try_send(Box::new(ControllerMessage {
-                            msg: Some(controller_message::Msg::HeartbeatAck(HeartbeatAck {
-                                seq: h.seq,
-                                handled_unix_ms: lifeboat_common::now_unix_ms(),
-                            })),
-                        }));
-                        Ok(())
-                    }
-                    Some(Msg::Inventory(page)) => match gather_page(&mut paged, page) {
-                        Err(e) => Err(e),
-                        Ok(None) => Ok(()),
-                        Ok(Some(inv)) => reg.apply_inventory(&host, sid, inv).map(|skipped| {
-                            for s in skipped {
-                                warn!(host = %host, "skipped invalid guest: {s}");
-                            }
-                        }),
-                    },
-                    Some(Msg::GuestChanged(c)) => match c.guest {
-                        Some(mut g) => {
-                            unpack(&mut g);
-                            reg.apply_guest(&host, sid, g)
+                let r = if let Some(Msg::Heartbeat(h)) = &msg.msg {
+                    match intake::check_heartbeat(h) {
+                        Ok(()) => {
+                            // A full outbound queue means the agent is not reading:
+                            // drop the ack rather than stall this stream.
+                            let _ = tx.try_send(Box::new(ControllerMessage {
+                                msg: Some(controller_message::Msg::HeartbeatAck(HeartbeatAck {
+                                    seq: h.seq,
+                                    handled_unix_ms: lifeboat_common::now_unix_ms(),
+                                })),
+                            }));
+                            Ok(())
                         }
-                        None => Err(ControllerError::InvalidArgument("GuestChanged without a guest".into())),
-                    },
-                    Some(Msg::GuestRemoved(r)) => reg.remove_guest(&host, sid, &r.uuid),
-                    Some(Msg::Host(h)) => reg.apply_host(&host, sid, h),
-                    Some(Msg::CommandResult(r)) => {
-                        reg.complete(r);
-                        Ok(())
+                        Err(r) => Err(MessageError::Refused(r)),
                     }
-                    Some(Msg::Hello(_)) => Err(ControllerError::InvalidArgument("Hello sent twice".into())),
-                    None => Err(ControllerError::InvalidArgument("empty message".into())),
+                } else {
+                    // Inflating, validating and writing run on a blocking
+                    // thread: a session busy with a large inventory must not
+                    // hold up the runtime threads other sessions' heartbeats
+                    // are read on.
+                    let (reg2, host2) = (reg.clone(), host.clone());
+                    let mut st = intake.take().unwrap_or_else(|| SessionIntake::new(lifeboat_common::now_unix_ms()));
+                    match tokio::task::spawn_blocking(move || {
+                        let r = handle_message(&reg2, &host2, sid, &mut st, msg, lifeboat_common::now_unix_ms());
+                        (st, r)
+                    })
+                    .await
+                    {
+                        Ok((st, r)) => {
+                            intake = Some(st);
+                            r
+                        }
+                        Err(e) => {
+                            warn!(host = %host, "handling an agent message failed: {e}");
+                            break;
+                        }
+                    }
                 };
-                if let Err(e) = r {
-                    warn!(host = %host, "agent message rejected: {e}");
+                match r {
+                    Ok(()) => {}
+                    Err(MessageError::Failed(e)) => warn!(host = %host, "agent message not applied: {e}"),
+                    Err(MessageError::Refused(r)) => refusals.refused(&reg, &host, &tx, r),
                 }
             }
             reg.close_session(&host, sid);
@@ -169,82 +210,222 @@ impl AgentSession for AgentService {
     }
 }
 
-/// Restores a guest's packed definition. One that cannot be restored is kept
-/// as a guest whose definition could not be read (the planner then refuses
-/// to move it and says why) rather than dropped, which would read as the
-/// guest being gone from its host.
-fn unpack(g: &mut Guest) {
-    if let Err(e) = lifeboat_proto::unpack_definition(g) {
-        warn!(guest = %g.uuid, "{e}");
-        g.definition_deflate = Vec::new();
-        if g.error.is_empty() {
-            g.error = e.to_string();
-        }
+/// Why a message after `Hello` was not applied.
+#[derive(Debug)]
+pub enum MessageError {
+    /// The intake refused it whole (nothing stored); the agent is told.
+    Refused(Refusal),
+    /// It was valid but applying it failed (a database error, say).
+    Failed(ControllerError),
+}
+
+impl From<Refusal> for MessageError {
+    fn from(r: Refusal) -> Self {
+        MessageError::Refused(r)
     }
 }
 
-/// Most guests one inventory may carry, over all its pages.
-pub const MAX_INVENTORY_GUESTS: usize = 100_000;
-
-/// Adds one inventory page (its definitions unpacked); returns the whole
-/// inventory when `page` is the last one. An oversized inventory is refused
-/// (and dropped) as a whole.
-fn gather_page(paged: &mut Option<Inventory>, mut page: Inventory) -> Result<Option<Inventory>, ControllerError> {
-    page.guests.iter_mut().for_each(unpack);
-    let acc = match paged.take() {
-        None => page,
-        Some(mut acc) => {
-            if page.host.is_some() {
-                acc.host = page.host;
-            }
-            acc.guests.extend(page.guests);
-            acc.more = page.more;
-            acc
-        }
-    };
-    if acc.guests.len() > MAX_INVENTORY_GUESTS {
-        return Err(ControllerError::InvalidArgument(format!(
-            "inventory of more than {MAX_INVENTORY_GUESTS} guests refused"
-        )));
+impl From<ControllerError> for MessageError {
+    fn from(e: ControllerError) -> Self {
+        MessageError::Failed(e)
     }
-    if acc.more {
-        *paged = Some(acc);
-        Ok(None)
-    } else {
-        Ok(Some(acc))
+}
+
+/// Handles one agent message after `Hello` (heartbeats included): the
+/// intake validates it (rules in [`crate::intake`]), then the registry
+/// applies it. A refused message changes nothing. The session's reader calls
+/// this on a blocking thread; tests call it directly.
+pub fn handle_message(
+    reg: &Registry,
+    host: &str,
+    sid: SessionId,
+    intake: &mut SessionIntake,
+    msg: AgentMessage,
+    now_ms: i64,
+) -> Result<(), MessageError> {
+    match msg.msg {
+        Some(Msg::Heartbeat(h)) => Ok(intake::check_heartbeat(&h)?),
+        Some(Msg::Inventory(page)) => match intake.page(page, now_ms)? {
+            Page::Pending | Page::Discarded => Ok(()),
+            Page::Complete(inv) => {
+                reg.apply_inventory(host, sid, *inv)?;
+                Ok(())
+            }
+        },
+        Some(Msg::GuestChanged(c)) => {
+            let g = intake.guest_changed(c, now_ms)?;
+            Ok(reg.apply_guest(host, sid, g)?)
+        }
+        Some(Msg::GuestRemoved(r)) => {
+            intake::check_removed(&r)?;
+            if reg.reported_guest(host, &r.uuid).is_none() {
+                return Err(Refusal {
+                    kind: "GuestRemoved",
+                    field: "uuid".into(),
+                    reason: format!("{} is not a guest {host} reported; only a host's own guests can be removed from it", r.uuid),
+                }
+                .into());
+            }
+            Ok(reg.remove_guest(host, sid, &r.uuid)?)
+        }
+        Some(Msg::Host(h)) => {
+            intake::check_host_info("HostInfo", "", &h)?;
+            Ok(reg.apply_host(host, sid, h)?)
+        }
+        Some(Msg::CommandResult(r)) => {
+            intake::check_command_result(&r)?;
+            let id = r.id.clone();
+            match reg.complete_from(host, r) {
+                Some(true) => Ok(()),
+                Some(false) => Err(Refusal {
+                    kind: "CommandResult",
+                    field: "id".into(),
+                    reason: format!("command {id} was sent to another host; a host answers only its own commands"),
+                }
+                .into()),
+                // A late answer (the caller timed out, or the session was
+                // replaced) is an honest agent's normal race: dropped quietly.
+                None => {
+                    tracing::debug!(host, command = %id, "a result for no awaited command dropped");
+                    Ok(())
+                }
+            }
+        }
+        Some(Msg::Hello(_)) => Err(Refusal { kind: "Hello", field: "hello".into(), reason: "Hello sent twice in one session".into() }.into()),
+        None => Err(Refusal { kind: "message", field: "msg".into(), reason: "empty message (no known kind set)".into() }.into()),
+    }
+}
+
+/// Least time between two log lines or alarm refreshes about one session's
+/// refused messages (ms): a flood of bad messages costs a counter each.
+pub const REFUSAL_REPORT_INTERVAL_MS: i64 = 10_000;
+
+/// Reports one session's refusals: the agent gets a `Refused` for each
+/// (when its queue has room), the metric counts each, the log and the host's
+/// `agent-input-refused` alarm at most once per [`REFUSAL_REPORT_INTERVAL_MS`].
+#[derive(Debug, Default)]
+struct RefusalReport {
+    last_ms: i64,
+    total: u64,
+    unreported: u64,
+}
+
+impl RefusalReport {
+    fn refused(&mut self, reg: &Registry, host: &str, tx: &mpsc::Sender<Box<ControllerMessage>>, r: Refusal) {
+        crate::metrics::agent_message_refused(r.kind);
+        self.total = self.total.saturating_add(1);
+        self.unreported = self.unreported.saturating_add(1);
+        let _ = tx.try_send(Box::new(ControllerMessage {
+            msg: Some(controller_message::Msg::Refused(Refused { what: r.what(), reason: r.reason.clone() })),
+        }));
+        let now = lifeboat_common::now_unix_ms();
+        if self.last_ms != 0 && now.saturating_sub(self.last_ms) < REFUSAL_REPORT_INTERVAL_MS {
+            return;
+        }
+        self.last_ms = now;
+        warn!(host = %host, field = %r.what(), refused_since_last_line = self.unreported, "refused an agent message whole: {r}");
+        self.unreported = 0;
+        let detail = format!(
+            "the agent of {host} sent a message the controller refused whole (nothing of it was stored; {} refused in its \
+             current session): {r}. A buggy, mismatched or compromised agent: check `journalctl -u lifeboat-agent` on {host} \
+             and that its version matches the controller's; if the host is not trusted, revoke its certificate. Clear with \
+             `lifeboat alarms clear --host {host} --kind agent-input-refused`",
+            self.total
+        );
+        if let Err(e) = reg.raise_or_refresh_alarm(host, "agent-input-refused", &detail) {
+            warn!(host = %host, "recording the agent-input-refused alarm failed: {e}");
+        }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
-    use lifeboat_proto::v1::HostInfo;
+    use crate::model::Timing;
+    use crate::store::Store;
+    use lifeboat_proto::v1::{GuestChanged, GuestRemoved, Guest, HostInfo, Inventory};
 
-    #[test]
-    fn a_definition_that_cannot_be_unpacked_marks_the_guest_instead_of_dropping_it() {
-        let mut good = Guest { uuid: "u1".into(), definition_xml: "<domain><name>vm1</name></domain>".into(), ..Default::default() };
-        lifeboat_proto::pack_definition(&mut good);
-        unpack(&mut good);
-        assert_eq!(good.definition_xml, "<domain><name>vm1</name></domain>");
-        assert!(good.error.is_empty());
-        let mut bad = Guest { uuid: "u2".into(), definition_deflate: b"garbage".to_vec(), ..Default::default() };
-        unpack(&mut bad);
-        assert!(bad.definition_xml.is_empty() && bad.definition_deflate.is_empty());
-        assert!(bad.error.contains("u2") && bad.error.contains("zlib"), "{}", bad.error);
+    fn uuid(i: usize) -> String {
+        format!("00000000-0000-4000-8000-{i:012x}")
+    }
+
+    fn guest(i: usize) -> Guest {
+        let mut g = Guest { uuid: uuid(i), name: format!("vm{i}"), state: 6, memory_kib: 1024, definition_xml: format!("<domain><name>vm{i}</name></domain>"), ..Default::default() };
+        lifeboat_proto::pack_definition(&mut g);
+        g
+    }
+
+    fn inv(guests: Vec<Guest>, more: bool) -> AgentMessage {
+        AgentMessage { msg: Some(Msg::Inventory(Inventory { host: None, guests, more })) }
+    }
+
+    fn names(reg: &Registry) -> Vec<String> {
+        reg.list_guests(None, None, false).unwrap().into_iter().map(|r| r.guest.unwrap().name).collect()
     }
 
     #[test]
-    fn pages_are_gathered_into_one_inventory() {
-        let g = |u: &str| Guest { uuid: u.into(), name: u.into(), ..Default::default() };
-        let mut acc = None;
-        let first = Inventory { host: Some(HostInfo { host_id: "h".into(), ..Default::default() }), guests: vec![g("1")], more: true };
-        assert!(gather_page(&mut acc, first).unwrap().is_none());
-        assert!(gather_page(&mut acc, Inventory { host: None, guests: vec![g("2")], more: true }).unwrap().is_none());
-        let inv = gather_page(&mut acc, Inventory { host: None, guests: vec![g("3")], more: false }).unwrap().unwrap();
-        assert_eq!(inv.host.unwrap().host_id, "h");
-        assert_eq!(inv.guests.iter().map(|g| g.uuid.as_str()).collect::<Vec<_>>(), ["1", "2", "3"]);
-        assert!(acc.is_none());
-        let single = gather_page(&mut acc, Inventory { host: None, guests: vec![g("9")], more: false }).unwrap().unwrap();
-        assert_eq!(single.guests.len(), 1);
+    fn pages_are_gathered_and_a_refused_inventory_stores_nothing_not_even_its_last_page() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(8);
+        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let mut st = SessionIntake::new(0);
+        handle_message(&reg, "h", sid, &mut st, inv(vec![guest(1)], true), 0).unwrap();
+        handle_message(&reg, "h", sid, &mut st, inv(vec![guest(2)], false), 0).unwrap();
+        assert_eq!(names(&reg), ["vm1", "vm2"]);
+        let mut bad = guest(4);
+        bad.memory_kib = u64::MAX;
+        handle_message(&reg, "h", sid, &mut st, inv(vec![guest(3)], true), 0).unwrap();
+        let e = handle_message(&reg, "h", sid, &mut st, inv(vec![bad], true), 0).unwrap_err();
+        assert!(matches!(&e, MessageError::Refused(r) if r.field == "guests[1].memory_kib"), "{e:?}");
+        handle_message(&reg, "h", sid, &mut st, inv(vec![guest(5)], false), 0).unwrap();
+        assert_eq!(names(&reg), ["vm1", "vm2"], "the refused inventory's last page must not replace the host's guests");
+    }
+
+    #[test]
+    fn removals_and_results_for_what_the_host_does_not_own_are_refused() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, mut _rx) = mpsc::channel(8);
+        let (tx2, _rx2) = mpsc::channel(8);
+        let a = reg.open_session("a", "boot", tx).unwrap();
+        let b = reg.open_session("b", "boot", tx2).unwrap();
+        let mut st = SessionIntake::new(0);
+        handle_message(&reg, "a", a, &mut st, inv(vec![guest(1)], false), 0).unwrap();
+        let rm = AgentMessage { msg: Some(Msg::GuestRemoved(GuestRemoved { uuid: uuid(1), name: "vm1".into() })) };
+        let e = handle_message(&reg, "b", b, &mut SessionIntake::new(0), rm, 0).unwrap_err();
+        assert!(matches!(&e, MessageError::Refused(r) if r.what() == "GuestRemoved uuid"), "{e:?}");
+        assert_eq!(names(&reg), ["vm1"]);
+        let res = |id: String| AgentMessage { msg: Some(Msg::CommandResult(lifeboat_proto::v1::CommandResult { id, ok: true, ..Default::default() })) };
+        assert!(handle_message(&reg, "b", b, &mut st, res(uuid(9)), 0).is_ok(), "a late answer is dropped quietly");
+        // A result for a command awaiting host a's answer, sent by b: refused, a's command still waits.
+        let reg = std::sync::Arc::new(reg);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let r2 = reg.clone();
+            let call = tokio::spawn(async move { r2.call("a", lifeboat_proto::v1::command::Kind::Resync(Default::default()), std::time::Duration::from_secs(5)).await });
+            let id = loop {
+                tokio::task::yield_now().await;
+                if let Ok(Some(m)) = _rx.try_recv().map(|m| m.msg) {
+                    if let controller_message::Msg::Command(c) = m {
+                        break c.id;
+                    }
+                }
+            };
+            let e = handle_message(&reg, "b", b, &mut SessionIntake::new(0), res(id.clone()), 0).unwrap_err();
+            assert!(matches!(&e, MessageError::Refused(r) if r.what() == "CommandResult id"), "{e:?}");
+            handle_message(&reg, "a", a, &mut SessionIntake::new(0), res(id), 0).unwrap();
+            assert!(call.await.unwrap().unwrap().ok);
+        });
+        let reg = std::sync::Arc::try_unwrap(reg).ok().unwrap();
+        let twice = AgentMessage { msg: Some(Msg::Hello(Default::default())) };
+        assert!(matches!(handle_message(&reg, "a", a, &mut st, twice, 0), Err(MessageError::Refused(r)) if r.kind == "Hello"));
+        let host = AgentMessage { msg: Some(Msg::Host(HostInfo { hostname: "x\u{1b}[2J".into(), ..Default::default() })) };
+        assert!(matches!(handle_message(&reg, "a", a, &mut st, host, 0), Err(MessageError::Refused(r)) if r.field == "hostname"));
+        assert!(reg.get_host("a").unwrap().info.unwrap().hostname.is_empty());
+        let mut g = guest(2);
+        g.uuid = "../../x".into();
+        let ch = AgentMessage { msg: Some(Msg::GuestChanged(GuestChanged { guest: Some(g) })) };
+        assert!(matches!(handle_message(&reg, "a", a, &mut st, ch, 0), Err(MessageError::Refused(r)) if r.field == "guest.uuid"));
+        assert_eq!(names(&reg), ["vm1"]);
     }
 }
