@@ -36,6 +36,15 @@ pub enum StoreError {
     TooNew(i64),
 }
 
+impl StoreError {
+    /// Whether SQLite refused or failed a statement (full disk, read-only,
+    /// I/O, locked): it passes when the database can be written again.
+    /// Anything else is a record that cannot be used.
+    pub fn is_write_failure(&self) -> bool {
+        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(..)))
+    }
+}
+
 /// How long a move that became RUNNING keeps holding its memory on its
 /// target (ms), unless the target reports the guest running sooner: until
 /// then the target's running figure may not include it yet.

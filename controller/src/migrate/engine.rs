@@ -1028,7 +1028,7 @@ pub const JOB_PAUSED: &str = "job-paused";
 /// disk, read-only, I/O, locked): it passes when the database can be
 /// written again. Anything else is a record that cannot be used.
 fn is_write_error(e: &StoreError) -> bool {
-    matches!(e, StoreError::Sqlite(rusqlite::Error::SqliteFailure(..)))
+    e.is_write_failure()
 }
 
 /// What `jobs show` says of a job paused on a database error.

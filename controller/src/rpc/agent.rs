@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::error::ControllerError;
 use crate::intake::{self, Page, Refusal, SessionIntake};
 use crate::registry::{Registry, SessionId};
+use crate::rpc::unwritten::{self, Observation, Unwritten};
 
 /// The agent-facing service.
 pub struct AgentService {
@@ -101,13 +102,35 @@ impl AgentSession for AgentService {
             let Some(heard) = heard else { return };
             let mut intake = Some(SessionIntake::new(lifeboat_common::now_unix_ms()));
             let mut refusals = RefusalReport::default();
+            let mut unwritten = Some(Unwritten::default());
             loop {
+                // Observations the database refused are tried again even
+                // when the agent sends nothing new.
+                let retry_at = unwritten.as_ref().and_then(Unwritten::next_try);
                 let next = tokio::select! {
-                    m = inbound.message() => m,
+                    m = inbound.message() => Some(m),
                     _ = reader_superseded.wait_for(|s| *s) => {
                         info!(host = %host, "session superseded by a newer one: closing it");
                         break;
                     }
+                    _ = sleep_until(retry_at), if retry_at.is_some() => None,
+                };
+                let Some(next) = next else {
+                    let (reg2, host2) = (reg.clone(), host.clone());
+                    let mut un = unwritten.take().unwrap_or_default();
+                    match tokio::task::spawn_blocking(move || {
+                        un.retry(&reg2, &host2, sid, std::time::Instant::now());
+                        un
+                    })
+                    .await
+                    {
+                        Ok(un) => unwritten = Some(un),
+                        Err(e) => {
+                            warn!(host = %host, "writing waiting observations failed: {e}");
+                            break;
+                        }
+                    }
+                    continue;
                 };
                 let msg = match next {
                     Ok(Some(m)) => m,
@@ -163,14 +186,19 @@ impl AgentSession for AgentService {
                     // are read on.
                     let (reg2, host2) = (reg.clone(), host.clone());
                     let mut st = intake.take().unwrap_or_else(|| SessionIntake::new(lifeboat_common::now_unix_ms()));
+                    let mut un = unwritten.take().unwrap_or_default();
                     match tokio::task::spawn_blocking(move || {
-                        let r = handle_message(&reg2, &host2, sid, &mut st, msg, lifeboat_common::now_unix_ms());
-                        (st, r)
+                        let r = take_in(&reg2, &host2, &mut st, msg, lifeboat_common::now_unix_ms()).and_then(|obs| match obs {
+                            Some(obs) => Ok(un.apply(&reg2, &host2, sid, obs, std::time::Instant::now())?),
+                            None => Ok(()),
+                        });
+                        (st, un, r)
                     })
                     .await
                     {
-                        Ok((st, r)) => {
+                        Ok((st, un, r)) => {
                             intake = Some(st);
+                            unwritten = Some(un);
                             r
                         }
                         Err(e) => {
@@ -184,6 +212,9 @@ impl AgentSession for AgentService {
                     Err(MessageError::Failed(e)) => warn!(host = %host, "agent message not applied: {e}"),
                     Err(MessageError::Refused(r)) => refusals.refused(&reg, &host, &tx, r),
                 }
+            }
+            if let Some(n) = unwritten.as_ref().map(Unwritten::len).filter(|n| *n > 0) {
+                warn!(host = %host, waiting = n, "session closed with observations the database had not taken; the agent's next session sends a whole inventory");
             }
             reg.close_session(&host, sid);
             info!(host = %host, "agent session closed");
@@ -210,6 +241,14 @@ impl AgentSession for AgentService {
     }
 }
 
+/// Sleeps until `at` (forever when `None`; the caller guards the branch).
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Why a message after `Hello` was not applied.
 #[derive(Debug)]
 pub enum MessageError {
@@ -233,8 +272,9 @@ impl From<ControllerError> for MessageError {
 
 /// Handles one agent message after `Hello` (heartbeats included): the
 /// intake validates it (rules in [`crate::intake`]), then the registry
-/// applies it. A refused message changes nothing. The session's reader calls
-/// this on a blocking thread; tests call it directly.
+/// applies it. A refused message changes nothing. Tests call this directly;
+/// the session's reader runs [`take_in`] and applies what it returns through
+/// its [`Unwritten`] queue.
 pub fn handle_message(
     reg: &Registry,
     host: &str,
@@ -243,19 +283,32 @@ pub fn handle_message(
     msg: AgentMessage,
     now_ms: i64,
 ) -> Result<(), MessageError> {
+    match take_in(reg, host, intake, msg, now_ms)? {
+        Some(obs) => Ok(unwritten::apply_once(reg, host, sid, obs)?),
+        None => Ok(()),
+    }
+}
+
+/// The intake's part of one message: validates it and returns the
+/// observation the registry is to apply (`None`: nothing to store, e.g. a
+/// heartbeat, a page of an inventory still arriving, a command's result).
+pub fn take_in(
+    reg: &Registry,
+    host: &str,
+    intake: &mut SessionIntake,
+    msg: AgentMessage,
+    now_ms: i64,
+) -> Result<Option<Observation>, MessageError> {
     match msg.msg {
-        Some(Msg::Heartbeat(h)) => Ok(intake::check_heartbeat(&h)?),
-        Some(Msg::Inventory(page)) => match intake.page(page, now_ms)? {
-            Page::Pending | Page::Discarded => Ok(()),
-            Page::Complete(inv) => {
-                reg.apply_inventory(host, sid, *inv)?;
-                Ok(())
-            }
-        },
-        Some(Msg::GuestChanged(c)) => {
-            let g = intake.guest_changed(c, now_ms)?;
-            Ok(reg.apply_guest(host, sid, g)?)
+        Some(Msg::Heartbeat(h)) => {
+            intake::check_heartbeat(&h)?;
+            Ok(None)
         }
+        Some(Msg::Inventory(page)) => match intake.page(page, now_ms)? {
+            Page::Pending | Page::Discarded => Ok(None),
+            Page::Complete(inv) => Ok(Some(Observation::Inventory(inv))),
+        },
+        Some(Msg::GuestChanged(c)) => Ok(Some(Observation::Guest(Box::new(intake.guest_changed(c, now_ms)?)))),
         Some(Msg::GuestRemoved(r)) => {
             intake::check_removed(&r)?;
             if reg.reported_guest(host, &r.uuid).is_none() {
@@ -266,17 +319,17 @@ pub fn handle_message(
                 }
                 .into());
             }
-            Ok(reg.remove_guest(host, sid, &r.uuid)?)
+            Ok(Some(Observation::Removed(r.uuid)))
         }
         Some(Msg::Host(h)) => {
             intake::check_host_info("HostInfo", "", &h)?;
-            Ok(reg.apply_host(host, sid, h)?)
+            Ok(Some(Observation::Host(h)))
         }
         Some(Msg::CommandResult(r)) => {
             intake::check_command_result(&r)?;
             let id = r.id.clone();
             match reg.complete_from(host, r) {
-                Some(true) => Ok(()),
+                Some(true) => Ok(None),
                 Some(false) => Err(Refusal {
                     kind: "CommandResult",
                     field: "id".into(),
@@ -287,7 +340,7 @@ pub fn handle_message(
                 // replaced) is an honest agent's normal race: dropped quietly.
                 None => {
                     tracing::debug!(host, command = %id, "a result for no awaited command dropped");
-                    Ok(())
+                    Ok(None)
                 }
             }
         }

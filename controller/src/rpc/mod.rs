@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod unwritten;
 
 use lifeboat_common::identity::{Identity, identity_from_der};
 use tonic::Request;

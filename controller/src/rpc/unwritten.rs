@@ -1,0 +1,185 @@
+//! Agents' observations the database could not take yet.
+//!
+//! A message that passed the intake but could not be written (the database
+//! refused the statement: a full disk, a read-only or failing filesystem) is
+//! not dropped: a guest shut down from inside while the disk was full must
+//! still read "stopped" afterwards, or a later boot start would start it
+//! again. Each session keeps such observations in order and applies them
+//! again, with a backoff, until they are written; while some wait, newer ones
+//! queue behind them so none is applied out of order. A complete inventory
+//! supersedes what waits (it is newer than all of it); an inventory that
+//! cannot be written is not kept, because the agent sends a whole one every
+//! resync interval (30 s) anyway.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use lifeboat_proto::v1::{Guest, HostInfo, Inventory};
+use tracing::{info, warn};
+
+use crate::error::ControllerError;
+use crate::registry::{Registry, SessionId};
+
+/// Most observations one session keeps waiting. Past it the oldest are
+/// dropped (logged with a count); the agent's next inventory brings the view
+/// back, though a guest's "stopped from inside" among the dropped is lost.
+pub const MAX_UNWRITTEN: usize = 10_000;
+
+/// Longest wait between two tries to write what waits.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// First wait after a failed write.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
+
+/// An agent's observation that passed the intake, ready for the registry.
+#[derive(Debug, Clone)]
+pub enum Observation {
+    /// A complete inventory (all its pages).
+    Inventory(Box<Inventory>),
+    /// One guest appeared or changed.
+    Guest(Box<Guest>),
+    /// One guest was undefined (its UUID).
+    Removed(String),
+    /// The host's facts changed.
+    Host(HostInfo),
+}
+
+impl Observation {
+    fn apply(self, reg: &Registry, host: &str, sid: SessionId) -> Result<(), ControllerError> {
+        match self {
+            Observation::Inventory(inv) => reg.apply_inventory(host, sid, *inv).map(|_| ()),
+            Observation::Guest(g) => reg.apply_guest(host, sid, *g),
+            Observation::Removed(uuid) => reg.remove_guest(host, sid, &uuid),
+            Observation::Host(h) => reg.apply_host(host, sid, h),
+        }
+    }
+}
+
+/// Applies one observation with no queue (tests and tools): a refused
+/// write is returned as an error.
+pub fn apply_once(reg: &Registry, host: &str, sid: SessionId, obs: Observation) -> Result<(), ControllerError> {
+    obs.apply(reg, host, sid)
+}
+
+/// Whether an error is the database refusing a write (retried), not a
+/// record or request that cannot be used (reported, not retried).
+pub fn is_write_failure(e: &ControllerError) -> bool {
+    matches!(e, ControllerError::Storage(s) if s.is_write_failure())
+}
+
+/// One session's observations waiting for the database.
+#[derive(Debug, Default)]
+pub struct Unwritten {
+    queue: VecDeque<Observation>,
+    delay: Duration,
+    next_try: Option<Instant>,
+    dropped: u64,
+    since: Option<Instant>,
+}
+
+impl Unwritten {
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// How many observations wait.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// When the next try is due (`None`: nothing waits).
+    pub fn next_try(&self) -> Option<Instant> {
+        self.next_try.filter(|_| !self.queue.is_empty())
+    }
+
+    /// Applies `obs` (after everything that waits), keeping it if the
+    /// database refuses it. Errors other than a refused write are returned
+    /// and the observation is not kept (retrying would not help).
+    pub fn apply(&mut self, reg: &Registry, host: &str, sid: SessionId, obs: Observation, now: Instant) -> Result<(), ControllerError> {
+        if let Observation::Inventory(_) = obs {
+            // Older observations first: if they still cannot be written the
+            // inventory (newer than all of them) replaces them when it can.
+            self.retry(reg, host, sid, now);
+            let r = obs.apply(reg, host, sid);
+            match &r {
+                Ok(()) if !self.queue.is_empty() => {
+                    info!(host, superseded = self.queue.len(), "a complete inventory was written: it replaces the observations that waited");
+                    self.clear();
+                }
+                Err(e) if is_write_failure(e) => {
+                    warn!(host, "an inventory could not be written ({e}); the agent sends a whole one again within 30 s");
+                    self.failed(now);
+                }
+                _ => {}
+            }
+            return r;
+        }
+        if self.queue.is_empty() {
+            let keep = obs.clone();
+            return match obs.apply(reg, host, sid) {
+                Err(e) if is_write_failure(&e) => {
+                    warn!(host, "an agent's observation could not be written ({e}); kept, and written when the database takes writes again");
+                    self.push(host, keep);
+                    self.failed(now);
+                    Ok(())
+                }
+                r => r,
+            };
+        }
+        self.push(host, obs);
+        self.retry(reg, host, sid, now);
+        Ok(())
+    }
+
+    /// Tries to write what waits, in order, if a try is due.
+    pub fn retry(&mut self, reg: &Registry, host: &str, sid: SessionId, now: Instant) {
+        if self.next_try.is_some_and(|t| now < t) {
+            return;
+        }
+        let mut written = 0usize;
+        while let Some(obs) = self.queue.pop_front() {
+            let keep = obs.clone();
+            match obs.apply(reg, host, sid) {
+                Ok(()) => written = written.saturating_add(1),
+                Err(e) if is_write_failure(&e) => {
+                    self.queue.push_front(keep);
+                    self.failed(now);
+                    return;
+                }
+                // Not the database's refusal: this one will never apply.
+                Err(e) => warn!(host, "an observation that waited could not be applied and is dropped: {e}"),
+            }
+        }
+        if written > 0 || self.dropped > 0 {
+            let waited_ms = self.since.map(|s| u64::try_from(now.saturating_duration_since(s).as_millis()).unwrap_or(u64::MAX));
+            info!(host, written, dropped = self.dropped, ?waited_ms, "the database takes writes again: observations that waited are written");
+        }
+        self.clear();
+    }
+
+    fn push(&mut self, host: &str, obs: Observation) {
+        if self.queue.len() >= MAX_UNWRITTEN {
+            self.queue.pop_front();
+            self.dropped = self.dropped.saturating_add(1);
+            if self.dropped == 1 {
+                warn!(host, "more than {MAX_UNWRITTEN} observations wait for the database: the oldest are dropped (the agent's next inventory brings the view back)");
+            }
+        }
+        self.queue.push_back(obs);
+    }
+
+    fn failed(&mut self, now: Instant) {
+        self.since.get_or_insert(now);
+        self.delay = if self.delay.is_zero() { FIRST_RETRY_DELAY } else { self.delay.saturating_mul(2).min(MAX_RETRY_DELAY) };
+        self.next_try = now.checked_add(self.delay);
+    }
+
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.delay = Duration::ZERO;
+        self.next_try = None;
+        self.dropped = 0;
+        self.since = None;
+    }
+}
