@@ -1,0 +1,186 @@
+//! Connection floods against the real `lifeboat-controller` binary (mutual
+//! TLS, its own descriptor table and limits): idle TCP sockets, stalled
+//! half-handshakes and handshakes with a foreign certificate, while an
+//! operator and a new agent still get in; the stalled handshakes are closed
+//! after the handshake timeout, counted in metrics and logged rate-limited.
+//! And the CLI's `--timeout` against a peer that never speaks TLS.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use lifeboat_common::identity::Role;
+use lifeboat_common::pki;
+use lifeboat_common::tls::TlsFiles;
+use lifeboat_e2e::{Agent, ControllerProcess, Pki, agent_config, metric_value, test_node, wait_for};
+use lifeboat_proto::v1::admin_client::AdminClient;
+use lifeboat_proto::v1::ListHostsRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tonic::transport::Endpoint;
+
+async fn connect_from(src: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    s.bind(SocketAddr::from((src, 0)))?;
+    s.connect(to).await
+}
+
+/// Whether the controller has closed `s` (EOF or reset) by now.
+async fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    match tokio::time::timeout(Duration::from_millis(5), s.read(&mut b)).await {
+        Err(_) => false,
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
+    }
+}
+
+async fn admin(url: &str, tls: &TlsFiles) -> Result<AdminClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let m = tls.load().expect("client tls");
+    let ch = Endpoint::from_shared(url.to_string())?
+        .tls_config(m.client_config(pki::CONTROLLER_NAME))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(AdminClient::new(ch))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_leaves_room_for_operators_and_agents() {
+    lifeboat_common::raise_open_files_limit();
+    lifeboat_common::tls::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(&dir.join("pki"));
+    std::fs::write(dir.join("a.xml"), test_node(&[])).unwrap();
+    std::fs::write(dir.join("b.xml"), test_node(&[])).unwrap();
+    let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
+    let c = ControllerProcess::start(&pki, &dir.join("c.db"), 200, 3000).await;
+    let a = Agent::start(&agent_config("host-a", &uri("a"), &c.url(), &pki.agent("host-a"), ""));
+    let op_tls = pki.client("olga", Role::Operator);
+
+    // Idle sockets that never send a byte, from 127.0.0.2.
+    let t0 = Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..3000 {
+        match connect_from([127, 0, 0, 2], c.addr).await {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connecting idle socket {}: {e}", idle.len()),
+        }
+    }
+    // Stalled half-handshakes from 127.0.0.3: a TLS record header that
+    // announces a ClientHello which never comes.
+    let mut stalled = Vec::new();
+    for _ in 0..50 {
+        let mut s = connect_from([127, 0, 0, 3], c.addr).await.expect("connect");
+        let _ = s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).await;
+        stalled.push(s);
+    }
+    let flood_s = t0.elapsed().as_secs_f64();
+    // Handshakes with a certificate from another CA.
+    let foreign = Pki::new(&dir.join("foreign"));
+    let f = foreign.client("mallory", Role::Operator);
+    let bad = TlsFiles { ca: pki.controller().ca, cert: f.cert, key: f.key };
+    for _ in 0..40 {
+        // TLS 1.3: the client may finish before the server's verdict arrives;
+        // then the first call fails.
+        if let Ok(mut x) = admin(&c.url(), &bad).await {
+            assert!(x.who_am_i(lifeboat_proto::v1::WhoAmIRequest::default()).await.is_err(), "a foreign certificate was accepted");
+        }
+    }
+
+    // With the flood in place: an operator's request and a new agent's session.
+    let t = Instant::now();
+    let mut op = admin(&c.url(), &op_tls).await.expect("operator connects during the flood");
+    let hosts = op.list_hosts(ListHostsRequest::default()).await.expect("operator request during the flood").into_inner().hosts;
+    let op_s = t.elapsed().as_secs_f64();
+    assert!(op_s < 3.0, "operator's request took {op_s:.2} s during the flood");
+    let b = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
+    let (_, agent_took) = wait_for(Duration::from_secs(8), "host-b's session during the flood", || {
+        let mut op = op.clone();
+        async move {
+            let hosts = op.list_hosts(ListHostsRequest::default()).await.ok()?.into_inner().hosts;
+            hosts
+                .iter()
+                .any(|h| h.info.as_ref().is_some_and(|i| i.host_id == "host-b") && h.liveness == "REACHABLE")
+                .then_some(())
+        }
+    })
+    .await;
+
+    // Most idle sockets were closed at once (over the per-address cap); the
+    // ones that got a handshake slot, and the stalled ones, only after the
+    // handshake timeout.
+    let mut open_idle = 0usize;
+    for s in idle.iter_mut() {
+        if !closed(s).await {
+            open_idle += 1;
+        }
+    }
+    assert!(open_idle <= 32, "{open_idle} idle sockets from one address still open (cap 32)");
+    tokio::time::sleep(Duration::from_secs(11).saturating_sub(t0.elapsed())).await;
+    let mut still_open = 0usize;
+    for s in idle.iter_mut().chain(stalled.iter_mut()) {
+        if !closed(s).await {
+            still_open += 1;
+        }
+    }
+    assert_eq!(still_open, 0, "sockets still open after the 10 s handshake timeout");
+
+    let m = c.metrics_text().await;
+    let timeouts = metric_value(&m, "lifeboat_tls_handshake_failures_total{reason=\"timeout\"}");
+    let per_ip = metric_value(&m, "lifeboat_connections_refused_total{reason=\"handshake_limit_per_ip\"}");
+    let bad_cert = metric_value(&m, "lifeboat_tls_handshake_failures_total{reason=\"client_certificate\"}");
+    assert!(timeouts >= (open_idle + 32) as f64 * 0.9, "handshake timeouts counted: {timeouts}\n{m}");
+    assert!(per_ip >= 2900.0, "per-address refusals counted: {per_ip}\n{m}");
+    assert!(bad_cert >= 40.0, "bad-certificate handshakes counted: {bad_cert}\n{m}");
+    let log = c.log_text();
+    let lines = log.lines().filter(|l| l.contains("connection refused") || l.contains("TLS handshake failed")).count();
+    assert!(lines <= 12, "{lines} refusal log lines for ~3,100 refusals (not rate-limited?):\n{log}");
+    assert!(log.contains("handshake_limit_per_ip") && log.contains("reason=\"timeout\""), "{log}");
+    println!(
+        "flood: 3000 idle + 50 stalled sockets in {flood_s:.2} s; {} hosts listed; operator request {op_s:.3} s; \
+         new agent REACHABLE in {:.2} s; {open_idle} idle sockets held a handshake slot; metrics: {timeouts} timeouts, \
+         {per_ip} per-address refusals, {bad_cert} bad certificates; {lines} log lines",
+        hosts.len(),
+        agent_took.as_secs_f64()
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_timeout_covers_a_handshake_that_never_comes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let tls = pki.client("olga", Role::Operator);
+    // Accepts and never answers.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let cli = lifeboat_e2e::workspace_binary("lifeboat");
+    let t = Instant::now();
+    let out = tokio::process::Command::new(cli)
+        .args(["--timeout", "3", "--controller-url", &format!("https://{addr}")])
+        .arg("--ca")
+        .arg(&tls.ca)
+        .arg("--cert")
+        .arg(&tls.cert)
+        .arg("--key")
+        .arg(&tls.key)
+        .args(["hosts", "list"])
+        .output()
+        .await
+        .unwrap();
+    let took = t.elapsed().as_secs_f64();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("lifeboat --timeout 3 against a silent peer: {took:.2} s, {:?}: {err}", out.status.code());
+    assert!(took < 4.5, "took {took:.2} s with --timeout 3");
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("no TLS session within 3 s"), "{err}");
+    holder.abort();
+}
