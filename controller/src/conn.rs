@@ -638,3 +638,89 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_common::identity::Role;
+
+    fn limits() -> Limits {
+        Limits { max_connections: 100, soft_connections: 80, max_handshakes: 10, max_handshakes_per_ip: 3, ..Limits::from_nofile(1024) }
+    }
+
+    #[test]
+    fn limits_follow_the_descriptor_limit_and_keep_headroom() {
+        let l = Limits::from_nofile(65536);
+        assert_eq!(l.max_connections, 65536 - FD_RESERVE);
+        assert_eq!(l.max_handshakes, 256);
+        assert_eq!(l.max_handshakes_per_ip, 32);
+        assert_eq!(l.soft_connections, l.max_connections - l.max_connections / 10);
+        let small = Limits::from_nofile(1024);
+        assert_eq!(small.max_connections, 768);
+        assert_eq!(small.max_handshakes, 192);
+        assert_eq!(small.soft_connections, 768 - 192);
+        let tiny = Limits::from_nofile(10);
+        assert!(tiny.max_connections >= 64 && tiny.soft_connections < tiny.max_connections && tiny.max_handshakes >= 8);
+        assert_eq!(Limits::from_nofile(u64::MAX).max_handshakes, 256);
+    }
+
+    #[test]
+    fn tcp_admission_checks_total_then_handshakes_then_the_address() {
+        let l = limits();
+        assert_eq!(admit_tcp(&l, 0, 0, 0), Ok(()));
+        assert_eq!(admit_tcp(&l, 100, 0, 0), Err(Refusal::ConnectionLimit));
+        assert_eq!(admit_tcp(&l, 50, 10, 0), Err(Refusal::HandshakeLimit));
+        assert_eq!(admit_tcp(&l, 50, 9, 3), Err(Refusal::HandshakeLimitPerIp));
+        assert_eq!(admit_tcp(&l, 99, 9, 2), Ok(()));
+    }
+
+    #[test]
+    fn above_the_soft_limit_only_operators_and_known_agents_are_kept() {
+        let l = limits();
+        let agent = Identity::Agent { host_id: "h1".into() };
+        let viewer = Identity::Client { name: "v".into(), role: Role::Viewer };
+        assert_eq!(admit_identity(&l, 79, &agent, false), Ok(()));
+        assert_eq!(admit_identity(&l, 80, &agent, false), Err(Refusal::Reserved));
+        assert_eq!(admit_identity(&l, 80, &agent, true), Ok(()));
+        assert_eq!(admit_identity(&l, 99, &viewer, false), Ok(()));
+        assert_eq!(Refusal::Reserved.reason(), "reserved_for_known_peers");
+    }
+
+    #[test]
+    fn the_rate_limited_log_writes_one_line_per_reason_per_period_with_the_count() {
+        let log = RateLog::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(log.hit("a", t0), Some(1));
+        for i in 1..1000 {
+            assert_eq!(log.hit("a", t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(log.hit("b", t0 + Duration::from_secs(1)), Some(1), "another reason has its own line");
+        assert_eq!(log.hit("a", t0 + Duration::from_secs(10)), Some(1000), "the line counts the suppressed ones");
+        assert_eq!(log.hit("a", t0 + Duration::from_secs(11)), None);
+        assert_eq!(log.hit("a", t0 + Duration::from_secs(20)), Some(2));
+    }
+
+    #[test]
+    fn a_table_counts_handshakes_per_address_and_frees_them() {
+        let t = Table::new(limits());
+        let p = |port| SocketAddr::from(([10, 0, 0, 1], port));
+        let slots: Vec<_> = (1..=3).map(|i| t.start_handshake(p(i)).unwrap()).collect();
+        assert_eq!(t.start_handshake(p(4)).err(), Some(Refusal::HandshakeLimitPerIp));
+        assert!(t.start_handshake(SocketAddr::from(([10, 0, 0, 2], 1))).is_ok(), "another address has its own cap");
+        assert_eq!(t.handshaking(), 3, "the other address's slot was dropped at once");
+        drop(slots);
+        assert_eq!(t.handshaking(), 0);
+        assert!(t.lock().per_ip.is_empty());
+        let st = t.register(p(9), &Identity::Client { name: "o".into(), role: Role::Operator }, false).unwrap();
+        assert_eq!(t.open(), 1);
+        assert_eq!(t.reap_idle(), 0, "not idle yet");
+        st.last_active_ms.store(0, Ordering::SeqCst);
+        st.in_flight.store(1, Ordering::SeqCst);
+        assert_eq!(t.reap_idle(), 0, "a request in flight keeps it");
+        st.in_flight.store(0, Ordering::SeqCst);
+        assert_eq!(t.reap_idle(), 1);
+        assert!(st.killed.load(Ordering::SeqCst));
+        t.unregister(&st);
+        assert_eq!(t.open(), 0);
+    }
+}

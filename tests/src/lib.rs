@@ -69,6 +69,20 @@ impl Controller {
 
     /// Like [`Controller::start`], with extra top-level config lines.
     pub async fn start_with(pki: &Pki, db: &Path, port: u16, hb_ms: u32, unreachable_ms: u32, extra: &str) -> Self {
+        Self::start_limited(pki, db, port, hb_ms, unreachable_ms, extra, None).await
+    }
+
+    /// Like [`Controller::start_with`], with the given connection limits
+    /// (`None`: those of this process's descriptor limit).
+    pub async fn start_limited(
+        pki: &Pki,
+        db: &Path,
+        port: u16,
+        hb_ms: u32,
+        unreachable_ms: u32,
+        extra: &str,
+        limits: Option<lifeboat_controller::conn::Limits>,
+    ) -> Self {
         let text = format!(
             "listen = \"127.0.0.1:{port}\"\ndatabase = {db:?}\nheartbeat_interval_ms = {hb_ms}\nunreachable_after_ms = {unreachable_ms}\n{extra}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
             pki.controller().ca,
@@ -79,7 +93,8 @@ impl Controller {
         let listener = tokio::net::TcpListener::bind(cfg.listen).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(lifeboat_controller::serve(cfg, listener, async {
+        let limits = limits.unwrap_or_else(lifeboat_controller::conn::Limits::for_this_process);
+        let task = tokio::spawn(lifeboat_controller::serve_with_limits(cfg, limits, listener, async {
             let _ = rx.await;
         }));
         Controller { addr, stop: Some(tx), task: Some(task) }

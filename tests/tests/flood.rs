@@ -184,3 +184,38 @@ async fn the_cli_timeout_covers_a_handshake_that_never_comes() {
     assert!(err.contains("no TLS session within 3 s"), "{err}");
     holder.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_sessions_are_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(&dir.join("pki"));
+    std::fs::write(dir.join("a.xml"), test_node(&[])).unwrap();
+    let limits = lifeboat_controller::conn::Limits { idle_timeout: Duration::from_millis(1500), ..lifeboat_controller::conn::Limits::from_nofile(4096) };
+    let c = lifeboat_e2e::Controller::start_limited(&pki, &dir.join("c.db"), 0, 200, 1000, "", Some(limits)).await;
+    let a = Agent::start(&agent_config("host-a", &format!("test://{}", dir.join("a.xml").display()), &c.url(), &pki.agent("host-a"), ""));
+    let idle_closed = || metric_value(&lifeboat_controller::telemetry::get().encode(), "lifeboat_connections_closed_total{reason=\"idle\"}");
+    let before = idle_closed();
+    let mut op = c.admin(&pki.client("olga", Role::Viewer)).await;
+    wait_for(Duration::from_secs(5), "host-a REACHABLE", || {
+        let mut op = op.clone();
+        async move {
+            let h = op.list_hosts(ListHostsRequest::default()).await.ok()?.into_inner().hosts;
+            h.iter().any(|h| h.liveness == "REACHABLE").then_some(())
+        }
+    })
+    .await;
+    // The operator's connection carries nothing now; the agent's carries its session.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = idle_closed();
+    // Exactly one: the operator's. The agent's session (and so its connection)
+    // is in flight all along.
+    assert_eq!(after - before, 1.0, "idle connections closed: {before} -> {after}");
+    // The agent's session outlived the idle timeout: the host never went unreachable
+    // (1 s without heartbeats would have made it so), and it had one session only.
+    let h = op.list_hosts(ListHostsRequest::default()).await.expect("a new call dials again").into_inner().hosts;
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].liveness, "REACHABLE", "{h:?}");
+    a.stop().await;
+    c.stop().await;
+}
