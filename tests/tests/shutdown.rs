@@ -99,3 +99,18 @@ async fn sigterm_ends_agent_sessions_flushes_and_exits_within_the_bound() {
     }
     println!("SIGTERM: host-b's session ended after {session_end:.2} s ({}), controller exited 0 after {exit_s:.2} s", status.message());
 }
+
+#[test]
+fn the_units_give_the_shutdown_bound_before_sigkill() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("packaging/systemd");
+    let stop_s = |unit: &str| -> u64 {
+        let text = std::fs::read_to_string(root.join(unit)).unwrap();
+        let v = text.lines().find_map(|l| l.strip_prefix("TimeoutStopSec=")).unwrap_or_else(|| panic!("{unit}: no TimeoutStopSec"));
+        v.trim().parse().unwrap_or_else(|e| panic!("{unit}: TimeoutStopSec={v}: {e}"))
+    };
+    // The bound, one second for the flush and the runtime's end, and a margin.
+    let need = lifeboat_controller::SHUTDOWN_BOUND.as_secs() + 2;
+    let c = stop_s("lifeboat-controller.service");
+    assert!(c > need && c <= need + 10, "controller TimeoutStopSec={c}, shutdown needs up to {need} s");
+    assert!(stop_s("lifeboat-agent.service") >= 5);
+}
