@@ -169,6 +169,22 @@ impl RateLog {
             }
         }
     }
+
+    /// The keys whose events since their last line have waited a whole
+    /// period without a line, with their counts (reset): so a burst that
+    /// stops is still reported in full.
+    pub fn drain(&self, now: Instant) -> Vec<(&'static str, u64)> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (k, e) in seen.iter_mut() {
+            if e.1 > 0 && e.0.is_none_or(|last| now.saturating_duration_since(last) >= self.period) {
+                e.0 = Some(now);
+                out.push((*k, std::mem::take(&mut e.1)));
+            }
+        }
+        out.sort_unstable();
+        out
+    }
 }
 
 fn count_refused(reason: &'static str) {
@@ -281,7 +297,8 @@ impl Table {
         let total = c.open.len().saturating_add(c.handshaking);
         admit_tcp(&self.limits, total, c.handshaking, from_ip)?;
         c.handshaking = c.handshaking.saturating_add(1);
-        *c.per_ip.entry(peer.ip()).or_insert(0) += 1;
+        let n = c.per_ip.entry(peer.ip()).or_insert(0);
+        *n = n.saturating_add(1);
         Ok(HandshakeSlot { table: self.clone(), ip: peer.ip() })
     }
 
@@ -482,6 +499,9 @@ pub fn incoming(
                 _ = tx.closed() => return,
                 _ = reaper.tick() => {
                     table.reap_idle();
+                    for (reason, n) in table.log.drain(Instant::now()) {
+                        warn!(reason, count = n, "{n} more connections refused or handshakes failed for this reason since the last such line");
+                    }
                     continue;
                 }
                 r = listener.accept() => match r {
@@ -698,6 +718,12 @@ mod tests {
         assert_eq!(log.hit("a", t0 + Duration::from_secs(10)), Some(1000), "the line counts the suppressed ones");
         assert_eq!(log.hit("a", t0 + Duration::from_secs(11)), None);
         assert_eq!(log.hit("a", t0 + Duration::from_secs(20)), Some(2));
+        assert!(log.drain(t0 + Duration::from_secs(21)).is_empty(), "nothing pending");
+        assert_eq!(log.hit("a", t0 + Duration::from_secs(22)), None);
+        assert_eq!(log.hit("a", t0 + Duration::from_secs(23)), None);
+        assert!(log.drain(t0 + Duration::from_secs(25)).is_empty(), "a period has not passed");
+        assert_eq!(log.drain(t0 + Duration::from_secs(30)), vec![("a", 2)], "a burst that stopped is reported");
+        assert!(log.drain(t0 + Duration::from_secs(45)).is_empty());
     }
 
     #[test]
