@@ -255,6 +255,13 @@ impl Table {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Publishes the counts as gauges (the process's one listener).
+    fn publish(c: &Counts) {
+        let t = crate::telemetry::get();
+        t.connections_open.set(i64::try_from(c.open.len()).unwrap_or(i64::MAX));
+        t.handshakes_in_progress.set(i64::try_from(c.handshaking).unwrap_or(i64::MAX));
+    }
+
     /// Connections established now.
     pub fn open(&self) -> usize {
         self.lock().open.len()
@@ -299,6 +306,7 @@ impl Table {
         c.handshaking = c.handshaking.saturating_add(1);
         let n = c.per_ip.entry(peer.ip()).or_insert(0);
         *n = n.saturating_add(1);
+        Self::publish(&c);
         Ok(HandshakeSlot { table: self.clone(), ip: peer.ip() })
     }
 
@@ -314,6 +322,7 @@ impl Table {
             last_active_ms: AtomicI64::new(crate::now_ms()),
         });
         c.open.insert(peer, st.clone());
+        Self::publish(&c);
         Ok(st)
     }
 
@@ -322,6 +331,7 @@ impl Table {
         if c.open.get(&st.peer).is_some_and(|x| Arc::ptr_eq(x, st)) {
             c.open.remove(&st.peer);
         }
+        Self::publish(&c);
     }
 
     fn lookup(&self, peer: SocketAddr) -> Option<Arc<ConnState>> {
@@ -367,6 +377,7 @@ impl Drop for HandshakeSlot {
                 c.per_ip.remove(&self.ip);
             }
         }
+        Table::publish(&c);
     }
 }
 

@@ -37,6 +37,10 @@ pub struct Telemetry {
     pub connections_closed: Family<ReasonLabels, Counter>,
     /// Requests refused by authentication or authorization, by reason.
     pub requests_denied: Family<ReasonLabels, Counter>,
+    /// Established connections now.
+    pub connections_open: prometheus_client::metrics::gauge::Gauge,
+    /// TLS handshakes in progress now.
+    pub handshakes_in_progress: prometheus_client::metrics::gauge::Gauge,
     registry: Mutex<Registry>,
     /// Fence operations by kind and result.
     pub fence_ops: Family<FenceLabels, Counter>,
@@ -70,7 +74,13 @@ pub fn get() -> &'static Telemetry {
         r.register("connections_refused", "Connections refused by the controller's limits, by reason", connections_refused.clone());
         r.register("connections_closed", "Established connections closed by the controller, by reason", connections_closed.clone());
         r.register("requests_denied", "Requests refused for the certificate presented, by reason", requests_denied.clone());
+        let connections_open = prometheus_client::metrics::gauge::Gauge::default();
+        let handshakes_in_progress = prometheus_client::metrics::gauge::Gauge::default();
+        r.register("connections_open", "Established connections (agents' sessions and clients')", connections_open.clone());
+        r.register("tls_handshakes_in_progress", "TLS handshakes in progress", handshakes_in_progress.clone());
         Telemetry {
+            connections_open,
+            handshakes_in_progress,
             handshake_failures,
             connections_refused,
             connections_closed,

@@ -107,6 +107,12 @@ async fn a_connection_flood_leaves_room_for_operators_and_agents() {
     })
     .await;
 
+    let during = c.metrics_text().await;
+    let in_progress = metric_value(&during, "lifeboat_tls_handshakes_in_progress");
+    let open_conns = metric_value(&during, "lifeboat_connections_open");
+    assert!((60.0..=70.0).contains(&in_progress), "handshakes in progress during the flood: {in_progress} (32 per address)\n{during}");
+    assert!(open_conns >= 3.0, "established connections: {open_conns}\n{during}");
+
     // Most idle sockets were closed at once (over the per-address cap); the
     // ones that got a handshake slot, and the stalled ones, only after the
     // handshake timeout.
@@ -127,6 +133,7 @@ async fn a_connection_flood_leaves_room_for_operators_and_agents() {
     assert_eq!(still_open, 0, "sockets still open after the 10 s handshake timeout");
 
     let m = c.metrics_text().await;
+    assert_eq!(metric_value(&m, "lifeboat_tls_handshakes_in_progress"), 0.0, "{m}");
     let timeouts = metric_value(&m, "lifeboat_tls_handshake_failures_total{reason=\"timeout\"}");
     let per_ip = metric_value(&m, "lifeboat_connections_refused_total{reason=\"handshake_limit_per_ip\"}");
     let bad_cert = metric_value(&m, "lifeboat_tls_handshake_failures_total{reason=\"client_certificate\"}");
@@ -139,7 +146,7 @@ async fn a_connection_flood_leaves_room_for_operators_and_agents() {
     assert!(log.contains("handshake_limit_per_ip") && log.contains("reason=\"timeout\""), "{log}");
     println!(
         "flood: 3000 idle + 50 stalled sockets in {flood_s:.2} s; {} hosts listed; operator request {op_s:.3} s; \
-         new agent REACHABLE in {:.2} s; {open_idle} idle sockets held a handshake slot; metrics: {timeouts} timeouts, \
+         new agent REACHABLE in {:.2} s; {in_progress} handshakes in progress, {open_conns} connections open; {open_idle} idle sockets held a handshake slot; metrics: {timeouts} timeouts, \
          {per_ip} per-address refusals, {bad_cert} bad certificates; {lines} log lines",
         hosts.len(),
         agent_took.as_secs_f64()
@@ -217,5 +224,77 @@ async fn idle_connections_are_closed_and_sessions_are_not() {
     assert_eq!(h.len(), 1);
     assert_eq!(h[0].liveness, "REACHABLE", "{h:?}");
     a.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_the_soft_limit_only_operators_and_known_agents_get_in() {
+    use lifeboat_proto::v1::agent_session_client::AgentSessionClient;
+    use lifeboat_proto::v1::{AgentMessage, Hello, WhoAmIRequest, agent_message::Msg};
+    lifeboat_common::tls::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(&dir.join("pki"));
+    std::fs::write(dir.join("a.xml"), test_node(&[])).unwrap();
+    let limits = lifeboat_controller::conn::Limits {
+        max_connections: 40,
+        soft_connections: 4,
+        ..lifeboat_controller::conn::Limits::from_nofile(4096)
+    };
+    let c = lifeboat_e2e::Controller::start_limited(&pki, &dir.join("c.db"), 0, 200, 3000, "", Some(limits)).await;
+    let a = Agent::start(&agent_config("host-a", &format!("test://{}", dir.join("a.xml").display()), &c.url(), &pki.agent("host-a"), ""));
+    let reserved = || metric_value(&lifeboat_controller::telemetry::get().encode(), "lifeboat_connections_refused_total{reason=\"reserved_for_known_peers\"}");
+    let before = reserved();
+    // Fill up to the soft limit with operators' connections (host-a's session is one more).
+    let mut ops = Vec::new();
+    for i in 0..4 {
+        let mut op = c.admin(&pki.client(&format!("op{i}"), Role::Viewer)).await;
+        op.who_am_i(WhoAmIRequest::default()).await.expect("operator below the soft limit");
+        ops.push(op);
+    }
+    wait_for(Duration::from_secs(5), "host-a known", || {
+        let mut op = ops[0].clone();
+        async move { (op.list_hosts(ListHostsRequest::default()).await.ok()?.into_inner().hosts.len() == 1).then_some(()) }
+    })
+    .await;
+    // An agent certificate for a host the controller has never seen: refused above the soft limit.
+    let stranger = async {
+        let m = pki.agent("stranger").load().unwrap();
+        let ch = Endpoint::from_shared(c.url())
+            .unwrap()
+            .tls_config(m.client_config(pki::CONTROLLER_NAME))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let hello = AgentMessage { msg: Some(Msg::Hello(Hello { host_id: "stranger".into(), agent_version: "t".into(), boot_id: "b".into() })) };
+        let mut s = AgentSessionClient::new(ch).session(tokio_stream::iter(vec![hello])).await.map_err(|e| e.to_string())?.into_inner();
+        s.message().await.map_err(|e| e.to_string())
+    };
+    let r = tokio::time::timeout(Duration::from_secs(10), stranger).await.expect("the stranger's attempt hung");
+    assert!(r.is_err(), "an unknown agent got a session above the soft limit: {r:?}");
+    assert!(reserved() >= before + 1.0, "reserved refusals: {before} -> {}", reserved());
+    // An operator still gets in, and so does the known host's agent after a restart.
+    let mut late = c.admin(&pki.client("late", Role::Operator)).await;
+    late.who_am_i(WhoAmIRequest::default()).await.expect("an operator above the soft limit");
+    a.stop().await;
+    wait_for(Duration::from_secs(10), "host-a's session closed", || {
+        let mut op = late.clone();
+        async move {
+            let h = op.list_hosts(ListHostsRequest::default()).await.ok()?.into_inner().hosts;
+            (h.len() == 1 && !h[0].session_open).then_some(())
+        }
+    })
+    .await;
+    let a2 = Agent::start(&agent_config("host-a", &format!("test://{}", dir.join("a.xml").display()), &c.url(), &pki.agent("host-a"), ""));
+    wait_for(Duration::from_secs(10), "host-a back", || {
+        let mut op = late.clone();
+        async move {
+            let h = op.list_hosts(ListHostsRequest::default()).await.ok()?.into_inner().hosts;
+            (h.len() == 1 && h[0].session_open).then_some(())
+        }
+    })
+    .await;
+    a2.stop().await;
     c.stop().await;
 }
