@@ -324,6 +324,12 @@ impl ControllerProcess {
     /// Starts the binary with `db` and certificates from `pki`; returns once
     /// it answers an admin call (or panics after 20 s).
     pub async fn start(pki: &Pki, db: &Path, hb_ms: u32, unreachable_ms: u32) -> Self {
+        Self::start_with_nofile(pki, db, hb_ms, unreachable_ms, None).await
+    }
+
+    /// Like [`ControllerProcess::start`], with `RLIMIT_NOFILE` (soft and
+    /// hard) set to `nofile` for the process.
+    pub async fn start_with_nofile(pki: &Pki, db: &Path, hb_ms: u32, unreachable_ms: u32, nofile: Option<u32>) -> Self {
         let (port, mport) = (free_port(), free_port());
         let dir = db.parent().expect("db dir");
         let cfg = dir.join(format!("controller-{port}.toml"));
@@ -335,7 +341,15 @@ impl ControllerProcess {
         );
         std::fs::write(&cfg, text).expect("write config");
         let log = dir.join(format!("controller-{port}.log"));
-        let child = std::process::Command::new(workspace_binary("lifeboat-controller"))
+        let mut cmd = match nofile {
+            None => std::process::Command::new(workspace_binary("lifeboat-controller")),
+            Some(n) => {
+                let mut c = std::process::Command::new("sh");
+                c.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(workspace_binary("lifeboat-controller"));
+                c
+            }
+        };
+        let child = cmd
             .arg("--config")
             .arg(&cfg)
             .env("RUST_LOG", "info")

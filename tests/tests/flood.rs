@@ -298,3 +298,50 @@ async fn above_the_soft_limit_only_operators_and_known_agents_get_in() {
     a2.stop().await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(&dir.join("pki"));
+    // 26 descriptors in all: the controller's own files and a few
+    // connections, so that a flood runs it out (EMFILE) despite its limits.
+    let started = Instant::now();
+    let c = ControllerProcess::start_with_nofile(&pki, &dir.join("c.db"), 200, 3000, Some(26)).await;
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        match connect_from([127, 0, 0, 2], c.addr).await {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.child.id())).unwrap();
+        let f: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let (t0, c0) = (Instant::now(), cpu());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ticks = cpu() - c0;
+    let secs = t0.elapsed().as_secs_f64();
+    let log = c.log_text();
+    assert!(log.contains("cannot accept a connection"), "no EMFILE seen (the test did not exhaust the descriptors):\n{log}");
+    // 100 ticks per second: a spinning accept loop would burn ~300.
+    assert!(ticks < 60, "{ticks} CPU ticks in {secs:.1} s while out of descriptors: spinning?");
+    let lines = log.lines().filter(|l| l.contains("cannot accept a connection")).count();
+    let up = started.elapsed().as_secs();
+    assert!(lines as u64 <= 2 + up / 10, "{lines} accept-error lines in {up} s (one per 10 s):\n{log}");
+    drop(held);
+    let m = pki.client("olga", Role::Viewer).load().unwrap();
+    let (_, took) = wait_for(Duration::from_secs(15), "an operator after the flood", || {
+        let url = c.url();
+        let m = m.clone();
+        async move {
+            let ch = Endpoint::from_shared(url).ok()?.tls_config(m.client_config(pki::CONTROLLER_NAME)).ok()?.connect().await.ok()?;
+            AdminClient::new(ch).who_am_i(lifeboat_proto::v1::WhoAmIRequest::default()).await.ok().map(|_| ())
+        }
+    })
+    .await;
+    println!("EMFILE: {ticks} CPU ticks in {secs:.1} s out of descriptors, {lines} log lines in {up} s; an operator got in {:.2} s after the flood ended", took.as_secs_f64());
+}
