@@ -566,8 +566,10 @@ pub fn incoming(
                         return;
                     }
                 };
+                // The registry is asked only above the soft limit: 10,000
+                // agents dialing after a restart need no lookup each.
                 let known = match &who {
-                    Identity::Agent { host_id } => known_agent(host_id),
+                    Identity::Agent { host_id } if table.open() >= table.limits.soft_connections => known_agent(host_id),
                     _ => false,
                 };
                 let state = match table.register(peer, &who, known) {
