@@ -33,7 +33,8 @@ pub struct Connection {
     /// Your private key.
     #[arg(long, env = "LIFEBOAT_KEY", global = true)]
     key: Option<PathBuf>,
-    /// Seconds to wait for the controller.
+    /// Seconds to wait for the controller: bounds the connection (TCP and
+    /// TLS handshake) and then each call.
     #[arg(long, default_value_t = 30, global = true)]
     timeout: u64,
 }
@@ -171,7 +172,18 @@ impl Connection {
             .map_err(|e| CliError::Usage(lifeboat_common::error_chain(&e)))?
             .connect_timeout(Duration::from_secs(self.timeout))
             .timeout(Duration::from_secs(self.timeout));
-        let ch = ep.connect().await.map_err(|e| classify_transport(&format!("{url}: {}", lifeboat_common::error_chain(&e))))?;
+        // connect_timeout bounds only the TCP connect; a peer that accepts
+        // and never finishes the TLS handshake would hold us for ever.
+        let ch = match tokio::time::timeout(Duration::from_secs(self.timeout), ep.connect()).await {
+            Err(_) => {
+                return Err(CliError::Unreachable(format!(
+                    "cannot reach the controller: {url}: no TLS session within {} s (--timeout covers connect and handshake); \
+                     is lifeboat-controller running there and is the controller URL right?",
+                    self.timeout
+                )));
+            }
+            Ok(r) => r.map_err(|e| classify_transport(&format!("{url}: {}", lifeboat_common::error_chain(&e))))?,
+        };
         Ok(AdminClient::new(ch).max_decoding_message_size(256 * 1024 * 1024))
     }
 }

@@ -54,3 +54,12 @@ pub fn raise_open_files_limit() {
         }
     }
 }
+
+/// The current soft limit on open files (`RLIMIT_NOFILE`), if it can be read.
+pub fn open_files_limit() -> Option<u64> {
+    // SAFETY: getrlimit only writes the struct we pass.
+    unsafe {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        (libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0).then_some(r.rlim_cur)
+    }
+}

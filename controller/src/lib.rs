@@ -12,6 +12,7 @@
 pub mod alarms;
 pub mod backup;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod fence;
 pub mod guestops;
@@ -48,9 +49,24 @@ pub fn now_ms() -> i64 {
 /// 3 KiB inventory pages) it stays at 8 KiB.
 pub const STREAM_WINDOW: u32 = 4 * 1024;
 
-/// Runs the controller until the future `shutdown` completes.
+/// How long after the shutdown signal connections may take to close before
+/// the controller closes them itself (and then flushes and exits).
+pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(8);
+
+/// Runs the controller until the future `shutdown` completes, with the
+/// connection limits this process's `RLIMIT_NOFILE` allows.
 pub async fn serve(
     cfg: config::ControllerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_with_limits(cfg, conn::Limits::for_this_process(), listener, shutdown).await
+}
+
+/// Like [`serve`], with the given connection limits.
+pub async fn serve_with_limits(
+    cfg: config::ControllerConfig,
+    limits: conn::Limits,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -81,7 +97,10 @@ pub async fn serve(
         }
         None => None,
     };
-    let agent = rpc::agent::AgentService::new(registry.clone());
+    // Set when the shutdown signal comes: agent sessions end their streams
+    // with a status saying so, and the connections drain.
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let agent = rpc::agent::AgentService::new(registry.clone()).with_shutdown(stopping.clone());
     let engine = migrate::engine::Engine::new(
         registry.clone(),
         &cfg.bmc,
@@ -94,16 +113,27 @@ pub async fn serve(
         info!(jobs = resumed, "resumed unfinished jobs");
     }
     let admin = rpc::admin::AdminService::new(registry.clone(), engine);
-    // Replies go out at once: without TCP_NODELAY a reply of more than one
-    // segment waits for the client's delayed ACK (~40 ms per plan or list).
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
-    let res = Server::builder()
-        .tls_config(tls.server_config())?
+    let table = conn::Table::new(limits.clone());
+    info!(
+        max_connections = limits.max_connections,
+        reserved_above = limits.soft_connections,
+        max_handshakes = limits.max_handshakes,
+        max_handshakes_per_ip = limits.max_handshakes_per_ip,
+        handshake_timeout_s = limits.handshake_timeout.as_secs(),
+        idle_timeout_s = limits.idle_timeout.as_secs(),
+        "connection limits"
+    );
+    let known = {
+        let reg = registry.clone();
+        Arc::new(move |host: &str| reg.get_host(host).is_ok()) as Arc<dyn Fn(&str) -> bool + Send + Sync>
+    };
+    let (incoming, acceptor) = conn::incoming(listener, conn::server_config(&tls)?, table.clone(), known);
+    let routes = tonic::service::Routes::new(agent.into_server()).add_service(AdminServer::new(admin)).prepare();
+    let signal = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    };
+    let server = Server::builder()
         .initial_stream_window_size(Some(STREAM_WINDOW))
         // Pings only find dead TCP connections; liveness is the heartbeat's
         // job, and an agent dials again when its heartbeats go unanswered.
@@ -112,16 +142,35 @@ pub async fn serve(
         // handshake and a full inventory.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(agent.into_server())
-        .add_service(AdminServer::new(admin))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .serve_with_incoming_shutdown(conn::Tracked::new(routes, table.clone()), incoming, signal);
+    tokio::pin!(server);
+    let mut stopping_wait = stopping.clone();
+    let res = tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            let _ = stopping_wait.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_BOUND).await;
+        } => {
+            let open = table.describe_open();
+            tracing::warn!(
+                open = open.len(),
+                "connections still open {} s after the shutdown signal, closing them: {}",
+                SHUTDOWN_BOUND.as_secs(),
+                open.join(", ")
+            );
+            table.close_all();
+            Ok(())
+        }
+    };
+    acceptor.abort();
+    table.close_all();
     watcher.abort();
     reconciler.abort();
     if let Some(m) = metrics {
         m.abort();
     }
     registry.flush()?;
+    info!("database flushed; stopped");
     res?;
     Ok(())
 }

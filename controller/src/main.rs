@@ -123,13 +123,20 @@ fn main() -> ExitCode {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| anyhow::anyhow!("cannot handle SIGTERM: {e}"))?;
+        let shutdown = async move {
             tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
-            tracing::info!("shutting down");
+            tracing::info!(
+                bound_s = lifeboat_controller::SHUTDOWN_BOUND.as_secs(),
+                "shutting down: ending agent sessions, then flushing the database"
+            );
         };
         lifeboat_controller::serve(cfg, listener, shutdown).await
     });
+    // Blocking work still running (a fence agent, a database call) must not
+    // hold the exit past the bound: the flush is done by now.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -20,8 +20,27 @@ pub struct FenceLabels {
     pub result: String,
 }
 
+/// Labels of a refusal counter: why (never who, to bound cardinality).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The reason, a fixed word.
+    pub reason: String,
+}
+
 /// The event-driven metrics.
 pub struct Telemetry {
+    /// TLS handshakes that failed, by reason.
+    pub handshake_failures: Family<ReasonLabels, Counter>,
+    /// TCP connections refused or dropped by the accept loop, by reason.
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    /// Established connections the controller closed, by reason.
+    pub connections_closed: Family<ReasonLabels, Counter>,
+    /// Requests refused by authentication or authorization, by reason.
+    pub requests_denied: Family<ReasonLabels, Counter>,
+    /// Established connections now.
+    pub connections_open: prometheus_client::metrics::gauge::Gauge,
+    /// TLS handshakes in progress now.
+    pub handshakes_in_progress: prometheus_client::metrics::gauge::Gauge,
     registry: Mutex<Registry>,
     /// Fence operations by kind and result.
     pub fence_ops: Family<FenceLabels, Counter>,
@@ -47,7 +66,27 @@ pub fn get() -> &'static Telemetry {
             "Seconds from the last message of a failed host to the end of its forced migration",
             recovery_seconds.clone(),
         );
-        Telemetry { registry: Mutex::new(r), fence_ops, fence_seconds, recovery_seconds }
+        let handshake_failures = Family::<ReasonLabels, Counter>::default();
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        let connections_closed = Family::<ReasonLabels, Counter>::default();
+        let requests_denied = Family::<ReasonLabels, Counter>::default();
+        r.register("tls_handshake_failures", "TLS handshakes that failed, by reason", handshake_failures.clone());
+        r.register("connections_refused", "Connections refused by the controller's limits, by reason", connections_refused.clone());
+        r.register("connections_closed", "Established connections closed by the controller, by reason", connections_closed.clone());
+        r.register("requests_denied", "Requests refused for the certificate presented, by reason", requests_denied.clone());
+        let connections_open = prometheus_client::metrics::gauge::Gauge::default();
+        let handshakes_in_progress = prometheus_client::metrics::gauge::Gauge::default();
+        r.register("connections_open", "Established connections (agents' sessions and clients')", connections_open.clone());
+        r.register("tls_handshakes_in_progress", "TLS handshakes in progress", handshakes_in_progress.clone());
+        Telemetry {
+            connections_open,
+            handshakes_in_progress,
+            handshake_failures,
+            connections_refused,
+            connections_closed,
+            requests_denied,
+            registry: Mutex::new(r),
+            fence_ops, fence_seconds, recovery_seconds }
     })
 }
 

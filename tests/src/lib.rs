@@ -69,6 +69,20 @@ impl Controller {
 
     /// Like [`Controller::start`], with extra top-level config lines.
     pub async fn start_with(pki: &Pki, db: &Path, port: u16, hb_ms: u32, unreachable_ms: u32, extra: &str) -> Self {
+        Self::start_limited(pki, db, port, hb_ms, unreachable_ms, extra, None).await
+    }
+
+    /// Like [`Controller::start_with`], with the given connection limits
+    /// (`None`: those of this process's descriptor limit).
+    pub async fn start_limited(
+        pki: &Pki,
+        db: &Path,
+        port: u16,
+        hb_ms: u32,
+        unreachable_ms: u32,
+        extra: &str,
+        limits: Option<lifeboat_controller::conn::Limits>,
+    ) -> Self {
         let text = format!(
             "listen = \"127.0.0.1:{port}\"\ndatabase = {db:?}\nheartbeat_interval_ms = {hb_ms}\nunreachable_after_ms = {unreachable_ms}\n{extra}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
             pki.controller().ca,
@@ -79,7 +93,8 @@ impl Controller {
         let listener = tokio::net::TcpListener::bind(cfg.listen).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(lifeboat_controller::serve(cfg, listener, async {
+        let limits = limits.unwrap_or_else(lifeboat_controller::conn::Limits::for_this_process);
+        let task = tokio::spawn(lifeboat_controller::serve_with_limits(cfg, limits, listener, async {
             let _ = rx.await;
         }));
         Controller { addr, stop: Some(tx), task: Some(task) }
@@ -259,4 +274,141 @@ pub async fn wait_desired_running(op: &AdminClient<Channel>) {
         }
     })
     .await;
+}
+
+/// Builds (once per test process) the workspace's binaries and returns the
+/// path of `name` (`lifeboat-controller`, `lifeboat`, `lifeboat-agent`), for
+/// tests that need a real process (signals, exit codes, its own file table).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or("no workspace root")?.to_path_buf();
+        let out = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", "lifeboat-controller", "-p", "lifeboat-cli", "-p", "lifeboat-agent"])
+            .current_dir(&root)
+            .output()
+            .map_err(|e| format!("cannot run cargo build: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("cargo build failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
+            Some(d) => root.join(d),
+            None => root.join("target"),
+        };
+        Ok(target.join("debug"))
+    });
+    match dir {
+        Ok(d) => d.join(name),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A `lifeboat-controller` process (the real binary) on 127.0.0.1.
+pub struct ControllerProcess {
+    /// The child process.
+    pub child: std::process::Child,
+    /// Its gRPC address.
+    pub addr: std::net::SocketAddr,
+    /// Its metrics address.
+    pub metrics: std::net::SocketAddr,
+    /// The file its stderr (the log) goes to.
+    pub log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+impl ControllerProcess {
+    /// Starts the binary with `db` and certificates from `pki`; returns once
+    /// it answers an admin call (or panics after 20 s).
+    pub async fn start(pki: &Pki, db: &Path, hb_ms: u32, unreachable_ms: u32) -> Self {
+        Self::start_with_nofile(pki, db, hb_ms, unreachable_ms, None).await
+    }
+
+    /// Like [`ControllerProcess::start`], with `RLIMIT_NOFILE` (soft and
+    /// hard) set to `nofile` for the process.
+    pub async fn start_with_nofile(pki: &Pki, db: &Path, hb_ms: u32, unreachable_ms: u32, nofile: Option<u32>) -> Self {
+        let (port, mport) = (free_port(), free_port());
+        let dir = db.parent().expect("db dir");
+        let cfg = dir.join(format!("controller-{port}.toml"));
+        let text = format!(
+            "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{mport}\"\ndatabase = {db:?}\nheartbeat_interval_ms = {hb_ms}\nunreachable_after_ms = {unreachable_ms}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            pki.controller().ca,
+            pki.controller().cert,
+            pki.controller().key
+        );
+        std::fs::write(&cfg, text).expect("write config");
+        let log = dir.join(format!("controller-{port}.log"));
+        let mut cmd = match nofile {
+            None => std::process::Command::new(workspace_binary("lifeboat-controller")),
+            Some(n) => {
+                let mut c = std::process::Command::new("sh");
+                c.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(workspace_binary("lifeboat-controller"));
+                c
+            }
+        };
+        let child = cmd
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn lifeboat-controller");
+        let me = ControllerProcess { child, addr: ([127, 0, 0, 1], port).into(), metrics: ([127, 0, 0, 1], mport).into(), log };
+        let client = pki.client("probe", Role::Viewer);
+        wait_for(Duration::from_secs(20), "the controller process to answer", || {
+            let url = me.url();
+            let client = client.clone();
+            async move {
+                let m = client.load().ok()?;
+                let ch = Endpoint::from_shared(url).ok()?.tls_config(m.client_config(pki::CONTROLLER_NAME)).ok()?.connect().await.ok()?;
+                AdminClient::new(ch).who_am_i(lifeboat_proto::v1::WhoAmIRequest::default()).await.ok().map(|_| ())
+            }
+        })
+        .await;
+        me
+    }
+
+    /// The URL agents and clients use.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The log written so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The metrics exposition, read over plain HTTP.
+    pub async fn metrics_text(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.metrics).await.expect("metrics connect");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.expect("metrics request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("metrics read");
+        out
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let st = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        assert!(st.success(), "kill -TERM failed");
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the metric sample `name{labels}` in `text`, or 0 when absent.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().split(' ').next()).and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
 }

@@ -45,7 +45,15 @@ type JobStream = Pin<Box<dyn Stream<Item = Result<JobRecord, Status>> + Send>>;
 
 /// Checks that the caller is a person/tool with at least `needed`.
 pub fn authorize<T>(req: &Request<T>, needed: Role, action: &str) -> Result<(String, Role), ControllerError> {
-    match super::peer_identity(req)? {
+    let who = super::peer_identity(req)?;
+    let shown = who.to_string();
+    authorize_identity(who, needed, action).inspect_err(|e| {
+        crate::conn::request_denied("permission_denied", &shown, req.remote_addr(), &e.to_string());
+    })
+}
+
+fn authorize_identity(who: Identity, needed: Role, action: &str) -> Result<(String, Role), ControllerError> {
+    match who {
         Identity::Client { name, role } if role.allows(needed) => Ok((name, role)),
         Identity::Client { name, role } => Err(ControllerError::PermissionDenied(format!(
             "{action} needs the {needed} role; certificate '{name}' has role {role}"
@@ -164,12 +172,14 @@ impl Admin for AdminService {
 
     async fn watch_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobStream>, Status> {
         authorize(&req, Role::Viewer, "watching a job")?;
+        let busy = crate::conn::busy(&req);
         let id = req.get_ref().id.clone();
         let mut rx = self.engine.subscribe();
         let first = self.engine.job_record(&id)?;
         let engine = self.engine.clone();
         let (tx, out) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
+            let _busy = busy;
             let mut done = crate::migrate::state::JobState::Succeeded.as_str() == first.state
                 || ["PARTIAL", "FAILED"].contains(&first.state.as_str());
             if tx.send(Ok(first)).await.is_err() {

@@ -26,12 +26,20 @@ use crate::rpc::unwritten::{self, Observation, Unwritten};
 /// The agent-facing service.
 pub struct AgentService {
     reg: Arc<Registry>,
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl AgentService {
     /// Wraps the registry.
     pub fn new(reg: Arc<Registry>) -> Self {
-        AgentService { reg }
+        AgentService { reg, stopping: None }
+    }
+
+    /// Ends every session (with a status telling the agent to dial again)
+    /// once `stopping` turns true: the controller is shutting down.
+    pub fn with_shutdown(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     /// The gRPC service, decoding messages of at most
@@ -42,6 +50,21 @@ impl AgentService {
     }
 }
 
+/// Completes once `stopping` turns true (never without one).
+async fn stopped(stopping: Option<tokio::sync::watch::Receiver<bool>>) {
+    match stopping {
+        Some(mut s) => {
+            if s.wait_for(|v| *v).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// The status an agent's session ends with when the controller stops.
+pub const SHUTDOWN_MESSAGE: &str = "controller shutting down; dial again";
+
 type OutStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -49,16 +72,16 @@ impl AgentSession for AgentService {
     type SessionStream = OutStream;
 
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<OutStream>, Status> {
+        let peer = req.remote_addr();
+        let busy = crate::conn::busy(&req);
         let cert_host = match super::peer_identity(&req)? {
             Identity::Agent { host_id } => host_id,
             other => {
-                return Err(ControllerError::PermissionDenied(format!(
-                    "only agent certificates may open an agent session; this certificate is for {other}"
-                ))
-                .into());
+                let msg = format!("only agent certificates may open an agent session; this certificate is for {other}");
+                crate::conn::request_denied("session_not_agent", &other.to_string(), peer, &msg);
+                return Err(ControllerError::PermissionDenied(msg).into());
             }
         };
-        let peer = req.remote_addr();
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
             Err(_) => return Err(Status::invalid_argument("no Hello within 10 s")),
@@ -77,7 +100,7 @@ impl AgentSession for AgentService {
                 "certificate is for host '{cert_host}' but the agent claims to be '{}'; refusing the session",
                 hello.host_id
             );
-            warn!("refused agent session: {msg}");
+            crate::conn::request_denied("session_host_mismatch", &format!("agent {cert_host}"), peer, &msg);
             return Err(ControllerError::PermissionDenied(msg).into());
         }
         let timing = self.reg.timing();
@@ -97,8 +120,12 @@ impl AgentSession for AgentService {
         let heard = reg.heard_cell(&cert_host, sid);
         let mut reader_superseded = superseded.clone();
         let host_for_stream = cert_host.clone();
+        let reader_stopping = self.stopping.clone();
         tokio::spawn(async move {
+            let _busy = busy;
             let host = cert_host;
+            let stop = stopped(reader_stopping);
+            tokio::pin!(stop);
             let Some(heard) = heard else { return };
             let mut intake = Some(SessionIntake::new(lifeboat_common::now_unix_ms()));
             let mut refusals = RefusalReport::default();
@@ -111,6 +138,10 @@ impl AgentSession for AgentService {
                     m = inbound.message() => Some(m),
                     _ = reader_superseded.wait_for(|s| *s) => {
                         info!(host = %host, "session superseded by a newer one: closing it");
+                        break;
+                    }
+                    _ = &mut stop => {
+                        info!(host = %host, "controller shutting down: closing the session");
                         break;
                     }
                     _ = sleep_until(retry_at), if retry_at.is_some() => None,
@@ -223,17 +254,26 @@ impl AgentSession for AgentService {
         // the agent logs before it dials again; nothing queued for this
         // session is sent after that.
         let check = superseded.clone();
+        let stopping = self.stopping.clone();
+        let check_stopping = self.stopping.clone();
         let ended = async move {
-            let _ = superseded.wait_for(|s| *s).await;
+            tokio::select! {
+                _ = superseded.wait_for(|s| *s) => {}
+                _ = stopped(stopping) => {}
+            }
         };
         let out = futures::StreamExt::chain(
             futures::StreamExt::take_until(ReceiverStream::new(rx).map(|m| Ok(*m)), ended),
             futures::stream::once(async move {
-                (*check.borrow()).then(|| {
-                    Status::aborted(format!(
+                if *check.borrow() {
+                    Some(Status::aborted(format!(
                         "another session for host '{host_for_stream}' took over this one; if this agent is {host_for_stream}, it dials again"
-                    ))
-                })
+                    )))
+                } else if check_stopping.as_ref().is_some_and(|s| *s.borrow()) {
+                    Some(Status::unavailable(SHUTDOWN_MESSAGE))
+                } else {
+                    None
+                }
             })
             .filter_map(|e| e.map(Err)),
         );

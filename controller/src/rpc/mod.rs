@@ -12,6 +12,12 @@ use crate::error::ControllerError;
 
 /// The identity proven by the request's client certificate.
 pub fn peer_identity<T>(req: &Request<T>) -> Result<Identity, ControllerError> {
+    peer_identity_inner(req).inspect_err(|e| {
+        crate::conn::request_denied("unauthenticated", "none", req.remote_addr(), &e.to_string());
+    })
+}
+
+fn peer_identity_inner<T>(req: &Request<T>) -> Result<Identity, ControllerError> {
     let certs = req
         .peer_certs()
         .ok_or_else(|| ControllerError::Unauthenticated("no client certificate presented".into()))?;
