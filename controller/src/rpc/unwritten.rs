@@ -183,3 +183,90 @@ impl Unwritten {
         self.since = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Timing;
+    use crate::store::Store;
+    use lifeboat_proto::v1::GuestState;
+    use tokio::sync::mpsc;
+
+    const U: &str = "0b5c2d6e-1f00-4a1a-9c3e-000000000001";
+
+    fn guest(state: GuestState, reason: &str) -> Guest {
+        Guest { uuid: U.into(), name: "vm1".into(), state: state as i32, state_reason: reason.into(), ..Default::default() }
+    }
+
+    fn desired(reg: &Registry) -> Option<(String, String)> {
+        reg.db(|s| s.desired()).unwrap().get(U).cloned()
+    }
+
+    #[test]
+    fn a_guest_stopped_while_the_database_refuses_writes_reads_stopped_once_it_takes_them_again() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let t0 = Instant::now();
+        let mut un = Unwritten::default();
+        un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Running, "booted"))), t0).unwrap();
+        assert_eq!(desired(&reg), Some(("h".into(), "running".into())));
+
+        reg.db(|s| s.set_read_only(true)).unwrap();
+        // Shut down from inside, then its facts change again: both kept, in order.
+        un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Shutoff, "shutdown"))), t0).unwrap();
+        let mut later = guest(GuestState::Shutoff, "shutdown");
+        later.vcpus = 2;
+        un.apply(&reg, "h", sid, Observation::Guest(Box::new(later)), t0).unwrap();
+        assert_eq!(un.len(), 2);
+        assert!(un.next_try().is_some_and(|t| t > t0), "a try is planned after a backoff");
+        // Still refused at the planned time: kept, the backoff grows.
+        let first = un.next_try().unwrap();
+        un.retry(&reg, "h", sid, first);
+        assert_eq!(un.len(), 2);
+        assert!(un.next_try().unwrap().saturating_duration_since(first) > first.saturating_duration_since(t0));
+
+        reg.db(|s| s.set_read_only(false)).unwrap();
+        let due = un.next_try().unwrap();
+        un.retry(&reg, "h", sid, due - Duration::from_millis(1));
+        assert_eq!(un.len(), 2, "nothing is tried before it is due");
+        un.retry(&reg, "h", sid, due);
+        assert!(un.is_empty() && un.next_try().is_none());
+        assert_eq!(desired(&reg), Some(("h".into(), "stopped".into())), "the shutdown from inside was not lost");
+        let stored = reg.db(|s| s.guests()).unwrap();
+        assert_eq!(stored[0].guest.vcpus, 2, "the later observation was applied after the earlier one");
+    }
+
+    #[test]
+    fn a_complete_inventory_supersedes_what_waits_and_one_that_is_refused_is_not_kept() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let t0 = Instant::now();
+        let mut un = Unwritten::default();
+        reg.db(|s| s.set_read_only(true)).unwrap();
+        un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Running, "booted"))), t0).unwrap();
+        let inv = || Observation::Inventory(Box::new(Inventory { host: None, guests: vec![guest(GuestState::Paused, "user")], more: false }));
+        let e = un.apply(&reg, "h", sid, inv(), t0).unwrap_err();
+        assert!(is_write_failure(&e), "{e}");
+        assert_eq!(un.len(), 1, "the refused inventory is not kept; the earlier event still waits");
+        reg.db(|s| s.set_read_only(false)).unwrap();
+        un.apply(&reg, "h", sid, inv(), t0).unwrap();
+        assert!(un.is_empty());
+        assert_eq!(reg.db(|s| s.guests()).unwrap()[0].guest.state, GuestState::Paused as i32);
+    }
+
+    #[test]
+    fn the_queue_is_bounded() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let sid = reg.open_session("h", "boot", tx).unwrap();
+        reg.db(|s| s.set_read_only(true)).unwrap();
+        let mut un = Unwritten::default();
+        let now = Instant::now();
+        for _ in 0..MAX_UNWRITTEN + 5 {
+            un.apply(&reg, "h", sid, Observation::Host(HostInfo { host_id: "h".into(), ..Default::default() }), now).unwrap();
+        }
+        assert_eq!(un.len(), MAX_UNWRITTEN);
+    }
+}
