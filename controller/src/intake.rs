@@ -42,9 +42,29 @@ pub const MAX_INVENTORY_DEFINITION_BYTES: u64 = 64 * 1024 * 1024;
 /// keep the controller inflating and writing.
 pub const SESSION_DEFINITION_BYTES_PER_MINUTE: u64 = 2 * MAX_INVENTORY_DEFINITION_BYTES;
 
+/// Bytes of guest data (encoded, without definitions) a session may send a
+/// minute, inventories and `GuestChanged` together: two of the largest
+/// inventories. With [`SESSION_DEFINITION_BYTES_PER_MINUTE`] it bounds how
+/// fast one agent can make the controller write.
+pub const SESSION_GUEST_BYTES_PER_MINUTE: u64 = 2 * MAX_INVENTORY_BYTES;
+
+/// Paths a `storage` text may quote with its reason ("unidentified: cannot
+/// see PATH: ERROR").
+pub const MAX_STORAGE_TEXT_BYTES: usize = MAX_PATH_BYTES + MAX_ERROR_BYTES;
+
 /// Longest guest name, host id or owner host (bytes). libvirt keeps a
 /// definition in `<name>.xml`, and a file name has at most 255 bytes.
 pub const MAX_NAME_BYTES: usize = 255;
+
+/// Largest encoded size of one guest without its definition (names, disks,
+/// NICs, texts): an honest guest is a few hundred bytes, one with 256 disks
+/// on long paths some 100 KiB.
+pub const MAX_GUEST_BYTES: usize = 256 * 1024;
+
+/// Largest encoded size of one inventory's guests without their
+/// definitions (what a session holds while pages arrive, besides the
+/// definitions' [`MAX_INVENTORY_DEFINITION_BYTES`]).
+pub const MAX_INVENTORY_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Longest short text (versions, boot id, hostname, CPU model, state reason,
 /// NIC fields, disk target and kind, storage kind; bytes).
@@ -132,18 +152,28 @@ pub fn check_error_text(kind: &'static str, field: &str, value: &str) -> Result<
     rest.try_for_each(|part| check_text(kind, field, part, MAX_ERROR_BYTES))
 }
 
-/// A name (guest, host): non-empty, at most [`MAX_NAME_BYTES`], printable,
-/// no `/` (libvirt refuses it too), no leading or trailing blank.
+/// A name (guest, host): non-empty, at most [`MAX_NAME_BYTES`], no control
+/// character (C0, DEL, C1) and no `/` (libvirt refuses it too). Everything
+/// else libvirt accepts in a name is accepted — blanks at either end,
+/// right-to-left marks in Hebrew or Arabic names, a BOM pasted in — because
+/// refusing a name libvirt took would refuse its host's whole inventory, and
+/// with it every lease renewal there; the CLI shows such characters escaped.
 pub fn check_name(kind: &'static str, field: &str, value: &str) -> Result<(), Refusal> {
     if value.is_empty() {
         return Err(Refusal::new(kind, field, "empty; a name is required"));
     }
-    check_text(kind, field, value, MAX_NAME_BYTES)?;
+    if value.len() > MAX_NAME_BYTES {
+        return Err(Refusal::new(kind, field, format!("{} bytes long, more than the limit of {MAX_NAME_BYTES}", value.len())));
+    }
+    if let Some((i, c)) = value.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(Refusal::new(
+            kind,
+            field,
+            format!("contains the control character U+{:04X} at byte {i}; a name must be printable", u32::from(c)),
+        ));
+    }
     if value.contains('/') {
         return Err(Refusal::new(kind, field, "contains '/', which libvirt does not allow in a name"));
-    }
-    if value.trim() != value {
-        return Err(Refusal::new(kind, field, "starts or ends with a blank"));
     }
     Ok(())
 }
@@ -219,9 +249,10 @@ fn check_disk(kind: &'static str, prefix: &str, d: &Disk) -> Result<(), Refusal>
     for (n, v) in [("target", &d.target), ("source_type", &d.source_type), ("device", &d.device)] {
         check_text(kind, &f(n), v, MAX_TEXT_BYTES)?;
     }
-    for (n, v) in [("source", &d.source), ("storage", &d.storage), ("storage_path", &d.storage_path)] {
+    for (n, v) in [("source", &d.source), ("storage_path", &d.storage_path)] {
         check_text(kind, &f(n), v, MAX_PATH_BYTES)?;
     }
+    check_text(kind, &f("storage"), &d.storage, MAX_STORAGE_TEXT_BYTES)?;
     Ok(())
 }
 
@@ -249,8 +280,17 @@ pub fn check_stored_guest(g: &Guest) -> Result<(), Refusal> {
     check_guest_rest("stored guest", "", g)
 }
 
+/// Encoded size of a guest without its definition.
+pub fn guest_bytes(g: &Guest) -> usize {
+    prost::Message::encoded_len(g).saturating_sub(g.definition_deflate.len()).saturating_sub(g.definition_xml.len())
+}
+
 fn check_guest_rest(kind: &'static str, prefix: &str, g: &Guest) -> Result<(), Refusal> {
     let f = |n: &str| format!("{prefix}{n}");
+    let size = guest_bytes(g);
+    if size > MAX_GUEST_BYTES {
+        return Err(Refusal::new(kind, prefix.trim_end_matches('.').to_string(), format!("{size} bytes without its definition, more than the limit of {MAX_GUEST_BYTES}")));
+    }
     check_name(kind, &f("name"), &g.name)?;
     if GuestState::try_from(g.state).is_err() {
         return Err(Refusal::new(kind, f("state"), format!("{} is not a guest state this controller knows", g.state)));
@@ -273,8 +313,8 @@ fn check_guest_rest(kind: &'static str, prefix: &str, g: &Guest) -> Result<(), R
     if !g.owner_host.is_empty() {
         check_name(kind, &f("owner_host"), &g.owner_host)?;
     }
-    // Generations are stored as SQLite integers and only ever count moves.
-    check_max_u64(kind, &f("owner_generation"), g.owner_generation, i64::MAX.unsigned_abs())?;
+    // An owner_generation beyond what SQLite stores (hand-edited metadata)
+    // is no refusal: the registry ignores such a claim (`check_claims`).
     if !g.definition_xml.is_empty() && !g.definition_deflate.is_empty() {
         return Err(Refusal::new(kind, f("definition_deflate"), "both definition_xml and definition_deflate are set; send one"));
     }
@@ -345,7 +385,7 @@ pub fn check_command_result(r: &CommandResult) -> Result<(), Refusal> {
     for (i, p) in r.paths.iter().enumerate() {
         check_text(K, &format!("paths[{i}].path"), &p.path, MAX_PATH_BYTES)?;
         check_error_text(K, &format!("paths[{i}].error"), &p.error)?;
-        check_text(K, &format!("paths[{i}].storage"), &p.storage, MAX_PATH_BYTES)?;
+        check_text(K, &format!("paths[{i}].storage"), &p.storage, MAX_STORAGE_TEXT_BYTES)?;
         check_text(K, &format!("paths[{i}].storage_path"), &p.storage_path, MAX_PATH_BYTES)?;
     }
     for (field, list) in [
@@ -376,21 +416,27 @@ pub fn check_command_result(r: &CommandResult) -> Result<(), Refusal> {
 pub struct Budget {
     tokens: u64,
     last_ms: i64,
+    per_minute: u64,
 }
 
 impl Budget {
-    /// A full bucket at `now_ms`.
+    /// A full bucket of definition bytes at `now_ms`.
     pub fn new(now_ms: i64) -> Self {
-        Budget { tokens: SESSION_DEFINITION_BYTES_PER_MINUTE, last_ms: now_ms }
+        Self::with_rate(now_ms, SESSION_DEFINITION_BYTES_PER_MINUTE)
+    }
+
+    /// A full bucket of `per_minute` bytes at `now_ms`.
+    pub fn with_rate(now_ms: i64, per_minute: u64) -> Self {
+        Budget { tokens: per_minute, last_ms: now_ms, per_minute }
     }
 
     /// What is left at `now_ms`.
     pub fn available(&mut self, now_ms: i64) -> u64 {
         let elapsed = u128::try_from(now_ms.saturating_sub(self.last_ms)).unwrap_or(0);
-        let refill = elapsed.saturating_mul(u128::from(SESSION_DEFINITION_BYTES_PER_MINUTE)) / 60_000;
+        let refill = elapsed.saturating_mul(u128::from(self.per_minute)) / 60_000;
         if refill > 0 {
-            let t = u128::from(self.tokens).saturating_add(refill).min(u128::from(SESSION_DEFINITION_BYTES_PER_MINUTE));
-            self.tokens = u64::try_from(t).unwrap_or(SESSION_DEFINITION_BYTES_PER_MINUTE);
+            let t = u128::from(self.tokens).saturating_add(refill).min(u128::from(self.per_minute));
+            self.tokens = u64::try_from(t).unwrap_or(self.per_minute);
             self.last_ms = now_ms;
         }
         self.tokens
@@ -408,6 +454,7 @@ struct Gathering {
     inv: Inventory,
     pages: usize,
     definition_bytes: u64,
+    guest_bytes: u64,
     uuids: HashSet<String>,
 }
 
@@ -419,6 +466,8 @@ pub struct SessionIntake {
     /// Pages of a refused inventory are dropped until its last page.
     discarding: bool,
     budget: Budget,
+    /// Guest bytes (encoded, without definitions) a minute.
+    guest_budget: Budget,
 }
 
 /// What one inventory page led to.
@@ -435,7 +484,12 @@ pub enum Page {
 impl SessionIntake {
     /// A new session's intake at `now_ms`.
     pub fn new(now_ms: i64) -> Self {
-        SessionIntake { gathering: None, discarding: false, budget: Budget::new(now_ms) }
+        SessionIntake {
+            gathering: None,
+            discarding: false,
+            budget: Budget::new(now_ms),
+            guest_budget: Budget::with_rate(now_ms, SESSION_GUEST_BYTES_PER_MINUTE),
+        }
     }
 
     /// Whether pages of a refused inventory are being dropped.
@@ -471,6 +525,7 @@ impl SessionIntake {
             inv: Inventory::default(),
             pages: 0,
             definition_bytes: 0,
+            guest_bytes: 0,
             uuids: HashSet::new(),
         });
         acc.pages = acc.pages.saturating_add(1);
@@ -492,6 +547,7 @@ impl SessionIntake {
         for (i, g) in page.guests.iter_mut().enumerate() {
             let prefix = format!("guests[{}].", first.saturating_add(i));
             check_guest(K, &prefix, g)?;
+            self.charge(K, &prefix, guest_bytes(g), &mut acc.guest_bytes, now_ms)?;
             if !acc.uuids.insert(g.uuid.clone()) {
                 return Err(Refusal::new(K, format!("{prefix}uuid"), format!("{} appears twice in one inventory", g.uuid)));
             }
@@ -512,11 +568,36 @@ impl SessionIntake {
         }
     }
 
+    /// Takes `n` guest bytes from the session's budget and, for an
+    /// inventory, from its total (`acc`).
+    fn charge(&mut self, kind: &'static str, prefix: &str, n: usize, acc: &mut u64, now_ms: i64) -> Result<(), Refusal> {
+        let n = u64::try_from(n).unwrap_or(u64::MAX);
+        let total = acc.saturating_add(n);
+        if total > MAX_INVENTORY_BYTES {
+            return Err(Refusal::new(
+                kind,
+                prefix.trim_end_matches('.').to_string(),
+                format!("the inventory's guests pass {MAX_INVENTORY_BYTES} bytes without their definitions"),
+            ));
+        }
+        if n > self.guest_budget.available(now_ms) {
+            return Err(Refusal::new(
+                kind,
+                prefix.trim_end_matches('.').to_string(),
+                format!("this session sent more than {SESSION_GUEST_BYTES_PER_MINUTE} bytes of guest data in a minute; send less often"),
+            ));
+        }
+        self.guest_budget.spend(n);
+        *acc = total;
+        Ok(())
+    }
+
     /// A `GuestChanged`: the guest, validated, its definition restored.
     pub fn guest_changed(&mut self, c: GuestChanged, now_ms: i64) -> Result<Guest, Refusal> {
         const K: &str = "GuestChanged";
         let mut g = c.guest.ok_or_else(|| Refusal::new(K, "guest", "missing"))?;
         check_guest(K, "guest.", &g)?;
+        self.charge(K, "guest.", guest_bytes(&g), &mut 0, now_ms)?;
         let n = unpack_guest(K, "guest.", &mut g, self.budget.available(now_ms))?;
         self.budget.spend(n);
         Ok(g)
@@ -547,10 +628,12 @@ mod tests {
         let e = check_name("GuestChanged", "guest.name", &"a".repeat(MAX_NAME_BYTES + 1)).unwrap_err();
         assert_eq!(e.what(), "GuestChanged guest.name");
         assert!(e.reason.contains("256 bytes") && e.reason.contains("255"), "{e}");
-        for bad in ["", "a\u{1b}[2J", "a\0b", "a/b", " a", "a\u{202e}b", "a\u{85}"] {
+        for bad in ["", "a\u{1b}[2J", "a\0b", "a/b", "a\u{85}", "a\tb", "a\nb"] {
             assert!(check_name("K", "f", bad).is_err(), "{bad:?} accepted");
         }
-        for good in ["vm-1", "日本語のゲスト", "db; rm -rf", "a b"] {
+        // What libvirt accepts and an honest host may have: refusing it would
+        // refuse the host's whole inventory (the CLI escapes what displays oddly).
+        for good in ["vm-1", "日本語のゲスト", "db; rm -rf", "a b", " a", "web01 ", "\u{5e9}\u{5e8}\u{5ea}\u{200f}", "\u{feff}vm", "a\u{202e}b"] {
             assert!(check_name("K", "f", good).is_ok(), "{good:?} refused");
         }
     }
@@ -582,7 +665,7 @@ mod tests {
         assert_eq!(check_guest("Inventory", "guests[0].", &g).unwrap_err().field, "guests[0].state");
         g.state = 2;
         g.owner_generation = u64::MAX;
-        assert_eq!(check_guest("K", "", &g).unwrap_err().field, "owner_generation");
+        assert!(check_guest("K", "", &g).is_ok(), "an absurd claim is ignored by the registry, not a refusal");
         g.owner_generation = 1;
         g.disks = vec![Disk::default(); MAX_DEVICES_PER_GUEST + 1];
         assert_eq!(check_guest("K", "", &g).unwrap_err().field, "disks");
@@ -690,6 +773,46 @@ mod tests {
         let e = s.guest_changed(GuestChanged { guest: Some(packed("<domain/>")) }, 0).unwrap_err();
         assert_eq!(e.what(), "GuestChanged guest.definition_deflate");
         assert!(s.guest_changed(GuestChanged { guest: Some(packed("<domain/>")) }, 1_000).is_ok());
+    }
+
+    #[test]
+    fn guest_data_without_definitions_is_bounded_per_guest_per_inventory_and_per_minute() {
+        use lifeboat_proto::v1::Disk;
+        // One guest: 256 disks with 1 KiB paths pass; with 4 KiB paths it is
+        // over MAX_GUEST_BYTES although every field is within its own limit.
+        let with_disks = |len: usize| {
+            let d = Disk { source: format!("/{}", "p".repeat(len)), ..Default::default() };
+            Guest { disks: vec![d; MAX_DEVICES_PER_GUEST], ..guest(U) }
+        };
+        assert!(check_guest("GuestChanged", "guest.", &with_disks(900)).is_ok());
+        let e = check_guest("GuestChanged", "guest.", &with_disks(4000)).unwrap_err();
+        assert_eq!(e.what(), "GuestChanged guest", "{e}");
+        assert!(e.reason.contains(&MAX_GUEST_BYTES.to_string()), "{e}");
+        // A session sending large guests: refused once the minute's guest
+        // bytes are spent, accepted again after the refill.
+        let mut s = SessionIntake::new(0);
+        s.guest_budget.spend(SESSION_GUEST_BYTES_PER_MINUTE);
+        let e = s.guest_changed(GuestChanged { guest: Some(with_disks(900)) }, 0).unwrap_err();
+        assert!(e.reason.contains("a minute"), "{e}");
+        assert!(s.guest_changed(GuestChanged { guest: Some(with_disks(900)) }, 30_000).is_ok());
+        // An inventory: pages of large guests stop at MAX_INVENTORY_BYTES.
+        let mut s = SessionIntake::new(0);
+        let per = u64::try_from(guest_bytes(&with_disks(900))).unwrap();
+        let fit = usize::try_from(MAX_INVENTORY_BYTES / per).unwrap();
+        let mut refused = None;
+        for i in 0..fit + 2 {
+            let g = Guest { uuid: format!("00000000-0000-4000-8000-{i:012x}"), ..with_disks(900) };
+            match s.page(Inventory { host: None, guests: vec![g], more: true }, 0) {
+                Ok(_) => {}
+                Err(e) => {
+                    refused = Some((i, e));
+                    break;
+                }
+            }
+        }
+        let (i, e) = refused.expect("an inventory past MAX_INVENTORY_BYTES is refused");
+        assert_eq!(i, fit, "{e}");
+        assert!(e.reason.contains("without their definitions"), "{e}");
     }
 
     #[test]

@@ -1097,6 +1097,11 @@ impl Registry {
         self.lock().guests.get(host).and_then(|m| m.get(uuid)).map(GuestEntry::guest)
     }
 
+    /// How many guests the host's last reports hold.
+    pub fn reported_count(&self, host: &str) -> usize {
+        self.lock().guests.get(host).map_or(0, BTreeMap::len)
+    }
+
     /// Whether the host has an open agent session.
     pub fn has_session(&self, host_id: &str) -> bool {
         self.lock().hosts.get(host_id).is_some_and(|e| e.session.is_some())

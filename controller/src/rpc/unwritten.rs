@@ -25,6 +25,10 @@ use crate::registry::{Registry, SessionId};
 /// back, though a guest's "stopped from inside" among the dropped is lost.
 pub const MAX_UNWRITTEN: usize = 10_000;
 
+/// Most bytes (encoded) of observations one session keeps waiting; past it
+/// the oldest are dropped, as past [`MAX_UNWRITTEN`].
+pub const MAX_UNWRITTEN_BYTES: usize = 64 * 1024 * 1024;
+
 /// Longest wait between two tries to write what waits.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
@@ -45,6 +49,15 @@ pub enum Observation {
 }
 
 impl Observation {
+    fn bytes(&self) -> usize {
+        match self {
+            Observation::Inventory(i) => prost::Message::encoded_len(i.as_ref()),
+            Observation::Guest(g) => prost::Message::encoded_len(g.as_ref()).saturating_add(g.definition_xml.len()),
+            Observation::Removed(u) => u.len(),
+            Observation::Host(h) => prost::Message::encoded_len(h),
+        }
+    }
+
     fn apply(self, reg: &Registry, host: &str, sid: SessionId) -> Result<(), ControllerError> {
         match self {
             Observation::Inventory(inv) => reg.apply_inventory(host, sid, *inv).map(|_| ()),
@@ -71,6 +84,7 @@ pub fn is_write_failure(e: &ControllerError) -> bool {
 #[derive(Debug, Default)]
 pub struct Unwritten {
     queue: VecDeque<Observation>,
+    bytes: usize,
     delay: Duration,
     next_try: Option<Instant>,
     dropped: u64,
@@ -98,8 +112,11 @@ impl Unwritten {
     /// and the observation is not kept (retrying would not help).
     pub fn apply(&mut self, reg: &Registry, host: &str, sid: SessionId, obs: Observation, now: Instant) -> Result<(), ControllerError> {
         if let Observation::Inventory(_) = obs {
-            // Older observations first: if they still cannot be written the
-            // inventory (newer than all of them) replaces them when it can.
+            // Older observations first, now (whether or not their backoff is
+            // over: a "stopped from inside" must not be superseded unwritten).
+            // If they still cannot be written the inventory (newer than all of
+            // them) replaces them when it can.
+            self.next_try = None;
             self.retry(reg, host, sid, now);
             let r = obs.apply(reg, host, sid);
             match &r {
@@ -139,10 +156,12 @@ impl Unwritten {
         }
         let mut written = 0usize;
         while let Some(obs) = self.queue.pop_front() {
+            self.bytes = self.bytes.saturating_sub(obs.bytes());
             let keep = obs.clone();
             match obs.apply(reg, host, sid) {
                 Ok(()) => written = written.saturating_add(1),
                 Err(e) if is_write_failure(&e) => {
+                    self.bytes = self.bytes.saturating_add(keep.bytes());
                     self.queue.push_front(keep);
                     self.failed(now);
                     return;
@@ -159,13 +178,17 @@ impl Unwritten {
     }
 
     fn push(&mut self, host: &str, obs: Observation) {
-        if self.queue.len() >= MAX_UNWRITTEN {
-            self.queue.pop_front();
+        let n = obs.bytes();
+        while !self.queue.is_empty() && (self.queue.len() >= MAX_UNWRITTEN || self.bytes.saturating_add(n) > MAX_UNWRITTEN_BYTES) {
+            if let Some(old) = self.queue.pop_front() {
+                self.bytes = self.bytes.saturating_sub(old.bytes());
+            }
             self.dropped = self.dropped.saturating_add(1);
             if self.dropped == 1 {
                 warn!(host, "more than {MAX_UNWRITTEN} observations wait for the database: the oldest are dropped (the agent's next inventory brings the view back)");
             }
         }
+        self.bytes = self.bytes.saturating_add(n);
         self.queue.push_back(obs);
     }
 
@@ -177,6 +200,7 @@ impl Unwritten {
 
     fn clear(&mut self) {
         self.queue.clear();
+        self.bytes = 0;
         self.delay = Duration::ZERO;
         self.next_try = None;
         self.dropped = 0;
@@ -257,6 +281,26 @@ mod tests {
     }
 
     #[test]
+    fn an_inventory_before_the_retry_is_due_writes_what_waits_first() {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let t0 = Instant::now();
+        let mut un = Unwritten::default();
+        un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Running, "booted"))), t0).unwrap();
+        reg.db(|s| s.set_read_only(true)).unwrap();
+        un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Shutoff, "shutdown"))), t0).unwrap();
+        reg.db(|s| s.set_read_only(false)).unwrap();
+        // The agent's resync arrives before the backoff is over.
+        let soon = t0 + Duration::from_millis(1);
+        assert!(un.next_try().is_some_and(|t| t > soon));
+        let inv = Inventory { host: None, guests: vec![guest(GuestState::Shutoff, "")], more: false };
+        un.apply(&reg, "h", sid, Observation::Inventory(Box::new(inv)), soon).unwrap();
+        assert!(un.is_empty());
+        assert_eq!(desired(&reg), Some(("h".into(), "stopped".into())), "the shutdown was written before the inventory");
+    }
+
+    #[test]
     fn the_queue_is_bounded() {
         let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
@@ -268,5 +312,15 @@ mod tests {
             un.apply(&reg, "h", sid, Observation::Host(HostInfo { host_id: "h".into(), ..Default::default() }), now).unwrap();
         }
         assert_eq!(un.len(), MAX_UNWRITTEN);
+        let mut un = Unwritten::default();
+        let big = || {
+            let mut g = guest(GuestState::Running, "booted");
+            g.definition_xml = "x".repeat(1024 * 1024);
+            Observation::Guest(Box::new(g))
+        };
+        for _ in 0..100 {
+            un.apply(&reg, "h", sid, big(), now).unwrap();
+        }
+        assert!(un.len() < 64 && un.bytes <= MAX_UNWRITTEN_BYTES, "{} kept, {} bytes", un.len(), un.bytes);
     }
 }
