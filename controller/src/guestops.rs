@@ -236,6 +236,26 @@ pub(crate) fn claim<'a>(reg: &'a Registry, uuid: &str, job: &str, source: &str, 
     Ok(Claim { reg, job: job.to_string() })
 }
 
+/// Refuses (changing nothing) an operator's action on a guest with a
+/// database row in quarantine: who owns it, and at which generation, is
+/// unknown, never "no owner". `what` names the action.
+pub(crate) fn refuse_quarantined(reg: &Registry, uuid: &str, name: &str, what: &str) -> Result<(), ControllerError> {
+    if !reg.is_quarantined(uuid) {
+        return Ok(());
+    }
+    Err(refusal(
+        &format!("{what} {name} ({uuid})"),
+        &[check(
+            "ownership-readable",
+            false,
+            "the guest's ownership record is quarantined (a database row of it could not be read: alarm row-quarantined); \
+             who owns it, and at which generation, is unknown",
+            "repair the row as the row-quarantined alarm says and restart the controller; see docs/security.md, \
+             \"The database never poisons a start\"",
+        )],
+    ))
+}
+
 /// Right before a restore grants a lease or starts the guest: its owner is
 /// still what the restore recorded and no job took it over meanwhile.
 fn still_ours(reg: &Registry, uuid: &str, name: &str, target: &str, generation: u64, job: &str) -> Result<(), ControllerError> {
@@ -281,6 +301,7 @@ pub async fn restore(
     let _one = RESTORES.lock().await;
     let r = reg.find_missing(vm, WHAT)?;
     let (uuid, name) = (r.guest.uuid.clone(), r.guest.name.clone());
+    refuse_quarantined(reg, &uuid, &name, "restoring")?;
     let owner = reg.restore_owner(&r);
     let target = match to_host {
         "" => owner.clone(),
@@ -477,6 +498,7 @@ pub fn forget(reg: &Registry, req: &ForgetGuestRequest, operator: &str) -> Resul
         )));
     };
     let r = reg.find_missing(vm, WHAT)?;
+    refuse_quarantined(reg, &r.guest.uuid, &r.guest.name, "forgetting")?;
     if let Some(why) = reg.hold(crate::now_ms()) {
         return Err(refusal(
             &format!("forgetting {} ({})", r.guest.name, r.guest.uuid),
@@ -685,6 +707,51 @@ mod tests {
         let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
         assert!(log.iter().any(|x| x.action == "guest.restore.unreported" && x.actor == "olga"), "{log:?}");
         assert!(reg.job_of("u1").is_none(), "the restore's mark ends with it, on errors too");
+    }
+
+    #[tokio::test]
+    async fn restore_forget_and_start_refuse_a_guest_whose_owner_row_is_quarantined_and_change_nothing() {
+        use lifeboat_proto::v1::{Guest, GuestState, Inventory};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lifeboat.db");
+        let timing = crate::model::Timing { heartbeat_interval_ms: 75, unreachable_after_ms: 300 };
+        {
+            // vm1 went missing on a; it had been moved away and back (owner a, generation 2).
+            let reg = Registry::load(crate::store::Store::open(&path).unwrap(), timing).unwrap();
+            let (tx, _rx) = tokio::sync::mpsc::channel(8);
+            let a = reg.open_session("a", "boot", tx).unwrap();
+            let g = Guest { uuid: "u1".into(), name: "vm1".into(), state: GuestState::Shutoff as i32, definition_xml: "<domain/>".into(), ..Default::default() };
+            reg.apply_inventory("a", a, Inventory { host: None, guests: vec![g], more: false }).unwrap();
+            let o = OwnerRow { uuid: "u1".into(), host: "a".into(), generation: 2, from_host: "b".into(), job: "mig-2".into(), complete: true };
+            reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+            reg.remove_guest("a", a, "u1").unwrap();
+            reg.flush().unwrap();
+        }
+        rusqlite::Connection::open(&path).unwrap().execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", []).unwrap();
+        let reg = Registry::load(crate::store::Store::open(&path).unwrap(), timing).unwrap();
+        assert!(reg.is_quarantined("u1") && reg.missing_uuids() == ["u1"]);
+        // a is back and reports (no agent answers: nothing may be sent).
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        drop(rx);
+        let a = reg.open_session("a", "boot2", tx).unwrap();
+        reg.apply_inventory("a", a, Inventory { host: None, guests: vec![], more: false }).unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        reg.heard_cell("a", a).unwrap().store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        assert!(reg.hold(crate::now_ms()).is_none());
+        for start in [false, true] {
+            let req = RestoreGuestRequest { vm: "vm1".into(), to_host: String::new(), start, reason: "oops".into() };
+            let e = restore(&reg, &req, "olga", 3000, 0).await.unwrap_err().to_string();
+            assert!(e.contains("ownership record is quarantined") && e.contains("docs/security.md") && e.contains("nothing was changed"), "{e}");
+        }
+        let e = forget(&reg, &ForgetGuestRequest { vm: "vm1".into(), reason: "retired".into() }, "olga").unwrap_err().to_string();
+        assert!(e.contains("ownership record is quarantined") && e.contains("docs/security.md"), "{e}");
+        let e = crate::waiting::start_vm(&reg, "vm1", "test", "olga", 3000).await.unwrap_err().to_string();
+        assert!(e.contains("quarantined") && e.contains("docs/security.md"), "{e}");
+        // Refusals change nothing: still missing, no owner row written, nothing audited as done.
+        assert_eq!(reg.missing_uuids(), ["u1"]);
+        assert!(reg.owner_row("u1").is_none() && reg.db(|s| s.owners()).unwrap().is_empty());
+        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        assert!(!log.iter().any(|x| x.action.starts_with("guest.restore") || x.action == "guest.forgotten"), "{log:?}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! definitions a returned host still holds, and operators' status changes.
 //! The planning functions are pure; the async ones carry plans out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use lifeboat_proto::v1::{Check, CleanupGuest, CleanupItem, CleanupPlan, Guest, GuestState, MigrateRequest, command::Kind};
@@ -36,6 +36,21 @@ pub struct CleanupInput {
     pub active_job: Option<String>,
     /// `--destroy-running`.
     pub destroy_running: bool,
+    /// Guests named by move records with a database row in quarantine:
+    /// their owner is unknown, never "none".
+    pub quarantined: BTreeSet<String>,
+}
+
+/// A quarantined guest's cleanup item: refused, never removed (its owner
+/// row cannot be read, so it may be the live owner's definition).
+fn refuse_quarantined(item: &mut CleanupItem, host: &str) -> String {
+    item.action = "refuse-quarantined".into();
+    item.detail = format!(
+        "{} ({}): its ownership record is quarantined (a database row could not be read: alarm row-quarantined), so whether {host} \
+         owns it again is unknown; not touching it (see docs/security.md, \"The database never poisons a start\")",
+        item.name, item.uuid
+    );
+    item.detail.clone()
 }
 
 /// Plans a cleanup. Only definitions named by move records are candidates,
@@ -71,9 +86,15 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
         latest.insert(m.0.uuid.as_str(), m);
     }
     let mut running_refused = Vec::new();
+    let mut quarantine_refused = Vec::new();
     for (uuid, (m, cleaned)) in latest {
         let owner = i.owners.get(uuid).cloned().unwrap_or_default();
         let mut item = CleanupItem { uuid: uuid.into(), name: m.name.clone(), moved_to: m.target.clone(), job: m.job_id.clone(), ..Default::default() };
+        if i.quarantined.contains(uuid) {
+            quarantine_refused.push(refuse_quarantined(&mut item, &i.host));
+            p.items.push(item);
+            continue;
+        }
         if owner == i.host {
             item.action = "skip".into();
             item.detail = format!("{} is owned by {} again; not stale", m.name, i.host);
@@ -120,6 +141,14 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
         if running_refused.is_empty() { "no moved guest runs on this host".to_string() } else { running_refused.join("; ") },
         "find out why it runs (split brain?); `lifeboat cleanup HOST --destroy-running` destroys the stale copies first",
     ));
+    if !quarantine_refused.is_empty() {
+        p.preconditions.push(check(
+            "ownership records readable",
+            false,
+            quarantine_refused.join("; "),
+            "repair the quarantined row as the row-quarantined alarm says (docs/security.md), restart the controller, then plan the cleanup again",
+        ));
+    }
     finish(p)
 }
 
@@ -150,12 +179,13 @@ fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInp
     Ok(CleanupInput {
         host: host.into(),
         host_known: view.is_some(),
-        moves,
         owners,
         guests: view.as_ref().map(|v| v.guests.clone()).unwrap_or_default(),
         connected: reg.has_session(host),
         active_job,
         destroy_running,
+        quarantined: moves.iter().map(|m| m.0.uuid.clone()).filter(|u| reg.is_quarantined(u)).collect(),
+        moves,
     })
 }
 
@@ -356,6 +386,7 @@ mod tests {
             connected: true,
             active_job: None,
             destroy_running: false,
+            quarantined: BTreeSet::new(),
         }
     }
 
@@ -397,5 +428,61 @@ mod tests {
         i.guests[1] = g("2", "renamed", false);
         let p = plan_cleanup(&i);
         assert!(!p.executable, "a UUID with another name is not removed");
+    }
+
+    #[test]
+    fn a_guest_whose_owner_row_is_quarantined_is_never_cleaned_as_if_it_had_no_owner() {
+        use crate::store::{AuditRow, JobRow, OwnerRow, Store};
+        use lifeboat_proto::v1::Inventory;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lifeboat.db");
+        // vm1 was moved a -> b by job j1, then moved back: its owner row says a, generation 2.
+        let live = Guest { memory_kib: 1024, ..g("u1", "vm1", false) };
+        let report = |reg: &Registry| {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            std::mem::forget(rx);
+            let sid = reg.open_session("a", "boot", tx).unwrap();
+            reg.apply_inventory("a", sid, Inventory { host: None, guests: vec![live.clone()], more: false }).unwrap();
+        };
+        {
+            let reg = Registry::load(Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap();
+            report(&reg);
+            let job = JobRow {
+                id: "j1".into(),
+                kind: "migrate".into(),
+                source: "a".into(),
+                state: "SUCCEEDED".into(),
+                operator: "olga".into(),
+                plan_id: "p".into(),
+                power_evidence: "attestation".into(),
+                request: Vec::new(),
+                parallel: 1,
+                created_ms: 1,
+                updated_ms: 1,
+                error: String::new(),
+            };
+            let (m, _) = mv("u1", "vm1");
+            let m = MoveRow { job_id: "j1".into(), ..m };
+            reg.db(|s| s.create_job(&job, &[m], &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+            let back = OwnerRow { uuid: "u1".into(), host: "a".into(), generation: 2, from_host: "b".into(), job: "j2".into(), complete: true };
+            reg.db(|s| s.set_owner(&back, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+            reg.refresh_owners().unwrap();
+            let p = cleanup_plan(&reg, "a", false).unwrap();
+            assert_eq!(p.items[0].action, "skip", "{p:?}");
+            reg.flush().unwrap();
+        }
+        rusqlite::Connection::open(&path).unwrap().execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", []).unwrap();
+        let reg = Registry::load(Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap();
+        assert!(reg.is_quarantined("u1"));
+        report(&reg);
+        for destroy_running in [false, true] {
+            let p = cleanup_plan(&reg, "a", destroy_running).unwrap();
+            assert!(!p.executable, "{p:?}");
+            assert_eq!(p.items[0].action, "refuse-quarantined", "{p:?}");
+            assert!(p.items[0].detail.contains("row-quarantined") && p.items[0].detail.contains("docs/security.md"), "{}", p.items[0].detail);
+            let c = p.preconditions.iter().find(|c| !c.ok).expect("a failed precondition");
+            assert!(c.detail.contains("vm1") && c.detail.contains("quarantine"), "{c:?}");
+            assert!(p.summary.starts_with("refused"), "{}", p.summary);
+        }
     }
 }

@@ -297,6 +297,7 @@ pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, le
             return Err(refuse("one guest named", format!("{} guests are called {vm}: {}", many.len(), many.join(", ")), "name it by UUID"));
         }
     };
+    crate::guestops::refuse_quarantined(reg, &uuid, vm, "starting")?;
     let Some(rec) = records.iter().find(|r| r.guest.as_ref().is_some_and(|g| g.uuid == uuid) && r.owner_host == r.host_id && reg.owns(&r.host_id, &uuid))
     else {
         let seen: Vec<String> = records.iter().map(|r| format!("{} (owner recorded: {})", r.host_id, if r.owner_host.is_empty() { "none" } else { &r.owner_host })).collect();

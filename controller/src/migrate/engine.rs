@@ -667,6 +667,9 @@ impl Engine {
     /// guest stays stopped, and a repeated revocation changes nothing.
     async fn stop_on_source(&self, job: &JobRow) -> Result<Result<(), String>, StoreError> {
         let moves = self.reg.db(|s| s.moves(&job.id))?;
+        for m in &moves {
+            self.refuse_if_quarantined(m)?;
+        }
         let keep: Vec<Lease> =
             self.reg.lease_set(&job.source).into_iter().map(|(uuid, name, generation)| Lease { uuid, name, generation }).collect();
         let now = crate::now_ms();
@@ -688,6 +691,24 @@ impl Engine {
             }
         }
         Ok(Ok(()))
+    }
+
+    /// Refuses a step of a move whose guest has a database row in quarantine
+    /// (its ownership is unknown, never generation 0 or "no owner"): a record
+    /// the job cannot use, so the job pauses (`job-paused` alarm) and carries
+    /// nothing out until the row is repaired and the controller restarted.
+    fn refuse_if_quarantined(&self, m: &MoveRow) -> Result<(), StoreError> {
+        if !self.reg.is_quarantined(&m.uuid) {
+            return Ok(());
+        }
+        Err(StoreError::Corrupt {
+            table: "quarantine",
+            message: format!(
+                "{} ({})'s ownership record is quarantined (alarm row-quarantined): no lease, start, define or stop for it \
+                 until the row is repaired and the controller restarted; see docs/security.md",
+                m.name, m.uuid
+            ),
+        })
     }
 
     /// Why a move is history, if it is: the guest's ownership has moved past
@@ -889,6 +910,13 @@ impl Engine {
         let _ = operator;
         loop {
             let state: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
+            // Every state but an ended one acts (records an owner, defines,
+            // leases, starts, or undefines on a planned move's source).
+            let ended = matches!(state, MoveState::Failed | MoveState::NotMoved)
+                || (!planned && matches!(state, MoveState::Running | MoveState::DefinedStopped));
+            if !ended {
+                self.refuse_if_quarantined(&m)?;
+            }
             let (t, n, j) = (m.target.clone(), m.name.clone(), m.job_id.clone());
             let a = move |action: &str, detail: String| Some(audit("controller", action, &t, &n, &j, detail));
             match state {
@@ -1459,6 +1487,51 @@ mod tests {
         assert_eq!((row.state.as_str(), row.error.as_str()), ("RUNNING", ""));
         let owner = reg.db(|s| s.owners()).unwrap().into_iter().find(|o| o.uuid == row.uuid).unwrap();
         assert_eq!((owner.host.as_str(), owner.generation, owner.complete), ("host-b", 3, true));
+    }
+
+    #[tokio::test]
+    async fn a_resumed_move_of_a_guest_whose_owner_row_is_quarantined_pauses_and_sends_no_lease_start_define_or_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lifeboat.db");
+        let m = starting_move("mig-q");
+        {
+            let reg = Registry::load(crate::store::Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap();
+            let mut row = job_row("mig-q", "migrate", "host-a");
+            row.state = JobState::Moving.as_str().into();
+            reg.db(|s| s.create_job(&row, std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-q", ""))).unwrap();
+        }
+        // Its owner row (moved on since: generation 4) cannot be read at the restart.
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute("INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES (?1, 'host-c', -4, 'host-b', 'mig-later', 1)", [&m.uuid])
+            .unwrap();
+        let reg = Arc::new(Registry::load(crate::store::Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap());
+        assert!(reg.is_quarantined(&m.uuid));
+        let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = sent.clone();
+        let _agent = fake_agent(reg.clone(), "host-b", vec![], move |k| {
+            seen.lock().unwrap().push(format!("{k:?}").chars().take(12).collect::<String>());
+            Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() })
+        })
+        .await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        for state in [MoveState::Starting, MoveState::Defining, MoveState::Pending] {
+            let e = engine.run_move(MoveRow { state: state.as_str().into(), ..m.clone() }, "olga", false).await.unwrap_err().to_string();
+            assert!(e.contains("quarantine") && e.contains("row-quarantined"), "{e}");
+        }
+        let e = engine.fence(&JobRow { kind: "move".into(), ..job_row("mig-q", "move", "host-a") }).await.unwrap_err().to_string();
+        assert!(e.contains("quarantine"), "{e}");
+        assert!(sent.lock().unwrap().is_empty(), "nothing sent: {:?}", sent.lock().unwrap());
+        let row = reg.db(|s| s.moves("mig-q")).unwrap().remove(0);
+        assert_eq!((row.state.as_str(), row.error.as_str()), ("STARTING", ""), "the step was neither carried out nor failed");
+        assert!(reg.owner_row(&m.uuid).is_none(), "no owner row written over the quarantined one");
+        // The job pauses (as on any record it cannot use), with its alarm.
+        tokio::spawn(engine.clone().run("mig-q".into()));
+        let paused = until("the pause", || engine.paused.lock().unwrap().get("mig-q").cloned()).await;
+        assert!(paused.contains("quarantine"), "{paused}");
+        until("the job-paused alarm", || reg.active_alarms().into_iter().find(|a| a.1 == JOB_PAUSED)).await;
+        assert!(sent.lock().unwrap().is_empty(), "nothing sent: {:?}", sent.lock().unwrap());
     }
 
     #[test]
