@@ -35,6 +35,26 @@ use tracing::{info, warn};
 /// fence agents' pipes, backups, logs.
 pub const FD_RESERVE: usize = 256;
 
+/// Connections one client certificate (an operator's, a viewer's) may hold
+/// at once: a CLI command uses one, `jobs watch` one each.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 64;
+
+/// Connections one agent (or controller) certificate may hold at once: an
+/// agent uses one, and a replaced session may linger a moment.
+pub const MAX_CONNECTIONS_PER_AGENT: usize = 4;
+
+/// The address handshakes are counted under: an IPv4 address, or the /64
+/// of an IPv6 one (one machine has a whole /64 to dial from).
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
 /// The limits the accept loop enforces.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -89,6 +109,10 @@ pub enum Refusal {
     /// `max_connections` reached.
     #[error("connection limit reached")]
     ConnectionLimit,
+    /// One certificate already holds [`MAX_CONNECTIONS_PER_CLIENT`] (or
+    /// [`MAX_CONNECTIONS_PER_AGENT`]) connections.
+    #[error("too many connections with this certificate")]
+    PerIdentity,
     /// `max_handshakes` reached.
     #[error("too many TLS handshakes in progress")]
     HandshakeLimit,
@@ -106,6 +130,7 @@ impl Refusal {
     pub fn reason(self) -> &'static str {
         match self {
             Refusal::ConnectionLimit => "connection_limit",
+            Refusal::PerIdentity => "per_certificate_limit",
             Refusal::HandshakeLimit => "handshake_limit",
             Refusal::HandshakeLimitPerIp => "handshake_limit_per_ip",
             Refusal::Reserved => "reserved_for_known_peers",
@@ -187,6 +212,12 @@ impl RateLog {
     }
 }
 
+/// Counts a metrics-endpoint connection closed at its connection cap
+/// (`lifeboat_connections_refused_total{reason="metrics_limit"}`).
+pub fn count_metrics_refused() {
+    count_refused("metrics_limit");
+}
+
 fn count_refused(reason: &'static str) {
     crate::telemetry::get().connections_refused.get_or_create(&crate::telemetry::ReasonLabels { reason: reason.into() }).inc();
 }
@@ -235,6 +266,12 @@ struct Counts {
     handshaking: usize,
     per_ip: HashMap<IpAddr, usize>,
     open: HashMap<SocketAddr, Arc<ConnState>>,
+    /// Handshakes in progress, oldest first: at the cap the oldest is
+    /// dropped for a new one (an honest handshake takes milliseconds; a
+    /// stalled one holds its slot until evicted or its deadline).
+    pending: std::collections::BTreeMap<u64, (IpAddr, Arc<tokio::sync::Notify>)>,
+    next_id: u64,
+    per_who: HashMap<String, usize>,
 }
 
 /// The connections of one listener, and its limits.
@@ -300,19 +337,59 @@ impl Table {
 
     fn start_handshake(self: &Arc<Self>, peer: SocketAddr) -> Result<HandshakeSlot, Refusal> {
         let mut c = self.lock();
-        let from_ip = c.per_ip.get(&peer.ip()).copied().unwrap_or(0);
+        let ip = source_key(peer.ip());
+        let from_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
+        let total = c.open.len().saturating_add(c.handshaking);
+        // At the handshake cap the oldest handshake still in progress makes
+        // room, unless this address is over its own cap or there is no room
+        // at all: peers that dial and stall from many addresses cannot keep
+        // operators and agents out.
+        let evict = c.handshaking >= self.limits.max_handshakes
+            && total < self.limits.max_connections
+            && from_ip < self.limits.max_handshakes_per_ip;
+        if evict {
+            if let Some((_, (old_ip, stop))) = c.pending.pop_first() {
+                Self::release(&mut c, old_ip);
+                // Its task logs and counts it ("evicted").
+                stop.notify_one();
+            }
+        }
         let total = c.open.len().saturating_add(c.handshaking);
         admit_tcp(&self.limits, total, c.handshaking, from_ip)?;
         c.handshaking = c.handshaking.saturating_add(1);
-        let n = c.per_ip.entry(peer.ip()).or_insert(0);
+        let n = c.per_ip.entry(ip).or_insert(0);
         *n = n.saturating_add(1);
+        let id = c.next_id;
+        c.next_id = c.next_id.wrapping_add(1);
+        let stop = Arc::new(tokio::sync::Notify::new());
+        c.pending.insert(id, (ip, stop.clone()));
         Self::publish(&c);
-        Ok(HandshakeSlot { table: self.clone(), ip: peer.ip() })
+        Ok(HandshakeSlot { table: self.clone(), id, stop })
+    }
+
+    fn release(c: &mut Counts, ip: IpAddr) {
+        c.handshaking = c.handshaking.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.per_ip.remove(&ip);
+            }
+        }
     }
 
     fn register(self: &Arc<Self>, peer: SocketAddr, who: &Identity, known_agent: bool) -> Result<Arc<ConnState>, Refusal> {
         let mut c = self.lock();
         admit_identity(&self.limits, c.open.len(), who, known_agent)?;
+        let key = who.to_string();
+        let cap = match who {
+            Identity::Client { .. } => MAX_CONNECTIONS_PER_CLIENT,
+            _ => MAX_CONNECTIONS_PER_AGENT,
+        };
+        let held = c.per_who.get(&key).copied().unwrap_or(0);
+        if held >= cap {
+            return Err(Refusal::PerIdentity);
+        }
+        c.per_who.insert(key, held.saturating_add(1));
         let st = Arc::new(ConnState {
             peer,
             who: who.to_string(),
@@ -330,6 +407,12 @@ impl Table {
         let mut c = self.lock();
         if c.open.get(&st.peer).is_some_and(|x| Arc::ptr_eq(x, st)) {
             c.open.remove(&st.peer);
+            if let Some(n) = c.per_who.get_mut(&st.who) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    c.per_who.remove(&st.who);
+                }
+            }
         }
         Self::publish(&c);
     }
@@ -364,18 +447,16 @@ impl Table {
 
 struct HandshakeSlot {
     table: Arc<Table>,
-    ip: IpAddr,
+    id: u64,
+    stop: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
         let mut c = self.table.lock();
-        c.handshaking = c.handshaking.saturating_sub(1);
-        if let Some(n) = c.per_ip.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                c.per_ip.remove(&self.ip);
-            }
+        // An evicted handshake was released when it was evicted.
+        if let Some((ip, _)) = c.pending.remove(&self.id) {
+            Table::release(&mut c, ip);
         }
         Table::publish(&c);
     }
@@ -543,7 +624,15 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let (acceptor, table, tx, known_agent) = (acceptor.clone(), table.clone(), tx.clone(), known_agent.clone());
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(table.limits.handshake_timeout, acceptor.accept(tcp)).await {
+                let stop = slot.stop.clone();
+                let handshake = tokio::select! {
+                    r = tokio::time::timeout(table.limits.handshake_timeout, acceptor.accept(tcp)) => r,
+                    _ = stop.notified() => {
+                        table.handshake_failed("evicted", peer, "dropped for a newer handshake while all handshake slots were taken");
+                        return;
+                    }
+                };
+                let tls = match handshake {
                     Err(_) => {
                         table.handshake_failed("timeout", peer, &format!("not finished within {} s", table.limits.handshake_timeout.as_secs()));
                         return;
@@ -737,6 +826,62 @@ mod tests {
         assert!(log.drain(t0 + Duration::from_secs(25)).is_empty(), "a period has not passed");
         assert_eq!(log.drain(t0 + Duration::from_secs(30)), vec![("a", 2)], "a burst that stopped is reported");
         assert!(log.drain(t0 + Duration::from_secs(45)).is_empty());
+    }
+
+    #[tokio::test]
+    async fn at_the_handshake_cap_the_oldest_stalled_handshake_makes_room() {
+        let t = Table::new(limits());
+        let ip = |i: u8, port| SocketAddr::from(([10, 0, 1, i], port));
+        // 10 stalled handshakes from 4 addresses fill every slot.
+        let mut held = Vec::new();
+        for i in 0..10u16 {
+            held.push(t.start_handshake(ip(u8::try_from(i / 3).unwrap(), i)).unwrap());
+        }
+        assert_eq!(t.handshaking(), 10);
+        // An operator dialing from elsewhere still gets a slot: the oldest
+        // stalled one is told to stop, and its slot is already counted free.
+        let first_stop = held[0].stop.clone();
+        let op = t.start_handshake(SocketAddr::from(([192, 168, 0, 9], 1))).expect("room made");
+        assert_eq!(t.handshaking(), 10);
+        tokio::time::timeout(Duration::from_secs(1), first_stop.notified()).await.expect("the oldest was told to stop");
+        assert_eq!(t.lock().per_ip.get(&ip(0, 0).ip()), Some(&2));
+        // Dropping the evicted slot later releases nothing twice.
+        drop(held.remove(0));
+        assert_eq!(t.handshaking(), 10);
+        drop(op);
+        drop(held);
+        assert_eq!(t.handshaking(), 0);
+        assert!(t.lock().per_ip.is_empty() && t.lock().pending.is_empty());
+        // An address at its own cap evicts nobody.
+        let mine: Vec<_> = (1..=3).map(|p| t.start_handshake(ip(7, p)).unwrap()).collect();
+        assert_eq!(t.start_handshake(ip(7, 4)).err(), Some(Refusal::HandshakeLimitPerIp));
+        drop(mine);
+        // IPv6 peers are counted per /64.
+        let v6 = |last: u16| SocketAddr::from((std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, last), 1));
+        let v6s: Vec<_> = (1..=3).map(|i| t.start_handshake(v6(i)).unwrap()).collect();
+        assert_eq!(t.start_handshake(v6(99)).err(), Some(Refusal::HandshakeLimitPerIp));
+        drop(v6s);
+    }
+
+    #[test]
+    fn one_certificate_cannot_hold_every_connection() {
+        let t = Table::new(Limits { max_connections: 10_000, soft_connections: 9_000, ..limits() });
+        let viewer = Identity::Client { name: "v".into(), role: Role::Viewer };
+        let mut held = Vec::new();
+        for port in 0..u16::try_from(MAX_CONNECTIONS_PER_CLIENT).unwrap() {
+            held.push(t.register(SocketAddr::from(([10, 0, 2, 1], port)), &viewer, false).unwrap());
+        }
+        assert_eq!(t.register(SocketAddr::from(([10, 0, 2, 1], 9999)), &viewer, false).err(), Some(Refusal::PerIdentity));
+        let other = Identity::Client { name: "olga".into(), role: Role::Operator };
+        assert!(t.register(SocketAddr::from(([10, 0, 2, 2], 1)), &other, false).is_ok(), "another certificate has its own cap");
+        let agent = Identity::Agent { host_id: "h".into() };
+        for port in 0..u16::try_from(MAX_CONNECTIONS_PER_AGENT).unwrap() {
+            held.push(t.register(SocketAddr::from(([10, 0, 2, 3], port)), &agent, true).unwrap());
+        }
+        assert_eq!(t.register(SocketAddr::from(([10, 0, 2, 3], 999)), &agent, true).err(), Some(Refusal::PerIdentity));
+        let st = held.pop().unwrap();
+        t.unregister(&st);
+        assert!(t.register(SocketAddr::from(([10, 0, 2, 3], 998)), &agent, true).is_ok(), "a closed connection frees its place");
     }
 
     #[test]

@@ -87,8 +87,108 @@ pub async fn serve(reg: Arc<Registry>, listener: tokio::net::TcpListener) {
             }
         }),
     );
-    if let Err(e) = axum::serve(listener, app).await {
+    if let Err(e) = axum::serve(Bounded::new(listener), app).await {
         tracing::warn!("metrics endpoint stopped: {e}");
+    }
+}
+
+/// Connections the metrics endpoint serves at once; a connection past it is
+/// closed at once (a scraper dials again), so the unauthenticated endpoint
+/// never holds more descriptors than this.
+pub const MAX_METRICS_CONNECTIONS: usize = 32;
+
+/// How long one metrics connection may stay open, idle or not: a scrape
+/// takes milliseconds, and a peer that opens connections and sends nothing
+/// must not keep them.
+pub const METRICS_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The metrics listener with [`MAX_METRICS_CONNECTIONS`] and
+/// [`METRICS_CONNECTION_LIFETIME`].
+struct Bounded {
+    inner: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Bounded {
+    fn new(inner: tokio::net::TcpListener) -> Self {
+        Bounded { inner, permits: Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS)) }
+    }
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = Limited;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Limited, std::net::SocketAddr) {
+        loop {
+            let (tcp, addr) = match self.inner.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors: the connection waits in the backlog.
+                    tracing::debug!("metrics endpoint: cannot accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let deadline = Box::pin(tokio::time::sleep(METRICS_CONNECTION_LIFETIME));
+                    return (Limited { tcp, deadline, _permit: permit }, addr);
+                }
+                Err(_) => {
+                    crate::conn::count_metrics_refused();
+                    drop(tcp);
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// One metrics connection: closed when its lifetime is over.
+struct Limited {
+    tcp: tokio::net::TcpStream,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Limited {
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        use std::future::Future as _;
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn lifetime_over() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "metrics connection lifetime over")
+}
+
+impl tokio::io::AsyncRead for Limited {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        if self.expired(cx) {
+            return std::task::Poll::Ready(Err(lifetime_over()));
+        }
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Limited {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        if self.expired(cx) {
+            return std::task::Poll::Ready(Err(lifetime_over()));
+        }
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -96,7 +196,31 @@ pub async fn serve(reg: Arc<Registry>, listener: tokio::net::TcpListener) {
 mod tests {
     use super::*;
     use crate::model::Timing;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use crate::store::Store;
+
+    #[tokio::test]
+    async fn the_metrics_endpoint_holds_at_most_its_cap_of_connections() {
+        let reg = Arc::new(Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(serve(reg, l));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_METRICS_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Past the cap: closed by the endpoint at once (EOF), not held.
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 16];
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut b)).await.expect("closed at once");
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+        // The ones within the cap are served.
+        let c = &mut idle[0];
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), c.read(&mut b)).await.unwrap().unwrap();
+        assert!(n > 0 && b.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&b[..n]));
+        server.abort();
+    }
 
     #[test]
     fn alarms_and_hosts_are_exposed() {

@@ -341,6 +341,17 @@ impl ControllerProcess {
         );
         std::fs::write(&cfg, text).expect("write config");
         let log = dir.join(format!("controller-{port}.log"));
+        // A start never creates a database (a typo must not serve an empty
+        // one): a new one is made with `init`, as an operator does.
+        if !db.exists() {
+            let out = std::process::Command::new(workspace_binary("lifeboat-controller"))
+                .arg("--config")
+                .arg(&cfg)
+                .arg("init")
+                .output()
+                .expect("run lifeboat-controller init");
+            assert!(out.status.success(), "lifeboat-controller init: {}", String::from_utf8_lossy(&out.stderr));
+        }
         let mut cmd = match nofile {
             None => std::process::Command::new(workspace_binary("lifeboat-controller")),
             Some(n) => {

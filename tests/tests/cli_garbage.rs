@@ -315,8 +315,12 @@ async fn hostile_texts_in_the_database_are_shown_escaped() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let db = dir.path().join("db.sqlite");
+    // A guest row with control characters does not load: it is quarantined
+    // (fail closed) and its alarm is what the CLI shows. Names libvirt
+    // accepts with invisible formatting characters load and are shown escaped.
     let esc_name = "evil\u{1b}[2J\u{1b}]0;pwned\u{7}\u{9b}31m\u{202e}gpj.exe";
-    let huge_name = "g".repeat(100_000);
+    let bidi_name = "evil\u{202e}gpj.exe\u{200f}";
+    let huge_name = "g".repeat(255);
     let cjk_name = "数据库服务器-01";
     let host = "host-x";
     {
@@ -332,8 +336,9 @@ async fn hostile_texts_in_the_database_are_shown_escaped() {
         };
         s.upsert_host(&info, lifeboat_common::now_unix_ms()).unwrap();
         let rows = [
-            ("6f1c2c9e-0000-4000-8000-000000000001", esc_name.to_string(), guest_bytes("6f1c2c9e-0000-4000-8000-000000000001", esc_name, "r\u{1b}[1m", "/img/\u{1b}[2J.qcow2", "e\u{1b}]52;c;AAAA\u{7}")),
-            ("6f1c2c9e-0000-4000-8000-000000000002", huge_name.clone(), guest_bytes("6f1c2c9e-0000-4000-8000-000000000002", &huge_name, "", &"/d".repeat(50_000), "")),
+            ("6f1c2c9e-0000-4000-8000-000000000001", bidi_name.to_string(), guest_bytes("6f1c2c9e-0000-4000-8000-000000000001", bidi_name, "r", "/img/vm.qcow2", "e AAAA\n\tqemu said")),
+            ("6f1c2c9e-0000-4000-8000-000000000004", esc_name.to_string(), guest_bytes("6f1c2c9e-0000-4000-8000-000000000004", esc_name, "r\u{1b}[1m", "/img/\u{1b}[2J.qcow2", "e\u{1b}]52;c;AAAA\u{7}")),
+            ("6f1c2c9e-0000-4000-8000-000000000002", huge_name.clone(), guest_bytes("6f1c2c9e-0000-4000-8000-000000000002", &huge_name, "", &"/d".repeat(2_000), "")),
             ("6f1c2c9e-0000-4000-8000-000000000003", cjk_name.to_string(), guest_bytes("6f1c2c9e-0000-4000-8000-000000000003", cjk_name, "", "/img/db.qcow2", "")),
         ];
         let up: Vec<(&str, &str, &[u8])> = rows.iter().map(|(u, n, b)| (*u, n.as_str(), b.as_slice())).collect();
@@ -359,9 +364,10 @@ async fn hostile_texts_in_the_database_are_shown_escaped() {
     assert_no_crash("vms list", &list);
     assert_eq!(list.code, Some(0), "{}", list.stderr);
     println!("vms list:\n{}", list.stdout);
-    assert!(list.stdout.contains("evil\\x1b[2J\\x1b]0;pwned\\x07\\u{009b}31m\\u{202e}g…  host-x"), "{}", list.stdout);
+    assert!(list.stdout.contains("evil\\u{202e}gpj.exe\\u{200f}"), "{}", list.stdout);
+    assert!(!list.stdout.contains("pwned"), "the row with control characters is quarantined, not listed: {}", list.stdout);
     assert!(list.stdout.contains(cjk_name), "{}", list.stdout);
-    assert!(list.stdout.contains('…'), "the 100,000-char name is cut: {}", list.stdout);
+    assert!(list.stdout.contains('…'), "the 255-byte name is cut: {}", list.stdout);
     assert!(list.stdout.len() < 4096, "{} bytes", list.stdout.len());
     // Aligned by display width: the HOST column starts at the same column on every row.
     let width = |s: &str| s.chars().map(|c| if ('\u{4e00}'..='\u{9fff}').contains(&c) { 2 } else { 1 }).sum::<usize>();
@@ -373,7 +379,8 @@ async fn hostile_texts_in_the_database_are_shown_escaped() {
     assert!(!json.raw_stdout.contains(&0x1b), "JSON escapes control characters itself");
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     let names: Vec<&str> = v.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&esc_name) && names.contains(&huge_name.as_str()), "JSON stays exact");
+    assert!(names.contains(&bidi_name) && names.contains(&huge_name.as_str()), "JSON stays exact");
+    assert!(!names.contains(&esc_name), "quarantined rows are not listed");
 
     for args in [
         &["vms", "show", "6f1c2c9e-0000-4000-8000-000000000001"][..],
@@ -395,7 +402,7 @@ async fn hostile_texts_in_the_database_are_shown_escaped() {
         }
     }
     let show = run(&["vms", "show", "6f1c2c9e-0000-4000-8000-000000000001"]).await.unwrap();
-    assert!(show.stdout.contains("e\\x1b]52;c;AAAA\\x07") && show.stdout.contains("/img/\\x1b[2J.qcow2"), "{}", show.stdout);
+    assert!(show.stdout.contains("evil\\u{202e}gpj.exe\\u{200f}") && show.stdout.contains("e AAAA\\x0a\\x09qemu said"), "{}", show.stdout);
     let show = run(&["vms", "show", "6f1c2c9e-0000-4000-8000-000000000002"]).await.unwrap();
     assert!(show.stdout.contains(&huge_name), "show prints the full name");
     let hosts = run(&["hosts", "list"]).await.unwrap();
@@ -405,8 +412,9 @@ async fn hostile_texts_in_the_database_are_shown_escaped() {
     assert!(!log.stdout.lines().any(|l| l.starts_with(" forged line")), "a newline in a detail cannot forge a line");
     let alarms = run(&["alarms", "--all"]).await.unwrap();
     assert!(alarms.stdout.contains("detail \\x1b[2J\\u{202e} and \\u{0085} next-line"), "{}", alarms.stdout);
+    assert!(alarms.stdout.contains("row-quarantined") && !alarms.raw_stdout.contains(&0x1b), "{}", alarms.stdout);
 
-    // `vms list | head -1` with the 100,000-char guest: ends quietly.
+    // `vms show -o json` into a closed pipe: ends quietly.
     let mut child = Command::new(cli())
         .env("LIFEBOAT_CONFIG", dir.path().join("empty-cli.toml"))
         .args(["--controller-url", &url, "--ca"])
