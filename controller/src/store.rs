@@ -1231,6 +1231,15 @@ pub struct BadRow {
     pub data: Option<Vec<u8>>,
 }
 
+impl BadRow {
+    /// A bad row keyed by the UUID in its first column, with its host in
+    /// the second and no blob.
+    fn by_uuid(table: &'static str, rowid: i64, cols: &[&str], v: &[rusqlite::types::Value], reason: String) -> BadRow {
+        let uuid = v.first().and_then(text).unwrap_or_default();
+        BadRow { table, rowid, key: uuid.clone(), uuid, host: v.get(1).and_then(text).unwrap_or_default(), reason, row_text: row_text(cols, v), data: None }
+    }
+}
+
 /// A row moved to the quarantine table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuarantineRow {
@@ -1409,16 +1418,7 @@ impl Store {
             })();
             match parsed {
                 Ok(o) => good.push(o),
-                Err(reason) => bad.push(BadRow {
-                    table: "owners",
-                    rowid,
-                    key: text(&v[0]).unwrap_or_default(),
-                    uuid: text(&v[0]).unwrap_or_default(),
-                    host: text(&v[1]).unwrap_or_default(),
-                    reason,
-                    row_text: row_text(&COLS, &v),
-                    data: None,
-                }),
+                Err(reason) => bad.push(BadRow::by_uuid("owners", rowid, &COLS, &v, reason)),
             }
         }
         Ok((good, bad))
@@ -1440,16 +1440,7 @@ impl Store {
                 Ok((u, h, st)) => {
                     good.insert(u, (h, st));
                 }
-                Err(reason) => bad.push(BadRow {
-                    table: "desired",
-                    rowid,
-                    key: text(&v[0]).unwrap_or_default(),
-                    uuid: text(&v[0]).unwrap_or_default(),
-                    host: text(&v[1]).unwrap_or_default(),
-                    reason,
-                    row_text: row_text(&COLS, &v),
-                    data: None,
-                }),
+                Err(reason) => bad.push(BadRow::by_uuid("desired", rowid, &COLS, &v, reason)),
             }
         }
         Ok((good, bad))

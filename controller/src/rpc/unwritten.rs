@@ -222,15 +222,21 @@ mod tests {
         Guest { uuid: U.into(), name: "vm1".into(), state: state as i32, state_reason: reason.into(), ..Default::default() }
     }
 
+    /// A registry with host "h" on a session.
+    fn session() -> (Registry, SessionId, mpsc::Receiver<Box<lifeboat_proto::v1::ControllerMessage>>) {
+        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, rx) = mpsc::channel(1);
+        let sid = reg.open_session("h", "boot", tx).unwrap();
+        (reg, sid, rx)
+    }
+
     fn desired(reg: &Registry) -> Option<(String, String)> {
         reg.db(|s| s.desired()).unwrap().get(U).cloned()
     }
 
     #[test]
     fn a_guest_stopped_while_the_database_refuses_writes_reads_stopped_once_it_takes_them_again() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
-        let (tx, _rx) = mpsc::channel(1);
-        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let (reg, sid, _rx) = session();
         let t0 = Instant::now();
         let mut un = Unwritten::default();
         un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Running, "booted"))), t0).unwrap();
@@ -263,9 +269,7 @@ mod tests {
 
     #[test]
     fn a_complete_inventory_supersedes_what_waits_and_one_that_is_refused_is_not_kept() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
-        let (tx, _rx) = mpsc::channel(1);
-        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let (reg, sid, _rx) = session();
         let t0 = Instant::now();
         let mut un = Unwritten::default();
         reg.db(|s| s.set_read_only(true)).unwrap();
@@ -282,9 +286,7 @@ mod tests {
 
     #[test]
     fn an_inventory_before_the_retry_is_due_writes_what_waits_first() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
-        let (tx, _rx) = mpsc::channel(1);
-        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let (reg, sid, _rx) = session();
         let t0 = Instant::now();
         let mut un = Unwritten::default();
         un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Running, "booted"))), t0).unwrap();
@@ -302,9 +304,7 @@ mod tests {
 
     #[test]
     fn the_queue_is_bounded() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
-        let (tx, _rx) = mpsc::channel(1);
-        let sid = reg.open_session("h", "boot", tx).unwrap();
+        let (reg, sid, _rx) = session();
         reg.db(|s| s.set_read_only(true)).unwrap();
         let mut un = Unwritten::default();
         let now = Instant::now();
