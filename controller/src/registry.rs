@@ -1097,6 +1097,11 @@ impl Registry {
         self.lock().guests.get(host).and_then(|m| m.get(uuid)).map(GuestEntry::guest)
     }
 
+    /// Whether the host's last reports hold the guest (no copy of it made).
+    pub fn has_reported(&self, host: &str, uuid: &str) -> bool {
+        self.lock().guests.get(host).is_some_and(|m| m.contains_key(uuid))
+    }
+
     /// How many guests the host's last reports hold.
     pub fn reported_count(&self, host: &str) -> usize {
         self.lock().guests.get(host).map_or(0, BTreeMap::len)

@@ -350,7 +350,7 @@ pub fn take_in(
         },
         Some(Msg::GuestChanged(c)) => {
             let g = intake.guest_changed(c, now_ms)?;
-            if reg.reported_guest(host, &g.uuid).is_none() && reg.reported_count(host) >= intake::MAX_INVENTORY_GUESTS {
+            if !reg.has_reported(host, &g.uuid) && reg.reported_count(host) >= intake::MAX_INVENTORY_GUESTS {
                 return Err(Refusal {
                     kind: "GuestChanged",
                     field: "guest.uuid".into(),
@@ -366,7 +366,7 @@ pub fn take_in(
             // (the registry removes only from the sending host) and happens
             // honestly: a change dropped in a reconnect, or still waiting
             // for the database. Dropped quietly, like a late result.
-            if reg.reported_guest(host, &r.uuid).is_none() {
+            if !reg.has_reported(host, &r.uuid) {
                 tracing::debug!(host, uuid = %r.uuid, "a removal of a guest this host did not report dropped");
                 return Ok(None);
             }
