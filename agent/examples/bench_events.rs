@@ -29,11 +29,12 @@ enum Seen {
 }
 
 async fn read(admin: &mut AdminClient<Channel>, vm: &str, kind: &str) -> anyhow::Result<Seen> {
-    let r = admin
-        .list_guests(ListGuestsRequest { vm: vm.to_string(), ..Default::default() })
-        .await?
-        .into_inner();
-    let g = r.guests.first().and_then(|g| g.guest.as_ref()).ok_or_else(|| anyhow::anyhow!("controller does not list {vm}"))?;
+    let r = admin.list_guests(ListGuestsRequest { vm: vm.to_string(), ..Default::default() }).await?.into_inner();
+    let g = r
+        .guests
+        .first()
+        .and_then(|g| g.guest.as_ref())
+        .ok_or_else(|| anyhow::anyhow!("controller does not list {vm}"))?;
     Ok(if kind == "suspend" { Seen::State(g.state) } else { Seen::Autostart(g.autostart) })
 }
 

@@ -309,7 +309,8 @@ key = "/a.key"
                 p.join(format!("{stem}.key"))
             )
         };
-        let check = |t: String| AgentConfig::parse(&t, Path::new("a.toml")).unwrap().preflight().map_err(|e| e.to_string());
+        let check =
+            |t: String| AgentConfig::parse(&t, Path::new("a.toml")).unwrap().preflight().map_err(|e| e.to_string());
         assert_eq!(check(text("host-a", "agent-host-a", &p.join("state"))).unwrap(), "host-a");
         let e = check(text("host-b", "agent-host-a", &p.join("state"))).unwrap_err();
         assert!(e.contains("host 'host-a'") && e.contains("--agent host-b"), "{e}");

@@ -130,7 +130,8 @@ fn check_depth(xml: &str) -> Result<(), String> {
 /// Parses a domain definition.
 pub fn parse(xml: &str) -> Result<DomainFacts, String> {
     check_depth(xml)?;
-    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("domain XML is malformed: {}", clip(&e.to_string(), 200)))?;
+    let doc = roxmltree::Document::parse(xml)
+        .map_err(|e| format!("domain XML is malformed: {}", clip(&e.to_string(), 200)))?;
     let root = doc.root_element();
     if root.tag_name().name() != "domain" {
         return Err(format!("root element is <{}>, expected <domain>", quote(root.tag_name().name())));
@@ -151,14 +152,19 @@ pub fn parse(xml: &str) -> Result<DomainFacts, String> {
         f.memory_kib = to_kib(n, m.attribute("unit").unwrap_or("KiB"))?;
     }
     if let Some(md) = child("metadata") {
-        if let Some(o) = md.children().find(|n| n.tag_name().namespace() == Some(OWNER_NS) && n.tag_name().name() == "owner") {
+        if let Some(o) =
+            md.children().find(|n| n.tag_name().namespace() == Some(OWNER_NS) && n.tag_name().name() == "owner")
+        {
             let host = o.attribute("host").unwrap_or("").to_string();
             let generation = o.attribute("generation").unwrap_or("0");
-            let generation: u64 =
-                generation.parse().map_err(|_| format!("Lifeboat owner generation '{}' is not a number", quote(generation)))?;
+            let generation: u64 = generation
+                .parse()
+                .map_err(|_| format!("Lifeboat owner generation '{}' is not a number", quote(generation)))?;
             f.owner = Some((host, generation));
         }
-        if let Some(p) = md.children().find(|n| n.tag_name().namespace() == Some(OWNER_NS) && n.tag_name().name() == "priority") {
+        if let Some(p) =
+            md.children().find(|n| n.tag_name().namespace() == Some(OWNER_NS) && n.tag_name().name() == "priority")
+        {
             let v = p.attribute("value").unwrap_or("0");
             f.priority = v.parse().map_err(|_| format!("Lifeboat priority '{}' is not a number", quote(v)))?;
         }
@@ -173,12 +179,12 @@ pub fn parse(xml: &str) -> Result<DomainFacts, String> {
                     "file" => s.attribute("file").unwrap_or("").to_string(),
                     "block" => s.attribute("dev").unwrap_or("").to_string(),
                     "dir" => s.attribute("dir").unwrap_or("").to_string(),
-                    "network" => format!(
-                        "{}:{}",
-                        s.attribute("protocol").unwrap_or("?"),
-                        s.attribute("name").unwrap_or("")
-                    ),
-                    "volume" => format!("{}/{}", s.attribute("pool").unwrap_or("?"), s.attribute("volume").unwrap_or("")),
+                    "network" => {
+                        format!("{}:{}", s.attribute("protocol").unwrap_or("?"), s.attribute("name").unwrap_or(""))
+                    }
+                    "volume" => {
+                        format!("{}/{}", s.attribute("pool").unwrap_or("?"), s.attribute("volume").unwrap_or(""))
+                    }
                     _ => String::new(),
                 },
             };
@@ -285,13 +291,22 @@ mod tests {
         assert!(parse(&deep(MAX_DEPTH - 3)).is_ok());
         assert!(parse(&deep(100_000)).unwrap_err().contains("nested deeper"));
         // markup inside attribute values, comments and CDATA does not count
-        let quoted = XML.replace("<devices>", &format!("<devices><x a='{}'/><!--{}--><![CDATA[{}]]>", "/>>".repeat(500), "<y>".repeat(500), "<y>".repeat(500)));
+        let quoted = XML.replace(
+            "<devices>",
+            &format!(
+                "<devices><x a='{}'/><!--{}--><![CDATA[{}]]>",
+                "/>>".repeat(500),
+                "<y>".repeat(500),
+                "<y>".repeat(500)
+            ),
+        );
         assert!(parse(&quoted).is_ok());
     }
 
     #[test]
     fn errors_quote_at_most_a_short_escaped_value() {
-        let e = parse(&XML.replace("<vcpu placement='static'>2", &format!("<vcpu>\u{1b}[2J{}", "9".repeat(10_000)))).unwrap_err();
+        let e = parse(&XML.replace("<vcpu placement='static'>2", &format!("<vcpu>\u{1b}[2J{}", "9".repeat(10_000))))
+            .unwrap_err();
         assert!(e.len() < 200 && !e.contains('\u{1b}'), "{e}");
     }
 }

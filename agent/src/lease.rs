@@ -196,7 +196,13 @@ pub struct Applied {
 /// expiries on disk, so the guard refuses sooner, never later). A lease of
 /// a lower generation than its lease file's is refused (and reported), the
 /// others still apply. Writes the enrolled marker first, once.
-pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile], merge: bool, issued_unix_ms: i64) -> Result<Applied, LeaseError> {
+pub fn apply(
+    state_dir: &Path,
+    host: &str,
+    leases: &[LeaseFile],
+    merge: bool,
+    issued_unix_ms: i64,
+) -> Result<Applied, LeaseError> {
     let d = dir(state_dir);
     if !exists(&d)? {
         std::fs::create_dir_all(&d).map_err(io_err(&d))?;
@@ -210,7 +216,8 @@ pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile], merge: bool, is
     let renewal = read_renewal(state_dir);
     let boot_id = leases.first().map(|l| l.boot_id.clone()).unwrap_or_default();
     let mut out = Applied::default();
-    let mut renew = Renewal { host: host.to_string(), issued_unix_ms, expires_unix_ms: 0, leases: BTreeMap::new(), boot_id };
+    let mut renew =
+        Renewal { host: host.to_string(), issued_unix_ms, expires_unix_ms: 0, leases: BTreeMap::new(), boot_id };
     let granted: BTreeSet<&str> = leases.iter().map(|l| l.uuid.as_str()).collect();
     for l in leases {
         if !valid_uuid(&l.uuid) || l.host != host {
@@ -241,7 +248,11 @@ pub fn apply(state_dir: &Path, host: &str, leases: &[LeaseFile], merge: bool, is
                     continue;
                 }
                 if is_extension(&old, l) {
-                    if !merge && l.issued_unix_ms == issued_unix_ms && file.issued_unix_ms <= issued_unix_ms && l.boot_id == renew.boot_id {
+                    if !merge
+                        && l.issued_unix_ms == issued_unix_ms
+                        && file.issued_unix_ms <= issued_unix_ms
+                        && l.boot_id == renew.boot_id
+                    {
                         renew.leases.insert(l.uuid.clone(), l.generation);
                         renew.expires_unix_ms = renew.expires_unix_ms.max(l.expires_unix_ms);
                         continue;
@@ -356,7 +367,8 @@ pub enum Verdict {
 }
 
 /// libvirt's qemu hook operations (docs: libvirt.org/hooks.html).
-const KNOWN_OPS: [&str; 9] = ["prepare", "start", "started", "stopped", "release", "migrate", "restore", "reconnect", "attach"];
+const KNOWN_OPS: [&str; 9] =
+    ["prepare", "start", "started", "stopped", "release", "migrate", "restore", "reconnect", "attach"];
 
 /// Checks the hook's arguments are what libvirt sends; `Some(message)` if not.
 pub fn check_call(args: &[String]) -> Option<String> {
@@ -368,7 +380,11 @@ pub fn check_call(args: &[String]) -> Option<String> {
         ));
     }
     if !KNOWN_OPS.contains(&args[1].as_str()) {
-        return Some(format!("lifeboat guard: unknown hook operation '{}' (libvirt sends {})", args[1], KNOWN_OPS.join(", ")));
+        return Some(format!(
+            "lifeboat guard: unknown hook operation '{}' (libvirt sends {})",
+            args[1],
+            KNOWN_OPS.join(", ")
+        ));
     }
     None
 }
@@ -413,7 +429,9 @@ pub fn guard(args: &[String], xml: &str, env: &GuardEnv<'_>) -> Verdict {
         _ => "start",
     };
     let (state_dir, host) = (env.state_dir, env.host);
-    let refuse = |why: String| Verdict::Refuse(format!("Lifeboat start guard: refusing to {what} '{guest}' ({}) on {host}: {why}", facts.uuid));
+    let refuse = |why: String| {
+        Verdict::Refuse(format!("Lifeboat start guard: refusing to {what} '{guest}' ({}) on {host}: {why}", facts.uuid))
+    };
     let unreadable = |e: LeaseError| {
         refuse(format!(
             "cannot read Lifeboat's lease state ({e}); failing closed. Fix access to {} (permissions, SELinux labels, the mount) and try again",
@@ -463,18 +481,29 @@ pub fn guard(args: &[String], xml: &str, env: &GuardEnv<'_>) -> Verdict {
     }
     let boot = match current_boot_id(env.boot_id_file) {
         Ok(b) => b,
-        Err(e) => return refuse(format!("cannot read this host's boot id ({e}); a lease is valid only in the boot it was granted for")),
+        Err(e) => {
+            return refuse(format!(
+                "cannot read this host's boot id ({e}); a lease is valid only in the boot it was granted for"
+            ));
+        }
     };
     if lease.boot_id != boot {
-        let granted = if lease.boot_id.is_empty() { "no boot id recorded".to_string() } else { format!("boot {}", lease.boot_id) };
+        let granted = if lease.boot_id.is_empty() {
+            "no boot id recorded".to_string()
+        } else {
+            format!("boot {}", lease.boot_id)
+        };
         return refuse(format!(
             "its lease was granted before this host last booted ({granted}, now boot {boot}). The controller grants a new \
              lease once the agent is connected and the host owns the guest; check `lifeboat vms show {guest}`"
         ));
     }
     if lease.expires_unix_ms <= env.now_ms {
-        let ago =
-            if lease.expires_unix_ms > 0 { format!("expired {} s ago", (env.now_ms - lease.expires_unix_ms) / 1000) } else { "was revoked".to_string() };
+        let ago = if lease.expires_unix_ms > 0 {
+            format!("expired {} s ago", (env.now_ms - lease.expires_unix_ms) / 1000)
+        } else {
+            "was revoked".to_string()
+        };
         return refuse(format!(
             "its lease {ago}. The controller grants leases only to a host that is connected and owns the guest; \
              it may have been moved to another host after this host was declared failed. Check `lifeboat vms show {guest}`."
@@ -492,7 +521,9 @@ mod tests {
 
     fn xml(owner: Option<(&str, u64)>) -> String {
         let md = owner
-            .map(|(h, g)| format!("<metadata><lb:owner xmlns:lb='{}' host='{h}' generation='{g}'/></metadata>", domxml::OWNER_NS))
+            .map(|(h, g)| {
+                format!("<metadata><lb:owner xmlns:lb='{}' host='{h}' generation='{g}'/></metadata>", domxml::OWNER_NS)
+            })
             .unwrap_or_default();
         format!("<domain type='kvm'><name>vm1</name><uuid>{U}</uuid>{md}</domain>")
     }
@@ -622,7 +653,8 @@ mod tests {
         assert!(!enrolled(h.s()).unwrap());
         apply(h.s(), "h", &[lease("h", 1, 5000)], false, 10).unwrap();
         assert!(enrolled(h.s()).unwrap(), "the first grant enrols the host");
-        let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(enrolled_marker(h.s())).unwrap()).unwrap();
+        let marker: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(enrolled_marker(h.s())).unwrap()).unwrap();
         assert_eq!(marker["host"], "h");
         std::fs::remove_dir_all(dir(h.s())).unwrap();
         // Even a guest with no lease and no metadata: it cannot be told apart any more.
@@ -645,7 +677,10 @@ mod tests {
         // The host reboots: the lease on disk is from the old boot.
         std::fs::write(&h.boot, "boot-2\n").unwrap();
         let m = h.refused("prepare", &xml(None), 1000);
-        assert!(m.contains("granted before this host last booted") && m.contains("boot-1") && m.contains("boot-2"), "{m}");
+        assert!(
+            m.contains("granted before this host last booted") && m.contains("boot-1") && m.contains("boot-2"),
+            "{m}"
+        );
         // No boot id: refused for a managed guest, an unmanaged one is not Lifeboat's business.
         std::fs::remove_file(&h.boot).unwrap();
         let m = h.refused("prepare", &xml(None), 1000);
@@ -657,12 +692,23 @@ mod tests {
         // The same grant again, now for boot-2: the lease file is rewritten (not just the
         // renewal file) and counts again.
         std::fs::write(&h.boot, "boot-2\n").unwrap();
-        let new_boot = |exp: i64, issued: i64| LeaseFile { boot_id: "boot-2".into(), expires_unix_ms: exp, issued_unix_ms: issued, ..lease("h", 1, 0) };
+        let new_boot = |exp: i64, issued: i64| LeaseFile {
+            boot_id: "boot-2".into(),
+            expires_unix_ms: exp,
+            issued_unix_ms: issued,
+            ..lease("h", 1, 0)
+        };
         apply(s, "h", &[new_boot(9000, 20)], false, 20).unwrap();
         assert_eq!(read_file(s, U).unwrap().unwrap().boot_id, "boot-2", "rewritten, not a renewal");
         assert_eq!(h.check("prepare", &xml(None), 7000), Verdict::Allow);
         // A renewal from the old boot does not extend a lease of the new one.
-        let r = Renewal { host: "h".into(), issued_unix_ms: 30, expires_unix_ms: 99_000, leases: [(U.to_string(), 1)].into(), boot_id: "boot-1".into() };
+        let r = Renewal {
+            host: "h".into(),
+            issued_unix_ms: 30,
+            expires_unix_ms: 99_000,
+            leases: [(U.to_string(), 1)].into(),
+            boot_id: "boot-1".into(),
+        };
         std::fs::write(renewal_path(s), serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(read(s, U).unwrap().expires_unix_ms, 9000);
         // Lease files from before boot binding carry no boot id: never valid.
@@ -677,7 +723,11 @@ mod tests {
     fn generations_only_move_forward() {
         let h = Host::new();
         let s = h.s();
-        let at = |uuid: &str, gen_: u64, issued: i64| LeaseFile { uuid: uuid.into(), issued_unix_ms: issued, ..lease("h", gen_, 50_000) };
+        let at = |uuid: &str, gen_: u64, issued: i64| LeaseFile {
+            uuid: uuid.into(),
+            issued_unix_ms: issued,
+            ..lease("h", gen_, 50_000)
+        };
         let a = apply(s, "h", &[at(U, 3, 10), at(U2, 1, 10)], false, 10).unwrap();
         assert_eq!(a.fresh, vec![U.to_string(), U2.to_string()]);
         // A later grant with a lower generation for U: refused and reported; U2 still applies.
@@ -734,10 +784,18 @@ mod tests {
     fn renewals_go_to_the_renewal_file_and_never_outlive_a_revocation() {
         let h = Host::new();
         let s = h.s();
-        let at = |exp: i64, issued: i64, gen_: u64| LeaseFile { expires_unix_ms: exp, issued_unix_ms: issued, ..lease("h", gen_, 0) };
+        let at = |exp: i64, issued: i64, gen_: u64| LeaseFile {
+            expires_unix_ms: exp,
+            issued_unix_ms: issued,
+            ..lease("h", gen_, 0)
+        };
         apply(s, "h", &[at(5000, 10, 1)], false, 10).unwrap();
         apply(s, "h", &[at(9000, 20, 1)], false, 20).unwrap();
-        assert_eq!(read_file(s, U).unwrap().unwrap().expires_unix_ms, 5000, "the lease file is not rewritten for a renewal");
+        assert_eq!(
+            read_file(s, U).unwrap().unwrap().expires_unix_ms,
+            5000,
+            "the lease file is not rewritten for a renewal"
+        );
         assert_eq!(read(s, U).unwrap().expires_unix_ms, 9000, "the renewal counts");
         assert_eq!(h.check("prepare", &xml(None), 7000), Verdict::Allow);
         // a stale (older) renewal does not shorten or override

@@ -36,7 +36,10 @@ pub async fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
 }
 
 /// Runs the agent until `shutdown` completes.
-pub async fn run_until(cfg: config::AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run_until(
+    cfg: config::AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     lifeboat_common::tls::install_crypto_provider();
     let tls = cfg.controller.tls().load()?;
     let host_id = cfg.resolve_host_id()?;
@@ -46,7 +49,9 @@ pub async fn run_until(cfg: config::AgentConfig, shutdown: impl std::future::Fut
     metrics::get().set_state_dir(cfg.state_dir.clone());
     let metrics_task = match cfg.metrics_listen {
         Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on metrics_listen {addr}: {e}"))?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on metrics_listen {addr}: {e}"))?;
             info!(listen = %addr, "metrics at /metrics");
             Some(tokio::spawn(metrics::serve(l)))
         }
@@ -63,7 +68,8 @@ pub async fn run_until(cfg: config::AgentConfig, shutdown: impl std::future::Fut
             let period = std::time::Duration::from_micros(wd_usec / 2);
             loop {
                 tokio::time::sleep(period).await;
-                let age = lifeboat_common::now_unix_ms() - shared.last_tick_ms.load(std::sync::atomic::Ordering::Relaxed);
+                let age =
+                    lifeboat_common::now_unix_ms() - shared.last_tick_ms.load(std::sync::atomic::Ordering::Relaxed);
                 if age < 10_000 {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                 } else {

@@ -56,7 +56,12 @@ fn guard(config: &std::path::Path, args: Vec<String>) -> ExitCode {
         }
         Err(_) => return ExitCode::SUCCESS,
     };
-    let env = GuardEnv { state_dir: &cfg.state_dir, host: &host, boot_id_file: &cfg.boot_id_file, now_ms: lifeboat_common::now_unix_ms() };
+    let env = GuardEnv {
+        state_dir: &cfg.state_dir,
+        host: &host,
+        boot_id_file: &cfg.boot_id_file,
+        now_ms: lifeboat_common::now_unix_ms(),
+    };
     match guard(&args, &xml, &env) {
         Verdict::Allow => ExitCode::SUCCESS,
         Verdict::Refuse(m) => {

@@ -56,7 +56,11 @@ pub fn get() -> &'static AgentMetrics {
         let (s, l, g) = (Gauge::default(), Gauge::default(), Gauge::default());
         let leases = Family::<Vec<(String, String)>, Gauge>::default();
         r.register("commands", "Controller commands carried out, by kind and result", commands.clone());
-        r.register("command_seconds", "Time to carry out a controller command against libvirt, by kind", command_seconds.clone());
+        r.register(
+            "command_seconds",
+            "Time to carry out a controller command against libvirt, by kind",
+            command_seconds.clone(),
+        );
         r.register("session_up", "1 while the session to the controller is open", s.clone());
         r.register("libvirt_connected", "1 while libvirt answers", l.clone());
         r.register("guests", "Guests libvirt reports on this host", g.clone());
@@ -122,7 +126,10 @@ pub async fn serve(listener: tokio::net::TcpListener) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(|| async {
-            ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], get().render())
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                get().render(),
+            )
         }),
     );
     if let Err(e) = axum::serve(listener, app).await {

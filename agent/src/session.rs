@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use lifeboat_common::tls::TlsMaterial;
 use lifeboat_proto::v1::{
-    AgentMessage, GuestChanged, GuestRemoved, Heartbeat, Hello, agent_message, agent_session_client::AgentSessionClient,
-    controller_message,
+    AgentMessage, GuestChanged, GuestRemoved, Heartbeat, Hello, agent_message,
+    agent_session_client::AgentSessionClient, controller_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -315,7 +315,10 @@ mod tests {
         // The middle of the jitter range is the base delay.
         let mid = u16::MAX / 2;
         let delays: Vec<u128> = (0..8).map(|_| ms(b.next_delay(mid))).collect();
-        assert_eq!(delays.iter().map(|d| (d + 5) / 10 * 10).collect::<Vec<_>>(), vec![100, 200, 400, 800, 1000, 1000, 1000, 1000]);
+        assert_eq!(
+            delays.iter().map(|d| (d + 5) / 10 * 10).collect::<Vec<_>>(),
+            vec![100, 200, 400, 800, 1000, 1000, 1000, 1000]
+        );
         let mut b = Backoff::new();
         assert_eq!(ms(b.next_delay(0)), 66, "at most a third shorter");
         let mut b = Backoff::new();
@@ -330,7 +333,9 @@ mod tests {
         let mut b = Backoff::new();
         let total: u128 = (0..5).map(|_| ms(b.next_delay(jitter()))).sum();
         assert!(total <= 3_400, "five attempts took {total} ms of waiting");
-        assert!((0..100).all(|_| Backoff::new().next_delay(jitter()) <= Backoff::FIRST * 4 / 3 + Duration::from_millis(1)));
+        assert!(
+            (0..100).all(|_| Backoff::new().next_delay(jitter()) <= Backoff::FIRST * 4 / 3 + Duration::from_millis(1))
+        );
     }
 
     #[test]

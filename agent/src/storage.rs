@@ -150,7 +150,9 @@ pub fn parse_mountinfo(text: &str) -> Result<Vec<Mount>, String> {
 pub fn find_mount<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
     let mut best: Option<&Mount> = None;
     for m in mounts.iter().filter(|m| path.starts_with(&m.mount_point)) {
-        if best.is_none_or(|b| Path::new(&m.mount_point).components().count() >= Path::new(&b.mount_point).components().count()) {
+        if best.is_none_or(|b| {
+            Path::new(&m.mount_point).components().count() >= Path::new(&b.mount_point).components().count()
+        }) {
             best = Some(m);
         }
     }
@@ -199,14 +201,15 @@ fn source_names_server(source: &str) -> bool {
 pub fn device_id<S: AsRef<str>>(links: &[S]) -> Option<String> {
     // In order of preference; the first kind found wins, the smallest name
     // within it (the choice must not depend on directory order).
-    const KINDS: [(&str, &str); 5] =
-        [("dm-uuid-mpath-", "mpath"), ("wwn-", "wwn"), ("scsi-3", "scsi"), ("nvme-eui.", "eui"), ("dm-uuid-LVM-", "lvm")];
+    const KINDS: [(&str, &str); 5] = [
+        ("dm-uuid-mpath-", "mpath"),
+        ("wwn-", "wwn"),
+        ("scsi-3", "scsi"),
+        ("nvme-eui.", "eui"),
+        ("dm-uuid-LVM-", "lvm"),
+    ];
     for (prefix, kind) in KINDS {
-        let best = links
-            .iter()
-            .filter_map(|l| l.as_ref().strip_prefix(prefix))
-            .filter(|id| !id.is_empty())
-            .min();
+        let best = links.iter().filter_map(|l| l.as_ref().strip_prefix(prefix)).filter(|id| !id.is_empty()).min();
         if let Some(id) = best {
             // scsi-3… keeps its "3" (the NAA designator type).
             let id = if kind == "scsi" { format!("3{id}") } else { id.to_string() };
@@ -250,7 +253,12 @@ fn relative(path: &Path, base: &Path) -> String {
 /// The identity a mount table entry gives `canon` (the file's resolved
 /// path, on device `dev`). `device` finds a block device's id (cluster
 /// filesystems).
-fn mount_identity(m: &Mount, canon: &Path, dev: u64, device: impl FnOnce(u64) -> Result<Option<String>, String>) -> Identity {
+fn mount_identity(
+    m: &Mount,
+    canon: &Path,
+    dev: u64,
+    device: impl FnOnce(u64) -> Result<Option<String>, String>,
+) -> Identity {
     let Some(kind) = fs_kind(&m.fstype) else {
         return Identity::local(&m.fstype);
     };
@@ -580,7 +588,11 @@ mod tests {
         let at = |p: &str| find_mount(&m, Path::new(p)).unwrap().mount_point.clone();
         assert_eq!(at("/etc/passwd"), "/");
         assert_eq!(at("/srv/vm images/a.img"), "/srv/vm images");
-        assert_eq!(find_mount(&m, Path::new("/var/lib/libvirt/images/a.img")).unwrap().fstype, "xfs", "the later mount is on top");
+        assert_eq!(
+            find_mount(&m, Path::new("/var/lib/libvirt/images/a.img")).unwrap().fstype,
+            "xfs",
+            "the later mount is on top"
+        );
         assert_eq!(at("/var/lib/libvirtx/a.img"), "/", "a mount point matches whole components only");
     }
 
@@ -591,11 +603,18 @@ mod tests {
         let id = mount_identity(&m[2], Path::new("/var/lib/libvirt/images/sub/vm1.img"), makedev(0, 52), none);
         assert_eq!(id, Identity { storage: "nfs4:filer:/export/vms".into(), rel: "sub/vm1.img".into() });
         let id = mount_identity(&m[3], Path::new("/srv/vm images/vm1.img"), makedev(0, 53), none);
-        assert_eq!(id, Identity { storage: "nfs4:filer:/export".into(), rel: "vms/vm1.img".into() }, "the root field counts");
+        assert_eq!(
+            id,
+            Identity { storage: "nfs4:filer:/export".into(), rel: "vms/vm1.img".into() },
+            "the root field counts"
+        );
         let id = mount_identity(&m[2], Path::new("/var/lib/libvirt/images/vm1.img"), makedev(0, 99), none);
         assert!(id.storage.starts_with("unidentified:") && id.storage.contains("another device"), "{id:?}");
         let id = mount_identity(&m[5], Path::new("/ceph/vm1.img"), makedev(0, 55), none);
-        assert!(id.storage.starts_with("unidentified:") && id.storage.contains(MARKER_FILE), "a generic source: {id:?}");
+        assert!(
+            id.storage.starts_with("unidentified:") && id.storage.contains(MARKER_FILE),
+            "a generic source: {id:?}"
+        );
         let id = mount_identity(&m[1], Path::new("/var/lib/libvirt/images/x.img"), makedev(254, 0), none);
         assert_eq!(id, Identity { storage: "local:ext4".into(), rel: String::new() });
     }
@@ -615,7 +634,10 @@ mod tests {
 
     #[test]
     fn block_devices_need_a_global_id() {
-        assert_eq!(device_id(&["ata-Samsung_SSD_1", "wwn-0x5000c500a1b2c3d4", "scsi-35000c500a1b2c3d4"]).unwrap(), "wwn:0x5000c500a1b2c3d4");
+        assert_eq!(
+            device_id(&["ata-Samsung_SSD_1", "wwn-0x5000c500a1b2c3d4", "scsi-35000c500a1b2c3d4"]).unwrap(),
+            "wwn:0x5000c500a1b2c3d4"
+        );
         assert_eq!(device_id(&["wwn-0x600a", "dm-uuid-mpath-3600a", "dm-name-mpatha"]).unwrap(), "mpath:3600a");
         assert_eq!(device_id(&["scsi-0QEMU_QEMU_HARDDISK_drive-scsi0", "scsi-3600a"]).unwrap(), "scsi:3600a");
         assert_eq!(device_id(&["nvme-eui.0025388b91b2c3d4", "nvme-Samsung_1"]).unwrap(), "eui:0025388b91b2c3d4");
@@ -633,7 +655,10 @@ mod tests {
 
     #[test]
     fn markers_hold_a_uuid() {
-        assert_eq!(parse_marker(b"5B0C3F9E-1111-4222-8333-444455556666\n").unwrap(), "5b0c3f9e-1111-4222-8333-444455556666");
+        assert_eq!(
+            parse_marker(b"5B0C3F9E-1111-4222-8333-444455556666\n").unwrap(),
+            "5b0c3f9e-1111-4222-8333-444455556666"
+        );
         assert!(parse_marker(b"").is_err());
         assert!(parse_marker(b"shared").is_err());
         assert!(parse_marker(b"00000000-0000-0000-0000-000000000000").unwrap_err().contains("nil"));

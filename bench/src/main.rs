@@ -277,7 +277,12 @@ fn guest(i: usize, j: usize, running: bool) -> Guest {
                 ..Default::default()
             })
             .collect(),
-        nics: vec![Nic { mac: format!("52:54:00:{:02x}:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff, j & 0xff), kind: "bridge".into(), source: "br0".into(), model: "virtio".into() }],
+        nics: vec![Nic {
+            mac: format!("52:54:00:{:02x}:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff, j & 0xff),
+            kind: "bridge".into(),
+            source: "br0".into(),
+            model: "virtio".into(),
+        }],
         uuid,
         name,
         state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
@@ -466,7 +471,6 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
     }
 }
 
-
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
@@ -537,7 +541,10 @@ async fn admin(url: &str, dir: &Path) -> anyhow::Result<AdminClient<Channel>> {
     let tls = ClientTlsConfig::new()
         .domain_name(pki::CONTROLLER_NAME)
         .ca_certificate(Certificate::from_pem(std::fs::read(dir.join("ca.pem"))?))
-        .identity(Identity::from_pem(std::fs::read(dir.join("client-bench.pem"))?, std::fs::read(dir.join("client-bench.key"))?));
+        .identity(Identity::from_pem(
+            std::fs::read(dir.join("client-bench.pem"))?,
+            std::fs::read(dir.join("client-bench.key"))?,
+        ));
     let ch = Endpoint::from_shared(url.to_string())?.tls_config(tls)?.connect().await?;
     Ok(AdminClient::new(ch).max_decoding_message_size(1 << 30))
 }
@@ -611,7 +618,8 @@ async fn main() -> anyhow::Result<()> {
                 })
             })
             .collect();
-        let mut all: Vec<(usize, String, String)> = handles.into_iter().flat_map(|h| h.join().expect("cert thread")).collect();
+        let mut all: Vec<(usize, String, String)> =
+            handles.into_iter().flat_map(|h| h.join().expect("cert thread")).collect();
         all.sort_by_key(|c| c.0);
         all.into_iter().map(|(_, c, k)| (c, k)).collect()
     });
@@ -655,7 +663,10 @@ async fn main() -> anyhow::Result<()> {
     let ready = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(st)) = ctl.child.try_wait() {
-            bail!("the controller exited ({st}): {}", std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default());
+            bail!(
+                "the controller exited ({st}): {}",
+                std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default()
+            );
         }
         if ready.elapsed() > Duration::from_secs(30) {
             bail!("the controller did not listen within 30 s; see {}", dir.join("controller.log").display());
@@ -728,7 +739,13 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     rep.inventory_stored_s = start_connect.elapsed().as_secs_f64();
-    log(t0, format!("the controller holds all {} guests ({:.1} s after the first connect)", rep.guests, rep.inventory_stored_s));
+    log(
+        t0,
+        format!(
+            "the controller holds all {} guests ({:.1} s after the first connect)",
+            rep.guests, rep.inventory_stored_s
+        ),
+    );
 
     tokio::time::sleep(Duration::from_secs(args.warmup_s)).await;
     log(t0, format!("measuring steady load for {} s", args.measure_s));
@@ -759,7 +776,11 @@ async fn main() -> anyhow::Result<()> {
         t0,
         format!(
             "steady: controller CPU {:.1} %, RSS {:.0} MiB, heartbeat RTT p50 {:.2} ms p99 {:.2} ms ({} samples)",
-            rep.controller_cpu_pct, rep.controller_rss_mib, rep.heartbeat_rtt_p50_ms, rep.heartbeat_rtt_p99_ms, rep.heartbeats_measured
+            rep.controller_cpu_pct,
+            rep.controller_rss_mib,
+            rep.heartbeat_rtt_p50_ms,
+            rep.heartbeat_rtt_p99_ms,
+            rep.heartbeats_measured
         ),
     );
 
@@ -789,7 +810,13 @@ async fn main() -> anyhow::Result<()> {
     rep.vms_list_ms = ms;
     rep.vms_list_bytes = bytes;
     rep.vms_list_guests = count;
-    log(t0, format!("vms list --output json: {} guests, {} bytes, {:.0} ms", rep.vms_list_guests, rep.vms_list_bytes, rep.vms_list_ms));
+    log(
+        t0,
+        format!(
+            "vms list --output json: {} guests, {} bytes, {:.0} ms",
+            rep.vms_list_guests, rep.vms_list_bytes, rep.vms_list_ms
+        ),
+    );
     if rep.vms_list_guests != rep.guests {
         bail!("vms list showed {} guests, expected {}", rep.vms_list_guests, rep.guests);
     }
@@ -832,14 +859,21 @@ async fn main() -> anyhow::Result<()> {
     std::thread::spawn(move || {
         let _ = done_tx.send(plan_runs(&plan_url, &plan_pki, &req, runs));
     });
-    let (mut plan_ms, movable) = done_rx.await.map_err(|_| anyhow::anyhow!("the planning thread ended without an answer"))??;
+    let (mut plan_ms, movable) =
+        done_rx.await.map_err(|_| anyhow::anyhow!("the planning thread ended without an answer"))??;
     rep.plan_movable = movable;
     let in_order: Vec<String> = plan_ms.iter().map(|m| format!("{m:.1}")).collect();
     log(t0, format!("plan runs in order (ms): {}", in_order.join(" ")));
     plan_ms.sort_by(|a, b| a.total_cmp(b));
     rep.plan_ms_p50 = plan_ms[plan_ms.len() / 2];
     rep.plan_ms_max = *plan_ms.last().unwrap_or(&0.0);
-    log(t0, format!("plan: p50 {:.1} ms, max {:.1} ms, {} guests movable", rep.plan_ms_p50, rep.plan_ms_max, rep.plan_movable));
+    log(
+        t0,
+        format!(
+            "plan: p50 {:.1} ms, max {:.1} ms, {} guests movable",
+            rep.plan_ms_p50, rep.plan_ms_max, rep.plan_movable
+        ),
+    );
 
     rep.session_reconnects = sh.reconnects.load(Ordering::Relaxed);
     let (_, hwm) = proc_rss_mib(pid)?;

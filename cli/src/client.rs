@@ -150,10 +150,18 @@ impl Connection {
         let missing = |what: &str, flag: &str, env: &str| {
             CliError::Usage(format!("no {what} given: use {flag}, ${env}, or the CLI config file"))
         };
-        let url = self.controller_url.clone().or(f.controller).ok_or_else(|| missing("controller address", "--controller-url", "LIFEBOAT_CONTROLLER"))?;
+        let url = self
+            .controller_url
+            .clone()
+            .or(f.controller)
+            .ok_or_else(|| missing("controller address", "--controller-url", "LIFEBOAT_CONTROLLER"))?;
         let tls = TlsFiles {
             ca: self.ca.clone().or(f.ca).ok_or_else(|| missing("CA bundle", "--ca", "LIFEBOAT_CA"))?,
-            cert: self.cert.clone().or(f.cert).ok_or_else(|| missing("client certificate", "--cert", "LIFEBOAT_CERT"))?,
+            cert: self
+                .cert
+                .clone()
+                .or(f.cert)
+                .ok_or_else(|| missing("client certificate", "--cert", "LIFEBOAT_CERT"))?,
             key: self.key.clone().or(f.key).ok_or_else(|| missing("private key", "--key", "LIFEBOAT_KEY"))?,
         };
         let server_name = self

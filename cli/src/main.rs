@@ -122,8 +122,10 @@ fn generate(cmd: GenerateCmd) -> Result<(), CliError> {
     let root = command();
     match cmd {
         GenerateCmd::Man { dir } => {
-            std::fs::create_dir_all(&dir).map_err(|e| CliError::Usage(format!("cannot create {}: {e}", dir.display())))?;
-            clap_mangen::generate_to(root, &dir).map_err(|e| CliError::Other(format!("writing man pages to {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| CliError::Usage(format!("cannot create {}: {e}", dir.display())))?;
+            clap_mangen::generate_to(root, &dir)
+                .map_err(|e| CliError::Other(format!("writing man pages to {}: {e}", dir.display())))?;
             Ok(())
         }
         GenerateCmd::Completions { shell } => {
@@ -310,7 +312,11 @@ fn certs(cmd: CertsCmd) -> Result<(), CliError> {
             } else if a.controller {
                 Leaf::Controller(a.san)
             } else {
-                let role: Role = a.role.unwrap_or_default().parse().map_err(|e: lifeboat_common::identity::IdentityError| CliError::Usage(e.to_string()))?;
+                let role: Role = a
+                    .role
+                    .unwrap_or_default()
+                    .parse()
+                    .map_err(|e: lifeboat_common::identity::IdentityError| CliError::Usage(e.to_string()))?;
                 Leaf::Client(a.client.unwrap_or_default(), role)
             };
             let out = a.out.unwrap_or_else(|| a.ca_dir.clone());
@@ -341,7 +347,15 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Cmd::Cleanup { host, plan, yes, destroy_running, plan_id } => {
-            migrate::cleanup(&mut connect(&cli.conn).await?, host, plan || (!yes && plan_id.is_none()), destroy_running, plan_id, fmt).await
+            migrate::cleanup(
+                &mut connect(&cli.conn).await?,
+                host,
+                plan || (!yes && plan_id.is_none()),
+                destroy_running,
+                plan_id,
+                fmt,
+            )
+            .await
         }
         Cmd::Alarms { all, cmd: None } => migrate::alarms(&mut connect(&cli.conn).await?, all, fmt).await,
         Cmd::Alarms { cmd: Some(AlarmsCmd::Clear { host, kind, reason }), .. } => {
@@ -352,7 +366,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Jobs(JobsCmd::List { host }) => migrate::jobs_list(&mut connect(&cli.conn).await?, host, fmt).await,
         Cmd::Jobs(JobsCmd::Show { id }) => migrate::jobs_show(&mut connect(&cli.conn).await?, id, fmt).await,
         Cmd::Jobs(JobsCmd::Watch { id }) => migrate::jobs_watch(&mut connect(&cli.conn).await?, id, fmt).await,
-        Cmd::Log { host, vm, job, since } => migrate::log(&mut connect(&cli.conn).await?, host, vm, job, since, fmt).await,
+        Cmd::Log { host, vm, job, since } => {
+            migrate::log(&mut connect(&cli.conn).await?, host, vm, job, since, fmt).await
+        }
         Cmd::Whoami => {
             let mut c = connect(&cli.conn).await?;
             let r = c.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await.map_err(CliError::from_status)?.into_inner();
@@ -373,13 +389,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Vms(VmsCmd::List { host }) => {
             let mut c = connect(&cli.conn).await?;
-            let guests = list_guests(&mut c, lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), ..Default::default() }).await?;
+            let guests = list_guests(
+                &mut c,
+                lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), ..Default::default() },
+            )
+            .await?;
             output::vms(fmt, &guests);
             Ok(())
         }
         Cmd::Vms(VmsCmd::Start { vm, reason }) => {
             let mut c = connect(&cli.conn).await?;
-            let g = c.start_vm(lifeboat_proto::v1::StartVmRequest { vm, reason }).await.map_err(CliError::from_status)?;
+            let g =
+                c.start_vm(lifeboat_proto::v1::StartVmRequest { vm, reason }).await.map_err(CliError::from_status)?;
             output::vm_detail(fmt, &[g.into_inner()], false);
             Ok(())
         }
@@ -387,15 +408,21 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let mut c = connect(&cli.conn).await?;
             let guests = list_guests(
                 &mut c,
-                lifeboat_proto::v1::ListGuestsRequest { host: host.unwrap_or_default(), vm: vm.clone(), with_definitions: xml, ..Default::default() },
+                lifeboat_proto::v1::ListGuestsRequest {
+                    host: host.unwrap_or_default(),
+                    vm: vm.clone(),
+                    with_definitions: xml,
+                    ..Default::default()
+                },
             )
             .await?;
-            let found: Vec<_> = guests
-                .into_iter()
-                .filter(|g| g.guest.as_ref().is_some_and(|x| x.name == vm || x.uuid == vm))
-                .collect();
+            let found: Vec<_> =
+                guests.into_iter().filter(|g| g.guest.as_ref().is_some_and(|x| x.name == vm || x.uuid == vm)).collect();
             if found.is_empty() {
-                return Err(CliError::NotFound(format!("unknown guest '{}' (see `lifeboat vms list`)", output::clean(&vm))));
+                return Err(CliError::NotFound(format!(
+                    "unknown guest '{}' (see `lifeboat vms list`)",
+                    output::clean(&vm)
+                )));
             }
             output::vm_detail(fmt, &found, xml);
             Ok(())
@@ -409,7 +436,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Vms(VmsCmd::Forget { vm, reason }) => {
             let mut c = connect(&cli.conn).await?;
-            let r = c.forget_guest(lifeboat_proto::v1::ForgetGuestRequest { vm, reason }).await.map_err(CliError::from_status)?;
+            let r = c
+                .forget_guest(lifeboat_proto::v1::ForgetGuestRequest { vm, reason })
+                .await
+                .map_err(CliError::from_status)?;
             output::forgotten(fmt, &r.into_inner());
             Ok(())
         }
@@ -422,7 +452,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 /// before its alert can be read. A connection closed with no answer to this
 /// first call is reported as that refusal (exit 4), not as an unreachable
 /// controller.
-async fn connect(conn: &Connection) -> Result<lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>, CliError> {
+async fn connect(
+    conn: &Connection,
+) -> Result<lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>, CliError> {
     let mut c = conn.admin().await?;
     match c.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await {
         Ok(_) => Ok(c),
@@ -437,7 +469,9 @@ fn first_call_refused(s: tonic::Status) -> CliError {
         if let Some(src) = std::error::Error::source(&s) {
             text.push_str(&lifeboat_common::error_chain(src).to_ascii_lowercase());
         }
-        ["connection closed", "connection reset", "broken pipe", "unexpected eof", "close_notify"].iter().any(|w| text.contains(w))
+        ["connection closed", "connection reset", "broken pipe", "unexpected eof", "close_notify"]
+            .iter()
+            .any(|w| text.contains(w))
             && !text.contains("alert")
     };
     if closed {
@@ -478,7 +512,8 @@ fn command() -> clap::Command {
     use clap::CommandFactory;
     Cli::command()
         .mut_arg("timeout", |a| {
-            a.value_parser(args::timeout).help(format!("Seconds to wait for the controller (1 to {})", args::MAX_TIMEOUT_S))
+            a.value_parser(args::timeout)
+                .help(format!("Seconds to wait for the controller (1 to {})", args::MAX_TIMEOUT_S))
         })
         .mut_arg("controller_url", |a| a.value_parser(args::url))
         .mut_arg("server_name", |a| a.value_parser(args::server_name))
@@ -501,7 +536,9 @@ fn parse() -> Cli {
                     let value = value.to_string();
                     let shown = output::truncate(&output::clean(&value), 60).into_owned();
                     let why = output::clean_lines(&why.to_string()).into_owned();
-                    output::warn(format_args!("error: invalid value '{shown}' for '{arg}': {why}\n\nFor more information, try '--help'."));
+                    output::warn(format_args!(
+                        "error: invalid value '{shown}' for '{arg}': {why}\n\nFor more information, try '--help'."
+                    ));
                 }
                 _ => {
                     for line in e.to_string().trim_end().lines() {

@@ -4,8 +4,8 @@ use std::io::IsTerminal;
 
 use clap::Args;
 use lifeboat_proto::v1::{
-    CleanupPlan, CleanupRequest, ClearAlarmsRequest, GetJobRequest, JobRecord, ListAlarmsRequest, ListAuditRequest, ListJobsRequest,
-    MigrateRequest, MigrationPlan, admin_client::AdminClient,
+    CleanupPlan, CleanupRequest, ClearAlarmsRequest, GetJobRequest, JobRecord, ListAlarmsRequest, ListAuditRequest,
+    ListJobsRequest, MigrateRequest, MigrationPlan, admin_client::AdminClient,
 };
 use tonic::transport::Channel;
 
@@ -148,7 +148,12 @@ fn print_plan(fmt: Format, p: &MigrationPlan) {
     out!("\nGuests:");
     for g in &p.guests {
         let what = if g.movable {
-            format!("-> {}{} ({})", clean(&g.target), if g.start { ", start" } else { ", leave stopped" }, clean(&g.reason))
+            format!(
+                "-> {}{} ({})",
+                clean(&g.target),
+                if g.start { ", start" } else { ", leave stopped" },
+                clean(&g.reason)
+            )
         } else {
             format!("CANNOT MOVE: {}", g.reason)
         };
@@ -181,7 +186,13 @@ fn print_job(fmt: Format, j: &JobRecord) {
         return json(j);
     }
     out!("Job {} ({}) from {}: {}", clean(&j.id), clean(&j.kind), clean(&j.source), clean(&j.state));
-    out!("  operator {}, plan {}, power evidence {}, parallel {}", clean(&j.operator), clean(&j.plan_id), clean(&j.power_evidence), j.parallel);
+    out!(
+        "  operator {}, plan {}, power evidence {}, parallel {}",
+        clean(&j.operator),
+        clean(&j.plan_id),
+        clean(&j.power_evidence),
+        j.parallel
+    );
     if !j.paused.is_empty() {
         out!("  PAUSED: {}", clean(&j.paused));
     }
@@ -200,7 +211,12 @@ fn print_job(fmt: Format, j: &JobRecord) {
     let moved = j.moves.iter().filter(|m| matches!(m.state.as_str(), "RUNNING" | "DEFINED_STOPPED")).count();
     if !left.is_empty() {
         let names: Vec<String> = left.iter().map(|m| format!("{} ({})", clean(&m.name), clean(&m.state))).collect();
-        out!("  {moved} of {} guest(s) moved; left behind on {}: {}", j.moves.len(), clean(&j.source), names.join(", "));
+        out!(
+            "  {moved} of {} guest(s) moved; left behind on {}: {}",
+            j.moves.len(),
+            clean(&j.source),
+            names.join(", ")
+        );
     }
     if !j.error.is_empty() {
         out!("  error: {}", clean(&j.error));
@@ -253,7 +269,10 @@ pub async fn watch(c: &mut AdminClient<Channel>, id: &str, fmt: Format) -> Resul
                 let done = j.moves.iter().filter(|m| matches!(m.state.as_str(), "RUNNING" | "DEFINED_STOPPED")).count();
                 let failed = j.moves.iter().filter(|m| m.state == "FAILED").count();
                 let not_moved = j.moves.iter().filter(|m| m.state == "NOT_MOVED").count();
-                err!("  progress: {done}/{} done, {failed} failed, {not_moved} not moved", j.moves.len().saturating_sub(not_moved));
+                err!(
+                    "  progress: {done}/{} done, {failed} failed, {not_moved} not moved",
+                    j.moves.len().saturating_sub(not_moved)
+                );
             }
         }
         let end = terminal(&j.state);
@@ -293,7 +312,10 @@ pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) 
         if !a.exec.yes {
             print_plan(fmt, &p);
             if fmt == Format::Table && p.executable {
-                out!("\nNothing has been changed. To carry out this plan: add --plan-id {} (or --yes)", clean(&p.plan_id));
+                out!(
+                    "\nNothing has been changed. To carry out this plan: add --plan-id {} (or --yes)",
+                    clean(&p.plan_id)
+                );
             }
             return if p.executable { Ok(()) } else { Err(refusal(&p)) };
         }
@@ -312,7 +334,11 @@ pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) 
         if left == 0 {
             out!("started job {} ({} guests)", clean(&job.id), job.moves.len());
         } else {
-            out!("started job {} ({} guests to move, {left} left behind)", clean(&job.id), job.moves.len().saturating_sub(left));
+            out!(
+                "started job {} ({} guests to move, {left} left behind)",
+                clean(&job.id),
+                job.moves.len().saturating_sub(left)
+            );
         }
     }
     if a.exec.no_wait {
@@ -397,7 +423,8 @@ pub fn parse_since(s: &str) -> Result<i64, String> {
         return Err(format!("'{shown}' is too long: {SINCE_FORMS}"));
     }
     if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
-        let ms = i64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| format!("'{shown}' is out of range: {SINCE_FORMS}"))?;
+        let ms = i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+            .map_err(|_| format!("'{shown}' is out of range: {SINCE_FORMS}"))?;
         if ms < 0 {
             return Err(format!("'{shown}' is before 1970: {SINCE_FORMS}"));
         }
@@ -486,7 +513,15 @@ fn print_cleanup(fmt: Format, p: &CleanupPlan) {
         }
     }
     for i in &p.items {
-        out!("  {} ({}) moved to {} by {}: {} — {}", clean(&i.name), clean(&i.uuid), clean(&i.moved_to), clean(&i.job), clean(&i.action), clean(&i.detail));
+        out!(
+            "  {} ({}) moved to {} by {}: {} — {}",
+            clean(&i.name),
+            clean(&i.uuid),
+            clean(&i.moved_to),
+            clean(&i.job),
+            clean(&i.action),
+            clean(&i.detail)
+        );
     }
     out!("{}", clean(&p.summary));
 }
@@ -523,7 +558,8 @@ pub async fn cleanup(
 
 /// `lifeboat alarms`.
 pub async fn alarms(c: &mut AdminClient<Channel>, all: bool, fmt: Format) -> Result<(), CliError> {
-    let r = c.list_alarms(ListAlarmsRequest { include_cleared: all }).await.map_err(CliError::from_status)?.into_inner();
+    let r =
+        c.list_alarms(ListAlarmsRequest { include_cleared: all }).await.map_err(CliError::from_status)?.into_inner();
     if fmt == Format::Json {
         return Ok(json(&r.alarms));
     }
@@ -531,24 +567,41 @@ pub async fn alarms(c: &mut AdminClient<Channel>, all: bool, fmt: Format) -> Res
         out!("no active alarms");
     }
     for a in r.alarms {
-        let cleared = if a.cleared_unix_ms > 0 { format!(" (cleared {})", fmt_time(a.cleared_unix_ms)) } else { String::new() };
-        out!("{} ALARM {} on {}: {}{}", fmt_time(a.at_unix_ms), clean(&a.kind), clean(&a.host), clean(&a.detail), cleared);
+        let cleared =
+            if a.cleared_unix_ms > 0 { format!(" (cleared {})", fmt_time(a.cleared_unix_ms)) } else { String::new() };
+        out!(
+            "{} ALARM {} on {}: {}{}",
+            fmt_time(a.at_unix_ms),
+            clean(&a.kind),
+            clean(&a.host),
+            clean(&a.detail),
+            cleared
+        );
     }
     Ok(())
 }
 
 /// `lifeboat alarms clear`.
-pub async fn alarms_clear(c: &mut AdminClient<Channel>, host: String, kind: String, reason: String, fmt: Format) -> Result<(), CliError> {
-    let r = c
-        .clear_alarms(ClearAlarmsRequest { host, kind, reason })
-        .await
-        .map_err(CliError::from_status)?
-        .into_inner();
+pub async fn alarms_clear(
+    c: &mut AdminClient<Channel>,
+    host: String,
+    kind: String,
+    reason: String,
+    fmt: Format,
+) -> Result<(), CliError> {
+    let r =
+        c.clear_alarms(ClearAlarmsRequest { host, kind, reason }).await.map_err(CliError::from_status)?.into_inner();
     if fmt == Format::Json {
         return Ok(json(&r.cleared));
     }
     for a in &r.cleared {
-        out!("cleared: {} ALARM {} on {}: {}", fmt_time(a.at_unix_ms), clean(&a.kind), clean(&a.host), clean(&a.detail));
+        out!(
+            "cleared: {} ALARM {} on {}: {}",
+            fmt_time(a.at_unix_ms),
+            clean(&a.kind),
+            clean(&a.host),
+            clean(&a.detail)
+        );
     }
     out!("{} alarm(s) cleared", r.cleared.len());
     Ok(())
@@ -566,7 +619,11 @@ mod tests {
             error: "left behind".into(),
             moves: moves
                 .iter()
-                .map(|(n, s)| lifeboat_proto::v1::MoveRecord { name: n.to_string(), state: s.to_string(), ..Default::default() })
+                .map(|(n, s)| lifeboat_proto::v1::MoveRecord {
+                    name: n.to_string(),
+                    state: s.to_string(),
+                    ..Default::default()
+                })
                 .collect(),
             ..Default::default()
         }
@@ -592,7 +649,20 @@ mod tests {
         assert_eq!(parse_since("1970-01-01T00:00:01Z").unwrap(), 1000);
         assert!(parse_since("yesterday").is_err());
         assert!(parse_since("5w").is_err());
-        for bad in ["-5d", "+5d", "0d", "999999999999999d", "99999999999999999999999s", "3651d", "", "d", "5", "1969-12-31T23:59:59Z", "2999-01-01T00:00:00Z", "5d\u{1b}"] {
+        for bad in [
+            "-5d",
+            "+5d",
+            "0d",
+            "999999999999999d",
+            "99999999999999999999999s",
+            "3651d",
+            "",
+            "d",
+            "5",
+            "1969-12-31T23:59:59Z",
+            "2999-01-01T00:00:00Z",
+            "5d\u{1b}",
+        ] {
             let e = parse_since(bad).expect_err(bad);
             assert!(e.contains("RFC 3339") && !e.contains('\u{1b}'), "{bad}: {e}");
         }

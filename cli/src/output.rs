@@ -164,7 +164,11 @@ fn vm_json(r: &GuestRecord, with_xml: bool) -> VmJson {
                 readonly: d.readonly,
             })
             .collect(),
-        nics: g.nics.into_iter().map(|n| NicJson { mac: n.mac, kind: n.kind, source: n.source, model: n.model }).collect(),
+        nics: g
+            .nics
+            .into_iter()
+            .map(|n| NicJson { mac: n.mac, kind: n.kind, source: n.source, model: n.model })
+            .collect(),
         error: g.error,
         updated_unix_ms: r.updated_unix_ms,
         desired_state: r.desired_state.clone(),
@@ -251,7 +255,10 @@ pub fn host(fmt: crate::Format, h: &HostRecord) {
         ("Reserved memory", format!("{} MiB (moves under way, not yet running here)", j.reserved_memory_mib)),
         ("libvirt", format!("{} at {}", j.libvirt_version, j.libvirt_uri)),
         ("Hypervisor", format!("{} {}", j.hypervisor_type, j.hypervisor_version)),
-        ("Lock manager", if j.lock_manager.is_empty() { "none (qemu.conf lock_manager unset)".into() } else { j.lock_manager }),
+        (
+            "Lock manager",
+            if j.lock_manager.is_empty() { "none (qemu.conf lock_manager unset)".into() } else { j.lock_manager },
+        ),
         ("libvirt-guests on boot", j.guests_on_boot),
         ("Agent", j.agent_version),
         ("libvirt error", if j.libvirt_error.is_empty() { "-".into() } else { j.libvirt_error }),

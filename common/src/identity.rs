@@ -102,8 +102,8 @@ pub enum IdentityError {
 
 /// Reads the identity from a DER-encoded certificate.
 pub fn identity_from_der(der: &[u8]) -> Result<Identity, IdentityError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     let subject = cert.subject();
     let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
         it.next().and_then(|a| a.as_str().ok()).map(str::to_string)

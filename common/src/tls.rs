@@ -94,7 +94,11 @@ fn check_certs(what: &'static str, path: &Path, pem: &[u8]) -> Result<Vec<Vec<u8
     let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut rd).collect();
     let certs = certs.map_err(|e| TlsError::Invalid { what, path: path.to_path_buf(), reason: e.to_string() })?;
     if certs.is_empty() {
-        return Err(TlsError::Invalid { what, path: path.to_path_buf(), reason: "no PEM CERTIFICATE block found".into() });
+        return Err(TlsError::Invalid {
+            what,
+            path: path.to_path_buf(),
+            reason: "no PEM CERTIFICATE block found".into(),
+        });
     }
     for c in &certs {
         x509_parser::parse_x509_certificate(c).map_err(|e| TlsError::Invalid {
@@ -110,7 +114,11 @@ fn check_key(path: &Path, pem: &[u8]) -> Result<rustls::pki_types::PrivateKeyDer
     let mut rd = pem;
     match rustls_pemfile::private_key(&mut rd) {
         Ok(Some(k)) => Ok(k),
-        Ok(None) => Err(TlsError::Invalid { what: "private key", path: path.to_path_buf(), reason: "no PEM PRIVATE KEY block found".into() }),
+        Ok(None) => Err(TlsError::Invalid {
+            what: "private key",
+            path: path.to_path_buf(),
+            reason: "no PEM PRIVATE KEY block found".into(),
+        }),
         Err(e) => Err(TlsError::Invalid { what: "private key", path: path.to_path_buf(), reason: e.to_string() }),
     }
 }
@@ -118,7 +126,11 @@ fn check_key(path: &Path, pem: &[u8]) -> Result<rustls::pki_types::PrivateKeyDer
 /// Refuses a private key file that group or others may read or write:
 /// whoever reads the key can act as this agent, controller or operator.
 pub fn check_key_mode(path: &Path) -> Result<(), TlsError> {
-    let mode = crate::files::mode(path).map_err(|err| TlsError::Read { what: "private key", path: path.to_path_buf(), err })?;
+    let mode = crate::files::mode(path).map_err(|err| TlsError::Read {
+        what: "private key",
+        path: path.to_path_buf(),
+        err,
+    })?;
     if crate::files::is_shared(mode) {
         return Err(TlsError::KeyMode { path: path.to_path_buf(), mode });
     }
@@ -127,7 +139,11 @@ pub fn check_key_mode(path: &Path) -> Result<(), TlsError> {
 
 /// Refuses a key that is not the certificate's: compares the public key
 /// derived from the private key with the certificate's.
-fn check_key_matches(files: &TlsFiles, cert_der: &[u8], key: &rustls::pki_types::PrivateKeyDer<'_>) -> Result<(), TlsError> {
+fn check_key_matches(
+    files: &TlsFiles,
+    cert_der: &[u8],
+    key: &rustls::pki_types::PrivateKeyDer<'_>,
+) -> Result<(), TlsError> {
     use rustls::sign::CertifiedKey;
     let signing = rustls::crypto::ring::sign::any_supported_type(key).map_err(|e| TlsError::Invalid {
         what: "private key",
@@ -216,31 +232,43 @@ impl TlsMaterial {
     pub fn check_trusted(&self, files: &TlsFiles, now_unix_s: i64) -> Result<(), TlsError> {
         use rustls::pki_types::{CertificateDer, UnixTime};
         let untrusted = |reason: String| TlsError::Untrusted { cert: files.cert.clone(), ca: files.ca.clone(), reason };
-        let (_, leaf) = x509_parser::parse_x509_certificate(&self.cert_der)
-            .map_err(|e| TlsError::Invalid { what: "certificate", path: files.cert.clone(), reason: format!("not valid X.509: {e}") })?;
+        let (_, leaf) = x509_parser::parse_x509_certificate(&self.cert_der).map_err(|e| TlsError::Invalid {
+            what: "certificate",
+            path: files.cert.clone(),
+            reason: format!("not valid X.509: {e}"),
+        })?;
         let v = leaf.validity();
         if now_unix_s < v.not_before.timestamp() {
-            return Err(untrusted(format!(
-                "it is not valid before {} (check this machine's clock)",
-                v.not_before
-            )));
+            return Err(untrusted(format!("it is not valid before {} (check this machine's clock)", v.not_before)));
         }
         if now_unix_s > v.not_after.timestamp() {
-            return Err(untrusted(format!("it expired on {}: issue a new one with `lifeboat certs issue`", v.not_after)));
+            return Err(untrusted(format!(
+                "it expired on {}: issue a new one with `lifeboat certs issue`",
+                v.not_after
+            )));
         }
         let mut roots = rustls::RootCertStore::empty();
         let mut rd = &self.ca_pem[..];
         for c in rustls_pemfile::certs(&mut rd).flatten() {
-            roots.add(c).map_err(|e| TlsError::Invalid { what: "CA bundle", path: files.ca.clone(), reason: e.to_string() })?;
+            roots.add(c).map_err(|e| TlsError::Invalid {
+                what: "CA bundle",
+                path: files.ca.clone(),
+                reason: e.to_string(),
+            })?;
         }
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
-            .build()
-            .map_err(|e| TlsError::Invalid { what: "CA bundle", path: files.ca.clone(), reason: e.to_string() })?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::Invalid { what: "CA bundle", path: files.ca.clone(), reason: e.to_string() })?;
         let mut rd = &self.cert_pem[..];
         let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut rd).flatten().collect();
         let Some((end, intermediates)) = chain.split_first() else {
-            return Err(TlsError::Invalid { what: "certificate", path: files.cert.clone(), reason: "no PEM CERTIFICATE block found".into() });
+            return Err(TlsError::Invalid {
+                what: "certificate",
+                path: files.cert.clone(),
+                reason: "no PEM CERTIFICATE block found".into(),
+            });
         };
         let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(u64::try_from(now_unix_s).unwrap_or(0)));
         match verifier.verify_client_cert(end, intermediates, now) {
@@ -256,8 +284,11 @@ impl TlsMaterial {
 
     /// Checks that the own certificate carries identity `want`.
     pub fn check_identity(&self, files: &TlsFiles, want: &crate::identity::Identity) -> Result<(), TlsError> {
-        let found = crate::identity::identity_from_der(&self.cert_der)
-            .map_err(|e| TlsError::Invalid { what: "certificate", path: files.cert.clone(), reason: e.to_string() })?;
+        let found = crate::identity::identity_from_der(&self.cert_der).map_err(|e| TlsError::Invalid {
+            what: "certificate",
+            path: files.cert.clone(),
+            reason: e.to_string(),
+        })?;
         if &found == want {
             return Ok(());
         }
@@ -354,9 +385,11 @@ mod tests {
         let d = setup("role");
         let e = files(&d, "client-ann").load_for(&Id::Controller, now()).unwrap_err().to_string();
         assert!(e.contains("operator 'ann'") && e.contains("--controller"), "{e}");
-        let e = files(&d, "controller").load_for(&Id::Agent { host_id: "host-a".into() }, now()).unwrap_err().to_string();
+        let e =
+            files(&d, "controller").load_for(&Id::Agent { host_id: "host-a".into() }, now()).unwrap_err().to_string();
         assert!(e.contains("controller's certificate") && e.contains("--agent host-a"), "{e}");
-        let e = files(&d, "agent-host-a").load_for(&Id::Agent { host_id: "host-b".into() }, now()).unwrap_err().to_string();
+        let e =
+            files(&d, "agent-host-a").load_for(&Id::Agent { host_id: "host-b".into() }, now()).unwrap_err().to_string();
         assert!(e.contains("host 'host-a'") && e.contains("--agent host-b"), "{e}");
         fs::remove_dir_all(&d).unwrap();
     }

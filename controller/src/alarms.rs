@@ -25,7 +25,13 @@ pub fn clear(reg: &Registry, host: &str, kind: &str, reason: &str, actor: &str) 
         "{kind} alarm(s) on {host} cleared by {actor}: {}",
         if reason.is_empty() { "(no reason given)" } else { reason }
     );
-    let audit = AuditRow { actor: actor.into(), action: "alarm.cleared".into(), host: host.into(), detail, ..Default::default() };
+    let audit = AuditRow {
+        actor: actor.into(),
+        action: "alarm.cleared".into(),
+        host: host.into(),
+        detail,
+        ..Default::default()
+    };
     let cleared = reg.db(|s| s.clear_alarms_audited(host, kind, &audit))?;
     if cleared.is_empty() {
         return Err(ControllerError::Refused(nothing_matched(host, kind, &reg.active_alarms())));
@@ -34,7 +40,14 @@ pub fn clear(reg: &Registry, host: &str, kind: &str, reason: &str, actor: &str) 
     let now = crate::now_ms();
     Ok(cleared
         .into_iter()
-        .map(|(id, at, detail)| Alarm { id, at_unix_ms: at, host: host.into(), kind: kind.into(), detail, cleared_unix_ms: now })
+        .map(|(id, at, detail)| Alarm {
+            id,
+            at_unix_ms: at,
+            host: host.into(),
+            kind: kind.into(),
+            detail,
+            cleared_unix_ms: now,
+        })
         .collect())
 }
 
@@ -64,7 +77,8 @@ fn nothing_matched(host: &str, kind: &str, active: &[(String, String, String)]) 
     if active.len() > NAMED {
         named.push(format!("and {} more", active.len() - NAMED));
     }
-    let what = if named.is_empty() { "no alarm is active".to_string() } else { format!("active: {}", named.join(", ")) };
+    let what =
+        if named.is_empty() { "no alarm is active".to_string() } else { format!("active: {}", named.join(", ")) };
     format!("no active '{kind}' alarm on {host}; nothing was changed ({what}; see `lifeboat alarms`)")
 }
 

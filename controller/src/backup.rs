@@ -64,10 +64,9 @@ fn sq(path: &Path) -> impl FnOnce(rusqlite::Error) -> BackupError + '_ {
 /// Checks integrity and schema, and counts what is inside.
 pub fn verify(path: &Path) -> Result<Summary, BackupError> {
     let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sq(path))?;
-    let ok: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| BackupError::Invalid {
-        path: path.into(),
-        reason: e.to_string(),
-    })?;
+    let ok: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(|e| BackupError::Invalid { path: path.into(), reason: e.to_string() })?;
     if ok != "ok" {
         return Err(BackupError::Invalid { path: path.into(), reason: format!("integrity check: {ok}") });
     }
@@ -75,7 +74,10 @@ pub fn verify(path: &Path) -> Result<Summary, BackupError> {
     if schema < 1 || schema > crate::store::SCHEMA_VERSION {
         return Err(BackupError::Invalid {
             path: path.into(),
-            reason: format!("schema version {schema}; this controller understands 1..={}", crate::store::SCHEMA_VERSION),
+            reason: format!(
+                "schema version {schema}; this controller understands 1..={}",
+                crate::store::SCHEMA_VERSION
+            ),
         });
     }
     let mut counts = Vec::new();
@@ -180,7 +182,8 @@ pub const CONTROLLER_ALARM_HOST: &str = "controller";
 /// hosts have reported. The `store-restored` alarm holds the reconciler
 /// until every host not OFFLINE has reported, then clears itself.
 fn mark_restored(from: &Path, db: &Path) -> Result<(), BackupError> {
-    let store = crate::store::Store::open(db).map_err(|e| BackupError::Invalid { path: db.into(), reason: e.to_string() })?;
+    let store =
+        crate::store::Store::open(db).map_err(|e| BackupError::Invalid { path: db.into(), reason: e.to_string() })?;
     let detail = format!(
         "the database was restored from {}: it may be older than what the hosts run (guests moved since, newer \
          ownership generations). Until every host not OFFLINE has reported, Lifeboat grants no lease and starts or stops \
@@ -209,7 +212,11 @@ mod tests {
         let out = d.path().join("b.db");
         let sum = backup(&db, &out, false).unwrap();
         assert!(sum.counts.contains(&("audit".into(), 1)), "{sum}");
-        assert_eq!(lifeboat_common::files::mode(&out).unwrap(), 0o600, "a backup holds secrets: owner-only whatever the umask");
+        assert_eq!(
+            lifeboat_common::files::mode(&out).unwrap(),
+            0o600,
+            "a backup holds secrets: owner-only whatever the umask"
+        );
         assert!(matches!(backup(&db, &out, false), Err(BackupError::Refused(_))));
         let held = lock(&db).unwrap();
         let e = restore(&out, &db).unwrap_err().to_string();
@@ -218,8 +225,14 @@ mod tests {
         restore(&out, &db).unwrap();
         let s = crate::store::Store::open(&db).unwrap();
         let alarms = s.alarms(false).unwrap();
-        assert!(alarms.iter().any(|a| a.3 == "store-restored" && a.4.contains("b.db")), "a restored database holds until hosts report: {alarms:?}");
+        assert!(
+            alarms.iter().any(|a| a.3 == "store-restored" && a.4.contains("b.db")),
+            "a restored database holds until hosts report: {alarms:?}"
+        );
         std::fs::write(d.path().join("junk.db"), b"not a database at all, clearly").unwrap();
-        assert!(matches!(verify(&d.path().join("junk.db")), Err(BackupError::Invalid { .. } | BackupError::Sqlite { .. })));
+        assert!(matches!(
+            verify(&d.path().join("junk.db")),
+            Err(BackupError::Invalid { .. } | BackupError::Sqlite { .. })
+        ));
     }
 }

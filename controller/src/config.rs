@@ -96,7 +96,10 @@ impl ControllerConfig {
         let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
         let cfg: ControllerConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         if cfg.heartbeat_interval_ms < 100 {
-            return Err(invalid(format!("heartbeat_interval_ms = {} is below the minimum of 100", cfg.heartbeat_interval_ms)));
+            return Err(invalid(format!(
+                "heartbeat_interval_ms = {} is below the minimum of 100",
+                cfg.heartbeat_interval_ms
+            )));
         }
         if u64::from(cfg.unreachable_after_ms) < 2 * u64::from(cfg.heartbeat_interval_ms) {
             return Err(invalid(format!(
@@ -208,7 +211,9 @@ pub fn check_database_file(db: &Path, config: &Path) -> Result<(), PreflightErro
             config.display(),
             db.join("controller.db").display()
         )),
-        Ok(m) if !m.is_file() => bad(format!("database {} is not a regular file; correct `database` in {}", db.display(), config.display())),
+        Ok(m) if !m.is_file() => {
+            bad(format!("database {} is not a regular file; correct `database` in {}", db.display(), config.display()))
+        }
         Ok(_) if !lifeboat_common::files::file_is_writable(db) => {
             bad(format!("database {} is not writable by this user (check its owner and mode)", db.display()))
         }
@@ -232,7 +237,9 @@ fn check_bind(setting: &'static str, addr: SocketAddr) -> Result<(), PreflightEr
         }
         Err(source) => {
             let hint = match source.kind() {
-                std::io::ErrorKind::AddrInUse => " (another process listens there: is a controller already running? `ss -ltnp` shows which)",
+                std::io::ErrorKind::AddrInUse => {
+                    " (another process listens there: is a controller already running? `ss -ltnp` shows which)"
+                }
                 std::io::ErrorKind::AddrNotAvailable => " (no interface of this machine has that address)",
                 std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
                 _ => "",
@@ -286,9 +293,11 @@ pub fn init_database(db: &Path, config: &Path) -> Result<i64, PreflightError> {
             .open(db)
             .map_err(|e| PreflightError::Database(format!("cannot create database {}: {e}", db.display())))?;
     }
-    let store = crate::store::Store::open(db).map_err(|e| PreflightError::Database(format!("cannot create database {}: {e}", db.display())))?;
+    let store = crate::store::Store::open(db)
+        .map_err(|e| PreflightError::Database(format!("cannot create database {}: {e}", db.display())))?;
     drop(store);
-    crate::backup::restrict_db_files(db).map_err(|e| PreflightError::Database(format!("database {}: {e}", db.display())))?;
+    crate::backup::restrict_db_files(db)
+        .map_err(|e| PreflightError::Database(format!("database {}: {e}", db.display())))?;
     Ok(crate::store::SCHEMA_VERSION)
 }
 
@@ -307,7 +316,8 @@ mod tests {
 
     #[test]
     fn errors_name_file_and_key() {
-        let e = ControllerConfig::parse(&format!("listne = \"x\"\n{GOOD}"), Path::new("c.toml")).unwrap_err().to_string();
+        let e =
+            ControllerConfig::parse(&format!("listne = \"x\"\n{GOOD}"), Path::new("c.toml")).unwrap_err().to_string();
         assert!(e.contains("c.toml") && e.contains("listne"), "{e}");
         let e = ControllerConfig::parse(&format!("unreachable_after_ms = 1000\n{GOOD}"), Path::new("c.toml"))
             .unwrap_err()
@@ -342,7 +352,12 @@ mod tests {
         pki(d.path());
         let db = d.path().join("controller.db");
         let e = preflight(d.path(), &db, "127.0.0.1:0").unwrap_err();
-        assert!(e.contains("does not exist") && e.contains("lifeboat-controller --config /etc/c.toml init") && e.contains("typo"), "{e}");
+        assert!(
+            e.contains("does not exist")
+                && e.contains("lifeboat-controller --config /etc/c.toml init")
+                && e.contains("typo"),
+            "{e}"
+        );
         assert!(!db.exists(), "a check creates nothing");
         init_database(&db, Path::new("/etc/c.toml")).unwrap();
         assert_eq!(lifeboat_common::files::mode(&db).unwrap(), 0o600);

@@ -219,11 +219,17 @@ pub fn count_metrics_refused() {
 }
 
 fn count_refused(reason: &'static str) {
-    crate::telemetry::get().connections_refused.get_or_create(&crate::telemetry::ReasonLabels { reason: reason.into() }).inc();
+    crate::telemetry::get()
+        .connections_refused
+        .get_or_create(&crate::telemetry::ReasonLabels { reason: reason.into() })
+        .inc();
 }
 
 fn count_handshake_failure(reason: &'static str) {
-    crate::telemetry::get().handshake_failures.get_or_create(&crate::telemetry::ReasonLabels { reason: reason.into() }).inc();
+    crate::telemetry::get()
+        .handshake_failures
+        .get_or_create(&crate::telemetry::ReasonLabels { reason: reason.into() })
+        .inc();
 }
 
 /// Counts and logs (rate-limited) a request refused by the rpc layer:
@@ -231,7 +237,10 @@ fn count_handshake_failure(reason: &'static str) {
 /// refusal; `who` the certificate identity (or "none").
 pub fn request_denied(reason: &'static str, who: &str, peer: Option<SocketAddr>, detail: &str) {
     static LOG: std::sync::OnceLock<RateLog> = std::sync::OnceLock::new();
-    crate::telemetry::get().requests_denied.get_or_create(&crate::telemetry::ReasonLabels { reason: reason.into() }).inc();
+    crate::telemetry::get()
+        .requests_denied
+        .get_or_create(&crate::telemetry::ReasonLabels { reason: reason.into() })
+        .inc();
     let log = LOG.get_or_init(|| RateLog::new(Duration::from_secs(10)));
     if let Some(n) = log.hit(reason, Instant::now()) {
         let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
@@ -257,7 +266,8 @@ impl ConnState {
     }
 
     fn idle_for_ms(&self, now_ms: i64) -> Option<i64> {
-        (self.in_flight.load(Ordering::SeqCst) == 0).then(|| now_ms.saturating_sub(self.last_active_ms.load(Ordering::SeqCst)))
+        (self.in_flight.load(Ordering::SeqCst) == 0)
+            .then(|| now_ms.saturating_sub(self.last_active_ms.load(Ordering::SeqCst)))
     }
 }
 
@@ -377,7 +387,12 @@ impl Table {
         }
     }
 
-    fn register(self: &Arc<Self>, peer: SocketAddr, who: &Identity, known_agent: bool) -> Result<Arc<ConnState>, Refusal> {
+    fn register(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        who: &Identity,
+        known_agent: bool,
+    ) -> Result<Arc<ConnState>, Refusal> {
         let mut c = self.lock();
         admit_identity(&self.limits, c.open.len(), who, known_agent)?;
         let key = who.to_string();
@@ -435,10 +450,18 @@ impl Table {
         }
         if n > 0 {
             for _ in 0..n {
-                crate::telemetry::get().connections_closed.get_or_create(&crate::telemetry::ReasonLabels { reason: "idle".into() }).inc();
+                crate::telemetry::get()
+                    .connections_closed
+                    .get_or_create(&crate::telemetry::ReasonLabels { reason: "idle".into() })
+                    .inc();
             }
             if let Some(k) = self.log.hit("idle", Instant::now()) {
-                info!(closed = n, count = k, "closed connections that carried no request for {} s", self.limits.idle_timeout.as_secs());
+                info!(
+                    closed = n,
+                    count = k,
+                    "closed connections that carried no request for {} s",
+                    self.limits.idle_timeout.as_secs()
+                );
             }
         }
         n
@@ -514,7 +537,11 @@ impl AsyncWrite for Conn {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         if self.state.killed.load(Ordering::SeqCst) {
             return Poll::Ready(Err(closed()));
         }
@@ -547,14 +574,18 @@ pub enum TlsSetupError {
 pub fn server_config(m: &TlsMaterial) -> Result<rustls::ServerConfig, TlsSetupError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let pem = |what: &'static str| move |e: rustls::pki_types::pem::Error| TlsSetupError::Pem { what, reason: e.to_string() };
+    let pem =
+        |what: &'static str| move |e: rustls::pki_types::pem::Error| TlsSetupError::Pem { what, reason: e.to_string() };
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&m.ca_pem) {
         roots.add(c.map_err(pem("CA bundle"))?).map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
     }
-    let certs = CertificateDer::pem_slice_iter(&m.cert_pem).collect::<Result<Vec<_>, _>>().map_err(pem("certificate"))?;
+    let certs =
+        CertificateDer::pem_slice_iter(&m.cert_pem).collect::<Result<Vec<_>, _>>().map_err(pem("certificate"))?;
     let key = PrivateKeyDer::from_pem_slice(&m.key_pem).map_err(pem("private key"))?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build().map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
@@ -585,7 +616,9 @@ pub fn incoming(
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let (tx, rx) = mpsc::channel::<Result<Conn, io::Error>>(256);
     let task = tokio::spawn(async move {
-        let mut reaper = tokio::time::interval(table.limits.idle_timeout.div_f64(10.0).clamp(Duration::from_millis(50), Duration::from_secs(5)));
+        let mut reaper = tokio::time::interval(
+            table.limits.idle_timeout.div_f64(10.0).clamp(Duration::from_millis(50), Duration::from_secs(5)),
+        );
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = tx.closed() => return,
@@ -634,7 +667,11 @@ pub fn incoming(
                 };
                 let tls = match handshake {
                     Err(_) => {
-                        table.handshake_failed("timeout", peer, &format!("not finished within {} s", table.limits.handshake_timeout.as_secs()));
+                        table.handshake_failed(
+                            "timeout",
+                            peer,
+                            &format!("not finished within {} s", table.limits.handshake_timeout.as_secs()),
+                        );
                         return;
                     }
                     Ok(Err(e)) => {
@@ -644,10 +681,20 @@ pub fn incoming(
                     Ok(Ok(s)) => s,
                 };
                 drop(slot);
-                let who = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| identity_from_der(c.as_ref())) {
+                let who = match tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| identity_from_der(c.as_ref()))
+                {
                     Some(Ok(who)) => who,
                     Some(Err(e)) => {
-                        table.handshake_failed("no_identity", peer, &format!("certificate names no Lifeboat identity: {e}"));
+                        table.handshake_failed(
+                            "no_identity",
+                            peer,
+                            &format!("certificate names no Lifeboat identity: {e}"),
+                        );
                         return;
                     }
                     None => {
@@ -658,7 +705,9 @@ pub fn incoming(
                 // The registry is asked only above the soft limit: 10,000
                 // agents dialing after a restart need no lookup each.
                 let known = match &who {
-                    Identity::Agent { host_id } if table.open() >= table.limits.soft_connections => known_agent(host_id),
+                    Identity::Agent { host_id } if table.open() >= table.limits.soft_connections => {
+                        known_agent(host_id)
+                    }
                     _ => false,
                 };
                 let state = match table.register(peer, &who, known) {
@@ -767,7 +816,13 @@ mod tests {
     use lifeboat_common::identity::Role;
 
     fn limits() -> Limits {
-        Limits { max_connections: 100, soft_connections: 80, max_handshakes: 10, max_handshakes_per_ip: 3, ..Limits::from_nofile(1024) }
+        Limits {
+            max_connections: 100,
+            soft_connections: 80,
+            max_handshakes: 10,
+            max_handshakes_per_ip: 3,
+            ..Limits::from_nofile(1024)
+        }
     }
 
     #[test]
@@ -871,9 +926,15 @@ mod tests {
         for port in 0..u16::try_from(MAX_CONNECTIONS_PER_CLIENT).unwrap() {
             held.push(t.register(SocketAddr::from(([10, 0, 2, 1], port)), &viewer, false).unwrap());
         }
-        assert_eq!(t.register(SocketAddr::from(([10, 0, 2, 1], 9999)), &viewer, false).err(), Some(Refusal::PerIdentity));
+        assert_eq!(
+            t.register(SocketAddr::from(([10, 0, 2, 1], 9999)), &viewer, false).err(),
+            Some(Refusal::PerIdentity)
+        );
         let other = Identity::Client { name: "olga".into(), role: Role::Operator };
-        assert!(t.register(SocketAddr::from(([10, 0, 2, 2], 1)), &other, false).is_ok(), "another certificate has its own cap");
+        assert!(
+            t.register(SocketAddr::from(([10, 0, 2, 2], 1)), &other, false).is_ok(),
+            "another certificate has its own cap"
+        );
         let agent = Identity::Agent { host_id: "h".into() };
         for port in 0..u16::try_from(MAX_CONNECTIONS_PER_AGENT).unwrap() {
             held.push(t.register(SocketAddr::from(([10, 0, 2, 3], port)), &agent, true).unwrap());
@@ -881,7 +942,10 @@ mod tests {
         assert_eq!(t.register(SocketAddr::from(([10, 0, 2, 3], 999)), &agent, true).err(), Some(Refusal::PerIdentity));
         let st = held.pop().unwrap();
         t.unregister(&st);
-        assert!(t.register(SocketAddr::from(([10, 0, 2, 3], 998)), &agent, true).is_ok(), "a closed connection frees its place");
+        assert!(
+            t.register(SocketAddr::from(([10, 0, 2, 3], 998)), &agent, true).is_ok(),
+            "a closed connection frees its place"
+        );
     }
 
     #[test]

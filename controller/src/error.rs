@@ -43,7 +43,12 @@ pub enum ControllerError {
 /// One named check and its result; the remedy (what the operator can do)
 /// is kept only when it failed.
 pub fn check(name: &str, ok: bool, detail: impl Into<String>, remedy: impl Into<String>) -> lifeboat_proto::v1::Check {
-    lifeboat_proto::v1::Check { name: name.into(), ok, detail: detail.into(), remedy: if ok { String::new() } else { remedy.into() } }
+    lifeboat_proto::v1::Check {
+        name: name.into(),
+        ok,
+        detail: detail.into(),
+        remedy: if ok { String::new() } else { remedy.into() },
+    }
 }
 
 /// A refusal naming every failed check and what the operator can do.

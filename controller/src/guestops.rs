@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use lifeboat_proto::v1::{
-    Check, DefineGuest, ForgetGuestRequest, ForgetGuestResponse, GuestRecord, RestoreGuestRequest,
-    StartGuest, command::Kind,
+    Check, DefineGuest, ForgetGuestRequest, ForgetGuestResponse, GuestRecord, RestoreGuestRequest, StartGuest,
+    command::Kind,
 };
 use sha2::{Digest, Sha256};
 use tracing::info;
@@ -82,7 +82,10 @@ pub struct TargetMemory {
 impl TargetMemory {
     /// What is left for one more guest.
     pub fn free_kib(&self) -> u64 {
-        self.total_kib.saturating_sub(self.running_kib).saturating_sub(self.reserve_kib).saturating_sub(self.reserved_kib)
+        self.total_kib
+            .saturating_sub(self.running_kib)
+            .saturating_sub(self.reserve_kib)
+            .saturating_sub(self.reserved_kib)
     }
 }
 
@@ -99,7 +102,11 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
         check(
             "definition-kept",
             i.has_definition,
-            if i.has_definition { "the last definition is kept".into() } else { format!("no definition of {} was ever read", i.name) },
+            if i.has_definition {
+                "the last definition is kept".into()
+            } else {
+                format!("no definition of {} was ever read", i.name)
+            },
             "define it by hand (virsh define) on its owner, or `lifeboat vms forget` it",
         ),
         check(
@@ -127,9 +134,16 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
             format!(
                 "{} {}",
                 i.target,
-                if i.target_reachable { "talks to the controller and reported its guests" } else { "is not talking to the controller or has not reported its guests in this session" }
+                if i.target_reachable {
+                    "talks to the controller and reported its guests"
+                } else {
+                    "is not talking to the controller or has not reported its guests in this session"
+                }
             ),
-            format!("start {}'s agent (`systemctl start lifeboat-agent`), or restore it elsewhere with --to HOST", i.target),
+            format!(
+                "start {}'s agent (`systemctl start lifeboat-agent`), or restore it elsewhere with --to HOST",
+                i.target
+            ),
         ),
     ];
     if moving {
@@ -189,13 +203,22 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
 }
 
 fn audit(operator: &str, action: &str, host: &str, vm: &str, detail: String) -> AuditRow {
-    AuditRow { actor: operator.into(), action: action.into(), host: host.into(), vm: vm.into(), detail, ..Default::default() }
+    AuditRow {
+        actor: operator.into(),
+        action: action.into(),
+        host: host.into(),
+        vm: vm.into(),
+        detail,
+        ..Default::default()
+    }
 }
 
 fn reason_of(r: &str, what: &str) -> Result<String, ControllerError> {
     let r = bounded(r, "--reason", MAX_REASON, what)?;
     if r.is_empty() {
-        return Err(ControllerError::InvalidArgument(format!("{what}: --reason is required (it is recorded in the audit log)")));
+        return Err(ControllerError::InvalidArgument(format!(
+            "{what}: --reason is required (it is recorded in the audit log)"
+        )));
     }
     Ok(r.to_string())
 }
@@ -205,7 +228,10 @@ fn reason_of(r: &str, what: &str) -> Result<String, ControllerError> {
 pub fn bounded<'a>(v: &'a str, flag: &str, max: usize, what: &str) -> Result<&'a str, ControllerError> {
     let v = v.trim();
     if v.len() > max {
-        return Err(ControllerError::InvalidArgument(format!("{what}: {flag} is {} bytes long; at most {max}", v.len())));
+        return Err(ControllerError::InvalidArgument(format!(
+            "{what}: {flag} is {} bytes long; at most {max}",
+            v.len()
+        )));
     }
     if v.chars().any(char::is_control) {
         return Err(ControllerError::InvalidArgument(format!("{what}: {flag} contains control characters")));
@@ -231,7 +257,13 @@ impl Drop for Claim<'_> {
 /// Claims `uuid` for `job` (a pseudo job such as `start-UUID`; `source`
 /// its owner, `target` where it acts) until the returned guard is dropped,
 /// unless a job acts on it already, which is returned.
-pub(crate) fn claim<'a>(reg: &'a Registry, uuid: &str, job: &str, source: &str, target: &str) -> Result<Claim<'a>, String> {
+pub(crate) fn claim<'a>(
+    reg: &'a Registry,
+    uuid: &str,
+    job: &str,
+    source: &str,
+    target: &str,
+) -> Result<Claim<'a>, String> {
     reg.claim_for_restore(uuid, job, source, target)?;
     Ok(Claim { reg, job: job.to_string() })
 }
@@ -258,7 +290,14 @@ pub(crate) fn refuse_quarantined(reg: &Registry, uuid: &str, name: &str, what: &
 
 /// Right before a restore grants a lease or starts the guest: its owner is
 /// still what the restore recorded and no job took it over meanwhile.
-fn still_ours(reg: &Registry, uuid: &str, name: &str, target: &str, generation: u64, job: &str) -> Result<(), ControllerError> {
+fn still_ours(
+    reg: &Registry,
+    uuid: &str,
+    name: &str,
+    target: &str,
+    generation: u64,
+    job: &str,
+) -> Result<(), ControllerError> {
     let owner = reg.owner_row(uuid);
     let theirs = reg.job_of(uuid).filter(|j| j != job);
     let same = owner.as_ref().is_some_and(|o| o.host == target && o.generation == generation && o.complete);
@@ -269,7 +308,14 @@ fn still_ours(reg: &Registry, uuid: &str, name: &str, target: &str, generation: 
         Some(j) => format!("job {j} acts on it now"),
         None => format!(
             "its ownership record changed to {} (restore recorded {target}, generation {generation})",
-            owner.map(|o| format!("{}, generation {}{}", o.host, o.generation, if o.complete { "" } else { ", unfinished" })).unwrap_or_else(|| "none".into())
+            owner
+                .map(|o| format!(
+                    "{}, generation {}{}",
+                    o.host,
+                    o.generation,
+                    if o.complete { "" } else { ", unfinished" }
+                ))
+                .unwrap_or_else(|| "none".into())
         ),
     };
     Err(ControllerError::Refused(format!(
@@ -322,7 +368,11 @@ pub async fn restore(
         start: req.start,
         hold: reg.hold(crate::now_ms()),
         guest_memory_kib: r.guest.memory_kib,
-        target_memory: if req.start { target_memory(reg, &target, memory_reserve_kib)? } else { TargetMemory::default() },
+        target_memory: if req.start {
+            target_memory(reg, &target, memory_reserve_kib)?
+        } else {
+            TargetMemory::default()
+        },
     };
     let checks = restore_checks(&input);
     if checks.iter().any(|c| !c.ok) {
@@ -333,7 +383,12 @@ pub async fn restore(
     if let Err(other) = reg.claim_for_restore(&uuid, &job, &owner, &target) {
         return Err(refusal(
             &format!("restoring {name} ({uuid}) on {target}"),
-            &[check("no-job", false, format!("job {other} acts on it"), "wait for the job to end (`lifeboat jobs watch`)")],
+            &[check(
+                "no-job",
+                false,
+                format!("job {other} acts on it"),
+                "wait for the job to end (`lifeboat jobs watch`)",
+            )],
         ));
     }
     let _claim = Claim { reg, job: job.clone() };
@@ -343,7 +398,10 @@ pub async fn restore(
     let current = reg.owner_row(&uuid);
     let generation = match &current {
         Some(o) if o.host == target => o.generation.max(1),
-        Some(o) => o.generation.checked_add(1).ok_or_else(|| ControllerError::Internal(format!("generation of {uuid} overflows")))?,
+        Some(o) => o
+            .generation
+            .checked_add(1)
+            .ok_or_else(|| ControllerError::Internal(format!("generation of {uuid} overflows")))?,
         None => 1,
     };
     if current.as_ref().is_none_or(|o| o.host != target || o.generation != generation || !o.complete) {
@@ -352,7 +410,11 @@ pub async fn restore(
             host: target.clone(),
             generation,
             // Where it was last: its owner, or the host it vanished from.
-            from_host: [owner.as_str(), r.host.as_str()].into_iter().find(|h| *h != target).unwrap_or_default().to_string(),
+            from_host: [owner.as_str(), r.host.as_str()]
+                .into_iter()
+                .find(|h| *h != target)
+                .unwrap_or_default()
+                .to_string(),
             job: String::new(),
             complete: true,
         };
@@ -362,7 +424,10 @@ pub async fn restore(
             "guest.restore.recorded",
             &target,
             &name,
-            format!("{name} ({uuid}) is to be defined on {target} with ownership generation {generation} (was missing on {}); reason: {reason}", r.host),
+            format!(
+                "{name} ({uuid}) is to be defined on {target} with ownership generation {generation} (was missing on {}); reason: {reason}",
+                r.host
+            ),
         );
         reg.record_restore_owner(&row, &desired, &a)?;
     }
@@ -425,11 +490,23 @@ fn target_memory(reg: &Registry, target: &str, reserve_kib: u64) -> Result<Targe
     let reservations: Vec<crate::migrate::plan::Reservation> = reg
         .db(|s| s.reservations())?
         .into_iter()
-        .map(|r| crate::migrate::plan::Reservation { job: r.job_id, uuid: r.uuid, name: r.name, target: r.target, memory_kib: r.memory_kib })
+        .map(|r| crate::migrate::plan::Reservation {
+            job: r.job_id,
+            uuid: r.uuid,
+            name: r.name,
+            target: r.target,
+            memory_kib: r.memory_kib,
+        })
         .collect();
     let held = crate::migrate::plan::held_by_reservations(&reservations, std::slice::from_ref(&view));
-    let reserved_kib = held.get(target).map(|v| v.iter().fold(0u64, |a, r| a.saturating_add(r.memory_kib))).unwrap_or(0);
-    Ok(TargetMemory { total_kib: view.memory_total_kib, running_kib: view.running_memory_kib, reserve_kib, reserved_kib })
+    let reserved_kib =
+        held.get(target).map(|v| v.iter().fold(0u64, |a, r| a.saturating_add(r.memory_kib))).unwrap_or(0);
+    Ok(TargetMemory {
+        total_kib: view.memory_total_kib,
+        running_kib: view.running_memory_kib,
+        reserve_kib,
+        reserved_kib,
+    })
 }
 
 /// Grants the lease and starts a restored guest, never where another host
@@ -446,8 +523,12 @@ async fn start(
     job: &str,
 ) -> Result<(), ControllerError> {
     still_ours(reg, uuid, name, target, generation, job)?;
-    let elsewhere: Vec<String> =
-        reg.reported_on(uuid).into_iter().filter(|(h, s)| h != target && lifeboat_proto::holds_disk(*s)).map(|(h, _)| h).collect();
+    let elsewhere: Vec<String> = reg
+        .reported_on(uuid)
+        .into_iter()
+        .filter(|(h, s)| h != target && lifeboat_proto::holds_disk(*s))
+        .map(|(h, _)| h)
+        .collect();
     if !elsewhere.is_empty() {
         return Err(ControllerError::Refused(format!(
             "{name} was defined on {target} but not started: {} runs it; nothing else was changed",
@@ -463,17 +544,29 @@ async fn start(
     let res = match step(reg.call(target, Kind::GrantLeases(grant), CALL_TIMEOUT).await, "granting its lease") {
         Ok(_) => {
             still_ours(reg, uuid, name, target, generation, job)?;
-            step(reg.call(target, Kind::StartGuest(StartGuest { uuid: uuid.into() }), CALL_TIMEOUT).await, "starting it")
+            step(
+                reg.call(target, Kind::StartGuest(StartGuest { uuid: uuid.into() }), CALL_TIMEOUT).await,
+                "starting it",
+            )
         }
         Err(e) => Err(e),
     };
     match res {
         Ok(outcome) => {
-            reg.db(|s| s.audit(&audit(operator, "guest.started", target, name, format!("{name} ({uuid}) started on {target} ({outcome})"))))?;
+            reg.db(|s| {
+                s.audit(&audit(
+                    operator,
+                    "guest.started",
+                    target,
+                    name,
+                    format!("{name} ({uuid}) started on {target} ({outcome})"),
+                ))
+            })?;
             Ok(())
         }
         Err(e) => {
-            let msg = format!("{name} is defined on {target} again, but {e}; `lifeboat vms show {uuid}`, then start it");
+            let msg =
+                format!("{name} is defined on {target} again, but {e}; `lifeboat vms show {uuid}`, then start it");
             reg.db(|s| s.audit(&audit(operator, "guest.start.failed", target, name, msg.clone())))?;
             Err(ControllerError::AgentUnavailable(msg))
         }
@@ -483,7 +576,11 @@ async fn start(
 /// `lifeboat vms forget`: drops a missing guest's record (kept definition
 /// and desired state) on an operator's word, audited with the definition's
 /// size and SHA-256; clears its alarm.
-pub fn forget(reg: &Registry, req: &ForgetGuestRequest, operator: &str) -> Result<ForgetGuestResponse, ControllerError> {
+pub fn forget(
+    reg: &Registry,
+    req: &ForgetGuestRequest,
+    operator: &str,
+) -> Result<ForgetGuestResponse, ControllerError> {
     const WHAT: &str = "forgetting a guest";
     let reason = reason_of(&req.reason, WHAT)?;
     let vm = bounded(&req.vm, "VM", MAX_NAME, WHAT)?;
@@ -502,7 +599,12 @@ pub fn forget(reg: &Registry, req: &ForgetGuestRequest, operator: &str) -> Resul
     if let Some(why) = reg.hold(crate::now_ms()) {
         return Err(refusal(
             &format!("forgetting {} ({})", r.guest.name, r.guest.uuid),
-            &[check("reports-current", false, why, "wait until the hosts have reconnected and reported, then run the same command again")],
+            &[check(
+                "reports-current",
+                false,
+                why,
+                "wait until the hosts have reconnected and reported, then run the same command again",
+            )],
         ));
     }
     let def = r.guest.definition_xml.as_bytes();
@@ -551,7 +653,12 @@ mod tests {
             start: false,
             hold: None,
             guest_memory_kib: 512 * 1024,
-            target_memory: TargetMemory { total_kib: 4 << 20, running_kib: 1 << 20, reserve_kib: 1 << 20, reserved_kib: 1 << 20 },
+            target_memory: TargetMemory {
+                total_kib: 4 << 20,
+                running_kib: 1 << 20,
+                reserve_kib: 1 << 20,
+                reserved_kib: 1 << 20,
+            },
         }
     }
 
@@ -577,7 +684,10 @@ mod tests {
         let i = RestoreInput { guest_memory_kib: (1 << 20) + 1, ..i };
         assert_eq!(failed(&i), ["target-memory"]);
         let c = restore_checks(&i).into_iter().find(|c| c.name == "target-memory").unwrap();
-        assert_eq!(c.detail, "vm1 needs 1024 MiB; a has 1024 MiB free (4096 MiB total - 1024 MiB running - 1024 MiB reserve - 1024 MiB reserved by moves under way)");
+        assert_eq!(
+            c.detail,
+            "vm1 needs 1024 MiB; a has 1024 MiB free (4096 MiB total - 1024 MiB running - 1024 MiB reserve - 1024 MiB reserved by moves under way)"
+        );
         let huge = TargetMemory { total_kib: 1, running_kib: u64::MAX, reserve_kib: u64::MAX, reserved_kib: u64::MAX };
         assert_eq!(huge.free_kib(), 0);
         assert_eq!(failed(&RestoreInput { start: false, ..i }), Vec::<String>::new(), "without --start nothing runs");
@@ -595,13 +705,22 @@ mod tests {
     }
 
     /// A registry whose host `a` reported `vm1` (u1) and then lost it.
-    fn with_missing_vm1(ms: u32) -> (Registry, crate::registry::SessionId, tokio::sync::mpsc::Receiver<Box<lifeboat_proto::v1::ControllerMessage>>) {
+    fn with_missing_vm1(
+        ms: u32,
+    ) -> (Registry, crate::registry::SessionId, tokio::sync::mpsc::Receiver<Box<lifeboat_proto::v1::ControllerMessage>>)
+    {
         use lifeboat_proto::v1::{Guest, GuestState, Inventory};
         let timing = crate::model::Timing { heartbeat_interval_ms: ms / 4, unreachable_after_ms: ms };
         let reg = Registry::load(crate::store::Store::open_in_memory().unwrap(), timing).unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
-        let g = Guest { uuid: "u1".into(), name: "vm1".into(), state: GuestState::Shutoff as i32, definition_xml: "<domain/>".into(), ..Default::default() };
+        let g = Guest {
+            uuid: "u1".into(),
+            name: "vm1".into(),
+            state: GuestState::Shutoff as i32,
+            definition_xml: "<domain/>".into(),
+            ..Default::default()
+        };
         reg.apply_inventory("a", a, Inventory { host: None, guests: vec![g], more: false }).unwrap();
         reg.remove_guest("a", a, "u1").unwrap();
         assert_eq!(reg.missing_uuids(), ["u1"]);
@@ -611,7 +730,12 @@ mod tests {
     #[tokio::test]
     async fn restore_and_forget_refuse_before_hosts_report_and_forget_ends_a_wait() {
         let (reg, a, _rx) = with_missing_vm1(300);
-        let req = |vm: &str, to: &str| RestoreGuestRequest { vm: vm.into(), to_host: to.into(), start: true, reason: "oops".into() };
+        let req = |vm: &str, to: &str| RestoreGuestRequest {
+            vm: vm.into(),
+            to_host: to.into(),
+            start: true,
+            reason: "oops".into(),
+        };
         // Right after the controller started, nothing any host reported is current yet.
         let e = restore(&reg, &req("vm1", ""), "olga", 3000, 0).await.unwrap_err().to_string();
         assert!(e.contains("reports-current") && e.contains("startup grace"), "{e}");
@@ -629,16 +753,29 @@ mod tests {
         let e = restore(&reg, &req("vm1", "b"), "olga", 3000, 0).await.unwrap_err().to_string();
         assert!(e.contains("target-reachable") && e.contains("has not reported its guests"), "{e}");
         // Outside input is bounded and printable.
-        let e = restore(&reg, &RestoreGuestRequest { reason: "a\u{7}b".into(), ..req("vm1", "") }, "olga", 3000, 0).await.unwrap_err();
+        let e = restore(&reg, &RestoreGuestRequest { reason: "a\u{7}b".into(), ..req("vm1", "") }, "olga", 3000, 0)
+            .await
+            .unwrap_err();
         assert!(matches!(e, ControllerError::InvalidArgument(_)), "{e}");
         let e = forget(&reg, &ForgetGuestRequest { vm: "v".repeat(MAX_NAME + 1), ..fr.clone() }, "olga").unwrap_err();
         assert!(matches!(e, ControllerError::InvalidArgument(_)), "{e}");
 
         // The restore's re-checks before its lease and its start.
-        let o = OwnerRow { uuid: "u1".into(), host: "a".into(), generation: 1, from_host: String::new(), job: String::new(), complete: true };
+        let o = OwnerRow {
+            uuid: "u1".into(),
+            host: "a".into(),
+            generation: 1,
+            from_host: String::new(),
+            job: String::new(),
+            complete: true,
+        };
         reg.record_restore_owner(&o, "running", &AuditRow::by_controller("t", "a", "vm1", String::new())).unwrap();
         reg.claim_for_restore("u1", "restore-u1", "a", "a").unwrap();
-        assert_eq!(reg.claim_for_restore("u1", "restore-u1", "a", "a"), Err("restore-u1".to_string()), "one claim at a time");
+        assert_eq!(
+            reg.claim_for_restore("u1", "restore-u1", "a", "a"),
+            Err("restore-u1".to_string()),
+            "one claim at a time"
+        );
         still_ours(&reg, "u1", "vm1", "a", 1, "restore-u1").unwrap();
         reg.set_in_job("mig-7", &[("u1".into(), "a".into(), "c".into())]);
         let e = still_ours(&reg, "u1", "vm1", "a", 1, "restore-u1").unwrap_err().to_string();
@@ -657,7 +794,14 @@ mod tests {
         assert!(reg.job_of("u1").is_none(), "the claim ends when dropped");
 
         // vm1 also waits on a (a job left it behind): forgetting it ends the wait and its alarm.
-        let w = crate::store::WaitingRow { uuid: "u1".into(), host: "a".into(), name: "vm1".into(), reason: "r".into(), since_ms: 1, job: "mig-1".into() };
+        let w = crate::store::WaitingRow {
+            uuid: "u1".into(),
+            host: "a".into(),
+            name: "vm1".into(),
+            reason: "r".into(),
+            since_ms: 1,
+            job: "mig-1".into(),
+        };
         reg.db(|s| s.end_job_with_waiting("mig-1", "PARTIAL", "", None, std::slice::from_ref(&w), &[])).unwrap();
         crate::waiting::raise(&reg, std::slice::from_ref(&w), &[]).unwrap();
         {
@@ -670,7 +814,10 @@ mod tests {
         let kinds: Vec<String> = reg.active_alarms().into_iter().map(|a| a.1).collect();
         assert!(kinds.is_empty(), "{kinds:?}");
         let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
-        assert!(log.iter().any(|a| a.action == "guest.waiting_ended" && a.detail.contains("forgotten by olga")), "{log:?}");
+        assert!(
+            log.iter().any(|a| a.action == "guest.waiting_ended" && a.detail.contains("forgotten by olga")),
+            "{log:?}"
+        );
     }
 
     #[tokio::test]
@@ -720,14 +867,30 @@ mod tests {
             let reg = Registry::load(crate::store::Store::open(&path).unwrap(), timing).unwrap();
             let (tx, _rx) = tokio::sync::mpsc::channel(8);
             let a = reg.open_session("a", "boot", tx).unwrap();
-            let g = Guest { uuid: "u1".into(), name: "vm1".into(), state: GuestState::Shutoff as i32, definition_xml: "<domain/>".into(), ..Default::default() };
+            let g = Guest {
+                uuid: "u1".into(),
+                name: "vm1".into(),
+                state: GuestState::Shutoff as i32,
+                definition_xml: "<domain/>".into(),
+                ..Default::default()
+            };
             reg.apply_inventory("a", a, Inventory { host: None, guests: vec![g], more: false }).unwrap();
-            let o = OwnerRow { uuid: "u1".into(), host: "a".into(), generation: 2, from_host: "b".into(), job: "mig-2".into(), complete: true };
+            let o = OwnerRow {
+                uuid: "u1".into(),
+                host: "a".into(),
+                generation: 2,
+                from_host: "b".into(),
+                job: "mig-2".into(),
+                complete: true,
+            };
             reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
             reg.remove_guest("a", a, "u1").unwrap();
             reg.flush().unwrap();
         }
-        rusqlite::Connection::open(&path).unwrap().execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", []).unwrap();
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", [])
+            .unwrap();
         let reg = Registry::load(crate::store::Store::open(&path).unwrap(), timing).unwrap();
         assert!(reg.is_quarantined("u1") && reg.missing_uuids() == ["u1"]);
         // a is back and reports (no agent answers: nothing may be sent).
@@ -741,9 +904,16 @@ mod tests {
         for start in [false, true] {
             let req = RestoreGuestRequest { vm: "vm1".into(), to_host: String::new(), start, reason: "oops".into() };
             let e = restore(&reg, &req, "olga", 3000, 0).await.unwrap_err().to_string();
-            assert!(e.contains("ownership record is quarantined") && e.contains("docs/security.md") && e.contains("nothing was changed"), "{e}");
+            assert!(
+                e.contains("ownership record is quarantined")
+                    && e.contains("docs/security.md")
+                    && e.contains("nothing was changed"),
+                "{e}"
+            );
         }
-        let e = forget(&reg, &ForgetGuestRequest { vm: "vm1".into(), reason: "retired".into() }, "olga").unwrap_err().to_string();
+        let e = forget(&reg, &ForgetGuestRequest { vm: "vm1".into(), reason: "retired".into() }, "olga")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ownership record is quarantined") && e.contains("docs/security.md"), "{e}");
         let e = crate::waiting::start_vm(&reg, "vm1", "test", "olga", 3000).await.unwrap_err().to_string();
         assert!(e.contains("quarantined") && e.contains("docs/security.md"), "{e}");

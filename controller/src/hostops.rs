@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use lifeboat_proto::v1::{Check, CleanupGuest, CleanupItem, CleanupPlan, Guest, GuestState, MigrateRequest, command::Kind};
+use lifeboat_proto::v1::{
+    Check, CleanupGuest, CleanupItem, CleanupPlan, Guest, GuestState, MigrateRequest, command::Kind,
+};
 use sha2::{Digest, Sha256};
 use tracing::info;
 
@@ -58,14 +60,22 @@ fn refuse_quarantined(item: &mut CleanupItem, host: &str) -> String {
 pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
     let mut p = CleanupPlan { host: i.host.clone(), ..Default::default() };
     if !i.host_known {
-        p.preconditions.push(check("host known", false, format!("unknown host '{}'", i.host), "name a host from `lifeboat hosts list`"));
+        p.preconditions.push(check(
+            "host known",
+            false,
+            format!("unknown host '{}'", i.host),
+            "name a host from `lifeboat hosts list`",
+        ));
         return finish(p);
     }
     if i.moves.is_empty() {
         p.preconditions.push(check(
             "move records",
             false,
-            format!("no move records name {}: Lifeboat never moved a guest away from it, so there is nothing to clean", i.host),
+            format!(
+                "no move records name {}: Lifeboat never moved a guest away from it, so there is nothing to clean",
+                i.host
+            ),
             "nothing to do; stale definitions of guests Lifeboat did not move are not Lifeboat's to remove",
         ));
         return finish(p);
@@ -73,11 +83,20 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
     p.preconditions.push(check(
         "host connected",
         i.connected,
-        if i.connected { format!("{}'s agent is connected", i.host) } else { format!("{}'s agent is not connected", i.host) },
+        if i.connected {
+            format!("{}'s agent is connected", i.host)
+        } else {
+            format!("{}'s agent is not connected", i.host)
+        },
         "power the repaired host on and wait until `lifeboat hosts show` says REACHABLE",
     ));
     p.preconditions.push(match &i.active_job {
-        Some(j) => check("one operation per host", false, format!("job {j} on {} is still running", i.host), format!("wait: `lifeboat jobs watch {j}`")),
+        Some(j) => check(
+            "one operation per host",
+            false,
+            format!("job {j} on {} is still running", i.host),
+            format!("wait: `lifeboat jobs watch {j}`"),
+        ),
         None => check("one operation per host", true, "no other operation on this host", ""),
     });
     // The newest move per guest.
@@ -89,7 +108,13 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
     let mut quarantine_refused = Vec::new();
     for (uuid, (m, cleaned)) in latest {
         let owner = i.owners.get(uuid).cloned().unwrap_or_default();
-        let mut item = CleanupItem { uuid: uuid.into(), name: m.name.clone(), moved_to: m.target.clone(), job: m.job_id.clone(), ..Default::default() };
+        let mut item = CleanupItem {
+            uuid: uuid.into(),
+            name: m.name.clone(),
+            moved_to: m.target.clone(),
+            job: m.job_id.clone(),
+            ..Default::default()
+        };
         if i.quarantined.contains(uuid) {
             quarantine_refused.push(refuse_quarantined(&mut item, &i.host));
             p.items.push(item);
@@ -104,7 +129,11 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
         match i.guests.iter().find(|g| g.uuid == uuid) {
             None => {
                 item.action = "gone".into();
-                item.detail = if *cleaned > 0 { "removed by an earlier cleanup".into() } else { format!("not defined on {}", i.host) };
+                item.detail = if *cleaned > 0 {
+                    "removed by an earlier cleanup".into()
+                } else {
+                    format!("not defined on {}", i.host)
+                };
             }
             Some(g) => {
                 item.managed_save = g.managed_save;
@@ -114,15 +143,27 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
                 item.state = format!("{st:?}").to_lowercase();
                 if g.name != m.name {
                     item.action = "refuse-renamed".into();
-                    item.detail = format!("UUID {uuid} is named '{}' on {}, not '{}' as the move record says; not touching it", g.name, i.host, m.name);
+                    item.detail = format!(
+                        "UUID {uuid} is named '{}' on {}, not '{}' as the move record says; not touching it",
+                        g.name, i.host, m.name
+                    );
                     running_refused.push(item.detail.clone());
                 } else if running && !i.destroy_running {
                     item.action = "refuse-running".into();
-                    item.detail = format!("{} is {} on {} (not shut off) although it was moved to {}", m.name, item.state.to_uppercase(), i.host, m.target);
+                    item.detail = format!(
+                        "{} is {} on {} (not shut off) although it was moved to {}",
+                        m.name,
+                        item.state.to_uppercase(),
+                        i.host,
+                        m.target
+                    );
                     running_refused.push(item.detail.clone());
                 } else if running {
                     item.action = "destroy-and-remove".into();
-                    item.detail = format!("--destroy-running: destroy the stale copy, then undefine (disks untouched); it runs on {}", m.target);
+                    item.detail = format!(
+                        "--destroy-running: destroy the stale copy, then undefine (disks untouched); it runs on {}",
+                        m.target
+                    );
                 } else {
                     item.action = "remove".into();
                     item.detail = format!(
@@ -157,7 +198,10 @@ fn finish(mut p: CleanupPlan) -> CleanupPlan {
     let pre_ok = p.preconditions.iter().all(|c| c.ok);
     p.executable = pre_ok && todo > 0;
     p.summary = if !pre_ok {
-        format!("refused: {}", p.preconditions.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "))
+        format!(
+            "refused: {}",
+            p.preconditions.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+        )
     } else if todo == 0 {
         format!("nothing to clean on {}", p.host)
     } else {
@@ -195,11 +239,22 @@ pub fn cleanup_plan(reg: &Registry, host: &str, destroy_running: bool) -> Result
 }
 
 /// Carries out a cleanup.
-pub async fn cleanup(reg: &Registry, host: &str, destroy_running: bool, plan_id: &str, operator: &str) -> Result<CleanupPlan, ControllerError> {
+pub async fn cleanup(
+    reg: &Registry,
+    host: &str,
+    destroy_running: bool,
+    plan_id: &str,
+    operator: &str,
+) -> Result<CleanupPlan, ControllerError> {
     let mut p = cleanup_plan(reg, host, destroy_running)?;
     if !p.preconditions.iter().all(|c| c.ok) {
         if p.preconditions.iter().any(|c| c.name == "no stale copy running" && !c.ok) {
-            let detail = p.preconditions.iter().find(|c| c.name == "no stale copy running").map(|c| c.detail.clone()).unwrap_or_default();
+            let detail = p
+                .preconditions
+                .iter()
+                .find(|c| c.name == "no stale copy running")
+                .map(|c| c.detail.clone())
+                .unwrap_or_default();
             reg.raise_alarm(host, "stale-copy-running", &detail)?;
         }
         return Err(crate::error::refusal(&format!("cleanup of {host}"), &p.preconditions));
@@ -224,7 +279,11 @@ pub async fn cleanup(reg: &Registry, host: &str, destroy_running: bool, plan_id:
     })?;
     let jobs: BTreeMap<String, String> = p.items.iter().map(|i| (i.uuid.clone(), i.job.clone())).collect();
     for item in p.items.iter_mut().filter(|i| matches!(i.action.as_str(), "remove" | "destroy-and-remove")) {
-        let cmd = CleanupGuest { uuid: item.uuid.clone(), name: item.name.clone(), destroy_running: item.action == "destroy-and-remove" };
+        let cmd = CleanupGuest {
+            uuid: item.uuid.clone(),
+            name: item.name.clone(),
+            destroy_running: item.action == "destroy-and-remove",
+        };
         let r = reg.call(host, Kind::CleanupGuest(cmd), Duration::from_secs(60)).await;
         match r {
             Ok(r) if r.ok => {
@@ -234,7 +293,10 @@ pub async fn cleanup(reg: &Registry, host: &str, destroy_running: bool, plan_id:
                     host: host.into(),
                     vm: item.name.clone(),
                     job: jobs.get(&item.uuid).cloned().unwrap_or_default(),
-                    detail: format!("undefined stale {} ({}) on {host} ({}); it lives on {}; storage untouched", item.name, item.uuid, r.outcome, item.moved_to),
+                    detail: format!(
+                        "undefined stale {} ({}) on {host} ({}); it lives on {}; storage untouched",
+                        item.name, item.uuid, r.outcome, item.moved_to
+                    ),
                     ..Default::default()
                 };
                 reg.db(|s| s.mark_cleaned(&item.job, &item.uuid, &a))?;
@@ -265,7 +327,10 @@ pub async fn cleanup(reg: &Registry, host: &str, destroy_running: bool, plan_id:
     }
     let removed = p.items.iter().filter(|i| i.action == "removed").count();
     let failed = p.items.iter().filter(|i| i.action == "failed").count();
-    p.summary = format!("removed {removed} stale definition(s) from {host}{}", if failed > 0 { format!(", {failed} failed") } else { String::new() });
+    p.summary = format!(
+        "removed {removed} stale definition(s) from {host}{}",
+        if failed > 0 { format!(", {failed} failed") } else { String::new() }
+    );
     Ok(p)
 }
 
@@ -295,10 +360,16 @@ pub async fn set_status(
                 ..Default::default()
             };
             let p = engine.plan(&req).await?;
-            let failed: Vec<&Check> =
-                p.preconditions.iter().filter(|c| (c.name == "source silent" || c.name == "source powered off") && !c.ok).collect();
+            let failed: Vec<&Check> = p
+                .preconditions
+                .iter()
+                .filter(|c| (c.name == "source silent" || c.name == "source powered off") && !c.ok)
+                .collect();
             if !failed.is_empty() {
-                let lines: Vec<String> = failed.iter().map(|c| format!("  - {}: {}\n    what to do: {}", c.name, c.detail, c.remedy)).collect();
+                let lines: Vec<String> = failed
+                    .iter()
+                    .map(|c| format!("  - {}: {}\n    what to do: {}", c.name, c.detail, c.remedy))
+                    .collect();
                 return Err(ControllerError::Refused(format!(
                     "declaring {id} OFFLINE refused (the same checks as a forced migration); nothing was changed:\n{}",
                     lines.join("\n")
@@ -316,7 +387,9 @@ pub async fn set_status(
                 )));
             }
             if from == HostStatus::Offline && rec.liveness != "REACHABLE" {
-                return Err(ControllerError::Refused(format!("{id} is OFFLINE and not back yet; power it on and wait until it is REACHABLE")));
+                return Err(ControllerError::Refused(format!(
+                    "{id} is OFFLINE and not back yet; power it on and wait until it is REACHABLE"
+                )));
             }
         }
         HostStatus::Maintenance => {}
@@ -404,7 +477,11 @@ mod tests {
         i.guests[0] = g("1", "vm1", true);
         let p = plan_cleanup(&i);
         assert!(!p.executable);
-        assert!(p.preconditions.iter().any(|c| c.name == "no stale copy running" && !c.ok && c.remedy.contains("--destroy-running")));
+        assert!(
+            p.preconditions
+                .iter()
+                .any(|c| c.name == "no stale copy running" && !c.ok && c.remedy.contains("--destroy-running"))
+        );
         i.destroy_running = true;
         let p = plan_cleanup(&i);
         assert!(p.executable);
@@ -464,14 +541,24 @@ mod tests {
             let (m, _) = mv("u1", "vm1");
             let m = MoveRow { job_id: "j1".into(), ..m };
             reg.db(|s| s.create_job(&job, &[m], &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
-            let back = OwnerRow { uuid: "u1".into(), host: "a".into(), generation: 2, from_host: "b".into(), job: "j2".into(), complete: true };
+            let back = OwnerRow {
+                uuid: "u1".into(),
+                host: "a".into(),
+                generation: 2,
+                from_host: "b".into(),
+                job: "j2".into(),
+                complete: true,
+            };
             reg.db(|s| s.set_owner(&back, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
             reg.refresh_owners().unwrap();
             let p = cleanup_plan(&reg, "a", false).unwrap();
             assert_eq!(p.items[0].action, "skip", "{p:?}");
             reg.flush().unwrap();
         }
-        rusqlite::Connection::open(&path).unwrap().execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", []).unwrap();
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", [])
+            .unwrap();
         let reg = Registry::load(Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap();
         assert!(reg.is_quarantined("u1"));
         report(&reg);
@@ -479,7 +566,11 @@ mod tests {
             let p = cleanup_plan(&reg, "a", destroy_running).unwrap();
             assert!(!p.executable, "{p:?}");
             assert_eq!(p.items[0].action, "refuse-quarantined", "{p:?}");
-            assert!(p.items[0].detail.contains("row-quarantined") && p.items[0].detail.contains("docs/security.md"), "{}", p.items[0].detail);
+            assert!(
+                p.items[0].detail.contains("row-quarantined") && p.items[0].detail.contains("docs/security.md"),
+                "{}",
+                p.items[0].detail
+            );
             let c = p.preconditions.iter().find(|c| !c.ok).expect("a failed precondition");
             assert!(c.detail.contains("vm1") && c.detail.contains("quarantine"), "{c:?}");
             assert!(p.summary.starts_with("refused"), "{}", p.summary);

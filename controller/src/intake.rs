@@ -122,7 +122,8 @@ impl Refusal {
 /// DEL, C1: a terminal obeys them) and the bidirectional overrides and
 /// isolates (they make a name display as another).
 fn forbidden(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{feff}')
+    c.is_control()
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{feff}')
 }
 
 /// A bounded text field without forbidden characters (may be empty).
@@ -134,7 +135,10 @@ pub fn check_text(kind: &'static str, field: &str, value: &str, max: usize) -> R
         return Err(Refusal::new(
             kind,
             field,
-            format!("contains the control or formatting character U+{:04X} at byte {i}; only printable text is accepted", u32::from(c)),
+            format!(
+                "contains the control or formatting character U+{:04X} at byte {i}; only printable text is accepted",
+                u32::from(c)
+            ),
         ));
     }
     Ok(())
@@ -146,7 +150,11 @@ pub fn check_text(kind: &'static str, field: &str, value: &str, max: usize) -> R
 /// other control character is refused; display escapes what remains.
 pub fn check_error_text(kind: &'static str, field: &str, value: &str) -> Result<(), Refusal> {
     if value.len() > MAX_ERROR_BYTES {
-        return Err(Refusal::new(kind, field, format!("{} bytes long, more than the limit of {MAX_ERROR_BYTES}", value.len())));
+        return Err(Refusal::new(
+            kind,
+            field,
+            format!("{} bytes long, more than the limit of {MAX_ERROR_BYTES}", value.len()),
+        ));
     }
     let mut rest = value.split(['\n', '\t']);
     rest.try_for_each(|part| check_text(kind, field, part, MAX_ERROR_BYTES))
@@ -163,7 +171,11 @@ pub fn check_name(kind: &'static str, field: &str, value: &str) -> Result<(), Re
         return Err(Refusal::new(kind, field, "empty; a name is required"));
     }
     if value.len() > MAX_NAME_BYTES {
-        return Err(Refusal::new(kind, field, format!("{} bytes long, more than the limit of {MAX_NAME_BYTES}", value.len())));
+        return Err(Refusal::new(
+            kind,
+            field,
+            format!("{} bytes long, more than the limit of {MAX_NAME_BYTES}", value.len()),
+        ));
     }
     if let Some((i, c)) = value.char_indices().find(|(_, c)| c.is_control()) {
         return Err(Refusal::new(
@@ -289,7 +301,11 @@ fn check_guest_rest(kind: &'static str, prefix: &str, g: &Guest) -> Result<(), R
     let f = |n: &str| format!("{prefix}{n}");
     let size = guest_bytes(g);
     if size > MAX_GUEST_BYTES {
-        return Err(Refusal::new(kind, prefix.trim_end_matches('.').to_string(), format!("{size} bytes without its definition, more than the limit of {MAX_GUEST_BYTES}")));
+        return Err(Refusal::new(
+            kind,
+            prefix.trim_end_matches('.').to_string(),
+            format!("{size} bytes without its definition, more than the limit of {MAX_GUEST_BYTES}"),
+        ));
     }
     check_name(kind, &f("name"), &g.name)?;
     if GuestState::try_from(g.state).is_err() {
@@ -300,7 +316,11 @@ fn check_guest_rest(kind: &'static str, prefix: &str, g: &Guest) -> Result<(), R
     check_max_u64(kind, &f("memory_kib"), g.memory_kib, MAX_MEMORY_KIB)?;
     for (what, n) in [("disks", g.disks.len()), ("nics", g.nics.len())] {
         if n > MAX_DEVICES_PER_GUEST {
-            return Err(Refusal::new(kind, f(what), format!("{n} entries, more than the limit of {MAX_DEVICES_PER_GUEST}")));
+            return Err(Refusal::new(
+                kind,
+                f(what),
+                format!("{n} entries, more than the limit of {MAX_DEVICES_PER_GUEST}"),
+            ));
         }
     }
     for (i, d) in g.disks.iter().enumerate() {
@@ -316,7 +336,11 @@ fn check_guest_rest(kind: &'static str, prefix: &str, g: &Guest) -> Result<(), R
     // An owner_generation beyond what SQLite stores (hand-edited metadata)
     // is no refusal: the registry ignores such a claim (`check_claims`).
     if !g.definition_xml.is_empty() && !g.definition_deflate.is_empty() {
-        return Err(Refusal::new(kind, f("definition_deflate"), "both definition_xml and definition_deflate are set; send one"));
+        return Err(Refusal::new(
+            kind,
+            f("definition_deflate"),
+            "both definition_xml and definition_deflate are set; send one",
+        ));
     }
     Ok(())
 }
@@ -346,7 +370,11 @@ pub fn unpack_guest(kind: &'static str, prefix: &str, g: &mut Guest, limit: u64)
             return Err(too_large("definition_xml is"));
         }
         if let Some(i) = g.definition_xml.find('\0') {
-            return Err(Refusal::new(kind, format!("{prefix}definition_xml"), format!("the definition contains NUL at byte {i}")));
+            return Err(Refusal::new(
+                kind,
+                format!("{prefix}definition_xml"),
+                format!("the definition contains NUL at byte {i}"),
+            ));
         }
         return Ok(n);
     }
@@ -357,7 +385,8 @@ pub fn unpack_guest(kind: &'static str, prefix: &str, g: &mut Guest, limit: u64)
         .map_err(|e| Refusal::new(kind, field.clone(), format!("not valid zlib data: {e}")))?
         .ok_or_else(|| too_large("inflates to"))?;
     let n = u64::try_from(out.len()).unwrap_or(u64::MAX);
-    g.definition_xml = String::from_utf8(out).map_err(|_| Refusal::new(kind, field.clone(), "inflates to bytes that are not UTF-8 text"))?;
+    g.definition_xml = String::from_utf8(out)
+        .map_err(|_| Refusal::new(kind, field.clone(), "inflates to bytes that are not UTF-8 text"))?;
     g.definition_deflate = Vec::new();
     if let Some(i) = g.definition_xml.find('\0') {
         return Err(Refusal::new(kind, field, format!("the definition contains NUL at byte {i}")));
@@ -380,7 +409,11 @@ pub fn check_command_result(r: &CommandResult) -> Result<(), Refusal> {
     check_error_text(K, "error", &r.error)?;
     check_text(K, "outcome", &r.outcome, MAX_TEXT_BYTES)?;
     if r.paths.len() > MAX_RESULT_PATHS {
-        return Err(Refusal::new(K, "paths", format!("{} entries, more than the limit of {MAX_RESULT_PATHS}", r.paths.len())));
+        return Err(Refusal::new(
+            K,
+            "paths",
+            format!("{} entries, more than the limit of {MAX_RESULT_PATHS}", r.paths.len()),
+        ));
     }
     for (i, p) in r.paths.iter().enumerate() {
         check_text(K, &format!("paths[{i}].path"), &p.path, MAX_PATH_BYTES)?;
@@ -394,7 +427,11 @@ pub fn check_command_result(r: &CommandResult) -> Result<(), Refusal> {
         ("lease_unreadable", &r.lease_unreadable),
     ] {
         if list.len() > MAX_INVENTORY_GUESTS {
-            return Err(Refusal::new(K, field, format!("{} entries, more than the limit of {MAX_INVENTORY_GUESTS}", list.len())));
+            return Err(Refusal::new(
+                K,
+                field,
+                format!("{} entries, more than the limit of {MAX_INVENTORY_GUESTS}", list.len()),
+            ));
         }
         for (i, u) in list.iter().enumerate() {
             check_uuid(K, &format!("{field}[{i}]"), u)?;
@@ -402,7 +439,9 @@ pub fn check_command_result(r: &CommandResult) -> Result<(), Refusal> {
     }
     if let Some(g) = &r.guest {
         check_guest(K, "guest.", g)?;
-        if !g.definition_deflate.is_empty() || g.definition_xml.len() > usize::try_from(MAX_DEFINITION_BYTES).unwrap_or(usize::MAX) {
+        if !g.definition_deflate.is_empty()
+            || g.definition_xml.len() > usize::try_from(MAX_DEFINITION_BYTES).unwrap_or(usize::MAX)
+        {
             let mut copy = g.clone();
             unpack_guest(K, "guest.", &mut copy, MAX_DEFINITION_BYTES)?;
         }
@@ -549,9 +588,14 @@ impl SessionIntake {
             check_guest(K, &prefix, g)?;
             self.charge(K, &prefix, guest_bytes(g), &mut acc.guest_bytes, now_ms)?;
             if !acc.uuids.insert(g.uuid.clone()) {
-                return Err(Refusal::new(K, format!("{prefix}uuid"), format!("{} appears twice in one inventory", g.uuid)));
+                return Err(Refusal::new(
+                    K,
+                    format!("{prefix}uuid"),
+                    format!("{} appears twice in one inventory", g.uuid),
+                ));
             }
-            let left = MAX_INVENTORY_DEFINITION_BYTES.saturating_sub(acc.definition_bytes).min(self.budget.available(now_ms));
+            let left =
+                MAX_INVENTORY_DEFINITION_BYTES.saturating_sub(acc.definition_bytes).min(self.budget.available(now_ms));
             let n = unpack_guest(K, &prefix, g, left)?;
             self.budget.spend(n);
             acc.definition_bytes = acc.definition_bytes.saturating_add(n);
@@ -570,7 +614,14 @@ impl SessionIntake {
 
     /// Takes `n` guest bytes from the session's budget and, for an
     /// inventory, from its total (`acc`).
-    fn charge(&mut self, kind: &'static str, prefix: &str, n: usize, acc: &mut u64, now_ms: i64) -> Result<(), Refusal> {
+    fn charge(
+        &mut self,
+        kind: &'static str,
+        prefix: &str,
+        n: usize,
+        acc: &mut u64,
+        now_ms: i64,
+    ) -> Result<(), Refusal> {
         let n = u64::try_from(n).unwrap_or(u64::MAX);
         let total = acc.saturating_add(n);
         if total > MAX_INVENTORY_BYTES {
@@ -584,7 +635,9 @@ impl SessionIntake {
             return Err(Refusal::new(
                 kind,
                 prefix.trim_end_matches('.').to_string(),
-                format!("this session sent more than {SESSION_GUEST_BYTES_PER_MINUTE} bytes of guest data in a minute; send less often"),
+                format!(
+                    "this session sent more than {SESSION_GUEST_BYTES_PER_MINUTE} bytes of guest data in a minute; send less often"
+                ),
             ));
         }
         self.guest_budget.spend(n);
@@ -612,7 +665,14 @@ mod tests {
     const U: &str = "6f1c7e2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
 
     fn guest(uuid: &str) -> Guest {
-        Guest { uuid: uuid.into(), name: "vm1".into(), state: GuestState::Running as i32, memory_kib: 1024, vcpus: 1, ..Default::default() }
+        Guest {
+            uuid: uuid.into(),
+            name: "vm1".into(),
+            state: GuestState::Running as i32,
+            memory_kib: 1024,
+            vcpus: 1,
+            ..Default::default()
+        }
     }
 
     fn packed(xml: &str) -> Guest {
@@ -633,7 +693,17 @@ mod tests {
         }
         // What libvirt accepts and an honest host may have: refusing it would
         // refuse the host's whole inventory (the CLI escapes what displays oddly).
-        for good in ["vm-1", "日本語のゲスト", "db; rm -rf", "a b", " a", "web01 ", "\u{5e9}\u{5e8}\u{5ea}\u{200f}", "\u{feff}vm", "a\u{202e}b"] {
+        for good in [
+            "vm-1",
+            "日本語のゲスト",
+            "db; rm -rf",
+            "a b",
+            " a",
+            "web01 ",
+            "\u{5e9}\u{5e8}\u{5ea}\u{200f}",
+            "\u{feff}vm",
+            "a\u{202e}b",
+        ] {
             assert!(check_name("K", "f", good).is_ok(), "{good:?} refused");
         }
     }
@@ -680,7 +750,9 @@ mod tests {
         assert!(check_error_text("K", "error", "qemu\r\n").is_err());
         assert!(check_error_text("K", "error", "x\u{1b}[2J").is_err());
         assert!(check_error_text("K", "error", &"e".repeat(MAX_ERROR_BYTES + 1)).is_err());
-        assert!(check_hello(&Hello { host_id: "h".into(), agent_version: "1\n".into(), boot_id: String::new() }).is_err());
+        assert!(
+            check_hello(&Hello { host_id: "h".into(), agent_version: "1\n".into(), boot_id: String::new() }).is_err()
+        );
     }
 
     #[test]
@@ -736,9 +808,17 @@ mod tests {
         let e = s.page(dup, 0).unwrap_err();
         assert_eq!(e.field, "guests[1].uuid");
         assert!(e.reason.contains("twice"));
-        let many = Inventory { host: None, guests: (0..=MAX_INVENTORY_GUESTS).map(uuid).map(|u| guest(&u)).collect(), more: false };
+        let many = Inventory {
+            host: None,
+            guests: (0..=MAX_INVENTORY_GUESTS).map(uuid).map(|u| guest(&u)).collect(),
+            more: false,
+        };
         assert_eq!(s.page(many, 0).unwrap_err().field, "guests");
-        let exact = Inventory { host: None, guests: (0..MAX_INVENTORY_GUESTS).map(uuid).map(|u| guest(&u)).collect(), more: false };
+        let exact = Inventory {
+            host: None,
+            guests: (0..MAX_INVENTORY_GUESTS).map(uuid).map(|u| guest(&u)).collect(),
+            more: false,
+        };
         assert!(matches!(s.page(exact, 0), Ok(Page::Complete(_))));
         // Per inventory: 64 MiB of definitions is 256 definitions at the limit; one more refuses.
         let mut s = SessionIntake::new(0);

@@ -91,7 +91,9 @@ pub async fn serve_with_limits(
     let reconciler = tokio::spawn(reconcile::run(registry.clone(), i64::from(cfg.lease_ttl_ms)));
     let metrics = match cfg.metrics_listen {
         Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on metrics_listen {addr}: {e}"))?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on metrics_listen {addr}: {e}"))?;
             info!(listen = %addr, "metrics at /metrics");
             Some(tokio::spawn(metrics::serve(registry.clone(), l)))
         }

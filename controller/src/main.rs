@@ -145,4 +145,3 @@ fn main() -> ExitCode {
         }
     }
 }
-

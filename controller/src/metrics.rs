@@ -42,7 +42,11 @@ pub fn render(reg: &Registry) -> String {
     for (host, kind, _) in reg.active_alarms() {
         alarms.get_or_create(&vec![("host".into(), host), ("kind".into(), kind)]).inc();
     }
-    let waiting = family(&mut p, "guests_waiting", "Guests waiting to run again on their own host, by host (lifeboat vms list shows why)");
+    let waiting = family(
+        &mut p,
+        "guests_waiting",
+        "Guests waiting to run again on their own host, by host (lifeboat vms list shows why)",
+    );
     for (host, n) in crate::waiting::counts(reg) {
         waiting.get_or_create(&vec![("host".into(), host)]).set(i64::try_from(n).unwrap_or(i64::MAX));
     }
@@ -63,7 +67,8 @@ pub fn render(reg: &Registry) -> String {
 }
 
 fn refused_family() -> &'static Family<Labels, prometheus_client::metrics::counter::Counter> {
-    static F: std::sync::OnceLock<Family<Labels, prometheus_client::metrics::counter::Counter>> = std::sync::OnceLock::new();
+    static F: std::sync::OnceLock<Family<Labels, prometheus_client::metrics::counter::Counter>> =
+        std::sync::OnceLock::new();
     F.get_or_init(Family::default)
 }
 
@@ -167,7 +172,11 @@ fn lifetime_over() -> std::io::Error {
 }
 
 impl tokio::io::AsyncRead for Limited {
-    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         if self.expired(cx) {
             return std::task::Poll::Ready(Err(lifetime_over()));
         }
@@ -176,18 +185,28 @@ impl tokio::io::AsyncRead for Limited {
 }
 
 impl tokio::io::AsyncWrite for Limited {
-    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         if self.expired(cx) {
             return std::task::Poll::Ready(Err(lifetime_over()));
         }
         std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
 
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
@@ -196,8 +215,8 @@ impl tokio::io::AsyncWrite for Limited {
 mod tests {
     use super::*;
     use crate::model::Timing;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use crate::store::Store;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn the_metrics_endpoint_holds_at_most_its_cap_of_connections() {
@@ -212,7 +231,8 @@ mod tests {
         // Past the cap: closed by the endpoint at once (EOF), not held.
         let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut b = [0u8; 16];
-        let r = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut b)).await.expect("closed at once");
+        let r =
+            tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut b)).await.expect("closed at once");
         assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
         // The ones within the cap are served.
         let c = &mut idle[0];

@@ -146,14 +146,22 @@ pub enum Action {
 /// another host are judged before, by `crate::waiting::judge`, for hosts
 /// that do not report the guest too: ended when complete, skipped when an
 /// unfinished move, which nothing here starts.)
-pub fn decide_waiting(s: &HostSnapshot, waiting: &[(String, String)], holders: &BTreeMap<String, Vec<String>>) -> Vec<Action> {
+pub fn decide_waiting(
+    s: &HostSnapshot,
+    waiting: &[(String, String)],
+    holders: &BTreeMap<String, Vec<String>>,
+) -> Vec<Action> {
     let mut out = Vec::new();
     for (uuid, name) in waiting {
         if s.in_job.contains(uuid) || s.claimed.contains(uuid) {
             continue;
         }
         if let Some(OwnerView::Other { host, recorded: true }) = s.owners.get(uuid) {
-            out.push(Action::EndWaiting { host: s.host.clone(), uuid: uuid.clone(), why: format!("{host} owns it now") });
+            out.push(Action::EndWaiting {
+                host: s.host.clone(),
+                uuid: uuid.clone(),
+                why: format!("{host} owns it now"),
+            });
             continue;
         }
         if s.owners.contains_key(uuid) || !s.inventory_seen {
@@ -161,7 +169,11 @@ pub fn decide_waiting(s: &HostSnapshot, waiting: &[(String, String)], holders: &
         }
         let Some(g) = s.guests.iter().find(|g| &g.uuid == uuid) else { continue };
         if holds_disk(g.state) {
-            out.push(Action::EndWaiting { host: s.host.clone(), uuid: uuid.clone(), why: format!("it runs on {} again", s.host) });
+            out.push(Action::EndWaiting {
+                host: s.host.clone(),
+                uuid: uuid.clone(),
+                why: format!("it runs on {} again", s.host),
+            });
             continue;
         }
         let healthy = matches!(s.status, HostStatus::Available | HostStatus::NotAccepting);
@@ -212,7 +224,8 @@ pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
         return out;
     }
     let unreported = s.owned_unreported.iter().filter(|o| !s.in_job.contains(&o.0));
-    let mut uuids: Vec<String> = owned.iter().map(|g| g.uuid.clone()).chain(unreported.clone().map(|o| o.0.clone())).collect();
+    let mut uuids: Vec<String> =
+        owned.iter().map(|g| g.uuid.clone()).chain(unreported.clone().map(|o| o.0.clone())).collect();
     uuids.sort();
     let due = match &s.leases_sent {
         None => true,
@@ -393,9 +406,9 @@ fn plan_attempts(reg: &Registry, attempts: &Attempts, d: Decision, now: i64) -> 
     let mut map = lock(attempts);
     for a in d.actions {
         let key = match &a {
-            Action::StopStale { host, uuid, .. } | Action::StartForBoot { host, uuid, .. } | Action::StartWaiting { host, uuid, .. } => {
-                (host.clone(), uuid.clone())
-            }
+            Action::StopStale { host, uuid, .. }
+            | Action::StartForBoot { host, uuid, .. }
+            | Action::StartWaiting { host, uuid, .. } => (host.clone(), uuid.clone()),
             Action::EndWaiting { .. } => {
                 out.push(a);
                 continue;
@@ -412,7 +425,13 @@ fn plan_attempts(reg: &Registry, attempts: &Attempts, d: Decision, now: i64) -> 
         if matches!(a, Action::StopStale { .. }) {
             wanted.insert(key.1.clone());
         }
-        let e = map.entry(key).or_insert_with(|| Attempt { in_flight: false, next_ms: 0, delay_ms: RETRY_FIRST_MS, last_outcome: String::new(), alarm: None });
+        let e = map.entry(key).or_insert_with(|| Attempt {
+            in_flight: false,
+            next_ms: 0,
+            delay_ms: RETRY_FIRST_MS,
+            last_outcome: String::new(),
+            alarm: None,
+        });
         if e.in_flight || now < e.next_ms {
             continue;
         }
@@ -422,12 +441,19 @@ fn plan_attempts(reg: &Registry, attempts: &Attempts, d: Decision, now: i64) -> 
     if d.fresh {
         let gone: Vec<(String, String)> = map
             .iter()
-            .filter(|((h, u), e)| h == &d.host && !wanted.contains(u) && !d.holding.contains(u) && !e.in_flight && e.alarm.is_some())
+            .filter(|((h, u), e)| {
+                h == &d.host && !wanted.contains(u) && !d.holding.contains(u) && !e.in_flight && e.alarm.is_some()
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for k in gone {
             if let Some(Attempt { alarm: Some((kind, detail)), .. }) = map.remove(&k) {
-                match reg.clear_alarm_by_cause(&k.0, kind, &detail, &format!("guest {} no longer holds its disks on {}", k.1, k.0)) {
+                match reg.clear_alarm_by_cause(
+                    &k.0,
+                    kind,
+                    &detail,
+                    &format!("guest {} no longer holds its disks on {}", k.1, k.0),
+                ) {
                     Ok(()) => info!(host = %k.0, uuid = %k.1, kind, "alarm cleared: the copy no longer runs"),
                     Err(e) => warn!(host = %k.0, "clearing an alarm failed: {e}"),
                 }
@@ -511,7 +537,8 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                             "libvirt autostart of {name} ({uuid}) on {host} was on; switched it off: Lifeboat, not libvirt, decides what starts (docs/return.md)"
                         );
                         info!(%host, guest = %name, "libvirt autostart switched off");
-                        let _ = reg.db(|s| s.audit(&AuditRow::by_controller("guest.autostart_disabled", &host, name, detail)));
+                        let _ = reg
+                            .db(|s| s.audit(&AuditRow::by_controller("guest.autostart_disabled", &host, name, detail)));
                     }
                 }
                 Ok(r) => warn!(%host, "granting leases failed: {}", r.error),
@@ -523,7 +550,9 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                 "split-brain" => format!(
                     "{name} ({uuid}) holds its disks on {host} and on {owner}, which reported it first: two copies; stopping the copy on {host}"
                 ),
-                _ => format!("{name} ({uuid}) is running on {host}, but Lifeboat recorded {owner} as its owner: stopping the copy on {host}"),
+                _ => format!(
+                    "{name} ({uuid}) is running on {host}, but Lifeboat recorded {owner} as its owner: stopping the copy on {host}"
+                ),
             };
             let first = {
                 let mut map = lock(attempts);
@@ -540,7 +569,9 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                     warn!(%host, "raising an alarm failed: {e}");
                 }
             }
-            let r = reg.call(&host, Kind::StopGuest(StopGuest { uuid: uuid.clone(), reason: detail.clone() }), timeout).await;
+            let r = reg
+                .call(&host, Kind::StopGuest(StopGuest { uuid: uuid.clone(), reason: detail.clone() }), timeout)
+                .await;
             let (ok, outcome) = match r {
                 Ok(r) if r.ok => (true, format!("stopped ({})", r.outcome)),
                 Ok(r) => (false, format!("stop failed: {}", r.error)),
@@ -548,7 +579,14 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             };
             if finish_attempt(attempts, &host, &uuid, ok, &outcome, crate::now_ms()) {
                 warn!(%host, guest = %name, "{alarm}: {outcome}");
-                let _ = reg.db(|s| s.audit(&AuditRow::by_controller("guest.stopped_stale", &host, &name, format!("{detail}: {outcome}"))));
+                let _ = reg.db(|s| {
+                    s.audit(&AuditRow::by_controller(
+                        "guest.stopped_stale",
+                        &host,
+                        &name,
+                        format!("{detail}: {outcome}"),
+                    ))
+                });
             }
         }
         Action::StartForBoot { host, uuid, name } => {
@@ -564,7 +602,12 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             if new {
                 info!(%host, guest = %name, "after reboot: {outcome}");
                 let _ = reg.db(|s| {
-                    s.audit(&AuditRow::by_controller("guest.boot_start", &host, &name, format!("{host} rebooted; {name} ({uuid}) should run: {outcome}")))
+                    s.audit(&AuditRow::by_controller(
+                        "guest.boot_start",
+                        &host,
+                        &name,
+                        format!("{host} rebooted; {name} ({uuid}) should run: {outcome}"),
+                    ))
                 });
             }
         }
@@ -576,12 +619,29 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             let job = format!("start-{uuid}");
             let (ok, outcome) = match crate::guestops::claim(reg, &uuid, &job, &host, &host) {
                 Err(other) => (false, format!("not started: {other} acts on it")),
-                Ok(_claim) => match crate::waiting::guarded_start(reg, &uuid, &name, &host, generation, &job, lease_ttl_ms, timeout).await {
+                Ok(_claim) => match crate::waiting::guarded_start(
+                    reg,
+                    &uuid,
+                    &name,
+                    &host,
+                    generation,
+                    &job,
+                    lease_ttl_ms,
+                    timeout,
+                )
+                .await
+                {
                     crate::waiting::StartEnd::Started { outcome, .. } => (true, format!("started ({outcome})")),
-                    crate::waiting::StartEnd::Refused { check, detail } => (false, format!("not started: check {check} failed: {detail}")),
-                    crate::waiting::StartEnd::GrantFailed(e) => (false, format!("not started: granting its lease failed: {e}")),
+                    crate::waiting::StartEnd::Refused { check, detail } => {
+                        (false, format!("not started: check {check} failed: {detail}"))
+                    }
+                    crate::waiting::StartEnd::GrantFailed(e) => {
+                        (false, format!("not started: granting its lease failed: {e}"))
+                    }
                     crate::waiting::StartEnd::StartFailed(e) => (false, format!("start failed: {e}")),
-                    crate::waiting::StartEnd::Unknown(e) => (false, format!("start got no answer ({e}); it may still start")),
+                    crate::waiting::StartEnd::Unknown(e) => {
+                        (false, format!("start got no answer ({e}); it may still start"))
+                    }
                 },
             };
             // Kept (not removed) on success: the next attempt waits for the
@@ -647,7 +707,8 @@ mod tests {
         let w = |u: &str| vec![(u.to_string(), format!("vm-{u}"))];
         let none = BTreeMap::new();
         let mut s = snap();
-        let start2 = vec![Action::StartWaiting { host: "a".into(), uuid: "2".into(), name: "vm-2".into(), generation: 0 }];
+        let start2 =
+            vec![Action::StartWaiting { host: "a".into(), uuid: "2".into(), name: "vm-2".into(), generation: 0 }];
         assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "no lease sent yet this session: lease first");
         s.leases_sent = Some((0, vec!["1".into(), "2".into()]));
         assert_eq!(decide_waiting(&s, &w("2"), &none), start2);
@@ -678,9 +739,15 @@ mod tests {
         assert!(decide_waiting(&s, &w("9"), &none).is_empty(), "not reported: nothing to start");
         // It runs on its owner: it stops waiting (whatever the status).
         s.status = HostStatus::Maintenance;
-        assert_eq!(decide_waiting(&s, &w("1"), &none), vec![Action::EndWaiting { host: "a".into(), uuid: "1".into(), why: "it runs on a again".into() }]);
+        assert_eq!(
+            decide_waiting(&s, &w("1"), &none),
+            vec![Action::EndWaiting { host: "a".into(), uuid: "1".into(), why: "it runs on a again".into() }]
+        );
         // A completed move made b its owner.
-        assert_eq!(decide_waiting(&s, &w("3"), &none), vec![Action::EndWaiting { host: "a".into(), uuid: "3".into(), why: "b owns it now".into() }]);
+        assert_eq!(
+            decide_waiting(&s, &w("3"), &none),
+            vec![Action::EndWaiting { host: "a".into(), uuid: "3".into(), why: "b owns it now".into() }]
+        );
     }
 
     #[test]
@@ -693,13 +760,19 @@ mod tests {
             owner: "b".into(),
             alarm: "stale-copy-running"
         }));
-        let leases = a.iter().find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None }).unwrap();
+        let leases = a
+            .iter()
+            .find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None })
+            .unwrap();
         assert_eq!(leases.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["1", "2"]);
         assert_eq!(leases[0].2, 3, "a lease carries the ownership generation");
         let mut s = snap();
         s.leases_sent = Some((1000, vec!["1".into(), "2".into()]));
         assert!(!decide(&s, 5000, 30_000).iter().any(|x| matches!(x, Action::GrantLeases { .. })));
-        assert!(decide(&s, 11_001, 30_000).iter().any(|x| matches!(x, Action::GrantLeases { .. })), "renewed at a third of the TTL");
+        assert!(
+            decide(&s, 11_001, 30_000).iter().any(|x| matches!(x, Action::GrantLeases { .. })),
+            "renewed at a third of the TTL"
+        );
     }
 
     #[test]
@@ -715,7 +788,10 @@ mod tests {
         );
         assert!(a.contains(&Action::BootStartDone { host: "a".into() }));
         s.status = HostStatus::Maintenance;
-        assert!(!decide(&s, 2, 30_000).iter().any(|x| matches!(x, Action::StartForBoot { .. })), "quarantine starts nothing");
+        assert!(
+            !decide(&s, 2, 30_000).iter().any(|x| matches!(x, Action::StartForBoot { .. })),
+            "quarantine starts nothing"
+        );
     }
 
     #[test]
@@ -751,14 +827,23 @@ mod tests {
         let mut s = snap();
         s.owners.insert("1".into(), OwnerView::Other { host: "b".into(), recorded: false });
         let a = decide(&s, 1, 30_000);
-        assert!(a.iter().any(|x| matches!(x, Action::StopStale { uuid, alarm: "split-brain", .. } if uuid == "1")), "{a:?}");
-        let leases = a.iter().find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None }).unwrap();
+        assert!(
+            a.iter().any(|x| matches!(x, Action::StopStale { uuid, alarm: "split-brain", .. } if uuid == "1")),
+            "{a:?}"
+        );
+        let leases = a
+            .iter()
+            .find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None })
+            .unwrap();
         assert!(!leases.iter().any(|l| l.0 == "1"), "no lease for a second copy");
         // Unsure (the first host is silent): no lease, no stop.
         s.owners.insert("1".into(), OwnerView::Unsure);
         let a = decide(&s, 1, 30_000);
         assert!(!a.iter().any(|x| matches!(x, Action::StopStale { uuid, .. } if uuid == "1")));
-        let leases = a.iter().find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None }).unwrap();
+        let leases = a
+            .iter()
+            .find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None })
+            .unwrap();
         assert!(!leases.iter().any(|l| l.0 == "1"));
     }
 
@@ -769,8 +854,15 @@ mod tests {
         s.in_job.insert("3".into());
         let a = decide(&s, 1, 30_000);
         assert!(!a.iter().any(|x| matches!(x, Action::StopStale { .. })), "the job stops its own guests");
-        let leases = a.iter().find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None }).unwrap();
-        assert_eq!(leases.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["2"], "no renewal for a guest being moved");
+        let leases = a
+            .iter()
+            .find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None })
+            .unwrap();
+        assert_eq!(
+            leases.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(),
+            ["2"],
+            "no renewal for a guest being moved"
+        );
         let mut s = snap();
         s.pending_boot_start = true;
         s.leases_sent = Some((1, vec!["1".into(), "2".into()]));
@@ -781,7 +873,12 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_start_claims_the_guest_and_starts_only_the_decided_generation_on_an_unchanged_owner() {
         use crate::waiting::tests::{Then, actions, after_grace, agent, drain, with_vm1};
-        let start = |generation: u64| Action::StartWaiting { host: "a".into(), uuid: "u1".into(), name: "vm1".into(), generation };
+        let start = |generation: u64| Action::StartWaiting {
+            host: "a".into(),
+            uuid: "u1".into(),
+            name: "vm1".into(),
+            generation,
+        };
         let (reg, a, rx) = with_vm1();
         let mut seen = agent(reg.clone(), a, rx, Then::Obey);
         after_grace(&reg, a).await;
@@ -790,7 +887,10 @@ mod tests {
         act(&reg, &attempts, start(5), 3000).await;
         assert!(drain(&mut seen).is_empty());
         let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
-        assert!(log.iter().any(|x| x.action == "guest.waiting_start" && x.detail.contains("check owner unchanged failed")), "{log:?}");
+        assert!(
+            log.iter().any(|x| x.action == "guest.waiting_start" && x.detail.contains("check owner unchanged failed")),
+            "{log:?}"
+        );
         // A restore acts on it: the waiting start leaves it alone.
         reg.claim_for_restore("u1", "restore-u1", "a", "a").unwrap();
         act(&reg, &attempts, start(0), 3000).await;
@@ -811,7 +911,8 @@ mod tests {
         let (reg, a, _rx) = with_vm1();
         after_grace(&reg, a).await;
         reg.claim_for_restore("u1", "restore-u1", "a", "a").unwrap();
-        let snaps = reg.reconcile_each(crate::now_ms(), 3000, true, |s| (s.host.clone(), s.claimed.clone(), s.in_job.clone()));
+        let snaps =
+            reg.reconcile_each(crate::now_ms(), 3000, true, |s| (s.host.clone(), s.claimed.clone(), s.in_job.clone()));
         let (_, claimed, in_job) = snaps.into_iter().find(|s| s.0 == "a").expect("a's snapshot");
         assert!(claimed.contains("u1") && !in_job.contains("u1"), "{claimed:?} {in_job:?}");
         assert!(reg.lease_set("a").iter().any(|l| l.0 == "u1"), "its lease stays while it is restored or started");

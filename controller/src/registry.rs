@@ -111,7 +111,10 @@ fn by_host(owners: &BTreeMap<String, crate::store::OwnerRow>) -> BTreeMap<String
 fn running_kib(guests: &BTreeMap<String, GuestEntry>) -> u64 {
     // Saturating: the figures come from the agent, and an overflow must neither
     // panic under the registry lock nor wrap to a host that looks empty.
-    guests.values().filter(|g| crate::migrate::plan::is_running(g.state)).fold(0u64, |a, g| a.saturating_add(g.memory_kib))
+    guests
+        .values()
+        .filter(|g| crate::migrate::plan::is_running(g.state))
+        .fold(0u64, |a, g| a.saturating_add(g.memory_kib))
 }
 
 fn guest_hash(encoded: &[u8]) -> u64 {
@@ -212,7 +215,10 @@ pub fn classify_return(status: &str, prev_boot: &str, fenced_boot: &str, new_boo
             rebooted: false,
         };
     }
-    ReturnEvent { rebooted: !prev_boot.is_empty() && !new_boot.is_empty() && prev_boot != new_boot, ..Default::default() }
+    ReturnEvent {
+        rebooted: !prev_boot.is_empty() && !new_boot.is_empty() && prev_boot != new_boot,
+        ..Default::default()
+    }
 }
 
 /// Hosts and guests, in memory and in the database.
@@ -258,7 +264,8 @@ impl Registry {
             hosts.insert(row.info.host_id.clone(), HostEntry::new(row));
         }
         let (owner_rows, mut bad) = store.owners_checked()?;
-        let owners: BTreeMap<String, crate::store::OwnerRow> = owner_rows.into_iter().map(|o| (o.uuid.clone(), o)).collect();
+        let owners: BTreeMap<String, crate::store::OwnerRow> =
+            owner_rows.into_iter().map(|o| (o.uuid.clone(), o)).collect();
         let owners_by_host = by_host(&owners);
         let (desired, b) = store.desired_checked()?;
         bad.extend(b);
@@ -270,11 +277,15 @@ impl Registry {
             |g| crate::intake::check_stored_guest(g).map_err(|r| r.to_string()),
             |g| {
                 let hash = guest_hash(&prost::Message::encode_to_vec(&g.guest));
-                guests.entry(g.host_id).or_default().insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
+                guests
+                    .entry(g.host_id)
+                    .or_default()
+                    .insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
             },
         )?);
         Self::quarantine_bad_rows(&mut store, &bad)?;
-        let quarantined: BTreeSet<String> = store.quarantined()?.into_iter().map(|q| q.uuid).filter(|u| !u.is_empty()).collect();
+        let quarantined: BTreeSet<String> =
+            store.quarantined()?.into_iter().map(|q| q.uuid).filter(|u| !u.is_empty()).collect();
         let alarms = store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
         for (h, m) in &guests {
             if let Some(e) = hosts.get_mut(h) {
@@ -371,7 +382,8 @@ impl Registry {
         let e = inner.hosts.get_mut(host_id).expect("inserted above");
         let mut duplicate = None;
         if let Some(old) = e.session.take() {
-            let alive = e.last_heard_ms().is_some_and(|t| now.saturating_sub(t) <= i64::from(self.timing.unreachable_after_ms));
+            let alive =
+                e.last_heard_ms().is_some_and(|t| now.saturating_sub(t) <= i64::from(self.timing.unreachable_after_ms));
             let ips = (old.peer.map(|p| p.ip()), peer.map(|p| p.ip()));
             info!(host = host_id, old_peer = ?old.peer, new_peer = ?peer, "new session supersedes the previous one");
             if let (true, (Some(a), Some(b))) = (alive, ips) {
@@ -406,7 +418,9 @@ impl Registry {
                 "host.returned",
                 host_id,
                 "",
-                format!("{host_id} is back (boot id {boot_id}, fenced with {fenced_boot}): status MAINTENANCE; {reason}"),
+                format!(
+                    "{host_id} is back (boot id {boot_id}, fenced with {fenced_boot}): status MAINTENANCE; {reason}"
+                ),
             );
             inner.store.set_status(host_id, HostStatus::Maintenance.as_str(), reason, Some(&a))?;
             warn!(host = host_id, "{reason}");
@@ -453,7 +467,8 @@ impl Registry {
     /// Re-reads ownership records (after a move step changed them).
     pub fn refresh_owners(&self) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        let owners: BTreeMap<String, crate::store::OwnerRow> = inner.store.owners()?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
+        let owners: BTreeMap<String, crate::store::OwnerRow> =
+            inner.store.owners()?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
         inner.owners_by_host = by_host(&owners);
         inner.owners = owners;
         for e in inner.hosts.values_mut() {
@@ -494,9 +509,16 @@ impl Registry {
 
     /// [`Registry::owner_view`] with whether `host`'s copy holds its disks
     /// given (`None`: as last reported).
-    fn owner_view_as(inner: &Inner, uuid: &str, host: &str, holds_here: Option<bool>) -> Option<crate::reconcile::OwnerView> {
+    fn owner_view_as(
+        inner: &Inner,
+        uuid: &str,
+        host: &str,
+        holds_here: Option<bool>,
+    ) -> Option<crate::reconcile::OwnerView> {
         use crate::reconcile::OwnerView;
-        let holds = |h: &str| inner.guests.get(h).and_then(|m| m.get(uuid)).is_some_and(|g| lifeboat_proto::holds_disk(g.state));
+        let holds = |h: &str| {
+            inner.guests.get(h).and_then(|m| m.get(uuid)).is_some_and(|g| lifeboat_proto::holds_disk(g.state))
+        };
         if inner.conflicts.contains_key(uuid) || inner.quarantined.contains(uuid) {
             return Some(OwnerView::Unsure);
         }
@@ -565,9 +587,18 @@ impl Registry {
                 warn!(host, uuid = %g.uuid, generation = g.owner_generation, "ignoring an ownership claim out of range");
                 continue;
             }
-            let current = inner.owners.get(&g.uuid).map(|o| o.host.clone()).or_else(|| inner.desired.get(&g.uuid).map(|d| d.0.clone()));
+            let current = inner
+                .owners
+                .get(&g.uuid)
+                .map(|o| o.host.clone())
+                .or_else(|| inner.desired.get(&g.uuid).map(|d| d.0.clone()));
             let held_there = current.as_deref().filter(|c| *c != host).is_some_and(|c| {
-                Self::fresh(inner, c) && inner.guests.get(c).and_then(|m| m.get(&g.uuid)).is_some_and(|x| lifeboat_proto::holds_disk(x.state))
+                Self::fresh(inner, c)
+                    && inner
+                        .guests
+                        .get(c)
+                        .and_then(|m| m.get(&g.uuid))
+                        .is_some_and(|x| lifeboat_proto::holds_disk(x.state))
             });
             if held_there {
                 let c = current.unwrap_or_default();
@@ -632,7 +663,11 @@ impl Registry {
         let st = GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified);
         let want = match st {
             GuestState::Running | GuestState::Paused | GuestState::Blocked => Some("running"),
-            GuestState::Shutoff if from_event && matches!(g.state_reason.as_str(), "shutdown" | "destroyed" | "saved") => Some("stopped"),
+            GuestState::Shutoff
+                if from_event && matches!(g.state_reason.as_str(), "shutdown" | "destroyed" | "saved") =>
+            {
+                Some("stopped")
+            }
             GuestState::Shutoff if !inner.desired.contains_key(&g.uuid) => Some("stopped"),
             _ => None,
         }?;
@@ -693,7 +728,12 @@ impl Registry {
     /// A full inventory: replaces the host's facts and all its guests.
     /// An inventory with an invalid guest is refused whole (nothing is
     /// written); the returned list is always empty (kept for callers).
-    pub fn apply_inventory(&self, host_id: &str, sid: SessionId, inv: Inventory) -> Result<Vec<String>, ControllerError> {
+    pub fn apply_inventory(
+        &self,
+        host_id: &str,
+        sid: SessionId,
+        inv: Inventory,
+    ) -> Result<Vec<String>, ControllerError> {
         let now = now_unix_ms();
         let mut inner = self.lock();
         if Self::current(&mut inner, host_id, sid).is_none() {
@@ -728,12 +768,14 @@ impl Registry {
         // and a host two agents claim may be answered by the other machine:
         // neither proves an absence, so those guests stay as they were.
         let kept: Vec<String> = deletes.iter().filter(|u| Self::keeps_when_gone(&inner, host_id, u)).cloned().collect();
-        let unsure = inner.hosts.get(host_id).is_some_and(|e| !e.row.info.libvirt_error.is_empty()) || Self::suspect(&inner, host_id);
+        let unsure = inner.hosts.get(host_id).is_some_and(|e| !e.row.info.libvirt_error.is_empty())
+            || Self::suspect(&inner, host_id);
         let (held, kept) = if unsure { (kept, Vec::new()) } else { (Vec::new(), kept) };
         let dels: Vec<&str> = deletes.iter().filter(|u| !held.contains(u)).map(String::as_str).collect();
         Self::mark_gone(&mut inner, host_id, &kept, now, "absent from its complete inventory")?;
         inner.store.write_guests(host_id, &upserts, &dels, now)?;
-        let back: Vec<(String, String, i32)> = guests.iter().map(|g| (g.uuid.clone(), g.name.clone(), g.state)).collect();
+        let back: Vec<(String, String, i32)> =
+            guests.iter().map(|g| (g.uuid.clone(), g.name.clone(), g.state)).collect();
         let claims: Vec<&Guest> = guests.iter().filter(|g| g.owner_host == host_id && g.owner_generation > 0).collect();
         Self::check_claims(&mut inner, host_id, &claims)?;
         // New guests' desired state, in one transaction (200,000 guests
@@ -815,7 +857,9 @@ impl Registry {
                 g.name, g.uuid
             );
             // The guest's update is stored already; a lost log line must not undo it.
-            if let Err(e) = inner.store.audit(&AuditRow::by_controller("guest.autostart_enabled", host_id, &g.name, detail)) {
+            if let Err(e) =
+                inner.store.audit(&AuditRow::by_controller("guest.autostart_enabled", host_id, &g.name, detail))
+            {
                 warn!(host = %host_id, guest = %g.name, "writing the audit log failed: {e}");
             }
         }
@@ -858,9 +902,8 @@ impl Registry {
     fn record(&self, inner: &Inner, e: &HostEntry, now: i64) -> HostRecord {
         let guests = inner.guests.get(&e.row.info.host_id);
         let guest_count = guests.map(|g| g.len()).unwrap_or(0) as u32;
-        let running_count = guests
-            .map(|g| g.values().filter(|g| g.state == GuestState::Running as i32).count())
-            .unwrap_or(0) as u32;
+        let running_count =
+            guests.map(|g| g.values().filter(|g| g.state == GuestState::Running as i32).count()).unwrap_or(0) as u32;
         HostRecord {
             info: Some(e.row.info.clone()),
             status: e.row.status.clone(),
@@ -878,7 +921,9 @@ impl Registry {
                 .map(|a| format!("{}: {}", a.1, a.2))
                 .collect(),
             stale_definitions: guests
-                .map(|g| g.keys().filter(|u| Self::owner_of(inner, u, &e.row.info.host_id) != e.row.info.host_id).count())
+                .map(|g| {
+                    g.keys().filter(|u| Self::owner_of(inner, u, &e.row.info.host_id) != e.row.info.host_id).count()
+                })
                 .unwrap_or(0) as u32,
             // From the store's reservations: the admin service fills it in.
             reserved_memory_kib: 0,
@@ -914,7 +959,12 @@ impl Registry {
 
     /// Every guest (or one host's, or the ones named `vm`), in order of host,
     /// name and UUID: all pages of [`Registry::list_guests_page`].
-    pub fn list_guests(&self, host: Option<&str>, vm: Option<&str>, with_definitions: bool) -> Result<Vec<GuestRecord>, ControllerError> {
+    pub fn list_guests(
+        &self,
+        host: Option<&str>,
+        vm: Option<&str>,
+        with_definitions: bool,
+    ) -> Result<Vec<GuestRecord>, ControllerError> {
         Ok(self.list_guests_page(host, vm, with_definitions, None, usize::MAX)?.0)
     }
 
@@ -937,7 +987,9 @@ impl Registry {
             Some(h) => Some(Self::resolve(&self.lock(), h)?.row.info.host_id.clone()),
             None => None,
         };
-        let past = |id: &str, name: &str, uuid: &str| after.is_none_or(|c| (id, name, uuid) > (c.0.as_str(), c.1.as_str(), c.2.as_str()));
+        let past = |id: &str, name: &str, uuid: &str| {
+            after.is_none_or(|c| (id, name, uuid) > (c.0.as_str(), c.1.as_str(), c.2.as_str()))
+        };
         let mut out: Vec<GuestRecord> = Vec::new();
         // Hosts are visited from the cursor's host on, a chunk per lock hold.
         let mut from = match (&only, after) {
@@ -966,20 +1018,27 @@ impl Registry {
                     .iter()
                     .filter(|(u, g)| vm.is_none_or(|vm| &*g.name == vm || u.as_str() == vm) && past(id, &g.name, u))
                     .map(|(u, g)| (&*g.name, u.as_str(), Listed::Seen(g)))
-                    .chain(Self::missing_rows_of(&inner, id, vm, &past).into_iter().map(|r| (r.guest.name.as_str(), r.guest.uuid.as_str(), Listed::Gone(r))))
+                    .chain(
+                        Self::missing_rows_of(&inner, id, vm, &past)
+                            .into_iter()
+                            .map(|r| (r.guest.name.as_str(), r.guest.uuid.as_str(), Listed::Gone(r))),
+                    )
                     .collect();
                 if v.is_empty() {
                     continue;
                 }
                 v.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-                let mut definitions: BTreeMap<String, String> = if with_definitions && v.iter().any(|x| matches!(x.2, Listed::Seen(_))) {
-                    inner.store.guests_of(id)?.into_iter().map(|g| (g.uuid, g.definition_xml)).collect()
-                } else {
-                    BTreeMap::new()
-                };
+                let mut definitions: BTreeMap<String, String> =
+                    if with_definitions && v.iter().any(|x| matches!(x.2, Listed::Seen(_))) {
+                        inner.store.guests_of(id)?.into_iter().map(|g| (g.uuid, g.definition_xml)).collect()
+                    } else {
+                        BTreeMap::new()
+                    };
                 for (_, uuid, item) in v {
                     if out.len() == limit {
-                        let next = out.last().and_then(|r| r.guest.as_ref().map(|g| (r.host_id.clone(), g.name.clone(), g.uuid.clone())));
+                        let next = out.last().and_then(|r| {
+                            r.guest.as_ref().map(|g| (r.host_id.clone(), g.name.clone(), g.uuid.clone()))
+                        });
                         return Ok((out, next));
                     }
                     let g = match item {
@@ -1037,7 +1096,11 @@ impl Registry {
     pub fn host_views_for(&self, with_guests: &[&str]) -> Vec<crate::migrate::plan::HostView> {
         let now = now_unix_ms();
         let inner = self.lock();
-        inner.hosts.values().map(|e| self.view(&inner, e, now, with_guests.contains(&e.row.info.host_id.as_str()))).collect()
+        inner
+            .hosts
+            .values()
+            .map(|e| self.view(&inner, e, now, with_guests.contains(&e.row.info.host_id.as_str())))
+            .collect()
     }
 
     /// One host as the planner sees it, with its guests.
@@ -1129,13 +1192,19 @@ impl Registry {
             }
             match &e.session {
                 Some(s) => (s.tx.clone(), s.superseded.subscribe()),
-                None => return Err(ControllerError::AgentUnavailable(format!("host '{host_id}' has no open agent session"))),
+                None => {
+                    return Err(ControllerError::AgentUnavailable(format!(
+                        "host '{host_id}' has no open agent session"
+                    )));
+                }
             }
         };
         let id = uuid::Uuid::new_v4().to_string();
         let (otx, orx) = tokio::sync::oneshot::channel();
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), (host_id.to_string(), otx));
-        let msg = ControllerMessage { msg: Some(controller_message::Msg::Command(Command { id: id.clone(), kind: Some(kind) })) };
+        let msg = ControllerMessage {
+            msg: Some(controller_message::Msg::Command(Command { id: id.clone(), kind: Some(kind) })),
+        };
         let sent = tx.send(Box::new(msg)).await.is_ok();
         let r = if !sent {
             Err(ControllerError::AgentUnavailable(format!("the session to '{host_id}' closed")))
@@ -1184,17 +1253,29 @@ impl Registry {
     }
 
     /// Sets a host's status (checks are the caller's).
-    pub fn set_status(&self, host_id: &str, status: HostStatus, reason: &str, actor: &str) -> Result<(), ControllerError> {
+    pub fn set_status(
+        &self,
+        host_id: &str,
+        status: HostStatus,
+        reason: &str,
+        actor: &str,
+    ) -> Result<(), ControllerError> {
         let mut inner = self.lock();
         let Some(e) = inner.hosts.get(host_id) else {
-            return Err(ControllerError::UnknownHost { host: host_id.into(), known: inner.hosts.keys().cloned().collect() });
+            return Err(ControllerError::UnknownHost {
+                host: host_id.into(),
+                known: inner.hosts.keys().cloned().collect(),
+            });
         };
         let old = e.row.status.clone();
         let a = crate::store::AuditRow {
             actor: actor.into(),
             action: "host.status".into(),
             host: host_id.into(),
-            detail: format!("{old} -> {status}{}", if reason.is_empty() { String::new() } else { format!(": {reason}") }),
+            detail: format!(
+                "{old} -> {status}{}",
+                if reason.is_empty() { String::new() } else { format!(": {reason}") }
+            ),
             ..Default::default()
         };
         inner.store.set_status(host_id, status.as_str(), reason, Some(&a))?;
@@ -1240,7 +1321,9 @@ impl Registry {
             // now: one copy gone ends the conflict (and may rebuild the record).
             let pending: Vec<(String, String)> = std::mem::take(&mut inner.conflicts).into_iter().collect();
             for (uuid, claimant) in pending {
-                let Some(g) = inner.guests.get(&claimant).and_then(|m| m.get(&uuid)).map(GuestEntry::guest) else { continue };
+                let Some(g) = inner.guests.get(&claimant).and_then(|m| m.get(&uuid)).map(GuestEntry::guest) else {
+                    continue;
+                };
                 let g = Guest { uuid: uuid.clone(), ..g };
                 if let Err(e) = Self::check_claims(&mut inner, &claimant, &[&g]) {
                     warn!(uuid = %uuid, "judging an ownership conflict again failed: {e}");
@@ -1285,7 +1368,12 @@ impl Registry {
             .get(id)
             .map(|m| {
                 m.iter()
-                    .map(|(u, g)| Guest { uuid: u.clone(), name: g.name.to_string(), state: g.state, ..Default::default() })
+                    .map(|(u, g)| Guest {
+                        uuid: u.clone(),
+                        name: g.name.to_string(),
+                        state: g.state,
+                        ..Default::default()
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -1296,12 +1384,18 @@ impl Registry {
         let owned_here: Vec<&crate::store::OwnerRow> = inner
             .owners_by_host
             .get(id)
-            .map(|v| v.iter().filter_map(|u| inner.owners.get(u)).filter(|o| o.complete || inner.in_job.contains_key(&o.uuid))
-                .filter(|o| !inner.quarantined.contains(&o.uuid))
-                .collect())
+            .map(|v| {
+                v.iter()
+                    .filter_map(|u| inner.owners.get(u))
+                    .filter(|o| o.complete || inner.in_job.contains_key(&o.uuid))
+                    .filter(|o| !inner.quarantined.contains(&o.uuid))
+                    .collect()
+            })
             .unwrap_or_default();
-        let in_job: BTreeSet<String> = inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 != id).map(|(u, _)| u.clone()).collect();
-        let claimed: BTreeSet<String> = inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 == id).map(|(u, _)| u.clone()).collect();
+        let in_job: BTreeSet<String> =
+            inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 != id).map(|(u, _)| u.clone()).collect();
+        let claimed: BTreeSet<String> =
+            inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 == id).map(|(u, _)| u.clone()).collect();
         // A status that does not parse makes the host a non-target (OFFLINE:
         // no leases), never AVAILABLE.
         let status = e.row.status.parse().unwrap_or_else(|err| {
@@ -1314,12 +1408,17 @@ impl Registry {
             inventory_seen: e.inventory_seen,
             pending_boot_start: e.pending_boot_start,
             leases_sent: e.leases_sent.clone(),
-            owners: guests.iter().filter_map(|g| Self::owner_view(inner, &g.uuid, id).map(|o| (g.uuid.clone(), o))).collect(),
+            owners: guests
+                .iter()
+                .filter_map(|g| Self::owner_view(inner, &g.uuid, id).map(|o| (g.uuid.clone(), o)))
+                .collect(),
             // Desired state and copies elsewhere are read only for a boot start.
             desired: if e.pending_boot_start {
                 guests
                     .iter()
-                    .filter_map(|g| inner.desired.get(&g.uuid).filter(|d| &d.0 == id).map(|d| (g.uuid.clone(), d.1.clone())))
+                    .filter_map(|g| {
+                        inner.desired.get(&g.uuid).filter(|d| &d.0 == id).map(|d| (g.uuid.clone(), d.1.clone()))
+                    })
                     .collect()
             } else {
                 BTreeMap::new()
@@ -1328,7 +1427,9 @@ impl Registry {
                 guests
                     .iter()
                     .filter(|g| {
-                        inner.guests.iter().any(|(h, m)| h != id && m.get(&g.uuid).is_some_and(|x| lifeboat_proto::holds_disk(x.state)))
+                        inner.guests.iter().any(|(h, m)| {
+                            h != id && m.get(&g.uuid).is_some_and(|x| lifeboat_proto::holds_disk(x.state))
+                        })
                     })
                     .map(|g| g.uuid.clone())
                     .collect()
@@ -1340,7 +1441,11 @@ impl Registry {
                 .filter_map(|g| inner.owners.get(&g.uuid).map(|o| (g.uuid.clone(), o.generation)))
                 .chain(owned_here.iter().map(|o| (o.uuid.clone(), o.generation)))
                 .collect(),
-            owned_unreported: owned_here.iter().filter(|o| !reported(&o.uuid)).map(|o| (o.uuid.clone(), String::new())).collect(),
+            owned_unreported: owned_here
+                .iter()
+                .filter(|o| !reported(&o.uuid))
+                .map(|o| (o.uuid.clone(), String::new()))
+                .collect(),
             in_job,
             claimed,
             guests,
@@ -1404,9 +1509,20 @@ impl Registry {
         i64::from(self.timing.unreachable_after_ms).saturating_mul(2)
     }
 
-    fn clear_by_cause_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str, why: &str) -> Result<(), StoreError> {
+    fn clear_by_cause_locked(
+        inner: &mut Inner,
+        host: &str,
+        kind: &str,
+        detail: &str,
+        why: &str,
+    ) -> Result<(), StoreError> {
         if inner.store.clear_alarm(host, kind, detail)? > 0 {
-            inner.store.audit(&AuditRow::by_controller("alarm.cleared", host, "", format!("{kind} alarm cleared: {why} ({detail})")))?;
+            inner.store.audit(&AuditRow::by_controller(
+                "alarm.cleared",
+                host,
+                "",
+                format!("{kind} alarm cleared: {why} ({detail})"),
+            ))?;
         }
         inner.alarms.retain(|a| !(a.0 == host && a.1 == kind && a.2 == detail));
         Ok(())
@@ -1468,7 +1584,9 @@ impl Registry {
         let mut held = self.holders(uuids);
         let now = now_unix_ms();
         let inner = self.lock();
-        let talks = |h: &String| h.as_str() != source && inner.hosts.get(h).is_some_and(|e| self.liveness_of(e, now) == Liveness::Reachable);
+        let talks = |h: &String| {
+            h.as_str() != source && inner.hosts.get(h).is_some_and(|e| self.liveness_of(e, now) == Liveness::Reachable)
+        };
         held.retain(|_, hosts| {
             hosts.retain(talks);
             !hosts.is_empty()
@@ -1528,7 +1646,9 @@ impl Registry {
     pub fn checkpoint(&self) {
         match self.lock().store.checkpoint() {
             Ok(true) => {}
-            Ok(false) => tracing::debug!("WAL checkpoint incomplete: a reader still needs part of it; tried again in 30 s"),
+            Ok(false) => {
+                tracing::debug!("WAL checkpoint incomplete: a reader still needs part of it; tried again in 30 s")
+            }
             Err(e) => warn!("WAL checkpoint failed: {e}; tried again in 30 s"),
         }
     }
@@ -1642,7 +1762,10 @@ impl Registry {
             let blocked = if b.table == "hosts" {
                 format!("Host {} is MAINTENANCE (it takes no guests) until an operator sets its status.", b.host)
             } else {
-                format!("Guest {} is not leased, started, stopped or moved anywhere while the row is in quarantine.", b.uuid)
+                format!(
+                    "Guest {} is not leased, started, stopped or moved anywhere while the row is in quarantine.",
+                    b.uuid
+                )
             };
             let alarm_host = if b.host.is_empty() { "controller" } else { b.host.as_str() };
             let detail = format!(
@@ -1712,7 +1835,11 @@ mod tests {
         let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
-        let with_def = |u: &str, n: &str, state: i32| Guest { definition_xml: format!("<domain><name>{n}</name></domain>"), state, ..g(u, n) };
+        let with_def = |u: &str, n: &str, state: i32| Guest {
+            definition_xml: format!("<domain><name>{n}</name></domain>"),
+            state,
+            ..g(u, n)
+        };
         let inv = |gs: Vec<Guest>| Inventory { host: None, guests: gs, more: false };
         reg.apply_inventory("h", sid, inv(vec![with_def("u1", "vm1", 1), with_def("u2", "vm2", 1)])).unwrap();
         let listed = reg.list_guests(None, None, false).unwrap();
@@ -1723,7 +1850,12 @@ mod tests {
         let t1 = reg.list_guests(None, Some("u1"), false).unwrap()[0].updated_unix_ms;
         std::thread::sleep(Duration::from_millis(5));
         // vm1 unchanged, vm2 changed, u3 new; nothing else.
-        reg.apply_inventory("h", sid, inv(vec![with_def("u1", "vm1", 1), with_def("u2", "vm2", 6), with_def("u3", "vm3", 1)])).unwrap();
+        reg.apply_inventory(
+            "h",
+            sid,
+            inv(vec![with_def("u1", "vm1", 1), with_def("u2", "vm2", 6), with_def("u3", "vm3", 1)]),
+        )
+        .unwrap();
         let rows = reg.db(|s| s.guests()).unwrap();
         let updated = |u: &str| rows.iter().find(|r| r.guest.uuid == u).unwrap().updated_ms;
         assert_eq!(updated("u1"), t1, "an unchanged guest is not written again");
@@ -1731,7 +1863,11 @@ mod tests {
         assert_eq!(rows.iter().find(|r| r.guest.uuid == "u2").unwrap().guest.state, 6);
         reg.apply_inventory("h", sid, inv(vec![with_def("u3", "vm3", 1)])).unwrap();
         let rows = reg.db(|s| s.guests()).unwrap();
-        assert_eq!(rows.iter().map(|r| r.guest.uuid.as_str()).collect::<Vec<_>>(), ["u3"], "guests gone from the inventory leave the guests table");
+        assert_eq!(
+            rows.iter().map(|r| r.guest.uuid.as_str()).collect::<Vec<_>>(),
+            ["u3"],
+            "guests gone from the inventory leave the guests table"
+        );
         // ...but managed guests gone from their owner are kept as missing,
         // definitions included (vm1, in no state Lifeboat records a desired
         // state for, was never managed).
@@ -1739,14 +1875,13 @@ mod tests {
         let listed = reg.list_guests(None, None, true).unwrap();
         let shown: Vec<(&str, bool, &str)> = listed
             .iter()
-            .map(|r| (r.guest.as_ref().unwrap().name.as_str(), r.missing, r.guest.as_ref().unwrap().definition_xml.as_str()))
+            .map(|r| {
+                (r.guest.as_ref().unwrap().name.as_str(), r.missing, r.guest.as_ref().unwrap().definition_xml.as_str())
+            })
             .collect();
         assert_eq!(
             shown,
-            [
-                ("vm2", true, "<domain><name>vm2</name></domain>"),
-                ("vm3", false, "<domain><name>vm3</name></domain>")
-            ]
+            [("vm2", true, "<domain><name>vm2</name></domain>"), ("vm3", false, "<domain><name>vm3</name></domain>")]
         );
     }
 
@@ -1815,7 +1950,10 @@ mod tests {
         // One host's guests, in pages.
         let (p1, c1) = reg.list_guests_page(Some("h003"), None, false, None, 2).unwrap();
         let (p2, c2) = reg.list_guests_page(Some("h003"), None, false, c1.as_ref(), 2).unwrap();
-        assert_eq!(p1.iter().chain(&p2).map(|r| r.guest.as_ref().unwrap().name.as_str()).collect::<Vec<_>>(), ["vm7", "vm8", "vm9"]);
+        assert_eq!(
+            p1.iter().chain(&p2).map(|r| r.guest.as_ref().unwrap().name.as_str()).collect::<Vec<_>>(),
+            ["vm7", "vm8", "vm9"]
+        );
         assert!(p2.iter().all(|r| r.host_id == "h003") && c2.is_none());
     }
 
@@ -1842,7 +1980,8 @@ mod tests {
         let (_, first) = reg.open_session_from("h", "boot", tx.clone(), Some(a)).unwrap();
         assert!(!*first.borrow());
         // The same address again (a redial after a broken stream): no alarm.
-        let (_, second) = reg.open_session_from("h", "boot", tx.clone(), Some("10.0.0.1:4001".parse().unwrap())).unwrap();
+        let (_, second) =
+            reg.open_session_from("h", "boot", tx.clone(), Some("10.0.0.1:4001".parse().unwrap())).unwrap();
         assert!(*first.borrow(), "the superseded session is told to close");
         assert!(reg.active_alarms().is_empty());
         // Another address while the first still talks: both named, once.
@@ -1897,7 +2036,12 @@ mod tests {
         assert_eq!(reg.list_guests(Some("b"), None, false).unwrap().len(), 4);
         // A newer claim while the recorded owner runs it: a conflict, nobody gets a lease.
         let sd = reg.open_session("d", "boot", tx).unwrap();
-        reg.apply_inventory("d", sd, inv(vec![Guest { owner_host: "d".into(), owner_generation: 4, ..running("u3", "vm3") }])).unwrap();
+        reg.apply_inventory(
+            "d",
+            sd,
+            inv(vec![Guest { owner_host: "d".into(), owner_generation: 4, ..running("u3", "vm3") }]),
+        )
+        .unwrap();
         assert_eq!(reg.owner_generation("u3"), 3, "not taken from a running owner");
         assert!(reg.active_alarms().iter().any(|a| a.1 == "ownership-conflict"));
         assert!(!reg.lease_set("b").iter().any(|l| l.0 == "u3") && !reg.lease_set("d").iter().any(|l| l.0 == "u3"));
@@ -1919,7 +2063,8 @@ mod tests {
     }
 
     #[test]
-    fn after_a_restart_a_host_silent_for_long_is_neither_unreachable_nor_silent_for_the_planner_until_the_detection_time() {
+    fn after_a_restart_a_host_silent_for_long_is_neither_unreachable_nor_silent_for_the_planner_until_the_detection_time()
+     {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("c.db");
         {
@@ -1968,10 +2113,13 @@ mod tests {
         reg.apply_inventory("b", sb, inv(vec![running("ub", "vm-b1")])).unwrap();
         let (_, _) = reg.open_session_from("a", "boot", tx.clone(), Some("10.0.0.1:1".parse().unwrap())).unwrap();
         // An impostor with a's certificate on b's machine reports b's guest as a's.
-        let (impostor, _) = reg.open_session_from("a", "boot", tx.clone(), Some("10.0.0.2:1".parse().unwrap())).unwrap();
+        let (impostor, _) =
+            reg.open_session_from("a", "boot", tx.clone(), Some("10.0.0.2:1".parse().unwrap())).unwrap();
         reg.apply_inventory("a", impostor, inv(vec![running("ub", "vm-b1")])).unwrap();
         assert!(reg.active_alarms().iter().any(|a| a.0 == "a" && a.1 == "duplicate-agent"));
-        let decided = reg.reconcile_each(now_unix_ms(), 30_000, true, |snap| (snap.host.clone(), crate::reconcile::decide(snap, 1, 30_000)));
+        let decided = reg.reconcile_each(now_unix_ms(), 30_000, true, |snap| {
+            (snap.host.clone(), crate::reconcile::decide(snap, 1, 30_000))
+        });
         assert!(decided.iter().all(|(h, _)| h != "a"), "nothing is decided for a suspect host");
         assert!(
             !decided.iter().flat_map(|(_, a)| a).any(|a| matches!(a, crate::reconcile::Action::StopStale { .. })),
@@ -2063,7 +2211,11 @@ mod tests {
             let sa = reg.open_session("a", "boot", tx.clone()).unwrap();
             let _sb = reg.open_session("b", "boot", tx).unwrap();
             let run = |u: &str, n: &str| Guest { state: GuestState::Running as i32, memory_kib: 1024, ..g(u, n) };
-            let inv = Inventory { host: None, guests: vec![run("u1", "vm1"), run("u2", "vm2"), run("u3", "vm3"), run("u4", "vm4")], more: false };
+            let inv = Inventory {
+                host: None,
+                guests: vec![run("u1", "vm1"), run("u2", "vm2"), run("u3", "vm3"), run("u4", "vm4")],
+                more: false,
+            };
             reg.apply_inventory("a", sa, inv).unwrap();
             assert_eq!(reg.lease_set("a").len(), 4);
             reg.flush().unwrap();
@@ -2090,13 +2242,20 @@ mod tests {
         }
         let alarms: Vec<_> = reg.active_alarms().into_iter().filter(|a| a.1 == "row-quarantined").collect();
         assert_eq!(alarms.len(), 5, "{alarms:?}");
-        assert!(alarms.iter().any(|a| a.2.contains("table owners (key u3)") && a.2.contains("not leased, started")), "{alarms:?}");
+        assert!(
+            alarms.iter().any(|a| a.2.contains("table owners (key u3)") && a.2.contains("not leased, started")),
+            "{alarms:?}"
+        );
         assert_eq!(reg.status_of("b"), Some(HostStatus::Maintenance));
         let (tx, _rx) = mpsc::channel(1);
         let sa = reg.open_session("a", "boot2", tx).unwrap();
         // The host reports its guests again: still no lease for the blocked ones.
         let run = |u: &str, n: &str| Guest { state: GuestState::Running as i32, memory_kib: 1024, ..g(u, n) };
-        let inv = Inventory { host: None, guests: vec![run("u1", "vm1"), run("u2", "vm2"), run("u3", "vm3"), run("u4", "vm4")], more: false };
+        let inv = Inventory {
+            host: None,
+            guests: vec![run("u1", "vm1"), run("u2", "vm2"), run("u3", "vm3"), run("u4", "vm4")],
+            more: false,
+        };
         reg.apply_inventory("a", sa, inv).unwrap();
         assert!(reg.lease_set("a").is_empty(), "{:?}", reg.lease_set("a"));
         // A second start on the same database loads cleanly, the guests still blocked.
@@ -2105,5 +2264,4 @@ mod tests {
         assert_eq!(reg.db(|s| s.quarantined()).unwrap().len(), 5);
         assert!(["u1", "u2", "u3", "u4"].iter().all(|u| reg.is_quarantined(u)));
     }
-
 }

@@ -156,7 +156,14 @@ pub struct AuditRow {
 impl AuditRow {
     /// An entry about what the controller itself noticed or did.
     pub fn by_controller(action: &str, host: &str, vm: &str, detail: String) -> Self {
-        AuditRow { actor: "controller".into(), action: action.into(), host: host.into(), vm: vm.into(), detail, ..Default::default() }
+        AuditRow {
+            actor: "controller".into(),
+            action: action.into(),
+            host: host.into(),
+            vm: vm.into(),
+            detail,
+            ..Default::default()
+        }
     }
 }
 
@@ -242,8 +249,6 @@ pub struct GuestRow {
 pub struct Store {
     conn: Connection,
 }
-
-
 
 impl Store {
     /// Opens (creating if needed) the database and migrates its schema.
@@ -510,7 +515,8 @@ impl Store {
         self.observed(|conn| {
             let tx = conn.transaction()?;
             {
-                let mut st = tx.prepare_cached("UPDATE hosts SET last_seen_ms = ?2 WHERE host_id = ?1 AND last_seen_ms < ?2")?;
+                let mut st =
+                    tx.prepare_cached("UPDATE hosts SET last_seen_ms = ?2 WHERE host_id = ?1 AND last_seen_ms < ?2")?;
                 for (h, t) in seen {
                     st.execute(params![h, t])?;
                 }
@@ -523,7 +529,13 @@ impl Store {
     /// Writes the guests of a host that changed and deletes those that are
     /// gone, in one transaction (observed state). `upserts` are encoded
     /// `Guest` messages with their UUID and name.
-    pub fn write_guests(&mut self, host_id: &str, upserts: &[(&str, &str, &[u8])], deletes: &[&str], now_ms: i64) -> Result<(), StoreError> {
+    pub fn write_guests(
+        &mut self,
+        host_id: &str,
+        upserts: &[(&str, &str, &[u8])],
+        deletes: &[&str],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         if upserts.is_empty() && deletes.is_empty() {
             return Ok(());
         }
@@ -553,7 +565,9 @@ impl Store {
         let rows = st.query_map(params![host_id], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
         for b in rows {
-            out.push(Guest::decode(&b?[..]).map_err(|e| StoreError::Corrupt { table: "guests", message: e.to_string() })?);
+            out.push(
+                Guest::decode(&b?[..]).map_err(|e| StoreError::Corrupt { table: "guests", message: e.to_string() })?,
+            );
         }
         Ok(out)
     }
@@ -564,7 +578,13 @@ impl Store {
     }
 
     /// Sets a host's status (and why), with an audit entry, atomically.
-    pub fn set_status(&mut self, host_id: &str, status: &str, reason: &str, audit: Option<&AuditRow>) -> Result<bool, StoreError> {
+    pub fn set_status(
+        &mut self,
+        host_id: &str,
+        status: &str,
+        reason: &str,
+        audit: Option<&AuditRow>,
+    ) -> Result<bool, StoreError> {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
             "UPDATE hosts SET status = ?2, status_reason = ?3 WHERE host_id = ?1",
@@ -610,7 +630,6 @@ impl Store {
         Ok(())
     }
 
-
     /// Raises an alarm unless the same one is active; returns whether it is new.
     pub fn raise_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<bool, StoreError> {
         let active: Option<i64> = self
@@ -647,7 +666,9 @@ impl Store {
         let mut st = self.conn.prepare(
             "SELECT id, at_ms, host, kind, detail, cleared_ms FROM alarms WHERE (?1 OR cleared_ms = 0) ORDER BY id",
         )?;
-        let rows = st.query_map(params![include_cleared], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
+        let rows = st.query_map(params![include_cleared], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -662,7 +683,12 @@ impl Store {
     /// Clears a host's active alarms of one kind and, when any was active,
     /// appends `audit` in the same transaction. Returns the alarms cleared
     /// as (id, at, detail); none cleared writes nothing.
-    pub fn clear_alarms_audited(&mut self, host: &str, kind: &str, audit: &AuditRow) -> Result<Vec<(i64, i64, String)>, StoreError> {
+    pub fn clear_alarms_audited(
+        &mut self,
+        host: &str,
+        kind: &str,
+        audit: &AuditRow,
+    ) -> Result<Vec<(i64, i64, String)>, StoreError> {
         let tx = self.conn.transaction()?;
         let active: Vec<(i64, i64, String)> = {
             let mut st = tx.prepare(
@@ -725,13 +751,19 @@ impl Store {
         let mut st = self.conn.prepare(
             "SELECT info, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id FROM hosts ORDER BY host_id",
         )?;
-        let rows = st.query_map([], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
-        })?;
+        let rows =
+            st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
         let mut out = Vec::new();
         for row in rows {
             let (b, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id) = row?;
-            out.push(HostRow { info: decode_host(&b)?, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id });
+            out.push(HostRow {
+                info: decode_host(&b)?,
+                status,
+                first_seen_ms,
+                last_seen_ms,
+                status_reason,
+                fenced_boot_id,
+            });
         }
         Ok(out)
     }
@@ -751,7 +783,8 @@ impl Store {
         while let Some(r) = rows.next()? {
             let host_id: String = r.get(0)?;
             let b: Vec<u8> = r.get(1)?;
-            let guest = Guest::decode(&b[..]).map_err(|e| StoreError::Corrupt { table: "guests", message: e.to_string() })?;
+            let guest =
+                Guest::decode(&b[..]).map_err(|e| StoreError::Corrupt { table: "guests", message: e.to_string() })?;
             f(GuestRow { host_id, guest, updated_ms: r.get(2)? });
         }
         Ok(())
@@ -788,11 +821,24 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
             for m in moves {
-                let memory = i64::try_from(m.memory_kib)
-                    .map_err(|_| StoreError::Corrupt { table: "moves", message: format!("memory {} KiB of {} out of range", m.memory_kib, m.name) })?;
+                let memory = i64::try_from(m.memory_kib).map_err(|_| StoreError::Corrupt {
+                    table: "moves",
+                    message: format!("memory {} KiB of {} out of range", m.memory_kib, m.name),
+                })?;
                 st.execute(params![
-                    m.job_id, m.uuid, m.name, m.source, m.target, m.generation as i64, m.state, m.start,
-                    m.definition_xml, m.error, m.priority, m.updated_ms, memory
+                    m.job_id,
+                    m.uuid,
+                    m.name,
+                    m.source,
+                    m.target,
+                    m.generation as i64,
+                    m.state,
+                    m.start,
+                    m.definition_xml,
+                    m.error,
+                    m.priority,
+                    m.updated_ms,
+                    memory
                 ])?;
             }
         }
@@ -802,7 +848,13 @@ impl Store {
     }
 
     /// Sets a job's state (and error), with an audit entry, atomically.
-    pub fn set_job_state(&mut self, id: &str, state: &str, error: &str, audit: Option<&AuditRow>) -> Result<(), StoreError> {
+    pub fn set_job_state(
+        &mut self,
+        id: &str,
+        state: &str,
+        error: &str,
+        audit: Option<&AuditRow>,
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "UPDATE jobs SET state = ?2, error = ?3, updated_ms = ?4 WHERE id = ?1",
@@ -853,9 +905,18 @@ impl Store {
 
     /// Every waiting guest, oldest first.
     pub fn waiting(&self) -> Result<Vec<WaitingRow>, StoreError> {
-        let mut st = self.conn.prepare_cached("SELECT uuid, host, name, reason, since_ms, job FROM waiting ORDER BY since_ms, uuid")?;
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT uuid, host, name, reason, since_ms, job FROM waiting ORDER BY since_ms, uuid")?;
         let rows = st.query_map([], |r| {
-            Ok(WaitingRow { uuid: r.get(0)?, host: r.get(1)?, name: r.get(2)?, reason: r.get(3)?, since_ms: r.get(4)?, job: r.get(5)? })
+            Ok(WaitingRow {
+                uuid: r.get(0)?,
+                host: r.get(1)?,
+                name: r.get(2)?,
+                reason: r.get(3)?,
+                since_ms: r.get(4)?,
+                job: r.get(5)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -866,7 +927,10 @@ impl Store {
         let tx = self.conn.transaction()?;
         // Only the wait that was judged: a job that ended meanwhile may have
         // written a new one for the same guest (another host or job).
-        let n = tx.execute("DELETE FROM waiting WHERE uuid = ?1 AND host = ?2 AND job = ?3", params![w.uuid, w.host, w.job])?;
+        let n = tx.execute(
+            "DELETE FROM waiting WHERE uuid = ?1 AND host = ?2 AND job = ?3",
+            params![w.uuid, w.host, w.job],
+        )?;
         if n > 0 {
             insert_audit(&tx, audit)?;
         }
@@ -929,11 +993,7 @@ impl Store {
     pub fn job(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
         Ok(self
             .conn
-            .query_row(
-                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
-                params![id],
-                job_from_row,
-            )
+            .query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), params![id], job_from_row)
             .optional()?)
     }
 
@@ -974,7 +1034,13 @@ impl Store {
              ORDER BY m.target, j.created_ms, m.job_id, m.name",
         )?;
         let rows = st.query_map(params![crate::now_ms().saturating_sub(RUNNING_HOLD_MS)], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, i64>(4)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -1013,21 +1079,18 @@ impl Store {
                 ORDER BY seq DESC LIMIT ?5
              ) ORDER BY seq",
         )?;
-        let rows = st.query_map(
-            params![f.host, f.vm, f.job, f.since_ms, f.limit.unwrap_or(100_000)],
-            |r| {
-                Ok(AuditRow {
-                    seq: r.get(0)?,
-                    at_ms: r.get(1)?,
-                    actor: r.get(2)?,
-                    action: r.get(3)?,
-                    host: r.get(4)?,
-                    vm: r.get(5)?,
-                    job: r.get(6)?,
-                    detail: r.get(7)?,
-                })
-            },
-        )?;
+        let rows = st.query_map(params![f.host, f.vm, f.job, f.since_ms, f.limit.unwrap_or(100_000)], |r| {
+            Ok(AuditRow {
+                seq: r.get(0)?,
+                at_ms: r.get(1)?,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                host: r.get(4)?,
+                vm: r.get(5)?,
+                job: r.get(6)?,
+                detail: r.get(7)?,
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 }
@@ -1037,8 +1100,7 @@ const JOB_COLUMNS: &str =
     "id, kind, source, state, operator, plan_id, power_evidence, request, parallel, created_ms, updated_ms, error";
 
 /// The columns [`move_from_row`] reads, in order.
-const MOVE_COLUMNS: &str =
-    "job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms, memory_kib";
+const MOVE_COLUMNS: &str = "job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms, memory_kib";
 
 fn move_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MoveRow> {
     Ok(MoveRow {
@@ -1145,7 +1207,13 @@ impl Store {
     /// report, definition included, is kept) with its audit entry, in one
     /// transaction. Returns false, writing nothing, when the host has no
     /// stored row for it.
-    pub fn mark_missing(&mut self, host_id: &str, uuid: &str, since_ms: i64, audit: &AuditRow) -> Result<bool, StoreError> {
+    pub fn mark_missing(
+        &mut self,
+        host_id: &str,
+        uuid: &str,
+        since_ms: i64,
+        audit: &AuditRow,
+    ) -> Result<bool, StoreError> {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
             "INSERT INTO missing (uuid, host, name, data, since_ms)
@@ -1171,7 +1239,8 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (host, b, since_ms) = row?;
-            let guest = Guest::decode(&b[..]).map_err(|e| StoreError::Corrupt { table: "missing", message: e.to_string() })?;
+            let guest =
+                Guest::decode(&b[..]).map_err(|e| StoreError::Corrupt { table: "missing", message: e.to_string() })?;
             out.push(MissingRow { host, guest, since_ms });
         }
         Ok(out)
@@ -1236,7 +1305,16 @@ impl BadRow {
     /// the second and no blob.
     fn by_uuid(table: &'static str, rowid: i64, cols: &[&str], v: &[rusqlite::types::Value], reason: String) -> BadRow {
         let uuid = v.first().and_then(text).unwrap_or_default();
-        BadRow { table, rowid, key: uuid.clone(), uuid, host: v.get(1).and_then(text).unwrap_or_default(), reason, row_text: row_text(cols, v), data: None }
+        BadRow {
+            table,
+            rowid,
+            key: uuid.clone(),
+            uuid,
+            host: v.get(1).and_then(text).unwrap_or_default(),
+            reason,
+            row_text: row_text(cols, v),
+            data: None,
+        }
     }
 }
 
@@ -1314,13 +1392,15 @@ impl Store {
 
     /// Every host, and the host rows that do not read.
     pub fn hosts_checked(&self) -> Result<(Vec<HostRow>, Vec<BadRow>), StoreError> {
-        const COLS: [&str; 7] = ["host_id", "info", "status", "first_seen_ms", "last_seen_ms", "status_reason", "fenced_boot_id"];
+        const COLS: [&str; 7] =
+            ["host_id", "info", "status", "first_seen_ms", "last_seen_ms", "status_reason", "fenced_boot_id"];
         let (mut good, mut bad) = (Vec::new(), Vec::new());
         for (rowid, v) in self.raw_rows("hosts", &COLS)? {
             let host = text(&v[0]).unwrap_or_default();
             let parsed = (|| -> Result<HostRow, String> {
                 let id = text(&v[0]).filter(|h| !h.is_empty()).ok_or("host_id is not a non-empty text")?;
-                let info = HostInfo::decode(&blob(&v[1]).ok_or("info is not a blob")?[..]).map_err(|e| format!("info does not decode: {e}"))?;
+                let info = HostInfo::decode(&blob(&v[1]).ok_or("info is not a blob")?[..])
+                    .map_err(|e| format!("info does not decode: {e}"))?;
                 if info.host_id != id {
                     return Err(format!("info names host '{}', not '{id}'", info.host_id));
                 }
@@ -1358,7 +1438,9 @@ impl Store {
         mut f: impl FnMut(GuestRow),
     ) -> Result<Vec<BadRow>, StoreError> {
         const COLS: [&str; 5] = ["host_id", "uuid", "name", "data", "updated_ms"];
-        let mut st = self.conn.prepare("SELECT rowid, host_id, uuid, name, data, updated_ms FROM guests ORDER BY host_id, name")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT rowid, host_id, uuid, name, data, updated_ms FROM guests ORDER BY host_id, name")?;
         let mut rows = st.query([])?;
         let mut bad = Vec::new();
         while let Some(r) = rows.next()? {
@@ -1370,7 +1452,8 @@ impl Store {
             let (host, uuid) = (text(&v[0]).unwrap_or_default(), text(&v[1]).unwrap_or_default());
             let parsed = (|| -> Result<GuestRow, String> {
                 let host_id = text(&v[0]).ok_or("host_id is not text")?;
-                let guest = Guest::decode(&blob(&v[3]).ok_or("data is not a blob")?[..]).map_err(|e| format!("data does not decode: {e}"))?;
+                let guest = Guest::decode(&blob(&v[3]).ok_or("data is not a blob")?[..])
+                    .map_err(|e| format!("data does not decode: {e}"))?;
                 if guest.uuid != uuid {
                     return Err(format!("data is guest '{}', not the row's uuid", guest.uuid.escape_debug()));
                 }
@@ -1433,7 +1516,9 @@ impl Store {
             let parsed = (|| -> Result<(String, String, String), String> {
                 let uuid = text(&v[0]).filter(|u| !u.is_empty()).ok_or("uuid is not a non-empty text")?;
                 let host = text(&v[1]).filter(|h| !h.is_empty()).ok_or("host is not a non-empty text")?;
-                let state = text(&v[2]).filter(|s| s == "running" || s == "stopped").ok_or("state is not 'running' or 'stopped'")?;
+                let state = text(&v[2])
+                    .filter(|s| s == "running" || s == "stopped")
+                    .ok_or("state is not 'running' or 'stopped'")?;
                 Ok((uuid, host, state))
             })();
             match parsed {
@@ -1454,7 +1539,8 @@ impl Store {
             let uuid = text(&v[0]).unwrap_or_default();
             let parsed = (|| -> Result<MissingRow, String> {
                 let host = text(&v[1]).ok_or("host is not text")?;
-                let guest = Guest::decode(&blob(&v[2]).ok_or("data is not a blob")?[..]).map_err(|e| format!("data does not decode: {e}"))?;
+                let guest = Guest::decode(&blob(&v[2]).ok_or("data is not a blob")?[..])
+                    .map_err(|e| format!("data does not decode: {e}"))?;
                 if guest.uuid != uuid {
                     return Err("data is another guest than the row's uuid".into());
                 }
@@ -1504,9 +1590,17 @@ impl Store {
 
     /// Rows in quarantine.
     pub fn quarantined(&self) -> Result<Vec<QuarantineRow>, StoreError> {
-        let mut st = self.conn.prepare("SELECT id, source_table, row_key, uuid, host, reason FROM quarantine ORDER BY id")?;
+        let mut st =
+            self.conn.prepare("SELECT id, source_table, row_key, uuid, host, reason FROM quarantine ORDER BY id")?;
         let rows = st.query_map([], |r| {
-            Ok(QuarantineRow { id: r.get(0)?, table: r.get(1)?, key: r.get(2)?, uuid: r.get(3)?, host: r.get(4)?, reason: r.get(5)? })
+            Ok(QuarantineRow {
+                id: r.get(0)?,
+                table: r.get(1)?,
+                key: r.get(2)?,
+                uuid: r.get(3)?,
+                host: r.get(4)?,
+                reason: r.get(5)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -1530,7 +1624,11 @@ mod tests {
         assert!(std::fs::metadata(&wal).unwrap().len() > 100_000, "the WAL grew");
         assert!(s.checkpoint().unwrap(), "nothing held it");
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0, "the WAL was truncated");
-        assert_eq!(s.read_audit(&AuditFilter { limit: Some(1000), ..Default::default() }).unwrap().len(), 200, "nothing lost");
+        assert_eq!(
+            s.read_audit(&AuditFilter { limit: Some(1000), ..Default::default() }).unwrap().len(),
+            200,
+            "nothing lost"
+        );
 
         s.set_read_only(true).unwrap();
         let e = s.audit(&AuditRow::by_controller("test", "h", "", "refused".into())).unwrap_err();
@@ -1558,7 +1656,10 @@ mod tests {
         }
         let s = Store::open(&path).unwrap();
         let h = s.host("a").unwrap().unwrap();
-        assert_eq!((h.info.hostname.as_str(), h.status.as_str(), h.first_seen_ms, h.last_seen_ms), ("ha", "MAINTENANCE", 5, 99));
+        assert_eq!(
+            (h.info.hostname.as_str(), h.status.as_str(), h.first_seen_ms, h.last_seen_ms),
+            ("ha", "MAINTENANCE", 5, 99)
+        );
         let g = s.guests().unwrap();
         assert_eq!(g.len(), 1);
         assert_eq!(g[0].guest.name, "vm1");
@@ -1581,7 +1682,12 @@ mod tests {
             updated_ms: 1,
             error: String::new(),
         };
-        let a = AuditRow { actor: "ann".into(), action: "migrate.requested".into(), host: "a".into(), ..Default::default() };
+        let a = AuditRow {
+            actor: "ann".into(),
+            action: "migrate.requested".into(),
+            host: "a".into(),
+            ..Default::default()
+        };
         s.create_job(&job("j1", "CREATED"), &[], &a).unwrap();
         let e = s.create_job(&job("j2", "CREATED"), &[], &a).unwrap_err();
         assert!(e.to_string().contains("job j1"), "{e}");
@@ -1624,15 +1730,26 @@ mod tests {
             updated_ms: 1,
             memory_kib: 0,
         };
-        let a = AuditRow { actor: "ann".into(), action: "migrate.requested".into(), host: "a".into(), ..Default::default() };
-        let rows = [mv("u1", "vm-1", "PENDING", ""), mv("u2", "vm-local", "NOT_MOVED", "local storage: no other host sees /l.img")];
+        let a = AuditRow {
+            actor: "ann".into(),
+            action: "migrate.requested".into(),
+            host: "a".into(),
+            ..Default::default()
+        };
+        let rows = [
+            mv("u1", "vm-1", "PENDING", ""),
+            mv("u2", "vm-local", "NOT_MOVED", "local storage: no other host sees /l.img"),
+        ];
         s.create_job(&job, &rows, &a).unwrap();
         let carried: Vec<String> = s.moves("j1").unwrap().into_iter().map(|m| m.name).collect();
         assert_eq!(carried, ["vm-1"], "the engine never sees a NOT_MOVED row");
         let all = s.job_moves("j1").unwrap();
         assert_eq!(all.len(), 2);
         let local = all.iter().find(|m| m.name == "vm-local").unwrap();
-        assert_eq!((local.state.as_str(), local.error.as_str()), ("NOT_MOVED", "local storage: no other host sees /l.img"));
+        assert_eq!(
+            (local.state.as_str(), local.error.as_str()),
+            ("NOT_MOVED", "local storage: no other host sees /l.img")
+        );
         assert!(s.moves_from("a").unwrap().is_empty(), "cleanup never names a guest left behind");
     }
 
@@ -1669,22 +1786,37 @@ mod tests {
             memory_kib: kib,
         };
         let a = AuditRow { actor: "ann".into(), action: "migrate.requested".into(), ..Default::default() };
-        let states = ["PENDING", "DEFINING", "DEFINED", "STARTING", "RUNNING", "DEFINED_STOPPED", "FAILED", "NOT_MOVED"];
-        let rows: Vec<MoveRow> = states.iter().enumerate().map(|(i, st)| mv("j1", &format!("u{i}"), st, 1024 << i)).collect();
+        let states =
+            ["PENDING", "DEFINING", "DEFINED", "STARTING", "RUNNING", "DEFINED_STOPPED", "FAILED", "NOT_MOVED"];
+        let rows: Vec<MoveRow> =
+            states.iter().enumerate().map(|(i, st)| mv("j1", &format!("u{i}"), st, 1024 << i)).collect();
         s.create_job(&job("j1", "a"), &rows, &a).unwrap();
         s.create_job(&job("j2", "b"), &[mv("j2", "x", "PENDING", 7)], &a).unwrap();
         let r = s.reservations().unwrap();
-        let held: Vec<(&str, &str, u64)> = r.iter().map(|r| (r.job_id.as_str(), r.uuid.as_str(), r.memory_kib)).collect();
-        assert_eq!(held, [("j1", "u0", 1024), ("j1", "u1", 2048), ("j1", "u2", 4096), ("j1", "u3", 8192), ("j2", "x", 7)]);
+        let held: Vec<(&str, &str, u64)> =
+            r.iter().map(|r| (r.job_id.as_str(), r.uuid.as_str(), r.memory_kib)).collect();
+        assert_eq!(
+            held,
+            [("j1", "u0", 1024), ("j1", "u1", 2048), ("j1", "u2", 4096), ("j1", "u3", 8192), ("j2", "x", 7)]
+        );
         assert_eq!(s.job_moves("j1").unwrap()[0].memory_kib, 1024, "the figure is read back with the move");
         s.set_move("j1", "u0", "RUNNING", "", None, None).unwrap();
         s.set_job_state("j2", "PARTIAL", "", None).unwrap();
         let left: Vec<String> = s.reservations().unwrap().into_iter().map(|r| r.uuid).collect();
-        assert_eq!(left, ["u0", "u1", "u2", "u3"], "a guest that just started is held until its target reports it; an ended job's pending move holds nothing");
+        assert_eq!(
+            left,
+            ["u0", "u1", "u2", "u3"],
+            "a guest that just started is held until its target reports it; an ended job's pending move holds nothing"
+        );
         s.set_job_state("j1", "SUCCEEDED", "", None).unwrap();
         let left: Vec<String> = s.reservations().unwrap().into_iter().map(|r| r.uuid).collect();
         assert_eq!(left, ["u0"], "also once its job ended");
-        s.conn.execute(&format!("UPDATE moves SET updated_ms = {} WHERE uuid = 'u0'", crate::now_ms() - RUNNING_HOLD_MS - 1), []).unwrap();
+        s.conn
+            .execute(
+                &format!("UPDATE moves SET updated_ms = {} WHERE uuid = 'u0'", crate::now_ms() - RUNNING_HOLD_MS - 1),
+                [],
+            )
+            .unwrap();
         s.conn.execute("UPDATE jobs SET state = 'MOVING' WHERE id = 'j1'", []).unwrap();
         let left: Vec<String> = s.reservations().unwrap().into_iter().map(|r| r.uuid).collect();
         assert_eq!(left, ["u1", "u2", "u3"], "a move that ran long ago and an ended job hold nothing");
@@ -1698,7 +1830,13 @@ mod tests {
         let mut s = Store::open_in_memory().unwrap();
         s.raise_alarm("a", "guests-not-moved", "job j1 left vm-local").unwrap();
         s.raise_alarm("a", "split-brain", "never powered off").unwrap();
-        let a = AuditRow { actor: "olga".into(), action: "alarm.cleared".into(), host: "a".into(), detail: "checked".into(), ..Default::default() };
+        let a = AuditRow {
+            actor: "olga".into(),
+            action: "alarm.cleared".into(),
+            host: "a".into(),
+            detail: "checked".into(),
+            ..Default::default()
+        };
         assert!(s.clear_alarms_audited("a", "stale-copy-running", &a).unwrap().is_empty());
         assert!(s.clear_alarms_audited("b", "guests-not-moved", &a).unwrap().is_empty());
         assert!(s.read_audit(&AuditFilter::default()).unwrap().is_empty(), "nothing cleared, nothing audited");
@@ -1717,7 +1855,8 @@ mod tests {
     fn a_missing_guest_keeps_its_whole_row_and_a_mark_is_cleared_once() {
         let mut s = Store::open_in_memory().unwrap();
         s.upsert_host(&HostInfo { host_id: "a".into(), ..Default::default() }, 1).unwrap();
-        let g = Guest { uuid: "u1".into(), name: "vm1".into(), definition_xml: "<domain/>".into(), ..Default::default() };
+        let g =
+            Guest { uuid: "u1".into(), name: "vm1".into(), definition_xml: "<domain/>".into(), ..Default::default() };
         s.write_guests("a", &[("u1", "vm1", &g.encode_to_vec())], &[], 2).unwrap();
         let a = AuditRow::by_controller("guest.missing", "a", "vm1", "gone".into());
         assert!(!s.mark_missing("a", "u-other", 5, &a).unwrap(), "no row, nothing kept");

@@ -60,7 +60,11 @@ pub fn get() -> &'static Telemetry {
         let fence_seconds = Histogram::new(exponential_buckets(0.25, 2.0, 10));
         let recovery_seconds = Histogram::new(exponential_buckets(5.0, 2.0, 10));
         r.register("fence_operations", "BMC / fence-agent operations by kind and result", fence_ops.clone());
-        r.register("fence_power_off_seconds", "Seconds from a power-off request until Off was read (or the wait ended)", fence_seconds.clone());
+        r.register(
+            "fence_power_off_seconds",
+            "Seconds from a power-off request until Off was read (or the wait ended)",
+            fence_seconds.clone(),
+        );
         r.register(
             "failure_to_recovery_seconds",
             "Seconds from the last message of a failed host to the end of its forced migration",
@@ -71,12 +75,28 @@ pub fn get() -> &'static Telemetry {
         let connections_closed = Family::<ReasonLabels, Counter>::default();
         let requests_denied = Family::<ReasonLabels, Counter>::default();
         r.register("tls_handshake_failures", "TLS handshakes that failed, by reason", handshake_failures.clone());
-        r.register("connections_refused", "Connections refused by the controller's limits, by reason", connections_refused.clone());
-        r.register("connections_closed", "Established connections closed by the controller, by reason", connections_closed.clone());
-        r.register("requests_denied", "Requests refused for the certificate presented, by reason", requests_denied.clone());
+        r.register(
+            "connections_refused",
+            "Connections refused by the controller's limits, by reason",
+            connections_refused.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Established connections closed by the controller, by reason",
+            connections_closed.clone(),
+        );
+        r.register(
+            "requests_denied",
+            "Requests refused for the certificate presented, by reason",
+            requests_denied.clone(),
+        );
         let connections_open = prometheus_client::metrics::gauge::Gauge::default();
         let handshakes_in_progress = prometheus_client::metrics::gauge::Gauge::default();
-        r.register("connections_open", "Established connections (agents' sessions and clients')", connections_open.clone());
+        r.register(
+            "connections_open",
+            "Established connections (agents' sessions and clients')",
+            connections_open.clone(),
+        );
         r.register("tls_handshakes_in_progress", "TLS handshakes in progress", handshakes_in_progress.clone());
         Telemetry {
             connections_open,
@@ -86,7 +106,10 @@ pub fn get() -> &'static Telemetry {
             connections_closed,
             requests_denied,
             registry: Mutex::new(r),
-            fence_ops, fence_seconds, recovery_seconds }
+            fence_ops,
+            fence_seconds,
+            recovery_seconds,
+        }
     })
 }
 

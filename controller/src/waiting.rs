@@ -52,7 +52,9 @@ pub fn waits(state: MoveState, should_run: bool, owner: Option<&OwnerRow>, sourc
 /// a guest is nobody's (no lease anywhere): it is listed as waiting, never
 /// started by the reconciler, until an operator finishes the move.
 pub fn unfinished(state: MoveState, should_run: bool, owner: Option<&OwnerRow>, source: &str) -> bool {
-    state.is_left_behind() && should_run && owner.is_some_and(|o| o.host != source && !o.complete && o.from_host == source)
+    state.is_left_behind()
+        && should_run
+        && owner.is_some_and(|o| o.host != source && !o.complete && o.from_host == source)
 }
 
 /// How the reason of a waiting row left by an unfinished move starts.
@@ -116,7 +118,14 @@ pub fn rows_for_job(
             } else {
                 return None;
             };
-            Some(WaitingRow { uuid: m.uuid.clone(), host: m.source.clone(), name: m.name.clone(), reason, since_ms: now_ms, job: m.job_id.clone() })
+            Some(WaitingRow {
+                uuid: m.uuid.clone(),
+                host: m.source.clone(),
+                name: m.name.clone(),
+                reason,
+                since_ms: now_ms,
+                job: m.job_id.clone(),
+            })
         })
         .collect()
 }
@@ -130,7 +139,12 @@ pub fn raise(reg: &Registry, rows: &[WaitingRow], before: &[WaitingRow]) -> Resu
         if let Some(old) = before.iter().find(|o| o.uuid == w.uuid) {
             let (a, b) = (alarm_detail(old), alarm_detail(w));
             if a != b {
-                reg.clear_alarm_by_cause(&old.host, GUESTS_WAITING, &a, &format!("{} waits again, see the newer alarm", w.name))?;
+                reg.clear_alarm_by_cause(
+                    &old.host,
+                    GUESTS_WAITING,
+                    &a,
+                    &format!("{} waits again, see the newer alarm", w.name),
+                )?;
             }
         }
         reg.raise_alarm(&w.host, GUESTS_WAITING, &alarm_detail(w))?;
@@ -152,8 +166,10 @@ pub fn clear_moved(reg: &Registry, before: &[WaitingRow], moved: &[String], job:
 /// elsewhere now): its row goes (audited `guest.waiting_ended`) and its
 /// alarm is cleared by cause.
 pub fn end(reg: &Registry, w: &WaitingRow, why: &str) -> Result<(), StoreError> {
-    let detail = format!("{} ({}) no longer waits on {}: {why} (waited since {} ms)", w.name, w.uuid, w.host, w.since_ms);
-    let ended = reg.db(|s| s.end_waiting(w, &AuditRow::by_controller("guest.waiting_ended", &w.host, &w.name, detail)))?;
+    let detail =
+        format!("{} ({}) no longer waits on {}: {why} (waited since {} ms)", w.name, w.uuid, w.host, w.since_ms);
+    let ended =
+        reg.db(|s| s.end_waiting(w, &AuditRow::by_controller("guest.waiting_ended", &w.host, &w.name, detail)))?;
     if ended {
         info!(host = %w.host, guest = %w.name, "stopped waiting: {why}");
     }
@@ -188,7 +204,10 @@ pub fn judge(w: &WaitingRow, owner: Option<&OwnerRow>) -> WaitJudgement {
 /// it once its first host talks and holds nothing). Pure; only ends a wait,
 /// never starts anything.
 pub fn moved_by_hand(w: &WaitingRow, holders: &[String], owns: impl Fn(&str) -> bool) -> Option<String> {
-    holders.iter().find(|h| **h != w.host && owns(h)).map(|h| format!("it runs on {h}, which owns it now (moved outside Lifeboat)"))
+    holders
+        .iter()
+        .find(|h| **h != w.host && owns(h))
+        .map(|h| format!("it runs on {h}, which owns it now (moved outside Lifeboat)"))
 }
 
 /// Ends every wait of `uuid` on a host other than `owner` (the guest was
@@ -267,17 +286,27 @@ pub fn counts(reg: &Registry) -> BTreeMap<String, u64> {
 /// and no host reports it holding its disks. The guest is claimed (pseudo
 /// job `start-UUID`) for the whole start, the checks are made again before
 /// the lease and before the start, and every outcome is audited.
-pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, lease_ttl_ms: i64) -> Result<GuestRecord, ControllerError> {
+pub async fn start_vm(
+    reg: &Registry,
+    vm: &str,
+    reason: &str,
+    operator: &str,
+    lease_ttl_ms: i64,
+) -> Result<GuestRecord, ControllerError> {
     let vm = crate::guestops::bounded(vm, "VM", MAX_VM, "starting a guest")?;
     let reason = crate::guestops::bounded(reason, "--reason", MAX_REASON, "starting a guest")?;
     if vm.is_empty() {
         return Err(ControllerError::InvalidArgument(format!("name the guest (name or UUID, at most {MAX_VM} bytes)")));
     }
     if reason.is_empty() {
-        return Err(ControllerError::InvalidArgument(format!("--reason TEXT is required (at most {MAX_REASON} bytes)")));
+        return Err(ControllerError::InvalidArgument(format!(
+            "--reason TEXT is required (at most {MAX_REASON} bytes)"
+        )));
     }
     let refuse = |check: &str, detail: String, remedy: &str| {
-        ControllerError::Refused(format!("starting {vm} refused; nothing was changed. Failed check: {check}: {detail}. {remedy}"))
+        ControllerError::Refused(format!(
+            "starting {vm} refused; nothing was changed. Failed check: {check}: {detail}. {remedy}"
+        ))
     };
     if let Some(hold) = reg.hold(crate::now_ms()) {
         return Err(refuse(
@@ -294,32 +323,59 @@ pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, le
         [] => return Err(ControllerError::NotFound(format!("unknown guest '{vm}' (see `lifeboat vms list`)"))),
         [u] => u.to_string(),
         many => {
-            return Err(refuse("one guest named", format!("{} guests are called {vm}: {}", many.len(), many.join(", ")), "name it by UUID"));
+            return Err(refuse(
+                "one guest named",
+                format!("{} guests are called {vm}: {}", many.len(), many.join(", ")),
+                "name it by UUID",
+            ));
         }
     };
     crate::guestops::refuse_quarantined(reg, &uuid, vm, "starting")?;
-    let Some(rec) = records.iter().find(|r| r.guest.as_ref().is_some_and(|g| g.uuid == uuid) && r.owner_host == r.host_id && reg.owns(&r.host_id, &uuid))
-    else {
-        let seen: Vec<String> = records.iter().map(|r| format!("{} (owner recorded: {})", r.host_id, if r.owner_host.is_empty() { "none" } else { &r.owner_host })).collect();
+    let Some(rec) = records.iter().find(|r| {
+        r.guest.as_ref().is_some_and(|g| g.uuid == uuid) && r.owner_host == r.host_id && reg.owns(&r.host_id, &uuid)
+    }) else {
+        let seen: Vec<String> = records
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} (owner recorded: {})",
+                    r.host_id,
+                    if r.owner_host.is_empty() { "none" } else { &r.owner_host }
+                )
+            })
+            .collect();
         return Err(refuse(
             "owner known",
-            format!("no host that reports {vm} owns it for sure (reported by {}; an unfinished move or a conflict leaves it nobody's)", seen.join(", ")),
+            format!(
+                "no host that reports {vm} owns it for sure (reported by {}; an unfinished move or a conflict leaves it nobody's)",
+                seen.join(", ")
+            ),
             "see `lifeboat vms show` and `lifeboat jobs list`; finish the move with `lifeboat move` or `lifeboat migrate`",
         ));
     };
     let host = rec.host_id.clone();
     let name = rec.guest.as_ref().map(|g| g.name.clone()).unwrap_or_default();
     if let Some(job) = reg.job_of(&uuid) {
-        return Err(refuse("not in a job", format!("job {job} is moving {name}"), "wait for the job to end (`lifeboat jobs watch`)"));
+        return Err(refuse(
+            "not in a job",
+            format!("job {job} is moving {name}"),
+            "wait for the job to end (`lifeboat jobs watch`)",
+        ));
     }
     let status = reg.status_of(&host);
     if status == Some(HostStatus::Offline) || status.is_none() {
-        return Err(refuse("owner not OFFLINE", format!("{host} is OFFLINE"), "bring the host back; it becomes MAINTENANCE when its agent connects"));
+        return Err(refuse(
+            "owner not OFFLINE",
+            format!("{host} is OFFLINE"),
+            "bring the host back; it becomes MAINTENANCE when its agent connects",
+        ));
     }
     if !reg.is_reachable(&host) || !reg.reports_now(&host) {
         return Err(refuse(
             "owner connected",
-            format!("{host} is not connected, has not reported its guests in this session, or a second agent claims it"),
+            format!(
+                "{host} is not connected, has not reported its guests in this session, or a second agent claims it"
+            ),
             "start its agent (one per host) and wait for `lifeboat hosts show` to read REACHABLE",
         ));
     }
@@ -336,24 +392,50 @@ pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, le
         return Err(refuse(
             "not running anywhere",
             format!("{name} is reported running (or holding its disks) on {}", holders.join(", ")),
-            if here { "it runs already: nothing to do" } else { "a second copy must never start; see `lifeboat vms show` and `lifeboat alarms`" },
+            if here {
+                "it runs already: nothing to do"
+            } else {
+                "a second copy must never start; see `lifeboat vms show` and `lifeboat alarms`"
+            },
         ));
     }
     let generation = reg.owner_generation(&uuid);
     let job = format!("start-{uuid}");
     let _claim = match crate::guestops::claim(reg, &uuid, &job, &host, &host) {
         Ok(c) => c,
-        Err(other) => return Err(refuse("not in a job", format!("{other} acts on {name} now"), "wait for it to end (`lifeboat jobs watch`)")),
+        Err(other) => {
+            return Err(refuse(
+                "not in a job",
+                format!("{other} acts on {name} now"),
+                "wait for it to end (`lifeboat jobs watch`)",
+            ));
+        }
     };
-    let detail = format!("operator {operator} asks to start {name} ({uuid}) on its owner {host} (generation {generation}): {reason}");
-    reg.db(|s| s.audit(&AuditRow { actor: operator.into(), action: "guest.start_requested".into(), host: host.clone(), vm: name.clone(), detail, ..Default::default() }))?;
+    let detail = format!(
+        "operator {operator} asks to start {name} ({uuid}) on its owner {host} (generation {generation}): {reason}"
+    );
+    reg.db(|s| {
+        s.audit(&AuditRow {
+            actor: operator.into(),
+            action: "guest.start_requested".into(),
+            host: host.clone(),
+            vm: name.clone(),
+            detail,
+            ..Default::default()
+        })
+    })?;
     let end_of = guarded_start(reg, &uuid, &name, &host, generation, &job, lease_ttl_ms, Duration::from_secs(60)).await;
     let (action, outcome) = match &end_of {
         StartEnd::Started { outcome, .. } => ("guest.started", format!("started ({outcome})")),
-        StartEnd::Refused { check, detail } => ("guest.start_failed", format!("not started: check {check} failed right before it: {detail}")),
+        StartEnd::Refused { check, detail } => {
+            ("guest.start_failed", format!("not started: check {check} failed right before it: {detail}"))
+        }
         StartEnd::GrantFailed(e) => ("guest.start_failed", format!("not started: granting its lease failed: {e}")),
         StartEnd::StartFailed(e) => ("guest.start_failed", format!("start failed: {e}")),
-        StartEnd::Unknown(e) => ("guest.start_unknown", format!("the start got no answer ({e}) and {host} does not report it running yet: it may still start")),
+        StartEnd::Unknown(e) => (
+            "guest.start_unknown",
+            format!("the start got no answer ({e}) and {host} does not report it running yet: it may still start"),
+        ),
     };
     reg.db(|s| s.audit(&AuditRow::by_controller(action, &host, &name, format!("{name} on {host}: {outcome}"))))?;
     match end_of {
@@ -375,7 +457,9 @@ pub async fn start_vm(reg: &Registry, vm: &str, reason: &str, operator: &str, le
         StartEnd::Unknown(_) => {
             // Not a refusal (it may have started) and not an unreachable
             // controller: an outcome the operator must look at (exit 1).
-            return Err(ControllerError::Internal(format!("starting {name} on {host}: {outcome}; see `lifeboat vms show {uuid}` before trying again")));
+            return Err(ControllerError::Internal(format!(
+                "starting {name} on {host}: {outcome}; see `lifeboat vms show {uuid}` before trying again"
+            )));
         }
     }
     reg.touch(&host);
@@ -416,7 +500,13 @@ pub(crate) enum StartEnd {
 /// still its own, the owner and generation unchanged, the host reporting
 /// now (one agent), and no other host reporting it holding its disks.
 /// Returns the failed check and what it found.
-pub(crate) fn recheck_start(reg: &Registry, uuid: &str, host: &str, generation: u64, job: &str) -> Result<(), (&'static str, String)> {
+pub(crate) fn recheck_start(
+    reg: &Registry,
+    uuid: &str,
+    host: &str,
+    generation: u64,
+    job: &str,
+) -> Result<(), (&'static str, String)> {
     if let Some(hold) = reg.hold(crate::now_ms()) {
         return Err(("reports-current", hold));
     }
@@ -427,12 +517,19 @@ pub(crate) fn recheck_start(reg: &Registry, uuid: &str, host: &str, generation: 
     }
     let now = reg.owner_generation(uuid);
     if !reg.owns(host, uuid) || now != generation {
-        return Err(("owner unchanged", format!("{host} no longer owns it at generation {generation} (recorded generation now {now})")));
+        return Err((
+            "owner unchanged",
+            format!("{host} no longer owns it at generation {generation} (recorded generation now {now})"),
+        ));
     }
     if !reg.reports_now(host) {
-        return Err(("owner connected", format!("{host} is not connected, has not reported in this session, or a second agent claims it")));
+        return Err((
+            "owner connected",
+            format!("{host} is not connected, has not reported in this session, or a second agent claims it"),
+        ));
     }
-    let others: Vec<String> = reg.holders(&[uuid.to_string()]).remove(uuid).unwrap_or_default().into_iter().filter(|h| h != host).collect();
+    let others: Vec<String> =
+        reg.holders(&[uuid.to_string()]).remove(uuid).unwrap_or_default().into_iter().filter(|h| h != host).collect();
     if !others.is_empty() {
         return Err(("not running anywhere", format!("{} reports it holding its disks", others.join(", "))));
     }
@@ -473,7 +570,9 @@ pub(crate) async fn guarded_start(
             StartEnd::Started { outcome: r.outcome, holds }
         }
         Ok(r) => StartEnd::StartFailed(r.error),
-        Err(e) if running_here() => StartEnd::Started { outcome: format!("no answer ({e}), but {host} reports it running"), holds: true },
+        Err(e) if running_here() => {
+            StartEnd::Started { outcome: format!("no answer ({e}), but {host} reports it running"), holds: true }
+        }
         Err(e) => StartEnd::Unknown(e.to_string()),
     }
 }
@@ -497,7 +596,14 @@ pub(crate) mod tests {
     }
 
     fn own(host: &str, complete: bool) -> OwnerRow {
-        OwnerRow { uuid: "x".into(), host: host.into(), generation: 2, from_host: "a".into(), job: "j".into(), complete }
+        OwnerRow {
+            uuid: "x".into(),
+            host: host.into(),
+            generation: 2,
+            from_host: "a".into(),
+            job: "j".into(),
+            complete,
+        }
     }
 
     #[test]
@@ -515,24 +621,57 @@ pub(crate) mod tests {
 
     #[test]
     fn a_wait_ends_on_a_complete_owner_elsewhere_and_an_unfinished_move_is_never_the_hosts() {
-        let w = WaitingRow { uuid: "x".into(), host: "a".into(), name: "vm-x".into(), reason: "r".into(), since_ms: 1, job: "j".into() };
-        assert_eq!(judge(&w, Some(&own("b", true))), WaitJudgement::Ends("b owns it now".into()), "restored or moved to b");
-        assert_eq!(judge(&w, Some(&own("b", false))), WaitJudgement::Unfinished, "nobody's: never started, never ended");
+        let w = WaitingRow {
+            uuid: "x".into(),
+            host: "a".into(),
+            name: "vm-x".into(),
+            reason: "r".into(),
+            since_ms: 1,
+            job: "j".into(),
+        };
+        assert_eq!(
+            judge(&w, Some(&own("b", true))),
+            WaitJudgement::Ends("b owns it now".into()),
+            "restored or moved to b"
+        );
+        assert_eq!(
+            judge(&w, Some(&own("b", false))),
+            WaitJudgement::Unfinished,
+            "nobody's: never started, never ended"
+        );
         assert_eq!(judge(&w, Some(&own("a", true))), WaitJudgement::PerHost);
         assert_eq!(judge(&w, None), WaitJudgement::PerHost);
         let u = WaitingRow { reason: "unfinished move to b (job j): start timed out".into(), ..w.clone() };
         assert_eq!(unfinished_target(&u), Some("b"));
         assert_eq!(unfinished_target(&w), None);
         assert_eq!(judge(&u, Some(&own("b", false))), WaitJudgement::Unfinished);
-        assert_eq!(judge(&u, Some(&own("b", true))), WaitJudgement::Ends("b owns it now".into()), "the move was finished");
+        assert_eq!(
+            judge(&u, Some(&own("b", true))),
+            WaitJudgement::Ends("b owns it now".into()),
+            "the move was finished"
+        );
     }
 
     #[test]
     fn a_wait_ends_when_another_host_runs_and_owns_the_guest() {
-        let w = WaitingRow { uuid: "x".into(), host: "a".into(), name: "vm-x".into(), reason: "r".into(), since_ms: 1, job: "j".into() };
+        let w = WaitingRow {
+            uuid: "x".into(),
+            host: "a".into(),
+            name: "vm-x".into(),
+            reason: "r".into(),
+            since_ms: 1,
+            job: "j".into(),
+        };
         let hs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(moved_by_hand(&w, &hs(&["b"]), |h| h == "b").as_deref(), Some("it runs on b, which owns it now (moved outside Lifeboat)"));
-        assert_eq!(moved_by_hand(&w, &hs(&["b"]), |_| false), None, "b runs a copy it does not own: still waits (and never starts on a)");
+        assert_eq!(
+            moved_by_hand(&w, &hs(&["b"]), |h| h == "b").as_deref(),
+            Some("it runs on b, which owns it now (moved outside Lifeboat)")
+        );
+        assert_eq!(
+            moved_by_hand(&w, &hs(&["b"]), |_| false),
+            None,
+            "b runs a copy it does not own: still waits (and never starts on a)"
+        );
         assert_eq!(moved_by_hand(&w, &hs(&["a"]), |_| true), None, "running on its own host ends it elsewhere");
         assert_eq!(moved_by_hand(&w, &[], |_| true), None);
     }
@@ -552,7 +691,10 @@ pub(crate) mod tests {
         assert_eq!((rows[0].host.as_str(), rows[0].reason.as_str()), ("a", "unfinished move to b (job j): why 5"));
         assert_eq!(unfinished_target(&rows[0]), Some("b"));
         let d = alarm_detail(&rows[0]);
-        assert!(d.contains("NOT started by itself") && d.contains("`lifeboat move --vm vm-5 --from a --to b --yes`"), "{d}");
+        assert!(
+            d.contains("NOT started by itself") && d.contains("`lifeboat move --vm vm-5 --from a --to b --yes`"),
+            "{d}"
+        );
         assert!(!d.contains("vms start"), "vms start refuses a guest nobody owns: {d}");
     }
 
@@ -567,7 +709,8 @@ pub(crate) mod tests {
             since_ms: since,
             job: job.into(),
         };
-        s.end_job_with_waiting("j1", "PARTIAL", "e", None, &[row("1", "a", 10, "j1"), row("2", "a", 10, "j1")], &[]).unwrap();
+        s.end_job_with_waiting("j1", "PARTIAL", "e", None, &[row("1", "a", 10, "j1"), row("2", "a", 10, "j1")], &[])
+            .unwrap();
         // A later job leaves 1 waiting again on the same host: since is kept, reason and job follow.
         s.end_job_with_waiting("j2", "PARTIAL", "e", None, &[row("1", "a", 20, "j2")], &["2".to_string()]).unwrap();
         assert_eq!(s.waiting().unwrap(), vec![row("1", "a", 10, "j2")]);
@@ -584,7 +727,13 @@ pub(crate) mod tests {
 
     #[test]
     fn a_jobs_waiting_rows_follow_the_moves_desired_state_and_owner() {
-        let moves = [mv("1", "NOT_MOVED", true), mv("2", "FAILED", false), mv("3", "FAILED", false), mv("4", "RUNNING", true), mv("5", "FAILED", true)];
+        let moves = [
+            mv("1", "NOT_MOVED", true),
+            mv("2", "FAILED", false),
+            mv("3", "FAILED", false),
+            mv("4", "RUNNING", true),
+            mv("5", "FAILED", true),
+        ];
         let desired = |u: &str| match u {
             "2" => Some(("a".to_string(), "running".to_string())),
             "3" => Some(("a".to_string(), "stopped".to_string())),
@@ -592,12 +741,22 @@ pub(crate) mod tests {
         };
         let owner = |u: &str| (u == "5").then(|| own("b", false));
         let rows = rows_for_job(&moves, desired, owner, 42);
-        let got: Vec<(&str, &str, &str, i64)> = rows.iter().map(|w| (w.uuid.as_str(), w.host.as_str(), w.reason.as_str(), w.since_ms)).collect();
+        let got: Vec<(&str, &str, &str, i64)> =
+            rows.iter().map(|w| (w.uuid.as_str(), w.host.as_str(), w.reason.as_str(), w.since_ms)).collect();
         assert_eq!(&got[..2], [("1", "a", "why 1", 42), ("2", "a", "why 2", 42)]);
-        assert_eq!(got[2], ("5", "a", "unfinished move to b (job j): why 5", 42), "an unfinished move waits for an operator");
+        assert_eq!(
+            got[2],
+            ("5", "a", "unfinished move to b (job j): why 5", 42),
+            "an unfinished move waits for an operator"
+        );
         assert_eq!(got.len(), 3);
         let d = alarm_detail(&rows[0]);
-        assert!(d.contains("vm-1 (1) waits to run again on a") && d.contains("job mig-1: why 1") && d.contains("lifeboat vms start vm-1"), "{d}");
+        assert!(
+            d.contains("vm-1 (1) waits to run again on a")
+                && d.contains("job mig-1: why 1")
+                && d.contains("lifeboat vms start vm-1"),
+            "{d}"
+        );
         let long = WaitingRow { reason: "x".repeat(1000), ..rows[0].clone() };
         assert!(alarm_detail(&long).len() < 700, "the reason is clipped");
     }
@@ -620,7 +779,13 @@ pub(crate) mod tests {
     pub(crate) type Rx = tokio::sync::mpsc::Receiver<Box<lifeboat_proto::v1::ControllerMessage>>;
 
     fn vm1(state: lifeboat_proto::v1::GuestState) -> lifeboat_proto::v1::Guest {
-        lifeboat_proto::v1::Guest { uuid: "u1".into(), name: "vm1".into(), state: state as i32, definition_xml: "<domain/>".into(), ..Default::default() }
+        lifeboat_proto::v1::Guest {
+            uuid: "u1".into(),
+            name: "vm1".into(),
+            state: state as i32,
+            definition_xml: "<domain/>".into(),
+            ..Default::default()
+        }
     }
 
     /// A registry whose host `a` reports `vm1` (u1) shut off, in its startup grace.
@@ -630,7 +795,8 @@ pub(crate) mod tests {
         let reg = Registry::load(crate::store::Store::open_in_memory().unwrap(), timing).unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
-        reg.apply_inventory("a", a, Inventory { host: None, guests: vec![vm1(GuestState::Shutoff)], more: false }).unwrap();
+        reg.apply_inventory("a", a, Inventory { host: None, guests: vec![vm1(GuestState::Shutoff)], more: false })
+            .unwrap();
         (std::sync::Arc::new(reg), a, rx)
     }
 
@@ -642,7 +808,12 @@ pub(crate) mod tests {
 
     /// Runs the fake agent; each command it receives is sent on the
     /// returned channel with the job the guest was in at that moment.
-    pub(crate) fn agent(reg: std::sync::Arc<Registry>, a: crate::registry::SessionId, mut rx: Rx, then: Then) -> tokio::sync::mpsc::UnboundedReceiver<(&'static str, Option<String>)> {
+    pub(crate) fn agent(
+        reg: std::sync::Arc<Registry>,
+        a: crate::registry::SessionId,
+        mut rx: Rx,
+        then: Then,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<(&'static str, Option<String>)> {
         use lifeboat_proto::v1::{CommandResult, GuestState, Inventory, controller_message::Msg};
         let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -657,12 +828,24 @@ pub(crate) mod tests {
                 match (kind, then) {
                     ("grant", Then::MoveOnGrant) => reg.set_in_job("mig-9", &[("u1".into(), "a".into(), "b".into())]),
                     ("grant", Then::NewGenerationOnGrant) => {
-                        let o = OwnerRow { uuid: "u1".into(), host: "a".into(), generation: 3, from_host: "b".into(), job: "mig-8".into(), complete: true };
+                        let o = OwnerRow {
+                            uuid: "u1".into(),
+                            host: "a".into(),
+                            generation: 3,
+                            from_host: "b".into(),
+                            job: "mig-8".into(),
+                            complete: true,
+                        };
                         reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
                         reg.refresh_owners().unwrap();
                     }
                     ("start", Then::RunThenClose) => {
-                        reg.apply_inventory("a", a, Inventory { host: None, guests: vec![vm1(GuestState::Running)], more: false }).unwrap();
+                        reg.apply_inventory(
+                            "a",
+                            a,
+                            Inventory { host: None, guests: vec![vm1(GuestState::Running)], more: false },
+                        )
+                        .unwrap();
                         reg.close_session("a", a);
                         continue;
                     }
@@ -678,7 +861,9 @@ pub(crate) mod tests {
         seen
     }
 
-    pub(crate) fn drain(seen: &mut tokio::sync::mpsc::UnboundedReceiver<(&'static str, Option<String>)>) -> Vec<(&'static str, Option<String>)> {
+    pub(crate) fn drain(
+        seen: &mut tokio::sync::mpsc::UnboundedReceiver<(&'static str, Option<String>)>,
+    ) -> Vec<(&'static str, Option<String>)> {
         let mut out = Vec::new();
         while let Ok(x) = seen.try_recv() {
             out.push(x);
@@ -691,7 +876,9 @@ pub(crate) mod tests {
     }
 
     async fn start(reg: &Registry) -> Result<GuestRecord, ControllerError> {
-        tokio::time::timeout(Duration::from_secs(5), start_vm(reg, "vm1", "test", "olga", 3000)).await.expect("vms start answers at once")
+        tokio::time::timeout(Duration::from_secs(5), start_vm(reg, "vm1", "test", "olga", 3000))
+            .await
+            .expect("vms start answers at once")
     }
 
     #[tokio::test]
@@ -713,7 +900,11 @@ pub(crate) mod tests {
         let e = start(&reg).await.unwrap_err().to_string();
         assert!(e.contains("owner connected") && e.contains("second agent"), "{e}");
         assert!(drain(&mut seen).is_empty(), "nothing sent");
-        assert!(!actions(&reg).iter().any(|a| a.starts_with("guest.start")), "a refusal audits no start: {:?}", actions(&reg));
+        assert!(
+            !actions(&reg).iter().any(|a| a.starts_with("guest.start")),
+            "a refusal audits no start: {:?}",
+            actions(&reg)
+        );
     }
 
     #[tokio::test]
@@ -738,14 +929,26 @@ pub(crate) mod tests {
             let sent = drain(&mut seen);
             assert_eq!(sent, [("grant", Some("start-u1".to_string()))], "claimed while it starts; no start sent");
             if then == Then::MoveOnGrant {
-                assert!(e.contains("not in a job") && e.contains("job mig-9 acts on it now") && e.contains("nothing was started"), "{e}");
-                assert_eq!(reg.job_of("u1").as_deref(), Some("mig-9"), "the start's claim ends without ending the move's");
+                assert!(
+                    e.contains("not in a job")
+                        && e.contains("job mig-9 acts on it now")
+                        && e.contains("nothing was started"),
+                    "{e}"
+                );
+                assert_eq!(
+                    reg.job_of("u1").as_deref(),
+                    Some("mig-9"),
+                    "the start's claim ends without ending the move's"
+                );
             } else {
                 assert!(e.contains("owner unchanged") && e.contains("generation 0") && e.contains("now 3"), "{e}");
                 assert!(reg.job_of("u1").is_none(), "the claim ends on a refusal too");
             }
             let log = actions(&reg);
-            assert!(log.contains(&"guest.start_requested".to_string()) && log.contains(&"guest.start_failed".to_string()), "{log:?}");
+            assert!(
+                log.contains(&"guest.start_requested".to_string()) && log.contains(&"guest.start_failed".to_string()),
+                "{log:?}"
+            );
         }
         // Carried out: claimed through the start, released after.
         let (reg, a, rx) = with_vm1();

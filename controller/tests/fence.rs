@@ -468,7 +468,8 @@ async fn fence_agent_redfish_verifies_the_bmc_certificate_with_the_ca_from_env()
     }
     let emu = Emulator::start(EmuOpts::default());
     let verified = |env: BTreeMap<String, String>| {
-        let BmcConfig::FenceAgent { agent, mut options, power_off_timeout_s, poll_interval_ms, .. } = emu.fence_redfish(PASSWORD, 10)
+        let BmcConfig::FenceAgent { agent, mut options, power_off_timeout_s, poll_interval_ms, .. } =
+            emu.fence_redfish(PASSWORD, 10)
         else {
             unreachable!()
         };
@@ -491,9 +492,12 @@ async fn fence_agent_redfish_verifies_the_bmc_certificate_with_the_ca_from_env()
     // A name that is not a portable variable name is refused at load.
     let bad: BTreeMap<String, String> = [("A=B".to_string(), "x".to_string())].into_iter().collect();
     let BmcConfig::FenceAgent { agent, options, .. } = emu.fence_redfish(PASSWORD, 10) else { unreachable!() };
-    let e = Fencer::new("host-q", &BmcConfig::FenceAgent { agent, options, env: bad, power_off_timeout_s: 10, poll_interval_ms: 500 })
-        .err()
-        .expect("refused");
+    let e = Fencer::new(
+        "host-q",
+        &BmcConfig::FenceAgent { agent, options, env: bad, power_off_timeout_s: 10, poll_interval_ms: 500 },
+    )
+    .err()
+    .expect("refused");
     assert!(e.to_string().contains("env 'A=B'"), "{e}");
 }
 
@@ -583,14 +587,26 @@ fn check_config_refuses_a_bad_bmc_section() {
         )
         .unwrap();
         if !d.join("c.db").exists() {
-            let out = Command::new(env!("CARGO_BIN_EXE_lifeboat-controller")).arg("--config").arg(&cfg).arg("init").output().unwrap();
+            let out = Command::new(env!("CARGO_BIN_EXE_lifeboat-controller"))
+                .arg("--config")
+                .arg(&cfg)
+                .arg("init")
+                .output()
+                .unwrap();
             assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let out = Command::new(env!("CARGO_BIN_EXE_lifeboat-controller")).arg("--config").arg(&cfg).arg("--check-config").output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_lifeboat-controller"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--check-config")
+            .output()
+            .unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
     };
     let agent = |name: &str, env: &str| {
-        format!("[bmc.kvm03]\ndriver = \"fence_agent\"\nagent = \"{name}\"\noptions = {{ ip = \"10.0.0.3\" }}\nenv = {{ {env} }}\n")
+        format!(
+            "[bmc.kvm03]\ndriver = \"fence_agent\"\nagent = \"{name}\"\noptions = {{ ip = \"10.0.0.3\" }}\nenv = {{ {env} }}\n"
+        )
     };
     let (code, out) = check(&agent("/bin/true", "REQUESTS_CA_BUNDLE = \"/etc/lifeboat/bmc/ca.pem\""));
     assert_eq!(code, Some(0), "{out}");

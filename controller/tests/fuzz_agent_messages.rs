@@ -18,7 +18,8 @@ use lifeboat_controller::registry::Registry;
 use lifeboat_controller::rpc::agent::{MessageError, handle_message};
 use lifeboat_controller::store::Store;
 use lifeboat_proto::v1::{
-    AgentMessage, CommandResult, Disk, Guest, GuestChanged, GuestRemoved, Heartbeat, Hello, HostInfo, Inventory, Nic, agent_message::Msg,
+    AgentMessage, CommandResult, Disk, Guest, GuestChanged, GuestRemoved, Heartbeat, Hello, HostInfo, Inventory, Nic,
+    agent_message::Msg,
 };
 use proptest::prelude::*;
 
@@ -54,7 +55,14 @@ fn uuid() -> impl Strategy<Value = String> {
 }
 
 fn memory() -> impl Strategy<Value = u64> {
-    prop_oneof![Just(0u64), 1u64..(1 << 24), Just(MAX_MEMORY_KIB), Just(MAX_MEMORY_KIB + 1), Just(u64::MAX), any::<u64>()]
+    prop_oneof![
+        Just(0u64),
+        1u64..(1 << 24),
+        Just(MAX_MEMORY_KIB),
+        Just(MAX_MEMORY_KIB + 1),
+        Just(u64::MAX),
+        any::<u64>()
+    ]
 }
 
 /// Packed definitions: an honest one, a compression bomb, garbage, none.
@@ -85,22 +93,31 @@ fn guest() -> impl Strategy<Value = Guest> {
         (deflated(), text(), any::<u64>(), any::<i32>()),
         (proptest::collection::vec(text(), 0..3), proptest::collection::vec(text(), 0..2), text()),
     )
-        .prop_map(|((uuid, name, state, memory_kib, vcpus), ((xml, deflate), owner_host, owner_generation, priority), (disks, nics, error))| Guest {
-            uuid,
-            name,
-            state,
-            memory_kib,
-            vcpus,
-            definition_xml: xml,
-            definition_deflate: deflate,
-            owner_host,
-            owner_generation: if owner_generation % 3 == 0 { owner_generation % 5 } else { owner_generation },
-            priority,
-            disks: disks.into_iter().map(|s| Disk { source: s, target: "vda".into(), ..Default::default() }).collect(),
-            nics: nics.into_iter().map(|m| Nic { mac: m, ..Default::default() }).collect(),
-            error,
-            ..Default::default()
-        })
+        .prop_map(
+            |(
+                (uuid, name, state, memory_kib, vcpus),
+                ((xml, deflate), owner_host, owner_generation, priority),
+                (disks, nics, error),
+            )| Guest {
+                uuid,
+                name,
+                state,
+                memory_kib,
+                vcpus,
+                definition_xml: xml,
+                definition_deflate: deflate,
+                owner_host,
+                owner_generation: if owner_generation % 3 == 0 { owner_generation % 5 } else { owner_generation },
+                priority,
+                disks: disks
+                    .into_iter()
+                    .map(|s| Disk { source: s, target: "vda".into(), ..Default::default() })
+                    .collect(),
+                nics: nics.into_iter().map(|m| Nic { mac: m, ..Default::default() }).collect(),
+                error,
+                ..Default::default()
+            },
+        )
 }
 
 fn host_info() -> impl Strategy<Value = HostInfo> {
@@ -184,7 +201,8 @@ fn fuzz_agent_messages() {
     std::thread::Builder::new()
         .stack_size(256 << 20)
         .spawn(|| {
-            let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: cases(), ..ProptestConfig::default() });
+            let mut runner =
+                proptest::test_runner::TestRunner::new(ProptestConfig { cases: cases(), ..ProptestConfig::default() });
             if let Err(e) = runner.run(&proptest::collection::vec(message(), 1..12), run_case) {
                 panic!("{e}");
             }

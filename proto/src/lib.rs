@@ -67,7 +67,8 @@ pub fn pack_definition(g: &mut v1::Guest) {
     if g.definition_xml.is_empty() {
         return;
     }
-    let mut z = flate2::write::ZlibEncoder::new(Vec::with_capacity(g.definition_xml.len() / 3), flate2::Compression::default());
+    let mut z =
+        flate2::write::ZlibEncoder::new(Vec::with_capacity(g.definition_xml.len() / 3), flate2::Compression::default());
     // Writing into a Vec cannot fail.
     z.write_all(g.definition_xml.as_bytes()).expect("compress into memory");
     g.definition_deflate = z.finish().expect("compress into memory");
@@ -141,7 +142,9 @@ mod tests {
     #[test]
     fn only_shut_off_releases_the_disks() {
         use v1::GuestState as S;
-        for s in [S::Running, S::Blocked, S::Paused, S::Shutdown, S::Crashed, S::Pmsuspended, S::Nostate, S::Unspecified] {
+        for s in
+            [S::Running, S::Blocked, S::Paused, S::Shutdown, S::Crashed, S::Pmsuspended, S::Nostate, S::Unspecified]
+        {
             assert!(holds_disk(s as i32), "{s:?}");
         }
         assert!(!holds_disk(S::Shutoff as i32));
@@ -151,7 +154,11 @@ mod tests {
     #[test]
     fn pages_keep_every_guest_in_order_and_mark_all_but_the_last() {
         let g = |i: usize| v1::Guest { uuid: format!("u{i}"), definition_xml: "x".repeat(5000), ..Default::default() };
-        let inv = v1::Inventory { host: Some(v1::HostInfo { host_id: "h".into(), ..Default::default() }), guests: (0..20).map(g).collect(), more: false };
+        let inv = v1::Inventory {
+            host: Some(v1::HostInfo { host_id: "h".into(), ..Default::default() }),
+            guests: (0..20).map(g).collect(),
+            more: false,
+        };
         let pages = inventory_pages(inv, INVENTORY_PAGE_BYTES);
         assert!(pages.len() > 1);
         assert!(pages[0].host.is_some() && pages[1..].iter().all(|p| p.host.is_none()));
@@ -162,17 +169,28 @@ mod tests {
         let empty = inventory_pages(v1::Inventory::default(), INVENTORY_PAGE_BYTES);
         assert_eq!(empty.len(), 1);
         assert!(!empty[0].more);
-        let huge = inventory_pages(v1::Inventory { guests: vec![v1::Guest { definition_xml: "y".repeat(100_000), ..Default::default() }], ..Default::default() }, 1000);
+        let huge = inventory_pages(
+            v1::Inventory {
+                guests: vec![v1::Guest { definition_xml: "y".repeat(100_000), ..Default::default() }],
+                ..Default::default()
+            },
+            1000,
+        );
         assert_eq!(huge.len(), 1, "a guest larger than a page gets a page of its own");
     }
 
     #[test]
     fn packed_definitions_round_trip_and_bad_ones_are_named() {
-        let xml = format!("<domain type='kvm'><name>vm1</name>{}</domain>", "<disk type='file' device='disk'/>".repeat(100));
+        let xml =
+            format!("<domain type='kvm'><name>vm1</name>{}</domain>", "<disk type='file' device='disk'/>".repeat(100));
         let mut g = v1::Guest { uuid: "u1".into(), definition_xml: xml.clone(), ..Default::default() };
         pack_definition(&mut g);
         assert!(g.definition_xml.is_empty());
-        assert!(!g.definition_deflate.is_empty() && g.definition_deflate.len() < xml.len() / 4, "{} bytes", g.definition_deflate.len());
+        assert!(
+            !g.definition_deflate.is_empty() && g.definition_deflate.len() < xml.len() / 4,
+            "{} bytes",
+            g.definition_deflate.len()
+        );
         unpack_definition(&mut g).unwrap();
         assert_eq!(g.definition_xml, xml);
         assert!(g.definition_deflate.is_empty());
@@ -184,12 +202,17 @@ mod tests {
         pack_definition(&mut none);
         assert!(none.definition_deflate.is_empty());
 
-        let mut corrupt = v1::Guest { uuid: "u3".into(), definition_deflate: b"not zlib".to_vec(), ..Default::default() };
+        let mut corrupt =
+            v1::Guest { uuid: "u3".into(), definition_deflate: b"not zlib".to_vec(), ..Default::default() };
         let e = unpack_definition(&mut corrupt).unwrap_err().to_string();
         assert!(e.contains("u3") && e.contains("not valid zlib"), "{e}");
         assert!(corrupt.definition_xml.is_empty());
 
-        let mut bomb = v1::Guest { uuid: "u4".into(), definition_xml: " ".repeat(MAX_DEFINITION_BYTES as usize + 1), ..Default::default() };
+        let mut bomb = v1::Guest {
+            uuid: "u4".into(),
+            definition_xml: " ".repeat(MAX_DEFINITION_BYTES as usize + 1),
+            ..Default::default()
+        };
         pack_definition(&mut bomb);
         assert!(bomb.definition_deflate.len() < 10_000);
         assert!(matches!(unpack_definition(&mut bomb), Err(DefinitionError::TooLarge { .. })));
@@ -204,7 +227,12 @@ mod tests {
         binary.definition_deflate = z.finish().unwrap();
         assert!(matches!(unpack_definition(&mut binary), Err(DefinitionError::NotText { .. })));
 
-        let mut both = v1::Guest { uuid: "u6".into(), definition_xml: "<domain/>".into(), definition_deflate: vec![1], ..Default::default() };
+        let mut both = v1::Guest {
+            uuid: "u6".into(),
+            definition_xml: "<domain/>".into(),
+            definition_deflate: vec![1],
+            ..Default::default()
+        };
         assert!(matches!(unpack_definition(&mut both), Err(DefinitionError::Both { .. })));
     }
 }

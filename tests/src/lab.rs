@@ -171,7 +171,10 @@ impl Lab {
             .map(|h| h.split(',').filter(|h| !h.is_empty()).collect::<Vec<_>>())
             .unwrap_or_default()
             .into_iter()
-            .map(|h| copies::HostDir { name: h.to_string(), dir: lab.path(&format!("HOST_{}_DIR", h.trim_start_matches("host-").to_uppercase())) })
+            .map(|h| copies::HostDir {
+                name: h.to_string(),
+                dir: lab.path(&format!("HOST_{}_DIR", h.trim_start_matches("host-").to_uppercase())),
+            })
             .collect();
         lab.checker = Some(copies::Checker::start(hosts));
         lab.note_running();
@@ -242,7 +245,12 @@ impl Lab {
                 Ok(list) => list
                     .iter()
                     .filter(|v| v["uuid"] == uuid.as_str())
-                    .filter_map(|v| v["waiting_reason"].as_str().filter(|r| !r.is_empty()).map(|r| format!("on {}: {r}", v["host_id"].as_str().unwrap_or("?"))))
+                    .filter_map(|v| {
+                        v["waiting_reason"]
+                            .as_str()
+                            .filter(|r| !r.is_empty())
+                            .map(|r| format!("on {}: {r}", v["host_id"].as_str().unwrap_or("?")))
+                    })
                     .next(),
                 Err(e) => {
                     wrong.push(format!("{name} ({uuid}) runs nowhere and `vms list` failed: {e}"));
@@ -267,7 +275,10 @@ impl Lab {
             let (wrong, accepted) = self.end_check_once();
             if wrong.is_empty() {
                 let n = self.expected.lock().unwrap_or_else(|p| p.into_inner()).len();
-                println!("end-of-test check: {n} guest(s) that ran at the start: each runs once, or: {}", if accepted.is_empty() { "-".into() } else { accepted.join("; ") });
+                println!(
+                    "end-of-test check: {n} guest(s) that ran at the start: each runs once, or: {}",
+                    if accepted.is_empty() { "-".into() } else { accepted.join("; ") }
+                );
                 return None;
             }
             if t.elapsed() > END_CHECK_WAIT {
@@ -363,8 +374,13 @@ impl Lab {
         a.extend_from_slice(args);
         a.extend_from_slice(&["--output", "json"]);
         let o = self.run(&a);
-        let v = serde_json::from_slice(&o.stdout)
-            .map_err(|e| format!("bad JSON from CLI ({e}): {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))?;
+        let v = serde_json::from_slice(&o.stdout).map_err(|e| {
+            format!(
+                "bad JSON from CLI ({e}): {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })?;
         Ok((o.status.code().unwrap_or(-1), v))
     }
 

@@ -49,7 +49,11 @@ impl Pki {
 
     /// The controller's certificate files.
     pub fn controller(&self) -> TlsFiles {
-        TlsFiles { ca: self.dir.join("ca.pem"), cert: self.dir.join("controller.pem"), key: self.dir.join("controller.key") }
+        TlsFiles {
+            ca: self.dir.join("ca.pem"),
+            cert: self.dir.join("controller.pem"),
+            key: self.dir.join("controller.key"),
+        }
     }
 }
 
@@ -148,7 +152,8 @@ pub fn agent_config(host_id: &str, uri: &str, url: &str, tls: &TlsFiles, extra: 
 impl Agent {
     /// Starts an agent from configuration text.
     pub fn start(config_text: &str) -> Self {
-        let cfg = lifeboat_agent::config::AgentConfig::parse(config_text, Path::new("agent-test.toml")).expect("agent config");
+        let cfg = lifeboat_agent::config::AgentConfig::parse(config_text, Path::new("agent-test.toml"))
+            .expect("agent config");
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(lifeboat_agent::run_until(cfg, async {
             let _ = rx.await;
@@ -191,7 +196,8 @@ pub async fn wait_guest_count(op: &AdminClient<Channel>, n: usize) {
     wait_for(Duration::from_secs(10), "inventory", || {
         let mut op = op.clone();
         async move {
-            let listed = op.list_guests(lifeboat_proto::v1::ListGuestsRequest::default()).await.ok()?.into_inner().guests.len();
+            let listed =
+                op.list_guests(lifeboat_proto::v1::ListGuestsRequest::default()).await.ok()?.into_inner().guests.len();
             (listed == n).then_some(())
         }
     })
@@ -356,7 +362,9 @@ impl ControllerProcess {
             None => std::process::Command::new(workspace_binary("lifeboat-controller")),
             Some(n) => {
                 let mut c = std::process::Command::new("sh");
-                c.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(workspace_binary("lifeboat-controller"));
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(workspace_binary("lifeboat-controller"));
                 c
             }
         };
@@ -368,14 +376,25 @@ impl ControllerProcess {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn lifeboat-controller");
-        let me = ControllerProcess { child, addr: ([127, 0, 0, 1], port).into(), metrics: ([127, 0, 0, 1], mport).into(), log };
+        let me = ControllerProcess {
+            child,
+            addr: ([127, 0, 0, 1], port).into(),
+            metrics: ([127, 0, 0, 1], mport).into(),
+            log,
+        };
         let client = pki.client("probe", Role::Viewer);
         wait_for(Duration::from_secs(20), "the controller process to answer", || {
             let url = me.url();
             let client = client.clone();
             async move {
                 let m = client.load().ok()?;
-                let ch = Endpoint::from_shared(url).ok()?.tls_config(m.client_config(pki::CONTROLLER_NAME)).ok()?.connect().await.ok()?;
+                let ch = Endpoint::from_shared(url)
+                    .ok()?
+                    .tls_config(m.client_config(pki::CONTROLLER_NAME))
+                    .ok()?
+                    .connect()
+                    .await
+                    .ok()?;
                 AdminClient::new(ch).who_am_i(lifeboat_proto::v1::WhoAmIRequest::default()).await.ok().map(|_| ())
             }
         })
@@ -405,7 +424,8 @@ impl ControllerProcess {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let st = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        let st =
+            std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
         assert!(st.success(), "kill -TERM failed");
     }
 }
@@ -420,6 +440,8 @@ impl Drop for ControllerProcess {
 /// The value of the metric sample `name{labels}` in `text`, or 0 when absent.
 pub fn metric_value(text: &str, sample: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().split(' ').next()).and_then(|v| v.parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(sample).and_then(|rest| rest.trim().split(' ').next()).and_then(|v| v.parse().ok())
+        })
         .unwrap_or(0.0)
 }

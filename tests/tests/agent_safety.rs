@@ -13,7 +13,10 @@ use lifeboat_agent::libvirt::{Actor, ActorConfig, Shared, Update};
 use lifeboat_e2e::{Agent, Pki, agent_config, test_domain, test_node};
 use lifeboat_proto::v1::{
     AgentMessage, CleanupGuest, Command, CommandResult, ControllerMessage, DefineGuest, GrantLeases, GuestState, Lease,
-    StopGuest, Welcome, agent_session_server::{AgentSession, AgentSessionServer}, command::Kind, controller_message,
+    StopGuest, Welcome,
+    agent_session_server::{AgentSession, AgentSessionServer},
+    command::Kind,
+    controller_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -53,7 +56,13 @@ impl Host {
             .iter()
             .enumerate()
             .map(|(i, (name, runstate, _))| {
-                test_domain(&format!("vm-{name}"), &uuid(i), &format!("/srv/shared/vm-{name}.img"), &format!("52:54:00:00:0c:{i:02x}"), *runstate)
+                test_domain(
+                    &format!("vm-{name}"),
+                    &uuid(i),
+                    &format!("/srv/shared/vm-{name}.img"),
+                    &format!("52:54:00:00:0c:{i:02x}"),
+                    *runstate,
+                )
             })
             .collect();
         let node = tmp.path().join("node.xml");
@@ -90,9 +99,22 @@ impl Host {
     }
 
     async fn grant(&self, leases: &[(usize, u64)], issued: i64, merge: bool) -> CommandResult {
-        let leases = leases.iter().map(|(i, g)| Lease { uuid: uuid(*i), name: STATES.get(*i).map_or(format!("vm-new{i}"), |s| format!("vm-{}", s.0)), generation: *g }).collect();
+        let leases = leases
+            .iter()
+            .map(|(i, g)| Lease {
+                uuid: uuid(*i),
+                name: STATES.get(*i).map_or(format!("vm-new{i}"), |s| format!("vm-{}", s.0)),
+                generation: *g,
+            })
+            .collect();
         let now = lifeboat_common::now_unix_ms();
-        self.run(Kind::GrantLeases(GrantLeases { leases, expires_unix_ms: now + 60_000, merge, issued_unix_ms: issued })).await
+        self.run(Kind::GrantLeases(GrantLeases {
+            leases,
+            expires_unix_ms: now + 60_000,
+            merge,
+            issued_unix_ms: issued,
+        }))
+        .await
     }
 }
 
@@ -153,7 +175,8 @@ async fn cleanup_refuses_every_state_but_shut_off_unless_told_to_destroy() {
     let r = h.cleanup(off, false).await;
     assert!(r.ok && r.outcome == "done", "{}", r.error);
     // The name must match the UUID's guest.
-    let r = h.run(Kind::CleanupGuest(CleanupGuest { uuid: uuid(1), name: "vm-other".into(), destroy_running: true })).await;
+    let r =
+        h.run(Kind::CleanupGuest(CleanupGuest { uuid: uuid(1), name: "vm-other".into(), destroy_running: true })).await;
     assert!(!r.ok && r.error.contains("not 'vm-other'"), "{}", r.error);
 }
 
@@ -172,9 +195,15 @@ async fn generations_only_move_forward_on_the_agent() {
     assert_eq!(r.stale_generation, vec![uuid(20)], "the lower generation is refused and reported");
     let kept = lifeboat_agent::lease::read_file(&h.state_dir, &uuid(20)).unwrap().unwrap();
     assert_eq!(kept.generation, 5);
-    assert_eq!(lifeboat_agent::lease::read_file(&h.state_dir, &uuid(1)).unwrap().unwrap().generation, 2, "the rest applies");
+    assert_eq!(
+        lifeboat_agent::lease::read_file(&h.state_dir, &uuid(1)).unwrap().unwrap().generation,
+        2,
+        "the rest applies"
+    );
     // Define below the lease file's generation: refused, naming both.
-    let def = |i: usize, g: u64| Kind::DefineGuest(DefineGuest { definition_xml: definition(i), owner_host: "host-s".into(), generation: g });
+    let def = |i: usize, g: u64| {
+        Kind::DefineGuest(DefineGuest { definition_xml: definition(i), owner_host: "host-s".into(), generation: g })
+    };
     let r = h.run(def(20, 3)).await;
     assert!(!r.ok && r.error.contains("generation 3") && r.error.contains("generation 5"), "{}", r.error);
     let r = h.run(def(20, 5)).await;
@@ -211,7 +240,9 @@ async fn leases_are_written_for_the_current_boot_durably_with_the_enrolled_marke
     assert_eq!(check(&h.boot_id_file), lifeboat_agent::lease::Verdict::Allow);
     // A reboot: the lease is void until granted again.
     std::fs::write(&h.boot_id_file, "boot-2\n").unwrap();
-    assert!(matches!(check(&h.boot_id_file), lifeboat_agent::lease::Verdict::Refuse(m) if m.contains("granted before this host last booted")));
+    assert!(
+        matches!(check(&h.boot_id_file), lifeboat_agent::lease::Verdict::Refuse(m) if m.contains("granted before this host last booted"))
+    );
     let r = h.grant(&[(1, 1)], 20, false).await;
     assert!(r.ok, "{}", r.error);
     assert_eq!(lifeboat_agent::lease::read_file(&h.state_dir, &uuid(1)).unwrap().unwrap().boot_id, "boot-2");
@@ -220,7 +251,11 @@ async fn leases_are_written_for_the_current_boot_durably_with_the_enrolled_marke
     std::fs::remove_file(&h.boot_id_file).unwrap();
     let r = h.grant(&[], 30, false).await;
     assert!(!r.ok && r.error.contains("boot id"), "{}", r.error);
-    assert_eq!(lifeboat_agent::lease::read_file(&h.state_dir, &uuid(1)).unwrap().unwrap().expires_unix_ms, 0, "revoked");
+    assert_eq!(
+        lifeboat_agent::lease::read_file(&h.state_dir, &uuid(1)).unwrap().unwrap().expires_unix_ms,
+        0,
+        "revoked"
+    );
 }
 
 // ------------------------------------------------------------------------------------
@@ -245,7 +280,12 @@ impl AgentSession for Superseding {
         tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            let welcome = ControllerMessage { msg: Some(controller_message::Msg::Welcome(Welcome { heartbeat_interval_ms: 1000, ..Default::default() })) };
+            let welcome = ControllerMessage {
+                msg: Some(controller_message::Msg::Welcome(Welcome {
+                    heartbeat_interval_ms: 1000,
+                    ..Default::default()
+                })),
+            };
             let _ = tx.send(Ok(welcome)).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
             let _ = tx.send(Err(Status::aborted("superseded: another session of host-s took over"))).await;
@@ -271,7 +311,8 @@ async fn an_established_session_that_ends_is_dialled_again_at_once() {
             .add_service(AgentSessionServer::new(svc))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let a = Agent::start(&agent_config("host-s", "test:///default", &format!("https://{addr}"), &pki.agent("host-s"), ""));
+    let a =
+        Agent::start(&agent_config("host-s", "test:///default", &format!("https://{addr}"), &pki.agent("host-s"), ""));
     let deadline = Instant::now() + Duration::from_secs(8);
     while starts.lock().unwrap().len() < 6 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

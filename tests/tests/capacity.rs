@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lifeboat_common::identity::Role;
-use lifeboat_e2e::{Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for, wait_job_end};
+use lifeboat_e2e::{
+    Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for, wait_job_end,
+};
 use lifeboat_proto::v1::{GetHostRequest, GuestState, ListGuestsRequest, MigrateRequest};
 
 /// The test driver's node memory (`test_node`), MiB.
@@ -93,17 +95,37 @@ async fn two_concurrent_forced_migrations_never_overcommit_the_target() {
     }
     // The job created second saw the first one's reservations by name.
     let (first, second) = if d1.created_unix_ms <= d2.created_unix_ms { (&d1, &d2) } else { (&d2, &d1) };
-    let named = second.moves.iter().filter(|m| m.state == "NOT_MOVED").all(|m| m.error.contains(&format!("reserved by job {}", first.id)));
+    let named = second
+        .moves
+        .iter()
+        .filter(|m| m.state == "NOT_MOVED")
+        .all(|m| m.error.contains(&format!("reserved by job {}", first.id)));
     let mut states = [d1.state.as_str(), d2.state.as_str()];
     states.sort();
-    assert!(states == ["PARTIAL", "PARTIAL"] || states == ["PARTIAL", "SUCCEEDED"], "{states:?}: {} / {}", d1.error, d2.error);
+    assert!(
+        states == ["PARTIAL", "PARTIAL"] || states == ["PARTIAL", "SUCCEEDED"],
+        "{states:?}: {} / {}",
+        d1.error,
+        d2.error
+    );
     if states == ["PARTIAL", "SUCCEEDED"] {
         assert!(named, "{:#?}", second.moves);
     }
 
     // What host-c runs: within its memory.
-    let guests = op.clone().list_guests(ListGuestsRequest { host: "host-c".into(), ..Default::default() }).await.unwrap().into_inner().guests;
-    let kib: u64 = guests.iter().filter_map(|r| r.guest.as_ref()).filter(|g| g.state == GuestState::Running as i32).map(|g| g.memory_kib).sum();
+    let guests = op
+        .clone()
+        .list_guests(ListGuestsRequest { host: "host-c".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .guests;
+    let kib: u64 = guests
+        .iter()
+        .filter_map(|r| r.guest.as_ref())
+        .filter(|g| g.state == GuestState::Running as i32)
+        .map(|g| g.memory_kib)
+        .sum();
     assert!(kib <= 2 * GUEST_MIB * 1024, "host-c runs {} MiB of guests; it had room for {}", kib / 1024, 2 * GUEST_MIB);
     assert_eq!(kib, 2 * GUEST_MIB * 1024);
     // Every job that left a guest behind raised its alarm, and nothing is

@@ -58,7 +58,10 @@ fn run_with(tls: Option<(&str, &TlsFiles)>, args: &[&str]) -> Run {
 fn assert_terminal_safe(what: &str, text: &str) {
     let bad: Vec<char> = text
         .chars()
-        .filter(|c| (c.is_control() && !matches!(c, '\n' | '\t')) || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+        .filter(|c| {
+            (c.is_control() && !matches!(c, '\n' | '\t'))
+                || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
         .collect();
     assert!(bad.is_empty(), "{what}: raw control characters {bad:?} in:\n{text}");
 }
@@ -125,18 +128,26 @@ fn garbage_arguments_are_usage_errors() {
     ];
     for (args, flag) in &cases {
         let r = run_with(None, args);
-        let what = format!("lifeboat {}", args.iter().map(|a| a.chars().take(40).collect::<String>()).collect::<Vec<_>>().join(" "));
+        let what = format!(
+            "lifeboat {}",
+            args.iter().map(|a| a.chars().take(40).collect::<String>()).collect::<Vec<_>>().join(" ")
+        );
         assert_no_crash(&what, &r);
         assert_eq!(r.code, Some(2), "{what}: {}", r.stderr);
         assert!(r.stderr.contains(flag), "{what}: the message names {flag}: {}", r.stderr);
         assert!(r.stdout.is_empty(), "{what}: {}", r.stdout);
-        assert!(r.stderr.len() < 4096, "{what}: a bounded message, not the 100,000-char value: {} bytes", r.stderr.len());
+        assert!(
+            r.stderr.len() < 4096,
+            "{what}: a bounded message, not the 100,000-char value: {} bytes",
+            r.stderr.len()
+        );
     }
     // The ESC typed in an argument is shown escaped in clap's own message.
     let r = run_with(None, &["vms", "list", "--host", "a\u{1b}[2Jb"]);
     assert!(r.stderr.contains("\\x1b[2Jb"), "{}", r.stderr);
     // `migrate --to` the failed host itself, a check of the CLI's own.
-    let r = run_with(None, &["--controller-url", "https://127.0.0.1:1", "migrate", "--force", "--from", "a", "--to", "a"]);
+    let r =
+        run_with(None, &["--controller-url", "https://127.0.0.1:1", "migrate", "--force", "--from", "a", "--to", "a"]);
     assert_no_crash("migrate --to itself", &r);
     assert_ne!(r.code, Some(0));
 }
@@ -268,7 +279,10 @@ async fn certificate_failures_exit_4_every_time() {
         }
     }
     let closed = codes.iter().filter(|c| **c).count();
-    println!("{} certificate failures, all exit 4 ({closed} seen as a closed connection, the rest as a TLS alert or error)", codes.len());
+    println!(
+        "{} certificate failures, all exit 4 ({closed} seen as a closed connection, the rest as a TLS alert or error)",
+        codes.len()
+    );
     c.stop().await;
 }
 
@@ -336,10 +350,38 @@ async fn hostile_texts_in_the_database_are_shown_escaped() {
         };
         s.upsert_host(&info, lifeboat_common::now_unix_ms()).unwrap();
         let rows = [
-            ("6f1c2c9e-0000-4000-8000-000000000001", bidi_name.to_string(), guest_bytes("6f1c2c9e-0000-4000-8000-000000000001", bidi_name, "r", "/img/vm.qcow2", "e AAAA\n\tqemu said")),
-            ("6f1c2c9e-0000-4000-8000-000000000004", esc_name.to_string(), guest_bytes("6f1c2c9e-0000-4000-8000-000000000004", esc_name, "r\u{1b}[1m", "/img/\u{1b}[2J.qcow2", "e\u{1b}]52;c;AAAA\u{7}")),
-            ("6f1c2c9e-0000-4000-8000-000000000002", huge_name.clone(), guest_bytes("6f1c2c9e-0000-4000-8000-000000000002", &huge_name, "", &"/d".repeat(2_000), "")),
-            ("6f1c2c9e-0000-4000-8000-000000000003", cjk_name.to_string(), guest_bytes("6f1c2c9e-0000-4000-8000-000000000003", cjk_name, "", "/img/db.qcow2", "")),
+            (
+                "6f1c2c9e-0000-4000-8000-000000000001",
+                bidi_name.to_string(),
+                guest_bytes(
+                    "6f1c2c9e-0000-4000-8000-000000000001",
+                    bidi_name,
+                    "r",
+                    "/img/vm.qcow2",
+                    "e AAAA\n\tqemu said",
+                ),
+            ),
+            (
+                "6f1c2c9e-0000-4000-8000-000000000004",
+                esc_name.to_string(),
+                guest_bytes(
+                    "6f1c2c9e-0000-4000-8000-000000000004",
+                    esc_name,
+                    "r\u{1b}[1m",
+                    "/img/\u{1b}[2J.qcow2",
+                    "e\u{1b}]52;c;AAAA\u{7}",
+                ),
+            ),
+            (
+                "6f1c2c9e-0000-4000-8000-000000000002",
+                huge_name.clone(),
+                guest_bytes("6f1c2c9e-0000-4000-8000-000000000002", &huge_name, "", &"/d".repeat(2_000), ""),
+            ),
+            (
+                "6f1c2c9e-0000-4000-8000-000000000003",
+                cjk_name.to_string(),
+                guest_bytes("6f1c2c9e-0000-4000-8000-000000000003", cjk_name, "", "/img/db.qcow2", ""),
+            ),
         ];
         let up: Vec<(&str, &str, &[u8])> = rows.iter().map(|(u, n, b)| (*u, n.as_str(), b.as_slice())).collect();
         s.write_guests(host, &up, &[], lifeboat_common::now_unix_ms()).unwrap();
@@ -365,13 +407,21 @@ async fn hostile_texts_in_the_database_are_shown_escaped() {
     assert_eq!(list.code, Some(0), "{}", list.stderr);
     println!("vms list:\n{}", list.stdout);
     assert!(list.stdout.contains("evil\\u{202e}gpj.exe\\u{200f}"), "{}", list.stdout);
-    assert!(!list.stdout.contains("pwned"), "the row with control characters is quarantined, not listed: {}", list.stdout);
+    assert!(
+        !list.stdout.contains("pwned"),
+        "the row with control characters is quarantined, not listed: {}",
+        list.stdout
+    );
     assert!(list.stdout.contains(cjk_name), "{}", list.stdout);
     assert!(list.stdout.contains('…'), "the 255-byte name is cut: {}", list.stdout);
     assert!(list.stdout.len() < 4096, "{} bytes", list.stdout.len());
     // Aligned by display width: the HOST column starts at the same column on every row.
     let width = |s: &str| s.chars().map(|c| if ('\u{4e00}'..='\u{9fff}').contains(&c) { 2 } else { 1 }).sum::<usize>();
-    let cols: Vec<usize> = list.stdout.lines().map(|l| width(&l[..l.find(if l.starts_with("NAME") { "HOST" } else { host }).unwrap()])).collect();
+    let cols: Vec<usize> = list
+        .stdout
+        .lines()
+        .map(|l| width(&l[..l.find(if l.starts_with("NAME") { "HOST" } else { host }).unwrap()]))
+        .collect();
     assert!(cols.len() == 4 && cols.iter().all(|c| *c == cols[0]), "{cols:?}\n{}", list.stdout);
 
     let json = run(&["vms", "list", "-o", "json"]).await.unwrap();
@@ -402,11 +452,19 @@ async fn hostile_texts_in_the_database_are_shown_escaped() {
         }
     }
     let show = run(&["vms", "show", "6f1c2c9e-0000-4000-8000-000000000001"]).await.unwrap();
-    assert!(show.stdout.contains("evil\\u{202e}gpj.exe\\u{200f}") && show.stdout.contains("e AAAA\\x0a\\x09qemu said"), "{}", show.stdout);
+    assert!(
+        show.stdout.contains("evil\\u{202e}gpj.exe\\u{200f}") && show.stdout.contains("e AAAA\\x0a\\x09qemu said"),
+        "{}",
+        show.stdout
+    );
     let show = run(&["vms", "show", "6f1c2c9e-0000-4000-8000-000000000002"]).await.unwrap();
     assert!(show.stdout.contains(&huge_name), "show prints the full name");
     let hosts = run(&["hosts", "list"]).await.unwrap();
-    assert!(hosts.stdout.contains("node\\x1b[31m\\x00\\u{202e}1") && hosts.stdout.contains("10.0\\x1b[2J"), "{}", hosts.stdout);
+    assert!(
+        hosts.stdout.contains("node\\x1b[31m\\x00\\u{202e}1") && hosts.stdout.contains("10.0\\x1b[2J"),
+        "{}",
+        hosts.stdout
+    );
     let log = run(&["log"]).await.unwrap();
     assert!(log.stdout.contains("audit \\x1b]0;title\\x07 \\x0a forged line"), "{}", log.stdout);
     assert!(!log.stdout.lines().any(|l| l.starts_with(" forged line")), "a newline in a detail cannot forge a line");

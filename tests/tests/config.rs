@@ -105,9 +105,17 @@ fn controller_check_config_names_each_problem_and_init_then_start_works() {
 
     // Each problem, one at a time.
     let typo = tmp.path().join("vra/controller.db");
-    ctl.refuses("database directory missing", &ctl.write("c1.toml", &listen, &typo, &ca, &cert, &key), &["vra", "does not exist"]);
+    ctl.refuses(
+        "database directory missing",
+        &ctl.write("c1.toml", &listen, &typo, &ca, &cert, &key),
+        &["vra", "does not exist"],
+    );
     assert!(!typo.parent().unwrap().exists());
-    ctl.refuses("database is a directory", &ctl.write("c2.toml", &listen, &dbdir, &ca, &cert, &key), &["is a directory"]);
+    ctl.refuses(
+        "database is a directory",
+        &ctl.write("c2.toml", &listen, &dbdir, &ca, &cert, &key),
+        &["is a directory"],
+    );
     ctl.refuses(
         "key of another certificate",
         &ctl.write("c3.toml", &listen, &db, &ca, &cert, &p.join("agent-host-a.key")),
@@ -159,7 +167,13 @@ fn controller_check_config_names_each_problem_and_init_then_start_works() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(code, Some(0), "{out}{err}");
-    for f in [db.clone(), dbdir.join("controller.db-wal"), dbdir.join("controller.db-shm"), dbdir.join("controller.db.lock"), backup] {
+    for f in [
+        db.clone(),
+        dbdir.join("controller.db-wal"),
+        dbdir.join("controller.db-shm"),
+        dbdir.join("controller.db.lock"),
+        backup,
+    ] {
         if f.exists() {
             assert_eq!(mode(&f), 0o600, "{} must be owner-only", f.display());
             println!("{}: {:o}", f.display(), mode(&f));
@@ -180,7 +194,8 @@ fn agent_check_config_and_start_exit_2_on_each_problem() {
         run(Command::new(&exe).arg("--config").arg(&cfg).args(args).env_remove("LIFEBOAT_AGENT_CONFIG"))
     };
     let url = format!("https://127.0.0.1:{}", free_port());
-    let (code, out, err) = agent("good.toml", agent_config("host-a", "test:///default", &url, &a, ""), &["check-config"]);
+    let (code, out, err) =
+        agent("good.toml", agent_config("host-a", "test:///default", &url, &a, ""), &["check-config"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("configuration OK (host id host-a)"), "{out}");
 
@@ -191,9 +206,14 @@ fn agent_check_config_and_start_exit_2_on_each_problem() {
         assert_eq!(code, Some(2), "missing certificate, {args:?}: {err}");
         assert!(err.contains("cannot read certificate") && err.contains("agent-missing.pem"), "{err}");
     }
-    let (code, _, err) = agent("other-host.toml", agent_config("host-b", "test:///default", &url, &a, ""), &["check-config"]);
-    assert!(code == Some(2) && err.contains("host 'host-a'") && err.contains("--agent host-b"), "another host's certificate: {err}");
-    let (code, _, err) = agent("ctl.toml", agent_config("host-a", "test:///default", &url, &pki.controller(), ""), &["check-config"]);
+    let (code, _, err) =
+        agent("other-host.toml", agent_config("host-b", "test:///default", &url, &a, ""), &["check-config"]);
+    assert!(
+        code == Some(2) && err.contains("host 'host-a'") && err.contains("--agent host-b"),
+        "another host's certificate: {err}"
+    );
+    let (code, _, err) =
+        agent("ctl.toml", agent_config("host-a", "test:///default", &url, &pki.controller(), ""), &["check-config"]);
     assert!(code == Some(2) && err.contains("controller's certificate"), "the controller's certificate: {err}");
     std::fs::set_permissions(&a.key, std::fs::Permissions::from_mode(0o640)).unwrap();
     let (code, _, err) = agent("mode.toml", agent_config("host-a", "test:///default", &url, &a, ""), &[]);
@@ -218,7 +238,13 @@ async fn a_viewer_sees_definitions_without_graphics_passwords() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(&tmp.path().join("pki"));
     let c = Controller::start(&pki, &tmp.path().join("c.db"), 0, 1000, 3000).await;
-    let agent = Agent::start(&agent_config("host-a", &fixture_with_graphics_password(tmp.path()), &c.url(), &pki.agent("host-a"), ""));
+    let agent = Agent::start(&agent_config(
+        "host-a",
+        &fixture_with_graphics_password(tmp.path()),
+        &c.url(),
+        &pki.agent("host-a"),
+        "",
+    ));
     let operator = c.admin(&pki.client("olga", Role::Operator)).await;
     let mut viewer = c.admin(&pki.client("vic", Role::Viewer)).await;
     let req = || ListGuestsRequest { vm: "vm-a1".into(), with_definitions: true, ..Default::default() };
@@ -231,7 +257,10 @@ async fn a_viewer_sees_definitions_without_graphics_passwords() {
     })
     .await;
     // The stored definition is whole (a migration defines the guest from it)...
-    assert!(op_def.contains("passwd='vnc-s3cret'") || op_def.contains("passwd=\"vnc-s3cret\""), "the agent reads with the secure flag: {op_def}");
+    assert!(
+        op_def.contains("passwd='vnc-s3cret'") || op_def.contains("passwd=\"vnc-s3cret\""),
+        "the agent reads with the secure flag: {op_def}"
+    );
     // ...and a viewer gets it without the password.
     let gs = viewer.list_guests(req()).await.unwrap().into_inner().guests;
     let v_def = gs.into_iter().filter_map(|g| g.guest).map(|g| g.definition_xml).next().unwrap();

@@ -12,8 +12,8 @@ use lifeboat_common::identity::Role;
 use lifeboat_common::pki;
 use lifeboat_common::tls::TlsFiles;
 use lifeboat_e2e::{Agent, ControllerProcess, Pki, agent_config, metric_value, test_node, wait_for};
-use lifeboat_proto::v1::admin_client::AdminClient;
 use lifeboat_proto::v1::ListHostsRequest;
+use lifeboat_proto::v1::admin_client::AdminClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tonic::transport::Endpoint;
@@ -84,14 +84,18 @@ async fn a_connection_flood_leaves_room_for_operators_and_agents() {
         // TLS 1.3: the client may finish before the server's verdict arrives;
         // then the first call fails.
         if let Ok(mut x) = admin(&c.url(), &bad).await {
-            assert!(x.who_am_i(lifeboat_proto::v1::WhoAmIRequest::default()).await.is_err(), "a foreign certificate was accepted");
+            assert!(
+                x.who_am_i(lifeboat_proto::v1::WhoAmIRequest::default()).await.is_err(),
+                "a foreign certificate was accepted"
+            );
         }
     }
 
     // With the flood in place: an operator's request and a new agent's session.
     let t = Instant::now();
     let mut op = admin(&c.url(), &op_tls).await.expect("operator connects during the flood");
-    let hosts = op.list_hosts(ListHostsRequest::default()).await.expect("operator request during the flood").into_inner().hosts;
+    let hosts =
+        op.list_hosts(ListHostsRequest::default()).await.expect("operator request during the flood").into_inner().hosts;
     let op_s = t.elapsed().as_secs_f64();
     assert!(op_s < 3.0, "operator's request took {op_s:.2} s during the flood");
     let b = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
@@ -110,7 +114,10 @@ async fn a_connection_flood_leaves_room_for_operators_and_agents() {
     let during = c.metrics_text().await;
     let in_progress = metric_value(&during, "lifeboat_tls_handshakes_in_progress");
     let open_conns = metric_value(&during, "lifeboat_connections_open");
-    assert!((60.0..=70.0).contains(&in_progress), "handshakes in progress during the flood: {in_progress} (32 per address)\n{during}");
+    assert!(
+        (60.0..=70.0).contains(&in_progress),
+        "handshakes in progress during the flood: {in_progress} (32 per address)\n{during}"
+    );
     assert!(open_conns >= 3.0, "established connections: {open_conns}\n{during}");
 
     // Most idle sockets were closed at once (over the per-address cap); the
@@ -210,10 +217,24 @@ async fn idle_connections_are_closed_and_sessions_are_not() {
     let dir = tmp.path();
     let pki = Pki::new(&dir.join("pki"));
     std::fs::write(dir.join("a.xml"), test_node(&[])).unwrap();
-    let limits = lifeboat_controller::conn::Limits { idle_timeout: Duration::from_millis(1500), ..lifeboat_controller::conn::Limits::from_nofile(4096) };
+    let limits = lifeboat_controller::conn::Limits {
+        idle_timeout: Duration::from_millis(1500),
+        ..lifeboat_controller::conn::Limits::from_nofile(4096)
+    };
     let c = lifeboat_e2e::Controller::start_limited(&pki, &dir.join("c.db"), 0, 200, 1000, "", Some(limits)).await;
-    let a = Agent::start(&agent_config("host-a", &format!("test://{}", dir.join("a.xml").display()), &c.url(), &pki.agent("host-a"), ""));
-    let idle_closed = || metric_value(&lifeboat_controller::telemetry::get().encode(), "lifeboat_connections_closed_total{reason=\"idle\"}");
+    let a = Agent::start(&agent_config(
+        "host-a",
+        &format!("test://{}", dir.join("a.xml").display()),
+        &c.url(),
+        &pki.agent("host-a"),
+        "",
+    ));
+    let idle_closed = || {
+        metric_value(
+            &lifeboat_controller::telemetry::get().encode(),
+            "lifeboat_connections_closed_total{reason=\"idle\"}",
+        )
+    };
     let before = idle_closed();
     let mut op = c.admin(&pki.client("olga", Role::Viewer)).await;
     wait_for(Duration::from_secs(5), "host-a REACHABLE", || {
@@ -254,8 +275,19 @@ async fn above_the_soft_limit_only_operators_and_known_agents_get_in() {
         ..lifeboat_controller::conn::Limits::from_nofile(4096)
     };
     let c = lifeboat_e2e::Controller::start_limited(&pki, &dir.join("c.db"), 0, 200, 3000, "", Some(limits)).await;
-    let a = Agent::start(&agent_config("host-a", &format!("test://{}", dir.join("a.xml").display()), &c.url(), &pki.agent("host-a"), ""));
-    let reserved = || metric_value(&lifeboat_controller::telemetry::get().encode(), "lifeboat_connections_refused_total{reason=\"reserved_for_known_peers\"}");
+    let a = Agent::start(&agent_config(
+        "host-a",
+        &format!("test://{}", dir.join("a.xml").display()),
+        &c.url(),
+        &pki.agent("host-a"),
+        "",
+    ));
+    let reserved = || {
+        metric_value(
+            &lifeboat_controller::telemetry::get().encode(),
+            "lifeboat_connections_refused_total{reason=\"reserved_for_known_peers\"}",
+        )
+    };
     let before = reserved();
     // Fill up to the soft limit with operators' connections (host-a's session is one more).
     let mut ops = Vec::new();
@@ -279,8 +311,14 @@ async fn above_the_soft_limit_only_operators_and_known_agents_get_in() {
             .connect()
             .await
             .map_err(|e| e.to_string())?;
-        let hello = AgentMessage { msg: Some(Msg::Hello(Hello { host_id: "stranger".into(), agent_version: "t".into(), boot_id: "b".into() })) };
-        let mut s = AgentSessionClient::new(ch).session(tokio_stream::iter(vec![hello])).await.map_err(|e| e.to_string())?.into_inner();
+        let hello = AgentMessage {
+            msg: Some(Msg::Hello(Hello { host_id: "stranger".into(), agent_version: "t".into(), boot_id: "b".into() })),
+        };
+        let mut s = AgentSessionClient::new(ch)
+            .session(tokio_stream::iter(vec![hello]))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
         s.message().await.map_err(|e| e.to_string())
     };
     let r = tokio::time::timeout(Duration::from_secs(10), stranger).await.expect("the stranger's attempt hung");
@@ -298,7 +336,13 @@ async fn above_the_soft_limit_only_operators_and_known_agents_get_in() {
         }
     })
     .await;
-    let a2 = Agent::start(&agent_config("host-a", &format!("test://{}", dir.join("a.xml").display()), &c.url(), &pki.agent("host-a"), ""));
+    let a2 = Agent::start(&agent_config(
+        "host-a",
+        &format!("test://{}", dir.join("a.xml").display()),
+        &c.url(),
+        &pki.agent("host-a"),
+        "",
+    ));
     wait_for(Duration::from_secs(10), "host-a back", || {
         let mut op = late.clone();
         async move {
@@ -338,7 +382,10 @@ async fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
     let ticks = cpu() - c0;
     let secs = t0.elapsed().as_secs_f64();
     let log = c.log_text();
-    assert!(log.contains("cannot accept a connection"), "no EMFILE seen (the test did not exhaust the descriptors):\n{log}");
+    assert!(
+        log.contains("cannot accept a connection"),
+        "no EMFILE seen (the test did not exhaust the descriptors):\n{log}"
+    );
     // 100 ticks per second: a spinning accept loop would burn ~300.
     assert!(ticks < 60, "{ticks} CPU ticks in {secs:.1} s while out of descriptors: spinning?");
     let lines = log.lines().filter(|l| l.contains("cannot accept a connection")).count();
@@ -350,10 +397,19 @@ async fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
         let url = c.url();
         let m = m.clone();
         async move {
-            let ch = Endpoint::from_shared(url).ok()?.tls_config(m.client_config(pki::CONTROLLER_NAME)).ok()?.connect().await.ok()?;
+            let ch = Endpoint::from_shared(url)
+                .ok()?
+                .tls_config(m.client_config(pki::CONTROLLER_NAME))
+                .ok()?
+                .connect()
+                .await
+                .ok()?;
             AdminClient::new(ch).who_am_i(lifeboat_proto::v1::WhoAmIRequest::default()).await.ok().map(|_| ())
         }
     })
     .await;
-    println!("EMFILE: {ticks} CPU ticks in {secs:.1} s out of descriptors, {lines} log lines in {up} s; an operator got in {:.2} s after the flood ended", took.as_secs_f64());
+    println!(
+        "EMFILE: {ticks} CPU ticks in {secs:.1} s out of descriptors, {lines} log lines in {up} s; an operator got in {:.2} s after the flood ended",
+        took.as_secs_f64()
+    );
 }

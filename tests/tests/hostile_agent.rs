@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use lifeboat_common::identity::Role;
 use lifeboat_e2e::{Agent, Controller, Pki, agent_config, wait_for};
 use lifeboat_proto::v1::{
-    AgentMessage, CommandResult, ControllerMessage, Guest, GuestChanged, GuestRemoved, Heartbeat, Hello, HostInfo, Inventory,
-    ListAlarmsRequest, ListGuestsRequest, ListHostsRequest, agent_message::Msg, agent_session_client::AgentSessionClient,
-    controller_message,
+    AgentMessage, CommandResult, ControllerMessage, Guest, GuestChanged, GuestRemoved, Heartbeat, Hello, HostInfo,
+    Inventory, ListAlarmsRequest, ListGuestsRequest, ListHostsRequest, agent_message::Msg,
+    agent_session_client::AgentSessionClient, controller_message,
 };
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
@@ -36,13 +36,21 @@ struct RawSession {
 async fn channel(c: &Controller, pki: &Pki, host: &str) -> Channel {
     lifeboat_common::tls::install_crypto_provider();
     let m = pki.agent(host).load().unwrap();
-    Endpoint::from_shared(c.url()).unwrap().tls_config(m.client_config("lifeboat-controller")).unwrap().connect().await.unwrap()
+    Endpoint::from_shared(c.url())
+        .unwrap()
+        .tls_config(m.client_config("lifeboat-controller"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 impl RawSession {
     async fn open(c: &Controller, pki: &Pki, host: &str) -> Self {
         let (tx, rx) = mpsc::channel(8);
-        tx.send(msg(Msg::Hello(Hello { host_id: host.into(), agent_version: "0.1.0".into(), boot_id: "b1".into() }))).await.unwrap();
+        tx.send(msg(Msg::Hello(Hello { host_id: host.into(), agent_version: "0.1.0".into(), boot_id: "b1".into() })))
+            .await
+            .unwrap();
         let mut client = AgentSessionClient::new(channel(c, pki, host).await).max_encoding_message_size(64 << 20);
         let mut rx = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
         match rx.message().await.unwrap().and_then(|m| m.msg) {
@@ -63,7 +71,9 @@ impl RawSession {
             let left = until.saturating_duration_since(Instant::now());
             let m = tokio::time::timeout(left, self.rx.message()).await.expect("a Refused within 20 s");
             match m {
-                Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::Refused(r)) })) => return (r.what, r.reason),
+                Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::Refused(r)) })) => {
+                    return (r.what, r.reason);
+                }
                 Ok(Some(_)) => {}
                 other => panic!("the session ended without a Refused: {other:?}"),
             }
@@ -98,7 +108,11 @@ fn heartbeats(mut s: RawSession, stop: Arc<AtomicBool>, worst_us: Arc<AtomicU64>
             s.send(Msg::Heartbeat(Heartbeat { seq: n, sent_unix_ms: 0, memory_free_kib: 0 })).await;
             loop {
                 match tokio::time::timeout(Duration::from_secs(30), s.rx.message()).await {
-                    Ok(Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::HeartbeatAck(a)) }))) if a.seq == n => break,
+                    Ok(Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::HeartbeatAck(a)) })))
+                        if a.seq == n =>
+                    {
+                        break;
+                    }
                     Ok(Ok(Some(_))) => continue,
                     other => panic!("honest heartbeat session ended: {other:?}"),
                 }
@@ -122,7 +136,9 @@ async fn a_hostile_agent_is_refused_whole_and_honest_hosts_stay_reachable() {
     let adm2 = adm.clone();
     wait_for(Duration::from_secs(15), "5 honest guests", || {
         let mut adm = adm2.clone();
-        async move { (adm.list_guests(ListGuestsRequest::default()).await.unwrap().into_inner().guests.len() == 5).then_some(()) }
+        async move {
+            (adm.list_guests(ListGuestsRequest::default()).await.unwrap().into_inner().guests.len() == 5).then_some(())
+        }
     })
     .await;
 
@@ -163,7 +179,8 @@ async fn a_hostile_agent_is_refused_whole_and_honest_hosts_stay_reachable() {
         lifeboat_proto::pack_definition(&mut g);
         g.definition_deflate
     };
-    let bombs: Vec<Guest> = (1..=64).map(|i| Guest { definition_deflate: bomb.clone(), ..guest(i, &format!("bomb{i}")) }).collect();
+    let bombs: Vec<Guest> =
+        (1..=64).map(|i| Guest { definition_deflate: bomb.clone(), ..guest(i, &format!("bomb{i}")) }).collect();
     let cases: Vec<(Msg, &str)> = vec![
         (changed(Guest { memory_kib: u64::MAX, state: 2, ..guest(2, "huge") }), "GuestChanged guest.memory_kib"),
         (changed(guest(3, &"n".repeat(100_000))), "GuestChanged guest.name"),
@@ -173,15 +190,28 @@ async fn a_hostile_agent_is_refused_whole_and_honest_hosts_stay_reachable() {
         (changed(Guest { uuid: uuid(7).to_uppercase(), ..guest(7, "upper") }), "GuestChanged guest.uuid"),
         (Msg::Host(HostInfo { hostname: "h\u{1b}[31mred".into(), ..Default::default() }), "HostInfo hostname"),
         (Msg::Host(HostInfo { libvirt_version: "v\r\n1".into(), ..Default::default() }), "HostInfo libvirt_version"),
-        (Msg::Inventory(Inventory { host: None, guests: vec![guest(8, "d1"), guest(8, "d2")], more: false }), "Inventory guests[1].uuid"),
-        (Msg::Inventory(Inventory { host: None, guests: bombs, more: false }), "Inventory guests[0].definition_deflate"),
-        (Msg::CommandResult(CommandResult { id: "../../x".into(), ok: true, ..Default::default() }), "CommandResult id"),
+        (
+            Msg::Inventory(Inventory { host: None, guests: vec![guest(8, "d1"), guest(8, "d2")], more: false }),
+            "Inventory guests[1].uuid",
+        ),
+        (
+            Msg::Inventory(Inventory { host: None, guests: bombs, more: false }),
+            "Inventory guests[0].definition_deflate",
+        ),
+        (
+            Msg::CommandResult(CommandResult { id: "../../x".into(), ok: true, ..Default::default() }),
+            "CommandResult id",
+        ),
         (Msg::Hello(Hello { host_id: "host-evil".into(), ..Default::default() }), "Hello hello"),
     ];
     // Removing another host's guest (honest host-a's vm-a1) changes nothing:
     // the registry removes only from the sender, and an unknown removal is
     // dropped quietly (an honest agent sends one after a lost change).
-    evil.send(Msg::GuestRemoved(GuestRemoved { uuid: "11111111-0000-4000-8000-00000000a001".into(), name: "vm-a1".into() })).await;
+    evil.send(Msg::GuestRemoved(GuestRemoved {
+        uuid: "11111111-0000-4000-8000-00000000a001".into(),
+        name: "vm-a1".into(),
+    }))
+    .await;
     let n_cases = cases.len();
     for (m, want) in cases {
         evil.send(m).await;
@@ -194,7 +224,8 @@ async fn a_hostile_agent_is_refused_whole_and_honest_hosts_stay_reachable() {
     // discarded, the last one included.
     let t1 = Instant::now();
     for p in 0..25 {
-        let guests: Vec<Guest> = (0..40_000).map(|i| guest(1_000 + p * 40_000 + i, &format!("m{}", p * 40_000 + i))).collect();
+        let guests: Vec<Guest> =
+            (0..40_000).map(|i| guest(1_000 + p * 40_000 + i, &format!("m{}", p * 40_000 + i))).collect();
         evil.send(Msg::Inventory(Inventory { host: None, guests, more: p < 24 })).await;
     }
     let (what, _) = evil.refused().await;
@@ -203,7 +234,8 @@ async fn a_hostile_agent_is_refused_whole_and_honest_hosts_stay_reachable() {
     evil.send(Msg::Heartbeat(Heartbeat { seq: 7, ..Default::default() })).await;
     let acked = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            if let Some(controller_message::Msg::HeartbeatAck(a)) = evil.rx.message().await.unwrap().and_then(|m| m.msg) {
+            if let Some(controller_message::Msg::HeartbeatAck(a)) = evil.rx.message().await.unwrap().and_then(|m| m.msg)
+            {
                 if a.seq == 7 {
                     break;
                 }
@@ -257,7 +289,8 @@ async fn a_hostile_agent_is_refused_whole_and_honest_hosts_stay_reachable() {
         .collect();
     assert_eq!(evil_guests, ["evil-ok"]);
     let hosts = adm.list_hosts(ListHostsRequest {}).await.unwrap().into_inner().hosts;
-    let evil_host = hosts.iter().find(|h| h.info.as_ref().unwrap().host_id == "host-evil").unwrap().info.clone().unwrap();
+    let evil_host =
+        hosts.iter().find(|h| h.info.as_ref().unwrap().host_id == "host-evil").unwrap().info.clone().unwrap();
     assert_eq!(evil_host.hostname, "evil.example");
     assert!(evil_host.libvirt_version.is_empty());
     let all = adm.list_guests(ListGuestsRequest::default()).await.unwrap().into_inner().guests;
@@ -346,7 +379,13 @@ async fn the_largest_legal_inventory_does_not_stall_other_sessions() {
     wait_for(Duration::from_secs(120), "256 big guests stored", || {
         let mut adm = adm2.clone();
         async move {
-            let n = adm.list_guests(ListGuestsRequest { host: "host-big".into(), ..Default::default() }).await.unwrap().into_inner().guests.len();
+            let n = adm
+                .list_guests(ListGuestsRequest { host: "host-big".into(), ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner()
+                .guests
+                .len();
             (n == 256).then_some(())
         }
     })

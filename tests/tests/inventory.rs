@@ -83,10 +83,12 @@ async fn every_guest_of_every_host_reaches_the_controller() {
         req.page_token = r.next_page_token;
     }
     assert_eq!(pages, 3);
-    let mut expected: Vec<(String, String)> = plain.iter().map(|g| (g.host_id.clone(), g.guest.as_ref().unwrap().name.clone())).collect();
+    let mut expected: Vec<(String, String)> =
+        plain.iter().map(|g| (g.host_id.clone(), g.guest.as_ref().unwrap().name.clone())).collect();
     expected.sort();
     assert_eq!(paged, expected);
-    let bad = v.list_guests(ListGuestsRequest { page_token: "nonsense".into(), ..Default::default() }).await.unwrap_err();
+    let bad =
+        v.list_guests(ListGuestsRequest { page_token: "nonsense".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     assert!(bad.message().contains("page_token"), "{}", bad.message());
     let a2 = by_name(&all, "vm-a2").unwrap();
@@ -171,7 +173,10 @@ async fn a_silent_host_is_unreachable_and_a_restart_keeps_everything() {
     let db = tmp.path().join("c.db");
     let c = Controller::start(&pki, &db, 0, 1000, 3000).await;
     let a = Agent::start(&agent_config("host-a", &fixture("host-a.xml"), &c.url(), &pki.agent("host-a"), ""));
-    wait_for(Duration::from_secs(10), "3 guests", || async { (guests(&c, &pki, "host-a").await.len() == 3).then_some(()) }).await;
+    wait_for(Duration::from_secs(10), "3 guests", || async {
+        (guests(&c, &pki, "host-a").await.len() == 3).then_some(())
+    })
+    .await;
     a.stop().await;
     let adm = c.admin(&pki.client("viewer", Role::Viewer)).await;
     let (_, took) = wait_for(Duration::from_secs(8), "host-a unreachable", || {
@@ -227,9 +232,8 @@ async fn an_agent_with_another_hosts_certificate_is_refused() {
         .connect()
         .await
         .unwrap();
-    let hello = AgentMessage {
-        msg: Some(agent_message::Msg::Hello(Hello { host_id: "host-a".into(), ..Default::default() })),
-    };
+    let hello =
+        AgentMessage { msg: Some(agent_message::Msg::Hello(Hello { host_id: "host-a".into(), ..Default::default() })) };
     let r = AgentSessionClient::new(ch).session(tokio_stream::iter(vec![hello])).await;
     let e = r.err().expect("refused");
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
@@ -278,8 +282,9 @@ async fn unreachable_libvirt_is_reported_and_the_agent_keeps_running() {
 
 #[test]
 fn a_malformed_agent_config_names_file_and_problem() {
-    let e = lifeboat_agent::config::AgentConfig::parse("[controller]\nurl = 5\n", Path::new("/etc/lifeboat/agent.toml"))
-        .unwrap_err()
-        .to_string();
+    let e =
+        lifeboat_agent::config::AgentConfig::parse("[controller]\nurl = 5\n", Path::new("/etc/lifeboat/agent.toml"))
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("/etc/lifeboat/agent.toml") && e.contains("url"), "{e}");
 }

@@ -52,9 +52,12 @@ fn lab_inventory_changes_liveness_and_restart() {
     lab.virsh("host-a", &["autostart", "vm-a1"]);
     let logged = |action: &str| -> Option<i64> {
         let log = lab.cli_json(&["log", "--vm", "vm-a1"]).ok()?;
-        log.as_array()?.iter().find(|e| e["action"] == action && e["at_unix_ms"].as_i64() >= Some(t0))?["at_unix_ms"].as_i64()
+        log.as_array()?.iter().find(|e| e["action"] == action && e["at_unix_ms"].as_i64() >= Some(t0))?["at_unix_ms"]
+            .as_i64()
     };
-    lab.wait(Duration::from_secs(5), "autostart switched on, in the action log", || logged("guest.autostart_enabled").is_some());
+    lab.wait(Duration::from_secs(5), "autostart switched on, in the action log", || {
+        logged("guest.autostart_enabled").is_some()
+    });
     let seen = logged("guest.autostart_enabled").unwrap() - t0;
     println!("virsh autostart noticed by the controller after {seen} ms");
     assert!(seen < 1000, "took {seen} ms");
@@ -62,7 +65,11 @@ fn lab_inventory_changes_liveness_and_restart() {
         logged("guest.autostart_disabled").is_some() && lab.vm("vm-a1").is_some_and(|g| g["autostart"] == false)
     });
     println!("Lifeboat switched libvirt autostart off again after {took:?}");
-    assert!(lab.virsh("host-a", &["dominfo", "vm-a1"]).lines().any(|l| l.starts_with("Autostart:") && l.contains("disable")));
+    assert!(
+        lab.virsh("host-a", &["dominfo", "vm-a1"])
+            .lines()
+            .any(|l| l.starts_with("Autostart:") && l.contains("disable"))
+    );
 
     // A destroyed guest.
     lab.excuse("vm-b1", "destroyed on purpose (desired state stopped)");
@@ -133,12 +140,16 @@ fn lab_bad_certificate_config_and_libvirt_faults() {
         lab.host("host-b").is_some_and(|h| h["liveness"] == "UNREACHABLE")
     });
     assert_eq!(lab.host("host-a").unwrap()["liveness"], "REACHABLE", "the real host-a is unaffected");
-    assert!(lab.vms().iter().filter(|g| g["host_id"] == "host-a").all(|g| g["name"].as_str().unwrap().starts_with("vm-a")));
+    assert!(
+        lab.vms().iter().filter(|g| g["host_id"] == "host-a").all(|g| g["name"].as_str().unwrap().starts_with("vm-a"))
+    );
     lab.ok(&["agent-stop", "host-b"]);
     std::fs::write(b_pki.join("agent.pem"), saved_cert).unwrap();
     std::fs::write(b_pki.join("agent.key"), saved_key).unwrap();
     lab.ok(&["agent-start", "host-b"]);
-    lab.wait(Duration::from_secs(15), "host-b back", || lab.host("host-b").is_some_and(|h| h["liveness"] == "REACHABLE"));
+    lab.wait(Duration::from_secs(15), "host-b back", || {
+        lab.host("host-b").is_some_and(|h| h["liveness"] == "REACHABLE")
+    });
 
     // A malformed config: the agent refuses to start and says where.
     let bad = lab.path("LAB_DIR").join("bad-agent.toml");
@@ -160,7 +171,5 @@ fn lab_bad_certificate_config_and_libvirt_faults() {
     assert_eq!(h["liveness"], "REACHABLE", "agent alive: {h}");
     assert_eq!(lab.vms().iter().filter(|g| g["host_id"] == "host-a").count(), 2, "guests not dropped");
     lab.ok(&["libvirtd-start", "host-a"]);
-    lab.wait(Duration::from_secs(20), "libvirt back", || {
-        lab.host("host-a").is_some_and(|h| h["libvirt_error"] == "")
-    });
+    lab.wait(Duration::from_secs(20), "libvirt back", || lab.host("host-a").is_some_and(|h| h["libvirt_error"] == ""));
 }

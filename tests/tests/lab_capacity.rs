@@ -55,14 +55,21 @@ fn lab_two_hosts_failing_at_once_never_overcommit_the_survivor() {
     // physical - running guests - reserve = 80 MiB (+ < 1 MiB of rounding).
     let c = lab.host("host-c").expect("host-c");
     let total_mib = num(&c, "memory_total_mib");
-    let running_mib: u64 = lab.vms().iter().filter(|g| g["host_id"] == "host-c" && g["state"] == "running").map(|g| num(g, "memory_mib")).sum();
+    let running_mib: u64 = lab
+        .vms()
+        .iter()
+        .filter(|g| g["host_id"] == "host-c" && g["state"] == "running")
+        .map(|g| num(g, "memory_mib"))
+        .sum();
     assert_eq!(running_mib, 2 * GUEST_MIB, "host-c runs its two lab guests");
     let room_mib = 2 * GUEST_MIB + GUEST_MIB / 2;
     let reserve = total_mib.checked_sub(running_mib + room_mib).expect("host-c has more than 112 MiB");
     lab.ok(&["controller-memory-reserve", &reserve.to_string()]);
     all_reachable(&lab);
     settle(&lab, 6);
-    println!("host-c: {total_mib} MiB physical, {running_mib} MiB running, reserve {reserve} MiB: room for {room_mib} MiB");
+    println!(
+        "host-c: {total_mib} MiB physical, {running_mib} MiB running, reserve {reserve} MiB: room for {room_mib} MiB"
+    );
 
     let (a, b) = (guests_of(&lab, "host-a"), guests_of(&lab, "host-b"));
     assert_eq!((a.len(), b.len()), (2, 2));
@@ -77,7 +84,8 @@ fn lab_two_hosts_failing_at_once_never_overcommit_the_survivor() {
     // Each plan alone would put both its guests on host-c.
     for h in ["host-a", "host-b"] {
         let p = lab.cli_json(&["migrate", "--force", "--from", h, "--fence", "--plan"]).expect("plan");
-        let placed = p["guests"].as_array().unwrap().iter().filter(|g| g["movable"] == true && g["target"] == "host-c").count();
+        let placed =
+            p["guests"].as_array().unwrap().iter().filter(|g| g["movable"] == true && g["target"] == "host-c").count();
         assert_eq!(placed, 2, "{h}: {p}");
     }
 
@@ -122,8 +130,17 @@ fn lab_two_hosts_failing_at_once_never_overcommit_the_survivor() {
     assert_eq!(moved_in, 2, "host-c was given more than its memory");
     let c = lab.host("host-c").unwrap();
     assert_eq!(num(&c, "running_count"), 4);
-    let running_now: u64 = lab.vms().iter().filter(|g| g["host_id"] == "host-c" && g["state"] == "running").map(|g| num(g, "memory_mib")).sum();
-    assert!(running_now <= total_mib - reserve, "{running_now} MiB running on host-c, {} MiB allowed", total_mib - reserve);
+    let running_now: u64 = lab
+        .vms()
+        .iter()
+        .filter(|g| g["host_id"] == "host-c" && g["state"] == "running")
+        .map(|g| num(g, "memory_mib"))
+        .sum();
+    assert!(
+        running_now <= total_mib - reserve,
+        "{running_now} MiB running on host-c, {} MiB allowed",
+        total_mib - reserve
+    );
     assert_eq!(num(&c, "reserved_memory_mib"), 0, "ended jobs hold nothing");
 
     // Each guest runs once or is listed NOT_MOVED with its reason; the job

@@ -13,7 +13,8 @@ fn settle(lab: &Lab, n: usize) {
     // Every guest running and taken over by Lifeboat (autostart switched off).
     lab.wait(Duration::from_secs(30), "guests running and managed", || {
         let v = lab.vms();
-        v.len() == n && v.iter().all(|g| g["state"] == "running" && g["autostart"] == false && g["desired_state"] == "running")
+        v.len() == n
+            && v.iter().all(|g| g["state"] == "running" && g["autostart"] == false && g["desired_state"] == "running")
     });
 }
 
@@ -57,7 +58,9 @@ fn lab_returning_host_is_quarantined_guarded_and_cleaned_up() {
     // Power host-a back on through its BMC: libvirt autostart fires at boot
     // (fresh run dir), and the start guard refuses every moved guest.
     lab.ok(&["bmc-power", "host-a", "on"]);
-    lab.wait(Duration::from_secs(60), "host-a back", || lab.host("host-a").is_some_and(|h| h["liveness"] == "REACHABLE"));
+    lab.wait(Duration::from_secs(60), "host-a back", || {
+        lab.host("host-a").is_some_and(|h| h["liveness"] == "REACHABLE")
+    });
     let h = lab.host("host-a").unwrap();
     assert_eq!(h["status"], "MAINTENANCE", "{h}");
     assert_eq!(h["stale_definitions"], 2, "{h}");
@@ -80,7 +83,7 @@ fn lab_returning_host_is_quarantined_guarded_and_cleaned_up() {
     assert!(err.contains("cleanup"), "{err}");
     let (code, out, _) = lab.cli(&["cleanup", "host-a", "--plan"]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("remove") && !out.contains("vm-alocal (") , "only move records are named: {out}");
+    assert!(out.contains("remove") && !out.contains("vm-alocal ("), "only move records are named: {out}");
     let disks_before: Vec<_> = moved.iter().map(|(n, _)| lab.path("SHARED_DIR").join(format!("{n}.img"))).collect();
     let (code, out, err) = lab.cli(&["cleanup", "host-a", "--yes"]);
     assert_eq!(code, 0, "{out}\n{err}");
@@ -101,18 +104,30 @@ fn lab_returning_host_is_quarantined_guarded_and_cleaned_up() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("nothing to clean"), "{out}");
     // The runbook: NOT_ACCEPTING, then AVAILABLE.
-    let (code, out, err) = lab.cli(&["hosts", "set-status", "host-a", "NOT_ACCEPTING", "--reason", "repaired, testing"]);
+    let (code, out, err) =
+        lab.cli(&["hosts", "set-status", "host-a", "NOT_ACCEPTING", "--reason", "repaired, testing"]);
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = lab.cli(&["hosts", "set-status", "host-a", "AVAILABLE", "--reason", "tested"]);
     assert_eq!(code, 0, "{out}{err}");
     // The guest that could not move waited for host-a: back in service, it runs there again, once.
-    let alocal = lab.vms().into_iter().find(|g| g["name"] == "vm-alocal").and_then(|g| g["uuid"].as_str().map(String::from)).unwrap();
+    let alocal = lab
+        .vms()
+        .into_iter()
+        .find(|g| g["name"] == "vm-alocal")
+        .and_then(|g| g["uuid"].as_str().map(String::from))
+        .unwrap();
     let took = lab.wait(Duration::from_secs(20), "vm-alocal running on host-a again", || lab.copies(&alocal) == 1);
     println!("vm-alocal started on host-a {took:?} after it was back in service");
     let c = lab.running_copies(&alocal);
     assert!(c.len() == 1 && c[0].host == "host-a", "{c:?}");
-    let actions: Vec<String> =
-        lab.cli_json(&["log", "--host", "host-a"]).unwrap().as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap().to_string()).collect();
+    let actions: Vec<String> = lab
+        .cli_json(&["log", "--host", "host-a"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect();
     for a in ["host.returned", "cleanup.removed", "host.status"] {
         assert!(actions.iter().any(|x| x == a), "{a} in {actions:?}");
     }
@@ -135,17 +150,22 @@ fn lab_split_brain_agent_outage_reboot_and_bad_input() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("Lifeboat start guard") && err.contains("expired"), "{err}");
     lab.ok(&["agent-start", "host-b"]);
-    lab.wait(Duration::from_secs(20), "virsh start works again", || lab.run(&["virsh", "host-b", "start", "vm-b1"]).status.success());
+    lab.wait(Duration::from_secs(20), "virsh start works again", || {
+        lab.run(&["virsh", "host-b", "start", "vm-b1"]).status.success()
+    });
 
     // A normal reboot: Lifeboat (not libvirt autostart) starts what should run.
     lab.wait(Duration::from_secs(10), "vm-b1 running", || lab.vm("vm-b1").is_some_and(|g| g["state"] == "running"));
     lab.excuse("vm-c2", "destroyed on purpose: a stopped guest stays stopped across a reboot");
     lab.virsh("host-c", &["destroy", "vm-c2"]);
-    lab.wait(Duration::from_secs(10), "vm-c2 desired stopped", || lab.vm("vm-c2").is_some_and(|g| g["desired_state"] == "stopped"));
+    lab.wait(Duration::from_secs(10), "vm-c2 desired stopped", || {
+        lab.vm("vm-c2").is_some_and(|g| g["desired_state"] == "stopped")
+    });
     lab.ok(&["host-kill", "host-c"]);
     lab.ok(&["host-boot", "host-c"]);
     lab.wait(Duration::from_secs(40), "vm-c1 running again", || {
-        lab.host("host-c").is_some_and(|h| h["liveness"] == "REACHABLE") && lab.vm("vm-c1").is_some_and(|g| g["state"] == "running")
+        lab.host("host-c").is_some_and(|h| h["liveness"] == "REACHABLE")
+            && lab.vm("vm-c1").is_some_and(|g| g["state"] == "running")
     });
     assert_eq!(lab.vm("vm-c2").unwrap()["state"], "shutoff", "a guest that was stopped stays stopped");
     let log = lab.cli_json(&["log", "--host", "host-c"]).unwrap();
@@ -157,28 +177,49 @@ fn lab_split_brain_agent_outage_reboot_and_bad_input() {
     // returns with the same boot id: alarm, and no moved guest runs on it.
     lab.ok(&["host-partition", "host-a"]);
     lab.ok(&["bmc-stop", "host-a"]);
-    lab.wait(Duration::from_secs(15), "host-a unreachable", || lab.host("host-a").is_some_and(|h| h["liveness"] == "UNREACHABLE"));
+    lab.wait(Duration::from_secs(15), "host-a unreachable", || {
+        lab.host("host-a").is_some_and(|h| h["liveness"] == "UNREACHABLE")
+    });
     std::thread::sleep(Duration::from_millis(5500));
     // The wrong attestation makes host-a's guests run twice ON PURPOSE until
     // the partition heals and Lifeboat stops host-a's copies.
-    let doubled: Vec<String> = lab.vms().iter().filter(|g| g["host_id"] == "host-a").map(|g| g["uuid"].as_str().unwrap().to_string()).collect();
+    let doubled: Vec<String> = lab
+        .vms()
+        .iter()
+        .filter(|g| g["host_id"] == "host-a")
+        .map(|g| g["uuid"].as_str().unwrap().to_string())
+        .collect();
     for uuid in &doubled {
         lab.allow_two(uuid, Duration::from_secs(60));
     }
-    let (code, out, err) =
-        lab.cli(&["migrate", "--force", "--from", "host-a", "--attest-powered-off", "--reason", "looked dead (wrongly)", "--yes"]);
+    let (code, out, err) = lab.cli(&[
+        "migrate",
+        "--force",
+        "--from",
+        "host-a",
+        "--attest-powered-off",
+        "--reason",
+        "looked dead (wrongly)",
+        "--yes",
+    ]);
     assert_eq!(code, 0, "{out}\n{err}");
     let moved = moved_from(&lab, "host-a");
     lab.ok(&["host-heal", "host-a"]);
     lab.wait(Duration::from_secs(20), "split-brain alarm", || {
-        lab.cli_json(&["alarms"]).is_ok_and(|a| a.as_array().unwrap().iter().any(|x| x["kind"] == "split-brain" && x["host"] == "host-a"))
+        lab.cli_json(&["alarms"])
+            .is_ok_and(|a| a.as_array().unwrap().iter().any(|x| x["kind"] == "split-brain" && x["host"] == "host-a"))
     });
     lab.wait(Duration::from_secs(20), "moved guests stopped on host-a", || {
-        moved.iter().all(|(name, uuid)| lab.virsh("host-a", &["domstate", name]).trim() == "shut off" && lab.copies(uuid) == 1)
+        moved
+            .iter()
+            .all(|(name, uuid)| lab.virsh("host-a", &["domstate", name]).trim() == "shut off" && lab.copies(uuid) == 1)
     });
     for uuid in &doubled {
         let seen = lab.end_allowance(uuid);
-        println!("the wrongly attested double run of {uuid}: seen in {} sample(s) ({:?} .. {:?})", seen.samples, seen.first, seen.last);
+        println!(
+            "the wrongly attested double run of {uuid}: seen in {} sample(s) ({:?} .. {:?})",
+            seen.samples, seen.first, seen.last
+        );
     }
     let metrics = String::from_utf8_lossy(&lab.ok(&["metrics"]).stdout).into_owned();
     assert!(metrics.contains("lifeboat_alarms_active{host=\"host-a\",kind=\"split-brain\"} 1"), "{metrics}");

@@ -23,7 +23,9 @@ fn uuid_of(lab: &Lab, name: &str) -> String {
 /// still reads On. Waits until the controller sees it silent past the grace.
 fn fail_host(lab: &Lab, host: &str) {
     lab.ok(&["host-kill", host]);
-    lab.wait(Duration::from_secs(15), "host unreachable", || lab.host(host).is_some_and(|h| h["liveness"] == "UNREACHABLE"));
+    lab.wait(Duration::from_secs(15), "host unreachable", || {
+        lab.host(host).is_some_and(|h| h["liveness"] == "UNREACHABLE")
+    });
     std::thread::sleep(Duration::from_millis(5500));
 }
 
@@ -41,7 +43,11 @@ fn lab_fenced_forced_migration_brings_every_guest_back_once() {
     let before: Vec<(String, String, String)> = guests_on(&lab, "host-a")
         .iter()
         .map(|g| {
-            (g["name"].as_str().unwrap().into(), g["uuid"].as_str().unwrap().into(), g["nics"][0]["mac"].as_str().unwrap().into())
+            (
+                g["name"].as_str().unwrap().into(),
+                g["uuid"].as_str().unwrap().into(),
+                g["nics"][0]["mac"].as_str().unwrap().into(),
+            )
         })
         .collect();
     assert_eq!(before.len(), 2);
@@ -52,7 +58,11 @@ fn lab_fenced_forced_migration_brings_every_guest_back_once() {
     assert!(err.contains("nothing was changed") || err.contains("cannot be carried out"), "{err}");
 
     fail_host(&lab, "host-a");
-    assert_eq!(String::from_utf8_lossy(&lab.ok(&["bmc-state", "host-a"]).stdout).trim(), "On", "a hung host still reads On");
+    assert_eq!(
+        String::from_utf8_lossy(&lab.ok(&["bmc-state", "host-a"]).stdout).trim(),
+        "On",
+        "a hung host still reads On"
+    );
 
     // Without --fence the BMC's On reading refuses.
     let (code, out, _) = lab.cli(&["migrate", "--force", "--from", "host-a", "--plan"]);
@@ -83,12 +93,16 @@ fn lab_fenced_forced_migration_brings_every_guest_back_once() {
     }
 
     let agent = String::from_utf8_lossy(&lab.ok(&["agent-metrics", "host-b"]).stdout).into_owned();
-    assert!(agent.contains("lifeboat_agent_session_up 1") && agent.contains("lifeboat_agent_libvirt_connected 1"), "{agent}");
+    assert!(
+        agent.contains("lifeboat_agent_session_up 1") && agent.contains("lifeboat_agent_libvirt_connected 1"),
+        "{agent}"
+    );
     assert!(agent.contains("lifeboat_agent_command_seconds_count{kind=\"grant_leases\"}"), "{agent}");
 
     // Every guest runs elsewhere, once, with its UUID, name and MAC.
     for (name, uuid, mac) in &before {
-        let copies: Vec<Value> = lab.vms().into_iter().filter(|g| g["uuid"] == uuid.as_str() && g["host_id"] != "host-a").collect();
+        let copies: Vec<Value> =
+            lab.vms().into_iter().filter(|g| g["uuid"] == uuid.as_str() && g["host_id"] != "host-a").collect();
         assert_eq!(copies.len(), 1, "{name}");
         let g = &copies[0];
         let host = g["host_id"].as_str().unwrap();
@@ -107,7 +121,9 @@ fn lab_fenced_forced_migration_brings_every_guest_back_once() {
     let off = entries.iter().position(|e| e["action"] == "power.confirmed_off").expect("power confirmed off");
     let first_define = entries.iter().position(|e| e["action"] == "guest.defined").expect("guests defined");
     assert!(off < first_define, "Off confirmed before the first define");
-    assert!(entries.iter().any(|e| e["action"] == "bmc.exchange" && e["detail"].as_str().unwrap().contains("ForceOff")));
+    assert!(
+        entries.iter().any(|e| e["action"] == "bmc.exchange" && e["detail"].as_str().unwrap().contains("ForceOff"))
+    );
     assert!(log.as_array().unwrap().iter().any(|e| e["action"] == "migrate.requested"));
     let jobs = lab.cli_json(&["jobs", "list"]).unwrap();
     assert_eq!(jobs[0]["state"], "SUCCEEDED");
@@ -164,7 +180,8 @@ fn lab_bmc_faults_and_bad_input_change_nothing() {
     let (code, out, _) = lab.cli(&["migrate", "--force", "--from", "host-a", "--vm", "nope", "--fence", "--yes"]);
     assert_eq!(code, 6);
     assert!(out.contains("no guest 'nope'"), "{out}");
-    let (code, out, _) = lab.cli(&["migrate", "--force", "--from", "host-a", "--to", "host-b", "--vm", "vm-alocal", "--fence", "--yes"]);
+    let (code, out, _) =
+        lab.cli(&["migrate", "--force", "--from", "host-a", "--to", "host-b", "--vm", "vm-alocal", "--fence", "--yes"]);
     assert_eq!(code, 6);
     assert!(out.contains("vm-alocal cannot move") && out.contains("local storage"), "{out}");
     let (code, _, err) = lab.cli_as("viewer", &["migrate", "--force", "--from", "host-a", "--fence", "--yes"]);
@@ -177,12 +194,15 @@ fn lab_bmc_faults_and_bad_input_change_nothing() {
 
     // A partitioned host that is alive: silent, but its BMC reads On.
     lab.ok(&["host-partition", "host-b"]);
-    lab.wait(Duration::from_secs(15), "host-b unreachable", || lab.host("host-b").is_some_and(|h| h["liveness"] == "UNREACHABLE"));
+    lab.wait(Duration::from_secs(15), "host-b unreachable", || {
+        lab.host("host-b").is_some_and(|h| h["liveness"] == "UNREACHABLE")
+    });
     std::thread::sleep(Duration::from_millis(5500));
     let (code, out, _) = lab.cli(&["migrate", "--force", "--from", "host-b", "--yes"]);
     assert_eq!(code, 6, "{out}");
     assert!(out.contains("BMC reads On"), "{out}");
-    let (code, out, _) = lab.cli(&["migrate", "--force", "--from", "host-b", "--attest-powered-off", "--reason", "I think so", "--yes"]);
+    let (code, out, _) =
+        lab.cli(&["migrate", "--force", "--from", "host-b", "--attest-powered-off", "--reason", "I think so", "--yes"]);
     assert_eq!(code, 6, "{out}");
     assert!(out.contains("cannot contradict"), "{out}");
     lab.ok(&["host-heal", "host-b"]);
@@ -209,7 +229,19 @@ fn lab_controller_crash_mid_job_resumes_without_doing_anything_twice() {
     wait_running(&lab, 20);
     fail_host(&lab, "host-a");
     // Power is cut for real first, so the job's fencing step only reads Off.
-    let (code, out, err) = lab.cli(&["migrate", "--force", "--from", "host-a", "--fence", "--parallel", "1", "--yes", "--no-wait", "-o", "json"]);
+    let (code, out, err) = lab.cli(&[
+        "migrate",
+        "--force",
+        "--from",
+        "host-a",
+        "--fence",
+        "--parallel",
+        "1",
+        "--yes",
+        "--no-wait",
+        "-o",
+        "json",
+    ]);
     assert_eq!(code, 0, "{out}\n{err}");
     let job: Value = serde_json::from_str(&out).unwrap();
     let id = job["id"].as_str().unwrap().to_string();

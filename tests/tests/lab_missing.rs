@@ -16,7 +16,8 @@ use serde_json::Value;
 fn settle(lab: &Lab, n: usize) {
     lab.wait(Duration::from_secs(30), "guests running and managed", || {
         let v = lab.vms();
-        v.len() == n && v.iter().all(|g| g["state"] == "running" && g["autostart"] == false && g["desired_state"] == "running")
+        v.len() == n
+            && v.iter().all(|g| g["state"] == "running" && g["autostart"] == false && g["desired_state"] == "running")
     });
 }
 
@@ -31,7 +32,11 @@ fn shown(lab: &Lab, name: &str) -> Option<Value> {
 fn missing_alarms(lab: &Lab, name: &str) -> usize {
     list(lab, &["alarms"])
         .iter()
-        .filter(|a| a["kind"] == "guest-missing" && a["host"] == "host-a" && a["detail"].as_str().is_some_and(|d| d.contains(name)))
+        .filter(|a| {
+            a["kind"] == "guest-missing"
+                && a["host"] == "host-a"
+                && a["detail"].as_str().is_some_and(|d| d.contains(name))
+        })
         .count()
 }
 
@@ -50,7 +55,9 @@ fn lab_an_undefined_managed_guest_is_kept_missing_and_restored_on_its_owner() {
     });
     lab.virsh("host-a", &["undefine", "vm-a1"]);
     let t = Instant::now();
-    let took = lab.wait(Duration::from_secs(10), "vm-a1 shown MISSING", || shown(&lab, "vm-a1").is_some_and(|v| v["missing"] == true));
+    let took = lab.wait(Duration::from_secs(10), "vm-a1 shown MISSING", || {
+        shown(&lab, "vm-a1").is_some_and(|v| v["missing"] == true)
+    });
     println!("vm-a1 shown missing {took:?} after virsh undefine");
     assert!(!lab.defined("host-a").contains(&"vm-a1".to_string()), "libvirt on host-a no longer has it");
     let v = shown(&lab, "vm-a1").unwrap();
@@ -58,7 +65,10 @@ fn lab_an_undefined_managed_guest_is_kept_missing_and_restored_on_its_owner() {
     assert!(v["missing_since_unix_ms"].as_i64().unwrap_or(0) > 0);
     lab.wait(Duration::from_secs(5), "a guest-missing alarm naming vm-a1", || missing_alarms(&lab, "vm-a1") == 1);
     let log = list(&lab, &["log", "--vm", "vm-a1"]);
-    assert!(log.iter().any(|e| e["action"] == "guest.missing" && e["host"] == "host-a"), "guest.missing audited: {log:?}");
+    assert!(
+        log.iter().any(|e| e["action"] == "guest.missing" && e["host"] == "host-a"),
+        "guest.missing audited: {log:?}"
+    );
     let (_, table, _) = lab.cli(&["vms", "list"]);
     assert!(table.lines().any(|l| l.contains("vm-a1") && l.contains("MISSING")), "{table}");
     println!("missing, alarmed and audited within {:?}", t.elapsed());
@@ -109,25 +119,34 @@ fn lab_an_undefined_managed_guest_is_kept_missing_and_restored_on_its_owner() {
     lab.virsh("host-b", &["destroy", "vm-b1"]);
     lab.virsh("host-b", &["undefine", "vm-b1"]);
     lab.ok(&["agent-start", "host-b"]);
-    let took = lab.wait(Duration::from_secs(20), "vm-b1 shown MISSING", || shown(&lab, "vm-b1").is_some_and(|v| v["missing"] == true));
+    let took = lab.wait(Duration::from_secs(20), "vm-b1 shown MISSING", || {
+        shown(&lab, "vm-b1").is_some_and(|v| v["missing"] == true)
+    });
     println!("vm-b1 shown missing {took:?} after host-b's agent came back without it");
     lab.wait(Duration::from_secs(5), "a guest-missing alarm for vm-b1 on host-b", || {
         list(&lab, &["alarms"]).iter().any(|a| a["kind"] == "guest-missing" && a["host"] == "host-b")
     });
     // Restored elsewhere: a placement change recorded before the define.
     let t = Instant::now();
-    let (code, out, err) = lab.cli(&["vms", "restore", "vm-b1", "--to", "host-a", "--start", "--reason", "host-b lost it"]);
+    let (code, out, err) =
+        lab.cli(&["vms", "restore", "vm-b1", "--to", "host-a", "--start", "--reason", "host-b lost it"]);
     assert_eq!(code, 0, "{out}\n{err}");
     let took = lab.wait(Duration::from_secs(30), "vm-b1 running on host-a", || {
-        lab.vm("vm-b1").is_some_and(|v| v["state"] == "running" && v["host_id"] == "host-a" && v["owner_host"] == "host-a")
+        lab.vm("vm-b1")
+            .is_some_and(|v| v["state"] == "running" && v["host_id"] == "host-a" && v["owner_host"] == "host-a")
     });
-    println!("vm-b1 restored on host-a and running {took:?} after `vms restore --to host-a --start` (call took {:?})", t.elapsed());
+    println!(
+        "vm-b1 restored on host-a and running {took:?} after `vms restore --to host-a --start` (call took {:?})",
+        t.elapsed()
+    );
     let c = lab.running_copies(&b1_uuid);
     assert!(c.len() == 1 && c[0].host == "host-a", "vm-b1 runs once, on host-a: {c:?}");
     assert!(!lab.defined("host-b").contains(&"vm-b1".to_string()));
     let log = list(&lab, &["log", "--vm", "vm-b1"]);
     let pos = |a: &str| log.iter().position(|e| e["action"] == a).unwrap_or_else(|| panic!("{a} in {log:?}"));
-    assert!(pos("guest.missing") < pos("guest.restore.recorded") && pos("guest.restore.recorded") < pos("guest.restored"));
+    assert!(
+        pos("guest.missing") < pos("guest.restore.recorded") && pos("guest.restore.recorded") < pos("guest.restored")
+    );
     assert!(list(&lab, &["alarms"]).iter().all(|a| a["kind"] != "guest-missing"), "every guest-missing alarm cleared");
 
     // Both guests run, once each (vm-b1 now on host-a).

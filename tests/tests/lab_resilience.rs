@@ -21,7 +21,9 @@ fn wait_running(lab: &Lab, n: usize) {
 /// waits until the controller has seen it silent past the forced grace.
 fn fail_host(lab: &Lab, host: &str) {
     lab.ok(&["host-kill", host]);
-    lab.wait(Duration::from_secs(15), "host unreachable", || lab.host(host).is_some_and(|h| h["liveness"] == "UNREACHABLE"));
+    lab.wait(Duration::from_secs(15), "host unreachable", || {
+        lab.host(host).is_some_and(|h| h["liveness"] == "UNREACHABLE")
+    });
     std::thread::sleep(Duration::from_millis(5500));
 }
 
@@ -110,7 +112,8 @@ fn lab_target_agent_killed_mid_job_the_job_finishes_without_a_stall_and_nothing_
         let st = std::process::Command::new("kill").args(["-KILL", p]).status().unwrap();
         assert!(st.success(), "kill -KILL {p}");
     }
-    let states: Vec<String> = job(&lab, &id)["moves"].as_array().unwrap().iter().map(|m| m["state"].as_str().unwrap().to_string()).collect();
+    let states: Vec<String> =
+        job(&lab, &id)["moves"].as_array().unwrap().iter().map(|m| m["state"].as_str().unwrap().to_string()).collect();
     println!("host-b's agent SIGKILLed {killed_at:?} into the job; moves then: {states:?}");
     std::thread::sleep(Duration::from_secs(5));
     lab.ok(&["agent-start", "host-b"]);
@@ -136,10 +139,9 @@ fn lab_five_controller_restarts_in_30s_every_host_reachable_within_2s_of_the_las
     let lab = lab_or_skip!(3, 1);
     wait_running(&lab, 3);
     let all_reachable = |lab: &Lab| {
-        lab.cli_json(&["hosts", "list"])
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .is_some_and(|hs| hs.len() == 3 && hs.iter().all(|h| h["liveness"] == "REACHABLE" && h["session_open"] == true))
+        lab.cli_json(&["hosts", "list"]).ok().and_then(|v| v.as_array().cloned()).is_some_and(|hs| {
+            hs.len() == 3 && hs.iter().all(|h| h["liveness"] == "REACHABLE" && h["session_open"] == true)
+        })
     };
     lab.wait(Duration::from_secs(20), "every host reachable", || all_reachable(&lab));
     let t0 = Instant::now();
@@ -164,7 +166,9 @@ fn lab_five_controller_restarts_in_30s_every_host_reachable_within_2s_of_the_las
                     unreachable_seen.push(format!("{} at {:?}", h["host_id"], last_start.elapsed()));
                 }
             }
-            if all_back.is_none() && v.as_array().unwrap().iter().all(|h| h["session_open"] == true && h["liveness"] == "REACHABLE") {
+            if all_back.is_none()
+                && v.as_array().unwrap().iter().all(|h| h["session_open"] == true && h["liveness"] == "REACHABLE")
+            {
                 all_back = Some(last_start.elapsed());
             }
         }
@@ -194,7 +198,12 @@ fn lab_full_disk_under_the_controller_pauses_a_job_which_resumes_by_itself_when_
         let o = std::process::Command::new("du").args(["-sk"]).arg(dir).output().unwrap();
         let total = String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("?").to_string();
         let size = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len() / 1024).unwrap_or(0);
-        format!("{total} (controller.db {} KiB, -wal {} KiB, -shm {} KiB)", size("controller.db"), size("controller.db-wal"), size("controller.db-shm"))
+        format!(
+            "{total} (controller.db {} KiB, -wal {} KiB, -shm {} KiB)",
+            size("controller.db"),
+            size("controller.db-wal"),
+            size("controller.db-shm")
+        )
     };
     println!("controller directory before the job: {} KiB", du(&dir));
     fail_host(&lab, "host-a");
@@ -245,10 +254,7 @@ fn lab_full_disk_under_the_controller_pauses_a_job_which_resumes_by_itself_when_
     assert_eq!(j["paused"], "", "{j}");
     assert!(freed.elapsed() < Duration::from_secs(30), "resumed within the retry backoff");
     let audit = lab.cli_json(&["log", "--job", &id]).unwrap();
-    assert!(
-        audit.as_array().unwrap().iter().any(|a| a["action"] == "job.unpaused"),
-        "the resume is audited: {audit}"
-    );
+    assert!(audit.as_array().unwrap().iter().any(|a| a["action"] == "job.unpaused"), "the resume is audited: {audit}");
     assert_each_runs_once_on(&lab, &before, "host-b");
     println!("controller directory after the job: {} KiB", du(&dir));
     lab.assert_never_two();

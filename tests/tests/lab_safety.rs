@@ -15,7 +15,8 @@ use serde_json::Value;
 fn settle(lab: &Lab, n: usize) {
     lab.wait(Duration::from_secs(30), "guests running and managed", || {
         let v = lab.vms();
-        v.len() == n && v.iter().all(|g| g["state"] == "running" && g["autostart"] == false && g["desired_state"] == "running")
+        v.len() == n
+            && v.iter().all(|g| g["state"] == "running" && g["autostart"] == false && g["desired_state"] == "running")
     });
 }
 
@@ -50,7 +51,9 @@ fn runs_once_on(lab: &Lab, name: &str, uuid: &str, host: &str) {
 /// the controller's forced-migration grace.
 fn fail_host(lab: &Lab, host: &str) {
     lab.ok(&["host-kill", host]);
-    lab.wait(Duration::from_secs(15), "host unreachable", || lab.host(host).is_some_and(|h| h["liveness"] == "UNREACHABLE"));
+    lab.wait(Duration::from_secs(15), "host unreachable", || {
+        lab.host(host).is_some_and(|h| h["liveness"] == "UNREACHABLE")
+    });
     std::thread::sleep(Duration::from_millis(5500));
 }
 
@@ -69,7 +72,8 @@ fn force_migrate_fenced(lab: &Lab, host: &str) {
 fn lab_impostor_agent_alarms_and_the_real_host_is_back_at_once() {
     let lab = lab_or_skip!(2, 1);
     settle(&lab, 2);
-    let guests: Vec<(String, String)> = lab.vms().iter().map(|g| (g["name"].as_str().unwrap().into(), g["uuid"].as_str().unwrap().into())).collect();
+    let guests: Vec<(String, String)> =
+        lab.vms().iter().map(|g| (g["name"].as_str().unwrap().into(), g["uuid"].as_str().unwrap().into())).collect();
     let (a_ip, b_ip) = (lab.paths["HOST_A_IP"].clone(), lab.paths["HOST_B_IP"].clone());
 
     lab.ok(&["agent-impostor", "host-a", "host-b", "start"]);
@@ -135,7 +139,9 @@ fn lab_guest_started_by_hand_on_a_second_host_is_stopped_there() {
     });
     println!("virsh start took {started:?}; split-brain alarm {took:?} after it was issued");
     assert!(took <= Duration::from_secs(3), "alarm only after {took:?}");
-    lab.wait(Duration::from_secs(15), "the copy on host-b stopped", || lab.virsh("host-b", &["domstate", "vm-a1"]).trim() == "shut off");
+    lab.wait(Duration::from_secs(15), "the copy on host-b stopped", || {
+        lab.virsh("host-b", &["domstate", "vm-a1"]).trim() == "shut off"
+    });
     let stopped = t.elapsed();
     let seen = lab.end_allowance(&uuid);
     println!(
@@ -146,7 +152,8 @@ fn lab_guest_started_by_hand_on_a_second_host_is_stopped_there() {
     assert_eq!(after, before, "host-a's copy untouched (same process)");
     let lease = lab.path("HOST_B_AGENT_STATE_DIR").join(format!("leases/{uuid}.lease"));
     assert!(!lease.exists(), "host-b must get no lease for vm-a1: {}", lease.display());
-    let a1: Vec<Value> = lab.vms().into_iter().filter(|g| g["uuid"] == uuid.as_str() && g["state"] == "running").collect();
+    let a1: Vec<Value> =
+        lab.vms().into_iter().filter(|g| g["uuid"] == uuid.as_str() && g["state"] == "running").collect();
     assert_eq!(a1.len(), 1, "{a1:?}");
     assert_eq!(a1[0]["host_id"], "host-a");
     lab.assert_never_two();
@@ -185,19 +192,31 @@ fn lab_restored_older_backup_runs_no_guest_twice() {
         .args(["--config", config.to_str().unwrap(), "restore", "--from", backup.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(o.status.success(), "restore: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "restore: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     lab.ok(&["controller-start"]);
     let t = Instant::now();
     lab.ok(&["bmc-power", "host-a", "on"]);
-    lab.wait(Duration::from_secs(60), "host-a back", || lab.host("host-a").is_some_and(|h| h["liveness"] == "REACHABLE"));
+    lab.wait(Duration::from_secs(60), "host-a back", || {
+        lab.host("host-a").is_some_and(|h| h["liveness"] == "REACHABLE")
+    });
     println!("host-a REACHABLE {:?} after the power-on request", t.elapsed());
     let older = |a: &Value| {
         let d = a["detail"].as_str().unwrap_or_default().to_lowercase();
         let k = a["kind"].as_str().unwrap_or_default();
         d.contains("older") || k.contains("store") || k.contains("restore") || k.contains("backup")
     };
-    let took = lab.wait(Duration::from_secs(20), "an alarm that the store is older than the hosts' reports", || alarms(&lab).iter().any(older));
-    println!("store-older alarm {took:?} after host-a was back: {:?}", alarms(&lab).into_iter().filter(|a| older(a)).collect::<Vec<_>>());
+    let took = lab.wait(Duration::from_secs(20), "an alarm that the store is older than the hosts' reports", || {
+        alarms(&lab).iter().any(older)
+    });
+    println!(
+        "store-older alarm {took:?} after host-a was back: {:?}",
+        alarms(&lab).into_iter().filter(|a| older(a)).collect::<Vec<_>>()
+    );
     // Give the controller time to act on its old view (boot starts, lease renewals).
     std::thread::sleep(Duration::from_secs(5));
     for (name, uuid) in &moved {
@@ -270,8 +289,16 @@ fn lab_job_leaving_a_local_disk_guest_behind_is_partial() {
     // A crash with the BMC unreachable: the operator attests the power is off.
     lab.ok(&["bmc-stop", "host-a"]);
     fail_host(&lab, "host-a");
-    let (code, out, err) =
-        lab.cli(&["migrate", "--force", "--from", "host-a", "--attest-powered-off", "--reason", "lab: power cut, BMC unreachable", "--yes"]);
+    let (code, out, err) = lab.cli(&[
+        "migrate",
+        "--force",
+        "--from",
+        "host-a",
+        "--attest-powered-off",
+        "--reason",
+        "lab: power cut, BMC unreachable",
+        "--yes",
+    ]);
     println!("exit {code}\n{out}\n{err}");
     assert_eq!(code, 1, "a job that leaves a guest behind exits 1:\n{out}\n{err}");
     let text = format!("{out}{err}");
@@ -284,7 +311,10 @@ fn lab_job_leaving_a_local_disk_guest_behind_is_partial() {
     assert_eq!(left.len(), 1, "the job lists the guest it left behind: {job}");
     assert_ne!(left[0]["state"], "RUNNING", "{job}");
     assert!(left[0].to_string().contains("local"), "with its reason: {job}");
-    assert!(left[0]["error"].as_str().is_some_and(|e| e.contains("host-b: local:")), "host-b's file at that path is not the disk: {job}");
+    assert!(
+        left[0]["error"].as_str().is_some_and(|e| e.contains("host-b: local:")),
+        "host-b's file at that path is not the disk: {job}"
+    );
     runs_once_on(&lab, "vm-a1", &a1, "host-b");
     lab.ok(&["bmc-start", "host-a"]);
     lab.assert_never_two();
@@ -346,7 +376,9 @@ fn lab_host_declared_offline_by_hand_that_never_powered_off_is_flagged() {
     // Its BMC cannot be reached either: only an attestation can declare it.
     lab.ok(&["bmc-stop", "host-a"]);
     lab.ok(&["host-partition", "host-a"]);
-    lab.wait(Duration::from_secs(15), "host-a unreachable", || lab.host("host-a").is_some_and(|h| h["liveness"] == "UNREACHABLE"));
+    lab.wait(Duration::from_secs(15), "host-a unreachable", || {
+        lab.host("host-a").is_some_and(|h| h["liveness"] == "UNREACHABLE")
+    });
     std::thread::sleep(Duration::from_millis(5500));
     let (code, out, err) = lab.cli(&[
         "hosts",
@@ -362,7 +394,9 @@ fn lab_host_declared_offline_by_hand_that_never_powered_off_is_flagged() {
     lab.ok(&["host-heal", "host-a"]);
     // Back when its agent has a new session (heartbeats the old stream held
     // through the partition may arrive first, and are not a return).
-    lab.wait(Duration::from_secs(20), "host-a back", || lab.host("host-a").is_some_and(|h| h["session_open"] == true && h["liveness"] == "REACHABLE"));
+    lab.wait(Duration::from_secs(20), "host-a back", || {
+        lab.host("host-a").is_some_and(|h| h["session_open"] == true && h["liveness"] == "REACHABLE")
+    });
     let h = lab.host("host-a").unwrap();
     assert_eq!(h["status"], "MAINTENANCE", "{h}");
     lab.wait(Duration::from_secs(5), "split-brain alarm", || {

@@ -15,7 +15,8 @@ use serde_json::Value;
 fn settle(lab: &Lab, n: usize) {
     lab.wait(Duration::from_secs(30), "guests running and managed", || {
         let v = lab.vms();
-        v.len() == n && v.iter().all(|g| g["state"] == "running" && g["autostart"] == false && g["desired_state"] == "running")
+        v.len() == n
+            && v.iter().all(|g| g["state"] == "running" && g["autostart"] == false && g["desired_state"] == "running")
     });
 }
 
@@ -52,7 +53,9 @@ fn record_on(lab: &Lab, name: &str, host: &str) -> Option<Value> {
 /// controller's forced-migration grace.
 fn fail_host(lab: &Lab, host: &str) {
     lab.ok(&["host-kill", host]);
-    lab.wait(Duration::from_secs(15), "host unreachable", || lab.host(host).is_some_and(|h| h["liveness"] == "UNREACHABLE"));
+    lab.wait(Duration::from_secs(15), "host unreachable", || {
+        lab.host(host).is_some_and(|h| h["liveness"] == "UNREACHABLE")
+    });
     std::thread::sleep(Duration::from_millis(5500));
 }
 
@@ -73,7 +76,9 @@ fn lab_local_disk_guest_waits_while_its_host_is_away_and_runs_there_again() {
         lab.ok(&["define-guest", "host-a", name, "--local-disk"]);
     }
     lab.wait(Duration::from_secs(15), "local guests managed", || {
-        ["vm-alocal", "vm-alocal2"].iter().all(|n| lab.vm(n).is_some_and(|g| g["state"] == "running" && g["autostart"] == false))
+        ["vm-alocal", "vm-alocal2"]
+            .iter()
+            .all(|n| lab.vm(n).is_some_and(|g| g["state"] == "running" && g["autostart"] == false))
     });
     lab.note_running();
     let (a1, local, local2) = (uuid_of(&lab, "vm-a1"), uuid_of(&lab, "vm-alocal"), uuid_of(&lab, "vm-alocal2"));
@@ -94,13 +99,23 @@ fn lab_local_disk_guest_waits_while_its_host_is_away_and_runs_there_again() {
     }
     let h = lab.host("host-a").unwrap();
     assert_eq!(h["waiting_guests"], 2, "{h}");
-    let waiting_alarms: Vec<String> =
-        alarms(&lab).iter().filter(|a| a["kind"] == "guests-waiting").map(|a| a["detail"].as_str().unwrap_or_default().to_string()).collect();
+    let waiting_alarms: Vec<String> = alarms(&lab)
+        .iter()
+        .filter(|a| a["kind"] == "guests-waiting")
+        .map(|a| a["detail"].as_str().unwrap_or_default().to_string())
+        .collect();
     for name in ["vm-alocal", "vm-alocal2"] {
-        assert!(waiting_alarms.iter().any(|d| d.contains(name) && d.contains("lifeboat vms start")), "an alarm names {name}: {waiting_alarms:?}");
+        assert!(
+            waiting_alarms.iter().any(|d| d.contains(name) && d.contains("lifeboat vms start")),
+            "an alarm names {name}: {waiting_alarms:?}"
+        );
     }
     let metrics = String::from_utf8_lossy(&lab.ok(&["metrics"]).stdout).into_owned();
-    assert!(metrics.contains("lifeboat_guests_waiting{host=\"host-a\"} 2"), "{}", metrics.lines().filter(|l| l.contains("waiting")).collect::<Vec<_>>().join("\n"));
+    assert!(
+        metrics.contains("lifeboat_guests_waiting{host=\"host-a\"} 2"),
+        "{}",
+        metrics.lines().filter(|l| l.contains("waiting")).collect::<Vec<_>>().join("\n")
+    );
     let (_, table, _) = lab.cli(&["vms", "list"]);
     assert!(table.lines().any(|l| l.contains("vm-alocal ") && l.contains("WAITING")), "{table}");
     // A start on a host that is off is refused, naming the check.
@@ -111,7 +126,9 @@ fn lab_local_disk_guest_waits_while_its_host_is_away_and_runs_there_again() {
     // host-a powered on: MAINTENANCE, nothing started by itself.
     let t = Instant::now();
     lab.ok(&["bmc-power", "host-a", "on"]);
-    lab.wait(Duration::from_secs(90), "host-a back", || lab.host("host-a").is_some_and(|h| h["liveness"] == "REACHABLE"));
+    lab.wait(Duration::from_secs(90), "host-a back", || {
+        lab.host("host-a").is_some_and(|h| h["liveness"] == "REACHABLE")
+    });
     println!("host-a REACHABLE {:?} after power on", t.elapsed());
     assert_eq!(lab.host("host-a").unwrap()["status"], "MAINTENANCE");
     std::thread::sleep(Duration::from_secs(4));
@@ -153,7 +170,12 @@ fn lab_local_disk_guest_waits_while_its_host_is_away_and_runs_there_again() {
     assert_eq!(lab.host("host-a").unwrap()["waiting_guests"], 0);
     runs_once_on(&lab, "vm-a1", &a1, "host-b");
     let actions = audit_actions(&lab, "host-a");
-    for a in ["guest.start_requested vm-alocal2", "guest.waiting_start vm-alocal", "guest.waiting_ended vm-alocal", "alarm.cleared "] {
+    for a in [
+        "guest.start_requested vm-alocal2",
+        "guest.waiting_start vm-alocal",
+        "guest.waiting_ended vm-alocal",
+        "alarm.cleared ",
+    ] {
         assert!(actions.iter().any(|x| x.starts_with(a)), "{a} in {actions:?}");
     }
     lab.assert_never_two();
@@ -187,19 +209,25 @@ fn lab_source_powered_on_mid_job_ends_partial_and_the_advice_runs_every_guest_on
     fail_host(&lab, "host-a");
     let t0 = Instant::now();
     std::thread::scope(|s| {
-        let job = s.spawn(|| lab.cli(&["migrate", "--force", "--from", "host-a", "--fence", "--parallel", "1", "--yes"]));
+        let job =
+            s.spawn(|| lab.cli(&["migrate", "--force", "--from", "host-a", "--fence", "--parallel", "1", "--yes"]));
         // After the first guest runs on host-b, hold host-b's agent back: the
         // next move waits for its session (up to 60 s) while host-a returns.
         lab.wait(Duration::from_secs(60), "the first move done", || {
-            lab.cli_json(&["jobs", "list"]).ok().and_then(|j| j.as_array().cloned()).unwrap_or_default().first().is_some_and(|j| {
-                j["moves"].as_array().is_some_and(|m| m.iter().any(|m| m["state"] == "RUNNING"))
-            })
+            lab.cli_json(&["jobs", "list"])
+                .ok()
+                .and_then(|j| j.as_array().cloned())
+                .unwrap_or_default()
+                .first()
+                .is_some_and(|j| j["moves"].as_array().is_some_and(|m| m.iter().any(|m| m["state"] == "RUNNING")))
         });
         lab.ok(&["agent-stop", "host-b"]);
         println!("first move done, host-b's agent stopped, {:?} into the job", t0.elapsed());
         let t = Instant::now();
         lab.ok(&["bmc-power", "host-a", "on"]);
-        lab.wait(Duration::from_secs(45), "host-a back mid-job", || lab.host("host-a").is_some_and(|h| h["liveness"] == "REACHABLE"));
+        lab.wait(Duration::from_secs(45), "host-a back mid-job", || {
+            lab.host("host-a").is_some_and(|h| h["liveness"] == "REACHABLE")
+        });
         println!("host-a REACHABLE {:?} after power on", t.elapsed());
         lab.ok(&["agent-start", "host-b"]);
         let (code, out, err) = job.join().expect("migrate thread");
@@ -214,14 +242,16 @@ fn lab_source_powered_on_mid_job_ends_partial_and_the_advice_runs_every_guest_on
     assert!(error.starts_with("host-a is talking to the controller again"), "{error}");
     assert!(!error.contains("re-run"), "never advise a re-run while the source talks: {error}");
     let moves = job["moves"].as_array().unwrap();
-    let left: Vec<&str> = moves.iter().filter(|m| m["state"] != "RUNNING").map(|m| m["name"].as_str().unwrap()).collect();
+    let left: Vec<&str> =
+        moves.iter().filter(|m| m["state"] != "RUNNING").map(|m| m["name"].as_str().unwrap()).collect();
     assert!(!left.is_empty() && left.len() < 5, "some moved, some left: {job}");
     for n in &left {
         assert!(error.contains(n), "the error names {n}: {error}");
     }
     let advice = advised_moves(error);
     assert!(!advice.is_empty(), "a planned move is advised: {error}");
-    let advised: Vec<&String> = advice.iter().flat_map(|a| a.windows(2).filter(|w| w[0] == "--vm").map(|w| &w[1])).collect();
+    let advised: Vec<&String> =
+        advice.iter().flat_map(|a| a.windows(2).filter(|w| w[0] == "--vm").map(|w| &w[1])).collect();
     for n in &left {
         assert!(advised.iter().any(|a| a == n), "{n} is in the advised commands: {advice:?}");
     }

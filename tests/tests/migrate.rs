@@ -10,10 +10,10 @@
 use std::time::Duration;
 
 use lifeboat_common::identity::Role;
-use lifeboat_e2e::{Agent, Controller, Pki, agent_config, wait_job_end, test_domain as domain, test_node as node, wait_for};
-use lifeboat_proto::v1::{
-    GetHostRequest, GuestState, ListAuditRequest, ListGuestsRequest, MigrateRequest,
+use lifeboat_e2e::{
+    Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for, wait_job_end,
 };
+use lifeboat_proto::v1::{GetHostRequest, GuestState, ListAuditRequest, ListGuestsRequest, MigrateRequest};
 
 /// Marks `dir` as shared storage, as an operator (or lab.sh) does.
 fn mark_shared(dir: &std::path::Path, id: &str) {
@@ -42,7 +42,13 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
         domain("vm-1", "22222222-0000-4000-8000-000000000001", &disk("vm-1"), "52:54:00:00:01:01", 1),
         domain("vm-2", "22222222-0000-4000-8000-000000000002", &disk("vm-2"), "52:54:00:00:01:02", 1),
         domain("vm-3", "22222222-0000-4000-8000-000000000003", &disk("vm-3"), "52:54:00:00:01:03", 5),
-        domain("vm-local", "22222222-0000-4000-8000-000000000004", &local_disk.display().to_string(), "52:54:00:00:01:04", 1),
+        domain(
+            "vm-local",
+            "22222222-0000-4000-8000-000000000004",
+            &local_disk.display().to_string(),
+            "52:54:00:00:01:04",
+            1,
+        ),
         // A kernel device name: /dev/loop0 can be another device on another host.
         domain("vm-dev", "22222222-0000-4000-8000-000000000005", "/dev/loop0", "52:54:00:00:01:05", 1),
     ]);
@@ -51,7 +57,8 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     for (h, text) in [("host-a", a), ("host-b", node(&[])), ("host-c", node(&c_guests))] {
         std::fs::write(dir.join(format!("{h}.xml")), text).unwrap();
     }
-    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000").await;
+    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000")
+        .await;
     let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
     let agent_a = Agent::start(&agent_config("host-a", &uri("host-a"), &c.url(), &pki.agent("host-a"), ""));
     let agent_b = Agent::start(&agent_config("host-b", &uri("host-b"), &c.url(), &pki.agent("host-b"), ""));
@@ -110,7 +117,10 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     let local = p.guests.iter().find(|g| g.name == "vm-local").unwrap();
     assert!(!local.movable && local.reason.contains("local storage"), "{local:?}");
     let shared_check = local.checks.iter().find(|c| c.name == "disks on shared storage").unwrap();
-    assert!(shared_check.detail.contains(&format!("host-a reported {} on local:", local_disk.display())), "{shared_check:?}");
+    assert!(
+        shared_check.detail.contains(&format!("host-a reported {} on local:", local_disk.display())),
+        "{shared_check:?}"
+    );
     let dev = p.guests.iter().find(|g| g.name == "vm-dev").unwrap();
     assert!(!dev.movable && dev.checks[0].detail.contains("/dev/loop0 is a kernel device name"), "{dev:?}");
     assert!(dev.checks[0].remedy.contains("by-id"), "{dev:?}");
@@ -119,7 +129,8 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     assert_eq!(vm1.target, "host-b", "host-c has another guest on vm-1's disk: {vm1:?}");
     let seen = vm1.checks.iter().find(|c| c.name == "same disks on host-b").unwrap();
     assert!(
-        seen.ok && seen.detail.ends_with("vm-1.img on marker:5b0c3f9e-1111-4222-8333-444455556666 (vm-1.img) like host-a"),
+        seen.ok
+            && seen.detail.ends_with("vm-1.img on marker:5b0c3f9e-1111-4222-8333-444455556666 (vm-1.img) like host-a"),
         "{seen:?}"
     );
     // Named explicitly, host-c is refused for vm-1, with the other guest named.
@@ -153,10 +164,8 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     // autostart off, owned by its target; the running ones run.
     let guests = op.list_guests(ListGuestsRequest::default()).await.unwrap().into_inner().guests;
     for (name, running) in [("vm-1", true), ("vm-2", true), ("vm-3", false)] {
-        let on_targets: Vec<_> = guests
-            .iter()
-            .filter(|g| g.host_id != "host-a" && g.guest.as_ref().unwrap().name == name)
-            .collect();
+        let on_targets: Vec<_> =
+            guests.iter().filter(|g| g.host_id != "host-a" && g.guest.as_ref().unwrap().name == name).collect();
         assert_eq!(on_targets.len(), 1, "{name} defined exactly once elsewhere");
         let g = on_targets[0].guest.as_ref().unwrap();
         assert_eq!(g.owner_host, on_targets[0].host_id);
@@ -171,7 +180,12 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     assert!(b.guest_count >= 1 && cc.guest_count >= 1, "spread over both targets");
 
     // The audit log tells the story.
-    let log = op.list_audit(ListAuditRequest { job: job.id.clone(), ..Default::default() }).await.unwrap().into_inner().entries;
+    let log = op
+        .list_audit(ListAuditRequest { job: job.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
     let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
     for a in ["migrate.requested", "power.attested", "move.recorded", "guest.defined", "guest.running", "job.partial"] {
         assert!(actions.contains(&a), "{a} missing from {actions:?}");
@@ -188,7 +202,10 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     let p = op.plan_migration(req.clone()).await.unwrap().into_inner();
     assert!(!p.executable);
     assert!(
-        p.guests.iter().filter(|g| g.name != "vm-local" && g.name != "vm-dev").all(|g| g.reason.contains("already moved")),
+        p.guests
+            .iter()
+            .filter(|g| g.name != "vm-local" && g.name != "vm-dev")
+            .all(|g| g.reason.contains("already moved")),
         "{p:?}"
     );
     agent_b.stop().await;
@@ -204,10 +221,17 @@ async fn a_planned_move_stops_first_then_redefines_and_undefines_on_the_source()
     mark_shared(dir, "7d1e2f30-1111-4222-8333-444455556666");
     let disk = dir.join("m1.img");
     std::fs::write(&disk, b"").unwrap();
-    let b = node(&[domain("m-1", "44444444-0000-4000-8000-000000000001", &disk.display().to_string(), "52:54:00:00:04:01", 1)]);
+    let b = node(&[domain(
+        "m-1",
+        "44444444-0000-4000-8000-000000000001",
+        &disk.display().to_string(),
+        "52:54:00:00:04:01",
+        1,
+    )]);
     std::fs::write(dir.join("b.xml"), b).unwrap();
     std::fs::write(dir.join("c.xml"), node(&[])).unwrap();
-    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000").await;
+    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000")
+        .await;
     let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
     let ab = Agent::start(&agent_config("host-b", &uri("b"), &c.url(), &pki.agent("host-b"), ""));
     let ac = Agent::start(&agent_config("host-c", &uri("c"), &c.url(), &pki.agent("host-c"), ""));
@@ -241,7 +265,12 @@ async fn a_planned_move_stops_first_then_redefines_and_undefines_on_the_source()
     .await;
     assert_eq!(guests[0].host_id, "host-c");
     assert_eq!(guests[0].guest.as_ref().unwrap().state, GuestState::Running as i32);
-    let log = op.list_audit(ListAuditRequest { job: job.id.clone(), ..Default::default() }).await.unwrap().into_inner().entries;
+    let log = op
+        .list_audit(ListAuditRequest { job: job.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
     let pos = |a: &str| log.iter().position(|e| e.action == a).unwrap_or_else(|| panic!("{a} in {log:?}"));
     assert!(pos("guest.stopped_for_move") < pos("guest.defined"), "stopped on the source before defined on the target");
     assert!(pos("guest.running") < pos("cleanup.removed"));

@@ -9,8 +9,8 @@ use std::time::Duration;
 use lifeboat_common::identity::Role;
 use lifeboat_e2e::{Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for};
 use lifeboat_proto::v1::{
-    ForgetGuestRequest, GuestRecord, GuestState, ListAlarmsRequest, ListAuditRequest, ListGuestsRequest, RestoreGuestRequest,
-    admin_client::AdminClient,
+    ForgetGuestRequest, GuestRecord, GuestState, ListAlarmsRequest, ListAuditRequest, ListGuestsRequest,
+    RestoreGuestRequest, admin_client::AdminClient,
 };
 use tonic::transport::Channel;
 
@@ -20,12 +20,16 @@ const M3: &str = "55555555-0000-4000-8000-000000000003";
 
 async fn listed(op: &AdminClient<Channel>, vm: &str) -> Vec<GuestRecord> {
     let mut op = op.clone();
-    op.list_guests(ListGuestsRequest { vm: vm.into(), ..Default::default() }).await.map(|r| r.into_inner().guests).unwrap_or_default()
+    op.list_guests(ListGuestsRequest { vm: vm.into(), ..Default::default() })
+        .await
+        .map(|r| r.into_inner().guests)
+        .unwrap_or_default()
 }
 
 async fn audit_actions(op: &AdminClient<Channel>, vm: &str) -> Vec<String> {
     let mut op = op.clone();
-    let log = op.list_audit(ListAuditRequest { vm: vm.into(), ..Default::default() }).await.unwrap().into_inner().entries;
+    let log =
+        op.list_audit(ListAuditRequest { vm: vm.into(), ..Default::default() }).await.unwrap().into_inner().entries;
     log.into_iter().map(|e| e.action).collect()
 }
 
@@ -99,7 +103,11 @@ async fn guests_gone_from_their_owner_are_kept_restored_or_forgotten_on_purpose(
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
     let e = op.clone().restore_guest(restore("m-9", "", false)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{}", e.message());
-    let e = op.clone().restore_guest(RestoreGuestRequest { reason: " ".into(), ..restore("m-1", "", false) }).await.unwrap_err();
+    let e = op
+        .clone()
+        .restore_guest(RestoreGuestRequest { reason: " ".into(), ..restore("m-1", "", false) })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
     let e = op.clone().restore_guest(restore("m-1", "host-z", false)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{}", e.message());
@@ -110,9 +118,14 @@ async fn guests_gone_from_their_owner_are_kept_restored_or_forgotten_on_purpose(
     let e = op.clone().restore_guest(restore("m-1", "", true)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
     assert!(e.message().contains("reports-current") && e.message().contains("startup grace"), "{}", e.message());
-    let e = op.clone().forget_guest(ForgetGuestRequest { vm: "m-3".into(), reason: "retired".into() }).await.unwrap_err();
+    let e =
+        op.clone().forget_guest(ForgetGuestRequest { vm: "m-3".into(), reason: "retired".into() }).await.unwrap_err();
     assert!(e.message().contains("reports-current"), "{}", e.message());
-    let e = op.clone().restore_guest(RestoreGuestRequest { reason: "bad\u{1b}[2J".into(), ..restore("m-1", "", true) }).await.unwrap_err();
+    let e = op
+        .clone()
+        .restore_guest(RestoreGuestRequest { reason: "bad\u{1b}[2J".into(), ..restore("m-1", "", true) })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
     assert_eq!(listed(&op, "").await.iter().filter(|r| r.missing).count(), 3, "refusals changed nothing");
     tokio::time::sleep(Duration::from_millis(1300)).await;
@@ -122,7 +135,10 @@ async fn guests_gone_from_their_owner_are_kept_restored_or_forgotten_on_purpose(
     assert_eq!((r.host_id.as_str(), r.missing), ("host-a", false));
     let (_, took) = wait_for(Duration::from_secs(10), "m-1 running on host-a", || async {
         let g = listed(&op, "m-1").await;
-        (g.len() == 1 && !g[0].missing && g[0].host_id == "host-a" && g[0].guest.as_ref()?.state == GuestState::Running as i32)
+        (g.len() == 1
+            && !g[0].missing
+            && g[0].host_id == "host-a"
+            && g[0].guest.as_ref()?.state == GuestState::Running as i32)
             .then_some(())
     })
     .await;
@@ -145,14 +161,29 @@ async fn guests_gone_from_their_owner_are_kept_restored_or_forgotten_on_purpose(
     assert_eq!(r.guest.as_ref().unwrap().state, GuestState::Shutoff as i32);
 
     // m-3: forgotten on purpose, audited with the definition's size and hash.
-    let f = op.clone().forget_guest(ForgetGuestRequest { vm: "m-3".into(), reason: "retired".into() }).await.unwrap().into_inner();
+    let f = op
+        .clone()
+        .forget_guest(ForgetGuestRequest { vm: "m-3".into(), reason: "retired".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((f.uuid.as_str(), f.host.as_str()), (M3, "host-a"));
     assert!(f.definition_bytes > 100 && f.definition_sha256.len() == 64, "{f:?}");
     assert!(listed(&op, "m-3").await.is_empty());
-    let log = op.clone().list_audit(ListAuditRequest { vm: "m-3".into(), ..Default::default() }).await.unwrap().into_inner().entries;
+    let log = op
+        .clone()
+        .list_audit(ListAuditRequest { vm: "m-3".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
     let forgotten = log.iter().find(|e| e.action == "guest.forgotten").expect("guest.forgotten audited");
     assert_eq!(forgotten.actor, "olga");
-    assert!(forgotten.detail.contains(&f.definition_sha256) && forgotten.detail.contains("retired"), "{}", forgotten.detail);
+    assert!(
+        forgotten.detail.contains(&f.definition_sha256) && forgotten.detail.contains("retired"),
+        "{}",
+        forgotten.detail
+    );
     assert!(missing_alarms(&op).await.is_empty(), "every guest-missing alarm is cleared by its cause");
     aa.stop().await;
     ab.stop().await;

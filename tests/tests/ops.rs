@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use lifeboat_common::identity::Role;
-use lifeboat_e2e::{Agent, Controller, Pki, agent_config, wait_job_end, test_domain as domain, test_node as node};
+use lifeboat_e2e::{Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_job_end};
 use lifeboat_proto::v1::{GetJobRequest, ListAuditRequest, ListGuestsRequest, ListHostsRequest, MigrateRequest};
 
 fn fixture(name: &str) -> String {
@@ -24,7 +24,8 @@ async fn a_backup_of_a_busy_controller_restores_into_a_fresh_one() {
     for i in 0..4 {
         let disk = dir.join(format!("bk{i}.img"));
         std::fs::write(&disk, b"").unwrap();
-        let (name, uuid, mac) = (format!("bk-{i}"), format!("66666666-0000-4000-8000-00000000000{i}"), format!("52:54:00:00:06:0{i}"));
+        let (name, uuid, mac) =
+            (format!("bk-{i}"), format!("66666666-0000-4000-8000-00000000000{i}"), format!("52:54:00:00:06:0{i}"));
         doms.push(domain(&name, &uuid, &disk.display().to_string(), &mac, 1));
     }
     std::fs::write(dir.join("a.xml"), node(&doms)).unwrap();
@@ -68,7 +69,11 @@ async fn a_backup_of_a_busy_controller_restores_into_a_fresh_one() {
     let hosts = v.list_hosts(ListHostsRequest {}).await.unwrap().into_inner().hosts;
     assert_eq!(hosts.len(), 2);
     assert!(hosts.iter().any(|h| h.status == "OFFLINE"), "{hosts:?}");
-    assert_eq!(v.list_guests(ListGuestsRequest::default()).await.unwrap().into_inner().guests.len(), 8, "4 stale on host-a, 4 moved to host-b");
+    assert_eq!(
+        v.list_guests(ListGuestsRequest::default()).await.unwrap().into_inner().guests.len(),
+        8,
+        "4 stale on host-a, 4 moved to host-b"
+    );
     let restored = v.get_job(GetJobRequest { id: job.id.clone() }).await.unwrap().into_inner();
     assert_eq!(restored.state, "SUCCEEDED");
     assert_eq!(restored.moves.len(), 4);
@@ -94,7 +99,11 @@ fn the_agent_tells_systemd_it_is_ready_and_feeds_the_watchdog() {
     sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let cfg = tmp.path().join("agent.toml");
     // No controller listens there: readiness does not wait for it.
-    std::fs::write(&cfg, agent_config("host-n", &fixture("host-b.xml"), "https://127.0.0.1:9", &pki.agent("host-n"), "")).unwrap();
+    std::fs::write(
+        &cfg,
+        agent_config("host-n", &fixture("host-b.xml"), "https://127.0.0.1:9", &pki.agent("host-n"), ""),
+    )
+    .unwrap();
     // systemd sets WATCHDOG_PID to the service's pid: `exec` keeps the shell's.
     let mut child = std::process::Command::new("sh")
         .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"", bin.to_str().unwrap(), cfg.to_str().unwrap()])

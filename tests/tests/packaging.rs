@@ -76,9 +76,7 @@ fn euid() -> u32 {
 }
 
 fn in_path(prog: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file())).unwrap_or(false)
 }
 
 fn workspace_version() -> String {
@@ -98,11 +96,16 @@ fn workspace_version() -> String {
 fn setup() -> &'static Setup {
     SETUP.get_or_init(|| {
         if euid() != 0 {
-            return Setup::Skip("not root: installing the RPMs into scratch roots runs their scriptlets chrooted (CI runs as root)".into());
+            return Setup::Skip(
+                "not root: installing the RPMs into scratch roots runs their scriptlets chrooted (CI runs as root)"
+                    .into(),
+            );
         }
         for p in ["rpmbuild", "rpm"] {
             if !in_path(p) {
-                return Setup::Skip(format!("{p} is missing (Debian: apt-get install rpm, or scripts/install-deps.sh)"));
+                return Setup::Skip(format!(
+                    "{p} is missing (Debian: apt-get install rpm, or scripts/install-deps.sh)"
+                ));
             }
         }
         match build() {
@@ -153,7 +156,11 @@ fn build() -> Result<Built, String> {
         .output()
         .map_err(|e| format!("cannot run rpm: {e}"))?;
     if !out.status.success() {
-        return Err(format!("rpm -i --noscripts into {} failed: {}", extracted.display(), String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "rpm -i --noscripts into {} failed: {}",
+            extracted.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(Built { version, rpms, query_db, extracted, scratch })
 }
@@ -244,7 +251,10 @@ fn metadata_of_the_three_packages() {
     let b = built_or_skip!();
     let rpm_version = b.version.replace('-', "~");
     for p in PACKAGES {
-        let q = b.query(p, &["--queryformat", "%{NAME}|%{VERSION}|%{RELEASE}|%{ARCH}|%{LICENSE}|%{PAYLOADCOMPRESSOR}|%{SUMMARY}"]);
+        let q = b.query(
+            p,
+            &["--queryformat", "%{NAME}|%{VERSION}|%{RELEASE}|%{ARCH}|%{LICENSE}|%{PAYLOADCOMPRESSOR}|%{SUMMARY}"],
+        );
         let f: Vec<&str> = q.split('|').collect();
         assert_eq!(&f[..6], &[p, rpm_version.as_str(), "1", "x86_64", "Apache-2.0", "xz"], "{p}: {q}");
         assert!(f[6].starts_with("Lifeboat") && f[6].len() > 30, "{p}: summary '{}'", f[6]);
@@ -290,14 +300,20 @@ fn metadata_of_the_three_packages() {
 
 /// path -> (mode as rpm prints it, user, group, flags)
 fn file_table(b: &Built, p: &str) -> BTreeMap<String, (String, String, String, String)> {
-    b.query(p, &["--queryformat", "[%{FILENAMES}\t%{FILEMODES:octal}\t%{FILEUSERNAME}\t%{FILEGROUPNAME}\t%{FILEFLAGS:fflags}\n]"])
-        .lines()
-        .map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            assert_eq!(f.len(), 5, "{l}");
-            (f[0].to_string(), (f[1].to_string(), f[2].to_string(), f[3].to_string(), f[4].to_string()))
-        })
-        .collect()
+    b.query(
+        p,
+        &[
+            "--queryformat",
+            "[%{FILENAMES}\t%{FILEMODES:octal}\t%{FILEUSERNAME}\t%{FILEGROUPNAME}\t%{FILEFLAGS:fflags}\n]",
+        ],
+    )
+    .lines()
+    .map(|l| {
+        let f: Vec<&str> = l.split('\t').collect();
+        assert_eq!(f.len(), 5, "{l}");
+        (f[0].to_string(), (f[1].to_string(), f[2].to_string(), f[3].to_string(), f[4].to_string()))
+    })
+    .collect()
 }
 
 #[test]
@@ -361,7 +377,11 @@ fn file_lists_modes_and_config_flags() {
         assert_eq!(m, want, "{f} mode");
         assert!(!fl.contains('c'), "{f} must not be a config file");
         assert!(
-            f.starts_with("/usr/bin/") || f.starts_with("/usr/share/man/man1/lifeboat") || f.starts_with("/usr/share/doc/lifeboat") || f.contains("completions/lifeboat") || f.ends_with("/_lifeboat"),
+            f.starts_with("/usr/bin/")
+                || f.starts_with("/usr/share/man/man1/lifeboat")
+                || f.starts_with("/usr/share/doc/lifeboat")
+                || f.contains("completions/lifeboat")
+                || f.ends_with("/_lifeboat"),
             "unexpected file {f} in lifeboat"
         );
     }
@@ -493,19 +513,31 @@ fn systemd_units() {
     assert!(c.keys().all(|k| known.contains(k.as_str())), "{:?}", c.keys());
     assert_eq!(unit_one(&c, "Service", "Type"), "simple");
     assert_eq!(unit_one(&c, "Service", "Restart"), "on-failure");
-    assert_eq!(unit_one(&c, "Service", "ExecStart"), "/usr/bin/lifeboat-controller --config /etc/lifeboat/controller.toml");
-    assert_eq!(unit_one(&c, "Service", "LimitNOFILE"), "65536", "one socket per agent: 10,000 hosts need more than 1024 files");
+    assert_eq!(
+        unit_one(&c, "Service", "ExecStart"),
+        "/usr/bin/lifeboat-controller --config /etc/lifeboat/controller.toml"
+    );
+    assert_eq!(
+        unit_one(&c, "Service", "LimitNOFILE"),
+        "65536",
+        "one socket per agent: 10,000 hosts need more than 1024 files"
+    );
     assert_eq!(unit_one(&c, "Install", "WantedBy"), "multi-user.target");
 
     // systemd's own check, in a root holding this machine's units, ours and our binaries
     // (it checks that ExecStart is executable, and that every dependency resolves).
     if !in_path("systemd-analyze") {
-        eprintln!("packaging: systemd-analyze verify not run: systemd-analyze is missing (apt-get install systemd); checked the unit text only");
+        eprintln!(
+            "packaging: systemd-analyze verify not run: systemd-analyze is missing (apt-get install systemd); checked the unit text only"
+        );
         return;
     }
     let host_units = Path::new("/usr/lib/systemd/system");
     if !host_units.join("multi-user.target").exists() {
-        eprintln!("packaging: systemd-analyze verify not run: this machine has no systemd units in {}; checked the unit text only", host_units.display());
+        eprintln!(
+            "packaging: systemd-analyze verify not run: this machine has no systemd units in {}; checked the unit text only",
+            host_units.display()
+        );
         return;
     }
     let root = b.tempdir("verify-");
@@ -514,7 +546,11 @@ fn systemd_units() {
     fs::create_dir_all(&units).unwrap();
     ok(Command::new("cp").arg("-a").arg(format!("{}/.", host_units.display())).arg(&units));
     // A control unit: if even this fails, verify cannot work here.
-    fs::write(units.join("lifeboat-control.service"), "[Unit]\nDescription=control\n[Service]\nExecStart=/usr/bin/lifeboat-agent --version\n").unwrap();
+    fs::write(
+        units.join("lifeboat-control.service"),
+        "[Unit]\nDescription=control\n[Service]\nExecStart=/usr/bin/lifeboat-agent --version\n",
+    )
+    .unwrap();
     for bin in ["lifeboat-agent", "lifeboat-controller"] {
         fs::copy(b.file(&format!("/usr/bin/{bin}")), root.path().join("usr/bin").join(bin)).unwrap();
     }
@@ -551,8 +587,18 @@ fn shipped_configs_are_valid() {
     let pki = dir.path().join("pki");
     let cli = b.file("/usr/bin/lifeboat");
     ok(Command::new(&cli).args(["certs", "init"]).arg(dir.path().join("ca")));
-    ok(Command::new(&cli).args(["certs", "issue", "--ca-dir"]).arg(dir.path().join("ca")).arg("--out").arg(&pki).args(["--agent", "pkg-test"]));
-    ok(Command::new(&cli).args(["certs", "issue", "--ca-dir"]).arg(dir.path().join("ca")).arg("--out").arg(&pki).args(["--controller", "--san", "localhost"]));
+    ok(Command::new(&cli)
+        .args(["certs", "issue", "--ca-dir"])
+        .arg(dir.path().join("ca"))
+        .arg("--out")
+        .arg(&pki)
+        .args(["--agent", "pkg-test"]));
+    ok(Command::new(&cli)
+        .args(["certs", "issue", "--ca-dir"])
+        .arg(dir.path().join("ca"))
+        .arg("--out")
+        .arg(&pki)
+        .args(["--controller", "--san", "localhost"]));
     fs::copy(dir.path().join("ca/ca.pem"), pki.join("ca.pem")).unwrap();
     fs::rename(pki.join("agent-pkg-test.pem"), pki.join("agent.pem")).unwrap();
     fs::rename(pki.join("agent-pkg-test.key"), pki.join("agent.key")).unwrap();
@@ -571,7 +617,12 @@ fn shipped_configs_are_valid() {
     let cfg = dir.path().join("controller.toml");
     fs::write(&cfg, repoint(&ctl).replace("/var/lib/lifeboat/", &format!("{}/", dir.path().display()))).unwrap();
     // A start never creates the database: check-config names `init` until it exists.
-    let out = Command::new(b.file("/usr/bin/lifeboat-controller")).arg("--config").arg(&cfg).arg("--check-config").output().unwrap();
+    let out = Command::new(b.file("/usr/bin/lifeboat-controller"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check-config")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(2) && err.contains("does not exist") && err.contains("init"), "{err}");
     ok(Command::new(b.file("/usr/bin/lifeboat-controller")).arg("--config").arg(&cfg).arg("init"));
@@ -593,7 +644,11 @@ fn shipped_configs_are_valid() {
             .args(["guard", "vm-pkg", "prepare", "begin", "-"]),
         unmanaged_xml().as_bytes(),
     );
-    assert!(out.status.success(), "guard with the shipped agent.toml refused an unmanaged guest: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "guard with the shipped agent.toml refused an unmanaged guest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -745,7 +800,11 @@ fn hook_setup_edge_cases() {
     write_exec(&h.dir.join("qemu.lifeboat-chained"), "#!/bin/sh\nexit 0\n", 0o755);
     let out = hook_setup(b, &h, "install");
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT installing"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOT installing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(fs::read_to_string(h.dir.join("qemu")).unwrap(), ORIGINAL_HOOK);
     // Removing when the hook is not ours leaves both alone.
     let out = hook_setup(b, &h, "remove");
@@ -773,7 +832,15 @@ fn hook_setup_edge_cases() {
 }
 
 /// Runs the packaged hook script as libvirt would (4 arguments, XML on stdin).
-fn call_hook(b: &Built, h: &HookDir, agent: &Path, config: &Path, args: [&str; 4], stdin: &[u8], env: &[(&str, &str)]) -> Output {
+fn call_hook(
+    b: &Built,
+    h: &HookDir,
+    agent: &Path,
+    config: &Path,
+    args: [&str; 4],
+    stdin: &[u8],
+    env: &[(&str, &str)],
+) -> Output {
     let mut c = Command::new(b.file("/usr/libexec/lifeboat/qemu-hook"));
     c.args(args)
         .env_clear()
@@ -822,14 +889,26 @@ fn hook_runs_the_real_guard_then_the_chained_hook_with_the_same_args_and_stdin()
     assert_eq!(String::from_utf8_lossy(&out.stdout), "chained-stdout\n", "stdout is the chained hook's only");
 
     // The chained hook's exit status is the hook's.
-    let out = call_hook(b, &h, &agent, &cfg, ["vm-pkg", "start", "begin", "-"], unmanaged_xml().as_bytes(), &[("CHAINED_EXIT", "7")]);
+    let out = call_hook(
+        b,
+        &h,
+        &agent,
+        &cfg,
+        ["vm-pkg", "start", "begin", "-"],
+        unmanaged_xml().as_bytes(),
+        &[("CHAINED_EXIT", "7")],
+    );
     assert_eq!(out.status.code(), Some(7));
 
     // A managed guest without a lease here: refused by the guard, the original never runs.
     fs::remove_file(h.log.join("args")).unwrap();
     let out = call_hook(b, &h, &agent, &cfg, ["vm-owned", "prepare", "begin", "-"], managed_xml().as_bytes(), &[]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Lifeboat start guard: refusing"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Lifeboat start guard: refusing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!h.log.join("args").exists(), "the chained hook ran after a refusal");
 
     // Operations that do not start a guest pass through to the original with their stdin.
@@ -840,7 +919,11 @@ fn hook_runs_the_real_guard_then_the_chained_hook_with_the_same_args_and_stdin()
 
     // No temporary files left behind.
     let tmp = h.log.parent().unwrap();
-    let left: Vec<_> = fs::read_dir(tmp).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("lifeboat-qemu-hook")).collect();
+    let left: Vec<_> = fs::read_dir(tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("lifeboat-qemu-hook"))
+        .collect();
     assert!(left.is_empty(), "{left:?}");
 
     // A chained hook that is not executable is not run (like libvirt would not have run it).
@@ -862,8 +945,13 @@ fn hook_runs_the_real_guard_then_the_chained_hook_with_the_same_args_and_stdin()
     let missing = h.dir.join("missing.toml");
     let out = call_hook(b, &h, &agent, &missing, ["vm-pkg", "prepare", "begin", "-"], unmanaged_xml().as_bytes(), &[]);
     assert_eq!(out.status.code(), Some(1));
-    let out = call_hook(b, &h, &agent, &missing, ["vm-pkg", "reconnect", "begin", "-"], unmanaged_xml().as_bytes(), &[]);
-    assert!(out.status.success(), "reconnect must never fail (libvirt would kill the guest): {}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        call_hook(b, &h, &agent, &missing, ["vm-pkg", "reconnect", "begin", "-"], unmanaged_xml().as_bytes(), &[]);
+    assert!(
+        out.status.success(),
+        "reconnect must never fail (libvirt would kill the guest): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -883,7 +971,10 @@ fn hook_plumbing_with_a_stand_in_guard() {
     let xml = managed_xml();
     let out = call_hook(b, &h, &fake, cfg, ["vm-x", "migrate", "begin", "-"], xml.as_bytes(), &[]);
     assert!(out.status.success());
-    assert_eq!(fs::read_to_string(h.log.join("guard-args")).unwrap(), "--config\n/etc/lifeboat/agent.toml\nguard\nvm-x\nmigrate\nbegin\n-\n");
+    assert_eq!(
+        fs::read_to_string(h.log.join("guard-args")).unwrap(),
+        "--config\n/etc/lifeboat/agent.toml\nguard\nvm-x\nmigrate\nbegin\n-\n"
+    );
     assert_eq!(fs::read(h.log.join("guard-stdin")).unwrap(), xml.as_bytes());
     assert_eq!(fs::read(h.log.join("stdin")).unwrap(), xml.as_bytes());
     // For migrate and restore libvirt reads a changed domain XML from the hook's stdout: only
@@ -893,7 +984,8 @@ fn hook_plumbing_with_a_stand_in_guard() {
     // The guard's exit status, whatever it is, is the hook's; the original does not run.
     fs::remove_file(h.log.join("args")).unwrap();
     for code in ["1", "2", "42"] {
-        let out = call_hook(b, &h, &fake, cfg, ["vm-x", "prepare", "begin", "-"], xml.as_bytes(), &[("GUARD_EXIT", code)]);
+        let out =
+            call_hook(b, &h, &fake, cfg, ["vm-x", "prepare", "begin", "-"], xml.as_bytes(), &[("GUARD_EXIT", code)]);
         assert_eq!(out.status.code(), Some(code.parse().unwrap()));
         assert!(!h.log.join("args").exists());
     }
@@ -929,7 +1021,8 @@ fn minimal_root(b: &Built) -> tempfile::TempDir {
     let mut bins: Vec<PathBuf> = ["sh", "cat", "mv", "ln", "rm", "mkdir", "readlink", "mktemp"]
         .iter()
         .map(|p| {
-            let path = std::env::split_paths(&std::env::var_os("PATH").unwrap()).map(|d| d.join(p)).find(|f| f.is_file());
+            let path =
+                std::env::split_paths(&std::env::var_os("PATH").unwrap()).map(|d| d.join(p)).find(|f| f.is_file());
             path.unwrap_or_else(|| panic!("{p} not found"))
         })
         .collect();
@@ -1025,7 +1118,11 @@ fn rpm_install_upgrade_erase_with_scriptlets_keeps_the_existing_hook() {
     fs::remove_file(r.join("tmp/orig-args")).unwrap();
     let out = libvirt_calls_hook(r, ["vm-owned", "prepare", "begin", "-"], managed_xml().as_bytes());
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Lifeboat start guard: refusing"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Lifeboat start guard: refusing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!r.join("tmp/orig-args").exists());
 
     // The administrator edits agent.toml; then an upgrade (the same package again: new %post
@@ -1049,7 +1146,10 @@ fn rpm_install_upgrade_erase_with_scriptlets_keeps_the_existing_hook() {
     assert_eq!(mode(&r.join("var/lib/lifeboat/controller.db")), 0o600, "%post runs lifeboat-controller init");
     assert!(r.join("usr/share/man/man1/lifeboat.1.gz").is_file());
     rpm_ok(r, &["-e", "--nodeps"], &[Path::new("lifeboat-controller"), Path::new("lifeboat")]);
-    assert!(r.join("etc/lifeboat/agent.toml").exists() && r.join("var/lib/lifeboat").is_dir(), "shared directories stay with the agent");
+    assert!(
+        r.join("etc/lifeboat/agent.toml").exists() && r.join("var/lib/lifeboat").is_dir(),
+        "shared directories stay with the agent"
+    );
 
     // Erase: the original hook is back, byte for byte, with its mode.
     let said = rpm_ok(r, &["-e", "--nodeps"], &[Path::new("lifeboat-agent")]);
@@ -1059,7 +1159,11 @@ fn rpm_install_upgrade_erase_with_scriptlets_keeps_the_existing_hook() {
     assert_eq!(mode(&hooks.join("qemu")), 0o700);
     assert!(!hooks.join("qemu.lifeboat-chained").exists());
     assert!(!r.join("usr/bin/lifeboat-agent").exists() && !r.join("usr/libexec/lifeboat").exists());
-    assert_eq!(fs::read_to_string(r.join("etc/lifeboat/agent.toml.rpmsave")).unwrap(), edited, "an edited config is saved on erase");
+    assert_eq!(
+        fs::read_to_string(r.join("etc/lifeboat/agent.toml.rpmsave")).unwrap(),
+        edited,
+        "an edited config is saved on erase"
+    );
 
     // Without a hook before: install creates ours, erase removes it.
     let root = minimal_root(b);
@@ -1121,7 +1225,10 @@ fn hook_without_a_runnable_agent_refuses_starts_and_nothing_else() {
                 let out = call_source_hook(&dir, &log, agent, ["vm-x", op, "begin", "-"], xml.as_bytes());
                 let err = String::from_utf8_lossy(&out.stderr);
                 assert_eq!(out.status.code(), Some(1), "{op} with agent {}: {err}", agent.display());
-                assert!(err.contains("missing or not executable") && err.contains("fail closed") && err.contains(op), "{err}");
+                assert!(
+                    err.contains("missing or not executable") && err.contains("fail closed") && err.contains(op),
+                    "{err}"
+                );
                 assert!(!log.join("args").exists(), "the chained hook ran after a refusal");
             }
             for op in NOT_STARTS {
@@ -1136,7 +1243,11 @@ fn hook_without_a_runnable_agent_refuses_starts_and_nothing_else() {
                 );
                 if with_chained {
                     assert_eq!(fs::read_to_string(log.join("args")).unwrap(), format!("vm-x\n{op}\nbegin\n-\n"));
-                    assert_eq!(fs::read(log.join("stdin")).unwrap(), xml.as_bytes(), "the chained hook gets libvirt's stdin");
+                    assert_eq!(
+                        fs::read(log.join("stdin")).unwrap(),
+                        xml.as_bytes(),
+                        "the chained hook gets libvirt's stdin"
+                    );
                     assert_eq!(String::from_utf8_lossy(&out.stdout), "chained-stdout\n");
                 }
             }

@@ -21,21 +21,45 @@ async fn sigterm_ends_agent_sessions_flushes_and_exits_within_the_bound() {
     std::fs::write(dir.join("a.xml"), test_node(&[])).unwrap();
     let db = dir.join("c.db");
     let mut c = ControllerProcess::start(&pki, &db, 200, 3000).await;
-    let a = Agent::start(&agent_config("host-a", &format!("test://{}", dir.join("a.xml").display()), &c.url(), &pki.agent("host-a"), ""));
+    let a = Agent::start(&agent_config(
+        "host-a",
+        &format!("test://{}", dir.join("a.xml").display()),
+        &c.url(),
+        &pki.agent("host-a"),
+        "",
+    ));
     // A second agent driven by hand, to see how its session ends.
     let m = pki.agent("host-b").load().unwrap();
-    let ch = Endpoint::from_shared(c.url()).unwrap().tls_config(m.client_config(pki::CONTROLLER_NAME)).unwrap().connect().await.unwrap();
+    let ch = Endpoint::from_shared(c.url())
+        .unwrap()
+        .tls_config(m.client_config(pki::CONTROLLER_NAME))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(8);
     tx.send(AgentMessage {
-        msg: Some(Msg::Hello(Hello { host_id: "host-b".into(), agent_version: "test".into(), boot_id: "boot-b".into() })),
+        msg: Some(Msg::Hello(Hello {
+            host_id: "host-b".into(),
+            agent_version: "test".into(),
+            boot_id: "boot-b".into(),
+        })),
     })
     .await
     .unwrap();
-    let mut inbound = AgentSessionClient::new(ch).session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut inbound = AgentSessionClient::new(ch)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     inbound.message().await.expect("welcome").expect("welcome");
     let beat = tokio::spawn(async move {
         for seq in 0.. {
-            if tx.send(AgentMessage { msg: Some(Msg::Heartbeat(Heartbeat { seq, ..Default::default() })) }).await.is_err() {
+            if tx
+                .send(AgentMessage { msg: Some(Msg::Heartbeat(Heartbeat { seq, ..Default::default() })) })
+                .await
+                .is_err()
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -43,7 +67,13 @@ async fn sigterm_ends_agent_sessions_flushes_and_exits_within_the_bound() {
     });
     let op_tls = pki.client("olga", lifeboat_common::identity::Role::Viewer);
     let om = op_tls.load().unwrap();
-    let och = Endpoint::from_shared(c.url()).unwrap().tls_config(om.client_config(pki::CONTROLLER_NAME)).unwrap().connect().await.unwrap();
+    let och = Endpoint::from_shared(c.url())
+        .unwrap()
+        .tls_config(om.client_config(pki::CONTROLLER_NAME))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let op = lifeboat_proto::v1::admin_client::AdminClient::new(och);
     wait_for(Duration::from_secs(10), "both hosts REACHABLE", || {
         let mut op = op.clone();
@@ -97,7 +127,10 @@ async fn sigterm_ends_agent_sessions_flushes_and_exits_within_the_bound() {
             before_term - h.last_seen_ms
         );
     }
-    println!("SIGTERM: host-b's session ended after {session_end:.2} s ({}), controller exited 0 after {exit_s:.2} s", status.message());
+    println!(
+        "SIGTERM: host-b's session ended after {session_end:.2} s ({}), controller exited 0 after {exit_s:.2} s",
+        status.message()
+    );
 }
 
 #[test]
@@ -105,7 +138,10 @@ fn the_units_give_the_shutdown_bound_before_sigkill() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("packaging/systemd");
     let stop_s = |unit: &str| -> u64 {
         let text = std::fs::read_to_string(root.join(unit)).unwrap();
-        let v = text.lines().find_map(|l| l.strip_prefix("TimeoutStopSec=")).unwrap_or_else(|| panic!("{unit}: no TimeoutStopSec"));
+        let v = text
+            .lines()
+            .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+            .unwrap_or_else(|| panic!("{unit}: no TimeoutStopSec"));
         v.trim().parse().unwrap_or_else(|e| panic!("{unit}: TimeoutStopSec={v}: {e}"))
     };
     // The bound, one second for the flush and the runtime's end, and a margin.

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use lifeboat_common::identity::Role;
-use lifeboat_e2e::{Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for, wait_job_end};
+use lifeboat_e2e::{
+    Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for, wait_job_end,
+};
 use lifeboat_proto::v1::{GetHostRequest, ListAlarmsRequest, ListAuditRequest, ListGuestsRequest, StartVmRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,7 +31,8 @@ async fn a_guest_left_behind_waits_visibly_and_an_operator_starts_it_on_its_retu
     std::fs::write(dir.join("b.xml"), node(&[])).unwrap();
     let boot = dir.join("boot-a");
     std::fs::write(&boot, "boot-1\n").unwrap();
-    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000").await;
+    let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000")
+        .await;
     let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
     let extra_a = format!("boot_id_file = {boot:?}");
     let agent_a = Agent::start(&agent_config("host-a", &uri("a"), &c.url(), &pki.agent("host-a"), &extra_a));
@@ -44,7 +47,11 @@ async fn a_guest_left_behind_waits_visibly_and_an_operator_starts_it_on_its_retu
     let job = lifeboat_e2e::start_migration_when_accepted(&op, &req).await;
     let (done, _) = wait_job_end(&op, &job.id, Duration::from_secs(20)).await;
     assert_eq!(done.state, "PARTIAL", "{done:?}");
-    assert!(done.error.contains("vm-local (not moved:") && done.error.contains("waits for host-a to return"), "{}", done.error);
+    assert!(
+        done.error.contains("vm-local (not moved:") && done.error.contains("waits for host-a to return"),
+        "{}",
+        done.error
+    );
 
     // Waiting, with its reason and since-time, on its own host.
     let local_rec = |op: &mut lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>| {
@@ -63,7 +70,12 @@ async fn a_guest_left_behind_waits_visibly_and_an_operator_starts_it_on_its_retu
     let r = local_rec(&mut op).await;
     assert!(r.waiting_reason.contains("not shown to be shared") && r.waiting_reason.contains(&job.id), "{r:?}");
     assert!(r.waiting_since_unix_ms > 0);
-    let shared_rec = op.list_guests(ListGuestsRequest { vm: "vm-shared".into(), ..Default::default() }).await.unwrap().into_inner().guests;
+    let shared_rec = op
+        .list_guests(ListGuestsRequest { vm: "vm-shared".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .guests;
     assert!(shared_rec.iter().all(|g| g.waiting_reason.is_empty()), "a moved guest does not wait: {shared_rec:?}");
     let h = op.get_host(GetHostRequest { host: "host-a".into() }).await.unwrap().into_inner();
     assert_eq!(h.waiting_guests, 1);
@@ -81,12 +93,22 @@ async fn a_guest_left_behind_waits_visibly_and_an_operator_starts_it_on_its_retu
         }
     };
     let a = waiting_alarm(&mut op).await;
-    assert!(a.len() == 1 && a[0].host == "host-a" && a[0].detail.contains("vm-local") && a[0].detail.contains("lifeboat vms start vm-local"), "{a:?}");
+    assert!(
+        a.len() == 1
+            && a[0].host == "host-a"
+            && a[0].detail.contains("vm-local")
+            && a[0].detail.contains("lifeboat vms start vm-local"),
+        "{a:?}"
+    );
 
     // Refused while host-a is OFFLINE; a reason is required.
     let e = op.start_vm(StartVmRequest { vm: "vm-local".into(), reason: "test".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("owner not OFFLINE") && e.message().contains("nothing was changed"), "{}", e.message());
+    assert!(
+        e.message().contains("owner not OFFLINE") && e.message().contains("nothing was changed"),
+        "{}",
+        e.message()
+    );
     let e = op.start_vm(StartVmRequest { vm: "vm-local".into(), reason: " ".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     let e = op.start_vm(StartVmRequest { vm: "vm-nope".into(), reason: "test".into() }).await.unwrap_err();
@@ -110,7 +132,11 @@ async fn a_guest_left_behind_waits_visibly_and_an_operator_starts_it_on_its_retu
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let r = local_rec(&mut op).await;
-    assert_eq!(r.guest.as_ref().unwrap().state, lifeboat_proto::v1::GuestState::Shutoff as i32, "quarantine starts nothing: {r:?}");
+    assert_eq!(
+        r.guest.as_ref().unwrap().state,
+        lifeboat_proto::v1::GuestState::Shutoff as i32,
+        "quarantine starts nothing: {r:?}"
+    );
     assert!(!r.waiting_reason.is_empty(), "still waiting: {r:?}");
 
     // The shared guest runs on host-b: starting it again is refused.
@@ -120,7 +146,12 @@ async fn a_guest_left_behind_waits_visibly_and_an_operator_starts_it_on_its_retu
     // The operator starts the waiting guest on its host now (MAINTENANCE allows it).
     let (started, took) = wait_for(Duration::from_secs(10), "vms start accepted", || {
         let mut op = op.clone();
-        async move { op.start_vm(StartVmRequest { vm: "vm-local".into(), reason: "test: needed now".into() }).await.ok().map(|r| r.into_inner()) }
+        async move {
+            op.start_vm(StartVmRequest { vm: "vm-local".into(), reason: "test: needed now".into() })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
     })
     .await;
     println!("StartVm accepted after {took:?}: {started:?}");
@@ -129,7 +160,8 @@ async fn a_guest_left_behind_waits_visibly_and_an_operator_starts_it_on_its_retu
         let mut op = op.clone();
         async move {
             let r = local_rec(&mut op).await;
-            (r.guest.as_ref()?.state == lifeboat_proto::v1::GuestState::Running as i32 && r.waiting_reason.is_empty()).then_some(())
+            (r.guest.as_ref()?.state == lifeboat_proto::v1::GuestState::Running as i32 && r.waiting_reason.is_empty())
+                .then_some(())
         }
     })
     .await;
@@ -137,13 +169,28 @@ async fn a_guest_left_behind_waits_visibly_and_an_operator_starts_it_on_its_retu
     assert_eq!(op.get_host(GetHostRequest { host: "host-a".into() }).await.unwrap().into_inner().waiting_guests, 0);
     let e = op.start_vm(StartVmRequest { vm: "vm-local".into(), reason: "test: twice".into() }).await.unwrap_err();
     assert!(e.message().contains("it runs already"), "{}", e.message());
-    let log = op.list_audit(ListAuditRequest { vm: "vm-local".into(), ..Default::default() }).await.unwrap().into_inner().entries;
+    let log = op
+        .list_audit(ListAuditRequest { vm: "vm-local".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
     let actions: Vec<(&str, &str)> = log.iter().map(|e| (e.action.as_str(), e.actor.as_str())).collect();
-    for want in [("guest.start_requested", "olga"), ("guest.started", "controller"), ("guest.waiting_ended", "controller")] {
+    for want in
+        [("guest.start_requested", "olga"), ("guest.started", "controller"), ("guest.waiting_ended", "controller")]
+    {
         assert!(actions.contains(&want), "{want:?} in {actions:?}");
     }
-    let alarm_log = op.list_audit(ListAuditRequest { host: "host-a".into(), ..Default::default() }).await.unwrap().into_inner().entries;
-    assert!(alarm_log.iter().any(|e| e.action == "alarm.cleared" && e.detail.contains("guests-waiting")), "{alarm_log:?}");
+    let alarm_log = op
+        .list_audit(ListAuditRequest { host: "host-a".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        alarm_log.iter().any(|e| e.action == "alarm.cleared" && e.detail.contains("guests-waiting")),
+        "{alarm_log:?}"
+    );
 }
 
 /// `vms start` right after the controller started: refused with
@@ -156,7 +203,11 @@ async fn vms_start_waits_for_the_startup_grace() {
     let dir = tmp.path();
     let pki = Pki::new(&dir.join("pki"));
     let uuid = "88888888-0000-4000-8000-000000000011";
-    std::fs::write(dir.join("a.xml"), node(&[domain("vm-grace", uuid, "/nonexistent/vm-grace.img", "52:54:00:00:08:11", 5)])).unwrap();
+    std::fs::write(
+        dir.join("a.xml"),
+        node(&[domain("vm-grace", uuid, "/nonexistent/vm-grace.img", "52:54:00:00:08:11", 5)]),
+    )
+    .unwrap();
     // Detection 2.5 s: a startup grace of 5 s.
     let c = Controller::start(&pki, &dir.join("c.db"), 0, 500, 2500).await;
     let uri = format!("test://{}", dir.join("a.xml").display());
@@ -168,12 +219,22 @@ async fn vms_start_waits_for_the_startup_grace() {
     assert!(e.message().contains("reports-current") && e.message().contains("startup grace"), "{}", e.message());
     let (started, took) = wait_for(Duration::from_secs(15), "vms start accepted after the grace", || {
         let mut op = op.clone();
-        async move { op.start_vm(StartVmRequest { vm: "vm-grace".into(), reason: "test: now".into() }).await.ok().map(|r| r.into_inner()) }
+        async move {
+            op.start_vm(StartVmRequest { vm: "vm-grace".into(), reason: "test: now".into() })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
     })
     .await;
     println!("StartVm accepted after {took:?}");
     assert_eq!(started.host_id, "host-a");
-    let log = op.list_audit(ListAuditRequest { vm: "vm-grace".into(), ..Default::default() }).await.unwrap().into_inner().entries;
+    let log = op
+        .list_audit(ListAuditRequest { vm: "vm-grace".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
     let requested = log.iter().filter(|e| e.action == "guest.start_requested").count();
     assert_eq!(requested, 1, "a refusal audits no request: {log:?}");
     assert!(log.iter().any(|e| e.action == "guest.started"), "{log:?}");
@@ -207,13 +268,16 @@ impl LocalGuestWaiting {
         let shared = dir.join("shared.img");
         std::fs::write(&shared, b"").unwrap();
         let moved = domain("vm-shared", shared_uuid, &shared.display().to_string(), "52:54:00:00:08:11", 1);
-        let a_node = node(&[moved, domain("vm-local", local_uuid, "/nonexistent/local/vm-local.img", "52:54:00:00:08:12", 1)]);
+        let a_node =
+            node(&[moved, domain("vm-local", local_uuid, "/nonexistent/local/vm-local.img", "52:54:00:00:08:12", 1)]);
         std::fs::write(dir.join("a.xml"), a_node).unwrap();
         std::fs::write(dir.join("a-empty.xml"), node(&[])).unwrap();
         std::fs::write(dir.join("b.xml"), node(&[])).unwrap();
         let boot = dir.join("boot-a");
         std::fs::write(&boot, "boot-1\n").unwrap();
-        let c = Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000").await;
+        let c =
+            Controller::start_with(&pki, &dir.join("c.db"), 0, 200, 600, "force_grace_ms = 1500\nlease_ttl_ms = 1000")
+                .await;
         let uri = |h: &str| format!("test://{}", dir.join(format!("{h}.xml")).display());
         let extra_a = format!("boot_id_file = {boot:?}");
         let agent_a = Agent::start(&agent_config("host-a", &uri("a"), &c.url(), &pki.agent("host-a"), &extra_a));
@@ -235,7 +299,12 @@ impl LocalGuestWaiting {
         wait_for(Duration::from_secs(10), "vm-local missing on host-a", || {
             let mut op = op.clone();
             async move {
-                let g = op.list_guests(ListGuestsRequest { vm: "vm-local".into(), ..Default::default() }).await.ok()?.into_inner().guests;
+                let g = op
+                    .list_guests(ListGuestsRequest { vm: "vm-local".into(), ..Default::default() })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .guests;
                 g.iter().any(|g| g.missing && g.host_id == "host-a").then_some(())
             }
         })
@@ -249,7 +318,12 @@ impl LocalGuestWaiting {
 /// Whether vm-local waits, how many `guests-waiting` alarms are active, and its records.
 async fn waits(op: &Admin) -> (bool, usize, Vec<lifeboat_proto::v1::GuestRecord>) {
     let mut op = op.clone();
-    let g = op.list_guests(ListGuestsRequest { vm: "vm-local".into(), ..Default::default() }).await.unwrap().into_inner().guests;
+    let g = op
+        .list_guests(ListGuestsRequest { vm: "vm-local".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .guests;
     let a = op.list_alarms(ListAlarmsRequest::default()).await.unwrap().into_inner().alarms;
     (g.iter().any(|g| !g.waiting_reason.is_empty()), a.iter().filter(|a| a.kind == "guests-waiting").count(), g)
 }
@@ -268,7 +342,12 @@ async fn a_waiting_guest_restored_on_another_host_waits_no_more() {
     )
     .await;
     let op = t.op.clone();
-    let restore = RestoreGuestRequest { vm: "vm-local".into(), to_host: "host-b".into(), start: false, reason: "test: lives on b now".into() };
+    let restore = RestoreGuestRequest {
+        vm: "vm-local".into(),
+        to_host: "host-b".into(),
+        start: false,
+        reason: "test: lives on b now".into(),
+    };
     let (r, _) = wait_for(Duration::from_secs(10), "restore --to host-b accepted", || {
         let mut op = op.clone();
         let restore = restore.clone();
@@ -278,8 +357,17 @@ async fn a_waiting_guest_restored_on_another_host_waits_no_more() {
     assert_eq!((r.host_id.as_str(), r.owner_host.as_str()), ("host-b", "host-b"));
     let (w, alarms, g) = waits(&op).await;
     assert!(!w && alarms == 0, "restored on host-b: no longer waits on host-a: {g:?}");
-    assert_eq!(op.clone().get_host(GetHostRequest { host: "host-a".into() }).await.unwrap().into_inner().waiting_guests, 0);
-    let log = op.clone().list_audit(ListAuditRequest { vm: "vm-local".into(), ..Default::default() }).await.unwrap().into_inner().entries;
+    assert_eq!(
+        op.clone().get_host(GetHostRequest { host: "host-a".into() }).await.unwrap().into_inner().waiting_guests,
+        0
+    );
+    let log = op
+        .clone()
+        .list_audit(ListAuditRequest { vm: "vm-local".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
     let ended = log.iter().find(|e| e.action == "guest.waiting_ended").expect("guest.waiting_ended audited");
     assert!(ended.detail.contains("restored on host-b by olga"), "{}", ended.detail);
 }
@@ -299,7 +387,13 @@ async fn a_waiting_guest_moved_by_hand_to_another_host_waits_no_more() {
     // By hand: vm-local defined and started on host-b (its agent restarted on that node).
     t.agent_b.stop().await;
     let hand = domain("vm-local", t.local_uuid, "/nonexistent/local/vm-local.img", "52:54:00:00:08:12", 1);
-    let b_shared = op.clone().list_guests(ListGuestsRequest { vm: "vm-shared".into(), ..Default::default() }).await.unwrap().into_inner().guests;
+    let b_shared = op
+        .clone()
+        .list_guests(ListGuestsRequest { vm: "vm-shared".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .guests;
     assert!(b_shared.iter().any(|g| g.host_id == "host-b"), "vm-shared moved to host-b");
     let shared = domain("vm-shared", t.shared_uuid, &t.shared.display().to_string(), "52:54:00:00:08:11", 1);
     std::fs::write(t.dir.join("b-hand.xml"), node(&[shared, hand])).unwrap();
@@ -314,7 +408,13 @@ async fn a_waiting_guest_moved_by_hand_to_another_host_waits_no_more() {
     })
     .await;
     println!("the wait ended {took:?} after host-b reported the hand-moved guest");
-    let log = op.clone().list_audit(ListAuditRequest { vm: "vm-local".into(), ..Default::default() }).await.unwrap().into_inner().entries;
+    let log = op
+        .clone()
+        .list_audit(ListAuditRequest { vm: "vm-local".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
     let ended = log.iter().find(|e| e.action == "guest.waiting_ended").expect("guest.waiting_ended audited");
     assert!(ended.detail.contains("it runs on host-b, which owns it now"), "{}", ended.detail);
 }

@@ -4,8 +4,8 @@
 
 use lifeboat_proto::holds_disk;
 use lifeboat_proto::v1::{
-    CheckPaths, CleanupGuest, Command, CommandResult, DefineGuest, GrantLeases, Guest, GuestState, PathCheck, SetAutostart,
-    StartGuest, StopGuest, command::Kind,
+    CheckPaths, CleanupGuest, Command, CommandResult, DefineGuest, GrantLeases, Guest, GuestState, PathCheck,
+    SetAutostart, StartGuest, StopGuest, command::Kind,
 };
 use tracing::info;
 use virt::domain::Domain;
@@ -116,7 +116,12 @@ impl ActorState {
                 );
             }
             Ok(_) => {}
-            Err(e) => return fail(id, format!("define of {} refused: its lease file cannot be read ({e}); failing closed", facts.uuid)),
+            Err(e) => {
+                return fail(
+                    id,
+                    format!("define of {} refused: its lease file cannot be read ({e}); failing closed", facts.uuid),
+                );
+            }
         }
         let conn = &self.conn.as_ref().expect("checked").conn;
         // Check: is it already here?
@@ -127,7 +132,13 @@ impl ActorState {
                     Err(e) => return fail(id, format!("guest {} exists but cannot be read: {e}", facts.uuid)),
                 };
                 if g.owner_host == d.owner_host && g.owner_generation == d.generation {
-                    return CommandResult { id: id.into(), ok: true, outcome: "already".into(), guest: Some(g), ..Default::default() };
+                    return CommandResult {
+                        id: id.into(),
+                        ok: true,
+                        outcome: "already".into(),
+                        guest: Some(g),
+                        ..Default::default()
+                    };
                 }
                 if g.owner_generation > d.generation {
                     return fail(
@@ -151,7 +162,10 @@ impl ActorState {
         }
         if let Ok(other) = conn.lookup_domain_by_name(&facts.name) {
             let uuid = other.uuid_string().unwrap_or_default();
-            return fail(id, format!("another guest named '{}' (UUID {uuid}) is already defined on this host", facts.name));
+            return fail(
+                id,
+                format!("another guest named '{}' (UUID {uuid}) is already defined on this host", facts.name),
+            );
         }
         // Act.
         let dom = match conn.define_domain_xml(&d.definition_xml) {
@@ -195,7 +209,13 @@ impl ActorState {
                 Err(e) => return fail(id, format!("setting autostart failed: {}", e.message())),
             },
         };
-        CommandResult { id: id.into(), ok: true, outcome: outcome.into(), guest: read_guest(&dom).ok(), ..Default::default() }
+        CommandResult {
+            id: id.into(),
+            ok: true,
+            outcome: outcome.into(),
+            guest: read_guest(&dom).ok(),
+            ..Default::default()
+        }
     }
 }
 
@@ -221,15 +241,18 @@ impl ActorState {
                 boot_id: boot_id.clone(),
             })
             .collect();
-        let applied = match crate::lease::apply(&self.cfg.state_dir, &self.cfg.host_id, &files, g.merge, g.issued_unix_ms) {
-            Ok(a) => a,
-            Err(e) => return fail(id, format!("writing leases to {} failed: {e}", self.cfg.state_dir.display())),
-        };
+        let applied =
+            match crate::lease::apply(&self.cfg.state_dir, &self.cfg.host_id, &files, g.merge, g.issued_unix_ms) {
+                Ok(a) => a,
+                Err(e) => return fail(id, format!("writing leases to {} failed: {e}", self.cfg.state_dir.display())),
+            };
         if let Err(e) = boot {
             return CommandResult {
                 id: id.into(),
                 ok: false,
-                error: format!("leases written but bound to no boot, so the start guard refuses them: cannot read this host's boot id ({e})"),
+                error: format!(
+                    "leases written but bound to no boot, so the start guard refuses them: cannot read this host's boot id ({e})"
+                ),
                 stale_generation: applied.stale_generation,
                 lease_unreadable: applied.unreadable,
                 ..Default::default()
@@ -281,7 +304,9 @@ impl ActorState {
         let conn = &self.conn.as_ref().expect("checked").conn;
         let dom = match conn.lookup_domain_by_uuid_string(&s.uuid) {
             Ok(d) => d,
-            Err(e) if is_no_domain(&e) => return CommandResult { id: id.into(), ok: true, outcome: "already".into(), ..Default::default() },
+            Err(e) if is_no_domain(&e) => {
+                return CommandResult { id: id.into(), ok: true, outcome: "already".into(), ..Default::default() };
+            }
             Err(e) => return fail(id, format!("looking up {} failed: {}", s.uuid, e.message())),
         };
         // Anything but shut off may hold a qemu process and the disks
@@ -289,9 +314,17 @@ impl ActorState {
         // state that cannot be read is destroyed too.
         match read_guest(&dom) {
             Ok(g) if !holds_disk(g.state) => {
-                return CommandResult { id: id.into(), ok: true, outcome: "already".into(), guest: Some(g), ..Default::default() };
+                return CommandResult {
+                    id: id.into(),
+                    ok: true,
+                    outcome: "already".into(),
+                    guest: Some(g),
+                    ..Default::default()
+                };
             }
-            Err(e) if is_no_domain(&e) => return CommandResult { id: id.into(), ok: true, outcome: "already".into(), ..Default::default() },
+            Err(e) if is_no_domain(&e) => {
+                return CommandResult { id: id.into(), ok: true, outcome: "already".into(), ..Default::default() };
+            }
             _ => {}
         }
         match destroy_and_confirm(&dom, &s.uuid) {
@@ -307,7 +340,9 @@ impl ActorState {
         let conn = &self.conn.as_ref().expect("checked").conn;
         let dom = match conn.lookup_domain_by_uuid_string(&c.uuid) {
             Ok(d) => d,
-            Err(e) if is_no_domain(&e) => return CommandResult { id: id.into(), ok: true, outcome: "already".into(), ..Default::default() },
+            Err(e) if is_no_domain(&e) => {
+                return CommandResult { id: id.into(), ok: true, outcome: "already".into(), ..Default::default() };
+            }
             Err(e) => return fail(id, format!("looking up {} failed: {}", c.uuid, e.message())),
         };
         let g = match read_guest(&dom) {
@@ -315,7 +350,10 @@ impl ActorState {
             Err(e) => return fail(id, format!("reading {} failed: {}", c.uuid, e.message())),
         };
         if g.name != c.name {
-            return fail(id, format!("guest {} is named '{}' here, not '{}'; refusing to remove it", c.uuid, g.name, c.name));
+            return fail(
+                id,
+                format!("guest {} is named '{}' here, not '{}'; refusing to remove it", c.uuid, g.name, c.name),
+            );
         }
         if holds_disk(g.state) {
             if !c.destroy_running {
@@ -367,7 +405,8 @@ const CLEANUP_UNDEFINE: sys::virDomainUndefineFlagsValues = sys::VIR_DOMAIN_UNDE
 
 /// The fallback for drivers that reject those flags: no NVRAM flag at all
 /// (then libvirt refuses a guest that has NVRAM rather than removing it).
-const CLEANUP_UNDEFINE_BASIC: sys::virDomainUndefineFlagsValues = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+const CLEANUP_UNDEFINE_BASIC: sys::virDomainUndefineFlagsValues =
+    sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
 
 /// A guest's state as the operator sees it (`PMSUSPENDED (unknown)`).
 fn state_name(g: &Guest) -> String {
@@ -412,7 +451,13 @@ fn start_guest(conn: &virt::connect::Connect, id: &str, s: StartGuest) -> Comman
         Err(e) => return fail(id, format!("reading guest {} failed: {}", s.uuid, e.message())),
     };
     if before.state == GuestState::Running as i32 {
-        return CommandResult { id: id.into(), ok: true, outcome: "already".into(), guest: Some(before), ..Default::default() };
+        return CommandResult {
+            id: id.into(),
+            ok: true,
+            outcome: "already".into(),
+            guest: Some(before),
+            ..Default::default()
+        };
     }
     if let Err(e) = dom.create() {
         return fail(id, format!("starting {} failed: {}", before.name, e.message()));

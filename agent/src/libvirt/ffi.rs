@@ -107,7 +107,8 @@ pub fn all_states(conn: &Connect) -> Result<BTreeMap<String, (i32, i32)>, virt::
     let mut recs: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
     // SAFETY: conn is alive; libvirt allocates the NULL-terminated record
     // list, freed below with virDomainStatsRecordListFree.
-    let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), sys::VIR_DOMAIN_STATS_STATE as c_uint, &mut recs, 0) };
+    let n =
+        unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), sys::VIR_DOMAIN_STATS_STATE as c_uint, &mut recs, 0) };
     if n < 0 {
         return Err(virt::error::Error::last_error());
     }

@@ -129,7 +129,12 @@ impl Actor {
         if self.tx.send(Request::Command(cmd, tx)).is_err() {
             return CommandResult { id, ok: false, error: "libvirt actor stopped".into(), ..Default::default() };
         }
-        rx.await.unwrap_or_else(|_| CommandResult { id, ok: false, error: "libvirt actor dropped the command".into(), ..Default::default() })
+        rx.await.unwrap_or_else(|_| CommandResult {
+            id,
+            ok: false,
+            error: "libvirt actor dropped the command".into(),
+            ..Default::default()
+        })
     }
 
     /// Stops the thread.
@@ -264,7 +269,9 @@ impl ActorState {
             let watched = self.autostart_watched.load(Ordering::SeqCst);
             let mut wait = if watched { Duration::from_secs(1) } else { self.cfg.autostart_poll };
             if self.conn.is_none() {
-                wait = wait.min(self.next_connect.saturating_duration_since(Instant::now())).max(Duration::from_millis(10));
+                wait = wait
+                    .min(self.next_connect.saturating_duration_since(Instant::now()))
+                    .max(Duration::from_millis(10));
             }
             let mut autostart_event = false;
             match rx.recv_timeout(wait) {
@@ -272,7 +279,11 @@ impl ActorState {
                 Ok(Request::Snapshot) => {
                     self.overflowed = false;
                     self.rescan(false);
-                    let inv = Inventory { host: Some(self.host.clone()), guests: self.known.values().cloned().collect(), more: false };
+                    let inv = Inventory {
+                        host: Some(self.host.clone()),
+                        guests: self.known.values().cloned().collect(),
+                        more: false,
+                    };
                     self.emit(Update::Inventory(inv));
                 }
                 Ok(Request::Command(cmd, reply)) => self.command(cmd, reply),
@@ -469,8 +480,7 @@ impl ActorState {
         let old = std::mem::replace(&mut self.known, fresh);
         if emit_diffs {
             let removed: Vec<Guest> = old.values().filter(|g| !self.known.contains_key(&g.uuid)).cloned().collect();
-            let changed: Vec<Guest> =
-                self.known.values().filter(|g| old.get(&g.uuid) != Some(*g)).cloned().collect();
+            let changed: Vec<Guest> = self.known.values().filter(|g| old.get(&g.uuid) != Some(*g)).cloned().collect();
             for g in removed {
                 self.emit(Update::Removed { uuid: g.uuid, name: g.name });
             }
@@ -598,7 +608,8 @@ fn read_guest_with(d: &Domain, bulk: Option<&Bulk>) -> Result<Guest, virt::error
         managed_save,
         ..Default::default()
     };
-    let flags = if persistent { sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE } else { sys::VIR_DOMAIN_XML_SECURE };
+    let flags =
+        if persistent { sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE } else { sys::VIR_DOMAIN_XML_SECURE };
     match d.xml_desc(flags) {
         Ok(xml) => {
             match domxml::parse(&xml) {

@@ -20,18 +20,47 @@ pub fn guest_state(st: i32) -> GuestState {
 /// The reason's name, as `virsh domstate --reason` prints it.
 pub fn reason_name(st: i32, reason: i32) -> String {
     let names: &[&str] = match st {
-        1 => &["unknown", "booted", "migrated", "restored", "from snapshot", "unpaused", "migration canceled",
-            "save canceled", "event wakeup", "crashed", "post-copy", "post-copy failed"],
-        3 => &["unknown", "user", "migrating", "saving", "dumping", "I/O error", "watchdog", "from snapshot",
-            "shutting down", "creating snapshot", "crashed", "starting up", "post-copy", "post-copy failed",
-            "api error"],
+        1 => &[
+            "unknown",
+            "booted",
+            "migrated",
+            "restored",
+            "from snapshot",
+            "unpaused",
+            "migration canceled",
+            "save canceled",
+            "event wakeup",
+            "crashed",
+            "post-copy",
+            "post-copy failed",
+        ],
+        3 => &[
+            "unknown",
+            "user",
+            "migrating",
+            "saving",
+            "dumping",
+            "I/O error",
+            "watchdog",
+            "from snapshot",
+            "shutting down",
+            "creating snapshot",
+            "crashed",
+            "starting up",
+            "post-copy",
+            "post-copy failed",
+            "api error",
+        ],
         4 => &["unknown", "user"],
-        5 => &["unknown", "shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from snapshot",
-            "daemon"],
+        5 => &["unknown", "shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from snapshot", "daemon"],
         6 => &["unknown", "panicked"],
         _ => &["unknown"],
     };
-    usize::try_from(reason).ok().and_then(|r| names.get(r)).map(|s| s.to_string()).unwrap_or_else(|| format!("reason {reason}"))
+    usize::try_from(reason)
+        .ok()
+        .and_then(|r| names.get(r))
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| format!("reason {reason}"))
 }
 
 #[cfg(test)]

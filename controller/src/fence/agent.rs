@@ -401,11 +401,21 @@ mod tests {
         for k in ["secret-key", "community", "apikey", "hexadecimal-kg", "token", "password"] {
             assert!(d.contains(&format!(" {k}=***")), "{k}: {d}");
         }
-        assert!(d.contains("ssl-insecure=1") && d.contains("ipport=623") && d.contains("ip=10.0.0.5") && d.contains("username=admin"), "{d}");
+        assert!(
+            d.contains("ssl-insecure=1")
+                && d.contains("ipport=623")
+                && d.contains("ip=10.0.0.5")
+                && d.contains("username=admin"),
+            "{d}"
+        );
         let f = Agent::new("true", &o, &BTreeMap::new(), Duration::from_secs(1), Duration::from_millis(10)).unwrap();
         let mut secrets = f.secrets();
         secrets.sort();
-        assert_eq!(secrets, ["0badc0de", "AKIA123", "hunter2", "public-ish", "sk-live-1", "tok-9"], "agent output is redacted of these");
+        assert_eq!(
+            secrets,
+            ["0badc0de", "AKIA123", "hunter2", "public-ish", "sk-live-1", "tok-9"],
+            "agent output is redacted of these"
+        );
     }
 
     #[test]
@@ -469,7 +479,8 @@ mod tests {
             s = state.display()
         );
         let path = script(dir.path(), &body);
-        let a = Agent::new(&path, &opts(), &BTreeMap::new(), Duration::from_secs(5), Duration::from_millis(50)).unwrap();
+        let a =
+            Agent::new(&path, &opts(), &BTreeMap::new(), Duration::from_secs(5), Duration::from_millis(50)).unwrap();
         let mut log = Vec::new();
         assert_eq!(a.power_state(&mut log).await, PowerState::On);
         assert_eq!(a.power_off(&mut log).await, PowerState::Off);
@@ -483,7 +494,8 @@ mod tests {
     async fn failing_and_hanging_agents_are_unknown() {
         let dir = tempfile::tempdir().unwrap();
         let path = script(dir.path(), "cat >/dev/null; echo 'Failed: Unable to connect' >&2; exit 1");
-        let a = Agent::new(&path, &opts(), &BTreeMap::new(), Duration::from_secs(1), Duration::from_millis(50)).unwrap();
+        let a =
+            Agent::new(&path, &opts(), &BTreeMap::new(), Duration::from_secs(1), Duration::from_millis(50)).unwrap();
         let mut log = Vec::new();
         match a.power_state(&mut log).await {
             PowerState::Unknown(r) => assert!(r.contains("exit code 1") && r.contains("Unable to connect"), "{r}"),
@@ -494,7 +506,8 @@ mod tests {
             s => panic!("{s:?}"),
         }
         let path = script(dir.path(), "sleep 30");
-        let a = Agent::new(&path, &opts(), &BTreeMap::new(), Duration::from_secs(1), Duration::from_millis(50)).unwrap();
+        let a =
+            Agent::new(&path, &opts(), &BTreeMap::new(), Duration::from_secs(1), Duration::from_millis(50)).unwrap();
         let t = Instant::now();
         match a.status(Duration::from_millis(300), &mut log).await {
             PowerState::Unknown(r) => assert!(r.contains("did not finish"), "{r}"),

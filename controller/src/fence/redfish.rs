@@ -127,7 +127,11 @@ pub(crate) fn load_ca(path: &Path) -> Result<Vec<Certificate>, String> {
 /// PoweringOn, PoweringOff and Paused count as On: not (yet) off.
 pub(crate) fn parse_power_state(body: &[u8]) -> Result<(PowerState, String), String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
-        format!("the answer is not JSON ({}): {}", printable(&e.to_string()), printable(&shorten(&String::from_utf8_lossy(body), 120)))
+        format!(
+            "the answer is not JSON ({}): {}",
+            printable(&e.to_string()),
+            printable(&shorten(&String::from_utf8_lossy(body), 120))
+        )
     })?;
     if !v.is_object() {
         return Err(format!("the answer is not a JSON object: {}", printable(&shorten(&v.to_string(), 40))));

@@ -114,7 +114,16 @@ impl Engine {
             .db(|s| s.owners())?
             .into_iter()
             .map(|o| {
-                (o.uuid.clone(), Ownership { host: o.host, generation: o.generation, from_host: o.from_host, complete: o.complete, job: o.job })
+                (
+                    o.uuid.clone(),
+                    Ownership {
+                        host: o.host,
+                        generation: o.generation,
+                        from_host: o.from_host,
+                        complete: o.complete,
+                        job: o.job,
+                    },
+                )
             })
             .collect())
     }
@@ -135,7 +144,13 @@ impl Engine {
             .reg
             .db(|s| s.reservations())?
             .into_iter()
-            .map(|r| plan::Reservation { job: r.job_id, uuid: r.uuid, name: r.name, target: r.target, memory_kib: r.memory_kib })
+            .map(|r| plan::Reservation {
+                job: r.job_id,
+                uuid: r.uuid,
+                name: r.name,
+                target: r.target,
+                memory_kib: r.memory_kib,
+            })
             .collect())
     }
 
@@ -167,12 +182,19 @@ impl Engine {
         let mut hosts = self.reg.host_views_for(&[req.source.as_str()]);
         let t_views = t0.elapsed();
         // The source's guests with their definitions, from the database.
-        let source_guests: Vec<_> =
-            if hosts.iter().any(|h| h.id == req.source) { self.reg.db(|s| s.guests_of(&req.source))? } else { Vec::new() };
+        let source_guests: Vec<_> = if hosts.iter().any(|h| h.id == req.source) {
+            self.reg.db(|s| s.guests_of(&req.source))?
+        } else {
+            Vec::new()
+        };
         let owners = self.owners()?;
         let reservations = self.reservations()?;
         let active_job = self.reg.db(|s| s.active_jobs())?.into_iter().find(|j| j.source == req.source).map(|j| j.id);
-        let power = if hosts.iter().any(|h| h.id == req.source) { self.power_reading(&req.source).await } else { PowerReading::NoBmc };
+        let power = if hosts.iter().any(|h| h.id == req.source) {
+            self.power_reading(&req.source).await
+        } else {
+            PowerReading::NoBmc
+        };
         let mut paths: Vec<String> = source_guests.iter().flat_map(plan::guest_paths).collect();
         paths.sort();
         paths.dedup();
@@ -193,8 +215,14 @@ impl Engine {
         for (h, r) in futures::future::join_all(checks).await {
             let m: BTreeMap<String, plan::PathSeen> = match r {
                 Ok(r) if r.ok => r.paths.into_iter().map(|p| (p.path.clone(), p.into())).collect(),
-                Ok(r) => paths.iter().map(|p| (p.clone(), plan::PathSeen::failed(format!("path check failed: {}", r.error)))).collect(),
-                Err(e) => paths.iter().map(|p| (p.clone(), plan::PathSeen::failed(format!("path check failed: {e}")))).collect(),
+                Ok(r) => paths
+                    .iter()
+                    .map(|p| (p.clone(), plan::PathSeen::failed(format!("path check failed: {}", r.error))))
+                    .collect(),
+                Err(e) => paths
+                    .iter()
+                    .map(|p| (p.clone(), plan::PathSeen::failed(format!("path check failed: {e}"))))
+                    .collect(),
             };
             visibility.insert(h, m);
         }
@@ -218,7 +246,11 @@ impl Engine {
                 .filter_map(|u| {
                     self.reg
                         .job_of(u)
-                        .or_else(|| self.reg.is_quarantined(u).then(|| "the quarantine of one of its database rows (alarm row-quarantined)".to_string()))
+                        .or_else(|| {
+                            self.reg.is_quarantined(u).then(|| {
+                                "the quarantine of one of its database rows (alarm row-quarantined)".to_string()
+                            })
+                        })
                         .map(|j| (u.clone(), j))
                 })
                 .collect(),
@@ -249,7 +281,9 @@ impl Engine {
     /// the plan is still executable and its id matches.
     pub async fn start(self: &Arc<Self>, req: MigrateRequest, operator: &str) -> Result<JobRecord, ControllerError> {
         if let Some(why) = self.reg.restore_hold() {
-            return Err(ControllerError::Refused(format!("no job starts now ({why}); nothing was changed: try again when it has passed")));
+            return Err(ControllerError::Refused(format!(
+                "no job starts now ({why}); nothing was changed: try again when it has passed"
+            )));
         }
         // Until the job is written (or refused): a concurrent start plans
         // against this job's reservations, never the same free memory.
@@ -336,14 +370,22 @@ impl Engine {
             if left_behind.is_empty() {
                 String::new()
             } else {
-                format!("; {} left behind: {}", left_behind.len(), left_behind.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "))
+                format!(
+                    "; {} left behind: {}",
+                    left_behind.len(),
+                    left_behind.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                )
             }
         );
         let (carried, left) = (moves.len(), left_behind.len());
         moves.extend(left_behind);
-        self.reg.db(|s| s.create_job(&job, &moves, &audit(operator, "migrate.requested", &req.source, "", &id, detail)))?;
+        self.reg
+            .db(|s| s.create_job(&job, &moves, &audit(operator, "migrate.requested", &req.source, "", &id, detail)))?;
         // Only the guests the job carries: those left behind stay the reconciler's.
-        self.reg.set_in_job(&id, &moves[..carried].iter().map(|m| (m.uuid.clone(), m.source.clone(), m.target.clone())).collect::<Vec<_>>());
+        self.reg.set_in_job(
+            &id,
+            &moves[..carried].iter().map(|m| (m.uuid.clone(), m.source.clone(), m.target.clone())).collect::<Vec<_>>(),
+        );
         info!(job = %id, source = %req.source, operator, guests = carried, left_behind = left, "forced migration job created");
         let me = self.clone();
         let jid = id.clone();
@@ -368,7 +410,10 @@ impl Engine {
                 while me.reg.hold(crate::now_ms()).is_some() {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                let detail = format!("resumed in state {state} after a {} ms startup grace for agents to reconnect", grace.as_millis());
+                let detail = format!(
+                    "resumed in state {state} after a {} ms startup grace for agents to reconnect",
+                    grace.as_millis()
+                );
                 let _ = me.reg.db(|s| s.audit(&audit("controller", "job.resumed", &source, "", &id, detail)));
                 me.run(id).await
             });
@@ -379,7 +424,8 @@ impl Engine {
     /// A job and its moves, for the API.
     pub fn job_record(&self, id: &str) -> Result<JobRecord, ControllerError> {
         let (job, moves) = self.reg.db(|s| -> Result<_, StoreError> { Ok((s.job(id)?, s.job_moves(id)?)) })?;
-        let job = job.ok_or_else(|| ControllerError::NotFound(format!("unknown job '{id}' (see `lifeboat jobs list`)")))?;
+        let job =
+            job.ok_or_else(|| ControllerError::NotFound(format!("unknown job '{id}' (see `lifeboat jobs list`)")))?;
         Ok(self.with_paused(to_record(job, moves)))
     }
 
@@ -449,7 +495,12 @@ impl Engine {
                         }
                     };
                     self.pause(&id, began, &e);
-                    let alarmed = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).get(&id).is_some_and(|b| b.2.is_some());
+                    let alarmed = self
+                        .pause_began
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&id)
+                        .is_some_and(|b| b.2.is_some());
                     if !alarmed && !is_write_error(&e) {
                         let detail = format!(
                             "job {id} is paused: a database record it needs cannot be used ({e}); it retries by itself \
@@ -473,9 +524,12 @@ impl Engine {
     /// A write of the job succeeded: if it was paused, it is no longer,
     /// and the resume is audited (tried; a failure is only logged).
     fn progressed(&self, id: &str, source: &str) {
-        let Some((since_ms, t0, alarm)) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).remove(id) else { return };
+        let Some((since_ms, t0, alarm)) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).remove(id) else {
+            return;
+        };
         if let Some(detail) = alarm
-            && let Err(e) = self.reg.clear_alarm_by_cause(source, JOB_PAUSED, &detail, &format!("job {id} made progress again"))
+            && let Err(e) =
+                self.reg.clear_alarm_by_cause(source, JOB_PAUSED, &detail, &format!("job {id} made progress again"))
         {
             warn!(job = %id, "clearing the job-paused alarm failed: {e}");
         }
@@ -531,7 +585,14 @@ impl Engine {
                             )
                         };
                         warn!(job = %id, "{msg}");
-                        self.end_job(&job, JobState::Failed, &msg, audit("controller", "job.failed", &job.source, "", id, msg.clone()), &waiting, &[])?;
+                        self.end_job(
+                            &job,
+                            JobState::Failed,
+                            &msg,
+                            audit("controller", "job.failed", &job.source, "", id, msg.clone()),
+                            &waiting,
+                            &[],
+                        )?;
                     }
                 },
                 JobState::Moving => {
@@ -561,7 +622,10 @@ impl Engine {
                             error: &m.error,
                             target: &m.target,
                             waits: waiting.iter().any(|w| w.uuid == m.uuid),
-                            unfinished: waiting.iter().find(|w| w.uuid == m.uuid).and_then(crate::waiting::unfinished_target),
+                            unfinished: waiting
+                                .iter()
+                                .find(|w| w.uuid == m.uuid)
+                                .and_then(crate::waiting::unfinished_target),
                         })
                         .collect();
                     let talking = job.kind == "migrate" && self.reg.is_reachable(&job.source);
@@ -580,9 +644,19 @@ impl Engine {
                         }
                     }
                     info!(job = %id, "{detail}");
-                    let moved: Vec<String> =
-                        moves.iter().filter(|m| m.state.parse::<MoveState>().is_ok_and(|s| s.is_success())).map(|m| m.uuid.clone()).collect();
-                    let a = audit("controller", &format!("job.{}", to.as_str().to_lowercase()), &job.source, "", id, detail);
+                    let moved: Vec<String> = moves
+                        .iter()
+                        .filter(|m| m.state.parse::<MoveState>().is_ok_and(|s| s.is_success()))
+                        .map(|m| m.uuid.clone())
+                        .collect();
+                    let a = audit(
+                        "controller",
+                        &format!("job.{}", to.as_str().to_lowercase()),
+                        &job.source,
+                        "",
+                        id,
+                        detail,
+                    );
                     self.end_job(&job, to, &msg, a, &waiting, &moved)?;
                 }
                 JobState::Succeeded | JobState::Partial | JobState::Failed => return Ok(()),
@@ -595,7 +669,8 @@ impl Engine {
     /// not moved, untouched) has nothing to wait for; a silent source's
     /// last report proves nothing.
     fn waiting_rows(&self, moves: &[MoveRow]) -> Vec<WaitingRow> {
-        let rows = crate::waiting::rows_for_job(moves, |u| self.reg.desired_of(u), |u| self.reg.owner_row(u), crate::now_ms());
+        let rows =
+            crate::waiting::rows_for_job(moves, |u| self.reg.desired_of(u), |u| self.reg.owner_row(u), crate::now_ms());
         let uuids: Vec<String> = rows.iter().map(|w| w.uuid.clone()).collect();
         if uuids.is_empty() {
             return rows;
@@ -613,12 +688,19 @@ impl Engine {
         let moves = self.reg.db(|s| s.moves(&job.id))?;
         let on_source = self.reg.list_guests(Some(&job.source), None, false).unwrap_or_default();
         let stopped = |uuid: &str| {
-            on_source.iter().filter_map(|r| r.guest.as_ref()).any(|g| g.uuid == uuid && !lifeboat_proto::holds_disk(g.state))
+            on_source
+                .iter()
+                .filter_map(|r| r.guest.as_ref())
+                .any(|g| g.uuid == uuid && !lifeboat_proto::holds_disk(g.state))
         };
         let failed: Vec<MoveRow> = moves
             .into_iter()
             .filter(|m| m.start && stopped(&m.uuid))
-            .map(|m| MoveRow { state: MoveState::Failed.as_str().into(), error: format!("stopped for planned move job {} that failed", job.id), ..m })
+            .map(|m| MoveRow {
+                state: MoveState::Failed.as_str().into(),
+                error: format!("stopped for planned move job {} that failed", job.id),
+                ..m
+            })
             .collect();
         Ok(self.waiting_rows(&failed))
     }
@@ -627,7 +709,15 @@ impl Engine {
     /// resumes the job, and raises nothing twice), then the job's state and
     /// its waiting guests in one transaction, then the alarms of the guests
     /// it moved, which no longer wait.
-    fn end_job(&self, job: &JobRow, to: JobState, error: &str, a: AuditRow, waiting: &[WaitingRow], moved: &[String]) -> Result<(), StoreError> {
+    fn end_job(
+        &self,
+        job: &JobRow,
+        to: JobState,
+        error: &str,
+        a: AuditRow,
+        waiting: &[WaitingRow],
+        moved: &[String],
+    ) -> Result<(), StoreError> {
         let from: JobState = job.state.parse().unwrap_or(JobState::Failed);
         if !from.valid_transition(to) {
             warn!(job = %job.id, %from, %to, "refusing an invalid job transition");
@@ -651,7 +741,14 @@ impl Engine {
 
     fn audit_bmc(&self, job: &JobRow, events: &[FenceEvent]) -> Result<(), StoreError> {
         for e in events {
-            let mut a = audit("controller", "bmc.exchange", &job.source, "", &job.id, format!("request: {} | answer: {}", e.request, e.answer));
+            let mut a = audit(
+                "controller",
+                "bmc.exchange",
+                &job.source,
+                "",
+                &job.id,
+                format!("request: {} | answer: {}", e.request, e.answer),
+            );
             a.at_ms = e.at_ms;
             self.reg.db(|s| s.audit(&a))?;
         }
@@ -670,14 +767,29 @@ impl Engine {
         for m in &moves {
             self.refuse_if_quarantined(m)?;
         }
-        let keep: Vec<Lease> =
-            self.reg.lease_set(&job.source).into_iter().map(|(uuid, name, generation)| Lease { uuid, name, generation }).collect();
+        let keep: Vec<Lease> = self
+            .reg
+            .lease_set(&job.source)
+            .into_iter()
+            .map(|(uuid, name, generation)| Lease { uuid, name, generation })
+            .collect();
         let now = crate::now_ms();
-        let grant = GrantLeases { leases: keep, expires_unix_ms: now + self.lease_ttl_ms, merge: false, issued_unix_ms: now };
+        let grant =
+            GrantLeases { leases: keep, expires_unix_ms: now + self.lease_ttl_ms, merge: false, issued_unix_ms: now };
         match self.reg.call(&job.source, Kind::GrantLeases(grant), self.call_timeout).await {
             Ok(r) if r.ok => {}
-            Ok(r) => return Ok(Err(format!("revoking the moved guests' leases on {} failed: {}; nothing was stopped", job.source, r.error))),
-            Err(e) => return Ok(Err(format!("revoking the moved guests' leases on {} failed: {e}; nothing was stopped", job.source))),
+            Ok(r) => {
+                return Ok(Err(format!(
+                    "revoking the moved guests' leases on {} failed: {}; nothing was stopped",
+                    job.source, r.error
+                )));
+            }
+            Err(e) => {
+                return Ok(Err(format!(
+                    "revoking the moved guests' leases on {} failed: {e}; nothing was stopped",
+                    job.source
+                )));
+            }
         }
         for m in &moves {
             if let Some(why) = self.moved_on(m) {
@@ -685,7 +797,16 @@ impl Engine {
             }
             match self.stop_confirmed(&job.source, m, &job.id).await {
                 Ok(outcome) => {
-                    self.reg.db(|s| s.audit(&audit("controller", "guest.stopped_for_move", &job.source, &m.name, &job.id, format!("{} stopped on {} ({outcome})", m.name, job.source))))?;
+                    self.reg.db(|s| {
+                        s.audit(&audit(
+                            "controller",
+                            "guest.stopped_for_move",
+                            &job.source,
+                            &m.name,
+                            &job.id,
+                            format!("{} stopped on {} ({outcome})", m.name, job.source),
+                        ))
+                    })?;
                 }
                 Err(e) => return Ok(Err(e)),
             }
@@ -776,7 +897,16 @@ impl Engine {
         if st != PowerState::Off && job.power_evidence == "bmc-fence" {
             self.audit_bmc(job, &log)?;
             log.clear();
-            self.reg.db(|s| s.audit(&audit("controller", "bmc.power_off", &job.source, "", &job.id, format!("ForceOff requested; waiting up to {:?} for Off", f.off_timeout()))))?;
+            self.reg.db(|s| {
+                s.audit(&audit(
+                    "controller",
+                    "bmc.power_off",
+                    &job.source,
+                    "",
+                    &job.id,
+                    format!("ForceOff requested; waiting up to {:?} for Off", f.off_timeout()),
+                ))
+            })?;
             let started = std::time::Instant::now();
             st = f.power_off(&mut log).await;
             t.fence_seconds.observe(started.elapsed().as_secs_f64());
@@ -785,12 +915,23 @@ impl Engine {
         self.audit_bmc(job, &log)?;
         match st {
             PowerState::Off => {
-                self.reg.db(|s| s.audit(&audit("controller", "power.confirmed_off", &job.source, "", &job.id, format!("{}'s BMC reads Off", job.source))))?;
+                self.reg.db(|s| {
+                    s.audit(&audit(
+                        "controller",
+                        "power.confirmed_off",
+                        &job.source,
+                        "",
+                        &job.id,
+                        format!("{}'s BMC reads Off", job.source),
+                    ))
+                })?;
                 self.declare_offline(job)?;
                 Ok(Ok(()))
             }
             PowerState::On => Ok(Err(format!("{}'s BMC still reads On: power-off not confirmed", job.source))),
-            PowerState::Unknown(why) => Ok(Err(format!("{}'s power state is UNKNOWN ({why}): power-off not confirmed", job.source))),
+            PowerState::Unknown(why) => {
+                Ok(Err(format!("{}'s power state is UNKNOWN ({why}): power-off not confirmed", job.source)))
+            }
         }
     }
 
@@ -813,7 +954,12 @@ impl Engine {
     /// has passed: every step is idempotent on the agent ("already").
     /// With `guard` (a start: the move and whether it is planned), the
     /// start's checks run again before every resend (see [`Engine::start_refusal`]).
-    async fn call_target(&self, host: &str, kind: Kind, guard: Option<(&MoveRow, bool)>) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
+    async fn call_target(
+        &self,
+        host: &str,
+        kind: Kind,
+        guard: Option<(&MoveRow, bool)>,
+    ) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
         let deadline = tokio::time::Instant::now() + SESSION_WAIT;
         let mut last = String::from("no agent session");
         let mut sent = false;
@@ -821,8 +967,13 @@ impl Engine {
             if self.reg.has_session(host) {
                 // The world may have changed while the session was down: a
                 // resent start meets the same checks as the first one.
-                if sent && let Some((m, planned)) = guard && let Some(why) = self.start_refusal(m, planned).await {
-                    return Err(ControllerError::Refused(format!("not sending the start again on {host}'s new session: {why}")));
+                if sent
+                    && let Some((m, planned)) = guard
+                    && let Some(why) = self.start_refusal(m, planned).await
+                {
+                    return Err(ControllerError::Refused(format!(
+                        "not sending the start again on {host}'s new session: {why}"
+                    )));
                 }
                 sent = true;
                 match self.reg.call(host, kind.clone(), self.call_timeout).await {
@@ -867,7 +1018,14 @@ impl Engine {
         })
     }
 
-    fn set_move(&self, m: &mut MoveRow, to: MoveState, error: &str, owner: Option<OwnerRow>, a: Option<AuditRow>) -> Result<(), StoreError> {
+    fn set_move(
+        &self,
+        m: &mut MoveRow,
+        to: MoveState,
+        error: &str,
+        owner: Option<OwnerRow>,
+        a: Option<AuditRow>,
+    ) -> Result<(), StoreError> {
         let from: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
         if !from.valid_transition(to) {
             warn!(job = %m.job_id, guest = %m.name, %from, %to, "refusing an invalid move transition");
@@ -886,7 +1044,11 @@ impl Engine {
     /// Grants the target the guest's start lease (merged: revokes nothing),
     /// then starts it: the target's start guard refuses a managed guest
     /// without a lease.
-    async fn lease_then_start(&self, m: &MoveRow, planned: bool) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
+    async fn lease_then_start(
+        &self,
+        m: &MoveRow,
+        planned: bool,
+    ) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
         let grant = crate::reconcile::merged_lease(&m.uuid, &m.name, m.generation, self.lease_ttl_ms);
         let r = self.call_target(&m.target, Kind::GrantLeases(grant), Some((m, planned))).await?;
         if !r.ok {
@@ -922,11 +1084,15 @@ impl Engine {
             match state {
                 MoveState::Pending => {
                     if !planned && self.reg.is_reachable(&m.source) {
-                        let msg = format!("{} is talking to the controller again; not defining {} elsewhere", m.source, m.name);
+                        let msg = format!(
+                            "{} is talking to the controller again; not defining {} elsewhere",
+                            m.source, m.name
+                        );
                         self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                         continue;
                     }
-                    let detail = format!("{} ({}) {} -> {}, generation {}", m.name, m.uuid, m.source, m.target, m.generation);
+                    let detail =
+                        format!("{} ({}) {} -> {}, generation {}", m.name, m.uuid, m.source, m.target, m.generation);
                     let owner = self.owner(&m, false);
                     self.set_move(&mut m, MoveState::Defining, "", Some(owner), a("move.recorded", detail))?;
                 }
@@ -938,7 +1104,10 @@ impl Engine {
                     });
                     match self.call_target(&m.target, kind, None).await {
                         Ok(r) if r.ok => {
-                            let detail = format!("defined {} ({}) on {} ({}), autostart off, owner generation {}", m.name, m.uuid, m.target, r.outcome, m.generation);
+                            let detail = format!(
+                                "defined {} ({}) on {} ({}), autostart off, owner generation {}",
+                                m.name, m.uuid, m.target, r.outcome, m.generation
+                            );
                             self.set_move(&mut m, MoveState::Defined, "", None, a("guest.defined", detail))?;
                         }
                         Ok(r) => {
@@ -989,7 +1158,10 @@ impl Engine {
                     self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                 }
                 MoveState::Starting if !planned && self.reg.is_reachable(&m.source) => {
-                    let msg = format!("{} is talking to the controller again; not starting {} on {}", m.source, m.name, m.target);
+                    let msg = format!(
+                        "{} is talking to the controller again; not starting {} on {}",
+                        m.source, m.name, m.target
+                    );
                     self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
                 }
                 MoveState::Starting => match self.lease_then_start(&m, planned).await {
@@ -1030,12 +1202,27 @@ impl Engine {
                     // The source is alive: remove its now stale definition right away.
                     let cmd = CleanupGuest { uuid: m.uuid.clone(), name: m.name.clone(), destroy_running: false };
                     let detail = match self.reg.call(&m.source, Kind::CleanupGuest(cmd), self.call_timeout).await {
-                        Ok(r) if r.ok => format!("undefined {} on {} ({}); storage untouched", m.name, m.source, r.outcome),
-                        Ok(r) => format!("undefining {} on {} failed: {}; run `lifeboat cleanup {} --yes`", m.name, m.source, r.error, m.source),
-                        Err(e) => format!("undefining {} on {} failed: {e}; run `lifeboat cleanup {} --yes`", m.name, m.source, m.source),
+                        Ok(r) if r.ok => {
+                            format!("undefined {} on {} ({}); storage untouched", m.name, m.source, r.outcome)
+                        }
+                        Ok(r) => format!(
+                            "undefining {} on {} failed: {}; run `lifeboat cleanup {} --yes`",
+                            m.name, m.source, r.error, m.source
+                        ),
+                        Err(e) => format!(
+                            "undefining {} on {} failed: {e}; run `lifeboat cleanup {} --yes`",
+                            m.name, m.source, m.source
+                        ),
                     };
                     let ok = detail.starts_with("undefined");
-                    let row = audit("controller", if ok { "cleanup.removed" } else { "cleanup.failed" }, &m.source, &m.name, &m.job_id, detail.clone());
+                    let row = audit(
+                        "controller",
+                        if ok { "cleanup.removed" } else { "cleanup.failed" },
+                        &m.source,
+                        &m.name,
+                        &m.job_id,
+                        detail.clone(),
+                    );
                     if ok {
                         self.reg.db(|s| s.mark_cleaned(&m.job_id, &m.uuid, &row))?;
                     } else {
@@ -1043,7 +1230,9 @@ impl Engine {
                     }
                     return Ok(());
                 }
-                MoveState::Running | MoveState::DefinedStopped | MoveState::Failed | MoveState::NotMoved => return Ok(()),
+                MoveState::Running | MoveState::DefinedStopped | MoveState::Failed | MoveState::NotMoved => {
+                    return Ok(());
+                }
             }
         }
     }
@@ -1128,7 +1317,10 @@ fn not_moved_row(job: &str, source: &str, gp: &lifeboat_proto::v1::GuestPlan, no
     let mut error = if gp.reason.is_empty() { "the plan could not move it".to_string() } else { gp.reason.clone() };
     if !failed.is_empty() {
         let more = failed.len().saturating_sub(REASON_CHECKS);
-        error = format!("{error}; failed checks: {}", failed.into_iter().take(REASON_CHECKS).collect::<Vec<_>>().join("; "));
+        error = format!(
+            "{error}; failed checks: {}",
+            failed.into_iter().take(REASON_CHECKS).collect::<Vec<_>>().join("; ")
+        );
         if more > 0 {
             error.push_str(&format!("; and {more} more"));
         }
@@ -1173,7 +1365,8 @@ mod tests {
             operator: "olga".into(),
             plan_id: "p".into(),
             power_evidence: "attestation".into(),
-            request: MigrateRequest { source: source.into(), attest_reason: "unplugged".into(), ..Default::default() }.encode_to_vec(),
+            request: MigrateRequest { source: source.into(), attest_reason: "unplugged".into(), ..Default::default() }
+                .encode_to_vec(),
             parallel: 1,
             created_ms: 1,
             updated_ms: 1,
@@ -1194,13 +1387,20 @@ mod tests {
     #[tokio::test]
     async fn a_job_pauses_on_a_database_write_error_shows_why_and_resumes_by_itself() {
         let (reg, engine) = new_engine();
-        reg.db(|s| s.create_job(&job_row("mig-p", "migrate", "host-a"), &[], &audit("olga", "migrate.requested", "host-a", "", "mig-p", "")))
-            .unwrap();
+        reg.db(|s| {
+            s.create_job(
+                &job_row("mig-p", "migrate", "host-a"),
+                &[],
+                &audit("olga", "migrate.requested", "host-a", "", "mig-p", ""),
+            )
+        })
+        .unwrap();
         // SQLite refuses every write, as on a full disk.
         reg.db(|s| s.set_read_only(true)).unwrap();
         let mut changes = engine.subscribe();
         tokio::spawn(engine.clone().run("mig-p".into()));
-        let paused = until("the pause", || Some(engine.job_record("mig-p").unwrap().paused).filter(|p| !p.is_empty())).await;
+        let paused =
+            until("the pause", || Some(engine.job_record("mig-p").unwrap().paused).filter(|p| !p.is_empty())).await;
         assert!(paused.starts_with("paused since 20"), "{paused}");
         assert!(paused.contains("cannot be written") && paused.contains("readonly"), "{paused}");
         assert_eq!(changes.try_recv().unwrap(), "mig-p", "watchers are told of the pause");
@@ -1212,9 +1412,21 @@ mod tests {
         assert_eq!(engine.job_record("mig-p").unwrap().paused, paused);
 
         reg.db(|s| s.set_read_only(false)).unwrap();
-        let r = until("the job's end", || Some(engine.job_record("mig-p").unwrap()).filter(|r| r.state != "CREATED" && r.state != "FENCING" && r.state != "MOVING")).await;
+        let r = until("the job's end", || {
+            Some(engine.job_record("mig-p").unwrap())
+                .filter(|r| r.state != "CREATED" && r.state != "FENCING" && r.state != "MOVING")
+        })
+        .await;
         assert_eq!(r.paused, "", "no longer paused");
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter { job: Some("mig-p".into()), limit: Some(100), ..Default::default() })).unwrap();
+        let log = reg
+            .db(|s| {
+                s.read_audit(&crate::store::AuditFilter {
+                    job: Some("mig-p".into()),
+                    limit: Some(100),
+                    ..Default::default()
+                })
+            })
+            .unwrap();
         let unpaused: Vec<_> = log.iter().filter(|a| a.action == "job.unpaused").collect();
         assert_eq!(unpaused.len(), 1, "{log:?}");
         assert!(unpaused[0].detail.contains("database writes succeed again"), "{}", unpaused[0].detail);
@@ -1227,7 +1439,8 @@ mod tests {
         let (reg, engine) = new_engine();
         let mut row = job_row("mig-c", "migrate", "host-a");
         row.state = JobState::Moving.as_str().into();
-        reg.db(|s| s.create_job(&row, &[starting_move("mig-c")], &audit("olga", "x", "host-a", "", "mig-c", ""))).unwrap();
+        reg.db(|s| s.create_job(&row, &[starting_move("mig-c")], &audit("olga", "x", "host-a", "", "mig-c", "")))
+            .unwrap();
         reg.db(|s| s.execute_raw("UPDATE moves SET memory_kib = -5 WHERE job_id = 'mig-c'")).unwrap();
         tokio::spawn(engine.clone().run("mig-c".into()));
         // `jobs show` cannot read the job either; the pause is kept for it.
@@ -1235,21 +1448,32 @@ mod tests {
         assert!(paused.contains("cannot be used"), "{paused}");
         // Retries at 0.5, 1.5, 3.5 s: three of them, no resume among them.
         tokio::time::sleep(Duration::from_millis(4000)).await;
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+        let log =
+            reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
         let unpaused = log.iter().filter(|a| a.action == "job.unpaused").count();
         assert_eq!(unpaused, 0, "nothing resumed: {log:?}");
         let alarms: Vec<_> = log.iter().filter(|a| a.action == "alarm.job-paused").collect();
         assert_eq!(alarms.len(), 1, "one alarm: {log:?}");
         assert_eq!(alarms[0].host, "host-a");
-        assert!(alarms[0].detail.contains("mig-c") && alarms[0].detail.contains("out of range"), "{}", alarms[0].detail);
+        assert!(
+            alarms[0].detail.contains("mig-c") && alarms[0].detail.contains("out of range"),
+            "{}",
+            alarms[0].detail
+        );
         assert_eq!(reg.db(|s| s.job("mig-c")).unwrap().unwrap().state, "MOVING");
         assert!(engine.paused.lock().unwrap().contains_key("mig-c"), "still paused");
 
         // The row is repaired (here: the move had failed): the job ends, the
         // resume is audited once and the alarm is cleared by its cause.
-        reg.db(|s| s.execute_raw("UPDATE moves SET memory_kib = 1, state = 'FAILED', error = 'start failed' WHERE job_id = 'mig-c'")).unwrap();
+        reg.db(|s| {
+            s.execute_raw(
+                "UPDATE moves SET memory_kib = 1, state = 'FAILED', error = 'start failed' WHERE job_id = 'mig-c'",
+            )
+        })
+        .unwrap();
         until("the job's end", || reg.db(|s| s.job("mig-c")).unwrap().filter(|j| j.state != "MOVING")).await;
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+        let log =
+            reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
         assert_eq!(log.iter().filter(|a| a.action == "job.unpaused").count(), 1, "{log:?}");
         assert!(!reg.active_alarms().iter().any(|a| a.1 == JOB_PAUSED), "{:?}", reg.active_alarms());
         assert!(!engine.paused.lock().unwrap().contains_key("mig-c"), "no longer paused");
@@ -1270,7 +1494,8 @@ mod tests {
                 let (tx, mut rx) = tokio::sync::mpsc::channel(16);
                 let sid = reg.open_session(&host, "boot", tx).unwrap();
                 let info = lifeboat_proto::v1::HostInfo { host_id: host.clone(), ..Default::default() };
-                reg.apply_inventory(&host, sid, Inventory { host: Some(info), guests: guests.clone(), more: false }).unwrap();
+                reg.apply_inventory(&host, sid, Inventory { host: Some(info), guests: guests.clone(), more: false })
+                    .unwrap();
                 let Some(heard) = reg.heard_cell(&host, sid) else { return };
                 heard.store(crate::now_ms(), std::sync::atomic::Ordering::Relaxed);
                 loop {
@@ -1295,7 +1520,14 @@ mod tests {
 
     /// Writes a forced-migration job of host-a carrying the one move `m`.
     fn record_job(reg: &Registry, id: &str, m: &MoveRow) {
-        reg.db(|s| s.create_job(&job_row(id, "migrate", "host-a"), std::slice::from_ref(m), &audit("olga", "x", "", "", id, ""))).unwrap();
+        reg.db(|s| {
+            s.create_job(
+                &job_row(id, "migrate", "host-a"),
+                std::slice::from_ref(m),
+                &audit("olga", "x", "", "", id, ""),
+            )
+        })
+        .unwrap();
     }
 
     fn starting_move(job: &str) -> MoveRow {
@@ -1336,7 +1568,9 @@ mod tests {
         let mut starts = 0;
         let answered = g.clone();
         let _agent = fake_agent(reg.clone(), "host-b", vec![g.clone()], move |k| match k {
-            Kind::GrantLeases(_) => Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() }),
+            Kind::GrantLeases(_) => {
+                Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() })
+            }
             Kind::StartGuest(_) => {
                 starts += 1;
                 // The first start's answer is lost with its session.
@@ -1363,9 +1597,15 @@ mod tests {
         let (reg, engine) = new_engine();
         let m = starting_move("mig-r");
         record_job(&reg, "mig-r", &m);
-        let ok = |_: &Kind| Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() });
+        let ok = |_: &Kind| {
+            Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() })
+        };
         let refuse = move |k: &Kind| match k {
-            Kind::StartGuest(_) => Some(lifeboat_proto::v1::CommandResult { ok: false, error: "verifying vm-1 failed: timeout".into(), ..Default::default() }),
+            Kind::StartGuest(_) => Some(lifeboat_proto::v1::CommandResult {
+                ok: false,
+                error: "verifying vm-1 failed: timeout".into(),
+                ..Default::default()
+            }),
             k => ok(k),
         };
         let _agent = fake_agent(reg.clone(), "host-b", vec![running_there(&m)], refuse).await;
@@ -1373,8 +1613,20 @@ mod tests {
         engine.run_move(m.clone(), "olga", false).await.unwrap();
         let row = reg.db(|s| s.moves("mig-r")).unwrap().remove(0);
         assert_eq!(row.state, "RUNNING", "{}", row.error);
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter { job: Some("mig-r".into()), limit: Some(100), ..Default::default() })).unwrap();
-        assert!(log.iter().any(|a| a.action == "guest.running" && a.detail.contains("reports it running at owner generation 3")), "{log:?}");
+        let log = reg
+            .db(|s| {
+                s.read_audit(&crate::store::AuditFilter {
+                    job: Some("mig-r".into()),
+                    limit: Some(100),
+                    ..Default::default()
+                })
+            })
+            .unwrap();
+        assert!(
+            log.iter()
+                .any(|a| a.action == "guest.running" && a.detail.contains("reports it running at owner generation 3")),
+            "{log:?}"
+        );
 
         // Another generation running there is not this move's start: FAILED.
         let (reg, engine) = new_engine();
@@ -1398,17 +1650,25 @@ mod tests {
         reg.db(|s| s.create_job(&row, std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-u", ""))).unwrap();
         // The move recorded host-b as the new owner before it defined the guest there.
         let owner = OwnerRow { complete: false, ..engine.owner(&m, false) };
-        reg.db(|s| s.set_owner(&owner, &audit("controller", "guest.owner_recorded", "host-b", "vm-1", "mig-u", ""))).unwrap();
+        reg.db(|s| s.set_owner(&owner, &audit("controller", "guest.owner_recorded", "host-b", "vm-1", "mig-u", "")))
+            .unwrap();
         reg.refresh_owners().unwrap();
-        let shut = lifeboat_proto::v1::Guest { state: lifeboat_proto::v1::GuestState::Shutoff as i32, ..running_there(&m) };
+        let shut =
+            lifeboat_proto::v1::Guest { state: lifeboat_proto::v1::GuestState::Shutoff as i32, ..running_there(&m) };
         let _agent = fake_agent(reg.clone(), "host-b", vec![shut], |k| match k {
-            Kind::StartGuest(_) => Some(lifeboat_proto::v1::CommandResult { ok: false, error: "boom".into(), ..Default::default() }),
+            Kind::StartGuest(_) => {
+                Some(lifeboat_proto::v1::CommandResult { ok: false, error: "boom".into(), ..Default::default() })
+            }
             _ => Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() }),
         })
         .await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         tokio::spawn(engine.clone().run("mig-u".into()));
-        let r = until("the job's end", || Some(engine.job_record("mig-u").unwrap()).filter(|r| r.state == "FAILED" || r.state == "PARTIAL" || r.state == "SUCCEEDED")).await;
+        let r = until("the job's end", || {
+            Some(engine.job_record("mig-u").unwrap())
+                .filter(|r| r.state == "FAILED" || r.state == "PARTIAL" || r.state == "SUCCEEDED")
+        })
+        .await;
         assert_eq!(r.state, "FAILED", "{r:?}");
         assert!(r.error.contains("unfinished move to host-b"), "{}", r.error);
         assert!(r.error.contains("`lifeboat move --vm vm-1 --from host-a --to host-b --yes`"), "{}", r.error);
@@ -1416,10 +1676,18 @@ mod tests {
         assert_eq!((o.host.as_str(), o.complete), ("host-b", false), "the owner stays as recorded: nobody's");
         let waiting = reg.db(|s| s.waiting()).unwrap();
         assert_eq!(waiting.len(), 1, "listed as waiting");
-        assert!(waiting[0].host == "host-a" && waiting[0].reason.starts_with("unfinished move to host-b (job mig-u): "), "{waiting:?}");
+        assert!(
+            waiting[0].host == "host-a" && waiting[0].reason.starts_with("unfinished move to host-b (job mig-u): "),
+            "{waiting:?}"
+        );
         let alarms = reg.db(|s| s.alarms(false)).unwrap();
-        let (_, _, _, _, detail, _) = alarms.iter().find(|a| a.3 == crate::waiting::GUESTS_WAITING).expect("guests-waiting alarm");
-        assert!(detail.contains("NOT started by itself") && detail.contains("lifeboat move --vm vm-1 --from host-a --to host-b --yes"), "{detail}");
+        let (_, _, _, _, detail, _) =
+            alarms.iter().find(|a| a.3 == crate::waiting::GUESTS_WAITING).expect("guests-waiting alarm");
+        assert!(
+            detail.contains("NOT started by itself")
+                && detail.contains("lifeboat move --vm vm-1 --from host-a --to host-b --yes"),
+            "{detail}"
+        );
         // The reconciler's judgement: never started, never ended while unfinished.
         assert_eq!(crate::waiting::judge(&waiting[0], Some(&o)), crate::waiting::WaitJudgement::Unfinished);
     }
@@ -1443,9 +1711,12 @@ mod tests {
         record_job(&reg, "mig-back", &m);
         let starts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (n, r2) = (starts.clone(), reg.clone());
-        let source_copy = lifeboat_proto::v1::Guest { owner_host: "host-a".into(), owner_generation: 2, ..running_there(&m) };
+        let source_copy =
+            lifeboat_proto::v1::Guest { owner_host: "host-a".into(), owner_generation: 2, ..running_there(&m) };
         let _agent = fake_agent(reg.clone(), "host-b", vec![], move |k| match k {
-            Kind::GrantLeases(_) => Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() }),
+            Kind::GrantLeases(_) => {
+                Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() })
+            }
             Kind::StartGuest(_) => {
                 // While the target's agent is down, the source powers on
                 // and reports its own copy running.
@@ -1495,7 +1766,8 @@ mod tests {
         let path = dir.path().join("lifeboat.db");
         let m = starting_move("mig-q");
         {
-            let reg = Registry::load(crate::store::Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap();
+            let reg =
+                Registry::load(crate::store::Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap();
             let mut row = job_row("mig-q", "migrate", "host-a");
             row.state = JobState::Moving.as_str().into();
             reg.db(|s| s.create_job(&row, std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-q", ""))).unwrap();
@@ -1505,7 +1777,9 @@ mod tests {
             .unwrap()
             .execute("INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES (?1, 'host-c', -4, 'host-b', 'mig-later', 1)", [&m.uuid])
             .unwrap();
-        let reg = Arc::new(Registry::load(crate::store::Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap());
+        let reg = Arc::new(
+            Registry::load(crate::store::Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap(),
+        );
         assert!(reg.is_quarantined(&m.uuid));
         let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();
         let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -1517,14 +1791,26 @@ mod tests {
         .await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         for state in [MoveState::Starting, MoveState::Defining, MoveState::Pending] {
-            let e = engine.run_move(MoveRow { state: state.as_str().into(), ..m.clone() }, "olga", false).await.unwrap_err().to_string();
+            let e = engine
+                .run_move(MoveRow { state: state.as_str().into(), ..m.clone() }, "olga", false)
+                .await
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("quarantine") && e.contains("row-quarantined"), "{e}");
         }
-        let e = engine.fence(&JobRow { kind: "move".into(), ..job_row("mig-q", "move", "host-a") }).await.unwrap_err().to_string();
+        let e = engine
+            .fence(&JobRow { kind: "move".into(), ..job_row("mig-q", "move", "host-a") })
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("quarantine"), "{e}");
         assert!(sent.lock().unwrap().is_empty(), "nothing sent: {:?}", sent.lock().unwrap());
         let row = reg.db(|s| s.moves("mig-q")).unwrap().remove(0);
-        assert_eq!((row.state.as_str(), row.error.as_str()), ("STARTING", ""), "the step was neither carried out nor failed");
+        assert_eq!(
+            (row.state.as_str(), row.error.as_str()),
+            ("STARTING", ""),
+            "the step was neither carried out nor failed"
+        );
         assert!(reg.owner_row(&m.uuid).is_none(), "no owner row written over the quarantined one");
         // The job pauses (as on any record it cannot use), with its alarm.
         tokio::spawn(engine.clone().run("mig-q".into()));
@@ -1536,7 +1822,12 @@ mod tests {
 
     #[test]
     fn a_guest_left_behind_carries_the_plans_reason_and_failed_checks() {
-        let check = |name: &str, ok: bool, detail: &str| Check { name: name.into(), ok, detail: detail.into(), remedy: String::new() };
+        let check = |name: &str, ok: bool, detail: &str| Check {
+            name: name.into(),
+            ok,
+            detail: detail.into(),
+            remedy: String::new(),
+        };
         let gp = GuestPlan {
             uuid: "u".into(),
             name: "vm-local".into(),
@@ -1557,9 +1848,15 @@ mod tests {
         );
         assert_eq!((r.generation, r.definition_xml.as_str(), r.priority, r.source.as_str()), (0, "", 3, "host-a"));
 
-        let many = GuestPlan { checks: (0..12).map(|i| check(&format!("c{i}"), false, "no")).collect(), ..Default::default() };
+        let many =
+            GuestPlan { checks: (0..12).map(|i| check(&format!("c{i}"), false, "no")).collect(), ..Default::default() };
         let r = not_moved_row("mig-1", "host-a", &many, 7);
-        assert!(r.error.starts_with("the plan could not move it; failed checks: c0: no") && r.error.ends_with("c7: no; and 4 more"), "{}", r.error);
+        assert!(
+            r.error.starts_with("the plan could not move it; failed checks: c0: no")
+                && r.error.ends_with("c7: no; and 4 more"),
+            "{}",
+            r.error
+        );
 
         // A guest reporting u64::MAX memory fits nowhere; its row is still written.
         let huge = GuestPlan { uuid: "uh".into(), name: "vm-huge".into(), memory_kib: u64::MAX, ..Default::default() };
@@ -1584,7 +1881,10 @@ mod tests {
         assert!(!already_elsewhere(Some(&own("a", "", true)), "a"), "owned by the source itself");
         assert!(already_elsewhere(Some(&own("b", "a", true)), "a"), "moved away and done");
         assert!(already_elsewhere(Some(&own("b", "c", false)), "a"), "moved from another host");
-        assert!(!already_elsewhere(Some(&own("b", "a", false)), "a"), "an unfinished move off this source is still ours");
+        assert!(
+            !already_elsewhere(Some(&own("b", "a", false)), "a"),
+            "an unfinished move off this source is still ours"
+        );
     }
 }
 

@@ -114,7 +114,10 @@ pub struct Reservation {
 /// move whose guest its target already reports running (its memory is in
 /// the target's running figure then, and must not be counted twice). A
 /// target whose guests are not in `hosts` counts every reservation on it.
-pub fn held_by_reservations<'a>(reservations: &'a [Reservation], hosts: &[HostView]) -> BTreeMap<String, Vec<&'a Reservation>> {
+pub fn held_by_reservations<'a>(
+    reservations: &'a [Reservation],
+    hosts: &[HostView],
+) -> BTreeMap<String, Vec<&'a Reservation>> {
     let mut out: BTreeMap<String, Vec<&Reservation>> = BTreeMap::new();
     for r in reservations {
         let runs_there = hosts
@@ -186,8 +189,23 @@ impl From<PathCheck> for PathSeen {
 /// storage"); the agent reports everything else as `local:` or
 /// `unidentified:`, and a kind not listed here counts as not shared.
 pub const SHARED_STORAGE_KINDS: [&str; 17] = [
-    "marker", "wwn", "scsi", "mpath", "eui", "lvm", "nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "lustre", "beegfs",
-    "gpfs", "gfs2", "ocfs2",
+    "marker",
+    "wwn",
+    "scsi",
+    "mpath",
+    "eui",
+    "lvm",
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "ceph",
+    "glusterfs",
+    "lustre",
+    "beegfs",
+    "gpfs",
+    "gfs2",
+    "ocfs2",
 ];
 
 /// Whether a storage identity (`<kind>:<id>`) names storage that other
@@ -205,7 +223,10 @@ fn on_storage(storage: &str, rel: &str) -> String {
 /// Why the source's report of a disk does not let it move, if it does not.
 fn source_disk_problem(source: &str, d: &Disk) -> Option<String> {
     if d.storage.is_empty() {
-        return Some(format!("{source}'s agent reported no storage identity for {} (an agent older than this check)", d.source));
+        return Some(format!(
+            "{source}'s agent reported no storage identity for {} (an agent older than this check)",
+            d.source
+        ));
     }
     if is_shared_storage(&d.storage) {
         return None;
@@ -216,7 +237,8 @@ fn source_disk_problem(source: &str, d: &Disk) -> Option<String> {
 /// Whether two disks are the same disk: the same path, or the same shared
 /// storage and relative path.
 fn same_disk(a: &Disk, b: &Disk) -> bool {
-    a.source == b.source || (is_shared_storage(&a.storage) && a.storage == b.storage && a.storage_path == b.storage_path)
+    a.source == b.source
+        || (is_shared_storage(&a.storage) && a.storage == b.storage && a.storage_path == b.storage_path)
 }
 
 /// Memory a host can still give to guests: physical memory minus the
@@ -227,7 +249,10 @@ pub fn available_memory_kib(h: &HostView, reserve_kib: u64) -> u64 {
 
 /// Whether a guest in this state holds its memory (running, paused, blocked).
 pub fn is_running(state: i32) -> bool {
-    matches!(GuestState::try_from(state).unwrap_or(GuestState::Unspecified), GuestState::Running | GuestState::Paused | GuestState::Blocked)
+    matches!(
+        GuestState::try_from(state).unwrap_or(GuestState::Unspecified),
+        GuestState::Running | GuestState::Paused | GuestState::Blocked
+    )
 }
 
 /// Memory of the running guests in `guests`, KiB.
@@ -270,12 +295,15 @@ pub fn guest_paths(g: &Guest) -> Vec<String> {
 /// changing where the guests go.
 pub fn visibility_hosts(req: &MigrateRequest, hosts: &[HostView], guests: usize, reserve_kib: u64) -> Vec<String> {
     let limit = VISIBILITY_SAMPLE.max(guests.saturating_add(8));
-    let reachable: Vec<&HostView> = hosts.iter().filter(|h| h.id != req.source && h.liveness == Liveness::Reachable).collect();
+    let reachable: Vec<&HostView> =
+        hosts.iter().filter(|h| h.id != req.source && h.liveness == Liveness::Reachable).collect();
     if reachable.len() <= limit {
         return reachable.into_iter().map(|h| h.id.clone()).collect();
     }
     let mut c = candidates(req, hosts);
-    c.sort_by(|a, b| available_memory_kib(b, reserve_kib).cmp(&available_memory_kib(a, reserve_kib)).then(a.id.cmp(&b.id)));
+    c.sort_by(|a, b| {
+        available_memory_kib(b, reserve_kib).cmp(&available_memory_kib(a, reserve_kib)).then(a.id.cmp(&b.id))
+    });
     c.into_iter().take(limit).map(|h| h.id.clone()).collect()
 }
 
@@ -283,16 +311,9 @@ fn candidates<'a>(req: &MigrateRequest, hosts: &'a [HostView]) -> Vec<&'a HostVi
     hosts
         .iter()
         .filter(|h| h.id != req.source && h.liveness == Liveness::Reachable)
-        .filter(|h| {
-            if req.target.is_empty() {
-                h.status == HostStatus::Available
-            } else {
-                h.id == req.target
-            }
-        })
+        .filter(|h| if req.target.is_empty() { h.status == HostStatus::Available } else { h.id == req.target })
         .collect()
 }
-
 
 /// Makes the plan.
 pub fn plan(input: &PlanInput) -> MigrationPlan {
@@ -316,7 +337,12 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
     };
     if !req.target.is_empty() {
         if req.target == req.source {
-            pre.push(check("target differs from source", false, format!("--to {} is the failed host itself", req.target), "name another host with --to, or leave --to out"));
+            pre.push(check(
+                "target differs from source",
+                false,
+                format!("--to {} is the failed host itself", req.target),
+                "name another host with --to, or leave --to out",
+            ));
         } else {
             match input.hosts.iter().find(|h| h.id == req.target) {
                 None => pre.push(check(
@@ -348,7 +374,11 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         pre.push(check(
             "source connected",
             source.silent_ms.is_none(),
-            if source.silent_ms.is_none() { format!("{} is connected: its agent will stop each guest first", source.id) } else { format!("{} is not connected", source.id) },
+            if source.silent_ms.is_none() {
+                format!("{} is connected: its agent will stop each guest first", source.id)
+            } else {
+                format!("{} is not connected", source.id)
+            },
             "a planned move needs the source's agent; for a failed host use `lifeboat migrate --force`",
         ));
         pre.push(check(
@@ -376,13 +406,23 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         Some(ms) if ms < input.grace_ms => check(
             "source silent",
             false,
-            format!("{} has been silent for {:.1} s, less than the required {:.1} s", source.id, ms as f64 / 1000.0, input.grace_ms as f64 / 1000.0),
+            format!(
+                "{} has been silent for {:.1} s, less than the required {:.1} s",
+                source.id,
+                ms as f64 / 1000.0,
+                input.grace_ms as f64 / 1000.0
+            ),
             "wait until the grace period has passed, then plan again",
         ),
         Some(ms) => check(
             "source silent",
             true,
-            format!("{} silent for {:.1} s (grace {:.1} s)", source.id, ms as f64 / 1000.0, input.grace_ms as f64 / 1000.0),
+            format!(
+                "{} silent for {:.1} s (grace {:.1} s)",
+                source.id,
+                ms as f64 / 1000.0,
+                input.grace_ms as f64 / 1000.0
+            ),
             "",
         ),
     };
@@ -499,7 +539,10 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             gp.checks.push(check(
                 "in no other operation",
                 false,
-                format!("{} ({}) is being acted on by {job}: two operations on one guest could start it twice", g.name, g.uuid),
+                format!(
+                    "{} ({}) is being acted on by {job}: two operations on one guest could start it twice",
+                    g.name, g.uuid
+                ),
                 "wait until that operation has ended (`lifeboat jobs list`, `lifeboat log`), then plan again",
             ));
             out.guests.push(gp);
@@ -519,7 +562,12 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             gp.reason = format!("finishing the unfinished move of job {} to {}", o.job, o.host);
             let t = input.hosts.iter().find(|h| h.id == o.host);
             let reach = t.is_some_and(|t| t.liveness == Liveness::Reachable);
-            gp.checks.push(check("target reachable", reach, format!("{} must answer to finish the move", o.host), "bring that host's agent back"));
+            gp.checks.push(check(
+                "target reachable",
+                reach,
+                format!("{} must answer to finish the move", o.host),
+                "bring that host's agent back",
+            ));
             gp.movable = reach;
             gp.cleanup = cleanup_note(&source.id, g);
             out.guests.push(gp);
@@ -537,7 +585,12 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             continue;
         }
         if !g.error.is_empty() && g.definition_xml.is_empty() {
-            gp.checks.push(check("definition known", false, format!("the agent could not read the definition: {}", g.error), "the definition is needed to recreate the guest"));
+            gp.checks.push(check(
+                "definition known",
+                false,
+                format!("the agent could not read the definition: {}", g.error),
+                "the definition is needed to recreate the guest",
+            ));
             gp.reason = "definition unknown".into();
             out.guests.push(gp);
             continue;
@@ -546,7 +599,10 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             gp.checks.push(check(
                 "managed save",
                 true,
-                format!("a managed-save image exists on {}; it stays there and the guest cold-boots on the target", source.id),
+                format!(
+                    "a managed-save image exists on {}; it stays there and the guest cold-boots on the target",
+                    source.id
+                ),
                 "",
             ));
         }
@@ -561,7 +617,10 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         // A storage pool volume names no path: which storage backs the pool
         // on each host (a local directory, an LVM group) cannot be compared.
         problems.extend(g.disks.iter().filter(|d| d.source_type == "volume").map(|d| {
-            format!("{} is a storage pool volume ({}): the storage behind a pool cannot be identified across hosts", d.target, d.source)
+            format!(
+                "{} is a storage pool volume ({}): the storage behind a pool cannot be identified across hosts",
+                d.target, d.source
+            )
         }));
         let storage_ok = problems.is_empty();
         if !storage_ok {
@@ -574,20 +633,30 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                  (docs/migrate.md) or use /dev/disk/by-id/wwn-… device paths (a pool volume: the path behind it), and let \
                  the source report again",
             ));
-            gp.reason = format!("{}: {}", if local { "local storage" } else { "storage not shown to be shared" }, problems.join("; "));
+            gp.reason = format!(
+                "{}: {}",
+                if local { "local storage" } else { "storage not shown to be shared" },
+                problems.join("; ")
+            );
         }
         // Per path on `host`: Ok(evidence) when it is the source's disk, else why not.
         let same_there = |host: &str, d: &Disk| -> Result<String, String> {
             let p = &d.source;
             match input.visibility.get(host).and_then(|v| v.get(p)) {
                 None => Err(format!("{p} (not checked)")),
-                Some(s) if !s.visible => Err(format!("{p} ({})", if s.error.is_empty() { "not visible" } else { &s.error })),
+                Some(s) if !s.visible => {
+                    Err(format!("{p} ({})", if s.error.is_empty() { "not visible" } else { &s.error }))
+                }
                 Some(s) if s.storage == d.storage && s.storage_path == d.storage_path => {
                     Ok(format!("{p} on {}", on_storage(&s.storage, &s.storage_path)))
                 }
                 Some(s) => Err(format!(
                     "{p} is on {} there but on {} on {}",
-                    if s.storage.is_empty() { "no identified storage".to_string() } else { on_storage(&s.storage, &s.storage_path) },
+                    if s.storage.is_empty() {
+                        "no identified storage".to_string()
+                    } else {
+                        on_storage(&s.storage, &s.storage_path)
+                    },
                     on_storage(&d.storage, &d.storage_path),
                     source.id
                 )),
@@ -598,8 +667,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         let mut short: Vec<(&HostView, u64)> = Vec::new();
         let mut per_target: Vec<Check> = Vec::new();
         let sees_all = |host: &str| storage_ok && disks.iter().all(|d| same_there(host, d).is_ok());
-        let seen_elsewhere: Vec<&str> =
-            input.visibility.keys().map(|h| h.as_str()).filter(|h| sees_all(h)).collect();
+        let seen_elsewhere: Vec<&str> = input.visibility.keys().map(|h| h.as_str()).filter(|h| sees_all(h)).collect();
         let seen_by_any = paths.is_empty() || !seen_elsewhere.is_empty();
         for t in candidates.iter().filter(|_| storage_ok) {
             let (seen, missing): (Vec<_>, Vec<_>) = disks.iter().map(|d| same_there(&t.id, d)).partition(|r| r.is_ok());
@@ -608,9 +676,11 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             let others = reserved_kib(held_on(&t.id));
             let ours = *reserved.get(&t.id).unwrap_or(&0);
             let free = available_memory_kib(t, input.memory_reserve_kib).saturating_sub(others).saturating_sub(ours);
-            let conflict = t.guests.iter().find(|x| x.uuid == g.uuid || x.name == g.name).map(|x| {
-                format!("{} already has a guest '{}' ({})", t.id, x.name, x.uuid)
-            });
+            let conflict = t
+                .guests
+                .iter()
+                .find(|x| x.uuid == g.uuid || x.name == g.name)
+                .map(|x| format!("{} already has a guest '{}' ({})", t.id, x.name, x.uuid));
             // Another guest there on one of these disks would write to it too.
             let in_use: Vec<String> = t
                 .guests
@@ -621,7 +691,9 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                         x.disks
                             .iter()
                             .filter(|xd| xd.source.starts_with('/'))
-                            .find(|xd| same_disk(d, xd) && !(d.shareable && xd.shareable) && !(d.readonly && xd.readonly))
+                            .find(|xd| {
+                                same_disk(d, xd) && !(d.shareable && xd.shareable) && !(d.readonly && xd.readonly)
+                            })
                             .map(|xd| format!("'{}' ({}) uses {} as {}", x.name, x.uuid, d.source, xd.source))
                     })
                 })
@@ -652,7 +724,13 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             per_target.push(check(
                 &format!("no conflict on {}", t.id),
                 conflict_ok,
-                conflict.unwrap_or_else(|| if name_taken { format!("another guest named {} is planned there", g.name) } else { format!("no guest with this UUID or name on {}", t.id) }),
+                conflict.unwrap_or_else(|| {
+                    if name_taken {
+                        format!("another guest named {} is planned there", g.name)
+                    } else {
+                        format!("no guest with this UUID or name on {}", t.id)
+                    }
+                }),
                 "remove the conflicting definition on the target (`virsh undefine`) if it is stale",
             ));
             per_target.push(check(
@@ -689,10 +767,16 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                 gp.movable = false;
                 if candidates.is_empty() {
                     gp.reason = "no reachable target host accepts guests".into();
-                    gp.checks.push(check("target available", false, "no AVAILABLE, REACHABLE host other than the source", "bring a host back or set one AVAILABLE"));
+                    gp.checks.push(check(
+                        "target available",
+                        false,
+                        "no AVAILABLE, REACHABLE host other than the source",
+                        "bring a host back or set one AVAILABLE",
+                    ));
                 } else if !seen_by_any && req.target.is_empty() {
                     gp.reason = nobody_sees(&paths);
-                } else if let Some((t, free)) = short.iter().max_by_key(|(t, f)| (*f, std::cmp::Reverse(t.id.clone()))) {
+                } else if let Some((t, free)) = short.iter().max_by_key(|(t, f)| (*f, std::cmp::Reverse(t.id.clone())))
+                {
                     let notes: Vec<String> = short
                         .iter()
                         .filter(|(t, _)| !held_on(&t.id).is_empty())
@@ -760,39 +844,88 @@ fn memory_detail(needs: u64, free: u64, t: &HostView, reserve: u64, held: &[&Res
 }
 
 fn cleanup_note(source: &str, g: &Guest) -> String {
-    format!("`lifeboat cleanup {source}` will undefine '{}' ({}) on {source}; its disks are never touched", g.name, g.uuid)
+    format!(
+        "`lifeboat cleanup {source}` will undefine '{}' ({}) on {source}; its disks are never touched",
+        g.name, g.uuid
+    )
 }
 
 fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Check, String) {
     const NAME: &str = "source powered off";
     if req.attest_powered_off {
         if req.attest_reason.trim().is_empty() {
-            return (check(NAME, false, "--attest-powered-off needs --reason TEXT: the attestation is recorded in the audit log", "add --reason \"how you verified it is off\""), String::new());
+            return (
+                check(
+                    NAME,
+                    false,
+                    "--attest-powered-off needs --reason TEXT: the attestation is recorded in the audit log",
+                    "add --reason \"how you verified it is off\"",
+                ),
+                String::new(),
+            );
         }
         if req.fence {
-            return (check(NAME, false, "--fence and --attest-powered-off exclude each other", "use one of them"), String::new());
+            return (
+                check(NAME, false, "--fence and --attest-powered-off exclude each other", "use one of them"),
+                String::new(),
+            );
         }
         if let PowerReading::Bmc(PowerState::On) = power {
-            return (check(NAME, false, format!("{source}'s BMC reads On: an attestation cannot contradict it"), "use --fence to power it off through the BMC"), String::new());
+            return (
+                check(
+                    NAME,
+                    false,
+                    format!("{source}'s BMC reads On: an attestation cannot contradict it"),
+                    "use --fence to power it off through the BMC",
+                ),
+                String::new(),
+            );
         }
-        return (check(NAME, true, format!("operator attests {source} is powered off: {}", req.attest_reason.trim()), ""), "attestation".into());
+        return (
+            check(NAME, true, format!("operator attests {source} is powered off: {}", req.attest_reason.trim()), ""),
+            "attestation".into(),
+        );
     }
     match power {
         PowerReading::NoBmc => (
-            check(NAME, false, format!("no BMC is configured for {source}: its power state is unknown"), "configure [bmc.HOST] in the controller, or verify it is off yourself and use --attest-powered-off --reason TEXT"),
+            check(
+                NAME,
+                false,
+                format!("no BMC is configured for {source}: its power state is unknown"),
+                "configure [bmc.HOST] in the controller, or verify it is off yourself and use --attest-powered-off --reason TEXT",
+            ),
             String::new(),
         ),
-        PowerReading::Bmc(PowerState::Off) => (check(NAME, true, format!("{source}'s BMC reads Off"), ""), "bmc-off".into()),
+        PowerReading::Bmc(PowerState::Off) => {
+            (check(NAME, true, format!("{source}'s BMC reads Off"), ""), "bmc-off".into())
+        }
         PowerReading::Bmc(PowerState::On) if req.fence => (
-            check(NAME, true, format!("{source}'s BMC reads On: it will be powered off (ForceOff) and must read Off before any guest moves"), ""),
+            check(
+                NAME,
+                true,
+                format!(
+                    "{source}'s BMC reads On: it will be powered off (ForceOff) and must read Off before any guest moves"
+                ),
+                "",
+            ),
             "bmc-fence".into(),
         ),
         PowerReading::Bmc(PowerState::On) => (
-            check(NAME, false, format!("{source}'s BMC reads On: the host may still run its guests"), "add --fence to power it off through the BMC"),
+            check(
+                NAME,
+                false,
+                format!("{source}'s BMC reads On: the host may still run its guests"),
+                "add --fence to power it off through the BMC",
+            ),
             String::new(),
         ),
         PowerReading::Bmc(PowerState::Unknown(why)) => (
-            check(NAME, false, format!("{source}'s power state is UNKNOWN: {why}"), "fix the BMC access, or verify the host is off yourself and use --attest-powered-off --reason TEXT"),
+            check(
+                NAME,
+                false,
+                format!("{source}'s power state is UNKNOWN: {why}"),
+                "fix the BMC access, or verify the host is off yourself and use --attest-powered-off --reason TEXT",
+            ),
             String::new(),
         ),
     }
@@ -807,14 +940,21 @@ fn finish(mut out: MigrationPlan, input: &PlanInput) -> MigrationPlan {
     let no_room = out.guests.iter().filter(|g| !g.movable && g.reason.starts_with(NO_CAPACITY)).count();
     let report_only = movable == 0 && no_room > 0 && input.req.vms.is_empty() && !input.req.planned_move;
     if pre_ok && movable == 0 && !report_only && input.hosts.iter().any(|h| h.id == out.source) {
-        out.preconditions.push(check("something to move", false, format!("no guest of {} can move", out.source), "see each guest's reason"));
+        out.preconditions.push(check(
+            "something to move",
+            false,
+            format!("no guest of {} can move", out.source),
+            "see each guest's reason",
+        ));
     }
     out.executable = out.preconditions.iter().all(|c| c.ok) && (movable > 0 || report_only);
     let failed: Vec<&str> = out.preconditions.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
     out.summary = if out.executable {
         let mut s = format!("{movable} of {} guests will move from {}", out.guests.len(), out.source);
         if no_room > 0 {
-            s.push_str(&format!("; {no_room} do not fit ({NO_CAPACITY}) and will be recorded NOT_MOVED with the guests-not-moved alarm"));
+            s.push_str(&format!(
+                "; {no_room} do not fit ({NO_CAPACITY}) and will be recorded NOT_MOVED with the guests-not-moved alarm"
+            ));
         }
         s
     } else {
@@ -881,7 +1021,13 @@ mod tests {
             name: name.into(),
             state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
             memory_kib: 32 * 1024,
-            disks: vec![Disk { source: disk.into(), target: "vda".into(), storage, storage_path, ..Default::default() }],
+            disks: vec![Disk {
+                source: disk.into(),
+                target: "vda".into(),
+                storage,
+                storage_path,
+                ..Default::default()
+            }],
             definition_xml: format!("<domain><name>{name}</name><uuid>{uuid}</uuid></domain>"),
             persistent: true,
             ..Default::default()
@@ -933,7 +1079,13 @@ mod tests {
     }
 
     fn res(job: &str, name: &str, target: &str, mib: u64) -> Reservation {
-        Reservation { job: job.into(), uuid: format!("u-{name}"), name: name.into(), target: target.into(), memory_kib: mib * 1024 }
+        Reservation {
+            job: job.into(),
+            uuid: format!("u-{name}"),
+            name: name.into(),
+            target: target.into(),
+            memory_kib: mib * 1024,
+        }
     }
 
     #[test]
@@ -955,7 +1107,11 @@ mod tests {
             c.detail,
             "needs 32 MiB; 10 MiB available (2000 MiB physical - 0 MiB running guests - 0 MiB reserve - 1990 MiB reserved by job mig-x (r1, r2))"
         );
-        assert!(g1.reason.starts_with("no capacity: needs 32 MiB, the most left on an eligible target is 10 MiB on c"), "{}", g1.reason);
+        assert!(
+            g1.reason.starts_with("no capacity: needs 32 MiB, the most left on an eligible target is 10 MiB on c"),
+            "{}",
+            g1.reason
+        );
         assert!(g1.reason.contains("on c: 1990 MiB reserved by job mig-x (r1, r2)"), "{}", g1.reason);
         let pre = p.preconditions.iter().find(|c| c.name == "named guest movable").unwrap();
         assert!(pre.detail.contains("no capacity"), "{pre:?}");
@@ -978,7 +1134,11 @@ mod tests {
         assert!(c.is_none(), "only the chosen target's checks are kept");
         i.hosts[2].running_memory_kib = 0;
         i.hosts[2].guests[0].state = GuestState::Shutoff as i32;
-        assert_eq!(held_by_reservations(&i.reservations, &i.hosts).get("c").map(Vec::len), Some(1), "defined but not running: still held");
+        assert_eq!(
+            held_by_reservations(&i.reservations, &i.hosts).get("c").map(Vec::len),
+            Some(1),
+            "defined but not running: still held"
+        );
         i.hosts[2].guests[0].state = GuestState::Running as i32;
         assert!(held_by_reservations(&i.reservations, &i.hosts).is_empty());
     }
@@ -995,7 +1155,8 @@ mod tests {
         assert!(first.executable);
         assert!(first.guests.iter().all(|g| g.movable && g.target == "c"), "{:?}", first.guests);
         // The first job's moves are under way: they hold c's memory.
-        let held: Vec<Reservation> = first.guests.iter().map(|g| res("mig-1", &g.name, "c", g.memory_kib / 1024)).collect();
+        let held: Vec<Reservation> =
+            first.guests.iter().map(|g| res("mig-1", &g.name, "c", g.memory_kib / 1024)).collect();
         let mut j = i.clone();
         j.req.source = "b".into();
         j.hosts[1].guests = vec![];
@@ -1004,7 +1165,11 @@ mod tests {
         let second = plan(&j);
         assert!(second.guests.iter().all(|g| !g.movable), "{:?}", second.guests);
         for g in &second.guests {
-            assert!(g.reason.starts_with("no capacity: needs 32 MiB, the most left on an eligible target is 0 MiB on c"), "{}", g.reason);
+            assert!(
+                g.reason.starts_with("no capacity: needs 32 MiB, the most left on an eligible target is 0 MiB on c"),
+                "{}",
+                g.reason
+            );
             assert_eq!(g.reserved_note, "on c: 64 MiB reserved by job mig-1 (g1, g2)");
         }
         assert!(second.executable, "a job records them NOT_MOVED and alarms: {:?}", second.preconditions);
@@ -1125,7 +1290,11 @@ mod tests {
         i.visibility.get_mut("b").unwrap().insert("/shared/g1.img".into(), PathSeen::failed("No such file"));
         let p = plan(&i);
         assert!(!p.executable);
-        assert!(p.preconditions.iter().any(|c| !c.ok && c.detail.contains("does not see the disks")), "{:?}", p.preconditions);
+        assert!(
+            p.preconditions.iter().any(|c| !c.ok && c.detail.contains("does not see the disks")),
+            "{:?}",
+            p.preconditions
+        );
     }
 
     #[test]
@@ -1139,7 +1308,10 @@ mod tests {
         let p = plan(&i);
         assert!(p.executable && p.guests.iter().all(|g| !g.movable), "nothing fits: a job only reports them");
         let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
-        assert!(g1.reason.starts_with("no capacity: needs 32 MiB, the most left on an eligible target is 0 MiB on b"), "{g1:?}");
+        assert!(
+            g1.reason.starts_with("no capacity: needs 32 MiB, the most left on an eligible target is 0 MiB on b"),
+            "{g1:?}"
+        );
         i.req.vms = vec!["g1".into()];
         assert!(!plan(&i).executable, "a named guest that does not fit refuses");
         let mut i = input();
@@ -1188,8 +1360,13 @@ mod tests {
         assert_eq!(picked.len(), VISIBILITY_SAMPLE);
         assert_eq!(picked[0], "h499", "most available memory first");
         assert!(!picked.contains(&"h497".to_string()), "h497 is in MAINTENANCE");
-        assert!(picked.contains(&"h481".to_string()) && !picked.contains(&"h480".to_string()), "the 16 AVAILABLE hosts with most memory");
-        assert!(picked.iter().all(|id| id != "a" && hosts.iter().any(|h| &h.id == id && h.status == HostStatus::Available)));
+        assert!(
+            picked.contains(&"h481".to_string()) && !picked.contains(&"h480".to_string()),
+            "the 16 AVAILABLE hosts with most memory"
+        );
+        assert!(
+            picked.iter().all(|id| id != "a" && hosts.iter().any(|h| &h.id == id && h.status == HostStatus::Available))
+        );
         assert_eq!(visibility_hosts(&req, &hosts, 100, 0).len(), 108, "the guests and 8 more when that is more");
         let small = &hosts[..10];
         assert_eq!(visibility_hosts(&req, small, 3, 0).len(), 9, "a small cluster checks every reachable host");
@@ -1197,7 +1374,10 @@ mod tests {
         // says how many hosts were checked.
         let mut vis = BTreeMap::new();
         for id in &picked {
-            vis.insert(id.clone(), [("/shared/g.img".to_string(), PathSeen::failed("No such file"))].into_iter().collect());
+            vis.insert(
+                id.clone(),
+                [("/shared/g.img".to_string(), PathSeen::failed("No such file"))].into_iter().collect(),
+            );
         }
         let input = PlanInput {
             req: MigrateRequest { source: "a".into(), fence: true, ..Default::default() },
@@ -1240,12 +1420,21 @@ mod tests {
     #[test]
     fn a_guest_shut_off_whose_desired_state_is_running_is_started_on_its_target() {
         let mut i = input();
-        i.req = MigrateRequest { source: "a".into(), planned_move: true, vms: vec!["g2".into()], target: "b".into(), ..Default::default() };
+        i.req = MigrateRequest {
+            source: "a".into(),
+            planned_move: true,
+            vms: vec!["g2".into()],
+            target: "b".into(),
+            ..Default::default()
+        };
         i.hosts[0] = host("a", None, 1000);
         assert!(!plan(&i).guests[0].start, "shut off and desired stopped: defined, not started");
         i.desired_running.insert("u2".into());
         let p = plan(&i);
-        assert!(p.executable && p.guests[0].start, "desired running: started (a source that rebooted mid-job left it off)");
+        assert!(
+            p.executable && p.guests[0].start,
+            "desired running: started (a source that rebooted mid-job left it off)"
+        );
         i.req.no_start = true;
         assert!(!plan(&i).guests[0].start, "--no-start wins");
     }
@@ -1306,7 +1495,10 @@ mod tests {
         let g = &pl.guests[0];
         assert!(!g.movable && g.reason.starts_with("local storage"), "{g:?}");
         let c = g.checks.iter().find(|c| c.name == "disks on shared storage").unwrap();
-        assert_eq!(c.detail, "a reported /var/lib/libvirt/images/localvm.img on local:ext4 (b: local:ext4, c: local:ext4)");
+        assert_eq!(
+            c.detail,
+            "a reported /var/lib/libvirt/images/localvm.img on local:ext4 (b: local:ext4, c: local:ext4)"
+        );
         assert!(c.remedy.contains(".lifeboat-storage-id"), "{c:?}");
         assert!(!pl.executable);
 
@@ -1314,14 +1506,17 @@ mod tests {
         let mut i = input();
         i.req.target = "b".into();
         i.req.vms = vec!["g1".into()];
-        let other = PathSeen { storage: "marker:99999999-1111-4222-8333-444455556666".into(), ..seen("/shared/g1.img") };
+        let other =
+            PathSeen { storage: "marker:99999999-1111-4222-8333-444455556666".into(), ..seen("/shared/g1.img") };
         i.visibility.get_mut("b").unwrap().insert("/shared/g1.img".into(), other);
         let pl = plan(&i);
         assert!(!pl.executable);
         let g = &pl.guests[0];
         let c = g.checks.iter().find(|c| c.name == "same disks on b").unwrap();
         assert!(
-            !c.ok && c.detail.contains("is on marker:99999999-1111-4222-8333-444455556666 (g1.img) there but on marker:5b0c"),
+            !c.ok
+                && c.detail
+                    .contains("is on marker:99999999-1111-4222-8333-444455556666 (g1.img) there but on marker:5b0c"),
             "{c:?}"
         );
         let pre = pl.preconditions.iter().find(|c| c.name == "target sees the disks").unwrap();
@@ -1329,8 +1524,14 @@ mod tests {
 
         // The same storage under another relative path is another file too.
         let mut i = input();
-        i.visibility.get_mut("b").unwrap().insert("/shared/g1.img".into(), PathSeen { storage_path: "old/g1.img".into(), ..seen("/shared/g1.img") });
-        i.visibility.get_mut("c").unwrap().insert("/shared/g1.img".into(), PathSeen { storage: String::new(), storage_path: String::new(), ..seen("/shared/g1.img") });
+        i.visibility
+            .get_mut("b")
+            .unwrap()
+            .insert("/shared/g1.img".into(), PathSeen { storage_path: "old/g1.img".into(), ..seen("/shared/g1.img") });
+        i.visibility.get_mut("c").unwrap().insert(
+            "/shared/g1.img".into(),
+            PathSeen { storage: String::new(), storage_path: String::new(), ..seen("/shared/g1.img") },
+        );
         let g1 = plan(&i).guests.into_iter().find(|g| g.name == "g1").unwrap();
         assert!(!g1.movable, "{g1:?}");
         let c = g1.checks.iter().find(|c| c.name == "same disks on c").unwrap();
@@ -1345,7 +1546,14 @@ mod tests {
         i.source_guests[1].disks[0].storage.clear();
         i.source_guests[1].disks[0].storage_path.clear();
         for v in i.visibility.values_mut() {
-            v.insert("/dev/sdb".into(), PathSeen { visible: true, storage: "unidentified:/dev/sdb is a kernel device name".into(), ..Default::default() });
+            v.insert(
+                "/dev/sdb".into(),
+                PathSeen {
+                    visible: true,
+                    storage: "unidentified:/dev/sdb is a kernel device name".into(),
+                    ..Default::default()
+                },
+            );
         }
         let p = plan(&i);
         let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
@@ -1399,7 +1607,12 @@ mod tests {
     #[test]
     fn a_storage_pool_volume_is_not_taken_for_shared_storage() {
         let mut i = input();
-        let d = lifeboat_proto::v1::Disk { target: "vdb".into(), source_type: "volume".into(), source: "default/data.qcow2".into(), ..Default::default() };
+        let d = lifeboat_proto::v1::Disk {
+            target: "vdb".into(),
+            source_type: "volume".into(),
+            source: "default/data.qcow2".into(),
+            ..Default::default()
+        };
         i.source_guests[0].disks.push(d);
         let p = plan(&i);
         let g = &p.guests.iter().find(|g| g.uuid == i.source_guests[0].uuid).unwrap();

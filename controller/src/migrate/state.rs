@@ -107,8 +107,14 @@ pub enum JobState {
 
 impl JobState {
     /// Every state.
-    pub const ALL: [JobState; 6] =
-        [JobState::Created, JobState::Fencing, JobState::Moving, JobState::Succeeded, JobState::Partial, JobState::Failed];
+    pub const ALL: [JobState; 6] = [
+        JobState::Created,
+        JobState::Fencing,
+        JobState::Moving,
+        JobState::Succeeded,
+        JobState::Partial,
+        JobState::Failed,
+    ];
 
     /// Database and API name.
     pub fn as_str(self) -> &'static str {
@@ -194,7 +200,13 @@ pub struct JobOutcome {
 /// talks to the controller again (it came back mid-job): re-running the
 /// forced migration would be refused, so the advice is a planned move of
 /// each guest left (`lifeboat move`), or letting them wait on the source.
-pub fn job_outcome(job_id: &str, source: &str, planned: bool, source_talking: bool, moves: &[MoveOutcome<'_>]) -> JobOutcome {
+pub fn job_outcome(
+    job_id: &str,
+    source: &str,
+    planned: bool,
+    source_talking: bool,
+    moves: &[MoveOutcome<'_>],
+) -> JobOutcome {
     let talking = source_talking && !planned;
     let total = moves.len();
     let moved = moves.iter().filter(|m| m.state.is_success()).count();
@@ -214,7 +226,10 @@ pub fn job_outcome(job_id: &str, source: &str, planned: bool, source_talking: bo
             };
             let why = if m.error.is_empty() { "no reason recorded".to_string() } else { clip(m.error, REASON_CHARS) };
             if let Some(t) = m.unfinished {
-                return format!("{} ({what}: {why}; unfinished move to {t}: nobody's until it is finished, not started by itself)", m.name);
+                return format!(
+                    "{} ({what}: {why}; unfinished move to {t}: nobody's until it is finished, not started by itself)",
+                    m.name
+                );
             }
             let place = match (planned || talking, m.state, m.waits) {
                 (true, MoveState::NotMoved, _) if planned => format!("; still on {source}, untouched"),
@@ -240,9 +255,15 @@ pub fn job_outcome(job_id: &str, source: &str, planned: bool, source_talking: bo
         _ => (JobState::Partial, ""),
     };
     let head = match (planned, talking, lead.is_empty()) {
-        (_, true, true) => format!("{source} is talking to the controller again: {} guest(s) not moved off it", left.len()),
-        (_, true, false) => format!("{lead}: {source} is talking to the controller again: {} guest(s) not moved off it", left.len()),
-        (false, false, true) => format!("{} guest(s) left behind, running nowhere while {source} stays off", left.len()),
+        (_, true, true) => {
+            format!("{source} is talking to the controller again: {} guest(s) not moved off it", left.len())
+        }
+        (_, true, false) => {
+            format!("{lead}: {source} is talking to the controller again: {} guest(s) not moved off it", left.len())
+        }
+        (false, false, true) => {
+            format!("{} guest(s) left behind, running nowhere while {source} stays off", left.len())
+        }
         (false, false, false) => format!("{lead}: {} guest(s) run nowhere while {source} stays off", left.len()),
         (true, _, true) => format!("{} guest(s) not moved off {source}", left.len()),
         (true, _, false) => format!("{lead}: {} guest(s) not moved off {source}", left.len()),
@@ -265,8 +286,13 @@ pub fn job_outcome(job_id: &str, source: &str, planned: bool, source_talking: bo
                 format!("`lifeboat move {vms}--from {source} --to {t} --yes`")
             })
             .collect();
-        let rest = if left.len() > LISTED { format!(" (and likewise the rest: `lifeboat jobs show {job_id}`)") } else { String::new() };
-        let placeholder = if by_target.iter().any(|(t, _)| *t == "TARGET") { " (TARGET: a host of your choice)" } else { "" };
+        let rest = if left.len() > LISTED {
+            format!(" (and likewise the rest: `lifeboat jobs show {job_id}`)")
+        } else {
+            String::new()
+        };
+        let placeholder =
+            if by_target.iter().any(|(t, _)| *t == "TARGET") { " (TARGET: a host of your choice)" } else { "" };
         next.push(format!(
             "{source} talks, so a forced migration would be refused: move them with a planned move, {}{placeholder}{rest}; a guest whose desired state is running is started on its target",
             cmds.join(", ")
@@ -287,7 +313,9 @@ pub fn job_outcome(job_id: &str, source: &str, planned: bool, source_talking: bo
             let unfinished: Vec<String> = left
                 .iter()
                 .take(LISTED)
-                .filter_map(|m| m.unfinished.map(|t| format!("`lifeboat move --vm {} --from {source} --to {t} --yes`", m.name)))
+                .filter_map(|m| {
+                    m.unfinished.map(|t| format!("`lifeboat move --vm {} --from {source} --to {t} --yes`", m.name))
+                })
                 .collect();
             if !planned && !unfinished.is_empty() {
                 next.push(format!(
@@ -400,7 +428,12 @@ mod tests {
         let failed = [mv("vm-1", Running, ""), mv("vm-2", Failed, "define on host-b failed: boom")];
         let o = job_outcome("mig-1", "host-a", false, false, &failed);
         assert_eq!(o.state, JobState::Partial);
-        assert!(o.error.contains("vm-2 (move failed: define on host-b failed: boom)") && o.error.contains("re-run the same `lifeboat migrate --force --from host-a`"), "{}", o.error);
+        assert!(
+            o.error.contains("vm-2 (move failed: define on host-b failed: boom)")
+                && o.error.contains("re-run the same `lifeboat migrate --force --from host-a`"),
+            "{}",
+            o.error
+        );
     }
 
     #[test]
@@ -412,17 +445,35 @@ mod tests {
         assert!(o.error.starts_with("no guest could be moved: 2 guest(s) run nowhere"), "{}", o.error);
         assert!(o.alarm.is_some());
 
-        let no_room = [mv("vm-3", NotMoved, "no capacity: needs 32 MiB"), mv("vm-4", NotMoved, "no capacity: needs 32 MiB")];
+        let no_room =
+            [mv("vm-3", NotMoved, "no capacity: needs 32 MiB"), mv("vm-4", NotMoved, "no capacity: needs 32 MiB")];
         let o = job_outcome("mig-4", "host-a", false, false, &no_room);
         assert_eq!(o.state, JobState::Partial, "nothing failed: every guest is reported");
-        assert!(o.error.starts_with("no guest could be moved: 2 guest(s) run nowhere") && o.error.contains("vm-3 (not moved: no capacity"), "{}", o.error);
+        assert!(
+            o.error.starts_with("no guest could be moved: 2 guest(s) run nowhere")
+                && o.error.contains("vm-3 (not moved: no capacity"),
+            "{}",
+            o.error
+        );
         assert!(o.alarm.is_some());
 
-        let planned = [mv("m-1", Running, ""), mv("m-2", NotMoved, "no target passes every check"), mv("m-3", Failed, "define failed")];
+        let planned = [
+            mv("m-1", Running, ""),
+            mv("m-2", NotMoved, "no target passes every check"),
+            mv("m-3", Failed, "define failed"),
+        ];
         let o = job_outcome("mig-3", "host-b", true, false, &planned);
         assert_eq!(o.state, JobState::Partial);
-        assert!(o.error.contains("m-2 (not moved: no target passes every check; still on host-b, untouched)"), "{}", o.error);
-        assert!(o.error.contains("m-3 (move failed: define failed; stopped on host-b, running nowhere)"), "{}", o.error);
+        assert!(
+            o.error.contains("m-2 (not moved: no target passes every check; still on host-b, untouched)"),
+            "{}",
+            o.error
+        );
+        assert!(
+            o.error.contains("m-3 (move failed: define failed; stopped on host-b, running nowhere)"),
+            "{}",
+            o.error
+        );
         assert!(o.error.contains("lifeboat move --from host-b"), "{}", o.error);
     }
 
@@ -432,19 +483,52 @@ mod tests {
         let talking = "host-a is talking to the controller again; not defining vm-3 elsewhere";
         let moves = [
             mv("vm-1", Running, ""),
-            MoveOutcome { name: "vm-2", state: Failed, error: talking, target: "host-b", waits: true, unfinished: None },
-            MoveOutcome { name: "vm-3", state: Failed, error: talking, target: "host-c", waits: true, unfinished: None },
-            MoveOutcome { name: "vm-4", state: Failed, error: talking, target: "host-b", waits: false, unfinished: None },
+            MoveOutcome {
+                name: "vm-2",
+                state: Failed,
+                error: talking,
+                target: "host-b",
+                waits: true,
+                unfinished: None,
+            },
+            MoveOutcome {
+                name: "vm-3",
+                state: Failed,
+                error: talking,
+                target: "host-c",
+                waits: true,
+                unfinished: None,
+            },
+            MoveOutcome {
+                name: "vm-4",
+                state: Failed,
+                error: talking,
+                target: "host-b",
+                waits: false,
+                unfinished: None,
+            },
         ];
         let o = job_outcome("mig-5", "host-a", false, true, &moves);
         assert_eq!(o.state, JobState::Partial, "{o:?}");
-        assert!(o.error.starts_with("host-a is talking to the controller again: 3 guest(s) not moved off it"), "{}", o.error);
+        assert!(
+            o.error.starts_with("host-a is talking to the controller again: 3 guest(s) not moved off it"),
+            "{}",
+            o.error
+        );
         assert!(o.error.contains("vm-2 (move failed: host-a is talking"), "{}", o.error);
         assert!(o.error.contains("stopped on host-a, waits to start there again"), "{}", o.error);
-        assert!(o.error.contains("vm-4 (move failed") && o.error.contains("stopped on host-a, running nowhere"), "{}", o.error);
+        assert!(
+            o.error.contains("vm-4 (move failed") && o.error.contains("stopped on host-a, running nowhere"),
+            "{}",
+            o.error
+        );
         assert!(o.error.contains("`lifeboat move --vm vm-2 --vm vm-4 --from host-a --to host-b --yes`"), "{}", o.error);
         assert!(o.error.contains("`lifeboat move --vm vm-3 --from host-a --to host-c --yes`"), "{}", o.error);
-        assert!(o.error.contains("`lifeboat cleanup host-a --yes`") && o.error.contains("set-status host-a AVAILABLE"), "{}", o.error);
+        assert!(
+            o.error.contains("`lifeboat cleanup host-a --yes`") && o.error.contains("set-status host-a AVAILABLE"),
+            "{}",
+            o.error
+        );
         assert!(!o.error.contains("re-run"), "a re-run is refused while the source talks: {}", o.error);
         assert!(!o.error.contains("migrate --force"), "{}", o.error);
         assert!(o.alarm.unwrap().contains("not moved: vm-2"));
@@ -468,8 +552,22 @@ mod tests {
         let timed_out = "start on host-b timed out";
         let moves = [
             mv("vm-1", Running, ""),
-            MoveOutcome { name: "vm-2", state: Failed, error: timed_out, target: "host-b", waits: true, unfinished: Some("host-b") },
-            MoveOutcome { name: "vm-3", state: NotMoved, error: "no capacity", target: "", waits: true, unfinished: None },
+            MoveOutcome {
+                name: "vm-2",
+                state: Failed,
+                error: timed_out,
+                target: "host-b",
+                waits: true,
+                unfinished: Some("host-b"),
+            },
+            MoveOutcome {
+                name: "vm-3",
+                state: NotMoved,
+                error: "no capacity",
+                target: "",
+                waits: true,
+                unfinished: None,
+            },
         ];
         // Source silent: the re-run stands, and the planned move for when it talks first.
         let o = job_outcome("mig-8", "host-a", false, false, &moves);
@@ -479,10 +577,19 @@ mod tests {
         // Source talks: the planned move to the recorded target; a never-placed guest gets a placeholder said to be one.
         let o = job_outcome("mig-8", "host-a", false, true, &moves);
         assert!(o.error.contains("`lifeboat move --vm vm-2 --from host-a --to host-b --yes`"), "{}", o.error);
-        assert!(o.error.contains("`lifeboat move --vm vm-3 --from host-a --to TARGET --yes` (TARGET: a host of your choice)"), "{}", o.error);
+        assert!(
+            o.error
+                .contains("`lifeboat move --vm vm-3 --from host-a --to TARGET --yes` (TARGET: a host of your choice)"),
+            "{}",
+            o.error
+        );
         assert!(!o.error.contains("--to HOST"), "{}", o.error);
         assert!(o.error.contains("or leave the guests that wait on host-a (not those with an unfinished move: only the move above finishes them)"), "{}", o.error);
-        assert!(o.error.contains("`lifeboat cleanup host-a --yes`"), "a cleanup without --yes only prints its plan: {}", o.error);
+        assert!(
+            o.error.contains("`lifeboat cleanup host-a --yes`"),
+            "a cleanup without --yes only prints its plan: {}",
+            o.error
+        );
         assert!(!o.error.contains("re-run"), "{}", o.error);
         // Only an unfinished move: nothing starts by itself, so no 'leave them' advice.
         let o = job_outcome("mig-9", "host-a", false, true, &moves[..2]);
@@ -493,10 +600,26 @@ mod tests {
     fn a_long_list_of_guests_left_behind_stays_bounded() {
         let names: Vec<String> = (0..500).map(|i| format!("vm-{i:03}")).collect();
         let long = "x".repeat(5000);
-        let moves: Vec<MoveOutcome<'_>> =
-            names.iter().map(|n| MoveOutcome { name: n, state: MoveState::NotMoved, error: &long, target: "", waits: false, unfinished: None }).collect();
+        let moves: Vec<MoveOutcome<'_>> = names
+            .iter()
+            .map(|n| MoveOutcome {
+                name: n,
+                state: MoveState::NotMoved,
+                error: &long,
+                target: "",
+                waits: false,
+                unfinished: None,
+            })
+            .collect();
         let mut with_one = moves.clone();
-        with_one.push(MoveOutcome { name: "ok", state: MoveState::Running, error: "", target: "host-b", waits: false, unfinished: None });
+        with_one.push(MoveOutcome {
+            name: "ok",
+            state: MoveState::Running,
+            error: "",
+            target: "host-b",
+            waits: false,
+            unfinished: None,
+        });
         let o = job_outcome("mig-4", "host-a", false, false, &with_one);
         assert_eq!(o.state, JobState::Partial);
         assert!(o.error.contains("and 490 more (`lifeboat jobs show mig-4`"), "{}", &o.error[o.error.len() - 300..]);

@@ -31,7 +31,9 @@ impl Registry {
     /// job runs: a move whose define failed leaves the target recorded while
     /// the source holds the only copy.
     pub(super) fn owner_host_of<'a>(inner: &'a Inner, uuid: &str) -> Option<&'a str> {
-        Self::settled_owner(inner, uuid).map(|o| o.host.as_str()).or_else(|| inner.desired.get(uuid).map(|d| d.0.as_str()))
+        Self::settled_owner(inner, uuid)
+            .map(|o| o.host.as_str())
+            .or_else(|| inner.desired.get(uuid).map(|d| d.0.as_str()))
     }
 
     /// The ownership record of `uuid` if it can be relied on: complete, or
@@ -55,7 +57,8 @@ impl Registry {
             return false;
         }
         !inner.guests.iter().any(|(h, m)| {
-            h != host && m.get(uuid).is_some_and(|g| lifeboat_proto::holds_disk(g.state) || !Self::stale_on(inner, uuid, h))
+            h != host
+                && m.get(uuid).is_some_and(|g| lifeboat_proto::holds_disk(g.state) || !Self::stale_on(inner, uuid, h))
         })
     }
 
@@ -68,7 +71,13 @@ impl Registry {
 
     /// Keeps the guests `uuids` gone from `host` as missing: their stored row
     /// moves to the missing table with an audit entry, and an alarm is raised.
-    pub(super) fn mark_gone(inner: &mut Inner, host: &str, uuids: &[String], now: i64, how: &str) -> Result<(), StoreError> {
+    pub(super) fn mark_gone(
+        inner: &mut Inner,
+        host: &str,
+        uuids: &[String],
+        now: i64,
+        how: &str,
+    ) -> Result<(), StoreError> {
         if uuids.is_empty() {
             return Ok(());
         }
@@ -97,7 +106,13 @@ impl Registry {
     /// by hand on another host (a hand cold move) is no longer missing; its
     /// mark and alarm are cleared, audited. Only a copy Lifeboat's records
     /// call stale (a move's source, which cleanup removes) does not count.
-    pub(super) fn note_back(inner: &mut Inner, host: &str, uuid: &str, name: &str, state: i32) -> Result<(), StoreError> {
+    pub(super) fn note_back(
+        inner: &mut Inner,
+        host: &str,
+        uuid: &str,
+        name: &str,
+        state: i32,
+    ) -> Result<(), StoreError> {
         let Some(r) = inner.missing.get(uuid) else { return Ok(()) };
         if Self::stale_on(inner, uuid, host) && !lifeboat_proto::holds_disk(state) {
             return Ok(());
@@ -161,7 +176,8 @@ impl Registry {
     /// several missing guests share. `what` names the operation.
     pub fn find_missing(&self, vm: &str, what: &str) -> Result<MissingRow, ControllerError> {
         let inner = self.lock();
-        let found: Vec<&MissingRow> = inner.missing.values().filter(|r| r.guest.name == vm || r.guest.uuid == vm).collect();
+        let found: Vec<&MissingRow> =
+            inner.missing.values().filter(|r| r.guest.name == vm || r.guest.uuid == vm).collect();
         match found.as_slice() {
             [one] => return Ok((*one).clone()),
             [] => {}
@@ -238,7 +254,8 @@ impl Registry {
         let Some(r) = inner.missing.get(uuid).cloned() else {
             return Err(ControllerError::Refused(format!("forgetting {uuid} refused: it is no longer missing")));
         };
-        let on: Vec<String> = inner.guests.iter().filter(|(_, m)| m.contains_key(uuid)).map(|(h, _)| h.clone()).collect();
+        let on: Vec<String> =
+            inner.guests.iter().filter(|(_, m)| m.contains_key(uuid)).map(|(h, _)| h.clone()).collect();
         if !on.is_empty() {
             return Err(ControllerError::Refused(format!(
                 "forgetting {} refused; nothing was changed. Failed check:\n  - defined-nowhere: it is defined on {}\n    \
@@ -251,7 +268,13 @@ impl Registry {
         inner.missing.remove(uuid);
         inner.desired.remove(uuid);
         let why = format!("{} forgotten by {}", r.guest.name, audit.actor);
-        Self::clear_by_cause_locked(&mut inner, &r.host, "guest-missing", &missing_detail(&r.guest.name, uuid, &r.host), &why)?;
+        Self::clear_by_cause_locked(
+            &mut inner,
+            &r.host,
+            "guest-missing",
+            &missing_detail(&r.guest.name, uuid, &r.host),
+            &why,
+        )?;
         Ok(r)
     }
 
@@ -309,7 +332,11 @@ mod tests {
     }
 
     fn missing_alarms(reg: &Registry) -> Vec<String> {
-        reg.active_alarms().into_iter().filter(|a| a.1 == "guest-missing").map(|a| format!("{}: {}", a.0, a.2)).collect()
+        reg.active_alarms()
+            .into_iter()
+            .filter(|a| a.1 == "guest-missing")
+            .map(|a| format!("{}: {}", a.0, a.2))
+            .collect()
     }
 
     #[test]
@@ -326,7 +353,14 @@ mod tests {
         reg.remove_guest("b", b, "u2").unwrap();
         assert!(reg.missing_uuids().is_empty(), "a copy on a host that is not the owner is deleted");
         // vm3 was moved to b by Lifeboat (owner recorded first); its undefine on a is Lifeboat's own.
-        let o = OwnerRow { uuid: "u3".into(), host: "b".into(), generation: 1, from_host: "a".into(), job: "j".into(), complete: true };
+        let o = OwnerRow {
+            uuid: "u3".into(),
+            host: "b".into(),
+            generation: 1,
+            from_host: "a".into(),
+            job: "j".into(),
+            complete: true,
+        };
         reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "b", "vm3", String::new()))).unwrap();
         reg.refresh_owners().unwrap();
         reg.remove_guest("a", a, "u3").unwrap();
@@ -351,8 +385,12 @@ mod tests {
         drop(reg);
         let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
         assert_eq!(reg.missing_uuids(), ["u1", "u2"]);
-        let names: Vec<(String, bool)> =
-            reg.list_guests(None, None, false).unwrap().into_iter().map(|r| (r.guest.unwrap().name, r.missing)).collect();
+        let names: Vec<(String, bool)> = reg
+            .list_guests(None, None, false)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.guest.unwrap().name, r.missing))
+            .collect();
         assert_eq!(names, [("vm1".to_string(), true), ("vm2".to_string(), true)]);
         // vm1 is defined on a again: mark and alarm cleared, audited.
         let a = reg.open_session("a", "boot", tx.clone()).unwrap();
@@ -420,11 +458,28 @@ mod unfinished_owner_tests {
         let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
-        let off = |u: &str, n: &str| Guest { uuid: u.into(), name: n.into(), state: GuestState::Shutoff as i32, ..Default::default() };
-        reg.apply_inventory("a", a, Inventory { host: None, guests: vec![off("u1", "vm1"), off("u2", "vm2")], more: false }).unwrap();
+        let off = |u: &str, n: &str| Guest {
+            uuid: u.into(),
+            name: n.into(),
+            state: GuestState::Shutoff as i32,
+            ..Default::default()
+        };
+        reg.apply_inventory(
+            "a",
+            a,
+            Inventory { host: None, guests: vec![off("u1", "vm1"), off("u2", "vm2")], more: false },
+        )
+        .unwrap();
         // A forced move a -> b recorded b first, then its define on b failed: the job ended, the record stays unfinished.
         for u in ["u1", "u2"] {
-            let o = OwnerRow { uuid: u.into(), host: "b".into(), generation: 2, from_host: "a".into(), job: "j".into(), complete: false };
+            let o = OwnerRow {
+                uuid: u.into(),
+                host: "b".into(),
+                generation: 2,
+                from_host: "a".into(),
+                job: "j".into(),
+                complete: false,
+            };
             reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "b", u, String::new()))).unwrap();
         }
         reg.refresh_owners().unwrap();
@@ -446,7 +501,8 @@ mod libvirt_down_tests {
         let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
-        let off = Guest { uuid: "u1".into(), name: "vm1".into(), state: GuestState::Shutoff as i32, ..Default::default() };
+        let off =
+            Guest { uuid: "u1".into(), name: "vm1".into(), state: GuestState::Shutoff as i32, ..Default::default() };
         reg.apply_inventory("a", a, Inventory { host: None, guests: vec![off], more: false }).unwrap();
         let down = HostInfo { host_id: "a".into(), libvirt_error: "libvirt unreachable".into(), ..Default::default() };
         reg.apply_inventory("a", a, Inventory { host: Some(down), guests: vec![], more: false }).unwrap();

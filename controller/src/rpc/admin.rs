@@ -6,11 +6,11 @@ use lifeboat_common::identity::{Identity, Role};
 use std::pin::Pin;
 
 use lifeboat_proto::v1::{
-    AuditEntry, GetHostRequest, GetJobRequest, HostRecord, JobRecord, ListAuditRequest, ListAuditResponse,
-    ListGuestsRequest, ListGuestsResponse, ListHostsRequest, ListHostsResponse, ListJobsRequest, ListJobsResponse,
-    MigrateRequest, MigrationPlan, WhoAmIRequest, WhoAmIResponse, admin_server::Admin, Alarm, CleanupPlan,
-    CleanupRequest, ClearAlarmsRequest, ClearAlarmsResponse, ListAlarmsRequest, ListAlarmsResponse,
-    SetHostStatusRequest, ForgetGuestRequest, ForgetGuestResponse, GuestRecord, RestoreGuestRequest, StartVmRequest,
+    Alarm, AuditEntry, CleanupPlan, CleanupRequest, ClearAlarmsRequest, ClearAlarmsResponse, ForgetGuestRequest,
+    ForgetGuestResponse, GetHostRequest, GetJobRequest, GuestRecord, HostRecord, JobRecord, ListAlarmsRequest,
+    ListAlarmsResponse, ListAuditRequest, ListAuditResponse, ListGuestsRequest, ListGuestsResponse, ListHostsRequest,
+    ListHostsResponse, ListJobsRequest, ListJobsResponse, MigrateRequest, MigrationPlan, RestoreGuestRequest,
+    SetHostStatusRequest, StartVmRequest, WhoAmIRequest, WhoAmIResponse, admin_server::Admin,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -86,8 +86,8 @@ impl Admin for AdminService {
             crate::waiting::annotate_hosts(&reg, &mut hosts);
             hosts
         })
-            .await
-            .map_err(|e| ControllerError::Internal(format!("listing hosts: {e}")))?;
+        .await
+        .map_err(|e| ControllerError::Internal(format!("listing hosts: {e}")))?;
         self.fill_reserved(&mut hosts)?;
         Ok(Response::new(ListHostsResponse { hosts }))
     }
@@ -119,7 +119,13 @@ impl Admin for AdminService {
         let reg = self.reg.clone();
         // Listing 200,000 guests is CPU work: off the async workers.
         let (guests, next) = tokio::task::spawn_blocking(move || {
-            let mut page = reg.list_guests_page(host.as_deref(), (!vm.is_empty()).then_some(vm.as_str()), defs, after.as_ref(), limit)?;
+            let mut page = reg.list_guests_page(
+                host.as_deref(),
+                (!vm.is_empty()).then_some(vm.as_str()),
+                defs,
+                after.as_ref(),
+                limit,
+            )?;
             crate::waiting::annotate_guests(&reg, &mut page.0);
             Ok::<_, ControllerError>(page)
         })
@@ -208,7 +214,16 @@ impl Admin for AdminService {
         if r.host.trim().is_empty() {
             return Err(ControllerError::InvalidArgument("no host given".into()).into());
         }
-        crate::hostops::set_status(&self.reg, &self.engine, r.host.trim(), &r.status, &r.reason, r.attest_powered_off, &name).await?;
+        crate::hostops::set_status(
+            &self.reg,
+            &self.engine,
+            r.host.trim(),
+            &r.status,
+            &r.reason,
+            r.attest_powered_off,
+            &name,
+        )
+        .await?;
         let mut h = [self.reg.get_host(r.host.trim())?];
         crate::waiting::annotate_hosts(&self.reg, &mut h);
         let [h] = h;
@@ -225,14 +240,18 @@ impl Admin for AdminService {
         let (name, _) = authorize(&req, Role::Operator, "cleanup")?;
         let r = req.into_inner();
         info!(operator = %name, host = %r.host, "cleanup requested");
-        Ok(Response::new(crate::hostops::cleanup(&self.reg, r.host.trim(), r.destroy_running, &r.plan_id, &name).await?))
+        Ok(Response::new(
+            crate::hostops::cleanup(&self.reg, r.host.trim(), r.destroy_running, &r.plan_id, &name).await?,
+        ))
     }
 
     async fn start_vm(&self, req: Request<StartVmRequest>) -> Result<Response<GuestRecord>, Status> {
         let (name, _) = authorize(&req, Role::Operator, "starting a guest")?;
         let r = req.into_inner();
         info!(operator = %name, vm = %r.vm, "guest start requested");
-        Ok(Response::new(crate::waiting::start_vm(&self.reg, &r.vm, &r.reason, &name, self.engine.lease_ttl_ms()).await?))
+        Ok(Response::new(
+            crate::waiting::start_vm(&self.reg, &r.vm, &r.reason, &name, self.engine.lease_ttl_ms()).await?,
+        ))
     }
 
     async fn list_alarms(&self, req: Request<ListAlarmsRequest>) -> Result<Response<ListAlarmsResponse>, Status> {
@@ -241,7 +260,14 @@ impl Admin for AdminService {
         let rows = self.reg.db(|s| s.alarms(all)).map_err(ControllerError::from)?;
         let alarms = rows
             .into_iter()
-            .map(|(id, at, host, kind, detail, cleared)| Alarm { id, at_unix_ms: at, host, kind, detail, cleared_unix_ms: cleared })
+            .map(|(id, at, host, kind, detail, cleared)| Alarm {
+                id,
+                at_unix_ms: at,
+                host,
+                kind,
+                detail,
+                cleared_unix_ms: cleared,
+            })
             .collect();
         Ok(Response::new(ListAlarmsResponse { alarms }))
     }
@@ -250,9 +276,10 @@ impl Admin for AdminService {
         let (name, _) = authorize(&req, Role::Operator, "clearing alarms")?;
         let r = req.into_inner();
         let reg = self.reg.clone();
-        let cleared = tokio::task::spawn_blocking(move || crate::alarms::clear(&reg, &r.host, &r.kind, &r.reason, &name))
-            .await
-            .map_err(|e| ControllerError::Internal(format!("clearing alarms: {e}")))??;
+        let cleared =
+            tokio::task::spawn_blocking(move || crate::alarms::clear(&reg, &r.host, &r.kind, &r.reason, &name))
+                .await
+                .map_err(|e| ControllerError::Internal(format!("clearing alarms: {e}")))??;
         Ok(Response::new(ClearAlarmsResponse { cleared }))
     }
 
@@ -260,7 +287,16 @@ impl Admin for AdminService {
         let (name, _) = authorize(&req, Role::Operator, "restoring a guest")?;
         let r = req.into_inner();
         info!(operator = %name, vm = %r.vm, to = %r.to_host, start = r.start, "restore of a missing guest requested");
-        Ok(Response::new(crate::guestops::restore(&self.reg, &r, &name, self.engine.lease_ttl_ms(), self.engine.memory_reserve_kib()).await?))
+        Ok(Response::new(
+            crate::guestops::restore(
+                &self.reg,
+                &r,
+                &name,
+                self.engine.lease_ttl_ms(),
+                self.engine.memory_reserve_kib(),
+            )
+            .await?,
+        ))
     }
 
     async fn forget_guest(&self, req: Request<ForgetGuestRequest>) -> Result<Response<ForgetGuestResponse>, Status> {
@@ -357,7 +393,8 @@ pub fn strip_definition_secrets(xml: &str) -> Result<String, String> {
     let check = roxmltree::Document::parse(&out).map_err(|e| format!("it does not parse once stripped ({e})"))?;
     let left = check.descendants().any(|n| {
         n.is_element()
-            && (SECRET_ELEMENTS.contains(&n.tag_name().name()) || n.attributes().any(|a| SECRET_ATTRIBUTES.contains(&a.name())))
+            && (SECRET_ELEMENTS.contains(&n.tag_name().name())
+                || n.attributes().any(|a| SECRET_ATTRIBUTES.contains(&a.name())))
     });
     if left {
         return Err("a secret is still in it once stripped".into());
@@ -408,17 +445,28 @@ mod secret_tests {
         for secret in ["vnc-pass", "spice-pass", "s3cr3t-cookie", "passwd=", "<cookies"] {
             assert!(!out.contains(secret), "{secret} left in:\n{out}");
         }
-        for kept in ["<name>vm1</name>", "passwdValidTo='2030-01-01T00:00:00'", "<host name='images.example'", "<listen type='address'/>"] {
+        for kept in [
+            "<name>vm1</name>",
+            "passwdValidTo='2030-01-01T00:00:00'",
+            "<host name='images.example'",
+            "<listen type='address'/>",
+        ] {
             assert!(out.contains(kept), "{kept} lost:\n{out}");
         }
-        assert_eq!(strip_definition_secrets("<domain><name>x</name></domain>").unwrap(), "<domain><name>x</name></domain>");
+        assert_eq!(
+            strip_definition_secrets("<domain><name>x</name></domain>").unwrap(),
+            "<domain><name>x</name></domain>"
+        );
     }
 
     #[test]
     fn an_unparsable_definition_is_withheld_from_viewers() {
         assert!(strip_definition_secrets("<domain><graphics passwd='x'>").is_err());
         let mut rec = GuestRecord {
-            guest: Some(lifeboat_proto::v1::Guest { definition_xml: "<domain passwd='x'".into(), ..Default::default() }),
+            guest: Some(lifeboat_proto::v1::Guest {
+                definition_xml: "<domain passwd='x'".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         strip_record_for_viewer(&mut rec);

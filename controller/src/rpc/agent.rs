@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use lifeboat_common::identity::Identity;
 use lifeboat_proto::v1::{
-    AgentMessage, CommandResult, ControllerMessage, HeartbeatAck, Refused, Welcome, agent_message::Msg,
+    AgentMessage, CommandResult, ControllerMessage, HeartbeatAck, Refused, Welcome,
+    agent_message::Msg,
     agent_session_server::{AgentSession, AgentSessionServer},
     controller_message,
 };
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
@@ -219,9 +220,11 @@ impl AgentSession for AgentService {
                     let mut st = intake.take().unwrap_or_else(|| SessionIntake::new(lifeboat_common::now_unix_ms()));
                     let mut un = unwritten.take().unwrap_or_default();
                     match tokio::task::spawn_blocking(move || {
-                        let r = take_in(&reg2, &host2, &mut st, msg, lifeboat_common::now_unix_ms()).and_then(|obs| match obs {
-                            Some(obs) => Ok(un.apply(&reg2, &host2, sid, obs, std::time::Instant::now())?),
-                            None => Ok(()),
+                        let r = take_in(&reg2, &host2, &mut st, msg, lifeboat_common::now_unix_ms()).and_then(|obs| {
+                            match obs {
+                                Some(obs) => Ok(un.apply(&reg2, &host2, sid, obs, std::time::Instant::now())?),
+                                None => Ok(()),
+                            }
                         });
                         (st, un, r)
                     })
@@ -354,7 +357,10 @@ pub fn take_in(
                 return Err(Refusal {
                     kind: "GuestChanged",
                     field: "guest.uuid".into(),
-                    reason: format!("{host} already has {} guests, the most one host may report", intake::MAX_INVENTORY_GUESTS),
+                    reason: format!(
+                        "{host} already has {} guests, the most one host may report",
+                        intake::MAX_INVENTORY_GUESTS
+                    ),
                 }
                 .into());
             }
@@ -409,8 +415,14 @@ pub fn take_in(
                 }
             }
         }
-        Some(Msg::Hello(_)) => Err(Refusal { kind: "Hello", field: "hello".into(), reason: "Hello sent twice in one session".into() }.into()),
-        None => Err(Refusal { kind: "message", field: "msg".into(), reason: "empty message (no known kind set)".into() }.into()),
+        Some(Msg::Hello(_)) => {
+            Err(Refusal { kind: "Hello", field: "hello".into(), reason: "Hello sent twice in one session".into() }
+                .into())
+        }
+        None => {
+            Err(Refusal { kind: "message", field: "msg".into(), reason: "empty message (no known kind set)".into() }
+                .into())
+        }
     }
 }
 
@@ -467,14 +479,21 @@ mod tests {
     use super::*;
     use crate::model::Timing;
     use crate::store::Store;
-    use lifeboat_proto::v1::{GuestChanged, GuestRemoved, Guest, HostInfo, Inventory};
+    use lifeboat_proto::v1::{Guest, GuestChanged, GuestRemoved, HostInfo, Inventory};
 
     fn uuid(i: usize) -> String {
         format!("00000000-0000-4000-8000-{i:012x}")
     }
 
     fn guest(i: usize) -> Guest {
-        let mut g = Guest { uuid: uuid(i), name: format!("vm{i}"), state: 6, memory_kib: 1024, definition_xml: format!("<domain><name>vm{i}</name></domain>"), ..Default::default() };
+        let mut g = Guest {
+            uuid: uuid(i),
+            name: format!("vm{i}"),
+            state: 6,
+            memory_kib: 1024,
+            definition_xml: format!("<domain><name>vm{i}</name></domain>"),
+            ..Default::default()
+        };
         lifeboat_proto::pack_definition(&mut g);
         g
     }
@@ -517,14 +536,23 @@ mod tests {
         let rm = AgentMessage { msg: Some(Msg::GuestRemoved(GuestRemoved { uuid: uuid(1), name: "vm1".into() })) };
         handle_message(&reg, "b", b, &mut SessionIntake::new(0), rm, 0).expect("an unknown removal is dropped quietly");
         assert_eq!(names(&reg), ["vm1"], "b cannot remove a's guest");
-        let res = |id: String| AgentMessage { msg: Some(Msg::CommandResult(lifeboat_proto::v1::CommandResult { id, ok: true, ..Default::default() })) };
+        let res = |id: String| AgentMessage {
+            msg: Some(Msg::CommandResult(lifeboat_proto::v1::CommandResult { id, ok: true, ..Default::default() })),
+        };
         assert!(handle_message(&reg, "b", b, &mut st, res(uuid(9)), 0).is_ok(), "a late answer is dropped quietly");
         // A result for a command awaiting host a's answer, sent by b: refused, a's command still waits.
         let reg = std::sync::Arc::new(reg);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let r2 = reg.clone();
-            let call = tokio::spawn(async move { r2.call("a", lifeboat_proto::v1::command::Kind::Resync(Default::default()), std::time::Duration::from_secs(5)).await });
+            let call = tokio::spawn(async move {
+                r2.call(
+                    "a",
+                    lifeboat_proto::v1::command::Kind::Resync(Default::default()),
+                    std::time::Duration::from_secs(5),
+                )
+                .await
+            });
             let id = loop {
                 tokio::task::yield_now().await;
                 if let Ok(Some(m)) = _rx.try_recv().map(|m| m.msg) {
@@ -540,14 +568,21 @@ mod tests {
         });
         let reg = std::sync::Arc::try_unwrap(reg).ok().unwrap();
         let twice = AgentMessage { msg: Some(Msg::Hello(Default::default())) };
-        assert!(matches!(handle_message(&reg, "a", a, &mut st, twice, 0), Err(MessageError::Refused(r)) if r.kind == "Hello"));
-        let host = AgentMessage { msg: Some(Msg::Host(HostInfo { hostname: "x\u{1b}[2J".into(), ..Default::default() })) };
-        assert!(matches!(handle_message(&reg, "a", a, &mut st, host, 0), Err(MessageError::Refused(r)) if r.field == "hostname"));
+        assert!(
+            matches!(handle_message(&reg, "a", a, &mut st, twice, 0), Err(MessageError::Refused(r)) if r.kind == "Hello")
+        );
+        let host =
+            AgentMessage { msg: Some(Msg::Host(HostInfo { hostname: "x\u{1b}[2J".into(), ..Default::default() })) };
+        assert!(
+            matches!(handle_message(&reg, "a", a, &mut st, host, 0), Err(MessageError::Refused(r)) if r.field == "hostname")
+        );
         assert!(reg.get_host("a").unwrap().info.unwrap().hostname.is_empty());
         let mut g = guest(2);
         g.uuid = "../../x".into();
         let ch = AgentMessage { msg: Some(Msg::GuestChanged(GuestChanged { guest: Some(g) })) };
-        assert!(matches!(handle_message(&reg, "a", a, &mut st, ch, 0), Err(MessageError::Refused(r)) if r.field == "guest.uuid"));
+        assert!(
+            matches!(handle_message(&reg, "a", a, &mut st, ch, 0), Err(MessageError::Refused(r)) if r.field == "guest.uuid")
+        );
         assert_eq!(names(&reg), ["vm1"]);
     }
 }

@@ -18,9 +18,9 @@ pub fn peer_identity<T>(req: &Request<T>) -> Result<Identity, ControllerError> {
 }
 
 fn peer_identity_inner<T>(req: &Request<T>) -> Result<Identity, ControllerError> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| ControllerError::Unauthenticated("no client certificate presented".into()))?;
-    let leaf = certs.first().ok_or_else(|| ControllerError::Unauthenticated("empty client certificate chain".into()))?;
+    let certs =
+        req.peer_certs().ok_or_else(|| ControllerError::Unauthenticated("no client certificate presented".into()))?;
+    let leaf =
+        certs.first().ok_or_else(|| ControllerError::Unauthenticated("empty client certificate chain".into()))?;
     identity_from_der(leaf.as_ref()).map_err(|e| ControllerError::Unauthenticated(e.to_string()))
 }

@@ -110,7 +110,14 @@ impl Unwritten {
     /// Applies `obs` (after everything that waits), keeping it if the
     /// database refuses it. Errors other than a refused write are returned
     /// and the observation is not kept (retrying would not help).
-    pub fn apply(&mut self, reg: &Registry, host: &str, sid: SessionId, obs: Observation, now: Instant) -> Result<(), ControllerError> {
+    pub fn apply(
+        &mut self,
+        reg: &Registry,
+        host: &str,
+        sid: SessionId,
+        obs: Observation,
+        now: Instant,
+    ) -> Result<(), ControllerError> {
         if let Observation::Inventory(_) = obs {
             // Older observations first, now (whether or not their backoff is
             // over: a "stopped from inside" must not be superseded unwritten).
@@ -121,11 +128,18 @@ impl Unwritten {
             let r = obs.apply(reg, host, sid);
             match &r {
                 Ok(()) if !self.queue.is_empty() => {
-                    info!(host, superseded = self.queue.len(), "a complete inventory was written: it replaces the observations that waited");
+                    info!(
+                        host,
+                        superseded = self.queue.len(),
+                        "a complete inventory was written: it replaces the observations that waited"
+                    );
                     self.clear();
                 }
                 Err(e) if is_write_failure(e) => {
-                    warn!(host, "an inventory could not be written ({e}); the agent sends a whole one again within 30 s");
+                    warn!(
+                        host,
+                        "an inventory could not be written ({e}); the agent sends a whole one again within 30 s"
+                    );
                     self.failed(now);
                 }
                 _ => {}
@@ -136,7 +150,10 @@ impl Unwritten {
             let keep = obs.clone();
             return match obs.apply(reg, host, sid) {
                 Err(e) if is_write_failure(&e) => {
-                    warn!(host, "an agent's observation could not be written ({e}); kept, and written when the database takes writes again");
+                    warn!(
+                        host,
+                        "an agent's observation could not be written ({e}); kept, and written when the database takes writes again"
+                    );
                     self.push(host, keep);
                     self.failed(now);
                     Ok(())
@@ -171,21 +188,33 @@ impl Unwritten {
             }
         }
         if written > 0 || self.dropped > 0 {
-            let waited_ms = self.since.map(|s| u64::try_from(now.saturating_duration_since(s).as_millis()).unwrap_or(u64::MAX));
-            info!(host, written, dropped = self.dropped, ?waited_ms, "the database takes writes again: observations that waited are written");
+            let waited_ms =
+                self.since.map(|s| u64::try_from(now.saturating_duration_since(s).as_millis()).unwrap_or(u64::MAX));
+            info!(
+                host,
+                written,
+                dropped = self.dropped,
+                ?waited_ms,
+                "the database takes writes again: observations that waited are written"
+            );
         }
         self.clear();
     }
 
     fn push(&mut self, host: &str, obs: Observation) {
         let n = obs.bytes();
-        while !self.queue.is_empty() && (self.queue.len() >= MAX_UNWRITTEN || self.bytes.saturating_add(n) > MAX_UNWRITTEN_BYTES) {
+        while !self.queue.is_empty()
+            && (self.queue.len() >= MAX_UNWRITTEN || self.bytes.saturating_add(n) > MAX_UNWRITTEN_BYTES)
+        {
             if let Some(old) = self.queue.pop_front() {
                 self.bytes = self.bytes.saturating_sub(old.bytes());
             }
             self.dropped = self.dropped.saturating_add(1);
             if self.dropped == 1 {
-                warn!(host, "more than {MAX_UNWRITTEN} observations wait for the database: the oldest are dropped (the agent's next inventory brings the view back)");
+                warn!(
+                    host,
+                    "more than {MAX_UNWRITTEN} observations wait for the database: the oldest are dropped (the agent's next inventory brings the view back)"
+                );
             }
         }
         self.bytes = self.bytes.saturating_add(n);
@@ -194,7 +223,8 @@ impl Unwritten {
 
     fn failed(&mut self, now: Instant) {
         self.since.get_or_insert(now);
-        self.delay = if self.delay.is_zero() { FIRST_RETRY_DELAY } else { self.delay.saturating_mul(2).min(MAX_RETRY_DELAY) };
+        self.delay =
+            if self.delay.is_zero() { FIRST_RETRY_DELAY } else { self.delay.saturating_mul(2).min(MAX_RETRY_DELAY) };
         self.next_try = now.checked_add(self.delay);
     }
 
@@ -219,7 +249,13 @@ mod tests {
     const U: &str = "0b5c2d6e-1f00-4a1a-9c3e-000000000001";
 
     fn guest(state: GuestState, reason: &str) -> Guest {
-        Guest { uuid: U.into(), name: "vm1".into(), state: state as i32, state_reason: reason.into(), ..Default::default() }
+        Guest {
+            uuid: U.into(),
+            name: "vm1".into(),
+            state: state as i32,
+            state_reason: reason.into(),
+            ..Default::default()
+        }
     }
 
     /// A registry with host "h" on a session.
@@ -274,7 +310,13 @@ mod tests {
         let mut un = Unwritten::default();
         reg.db(|s| s.set_read_only(true)).unwrap();
         un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Running, "booted"))), t0).unwrap();
-        let inv = || Observation::Inventory(Box::new(Inventory { host: None, guests: vec![guest(GuestState::Paused, "user")], more: false }));
+        let inv = || {
+            Observation::Inventory(Box::new(Inventory {
+                host: None,
+                guests: vec![guest(GuestState::Paused, "user")],
+                more: false,
+            }))
+        };
         let e = un.apply(&reg, "h", sid, inv(), t0).unwrap_err();
         assert!(is_write_failure(&e), "{e}");
         assert_eq!(un.len(), 1, "the refused inventory is not kept; the earlier event still waits");
@@ -299,7 +341,11 @@ mod tests {
         let inv = Inventory { host: None, guests: vec![guest(GuestState::Shutoff, "")], more: false };
         un.apply(&reg, "h", sid, Observation::Inventory(Box::new(inv)), soon).unwrap();
         assert!(un.is_empty());
-        assert_eq!(desired(&reg), Some(("h".into(), "stopped".into())), "the shutdown was written before the inventory");
+        assert_eq!(
+            desired(&reg),
+            Some(("h".into(), "stopped".into())),
+            "the shutdown was written before the inventory"
+        );
     }
 
     #[test]
@@ -309,7 +355,8 @@ mod tests {
         let mut un = Unwritten::default();
         let now = Instant::now();
         for _ in 0..MAX_UNWRITTEN + 5 {
-            un.apply(&reg, "h", sid, Observation::Host(HostInfo { host_id: "h".into(), ..Default::default() }), now).unwrap();
+            un.apply(&reg, "h", sid, Observation::Host(HostInfo { host_id: "h".into(), ..Default::default() }), now)
+                .unwrap();
         }
         assert_eq!(un.len(), MAX_UNWRITTEN);
         let mut un = Unwritten::default();

@@ -340,7 +340,9 @@ impl Checker {
         let mut c = all.get(&uuid.to_ascii_lowercase()).cloned().unwrap_or_default();
         if c.len() == 1 {
             // Single copies are not resolved by `scan`: do it here.
-            let ns = std::fs::read_link(format!("/proc/{}/ns/pid", c[0].pid)).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let ns = std::fs::read_link(format!("/proc/{}/ns/pid", c[0].pid))
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             c[0].host = self
                 .shared
                 .hosts
