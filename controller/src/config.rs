@@ -7,7 +7,7 @@ use lifeboat_common::tls::TlsFiles;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::model::Timing;
+use crate::domain::host::Timing;
 
 /// Errors reading the configuration.
 #[derive(Debug, Error)]

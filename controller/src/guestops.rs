@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 
 use crate::alarms::{MAX_NAME, MAX_REASON};
+use crate::domain::host::HostStatus;
 use crate::error::{ControllerError, refusal};
-use crate::model::HostStatus;
 use crate::registry::Registry;
 use crate::store::{AuditRow, OwnerRow};
 
@@ -710,7 +710,7 @@ mod tests {
     ) -> (Registry, crate::registry::SessionId, tokio::sync::mpsc::Receiver<Box<lifeboat_proto::v1::ControllerMessage>>)
     {
         use lifeboat_proto::v1::{Guest, GuestState, Inventory};
-        let timing = crate::model::Timing { heartbeat_interval_ms: ms / 4, unreachable_after_ms: ms };
+        let timing = crate::domain::host::Timing { heartbeat_interval_ms: ms / 4, unreachable_after_ms: ms };
         let reg = Registry::load(crate::store::Store::open_in_memory().unwrap(), timing).unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
@@ -861,7 +861,7 @@ mod tests {
         use lifeboat_proto::v1::{Guest, GuestState, Inventory};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lifeboat.db");
-        let timing = crate::model::Timing { heartbeat_interval_ms: 75, unreachable_after_ms: 300 };
+        let timing = crate::domain::host::Timing { heartbeat_interval_ms: 75, unreachable_after_ms: 300 };
         {
             // vm1 went missing on a; it had been moved away and back (owner a, generation 2).
             let reg = Registry::load(crate::store::Store::open(&path).unwrap(), timing).unwrap();

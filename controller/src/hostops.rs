@@ -11,9 +11,9 @@ use lifeboat_proto::v1::{
 use sha2::{Digest, Sha256};
 use tracing::info;
 
+use crate::domain::host::HostStatus;
 use crate::error::ControllerError;
 use crate::migrate::engine::Engine;
-use crate::model::HostStatus;
 use crate::registry::Registry;
 use crate::store::{AuditRow, MoveRow};
 
@@ -522,7 +522,7 @@ mod tests {
             reg.apply_inventory("a", sid, Inventory { host: None, guests: vec![live.clone()], more: false }).unwrap();
         };
         {
-            let reg = Registry::load(Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap();
+            let reg = Registry::load(Store::open(&path).unwrap(), crate::domain::host::Timing::default()).unwrap();
             report(&reg);
             let job = JobRow {
                 id: "j1".into(),
@@ -559,7 +559,7 @@ mod tests {
             .unwrap()
             .execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", [])
             .unwrap();
-        let reg = Registry::load(Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap();
+        let reg = Registry::load(Store::open(&path).unwrap(), crate::domain::host::Timing::default()).unwrap();
         assert!(reg.is_quarantined("u1"));
         report(&reg);
         for destroy_running in [false, true] {

@@ -214,7 +214,7 @@ impl tokio::io::AsyncWrite for Limited {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Timing;
+    use crate::domain::host::Timing;
     use crate::store::Store;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

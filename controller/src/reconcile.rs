@@ -13,7 +13,7 @@ use lifeboat_proto::holds_disk;
 use lifeboat_proto::v1::{GrantLeases, Guest, Lease, StartGuest, StopGuest, command::Kind};
 use tracing::{info, warn};
 
-use crate::model::HostStatus;
+use crate::domain::host::HostStatus;
 use crate::registry::Registry;
 use crate::store::AuditRow;
 

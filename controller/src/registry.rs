@@ -15,8 +15,8 @@ use lifeboat_proto::v1::{
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::domain::host::{HostStatus, Liveness, Timing, liveness};
 use crate::error::ControllerError;
-use crate::model::{HostStatus, Liveness, Timing, liveness};
 use crate::store::{AuditRow, HostRow, Store, StoreError};
 
 mod missing;
@@ -295,7 +295,7 @@ impl Registry {
         let mut in_job = BTreeMap::new();
         for j in store.active_jobs()? {
             for m in store.moves(&j.id)? {
-                if m.state != crate::migrate::state::MoveState::NotMoved.as_str() {
+                if m.state != crate::domain::job::MoveState::NotMoved.as_str() {
                     in_job.insert(m.uuid, (j.id.clone(), m.source, m.target));
                 }
             }

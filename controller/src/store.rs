@@ -65,7 +65,7 @@ pub struct JobRow {
     pub kind: String,
     /// Source host.
     pub source: String,
-    /// State name (see `migrate::state::JobState`).
+    /// State name (see `domain::job::JobState`).
     pub state: String,
     /// Operator (certificate name).
     pub operator: String,
@@ -100,7 +100,7 @@ pub struct MoveRow {
     pub target: String,
     /// Ownership generation this move creates.
     pub generation: u64,
-    /// State name (see `migrate::state::MoveState`).
+    /// State name (see `domain::job::MoveState`).
     pub state: String,
     /// Start on the target.
     pub start: bool,

@@ -18,9 +18,9 @@ use std::time::Duration;
 use lifeboat_proto::v1::{GuestRecord, HostRecord, StartGuest, command::Kind};
 use tracing::{info, warn};
 
+use crate::domain::host::HostStatus;
+use crate::domain::job::MoveState;
 use crate::error::ControllerError;
-use crate::migrate::state::MoveState;
-use crate::model::HostStatus;
 use crate::registry::Registry;
 use crate::store::{AuditRow, MoveRow, OwnerRow, StoreError, WaitingRow};
 
@@ -791,7 +791,7 @@ pub(crate) mod tests {
     /// A registry whose host `a` reports `vm1` (u1) shut off, in its startup grace.
     pub(crate) fn with_vm1() -> (std::sync::Arc<Registry>, crate::registry::SessionId, Rx) {
         use lifeboat_proto::v1::{GuestState, Inventory};
-        let timing = crate::model::Timing { heartbeat_interval_ms: 75, unreachable_after_ms: 300 };
+        let timing = crate::domain::host::Timing { heartbeat_interval_ms: 75, unreachable_after_ms: 300 };
         let reg = Registry::load(crate::store::Store::open_in_memory().unwrap(), timing).unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 static ACCEPTED: AtomicU64 = AtomicU64::new(0);
 static REFUSED: AtomicU64 = AtomicU64::new(0);
 
+use lifeboat_controller::domain::host::Timing;
 use lifeboat_controller::intake::{MAX_MEMORY_KIB, SessionIntake};
-use lifeboat_controller::model::Timing;
 use lifeboat_controller::registry::Registry;
 use lifeboat_controller::rpc::agent::{MessageError, handle_message};
 use lifeboat_controller::store::Store;

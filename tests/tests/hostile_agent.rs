@@ -302,7 +302,7 @@ async fn a_hostile_agent_is_refused_whole_and_honest_hosts_stay_reachable() {
     let metrics = lifeboat_controller::metrics::render(
         &lifeboat_controller::registry::Registry::load(
             lifeboat_controller::store::Store::open_in_memory().unwrap(),
-            lifeboat_controller::model::Timing::default(),
+            lifeboat_controller::domain::host::Timing::default(),
         )
         .unwrap(),
     );

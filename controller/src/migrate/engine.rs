@@ -17,7 +17,7 @@ use tokio::sync::{Semaphore, broadcast};
 use tracing::{info, warn};
 
 use super::plan::{self, Ownership, PlanInput, PowerReading};
-use super::state::{GUESTS_NOT_MOVED, JobOutcome, JobState, MoveOutcome, MoveState, job_outcome};
+use crate::domain::job::{GUESTS_NOT_MOVED, JobOutcome, JobState, MoveOutcome, MoveState, job_outcome};
 use crate::error::ControllerError;
 use crate::fence::{BmcConfig, FenceConfigError, FenceEvent, Fencer, PowerState};
 use crate::registry::Registry;
@@ -939,9 +939,11 @@ impl Engine {
     /// that never powered off when it returns) and declare it OFFLINE.
     fn declare_offline(&self, job: &JobRow) -> Result<(), StoreError> {
         self.reg.mark_fenced(&job.source)?;
-        if self.reg.status_of(&job.source) != Some(crate::model::HostStatus::Offline) {
+        if self.reg.status_of(&job.source) != Some(crate::domain::host::HostStatus::Offline) {
             let reason = format!("declared dead by forced migration job {}", job.id);
-            if let Err(e) = self.reg.set_status(&job.source, crate::model::HostStatus::Offline, &reason, "controller") {
+            if let Err(e) =
+                self.reg.set_status(&job.source, crate::domain::host::HostStatus::Offline, &reason, "controller")
+            {
                 warn!(host = %job.source, "setting OFFLINE failed: {e}");
             }
         }
@@ -1351,7 +1353,7 @@ mod tests {
 
     fn new_engine() -> (Arc<Registry>, Arc<Engine>) {
         let store = crate::store::Store::open_in_memory().unwrap();
-        let reg = Arc::new(Registry::load(store, crate::model::Timing::default()).unwrap());
+        let reg = Arc::new(Registry::load(store, crate::domain::host::Timing::default()).unwrap());
         let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();
         (reg, engine)
     }
@@ -1766,8 +1768,8 @@ mod tests {
         let path = dir.path().join("lifeboat.db");
         let m = starting_move("mig-q");
         {
-            let reg =
-                Registry::load(crate::store::Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap();
+            let reg = Registry::load(crate::store::Store::open(&path).unwrap(), crate::domain::host::Timing::default())
+                .unwrap();
             let mut row = job_row("mig-q", "migrate", "host-a");
             row.state = JobState::Moving.as_str().into();
             reg.db(|s| s.create_job(&row, std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-q", ""))).unwrap();
@@ -1778,7 +1780,7 @@ mod tests {
             .execute("INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES (?1, 'host-c', -4, 'host-b', 'mig-later', 1)", [&m.uuid])
             .unwrap();
         let reg = Arc::new(
-            Registry::load(crate::store::Store::open(&path).unwrap(), crate::model::Timing::default()).unwrap(),
+            Registry::load(crate::store::Store::open(&path).unwrap(), crate::domain::host::Timing::default()).unwrap(),
         );
         assert!(reg.is_quarantined(&m.uuid));
         let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();

@@ -3,4 +3,3 @@
 
 pub mod engine;
 pub mod plan;
-pub mod state;

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use lifeboat_proto::v1::{Check, Disk, Guest, GuestPlan, GuestState, MigrateRequest, MigrationPlan, PathCheck};
 use sha2::{Digest, Sha256};
 
+use crate::domain::host::{HostStatus, Liveness};
 use crate::fence::PowerState;
-use crate::model::{HostStatus, Liveness};
 
 /// A host as the planner sees it.
 #[derive(Debug, Clone)]

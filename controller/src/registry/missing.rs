@@ -8,8 +8,8 @@
 #![warn(clippy::arithmetic_side_effects)]
 
 use super::{Inner, Registry};
+use crate::domain::host::Liveness;
 use crate::error::ControllerError;
-use crate::model::Liveness;
 use crate::store::{AuditRow, MissingRow, OwnerRow, StoreError};
 use lifeboat_proto::v1::GuestRecord;
 

@@ -186,7 +186,7 @@ impl Admin for AdminService {
         let (tx, out) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             let _busy = busy;
-            let mut done = crate::migrate::state::JobState::Succeeded.as_str() == first.state
+            let mut done = crate::domain::job::JobState::Succeeded.as_str() == first.state
                 || ["PARTIAL", "FAILED"].contains(&first.state.as_str());
             if tx.send(Ok(first)).await.is_err() {
                 return;

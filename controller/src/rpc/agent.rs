@@ -477,7 +477,7 @@ impl RefusalReport {
 #[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
-    use crate::model::Timing;
+    use crate::domain::host::Timing;
     use crate::store::Store;
     use lifeboat_proto::v1::{Guest, GuestChanged, GuestRemoved, HostInfo, Inventory};
 

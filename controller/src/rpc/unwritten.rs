@@ -241,7 +241,7 @@ impl Unwritten {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Timing;
+    use crate::domain::host::Timing;
     use crate::store::Store;
     use lifeboat_proto::v1::GuestState;
     use tokio::sync::mpsc;

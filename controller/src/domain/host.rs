@@ -1,4 +1,4 @@
-//! Pure controller logic: liveness and host statuses. No I/O.
+//! Hosts: liveness, timing and the operators' statuses. Pure: no I/O.
 
 use std::fmt;
 use std::str::FromStr;
