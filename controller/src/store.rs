@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use thiserror::Error;
 
 mod schema;
+pub mod sqlite;
 
 #[cfg(test)]
 mod legacy_schema;

@@ -171,6 +171,7 @@ pub(crate) fn migrations() -> Migrations<'static> {
 }
 
 /// How many migrations there are: the schema version they lead to.
+#[cfg(test)]
 pub(crate) fn latest_version() -> usize {
     MIGRATIONS.len()
 }
