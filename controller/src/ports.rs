@@ -167,8 +167,13 @@ pub trait HostRepo: Send {
     fn touch(&mut self, seen: &[(String, i64)]) -> RepoResult<()>;
     /// Sets a host's status and reason with its audit entry, atomically;
     /// whether the host exists.
-    fn set_status(&mut self, host: &str, status: HostStatus, reason: &str, audit: Option<&AuditRow>)
-    -> RepoResult<bool>;
+    fn set_status(
+        &mut self,
+        host: &str,
+        status: HostStatus,
+        reason: &str,
+        audit: Option<&AuditRow>,
+    ) -> RepoResult<bool>;
     /// Records the boot the host was fenced in.
     fn set_fenced_boot_id(&mut self, host: &str, boot_id: &str) -> RepoResult<()>;
     /// One host, `None` when unknown.

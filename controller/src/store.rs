@@ -272,10 +272,10 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database and migrates its schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                let _ = std::fs::create_dir_all(dir);
-            }
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            let _ = std::fs::create_dir_all(dir);
         }
         let conn = Connection::open(path)?;
         Self::init(conn)

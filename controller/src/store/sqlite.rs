@@ -302,8 +302,12 @@ mod tests {
 
     fn details(repos: &Repos) -> Vec<String> {
         let all = AuditFilter { limit: Some(100_000), ..Default::default() };
-        let mut d: Vec<_> =
-            repos.call_blocking(move |r| r.audit().read(&all)).unwrap().into_iter().map(|a| (a.seq, a.detail)).collect();
+        let mut d: Vec<_> = repos
+            .call_blocking(move |r| r.audit().read(&all))
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.seq, a.detail))
+            .collect();
         d.sort();
         d.into_iter().map(|(_, d)| d).collect()
     }
