@@ -354,3 +354,31 @@ pub trait Repositories: Send {
     /// Backend upkeep.
     fn maintenance(&mut self) -> &mut dyn Maintenance;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn the_handle_is_shared_across_tasks_and_every_port_is_usable_as_a_trait_object() {
+        fn shared<T: Send + Sync + Clone + 'static>() {}
+        shared::<Repos>();
+        shared::<Arc<dyn Clock>>();
+        fn object<T: ?Sized + Send>(_: Option<Box<T>>) {}
+        object::<dyn Repositories>(None);
+        object::<dyn HostRepo>(None);
+        object::<dyn GuestRepo>(None);
+        object::<dyn OwnershipRepo>(None);
+        object::<dyn JobRepo>(None);
+        object::<dyn AlarmRepo>(None);
+        object::<dyn AuditRepo>(None);
+        object::<dyn QuarantineRepo>(None);
+        object::<dyn Maintenance>(None);
+        let e = RepoError::Backend { write_failure: true, source: "disk full".into() };
+        assert!(e.is_write_failure() && !e.is_corrupt());
+        assert!(RepoError::Corrupt("jobs row j1: unknown job state \"X\"".into()).is_corrupt());
+        assert!(!RepoError::Stopped.is_write_failure());
+    }
+}
