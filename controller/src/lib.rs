@@ -21,6 +21,7 @@ pub mod hostops;
 pub mod intake;
 pub mod metrics;
 pub mod migrate;
+pub mod ports;
 pub mod reconcile;
 pub mod registry;
 pub mod rpc;

@@ -9,6 +9,12 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use thiserror::Error;
 
+mod schema;
+pub mod sqlite;
+
+#[cfg(test)]
+mod legacy_schema;
+
 /// A storage failure.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -34,6 +40,10 @@ pub enum StoreError {
     /// The database was written by a newer Lifeboat.
     #[error("database schema version {0} is newer than this controller understands ({SCHEMA_VERSION})")]
     TooNew(i64),
+    /// A schema migration could not be defined or applied (not a SQLite
+    /// failure: those stay [`StoreError::Sqlite`]).
+    #[error("schema migration: {0}")]
+    Migration(#[source] rusqlite_migration::Error),
 }
 
 impl StoreError {
@@ -42,6 +52,15 @@ impl StoreError {
     /// Anything else is a record that cannot be used.
     pub fn is_write_failure(&self) -> bool {
         matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(..)))
+    }
+
+    /// A migration error, as [`StoreError::Sqlite`] when SQLite failed a
+    /// statement (so a full disk during an upgrade stays a write failure).
+    fn from_migration(e: rusqlite_migration::Error) -> Self {
+        match e {
+            rusqlite_migration::Error::RusqliteError { err, .. } => StoreError::Sqlite(err),
+            other => StoreError::Migration(other),
+        }
     }
 }
 
@@ -253,10 +272,10 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database and migrates its schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                let _ = std::fs::create_dir_all(dir);
-            }
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            let _ = std::fs::create_dir_all(dir);
         }
         let conn = Connection::open(path)?;
         Self::init(conn)
@@ -267,7 +286,7 @@ impl Store {
         Self::init(Connection::open_in_memory()?)
     }
 
-    fn init(conn: Connection) -> Result<Self, StoreError> {
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -280,182 +299,9 @@ impl Store {
         if v > SCHEMA_VERSION {
             return Err(StoreError::TooNew(v));
         }
-        if v < 1 {
-            conn.execute_batch(
-                "BEGIN;
-                 CREATE TABLE hosts (
-                    host_id TEXT PRIMARY KEY,
-                    info BLOB NOT NULL,
-                    status TEXT NOT NULL DEFAULT 'AVAILABLE',
-                    first_seen_ms INTEGER NOT NULL,
-                    last_seen_ms INTEGER NOT NULL
-                 );
-                 CREATE TABLE guests (
-                    host_id TEXT NOT NULL REFERENCES hosts(host_id),
-                    uuid TEXT NOT NULL,
-                    name TEXT NOT NULL,
-                    data BLOB NOT NULL,
-                    updated_ms INTEGER NOT NULL,
-                    PRIMARY KEY (host_id, uuid)
-                 );
-                 CREATE INDEX guests_by_uuid ON guests(uuid);
-                 PRAGMA user_version = 1;
-                 COMMIT;",
-            )?;
-        }
-        if v < 2 {
-            conn.execute_batch(
-                "BEGIN;
-                 CREATE TABLE jobs (
-                    id TEXT PRIMARY KEY,
-                    kind TEXT NOT NULL,
-                    source TEXT NOT NULL,
-                    state TEXT NOT NULL,
-                    operator TEXT NOT NULL,
-                    plan_id TEXT NOT NULL,
-                    power_evidence TEXT NOT NULL,
-                    request BLOB NOT NULL,
-                    parallel INTEGER NOT NULL,
-                    created_ms INTEGER NOT NULL,
-                    updated_ms INTEGER NOT NULL,
-                    error TEXT NOT NULL DEFAULT ''
-                 );
-                 -- One operation at a time per host, enforced by the database.
-                 CREATE UNIQUE INDEX one_active_job_per_host ON jobs(source)
-                    WHERE state NOT IN ('SUCCEEDED', 'PARTIAL', 'FAILED');
-                 CREATE TABLE moves (
-                    job_id TEXT NOT NULL REFERENCES jobs(id),
-                    uuid TEXT NOT NULL,
-                    name TEXT NOT NULL,
-                    source TEXT NOT NULL,
-                    target TEXT NOT NULL,
-                    generation INTEGER NOT NULL,
-                    state TEXT NOT NULL,
-                    start INTEGER NOT NULL,
-                    definition_xml TEXT NOT NULL,
-                    error TEXT NOT NULL DEFAULT '',
-                    priority INTEGER NOT NULL DEFAULT 0,
-                    updated_ms INTEGER NOT NULL,
-                    PRIMARY KEY (job_id, uuid)
-                 );
-                 CREATE INDEX moves_by_source ON moves(source);
-                 CREATE TABLE owners (
-                    uuid TEXT PRIMARY KEY,
-                    host TEXT NOT NULL,
-                    generation INTEGER NOT NULL,
-                    from_host TEXT NOT NULL,
-                    job TEXT NOT NULL,
-                    complete INTEGER NOT NULL
-                 );
-                 CREATE TABLE audit (
-                    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                    at_ms INTEGER NOT NULL,
-                    actor TEXT NOT NULL,
-                    action TEXT NOT NULL,
-                    host TEXT NOT NULL,
-                    vm TEXT NOT NULL,
-                    job TEXT NOT NULL,
-                    detail TEXT NOT NULL
-                 );
-                 CREATE INDEX audit_by_time ON audit(at_ms);
-                 -- The audit log is append-only.
-                 CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
-                    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-                 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
-                    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-                 PRAGMA user_version = 2;
-                 COMMIT;",
-            )?;
-        }
-        if v < 3 {
-            conn.execute_batch(
-                "BEGIN;
-                 ALTER TABLE hosts ADD COLUMN status_reason TEXT NOT NULL DEFAULT '';
-                 ALTER TABLE hosts ADD COLUMN fenced_boot_id TEXT NOT NULL DEFAULT '';
-                 ALTER TABLE moves ADD COLUMN cleaned_ms INTEGER NOT NULL DEFAULT 0;
-                 CREATE TABLE desired (
-                    uuid TEXT PRIMARY KEY,
-                    host TEXT NOT NULL,
-                    state TEXT NOT NULL,
-                    updated_ms INTEGER NOT NULL
-                 );
-                 CREATE TABLE alarms (
-                    id INTEGER PRIMARY KEY AUTOINCREMENT,
-                    at_ms INTEGER NOT NULL,
-                    host TEXT NOT NULL,
-                    kind TEXT NOT NULL,
-                    detail TEXT NOT NULL,
-                    cleared_ms INTEGER NOT NULL DEFAULT 0
-                 );
-                 PRAGMA user_version = 3;
-                 COMMIT;",
-            )?;
-        }
-        if v < 4 {
-            // Moves created before this version carried no memory figure:
-            // they count as 0 KiB reserved, which only matters for a job
-            // still under way across the upgrade.
-            conn.execute_batch(
-                "BEGIN;
-                 ALTER TABLE moves ADD COLUMN memory_kib INTEGER NOT NULL DEFAULT 0;
-                 CREATE INDEX moves_by_state ON moves(state);
-                 PRAGMA user_version = 4;
-                 COMMIT;",
-            )?;
-        }
-        if v < 5 {
-            // Guests that disappeared from their owner outside Lifeboat,
-            // kept with their last report (definition included) until they
-            // are defined again or an operator forgets them.
-            conn.execute_batch(
-                "BEGIN;
-                 CREATE TABLE IF NOT EXISTS missing (
-                    uuid TEXT PRIMARY KEY,
-                    host TEXT NOT NULL,
-                    name TEXT NOT NULL,
-                    data BLOB NOT NULL,
-                    since_ms INTEGER NOT NULL
-                 );
-                 PRAGMA user_version = 5;
-                 COMMIT;",
-            )?;
-        }
-        if v < 6 {
-            conn.execute_batch(
-                "BEGIN;
-                 CREATE TABLE IF NOT EXISTS waiting (
-                    uuid TEXT PRIMARY KEY,
-                    host TEXT NOT NULL,
-                    name TEXT NOT NULL,
-                    reason TEXT NOT NULL,
-                    since_ms INTEGER NOT NULL,
-                    job TEXT NOT NULL
-                 );
-                 PRAGMA user_version = 6;
-                 COMMIT;",
-            )?;
-        }
-        if v < 7 {
-            // Rows that could not be read at a start, moved aside whole so
-            // the rest loads (see `Store::quarantine`); `uuid` names the
-            // guest they concern, which stays blocked while the row is here.
-            conn.execute_batch(
-                "BEGIN;
-                 CREATE TABLE IF NOT EXISTS quarantine (
-                    id INTEGER PRIMARY KEY AUTOINCREMENT,
-                    at_ms INTEGER NOT NULL,
-                    source_table TEXT NOT NULL,
-                    row_key TEXT NOT NULL,
-                    uuid TEXT NOT NULL,
-                    host TEXT NOT NULL,
-                    reason TEXT NOT NULL,
-                    row_text TEXT NOT NULL,
-                    data BLOB
-                 );
-                 PRAGMA user_version = 7;
-                 COMMIT;",
-            )?;
-        }
+        // One transaction for every pending migration: an upgrade that
+        // fails (full disk) leaves the database at its old version.
+        schema::migrations().to_latest(&mut conn).map_err(StoreError::from_migration)?;
         Ok(Store { conn })
     }
 
