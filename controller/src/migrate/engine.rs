@@ -1950,6 +1950,111 @@ mod tests {
         assert!(sent.lock().unwrap().is_empty(), "nothing sent: {:?}", sent.lock().unwrap());
     }
 
+    /// A job in MOVING with `moves`, carried out once a define is answered ok
+    /// and the observed event is forced to `Started` (invalid in DEFINING).
+    async fn run_with_invalid_transition(id: &str, moves: &[MoveRow]) -> (Arc<Registry>, Arc<Engine>, usize) {
+        let (reg, engine) = new_engine();
+        let mut row = job_row(id, "migrate", "host-a");
+        row.state = JobState::Moving.as_str().into();
+        reg.db(|s| s.create_job(&row, moves, &audit("olga", "x", "", "", id, ""))).unwrap();
+        let defines = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (n, sent) = (defines.clone(), Arc::new(std::sync::Mutex::new(Vec::<String>::new())));
+        let seen = sent.clone();
+        let _agent = fake_agent(reg.clone(), "host-b", vec![], move |k| {
+            seen.lock().unwrap().push(format!("{k:?}").chars().take(12).collect());
+            if matches!(k, Kind::DefineGuest(_)) {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() })
+        })
+        .await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        *engine.test_event.lock().unwrap() = Some(MoveEvent::Started);
+        tokio::spawn(engine.clone().run(id.into()));
+        until("the job's end", || {
+            Some(engine.job_record(id).unwrap()).filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
+        })
+        .await;
+        // Time for a retry, were there one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(sent.lock().unwrap().len(), 1, "one agent call, never sent again: {:?}", sent.lock().unwrap());
+        (reg, engine, defines.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn move_in(job: &str, name: &str, uuid_end: u8, state: MoveState, priority: i32) -> MoveRow {
+        MoveRow {
+            name: name.into(),
+            uuid: format!("11111111-0000-4000-8000-0000000000{uuid_end:02}"),
+            state: state.as_str().into(),
+            priority,
+            ..starting_move(job)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_invalid_move_transition_stops_the_job_failed_with_an_alarm_and_sends_nothing_again() {
+        let moves = [
+            move_in("mig-x", "vm-1", 1, MoveState::Defining, 10),
+            move_in("mig-x", "vm-2", 2, MoveState::Pending, 0),
+        ];
+        let (reg, engine, defines) = run_with_invalid_transition("mig-x", &moves).await;
+        assert_eq!(defines, 1, "the define was sent once, and vm-2's never");
+        let r = engine.job_record("mig-x").unwrap();
+        assert_eq!(r.state, "FAILED", "{r:?}");
+        let by_name = |n: &str| r.moves.iter().find(|m| m.name == n).unwrap().clone();
+        let (m1, m2) = (by_name("vm-1"), by_name("vm-2"));
+        assert_eq!(m1.state, "FAILED");
+        assert!(m1.error.contains("invalid transition: Started in state DEFINING"), "{}", m1.error);
+        assert_eq!(m2.state, "FAILED");
+        assert!(m2.error.starts_with("not carried on: job stopped after vm-1"), "{}", m2.error);
+        let alarms = reg.active_alarms();
+        let (host, _, detail) = alarms
+            .iter()
+            .map(|a| (a.0.as_str(), a.1.as_str(), a.2.as_str()))
+            .find(|a| a.1 == JOB_INVALID_TRANSITION)
+            .expect("job-invalid-transition alarm");
+        assert_eq!(host, "host-a");
+        assert!(
+            detail.contains("job mig-x") && detail.contains("vm-1") && detail.contains("Started") && detail.contains("DEFINING"),
+            "{detail}"
+        );
+        assert!(engine.stopped_job("mig-x").is_none(), "forgotten once the job ended");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_move_transition_after_a_guest_moved_ends_the_job_partial() {
+        let moves = [
+            move_in("mig-y", "vm-0", 3, MoveState::Running, 20),
+            move_in("mig-y", "vm-1", 1, MoveState::Defining, 10),
+        ];
+        let (reg, engine, defines) = run_with_invalid_transition("mig-y", &moves).await;
+        assert_eq!(defines, 1);
+        let r = engine.job_record("mig-y").unwrap();
+        assert_eq!(r.state, "PARTIAL", "vm-0 moved before the job stopped: {r:?}");
+        assert!(r.error.contains("vm-1 (move failed: stopped: invalid transition"), "{}", r.error);
+        assert!(reg.active_alarms().iter().any(|a| a.1 == JOB_INVALID_TRANSITION));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_job_transition_writes_the_job_failed_with_an_alarm_and_takes_no_step() {
+        let (reg, engine) = new_engine();
+        let row = job_row("mig-j", "migrate", "host-a");
+        reg.db(|s| s.create_job(&row, &[], &audit("olga", "x", "", "", "mig-j", ""))).unwrap();
+        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::AllMoved).unwrap();
+        assert_eq!(got, None, "no step taken");
+        let r = engine.job_record("mig-j").unwrap();
+        assert_eq!(r.state, "FAILED");
+        assert!(r.error.contains("invalid transition: AllMoved in state CREATED"), "{}", r.error);
+        let alarm = reg.active_alarms().into_iter().find(|a| a.1 == JOB_INVALID_TRANSITION).expect("alarm");
+        assert!(alarm.2.contains("job mig-j") && alarm.2.contains("CREATED"), "{alarm:?}");
+        // A valid one steps and writes nothing itself.
+        let row = JobRow { id: "mig-k".into(), ..row };
+        reg.db(|s| s.create_job(&row, &[], &audit("olga", "x", "", "", "mig-k", ""))).unwrap();
+        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::Begin).unwrap();
+        assert_eq!(got, Some((JobState::Fencing, vec![JobEffect::Fence])));
+        assert_eq!(engine.job_record("mig-k").unwrap().state, "CREATED");
+    }
+
     #[test]
     fn a_guest_left_behind_carries_the_plans_reason_and_failed_checks() {
         let check = |name: &str, ok: bool, detail: &str| Check {
