@@ -40,6 +40,10 @@ const PAUSE_RETRY_FIRST: Duration = Duration::from_millis(500);
 /// The longest wait between two retries of a paused job.
 const PAUSE_RETRY_MAX: Duration = Duration::from_secs(10);
 
+/// When a job's pause began (wall clock ms, and a monotonic instant), and
+/// the detail of the `job-paused` alarm it raised, if any.
+type PauseBegan = (i64, std::time::Instant, Option<String>);
+
 /// The engine.
 pub struct Engine {
     reg: Arc<Registry>,
@@ -60,7 +64,7 @@ pub struct Engine {
     /// began (wall clock ms, and a monotonic instant), and the detail of
     /// the `job-paused` alarm it raised, if any. The first job or move write
     /// that succeeds removes the entry, audits the resume and clears that alarm.
-    pause_began: std::sync::Mutex<BTreeMap<String, (i64, std::time::Instant, Option<String>)>>,
+    pause_began: std::sync::Mutex<BTreeMap<String, PauseBegan>>,
     /// Jobs stopped by an invalid transition: job id → why. Their moves
     /// carry nothing further out; the entry goes when the job ends.
     stopped: std::sync::Mutex<BTreeMap<String, String>>,
@@ -670,12 +674,10 @@ impl Engine {
                     if let Some(a) = alarm.as_ref().filter(|_| effects.contains(&JobEffect::RaiseNotMovedAlarm)) {
                         self.reg.raise_alarm(&job.source, GUESTS_NOT_MOVED, a)?;
                     }
-                    if effects.contains(&JobEffect::ObserveRecovery) {
-                        if let Some(h) = self.reg.host_view(&job.source) {
-                            if let Some(silent) = h.silent_ms {
-                                crate::telemetry::get().recovery_seconds.observe(silent as f64 / 1000.0);
-                            }
-                        }
+                    if effects.contains(&JobEffect::ObserveRecovery)
+                        && let Some(silent) = self.reg.host_view(&job.source).and_then(|h| h.silent_ms)
+                    {
+                        crate::telemetry::get().recovery_seconds.observe(silent as f64 / 1000.0);
                     }
                     info!(job = %id, "{detail}");
                     let moved: Vec<String> = moves
@@ -1474,6 +1476,14 @@ fn not_moved_row(job: &str, source: &str, gp: &lifeboat_proto::v1::GuestPlan, no
     }
 }
 
+impl Engine {
+    /// Memory kept free on every host (KiB), from the configuration: what
+    /// operators' own starts (`vms restore --start`) leave free too.
+    pub fn memory_reserve_kib(&self) -> u64 {
+        self.memory_reserve_kib
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1544,7 +1554,7 @@ mod tests {
         reg.db(|s| s.set_read_only(false)).unwrap();
         let r = until("the job's end", || {
             Some(engine.job_record("mig-p").unwrap())
-                .filter(|r| r.state != "CREATED" && r.state != "FENCING" && r.state != "MOVING")
+                .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
         assert_eq!(r.paused, "", "no longer paused");
@@ -1796,7 +1806,7 @@ mod tests {
         tokio::spawn(engine.clone().run("mig-u".into()));
         let r = until("the job's end", || {
             Some(engine.job_record("mig-u").unwrap())
-                .filter(|r| r.state == "FAILED" || r.state == "PARTIAL" || r.state == "SUCCEEDED")
+                .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
         assert_eq!(r.state, "FAILED", "{r:?}");
@@ -2120,13 +2130,5 @@ mod tests {
             !already_elsewhere(Some(&own("b", "a", false)), "a"),
             "an unfinished move off this source is still ours"
         );
-    }
-}
-
-impl Engine {
-    /// Memory kept free on every host (KiB), from the configuration: what
-    /// operators' own starts (`vms restore --start`) leave free too.
-    pub fn memory_reserve_kib(&self) -> u64 {
-        self.memory_reserve_kib
     }
 }
