@@ -668,8 +668,12 @@ pub fn job_step(
             }
             (S::Succeeded, e)
         }
-        (S::Moving, E::SomeLeft) => (S::Partial, vec![RaiseNotMovedAlarm, RecordError, Audit("job.partial"), SettleWaiting]),
-        (S::Moving, E::NoneMoved) => (S::Failed, vec![RaiseNotMovedAlarm, RecordError, Audit("job.failed"), SettleWaiting]),
+        (S::Moving, E::SomeLeft) => {
+            (S::Partial, vec![RaiseNotMovedAlarm, RecordError, Audit("job.partial"), SettleWaiting])
+        }
+        (S::Moving, E::NoneMoved) => {
+            (S::Failed, vec![RaiseNotMovedAlarm, RecordError, Audit("job.failed"), SettleWaiting])
+        }
         (from, event) => return Err(InvalidTransition { from: from.as_str(), event: event.name() }),
     };
     if !current.valid_transition(next) {
@@ -1060,7 +1064,13 @@ mod step_tests {
                 &[CompleteOwner, Audit(AUDIT_GUEST_RUNNING)]
             };
             t.extend([
-                (k, S::Pending, E::SourceSilent, S::Defining, &[RecordOwner, Audit(AUDIT_MOVE_RECORDED), SendDefine][..]),
+                (
+                    k,
+                    S::Pending,
+                    E::SourceSilent,
+                    S::Defining,
+                    &[RecordOwner, Audit(AUDIT_MOVE_RECORDED), SendDefine][..],
+                ),
                 (k, S::Defining, E::Defined, S::Defined, &[Audit(AUDIT_GUEST_DEFINED), ChooseStart][..]),
                 (k, S::Defining, E::DefineFailed, S::Failed, FAILED),
                 (k, S::Defined, E::StartWanted, S::Starting, &[SendStart][..]),
@@ -1152,14 +1162,38 @@ mod step_tests {
             t.extend([
                 (k, S::Created, E::Begin, S::Fencing, &[Fence][..]),
                 (k, S::Fencing, E::SourceOff, S::Moving, &[RunMoves][..]),
-                (k, S::Moving, E::SomeLeft, S::Partial, &[RaiseNotMovedAlarm, RecordError, Audit("job.partial"), SettleWaiting][..]),
-                (k, S::Moving, E::NoneMoved, S::Failed, &[RaiseNotMovedAlarm, RecordError, Audit("job.failed"), SettleWaiting][..]),
+                (
+                    k,
+                    S::Moving,
+                    E::SomeLeft,
+                    S::Partial,
+                    &[RaiseNotMovedAlarm, RecordError, Audit("job.partial"), SettleWaiting][..],
+                ),
+                (
+                    k,
+                    S::Moving,
+                    E::NoneMoved,
+                    S::Failed,
+                    &[RaiseNotMovedAlarm, RecordError, Audit("job.failed"), SettleWaiting][..],
+                ),
             ]);
         }
         t.extend([
             (JobKind::Migrate, S::Fencing, E::FencingFailed, S::Failed, &[RecordError, Audit("job.failed")][..]),
-            (JobKind::Move, S::Fencing, E::FencingFailed, S::Failed, &[RecordError, Audit("job.failed"), WaitStoppedOnSource][..]),
-            (JobKind::Migrate, S::Moving, E::AllMoved, S::Succeeded, &[Audit("job.succeeded"), SettleWaiting, ObserveRecovery][..]),
+            (
+                JobKind::Move,
+                S::Fencing,
+                E::FencingFailed,
+                S::Failed,
+                &[RecordError, Audit("job.failed"), WaitStoppedOnSource][..],
+            ),
+            (
+                JobKind::Migrate,
+                S::Moving,
+                E::AllMoved,
+                S::Succeeded,
+                &[Audit("job.succeeded"), SettleWaiting, ObserveRecovery][..],
+            ),
             (JobKind::Move, S::Moving, E::AllMoved, S::Succeeded, &[Audit("job.succeeded"), SettleWaiting][..]),
         ]);
         t
@@ -1178,8 +1212,11 @@ mod step_tests {
                             valid += 1;
                             assert_eq!(got, Ok((to, effects.to_vec())), "{kind} {from} {event:?}");
                             assert!(from.valid_transition(to));
-                            let actions: Vec<JobEffect> =
-                                effects.iter().copied().filter(|e| matches!(e, JobEffect::Fence | JobEffect::RunMoves)).collect();
+                            let actions: Vec<JobEffect> = effects
+                                .iter()
+                                .copied()
+                                .filter(|e| matches!(e, JobEffect::Fence | JobEffect::RunMoves))
+                                .collect();
                             assert_eq!(actions, to.owed().into_iter().collect::<Vec<_>>(), "owed after a crash");
                         }
                         None => {

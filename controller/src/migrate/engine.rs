@@ -1301,10 +1301,9 @@ impl Engine {
                 "undefining {} on {} failed: {}; run `lifeboat cleanup {} --yes`",
                 m.name, m.source, r.error, m.source
             ),
-            Err(e) => format!(
-                "undefining {} on {} failed: {e}; run `lifeboat cleanup {} --yes`",
-                m.name, m.source, m.source
-            ),
+            Err(e) => {
+                format!("undefining {} on {} failed: {e}; run `lifeboat cleanup {} --yes`", m.name, m.source, m.source)
+            }
         };
         let ok = detail.starts_with("undefined");
         let row = audit(
@@ -2003,10 +2002,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_invalid_move_transition_stops_the_job_failed_with_an_alarm_and_sends_nothing_again() {
-        let moves = [
-            move_in("mig-x", "vm-1", 1, MoveState::Defining, 10),
-            move_in("mig-x", "vm-2", 2, MoveState::Pending, 0),
-        ];
+        let moves =
+            [move_in("mig-x", "vm-1", 1, MoveState::Defining, 10), move_in("mig-x", "vm-2", 2, MoveState::Pending, 0)];
         let (reg, engine, defines) = run_with_invalid_transition("mig-x", &moves).await;
         assert_eq!(defines, 1, "the define was sent once, and vm-2's never");
         let r = engine.job_record("mig-x").unwrap();
@@ -2025,7 +2022,10 @@ mod tests {
             .expect("job-invalid-transition alarm");
         assert_eq!(host, "host-a");
         assert!(
-            detail.contains("job mig-x") && detail.contains("vm-1") && detail.contains("Started") && detail.contains("DEFINING"),
+            detail.contains("job mig-x")
+                && detail.contains("vm-1")
+                && detail.contains("Started")
+                && detail.contains("DEFINING"),
             "{detail}"
         );
         assert!(engine.stopped_job("mig-x").is_none(), "forgotten once the job ended");
@@ -2033,10 +2033,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_invalid_move_transition_after_a_guest_moved_ends_the_job_partial() {
-        let moves = [
-            move_in("mig-y", "vm-0", 3, MoveState::Running, 20),
-            move_in("mig-y", "vm-1", 1, MoveState::Defining, 10),
-        ];
+        let moves =
+            [move_in("mig-y", "vm-0", 3, MoveState::Running, 20), move_in("mig-y", "vm-1", 1, MoveState::Defining, 10)];
         let (reg, engine, defines) = run_with_invalid_transition("mig-y", &moves).await;
         assert_eq!(defines, 1);
         let r = engine.job_record("mig-y").unwrap();
