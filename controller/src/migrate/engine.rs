@@ -709,7 +709,8 @@ impl Engine {
             Err(invalid) => invalid,
         };
         let detail = format!(
-            "job {} stopped: it met {} in state {}, which a job does not allow; nothing further is carried out              (see `lifeboat jobs show {}` and the controller's log)",
+            "job {} stopped: it met {} in state {}, which a job does not allow; nothing further is carried out \
+             (see `lifeboat jobs show {}` and the controller's log)",
             job.id, invalid.event, invalid.from, job.id
         );
         warn!(job = %job.id, from = invalid.from, event = invalid.event, "{detail}");
