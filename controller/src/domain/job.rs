@@ -368,6 +368,321 @@ macro_rules! parse_and_display {
 parse_and_display!(MoveState, "move state");
 parse_and_display!(JobState, "job state");
 
+/// Something the engine observed about a move while carrying out the
+/// action its state owes (see [`MoveState::owed`]). The engine turns each
+/// observation into the next state with [`step`]; the text that explains it
+/// (an agent's answer, who talks) travels beside it, not in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MoveEvent {
+    /// The source of a forced move is silent (or the move is planned): the move may go on.
+    SourceSilent,
+    /// The source of a forced move talks to the controller again: a host that talks is alive.
+    SourceTalks,
+    /// The target defined the guest (or reports it defined at this move's generation).
+    Defined,
+    /// The target refused or never answered the define.
+    DefineFailed,
+    /// The move is to start the guest on its target.
+    StartWanted,
+    /// The move leaves the guest defined and stopped on its target.
+    NoStartWanted,
+    /// A check before the start refused it (ownership moved on; a planned
+    /// move's source no longer confirms the guest shut off).
+    StartRefused,
+    /// The target runs the guest at this move's generation.
+    Started,
+    /// The target refused or never answered the start, and does not report it running.
+    StartFailed,
+    /// The job was stopped (another move of it made an invalid transition):
+    /// this move carries nothing further out.
+    JobStopped,
+}
+
+impl MoveEvent {
+    /// Every event.
+    pub const ALL: [MoveEvent; 10] = [
+        MoveEvent::SourceSilent,
+        MoveEvent::SourceTalks,
+        MoveEvent::Defined,
+        MoveEvent::DefineFailed,
+        MoveEvent::StartWanted,
+        MoveEvent::NoStartWanted,
+        MoveEvent::StartRefused,
+        MoveEvent::Started,
+        MoveEvent::StartFailed,
+        MoveEvent::JobStopped,
+    ];
+}
+
+/// What the engine does after a move's step. The record effects are written
+/// with the new state in one transaction; the action effects are carried out
+/// only after that write (and are owed again by the state after a crash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MoveEffect {
+    /// Record: the target owns the guest at the move's generation, unfinished.
+    RecordOwner,
+    /// Record: the target owns the guest at the move's generation, finished.
+    CompleteOwner,
+    /// Record: the event's text is the move's error.
+    RecordError,
+    /// Record: an audit entry with this action; its detail is the event's text.
+    Audit(&'static str),
+    /// Action: check whether a forced move's source talks again.
+    CheckSource,
+    /// Action: send the definition to the target.
+    SendDefine,
+    /// Action: decide from the move whether the guest is to be started.
+    ChooseStart,
+    /// Action: re-check the source and the ownership, then grant the start
+    /// lease and start the guest on the target.
+    SendStart,
+    /// Action: undefine the guest's stale definition on a planned move's
+    /// (living) source, storage untouched.
+    UndefineOnSource,
+}
+
+impl MoveEffect {
+    /// Whether this effect is carried out (after the write) rather than written.
+    pub fn is_action(self) -> bool {
+        matches!(
+            self,
+            MoveEffect::CheckSource
+                | MoveEffect::SendDefine
+                | MoveEffect::ChooseStart
+                | MoveEffect::SendStart
+                | MoveEffect::UndefineOnSource
+        )
+    }
+}
+
+/// Audit action of a move whose ownership was recorded.
+pub const AUDIT_MOVE_RECORDED: &str = "move.recorded";
+/// Audit action of a guest defined on its target.
+pub const AUDIT_GUEST_DEFINED: &str = "guest.defined";
+/// Audit action of a move that left its guest defined and stopped.
+pub const AUDIT_MOVE_DONE: &str = "move.done";
+/// Audit action of a guest running on its target.
+pub const AUDIT_GUEST_RUNNING: &str = "guest.running";
+/// Audit action of a failed move.
+pub const AUDIT_MOVE_FAILED: &str = "move.failed";
+
+/// Alarm kind: a job met a transition its state machine does not allow and
+/// was stopped (never retried); the detail names the job, guest, state and event.
+pub const JOB_INVALID_TRANSITION: &str = "job-invalid-transition";
+
+/// An event that the state it met does not allow: the engine stops the job
+/// (alarm [`JOB_INVALID_TRANSITION`]) instead of retrying the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid transition: {event} in state {from}")]
+pub struct InvalidTransition {
+    /// The state the job or move was in.
+    pub from: &'static str,
+    /// The event it met (its name).
+    pub event: &'static str,
+}
+
+impl MoveEvent {
+    /// The event's name (logs, alarms).
+    pub fn name(self) -> &'static str {
+        match self {
+            MoveEvent::SourceSilent => "SourceSilent",
+            MoveEvent::SourceTalks => "SourceTalks",
+            MoveEvent::Defined => "Defined",
+            MoveEvent::DefineFailed => "DefineFailed",
+            MoveEvent::StartWanted => "StartWanted",
+            MoveEvent::NoStartWanted => "NoStartWanted",
+            MoveEvent::StartRefused => "StartRefused",
+            MoveEvent::Started => "Started",
+            MoveEvent::StartFailed => "StartFailed",
+            MoveEvent::JobStopped => "JobStopped",
+        }
+    }
+}
+
+impl MoveState {
+    /// The action a move in this state owes: what the step that entered it
+    /// asked for, carried out again when a job resumes here (every action is
+    /// check-then-act). A planned move that ended well still undefines its
+    /// source's copy; every other ended move owes nothing.
+    pub fn owed(self, kind: super::JobKind) -> Option<MoveEffect> {
+        match self {
+            MoveState::Pending => Some(MoveEffect::CheckSource),
+            MoveState::Defining => Some(MoveEffect::SendDefine),
+            MoveState::Defined => Some(MoveEffect::ChooseStart),
+            MoveState::Starting => Some(MoveEffect::SendStart),
+            MoveState::Running | MoveState::DefinedStopped if kind == super::JobKind::Move => {
+                Some(MoveEffect::UndefineOnSource)
+            }
+            MoveState::Running | MoveState::DefinedStopped | MoveState::Failed | MoveState::NotMoved => None,
+        }
+    }
+}
+
+/// One step of a move: from its state and what the engine observed, the
+/// next state and what to do. Pure. Every result passes
+/// [`MoveState::valid_transition`]; anything else is [`InvalidTransition`].
+pub fn step(
+    kind: super::JobKind,
+    current: MoveState,
+    event: MoveEvent,
+) -> Result<(MoveState, Vec<MoveEffect>), InvalidTransition> {
+    use MoveEffect::*;
+    use MoveEvent as E;
+    use MoveState as S;
+    let failed = || (S::Failed, vec![RecordError, Audit(AUDIT_MOVE_FAILED)]);
+    let (next, mut effects) = match (current, event) {
+        (S::Pending, E::SourceSilent) => (S::Defining, vec![RecordOwner, Audit(AUDIT_MOVE_RECORDED)]),
+        (S::Pending, E::SourceTalks) if kind == super::JobKind::Migrate => failed(),
+        (S::Defining, E::Defined) => (S::Defined, vec![Audit(AUDIT_GUEST_DEFINED)]),
+        (S::Defining, E::DefineFailed) => failed(),
+        (S::Defined, E::StartWanted) => (S::Starting, vec![]),
+        (S::Defined, E::NoStartWanted) => (S::DefinedStopped, vec![CompleteOwner, Audit(AUDIT_MOVE_DONE)]),
+        (S::Starting, E::SourceTalks) if kind == super::JobKind::Migrate => failed(),
+        (S::Starting, E::StartRefused | E::StartFailed) => failed(),
+        (S::Starting, E::Started) => (S::Running, vec![CompleteOwner, Audit(AUDIT_GUEST_RUNNING)]),
+        (S::Pending | S::Defining | S::Defined | S::Starting, E::JobStopped) => failed(),
+        (from, event) => return Err(InvalidTransition { from: from.as_str(), event: event.name() }),
+    };
+    if !current.valid_transition(next) {
+        return Err(InvalidTransition { from: current.as_str(), event: event.name() });
+    }
+    effects.extend(next.owed(kind));
+    Ok((next, effects))
+}
+
+/// Something the engine observed about a job while carrying out what its
+/// state owes (see [`JobState::owed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobEvent {
+    /// The job is picked up to be carried out.
+    Begin,
+    /// The source is proven off (BMC Off, or attested), or a planned move's
+    /// source stopped every guest.
+    SourceOff,
+    /// The source could not be proven off (or a planned move's stop failed).
+    FencingFailed,
+    /// Every move ended, and every guest of the job reached its target.
+    AllMoved,
+    /// Every move ended; some guests were left behind (see [`job_outcome`]).
+    SomeLeft,
+    /// Every move ended; none moved and at least one move failed.
+    NoneMoved,
+}
+
+impl JobEvent {
+    /// Every event.
+    pub const ALL: [JobEvent; 6] = [
+        JobEvent::Begin,
+        JobEvent::SourceOff,
+        JobEvent::FencingFailed,
+        JobEvent::AllMoved,
+        JobEvent::SomeLeft,
+        JobEvent::NoneMoved,
+    ];
+
+    /// The event's name (logs, alarms).
+    pub fn name(self) -> &'static str {
+        match self {
+            JobEvent::Begin => "Begin",
+            JobEvent::SourceOff => "SourceOff",
+            JobEvent::FencingFailed => "FencingFailed",
+            JobEvent::AllMoved => "AllMoved",
+            JobEvent::SomeLeft => "SomeLeft",
+            JobEvent::NoneMoved => "NoneMoved",
+        }
+    }
+
+    /// The event that ends a job in `state`, as [`job_outcome`] decided it.
+    pub fn ending(state: JobState) -> JobEvent {
+        match state {
+            JobState::Succeeded => JobEvent::AllMoved,
+            JobState::Partial => JobEvent::SomeLeft,
+            // A job outcome is only ever one of the three ends; anything else
+            // is no end at all and meets no transition.
+            JobState::Failed | JobState::Created | JobState::Fencing | JobState::Moving => JobEvent::NoneMoved,
+        }
+    }
+}
+
+/// What the engine does after a job's step. Record effects are written with
+/// the new state in one transaction; [`JobEffect::RaiseNotMovedAlarm`] is
+/// raised just before that write (idempotent: a resumed job raises the same
+/// alarm once); actions are carried out after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobEffect {
+    /// Record: the event's text is the job's error.
+    RecordError,
+    /// Record: an audit entry with this action.
+    Audit(&'static str),
+    /// Record: the guests a planned move stopped before it failed wait to
+    /// start again on its source.
+    WaitStoppedOnSource,
+    /// Record: the guests left behind wait (for the source, or for a planned
+    /// move); the moved ones no longer do.
+    SettleWaiting,
+    /// Before the write: raise the [`GUESTS_NOT_MOVED`] alarm on the source.
+    RaiseNotMovedAlarm,
+    /// Measure the recovery time of a forced migration that moved everything.
+    ObserveRecovery,
+    /// Action: prove the source off (or stop a planned move's guests on it).
+    Fence,
+    /// Action: carry out every move.
+    RunMoves,
+}
+
+impl JobState {
+    /// The action a job in this state owes (see [`MoveState::owed`]).
+    pub fn owed(self) -> Option<JobEffect> {
+        match self {
+            JobState::Fencing => Some(JobEffect::Fence),
+            JobState::Moving => Some(JobEffect::RunMoves),
+            JobState::Created | JobState::Succeeded | JobState::Partial | JobState::Failed => None,
+        }
+    }
+}
+
+/// One step of a job: from its state and what the engine observed, the next
+/// state and what to do. Pure; every result passes [`JobState::valid_transition`].
+pub fn job_step(
+    kind: super::JobKind,
+    current: JobState,
+    event: JobEvent,
+) -> Result<(JobState, Vec<JobEffect>), InvalidTransition> {
+    use JobEffect::*;
+    use JobEvent as E;
+    use JobState as S;
+    let (next, mut effects) = match (current, event) {
+        (S::Created, E::Begin) => (S::Fencing, vec![]),
+        (S::Fencing, E::SourceOff) => (S::Moving, vec![]),
+        (S::Fencing, E::FencingFailed) => {
+            let mut e = vec![RecordError, Audit("job.failed")];
+            if kind == super::JobKind::Move {
+                e.push(WaitStoppedOnSource);
+            }
+            (S::Failed, e)
+        }
+        (S::Moving, E::AllMoved) => {
+            let mut e = vec![Audit("job.succeeded"), SettleWaiting];
+            if kind == super::JobKind::Migrate {
+                e.push(ObserveRecovery);
+            }
+            (S::Succeeded, e)
+        }
+        (S::Moving, E::SomeLeft) => {
+            (S::Partial, vec![RaiseNotMovedAlarm, RecordError, Audit("job.partial"), SettleWaiting])
+        }
+        (S::Moving, E::NoneMoved) => {
+            (S::Failed, vec![RaiseNotMovedAlarm, RecordError, Audit("job.failed"), SettleWaiting])
+        }
+        (from, event) => return Err(InvalidTransition { from: from.as_str(), event: event.name() }),
+    };
+    if !current.valid_transition(next) {
+        return Err(InvalidTransition { from: current.as_str(), event: event.name() });
+    }
+    effects.extend(next.owed());
+    Ok((next, effects))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -651,5 +966,277 @@ mod tests {
             assert_eq!(s.as_str().parse::<JobState>().unwrap(), s);
         }
         assert!("NOPE".parse::<JobState>().is_err());
+    }
+}
+
+#[cfg(test)]
+mod step_tests {
+    use super::*;
+    use crate::domain::JobKind;
+    use MoveEffect::*;
+
+    /// Fails to compile when an event is added and not listed here, and
+    /// fails the test when `ALL` misses it.
+    fn move_event_index(e: MoveEvent) -> usize {
+        match e {
+            MoveEvent::SourceSilent => 0,
+            MoveEvent::SourceTalks => 1,
+            MoveEvent::Defined => 2,
+            MoveEvent::DefineFailed => 3,
+            MoveEvent::StartWanted => 4,
+            MoveEvent::NoStartWanted => 5,
+            MoveEvent::StartRefused => 6,
+            MoveEvent::Started => 7,
+            MoveEvent::StartFailed => 8,
+            MoveEvent::JobStopped => 9,
+        }
+    }
+
+    fn job_event_index(e: JobEvent) -> usize {
+        match e {
+            JobEvent::Begin => 0,
+            JobEvent::SourceOff => 1,
+            JobEvent::FencingFailed => 2,
+            JobEvent::AllMoved => 3,
+            JobEvent::SomeLeft => 4,
+            JobEvent::NoneMoved => 5,
+        }
+    }
+
+    fn state_index(s: MoveState) -> usize {
+        match s {
+            MoveState::Pending => 0,
+            MoveState::Defining => 1,
+            MoveState::Defined => 2,
+            MoveState::Starting => 3,
+            MoveState::Running => 4,
+            MoveState::DefinedStopped => 5,
+            MoveState::Failed => 6,
+            MoveState::NotMoved => 7,
+        }
+    }
+
+    fn job_state_index(s: JobState) -> usize {
+        match s {
+            JobState::Created => 0,
+            JobState::Fencing => 1,
+            JobState::Moving => 2,
+            JobState::Succeeded => 3,
+            JobState::Partial => 4,
+            JobState::Failed => 5,
+        }
+    }
+
+    #[test]
+    fn every_variant_is_in_all() {
+        for (i, e) in MoveEvent::ALL.into_iter().enumerate() {
+            assert_eq!(move_event_index(e), i, "{e:?}");
+        }
+        for (i, e) in JobEvent::ALL.into_iter().enumerate() {
+            assert_eq!(job_event_index(e), i, "{e:?}");
+        }
+        for (i, s) in MoveState::ALL.into_iter().enumerate() {
+            assert_eq!(state_index(s), i, "{s:?}");
+        }
+        for (i, s) in JobState::ALL.into_iter().enumerate() {
+            assert_eq!(job_state_index(s), i, "{s:?}");
+        }
+    }
+
+    type MoveRow = (JobKind, MoveState, MoveEvent, MoveState, &'static [MoveEffect]);
+
+    const FAILED: &[MoveEffect] = &[RecordError, Audit(AUDIT_MOVE_FAILED)];
+
+    /// Every allowed (kind, state, event); any pair not listed is an invalid transition.
+    fn move_table() -> Vec<MoveRow> {
+        use MoveEvent as E;
+        use MoveState as S;
+        let mut t: Vec<MoveRow> = Vec::new();
+        for k in [JobKind::Migrate, JobKind::Move] {
+            let stopped: &'static [MoveEffect] = if k == JobKind::Move {
+                &[CompleteOwner, Audit(AUDIT_MOVE_DONE), UndefineOnSource]
+            } else {
+                &[CompleteOwner, Audit(AUDIT_MOVE_DONE)]
+            };
+            let running: &'static [MoveEffect] = if k == JobKind::Move {
+                &[CompleteOwner, Audit(AUDIT_GUEST_RUNNING), UndefineOnSource]
+            } else {
+                &[CompleteOwner, Audit(AUDIT_GUEST_RUNNING)]
+            };
+            t.extend([
+                (
+                    k,
+                    S::Pending,
+                    E::SourceSilent,
+                    S::Defining,
+                    &[RecordOwner, Audit(AUDIT_MOVE_RECORDED), SendDefine][..],
+                ),
+                (k, S::Defining, E::Defined, S::Defined, &[Audit(AUDIT_GUEST_DEFINED), ChooseStart][..]),
+                (k, S::Defining, E::DefineFailed, S::Failed, FAILED),
+                (k, S::Defined, E::StartWanted, S::Starting, &[SendStart][..]),
+                (k, S::Defined, E::NoStartWanted, S::DefinedStopped, stopped),
+                (k, S::Starting, E::StartRefused, S::Failed, FAILED),
+                (k, S::Starting, E::StartFailed, S::Failed, FAILED),
+                (k, S::Starting, E::Started, S::Running, running),
+            ]);
+            for s in [S::Pending, S::Defining, S::Defined, S::Starting] {
+                t.push((k, s, E::JobStopped, S::Failed, FAILED));
+            }
+        }
+        // Only a forced move's source can "talk again": a planned move's source always talks.
+        t.push((JobKind::Migrate, S::Pending, E::SourceTalks, S::Failed, FAILED));
+        t.push((JobKind::Migrate, S::Starting, E::SourceTalks, S::Failed, FAILED));
+        t
+    }
+
+    #[test]
+    fn a_move_steps_exactly_as_the_table_says_for_every_state_and_event() {
+        let table = move_table();
+        let mut valid = 0;
+        for kind in JobKind::ALL.iter().copied() {
+            for from in MoveState::ALL {
+                for event in MoveEvent::ALL {
+                    let got = step(kind, from, event);
+                    match table.iter().find(|r| (r.0, r.1, r.2) == (kind, from, event)) {
+                        Some(&(_, _, _, to, effects)) => {
+                            valid += 1;
+                            assert_eq!(got, Ok((to, effects.to_vec())), "{kind} {from} {event:?}");
+                            assert!(from.valid_transition(to), "{from} -> {to}");
+                        }
+                        None => assert_eq!(
+                            got,
+                            Err(InvalidTransition { from: from.as_str(), event: event.name() }),
+                            "{kind} {from} {event:?}"
+                        ),
+                    }
+                }
+            }
+        }
+        assert_eq!(valid, table.len(), "every table row is a distinct (kind, state, event)");
+    }
+
+    #[test]
+    fn a_move_step_asks_for_exactly_what_its_new_state_owes_after_a_crash() {
+        // Written before carried out: a crash after the write resumes with the
+        // state's owed action, which is the one the step asked for.
+        for kind in JobKind::ALL.iter().copied() {
+            for from in MoveState::ALL {
+                for event in MoveEvent::ALL {
+                    if let Ok((to, effects)) = step(kind, from, event) {
+                        let actions: Vec<MoveEffect> = effects.iter().copied().filter(|e| e.is_action()).collect();
+                        assert_eq!(actions, to.owed(kind).into_iter().collect::<Vec<_>>(), "{kind} {from} {event:?}");
+                        assert_eq!(effects.last().copied().filter(|e| e.is_action()), to.owed(kind), "actions last");
+                    }
+                }
+            }
+        }
+        assert_eq!(MoveState::Running.owed(JobKind::Migrate), None);
+        assert_eq!(MoveState::NotMoved.owed(JobKind::Move), None);
+        assert_eq!(MoveState::Failed.owed(JobKind::Move), None);
+    }
+
+    #[test]
+    fn an_ended_move_takes_no_step_and_nothing_enters_not_moved() {
+        for kind in JobKind::ALL.iter().copied() {
+            for from in MoveState::ALL.into_iter().filter(|s| s.is_terminal()) {
+                for event in MoveEvent::ALL {
+                    assert!(step(kind, from, event).is_err(), "{kind} {from} {event:?}");
+                }
+            }
+            for from in MoveState::ALL {
+                for event in MoveEvent::ALL {
+                    assert_ne!(step(kind, from, event).map(|r| r.0), Ok(MoveState::NotMoved));
+                }
+            }
+        }
+    }
+
+    type JobTableRow = (JobKind, JobState, JobEvent, JobState, &'static [JobEffect]);
+
+    fn job_table() -> Vec<JobTableRow> {
+        use JobEffect::*;
+        use JobEvent as E;
+        use JobState as S;
+        let mut t: Vec<JobTableRow> = Vec::new();
+        for k in [JobKind::Migrate, JobKind::Move] {
+            t.extend([
+                (k, S::Created, E::Begin, S::Fencing, &[Fence][..]),
+                (k, S::Fencing, E::SourceOff, S::Moving, &[RunMoves][..]),
+                (
+                    k,
+                    S::Moving,
+                    E::SomeLeft,
+                    S::Partial,
+                    &[RaiseNotMovedAlarm, RecordError, Audit("job.partial"), SettleWaiting][..],
+                ),
+                (
+                    k,
+                    S::Moving,
+                    E::NoneMoved,
+                    S::Failed,
+                    &[RaiseNotMovedAlarm, RecordError, Audit("job.failed"), SettleWaiting][..],
+                ),
+            ]);
+        }
+        t.extend([
+            (JobKind::Migrate, S::Fencing, E::FencingFailed, S::Failed, &[RecordError, Audit("job.failed")][..]),
+            (
+                JobKind::Move,
+                S::Fencing,
+                E::FencingFailed,
+                S::Failed,
+                &[RecordError, Audit("job.failed"), WaitStoppedOnSource][..],
+            ),
+            (
+                JobKind::Migrate,
+                S::Moving,
+                E::AllMoved,
+                S::Succeeded,
+                &[Audit("job.succeeded"), SettleWaiting, ObserveRecovery][..],
+            ),
+            (JobKind::Move, S::Moving, E::AllMoved, S::Succeeded, &[Audit("job.succeeded"), SettleWaiting][..]),
+        ]);
+        t
+    }
+
+    #[test]
+    fn a_job_steps_exactly_as_the_table_says_for_every_state_and_event() {
+        let table = job_table();
+        let mut valid = 0;
+        for kind in JobKind::ALL.iter().copied() {
+            for from in JobState::ALL {
+                for event in JobEvent::ALL {
+                    let got = job_step(kind, from, event);
+                    match table.iter().find(|r| (r.0, r.1, r.2) == (kind, from, event)) {
+                        Some(&(_, _, _, to, effects)) => {
+                            valid += 1;
+                            assert_eq!(got, Ok((to, effects.to_vec())), "{kind} {from} {event:?}");
+                            assert!(from.valid_transition(to));
+                            let actions: Vec<JobEffect> = effects
+                                .iter()
+                                .copied()
+                                .filter(|e| matches!(e, JobEffect::Fence | JobEffect::RunMoves))
+                                .collect();
+                            assert_eq!(actions, to.owed().into_iter().collect::<Vec<_>>(), "owed after a crash");
+                        }
+                        None => {
+                            assert_eq!(
+                                got,
+                                Err(InvalidTransition { from: from.as_str(), event: event.name() }),
+                                "{kind} {from} {event:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(valid, table.len());
+        // A finished job takes no step: is_terminal is what ends the engine's loop.
+        for s in JobState::ALL.into_iter().filter(|s| s.is_terminal()) {
+            assert_eq!(s.owed(), None);
+        }
+        for s in [JobState::Succeeded, JobState::Partial, JobState::Failed] {
+            assert_eq!(job_step(JobKind::Migrate, JobState::Moving, JobEvent::ending(s)).unwrap().0, s);
+        }
     }
 }

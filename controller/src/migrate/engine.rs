@@ -17,7 +17,11 @@ use tokio::sync::{Semaphore, broadcast};
 use tracing::{info, warn};
 
 use super::plan::{self, Ownership, PlanInput, PowerReading};
-use crate::domain::job::{GUESTS_NOT_MOVED, JobOutcome, JobState, MoveOutcome, MoveState, job_outcome};
+use crate::domain::JobKind;
+use crate::domain::job::{
+    AUDIT_MOVE_FAILED, GUESTS_NOT_MOVED, InvalidTransition, JOB_INVALID_TRANSITION, JobEffect, JobEvent, JobOutcome,
+    JobState, MoveEffect, MoveEvent, MoveOutcome, MoveState, job_outcome, job_step, step,
+};
 use crate::error::ControllerError;
 use crate::fence::{BmcConfig, FenceConfigError, FenceEvent, Fencer, PowerState};
 use crate::registry::Registry;
@@ -35,6 +39,10 @@ const SESSION_WAIT: Duration = Duration::from_secs(60);
 const PAUSE_RETRY_FIRST: Duration = Duration::from_millis(500);
 /// The longest wait between two retries of a paused job.
 const PAUSE_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// When a job's pause began (wall clock ms, and a monotonic instant), and
+/// the detail of the `job-paused` alarm it raised, if any.
+type PauseBegan = (i64, std::time::Instant, Option<String>);
 
 /// The engine.
 pub struct Engine {
@@ -56,7 +64,13 @@ pub struct Engine {
     /// began (wall clock ms, and a monotonic instant), and the detail of
     /// the `job-paused` alarm it raised, if any. The first job or move write
     /// that succeeds removes the entry, audits the resume and clears that alarm.
-    pause_began: std::sync::Mutex<BTreeMap<String, (i64, std::time::Instant, Option<String>)>>,
+    pause_began: std::sync::Mutex<BTreeMap<String, PauseBegan>>,
+    /// Jobs stopped by an invalid transition: job id → why. Their moves
+    /// carry nothing further out; the entry goes when the job ends.
+    stopped: std::sync::Mutex<BTreeMap<String, String>>,
+    /// Replaces the next observed move event (tests force an invalid transition).
+    #[cfg(test)]
+    test_event: std::sync::Mutex<Option<MoveEvent>>,
 }
 
 fn audit(actor: &str, action: &str, host: &str, vm: &str, job: &str, detail: impl Into<String>) -> AuditRow {
@@ -96,6 +110,9 @@ impl Engine {
             paused: Default::default(),
             pause_began: Default::default(),
             placing: tokio::sync::Mutex::new(()),
+            stopped: Default::default(),
+            #[cfg(test)]
+            test_event: Default::default(),
         }))
     }
 
@@ -478,6 +495,7 @@ impl Engine {
                 Ok(()) => {
                     self.progressed(&id, &source);
                     self.reg.clear_in_job(&id);
+                    self.stopped.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                     return;
                 }
                 Err(e) => {
@@ -563,17 +581,34 @@ impl Engine {
         loop {
             let Some(job) = self.reg.db(|s| s.job(id))? else { return Ok(()) };
             let state: JobState = job.state.parse().unwrap_or(JobState::Failed);
+            if state.is_terminal() {
+                return Ok(());
+            }
+            let kind = if job.kind == "move" { JobKind::Move } else { JobKind::Migrate };
             match state {
                 JobState::Created => {
-                    self.set_job(&job, JobState::Fencing, "", None)?;
+                    let Some((to, _)) = self.job_step(&job, kind, state, JobEvent::Begin)? else { return Ok(()) };
+                    self.set_job(&job, to, "", None)?;
                 }
                 JobState::Fencing => match self.fence(&job).await? {
-                    Ok(()) => self.set_job(&job, JobState::Moving, "", None)?,
+                    Ok(()) => {
+                        let Some((to, _)) = self.job_step(&job, kind, state, JobEvent::SourceOff)? else {
+                            return Ok(());
+                        };
+                        self.set_job(&job, to, "", None)?
+                    }
                     Err(why) => {
+                        let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::FencingFailed)? else {
+                            return Ok(());
+                        };
                         // A planned move may have stopped some guests before
                         // it failed: those that should run wait to start
                         // again on the source.
-                        let waiting = if job.kind == "move" { self.stopped_by_failed_move(&job)? } else { Vec::new() };
+                        let waiting = if effects.contains(&JobEffect::WaitStoppedOnSource) {
+                            self.stopped_by_failed_move(&job)?
+                        } else {
+                            Vec::new()
+                        };
                         let names: Vec<&str> = waiting.iter().map(|w| w.name.as_str()).collect();
                         let msg = if names.is_empty() {
                             format!("{why}; no guest was defined anywhere")
@@ -587,9 +622,9 @@ impl Engine {
                         warn!(job = %id, "{msg}");
                         self.end_job(
                             &job,
-                            JobState::Failed,
+                            to,
                             &msg,
-                            audit("controller", "job.failed", &job.source, "", id, msg.clone()),
+                            audit("controller", audit_action(&effects), &job.source, "", id, msg.clone()),
                             &waiting,
                             &[],
                         )?;
@@ -629,19 +664,20 @@ impl Engine {
                         })
                         .collect();
                     let talking = job.kind == "migrate" && self.reg.is_reachable(&job.source);
-                    let JobOutcome { state: to, error: msg, detail, alarm } =
+                    let JobOutcome { state: ends, error: msg, detail, alarm } =
                         job_outcome(id, &job.source, job.kind == "move", talking, &outcomes);
+                    let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::ending(ends))? else {
+                        return Ok(());
+                    };
                     // Raised before the job ends: a crash in between resumes
                     // here, and the same alarm is not raised twice.
-                    if let Some(a) = &alarm {
+                    if let Some(a) = alarm.as_ref().filter(|_| effects.contains(&JobEffect::RaiseNotMovedAlarm)) {
                         self.reg.raise_alarm(&job.source, GUESTS_NOT_MOVED, a)?;
                     }
-                    if to == JobState::Succeeded && job.kind == "migrate" {
-                        if let Some(h) = self.reg.host_view(&job.source) {
-                            if let Some(silent) = h.silent_ms {
-                                crate::telemetry::get().recovery_seconds.observe(silent as f64 / 1000.0);
-                            }
-                        }
+                    if effects.contains(&JobEffect::ObserveRecovery)
+                        && let Some(silent) = self.reg.host_view(&job.source).and_then(|h| h.silent_ms)
+                    {
+                        crate::telemetry::get().recovery_seconds.observe(silent as f64 / 1000.0);
                     }
                     info!(job = %id, "{detail}");
                     let moved: Vec<String> = moves
@@ -649,19 +685,41 @@ impl Engine {
                         .filter(|m| m.state.parse::<MoveState>().is_ok_and(|s| s.is_success()))
                         .map(|m| m.uuid.clone())
                         .collect();
-                    let a = audit(
-                        "controller",
-                        &format!("job.{}", to.as_str().to_lowercase()),
-                        &job.source,
-                        "",
-                        id,
-                        detail,
-                    );
+                    let a = audit("controller", audit_action(&effects), &job.source, "", id, detail);
                     self.end_job(&job, to, &msg, a, &waiting, &moved)?;
                 }
                 JobState::Succeeded | JobState::Partial | JobState::Failed => return Ok(()),
             }
         }
+    }
+
+    /// The job's next state and effects for `event`, or `None` when the
+    /// transition is invalid: then the job is stopped, never retried. The
+    /// `job-invalid-transition` alarm is raised on its source and the job is
+    /// written FAILED (every state a job steps from may end FAILED).
+    fn job_step(
+        &self,
+        job: &JobRow,
+        kind: JobKind,
+        state: JobState,
+        event: JobEvent,
+    ) -> Result<Option<(JobState, Vec<JobEffect>)>, StoreError> {
+        let invalid = match job_step(kind, state, event) {
+            Ok(r) => return Ok(Some(r)),
+            Err(invalid) => invalid,
+        };
+        let detail = format!(
+            "job {} stopped: it met {} in state {}, which a job does not allow; nothing further is carried out \
+             (see `lifeboat jobs show {}` and the controller's log)",
+            job.id, invalid.event, invalid.from, job.id
+        );
+        warn!(job = %job.id, from = invalid.from, event = invalid.event, "{detail}");
+        self.reg.raise_alarm(&job.source, JOB_INVALID_TRANSITION, &detail)?;
+        if state.valid_transition(JobState::Failed) {
+            let a = audit("controller", "job.failed", &job.source, "", &job.id, detail);
+            self.set_job(job, JobState::Failed, &format!("stopped: {invalid}"), Some(a))?;
+        }
+        Ok(None)
     }
 
     /// The guests a finished job leaves waiting on its source. A source
@@ -1070,174 +1128,246 @@ impl Engine {
         }
     }
 
+    /// Carries a move out: the action its state owes is carried out and
+    /// observed, [`step`] decides the next state and effects, the new state
+    /// and its record effects are written in one transaction, and only then is
+    /// the next action carried out. A transition the move's state machine
+    /// does not allow stops the job (see [`Engine::stop_on_invalid`]).
     async fn run_move(&self, mut m: MoveRow, operator: &str, planned: bool) -> Result<(), StoreError> {
         let _ = operator;
-        loop {
+        let kind = if planned { JobKind::Move } else { JobKind::Migrate };
+        let mut owed = m.state.parse().unwrap_or(MoveState::Failed).owed(kind);
+        while let Some(action) = owed {
             let state: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
-            // Every state but an ended one acts (records an owner, defines,
-            // leases, starts, or undefines on a planned move's source).
-            let ended = matches!(state, MoveState::Failed | MoveState::NotMoved)
-                || (!planned && matches!(state, MoveState::Running | MoveState::DefinedStopped));
-            if !ended {
-                self.refuse_if_quarantined(&m)?;
+            self.refuse_if_quarantined(&m)?;
+            if action == MoveEffect::UndefineOnSource {
+                return self.undefine_on_source(&m).await;
             }
-            let (t, n, j) = (m.target.clone(), m.name.clone(), m.job_id.clone());
-            let a = move |action: &str, detail: String| Some(audit("controller", action, &t, &n, &j, detail));
-            match state {
-                MoveState::Pending => {
-                    if !planned && self.reg.is_reachable(&m.source) {
-                        let msg = format!(
-                            "{} is talking to the controller again; not defining {} elsewhere",
-                            m.source, m.name
-                        );
-                        self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
-                        continue;
-                    }
-                    let detail =
-                        format!("{} ({}) {} -> {}, generation {}", m.name, m.uuid, m.source, m.target, m.generation);
-                    let owner = self.owner(&m, false);
-                    self.set_move(&mut m, MoveState::Defining, "", Some(owner), a("move.recorded", detail))?;
+            let (event, text) = match self.stopped_job(&m.job_id) {
+                Some(why) => (MoveEvent::JobStopped, format!("not carried on: {why}")),
+                None => self.observe(&m, action, planned).await,
+            };
+            #[cfg(test)]
+            let event = self.test_event.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or(event);
+            match step(kind, state, event) {
+                Ok((to, effects)) => {
+                    self.apply_move(&mut m, to, &effects, &text)?;
+                    owed = effects.into_iter().rfind(|e| e.is_action());
                 }
-                MoveState::Defining => {
-                    let kind = Kind::DefineGuest(DefineGuest {
-                        definition_xml: m.definition_xml.clone(),
-                        owner_host: m.target.clone(),
-                        generation: m.generation,
-                    });
-                    match self.call_target(&m.target, kind, None).await {
-                        Ok(r) if r.ok => {
-                            let detail = format!(
-                                "defined {} ({}) on {} ({}), autostart off, owner generation {}",
-                                m.name, m.uuid, m.target, r.outcome, m.generation
-                            );
-                            self.set_move(&mut m, MoveState::Defined, "", None, a("guest.defined", detail))?;
-                        }
-                        Ok(r) => {
-                            let msg = format!("define on {} failed: {}", m.target, r.error);
-                            self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
-                        }
-                        Err(e) if self.target_reports(&m, false).is_some() => {
-                            let detail = format!(
-                                "defined {} ({}) on {}: the answer was lost ({e}) but {} reports it defined at owner generation {}",
-                                m.name, m.uuid, m.target, m.target, m.generation
-                            );
-                            self.set_move(&mut m, MoveState::Defined, "", None, a("guest.defined", detail))?;
-                        }
-                        Err(e) => {
-                            let msg = format!("define on {} failed: {e}", m.target);
-                            self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
-                        }
-                    }
+                Err(invalid) => return self.stop_on_invalid(&mut m, invalid),
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out a move's action (checks included) and says what came of it,
+    /// with the text that explains it (audit detail, or the move's error).
+    async fn observe(&self, m: &MoveRow, action: MoveEffect, planned: bool) -> (MoveEvent, String) {
+        match action {
+            MoveEffect::CheckSource => {
+                if !planned && self.reg.is_reachable(&m.source) {
+                    let msg =
+                        format!("{} is talking to the controller again; not defining {} elsewhere", m.source, m.name);
+                    return (MoveEvent::SourceTalks, msg);
                 }
-                MoveState::Defined => {
-                    if m.start {
-                        self.set_move(&mut m, MoveState::Starting, "", None, None)?;
-                    } else {
-                        let owner = self.owner(&m, true);
-                        let detail = format!("{} left defined and stopped on {}", m.name, m.target);
-                        self.set_move(&mut m, MoveState::DefinedStopped, "", Some(owner), a("move.done", detail))?;
-                    }
-                }
-                MoveState::Starting if let Some(why) = self.moved_on(&m) => {
-                    let msg = format!("not starting {} on {}: {why}", m.name, m.target);
-                    self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
-                }
-                // A job resumed after its start took effect (the RUNNING
-                // write failed, or the controller stopped) finds it running
-                // there at this move's generation: that is this move's copy.
-                MoveState::Starting if self.target_reports(&m, true).is_some() => {
-                    let owner = self.owner(&m, true);
-                    let detail = format!(
-                        "{} ({}) running on {}: {} reports it running at owner generation {} (started before this job resumed)",
-                        m.name, m.uuid, m.target, m.target, m.generation
-                    );
-                    self.set_move(&mut m, MoveState::Running, "", Some(owner), a("guest.running", detail))?;
-                }
-                MoveState::Starting if planned && let Err(e) = self.stop_confirmed(&m.source, &m, &m.job_id).await => {
-                    // The source is read again right before the start: a copy
-                    // started there since the stop must not meet a second one.
-                    let msg = format!("not starting {} on {}: {e}", m.name, m.target);
-                    self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
-                }
-                MoveState::Starting if !planned && self.reg.is_reachable(&m.source) => {
-                    let msg = format!(
-                        "{} is talking to the controller again; not starting {} on {}",
-                        m.source, m.name, m.target
-                    );
-                    self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
-                }
-                MoveState::Starting => match self.lease_then_start(&m, planned).await {
+                let detail =
+                    format!("{} ({}) {} -> {}, generation {}", m.name, m.uuid, m.source, m.target, m.generation);
+                (MoveEvent::SourceSilent, detail)
+            }
+            MoveEffect::SendDefine => {
+                let kind = Kind::DefineGuest(DefineGuest {
+                    definition_xml: m.definition_xml.clone(),
+                    owner_host: m.target.clone(),
+                    generation: m.generation,
+                });
+                match self.call_target(&m.target, kind, None).await {
                     Ok(r) if r.ok => {
-                        let owner = self.owner(&m, true);
-                        let detail = format!("{} ({}) running on {} ({})", m.name, m.uuid, m.target, r.outcome);
-                        self.set_move(&mut m, MoveState::Running, "", Some(owner), a("guest.running", detail))?;
-                    }
-                    // Before a start is called failed, the target is read
-                    // again: a start whose answer was lost (or that failed
-                    // after qemu came up) may have taken effect.
-                    Ok(r) if self.target_reports(&m, true).is_some() => {
-                        let owner = self.owner(&m, true);
                         let detail = format!(
-                            "{} ({}) running on {}: the start answered '{}' but {} reports it running at owner generation {}",
-                            m.name, m.uuid, m.target, r.error, m.target, m.generation
+                            "defined {} ({}) on {} ({}), autostart off, owner generation {}",
+                            m.name, m.uuid, m.target, r.outcome, m.generation
                         );
-                        self.set_move(&mut m, MoveState::Running, "", Some(owner), a("guest.running", detail))?;
+                        (MoveEvent::Defined, detail)
                     }
-                    Err(e) if self.target_reports(&m, true).is_some() => {
-                        let owner = self.owner(&m, true);
+                    Ok(r) => (MoveEvent::DefineFailed, format!("define on {} failed: {}", m.target, r.error)),
+                    Err(e) if self.target_reports(m, false).is_some() => {
                         let detail = format!(
-                            "{} ({}) running on {}: the start's answer was lost ({e}) but {} reports it running at owner generation {}",
+                            "defined {} ({}) on {}: the answer was lost ({e}) but {} reports it defined at owner generation {}",
                             m.name, m.uuid, m.target, m.target, m.generation
                         );
-                        self.set_move(&mut m, MoveState::Running, "", Some(owner), a("guest.running", detail))?;
+                        (MoveEvent::Defined, detail)
                     }
-                    Ok(r) => {
-                        let msg = format!("start on {} failed: {}", m.target, r.error);
-                        self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
-                    }
-                    Err(e) => {
-                        let msg = format!("start on {} failed: {e}", m.target);
-                        self.set_move(&mut m, MoveState::Failed, &msg, None, a("move.failed", msg.clone()))?;
-                    }
-                },
-                MoveState::Running | MoveState::DefinedStopped if planned => {
-                    // The source is alive: remove its now stale definition right away.
-                    let cmd = CleanupGuest { uuid: m.uuid.clone(), name: m.name.clone(), destroy_running: false };
-                    let detail = match self.reg.call(&m.source, Kind::CleanupGuest(cmd), self.call_timeout).await {
-                        Ok(r) if r.ok => {
-                            format!("undefined {} on {} ({}); storage untouched", m.name, m.source, r.outcome)
-                        }
-                        Ok(r) => format!(
-                            "undefining {} on {} failed: {}; run `lifeboat cleanup {} --yes`",
-                            m.name, m.source, r.error, m.source
-                        ),
-                        Err(e) => format!(
-                            "undefining {} on {} failed: {e}; run `lifeboat cleanup {} --yes`",
-                            m.name, m.source, m.source
-                        ),
-                    };
-                    let ok = detail.starts_with("undefined");
-                    let row = audit(
-                        "controller",
-                        if ok { "cleanup.removed" } else { "cleanup.failed" },
-                        &m.source,
-                        &m.name,
-                        &m.job_id,
-                        detail.clone(),
-                    );
-                    if ok {
-                        self.reg.db(|s| s.mark_cleaned(&m.job_id, &m.uuid, &row))?;
-                    } else {
-                        self.reg.db(|s| s.audit(&row))?;
-                    }
-                    return Ok(());
+                    Err(e) => (MoveEvent::DefineFailed, format!("define on {} failed: {e}", m.target)),
                 }
-                MoveState::Running | MoveState::DefinedStopped | MoveState::Failed | MoveState::NotMoved => {
-                    return Ok(());
-                }
+            }
+            MoveEffect::ChooseStart if m.start => (MoveEvent::StartWanted, String::new()),
+            MoveEffect::ChooseStart => {
+                (MoveEvent::NoStartWanted, format!("{} left defined and stopped on {}", m.name, m.target))
+            }
+            MoveEffect::SendStart => self.checked_start(m, planned).await,
+            // Record effects and the source's undefine are never observed here.
+            MoveEffect::RecordOwner
+            | MoveEffect::CompleteOwner
+            | MoveEffect::RecordError
+            | MoveEffect::Audit(_)
+            | MoveEffect::UndefineOnSource => {
+                (MoveEvent::JobStopped, format!("not carried on: {action:?} is no action a move carries out"))
             }
         }
     }
+
+    /// The start: its checks first (ownership moved on; already running on
+    /// the target; a planned move's source still confirms the guest shut off;
+    /// a forced move's source is still silent), then the lease and the start.
+    async fn checked_start(&self, m: &MoveRow, planned: bool) -> (MoveEvent, String) {
+        if let Some(why) = self.moved_on(m) {
+            return (MoveEvent::StartRefused, format!("not starting {} on {}: {why}", m.name, m.target));
+        }
+        // A job resumed after its start took effect (the RUNNING write
+        // failed, or the controller stopped) finds it running there at this
+        // move's generation: that is this move's copy.
+        if self.target_reports(m, true).is_some() {
+            let detail = format!(
+                "{} ({}) running on {}: {} reports it running at owner generation {} (started before this job resumed)",
+                m.name, m.uuid, m.target, m.target, m.generation
+            );
+            return (MoveEvent::Started, detail);
+        }
+        if planned && let Err(e) = self.stop_confirmed(&m.source, m, &m.job_id).await {
+            // The source is read again right before the start: a copy
+            // started there since the stop must not meet a second one.
+            return (MoveEvent::StartRefused, format!("not starting {} on {}: {e}", m.name, m.target));
+        }
+        if !planned && self.reg.is_reachable(&m.source) {
+            let msg =
+                format!("{} is talking to the controller again; not starting {} on {}", m.source, m.name, m.target);
+            return (MoveEvent::SourceTalks, msg);
+        }
+        match self.lease_then_start(m, planned).await {
+            Ok(r) if r.ok => {
+                (MoveEvent::Started, format!("{} ({}) running on {} ({})", m.name, m.uuid, m.target, r.outcome))
+            }
+            // Before a start is called failed, the target is read again: a
+            // start whose answer was lost (or that failed after qemu came up)
+            // may have taken effect.
+            Ok(r) if self.target_reports(m, true).is_some() => {
+                let detail = format!(
+                    "{} ({}) running on {}: the start answered '{}' but {} reports it running at owner generation {}",
+                    m.name, m.uuid, m.target, r.error, m.target, m.generation
+                );
+                (MoveEvent::Started, detail)
+            }
+            Err(e) if self.target_reports(m, true).is_some() => {
+                let detail = format!(
+                    "{} ({}) running on {}: the start's answer was lost ({e}) but {} reports it running at owner generation {}",
+                    m.name, m.uuid, m.target, m.target, m.generation
+                );
+                (MoveEvent::Started, detail)
+            }
+            Ok(r) => (MoveEvent::StartFailed, format!("start on {} failed: {}", m.target, r.error)),
+            Err(e) => (MoveEvent::StartFailed, format!("start on {} failed: {e}", m.target)),
+        }
+    }
+
+    /// Writes a move's new state with its record effects (owner, error,
+    /// audit) in one transaction, before any action of the step is carried out.
+    fn apply_move(&self, m: &mut MoveRow, to: MoveState, effects: &[MoveEffect], text: &str) -> Result<(), StoreError> {
+        let mut owner = None;
+        let mut error = "";
+        let mut a = None;
+        for e in effects {
+            match *e {
+                MoveEffect::RecordOwner => owner = Some(self.owner(m, false)),
+                MoveEffect::CompleteOwner => owner = Some(self.owner(m, true)),
+                MoveEffect::RecordError => error = text,
+                MoveEffect::Audit(action) => a = Some(audit("controller", action, &m.target, &m.name, &m.job_id, text)),
+                MoveEffect::CheckSource
+                | MoveEffect::SendDefine
+                | MoveEffect::ChooseStart
+                | MoveEffect::SendStart
+                | MoveEffect::UndefineOnSource => {}
+            }
+        }
+        self.set_move(m, to, error, owner, a)
+    }
+
+    /// A planned move ended well: its source is alive, so the now stale
+    /// definition there is removed right away (storage untouched).
+    async fn undefine_on_source(&self, m: &MoveRow) -> Result<(), StoreError> {
+        let cmd = CleanupGuest { uuid: m.uuid.clone(), name: m.name.clone(), destroy_running: false };
+        let detail = match self.reg.call(&m.source, Kind::CleanupGuest(cmd), self.call_timeout).await {
+            Ok(r) if r.ok => {
+                format!("undefined {} on {} ({}); storage untouched", m.name, m.source, r.outcome)
+            }
+            Ok(r) => format!(
+                "undefining {} on {} failed: {}; run `lifeboat cleanup {} --yes`",
+                m.name, m.source, r.error, m.source
+            ),
+            Err(e) => {
+                format!("undefining {} on {} failed: {e}; run `lifeboat cleanup {} --yes`", m.name, m.source, m.source)
+            }
+        };
+        let ok = detail.starts_with("undefined");
+        let row = audit(
+            "controller",
+            if ok { "cleanup.removed" } else { "cleanup.failed" },
+            &m.source,
+            &m.name,
+            &m.job_id,
+            detail.clone(),
+        );
+        if ok {
+            self.reg.db(|s| s.mark_cleaned(&m.job_id, &m.uuid, &row))?;
+        } else {
+            self.reg.db(|s| s.audit(&row))?;
+        }
+        Ok(())
+    }
+
+    /// Why a job was stopped, if it was: its other moves carry nothing further out.
+    fn stopped_job(&self, job: &str) -> Option<String> {
+        self.stopped.lock().unwrap_or_else(|p| p.into_inner()).get(job).cloned()
+    }
+
+    /// A move met an event its state does not allow: a bug or a record
+    /// nobody expected, never something to retry. The job is stopped: the
+    /// `job-invalid-transition` alarm is raised on the source (before the
+    /// write, like every alarm of a job: raising it again changes nothing),
+    /// the move is written FAILED with the transition as its error, and the
+    /// job's other moves carry nothing further out. The job then ends as
+    /// its moves say: FAILED, or PARTIAL when some guests had already moved
+    /// (those moves happened; calling the job FAILED would hide them).
+    fn stop_on_invalid(&self, m: &mut MoveRow, invalid: InvalidTransition) -> Result<(), StoreError> {
+        let detail = format!(
+            "job {} stopped: guest {} ({}) met {} in state {}, which its move does not allow; nothing further is \
+             carried out for the job (see `lifeboat jobs show {}` and the controller's log)",
+            m.job_id, m.name, m.uuid, invalid.event, invalid.from, m.job_id
+        );
+        warn!(job = %m.job_id, guest = %m.name, from = invalid.from, event = invalid.event, "{detail}");
+        self.reg.raise_alarm(&m.source, JOB_INVALID_TRANSITION, &detail)?;
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(m.job_id.clone())
+            .or_insert_with(|| format!("job stopped after {} met an invalid transition ({invalid})", m.name));
+        let from: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
+        if from.valid_transition(MoveState::Failed) {
+            let msg = format!("stopped: {invalid}");
+            let a = audit("controller", AUDIT_MOVE_FAILED, &m.target, &m.name, &m.job_id, detail);
+            self.set_move(m, MoveState::Failed, &msg, None, Some(a))?;
+        }
+        Ok(())
+    }
+}
+
+/// The audit action a step's effects name (every job end names one).
+fn audit_action(effects: &[JobEffect]) -> &'static str {
+    effects
+        .iter()
+        .find_map(|e| match e {
+            JobEffect::Audit(a) => Some(*a),
+            _ => None,
+        })
+        .unwrap_or("job.ended")
 }
 
 /// Alarm kind: a job is paused on a database record it cannot use.
@@ -1346,6 +1476,14 @@ fn not_moved_row(job: &str, source: &str, gp: &lifeboat_proto::v1::GuestPlan, no
     }
 }
 
+impl Engine {
+    /// Memory kept free on every host (KiB), from the configuration: what
+    /// operators' own starts (`vms restore --start`) leave free too.
+    pub fn memory_reserve_kib(&self) -> u64 {
+        self.memory_reserve_kib
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1416,7 +1554,7 @@ mod tests {
         reg.db(|s| s.set_read_only(false)).unwrap();
         let r = until("the job's end", || {
             Some(engine.job_record("mig-p").unwrap())
-                .filter(|r| r.state != "CREATED" && r.state != "FENCING" && r.state != "MOVING")
+                .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
         assert_eq!(r.paused, "", "no longer paused");
@@ -1668,7 +1806,7 @@ mod tests {
         tokio::spawn(engine.clone().run("mig-u".into()));
         let r = until("the job's end", || {
             Some(engine.job_record("mig-u").unwrap())
-                .filter(|r| r.state == "FAILED" || r.state == "PARTIAL" || r.state == "SUCCEEDED")
+                .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
         assert_eq!(r.state, "FAILED", "{r:?}");
@@ -1822,6 +1960,110 @@ mod tests {
         assert!(sent.lock().unwrap().is_empty(), "nothing sent: {:?}", sent.lock().unwrap());
     }
 
+    /// A job in MOVING with `moves`, carried out once a define is answered ok
+    /// and the observed event is forced to `Started` (invalid in DEFINING).
+    async fn run_with_invalid_transition(id: &str, moves: &[MoveRow]) -> (Arc<Registry>, Arc<Engine>, usize) {
+        let (reg, engine) = new_engine();
+        let mut row = job_row(id, "migrate", "host-a");
+        row.state = JobState::Moving.as_str().into();
+        reg.db(|s| s.create_job(&row, moves, &audit("olga", "x", "", "", id, ""))).unwrap();
+        let defines = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (n, sent) = (defines.clone(), Arc::new(std::sync::Mutex::new(Vec::<String>::new())));
+        let seen = sent.clone();
+        let _agent = fake_agent(reg.clone(), "host-b", vec![], move |k| {
+            seen.lock().unwrap().push(format!("{k:?}").chars().take(12).collect());
+            if matches!(k, Kind::DefineGuest(_)) {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() })
+        })
+        .await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        *engine.test_event.lock().unwrap() = Some(MoveEvent::Started);
+        tokio::spawn(engine.clone().run(id.into()));
+        until("the job's end", || {
+            Some(engine.job_record(id).unwrap()).filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
+        })
+        .await;
+        // Time for a retry, were there one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(sent.lock().unwrap().len(), 1, "one agent call, never sent again: {:?}", sent.lock().unwrap());
+        (reg, engine, defines.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn move_in(job: &str, name: &str, uuid_end: u8, state: MoveState, priority: i32) -> MoveRow {
+        MoveRow {
+            name: name.into(),
+            uuid: format!("11111111-0000-4000-8000-0000000000{uuid_end:02}"),
+            state: state.as_str().into(),
+            priority,
+            ..starting_move(job)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_invalid_move_transition_stops_the_job_failed_with_an_alarm_and_sends_nothing_again() {
+        let moves =
+            [move_in("mig-x", "vm-1", 1, MoveState::Defining, 10), move_in("mig-x", "vm-2", 2, MoveState::Pending, 0)];
+        let (reg, engine, defines) = run_with_invalid_transition("mig-x", &moves).await;
+        assert_eq!(defines, 1, "the define was sent once, and vm-2's never");
+        let r = engine.job_record("mig-x").unwrap();
+        assert_eq!(r.state, "FAILED", "{r:?}");
+        let by_name = |n: &str| r.moves.iter().find(|m| m.name == n).unwrap().clone();
+        let (m1, m2) = (by_name("vm-1"), by_name("vm-2"));
+        assert_eq!(m1.state, "FAILED");
+        assert!(m1.error.contains("invalid transition: Started in state DEFINING"), "{}", m1.error);
+        assert_eq!(m2.state, "FAILED");
+        assert!(m2.error.starts_with("not carried on: job stopped after vm-1"), "{}", m2.error);
+        let alarms = reg.active_alarms();
+        let (host, _, detail) = alarms
+            .iter()
+            .map(|a| (a.0.as_str(), a.1.as_str(), a.2.as_str()))
+            .find(|a| a.1 == JOB_INVALID_TRANSITION)
+            .expect("job-invalid-transition alarm");
+        assert_eq!(host, "host-a");
+        assert!(
+            detail.contains("job mig-x")
+                && detail.contains("vm-1")
+                && detail.contains("Started")
+                && detail.contains("DEFINING"),
+            "{detail}"
+        );
+        assert!(engine.stopped_job("mig-x").is_none(), "forgotten once the job ended");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_move_transition_after_a_guest_moved_ends_the_job_partial() {
+        let moves =
+            [move_in("mig-y", "vm-0", 3, MoveState::Running, 20), move_in("mig-y", "vm-1", 1, MoveState::Defining, 10)];
+        let (reg, engine, defines) = run_with_invalid_transition("mig-y", &moves).await;
+        assert_eq!(defines, 1);
+        let r = engine.job_record("mig-y").unwrap();
+        assert_eq!(r.state, "PARTIAL", "vm-0 moved before the job stopped: {r:?}");
+        assert!(r.error.contains("vm-1 (move failed: stopped: invalid transition"), "{}", r.error);
+        assert!(reg.active_alarms().iter().any(|a| a.1 == JOB_INVALID_TRANSITION));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_job_transition_writes_the_job_failed_with_an_alarm_and_takes_no_step() {
+        let (reg, engine) = new_engine();
+        let row = job_row("mig-j", "migrate", "host-a");
+        reg.db(|s| s.create_job(&row, &[], &audit("olga", "x", "", "", "mig-j", ""))).unwrap();
+        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::AllMoved).unwrap();
+        assert_eq!(got, None, "no step taken");
+        let r = engine.job_record("mig-j").unwrap();
+        assert_eq!(r.state, "FAILED");
+        assert!(r.error.contains("invalid transition: AllMoved in state CREATED"), "{}", r.error);
+        let alarm = reg.active_alarms().into_iter().find(|a| a.1 == JOB_INVALID_TRANSITION).expect("alarm");
+        assert!(alarm.2.contains("job mig-j") && alarm.2.contains("CREATED"), "{alarm:?}");
+        // A valid one steps and writes nothing itself.
+        let row = JobRow { id: "mig-k".into(), ..row };
+        reg.db(|s| s.create_job(&row, &[], &audit("olga", "x", "", "", "mig-k", ""))).unwrap();
+        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::Begin).unwrap();
+        assert_eq!(got, Some((JobState::Fencing, vec![JobEffect::Fence])));
+        assert_eq!(engine.job_record("mig-k").unwrap().state, "CREATED");
+    }
+
     #[test]
     fn a_guest_left_behind_carries_the_plans_reason_and_failed_checks() {
         let check = |name: &str, ok: bool, detail: &str| Check {
@@ -1887,13 +2129,5 @@ mod tests {
             !already_elsewhere(Some(&own("b", "a", false)), "a"),
             "an unfinished move off this source is still ours"
         );
-    }
-}
-
-impl Engine {
-    /// Memory kept free on every host (KiB), from the configuration: what
-    /// operators' own starts (`vms restore --start`) leave free too.
-    pub fn memory_reserve_kib(&self) -> u64 {
-        self.memory_reserve_kib
     }
 }
