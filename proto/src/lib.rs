@@ -18,6 +18,25 @@ pub fn holds_disk(state: i32) -> bool {
     v1::GuestState::try_from(state) != Ok(v1::GuestState::Shutoff)
 }
 
+/// The one lowercase name of a guest state, as operators read it (CLI tables
+/// and JSON, agent messages, controller plans): libvirt's own names
+/// (`running`, `paused`, `pmsuspended`, ...), and `unknown` for
+/// `GUEST_STATE_UNSPECIFIED` and for any number Lifeboat cannot name.
+pub fn state_name(state: i32) -> &'static str {
+    use v1::GuestState as S;
+    match S::try_from(state).unwrap_or(S::Unspecified) {
+        S::Unspecified => "unknown",
+        S::Nostate => "nostate",
+        S::Running => "running",
+        S::Blocked => "blocked",
+        S::Paused => "paused",
+        S::Shutdown => "shutdown",
+        S::Shutoff => "shutoff",
+        S::Crashed => "crashed",
+        S::Pmsuspended => "pmsuspended",
+    }
+}
+
 /// Encoded size an inventory page aims for: a page holds guests until
 /// adding one more would pass this, and always at least one guest. With
 /// packed definitions (see [`pack_definition`]) a guest is 1–2 KB, so a
@@ -149,6 +168,30 @@ mod tests {
         }
         assert!(!holds_disk(S::Shutoff as i32));
         assert!(holds_disk(99), "a state Lifeboat cannot name fails closed");
+    }
+
+    #[test]
+    fn every_state_has_one_lowercase_name_and_unknown_numbers_read_unknown() {
+        use v1::GuestState as S;
+        let all = [
+            S::Unspecified,
+            S::Nostate,
+            S::Running,
+            S::Blocked,
+            S::Paused,
+            S::Shutdown,
+            S::Shutoff,
+            S::Crashed,
+            S::Pmsuspended,
+        ];
+        for s in all {
+            // The name is the protobuf name without its prefix, lowercase (UNSPECIFIED reads "unknown").
+            let want = s.as_str_name().trim_start_matches("GUEST_STATE_").to_ascii_lowercase();
+            let want = if s == S::Unspecified { "unknown".to_string() } else { want };
+            assert_eq!(state_name(s as i32), want, "{s:?}");
+        }
+        assert_eq!(state_name(99), "unknown");
+        assert_eq!(state_name(-1), "unknown");
     }
 
     #[test]
