@@ -15,6 +15,8 @@
 //! Usage: bench_events --url URL --ca F --cert F --key F --vm NAME
 //!        --virsh-uri URI --kind suspend|autostart [--count N] [--poll-ms N]
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

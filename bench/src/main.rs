@@ -16,6 +16,8 @@
 //! stderr). It is a benchmark, not a test: it asserts nothing but that the
 //! controller answered correctly.
 
+#![forbid(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -472,8 +474,12 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
 }
 
 fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+    // Linux always answers _SC_CLK_TCK (100 on every usual kernel); 100 if it did not.
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
+    // A tick rate is a few hundred at most: exact in f64.
+    #[allow(clippy::cast_precision_loss)]
+    let ticks = ticks as f64;
+    ticks
 }
 
 /// utime + stime of a process, in seconds.
@@ -487,13 +493,12 @@ fn proc_cpu_s(pid: u32) -> anyhow::Result<f64> {
 }
 
 fn self_cpu_s() -> f64 {
-    // SAFETY: getrusage fills the struct we pass.
-    unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        tv(u.ru_utime) + tv(u.ru_stime)
-    }
+    use nix::sys::resource::{UsageWho, getrusage};
+    use nix::sys::time::TimeValLike;
+    // getrusage(RUSAGE_SELF) cannot fail on Linux; 0 s if it did.
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| (u.user_time().num_microseconds() + u.system_time().num_microseconds()) as f64 / 1e6)
+        .unwrap_or(0.0)
 }
 
 /// (VmRSS, VmHWM) in MiB.
@@ -523,8 +528,10 @@ struct ControllerProc {
 
 impl Drop for ControllerProc {
     fn drop(&mut self) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // Our own child, not yet reaped (so its pid is not reused); a pid beyond i32 cannot be.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {

@@ -1,5 +1,6 @@
 //! Lifeboat's wire protocol: generated gRPC types and services.
 
+#![forbid(unsafe_code)]
 #![allow(missing_docs)]
 
 /// Version 1 of the protocol (`lifeboat.v1`).

@@ -11,6 +11,7 @@
 
 mod autostart_watch;
 mod commands;
+#[allow(unsafe_code)]
 mod ffi;
 pub mod state;
 
