@@ -458,11 +458,10 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
                             }
                         }
                     }
-                    Some(controller_message::Msg::Command(c)) => {
-                        if !silent {
+                    Some(controller_message::Msg::Command(c))
+                        if !silent => {
                             tx.send(send(agent_message::Msg::CommandResult(answer(c)))).await?;
                         }
-                    }
                     _ => {}
                 }
             }

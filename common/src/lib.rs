@@ -45,12 +45,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// soft limit of 1024), and so does a load generator simulating them.
 pub fn raise_open_files_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard {
             // Best effort, as before: a refused raise leaves the soft limit, which the callers report.
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
-    }
 }
 
 /// The current soft limit on open files (`RLIMIT_NOFILE`), if it can be read.

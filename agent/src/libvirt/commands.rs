@@ -31,8 +31,8 @@ impl ActorState {
     /// of the connection, so several guests start at once; everything else
     /// runs here, in order.
     pub(super) fn command(&mut self, cmd: Command, reply: tokio::sync::oneshot::Sender<CommandResult>) {
-        if let Some(Kind::StartGuest(s)) = &cmd.kind {
-            if let Some(c) = &self.conn {
+        if let Some(Kind::StartGuest(s)) = &cmd.kind
+            && let Some(c) = &self.conn {
                 let conn = c.conn.clone();
                 let (id, s) = (cmd.id.clone(), s.clone());
                 let spawned = std::thread::Builder::new().name("libvirt-start".into()).spawn(move || {
@@ -46,7 +46,6 @@ impl ActorState {
                 }
                 return;
             }
-        }
         let kind = match &cmd.kind {
             Some(Kind::CheckPaths(_)) => "check_paths",
             Some(Kind::DefineGuest(_)) => "define_guest",
@@ -344,11 +343,10 @@ impl ActorState {
             tracing::warn!(uuid = %g.uuid, name = %g.name, was = %state_name(&g), "stale copy destroyed for cleanup (--destroy-running)");
         }
         let _ = dom.set_autostart(false);
-        if g.managed_save {
-            if let Err(e) = dom.managed_save_remove(0) {
+        if g.managed_save
+            && let Err(e) = dom.managed_save_remove(0) {
                 return fail(id, format!("removing the managed-save image of '{}' failed: {}", g.name, e.message()));
             }
-        }
         if let Err(e) = dom.undefine_flags(CLEANUP_UNDEFINE) {
             // Drivers without NVRAM/checkpoint support (libvirt's test driver)
             // reject those flags. Without any NVRAM flag libvirt refuses to
