@@ -254,7 +254,7 @@ mod tests {
 
         let mut bomb = v1::Guest {
             uuid: "u4".into(),
-            definition_xml: " ".repeat(MAX_DEFINITION_BYTES as usize + 1),
+            definition_xml: " ".repeat(usize::try_from(MAX_DEFINITION_BYTES).unwrap() + 1),
             ..Default::default()
         };
         pack_definition(&mut bomb);

@@ -283,7 +283,6 @@ impl AgentSession for Superseding {
             let welcome = ControllerMessage {
                 msg: Some(controller_message::Msg::Welcome(Welcome {
                     heartbeat_interval_ms: 1000,
-                    ..Default::default()
                 })),
             };
             let _ = tx.send(Ok(welcome)).await;
