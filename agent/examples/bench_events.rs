@@ -83,10 +83,11 @@ async fn main() -> anyhow::Result<()> {
         let mut polls = 0u32;
         let latency = loop {
             if virsh_ms.is_none()
-                && let Some(st) = child.try_wait()? {
-                    anyhow::ensure!(st.success(), "virsh {args:?} {vm} failed: {st}");
-                    virsh_ms = Some(t0.elapsed());
-                }
+                && let Some(st) = child.try_wait()?
+            {
+                anyhow::ensure!(st.success(), "virsh {args:?} {vm} failed: {st}");
+                virsh_ms = Some(t0.elapsed());
+            }
             polls += 1;
             if read(&mut admin, &vm, &kind).await? == want {
                 break Some(t0.elapsed());

@@ -410,7 +410,8 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
 
     let seed = splitmix(i as u64 ^ 0x5eed);
     let hb_phase = Duration::from_micros(seed % (hb_ms * 1000));
-    let change_phase = Duration::from_micros((seed >> 20) % u64::try_from(sh.change_every.as_micros()).unwrap_or(u64::MAX).max(1));
+    let change_phase =
+        Duration::from_micros((seed >> 20) % u64::try_from(sh.change_every.as_micros()).unwrap_or(u64::MAX).max(1));
     let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + hb_phase, Duration::from_millis(hb_ms));
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut change = tokio::time::interval_at(tokio::time::Instant::now() + change_phase, sh.change_every);

@@ -12,7 +12,10 @@ pub mod tls;
 
 /// Milliseconds since the Unix epoch, from the wall clock.
 pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// The package version.
@@ -46,10 +49,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub fn raise_open_files_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard {
-            // Best effort, as before: a refused raise leaves the soft limit, which the callers report.
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
+        && soft < hard
+    {
+        // Best effort, as before: a refused raise leaves the soft limit, which the callers report.
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 /// The current soft limit on open files (`RLIMIT_NOFILE`), if it can be read.

@@ -32,20 +32,21 @@ impl ActorState {
     /// runs here, in order.
     pub(super) fn command(&mut self, cmd: Command, reply: tokio::sync::oneshot::Sender<CommandResult>) {
         if let Some(Kind::StartGuest(s)) = &cmd.kind
-            && let Some(c) = &self.conn {
-                let conn = c.conn.clone();
-                let (id, s) = (cmd.id.clone(), s.clone());
-                let spawned = std::thread::Builder::new().name("libvirt-start".into()).spawn(move || {
-                    let t = std::time::Instant::now();
-                    let r = start_guest(&conn, &id, s);
-                    crate::metrics::get().command("start_guest", r.ok, t.elapsed().as_secs_f64());
-                    let _ = reply.send(r);
-                });
-                if let Err(e) = spawned {
-                    tracing::warn!("cannot spawn a start worker: {e}");
-                }
-                return;
+            && let Some(c) = &self.conn
+        {
+            let conn = c.conn.clone();
+            let (id, s) = (cmd.id.clone(), s.clone());
+            let spawned = std::thread::Builder::new().name("libvirt-start".into()).spawn(move || {
+                let t = std::time::Instant::now();
+                let r = start_guest(&conn, &id, s);
+                crate::metrics::get().command("start_guest", r.ok, t.elapsed().as_secs_f64());
+                let _ = reply.send(r);
+            });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot spawn a start worker: {e}");
             }
+            return;
+        }
         let kind = match &cmd.kind {
             Some(Kind::CheckPaths(_)) => "check_paths",
             Some(Kind::DefineGuest(_)) => "define_guest",
@@ -344,9 +345,10 @@ impl ActorState {
         }
         let _ = dom.set_autostart(false);
         if g.managed_save
-            && let Err(e) = dom.managed_save_remove(0) {
-                return fail(id, format!("removing the managed-save image of '{}' failed: {}", g.name, e.message()));
-            }
+            && let Err(e) = dom.managed_save_remove(0)
+        {
+            return fail(id, format!("removing the managed-save image of '{}' failed: {}", g.name, e.message()));
+        }
         if let Err(e) = dom.undefine_flags(CLEANUP_UNDEFINE) {
             // Drivers without NVRAM/checkpoint support (libvirt's test driver)
             // reject those flags. Without any NVRAM flag libvirt refuses to

@@ -396,11 +396,12 @@ impl ActorState {
             self.set_libvirt_error(format!("libvirt connection to {} lost", self.cfg.uri));
             self.next_connect = Instant::now();
         } else if let Some(c) = &self.conn
-            && let Ok(free) = c.conn.free_memory() {
-                let kib = free / 1024;
-                self.shared.memory_free_kib.store(kib, Ordering::Relaxed);
-                self.host.memory_free_kib = kib;
-            }
+            && let Ok(free) = c.conn.free_memory()
+        {
+            let kib = free / 1024;
+            self.shared.memory_free_kib.store(kib, Ordering::Relaxed);
+            self.host.memory_free_kib = kib;
+        }
     }
 
     /// Re-reads the host's memory (memory can be hot-added, or a host
@@ -639,14 +640,15 @@ fn read_guest_with(d: &Domain, bulk: Option<&Bulk>) -> Result<Guest, virt::error
     }
     // The definition gives vCPUs and memory; ask libvirt only without it.
     if (g.vcpus == 0 || g.memory_kib == 0)
-        && let Ok(info) = d.info() {
-            if g.vcpus == 0 {
-                g.vcpus = info.nr_virt_cpu;
-            }
-            if g.memory_kib == 0 {
-                g.memory_kib = info.max_mem;
-            }
+        && let Ok(info) = d.info()
+    {
+        if g.vcpus == 0 {
+            g.vcpus = info.nr_virt_cpu;
         }
+        if g.memory_kib == 0 {
+            g.memory_kib = info.max_mem;
+        }
+    }
     if g.state == GuestState::Unspecified as i32 {
         errors.push(format!("unknown libvirt state {st}"));
     }

@@ -389,7 +389,11 @@ mod tests {
     use super::*;
 
     fn copies(hosts: &[&str]) -> Vec<Qemu> {
-        hosts.iter().enumerate().map(|(i, h)| Qemu { pid: 100 + u32::try_from(i).unwrap(), host: (*h).into() }).collect()
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| Qemu { pid: 100 + u32::try_from(i).unwrap(), host: (*h).into() })
+            .collect()
     }
 
     fn ms(n: u64) -> Duration {
