@@ -82,4 +82,18 @@ mod tests {
         assert!(!dir_is_writable(&d.join("missing")));
         fs::remove_dir_all(&d).unwrap();
     }
+
+    #[test]
+    fn the_real_uid_owns_the_files_this_process_creates_and_the_open_files_limit_reads() {
+        use std::os::unix::fs::MetadataExt;
+        let f = std::env::temp_dir().join(format!("lb-uid-{}", std::process::id()));
+        fs::write(&f, b"x").unwrap();
+        // Tests do not run setuid: the effective uid (the owner) is the real one.
+        assert_eq!(fs::metadata(&f).unwrap().uid(), real_uid());
+        assert!(file_is_writable(&f));
+        fs::remove_file(&f).unwrap();
+        assert!(!file_is_writable(&f), "a missing file is not writable");
+        crate::raise_open_files_limit();
+        assert!(crate::open_files_limit().is_some_and(|n| n > 0));
+    }
 }
