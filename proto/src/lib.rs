@@ -172,6 +172,19 @@ mod tests {
     }
 
     #[test]
+    fn removed_commands_from_an_older_controller_decode_as_no_kind() {
+        use prost::Message;
+        // Command { id: "x", resync (field 2): {} } and { id: "y", set_autostart (field 6): {uuid: "u"} }.
+        let resync = v1::Command::decode(&[0x0a, 0x01, b'x', 0x12, 0x00][..]).unwrap();
+        assert_eq!((resync.id.as_str(), resync.kind), ("x", None));
+        let autostart = v1::Command::decode(&[0x0a, 0x01, b'y', 0x32, 0x03, 0x0a, 0x01, b'u'][..]).unwrap();
+        assert_eq!((autostart.id.as_str(), autostart.kind), ("y", None));
+        // Welcome { heartbeat_interval_ms: 1000, resync_interval_s (field 2): 30 }: the old field is skipped.
+        let w = v1::Welcome::decode(&[0x08, 0xe8, 0x07, 0x10, 30][..]).unwrap();
+        assert_eq!(w.heartbeat_interval_ms, 1000);
+    }
+
+    #[test]
     fn every_state_has_one_lowercase_name_and_unknown_numbers_read_unknown() {
         use v1::GuestState as S;
         let all = [
