@@ -82,7 +82,7 @@ where
             ..Config::default()
         };
         let mut runner = TestRunner::new(config);
-        match runner.run(&strategy, &counted) {
+        match runner.run(&strategy, counted) {
             Ok(()) => {}
             Err(TestError::Fail(why, value)) => panic!(
                 "fuzz {target}: FAILED ({} runs, shrinking included): {why}\nminimized input: {value:#?}\n\

@@ -15,6 +15,8 @@
 //! Usage: bench_events --url URL --ca F --cert F --key F --vm NAME
 //!        --virsh-uri URI --kind suspend|autostart [--count N] [--poll-ms N]
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -80,11 +82,11 @@ async fn main() -> anyhow::Result<()> {
         let mut virsh_ms = None;
         let mut polls = 0u32;
         let latency = loop {
-            if virsh_ms.is_none() {
-                if let Some(st) = child.try_wait()? {
-                    anyhow::ensure!(st.success(), "virsh {args:?} {vm} failed: {st}");
-                    virsh_ms = Some(t0.elapsed());
-                }
+            if virsh_ms.is_none()
+                && let Some(st) = child.try_wait()?
+            {
+                anyhow::ensure!(st.success(), "virsh {args:?} {vm} failed: {st}");
+                virsh_ms = Some(t0.elapsed());
             }
             polls += 1;
             if read(&mut admin, &vm, &kind).await? == want {

@@ -149,10 +149,10 @@ impl AgentConfig {
         if cfg.resync_interval_s == 0 {
             return Err(invalid("resync_interval_s must be at least 1"));
         }
-        if let Some(h) = &cfg.host_id {
-            if h.trim().is_empty() {
-                return Err(invalid("host_id must not be empty (remove it to use /etc/machine-id)"));
-            }
+        if let Some(h) = &cfg.host_id
+            && h.trim().is_empty()
+        {
+            return Err(invalid("host_id must not be empty (remove it to use /etc/machine-id)"));
         }
         Ok(cfg)
     }

@@ -157,16 +157,15 @@ fn read_renewal(state_dir: &Path) -> Option<Renewal> {
 /// final until a new grant), and the renewal is not older than the lease
 /// file's decision.
 fn renewed(mut lease: LeaseFile, renewal: Option<&Renewal>) -> LeaseFile {
-    if let Some(r) = renewal {
-        if r.host == lease.host
-            && r.boot_id == lease.boot_id
-            && r.leases.get(&lease.uuid) == Some(&lease.generation)
-            && lease.expires_unix_ms > 0
-            && r.issued_unix_ms >= lease.issued_unix_ms
-        {
-            lease.expires_unix_ms = lease.expires_unix_ms.max(r.expires_unix_ms);
-            lease.issued_unix_ms = r.issued_unix_ms;
-        }
+    if let Some(r) = renewal
+        && r.host == lease.host
+        && r.boot_id == lease.boot_id
+        && r.leases.get(&lease.uuid) == Some(&lease.generation)
+        && lease.expires_unix_ms > 0
+        && r.issued_unix_ms >= lease.issued_unix_ms
+    {
+        lease.expires_unix_ms = lease.expires_unix_ms.max(r.expires_unix_ms);
+        lease.issued_unix_ms = r.issued_unix_ms;
     }
     lease
 }
@@ -474,10 +473,10 @@ pub fn guard(args: &[String], xml: &str, env: &GuardEnv<'_>) -> Verdict {
     if lease.uuid != facts.uuid || lease.host != host {
         return refuse(format!("its lease is for host '{}'", lease.host));
     }
-    if let Some((owner, generation)) = &facts.owner {
-        if owner != host || *generation > lease.generation {
-            return refuse(format!("Lifeboat recorded it as owned by '{owner}' (generation {generation})"));
-        }
+    if let Some((owner, generation)) = &facts.owner
+        && (owner != host || *generation > lease.generation)
+    {
+        return refuse(format!("Lifeboat recorded it as owned by '{owner}' (generation {generation})"));
     }
     let boot = match current_boot_id(env.boot_id_file) {
         Ok(b) => b,

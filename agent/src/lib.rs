@@ -7,6 +7,9 @@
 //! [`session`] keeps the gRPC session to the controller; [`storage`] tells
 //! which storage each disk path is on.
 
+// Unsafe code only in libvirt::ffi (the calls the virt crate does not wrap), each block argued.
+#![deny(unsafe_code)]
+
 pub mod config;
 pub mod domxml;
 pub mod hostfacts;

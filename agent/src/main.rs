@@ -1,5 +1,7 @@
 //! `lifeboat-agent` binary: parse arguments, load config, run.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

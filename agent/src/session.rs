@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use lifeboat_common::tls::TlsMaterial;
 use lifeboat_proto::v1::{
     AgentMessage, GuestChanged, GuestRemoved, Heartbeat, Hello, agent_message,
@@ -64,14 +65,15 @@ impl Session {
     }
 
     /// Keeps a session open forever, reconnecting with capped exponential
-    /// backoff and jitter ([`Backoff`]): the first retry after ~0.1 s, none
+    /// backoff and jitter ([`reconnect_backoff`]): the first retry after ~0.1 s, none
     /// later than ~1.3 s, and back to ~0.1 s after every session that was
     /// established (Welcome received).
     pub async fn run(&self, mut updates: mpsc::Receiver<Update>) -> anyhow::Result<()> {
-        let mut backoff = Backoff::new();
+        let mut backoff = reconnect_backoff().build();
         loop {
             let r = self.once(&mut updates, &mut backoff).await;
-            let delay = backoff.next_delay(jitter());
+            // Never exhausted (no limit on attempts); the cap if it were.
+            let delay = backoff.next().unwrap_or(RECONNECT_CAP);
             let m = describe_end(&r);
             match r {
                 Ok(()) => info!("{m}; reconnecting in {} ms", delay.as_millis()),
@@ -97,7 +99,11 @@ impl Session {
             .map_err(err)
     }
 
-    async fn once(&self, updates: &mut mpsc::Receiver<Update>, backoff: &mut Backoff) -> Result<(), SessionError> {
+    async fn once(
+        &self,
+        updates: &mut mpsc::Receiver<Update>,
+        backoff: &mut ExponentialBackoff,
+    ) -> Result<(), SessionError> {
         let channel = self.channel().await?;
         let mut client = AgentSessionClient::new(channel);
         let (tx, rx) = mpsc::channel::<AgentMessage>(256);
@@ -119,7 +125,7 @@ impl Session {
             },
         };
         // Established: the next disconnection is retried quickly again.
-        backoff.reset();
+        *backoff = reconnect_backoff().build();
         let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
         info!(controller = %self.url, heartbeat_ms = hb_ms, "session established");
         crate::metrics::get().session_up.store(true, Ordering::Relaxed);
@@ -240,54 +246,36 @@ impl RefusedLog {
     }
 }
 
+/// The first reconnect delay (before jitter).
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+/// The longest reconnect delay (before jitter).
+pub const RECONNECT_CAP: Duration = Duration::from_secs(1);
+
 /// Reconnect delays: the first retry after ~100 ms, doubling after each
 /// failed attempt up to 1 s, back to the start once a session is
-/// established (Welcome received). A controller that comes back is found
-/// within about a second, however many restarts came before. Each delay is
-/// moved up or down by up to a third at random, so agents that lost the
-/// controller together do not all dial at once.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
+/// established (Welcome received: the caller builds a new one). A controller
+/// that comes back is found within about a second, however many restarts
+/// came before. Each delay is moved up or down by up to a third at random,
+/// so agents that lost the controller together do not all dial at once.
+///
+/// backon's jitter adds a random part of the delay to it (`d` becomes
+/// `d..2d`), so the schedule runs on two thirds of the nominal delays: a
+/// nominal `b` becomes `2b/3..4b/3`. The seed is random per backoff
+/// (backon's own default seed is fixed without its `std` feature, which
+/// would make every agent wait alike).
+pub fn reconnect_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(RECONNECT_FIRST * 2 / 3)
+        .with_max_delay(RECONNECT_CAP * 2 / 3)
+        .with_factor(2.0)
+        .with_jitter()
+        .with_jitter_seed(jitter_seed())
+        .without_max_times()
 }
 
-impl Backoff {
-    /// The first delay (before jitter).
-    pub const FIRST: Duration = Duration::from_millis(100);
-    /// The longest delay (before jitter).
-    pub const CAP: Duration = Duration::from_secs(1);
-
-    /// A backoff at its first delay.
-    pub fn new() -> Self {
-        Backoff { base: Self::FIRST }
-    }
-
-    /// Back to the first delay (a session was established).
-    pub fn reset(&mut self) {
-        self.base = Self::FIRST;
-    }
-
-    /// The delay before the next attempt, `random` (uniform over `u16`)
-    /// choosing the jitter: from two thirds to four thirds of the base
-    /// delay (`0` gives the shortest, `u16::MAX` the longest). Doubles the
-    /// base delay after this one, up to [`Backoff::CAP`].
-    pub fn next_delay(&mut self, random: u16) -> Duration {
-        let base = self.base;
-        self.base = (self.base * 2).min(Self::CAP);
-        let third = base / 3;
-        base - third + third * 2 * u32::from(random) / u32::from(u16::MAX)
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-fn jitter() -> u16 {
+fn jitter_seed() -> u64 {
     let b = uuid::Uuid::new_v4();
-    u16::from_le_bytes([b.as_bytes()[0], b.as_bytes()[1]])
+    u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or([0; 8]))
 }
 
 /// How a session attempt ended, for the log. A status from the controller
@@ -310,32 +298,31 @@ mod tests {
 
     #[test]
     fn backoff_starts_near_a_tenth_of_a_second_doubles_to_one_and_resets() {
-        let ms = |d: Duration| d.as_millis();
-        let mut b = Backoff::new();
-        // The middle of the jitter range is the base delay.
-        let mid = u16::MAX / 2;
-        let delays: Vec<u128> = (0..8).map(|_| ms(b.next_delay(mid))).collect();
-        assert_eq!(
-            delays.iter().map(|d| (d + 5) / 10 * 10).collect::<Vec<_>>(),
-            vec![100, 200, 400, 800, 1000, 1000, 1000, 1000]
-        );
-        let mut b = Backoff::new();
-        assert_eq!(ms(b.next_delay(0)), 66, "at most a third shorter");
-        let mut b = Backoff::new();
-        assert_eq!(ms(b.next_delay(u16::MAX)), 133, "at most a third longer");
-        for _ in 0..10 {
-            b.next_delay(u16::MAX);
+        // Nominal delays 0.1, 0.2, 0.4, 0.8 s, then 1 s; each within a third either side.
+        let nominal = [100u128, 200, 400, 800, 1000, 1000, 1000, 1000];
+        let mut spread_low = false;
+        let mut spread_high = false;
+        for _ in 0..200 {
+            let b = reconnect_backoff().build();
+            for (d, n) in b.take(nominal.len()).zip(nominal) {
+                let us = d.as_micros();
+                assert!(us + 1 >= n * 2000 / 3 && us <= n * 4000 / 3 + 1, "{us} us for nominal {n} ms");
+                spread_low |= us < n * 1000 * 3 / 4;
+                spread_high |= us > n * 1000 * 5 / 4;
+            }
         }
-        assert_eq!(ms(b.next_delay(u16::MAX)), 1333, "the cap, jittered: every retry within 1.4 s");
-        b.reset();
-        assert_eq!(ms(b.next_delay(0)), 66, "an established session starts over");
-        // Five failed attempts in a row (a restart storm) still retry within 1.4 s.
-        let mut b = Backoff::new();
-        let total: u128 = (0..5).map(|_| ms(b.next_delay(jitter()))).sum();
+        assert!(spread_low && spread_high, "the jitter spreads the delays both ways");
+        // Two agents that lost the controller together do not wait alike (random seeds).
+        let a: Vec<Duration> = reconnect_backoff().build().take(5).collect();
+        let b: Vec<Duration> = reconnect_backoff().build().take(5).collect();
+        assert_ne!(a, b);
+        // Five failed attempts in a row (a restart storm) still retry within 1.4 s, and a
+        // new backoff (an established session) starts over near 0.1 s.
+        let mut b = reconnect_backoff().build();
+        let total: u128 = b.by_ref().take(5).map(|d| d.as_millis()).sum();
         assert!(total <= 3_400, "five attempts took {total} ms of waiting");
-        assert!(
-            (0..100).all(|_| Backoff::new().next_delay(jitter()) <= Backoff::FIRST * 4 / 3 + Duration::from_millis(1))
-        );
+        assert!(b.next().is_some_and(|d| d <= RECONNECT_CAP * 4 / 3 + Duration::from_millis(1)));
+        assert!(reconnect_backoff().build().next().is_some_and(|d| d <= RECONNECT_FIRST * 4 / 3));
     }
 
     #[test]

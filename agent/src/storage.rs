@@ -503,7 +503,10 @@ fn probe_all(paths: Vec<String>, timeout: Duration) -> Result<Vec<PathCheck>, St
             Ok(r)
         }
         Err(_) => {
-            tracing::warn!(timeout_ms = timeout.as_millis() as u64, "storage probe did not answer; a mount may hang");
+            tracing::warn!(
+                timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                "storage probe did not answer; a mount may hang"
+            );
             Err(format!("the storage probe did not answer within {} s (a hung mount?)", timeout.as_secs()))
         }
     }

@@ -193,10 +193,10 @@ fn apply(doc: &mut String, m: &Mutation) {
             }
         }
         Mutation::Memory(unit, value) => {
-            if let (Some(a), Some(b)) = (doc.find("<memory"), doc.find("</memory>")) {
-                if a < b {
-                    doc.replace_range(a..b, &format!("<memory unit='{unit}'>{value}"));
-                }
+            if let (Some(a), Some(b)) = (doc.find("<memory"), doc.find("</memory>"))
+                && a < b
+            {
+                doc.replace_range(a..b, &format!("<memory unit='{unit}'>{value}"));
             }
         }
     }

@@ -16,6 +16,8 @@
 //! stderr). It is a benchmark, not a test: it asserts nothing but that the
 //! controller answered correctly.
 
+#![forbid(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -408,7 +410,8 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
 
     let seed = splitmix(i as u64 ^ 0x5eed);
     let hb_phase = Duration::from_micros(seed % (hb_ms * 1000));
-    let change_phase = Duration::from_micros((seed >> 20) % (sh.change_every.as_micros() as u64).max(1));
+    let change_phase =
+        Duration::from_micros((seed >> 20) % u64::try_from(sh.change_every.as_micros()).unwrap_or(u64::MAX).max(1));
     let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + hb_phase, Duration::from_millis(hb_ms));
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut change = tokio::time::interval_at(tokio::time::Instant::now() + change_phase, sh.change_every);
@@ -427,7 +430,7 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
                 pending.push_back((seq, now));
                 if pending.len() > 64 { pending.pop_front(); }
                 if i == 0 {
-                    sh.last_hb_us.store(now.duration_since(sh.base).as_micros() as i64, Ordering::Relaxed);
+                    sh.last_hb_us.store(i64::try_from(now.duration_since(sh.base).as_micros()).unwrap_or(i64::MAX), Ordering::Relaxed);
                 }
                 tx.send(send(agent_message::Msg::Heartbeat(Heartbeat { seq, sent_unix_ms: lifeboat_common::now_unix_ms(), memory_free_kib: 300 * 1024 * 1024 }))).await?;
             }
@@ -451,16 +454,15 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
                             if s > a.seq { break; }
                             pending.pop_front();
                             if s == a.seq && sh.measuring.load(Ordering::Relaxed) {
-                                let us = at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                                let us = u32::try_from(at.elapsed().as_micros()).unwrap_or(u32::MAX);
                                 sh.rtts_us.lock().unwrap_or_else(|p| p.into_inner()).push(us);
                             }
                         }
                     }
-                    Some(controller_message::Msg::Command(c)) => {
-                        if !silent {
+                    Some(controller_message::Msg::Command(c))
+                        if !silent => {
                             tx.send(send(agent_message::Msg::CommandResult(answer(c)))).await?;
                         }
-                    }
                     _ => {}
                 }
             }
@@ -472,8 +474,12 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
 }
 
 fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+    // Linux always answers _SC_CLK_TCK (100 on every usual kernel); 100 if it did not.
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
+    // A tick rate is a few hundred at most: exact in f64.
+    #[allow(clippy::cast_precision_loss)]
+    let ticks = ticks as f64;
+    ticks
 }
 
 /// utime + stime of a process, in seconds.
@@ -487,13 +493,12 @@ fn proc_cpu_s(pid: u32) -> anyhow::Result<f64> {
 }
 
 fn self_cpu_s() -> f64 {
-    // SAFETY: getrusage fills the struct we pass.
-    unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        tv(u.ru_utime) + tv(u.ru_stime)
-    }
+    use nix::sys::resource::{UsageWho, getrusage};
+    use nix::sys::time::TimeValLike;
+    // getrusage(RUSAGE_SELF) cannot fail on Linux; 0 s if it did.
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| (u.user_time().num_microseconds() + u.system_time().num_microseconds()) as f64 / 1e6)
+        .unwrap_or(0.0)
 }
 
 /// (VmRSS, VmHWM) in MiB.
@@ -513,7 +518,9 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    // p is a fraction (0..=1), so the rounded index is within 0..len: no truncation.
+    #[allow(clippy::cast_possible_truncation)]
+    let idx = (((sorted.len() as f64 - 1.0) * p).round() as usize).min(sorted.len() - 1);
     f64::from(sorted[idx]) / 1000.0
 }
 
@@ -523,8 +530,10 @@ struct ControllerProc {
 
 impl Drop for ControllerProc {
     fn drop(&mut self) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // Our own child, not yet reaped (so its pid is not reused); a pid beyond i32 cannot be.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -726,7 +735,7 @@ async fn main() -> anyhow::Result<()> {
     log(t0, format!("all {n} sessions open, inventories sent ({:.1} s)", rep.connect_all_s));
 
     let mut adm = admin(&url, &pki_dir).await?;
-    let want = args.guests_per_host as u32;
+    let want = u32::try_from(args.guests_per_host).context("--guests-per-host is too large")?;
     loop {
         let hosts = adm.list_hosts(ListHostsRequest {}).await?.into_inner().hosts;
         let done = hosts.iter().filter(|h| h.session_open && h.guest_count == want).count();
@@ -771,7 +780,7 @@ async fn main() -> anyhow::Result<()> {
         rep.heartbeat_rtt_p99_ms = pct(&v, 0.99);
         rep.heartbeat_rtt_max_ms = v.last().map(|x| f64::from(*x) / 1000.0).unwrap_or(0.0);
     }
-    rep.heartbeat_interval_ms = sh.heartbeat_ms.load(Ordering::Relaxed) as u32;
+    rep.heartbeat_interval_ms = u32::try_from(sh.heartbeat_ms.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
     log(
         t0,
         format!(
@@ -826,7 +835,7 @@ async fn main() -> anyhow::Result<()> {
     let detect_ms = loop {
         let h = adm.get_host(GetHostRequest { host: host_id(0) }).await?.into_inner();
         if h.liveness == "UNREACHABLE" {
-            let now_us = sh.base.elapsed().as_micros() as i64;
+            let now_us = i64::try_from(sh.base.elapsed().as_micros()).unwrap_or(i64::MAX);
             break (now_us - sh.last_hb_us.load(Ordering::Relaxed)) as f64 / 1000.0;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

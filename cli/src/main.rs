@@ -1,5 +1,7 @@
 //! `lifeboat`: the operators' command-line tool.
 
+#![forbid(unsafe_code)]
+
 mod args;
 mod client;
 mod migrate;

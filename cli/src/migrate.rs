@@ -361,7 +361,8 @@ pub async fn jobs_list(c: &mut AdminClient<Channel>, host: Option<String>, fmt: 
         .into_inner()
         .jobs;
     if fmt == Format::Json {
-        return Ok(json(&jobs));
+        json(&jobs);
+        return Ok(());
     }
     let rows: Vec<Vec<String>> = jobs
         .iter()
@@ -476,7 +477,8 @@ pub async fn log(
         .map_err(CliError::from_status)?
         .into_inner();
     if fmt == Format::Json {
-        return Ok(json(&r.entries));
+        json(&r.entries);
+        return Ok(());
     }
     for e in r.entries {
         let mut ctx = Vec::new();
@@ -561,7 +563,8 @@ pub async fn alarms(c: &mut AdminClient<Channel>, all: bool, fmt: Format) -> Res
     let r =
         c.list_alarms(ListAlarmsRequest { include_cleared: all }).await.map_err(CliError::from_status)?.into_inner();
     if fmt == Format::Json {
-        return Ok(json(&r.alarms));
+        json(&r.alarms);
+        return Ok(());
     }
     if r.alarms.is_empty() {
         out!("no active alarms");
@@ -592,7 +595,8 @@ pub async fn alarms_clear(
     let r =
         c.clear_alarms(ClearAlarmsRequest { host, kind, reason }).await.map_err(CliError::from_status)?.into_inner();
     if fmt == Format::Json {
-        return Ok(json(&r.cleared));
+        json(&r.cleared);
+        return Ok(());
     }
     for a in &r.cleared {
         out!(

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use lifeboat_proto::v1::{Guest, GuestRecord, GuestState, HostRecord, WhoAmIResponse};
+use lifeboat_proto::v1::{Guest, GuestRecord, HostRecord, WhoAmIResponse};
 use serde::Serialize;
 
 use crate::Format;
@@ -90,20 +90,8 @@ pub struct VmJson {
     definition_xml: Option<String>,
 }
 
-/// State name used in JSON and tables.
-pub fn state_name(s: i32) -> &'static str {
-    match GuestState::try_from(s).unwrap_or(GuestState::Unspecified) {
-        GuestState::Unspecified => "unknown",
-        GuestState::Nostate => "nostate",
-        GuestState::Running => "running",
-        GuestState::Blocked => "blocked",
-        GuestState::Paused => "paused",
-        GuestState::Shutdown => "shutdown",
-        GuestState::Shutoff => "shutoff",
-        GuestState::Crashed => "crashed",
-        GuestState::Pmsuspended => "pmsuspended",
-    }
-}
+/// State name used in JSON and tables (the one mapping, in the proto crate).
+pub use lifeboat_proto::state_name;
 
 fn host_json(h: &HostRecord) -> HostJson {
     let i = h.info.clone().unwrap_or_default();

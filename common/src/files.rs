@@ -6,14 +6,13 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use nix::unistd::AccessFlags;
+
 /// Sets the process umask to 077, so that every file the process creates
 /// (database, WAL, lock, backup, logs, state) is owner-only unless it is
 /// chmodded on purpose. Call first thing in `main`.
 pub fn set_private_umask() {
-    // SAFETY: umask only changes the calling process's file creation mask.
-    unsafe {
-        libc::umask(0o077);
-    }
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
 }
 
 /// The permission bits (`0o7777`) of `path`, following symlinks.
@@ -42,21 +41,22 @@ pub fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
 /// (`access(2)` with W_OK|X_OK: the effective user, root included, and a
 /// read-only mount answer correctly), without creating anything.
 pub fn dir_is_writable(dir: &Path) -> bool {
-    access(dir, libc::W_OK | libc::X_OK)
+    access(dir, AccessFlags::W_OK | AccessFlags::X_OK)
 }
 
 /// Whether this process may write `file` (`access(2)` with W_OK).
 pub fn file_is_writable(file: &Path) -> bool {
-    access(file, libc::W_OK)
+    access(file, AccessFlags::W_OK)
 }
 
-fn access(path: &Path, how: libc::c_int) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-    unsafe { libc::access(c.as_ptr(), how) == 0 }
+fn access(path: &Path, how: AccessFlags) -> bool {
+    // A path with a NUL byte cannot be passed to access(2): not writable.
+    nix::unistd::access(path, how).is_ok()
+}
+
+/// The real user id of this process (`getuid(2)`).
+pub fn real_uid() -> u32 {
+    nix::unistd::getuid().as_raw()
 }
 
 #[cfg(test)]
@@ -81,5 +81,19 @@ mod tests {
         assert!(dir_is_writable(&d));
         assert!(!dir_is_writable(&d.join("missing")));
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_real_uid_owns_the_files_this_process_creates_and_the_open_files_limit_reads() {
+        use std::os::unix::fs::MetadataExt;
+        let f = std::env::temp_dir().join(format!("lb-uid-{}", std::process::id()));
+        fs::write(&f, b"x").unwrap();
+        // Tests do not run setuid: the effective uid (the owner) is the real one.
+        assert_eq!(fs::metadata(&f).unwrap().uid(), real_uid());
+        assert!(file_is_writable(&f));
+        fs::remove_file(&f).unwrap();
+        assert!(!file_is_writable(&f), "a missing file is not writable");
+        crate::raise_open_files_limit();
+        assert!(crate::open_files_limit().is_some_and(|n| n > 0));
     }
 }

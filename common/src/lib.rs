@@ -2,6 +2,8 @@
 //! the small PKI behind `lifeboat certs`, TLS configuration loading and
 //! logging setup.
 
+#![forbid(unsafe_code)]
+
 pub mod files;
 pub mod identity;
 pub mod logging;
@@ -10,7 +12,10 @@ pub mod tls;
 
 /// Milliseconds since the Unix epoch, from the wall clock.
 pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// The package version.
@@ -42,21 +47,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// keeps one connection per agent (10,000 hosts need far more than the usual
 /// soft limit of 1024), and so does a load generator simulating them.
 pub fn raise_open_files_limit() {
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        // Best effort, as before: a refused raise leaves the soft limit, which the callers report.
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 
 /// The current soft limit on open files (`RLIMIT_NOFILE`), if it can be read.
 pub fn open_files_limit() -> Option<u64> {
-    // SAFETY: getrlimit only writes the struct we pass.
-    unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        (libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0).then_some(r.rlim_cur)
-    }
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok().map(|(soft, _)| soft)
 }

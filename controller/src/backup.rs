@@ -71,7 +71,7 @@ pub fn verify(path: &Path) -> Result<Summary, BackupError> {
         return Err(BackupError::Invalid { path: path.into(), reason: format!("integrity check: {ok}") });
     }
     let schema: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sq(path))?;
-    if schema < 1 || schema > crate::store::SCHEMA_VERSION {
+    if !(1..=crate::store::SCHEMA_VERSION).contains(&schema) {
         return Err(BackupError::Invalid {
             path: path.into(),
             reason: format!(

@@ -357,12 +357,10 @@ impl Table {
         let evict = c.handshaking >= self.limits.max_handshakes
             && total < self.limits.max_connections
             && from_ip < self.limits.max_handshakes_per_ip;
-        if evict {
-            if let Some((_, (old_ip, stop))) = c.pending.pop_first() {
-                Self::release(&mut c, old_ip);
-                // Its task logs and counts it ("evicted").
-                stop.notify_one();
-            }
+        if evict && let Some((_, (old_ip, stop))) = c.pending.pop_first() {
+            Self::release(&mut c, old_ip);
+            // Its task logs and counts it ("evicted").
+            stop.notify_one();
         }
         let total = c.open.len().saturating_add(c.handshaking);
         admit_tcp(&self.limits, total, c.handshaking, from_ip)?;

@@ -9,6 +9,8 @@
 //!
 //! Architecture invariant: the controller never talks to libvirt.
 
+#![forbid(unsafe_code)]
+
 pub mod alarms;
 pub mod backup;
 pub mod config;

@@ -1,5 +1,7 @@
 //! `lifeboat-controller` binary.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

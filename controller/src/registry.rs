@@ -2125,7 +2125,7 @@ mod tests {
             !decided.iter().flat_map(|(_, a)| a).any(|a| matches!(a, crate::reconcile::Action::StopStale { .. })),
             "no stop anywhere from what a suspect host reports: {decided:?}"
         );
-        let e = reg.call("a", Kind::Resync(Default::default()), Duration::from_millis(100)).await.unwrap_err();
+        let e = reg.call("a", Kind::CheckPaths(Default::default()), Duration::from_millis(100)).await.unwrap_err();
         assert!(e.to_string().contains("duplicate-agent"), "{e}");
     }
 

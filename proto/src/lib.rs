@@ -1,5 +1,6 @@
 //! Lifeboat's wire protocol: generated gRPC types and services.
 
+#![forbid(unsafe_code)]
 #![allow(missing_docs)]
 
 /// Version 1 of the protocol (`lifeboat.v1`).
@@ -16,6 +17,25 @@ pub mod v1 {
 /// an unknown number counts as holding.
 pub fn holds_disk(state: i32) -> bool {
     v1::GuestState::try_from(state) != Ok(v1::GuestState::Shutoff)
+}
+
+/// The one lowercase name of a guest state, as operators read it (CLI tables
+/// and JSON, agent messages, controller plans): libvirt's own names
+/// (`running`, `paused`, `pmsuspended`, ...), and `unknown` for
+/// `GUEST_STATE_UNSPECIFIED` and for any number Lifeboat cannot name.
+pub fn state_name(state: i32) -> &'static str {
+    use v1::GuestState as S;
+    match S::try_from(state).unwrap_or(S::Unspecified) {
+        S::Unspecified => "unknown",
+        S::Nostate => "nostate",
+        S::Running => "running",
+        S::Blocked => "blocked",
+        S::Paused => "paused",
+        S::Shutdown => "shutdown",
+        S::Shutoff => "shutoff",
+        S::Crashed => "crashed",
+        S::Pmsuspended => "pmsuspended",
+    }
 }
 
 /// Encoded size an inventory page aims for: a page holds guests until
@@ -152,6 +172,43 @@ mod tests {
     }
 
     #[test]
+    fn removed_commands_from_an_older_controller_decode_as_no_kind() {
+        use prost::Message;
+        // Command { id: "x", resync (field 2): {} } and { id: "y", set_autostart (field 6): {uuid: "u"} }.
+        let resync = v1::Command::decode(&[0x0a, 0x01, b'x', 0x12, 0x00][..]).unwrap();
+        assert_eq!((resync.id.as_str(), resync.kind), ("x", None));
+        let autostart = v1::Command::decode(&[0x0a, 0x01, b'y', 0x32, 0x03, 0x0a, 0x01, b'u'][..]).unwrap();
+        assert_eq!((autostart.id.as_str(), autostart.kind), ("y", None));
+        // Welcome { heartbeat_interval_ms: 1000, resync_interval_s (field 2): 30 }: the old field is skipped.
+        let w = v1::Welcome::decode(&[0x08, 0xe8, 0x07, 0x10, 30][..]).unwrap();
+        assert_eq!(w.heartbeat_interval_ms, 1000);
+    }
+
+    #[test]
+    fn every_state_has_one_lowercase_name_and_unknown_numbers_read_unknown() {
+        use v1::GuestState as S;
+        let all = [
+            S::Unspecified,
+            S::Nostate,
+            S::Running,
+            S::Blocked,
+            S::Paused,
+            S::Shutdown,
+            S::Shutoff,
+            S::Crashed,
+            S::Pmsuspended,
+        ];
+        for s in all {
+            // The name is the protobuf name without its prefix, lowercase (UNSPECIFIED reads "unknown").
+            let want = s.as_str_name().trim_start_matches("GUEST_STATE_").to_ascii_lowercase();
+            let want = if s == S::Unspecified { "unknown".to_string() } else { want };
+            assert_eq!(state_name(s as i32), want, "{s:?}");
+        }
+        assert_eq!(state_name(99), "unknown");
+        assert_eq!(state_name(-1), "unknown");
+    }
+
+    #[test]
     fn pages_keep_every_guest_in_order_and_mark_all_but_the_last() {
         let g = |i: usize| v1::Guest { uuid: format!("u{i}"), definition_xml: "x".repeat(5000), ..Default::default() };
         let inv = v1::Inventory {
@@ -210,7 +267,7 @@ mod tests {
 
         let mut bomb = v1::Guest {
             uuid: "u4".into(),
-            definition_xml: " ".repeat(MAX_DEFINITION_BYTES as usize + 1),
+            definition_xml: " ".repeat(usize::try_from(MAX_DEFINITION_BYTES).unwrap() + 1),
             ..Default::default()
         };
         pack_definition(&mut bomb);

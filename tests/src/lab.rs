@@ -87,8 +87,7 @@ fn repo_dir() -> PathBuf {
 
 /// Why the lab cannot run here, if it cannot.
 pub fn unavailable() -> Option<String> {
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc_getuid() };
+    let uid = lifeboat_common::files::real_uid();
     if uid != 0 {
         return Some("the lab needs root: network/PID/mount namespaces and privileged libvirtd".into());
     }
@@ -104,11 +103,6 @@ pub fn unavailable() -> Option<String> {
         }
     }
     None
-}
-
-unsafe extern "C" {
-    #[link_name = "getuid"]
-    fn libc_getuid() -> u32;
 }
 
 impl Lab {

@@ -2,6 +2,8 @@
 //! 127.0.0.1:0 and real agents against libvirt's test driver, all in one
 //! process; plus helpers for the multi-host lab (`lab/lab.sh`).
 
+#![forbid(unsafe_code)]
+
 pub mod lab;
 
 use std::path::{Path, PathBuf};

@@ -281,10 +281,7 @@ impl AgentSession for Superseding {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let welcome = ControllerMessage {
-                msg: Some(controller_message::Msg::Welcome(Welcome {
-                    heartbeat_interval_ms: 1000,
-                    ..Default::default()
-                })),
+                msg: Some(controller_message::Msg::Welcome(Welcome { heartbeat_interval_ms: 1000 })),
             };
             let _ = tx.send(Ok(welcome)).await;
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -235,10 +235,9 @@ async fn a_hostile_agent_is_refused_whole_and_honest_hosts_stay_reachable() {
     let acked = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             if let Some(controller_message::Msg::HeartbeatAck(a)) = evil.rx.message().await.unwrap().and_then(|m| m.msg)
+                && a.seq == 7
             {
-                if a.seq == 7 {
-                    break;
-                }
+                break;
             }
         }
     })

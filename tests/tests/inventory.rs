@@ -235,7 +235,7 @@ async fn an_agent_with_another_hosts_certificate_is_refused() {
     let hello =
         AgentMessage { msg: Some(agent_message::Msg::Hello(Hello { host_id: "host-a".into(), ..Default::default() })) };
     let r = AgentSessionClient::new(ch).session(tokio_stream::iter(vec![hello])).await;
-    let e = r.err().expect("refused");
+    let e = r.expect_err("refused");
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert!(e.message().contains("host-b") && e.message().contains("host-a"), "{}", e.message());
     // A real agent configured that way never shows up either.

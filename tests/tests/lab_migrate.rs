@@ -264,10 +264,10 @@ fn lab_controller_crash_mid_job_resumes_without_doing_anything_twice() {
     // `jobs show` exits 1 for a PARTIAL or FAILED job: read its JSON whatever the exit code.
     let t = Instant::now();
     let j = loop {
-        if let Ok((_, j)) = lab.cli_json_exit(&["jobs", "show", &id]) {
-            if ["SUCCEEDED", "PARTIAL", "FAILED"].contains(&j["state"].as_str().unwrap_or_default()) {
-                break j;
-            }
+        if let Ok((_, j)) = lab.cli_json_exit(&["jobs", "show", &id])
+            && ["SUCCEEDED", "PARTIAL", "FAILED"].contains(&j["state"].as_str().unwrap_or_default())
+        {
+            break j;
         }
         assert!(t.elapsed() < Duration::from_secs(120), "job {id} not finished 120 s after the controller restart");
         std::thread::sleep(Duration::from_millis(250));

@@ -59,7 +59,7 @@ fn fail_host(lab: &Lab, host: &str) {
     std::thread::sleep(Duration::from_millis(5500));
 }
 
-/// 1. Two local-disk guests on a host that fails: the forced migration
+/// Case 1: two local-disk guests on a host that fails: the forced migration
 /// leaves them behind, and they wait, visibly (vms list, hosts show, an
 /// alarm naming each, the metric). The host is powered on again: quarantine
 /// (MAINTENANCE) starts nothing by itself; an operator starts one with
@@ -190,7 +190,7 @@ fn advised_moves(error: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// 2. The source of a forced migration is powered on in the middle of the
+/// Case 2: the source of a forced migration is powered on in the middle of the
 /// job (a target's agent is held back so the job cannot finish first): the
 /// remaining moves fail ("talking again"), the job is PARTIAL naming each,
 /// and its advice is a planned move per target, never "re-run". Carrying

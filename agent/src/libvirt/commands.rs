@@ -5,7 +5,7 @@
 use lifeboat_proto::holds_disk;
 use lifeboat_proto::v1::{
     CheckPaths, CleanupGuest, Command, CommandResult, DefineGuest, GrantLeases, Guest, GuestState, PathCheck,
-    SetAutostart, StartGuest, StopGuest, command::Kind,
+    StartGuest, StopGuest, command::Kind,
 };
 use tracing::info;
 use virt::domain::Domain;
@@ -31,28 +31,26 @@ impl ActorState {
     /// of the connection, so several guests start at once; everything else
     /// runs here, in order.
     pub(super) fn command(&mut self, cmd: Command, reply: tokio::sync::oneshot::Sender<CommandResult>) {
-        if let Some(Kind::StartGuest(s)) = &cmd.kind {
-            if let Some(c) = &self.conn {
-                let conn = c.conn.clone();
-                let (id, s) = (cmd.id.clone(), s.clone());
-                let spawned = std::thread::Builder::new().name("libvirt-start".into()).spawn(move || {
-                    let t = std::time::Instant::now();
-                    let r = start_guest(&conn, &id, s);
-                    crate::metrics::get().command("start_guest", r.ok, t.elapsed().as_secs_f64());
-                    let _ = reply.send(r);
-                });
-                if let Err(e) = spawned {
-                    tracing::warn!("cannot spawn a start worker: {e}");
-                }
-                return;
+        if let Some(Kind::StartGuest(s)) = &cmd.kind
+            && let Some(c) = &self.conn
+        {
+            let conn = c.conn.clone();
+            let (id, s) = (cmd.id.clone(), s.clone());
+            let spawned = std::thread::Builder::new().name("libvirt-start".into()).spawn(move || {
+                let t = std::time::Instant::now();
+                let r = start_guest(&conn, &id, s);
+                crate::metrics::get().command("start_guest", r.ok, t.elapsed().as_secs_f64());
+                let _ = reply.send(r);
+            });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot spawn a start worker: {e}");
             }
+            return;
         }
         let kind = match &cmd.kind {
-            Some(Kind::Resync(_)) => "resync",
             Some(Kind::CheckPaths(_)) => "check_paths",
             Some(Kind::DefineGuest(_)) => "define_guest",
             Some(Kind::StartGuest(_)) => "start_guest",
-            Some(Kind::SetAutostart(_)) => "set_autostart",
             Some(Kind::GrantLeases(_)) => "grant_leases",
             Some(Kind::StopGuest(_)) => "stop_guest",
             Some(Kind::CleanupGuest(_)) => "cleanup_guest",
@@ -70,10 +68,6 @@ impl ActorState {
         if let Kind::CheckPaths(c) = &kind {
             return CommandResult { id, ok: true, outcome: "done".into(), paths: check_paths(c), ..Default::default() };
         }
-        if let Kind::Resync(_) = &kind {
-            let _ = self.self_tx.send(super::Request::Snapshot);
-            return CommandResult { id, ok: true, outcome: "done".into(), ..Default::default() };
-        }
         if let Kind::GrantLeases(g) = &kind {
             return self.grant_leases(&id, g);
         }
@@ -83,10 +77,9 @@ impl ActorState {
         let r = match kind {
             Kind::DefineGuest(d) => self.define(&id, d),
             Kind::StartGuest(s) => start_guest(&self.conn.as_ref().expect("checked").conn, &id, s),
-            Kind::SetAutostart(a) => self.set_autostart(&id, a),
             Kind::StopGuest(s) => self.stop(&id, s),
             Kind::CleanupGuest(c) => self.cleanup(&id, c),
-            Kind::CheckPaths(_) | Kind::Resync(_) | Kind::GrantLeases(_) => unreachable!("handled above"),
+            Kind::CheckPaths(_) | Kind::GrantLeases(_) => unreachable!("handled above"),
         };
         if let Some(g) = &r.guest {
             self.known.insert(g.uuid.clone(), g.clone());
@@ -194,28 +187,6 @@ impl ActorState {
         }
         info!(uuid = %facts.uuid, name = %facts.name, owner = %d.owner_host, generation = d.generation, "guest defined");
         CommandResult { id: id.into(), ok: true, outcome: "done".into(), guest: g, ..Default::default() }
-    }
-
-    fn set_autostart(&mut self, id: &str, a: SetAutostart) -> CommandResult {
-        let conn = &self.conn.as_ref().expect("checked").conn;
-        let dom = match conn.lookup_domain_by_uuid_string(&a.uuid) {
-            Ok(d) => d,
-            Err(e) => return fail(id, format!("guest {} not found on this host: {}", a.uuid, e.message())),
-        };
-        let outcome = match dom.autostart() {
-            Ok(cur) if cur == a.enabled => "already",
-            _ => match dom.set_autostart(a.enabled) {
-                Ok(_) => "done",
-                Err(e) => return fail(id, format!("setting autostart failed: {}", e.message())),
-            },
-        };
-        CommandResult {
-            id: id.into(),
-            ok: true,
-            outcome: outcome.into(),
-            guest: read_guest(&dom).ok(),
-            ..Default::default()
-        }
     }
 }
 
@@ -373,10 +344,10 @@ impl ActorState {
             tracing::warn!(uuid = %g.uuid, name = %g.name, was = %state_name(&g), "stale copy destroyed for cleanup (--destroy-running)");
         }
         let _ = dom.set_autostart(false);
-        if g.managed_save {
-            if let Err(e) = dom.managed_save_remove(0) {
-                return fail(id, format!("removing the managed-save image of '{}' failed: {}", g.name, e.message()));
-            }
+        if g.managed_save
+            && let Err(e) = dom.managed_save_remove(0)
+        {
+            return fail(id, format!("removing the managed-save image of '{}' failed: {}", g.name, e.message()));
         }
         if let Err(e) = dom.undefine_flags(CLEANUP_UNDEFINE) {
             // Drivers without NVRAM/checkpoint support (libvirt's test driver)
@@ -410,9 +381,12 @@ const CLEANUP_UNDEFINE_BASIC: sys::virDomainUndefineFlagsValues =
 
 /// A guest's state as the operator sees it (`PMSUSPENDED (unknown)`).
 fn state_name(g: &Guest) -> String {
-    let st = GuestState::try_from(g.state)
-        .map(|s| s.as_str_name().trim_start_matches("GUEST_STATE_").to_string())
-        .unwrap_or_else(|_| format!("state {}", g.state));
+    // The one state-name mapping, in capitals as these messages always showed it; a number Lifeboat
+    // cannot name is shown as the number, which says more to the operator than "UNKNOWN".
+    let st = match GuestState::try_from(g.state) {
+        Ok(s) => lifeboat_proto::state_name(s as i32).to_ascii_uppercase(),
+        Err(_) => format!("state {}", g.state),
+    };
     if g.state_reason.is_empty() { st } else { format!("{st} ({})", g.state_reason) }
 }
 

@@ -33,19 +33,24 @@ unsafe extern "C" fn lifecycle_cb(
     opaque: *mut c_void,
 ) {
     let mut buf = [0 as c_char; sys::VIR_UUID_STRING_BUFLEN as usize];
-    // SAFETY: libvirt passes a valid domain for the duration of the callback.
+    // SAFETY: libvirt passes a domain it keeps referenced for the duration of the callback, and
+    // `buf` has the VIR_UUID_STRING_BUFLEN bytes virDomainGetUUIDString writes at most.
     if unsafe { sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) } < 0 {
         return;
     }
-    // SAFETY: the buffer was NUL-terminated by libvirt.
+    // SAFETY: on success libvirt wrote a NUL-terminated string into `buf` (within its length),
+    // and `buf` lives to the end of this function.
     let uuid = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
-    // SAFETY: opaque is the Box<Sender> registered below, alive until free_sender.
+    // SAFETY: `opaque` is the `Box<Sender<DomainEvent>>` leaked in `register_lifecycle`; libvirt
+    // frees it (free_sender) only after the callback is deregistered and no call of it runs, so it
+    // is alive here; only a shared reference is made (Sender::send takes &self).
     let tx = unsafe { &*(opaque as *const Sender<DomainEvent>) };
     let _ = tx.send(DomainEvent { uuid, event });
 }
 
 unsafe extern "C" fn free_sender(opaque: *mut c_void) {
-    // SAFETY: called once by libvirt with the pointer we leaked in register.
+    // SAFETY: libvirt calls the free callback exactly once, with the `opaque` pointer that
+    // `register_lifecycle` made with Box::into_raw and gave to it, after the last callback.
     drop(unsafe { Box::from_raw(opaque as *mut Sender<DomainEvent>) });
 }
 
@@ -55,13 +60,18 @@ pub fn register_lifecycle(conn: &Connect, tx: Sender<DomainEvent>) -> Result<i32
     let opaque = Box::into_raw(Box::new(tx)) as *mut c_void;
     // The generic callback type is how libvirt's C API declares every event
     // callback; the lifecycle one has the extra (event, detail) arguments.
+    // SAFETY: this is the cast libvirt's API requires (VIR_DOMAIN_EVENT_CALLBACK): for
+    // VIR_DOMAIN_EVENT_ID_LIFECYCLE libvirt calls the pointer with the lifecycle signature, which is
+    // exactly `lifecycle_cb`'s; both are `extern "C"` function pointers of the same size.
     let cb: sys::virConnectDomainEventGenericCallback = Some(unsafe {
         std::mem::transmute::<
             unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void),
             unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
         >(lifecycle_cb)
     });
-    // SAFETY: conn is alive; opaque ownership passes to libvirt.
+    // SAFETY: `conn` is borrowed, so its connection pointer is valid for the call; `cb` has the
+    // signature libvirt uses for this event id; on success ownership of `opaque` passes to libvirt,
+    // which frees it with `free_sender` (the matching Box type).
     let id = unsafe {
         sys::virConnectDomainEventRegisterAny(
             conn.as_ptr(),
@@ -73,7 +83,8 @@ pub fn register_lifecycle(conn: &Connect, tx: Sender<DomainEvent>) -> Result<i32
         )
     };
     if id < 0 {
-        // SAFETY: libvirt did not take ownership on failure.
+        // SAFETY: on failure libvirt did not keep `opaque` (and does not call free_sender), so it is
+        // still the unique pointer from Box::into_raw above, freed once here.
         drop(unsafe { Box::from_raw(opaque as *mut Sender<DomainEvent>) });
         return Err(virt::error::Error::last_error());
     }
@@ -82,7 +93,8 @@ pub fn register_lifecycle(conn: &Connect, tx: Sender<DomainEvent>) -> Result<i32
 
 /// Deregisters a callback registered with [`register_lifecycle`].
 pub fn deregister(conn: &Connect, id: i32) {
-    // SAFETY: conn is alive; a stale id only makes libvirt return an error.
+    // SAFETY: `conn` is borrowed, so its pointer is valid for the call; libvirt checks the id
+    // (a stale one only returns an error) and owns the freeing of the opaque pointer.
     unsafe {
         sys::virConnectDomainEventDeregisterAny(conn.as_ptr(), id);
     }
@@ -92,7 +104,8 @@ pub fn deregister(conn: &Connect, id: i32) {
 pub fn get_state(dom: &Domain) -> Result<(i32, i32), virt::error::Error> {
     let mut state: c_int = -1;
     let mut reason: c_int = -1;
-    // SAFETY: dom is alive; out-pointers are valid.
+    // SAFETY: `dom` is borrowed, so its pointer is valid for the call; the out-pointers point to
+    // local c_ints that outlive it.
     let r = unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) };
     if r < 0 {
         return Err(virt::error::Error::last_error());
@@ -105,8 +118,8 @@ pub fn get_state(dom: &Domain) -> Result<(i32, i32), virt::error::Error> {
 /// (one round trip instead of one `GetState` per domain).
 pub fn all_states(conn: &Connect) -> Result<BTreeMap<String, (i32, i32)>, virt::error::Error> {
     let mut recs: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
-    // SAFETY: conn is alive; libvirt allocates the NULL-terminated record
-    // list, freed below with virDomainStatsRecordListFree.
+    // SAFETY: `conn` is borrowed, so its pointer is valid for the call; libvirt allocates the
+    // NULL-terminated record list into `recs`, freed once below with virDomainStatsRecordListFree.
     let n =
         unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), sys::VIR_DOMAIN_STATS_STATE as c_uint, &mut recs, 0) };
     if n < 0 {
@@ -114,22 +127,26 @@ pub fn all_states(conn: &Connect) -> Result<BTreeMap<String, (i32, i32)>, virt::
     }
     let mut out = BTreeMap::new();
     for i in 0..n as usize {
-        // SAFETY: recs holds n valid record pointers (then a NULL).
+        // SAFETY: n >= 0 was returned, so `recs` holds n record pointers followed by a NULL, and
+        // i < n stays inside that array.
         let rec = unsafe { *recs.add(i) };
         if rec.is_null() {
             break;
         }
-        // SAFETY: a record, its domain and its parameters live until the list is freed.
+        // SAFETY: `rec` is non-null and points to a record libvirt keeps (with its domain and its
+        // parameters) until the list is freed after this loop; only read through a shared reference.
         let r = unsafe { &*rec };
         let mut buf = [0 as c_char; sys::VIR_UUID_STRING_BUFLEN as usize];
-        // SAFETY: r.dom is a valid domain; buf has the size libvirt needs.
+        // SAFETY: r.dom is the record's domain, valid until the list is freed; `buf` has the
+        // VIR_UUID_STRING_BUFLEN bytes libvirt writes at most.
         if unsafe { sys::virDomainGetUUIDString(r.dom, buf.as_mut_ptr()) } < 0 {
             continue;
         }
-        // SAFETY: NUL-terminated by libvirt.
+        // SAFETY: on success libvirt wrote a NUL-terminated string within `buf`, which outlives this use.
         let uuid = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
         let (mut state, mut reason): (c_int, c_int) = (-1, -1);
-        // SAFETY: params/nparams come from the record; names are NUL-terminated; out-pointers valid.
+        // SAFETY: params/nparams describe the record's own parameter array (alive until the list is
+        // freed); the names are NUL-terminated C string literals; the out-pointers are local c_ints.
         let found = unsafe {
             sys::virTypedParamsGetInt(r.params, r.nparams, c"state.state".as_ptr(), &mut state) == 1
                 && sys::virTypedParamsGetInt(r.params, r.nparams, c"state.reason".as_ptr(), &mut reason) == 1
@@ -139,7 +156,8 @@ pub fn all_states(conn: &Connect) -> Result<BTreeMap<String, (i32, i32)>, virt::
         }
     }
     if !recs.is_null() {
-        // SAFETY: the list libvirt returned above, freed once.
+        // SAFETY: `recs` is the list libvirt allocated above; nothing borrowed from it is used
+        // after this, and it is freed exactly once.
         unsafe { sys::virDomainStatsRecordListFree(recs) };
     }
     Ok(out)

@@ -11,6 +11,7 @@
 
 mod autostart_watch;
 mod commands;
+#[allow(unsafe_code)]
 mod ffi;
 pub mod state;
 
@@ -394,12 +395,12 @@ impl ActorState {
             self.disconnect();
             self.set_libvirt_error(format!("libvirt connection to {} lost", self.cfg.uri));
             self.next_connect = Instant::now();
-        } else if let Some(c) = &self.conn {
-            if let Ok(free) = c.conn.free_memory() {
-                let kib = free / 1024;
-                self.shared.memory_free_kib.store(kib, Ordering::Relaxed);
-                self.host.memory_free_kib = kib;
-            }
+        } else if let Some(c) = &self.conn
+            && let Ok(free) = c.conn.free_memory()
+        {
+            let kib = free / 1024;
+            self.shared.memory_free_kib.store(kib, Ordering::Relaxed);
+            self.host.memory_free_kib = kib;
         }
     }
 
@@ -638,14 +639,14 @@ fn read_guest_with(d: &Domain, bulk: Option<&Bulk>) -> Result<Guest, virt::error
         Err(e) => errors.push(format!("definition unreadable: {}", e.message())),
     }
     // The definition gives vCPUs and memory; ask libvirt only without it.
-    if g.vcpus == 0 || g.memory_kib == 0 {
-        if let Ok(info) = d.info() {
-            if g.vcpus == 0 {
-                g.vcpus = info.nr_virt_cpu;
-            }
-            if g.memory_kib == 0 {
-                g.memory_kib = info.max_mem;
-            }
+    if (g.vcpus == 0 || g.memory_kib == 0)
+        && let Ok(info) = d.info()
+    {
+        if g.vcpus == 0 {
+            g.vcpus = info.nr_virt_cpu;
+        }
+        if g.memory_kib == 0 {
+            g.memory_kib = info.max_mem;
         }
     }
     if g.state == GuestState::Unspecified as i32 {

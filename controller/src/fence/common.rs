@@ -13,7 +13,7 @@ use super::{FenceEvent, PowerState};
 
 /// Milliseconds since the epoch.
 pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 /// Appends one request/answer pair to the audit log (and to the debug trace).

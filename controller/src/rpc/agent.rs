@@ -113,7 +113,6 @@ impl AgentSession for AgentService {
         let welcome = ControllerMessage {
             msg: Some(controller_message::Msg::Welcome(Welcome {
                 heartbeat_interval_ms: timing.heartbeat_interval_ms,
-                resync_interval_s: 30,
             })),
         };
         let _ = tx.send(Box::new(welcome)).await;
@@ -548,7 +547,7 @@ mod tests {
             let call = tokio::spawn(async move {
                 r2.call(
                     "a",
-                    lifeboat_proto::v1::command::Kind::Resync(Default::default()),
+                    lifeboat_proto::v1::command::Kind::CheckPaths(Default::default()),
                     std::time::Duration::from_secs(5),
                 )
                 .await

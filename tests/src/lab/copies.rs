@@ -389,7 +389,11 @@ mod tests {
     use super::*;
 
     fn copies(hosts: &[&str]) -> Vec<Qemu> {
-        hosts.iter().enumerate().map(|(i, h)| Qemu { pid: 100 + i as u32, host: (*h).into() }).collect()
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| Qemu { pid: 100 + u32::try_from(i).unwrap(), host: (*h).into() })
+            .collect()
     }
 
     fn ms(n: u64) -> Duration {
@@ -467,7 +471,7 @@ mod tests {
 
     #[test]
     fn cmdline_and_stat_parsing() {
-        let c = b"/usr/bin/qemu-system-x86_64\0-name\0guest=vm-a1\0-uuid\0ABCD-1\0-smp\01\0";
+        let c = b"/usr/bin/qemu-system-x86_64\0-name\0guest=vm-a1\0-uuid\0ABCD-1\0-smp\x001\0";
         assert_eq!(uuid_of_cmdline(c).as_deref(), Some("abcd-1"));
         assert_eq!(uuid_of_cmdline(b"/usr/sbin/libvirtd\0-d\0"), None);
         assert_eq!(uuid_of_cmdline(b"qemu\0-uuid"), None, "no value");
