@@ -554,7 +554,7 @@ pub(crate) async fn guarded_start(
     if let Err((check, detail)) = recheck_start(reg, uuid, host, generation, job) {
         return StartEnd::Refused { check, detail };
     }
-    let grant = crate::reconcile::merged_lease(uuid, name, generation, lease_ttl_ms);
+    let grant = crate::domain::policy::merged_lease_at(uuid, name, generation, lease_ttl_ms, crate::now_ms());
     match reg.call(host, Kind::GrantLeases(grant), timeout).await {
         Ok(r) if r.ok => {}
         Ok(r) => return StartEnd::GrantFailed(r.error),
