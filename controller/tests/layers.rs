@@ -14,6 +14,29 @@ use std::path::{Path, PathBuf};
 /// Top-level modules whose submodules are nodes of their own.
 const SPLIT: &[&str] = &["registry", "domain"];
 
+/// Edges that still close a ring, each with the change that removes it. The
+/// cycle check leaves them out; [`every_excused_edge_still_exists`] fails once
+/// one is gone, so the list only shrinks. Empty is the goal.
+const EXCUSED: &[(&str, &str, &str)] = &[
+    (
+        "guestops",
+        "reconcile",
+        "guestops.rs calls crate::reconcile::merged_lease: call crate::domain::policy::merged_lease_at(.., crate::now_ms())",
+    ),
+    (
+        "migrate",
+        "reconcile",
+        "migrate/engine.rs calls crate::reconcile::merged_lease: call crate::domain::policy::merged_lease_at(.., now)",
+    ),
+    (
+        "waiting",
+        "guestops",
+        "waiting.rs holds the `vms start` operation (start_vm, guarded_start), which uses guestops (claim, bounded, \
+         refuse_quarantined) while guestops uses waiting's bookkeeping: move the operation into guestops (callers: \
+         rpc/admin.rs, reconcile.rs)",
+    ),
+];
+
 /// Crates the pure floor must not name.
 const IO_CRATES: &[&str] = &["tokio", "rusqlite", "tonic"];
 
@@ -201,8 +224,25 @@ fn describe(g: &Graph, ring: &[String]) -> String {
 fn no_module_imports_one_that_imports_it_back() {
     let g = graph();
     assert!(g.edges.contains_key("registry") && g.edges.contains_key("reconcile"), "modules not found");
-    if let Some(ring) = find_cycle(&g.edges) {
+    let mut edges = g.edges.clone();
+    for (from, to, _) in EXCUSED {
+        if let Some(tos) = edges.get_mut(*from) {
+            tos.remove(*to);
+        }
+    }
+    if let Some(ring) = find_cycle(&edges) {
         panic!("import cycle: {}", describe(&g, &ring));
+    }
+}
+
+#[test]
+fn every_excused_edge_still_exists() {
+    let g = graph();
+    for (from, to, fix) in EXCUSED {
+        assert!(
+            g.edges.get(*from).is_some_and(|t| t.contains(*to)),
+            "{from} -> {to} is gone ({fix}): remove it from EXCUSED"
+        );
     }
 }
 
