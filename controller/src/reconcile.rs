@@ -27,7 +27,6 @@ pub fn merged_lease(uuid: &str, name: &str, generation: u64, ttl_ms: i64) -> Gra
     crate::domain::policy::merged_lease_at(uuid, name, generation, ttl_ms, crate::now_ms())
 }
 
-
 /// What one pass decided for one host.
 #[derive(Debug)]
 pub struct Decision {
@@ -90,7 +89,7 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
             info!("reconciler running");
             held_logged = false;
         }
-        let full = pass % 60 == 0;
+        let full = pass.is_multiple_of(60);
         pass += 1;
         // Snapshots and decisions are plain CPU work (a full pass over 10,000
         // hosts takes tens of ms): off the async workers, which carry the
@@ -340,10 +339,8 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                     _ => false,
                 }
             };
-            if first {
-                if let Err(e) = reg.raise_alarm(&host, alarm, &detail) {
-                    warn!(%host, "raising an alarm failed: {e}");
-                }
+            if first && let Err(e) = reg.raise_alarm(&host, alarm, &detail) {
+                warn!(%host, "raising an alarm failed: {e}");
             }
             let r = reg
                 .call(&host, Kind::StopGuest(StopGuest { uuid: uuid.clone(), reason: detail.clone() }), timeout)
@@ -436,10 +433,10 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
         }
         Action::EndWaiting { host, uuid, why } => {
             let rows = reg.db(|s| s.waiting()).unwrap_or_default();
-            if let Some(w) = rows.into_iter().find(|w| w.uuid == uuid && w.host == host) {
-                if let Err(e) = crate::waiting::end(reg, &w, &why) {
-                    warn!(%host, %uuid, "ending a guest's wait failed: {e}");
-                }
+            if let Some(w) = rows.into_iter().find(|w| w.uuid == uuid && w.host == host)
+                && let Err(e) = crate::waiting::end(reg, &w, &why)
+            {
+                warn!(%host, %uuid, "ending a guest's wait failed: {e}");
             }
             lock(attempts).remove(&(host, uuid));
         }

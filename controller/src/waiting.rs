@@ -440,10 +440,8 @@ pub async fn start_vm(
     reg.db(|s| s.audit(&AuditRow::by_controller(action, &host, &name, format!("{name} on {host}: {outcome}"))))?;
     match end_of {
         StartEnd::Started { holds, .. } => {
-            if holds {
-                if let Some(w) = by_uuid(reg).remove(&uuid).filter(|w| w.host == host) {
-                    end(reg, &w, &format!("started on {host} by {operator}"))?;
-                }
+            if holds && let Some(w) = by_uuid(reg).remove(&uuid).filter(|w| w.host == host) {
+                end(reg, &w, &format!("started on {host} by {operator}"))?;
             }
         }
         StartEnd::Refused { check, detail } => {

@@ -295,7 +295,8 @@ fn the_cycle_finder_finds_a_ring_and_accepts_a_line() {
     let subs: BTreeMap<String, BTreeSet<String>> =
         [("registry".to_string(), ["session".to_string()].into_iter().collect())].into_iter().collect();
     let modules = ["registry", "store"].iter().map(|s| s.to_string()).collect();
-    let text = "use crate::{registry::session::SessionId, store};\nlet x = crate::registry::Registry::load(crate::now_ms());";
+    let text =
+        "use crate::{registry::session::SessionId, store};\nlet x = crate::registry::Registry::load(crate::now_ms());";
     let r = referenced(text, &modules, &subs);
     assert_eq!(r, ["registry", "registry::session", "store"].iter().map(|s| s.to_string()).collect());
 }

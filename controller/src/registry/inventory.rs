@@ -84,10 +84,10 @@ impl Registry {
                 ),
             );
             inner.store.set_owner(&row, &a)?;
-            if let Some(old) = inner.owners.insert(g.uuid.clone(), row) {
-                if let Some(v) = inner.owners_by_host.get_mut(&old.host) {
-                    v.retain(|u| u != &g.uuid);
-                }
+            if let Some(old) = inner.owners.insert(g.uuid.clone(), row)
+                && let Some(v) = inner.owners_by_host.get_mut(&old.host)
+            {
+                v.retain(|u| u != &g.uuid);
             }
             inner.owners_by_host.entry(host.to_string()).or_default().push(g.uuid.clone());
             let detail = format!(
@@ -121,13 +121,19 @@ impl Registry {
     }
 
     pub(super) fn recount(inner: &mut Inner, host_id: &str) {
-        let kib = inner.guests.get(host_id).map(|m| running_kib(m.values().map(|g| (g.state, g.memory_kib)))).unwrap_or(0);
+        let kib =
+            inner.guests.get(host_id).map(|m| running_kib(m.values().map(|g| (g.state, g.memory_kib)))).unwrap_or(0);
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.running_kib = kib;
         }
     }
 
-    pub(super) fn set_host_info(inner: &mut Inner, host_id: &str, mut info: HostInfo, now: i64) -> Result<(), StoreError> {
+    pub(super) fn set_host_info(
+        inner: &mut Inner,
+        host_id: &str,
+        mut info: HostInfo,
+        now: i64,
+    ) -> Result<(), StoreError> {
         // The authenticated id wins over whatever the message says.
         info.host_id = host_id.to_string();
         inner.store.upsert_host(&info, now)?;

@@ -30,8 +30,8 @@ mod view;
 
 pub use bus::SessionId;
 use bus::{CommandBus, SessionHandle};
-use view::{GuestEntry, HostEntry, Listed, guest_hash};
 pub use missing::missing_detail;
+use view::{GuestEntry, HostEntry, Listed, guest_hash};
 
 pub use crate::domain::policy::{ReturnEvent, classify_return, liveness_since_start};
 
@@ -167,7 +167,6 @@ impl Registry {
         self.lock().hosts.len()
     }
 
-
     fn raise_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
         if inner.store.raise_alarm(host, kind, detail)? {
             tracing::error!(host, kind, "ALARM: {detail}");
@@ -240,12 +239,7 @@ impl Registry {
 
     /// [`Registry::owner_view`] with whether `host`'s copy holds its disks
     /// given (`None`: as last reported).
-    fn owner_view_as(
-        inner: &Inner,
-        uuid: &str,
-        host: &str,
-        holds_here: Option<bool>,
-    ) -> Option<OwnerView> {
+    fn owner_view_as(inner: &Inner, uuid: &str, host: &str, holds_here: Option<bool>) -> Option<OwnerView> {
         let holds = |h: &str| {
             inner.guests.get(h).and_then(|m| m.get(uuid)).is_some_and(|g| lifeboat_proto::holds_disk(g.state))
         };
@@ -1141,7 +1135,10 @@ mod tests {
         });
         assert!(decided.iter().all(|(h, _)| h != "a"), "nothing is decided for a suspect host");
         assert!(
-            !decided.iter().flat_map(|(_, a)| a).any(|a| matches!(a, crate::domain::reconcile::Action::StopStale { .. })),
+            !decided
+                .iter()
+                .flat_map(|(_, a)| a)
+                .any(|a| matches!(a, crate::domain::reconcile::Action::StopStale { .. })),
             "no stop anywhere from what a suspect host reports: {decided:?}"
         );
         let e = reg.call("a", Kind::Resync(Default::default()), Duration::from_millis(100)).await.unwrap_err();

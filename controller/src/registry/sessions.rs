@@ -57,10 +57,10 @@ impl Registry {
                 e.last_heard_ms().is_some_and(|t| now.saturating_sub(t) <= i64::from(self.timing.unreachable_after_ms));
             let ips = (old.peer.map(|p| p.ip()), peer.map(|p| p.ip()));
             info!(host = host_id, old_peer = ?old.peer, new_peer = ?peer, "new session supersedes the previous one");
-            if let (true, (Some(a), Some(b))) = (alive, ips) {
-                if a != b {
-                    duplicate = Some(duplicate_agent_detail(host_id, a, b));
-                }
+            if let (true, (Some(a), Some(b))) = (alive, ips)
+                && a != b
+            {
+                duplicate = Some(duplicate_agent_detail(host_id, a, b));
             }
             let _ = old.superseded.send(true);
         }
@@ -111,12 +111,12 @@ impl Registry {
     /// Ends a session (if it is still the current one).
     pub fn close_session(&self, host_id: &str, sid: SessionId) {
         let mut inner = self.lock();
-        if let Some(e) = inner.hosts.get_mut(host_id) {
-            if e.session.as_ref().map(|s| s.generation) == Some(sid.0) {
-                e.session = None;
-                let seen = e.last_heard_ms().unwrap_or(0);
-                let _ = inner.store.touch_hosts(&[(host_id.to_string(), seen)]);
-            }
+        if let Some(e) = inner.hosts.get_mut(host_id)
+            && e.session.as_ref().map(|s| s.generation) == Some(sid.0)
+        {
+            e.session = None;
+            let seen = e.last_heard_ms().unwrap_or(0);
+            let _ = inner.store.touch_hosts(&[(host_id.to_string(), seen)]);
         }
     }
 
