@@ -2,12 +2,17 @@
 //! (later) placement, jobs and the audit log.
 //!
 //! Code map: [`config`] reads the TOML file; [`store`] is the SQLite
-//! persistence; [`model`] holds pure logic (liveness, statuses);
-//! [`registry`] is the in-memory state backed by the store; [`rpc`] is the
+//! persistence; [`domain`] holds pure logic (liveness, statuses, the
+//! registry's rules, the values the planner and reconciler read, their
+//! decisions); [`registry`] is the in-memory state backed by the store
+//! (sessions and command bus, view, listings); [`rpc`] is the
 //! thin gRPC layer (authenticate, authorize, delegate); [`error`] maps
 //! domain errors to gRPC status codes in one place.
 //!
 //! Architecture invariant: the controller never talks to libvirt.
+//!
+//! Architecture invariant: no module imports one that imports it back, and
+//! `domain` imports no other module of the crate (`tests/layers.rs`).
 
 #![forbid(unsafe_code)]
 

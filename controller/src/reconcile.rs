@@ -10,246 +10,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lifeboat_proto::holds_disk;
-use lifeboat_proto::v1::{GrantLeases, Guest, Lease, StartGuest, StopGuest, command::Kind};
+use lifeboat_proto::v1::{GrantLeases, Lease, StartGuest, StopGuest, command::Kind};
 use tracing::{info, warn};
 
-use crate::domain::host::HostStatus;
 use crate::registry::Registry;
 use crate::store::AuditRow;
 
-/// Who owns a guest that a host reports, as far as the controller can tell.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OwnerView {
-    /// Another host owns it: a copy here that holds its disk must stop.
-    Other {
-        /// The owner.
-        host: String,
-        /// From an ownership record (a move); `false`: the owner is the host
-        /// that first reported the guest and reports it holding its disk now.
-        recorded: bool,
-    },
-    /// Cannot tell (the first host to report it is silent, so whether it
-    /// still runs there is unknown; or reported generations conflict): no
-    /// lease here, no start, no stop; an alarm says why.
-    Unsure,
-}
+pub use crate::domain::view::{HostSnapshot, OwnerView};
 
-/// What the reconciler sees of one connected host.
-#[derive(Debug, Clone)]
-pub struct HostSnapshot {
-    /// Host id.
-    pub host: String,
-    /// Operators' status.
-    pub status: HostStatus,
-    /// An inventory arrived in this session: the guest list is what the host
-    /// reports now, not what it reported before (the database's copy).
-    pub inventory_seen: bool,
-    /// Came back from a normal reboot; guests that should run are not started yet.
-    pub pending_boot_start: bool,
-    /// When leases were last sent this session, and for which guests.
-    pub leases_sent: Option<(i64, Vec<String>)>,
-    /// Guests the host reports.
-    pub guests: Vec<Guest>,
-    /// Reported guests this host does not own (absent: its own).
-    pub owners: BTreeMap<String, OwnerView>,
-    /// Desired state per guest this host owns (filled in for a boot start).
-    pub desired: BTreeMap<String, String>,
-    /// Guests recorded as owned by this host that it does not report (yet):
-    /// (uuid, name). A move writes the owner before the define.
-    pub owned_unreported: Vec<(String, String)>,
-    /// Ownership generation per guest (0 = never moved by Lifeboat).
-    pub generations: BTreeMap<String, u64>,
-    /// Guests an active job is moving away from this host: left alone (no
-    /// lease, no stop, no start); the job does each step itself.
-    pub in_job: BTreeSet<String>,
-    /// Guests a `vms restore` or `vms start` (or a waiting start) acts on
-    /// here now (a pseudo job with this host as both owner and target):
-    /// the waiting start leaves them alone; their leases stay.
-    pub claimed: BTreeSet<String>,
-    /// This host's guests that hold their disks on another host (filled in
-    /// for a boot start): never started here.
-    pub elsewhere: BTreeSet<String>,
-}
-
-/// One thing to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Send the host the leases of the guests it owns.
-    GrantLeases {
-        /// Host.
-        host: String,
-        /// (uuid, name, generation).
-        leases: Vec<(String, String, u64)>,
-        /// When this was decided (the snapshot's time).
-        issued_ms: i64,
-    },
-    /// A guest holds its disk on a host that does not own it: stop it, raise an alarm.
-    StopStale {
-        /// Host running the stale copy.
-        host: String,
-        /// Guest.
-        uuid: String,
-        /// Name.
-        name: String,
-        /// Owner.
-        owner: String,
-        /// Alarm kind: `stale-copy-running` (a moved guest's old copy) or
-        /// `split-brain` (a second copy of a guest that runs on its owner).
-        alarm: &'static str,
-    },
-    /// After a normal reboot: start a guest that should run.
-    StartForBoot {
-        /// Host.
-        host: String,
-        /// Guest.
-        uuid: String,
-        /// Name.
-        name: String,
-    },
-    /// The boot start is decided (started what should run, or nothing to do).
-    BootStartDone {
-        /// Host.
-        host: String,
-    },
-    /// A waiting guest's host is healthy again: start it there.
-    StartWaiting {
-        /// Host (its owner).
-        host: String,
-        /// Guest.
-        uuid: String,
-        /// Name.
-        name: String,
-        /// Its ownership generation when this was decided: the start goes
-        /// ahead only while it is unchanged.
-        generation: u64,
-    },
-    /// A guest no longer waits: it runs on its owner, or belongs elsewhere now.
-    EndWaiting {
-        /// The host it waited on.
-        host: String,
-        /// Guest.
-        uuid: String,
-        /// Why it no longer waits.
-        why: String,
-    },
-}
-
-/// What the reconciler decides for the guests waiting on one host (see
-/// `crate::waiting`). Pure. A waiting guest is started only when the host
-/// is healthy (a fresh inventory, AVAILABLE or NOT_ACCEPTING, so cleanup is
-/// done: `hosts set-status` refuses those while stale definitions remain),
-/// when the host owns it, no job moves it, the host was sent its lease in
-/// this session, it does not hold its disks there already, and no other
-/// host reports it holding them (`holders`: every host's last report). It
-/// stops waiting once it holds its disks on its owner, or when a completed
-/// move made another host its owner. (Rows whose ownership record names
-/// another host are judged before, by `crate::waiting::judge`, for hosts
-/// that do not report the guest too: ended when complete, skipped when an
-/// unfinished move, which nothing here starts.)
-pub fn decide_waiting(
-    s: &HostSnapshot,
-    waiting: &[(String, String)],
-    holders: &BTreeMap<String, Vec<String>>,
-) -> Vec<Action> {
-    let mut out = Vec::new();
-    for (uuid, name) in waiting {
-        if s.in_job.contains(uuid) || s.claimed.contains(uuid) {
-            continue;
-        }
-        if let Some(OwnerView::Other { host, recorded: true }) = s.owners.get(uuid) {
-            out.push(Action::EndWaiting {
-                host: s.host.clone(),
-                uuid: uuid.clone(),
-                why: format!("{host} owns it now"),
-            });
-            continue;
-        }
-        if s.owners.contains_key(uuid) || !s.inventory_seen {
-            continue;
-        }
-        let Some(g) = s.guests.iter().find(|g| &g.uuid == uuid) else { continue };
-        if holds_disk(g.state) {
-            out.push(Action::EndWaiting {
-                host: s.host.clone(),
-                uuid: uuid.clone(),
-                why: format!("it runs on {} again", s.host),
-            });
-            continue;
-        }
-        let healthy = matches!(s.status, HostStatus::Available | HostStatus::NotAccepting);
-        let leased = s.leases_sent.as_ref().is_some_and(|(_, set)| set.contains(uuid));
-        let elsewhere = holders.get(uuid).is_some_and(|h| h.iter().any(|h| h != &s.host));
-        if healthy && leased && !elsewhere {
-            let generation = s.generations.get(uuid).copied().unwrap_or(0);
-            out.push(Action::StartWaiting { host: s.host.clone(), uuid: uuid.clone(), name: name.clone(), generation });
-        }
-    }
-    out
-}
+pub use crate::domain::reconcile::{Action, decide, decide_waiting};
 
 /// One guest's start lease, merged into what the host holds (revokes
 /// nothing), valid for `ttl_ms` from now: what every start sends first, so
 /// the host's start guard lets exactly this generation start.
 pub fn merged_lease(uuid: &str, name: &str, generation: u64, ttl_ms: i64) -> GrantLeases {
-    let now = crate::now_ms();
-    GrantLeases {
-        leases: vec![Lease { uuid: uuid.into(), name: name.into(), generation }],
-        expires_unix_ms: now.saturating_add(ttl_ms),
-        merge: true,
-        issued_unix_ms: now,
-    }
-}
-
-/// Decides what to do for one host. Pure.
-pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
-    let mut out = Vec::new();
-    let mine = |g: &&Guest| !s.owners.contains_key(&g.uuid) && !s.in_job.contains(&g.uuid);
-    let owned: Vec<&Guest> = s.guests.iter().filter(mine).collect();
-    // Stale copies are judged only on what the host reports in this session:
-    // the list from before (the database's) may name copies long gone.
-    if s.inventory_seen {
-        for g in s.guests.iter().filter(|g| holds_disk(g.state) && !s.in_job.contains(&g.uuid)) {
-            if let Some(OwnerView::Other { host, recorded }) = s.owners.get(&g.uuid) {
-                out.push(Action::StopStale {
-                    host: s.host.clone(),
-                    uuid: g.uuid.clone(),
-                    name: g.name.clone(),
-                    owner: host.clone(),
-                    alarm: if *recorded { "stale-copy-running" } else { "split-brain" },
-                });
-            }
-        }
-    }
-    if s.status == HostStatus::Offline || !s.inventory_seen {
-        return out;
-    }
-    let unreported = s.owned_unreported.iter().filter(|o| !s.in_job.contains(&o.0));
-    let mut uuids: Vec<String> =
-        owned.iter().map(|g| g.uuid.clone()).chain(unreported.clone().map(|o| o.0.clone())).collect();
-    uuids.sort();
-    let due = match &s.leases_sent {
-        None => true,
-        Some((at, set)) => now_ms - at >= lease_ttl_ms / 3 || set != &uuids,
-    };
-    if due {
-        let generation = |u: &str| s.generations.get(u).copied().unwrap_or(0);
-        let mut leases: Vec<(String, String, u64)> =
-            owned.iter().map(|g| (g.uuid.clone(), g.name.clone(), generation(&g.uuid))).collect();
-        leases.extend(unreported.map(|(u, n)| (u.clone(), n.clone(), generation(u))));
-        out.push(Action::GrantLeases { host: s.host.clone(), leases, issued_ms: now_ms });
-    }
-    if s.pending_boot_start && s.leases_sent.is_some() {
-        if matches!(s.status, HostStatus::Available | HostStatus::NotAccepting) {
-            for g in &owned {
-                let want_running = s.desired.get(&g.uuid).is_some_and(|d| d == "running");
-                if want_running && !holds_disk(g.state) && !s.elsewhere.contains(&g.uuid) {
-                    out.push(Action::StartForBoot { host: s.host.clone(), uuid: g.uuid.clone(), name: g.name.clone() });
-                }
-            }
-        }
-        out.push(Action::BootStartDone { host: s.host.clone() });
-    }
-    out
+    crate::domain::policy::merged_lease_at(uuid, name, generation, ttl_ms, crate::now_ms())
 }
 
 /// What one pass decided for one host.
@@ -314,7 +89,7 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
             info!("reconciler running");
             held_logged = false;
         }
-        let full = pass % 60 == 0;
+        let full = pass.is_multiple_of(60);
         pass += 1;
         // Snapshots and decisions are plain CPU work (a full pass over 10,000
         // hosts takes tens of ms): off the async workers, which carry the
@@ -564,10 +339,8 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                     _ => false,
                 }
             };
-            if first {
-                if let Err(e) = reg.raise_alarm(&host, alarm, &detail) {
-                    warn!(%host, "raising an alarm failed: {e}");
-                }
+            if first && let Err(e) = reg.raise_alarm(&host, alarm, &detail) {
+                warn!(%host, "raising an alarm failed: {e}");
             }
             let r = reg
                 .call(&host, Kind::StopGuest(StopGuest { uuid: uuid.clone(), reason: detail.clone() }), timeout)
@@ -660,10 +433,10 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
         }
         Action::EndWaiting { host, uuid, why } => {
             let rows = reg.db(|s| s.waiting()).unwrap_or_default();
-            if let Some(w) = rows.into_iter().find(|w| w.uuid == uuid && w.host == host) {
-                if let Err(e) = crate::waiting::end(reg, &w, &why) {
-                    warn!(%host, %uuid, "ending a guest's wait failed: {e}");
-                }
+            if let Some(w) = rows.into_iter().find(|w| w.uuid == uuid && w.host == host)
+                && let Err(e) = crate::waiting::end(reg, &w, &why)
+            {
+                warn!(%host, %uuid, "ending a guest's wait failed: {e}");
             }
             lock(attempts).remove(&(host, uuid));
         }
@@ -673,7 +446,9 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lifeboat_proto::v1::GuestState;
+    use lifeboat_proto::v1::{Guest, GuestState};
+
+    use crate::domain::host::HostStatus;
 
     fn g(uuid: &str, running: bool) -> Guest {
         Guest {

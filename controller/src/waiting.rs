@@ -440,10 +440,8 @@ pub async fn start_vm(
     reg.db(|s| s.audit(&AuditRow::by_controller(action, &host, &name, format!("{name} on {host}: {outcome}"))))?;
     match end_of {
         StartEnd::Started { holds, .. } => {
-            if holds {
-                if let Some(w) = by_uuid(reg).remove(&uuid).filter(|w| w.host == host) {
-                    end(reg, &w, &format!("started on {host} by {operator}"))?;
-                }
+            if holds && let Some(w) = by_uuid(reg).remove(&uuid).filter(|w| w.host == host) {
+                end(reg, &w, &format!("started on {host} by {operator}"))?;
             }
         }
         StartEnd::Refused { check, detail } => {
@@ -554,7 +552,7 @@ pub(crate) async fn guarded_start(
     if let Err((check, detail)) = recheck_start(reg, uuid, host, generation, job) {
         return StartEnd::Refused { check, detail };
     }
-    let grant = crate::reconcile::merged_lease(uuid, name, generation, lease_ttl_ms);
+    let grant = crate::domain::policy::merged_lease_at(uuid, name, generation, lease_ttl_ms, crate::now_ms());
     match reg.call(host, Kind::GrantLeases(grant), timeout).await {
         Ok(r) if r.ok => {}
         Ok(r) => return StartEnd::GrantFailed(r.error),

@@ -7,6 +7,9 @@
 
 pub mod host;
 pub mod job;
+pub mod policy;
+pub mod reconcile;
+pub mod view;
 
 /// A stored or received name that is not one of the values its type knows.
 /// Reading it refuses (never a default that permits): the caller turns this

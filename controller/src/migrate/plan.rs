@@ -10,27 +10,7 @@ use sha2::{Digest, Sha256};
 use crate::domain::host::{HostStatus, Liveness};
 use crate::fence::PowerState;
 
-/// A host as the planner sees it.
-#[derive(Debug, Clone)]
-pub struct HostView {
-    /// Host id.
-    pub id: String,
-    /// Operators' status.
-    pub status: HostStatus,
-    /// Whether we hear from it.
-    pub liveness: Liveness,
-    /// How long it has been silent, in ms (`None`: talking now).
-    pub silent_ms: Option<u64>,
-    /// Physical memory in KiB.
-    pub memory_total_kib: u64,
-    /// Memory of the guests running there, KiB.
-    pub running_memory_kib: u64,
-    /// qemu.conf lock manager.
-    pub lock_manager: String,
-    /// Guests defined there (for UUID/name conflicts); filled in only for
-    /// the source and the hosts whose disk visibility is checked.
-    pub guests: Vec<Guest>,
-}
+pub use crate::domain::view::HostView;
 
 /// Who owns a guest, from the owners table.
 #[derive(Debug, Clone, PartialEq, Eq)]

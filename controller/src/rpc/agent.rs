@@ -181,7 +181,8 @@ impl AgentSession for AgentService {
                         refusals.refused(&reg, &host, &tx, r);
                         // Closing the session ends the outbound stream at
                         // once: first let the agent read the refusal (2 s at most).
-                        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+                        let until = tokio::time::Instant::now().checked_add(Duration::from_secs(2));
+                        let until = until.unwrap_or_else(tokio::time::Instant::now);
                         while tx.capacity() < tx.max_capacity() && tokio::time::Instant::now() < until {
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
@@ -379,7 +380,7 @@ pub fn take_in(
         }
         Some(Msg::Host(h)) => {
             intake::check_host_info("HostInfo", "", &h)?;
-            Ok(Some(Observation::Host(h)))
+            Ok(Some(Observation::Host(Box::new(h))))
         }
         Some(Msg::CommandResult(r)) => {
             if let Err(refusal) = intake::check_command_result(&r) {
@@ -554,10 +555,8 @@ mod tests {
             });
             let id = loop {
                 tokio::task::yield_now().await;
-                if let Ok(Some(m)) = _rx.try_recv().map(|m| m.msg) {
-                    if let controller_message::Msg::Command(c) = m {
-                        break c.id;
-                    }
+                if let Ok(Some(controller_message::Msg::Command(c))) = _rx.try_recv().map(|m| m.msg) {
+                    break c.id;
                 }
             };
             let e = handle_message(&reg, "b", b, &mut SessionIntake::new(0), res(id.clone()), 0).unwrap_err();

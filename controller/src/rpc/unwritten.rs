@@ -45,7 +45,7 @@ pub enum Observation {
     /// One guest was undefined (its UUID).
     Removed(String),
     /// The host's facts changed.
-    Host(HostInfo),
+    Host(Box<HostInfo>),
 }
 
 impl Observation {
@@ -54,7 +54,7 @@ impl Observation {
             Observation::Inventory(i) => prost::Message::encoded_len(i.as_ref()),
             Observation::Guest(g) => prost::Message::encoded_len(g.as_ref()).saturating_add(g.definition_xml.len()),
             Observation::Removed(u) => u.len(),
-            Observation::Host(h) => prost::Message::encoded_len(h),
+            Observation::Host(h) => prost::Message::encoded_len(h.as_ref()),
         }
     }
 
@@ -63,7 +63,7 @@ impl Observation {
             Observation::Inventory(inv) => reg.apply_inventory(host, sid, *inv).map(|_| ()),
             Observation::Guest(g) => reg.apply_guest(host, sid, *g),
             Observation::Removed(uuid) => reg.remove_guest(host, sid, &uuid),
-            Observation::Host(h) => reg.apply_host(host, sid, h),
+            Observation::Host(h) => reg.apply_host(host, sid, *h),
         }
     }
 }
@@ -355,8 +355,14 @@ mod tests {
         let mut un = Unwritten::default();
         let now = Instant::now();
         for _ in 0..MAX_UNWRITTEN + 5 {
-            un.apply(&reg, "h", sid, Observation::Host(HostInfo { host_id: "h".into(), ..Default::default() }), now)
-                .unwrap();
+            un.apply(
+                &reg,
+                "h",
+                sid,
+                Observation::Host(Box::new(HostInfo { host_id: "h".into(), ..Default::default() })),
+                now,
+            )
+            .unwrap();
         }
         assert_eq!(un.len(), MAX_UNWRITTEN);
         let mut un = Unwritten::default();

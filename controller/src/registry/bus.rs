@@ -1,0 +1,97 @@
+//! Floor 3 (adapter): the agent sessions' command bus. One session per host
+//! ([`SessionHandle`], identified by a [`SessionId`] that only moves forward)
+//! and the commands awaiting their answer ([`CommandBus`]).
+//!
+//! Architecture invariant: an answer completes only a command sent to the
+//! host whose session carried it, and a superseded session can neither
+//! answer nor change anything (its `SessionId` is no longer current).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use lifeboat_proto::v1::{CommandResult, ControllerMessage};
+use tokio::sync::{mpsc, oneshot};
+
+/// An open agent session.
+pub(super) struct SessionHandle {
+    pub(super) generation: u64,
+    pub(super) tx: mpsc::Sender<Box<ControllerMessage>>,
+    /// Where the agent connected from (for the duplicate-agent alarm).
+    pub(super) peer: Option<std::net::SocketAddr>,
+    /// Set to `true` when another session takes over the host: the old
+    /// session's reader stops at once (no more heartbeat acknowledgements,
+    /// so its agent cannot believe it is still connected) and its stream
+    /// ends with an error, so that agent dials again.
+    pub(super) superseded: tokio::sync::watch::Sender<bool>,
+}
+
+/// A session token: updates from a superseded session are ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionId(pub(super) u64);
+
+/// Commands awaiting their result: id -> (host it was sent to, waiter).
+#[derive(Default)]
+pub(super) struct CommandBus {
+    pending: Mutex<HashMap<String, (String, oneshot::Sender<CommandResult>)>>,
+}
+
+impl CommandBus {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, oneshot::Sender<CommandResult>)>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers command `id` sent to `host`; its answer arrives on the receiver.
+    pub(super) fn expect(&self, id: &str, host: &str) -> oneshot::Receiver<CommandResult> {
+        let (tx, rx) = oneshot::channel();
+        self.pending().insert(id.to_string(), (host.to_string(), tx));
+        rx
+    }
+
+    /// Forgets command `id` (answered, timed out or failed to send).
+    pub(super) fn forget(&self, id: &str) {
+        self.pending().remove(id);
+    }
+
+    /// A command result arrived, from whichever session.
+    pub(super) fn complete(&self, r: CommandResult) {
+        if let Some((_, tx)) = self.pending().remove(&r.id) {
+            let _ = tx.send(r);
+        }
+    }
+
+    /// A command result arrived from `host`'s session: it completes only a
+    /// command sent to `host`. `Some(false)`: the id awaits another host's
+    /// answer (nothing done); `None`: no command awaits it.
+    pub(super) fn complete_from(&self, host: &str, r: CommandResult) -> Option<bool> {
+        let mut pending = self.pending();
+        match pending.get(&r.id) {
+            None => None,
+            Some((h, _)) if h != host => Some(false),
+            Some(_) => {
+                if let Some((_, tx)) = pending.remove(&r.id) {
+                    let _ = tx.send(r);
+                }
+                Some(true)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_answer_completes_only_a_command_sent_to_the_host_whose_session_carried_it() {
+        let bus = CommandBus::default();
+        let rx = bus.expect("c1", "a");
+        let r = CommandResult { id: "c1".into(), ..Default::default() };
+        assert_eq!(bus.complete_from("b", r.clone()), Some(false), "another host's answer changes nothing");
+        assert_eq!(bus.complete_from("a", r.clone()), Some(true));
+        assert_eq!(rx.await.unwrap().id, "c1");
+        assert_eq!(bus.complete_from("a", r), None, "answered once");
+        let _rx2 = bus.expect("c2", "a");
+        bus.forget("c2");
+        assert_eq!(bus.complete_from("a", CommandResult { id: "c2".into(), ..Default::default() }), None);
+    }
+}

@@ -1,0 +1,276 @@
+//! Floor 4 (application) of the registry: reading the in-memory view —
+//! host and guest listings with paging, and the planner's views
+//! (`crate::domain::view::HostView`), which are copies.
+//!
+//! Architecture invariant: reading changes nothing; every view handed out
+//! is a floor-1 value that holds no lock and no handle.
+
+use super::*;
+
+impl Registry {
+    pub(super) fn record(&self, inner: &Inner, e: &HostEntry, now: i64) -> HostRecord {
+        let guests = inner.guests.get(&e.row.info.host_id);
+        let guest_count = guests.map(|g| g.len()).unwrap_or(0) as u32;
+        let running_count =
+            guests.map(|g| g.values().filter(|g| g.state == GuestState::Running as i32).count()).unwrap_or(0) as u32;
+        HostRecord {
+            info: Some(e.row.info.clone()),
+            status: e.row.status.clone(),
+            liveness: self.liveness_of(e, now).as_str().into(),
+            session_open: e.session.is_some(),
+            last_seen_unix_ms: e.last_heard_ms().unwrap_or(e.row.last_seen_ms),
+            first_seen_unix_ms: e.row.first_seen_ms,
+            guest_count,
+            running_count,
+            status_reason: e.row.status_reason.clone(),
+            alarms: inner
+                .alarms
+                .iter()
+                .filter(|a| a.0 == e.row.info.host_id)
+                .map(|a| format!("{}: {}", a.1, a.2))
+                .collect(),
+            stale_definitions: guests
+                .map(|g| {
+                    g.keys().filter(|u| Self::owner_of(inner, u, &e.row.info.host_id) != e.row.info.host_id).count()
+                })
+                .unwrap_or(0) as u32,
+            // From the store's reservations: the admin service fills it in.
+            reserved_memory_kib: 0,
+            ..Default::default()
+        }
+    }
+
+    /// All hosts.
+    pub fn list_hosts(&self) -> Vec<HostRecord> {
+        let now = now_unix_ms();
+        let inner = self.lock();
+        inner.hosts.values().map(|e| self.record(&inner, e, now)).collect()
+    }
+
+    pub(super) fn resolve<'a>(inner: &'a Inner, host: &str) -> Result<&'a HostEntry, ControllerError> {
+        if let Some(e) = inner.hosts.get(host) {
+            return Ok(e);
+        }
+        let by_name: Vec<&HostEntry> = inner.hosts.values().filter(|e| e.row.info.hostname == host).collect();
+        match by_name.as_slice() {
+            [one] => Ok(one),
+            _ => Err(ControllerError::UnknownHost { host: host.into(), known: inner.hosts.keys().cloned().collect() }),
+        }
+    }
+
+    /// One host, by id or (unique) hostname.
+    pub fn get_host(&self, host: &str) -> Result<HostRecord, ControllerError> {
+        let now = now_unix_ms();
+        let inner = self.lock();
+        let e = Self::resolve(&inner, host)?;
+        Ok(self.record(&inner, e, now))
+    }
+
+    /// Every guest (or one host's, or the ones named `vm`), in order of host,
+    /// name and UUID: all pages of [`Registry::list_guests_page`].
+    pub fn list_guests(
+        &self,
+        host: Option<&str>,
+        vm: Option<&str>,
+        with_definitions: bool,
+    ) -> Result<Vec<GuestRecord>, ControllerError> {
+        Ok(self.list_guests_page(host, vm, with_definitions, None, usize::MAX)?.0)
+    }
+
+    /// Up to `limit` guests after `after`, in order of host, name and UUID,
+    /// and where the next page starts (`None` = no more). Takes the registry
+    /// lock per 100 hosts: listing 200,000 guests must not stop everything
+    /// else meanwhile.
+    pub fn list_guests_page(
+        &self,
+        host: Option<&str>,
+        vm: Option<&str>,
+        with_definitions: bool,
+        after: Option<&GuestCursor>,
+        limit: usize,
+    ) -> Result<(Vec<GuestRecord>, Option<GuestCursor>), ControllerError> {
+        use std::ops::Bound;
+        let limit = limit.max(1);
+        let now = now_unix_ms();
+        let only = match host {
+            Some(h) => Some(Self::resolve(&self.lock(), h)?.row.info.host_id.clone()),
+            None => None,
+        };
+        let past = |id: &str, name: &str, uuid: &str| {
+            after.is_none_or(|c| (id, name, uuid) > (c.0.as_str(), c.1.as_str(), c.2.as_str()))
+        };
+        let mut out: Vec<GuestRecord> = Vec::new();
+        // Hosts are visited from the cursor's host on, a chunk per lock hold.
+        let mut from = match (&only, after) {
+            (Some(h), _) => Bound::Included(h.clone()),
+            (None, Some(c)) => Bound::Included(c.0.clone()),
+            (None, None) => Bound::Unbounded,
+        };
+        loop {
+            let inner = self.lock();
+            let ids: Vec<String> = inner
+                .hosts
+                .range::<String, _>((from.clone(), Bound::Unbounded))
+                .map(|(k, _)| k.clone())
+                .take_while(|k| only.as_ref().is_none_or(|h| h == k))
+                .take(LOCK_CHUNK)
+                .collect();
+            let Some(last) = ids.last() else { break };
+            from = Bound::Excluded(last.clone());
+            for id in ids.iter().map(String::as_str) {
+                let live = inner.hosts.get(id).map(|e| self.liveness_of(e, now)).unwrap_or(Liveness::Unreachable);
+                let none = BTreeMap::new();
+                let m = inner.guests.get(id).unwrap_or(&none);
+                // Reported guests and guests missing on this host, in one
+                // (name, UUID) order so the page cursor holds for both.
+                let mut v: Vec<(&str, &str, Listed<'_>)> = m
+                    .iter()
+                    .filter(|(u, g)| vm.is_none_or(|vm| &*g.name == vm || u.as_str() == vm) && past(id, &g.name, u))
+                    .map(|(u, g)| (&*g.name, u.as_str(), Listed::Seen(g)))
+                    .chain(
+                        Self::missing_rows_of(&inner, id, vm, &past)
+                            .into_iter()
+                            .map(|r| (r.guest.name.as_str(), r.guest.uuid.as_str(), Listed::Gone(r))),
+                    )
+                    .collect();
+                if v.is_empty() {
+                    continue;
+                }
+                v.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+                let mut definitions: BTreeMap<String, String> =
+                    if with_definitions && v.iter().any(|x| matches!(x.2, Listed::Seen(_))) {
+                        inner.store.guests_of(id)?.into_iter().map(|g| (g.uuid, g.definition_xml)).collect()
+                    } else {
+                        BTreeMap::new()
+                    };
+                for (_, uuid, item) in v {
+                    if out.len() == limit {
+                        let next = out.last().and_then(|r| {
+                            r.guest.as_ref().map(|g| (r.host_id.clone(), g.name.clone(), g.uuid.clone()))
+                        });
+                        return Ok((out, next));
+                    }
+                    let g = match item {
+                        Listed::Seen(g) => g,
+                        Listed::Gone(r) => {
+                            out.push(Self::missing_record(&inner, r, live, with_definitions));
+                            continue;
+                        }
+                    };
+                    let owner = Self::owner_of(&inner, uuid, id).to_string();
+                    let desired = match inner.desired.get(uuid) {
+                        Some((h, st)) if h == id && owner == id => st.clone(),
+                        _ => String::new(),
+                    };
+                    let mut guest = g.guest();
+                    if let Some(d) = definitions.remove(&guest.uuid) {
+                        guest.definition_xml = d;
+                    }
+                    out.push(GuestRecord {
+                        guest: Some(guest),
+                        host_id: id.to_string(),
+                        updated_unix_ms: g.updated_ms,
+                        host_liveness: live.as_str().into(),
+                        desired_state: desired,
+                        owner_host: owner,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        Ok((out, None))
+    }
+
+    /// How many guests are in each reported state.
+    pub fn guest_state_counts(&self) -> BTreeMap<i32, u64> {
+        let inner = self.lock();
+        let mut out = BTreeMap::new();
+        for g in inner.guests.values().flat_map(|m| m.values()) {
+            let n: &mut u64 = out.entry(g.state).or_insert(0);
+            *n = n.saturating_add(1);
+        }
+        out
+    }
+
+    /// Every host as the planner sees it, with the (slim) guest lists of
+    /// only the hosts named in `with_guests`: copying 200,000 guests for
+    /// every plan would cost more than the plan. Silence is counted from the
+    /// last message, but never from before this controller started (a
+    /// restart must not make a host look silent for longer than we know).
+    pub fn host_views_for(&self, with_guests: &[&str]) -> Vec<HostView> {
+        let now = now_unix_ms();
+        let inner = self.lock();
+        inner
+            .hosts
+            .values()
+            .map(|e| self.view(&inner, e, now, with_guests.contains(&e.row.info.host_id.as_str())))
+            .collect()
+    }
+
+    /// One host as the planner sees it, with its guests.
+    pub fn host_view(&self, host_id: &str) -> Option<HostView> {
+        let now = now_unix_ms();
+        let inner = self.lock();
+        inner.hosts.get(host_id).map(|e| self.view(&inner, e, now, true))
+    }
+
+    /// Fills in the guest lists of `ids` in views made by [`Registry::host_views_for`].
+    pub fn fill_guests(&self, views: &mut [HostView], ids: &[String]) {
+        let inner = self.lock();
+        for v in views.iter_mut().filter(|v| ids.contains(&v.id)) {
+            v.guests = inner.guests.get(&v.id).map(|m| m.values().map(GuestEntry::guest).collect()).unwrap_or_default();
+        }
+    }
+
+    pub(super) fn view(&self, inner: &Inner, e: &HostEntry, now: i64, with_guests: bool) -> HostView {
+        let live = self.liveness_of(e, now);
+        let last = e.last_heard_ms().unwrap_or(e.row.last_seen_ms).max(self.started_ms);
+        let guests = inner.guests.get(&e.row.info.host_id);
+        HostView {
+            id: e.row.info.host_id.clone(),
+            status: e.row.status.parse().unwrap_or(HostStatus::Available),
+            liveness: live,
+            silent_ms: match live {
+                Liveness::Reachable => None,
+                Liveness::Unreachable => Some(now.saturating_sub(last).max(0) as u64),
+            },
+            memory_total_kib: e.row.info.memory_total_kib,
+            running_memory_kib: e.running_kib,
+            lock_manager: e.row.info.lock_manager.clone(),
+            guests: if with_guests {
+                guests.map(|m| m.values().map(GuestEntry::guest).collect()).unwrap_or_default()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// A host's liveness, silence counted from when it was last heard but
+    /// never from before this controller started: see [`liveness_since_start`].
+    pub(super) fn liveness_of(&self, e: &HostEntry, now: i64) -> Liveness {
+        liveness_since_start(now, e.last_heard_ms(), self.started_ms, self.timing)
+    }
+
+    /// Whether the host is REACHABLE right now.
+    pub fn is_reachable(&self, host_id: &str) -> bool {
+        let now = now_unix_ms();
+        let inner = self.lock();
+        inner.hosts.get(host_id).is_some_and(|e| self.liveness_of(e, now) == Liveness::Reachable)
+    }
+
+    /// A guest as `host`'s agent last reported it (without its definition),
+    /// if it reported it: how a step whose answer was lost is re-read.
+    pub fn reported_guest(&self, host: &str, uuid: &str) -> Option<Guest> {
+        self.lock().guests.get(host).and_then(|m| m.get(uuid)).map(GuestEntry::guest)
+    }
+
+    /// Whether the host's last reports hold the guest (no copy of it made).
+    pub fn has_reported(&self, host: &str, uuid: &str) -> bool {
+        self.lock().guests.get(host).is_some_and(|m| m.contains_key(uuid))
+    }
+
+    /// How many guests the host's last reports hold.
+    pub fn reported_count(&self, host: &str) -> usize {
+        self.lock().guests.get(host).map_or(0, BTreeMap::len)
+    }
+}
