@@ -295,7 +295,7 @@ impl Registry {
         let mut in_job = BTreeMap::new();
         for j in store.active_jobs()? {
             for m in store.moves(&j.id)? {
-                if m.state != crate::domain::job::MoveState::NotMoved.as_str() {
+                if m.state != crate::domain::job::MoveState::NotMoved {
                     in_job.insert(m.uuid, (j.id.clone(), m.source, m.target));
                 }
             }
@@ -370,7 +370,7 @@ impl Registry {
             inner.store.upsert_host(&info, now)?;
             let row = HostRow {
                 info,
-                status: HostStatus::Available.as_str().into(),
+                status: HostStatus::Available,
                 first_seen_ms: now,
                 last_seen_ms: now,
                 status_reason: String::new(),
@@ -398,7 +398,7 @@ impl Registry {
         e.dirty = true;
         e.inventory_seen = false;
         e.leases_sent = None;
-        let ev = classify_return(&e.row.status, &e.row.info.boot_id, &e.row.fenced_boot_id, boot_id);
+        let ev = classify_return(e.row.status.as_str(), &e.row.info.boot_id, &e.row.fenced_boot_id, boot_id);
         if ev.rebooted {
             e.pending_boot_start = true;
         }
@@ -412,7 +412,7 @@ impl Registry {
             } else {
                 "returned after its guests were force-migrated away; quarantined until cleanup"
             };
-            e.row.status = HostStatus::Maintenance.as_str().into();
+            e.row.status = HostStatus::Maintenance;
             e.row.status_reason = reason.into();
             let a = AuditRow::by_controller(
                 "host.returned",
@@ -906,7 +906,7 @@ impl Registry {
             guests.map(|g| g.values().filter(|g| g.state == GuestState::Running as i32).count()).unwrap_or(0) as u32;
         HostRecord {
             info: Some(e.row.info.clone()),
-            status: e.row.status.clone(),
+            status: e.row.status.as_str().into(),
             liveness: self.liveness_of(e, now).as_str().into(),
             session_open: e.session.is_some(),
             last_seen_unix_ms: e.last_heard_ms().unwrap_or(e.row.last_seen_ms),
@@ -1124,7 +1124,7 @@ impl Registry {
         let guests = inner.guests.get(&e.row.info.host_id);
         crate::migrate::plan::HostView {
             id: e.row.info.host_id.clone(),
-            status: e.row.status.parse().unwrap_or(HostStatus::Available),
+            status: e.row.status,
             liveness: live,
             silent_ms: match live {
                 Liveness::Reachable => None,
@@ -1280,7 +1280,7 @@ impl Registry {
         };
         inner.store.set_status(host_id, status.as_str(), reason, Some(&a))?;
         let e = inner.hosts.get_mut(host_id).expect("checked");
-        e.row.status = status.as_str().into();
+        e.row.status = status;
         e.row.status_reason = reason.into();
         e.dirty = true;
         Ok(())
@@ -1299,7 +1299,7 @@ impl Registry {
 
     /// The host's status.
     pub fn status_of(&self, host_id: &str) -> Option<HostStatus> {
-        self.lock().hosts.get(host_id).and_then(|e| e.row.status.parse().ok())
+        self.lock().hosts.get(host_id).map(|e| e.row.status)
     }
 
     /// One reconcile pass over the connected hosts that may need action:
@@ -1396,12 +1396,9 @@ impl Registry {
             inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 != id).map(|(u, _)| u.clone()).collect();
         let claimed: BTreeSet<String> =
             inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 == id).map(|(u, _)| u.clone()).collect();
-        // A status that does not parse makes the host a non-target (OFFLINE:
-        // no leases), never AVAILABLE.
-        let status = e.row.status.parse().unwrap_or_else(|err| {
-            tracing::error!(host = %id, "{err}; treating the host as OFFLINE");
-            HostStatus::Offline
-        });
+        // A status that did not read was quarantined at load (the host came
+        // back MAINTENANCE): what is in memory is always a known status.
+        let status = e.row.status;
         crate::reconcile::HostSnapshot {
             host: id.clone(),
             status,
@@ -1478,7 +1475,7 @@ impl Registry {
         let waiting: Vec<String> = inner
             .hosts
             .iter()
-            .filter(|(_, e)| e.row.status != HostStatus::Offline.as_str() && !(e.session.is_some() && e.inventory_seen))
+            .filter(|(_, e)| e.row.status != HostStatus::Offline && !(e.session.is_some() && e.inventory_seen))
             .map(|(id, _)| id.clone())
             .collect();
         if !waiting.is_empty() {

@@ -9,6 +9,13 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use thiserror::Error;
 
+use crate::domain::host::HostStatus;
+use crate::domain::job::{JobState, MoveState};
+use crate::domain::{JobKind, PowerEvidence};
+
+mod sql_enums;
+use sql_enums::col;
+
 /// A storage failure.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -22,6 +29,19 @@ pub enum StoreError {
         table: &'static str,
         /// Decoder message.
         message: String,
+    },
+    /// A stored value is not one its column's type knows: the row is not
+    /// used (never read as a default).
+    #[error("corrupt row in {table} ({key}): column {column} holds {value:?}, not a value this controller knows")]
+    CorruptValue {
+        /// Table.
+        table: &'static str,
+        /// The row's key ("job id", "job id/uuid", "host id").
+        key: String,
+        /// Column.
+        column: &'static str,
+        /// The value as found (cut to 64 characters).
+        value: String,
     },
     /// Another operation on the host is still running.
     #[error("another operation on host '{host}' is still running: job {job}")]
@@ -61,18 +81,18 @@ pub const SCHEMA_VERSION: i64 = 7;
 pub struct JobRow {
     /// Job id.
     pub id: String,
-    /// "migrate" (later also "cleanup").
-    pub kind: String,
+    /// What the job does.
+    pub kind: JobKind,
     /// Source host.
     pub source: String,
-    /// State name (see `domain::job::JobState`).
-    pub state: String,
+    /// Its state.
+    pub state: JobState,
     /// Operator (certificate name).
     pub operator: String,
     /// Plan id carried out.
     pub plan_id: String,
     /// How the source is proven off.
-    pub power_evidence: String,
+    pub power_evidence: PowerEvidence,
     /// The request (protobuf bytes of `MigrateRequest`).
     pub request: Vec<u8>,
     /// Guests moved at once.
@@ -86,7 +106,7 @@ pub struct JobRow {
 }
 
 /// One guest's move.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MoveRow {
     /// Job.
     pub job_id: String,
@@ -100,8 +120,8 @@ pub struct MoveRow {
     pub target: String,
     /// Ownership generation this move creates.
     pub generation: u64,
-    /// State name (see `domain::job::MoveState`).
-    pub state: String,
+    /// Its state.
+    pub state: MoveState,
     /// Start on the target.
     pub start: bool,
     /// The definition to create.
@@ -222,8 +242,8 @@ pub struct OwnerRow {
 pub struct HostRow {
     /// Facts last reported.
     pub info: HostInfo,
-    /// Operators' status name.
-    pub status: String,
+    /// Operators' status.
+    pub status: HostStatus,
     /// When first seen.
     pub first_seen_ms: i64,
     /// When last heard from (persisted lazily).
@@ -715,8 +735,12 @@ impl Store {
             "SELECT {MOVE_COLUMNS}, cleaned_ms FROM moves
              WHERE source = ?1 AND state IN ('RUNNING', 'DEFINED_STOPPED') ORDER BY updated_ms"
         ))?;
-        let rows = st.query_map(params![host], |r| Ok((move_from_row(r)?, r.get(13)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut rows = st.query(params![host])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push((move_from_row(r)?, r.get(13)?));
+        }
+        Ok(out)
     }
 
     /// Records that a move's stale definition was removed, with an audit entry.
@@ -737,11 +761,11 @@ impl Store {
             .query_row(
                 "SELECT info, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id FROM hosts WHERE host_id = ?1",
                 params![host_id],
-                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, col(r, 1, "hosts", host_id, "status"), r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
             )
             .optional()?
             .map(|(b, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id)| {
-                Ok(HostRow { info: decode_host(&b)?, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id })
+                Ok(HostRow { info: decode_host(&b)?, status: status?, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id })
             })
             .transpose()
     }
@@ -749,16 +773,16 @@ impl Store {
     /// All hosts.
     pub fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT info, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id FROM hosts ORDER BY host_id",
+            "SELECT info, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id, host_id FROM hosts ORDER BY host_id",
         )?;
-        let rows =
-            st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
+        let mut rows = st.query([])?;
         let mut out = Vec::new();
-        for row in rows {
-            let (b, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id) = row?;
+        while let Some(r) = rows.next()? {
+            let (b, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id, host_id): (Vec<u8>, _, _, _, _, String) =
+                (r.get(0)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?);
             out.push(HostRow {
                 info: decode_host(&b)?,
-                status,
+                status: col(r, 1, "hosts", &host_id, "status")?,
                 first_seen_ms,
                 last_seen_ms,
                 status_reason,
@@ -985,16 +1009,19 @@ impl Store {
         let mut st = self.conn.prepare(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR source = ?1) ORDER BY created_ms DESC, id LIMIT ?2"
         ))?;
-        let rows = st.query_map(params![host, limit], job_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut rows = st.query(params![host, limit])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(job_from_row(r)?);
+        }
+        Ok(out)
     }
 
     /// One job.
     pub fn job(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), params![id], job_from_row)
-            .optional()?)
+        let mut st = self.conn.prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?;
+        let mut rows = st.query(params![id])?;
+        rows.next()?.map(job_from_row).transpose()
     }
 
     /// Jobs not yet finished.
@@ -1002,8 +1029,12 @@ impl Store {
         let mut st = self.conn.prepare(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE state NOT IN ('SUCCEEDED','PARTIAL','FAILED') ORDER BY created_ms"
         ))?;
-        let rows = st.query_map([], job_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut rows = st.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(job_from_row(r)?);
+        }
+        Ok(out)
     }
 
     /// The moves a job carries out, in evacuation order: every row except
@@ -1013,8 +1044,12 @@ impl Store {
         let mut st = self.conn.prepare(&format!(
             "SELECT {MOVE_COLUMNS} FROM moves WHERE job_id = ?1 AND state != 'NOT_MOVED' ORDER BY priority DESC, name"
         ))?;
-        let rows = st.query_map(params![job_id], move_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut rows = st.query(params![job_id])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(move_from_row(r)?);
+        }
+        Ok(out)
     }
 
     /// The memory held by moves under way: every move of an unfinished job
@@ -1060,8 +1095,12 @@ impl Store {
         let mut st = self
             .conn
             .prepare(&format!("SELECT {MOVE_COLUMNS} FROM moves WHERE job_id = ?1 ORDER BY priority DESC, name"))?;
-        let rows = st.query_map(params![job_id], move_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut rows = st.query(params![job_id])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(move_from_row(r)?);
+        }
+        Ok(out)
     }
 
     /// Appends to the audit log.
@@ -1102,15 +1141,15 @@ const JOB_COLUMNS: &str =
 /// The columns [`move_from_row`] reads, in order.
 const MOVE_COLUMNS: &str = "job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms, memory_kib";
 
-fn move_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MoveRow> {
+fn move_from_row(r: &rusqlite::Row<'_>) -> Result<MoveRow, StoreError> {
+    let (job_id, uuid): (String, String) = (r.get(0)?, r.get(1)?);
+    let key = format!("{job_id}/{uuid}");
     Ok(MoveRow {
-        job_id: r.get(0)?,
-        uuid: r.get(1)?,
         name: r.get(2)?,
         source: r.get(3)?,
         target: r.get(4)?,
         generation: r.get::<_, i64>(5)? as u64,
-        state: r.get(6)?,
+        state: col(r, 6, "moves", &key, "state")?,
         start: r.get(7)?,
         definition_xml: r.get(8)?,
         error: r.get(9)?,
@@ -1120,23 +1159,26 @@ fn move_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MoveRow> {
             let v: i64 = r.get(12)?;
             u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(12, v))?
         },
+        job_id,
+        uuid,
     })
 }
 
-fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+fn job_from_row(r: &rusqlite::Row<'_>) -> Result<JobRow, StoreError> {
+    let id: String = r.get(0)?;
     Ok(JobRow {
-        id: r.get(0)?,
-        kind: r.get(1)?,
+        kind: col(r, 1, "jobs", &id, "kind")?,
         source: r.get(2)?,
-        state: r.get(3)?,
+        state: col(r, 3, "jobs", &id, "state")?,
         operator: r.get(4)?,
         plan_id: r.get(5)?,
-        power_evidence: r.get(6)?,
+        power_evidence: col(r, 6, "jobs", &id, "power_evidence")?,
         request: r.get(7)?,
         parallel: r.get(8)?,
         created_ms: r.get(9)?,
         updated_ms: r.get(10)?,
         error: r.get(11)?,
+        id,
     })
 }
 
@@ -1406,7 +1448,9 @@ impl Store {
                 }
                 Ok(HostRow {
                     info,
-                    status: text(&v[2]).ok_or("status is not text")?,
+                    status: text(&v[2])
+                        .ok_or_else(|| "status is not text".to_string())
+                        .and_then(|s| HostStatus::from_name(&s).map_err(|e| format!("status does not read: {e}")))?,
                     first_seen_ms: int(&v[3]).ok_or("first_seen_ms is not an integer")?,
                     last_seen_ms: int(&v[4]).ok_or("last_seen_ms is not an integer")?,
                     status_reason: text(&v[5]).ok_or("status_reason is not text")?,
@@ -1670,12 +1714,12 @@ mod tests {
         let mut s = Store::open_in_memory().unwrap();
         let job = |id: &str, state: &str| JobRow {
             id: id.into(),
-            kind: "migrate".into(),
+            kind: JobKind::Migrate,
             source: "a".into(),
-            state: state.into(),
+            state: state.parse().unwrap(),
             operator: "ann".into(),
             plan_id: "p".into(),
-            power_evidence: "bmc-off".into(),
+            power_evidence: PowerEvidence::BmcOff,
             request: vec![],
             parallel: 4,
             created_ms: 1,
@@ -1703,12 +1747,12 @@ mod tests {
         let mut s = Store::open_in_memory().unwrap();
         let job = JobRow {
             id: "j1".into(),
-            kind: "migrate".into(),
+            kind: JobKind::Migrate,
             source: "a".into(),
-            state: "CREATED".into(),
+            state: "CREATED".parse().unwrap(),
             operator: "ann".into(),
             plan_id: "p".into(),
-            power_evidence: "attestation".into(),
+            power_evidence: PowerEvidence::Attestation,
             request: vec![],
             parallel: 4,
             created_ms: 1,
@@ -1722,7 +1766,7 @@ mod tests {
             source: "a".into(),
             target: if state == "NOT_MOVED" { String::new() } else { "b".into() },
             generation: if state == "NOT_MOVED" { 0 } else { 1 },
-            state: state.into(),
+            state: state.parse().unwrap(),
             start: true,
             definition_xml: String::new(),
             error: error.into(),
@@ -1758,12 +1802,12 @@ mod tests {
         let mut s = Store::open_in_memory().unwrap();
         let job = |id: &str, source: &str| JobRow {
             id: id.into(),
-            kind: "migrate".into(),
+            kind: JobKind::Migrate,
             source: source.into(),
-            state: "MOVING".into(),
+            state: "MOVING".parse().unwrap(),
             operator: "ann".into(),
             plan_id: "p".into(),
-            power_evidence: "bmc-off".into(),
+            power_evidence: PowerEvidence::BmcOff,
             request: vec![],
             parallel: 4,
             created_ms: 1,
@@ -1777,7 +1821,7 @@ mod tests {
             source: "a".into(),
             target: "c".into(),
             generation: 1,
-            state: state.into(),
+            state: state.parse().unwrap(),
             start: true,
             definition_xml: String::new(),
             error: String::new(),
