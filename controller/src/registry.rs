@@ -2261,4 +2261,33 @@ mod tests {
         assert_eq!(reg.db(|s| s.quarantined()).unwrap().len(), 5);
         assert!(["u1", "u2", "u3", "u4"].iter().all(|u| reg.is_quarantined(u)));
     }
+
+    #[test]
+    fn a_host_status_that_does_not_read_is_quarantined_and_the_host_comes_back_maintenance() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lifeboat.db");
+        {
+            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            let (tx, _rx) = mpsc::channel(1);
+            let _s = reg.open_session("b", "boot", tx).unwrap();
+            assert_eq!(reg.status_of("b"), Some(HostStatus::Available));
+            reg.flush().unwrap();
+        }
+        for bad in ["'available'", "'DEAD'", "NULL", "7"] {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            // NOT NULL: a NULL cannot be written, the others can.
+            if c.execute(&format!("UPDATE hosts SET status = {bad} WHERE host_id = 'b'"), []).is_err() {
+                continue;
+            }
+            drop(c);
+            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            assert_eq!(reg.status_of("b"), Some(HostStatus::Maintenance), "{bad}: never AVAILABLE");
+            let q = reg.db(|s| s.quarantined()).unwrap();
+            let last = q.last().unwrap();
+            assert_eq!((last.table.as_str(), last.key.as_str()), ("hosts", "b"), "{bad}");
+            assert!(last.reason.contains("status"), "{bad}: {}", last.reason);
+            let alarms: Vec<_> = reg.active_alarms().into_iter().filter(|a| a.1 == "row-quarantined").collect();
+            assert!(alarms.iter().any(|a| a.0 == "b" && a.2.contains("table hosts (key b)")), "{bad}: {alarms:?}");
+        }
+    }
 }

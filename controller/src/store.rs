@@ -1924,4 +1924,82 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         assert!(s.host("nope").unwrap().is_none());
     }
+
+    #[test]
+    fn a_stored_value_that_does_not_read_refuses_naming_the_row() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.upsert_host(&HostInfo { host_id: "h1".into(), ..Default::default() }, 5).unwrap();
+        let job = JobRow {
+            id: "j1".into(),
+            kind: JobKind::Move,
+            source: "h1".into(),
+            state: JobState::Moving,
+            operator: "ann".into(),
+            plan_id: "p".into(),
+            power_evidence: PowerEvidence::StoppedByAgent,
+            request: vec![],
+            parallel: 1,
+            created_ms: 1,
+            updated_ms: 1,
+            error: String::new(),
+        };
+        let mv = MoveRow {
+            job_id: "j1".into(),
+            uuid: "u1".into(),
+            name: "vm1".into(),
+            source: "h1".into(),
+            target: "h2".into(),
+            generation: 1,
+            state: MoveState::Defining,
+            start: true,
+            definition_xml: String::new(),
+            error: String::new(),
+            priority: 0,
+            updated_ms: 1,
+            memory_kib: 1,
+        };
+        s.create_job(&job, std::slice::from_ref(&mv), &AuditRow::default()).unwrap();
+        assert_eq!(s.job("j1").unwrap().unwrap(), job, "every value round-trips");
+        assert_eq!(s.moves("j1").unwrap(), [mv.clone()]);
+        assert_eq!(s.host("h1").unwrap().unwrap().status, HostStatus::Available);
+        let corrupt = |e: StoreError| match e {
+            StoreError::CorruptValue { table, key, column, value } => (table, key, column, value),
+            e => panic!("not CorruptValue: {e}"),
+        };
+        let cases: [(&str, &str, &str, &str, &str); 5] = [
+            ("jobs", "kind", "'cleanup'", "j1", "cleanup"),
+            ("jobs", "state", "'moving'", "j1", "moving"),
+            ("jobs", "power_evidence", "'bmc'", "j1", "bmc"),
+            ("moves", "state", "'DONE'", "j1/u1", "DONE"),
+            ("hosts", "status", "'available'", "h1", "available"),
+        ];
+        for (table, column, bad, key, value) in cases {
+            let good: String = s.conn.query_row(&format!("SELECT {column} FROM {table}"), [], |r| r.get(0)).unwrap();
+            s.execute_raw(&format!("UPDATE {table} SET {column} = {bad}")).unwrap();
+            let want = (table, key.to_string(), column, value.to_string());
+            match table {
+                "jobs" => {
+                    assert_eq!(corrupt(s.job("j1").unwrap_err()), want);
+                    assert_eq!(corrupt(s.jobs(None, 10).unwrap_err()), want);
+                }
+                "moves" => {
+                    assert_eq!(corrupt(s.moves("j1").unwrap_err()), want);
+                    assert_eq!(corrupt(s.job_moves("j1").unwrap_err()), want);
+                }
+                _ => {
+                    assert_eq!(corrupt(s.host("h1").unwrap_err()), want);
+                    assert_eq!(corrupt(s.hosts().unwrap_err()), want);
+                    let (rows, bad) = s.hosts_checked().unwrap();
+                    assert!(rows.is_empty() && bad.len() == 1, "{rows:?} {bad:?}");
+                    assert!(bad[0].reason.contains("unknown host status \"available\""), "{}", bad[0].reason);
+                }
+            }
+                // Not text at all (a blob keeps its type in a TEXT column) refuses too.
+            s.execute_raw(&format!("UPDATE {table} SET {column} = x'07'")).unwrap();
+            let e = if table == "jobs" { s.job("j1").unwrap_err() } else if table == "moves" { s.moves("j1").unwrap_err() } else { s.host("h1").unwrap_err() };
+            assert_eq!(corrupt(e).3, "<Blob>");
+            s.conn.execute(&format!("UPDATE {table} SET {column} = ?1"), [good]).unwrap();
+        }
+        assert_eq!(s.job("j1").unwrap().unwrap(), job, "restored, it reads again");
+    }
 }

@@ -870,7 +870,17 @@ impl Engine {
         if self.reg.is_reachable(&job.source) {
             return Ok(Err(format!("{} is talking to the controller again: a host that talks is alive", job.source)));
         }
-        let req = MigrateRequest::decode(&job.request[..]).unwrap_or_default();
+        // A stored request that does not decode refuses: never a default.
+        let req = match MigrateRequest::decode(&job.request[..]) {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "job {}'s stored request does not decode ({e}); {} was not fenced: check the database \
+                     (see `lifeboat jobs show {}`) and plan again",
+                    job.id, job.source, job.id
+                )));
+            }
+        };
         if job.power_evidence == PowerEvidence::Attestation {
             self.reg.db(|s| {
                 s.audit(&audit(
