@@ -293,12 +293,10 @@ impl Registry {
             }
         }
         let mut in_job = BTreeMap::new();
-        for j in store.active_jobs()? {
-            for m in store.moves(&j.id)? {
-                if m.state != crate::domain::job::MoveState::NotMoved {
-                    in_job.insert(m.uuid, (j.id.clone(), m.source, m.target));
-                }
-            }
+        // Read as stored text: a job row that does not read still holds its
+        // guests (the engine raises `job-corrupt` and does not run it).
+        for (job, uuid, source, target) in store.active_job_guests()? {
+            in_job.insert(uuid, (job, source, target));
         }
         Ok(Registry {
             started_ms: now_unix_ms(),

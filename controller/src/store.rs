@@ -1037,6 +1037,49 @@ impl Store {
         Ok(out)
     }
 
+    /// Jobs not yet finished, and the ones whose row does not read (a
+    /// [`BadRow`] with the job id as key and its source as host): one
+    /// corrupt row hides no other. A bad row is never run nor guessed.
+    pub fn active_jobs_checked(&self) -> Result<(Vec<JobRow>, Vec<BadRow>), StoreError> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {JOB_COLUMNS}, rowid FROM jobs WHERE state NOT IN ('SUCCEEDED','PARTIAL','FAILED') ORDER BY created_ms"
+        ))?;
+        let mut rows = st.query([])?;
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        while let Some(r) = rows.next()? {
+            match job_from_row(r) {
+                Ok(j) => good.push(j),
+                Err(e @ StoreError::CorruptValue { .. }) => {
+                    let (key, host): (String, String) = (r.get(0)?, r.get(2)?);
+                    bad.push(BadRow {
+                        table: "jobs",
+                        rowid: r.get(12)?,
+                        key: key.chars().take(128).collect(),
+                        uuid: String::new(),
+                        host,
+                        reason: e.to_string(),
+                        row_text: String::new(),
+                        data: None,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((good, bad))
+    }
+
+    /// The guests of unfinished jobs (job id, uuid, source, target), every
+    /// move row but the ones left behind, read as stored text: a job or move
+    /// whose state does not read still holds its guests.
+    pub fn active_job_guests(&self) -> Result<Vec<(String, String, String, String)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT m.job_id, m.uuid, m.source, m.target FROM moves m JOIN jobs j ON j.id = m.job_id
+             WHERE j.state NOT IN ('SUCCEEDED','PARTIAL','FAILED') AND m.state != 'NOT_MOVED' ORDER BY j.created_ms",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The moves a job carries out, in evacuation order: every row except
     /// the guests recorded as left behind (`NOT_MOVED`), which nothing
     /// ever acts on.

@@ -401,7 +401,16 @@ impl Engine {
     /// talking again" and "the step already took effect" are judged on what
     /// the hosts say now. An attested job re-checks that the source is silent.
     pub fn resume_all(self: &Arc<Self>) -> Result<usize, StoreError> {
-        let jobs = self.reg.db(|s| s.active_jobs())?;
+        let (jobs, bad) = self.reg.db(|s| s.active_jobs_checked())?;
+        for b in &bad {
+            let detail = format!(
+                "job {} is not resumed: its row does not read ({}); its guests stay held by it. \
+                 Repair or end the row in the database, restart the controller, then clear this alarm",
+                b.key, b.reason
+            );
+            warn!(job = %b.key, "{detail}");
+            self.reg.raise_alarm(&b.host, "job-corrupt", &detail)?;
+        }
         let grace = Duration::from_millis(u64::try_from(self.reg.startup_grace_ms()).unwrap_or(0));
         for j in &jobs {
             info!(job = %j.id, state = %j.state, grace_ms = grace.as_millis() as u64, "resuming unfinished job after the startup grace");
@@ -1900,6 +1909,22 @@ mod tests {
             !already_elsewhere(Some(&own("b", "a", false)), "a"),
             "an unfinished move off this source is still ours"
         );
+    }
+
+    #[tokio::test]
+    async fn a_job_row_that_does_not_read_is_not_resumed_and_raises_job_corrupt_the_others_resume() {
+        let (reg, engine) = new_engine();
+        let a = AuditRow::default();
+        reg.db(|s| s.create_job(&job_row("mig-bad", "migrate", "host-a"), &[], &a)).unwrap();
+        reg.db(|s| s.create_job(&job_row("mig-ok", "migrate", "host-b"), &[], &a)).unwrap();
+        reg.db(|s| s.execute_raw("UPDATE jobs SET power_evidence = 'maybe' WHERE id = 'mig-bad'")).unwrap();
+        assert_eq!(engine.resume_all().unwrap(), 1, "the good job resumes, the corrupt one does not");
+        let alarms: Vec<_> = reg.active_alarms().into_iter().filter(|a| a.1 == "job-corrupt").collect();
+        assert_eq!(alarms.len(), 1, "{alarms:?}");
+        assert_eq!(alarms[0].0, "host-a");
+        assert!(alarms[0].2.contains("mig-bad") && alarms[0].2.contains("power_evidence"), "{alarms:?}");
+        // Read per step, the row refuses (the job pauses; never a guess).
+        assert!(matches!(reg.db(|s| s.job("mig-bad")), Err(StoreError::CorruptValue { column: "power_evidence", .. })));
     }
 }
 
