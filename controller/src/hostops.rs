@@ -349,7 +349,8 @@ pub async fn set_status(
     let id = rec.info.as_ref().map(|i| i.host_id.clone()).unwrap_or_else(|| host.to_string());
     // The status as held (typed; a stored one that did not read was
     // quarantined at load), never the record's display text.
-    let from: HostStatus = reg.status_of(&id).ok_or_else(|| ControllerError::NotFound(format!("unknown host '{id}'")))?;
+    let from: HostStatus =
+        reg.status_of(&id).ok_or_else(|| ControllerError::NotFound(format!("unknown host '{id}'")))?;
     if from == to {
         return Ok(());
     }

@@ -778,8 +778,14 @@ impl Store {
         let mut rows = st.query([])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
-            let (b, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id, host_id): (Vec<u8>, _, _, _, _, String) =
-                (r.get(0)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?);
+            let (b, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id, host_id): (
+                Vec<u8>,
+                _,
+                _,
+                _,
+                _,
+                String,
+            ) = (r.get(0)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?);
             out.push(HostRow {
                 info: decode_host(&b)?,
                 status: col(r, 1, "hosts", &host_id, "status")?,
@@ -2003,7 +2009,7 @@ mod tests {
         };
         s.create_job(&job, std::slice::from_ref(&mv), &AuditRow::default()).unwrap();
         assert_eq!(s.job("j1").unwrap().unwrap(), job, "every value round-trips");
-        assert_eq!(s.moves("j1").unwrap(), [mv.clone()]);
+        assert_eq!(s.moves("j1").unwrap(), std::slice::from_ref(&mv));
         assert_eq!(s.host("h1").unwrap().unwrap().status, HostStatus::Available);
         let corrupt = |e: StoreError| match e {
             StoreError::CorruptValue { table, key, column, value } => (table, key, column, value),
@@ -2037,9 +2043,15 @@ mod tests {
                     assert!(bad[0].reason.contains("unknown host status \"available\""), "{}", bad[0].reason);
                 }
             }
-                // Not text at all (a blob keeps its type in a TEXT column) refuses too.
+            // Not text at all (a blob keeps its type in a TEXT column) refuses too.
             s.execute_raw(&format!("UPDATE {table} SET {column} = x'07'")).unwrap();
-            let e = if table == "jobs" { s.job("j1").unwrap_err() } else if table == "moves" { s.moves("j1").unwrap_err() } else { s.host("h1").unwrap_err() };
+            let e = if table == "jobs" {
+                s.job("j1").unwrap_err()
+            } else if table == "moves" {
+                s.moves("j1").unwrap_err()
+            } else {
+                s.host("h1").unwrap_err()
+            };
             assert_eq!(corrupt(e).3, "<Blob>");
             s.conn.execute(&format!("UPDATE {table} SET {column} = ?1"), [good]).unwrap();
         }

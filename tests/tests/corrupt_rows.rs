@@ -33,5 +33,8 @@ async fn a_corrupt_host_status_is_quarantined_and_the_host_is_no_target() {
     let quarantined = store.quarantined().unwrap();
     assert_eq!(quarantined.len(), 1, "{quarantined:?}");
     assert!(quarantined[0].reason.contains("unknown host status \"available\""), "{}", quarantined[0].reason);
-    assert_eq!(store.host("host-x").unwrap().unwrap().status, lifeboat_controller::domain::host::HostStatus::Maintenance);
+    assert_eq!(
+        store.host("host-x").unwrap().unwrap().status,
+        lifeboat_controller::domain::host::HostStatus::Maintenance
+    );
 }

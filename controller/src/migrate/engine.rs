@@ -17,8 +17,8 @@ use tokio::sync::{Semaphore, broadcast};
 use tracing::{info, warn};
 
 use super::plan::{self, Ownership, PlanInput, PowerReading};
-use crate::domain::{JobKind, PowerEvidence};
 use crate::domain::job::{GUESTS_NOT_MOVED, JobOutcome, JobState, MoveOutcome, MoveState, job_outcome};
+use crate::domain::{JobKind, PowerEvidence};
 use crate::error::ControllerError;
 use crate::fence::{BmcConfig, FenceConfigError, FenceEvent, Fencer, PowerState};
 use crate::registry::Registry;
@@ -415,7 +415,7 @@ impl Engine {
         for j in &jobs {
             info!(job = %j.id, state = %j.state, grace_ms = grace.as_millis() as u64, "resuming unfinished job after the startup grace");
             let me = self.clone();
-            let (id, source, state) = (j.id.clone(), j.source.clone(), j.state.clone());
+            let (id, source, state) = (j.id.clone(), j.source.clone(), j.state);
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
                 // A restored database also waits until the hosts reported.
@@ -585,7 +585,8 @@ impl Engine {
                         // A planned move may have stopped some guests before
                         // it failed: those that should run wait to start
                         // again on the source.
-                        let waiting = if job.kind == JobKind::Move { self.stopped_by_failed_move(&job)? } else { Vec::new() };
+                        let waiting =
+                            if job.kind == JobKind::Move { self.stopped_by_failed_move(&job)? } else { Vec::new() };
                         let names: Vec<&str> = waiting.iter().map(|w| w.name.as_str()).collect();
                         let msg = if names.is_empty() {
                             format!("{why}; no guest was defined anywhere")
@@ -656,11 +657,8 @@ impl Engine {
                         }
                     }
                     info!(job = %id, "{detail}");
-                    let moved: Vec<String> = moves
-                        .iter()
-                        .filter(|m| m.state.is_success())
-                        .map(|m| m.uuid.clone())
-                        .collect();
+                    let moved: Vec<String> =
+                        moves.iter().filter(|m| m.state.is_success()).map(|m| m.uuid.clone()).collect();
                     let a = audit(
                         "controller",
                         &format!("job.{}", to.as_str().to_lowercase()),
@@ -1815,11 +1813,7 @@ mod tests {
         .await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         for state in [MoveState::Starting, MoveState::Defining, MoveState::Pending] {
-            let e = engine
-                .run_move(MoveRow { state, ..m.clone() }, "olga", false)
-                .await
-                .unwrap_err()
-                .to_string();
+            let e = engine.run_move(MoveRow { state, ..m.clone() }, "olga", false).await.unwrap_err().to_string();
             assert!(e.contains("quarantine") && e.contains("row-quarantined"), "{e}");
         }
         let e = engine

@@ -48,7 +48,8 @@ pub(super) fn col<T: FromSql>(
     key: &str,
     column: &'static str,
 ) -> Result<T, StoreError> {
-    let corrupt = |value: String| StoreError::CorruptValue { table, key: key.chars().take(128).collect(), column, value };
+    let corrupt =
+        |value: String| StoreError::CorruptValue { table, key: key.chars().take(128).collect(), column, value };
     match r.get::<_, T>(i) {
         Ok(v) => Ok(v),
         Err(rusqlite::Error::FromSqlConversionFailure(_, _, e)) => {
@@ -82,7 +83,8 @@ mod tests {
     fn unknown_or_non_text_values_are_corrupt_naming_the_row() {
         let c = rusqlite::Connection::open_in_memory().unwrap();
         for (sql, want) in [("SELECT 'available'", "available"), ("SELECT 7", "<Integer>"), ("SELECT NULL", "<Null>")] {
-            let e = c.query_row(sql, [], |r| Ok(col::<HostStatus>(r, 0, "hosts", "h1", "status"))).unwrap().unwrap_err();
+            let e =
+                c.query_row(sql, [], |r| Ok(col::<HostStatus>(r, 0, "hosts", "h1", "status"))).unwrap().unwrap_err();
             match e {
                 StoreError::CorruptValue { table: "hosts", key, column: "status", value } => {
                     assert_eq!((key.as_str(), value.as_str()), ("h1", want));
