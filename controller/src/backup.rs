@@ -235,4 +235,19 @@ mod tests {
             Err(BackupError::Invalid { .. } | BackupError::Sqlite { .. })
         ));
     }
+
+    #[test]
+    fn a_database_from_a_newer_lifeboat_is_not_a_backup_this_controller_can_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE future (x INTEGER); PRAGMA user_version = 8;")
+            .unwrap();
+        let b = verify(&path).unwrap_err();
+        assert!(b.to_string().contains("schema version 8"), "{b}");
+        let fresh = dir.path().join("fresh.db");
+        drop(crate::store::Store::open(&fresh).unwrap());
+        assert!(verify(&fresh).is_ok());
+    }
 }

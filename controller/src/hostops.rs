@@ -347,7 +347,10 @@ pub async fn set_status(
     let to: HostStatus = status.parse().map_err(ControllerError::InvalidArgument)?;
     let rec = reg.get_host(host)?;
     let id = rec.info.as_ref().map(|i| i.host_id.clone()).unwrap_or_else(|| host.to_string());
-    let from: HostStatus = rec.status.parse().unwrap_or(HostStatus::Available);
+    // The status as held (typed; a stored one that did not read was
+    // quarantined at load), never the record's display text.
+    let from: HostStatus =
+        reg.status_of(&id).ok_or_else(|| ControllerError::NotFound(format!("unknown host '{id}'")))?;
     if from == to {
         return Ok(());
     }
@@ -428,7 +431,7 @@ mod tests {
                 source: "a".into(),
                 target: "b".into(),
                 generation: 1,
-                state: "RUNNING".into(),
+                state: "RUNNING".parse().unwrap(),
                 start: true,
                 definition_xml: String::new(),
                 error: String::new(),
@@ -526,12 +529,12 @@ mod tests {
             report(&reg);
             let job = JobRow {
                 id: "j1".into(),
-                kind: "migrate".into(),
+                kind: crate::domain::JobKind::Migrate,
                 source: "a".into(),
-                state: "SUCCEEDED".into(),
+                state: "SUCCEEDED".parse().unwrap(),
                 operator: "olga".into(),
                 plan_id: "p".into(),
-                power_evidence: "attestation".into(),
+                power_evidence: crate::domain::PowerEvidence::Attestation,
                 request: Vec::new(),
                 parallel: 1,
                 created_ms: 1,

@@ -36,7 +36,11 @@ pub fn render(reg: &Registry) -> String {
     }
     if let Ok(js) = reg.db(|s| s.jobs(None, u32::MAX)) {
         for j in js {
-            jobs.get_or_create(&vec![("kind".into(), j.kind), ("state".into(), j.state)]).inc();
+            jobs.get_or_create(&vec![
+                ("kind".into(), j.kind.as_str().into()),
+                ("state".into(), j.state.as_str().into()),
+            ])
+            .inc();
         }
     }
     for (host, kind, _) in reg.active_alarms() {

@@ -15,6 +15,13 @@ pub mod sqlite;
 #[cfg(test)]
 mod legacy_schema;
 
+use crate::domain::host::HostStatus;
+use crate::domain::job::{JobState, MoveState};
+use crate::domain::{JobKind, PowerEvidence};
+
+mod sql_enums;
+use sql_enums::col;
+
 /// A storage failure.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -28,6 +35,19 @@ pub enum StoreError {
         table: &'static str,
         /// Decoder message.
         message: String,
+    },
+    /// A stored value is not one its column's type knows: the row is not
+    /// used (never read as a default).
+    #[error("corrupt row in {table} ({key}): column {column} holds {value:?}, not a value this controller knows")]
+    CorruptValue {
+        /// Table.
+        table: &'static str,
+        /// The row's key ("job id", "job id/uuid", "host id").
+        key: String,
+        /// Column.
+        column: &'static str,
+        /// The value as found (cut to 64 characters).
+        value: String,
     },
     /// Another operation on the host is still running.
     #[error("another operation on host '{host}' is still running: job {job}")]
@@ -80,18 +100,18 @@ pub const SCHEMA_VERSION: i64 = 7;
 pub struct JobRow {
     /// Job id.
     pub id: String,
-    /// "migrate" (later also "cleanup").
-    pub kind: String,
+    /// What the job does.
+    pub kind: JobKind,
     /// Source host.
     pub source: String,
-    /// State name (see `domain::job::JobState`).
-    pub state: String,
+    /// Its state.
+    pub state: JobState,
     /// Operator (certificate name).
     pub operator: String,
     /// Plan id carried out.
     pub plan_id: String,
     /// How the source is proven off.
-    pub power_evidence: String,
+    pub power_evidence: PowerEvidence,
     /// The request (protobuf bytes of `MigrateRequest`).
     pub request: Vec<u8>,
     /// Guests moved at once.
@@ -105,7 +125,7 @@ pub struct JobRow {
 }
 
 /// One guest's move.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MoveRow {
     /// Job.
     pub job_id: String,
@@ -119,8 +139,8 @@ pub struct MoveRow {
     pub target: String,
     /// Ownership generation this move creates.
     pub generation: u64,
-    /// State name (see `domain::job::MoveState`).
-    pub state: String,
+    /// Its state.
+    pub state: MoveState,
     /// Start on the target.
     pub start: bool,
     /// The definition to create.
@@ -241,8 +261,8 @@ pub struct OwnerRow {
 pub struct HostRow {
     /// Facts last reported.
     pub info: HostInfo,
-    /// Operators' status name.
-    pub status: String,
+    /// Operators' status.
+    pub status: HostStatus,
     /// When first seen.
     pub first_seen_ms: i64,
     /// When last heard from (persisted lazily).
@@ -561,8 +581,12 @@ impl Store {
             "SELECT {MOVE_COLUMNS}, cleaned_ms FROM moves
              WHERE source = ?1 AND state IN ('RUNNING', 'DEFINED_STOPPED') ORDER BY updated_ms"
         ))?;
-        let rows = st.query_map(params![host], |r| Ok((move_from_row(r)?, r.get(13)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut rows = st.query(params![host])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push((move_from_row(r)?, r.get(13)?));
+        }
+        Ok(out)
     }
 
     /// Records that a move's stale definition was removed, with an audit entry.
@@ -583,11 +607,11 @@ impl Store {
             .query_row(
                 "SELECT info, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id FROM hosts WHERE host_id = ?1",
                 params![host_id],
-                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, col(r, 1, "hosts", host_id, "status"), r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
             )
             .optional()?
             .map(|(b, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id)| {
-                Ok(HostRow { info: decode_host(&b)?, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id })
+                Ok(HostRow { info: decode_host(&b)?, status: status?, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id })
             })
             .transpose()
     }
@@ -595,16 +619,22 @@ impl Store {
     /// All hosts.
     pub fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT info, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id FROM hosts ORDER BY host_id",
+            "SELECT info, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id, host_id FROM hosts ORDER BY host_id",
         )?;
-        let rows =
-            st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
+        let mut rows = st.query([])?;
         let mut out = Vec::new();
-        for row in rows {
-            let (b, status, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id) = row?;
+        while let Some(r) = rows.next()? {
+            let (b, first_seen_ms, last_seen_ms, status_reason, fenced_boot_id, host_id): (
+                Vec<u8>,
+                _,
+                _,
+                _,
+                _,
+                String,
+            ) = (r.get(0)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?);
             out.push(HostRow {
                 info: decode_host(&b)?,
-                status,
+                status: col(r, 1, "hosts", &host_id, "status")?,
                 first_seen_ms,
                 last_seen_ms,
                 status_reason,
@@ -831,16 +861,19 @@ impl Store {
         let mut st = self.conn.prepare(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR source = ?1) ORDER BY created_ms DESC, id LIMIT ?2"
         ))?;
-        let rows = st.query_map(params![host, limit], job_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut rows = st.query(params![host, limit])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(job_from_row(r)?);
+        }
+        Ok(out)
     }
 
     /// One job.
     pub fn job(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), params![id], job_from_row)
-            .optional()?)
+        let mut st = self.conn.prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?;
+        let mut rows = st.query(params![id])?;
+        rows.next()?.map(job_from_row).transpose()
     }
 
     /// Jobs not yet finished.
@@ -848,7 +881,54 @@ impl Store {
         let mut st = self.conn.prepare(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE state NOT IN ('SUCCEEDED','PARTIAL','FAILED') ORDER BY created_ms"
         ))?;
-        let rows = st.query_map([], job_from_row)?;
+        let mut rows = st.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(job_from_row(r)?);
+        }
+        Ok(out)
+    }
+
+    /// Jobs not yet finished, and the ones whose row does not read (a
+    /// [`BadRow`] with the job id as key and its source as host): one
+    /// corrupt row hides no other. A bad row is never run nor guessed.
+    pub fn active_jobs_checked(&self) -> Result<(Vec<JobRow>, Vec<BadRow>), StoreError> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {JOB_COLUMNS}, rowid FROM jobs WHERE state NOT IN ('SUCCEEDED','PARTIAL','FAILED') ORDER BY created_ms"
+        ))?;
+        let mut rows = st.query([])?;
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        while let Some(r) = rows.next()? {
+            match job_from_row(r) {
+                Ok(j) => good.push(j),
+                Err(e @ StoreError::CorruptValue { .. }) => {
+                    let (key, host): (String, String) = (r.get(0)?, r.get(2)?);
+                    bad.push(BadRow {
+                        table: "jobs",
+                        rowid: r.get(12)?,
+                        key: key.chars().take(128).collect(),
+                        uuid: String::new(),
+                        host,
+                        reason: e.to_string(),
+                        row_text: String::new(),
+                        data: None,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((good, bad))
+    }
+
+    /// The guests of unfinished jobs (job id, uuid, source, target), every
+    /// move row but the ones left behind, read as stored text: a job or move
+    /// whose state does not read still holds its guests.
+    pub fn active_job_guests(&self) -> Result<Vec<(String, String, String, String)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT m.job_id, m.uuid, m.source, m.target FROM moves m JOIN jobs j ON j.id = m.job_id
+             WHERE j.state NOT IN ('SUCCEEDED','PARTIAL','FAILED') AND m.state != 'NOT_MOVED' ORDER BY j.created_ms",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -859,8 +939,12 @@ impl Store {
         let mut st = self.conn.prepare(&format!(
             "SELECT {MOVE_COLUMNS} FROM moves WHERE job_id = ?1 AND state != 'NOT_MOVED' ORDER BY priority DESC, name"
         ))?;
-        let rows = st.query_map(params![job_id], move_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut rows = st.query(params![job_id])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(move_from_row(r)?);
+        }
+        Ok(out)
     }
 
     /// The memory held by moves under way: every move of an unfinished job
@@ -906,8 +990,12 @@ impl Store {
         let mut st = self
             .conn
             .prepare(&format!("SELECT {MOVE_COLUMNS} FROM moves WHERE job_id = ?1 ORDER BY priority DESC, name"))?;
-        let rows = st.query_map(params![job_id], move_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut rows = st.query(params![job_id])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(move_from_row(r)?);
+        }
+        Ok(out)
     }
 
     /// Appends to the audit log.
@@ -948,15 +1036,15 @@ const JOB_COLUMNS: &str =
 /// The columns [`move_from_row`] reads, in order.
 const MOVE_COLUMNS: &str = "job_id, uuid, name, source, target, generation, state, start, definition_xml, error, priority, updated_ms, memory_kib";
 
-fn move_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MoveRow> {
+fn move_from_row(r: &rusqlite::Row<'_>) -> Result<MoveRow, StoreError> {
+    let (job_id, uuid): (String, String) = (r.get(0)?, r.get(1)?);
+    let key = format!("{job_id}/{uuid}");
     Ok(MoveRow {
-        job_id: r.get(0)?,
-        uuid: r.get(1)?,
         name: r.get(2)?,
         source: r.get(3)?,
         target: r.get(4)?,
         generation: r.get::<_, i64>(5)? as u64,
-        state: r.get(6)?,
+        state: col(r, 6, "moves", &key, "state")?,
         start: r.get(7)?,
         definition_xml: r.get(8)?,
         error: r.get(9)?,
@@ -966,23 +1054,26 @@ fn move_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MoveRow> {
             let v: i64 = r.get(12)?;
             u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(12, v))?
         },
+        job_id,
+        uuid,
     })
 }
 
-fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+fn job_from_row(r: &rusqlite::Row<'_>) -> Result<JobRow, StoreError> {
+    let id: String = r.get(0)?;
     Ok(JobRow {
-        id: r.get(0)?,
-        kind: r.get(1)?,
+        kind: col(r, 1, "jobs", &id, "kind")?,
         source: r.get(2)?,
-        state: r.get(3)?,
+        state: col(r, 3, "jobs", &id, "state")?,
         operator: r.get(4)?,
         plan_id: r.get(5)?,
-        power_evidence: r.get(6)?,
+        power_evidence: col(r, 6, "jobs", &id, "power_evidence")?,
         request: r.get(7)?,
         parallel: r.get(8)?,
         created_ms: r.get(9)?,
         updated_ms: r.get(10)?,
         error: r.get(11)?,
+        id,
     })
 }
 
@@ -1252,7 +1343,9 @@ impl Store {
                 }
                 Ok(HostRow {
                     info,
-                    status: text(&v[2]).ok_or("status is not text")?,
+                    status: text(&v[2])
+                        .ok_or_else(|| "status is not text".to_string())
+                        .and_then(|s| HostStatus::from_name(&s).map_err(|e| format!("status does not read: {e}")))?,
                     first_seen_ms: int(&v[3]).ok_or("first_seen_ms is not an integer")?,
                     last_seen_ms: int(&v[4]).ok_or("last_seen_ms is not an integer")?,
                     status_reason: text(&v[5]).ok_or("status_reason is not text")?,
@@ -1516,12 +1609,12 @@ mod tests {
         let mut s = Store::open_in_memory().unwrap();
         let job = |id: &str, state: &str| JobRow {
             id: id.into(),
-            kind: "migrate".into(),
+            kind: JobKind::Migrate,
             source: "a".into(),
-            state: state.into(),
+            state: state.parse().unwrap(),
             operator: "ann".into(),
             plan_id: "p".into(),
-            power_evidence: "bmc-off".into(),
+            power_evidence: PowerEvidence::BmcOff,
             request: vec![],
             parallel: 4,
             created_ms: 1,
@@ -1549,12 +1642,12 @@ mod tests {
         let mut s = Store::open_in_memory().unwrap();
         let job = JobRow {
             id: "j1".into(),
-            kind: "migrate".into(),
+            kind: JobKind::Migrate,
             source: "a".into(),
-            state: "CREATED".into(),
+            state: "CREATED".parse().unwrap(),
             operator: "ann".into(),
             plan_id: "p".into(),
-            power_evidence: "attestation".into(),
+            power_evidence: PowerEvidence::Attestation,
             request: vec![],
             parallel: 4,
             created_ms: 1,
@@ -1568,7 +1661,7 @@ mod tests {
             source: "a".into(),
             target: if state == "NOT_MOVED" { String::new() } else { "b".into() },
             generation: if state == "NOT_MOVED" { 0 } else { 1 },
-            state: state.into(),
+            state: state.parse().unwrap(),
             start: true,
             definition_xml: String::new(),
             error: error.into(),
@@ -1604,12 +1697,12 @@ mod tests {
         let mut s = Store::open_in_memory().unwrap();
         let job = |id: &str, source: &str| JobRow {
             id: id.into(),
-            kind: "migrate".into(),
+            kind: JobKind::Migrate,
             source: source.into(),
-            state: "MOVING".into(),
+            state: "MOVING".parse().unwrap(),
             operator: "ann".into(),
             plan_id: "p".into(),
-            power_evidence: "bmc-off".into(),
+            power_evidence: PowerEvidence::BmcOff,
             request: vec![],
             parallel: 4,
             created_ms: 1,
@@ -1623,7 +1716,7 @@ mod tests {
             source: "a".into(),
             target: "c".into(),
             generation: 1,
-            state: state.into(),
+            state: state.parse().unwrap(),
             start: true,
             definition_xml: String::new(),
             error: String::new(),
@@ -1725,5 +1818,89 @@ mod tests {
     fn unknown_host_is_none() {
         let s = Store::open_in_memory().unwrap();
         assert!(s.host("nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_stored_value_that_does_not_read_refuses_naming_the_row() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.upsert_host(&HostInfo { host_id: "h1".into(), ..Default::default() }, 5).unwrap();
+        let job = JobRow {
+            id: "j1".into(),
+            kind: JobKind::Move,
+            source: "h1".into(),
+            state: JobState::Moving,
+            operator: "ann".into(),
+            plan_id: "p".into(),
+            power_evidence: PowerEvidence::StoppedByAgent,
+            request: vec![],
+            parallel: 1,
+            created_ms: 1,
+            updated_ms: 1,
+            error: String::new(),
+        };
+        let mv = MoveRow {
+            job_id: "j1".into(),
+            uuid: "u1".into(),
+            name: "vm1".into(),
+            source: "h1".into(),
+            target: "h2".into(),
+            generation: 1,
+            state: MoveState::Defining,
+            start: true,
+            definition_xml: String::new(),
+            error: String::new(),
+            priority: 0,
+            updated_ms: 1,
+            memory_kib: 1,
+        };
+        s.create_job(&job, std::slice::from_ref(&mv), &AuditRow::default()).unwrap();
+        assert_eq!(s.job("j1").unwrap().unwrap(), job, "every value round-trips");
+        assert_eq!(s.moves("j1").unwrap(), std::slice::from_ref(&mv));
+        assert_eq!(s.host("h1").unwrap().unwrap().status, HostStatus::Available);
+        let corrupt = |e: StoreError| match e {
+            StoreError::CorruptValue { table, key, column, value } => (table, key, column, value),
+            e => panic!("not CorruptValue: {e}"),
+        };
+        let cases: [(&str, &str, &str, &str, &str); 5] = [
+            ("jobs", "kind", "'cleanup'", "j1", "cleanup"),
+            ("jobs", "state", "'moving'", "j1", "moving"),
+            ("jobs", "power_evidence", "'bmc'", "j1", "bmc"),
+            ("moves", "state", "'DONE'", "j1/u1", "DONE"),
+            ("hosts", "status", "'available'", "h1", "available"),
+        ];
+        for (table, column, bad, key, value) in cases {
+            let good: String = s.conn.query_row(&format!("SELECT {column} FROM {table}"), [], |r| r.get(0)).unwrap();
+            s.execute_raw(&format!("UPDATE {table} SET {column} = {bad}")).unwrap();
+            let want = (table, key.to_string(), column, value.to_string());
+            match table {
+                "jobs" => {
+                    assert_eq!(corrupt(s.job("j1").unwrap_err()), want);
+                    assert_eq!(corrupt(s.jobs(None, 10).unwrap_err()), want);
+                }
+                "moves" => {
+                    assert_eq!(corrupt(s.moves("j1").unwrap_err()), want);
+                    assert_eq!(corrupt(s.job_moves("j1").unwrap_err()), want);
+                }
+                _ => {
+                    assert_eq!(corrupt(s.host("h1").unwrap_err()), want);
+                    assert_eq!(corrupt(s.hosts().unwrap_err()), want);
+                    let (rows, bad) = s.hosts_checked().unwrap();
+                    assert!(rows.is_empty() && bad.len() == 1, "{rows:?} {bad:?}");
+                    assert!(bad[0].reason.contains("unknown host status \"available\""), "{}", bad[0].reason);
+                }
+            }
+            // Not text at all (a blob keeps its type in a TEXT column) refuses too.
+            s.execute_raw(&format!("UPDATE {table} SET {column} = x'07'")).unwrap();
+            let e = if table == "jobs" {
+                s.job("j1").unwrap_err()
+            } else if table == "moves" {
+                s.moves("j1").unwrap_err()
+            } else {
+                s.host("h1").unwrap_err()
+            };
+            assert_eq!(corrupt(e).3, "<Blob>");
+            s.conn.execute(&format!("UPDATE {table} SET {column} = ?1"), [good]).unwrap();
+        }
+        assert_eq!(s.job("j1").unwrap().unwrap(), job, "restored, it reads again");
     }
 }

@@ -106,7 +106,7 @@ pub fn rows_for_job(
     moves
         .iter()
         .filter_map(|m| {
-            let state: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
+            let state: MoveState = m.state;
             let desired_running = desired(&m.uuid).is_some_and(|(h, d)| h == m.source && d == "running");
             let should_run = m.start || desired_running;
             let o = owner(&m.uuid);
@@ -586,10 +586,14 @@ pub(crate) mod tests {
             name: format!("vm-{uuid}"),
             source: "a".into(),
             target: "b".into(),
-            state: state.into(),
+            state: state.parse().unwrap(),
             start,
             error: format!("why {uuid}"),
-            ..Default::default()
+            generation: 0,
+            definition_xml: String::new(),
+            priority: 0,
+            updated_ms: 0,
+            memory_kib: 0,
         }
     }
 

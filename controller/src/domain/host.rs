@@ -76,6 +76,14 @@ impl HostStatus {
     }
 }
 
+impl HostStatus {
+    /// The status with exactly this name (stored and wire values): no
+    /// trimming, no case folding. Anything else is unknown and refuses.
+    pub fn from_name(s: &str) -> Result<HostStatus, super::UnknownValue> {
+        HostStatus::ALL.into_iter().find(|h| h.as_str() == s).ok_or_else(|| super::UnknownValue::new("host status", s))
+    }
+}
+
 impl fmt::Display for HostStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -111,5 +119,11 @@ mod tests {
         }
         assert_eq!("not-accepting".parse::<HostStatus>().unwrap(), HostStatus::NotAccepting);
         assert!("dead".parse::<HostStatus>().unwrap_err().contains("AVAILABLE"));
+        for s in HostStatus::ALL {
+            assert_eq!(HostStatus::from_name(s.as_str()), Ok(s));
+        }
+        for bad in ["available", " AVAILABLE", "NOT-ACCEPTING", "", "DEAD"] {
+            assert_eq!(HostStatus::from_name(bad).unwrap_err().what, "host status", "{bad:?}");
+        }
     }
 }

@@ -77,8 +77,10 @@ named_enum! {
 named_enum! {
     /// How a job's source was proven off.
     pub enum PowerEvidence as "power evidence" {
-        /// No evidence is needed (a planned move: the source stops the guest itself).
+        /// None (a plan that refused before its power check had a result).
         None = "",
+        /// A planned move: the source is talking and its agent stops the guest itself.
+        StoppedByAgent = "stopped-by-agent",
         /// The BMC read Off.
         BmcOff = "bmc-off",
         /// The BMC was told to power off and then read Off.

@@ -17,11 +17,11 @@ use tokio::sync::{Semaphore, broadcast};
 use tracing::{info, warn};
 
 use super::plan::{self, Ownership, PlanInput, PowerReading};
-use crate::domain::JobKind;
 use crate::domain::job::{
     AUDIT_MOVE_FAILED, GUESTS_NOT_MOVED, InvalidTransition, JOB_INVALID_TRANSITION, JobEffect, JobEvent, JobOutcome,
     JobState, MoveEffect, MoveEvent, MoveOutcome, MoveState, job_outcome, job_step, step,
 };
+use crate::domain::{JobKind, PowerEvidence};
 use crate::error::ControllerError;
 use crate::fence::{BmcConfig, FenceConfigError, FenceEvent, Fencer, PowerState};
 use crate::registry::Registry;
@@ -344,7 +344,7 @@ impl Engine {
                 source: req.source.clone(),
                 target: gp.target.clone(),
                 generation,
-                state: MoveState::Pending.as_str().into(),
+                state: MoveState::Pending,
                 start: gp.start,
                 definition_xml: g.definition_xml.clone(),
                 error: String::new(),
@@ -364,12 +364,14 @@ impl Engine {
         let parallel = if req.parallel == 0 { DEFAULT_PARALLEL } else { req.parallel.min(64) };
         let job = JobRow {
             id: id.clone(),
-            kind: if req.planned_move { "move".into() } else { "migrate".into() },
+            kind: if req.planned_move { JobKind::Move } else { JobKind::Migrate },
             source: req.source.clone(),
-            state: JobState::Created.as_str().into(),
+            state: JobState::Created,
             operator: operator.into(),
             plan_id: p.plan_id.clone(),
-            power_evidence: p.power_evidence.clone(),
+            power_evidence: p.power_evidence.parse().map_err(|e| {
+                ControllerError::Refused(format!("the plan's power evidence does not read ({e}); nothing was changed"))
+            })?,
             request: req.encode_to_vec(),
             parallel,
             created_ms: now,
@@ -415,12 +417,21 @@ impl Engine {
     /// talking again" and "the step already took effect" are judged on what
     /// the hosts say now. An attested job re-checks that the source is silent.
     pub fn resume_all(self: &Arc<Self>) -> Result<usize, StoreError> {
-        let jobs = self.reg.db(|s| s.active_jobs())?;
+        let (jobs, bad) = self.reg.db(|s| s.active_jobs_checked())?;
+        for b in &bad {
+            let detail = format!(
+                "job {} is not resumed: its row does not read ({}); its guests stay held by it. \
+                 Repair or end the row in the database, restart the controller, then clear this alarm",
+                b.key, b.reason
+            );
+            warn!(job = %b.key, "{detail}");
+            self.reg.raise_alarm(&b.host, "job-corrupt", &detail)?;
+        }
         let grace = Duration::from_millis(u64::try_from(self.reg.startup_grace_ms()).unwrap_or(0));
         for j in &jobs {
             info!(job = %j.id, state = %j.state, grace_ms = grace.as_millis() as u64, "resuming unfinished job after the startup grace");
             let me = self.clone();
-            let (id, source, state) = (j.id.clone(), j.source.clone(), j.state.clone());
+            let (id, source, state) = (j.id.clone(), j.source.clone(), j.state);
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
                 // A restored database also waits until the hosts reported.
@@ -458,7 +469,7 @@ impl Engine {
     }
 
     fn set_job(&self, job: &JobRow, to: JobState, error: &str, a: Option<AuditRow>) -> Result<(), StoreError> {
-        let from: JobState = job.state.parse().unwrap_or(JobState::Failed);
+        let from: JobState = job.state;
         if !from.valid_transition(to) {
             warn!(job = %job.id, %from, %to, "refusing an invalid job transition");
             return Ok(());
@@ -580,11 +591,11 @@ impl Engine {
     async fn run_inner(self: Arc<Self>, id: &str) -> Result<(), StoreError> {
         loop {
             let Some(job) = self.reg.db(|s| s.job(id))? else { return Ok(()) };
-            let state: JobState = job.state.parse().unwrap_or(JobState::Failed);
+            let state: JobState = job.state;
             if state.is_terminal() {
                 return Ok(());
             }
-            let kind = if job.kind == "move" { JobKind::Move } else { JobKind::Migrate };
+            let kind = job.kind;
             match state {
                 JobState::Created => {
                     let Some((to, _)) = self.job_step(&job, kind, state, JobEvent::Begin)? else { return Ok(()) };
@@ -637,7 +648,7 @@ impl Engine {
                         let me = self.clone();
                         let sem = sem.clone();
                         let operator = job.operator.clone();
-                        let planned = job.kind == "move";
+                        let planned = job.kind == JobKind::Move;
                         async move {
                             let _permit = sem.acquire().await;
                             me.run_move(m, &operator, planned).await
@@ -653,7 +664,7 @@ impl Engine {
                         .iter()
                         .map(|m| MoveOutcome {
                             name: &m.name,
-                            state: m.state.parse().unwrap_or(MoveState::Failed),
+                            state: m.state,
                             error: &m.error,
                             target: &m.target,
                             waits: waiting.iter().any(|w| w.uuid == m.uuid),
@@ -663,9 +674,9 @@ impl Engine {
                                 .and_then(crate::waiting::unfinished_target),
                         })
                         .collect();
-                    let talking = job.kind == "migrate" && self.reg.is_reachable(&job.source);
+                    let talking = job.kind == JobKind::Migrate && self.reg.is_reachable(&job.source);
                     let JobOutcome { state: ends, error: msg, detail, alarm } =
-                        job_outcome(id, &job.source, job.kind == "move", talking, &outcomes);
+                        job_outcome(id, &job.source, job.kind == JobKind::Move, talking, &outcomes);
                     let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::ending(ends))? else {
                         return Ok(());
                     };
@@ -680,11 +691,8 @@ impl Engine {
                         crate::telemetry::get().recovery_seconds.observe(silent as f64 / 1000.0);
                     }
                     info!(job = %id, "{detail}");
-                    let moved: Vec<String> = moves
-                        .iter()
-                        .filter(|m| m.state.parse::<MoveState>().is_ok_and(|s| s.is_success()))
-                        .map(|m| m.uuid.clone())
-                        .collect();
+                    let moved: Vec<String> =
+                        moves.iter().filter(|m| m.state.is_success()).map(|m| m.uuid.clone()).collect();
                     let a = audit("controller", audit_action(&effects), &job.source, "", id, detail);
                     self.end_job(&job, to, &msg, a, &waiting, &moved)?;
                 }
@@ -755,7 +763,7 @@ impl Engine {
             .into_iter()
             .filter(|m| m.start && stopped(&m.uuid))
             .map(|m| MoveRow {
-                state: MoveState::Failed.as_str().into(),
+                state: MoveState::Failed,
                 error: format!("stopped for planned move job {} that failed", job.id),
                 ..m
             })
@@ -776,7 +784,7 @@ impl Engine {
         waiting: &[WaitingRow],
         moved: &[String],
     ) -> Result<(), StoreError> {
-        let from: JobState = job.state.parse().unwrap_or(JobState::Failed);
+        let from: JobState = job.state;
         if !from.valid_transition(to) {
             warn!(job = %job.id, %from, %to, "refusing an invalid job transition");
             return Ok(());
@@ -919,14 +927,24 @@ impl Engine {
     /// Proves the source is off. Check-then-act: reads first, powers off
     /// only if it does not read Off.
     async fn fence(&self, job: &JobRow) -> Result<Result<(), String>, StoreError> {
-        if job.kind == "move" {
+        if job.kind == JobKind::Move {
             return self.stop_on_source(job).await;
         }
         if self.reg.is_reachable(&job.source) {
             return Ok(Err(format!("{} is talking to the controller again: a host that talks is alive", job.source)));
         }
-        let req = MigrateRequest::decode(&job.request[..]).unwrap_or_default();
-        if job.power_evidence == "attestation" {
+        // A stored request that does not decode refuses: never a default.
+        let req = match MigrateRequest::decode(&job.request[..]) {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "job {}'s stored request does not decode ({e}); {} was not fenced: check the database \
+                     (see `lifeboat jobs show {}`) and plan again",
+                    job.id, job.source, job.id
+                )));
+            }
+        };
+        if job.power_evidence == PowerEvidence::Attestation {
             self.reg.db(|s| {
                 s.audit(&audit(
                     &job.operator,
@@ -952,7 +970,7 @@ impl Engine {
         };
         let mut st = f.power_state(&mut log).await;
         t.fence("read", name(&st));
-        if st != PowerState::Off && job.power_evidence == "bmc-fence" {
+        if st != PowerState::Off && job.power_evidence == PowerEvidence::BmcFence {
             self.audit_bmc(job, &log)?;
             log.clear();
             self.reg.db(|s| {
@@ -1086,7 +1104,7 @@ impl Engine {
         owner: Option<OwnerRow>,
         a: Option<AuditRow>,
     ) -> Result<(), StoreError> {
-        let from: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
+        let from: MoveState = m.state;
         if !from.valid_transition(to) {
             warn!(job = %m.job_id, guest = %m.name, %from, %to, "refusing an invalid move transition");
             return Ok(());
@@ -1096,7 +1114,7 @@ impl Engine {
         if owner.is_some() {
             self.reg.refresh_owners()?;
         }
-        m.state = to.as_str().into();
+        m.state = to;
         self.changed(&m.job_id);
         Ok(())
     }
@@ -1136,9 +1154,9 @@ impl Engine {
     async fn run_move(&self, mut m: MoveRow, operator: &str, planned: bool) -> Result<(), StoreError> {
         let _ = operator;
         let kind = if planned { JobKind::Move } else { JobKind::Migrate };
-        let mut owed = m.state.parse().unwrap_or(MoveState::Failed).owed(kind);
+        let mut owed = m.state.owed(kind);
         while let Some(action) = owed {
-            let state: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
+            let state: MoveState = m.state;
             self.refuse_if_quarantined(&m)?;
             if action == MoveEffect::UndefineOnSource {
                 return self.undefine_on_source(&m).await;
@@ -1349,7 +1367,7 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .entry(m.job_id.clone())
             .or_insert_with(|| format!("job stopped after {} met an invalid transition ({invalid})", m.name));
-        let from: MoveState = m.state.parse().unwrap_or(MoveState::Failed);
+        let from: MoveState = m.state;
         if from.valid_transition(MoveState::Failed) {
             let msg = format!("stopped: {invalid}");
             let a = audit("controller", AUDIT_MOVE_FAILED, &m.target, &m.name, &m.job_id, detail);
@@ -1402,15 +1420,15 @@ fn paused_text(e: &StoreError, since_ms: i64) -> String {
 fn to_record(j: JobRow, moves: Vec<MoveRow>) -> JobRecord {
     JobRecord {
         id: j.id,
-        kind: j.kind,
+        kind: j.kind.as_str().into(),
         source: j.source,
-        state: j.state,
+        state: j.state.as_str().into(),
         operator: j.operator,
         plan_id: j.plan_id,
         created_unix_ms: j.created_ms,
         updated_unix_ms: j.updated_ms,
         error: j.error,
-        power_evidence: j.power_evidence,
+        power_evidence: j.power_evidence.as_str().into(),
         parallel: j.parallel,
         paused: String::new(),
         moves: moves
@@ -1421,7 +1439,7 @@ fn to_record(j: JobRow, moves: Vec<MoveRow>) -> JobRecord {
                 source: m.source,
                 target: m.target,
                 generation: m.generation,
-                state: m.state,
+                state: m.state.as_str().into(),
                 error: m.error,
                 updated_unix_ms: m.updated_ms,
                 start: m.start,
@@ -1464,7 +1482,7 @@ fn not_moved_row(job: &str, source: &str, gp: &lifeboat_proto::v1::GuestPlan, no
         source: source.into(),
         target: gp.target.clone(),
         generation: 0,
-        state: MoveState::NotMoved.as_str().into(),
+        state: MoveState::NotMoved,
         start: gp.start,
         definition_xml: String::new(),
         error,
@@ -1499,12 +1517,12 @@ mod tests {
     fn job_row(id: &str, kind: &str, source: &str) -> JobRow {
         JobRow {
             id: id.into(),
-            kind: kind.into(),
+            kind: kind.parse().unwrap(),
             source: source.into(),
-            state: JobState::Created.as_str().into(),
+            state: JobState::Created,
             operator: "olga".into(),
             plan_id: "p".into(),
-            power_evidence: "attestation".into(),
+            power_evidence: PowerEvidence::Attestation,
             request: MigrateRequest { source: source.into(), attest_reason: "unplugged".into(), ..Default::default() }
                 .encode_to_vec(),
             parallel: 1,
@@ -1545,7 +1563,7 @@ mod tests {
         assert!(paused.contains("cannot be written") && paused.contains("readonly"), "{paused}");
         assert_eq!(changes.try_recv().unwrap(), "mig-p", "watchers are told of the pause");
         let r = engine.job_record("mig-p").unwrap();
-        assert_eq!(r.state, "CREATED", "nothing moved while paused");
+        assert_eq!(r.state.as_str(), "CREATED", "nothing moved while paused");
         assert_eq!(engine.jobs(None, 10).unwrap()[0].paused, paused, "the list shows it too");
         // A second retry keeps the first time it paused.
         tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -1578,7 +1596,7 @@ mod tests {
     async fn a_job_paused_on_a_record_it_cannot_use_backs_off_alarms_once_and_writes_no_resume_per_retry() {
         let (reg, engine) = new_engine();
         let mut row = job_row("mig-c", "migrate", "host-a");
-        row.state = JobState::Moving.as_str().into();
+        row.state = JobState::Moving;
         reg.db(|s| s.create_job(&row, &[starting_move("mig-c")], &audit("olga", "x", "host-a", "", "mig-c", "")))
             .unwrap();
         reg.db(|s| s.execute_raw("UPDATE moves SET memory_kib = -5 WHERE job_id = 'mig-c'")).unwrap();
@@ -1600,7 +1618,7 @@ mod tests {
             "{}",
             alarms[0].detail
         );
-        assert_eq!(reg.db(|s| s.job("mig-c")).unwrap().unwrap().state, "MOVING");
+        assert_eq!(reg.db(|s| s.job("mig-c")).unwrap().unwrap().state.as_str(), "MOVING");
         assert!(engine.paused.lock().unwrap().contains_key("mig-c"), "still paused");
 
         // The row is repaired (here: the move had failed): the job ends, the
@@ -1611,7 +1629,7 @@ mod tests {
             )
         })
         .unwrap();
-        until("the job's end", || reg.db(|s| s.job("mig-c")).unwrap().filter(|j| j.state != "MOVING")).await;
+        until("the job's end", || reg.db(|s| s.job("mig-c")).unwrap().filter(|j| j.state != JobState::Moving)).await;
         let log =
             reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
         assert_eq!(log.iter().filter(|a| a.action == "job.unpaused").count(), 1, "{log:?}");
@@ -1678,7 +1696,7 @@ mod tests {
             source: "host-a".into(),
             target: "host-b".into(),
             generation: 3,
-            state: MoveState::Starting.as_str().into(),
+            state: MoveState::Starting,
             start: true,
             definition_xml: String::new(),
             error: String::new(),
@@ -1752,7 +1770,7 @@ mod tests {
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         engine.run_move(m.clone(), "olga", false).await.unwrap();
         let row = reg.db(|s| s.moves("mig-r")).unwrap().remove(0);
-        assert_eq!(row.state, "RUNNING", "{}", row.error);
+        assert_eq!(row.state.as_str(), "RUNNING", "{}", row.error);
         let log = reg
             .db(|s| {
                 s.read_audit(&crate::store::AuditFilter {
@@ -1777,7 +1795,7 @@ mod tests {
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         engine.run_move(m, "olga", false).await.unwrap();
         let row = reg.db(|s| s.moves("mig-f")).unwrap().remove(0);
-        assert_eq!(row.state, "FAILED");
+        assert_eq!(row.state.as_str(), "FAILED");
         assert!(row.error.contains("verifying vm-1 failed"), "{}", row.error);
     }
 
@@ -1786,7 +1804,7 @@ mod tests {
         let (reg, engine) = new_engine();
         let m = starting_move("mig-u");
         let mut row = job_row("mig-u", "migrate", "host-a");
-        row.state = JobState::Moving.as_str().into();
+        row.state = JobState::Moving;
         reg.db(|s| s.create_job(&row, std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-u", ""))).unwrap();
         // The move recorded host-b as the new owner before it defined the guest there.
         let owner = OwnerRow { complete: false, ..engine.owner(&m, false) };
@@ -1809,7 +1827,7 @@ mod tests {
                 .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
-        assert_eq!(r.state, "FAILED", "{r:?}");
+        assert_eq!(r.state.as_str(), "FAILED", "{r:?}");
         assert!(r.error.contains("unfinished move to host-b"), "{}", r.error);
         assert!(r.error.contains("`lifeboat move --vm vm-1 --from host-a --to host-b --yes`"), "{}", r.error);
         let o = reg.owner_row(&m.uuid).unwrap();
@@ -1873,7 +1891,7 @@ mod tests {
         engine.run_move(m, "olga", false).await.unwrap();
         let row = reg.db(|s| s.moves("mig-back")).unwrap().remove(0);
         assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 1, "the start was not sent again");
-        assert_eq!(row.state, "FAILED");
+        assert_eq!(row.state.as_str(), "FAILED");
         assert!(row.error.contains("host-a is talking to the controller again"), "{}", row.error);
     }
 
@@ -1909,7 +1927,7 @@ mod tests {
             let reg = Registry::load(crate::store::Store::open(&path).unwrap(), crate::domain::host::Timing::default())
                 .unwrap();
             let mut row = job_row("mig-q", "migrate", "host-a");
-            row.state = JobState::Moving.as_str().into();
+            row.state = JobState::Moving;
             reg.db(|s| s.create_job(&row, std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-q", ""))).unwrap();
         }
         // Its owner row (moved on since: generation 4) cannot be read at the restart.
@@ -1931,15 +1949,11 @@ mod tests {
         .await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         for state in [MoveState::Starting, MoveState::Defining, MoveState::Pending] {
-            let e = engine
-                .run_move(MoveRow { state: state.as_str().into(), ..m.clone() }, "olga", false)
-                .await
-                .unwrap_err()
-                .to_string();
+            let e = engine.run_move(MoveRow { state, ..m.clone() }, "olga", false).await.unwrap_err().to_string();
             assert!(e.contains("quarantine") && e.contains("row-quarantined"), "{e}");
         }
         let e = engine
-            .fence(&JobRow { kind: "move".into(), ..job_row("mig-q", "move", "host-a") })
+            .fence(&JobRow { kind: JobKind::Move, ..job_row("mig-q", "move", "host-a") })
             .await
             .unwrap_err()
             .to_string();
@@ -1965,7 +1979,7 @@ mod tests {
     async fn run_with_invalid_transition(id: &str, moves: &[MoveRow]) -> (Arc<Registry>, Arc<Engine>, usize) {
         let (reg, engine) = new_engine();
         let mut row = job_row(id, "migrate", "host-a");
-        row.state = JobState::Moving.as_str().into();
+        row.state = JobState::Moving;
         reg.db(|s| s.create_job(&row, moves, &audit("olga", "x", "", "", id, ""))).unwrap();
         let defines = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (n, sent) = (defines.clone(), Arc::new(std::sync::Mutex::new(Vec::<String>::new())));
@@ -1995,7 +2009,7 @@ mod tests {
         MoveRow {
             name: name.into(),
             uuid: format!("11111111-0000-4000-8000-0000000000{uuid_end:02}"),
-            state: state.as_str().into(),
+            state,
             priority,
             ..starting_move(job)
         }
@@ -2085,7 +2099,7 @@ mod tests {
             ..Default::default()
         };
         let r = not_moved_row("mig-1", "host-a", &gp, 7);
-        assert_eq!(r.state, "NOT_MOVED");
+        assert_eq!(r.state.as_str(), "NOT_MOVED");
         assert_eq!(
             r.error,
             "local storage: no other host sees /l.img; failed checks: disks visible from host-b: host-b cannot see /l.img (No such file)"
@@ -2107,9 +2121,9 @@ mod tests {
         let r = not_moved_row("mig-h", "host-a", &huge, 7);
         let mut store = crate::store::Store::open_in_memory().unwrap();
         let mut job = job_row("mig-h", "migrate", "host-a");
-        job.state = "MOVING".into();
+        job.state = JobState::Moving;
         store.create_job(&job, std::slice::from_ref(&r), &audit("olga", "x", "host-a", "", "mig-h", "")).unwrap();
-        assert_eq!(store.job_moves("mig-h").unwrap()[0].state, "NOT_MOVED");
+        assert_eq!(store.job_moves("mig-h").unwrap()[0].state.as_str(), "NOT_MOVED");
     }
 
     #[test]
@@ -2129,5 +2143,21 @@ mod tests {
             !already_elsewhere(Some(&own("b", "a", false)), "a"),
             "an unfinished move off this source is still ours"
         );
+    }
+
+    #[tokio::test]
+    async fn a_job_row_that_does_not_read_is_not_resumed_and_raises_job_corrupt_the_others_resume() {
+        let (reg, engine) = new_engine();
+        let a = AuditRow::default();
+        reg.db(|s| s.create_job(&job_row("mig-bad", "migrate", "host-a"), &[], &a)).unwrap();
+        reg.db(|s| s.create_job(&job_row("mig-ok", "migrate", "host-b"), &[], &a)).unwrap();
+        reg.db(|s| s.execute_raw("UPDATE jobs SET power_evidence = 'maybe' WHERE id = 'mig-bad'")).unwrap();
+        assert_eq!(engine.resume_all().unwrap(), 1, "the good job resumes, the corrupt one does not");
+        let alarms: Vec<_> = reg.active_alarms().into_iter().filter(|a| a.1 == "job-corrupt").collect();
+        assert_eq!(alarms.len(), 1, "{alarms:?}");
+        assert_eq!(alarms[0].0, "host-a");
+        assert!(alarms[0].2.contains("mig-bad") && alarms[0].2.contains("power_evidence"), "{alarms:?}");
+        // Read per step, the row refuses (the job pauses; never a guess).
+        assert!(matches!(reg.db(|s| s.job("mig-bad")), Err(StoreError::CorruptValue { column: "power_evidence", .. })));
     }
 }

@@ -15,7 +15,7 @@ impl Registry {
             guests.map(|g| g.values().filter(|g| g.state == GuestState::Running as i32).count()).unwrap_or(0) as u32;
         HostRecord {
             info: Some(e.row.info.clone()),
-            status: e.row.status.clone(),
+            status: e.row.status.as_str().into(),
             liveness: self.liveness_of(e, now).as_str().into(),
             session_open: e.session.is_some(),
             last_seen_unix_ms: e.last_heard_ms().unwrap_or(e.row.last_seen_ms),
@@ -228,7 +228,7 @@ impl Registry {
         let guests = inner.guests.get(&e.row.info.host_id);
         HostView {
             id: e.row.info.host_id.clone(),
-            status: e.row.status.parse().unwrap_or(HostStatus::Available),
+            status: e.row.status,
             liveness: live,
             silent_ms: match live {
                 Liveness::Reachable => None,

@@ -124,12 +124,10 @@ impl Registry {
             }
         }
         let mut in_job = BTreeMap::new();
-        for j in store.active_jobs()? {
-            for m in store.moves(&j.id)? {
-                if m.state != crate::domain::job::MoveState::NotMoved.as_str() {
-                    in_job.insert(m.uuid, (j.id.clone(), m.source, m.target));
-                }
-            }
+        // Read as stored text: a job row that does not read still holds its
+        // guests (the engine raises `job-corrupt` and does not run it).
+        for (job, uuid, source, target) in store.active_job_guests()? {
+            in_job.insert(uuid, (job, source, target));
         }
         Ok(Registry {
             started_ms: now_unix_ms(),
@@ -318,7 +316,7 @@ impl Registry {
         };
         inner.store.set_status(host_id, status.as_str(), reason, Some(&a))?;
         let e = inner.hosts.get_mut(host_id).expect("checked");
-        e.row.status = status.as_str().into();
+        e.row.status = status;
         e.row.status_reason = reason.into();
         e.dirty = true;
         Ok(())
@@ -337,7 +335,7 @@ impl Registry {
 
     /// The host's status.
     pub fn status_of(&self, host_id: &str) -> Option<HostStatus> {
-        self.lock().hosts.get(host_id).and_then(|e| e.row.status.parse().ok())
+        self.lock().hosts.get(host_id).map(|e| e.row.status)
     }
 
     /// One reconcile pass over the connected hosts that may need action:
@@ -434,12 +432,9 @@ impl Registry {
             inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 != id).map(|(u, _)| u.clone()).collect();
         let claimed: BTreeSet<String> =
             inner.in_job.iter().filter(|(_, j)| &j.1 == id && &j.2 == id).map(|(u, _)| u.clone()).collect();
-        // A status that does not parse makes the host a non-target (OFFLINE:
-        // no leases), never AVAILABLE.
-        let status = e.row.status.parse().unwrap_or_else(|err| {
-            tracing::error!(host = %id, "{err}; treating the host as OFFLINE");
-            HostStatus::Offline
-        });
+        // A status that did not read was quarantined at load (the host came
+        // back MAINTENANCE): what is in memory is always a known status.
+        let status = e.row.status;
         crate::domain::view::HostSnapshot {
             host: id.clone(),
             status,
@@ -516,7 +511,7 @@ impl Registry {
         let waiting: Vec<String> = inner
             .hosts
             .iter()
-            .filter(|(_, e)| e.row.status != HostStatus::Offline.as_str() && !(e.session.is_some() && e.inventory_seen))
+            .filter(|(_, e)| e.row.status != HostStatus::Offline && !(e.session.is_some() && e.inventory_seen))
             .map(|(id, _)| id.clone())
             .collect();
         if !waiting.is_empty() {
@@ -1279,5 +1274,34 @@ mod tests {
         let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
         assert_eq!(reg.db(|s| s.quarantined()).unwrap().len(), 5);
         assert!(["u1", "u2", "u3", "u4"].iter().all(|u| reg.is_quarantined(u)));
+    }
+
+    #[test]
+    fn a_host_status_that_does_not_read_is_quarantined_and_the_host_comes_back_maintenance() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lifeboat.db");
+        {
+            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            let (tx, _rx) = mpsc::channel(1);
+            let _s = reg.open_session("b", "boot", tx).unwrap();
+            assert_eq!(reg.status_of("b"), Some(HostStatus::Available));
+            reg.flush().unwrap();
+        }
+        for bad in ["'available'", "'DEAD'", "NULL", "7"] {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            // NOT NULL: a NULL cannot be written, the others can.
+            if c.execute(&format!("UPDATE hosts SET status = {bad} WHERE host_id = 'b'"), []).is_err() {
+                continue;
+            }
+            drop(c);
+            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            assert_eq!(reg.status_of("b"), Some(HostStatus::Maintenance), "{bad}: never AVAILABLE");
+            let q = reg.db(|s| s.quarantined()).unwrap();
+            let last = q.last().unwrap();
+            assert_eq!((last.table.as_str(), last.key.as_str()), ("hosts", "b"), "{bad}");
+            assert!(last.reason.contains("status"), "{bad}: {}", last.reason);
+            let alarms: Vec<_> = reg.active_alarms().into_iter().filter(|a| a.1 == "row-quarantined").collect();
+            assert!(alarms.iter().any(|a| a.0 == "b" && a.2.contains("table hosts (key b)")), "{bad}: {alarms:?}");
+        }
     }
 }

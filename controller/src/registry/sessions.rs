@@ -41,7 +41,7 @@ impl Registry {
             inner.store.upsert_host(&info, now)?;
             let row = HostRow {
                 info,
-                status: HostStatus::Available.as_str().into(),
+                status: HostStatus::Available,
                 first_seen_ms: now,
                 last_seen_ms: now,
                 status_reason: String::new(),
@@ -69,7 +69,7 @@ impl Registry {
         e.dirty = true;
         e.inventory_seen = false;
         e.leases_sent = None;
-        let ev = classify_return(&e.row.status, &e.row.info.boot_id, &e.row.fenced_boot_id, boot_id);
+        let ev = classify_return(e.row.status.as_str(), &e.row.info.boot_id, &e.row.fenced_boot_id, boot_id);
         if ev.rebooted {
             e.pending_boot_start = true;
         }
@@ -83,7 +83,7 @@ impl Registry {
             } else {
                 "returned after its guests were force-migrated away; quarantined until cleanup"
             };
-            e.row.status = HostStatus::Maintenance.as_str().into();
+            e.row.status = HostStatus::Maintenance;
             e.row.status_reason = reason.into();
             let a = AuditRow::by_controller(
                 "host.returned",

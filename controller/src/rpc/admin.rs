@@ -193,10 +193,10 @@ impl Admin for AdminService {
             }
             while !done {
                 let changed = tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv()).await;
-                if let Ok(Ok(j)) = &changed {
-                    if j != &id {
-                        continue;
-                    }
+                if let Ok(Ok(j)) = &changed
+                    && j != &id
+                {
+                    continue;
                 }
                 let Ok(rec) = engine.job_record(&id) else { return };
                 done = ["SUCCEEDED", "PARTIAL", "FAILED"].contains(&rec.state.as_str());

@@ -315,12 +315,12 @@ mod tests {
     fn job(id: &str) -> JobRow {
         JobRow {
             id: id.into(),
-            kind: "migrate".into(),
+            kind: crate::domain::JobKind::Migrate,
             source: "a".into(),
-            state: "CREATED".into(),
+            state: crate::domain::job::JobState::Created,
             operator: "ann".into(),
             plan_id: "p".into(),
-            power_evidence: "bmc-off".into(),
+            power_evidence: crate::domain::PowerEvidence::BmcOff,
             request: vec![],
             parallel: 4,
             created_ms: 1,
