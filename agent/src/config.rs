@@ -121,7 +121,7 @@ pub struct AgentConfig {
     /// libvirt-guests configuration files, first existing one wins.
     #[serde(default = "default_libvirt_guests")]
     pub libvirt_guests_conf: Vec<PathBuf>,
-    /// Agent's own state (leases, later).
+    /// Agent's own state: start leases (`leases/`) and the `enrolled` marker.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     /// Full rescan of libvirt every this many seconds (the backstop).

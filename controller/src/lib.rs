@@ -1,5 +1,5 @@
-//! `lifeboat-controller`: the single source of truth for hosts, guests and
-//! (later) placement, jobs and the audit log.
+//! `lifeboat-controller`: the single source of truth for hosts, guests,
+//! placement (ownership), jobs and the audit log.
 //!
 //! Code map: [`config`] reads the TOML file; [`store`] is the SQLite
 //! persistence; [`domain`] holds pure logic (liveness, statuses, the
