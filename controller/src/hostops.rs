@@ -481,6 +481,34 @@ mod tests {
         assert!(p.executable);
         let names: Vec<_> = p.items.iter().map(|i| (i.name.as_str(), i.action.as_str())).collect();
         assert_eq!(names, [("vm1", "remove"), ("vm2", "remove")], "'other' is not touched");
+        assert!(p.items.iter().all(|i| CleanupAction::of(i) == Ok(CleanupAction::Remove)));
+    }
+
+    #[test]
+    fn every_item_carries_its_action_as_an_enum_and_every_check_an_id() {
+        let mut i = input();
+        i.guests[0] = g("1", "vm1", true);
+        i.guests[1] = g("2", "renamed", false);
+        i.moves.push(mv("3", "vm3"));
+        i.moves.push(mv("4", "vm4"));
+        i.owners.insert("4".into(), "a".into());
+        let p = plan_cleanup(&i);
+        let got: Vec<_> = p.items.iter().map(|i| (CleanupAction::of(i).unwrap(), i.action.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (CleanupAction::RefuseRunning, "refuse-running"),
+                (CleanupAction::RefuseRenamed, "refuse-renamed"),
+                (CleanupAction::Gone, "gone"),
+                (CleanupAction::Skip, "skip"),
+            ]
+        );
+        assert!(p.preconditions.iter().all(|c| CheckId::of(c).is_ok()));
+        assert!(checks::failed(&p.preconditions, CheckId::NoStaleCopyRunning));
+        // An item whose enum was lost is never acted on, whatever its text says.
+        let mut p = plan_cleanup(&input());
+        p.items[0].cleanup_action = 0;
+        assert!(!CleanupAction::of(&p.items[0]).is_ok_and(CleanupAction::acts));
     }
 
     #[test]

@@ -1304,6 +1304,66 @@ mod tests {
     }
 
     #[test]
+    fn a_placed_guest_carries_its_targets_checks_only_by_target_never_by_label_suffix() {
+        // "host-b" ends with "b": a label-suffix filter would give g1 on b the checks of host-b too.
+        let mut i = input();
+        let mut hb = host("host-b", None, 500);
+        hb.id = "host-b".into();
+        i.hosts.push(hb);
+        let vis = i.visibility["b"].clone();
+        i.visibility.insert("host-b".into(), vis);
+        i.hosts[2].memory_total_kib = 0;
+        let p = plan(&i);
+        let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
+        assert_eq!(g1.target, "b", "{g1:?}");
+        let ids: Vec<_> = g1.checks.iter().map(|c| (CheckId::of(c).unwrap(), c.name.as_str())).collect();
+        assert_eq!(
+            ids,
+            [
+                (CheckId::SameDisks, "same disks on b"),
+                (CheckId::Memory, "memory on b"),
+                (CheckId::NoConflict, "no conflict on b"),
+                (CheckId::DisksFree, "disks free on b"),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_check_of_a_plan_has_an_id_and_the_evidence_enum_matches_its_name() {
+        let mut inputs = vec![input()];
+        let mut i = input();
+        i.hosts[0].silent_ms = None;
+        i.req.vms = vec!["nope".into()];
+        i.req.target = "zz".into();
+        inputs.push(i);
+        let mut i = input();
+        i.req = MigrateRequest {
+            source: "a".into(),
+            attest_powered_off: true,
+            attest_reason: "pulled the plug".into(),
+            ..Default::default()
+        };
+        i.power = PowerReading::NoBmc;
+        inputs.push(i);
+        let mut i = input();
+        i.req.source = "unknown".into();
+        inputs.push(i);
+        for i in &inputs {
+            let p = plan(i);
+            let all = p.preconditions.iter().chain(p.guests.iter().flat_map(|g| g.checks.iter()));
+            for c in all {
+                let id = CheckId::of(c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+                assert!(c.name.starts_with(id.label()), "{c:?}");
+            }
+            let e = PowerEvidence::from_wire(p.evidence).unwrap();
+            assert_eq!(e.as_str(), p.power_evidence);
+        }
+        assert_eq!(PowerEvidence::from_wire(plan(&inputs[0]).evidence), Ok(PowerEvidence::BmcFence));
+        assert_eq!(PowerEvidence::from_wire(plan(&inputs[2]).evidence), Ok(PowerEvidence::Attestation));
+        assert_eq!(PowerEvidence::from_wire(plan(&inputs[3]).evidence), Ok(PowerEvidence::None));
+    }
+
+    #[test]
     fn conflicts_memory_and_not_accepting_hosts() {
         let mut i = input();
         i.hosts[2].guests.push(guest("g1", "u1", "/shared/g1.img", false));
