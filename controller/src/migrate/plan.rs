@@ -248,19 +248,6 @@ pub const VISIBILITY_SAMPLE: usize = 16;
 
 use crate::domain::checks::{CheckId, check, check_on};
 
-fn state_name(s: i32) -> &'static str {
-    match GuestState::try_from(s).unwrap_or(GuestState::Unspecified) {
-        GuestState::Running => "running",
-        GuestState::Paused => "paused",
-        GuestState::Blocked => "blocked",
-        GuestState::Shutoff => "shutoff",
-        GuestState::Shutdown => "shutdown",
-        GuestState::Crashed => "crashed",
-        GuestState::Pmsuspended => "pmsuspended",
-        GuestState::Nostate => "nostate",
-        GuestState::Unspecified => "unknown",
-    }
-}
 
 /// Disk sources a target must see (local paths; network disks need no check).
 pub fn guest_paths(g: &Guest) -> Vec<String> {
@@ -505,7 +492,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         let mut gp = GuestPlan {
             uuid: g.uuid.clone(),
             name: g.name.clone(),
-            last_state: state_name(g.state).into(),
+            last_state: lifeboat_proto::state_name(g.state).into(),
             last_autostart: g.autostart,
             managed_save: g.managed_save,
             memory_kib: g.memory_kib,

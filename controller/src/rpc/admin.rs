@@ -429,6 +429,23 @@ fn strip_record_for_viewer(rec: &mut GuestRecord) {
 }
 
 #[cfg(test)]
+mod watch_tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_ends_on_a_terminal_state_only_and_never_on_one_that_does_not_read() {
+        for s in JobState::ALL {
+            let rec = JobRecord { job_state: s.to_wire() as i32, ..Default::default() };
+            assert_eq!(over(&rec), s.is_terminal(), "{s:?}");
+        }
+        // The text alone decides nothing: an unset or unknown enum is not over.
+        for n in [0, 99] {
+            assert!(!over(&JobRecord { state: "SUCCEEDED".into(), job_state: n, ..Default::default() }));
+        }
+    }
+}
+
+#[cfg(test)]
 mod secret_tests {
     use super::*;
 
