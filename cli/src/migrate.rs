@@ -4,8 +4,9 @@ use std::io::IsTerminal;
 
 use clap::Args;
 use lifeboat_proto::v1::{
-    CleanupAction, CleanupPlan, CleanupRequest, ClearAlarmsRequest, GetJobRequest, JobRecord, ListAlarmsRequest, ListAuditRequest,
-    JobState, ListJobsRequest, MigrateRequest, MigrationPlan, MoveState, admin_client::AdminClient,
+    CleanupAction, CleanupPlan, CleanupRequest, ClearAlarmsRequest, GetJobRequest, JobRecord, JobState,
+    ListAlarmsRequest, ListAuditRequest, ListJobsRequest, MigrateRequest, MigrationPlan, MoveState,
+    admin_client::AdminClient,
 };
 use tonic::transport::Channel;
 

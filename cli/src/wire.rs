@@ -3,7 +3,9 @@
 //! A number this CLI does not know (a newer controller), or none at all,
 //! reads as `None`: it decides nothing and shows as "unknown".
 
-use lifeboat_proto::v1::{CleanupAction, CleanupItem, JobRecord, JobState, MigrationPlan, MoveRecord, MoveState, PowerEvidence};
+use lifeboat_proto::v1::{
+    CleanupAction, CleanupItem, JobRecord, JobState, MigrationPlan, MoveRecord, MoveState, PowerEvidence,
+};
 
 /// What an unknown enum value shows as.
 pub const UNKNOWN: &str = "unknown";
@@ -95,12 +97,21 @@ mod tests {
     fn the_enum_fields_stay_out_of_the_json_output() {
         use lifeboat_proto::v1::{Check, HostRecord};
         let keys = |v: serde_json::Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
-        let j = JobRecord { job_state: 4, job_kind: 1, evidence: 3, moves: vec![MoveRecord::default()], ..Default::default() };
+        let j = JobRecord {
+            job_state: 4,
+            job_kind: 1,
+            evidence: 3,
+            moves: vec![MoveRecord::default()],
+            ..Default::default()
+        };
         let v = serde_json::to_value(&j).unwrap();
         assert!(keys(v["moves"][0].clone()).iter().all(|k| k != "move_state"));
         let k = keys(v);
         assert!(!k.iter().any(|k| ["job_state", "job_kind", "evidence"].contains(&k.as_str())), "{k:?}");
-        assert_eq!(keys(serde_json::to_value(Check { id: 9, ..Default::default() }).unwrap()), ["detail", "name", "ok", "remedy"]);
+        assert_eq!(
+            keys(serde_json::to_value(Check { id: 9, ..Default::default() }).unwrap()),
+            ["detail", "name", "ok", "remedy"]
+        );
         let k = keys(serde_json::to_value(CleanupItem::default()).unwrap());
         assert!(!k.contains(&"cleanup_action".to_string()), "{k:?}");
         let k = keys(serde_json::to_value(MigrationPlan::default()).unwrap());

@@ -14,8 +14,8 @@ use lifeboat_e2e::{
     Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for, wait_job_end,
 };
 use lifeboat_proto::v1::{
-    CheckId, GetHostRequest, GuestState, JobKind, JobState, ListAuditRequest, ListGuestsRequest, MigrateRequest, MoveState,
-    PowerEvidence,
+    CheckId, GetHostRequest, GuestState, JobKind, JobState, ListAuditRequest, ListGuestsRequest, MigrateRequest,
+    MoveState, PowerEvidence,
 };
 
 /// Marks `dir` as shared storage, as an operator (or lab.sh) does.

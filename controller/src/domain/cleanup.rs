@@ -102,6 +102,10 @@ mod tests {
         let item = v1::CleanupItem { action: "remove".into(), ..Default::default() };
         assert!(CleanupAction::of(&item).is_err());
         assert!(CleanupAction::Remove.acts() && CleanupAction::DestroyAndRemove.acts());
-        assert!(!CleanupAction::ALL.iter().any(|a| a.acts() && !matches!(a, CleanupAction::Remove | CleanupAction::DestroyAndRemove)));
+        assert!(
+            !CleanupAction::ALL
+                .iter()
+                .any(|a| a.acts() && !matches!(a, CleanupAction::Remove | CleanupAction::DestroyAndRemove))
+        );
     }
 }

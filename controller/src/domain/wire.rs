@@ -22,7 +22,11 @@ impl JobState {
 
     /// The value with this wire number; unset (0) or unknown refuses.
     pub fn from_wire(n: i32) -> Result<JobState, UnknownValue> {
-        JobState::ALL.iter().copied().find(|v| v.to_wire() as i32 == n).ok_or_else(|| UnknownValue::new("job state", &n.to_string()))
+        JobState::ALL
+            .iter()
+            .copied()
+            .find(|v| v.to_wire() as i32 == n)
+            .ok_or_else(|| UnknownValue::new("job state", &n.to_string()))
     }
 }
 
@@ -43,7 +47,11 @@ impl MoveState {
 
     /// The value with this wire number; unset (0) or unknown refuses.
     pub fn from_wire(n: i32) -> Result<MoveState, UnknownValue> {
-        MoveState::ALL.iter().copied().find(|v| v.to_wire() as i32 == n).ok_or_else(|| UnknownValue::new("move state", &n.to_string()))
+        MoveState::ALL
+            .iter()
+            .copied()
+            .find(|v| v.to_wire() as i32 == n)
+            .ok_or_else(|| UnknownValue::new("move state", &n.to_string()))
     }
 }
 
@@ -60,7 +68,11 @@ impl HostStatus {
 
     /// The value with this wire number; unset (0) or unknown refuses.
     pub fn from_wire(n: i32) -> Result<HostStatus, UnknownValue> {
-        HostStatus::ALL.iter().copied().find(|v| v.to_wire() as i32 == n).ok_or_else(|| UnknownValue::new("host status", &n.to_string()))
+        HostStatus::ALL
+            .iter()
+            .copied()
+            .find(|v| v.to_wire() as i32 == n)
+            .ok_or_else(|| UnknownValue::new("host status", &n.to_string()))
     }
 }
 
@@ -75,7 +87,11 @@ impl JobKind {
 
     /// The value with this wire number; unset (0) or unknown refuses.
     pub fn from_wire(n: i32) -> Result<JobKind, UnknownValue> {
-        JobKind::ALL.iter().copied().find(|v| v.to_wire() as i32 == n).ok_or_else(|| UnknownValue::new("job kind", &n.to_string()))
+        JobKind::ALL
+            .iter()
+            .copied()
+            .find(|v| v.to_wire() as i32 == n)
+            .ok_or_else(|| UnknownValue::new("job kind", &n.to_string()))
     }
 }
 
@@ -93,7 +109,11 @@ impl PowerEvidence {
 
     /// The value with this wire number; unset (0) or unknown refuses.
     pub fn from_wire(n: i32) -> Result<PowerEvidence, UnknownValue> {
-        PowerEvidence::ALL.iter().copied().find(|v| v.to_wire() as i32 == n).ok_or_else(|| UnknownValue::new("power evidence", &n.to_string()))
+        PowerEvidence::ALL
+            .iter()
+            .copied()
+            .find(|v| v.to_wire() as i32 == n)
+            .ok_or_else(|| UnknownValue::new("power evidence", &n.to_string()))
     }
 }
 
@@ -122,16 +142,24 @@ mod tests {
 
     #[test]
     fn wire_enums_match_the_domain_one_to_one() {
-        let p: Vec<_> = JobState::ALL.iter().map(|s| (s.as_str().into(), s.to_wire() as i32, s.to_wire().as_str_name())).collect();
-        one_to_one("JOB_STATE_", &p, count(|n| v1::JobState::try_from(n).ok()));
-        let p: Vec<_> = MoveState::ALL.iter().map(|s| (s.as_str().into(), s.to_wire() as i32, s.to_wire().as_str_name())).collect();
-        one_to_one("MOVE_STATE_", &p, count(|n| v1::MoveState::try_from(n).ok()));
-        let p: Vec<_> = HostStatus::ALL.iter().map(|s| (s.as_str().into(), s.to_wire() as i32, s.to_wire().as_str_name())).collect();
-        one_to_one("HOST_STATUS_", &p, count(|n| v1::HostStatus::try_from(n).ok()));
-        let p: Vec<_> = JobKind::ALL.iter().map(|s| (s.as_str().into(), s.to_wire() as i32, s.to_wire().as_str_name())).collect();
-        one_to_one("JOB_KIND_", &p, count(|n| v1::JobKind::try_from(n).ok()));
         let p: Vec<_> =
-            PowerEvidence::ALL.iter().map(|s| (s.as_str().into(), s.to_wire() as i32, s.to_wire().as_str_name())).collect();
+            JobState::ALL.iter().map(|s| (s.as_str().into(), s.to_wire() as i32, s.to_wire().as_str_name())).collect();
+        one_to_one("JOB_STATE_", &p, count(|n| v1::JobState::try_from(n).ok()));
+        let p: Vec<_> =
+            MoveState::ALL.iter().map(|s| (s.as_str().into(), s.to_wire() as i32, s.to_wire().as_str_name())).collect();
+        one_to_one("MOVE_STATE_", &p, count(|n| v1::MoveState::try_from(n).ok()));
+        let p: Vec<_> = HostStatus::ALL
+            .iter()
+            .map(|s| (s.as_str().into(), s.to_wire() as i32, s.to_wire().as_str_name()))
+            .collect();
+        one_to_one("HOST_STATUS_", &p, count(|n| v1::HostStatus::try_from(n).ok()));
+        let p: Vec<_> =
+            JobKind::ALL.iter().map(|s| (s.as_str().into(), s.to_wire() as i32, s.to_wire().as_str_name())).collect();
+        one_to_one("JOB_KIND_", &p, count(|n| v1::JobKind::try_from(n).ok()));
+        let p: Vec<_> = PowerEvidence::ALL
+            .iter()
+            .map(|s| (s.as_str().into(), s.to_wire() as i32, s.to_wire().as_str_name()))
+            .collect();
         one_to_one("POWER_EVIDENCE_", &p, count(|n| v1::PowerEvidence::try_from(n).ok()));
     }
 

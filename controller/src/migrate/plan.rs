@@ -248,7 +248,6 @@ pub const VISIBILITY_SAMPLE: usize = 16;
 
 use crate::domain::checks::{CheckId, check, check_on};
 
-
 /// Disk sources a target must see (local paths; network disks need no check).
 pub fn guest_paths(g: &Guest) -> Vec<String> {
     g.disks.iter().map(|d| d.source.clone()).filter(|s| s.starts_with('/')).collect()
@@ -693,19 +692,22 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                 memory_detail(g.memory_kib, free, t, input.memory_reserve_kib, held_on(&t.id), ours),
                 "free memory on the target or choose another; moves of other jobs hold their memory until their guests run",
             )));
-            per_target.push((t.id.as_str(), check_on(
-                CheckId::NoConflict,
-                &t.id,
-                conflict_ok,
-                conflict.unwrap_or_else(|| {
-                    if name_taken {
-                        format!("another guest named {} is planned there", g.name)
-                    } else {
-                        format!("no guest with this UUID or name on {}", t.id)
-                    }
-                }),
-                "remove the conflicting definition on the target (`virsh undefine`) if it is stale",
-            )));
+            per_target.push((
+                t.id.as_str(),
+                check_on(
+                    CheckId::NoConflict,
+                    &t.id,
+                    conflict_ok,
+                    conflict.unwrap_or_else(|| {
+                        if name_taken {
+                            format!("another guest named {} is planned there", g.name)
+                        } else {
+                            format!("no guest with this UUID or name on {}", t.id)
+                        }
+                    }),
+                    "remove the conflicting definition on the target (`virsh undefine`) if it is stale",
+                ),
+            ));
             per_target.push((t.id.as_str(), check_on(
                 CheckId::DisksFree,
                 &t.id,
