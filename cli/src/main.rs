@@ -6,6 +6,7 @@ mod args;
 mod client;
 mod migrate;
 mod output;
+mod wire;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -4,14 +4,16 @@ use std::io::IsTerminal;
 
 use clap::Args;
 use lifeboat_proto::v1::{
-    CleanupPlan, CleanupRequest, ClearAlarmsRequest, GetJobRequest, JobRecord, ListAlarmsRequest, ListAuditRequest,
-    ListJobsRequest, MigrateRequest, MigrationPlan, admin_client::AdminClient,
+    CleanupAction, CleanupPlan, CleanupRequest, ClearAlarmsRequest, GetJobRequest, JobRecord, JobState,
+    ListAlarmsRequest, ListAuditRequest, ListJobsRequest, MigrateRequest, MigrationPlan, MoveState,
+    admin_client::AdminClient,
 };
 use tonic::transport::Channel;
 
 use crate::Format;
 use crate::client::CliError;
 use crate::output::{clean, err, out, pad};
+use crate::wire;
 
 /// How a plan is reviewed and carried out (shared by `migrate` and `move`).
 #[derive(Args, Debug)]
@@ -136,7 +138,7 @@ fn print_plan(fmt: Format, p: &MigrationPlan) {
     if fmt == Format::Json {
         return json(p);
     }
-    let kind = if p.power_evidence == "stopped-by-agent" { "Move" } else { "Forced migration" };
+    let kind = if wire::is_planned_move(p) { "Move" } else { "Forced migration" };
     out!("{kind} plan {} for host {}", clean(&p.plan_id), clean(&p.source));
     out!("\nPreconditions:");
     for c in &p.preconditions {
@@ -185,7 +187,7 @@ fn print_job(fmt: Format, j: &JobRecord) {
     if fmt == Format::Json {
         return json(j);
     }
-    out!("Job {} ({}) from {}: {}", clean(&j.id), clean(&j.kind), clean(&j.source), clean(&j.state));
+    out!("Job {} ({}) from {}: {}", clean(&j.id), clean(&j.kind), clean(&j.source), clean(wire::job_state_shown(j)));
     out!(
         "  operator {}, plan {}, power evidence {}, parallel {}",
         clean(&j.operator),
@@ -202,15 +204,16 @@ fn print_job(fmt: Format, j: &JobRecord) {
             "  {} -> {} {} gen {}{}",
             pad(&crate::output::truncate(&clean(&m.name), crate::output::CELL_MAX), 20),
             pad(&clean(target), 12),
-            pad(&clean(&m.state), 16),
+            pad(&clean(wire::move_state_shown(m)), 16),
             m.generation,
             if m.error.is_empty() { String::new() } else { format!("  {}", clean(&m.error)) }
         );
     }
     let left = left_behind(j);
-    let moved = j.moves.iter().filter(|m| matches!(m.state.as_str(), "RUNNING" | "DEFINED_STOPPED")).count();
+    let moved = j.moves.iter().filter(|m| wire::moved(m)).count();
     if !left.is_empty() {
-        let names: Vec<String> = left.iter().map(|m| format!("{} ({})", clean(&m.name), clean(&m.state))).collect();
+        let names: Vec<String> =
+            left.iter().map(|m| format!("{} ({})", clean(&m.name), clean(wire::move_state_shown(m)))).collect();
         out!(
             "  {moved} of {} guest(s) moved; left behind on {}: {}",
             j.moves.len(),
@@ -226,11 +229,7 @@ fn print_job(fmt: Format, j: &JobRecord) {
 /// The guests a job left on its source: moves that failed, and guests the
 /// plan could not move (NOT_MOVED).
 fn left_behind(j: &JobRecord) -> Vec<&lifeboat_proto::v1::MoveRecord> {
-    j.moves.iter().filter(|m| matches!(m.state.as_str(), "FAILED" | "NOT_MOVED")).collect()
-}
-
-fn terminal(state: &str) -> bool {
-    matches!(state, "SUCCEEDED" | "PARTIAL" | "FAILED")
+    j.moves.iter().filter(|m| wire::left_behind(m)).collect()
 }
 
 /// Follows a job until it ends; prints each change. Returns the last record.
@@ -243,9 +242,9 @@ pub async fn watch(c: &mut AdminClient<Channel>, id: &str, fmt: Format) -> Resul
     let mut last: Option<JobRecord> = None;
     while let Some(j) = stream.message().await.map_err(CliError::from_status)? {
         if fmt == Format::Table {
-            if j.state != last_state {
-                out!("job {}: {}", clean(&j.id), clean(&j.state));
-                last_state = j.state.clone();
+            if wire::job_state_shown(&j) != last_state {
+                out!("job {}: {}", clean(&j.id), clean(wire::job_state_shown(&j)));
+                last_state = wire::job_state_shown(&j).to_string();
             }
             if j.paused != last_paused {
                 match j.paused.as_str() {
@@ -255,27 +254,28 @@ pub async fn watch(c: &mut AdminClient<Channel>, id: &str, fmt: Format) -> Resul
                 last_paused = j.paused.clone();
             }
             for m in &j.moves {
-                if seen.get(&m.uuid) != Some(&m.state) {
-                    seen.insert(m.uuid.clone(), m.state.clone());
+                let shown = wire::move_state_shown(m);
+                if seen.get(&m.uuid).map(String::as_str) != Some(shown) {
+                    seen.insert(m.uuid.clone(), shown.to_string());
                     let err = if m.error.is_empty() { String::new() } else { format!(": {}", clean(&m.error)) };
-                    if m.state == "NOT_MOVED" {
+                    if wire::move_state(m) == Some(MoveState::NotMoved) {
                         out!("  {}: NOT_MOVED (stays on {}){}", clean(&m.name), clean(&j.source), err);
                     } else {
-                        out!("  {} -> {}: {}{}", clean(&m.name), clean(&m.target), clean(&m.state), err);
+                        out!("  {} -> {}: {}{}", clean(&m.name), clean(&m.target), clean(shown), err);
                     }
                 }
             }
             if tty {
-                let done = j.moves.iter().filter(|m| matches!(m.state.as_str(), "RUNNING" | "DEFINED_STOPPED")).count();
-                let failed = j.moves.iter().filter(|m| m.state == "FAILED").count();
-                let not_moved = j.moves.iter().filter(|m| m.state == "NOT_MOVED").count();
+                let done = j.moves.iter().filter(|m| wire::moved(m)).count();
+                let failed = j.moves.iter().filter(|m| wire::move_state(m) == Some(MoveState::Failed)).count();
+                let not_moved = j.moves.iter().filter(|m| wire::move_state(m) == Some(MoveState::NotMoved)).count();
                 err!(
                     "  progress: {done}/{} done, {failed} failed, {not_moved} not moved",
                     j.moves.len().saturating_sub(not_moved)
                 );
             }
         }
-        let end = terminal(&j.state);
+        let end = wire::job_over(&j);
         last = Some(j);
         if end {
             break;
@@ -288,11 +288,13 @@ pub async fn watch(c: &mut AdminClient<Channel>, id: &str, fmt: Format) -> Resul
 /// (SUCCEEDED); 1 when guests were left behind (PARTIAL) or none moved
 /// (FAILED). `migrate`, `move`, `jobs watch` and `jobs show` all use it.
 fn job_exit(j: &JobRecord) -> Result<(), CliError> {
-    match j.state.as_str() {
-        "SUCCEEDED" => Ok(()),
-        "PARTIAL" => Err(CliError::Other(format!("job {} finished PARTIAL: {}", clean(&j.id), clean(&j.error)))),
-        "FAILED" => Err(CliError::Other(format!("job {} FAILED: {}", clean(&j.id), clean(&j.error)))),
-        other => Err(CliError::Other(format!("job {} is {other}", clean(&j.id)))),
+    match wire::job_state(j) {
+        Some(JobState::Succeeded) => Ok(()),
+        Some(JobState::Partial) => {
+            Err(CliError::Other(format!("job {} finished PARTIAL: {}", clean(&j.id), clean(&j.error))))
+        }
+        Some(JobState::Failed) => Err(CliError::Other(format!("job {} FAILED: {}", clean(&j.id), clean(&j.error)))),
+        _ => Err(CliError::Other(format!("job {} is {}", clean(&j.id), clean(wire::job_state_shown(j))))),
     }
 }
 
@@ -330,7 +332,7 @@ pub async fn migrate(c: &mut AdminClient<Channel>, a: MigrateArgs, fmt: Format) 
     }
     let job = c.start_migration(req).await.map_err(CliError::from_status)?.into_inner();
     if fmt == Format::Table {
-        let left = job.moves.iter().filter(|m| m.state == "NOT_MOVED").count();
+        let left = job.moves.iter().filter(|m| wire::move_state(m) == Some(MoveState::NotMoved)).count();
         if left == 0 {
             out!("started job {} ({} guests)", clean(&job.id), job.moves.len());
         } else {
@@ -371,7 +373,11 @@ pub async fn jobs_list(c: &mut AdminClient<Channel>, host: Option<String>, fmt: 
                 j.id.clone(),
                 j.kind.clone(),
                 j.source.clone(),
-                if j.paused.is_empty() { j.state.clone() } else { format!("{}(PAUSED)", clean(&j.state)) },
+                if j.paused.is_empty() {
+                    wire::job_state_shown(j).to_string()
+                } else {
+                    format!("{}(PAUSED)", clean(wire::job_state_shown(j)))
+                },
                 j.moves.len().to_string(),
                 j.operator.clone(),
                 fmt_time(j.created_unix_ms),
@@ -389,7 +395,7 @@ pub async fn jobs_show(c: &mut AdminClient<Channel>, id: String, fmt: Format) ->
     let j = c.get_job(GetJobRequest { id }).await.map_err(CliError::from_status)?.into_inner();
     print_job(fmt, &j);
     // A finished job exits as `migrate` and `jobs watch` did; one still running is no failure.
-    if terminal(&j.state) { job_exit(&j) } else { Ok(()) }
+    if wire::job_over(&j) { job_exit(&j) } else { Ok(()) }
 }
 
 /// `lifeboat jobs watch`.
@@ -521,7 +527,7 @@ fn print_cleanup(fmt: Format, p: &CleanupPlan) {
             clean(&i.uuid),
             clean(&i.moved_to),
             clean(&i.job),
-            clean(&i.action),
+            clean(wire::cleanup_action_shown(i)),
             clean(&i.detail)
         );
     }
@@ -552,8 +558,15 @@ pub async fn cleanup(
     }
     let p = c.cleanup(req).await.map_err(CliError::from_status)?.into_inner();
     print_cleanup(fmt, &p);
-    if p.items.iter().any(|i| i.action == "failed") {
+    if p.items.iter().any(|i| wire::cleanup_action(i) == Some(CleanupAction::Failed)) {
         return Err(CliError::Other("some stale definitions could not be removed; see above".into()));
+    }
+    if p.items.iter().any(|i| wire::cleanup_action(i).is_none()) {
+        return Err(CliError::Other(
+            "the controller reported a cleanup action this lifeboat does not know (shown as unknown above); \
+             check with `lifeboat cleanup HOST` (plan only) using a matching lifeboat"
+                .into(),
+        ));
     }
     Ok(())
 }
@@ -615,10 +628,12 @@ pub async fn alarms_clear(
 mod tests {
     use super::*;
 
+    /// A job as the controller sends it: each state as its name and its enum.
     fn job(state: &str, moves: &[(&str, &str)]) -> JobRecord {
         JobRecord {
             id: "mig-1".into(),
             state: state.into(),
+            job_state: JobState::from_str_name(&format!("JOB_STATE_{state}")).map_or(0, |s| s as i32),
             source: "host-a".into(),
             error: "left behind".into(),
             moves: moves
@@ -626,6 +641,7 @@ mod tests {
                 .map(|(n, s)| lifeboat_proto::v1::MoveRecord {
                     name: n.to_string(),
                     state: s.to_string(),
+                    move_state: MoveState::from_str_name(&format!("MOVE_STATE_{s}")).map_or(0, |s| s as i32),
                     ..Default::default()
                 })
                 .collect(),
@@ -643,6 +659,21 @@ mod tests {
         assert_eq!(job_exit(&job("FAILED", &[("vm-1", "FAILED")])).unwrap_err().exit_code(), 1);
         let names: Vec<&str> = left_behind(&partial).iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["vm-local"]);
+    }
+
+    #[test]
+    fn a_state_number_this_cli_does_not_know_shows_unknown_and_never_passes() {
+        let mut j = job("SUCCEEDED", &[("vm-1", "RUNNING")]);
+        j.job_state = 42;
+        j.moves[0].move_state = 42;
+        assert!(!wire::job_over(&j));
+        let e = job_exit(&j).unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+        assert_eq!(e.to_string(), "job mig-1 is unknown");
+        assert!(left_behind(&j).is_empty());
+        assert_eq!(wire::move_state_shown(&j.moves[0]), "unknown");
+        // Nothing panics printing it.
+        print_job(Format::Table, &j);
     }
 
     #[test]

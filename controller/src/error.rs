@@ -40,17 +40,6 @@ pub enum ControllerError {
     Internal(String),
 }
 
-/// One named check and its result; the remedy (what the operator can do)
-/// is kept only when it failed.
-pub fn check(name: &str, ok: bool, detail: impl Into<String>, remedy: impl Into<String>) -> lifeboat_proto::v1::Check {
-    lifeboat_proto::v1::Check {
-        name: name.into(),
-        ok,
-        detail: detail.into(),
-        remedy: if ok { String::new() } else { remedy.into() },
-    }
-}
-
 /// A refusal naming every failed check and what the operator can do.
 pub fn refusal(what: &str, checks: &[lifeboat_proto::v1::Check]) -> ControllerError {
     let failed: Vec<String> = checks

@@ -26,7 +26,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a restore waits for the agent's report of the defined guest.
 const REPORT_WAIT: Duration = Duration::from_secs(10);
 
-use crate::error::check;
+use crate::domain::checks::{CheckId, check};
 
 /// What the restore checks read.
 #[derive(Debug, Clone)]
@@ -94,13 +94,13 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
     let moving = i.target != i.owner;
     let mut out = vec![
         check(
-            "reports-current",
+            CheckId::ReportsCurrent,
             i.hold.is_none(),
             i.hold.clone().unwrap_or_else(|| "every host's report is current".into()),
             "wait until the hosts have reconnected and reported (`lifeboat alarms`, `lifeboat hosts list`), then run the same command again",
         ),
         check(
-            "definition-kept",
+            CheckId::DefinitionKept,
             i.has_definition,
             if i.has_definition {
                 "the last definition is kept".into()
@@ -110,7 +110,7 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
             "define it by hand (virsh define) on its owner, or `lifeboat vms forget` it",
         ),
         check(
-            "defined-nowhere",
+            CheckId::DefinedNowhere,
             i.reported_on.is_empty(),
             if i.reported_on.is_empty() {
                 "no host reports it".to_string()
@@ -120,7 +120,7 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
             "it is not lost: nothing to restore (`lifeboat vms show` shows where it is)",
         ),
         check(
-            "no-job",
+            CheckId::NoJob,
             i.job.is_none(),
             match &i.job {
                 None => "no job acts on it".to_string(),
@@ -129,7 +129,7 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
             "wait for the job to end (`lifeboat jobs watch`)",
         ),
         check(
-            "target-reachable",
+            CheckId::RestoreTargetReachable,
             i.target_reachable,
             format!(
                 "{} {}",
@@ -149,7 +149,7 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
     if moving {
         let accepting = i.target_status == Some(HostStatus::Available);
         out.push(check(
-            "target-accepting",
+            CheckId::TargetAccepting,
             accepting,
             format!("{} is {}", i.target, i.target_status.map(|s| s.as_str()).unwrap_or("unknown")),
             format!("choose an AVAILABLE host, or `lifeboat hosts set-status {} AVAILABLE`", i.target),
@@ -158,7 +158,7 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
         // reporting it), or declared OFFLINE (proven off).
         let sure = i.owner_reachable || i.owner_status == Some(HostStatus::Offline);
         out.push(check(
-            "owner-holds-nothing",
+            CheckId::OwnerHoldsNothing,
             sure,
             if sure {
                 format!("{} does not hold it", i.owner)
@@ -174,7 +174,7 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
     if i.start {
         let ok = matches!(i.target_status, Some(HostStatus::Available | HostStatus::NotAccepting));
         out.push(check(
-            "target-may-run",
+            CheckId::TargetMayRun,
             ok,
             format!("{} is {}", i.target, i.target_status.map(|s| s.as_str()).unwrap_or("unknown")),
             "restore without --start, or make the host AVAILABLE first",
@@ -183,7 +183,7 @@ pub fn restore_checks(i: &RestoreInput) -> Vec<Check> {
         let fits = i.guest_memory_kib <= m.free_kib();
         let mib = |k: u64| k / 1024;
         out.push(check(
-            "target-memory",
+            CheckId::TargetMemory,
             fits,
             format!(
                 "{} needs {} MiB; {} has {} MiB free ({} MiB total - {} MiB running - {} MiB reserve - {} MiB reserved by moves under way)",
@@ -278,7 +278,7 @@ pub(crate) fn refuse_quarantined(reg: &Registry, uuid: &str, name: &str, what: &
     Err(refusal(
         &format!("{what} {name} ({uuid})"),
         &[check(
-            "ownership-readable",
+            CheckId::OwnershipReadable,
             false,
             "the guest's ownership record is quarantined (a database row of it could not be read: alarm row-quarantined); \
              who owns it, and at which generation, is unknown",
@@ -384,7 +384,7 @@ pub async fn restore(
         return Err(refusal(
             &format!("restoring {name} ({uuid}) on {target}"),
             &[check(
-                "no-job",
+                CheckId::NoJob,
                 false,
                 format!("job {other} acts on it"),
                 "wait for the job to end (`lifeboat jobs watch`)",
@@ -600,7 +600,7 @@ pub fn forget(
         return Err(refusal(
             &format!("forgetting {} ({})", r.guest.name, r.guest.uuid),
             &[check(
-                "reports-current",
+                CheckId::ReportsCurrent,
                 false,
                 why,
                 "wait until the hosts have reconnected and reported, then run the same command again",

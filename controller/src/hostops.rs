@@ -17,7 +17,8 @@ use crate::migrate::engine::Engine;
 use crate::registry::Registry;
 use crate::store::{AuditRow, MoveRow};
 
-use crate::error::check;
+use crate::domain::checks::{self, CheckId, check};
+use crate::domain::cleanup::CleanupAction;
 
 /// Inputs of a cleanup plan.
 #[derive(Debug, Clone)]
@@ -46,7 +47,7 @@ pub struct CleanupInput {
 /// A quarantined guest's cleanup item: refused, never removed (its owner
 /// row cannot be read, so it may be the live owner's definition).
 fn refuse_quarantined(item: &mut CleanupItem, host: &str) -> String {
-    item.action = "refuse-quarantined".into();
+    CleanupAction::RefuseQuarantined.set(item);
     item.detail = format!(
         "{} ({}): its ownership record is quarantined (a database row could not be read: alarm row-quarantined), so whether {host} \
          owns it again is unknown; not touching it (see docs/security.md, \"The database never poisons a start\")",
@@ -61,7 +62,7 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
     let mut p = CleanupPlan { host: i.host.clone(), ..Default::default() };
     if !i.host_known {
         p.preconditions.push(check(
-            "host known",
+            CheckId::HostKnown,
             false,
             format!("unknown host '{}'", i.host),
             "name a host from `lifeboat hosts list`",
@@ -70,7 +71,7 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
     }
     if i.moves.is_empty() {
         p.preconditions.push(check(
-            "move records",
+            CheckId::MoveRecords,
             false,
             format!(
                 "no move records name {}: Lifeboat never moved a guest away from it, so there is nothing to clean",
@@ -81,7 +82,7 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
         return finish(p);
     }
     p.preconditions.push(check(
-        "host connected",
+        CheckId::HostConnected,
         i.connected,
         if i.connected {
             format!("{}'s agent is connected", i.host)
@@ -92,12 +93,12 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
     ));
     p.preconditions.push(match &i.active_job {
         Some(j) => check(
-            "one operation per host",
+            CheckId::OneOperationPerHost,
             false,
             format!("job {j} on {} is still running", i.host),
             format!("wait: `lifeboat jobs watch {j}`"),
         ),
-        None => check("one operation per host", true, "no other operation on this host", ""),
+        None => check(CheckId::OneOperationPerHost, true, "no other operation on this host", ""),
     });
     // The newest move per guest.
     let mut latest: BTreeMap<&str, &(MoveRow, i64)> = BTreeMap::new();
@@ -121,14 +122,14 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
             continue;
         }
         if owner == i.host {
-            item.action = "skip".into();
+            CleanupAction::Skip.set(&mut item);
             item.detail = format!("{} is owned by {} again; not stale", m.name, i.host);
             p.items.push(item);
             continue;
         }
         match i.guests.iter().find(|g| g.uuid == uuid) {
             None => {
-                item.action = "gone".into();
+                CleanupAction::Gone.set(&mut item);
                 item.detail = if *cleaned > 0 {
                     "removed by an earlier cleanup".into()
                 } else {
@@ -142,14 +143,14 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
                 let running = lifeboat_proto::holds_disk(g.state);
                 item.state = format!("{st:?}").to_lowercase();
                 if g.name != m.name {
-                    item.action = "refuse-renamed".into();
+                    CleanupAction::RefuseRenamed.set(&mut item);
                     item.detail = format!(
                         "UUID {uuid} is named '{}' on {}, not '{}' as the move record says; not touching it",
                         g.name, i.host, m.name
                     );
                     running_refused.push(item.detail.clone());
                 } else if running && !i.destroy_running {
-                    item.action = "refuse-running".into();
+                    CleanupAction::RefuseRunning.set(&mut item);
                     item.detail = format!(
                         "{} is {} on {} (not shut off) although it was moved to {}",
                         m.name,
@@ -159,13 +160,13 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
                     );
                     running_refused.push(item.detail.clone());
                 } else if running {
-                    item.action = "destroy-and-remove".into();
+                    CleanupAction::DestroyAndRemove.set(&mut item);
                     item.detail = format!(
                         "--destroy-running: destroy the stale copy, then undefine (disks untouched); it runs on {}",
                         m.target
                     );
                 } else {
-                    item.action = "remove".into();
+                    CleanupAction::Remove.set(&mut item);
                     item.detail = format!(
                         "disable autostart{}, undefine with snapshot and checkpoint metadata, keeping NVRAM (never storage: the moved guest may use both); it now lives on {}",
                         if g.managed_save { ", remove the managed-save image" } else { "" },
@@ -177,14 +178,14 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
         p.items.push(item);
     }
     p.preconditions.push(check(
-        "no stale copy running",
+        CheckId::NoStaleCopyRunning,
         running_refused.is_empty(),
         if running_refused.is_empty() { "no moved guest runs on this host".to_string() } else { running_refused.join("; ") },
         "find out why it runs (split brain?); `lifeboat cleanup HOST --destroy-running` destroys the stale copies first",
     ));
     if !quarantine_refused.is_empty() {
         p.preconditions.push(check(
-            "ownership records readable",
+            CheckId::OwnershipRecordsReadable,
             false,
             quarantine_refused.join("; "),
             "repair the quarantined row as the row-quarantined alarm says (docs/security.md), restart the controller, then plan the cleanup again",
@@ -194,7 +195,7 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
 }
 
 fn finish(mut p: CleanupPlan) -> CleanupPlan {
-    let todo = p.items.iter().filter(|i| matches!(i.action.as_str(), "remove" | "destroy-and-remove")).count();
+    let todo = p.items.iter().filter(|i| CleanupAction::of(i).is_ok_and(CleanupAction::acts)).count();
     let pre_ok = p.preconditions.iter().all(|c| c.ok);
     p.executable = pre_ok && todo > 0;
     p.summary = if !pre_ok {
@@ -248,11 +249,11 @@ pub async fn cleanup(
 ) -> Result<CleanupPlan, ControllerError> {
     let mut p = cleanup_plan(reg, host, destroy_running)?;
     if !p.preconditions.iter().all(|c| c.ok) {
-        if p.preconditions.iter().any(|c| c.name == "no stale copy running" && !c.ok) {
+        if checks::failed(&p.preconditions, CheckId::NoStaleCopyRunning) {
             let detail = p
                 .preconditions
                 .iter()
-                .find(|c| c.name == "no stale copy running")
+                .find(|c| CheckId::of(c) == Ok(CheckId::NoStaleCopyRunning))
                 .map(|c| c.detail.clone())
                 .unwrap_or_default();
             reg.raise_alarm(host, "stale-copy-running", &detail)?;
@@ -278,11 +279,11 @@ pub async fn cleanup(
         })
     })?;
     let jobs: BTreeMap<String, String> = p.items.iter().map(|i| (i.uuid.clone(), i.job.clone())).collect();
-    for item in p.items.iter_mut().filter(|i| matches!(i.action.as_str(), "remove" | "destroy-and-remove")) {
+    for item in p.items.iter_mut().filter(|i| CleanupAction::of(i).is_ok_and(CleanupAction::acts)) {
         let cmd = CleanupGuest {
             uuid: item.uuid.clone(),
             name: item.name.clone(),
-            destroy_running: item.action == "destroy-and-remove",
+            destroy_running: CleanupAction::of(item) == Ok(CleanupAction::DestroyAndRemove),
         };
         let r = reg.call(host, Kind::CleanupGuest(cmd), Duration::from_secs(60)).await;
         match r {
@@ -300,19 +301,19 @@ pub async fn cleanup(
                     ..Default::default()
                 };
                 reg.db(|s| s.mark_cleaned(&item.job, &item.uuid, &a))?;
-                item.action = "removed".into();
+                CleanupAction::Removed.set(item);
                 info!(%host, guest = %item.name, "stale definition removed");
             }
             Ok(r) => {
-                item.action = "failed".into();
+                CleanupAction::Failed.set(item);
                 item.detail = r.error;
             }
             Err(e) => {
-                item.action = "failed".into();
+                CleanupAction::Failed.set(item);
                 item.detail = e.to_string();
             }
         }
-        if item.action == "failed" {
+        if CleanupAction::of(item) == Ok(CleanupAction::Failed) {
             let _ = reg.db(|s| {
                 s.audit(&AuditRow {
                     actor: operator.into(),
@@ -325,8 +326,8 @@ pub async fn cleanup(
             });
         }
     }
-    let removed = p.items.iter().filter(|i| i.action == "removed").count();
-    let failed = p.items.iter().filter(|i| i.action == "failed").count();
+    let removed = p.items.iter().filter(|i| CleanupAction::of(i) == Ok(CleanupAction::Removed)).count();
+    let failed = p.items.iter().filter(|i| CleanupAction::of(i) == Ok(CleanupAction::Failed)).count();
     p.summary = format!(
         "removed {removed} stale definition(s) from {host}{}",
         if failed > 0 { format!(", {failed} failed") } else { String::new() }
@@ -366,7 +367,7 @@ pub async fn set_status(
             let failed: Vec<&Check> = p
                 .preconditions
                 .iter()
-                .filter(|c| (c.name == "source silent" || c.name == "source powered off") && !c.ok)
+                .filter(|c| !c.ok && matches!(CheckId::of(c), Ok(CheckId::SourceSilent | CheckId::SourcePoweredOff)))
                 .collect();
             if !failed.is_empty() {
                 let lines: Vec<String> = failed
@@ -421,6 +422,14 @@ pub async fn set_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::checks::CheckId;
+
+    /// The check is `id` (by its id; its label is the id's).
+    fn is(c: &Check, id: CheckId) -> bool {
+        let yes = CheckId::of(c) == Ok(id);
+        assert!(!yes || c.name == id.label(), "{c:?}");
+        yes
+    }
 
     fn mv(uuid: &str, name: &str) -> (MoveRow, i64) {
         (
@@ -472,6 +481,34 @@ mod tests {
         assert!(p.executable);
         let names: Vec<_> = p.items.iter().map(|i| (i.name.as_str(), i.action.as_str())).collect();
         assert_eq!(names, [("vm1", "remove"), ("vm2", "remove")], "'other' is not touched");
+        assert!(p.items.iter().all(|i| CleanupAction::of(i) == Ok(CleanupAction::Remove)));
+    }
+
+    #[test]
+    fn every_item_carries_its_action_as_an_enum_and_every_check_an_id() {
+        let mut i = input();
+        i.guests[0] = g("1", "vm1", true);
+        i.guests[1] = g("2", "renamed", false);
+        i.moves.push(mv("3", "vm3"));
+        i.moves.push(mv("4", "vm4"));
+        i.owners.insert("4".into(), "a".into());
+        let p = plan_cleanup(&i);
+        let got: Vec<_> = p.items.iter().map(|i| (CleanupAction::of(i).unwrap(), i.action.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (CleanupAction::RefuseRunning, "refuse-running"),
+                (CleanupAction::RefuseRenamed, "refuse-renamed"),
+                (CleanupAction::Gone, "gone"),
+                (CleanupAction::Skip, "skip"),
+            ]
+        );
+        assert!(p.preconditions.iter().all(|c| CheckId::of(c).is_ok()));
+        assert!(checks::failed(&p.preconditions, CheckId::NoStaleCopyRunning));
+        // An item whose enum was lost is never acted on, whatever its text says.
+        let mut p = plan_cleanup(&input());
+        p.items[0].cleanup_action = 0;
+        assert!(!CleanupAction::of(&p.items[0]).is_ok_and(CleanupAction::acts));
     }
 
     #[test]
@@ -483,7 +520,7 @@ mod tests {
         assert!(
             p.preconditions
                 .iter()
-                .any(|c| c.name == "no stale copy running" && !c.ok && c.remedy.contains("--destroy-running"))
+                .any(|c| is(c, CheckId::NoStaleCopyRunning) && !c.ok && c.remedy.contains("--destroy-running"))
         );
         i.destroy_running = true;
         let p = plan_cleanup(&i);

@@ -13,7 +13,10 @@ use lifeboat_common::identity::Role;
 use lifeboat_e2e::{
     Agent, Controller, Pki, agent_config, test_domain as domain, test_node as node, wait_for, wait_job_end,
 };
-use lifeboat_proto::v1::{GetHostRequest, GuestState, ListAuditRequest, ListGuestsRequest, MigrateRequest};
+use lifeboat_proto::v1::{
+    CheckId, GetHostRequest, GuestState, JobKind, JobState, ListAuditRequest, ListGuestsRequest, MigrateRequest,
+    MoveState, PowerEvidence,
+};
 
 /// Marks `dir` as shared storage, as an operator (or lab.sh) does.
 fn mark_shared(dir: &std::path::Path, id: &str) {
@@ -83,6 +86,8 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     let p = op.plan_migration(req.clone()).await.unwrap().into_inner();
     assert!(!p.executable);
     assert!(p.preconditions.iter().any(|c| c.name == "source silent" && !c.ok));
+    // The wire carries the check's id beside its label: what decisions read.
+    assert!(p.preconditions.iter().any(|c| c.id == CheckId::SourceSilent as i32 && c.name == "source silent"));
 
     // The host "fails": its agent goes silent.
     agent_a.stop().await;
@@ -154,10 +159,13 @@ async fn attested_forced_migration_moves_every_shared_guest_once() {
     // 3 carried, and the 2 that cannot move recorded with the job.
     assert_eq!(job.moves.len(), 5);
     assert_eq!(job.moves.iter().filter(|m| m.state == "NOT_MOVED").count(), 2, "{job:?}");
+    assert_eq!(job.moves.iter().filter(|m| m.move_state == MoveState::NotMoved as i32).count(), 2, "{job:?}");
+    assert_eq!((job.job_kind, job.evidence), (JobKind::Migrate as i32, PowerEvidence::Attestation as i32), "{job:?}");
     let (done, took) = wait_job_end(&op, &job.id, Duration::from_secs(20)).await;
     println!("3-guest job finished in {took:?}");
     // vm-local and vm-dev run nowhere: not a success.
     assert_eq!(done.state, "PARTIAL", "{done:?}");
+    assert_eq!(done.job_state, JobState::Partial as i32, "{done:?}");
     assert!(done.error.contains("vm-local") && done.error.contains("vm-dev"), "{}", done.error);
 
     // Every shared guest is now defined on b or c, same UUID/name/MAC,
@@ -255,6 +263,7 @@ async fn a_planned_move_stops_first_then_redefines_and_undefines_on_the_source()
     assert_eq!(job.kind, "move");
     let (done, _) = wait_job_end(&op, &job.id, Duration::from_secs(20)).await;
     assert_eq!(done.state, "SUCCEEDED", "{done:?}");
+    assert_eq!((done.job_state, done.job_kind), (JobState::Succeeded as i32, JobKind::Move as i32), "{done:?}");
     let (guests, _) = wait_for(Duration::from_secs(5), "source definition removed", || {
         let mut op = op.clone();
         async move {

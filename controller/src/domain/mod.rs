@@ -5,11 +5,14 @@
 //! Architecture invariant: nothing in `domain` reads a clock, a socket, a
 //! file or the database; a test of it needs no runtime.
 
+pub mod checks;
+pub mod cleanup;
 pub mod host;
 pub mod job;
 pub mod policy;
 pub mod reconcile;
 pub mod view;
+pub mod wire;
 
 /// A stored or received name that is not one of the values its type knows.
 /// Reading it refuses (never a default that permits): the caller turns this

@@ -369,7 +369,7 @@ impl Engine {
             state: JobState::Created,
             operator: operator.into(),
             plan_id: p.plan_id.clone(),
-            power_evidence: p.power_evidence.parse().map_err(|e| {
+            power_evidence: PowerEvidence::from_wire(p.evidence).map_err(|e| {
                 ControllerError::Refused(format!("the plan's power evidence does not read ({e}); nothing was changed"))
             })?,
             request: req.encode_to_vec(),
@@ -1431,6 +1431,9 @@ fn to_record(j: JobRow, moves: Vec<MoveRow>) -> JobRecord {
         power_evidence: j.power_evidence.as_str().into(),
         parallel: j.parallel,
         paused: String::new(),
+        job_state: j.state.to_wire() as i32,
+        job_kind: j.kind.to_wire() as i32,
+        evidence: j.power_evidence.to_wire() as i32,
         moves: moves
             .into_iter()
             .map(|m| MoveRecord {
@@ -1443,6 +1446,7 @@ fn to_record(j: JobRow, moves: Vec<MoveRow>) -> JobRecord {
                 error: m.error,
                 updated_unix_ms: m.updated_ms,
                 start: m.start,
+                move_state: m.state.to_wire() as i32,
             })
             .collect(),
     }
@@ -2085,6 +2089,7 @@ mod tests {
             ok,
             detail: detail.into(),
             remedy: String::new(),
+            id: 0,
         };
         let gp = GuestPlan {
             uuid: "u".into(),

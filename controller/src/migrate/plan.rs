@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use lifeboat_proto::v1::{Check, Disk, Guest, GuestPlan, GuestState, MigrateRequest, MigrationPlan, PathCheck};
 use sha2::{Digest, Sha256};
 
+use crate::domain::PowerEvidence;
 use crate::domain::host::{HostStatus, Liveness};
 use crate::fence::PowerState;
 
@@ -245,21 +246,7 @@ pub fn running_memory_kib(guests: &[Guest]) -> u64 {
 /// reachable hosts than that; see [`visibility_hosts`].
 pub const VISIBILITY_SAMPLE: usize = 16;
 
-use crate::error::check;
-
-fn state_name(s: i32) -> &'static str {
-    match GuestState::try_from(s).unwrap_or(GuestState::Unspecified) {
-        GuestState::Running => "running",
-        GuestState::Paused => "paused",
-        GuestState::Blocked => "blocked",
-        GuestState::Shutoff => "shutoff",
-        GuestState::Shutdown => "shutdown",
-        GuestState::Crashed => "crashed",
-        GuestState::Pmsuspended => "pmsuspended",
-        GuestState::Nostate => "nostate",
-        GuestState::Unspecified => "unknown",
-    }
-}
+use crate::domain::checks::{CheckId, check, check_on};
 
 /// Disk sources a target must see (local paths; network disks need no check).
 pub fn guest_paths(g: &Guest) -> Vec<String> {
@@ -302,11 +289,12 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
     let source = input.hosts.iter().find(|h| h.id == req.source);
     let known: Vec<&str> = input.hosts.iter().map(|h| h.id.as_str()).collect();
     let mut out = MigrationPlan { source: req.source.clone(), ..Default::default() };
+    set_evidence(&mut out, PowerEvidence::None);
 
     // The request itself.
     let Some(source) = source else {
         pre.push(check(
-            "source host known",
+            CheckId::SourceHostKnown,
             false,
             format!("unknown host '{}' (known hosts: {})", req.source, known.join(", ")),
             "name a host from `lifeboat hosts list`",
@@ -318,7 +306,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
     if !req.target.is_empty() {
         if req.target == req.source {
             pre.push(check(
-                "target differs from source",
+                CheckId::TargetDiffers,
                 false,
                 format!("--to {} is the failed host itself", req.target),
                 "name another host with --to, or leave --to out",
@@ -326,7 +314,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         } else {
             match input.hosts.iter().find(|h| h.id == req.target) {
                 None => pre.push(check(
-                    "target host known",
+                    CheckId::TargetHostKnown,
                     false,
                     format!("unknown target host '{}' (known hosts: {})", req.target, known.join(", ")),
                     "name a host from `lifeboat hosts list`",
@@ -334,13 +322,13 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                 Some(t) => {
                     let status_ok = matches!(t.status, HostStatus::Available | HostStatus::NotAccepting);
                     pre.push(check(
-                        "target accepts guests",
+                        CheckId::TargetAccepts,
                         status_ok,
                         format!("target {} is {}", t.id, t.status),
                         "only an AVAILABLE or (named explicitly) NOT_ACCEPTING host can receive guests; `lifeboat hosts set-status`",
                     ));
                     pre.push(check(
-                        "target reachable",
+                        CheckId::TargetReachable,
                         t.liveness == Liveness::Reachable,
                         format!("target {} is {}", t.id, t.liveness.as_str()),
                         "bring the target's agent back, or choose another target",
@@ -352,7 +340,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
 
     if req.planned_move {
         pre.push(check(
-            "source connected",
+            CheckId::SourceConnected,
             source.silent_ms.is_none(),
             if source.silent_ms.is_none() {
                 format!("{} is connected: its agent will stop each guest first", source.id)
@@ -362,29 +350,29 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             "a planned move needs the source's agent; for a failed host use `lifeboat migrate --force`",
         ));
         pre.push(check(
-            "guests named",
+            CheckId::GuestsNamed,
             !req.vms.is_empty(),
             if req.vms.is_empty() { "no guest named".to_string() } else { format!("{} guest(s) named", req.vms.len()) },
             "name the guests to move with --vm",
         ));
         pre.push(check(
-            "target named",
+            CheckId::TargetNamed,
             !req.target.is_empty(),
             if req.target.is_empty() { "no target named".to_string() } else { format!("to {}", req.target) },
             "name the target with --to",
         ));
-        out.power_evidence = "stopped-by-agent".into();
+        set_evidence(&mut out, PowerEvidence::StoppedByAgent);
     }
     // The source must be silent: a host still talking to us is alive.
     let silent = match source.silent_ms {
         None => check(
-            "source silent",
+            CheckId::SourceSilent,
             false,
             format!("{} is still talking to the controller (REACHABLE); a host that talks is alive", source.id),
             "a running host is never force-migrated: if it is partitioned but alive, fix the network or stop its guests by hand",
         ),
         Some(ms) if ms < input.grace_ms => check(
-            "source silent",
+            CheckId::SourceSilent,
             false,
             format!(
                 "{} has been silent for {:.1} s, less than the required {:.1} s",
@@ -395,7 +383,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             "wait until the grace period has passed, then plan again",
         ),
         Some(ms) => check(
-            "source silent",
+            CheckId::SourceSilent,
             true,
             format!(
                 "{} silent for {:.1} s (grace {:.1} s)",
@@ -411,14 +399,14 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         // Power evidence.
         let (power_check, evidence) = power_check(req, &input.power, &source.id);
         pre.push(power_check);
-        out.power_evidence = evidence;
+        set_evidence(&mut out, evidence);
     }
 
     // Two agents that claim the source's identity: whichever talks, its
     // silence or its words prove nothing about the real host.
     let duplicate = input.source_alarms.iter().any(|k| k == "duplicate-agent");
     pre.push(check(
-        "one agent per host",
+        CheckId::OneAgentPerHost,
         !duplicate,
         if duplicate {
             format!("a duplicate-agent alarm is active on {}: two agents claimed its identity, so its liveness cannot be trusted", source.id)
@@ -429,12 +417,12 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
     ));
     pre.push(match &input.active_job {
         Some(j) => check(
-            "one operation per host",
+            CheckId::OneOperationPerHost,
             false,
             format!("job {j} on {} is still running", source.id),
             format!("wait for it (`lifeboat jobs watch {j}`) and plan again"),
         ),
-        None => check("one operation per host", true, "no other operation on this host", ""),
+        None => check(CheckId::OneOperationPerHost, true, "no other operation on this host", ""),
     });
 
     // Which guests.
@@ -445,7 +433,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             match input.source_guests.iter().find(|g| &g.name == v || &g.uuid == v) {
                 Some(g) => picked.push(g),
                 None => pre.push(check(
-                    "guest known",
+                    CheckId::GuestKnown,
                     false,
                     format!("host {} has no guest '{v}'", source.id),
                     format!("see `lifeboat vms list --host {}`", source.id),
@@ -503,7 +491,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         let mut gp = GuestPlan {
             uuid: g.uuid.clone(),
             name: g.name.clone(),
-            last_state: state_name(g.state).into(),
+            last_state: lifeboat_proto::state_name(g.state).into(),
             last_autostart: g.autostart,
             managed_save: g.managed_save,
             memory_kib: g.memory_kib,
@@ -517,7 +505,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         if let Some(job) = input.in_other_job.get(&g.uuid) {
             gp.reason = format!("{job} acts on it now");
             gp.checks.push(check(
-                "in no other operation",
+                CheckId::InNoOtherOperation,
                 false,
                 format!(
                     "{} ({}) is being acted on by {job}: two operations on one guest could start it twice",
@@ -532,7 +520,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             if o.complete || o.from_host != source.id {
                 gp.movable = false;
                 gp.reason = format!("already moved to {} (job {}, generation {})", o.host, o.job, o.generation);
-                gp.checks.push(check("owned by source", false, gp.reason.clone(), "nothing to do for this guest"));
+                gp.checks.push(check(CheckId::OwnedBySource, false, gp.reason.clone(), "nothing to do for this guest"));
                 out.guests.push(gp);
                 continue;
             }
@@ -543,7 +531,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             let t = input.hosts.iter().find(|h| h.id == o.host);
             let reach = t.is_some_and(|t| t.liveness == Liveness::Reachable);
             gp.checks.push(check(
-                "target reachable",
+                CheckId::TargetReachable,
                 reach,
                 format!("{} must answer to finish the move", o.host),
                 "bring that host's agent back",
@@ -556,7 +544,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         if let Some(holders) = input.held_elsewhere.get(&g.uuid) {
             gp.reason = format!("already holds its disks on {}", holders.join(", "));
             gp.checks.push(check(
-                "runs nowhere else",
+                CheckId::RunsNowhereElse,
                 false,
                 format!("{} ({}) is reported running (or holding its disks) on {}: a copy started here would be a second one", g.name, g.uuid, holders.join(", ")),
                 "nothing to move: it runs there; if that copy is not wanted, stop it there first",
@@ -566,7 +554,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         }
         if !g.error.is_empty() && g.definition_xml.is_empty() {
             gp.checks.push(check(
-                "definition known",
+                CheckId::DefinitionKnown,
                 false,
                 format!("the agent could not read the definition: {}", g.error),
                 "the definition is needed to recreate the guest",
@@ -577,7 +565,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         }
         if g.managed_save {
             gp.checks.push(check(
-                "managed save",
+                CheckId::ManagedSave,
                 true,
                 format!(
                     "a managed-save image exists on {}; it stays there and the guest cold-boots on the target",
@@ -606,7 +594,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         if !storage_ok {
             let local = disks.iter().any(|d| d.storage.starts_with("local:"));
             gp.checks.push(check(
-                "disks on shared storage",
+                CheckId::DisksOnSharedStorage,
                 false,
                 problems.join("; "),
                 "a guest on local disks cannot move; if the storage is shared, put a .lifeboat-storage-id marker on it \
@@ -645,7 +633,8 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         let mut best: Option<(&HostView, u64)> = None;
         // Targets that pass every check but memory: (target, KiB free there).
         let mut short: Vec<(&HostView, u64)> = Vec::new();
-        let mut per_target: Vec<Check> = Vec::new();
+        // Each candidate's checks, with the candidate they are about.
+        let mut per_target: Vec<(&str, Check)> = Vec::new();
         let sees_all = |host: &str| storage_ok && disks.iter().all(|d| same_there(host, d).is_ok());
         let seen_elsewhere: Vec<&str> = input.visibility.keys().map(|h| h.as_str()).filter(|h| sees_all(h)).collect();
         let seen_by_any = paths.is_empty() || !seen_elsewhere.is_empty();
@@ -683,8 +672,9 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
             let mem_ok = free >= g.memory_kib;
             let conflict_ok = conflict.is_none() && !name_taken;
             let in_use_ok = in_use.is_empty();
-            per_target.push(check(
-                &format!("same disks on {}", t.id),
+            per_target.push((t.id.as_str(), check_on(
+                CheckId::SameDisks,
+                &t.id,
                 disks_ok,
                 if !disks_ok {
                     format!("{} does not see the disks of {}: {}", t.id, source.id, missing.join("; "))
@@ -694,31 +684,37 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                     format!("{} sees {} like {}", t.id, seen.join(", "), source.id)
                 },
                 "the target must reach the same shared storage (same identity and path); see docs/migrate.md, \"Shared storage\"",
-            ));
-            per_target.push(check(
-                &format!("memory on {}", t.id),
+            )));
+            per_target.push((t.id.as_str(), check_on(
+                CheckId::Memory,
+                &t.id,
                 mem_ok,
                 memory_detail(g.memory_kib, free, t, input.memory_reserve_kib, held_on(&t.id), ours),
                 "free memory on the target or choose another; moves of other jobs hold their memory until their guests run",
+            )));
+            per_target.push((
+                t.id.as_str(),
+                check_on(
+                    CheckId::NoConflict,
+                    &t.id,
+                    conflict_ok,
+                    conflict.unwrap_or_else(|| {
+                        if name_taken {
+                            format!("another guest named {} is planned there", g.name)
+                        } else {
+                            format!("no guest with this UUID or name on {}", t.id)
+                        }
+                    }),
+                    "remove the conflicting definition on the target (`virsh undefine`) if it is stale",
+                ),
             ));
-            per_target.push(check(
-                &format!("no conflict on {}", t.id),
-                conflict_ok,
-                conflict.unwrap_or_else(|| {
-                    if name_taken {
-                        format!("another guest named {} is planned there", g.name)
-                    } else {
-                        format!("no guest with this UUID or name on {}", t.id)
-                    }
-                }),
-                "remove the conflicting definition on the target (`virsh undefine`) if it is stale",
-            ));
-            per_target.push(check(
-                &format!("disks free on {}", t.id),
+            per_target.push((t.id.as_str(), check_on(
+                CheckId::DisksFree,
+                &t.id,
                 in_use_ok,
                 if in_use_ok { format!("no other guest on {} uses these disks", t.id) } else { format!("on {}: {}", t.id, in_use.join("; ")) },
                 "two guests must not write to one disk: remove the other guest's definition if it is stale, or mark both disks <shareable/>",
-            ));
+            )));
             if disks_ok && mem_ok && conflict_ok && in_use_ok && best.is_none_or(|(_, f)| free > f) {
                 best = Some((t, free));
             }
@@ -739,7 +735,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                 *ours = ours.saturating_add(g.memory_kib);
                 claimed_names.entry(t.id.clone()).or_default().insert(g.name.clone());
                 gp.reserved_note = reserved_note(held_on(&t.id));
-                gp.checks = per_target.into_iter().filter(|c| c.name.ends_with(&t.id)).collect();
+                gp.checks = per_target.into_iter().filter(|(h, _)| *h == t.id).map(|(_, c)| c).collect();
                 gp.cleanup = cleanup_note(&source.id, g);
             }
             None if !storage_ok => gp.movable = false,
@@ -748,7 +744,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                 if candidates.is_empty() {
                     gp.reason = "no reachable target host accepts guests".into();
                     gp.checks.push(check(
-                        "target available",
+                        CheckId::TargetAvailable,
                         false,
                         "no AVAILABLE, REACHABLE host other than the source",
                         "bring a host back or set one AVAILABLE",
@@ -773,10 +769,10 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
                 } else {
                     gp.reason = "no target passes every check".into();
                 }
-                gp.checks.extend(per_target);
+                gp.checks.extend(per_target.into_iter().map(|(_, c)| c));
                 if !req.target.is_empty() && seen_by_any && !sees_all(&req.target) {
                     pre.push(check(
-                        "target sees the disks",
+                        CheckId::TargetSeesDisks,
                         false,
                         format!(
                             "target {} does not see the disks of {} ({}) on their storage, but {} does",
@@ -794,7 +790,7 @@ pub fn plan(input: &PlanInput) -> MigrationPlan {
         }
         if !req.vms.is_empty() && !gp.movable {
             pre.push(check(
-                "named guest movable",
+                CheckId::NamedGuestMovable,
                 false,
                 format!("{} cannot move: {}", g.name, gp.reason),
                 "see the guest's checks in the plan",
@@ -830,8 +826,14 @@ fn cleanup_note(source: &str, g: &Guest) -> String {
     )
 }
 
-fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Check, String) {
-    const NAME: &str = "source powered off";
+/// Sets the plan's power evidence (enum, and its name as shown).
+fn set_evidence(out: &mut MigrationPlan, e: PowerEvidence) {
+    out.power_evidence = e.as_str().into();
+    out.evidence = e.to_wire() as i32;
+}
+
+fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Check, PowerEvidence) {
+    const NAME: CheckId = CheckId::SourcePoweredOff;
     if req.attest_powered_off {
         if req.attest_reason.trim().is_empty() {
             return (
@@ -841,13 +843,13 @@ fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Che
                     "--attest-powered-off needs --reason TEXT: the attestation is recorded in the audit log",
                     "add --reason \"how you verified it is off\"",
                 ),
-                String::new(),
+                PowerEvidence::None,
             );
         }
         if req.fence {
             return (
                 check(NAME, false, "--fence and --attest-powered-off exclude each other", "use one of them"),
-                String::new(),
+                PowerEvidence::None,
             );
         }
         if let PowerReading::Bmc(PowerState::On) = power {
@@ -858,12 +860,12 @@ fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Che
                     format!("{source}'s BMC reads On: an attestation cannot contradict it"),
                     "use --fence to power it off through the BMC",
                 ),
-                String::new(),
+                PowerEvidence::None,
             );
         }
         return (
             check(NAME, true, format!("operator attests {source} is powered off: {}", req.attest_reason.trim()), ""),
-            "attestation".into(),
+            PowerEvidence::Attestation,
         );
     }
     match power {
@@ -874,10 +876,10 @@ fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Che
                 format!("no BMC is configured for {source}: its power state is unknown"),
                 "configure [bmc.HOST] in the controller, or verify it is off yourself and use --attest-powered-off --reason TEXT",
             ),
-            String::new(),
+            PowerEvidence::None,
         ),
         PowerReading::Bmc(PowerState::Off) => {
-            (check(NAME, true, format!("{source}'s BMC reads Off"), ""), "bmc-off".into())
+            (check(NAME, true, format!("{source}'s BMC reads Off"), ""), PowerEvidence::BmcOff)
         }
         PowerReading::Bmc(PowerState::On) if req.fence => (
             check(
@@ -888,7 +890,7 @@ fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Che
                 ),
                 "",
             ),
-            "bmc-fence".into(),
+            PowerEvidence::BmcFence,
         ),
         PowerReading::Bmc(PowerState::On) => (
             check(
@@ -897,7 +899,7 @@ fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Che
                 format!("{source}'s BMC reads On: the host may still run its guests"),
                 "add --fence to power it off through the BMC",
             ),
-            String::new(),
+            PowerEvidence::None,
         ),
         PowerReading::Bmc(PowerState::Unknown(why)) => (
             check(
@@ -906,7 +908,7 @@ fn power_check(req: &MigrateRequest, power: &PowerReading, source: &str) -> (Che
                 format!("{source}'s power state is UNKNOWN: {why}"),
                 "fix the BMC access, or verify the host is off yourself and use --attest-powered-off --reason TEXT",
             ),
-            String::new(),
+            PowerEvidence::None,
         ),
     }
 }
@@ -921,7 +923,7 @@ fn finish(mut out: MigrationPlan, input: &PlanInput) -> MigrationPlan {
     let report_only = movable == 0 && no_room > 0 && input.req.vms.is_empty() && !input.req.planned_move;
     if pre_ok && movable == 0 && !report_only && input.hosts.iter().any(|h| h.id == out.source) {
         out.preconditions.push(check(
-            "something to move",
+            CheckId::SomethingToMove,
             false,
             format!("no guest of {} can move", out.source),
             "see each guest's reason",
@@ -977,6 +979,19 @@ pub fn plan_id(p: &MigrationPlan, req: &MigrateRequest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::checks::CheckId;
+
+    /// The check is `id` (by its id; its label is the id's).
+    fn is(c: &Check, id: CheckId) -> bool {
+        let yes = CheckId::of(c) == Ok(id);
+        assert!(!yes || c.name == id.label(), "{c:?}");
+        yes
+    }
+
+    /// The check is `id` about `target`.
+    fn is_on(c: &Check, id: CheckId, target: &str) -> bool {
+        CheckId::of(c) == Ok(id) && c.name == format!("{} {target}", id.label())
+    }
     use lifeboat_proto::v1::Disk;
 
     const MARK: &str = "marker:5b0c3f9e-1111-4222-8333-444455556666";
@@ -1081,7 +1096,7 @@ mod tests {
         let p = plan(&i);
         assert!(!p.executable, "a named guest that does not fit refuses the plan");
         let g1 = &p.guests[0];
-        let c = g1.checks.iter().find(|c| c.name == "memory on c").unwrap();
+        let c = g1.checks.iter().find(|c| is_on(c, CheckId::Memory, "c")).unwrap();
         assert!(!c.ok, "{c:?}");
         assert_eq!(
             c.detail,
@@ -1093,7 +1108,7 @@ mod tests {
             g1.reason
         );
         assert!(g1.reason.contains("on c: 1990 MiB reserved by job mig-x (r1, r2)"), "{}", g1.reason);
-        let pre = p.preconditions.iter().find(|c| c.name == "named guest movable").unwrap();
+        let pre = p.preconditions.iter().find(|c| is(c, CheckId::NamedGuestMovable)).unwrap();
         assert!(pre.detail.contains("no capacity"), "{pre:?}");
     }
 
@@ -1110,7 +1125,7 @@ mod tests {
         let p = plan(&i);
         let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
         assert_eq!(g1.target, "b", "counted once, by the inventory: c has 10 MiB");
-        let c = g1.checks.iter().find(|c| c.name == "memory on c");
+        let c = g1.checks.iter().find(|c| is_on(c, CheckId::Memory, "c"));
         assert!(c.is_none(), "only the chosen target's checks are kept");
         i.hosts[2].running_memory_kib = 0;
         i.hosts[2].guests[0].state = GuestState::Shutoff as i32;
@@ -1175,7 +1190,7 @@ mod tests {
         let p = plan(&i);
         let g = p.guests.iter().find(|g| g.uuid == uuid).unwrap();
         assert!(!g.movable && g.target.is_empty(), "{g:?}");
-        let c = g.checks.iter().find(|c| c.name == "in no other operation").unwrap();
+        let c = g.checks.iter().find(|c| is(c, CheckId::InNoOtherOperation)).unwrap();
         assert!(!c.ok && c.detail.contains("restore-x"), "{c:?}");
         i.in_other_job.clear();
         assert!(plan(&i).guests.iter().find(|g| g.uuid == uuid).unwrap().movable);
@@ -1204,7 +1219,7 @@ mod tests {
         assert!(!g3.movable);
         assert!(g3.reason.contains("local storage") && g3.reason.contains("local:ext4"), "{}", g3.reason);
         assert!(g1.cleanup.contains("cleanup a"));
-        let evidence = g1.checks.iter().find(|c| c.name == "same disks on c").unwrap();
+        let evidence = g1.checks.iter().find(|c| is_on(c, CheckId::SameDisks, "c")).unwrap();
         assert_eq!(evidence.detail, format!("c sees /shared/g1.img on {MARK} (g1.img) like a"));
     }
 
@@ -1214,7 +1229,7 @@ mod tests {
         i.hosts[0] = host("a", None, 1000);
         let p = plan(&i);
         assert!(!p.executable);
-        let c = p.preconditions.iter().find(|c| c.name == "source silent").unwrap();
+        let c = p.preconditions.iter().find(|c| is(c, CheckId::SourceSilent)).unwrap();
         assert!(!c.ok && c.detail.contains("alive"), "{c:?}");
         i.hosts[0] = host("a", Some(10_000), 1000);
         let p = plan(&i);
@@ -1227,7 +1242,7 @@ mod tests {
         i.power = PowerReading::Bmc(PowerState::Unknown("BMC unreachable".into()));
         let p = plan(&i);
         assert!(!p.executable);
-        let c = p.preconditions.iter().find(|c| c.name == "source powered off").unwrap();
+        let c = p.preconditions.iter().find(|c| is(c, CheckId::SourcePoweredOff)).unwrap();
         assert!(c.detail.contains("UNKNOWN") && c.remedy.contains("attest"), "{c:?}");
         i.req.fence = false;
         i.power = PowerReading::Bmc(PowerState::On);
@@ -1275,6 +1290,66 @@ mod tests {
             "{:?}",
             p.preconditions
         );
+    }
+
+    #[test]
+    fn a_placed_guest_carries_its_targets_checks_only_by_target_never_by_label_suffix() {
+        // "host-b" ends with "b": a label-suffix filter would give g1 on b the checks of host-b too.
+        let mut i = input();
+        let mut hb = host("host-b", None, 500);
+        hb.id = "host-b".into();
+        i.hosts.push(hb);
+        let vis = i.visibility["b"].clone();
+        i.visibility.insert("host-b".into(), vis);
+        i.hosts[2].memory_total_kib = 0;
+        let p = plan(&i);
+        let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
+        assert_eq!(g1.target, "b", "{g1:?}");
+        let ids: Vec<_> = g1.checks.iter().map(|c| (CheckId::of(c).unwrap(), c.name.as_str())).collect();
+        assert_eq!(
+            ids,
+            [
+                (CheckId::SameDisks, "same disks on b"),
+                (CheckId::Memory, "memory on b"),
+                (CheckId::NoConflict, "no conflict on b"),
+                (CheckId::DisksFree, "disks free on b"),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_check_of_a_plan_has_an_id_and_the_evidence_enum_matches_its_name() {
+        let mut inputs = vec![input()];
+        let mut i = input();
+        i.hosts[0].silent_ms = None;
+        i.req.vms = vec!["nope".into()];
+        i.req.target = "zz".into();
+        inputs.push(i);
+        let mut i = input();
+        i.req = MigrateRequest {
+            source: "a".into(),
+            attest_powered_off: true,
+            attest_reason: "pulled the plug".into(),
+            ..Default::default()
+        };
+        i.power = PowerReading::NoBmc;
+        inputs.push(i);
+        let mut i = input();
+        i.req.source = "unknown".into();
+        inputs.push(i);
+        for i in &inputs {
+            let p = plan(i);
+            let all = p.preconditions.iter().chain(p.guests.iter().flat_map(|g| g.checks.iter()));
+            for c in all {
+                let id = CheckId::of(c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+                assert!(c.name.starts_with(id.label()), "{c:?}");
+            }
+            let e = PowerEvidence::from_wire(p.evidence).unwrap();
+            assert_eq!(e.as_str(), p.power_evidence);
+        }
+        assert_eq!(PowerEvidence::from_wire(plan(&inputs[0]).evidence), Ok(PowerEvidence::BmcFence));
+        assert_eq!(PowerEvidence::from_wire(plan(&inputs[2]).evidence), Ok(PowerEvidence::Attestation));
+        assert_eq!(PowerEvidence::from_wire(plan(&inputs[3]).evidence), Ok(PowerEvidence::None));
     }
 
     #[test]
@@ -1474,7 +1549,7 @@ mod tests {
         let pl = plan(&i);
         let g = &pl.guests[0];
         assert!(!g.movable && g.reason.starts_with("local storage"), "{g:?}");
-        let c = g.checks.iter().find(|c| c.name == "disks on shared storage").unwrap();
+        let c = g.checks.iter().find(|c| is(c, CheckId::DisksOnSharedStorage)).unwrap();
         assert_eq!(
             c.detail,
             "a reported /var/lib/libvirt/images/localvm.img on local:ext4 (b: local:ext4, c: local:ext4)"
@@ -1492,14 +1567,14 @@ mod tests {
         let pl = plan(&i);
         assert!(!pl.executable);
         let g = &pl.guests[0];
-        let c = g.checks.iter().find(|c| c.name == "same disks on b").unwrap();
+        let c = g.checks.iter().find(|c| is_on(c, CheckId::SameDisks, "b")).unwrap();
         assert!(
             !c.ok
                 && c.detail
                     .contains("is on marker:99999999-1111-4222-8333-444455556666 (g1.img) there but on marker:5b0c"),
             "{c:?}"
         );
-        let pre = pl.preconditions.iter().find(|c| c.name == "target sees the disks").unwrap();
+        let pre = pl.preconditions.iter().find(|c| is(c, CheckId::TargetSeesDisks)).unwrap();
         assert!(pre.detail.contains("but c does"), "{pre:?}");
 
         // The same storage under another relative path is another file too.
@@ -1514,7 +1589,7 @@ mod tests {
         );
         let g1 = plan(&i).guests.into_iter().find(|g| g.name == "g1").unwrap();
         assert!(!g1.movable, "{g1:?}");
-        let c = g1.checks.iter().find(|c| c.name == "same disks on c").unwrap();
+        let c = g1.checks.iter().find(|c| is_on(c, CheckId::SameDisks, "c")).unwrap();
         assert!(c.detail.contains("on no identified storage there"), "an older target agent: {c:?}");
     }
 
@@ -1558,7 +1633,7 @@ mod tests {
         i.req.target = "c".into();
         let p = plan(&i);
         let g1 = p.guests.iter().find(|g| g.name == "g1").unwrap();
-        let c = g1.checks.iter().find(|c| c.name == "disks free on c").unwrap();
+        let c = g1.checks.iter().find(|c| is_on(c, CheckId::DisksFree, "c")).unwrap();
         assert!(!c.ok && c.detail.contains("'other' (uo) uses /shared/g1.img as /mnt/shared/g1.img"), "{c:?}");
         // Both <shareable/>: allowed.
         i.hosts[2].guests[0].disks[0].shareable = true;
@@ -1573,7 +1648,7 @@ mod tests {
         i.source_alarms = vec!["duplicate-agent".into()];
         let p = plan(&i);
         assert!(!p.executable);
-        let c = p.preconditions.iter().find(|c| c.name == "one agent per host").unwrap();
+        let c = p.preconditions.iter().find(|c| is(c, CheckId::OneAgentPerHost)).unwrap();
         assert!(!c.ok && c.remedy.contains("duplicate-agent"), "{c:?}");
         let mut i = input();
         let uuid = i.source_guests[0].uuid.clone();
@@ -1581,7 +1656,7 @@ mod tests {
         let p = plan(&i);
         let g = p.guests.iter().find(|g| g.uuid == uuid).unwrap();
         assert!(!g.movable && g.reason.contains("on c"), "{g:?}");
-        assert!(g.checks.iter().any(|c| c.name == "runs nowhere else" && !c.ok));
+        assert!(g.checks.iter().any(|c| is(c, CheckId::RunsNowhereElse) && !c.ok));
     }
 
     #[test]
@@ -1597,7 +1672,7 @@ mod tests {
         let p = plan(&i);
         let g = &p.guests.iter().find(|g| g.uuid == i.source_guests[0].uuid).unwrap();
         assert!(!g.movable, "{g:?}");
-        let c = g.checks.iter().find(|c| c.name == "disks on shared storage").unwrap();
+        let c = g.checks.iter().find(|c| is(c, CheckId::DisksOnSharedStorage)).unwrap();
         assert!(!c.ok && c.detail.contains("storage pool volume (default/data.qcow2)"), "{c:?}");
     }
 }

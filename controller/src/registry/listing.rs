@@ -16,6 +16,7 @@ impl Registry {
         HostRecord {
             info: Some(e.row.info.clone()),
             status: e.row.status.as_str().into(),
+            host_status: e.row.status.to_wire() as i32,
             liveness: self.liveness_of(e, now).as_str().into(),
             session_open: e.session.is_some(),
             last_seen_unix_ms: e.last_heard_ms().unwrap_or(e.row.last_seen_ms),

@@ -16,6 +16,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use crate::domain::job::JobState;
 use crate::error::ControllerError;
 use crate::migrate::engine::Engine;
 use crate::registry::Registry;
@@ -39,6 +40,13 @@ fn check_migrate(req: &MigrateRequest) -> Result<(), ControllerError> {
         return Err(ControllerError::InvalidArgument("--from HOST is required".into()));
     }
     Ok(())
+}
+
+/// Whether a job record is in a terminal state (a watch ends there). A
+/// record whose state does not read is not over: the watch goes on until the
+/// caller leaves (never a false "done").
+fn over(rec: &JobRecord) -> bool {
+    JobState::from_wire(rec.job_state).is_ok_and(JobState::is_terminal)
 }
 
 type JobStream = Pin<Box<dyn Stream<Item = Result<JobRecord, Status>> + Send>>;
@@ -186,8 +194,7 @@ impl Admin for AdminService {
         let (tx, out) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             let _busy = busy;
-            let mut done = crate::domain::job::JobState::Succeeded.as_str() == first.state
-                || ["PARTIAL", "FAILED"].contains(&first.state.as_str());
+            let mut done = over(&first);
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
@@ -199,7 +206,7 @@ impl Admin for AdminService {
                     continue;
                 }
                 let Ok(rec) = engine.job_record(&id) else { return };
-                done = ["SUCCEEDED", "PARTIAL", "FAILED"].contains(&rec.state.as_str());
+                done = over(&rec);
                 if tx.send(Ok(rec)).await.is_err() {
                     return;
                 }
@@ -417,6 +424,23 @@ fn strip_record_for_viewer(rec: &mut GuestRecord) {
             if g.error.is_empty() {
                 g.error = format!("definition withheld from the viewer role: {why}; an operator can read it");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_ends_on_a_terminal_state_only_and_never_on_one_that_does_not_read() {
+        for s in JobState::ALL {
+            let rec = JobRecord { job_state: s.to_wire() as i32, ..Default::default() };
+            assert_eq!(over(&rec), s.is_terminal(), "{s:?}");
+        }
+        // The text alone decides nothing: an unset or unknown enum is not over.
+        for n in [0, 99] {
+            assert!(!over(&JobRecord { state: "SUCCEEDED".into(), job_state: n, ..Default::default() }));
         }
     }
 }
