@@ -20,6 +20,7 @@
 //! so with [`RepoError::is_write_failure`].
 
 pub mod clock;
+pub mod rows;
 pub mod thread;
 
 use std::collections::BTreeMap;
@@ -32,7 +33,7 @@ pub use thread::Repos;
 
 use crate::domain::host::HostStatus;
 use crate::domain::job::{JobState, MoveState};
-use crate::store::{
+pub use rows::{
     AuditFilter, AuditRow, BadRow, GuestRow, HostRow, JobRow, MissingRow, MoveRow, OwnerRow, QuarantineRow,
     ReservationRow, WaitingRow,
 };
