@@ -16,7 +16,7 @@ use crate::alarms::{MAX_NAME, MAX_REASON};
 use crate::domain::host::HostStatus;
 use crate::error::{ControllerError, refusal};
 use crate::registry::Registry;
-use crate::store::{AuditRow, OwnerRow};
+use crate::ports::{AuditRow, OwnerRow};
 
 /// Held for the whole of a restore (checks, record, define, start).
 static RESTORES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -369,7 +369,7 @@ pub async fn restore(
         hold: reg.hold(crate::now_ms()),
         guest_memory_kib: r.guest.memory_kib,
         target_memory: if req.start {
-            target_memory(reg, &target, memory_reserve_kib)?
+            target_memory(reg, &target, memory_reserve_kib).await?
         } else {
             TargetMemory::default()
         },
@@ -429,11 +429,11 @@ pub async fn restore(
                 r.host
             ),
         );
-        reg.record_restore_owner(&row, &desired, &a)?;
+        reg.record_restore_owner(&row, &desired, &a).await?;
     }
     // Its owner is recorded on the target now: a wait on another host
     // (its old owner) would never end there.
-    crate::waiting::end_elsewhere(reg, &uuid, &target, &format!("restored on {target} by {operator}"))?;
+    crate::waiting::end_elsewhere(reg, &uuid, &target, &format!("restored on {target} by {operator}")).await?;
     let define = DefineGuest { definition_xml: r.guest.definition_xml.clone(), owner_host: target.clone(), generation };
     let res = reg.call(&target, Kind::DefineGuest(define), CALL_TIMEOUT).await;
     let failed = match &res {
@@ -446,19 +446,19 @@ pub async fn restore(
             "defining {name} ({uuid}) on {target} failed: {err}; it stays missing (ownership generation {generation} on {target} \
              is recorded); fix the cause and run the same restore again"
         );
-        reg.db(|s| s.audit(&audit(operator, "guest.restore.failed", &target, &name, msg.clone())))?;
+        let a = audit(operator, "guest.restore.failed", &target, &name, msg.clone());
+        reg.repos().audit(move |l| l.append(&a)).await?;
         return Err(ControllerError::AgentUnavailable(msg));
     }
     let outcome = res.map(|x| x.outcome).unwrap_or_default();
-    reg.db(|s| {
-        s.audit(&audit(
-            operator,
-            "guest.restored",
-            &target,
-            &name,
-            format!("defined {name} ({uuid}) on {target} ({outcome}), autostart off, owner generation {generation}; reason: {reason}"),
-        ))
-    })?;
+    let a = audit(
+        operator,
+        "guest.restored",
+        &target,
+        &name,
+        format!("defined {name} ({uuid}) on {target} ({outcome}), autostart off, owner generation {generation}; reason: {reason}"),
+    );
+    reg.repos().audit(move |l| l.append(&a)).await?;
     // The agent reports the new definition; that clears the missing mark.
     let t0 = tokio::time::Instant::now();
     while !reg.reported_on(&uuid).iter().any(|(h, _)| *h == target) {
@@ -469,7 +469,8 @@ pub async fn restore(
                 if req.start { ", so it was NOT started" } else { "" },
                 if req.start { ", then `lifeboat vms start` it" } else { "" }
             );
-            reg.db(|s| s.audit(&audit(operator, "guest.restore.unreported", &target, &name, msg.clone())))?;
+            let a = audit(operator, "guest.restore.unreported", &target, &name, msg.clone());
+            reg.repos().audit(move |l| l.append(&a)).await?;
             return Err(ControllerError::AgentUnavailable(msg));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -485,10 +486,12 @@ pub async fn restore(
 
 /// The target's memory figures as the planner counts them (reservations of
 /// moves whose guest already runs there are in its running figure).
-fn target_memory(reg: &Registry, target: &str, reserve_kib: u64) -> Result<TargetMemory, ControllerError> {
+async fn target_memory(reg: &Registry, target: &str, reserve_kib: u64) -> Result<TargetMemory, ControllerError> {
     let Some(view) = reg.host_view(target) else { return Ok(TargetMemory { reserve_kib, ..Default::default() }) };
     let reservations: Vec<crate::migrate::plan::Reservation> = reg
-        .db(|s| s.reservations())?
+        .repos()
+        .jobs(|j| j.reservations())
+        .await?
         .into_iter()
         .map(|r| crate::migrate::plan::Reservation {
             job: r.job_id,
@@ -553,21 +556,21 @@ async fn start(
     };
     match res {
         Ok(outcome) => {
-            reg.db(|s| {
-                s.audit(&audit(
-                    operator,
-                    "guest.started",
-                    target,
-                    name,
-                    format!("{name} ({uuid}) started on {target} ({outcome})"),
-                ))
-            })?;
+            let a = audit(
+                operator,
+                "guest.started",
+                target,
+                name,
+                format!("{name} ({uuid}) started on {target} ({outcome})"),
+            );
+            reg.repos().audit(move |l| l.append(&a)).await?;
             Ok(())
         }
         Err(e) => {
             let msg =
                 format!("{name} is defined on {target} again, but {e}; `lifeboat vms show {uuid}`, then start it");
-            reg.db(|s| s.audit(&audit(operator, "guest.start.failed", target, name, msg.clone())))?;
+            let a = audit(operator, "guest.start.failed", target, name, msg.clone());
+            reg.repos().audit(move |l| l.append(&a)).await?;
             Err(ControllerError::AgentUnavailable(msg))
         }
     }
@@ -622,6 +625,7 @@ pub fn forget(
             def.len()
         ),
     );
+    // Runs on a blocking thread (the handler's `spawn_blocking`).
     let r = reg.forget_missing(&r.guest.uuid, &a)?;
     crate::waiting::end_forgotten(reg, &r.guest.uuid, &format!("{} was forgotten by {operator}", r.guest.name))?;
     Ok(ForgetGuestResponse {

@@ -15,7 +15,7 @@ use crate::domain::host::HostStatus;
 use crate::error::ControllerError;
 use crate::migrate::engine::Engine;
 use crate::registry::Registry;
-use crate::store::{AuditRow, MoveRow};
+use crate::ports::{AuditRow, MoveRow};
 
 use crate::error::check;
 
@@ -215,11 +215,15 @@ fn finish(mut p: CleanupPlan) -> CleanupPlan {
     p
 }
 
-fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInput, ControllerError> {
+async fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInput, ControllerError> {
     let view = reg.host_view(host);
-    let moves = reg.db(|s| s.moves_from(host))?;
-    let owners = reg.db(|s| s.owners())?.into_iter().map(|o| (o.uuid, o.host)).collect();
-    let active_job = reg.db(|s| s.active_jobs())?.into_iter().find(|j| j.source == host).map(|j| j.id);
+    let h = host.to_string();
+    let (moves, owners, active) = reg
+        .repos()
+        .call(move |r| Ok((r.jobs().moves_from(&h)?, r.ownership().owners()?, r.jobs().active()?)))
+        .await?;
+    let owners = owners.into_iter().map(|o| (o.uuid, o.host)).collect();
+    let active_job = active.into_iter().find(|j| j.source == host).map(|j| j.id);
     Ok(CleanupInput {
         host: host.into(),
         host_known: view.is_some(),
@@ -234,8 +238,8 @@ fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInp
 }
 
 /// Plans a cleanup (no side effects).
-pub fn cleanup_plan(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupPlan, ControllerError> {
-    Ok(plan_cleanup(&input(reg, host, destroy_running)?))
+pub async fn cleanup_plan(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupPlan, ControllerError> {
+    Ok(plan_cleanup(&input(reg, host, destroy_running).await?))
 }
 
 /// Carries out a cleanup.
@@ -246,7 +250,7 @@ pub async fn cleanup(
     plan_id: &str,
     operator: &str,
 ) -> Result<CleanupPlan, ControllerError> {
-    let mut p = cleanup_plan(reg, host, destroy_running)?;
+    let mut p = cleanup_plan(reg, host, destroy_running).await?;
     if !p.preconditions.iter().all(|c| c.ok) {
         if p.preconditions.iter().any(|c| c.name == "no stale copy running" && !c.ok) {
             let detail = p
@@ -255,7 +259,7 @@ pub async fn cleanup(
                 .find(|c| c.name == "no stale copy running")
                 .map(|c| c.detail.clone())
                 .unwrap_or_default();
-            reg.raise_alarm(host, "stale-copy-running", &detail)?;
+            reg.raise_alarm(host, "stale-copy-running", &detail).await?;
         }
         return Err(crate::error::refusal(&format!("cleanup of {host}"), &p.preconditions));
     }
@@ -268,15 +272,14 @@ pub async fn cleanup(
     if !p.executable {
         return Ok(p);
     }
-    reg.db(|s| {
-        s.audit(&AuditRow {
-            actor: operator.into(),
-            action: "cleanup.requested".into(),
-            host: host.into(),
-            detail: format!("plan {}: {}", p.plan_id, p.summary),
-            ..Default::default()
-        })
-    })?;
+    let a = AuditRow {
+        actor: operator.into(),
+        action: "cleanup.requested".into(),
+        host: host.into(),
+        detail: format!("plan {}: {}", p.plan_id, p.summary),
+        ..Default::default()
+    };
+    reg.repos().audit(move |l| l.append(&a)).await?;
     let jobs: BTreeMap<String, String> = p.items.iter().map(|i| (i.uuid.clone(), i.job.clone())).collect();
     for item in p.items.iter_mut().filter(|i| matches!(i.action.as_str(), "remove" | "destroy-and-remove")) {
         let cmd = CleanupGuest {
@@ -299,7 +302,8 @@ pub async fn cleanup(
                     ),
                     ..Default::default()
                 };
-                reg.db(|s| s.mark_cleaned(&item.job, &item.uuid, &a))?;
+                let (job, uuid) = (item.job.clone(), item.uuid.clone());
+                reg.repos().jobs(move |j| j.mark_cleaned(&job, &uuid, &a)).await?;
                 item.action = "removed".into();
                 info!(%host, guest = %item.name, "stale definition removed");
             }
@@ -313,16 +317,15 @@ pub async fn cleanup(
             }
         }
         if item.action == "failed" {
-            let _ = reg.db(|s| {
-                s.audit(&AuditRow {
-                    actor: operator.into(),
-                    action: "cleanup.failed".into(),
-                    host: host.into(),
-                    vm: item.name.clone(),
-                    detail: item.detail.clone(),
-                    ..Default::default()
-                })
-            });
+            let a = AuditRow {
+                actor: operator.into(),
+                action: "cleanup.failed".into(),
+                host: host.into(),
+                vm: item.name.clone(),
+                detail: item.detail.clone(),
+                ..Default::default()
+            };
+            let _ = reg.repos().audit(move |l| l.append(&a)).await;
         }
     }
     let removed = p.items.iter().filter(|i| i.action == "removed").count();
@@ -380,7 +383,7 @@ pub async fn set_status(
             }
             // As a forced migration does: a host that comes back with the boot
             // id it had now never lost power, and is flagged (split brain).
-            reg.mark_fenced(&id)?;
+            reg.mark_fenced(&id).await?;
         }
         HostStatus::Available | HostStatus::NotAccepting => {
             if rec.stale_definitions > 0 {
@@ -397,21 +400,21 @@ pub async fn set_status(
         }
         HostStatus::Maintenance => {}
     }
-    reg.set_status(&id, to, reason, operator)?;
+    reg.set_status(&id, to, reason, operator).await?;
     if matches!(to, HostStatus::Available | HostStatus::NotAccepting) {
         for kind in ["split-brain", "stale-copy-running"] {
-            let n = reg.db(|s| s.clear_alarms(&id, kind))?;
+            let h = id.clone();
+            let n = reg.repos().alarms(move |a| a.clear(&h, kind)).await?;
             if n > 0 {
-                reg.reload_alarms()?;
-                reg.db(|s| {
-                    s.audit(&AuditRow {
-                        actor: operator.into(),
-                        action: "alarm.cleared".into(),
-                        host: id.clone(),
-                        detail: format!("{n} {kind} alarm(s) cleared as {id} went back into service"),
-                        ..Default::default()
-                    })
-                })?;
+                reg.reload_alarms().await?;
+                let a = AuditRow {
+                    actor: operator.into(),
+                    action: "alarm.cleared".into(),
+                    host: id.clone(),
+                    detail: format!("{n} {kind} alarm(s) cleared as {id} went back into service"),
+                    ..Default::default()
+                };
+                reg.repos().audit(move |l| l.append(&a)).await?;
             }
         }
     }

@@ -34,7 +34,8 @@ pub fn render(reg: &Registry) -> String {
         let st = GuestState::try_from(state).unwrap_or(GuestState::Unspecified);
         guests.get_or_create(&vec![("state".into(), format!("{st:?}").to_lowercase())]).set(n as i64);
     }
-    if let Ok(js) = reg.db(|s| s.jobs(None, u32::MAX)) {
+    // Blocks on the store thread: `serve` renders on a blocking thread.
+    if let Ok(js) = reg.repos().call_blocking(|r| r.jobs().list(None, u32::MAX)) {
         for j in js {
             jobs.get_or_create(&vec![
                 ("kind".into(), j.kind.as_str().into()),
@@ -91,7 +92,7 @@ pub async fn serve(reg: Arc<Registry>, listener: tokio::net::TcpListener) {
             async move {
                 (
                     [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    render(&reg),
+                    tokio::task::spawn_blocking(move || render(&reg)).await.unwrap_or_default(),
                 )
             }
         }),

@@ -274,6 +274,14 @@ pub trait JobRepo: Send {
     fn list(&mut self, host: Option<&str>, limit: u32) -> RepoResult<Vec<JobRow>>;
     /// Jobs not yet ended.
     fn active(&mut self) -> RepoResult<Vec<JobRow>>;
+    /// Jobs not yet ended that read, and the rows that do not (a [`BadRow`]
+    /// keyed by the job id, its source as host): one corrupt row hides no
+    /// other, and a bad row is never run nor guessed.
+    fn active_checked(&mut self) -> RepoResult<(Vec<JobRow>, Vec<BadRow>)>;
+    /// The guests of jobs not yet ended (job id, uuid, source, target), read
+    /// as stored text: a job or move whose state does not read still holds
+    /// its guests.
+    fn active_guests(&mut self) -> RepoResult<Vec<(String, String, String, String)>>;
     /// The moves a job carries out (without the guests left behind), in
     /// evacuation order.
     fn moves(&mut self, job: &str) -> RepoResult<Vec<MoveRow>>;

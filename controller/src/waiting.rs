@@ -22,7 +22,7 @@ use crate::domain::host::HostStatus;
 use crate::domain::job::MoveState;
 use crate::error::ControllerError;
 use crate::registry::Registry;
-use crate::store::{AuditRow, MoveRow, OwnerRow, StoreError, WaitingRow};
+use crate::ports::{AuditRow, MoveRow, OwnerRow, RepoError, WaitingRow};
 
 /// Alarm kind raised on a host for each guest waiting to run there again.
 pub const GUESTS_WAITING: &str = "guests-waiting";
@@ -134,7 +134,7 @@ pub fn rows_for_job(
 /// the job's end is written: a crash in between resumes the job, and the
 /// same alarm is not raised twice). A guest that waited already with
 /// another reason has its old alarm cleared.
-pub fn raise(reg: &Registry, rows: &[WaitingRow], before: &[WaitingRow]) -> Result<(), StoreError> {
+pub async fn raise(reg: &Registry, rows: &[WaitingRow], before: &[WaitingRow]) -> Result<(), RepoError> {
     for w in rows {
         if let Some(old) = before.iter().find(|o| o.uuid == w.uuid) {
             let (a, b) = (alarm_detail(old), alarm_detail(w));
@@ -144,19 +144,26 @@ pub fn raise(reg: &Registry, rows: &[WaitingRow], before: &[WaitingRow]) -> Resu
                     GUESTS_WAITING,
                     &a,
                     &format!("{} waits again, see the newer alarm", w.name),
-                )?;
+                )
+                .await?;
             }
         }
-        reg.raise_alarm(&w.host, GUESTS_WAITING, &alarm_detail(w))?;
+        reg.raise_alarm(&w.host, GUESTS_WAITING, &alarm_detail(w)).await?;
     }
     Ok(())
 }
 
 /// After a job's end was written: the guests it moved no longer wait, so
 /// their alarms are cleared (the rows went with the job's end).
-pub fn clear_moved(reg: &Registry, before: &[WaitingRow], moved: &[String], job: &str) -> Result<(), StoreError> {
+pub async fn clear_moved(
+    reg: &Registry,
+    before: &[WaitingRow],
+    moved: &[String],
+    job: &str,
+) -> Result<(), RepoError> {
     for w in before.iter().filter(|w| moved.contains(&w.uuid)) {
-        reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), &format!("job {job} moved {}", w.name))?;
+        let why = format!("job {job} moved {}", w.name);
+        reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), &why).await?;
         info!(guest = %w.name, %job, "stopped waiting: moved");
     }
     Ok(())
@@ -165,15 +172,31 @@ pub fn clear_moved(reg: &Registry, before: &[WaitingRow], moved: &[String], job:
 /// A guest stops waiting (`why`: it runs on its owner, or it belongs
 /// elsewhere now): its row goes (audited `guest.waiting_ended`) and its
 /// alarm is cleared by cause.
-pub fn end(reg: &Registry, w: &WaitingRow, why: &str) -> Result<(), StoreError> {
-    let detail =
-        format!("{} ({}) no longer waits on {}: {why} (waited since {} ms)", w.name, w.uuid, w.host, w.since_ms);
-    let ended =
-        reg.db(|s| s.end_waiting(w, &AuditRow::by_controller("guest.waiting_ended", &w.host, &w.name, detail)))?;
+pub async fn end(reg: &Registry, w: &WaitingRow, why: &str) -> Result<(), RepoError> {
+    let (row, a) = end_entry(w, why);
+    let ended = reg.repos().jobs(move |j| j.end_waiting(&row, &a)).await?;
     if ended {
         info!(host = %w.host, guest = %w.name, "stopped waiting: {why}");
     }
-    reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), why)
+    reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), why).await
+}
+
+/// [`end`] for code on a blocking thread (`vms forget`, the reconciler's
+/// decision pass).
+pub fn end_blocking(reg: &Registry, w: &WaitingRow, why: &str) -> Result<(), RepoError> {
+    let (row, a) = end_entry(w, why);
+    let ended = reg.repos().call_blocking(move |r| r.jobs().end_waiting(&row, &a))?;
+    if ended {
+        info!(host = %w.host, guest = %w.name, "stopped waiting: {why}");
+    }
+    reg.clear_alarm_by_cause_blocking(&w.host, GUESTS_WAITING, &alarm_detail(w), why)
+}
+
+/// The row a wait's end removes and its audit entry.
+fn end_entry(w: &WaitingRow, why: &str) -> (WaitingRow, AuditRow) {
+    let detail =
+        format!("{} ({}) no longer waits on {}: {why} (waited since {} ms)", w.name, w.uuid, w.host, w.since_ms);
+    (w.clone(), AuditRow::by_controller("guest.waiting_ended", &w.host, &w.name, detail))
 }
 
 /// What the wait-ending pass makes of one waiting row given the guest's
@@ -213,9 +236,9 @@ pub fn moved_by_hand(w: &WaitingRow, holders: &[String], owns: impl Fn(&str) -> 
 /// Ends every wait of `uuid` on a host other than `owner` (the guest was
 /// placed on `owner` by an operator, e.g. `vms restore --to`): audited,
 /// alarms cleared. A read error is returned.
-pub fn end_elsewhere(reg: &Registry, uuid: &str, owner: &str, why: &str) -> Result<(), StoreError> {
-    for w in reg.db(|s| s.waiting())?.into_iter().filter(|w| w.uuid == uuid && w.host != owner) {
-        end(reg, &w, why)?;
+pub async fn end_elsewhere(reg: &Registry, uuid: &str, owner: &str, why: &str) -> Result<(), RepoError> {
+    for w in reg.repos().jobs(|j| j.waiting()).await?.into_iter().filter(|w| w.uuid == uuid && w.host != owner) {
+        end(reg, &w, why).await?;
     }
     Ok(())
 }
@@ -223,17 +246,19 @@ pub fn end_elsewhere(reg: &Registry, uuid: &str, owner: &str, why: &str) -> Resu
 /// A guest forgotten on an operator's word (`lifeboat vms forget`) waits
 /// no more: its wait, if any, ends (audited) and its alarm is cleared.
 /// Unlike listings this reads strictly: a read error is returned.
-pub fn end_forgotten(reg: &Registry, uuid: &str, why: &str) -> Result<(), StoreError> {
-    for w in reg.db(|s| s.waiting())?.into_iter().filter(|w| w.uuid == uuid) {
-        end(reg, &w, why)?;
+/// Runs on a blocking thread (the `vms forget` handler's `spawn_blocking`).
+pub fn end_forgotten(reg: &Registry, uuid: &str, why: &str) -> Result<(), RepoError> {
+    for w in reg.repos().call_blocking(|r| r.jobs().waiting())?.into_iter().filter(|w| w.uuid == uuid) {
+        end_blocking(reg, &w, why)?;
     }
     Ok(())
 }
 
 /// Every waiting guest, by UUID; a read error is logged and shows nothing
-/// waiting (only shown, never decided on).
+/// waiting (only shown, never decided on). Blocks on the store thread:
+/// for listings (the admin handlers' blocking threads, metrics).
 fn by_uuid(reg: &Registry) -> BTreeMap<String, WaitingRow> {
-    match reg.db(|s| s.waiting()) {
+    match reg.repos().call_blocking(|r| r.jobs().waiting()) {
         Ok(rows) => rows.into_iter().map(|w| (w.uuid.clone(), w)).collect(),
         Err(e) => {
             warn!("reading waiting guests failed: {e}");
@@ -414,16 +439,15 @@ pub async fn start_vm(
     let detail = format!(
         "operator {operator} asks to start {name} ({uuid}) on its owner {host} (generation {generation}): {reason}"
     );
-    reg.db(|s| {
-        s.audit(&AuditRow {
-            actor: operator.into(),
-            action: "guest.start_requested".into(),
-            host: host.clone(),
-            vm: name.clone(),
-            detail,
-            ..Default::default()
-        })
-    })?;
+    let a = AuditRow {
+        actor: operator.into(),
+        action: "guest.start_requested".into(),
+        host: host.clone(),
+        vm: name.clone(),
+        detail,
+        ..Default::default()
+    };
+    reg.repos().audit(move |l| l.append(&a)).await?;
     let end_of = guarded_start(reg, &uuid, &name, &host, generation, &job, lease_ttl_ms, Duration::from_secs(60)).await;
     let (action, outcome) = match &end_of {
         StartEnd::Started { outcome, .. } => ("guest.started", format!("started ({outcome})")),
@@ -437,11 +461,14 @@ pub async fn start_vm(
             format!("the start got no answer ({e}) and {host} does not report it running yet: it may still start"),
         ),
     };
-    reg.db(|s| s.audit(&AuditRow::by_controller(action, &host, &name, format!("{name} on {host}: {outcome}"))))?;
+    let a = AuditRow::by_controller(action, &host, &name, format!("{name} on {host}: {outcome}"));
+    reg.repos().audit(move |l| l.append(&a)).await?;
     match end_of {
         StartEnd::Started { holds, .. } => {
-            if holds && let Some(w) = by_uuid(reg).remove(&uuid).filter(|w| w.host == host) {
-                end(reg, &w, &format!("started on {host} by {operator}"))?;
+            let waits = reg.repos().jobs(|j| j.waiting()).await;
+            let w = waits.ok().and_then(|rows| rows.into_iter().find(|w| w.uuid == uuid && w.host == host));
+            if holds && let Some(w) = w {
+                end(reg, &w, &format!("started on {host} by {operator}")).await?;
             }
         }
         StartEnd::Refused { check, detail } => {

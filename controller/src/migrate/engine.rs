@@ -25,7 +25,7 @@ use crate::domain::{JobKind, PowerEvidence};
 use crate::error::ControllerError;
 use crate::fence::{BmcConfig, FenceConfigError, FenceEvent, Fencer, PowerState};
 use crate::registry::Registry;
-use crate::store::{AuditRow, JobRow, MoveRow, OwnerRow, StoreError, WaitingRow};
+use crate::ports::{AuditRow, JobRow, MoveRow, OwnerRow, RepoError, RepoResult, Repositories, WaitingRow};
 
 /// Default number of guests moved at once.
 pub const DEFAULT_PARALLEL: u32 = 4;
@@ -125,10 +125,18 @@ impl Engine {
         let _ = self.changes.send(job.to_string());
     }
 
-    fn owners(&self) -> Result<BTreeMap<String, Ownership>, StoreError> {
+    /// Runs `f` on the store thread; the worker awaits, never blocks.
+    async fn db<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Repositories) -> RepoResult<R> + Send + 'static,
+    ) -> RepoResult<R> {
+        self.reg.repos().call(f).await
+    }
+
+    async fn owners(&self) -> Result<BTreeMap<String, Ownership>, RepoError> {
         Ok(self
-            .reg
-            .db(|s| s.owners())?
+            .db(|r| r.ownership().owners())
+            .await?
             .into_iter()
             .map(|o| {
                 (
@@ -156,10 +164,10 @@ impl Engine {
     }
 
     /// The memory held by every unfinished job's moves under way, from the store.
-    fn reservations(&self) -> Result<Vec<plan::Reservation>, StoreError> {
+    async fn reservations(&self) -> Result<Vec<plan::Reservation>, RepoError> {
         Ok(self
-            .reg
-            .db(|s| s.reservations())?
+            .db(|r| r.jobs().reservations())
+            .await?
             .into_iter()
             .map(|r| plan::Reservation {
                 job: r.job_id,
@@ -173,8 +181,8 @@ impl Engine {
 
     /// Memory reserved on each host by moves under way (KiB), those whose
     /// guest already runs there excepted: what `hosts show` reports.
-    pub fn reserved_by_host(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        let reservations = self.reservations()?;
+    pub async fn reserved_by_host(&self) -> Result<BTreeMap<String, u64>, RepoError> {
+        let reservations = self.reservations().await?;
         let mut targets: Vec<String> = reservations.iter().map(|r| r.target.clone()).collect();
         targets.sort();
         targets.dedup();
@@ -200,13 +208,15 @@ impl Engine {
         let t_views = t0.elapsed();
         // The source's guests with their definitions, from the database.
         let source_guests: Vec<_> = if hosts.iter().any(|h| h.id == req.source) {
-            self.reg.db(|s| s.guests_of(&req.source))?
+            let source = req.source.clone();
+            self.db(move |r| r.guests().of_host(&source)).await?
         } else {
             Vec::new()
         };
-        let owners = self.owners()?;
-        let reservations = self.reservations()?;
-        let active_job = self.reg.db(|s| s.active_jobs())?.into_iter().find(|j| j.source == req.source).map(|j| j.id);
+        let owners = self.owners().await?;
+        let reservations = self.reservations().await?;
+        let active_job =
+            self.db(|r| r.jobs().active()).await?.into_iter().find(|j| j.source == req.source).map(|j| j.id);
         let power = if hosts.iter().any(|h| h.id == req.source) {
             self.power_reading(&req.source).await
         } else {
@@ -398,8 +408,9 @@ impl Engine {
         );
         let (carried, left) = (moves.len(), left_behind.len());
         moves.extend(left_behind);
-        self.reg
-            .db(|s| s.create_job(&job, &moves, &audit(operator, "migrate.requested", &req.source, "", &id, detail)))?;
+        let a = audit(operator, "migrate.requested", &req.source, "", &id, detail);
+        let (stored_job, stored_moves) = (job.clone(), moves.clone());
+        self.db(move |r| r.jobs().create(&stored_job, &stored_moves, &a)).await?;
         // Only the guests the job carries: those left behind stay the reconciler's.
         self.reg.set_in_job(
             &id,
@@ -409,15 +420,15 @@ impl Engine {
         let me = self.clone();
         let jid = id.clone();
         tokio::spawn(async move { me.run(jid).await });
-        self.job_record(&id)
+        self.job_record(&id).await
     }
 
     /// Resumes every unfinished job (at controller start), after the startup
     /// grace: agents first reconnect and report, so that "the source is
     /// talking again" and "the step already took effect" are judged on what
     /// the hosts say now. An attested job re-checks that the source is silent.
-    pub fn resume_all(self: &Arc<Self>) -> Result<usize, StoreError> {
-        let (jobs, bad) = self.reg.db(|s| s.active_jobs_checked())?;
+    pub async fn resume_all(self: &Arc<Self>) -> Result<usize, RepoError> {
+        let (jobs, bad) = self.db(|r| r.jobs().active_checked()).await?;
         for b in &bad {
             let detail = format!(
                 "job {} is not resumed: its row does not read ({}); its guests stay held by it. \
@@ -425,7 +436,7 @@ impl Engine {
                 b.key, b.reason
             );
             warn!(job = %b.key, "{detail}");
-            self.reg.raise_alarm(&b.host, "job-corrupt", &detail)?;
+            self.reg.raise_alarm(&b.host, "job-corrupt", &detail).await?;
         }
         let grace = Duration::from_millis(u64::try_from(self.reg.startup_grace_ms()).unwrap_or(0));
         for j in &jobs {
@@ -442,7 +453,8 @@ impl Engine {
                     "resumed in state {state} after a {} ms startup grace for agents to reconnect",
                     grace.as_millis()
                 );
-                let _ = me.reg.db(|s| s.audit(&audit("controller", "job.resumed", &source, "", &id, detail)));
+                let a = audit("controller", "job.resumed", &source, "", &id, detail);
+                let _ = me.db(move |r| r.audit().append(&a)).await;
                 me.run(id).await
             });
         }
@@ -450,32 +462,41 @@ impl Engine {
     }
 
     /// A job and its moves, for the API.
-    pub fn job_record(&self, id: &str) -> Result<JobRecord, ControllerError> {
-        let (job, moves) = self.reg.db(|s| -> Result<_, StoreError> { Ok((s.job(id)?, s.job_moves(id)?)) })?;
+    pub async fn job_record(&self, id: &str) -> Result<JobRecord, ControllerError> {
+        let jid = id.to_string();
+        let (job, moves) = self.db(move |r| Ok((r.jobs().get(&jid)?, r.jobs().all_moves(&jid)?))).await?;
         let job =
             job.ok_or_else(|| ControllerError::NotFound(format!("unknown job '{id}' (see `lifeboat jobs list`)")))?;
         Ok(self.with_paused(to_record(job, moves)))
     }
 
     /// Jobs, newest first.
-    pub fn jobs(&self, host: Option<&str>, limit: u32) -> Result<Vec<JobRecord>, ControllerError> {
-        let rows = self.reg.db(|s| s.jobs(host, limit))?;
-        let mut out = Vec::new();
-        for j in rows {
-            let moves = self.reg.db(|s| s.job_moves(&j.id))?;
-            out.push(self.with_paused(to_record(j, moves)));
-        }
-        Ok(out)
+    pub async fn jobs(&self, host: Option<&str>, limit: u32) -> Result<Vec<JobRecord>, ControllerError> {
+        let host = host.map(str::to_string);
+        // One store call: the jobs and their moves read together.
+        let rows = self
+            .db(move |r| {
+                let jobs = r.jobs().list(host.as_deref(), limit)?;
+                let mut out = Vec::with_capacity(jobs.len());
+                for j in jobs {
+                    let moves = r.jobs().all_moves(&j.id)?;
+                    out.push((j, moves));
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(rows.into_iter().map(|(j, moves)| self.with_paused(to_record(j, moves))).collect())
     }
 
-    fn set_job(&self, job: &JobRow, to: JobState, error: &str, a: Option<AuditRow>) -> Result<(), StoreError> {
+    async fn set_job(&self, job: &JobRow, to: JobState, error: &str, a: Option<AuditRow>) -> Result<(), RepoError> {
         let from: JobState = job.state;
         if !from.valid_transition(to) {
             warn!(job = %job.id, %from, %to, "refusing an invalid job transition");
             return Ok(());
         }
-        self.reg.db(|s| s.set_job_state(&job.id, to.as_str(), error, a.as_ref()))?;
-        self.progressed(&job.id, &job.source);
+        let (id, error) = (job.id.clone(), error.to_string());
+        self.db(move |r| r.jobs().set_state(&id, to, &error, a.as_ref())).await?;
+        self.progressed(&job.id, &job.source).await;
         self.changed(&job.id);
         Ok(())
     }
@@ -499,12 +520,13 @@ impl Engine {
     /// an audit entry per retry.
     async fn run(self: Arc<Self>, id: String) {
         let mut wait = PAUSE_RETRY_FIRST;
-        let source = self.reg.db(|s| s.job(&id)).ok().flatten().map(|j| j.source).unwrap_or_default();
+        let jid = id.clone();
+        let source = self.db(move |r| r.jobs().get(&jid)).await.ok().flatten().map(|j| j.source).unwrap_or_default();
         loop {
             match self.clone().run_inner(&id).await {
                 // Ended: its guests are the reconciler's again.
                 Ok(()) => {
-                    self.progressed(&id, &source);
+                    self.progressed(&id, &source).await;
                     self.reg.clear_in_job(&id);
                     self.stopped.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                     return;
@@ -536,7 +558,7 @@ impl Engine {
                              every {} s at most; see the controller's log and `lifeboat jobs show {id}`",
                             PAUSE_RETRY_MAX.as_secs()
                         );
-                        if let Err(ae) = self.reg.raise_alarm(&source, JOB_PAUSED, &detail) {
+                        if let Err(ae) = self.reg.raise_alarm(&source, JOB_PAUSED, &detail).await {
                             warn!(job = %id, "raising the job-paused alarm failed: {ae}");
                         }
                         if let Some(b) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id) {
@@ -552,13 +574,15 @@ impl Engine {
 
     /// A write of the job succeeded: if it was paused, it is no longer,
     /// and the resume is audited (tried; a failure is only logged).
-    fn progressed(&self, id: &str, source: &str) {
+    async fn progressed(&self, id: &str, source: &str) {
         let Some((since_ms, t0, alarm)) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).remove(id) else {
             return;
         };
         if let Some(detail) = alarm
-            && let Err(e) =
-                self.reg.clear_alarm_by_cause(source, JOB_PAUSED, &detail, &format!("job {id} made progress again"))
+            && let Err(e) = self
+                .reg
+                .clear_alarm_by_cause(source, JOB_PAUSED, &detail, &format!("job {id} made progress again"))
+                .await
         {
             warn!(job = %id, "clearing the job-paused alarm failed: {e}");
         }
@@ -567,7 +591,7 @@ impl Engine {
             t0.elapsed().as_secs()
         );
         let row = AuditRow { at_ms: crate::now_ms(), ..audit("controller", "job.unpaused", source, "", id, detail) };
-        if let Err(e) = self.reg.db(|s| s.audit(&row)) {
+        if let Err(e) = self.db(move |r| r.audit().append(&row)).await {
             warn!(job = %id, "auditing the resume failed: {e}");
         }
         info!(job = %id, paused_since_ms = since_ms, "job resumes: its writes succeed again");
@@ -577,7 +601,7 @@ impl Engine {
 
     /// Records (in memory) that a job is paused on a database error, and
     /// tells its watchers.
-    fn pause(&self, id: &str, since_ms: i64, e: &StoreError) {
+    fn pause(&self, id: &str, since_ms: i64, e: &RepoError) {
         let why = paused_text(e, since_ms);
         let mut p = self.paused.lock().unwrap_or_else(|p| p.into_inner());
         if p.get(id) != Some(&why) {
@@ -588,9 +612,10 @@ impl Engine {
         }
     }
 
-    async fn run_inner(self: Arc<Self>, id: &str) -> Result<(), StoreError> {
+    async fn run_inner(self: Arc<Self>, id: &str) -> Result<(), RepoError> {
         loop {
-            let Some(job) = self.reg.db(|s| s.job(id))? else { return Ok(()) };
+            let jid = id.to_string();
+            let Some(job) = self.db(move |r| r.jobs().get(&jid)).await? else { return Ok(()) };
             let state: JobState = job.state;
             if state.is_terminal() {
                 return Ok(());
@@ -598,25 +623,25 @@ impl Engine {
             let kind = job.kind;
             match state {
                 JobState::Created => {
-                    let Some((to, _)) = self.job_step(&job, kind, state, JobEvent::Begin)? else { return Ok(()) };
-                    self.set_job(&job, to, "", None)?;
+                    let Some((to, _)) = self.job_step(&job, kind, state, JobEvent::Begin).await? else { return Ok(()) };
+                    self.set_job(&job, to, "", None).await?;
                 }
                 JobState::Fencing => match self.fence(&job).await? {
                     Ok(()) => {
-                        let Some((to, _)) = self.job_step(&job, kind, state, JobEvent::SourceOff)? else {
+                        let Some((to, _)) = self.job_step(&job, kind, state, JobEvent::SourceOff).await? else {
                             return Ok(());
                         };
-                        self.set_job(&job, to, "", None)?
+                        self.set_job(&job, to, "", None).await?
                     }
                     Err(why) => {
-                        let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::FencingFailed)? else {
+                        let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::FencingFailed).await? else {
                             return Ok(());
                         };
                         // A planned move may have stopped some guests before
                         // it failed: those that should run wait to start
                         // again on the source.
                         let waiting = if effects.contains(&JobEffect::WaitStoppedOnSource) {
-                            self.stopped_by_failed_move(&job)?
+                            self.stopped_by_failed_move(&job).await?
                         } else {
                             Vec::new()
                         };
@@ -638,11 +663,13 @@ impl Engine {
                             audit("controller", audit_action(&effects), &job.source, "", id, msg.clone()),
                             &waiting,
                             &[],
-                        )?;
+                        )
+                        .await?;
                     }
                 },
                 JobState::Moving => {
-                    let moves = self.reg.db(|s| s.moves(id))?;
+                    let jid = id.to_string();
+                    let moves = self.db(move |r| r.jobs().moves(&jid)).await?;
                     let sem = Arc::new(Semaphore::new(job.parallel.max(1) as usize));
                     let tasks = moves.into_iter().map(|m| {
                         let me = self.clone();
@@ -658,7 +685,8 @@ impl Engine {
                         r?;
                     }
                     // Every row, the guests left behind at creation included.
-                    let moves = self.reg.db(|s| s.job_moves(id))?;
+                    let jid = id.to_string();
+                    let moves = self.db(move |r| r.jobs().all_moves(&jid)).await?;
                     let waiting = self.waiting_rows(&moves);
                     let outcomes: Vec<MoveOutcome<'_>> = moves
                         .iter()
@@ -677,13 +705,13 @@ impl Engine {
                     let talking = job.kind == JobKind::Migrate && self.reg.is_reachable(&job.source);
                     let JobOutcome { state: ends, error: msg, detail, alarm } =
                         job_outcome(id, &job.source, job.kind == JobKind::Move, talking, &outcomes);
-                    let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::ending(ends))? else {
+                    let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::ending(ends)).await? else {
                         return Ok(());
                     };
                     // Raised before the job ends: a crash in between resumes
                     // here, and the same alarm is not raised twice.
                     if let Some(a) = alarm.as_ref().filter(|_| effects.contains(&JobEffect::RaiseNotMovedAlarm)) {
-                        self.reg.raise_alarm(&job.source, GUESTS_NOT_MOVED, a)?;
+                        self.reg.raise_alarm(&job.source, GUESTS_NOT_MOVED, a).await?;
                     }
                     if effects.contains(&JobEffect::ObserveRecovery)
                         && let Some(silent) = self.reg.host_view(&job.source).and_then(|h| h.silent_ms)
@@ -694,7 +722,7 @@ impl Engine {
                     let moved: Vec<String> =
                         moves.iter().filter(|m| m.state.is_success()).map(|m| m.uuid.clone()).collect();
                     let a = audit("controller", audit_action(&effects), &job.source, "", id, detail);
-                    self.end_job(&job, to, &msg, a, &waiting, &moved)?;
+                    self.end_job(&job, to, &msg, a, &waiting, &moved).await?;
                 }
                 JobState::Succeeded | JobState::Partial | JobState::Failed => return Ok(()),
             }
@@ -705,13 +733,13 @@ impl Engine {
     /// transition is invalid: then the job is stopped, never retried. The
     /// `job-invalid-transition` alarm is raised on its source and the job is
     /// written FAILED (every state a job steps from may end FAILED).
-    fn job_step(
+    async fn job_step(
         &self,
         job: &JobRow,
         kind: JobKind,
         state: JobState,
         event: JobEvent,
-    ) -> Result<Option<(JobState, Vec<JobEffect>)>, StoreError> {
+    ) -> Result<Option<(JobState, Vec<JobEffect>)>, RepoError> {
         let invalid = match job_step(kind, state, event) {
             Ok(r) => return Ok(Some(r)),
             Err(invalid) => invalid,
@@ -722,10 +750,10 @@ impl Engine {
             job.id, invalid.event, invalid.from, job.id
         );
         warn!(job = %job.id, from = invalid.from, event = invalid.event, "{detail}");
-        self.reg.raise_alarm(&job.source, JOB_INVALID_TRANSITION, &detail)?;
+        self.reg.raise_alarm(&job.source, JOB_INVALID_TRANSITION, &detail).await?;
         if state.valid_transition(JobState::Failed) {
             let a = audit("controller", "job.failed", &job.source, "", &job.id, detail);
-            self.set_job(job, JobState::Failed, &format!("stopped: {invalid}"), Some(a))?;
+            Box::pin(self.set_job(job, JobState::Failed, &format!("stopped: {invalid}"), Some(a))).await?;
         }
         Ok(None)
     }
@@ -750,8 +778,9 @@ impl Engine {
     /// A planned move failed while stopping guests on its source: the moves
     /// that were to start a guest now reported shut off there (the stop got
     /// that far) leave it waiting there. Their moves stay PENDING.
-    fn stopped_by_failed_move(&self, job: &JobRow) -> Result<Vec<WaitingRow>, StoreError> {
-        let moves = self.reg.db(|s| s.moves(&job.id))?;
+    async fn stopped_by_failed_move(&self, job: &JobRow) -> Result<Vec<WaitingRow>, RepoError> {
+        let jid = job.id.clone();
+        let moves = self.db(move |r| r.jobs().moves(&jid)).await?;
         let on_source = self.reg.list_guests(Some(&job.source), None, false).unwrap_or_default();
         let stopped = |uuid: &str| {
             on_source
@@ -775,7 +804,7 @@ impl Engine {
     /// resumes the job, and raises nothing twice), then the job's state and
     /// its waiting guests in one transaction, then the alarms of the guests
     /// it moved, which no longer wait.
-    fn end_job(
+    async fn end_job(
         &self,
         job: &JobRow,
         to: JobState,
@@ -783,16 +812,17 @@ impl Engine {
         a: AuditRow,
         waiting: &[WaitingRow],
         moved: &[String],
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), RepoError> {
         let from: JobState = job.state;
         if !from.valid_transition(to) {
             warn!(job = %job.id, %from, %to, "refusing an invalid job transition");
             return Ok(());
         }
-        let before = self.reg.db(|s| s.waiting())?;
-        crate::waiting::raise(&self.reg, waiting, &before)?;
-        self.reg.db(|s| s.end_job_with_waiting(&job.id, to.as_str(), error, Some(&a), waiting, moved))?;
-        crate::waiting::clear_moved(&self.reg, &before, moved, &job.id)?;
+        let before = self.db(|r| r.jobs().waiting()).await?;
+        crate::waiting::raise(&self.reg, waiting, &before).await?;
+        let (id, error, w, m) = (job.id.clone(), error.to_string(), waiting.to_vec(), moved.to_vec());
+        self.db(move |r| r.jobs().end_with_waiting(&id, to, &error, Some(&a), &w, &m)).await?;
+        crate::waiting::clear_moved(&self.reg, &before, moved, &job.id).await?;
         for w in waiting {
             self.reg.touch(&w.host);
         }
@@ -805,7 +835,7 @@ impl Engine {
         self.lease_ttl_ms
     }
 
-    fn audit_bmc(&self, job: &JobRow, events: &[FenceEvent]) -> Result<(), StoreError> {
+    async fn audit_bmc(&self, job: &JobRow, events: &[FenceEvent]) -> Result<(), RepoError> {
         for e in events {
             let mut a = audit(
                 "controller",
@@ -816,7 +846,7 @@ impl Engine {
                 format!("request: {} | answer: {}", e.request, e.answer),
             );
             a.at_ms = e.at_ms;
-            self.reg.db(|s| s.audit(&a))?;
+            self.db(move |r| r.audit().append(&a)).await?;
         }
         Ok(())
     }
@@ -828,8 +858,9 @@ impl Engine {
     /// in this job when it was created, so the reconciler neither renews
     /// their leases nor starts them meanwhile. Check-then-act: a stopped
     /// guest stays stopped, and a repeated revocation changes nothing.
-    async fn stop_on_source(&self, job: &JobRow) -> Result<Result<(), String>, StoreError> {
-        let moves = self.reg.db(|s| s.moves(&job.id))?;
+    async fn stop_on_source(&self, job: &JobRow) -> Result<Result<(), String>, RepoError> {
+        let jid = job.id.clone();
+        let moves = self.db(move |r| r.jobs().moves(&jid)).await?;
         for m in &moves {
             self.refuse_if_quarantined(m)?;
         }
@@ -863,16 +894,15 @@ impl Engine {
             }
             match self.stop_confirmed(&job.source, m, &job.id).await {
                 Ok(outcome) => {
-                    self.reg.db(|s| {
-                        s.audit(&audit(
-                            "controller",
-                            "guest.stopped_for_move",
-                            &job.source,
-                            &m.name,
-                            &job.id,
-                            format!("{} stopped on {} ({outcome})", m.name, job.source),
-                        ))
-                    })?;
+                    let a = audit(
+                        "controller",
+                        "guest.stopped_for_move",
+                        &job.source,
+                        &m.name,
+                        &job.id,
+                        format!("{} stopped on {} ({outcome})", m.name, job.source),
+                    );
+                    self.db(move |r| r.audit().append(&a)).await?;
                 }
                 Err(e) => return Ok(Err(e)),
             }
@@ -884,18 +914,15 @@ impl Engine {
     /// (its ownership is unknown, never generation 0 or "no owner"): a record
     /// the job cannot use, so the job pauses (`job-paused` alarm) and carries
     /// nothing out until the row is repaired and the controller restarted.
-    fn refuse_if_quarantined(&self, m: &MoveRow) -> Result<(), StoreError> {
+    fn refuse_if_quarantined(&self, m: &MoveRow) -> Result<(), RepoError> {
         if !self.reg.is_quarantined(&m.uuid) {
             return Ok(());
         }
-        Err(StoreError::Corrupt {
-            table: "quarantine",
-            message: format!(
-                "{} ({})'s ownership record is quarantined (alarm row-quarantined): no lease, start, define or stop for it \
-                 until the row is repaired and the controller restarted; see docs/security.md",
-                m.name, m.uuid
-            ),
-        })
+        Err(RepoError::Corrupt(format!(
+            "corrupt record in quarantine: {} ({})'s ownership record is quarantined (alarm row-quarantined): no lease, \
+             start, define or stop for it until the row is repaired and the controller restarted; see docs/security.md",
+            m.name, m.uuid
+        )))
     }
 
     /// Why a move is history, if it is: the guest's ownership has moved past
@@ -926,7 +953,7 @@ impl Engine {
 
     /// Proves the source is off. Check-then-act: reads first, powers off
     /// only if it does not read Off.
-    async fn fence(&self, job: &JobRow) -> Result<Result<(), String>, StoreError> {
+    async fn fence(&self, job: &JobRow) -> Result<Result<(), String>, RepoError> {
         if job.kind == JobKind::Move {
             return self.stop_on_source(job).await;
         }
@@ -945,17 +972,16 @@ impl Engine {
             }
         };
         if job.power_evidence == PowerEvidence::Attestation {
-            self.reg.db(|s| {
-                s.audit(&audit(
-                    &job.operator,
-                    "power.attested",
-                    &job.source,
-                    "",
-                    &job.id,
-                    format!("operator {} attests {} is powered off: {}", job.operator, job.source, req.attest_reason),
-                ))
-            })?;
-            self.declare_offline(job)?;
+            let a = audit(
+                &job.operator,
+                "power.attested",
+                &job.source,
+                "",
+                &job.id,
+                format!("operator {} attests {} is powered off: {}", job.operator, job.source, req.attest_reason),
+            );
+            self.db(move |r| r.audit().append(&a)).await?;
+            self.declare_offline(job).await?;
             return Ok(Ok(()));
         }
         let Some(f) = self.fencers.get(&job.source) else {
@@ -971,37 +997,35 @@ impl Engine {
         let mut st = f.power_state(&mut log).await;
         t.fence("read", name(&st));
         if st != PowerState::Off && job.power_evidence == PowerEvidence::BmcFence {
-            self.audit_bmc(job, &log)?;
+            self.audit_bmc(job, &log).await?;
             log.clear();
-            self.reg.db(|s| {
-                s.audit(&audit(
-                    "controller",
-                    "bmc.power_off",
-                    &job.source,
-                    "",
-                    &job.id,
-                    format!("ForceOff requested; waiting up to {:?} for Off", f.off_timeout()),
-                ))
-            })?;
+            let a = audit(
+                "controller",
+                "bmc.power_off",
+                &job.source,
+                "",
+                &job.id,
+                format!("ForceOff requested; waiting up to {:?} for Off", f.off_timeout()),
+            );
+            self.db(move |r| r.audit().append(&a)).await?;
             let started = std::time::Instant::now();
             st = f.power_off(&mut log).await;
             t.fence_seconds.observe(started.elapsed().as_secs_f64());
             t.fence("power_off", name(&st));
         }
-        self.audit_bmc(job, &log)?;
+        self.audit_bmc(job, &log).await?;
         match st {
             PowerState::Off => {
-                self.reg.db(|s| {
-                    s.audit(&audit(
-                        "controller",
-                        "power.confirmed_off",
-                        &job.source,
-                        "",
-                        &job.id,
-                        format!("{}'s BMC reads Off", job.source),
-                    ))
-                })?;
-                self.declare_offline(job)?;
+                let a = audit(
+                    "controller",
+                    "power.confirmed_off",
+                    &job.source,
+                    "",
+                    &job.id,
+                    format!("{}'s BMC reads Off", job.source),
+                );
+                self.db(move |r| r.audit().append(&a)).await?;
+                self.declare_offline(job).await?;
                 Ok(Ok(()))
             }
             PowerState::On => Ok(Err(format!("{}'s BMC still reads On: power-off not confirmed", job.source))),
@@ -1013,12 +1037,14 @@ impl Engine {
 
     /// The source is proven off: record its boot id (to recognise a host
     /// that never powered off when it returns) and declare it OFFLINE.
-    fn declare_offline(&self, job: &JobRow) -> Result<(), StoreError> {
-        self.reg.mark_fenced(&job.source)?;
+    async fn declare_offline(&self, job: &JobRow) -> Result<(), RepoError> {
+        self.reg.mark_fenced(&job.source).await?;
         if self.reg.status_of(&job.source) != Some(crate::domain::host::HostStatus::Offline) {
             let reason = format!("declared dead by forced migration job {}", job.id);
-            if let Err(e) =
-                self.reg.set_status(&job.source, crate::domain::host::HostStatus::Offline, &reason, "controller")
+            if let Err(e) = self
+                .reg
+                .set_status(&job.source, crate::domain::host::HostStatus::Offline, &reason, "controller")
+                .await
             {
                 warn!(host = %job.source, "setting OFFLINE failed: {e}");
             }
@@ -1096,23 +1122,24 @@ impl Engine {
         })
     }
 
-    fn set_move(
+    async fn set_move(
         &self,
         m: &mut MoveRow,
         to: MoveState,
         error: &str,
         owner: Option<OwnerRow>,
         a: Option<AuditRow>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), RepoError> {
         let from: MoveState = m.state;
         if !from.valid_transition(to) {
             warn!(job = %m.job_id, guest = %m.name, %from, %to, "refusing an invalid move transition");
             return Ok(());
         }
-        self.reg.db(|s| s.set_move(&m.job_id, &m.uuid, to.as_str(), error, owner.as_ref(), a.as_ref()))?;
-        self.progressed(&m.job_id, &m.source);
+        let (job, uuid, error, stored) = (m.job_id.clone(), m.uuid.clone(), error.to_string(), owner.clone());
+        self.db(move |r| r.jobs().set_move(&job, &uuid, to, &error, stored.as_ref(), a.as_ref())).await?;
+        self.progressed(&m.job_id, &m.source).await;
         if owner.is_some() {
-            self.reg.refresh_owners()?;
+            self.reg.refresh_owners().await?;
         }
         m.state = to;
         self.changed(&m.job_id);
@@ -1151,7 +1178,7 @@ impl Engine {
     /// and its record effects are written in one transaction, and only then is
     /// the next action carried out. A transition the move's state machine
     /// does not allow stops the job (see [`Engine::stop_on_invalid`]).
-    async fn run_move(&self, mut m: MoveRow, operator: &str, planned: bool) -> Result<(), StoreError> {
+    async fn run_move(&self, mut m: MoveRow, operator: &str, planned: bool) -> Result<(), RepoError> {
         let _ = operator;
         let kind = if planned { JobKind::Move } else { JobKind::Migrate };
         let mut owed = m.state.owed(kind);
@@ -1169,10 +1196,10 @@ impl Engine {
             let event = self.test_event.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or(event);
             match step(kind, state, event) {
                 Ok((to, effects)) => {
-                    self.apply_move(&mut m, to, &effects, &text)?;
+                    self.apply_move(&mut m, to, &effects, &text).await?;
                     owed = effects.into_iter().rfind(|e| e.is_action());
                 }
-                Err(invalid) => return self.stop_on_invalid(&mut m, invalid),
+                Err(invalid) => return self.stop_on_invalid(&mut m, invalid).await,
             }
         }
         Ok(())
@@ -1288,7 +1315,13 @@ impl Engine {
 
     /// Writes a move's new state with its record effects (owner, error,
     /// audit) in one transaction, before any action of the step is carried out.
-    fn apply_move(&self, m: &mut MoveRow, to: MoveState, effects: &[MoveEffect], text: &str) -> Result<(), StoreError> {
+    async fn apply_move(
+        &self,
+        m: &mut MoveRow,
+        to: MoveState,
+        effects: &[MoveEffect],
+        text: &str,
+    ) -> Result<(), RepoError> {
         let mut owner = None;
         let mut error = "";
         let mut a = None;
@@ -1305,12 +1338,12 @@ impl Engine {
                 | MoveEffect::UndefineOnSource => {}
             }
         }
-        self.set_move(m, to, error, owner, a)
+        self.set_move(m, to, error, owner, a).await
     }
 
     /// A planned move ended well: its source is alive, so the now stale
     /// definition there is removed right away (storage untouched).
-    async fn undefine_on_source(&self, m: &MoveRow) -> Result<(), StoreError> {
+    async fn undefine_on_source(&self, m: &MoveRow) -> Result<(), RepoError> {
         let cmd = CleanupGuest { uuid: m.uuid.clone(), name: m.name.clone(), destroy_running: false };
         let detail = match self.reg.call(&m.source, Kind::CleanupGuest(cmd), self.call_timeout).await {
             Ok(r) if r.ok => {
@@ -1334,9 +1367,10 @@ impl Engine {
             detail.clone(),
         );
         if ok {
-            self.reg.db(|s| s.mark_cleaned(&m.job_id, &m.uuid, &row))?;
+            let (job, uuid) = (m.job_id.clone(), m.uuid.clone());
+            self.db(move |r| r.jobs().mark_cleaned(&job, &uuid, &row)).await?;
         } else {
-            self.reg.db(|s| s.audit(&row))?;
+            self.db(move |r| r.audit().append(&row)).await?;
         }
         Ok(())
     }
@@ -1354,14 +1388,14 @@ impl Engine {
     /// job's other moves carry nothing further out. The job then ends as
     /// its moves say: FAILED, or PARTIAL when some guests had already moved
     /// (those moves happened; calling the job FAILED would hide them).
-    fn stop_on_invalid(&self, m: &mut MoveRow, invalid: InvalidTransition) -> Result<(), StoreError> {
+    async fn stop_on_invalid(&self, m: &mut MoveRow, invalid: InvalidTransition) -> Result<(), RepoError> {
         let detail = format!(
             "job {} stopped: guest {} ({}) met {} in state {}, which its move does not allow; nothing further is \
              carried out for the job (see `lifeboat jobs show {}` and the controller's log)",
             m.job_id, m.name, m.uuid, invalid.event, invalid.from, m.job_id
         );
         warn!(job = %m.job_id, guest = %m.name, from = invalid.from, event = invalid.event, "{detail}");
-        self.reg.raise_alarm(&m.source, JOB_INVALID_TRANSITION, &detail)?;
+        self.reg.raise_alarm(&m.source, JOB_INVALID_TRANSITION, &detail).await?;
         self.stopped
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1371,7 +1405,7 @@ impl Engine {
         if from.valid_transition(MoveState::Failed) {
             let msg = format!("stopped: {invalid}");
             let a = audit("controller", AUDIT_MOVE_FAILED, &m.target, &m.name, &m.job_id, detail);
-            self.set_move(m, MoveState::Failed, &msg, None, Some(a))?;
+            self.set_move(m, MoveState::Failed, &msg, None, Some(a)).await?;
         }
         Ok(())
     }
@@ -1394,12 +1428,12 @@ pub const JOB_PAUSED: &str = "job-paused";
 /// Whether a store error is SQLite refusing or failing a statement (full
 /// disk, read-only, I/O, locked): it passes when the database can be
 /// written again. Anything else is a record that cannot be used.
-fn is_write_error(e: &StoreError) -> bool {
+fn is_write_error(e: &RepoError) -> bool {
     e.is_write_failure()
 }
 
 /// What `jobs show` says of a job paused on a database error.
-fn paused_text(e: &StoreError, since_ms: i64) -> String {
+fn paused_text(e: &RepoError, since_ms: i64) -> String {
     let since = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(since_ms) * 1_000_000)
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())

@@ -10,7 +10,7 @@
 use super::{Inner, Registry};
 use crate::domain::host::Liveness;
 use crate::error::ControllerError;
-use crate::store::{AuditRow, MissingRow, OwnerRow, StoreError};
+use crate::ports::{AuditRow, MissingRow, OwnerRow, RepoResult};
 use lifeboat_proto::v1::GuestRecord;
 
 /// The `guest-missing` alarm's text: the same from the guest's name, UUID
@@ -77,7 +77,7 @@ impl Registry {
         uuids: &[String],
         now: i64,
         how: &str,
-    ) -> Result<(), StoreError> {
+    ) -> RepoResult<()> {
         if uuids.is_empty() {
             return Ok(());
         }
@@ -92,12 +92,13 @@ impl Registry {
                      definition, marked missing (`lifeboat vms restore` or `lifeboat vms forget`)"
                 ),
             );
-            if inner.store.mark_missing(host, uuid, now, &a)? {
+            let (h, u) = (host.to_string(), uuid.clone());
+            if inner.db(move |r| r.ownership().mark_missing(&h, &u, now, &a))? {
                 tracing::warn!(host, guest = %name, %uuid, "managed guest missing on its owner; its definition is kept");
                 Self::raise_locked(inner, host, "guest-missing", &missing_detail(&name, uuid, host))?;
             }
         }
-        inner.missing = inner.store.missing()?.into_iter().map(|r| (r.guest.uuid.clone(), r)).collect();
+        inner.missing = inner.db(|r| r.ownership().missing())?.into_iter().map(|r| (r.guest.uuid.clone(), r)).collect();
         Ok(())
     }
 
@@ -112,7 +113,7 @@ impl Registry {
         uuid: &str,
         name: &str,
         state: i32,
-    ) -> Result<(), StoreError> {
+    ) -> RepoResult<()> {
         let Some(r) = inner.missing.get(uuid) else { return Ok(()) };
         if Self::stale_on(inner, uuid, host) && !lifeboat_proto::holds_disk(state) {
             return Ok(());
@@ -124,7 +125,8 @@ impl Registry {
             name,
             format!("{name} ({uuid}), missing on {was_on}, is defined on {host} again: missing mark cleared"),
         );
-        inner.store.clear_missing(uuid, false, &a)?;
+        let u = uuid.to_string();
+        inner.db(move |r| r.ownership().clear_missing(&u, false, &a))?;
         inner.missing.remove(uuid);
         let why = format!("{name} is defined on {host} again");
         Self::clear_by_cause_locked(inner, &was_on, "guest-missing", &missing_detail(&was_name, uuid, &was_on), &why)
@@ -232,12 +234,13 @@ impl Registry {
 
     /// Records a missing guest's owner before it is defined there (desired
     /// state with it), audited; the in-memory view follows.
-    pub fn record_restore_owner(&self, o: &OwnerRow, desired: &str, audit: &AuditRow) -> Result<(), StoreError> {
+    pub fn record_restore_owner_blocking(&self, o: &OwnerRow, desired: &str, audit: &AuditRow) -> RepoResult<()> {
         let mut inner = self.lock();
-        inner.store.record_restore_owner(o, desired, audit)?;
+        let (row, d, a) = (o.clone(), desired.to_string(), audit.clone());
+        inner.db(move |r| r.ownership().record_restore_owner(&row, &d, &a))?;
         inner.desired.insert(o.uuid.clone(), (o.host.clone(), desired.to_string()));
         drop(inner);
-        self.refresh_owners()
+        self.refresh_owners_blocking()
     }
 
     /// The desired state recorded for `uuid`: (host, state).
@@ -264,7 +267,8 @@ impl Registry {
                 on.join(", ")
             )));
         }
-        inner.store.clear_missing(uuid, true, audit)?;
+        let (u, a) = (uuid.to_string(), audit.clone());
+        inner.db(move |r| r.ownership().clear_missing(&u, true, &a))?;
         inner.missing.remove(uuid);
         inner.desired.remove(uuid);
         let why = format!("{} forgotten by {}", r.guest.name, audit.actor);

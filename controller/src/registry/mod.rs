@@ -1,5 +1,5 @@
 //! The controller's in-memory view of hosts and guests, written through to
-//! the [`Store`] before any change is acknowledged.
+//! the repositories ([`Repos`]) before any change is acknowledged.
 #![warn(clippy::arithmetic_side_effects)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,7 +19,10 @@ use crate::domain::host::{HostStatus, Liveness, Timing};
 use crate::domain::policy::{by_host, duplicate_agent_detail, running_kib, valid_guest};
 use crate::domain::view::{HostView, OwnerView};
 use crate::error::ControllerError;
-use crate::store::{AuditRow, HostRow, Store, StoreError};
+use crate::ports::{
+    AuditRow, BadRow, DesiredChange, GuestWrite, HostRow, MissingRow, OwnerRow, RepoError, RepoResult, Repos,
+    Repositories,
+};
 
 mod bus;
 mod inventory;
@@ -27,6 +30,7 @@ mod listing;
 mod missing;
 mod sessions;
 mod view;
+mod writes;
 
 pub use bus::SessionId;
 use bus::{CommandBus, SessionHandle};
@@ -36,14 +40,16 @@ use view::{GuestEntry, HostEntry, Listed, guest_hash};
 pub use crate::domain::policy::{ReturnEvent, classify_return, liveness_since_start};
 
 struct Inner {
-    store: Store,
+    /// The repositories: every write goes to the store thread first, and
+    /// memory follows only once it is stored.
+    repos: Repos,
     /// Silence after which a host is UNREACHABLE (from [`Timing`]).
     unreachable_after_ms: u32,
     hosts: BTreeMap<String, HostEntry>,
     guests: BTreeMap<String, BTreeMap<String, GuestEntry>>,
     next_generation: u64,
     /// Ownership records by UUID (cache of the owners table).
-    owners: BTreeMap<String, crate::store::OwnerRow>,
+    owners: BTreeMap<String, OwnerRow>,
     /// UUIDs in `owners` by owning host.
     owners_by_host: BTreeMap<String, Vec<String>>,
     /// Desired state by UUID: (host, "running" | "stopped").
@@ -59,16 +65,29 @@ struct Inner {
     conflicts: BTreeMap<String, String>,
     /// Guests missing on their owner, by UUID, with their last report
     /// (definition included: they are few, and this is the last copy).
-    missing: BTreeMap<String, crate::store::MissingRow>,
+    missing: BTreeMap<String, MissingRow>,
     /// Guests with a row in quarantine (a guest, owner, desired-state or
     /// missing row that could not be read): nobody knows who owns them, so
     /// no lease, start or stop anywhere while the row is there.
     quarantined: BTreeSet<String>,
 }
 
+impl Inner {
+    /// Runs `f` on the store thread and waits for it. The registry's own
+    /// writes go through here: the agent intake path runs on blocking
+    /// threads (`spawn_blocking`), and memory changes only after the write.
+    fn db<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Repositories) -> RepoResult<R> + Send + 'static,
+    ) -> RepoResult<R> {
+        self.repos.call_blocking(f)
+    }
+}
+
 /// Hosts and guests, in memory and in the database.
 pub struct Registry {
     started_ms: i64,
+    repos: Repos,
     inner: Mutex<Inner>,
     timing: Timing,
     /// Commands awaiting their result.
@@ -86,38 +105,51 @@ impl Registry {
     /// Loads everything from the store. A row that cannot be read does not
     /// stop the load: it is quarantined (see [`Registry::quarantine_bad_rows`])
     /// and the rest loads.
-    pub fn load(mut store: Store, timing: Timing) -> Result<Self, StoreError> {
-        let (_, bad_hosts) = store.hosts_checked()?;
-        Self::quarantine_bad_rows(&mut store, &bad_hosts)?;
-        let (host_rows, _) = store.hosts_checked()?;
+    ///
+    /// Start-up work, not on an async worker: it blocks on the store thread.
+    pub fn load(repos: Repos, timing: Timing) -> Result<Self, RepoError> {
+        let (_, bad_hosts) = repos.call_blocking(|r| r.hosts().all_checked())?;
+        Self::quarantine_bad_rows(&repos, bad_hosts)?;
+        let (host_rows, _) = repos.call_blocking(|r| r.hosts().all_checked())?;
         let mut hosts = BTreeMap::new();
         for row in host_rows {
             hosts.insert(row.info.host_id.clone(), HostEntry::new(row));
         }
-        let (owner_rows, mut bad) = store.owners_checked()?;
-        let owners: BTreeMap<String, crate::store::OwnerRow> =
-            owner_rows.into_iter().map(|o| (o.uuid.clone(), o)).collect();
+        let (owner_rows, mut bad) = repos.call_blocking(|r| r.ownership().owners_checked())?;
+        let owners: BTreeMap<String, OwnerRow> = owner_rows.into_iter().map(|o| (o.uuid.clone(), o)).collect();
         let owners_by_host = by_host(owners.values().map(|o| (o.host.as_str(), o.uuid.as_str())));
-        let (desired, b) = store.desired_checked()?;
+        let (desired, b) = repos.call_blocking(|r| r.ownership().desired_checked())?;
+        let desired: BTreeMap<String, (String, String)> =
+            desired.into_iter().map(|(u, d)| (u, (d.host, d.state))).collect();
         bad.extend(b);
-        let (missing_rows, b) = store.missing_checked()?;
+        let (missing_rows, b) = repos.call_blocking(|r| r.ownership().missing_checked())?;
         bad.extend(b);
         let missing = missing_rows.into_iter().map(|r| (r.guest.uuid.clone(), r)).collect();
-        let mut guests: BTreeMap<String, BTreeMap<String, GuestEntry>> = BTreeMap::new();
-        bad.extend(store.each_guest_checked(
-            |g| crate::intake::check_stored_guest(g).map_err(|r| r.to_string()),
-            |g| {
-                let hash = guest_hash(&prost::Message::encode_to_vec(&g.guest));
-                guests
-                    .entry(g.host_id)
-                    .or_default()
-                    .insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
-            },
-        )?);
-        Self::quarantine_bad_rows(&mut store, &bad)?;
-        let quarantined: BTreeSet<String> =
-            store.quarantined()?.into_iter().map(|q| q.uuid).filter(|u| !u.is_empty()).collect();
-        let alarms = store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
+        // The guests are built on the store thread, one row at a time (no
+        // full copy of 200,000 reports), and handed back whole.
+        let (guests, b) = repos.call_blocking(|r| {
+            let mut guests: BTreeMap<String, BTreeMap<String, GuestEntry>> = BTreeMap::new();
+            let bad = r.guests().each_checked(
+                &mut |g| crate::intake::check_stored_guest(g).map_err(|r| r.to_string()),
+                &mut |g| {
+                    let hash = guest_hash(&prost::Message::encode_to_vec(&g.guest));
+                    guests
+                        .entry(g.host_id)
+                        .or_default()
+                        .insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
+                },
+            )?;
+            Ok((guests, bad))
+        })?;
+        bad.extend(b);
+        Self::quarantine_bad_rows(&repos, bad)?;
+        let quarantined: BTreeSet<String> = repos
+            .call_blocking(|r| r.quarantine().list())?
+            .into_iter()
+            .map(|q| q.uuid)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let alarms = repos.call_blocking(|r| r.alarms().list(false))?.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
         for (h, m) in &guests {
             if let Some(e) = hosts.get_mut(h) {
                 e.running_kib = running_kib(m.values().map(|g| (g.state, g.memory_kib)));
@@ -126,13 +158,14 @@ impl Registry {
         let mut in_job = BTreeMap::new();
         // Read as stored text: a job row that does not read still holds its
         // guests (the engine raises `job-corrupt` and does not run it).
-        for (job, uuid, source, target) in store.active_job_guests()? {
+        for (job, uuid, source, target) in repos.call_blocking(|r| r.jobs().active_guests())? {
             in_job.insert(uuid, (job, source, target));
         }
         Ok(Registry {
             started_ms: now_unix_ms(),
+            repos: repos.clone(),
             inner: Mutex::new(Inner {
-                store,
+                repos,
                 unreachable_after_ms: timing.unreachable_after_ms,
                 hosts,
                 guests,
@@ -165,24 +198,38 @@ impl Registry {
         self.lock().hosts.len()
     }
 
-    fn raise_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
-        if inner.store.raise_alarm(host, kind, detail)? {
+    /// The repositories, for the application floor (engine, operations,
+    /// reconciler, RPC): async code awaits them, nothing holds the backend.
+    pub fn repos(&self) -> &Repos {
+        &self.repos
+    }
+
+    fn raise_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str) -> RepoResult<()> {
+        let (h, k, d) = (host.to_string(), kind.to_string(), detail.to_string());
+        let raised = inner.db(move |r| {
+            let new = r.alarms().raise(&h, &k, &d)?;
+            if new {
+                r.audit().append(&AuditRow::by_controller(&format!("alarm.{k}"), &h, "", d))?;
+            }
+            Ok(new)
+        })?;
+        if raised {
             tracing::error!(host, kind, "ALARM: {detail}");
             inner.alarms.push((host.into(), kind.into(), detail.into()));
-            inner.store.audit(&AuditRow::by_controller(&format!("alarm.{kind}"), host, "", detail.into()))?;
         }
         Ok(())
     }
 
     /// Raises an alarm (logged at ERROR, stored, audited) unless already active.
-    pub fn raise_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
+    pub fn raise_alarm_blocking(&self, host: &str, kind: &str, detail: &str) -> RepoResult<()> {
         Self::raise_locked(&mut self.lock(), host, kind, detail)
     }
 
     /// Re-reads active alarms from the store.
-    pub fn reload_alarms(&self) -> Result<(), StoreError> {
+    pub fn reload_alarms_blocking(&self) -> RepoResult<()> {
         let mut inner = self.lock();
-        let a = inner.store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
+        let a =
+            inner.db(|r| r.alarms().list(false))?.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
         inner.alarms = a;
         Ok(())
     }
@@ -193,10 +240,10 @@ impl Registry {
     }
 
     /// Re-reads ownership records (after a move step changed them).
-    pub fn refresh_owners(&self) -> Result<(), StoreError> {
+    pub fn refresh_owners_blocking(&self) -> RepoResult<()> {
         let mut inner = self.lock();
-        let owners: BTreeMap<String, crate::store::OwnerRow> =
-            inner.store.owners()?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
+        let owners: BTreeMap<String, OwnerRow> =
+            inner.db(|r| r.ownership().owners())?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
         inner.owners_by_host = by_host(owners.values().map(|o| (o.host.as_str(), o.uuid.as_str())));
         inner.owners = owners;
         for e in inner.hosts.values_mut() {
@@ -283,13 +330,8 @@ impl Registry {
         }
     }
 
-    /// Runs `f` with the database, under the registry's lock.
-    pub fn db<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
-        f(&mut self.lock().store)
-    }
-
     /// Sets a host's status (checks are the caller's).
-    pub fn set_status(
+    pub fn set_status_blocking(
         &self,
         host_id: &str,
         status: HostStatus,
@@ -304,7 +346,7 @@ impl Registry {
             });
         };
         let old = e.row.status.clone();
-        let a = crate::store::AuditRow {
+        let a = AuditRow {
             actor: actor.into(),
             action: "host.status".into(),
             host: host_id.into(),
@@ -314,7 +356,8 @@ impl Registry {
             ),
             ..Default::default()
         };
-        inner.store.set_status(host_id, status.as_str(), reason, Some(&a))?;
+        let (h, why) = (host_id.to_string(), reason.to_string());
+        inner.db(move |r| r.hosts().set_status(&h, status, &why, Some(&a)))?;
         let e = inner.hosts.get_mut(host_id).expect("checked");
         e.row.status = status;
         e.row.status_reason = reason.into();
@@ -323,10 +366,11 @@ impl Registry {
     }
 
     /// Records the boot id a host has as it is fenced.
-    pub fn mark_fenced(&self, host_id: &str) -> Result<(), StoreError> {
+    pub fn mark_fenced_blocking(&self, host_id: &str) -> RepoResult<()> {
         let mut inner = self.lock();
         let boot = inner.hosts.get(host_id).map(|e| e.row.info.boot_id.clone()).unwrap_or_default();
-        inner.store.set_fenced_boot_id(host_id, &boot)?;
+        let (h, b) = (host_id.to_string(), boot.clone());
+        inner.db(move |r| r.hosts().set_fenced_boot_id(&h, &b))?;
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.row.fenced_boot_id = boot;
         }
@@ -417,7 +461,7 @@ impl Registry {
         // A move's target holds the lease of a guest not yet running there
         // only while its job runs (the job starts it); a move left unfinished
         // by a job that ended gives nobody a lease.
-        let owned_here: Vec<&crate::store::OwnerRow> = inner
+        let owned_here: Vec<&OwnerRow> = inner
             .owners_by_host
             .get(id)
             .map(|v| {
@@ -548,21 +592,21 @@ impl Registry {
         kind: &str,
         detail: &str,
         why: &str,
-    ) -> Result<(), StoreError> {
-        if inner.store.clear_alarm(host, kind, detail)? > 0 {
-            inner.store.audit(&AuditRow::by_controller(
-                "alarm.cleared",
-                host,
-                "",
-                format!("{kind} alarm cleared: {why} ({detail})"),
-            ))?;
-        }
+    ) -> RepoResult<()> {
+        let (h, k, d) = (host.to_string(), kind.to_string(), detail.to_string());
+        let a = AuditRow::by_controller("alarm.cleared", host, "", format!("{kind} alarm cleared: {why} ({detail})"));
+        inner.db(move |r| {
+            if r.alarms().clear_one(&h, &k, &d)? > 0 {
+                r.audit().append(&a)?;
+            }
+            Ok(())
+        })?;
         inner.alarms.retain(|a| !(a.0 == host && a.1 == kind && a.2 == detail));
         Ok(())
     }
 
     /// Clears one alarm because its cause is gone (audited with `why`).
-    pub fn clear_alarm_by_cause(&self, host: &str, kind: &str, detail: &str, why: &str) -> Result<(), StoreError> {
+    pub fn clear_alarm_by_cause_blocking(&self, host: &str, kind: &str, detail: &str, why: &str) -> RepoResult<()> {
         Self::clear_by_cause_locked(&mut self.lock(), host, kind, detail, why)
     }
 
@@ -672,12 +716,9 @@ impl Registry {
         changed
     }
 
-    /// Empties the database's write-ahead log (every 30 s from
-    /// [`watch_liveness`]): SQLite's own checkpoints copy it but leave the
-    /// file at its largest size, which a small disk may not have twice.
-    /// A failure is logged and tried again next time.
-    pub fn checkpoint(&self) {
-        match self.lock().store.checkpoint() {
+    /// [`Registry::checkpoint`], blocking on the store thread.
+    pub fn checkpoint_blocking(&self) {
+        match self.repos.call_blocking(|r| r.maintenance().checkpoint()) {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!("WAL checkpoint incomplete: a reader still needs part of it; tried again in 30 s")
@@ -687,12 +728,13 @@ impl Registry {
     }
 
     /// Persists last-heard times, a chunk of hosts per lock hold.
-    pub fn flush(&self) -> Result<(), StoreError> {
+    pub fn flush_blocking(&self) -> RepoResult<()> {
         let seen: Vec<(String, i64)> =
             self.lock().hosts.iter().filter_map(|(id, e)| e.last_heard_ms().map(|t| (id.clone(), t))).collect();
         let t0 = std::time::Instant::now();
         for chunk in seen.chunks(LOCK_CHUNK) {
-            self.lock().store.touch_hosts(chunk)?;
+            let chunk = chunk.to_vec();
+            self.repos.call_blocking(move |r| r.hosts().touch(&chunk))?;
         }
         tracing::debug!(hosts = seen.len(), took_ms = t0.elapsed().as_millis() as u64, "last-seen times persisted");
         Ok(())
@@ -756,10 +798,10 @@ pub async fn watch_liveness(reg: Arc<Registry>) {
         last = tokio::time::Instant::now();
         n = n.wrapping_add(1);
         if n.checked_rem(120) == Some(0) {
-            if let Err(e) = reg.flush() {
+            if let Err(e) = reg.flush().await {
                 warn!("persisting last-seen times failed: {e}");
             }
-            reg.checkpoint();
+            reg.checkpoint().await;
         }
     }
 }
@@ -777,10 +819,11 @@ impl Registry {
     /// what the operator can do. Fail closed: the guest a row concerns is
     /// blocked (no lease, start or stop) while the row is in quarantine, and a
     /// host whose row is quarantined comes back as MAINTENANCE.
-    fn quarantine_bad_rows(store: &mut Store, bad: &[crate::store::BadRow]) -> Result<(), StoreError> {
+    fn quarantine_bad_rows(repos: &Repos, bad: Vec<BadRow>) -> RepoResult<()> {
         for b in bad {
             let host_reason = format!("its database row could not be read ({}); it is in quarantine", b.reason);
-            let id = store.quarantine(b, &host_reason)?;
+            let row = b.clone();
+            let id = repos.call_blocking(move |r| r.quarantine().quarantine(&row, &host_reason))?;
             let blocked = if b.table == "hosts" {
                 format!("Host {} is MAINTENANCE (it takes no guests) until an operator sets its status.", b.host)
             } else {
@@ -800,9 +843,13 @@ impl Registry {
                 printable(&b.reason)
             );
             tracing::error!(table = b.table, quarantine_id = id, "ALARM: {detail}");
-            if store.raise_alarm(alarm_host, "row-quarantined", &detail)? {
-                store.audit(&AuditRow::by_controller("alarm.row-quarantined", alarm_host, "", detail))?;
-            }
+            let host = alarm_host.to_string();
+            repos.call_blocking(move |r| {
+                if r.alarms().raise(&host, "row-quarantined", &detail)? {
+                    r.audit().append(&AuditRow::by_controller("alarm.row-quarantined", &host, "", detail))?;
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -817,9 +864,10 @@ impl Registry {
 impl Registry {
     /// Raises `kind` for `host`, or, when one is active, replaces its detail:
     /// one alarm per host and kind, showing the latest occurrence.
-    pub fn raise_or_refresh_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
+    pub fn raise_or_refresh_alarm_blocking(&self, host: &str, kind: &str, detail: &str) -> RepoResult<()> {
         let mut inner = self.lock();
-        if inner.store.refresh_alarm(host, kind, detail)? {
+        let (h, k, d) = (host.to_string(), kind.to_string(), detail.to_string());
+        if inner.db(move |r| r.alarms().refresh(&h, &k, &d))? {
             if let Some(a) = inner.alarms.iter_mut().find(|a| a.0 == host && a.1 == kind) {
                 a.2 = detail.to_string();
             }

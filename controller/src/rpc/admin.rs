@@ -19,7 +19,7 @@ use tracing::info;
 use crate::error::ControllerError;
 use crate::migrate::engine::Engine;
 use crate::registry::Registry;
-use crate::store::AuditFilter;
+use crate::ports::AuditFilter;
 
 /// The admin service.
 pub struct AdminService {
@@ -66,8 +66,8 @@ fn authorize_identity(who: Identity, needed: Role, action: &str) -> Result<(Stri
 
 impl AdminService {
     /// Each host's memory reserved by moves under way, from the store.
-    fn fill_reserved(&self, hosts: &mut [HostRecord]) -> Result<(), ControllerError> {
-        let reserved = self.engine.reserved_by_host()?;
+    async fn fill_reserved(&self, hosts: &mut [HostRecord]) -> Result<(), ControllerError> {
+        let reserved = self.engine.reserved_by_host().await?;
         for h in hosts {
             let id = h.info.as_ref().map(|i| i.host_id.as_str()).unwrap_or_default();
             h.reserved_memory_kib = reserved.get(id).copied().unwrap_or(0);
@@ -88,7 +88,7 @@ impl Admin for AdminService {
         })
         .await
         .map_err(|e| ControllerError::Internal(format!("listing hosts: {e}")))?;
-        self.fill_reserved(&mut hosts)?;
+        self.fill_reserved(&mut hosts).await?;
         Ok(Response::new(ListHostsResponse { hosts }))
     }
 
@@ -100,7 +100,7 @@ impl Admin for AdminService {
         }
         let mut rec = [self.reg.get_host(host)?];
         crate::waiting::annotate_hosts(&self.reg, &mut rec);
-        self.fill_reserved(&mut rec)?;
+        self.fill_reserved(&mut rec).await?;
         let [rec] = rec;
         Ok(Response::new(rec))
     }
@@ -166,12 +166,12 @@ impl Admin for AdminService {
         let r = req.get_ref();
         let host = if r.host.is_empty() { None } else { Some(r.host.as_str()) };
         let limit = if r.limit == 0 { 50 } else { r.limit };
-        Ok(Response::new(ListJobsResponse { jobs: self.engine.jobs(host, limit)? }))
+        Ok(Response::new(ListJobsResponse { jobs: self.engine.jobs(host, limit).await? }))
     }
 
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobRecord>, Status> {
         authorize(&req, Role::Viewer, "showing a job")?;
-        Ok(Response::new(self.engine.job_record(&req.get_ref().id)?))
+        Ok(Response::new(self.engine.job_record(&req.get_ref().id).await?))
     }
 
     type WatchJobStream = JobStream;
@@ -181,7 +181,7 @@ impl Admin for AdminService {
         let busy = crate::conn::busy(&req);
         let id = req.get_ref().id.clone();
         let mut rx = self.engine.subscribe();
-        let first = self.engine.job_record(&id)?;
+        let first = self.engine.job_record(&id).await?;
         let engine = self.engine.clone();
         let (tx, out) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
@@ -198,7 +198,7 @@ impl Admin for AdminService {
                 {
                     continue;
                 }
-                let Ok(rec) = engine.job_record(&id) else { return };
+                let Ok(rec) = engine.job_record(&id).await else { return };
                 done = ["SUCCEEDED", "PARTIAL", "FAILED"].contains(&rec.state.as_str());
                 if tx.send(Ok(rec)).await.is_err() {
                     return;
@@ -233,7 +233,7 @@ impl Admin for AdminService {
     async fn plan_cleanup(&self, req: Request<CleanupRequest>) -> Result<Response<CleanupPlan>, Status> {
         authorize(&req, Role::Operator, "planning a cleanup")?;
         let r = req.get_ref();
-        Ok(Response::new(crate::hostops::cleanup_plan(&self.reg, r.host.trim(), r.destroy_running)?))
+        Ok(Response::new(crate::hostops::cleanup_plan(&self.reg, r.host.trim(), r.destroy_running).await?))
     }
 
     async fn cleanup(&self, req: Request<CleanupRequest>) -> Result<Response<CleanupPlan>, Status> {
@@ -257,10 +257,10 @@ impl Admin for AdminService {
     async fn list_alarms(&self, req: Request<ListAlarmsRequest>) -> Result<Response<ListAlarmsResponse>, Status> {
         authorize(&req, Role::Viewer, "listing alarms")?;
         let all = req.get_ref().include_cleared;
-        let rows = self.reg.db(|s| s.alarms(all)).map_err(ControllerError::from)?;
+        let rows = self.reg.repos().alarms(move |a| a.list(all)).await.map_err(ControllerError::from)?;
         let alarms = rows
             .into_iter()
-            .map(|(id, at, host, kind, detail, cleared)| Alarm {
+            .map(|crate::ports::AlarmRow { id, at_ms: at, host, kind, detail, cleared_ms: cleared }| Alarm {
                 id,
                 at_unix_ms: at,
                 host,
@@ -321,7 +321,7 @@ impl Admin for AdminService {
             since_ms: if r.since_unix_ms > 0 { Some(r.since_unix_ms) } else { None },
             limit: if r.limit == 0 { None } else { Some(r.limit) },
         };
-        let rows = self.reg.db(|s| s.read_audit(&f)).map_err(ControllerError::from)?;
+        let rows = self.reg.repos().audit(move |l| l.read(&f)).await.map_err(ControllerError::from)?;
         let entries = rows
             .into_iter()
             .map(|a| AuditEntry {

@@ -462,11 +462,10 @@ impl RefusalReport {
              `lifeboat alarms clear --host {host} --kind agent-input-refused`",
             self.total
         );
-        // A database write under the registry lock: not on the runtime
-        // threads that read every session's heartbeats.
+        // Awaited on the store thread, never under the registry lock.
         let (reg, host) = (reg.clone(), host.to_string());
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = reg.raise_or_refresh_alarm(&host, "agent-input-refused", &detail) {
+        tokio::spawn(async move {
+            if let Err(e) = reg.raise_or_refresh_alarm(&host, "agent-input-refused", &detail).await {
                 warn!(host = %host, "recording the agent-input-refused alarm failed: {e}");
             }
         });
