@@ -715,7 +715,7 @@ mod tests {
     {
         use lifeboat_proto::v1::{Guest, GuestState, Inventory};
         let timing = crate::domain::host::Timing { heartbeat_interval_ms: ms / 4, unreachable_after_ms: ms };
-        let reg = Registry::load(crate::store::Store::open_in_memory().unwrap(), timing).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), timing).unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
         let g = Guest {
@@ -773,7 +773,7 @@ mod tests {
             job: String::new(),
             complete: true,
         };
-        reg.record_restore_owner(&o, "running", &AuditRow::by_controller("t", "a", "vm1", String::new())).unwrap();
+        reg.record_restore_owner(&o, "running", &AuditRow::by_controller("t", "a", "vm1", String::new())).await.unwrap();
         reg.claim_for_restore("u1", "restore-u1", "a", "a").unwrap();
         assert_eq!(
             reg.claim_for_restore("u1", "restore-u1", "a", "a"),
@@ -787,8 +787,8 @@ mod tests {
         reg.clear_in_job("mig-7");
         assert!(reg.job_of("u1").is_none());
         let moved = OwnerRow { host: "c".into(), generation: 2, complete: false, ..o.clone() };
-        reg.db(|s| s.set_owner(&moved, &AuditRow::by_controller("t", "c", "vm1", String::new()))).unwrap();
-        reg.refresh_owners().unwrap();
+        reg.repos().call_blocking(move |r| r.ownership().set_owner(&moved, &AuditRow::by_controller("t", "c", "vm1", String::new()))).unwrap();
+        reg.refresh_owners().await.unwrap();
         let e = still_ours(&reg, "u1", "vm1", "a", 1, "x").unwrap_err().to_string();
         assert!(e.contains("changed to c, generation 2, unfinished"), "{e}");
         {
@@ -798,7 +798,7 @@ mod tests {
         assert!(reg.job_of("u1").is_none(), "the claim ends when dropped");
 
         // vm1 also waits on a (a job left it behind): forgetting it ends the wait and its alarm.
-        let w = crate::store::WaitingRow {
+        let w = crate::ports::WaitingRow {
             uuid: "u1".into(),
             host: "a".into(),
             name: "vm1".into(),
@@ -806,18 +806,19 @@ mod tests {
             since_ms: 1,
             job: "mig-1".into(),
         };
-        reg.db(|s| s.end_job_with_waiting("mig-1", "PARTIAL", "", None, std::slice::from_ref(&w), &[])).unwrap();
-        crate::waiting::raise(&reg, std::slice::from_ref(&w), &[]).unwrap();
+        let w_stored = w.clone();
+        reg.repos().call_blocking(move |r| r.jobs().end_with_waiting("mig-1", crate::domain::job::JobState::Partial, "", None, std::slice::from_ref(&w_stored), &[])).unwrap();
+        crate::waiting::raise(&reg, std::slice::from_ref(&w), &[]).await.unwrap();
         {
             let _busy = RESTORES.lock().await;
             let e = forget(&reg, &fr, "olga").unwrap_err().to_string();
             assert!(e.contains("no-restore"), "{e}");
         }
         forget(&reg, &fr, "olga").unwrap();
-        assert!(reg.db(|s| s.waiting()).unwrap().is_empty(), "a forgotten guest waits no more");
+        assert!(reg.repos().call_blocking(move |r| r.jobs().waiting()).unwrap().is_empty(), "a forgotten guest waits no more");
         let kinds: Vec<String> = reg.active_alarms().into_iter().map(|a| a.1).collect();
         assert!(kinds.is_empty(), "{kinds:?}");
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(
             log.iter().any(|a| a.action == "guest.waiting_ended" && a.detail.contains("forgotten by olga")),
             "{log:?}"
@@ -855,7 +856,7 @@ mod tests {
             sent.push(k);
         }
         assert_eq!(sent, ["define"], "no lease, no start: {sent:?}");
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(log.iter().any(|x| x.action == "guest.restore.unreported" && x.actor == "olga"), "{log:?}");
         assert!(reg.job_of("u1").is_none(), "the restore's mark ends with it, on errors too");
     }
@@ -868,7 +869,7 @@ mod tests {
         let timing = crate::domain::host::Timing { heartbeat_interval_ms: 75, unreachable_after_ms: 300 };
         {
             // vm1 went missing on a; it had been moved away and back (owner a, generation 2).
-            let reg = Registry::load(crate::store::Store::open(&path).unwrap(), timing).unwrap();
+            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), timing).unwrap();
             let (tx, _rx) = tokio::sync::mpsc::channel(8);
             let a = reg.open_session("a", "boot", tx).unwrap();
             let g = Guest {
@@ -887,15 +888,15 @@ mod tests {
                 job: "mig-2".into(),
                 complete: true,
             };
-            reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+            reg.repos().call_blocking(move |r| r.ownership().set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
             reg.remove_guest("a", a, "u1").unwrap();
-            reg.flush().unwrap();
+            reg.flush().await.unwrap();
         }
         rusqlite::Connection::open(&path)
             .unwrap()
             .execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", [])
             .unwrap();
-        let reg = Registry::load(crate::store::Store::open(&path).unwrap(), timing).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), timing).unwrap();
         assert!(reg.is_quarantined("u1") && reg.missing_uuids() == ["u1"]);
         // a is back and reports (no agent answers: nothing may be sent).
         let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -923,8 +924,8 @@ mod tests {
         assert!(e.contains("quarantined") && e.contains("docs/security.md"), "{e}");
         // Refusals change nothing: still missing, no owner row written, nothing audited as done.
         assert_eq!(reg.missing_uuids(), ["u1"]);
-        assert!(reg.owner_row("u1").is_none() && reg.db(|s| s.owners()).unwrap().is_empty());
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        assert!(reg.owner_row("u1").is_none() && reg.repos().call_blocking(move |r| r.ownership().owners()).unwrap().is_empty());
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(!log.iter().any(|x| x.action.starts_with("guest.restore") || x.action == "guest.forgotten"), "{log:?}");
     }
 

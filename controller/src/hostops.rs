@@ -515,7 +515,7 @@ mod tests {
 
     #[test]
     fn a_guest_whose_owner_row_is_quarantined_is_never_cleaned_as_if_it_had_no_owner() {
-        use crate::store::{AuditRow, JobRow, OwnerRow, Store};
+        use crate::store::{AuditRow, JobRow, OwnerRow};
         use lifeboat_proto::v1::Inventory;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lifeboat.db");
@@ -528,7 +528,7 @@ mod tests {
             reg.apply_inventory("a", sid, Inventory { host: None, guests: vec![live.clone()], more: false }).unwrap();
         };
         {
-            let reg = Registry::load(Store::open(&path).unwrap(), crate::domain::host::Timing::default()).unwrap();
+            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), crate::domain::host::Timing::default()).unwrap();
             report(&reg);
             let job = JobRow {
                 id: "j1".into(),
@@ -546,7 +546,7 @@ mod tests {
             };
             let (m, _) = mv("u1", "vm1");
             let m = MoveRow { job_id: "j1".into(), ..m };
-            reg.db(|s| s.create_job(&job, &[m], &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+            reg.repos().call_blocking(move |r| r.jobs().create(&job, &[m], &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
             let back = OwnerRow {
                 uuid: "u1".into(),
                 host: "a".into(),
@@ -555,21 +555,21 @@ mod tests {
                 job: "j2".into(),
                 complete: true,
             };
-            reg.db(|s| s.set_owner(&back, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
-            reg.refresh_owners().unwrap();
-            let p = cleanup_plan(&reg, "a", false).unwrap();
+            reg.repos().call_blocking(move |r| r.ownership().set_owner(&back, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+            reg.refresh_owners_blocking().unwrap();
+            let p = futures::executor::block_on(cleanup_plan(&reg, "a", false)).unwrap();
             assert_eq!(p.items[0].action, "skip", "{p:?}");
-            reg.flush().unwrap();
+            reg.flush_blocking().unwrap();
         }
         rusqlite::Connection::open(&path)
             .unwrap()
             .execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", [])
             .unwrap();
-        let reg = Registry::load(Store::open(&path).unwrap(), crate::domain::host::Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), crate::domain::host::Timing::default()).unwrap();
         assert!(reg.is_quarantined("u1"));
         report(&reg);
         for destroy_running in [false, true] {
-            let p = cleanup_plan(&reg, "a", destroy_running).unwrap();
+            let p = futures::executor::block_on(cleanup_plan(&reg, "a", destroy_running)).unwrap();
             assert!(!p.executable, "{p:?}");
             assert_eq!(p.items[0].action, "refuse-quarantined", "{p:?}");
             assert!(

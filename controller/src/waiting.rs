@@ -821,7 +821,7 @@ pub(crate) mod tests {
     pub(crate) fn with_vm1() -> (std::sync::Arc<Registry>, crate::registry::SessionId, Rx) {
         use lifeboat_proto::v1::{GuestState, Inventory};
         let timing = crate::domain::host::Timing { heartbeat_interval_ms: 75, unreachable_after_ms: 300 };
-        let reg = Registry::load(crate::store::Store::open_in_memory().unwrap(), timing).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), timing).unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
         reg.apply_inventory("a", a, Inventory { host: None, guests: vec![vm1(GuestState::Shutoff)], more: false })
@@ -865,8 +865,8 @@ pub(crate) mod tests {
                             job: "mig-8".into(),
                             complete: true,
                         };
-                        reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
-                        reg.refresh_owners().unwrap();
+                        reg.repos().call_blocking(move |r| r.ownership().set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+                        reg.refresh_owners().await.unwrap();
                     }
                     ("start", Then::RunThenClose) => {
                         reg.apply_inventory(
@@ -901,7 +901,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn actions(reg: &Registry) -> Vec<String> {
-        reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap().into_iter().map(|a| a.action).collect()
+        reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap().into_iter().map(|a| a.action).collect()
     }
 
     async fn start(reg: &Registry) -> Result<GuestRecord, ControllerError> {
@@ -918,14 +918,14 @@ pub(crate) mod tests {
         assert!(e.contains("reports-current") && e.contains("startup grace"), "{e}");
         after_grace(&reg, a).await;
         // A restored database holds until every host not OFFLINE has reported: b talks but has not.
-        reg.raise_alarm("", "store-restored", "backup of yesterday").unwrap();
+        reg.raise_alarm("", "store-restored", "backup of yesterday").await.unwrap();
         let (tx, _rx_b) = tokio::sync::mpsc::channel(8);
         let _b = reg.open_session("b", "boot", tx).unwrap();
         let e = start(&reg).await.unwrap_err().to_string();
         assert!(e.contains("reports-current") && e.contains("nothing was changed"), "{e}");
-        reg.set_status("b", HostStatus::Offline, "test", "olga").unwrap();
+        reg.set_status("b", HostStatus::Offline, "test", "olga").await.unwrap();
         assert!(reg.restore_hold().is_none(), "every host not OFFLINE reported");
-        reg.raise_alarm("a", "duplicate-agent", "two agents").unwrap();
+        reg.raise_alarm("a", "duplicate-agent", "two agents").await.unwrap();
         let e = start(&reg).await.unwrap_err().to_string();
         assert!(e.contains("owner connected") && e.contains("second agent"), "{e}");
         assert!(drain(&mut seen).is_empty(), "nothing sent");
@@ -997,7 +997,7 @@ pub(crate) mod tests {
         after_grace(&reg, a).await;
         let r = start(&reg).await.unwrap();
         assert_eq!(r.guest.map(|g| g.state), Some(lifeboat_proto::v1::GuestState::Running as i32), "it did start");
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(log.iter().any(|x| x.action == "guest.started" && x.detail.contains("reports it running")), "{log:?}");
 
         let (reg, a, rx) = with_vm1();

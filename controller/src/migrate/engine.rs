@@ -1542,10 +1542,23 @@ mod tests {
     use lifeboat_proto::v1::{Check, GuestPlan};
 
     fn new_engine() -> (Arc<Registry>, Arc<Engine>) {
-        let store = crate::store::Store::open_in_memory().unwrap();
-        let reg = Arc::new(Registry::load(store, crate::domain::host::Timing::default()).unwrap());
+        let repos = crate::store::sqlite::SqliteRepos::start_in_memory().unwrap();
+        let reg = Arc::new(Registry::load(repos, crate::domain::host::Timing::default()).unwrap());
         let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();
         (reg, engine)
+    }
+
+    /// [`new_engine`] over a database file, which a test edits by hand with
+    /// its own connection (a corrupt value, a repaired row).
+    fn new_engine_on_file() -> (tempfile::TempDir, rusqlite::Connection, Arc<Registry>, Arc<Engine>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let repos = crate::store::sqlite::SqliteRepos::start(&path).unwrap();
+        let reg = Arc::new(Registry::load(repos, crate::domain::host::Timing::default()).unwrap());
+        let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.busy_timeout(Duration::from_secs(10)).unwrap();
+        (dir, raw, reg, engine)
     }
 
     fn job_row(id: &str, kind: &str, source: &str) -> JobRow {
@@ -1579,40 +1592,42 @@ mod tests {
     #[tokio::test]
     async fn a_job_pauses_on_a_database_write_error_shows_why_and_resumes_by_itself() {
         let (reg, engine) = new_engine();
-        reg.db(|s| {
-            s.create_job(
-                &job_row("mig-p", "migrate", "host-a"),
-                &[],
-                &audit("olga", "migrate.requested", "host-a", "", "mig-p", ""),
-            )
-        })
-        .unwrap();
+        reg.repos()
+            .call_blocking(|r| {
+                r.jobs().create(
+                    &job_row("mig-p", "migrate", "host-a"),
+                    &[],
+                    &audit("olga", "migrate.requested", "host-a", "", "mig-p", ""),
+                )
+            })
+            .unwrap();
         // SQLite refuses every write, as on a full disk.
-        reg.db(|s| s.set_read_only(true)).unwrap();
+        reg.repos().call_blocking(move |r| r.maintenance().set_read_only(true)).unwrap();
         let mut changes = engine.subscribe();
         tokio::spawn(engine.clone().run("mig-p".into()));
         let paused =
-            until("the pause", || Some(engine.job_record("mig-p").unwrap().paused).filter(|p| !p.is_empty())).await;
+            until("the pause", || Some(futures::executor::block_on(engine.job_record("mig-p")).unwrap().paused).filter(|p| !p.is_empty())).await;
         assert!(paused.starts_with("paused since 20"), "{paused}");
         assert!(paused.contains("cannot be written") && paused.contains("readonly"), "{paused}");
         assert_eq!(changes.try_recv().unwrap(), "mig-p", "watchers are told of the pause");
-        let r = engine.job_record("mig-p").unwrap();
+        let r = futures::executor::block_on(engine.job_record("mig-p")).unwrap();
         assert_eq!(r.state.as_str(), "CREATED", "nothing moved while paused");
-        assert_eq!(engine.jobs(None, 10).unwrap()[0].paused, paused, "the list shows it too");
+        assert_eq!(futures::executor::block_on(engine.jobs(None, 10)).unwrap()[0].paused, paused, "the list shows it too");
         // A second retry keeps the first time it paused.
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        assert_eq!(engine.job_record("mig-p").unwrap().paused, paused);
+        assert_eq!(futures::executor::block_on(engine.job_record("mig-p")).unwrap().paused, paused);
 
-        reg.db(|s| s.set_read_only(false)).unwrap();
+        reg.repos().call_blocking(move |r| r.maintenance().set_read_only(false)).unwrap();
         let r = until("the job's end", || {
-            Some(engine.job_record("mig-p").unwrap())
+            Some(futures::executor::block_on(engine.job_record("mig-p")).unwrap())
                 .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
         assert_eq!(r.paused, "", "no longer paused");
         let log = reg
-            .db(|s| {
-                s.read_audit(&crate::store::AuditFilter {
+            .repos()
+            .call_blocking(|r| {
+                r.audit().read(&crate::ports::AuditFilter {
                     job: Some("mig-p".into()),
                     limit: Some(100),
                     ..Default::default()
@@ -1628,12 +1643,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_paused_on_a_record_it_cannot_use_backs_off_alarms_once_and_writes_no_resume_per_retry() {
-        let (reg, engine) = new_engine();
+        let (_dir, raw, reg, engine) = new_engine_on_file();
         let mut row = job_row("mig-c", "migrate", "host-a");
         row.state = JobState::Moving;
-        reg.db(|s| s.create_job(&row, &[starting_move("mig-c")], &audit("olga", "x", "host-a", "", "mig-c", "")))
+        reg.repos().call_blocking(move |r| r.jobs().create(&row, &[starting_move("mig-c")], &audit("olga", "x", "host-a", "", "mig-c", "")))
             .unwrap();
-        reg.db(|s| s.execute_raw("UPDATE moves SET memory_kib = -5 WHERE job_id = 'mig-c'")).unwrap();
+        raw.execute("UPDATE moves SET memory_kib = -5 WHERE job_id = 'mig-c'", []).unwrap();
         tokio::spawn(engine.clone().run("mig-c".into()));
         // `jobs show` cannot read the job either; the pause is kept for it.
         let paused = until("the pause", || engine.paused.lock().unwrap().get("mig-c").cloned()).await;
@@ -1641,7 +1656,7 @@ mod tests {
         // Retries at 0.5, 1.5, 3.5 s: three of them, no resume among them.
         tokio::time::sleep(Duration::from_millis(4000)).await;
         let log =
-            reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+            reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
         let unpaused = log.iter().filter(|a| a.action == "job.unpaused").count();
         assert_eq!(unpaused, 0, "nothing resumed: {log:?}");
         let alarms: Vec<_> = log.iter().filter(|a| a.action == "alarm.job-paused").collect();
@@ -1652,20 +1667,19 @@ mod tests {
             "{}",
             alarms[0].detail
         );
-        assert_eq!(reg.db(|s| s.job("mig-c")).unwrap().unwrap().state.as_str(), "MOVING");
+        assert_eq!(reg.repos().call_blocking(move |r| r.jobs().get("mig-c")).unwrap().unwrap().state.as_str(), "MOVING");
         assert!(engine.paused.lock().unwrap().contains_key("mig-c"), "still paused");
 
         // The row is repaired (here: the move had failed): the job ends, the
         // resume is audited once and the alarm is cleared by its cause.
-        reg.db(|s| {
-            s.execute_raw(
-                "UPDATE moves SET memory_kib = 1, state = 'FAILED', error = 'start failed' WHERE job_id = 'mig-c'",
-            )
-        })
+        raw.execute(
+            "UPDATE moves SET memory_kib = 1, state = 'FAILED', error = 'start failed' WHERE job_id = 'mig-c'",
+            [],
+        )
         .unwrap();
-        until("the job's end", || reg.db(|s| s.job("mig-c")).unwrap().filter(|j| j.state != JobState::Moving)).await;
+        until("the job's end", || reg.repos().call_blocking(move |r| r.jobs().get("mig-c")).unwrap().filter(|j| j.state != JobState::Moving)).await;
         let log =
-            reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+            reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
         assert_eq!(log.iter().filter(|a| a.action == "job.unpaused").count(), 1, "{log:?}");
         assert!(!reg.active_alarms().iter().any(|a| a.1 == JOB_PAUSED), "{:?}", reg.active_alarms());
         assert!(!engine.paused.lock().unwrap().contains_key("mig-c"), "no longer paused");
@@ -1712,14 +1726,9 @@ mod tests {
 
     /// Writes a forced-migration job of host-a carrying the one move `m`.
     fn record_job(reg: &Registry, id: &str, m: &MoveRow) {
-        reg.db(|s| {
-            s.create_job(
-                &job_row(id, "migrate", "host-a"),
-                std::slice::from_ref(m),
-                &audit("olga", "x", "", "", id, ""),
-            )
-        })
-        .unwrap();
+        let (row, m) = (job_row(id, "migrate", "host-a"), m.clone());
+        let a = audit("olga", "x", "", "", id, "");
+        reg.repos().call_blocking(move |r| r.jobs().create(&row, std::slice::from_ref(&m), &a)).unwrap();
     }
 
     fn starting_move(job: &str) -> MoveRow {
@@ -1780,7 +1789,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         engine.run_move(m, "olga", false).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(t0.elapsed() < Duration::from_secs(5), "no stall: {:?}", t0.elapsed());
-        let row = reg.db(|s| s.moves("mig-s")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-s")).unwrap().remove(0);
         assert_eq!((row.state.as_str(), row.error.as_str()), ("RUNNING", ""));
     }
 
@@ -1803,11 +1812,12 @@ mod tests {
         let _agent = fake_agent(reg.clone(), "host-b", vec![running_there(&m)], refuse).await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         engine.run_move(m.clone(), "olga", false).await.unwrap();
-        let row = reg.db(|s| s.moves("mig-r")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-r")).unwrap().remove(0);
         assert_eq!(row.state.as_str(), "RUNNING", "{}", row.error);
         let log = reg
-            .db(|s| {
-                s.read_audit(&crate::store::AuditFilter {
+            .repos()
+            .call_blocking(|r| {
+                r.audit().read(&crate::ports::AuditFilter {
                     job: Some("mig-r".into()),
                     limit: Some(100),
                     ..Default::default()
@@ -1828,7 +1838,7 @@ mod tests {
         let _agent = fake_agent(reg.clone(), "host-b", vec![other], refuse).await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         engine.run_move(m, "olga", false).await.unwrap();
-        let row = reg.db(|s| s.moves("mig-f")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-f")).unwrap().remove(0);
         assert_eq!(row.state.as_str(), "FAILED");
         assert!(row.error.contains("verifying vm-1 failed"), "{}", row.error);
     }
@@ -1839,12 +1849,13 @@ mod tests {
         let m = starting_move("mig-u");
         let mut row = job_row("mig-u", "migrate", "host-a");
         row.state = JobState::Moving;
-        reg.db(|s| s.create_job(&row, std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-u", ""))).unwrap();
+        let m_stored = m.clone();
+        reg.repos().call_blocking(move |r| r.jobs().create(&row, std::slice::from_ref(&m_stored), &audit("olga", "x", "", "", "mig-u", ""))).unwrap();
         // The move recorded host-b as the new owner before it defined the guest there.
         let owner = OwnerRow { complete: false, ..engine.owner(&m, false) };
-        reg.db(|s| s.set_owner(&owner, &audit("controller", "guest.owner_recorded", "host-b", "vm-1", "mig-u", "")))
+        reg.repos().call_blocking(move |r| r.ownership().set_owner(&owner, &audit("controller", "guest.owner_recorded", "host-b", "vm-1", "mig-u", "")))
             .unwrap();
-        reg.refresh_owners().unwrap();
+        reg.refresh_owners().await.unwrap();
         let shut =
             lifeboat_proto::v1::Guest { state: lifeboat_proto::v1::GuestState::Shutoff as i32, ..running_there(&m) };
         let _agent = fake_agent(reg.clone(), "host-b", vec![shut], |k| match k {
@@ -1857,7 +1868,7 @@ mod tests {
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         tokio::spawn(engine.clone().run("mig-u".into()));
         let r = until("the job's end", || {
-            Some(engine.job_record("mig-u").unwrap())
+            Some(futures::executor::block_on(engine.job_record("mig-u")).unwrap())
                 .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
@@ -1866,15 +1877,15 @@ mod tests {
         assert!(r.error.contains("`lifeboat move --vm vm-1 --from host-a --to host-b --yes`"), "{}", r.error);
         let o = reg.owner_row(&m.uuid).unwrap();
         assert_eq!((o.host.as_str(), o.complete), ("host-b", false), "the owner stays as recorded: nobody's");
-        let waiting = reg.db(|s| s.waiting()).unwrap();
+        let waiting = reg.repos().call_blocking(move |r| r.jobs().waiting()).unwrap();
         assert_eq!(waiting.len(), 1, "listed as waiting");
         assert!(
             waiting[0].host == "host-a" && waiting[0].reason.starts_with("unfinished move to host-b (job mig-u): "),
             "{waiting:?}"
         );
-        let alarms = reg.db(|s| s.alarms(false)).unwrap();
-        let (_, _, _, _, detail, _) =
-            alarms.iter().find(|a| a.3 == crate::waiting::GUESTS_WAITING).expect("guests-waiting alarm");
+        let alarms = reg.repos().call_blocking(move |r| r.alarms().list(false)).unwrap();
+        let crate::ports::AlarmRow { detail, .. } =
+            alarms.iter().find(|a| a.kind == crate::waiting::GUESTS_WAITING).expect("guests-waiting alarm");
         assert!(
             detail.contains("NOT started by itself")
                 && detail.contains("lifeboat move --vm vm-1 --from host-a --to host-b --yes"),
@@ -1923,7 +1934,7 @@ mod tests {
         .await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         engine.run_move(m, "olga", false).await.unwrap();
-        let row = reg.db(|s| s.moves("mig-back")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-back")).unwrap().remove(0);
         assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 1, "the start was not sent again");
         assert_eq!(row.state.as_str(), "FAILED");
         assert!(row.error.contains("host-a is talking to the controller again"), "{}", row.error);
@@ -1946,9 +1957,9 @@ mod tests {
         comes_back(&reg, "host-a", vec![stopped]);
         assert!(reg.is_reachable("host-a"));
         engine.run_move(m, "olga", false).await.unwrap();
-        let row = reg.db(|s| s.moves("mig-resumed")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-resumed")).unwrap().remove(0);
         assert_eq!((row.state.as_str(), row.error.as_str()), ("RUNNING", ""));
-        let owner = reg.db(|s| s.owners()).unwrap().into_iter().find(|o| o.uuid == row.uuid).unwrap();
+        let owner = reg.repos().call_blocking(move |r| r.ownership().owners()).unwrap().into_iter().find(|o| o.uuid == row.uuid).unwrap();
         assert_eq!((owner.host.as_str(), owner.generation, owner.complete), ("host-b", 3, true));
     }
 
@@ -1958,11 +1969,16 @@ mod tests {
         let path = dir.path().join("lifeboat.db");
         let m = starting_move("mig-q");
         {
-            let reg = Registry::load(crate::store::Store::open(&path).unwrap(), crate::domain::host::Timing::default())
+            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), crate::domain::host::Timing::default())
                 .unwrap();
             let mut row = job_row("mig-q", "migrate", "host-a");
             row.state = JobState::Moving;
-            reg.db(|s| s.create_job(&row, std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-q", ""))).unwrap();
+            let stored = m.clone();
+        reg.repos()
+            .call_blocking(move |r| {
+                r.jobs().create(&row, std::slice::from_ref(&stored), &audit("olga", "x", "", "", "mig-q", ""))
+            })
+            .unwrap();
         }
         // Its owner row (moved on since: generation 4) cannot be read at the restart.
         rusqlite::Connection::open(&path)
@@ -1970,7 +1986,7 @@ mod tests {
             .execute("INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES (?1, 'host-c', -4, 'host-b', 'mig-later', 1)", [&m.uuid])
             .unwrap();
         let reg = Arc::new(
-            Registry::load(crate::store::Store::open(&path).unwrap(), crate::domain::host::Timing::default()).unwrap(),
+            Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), crate::domain::host::Timing::default()).unwrap(),
         );
         assert!(reg.is_quarantined(&m.uuid));
         let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();
@@ -1993,7 +2009,7 @@ mod tests {
             .to_string();
         assert!(e.contains("quarantine"), "{e}");
         assert!(sent.lock().unwrap().is_empty(), "nothing sent: {:?}", sent.lock().unwrap());
-        let row = reg.db(|s| s.moves("mig-q")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-q")).unwrap().remove(0);
         assert_eq!(
             (row.state.as_str(), row.error.as_str()),
             ("STARTING", ""),
@@ -2014,7 +2030,8 @@ mod tests {
         let (reg, engine) = new_engine();
         let mut row = job_row(id, "migrate", "host-a");
         row.state = JobState::Moving;
-        reg.db(|s| s.create_job(&row, moves, &audit("olga", "x", "", "", id, ""))).unwrap();
+        let (stored, a) = (moves.to_vec(), audit("olga", "x", "", "", id, ""));
+        reg.repos().call_blocking(move |r| r.jobs().create(&row, &stored, &a)).unwrap();
         let defines = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (n, sent) = (defines.clone(), Arc::new(std::sync::Mutex::new(Vec::<String>::new())));
         let seen = sent.clone();
@@ -2030,7 +2047,7 @@ mod tests {
         *engine.test_event.lock().unwrap() = Some(MoveEvent::Started);
         tokio::spawn(engine.clone().run(id.into()));
         until("the job's end", || {
-            Some(engine.job_record(id).unwrap()).filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
+            Some(futures::executor::block_on(engine.job_record(id)).unwrap()).filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
         // Time for a retry, were there one.
@@ -2055,7 +2072,7 @@ mod tests {
             [move_in("mig-x", "vm-1", 1, MoveState::Defining, 10), move_in("mig-x", "vm-2", 2, MoveState::Pending, 0)];
         let (reg, engine, defines) = run_with_invalid_transition("mig-x", &moves).await;
         assert_eq!(defines, 1, "the define was sent once, and vm-2's never");
-        let r = engine.job_record("mig-x").unwrap();
+        let r = futures::executor::block_on(engine.job_record("mig-x")).unwrap();
         assert_eq!(r.state, "FAILED", "{r:?}");
         let by_name = |n: &str| r.moves.iter().find(|m| m.name == n).unwrap().clone();
         let (m1, m2) = (by_name("vm-1"), by_name("vm-2"));
@@ -2086,7 +2103,7 @@ mod tests {
             [move_in("mig-y", "vm-0", 3, MoveState::Running, 20), move_in("mig-y", "vm-1", 1, MoveState::Defining, 10)];
         let (reg, engine, defines) = run_with_invalid_transition("mig-y", &moves).await;
         assert_eq!(defines, 1);
-        let r = engine.job_record("mig-y").unwrap();
+        let r = futures::executor::block_on(engine.job_record("mig-y")).unwrap();
         assert_eq!(r.state, "PARTIAL", "vm-0 moved before the job stopped: {r:?}");
         assert!(r.error.contains("vm-1 (move failed: stopped: invalid transition"), "{}", r.error);
         assert!(reg.active_alarms().iter().any(|a| a.1 == JOB_INVALID_TRANSITION));
@@ -2096,20 +2113,22 @@ mod tests {
     async fn an_invalid_job_transition_writes_the_job_failed_with_an_alarm_and_takes_no_step() {
         let (reg, engine) = new_engine();
         let row = job_row("mig-j", "migrate", "host-a");
-        reg.db(|s| s.create_job(&row, &[], &audit("olga", "x", "", "", "mig-j", ""))).unwrap();
-        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::AllMoved).unwrap();
+        let stored = row.clone();
+        reg.repos().call_blocking(move |r| r.jobs().create(&stored, &[], &audit("olga", "x", "", "", "mig-j", ""))).unwrap();
+        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::AllMoved).await.unwrap();
         assert_eq!(got, None, "no step taken");
-        let r = engine.job_record("mig-j").unwrap();
+        let r = futures::executor::block_on(engine.job_record("mig-j")).unwrap();
         assert_eq!(r.state, "FAILED");
         assert!(r.error.contains("invalid transition: AllMoved in state CREATED"), "{}", r.error);
         let alarm = reg.active_alarms().into_iter().find(|a| a.1 == JOB_INVALID_TRANSITION).expect("alarm");
         assert!(alarm.2.contains("job mig-j") && alarm.2.contains("CREATED"), "{alarm:?}");
         // A valid one steps and writes nothing itself.
         let row = JobRow { id: "mig-k".into(), ..row };
-        reg.db(|s| s.create_job(&row, &[], &audit("olga", "x", "", "", "mig-k", ""))).unwrap();
-        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::Begin).unwrap();
+        let row_stored = row.clone();
+        reg.repos().call_blocking(move |r| r.jobs().create(&row_stored, &[], &audit("olga", "x", "", "", "mig-k", ""))).unwrap();
+        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::Begin).await.unwrap();
         assert_eq!(got, Some((JobState::Fencing, vec![JobEffect::Fence])));
-        assert_eq!(engine.job_record("mig-k").unwrap().state, "CREATED");
+        assert_eq!(futures::executor::block_on(engine.job_record("mig-k")).unwrap().state, "CREATED");
     }
 
     #[test]
@@ -2181,17 +2200,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_row_that_does_not_read_is_not_resumed_and_raises_job_corrupt_the_others_resume() {
-        let (reg, engine) = new_engine();
+        let (_dir, raw, reg, engine) = new_engine_on_file();
         let a = AuditRow::default();
-        reg.db(|s| s.create_job(&job_row("mig-bad", "migrate", "host-a"), &[], &a)).unwrap();
-        reg.db(|s| s.create_job(&job_row("mig-ok", "migrate", "host-b"), &[], &a)).unwrap();
-        reg.db(|s| s.execute_raw("UPDATE jobs SET power_evidence = 'maybe' WHERE id = 'mig-bad'")).unwrap();
-        assert_eq!(engine.resume_all().unwrap(), 1, "the good job resumes, the corrupt one does not");
+        let a2 = a.clone();
+        reg.repos().call_blocking(move |r| r.jobs().create(&job_row("mig-bad", "migrate", "host-a"), &[], &a)).unwrap();
+        reg.repos().call_blocking(move |r| r.jobs().create(&job_row("mig-ok", "migrate", "host-b"), &[], &a2)).unwrap();
+        raw.execute("UPDATE jobs SET power_evidence = 'maybe' WHERE id = 'mig-bad'", []).unwrap();
+        assert_eq!(engine.resume_all().await.unwrap(), 1, "the good job resumes, the corrupt one does not");
         let alarms: Vec<_> = reg.active_alarms().into_iter().filter(|a| a.1 == "job-corrupt").collect();
         assert_eq!(alarms.len(), 1, "{alarms:?}");
         assert_eq!(alarms[0].0, "host-a");
         assert!(alarms[0].2.contains("mig-bad") && alarms[0].2.contains("power_evidence"), "{alarms:?}");
         // Read per step, the row refuses (the job pauses; never a guess).
-        assert!(matches!(reg.db(|s| s.job("mig-bad")), Err(StoreError::CorruptValue { column: "power_evidence", .. })));
+        let e = reg.repos().call_blocking(move |r| r.jobs().get("mig-bad")).unwrap_err();
+        assert!(e.is_corrupt() && e.to_string().contains("power_evidence"), "{e}");
     }
 }

@@ -331,7 +331,7 @@ mod tests {
     }
 
     fn actions(reg: &Registry, action: &str) -> Vec<String> {
-        let log = reg.db(|s| s.read_audit(&AuditFilter::default())).unwrap();
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&AuditFilter::default())).unwrap();
         log.into_iter().filter(|a| a.action == action).map(|a| a.vm).collect()
     }
 
@@ -347,7 +347,7 @@ mod tests {
     fn a_guest_gone_from_its_owner_is_kept_until_it_is_back_or_forgotten_and_other_removals_delete() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
-        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx.clone()).unwrap();
         let b = reg.open_session("b", "boot", tx.clone()).unwrap();
@@ -365,8 +365,8 @@ mod tests {
             job: "j".into(),
             complete: true,
         };
-        reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "b", "vm3", String::new()))).unwrap();
-        reg.refresh_owners().unwrap();
+        reg.repos().call_blocking(move |r| r.ownership().set_owner(&o, &AuditRow::by_controller("t", "b", "vm3", String::new()))).unwrap();
+        reg.refresh_owners_blocking().unwrap();
         reg.remove_guest("a", a, "u3").unwrap();
         assert!(reg.missing_uuids().is_empty(), "the source of a move is not the owner");
         // An operator undefines vm1 on a, its owner: kept, audited, alarmed.
@@ -387,7 +387,7 @@ mod tests {
         assert_eq!(missing_alarms(&reg).len(), 2);
         // A restart keeps them.
         drop(reg);
-        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
         assert_eq!(reg.missing_uuids(), ["u1", "u2"]);
         let names: Vec<(String, bool)> = reg
             .list_guests(None, None, false)
@@ -425,7 +425,7 @@ mod tests {
 
     #[test]
     fn a_guest_running_elsewhere_is_not_missing_and_pages_cover_missing_guests_once() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx.clone()).unwrap();
         let b = reg.open_session("b", "boot", tx).unwrap();
@@ -455,11 +455,11 @@ mod tests {
 #[cfg(test)]
 mod unfinished_owner_tests {
     use super::super::*;
-    use crate::store::OwnerRow;
+    use crate::ports::OwnerRow;
 
     #[test]
     fn the_last_copy_is_kept_when_an_unfinished_move_names_another_owner() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
         let off = |u: &str, n: &str| Guest {
@@ -484,9 +484,9 @@ mod unfinished_owner_tests {
                 job: "j".into(),
                 complete: false,
             };
-            reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "b", u, String::new()))).unwrap();
+            reg.repos().call_blocking(move |r| r.ownership().set_owner(&o, &AuditRow::by_controller("t", "b", u, String::new()))).unwrap();
         }
-        reg.refresh_owners().unwrap();
+        reg.refresh_owners_blocking().unwrap();
         reg.remove_guest("a", a, "u1").unwrap();
         assert_eq!(reg.missing_uuids(), ["u1"], "a holds the only copy: undefined by hand, it is kept");
         // While the job still acts on it, the source's undefine is the job's own.
@@ -502,7 +502,7 @@ mod libvirt_down_tests {
 
     #[test]
     fn an_inventory_without_libvirt_or_from_a_host_two_agents_claim_proves_no_absence() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
         let off =
@@ -514,15 +514,15 @@ mod libvirt_down_tests {
         let l = reg.list_guests(Some("a"), None, false).unwrap();
         assert_eq!((l.len(), l[0].missing), (1, false), "kept as last reported");
         // Two agents claim a: whichever answers may be the other machine.
-        reg.raise_alarm("a", "duplicate-agent", "two agents").unwrap();
+        reg.raise_alarm_blocking("a", "duplicate-agent", "two agents").unwrap();
         let up = HostInfo { host_id: "a".into(), ..Default::default() };
         reg.apply_inventory("a", a, Inventory { host: Some(up.clone()), guests: vec![], more: false }).unwrap();
         reg.remove_guest("a", a, "u1").unwrap();
         assert!(reg.missing_uuids().is_empty());
         assert_eq!(reg.list_guests(Some("a"), None, false).unwrap().len(), 1, "kept as last reported");
-        reg.reload_alarms().unwrap();
-        reg.db(|s| s.clear_alarms("a", "duplicate-agent")).unwrap();
-        reg.reload_alarms().unwrap();
+        reg.reload_alarms_blocking().unwrap();
+        reg.repos().call_blocking(move |r| r.alarms().clear("a", "duplicate-agent")).unwrap();
+        reg.reload_alarms_blocking().unwrap();
         reg.apply_inventory("a", a, Inventory { host: Some(up), guests: vec![], more: false }).unwrap();
         assert_eq!(reg.missing_uuids(), ["u1"], "a connected libvirt without it: missing");
     }

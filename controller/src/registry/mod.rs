@@ -889,7 +889,7 @@ mod tests {
 
     #[test]
     fn an_inventory_with_an_invalid_guest_is_refused_whole() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         reg.apply_inventory("h", sid, Inventory { host: None, guests: vec![g("u0", "vm0")], more: false }).unwrap();
@@ -904,7 +904,7 @@ mod tests {
 
     #[test]
     fn definitions_stay_in_the_database_and_unchanged_guests_are_not_rewritten() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let with_def = |u: &str, n: &str, state: i32| Guest {
@@ -928,13 +928,13 @@ mod tests {
             inv(vec![with_def("u1", "vm1", 1), with_def("u2", "vm2", 6), with_def("u3", "vm3", 1)]),
         )
         .unwrap();
-        let rows = reg.db(|s| s.guests()).unwrap();
+        let rows = reg.repos().call_blocking(move |r| r.guests().all()).unwrap();
         let updated = |u: &str| rows.iter().find(|r| r.guest.uuid == u).unwrap().updated_ms;
         assert_eq!(updated("u1"), t1, "an unchanged guest is not written again");
         assert!(updated("u2") > t1 && updated("u3") > t1);
         assert_eq!(rows.iter().find(|r| r.guest.uuid == "u2").unwrap().guest.state, 6);
         reg.apply_inventory("h", sid, inv(vec![with_def("u3", "vm3", 1)])).unwrap();
-        let rows = reg.db(|s| s.guests()).unwrap();
+        let rows = reg.repos().call_blocking(move |r| r.guests().all()).unwrap();
         assert_eq!(
             rows.iter().map(|r| r.guest.uuid.as_str()).collect::<Vec<_>>(),
             ["u3"],
@@ -959,12 +959,12 @@ mod tests {
 
     #[test]
     fn autostart_switched_on_outside_lifeboat_is_logged_once_leases_were_sent() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let on = |a: bool| Guest { autostart: a, ..g("u1", "vm1") };
         let logged = || {
-            reg.db(|s| s.read_audit(&crate::store::AuditFilter::default()))
+            reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default()))
                 .unwrap()
                 .into_iter()
                 .filter(|a| a.action == "guest.autostart_enabled")
@@ -981,14 +981,14 @@ mod tests {
         // Still on (another change of the same guest): not logged again.
         reg.apply_guest("h", sid, Guest { state: 1, ..on(true) }).unwrap();
         assert_eq!(logged(), 1);
-        let row = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap().pop().unwrap();
+        let row = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap().pop().unwrap();
         assert_eq!((row.host.as_str(), row.vm.as_str()), ("h", "vm1"));
         assert!(row.detail.contains("outside Lifeboat"), "{}", row.detail);
     }
 
     #[test]
     fn pages_of_guests_cover_every_guest_once_in_order() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         // 250 hosts (more than one lock chunk), some without guests.
         for h in 0..250 {
@@ -1031,7 +1031,7 @@ mod tests {
 
     #[test]
     fn a_superseded_session_cannot_change_anything() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let old = reg.open_session("h", "boot", tx.clone()).unwrap();
         let new = reg.open_session("h", "boot", tx).unwrap();
@@ -1045,7 +1045,7 @@ mod tests {
 
     #[test]
     fn a_takeover_closes_the_old_session_and_two_live_agents_at_two_addresses_raise_one_alarm() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let a: std::net::SocketAddr = "10.0.0.1:4000".parse().unwrap();
         let b: std::net::SocketAddr = "10.0.0.9:5000".parse().unwrap();
@@ -1069,7 +1069,7 @@ mod tests {
 
     #[test]
     fn one_uuid_has_one_owner_and_a_newer_claim_rebuilds_an_older_record() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let running = |u: &str, n: &str| Guest { state: GuestState::Running as i32, ..g(u, n) };
         let inv = |gs: Vec<Guest>| Inventory { host: None, guests: gs, more: false };
@@ -1097,7 +1097,7 @@ mod tests {
         reg.apply_guest("b", sb, claimed).unwrap();
         assert_eq!(reg.owner_generation("u3"), 3);
         assert!(reg.active_alarms().iter().any(|a| a.1 == "store-behind-hosts" && a.0 == "b"));
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(log.iter().any(|a| a.action == "ownership.rebuilt" && a.vm == "vm3"));
         // A generation out of range claims nothing, and the report is stored whole.
         let absurd = Guest { owner_host: "b".into(), owner_generation: u64::MAX, ..running("u9", "vm9") };
@@ -1124,14 +1124,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("c.db");
         {
-            let reg = Registry::load(Store::open(&db).unwrap(), Timing::default()).unwrap();
+            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&db).unwrap(), Timing::default()).unwrap();
             let (tx, _rx) = mpsc::channel(1);
             let sid = reg.open_session("h", "boot", tx).unwrap();
             // Last heard an hour before this controller stops.
             reg.heard_cell("h", sid).unwrap().store(now_unix_ms() - 3_600_000, Ordering::Relaxed);
             reg.close_session("h", sid);
         }
-        let reg = Registry::load(Store::open(&db).unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&db).unwrap(), Timing::default()).unwrap();
         let v = reg.host_view("h").unwrap();
         assert_eq!(v.liveness, Liveness::Reachable, "the startup grace");
         assert_eq!(v.silent_ms, None, "a forced migration's 'source silent' cannot pass now");
@@ -1141,10 +1141,10 @@ mod tests {
 
     #[test]
     fn the_reconciler_holds_through_the_startup_grace_and_a_restore_until_every_host_reported() {
-        let store = Store::open_in_memory().unwrap();
+        let store = crate::store::Store::open_in_memory().unwrap();
         store.raise_alarm("controller", "store-restored", "restored from b.db").unwrap();
         let t = Timing { heartbeat_interval_ms: 100, unreachable_after_ms: 300 };
-        let reg = Registry::load(store, t).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_on(store).unwrap(), t).unwrap();
         let now = now_unix_ms();
         assert!(reg.hold(now).unwrap().contains("startup grace"));
         let (tx, _rx) = mpsc::channel(1);
@@ -1154,14 +1154,14 @@ mod tests {
         let later = now + 1000;
         let why = reg.hold(later).unwrap();
         assert!(why.contains("restored") && why.contains('b') && !why.contains("a,"), "{why}");
-        reg.set_status("b", HostStatus::Offline, "gone", "test").unwrap();
+        reg.set_status_blocking("b", HostStatus::Offline, "gone", "test").unwrap();
         assert_eq!(reg.hold(later), None, "every host not OFFLINE reported");
         assert!(reg.active_alarms().is_empty(), "the alarm is cleared by its cause");
     }
 
     #[tokio::test]
     async fn a_host_two_agents_claim_is_sent_nothing_and_its_reports_judge_nothing() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let running = |u: &str, n: &str| Guest { state: GuestState::Running as i32, ..g(u, n) };
         let inv = |gs: Vec<Guest>| Inventory { host: None, guests: gs, more: false };
@@ -1190,7 +1190,7 @@ mod tests {
 
     #[test]
     fn one_host_holds_the_lease_of_a_guest_never_moved_and_an_unfinished_move_leases_nobody() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let st = |u: &str, running: bool| Guest {
             state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
@@ -1207,7 +1207,7 @@ mod tests {
         reg.apply_guest("b", sb, st("u1", true)).unwrap();
         assert!(leased("b") && !leased("a"), "the one running copy is the guest");
         // An unfinished move whose job ended: nobody is leased, nothing is stopped.
-        let row = crate::store::OwnerRow {
+        let row = crate::ports::OwnerRow {
             uuid: "u1".into(),
             host: "a".into(),
             generation: 1,
@@ -1215,8 +1215,8 @@ mod tests {
             job: "j".into(),
             complete: false,
         };
-        reg.db(|s| s.set_owner(&row, &AuditRow::by_controller("test", "a", "vm1", String::new()))).unwrap();
-        reg.refresh_owners().unwrap();
+        reg.repos().call_blocking(move |r| r.ownership().set_owner(&row, &AuditRow::by_controller("test", "a", "vm1", String::new()))).unwrap();
+        reg.refresh_owners_blocking().unwrap();
         assert!(!leased("a") && !leased("b"));
         assert_eq!(Registry::owner_view(&reg.lock(), "u1", "b"), Some(OwnerView::Unsure));
         // While its job runs, the target holds it.
@@ -1226,7 +1226,7 @@ mod tests {
 
     #[test]
     fn a_changed_memory_total_reaches_the_planners_view_and_the_store() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let info = |mib: u64| HostInfo { host_id: "h".into(), memory_total_kib: mib * 1024, ..Default::default() };
@@ -1236,12 +1236,12 @@ mod tests {
         reg.apply_host("h", sid, info(8192)).unwrap();
         assert_eq!(reg.host_view("h").unwrap().memory_total_kib, 8192 * 1024, "plans use the new total");
         assert_eq!(reg.host_views_for(&[])[0].memory_total_kib, 8192 * 1024);
-        assert_eq!(reg.db(|s| s.host("h")).unwrap().unwrap().info.memory_total_kib, 8192 * 1024, "and it is stored");
+        assert_eq!(reg.repos().call_blocking(move |r| r.hosts().get("h")).unwrap().unwrap().info.memory_total_kib, 8192 * 1024, "and it is stored");
     }
 
     #[test]
     fn guests_reporting_u64_max_memory_saturate_the_running_figure_instead_of_panicking_or_wrapping() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let huge = |u: &str| Guest {
@@ -1265,7 +1265,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lifeboat.db");
         {
-            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
             let (tx, _rx) = mpsc::channel(1);
             let sa = reg.open_session("a", "boot", tx.clone()).unwrap();
             let _sb = reg.open_session("b", "boot", tx).unwrap();
@@ -1277,7 +1277,7 @@ mod tests {
             };
             reg.apply_inventory("a", sa, inv).unwrap();
             assert_eq!(reg.lease_set("a").len(), 4);
-            reg.flush().unwrap();
+            reg.flush_blocking().unwrap();
         }
         {
             // What the tester did by hand, and worse: a guest that overflows,
@@ -1292,8 +1292,8 @@ mod tests {
             c.execute("UPDATE desired SET state = 'sideways' WHERE uuid = 'u4'", []).unwrap();
             c.execute("UPDATE hosts SET info = x'ff' WHERE host_id = 'b'", []).unwrap();
         }
-        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
-        let q = reg.db(|s| s.quarantined()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
+        let q = reg.repos().call_blocking(move |r| r.quarantine().list()).unwrap();
         let keys: Vec<(String, String)> = q.iter().map(|q| (q.table.clone(), q.key.clone())).collect();
         assert_eq!(keys.len(), 5, "{keys:?}");
         for k in [("hosts", "b"), ("owners", "u3"), ("desired", "u4"), ("guests", "a/u1"), ("guests", "a/u2")] {
@@ -1319,8 +1319,8 @@ mod tests {
         assert!(reg.lease_set("a").is_empty(), "{:?}", reg.lease_set("a"));
         // A second start on the same database loads cleanly, the guests still blocked.
         drop(reg);
-        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
-        assert_eq!(reg.db(|s| s.quarantined()).unwrap().len(), 5);
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
+        assert_eq!(reg.repos().call_blocking(move |r| r.quarantine().list()).unwrap().len(), 5);
         assert!(["u1", "u2", "u3", "u4"].iter().all(|u| reg.is_quarantined(u)));
     }
 
@@ -1329,11 +1329,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lifeboat.db");
         {
-            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
             let (tx, _rx) = mpsc::channel(1);
             let _s = reg.open_session("b", "boot", tx).unwrap();
             assert_eq!(reg.status_of("b"), Some(HostStatus::Available));
-            reg.flush().unwrap();
+            reg.flush_blocking().unwrap();
         }
         for bad in ["'available'", "'DEAD'", "NULL", "7"] {
             let c = rusqlite::Connection::open(&path).unwrap();
@@ -1342,9 +1342,9 @@ mod tests {
                 continue;
             }
             drop(c);
-            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
             assert_eq!(reg.status_of("b"), Some(HostStatus::Maintenance), "{bad}: never AVAILABLE");
-            let q = reg.db(|s| s.quarantined()).unwrap();
+            let q = reg.repos().call_blocking(move |r| r.quarantine().list()).unwrap();
             let last = q.last().unwrap();
             assert_eq!((last.table.as_str(), last.key.as_str()), ("hosts", "b"), "{bad}");
             assert!(last.reason.contains("status"), "{bad}: {}", last.reason);

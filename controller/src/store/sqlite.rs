@@ -46,6 +46,12 @@ impl SqliteRepos {
         Repos::start(Box::new(SqliteRepos::new(Store::open(path)?)))
     }
 
+    /// The store thread on an open store (tests that prepare a database
+    /// through the store itself first).
+    pub fn start_on(store: Store) -> RepoResult<Repos> {
+        Repos::start(Box::new(SqliteRepos::new(store)))
+    }
+
     /// An in-memory database on its own store thread (tests).
     pub fn start_in_memory() -> RepoResult<Repos> {
         Repos::start(Box::new(SqliteRepos::new(Store::open_in_memory()?)))
