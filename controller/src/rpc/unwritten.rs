@@ -77,7 +77,11 @@ pub fn apply_once(reg: &Registry, host: &str, sid: SessionId, obs: Observation) 
 /// Whether an error is the database refusing a write (retried), not a
 /// record or request that cannot be used (reported, not retried).
 pub fn is_write_failure(e: &ControllerError) -> bool {
-    matches!(e, ControllerError::Storage(s) if s.is_write_failure())
+    match e {
+        ControllerError::Storage(s) => s.is_write_failure(),
+        ControllerError::Repo(r) => r.is_write_failure(),
+        _ => false,
+    }
 }
 
 /// One session's observations waiting for the database.
