@@ -5,8 +5,8 @@
 use lifeboat_proto::v1::Alarm;
 
 use crate::error::ControllerError;
-use crate::registry::Registry;
 use crate::ports::AuditRow;
+use crate::registry::Registry;
 
 /// Longest host id or alarm kind accepted, in bytes.
 pub const MAX_NAME: usize = 256;

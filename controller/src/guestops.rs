@@ -15,8 +15,8 @@ use tracing::info;
 use crate::alarms::{MAX_NAME, MAX_REASON};
 use crate::domain::host::HostStatus;
 use crate::error::{ControllerError, refusal};
-use crate::registry::Registry;
 use crate::ports::{AuditRow, OwnerRow};
+use crate::registry::Registry;
 
 /// Held for the whole of a restore (checks, record, define, start).
 static RESTORES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -456,7 +456,9 @@ pub async fn restore(
         "guest.restored",
         &target,
         &name,
-        format!("defined {name} ({uuid}) on {target} ({outcome}), autostart off, owner generation {generation}; reason: {reason}"),
+        format!(
+            "defined {name} ({uuid}) on {target} ({outcome}), autostart off, owner generation {generation}; reason: {reason}"
+        ),
     );
     reg.repos().audit(move |l| l.append(&a)).await?;
     // The agent reports the new definition; that clears the missing mark.
@@ -773,7 +775,9 @@ mod tests {
             job: String::new(),
             complete: true,
         };
-        reg.record_restore_owner(&o, "running", &AuditRow::by_controller("t", "a", "vm1", String::new())).await.unwrap();
+        reg.record_restore_owner(&o, "running", &AuditRow::by_controller("t", "a", "vm1", String::new()))
+            .await
+            .unwrap();
         reg.claim_for_restore("u1", "restore-u1", "a", "a").unwrap();
         assert_eq!(
             reg.claim_for_restore("u1", "restore-u1", "a", "a"),
@@ -787,7 +791,11 @@ mod tests {
         reg.clear_in_job("mig-7");
         assert!(reg.job_of("u1").is_none());
         let moved = OwnerRow { host: "c".into(), generation: 2, complete: false, ..o.clone() };
-        reg.repos().call_blocking(move |r| r.ownership().set_owner(&moved, &AuditRow::by_controller("t", "c", "vm1", String::new()))).unwrap();
+        reg.repos()
+            .call_blocking(move |r| {
+                r.ownership().set_owner(&moved, &AuditRow::by_controller("t", "c", "vm1", String::new()))
+            })
+            .unwrap();
         reg.refresh_owners().await.unwrap();
         let e = still_ours(&reg, "u1", "vm1", "a", 1, "x").unwrap_err().to_string();
         assert!(e.contains("changed to c, generation 2, unfinished"), "{e}");
@@ -807,7 +815,18 @@ mod tests {
             job: "mig-1".into(),
         };
         let w_stored = w.clone();
-        reg.repos().call_blocking(move |r| r.jobs().end_with_waiting("mig-1", crate::domain::job::JobState::Partial, "", None, std::slice::from_ref(&w_stored), &[])).unwrap();
+        reg.repos()
+            .call_blocking(move |r| {
+                r.jobs().end_with_waiting(
+                    "mig-1",
+                    crate::domain::job::JobState::Partial,
+                    "",
+                    None,
+                    std::slice::from_ref(&w_stored),
+                    &[],
+                )
+            })
+            .unwrap();
         crate::waiting::raise(&reg, std::slice::from_ref(&w), &[]).await.unwrap();
         {
             let _busy = RESTORES.lock().await;
@@ -815,7 +834,10 @@ mod tests {
             assert!(e.contains("no-restore"), "{e}");
         }
         forget(&reg, &fr, "olga").unwrap();
-        assert!(reg.repos().call_blocking(move |r| r.jobs().waiting()).unwrap().is_empty(), "a forgotten guest waits no more");
+        assert!(
+            reg.repos().call_blocking(move |r| r.jobs().waiting()).unwrap().is_empty(),
+            "a forgotten guest waits no more"
+        );
         let kinds: Vec<String> = reg.active_alarms().into_iter().map(|a| a.1).collect();
         assert!(kinds.is_empty(), "{kinds:?}");
         let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
@@ -888,7 +910,11 @@ mod tests {
                 job: "mig-2".into(),
                 complete: true,
             };
-            reg.repos().call_blocking(move |r| r.ownership().set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+            reg.repos()
+                .call_blocking(move |r| {
+                    r.ownership().set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))
+                })
+                .unwrap();
             reg.remove_guest("a", a, "u1").unwrap();
             reg.flush().await.unwrap();
         }
@@ -924,7 +950,10 @@ mod tests {
         assert!(e.contains("quarantined") && e.contains("docs/security.md"), "{e}");
         // Refusals change nothing: still missing, no owner row written, nothing audited as done.
         assert_eq!(reg.missing_uuids(), ["u1"]);
-        assert!(reg.owner_row("u1").is_none() && reg.repos().call_blocking(move |r| r.ownership().owners()).unwrap().is_empty());
+        assert!(
+            reg.owner_row("u1").is_none()
+                && reg.repos().call_blocking(move |r| r.ownership().owners()).unwrap().is_empty()
+        );
         let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(!log.iter().any(|x| x.action.starts_with("guest.restore") || x.action == "guest.forgotten"), "{log:?}");
     }

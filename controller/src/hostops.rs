@@ -14,8 +14,8 @@ use tracing::info;
 use crate::domain::host::HostStatus;
 use crate::error::ControllerError;
 use crate::migrate::engine::Engine;
-use crate::registry::Registry;
 use crate::ports::{AuditRow, MoveRow};
+use crate::registry::Registry;
 
 use crate::error::check;
 
@@ -218,10 +218,8 @@ fn finish(mut p: CleanupPlan) -> CleanupPlan {
 async fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInput, ControllerError> {
     let view = reg.host_view(host);
     let h = host.to_string();
-    let (moves, owners, active) = reg
-        .repos()
-        .call(move |r| Ok((r.jobs().moves_from(&h)?, r.ownership().owners()?, r.jobs().active()?)))
-        .await?;
+    let (moves, owners, active) =
+        reg.repos().call(move |r| Ok((r.jobs().moves_from(&h)?, r.ownership().owners()?, r.jobs().active()?))).await?;
     let owners = owners.into_iter().map(|o| (o.uuid, o.host)).collect();
     let active_job = active.into_iter().find(|j| j.source == host).map(|j| j.id);
     Ok(CleanupInput {
@@ -528,7 +526,11 @@ mod tests {
             reg.apply_inventory("a", sid, Inventory { host: None, guests: vec![live.clone()], more: false }).unwrap();
         };
         {
-            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), crate::domain::host::Timing::default()).unwrap();
+            let reg = Registry::load(
+                crate::store::sqlite::SqliteRepos::start(&path).unwrap(),
+                crate::domain::host::Timing::default(),
+            )
+            .unwrap();
             report(&reg);
             let job = JobRow {
                 id: "j1".into(),
@@ -546,7 +548,11 @@ mod tests {
             };
             let (m, _) = mv("u1", "vm1");
             let m = MoveRow { job_id: "j1".into(), ..m };
-            reg.repos().call_blocking(move |r| r.jobs().create(&job, &[m], &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+            reg.repos()
+                .call_blocking(move |r| {
+                    r.jobs().create(&job, &[m], &AuditRow::by_controller("t", "a", "vm1", String::new()))
+                })
+                .unwrap();
             let back = OwnerRow {
                 uuid: "u1".into(),
                 host: "a".into(),
@@ -555,7 +561,11 @@ mod tests {
                 job: "j2".into(),
                 complete: true,
             };
-            reg.repos().call_blocking(move |r| r.ownership().set_owner(&back, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+            reg.repos()
+                .call_blocking(move |r| {
+                    r.ownership().set_owner(&back, &AuditRow::by_controller("t", "a", "vm1", String::new()))
+                })
+                .unwrap();
             reg.refresh_owners_blocking().unwrap();
             let p = futures::executor::block_on(cleanup_plan(&reg, "a", false)).unwrap();
             assert_eq!(p.items[0].action, "skip", "{p:?}");
@@ -565,7 +575,11 @@ mod tests {
             .unwrap()
             .execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", [])
             .unwrap();
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), crate::domain::host::Timing::default()).unwrap();
+        let reg = Registry::load(
+            crate::store::sqlite::SqliteRepos::start(&path).unwrap(),
+            crate::domain::host::Timing::default(),
+        )
+        .unwrap();
         assert!(reg.is_quarantined("u1"));
         report(&reg);
         for destroy_running in [false, true] {

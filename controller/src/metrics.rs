@@ -224,7 +224,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_metrics_endpoint_holds_at_most_its_cap_of_connections() {
-        let reg = Arc::new(Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap());
+        let reg = Arc::new(
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap(),
+        );
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let server = tokio::spawn(serve(reg, l));
@@ -248,7 +250,8 @@ mod tests {
 
     #[test]
     fn alarms_and_hosts_are_exposed() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
         reg.open_session("host-a", "boot", tx).unwrap();
         reg.raise_alarm_blocking("host-a", "split-brain", "came back with the same boot id").unwrap();

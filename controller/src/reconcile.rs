@@ -13,8 +13,8 @@ use lifeboat_proto::holds_disk;
 use lifeboat_proto::v1::{GrantLeases, Lease, StartGuest, StopGuest, command::Kind};
 use tracing::{info, warn};
 
-use crate::registry::Registry;
 use crate::ports::AuditRow;
+use crate::registry::Registry;
 
 pub use crate::domain::view::{HostSnapshot, OwnerView};
 

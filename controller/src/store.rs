@@ -1021,7 +1021,13 @@ impl Store {
 
 /// A bad row keyed by the UUID in its first column, with its host in
 /// the second and no blob.
-fn bad_row_by_uuid(table: &'static str, rowid: i64, cols: &[&str], v: &[rusqlite::types::Value], reason: String) -> BadRow {
+fn bad_row_by_uuid(
+    table: &'static str,
+    rowid: i64,
+    cols: &[&str],
+    v: &[rusqlite::types::Value],
+    reason: String,
+) -> BadRow {
     let uuid = v.first().and_then(text).unwrap_or_default();
     BadRow {
         table,

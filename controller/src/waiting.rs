@@ -21,8 +21,8 @@ use tracing::{info, warn};
 use crate::domain::host::HostStatus;
 use crate::domain::job::MoveState;
 use crate::error::ControllerError;
-use crate::registry::Registry;
 use crate::ports::{AuditRow, MoveRow, OwnerRow, RepoError, WaitingRow};
+use crate::registry::Registry;
 
 /// Alarm kind raised on a host for each guest waiting to run there again.
 pub const GUESTS_WAITING: &str = "guests-waiting";
@@ -155,12 +155,7 @@ pub async fn raise(reg: &Registry, rows: &[WaitingRow], before: &[WaitingRow]) -
 
 /// After a job's end was written: the guests it moved no longer wait, so
 /// their alarms are cleared (the rows went with the job's end).
-pub async fn clear_moved(
-    reg: &Registry,
-    before: &[WaitingRow],
-    moved: &[String],
-    job: &str,
-) -> Result<(), RepoError> {
+pub async fn clear_moved(reg: &Registry, before: &[WaitingRow], moved: &[String], job: &str) -> Result<(), RepoError> {
     for w in before.iter().filter(|w| moved.contains(&w.uuid)) {
         let why = format!("job {job} moved {}", w.name);
         reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), &why).await?;
@@ -865,7 +860,11 @@ pub(crate) mod tests {
                             job: "mig-8".into(),
                             complete: true,
                         };
-                        reg.repos().call_blocking(move |r| r.ownership().set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+                        reg.repos()
+                            .call_blocking(move |r| {
+                                r.ownership().set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))
+                            })
+                            .unwrap();
                         reg.refresh_owners().await.unwrap();
                     }
                     ("start", Then::RunThenClose) => {
@@ -901,7 +900,12 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn actions(reg: &Registry) -> Vec<String> {
-        reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap().into_iter().map(|a| a.action).collect()
+        reg.repos()
+            .call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default()))
+            .unwrap()
+            .into_iter()
+            .map(|a| a.action)
+            .collect()
     }
 
     async fn start(reg: &Registry) -> Result<GuestRecord, ControllerError> {

@@ -24,8 +24,8 @@ use crate::domain::job::{
 use crate::domain::{JobKind, PowerEvidence};
 use crate::error::ControllerError;
 use crate::fence::{BmcConfig, FenceConfigError, FenceEvent, Fencer, PowerState};
-use crate::registry::Registry;
 use crate::ports::{AuditRow, JobRow, MoveRow, OwnerRow, RepoError, RepoResult, Repositories, WaitingRow};
+use crate::registry::Registry;
 
 /// Default number of guests moved at once.
 pub const DEFAULT_PARALLEL: u32 = 4;
@@ -634,7 +634,8 @@ impl Engine {
                         self.set_job(&job, to, "", None).await?
                     }
                     Err(why) => {
-                        let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::FencingFailed).await? else {
+                        let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::FencingFailed).await?
+                        else {
                             return Ok(());
                         };
                         // A planned move may have stopped some guests before
@@ -1041,10 +1042,8 @@ impl Engine {
         self.reg.mark_fenced(&job.source).await?;
         if self.reg.status_of(&job.source) != Some(crate::domain::host::HostStatus::Offline) {
             let reason = format!("declared dead by forced migration job {}", job.id);
-            if let Err(e) = self
-                .reg
-                .set_status(&job.source, crate::domain::host::HostStatus::Offline, &reason, "controller")
-                .await
+            if let Err(e) =
+                self.reg.set_status(&job.source, crate::domain::host::HostStatus::Offline, &reason, "controller").await
             {
                 warn!(host = %job.source, "setting OFFLINE failed: {e}");
             }
@@ -1605,14 +1604,20 @@ mod tests {
         reg.repos().call_blocking(move |r| r.maintenance().set_read_only(true)).unwrap();
         let mut changes = engine.subscribe();
         tokio::spawn(engine.clone().run("mig-p".into()));
-        let paused =
-            until("the pause", || Some(futures::executor::block_on(engine.job_record("mig-p")).unwrap().paused).filter(|p| !p.is_empty())).await;
+        let paused = until("the pause", || {
+            Some(futures::executor::block_on(engine.job_record("mig-p")).unwrap().paused).filter(|p| !p.is_empty())
+        })
+        .await;
         assert!(paused.starts_with("paused since 20"), "{paused}");
         assert!(paused.contains("cannot be written") && paused.contains("readonly"), "{paused}");
         assert_eq!(changes.try_recv().unwrap(), "mig-p", "watchers are told of the pause");
         let r = futures::executor::block_on(engine.job_record("mig-p")).unwrap();
         assert_eq!(r.state.as_str(), "CREATED", "nothing moved while paused");
-        assert_eq!(futures::executor::block_on(engine.jobs(None, 10)).unwrap()[0].paused, paused, "the list shows it too");
+        assert_eq!(
+            futures::executor::block_on(engine.jobs(None, 10)).unwrap()[0].paused,
+            paused,
+            "the list shows it too"
+        );
         // A second retry keeps the first time it paused.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_eq!(futures::executor::block_on(engine.job_record("mig-p")).unwrap().paused, paused);
@@ -1646,7 +1651,10 @@ mod tests {
         let (_dir, raw, reg, engine) = new_engine_on_file();
         let mut row = job_row("mig-c", "migrate", "host-a");
         row.state = JobState::Moving;
-        reg.repos().call_blocking(move |r| r.jobs().create(&row, &[starting_move("mig-c")], &audit("olga", "x", "host-a", "", "mig-c", "")))
+        reg.repos()
+            .call_blocking(move |r| {
+                r.jobs().create(&row, &[starting_move("mig-c")], &audit("olga", "x", "host-a", "", "mig-c", ""))
+            })
             .unwrap();
         raw.execute("UPDATE moves SET memory_kib = -5 WHERE job_id = 'mig-c'", []).unwrap();
         tokio::spawn(engine.clone().run("mig-c".into()));
@@ -1655,8 +1663,12 @@ mod tests {
         assert!(paused.contains("cannot be used"), "{paused}");
         // Retries at 0.5, 1.5, 3.5 s: three of them, no resume among them.
         tokio::time::sleep(Duration::from_millis(4000)).await;
-        let log =
-            reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+        let log = reg
+            .repos()
+            .call_blocking(move |r| {
+                r.audit().read(&crate::ports::AuditFilter { limit: Some(1000), ..Default::default() })
+            })
+            .unwrap();
         let unpaused = log.iter().filter(|a| a.action == "job.unpaused").count();
         assert_eq!(unpaused, 0, "nothing resumed: {log:?}");
         let alarms: Vec<_> = log.iter().filter(|a| a.action == "alarm.job-paused").collect();
@@ -1667,7 +1679,10 @@ mod tests {
             "{}",
             alarms[0].detail
         );
-        assert_eq!(reg.repos().call_blocking(move |r| r.jobs().get("mig-c")).unwrap().unwrap().state.as_str(), "MOVING");
+        assert_eq!(
+            reg.repos().call_blocking(move |r| r.jobs().get("mig-c")).unwrap().unwrap().state.as_str(),
+            "MOVING"
+        );
         assert!(engine.paused.lock().unwrap().contains_key("mig-c"), "still paused");
 
         // The row is repaired (here: the move had failed): the job ends, the
@@ -1677,9 +1692,16 @@ mod tests {
             [],
         )
         .unwrap();
-        until("the job's end", || reg.repos().call_blocking(move |r| r.jobs().get("mig-c")).unwrap().filter(|j| j.state != JobState::Moving)).await;
-        let log =
-            reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+        until("the job's end", || {
+            reg.repos().call_blocking(move |r| r.jobs().get("mig-c")).unwrap().filter(|j| j.state != JobState::Moving)
+        })
+        .await;
+        let log = reg
+            .repos()
+            .call_blocking(move |r| {
+                r.audit().read(&crate::ports::AuditFilter { limit: Some(1000), ..Default::default() })
+            })
+            .unwrap();
         assert_eq!(log.iter().filter(|a| a.action == "job.unpaused").count(), 1, "{log:?}");
         assert!(!reg.active_alarms().iter().any(|a| a.1 == JOB_PAUSED), "{:?}", reg.active_alarms());
         assert!(!engine.paused.lock().unwrap().contains_key("mig-c"), "no longer paused");
@@ -1850,10 +1872,18 @@ mod tests {
         let mut row = job_row("mig-u", "migrate", "host-a");
         row.state = JobState::Moving;
         let m_stored = m.clone();
-        reg.repos().call_blocking(move |r| r.jobs().create(&row, std::slice::from_ref(&m_stored), &audit("olga", "x", "", "", "mig-u", ""))).unwrap();
+        reg.repos()
+            .call_blocking(move |r| {
+                r.jobs().create(&row, std::slice::from_ref(&m_stored), &audit("olga", "x", "", "", "mig-u", ""))
+            })
+            .unwrap();
         // The move recorded host-b as the new owner before it defined the guest there.
         let owner = OwnerRow { complete: false, ..engine.owner(&m, false) };
-        reg.repos().call_blocking(move |r| r.ownership().set_owner(&owner, &audit("controller", "guest.owner_recorded", "host-b", "vm-1", "mig-u", "")))
+        reg.repos()
+            .call_blocking(move |r| {
+                r.ownership()
+                    .set_owner(&owner, &audit("controller", "guest.owner_recorded", "host-b", "vm-1", "mig-u", ""))
+            })
             .unwrap();
         reg.refresh_owners().await.unwrap();
         let shut =
@@ -1959,7 +1989,13 @@ mod tests {
         engine.run_move(m, "olga", false).await.unwrap();
         let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-resumed")).unwrap().remove(0);
         assert_eq!((row.state.as_str(), row.error.as_str()), ("RUNNING", ""));
-        let owner = reg.repos().call_blocking(move |r| r.ownership().owners()).unwrap().into_iter().find(|o| o.uuid == row.uuid).unwrap();
+        let owner = reg
+            .repos()
+            .call_blocking(move |r| r.ownership().owners())
+            .unwrap()
+            .into_iter()
+            .find(|o| o.uuid == row.uuid)
+            .unwrap();
         assert_eq!((owner.host.as_str(), owner.generation, owner.complete), ("host-b", 3, true));
     }
 
@@ -1969,16 +2005,19 @@ mod tests {
         let path = dir.path().join("lifeboat.db");
         let m = starting_move("mig-q");
         {
-            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), crate::domain::host::Timing::default())
-                .unwrap();
+            let reg = Registry::load(
+                crate::store::sqlite::SqliteRepos::start(&path).unwrap(),
+                crate::domain::host::Timing::default(),
+            )
+            .unwrap();
             let mut row = job_row("mig-q", "migrate", "host-a");
             row.state = JobState::Moving;
             let stored = m.clone();
-        reg.repos()
-            .call_blocking(move |r| {
-                r.jobs().create(&row, std::slice::from_ref(&stored), &audit("olga", "x", "", "", "mig-q", ""))
-            })
-            .unwrap();
+            reg.repos()
+                .call_blocking(move |r| {
+                    r.jobs().create(&row, std::slice::from_ref(&stored), &audit("olga", "x", "", "", "mig-q", ""))
+                })
+                .unwrap();
         }
         // Its owner row (moved on since: generation 4) cannot be read at the restart.
         rusqlite::Connection::open(&path)
@@ -1986,7 +2025,11 @@ mod tests {
             .execute("INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES (?1, 'host-c', -4, 'host-b', 'mig-later', 1)", [&m.uuid])
             .unwrap();
         let reg = Arc::new(
-            Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), crate::domain::host::Timing::default()).unwrap(),
+            Registry::load(
+                crate::store::sqlite::SqliteRepos::start(&path).unwrap(),
+                crate::domain::host::Timing::default(),
+            )
+            .unwrap(),
         );
         assert!(reg.is_quarantined(&m.uuid));
         let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();
@@ -2047,7 +2090,8 @@ mod tests {
         *engine.test_event.lock().unwrap() = Some(MoveEvent::Started);
         tokio::spawn(engine.clone().run(id.into()));
         until("the job's end", || {
-            Some(futures::executor::block_on(engine.job_record(id)).unwrap()).filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
+            Some(futures::executor::block_on(engine.job_record(id)).unwrap())
+                .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
         // Time for a retry, were there one.
@@ -2114,7 +2158,9 @@ mod tests {
         let (reg, engine) = new_engine();
         let row = job_row("mig-j", "migrate", "host-a");
         let stored = row.clone();
-        reg.repos().call_blocking(move |r| r.jobs().create(&stored, &[], &audit("olga", "x", "", "", "mig-j", ""))).unwrap();
+        reg.repos()
+            .call_blocking(move |r| r.jobs().create(&stored, &[], &audit("olga", "x", "", "", "mig-j", "")))
+            .unwrap();
         let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::AllMoved).await.unwrap();
         assert_eq!(got, None, "no step taken");
         let r = futures::executor::block_on(engine.job_record("mig-j")).unwrap();
@@ -2125,7 +2171,9 @@ mod tests {
         // A valid one steps and writes nothing itself.
         let row = JobRow { id: "mig-k".into(), ..row };
         let row_stored = row.clone();
-        reg.repos().call_blocking(move |r| r.jobs().create(&row_stored, &[], &audit("olga", "x", "", "", "mig-k", ""))).unwrap();
+        reg.repos()
+            .call_blocking(move |r| r.jobs().create(&row_stored, &[], &audit("olga", "x", "", "", "mig-k", "")))
+            .unwrap();
         let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::Begin).await.unwrap();
         assert_eq!(got, Some((JobState::Fencing, vec![JobEffect::Fence])));
         assert_eq!(futures::executor::block_on(engine.job_record("mig-k")).unwrap().state, "CREATED");

@@ -130,12 +130,7 @@ impl Registry {
         }
     }
 
-    pub(super) fn set_host_info(
-        inner: &mut Inner,
-        host_id: &str,
-        mut info: HostInfo,
-        now: i64,
-    ) -> RepoResult<()> {
+    pub(super) fn set_host_info(inner: &mut Inner, host_id: &str, mut info: HostInfo, now: i64) -> RepoResult<()> {
         // The authenticated id wins over whatever the message says.
         info.host_id = host_id.to_string();
         let stored = info.clone();

@@ -71,13 +71,7 @@ impl Registry {
 
     /// Keeps the guests `uuids` gone from `host` as missing: their stored row
     /// moves to the missing table with an audit entry, and an alarm is raised.
-    pub(super) fn mark_gone(
-        inner: &mut Inner,
-        host: &str,
-        uuids: &[String],
-        now: i64,
-        how: &str,
-    ) -> RepoResult<()> {
+    pub(super) fn mark_gone(inner: &mut Inner, host: &str, uuids: &[String], now: i64, how: &str) -> RepoResult<()> {
         if uuids.is_empty() {
             return Ok(());
         }
@@ -107,13 +101,7 @@ impl Registry {
     /// by hand on another host (a hand cold move) is no longer missing; its
     /// mark and alarm are cleared, audited. Only a copy Lifeboat's records
     /// call stale (a move's source, which cleanup removes) does not count.
-    pub(super) fn note_back(
-        inner: &mut Inner,
-        host: &str,
-        uuid: &str,
-        name: &str,
-        state: i32,
-    ) -> RepoResult<()> {
+    pub(super) fn note_back(inner: &mut Inner, host: &str, uuid: &str, name: &str, state: i32) -> RepoResult<()> {
         let Some(r) = inner.missing.get(uuid) else { return Ok(()) };
         if Self::stale_on(inner, uuid, host) && !lifeboat_proto::holds_disk(state) {
             return Ok(());
@@ -365,7 +353,11 @@ mod tests {
             job: "j".into(),
             complete: true,
         };
-        reg.repos().call_blocking(move |r| r.ownership().set_owner(&o, &AuditRow::by_controller("t", "b", "vm3", String::new()))).unwrap();
+        reg.repos()
+            .call_blocking(move |r| {
+                r.ownership().set_owner(&o, &AuditRow::by_controller("t", "b", "vm3", String::new()))
+            })
+            .unwrap();
         reg.refresh_owners_blocking().unwrap();
         reg.remove_guest("a", a, "u3").unwrap();
         assert!(reg.missing_uuids().is_empty(), "the source of a move is not the owner");
@@ -425,7 +417,8 @@ mod tests {
 
     #[test]
     fn a_guest_running_elsewhere_is_not_missing_and_pages_cover_missing_guests_once() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx.clone()).unwrap();
         let b = reg.open_session("b", "boot", tx).unwrap();
@@ -459,7 +452,8 @@ mod unfinished_owner_tests {
 
     #[test]
     fn the_last_copy_is_kept_when_an_unfinished_move_names_another_owner() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
         let off = |u: &str, n: &str| Guest {
@@ -484,7 +478,11 @@ mod unfinished_owner_tests {
                 job: "j".into(),
                 complete: false,
             };
-            reg.repos().call_blocking(move |r| r.ownership().set_owner(&o, &AuditRow::by_controller("t", "b", u, String::new()))).unwrap();
+            reg.repos()
+                .call_blocking(move |r| {
+                    r.ownership().set_owner(&o, &AuditRow::by_controller("t", "b", u, String::new()))
+                })
+                .unwrap();
         }
         reg.refresh_owners_blocking().unwrap();
         reg.remove_guest("a", a, "u1").unwrap();
@@ -502,7 +500,8 @@ mod libvirt_down_tests {
 
     #[test]
     fn an_inventory_without_libvirt_or_from_a_host_two_agents_claim_proves_no_absence() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
         let off =

@@ -149,7 +149,8 @@ impl Registry {
             .map(|q| q.uuid)
             .filter(|u| !u.is_empty())
             .collect();
-        let alarms = repos.call_blocking(|r| r.alarms().list(false))?.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
+        let alarms =
+            repos.call_blocking(|r| r.alarms().list(false))?.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
         for (h, m) in &guests {
             if let Some(e) = hosts.get_mut(h) {
                 e.running_kib = running_kib(m.values().map(|g| (g.state, g.memory_kib)));
@@ -228,8 +229,7 @@ impl Registry {
     /// Re-reads active alarms from the store.
     pub fn reload_alarms_blocking(&self) -> RepoResult<()> {
         let mut inner = self.lock();
-        let a =
-            inner.db(|r| r.alarms().list(false))?.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
+        let a = inner.db(|r| r.alarms().list(false))?.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
         inner.alarms = a;
         Ok(())
     }
@@ -345,7 +345,7 @@ impl Registry {
                 known: inner.hosts.keys().cloned().collect(),
             });
         };
-        let old = e.row.status.clone();
+        let old = e.row.status;
         let a = AuditRow {
             actor: actor.into(),
             action: "host.status".into(),
@@ -586,13 +586,7 @@ impl Registry {
         i64::from(self.timing.unreachable_after_ms).saturating_mul(2)
     }
 
-    fn clear_by_cause_locked(
-        inner: &mut Inner,
-        host: &str,
-        kind: &str,
-        detail: &str,
-        why: &str,
-    ) -> RepoResult<()> {
+    fn clear_by_cause_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str, why: &str) -> RepoResult<()> {
         let (h, k, d) = (host.to_string(), kind.to_string(), detail.to_string());
         let a = AuditRow::by_controller("alarm.cleared", host, "", format!("{kind} alarm cleared: {why} ({detail})"));
         inner.db(move |r| {
@@ -736,7 +730,11 @@ impl Registry {
             let chunk = chunk.to_vec();
             self.repos.call_blocking(move |r| r.hosts().touch(&chunk))?;
         }
-        tracing::debug!(hosts = seen.len(), took_ms = t0.elapsed().as_millis() as u64, "last-seen times persisted");
+        tracing::debug!(
+            hosts = seen.len(),
+            took_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "last-seen times persisted"
+        );
         Ok(())
     }
 }
@@ -889,7 +887,8 @@ mod tests {
 
     #[test]
     fn an_inventory_with_an_invalid_guest_is_refused_whole() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         reg.apply_inventory("h", sid, Inventory { host: None, guests: vec![g("u0", "vm0")], more: false }).unwrap();
@@ -904,7 +903,8 @@ mod tests {
 
     #[test]
     fn definitions_stay_in_the_database_and_unchanged_guests_are_not_rewritten() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let with_def = |u: &str, n: &str, state: i32| Guest {
@@ -959,12 +959,14 @@ mod tests {
 
     #[test]
     fn autostart_switched_on_outside_lifeboat_is_logged_once_leases_were_sent() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let on = |a: bool| Guest { autostart: a, ..g("u1", "vm1") };
         let logged = || {
-            reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default()))
+            reg.repos()
+                .call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default()))
                 .unwrap()
                 .into_iter()
                 .filter(|a| a.action == "guest.autostart_enabled")
@@ -981,14 +983,20 @@ mod tests {
         // Still on (another change of the same guest): not logged again.
         reg.apply_guest("h", sid, Guest { state: 1, ..on(true) }).unwrap();
         assert_eq!(logged(), 1);
-        let row = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap().pop().unwrap();
+        let row = reg
+            .repos()
+            .call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default()))
+            .unwrap()
+            .pop()
+            .unwrap();
         assert_eq!((row.host.as_str(), row.vm.as_str()), ("h", "vm1"));
         assert!(row.detail.contains("outside Lifeboat"), "{}", row.detail);
     }
 
     #[test]
     fn pages_of_guests_cover_every_guest_once_in_order() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         // 250 hosts (more than one lock chunk), some without guests.
         for h in 0..250 {
@@ -1031,7 +1039,8 @@ mod tests {
 
     #[test]
     fn a_superseded_session_cannot_change_anything() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let old = reg.open_session("h", "boot", tx.clone()).unwrap();
         let new = reg.open_session("h", "boot", tx).unwrap();
@@ -1045,7 +1054,8 @@ mod tests {
 
     #[test]
     fn a_takeover_closes_the_old_session_and_two_live_agents_at_two_addresses_raise_one_alarm() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let a: std::net::SocketAddr = "10.0.0.1:4000".parse().unwrap();
         let b: std::net::SocketAddr = "10.0.0.9:5000".parse().unwrap();
@@ -1069,7 +1079,8 @@ mod tests {
 
     #[test]
     fn one_uuid_has_one_owner_and_a_newer_claim_rebuilds_an_older_record() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let running = |u: &str, n: &str| Guest { state: GuestState::Running as i32, ..g(u, n) };
         let inv = |gs: Vec<Guest>| Inventory { host: None, guests: gs, more: false };
@@ -1124,7 +1135,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("c.db");
         {
-            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&db).unwrap(), Timing::default()).unwrap();
+            let reg =
+                Registry::load(crate::store::sqlite::SqliteRepos::start(&db).unwrap(), Timing::default()).unwrap();
             let (tx, _rx) = mpsc::channel(1);
             let sid = reg.open_session("h", "boot", tx).unwrap();
             // Last heard an hour before this controller stops.
@@ -1161,7 +1173,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_host_two_agents_claim_is_sent_nothing_and_its_reports_judge_nothing() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let running = |u: &str, n: &str| Guest { state: GuestState::Running as i32, ..g(u, n) };
         let inv = |gs: Vec<Guest>| Inventory { host: None, guests: gs, more: false };
@@ -1190,7 +1203,8 @@ mod tests {
 
     #[test]
     fn one_host_holds_the_lease_of_a_guest_never_moved_and_an_unfinished_move_leases_nobody() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let st = |u: &str, running: bool| Guest {
             state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
@@ -1215,7 +1229,11 @@ mod tests {
             job: "j".into(),
             complete: false,
         };
-        reg.repos().call_blocking(move |r| r.ownership().set_owner(&row, &AuditRow::by_controller("test", "a", "vm1", String::new()))).unwrap();
+        reg.repos()
+            .call_blocking(move |r| {
+                r.ownership().set_owner(&row, &AuditRow::by_controller("test", "a", "vm1", String::new()))
+            })
+            .unwrap();
         reg.refresh_owners_blocking().unwrap();
         assert!(!leased("a") && !leased("b"));
         assert_eq!(Registry::owner_view(&reg.lock(), "u1", "b"), Some(OwnerView::Unsure));
@@ -1226,7 +1244,8 @@ mod tests {
 
     #[test]
     fn a_changed_memory_total_reaches_the_planners_view_and_the_store() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let info = |mib: u64| HostInfo { host_id: "h".into(), memory_total_kib: mib * 1024, ..Default::default() };
@@ -1236,12 +1255,17 @@ mod tests {
         reg.apply_host("h", sid, info(8192)).unwrap();
         assert_eq!(reg.host_view("h").unwrap().memory_total_kib, 8192 * 1024, "plans use the new total");
         assert_eq!(reg.host_views_for(&[])[0].memory_total_kib, 8192 * 1024);
-        assert_eq!(reg.repos().call_blocking(move |r| r.hosts().get("h")).unwrap().unwrap().info.memory_total_kib, 8192 * 1024, "and it is stored");
+        assert_eq!(
+            reg.repos().call_blocking(move |r| r.hosts().get("h")).unwrap().unwrap().info.memory_total_kib,
+            8192 * 1024,
+            "and it is stored"
+        );
     }
 
     #[test]
     fn guests_reporting_u64_max_memory_saturate_the_running_figure_instead_of_panicking_or_wrapping() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let huge = |u: &str| Guest {
@@ -1265,7 +1289,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lifeboat.db");
         {
-            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
+            let reg =
+                Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
             let (tx, _rx) = mpsc::channel(1);
             let sa = reg.open_session("a", "boot", tx.clone()).unwrap();
             let _sb = reg.open_session("b", "boot", tx).unwrap();
@@ -1329,7 +1354,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lifeboat.db");
         {
-            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
+            let reg =
+                Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
             let (tx, _rx) = mpsc::channel(1);
             let _s = reg.open_session("b", "boot", tx).unwrap();
             assert_eq!(reg.status_of("b"), Some(HostStatus::Available));
@@ -1342,7 +1368,8 @@ mod tests {
                 continue;
             }
             drop(c);
-            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
+            let reg =
+                Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
             assert_eq!(reg.status_of("b"), Some(HostStatus::Maintenance), "{bad}: never AVAILABLE");
             let q = reg.repos().call_blocking(move |r| r.quarantine().list()).unwrap();
             let last = q.last().unwrap();

@@ -147,7 +147,11 @@ impl Registry {
             let chunk = chunk.to_vec();
             self.repos.call(move |r| r.hosts().touch(&chunk)).await?;
         }
-        tracing::debug!(hosts = seen.len(), took_ms = t0.elapsed().as_millis() as u64, "last-seen times persisted");
+        tracing::debug!(
+            hosts = seen.len(),
+            took_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "last-seen times persisted"
+        );
         Ok(())
     }
 

@@ -18,8 +18,8 @@ use tracing::info;
 
 use crate::error::ControllerError;
 use crate::migrate::engine::Engine;
-use crate::registry::Registry;
 use crate::ports::AuditFilter;
+use crate::registry::Registry;
 
 /// The admin service.
 pub struct AdminService {

@@ -506,7 +506,8 @@ mod tests {
 
     #[test]
     fn pages_are_gathered_and_a_refused_inventory_stores_nothing_not_even_its_last_page() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let mut st = SessionIntake::new(0);
@@ -524,7 +525,8 @@ mod tests {
 
     #[test]
     fn removals_and_results_for_what_the_host_does_not_own_change_nothing() {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, mut _rx) = mpsc::channel(8);
         let (tx2, _rx2) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();

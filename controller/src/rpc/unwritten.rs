@@ -263,7 +263,8 @@ mod tests {
 
     /// A registry with host "h" on a session.
     fn session() -> (Registry, SessionId, mpsc::Receiver<Box<lifeboat_proto::v1::ControllerMessage>>) {
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         (reg, sid, rx)
@@ -326,7 +327,10 @@ mod tests {
         reg.repos().call_blocking(move |r| r.maintenance().set_read_only(false)).unwrap();
         un.apply(&reg, "h", sid, inv(), t0).unwrap();
         assert!(un.is_empty());
-        assert_eq!(reg.repos().call_blocking(move |r| r.guests().all()).unwrap()[0].guest.state, GuestState::Paused as i32);
+        assert_eq!(
+            reg.repos().call_blocking(move |r| r.guests().all()).unwrap()[0].guest.state,
+            GuestState::Paused as i32
+        );
     }
 
     #[test]
