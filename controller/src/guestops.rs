@@ -540,7 +540,7 @@ async fn start(
             elsewhere.join(", ")
         )));
     }
-    let grant = crate::reconcile::merged_lease(uuid, name, generation, lease_ttl_ms);
+    let grant = crate::domain::policy::merged_lease_at(uuid, name, generation, lease_ttl_ms, crate::now_ms());
     let step = |r: Result<lifeboat_proto::v1::CommandResult, ControllerError>, what: &str| match r {
         Ok(x) if x.ok => Ok(x.outcome),
         Ok(x) => Err(format!("{what} failed: {}", x.error)),

@@ -1153,7 +1153,8 @@ impl Engine {
         m: &MoveRow,
         planned: bool,
     ) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
-        let grant = crate::reconcile::merged_lease(&m.uuid, &m.name, m.generation, self.lease_ttl_ms);
+        let grant =
+            crate::domain::policy::merged_lease_at(&m.uuid, &m.name, m.generation, self.lease_ttl_ms, crate::now_ms());
         let r = self.call_target(&m.target, Kind::GrantLeases(grant), Some((m, planned))).await?;
         if !r.ok {
             return Ok(r);
