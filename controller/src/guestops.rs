@@ -18,6 +18,10 @@ use crate::error::{ControllerError, refusal};
 use crate::ports::{AuditRow, OwnerRow};
 use crate::registry::Registry;
 
+mod start;
+pub use start::start_vm;
+pub(crate) use start::{StartEnd, guarded_start};
+
 /// Held for the whole of a restore (checks, record, define, start).
 static RESTORES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -946,7 +950,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("ownership record is quarantined") && e.contains("docs/security.md"), "{e}");
-        let e = crate::waiting::start_vm(&reg, "vm1", "test", "olga", 3000).await.unwrap_err().to_string();
+        let e = crate::guestops::start_vm(&reg, "vm1", "test", "olga", 3000).await.unwrap_err().to_string();
         assert!(e.contains("quarantined") && e.contains("docs/security.md"), "{e}");
         // Refusals change nothing: still missing, no owner row written, nothing audited as done.
         assert_eq!(reg.missing_uuids(), ["u1"]);

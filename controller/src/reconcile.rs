@@ -398,7 +398,7 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             let job = format!("start-{uuid}");
             let (ok, outcome) = match crate::guestops::claim(reg, &uuid, &job, &host, &host) {
                 Err(other) => (false, format!("not started: {other} acts on it")),
-                Ok(_claim) => match crate::waiting::guarded_start(
+                Ok(_claim) => match crate::guestops::guarded_start(
                     reg,
                     &uuid,
                     &name,
@@ -410,15 +410,15 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                 )
                 .await
                 {
-                    crate::waiting::StartEnd::Started { outcome, .. } => (true, format!("started ({outcome})")),
-                    crate::waiting::StartEnd::Refused { check, detail } => {
+                    crate::guestops::StartEnd::Started { outcome, .. } => (true, format!("started ({outcome})")),
+                    crate::guestops::StartEnd::Refused { check, detail } => {
                         (false, format!("not started: check {check} failed: {detail}"))
                     }
-                    crate::waiting::StartEnd::GrantFailed(e) => {
+                    crate::guestops::StartEnd::GrantFailed(e) => {
                         (false, format!("not started: granting its lease failed: {e}"))
                     }
-                    crate::waiting::StartEnd::StartFailed(e) => (false, format!("start failed: {e}")),
-                    crate::waiting::StartEnd::Unknown(e) => {
+                    crate::guestops::StartEnd::StartFailed(e) => (false, format!("start failed: {e}")),
+                    crate::guestops::StartEnd::Unknown(e) => {
                         (false, format!("start got no answer ({e}); it may still start"))
                     }
                 },

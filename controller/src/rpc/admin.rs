@@ -250,7 +250,7 @@ impl Admin for AdminService {
         let r = req.into_inner();
         info!(operator = %name, vm = %r.vm, "guest start requested");
         Ok(Response::new(
-            crate::waiting::start_vm(&self.reg, &r.vm, &r.reason, &name, self.engine.lease_ttl_ms()).await?,
+            crate::guestops::start_vm(&self.reg, &r.vm, &r.reason, &name, self.engine.lease_ttl_ms()).await?,
         ))
     }
 
