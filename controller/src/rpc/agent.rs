@@ -108,7 +108,12 @@ impl AgentSession for AgentService {
         // Boxed: the queue's blocks hold 32 slots each, and a slot the size
         // of a whole message costs 5.7 KiB per session (heaptrack).
         let (tx, rx) = mpsc::channel::<Box<ControllerMessage>>(64);
-        let (sid, mut superseded) = self.reg.open_session_from(&cert_host, &hello.boot_id, tx.clone(), peer)?;
+        // It may write (a new host, a return from OFFLINE, an alarm) under the
+        // registry lock: on a blocking thread, never on an async worker.
+        let (reg, host, boot, stx) = (self.reg.clone(), cert_host.clone(), hello.boot_id.clone(), tx.clone());
+        let (sid, mut superseded) = tokio::task::spawn_blocking(move || reg.open_session_from(&host, &boot, stx, peer))
+            .await
+            .map_err(|e| ControllerError::Internal(format!("opening a session: {e}")))??;
         info!(host = %cert_host, ?peer, agent_version = %hello.agent_version, boot_id = %hello.boot_id, "agent session opened");
         let welcome = ControllerMessage {
             msg: Some(controller_message::Msg::Welcome(Welcome {
@@ -250,7 +255,9 @@ impl AgentSession for AgentService {
             if let Some(n) = unwritten.as_ref().map(Unwritten::len).filter(|n| *n > 0) {
                 warn!(host = %host, waiting = n, "session closed with observations the database had not taken; the agent's next session sends a whole inventory");
             }
-            reg.close_session(&host, sid);
+            // Writes the last-heard time: on a blocking thread.
+            let (closing, h) = (reg.clone(), host.clone());
+            let _ = tokio::task::spawn_blocking(move || closing.close_session(&h, sid)).await;
             info!(host = %host, "agent session closed");
         });
         // Ends as soon as another session takes the host over, with a status
