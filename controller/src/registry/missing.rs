@@ -222,6 +222,9 @@ impl Registry {
 
     /// Records a missing guest's owner before it is defined there (desired
     /// state with it), audited; the in-memory view follows.
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::record_restore_owner`].
     pub fn record_restore_owner_blocking(&self, o: &OwnerRow, desired: &str, audit: &AuditRow) -> RepoResult<()> {
         let mut inner = self.lock();
         let (row, d, a) = (o.clone(), desired.to_string(), audit.clone());

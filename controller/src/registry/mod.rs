@@ -222,11 +222,17 @@ impl Registry {
     }
 
     /// Raises an alarm (logged at ERROR, stored, audited) unless already active.
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::raise_alarm`].
     pub fn raise_alarm_blocking(&self, host: &str, kind: &str, detail: &str) -> RepoResult<()> {
         Self::raise_locked(&mut self.lock(), host, kind, detail)
     }
 
     /// Re-reads active alarms from the store.
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::reload_alarms`].
     pub fn reload_alarms_blocking(&self) -> RepoResult<()> {
         let mut inner = self.lock();
         let a = inner.db(|r| r.alarms().list(false))?.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
@@ -240,6 +246,9 @@ impl Registry {
     }
 
     /// Re-reads ownership records (after a move step changed them).
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::refresh_owners`].
     pub fn refresh_owners_blocking(&self) -> RepoResult<()> {
         let mut inner = self.lock();
         let owners: BTreeMap<String, OwnerRow> =
@@ -331,6 +340,9 @@ impl Registry {
     }
 
     /// Sets a host's status (checks are the caller's).
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::set_status`].
     pub fn set_status_blocking(
         &self,
         host_id: &str,
@@ -366,6 +378,9 @@ impl Registry {
     }
 
     /// Records the boot id a host has as it is fenced.
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::mark_fenced`].
     pub fn mark_fenced_blocking(&self, host_id: &str) -> RepoResult<()> {
         let mut inner = self.lock();
         let boot = inner.hosts.get(host_id).map(|e| e.row.info.boot_id.clone()).unwrap_or_default();
@@ -600,6 +615,9 @@ impl Registry {
     }
 
     /// Clears one alarm because its cause is gone (audited with `why`).
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::clear_alarm_by_cause`].
     pub fn clear_alarm_by_cause_blocking(&self, host: &str, kind: &str, detail: &str, why: &str) -> RepoResult<()> {
         Self::clear_by_cause_locked(&mut self.lock(), host, kind, detail, why)
     }
@@ -722,6 +740,9 @@ impl Registry {
     }
 
     /// Persists last-heard times, a chunk of hosts per lock hold.
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::flush`].
     pub fn flush_blocking(&self) -> RepoResult<()> {
         let seen: Vec<(String, i64)> =
             self.lock().hosts.iter().filter_map(|(id, e)| e.last_heard_ms().map(|t| (id.clone(), t))).collect();
@@ -862,6 +883,9 @@ impl Registry {
 impl Registry {
     /// Raises `kind` for `host`, or, when one is active, replaces its detail:
     /// one alarm per host and kind, showing the latest occurrence.
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::raise_or_refresh_alarm`].
     pub fn raise_or_refresh_alarm_blocking(&self, host: &str, kind: &str, detail: &str) -> RepoResult<()> {
         let mut inner = self.lock();
         let (h, k, d) = (host.to_string(), kind.to_string(), detail.to_string());
