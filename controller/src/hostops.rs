@@ -513,7 +513,7 @@ mod tests {
 
     #[test]
     fn a_guest_whose_owner_row_is_quarantined_is_never_cleaned_as_if_it_had_no_owner() {
-        use crate::store::{AuditRow, JobRow, OwnerRow};
+        use crate::ports::{AuditRow, JobRow, OwnerRow};
         use lifeboat_proto::v1::Inventory;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lifeboat.db");

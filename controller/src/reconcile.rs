@@ -666,7 +666,7 @@ mod tests {
         // Decided at generation 5; the record says 0 now: nothing is sent.
         act(&reg, &attempts, start(5), 3000).await;
         assert!(drain(&mut seen).is_empty());
-        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::store::AuditFilter::default())).unwrap();
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(
             log.iter().any(|x| x.action == "guest.waiting_start" && x.detail.contains("check owner unchanged failed")),
             "{log:?}"

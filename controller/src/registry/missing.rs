@@ -305,7 +305,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::super::*;
-    use crate::store::{AuditFilter, OwnerRow};
+    use crate::ports::{AuditFilter, OwnerRow};
 
     fn off(uuid: &str, name: &str) -> Guest {
         Guest {
