@@ -5,8 +5,8 @@
 use lifeboat_proto::v1::Alarm;
 
 use crate::error::ControllerError;
+use crate::ports::AuditRow;
 use crate::registry::Registry;
-use crate::store::AuditRow;
 
 /// Longest host id or alarm kind accepted, in bytes.
 pub const MAX_NAME: usize = 256;
@@ -32,15 +32,17 @@ pub fn clear(reg: &Registry, host: &str, kind: &str, reason: &str, actor: &str) 
         detail,
         ..Default::default()
     };
-    let cleared = reg.db(|s| s.clear_alarms_audited(host, kind, &audit))?;
+    // Runs on a blocking thread (the admin handler's `spawn_blocking`).
+    let (h, k) = (host.to_string(), kind.to_string());
+    let cleared = reg.repos().call_blocking(move |r| r.alarms().clear_audited(&h, &k, &audit))?;
     if cleared.is_empty() {
         return Err(ControllerError::Refused(nothing_matched(host, kind, &reg.active_alarms())));
     }
-    reg.reload_alarms()?;
+    reg.reload_alarms_blocking()?;
     let now = crate::now_ms();
     Ok(cleared
         .into_iter()
-        .map(|(id, at, detail)| Alarm {
+        .map(|crate::ports::ClearedAlarm { id, at_ms: at, detail }| Alarm {
             id,
             at_unix_ms: at,
             host: host.into(),

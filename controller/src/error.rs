@@ -35,6 +35,9 @@ pub enum ControllerError {
     /// Database failure.
     #[error("database error: {0}")]
     Storage(#[from] crate::store::StoreError),
+    /// Repository failure (whatever the backend).
+    #[error("database error: {0}")]
+    Repo(#[from] crate::ports::RepoError),
     /// A bug or a crashed worker, not the caller's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -68,6 +71,8 @@ impl From<ControllerError> for Status {
             ControllerError::AgentUnavailable(_) => Status::unavailable(msg),
             ControllerError::Refused(_) => Status::failed_precondition(msg),
             ControllerError::Storage(crate::store::StoreError::Busy { .. }) => Status::failed_precondition(msg),
+            ControllerError::Repo(crate::ports::RepoError::Busy { .. }) => Status::failed_precondition(msg),
+            ControllerError::Repo(_) => Status::internal(msg),
             ControllerError::Storage(_) | ControllerError::Internal(_) => Status::internal(msg),
         }
     }

@@ -15,8 +15,12 @@ use tracing::info;
 use crate::alarms::{MAX_NAME, MAX_REASON};
 use crate::domain::host::HostStatus;
 use crate::error::{ControllerError, refusal};
+use crate::ports::{AuditRow, OwnerRow};
 use crate::registry::Registry;
-use crate::store::{AuditRow, OwnerRow};
+
+mod start;
+pub use start::start_vm;
+pub(crate) use start::{StartEnd, guarded_start};
 
 /// Held for the whole of a restore (checks, record, define, start).
 static RESTORES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -369,7 +373,7 @@ pub async fn restore(
         hold: reg.hold(crate::now_ms()),
         guest_memory_kib: r.guest.memory_kib,
         target_memory: if req.start {
-            target_memory(reg, &target, memory_reserve_kib)?
+            target_memory(reg, &target, memory_reserve_kib).await?
         } else {
             TargetMemory::default()
         },
@@ -429,11 +433,11 @@ pub async fn restore(
                 r.host
             ),
         );
-        reg.record_restore_owner(&row, &desired, &a)?;
+        reg.record_restore_owner(&row, &desired, &a).await?;
     }
     // Its owner is recorded on the target now: a wait on another host
     // (its old owner) would never end there.
-    crate::waiting::end_elsewhere(reg, &uuid, &target, &format!("restored on {target} by {operator}"))?;
+    crate::waiting::end_elsewhere(reg, &uuid, &target, &format!("restored on {target} by {operator}")).await?;
     let define = DefineGuest { definition_xml: r.guest.definition_xml.clone(), owner_host: target.clone(), generation };
     let res = reg.call(&target, Kind::DefineGuest(define), CALL_TIMEOUT).await;
     let failed = match &res {
@@ -446,19 +450,21 @@ pub async fn restore(
             "defining {name} ({uuid}) on {target} failed: {err}; it stays missing (ownership generation {generation} on {target} \
              is recorded); fix the cause and run the same restore again"
         );
-        reg.db(|s| s.audit(&audit(operator, "guest.restore.failed", &target, &name, msg.clone())))?;
+        let a = audit(operator, "guest.restore.failed", &target, &name, msg.clone());
+        reg.repos().audit(move |l| l.append(&a)).await?;
         return Err(ControllerError::AgentUnavailable(msg));
     }
     let outcome = res.map(|x| x.outcome).unwrap_or_default();
-    reg.db(|s| {
-        s.audit(&audit(
-            operator,
-            "guest.restored",
-            &target,
-            &name,
-            format!("defined {name} ({uuid}) on {target} ({outcome}), autostart off, owner generation {generation}; reason: {reason}"),
-        ))
-    })?;
+    let a = audit(
+        operator,
+        "guest.restored",
+        &target,
+        &name,
+        format!(
+            "defined {name} ({uuid}) on {target} ({outcome}), autostart off, owner generation {generation}; reason: {reason}"
+        ),
+    );
+    reg.repos().audit(move |l| l.append(&a)).await?;
     // The agent reports the new definition; that clears the missing mark.
     let t0 = tokio::time::Instant::now();
     while !reg.reported_on(&uuid).iter().any(|(h, _)| *h == target) {
@@ -469,7 +475,8 @@ pub async fn restore(
                 if req.start { ", so it was NOT started" } else { "" },
                 if req.start { ", then `lifeboat vms start` it" } else { "" }
             );
-            reg.db(|s| s.audit(&audit(operator, "guest.restore.unreported", &target, &name, msg.clone())))?;
+            let a = audit(operator, "guest.restore.unreported", &target, &name, msg.clone());
+            reg.repos().audit(move |l| l.append(&a)).await?;
             return Err(ControllerError::AgentUnavailable(msg));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -485,10 +492,12 @@ pub async fn restore(
 
 /// The target's memory figures as the planner counts them (reservations of
 /// moves whose guest already runs there are in its running figure).
-fn target_memory(reg: &Registry, target: &str, reserve_kib: u64) -> Result<TargetMemory, ControllerError> {
+async fn target_memory(reg: &Registry, target: &str, reserve_kib: u64) -> Result<TargetMemory, ControllerError> {
     let Some(view) = reg.host_view(target) else { return Ok(TargetMemory { reserve_kib, ..Default::default() }) };
     let reservations: Vec<crate::migrate::plan::Reservation> = reg
-        .db(|s| s.reservations())?
+        .repos()
+        .jobs(|j| j.reservations())
+        .await?
         .into_iter()
         .map(|r| crate::migrate::plan::Reservation {
             job: r.job_id,
@@ -535,7 +544,7 @@ async fn start(
             elsewhere.join(", ")
         )));
     }
-    let grant = crate::reconcile::merged_lease(uuid, name, generation, lease_ttl_ms);
+    let grant = crate::domain::policy::merged_lease_at(uuid, name, generation, lease_ttl_ms, crate::now_ms());
     let step = |r: Result<lifeboat_proto::v1::CommandResult, ControllerError>, what: &str| match r {
         Ok(x) if x.ok => Ok(x.outcome),
         Ok(x) => Err(format!("{what} failed: {}", x.error)),
@@ -553,21 +562,21 @@ async fn start(
     };
     match res {
         Ok(outcome) => {
-            reg.db(|s| {
-                s.audit(&audit(
-                    operator,
-                    "guest.started",
-                    target,
-                    name,
-                    format!("{name} ({uuid}) started on {target} ({outcome})"),
-                ))
-            })?;
+            let a = audit(
+                operator,
+                "guest.started",
+                target,
+                name,
+                format!("{name} ({uuid}) started on {target} ({outcome})"),
+            );
+            reg.repos().audit(move |l| l.append(&a)).await?;
             Ok(())
         }
         Err(e) => {
             let msg =
                 format!("{name} is defined on {target} again, but {e}; `lifeboat vms show {uuid}`, then start it");
-            reg.db(|s| s.audit(&audit(operator, "guest.start.failed", target, name, msg.clone())))?;
+            let a = audit(operator, "guest.start.failed", target, name, msg.clone());
+            reg.repos().audit(move |l| l.append(&a)).await?;
             Err(ControllerError::AgentUnavailable(msg))
         }
     }
@@ -622,6 +631,7 @@ pub fn forget(
             def.len()
         ),
     );
+    // Runs on a blocking thread (the handler's `spawn_blocking`).
     let r = reg.forget_missing(&r.guest.uuid, &a)?;
     crate::waiting::end_forgotten(reg, &r.guest.uuid, &format!("{} was forgotten by {operator}", r.guest.name))?;
     Ok(ForgetGuestResponse {
@@ -711,7 +721,7 @@ mod tests {
     {
         use lifeboat_proto::v1::{Guest, GuestState, Inventory};
         let timing = crate::domain::host::Timing { heartbeat_interval_ms: ms / 4, unreachable_after_ms: ms };
-        let reg = Registry::load(crate::store::Store::open_in_memory().unwrap(), timing).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), timing).unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
         let g = Guest {
@@ -769,7 +779,9 @@ mod tests {
             job: String::new(),
             complete: true,
         };
-        reg.record_restore_owner(&o, "running", &AuditRow::by_controller("t", "a", "vm1", String::new())).unwrap();
+        reg.record_restore_owner(&o, "running", &AuditRow::by_controller("t", "a", "vm1", String::new()))
+            .await
+            .unwrap();
         reg.claim_for_restore("u1", "restore-u1", "a", "a").unwrap();
         assert_eq!(
             reg.claim_for_restore("u1", "restore-u1", "a", "a"),
@@ -783,8 +795,12 @@ mod tests {
         reg.clear_in_job("mig-7");
         assert!(reg.job_of("u1").is_none());
         let moved = OwnerRow { host: "c".into(), generation: 2, complete: false, ..o.clone() };
-        reg.db(|s| s.set_owner(&moved, &AuditRow::by_controller("t", "c", "vm1", String::new()))).unwrap();
-        reg.refresh_owners().unwrap();
+        reg.repos()
+            .call_blocking(move |r| {
+                r.ownership().set_owner(&moved, &AuditRow::by_controller("t", "c", "vm1", String::new()))
+            })
+            .unwrap();
+        reg.refresh_owners().await.unwrap();
         let e = still_ours(&reg, "u1", "vm1", "a", 1, "x").unwrap_err().to_string();
         assert!(e.contains("changed to c, generation 2, unfinished"), "{e}");
         {
@@ -794,7 +810,7 @@ mod tests {
         assert!(reg.job_of("u1").is_none(), "the claim ends when dropped");
 
         // vm1 also waits on a (a job left it behind): forgetting it ends the wait and its alarm.
-        let w = crate::store::WaitingRow {
+        let w = crate::ports::WaitingRow {
             uuid: "u1".into(),
             host: "a".into(),
             name: "vm1".into(),
@@ -802,18 +818,33 @@ mod tests {
             since_ms: 1,
             job: "mig-1".into(),
         };
-        reg.db(|s| s.end_job_with_waiting("mig-1", "PARTIAL", "", None, std::slice::from_ref(&w), &[])).unwrap();
-        crate::waiting::raise(&reg, std::slice::from_ref(&w), &[]).unwrap();
+        let w_stored = w.clone();
+        reg.repos()
+            .call_blocking(move |r| {
+                r.jobs().end_with_waiting(
+                    "mig-1",
+                    crate::domain::job::JobState::Partial,
+                    "",
+                    None,
+                    std::slice::from_ref(&w_stored),
+                    &[],
+                )
+            })
+            .unwrap();
+        crate::waiting::raise(&reg, std::slice::from_ref(&w), &[]).await.unwrap();
         {
             let _busy = RESTORES.lock().await;
             let e = forget(&reg, &fr, "olga").unwrap_err().to_string();
             assert!(e.contains("no-restore"), "{e}");
         }
         forget(&reg, &fr, "olga").unwrap();
-        assert!(reg.db(|s| s.waiting()).unwrap().is_empty(), "a forgotten guest waits no more");
+        assert!(
+            reg.repos().call_blocking(move |r| r.jobs().waiting()).unwrap().is_empty(),
+            "a forgotten guest waits no more"
+        );
         let kinds: Vec<String> = reg.active_alarms().into_iter().map(|a| a.1).collect();
         assert!(kinds.is_empty(), "{kinds:?}");
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(
             log.iter().any(|a| a.action == "guest.waiting_ended" && a.detail.contains("forgotten by olga")),
             "{log:?}"
@@ -851,7 +882,7 @@ mod tests {
             sent.push(k);
         }
         assert_eq!(sent, ["define"], "no lease, no start: {sent:?}");
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(log.iter().any(|x| x.action == "guest.restore.unreported" && x.actor == "olga"), "{log:?}");
         assert!(reg.job_of("u1").is_none(), "the restore's mark ends with it, on errors too");
     }
@@ -864,7 +895,7 @@ mod tests {
         let timing = crate::domain::host::Timing { heartbeat_interval_ms: 75, unreachable_after_ms: 300 };
         {
             // vm1 went missing on a; it had been moved away and back (owner a, generation 2).
-            let reg = Registry::load(crate::store::Store::open(&path).unwrap(), timing).unwrap();
+            let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), timing).unwrap();
             let (tx, _rx) = tokio::sync::mpsc::channel(8);
             let a = reg.open_session("a", "boot", tx).unwrap();
             let g = Guest {
@@ -883,15 +914,19 @@ mod tests {
                 job: "mig-2".into(),
                 complete: true,
             };
-            reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+            reg.repos()
+                .call_blocking(move |r| {
+                    r.ownership().set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))
+                })
+                .unwrap();
             reg.remove_guest("a", a, "u1").unwrap();
-            reg.flush().unwrap();
+            reg.flush().await.unwrap();
         }
         rusqlite::Connection::open(&path)
             .unwrap()
             .execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", [])
             .unwrap();
-        let reg = Registry::load(crate::store::Store::open(&path).unwrap(), timing).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), timing).unwrap();
         assert!(reg.is_quarantined("u1") && reg.missing_uuids() == ["u1"]);
         // a is back and reports (no agent answers: nothing may be sent).
         let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -915,12 +950,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("ownership record is quarantined") && e.contains("docs/security.md"), "{e}");
-        let e = crate::waiting::start_vm(&reg, "vm1", "test", "olga", 3000).await.unwrap_err().to_string();
+        let e = crate::guestops::start_vm(&reg, "vm1", "test", "olga", 3000).await.unwrap_err().to_string();
         assert!(e.contains("quarantined") && e.contains("docs/security.md"), "{e}");
         // Refusals change nothing: still missing, no owner row written, nothing audited as done.
         assert_eq!(reg.missing_uuids(), ["u1"]);
-        assert!(reg.owner_row("u1").is_none() && reg.db(|s| s.owners()).unwrap().is_empty());
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        assert!(
+            reg.owner_row("u1").is_none()
+                && reg.repos().call_blocking(move |r| r.ownership().owners()).unwrap().is_empty()
+        );
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(!log.iter().any(|x| x.action.starts_with("guest.restore") || x.action == "guest.forgotten"), "{log:?}");
     }
 

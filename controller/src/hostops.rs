@@ -14,8 +14,8 @@ use tracing::info;
 use crate::domain::host::HostStatus;
 use crate::error::ControllerError;
 use crate::migrate::engine::Engine;
+use crate::ports::{AuditRow, MoveRow};
 use crate::registry::Registry;
-use crate::store::{AuditRow, MoveRow};
 
 use crate::domain::checks::{self, CheckId, check};
 use crate::domain::cleanup::CleanupAction;
@@ -216,11 +216,13 @@ fn finish(mut p: CleanupPlan) -> CleanupPlan {
     p
 }
 
-fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInput, ControllerError> {
+async fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInput, ControllerError> {
     let view = reg.host_view(host);
-    let moves = reg.db(|s| s.moves_from(host))?;
-    let owners = reg.db(|s| s.owners())?.into_iter().map(|o| (o.uuid, o.host)).collect();
-    let active_job = reg.db(|s| s.active_jobs())?.into_iter().find(|j| j.source == host).map(|j| j.id);
+    let h = host.to_string();
+    let (moves, owners, active) =
+        reg.repos().call(move |r| Ok((r.jobs().moves_from(&h)?, r.ownership().owners()?, r.jobs().active()?))).await?;
+    let owners = owners.into_iter().map(|o| (o.uuid, o.host)).collect();
+    let active_job = active.into_iter().find(|j| j.source == host).map(|j| j.id);
     Ok(CleanupInput {
         host: host.into(),
         host_known: view.is_some(),
@@ -235,8 +237,8 @@ fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInp
 }
 
 /// Plans a cleanup (no side effects).
-pub fn cleanup_plan(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupPlan, ControllerError> {
-    Ok(plan_cleanup(&input(reg, host, destroy_running)?))
+pub async fn cleanup_plan(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupPlan, ControllerError> {
+    Ok(plan_cleanup(&input(reg, host, destroy_running).await?))
 }
 
 /// Carries out a cleanup.
@@ -247,7 +249,7 @@ pub async fn cleanup(
     plan_id: &str,
     operator: &str,
 ) -> Result<CleanupPlan, ControllerError> {
-    let mut p = cleanup_plan(reg, host, destroy_running)?;
+    let mut p = cleanup_plan(reg, host, destroy_running).await?;
     if !p.preconditions.iter().all(|c| c.ok) {
         if checks::failed(&p.preconditions, CheckId::NoStaleCopyRunning) {
             let detail = p
@@ -256,7 +258,7 @@ pub async fn cleanup(
                 .find(|c| CheckId::of(c) == Ok(CheckId::NoStaleCopyRunning))
                 .map(|c| c.detail.clone())
                 .unwrap_or_default();
-            reg.raise_alarm(host, "stale-copy-running", &detail)?;
+            reg.raise_alarm(host, "stale-copy-running", &detail).await?;
         }
         return Err(crate::error::refusal(&format!("cleanup of {host}"), &p.preconditions));
     }
@@ -269,15 +271,14 @@ pub async fn cleanup(
     if !p.executable {
         return Ok(p);
     }
-    reg.db(|s| {
-        s.audit(&AuditRow {
-            actor: operator.into(),
-            action: "cleanup.requested".into(),
-            host: host.into(),
-            detail: format!("plan {}: {}", p.plan_id, p.summary),
-            ..Default::default()
-        })
-    })?;
+    let a = AuditRow {
+        actor: operator.into(),
+        action: "cleanup.requested".into(),
+        host: host.into(),
+        detail: format!("plan {}: {}", p.plan_id, p.summary),
+        ..Default::default()
+    };
+    reg.repos().audit(move |l| l.append(&a)).await?;
     let jobs: BTreeMap<String, String> = p.items.iter().map(|i| (i.uuid.clone(), i.job.clone())).collect();
     for item in p.items.iter_mut().filter(|i| CleanupAction::of(i).is_ok_and(CleanupAction::acts)) {
         let cmd = CleanupGuest {
@@ -300,7 +301,8 @@ pub async fn cleanup(
                     ),
                     ..Default::default()
                 };
-                reg.db(|s| s.mark_cleaned(&item.job, &item.uuid, &a))?;
+                let (job, uuid) = (item.job.clone(), item.uuid.clone());
+                reg.repos().jobs(move |j| j.mark_cleaned(&job, &uuid, &a)).await?;
                 CleanupAction::Removed.set(item);
                 info!(%host, guest = %item.name, "stale definition removed");
             }
@@ -314,16 +316,15 @@ pub async fn cleanup(
             }
         }
         if CleanupAction::of(item) == Ok(CleanupAction::Failed) {
-            let _ = reg.db(|s| {
-                s.audit(&AuditRow {
-                    actor: operator.into(),
-                    action: "cleanup.failed".into(),
-                    host: host.into(),
-                    vm: item.name.clone(),
-                    detail: item.detail.clone(),
-                    ..Default::default()
-                })
-            });
+            let a = AuditRow {
+                actor: operator.into(),
+                action: "cleanup.failed".into(),
+                host: host.into(),
+                vm: item.name.clone(),
+                detail: item.detail.clone(),
+                ..Default::default()
+            };
+            let _ = reg.repos().audit(move |l| l.append(&a)).await;
         }
     }
     let removed = p.items.iter().filter(|i| CleanupAction::of(i) == Ok(CleanupAction::Removed)).count();
@@ -381,7 +382,7 @@ pub async fn set_status(
             }
             // As a forced migration does: a host that comes back with the boot
             // id it had now never lost power, and is flagged (split brain).
-            reg.mark_fenced(&id)?;
+            reg.mark_fenced(&id).await?;
         }
         HostStatus::Available | HostStatus::NotAccepting => {
             if rec.stale_definitions > 0 {
@@ -398,21 +399,21 @@ pub async fn set_status(
         }
         HostStatus::Maintenance => {}
     }
-    reg.set_status(&id, to, reason, operator)?;
+    reg.set_status(&id, to, reason, operator).await?;
     if matches!(to, HostStatus::Available | HostStatus::NotAccepting) {
         for kind in ["split-brain", "stale-copy-running"] {
-            let n = reg.db(|s| s.clear_alarms(&id, kind))?;
+            let h = id.clone();
+            let n = reg.repos().alarms(move |a| a.clear(&h, kind)).await?;
             if n > 0 {
-                reg.reload_alarms()?;
-                reg.db(|s| {
-                    s.audit(&AuditRow {
-                        actor: operator.into(),
-                        action: "alarm.cleared".into(),
-                        host: id.clone(),
-                        detail: format!("{n} {kind} alarm(s) cleared as {id} went back into service"),
-                        ..Default::default()
-                    })
-                })?;
+                reg.reload_alarms().await?;
+                let a = AuditRow {
+                    actor: operator.into(),
+                    action: "alarm.cleared".into(),
+                    host: id.clone(),
+                    detail: format!("{n} {kind} alarm(s) cleared as {id} went back into service"),
+                    ..Default::default()
+                };
+                reg.repos().audit(move |l| l.append(&a)).await?;
             }
         }
     }
@@ -549,7 +550,7 @@ mod tests {
 
     #[test]
     fn a_guest_whose_owner_row_is_quarantined_is_never_cleaned_as_if_it_had_no_owner() {
-        use crate::store::{AuditRow, JobRow, OwnerRow, Store};
+        use crate::ports::{AuditRow, JobRow, OwnerRow};
         use lifeboat_proto::v1::Inventory;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lifeboat.db");
@@ -562,7 +563,11 @@ mod tests {
             reg.apply_inventory("a", sid, Inventory { host: None, guests: vec![live.clone()], more: false }).unwrap();
         };
         {
-            let reg = Registry::load(Store::open(&path).unwrap(), crate::domain::host::Timing::default()).unwrap();
+            let reg = Registry::load(
+                crate::store::sqlite::SqliteRepos::start(&path).unwrap(),
+                crate::domain::host::Timing::default(),
+            )
+            .unwrap();
             report(&reg);
             let job = JobRow {
                 id: "j1".into(),
@@ -580,7 +585,11 @@ mod tests {
             };
             let (m, _) = mv("u1", "vm1");
             let m = MoveRow { job_id: "j1".into(), ..m };
-            reg.db(|s| s.create_job(&job, &[m], &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
+            reg.repos()
+                .call_blocking(move |r| {
+                    r.jobs().create(&job, &[m], &AuditRow::by_controller("t", "a", "vm1", String::new()))
+                })
+                .unwrap();
             let back = OwnerRow {
                 uuid: "u1".into(),
                 host: "a".into(),
@@ -589,21 +598,29 @@ mod tests {
                 job: "j2".into(),
                 complete: true,
             };
-            reg.db(|s| s.set_owner(&back, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
-            reg.refresh_owners().unwrap();
-            let p = cleanup_plan(&reg, "a", false).unwrap();
+            reg.repos()
+                .call_blocking(move |r| {
+                    r.ownership().set_owner(&back, &AuditRow::by_controller("t", "a", "vm1", String::new()))
+                })
+                .unwrap();
+            reg.refresh_owners_blocking().unwrap();
+            let p = futures::executor::block_on(cleanup_plan(&reg, "a", false)).unwrap();
             assert_eq!(p.items[0].action, "skip", "{p:?}");
-            reg.flush().unwrap();
+            reg.flush_blocking().unwrap();
         }
         rusqlite::Connection::open(&path)
             .unwrap()
             .execute("UPDATE owners SET generation = -5 WHERE uuid = 'u1'", [])
             .unwrap();
-        let reg = Registry::load(Store::open(&path).unwrap(), crate::domain::host::Timing::default()).unwrap();
+        let reg = Registry::load(
+            crate::store::sqlite::SqliteRepos::start(&path).unwrap(),
+            crate::domain::host::Timing::default(),
+        )
+        .unwrap();
         assert!(reg.is_quarantined("u1"));
         report(&reg);
         for destroy_running in [false, true] {
-            let p = cleanup_plan(&reg, "a", destroy_running).unwrap();
+            let p = futures::executor::block_on(cleanup_plan(&reg, "a", destroy_running)).unwrap();
             assert!(!p.executable, "{p:?}");
             assert_eq!(p.items[0].action, "refuse-quarantined", "{p:?}");
             assert!(

@@ -81,14 +81,22 @@ pub async fn serve_with_limits(
     lifeboat_common::tls::install_crypto_provider();
     let tls = cfg.tls.load()?;
     let _db_lock = backup::lock(&cfg.database)?;
-    let store = store::Store::open(&cfg.database)?;
+    // The store thread owns the database from here on; nothing else opens it.
+    let repos = store::sqlite::SqliteRepos::start(&cfg.database)?;
     // Files made before the umask (older versions, other tools) become
     // owner-only. A controller that cannot chmod them (not their owner)
     // still serves: refusing to start would stop failovers over file modes.
     if let Err(e) = backup::restrict_db_files(&cfg.database) {
         tracing::warn!(database = %cfg.database.display(), error = %e, "cannot make the database files owner-only (mode 0600): chown them to the controller's user");
     }
-    let registry = Arc::new(registry::Registry::load(store, cfg.timing())?);
+    let timing = cfg.timing();
+    let loading = repos.clone();
+    // Start-up reads block on the store thread: off the async workers.
+    let registry = Arc::new(
+        tokio::task::spawn_blocking(move || registry::Registry::load(loading, timing))
+            .await
+            .map_err(|e| anyhow::anyhow!("loading the database: {e}"))??,
+    );
     info!(
         listen = %listener.local_addr()?,
         database = %cfg.database.display(),
@@ -118,7 +126,7 @@ pub async fn serve_with_limits(
         cfg.host_memory_reserve_mib * 1024,
         i64::from(cfg.lease_ttl_ms),
     )?;
-    let resumed = engine.resume_all()?;
+    let resumed = engine.resume_all().await?;
     if resumed > 0 {
         info!(jobs = resumed, "resumed unfinished jobs");
     }
@@ -179,7 +187,10 @@ pub async fn serve_with_limits(
     if let Some(m) = metrics {
         m.abort();
     }
-    registry.flush()?;
+    registry.flush().await?;
+    // The last writer is done: the store thread runs what is queued, then
+    // checkpoints the write-ahead log into the database and stops.
+    repos.shutdown().await?;
     info!("database flushed; stopped");
     res?;
     Ok(())

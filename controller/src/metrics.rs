@@ -34,7 +34,8 @@ pub fn render(reg: &Registry) -> String {
         let st = GuestState::try_from(state).unwrap_or(GuestState::Unspecified);
         guests.get_or_create(&vec![("state".into(), format!("{st:?}").to_lowercase())]).set(n as i64);
     }
-    if let Ok(js) = reg.db(|s| s.jobs(None, u32::MAX)) {
+    // Blocks on the store thread: `serve` renders on a blocking thread.
+    if let Ok(js) = reg.repos().call_blocking(|r| r.jobs().list(None, u32::MAX)) {
         for j in js {
             jobs.get_or_create(&vec![
                 ("kind".into(), j.kind.as_str().into()),
@@ -91,7 +92,7 @@ pub async fn serve(reg: Arc<Registry>, listener: tokio::net::TcpListener) {
             async move {
                 (
                     [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    render(&reg),
+                    tokio::task::spawn_blocking(move || render(&reg)).await.unwrap_or_default(),
                 )
             }
         }),
@@ -219,12 +220,13 @@ impl tokio::io::AsyncWrite for Limited {
 mod tests {
     use super::*;
     use crate::domain::host::Timing;
-    use crate::store::Store;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn the_metrics_endpoint_holds_at_most_its_cap_of_connections() {
-        let reg = Arc::new(Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap());
+        let reg = Arc::new(
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap(),
+        );
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let server = tokio::spawn(serve(reg, l));
@@ -248,10 +250,11 @@ mod tests {
 
     #[test]
     fn alarms_and_hosts_are_exposed() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
         reg.open_session("host-a", "boot", tx).unwrap();
-        reg.raise_alarm("host-a", "split-brain", "came back with the same boot id").unwrap();
+        reg.raise_alarm_blocking("host-a", "split-brain", "came back with the same boot id").unwrap();
         let text = render(&reg);
         assert!(text.contains("lifeboat_alarms_active{host=\"host-a\",kind=\"split-brain\"} 1"), "{text}");
         assert!(text.contains("lifeboat_hosts{status=\"AVAILABLE\",liveness=\"REACHABLE\"} 1"), "{text}");

@@ -20,6 +20,7 @@
 //! so with [`RepoError::is_write_failure`].
 
 pub mod clock;
+pub mod rows;
 pub mod thread;
 
 use std::collections::BTreeMap;
@@ -32,7 +33,7 @@ pub use thread::Repos;
 
 use crate::domain::host::HostStatus;
 use crate::domain::job::{JobState, MoveState};
-use crate::store::{
+pub use rows::{
     AuditFilter, AuditRow, BadRow, GuestRow, HostRow, JobRow, MissingRow, MoveRow, OwnerRow, QuarantineRow,
     ReservationRow, WaitingRow,
 };
@@ -273,6 +274,14 @@ pub trait JobRepo: Send {
     fn list(&mut self, host: Option<&str>, limit: u32) -> RepoResult<Vec<JobRow>>;
     /// Jobs not yet ended.
     fn active(&mut self) -> RepoResult<Vec<JobRow>>;
+    /// Jobs not yet ended that read, and the rows that do not (a [`BadRow`]
+    /// keyed by the job id, its source as host): one corrupt row hides no
+    /// other, and a bad row is never run nor guessed.
+    fn active_checked(&mut self) -> RepoResult<(Vec<JobRow>, Vec<BadRow>)>;
+    /// The guests of jobs not yet ended (job id, uuid, source, target), read
+    /// as stored text: a job or move whose state does not read still holds
+    /// its guests.
+    fn active_guests(&mut self) -> RepoResult<Vec<(String, String, String, String)>>;
     /// The moves a job carries out (without the guests left behind), in
     /// evacuation order.
     fn moves(&mut self, job: &str) -> RepoResult<Vec<MoveRow>>;

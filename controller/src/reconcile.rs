@@ -13,8 +13,8 @@ use lifeboat_proto::holds_disk;
 use lifeboat_proto::v1::{GrantLeases, Lease, StartGuest, StopGuest, command::Kind};
 use tracing::{info, warn};
 
+use crate::ports::AuditRow;
 use crate::registry::Registry;
-use crate::store::AuditRow;
 
 pub use crate::domain::view::{HostSnapshot, OwnerView};
 
@@ -98,7 +98,8 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
         let decided = tokio::task::spawn_blocking(move || {
             // Guests waiting to run again on their host (a small table).
             // Unreadable: nothing is started or ended this pass.
-            let waiting = r.db(|s| s.waiting()).unwrap_or_else(|e| {
+            // On a blocking thread: the store call blocks it, not a worker.
+            let waiting = r.repos().call_blocking(|r| r.jobs().waiting()).unwrap_or_else(|e| {
                 warn!("reading waiting guests failed: {e}; no waiting guest is started this pass");
                 Vec::new()
             });
@@ -110,7 +111,7 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
                 // reports the guest (a silent host, a guest undefined there).
                 match crate::waiting::judge(&w, r.owner_row(&w.uuid).as_ref()) {
                     crate::waiting::WaitJudgement::Ends(why) if !startup => {
-                        if let Err(e) = crate::waiting::end(&r, &w, &why) {
+                        if let Err(e) = crate::waiting::end_blocking(&r, &w, &why) {
                             warn!(host = %w.host, uuid = %w.uuid, "ending a guest's wait failed: {e}");
                         }
                     }
@@ -119,7 +120,7 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
                         let held = holders.get(&w.uuid).map(Vec::as_slice).unwrap_or_default();
                         match crate::waiting::moved_by_hand(&w, held, |h| r.owns(h, &w.uuid)) {
                             Some(why) if !startup => {
-                                if let Err(e) = crate::waiting::end(&r, &w, &why) {
+                                if let Err(e) = crate::waiting::end_blocking(&r, &w, &why) {
                                     warn!(host = %w.host, uuid = %w.uuid, "ending a guest's wait failed: {e}");
                                 }
                             }
@@ -149,7 +150,11 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
                 d.actions.retain(|a| matches!(a, Action::GrantLeases { .. }));
                 d.fresh = false;
             }
-            let actions = plan_attempts(&reg, &attempts, d, now);
+            let (actions, cleared) = plan_attempts(&reg, &attempts, d, now);
+            if !cleared.is_empty() {
+                let reg = reg.clone();
+                tokio::spawn(async move { clear_gone(&reg, cleared).await });
+            }
             if actions.is_empty() {
                 continue;
             }
@@ -175,8 +180,9 @@ fn lock(a: &Attempts) -> std::sync::MutexGuard<'_, HashMap<(String, String), Att
 /// boot, not once per pass while its starts run). With a fresh inventory, a
 /// stale copy that no longer holds its disk has its alarm cleared: the cause
 /// is gone.
-fn plan_attempts(reg: &Registry, attempts: &Attempts, d: Decision, now: i64) -> Vec<Action> {
+fn plan_attempts(reg: &Registry, attempts: &Attempts, d: Decision, now: i64) -> (Vec<Action>, Vec<GoneAlarm>) {
     let mut out = Vec::new();
+    let mut cleared = Vec::new();
     let mut wanted: BTreeSet<String> = BTreeSet::new();
     let mut map = lock(attempts);
     for a in d.actions {
@@ -223,19 +229,26 @@ fn plan_attempts(reg: &Registry, attempts: &Attempts, d: Decision, now: i64) -> 
             .collect();
         for k in gone {
             if let Some(Attempt { alarm: Some((kind, detail)), .. }) = map.remove(&k) {
-                match reg.clear_alarm_by_cause(
-                    &k.0,
-                    kind,
-                    &detail,
-                    &format!("guest {} no longer holds its disks on {}", k.1, k.0),
-                ) {
-                    Ok(()) => info!(host = %k.0, uuid = %k.1, kind, "alarm cleared: the copy no longer runs"),
-                    Err(e) => warn!(host = %k.0, "clearing an alarm failed: {e}"),
-                }
+                cleared.push((k.0, k.1, kind, detail));
             }
         }
     }
-    out
+    (out, cleared)
+}
+
+/// An alarm of a stale copy that no longer holds its disks: (host, uuid,
+/// kind, detail). Cleared after the attempts' lock is released.
+type GoneAlarm = (String, String, &'static str, String);
+
+/// Clears the alarms of stale copies that no longer hold their disks.
+async fn clear_gone(reg: &Registry, gone: Vec<GoneAlarm>) {
+    for (host, uuid, kind, detail) in gone {
+        let why = format!("guest {uuid} no longer holds its disks on {host}");
+        match reg.clear_alarm_by_cause(&host, kind, &detail, &why).await {
+            Ok(()) => info!(host = %host, uuid = %uuid, kind, "alarm cleared: the copy no longer runs"),
+            Err(e) => warn!(host = %host, "clearing an alarm failed: {e}"),
+        }
+    }
 }
 
 /// Records how one stop or start attempt ended; returns whether this
@@ -286,14 +299,14 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                          (generations only move forward); the controller's database may be behind the hosts (a restored \
                          backup?): see `lifeboat vms show {uuid}` and `lifeboat log --vm {uuid}`"
                     );
-                    let _ = reg.raise_alarm(&host, "stale-generation", &detail);
+                    let _ = reg.raise_alarm(&host, "stale-generation", &detail).await;
                 }
                 for uuid in &r.lease_unreadable {
                     let detail = format!(
                         "{host} cannot read its lease file of {uuid} (corrupt or an I/O error; the agent's log names the \
                          path): the guest cannot start there until the file is repaired or removed"
                     );
-                    let _ = reg.raise_alarm(&host, "lease-unreadable", &detail);
+                    let _ = reg.raise_alarm(&host, "lease-unreadable", &detail).await;
                 }
             }
             match res {
@@ -312,8 +325,8 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                             "libvirt autostart of {name} ({uuid}) on {host} was on; switched it off: Lifeboat, not libvirt, decides what starts (docs/return.md)"
                         );
                         info!(%host, guest = %name, "libvirt autostart switched off");
-                        let _ = reg
-                            .db(|s| s.audit(&AuditRow::by_controller("guest.autostart_disabled", &host, name, detail)));
+                        let a = AuditRow::by_controller("guest.autostart_disabled", &host, name, detail);
+                        let _ = reg.repos().audit(move |l| l.append(&a)).await;
                     }
                 }
                 Ok(r) => warn!(%host, "granting leases failed: {}", r.error),
@@ -339,7 +352,7 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                     _ => false,
                 }
             };
-            if first && let Err(e) = reg.raise_alarm(&host, alarm, &detail) {
+            if first && let Err(e) = reg.raise_alarm(&host, alarm, &detail).await {
                 warn!(%host, "raising an alarm failed: {e}");
             }
             let r = reg
@@ -352,14 +365,8 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             };
             if finish_attempt(attempts, &host, &uuid, ok, &outcome, crate::now_ms()) {
                 warn!(%host, guest = %name, "{alarm}: {outcome}");
-                let _ = reg.db(|s| {
-                    s.audit(&AuditRow::by_controller(
-                        "guest.stopped_stale",
-                        &host,
-                        &name,
-                        format!("{detail}: {outcome}"),
-                    ))
-                });
+                let a = AuditRow::by_controller("guest.stopped_stale", &host, &name, format!("{detail}: {outcome}"));
+                let _ = reg.repos().audit(move |l| l.append(&a)).await;
             }
         }
         Action::StartForBoot { host, uuid, name } => {
@@ -374,14 +381,13 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             lock(attempts).remove(&(host.clone(), uuid.clone()));
             if new {
                 info!(%host, guest = %name, "after reboot: {outcome}");
-                let _ = reg.db(|s| {
-                    s.audit(&AuditRow::by_controller(
-                        "guest.boot_start",
-                        &host,
-                        &name,
-                        format!("{host} rebooted; {name} ({uuid}) should run: {outcome}"),
-                    ))
-                });
+                let a = AuditRow::by_controller(
+                    "guest.boot_start",
+                    &host,
+                    &name,
+                    format!("{host} rebooted; {name} ({uuid}) should run: {outcome}"),
+                );
+                let _ = reg.repos().audit(move |l| l.append(&a)).await;
             }
         }
         Action::BootStartDone { host } => reg.boot_start_done(&host),
@@ -392,7 +398,7 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             let job = format!("start-{uuid}");
             let (ok, outcome) = match crate::guestops::claim(reg, &uuid, &job, &host, &host) {
                 Err(other) => (false, format!("not started: {other} acts on it")),
-                Ok(_claim) => match crate::waiting::guarded_start(
+                Ok(_claim) => match crate::guestops::guarded_start(
                     reg,
                     &uuid,
                     &name,
@@ -404,15 +410,15 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                 )
                 .await
                 {
-                    crate::waiting::StartEnd::Started { outcome, .. } => (true, format!("started ({outcome})")),
-                    crate::waiting::StartEnd::Refused { check, detail } => {
+                    crate::guestops::StartEnd::Started { outcome, .. } => (true, format!("started ({outcome})")),
+                    crate::guestops::StartEnd::Refused { check, detail } => {
                         (false, format!("not started: check {check} failed: {detail}"))
                     }
-                    crate::waiting::StartEnd::GrantFailed(e) => {
+                    crate::guestops::StartEnd::GrantFailed(e) => {
                         (false, format!("not started: granting its lease failed: {e}"))
                     }
-                    crate::waiting::StartEnd::StartFailed(e) => (false, format!("start failed: {e}")),
-                    crate::waiting::StartEnd::Unknown(e) => {
+                    crate::guestops::StartEnd::StartFailed(e) => (false, format!("start failed: {e}")),
+                    crate::guestops::StartEnd::Unknown(e) => {
                         (false, format!("start got no answer ({e}); it may still start"))
                     }
                 },
@@ -421,20 +427,19 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             // backoff, by which time the host reports it running.
             if finish_attempt(attempts, &host, &uuid, ok, &outcome, crate::now_ms()) {
                 info!(%host, guest = %name, "waiting guest: {outcome}");
-                let _ = reg.db(|s| {
-                    s.audit(&AuditRow::by_controller(
-                        "guest.waiting_start",
-                        &host,
-                        &name,
-                        format!("{host} is healthy again; {name} ({uuid}) waited to run there: {outcome}"),
-                    ))
-                });
+                let a = AuditRow::by_controller(
+                    "guest.waiting_start",
+                    &host,
+                    &name,
+                    format!("{host} is healthy again; {name} ({uuid}) waited to run there: {outcome}"),
+                );
+                let _ = reg.repos().audit(move |l| l.append(&a)).await;
             }
         }
         Action::EndWaiting { host, uuid, why } => {
-            let rows = reg.db(|s| s.waiting()).unwrap_or_default();
+            let rows = reg.repos().jobs(|j| j.waiting()).await.unwrap_or_default();
             if let Some(w) = rows.into_iter().find(|w| w.uuid == uuid && w.host == host)
-                && let Err(e) = crate::waiting::end(reg, &w, &why)
+                && let Err(e) = crate::waiting::end(reg, &w, &why).await
             {
                 warn!(%host, %uuid, "ending a guest's wait failed: {e}");
             }
@@ -661,7 +666,7 @@ mod tests {
         // Decided at generation 5; the record says 0 now: nothing is sent.
         act(&reg, &attempts, start(5), 3000).await;
         assert!(drain(&mut seen).is_empty());
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(
             log.iter().any(|x| x.action == "guest.waiting_start" && x.detail.contains("check owner unchanged failed")),
             "{log:?}"

@@ -13,28 +13,19 @@
 //! it is never started by the reconciler, only `lifeboat move` finishes it.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use lifeboat_proto::v1::{GuestRecord, HostRecord, StartGuest, command::Kind};
+use lifeboat_proto::v1::{GuestRecord, HostRecord};
 use tracing::{info, warn};
 
-use crate::domain::host::HostStatus;
 use crate::domain::job::MoveState;
-use crate::error::ControllerError;
+use crate::ports::{AuditRow, MoveRow, OwnerRow, RepoError, WaitingRow};
 use crate::registry::Registry;
-use crate::store::{AuditRow, MoveRow, OwnerRow, StoreError, WaitingRow};
 
 /// Alarm kind raised on a host for each guest waiting to run there again.
 pub const GUESTS_WAITING: &str = "guests-waiting";
 
 /// Longest reason quoted in a waiting guest's alarm, in characters.
 const REASON_CHARS: usize = 300;
-
-/// Longest guest name or UUID accepted by `vms start`, in bytes.
-const MAX_VM: usize = 256;
-
-/// Longest reason accepted by `vms start`, in bytes.
-const MAX_REASON: usize = 1000;
 
 /// Whether a guest a job ended with waits on `source`: its move was left
 /// behind (never attempted, or failed), it should run (the move was to
@@ -134,7 +125,7 @@ pub fn rows_for_job(
 /// the job's end is written: a crash in between resumes the job, and the
 /// same alarm is not raised twice). A guest that waited already with
 /// another reason has its old alarm cleared.
-pub fn raise(reg: &Registry, rows: &[WaitingRow], before: &[WaitingRow]) -> Result<(), StoreError> {
+pub async fn raise(reg: &Registry, rows: &[WaitingRow], before: &[WaitingRow]) -> Result<(), RepoError> {
     for w in rows {
         if let Some(old) = before.iter().find(|o| o.uuid == w.uuid) {
             let (a, b) = (alarm_detail(old), alarm_detail(w));
@@ -144,19 +135,21 @@ pub fn raise(reg: &Registry, rows: &[WaitingRow], before: &[WaitingRow]) -> Resu
                     GUESTS_WAITING,
                     &a,
                     &format!("{} waits again, see the newer alarm", w.name),
-                )?;
+                )
+                .await?;
             }
         }
-        reg.raise_alarm(&w.host, GUESTS_WAITING, &alarm_detail(w))?;
+        reg.raise_alarm(&w.host, GUESTS_WAITING, &alarm_detail(w)).await?;
     }
     Ok(())
 }
 
 /// After a job's end was written: the guests it moved no longer wait, so
 /// their alarms are cleared (the rows went with the job's end).
-pub fn clear_moved(reg: &Registry, before: &[WaitingRow], moved: &[String], job: &str) -> Result<(), StoreError> {
+pub async fn clear_moved(reg: &Registry, before: &[WaitingRow], moved: &[String], job: &str) -> Result<(), RepoError> {
     for w in before.iter().filter(|w| moved.contains(&w.uuid)) {
-        reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), &format!("job {job} moved {}", w.name))?;
+        let why = format!("job {job} moved {}", w.name);
+        reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), &why).await?;
         info!(guest = %w.name, %job, "stopped waiting: moved");
     }
     Ok(())
@@ -165,15 +158,31 @@ pub fn clear_moved(reg: &Registry, before: &[WaitingRow], moved: &[String], job:
 /// A guest stops waiting (`why`: it runs on its owner, or it belongs
 /// elsewhere now): its row goes (audited `guest.waiting_ended`) and its
 /// alarm is cleared by cause.
-pub fn end(reg: &Registry, w: &WaitingRow, why: &str) -> Result<(), StoreError> {
-    let detail =
-        format!("{} ({}) no longer waits on {}: {why} (waited since {} ms)", w.name, w.uuid, w.host, w.since_ms);
-    let ended =
-        reg.db(|s| s.end_waiting(w, &AuditRow::by_controller("guest.waiting_ended", &w.host, &w.name, detail)))?;
+pub async fn end(reg: &Registry, w: &WaitingRow, why: &str) -> Result<(), RepoError> {
+    let (row, a) = end_entry(w, why);
+    let ended = reg.repos().jobs(move |j| j.end_waiting(&row, &a)).await?;
     if ended {
         info!(host = %w.host, guest = %w.name, "stopped waiting: {why}");
     }
-    reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), why)
+    reg.clear_alarm_by_cause(&w.host, GUESTS_WAITING, &alarm_detail(w), why).await
+}
+
+/// [`end`] for code on a blocking thread (`vms forget`, the reconciler's
+/// decision pass).
+pub fn end_blocking(reg: &Registry, w: &WaitingRow, why: &str) -> Result<(), RepoError> {
+    let (row, a) = end_entry(w, why);
+    let ended = reg.repos().call_blocking(move |r| r.jobs().end_waiting(&row, &a))?;
+    if ended {
+        info!(host = %w.host, guest = %w.name, "stopped waiting: {why}");
+    }
+    reg.clear_alarm_by_cause_blocking(&w.host, GUESTS_WAITING, &alarm_detail(w), why)
+}
+
+/// The row a wait's end removes and its audit entry.
+fn end_entry(w: &WaitingRow, why: &str) -> (WaitingRow, AuditRow) {
+    let detail =
+        format!("{} ({}) no longer waits on {}: {why} (waited since {} ms)", w.name, w.uuid, w.host, w.since_ms);
+    (w.clone(), AuditRow::by_controller("guest.waiting_ended", &w.host, &w.name, detail))
 }
 
 /// What the wait-ending pass makes of one waiting row given the guest's
@@ -213,9 +222,9 @@ pub fn moved_by_hand(w: &WaitingRow, holders: &[String], owns: impl Fn(&str) -> 
 /// Ends every wait of `uuid` on a host other than `owner` (the guest was
 /// placed on `owner` by an operator, e.g. `vms restore --to`): audited,
 /// alarms cleared. A read error is returned.
-pub fn end_elsewhere(reg: &Registry, uuid: &str, owner: &str, why: &str) -> Result<(), StoreError> {
-    for w in reg.db(|s| s.waiting())?.into_iter().filter(|w| w.uuid == uuid && w.host != owner) {
-        end(reg, &w, why)?;
+pub async fn end_elsewhere(reg: &Registry, uuid: &str, owner: &str, why: &str) -> Result<(), RepoError> {
+    for w in reg.repos().jobs(|j| j.waiting()).await?.into_iter().filter(|w| w.uuid == uuid && w.host != owner) {
+        end(reg, &w, why).await?;
     }
     Ok(())
 }
@@ -223,17 +232,19 @@ pub fn end_elsewhere(reg: &Registry, uuid: &str, owner: &str, why: &str) -> Resu
 /// A guest forgotten on an operator's word (`lifeboat vms forget`) waits
 /// no more: its wait, if any, ends (audited) and its alarm is cleared.
 /// Unlike listings this reads strictly: a read error is returned.
-pub fn end_forgotten(reg: &Registry, uuid: &str, why: &str) -> Result<(), StoreError> {
-    for w in reg.db(|s| s.waiting())?.into_iter().filter(|w| w.uuid == uuid) {
-        end(reg, &w, why)?;
+/// Runs on a blocking thread (the `vms forget` handler's `spawn_blocking`).
+pub fn end_forgotten(reg: &Registry, uuid: &str, why: &str) -> Result<(), RepoError> {
+    for w in reg.repos().call_blocking(|r| r.jobs().waiting())?.into_iter().filter(|w| w.uuid == uuid) {
+        end_blocking(reg, &w, why)?;
     }
     Ok(())
 }
 
 /// Every waiting guest, by UUID; a read error is logged and shows nothing
-/// waiting (only shown, never decided on).
+/// waiting (only shown, never decided on). Blocks on the store thread:
+/// for listings (the admin handlers' blocking threads, metrics).
 fn by_uuid(reg: &Registry) -> BTreeMap<String, WaitingRow> {
-    match reg.db(|s| s.waiting()) {
+    match reg.repos().call_blocking(|r| r.jobs().waiting()) {
         Ok(rows) => rows.into_iter().map(|w| (w.uuid.clone(), w)).collect(),
         Err(e) => {
             warn!("reading waiting guests failed: {e}");
@@ -276,308 +287,12 @@ pub fn counts(reg: &Registry) -> BTreeMap<String, u64> {
     out
 }
 
-/// `lifeboat vms start VM --reason TEXT`: starts a stopped guest on its
-/// owner now (a waiting one, or any stopped guest its host owns), also on
-/// a MAINTENANCE host. The same never-twice checks as the reconciler's
-/// starts: every host's report is current (no startup grace, no restored
-/// database waiting for reports), its host owns it (no move, conflict or
-/// unfinished move says otherwise) and defines it, no job moves it, its
-/// host talks and reported in this session (one agent), it is not OFFLINE,
-/// and no host reports it holding its disks. The guest is claimed (pseudo
-/// job `start-UUID`) for the whole start, the checks are made again before
-/// the lease and before the start, and every outcome is audited.
-pub async fn start_vm(
-    reg: &Registry,
-    vm: &str,
-    reason: &str,
-    operator: &str,
-    lease_ttl_ms: i64,
-) -> Result<GuestRecord, ControllerError> {
-    let vm = crate::guestops::bounded(vm, "VM", MAX_VM, "starting a guest")?;
-    let reason = crate::guestops::bounded(reason, "--reason", MAX_REASON, "starting a guest")?;
-    if vm.is_empty() {
-        return Err(ControllerError::InvalidArgument(format!("name the guest (name or UUID, at most {MAX_VM} bytes)")));
-    }
-    if reason.is_empty() {
-        return Err(ControllerError::InvalidArgument(format!(
-            "--reason TEXT is required (at most {MAX_REASON} bytes)"
-        )));
-    }
-    let refuse = |check: &str, detail: String, remedy: &str| {
-        ControllerError::Refused(format!(
-            "starting {vm} refused; nothing was changed. Failed check: {check}: {detail}. {remedy}"
-        ))
-    };
-    if let Some(hold) = reg.hold(crate::now_ms()) {
-        return Err(refuse(
-            "reports-current",
-            hold,
-            "wait until the hosts have reconnected and reported (`lifeboat alarms`, `lifeboat hosts list`), then run the same command again",
-        ));
-    }
-    let records = reg.list_guests(None, Some(vm), false)?;
-    let mut uuids: Vec<&str> = records.iter().filter_map(|r| r.guest.as_ref().map(|g| g.uuid.as_str())).collect();
-    uuids.sort();
-    uuids.dedup();
-    let uuid = match uuids.as_slice() {
-        [] => return Err(ControllerError::NotFound(format!("unknown guest '{vm}' (see `lifeboat vms list`)"))),
-        [u] => u.to_string(),
-        many => {
-            return Err(refuse(
-                "one guest named",
-                format!("{} guests are called {vm}: {}", many.len(), many.join(", ")),
-                "name it by UUID",
-            ));
-        }
-    };
-    crate::guestops::refuse_quarantined(reg, &uuid, vm, "starting")?;
-    let Some(rec) = records.iter().find(|r| {
-        r.guest.as_ref().is_some_and(|g| g.uuid == uuid) && r.owner_host == r.host_id && reg.owns(&r.host_id, &uuid)
-    }) else {
-        let seen: Vec<String> = records
-            .iter()
-            .map(|r| {
-                format!(
-                    "{} (owner recorded: {})",
-                    r.host_id,
-                    if r.owner_host.is_empty() { "none" } else { &r.owner_host }
-                )
-            })
-            .collect();
-        return Err(refuse(
-            "owner known",
-            format!(
-                "no host that reports {vm} owns it for sure (reported by {}; an unfinished move or a conflict leaves it nobody's)",
-                seen.join(", ")
-            ),
-            "see `lifeboat vms show` and `lifeboat jobs list`; finish the move with `lifeboat move` or `lifeboat migrate`",
-        ));
-    };
-    let host = rec.host_id.clone();
-    let name = rec.guest.as_ref().map(|g| g.name.clone()).unwrap_or_default();
-    if let Some(job) = reg.job_of(&uuid) {
-        return Err(refuse(
-            "not in a job",
-            format!("job {job} is moving {name}"),
-            "wait for the job to end (`lifeboat jobs watch`)",
-        ));
-    }
-    let status = reg.status_of(&host);
-    if status == Some(HostStatus::Offline) || status.is_none() {
-        return Err(refuse(
-            "owner not OFFLINE",
-            format!("{host} is OFFLINE"),
-            "bring the host back; it becomes MAINTENANCE when its agent connects",
-        ));
-    }
-    if !reg.is_reachable(&host) || !reg.reports_now(&host) {
-        return Err(refuse(
-            "owner connected",
-            format!(
-                "{host} is not connected, has not reported its guests in this session, or a second agent claims it"
-            ),
-            "start its agent (one per host) and wait for `lifeboat hosts show` to read REACHABLE",
-        ));
-    }
-    if !reg.reported_on(&uuid).iter().any(|(h, _)| h == &host) {
-        return Err(refuse(
-            "defined on its owner",
-            format!("{host} does not define {name} (it is missing there)"),
-            "define it again with `lifeboat vms restore` (or `lifeboat vms restore --start`)",
-        ));
-    }
-    let holders = reg.holders(std::slice::from_ref(&uuid)).remove(&uuid).unwrap_or_default();
-    if !holders.is_empty() {
-        let here = holders.iter().any(|h| h == &host);
-        return Err(refuse(
-            "not running anywhere",
-            format!("{name} is reported running (or holding its disks) on {}", holders.join(", ")),
-            if here {
-                "it runs already: nothing to do"
-            } else {
-                "a second copy must never start; see `lifeboat vms show` and `lifeboat alarms`"
-            },
-        ));
-    }
-    let generation = reg.owner_generation(&uuid);
-    let job = format!("start-{uuid}");
-    let _claim = match crate::guestops::claim(reg, &uuid, &job, &host, &host) {
-        Ok(c) => c,
-        Err(other) => {
-            return Err(refuse(
-                "not in a job",
-                format!("{other} acts on {name} now"),
-                "wait for it to end (`lifeboat jobs watch`)",
-            ));
-        }
-    };
-    let detail = format!(
-        "operator {operator} asks to start {name} ({uuid}) on its owner {host} (generation {generation}): {reason}"
-    );
-    reg.db(|s| {
-        s.audit(&AuditRow {
-            actor: operator.into(),
-            action: "guest.start_requested".into(),
-            host: host.clone(),
-            vm: name.clone(),
-            detail,
-            ..Default::default()
-        })
-    })?;
-    let end_of = guarded_start(reg, &uuid, &name, &host, generation, &job, lease_ttl_ms, Duration::from_secs(60)).await;
-    let (action, outcome) = match &end_of {
-        StartEnd::Started { outcome, .. } => ("guest.started", format!("started ({outcome})")),
-        StartEnd::Refused { check, detail } => {
-            ("guest.start_failed", format!("not started: check {check} failed right before it: {detail}"))
-        }
-        StartEnd::GrantFailed(e) => ("guest.start_failed", format!("not started: granting its lease failed: {e}")),
-        StartEnd::StartFailed(e) => ("guest.start_failed", format!("start failed: {e}")),
-        StartEnd::Unknown(e) => (
-            "guest.start_unknown",
-            format!("the start got no answer ({e}) and {host} does not report it running yet: it may still start"),
-        ),
-    };
-    reg.db(|s| s.audit(&AuditRow::by_controller(action, &host, &name, format!("{name} on {host}: {outcome}"))))?;
-    match end_of {
-        StartEnd::Started { holds, .. } => {
-            if holds && let Some(w) = by_uuid(reg).remove(&uuid).filter(|w| w.host == host) {
-                end(reg, &w, &format!("started on {host} by {operator}"))?;
-            }
-        }
-        StartEnd::Refused { check, detail } => {
-            return Err(ControllerError::Refused(format!(
-                "starting {name} on {host} refused; nothing was started. Failed check: {check}: {detail}. See `lifeboat vms show {uuid}` and `lifeboat jobs list`"
-            )));
-        }
-        StartEnd::GrantFailed(_) | StartEnd::StartFailed(_) => {
-            return Err(ControllerError::Refused(format!("starting {name} on {host}: {outcome}")));
-        }
-        StartEnd::Unknown(_) => {
-            // Not a refusal (it may have started) and not an unreachable
-            // controller: an outcome the operator must look at (exit 1).
-            return Err(ControllerError::Internal(format!(
-                "starting {name} on {host}: {outcome}; see `lifeboat vms show {uuid}` before trying again"
-            )));
-        }
-    }
-    reg.touch(&host);
-    let mut out: Vec<GuestRecord> = reg.list_guests(Some(&host), Some(&uuid), false)?;
-    annotate_guests(reg, &mut out);
-    out.into_iter().next().ok_or_else(|| ControllerError::NotFound(format!("{name} is no longer reported by {host}")))
-}
-
-/// How a guarded start ([`guarded_start`]) ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum StartEnd {
-    /// A re-check failed before the lease or before the start: nothing was started.
-    Refused {
-        /// The check that failed.
-        check: &'static str,
-        /// What it found.
-        detail: String,
-    },
-    /// The lease was not granted: nothing was started.
-    GrantFailed(String),
-    /// The host started it (its outcome); `holds`: the host's answer or
-    /// report has it holding its disks.
-    Started {
-        /// The agent's outcome.
-        outcome: String,
-        /// It holds its disks there now.
-        holds: bool,
-    },
-    /// The host refused or failed the start.
-    StartFailed(String),
-    /// The start got no answer and the host does not report it running: it
-    /// may still start.
-    Unknown(String),
-}
-
-/// What a start of `uuid` on `host` at ownership `generation` under the
-/// claim `job` needs right before each step: reports current, the claim
-/// still its own, the owner and generation unchanged, the host reporting
-/// now (one agent), and no other host reporting it holding its disks.
-/// Returns the failed check and what it found.
-pub(crate) fn recheck_start(
-    reg: &Registry,
-    uuid: &str,
-    host: &str,
-    generation: u64,
-    job: &str,
-) -> Result<(), (&'static str, String)> {
-    if let Some(hold) = reg.hold(crate::now_ms()) {
-        return Err(("reports-current", hold));
-    }
-    match reg.job_of(uuid) {
-        Some(j) if j == job => {}
-        Some(j) => return Err(("not in a job", format!("job {j} acts on it now"))),
-        None => return Err(("not in a job", format!("its claim {job} is gone"))),
-    }
-    let now = reg.owner_generation(uuid);
-    if !reg.owns(host, uuid) || now != generation {
-        return Err((
-            "owner unchanged",
-            format!("{host} no longer owns it at generation {generation} (recorded generation now {now})"),
-        ));
-    }
-    if !reg.reports_now(host) {
-        return Err((
-            "owner connected",
-            format!("{host} is not connected, has not reported in this session, or a second agent claims it"),
-        ));
-    }
-    let others: Vec<String> =
-        reg.holders(&[uuid.to_string()]).remove(uuid).unwrap_or_default().into_iter().filter(|h| h != host).collect();
-    if !others.is_empty() {
-        return Err(("not running anywhere", format!("{} reports it holding its disks", others.join(", "))));
-    }
-    Ok(())
-}
-
-/// Grants `uuid`'s merged start lease on `host` and starts it there,
-/// re-checking ([`recheck_start`]) before each step; the caller holds the
-/// claim `job` throughout. A start with no answer is judged by the host's
-/// report read again: it may have started.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn guarded_start(
-    reg: &Registry,
-    uuid: &str,
-    name: &str,
-    host: &str,
-    generation: u64,
-    job: &str,
-    lease_ttl_ms: i64,
-    timeout: Duration,
-) -> StartEnd {
-    if let Err((check, detail)) = recheck_start(reg, uuid, host, generation, job) {
-        return StartEnd::Refused { check, detail };
-    }
-    let grant = crate::domain::policy::merged_lease_at(uuid, name, generation, lease_ttl_ms, crate::now_ms());
-    match reg.call(host, Kind::GrantLeases(grant), timeout).await {
-        Ok(r) if r.ok => {}
-        Ok(r) => return StartEnd::GrantFailed(r.error),
-        Err(e) => return StartEnd::GrantFailed(e.to_string()),
-    }
-    if let Err((check, detail)) = recheck_start(reg, uuid, host, generation, job) {
-        return StartEnd::Refused { check, detail };
-    }
-    let running_here = || reg.reported_on(uuid).iter().any(|(h, s)| h == host && lifeboat_proto::holds_disk(*s));
-    match reg.call(host, Kind::StartGuest(StartGuest { uuid: uuid.to_string() }), timeout).await {
-        Ok(r) if r.ok => {
-            let holds = r.guest.as_ref().is_some_and(|g| lifeboat_proto::holds_disk(g.state)) || running_here();
-            StartEnd::Started { outcome: r.outcome, holds }
-        }
-        Ok(r) => StartEnd::StartFailed(r.error),
-        Err(e) if running_here() => {
-            StartEnd::Started { outcome: format!("no answer ({e}), but {host} reports it running"), holds: true }
-        }
-        Err(e) => StartEnd::Unknown(e.to_string()),
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::time::Duration;
+
+    use lifeboat_proto::v1::command::Kind;
 
     fn mv(uuid: &str, state: &str, start: bool) -> MoveRow {
         MoveRow {
@@ -794,7 +509,7 @@ pub(crate) mod tests {
     pub(crate) fn with_vm1() -> (std::sync::Arc<Registry>, crate::registry::SessionId, Rx) {
         use lifeboat_proto::v1::{GuestState, Inventory};
         let timing = crate::domain::host::Timing { heartbeat_interval_ms: 75, unreachable_after_ms: 300 };
-        let reg = Registry::load(crate::store::Store::open_in_memory().unwrap(), timing).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), timing).unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
         reg.apply_inventory("a", a, Inventory { host: None, guests: vec![vm1(GuestState::Shutoff)], more: false })
@@ -838,8 +553,12 @@ pub(crate) mod tests {
                             job: "mig-8".into(),
                             complete: true,
                         };
-                        reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))).unwrap();
-                        reg.refresh_owners().unwrap();
+                        reg.repos()
+                            .call_blocking(move |r| {
+                                r.ownership().set_owner(&o, &AuditRow::by_controller("t", "a", "vm1", String::new()))
+                            })
+                            .unwrap();
+                        reg.refresh_owners().await.unwrap();
                     }
                     ("start", Then::RunThenClose) => {
                         reg.apply_inventory(
@@ -874,111 +593,11 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn actions(reg: &Registry) -> Vec<String> {
-        reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap().into_iter().map(|a| a.action).collect()
-    }
-
-    async fn start(reg: &Registry) -> Result<GuestRecord, ControllerError> {
-        tokio::time::timeout(Duration::from_secs(5), start_vm(reg, "vm1", "test", "olga", 3000))
-            .await
-            .expect("vms start answers at once")
-    }
-
-    #[tokio::test]
-    async fn vms_start_refuses_while_reports_are_not_current_or_the_owner_has_two_agents_and_sends_nothing() {
-        let (reg, a, rx) = with_vm1();
-        let mut seen = agent(reg.clone(), a, rx, Then::Obey);
-        let e = start(&reg).await.unwrap_err().to_string();
-        assert!(e.contains("reports-current") && e.contains("startup grace"), "{e}");
-        after_grace(&reg, a).await;
-        // A restored database holds until every host not OFFLINE has reported: b talks but has not.
-        reg.raise_alarm("", "store-restored", "backup of yesterday").unwrap();
-        let (tx, _rx_b) = tokio::sync::mpsc::channel(8);
-        let _b = reg.open_session("b", "boot", tx).unwrap();
-        let e = start(&reg).await.unwrap_err().to_string();
-        assert!(e.contains("reports-current") && e.contains("nothing was changed"), "{e}");
-        reg.set_status("b", HostStatus::Offline, "test", "olga").unwrap();
-        assert!(reg.restore_hold().is_none(), "every host not OFFLINE reported");
-        reg.raise_alarm("a", "duplicate-agent", "two agents").unwrap();
-        let e = start(&reg).await.unwrap_err().to_string();
-        assert!(e.contains("owner connected") && e.contains("second agent"), "{e}");
-        assert!(drain(&mut seen).is_empty(), "nothing sent");
-        assert!(
-            !actions(&reg).iter().any(|a| a.starts_with("guest.start")),
-            "a refusal audits no start: {:?}",
-            actions(&reg)
-        );
-    }
-
-    #[tokio::test]
-    async fn vms_start_refuses_a_guest_its_owner_no_longer_defines() {
-        let (reg, a, rx) = with_vm1();
-        let mut seen = agent(reg.clone(), a, rx, Then::Obey);
-        after_grace(&reg, a).await;
-        reg.remove_guest("a", a, "u1").unwrap();
-        assert_eq!(reg.missing_uuids(), ["u1"]);
-        let e = start(&reg).await.unwrap_err().to_string();
-        assert!(e.contains("defined on its owner") && e.contains("lifeboat vms restore"), "{e}");
-        assert!(drain(&mut seen).is_empty(), "nothing sent");
-    }
-
-    #[tokio::test]
-    async fn vms_start_claims_the_guest_and_stops_before_the_start_when_a_move_or_a_new_generation_comes_between() {
-        for then in [Then::MoveOnGrant, Then::NewGenerationOnGrant] {
-            let (reg, a, rx) = with_vm1();
-            let mut seen = agent(reg.clone(), a, rx, then);
-            after_grace(&reg, a).await;
-            let e = start(&reg).await.unwrap_err().to_string();
-            let sent = drain(&mut seen);
-            assert_eq!(sent, [("grant", Some("start-u1".to_string()))], "claimed while it starts; no start sent");
-            if then == Then::MoveOnGrant {
-                assert!(
-                    e.contains("not in a job")
-                        && e.contains("job mig-9 acts on it now")
-                        && e.contains("nothing was started"),
-                    "{e}"
-                );
-                assert_eq!(
-                    reg.job_of("u1").as_deref(),
-                    Some("mig-9"),
-                    "the start's claim ends without ending the move's"
-                );
-            } else {
-                assert!(e.contains("owner unchanged") && e.contains("generation 0") && e.contains("now 3"), "{e}");
-                assert!(reg.job_of("u1").is_none(), "the claim ends on a refusal too");
-            }
-            let log = actions(&reg);
-            assert!(
-                log.contains(&"guest.start_requested".to_string()) && log.contains(&"guest.start_failed".to_string()),
-                "{log:?}"
-            );
-        }
-        // Carried out: claimed through the start, released after.
-        let (reg, a, rx) = with_vm1();
-        let mut seen = agent(reg.clone(), a, rx, Then::Obey);
-        after_grace(&reg, a).await;
-        start(&reg).await.unwrap();
-        let claim = Some("start-u1".to_string());
-        assert_eq!(drain(&mut seen), [("grant", claim.clone()), ("start", claim)]);
-        assert!(reg.job_of("u1").is_none());
-        assert!(actions(&reg).contains(&"guest.started".to_string()));
-    }
-
-    #[tokio::test]
-    async fn vms_start_audits_a_start_that_got_no_answer_and_reads_the_hosts_report_again() {
-        let (reg, a, rx) = with_vm1();
-        let _seen = agent(reg.clone(), a, rx, Then::RunThenClose);
-        after_grace(&reg, a).await;
-        let r = start(&reg).await.unwrap();
-        assert_eq!(r.guest.map(|g| g.state), Some(lifeboat_proto::v1::GuestState::Running as i32), "it did start");
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
-        assert!(log.iter().any(|x| x.action == "guest.started" && x.detail.contains("reports it running")), "{log:?}");
-
-        let (reg, a, rx) = with_vm1();
-        let _seen = agent(reg.clone(), a, rx, Then::CloseSilently);
-        after_grace(&reg, a).await;
-        let e = start(&reg).await.unwrap_err();
-        assert!(matches!(e, ControllerError::Internal(_)) && e.to_string().contains("may still start"), "{e}");
-        assert!(actions(&reg).contains(&"guest.start_unknown".to_string()), "{:?}", actions(&reg));
-        assert!(reg.job_of("u1").is_none());
+        reg.repos()
+            .call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default()))
+            .unwrap()
+            .into_iter()
+            .map(|a| a.action)
+            .collect()
     }
 }

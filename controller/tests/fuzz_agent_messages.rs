@@ -16,7 +16,7 @@ use lifeboat_controller::domain::host::Timing;
 use lifeboat_controller::intake::{MAX_MEMORY_KIB, SessionIntake};
 use lifeboat_controller::registry::Registry;
 use lifeboat_controller::rpc::agent::{MessageError, handle_message};
-use lifeboat_controller::store::Store;
+use lifeboat_controller::store::sqlite::SqliteRepos;
 use lifeboat_proto::v1::{
     AgentMessage, CommandResult, Disk, Guest, GuestChanged, GuestRemoved, Heartbeat, Hello, HostInfo, Inventory, Nic,
     agent_message::Msg,
@@ -151,7 +151,7 @@ fn message() -> impl Strategy<Value = AgentMessage> {
 fn snapshot(reg: &Registry) -> String {
     let guests = reg.list_guests(None, None, true).unwrap();
     let hosts: Vec<_> = reg.list_hosts().into_iter().map(|h| (h.info, h.status, h.guest_count)).collect();
-    let desired = reg.db(|s| s.desired()).unwrap();
+    let desired = reg.repos().call_blocking(|r| r.ownership().desired()).unwrap();
     format!("{guests:?}\n{hosts:?}\n{desired:?}\n{:?}", reg.active_alarms())
 }
 
@@ -164,7 +164,7 @@ fn cases() -> u32 {
 fn run_case(msgs: Vec<AgentMessage>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lifeboat.db");
-    let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+    let reg = Registry::load(SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
     let (tx, _rx) = tokio::sync::mpsc::channel(64);
     let sid = reg.open_session("h", "boot", tx.clone()).unwrap();
     let other = reg.open_session("other", "boot", tx).unwrap();
@@ -187,8 +187,8 @@ fn run_case(msgs: Vec<AgentMessage>) -> Result<(), TestCaseError> {
             Err(MessageError::Failed(e)) => prop_assert!(false, "a message passed the intake but failed: {e}"),
         }
     }
-    let again = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
-    let q = again.db(|s| s.quarantined()).unwrap();
+    let again = Registry::load(SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
+    let q = again.repos().call_blocking(|r| r.quarantine().list()).unwrap();
     prop_assert!(q.is_empty(), "accepted input left rows that do not load: {q:?}");
     prop_assert!(again.list_guests(None, Some("theirs"), false).unwrap().len() == 1);
     Ok(())

@@ -17,25 +17,7 @@ const SPLIT: &[&str] = &["registry", "domain"];
 /// Edges that still close a ring, each with the change that removes it. The
 /// cycle check leaves them out; [`every_excused_edge_still_exists`] fails once
 /// one is gone, so the list only shrinks. Empty is the goal.
-const EXCUSED: &[(&str, &str, &str)] = &[
-    (
-        "guestops",
-        "reconcile",
-        "guestops.rs calls crate::reconcile::merged_lease: call crate::domain::policy::merged_lease_at(.., crate::now_ms())",
-    ),
-    (
-        "migrate",
-        "reconcile",
-        "migrate/engine.rs calls crate::reconcile::merged_lease: call crate::domain::policy::merged_lease_at(.., now)",
-    ),
-    (
-        "waiting",
-        "guestops",
-        "waiting.rs holds the `vms start` operation (start_vm, guarded_start), which uses guestops (claim, bounded, \
-         refuse_quarantined) while guestops uses waiting's bookkeeping: move the operation into guestops (callers: \
-         rpc/admin.rs, reconcile.rs)",
-    ),
-];
+const EXCUSED: &[(&str, &str, &str)] = &[];
 
 /// Crates the pure floor must not name.
 const IO_CRATES: &[&str] = &["tokio", "rusqlite", "tonic"];

@@ -300,7 +300,7 @@ async fn a_hostile_agent_is_refused_whole_and_honest_hosts_stay_reachable() {
     assert_eq!(refused[0].host, "host-evil");
     let metrics = lifeboat_controller::metrics::render(
         &lifeboat_controller::registry::Registry::load(
-            lifeboat_controller::store::Store::open_in_memory().unwrap(),
+            lifeboat_controller::store::sqlite::SqliteRepos::start_in_memory().unwrap(),
             lifeboat_controller::domain::host::Timing::default(),
         )
         .unwrap(),

@@ -24,8 +24,8 @@ use crate::domain::job::{
 use crate::domain::{JobKind, PowerEvidence};
 use crate::error::ControllerError;
 use crate::fence::{BmcConfig, FenceConfigError, FenceEvent, Fencer, PowerState};
+use crate::ports::{AuditRow, JobRow, MoveRow, OwnerRow, RepoError, RepoResult, Repositories, WaitingRow};
 use crate::registry::Registry;
-use crate::store::{AuditRow, JobRow, MoveRow, OwnerRow, StoreError, WaitingRow};
 
 /// Default number of guests moved at once.
 pub const DEFAULT_PARALLEL: u32 = 4;
@@ -125,10 +125,18 @@ impl Engine {
         let _ = self.changes.send(job.to_string());
     }
 
-    fn owners(&self) -> Result<BTreeMap<String, Ownership>, StoreError> {
+    /// Runs `f` on the store thread; the worker awaits, never blocks.
+    async fn repo<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Repositories) -> RepoResult<R> + Send + 'static,
+    ) -> RepoResult<R> {
+        self.reg.repos().call(f).await
+    }
+
+    async fn owners(&self) -> Result<BTreeMap<String, Ownership>, RepoError> {
         Ok(self
-            .reg
-            .db(|s| s.owners())?
+            .repo(|r| r.ownership().owners())
+            .await?
             .into_iter()
             .map(|o| {
                 (
@@ -156,10 +164,10 @@ impl Engine {
     }
 
     /// The memory held by every unfinished job's moves under way, from the store.
-    fn reservations(&self) -> Result<Vec<plan::Reservation>, StoreError> {
+    async fn reservations(&self) -> Result<Vec<plan::Reservation>, RepoError> {
         Ok(self
-            .reg
-            .db(|s| s.reservations())?
+            .repo(|r| r.jobs().reservations())
+            .await?
             .into_iter()
             .map(|r| plan::Reservation {
                 job: r.job_id,
@@ -173,8 +181,8 @@ impl Engine {
 
     /// Memory reserved on each host by moves under way (KiB), those whose
     /// guest already runs there excepted: what `hosts show` reports.
-    pub fn reserved_by_host(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        let reservations = self.reservations()?;
+    pub async fn reserved_by_host(&self) -> Result<BTreeMap<String, u64>, RepoError> {
+        let reservations = self.reservations().await?;
         let mut targets: Vec<String> = reservations.iter().map(|r| r.target.clone()).collect();
         targets.sort();
         targets.dedup();
@@ -200,13 +208,15 @@ impl Engine {
         let t_views = t0.elapsed();
         // The source's guests with their definitions, from the database.
         let source_guests: Vec<_> = if hosts.iter().any(|h| h.id == req.source) {
-            self.reg.db(|s| s.guests_of(&req.source))?
+            let source = req.source.clone();
+            self.repo(move |r| r.guests().of_host(&source)).await?
         } else {
             Vec::new()
         };
-        let owners = self.owners()?;
-        let reservations = self.reservations()?;
-        let active_job = self.reg.db(|s| s.active_jobs())?.into_iter().find(|j| j.source == req.source).map(|j| j.id);
+        let owners = self.owners().await?;
+        let reservations = self.reservations().await?;
+        let active_job =
+            self.repo(|r| r.jobs().active()).await?.into_iter().find(|j| j.source == req.source).map(|j| j.id);
         let power = if hosts.iter().any(|h| h.id == req.source) {
             self.power_reading(&req.source).await
         } else {
@@ -398,8 +408,9 @@ impl Engine {
         );
         let (carried, left) = (moves.len(), left_behind.len());
         moves.extend(left_behind);
-        self.reg
-            .db(|s| s.create_job(&job, &moves, &audit(operator, "migrate.requested", &req.source, "", &id, detail)))?;
+        let a = audit(operator, "migrate.requested", &req.source, "", &id, detail);
+        let (stored_job, stored_moves) = (job.clone(), moves.clone());
+        self.repo(move |r| r.jobs().create(&stored_job, &stored_moves, &a)).await?;
         // Only the guests the job carries: those left behind stay the reconciler's.
         self.reg.set_in_job(
             &id,
@@ -409,15 +420,15 @@ impl Engine {
         let me = self.clone();
         let jid = id.clone();
         tokio::spawn(async move { me.run(jid).await });
-        self.job_record(&id)
+        self.job_record(&id).await
     }
 
     /// Resumes every unfinished job (at controller start), after the startup
     /// grace: agents first reconnect and report, so that "the source is
     /// talking again" and "the step already took effect" are judged on what
     /// the hosts say now. An attested job re-checks that the source is silent.
-    pub fn resume_all(self: &Arc<Self>) -> Result<usize, StoreError> {
-        let (jobs, bad) = self.reg.db(|s| s.active_jobs_checked())?;
+    pub async fn resume_all(self: &Arc<Self>) -> Result<usize, RepoError> {
+        let (jobs, bad) = self.repo(|r| r.jobs().active_checked()).await?;
         for b in &bad {
             let detail = format!(
                 "job {} is not resumed: its row does not read ({}); its guests stay held by it. \
@@ -425,7 +436,7 @@ impl Engine {
                 b.key, b.reason
             );
             warn!(job = %b.key, "{detail}");
-            self.reg.raise_alarm(&b.host, "job-corrupt", &detail)?;
+            self.reg.raise_alarm(&b.host, "job-corrupt", &detail).await?;
         }
         let grace = Duration::from_millis(u64::try_from(self.reg.startup_grace_ms()).unwrap_or(0));
         for j in &jobs {
@@ -442,7 +453,8 @@ impl Engine {
                     "resumed in state {state} after a {} ms startup grace for agents to reconnect",
                     grace.as_millis()
                 );
-                let _ = me.reg.db(|s| s.audit(&audit("controller", "job.resumed", &source, "", &id, detail)));
+                let a = audit("controller", "job.resumed", &source, "", &id, detail);
+                let _ = me.repo(move |r| r.audit().append(&a)).await;
                 me.run(id).await
             });
         }
@@ -450,32 +462,41 @@ impl Engine {
     }
 
     /// A job and its moves, for the API.
-    pub fn job_record(&self, id: &str) -> Result<JobRecord, ControllerError> {
-        let (job, moves) = self.reg.db(|s| -> Result<_, StoreError> { Ok((s.job(id)?, s.job_moves(id)?)) })?;
+    pub async fn job_record(&self, id: &str) -> Result<JobRecord, ControllerError> {
+        let jid = id.to_string();
+        let (job, moves) = self.repo(move |r| Ok((r.jobs().get(&jid)?, r.jobs().all_moves(&jid)?))).await?;
         let job =
             job.ok_or_else(|| ControllerError::NotFound(format!("unknown job '{id}' (see `lifeboat jobs list`)")))?;
         Ok(self.with_paused(to_record(job, moves)))
     }
 
     /// Jobs, newest first.
-    pub fn jobs(&self, host: Option<&str>, limit: u32) -> Result<Vec<JobRecord>, ControllerError> {
-        let rows = self.reg.db(|s| s.jobs(host, limit))?;
-        let mut out = Vec::new();
-        for j in rows {
-            let moves = self.reg.db(|s| s.job_moves(&j.id))?;
-            out.push(self.with_paused(to_record(j, moves)));
-        }
-        Ok(out)
+    pub async fn jobs(&self, host: Option<&str>, limit: u32) -> Result<Vec<JobRecord>, ControllerError> {
+        let host = host.map(str::to_string);
+        // One store call: the jobs and their moves read together.
+        let rows = self
+            .repo(move |r| {
+                let jobs = r.jobs().list(host.as_deref(), limit)?;
+                let mut out = Vec::with_capacity(jobs.len());
+                for j in jobs {
+                    let moves = r.jobs().all_moves(&j.id)?;
+                    out.push((j, moves));
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(rows.into_iter().map(|(j, moves)| self.with_paused(to_record(j, moves))).collect())
     }
 
-    fn set_job(&self, job: &JobRow, to: JobState, error: &str, a: Option<AuditRow>) -> Result<(), StoreError> {
+    async fn set_job(&self, job: &JobRow, to: JobState, error: &str, a: Option<AuditRow>) -> Result<(), RepoError> {
         let from: JobState = job.state;
         if !from.valid_transition(to) {
             warn!(job = %job.id, %from, %to, "refusing an invalid job transition");
             return Ok(());
         }
-        self.reg.db(|s| s.set_job_state(&job.id, to.as_str(), error, a.as_ref()))?;
-        self.progressed(&job.id, &job.source);
+        let (id, error) = (job.id.clone(), error.to_string());
+        self.repo(move |r| r.jobs().set_state(&id, to, &error, a.as_ref())).await?;
+        self.progressed(&job.id, &job.source).await;
         self.changed(&job.id);
         Ok(())
     }
@@ -499,12 +520,13 @@ impl Engine {
     /// an audit entry per retry.
     async fn run(self: Arc<Self>, id: String) {
         let mut wait = PAUSE_RETRY_FIRST;
-        let source = self.reg.db(|s| s.job(&id)).ok().flatten().map(|j| j.source).unwrap_or_default();
+        let jid = id.clone();
+        let source = self.repo(move |r| r.jobs().get(&jid)).await.ok().flatten().map(|j| j.source).unwrap_or_default();
         loop {
             match self.clone().run_inner(&id).await {
                 // Ended: its guests are the reconciler's again.
                 Ok(()) => {
-                    self.progressed(&id, &source);
+                    self.progressed(&id, &source).await;
                     self.reg.clear_in_job(&id);
                     self.stopped.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                     return;
@@ -536,7 +558,7 @@ impl Engine {
                              every {} s at most; see the controller's log and `lifeboat jobs show {id}`",
                             PAUSE_RETRY_MAX.as_secs()
                         );
-                        if let Err(ae) = self.reg.raise_alarm(&source, JOB_PAUSED, &detail) {
+                        if let Err(ae) = self.reg.raise_alarm(&source, JOB_PAUSED, &detail).await {
                             warn!(job = %id, "raising the job-paused alarm failed: {ae}");
                         }
                         if let Some(b) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id) {
@@ -552,13 +574,15 @@ impl Engine {
 
     /// A write of the job succeeded: if it was paused, it is no longer,
     /// and the resume is audited (tried; a failure is only logged).
-    fn progressed(&self, id: &str, source: &str) {
+    async fn progressed(&self, id: &str, source: &str) {
         let Some((since_ms, t0, alarm)) = self.pause_began.lock().unwrap_or_else(|p| p.into_inner()).remove(id) else {
             return;
         };
         if let Some(detail) = alarm
-            && let Err(e) =
-                self.reg.clear_alarm_by_cause(source, JOB_PAUSED, &detail, &format!("job {id} made progress again"))
+            && let Err(e) = self
+                .reg
+                .clear_alarm_by_cause(source, JOB_PAUSED, &detail, &format!("job {id} made progress again"))
+                .await
         {
             warn!(job = %id, "clearing the job-paused alarm failed: {e}");
         }
@@ -567,7 +591,7 @@ impl Engine {
             t0.elapsed().as_secs()
         );
         let row = AuditRow { at_ms: crate::now_ms(), ..audit("controller", "job.unpaused", source, "", id, detail) };
-        if let Err(e) = self.reg.db(|s| s.audit(&row)) {
+        if let Err(e) = self.repo(move |r| r.audit().append(&row)).await {
             warn!(job = %id, "auditing the resume failed: {e}");
         }
         info!(job = %id, paused_since_ms = since_ms, "job resumes: its writes succeed again");
@@ -577,7 +601,7 @@ impl Engine {
 
     /// Records (in memory) that a job is paused on a database error, and
     /// tells its watchers.
-    fn pause(&self, id: &str, since_ms: i64, e: &StoreError) {
+    fn pause(&self, id: &str, since_ms: i64, e: &RepoError) {
         let why = paused_text(e, since_ms);
         let mut p = self.paused.lock().unwrap_or_else(|p| p.into_inner());
         if p.get(id) != Some(&why) {
@@ -588,9 +612,10 @@ impl Engine {
         }
     }
 
-    async fn run_inner(self: Arc<Self>, id: &str) -> Result<(), StoreError> {
+    async fn run_inner(self: Arc<Self>, id: &str) -> Result<(), RepoError> {
         loop {
-            let Some(job) = self.reg.db(|s| s.job(id))? else { return Ok(()) };
+            let jid = id.to_string();
+            let Some(job) = self.repo(move |r| r.jobs().get(&jid)).await? else { return Ok(()) };
             let state: JobState = job.state;
             if state.is_terminal() {
                 return Ok(());
@@ -598,25 +623,26 @@ impl Engine {
             let kind = job.kind;
             match state {
                 JobState::Created => {
-                    let Some((to, _)) = self.job_step(&job, kind, state, JobEvent::Begin)? else { return Ok(()) };
-                    self.set_job(&job, to, "", None)?;
+                    let Some((to, _)) = self.job_step(&job, kind, state, JobEvent::Begin).await? else { return Ok(()) };
+                    self.set_job(&job, to, "", None).await?;
                 }
                 JobState::Fencing => match self.fence(&job).await? {
                     Ok(()) => {
-                        let Some((to, _)) = self.job_step(&job, kind, state, JobEvent::SourceOff)? else {
+                        let Some((to, _)) = self.job_step(&job, kind, state, JobEvent::SourceOff).await? else {
                             return Ok(());
                         };
-                        self.set_job(&job, to, "", None)?
+                        self.set_job(&job, to, "", None).await?
                     }
                     Err(why) => {
-                        let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::FencingFailed)? else {
+                        let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::FencingFailed).await?
+                        else {
                             return Ok(());
                         };
                         // A planned move may have stopped some guests before
                         // it failed: those that should run wait to start
                         // again on the source.
                         let waiting = if effects.contains(&JobEffect::WaitStoppedOnSource) {
-                            self.stopped_by_failed_move(&job)?
+                            self.stopped_by_failed_move(&job).await?
                         } else {
                             Vec::new()
                         };
@@ -638,11 +664,13 @@ impl Engine {
                             audit("controller", audit_action(&effects), &job.source, "", id, msg.clone()),
                             &waiting,
                             &[],
-                        )?;
+                        )
+                        .await?;
                     }
                 },
                 JobState::Moving => {
-                    let moves = self.reg.db(|s| s.moves(id))?;
+                    let jid = id.to_string();
+                    let moves = self.repo(move |r| r.jobs().moves(&jid)).await?;
                     let sem = Arc::new(Semaphore::new(job.parallel.max(1) as usize));
                     let tasks = moves.into_iter().map(|m| {
                         let me = self.clone();
@@ -658,7 +686,8 @@ impl Engine {
                         r?;
                     }
                     // Every row, the guests left behind at creation included.
-                    let moves = self.reg.db(|s| s.job_moves(id))?;
+                    let jid = id.to_string();
+                    let moves = self.repo(move |r| r.jobs().all_moves(&jid)).await?;
                     let waiting = self.waiting_rows(&moves);
                     let outcomes: Vec<MoveOutcome<'_>> = moves
                         .iter()
@@ -677,13 +706,13 @@ impl Engine {
                     let talking = job.kind == JobKind::Migrate && self.reg.is_reachable(&job.source);
                     let JobOutcome { state: ends, error: msg, detail, alarm } =
                         job_outcome(id, &job.source, job.kind == JobKind::Move, talking, &outcomes);
-                    let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::ending(ends))? else {
+                    let Some((to, effects)) = self.job_step(&job, kind, state, JobEvent::ending(ends)).await? else {
                         return Ok(());
                     };
                     // Raised before the job ends: a crash in between resumes
                     // here, and the same alarm is not raised twice.
                     if let Some(a) = alarm.as_ref().filter(|_| effects.contains(&JobEffect::RaiseNotMovedAlarm)) {
-                        self.reg.raise_alarm(&job.source, GUESTS_NOT_MOVED, a)?;
+                        self.reg.raise_alarm(&job.source, GUESTS_NOT_MOVED, a).await?;
                     }
                     if effects.contains(&JobEffect::ObserveRecovery)
                         && let Some(silent) = self.reg.host_view(&job.source).and_then(|h| h.silent_ms)
@@ -694,7 +723,7 @@ impl Engine {
                     let moved: Vec<String> =
                         moves.iter().filter(|m| m.state.is_success()).map(|m| m.uuid.clone()).collect();
                     let a = audit("controller", audit_action(&effects), &job.source, "", id, detail);
-                    self.end_job(&job, to, &msg, a, &waiting, &moved)?;
+                    self.end_job(&job, to, &msg, a, &waiting, &moved).await?;
                 }
                 JobState::Succeeded | JobState::Partial | JobState::Failed => return Ok(()),
             }
@@ -705,13 +734,13 @@ impl Engine {
     /// transition is invalid: then the job is stopped, never retried. The
     /// `job-invalid-transition` alarm is raised on its source and the job is
     /// written FAILED (every state a job steps from may end FAILED).
-    fn job_step(
+    async fn job_step(
         &self,
         job: &JobRow,
         kind: JobKind,
         state: JobState,
         event: JobEvent,
-    ) -> Result<Option<(JobState, Vec<JobEffect>)>, StoreError> {
+    ) -> Result<Option<(JobState, Vec<JobEffect>)>, RepoError> {
         let invalid = match job_step(kind, state, event) {
             Ok(r) => return Ok(Some(r)),
             Err(invalid) => invalid,
@@ -722,10 +751,10 @@ impl Engine {
             job.id, invalid.event, invalid.from, job.id
         );
         warn!(job = %job.id, from = invalid.from, event = invalid.event, "{detail}");
-        self.reg.raise_alarm(&job.source, JOB_INVALID_TRANSITION, &detail)?;
+        self.reg.raise_alarm(&job.source, JOB_INVALID_TRANSITION, &detail).await?;
         if state.valid_transition(JobState::Failed) {
             let a = audit("controller", "job.failed", &job.source, "", &job.id, detail);
-            self.set_job(job, JobState::Failed, &format!("stopped: {invalid}"), Some(a))?;
+            Box::pin(self.set_job(job, JobState::Failed, &format!("stopped: {invalid}"), Some(a))).await?;
         }
         Ok(None)
     }
@@ -750,8 +779,9 @@ impl Engine {
     /// A planned move failed while stopping guests on its source: the moves
     /// that were to start a guest now reported shut off there (the stop got
     /// that far) leave it waiting there. Their moves stay PENDING.
-    fn stopped_by_failed_move(&self, job: &JobRow) -> Result<Vec<WaitingRow>, StoreError> {
-        let moves = self.reg.db(|s| s.moves(&job.id))?;
+    async fn stopped_by_failed_move(&self, job: &JobRow) -> Result<Vec<WaitingRow>, RepoError> {
+        let jid = job.id.clone();
+        let moves = self.repo(move |r| r.jobs().moves(&jid)).await?;
         let on_source = self.reg.list_guests(Some(&job.source), None, false).unwrap_or_default();
         let stopped = |uuid: &str| {
             on_source
@@ -775,7 +805,7 @@ impl Engine {
     /// resumes the job, and raises nothing twice), then the job's state and
     /// its waiting guests in one transaction, then the alarms of the guests
     /// it moved, which no longer wait.
-    fn end_job(
+    async fn end_job(
         &self,
         job: &JobRow,
         to: JobState,
@@ -783,16 +813,17 @@ impl Engine {
         a: AuditRow,
         waiting: &[WaitingRow],
         moved: &[String],
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), RepoError> {
         let from: JobState = job.state;
         if !from.valid_transition(to) {
             warn!(job = %job.id, %from, %to, "refusing an invalid job transition");
             return Ok(());
         }
-        let before = self.reg.db(|s| s.waiting())?;
-        crate::waiting::raise(&self.reg, waiting, &before)?;
-        self.reg.db(|s| s.end_job_with_waiting(&job.id, to.as_str(), error, Some(&a), waiting, moved))?;
-        crate::waiting::clear_moved(&self.reg, &before, moved, &job.id)?;
+        let before = self.repo(|r| r.jobs().waiting()).await?;
+        crate::waiting::raise(&self.reg, waiting, &before).await?;
+        let (id, error, w, m) = (job.id.clone(), error.to_string(), waiting.to_vec(), moved.to_vec());
+        self.repo(move |r| r.jobs().end_with_waiting(&id, to, &error, Some(&a), &w, &m)).await?;
+        crate::waiting::clear_moved(&self.reg, &before, moved, &job.id).await?;
         for w in waiting {
             self.reg.touch(&w.host);
         }
@@ -805,7 +836,7 @@ impl Engine {
         self.lease_ttl_ms
     }
 
-    fn audit_bmc(&self, job: &JobRow, events: &[FenceEvent]) -> Result<(), StoreError> {
+    async fn audit_bmc(&self, job: &JobRow, events: &[FenceEvent]) -> Result<(), RepoError> {
         for e in events {
             let mut a = audit(
                 "controller",
@@ -816,7 +847,7 @@ impl Engine {
                 format!("request: {} | answer: {}", e.request, e.answer),
             );
             a.at_ms = e.at_ms;
-            self.reg.db(|s| s.audit(&a))?;
+            self.repo(move |r| r.audit().append(&a)).await?;
         }
         Ok(())
     }
@@ -828,8 +859,9 @@ impl Engine {
     /// in this job when it was created, so the reconciler neither renews
     /// their leases nor starts them meanwhile. Check-then-act: a stopped
     /// guest stays stopped, and a repeated revocation changes nothing.
-    async fn stop_on_source(&self, job: &JobRow) -> Result<Result<(), String>, StoreError> {
-        let moves = self.reg.db(|s| s.moves(&job.id))?;
+    async fn stop_on_source(&self, job: &JobRow) -> Result<Result<(), String>, RepoError> {
+        let jid = job.id.clone();
+        let moves = self.repo(move |r| r.jobs().moves(&jid)).await?;
         for m in &moves {
             self.refuse_if_quarantined(m)?;
         }
@@ -863,16 +895,15 @@ impl Engine {
             }
             match self.stop_confirmed(&job.source, m, &job.id).await {
                 Ok(outcome) => {
-                    self.reg.db(|s| {
-                        s.audit(&audit(
-                            "controller",
-                            "guest.stopped_for_move",
-                            &job.source,
-                            &m.name,
-                            &job.id,
-                            format!("{} stopped on {} ({outcome})", m.name, job.source),
-                        ))
-                    })?;
+                    let a = audit(
+                        "controller",
+                        "guest.stopped_for_move",
+                        &job.source,
+                        &m.name,
+                        &job.id,
+                        format!("{} stopped on {} ({outcome})", m.name, job.source),
+                    );
+                    self.repo(move |r| r.audit().append(&a)).await?;
                 }
                 Err(e) => return Ok(Err(e)),
             }
@@ -884,18 +915,15 @@ impl Engine {
     /// (its ownership is unknown, never generation 0 or "no owner"): a record
     /// the job cannot use, so the job pauses (`job-paused` alarm) and carries
     /// nothing out until the row is repaired and the controller restarted.
-    fn refuse_if_quarantined(&self, m: &MoveRow) -> Result<(), StoreError> {
+    fn refuse_if_quarantined(&self, m: &MoveRow) -> Result<(), RepoError> {
         if !self.reg.is_quarantined(&m.uuid) {
             return Ok(());
         }
-        Err(StoreError::Corrupt {
-            table: "quarantine",
-            message: format!(
-                "{} ({})'s ownership record is quarantined (alarm row-quarantined): no lease, start, define or stop for it \
-                 until the row is repaired and the controller restarted; see docs/security.md",
-                m.name, m.uuid
-            ),
-        })
+        Err(RepoError::Corrupt(format!(
+            "corrupt record in quarantine: {} ({})'s ownership record is quarantined (alarm row-quarantined): no lease, \
+             start, define or stop for it until the row is repaired and the controller restarted; see docs/security.md",
+            m.name, m.uuid
+        )))
     }
 
     /// Why a move is history, if it is: the guest's ownership has moved past
@@ -926,7 +954,7 @@ impl Engine {
 
     /// Proves the source is off. Check-then-act: reads first, powers off
     /// only if it does not read Off.
-    async fn fence(&self, job: &JobRow) -> Result<Result<(), String>, StoreError> {
+    async fn fence(&self, job: &JobRow) -> Result<Result<(), String>, RepoError> {
         if job.kind == JobKind::Move {
             return self.stop_on_source(job).await;
         }
@@ -945,17 +973,16 @@ impl Engine {
             }
         };
         if job.power_evidence == PowerEvidence::Attestation {
-            self.reg.db(|s| {
-                s.audit(&audit(
-                    &job.operator,
-                    "power.attested",
-                    &job.source,
-                    "",
-                    &job.id,
-                    format!("operator {} attests {} is powered off: {}", job.operator, job.source, req.attest_reason),
-                ))
-            })?;
-            self.declare_offline(job)?;
+            let a = audit(
+                &job.operator,
+                "power.attested",
+                &job.source,
+                "",
+                &job.id,
+                format!("operator {} attests {} is powered off: {}", job.operator, job.source, req.attest_reason),
+            );
+            self.repo(move |r| r.audit().append(&a)).await?;
+            self.declare_offline(job).await?;
             return Ok(Ok(()));
         }
         let Some(f) = self.fencers.get(&job.source) else {
@@ -971,37 +998,35 @@ impl Engine {
         let mut st = f.power_state(&mut log).await;
         t.fence("read", name(&st));
         if st != PowerState::Off && job.power_evidence == PowerEvidence::BmcFence {
-            self.audit_bmc(job, &log)?;
+            self.audit_bmc(job, &log).await?;
             log.clear();
-            self.reg.db(|s| {
-                s.audit(&audit(
-                    "controller",
-                    "bmc.power_off",
-                    &job.source,
-                    "",
-                    &job.id,
-                    format!("ForceOff requested; waiting up to {:?} for Off", f.off_timeout()),
-                ))
-            })?;
+            let a = audit(
+                "controller",
+                "bmc.power_off",
+                &job.source,
+                "",
+                &job.id,
+                format!("ForceOff requested; waiting up to {:?} for Off", f.off_timeout()),
+            );
+            self.repo(move |r| r.audit().append(&a)).await?;
             let started = std::time::Instant::now();
             st = f.power_off(&mut log).await;
             t.fence_seconds.observe(started.elapsed().as_secs_f64());
             t.fence("power_off", name(&st));
         }
-        self.audit_bmc(job, &log)?;
+        self.audit_bmc(job, &log).await?;
         match st {
             PowerState::Off => {
-                self.reg.db(|s| {
-                    s.audit(&audit(
-                        "controller",
-                        "power.confirmed_off",
-                        &job.source,
-                        "",
-                        &job.id,
-                        format!("{}'s BMC reads Off", job.source),
-                    ))
-                })?;
-                self.declare_offline(job)?;
+                let a = audit(
+                    "controller",
+                    "power.confirmed_off",
+                    &job.source,
+                    "",
+                    &job.id,
+                    format!("{}'s BMC reads Off", job.source),
+                );
+                self.repo(move |r| r.audit().append(&a)).await?;
+                self.declare_offline(job).await?;
                 Ok(Ok(()))
             }
             PowerState::On => Ok(Err(format!("{}'s BMC still reads On: power-off not confirmed", job.source))),
@@ -1013,12 +1038,12 @@ impl Engine {
 
     /// The source is proven off: record its boot id (to recognise a host
     /// that never powered off when it returns) and declare it OFFLINE.
-    fn declare_offline(&self, job: &JobRow) -> Result<(), StoreError> {
-        self.reg.mark_fenced(&job.source)?;
+    async fn declare_offline(&self, job: &JobRow) -> Result<(), RepoError> {
+        self.reg.mark_fenced(&job.source).await?;
         if self.reg.status_of(&job.source) != Some(crate::domain::host::HostStatus::Offline) {
             let reason = format!("declared dead by forced migration job {}", job.id);
             if let Err(e) =
-                self.reg.set_status(&job.source, crate::domain::host::HostStatus::Offline, &reason, "controller")
+                self.reg.set_status(&job.source, crate::domain::host::HostStatus::Offline, &reason, "controller").await
             {
                 warn!(host = %job.source, "setting OFFLINE failed: {e}");
             }
@@ -1096,23 +1121,24 @@ impl Engine {
         })
     }
 
-    fn set_move(
+    async fn set_move(
         &self,
         m: &mut MoveRow,
         to: MoveState,
         error: &str,
         owner: Option<OwnerRow>,
         a: Option<AuditRow>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), RepoError> {
         let from: MoveState = m.state;
         if !from.valid_transition(to) {
             warn!(job = %m.job_id, guest = %m.name, %from, %to, "refusing an invalid move transition");
             return Ok(());
         }
-        self.reg.db(|s| s.set_move(&m.job_id, &m.uuid, to.as_str(), error, owner.as_ref(), a.as_ref()))?;
-        self.progressed(&m.job_id, &m.source);
+        let (job, uuid, error, stored) = (m.job_id.clone(), m.uuid.clone(), error.to_string(), owner.clone());
+        self.repo(move |r| r.jobs().set_move(&job, &uuid, to, &error, stored.as_ref(), a.as_ref())).await?;
+        self.progressed(&m.job_id, &m.source).await;
         if owner.is_some() {
-            self.reg.refresh_owners()?;
+            self.reg.refresh_owners().await?;
         }
         m.state = to;
         self.changed(&m.job_id);
@@ -1127,7 +1153,8 @@ impl Engine {
         m: &MoveRow,
         planned: bool,
     ) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
-        let grant = crate::reconcile::merged_lease(&m.uuid, &m.name, m.generation, self.lease_ttl_ms);
+        let grant =
+            crate::domain::policy::merged_lease_at(&m.uuid, &m.name, m.generation, self.lease_ttl_ms, crate::now_ms());
         let r = self.call_target(&m.target, Kind::GrantLeases(grant), Some((m, planned))).await?;
         if !r.ok {
             return Ok(r);
@@ -1151,7 +1178,7 @@ impl Engine {
     /// and its record effects are written in one transaction, and only then is
     /// the next action carried out. A transition the move's state machine
     /// does not allow stops the job (see [`Engine::stop_on_invalid`]).
-    async fn run_move(&self, mut m: MoveRow, operator: &str, planned: bool) -> Result<(), StoreError> {
+    async fn run_move(&self, mut m: MoveRow, operator: &str, planned: bool) -> Result<(), RepoError> {
         let _ = operator;
         let kind = if planned { JobKind::Move } else { JobKind::Migrate };
         let mut owed = m.state.owed(kind);
@@ -1169,10 +1196,10 @@ impl Engine {
             let event = self.test_event.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or(event);
             match step(kind, state, event) {
                 Ok((to, effects)) => {
-                    self.apply_move(&mut m, to, &effects, &text)?;
+                    self.apply_move(&mut m, to, &effects, &text).await?;
                     owed = effects.into_iter().rfind(|e| e.is_action());
                 }
-                Err(invalid) => return self.stop_on_invalid(&mut m, invalid),
+                Err(invalid) => return self.stop_on_invalid(&mut m, invalid).await,
             }
         }
         Ok(())
@@ -1288,7 +1315,13 @@ impl Engine {
 
     /// Writes a move's new state with its record effects (owner, error,
     /// audit) in one transaction, before any action of the step is carried out.
-    fn apply_move(&self, m: &mut MoveRow, to: MoveState, effects: &[MoveEffect], text: &str) -> Result<(), StoreError> {
+    async fn apply_move(
+        &self,
+        m: &mut MoveRow,
+        to: MoveState,
+        effects: &[MoveEffect],
+        text: &str,
+    ) -> Result<(), RepoError> {
         let mut owner = None;
         let mut error = "";
         let mut a = None;
@@ -1305,12 +1338,12 @@ impl Engine {
                 | MoveEffect::UndefineOnSource => {}
             }
         }
-        self.set_move(m, to, error, owner, a)
+        self.set_move(m, to, error, owner, a).await
     }
 
     /// A planned move ended well: its source is alive, so the now stale
     /// definition there is removed right away (storage untouched).
-    async fn undefine_on_source(&self, m: &MoveRow) -> Result<(), StoreError> {
+    async fn undefine_on_source(&self, m: &MoveRow) -> Result<(), RepoError> {
         let cmd = CleanupGuest { uuid: m.uuid.clone(), name: m.name.clone(), destroy_running: false };
         let detail = match self.reg.call(&m.source, Kind::CleanupGuest(cmd), self.call_timeout).await {
             Ok(r) if r.ok => {
@@ -1334,9 +1367,10 @@ impl Engine {
             detail.clone(),
         );
         if ok {
-            self.reg.db(|s| s.mark_cleaned(&m.job_id, &m.uuid, &row))?;
+            let (job, uuid) = (m.job_id.clone(), m.uuid.clone());
+            self.repo(move |r| r.jobs().mark_cleaned(&job, &uuid, &row)).await?;
         } else {
-            self.reg.db(|s| s.audit(&row))?;
+            self.repo(move |r| r.audit().append(&row)).await?;
         }
         Ok(())
     }
@@ -1354,14 +1388,14 @@ impl Engine {
     /// job's other moves carry nothing further out. The job then ends as
     /// its moves say: FAILED, or PARTIAL when some guests had already moved
     /// (those moves happened; calling the job FAILED would hide them).
-    fn stop_on_invalid(&self, m: &mut MoveRow, invalid: InvalidTransition) -> Result<(), StoreError> {
+    async fn stop_on_invalid(&self, m: &mut MoveRow, invalid: InvalidTransition) -> Result<(), RepoError> {
         let detail = format!(
             "job {} stopped: guest {} ({}) met {} in state {}, which its move does not allow; nothing further is \
              carried out for the job (see `lifeboat jobs show {}` and the controller's log)",
             m.job_id, m.name, m.uuid, invalid.event, invalid.from, m.job_id
         );
         warn!(job = %m.job_id, guest = %m.name, from = invalid.from, event = invalid.event, "{detail}");
-        self.reg.raise_alarm(&m.source, JOB_INVALID_TRANSITION, &detail)?;
+        self.reg.raise_alarm(&m.source, JOB_INVALID_TRANSITION, &detail).await?;
         self.stopped
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1371,7 +1405,7 @@ impl Engine {
         if from.valid_transition(MoveState::Failed) {
             let msg = format!("stopped: {invalid}");
             let a = audit("controller", AUDIT_MOVE_FAILED, &m.target, &m.name, &m.job_id, detail);
-            self.set_move(m, MoveState::Failed, &msg, None, Some(a))?;
+            self.set_move(m, MoveState::Failed, &msg, None, Some(a)).await?;
         }
         Ok(())
     }
@@ -1394,12 +1428,12 @@ pub const JOB_PAUSED: &str = "job-paused";
 /// Whether a store error is SQLite refusing or failing a statement (full
 /// disk, read-only, I/O, locked): it passes when the database can be
 /// written again. Anything else is a record that cannot be used.
-fn is_write_error(e: &StoreError) -> bool {
+fn is_write_error(e: &RepoError) -> bool {
     e.is_write_failure()
 }
 
 /// What `jobs show` says of a job paused on a database error.
-fn paused_text(e: &StoreError, since_ms: i64) -> String {
+fn paused_text(e: &RepoError, since_ms: i64) -> String {
     let since = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(since_ms) * 1_000_000)
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
@@ -1512,10 +1546,23 @@ mod tests {
     use lifeboat_proto::v1::{Check, GuestPlan};
 
     fn new_engine() -> (Arc<Registry>, Arc<Engine>) {
-        let store = crate::store::Store::open_in_memory().unwrap();
-        let reg = Arc::new(Registry::load(store, crate::domain::host::Timing::default()).unwrap());
+        let repos = crate::store::sqlite::SqliteRepos::start_in_memory().unwrap();
+        let reg = Arc::new(Registry::load(repos, crate::domain::host::Timing::default()).unwrap());
         let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();
         (reg, engine)
+    }
+
+    /// [`new_engine`] over a database file, which a test edits by hand with
+    /// its own connection (a corrupt value, a repaired row).
+    fn new_engine_on_file() -> (tempfile::TempDir, rusqlite::Connection, Arc<Registry>, Arc<Engine>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let repos = crate::store::sqlite::SqliteRepos::start(&path).unwrap();
+        let reg = Arc::new(Registry::load(repos, crate::domain::host::Timing::default()).unwrap());
+        let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.busy_timeout(Duration::from_secs(10)).unwrap();
+        (dir, raw, reg, engine)
     }
 
     fn job_row(id: &str, kind: &str, source: &str) -> JobRow {
@@ -1549,40 +1596,48 @@ mod tests {
     #[tokio::test]
     async fn a_job_pauses_on_a_database_write_error_shows_why_and_resumes_by_itself() {
         let (reg, engine) = new_engine();
-        reg.db(|s| {
-            s.create_job(
-                &job_row("mig-p", "migrate", "host-a"),
-                &[],
-                &audit("olga", "migrate.requested", "host-a", "", "mig-p", ""),
-            )
-        })
-        .unwrap();
+        reg.repos()
+            .call_blocking(|r| {
+                r.jobs().create(
+                    &job_row("mig-p", "migrate", "host-a"),
+                    &[],
+                    &audit("olga", "migrate.requested", "host-a", "", "mig-p", ""),
+                )
+            })
+            .unwrap();
         // SQLite refuses every write, as on a full disk.
-        reg.db(|s| s.set_read_only(true)).unwrap();
+        reg.repos().call_blocking(move |r| r.maintenance().set_read_only(true)).unwrap();
         let mut changes = engine.subscribe();
         tokio::spawn(engine.clone().run("mig-p".into()));
-        let paused =
-            until("the pause", || Some(engine.job_record("mig-p").unwrap().paused).filter(|p| !p.is_empty())).await;
+        let paused = until("the pause", || {
+            Some(futures::executor::block_on(engine.job_record("mig-p")).unwrap().paused).filter(|p| !p.is_empty())
+        })
+        .await;
         assert!(paused.starts_with("paused since 20"), "{paused}");
         assert!(paused.contains("cannot be written") && paused.contains("readonly"), "{paused}");
         assert_eq!(changes.try_recv().unwrap(), "mig-p", "watchers are told of the pause");
-        let r = engine.job_record("mig-p").unwrap();
+        let r = futures::executor::block_on(engine.job_record("mig-p")).unwrap();
         assert_eq!(r.state.as_str(), "CREATED", "nothing moved while paused");
-        assert_eq!(engine.jobs(None, 10).unwrap()[0].paused, paused, "the list shows it too");
+        assert_eq!(
+            futures::executor::block_on(engine.jobs(None, 10)).unwrap()[0].paused,
+            paused,
+            "the list shows it too"
+        );
         // A second retry keeps the first time it paused.
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        assert_eq!(engine.job_record("mig-p").unwrap().paused, paused);
+        assert_eq!(futures::executor::block_on(engine.job_record("mig-p")).unwrap().paused, paused);
 
-        reg.db(|s| s.set_read_only(false)).unwrap();
+        reg.repos().call_blocking(move |r| r.maintenance().set_read_only(false)).unwrap();
         let r = until("the job's end", || {
-            Some(engine.job_record("mig-p").unwrap())
+            Some(futures::executor::block_on(engine.job_record("mig-p")).unwrap())
                 .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
         assert_eq!(r.paused, "", "no longer paused");
         let log = reg
-            .db(|s| {
-                s.read_audit(&crate::store::AuditFilter {
+            .repos()
+            .call_blocking(|r| {
+                r.audit().read(&crate::ports::AuditFilter {
                     job: Some("mig-p".into()),
                     limit: Some(100),
                     ..Default::default()
@@ -1598,20 +1653,27 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_paused_on_a_record_it_cannot_use_backs_off_alarms_once_and_writes_no_resume_per_retry() {
-        let (reg, engine) = new_engine();
+        let (_dir, raw, reg, engine) = new_engine_on_file();
         let mut row = job_row("mig-c", "migrate", "host-a");
         row.state = JobState::Moving;
-        reg.db(|s| s.create_job(&row, &[starting_move("mig-c")], &audit("olga", "x", "host-a", "", "mig-c", "")))
+        reg.repos()
+            .call_blocking(move |r| {
+                r.jobs().create(&row, &[starting_move("mig-c")], &audit("olga", "x", "host-a", "", "mig-c", ""))
+            })
             .unwrap();
-        reg.db(|s| s.execute_raw("UPDATE moves SET memory_kib = -5 WHERE job_id = 'mig-c'")).unwrap();
+        raw.execute("UPDATE moves SET memory_kib = -5 WHERE job_id = 'mig-c'", []).unwrap();
         tokio::spawn(engine.clone().run("mig-c".into()));
         // `jobs show` cannot read the job either; the pause is kept for it.
         let paused = until("the pause", || engine.paused.lock().unwrap().get("mig-c").cloned()).await;
         assert!(paused.contains("cannot be used"), "{paused}");
         // Retries at 0.5, 1.5, 3.5 s: three of them, no resume among them.
         tokio::time::sleep(Duration::from_millis(4000)).await;
-        let log =
-            reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+        let log = reg
+            .repos()
+            .call_blocking(move |r| {
+                r.audit().read(&crate::ports::AuditFilter { limit: Some(1000), ..Default::default() })
+            })
+            .unwrap();
         let unpaused = log.iter().filter(|a| a.action == "job.unpaused").count();
         assert_eq!(unpaused, 0, "nothing resumed: {log:?}");
         let alarms: Vec<_> = log.iter().filter(|a| a.action == "alarm.job-paused").collect();
@@ -1622,20 +1684,29 @@ mod tests {
             "{}",
             alarms[0].detail
         );
-        assert_eq!(reg.db(|s| s.job("mig-c")).unwrap().unwrap().state.as_str(), "MOVING");
+        assert_eq!(
+            reg.repos().call_blocking(move |r| r.jobs().get("mig-c")).unwrap().unwrap().state.as_str(),
+            "MOVING"
+        );
         assert!(engine.paused.lock().unwrap().contains_key("mig-c"), "still paused");
 
         // The row is repaired (here: the move had failed): the job ends, the
         // resume is audited once and the alarm is cleared by its cause.
-        reg.db(|s| {
-            s.execute_raw(
-                "UPDATE moves SET memory_kib = 1, state = 'FAILED', error = 'start failed' WHERE job_id = 'mig-c'",
-            )
-        })
+        raw.execute(
+            "UPDATE moves SET memory_kib = 1, state = 'FAILED', error = 'start failed' WHERE job_id = 'mig-c'",
+            [],
+        )
         .unwrap();
-        until("the job's end", || reg.db(|s| s.job("mig-c")).unwrap().filter(|j| j.state != JobState::Moving)).await;
-        let log =
-            reg.db(|s| s.read_audit(&crate::store::AuditFilter { limit: Some(1000), ..Default::default() })).unwrap();
+        until("the job's end", || {
+            reg.repos().call_blocking(move |r| r.jobs().get("mig-c")).unwrap().filter(|j| j.state != JobState::Moving)
+        })
+        .await;
+        let log = reg
+            .repos()
+            .call_blocking(move |r| {
+                r.audit().read(&crate::ports::AuditFilter { limit: Some(1000), ..Default::default() })
+            })
+            .unwrap();
         assert_eq!(log.iter().filter(|a| a.action == "job.unpaused").count(), 1, "{log:?}");
         assert!(!reg.active_alarms().iter().any(|a| a.1 == JOB_PAUSED), "{:?}", reg.active_alarms());
         assert!(!engine.paused.lock().unwrap().contains_key("mig-c"), "no longer paused");
@@ -1682,14 +1753,9 @@ mod tests {
 
     /// Writes a forced-migration job of host-a carrying the one move `m`.
     fn record_job(reg: &Registry, id: &str, m: &MoveRow) {
-        reg.db(|s| {
-            s.create_job(
-                &job_row(id, "migrate", "host-a"),
-                std::slice::from_ref(m),
-                &audit("olga", "x", "", "", id, ""),
-            )
-        })
-        .unwrap();
+        let (row, m) = (job_row(id, "migrate", "host-a"), m.clone());
+        let a = audit("olga", "x", "", "", id, "");
+        reg.repos().call_blocking(move |r| r.jobs().create(&row, std::slice::from_ref(&m), &a)).unwrap();
     }
 
     fn starting_move(job: &str) -> MoveRow {
@@ -1750,7 +1816,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         engine.run_move(m, "olga", false).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(t0.elapsed() < Duration::from_secs(5), "no stall: {:?}", t0.elapsed());
-        let row = reg.db(|s| s.moves("mig-s")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-s")).unwrap().remove(0);
         assert_eq!((row.state.as_str(), row.error.as_str()), ("RUNNING", ""));
     }
 
@@ -1773,11 +1839,12 @@ mod tests {
         let _agent = fake_agent(reg.clone(), "host-b", vec![running_there(&m)], refuse).await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         engine.run_move(m.clone(), "olga", false).await.unwrap();
-        let row = reg.db(|s| s.moves("mig-r")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-r")).unwrap().remove(0);
         assert_eq!(row.state.as_str(), "RUNNING", "{}", row.error);
         let log = reg
-            .db(|s| {
-                s.read_audit(&crate::store::AuditFilter {
+            .repos()
+            .call_blocking(|r| {
+                r.audit().read(&crate::ports::AuditFilter {
                     job: Some("mig-r".into()),
                     limit: Some(100),
                     ..Default::default()
@@ -1798,7 +1865,7 @@ mod tests {
         let _agent = fake_agent(reg.clone(), "host-b", vec![other], refuse).await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         engine.run_move(m, "olga", false).await.unwrap();
-        let row = reg.db(|s| s.moves("mig-f")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-f")).unwrap().remove(0);
         assert_eq!(row.state.as_str(), "FAILED");
         assert!(row.error.contains("verifying vm-1 failed"), "{}", row.error);
     }
@@ -1809,12 +1876,21 @@ mod tests {
         let m = starting_move("mig-u");
         let mut row = job_row("mig-u", "migrate", "host-a");
         row.state = JobState::Moving;
-        reg.db(|s| s.create_job(&row, std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-u", ""))).unwrap();
+        let m_stored = m.clone();
+        reg.repos()
+            .call_blocking(move |r| {
+                r.jobs().create(&row, std::slice::from_ref(&m_stored), &audit("olga", "x", "", "", "mig-u", ""))
+            })
+            .unwrap();
         // The move recorded host-b as the new owner before it defined the guest there.
         let owner = OwnerRow { complete: false, ..engine.owner(&m, false) };
-        reg.db(|s| s.set_owner(&owner, &audit("controller", "guest.owner_recorded", "host-b", "vm-1", "mig-u", "")))
+        reg.repos()
+            .call_blocking(move |r| {
+                r.ownership()
+                    .set_owner(&owner, &audit("controller", "guest.owner_recorded", "host-b", "vm-1", "mig-u", ""))
+            })
             .unwrap();
-        reg.refresh_owners().unwrap();
+        reg.refresh_owners().await.unwrap();
         let shut =
             lifeboat_proto::v1::Guest { state: lifeboat_proto::v1::GuestState::Shutoff as i32, ..running_there(&m) };
         let _agent = fake_agent(reg.clone(), "host-b", vec![shut], |k| match k {
@@ -1827,7 +1903,7 @@ mod tests {
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         tokio::spawn(engine.clone().run("mig-u".into()));
         let r = until("the job's end", || {
-            Some(engine.job_record("mig-u").unwrap())
+            Some(futures::executor::block_on(engine.job_record("mig-u")).unwrap())
                 .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
@@ -1836,15 +1912,15 @@ mod tests {
         assert!(r.error.contains("`lifeboat move --vm vm-1 --from host-a --to host-b --yes`"), "{}", r.error);
         let o = reg.owner_row(&m.uuid).unwrap();
         assert_eq!((o.host.as_str(), o.complete), ("host-b", false), "the owner stays as recorded: nobody's");
-        let waiting = reg.db(|s| s.waiting()).unwrap();
+        let waiting = reg.repos().call_blocking(move |r| r.jobs().waiting()).unwrap();
         assert_eq!(waiting.len(), 1, "listed as waiting");
         assert!(
             waiting[0].host == "host-a" && waiting[0].reason.starts_with("unfinished move to host-b (job mig-u): "),
             "{waiting:?}"
         );
-        let alarms = reg.db(|s| s.alarms(false)).unwrap();
-        let (_, _, _, _, detail, _) =
-            alarms.iter().find(|a| a.3 == crate::waiting::GUESTS_WAITING).expect("guests-waiting alarm");
+        let alarms = reg.repos().call_blocking(move |r| r.alarms().list(false)).unwrap();
+        let crate::ports::AlarmRow { detail, .. } =
+            alarms.iter().find(|a| a.kind == crate::waiting::GUESTS_WAITING).expect("guests-waiting alarm");
         assert!(
             detail.contains("NOT started by itself")
                 && detail.contains("lifeboat move --vm vm-1 --from host-a --to host-b --yes"),
@@ -1893,7 +1969,7 @@ mod tests {
         .await;
         until("the target's session", || reg.has_session("host-b").then_some(())).await;
         engine.run_move(m, "olga", false).await.unwrap();
-        let row = reg.db(|s| s.moves("mig-back")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-back")).unwrap().remove(0);
         assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 1, "the start was not sent again");
         assert_eq!(row.state.as_str(), "FAILED");
         assert!(row.error.contains("host-a is talking to the controller again"), "{}", row.error);
@@ -1916,9 +1992,15 @@ mod tests {
         comes_back(&reg, "host-a", vec![stopped]);
         assert!(reg.is_reachable("host-a"));
         engine.run_move(m, "olga", false).await.unwrap();
-        let row = reg.db(|s| s.moves("mig-resumed")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-resumed")).unwrap().remove(0);
         assert_eq!((row.state.as_str(), row.error.as_str()), ("RUNNING", ""));
-        let owner = reg.db(|s| s.owners()).unwrap().into_iter().find(|o| o.uuid == row.uuid).unwrap();
+        let owner = reg
+            .repos()
+            .call_blocking(move |r| r.ownership().owners())
+            .unwrap()
+            .into_iter()
+            .find(|o| o.uuid == row.uuid)
+            .unwrap();
         assert_eq!((owner.host.as_str(), owner.generation, owner.complete), ("host-b", 3, true));
     }
 
@@ -1928,11 +2010,19 @@ mod tests {
         let path = dir.path().join("lifeboat.db");
         let m = starting_move("mig-q");
         {
-            let reg = Registry::load(crate::store::Store::open(&path).unwrap(), crate::domain::host::Timing::default())
-                .unwrap();
+            let reg = Registry::load(
+                crate::store::sqlite::SqliteRepos::start(&path).unwrap(),
+                crate::domain::host::Timing::default(),
+            )
+            .unwrap();
             let mut row = job_row("mig-q", "migrate", "host-a");
             row.state = JobState::Moving;
-            reg.db(|s| s.create_job(&row, std::slice::from_ref(&m), &audit("olga", "x", "", "", "mig-q", ""))).unwrap();
+            let stored = m.clone();
+            reg.repos()
+                .call_blocking(move |r| {
+                    r.jobs().create(&row, std::slice::from_ref(&stored), &audit("olga", "x", "", "", "mig-q", ""))
+                })
+                .unwrap();
         }
         // Its owner row (moved on since: generation 4) cannot be read at the restart.
         rusqlite::Connection::open(&path)
@@ -1940,7 +2030,11 @@ mod tests {
             .execute("INSERT INTO owners (uuid, host, generation, from_host, job, complete) VALUES (?1, 'host-c', -4, 'host-b', 'mig-later', 1)", [&m.uuid])
             .unwrap();
         let reg = Arc::new(
-            Registry::load(crate::store::Store::open(&path).unwrap(), crate::domain::host::Timing::default()).unwrap(),
+            Registry::load(
+                crate::store::sqlite::SqliteRepos::start(&path).unwrap(),
+                crate::domain::host::Timing::default(),
+            )
+            .unwrap(),
         );
         assert!(reg.is_quarantined(&m.uuid));
         let engine = Engine::new(reg.clone(), &BTreeMap::new(), 0, 0, 60_000).unwrap();
@@ -1963,7 +2057,7 @@ mod tests {
             .to_string();
         assert!(e.contains("quarantine"), "{e}");
         assert!(sent.lock().unwrap().is_empty(), "nothing sent: {:?}", sent.lock().unwrap());
-        let row = reg.db(|s| s.moves("mig-q")).unwrap().remove(0);
+        let row = reg.repos().call_blocking(move |r| r.jobs().moves("mig-q")).unwrap().remove(0);
         assert_eq!(
             (row.state.as_str(), row.error.as_str()),
             ("STARTING", ""),
@@ -1984,7 +2078,8 @@ mod tests {
         let (reg, engine) = new_engine();
         let mut row = job_row(id, "migrate", "host-a");
         row.state = JobState::Moving;
-        reg.db(|s| s.create_job(&row, moves, &audit("olga", "x", "", "", id, ""))).unwrap();
+        let (stored, a) = (moves.to_vec(), audit("olga", "x", "", "", id, ""));
+        reg.repos().call_blocking(move |r| r.jobs().create(&row, &stored, &a)).unwrap();
         let defines = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (n, sent) = (defines.clone(), Arc::new(std::sync::Mutex::new(Vec::<String>::new())));
         let seen = sent.clone();
@@ -2000,7 +2095,8 @@ mod tests {
         *engine.test_event.lock().unwrap() = Some(MoveEvent::Started);
         tokio::spawn(engine.clone().run(id.into()));
         until("the job's end", || {
-            Some(engine.job_record(id).unwrap()).filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
+            Some(futures::executor::block_on(engine.job_record(id)).unwrap())
+                .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
         })
         .await;
         // Time for a retry, were there one.
@@ -2025,7 +2121,7 @@ mod tests {
             [move_in("mig-x", "vm-1", 1, MoveState::Defining, 10), move_in("mig-x", "vm-2", 2, MoveState::Pending, 0)];
         let (reg, engine, defines) = run_with_invalid_transition("mig-x", &moves).await;
         assert_eq!(defines, 1, "the define was sent once, and vm-2's never");
-        let r = engine.job_record("mig-x").unwrap();
+        let r = futures::executor::block_on(engine.job_record("mig-x")).unwrap();
         assert_eq!(r.state, "FAILED", "{r:?}");
         let by_name = |n: &str| r.moves.iter().find(|m| m.name == n).unwrap().clone();
         let (m1, m2) = (by_name("vm-1"), by_name("vm-2"));
@@ -2056,7 +2152,7 @@ mod tests {
             [move_in("mig-y", "vm-0", 3, MoveState::Running, 20), move_in("mig-y", "vm-1", 1, MoveState::Defining, 10)];
         let (reg, engine, defines) = run_with_invalid_transition("mig-y", &moves).await;
         assert_eq!(defines, 1);
-        let r = engine.job_record("mig-y").unwrap();
+        let r = futures::executor::block_on(engine.job_record("mig-y")).unwrap();
         assert_eq!(r.state, "PARTIAL", "vm-0 moved before the job stopped: {r:?}");
         assert!(r.error.contains("vm-1 (move failed: stopped: invalid transition"), "{}", r.error);
         assert!(reg.active_alarms().iter().any(|a| a.1 == JOB_INVALID_TRANSITION));
@@ -2066,20 +2162,26 @@ mod tests {
     async fn an_invalid_job_transition_writes_the_job_failed_with_an_alarm_and_takes_no_step() {
         let (reg, engine) = new_engine();
         let row = job_row("mig-j", "migrate", "host-a");
-        reg.db(|s| s.create_job(&row, &[], &audit("olga", "x", "", "", "mig-j", ""))).unwrap();
-        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::AllMoved).unwrap();
+        let stored = row.clone();
+        reg.repos()
+            .call_blocking(move |r| r.jobs().create(&stored, &[], &audit("olga", "x", "", "", "mig-j", "")))
+            .unwrap();
+        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::AllMoved).await.unwrap();
         assert_eq!(got, None, "no step taken");
-        let r = engine.job_record("mig-j").unwrap();
+        let r = futures::executor::block_on(engine.job_record("mig-j")).unwrap();
         assert_eq!(r.state, "FAILED");
         assert!(r.error.contains("invalid transition: AllMoved in state CREATED"), "{}", r.error);
         let alarm = reg.active_alarms().into_iter().find(|a| a.1 == JOB_INVALID_TRANSITION).expect("alarm");
         assert!(alarm.2.contains("job mig-j") && alarm.2.contains("CREATED"), "{alarm:?}");
         // A valid one steps and writes nothing itself.
         let row = JobRow { id: "mig-k".into(), ..row };
-        reg.db(|s| s.create_job(&row, &[], &audit("olga", "x", "", "", "mig-k", ""))).unwrap();
-        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::Begin).unwrap();
+        let row_stored = row.clone();
+        reg.repos()
+            .call_blocking(move |r| r.jobs().create(&row_stored, &[], &audit("olga", "x", "", "", "mig-k", "")))
+            .unwrap();
+        let got = engine.job_step(&row, JobKind::Migrate, JobState::Created, JobEvent::Begin).await.unwrap();
         assert_eq!(got, Some((JobState::Fencing, vec![JobEffect::Fence])));
-        assert_eq!(engine.job_record("mig-k").unwrap().state, "CREATED");
+        assert_eq!(futures::executor::block_on(engine.job_record("mig-k")).unwrap().state, "CREATED");
     }
 
     #[test]
@@ -2152,17 +2254,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_row_that_does_not_read_is_not_resumed_and_raises_job_corrupt_the_others_resume() {
-        let (reg, engine) = new_engine();
+        let (_dir, raw, reg, engine) = new_engine_on_file();
         let a = AuditRow::default();
-        reg.db(|s| s.create_job(&job_row("mig-bad", "migrate", "host-a"), &[], &a)).unwrap();
-        reg.db(|s| s.create_job(&job_row("mig-ok", "migrate", "host-b"), &[], &a)).unwrap();
-        reg.db(|s| s.execute_raw("UPDATE jobs SET power_evidence = 'maybe' WHERE id = 'mig-bad'")).unwrap();
-        assert_eq!(engine.resume_all().unwrap(), 1, "the good job resumes, the corrupt one does not");
+        let a2 = a.clone();
+        reg.repos().call_blocking(move |r| r.jobs().create(&job_row("mig-bad", "migrate", "host-a"), &[], &a)).unwrap();
+        reg.repos().call_blocking(move |r| r.jobs().create(&job_row("mig-ok", "migrate", "host-b"), &[], &a2)).unwrap();
+        raw.execute("UPDATE jobs SET power_evidence = 'maybe' WHERE id = 'mig-bad'", []).unwrap();
+        assert_eq!(engine.resume_all().await.unwrap(), 1, "the good job resumes, the corrupt one does not");
         let alarms: Vec<_> = reg.active_alarms().into_iter().filter(|a| a.1 == "job-corrupt").collect();
         assert_eq!(alarms.len(), 1, "{alarms:?}");
         assert_eq!(alarms[0].0, "host-a");
         assert!(alarms[0].2.contains("mig-bad") && alarms[0].2.contains("power_evidence"), "{alarms:?}");
         // Read per step, the row refuses (the job pauses; never a guess).
-        assert!(matches!(reg.db(|s| s.job("mig-bad")), Err(StoreError::CorruptValue { column: "power_evidence", .. })));
+        let e = reg.repos().call_blocking(move |r| r.jobs().get("mig-bad")).unwrap_err();
+        assert!(e.is_corrupt() && e.to_string().contains("power_evidence"), "{e}");
     }
 }

@@ -17,7 +17,7 @@ impl Registry {
     /// so the newest claim wins and is recorded, unless the recorded owner
     /// still runs the guest, which is a conflict: no lease, start or stop
     /// for that guest anywhere, and an alarm.
-    pub(super) fn check_claims(inner: &mut Inner, host: &str, guests: &[&Guest]) -> Result<(), StoreError> {
+    pub(super) fn check_claims(inner: &mut Inner, host: &str, guests: &[&Guest]) -> RepoResult<()> {
         if Self::suspect(inner, host) {
             return Ok(());
         }
@@ -62,7 +62,7 @@ impl Registry {
                 continue;
             }
             inner.conflicts.remove(&g.uuid);
-            let row = crate::store::OwnerRow {
+            let row = OwnerRow {
                 uuid: g.uuid.clone(),
                 host: host.to_string(),
                 generation: g.owner_generation,
@@ -83,7 +83,8 @@ impl Registry {
                     current.as_deref().map(|c| format!(", owner {c}")).unwrap_or_default()
                 ),
             );
-            inner.store.set_owner(&row, &a)?;
+            let stored = row.clone();
+            inner.db(move |r| r.ownership().set_owner(&stored, &a))?;
             if let Some(old) = inner.owners.insert(g.uuid.clone(), row)
                 && let Some(v) = inner.owners_by_host.get_mut(&old.host)
             {
@@ -112,9 +113,10 @@ impl Registry {
         crate::domain::policy::desired_change(host, g.state, &g.state_reason, from_event, current)
     }
 
-    pub(super) fn note_desired(inner: &mut Inner, host: &str, g: &Guest, from_event: bool) -> Result<(), StoreError> {
+    pub(super) fn note_desired(inner: &mut Inner, host: &str, g: &Guest, from_event: bool) -> RepoResult<()> {
         if let Some(w) = Self::desired_change(inner, host, g, from_event) {
-            inner.store.set_desired_many(&[(g.uuid.as_str(), host, w)])?;
+            let (u, h) = (g.uuid.clone(), host.to_string());
+            inner.db(move |r| r.ownership().set_desired_many(&[DesiredChange { uuid: &u, host: &h, state: w }]))?;
             inner.desired.insert(g.uuid.clone(), (host.to_string(), w.to_string()));
         }
         Ok(())
@@ -128,15 +130,11 @@ impl Registry {
         }
     }
 
-    pub(super) fn set_host_info(
-        inner: &mut Inner,
-        host_id: &str,
-        mut info: HostInfo,
-        now: i64,
-    ) -> Result<(), StoreError> {
+    pub(super) fn set_host_info(inner: &mut Inner, host_id: &str, mut info: HostInfo, now: i64) -> RepoResult<()> {
         // The authenticated id wins over whatever the message says.
         info.host_id = host_id.to_string();
-        inner.store.upsert_host(&info, now)?;
+        let stored = info.clone();
+        inner.db(move |r| r.hosts().upsert(&stored, now))?;
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.row.info = info;
             e.row.last_seen_ms = now;
@@ -170,12 +168,12 @@ impl Registry {
         let hashes: Vec<u64> = encoded.iter().map(|b| guest_hash(b)).collect();
         let (upserts, deletes) = {
             let old = inner.guests.get(host_id);
-            let upserts: Vec<(&str, &str, &[u8])> = guests
+            let upserts: Vec<(String, String, Vec<u8>)> = guests
                 .iter()
                 .zip(&encoded)
                 .zip(&hashes)
                 .filter(|((g, _), h)| old.and_then(|m| m.get(&g.uuid)).is_none_or(|e| e.hash != **h))
-                .map(|((g, b), _)| (g.uuid.as_str(), g.name.as_str(), b.as_slice()))
+                .map(|((g, b), _)| (g.uuid.clone(), g.name.clone(), b.clone()))
                 .collect();
             let new: std::collections::HashSet<&str> = guests.iter().map(|g| g.uuid.as_str()).collect();
             let deletes: Vec<String> =
@@ -190,24 +188,37 @@ impl Registry {
         let unsure = inner.hosts.get(host_id).is_some_and(|e| !e.row.info.libvirt_error.is_empty())
             || Self::suspect(&inner, host_id);
         let (held, kept) = if unsure { (kept, Vec::new()) } else { (Vec::new(), kept) };
-        let dels: Vec<&str> = deletes.iter().filter(|u| !held.contains(u)).map(String::as_str).collect();
+        let dels: Vec<String> = deletes.iter().filter(|u| !held.contains(u)).cloned().collect();
         Self::mark_gone(&mut inner, host_id, &kept, now, "absent from its complete inventory")?;
-        inner.store.write_guests(host_id, &upserts, &dels, now)?;
+        let h = host_id.to_string();
+        inner.db(move |r| {
+            let writes: Vec<GuestWrite<'_>> =
+                upserts.iter().map(|(uuid, name, data)| GuestWrite { uuid, name, data }).collect();
+            let dels: Vec<&str> = dels.iter().map(String::as_str).collect();
+            r.guests().write(&h, &writes, &dels, now)
+        })?;
         let back: Vec<(String, String, i32)> =
             guests.iter().map(|g| (g.uuid.clone(), g.name.clone(), g.state)).collect();
         let claims: Vec<&Guest> = guests.iter().filter(|g| g.owner_host == host_id && g.owner_generation > 0).collect();
         Self::check_claims(&mut inner, host_id, &claims)?;
         // New guests' desired state, in one transaction (200,000 guests
         // arriving must not mean 200,000 synced writes).
-        let changes: Vec<(&str, &str, &'static str)> = guests
+        let changes: Vec<(String, &'static str)> = guests
             .iter()
             // New guests, and guests first reported elsewhere that now run here only.
             .filter(|g| inner.desired.get(&g.uuid).is_none_or(|d| d.0 != host_id))
-            .filter_map(|g| Self::desired_change(&inner, host_id, g, false).map(|w| (g.uuid.as_str(), host_id, w)))
+            .filter_map(|g| Self::desired_change(&inner, host_id, g, false).map(|w| (g.uuid.clone(), w)))
             .collect();
-        inner.store.set_desired_many(&changes)?;
-        for (u, h, w) in changes {
-            inner.desired.insert(u.to_string(), (h.to_string(), w.to_string()));
+        if !changes.is_empty() {
+            let (h, stored) = (host_id.to_string(), changes.clone());
+            inner.db(move |r| {
+                let c: Vec<DesiredChange<'_>> =
+                    stored.iter().map(|(uuid, w)| DesiredChange { uuid, host: &h, state: w }).collect();
+                r.ownership().set_desired_many(&c)
+            })?;
+        }
+        for (u, w) in changes {
+            inner.desired.insert(u, (host_id.to_string(), w.to_string()));
         }
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.inventory_seen = true;
@@ -268,7 +279,8 @@ impl Registry {
             && Self::owner_of(&inner, &g.uuid, host_id) == host_id
             && inner.hosts.get(host_id).is_some_and(|e| e.leases_sent.is_some())
             && inner.guests.get(host_id).and_then(|m| m.get(&g.uuid)).is_some_and(|e| !e.guest().autostart);
-        inner.store.write_guests(host_id, &[(&g.uuid, &g.name, &b)], &[], now)?;
+        let (host, u, n) = (host_id.to_string(), g.uuid.clone(), g.name.clone());
+        inner.db(move |r| r.guests().write(&host, &[GuestWrite { uuid: &u, name: &n, data: &b }], &[], now))?;
         Self::check_claims(&mut inner, host_id, &[&g])?;
         if autostart_on {
             let detail = format!(
@@ -276,9 +288,8 @@ impl Registry {
                 g.name, g.uuid
             );
             // The guest's update is stored already; a lost log line must not undo it.
-            if let Err(e) =
-                inner.store.audit(&AuditRow::by_controller("guest.autostart_enabled", host_id, &g.name, detail))
-            {
+            let a = AuditRow::by_controller("guest.autostart_enabled", host_id, &g.name, detail);
+            if let Err(e) = inner.db(move |r| r.audit().append(&a)) {
                 warn!(host = %host_id, guest = %g.name, "writing the audit log failed: {e}");
             }
         }
@@ -307,7 +318,8 @@ impl Registry {
             }
             Self::mark_gone(&mut inner, host_id, &[uuid.to_string()], now_unix_ms(), "undefined there")?;
         }
-        inner.store.delete_guest(host_id, uuid)?;
+        let (h, u) = (host_id.to_string(), uuid.to_string());
+        inner.db(move |r| r.guests().delete(&h, &u))?;
         if let Some(m) = inner.guests.get_mut(host_id) {
             m.remove(uuid);
         }

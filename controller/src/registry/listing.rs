@@ -138,12 +138,14 @@ impl Registry {
                     continue;
                 }
                 v.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-                let mut definitions: BTreeMap<String, String> =
-                    if with_definitions && v.iter().any(|x| matches!(x.2, Listed::Seen(_))) {
-                        inner.store.guests_of(id)?.into_iter().map(|g| (g.uuid, g.definition_xml)).collect()
-                    } else {
-                        BTreeMap::new()
-                    };
+                let mut definitions: BTreeMap<String, String> = if with_definitions
+                    && v.iter().any(|x| matches!(x.2, Listed::Seen(_)))
+                {
+                    let h = id.to_string();
+                    inner.db(move |r| r.guests().of_host(&h))?.into_iter().map(|g| (g.uuid, g.definition_xml)).collect()
+                } else {
+                    BTreeMap::new()
+                };
                 for (_, uuid, item) in v {
                     if out.len() == limit {
                         let next = out.last().and_then(|r| {

@@ -10,7 +10,7 @@
 use super::{Inner, Registry};
 use crate::domain::host::Liveness;
 use crate::error::ControllerError;
-use crate::store::{AuditRow, MissingRow, OwnerRow, StoreError};
+use crate::ports::{AuditRow, MissingRow, OwnerRow, RepoResult};
 use lifeboat_proto::v1::GuestRecord;
 
 /// The `guest-missing` alarm's text: the same from the guest's name, UUID
@@ -71,13 +71,7 @@ impl Registry {
 
     /// Keeps the guests `uuids` gone from `host` as missing: their stored row
     /// moves to the missing table with an audit entry, and an alarm is raised.
-    pub(super) fn mark_gone(
-        inner: &mut Inner,
-        host: &str,
-        uuids: &[String],
-        now: i64,
-        how: &str,
-    ) -> Result<(), StoreError> {
+    pub(super) fn mark_gone(inner: &mut Inner, host: &str, uuids: &[String], now: i64, how: &str) -> RepoResult<()> {
         if uuids.is_empty() {
             return Ok(());
         }
@@ -92,12 +86,13 @@ impl Registry {
                      definition, marked missing (`lifeboat vms restore` or `lifeboat vms forget`)"
                 ),
             );
-            if inner.store.mark_missing(host, uuid, now, &a)? {
+            let (h, u) = (host.to_string(), uuid.clone());
+            if inner.db(move |r| r.ownership().mark_missing(&h, &u, now, &a))? {
                 tracing::warn!(host, guest = %name, %uuid, "managed guest missing on its owner; its definition is kept");
                 Self::raise_locked(inner, host, "guest-missing", &missing_detail(&name, uuid, host))?;
             }
         }
-        inner.missing = inner.store.missing()?.into_iter().map(|r| (r.guest.uuid.clone(), r)).collect();
+        inner.missing = inner.db(|r| r.ownership().missing())?.into_iter().map(|r| (r.guest.uuid.clone(), r)).collect();
         Ok(())
     }
 
@@ -106,13 +101,7 @@ impl Registry {
     /// by hand on another host (a hand cold move) is no longer missing; its
     /// mark and alarm are cleared, audited. Only a copy Lifeboat's records
     /// call stale (a move's source, which cleanup removes) does not count.
-    pub(super) fn note_back(
-        inner: &mut Inner,
-        host: &str,
-        uuid: &str,
-        name: &str,
-        state: i32,
-    ) -> Result<(), StoreError> {
+    pub(super) fn note_back(inner: &mut Inner, host: &str, uuid: &str, name: &str, state: i32) -> RepoResult<()> {
         let Some(r) = inner.missing.get(uuid) else { return Ok(()) };
         if Self::stale_on(inner, uuid, host) && !lifeboat_proto::holds_disk(state) {
             return Ok(());
@@ -124,7 +113,8 @@ impl Registry {
             name,
             format!("{name} ({uuid}), missing on {was_on}, is defined on {host} again: missing mark cleared"),
         );
-        inner.store.clear_missing(uuid, false, &a)?;
+        let u = uuid.to_string();
+        inner.db(move |r| r.ownership().clear_missing(&u, false, &a))?;
         inner.missing.remove(uuid);
         let why = format!("{name} is defined on {host} again");
         Self::clear_by_cause_locked(inner, &was_on, "guest-missing", &missing_detail(&was_name, uuid, &was_on), &why)
@@ -232,12 +222,16 @@ impl Registry {
 
     /// Records a missing guest's owner before it is defined there (desired
     /// state with it), audited; the in-memory view follows.
-    pub fn record_restore_owner(&self, o: &OwnerRow, desired: &str, audit: &AuditRow) -> Result<(), StoreError> {
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::record_restore_owner`].
+    pub fn record_restore_owner_blocking(&self, o: &OwnerRow, desired: &str, audit: &AuditRow) -> RepoResult<()> {
         let mut inner = self.lock();
-        inner.store.record_restore_owner(o, desired, audit)?;
+        let (row, d, a) = (o.clone(), desired.to_string(), audit.clone());
+        inner.db(move |r| r.ownership().record_restore_owner(&row, &d, &a))?;
         inner.desired.insert(o.uuid.clone(), (o.host.clone(), desired.to_string()));
         drop(inner);
-        self.refresh_owners()
+        self.refresh_owners_blocking()
     }
 
     /// The desired state recorded for `uuid`: (host, state).
@@ -264,7 +258,8 @@ impl Registry {
                 on.join(", ")
             )));
         }
-        inner.store.clear_missing(uuid, true, audit)?;
+        let (u, a) = (uuid.to_string(), audit.clone());
+        inner.db(move |r| r.ownership().clear_missing(&u, true, &a))?;
         inner.missing.remove(uuid);
         inner.desired.remove(uuid);
         let why = format!("{} forgotten by {}", r.guest.name, audit.actor);
@@ -310,7 +305,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::super::*;
-    use crate::store::{AuditFilter, OwnerRow};
+    use crate::ports::{AuditFilter, OwnerRow};
 
     fn off(uuid: &str, name: &str) -> Guest {
         Guest {
@@ -327,7 +322,7 @@ mod tests {
     }
 
     fn actions(reg: &Registry, action: &str) -> Vec<String> {
-        let log = reg.db(|s| s.read_audit(&AuditFilter::default())).unwrap();
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&AuditFilter::default())).unwrap();
         log.into_iter().filter(|a| a.action == action).map(|a| a.vm).collect()
     }
 
@@ -343,7 +338,7 @@ mod tests {
     fn a_guest_gone_from_its_owner_is_kept_until_it_is_back_or_forgotten_and_other_removals_delete() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
-        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx.clone()).unwrap();
         let b = reg.open_session("b", "boot", tx.clone()).unwrap();
@@ -361,8 +356,12 @@ mod tests {
             job: "j".into(),
             complete: true,
         };
-        reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "b", "vm3", String::new()))).unwrap();
-        reg.refresh_owners().unwrap();
+        reg.repos()
+            .call_blocking(move |r| {
+                r.ownership().set_owner(&o, &AuditRow::by_controller("t", "b", "vm3", String::new()))
+            })
+            .unwrap();
+        reg.refresh_owners_blocking().unwrap();
         reg.remove_guest("a", a, "u3").unwrap();
         assert!(reg.missing_uuids().is_empty(), "the source of a move is not the owner");
         // An operator undefines vm1 on a, its owner: kept, audited, alarmed.
@@ -383,7 +382,7 @@ mod tests {
         assert_eq!(missing_alarms(&reg).len(), 2);
         // A restart keeps them.
         drop(reg);
-        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
         assert_eq!(reg.missing_uuids(), ["u1", "u2"]);
         let names: Vec<(String, bool)> = reg
             .list_guests(None, None, false)
@@ -421,7 +420,8 @@ mod tests {
 
     #[test]
     fn a_guest_running_elsewhere_is_not_missing_and_pages_cover_missing_guests_once() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx.clone()).unwrap();
         let b = reg.open_session("b", "boot", tx).unwrap();
@@ -451,11 +451,12 @@ mod tests {
 #[cfg(test)]
 mod unfinished_owner_tests {
     use super::super::*;
-    use crate::store::OwnerRow;
+    use crate::ports::OwnerRow;
 
     #[test]
     fn the_last_copy_is_kept_when_an_unfinished_move_names_another_owner() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
         let off = |u: &str, n: &str| Guest {
@@ -480,9 +481,13 @@ mod unfinished_owner_tests {
                 job: "j".into(),
                 complete: false,
             };
-            reg.db(|s| s.set_owner(&o, &AuditRow::by_controller("t", "b", u, String::new()))).unwrap();
+            reg.repos()
+                .call_blocking(move |r| {
+                    r.ownership().set_owner(&o, &AuditRow::by_controller("t", "b", u, String::new()))
+                })
+                .unwrap();
         }
-        reg.refresh_owners().unwrap();
+        reg.refresh_owners_blocking().unwrap();
         reg.remove_guest("a", a, "u1").unwrap();
         assert_eq!(reg.missing_uuids(), ["u1"], "a holds the only copy: undefined by hand, it is kept");
         // While the job still acts on it, the source's undefine is the job's own.
@@ -498,7 +503,8 @@ mod libvirt_down_tests {
 
     #[test]
     fn an_inventory_without_libvirt_or_from_a_host_two_agents_claim_proves_no_absence() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();
         let off =
@@ -510,15 +516,15 @@ mod libvirt_down_tests {
         let l = reg.list_guests(Some("a"), None, false).unwrap();
         assert_eq!((l.len(), l[0].missing), (1, false), "kept as last reported");
         // Two agents claim a: whichever answers may be the other machine.
-        reg.raise_alarm("a", "duplicate-agent", "two agents").unwrap();
+        reg.raise_alarm_blocking("a", "duplicate-agent", "two agents").unwrap();
         let up = HostInfo { host_id: "a".into(), ..Default::default() };
         reg.apply_inventory("a", a, Inventory { host: Some(up.clone()), guests: vec![], more: false }).unwrap();
         reg.remove_guest("a", a, "u1").unwrap();
         assert!(reg.missing_uuids().is_empty());
         assert_eq!(reg.list_guests(Some("a"), None, false).unwrap().len(), 1, "kept as last reported");
-        reg.reload_alarms().unwrap();
-        reg.db(|s| s.clear_alarms("a", "duplicate-agent")).unwrap();
-        reg.reload_alarms().unwrap();
+        reg.reload_alarms_blocking().unwrap();
+        reg.repos().call_blocking(move |r| r.alarms().clear("a", "duplicate-agent")).unwrap();
+        reg.reload_alarms_blocking().unwrap();
         reg.apply_inventory("a", a, Inventory { host: Some(up), guests: vec![], more: false }).unwrap();
         assert_eq!(reg.missing_uuids(), ["u1"], "a connected libvirt without it: missing");
     }

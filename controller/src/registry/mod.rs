@@ -1,5 +1,5 @@
 //! The controller's in-memory view of hosts and guests, written through to
-//! the [`Store`] before any change is acknowledged.
+//! the repositories ([`Repos`]) before any change is acknowledged.
 #![warn(clippy::arithmetic_side_effects)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,7 +19,10 @@ use crate::domain::host::{HostStatus, Liveness, Timing};
 use crate::domain::policy::{by_host, duplicate_agent_detail, running_kib, valid_guest};
 use crate::domain::view::{HostView, OwnerView};
 use crate::error::ControllerError;
-use crate::store::{AuditRow, HostRow, Store, StoreError};
+use crate::ports::{
+    AuditRow, BadRow, DesiredChange, GuestWrite, HostRow, MissingRow, OwnerRow, RepoError, RepoResult, Repos,
+    Repositories,
+};
 
 mod bus;
 mod inventory;
@@ -27,6 +30,7 @@ mod listing;
 mod missing;
 mod sessions;
 mod view;
+mod writes;
 
 pub use bus::SessionId;
 use bus::{CommandBus, SessionHandle};
@@ -36,14 +40,16 @@ use view::{GuestEntry, HostEntry, Listed, guest_hash};
 pub use crate::domain::policy::{ReturnEvent, classify_return, liveness_since_start};
 
 struct Inner {
-    store: Store,
+    /// The repositories: every write goes to the store thread first, and
+    /// memory follows only once it is stored.
+    repos: Repos,
     /// Silence after which a host is UNREACHABLE (from [`Timing`]).
     unreachable_after_ms: u32,
     hosts: BTreeMap<String, HostEntry>,
     guests: BTreeMap<String, BTreeMap<String, GuestEntry>>,
     next_generation: u64,
     /// Ownership records by UUID (cache of the owners table).
-    owners: BTreeMap<String, crate::store::OwnerRow>,
+    owners: BTreeMap<String, OwnerRow>,
     /// UUIDs in `owners` by owning host.
     owners_by_host: BTreeMap<String, Vec<String>>,
     /// Desired state by UUID: (host, "running" | "stopped").
@@ -59,16 +65,29 @@ struct Inner {
     conflicts: BTreeMap<String, String>,
     /// Guests missing on their owner, by UUID, with their last report
     /// (definition included: they are few, and this is the last copy).
-    missing: BTreeMap<String, crate::store::MissingRow>,
+    missing: BTreeMap<String, MissingRow>,
     /// Guests with a row in quarantine (a guest, owner, desired-state or
     /// missing row that could not be read): nobody knows who owns them, so
     /// no lease, start or stop anywhere while the row is there.
     quarantined: BTreeSet<String>,
 }
 
+impl Inner {
+    /// Runs `f` on the store thread and waits for it. The registry's own
+    /// writes go through here: the agent intake path runs on blocking
+    /// threads (`spawn_blocking`), and memory changes only after the write.
+    fn db<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Repositories) -> RepoResult<R> + Send + 'static,
+    ) -> RepoResult<R> {
+        self.repos.call_blocking(f)
+    }
+}
+
 /// Hosts and guests, in memory and in the database.
 pub struct Registry {
     started_ms: i64,
+    repos: Repos,
     inner: Mutex<Inner>,
     timing: Timing,
     /// Commands awaiting their result.
@@ -86,38 +105,52 @@ impl Registry {
     /// Loads everything from the store. A row that cannot be read does not
     /// stop the load: it is quarantined (see [`Registry::quarantine_bad_rows`])
     /// and the rest loads.
-    pub fn load(mut store: Store, timing: Timing) -> Result<Self, StoreError> {
-        let (_, bad_hosts) = store.hosts_checked()?;
-        Self::quarantine_bad_rows(&mut store, &bad_hosts)?;
-        let (host_rows, _) = store.hosts_checked()?;
+    ///
+    /// Start-up work, not on an async worker: it blocks on the store thread.
+    pub fn load(repos: Repos, timing: Timing) -> Result<Self, RepoError> {
+        let (_, bad_hosts) = repos.call_blocking(|r| r.hosts().all_checked())?;
+        Self::quarantine_bad_rows(&repos, bad_hosts)?;
+        let (host_rows, _) = repos.call_blocking(|r| r.hosts().all_checked())?;
         let mut hosts = BTreeMap::new();
         for row in host_rows {
             hosts.insert(row.info.host_id.clone(), HostEntry::new(row));
         }
-        let (owner_rows, mut bad) = store.owners_checked()?;
-        let owners: BTreeMap<String, crate::store::OwnerRow> =
-            owner_rows.into_iter().map(|o| (o.uuid.clone(), o)).collect();
+        let (owner_rows, mut bad) = repos.call_blocking(|r| r.ownership().owners_checked())?;
+        let owners: BTreeMap<String, OwnerRow> = owner_rows.into_iter().map(|o| (o.uuid.clone(), o)).collect();
         let owners_by_host = by_host(owners.values().map(|o| (o.host.as_str(), o.uuid.as_str())));
-        let (desired, b) = store.desired_checked()?;
+        let (desired, b) = repos.call_blocking(|r| r.ownership().desired_checked())?;
+        let desired: BTreeMap<String, (String, String)> =
+            desired.into_iter().map(|(u, d)| (u, (d.host, d.state))).collect();
         bad.extend(b);
-        let (missing_rows, b) = store.missing_checked()?;
+        let (missing_rows, b) = repos.call_blocking(|r| r.ownership().missing_checked())?;
         bad.extend(b);
         let missing = missing_rows.into_iter().map(|r| (r.guest.uuid.clone(), r)).collect();
-        let mut guests: BTreeMap<String, BTreeMap<String, GuestEntry>> = BTreeMap::new();
-        bad.extend(store.each_guest_checked(
-            |g| crate::intake::check_stored_guest(g).map_err(|r| r.to_string()),
-            |g| {
-                let hash = guest_hash(&prost::Message::encode_to_vec(&g.guest));
-                guests
-                    .entry(g.host_id)
-                    .or_default()
-                    .insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
-            },
-        )?);
-        Self::quarantine_bad_rows(&mut store, &bad)?;
-        let quarantined: BTreeSet<String> =
-            store.quarantined()?.into_iter().map(|q| q.uuid).filter(|u| !u.is_empty()).collect();
-        let alarms = store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
+        // The guests are built on the store thread, one row at a time (no
+        // full copy of 200,000 reports), and handed back whole.
+        let (guests, b) = repos.call_blocking(|r| {
+            let mut guests: BTreeMap<String, BTreeMap<String, GuestEntry>> = BTreeMap::new();
+            let bad = r.guests().each_checked(
+                &mut |g| crate::intake::check_stored_guest(g).map_err(|r| r.to_string()),
+                &mut |g| {
+                    let hash = guest_hash(&prost::Message::encode_to_vec(&g.guest));
+                    guests
+                        .entry(g.host_id)
+                        .or_default()
+                        .insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
+                },
+            )?;
+            Ok((guests, bad))
+        })?;
+        bad.extend(b);
+        Self::quarantine_bad_rows(&repos, bad)?;
+        let quarantined: BTreeSet<String> = repos
+            .call_blocking(|r| r.quarantine().list())?
+            .into_iter()
+            .map(|q| q.uuid)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let alarms =
+            repos.call_blocking(|r| r.alarms().list(false))?.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
         for (h, m) in &guests {
             if let Some(e) = hosts.get_mut(h) {
                 e.running_kib = running_kib(m.values().map(|g| (g.state, g.memory_kib)));
@@ -126,13 +159,14 @@ impl Registry {
         let mut in_job = BTreeMap::new();
         // Read as stored text: a job row that does not read still holds its
         // guests (the engine raises `job-corrupt` and does not run it).
-        for (job, uuid, source, target) in store.active_job_guests()? {
+        for (job, uuid, source, target) in repos.call_blocking(|r| r.jobs().active_guests())? {
             in_job.insert(uuid, (job, source, target));
         }
         Ok(Registry {
             started_ms: now_unix_ms(),
+            repos: repos.clone(),
             inner: Mutex::new(Inner {
-                store,
+                repos,
                 unreachable_after_ms: timing.unreachable_after_ms,
                 hosts,
                 guests,
@@ -165,24 +199,43 @@ impl Registry {
         self.lock().hosts.len()
     }
 
-    fn raise_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
-        if inner.store.raise_alarm(host, kind, detail)? {
+    /// The repositories, for the application floor (engine, operations,
+    /// reconciler, RPC): async code awaits them, nothing holds the backend.
+    pub fn repos(&self) -> &Repos {
+        &self.repos
+    }
+
+    fn raise_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str) -> RepoResult<()> {
+        let (h, k, d) = (host.to_string(), kind.to_string(), detail.to_string());
+        let raised = inner.db(move |r| {
+            let new = r.alarms().raise(&h, &k, &d)?;
+            if new {
+                r.audit().append(&AuditRow::by_controller(&format!("alarm.{k}"), &h, "", d))?;
+            }
+            Ok(new)
+        })?;
+        if raised {
             tracing::error!(host, kind, "ALARM: {detail}");
             inner.alarms.push((host.into(), kind.into(), detail.into()));
-            inner.store.audit(&AuditRow::by_controller(&format!("alarm.{kind}"), host, "", detail.into()))?;
         }
         Ok(())
     }
 
     /// Raises an alarm (logged at ERROR, stored, audited) unless already active.
-    pub fn raise_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::raise_alarm`].
+    pub fn raise_alarm_blocking(&self, host: &str, kind: &str, detail: &str) -> RepoResult<()> {
         Self::raise_locked(&mut self.lock(), host, kind, detail)
     }
 
     /// Re-reads active alarms from the store.
-    pub fn reload_alarms(&self) -> Result<(), StoreError> {
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::reload_alarms`].
+    pub fn reload_alarms_blocking(&self) -> RepoResult<()> {
         let mut inner = self.lock();
-        let a = inner.store.alarms(false)?.into_iter().map(|a| (a.2, a.3, a.4)).collect();
+        let a = inner.db(|r| r.alarms().list(false))?.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
         inner.alarms = a;
         Ok(())
     }
@@ -193,10 +246,13 @@ impl Registry {
     }
 
     /// Re-reads ownership records (after a move step changed them).
-    pub fn refresh_owners(&self) -> Result<(), StoreError> {
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::refresh_owners`].
+    pub fn refresh_owners_blocking(&self) -> RepoResult<()> {
         let mut inner = self.lock();
-        let owners: BTreeMap<String, crate::store::OwnerRow> =
-            inner.store.owners()?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
+        let owners: BTreeMap<String, OwnerRow> =
+            inner.db(|r| r.ownership().owners())?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
         inner.owners_by_host = by_host(owners.values().map(|o| (o.host.as_str(), o.uuid.as_str())));
         inner.owners = owners;
         for e in inner.hosts.values_mut() {
@@ -283,13 +339,11 @@ impl Registry {
         }
     }
 
-    /// Runs `f` with the database, under the registry's lock.
-    pub fn db<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
-        f(&mut self.lock().store)
-    }
-
     /// Sets a host's status (checks are the caller's).
-    pub fn set_status(
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::set_status`].
+    pub fn set_status_blocking(
         &self,
         host_id: &str,
         status: HostStatus,
@@ -303,8 +357,8 @@ impl Registry {
                 known: inner.hosts.keys().cloned().collect(),
             });
         };
-        let old = e.row.status.clone();
-        let a = crate::store::AuditRow {
+        let old = e.row.status;
+        let a = AuditRow {
             actor: actor.into(),
             action: "host.status".into(),
             host: host_id.into(),
@@ -314,7 +368,8 @@ impl Registry {
             ),
             ..Default::default()
         };
-        inner.store.set_status(host_id, status.as_str(), reason, Some(&a))?;
+        let (h, why) = (host_id.to_string(), reason.to_string());
+        inner.db(move |r| r.hosts().set_status(&h, status, &why, Some(&a)))?;
         let e = inner.hosts.get_mut(host_id).expect("checked");
         e.row.status = status;
         e.row.status_reason = reason.into();
@@ -323,10 +378,14 @@ impl Registry {
     }
 
     /// Records the boot id a host has as it is fenced.
-    pub fn mark_fenced(&self, host_id: &str) -> Result<(), StoreError> {
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::mark_fenced`].
+    pub fn mark_fenced_blocking(&self, host_id: &str) -> RepoResult<()> {
         let mut inner = self.lock();
         let boot = inner.hosts.get(host_id).map(|e| e.row.info.boot_id.clone()).unwrap_or_default();
-        inner.store.set_fenced_boot_id(host_id, &boot)?;
+        let (h, b) = (host_id.to_string(), boot.clone());
+        inner.db(move |r| r.hosts().set_fenced_boot_id(&h, &b))?;
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.row.fenced_boot_id = boot;
         }
@@ -417,7 +476,7 @@ impl Registry {
         // A move's target holds the lease of a guest not yet running there
         // only while its job runs (the job starts it); a move left unfinished
         // by a job that ended gives nobody a lease.
-        let owned_here: Vec<&crate::store::OwnerRow> = inner
+        let owned_here: Vec<&OwnerRow> = inner
             .owners_by_host
             .get(id)
             .map(|v| {
@@ -542,27 +601,24 @@ impl Registry {
         i64::from(self.timing.unreachable_after_ms).saturating_mul(2)
     }
 
-    fn clear_by_cause_locked(
-        inner: &mut Inner,
-        host: &str,
-        kind: &str,
-        detail: &str,
-        why: &str,
-    ) -> Result<(), StoreError> {
-        if inner.store.clear_alarm(host, kind, detail)? > 0 {
-            inner.store.audit(&AuditRow::by_controller(
-                "alarm.cleared",
-                host,
-                "",
-                format!("{kind} alarm cleared: {why} ({detail})"),
-            ))?;
-        }
+    fn clear_by_cause_locked(inner: &mut Inner, host: &str, kind: &str, detail: &str, why: &str) -> RepoResult<()> {
+        let (h, k, d) = (host.to_string(), kind.to_string(), detail.to_string());
+        let a = AuditRow::by_controller("alarm.cleared", host, "", format!("{kind} alarm cleared: {why} ({detail})"));
+        inner.db(move |r| {
+            if r.alarms().clear_one(&h, &k, &d)? > 0 {
+                r.audit().append(&a)?;
+            }
+            Ok(())
+        })?;
         inner.alarms.retain(|a| !(a.0 == host && a.1 == kind && a.2 == detail));
         Ok(())
     }
 
     /// Clears one alarm because its cause is gone (audited with `why`).
-    pub fn clear_alarm_by_cause(&self, host: &str, kind: &str, detail: &str, why: &str) -> Result<(), StoreError> {
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::clear_alarm_by_cause`].
+    pub fn clear_alarm_by_cause_blocking(&self, host: &str, kind: &str, detail: &str, why: &str) -> RepoResult<()> {
         Self::clear_by_cause_locked(&mut self.lock(), host, kind, detail, why)
     }
 
@@ -672,12 +728,9 @@ impl Registry {
         changed
     }
 
-    /// Empties the database's write-ahead log (every 30 s from
-    /// [`watch_liveness`]): SQLite's own checkpoints copy it but leave the
-    /// file at its largest size, which a small disk may not have twice.
-    /// A failure is logged and tried again next time.
-    pub fn checkpoint(&self) {
-        match self.lock().store.checkpoint() {
+    /// [`Registry::checkpoint`], blocking on the store thread.
+    pub fn checkpoint_blocking(&self) {
+        match self.repos.call_blocking(|r| r.maintenance().checkpoint()) {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!("WAL checkpoint incomplete: a reader still needs part of it; tried again in 30 s")
@@ -687,14 +740,22 @@ impl Registry {
     }
 
     /// Persists last-heard times, a chunk of hosts per lock hold.
-    pub fn flush(&self) -> Result<(), StoreError> {
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::flush`].
+    pub fn flush_blocking(&self) -> RepoResult<()> {
         let seen: Vec<(String, i64)> =
             self.lock().hosts.iter().filter_map(|(id, e)| e.last_heard_ms().map(|t| (id.clone(), t))).collect();
         let t0 = std::time::Instant::now();
         for chunk in seen.chunks(LOCK_CHUNK) {
-            self.lock().store.touch_hosts(chunk)?;
+            let chunk = chunk.to_vec();
+            self.repos.call_blocking(move |r| r.hosts().touch(&chunk))?;
         }
-        tracing::debug!(hosts = seen.len(), took_ms = t0.elapsed().as_millis() as u64, "last-seen times persisted");
+        tracing::debug!(
+            hosts = seen.len(),
+            took_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "last-seen times persisted"
+        );
         Ok(())
     }
 }
@@ -756,10 +817,10 @@ pub async fn watch_liveness(reg: Arc<Registry>) {
         last = tokio::time::Instant::now();
         n = n.wrapping_add(1);
         if n.checked_rem(120) == Some(0) {
-            if let Err(e) = reg.flush() {
+            if let Err(e) = reg.flush().await {
                 warn!("persisting last-seen times failed: {e}");
             }
-            reg.checkpoint();
+            reg.checkpoint().await;
         }
     }
 }
@@ -777,10 +838,11 @@ impl Registry {
     /// what the operator can do. Fail closed: the guest a row concerns is
     /// blocked (no lease, start or stop) while the row is in quarantine, and a
     /// host whose row is quarantined comes back as MAINTENANCE.
-    fn quarantine_bad_rows(store: &mut Store, bad: &[crate::store::BadRow]) -> Result<(), StoreError> {
+    fn quarantine_bad_rows(repos: &Repos, bad: Vec<BadRow>) -> RepoResult<()> {
         for b in bad {
             let host_reason = format!("its database row could not be read ({}); it is in quarantine", b.reason);
-            let id = store.quarantine(b, &host_reason)?;
+            let row = b.clone();
+            let id = repos.call_blocking(move |r| r.quarantine().quarantine(&row, &host_reason))?;
             let blocked = if b.table == "hosts" {
                 format!("Host {} is MAINTENANCE (it takes no guests) until an operator sets its status.", b.host)
             } else {
@@ -800,9 +862,13 @@ impl Registry {
                 printable(&b.reason)
             );
             tracing::error!(table = b.table, quarantine_id = id, "ALARM: {detail}");
-            if store.raise_alarm(alarm_host, "row-quarantined", &detail)? {
-                store.audit(&AuditRow::by_controller("alarm.row-quarantined", alarm_host, "", detail))?;
-            }
+            let host = alarm_host.to_string();
+            repos.call_blocking(move |r| {
+                if r.alarms().raise(&host, "row-quarantined", &detail)? {
+                    r.audit().append(&AuditRow::by_controller("alarm.row-quarantined", &host, "", detail))?;
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -817,9 +883,13 @@ impl Registry {
 impl Registry {
     /// Raises `kind` for `host`, or, when one is active, replaces its detail:
     /// one alarm per host and kind, showing the latest occurrence.
-    pub fn raise_or_refresh_alarm(&self, host: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
+    ///
+    /// Blocks on the store thread: for blocking threads and tests; async
+    /// code calls [`Registry::raise_or_refresh_alarm`].
+    pub fn raise_or_refresh_alarm_blocking(&self, host: &str, kind: &str, detail: &str) -> RepoResult<()> {
         let mut inner = self.lock();
-        if inner.store.refresh_alarm(host, kind, detail)? {
+        let (h, k, d) = (host.to_string(), kind.to_string(), detail.to_string());
+        if inner.db(move |r| r.alarms().refresh(&h, &k, &d))? {
             if let Some(a) = inner.alarms.iter_mut().find(|a| a.0 == host && a.1 == kind) {
                 a.2 = detail.to_string();
             }
@@ -841,7 +911,8 @@ mod tests {
 
     #[test]
     fn an_inventory_with_an_invalid_guest_is_refused_whole() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         reg.apply_inventory("h", sid, Inventory { host: None, guests: vec![g("u0", "vm0")], more: false }).unwrap();
@@ -856,7 +927,8 @@ mod tests {
 
     #[test]
     fn definitions_stay_in_the_database_and_unchanged_guests_are_not_rewritten() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let with_def = |u: &str, n: &str, state: i32| Guest {
@@ -880,13 +952,13 @@ mod tests {
             inv(vec![with_def("u1", "vm1", 1), with_def("u2", "vm2", 6), with_def("u3", "vm3", 1)]),
         )
         .unwrap();
-        let rows = reg.db(|s| s.guests()).unwrap();
+        let rows = reg.repos().call_blocking(move |r| r.guests().all()).unwrap();
         let updated = |u: &str| rows.iter().find(|r| r.guest.uuid == u).unwrap().updated_ms;
         assert_eq!(updated("u1"), t1, "an unchanged guest is not written again");
         assert!(updated("u2") > t1 && updated("u3") > t1);
         assert_eq!(rows.iter().find(|r| r.guest.uuid == "u2").unwrap().guest.state, 6);
         reg.apply_inventory("h", sid, inv(vec![with_def("u3", "vm3", 1)])).unwrap();
-        let rows = reg.db(|s| s.guests()).unwrap();
+        let rows = reg.repos().call_blocking(move |r| r.guests().all()).unwrap();
         assert_eq!(
             rows.iter().map(|r| r.guest.uuid.as_str()).collect::<Vec<_>>(),
             ["u3"],
@@ -911,12 +983,14 @@ mod tests {
 
     #[test]
     fn autostart_switched_on_outside_lifeboat_is_logged_once_leases_were_sent() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let on = |a: bool| Guest { autostart: a, ..g("u1", "vm1") };
         let logged = || {
-            reg.db(|s| s.read_audit(&crate::store::AuditFilter::default()))
+            reg.repos()
+                .call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default()))
                 .unwrap()
                 .into_iter()
                 .filter(|a| a.action == "guest.autostart_enabled")
@@ -933,14 +1007,20 @@ mod tests {
         // Still on (another change of the same guest): not logged again.
         reg.apply_guest("h", sid, Guest { state: 1, ..on(true) }).unwrap();
         assert_eq!(logged(), 1);
-        let row = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap().pop().unwrap();
+        let row = reg
+            .repos()
+            .call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default()))
+            .unwrap()
+            .pop()
+            .unwrap();
         assert_eq!((row.host.as_str(), row.vm.as_str()), ("h", "vm1"));
         assert!(row.detail.contains("outside Lifeboat"), "{}", row.detail);
     }
 
     #[test]
     fn pages_of_guests_cover_every_guest_once_in_order() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         // 250 hosts (more than one lock chunk), some without guests.
         for h in 0..250 {
@@ -983,7 +1063,8 @@ mod tests {
 
     #[test]
     fn a_superseded_session_cannot_change_anything() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let old = reg.open_session("h", "boot", tx.clone()).unwrap();
         let new = reg.open_session("h", "boot", tx).unwrap();
@@ -997,7 +1078,8 @@ mod tests {
 
     #[test]
     fn a_takeover_closes_the_old_session_and_two_live_agents_at_two_addresses_raise_one_alarm() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let a: std::net::SocketAddr = "10.0.0.1:4000".parse().unwrap();
         let b: std::net::SocketAddr = "10.0.0.9:5000".parse().unwrap();
@@ -1021,7 +1103,8 @@ mod tests {
 
     #[test]
     fn one_uuid_has_one_owner_and_a_newer_claim_rebuilds_an_older_record() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let running = |u: &str, n: &str| Guest { state: GuestState::Running as i32, ..g(u, n) };
         let inv = |gs: Vec<Guest>| Inventory { host: None, guests: gs, more: false };
@@ -1049,7 +1132,7 @@ mod tests {
         reg.apply_guest("b", sb, claimed).unwrap();
         assert_eq!(reg.owner_generation("u3"), 3);
         assert!(reg.active_alarms().iter().any(|a| a.1 == "store-behind-hosts" && a.0 == "b"));
-        let log = reg.db(|s| s.read_audit(&crate::store::AuditFilter::default())).unwrap();
+        let log = reg.repos().call_blocking(move |r| r.audit().read(&crate::ports::AuditFilter::default())).unwrap();
         assert!(log.iter().any(|a| a.action == "ownership.rebuilt" && a.vm == "vm3"));
         // A generation out of range claims nothing, and the report is stored whole.
         let absurd = Guest { owner_host: "b".into(), owner_generation: u64::MAX, ..running("u9", "vm9") };
@@ -1076,14 +1159,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("c.db");
         {
-            let reg = Registry::load(Store::open(&db).unwrap(), Timing::default()).unwrap();
+            let reg =
+                Registry::load(crate::store::sqlite::SqliteRepos::start(&db).unwrap(), Timing::default()).unwrap();
             let (tx, _rx) = mpsc::channel(1);
             let sid = reg.open_session("h", "boot", tx).unwrap();
             // Last heard an hour before this controller stops.
             reg.heard_cell("h", sid).unwrap().store(now_unix_ms() - 3_600_000, Ordering::Relaxed);
             reg.close_session("h", sid);
         }
-        let reg = Registry::load(Store::open(&db).unwrap(), Timing::default()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&db).unwrap(), Timing::default()).unwrap();
         let v = reg.host_view("h").unwrap();
         assert_eq!(v.liveness, Liveness::Reachable, "the startup grace");
         assert_eq!(v.silent_ms, None, "a forced migration's 'source silent' cannot pass now");
@@ -1093,10 +1177,10 @@ mod tests {
 
     #[test]
     fn the_reconciler_holds_through_the_startup_grace_and_a_restore_until_every_host_reported() {
-        let store = Store::open_in_memory().unwrap();
+        let store = crate::store::Store::open_in_memory().unwrap();
         store.raise_alarm("controller", "store-restored", "restored from b.db").unwrap();
         let t = Timing { heartbeat_interval_ms: 100, unreachable_after_ms: 300 };
-        let reg = Registry::load(store, t).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_on(store).unwrap(), t).unwrap();
         let now = now_unix_ms();
         assert!(reg.hold(now).unwrap().contains("startup grace"));
         let (tx, _rx) = mpsc::channel(1);
@@ -1106,14 +1190,15 @@ mod tests {
         let later = now + 1000;
         let why = reg.hold(later).unwrap();
         assert!(why.contains("restored") && why.contains('b') && !why.contains("a,"), "{why}");
-        reg.set_status("b", HostStatus::Offline, "gone", "test").unwrap();
+        reg.set_status_blocking("b", HostStatus::Offline, "gone", "test").unwrap();
         assert_eq!(reg.hold(later), None, "every host not OFFLINE reported");
         assert!(reg.active_alarms().is_empty(), "the alarm is cleared by its cause");
     }
 
     #[tokio::test]
     async fn a_host_two_agents_claim_is_sent_nothing_and_its_reports_judge_nothing() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let running = |u: &str, n: &str| Guest { state: GuestState::Running as i32, ..g(u, n) };
         let inv = |gs: Vec<Guest>| Inventory { host: None, guests: gs, more: false };
@@ -1142,7 +1227,8 @@ mod tests {
 
     #[test]
     fn one_host_holds_the_lease_of_a_guest_never_moved_and_an_unfinished_move_leases_nobody() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let st = |u: &str, running: bool| Guest {
             state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
@@ -1159,7 +1245,7 @@ mod tests {
         reg.apply_guest("b", sb, st("u1", true)).unwrap();
         assert!(leased("b") && !leased("a"), "the one running copy is the guest");
         // An unfinished move whose job ended: nobody is leased, nothing is stopped.
-        let row = crate::store::OwnerRow {
+        let row = crate::ports::OwnerRow {
             uuid: "u1".into(),
             host: "a".into(),
             generation: 1,
@@ -1167,8 +1253,12 @@ mod tests {
             job: "j".into(),
             complete: false,
         };
-        reg.db(|s| s.set_owner(&row, &AuditRow::by_controller("test", "a", "vm1", String::new()))).unwrap();
-        reg.refresh_owners().unwrap();
+        reg.repos()
+            .call_blocking(move |r| {
+                r.ownership().set_owner(&row, &AuditRow::by_controller("test", "a", "vm1", String::new()))
+            })
+            .unwrap();
+        reg.refresh_owners_blocking().unwrap();
         assert!(!leased("a") && !leased("b"));
         assert_eq!(Registry::owner_view(&reg.lock(), "u1", "b"), Some(OwnerView::Unsure));
         // While its job runs, the target holds it.
@@ -1178,7 +1268,8 @@ mod tests {
 
     #[test]
     fn a_changed_memory_total_reaches_the_planners_view_and_the_store() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let info = |mib: u64| HostInfo { host_id: "h".into(), memory_total_kib: mib * 1024, ..Default::default() };
@@ -1188,12 +1279,17 @@ mod tests {
         reg.apply_host("h", sid, info(8192)).unwrap();
         assert_eq!(reg.host_view("h").unwrap().memory_total_kib, 8192 * 1024, "plans use the new total");
         assert_eq!(reg.host_views_for(&[])[0].memory_total_kib, 8192 * 1024);
-        assert_eq!(reg.db(|s| s.host("h")).unwrap().unwrap().info.memory_total_kib, 8192 * 1024, "and it is stored");
+        assert_eq!(
+            reg.repos().call_blocking(move |r| r.hosts().get("h")).unwrap().unwrap().info.memory_total_kib,
+            8192 * 1024,
+            "and it is stored"
+        );
     }
 
     #[test]
     fn guests_reporting_u64_max_memory_saturate_the_running_figure_instead_of_panicking_or_wrapping() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let huge = |u: &str| Guest {
@@ -1217,7 +1313,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lifeboat.db");
         {
-            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            let reg =
+                Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
             let (tx, _rx) = mpsc::channel(1);
             let sa = reg.open_session("a", "boot", tx.clone()).unwrap();
             let _sb = reg.open_session("b", "boot", tx).unwrap();
@@ -1229,7 +1326,7 @@ mod tests {
             };
             reg.apply_inventory("a", sa, inv).unwrap();
             assert_eq!(reg.lease_set("a").len(), 4);
-            reg.flush().unwrap();
+            reg.flush_blocking().unwrap();
         }
         {
             // What the tester did by hand, and worse: a guest that overflows,
@@ -1244,8 +1341,8 @@ mod tests {
             c.execute("UPDATE desired SET state = 'sideways' WHERE uuid = 'u4'", []).unwrap();
             c.execute("UPDATE hosts SET info = x'ff' WHERE host_id = 'b'", []).unwrap();
         }
-        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
-        let q = reg.db(|s| s.quarantined()).unwrap();
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
+        let q = reg.repos().call_blocking(move |r| r.quarantine().list()).unwrap();
         let keys: Vec<(String, String)> = q.iter().map(|q| (q.table.clone(), q.key.clone())).collect();
         assert_eq!(keys.len(), 5, "{keys:?}");
         for k in [("hosts", "b"), ("owners", "u3"), ("desired", "u4"), ("guests", "a/u1"), ("guests", "a/u2")] {
@@ -1271,8 +1368,8 @@ mod tests {
         assert!(reg.lease_set("a").is_empty(), "{:?}", reg.lease_set("a"));
         // A second start on the same database loads cleanly, the guests still blocked.
         drop(reg);
-        let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
-        assert_eq!(reg.db(|s| s.quarantined()).unwrap().len(), 5);
+        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
+        assert_eq!(reg.repos().call_blocking(move |r| r.quarantine().list()).unwrap().len(), 5);
         assert!(["u1", "u2", "u3", "u4"].iter().all(|u| reg.is_quarantined(u)));
     }
 
@@ -1281,11 +1378,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lifeboat.db");
         {
-            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            let reg =
+                Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
             let (tx, _rx) = mpsc::channel(1);
             let _s = reg.open_session("b", "boot", tx).unwrap();
             assert_eq!(reg.status_of("b"), Some(HostStatus::Available));
-            reg.flush().unwrap();
+            reg.flush_blocking().unwrap();
         }
         for bad in ["'available'", "'DEAD'", "NULL", "7"] {
             let c = rusqlite::Connection::open(&path).unwrap();
@@ -1294,9 +1392,10 @@ mod tests {
                 continue;
             }
             drop(c);
-            let reg = Registry::load(Store::open(&path).unwrap(), Timing::default()).unwrap();
+            let reg =
+                Registry::load(crate::store::sqlite::SqliteRepos::start(&path).unwrap(), Timing::default()).unwrap();
             assert_eq!(reg.status_of("b"), Some(HostStatus::Maintenance), "{bad}: never AVAILABLE");
-            let q = reg.db(|s| s.quarantined()).unwrap();
+            let q = reg.repos().call_blocking(move |r| r.quarantine().list()).unwrap();
             let last = q.last().unwrap();
             assert_eq!((last.table.as_str(), last.key.as_str()), ("hosts", "b"), "{bad}");
             assert!(last.reason.contains("status"), "{bad}: {}", last.reason);

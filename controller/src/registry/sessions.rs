@@ -38,7 +38,8 @@ impl Registry {
         inner.next_generation = inner.next_generation.saturating_add(1);
         if !inner.hosts.contains_key(host_id) {
             let info = HostInfo { host_id: host_id.into(), boot_id: boot_id.into(), ..Default::default() };
-            inner.store.upsert_host(&info, now)?;
+            let stored = info.clone();
+            inner.db(move |r| r.hosts().upsert(&stored, now))?;
             let row = HostRow {
                 info,
                 status: HostStatus::Available,
@@ -93,7 +94,8 @@ impl Registry {
                     "{host_id} is back (boot id {boot_id}, fenced with {fenced_boot}): status MAINTENANCE; {reason}"
                 ),
             );
-            inner.store.set_status(host_id, HostStatus::Maintenance.as_str(), reason, Some(&a))?;
+            let h = host_id.to_string();
+            inner.db(move |r| r.hosts().set_status(&h, HostStatus::Maintenance, reason, Some(&a)))?;
             warn!(host = host_id, "{reason}");
             if ev.same_boot_id {
                 let detail = format!(
@@ -116,7 +118,8 @@ impl Registry {
         {
             e.session = None;
             let seen = e.last_heard_ms().unwrap_or(0);
-            let _ = inner.store.touch_hosts(&[(host_id.to_string(), seen)]);
+            let seen = vec![(host_id.to_string(), seen)];
+            let _ = inner.db(move |r| r.hosts().touch(&seen));
         }
     }
 

@@ -13,7 +13,7 @@ use lifeboat_proto::v1::Guest;
 
 use super::bus::SessionHandle;
 use crate::domain::host::Liveness;
-use crate::store::HostRow;
+use crate::ports::HostRow;
 
 pub(super) struct HostEntry {
     pub(super) row: HostRow,
@@ -110,5 +110,5 @@ impl GuestEntry {
 /// One row of a guest listing: a reported guest or a missing one.
 pub(super) enum Listed<'a> {
     Seen(&'a GuestEntry),
-    Gone(&'a crate::store::MissingRow),
+    Gone(&'a crate::ports::MissingRow),
 }

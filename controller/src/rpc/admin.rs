@@ -19,8 +19,8 @@ use tracing::info;
 use crate::domain::job::JobState;
 use crate::error::ControllerError;
 use crate::migrate::engine::Engine;
+use crate::ports::AuditFilter;
 use crate::registry::Registry;
-use crate::store::AuditFilter;
 
 /// The admin service.
 pub struct AdminService {
@@ -74,8 +74,8 @@ fn authorize_identity(who: Identity, needed: Role, action: &str) -> Result<(Stri
 
 impl AdminService {
     /// Each host's memory reserved by moves under way, from the store.
-    fn fill_reserved(&self, hosts: &mut [HostRecord]) -> Result<(), ControllerError> {
-        let reserved = self.engine.reserved_by_host()?;
+    async fn fill_reserved(&self, hosts: &mut [HostRecord]) -> Result<(), ControllerError> {
+        let reserved = self.engine.reserved_by_host().await?;
         for h in hosts {
             let id = h.info.as_ref().map(|i| i.host_id.as_str()).unwrap_or_default();
             h.reserved_memory_kib = reserved.get(id).copied().unwrap_or(0);
@@ -96,7 +96,7 @@ impl Admin for AdminService {
         })
         .await
         .map_err(|e| ControllerError::Internal(format!("listing hosts: {e}")))?;
-        self.fill_reserved(&mut hosts)?;
+        self.fill_reserved(&mut hosts).await?;
         Ok(Response::new(ListHostsResponse { hosts }))
     }
 
@@ -108,7 +108,7 @@ impl Admin for AdminService {
         }
         let mut rec = [self.reg.get_host(host)?];
         crate::waiting::annotate_hosts(&self.reg, &mut rec);
-        self.fill_reserved(&mut rec)?;
+        self.fill_reserved(&mut rec).await?;
         let [rec] = rec;
         Ok(Response::new(rec))
     }
@@ -174,12 +174,12 @@ impl Admin for AdminService {
         let r = req.get_ref();
         let host = if r.host.is_empty() { None } else { Some(r.host.as_str()) };
         let limit = if r.limit == 0 { 50 } else { r.limit };
-        Ok(Response::new(ListJobsResponse { jobs: self.engine.jobs(host, limit)? }))
+        Ok(Response::new(ListJobsResponse { jobs: self.engine.jobs(host, limit).await? }))
     }
 
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobRecord>, Status> {
         authorize(&req, Role::Viewer, "showing a job")?;
-        Ok(Response::new(self.engine.job_record(&req.get_ref().id)?))
+        Ok(Response::new(self.engine.job_record(&req.get_ref().id).await?))
     }
 
     type WatchJobStream = JobStream;
@@ -189,7 +189,7 @@ impl Admin for AdminService {
         let busy = crate::conn::busy(&req);
         let id = req.get_ref().id.clone();
         let mut rx = self.engine.subscribe();
-        let first = self.engine.job_record(&id)?;
+        let first = self.engine.job_record(&id).await?;
         let engine = self.engine.clone();
         let (tx, out) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
@@ -205,7 +205,7 @@ impl Admin for AdminService {
                 {
                     continue;
                 }
-                let Ok(rec) = engine.job_record(&id) else { return };
+                let Ok(rec) = engine.job_record(&id).await else { return };
                 done = over(&rec);
                 if tx.send(Ok(rec)).await.is_err() {
                     return;
@@ -240,7 +240,7 @@ impl Admin for AdminService {
     async fn plan_cleanup(&self, req: Request<CleanupRequest>) -> Result<Response<CleanupPlan>, Status> {
         authorize(&req, Role::Operator, "planning a cleanup")?;
         let r = req.get_ref();
-        Ok(Response::new(crate::hostops::cleanup_plan(&self.reg, r.host.trim(), r.destroy_running)?))
+        Ok(Response::new(crate::hostops::cleanup_plan(&self.reg, r.host.trim(), r.destroy_running).await?))
     }
 
     async fn cleanup(&self, req: Request<CleanupRequest>) -> Result<Response<CleanupPlan>, Status> {
@@ -257,17 +257,17 @@ impl Admin for AdminService {
         let r = req.into_inner();
         info!(operator = %name, vm = %r.vm, "guest start requested");
         Ok(Response::new(
-            crate::waiting::start_vm(&self.reg, &r.vm, &r.reason, &name, self.engine.lease_ttl_ms()).await?,
+            crate::guestops::start_vm(&self.reg, &r.vm, &r.reason, &name, self.engine.lease_ttl_ms()).await?,
         ))
     }
 
     async fn list_alarms(&self, req: Request<ListAlarmsRequest>) -> Result<Response<ListAlarmsResponse>, Status> {
         authorize(&req, Role::Viewer, "listing alarms")?;
         let all = req.get_ref().include_cleared;
-        let rows = self.reg.db(|s| s.alarms(all)).map_err(ControllerError::from)?;
+        let rows = self.reg.repos().alarms(move |a| a.list(all)).await.map_err(ControllerError::from)?;
         let alarms = rows
             .into_iter()
-            .map(|(id, at, host, kind, detail, cleared)| Alarm {
+            .map(|crate::ports::AlarmRow { id, at_ms: at, host, kind, detail, cleared_ms: cleared }| Alarm {
                 id,
                 at_unix_ms: at,
                 host,
@@ -328,7 +328,7 @@ impl Admin for AdminService {
             since_ms: if r.since_unix_ms > 0 { Some(r.since_unix_ms) } else { None },
             limit: if r.limit == 0 { None } else { Some(r.limit) },
         };
-        let rows = self.reg.db(|s| s.read_audit(&f)).map_err(ControllerError::from)?;
+        let rows = self.reg.repos().audit(move |l| l.read(&f)).await.map_err(ControllerError::from)?;
         let entries = rows
             .into_iter()
             .map(|a| AuditEntry {

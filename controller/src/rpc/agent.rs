@@ -108,7 +108,12 @@ impl AgentSession for AgentService {
         // Boxed: the queue's blocks hold 32 slots each, and a slot the size
         // of a whole message costs 5.7 KiB per session (heaptrack).
         let (tx, rx) = mpsc::channel::<Box<ControllerMessage>>(64);
-        let (sid, mut superseded) = self.reg.open_session_from(&cert_host, &hello.boot_id, tx.clone(), peer)?;
+        // It may write (a new host, a return from OFFLINE, an alarm) under the
+        // registry lock: on a blocking thread, never on an async worker.
+        let (reg, host, boot, stx) = (self.reg.clone(), cert_host.clone(), hello.boot_id.clone(), tx.clone());
+        let (sid, mut superseded) = tokio::task::spawn_blocking(move || reg.open_session_from(&host, &boot, stx, peer))
+            .await
+            .map_err(|e| ControllerError::Internal(format!("opening a session: {e}")))??;
         info!(host = %cert_host, ?peer, agent_version = %hello.agent_version, boot_id = %hello.boot_id, "agent session opened");
         let welcome = ControllerMessage {
             msg: Some(controller_message::Msg::Welcome(Welcome {
@@ -250,7 +255,9 @@ impl AgentSession for AgentService {
             if let Some(n) = unwritten.as_ref().map(Unwritten::len).filter(|n| *n > 0) {
                 warn!(host = %host, waiting = n, "session closed with observations the database had not taken; the agent's next session sends a whole inventory");
             }
-            reg.close_session(&host, sid);
+            // Writes the last-heard time: on a blocking thread.
+            let (closing, h) = (reg.clone(), host.clone());
+            let _ = tokio::task::spawn_blocking(move || closing.close_session(&h, sid)).await;
             info!(host = %host, "agent session closed");
         });
         // Ends as soon as another session takes the host over, with a status
@@ -462,11 +469,10 @@ impl RefusalReport {
              `lifeboat alarms clear --host {host} --kind agent-input-refused`",
             self.total
         );
-        // A database write under the registry lock: not on the runtime
-        // threads that read every session's heartbeats.
+        // Awaited on the store thread, never under the registry lock.
         let (reg, host) = (reg.clone(), host.to_string());
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = reg.raise_or_refresh_alarm(&host, "agent-input-refused", &detail) {
+        tokio::spawn(async move {
+            if let Err(e) = reg.raise_or_refresh_alarm(&host, "agent-input-refused", &detail).await {
                 warn!(host = %host, "recording the agent-input-refused alarm failed: {e}");
             }
         });
@@ -478,7 +484,6 @@ impl RefusalReport {
 mod tests {
     use super::*;
     use crate::domain::host::Timing;
-    use crate::store::Store;
     use lifeboat_proto::v1::{Guest, GuestChanged, GuestRemoved, HostInfo, Inventory};
 
     fn uuid(i: usize) -> String {
@@ -508,7 +513,8 @@ mod tests {
 
     #[test]
     fn pages_are_gathered_and_a_refused_inventory_stores_nothing_not_even_its_last_page() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         let mut st = SessionIntake::new(0);
@@ -526,7 +532,8 @@ mod tests {
 
     #[test]
     fn removals_and_results_for_what_the_host_does_not_own_change_nothing() {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, mut _rx) = mpsc::channel(8);
         let (tx2, _rx2) = mpsc::channel(8);
         let a = reg.open_session("a", "boot", tx).unwrap();

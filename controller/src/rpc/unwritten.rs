@@ -77,7 +77,11 @@ pub fn apply_once(reg: &Registry, host: &str, sid: SessionId, obs: Observation) 
 /// Whether an error is the database refusing a write (retried), not a
 /// record or request that cannot be used (reported, not retried).
 pub fn is_write_failure(e: &ControllerError) -> bool {
-    matches!(e, ControllerError::Storage(s) if s.is_write_failure())
+    match e {
+        ControllerError::Storage(s) => s.is_write_failure(),
+        ControllerError::Repo(r) => r.is_write_failure(),
+        _ => false,
+    }
 }
 
 /// One session's observations waiting for the database.
@@ -242,7 +246,6 @@ impl Unwritten {
 mod tests {
     use super::*;
     use crate::domain::host::Timing;
-    use crate::store::Store;
     use lifeboat_proto::v1::GuestState;
     use tokio::sync::mpsc;
 
@@ -260,14 +263,15 @@ mod tests {
 
     /// A registry with host "h" on a session.
     fn session() -> (Registry, SessionId, mpsc::Receiver<Box<lifeboat_proto::v1::ControllerMessage>>) {
-        let reg = Registry::load(Store::open_in_memory().unwrap(), Timing::default()).unwrap();
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
         let (tx, rx) = mpsc::channel(1);
         let sid = reg.open_session("h", "boot", tx).unwrap();
         (reg, sid, rx)
     }
 
     fn desired(reg: &Registry) -> Option<(String, String)> {
-        reg.db(|s| s.desired()).unwrap().get(U).cloned()
+        reg.repos().call_blocking(move |r| r.ownership().desired()).unwrap().get(U).cloned().map(|d| (d.host, d.state))
     }
 
     #[test]
@@ -278,7 +282,7 @@ mod tests {
         un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Running, "booted"))), t0).unwrap();
         assert_eq!(desired(&reg), Some(("h".into(), "running".into())));
 
-        reg.db(|s| s.set_read_only(true)).unwrap();
+        reg.repos().call_blocking(move |r| r.maintenance().set_read_only(true)).unwrap();
         // Shut down from inside, then its facts change again: both kept, in order.
         un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Shutoff, "shutdown"))), t0).unwrap();
         let mut later = guest(GuestState::Shutoff, "shutdown");
@@ -292,14 +296,14 @@ mod tests {
         assert_eq!(un.len(), 2);
         assert!(un.next_try().unwrap().saturating_duration_since(first) > first.saturating_duration_since(t0));
 
-        reg.db(|s| s.set_read_only(false)).unwrap();
+        reg.repos().call_blocking(move |r| r.maintenance().set_read_only(false)).unwrap();
         let due = un.next_try().unwrap();
         un.retry(&reg, "h", sid, due - Duration::from_millis(1));
         assert_eq!(un.len(), 2, "nothing is tried before it is due");
         un.retry(&reg, "h", sid, due);
         assert!(un.is_empty() && un.next_try().is_none());
         assert_eq!(desired(&reg), Some(("h".into(), "stopped".into())), "the shutdown from inside was not lost");
-        let stored = reg.db(|s| s.guests()).unwrap();
+        let stored = reg.repos().call_blocking(move |r| r.guests().all()).unwrap();
         assert_eq!(stored[0].guest.vcpus, 2, "the later observation was applied after the earlier one");
     }
 
@@ -308,7 +312,7 @@ mod tests {
         let (reg, sid, _rx) = session();
         let t0 = Instant::now();
         let mut un = Unwritten::default();
-        reg.db(|s| s.set_read_only(true)).unwrap();
+        reg.repos().call_blocking(move |r| r.maintenance().set_read_only(true)).unwrap();
         un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Running, "booted"))), t0).unwrap();
         let inv = || {
             Observation::Inventory(Box::new(Inventory {
@@ -320,10 +324,13 @@ mod tests {
         let e = un.apply(&reg, "h", sid, inv(), t0).unwrap_err();
         assert!(is_write_failure(&e), "{e}");
         assert_eq!(un.len(), 1, "the refused inventory is not kept; the earlier event still waits");
-        reg.db(|s| s.set_read_only(false)).unwrap();
+        reg.repos().call_blocking(move |r| r.maintenance().set_read_only(false)).unwrap();
         un.apply(&reg, "h", sid, inv(), t0).unwrap();
         assert!(un.is_empty());
-        assert_eq!(reg.db(|s| s.guests()).unwrap()[0].guest.state, GuestState::Paused as i32);
+        assert_eq!(
+            reg.repos().call_blocking(move |r| r.guests().all()).unwrap()[0].guest.state,
+            GuestState::Paused as i32
+        );
     }
 
     #[test]
@@ -332,9 +339,9 @@ mod tests {
         let t0 = Instant::now();
         let mut un = Unwritten::default();
         un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Running, "booted"))), t0).unwrap();
-        reg.db(|s| s.set_read_only(true)).unwrap();
+        reg.repos().call_blocking(move |r| r.maintenance().set_read_only(true)).unwrap();
         un.apply(&reg, "h", sid, Observation::Guest(Box::new(guest(GuestState::Shutoff, "shutdown"))), t0).unwrap();
-        reg.db(|s| s.set_read_only(false)).unwrap();
+        reg.repos().call_blocking(move |r| r.maintenance().set_read_only(false)).unwrap();
         // The agent's resync arrives before the backoff is over.
         let soon = t0 + Duration::from_millis(1);
         assert!(un.next_try().is_some_and(|t| t > soon));
@@ -351,7 +358,7 @@ mod tests {
     #[test]
     fn the_queue_is_bounded() {
         let (reg, sid, _rx) = session();
-        reg.db(|s| s.set_read_only(true)).unwrap();
+        reg.repos().call_blocking(move |r| r.maintenance().set_read_only(true)).unwrap();
         let mut un = Unwritten::default();
         let now = Instant::now();
         for _ in 0..MAX_UNWRITTEN + 5 {

@@ -23,7 +23,7 @@ impl From<StoreError> for RepoError {
         match e {
             StoreError::Busy { host, job } => RepoError::Busy { host, job },
             StoreError::TooNew(found) => RepoError::TooNew { found, understood: SCHEMA_VERSION },
-            e @ StoreError::Corrupt { .. } => RepoError::Corrupt(e.to_string()),
+            e @ (StoreError::Corrupt { .. } | StoreError::CorruptValue { .. }) => RepoError::Corrupt(e.to_string()),
             e => RepoError::Backend { write_failure: e.is_write_failure(), source: Box::new(e) },
         }
     }
@@ -44,6 +44,12 @@ impl SqliteRepos {
     /// store thread on it.
     pub fn start(path: &Path) -> RepoResult<Repos> {
         Repos::start(Box::new(SqliteRepos::new(Store::open(path)?)))
+    }
+
+    /// The store thread on an open store (tests that prepare a database
+    /// through the store itself first).
+    pub fn start_on(store: Store) -> RepoResult<Repos> {
+        Repos::start(Box::new(SqliteRepos::new(store)))
     }
 
     /// An in-memory database on its own store thread (tests).
@@ -187,6 +193,12 @@ impl JobRepo for SqliteRepos {
     }
     fn active(&mut self) -> RepoResult<Vec<JobRow>> {
         Ok(self.store.active_jobs()?)
+    }
+    fn active_checked(&mut self) -> RepoResult<(Vec<JobRow>, Vec<BadRow>)> {
+        Ok(self.store.active_jobs_checked()?)
+    }
+    fn active_guests(&mut self) -> RepoResult<Vec<(String, String, String, String)>> {
+        Ok(self.store.active_job_guests()?)
     }
     fn moves(&mut self, job: &str) -> RepoResult<Vec<MoveRow>> {
         Ok(self.store.moves(job)?)
