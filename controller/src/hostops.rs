@@ -5,9 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use lifeboat_proto::v1::{
-    Check, CleanupGuest, CleanupItem, CleanupPlan, Guest, GuestState, MigrateRequest, command::Kind,
-};
+use lifeboat_proto::v1::{Check, CleanupGuest, CleanupItem, CleanupPlan, Guest, MigrateRequest, command::Kind};
 use sha2::{Digest, Sha256};
 use tracing::info;
 
@@ -138,10 +136,9 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
             }
             Some(g) => {
                 item.managed_save = g.managed_save;
-                let st = GuestState::try_from(g.state).unwrap_or(GuestState::Unspecified);
                 // Paused, crashed, pm-suspended, shutting down: a qemu may still hold the disks.
                 let running = lifeboat_proto::holds_disk(g.state);
-                item.state = format!("{st:?}").to_lowercase();
+                item.state = lifeboat_proto::state_name(g.state).into();
                 if g.name != m.name {
                     CleanupAction::RefuseRenamed.set(&mut item);
                     item.detail = format!(
@@ -457,7 +454,11 @@ mod tests {
         Guest {
             uuid: uuid.into(),
             name: name.into(),
-            state: if running { GuestState::Running as i32 } else { GuestState::Shutoff as i32 },
+            state: if running {
+                lifeboat_proto::v1::GuestState::Running as i32
+            } else {
+                lifeboat_proto::v1::GuestState::Shutoff as i32
+            },
             ..Default::default()
         }
     }

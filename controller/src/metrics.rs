@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use lifeboat_proto::v1::GuestState;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -31,8 +30,7 @@ pub fn render(reg: &Registry) -> String {
         hosts.get_or_create(&vec![("status".into(), h.status.clone()), ("liveness".into(), h.liveness.clone())]).inc();
     }
     for (state, n) in reg.guest_state_counts() {
-        let st = GuestState::try_from(state).unwrap_or(GuestState::Unspecified);
-        guests.get_or_create(&vec![("state".into(), format!("{st:?}").to_lowercase())]).set(n as i64);
+        guests.get_or_create(&vec![("state".into(), lifeboat_proto::state_name(state).into())]).set(n as i64);
     }
     // Blocks on the store thread: `serve` renders on a blocking thread.
     if let Ok(js) = reg.repos().call_blocking(|r| r.jobs().list(None, u32::MAX)) {

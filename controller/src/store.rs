@@ -25,6 +25,12 @@ pub use crate::ports::rows::{
 mod sql_enums;
 use sql_enums::col;
 
+/// One alarm as stored: id, raised at (ms), host, kind, detail, cleared at (ms; 0 while active).
+pub type AlarmTuple = (i64, i64, String, String, String, i64);
+
+/// Desired states by guest UUID: (host, state).
+pub type DesiredMap = BTreeMap<String, (String, String)>;
+
 /// A storage failure.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -342,7 +348,7 @@ impl Store {
     }
 
     /// Alarms: (id, at, host, kind, detail, cleared).
-    pub fn alarms(&self, include_cleared: bool) -> Result<Vec<(i64, i64, String, String, String, i64)>, StoreError> {
+    pub fn alarms(&self, include_cleared: bool) -> Result<Vec<AlarmTuple>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT id, at_ms, host, kind, detail, cleared_ms FROM alarms WHERE (?1 OR cleared_ms = 0) ORDER BY id",
         )?;
@@ -1217,7 +1223,7 @@ impl Store {
 
     /// Desired states (uuid → (host, "running" | "stopped")), and the rows
     /// that do not read.
-    pub fn desired_checked(&self) -> Result<(BTreeMap<String, (String, String)>, Vec<BadRow>), StoreError> {
+    pub fn desired_checked(&self) -> Result<(DesiredMap, Vec<BadRow>), StoreError> {
         const COLS: [&str; 3] = ["uuid", "host", "state"];
         let (mut good, mut bad) = (BTreeMap::new(), Vec::new());
         for (rowid, v) in self.raw_rows("desired", &COLS)? {

@@ -440,7 +440,7 @@ impl Engine {
         }
         let grace = Duration::from_millis(u64::try_from(self.reg.startup_grace_ms()).unwrap_or(0));
         for j in &jobs {
-            info!(job = %j.id, state = %j.state, grace_ms = grace.as_millis() as u64, "resuming unfinished job after the startup grace");
+            info!(job = %j.id, state = %j.state, grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX), "resuming unfinished job after the startup grace");
             let me = self.clone();
             let (id, source, state) = (j.id.clone(), j.source.clone(), j.state);
             tokio::spawn(async move {

@@ -10,9 +10,11 @@ use super::*;
 impl Registry {
     pub(super) fn record(&self, inner: &Inner, e: &HostEntry, now: i64) -> HostRecord {
         let guests = inner.guests.get(&e.row.info.host_id);
-        let guest_count = guests.map(|g| g.len()).unwrap_or(0) as u32;
+        // Counts are capped by intake (100,000 guests per host); saturate anyway.
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let guest_count = count(guests.map(|g| g.len()).unwrap_or(0));
         let running_count =
-            guests.map(|g| g.values().filter(|g| g.state == GuestState::Running as i32).count()).unwrap_or(0) as u32;
+            count(guests.map(|g| g.values().filter(|g| g.state == GuestState::Running as i32).count()).unwrap_or(0));
         HostRecord {
             info: Some(e.row.info.clone()),
             status: e.row.status.as_str().into(),
@@ -30,11 +32,13 @@ impl Registry {
                 .filter(|a| a.0 == e.row.info.host_id)
                 .map(|a| format!("{}: {}", a.1, a.2))
                 .collect(),
-            stale_definitions: guests
-                .map(|g| {
-                    g.keys().filter(|u| Self::owner_of(inner, u, &e.row.info.host_id) != e.row.info.host_id).count()
-                })
-                .unwrap_or(0) as u32,
+            stale_definitions: count(
+                guests
+                    .map(|g| {
+                        g.keys().filter(|u| Self::owner_of(inner, u, &e.row.info.host_id) != e.row.info.host_id).count()
+                    })
+                    .unwrap_or(0),
+            ),
             // From the store's reservations: the admin service fills it in.
             reserved_memory_kib: 0,
             ..Default::default()

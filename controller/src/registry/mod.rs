@@ -452,7 +452,12 @@ impl Registry {
             };
             out.extend(snaps.iter().map(&mut decide));
         }
-        tracing::debug!(hosts = wanted.len(), full, took_ms = t0.elapsed().as_millis() as u64, "reconcile pass");
+        tracing::debug!(
+            hosts = wanted.len(),
+            full,
+            took_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "reconcile pass"
+        );
         out
     }
 
@@ -811,7 +816,7 @@ pub async fn watch_liveness(reg: Arc<Registry>) {
         // waited too. Worth a line in the log when it is long.
         let late = last.elapsed().saturating_sub(Duration::from_millis(250));
         if late > Duration::from_millis(100) {
-            warn!(late_ms = late.as_millis() as u64, "the controller's runtime stalled");
+            warn!(late_ms = u64::try_from(late.as_millis()).unwrap_or(u64::MAX), "the controller's runtime stalled");
         }
         reg.check_liveness();
         last = tokio::time::Instant::now();
