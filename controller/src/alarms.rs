@@ -39,7 +39,7 @@ pub fn clear(reg: &Registry, host: &str, kind: &str, reason: &str, actor: &str) 
         return Err(ControllerError::Refused(nothing_matched(host, kind, &reg.active_alarms())));
     }
     reg.reload_alarms_blocking()?;
-    let now = crate::now_ms();
+    let now = reg.now_ms();
     Ok(cleared
         .into_iter()
         .map(|crate::ports::ClearedAlarm { id, at_ms: at, detail }| Alarm {

@@ -370,7 +370,7 @@ pub async fn restore(
         owner_status: reg.status_of(&owner),
         target: target.clone(),
         start: req.start,
-        hold: reg.hold(crate::now_ms()),
+        hold: reg.hold(reg.now_ms()),
         guest_memory_kib: r.guest.memory_kib,
         target_memory: if req.start {
             target_memory(reg, &target, memory_reserve_kib).await?
@@ -544,7 +544,7 @@ async fn start(
             elsewhere.join(", ")
         )));
     }
-    let grant = crate::domain::policy::merged_lease_at(uuid, name, generation, lease_ttl_ms, crate::now_ms());
+    let grant = crate::domain::policy::merged_lease_at(uuid, name, generation, lease_ttl_ms, reg.now_ms());
     let step = |r: Result<lifeboat_proto::v1::CommandResult, ControllerError>, what: &str| match r {
         Ok(x) if x.ok => Ok(x.outcome),
         Ok(x) => Err(format!("{what} failed: {}", x.error)),
@@ -605,7 +605,7 @@ pub fn forget(
     };
     let r = reg.find_missing(vm, WHAT)?;
     refuse_quarantined(reg, &r.guest.uuid, &r.guest.name, "forgetting")?;
-    if let Some(why) = reg.hold(crate::now_ms()) {
+    if let Some(why) = reg.hold(reg.now_ms()) {
         return Err(refusal(
             &format!("forgetting {} ({})", r.guest.name, r.guest.uuid),
             &[check(

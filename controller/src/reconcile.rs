@@ -20,13 +20,6 @@ pub use crate::domain::view::{HostSnapshot, OwnerView};
 
 pub use crate::domain::reconcile::{Action, decide, decide_waiting};
 
-/// One guest's start lease, merged into what the host holds (revokes
-/// nothing), valid for `ttl_ms` from now: what every start sends first, so
-/// the host's start guard lets exactly this generation start.
-pub fn merged_lease(uuid: &str, name: &str, generation: u64, ttl_ms: i64) -> GrantLeases {
-    crate::domain::policy::merged_lease_at(uuid, name, generation, ttl_ms, crate::now_ms())
-}
-
 /// What one pass decided for one host.
 #[derive(Debug)]
 pub struct Decision {
@@ -72,7 +65,7 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
     let mut held_logged = false;
     loop {
         tick.tick().await;
-        let now = crate::now_ms();
+        let now = reg.now_ms();
         // During the startup grace leases are granted (a host that fails in
         // it must not be left without lease files, with libvirt autostart
         // on), but nothing is stopped or started: what runs elsewhere is not
@@ -273,7 +266,7 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
     let timeout = Duration::from_secs(20);
     match a {
         Action::GrantLeases { host, leases, issued_ms } => {
-            let now = crate::now_ms();
+            let now = reg.now_ms();
             let uuids = {
                 let mut u: Vec<String> = leases.iter().map(|l| l.0.clone()).collect();
                 u.sort();
@@ -363,7 +356,7 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                 Ok(r) => (false, format!("stop failed: {}", r.error)),
                 Err(e) => (false, format!("stop failed: {e}")),
             };
-            if finish_attempt(attempts, &host, &uuid, ok, &outcome, crate::now_ms()) {
+            if finish_attempt(attempts, &host, &uuid, ok, &outcome, reg.now_ms()) {
                 warn!(%host, guest = %name, "{alarm}: {outcome}");
                 let a = AuditRow::by_controller("guest.stopped_stale", &host, &name, format!("{detail}: {outcome}"));
                 let _ = reg.repos().audit(move |l| l.append(&a)).await;
@@ -376,7 +369,7 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                 Ok(r) => (false, format!("start failed: {}", r.error)),
                 Err(e) => (false, format!("start failed: {e}")),
             };
-            let new = finish_attempt(attempts, &host, &uuid, ok, &outcome, crate::now_ms());
+            let new = finish_attempt(attempts, &host, &uuid, ok, &outcome, reg.now_ms());
             // Decided once per boot: nothing to keep once it has an outcome.
             lock(attempts).remove(&(host.clone(), uuid.clone()));
             if new {
@@ -425,7 +418,7 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
             };
             // Kept (not removed) on success: the next attempt waits for the
             // backoff, by which time the host reports it running.
-            if finish_attempt(attempts, &host, &uuid, ok, &outcome, crate::now_ms()) {
+            if finish_attempt(attempts, &host, &uuid, ok, &outcome, reg.now_ms()) {
                 info!(%host, guest = %name, "waiting guest: {outcome}");
                 let a = AuditRow::by_controller(
                     "guest.waiting_start",

@@ -52,7 +52,7 @@ pub async fn start_vm(
             "starting {vm} refused; nothing was changed. Failed check: {check}: {detail}. {remedy}"
         ))
     };
-    if let Some(hold) = reg.hold(crate::now_ms()) {
+    if let Some(hold) = reg.hold(reg.now_ms()) {
         return Err(refuse(
             "reports-current",
             hold,
@@ -251,7 +251,7 @@ pub(crate) fn recheck_start(
     generation: u64,
     job: &str,
 ) -> Result<(), (&'static str, String)> {
-    if let Some(hold) = reg.hold(crate::now_ms()) {
+    if let Some(hold) = reg.hold(reg.now_ms()) {
         return Err(("reports-current", hold));
     }
     match reg.job_of(uuid) {
@@ -298,7 +298,7 @@ pub(crate) async fn guarded_start(
     if let Err((check, detail)) = recheck_start(reg, uuid, host, generation, job) {
         return StartEnd::Refused { check, detail };
     }
-    let grant = crate::domain::policy::merged_lease_at(uuid, name, generation, lease_ttl_ms, crate::now_ms());
+    let grant = crate::domain::policy::merged_lease_at(uuid, name, generation, lease_ttl_ms, reg.now_ms());
     match reg.call(host, Kind::GrantLeases(grant), timeout).await {
         Ok(r) if r.ok => {}
         Ok(r) => return StartEnd::GrantFailed(r.error),

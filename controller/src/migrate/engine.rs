@@ -332,7 +332,7 @@ impl Engine {
                 req.plan_id, p.plan_id, p.summary
             )));
         }
-        let now = crate::now_ms();
+        let now = self.reg.now_ms();
         let id = format!("mig-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let owners = input.owners;
         let guests: BTreeMap<String, lifeboat_proto::v1::Guest> =
@@ -446,7 +446,7 @@ impl Engine {
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
                 // A restored database also waits until the hosts reported.
-                while me.reg.hold(crate::now_ms()).is_some() {
+                while me.reg.hold(me.reg.now_ms()).is_some() {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 let detail = format!(
@@ -538,7 +538,7 @@ impl Engine {
                             Some(&(ms, _, _)) => ms,
                             None => {
                                 // New pause (first, or after progress): start the backoff over.
-                                let now = crate::now_ms();
+                                let now = self.reg.now_ms();
                                 b.insert(id.clone(), (now, std::time::Instant::now(), None));
                                 wait = PAUSE_RETRY_FIRST;
                                 now
@@ -590,7 +590,7 @@ impl Engine {
             "database writes succeed again after {} s; the job resumes where its records say it stopped",
             t0.elapsed().as_secs()
         );
-        let row = AuditRow { at_ms: crate::now_ms(), ..audit("controller", "job.unpaused", source, "", id, detail) };
+        let row = AuditRow { at_ms: self.reg.now_ms(), ..audit("controller", "job.unpaused", source, "", id, detail) };
         if let Err(e) = self.repo(move |r| r.audit().append(&row)).await {
             warn!(job = %id, "auditing the resume failed: {e}");
         }
@@ -764,8 +764,12 @@ impl Engine {
     /// not moved, untouched) has nothing to wait for; a silent source's
     /// last report proves nothing.
     fn waiting_rows(&self, moves: &[MoveRow]) -> Vec<WaitingRow> {
-        let rows =
-            crate::waiting::rows_for_job(moves, |u| self.reg.desired_of(u), |u| self.reg.owner_row(u), crate::now_ms());
+        let rows = crate::waiting::rows_for_job(
+            moves,
+            |u| self.reg.desired_of(u),
+            |u| self.reg.owner_row(u),
+            self.reg.now_ms(),
+        );
         let uuids: Vec<String> = rows.iter().map(|w| w.uuid.clone()).collect();
         if uuids.is_empty() {
             return rows;
@@ -871,7 +875,7 @@ impl Engine {
             .into_iter()
             .map(|(uuid, name, generation)| Lease { uuid, name, generation })
             .collect();
-        let now = crate::now_ms();
+        let now = self.reg.now_ms();
         let grant =
             GrantLeases { leases: keep, expires_unix_ms: now + self.lease_ttl_ms, merge: false, issued_unix_ms: now };
         match self.reg.call(&job.source, Kind::GrantLeases(grant), self.call_timeout).await {
@@ -1153,8 +1157,13 @@ impl Engine {
         m: &MoveRow,
         planned: bool,
     ) -> Result<lifeboat_proto::v1::CommandResult, ControllerError> {
-        let grant =
-            crate::domain::policy::merged_lease_at(&m.uuid, &m.name, m.generation, self.lease_ttl_ms, crate::now_ms());
+        let grant = crate::domain::policy::merged_lease_at(
+            &m.uuid,
+            &m.name,
+            m.generation,
+            self.lease_ttl_ms,
+            self.reg.now_ms(),
+        );
         let r = self.call_target(&m.target, Kind::GrantLeases(grant), Some((m, planned))).await?;
         if !r.ok {
             return Ok(r);

@@ -151,7 +151,7 @@ impl Registry {
         sid: SessionId,
         inv: Inventory,
     ) -> Result<Vec<String>, ControllerError> {
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let mut inner = self.lock();
         if Self::current(&mut inner, host_id, sid).is_none() {
             return Ok(vec![]);
@@ -253,7 +253,7 @@ impl Registry {
 
     /// Host facts changed.
     pub fn apply_host(&self, host_id: &str, sid: SessionId, info: HostInfo) -> Result<(), ControllerError> {
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let mut inner = self.lock();
         if Self::current(&mut inner, host_id, sid).is_none() {
             return Ok(());
@@ -265,7 +265,7 @@ impl Registry {
     /// One guest appeared or changed.
     pub fn apply_guest(&self, host_id: &str, sid: SessionId, g: Guest) -> Result<(), ControllerError> {
         valid_guest(&g).map_err(|e| ControllerError::InvalidArgument(e.to_string()))?;
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let mut inner = self.lock();
         if Self::current(&mut inner, host_id, sid).is_none() {
             return Ok(());
@@ -316,7 +316,7 @@ impl Registry {
             if Self::suspect(&inner, host_id) {
                 return Ok(());
             }
-            Self::mark_gone(&mut inner, host_id, &[uuid.to_string()], now_unix_ms(), "undefined there")?;
+            Self::mark_gone(&mut inner, host_id, &[uuid.to_string()], self.now_ms(), "undefined there")?;
         }
         let (h, u) = (host_id.to_string(), uuid.to_string());
         inner.db(move |r| r.guests().delete(&h, &u))?;

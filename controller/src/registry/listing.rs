@@ -47,7 +47,7 @@ impl Registry {
 
     /// All hosts.
     pub fn list_hosts(&self) -> Vec<HostRecord> {
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let inner = self.lock();
         inner.hosts.values().map(|e| self.record(&inner, e, now)).collect()
     }
@@ -65,7 +65,7 @@ impl Registry {
 
     /// One host, by id or (unique) hostname.
     pub fn get_host(&self, host: &str) -> Result<HostRecord, ControllerError> {
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let inner = self.lock();
         let e = Self::resolve(&inner, host)?;
         Ok(self.record(&inner, e, now))
@@ -96,7 +96,7 @@ impl Registry {
     ) -> Result<(Vec<GuestRecord>, Option<GuestCursor>), ControllerError> {
         use std::ops::Bound;
         let limit = limit.max(1);
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let only = match host {
             Some(h) => Some(Self::resolve(&self.lock(), h)?.row.info.host_id.clone()),
             None => None,
@@ -205,7 +205,7 @@ impl Registry {
     /// last message, but never from before this controller started (a
     /// restart must not make a host look silent for longer than we know).
     pub fn host_views_for(&self, with_guests: &[&str]) -> Vec<HostView> {
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let inner = self.lock();
         inner
             .hosts
@@ -216,7 +216,7 @@ impl Registry {
 
     /// One host as the planner sees it, with its guests.
     pub fn host_view(&self, host_id: &str) -> Option<HostView> {
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let inner = self.lock();
         inner.hosts.get(host_id).map(|e| self.view(&inner, e, now, true))
     }
@@ -260,7 +260,7 @@ impl Registry {
 
     /// Whether the host is REACHABLE right now.
     pub fn is_reachable(&self, host_id: &str) -> bool {
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let inner = self.lock();
         inner.hosts.get(host_id).is_some_and(|e| self.liveness_of(e, now) == Liveness::Reachable)
     }

@@ -7,7 +7,6 @@ use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use lifeboat_common::now_unix_ms;
 use lifeboat_proto::v1::{
     Command, CommandResult, ControllerMessage, Guest, GuestRecord, GuestState, HostInfo, HostRecord, Inventory,
     command::Kind, controller_message,
@@ -20,8 +19,8 @@ use crate::domain::policy::{by_host, duplicate_agent_detail, running_kib, valid_
 use crate::domain::view::{HostView, OwnerView};
 use crate::error::ControllerError;
 use crate::ports::{
-    AuditRow, BadRow, DesiredChange, GuestWrite, HostRow, MissingRow, OwnerRow, RepoError, RepoResult, Repos,
-    Repositories,
+    AuditRow, BadRow, Clock, DesiredChange, GuestWrite, HostRow, MissingRow, OwnerRow, RepoError, RepoResult, Repos,
+    Repositories, SystemClock,
 };
 
 mod bus;
@@ -40,6 +39,8 @@ use view::{GuestEntry, HostEntry, Listed, guest_hash};
 pub use crate::domain::policy::{ReturnEvent, classify_return, liveness_since_start};
 
 struct Inner {
+    /// The registry's clock (see [`Registry::now_ms`]), for code that holds the lock.
+    clock: Arc<dyn Clock>,
     /// The repositories: every write goes to the store thread first, and
     /// memory follows only once it is stored.
     repos: Repos,
@@ -87,6 +88,9 @@ impl Inner {
 /// Hosts and guests, in memory and in the database.
 pub struct Registry {
     started_ms: i64,
+    /// The one clock of the controller's application floor: every
+    /// decision that reads the time asks it, so tests set the time.
+    clock: Arc<dyn Clock>,
     repos: Repos,
     inner: Mutex<Inner>,
     timing: Timing,
@@ -108,6 +112,13 @@ impl Registry {
     ///
     /// Start-up work, not on an async worker: it blocks on the store thread.
     pub fn load(repos: Repos, timing: Timing) -> Result<Self, RepoError> {
+        Self::load_with_clock(repos, timing, Arc::new(SystemClock))
+    }
+
+    /// [`Registry::load`] with the clock every time-based decision reads
+    /// (liveness, leases, holds, attempts): tests pass a
+    /// [`crate::ports::ManualClock`] and move time instead of sleeping.
+    pub fn load_with_clock(repos: Repos, timing: Timing, clock: Arc<dyn Clock>) -> Result<Self, RepoError> {
         let (_, bad_hosts) = repos.call_blocking(|r| r.hosts().all_checked())?;
         Self::quarantine_bad_rows(&repos, bad_hosts)?;
         let (host_rows, _) = repos.call_blocking(|r| r.hosts().all_checked())?;
@@ -163,9 +174,11 @@ impl Registry {
             in_job.insert(uuid, (job, source, target));
         }
         Ok(Registry {
-            started_ms: now_unix_ms(),
+            started_ms: clock.now_ms(),
+            clock: clock.clone(),
             repos: repos.clone(),
             inner: Mutex::new(Inner {
+                clock,
                 repos,
                 unreachable_after_ms: timing.unreachable_after_ms,
                 hosts,
@@ -187,6 +200,16 @@ impl Registry {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Now, by the registry's clock (ms since the epoch).
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// The registry's clock, for tasks that outlive a borrow of it.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
     }
 
     /// Timing settings.
@@ -264,7 +287,7 @@ impl Registry {
     /// Whether what `host` reports now is known: its agent is connected and
     /// sent a full inventory in this session.
     fn fresh(inner: &Inner, host: &str) -> bool {
-        let now = now_unix_ms();
+        let now = inner.clock.now_ms();
         inner.hosts.get(host).is_some_and(|e| {
             e.session.is_some()
                 && e.inventory_seen
@@ -676,7 +699,7 @@ impl Registry {
     /// disks, among the hosts that talk to us now: UUID → those hosts.
     pub fn held_elsewhere(&self, source: &str, uuids: &[String]) -> BTreeMap<String, Vec<String>> {
         let mut held = self.holders(uuids);
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let inner = self.lock();
         let talks = |h: &String| {
             h.as_str() != source && inner.hosts.get(h).is_some_and(|e| self.liveness_of(e, now) == Liveness::Reachable)
@@ -709,7 +732,7 @@ impl Registry {
 
     /// Logs liveness transitions; returns hosts whose liveness changed.
     pub fn check_liveness(&self) -> Vec<(String, Liveness)> {
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let mut inner = self.lock();
         let timing = self.timing;
         let started = self.started_ms;
@@ -906,6 +929,7 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    use lifeboat_common::now_unix_ms;
     use std::sync::atomic::Ordering;
 
     use super::*;
@@ -1407,5 +1431,26 @@ mod tests {
             let alarms: Vec<_> = reg.active_alarms().into_iter().filter(|a| a.1 == "row-quarantined").collect();
             assert!(alarms.iter().any(|a| a.0 == "b" && a.2.contains("table hosts (key b)")), "{bad}: {alarms:?}");
         }
+    }
+
+    #[test]
+    fn liveness_and_the_startup_grace_follow_the_injected_clock_without_sleeping() {
+        let clock = crate::ports::ManualClock::new(1_000_000);
+        let t = Timing { heartbeat_interval_ms: 1000, unreachable_after_ms: 3000 };
+        let repos = crate::store::sqlite::SqliteRepos::start_in_memory().unwrap();
+        let reg = Registry::load_with_clock(repos, t, Arc::new(clock.clone())).unwrap();
+        assert_eq!(reg.now_ms(), 1_000_000);
+        let (tx, _rx) = mpsc::channel(1);
+        let _sid = reg.open_session("h", "boot", tx).unwrap();
+        assert!(reg.is_reachable("h"));
+        assert!(reg.in_startup_grace(reg.now_ms()));
+        let _ = reg.check_liveness();
+        clock.advance(3000);
+        assert!(reg.is_reachable("h"), "silent for exactly the detection time: still reachable");
+        clock.advance(1);
+        assert!(!reg.is_reachable("h"), "one ms past the detection time: unreachable, with no sleep");
+        assert_eq!(reg.check_liveness(), vec![("h".to_string(), Liveness::Unreachable)]);
+        clock.advance(i64::from(u32::MAX));
+        assert!(!reg.in_startup_grace(reg.now_ms()));
     }
 }

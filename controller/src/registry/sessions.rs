@@ -31,7 +31,7 @@ impl Registry {
         tx: mpsc::Sender<Box<ControllerMessage>>,
         peer: Option<std::net::SocketAddr>,
     ) -> Result<(SessionId, tokio::sync::watch::Receiver<bool>), ControllerError> {
-        let now = now_unix_ms();
+        let now = self.now_ms();
         let (superseded, superseded_rx) = tokio::sync::watch::channel(false);
         let mut inner = self.lock();
         let generation = inner.next_generation;

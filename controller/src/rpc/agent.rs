@@ -132,7 +132,7 @@ impl AgentSession for AgentService {
             let stop = stopped(reader_stopping);
             tokio::pin!(stop);
             let Some(heard) = heard else { return };
-            let mut intake = Some(SessionIntake::new(lifeboat_common::now_unix_ms()));
+            let mut intake = Some(SessionIntake::new(reg.now_ms()));
             let mut refusals = RefusalReport::default();
             let mut unwritten = Some(Unwritten::default());
             loop {
@@ -200,7 +200,7 @@ impl AgentSession for AgentService {
                 };
                 // Liveness without the registry lock: heartbeats from
                 // 10,000 hosts must not queue behind inventory writes.
-                heard.store(lifeboat_common::now_unix_ms(), std::sync::atomic::Ordering::Relaxed);
+                heard.store(reg.now_ms(), std::sync::atomic::Ordering::Relaxed);
                 let r = if let Some(Msg::Heartbeat(h)) = &msg.msg {
                     match intake::check_heartbeat(h) {
                         Ok(()) => {
@@ -209,7 +209,7 @@ impl AgentSession for AgentService {
                             let _ = tx.try_send(Box::new(ControllerMessage {
                                 msg: Some(controller_message::Msg::HeartbeatAck(HeartbeatAck {
                                     seq: h.seq,
-                                    handled_unix_ms: lifeboat_common::now_unix_ms(),
+                                    handled_unix_ms: reg.now_ms(),
                                 })),
                             }));
                             Ok(())
@@ -222,14 +222,12 @@ impl AgentSession for AgentService {
                     // hold up the runtime threads other sessions' heartbeats
                     // are read on.
                     let (reg2, host2) = (reg.clone(), host.clone());
-                    let mut st = intake.take().unwrap_or_else(|| SessionIntake::new(lifeboat_common::now_unix_ms()));
+                    let mut st = intake.take().unwrap_or_else(|| SessionIntake::new(reg.now_ms()));
                     let mut un = unwritten.take().unwrap_or_default();
                     match tokio::task::spawn_blocking(move || {
-                        let r = take_in(&reg2, &host2, &mut st, msg, lifeboat_common::now_unix_ms()).and_then(|obs| {
-                            match obs {
-                                Some(obs) => Ok(un.apply(&reg2, &host2, sid, obs, std::time::Instant::now())?),
-                                None => Ok(()),
-                            }
+                        let r = take_in(&reg2, &host2, &mut st, msg, reg2.now_ms()).and_then(|obs| match obs {
+                            Some(obs) => Ok(un.apply(&reg2, &host2, sid, obs, std::time::Instant::now())?),
+                            None => Ok(()),
                         });
                         (st, un, r)
                     })
@@ -455,7 +453,7 @@ impl RefusalReport {
         let _ = tx.try_send(Box::new(ControllerMessage {
             msg: Some(controller_message::Msg::Refused(Refused { what: r.what(), reason: r.reason.clone() })),
         }));
-        let now = lifeboat_common::now_unix_ms();
+        let now = reg.now_ms();
         if self.last_ms != 0 && now.saturating_sub(self.last_ms) < REFUSAL_REPORT_INTERVAL_MS {
             return;
         }
