@@ -216,10 +216,18 @@ fn finish(mut p: CleanupPlan) -> CleanupPlan {
 async fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInput, ControllerError> {
     let view = reg.host_view(host);
     let h = host.to_string();
-    let (moves, owners, active) =
-        reg.repos().call(move |r| Ok((r.jobs().moves_from(&h)?, r.ownership().owners()?, r.jobs().active()?))).await?;
+    let (moves, owners, active) = reg
+        .repos()
+        .call(move |r| Ok((r.jobs().moves_from(&h)?, r.ownership().owners()?, r.jobs().active_checked()?)))
+        .await?;
     let owners = owners.into_iter().map(|o| (o.uuid, o.host)).collect();
-    let active_job = active.into_iter().find(|j| j.source == host).map(|j| j.id);
+    // A job row that does not read blocks its own source only (see the engine's plan input).
+    let (active, corrupt) = active;
+    let active_job = active
+        .into_iter()
+        .find(|j| j.source == host)
+        .map(|j| j.id)
+        .or_else(|| corrupt.into_iter().find(|b| b.host == host || b.host.is_empty()).map(|b| b.key));
     Ok(CleanupInput {
         host: host.into(),
         host_known: view.is_some(),

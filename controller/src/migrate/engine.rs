@@ -215,8 +215,14 @@ impl Engine {
         };
         let owners = self.owners().await?;
         let reservations = self.reservations().await?;
-        let active_job =
-            self.repo(|r| r.jobs().active()).await?.into_iter().find(|j| j.source == req.source).map(|j| j.id);
+        // A job row that does not read still blocks its own source (fail
+        // closed, alarm `job-corrupt`), but not every other host's evacuation.
+        let (active, corrupt) = self.repo(|r| r.jobs().active_checked()).await?;
+        let active_job = active
+            .into_iter()
+            .find(|j| j.source == req.source)
+            .map(|j| j.id)
+            .or_else(|| corrupt.into_iter().find(|b| b.host == req.source || b.host.is_empty()).map(|b| b.key));
         let power = if hosts.iter().any(|h| h.id == req.source) {
             self.power_reading(&req.source).await
         } else {
@@ -2277,5 +2283,26 @@ mod tests {
         // Read per step, the row refuses (the job pauses; never a guess).
         let e = reg.repos().call_blocking(move |r| r.jobs().get("mig-bad")).unwrap_err();
         assert!(e.is_corrupt() && e.to_string().contains("power_evidence"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_job_row_blocks_plans_for_its_own_source_only() {
+        use crate::domain::checks::{CheckId, failed};
+        let (_dir, raw, reg, engine) = new_engine_on_file();
+        let a = AuditRow::default();
+        reg.repos().call_blocking(move |r| r.jobs().create(&job_row("mig-bad", "migrate", "host-a"), &[], &a)).unwrap();
+        raw.execute("UPDATE jobs SET kind = 'evacuate' WHERE id = 'mig-bad'", []).unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        for h in ["host-a", "host-b"] {
+            reg.open_session(h, "boot", tx.clone()).unwrap();
+        }
+        let req =
+            |s: &str| MigrateRequest { source: s.into(), attest_reason: "unplugged".into(), ..Default::default() };
+        let own = engine.plan(&req("host-a")).await.unwrap();
+        assert!(failed(&own.preconditions, CheckId::OneOperationPerHost), "{:?}", own.preconditions);
+        let c = own.preconditions.iter().find(|c| CheckId::of(c) == Ok(CheckId::OneOperationPerHost)).unwrap();
+        assert!(c.detail.contains("mig-bad"), "{c:?}");
+        let other = engine.plan(&req("host-b")).await.unwrap();
+        assert!(!failed(&other.preconditions, CheckId::OneOperationPerHost), "{:?}", other.preconditions);
     }
 }
