@@ -91,6 +91,7 @@ impl Registry {
                 v.retain(|u| u != &g.uuid);
             }
             inner.owners_by_host.entry(host.to_string()).or_default().push(g.uuid.clone());
+            inner.owners_version = inner.owners_version.wrapping_add(1);
             let detail = format!(
                 "the database is older than what {host} reports (restored from an older backup?): ownership of the guests \
                  {host} holds with newer generations was taken from their definitions (highest generation wins); see \

@@ -51,6 +51,9 @@ struct Inner {
     next_generation: u64,
     /// Ownership records by UUID (cache of the owners table).
     owners: BTreeMap<String, OwnerRow>,
+    /// Bumped by every change to `owners` in memory: an async refresh whose
+    /// snapshot was read before a later change must not overwrite it.
+    owners_version: u64,
     /// UUIDs in `owners` by owning host.
     owners_by_host: BTreeMap<String, Vec<String>>,
     /// Desired state by UUID: (host, "running" | "stopped").
@@ -185,6 +188,7 @@ impl Registry {
                 guests,
                 next_generation: 1,
                 owners,
+                owners_version: 0,
                 owners_by_host,
                 desired,
                 alarms,
@@ -278,6 +282,7 @@ impl Registry {
             inner.db(|r| r.ownership().owners())?.into_iter().map(|o| (o.uuid.clone(), o)).collect();
         inner.owners_by_host = by_host(owners.values().map(|o| (o.host.as_str(), o.uuid.as_str())));
         inner.owners = owners;
+        inner.owners_version = inner.owners_version.wrapping_add(1);
         for e in inner.hosts.values_mut() {
             e.dirty = true;
         }
@@ -1452,5 +1457,43 @@ mod tests {
         assert_eq!(reg.check_liveness(), vec![("h".to_string(), Liveness::Unreachable)]);
         clock.advance(i64::from(u32::MAX));
         assert!(!reg.in_startup_grace(reg.now_ms()));
+    }
+
+    #[tokio::test]
+    async fn an_owner_refresh_read_before_a_later_change_does_not_overwrite_it() {
+        use std::future::Future;
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let row = |host: &str, generation: u64| OwnerRow {
+            uuid: "u1".into(),
+            host: host.into(),
+            generation,
+            from_host: String::new(),
+            job: "j".into(),
+            complete: true,
+        };
+        let (r1, a) = (row("a", 1), AuditRow::default());
+        reg.repos().call_blocking(move |r| r.ownership().set_owner(&r1, &a)).unwrap();
+        // Hold the store thread so the first refresh surely waits for its answer.
+        let (open, gate) = std::sync::mpsc::channel::<()>();
+        let held = reg.repos().call(move |_| {
+            let _ = gate.recv();
+            Ok(())
+        });
+        // The first refresh asks for its snapshot (generation 1) and waits.
+        let mut first = Box::pin(reg.refresh_owners());
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        open.send(()).unwrap();
+        held.await.unwrap();
+        // A later write (generation 2) reaches memory first.
+        let (r2, a) = (row("b", 2), AuditRow::default());
+        reg.repos().call_blocking(move |r| r.ownership().set_owner(&r2, &a)).unwrap();
+        reg.refresh_owners_blocking().unwrap();
+        assert_eq!(reg.owner_row("u1").map(|o| o.generation), Some(2));
+        // The older snapshot arrives: it must not hand the guest back to a.
+        first.await.unwrap();
+        assert_eq!(reg.owner_row("u1").map(|o| (o.host, o.generation)), Some(("b".to_string(), 2)));
     }
 }

@@ -53,16 +53,31 @@ impl Registry {
     }
 
     /// Re-reads ownership records (after a move step changed them).
+    ///
+    /// The read and the apply are not under one lock (the read awaits the
+    /// store thread), so a snapshot is applied only if nothing changed the
+    /// owners in memory since it was asked for; otherwise it may predate
+    /// that change (two jobs' refreshes finishing out of order, an
+    /// inventory's rebuilt owner) and is read again. After a few tries the
+    /// read and the apply run under the lock, as the blocking form does.
     pub async fn refresh_owners(&self) -> RepoResult<()> {
-        let rows = self.repos.call(|r| r.ownership().owners()).await?;
-        let owners: BTreeMap<String, OwnerRow> = rows.into_iter().map(|o| (o.uuid.clone(), o)).collect();
-        let mut inner = self.lock();
-        inner.owners_by_host = by_host(owners.values().map(|o| (o.host.as_str(), o.uuid.as_str())));
-        inner.owners = owners;
-        for e in inner.hosts.values_mut() {
-            e.dirty = true;
+        for _ in 0..8 {
+            let asked = self.lock().owners_version;
+            let rows = self.repos.call(|r| r.ownership().owners()).await?;
+            let owners: BTreeMap<String, OwnerRow> = rows.into_iter().map(|o| (o.uuid.clone(), o)).collect();
+            let mut inner = self.lock();
+            if inner.owners_version != asked {
+                continue;
+            }
+            inner.owners_by_host = by_host(owners.values().map(|o| (o.host.as_str(), o.uuid.as_str())));
+            inner.owners = owners;
+            inner.owners_version = inner.owners_version.wrapping_add(1);
+            for e in inner.hosts.values_mut() {
+                e.dirty = true;
+            }
+            return Ok(());
         }
-        Ok(())
+        self.refresh_owners_blocking()
     }
 
     /// Sets a host's status (checks are the caller's), audited.
