@@ -722,7 +722,8 @@ impl Store {
             match job_from_row(r) {
                 Ok(j) => good.push(j),
                 Err(e @ StoreError::CorruptValue { .. }) => {
-                    let (key, host): (String, String) = (r.get(0)?, r.get(2)?);
+                    // A source that does not read either: "" holds every source (fail closed).
+                    let (key, host): (String, String) = (r.get(0)?, r.get(2).unwrap_or_default());
                     bad.push(BadRow {
                         table: "jobs",
                         rowid: r.get(12)?,
@@ -881,18 +882,38 @@ fn move_from_row(r: &rusqlite::Row<'_>) -> Result<MoveRow, StoreError> {
 
 fn job_from_row(r: &rusqlite::Row<'_>) -> Result<JobRow, StoreError> {
     let id: String = r.get(0)?;
+    // A column of the wrong type is a corrupt row too, named like a bad value
+    // (so one such row does not fail every read of the active jobs).
+    fn typed<T: rusqlite::types::FromSql>(
+        r: &rusqlite::Row<'_>,
+        i: usize,
+        id: &str,
+        column: &'static str,
+    ) -> Result<T, StoreError> {
+        r.get(i).map_err(|e| match e {
+            rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..) => StoreError::CorruptValue {
+                table: "jobs",
+                key: id.chars().take(128).collect(),
+                column,
+                value: format!("{e}").chars().take(64).collect(),
+            },
+            e => StoreError::Sqlite(e),
+        })
+    }
     Ok(JobRow {
         kind: col(r, 1, "jobs", &id, "kind")?,
-        source: r.get(2)?,
+        source: typed(r, 2, &id, "source")?,
         state: col(r, 3, "jobs", &id, "state")?,
-        operator: r.get(4)?,
-        plan_id: r.get(5)?,
+        operator: typed(r, 4, &id, "operator")?,
+        plan_id: typed(r, 5, &id, "plan_id")?,
         power_evidence: col(r, 6, "jobs", &id, "power_evidence")?,
-        request: r.get(7)?,
-        parallel: r.get(8)?,
-        created_ms: r.get(9)?,
-        updated_ms: r.get(10)?,
-        error: r.get(11)?,
+        request: typed(r, 7, &id, "request")?,
+        parallel: typed(r, 8, &id, "parallel")?,
+        created_ms: typed(r, 9, &id, "created_ms")?,
+        updated_ms: typed(r, 10, &id, "updated_ms")?,
+        error: typed(r, 11, &id, "error")?,
         id,
     })
 }
@@ -1679,5 +1700,38 @@ mod tests {
             s.conn.execute(&format!("UPDATE {table} SET {column} = ?1"), [good]).unwrap();
         }
         assert_eq!(s.job("j1").unwrap().unwrap(), job, "restored, it reads again");
+    }
+
+    #[test]
+    fn a_job_column_of_the_wrong_type_is_a_corrupt_row_and_hides_no_other_job() {
+        let mut s = Store::open_in_memory().unwrap();
+        for (id, source) in [("j-bad", "a"), ("j-ok", "b")] {
+            let job = JobRow {
+                id: id.into(),
+                kind: JobKind::Migrate,
+                source: source.into(),
+                state: JobState::Moving,
+                operator: "o".into(),
+                plan_id: "p".into(),
+                power_evidence: PowerEvidence::Attestation,
+                request: Vec::new(),
+                parallel: 1,
+                created_ms: 1,
+                updated_ms: 1,
+                error: String::new(),
+            };
+            s.create_job(&job, &[], &AuditRow::default()).unwrap();
+        }
+        s.conn.execute("UPDATE jobs SET parallel = 'many', source = x'00' WHERE id = 'j-bad'", []).unwrap();
+        let (good, bad) = s.active_jobs_checked().unwrap();
+        assert_eq!(good.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["j-ok"]);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(
+            (bad[0].key.as_str(), bad[0].host.as_str()),
+            ("j-bad", ""),
+            "an unreadable source holds every source"
+        );
+        let e = s.job("j-bad").unwrap_err();
+        assert!(matches!(e, StoreError::CorruptValue { column: "source", .. }), "{e}");
     }
 }

@@ -14,7 +14,7 @@ use lifeboat_proto::v1::{
 };
 use prost::Message;
 use tokio::sync::{Semaphore, broadcast};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::plan::{self, Ownership, PlanInput, PowerReading};
 use crate::domain::job::{
@@ -442,7 +442,11 @@ impl Engine {
                 b.key, b.reason
             );
             warn!(job = %b.key, "{detail}");
-            self.reg.raise_alarm(&b.host, "job-corrupt", &detail).await?;
+            // The job is not resumed either way; a database that cannot take
+            // the alarm must not also keep the controller from starting.
+            if let Err(e) = self.reg.raise_alarm(&b.host, "job-corrupt", &detail).await {
+                error!(job = %b.key, "raising the job-corrupt alarm failed: {e}");
+            }
         }
         let grace = Duration::from_millis(u64::try_from(self.reg.startup_grace_ms()).unwrap_or(0));
         for j in &jobs {
