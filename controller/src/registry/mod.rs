@@ -54,6 +54,10 @@ struct Inner {
     /// Bumped by every change to `owners` in memory: an async refresh whose
     /// snapshot was read before a later change must not overwrite it.
     owners_version: u64,
+    /// Bumped by every change to `alarms` in memory (see `owners_version`).
+    alarms_version: u64,
+    /// Bumped by every change to a host's status in memory (see `owners_version`).
+    status_version: u64,
     /// UUIDs in `owners` by owning host.
     owners_by_host: BTreeMap<String, Vec<String>>,
     /// Desired state by UUID: (host, "running" | "stopped").
@@ -189,6 +193,8 @@ impl Registry {
                 next_generation: 1,
                 owners,
                 owners_version: 0,
+                alarms_version: 0,
+                status_version: 0,
                 owners_by_host,
                 desired,
                 alarms,
@@ -244,6 +250,7 @@ impl Registry {
         if raised {
             tracing::error!(host, kind, "ALARM: {detail}");
             inner.alarms.push((host.into(), kind.into(), detail.into()));
+            inner.alarms_version = inner.alarms_version.wrapping_add(1);
         }
         Ok(())
     }
@@ -264,6 +271,7 @@ impl Registry {
         let mut inner = self.lock();
         let a = inner.db(|r| r.alarms().list(false))?.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
         inner.alarms = a;
+        inner.alarms_version = inner.alarms_version.wrapping_add(1);
         Ok(())
     }
 
@@ -402,6 +410,7 @@ impl Registry {
         e.row.status = status;
         e.row.status_reason = reason.into();
         e.dirty = true;
+        inner.status_version = inner.status_version.wrapping_add(1);
         Ok(())
     }
 
@@ -644,6 +653,7 @@ impl Registry {
             Ok(())
         })?;
         inner.alarms.retain(|a| !(a.0 == host && a.1 == kind && a.2 == detail));
+        inner.alarms_version = inner.alarms_version.wrapping_add(1);
         Ok(())
     }
 
@@ -926,6 +936,7 @@ impl Registry {
             if let Some(a) = inner.alarms.iter_mut().find(|a| a.0 == host && a.1 == kind) {
                 a.2 = detail.to_string();
             }
+            inner.alarms_version = inner.alarms_version.wrapping_add(1);
             return Ok(());
         }
         Self::raise_locked(&mut inner, host, kind, detail)
@@ -1495,5 +1506,58 @@ mod tests {
         // The older snapshot arrives: it must not hand the guest back to a.
         first.await.unwrap();
         assert_eq!(reg.owner_row("u1").map(|o| (o.host, o.generation)), Some(("b".to_string(), 2)));
+    }
+
+    /// Holds the store thread until the returned sender sends (or drops), so a
+    /// test can order what the store runs against what memory shows.
+    fn hold_store(reg: &Registry) -> (std::sync::mpsc::Sender<()>, impl std::future::Future<Output = RepoResult<()>>) {
+        let (open, gate) = std::sync::mpsc::channel::<()>();
+        let held = reg.repos().call(move |_| {
+            let _ = gate.recv();
+            Ok(())
+        });
+        (open, held)
+    }
+
+    #[tokio::test]
+    async fn an_alarm_reload_read_before_a_later_alarm_does_not_drop_it() {
+        use std::future::Future;
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let (open, held) = hold_store(&reg);
+        let mut reload = Box::pin(reg.reload_alarms());
+        let waker = futures::task::noop_waker();
+        assert!(reload.as_mut().poll(&mut std::task::Context::from_waker(&waker)).is_pending());
+        open.send(()).unwrap();
+        held.await.unwrap();
+        // Raised after the reload's list was read, before it is applied.
+        reg.raise_alarm_blocking("y", "duplicate-agent", "two agents claim y").unwrap();
+        reload.await.unwrap();
+        assert!(
+            reg.active_alarms().iter().any(|a| a.0 == "y" && a.1 == "duplicate-agent"),
+            "memory keeps the alarm the store holds: {:?}",
+            reg.active_alarms()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_status_write_overtaken_in_memory_shows_what_the_store_holds() {
+        use std::future::Future;
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let _sid = reg.open_session("h", "boot", tx).unwrap();
+        let (open, held) = hold_store(&reg);
+        let mut operator = Box::pin(reg.set_status("h", HostStatus::NotAccepting, "testing", "alice"));
+        let waker = futures::task::noop_waker();
+        assert!(operator.as_mut().poll(&mut std::task::Context::from_waker(&waker)).is_pending());
+        open.send(()).unwrap();
+        held.await.unwrap();
+        // Stored after the operator's write, and in memory before it wakes.
+        reg.set_status_blocking("h", HostStatus::Maintenance, "returned", "controller").unwrap();
+        operator.await.unwrap();
+        assert_eq!(reg.status_of("h"), Some(HostStatus::Maintenance), "memory follows the store's order");
+        let stored = reg.repos().call_blocking(|r| r.hosts().get("h")).unwrap().unwrap();
+        assert_eq!(stored.status, HostStatus::Maintenance);
     }
 }

@@ -96,6 +96,7 @@ impl Registry {
             );
             let h = host_id.to_string();
             inner.db(move |r| r.hosts().set_status(&h, HostStatus::Maintenance, reason, Some(&a)))?;
+            inner.status_version = inner.status_version.wrapping_add(1);
             warn!(host = host_id, "{reason}");
             if ev.same_boot_id {
                 let detail = format!(

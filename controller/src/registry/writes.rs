@@ -2,6 +2,13 @@
 //! RPC): the write is awaited on the store thread first, and only then is
 //! the registry lock taken to update memory. The lock is never held across
 //! an await, and memory never shows what is not stored.
+//!
+//! Architecture invariant: memory follows the store's order, not the order
+//! tasks wake in. Each kind of state (owners, alarms, host statuses) has a
+//! version every change in memory bumps; an async writer applies its own
+//! change only if the version is the one it saw before it wrote, and
+//! otherwise reads the state back from the store (whose queue is FIFO)
+//! and applies that.
 
 use super::*;
 
@@ -9,6 +16,7 @@ impl Registry {
     /// Raises an alarm (logged at ERROR, stored, audited) unless already active.
     pub async fn raise_alarm(&self, host: &str, kind: &str, detail: &str) -> RepoResult<()> {
         let (h, k, d) = (host.to_string(), kind.to_string(), detail.to_string());
+        let asked = self.lock().alarms_version;
         let raised = self
             .repos
             .call(move |r| {
@@ -21,10 +29,17 @@ impl Registry {
             .await?;
         if raised {
             tracing::error!(host, kind, "ALARM: {detail}");
-            let mut inner = self.lock();
-            if !inner.alarms.iter().any(|a| a.0 == host && a.1 == kind && a.2 == detail) {
-                inner.alarms.push((host.into(), kind.into(), detail.into()));
+            {
+                let mut inner = self.lock();
+                if inner.alarms_version == asked {
+                    if !inner.alarms.iter().any(|a| a.0 == host && a.1 == kind && a.2 == detail) {
+                        inner.alarms.push((host.into(), kind.into(), detail.into()));
+                    }
+                    inner.alarms_version = inner.alarms_version.wrapping_add(1);
+                    return Ok(());
+                }
             }
+            return self.reload_alarms().await;
         }
         Ok(())
     }
@@ -33,6 +48,7 @@ impl Registry {
     pub async fn clear_alarm_by_cause(&self, host: &str, kind: &str, detail: &str, why: &str) -> RepoResult<()> {
         let (h, k, d) = (host.to_string(), kind.to_string(), detail.to_string());
         let a = AuditRow::by_controller("alarm.cleared", host, "", format!("{kind} alarm cleared: {why} ({detail})"));
+        let asked = self.lock().alarms_version;
         self.repos
             .call(move |r| {
                 if r.alarms().clear_one(&h, &k, &d)? > 0 {
@@ -41,15 +57,35 @@ impl Registry {
                 Ok(())
             })
             .await?;
-        self.lock().alarms.retain(|a| !(a.0 == host && a.1 == kind && a.2 == detail));
-        Ok(())
+        {
+            let mut inner = self.lock();
+            if inner.alarms_version == asked {
+                inner.alarms.retain(|a| !(a.0 == host && a.1 == kind && a.2 == detail));
+                inner.alarms_version = inner.alarms_version.wrapping_add(1);
+                return Ok(());
+            }
+        }
+        self.reload_alarms().await
     }
 
     /// Re-reads active alarms from the store.
+    ///
+    /// Like [`Registry::refresh_owners`]: a list read before a later change
+    /// in memory is read again, and after a few tries the read and the apply
+    /// run under the lock.
     pub async fn reload_alarms(&self) -> RepoResult<()> {
-        let rows = self.repos.call(|r| r.alarms().list(false)).await?;
-        self.lock().alarms = rows.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
-        Ok(())
+        for _ in 0..8 {
+            let asked = self.lock().alarms_version;
+            let rows = self.repos.call(|r| r.alarms().list(false)).await?;
+            let mut inner = self.lock();
+            if inner.alarms_version != asked {
+                continue;
+            }
+            inner.alarms = rows.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
+            inner.alarms_version = inner.alarms_version.wrapping_add(1);
+            return Ok(());
+        }
+        self.reload_alarms_blocking()
     }
 
     /// Re-reads ownership records (after a move step changed them).
@@ -111,12 +147,48 @@ impl Registry {
             ..Default::default()
         };
         let (h, why) = (host_id.to_string(), reason.to_string());
+        let asked = self.lock().status_version;
         self.repos.call(move |r| r.hosts().set_status(&h, status, &why, Some(&a))).await?;
-        if let Some(e) = self.lock().hosts.get_mut(host_id) {
-            e.row.status = status;
-            e.row.status_reason = reason.into();
+        for _ in 0..8 {
+            let st = {
+                let mut inner = self.lock();
+                if inner.status_version == asked {
+                    if let Some(e) = inner.hosts.get_mut(host_id) {
+                        e.row.status = status;
+                        e.row.status_reason = reason.into();
+                        e.dirty = true;
+                    }
+                    inner.status_version = inner.status_version.wrapping_add(1);
+                    return Ok(());
+                }
+                inner.status_version
+            };
+            // Another status change reached memory meanwhile: what the store
+            // holds now (its queue is FIFO) is what memory must show.
+            let h = host_id.to_string();
+            let Some(row) = self.repos.call(move |r| r.hosts().get(&h)).await? else { return Ok(()) };
+            let mut inner = self.lock();
+            if inner.status_version == st {
+                if let Some(e) = inner.hosts.get_mut(host_id) {
+                    e.row.status = row.status;
+                    e.row.status_reason = row.status_reason;
+                    e.dirty = true;
+                }
+                inner.status_version = inner.status_version.wrapping_add(1);
+                return Ok(());
+            }
+        }
+        // Still racing: read and apply under the lock, as the blocking form does.
+        let mut inner = self.lock();
+        let h = host_id.to_string();
+        if let Some(row) = inner.db(move |r| r.hosts().get(&h))?
+            && let Some(e) = inner.hosts.get_mut(host_id)
+        {
+            e.row.status = row.status;
+            e.row.status_reason = row.status_reason;
             e.dirty = true;
         }
+        inner.status_version = inner.status_version.wrapping_add(1);
         Ok(())
     }
 
@@ -135,11 +207,19 @@ impl Registry {
     /// one alarm per host and kind, showing the latest occurrence.
     pub async fn raise_or_refresh_alarm(&self, host: &str, kind: &str, detail: &str) -> RepoResult<()> {
         let (h, k, d) = (host.to_string(), kind.to_string(), detail.to_string());
+        let asked = self.lock().alarms_version;
         if self.repos.call(move |r| r.alarms().refresh(&h, &k, &d)).await? {
-            if let Some(a) = self.lock().alarms.iter_mut().find(|a| a.0 == host && a.1 == kind) {
-                a.2 = detail.to_string();
+            {
+                let mut inner = self.lock();
+                if inner.alarms_version == asked {
+                    if let Some(a) = inner.alarms.iter_mut().find(|a| a.0 == host && a.1 == kind) {
+                        a.2 = detail.to_string();
+                    }
+                    inner.alarms_version = inner.alarms_version.wrapping_add(1);
+                    return Ok(());
+                }
             }
-            return Ok(());
+            return self.reload_alarms().await;
         }
         self.raise_alarm(host, kind, detail).await
     }
