@@ -496,7 +496,10 @@ async fn target_memory(reg: &Registry, target: &str, reserve_kib: u64) -> Result
     let Some(view) = reg.host_view(target) else { return Ok(TargetMemory { reserve_kib, ..Default::default() }) };
     let reservations: Vec<crate::migrate::plan::Reservation> = reg
         .repos()
-        .jobs(|j| j.reservations())
+        .jobs({
+            let now = reg.now_ms();
+            move |j| j.reservations(now)
+        })
         .await?
         .into_iter()
         .map(|r| crate::migrate::plan::Reservation {

@@ -291,8 +291,9 @@ pub trait JobRepo: Send {
     fn moves_from(&mut self, host: &str) -> RepoResult<Vec<(MoveRow, i64)>>;
     /// Marks a move's leftover on its source cleaned, with its audit entry, atomically.
     fn mark_cleaned(&mut self, job: &str, uuid: &str, audit: &AuditRow) -> RepoResult<()>;
-    /// Memory that moves under way reserve on their targets.
-    fn reservations(&mut self) -> RepoResult<Vec<ReservationRow>>;
+    /// Memory that moves under way reserve on their targets; a move that
+    /// became RUNNING holds its memory for a while after, measured from `now_ms`.
+    fn reservations(&mut self, now_ms: i64) -> RepoResult<Vec<ReservationRow>>;
     /// Guests waiting to be started.
     fn waiting(&mut self) -> RepoResult<Vec<WaitingRow>>;
     /// Ends one guest's waiting with its audit entry, atomically; whether it

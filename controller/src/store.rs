@@ -776,7 +776,9 @@ impl Store {
     /// running. A move that stopped defined, failed or was not moved holds
     /// nothing, nor does any other move of an ended job. Ordered by target,
     /// then job.
-    pub fn reservations(&self) -> Result<Vec<ReservationRow>, StoreError> {
+    /// `now_ms` is the caller's clock (the registry's): the RUNNING hold
+    /// window is measured from it.
+    pub fn reservations(&self, now_ms: i64) -> Result<Vec<ReservationRow>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT m.job_id, m.uuid, m.name, m.target, m.memory_kib FROM moves m JOIN jobs j ON j.id = m.job_id
              WHERE (m.state IN ('PENDING', 'DEFINING', 'DEFINED', 'STARTING')
@@ -784,7 +786,7 @@ impl Store {
                 OR (m.state = 'RUNNING' AND m.updated_ms >= ?1)
              ORDER BY m.target, j.created_ms, m.job_id, m.name",
         )?;
-        let rows = st.query_map(params![crate::now_ms().saturating_sub(RUNNING_HOLD_MS)], |r| {
+        let rows = st.query_map(params![now_ms.saturating_sub(RUNNING_HOLD_MS)], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -1529,7 +1531,7 @@ mod tests {
             states.iter().enumerate().map(|(i, st)| mv("j1", &format!("u{i}"), st, 1024 << i)).collect();
         s.create_job(&job("j1", "a"), &rows, &a).unwrap();
         s.create_job(&job("j2", "b"), &[mv("j2", "x", "PENDING", 7)], &a).unwrap();
-        let r = s.reservations().unwrap();
+        let r = s.reservations(crate::now_ms()).unwrap();
         let held: Vec<(&str, &str, u64)> =
             r.iter().map(|r| (r.job_id.as_str(), r.uuid.as_str(), r.memory_kib)).collect();
         assert_eq!(
@@ -1539,14 +1541,14 @@ mod tests {
         assert_eq!(s.job_moves("j1").unwrap()[0].memory_kib, 1024, "the figure is read back with the move");
         s.set_move("j1", "u0", "RUNNING", "", None, None).unwrap();
         s.set_job_state("j2", "PARTIAL", "", None).unwrap();
-        let left: Vec<String> = s.reservations().unwrap().into_iter().map(|r| r.uuid).collect();
+        let left: Vec<String> = s.reservations(crate::now_ms()).unwrap().into_iter().map(|r| r.uuid).collect();
         assert_eq!(
             left,
             ["u0", "u1", "u2", "u3"],
             "a guest that just started is held until its target reports it; an ended job's pending move holds nothing"
         );
         s.set_job_state("j1", "SUCCEEDED", "", None).unwrap();
-        let left: Vec<String> = s.reservations().unwrap().into_iter().map(|r| r.uuid).collect();
+        let left: Vec<String> = s.reservations(crate::now_ms()).unwrap().into_iter().map(|r| r.uuid).collect();
         assert_eq!(left, ["u0"], "also once its job ended");
         s.conn
             .execute(
@@ -1555,10 +1557,10 @@ mod tests {
             )
             .unwrap();
         s.conn.execute("UPDATE jobs SET state = 'MOVING' WHERE id = 'j1'", []).unwrap();
-        let left: Vec<String> = s.reservations().unwrap().into_iter().map(|r| r.uuid).collect();
+        let left: Vec<String> = s.reservations(crate::now_ms()).unwrap().into_iter().map(|r| r.uuid).collect();
         assert_eq!(left, ["u1", "u2", "u3"], "a move that ran long ago and an ended job hold nothing");
         s.conn.execute("UPDATE moves SET memory_kib = -5 WHERE uuid = 'u1'", []).unwrap();
-        let e = s.reservations().unwrap_err();
+        let e = s.reservations(crate::now_ms()).unwrap_err();
         assert!(matches!(e, StoreError::Corrupt { table: "moves", .. }) && e.to_string().contains("vm-u1"), "{e}");
     }
 

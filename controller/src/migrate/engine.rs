@@ -166,7 +166,10 @@ impl Engine {
     /// The memory held by every unfinished job's moves under way, from the store.
     async fn reservations(&self) -> Result<Vec<plan::Reservation>, RepoError> {
         Ok(self
-            .repo(|r| r.jobs().reservations())
+            .repo({
+                let now = self.reg.now_ms();
+                move |r| r.jobs().reservations(now)
+            })
             .await?
             .into_iter()
             .map(|r| plan::Reservation {

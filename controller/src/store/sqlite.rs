@@ -212,8 +212,8 @@ impl JobRepo for SqliteRepos {
     fn mark_cleaned(&mut self, job: &str, uuid: &str, audit: &AuditRow) -> RepoResult<()> {
         Ok(self.store.mark_cleaned(job, uuid, audit)?)
     }
-    fn reservations(&mut self) -> RepoResult<Vec<ReservationRow>> {
-        Ok(self.store.reservations()?)
+    fn reservations(&mut self, now_ms: i64) -> RepoResult<Vec<ReservationRow>> {
+        Ok(self.store.reservations(now_ms)?)
     }
     fn waiting(&mut self) -> RepoResult<Vec<WaitingRow>> {
         Ok(self.store.waiting()?)
