@@ -684,6 +684,14 @@ impl Engine {
                 JobState::Moving => {
                     let jid = id.to_string();
                     let moves = self.repo(move |r| r.jobs().moves(&jid)).await?;
+                    // A stop survives a restart: it is read back from the move
+                    // it was written on, so a resumed job's other moves carry
+                    // nothing further out either.
+                    if let Some(m) = moves.iter().find(|m| m.state == MoveState::Failed && is_stop_error(&m.error)) {
+                        self.stopped.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_string()).or_insert_with(
+                            || format!("job stopped after {} met an invalid transition ({})", m.name, m.error),
+                        );
+                    }
                     let sem = Arc::new(Semaphore::new(job.parallel.max(1) as usize));
                     let tasks = moves.into_iter().map(|m| {
                         let me = self.clone();
@@ -1425,12 +1433,21 @@ impl Engine {
             .or_insert_with(|| format!("job stopped after {} met an invalid transition ({invalid})", m.name));
         let from: MoveState = m.state;
         if from.valid_transition(MoveState::Failed) {
-            let msg = format!("stopped: {invalid}");
+            let msg = format!("{STOP_ERROR_PREFIX}{invalid}");
             let a = audit("controller", AUDIT_MOVE_FAILED, &m.target, &m.name, &m.job_id, detail);
             self.set_move(m, MoveState::Failed, &msg, None, Some(a)).await?;
         }
         Ok(())
     }
+}
+
+/// How the error of the move an invalid transition stopped begins.
+const STOP_ERROR_PREFIX: &str = "stopped: ";
+
+/// Whether a move's stored error is the one [`Engine::stop_on_invalid`]
+/// writes (the stop of its whole job).
+fn is_stop_error(error: &str) -> bool {
+    error.strip_prefix(STOP_ERROR_PREFIX).is_some_and(|rest| rest.starts_with("invalid transition: "))
 }
 
 /// The audit action a step's effects name (every job end names one).
@@ -2166,6 +2183,39 @@ mod tests {
             "{detail}"
         );
         assert!(engine.stopped_job("mig-x").is_none(), "forgotten once the job ended");
+    }
+
+    #[tokio::test]
+    async fn a_stop_written_before_a_restart_still_stops_the_resumed_job() {
+        let (reg, engine) = new_engine();
+        let mut row = job_row("mig-r", "migrate", "host-a");
+        row.state = JobState::Moving;
+        let mut stopped = move_in("mig-r", "vm-1", 1, MoveState::Failed, 10);
+        stopped.error = "stopped: invalid transition: Started in state DEFINING".into();
+        let moves = vec![stopped, move_in("mig-r", "vm-2", 2, MoveState::Pending, 0)];
+        let a = audit("olga", "x", "", "", "mig-r", "");
+        reg.repos().call_blocking(move |r| r.jobs().create(&row, &moves, &a)).unwrap();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = calls.clone();
+        let _agent = fake_agent(reg.clone(), "host-b", vec![], move |_| {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Some(lifeboat_proto::v1::CommandResult { ok: true, outcome: "done".into(), ..Default::default() })
+        })
+        .await;
+        until("the target's session", || reg.has_session("host-b").then_some(())).await;
+        // A fresh engine: what it knows of the stop comes from the database.
+        tokio::spawn(engine.clone().run("mig-r".into()));
+        let r = until("the job's end", || {
+            Some(futures::executor::block_on(engine.job_record("mig-r")).unwrap())
+                .filter(|r| r.state.parse::<JobState>().is_ok_and(|s| s.is_terminal()))
+        })
+        .await;
+        assert_eq!(r.state, "FAILED", "{r:?}");
+        let vm2 = r.moves.iter().find(|m| m.name == "vm-2").unwrap();
+        assert_eq!(vm2.state, "FAILED");
+        assert!(vm2.error.starts_with("not carried on: job stopped after vm-1"), "{}", vm2.error);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0, "no agent call for a stopped job");
+        assert!(!is_stop_error("stopped: for planned move") && is_stop_error("stopped: invalid transition: X"));
     }
 
     #[tokio::test]
