@@ -29,6 +29,8 @@ export DEBIAN_FRONTEND=noninteractive
 #   curl: lab.sh talks to the lab's BMCs with it (bmc-state, bmc-power)
 #   rpm: rpmbuild and rpm for scripts/build-rpms.sh and tests/tests/packaging.rs
 #   systemd: systemd-analyze, which checks the packaged unit files (tests/tests/packaging.rs)
+#   etcd-server, etcd-client: etcd v3 for the HA store backend, its tests and the lab (etcdctl)
+#   protobuf-compiler + libprotobuf-dev: protoc and its well-known .proto files (google/protobuf/*), which the etcd-client crate's build script needs
 MAIN_PKGS=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 qemu-system-data tini iproute2 procps util-linux
@@ -36,6 +38,7 @@ MAIN_PKGS=(
   python3 openssl
   fence-agents python3-venv curl
   rpm systemd
+  etcd-server etcd-client protobuf-compiler libprotobuf-dev
 )
 # qemu-utils must come AFTER qemu-system-x86: installing qemu-system-x86 removes a newer
 # (backported) qemu-utils when one is present; we then put Debian's matching one back.

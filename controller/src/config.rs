@@ -76,6 +76,139 @@ pub struct ControllerConfig {
     /// Out-of-band power control per host id: `[bmc.HOST]`.
     #[serde(default)]
     pub bmc: std::collections::BTreeMap<String, crate::fence::BmcConfig>,
+    /// Where decided state is kept: `[store]`; absent = SQLite in `database`.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// Which store backend keeps the decided state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// One controller, one SQLite file (`database`): the default.
+    #[default]
+    Sqlite,
+    /// Two or more controllers sharing an etcd v3 cluster; one leads.
+    Etcd,
+}
+
+/// The `[store]` section. Only `backend` matters for SQLite; the rest
+/// configures the etcd backend (docs/operations.md, "High availability").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite` (default) or `etcd`.
+    #[serde(default)]
+    pub backend: Backend,
+    /// etcd client URLs, e.g. `https://10.0.0.1:2379`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// CA bundle that signs etcd's server certificates (TLS to etcd).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate this controller shows etcd.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Every Lifeboat key lives under this prefix (one pool per prefix).
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// The URL agents and clients reach this controller at; followers name
+    /// the leader by it. Required for etcd.
+    #[serde(default)]
+    pub advertise_url: Option<String>,
+    /// This controller's local copy of the etcd data (rebuilt from etcd at
+    /// every start; never the source of truth).
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
+    /// TTL of the leader's etcd lease: a dead leader is replaced after at
+    /// most this long; a leader that cannot renew stops commanding after
+    /// two thirds of it.
+    #[serde(default = "default_leader_ttl")]
+    pub leader_ttl_ms: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: Backend::Sqlite,
+            endpoints: Vec::new(),
+            ca: None,
+            cert: None,
+            key: None,
+            prefix: default_prefix(),
+            advertise_url: None,
+            cache_dir: default_cache_dir(),
+            leader_ttl_ms: default_leader_ttl(),
+        }
+    }
+}
+
+fn default_prefix() -> String {
+    "/lifeboat/".into()
+}
+
+fn default_cache_dir() -> PathBuf {
+    "/var/lib/lifeboat/etcd-cache".into()
+}
+
+fn default_leader_ttl() -> u32 {
+    3000
+}
+
+/// A failover (leader lost, lease expired, a follower elected, agents
+/// reconnected, leases granted again) must fit in the agents' start-lease
+/// TTL with this much to spare beyond `leader_ttl_ms`.
+pub const FAILOVER_MARGIN_MS: u32 = 5000;
+
+impl StoreConfig {
+    /// Checks the section; `lease_ttl_ms` is the agents' start-lease TTL.
+    pub fn check(&self, lease_ttl_ms: u32) -> Result<(), String> {
+        if self.backend == Backend::Sqlite {
+            return Ok(());
+        }
+        if self.endpoints.is_empty() {
+            return Err("[store] backend = \"etcd\" needs endpoints = [\"https://HOST:2379\", ...]".into());
+        }
+        for e in &self.endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() > 256 {
+                return Err(format!("[store] endpoints: {e:?} is not an http:// or https:// URL"));
+            }
+        }
+        let tls = [&self.ca, &self.cert, &self.key].iter().filter(|p| p.is_some()).count();
+        if tls != 0 && tls != 3 && !(tls == 1 && self.ca.is_some()) {
+            return Err("[store] TLS to etcd needs ca, and cert with key together (client certificates)".into());
+        }
+        if self.prefix.is_empty()
+            || !self.prefix.ends_with('/')
+            || self.prefix.len() > 128
+            || self.prefix.contains('\0')
+        {
+            return Err(format!("[store] prefix = {:?} must be 1 to 128 characters ending in '/'", self.prefix));
+        }
+        match &self.advertise_url {
+            Some(u) if (u.starts_with("https://") && u.len() <= 256) => {}
+            Some(u) => return Err(format!("[store] advertise_url = {u:?} must be an https:// URL")),
+            None => {
+                return Err("[store] backend = \"etcd\" needs advertise_url = \"https://THIS-HOST:7443\" (how agents and clients reach this controller)".into());
+            }
+        }
+        if self.leader_ttl_ms < 2000 {
+            return Err(format!(
+                "[store] leader_ttl_ms = {} is below etcd's minimum lease of 2000",
+                self.leader_ttl_ms
+            ));
+        }
+        if u64::from(self.leader_ttl_ms) + u64::from(FAILOVER_MARGIN_MS) >= u64::from(lease_ttl_ms) {
+            return Err(format!(
+                "[store] leader_ttl_ms = {} plus {} ms to elect, reconnect and renew must stay below lease_ttl_ms = {}: a failover must finish before the agents' start leases expire",
+                self.leader_ttl_ms, FAILOVER_MARGIN_MS, lease_ttl_ms
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_reserve() -> u64 {
@@ -116,6 +249,7 @@ impl ControllerConfig {
                 cfg.force_grace_ms, cfg.lease_ttl_ms
             )));
         }
+        cfg.store.check(cfg.lease_ttl_ms).map_err(invalid)?;
         Ok(cfg)
     }
 

@@ -24,6 +24,7 @@ pub mod domain;
 pub mod error;
 pub mod fence;
 pub mod guestops;
+pub mod ha;
 pub mod hostops;
 pub mod intake;
 pub mod metrics;

@@ -8,6 +8,14 @@ pub mod v1 {
     tonic::include_proto!("lifeboat.v1");
 }
 
+/// The gRPC response metadata key in which a controller that is not the
+/// leader names the leader's URL (empty value: no leader is known). Such a
+/// controller answers every call with `UNAVAILABLE` and the message
+/// "not the leader; leader is URL" (or "...; no leader is elected: ...");
+/// agents and the CLI then try that URL (when it is one of their configured
+/// addresses) and otherwise the next configured address.
+pub const LEADER_METADATA: &str = "lifeboat-leader";
+
 /// Whether a guest in this state may be running and so holds its disks open:
 /// every libvirt state except shut-off. Paused, blocked, crashed (qemu may be
 /// preserved), shutting down, pm-suspended and states Lifeboat cannot name

@@ -86,7 +86,7 @@ impl Host {
     }
 
     async fn run(&self, kind: Kind) -> CommandResult {
-        self.actor.command(Command { id: "c1".into(), kind: Some(kind) }).await
+        self.actor.command(Command { id: "c1".into(), kind: Some(kind), epoch: 0 }).await
     }
 
     async fn stop(&self, i: usize) -> CommandResult {
@@ -281,7 +281,7 @@ impl AgentSession for Superseding {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let welcome = ControllerMessage {
-                msg: Some(controller_message::Msg::Welcome(Welcome { heartbeat_interval_ms: 1000 })),
+                msg: Some(controller_message::Msg::Welcome(Welcome { heartbeat_interval_ms: 1000, epoch: 0 })),
             };
             let _ = tx.send(Ok(welcome)).await;
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -166,7 +166,7 @@ impl Registry {
         let id = uuid::Uuid::new_v4().to_string();
         let orx = self.bus.expect(&id, host_id);
         let msg = ControllerMessage {
-            msg: Some(controller_message::Msg::Command(Command { id: id.clone(), kind: Some(kind) })),
+            msg: Some(controller_message::Msg::Command(Command { id: id.clone(), kind: Some(kind), epoch: 0 })),
         };
         let sent = tx.send(Box::new(msg)).await.is_ok();
         let r = if !sent {
