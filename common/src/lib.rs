@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod etcd_test;
 pub mod files;
 pub mod identity;
 pub mod logging;
