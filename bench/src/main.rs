@@ -83,6 +83,17 @@ struct Args {
     /// Working directory (default: a new temporary directory, removed at the end).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Open every simulated agent from 127.0.0.1 (as before issue #16) instead
+    /// of one loopback address per agent (127.1.X.Y), as real hosts have.
+    #[arg(long)]
+    one_source_address: bool,
+    /// Keep the decided state in a real etcd (one member, started here)
+    /// with `--controllers` controllers sharing it; measures a failover too.
+    #[arg(long)]
+    etcd: bool,
+    /// Controllers sharing the etcd (with --etcd).
+    #[arg(long, default_value_t = 2)]
+    controllers: usize,
 }
 
 /// The figures, printed as JSON.
@@ -115,6 +126,22 @@ struct Report {
     vms_list_ms: f64,
     vms_list_guests: usize,
     vms_list_bytes: usize,
+    /// `sqlite` or `etcd`.
+    backend: String,
+    /// etcd: database file size at the end of the steady window (bytes).
+    etcd_db_bytes: u64,
+    /// etcd: of which in use.
+    etcd_db_in_use_bytes: u64,
+    /// etcd: puts + deletes per second over the steady window.
+    etcd_writes_per_s: f64,
+    /// etcd: transactions per second over the steady window.
+    etcd_txns_per_s: f64,
+    /// Failover: leader SIGKILLed → a standby answers as leader (s).
+    failover_elected_s: f64,
+    /// Failover: leader SIGKILLed → every agent has a session with the new leader (s).
+    failover_reconnected_s: f64,
+    /// Failover: leader SIGKILLed → every agent got a lease grant from the new leader (s).
+    failover_leases_s: f64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -125,7 +152,16 @@ enum Phase {
 
 /// State shared by all simulated agents.
 struct Shared {
-    url: String,
+    /// Every controller's URL (one with SQLite).
+    urls: Vec<String>,
+    /// One loopback address per agent (false: all from 127.0.0.1).
+    own_address: bool,
+    /// µs since `base` when the leader was killed (0: not yet).
+    killed_at_us: AtomicI64,
+    /// Agents whose session was opened after the kill.
+    reconnected_after_kill: AtomicUsize,
+    /// Agents that got a lease grant after the kill.
+    leased_after_kill: AtomicUsize,
     ca_pem: String,
     guests_per_host: usize,
     change_every: Duration,
@@ -336,11 +372,12 @@ fn answer(c: lifeboat_proto::v1::Command) -> CommandResult {
 /// the phase is Done.
 async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String) {
     let mut delay = Duration::from_millis(200);
+    let mut st = AgentState { url: 0, reconnected: false, leased: false };
     loop {
         if *sh.phase.borrow() == Phase::Done {
             return;
         }
-        match session(i, &sh, &cert_pem, &key_pem).await {
+        match session(i, &sh, &cert_pem, &key_pem, &mut st).await {
             Ok(()) => return,
             Err(e) => {
                 if *sh.phase.borrow() == Phase::Done {
@@ -352,23 +389,35 @@ async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String)
                     let _ = phase.wait_for(|p| *p == Phase::Done).await;
                     return;
                 }
+                if let Some(leader) = leader_hint(&e, &sh.urls) {
+                    // A follower named the leader: dial it at once, as the agent does.
+                    st.url = leader;
+                    delay = Duration::from_millis(100);
+                    continue;
+                }
                 sh.reconnects.fetch_add(1, Ordering::Relaxed);
-                eprintln!("loadgen: {} session: {e:#}; retrying", host_id(i));
+                if sh.killed_at_us.load(Ordering::Relaxed) == 0 {
+                    eprintln!("loadgen: {} session: {e:#}; retrying", host_id(i));
+                }
+                st.url = (st.url + 1) % sh.urls.len().max(1);
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                // The agent's own backoff: 0.1 s doubling to 1 s.
+                delay = (delay * 2).min(Duration::from_secs(1));
             }
         }
     }
 }
 
-async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut AgentState) -> anyhow::Result<()> {
+    let url = sh.urls.get(st.url).or(sh.urls.first()).context("no controller URL")?.clone();
     let channel: Channel = {
         let _permit = sh.connect_gate.acquire().await?;
         let tls = ClientTlsConfig::new()
             .domain_name(pki::CONTROLLER_NAME)
             .ca_certificate(Certificate::from_pem(&sh.ca_pem))
             .identity(Identity::from_pem(cert_pem, key_pem));
-        Endpoint::from_shared(sh.url.clone())?
+        Endpoint::from_shared(url)?
+            .local_address(sh.own_address.then(|| source_address(i)))
             .tls_config(tls)?
             .connect_timeout(Duration::from_secs(30))
             .http2_keep_alive_interval(Duration::from_secs(30))
@@ -385,12 +434,18 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
         boot_id: host_info(i).boot_id,
     })))
     .await?;
-    let mut inbound = client.session(ReceiverStream::new(rx)).await.context("open session")?.into_inner();
+    let opened_us = i64::try_from(sh.base.elapsed().as_micros()).unwrap_or(i64::MAX);
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     let welcome = match inbound.message().await?.and_then(|m| m.msg) {
         Some(controller_message::Msg::Welcome(w)) => w,
         other => bail!("expected Welcome, got {other:?}"),
     };
     sh.connected.fetch_add(1, Ordering::Relaxed);
+    let killed = sh.killed_at_us.load(Ordering::Relaxed);
+    if killed != 0 && opened_us >= killed && !st.reconnected {
+        st.reconnected = true;
+        sh.reconnected_after_kill.fetch_add(1, Ordering::Relaxed);
+    }
     let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
     sh.heartbeat_ms.store(hb_ms, Ordering::Relaxed);
     // Definitions packed as the agent sends them (once here: the load
@@ -461,6 +516,10 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
                     }
                     Some(controller_message::Msg::Command(c))
                         if !silent => {
+                            if st.reconnected && !st.leased && matches!(c.kind, Some(command::Kind::GrantLeases(_))) {
+                                st.leased = true;
+                                sh.leased_after_kill.fetch_add(1, Ordering::Relaxed);
+                            }
                             tx.send(send(agent_message::Msg::CommandResult(answer(c)))).await?;
                         }
                     _ => {}
@@ -471,6 +530,49 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str) -> anyhow
             }
         }
     }
+}
+
+/// What one simulated agent keeps across its sessions.
+struct AgentState {
+    /// Index of the controller URL it dials.
+    url: usize,
+    /// Has opened a session since the leader was killed.
+    reconnected: bool,
+    /// Has been granted leases since the leader was killed.
+    leased: bool,
+}
+
+/// Agent `i`'s own loopback address (127.1.X.Y, Y in 1..=250), so that no
+/// two simulated hosts share a source address, as on a real network.
+fn source_address(i: usize) -> std::net::IpAddr {
+    let x = u8::try_from((i / 250) % 256).unwrap_or(0);
+    let y = u8::try_from(i % 250 + 1).unwrap_or(1);
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 1, x, y))
+}
+
+/// The index in `urls` of the leader a follower named in its refusal
+/// (`UNAVAILABLE` with `lifeboat-leader` metadata), if it is one of them.
+fn leader_hint(e: &anyhow::Error, urls: &[String]) -> Option<usize> {
+    let st = e.chain().find_map(|c| c.downcast_ref::<tonic::Status>())?;
+    if st.code() != tonic::Code::Unavailable {
+        return None;
+    }
+    let leader = st.metadata().get(lifeboat_proto::LEADER_METADATA)?.to_str().ok()?;
+    urls.iter().position(|u| u == leader)
+}
+
+/// A counter or gauge from etcd's `/metrics` (plain HTTP on its client port).
+fn etcd_metric(client_url: &str, name: &str) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let hostport = client_url.trim_start_matches("http://");
+    let mut c = std::net::TcpStream::connect(hostport)?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(c, "GET /metrics HTTP/1.0\r\nHost: {hostport}\r\n\r\n")?;
+    let mut body = String::new();
+    c.read_to_string(&mut body)?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse::<f64>().ok()))
+        .with_context(|| format!("etcd metric {name} not found"))
 }
 
 fn clock_ticks() -> f64 {
@@ -543,6 +645,29 @@ impl Drop for ControllerProc {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Polls every URL with `WhoAmI` until one answers (followers refuse):
+/// that controller leads. Returns its index and the seconds waited.
+async fn find_leader(urls: &[String], dir: &Path, within: Duration) -> anyhow::Result<(usize, f64)> {
+    let t = Instant::now();
+    loop {
+        for (k, u) in urls.iter().enumerate() {
+            let ok = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut a = admin(u, dir).await?;
+                a.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await?;
+                anyhow::Ok(())
+            })
+            .await;
+            if matches!(ok, Ok(Ok(()))) {
+                return Ok((k, t.elapsed().as_secs_f64()));
+            }
+        }
+        if t.elapsed() > within {
+            bail!("no controller answered as leader within {} s", within.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -634,59 +759,92 @@ async fn main() -> anyhow::Result<()> {
     });
     log(t0, format!("{n} agent certificates issued"));
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let url = format!("https://127.0.0.1:{port}");
-    let cfg_path = dir.join("controller.toml");
-    let db = dir.join("controller.db");
-    for ext in ["", "-wal", "-shm", ".lock"] {
-        let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
-    }
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndatabase = {db:?}\nforce_grace_ms = {}\nheartbeat_interval_ms = {}\nunreachable_after_ms = {}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-            args.grace_ms,
-            args.heartbeat_ms,
-            args.unreachable_ms,
-            pki_dir.join("ca.pem"),
-            pki_dir.join("controller.pem"),
-            pki_dir.join("controller.key"),
-        ),
-    )?;
-    // A start never creates the database: a new one is made with `init`.
-    let init = Command::new(&args.controller_bin).arg("--config").arg(&cfg_path).arg("init").output()?;
-    if !init.status.success() {
-        bail!("lifeboat-controller init: {}", String::from_utf8_lossy(&init.stderr));
-    }
-    let log_file = std::fs::File::create(dir.join("controller.log"))?;
-    let child = Command::new(&args.controller_bin)
-        .arg("--config")
-        .arg(&cfg_path)
-        .env("RUST_LOG", std::env::var("LOADGEN_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .with_context(|| format!("starting {}", args.controller_bin.display()))?;
-    let mut ctl = ControllerProc { child };
-    let pid = ctl.child.id();
-    let ready = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(st)) = ctl.child.try_wait() {
-            bail!(
-                "the controller exited ({st}): {}",
-                std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default()
-            );
+    // With --etcd: one real etcd member and several controllers sharing it.
+    let etcd = if args.etcd {
+        let e = lifeboat_common::etcd_test::Etcd::start().map_err(|e| anyhow::anyhow!("starting etcd: {e}"))?;
+        log(t0, format!("etcd at {}", e.url()));
+        Some(e)
+    } else {
+        None
+    };
+    let count = if args.etcd { args.controllers.max(1) } else { 1 };
+    let mut ctls: Vec<ControllerProc> = Vec::new();
+    let mut urls = Vec::new();
+    for k in 0..count {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let url = format!("https://127.0.0.1:{port}");
+        let cfg_path = dir.join(format!("controller-{k}.toml"));
+        let db = dir.join(format!("controller-{k}.db"));
+        for ext in ["", "-wal", "-shm", ".lock"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
         }
-        if ready.elapsed() > Duration::from_secs(30) {
-            bail!("the controller did not listen within 30 s; see {}", dir.join("controller.log").display());
+        let store = match &etcd {
+            Some(e) => {
+                let cache = dir.join(format!("cache-{k}"));
+                std::fs::create_dir_all(&cache)?;
+                format!(
+                    "[store]\nbackend = \"etcd\"\nendpoints = [{:?}]\nadvertise_url = {url:?}\ncache_dir = {cache:?}\n",
+                    e.url()
+                )
+            }
+            None => String::new(),
+        };
+        std::fs::write(
+            &cfg_path,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ndatabase = {db:?}\nforce_grace_ms = {}\nheartbeat_interval_ms = {}\nunreachable_after_ms = {}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{store}",
+                args.grace_ms,
+                args.heartbeat_ms,
+                args.unreachable_ms,
+                pki_dir.join("ca.pem"),
+                pki_dir.join("controller.pem"),
+                pki_dir.join("controller.key"),
+            ),
+        )?;
+        // A start never creates the database: a new one is made with `init`
+        // (with etcd, the first controller's `init` writes the schema key).
+        if k == 0 {
+            let init = Command::new(&args.controller_bin).arg("--config").arg(&cfg_path).arg("init").output()?;
+            if !init.status.success() {
+                bail!("lifeboat-controller init: {}", String::from_utf8_lossy(&init.stderr));
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let log_path = dir.join(format!("controller-{k}.log"));
+        let child = Command::new(&args.controller_bin)
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("RUST_LOG", std::env::var("LOADGEN_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()
+            .with_context(|| format!("starting {}", args.controller_bin.display()))?;
+        let mut ctl = ControllerProc { child };
+        let ready = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = ctl.child.try_wait() {
+                bail!("the controller exited ({st}): {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            }
+            if ready.elapsed() > Duration::from_secs(30) {
+                bail!("the controller did not listen within 30 s; see {}", log_path.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        log(t0, format!("controller {k} pid {} listening on {url}", ctl.child.id()));
+        ctls.push(ctl);
+        urls.push(url);
     }
-    log(t0, format!("controller pid {pid} listening on {url}"));
+    let (mut lead, elected) = find_leader(&urls, &pki_dir, Duration::from_secs(60)).await?;
+    let mut url = urls[lead].clone();
+    let mut pid = ctls[lead].child.id();
+    log(t0, format!("controller {lead} (pid {pid}) leads, {:.1} s after the last one listened", elected));
 
     let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Load);
     let sh = Arc::new(Shared {
-        url: url.clone(),
+        urls: urls.clone(),
+        own_address: !args.one_source_address,
+        killed_at_us: AtomicI64::new(0),
+        reconnected_after_kill: AtomicUsize::new(0),
+        leased_after_kill: AtomicUsize::new(0),
         ca_pem: std::fs::read_to_string(pki_dir.join("ca.pem"))?,
         guests_per_host: args.guests_per_host,
         change_every: Duration::from_secs_f64(60.0 / args.changes_per_host_per_min.max(0.001)),
@@ -758,6 +916,11 @@ async fn main() -> anyhow::Result<()> {
 
     tokio::time::sleep(Duration::from_secs(args.warmup_s)).await;
     log(t0, format!("measuring steady load for {} s", args.measure_s));
+    let etcd_writes = |e: &lifeboat_common::etcd_test::Etcd| -> anyhow::Result<(f64, f64)> {
+        let w = etcd_metric(&e.url(), "etcd_mvcc_put_total")? + etcd_metric(&e.url(), "etcd_mvcc_delete_total")?;
+        Ok((w, etcd_metric(&e.url(), "etcd_mvcc_txn_total")?))
+    };
+    let etcd0 = etcd.as_ref().map(etcd_writes).transpose()?;
     let cpu0 = proc_cpu_s(pid)?;
     let self0 = self_cpu_s();
     let ch0 = sh.changes.load(Ordering::Relaxed);
@@ -770,6 +933,28 @@ async fn main() -> anyhow::Result<()> {
     rep.controller_cpu_pct = (proc_cpu_s(pid)? - cpu0) / wall * 100.0;
     rep.loadgen_cpu_pct = (self_cpu_s() - self0) / wall * 100.0;
     rep.changes_sent_per_s = (sh.changes.load(Ordering::Relaxed) - ch0) as f64 / wall;
+    rep.backend = if args.etcd { "etcd".into() } else { "sqlite".into() };
+    if let (Some(e), Some((w0, t0x))) = (etcd.as_ref(), etcd0) {
+        let (w1, t1x) = etcd_writes(e)?;
+        rep.etcd_writes_per_s = (w1 - w0) / wall;
+        rep.etcd_txns_per_s = (t1x - t0x) / wall;
+        // Whole bytes of a file size: exact in f64 far beyond any etcd quota.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        {
+            rep.etcd_db_bytes = etcd_metric(&e.url(), "etcd_mvcc_db_total_size_in_bytes")? as u64;
+            rep.etcd_db_in_use_bytes = etcd_metric(&e.url(), "etcd_mvcc_db_total_size_in_use_in_bytes")? as u64;
+        }
+        log(
+            t0,
+            format!(
+                "etcd: {:.1} writes/s, {:.1} txns/s at steady state; database {:.1} MiB ({:.1} MiB in use)",
+                rep.etcd_writes_per_s,
+                rep.etcd_txns_per_s,
+                rep.etcd_db_bytes as f64 / 1048576.0,
+                rep.etcd_db_in_use_bytes as f64 / 1048576.0
+            ),
+        );
+    }
     let (rss, _) = proc_rss_mib(pid)?;
     rep.controller_rss_mib = rss;
     {
@@ -792,6 +977,44 @@ async fn main() -> anyhow::Result<()> {
             rep.heartbeats_measured
         ),
     );
+
+    // Failover: SIGKILL the leader; time until a standby leads, every agent
+    // has a session with it, and every agent got a lease grant from it.
+    if args.etcd && ctls.len() > 1 {
+        let k0 = Instant::now();
+        sh.killed_at_us.store(i64::try_from(sh.base.elapsed().as_micros()).unwrap_or(i64::MAX).max(1), Ordering::Relaxed);
+        let _ = ctls[lead].child.kill();
+        let _ = ctls[lead].child.wait();
+        let alive: Vec<String> = urls.iter().enumerate().filter(|(k, _)| *k != lead).map(|(_, u)| u.clone()).collect();
+        let (k_alive, _) = find_leader(&alive, &pki_dir, Duration::from_secs(120)).await?;
+        rep.failover_elected_s = k0.elapsed().as_secs_f64();
+        lead = urls.iter().position(|u| *u == alive[k_alive]).context("leader URL")?;
+        url = urls[lead].clone();
+        pid = ctls[lead].child.id();
+        log(t0, format!("failover: controller {lead} leads {:.2} s after the kill", rep.failover_elected_s));
+        while sh.reconnected_after_kill.load(Ordering::Relaxed) < n {
+            if k0.elapsed() > Duration::from_secs(600) {
+                bail!("only {} of {n} agents reconnected within 10 min", sh.reconnected_after_kill.load(Ordering::Relaxed));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        rep.failover_reconnected_s = k0.elapsed().as_secs_f64();
+        while sh.leased_after_kill.load(Ordering::Relaxed) < n {
+            if k0.elapsed() > Duration::from_secs(600) {
+                bail!("only {} of {n} agents got leases within 10 min", sh.leased_after_kill.load(Ordering::Relaxed));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        rep.failover_leases_s = k0.elapsed().as_secs_f64();
+        log(
+            t0,
+            format!(
+                "failover: all {n} agents reconnected after {:.2} s, all leases renewed after {:.2} s",
+                rep.failover_reconnected_s, rep.failover_leases_s
+            ),
+        );
+        adm = admin(&url, &pki_dir).await?;
+    }
 
     // `lifeboat vms list --output json` over every guest, with the real CLI.
     // (on a blocking thread: parsing 200 MB of JSON must not stall the
@@ -888,7 +1111,8 @@ async fn main() -> anyhow::Result<()> {
     let (_, hwm) = proc_rss_mib(pid)?;
     rep.controller_peak_rss_mib = hwm;
     let _ = phase_tx.send(Phase::Done);
-    drop(ctl);
+    drop(ctls);
+    drop(etcd);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
