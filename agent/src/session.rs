@@ -95,6 +95,8 @@ impl Session {
             };
             match r {
                 Ok(()) => info!(controller = %url, "{m}; reconnecting in {} ms to {then}", delay.as_millis()),
+                // Nothing is dialled until the operator repairs the file.
+                Err(SessionError::EpochFile(_)) => tracing::error!("{m}; trying again in {} ms", delay.as_millis()),
                 Err(_) => warn!(controller = %url, "{m}; reconnecting in {} ms to {then}", delay.as_millis()),
             }
             at = next;
