@@ -332,7 +332,10 @@ key = "/a.key"
         let c = AgentConfig::parse(&text, Path::new("x")).unwrap();
         assert_eq!(c.controller.urls(), ["https://10.0.0.1:7443", "https://10.0.0.2:7443", "https://10.0.0.3:7443"]);
         let only_list = GOOD.replace("url = ", "urls = [").replace(":7443\"", ":7443\"]");
-        assert_eq!(AgentConfig::parse(&only_list, Path::new("x")).unwrap().controller.urls(), ["https://10.0.0.1:7443"]);
+        assert_eq!(
+            AgentConfig::parse(&only_list, Path::new("x")).unwrap().controller.urls(),
+            ["https://10.0.0.1:7443"]
+        );
         let e = AgentConfig::parse(&GOOD.replace("url = \"https://10.0.0.1:7443\"", ""), Path::new("x.toml"))
             .unwrap_err()
             .to_string();

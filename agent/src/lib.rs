@@ -48,7 +48,8 @@ pub async fn run_until(
     lifeboat_common::tls::install_crypto_provider();
     let tls = cfg.controller.tls().load()?;
     let host_id = cfg.resolve_host_id()?;
-    info!(host_id = %host_id, uri = %cfg.libvirt_uri, controllers = %cfg.controller.urls().join(","), "lifeboat-agent starting");
+    let controllers = cfg.controller.urls().join(",");
+    info!(host_id = %host_id, uri = %cfg.libvirt_uri, controllers = %controllers, "lifeboat-agent starting");
     let shared = Arc::new(libvirt::Shared::default());
     let (actor, updates) = libvirt::spawn(libvirt::ActorConfig::from_agent(&cfg, host_id.clone()), shared.clone())?;
     metrics::get().set_state_dir(cfg.state_dir.clone());

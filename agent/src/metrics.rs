@@ -81,7 +81,11 @@ pub fn get() -> &'static AgentMetrics {
             "Controller commands refused because their fencing epoch was lower than the highest seen",
             stale_epoch_refused.clone(),
         );
-        r.register("controller_epoch", "The highest controller fencing epoch this agent has seen", controller_epoch.clone());
+        r.register(
+            "controller_epoch",
+            "The highest controller fencing epoch this agent has seen",
+            controller_epoch.clone(),
+        );
         r.register(
             "epoch_file_unreadable",
             "1 while state_dir/controller-epoch cannot be read or parsed (all sessions and commands refused)",

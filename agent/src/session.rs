@@ -241,8 +241,8 @@ impl Session {
                                 // Checked here, in arrival order, before the command is handed
                                 // to libvirt; a higher epoch is on disk before it is acted on.
                                 if let Err(e) = epoch.admit(c.epoch) {
-                                    let r = refuse_command(&c, &e);
-                                    if tx.send(AgentMessage { msg: Some(agent_message::Msg::CommandResult(r)) }).await.is_err() {
+                                    let r = send(agent_message::Msg::CommandResult(refuse_command(&c, &e)));
+                                    if tx.send(r).await.is_err() {
                                         return Err(SessionError::Protocol("outbound stream closed".into()));
                                     }
                                     continue;
@@ -464,7 +464,11 @@ mod tests {
         assert_eq!(next_controller(&urls, 1, &Err(SessionError::Status(tonic::Status::unavailable("x")))).0, 2);
         let mut other = tonic::Status::aborted("x");
         other.metadata_mut().insert(lifeboat_proto::LEADER_METADATA, "https://c:1".parse().unwrap());
-        assert_eq!(next_controller(&urls, 0, &Err(SessionError::Status(other))).0, 1, "only UNAVAILABLE carries a hint");
+        assert_eq!(
+            next_controller(&urls, 0, &Err(SessionError::Status(other))).0,
+            1,
+            "only UNAVAILABLE carries a hint"
+        );
         let one = vec!["https://a:1".to_string()];
         assert_eq!(next_controller(&one, 0, &follower("https://b:1")).0, 0);
     }

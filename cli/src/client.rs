@@ -129,7 +129,8 @@ impl CliError {
         use tonic::Code;
         if let Some(leader) = leader_hint(&s) {
             // A follower refuses before doing anything: the call changed nothing.
-            let named = if leader.is_empty() { "no leader is elected".to_string() } else { format!("leader is {leader}") };
+            let named =
+                if leader.is_empty() { "no leader is elected".to_string() } else { format!("leader is {leader}") };
             return CliError::Unreachable(format!(
                 "the controller is not the leader ({named}): {}; nothing was changed, run the command again \
                  (the leader is looked for among every --controller-url)",
@@ -221,7 +222,10 @@ impl Connection {
         }
         for u in &urls {
             crate::args::url(u).map_err(|e| {
-                CliError::Usage(format!("controller address '{}' {e}", crate::output::truncate(&crate::output::clean(u), 80)))
+                CliError::Usage(format!(
+                    "controller address '{}' {e}",
+                    crate::output::truncate(&crate::output::clean(u), 80)
+                ))
             })?;
         }
         let tls = TlsFiles {

@@ -782,7 +782,9 @@ mod tests {
         for (flag, file) in [("--ca", "ca.pem"), ("--cert", "client-alice.pem"), ("--key", "client-alice.key")] {
             argv.extend([flag.to_string(), dir.join(file).display().to_string()]);
         }
-        argv.extend(["--timeout", "5", "hosts", "set-status", "host-a", "maintenance", "--reason", "t"].map(String::from));
+        argv.extend(
+            ["--timeout", "5", "hosts", "set-status", "host-a", "maintenance", "--reason", "t"].map(String::from),
+        );
         Cli::from_arg_matches(&command().try_get_matches_from(argv).unwrap()).unwrap()
     }
 

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use lifeboat_e2e::{Agent, Pki, agent_config, test_domain, test_node};
 use lifeboat_proto::v1::{
-    AgentMessage, Command, CommandResult, ControllerMessage, HeartbeatAck, StopGuest, Welcome,
-    agent_message,
+    AgentMessage, Command, CommandResult, ControllerMessage, HeartbeatAck, StopGuest, Welcome, agent_message,
     agent_session_server::{AgentSession, AgentSessionServer},
     command::Kind,
     controller_message,
@@ -100,7 +99,9 @@ impl AgentSession for Fake {
                 match m.msg {
                     Some(agent_message::Msg::Heartbeat(h)) => {
                         let ack = HeartbeatAck { seq: h.seq, handled_unix_ms: 0 };
-                        let _ = tx.send(Ok(ControllerMessage { msg: Some(controller_message::Msg::HeartbeatAck(ack)) })).await;
+                        let _ = tx
+                            .send(Ok(ControllerMessage { msg: Some(controller_message::Msg::HeartbeatAck(ack)) }))
+                            .await;
                     }
                     Some(agent_message::Msg::CommandResult(r)) => results.lock().unwrap().push(r),
                     _ => {}
@@ -250,7 +251,11 @@ async fn the_highest_epoch_survives_an_agent_restart() {
     let a = Agent::start(&config(&pki, tmp.path(), &[&old_url]));
     wait(Duration::from_secs(10), "two sessions ended by the agent", || old.ended.load(Ordering::SeqCst) >= 2).await;
     let out = old.out.lock().unwrap().clone().unwrap();
-    let c = Command { id: "late".into(), kind: Some(Kind::StopGuest(StopGuest { uuid: VM.into(), reason: "t".into() })), epoch: 19 };
+    let c = Command {
+        id: "late".into(),
+        kind: Some(Kind::StopGuest(StopGuest { uuid: VM.into(), reason: "t".into() })),
+        epoch: 19,
+    };
     let _ = out.send(Ok(ControllerMessage { msg: Some(controller_message::Msg::Command(c)) })).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.stop().await;
