@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use lifeboat_e2e::{Agent, Pki, agent_config, test_domain, test_node};
 use lifeboat_proto::v1::{
-    AgentMessage, Command, CommandResult, ControllerMessage, HeartbeatAck, StopGuest, Welcome, agent_message,
+    AgentMessage, Command, CommandResult, ControllerMessage, GrantLeases, HeartbeatAck, Lease, StopGuest, Welcome,
+    agent_message,
     agent_session_server::{AgentSession, AgentSessionServer},
     command::Kind,
     controller_message,
@@ -33,7 +34,7 @@ const VM: &str = "66666666-0000-4000-8000-000000000001";
 /// sent with [`Fake::command`], results collected).
 #[derive(Clone)]
 struct Fake {
-    leader_hint: Option<String>,
+    leader_hint: Arc<Mutex<Option<String>>>,
     epoch: u64,
     sessions: Arc<AtomicUsize>,
     ended: Arc<AtomicUsize>,
@@ -44,7 +45,7 @@ struct Fake {
 impl Fake {
     fn leader(epoch: u64) -> Fake {
         Fake {
-            leader_hint: None,
+            leader_hint: Arc::default(),
             epoch,
             sessions: Arc::default(),
             ended: Arc::default(),
@@ -54,7 +55,17 @@ impl Fake {
     }
 
     fn follower(leader: &str) -> Fake {
-        Fake { leader_hint: Some(leader.to_string()), ..Fake::leader(0) }
+        let f = Fake::leader(0);
+        f.step_down(leader);
+        f
+    }
+
+    /// From now on a follower naming `leader`; the open session is ended.
+    fn step_down(&self, leader: &str) {
+        *self.leader_hint.lock().unwrap() = Some(leader.to_string());
+        if let Some(out) = self.out.lock().unwrap().take() {
+            let _ = out.try_send(Err(Status::unavailable("leadership lost")));
+        }
     }
 
     fn sessions(&self) -> usize {
@@ -83,7 +94,8 @@ impl AgentSession for Fake {
 
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<OutStream>, Status> {
         self.sessions.fetch_add(1, Ordering::SeqCst);
-        if let Some(l) = &self.leader_hint {
+        let hint = self.leader_hint.lock().unwrap().clone();
+        if let Some(l) = &hint {
             let mut s = Status::unavailable(format!("not the leader; leader is {l}"));
             s.metadata_mut().insert(lifeboat_proto::LEADER_METADATA, l.parse().unwrap());
             return Err(s);
@@ -224,6 +236,21 @@ async fn a_stale_command_is_refused_and_changes_nothing_and_a_higher_one_is_pers
     // Epoch 0 (a SQLite controller) is just a lower number.
     let r = leader.command("zero", 0, stop()).await;
     assert!(!r.ok && r.error.contains("stale controller epoch 0 < 10"), "{}", r.error);
+    // Leases are commands too: a stale grant writes no lease file.
+    let grant = |g: u64| {
+        Kind::GrantLeases(GrantLeases {
+            leases: vec![Lease { uuid: VM.into(), name: "vm-a".into(), generation: g }],
+            expires_unix_ms: lifeboat_common::now_unix_ms() + 60_000,
+            merge: false,
+            issued_unix_ms: lifeboat_common::now_unix_ms(),
+        })
+    };
+    let r = leader.command("old-grant", 9, grant(1)).await;
+    assert!(!r.ok && r.error.contains("stale controller epoch 9 < 10"), "{}", r.error);
+    assert!(lifeboat_agent::lease::read_file(&state_dir(&pki), VM).unwrap().is_none(), "a stale grant wrote a lease");
+    let r = leader.command("grant", 10, grant(1)).await;
+    assert!(r.ok, "{}", r.error);
+    assert!(lifeboat_agent::lease::read_file(&state_dir(&pki), VM).unwrap().is_some());
     // Nothing was done: the guest still runs, so the current epoch's stop destroys it.
     let r = leader.command("now", 10, stop()).await;
     assert_eq!((r.ok, r.outcome.as_str()), (true, "done"), "{r:?}");
@@ -280,4 +307,32 @@ async fn an_unreadable_epoch_file_refuses_every_session_until_repaired() {
     wait(Duration::from_secs(5), "a session after the repair", || leader.sessions() >= 1).await;
     a.stop().await;
     assert_eq!(refused, 0, "a session was opened while the highest epoch was unknown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_agent_is_with_the_new_leader_within_seconds() {
+    let (tmp, pki) = setup();
+    let old = Fake::leader(30);
+    let old_url = serve(&pki, old.clone()).await;
+    // Elected after the old leader lost its lease: leads with a higher epoch.
+    let new = Fake::leader(31);
+    let new_url = serve(&pki, new.clone()).await;
+    let a = Agent::start(&config(&pki, tmp.path(), &[&old_url, &new_url]));
+    let sd = state_dir(&pki);
+    wait(Duration::from_secs(10), "epoch 30 on disk", || lifeboat_agent::epoch::load(&sd).is_ok_and(|e| e == 30)).await;
+    assert_eq!(new.sessions(), 0, "the first address is tried first");
+    // The old leader loses its leadership: ends the session, then answers as a follower.
+    let lost = Instant::now();
+    old.step_down(&new_url);
+    wait(Duration::from_secs(5), "the new leader's epoch on disk", || {
+        lifeboat_agent::epoch::load(&sd).is_ok_and(|e| e == 31)
+    })
+    .await;
+    let took = lost.elapsed();
+    let r = new.command("c1", 31, Kind::StopGuest(StopGuest { uuid: VM.into(), reason: "t".into() })).await;
+    a.stop().await;
+    println!("with the new leader {} ms after the old one ended its session", took.as_millis());
+    assert!(r.ok, "{r:?}");
+    assert_eq!(new.sessions(), 1);
+    assert!(took < Duration::from_secs(2), "{took:?}");
 }
