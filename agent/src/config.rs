@@ -48,8 +48,13 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerConfig {
-    /// `https://HOST:PORT`.
-    pub url: String,
+    /// `https://HOST:PORT`: the first controller to try.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// More controllers (`https://HOST:PORT` each), tried after `url` in
+    /// this order: the agent finds the leader among them.
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// Name the controller's certificate must carry.
     #[serde(default = "default_server_name")]
     pub server_name: String,
@@ -62,6 +67,48 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
+    /// Every controller address, `url` first, then `urls`, in order.
+    pub fn urls(&self) -> Vec<String> {
+        self.url.iter().chain(self.urls.iter()).cloned().collect()
+    }
+
+    /// Checks the addresses: at least one, each `https://` with a host,
+    /// no duplicates. Returns the message of the first problem.
+    fn check_urls(&self) -> Result<(), String> {
+        let all = self.urls();
+        if all.is_empty() {
+            return Err("[controller] needs url = \"https://HOST:PORT\" or urls = [\"https://HOST:PORT\", ...]".into());
+        }
+        for (i, u) in all.iter().enumerate() {
+            let shown = u.escape_debug();
+            if !u.starts_with("https://") {
+                return Err(format!(
+                    "controller.url '{shown}' must start with https:// (the session is always mutual TLS)"
+                ));
+            }
+            if u.len() > 2048 || u.chars().any(char::is_control) || u.contains(char::is_whitespace) {
+                return Err(format!("controller.url '{shown}' is not a URL (spaces, control characters or too long)"));
+            }
+            match u.parse::<tonic::transport::Uri>() {
+                Err(e) => return Err(format!("controller.url '{shown}' is not a valid URL: {e}")),
+                Ok(uri) if uri.host().is_none_or(str::is_empty) => {
+                    return Err(format!("controller.url '{shown}' names no host (https://HOST:PORT)"));
+                }
+                Ok(uri) => {
+                    let auth = uri.authority().map_or("", |a| a.as_str());
+                    let has_port = auth.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']'));
+                    if has_port && uri.port_u16().is_none() {
+                        return Err(format!("controller.url '{shown}' has a port that is not 1 to 65535"));
+                    }
+                }
+            }
+            if all[..i].contains(u) {
+                return Err(format!("controller.url '{shown}' is listed twice"));
+            }
+        }
+        Ok(())
+    }
+
     /// The TLS file set.
     pub fn tls(&self) -> TlsFiles {
         TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
@@ -140,12 +187,7 @@ impl AgentConfig {
         let cfg: AgentConfig =
             toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         let invalid = |m: &str| ConfigError::Invalid { path: path.into(), message: m.to_string() };
-        if !(cfg.controller.url.starts_with("https://")) {
-            return Err(invalid(&format!(
-                "controller.url '{}' must start with https:// (the session is always mutual TLS)",
-                cfg.controller.url
-            )));
-        }
+        cfg.controller.check_urls().map_err(|m| invalid(&m))?;
         if cfg.resync_interval_s == 0 {
             return Err(invalid("resync_interval_s must be at least 1"));
         }
@@ -279,6 +321,30 @@ key = "/a.key"
     fn plain_http_is_refused() {
         let e = AgentConfig::parse(&GOOD.replace("https", "http"), Path::new("x")).unwrap_err().to_string();
         assert!(e.contains("https://"), "{e}");
+    }
+
+    #[test]
+    fn several_controller_urls_in_order_and_none_is_refused() {
+        let text = GOOD.replace(
+            "url = \"https://10.0.0.1:7443\"",
+            "url = \"https://10.0.0.1:7443\"\nurls = [\"https://10.0.0.2:7443\", \"https://10.0.0.3:7443\"]",
+        );
+        let c = AgentConfig::parse(&text, Path::new("x")).unwrap();
+        assert_eq!(c.controller.urls(), ["https://10.0.0.1:7443", "https://10.0.0.2:7443", "https://10.0.0.3:7443"]);
+        let only_list = GOOD.replace("url = ", "urls = [").replace(":7443\"", ":7443\"]");
+        assert_eq!(
+            AgentConfig::parse(&only_list, Path::new("x")).unwrap().controller.urls(),
+            ["https://10.0.0.1:7443"]
+        );
+        let e = AgentConfig::parse(&GOOD.replace("url = \"https://10.0.0.1:7443\"", ""), Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.toml") && e.contains("urls = ["), "{e}");
+        for bad in ["http://10.0.0.2:1", "https://", "https://a b:1", "https://10.0.0.1:7443", "https://x:99999999"] {
+            let t = text.replace("https://10.0.0.3:7443", bad);
+            let e = AgentConfig::parse(&t, Path::new("x.toml")).unwrap_err().to_string();
+            assert!(e.contains("x.toml") && e.contains("controller.url"), "{bad}: {e}");
+        }
     }
 
     #[test]

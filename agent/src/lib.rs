@@ -2,7 +2,8 @@
 //! its guests to the controller and carries out the controller's commands.
 //!
 //! Code map: [`config`] reads the agent's TOML file; [`domxml`] is the pure
-//! parser of libvirt domain XML; [`hostfacts`] reads host facts from local
+//! parser of libvirt domain XML; [`epoch`] keeps the controller fencing
+//! epoch; [`hostfacts`] reads host facts from local
 //! files; [`libvirt`] is the one thread that owns every `virt` call;
 //! [`session`] keeps the gRPC session to the controller; [`storage`] tells
 //! which storage each disk path is on.
@@ -12,6 +13,7 @@
 
 pub mod config;
 pub mod domxml;
+pub mod epoch;
 pub mod hostfacts;
 pub mod lease;
 pub mod libvirt;
@@ -46,7 +48,8 @@ pub async fn run_until(
     lifeboat_common::tls::install_crypto_provider();
     let tls = cfg.controller.tls().load()?;
     let host_id = cfg.resolve_host_id()?;
-    info!(host_id = %host_id, uri = %cfg.libvirt_uri, controller = %cfg.controller.url, "lifeboat-agent starting");
+    let controllers = cfg.controller.urls().join(",");
+    info!(host_id = %host_id, uri = %cfg.libvirt_uri, controllers = %controllers, "lifeboat-agent starting");
     let shared = Arc::new(libvirt::Shared::default());
     let (actor, updates) = libvirt::spawn(libvirt::ActorConfig::from_agent(&cfg, host_id.clone()), shared.clone())?;
     metrics::get().set_state_dir(cfg.state_dir.clone());

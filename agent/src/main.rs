@@ -96,9 +96,20 @@ fn main() -> ExitCode {
         Cmd::Guard { .. } => unreachable!("handled above"),
         Cmd::CheckConfig => {
             // The same checks as a start (one list, AgentConfig::preflight).
-            match cfg.preflight() {
-                Ok(h) => {
+            // Plus the controller epoch file: a start does not refuse it (the
+            // running agent refuses every session instead, visible in its log
+            // and metrics), but an operator checking the host wants to know.
+            let checked = cfg
+                .preflight()
+                .map_err(|e| e.to_string())
+                .and_then(|h| lifeboat_agent::epoch::load(&cfg.state_dir).map(|e| (h, e)).map_err(|e| e.to_string()));
+            match checked {
+                Ok((h, epoch)) => {
                     println!("configuration OK (host id {h})");
+                    println!(
+                        "highest controller epoch seen: {epoch} ({})",
+                        lifeboat_agent::epoch::path(&cfg.state_dir).display()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

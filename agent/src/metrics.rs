@@ -43,6 +43,14 @@ pub struct AgentMetrics {
     gauges: (Gauge, Gauge, Gauge),
     leases: Family<Vec<(String, String)>, Gauge>,
     state_dir: Mutex<Option<PathBuf>>,
+    /// Commands refused because their controller epoch was lower than the
+    /// highest this agent has seen (sent by a replaced leader).
+    pub stale_epoch_refused: Counter,
+    /// The highest controller epoch seen (the epoch file's value).
+    pub controller_epoch: Gauge,
+    /// 1 while the epoch file cannot be read or parsed (every session and
+    /// command is refused until it is repaired).
+    pub epoch_file_unreadable: Gauge,
 }
 
 /// The process-wide metrics.
@@ -65,7 +73,28 @@ pub fn get() -> &'static AgentMetrics {
         r.register("libvirt_connected", "1 while libvirt answers", l.clone());
         r.register("guests", "Guests libvirt reports on this host", g.clone());
         r.register("leases", "Start leases on local disk by state (valid, expired)", leases.clone());
+        let stale_epoch_refused = Counter::default();
+        let controller_epoch = Gauge::default();
+        let epoch_file_unreadable = Gauge::default();
+        r.register(
+            "stale_epoch_refused",
+            "Controller commands refused because their fencing epoch was lower than the highest seen",
+            stale_epoch_refused.clone(),
+        );
+        r.register(
+            "controller_epoch",
+            "The highest controller fencing epoch this agent has seen",
+            controller_epoch.clone(),
+        );
+        r.register(
+            "epoch_file_unreadable",
+            "1 while state_dir/controller-epoch cannot be read or parsed (all sessions and commands refused)",
+            epoch_file_unreadable.clone(),
+        );
         AgentMetrics {
+            stale_epoch_refused,
+            controller_epoch,
+            epoch_file_unreadable,
             registry: Mutex::new(r),
             session_up: AtomicBool::new(false),
             libvirt_connected: AtomicBool::new(false),
@@ -85,6 +114,11 @@ impl AgentMetrics {
         let result = if ok { "ok" } else { "error" };
         self.commands.get_or_create(&CommandLabels { kind: kind.into(), result: result.into() }).inc();
         self.command_seconds.get_or_create(&KindLabel { kind: kind.into() }).observe(seconds);
+    }
+
+    /// Records the highest epoch seen.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.controller_epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
     }
 
     /// Where the lease files are (for the lease gauge).

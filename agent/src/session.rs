@@ -22,7 +22,8 @@ use crate::libvirt::{Actor, Shared, Update};
 
 /// Session settings and handles.
 pub struct Session {
-    url: String,
+    urls: Vec<String>,
+    state_dir: std::path::PathBuf,
     server_name: String,
     host_id: String,
     boot_id_file: std::path::PathBuf,
@@ -48,13 +49,21 @@ pub enum SessionError {
     /// The controller sent something unexpected.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The controller fencing epoch refused the session (a stale leader, or
+    /// the epoch file cannot be read or written).
+    #[error("{0}")]
+    Epoch(#[from] crate::epoch::Refusal),
+    /// The epoch file is unreadable: no session is opened at all.
+    #[error("{0}")]
+    EpochFile(#[from] crate::epoch::EpochError),
 }
 
 impl Session {
     /// Prepares a session; nothing is dialled until [`Session::run`].
     pub fn new(cfg: &AgentConfig, host_id: String, tls: TlsMaterial, actor: Actor, shared: Arc<Shared>) -> Self {
         Session {
-            url: cfg.controller.url.clone(),
+            urls: cfg.controller.urls(),
+            state_dir: cfg.state_dir.clone(),
             server_name: cfg.controller.server_name.clone(),
             host_id,
             boot_id_file: cfg.boot_id_file.clone(),
@@ -67,25 +76,37 @@ impl Session {
     /// Keeps a session open forever, reconnecting with capped exponential
     /// backoff and jitter ([`reconnect_backoff`]): the first retry after ~0.1 s, none
     /// later than ~1.3 s, and back to ~0.1 s after every session that was
-    /// established (Welcome received).
+    /// established (Welcome received). Each attempt goes to the next
+    /// configured controller, or to the leader a follower named
+    /// ([`next_controller`]).
     pub async fn run(&self, mut updates: mpsc::Receiver<Update>) -> anyhow::Result<()> {
         let mut backoff = reconnect_backoff().build();
+        let mut at = 0usize;
         loop {
-            let r = self.once(&mut updates, &mut backoff).await;
+            let url = self.urls.get(at).map_or("", String::as_str);
+            let r = self.once(url, &mut updates, &mut backoff).await;
             // Never exhausted (no limit on attempts); the cap if it were.
             let delay = backoff.next().unwrap_or(RECONNECT_CAP);
             let m = describe_end(&r);
+            let (next, why) = next_controller(&self.urls, at, &r);
+            let then = match self.urls.get(next) {
+                Some(u) if self.urls.len() > 1 => format!("{u} ({why})"),
+                _ => "again".to_string(),
+            };
             match r {
-                Ok(()) => info!("{m}; reconnecting in {} ms", delay.as_millis()),
-                Err(_) => warn!("{m}; reconnecting in {} ms", delay.as_millis()),
+                Ok(()) => info!(controller = %url, "{m}; reconnecting in {} ms to {then}", delay.as_millis()),
+                // Nothing is dialled until the operator repairs the file.
+                Err(SessionError::EpochFile(_)) => tracing::error!("{m}; trying again in {} ms", delay.as_millis()),
+                Err(_) => warn!(controller = %url, "{m}; reconnecting in {} ms to {then}", delay.as_millis()),
             }
+            at = next;
             tokio::time::sleep(delay).await;
         }
     }
 
-    async fn channel(&self) -> Result<Channel, SessionError> {
-        let err = |source| SessionError::Connect { url: self.url.clone(), source };
-        Endpoint::from_shared(self.url.clone())
+    async fn channel(&self, url: &str) -> Result<Channel, SessionError> {
+        let err = |source| SessionError::Connect { url: url.to_string(), source };
+        Endpoint::from_shared(url.to_string())
             .map_err(err)?
             .tls_config(self.tls.client_config(&self.server_name))
             .map_err(err)?
@@ -101,10 +122,22 @@ impl Session {
 
     async fn once(
         &self,
+        url: &str,
         updates: &mut mpsc::Receiver<Update>,
         backoff: &mut ExponentialBackoff,
     ) -> Result<(), SessionError> {
-        let channel = self.channel().await?;
+        // Read at every attempt: an operator's repair is picked up without a
+        // restart, and nothing is dialled while the highest epoch is unknown.
+        let mut epoch = match crate::epoch::EpochGuard::open(&self.state_dir) {
+            Ok(g) => g,
+            Err(e) => {
+                crate::metrics::get().epoch_file_unreadable.set(1);
+                return Err(e.into());
+            }
+        };
+        crate::metrics::get().epoch_file_unreadable.set(0);
+        crate::metrics::get().set_epoch(epoch.highest());
+        let channel = self.channel(url).await?;
         let mut client = AgentSessionClient::new(channel);
         let (tx, rx) = mpsc::channel::<AgentMessage>(256);
         let send = |m: agent_message::Msg| AgentMessage { msg: Some(m) };
@@ -124,12 +157,17 @@ impl Session {
                 other => return Err(SessionError::Protocol(format!("expected Welcome, got {other:?}"))),
             },
         };
+        // A replaced leader: end the session before anything of it is used
+        // (its commands would be refused one by one anyway). A newer leader:
+        // its epoch is on disk before the session goes on.
+        epoch.admit(welcome.epoch)?;
+        crate::metrics::get().set_epoch(epoch.highest());
         // Established: the next disconnection is retried quickly again.
         *backoff = reconnect_backoff().build();
         let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
-        info!(controller = %self.url, heartbeat_ms = hb_ms, "session established");
+        info!(controller = %url, heartbeat_ms = hb_ms, epoch = welcome.epoch, "session established");
         crate::metrics::get().session_up.store(true, Ordering::Relaxed);
-        let r = self.serve(updates, tx, inbound, hb_ms).await;
+        let r = self.serve(updates, tx, inbound, hb_ms, &mut epoch).await;
         crate::metrics::get().session_up.store(false, Ordering::Relaxed);
         r
     }
@@ -140,6 +178,7 @@ impl Session {
         tx: mpsc::Sender<AgentMessage>,
         mut inbound: tonic::Streaming<lifeboat_proto::v1::ControllerMessage>,
         hb_ms: u64,
+        epoch: &mut crate::epoch::EpochGuard,
     ) -> Result<(), SessionError> {
         let send = |m: agent_message::Msg| AgentMessage { msg: Some(m) };
         while updates.try_recv().is_ok() {}
@@ -199,6 +238,16 @@ impl Session {
                         None => return Ok(()),
                         Some(msg) => { last_heard = tokio::time::Instant::now(); match msg.msg {
                             Some(controller_message::Msg::Command(c)) => {
+                                // Checked here, in arrival order, before the command is handed
+                                // to libvirt; a higher epoch is on disk before it is acted on.
+                                if let Err(e) = epoch.admit(c.epoch) {
+                                    let r = send(agent_message::Msg::CommandResult(refuse_command(&c, &e)));
+                                    if tx.send(r).await.is_err() {
+                                        return Err(SessionError::Protocol("outbound stream closed".into()));
+                                    }
+                                    continue;
+                                }
+                                crate::metrics::get().set_epoch(epoch.highest());
                                 let actor = self.actor.clone();
                                 let tx = tx.clone();
                                 tokio::spawn(async move {
@@ -216,6 +265,63 @@ impl Session {
             }
         }
     }
+}
+
+/// The answer to a command refused by the epoch guard: nothing was done.
+/// Logged at WARN; a stale epoch is counted in
+/// `lifeboat_agent_stale_epoch_refused_total`.
+fn refuse_command(c: &lifeboat_proto::v1::Command, e: &crate::epoch::Refusal) -> lifeboat_proto::v1::CommandResult {
+    if matches!(e, crate::epoch::Refusal::Stale { .. }) {
+        crate::metrics::get().stale_epoch_refused.inc();
+    }
+    warn!(command = %c.id.escape_debug(), epoch = c.epoch, "refused a controller command: {e}");
+    lifeboat_proto::v1::CommandResult {
+        id: c.id.clone(),
+        ok: false,
+        error: format!("refused by the agent's controller epoch check: {e}"),
+        ..Default::default()
+    }
+}
+
+/// Where the next session attempt goes after an attempt at `urls[at]`
+/// ended with `r`, and why: the leader a follower named (response metadata
+/// [`lifeboat_proto::LEADER_METADATA`] on an `UNAVAILABLE` answer) when it
+/// is one of `urls`, otherwise the next address in the list (wrapping).
+pub fn next_controller(urls: &[String], at: usize, r: &Result<(), SessionError>) -> (usize, String) {
+    let n = urls.len().max(1);
+    let next = (at + 1) % n;
+    let Err(SessionError::Status(s)) = r else { return (next, "the next address".into()) };
+    let Some(hint) = leader_hint(s) else { return (next, "the next address".into()) };
+    if hint.is_empty() {
+        return (next, "no leader is elected yet".into());
+    }
+    let same = |u: &String| u.trim_end_matches('/') == hint.trim_end_matches('/');
+    match urls.iter().position(same) {
+        Some(i) => (i, "the leader, as the follower named it".into()),
+        None => {
+            warn!(
+                leader = %hint.escape_debug(),
+                "the controller named a leader whose URL is not in this agent's [controller] url/urls; \
+                 trying the next configured address (add the leader's URL to the configuration)"
+            );
+            (next, "the next address; the leader's URL is not configured".into())
+        }
+    }
+}
+
+/// The leader a follower named in a status: `Some("")` when it says no
+/// leader is elected, `None` when the status is not a follower's answer.
+pub fn leader_hint(s: &tonic::Status) -> Option<String> {
+    if s.code() != tonic::Code::Unavailable {
+        return None;
+    }
+    let v = s.metadata().get(lifeboat_proto::LEADER_METADATA)?;
+    // Bounded and printable: it is logged and compared, never dialled unless configured.
+    let t = v.to_str().ok()?.trim();
+    if t.len() > 2048 {
+        return None;
+    }
+    Some(t.to_string())
 }
 
 /// Logs the controller's `Refused` answers (a message of ours it refused
@@ -333,5 +439,37 @@ mod tests {
         assert_eq!(describe_end(&Ok(())), "session closed by the controller");
         let m = describe_end(&Err(SessionError::Protocol("no Welcome within 10 s".into())));
         assert!(m.contains("no Welcome"), "{m}");
+    }
+
+    fn follower(leader: &str) -> Result<(), SessionError> {
+        let mut s = tonic::Status::unavailable(format!("not the leader; leader is {leader}"));
+        s.metadata_mut().insert(lifeboat_proto::LEADER_METADATA, leader.parse().unwrap());
+        Err(SessionError::Status(s))
+    }
+
+    #[test]
+    fn a_follower_hint_is_followed_only_to_a_configured_address() {
+        let urls: Vec<String> = ["https://a:1", "https://b:1", "https://c:1"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(next_controller(&urls, 0, &follower("https://c:1")).0, 2);
+        assert_eq!(next_controller(&urls, 2, &follower("https://b:1/")).0, 1, "a trailing slash is the same URL");
+        let (i, why) = next_controller(&urls, 0, &follower("https://evil:1"));
+        assert_eq!(i, 1);
+        assert!(why.contains("not configured"), "{why}");
+        let (i, why) = next_controller(&urls, 2, &follower(""));
+        assert_eq!(i, 0, "wraps around");
+        assert!(why.contains("no leader"), "{why}");
+        // Anything else moves on: a refused connection, an ended session, an
+        // UNAVAILABLE without the metadata (not a follower's answer).
+        assert_eq!(next_controller(&urls, 1, &Ok(())).0, 2);
+        assert_eq!(next_controller(&urls, 1, &Err(SessionError::Status(tonic::Status::unavailable("x")))).0, 2);
+        let mut other = tonic::Status::aborted("x");
+        other.metadata_mut().insert(lifeboat_proto::LEADER_METADATA, "https://c:1".parse().unwrap());
+        assert_eq!(
+            next_controller(&urls, 0, &Err(SessionError::Status(other))).0,
+            1,
+            "only UNAVAILABLE carries a hint"
+        );
+        let one = vec!["https://a:1".to_string()];
+        assert_eq!(next_controller(&one, 0, &follower("https://b:1")).0, 0);
     }
 }

@@ -43,7 +43,8 @@ fn seeds() -> Vec<String> {
 fn check(text: &str) -> Result<bool, TestCaseError> {
     match AgentConfig::parse(text, Path::new("/etc/lifeboat/fuzzed.toml")) {
         Ok(cfg) => {
-            prop_assert!(cfg.controller.url.starts_with("https://"));
+            prop_assert!(!cfg.controller.urls().is_empty());
+            prop_assert!(cfg.controller.urls().iter().all(|u| u.starts_with("https://")));
             prop_assert!(cfg.resync_interval_s >= 1);
             prop_assert!(cfg.host_id.as_ref().is_none_or(|h| !h.trim().is_empty()));
             Ok(true)

@@ -18,9 +18,11 @@ pub struct Connection {
     /// CLI config file (TOML: controller, server_name, ca, cert, key).
     #[arg(long, env = "LIFEBOAT_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Controller URL, e.g. https://controller:7443.
-    #[arg(long = "controller-url", env = "LIFEBOAT_CONTROLLER", global = true)]
-    controller_url: Option<String>,
+    /// Controller URL, e.g. https://controller:7443. Several controllers
+    /// (one leads): repeat the flag or separate URLs with commas; the
+    /// leader is found among them.
+    #[arg(long = "controller-url", env = "LIFEBOAT_CONTROLLER", global = true, value_delimiter = ',')]
+    controller_url: Vec<String>,
     /// Name the controller's certificate must carry.
     #[arg(long, env = "LIFEBOAT_SERVER_NAME", global = true)]
     server_name: Option<String>,
@@ -42,11 +44,36 @@ pub struct Connection {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    controller: Option<String>,
+    controller: Option<Controllers>,
     server_name: Option<String>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+}
+
+/// The config file's `controller`: one URL (commas separate several) or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Controllers {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Controllers {
+    fn urls(self) -> Vec<String> {
+        match self {
+            Controllers::One(s) => s.split(',').map(|u| u.trim().to_string()).collect(),
+            Controllers::Many(v) => v,
+        }
+    }
+}
+
+/// Everything needed to dial any of the configured controllers.
+pub struct Target {
+    /// The controller URLs, in the order given.
+    pub urls: Vec<String>,
+    server_name: String,
+    material: lifeboat_common::tls::TlsMaterial,
 }
 
 /// A CLI failure with its exit code.
@@ -85,9 +112,31 @@ impl CliError {
         }
     }
 
+    /// The same kind of failure with another message.
+    pub fn with_message(&self, msg: String) -> CliError {
+        match self {
+            CliError::Usage(_) => CliError::Usage(msg),
+            CliError::Unreachable(_) => CliError::Unreachable(msg),
+            CliError::Refused(_) => CliError::Refused(msg),
+            CliError::NotFound(_) => CliError::NotFound(msg),
+            CliError::Refused6(_) => CliError::Refused6(msg),
+            CliError::Other(_) => CliError::Other(msg),
+        }
+    }
+
     /// Maps an RPC status.
     pub fn from_status(s: tonic::Status) -> CliError {
         use tonic::Code;
+        if let Some(leader) = leader_hint(&s) {
+            // A follower refuses before doing anything: the call changed nothing.
+            let named =
+                if leader.is_empty() { "no leader is elected".to_string() } else { format!("leader is {leader}") };
+            return CliError::Unreachable(format!(
+                "the controller is not the leader ({named}): {}; nothing was changed, run the command again \
+                 (the leader is looked for among every --controller-url)",
+                s.message()
+            ));
+        }
         let mut msg = s.message().to_string();
         if let Some(src) = std::error::Error::source(&s) {
             let detail = lifeboat_common::error_chain(src);
@@ -107,6 +156,19 @@ impl CliError {
             _ => CliError::Other(format!("{:?}: {msg}", s.code())),
         }
     }
+}
+
+/// The leader a follower named in a status (response metadata
+/// [`lifeboat_proto::LEADER_METADATA`] on `UNAVAILABLE`): `Some("")` when it
+/// says no leader is elected, `None` when the status is not a follower's
+/// refusal. A follower's refusal did nothing, so the call may be sent to the
+/// leader.
+pub fn leader_hint(s: &tonic::Status) -> Option<String> {
+    if s.code() != tonic::Code::Unavailable {
+        return None;
+    }
+    let t = s.metadata().get(lifeboat_proto::LEADER_METADATA)?.to_str().ok()?.trim();
+    (t.len() <= crate::args::MAX_REASON).then(|| t.to_string())
 }
 
 fn classify_transport(detail: &str) -> CliError {
@@ -144,17 +206,28 @@ impl Connection {
         toml::from_str(&text).map_err(|e| CliError::Usage(format!("invalid CLI config {}: {e}", path.display())))
     }
 
-    /// Connects to the admin service.
-    pub async fn admin(&self) -> Result<AdminClient<Channel>, CliError> {
+    /// The controllers to try, the TLS material and the server name.
+    pub fn target(&self) -> Result<Target, CliError> {
         let f = self.file()?;
         let missing = |what: &str, flag: &str, env: &str| {
             CliError::Usage(format!("no {what} given: use {flag}, ${env}, or the CLI config file"))
         };
-        let url = self
-            .controller_url
-            .clone()
-            .or(f.controller)
-            .ok_or_else(|| missing("controller address", "--controller-url", "LIFEBOAT_CONTROLLER"))?;
+        let urls = if self.controller_url.is_empty() {
+            f.controller.map(Controllers::urls).unwrap_or_default()
+        } else {
+            self.controller_url.clone()
+        };
+        if urls.is_empty() {
+            return Err(missing("controller address", "--controller-url", "LIFEBOAT_CONTROLLER"));
+        }
+        for u in &urls {
+            crate::args::url(u).map_err(|e| {
+                CliError::Usage(format!(
+                    "controller address '{}' {e}",
+                    crate::output::truncate(&crate::output::clean(u), 80)
+                ))
+            })?;
+        }
         let tls = TlsFiles {
             ca: self.ca.clone().or(f.ca).ok_or_else(|| missing("CA bundle", "--ca", "LIFEBOAT_CA"))?,
             cert: self
@@ -169,14 +242,16 @@ impl Connection {
             .clone()
             .or(f.server_name)
             .unwrap_or_else(|| lifeboat_common::pki::CONTROLLER_NAME.to_string());
-        if !url.starts_with("https://") {
-            return Err(CliError::Usage(format!("controller address '{url}' must start with https://")));
-        }
         lifeboat_common::tls::install_crypto_provider();
         let material = tls.load().map_err(|e| CliError::Usage(e.to_string()))?;
-        let ep = Endpoint::from_shared(url.clone())
+        Ok(Target { urls, server_name, material })
+    }
+
+    /// Connects to the admin service of one controller of `target`.
+    pub async fn dial(&self, target: &Target, url: &str) -> Result<AdminClient<Channel>, CliError> {
+        let ep = Endpoint::from_shared(url.to_string())
             .map_err(|e| CliError::Usage(format!("invalid controller address '{url}': {e}")))?
-            .tls_config(material.client_config(&server_name))
+            .tls_config(target.material.client_config(&target.server_name))
             .map_err(|e| CliError::Usage(lifeboat_common::error_chain(&e)))?
             .connect_timeout(Duration::from_secs(self.timeout))
             .timeout(Duration::from_secs(self.timeout));

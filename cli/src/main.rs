@@ -4,6 +4,7 @@
 
 mod args;
 mod client;
+mod leader;
 mod migrate;
 mod output;
 mod wire;
@@ -455,14 +456,31 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 /// before its alert can be read. A connection closed with no answer to this
 /// first call is reported as that refusal (exit 4), not as an unreachable
 /// controller.
+///
+/// With several controller URLs, this first call also finds the leader
+/// ([`leader::find`]): a follower refuses it (doing nothing) and names the
+/// leader. The command's own call then goes to the leader only, once.
 async fn connect(
     conn: &Connection,
 ) -> Result<lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>, CliError> {
-    let mut c = conn.admin().await?;
-    match c.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await {
-        Ok(_) => Ok(c),
-        Err(s) => Err(first_call_refused(s)),
-    }
+    let target = conn.target()?;
+    let ask = |url: String| {
+        let target = &target;
+        async move {
+            let mut c = match conn.dial(target, &url).await {
+                Ok(c) => c,
+                Err(e) => return leader::Answer::Failed(e),
+            };
+            match c.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await {
+                Ok(_) => leader::Answer::Leader(c),
+                Err(s) => match client::leader_hint(&s) {
+                    Some(leader) => leader::Answer::Follower { leader, message: s.message().to_string() },
+                    None => leader::Answer::Failed(first_call_refused(s)),
+                },
+            }
+        }
+    };
+    Ok(leader::find(&target.urls, ask).await?.0)
 }
 
 /// Maps the failure of the first call on a fresh connection.
@@ -605,5 +623,223 @@ mod tests {
         assert_eq!(first_call_refused(tonic::Status::permission_denied("needs the viewer role")).exit_code(), 4);
         assert_eq!(first_call_refused(tonic::Status::unavailable("transport error: timed out")).exit_code(), 3);
         assert_eq!(first_call_refused(tonic::Status::internal("boom")).exit_code(), 1);
+    }
+
+    /// A fake controller's Admin service: a follower refuses every call
+    /// naming `leader`; a leader answers WhoAmI and SetHostStatus. Every
+    /// call is recorded by name.
+    #[derive(Clone, Default)]
+    struct FakeAdmin {
+        leader: Option<String>,
+        /// A leader that answers WhoAmI but refuses everything else as a
+        /// follower (leadership lost between the two calls).
+        lost_after_whoami: bool,
+        calls: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    type JobStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<lifeboat_proto::v1::JobRecord, tonic::Status>> + Send>,
+    >;
+
+    impl FakeAdmin {
+        fn gate(&self, name: &str) -> Result<(), tonic::Status> {
+            self.calls.lock().unwrap().push(name.to_string());
+            let leader = match &self.leader {
+                Some(l) => l.clone(),
+                None if self.lost_after_whoami && name != "who_am_i" => String::new(),
+                None => return Ok(()),
+            };
+            let mut s = tonic::Status::unavailable(format!("not the leader; leader is {leader}"));
+            s.metadata_mut().insert(lifeboat_proto::LEADER_METADATA, leader.parse().unwrap());
+            Err(s)
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    use lifeboat_proto::v1 as pb;
+    use tonic::{Request, Response, Status};
+    type R<T> = Result<Response<T>, Status>;
+    fn unimpl<T>() -> R<T> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    #[tonic::async_trait]
+    impl pb::admin_server::Admin for FakeAdmin {
+        type WatchJobStream = JobStream;
+        async fn list_hosts(&self, _: Request<pb::ListHostsRequest>) -> R<pb::ListHostsResponse> {
+            self.gate("list_hosts")?;
+            unimpl()
+        }
+        async fn get_host(&self, _: Request<pb::GetHostRequest>) -> R<pb::HostRecord> {
+            self.gate("get_host")?;
+            unimpl()
+        }
+        async fn list_guests(&self, _: Request<pb::ListGuestsRequest>) -> R<pb::ListGuestsResponse> {
+            self.gate("list_guests")?;
+            unimpl()
+        }
+        async fn who_am_i(&self, _: Request<pb::WhoAmIRequest>) -> R<pb::WhoAmIResponse> {
+            self.gate("who_am_i")?;
+            Ok(Response::new(pb::WhoAmIResponse::default()))
+        }
+        async fn plan_migration(&self, _: Request<pb::MigrateRequest>) -> R<pb::MigrationPlan> {
+            self.gate("plan_migration")?;
+            unimpl()
+        }
+        async fn start_migration(&self, _: Request<pb::MigrateRequest>) -> R<pb::JobRecord> {
+            self.gate("start_migration")?;
+            unimpl()
+        }
+        async fn list_jobs(&self, _: Request<pb::ListJobsRequest>) -> R<pb::ListJobsResponse> {
+            self.gate("list_jobs")?;
+            unimpl()
+        }
+        async fn get_job(&self, _: Request<pb::GetJobRequest>) -> R<pb::JobRecord> {
+            self.gate("get_job")?;
+            unimpl()
+        }
+        async fn watch_job(&self, _: Request<pb::GetJobRequest>) -> R<JobStream> {
+            self.gate("watch_job")?;
+            unimpl()
+        }
+        async fn list_audit(&self, _: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {
+            self.gate("list_audit")?;
+            unimpl()
+        }
+        async fn set_host_status(&self, r: Request<pb::SetHostStatusRequest>) -> R<pb::HostRecord> {
+            self.gate("set_host_status")?;
+            let _ = r.into_inner();
+            Ok(Response::new(pb::HostRecord::default()))
+        }
+        async fn plan_cleanup(&self, _: Request<pb::CleanupRequest>) -> R<pb::CleanupPlan> {
+            self.gate("plan_cleanup")?;
+            unimpl()
+        }
+        async fn cleanup(&self, _: Request<pb::CleanupRequest>) -> R<pb::CleanupPlan> {
+            self.gate("cleanup")?;
+            unimpl()
+        }
+        async fn list_alarms(&self, _: Request<pb::ListAlarmsRequest>) -> R<pb::ListAlarmsResponse> {
+            self.gate("list_alarms")?;
+            unimpl()
+        }
+        async fn clear_alarms(&self, _: Request<pb::ClearAlarmsRequest>) -> R<pb::ClearAlarmsResponse> {
+            self.gate("clear_alarms")?;
+            unimpl()
+        }
+        async fn restore_guest(&self, _: Request<pb::RestoreGuestRequest>) -> R<pb::GuestRecord> {
+            self.gate("restore_guest")?;
+            unimpl()
+        }
+        async fn forget_guest(&self, _: Request<pb::ForgetGuestRequest>) -> R<pb::ForgetGuestResponse> {
+            self.gate("forget_guest")?;
+            unimpl()
+        }
+        async fn start_vm(&self, _: Request<pb::StartVmRequest>) -> R<pb::GuestRecord> {
+            self.gate("start_vm")?;
+            unimpl()
+        }
+    }
+
+    /// Serves `fake` with a controller certificate of `dir`'s CA; returns its URL.
+    async fn serve(dir: &std::path::Path, fake: FakeAdmin) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let files = lifeboat_common::tls::TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("controller.pem"),
+            key: dir.join("controller.key"),
+        };
+        let tls = files.load().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(tls.server_config())
+                .unwrap()
+                .add_service(pb::admin_server::AdminServer::new(fake))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("https://{addr}")
+    }
+
+    fn pki_dir() -> tempfile::TempDir {
+        lifeboat_common::tls::install_crypto_provider();
+        let d = tempfile::tempdir().unwrap();
+        pki::init(d.path()).unwrap();
+        pki::issue(d.path(), d.path(), &Leaf::Controller(vec![])).unwrap();
+        pki::issue(d.path(), d.path(), &Leaf::Client("alice".into(), Role::Operator)).unwrap();
+        d
+    }
+
+    fn set_status(dir: &std::path::Path, urls: &[&str]) -> Cli {
+        use clap::FromArgMatches;
+        let mut argv: Vec<String> = vec!["lifeboat".into()];
+        for u in urls {
+            argv.extend(["--controller-url".to_string(), u.to_string()]);
+        }
+        for (flag, file) in [("--ca", "ca.pem"), ("--cert", "client-alice.pem"), ("--key", "client-alice.key")] {
+            argv.extend([flag.to_string(), dir.join(file).display().to_string()]);
+        }
+        argv.extend(
+            ["--timeout", "5", "hosts", "set-status", "host-a", "maintenance", "--reason", "t"].map(String::from),
+        );
+        Cli::from_arg_matches(&command().try_get_matches_from(argv).unwrap()).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mutation_through_a_follower_reaches_the_leader_exactly_once() {
+        let d = pki_dir();
+        let leader = FakeAdmin::default();
+        let leader_url = serve(d.path(), leader.clone()).await;
+        let follower = FakeAdmin { leader: Some(leader_url.clone()), ..Default::default() };
+        let follower_url = serve(d.path(), follower.clone()).await;
+        // Another follower after it in the list, knowing no leader: the hint skips it.
+        let idle = FakeAdmin { leader: Some(String::new()), ..Default::default() };
+        let idle_url = serve(d.path(), idle.clone()).await;
+        // Comma-separated in one flag and repeated.
+        run(set_status(d.path(), &[&format!("{follower_url},{idle_url}"), &leader_url])).await.unwrap();
+        assert_eq!(follower.calls(), ["who_am_i"], "the follower saw only the read-only first call");
+        assert!(idle.calls().is_empty(), "{:?}", idle.calls());
+        assert_eq!(leader.calls(), ["who_am_i", "set_host_status"], "the mutation reached the leader once");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mutation_refused_by_a_leader_that_lost_leadership_is_reported_not_sent_elsewhere() {
+        let d = pki_dir();
+        let lost = FakeAdmin { lost_after_whoami: true, ..Default::default() };
+        let lost_url = serve(d.path(), lost.clone()).await;
+        let other = FakeAdmin::default();
+        let other_url = serve(d.path(), other.clone()).await;
+        let e = run(set_status(d.path(), &[&lost_url, &other_url])).await.unwrap_err();
+        assert_eq!(e.exit_code(), 3, "{e}");
+        assert!(e.to_string().contains("not the leader") && e.to_string().contains("nothing was changed"), "{e}");
+        assert_eq!(lost.calls(), ["who_am_i", "set_host_status"]);
+        assert!(other.calls().is_empty(), "the command was sent on to another controller: {:?}", other.calls());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_leader_is_an_error_naming_each_url_and_its_answer() {
+        let d = pki_dir();
+        let a = FakeAdmin { leader: Some(String::new()), ..Default::default() };
+        let a_url = serve(d.path(), a.clone()).await;
+        // A closed port: bound, then released.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let dead_url = format!("https://{dead}");
+        let e = run(set_status(d.path(), &[&a_url, &dead_url])).await.unwrap_err();
+        let m = e.to_string();
+        assert_eq!(e.exit_code(), 3, "{m}");
+        assert!(m.contains(&format!("{a_url}: not the leader, and it knows no leader")), "{m}");
+        assert!(m.contains(&format!("{dead_url}: cannot reach the controller")), "{m}");
+        assert_eq!(a.calls(), ["who_am_i"]);
+    }
+
+    #[test]
+    fn the_controller_url_takes_commas_also_from_the_environment() {
+        let c = command();
+        let a = c.get_arguments().find(|a| a.get_id() == "controller_url").unwrap();
+        assert_eq!(a.get_value_delimiter(), Some(','));
+        assert_eq!(a.get_env().and_then(|e| e.to_str()), Some("LIFEBOAT_CONTROLLER"));
     }
 }
