@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use thiserror::Error;
 
 mod schema;
+pub mod etcd;
 pub mod sqlite;
 
 #[cfg(test)]
@@ -199,6 +200,11 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn execute_raw(&self, sql: &str) -> Result<usize, StoreError> {
         Ok(self.conn.execute(sql, [])?)
+    }
+
+    /// The connection (backends built over the SQLite cache, e.g. etcd).
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
     }
 
     /// Records when hosts were last heard from (observed state).

@@ -40,6 +40,11 @@ impl SqliteRepos {
         SqliteRepos { store }
     }
 
+    /// The store underneath (backends that wrap this adapter).
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Opens (creating and migrating) the database at `path` and starts the
     /// store thread on it.
     pub fn start(path: &Path) -> RepoResult<Repos> {
