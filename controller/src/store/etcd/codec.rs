@@ -1,7 +1,7 @@
 //! How a SQLite row lives in etcd: its key
 //! (`{prefix}v1/{table}/{primary key, percent-encoded, '/'-joined}`) and its
 //! value, a protobuf `Row` (every column by name with its typed value, in
-//! `pragma table_info` order; `hosts.last_seen_ms` left out: observed state).
+//! `pragma table_info` order; the observed columns of [`observed_column`] left out).
 //! Everything read back from etcd is untrusted: a key or value that does
 //! not decode is an error, never a default.
 
@@ -47,9 +47,12 @@ pub struct Row {
     pub cols: Vec<Col>,
 }
 
-/// Columns that are observed state: kept in the cache, never replicated.
+/// Columns that are observed state: kept in the cache, never replicated
+/// (a replica sets them to its load time). `hosts.last_seen_ms`: when the
+/// host was last heard from; `guests.updated_ms`: when its report last
+/// changed, so writing an unchanged report again writes nothing to etcd.
 pub(crate) fn observed_column(table: &str, col: &str) -> bool {
-    table == "hosts" && col == "last_seen_ms"
+    matches!((table, col), ("hosts", "last_seen_ms") | ("guests", "updated_ms"))
 }
 
 /// A table's shape, read from the cache's schema.
