@@ -9,8 +9,8 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use thiserror::Error;
 
-mod schema;
 pub mod etcd;
+mod schema;
 pub mod sqlite;
 
 #[cfg(test)]

@@ -83,9 +83,7 @@ pub(crate) fn tables(conn: &Connection) -> Result<Vec<Table>, EtcdError> {
         let mut st = conn.prepare(&format!("PRAGMA main.table_info({})", quote(&name)))?;
         let mut cols = Vec::new();
         let mut pk: Vec<(i64, String)> = Vec::new();
-        let rows = st.query_map([], |r| {
-            Ok((r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(5)?))
-        })?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(5)?)))?;
         for row in rows {
             let (c, ty, k) = row?;
             if k > 0 {
@@ -219,7 +217,8 @@ pub(crate) fn encode_row(conn: &Connection, t: &Table, pk: &[Value]) -> Result<O
 
 /// Every row of a table, keyed and encoded (import, tests).
 pub(crate) fn encode_table(conn: &Connection, prefix: &str, t: &Table) -> Result<Vec<(String, Vec<u8>)>, EtcdError> {
-    let sql = format!("SELECT {} FROM main.{}", t.pk.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", "), quote(&t.name));
+    let sql =
+        format!("SELECT {} FROM main.{}", t.pk.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", "), quote(&t.name));
     let mut st = conn.prepare(&sql)?;
     let n = t.pk.len();
     let pks: Vec<Vec<Value>> = st
@@ -312,7 +311,9 @@ mod tests {
         assert_eq!(pk, vec![Value::Text("h/1 %".into()), Value::Text("u".into())]);
         let (tb, pk) = parse_key("/lb/", &t, b"/lb/v1/audit/42").unwrap();
         assert_eq!((tb.name.as_str(), pk), ("audit", vec![Value::Integer(42)]));
-        for bad in [&b"/lb/v1/audit/x"[..], b"/lb/v1/nope/1", b"/lb/v1/guests/h", b"/lb/v1/guests/h/u/v", b"/x/v1/audit/1"] {
+        for bad in
+            [&b"/lb/v1/audit/x"[..], b"/lb/v1/nope/1", b"/lb/v1/guests/h", b"/lb/v1/guests/h/u/v", b"/x/v1/audit/1"]
+        {
             assert!(parse_key("/lb/", &t, bad).is_none(), "{}", String::from_utf8_lossy(bad));
         }
         assert!(parse_key("/lb/", &t, b"/lb/v1/hosts/%G1").is_none());

@@ -102,13 +102,14 @@ pub async fn connect(cfg: &StoreConfig) -> Result<Client, EtcdError> {
     if cfg.ca.is_some() || cfg.cert.is_some() {
         let mut tls = etcd_client::TlsOptions::new();
         if let Some(ca) = &cfg.ca {
-            let pem = std::fs::read(ca).map_err(|e| EtcdError::Config(format!("cannot read ca {}: {e}", ca.display())))?;
+            let pem =
+                std::fs::read(ca).map_err(|e| EtcdError::Config(format!("cannot read ca {}: {e}", ca.display())))?;
             tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
         }
         match (&cfg.cert, &cfg.key) {
             (Some(c), Some(k)) => {
-                let cert =
-                    std::fs::read(c).map_err(|e| EtcdError::Config(format!("cannot read cert {}: {e}", c.display())))?;
+                let cert = std::fs::read(c)
+                    .map_err(|e| EtcdError::Config(format!("cannot read cert {}: {e}", c.display())))?;
                 let key =
                     std::fs::read(k).map_err(|e| EtcdError::Config(format!("cannot read key {}: {e}", k.display())))?;
                 tls = tls.identity(etcd_client::Identity::from_pem(cert, key));

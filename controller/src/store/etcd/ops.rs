@@ -228,7 +228,10 @@ pub async fn restore(client: &mut Client, prefix: &str, from: &Path) -> Result<O
         let full = format!("{prefix}{}", kv.key);
         cache.apply(prefix, full.as_bytes(), Some(&kv.value), 0);
         if cache.refused > 0 {
-            return Err(EtcdError::Refused(format!("refused: the export's key {} does not decode (nothing written)", kv.key)));
+            return Err(EtcdError::Refused(format!(
+                "refused: the export's key {} does not decode (nothing written)",
+                kv.key
+            )));
         }
         kvs.push((full, kv.value));
     }

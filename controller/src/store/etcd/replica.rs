@@ -133,7 +133,9 @@ pub(crate) async fn check_schema(client: &mut Client, prefix: &str) -> Result<(O
 /// Whether any row key exists under the prefix.
 pub(crate) async fn has_rows(client: &mut Client, prefix: &str) -> Result<bool, EtcdError> {
     let p = rows_prefix(prefix);
-    let r = client.get(p.as_bytes(), Some(GetOptions::new().with_range(prefix_end(p.as_bytes())).with_count_only())).await?;
+    let r = client
+        .get(p.as_bytes(), Some(GetOptions::new().with_range(prefix_end(p.as_bytes())).with_count_only()))
+        .await?;
     Ok(r.count() > 0)
 }
 
@@ -200,7 +202,10 @@ impl Replica {
         }
 
         let (requests, mut stream) = client
-            .watch(p.as_bytes(), Some(WatchOptions::new().with_range(end).with_start_revision(rev + 1).with_progress_notify()))
+            .watch(
+                p.as_bytes(),
+                Some(WatchOptions::new().with_range(end).with_start_revision(rev + 1).with_progress_notify()),
+            )
             .await?
             .split();
         let cache = Arc::new(Mutex::new(Some(cache)));
@@ -335,7 +340,9 @@ impl Replica {
             let r = client.txn(txn).await?;
             if !r.succeeded() {
                 leadership.lose("the leadership key changed while the schema key was written");
-                return Err(EtcdError::Refused("promotion refused: leadership lost while writing the schema key".into()));
+                return Err(EtcdError::Refused(
+                    "promotion refused: leadership lost while writing the schema key".into(),
+                ));
             }
         }
         repos.limits = limits;

@@ -56,7 +56,14 @@ fn audit(detail: &str) -> AuditRow {
 }
 
 fn owner(uuid: &str, host: &str, generation: u64) -> OwnerRow {
-    OwnerRow { uuid: uuid.into(), host: host.into(), generation, from_host: String::new(), job: String::new(), complete: true }
+    OwnerRow {
+        uuid: uuid.into(),
+        host: host.into(),
+        generation,
+        from_host: String::new(),
+        job: String::new(),
+        complete: true,
+    }
 }
 
 fn guest_bytes(uuid: &str, def: &str) -> Vec<u8> {
@@ -110,12 +117,18 @@ async fn a_touch_alone_and_an_unchanged_guest_write_nothing_to_etcd() {
     let before = revision(&mut c).await;
     repos.hosts(|h| h.touch(&[("h1".to_string(), 999)])).await.unwrap();
     let g2 = g.clone();
-    repos.guests(move |r| r.write("h1", &[GuestWrite { uuid: "u1", name: "vm-u1", data: &g2 }], &[], 1000)).await.unwrap();
+    repos
+        .guests(move |r| r.write("h1", &[GuestWrite { uuid: "u1", name: "vm-u1", data: &g2 }], &[], 1000))
+        .await
+        .unwrap();
     assert_eq!(revision(&mut c).await, before, "a touch and an unchanged guest report write nothing");
     let local = repos.hosts(|h| h.get("h1")).await.unwrap().unwrap();
     assert_eq!(local.last_seen_ms, 999, "the touch is kept in the cache");
     let changed = guest_bytes("u1", "<domain><name>x</name></domain>");
-    repos.guests(move |r| r.write("h1", &[GuestWrite { uuid: "u1", name: "vm-u1", data: &changed }], &[], 1001)).await.unwrap();
+    repos
+        .guests(move |r| r.write("h1", &[GuestWrite { uuid: "u1", name: "vm-u1", data: &changed }], &[], 1001))
+        .await
+        .unwrap();
     assert_eq!(revision(&mut c).await, before + 1, "a changed definition is one write");
     repos.shutdown().await.unwrap();
 }
