@@ -327,7 +327,7 @@ impl Replica {
     /// [`Replica::promote`], with writes checked against `limits` before
     /// they are sent.
     pub async fn promote_with(mut self, leadership: Arc<Leadership>, limits: WriteLimits) -> Result<Repos, EtcdError> {
-        let (mut repos, _) = self.into_repos(Some(leadership.clone())).await?;
+        let (mut repos, _) = self.take_repos(Some(leadership.clone())).await?;
         let mut client = repos.client.clone();
         let (schema, _) = check_schema(&mut client, &repos.prefix).await?;
         if schema.is_none() {
@@ -346,17 +346,17 @@ impl Replica {
             }
         }
         repos.limits = limits;
-        Ok(Repos::start(Box::new(repos)).map_err(|e| EtcdError::Refused(e.to_string()))?)
+        Repos::start(Box::new(repos)).map_err(|e| EtcdError::Refused(e.to_string()))
     }
 
     /// A store thread over the cache with no leadership: reads only, every
     /// write refused (tools, tests).
     pub async fn read_only(mut self) -> Result<Repos, EtcdError> {
-        let (repos, _) = self.into_repos(None).await?;
-        Ok(Repos::start(Box::new(repos)).map_err(|e| EtcdError::Refused(e.to_string()))?)
+        let (repos, _) = self.take_repos(None).await?;
+        Repos::start(Box::new(repos)).map_err(|e| EtcdError::Refused(e.to_string()))
     }
 
-    async fn into_repos(&mut self, leadership: Option<Arc<Leadership>>) -> Result<(EtcdRepos, i64), EtcdError> {
+    async fn take_repos(&mut self, leadership: Option<Arc<Leadership>>) -> Result<(EtcdRepos, i64), EtcdError> {
         let at = self.catch_up().await?;
         if let Some(t) = self.task.take() {
             t.abort();

@@ -360,7 +360,7 @@ async fn export_restore_and_import_refuse_a_used_prefix_or_an_elected_leader() {
     assert!(revision(&mut c).await > before);
     let r = Replica::open(c.clone(), "/r/", &dir.path().join("r.db")).await.unwrap();
     assert_eq!(r.with_store(|s| s.owners().unwrap()).unwrap(), vec![owner("u1", "h1", 7)]);
-    assert_eq!(r.with_store(|s| s.host("h1").unwrap().is_some()).unwrap(), true);
+    assert!(r.with_store(|s| s.host("h1").unwrap().is_some()).unwrap());
 
     // A damaged export writes nothing.
     let mut bytes = std::fs::read(&file).unwrap();
