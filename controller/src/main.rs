@@ -84,7 +84,8 @@ fn etcd_op(cfg: &ControllerConfig, what: &str, op: EtcdOp) -> ExitCode {
     };
     let prefix = cfg.store.prefix.clone();
     let r = rt.block_on(async {
-        let mut client = etcd::connect(&cfg.store).await?;
+        let st = &cfg.store;
+        let mut client = etcd::connect(&st.endpoints, st.ca.as_deref(), st.cert.as_deref(), st.key.as_deref()).await?;
         match op {
             EtcdOp::Import(from) => etcd::ops::import(&mut client, &prefix, &from).await.map(|s| {
                 format!(
@@ -139,6 +140,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // backup, restore and init work on the SQLite `database`, which the
+    // etcd backend does not use: refuse rather than copy an unused file.
+    if matches!(cfg.store.backend, lifeboat_controller::config::Backend::Etcd)
+        && matches!(cli.cmd, Some(Cmd::Backup { .. } | Cmd::Restore { .. } | Cmd::Init))
+    {
+        eprintln!(
+            "lifeboat-controller: [store] backend = \"etcd\": use etcd-export (backup), etcd-restore (restore) or \
+             etcd-import (from a SQLite database) instead"
+        );
+        return ExitCode::from(2);
+    }
     match cli.cmd {
         Some(Cmd::Backup { out, force }) => {
             return match lifeboat_controller::backup::backup(&cfg.database, &out, force) {

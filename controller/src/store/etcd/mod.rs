@@ -23,6 +23,7 @@ pub mod ops;
 mod replica;
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -35,7 +36,6 @@ pub use replica::Replica;
 
 use super::SCHEMA_VERSION;
 use super::sqlite::SqliteRepos;
-use crate::config::StoreConfig;
 use crate::ha::Leadership;
 use crate::ports::{
     AlarmRepo, AuditRepo, GuestRepo, HostRepo, JobRepo, Maintenance, OwnershipRepo, QuarantineRepo, RepoError,
@@ -89,37 +89,40 @@ impl From<EtcdError> for RepoError {
     }
 }
 
-/// Connects to the etcd cluster `cfg` names (TLS when it names a CA or a
-/// client certificate). Call it from inside a multi-thread tokio runtime.
-pub async fn connect(cfg: &StoreConfig) -> Result<Client, EtcdError> {
-    if cfg.endpoints.is_empty() {
+/// Connects to the etcd cluster at `endpoints` (the `[store]` section's
+/// `endpoints`, `ca`, `cert`, `key`): TLS when a CA or a client certificate
+/// is named. Call it from inside a multi-thread tokio runtime.
+pub async fn connect(
+    endpoints: &[String],
+    ca: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<Client, EtcdError> {
+    if endpoints.is_empty() {
         return Err(EtcdError::Config("[store] endpoints is empty".into()));
     }
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-    if cfg.ca.is_some() || cfg.cert.is_some() {
+    if ca.is_some() || cert.is_some() {
+        let read = |what: &str, p: &Path| {
+            std::fs::read(p).map_err(|e| EtcdError::Config(format!("cannot read {what} {}: {e}", p.display())))
+        };
         let mut tls = etcd_client::TlsOptions::new();
-        if let Some(ca) = &cfg.ca {
-            let pem =
-                std::fs::read(ca).map_err(|e| EtcdError::Config(format!("cannot read ca {}: {e}", ca.display())))?;
-            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
+        if let Some(ca) = ca {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read("ca", ca)?));
         }
-        match (&cfg.cert, &cfg.key) {
+        match (cert, key) {
             (Some(c), Some(k)) => {
-                let cert = std::fs::read(c)
-                    .map_err(|e| EtcdError::Config(format!("cannot read cert {}: {e}", c.display())))?;
-                let key =
-                    std::fs::read(k).map_err(|e| EtcdError::Config(format!("cannot read key {}: {e}", k.display())))?;
-                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+                tls = tls.identity(etcd_client::Identity::from_pem(read("cert", c)?, read("key", k)?))
             }
             (None, None) => {}
             _ => return Err(EtcdError::Config("[store] cert and key go together".into())),
         }
         opts = opts.with_tls(tls);
     }
-    Ok(Client::connect(&cfg.endpoints, Some(opts)).await?)
+    Ok(Client::connect(endpoints, Some(opts)).await?)
 }
 
 /// The key holding the schema version.
