@@ -484,6 +484,21 @@ impl EtcdRepos {
     }
 }
 
+impl Maintenance for EtcdRepos {
+    fn checkpoint(&mut self) -> RepoResult<bool> {
+        // Inside a call's transaction a checkpoint cannot run; the cache is
+        // rebuilt from etcd at every start and SQLite's automatic
+        // checkpoints keep its WAL bounded.
+        if !self.conn().is_autocommit() {
+            return Ok(true);
+        }
+        self.inner.checkpoint()
+    }
+    fn set_read_only(&mut self, on: bool) -> RepoResult<()> {
+        self.inner.set_read_only(on)
+    }
+}
+
 impl Repositories for EtcdRepos {
     fn hosts(&mut self) -> &mut dyn HostRepo {
         &mut self.inner
@@ -507,7 +522,7 @@ impl Repositories for EtcdRepos {
         &mut self.inner
     }
     fn maintenance(&mut self) -> &mut dyn Maintenance {
-        &mut self.inner
+        self
     }
 
     fn begin(&mut self) -> RepoResult<()> {

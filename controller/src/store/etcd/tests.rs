@@ -122,6 +122,7 @@ async fn a_touch_alone_and_an_unchanged_guest_write_nothing_to_etcd() {
         .await
         .unwrap();
     assert_eq!(revision(&mut c).await, before, "a touch and an unchanged guest report write nothing");
+    assert!(repos.call(|r| r.maintenance().checkpoint()).await.unwrap(), "the periodic checkpoint does not fail");
     let local = repos.hosts(|h| h.get("h1")).await.unwrap().unwrap();
     assert_eq!(local.last_seen_ms, 999, "the touch is kept in the cache");
     let changed = guest_bytes("u1", "<domain><name>x</name></domain>");
