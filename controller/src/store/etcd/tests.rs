@@ -387,3 +387,52 @@ async fn export_restore_and_import_refuse_a_used_prefix_or_an_elected_leader() {
     assert_eq!(sum.keys, 1);
     assert_eq!(keys(&mut c, "/j/").await, ["/j/schema", "/j/v1/hosts/h9"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_follower_holds_every_write_of_the_old_leader_which_is_fenced() {
+    let Some((_e, mut c)) = etcd().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let follower = Replica::open(c.clone(), P, &dir.path().join("f.db")).await.unwrap();
+    let (old, old_lead) = leading(&c, dir.path()).await;
+    let g = guest_bytes("u1", "<domain/>");
+    old.call(move |r| {
+        r.hosts().upsert(&host("h1"), 5)?;
+        r.guests().write("h1", &[GuestWrite { uuid: "u1", name: "vm-u1", data: &g }], &[], 5)
+    })
+    .await
+    .unwrap();
+    // Queued back to back, not awaited one by one: the follower must catch up on promotion.
+    let pending: Vec<_> = (0..50).map(|i| old.audit(move |a| a.append(&audit(&format!("old {i}"))))).collect();
+    for p in pending {
+        p.await.unwrap();
+    }
+    old.guests(|g| g.delete("h1", "u1")).await.unwrap();
+    // The old leader's lease expired: its key is gone, the follower wins with a new one.
+    c.delete("/t/leader/test", None).await.unwrap();
+    let r = c.put("/t/leader/b", "http://b", None).await.unwrap();
+    let epoch = u64::try_from(r.header().unwrap().revision()).unwrap();
+    assert!(epoch > old_lead.epoch());
+    let new_lead = Arc::new(Leadership::new(
+        b"/t/leader/b".to_vec(),
+        epoch,
+        Duration::from_secs(600),
+        tokio::time::Instant::now(),
+    ));
+    let new = follower.promote(new_lead.clone()).await.unwrap();
+    let all = AuditFilter { limit: Some(1000), ..Default::default() };
+    let log = new.audit(move |a| a.read(&all)).await.unwrap();
+    assert_eq!(log.len(), 50, "every write of the old leader is in the new leader's cache");
+    assert!(new.guests(|g| g.all()).await.unwrap().is_empty(), "the delete was applied too");
+    new.audit(|a| a.append(&audit("new"))).await.unwrap();
+    let k = keys(&mut c, "/t/v1/audit/").await;
+    assert_eq!(k.len(), 51, "the new leader's entry got a new sequence number, none overwritten: {k:?}");
+    // The old leader still believes it leads (its local deadline has not passed): etcd fences it.
+    assert!(old_lead.holds());
+    let e = old.audit(|a| a.append(&audit("stale"))).await.unwrap_err();
+    assert!(e.to_string().contains("leadership key"), "{e}");
+    assert!(!old_lead.holds());
+    assert_eq!(keys(&mut c, "/t/v1/audit/").await.len(), 51);
+    assert!(new_lead.holds());
+    old.shutdown().await.unwrap();
+    new.shutdown().await.unwrap();
+}
