@@ -268,6 +268,13 @@ impl Replica {
         self.progress.borrow().applied
     }
 
+    /// Why the cache stopped following etcd (watch ended, failed or
+    /// compacted past), once it has: a follower should then restart (its
+    /// promotion would be refused anyway).
+    pub fn stopped_following(&self) -> Option<String> {
+        self.progress.borrow().failed.clone()
+    }
+
     /// Rows etcd holds that did not decode (not in the cache).
     pub fn refused_rows(&self) -> u64 {
         self.read(|c| c.refused).unwrap_or(0)

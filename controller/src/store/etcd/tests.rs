@@ -97,6 +97,7 @@ async fn a_write_reaches_etcd_as_keys_and_a_second_replica_sees_it() {
     let (h, owners, n) = seen(&fresh);
     assert!(h && n == 1 && owners == vec![owner("u1", "h1", 3)], "a new replica loads them");
     assert_eq!(fresh.refused_rows(), 0);
+    assert_eq!(follower.stopped_following(), None);
     repos.shutdown().await.unwrap();
 }
 
