@@ -47,6 +47,84 @@ enum Cmd {
     /// Create a new, empty database at the configured path (a new
     /// installation); refuses if it exists. A start never creates one.
     Init,
+    /// Copy a SQLite database into the configured etcd prefix (the upgrade
+    /// path to `[store] backend = "etcd"`): only into an empty prefix while no
+    /// controller is elected. Not atomic: after a failure, empty the prefix
+    /// and run it again.
+    EtcdImport {
+        /// The SQLite database (controller.db) to copy.
+        #[arg(long)]
+        from: PathBuf,
+    },
+    /// Write Lifeboat's keys in etcd, read at one revision, into a file (a
+    /// backup; the controllers may run).
+    EtcdExport {
+        /// The file to write (refused if it exists).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Write an export back into an EMPTY etcd prefix while no controller
+    /// is elected.
+    EtcdRestore {
+        /// The export file.
+        #[arg(long)]
+        from: PathBuf,
+    },
+}
+
+/// Runs one etcd operation (import, export, restore) on its own runtime.
+fn etcd_op(cfg: &ControllerConfig, what: &str, op: EtcdOp) -> ExitCode {
+    use lifeboat_controller::store::etcd;
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lifeboat-controller: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let prefix = cfg.store.prefix.clone();
+    let r = rt.block_on(async {
+        let st = &cfg.store;
+        let mut client = etcd::connect(&st.endpoints, st.ca.as_deref(), st.cert.as_deref(), st.key.as_deref()).await?;
+        match op {
+            EtcdOp::Import(from) => etcd::ops::import(&mut client, &prefix, &from).await.map(|s| {
+                format!(
+                    "imported {} keys from {} under {prefix} in {} etcd transactions; start the controllers",
+                    s.keys,
+                    from.display(),
+                    s.revision_or_txns
+                )
+            }),
+            EtcdOp::Export(to) => etcd::ops::export(&mut client, &prefix, &to).await.map(|s| {
+                format!(
+                    "exported {} keys under {prefix} at etcd revision {} to {}",
+                    s.keys,
+                    s.revision_or_txns,
+                    to.display()
+                )
+            }),
+            EtcdOp::Restore(from) => etcd::ops::restore(&mut client, &prefix, &from).await.map(|s| {
+                format!("restored {} keys from {} under {prefix}; start the controllers", s.keys, from.display())
+            }),
+        }
+    });
+    match r {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lifeboat-controller: {what}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An etcd operation and its file.
+enum EtcdOp {
+    Import(PathBuf),
+    Export(PathBuf),
+    Restore(PathBuf),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +140,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // backup, restore and init work on the SQLite `database`, which the
+    // etcd backend does not use: refuse rather than copy an unused file.
+    if matches!(cfg.store.backend, lifeboat_controller::config::Backend::Etcd)
+        && matches!(cli.cmd, Some(Cmd::Backup { .. } | Cmd::Restore { .. } | Cmd::Init))
+    {
+        eprintln!(
+            "lifeboat-controller: [store] backend = \"etcd\": use etcd-export (backup), etcd-restore (restore) or \
+             etcd-import (from a SQLite database) instead"
+        );
+        return ExitCode::from(2);
+    }
     match cli.cmd {
         Some(Cmd::Backup { out, force }) => {
             return match lifeboat_controller::backup::backup(&cfg.database, &out, force) {
@@ -99,6 +188,9 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Cmd::EtcdImport { from }) => return etcd_op(&cfg, "etcd-import", EtcdOp::Import(from)),
+        Some(Cmd::EtcdExport { to }) => return etcd_op(&cfg, "etcd-export", EtcdOp::Export(to)),
+        Some(Cmd::EtcdRestore { from }) => return etcd_op(&cfg, "etcd-restore", EtcdOp::Restore(from)),
         None => {}
     }
     // One list of checks for a start and for --check-config.

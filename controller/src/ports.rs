@@ -363,6 +363,25 @@ pub trait Repositories: Send {
     fn quarantine(&mut self) -> &mut dyn QuarantineRepo;
     /// Backend upkeep.
     fn maintenance(&mut self) -> &mut dyn Maintenance;
+
+    /// Opens the one outer transaction a store-thread call runs in (the
+    /// store's own transactions nest in it as savepoints). The default does
+    /// nothing: each SQLite method commits on its own. A replicated backend
+    /// (etcd) opens a local transaction here so a call's changes reach the
+    /// replicated store as one atomic write, or not at all.
+    fn begin(&mut self) -> RepoResult<()> {
+        Ok(())
+    }
+
+    /// Ends a call that returned `Ok`: makes its changes durable (for etcd:
+    /// one guarded etcd transaction, then the local commit). An error here
+    /// becomes the call's error, and the call's changes are rolled back.
+    fn commit(&mut self) -> RepoResult<()> {
+        Ok(())
+    }
+
+    /// Ends a call that failed or panicked: nothing it changed stays.
+    fn rollback(&mut self) {}
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use thiserror::Error;
 
+pub mod etcd;
 mod schema;
 pub mod sqlite;
 
@@ -163,6 +164,11 @@ impl Store {
     /// when they reconnect. Ownership, jobs, moves, desired state and the
     /// audit log are always written with `synchronous = FULL`.
     fn observed<R>(&mut self, f: impl FnOnce(&mut Connection) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        // Inside a backend's outer transaction (etcd cache) the safety level
+        // cannot change, and that outer transaction decides durability.
+        if !self.conn.is_autocommit() {
+            return f(&mut self.conn);
+        }
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         let r = f(&mut self.conn);
         let back = self.conn.pragma_update(None, "synchronous", "FULL");
@@ -196,10 +202,15 @@ impl Store {
         Ok(self.conn.execute(sql, [])?)
     }
 
+    /// The connection (backends built over the SQLite cache, e.g. etcd).
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
     /// Records when hosts were last heard from (observed state).
     pub fn touch_hosts(&mut self, seen: &[(String, i64)]) -> Result<(), StoreError> {
         self.observed(|conn| {
-            let tx = conn.transaction()?;
+            let tx = conn.savepoint()?;
             {
                 let mut st =
                     tx.prepare_cached("UPDATE hosts SET last_seen_ms = ?2 WHERE host_id = ?1 AND last_seen_ms < ?2")?;
@@ -226,7 +237,7 @@ impl Store {
             return Ok(());
         }
         self.observed(|conn| {
-            let tx = conn.transaction()?;
+            let tx = conn.savepoint()?;
             {
                 let mut del = tx.prepare_cached("DELETE FROM guests WHERE host_id = ?1 AND uuid = ?2")?;
                 for u in deletes {
@@ -271,7 +282,7 @@ impl Store {
         reason: &str,
         audit: Option<&AuditRow>,
     ) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let n = tx.execute(
             "UPDATE hosts SET status = ?2, status_reason = ?3 WHERE host_id = ?1",
             params![host_id, status, reason],
@@ -301,7 +312,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         {
             let mut st = tx.prepare_cached(
                 "INSERT INTO desired (uuid, host, state, updated_ms) VALUES (?1, ?2, ?3, ?4)
@@ -375,7 +386,7 @@ impl Store {
         kind: &str,
         audit: &AuditRow,
     ) -> Result<Vec<(i64, i64, String)>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let active: Vec<(i64, i64, String)> = {
             let mut st = tx.prepare(
                 "SELECT id, at_ms, detail FROM alarms WHERE host = ?1 AND kind = ?2 AND cleared_ms = 0 ORDER BY id",
@@ -411,7 +422,7 @@ impl Store {
 
     /// Records that a move's stale definition was removed, with an audit entry.
     pub fn mark_cleaned(&mut self, job_id: &str, uuid: &str, audit: &AuditRow) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "UPDATE moves SET cleaned_ms = ?3 WHERE job_id = ?1 AND uuid = ?2",
             params![job_id, uuid, crate::now_ms()],
@@ -492,7 +503,7 @@ impl Store {
     /// Fails with [`StoreError::Busy`] when another job on the same source
     /// is still active.
     pub fn create_job(&mut self, job: &JobRow, moves: &[MoveRow], audit: &AuditRow) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let active: Option<String> = tx
             .query_row(
                 "SELECT id FROM jobs WHERE source = ?1 AND state NOT IN ('SUCCEEDED','PARTIAL','FAILED')",
@@ -551,7 +562,7 @@ impl Store {
         error: &str,
         audit: Option<&AuditRow>,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "UPDATE jobs SET state = ?2, error = ?3, updated_ms = ?4 WHERE id = ?1",
             params![id, state, error, crate::now_ms()],
@@ -575,7 +586,7 @@ impl Store {
         waiting: &[WaitingRow],
         moved: &[String],
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "UPDATE jobs SET state = ?2, error = ?3, updated_ms = ?4 WHERE id = ?1",
             params![id, state, error, crate::now_ms()],
@@ -620,7 +631,7 @@ impl Store {
     /// A guest stops waiting (it runs, or moved): the row goes, with its
     /// audit entry, atomically. Returns whether it was waiting.
     pub fn end_waiting(&mut self, w: &WaitingRow, audit: &AuditRow) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         // Only the wait that was judged: a job that ended meanwhile may have
         // written a new one for the same guest (another host or job).
         let n = tx.execute(
@@ -645,7 +656,7 @@ impl Store {
         owner: Option<&OwnerRow>,
         audit: Option<&AuditRow>,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "UPDATE moves SET state = ?3, error = ?4, updated_ms = ?5 WHERE job_id = ?1 AND uuid = ?2",
             params![job_id, uuid, state, error, crate::now_ms()],
@@ -954,7 +965,7 @@ impl Store {
     /// Records a guest's owner outside a move (ownership rebuilt from what a
     /// host reports), with its audit entry, in one transaction.
     pub fn set_owner(&mut self, o: &OwnerRow, audit: &AuditRow) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         upsert_owner(&tx, o)?;
         insert_audit(&tx, audit)?;
         tx.commit()?;
@@ -983,7 +994,7 @@ impl Store {
         since_ms: i64,
         audit: &AuditRow,
     ) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let n = tx.execute(
             "INSERT INTO missing (uuid, host, name, data, since_ms)
                 SELECT uuid, host_id, name, data, ?3 FROM guests WHERE host_id = ?1 AND uuid = ?2
@@ -1019,7 +1030,7 @@ impl Store {
     /// with its audit entry; `forget` also drops its desired state. Returns
     /// whether a mark was there (none: nothing written).
     pub fn clear_missing(&mut self, uuid: &str, forget: bool, audit: &AuditRow) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         if tx.execute("DELETE FROM missing WHERE uuid = ?1", params![uuid])? == 0 {
             return Ok(false);
         }
@@ -1035,7 +1046,7 @@ impl Store {
     /// (`lifeboat vms restore --to`, or a first ownership record for a
     /// guest never moved), with its desired state and audit entry.
     pub fn record_restore_owner(&mut self, o: &OwnerRow, desired: &str, audit: &AuditRow) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         upsert_owner(&tx, o)?;
         tx.execute(
             "INSERT INTO desired (uuid, host, state, updated_ms) VALUES (?1, ?2, ?3, ?4)
@@ -1306,7 +1317,7 @@ impl Store {
     /// host then takes no guests and is not reported AVAILABLE); one
     /// transaction. Returns the quarantine id.
     pub fn quarantine(&mut self, b: &BadRow, host_reason: &str) -> Result<i64, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "INSERT INTO quarantine (at_ms, source_table, row_key, uuid, host, reason, row_text, data)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",

@@ -61,6 +61,32 @@ fn guarded<R>(f: impl FnOnce() -> RepoResult<R>) -> RepoResult<R> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(RepoError::Panicked(panic_text(p.as_ref()))))
 }
 
+/// Runs one call inside the backend's per-call transaction: begin, run,
+/// then commit on `Ok` (a commit error becomes the call's error) or roll
+/// back on an error or a panic.
+fn in_transaction<R>(
+    r: &mut dyn Repositories,
+    f: impl FnOnce(&mut dyn Repositories) -> RepoResult<R>,
+) -> RepoResult<R> {
+    if let Err(e) = guarded(|| r.begin()) {
+        r.rollback();
+        return Err(e);
+    }
+    match guarded(|| f(&mut *r)) {
+        Ok(v) => match guarded(|| r.commit()) {
+            Ok(()) => Ok(v),
+            Err(e) => {
+                r.rollback();
+                Err(e)
+            }
+        },
+        Err(e) => {
+            r.rollback();
+            Err(e)
+        }
+    }
+}
+
 fn serve(mut backend: Box<dyn Repositories>, rx: mpsc::Receiver<Msg>) {
     // `recv` hands out every message sent before the last handle was
     // dropped, so dropping every handle also drains the queue.
@@ -106,7 +132,7 @@ impl Repos {
         if std::thread::current().id() == self.shared.thread {
             return Err(RepoError::Reentrant);
         }
-        let work: Work = Box::new(move |r| reply(guarded(|| f(r))));
+        let work: Work = Box::new(move |r| reply(in_transaction(r, f)));
         self.tx.send(Msg::Call(work)).map_err(|_| RepoError::Stopped)
     }
 

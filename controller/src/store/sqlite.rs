@@ -40,6 +40,11 @@ impl SqliteRepos {
         SqliteRepos { store }
     }
 
+    /// The store underneath (backends that wrap this adapter).
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Opens (creating and migrating) the database at `path` and starts the
     /// store thread on it.
     pub fn start(path: &Path) -> RepoResult<Repos> {
@@ -508,6 +513,87 @@ mod thread_tests {
              {blocking:?}; the same read inline under a mutex {inline:?}"
         );
         assert!(empty < Duration::from_millis(5), "{empty:?}");
+        repos.shutdown().await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod hook_tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// SQLite underneath, recording the per-call hooks; `fail_commit`
+    /// makes the next commit fail.
+    struct Recording {
+        inner: SqliteRepos,
+        log: Arc<Mutex<Vec<&'static str>>>,
+        fail_commit: Arc<Mutex<bool>>,
+    }
+
+    impl Repositories for Recording {
+        fn hosts(&mut self) -> &mut dyn HostRepo {
+            &mut self.inner
+        }
+        fn guests(&mut self) -> &mut dyn GuestRepo {
+            &mut self.inner
+        }
+        fn ownership(&mut self) -> &mut dyn OwnershipRepo {
+            &mut self.inner
+        }
+        fn jobs(&mut self) -> &mut dyn JobRepo {
+            &mut self.inner
+        }
+        fn alarms(&mut self) -> &mut dyn AlarmRepo {
+            &mut self.inner
+        }
+        fn audit(&mut self) -> &mut dyn AuditRepo {
+            &mut self.inner
+        }
+        fn quarantine(&mut self) -> &mut dyn QuarantineRepo {
+            &mut self.inner
+        }
+        fn maintenance(&mut self) -> &mut dyn Maintenance {
+            &mut self.inner
+        }
+        fn begin(&mut self) -> RepoResult<()> {
+            self.log.lock().unwrap().push("begin");
+            Ok(())
+        }
+        fn commit(&mut self) -> RepoResult<()> {
+            self.log.lock().unwrap().push("commit");
+            if std::mem::take(&mut *self.fail_commit.lock().unwrap()) {
+                return Err(RepoError::Backend { write_failure: true, source: "commit refused".into() });
+            }
+            Ok(())
+        }
+        fn rollback(&mut self) {
+            self.log.lock().unwrap().push("rollback");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_call_is_wrapped_commit_on_ok_rollback_on_error_panic_or_a_failed_commit() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let fail = Arc::new(Mutex::new(false));
+        let backend = Recording {
+            inner: SqliteRepos::new(Store::open_in_memory().unwrap()),
+            log: log.clone(),
+            fail_commit: fail.clone(),
+        };
+        let repos = Repos::start(Box::new(backend)).unwrap();
+        let take = || std::mem::take(&mut *log.lock().unwrap());
+        repos.call(|r| r.jobs().active()).await.unwrap();
+        assert_eq!(take(), ["begin", "commit"]);
+        repos.call(|_| -> RepoResult<()> { Err(RepoError::Corrupt("x".into())) }).await.unwrap_err();
+        assert_eq!(take(), ["begin", "rollback"]);
+        let e = repos.call(|_| -> RepoResult<()> { panic!("boom") }).await.unwrap_err();
+        assert!(matches!(e, RepoError::Panicked(_)), "{e}");
+        assert_eq!(take(), ["begin", "rollback"]);
+        *fail.lock().unwrap() = true;
+        let e = repos.call(|_| Ok(7)).await.unwrap_err();
+        assert!(e.is_write_failure() && e.to_string().contains("commit refused"), "{e}");
+        assert_eq!(take(), ["begin", "commit", "rollback"]);
         repos.shutdown().await.unwrap();
     }
 }
