@@ -61,11 +61,21 @@ impl Etcd {
             dir = base.join(format!("lifeboat-etcd-{n}-{stamp}-{i}"));
         }
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let client_port = free_port().map_err(|e| e.to_string())?;
-        let peer_port = free_port().map_err(|e| e.to_string())?;
-        let mut e = Etcd { child: None, dir, client_port, peer_port };
-        e.spawn()?;
-        Ok(e)
+        let mut e = Etcd { child: None, dir, client_port: 0, peer_port: 0 };
+        // A free port found here may be taken by a parallel test before etcd
+        // binds it: try fresh ports a few times.
+        let mut last = String::new();
+        for _ in 0..5 {
+            e.client_port = free_port().map_err(|e| e.to_string())?;
+            e.peer_port = free_port().map_err(|e| e.to_string())?;
+            let _ = std::fs::remove_dir_all(e.dir.join("data"));
+            match e.spawn() {
+                Ok(()) => return Ok(e),
+                Err(why) if why.contains("address already in use") => last = why,
+                Err(why) => return Err(why),
+            }
+        }
+        Err(last)
     }
 
     fn spawn(&mut self) -> Result<(), String> {
