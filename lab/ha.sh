@@ -352,14 +352,17 @@ ha_leader() {
   echo "? $val"
 }
 
-# The etcd keyspace starts empty: the first controller's `init` creates Lifeboat's schema in it.
-# TODO(lead): the store lane decides what `init` does with [store] backend = "etcd".
+# The etcd keyspace starts empty: Lifeboat's keys come from a new, empty SQLite database (`init`
+# with the single controller's config) copied in by `etcd-import`, the upgrade path from SQLite
+# (docs/operations.md), while no controller runs.
 ha_bootstrap() {
   local out
-  if out=$(ip netns exec "$(ctl_ns 1)" "$CTL_BIN" --config "$(ctl_dir 1)/controller.toml" init 2>&1); then
-    log "etcd store initialised: $out"
+  rm -f "$CTL_DB"
+  out=$("$CTL_BIN" --config "$CTL_CONFIG" init 2>&1) || die "lifeboat-controller init (SQLite, for the import) failed: $out"
+  if out=$(ip netns exec "$(ctl_ns 1)" "$CTL_BIN" --config "$(ctl_dir 1)/controller.toml" etcd-import --from "$CTL_DB" 2>&1); then
+    log "etcd: $out"
   else
-    warn "lifeboat-controller init with [store] etcd: $out"
+    warn "lifeboat-controller etcd-import into a new etcd failed: $out"
   fi
 }
 

@@ -69,6 +69,27 @@ fn exits(lab: &Lab, n: u32) -> Vec<(u64, i32)> {
         .collect()
 }
 
+/// One value of a Prometheus exposition (`name value` line), if present.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Whether controller `n` says it leads (`lifeboat_controller_leader`);
+/// `None` when it does not answer (not running, or not serving yet).
+fn ctl_leading(lab: &Lab, n: u32) -> Option<bool> {
+    let o = lab.run(&["metrics", &n.to_string()]);
+    if !o.status.success() {
+        return None;
+    }
+    metric(&String::from_utf8_lossy(&o.stdout), "lifeboat_controller_leader").map(|v| v > 0.5)
+}
+
+/// The highest controller epoch `host`'s agent has seen.
+fn agent_epoch(lab: &Lab, host: &str) -> Option<f64> {
+    let o = lab.run(&["agent-metrics", host]);
+    metric(&String::from_utf8_lossy(&o.stdout), "lifeboat_agent_controller_epoch")
+}
+
 fn wait_running(lab: &Lab, n: usize) {
     lab.wait(Duration::from_secs(60), "every guest listed as running", || {
         let v = lab.vms();
@@ -185,6 +206,7 @@ fn lab_ha_leader_killed_mid_forced_migration_standby_finishes_the_job_once() {
     let id = start_forced_migration(&lab, "host-a");
     wait_moves_done(&lab, &id, 2, 15);
     let old = leader(&lab).expect("a controller leads");
+    let epoch_before = agent_epoch(&lab, "host-b").expect("host-b's agent reports its controller epoch");
     let t = Instant::now();
     lab.ok(&["ctl-kill", &old.to_string()]);
     let (new, elected) = wait_new_leader(&lab, old, Duration::from_secs(30));
@@ -201,6 +223,8 @@ fn lab_ha_leader_killed_mid_forced_migration_standby_finishes_the_job_once() {
     let log = lab.cli_json(&["log", "--job", &id]).expect("audit log of the job");
     assert!(log.as_array().expect("entries").iter().any(|e| e["action"] == "job.resumed"), "{log}");
     assert_eq!(leader(&lab), Some(new), "the killed controller stays dead: nobody took over from {new}");
+    let epoch_after = agent_epoch(&lab, "host-b").unwrap_or_default();
+    assert!(epoch_after > epoch_before, "host-b follows the new leader's higher epoch: {epoch_before} -> {epoch_after}");
     lab.assert_never_two();
 }
 
@@ -220,29 +244,40 @@ fn lab_ha_leader_cut_from_etcd_stops_before_the_new_leader_acts() {
     let id = start_forced_migration(&lab, "host-a");
     wait_moves_done(&lab, &id, 1, 6);
     let old = leader(&lab).expect("a controller leads");
+    assert_eq!(ctl_leading(&lab, old), Some(true), "controller {old} leads by its own metrics");
+    let others: Vec<u32> = (1..=3).filter(|n| *n != old).collect();
+    let epoch_before = agent_epoch(&lab, "host-b").expect("host-b's agent reports its controller epoch");
     let before = exits(&lab, old).len();
-    let cut_at = now_ms();
+    let cut = Instant::now();
     lab.ok(&["ctl-partition", &old.to_string()]);
-    let (new, elected) = wait_new_leader(&lab, old, Duration::from_secs(30));
-    let elected_at = cut_at + u64::try_from(elected.as_millis()).unwrap_or(u64::MAX);
+    // One loop watches both, the old leader first in every round: when it stopped
+    // leading (its metrics say 0, or it no longer answers) and when another leads.
+    let (mut stopped, mut took_over): (Option<Duration>, Option<(u32, Duration)>) = (None, None);
+    while stopped.is_none() || took_over.is_none() {
+        assert!(cut.elapsed() < Duration::from_secs(30), "stopped {stopped:?}, taken over {took_over:?} after 30 s");
+        if stopped.is_none() && ctl_leading(&lab, old) != Some(true) {
+            stopped = Some(cut.elapsed());
+        }
+        if took_over.is_none() {
+            took_over = others.iter().find(|n| ctl_leading(&lab, **n) == Some(true)).map(|n| (*n, cut.elapsed()));
+        }
+    }
+    let (stopped, (new, took_over)) = (stopped.unwrap_or_default(), took_over.unwrap_or_default());
+    println!("leader {old} cut from etcd: it stopped leading after {stopped:?}; controller {new} leads after {took_over:?}");
+    // It stops 2/3 of its TTL after the send of its last answered renewal; nobody can be
+    // elected before its lease (the whole TTL after etcd saw that renewal) expires.
+    assert!(stopped < took_over, "the cut-off leader must stop before another leads");
     lab.wait(Duration::from_secs(15), "the cut-off leader exits", || exits(&lab, old).len() > before);
-    let (exit_at, status) = exits(&lab, old)[before];
-    println!(
-        "leader {old} cut from etcd: it exited with status {status} after {} ms; controller {new} seen leading after {} ms",
-        exit_at.saturating_sub(cut_at),
-        elected.as_millis()
-    );
-    assert_eq!(status, 3, "a controller that lost leadership exits with status 3");
-    // It stops commanding before it exits, and nobody can be elected before its
-    // lease (LEADER_TTL, renewed at most ~LEADER_TTL/4 before the cut) expires.
-    assert!(
-        exit_at.saturating_sub(cut_at) < u64::try_from(LEADER_TTL.as_millis()).unwrap_or(u64::MAX),
-        "the cut-off leader must stop before its lease can expire"
-    );
-    assert!(exit_at <= elected_at, "the old leader exited after a new one was seen leading");
+    assert_eq!(exits(&lab, old)[before].1, 3, "a controller that lost leadership exits with status 3");
     let j = wait_job_end(&lab, &id, Duration::from_secs(180));
     assert_eq!(j["state"], "SUCCEEDED", "{j}");
     assert_each_move_once(&lab, &j, "host-b");
+
+    let epoch_after = agent_epoch(&lab, "host-b").unwrap_or_default();
+    assert!(epoch_after > epoch_before, "host-b follows the new leader's higher epoch: {epoch_before} -> {epoch_after}");
+    let stale = lab.run(&["agent-metrics", "host-b"]);
+    let stale = metric(&String::from_utf8_lossy(&stale.stdout), "lifeboat_agent_stale_epoch_refused_total");
+    println!("host-b refused {stale:?} commands of a stale epoch");
 
     lab.ok(&["ctl-heal", &old.to_string()]);
     std::thread::sleep(LEADER_TTL * 2);
