@@ -364,6 +364,12 @@ ha_bootstrap() {
   else
     warn "lifeboat-controller etcd-import into a new etcd failed: $out"
   fi
+  # The etcd backend keeps nothing in `database`, but the controller's start checks still
+  # refuse a missing file there (TODO(lead)): give each controller the same empty database.
+  local n
+  for n in $(ctl_list); do
+    [ -e "$(ctl_dir "$n")/controller.db" ] || cp "$CTL_DB" "$(ctl_dir "$n")/controller.db"
+  done
 }
 
 # Whether this agent binary takes `[controller] urls = [...]` (several controllers).

@@ -1846,7 +1846,9 @@ case $CMD in
       n=${1:-}
       [ -n "$n" ] || n=$(ha_leader | awk '{print $1}') || die "no controller leads (lab.sh leader)"
       require_ctl "$n"
-      ip netns exec "$CTL_NS" curl -sf "http://$(ctl_ip "$n"):9464/metrics" || die "cannot read controller $n's metrics"
+      # bounded: a controller may accept on its metrics port and never answer
+      ip netns exec "$CTL_NS" curl -sf --max-time 3 "http://$(ctl_ip "$n"):9464/metrics" ||
+        die "cannot read controller $n's metrics (http://$(ctl_ip "$n"):9464/metrics)"
       exit 0
     fi
     # the controller's Prometheus metrics, fetched inside its network namespace
@@ -1889,8 +1891,12 @@ case $CMD in
     load_state
     urls=$CONTROLLER_URL
     if ha_enabled; then
-      # every controller: the CLI finds the leader (LAB_CLI_URL=URL talks to that one only)
+      # every controller: the CLI finds the leader (LAB_CLI_URL=URL talks to that one only,
+      # LAB_CLI_URL=leader to the one etcd names now)
       urls=${LAB_CLI_URL:-$(ctl_urls)}
+      if [ "$urls" = leader ]; then
+        urls=$(ha_leader | awk '{print $2}') || urls=$(ctl_urls)
+      fi
     fi
     if [ "$CMD" = cli-at ]; then
       require_ctl "${1:-}"
