@@ -111,8 +111,19 @@ fn fail_host(lab: &Lab, host: &str) {
 /// Starts a forced migration of `host`'s guests, one move at a time, without
 /// waiting; returns the job id.
 fn start_forced_migration(lab: &Lab, host: &str) -> String {
-    let (code, out, err) =
-        lab.cli(&["migrate", "--force", "--from", host, "--fence", "--parallel", "1", "--yes", "--no-wait", "-o", "json"]);
+    let (code, out, err) = lab.cli(&[
+        "migrate",
+        "--force",
+        "--from",
+        host,
+        "--fence",
+        "--parallel",
+        "1",
+        "--yes",
+        "--no-wait",
+        "-o",
+        "json",
+    ]);
     assert_eq!(code, 0, "{out}\n{err}");
     let job: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("job JSON ({e}): {out}"));
     job["id"].as_str().expect("job id").to_string()
@@ -210,9 +221,9 @@ fn lab_ha_leader_killed_mid_forced_migration_standby_finishes_the_job_once() {
     let t = Instant::now();
     lab.ok(&["ctl-kill", &old.to_string()]);
     let (new, elected) = wait_new_leader(&lab, old, Duration::from_secs(30));
-    let serving = lab.wait(Duration::from_secs(30), "the new leader answers", || {
-        lab.cli_json(&["jobs", "show", &id]).is_ok()
-    }) + elected;
+    let serving = lab
+        .wait(Duration::from_secs(30), "the new leader answers", || lab.cli_json(&["jobs", "show", &id]).is_ok())
+        + elected;
     println!("leader {old} SIGKILLed: controller {new} elected after {elected:?}, answering after {serving:?}");
     assert!(elected < FAILOVER_BOUND, "a standby must lead within {FAILOVER_BOUND:?}; took {elected:?}");
     let j = wait_job_end(&lab, &id, Duration::from_secs(180));
@@ -224,7 +235,10 @@ fn lab_ha_leader_killed_mid_forced_migration_standby_finishes_the_job_once() {
     assert!(log.as_array().expect("entries").iter().any(|e| e["action"] == "job.resumed"), "{log}");
     assert_eq!(leader(&lab), Some(new), "the killed controller stays dead: nobody took over from {new}");
     let epoch_after = agent_epoch(&lab, "host-b").unwrap_or_default();
-    assert!(epoch_after > epoch_before, "host-b follows the new leader's higher epoch: {epoch_before} -> {epoch_after}");
+    assert!(
+        epoch_after > epoch_before,
+        "host-b follows the new leader's higher epoch: {epoch_before} -> {epoch_after}"
+    );
     lab.assert_never_two();
 }
 
@@ -269,7 +283,10 @@ fn lab_ha_leader_cut_from_etcd_stops_before_the_new_leader_acts() {
     assert_each_move_once(&lab, &j, "host-b");
 
     let epoch_after = agent_epoch(&lab, "host-b").unwrap_or_default();
-    assert!(epoch_after > epoch_before, "host-b follows the new leader's higher epoch: {epoch_before} -> {epoch_after}");
+    assert!(
+        epoch_after > epoch_before,
+        "host-b follows the new leader's higher epoch: {epoch_before} -> {epoch_after}"
+    );
     let stale = lab.run(&["agent-metrics", "host-b"]);
     let stale = metric(&String::from_utf8_lossy(&stale.stdout), "lifeboat_agent_stale_epoch_refused_total");
     println!("host-b refused {stale:?} commands of a stale epoch");
@@ -281,7 +298,10 @@ fn lab_ha_leader_cut_from_etcd_stops_before_the_new_leader_acts() {
     let (code, err) = (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stderr).into_owned());
     let new_url = lab.paths.get(&format!("CTL_{new}_URL")).cloned().unwrap_or_default();
     assert_ne!(code, 0, "a follower refuses: {err}");
-    assert!(err.contains("not the leader") && err.contains(&new_url), "follower {old} must name leader {new_url}: {err}");
+    assert!(
+        err.contains("not the leader") && err.contains(&new_url),
+        "follower {old} must name leader {new_url}: {err}"
+    );
     lab.assert_never_two();
 }
 
@@ -340,7 +360,10 @@ fn lab_ha_etcd_member_loss_changes_nothing_and_total_loss_refuses_mutations_only
     let (code, out) = set_status(&lab, "host-b", "NOT_ACCEPTING");
     println!("mutation {} s into the etcd outage: exit {code}: {out}", now_ms().saturating_sub(stopped_at) / 1000);
     assert_ne!(code, 0, "{out}");
-    assert!(out.contains("not the leader"), "followers must refuse with \"not the leader; no leader is elected\": {out}");
+    assert!(
+        out.contains("not the leader"),
+        "followers must refuse with \"not the leader; no leader is elected\": {out}"
+    );
 
     // etcd back.
     let t = Instant::now();
@@ -354,9 +377,11 @@ fn lab_ha_etcd_member_loss_changes_nothing_and_total_loss_refuses_mutations_only
     assert!(t.elapsed() < Duration::from_secs(20), "normal within seconds of etcd's return");
     // No host was declared dead, nothing was moved (this test moves nothing at all).
     let log = lab.cli_json(&["log"]).unwrap_or_else(|e| panic!("{e}"));
-    let during = log.as_array().expect("entries").iter().filter(|e| {
-        e.get("at_unix_ms").and_then(Value::as_u64).is_none_or(|at| at >= stopped_at)
-    });
+    let during = log
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e.get("at_unix_ms").and_then(Value::as_u64).is_none_or(|at| at >= stopped_at));
     for e in during {
         let (action, detail) = (e["action"].as_str().unwrap_or_default(), e["detail"].to_string());
         let declared_dead = action == "host.status" && detail.contains("OFFLINE");
