@@ -158,10 +158,15 @@ kvm_usable() {
 # ---- hosts ----------------------------------------------------------------------------------
 load_state() {
   HOSTS=()
+  LAB_HA=0
   if [ -f "$STATE_FILE" ]; then
     # shellcheck disable=SC1090
     . "$STATE_FILE"
     read -r -a HOSTS <<<"${LAB_HOSTS:-}"
+  fi
+  if [ "$LAB_HA" = 1 ]; then
+    LEASE_TTL_MS=$LAB_HA_LEASE_TTL_MS
+    FORCE_GRACE_MS=$LAB_HA_FORCE_GRACE_MS
   fi
 }
 require_lab() {
@@ -321,7 +326,7 @@ state_dir = "/var/lib/lifeboat"
 metrics_listen = "$(host_ip "$h"):9465"
 
 [controller]
-url = "$CONTROLLER_URL"
+$(agent_controller_lines)
 server_name = "$CONTROLLER_SERVER_NAME"
 ca = "/etc/lifeboat/pki/ca.pem"
 cert = "/etc/lifeboat/pki/agent.pem"
@@ -427,7 +432,12 @@ make_pki() {
   mkdir -p "$PKI_DIR"
   "$CLI_BIN" certs init "$PKI_DIR" >/dev/null ||
     die "'lifeboat certs init $PKI_DIR' failed"
-  "$CLI_BIN" certs issue --ca-dir "$PKI_DIR" --controller --san "$CTL_IP" >/dev/null ||
+  local -a sans=(--san "$CTL_IP")
+  if ha_enabled; then
+    local n
+    for n in $(ctl_list); do sans+=(--san "$(ctl_ip "$n")"); done
+  fi
+  "$CLI_BIN" certs issue --ca-dir "$PKI_DIR" --controller "${sans[@]}" >/dev/null ||
     die "'lifeboat certs issue --controller' failed"
   local h r
   for h in "${HOSTS[@]}"; do
@@ -445,6 +455,10 @@ make_pki() {
 }
 
 # ---- controller -----------------------------------------------------------------------------
+# the verbs for the one SQLite controller refuse in an HA lab
+single_controller() {
+  ! ha_enabled || die "this is an HA lab: use ctl-kill|ctl-stop|ctl-start|ctl-partition|ctl-heal N (lab.sh help)"
+}
 controller_pids() {
   local p
   for p in $(pids_in_netns "$CTL_NS"); do
@@ -841,7 +855,7 @@ autostart_dir = "/etc/libvirt/qemu/autostart"
 state_dir = "$d/state"
 
 [controller]
-url = "$CONTROLLER_URL"
+$(agent_controller_lines)
 server_name = "$CONTROLLER_SERVER_NAME"
 ca = "$d/pki/ca.pem"
 cert = "$d/pki/agent.pem"
@@ -1149,6 +1163,8 @@ lab_down() {
   load_state
   # 0. the BMC power listener first (with any lab.sh it runs): nothing may boot a host any more
   listener_stop
+  # 0b. HA lab: the controllers' supervisors, so that none starts its controller again
+  ha_down_supervisors
   # 1. power every host off (SIGKILL to each PID namespace init)
   for h in "${HOSTS[@]}"; do
     if p=$(host_init_pid "$h"); then kill -KILL "$p" 2>/dev/null || true; fi
@@ -1192,8 +1208,8 @@ lab_down() {
 }
 
 lab_up() {
-  local nhosts=3 nguests=2 with_lifeboat=1 with_bmc=1 ctl_fs_mib=0
-  local up_usage="lab.sh up [--hosts N] [--guests N] [--no-lifeboat] [--no-bmc] [--controller-fs-mib N]"
+  local nhosts=3 nguests=2 with_lifeboat=1 with_bmc=1 ctl_fs_mib=0 ha=${LAB_HA:-0} nctl=${LAB_CONTROLLERS:-3}
+  local up_usage="lab.sh up [--hosts N] [--guests N] [--no-lifeboat] [--no-bmc] [--controller-fs-mib N] [--ha [--controllers N]]"
   while [ $# -gt 0 ]; do
     case $1 in
       --hosts) [ $# -ge 2 ] || usage_die "$up_usage"; nhosts=$2; shift 2 ;;
@@ -1204,6 +1220,9 @@ lab_up() {
       --no-bmc) with_bmc=0; shift ;;
       --controller-fs-mib) [ $# -ge 2 ] || usage_die "$up_usage"; ctl_fs_mib=$2; shift 2 ;;
       --controller-fs-mib=*) ctl_fs_mib=${1#*=}; shift ;;
+      --ha) ha=1; shift ;;
+      --controllers) [ $# -ge 2 ] || usage_die "$up_usage"; nctl=$2; shift 2 ;;
+      --controllers=*) nctl=${1#*=}; shift ;;
       *) usage_die "$up_usage   (unknown: $1)" ;;
     esac
   done
@@ -1211,6 +1230,8 @@ lab_up() {
   [[ "$nguests" =~ ^[0-9]+$ ]] && [ "$nguests" -le 50 ] || die "--guests must be 0..50"
   [[ "$ctl_fs_mib" =~ ^[0-9]+$ ]] && { [ "$ctl_fs_mib" = 0 ] || { [ "$ctl_fs_mib" -ge 8 ] && [ "$ctl_fs_mib" -le 4096 ]; }; } \
     || die "--controller-fs-mib must be 8..4096 (MiB)"
+  [ "$ha" = 0 ] || [ "$ha" = 1 ] || die "LAB_HA must be 0 or 1 (got '$ha')"
+  [[ "$nctl" =~ ^[1-3]$ ]] || die "--controllers must be 1..3"
   for b in libvirtd virsh qemu-system-x86_64 tini unshare nsenter ip; do
     command -v "$b" >/dev/null || die "$b not found: run scripts/install-deps.sh"
   done
@@ -1246,13 +1267,30 @@ LAB_HOSTS="${HOSTS[*]}"
 LAB_GUESTS_PER_HOST=$nguests
 LAB_KVM=$kvm
 LAB_CREATED="$(date -Is)"
+LAB_HA=$ha
 EOF
+  LAB_HA=$ha
+  if [ "$ha" = 1 ]; then
+    LAB_CONTROLLERS=$nctl
+    LEASE_TTL_MS=${LAB_LEASE_TTL_MS:-$HA_LEASE_TTL_MS_DEFAULT}
+    FORCE_GRACE_MS=${LAB_FORCE_GRACE_MS:-$HA_FORCE_GRACE_MS_DEFAULT}
+    cat >>"$STATE_FILE" <<EOF
+LAB_CONTROLLERS=$nctl
+LAB_ETCD_TLS=${LAB_ETCD_TLS:-1}
+LAB_HA_LEASE_TTL_MS=$LEASE_TTL_MS
+LAB_HA_FORCE_GRACE_MS=$FORCE_GRACE_MS
+EOF
+  fi
   [ "$kvm" = 1 ] || warn "guests run under TCG (<domain type='qemu'>): /dev/kvm is not usable or LAB_ACCEL=tcg"
 
   # networking
   setup_bridge_ns
   attach_ns "$CTL_NS" ve-ctl "$CTL_IP"
   for h in "${HOSTS[@]}"; do setup_host_net "$h"; done
+  if ha_enabled; then
+    for i in $(seq 1 "$ETCD_MEMBERS"); do attach_ns "$(etcd_ns "$i")" "ve-etcd$i" "$(etcd_ip "$i")"; done
+    for i in $(ctl_list); do attach_ns "$(ctl_ns "$i")" "ve-ctl$i" "$(ctl_ip "$i")"; done
+  fi
 
   # BMCs: files now (the controller's config names them), emulators start in the background
   if [ "$with_bmc" = 0 ]; then
@@ -1286,7 +1324,9 @@ EOF
       touch "$(host_dir "$h")/no-agent"
     fi
   done
-  if [ "$have_cli" = 1 ]; then
+  if [ "$have_cli" = 1 ] && ha_enabled; then
+    ha_up
+  elif [ "$have_cli" = 1 ]; then
     # A start never creates a database (a typo in its path would serve no
     # hosts): a new lab creates its empty one here, once.
     if [ -x "$CTL_BIN" ] && [ ! -e "$CTL_DB" ]; then
@@ -1395,6 +1435,7 @@ EOF
     echo "CLIENT_${r^^}_KEY=$PKI_DIR/client-$r.key"
   done
   echo "HOSTS=$(IFS=,; echo "${HOSTS[*]}")"
+  if ha_enabled; then ha_paths; fi
   if bmc_enabled; then
     cat <<EOF
 BMC_ENABLED=1
@@ -1447,11 +1488,15 @@ print_status() {
   load_state
   local h st agent lv
   if [ "${#HOSTS[@]}" -eq 0 ]; then echo "lab: down (no lab at $LAB_DIR)"; return 0; fi
-  if [ -n "$(controller_pids 2>/dev/null)" ]; then st=running; else st=stopped; fi
-  if ip -n "$BR_NS" -o link show ve-ctl 2>/dev/null | grep -q '<[^>]*[<,]UP[,>]'; then
-    echo "controller $st net=connected"
+  if ha_enabled; then
+    ha_status
   else
-    echo "controller $st net=partitioned"
+    if [ -n "$(controller_pids 2>/dev/null)" ]; then st=running; else st=stopped; fi
+    if ip -n "$BR_NS" -o link show ve-ctl 2>/dev/null | grep -q '<[^>]*[<,]UP[,>]'; then
+      echo "controller $st net=connected"
+    else
+      echo "controller $st net=partitioned"
+    fi
   fi
   for h in "${HOSTS[@]}"; do
     if host_is_on "$h"; then
@@ -1472,6 +1517,20 @@ print_status() {
 usage() {
   cat <<'EOF'
 usage: lab/lab.sh COMMAND [ARGS...]        (root; env LAB_DIR, LIFEBOAT_BIN_DIR)
+
+high availability (lab.sh up --ha [--controllers 2|3], or LAB_HA=1; LAB_ETCD_TLS=0 for plain http):
+  3 etcd members (lb-etcdN, 10.77.0.5N:2379) and 2-3 controllers (lb-ctlN, https://10.77.0.6N:7443)
+  on [store] backend = "etcd", each under a supervisor that restarts it 1 s after it exits
+  leader                             "N URL" of the leading controller (exit 1: none, 2: etcd unreadable)
+  ctl-kill N [--restart]             SIGKILL controller N (--restart: its supervisor starts it again)
+  ctl-stop N | ctl-start N           SIGTERM (stays stopped) / start it under its supervisor
+  ctl-partition N | ctl-heal N       cut controller N from every etcd member (agents still reach it)
+  ctl-exits N                        "UNIX_MS STATUS" per exit of controller N (3 = lost leadership)
+  etcd-kill N | etcd-start N         SIGKILL / start etcd member N
+  etcd-stop-all | etcd-start-all     SIGTERM every member / start them all again
+  etcdctl ARGS...                    etcdctl against the cluster, from lb-ctl
+  cli-at N ARGS...                   lifeboat CLI as admin against controller N only
+  metrics [N]                        controller N's metrics (default: the leader's)
 
 lab:
   up [--hosts N] [--guests N] [--no-lifeboat] [--no-bmc]
@@ -1511,6 +1570,9 @@ guests and tools:
 EOF
 }
 
+# shellcheck source=lab/ha.sh
+. "$REPO_DIR/lab/ha.sh"
+
 # ---- main -----------------------------------------------------------------------------------
 CMD=${1:-}
 [ $# -gt 0 ] && shift
@@ -1525,6 +1587,34 @@ case $CMD in
   _impostor-start)
     internal_impostor_start "$1" "$2"
     ;;
+  _ctl-supervise)
+    internal_ctl_supervise "$1"
+    ;;
+  leader) require_ha; ha_leader ;;
+  ctl-kill)
+    need_root; require_ctl "${1:-}"; take_lock
+    [ -z "${2:-}" ] || [ "$2" = --restart ] || usage_die "lab.sh ctl-kill N [--restart]"
+    ctl_kill "$1" "${2:-}"
+    ;;
+  ctl-stop) need_root; require_ctl "${1:-}"; take_lock; ctl_stop "$1" ;;
+  ctl-start) need_root; require_ctl "${1:-}"; take_lock; ctl_start "$1" ;;
+  ctl-partition) need_root; require_ctl "${1:-}"; take_lock; ctl_partition "$1" ;;
+  ctl-heal) need_root; require_ctl "${1:-}"; take_lock; ctl_heal "$1" ;;
+  ctl-exits) require_ctl "${1:-}"; cat "$(ctl_dir "$1")/exits" 2>/dev/null || true ;;
+  etcd-kill) need_root; require_etcd "${1:-}"; take_lock; etcd_stop "$1" KILL ;;
+  etcd-start) need_root; require_etcd "${1:-}"; take_lock; etcd_start "$1" ;;
+  etcd-stop-all)
+    need_root; require_ha; take_lock
+    for n in $(seq 1 "$ETCD_MEMBERS"); do etcd_stop "$n" TERM; done
+    ;;
+  etcd-start-all)
+    need_root; require_ha; take_lock
+    for n in $(seq 1 "$ETCD_MEMBERS"); do etcd_launch "$n"; done
+    for n in $(seq 1 "$ETCD_MEMBERS"); do etcd_wait_listening "$n"; done
+    etcd_wait_healthy
+    log "etcd: all $ETCD_MEMBERS members running and healthy"
+    ;;
+  etcdctl) need_root; require_ha; etcdctl_lab "$@" ;;
   up)
     need_root
     take_lock
@@ -1642,7 +1732,7 @@ case $CMD in
     fi
     ;;
   controller-partition | controller-heal)
-    need_root; require_lab; take_lock
+    need_root; require_lab; single_controller; take_lock
     if [ "$CMD" = controller-partition ]; then updown=down; else updown=up; fi
     ip -n "$BR_NS" link set ve-ctl "$updown" || die "could not set ve-ctl $updown in $BR_NS"
     if [ "$updown" = up ]; then
@@ -1705,13 +1795,14 @@ case $CMD in
       log "$1: BMC power off enabled$note"
     fi
     ;;
-  controller-start) need_root; require_lab; take_lock; controller_start ;;
-  controller-stop) need_root; require_lab; take_lock; controller_stop TERM ;;
-  controller-kill) need_root; require_lab; take_lock; controller_stop KILL ;;
+  controller-start) need_root; require_lab; single_controller; take_lock; controller_start ;;
+  controller-stop) need_root; require_lab; single_controller; take_lock; controller_stop TERM ;;
+  controller-kill) need_root; require_lab; single_controller; take_lock; controller_stop KILL ;;
   controller-memory-reserve)
     # memory every host keeps for itself: a large value leaves room for few guests (capacity tests)
     need_root; require_lab
     [ $# -eq 1 ] || usage_die "lab.sh controller-memory-reserve MIB|default"
+    single_controller
     case $1 in
       default) ;;
       *[!0-9]* | '') usage_die "lab.sh controller-memory-reserve MIB|default   (MIB must be a whole number, got '$1')" ;;
@@ -1749,6 +1840,17 @@ case $CMD in
     ip netns exec "lb-$1" curl -sf "http://$(host_ip "$1"):9465/metrics" || die "cannot read $1's agent metrics (agent running?)"
     ;;
   metrics)
+    load_state
+    if ha_enabled; then
+      # controller N's (default: the leader's), fetched from the operator's station
+      n=${1:-}
+      [ -n "$n" ] || n=$(ha_leader | awk '{print $1}') || die "no controller leads (lab.sh leader)"
+      require_ctl "$n"
+      # bounded: a controller may accept on its metrics port and never answer
+      ip netns exec "$CTL_NS" curl -sf --max-time 3 "http://$(ctl_ip "$n"):9464/metrics" ||
+        die "cannot read controller $n's metrics (http://$(ctl_ip "$n"):9464/metrics)"
+      exit 0
+    fi
     # the controller's Prometheus metrics, fetched inside its network namespace
     ip netns exec "$CTL_NS" curl -sf "http://$CTL_IP:9464/metrics" || die "cannot read http://$CTL_IP:9464/metrics (controller running?)"
     ;;
@@ -1785,7 +1887,23 @@ case $CMD in
     shift
     exec nsenter -t "$pid" -n -m -p -u -- "$@"
     ;;
-  cli | cli-as)
+  cli | cli-as | cli-at)
+    load_state
+    urls=$CONTROLLER_URL
+    if ha_enabled; then
+      # every controller: the CLI finds the leader (LAB_CLI_URL=URL talks to that one only,
+      # LAB_CLI_URL=leader to the one etcd names now)
+      urls=${LAB_CLI_URL:-$(ctl_urls)}
+      if [ "$urls" = leader ]; then
+        urls=$(ha_leader | awk '{print $2}') || urls=$(ctl_urls)
+      fi
+    fi
+    if [ "$CMD" = cli-at ]; then
+      require_ctl "${1:-}"
+      urls=$(ctl_url "$1")
+      shift
+      CMD=cli
+    fi
     if [ "$CMD" = cli ]; then role="admin"; else
       [ $# -ge 1 ] || usage_die "lab.sh cli-as viewer|operator|admin ARGS..."
       role=$1
@@ -1796,7 +1914,7 @@ case $CMD in
     [ -f "$PKI_DIR/client-$role.pem" ] || die "no client certificate $PKI_DIR/client-$role.pem (lab.sh up)"
     netns_exists "$CTL_NS" || die "network namespace $CTL_NS is missing (lab.sh up)"
     exec ip netns exec "$CTL_NS" env \
-      LIFEBOAT_CONTROLLER="$CONTROLLER_URL" \
+      LIFEBOAT_CONTROLLER="$urls" \
       LIFEBOAT_CA="$PKI_DIR/ca.pem" \
       LIFEBOAT_CERT="$PKI_DIR/client-$role.pem" \
       LIFEBOAT_KEY="$PKI_DIR/client-$role.key" \

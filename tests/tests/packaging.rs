@@ -345,6 +345,9 @@ fn file_lists_modes_and_config_flags() {
         ("/usr/share/doc/lifeboat-controller/README.md", "100644", "d"),
         ("/usr/share/doc/lifeboat-controller/migrate.md", "100644", "d"),
         ("/usr/share/doc/lifeboat-controller/operations.md", "100644", "d"),
+        ("/usr/share/doc/lifeboat-controller/examples", "40755", ""),
+        ("/usr/share/doc/lifeboat-controller/examples/controller-etcd.toml", "100644", "d"),
+        ("/usr/share/doc/lifeboat-controller/examples/etcd.conf.yml", "100644", "d"),
         ("/var/lib/lifeboat", "40700", ""),
     ];
     for (p, want) in [("lifeboat-agent", agent), ("lifeboat-controller", controller)] {
@@ -512,7 +515,12 @@ fn systemd_units() {
     let c = parse_unit(&ctl_text);
     assert!(c.keys().all(|k| known.contains(k.as_str())), "{:?}", c.keys());
     assert_eq!(unit_one(&c, "Service", "Type"), "simple");
-    assert_eq!(unit_one(&c, "Service", "Restart"), "on-failure");
+    // Always: exit status 3 = lost leadership (etcd backend), restart as a follower at once;
+    // never give up; status 2 (configuration refused) is not retried.
+    assert_eq!(unit_one(&c, "Service", "Restart"), "always");
+    assert_eq!(unit_one(&c, "Service", "RestartSec"), "1s");
+    assert_eq!(unit_one(&c, "Service", "RestartPreventExitStatus"), "2");
+    assert_eq!(unit_one(&c, "Unit", "StartLimitIntervalSec"), "0");
     assert_eq!(
         unit_one(&c, "Service", "ExecStart"),
         "/usr/bin/lifeboat-controller --config /etc/lifeboat/controller.toml"
@@ -649,6 +657,33 @@ fn shipped_configs_are_valid() {
         "guard with the shipped agent.toml refused an unmanaged guest: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The high-availability examples shipped in the controller package's docs: the controller
+/// configuration parses with `[store] backend = "etcd"` (TLS to etcd, an advertise_url, timings
+/// that pass the failover check), and the etcd member carries the flags Lifeboat needs.
+/// Needs no RPM: it reads the files in packaging/.
+#[test]
+fn ha_example_configs() {
+    use lifeboat_controller::config::{Backend, ControllerConfig};
+    let p = workspace().join("packaging/config/controller-etcd.toml");
+    let text = fs::read_to_string(&p).unwrap();
+    let cfg = ControllerConfig::parse(&text, &p).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.store.backend, Backend::Etcd);
+    assert_eq!(cfg.store.endpoints.len(), 3, "three etcd members");
+    assert!(cfg.store.endpoints.iter().all(|e| e.starts_with("https://")), "{:?}", cfg.store.endpoints);
+    assert!(cfg.store.ca.is_some() && cfg.store.cert.is_some() && cfg.store.key.is_some(), "TLS to etcd");
+    assert!(cfg.store.advertise_url.as_deref().is_some_and(|u| u.starts_with("https://")));
+    let etcd = fs::read_to_string(workspace().join("packaging/config/etcd.conf.yml")).unwrap();
+    for line in [
+        "max-txn-ops: 10000",
+        "max-request-bytes: 10485760",
+        "quota-backend-bytes:",
+        "auto-compaction-retention:",
+        "client-cert-auth: true",
+    ] {
+        assert!(etcd.lines().any(|l| l.trim_start().starts_with(line)), "etcd.conf.yml lacks {line}");
+    }
 }
 
 #[test]
