@@ -982,7 +982,8 @@ async fn main() -> anyhow::Result<()> {
     // has a session with it, and every agent got a lease grant from it.
     if args.etcd && ctls.len() > 1 {
         let k0 = Instant::now();
-        sh.killed_at_us.store(i64::try_from(sh.base.elapsed().as_micros()).unwrap_or(i64::MAX).max(1), Ordering::Relaxed);
+        sh.killed_at_us
+            .store(i64::try_from(sh.base.elapsed().as_micros()).unwrap_or(i64::MAX).max(1), Ordering::Relaxed);
         let _ = ctls[lead].child.kill();
         let _ = ctls[lead].child.wait();
         let alive: Vec<String> = urls.iter().enumerate().filter(|(k, _)| *k != lead).map(|(_, u)| u.clone()).collect();
@@ -994,7 +995,10 @@ async fn main() -> anyhow::Result<()> {
         log(t0, format!("failover: controller {lead} leads {:.2} s after the kill", rep.failover_elected_s));
         while sh.reconnected_after_kill.load(Ordering::Relaxed) < n {
             if k0.elapsed() > Duration::from_secs(600) {
-                bail!("only {} of {n} agents reconnected within 10 min", sh.reconnected_after_kill.load(Ordering::Relaxed));
+                bail!(
+                    "only {} of {n} agents reconnected within 10 min",
+                    sh.reconnected_after_kill.load(Ordering::Relaxed)
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -165,6 +165,8 @@ pub struct EtcdStats {
     pub last_latency_us: u64,
     /// Rows read from etcd that did not decode (not applied to the cache).
     pub refused_rows: u64,
+    /// Writes sent again after a transport failure (a member down).
+    pub resends: u64,
 }
 
 struct Counters {
@@ -177,6 +179,7 @@ struct Counters {
     sum_us: AtomicU64,
     last_us: AtomicU64,
     refused_rows: AtomicU64,
+    resends: AtomicU64,
 }
 
 static COUNTERS: Counters = Counters {
@@ -189,6 +192,7 @@ static COUNTERS: Counters = Counters {
     sum_us: AtomicU64::new(0),
     last_us: AtomicU64::new(0),
     refused_rows: AtomicU64::new(0),
+    resends: AtomicU64::new(0),
 };
 
 /// The etcd write counters of this process so far.
@@ -208,6 +212,7 @@ pub fn stats() -> EtcdStats {
         latency_sum_us: c.sum_us.load(Ordering::Relaxed),
         last_latency_us: c.last_us.load(Ordering::Relaxed),
         refused_rows: c.refused_rows.load(Ordering::Relaxed),
+        resends: c.resends.load(Ordering::Relaxed),
     }
 }
 
@@ -237,6 +242,44 @@ pub struct WriteLimits {
 /// How long a write waits for etcd before it fails (and leadership ends:
 /// the outcome is unknown).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One attempt of a write waits this long before it is sent again (to
+/// another member when the client's member died).
+const RESEND_AFTER: Duration = Duration::from_millis(600);
+
+/// Runs an idempotent etcd request (a read, a watch), sending it again on a
+/// transport failure for up to [`WRITE_TIMEOUT`]: with one member down,
+/// the client's balancer still picks it now and then, and such a request
+/// fails at once instead of going to a live member.
+pub(crate) async fn resend<T, Fut>(mut f: impl FnMut() -> Fut) -> Result<T, etcd_client::Error>
+where
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+    loop {
+        match f().await {
+            Err(e) if resendable(&e) && tokio::time::Instant::now() < deadline => {
+                COUNTERS.resends.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Whether an etcd error is a transport failure worth sending again
+/// (etcd's own refusals, such as too many operations, are final).
+fn resendable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(st) => {
+            matches!(st.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded)
+                && !st.message().contains("too many operations")
+                && !st.message().contains("too large")
+        }
+        _ => false,
+    }
+}
 
 /// The temp table and triggers that record which rows a call changed.
 fn install_capture(conn: &rusqlite::Connection, tables: &[Table]) -> Result<(), EtcdError> {
@@ -400,7 +443,34 @@ impl EtcdRepos {
         let mut kv = self.client.kv_client();
         let started = Instant::now();
         let timeout = self.timeout;
-        let r = self.rt.block_on(async move { tokio::time::timeout(timeout, kv.txn(txn)).await });
+        // One etcd member down must change nothing: a transport failure (a
+        // dead member's connection, a member that does not answer) is sent
+        // again, to whichever member the client picks, until the write's
+        // budget is spent. Sending the same guarded transaction twice is
+        // harmless: it puts the same values and deletes the same keys, and
+        // its guard still requires this leadership.
+        let holder = lead.clone();
+        let r = self.rt.block_on(async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let attempt = left.min(RESEND_AFTER);
+                match tokio::time::timeout(attempt, kv.txn(txn.clone())).await {
+                    Ok(Ok(resp)) => return Ok(Ok(resp)),
+                    Ok(Err(e)) if !resendable(&e) => return Ok(Err(e)),
+                    last => {
+                        if tokio::time::Instant::now() + Duration::from_millis(50) >= deadline || !holder.holds() {
+                            return match last {
+                                Ok(Err(e)) => Ok(Err(e)),
+                                _ => Err(()),
+                            };
+                        }
+                        COUNTERS.resends.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
         record_latency(started.elapsed());
         COUNTERS.txns.fetch_add(1, Ordering::Relaxed);
         let failed = |e: EtcdError| {

@@ -111,7 +111,11 @@ impl std::fmt::Debug for Replica {
 /// The schema version etcd holds (`None`: no schema key), refused when it
 /// is not this controller's.
 pub(crate) async fn check_schema(client: &mut Client, prefix: &str) -> Result<(Option<i64>, i64), EtcdError> {
-    let r = client.get(schema_key(prefix), None).await?;
+    let r = super::resend(|| {
+        let mut c = client.clone();
+        async move { c.get(schema_key(prefix), None).await }
+    })
+    .await?;
     let rev = r.header().map_or(0, |h| h.revision());
     let Some(kv) = r.kvs().first() else { return Ok((None, rev)) };
     let v = std::str::from_utf8(kv.value())
@@ -133,9 +137,14 @@ pub(crate) async fn check_schema(client: &mut Client, prefix: &str) -> Result<(O
 /// Whether any row key exists under the prefix.
 pub(crate) async fn has_rows(client: &mut Client, prefix: &str) -> Result<bool, EtcdError> {
     let p = rows_prefix(prefix);
-    let r = client
-        .get(p.as_bytes(), Some(GetOptions::new().with_range(prefix_end(p.as_bytes())).with_count_only()))
-        .await?;
+    let r = super::resend(|| {
+        let mut c = client.clone();
+        let p = p.clone();
+        async move {
+            c.get(p.as_bytes(), Some(GetOptions::new().with_range(prefix_end(p.as_bytes())).with_count_only())).await
+        }
+    })
+    .await?;
     Ok(r.count() > 0)
 }
 
@@ -183,7 +192,11 @@ impl Replica {
             if rev > 0 {
                 opts = opts.with_revision(rev);
             }
-            let r = client.get(start.clone(), Some(opts)).await?;
+            let r = super::resend(|| {
+                let (mut c, start, opts) = (client.clone(), start.clone(), opts.clone());
+                async move { c.get(start, Some(opts)).await }
+            })
+            .await?;
             if rev == 0 {
                 rev = r.header().map_or(0, |h| h.revision());
             }
@@ -201,13 +214,18 @@ impl Replica {
             }
         }
 
-        let (requests, mut stream) = client
-            .watch(
-                p.as_bytes(),
-                Some(WatchOptions::new().with_range(end).with_start_revision(rev + 1).with_progress_notify()),
-            )
-            .await?
-            .split();
+        let (requests, mut stream) = super::resend(|| {
+            let (mut c, p, end) = (client.clone(), p.clone(), end.clone());
+            async move {
+                c.watch(
+                    p.as_bytes(),
+                    Some(WatchOptions::new().with_range(end).with_start_revision(rev + 1).with_progress_notify()),
+                )
+                .await
+            }
+        })
+        .await?
+        .split();
         let cache = Arc::new(Mutex::new(Some(cache)));
         let (tx, progress) = watch::channel(Progress { applied: rev, failed: None });
         let task = tokio::spawn({
@@ -344,8 +362,24 @@ impl Replica {
                     Compare::create_revision(schema_key(&repos.prefix), CompareOp::Equal, 0),
                 ])
                 .and_then([TxnOp::put(schema_key(&repos.prefix), SCHEMA_VERSION.to_string(), None)]);
-            let r = client.txn(txn).await?;
-            if !r.succeeded() {
+            let r = super::resend(|| {
+                let (mut c, txn) = (client.clone(), txn.clone());
+                async move { c.txn(txn).await }
+            })
+            .await?;
+            // A resend after the first attempt went through finds the schema
+            // key there: that is success, if this leadership still stands.
+            let written = r.succeeded() || {
+                let (now, _) = check_schema(&mut client, &repos.prefix).await?;
+                let key = super::resend(|| {
+                    let mut c = client.clone();
+                    let k = leadership.key().to_vec();
+                    async move { c.get(k, None).await }
+                })
+                .await?;
+                now.is_some() && key.kvs().first().is_some_and(|kv| kv.create_revision() == leadership.revision())
+            };
+            if !written {
                 leadership.lose("the leadership key changed while the schema key was written");
                 return Err(EtcdError::Refused(
                     "promotion refused: leadership lost while writing the schema key".into(),

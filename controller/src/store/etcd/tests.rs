@@ -22,7 +22,12 @@ async fn etcd() -> Option<(Etcd, Client)> {
 
 async fn leader(c: &mut Client, prefix: &str) -> Arc<Leadership> {
     let key = format!("{prefix}leader/test");
-    let r = c.put(key.clone(), "http://me", None).await.unwrap();
+    let r = super::resend(|| {
+        let (mut c, key) = (c.clone(), key.clone());
+        async move { c.put(key, "http://me", None).await }
+    })
+    .await
+    .unwrap();
     let rev = r.header().unwrap().revision();
     Arc::new(Leadership::new(
         key.into_bytes(),
@@ -193,6 +198,33 @@ async fn with_etcd_killed_a_write_is_refused_rolled_back_and_leadership_ends() {
     assert!(!l.holds(), "an unknown outcome ends leadership");
     let local = repos.audit(|a| a.read(&AuditFilter::default())).await.unwrap();
     assert_eq!(local.len(), 1, "rolled back");
+    repos.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_endpoint_dead_every_write_goes_through_and_leadership_holds() {
+    let Some((e, _)) = etcd().await else { return };
+    // A member that is down: nothing listens on its port.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let c = Client::connect([dead, e.url()], None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (repos, l) = leading(&c, dir.path()).await;
+    for i in 0..30 {
+        let r = repos.audit(move |a| a.append(&audit(&format!("w{i}")))).await;
+        assert!(r.is_ok(), "write {i} with one member down: {r:?}");
+    }
+    assert!(l.holds(), "one member down changes nothing");
+    let keys = super::resend(|| {
+        let mut c = c.clone();
+        async move { c.get("/t/v1/audit/", Some(etcd_client::GetOptions::new().with_prefix())).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(keys.kvs().len(), 30, "every row is in etcd once");
+    println!("resends so far: {}", super::stats().resends);
     repos.shutdown().await.unwrap();
 }
 
