@@ -625,8 +625,23 @@ impl Engine {
         }
     }
 
+    /// Refuses (a write failure: the job pauses, nothing is carried out)
+    /// when this controller no longer leads; checked before every step and
+    /// before a BMC power-off.
+    fn leading(&self) -> Result<(), RepoError> {
+        if self.reg.leads() {
+            Ok(())
+        } else {
+            Err(RepoError::Backend {
+                write_failure: true,
+                source: "this controller no longer leads (etcd leadership lapsed or lost): no step is taken".into(),
+            })
+        }
+    }
+
     async fn run_inner(self: Arc<Self>, id: &str) -> Result<(), RepoError> {
         loop {
+            self.leading()?;
             let jid = id.to_string();
             let Some(job) = self.repo(move |r| r.jobs().get(&jid)).await? else { return Ok(()) };
             let state: JobState = job.state;
@@ -1034,6 +1049,7 @@ impl Engine {
                 format!("ForceOff requested; waiting up to {:?} for Off", f.off_timeout()),
             );
             self.repo(move |r| r.audit().append(&a)).await?;
+            self.leading()?;
             let started = std::time::Instant::now();
             st = f.power_off(&mut log).await;
             t.fence_seconds.observe(started.elapsed().as_secs_f64());
@@ -1215,6 +1231,7 @@ impl Engine {
         while let Some(action) = owed {
             let state: MoveState = m.state;
             self.refuse_if_quarantined(&m)?;
+            self.leading()?;
             if action == MoveEffect::UndefineOnSource {
                 return self.undefine_on_source(&m).await;
             }
