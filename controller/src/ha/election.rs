@@ -145,7 +145,11 @@ impl Campaign {
         let (gone_tx, gone) = watch::channel(None);
         let keeper =
             tokio::spawn(keep_alive(client.clone(), lease, leader_ttl / 4, renewals.clone(), won.clone(), gone_tx));
-        info!(lease = format!("{lease:x}"), ttl_ms = leader_ttl.as_millis() as u64, "leader lease granted");
+        info!(
+            lease = format!("{lease:x}"),
+            ttl_ms = u64::try_from(leader_ttl.as_millis()).unwrap_or(u64::MAX),
+            "leader lease granted"
+        );
         Ok(Campaign {
             client,
             name: election_name(prefix),
