@@ -232,3 +232,43 @@ impl Registry {
         self.bus.complete_from(host, r)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn commands_carry_the_epoch_and_none_is_sent_once_the_leadership_no_longer_holds() {
+        let reg = Arc::new(
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap(),
+        );
+        assert_eq!(reg.epoch(), 0, "SQLite: epoch 0");
+        assert!(reg.leads());
+        let (tx, mut rx) = mpsc::channel(4);
+        reg.open_session("a", "boot", tx).unwrap();
+        let l = Arc::new(crate::ha::Leadership::new(
+            b"k".to_vec(),
+            42,
+            Duration::from_secs(60),
+            tokio::time::Instant::now(),
+        ));
+        reg.set_leadership(l.clone());
+        let answer = {
+            let reg = reg.clone();
+            tokio::spawn(async move {
+                let m = rx.recv().await.unwrap();
+                let Some(controller_message::Msg::Command(c)) = m.msg else { panic!("a command") };
+                reg.complete(CommandResult { id: c.id.clone(), ..Default::default() });
+                (c.epoch, rx)
+            })
+        };
+        reg.call("a", Kind::CheckPaths(Default::default()), Duration::from_secs(5)).await.unwrap();
+        let (epoch, mut rx) = answer.await.unwrap();
+        assert_eq!(epoch, 42, "the command carries the leadership's epoch");
+        l.lose("compare failed");
+        let e = reg.call("a", Kind::CheckPaths(Default::default()), Duration::from_millis(100)).await.unwrap_err();
+        assert!(e.to_string().contains("no longer leads"), "{e}");
+        assert!(rx.try_recv().is_err(), "nothing was sent");
+        assert!(!reg.leads());
+    }
+}
