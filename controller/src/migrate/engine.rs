@@ -1708,6 +1708,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_controller_that_no_longer_leads_takes_no_job_step() {
+        let (reg, engine) = new_engine();
+        reg.repos()
+            .call_blocking(|r| {
+                r.jobs().create(
+                    &job_row("mig-l", "migrate", "host-a"),
+                    &[],
+                    &audit("olga", "migrate.requested", "host-a", "", "mig-l", ""),
+                )
+            })
+            .unwrap();
+        let l = Arc::new(crate::ha::Leadership::new(
+            b"k".to_vec(),
+            5,
+            Duration::from_secs(60),
+            tokio::time::Instant::now(),
+        ));
+        reg.set_leadership(l.clone());
+        l.lose("lease expired");
+        tokio::spawn(engine.clone().run("mig-l".into()));
+        let paused = until("the pause", || {
+            Some(futures::executor::block_on(engine.job_record("mig-l")).unwrap().paused).filter(|p| !p.is_empty())
+        })
+        .await;
+        assert!(paused.contains("no longer leads"), "{paused}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = futures::executor::block_on(engine.job_record("mig-l")).unwrap();
+        assert_eq!(r.state.as_str(), "CREATED", "no step taken");
+        let log = reg
+            .repos()
+            .call_blocking(|r| {
+                r.audit().read(&crate::ports::AuditFilter {
+                    job: Some("mig-l".into()),
+                    limit: Some(100),
+                    ..Default::default()
+                })
+            })
+            .unwrap();
+        assert!(!log.iter().any(|a| a.action == "power.attested"), "{log:?}");
+    }
+
+    #[tokio::test]
     async fn a_job_paused_on_a_record_it_cannot_use_backs_off_alarms_once_and_writes_no_resume_per_retry() {
         let (_dir, raw, reg, engine) = new_engine_on_file();
         let mut row = job_row("mig-c", "migrate", "host-a");
