@@ -358,7 +358,17 @@ async fn serve_etcd(
         let _ = stop_tx.send(why);
     };
     let leadership = tokio::select! {
-        l = campaign.campaign() => l?,
+        l = campaign.campaign() => match l {
+            Ok(l) => l,
+            // Restarting is how a process gets a new lease: exit as if lost.
+            Err(ha::election::ElectionError::LeaseGone(why)) => {
+                finish(Stop::Lost);
+                poller.abort();
+                let _ = server.await;
+                return Err(LeadershipLost(why).into());
+            }
+            Err(e) => return Err(e.into()),
+        },
         _ = &mut shutdown => {
             campaign.resign().await;
             finish(Stop::Shutdown);

@@ -294,3 +294,34 @@ async fn a_stopped_leader_lapses_before_the_standby_leads_and_exits_3_without_co
     }
     agent.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_resigns_the_standby_leads_at_once_and_the_old_leader_exits_0() {
+    lifeboat_common::tls::install_crypto_provider();
+    let Some(etcd) = Etcd::start_or_skip() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(&dir.join("pki"));
+    let (mut leader, standby) = two_controllers(&pki, dir, &etcd.url()).await;
+    // The standby is up and campaigning.
+    wait_for(Duration::from_secs(10), "the standby to name the leader", || async {
+        let e = admin(&pki, &standby.url()).await.list_hosts(ListHostsRequest::default()).await.unwrap_err();
+        e.message().contains("leader is").then_some(())
+    })
+    .await;
+    leader.terminate();
+    let (_, took) =
+        wait_for(Duration::from_secs(5), "the standby to lead", || async { leads(&standby).await.then_some(()) }).await;
+    println!("SIGTERM of the leader -> standby leads after {} ms", took.as_millis());
+    assert!(
+        took < Duration::from_millis(u64::from(LEADER_TTL_MS)),
+        "resigned: the standby does not wait for the lease to expire ({took:?})"
+    );
+    let status = wait_for(Duration::from_secs(10), "the old leader to exit", || {
+        let s = leader.child.try_wait().unwrap();
+        async move { s }
+    })
+    .await
+    .0;
+    assert_eq!(status.code(), Some(0), "{}", leader.log_text());
+}
