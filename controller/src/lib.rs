@@ -377,7 +377,7 @@ async fn serve_etcd(
             return Ok(());
         }
     };
-    metrics::ha_leading(leadership.epoch());
+    metrics::ha_leading(leadership.epoch(), &url);
     let repos = promote_etcd_backend(backend, &client, leadership.clone()).await?;
     let ctl = start_controller(&cfg, repos.clone(), Some(leadership.clone()), stopping.clone()).await?;
     let _ = source.set(ctl.registry.clone());

@@ -114,6 +114,18 @@ fn render_ha() -> String {
     out
 }
 
+/// Counts a change of the leader when `url` is not the one seen last.
+fn saw_leader(url: &str) {
+    static LAST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if last.as_deref() != Some(url) {
+        if last.is_some() {
+            ha().leader_changes.inc();
+        }
+        *last = Some(url.to_string());
+    }
+}
+
 /// This process is a follower of the etcd backend: `lifeboat_controller_leader`
 /// 0, and every change of the leader `hint` names is counted.
 pub fn ha_follower(mut hint: tokio::sync::watch::Receiver<crate::ha::election::LeaderHint>) {
@@ -121,25 +133,22 @@ pub fn ha_follower(mut hint: tokio::sync::watch::Receiver<crate::ha::election::L
     h.leader.set(0);
     h.epoch.set(0);
     tokio::spawn(async move {
-        let mut last: Option<String> = None;
         while hint.changed().await.is_ok() {
-            if let crate::ha::election::LeaderHint::Leader(u) = &*hint.borrow_and_update()
-                && last.as_ref() != Some(u)
-            {
-                if last.is_some() {
-                    ha().leader_changes.inc();
-                }
-                last = Some(u.clone());
-            }
+            let url = match &*hint.borrow_and_update() {
+                crate::ha::election::LeaderHint::Leader(u) => u.clone(),
+                _ => continue,
+            };
+            saw_leader(&url);
         }
     });
 }
 
-/// This process leads at `epoch`.
-pub fn ha_leading(epoch: u64) {
+/// This process (advertised as `url`) leads at `epoch`.
+pub fn ha_leading(epoch: u64, url: &str) {
     let h = ha();
     h.leader.set(1);
     h.epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
+    saw_leader(url);
 }
 
 fn refused_family() -> &'static Family<Labels, prometheus_client::metrics::counter::Counter> {

@@ -20,7 +20,8 @@ use lifeboat_proto::v1::controller_message::Msg as CMsg;
 use lifeboat_proto::v1::{AgentMessage, Heartbeat, Hello, ListHostsRequest};
 use tonic::transport::Endpoint;
 
-const LEADER_TTL_MS: u32 = 2000;
+/// The default: shorter ones lapse under a loaded CI machine (2 cores, debug builds).
+const LEADER_TTL_MS: u32 = 3000;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
@@ -213,7 +214,13 @@ async fn sigkill_the_leader_the_standby_leads_within_5_s_and_the_agent_follows_w
     })
     .await;
     assert_eq!(e.code(), tonic::Code::Unavailable);
-    assert_eq!(e.message(), format!("not the leader; leader is {}", leader.url()));
+    assert_eq!(
+        e.message(),
+        format!("not the leader; leader is {}", leader.url()),
+        "leader log:\n{}\nstandby log:\n{}",
+        leader.log_text(),
+        standby.log_text()
+    );
     assert_eq!(e.metadata().get(lifeboat_proto::LEADER_METADATA).unwrap().to_str().unwrap(), leader.url());
     admin(&pki, &leader.url()).await.list_hosts(ListHostsRequest::default()).await.expect("the leader answers");
     // The agent dials the standby first and follows the hint.
@@ -222,6 +229,10 @@ async fn sigkill_the_leader_the_standby_leads_within_5_s_and_the_agent_follows_w
     let (url, epoch1, _) = next_welcome(&mut rx, Duration::from_secs(10)).await;
     assert_eq!(url, leader.url());
     assert!(epoch1 > 0, "an etcd leader's epoch is its key's revision");
+    // Both serve /metrics: the leader with its epoch, the follower with 0.
+    assert_eq!(metric_value(&leader.metrics_text().await, "lifeboat_controller_epoch"), epoch1 as f64);
+    let follower = standby.metrics_text().await;
+    assert!(follower.contains("lifeboat_controller_leader 0"), "{follower}");
     let standby_url = standby.url();
     let killed = Instant::now();
     leader.child.kill().unwrap();
@@ -232,6 +243,9 @@ async fn sigkill_the_leader_the_standby_leads_within_5_s_and_the_agent_follows_w
     assert_eq!(url, standby_url);
     assert!(epoch2 > epoch1, "epochs only move forward: {epoch2} > {epoch1}");
     assert!(took < Duration::from_secs(5), "the standby leads and the agent is back within 5 s ({took:?})");
+    let now_leading = standby.metrics_text().await;
+    assert_eq!(metric_value(&now_leading, "lifeboat_controller_epoch"), epoch2 as f64);
+    assert_eq!(metric_value(&now_leading, "lifeboat_controller_leader_changes_total"), 1.0, "{now_leading}");
     wait_for(Duration::from_secs(5), "the new leader to list the agent's host", || {
         let pki = &pki;
         let url = standby_url.clone();
