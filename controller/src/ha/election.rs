@@ -388,7 +388,8 @@ mod tests {
     use super::*;
     use lifeboat_common::etcd_test::Etcd;
 
-    const TTL: Duration = Duration::from_millis(2000);
+    // The default leader_ttl: shorter ones lapse on a loaded 2-core CI machine.
+    const TTL: Duration = Duration::from_millis(3000);
 
     async fn client(etcd: &Etcd) -> Client {
         Client::connect([etcd.url()], None).await.unwrap()
