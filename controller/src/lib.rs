@@ -72,6 +72,17 @@ pub async fn serve(
     serve_with_limits(cfg, conn::Limits::for_this_process(), listener, shutdown).await
 }
 
+/// The exit status of a controller that lost its etcd leadership: it stops
+/// commanding at once and exits; its supervisor (systemd `Restart=always`)
+/// starts it again, as a follower.
+pub const EXIT_LEADERSHIP_LOST: u8 = 3;
+
+/// The controller stopped because it lost its leadership (etcd backend):
+/// exit with [`EXIT_LEADERSHIP_LOST`].
+#[derive(Debug, thiserror::Error)]
+#[error("lost the leadership: {0}; exiting with status 3 to start again as a follower")]
+pub struct LeadershipLost(pub String);
+
 /// Like [`serve`], with the given connection limits.
 pub async fn serve_with_limits(
     cfg: config::ControllerConfig,
@@ -80,16 +91,32 @@ pub async fn serve_with_limits(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     lifeboat_common::tls::install_crypto_provider();
-    let tls = cfg.tls.load()?;
-    let _db_lock = backup::lock(&cfg.database)?;
-    // The store thread owns the database from here on; nothing else opens it.
-    let repos = store::sqlite::SqliteRepos::start(&cfg.database)?;
-    // Files made before the umask (older versions, other tools) become
-    // owner-only. A controller that cannot chmod them (not their owner)
-    // still serves: refusing to start would stop failovers over file modes.
-    if let Err(e) = backup::restrict_db_files(&cfg.database) {
-        tracing::warn!(database = %cfg.database.display(), error = %e, "cannot make the database files owner-only (mode 0600): chown them to the controller's user");
+    match cfg.store.backend {
+        config::Backend::Sqlite => serve_sqlite(cfg, limits, listener, shutdown).await,
+        config::Backend::Etcd => serve_etcd(cfg, limits, listener, shutdown).await,
     }
+}
+
+/// The routes every controller serves behind its gate.
+type Routes = tonic::service::Routes;
+
+/// A controller that runs: its registry, its routes and its tasks.
+struct Running {
+    registry: Arc<registry::Registry>,
+    routes: Routes,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Loads the registry from `repos` and starts everything that acts: the
+/// liveness watcher, the reconciler, the engine (resuming jobs after the
+/// startup grace) and the services. With `leadership`, every command
+/// carries its epoch and none is sent once it no longer holds.
+async fn start_controller(
+    cfg: &config::ControllerConfig,
+    repos: ports::Repos,
+    leadership: Option<Arc<ha::Leadership>>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Running> {
     let timing = cfg.timing();
     let loading = repos.clone();
     // Start-up reads block on the store thread: off the async workers.
@@ -98,28 +125,12 @@ pub async fn serve_with_limits(
             .await
             .map_err(|e| anyhow::anyhow!("loading the database: {e}"))??,
     );
-    info!(
-        listen = %listener.local_addr()?,
-        database = %cfg.database.display(),
-        hosts = registry.host_count(),
-        "lifeboat-controller serving"
-    );
+    if let Some(l) = leadership {
+        registry.set_leadership(l);
+    }
     let watcher = tokio::spawn(registry::watch_liveness(registry.clone()));
     let reconciler = tokio::spawn(reconcile::run(registry.clone(), i64::from(cfg.lease_ttl_ms)));
-    let metrics = match cfg.metrics_listen {
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on metrics_listen {addr}: {e}"))?;
-            info!(listen = %addr, "metrics at /metrics");
-            Some(tokio::spawn(metrics::serve(registry.clone(), l)))
-        }
-        None => None,
-    };
-    // Set when the shutdown signal comes: agent sessions end their streams
-    // with a status saying so, and the connections drain.
-    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let agent = rpc::agent::AgentService::new(registry.clone()).with_shutdown(stopping.clone());
+    let agent = rpc::agent::AgentService::new(registry.clone()).with_shutdown(stopping);
     let engine = migrate::engine::Engine::new(
         registry.clone(),
         &cfg.bmc,
@@ -132,6 +143,42 @@ pub async fn serve_with_limits(
         info!(jobs = resumed, "resumed unfinished jobs");
     }
     let admin = rpc::admin::AdminService::new(registry.clone(), engine);
+    let routes = tonic::service::Routes::new(agent.into_server()).add_service(AdminServer::new(admin)).prepare();
+    Ok(Running { registry, routes, tasks: vec![watcher, reconciler] })
+}
+
+/// Why the server stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stop {
+    /// Running.
+    No,
+    /// The shutdown signal: connections drain for up to [`SHUTDOWN_BOUND`].
+    Shutdown,
+    /// Leadership lost: every connection is closed at once.
+    Lost,
+}
+
+/// Serves `service` (behind [`conn::Tracked`]) on `listener` until `stop`
+/// says why not.
+async fn run_server<S>(
+    listener: tokio::net::TcpListener,
+    tls: &lifeboat_common::tls::TlsMaterial,
+    limits: conn::Limits,
+    service: S,
+    known: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    mut stop: tokio::sync::watch::Receiver<Stop>,
+) -> anyhow::Result<()>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let table = conn::Table::new(limits.clone());
     info!(
         max_connections = limits.max_connections,
@@ -142,15 +189,10 @@ pub async fn serve_with_limits(
         idle_timeout_s = limits.idle_timeout.as_secs(),
         "connection limits"
     );
-    let known = {
-        let reg = registry.clone();
-        Arc::new(move |host: &str| reg.get_host(host).is_ok()) as Arc<dyn Fn(&str) -> bool + Send + Sync>
-    };
-    let (incoming, acceptor) = conn::incoming(listener, conn::server_config(&tls)?, table.clone(), known);
-    let routes = tonic::service::Routes::new(agent.into_server()).add_service(AdminServer::new(admin)).prepare();
+    let (incoming, acceptor) = conn::incoming(listener, conn::server_config(tls)?, table.clone(), known);
+    let mut signal_stop = stop.clone();
     let signal = async move {
-        shutdown.await;
-        let _ = stopping_tx.send(true);
+        let _ = signal_stop.wait_for(|s| *s != Stop::No).await;
     };
     let server = Server::builder()
         .initial_stream_window_size(Some(STREAM_WINDOW))
@@ -161,38 +203,212 @@ pub async fn serve_with_limits(
         // handshake and a full inventory.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .serve_with_incoming_shutdown(conn::Tracked::new(routes, table.clone()), incoming, signal);
+        .serve_with_incoming_shutdown(conn::Tracked::new(service, table.clone()), incoming, signal);
     tokio::pin!(server);
-    let mut stopping_wait = stopping.clone();
     let res = tokio::select! {
         r = &mut server => r,
         _ = async {
-            let _ = stopping_wait.wait_for(|s| *s).await;
-            tokio::time::sleep(SHUTDOWN_BOUND).await;
+            let why = stop.wait_for(|s| *s != Stop::No).await.map(|s| s.clone()).unwrap_or(Stop::Lost);
+            if why == Stop::Shutdown {
+                tokio::time::sleep(SHUTDOWN_BOUND).await;
+            }
         } => {
             let open = table.describe_open();
-            tracing::warn!(
-                open = open.len(),
-                "connections still open {} s after the shutdown signal, closing them: {}",
-                SHUTDOWN_BOUND.as_secs(),
-                open.join(", ")
-            );
+            if *stop.borrow() == Stop::Shutdown {
+                tracing::warn!(
+                    open = open.len(),
+                    "connections still open {} s after the shutdown signal, closing them: {}",
+                    SHUTDOWN_BOUND.as_secs(),
+                    open.join(", ")
+                );
+            }
             table.close_all();
             Ok(())
         }
     };
     acceptor.abort();
     table.close_all();
-    watcher.abort();
-    reconciler.abort();
-    if let Some(m) = metrics {
-        m.abort();
+    res?;
+    Ok(())
+}
+
+/// The SQLite backend: one controller, always the leader, epoch 0.
+async fn serve_sqlite(
+    cfg: config::ControllerConfig,
+    limits: conn::Limits,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let tls = cfg.tls.load()?;
+    let _db_lock = backup::lock(&cfg.database)?;
+    // The store thread owns the database from here on; nothing else opens it.
+    let repos = store::sqlite::SqliteRepos::start(&cfg.database)?;
+    // Files made before the umask (older versions, other tools) become
+    // owner-only. A controller that cannot chmod them (not their owner)
+    // still serves: refusing to start would stop failovers over file modes.
+    if let Err(e) = backup::restrict_db_files(&cfg.database) {
+        tracing::warn!(database = %cfg.database.display(), error = %e, "cannot make the database files owner-only (mode 0600): chown them to the controller's user");
     }
-    registry.flush().await?;
+    // Set when the shutdown signal comes: agent sessions end their streams
+    // with a status saying so, and the connections drain.
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let ctl = start_controller(&cfg, repos.clone(), None, stopping).await?;
+    info!(
+        listen = %listener.local_addr()?,
+        database = %cfg.database.display(),
+        hosts = ctl.registry.host_count(),
+        "lifeboat-controller serving"
+    );
+    let metrics = start_metrics(&cfg, metrics::Source::of(ctl.registry.clone())).await?;
+    let known = known_hosts(metrics::Source::of(ctl.registry.clone()));
+    let (stop_tx, stop) = tokio::sync::watch::channel(Stop::No);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+        let _ = stop_tx.send(Stop::Shutdown);
+    });
+    let res = run_server(listener, &tls, limits, ha::gate::Gate::open_now(ctl.routes.clone()), known, stop).await;
+    for t in ctl.tasks.iter().chain(metrics.iter()) {
+        t.abort();
+    }
+    ctl.registry.flush().await?;
     // The last writer is done: the store thread runs what is queued, then
     // checkpoints the write-ahead log into the database and stops.
     repos.shutdown().await?;
     info!("database flushed; stopped");
-    res?;
-    Ok(())
+    res
+}
+
+async fn start_metrics(
+    cfg: &config::ControllerConfig,
+    source: metrics::Source,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    Ok(match cfg.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on metrics_listen {addr}: {e}"))?;
+            info!(listen = %addr, "metrics at /metrics");
+            Some(tokio::spawn(metrics::serve_source(source, l)))
+        }
+        None => None,
+    })
+}
+
+/// Whether an agent's host is known (for the connection headroom): none
+/// is, until the registry is loaded.
+fn known_hosts(source: metrics::Source) -> Arc<dyn Fn(&str) -> bool + Send + Sync> {
+    Arc::new(move |host: &str| source.registry().is_some_and(|r| r.get_host(host).is_ok()))
+}
+
+/// The etcd backend's local state before this process leads.
+///
+/// PLACEHOLDER until the store lane's `store::etcd::Replica` is merged:
+/// nothing is replicated yet, and [`promote_etcd_backend`] hands out an
+/// in-memory SQLite store (tests of election and follower mode only). The
+/// lead replaces both functions with `Replica::open(client, prefix,
+/// cache_path)` and `replica.promote(client, leadership)`.
+struct EtcdBackend;
+
+async fn open_etcd_backend(_client: &etcd_client::Client, _store: &config::StoreConfig) -> anyhow::Result<EtcdBackend> {
+    Ok(EtcdBackend)
+}
+
+async fn promote_etcd_backend(
+    _backend: EtcdBackend,
+    _client: &etcd_client::Client,
+    _leadership: Arc<ha::Leadership>,
+) -> anyhow::Result<ports::Repos> {
+    Ok(store::sqlite::SqliteRepos::start_in_memory()?)
+}
+
+/// The etcd backend: serve as a follower (every call refused, naming the
+/// leader), campaign, and once elected promote the replica and run the
+/// controller until the shutdown signal (resign: a standby leads at once)
+/// or the leadership is lost ([`LeadershipLost`]: stop at once).
+async fn serve_etcd(
+    cfg: config::ControllerConfig,
+    limits: conn::Limits,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let tls = cfg.tls.load()?;
+    let st = cfg.store.clone();
+    let url = st.advertise_url.clone().ok_or_else(|| anyhow::anyhow!("[store] advertise_url is required for etcd"))?;
+    let leader_ttl = Duration::from_millis(u64::from(st.leader_ttl_ms));
+    let client = ha::election::connect(&st).await?;
+    let backend = open_etcd_backend(&client, &st).await?;
+    let (hint, poller) = ha::election::watch_leader(client.clone(), ha::election::election_name(&st.prefix));
+    let gate: ha::gate::Gate<Routes> = ha::gate::Gate::follower(hint.clone());
+    let source = metrics::Source::empty();
+    metrics::ha_follower(hint.clone());
+    let metrics = start_metrics(&cfg, source.clone()).await?;
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop) = tokio::sync::watch::channel(Stop::No);
+    info!(listen = %listener.local_addr()?, advertise_url = %url, endpoints = ?st.endpoints, "lifeboat-controller serving as a follower; campaigning for leadership");
+    let server = tokio::spawn({
+        let gate = gate.clone();
+        let known = known_hosts(source.clone());
+        async move { run_server(listener, &tls, limits, gate, known, stop).await }
+    });
+    let campaign = ha::election::Campaign::start(client.clone(), &st.prefix, &url, leader_ttl).await?;
+    tokio::pin!(shutdown);
+    let finish = |why: Stop| {
+        let _ = stopping_tx.send(true);
+        let _ = stop_tx.send(why);
+    };
+    let leadership = tokio::select! {
+        l = campaign.campaign() => match l {
+            Ok(l) => l,
+            // Restarting is how a process gets a new lease: exit as if lost.
+            Err(ha::election::ElectionError::LeaseGone(why)) => {
+                finish(Stop::Lost);
+                poller.abort();
+                let _ = server.await;
+                return Err(LeadershipLost(why).into());
+            }
+            Err(e) => return Err(e.into()),
+        },
+        _ = &mut shutdown => {
+            campaign.resign().await;
+            finish(Stop::Shutdown);
+            poller.abort();
+            let _ = server.await;
+            return Ok(());
+        }
+    };
+    metrics::ha_leading(leadership.epoch(), &url);
+    let repos = promote_etcd_backend(backend, &client, leadership.clone()).await?;
+    let ctl = start_controller(&cfg, repos.clone(), Some(leadership.clone()), stopping.clone()).await?;
+    let _ = source.set(ctl.registry.clone());
+    gate.open(ctl.routes.clone(), leadership.clone());
+    info!(epoch = leadership.epoch(), hosts = ctl.registry.host_count(), "leading: serving agents and clients");
+    let lost = tokio::select! {
+        why = leadership.lost() => Some(why),
+        _ = &mut shutdown => None,
+    };
+    if let Some(why) = &lost {
+        // holds() is already false: the bus sends nothing from here on.
+        tracing::error!(epoch = leadership.epoch(), "lost the leadership: {why}; stopping at once");
+        finish(Stop::Lost);
+    } else {
+        // Resigning first stops this process commanding (holds() turns
+        // false) and lets a standby lead at once, while connections drain.
+        campaign.resign().await;
+        finish(Stop::Shutdown);
+    }
+    for t in ctl.tasks.iter().chain(metrics.iter()) {
+        t.abort();
+    }
+    poller.abort();
+    let res = server.await.map_err(|e| anyhow::anyhow!("server task: {e}"))?;
+    if let Some(why) = lost {
+        return Err(LeadershipLost(why).into());
+    }
+    if let Err(e) = ctl.registry.flush().await {
+        tracing::warn!("flushing observations at shutdown: {e}");
+    }
+    repos.shutdown().await?;
+    info!("resigned; stopped");
+    res
 }

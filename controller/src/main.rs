@@ -15,7 +15,12 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Lifeboat controller: the source of truth for hosts, guests and jobs.
 #[derive(Parser)]
-#[command(name = "lifeboat-controller", version = lifeboat_common::VERSION_LONG)]
+#[command(
+    name = "lifeboat-controller",
+    version = lifeboat_common::VERSION_LONG,
+    after_help = "Exit status: 0 stopped by a signal; 1 failed; 2 configuration refused; \
+                  3 lost the etcd leadership (restart it: it comes back as a follower)."
+)]
 struct Cli {
     /// Configuration file.
     #[arg(long, short, default_value = "/etc/lifeboat/controller.toml", env = "LIFEBOAT_CONTROLLER_CONFIG")]
@@ -233,6 +238,11 @@ fn main() -> ExitCode {
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match r {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<lifeboat_controller::LeadershipLost>().is_some() => {
+            // The supervisor starts it again, as a follower (docs/operations.md).
+            eprintln!("lifeboat-controller: {e:#}");
+            ExitCode::from(lifeboat_controller::EXIT_LEADERSHIP_LOST)
+        }
         Err(e) => {
             eprintln!("lifeboat-controller: {e:#}");
             ExitCode::FAILURE

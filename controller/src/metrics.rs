@@ -58,6 +58,7 @@ pub fn render(reg: &Registry) -> String {
         "Agent messages refused whole by the intake (docs/security.md, Agent input), by message kind",
         refused_family().clone(),
     );
+    register_ha(&mut p);
     let mut gauges = String::new();
     let _ = encode(&mut gauges, &p);
     // One exposition: the event-driven metrics, then the gauges (which end with `# EOF`).
@@ -67,6 +68,87 @@ pub fn render(reg: &Registry) -> String {
     }
     out.push_str(&gauges);
     out
+}
+
+/// High availability as this process sees it (etcd backend; with SQLite
+/// the controller always leads at epoch 0).
+struct Ha {
+    leader: Gauge,
+    epoch: Gauge,
+    leader_changes: prometheus_client::metrics::counter::Counter,
+}
+
+fn ha() -> &'static Ha {
+    static H: std::sync::OnceLock<Ha> = std::sync::OnceLock::new();
+    H.get_or_init(|| {
+        let h = Ha { leader: Gauge::default(), epoch: Gauge::default(), leader_changes: Default::default() };
+        h.leader.set(1);
+        h
+    })
+}
+
+fn register_ha(p: &mut PromRegistry) {
+    let h = ha();
+    p.register(
+        "controller_leader",
+        "1 when this controller leads (always with SQLite), 0 for a follower",
+        h.leader.clone(),
+    );
+    p.register(
+        "controller_epoch",
+        "The fencing epoch this controller commands with (0 with SQLite or as a follower)",
+        h.epoch.clone(),
+    );
+    p.register(
+        "controller_leader_changes",
+        "Changes of the elected leader this controller saw (etcd backend)",
+        h.leader_changes.clone(),
+    );
+}
+
+fn render_ha() -> String {
+    let mut p = PromRegistry::with_prefix("lifeboat");
+    register_ha(&mut p);
+    let mut out = String::new();
+    let _ = encode(&mut out, &p);
+    out
+}
+
+/// Counts a change of the leader when `url` is not the one seen last.
+fn saw_leader(url: &str) {
+    static LAST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if last.as_deref() != Some(url) {
+        if last.is_some() {
+            ha().leader_changes.inc();
+        }
+        *last = Some(url.to_string());
+    }
+}
+
+/// This process is a follower of the etcd backend: `lifeboat_controller_leader`
+/// 0, and every change of the leader `hint` names is counted.
+pub fn ha_follower(mut hint: tokio::sync::watch::Receiver<crate::ha::election::LeaderHint>) {
+    let h = ha();
+    h.leader.set(0);
+    h.epoch.set(0);
+    tokio::spawn(async move {
+        while hint.changed().await.is_ok() {
+            let url = match &*hint.borrow_and_update() {
+                crate::ha::election::LeaderHint::Leader(u) => u.clone(),
+                _ => continue,
+            };
+            saw_leader(&url);
+        }
+    });
+}
+
+/// This process (advertised as `url`) leads at `epoch`.
+pub fn ha_leading(epoch: u64, url: &str) {
+    let h = ha();
+    h.leader.set(1);
+    h.epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
+    saw_leader(url);
 }
 
 fn refused_family() -> &'static Family<Labels, prometheus_client::metrics::counter::Counter> {
@@ -83,14 +165,63 @@ pub fn agent_message_refused(kind: &str) {
 
 /// Serves `GET /metrics` on `addr` until the task is aborted.
 pub async fn serve(reg: Arc<Registry>, listener: tokio::net::TcpListener) {
+    serve_source(Source::of(reg), listener).await
+}
+
+/// Where metrics come from: the registry once there is one (a follower of
+/// the etcd backend has none yet and serves the process's own metrics).
+#[derive(Clone, Default)]
+pub struct Source(Arc<std::sync::OnceLock<Arc<Registry>>>);
+
+impl Source {
+    /// No registry yet.
+    pub fn empty() -> Source {
+        Source::default()
+    }
+
+    /// A source with `reg`.
+    pub fn of(reg: Arc<Registry>) -> Source {
+        let s = Source::default();
+        let _ = s.0.set(reg);
+        s
+    }
+
+    /// Sets the registry (the first call counts); false if already set.
+    pub fn set(&self, reg: Arc<Registry>) -> bool {
+        self.0.set(reg).is_ok()
+    }
+
+    /// The registry, once set.
+    pub fn registry(&self) -> Option<&Arc<Registry>> {
+        self.0.get()
+    }
+}
+
+/// Renders the metrics `source` has now.
+pub fn render_source(source: &Source) -> String {
+    match source.registry() {
+        Some(reg) => render(reg),
+        None => {
+            let mut out = crate::telemetry::get().encode();
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&render_ha());
+            out
+        }
+    }
+}
+
+/// Serves `GET /metrics` from `source` until the task is aborted.
+pub async fn serve_source(source: Source, listener: tokio::net::TcpListener) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let reg = reg.clone();
+            let source = source.clone();
             async move {
                 (
                     [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    tokio::task::spawn_blocking(move || render(&reg)).await.unwrap_or_default(),
+                    tokio::task::spawn_blocking(move || render_source(&source)).await.unwrap_or_default(),
                 )
             }
         }),

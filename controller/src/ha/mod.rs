@@ -9,6 +9,9 @@
 //! comes back to the same process: it stops commanding and exits, and starts
 //! again as a follower.
 
+pub mod election;
+pub mod gate;
+
 use std::sync::Mutex;
 use std::time::Duration;
 

@@ -625,8 +625,23 @@ impl Engine {
         }
     }
 
+    /// Refuses (a write failure: the job pauses, nothing is carried out)
+    /// when this controller no longer leads; checked before every step and
+    /// before a BMC power-off.
+    fn leading(&self) -> Result<(), RepoError> {
+        if self.reg.leads() {
+            Ok(())
+        } else {
+            Err(RepoError::Backend {
+                write_failure: true,
+                source: "this controller no longer leads (etcd leadership lapsed or lost): no step is taken".into(),
+            })
+        }
+    }
+
     async fn run_inner(self: Arc<Self>, id: &str) -> Result<(), RepoError> {
         loop {
+            self.leading()?;
             let jid = id.to_string();
             let Some(job) = self.repo(move |r| r.jobs().get(&jid)).await? else { return Ok(()) };
             let state: JobState = job.state;
@@ -1034,6 +1049,7 @@ impl Engine {
                 format!("ForceOff requested; waiting up to {:?} for Off", f.off_timeout()),
             );
             self.repo(move |r| r.audit().append(&a)).await?;
+            self.leading()?;
             let started = std::time::Instant::now();
             st = f.power_off(&mut log).await;
             t.fence_seconds.observe(started.elapsed().as_secs_f64());
@@ -1215,6 +1231,7 @@ impl Engine {
         while let Some(action) = owed {
             let state: MoveState = m.state;
             self.refuse_if_quarantined(&m)?;
+            self.leading()?;
             if action == MoveEffect::UndefineOnSource {
                 return self.undefine_on_source(&m).await;
             }
@@ -1688,6 +1705,48 @@ mod tests {
         assert!(unpaused[0].detail.contains("database writes succeed again"), "{}", unpaused[0].detail);
         assert_eq!(unpaused[0].host, "host-a", "found with `lifeboat log --host`");
         assert!(log.iter().any(|a| a.action == "power.attested"), "the job carried on from where it stopped: {log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_controller_that_no_longer_leads_takes_no_job_step() {
+        let (reg, engine) = new_engine();
+        reg.repos()
+            .call_blocking(|r| {
+                r.jobs().create(
+                    &job_row("mig-l", "migrate", "host-a"),
+                    &[],
+                    &audit("olga", "migrate.requested", "host-a", "", "mig-l", ""),
+                )
+            })
+            .unwrap();
+        let l = Arc::new(crate::ha::Leadership::new(
+            b"k".to_vec(),
+            5,
+            Duration::from_secs(60),
+            tokio::time::Instant::now(),
+        ));
+        reg.set_leadership(l.clone());
+        l.lose("lease expired");
+        tokio::spawn(engine.clone().run("mig-l".into()));
+        let paused = until("the pause", || {
+            Some(futures::executor::block_on(engine.job_record("mig-l")).unwrap().paused).filter(|p| !p.is_empty())
+        })
+        .await;
+        assert!(paused.contains("no longer leads"), "{paused}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = futures::executor::block_on(engine.job_record("mig-l")).unwrap();
+        assert_eq!(r.state.as_str(), "CREATED", "no step taken");
+        let log = reg
+            .repos()
+            .call_blocking(|r| {
+                r.audit().read(&crate::ports::AuditFilter {
+                    job: Some("mig-l".into()),
+                    limit: Some(100),
+                    ..Default::default()
+                })
+            })
+            .unwrap();
+        assert!(!log.iter().any(|a| a.action == "power.attested"), "{log:?}");
     }
 
     #[tokio::test]

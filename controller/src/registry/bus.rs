@@ -33,9 +33,28 @@ pub struct SessionId(pub(super) u64);
 #[derive(Default)]
 pub(super) struct CommandBus {
     pending: Mutex<HashMap<String, (String, oneshot::Sender<CommandResult>)>>,
+    /// The leadership commands are sent under (etcd backend); unset with
+    /// SQLite: epoch 0, and nothing to lose.
+    leadership: std::sync::OnceLock<std::sync::Arc<crate::ha::Leadership>>,
 }
 
 impl CommandBus {
+    /// Commands are sent under `l` from now on (only the first call counts).
+    pub(super) fn set_leadership(&self, l: std::sync::Arc<crate::ha::Leadership>) {
+        let _ = self.leadership.set(l);
+    }
+
+    /// The fencing epoch commands carry (0 without leadership: SQLite).
+    pub(super) fn epoch(&self) -> u64 {
+        self.leadership.get().map_or(0, |l| l.epoch())
+    }
+
+    /// Whether a command may be sent now: always with SQLite, and with etcd
+    /// only while the leadership holds.
+    pub(super) fn may_send(&self) -> bool {
+        self.leadership.get().is_none_or(|l| l.holds())
+    }
+
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, oneshot::Sender<CommandResult>)>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -139,8 +139,26 @@ impl Registry {
         self.lock().hosts.get(host_id).is_some_and(|e| e.session.is_some())
     }
 
+    /// Sends every later command under `l` (etcd backend): each carries its
+    /// epoch, and none is sent once it no longer holds.
+    pub fn set_leadership(&self, l: Arc<crate::ha::Leadership>) {
+        self.bus.set_leadership(l);
+    }
+
+    /// The fencing epoch this controller commands with (0 with SQLite).
+    pub fn epoch(&self) -> u64 {
+        self.bus.epoch()
+    }
+
+    /// Whether this controller may command agents now (SQLite: always;
+    /// etcd: while its leadership holds).
+    pub fn leads(&self) -> bool {
+        self.bus.may_send()
+    }
+
     /// Sends a command to a host's agent over its session and waits for
-    /// the result.
+    /// the result. Refused, with nothing sent, when this controller no
+    /// longer leads.
     pub async fn call(&self, host_id: &str, kind: Kind, timeout: Duration) -> Result<CommandResult, ControllerError> {
         let (tx, mut ended) = {
             let inner = self.lock();
@@ -164,9 +182,20 @@ impl Registry {
             }
         };
         let id = uuid::Uuid::new_v4().to_string();
+        // Checked last before the send: a leader whose deadline passed while
+        // it waited must not command (another may lead by now).
+        if !self.bus.may_send() {
+            return Err(ControllerError::AgentUnavailable(format!(
+                "not sent to '{host_id}': this controller no longer leads (its etcd leadership lapsed or was lost)"
+            )));
+        }
         let orx = self.bus.expect(&id, host_id);
         let msg = ControllerMessage {
-            msg: Some(controller_message::Msg::Command(Command { id: id.clone(), kind: Some(kind), epoch: 0 })),
+            msg: Some(controller_message::Msg::Command(Command {
+                id: id.clone(),
+                kind: Some(kind),
+                epoch: self.bus.epoch(),
+            })),
         };
         let sent = tx.send(Box::new(msg)).await.is_ok();
         let r = if !sent {
@@ -201,5 +230,45 @@ impl Registry {
     /// out, or never sent; nothing done).
     pub fn complete_from(&self, host: &str, r: CommandResult) -> Option<bool> {
         self.bus.complete_from(host, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn commands_carry_the_epoch_and_none_is_sent_once_the_leadership_no_longer_holds() {
+        let reg = Arc::new(
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap(),
+        );
+        assert_eq!(reg.epoch(), 0, "SQLite: epoch 0");
+        assert!(reg.leads());
+        let (tx, mut rx) = mpsc::channel(4);
+        reg.open_session("a", "boot", tx).unwrap();
+        let l = Arc::new(crate::ha::Leadership::new(
+            b"k".to_vec(),
+            42,
+            Duration::from_secs(60),
+            tokio::time::Instant::now(),
+        ));
+        reg.set_leadership(l.clone());
+        let answer = {
+            let reg = reg.clone();
+            tokio::spawn(async move {
+                let m = rx.recv().await.unwrap();
+                let Some(controller_message::Msg::Command(c)) = m.msg else { panic!("a command") };
+                reg.complete(CommandResult { id: c.id.clone(), ..Default::default() });
+                (c.epoch, rx)
+            })
+        };
+        reg.call("a", Kind::CheckPaths(Default::default()), Duration::from_secs(5)).await.unwrap();
+        let (epoch, mut rx) = answer.await.unwrap();
+        assert_eq!(epoch, 42, "the command carries the leadership's epoch");
+        l.lose("compare failed");
+        let e = reg.call("a", Kind::CheckPaths(Default::default()), Duration::from_millis(100)).await.unwrap_err();
+        assert!(e.to_string().contains("no longer leads"), "{e}");
+        assert!(rx.try_recv().is_err(), "nothing was sent");
+        assert!(!reg.leads());
     }
 }

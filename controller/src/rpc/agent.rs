@@ -118,7 +118,7 @@ impl AgentSession for AgentService {
         let welcome = ControllerMessage {
             msg: Some(controller_message::Msg::Welcome(Welcome {
                 heartbeat_interval_ms: timing.heartbeat_interval_ms,
-                epoch: 0,
+                epoch: self.reg.epoch(),
             })),
         };
         let _ = tx.send(Box::new(welcome)).await;

@@ -1,0 +1,215 @@
+//! The follower gate: one service in front of the gRPC routes. Until this
+//! process leads (and has loaded its state), every call is answered
+//! `UNAVAILABLE` "not the leader; leader is URL" with the leader's URL in the
+//! [`lifeboat_proto::LEADER_METADATA`] response metadata; once it leads, the
+//! real services answer. A process that lost its leadership refuses again
+//! (it is about to exit).
+//!
+//! Architecture invariant: a follower changes nothing and serves no state:
+//! its cache may lag, so it only ever names the leader.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use tokio::sync::watch;
+use tonic::body::Body;
+use tonic::codegen::http::{Request, Response};
+
+use super::Leadership;
+use super::election::LeaderHint;
+
+struct Open<S> {
+    routes: S,
+    leadership: Option<Arc<Leadership>>,
+}
+
+struct Shared<S> {
+    open: OnceLock<Open<S>>,
+    hint: watch::Receiver<LeaderHint>,
+}
+
+/// The gate (cheap to clone: one state shared by every connection).
+pub struct Gate<S> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S> Clone for Gate<S> {
+    fn clone(&self) -> Self {
+        Gate { shared: self.shared.clone() }
+    }
+}
+
+impl<S> Gate<S> {
+    /// A closed gate that names the leader `hint` says.
+    pub fn follower(hint: watch::Receiver<LeaderHint>) -> Self {
+        Gate { shared: Arc::new(Shared { open: OnceLock::new(), hint }) }
+    }
+
+    /// A gate open from the start, with no leadership to hold (the SQLite
+    /// backend: one controller, always the leader).
+    pub fn open_now(routes: S) -> Self {
+        let g = Gate::follower(watch::channel(LeaderHint::Unknown).1);
+        let _ = g.shared.open.set(Open { routes, leadership: None });
+        g
+    }
+
+    /// Opens the gate: `routes` answer from now on, while `leadership`
+    /// holds. Only the first call counts.
+    pub fn open(&self, routes: S, leadership: Arc<Leadership>) {
+        let _ = self.shared.open.set(Open { routes, leadership: Some(leadership) });
+    }
+
+    /// Whether calls reach the routes now.
+    pub fn is_open(&self) -> bool {
+        self.shared.open.get().is_some_and(|o| o.leadership.as_ref().is_none_or(|l| l.holds()))
+    }
+
+    /// The refusal a call gets now (`None` when the gate is open).
+    pub fn refusal(&self) -> Option<tonic::Status> {
+        if let Some(o) = self.shared.open.get() {
+            match &o.leadership {
+                None => return None,
+                Some(l) if l.holds() => return None,
+                Some(_) => {
+                    return Some(tonic::Status::unavailable(
+                        "not the leader; this controller lost its leadership and is restarting as a follower; \
+                         try the other controllers",
+                    ));
+                }
+            }
+        }
+        Some(refusal_for(&self.shared.hint.borrow()))
+    }
+}
+
+/// The status a follower answers with, given who leads.
+pub fn refusal_for(hint: &LeaderHint) -> tonic::Status {
+    match hint {
+        LeaderHint::Leader(url) => {
+            let mut s = tonic::Status::unavailable(format!("not the leader; leader is {url}"));
+            if let Ok(v) = url.parse() {
+                s.metadata_mut().insert(lifeboat_proto::LEADER_METADATA, v);
+            }
+            s
+        }
+        LeaderHint::NoLeader => tonic::Status::unavailable(
+            "not the leader; no leader is elected (etcd: no controller holds the election; one takes over within \
+             leader_ttl_ms)",
+        ),
+        LeaderHint::Unknown => {
+            tonic::Status::unavailable("not the leader; no leader is elected (etcd: not read yet; retry in a moment)")
+        }
+        LeaderHint::EtcdError(e) => {
+            tonic::Status::unavailable(format!("not the leader; no leader is elected (etcd: {e})"))
+        }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tonic::codegen::Service<Request<B>> for Gate<S>
+where
+    S: tonic::codegen::Service<Request<B>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The routes are always ready (tonic's `Routes`); a refusal needs nothing.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if let Some(status) = self.refusal() {
+            return Box::pin(async move { Ok(status.into_http::<Body>()) });
+        }
+        match self.shared.open.get() {
+            Some(o) => {
+                let mut routes = o.routes.clone();
+                Box::pin(routes.call(req))
+            }
+            None => Box::pin(async { Ok(tonic::Status::unavailable("not the leader").into_http::<Body>()) }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tonic::codegen::Service;
+
+    #[derive(Clone)]
+    struct Echo;
+
+    impl tonic::codegen::Service<Request<()>> for Echo {
+        type Response = Response<Body>;
+        type Error = Infallible;
+        type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _req: Request<()>) -> Self::Future {
+            Box::pin(async { Ok(Response::builder().header("x-served", "yes").body(Body::empty()).unwrap()) })
+        }
+    }
+
+    fn grpc_status(r: &Response<Body>) -> Option<tonic::Status> {
+        tonic::Status::from_header_map(r.headers())
+    }
+
+    #[tokio::test]
+    async fn a_follower_refuses_every_call_naming_the_leader_until_it_leads_and_again_once_it_lost() {
+        let (tx, rx) = watch::channel(LeaderHint::Unknown);
+        let mut g: Gate<Echo> = Gate::follower(rx);
+        let r = g.call(Request::new(())).await.unwrap();
+        let s = grpc_status(&r).expect("a refusal");
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().starts_with("not the leader; no leader is elected (etcd: "), "{}", s.message());
+        assert!(r.headers().get(lifeboat_proto::LEADER_METADATA).is_none());
+
+        tx.send(LeaderHint::Leader("https://c2:7443".into())).unwrap();
+        let r = g.call(Request::new(())).await.unwrap();
+        let s = grpc_status(&r).expect("a refusal");
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(s.message(), "not the leader; leader is https://c2:7443");
+        assert_eq!(r.headers().get(lifeboat_proto::LEADER_METADATA).unwrap(), "https://c2:7443");
+        assert!(r.headers().get("x-served").is_none(), "the routes never saw it");
+
+        tx.send(LeaderHint::EtcdError("connection refused".into())).unwrap();
+        let s = grpc_status(&g.call(Request::new(())).await.unwrap()).unwrap();
+        assert_eq!(s.message(), "not the leader; no leader is elected (etcd: connection refused)");
+
+        // The same gate value (cloned per connection before leading) opens.
+        let mut before = g.clone();
+        let l = Arc::new(Leadership::new(b"k".to_vec(), 7, Duration::from_secs(60), tokio::time::Instant::now()));
+        g.open(Echo, l.clone());
+        let r = before.call(Request::new(())).await.unwrap();
+        assert_eq!(r.headers().get("x-served").unwrap(), "yes", "a connection accepted before leading is served");
+        assert!(grpc_status(&r).is_none());
+
+        l.lose("compare failed");
+        let r = before.call(Request::new(())).await.unwrap();
+        assert!(r.headers().get("x-served").is_none());
+        let s = grpc_status(&r).expect("refused after losing");
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().starts_with("not the leader"), "{}", s.message());
+    }
+
+    #[tokio::test]
+    async fn an_sqlite_gate_is_open_from_the_start() {
+        let mut g = Gate::open_now(Echo);
+        assert!(g.is_open());
+        let r = g.call(Request::new(())).await.unwrap();
+        assert_eq!(r.headers().get("x-served").unwrap(), "yes");
+    }
+}
