@@ -352,24 +352,15 @@ ha_leader() {
   echo "? $val"
 }
 
-# The etcd keyspace starts empty: Lifeboat's keys come from a new, empty SQLite database (`init`
-# with the single controller's config) copied in by `etcd-import`, the upgrade path from SQLite
-# (docs/operations.md), while no controller runs.
+# The etcd keyspace starts empty: `init` with controller 1's config writes Lifeboat's schema key
+# (a new, empty pool), while no controller runs. A controller never starts on a prefix without it.
 ha_bootstrap() {
   local out
-  rm -f "$CTL_DB"
-  out=$("$CTL_BIN" --config "$CTL_CONFIG" init 2>&1) || die "lifeboat-controller init (SQLite, for the import) failed: $out"
-  if out=$(ip netns exec "$(ctl_ns 1)" "$CTL_BIN" --config "$(ctl_dir 1)/controller.toml" etcd-import --from "$CTL_DB" 2>&1); then
+  if out=$(ip netns exec "$(ctl_ns 1)" "$CTL_BIN" --config "$(ctl_dir 1)/controller.toml" init 2>&1); then
     log "etcd: $out"
   else
-    warn "lifeboat-controller etcd-import into a new etcd failed: $out"
+    die "lifeboat-controller init (etcd) failed: $out"
   fi
-  # The etcd backend keeps nothing in `database`, but the controller's start checks still
-  # refuse a missing file there (TODO(lead)): give each controller the same empty database.
-  local n
-  for n in $(ctl_list); do
-    [ -e "$(ctl_dir "$n")/controller.db" ] || cp "$CTL_DB" "$(ctl_dir "$n")/controller.db"
-  done
 }
 
 # Whether this agent binary takes `[controller] urls = [...]` (several controllers).

@@ -395,7 +395,12 @@ impl ControllerConfig {
         lifeboat_common::tls::install_crypto_provider();
         let now_s = crate::now_ms() / 1000;
         let tls = self.tls.load_for(&lifeboat_common::identity::Identity::Controller, now_s)?;
-        check_database_file(&self.database, config)?;
+        match self.store.backend {
+            Backend::Sqlite => check_database_file(&self.database, config)?,
+            // etcd holds the state; the cache is rebuilt at every start, in
+            // a directory that must be usable (created when missing).
+            Backend::Etcd => check_cache_dir(&self.store.cache_dir, config)?,
+        }
         check_bind("listen", self.listen)?;
         if let Some(m) = self.metrics_listen {
             check_bind("metrics_listen", m)?;
@@ -404,6 +409,37 @@ impl ControllerConfig {
             crate::fence::Fencer::new(host, bmc)?;
         }
         Ok(tls)
+    }
+}
+
+/// Checks (creating it owner-only when missing) the etcd backend's
+/// `cache_dir`: a directory this user can write.
+pub fn check_cache_dir(dir: &Path, config: &Path) -> Result<(), PreflightError> {
+    let bad = |m: String| Err(PreflightError::Database(m));
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => {
+            return bad(format!(
+                "[store] cache_dir {} is not a directory; correct it in {}",
+                dir.display(),
+                config.display()
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::os::unix::fs::DirBuilderExt;
+            if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+                return bad(format!("[store] cache_dir {} cannot be created: {e}", dir.display()));
+            }
+        }
+        Err(e) => return bad(format!("[store] cache_dir {}: {e}", dir.display())),
+    }
+    let probe = dir.join(".lifeboat-write-test");
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => bad(format!("[store] cache_dir {} is not writable by this user: {e}", dir.display())),
     }
 }
 

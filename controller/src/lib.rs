@@ -301,25 +301,36 @@ fn known_hosts(source: metrics::Source) -> Arc<dyn Fn(&str) -> bool + Send + Syn
     Arc::new(move |host: &str| source.registry().is_some_and(|r| r.get_host(host).is_ok()))
 }
 
-/// The etcd backend's local state before this process leads.
-///
-/// PLACEHOLDER until the store lane's `store::etcd::Replica` is merged:
-/// nothing is replicated yet, and [`promote_etcd_backend`] hands out an
-/// in-memory SQLite store (tests of election and follower mode only). The
-/// lead replaces both functions with `Replica::open(client, prefix,
-/// cache_path)` and `replica.promote(client, leadership)`.
-struct EtcdBackend;
-
-async fn open_etcd_backend(_client: &etcd_client::Client, _store: &config::StoreConfig) -> anyhow::Result<EtcdBackend> {
-    Ok(EtcdBackend)
-}
-
-async fn promote_etcd_backend(
-    _backend: EtcdBackend,
-    _client: &etcd_client::Client,
-    _leadership: Arc<ha::Leadership>,
-) -> anyhow::Result<ports::Repos> {
-    Ok(store::sqlite::SqliteRepos::start_in_memory()?)
+/// A thread outside every runtime that ends the process (status 3) when
+/// the leadership lapses and the orderly stop has not done so within 2 s:
+/// however stuck the runtimes are, a controller that no longer leads does
+/// not stay up in its leader's state. Not armed while resigning.
+fn deadline_watchdog(l: Arc<ha::Leadership>, resigning: Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("lifeboat-deadline".into())
+        .spawn(move || {
+            loop {
+                if resigning.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                if l.holds() {
+                    let left = l.expires_at().into_std().saturating_duration_since(std::time::Instant::now());
+                    std::thread::sleep(left.clamp(Duration::from_millis(20), Duration::from_millis(250)));
+                    continue;
+                }
+                std::thread::sleep(Duration::from_secs(2));
+                if resigning.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                tracing::error!(
+                    epoch = l.epoch(),
+                    "leadership lapsed and the controller did not stop within 2 s: exiting"
+                );
+                std::process::exit(i32::from(EXIT_LEADERSHIP_LOST));
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("starting the deadline watchdog: {e}"))?;
+    Ok(())
 }
 
 /// The etcd backend: serve as a follower (every call refused, naming the
@@ -336,49 +347,188 @@ async fn serve_etcd(
     let st = cfg.store.clone();
     let url = st.advertise_url.clone().ok_or_else(|| anyhow::anyhow!("[store] advertise_url is required for etcd"))?;
     let leader_ttl = Duration::from_millis(u64::from(st.leader_ttl_ms));
-    let client = ha::election::connect(&st).await?;
-    let backend = open_etcd_backend(&client, &st).await?;
-    let (hint, poller) = ha::election::watch_leader(client.clone(), ha::election::election_name(&st.prefix));
+    // Every etcd request, the lease keepalives, the replica's watch and the
+    // store thread's writes run on a runtime of their own: a busy or blocked
+    // serving runtime can neither starve the keepalives nor hold up the
+    // store thread, which blocks on etcd while callers wait for it.
+    let etcd_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lifeboat-etcd")
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the etcd runtime: {e}"))?;
+    let io = etcd_rt.handle().clone();
+    let res = serve_etcd_on(cfg, limits, listener, shutdown, &io, tls, st, url, leader_ttl).await;
+    etcd_rt.shutdown_background();
+    res
+}
+
+/// [`serve_etcd`] once the etcd runtime `io` exists.
+#[allow(clippy::too_many_arguments)]
+async fn serve_etcd_on(
+    cfg: config::ControllerConfig,
+    limits: conn::Limits,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    io: &tokio::runtime::Handle,
+    tls: lifeboat_common::tls::TlsMaterial,
+    st: config::StoreConfig,
+    url: String,
+    leader_ttl: Duration,
+) -> anyhow::Result<()> {
+    // A follower from the first moment: while etcd cannot be reached every
+    // call is refused saying so (not "connection refused").
+    let (hint_tx, hint) = tokio::sync::watch::channel(ha::election::LeaderHint::EtcdError("not connected yet".into()));
     let gate: ha::gate::Gate<Routes> = ha::gate::Gate::follower(hint.clone());
     let source = metrics::Source::empty();
     metrics::ha_follower(hint.clone());
     let metrics = start_metrics(&cfg, source.clone()).await?;
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let (stop_tx, stop) = tokio::sync::watch::channel(Stop::No);
-    info!(listen = %listener.local_addr()?, advertise_url = %url, endpoints = ?st.endpoints, "lifeboat-controller serving as a follower; campaigning for leadership");
+    info!(listen = %listener.local_addr()?, advertise_url = %url, endpoints = ?st.endpoints, "lifeboat-controller serving as a follower");
     let server = tokio::spawn({
         let gate = gate.clone();
         let known = known_hosts(source.clone());
         async move { run_server(listener, &tls, limits, gate, known, stop).await }
     });
-    let campaign = ha::election::Campaign::start(client.clone(), &st.prefix, &url, leader_ttl).await?;
     tokio::pin!(shutdown);
     let finish = |why: Stop| {
         let _ = stopping_tx.send(true);
         let _ = stop_tx.send(why);
     };
-    let leadership = tokio::select! {
-        l = campaign.campaign() => match l {
-            Ok(l) => l,
-            // Restarting is how a process gets a new lease: exit as if lost.
-            Err(ha::election::ElectionError::LeaseGone(why)) => {
-                finish(Stop::Lost);
-                poller.abort();
-                let _ = server.await;
-                return Err(LeadershipLost(why).into());
+    // Connect and build the local copy, again and again while etcd cannot
+    // be reached; a refusal that waiting cannot mend (a schema this
+    // controller cannot read) ends the process.
+    let cache = st.cache_dir.join("cache.db");
+    let mut delay = Duration::from_millis(200);
+    let (client, replica) = loop {
+        let (st2, cache2) = (st.clone(), cache.clone());
+        let attempt = io.spawn(async move {
+            let client = ha::election::connect(&st2).await.map_err(|e| (true, e.to_string()))?;
+            match store::etcd::initialized(&client, &st2.prefix).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err((
+                        false,
+                        format!(
+                            "etcd holds no Lifeboat data under {:?}: a new installation runs `lifeboat-controller \
+                             init` once (or `etcd-import --from controller.db` to move a SQLite pool); otherwise \
+                             [store] prefix has a typo",
+                            st2.prefix
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    let retry = matches!(e, store::etcd::EtcdError::Etcd(_) | store::etcd::EtcdError::Timeout(_));
+                    return Err((retry, e.to_string()));
+                }
             }
-            Err(e) => return Err(e.into()),
-        },
-        _ = &mut shutdown => {
-            campaign.resign().await;
-            finish(Stop::Shutdown);
-            poller.abort();
-            let _ = server.await;
-            return Ok(());
+            std::fs::create_dir_all(cache2.parent().unwrap_or(std::path::Path::new(".")))
+                .map_err(|e| (false, format!("cache_dir {}: {e}", cache2.display())))?;
+            let replica = store::etcd::Replica::open(client.clone(), &st2.prefix, &cache2).await.map_err(|e| {
+                let retry = matches!(e, store::etcd::EtcdError::Etcd(_) | store::etcd::EtcdError::Timeout(_));
+                (retry, e.to_string())
+            })?;
+            Ok::<_, (bool, String)>((client, replica))
+        });
+        let r = tokio::select! {
+            r = attempt => r.map_err(|e| anyhow::anyhow!("etcd start-up task: {e}"))?,
+            _ = &mut shutdown => {
+                finish(Stop::Shutdown);
+                let _ = server.await;
+                return Ok(());
+            }
+        };
+        match r {
+            Ok(ok) => break ok,
+            Err((true, why)) => {
+                tracing::warn!("etcd cannot be reached ({why}); trying again in {} ms", delay.as_millis());
+                hint_tx.send_replace(ha::election::LeaderHint::EtcdError(why));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut shutdown => {
+                        finish(Stop::Shutdown);
+                        let _ = server.await;
+                        return Ok(());
+                    }
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err((false, why)) => {
+                finish(Stop::Shutdown);
+                let _ = server.await;
+                anyhow::bail!("the etcd store cannot be used: {why}");
+            }
         }
     };
+    info!(revision = replica.loaded_revision(), "local copy of etcd loaded; campaigning for leadership");
+    let poller = io.spawn({
+        let (client, name) = (client.clone(), ha::election::election_name(&st.prefix));
+        async move {
+            let (mut rx, task) = ha::election::watch_leader(client, name);
+            while rx.changed().await.is_ok() {
+                let h = rx.borrow_and_update().clone();
+                hint_tx.send_replace(h);
+            }
+            task.abort();
+        }
+    });
+    let campaign = {
+        let (client, prefix, url2) = (client.clone(), st.prefix.clone(), url.clone());
+        Arc::new(
+            io.spawn(async move { ha::election::Campaign::start(client, &prefix, &url2, leader_ttl).await })
+                .await
+                .map_err(|e| anyhow::anyhow!("campaign task: {e}"))??,
+        )
+    };
+    let mut won = io.spawn({
+        let c = campaign.clone();
+        async move { c.campaign().await }
+    });
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let leadership = loop {
+        tokio::select! {
+            l = &mut won => match l.map_err(|e| anyhow::anyhow!("campaign task: {e}"))? {
+                Ok(l) => break l,
+                // Restarting is how a process gets a new lease: exit as if lost.
+                Err(ha::election::ElectionError::LeaseGone(why)) => {
+                    finish(Stop::Lost);
+                    poller.abort();
+                    let _ = server.await;
+                    return Err(LeadershipLost(why).into());
+                }
+                Err(e) => return Err(e.into()),
+            },
+            _ = tick.tick() => {
+                if let Some(why) = replica.stopped_following() {
+                    won.abort();
+                    campaign.resign().await;
+                    finish(Stop::Shutdown);
+                    poller.abort();
+                    let _ = server.await;
+                    anyhow::bail!("the local copy stopped following etcd ({why}); a restart rebuilds it");
+                }
+            }
+            _ = &mut shutdown => {
+                won.abort();
+                campaign.resign().await;
+                finish(Stop::Shutdown);
+                poller.abort();
+                let _ = server.await;
+                return Ok(());
+            }
+        }
+    };
+    let resigning = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    deadline_watchdog(leadership.clone(), resigning.clone())?;
     metrics::ha_leading(leadership.epoch(), &url);
-    let repos = promote_etcd_backend(backend, &client, leadership.clone()).await?;
+    let repos = {
+        let l = leadership.clone();
+        io.spawn(async move { replica.promote(l).await })
+            .await
+            .map_err(|e| anyhow::anyhow!("promotion task: {e}"))?
+            .map_err(|e| anyhow::anyhow!("promoting the local copy of etcd: {e}"))?
+    };
     let ctl = start_controller(&cfg, repos.clone(), Some(leadership.clone()), stopping.clone()).await?;
     let _ = source.set(ctl.registry.clone());
     gate.open(ctl.routes.clone(), leadership.clone());
@@ -394,6 +544,7 @@ async fn serve_etcd(
     } else {
         // Resigning first stops this process commanding (holds() turns
         // false) and lets a standby lead at once, while connections drain.
+        resigning.store(true, std::sync::atomic::Ordering::SeqCst);
         campaign.resign().await;
         finish(Stop::Shutdown);
     }

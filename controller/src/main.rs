@@ -92,6 +92,9 @@ fn etcd_op(cfg: &ControllerConfig, what: &str, op: EtcdOp) -> ExitCode {
         let st = &cfg.store;
         let mut client = etcd::connect(&st.endpoints, st.ca.as_deref(), st.cert.as_deref(), st.key.as_deref()).await?;
         match op {
+            EtcdOp::Init => etcd::ops::init(&mut client, &prefix)
+                .await
+                .map(|_| format!("wrote the schema key under {prefix} (a new, empty pool); start the controllers")),
             EtcdOp::Import(from) => etcd::ops::import(&mut client, &prefix, &from).await.map(|s| {
                 format!(
                     "imported {} keys from {} under {prefix} in {} etcd transactions; start the controllers",
@@ -127,6 +130,7 @@ fn etcd_op(cfg: &ControllerConfig, what: &str, op: EtcdOp) -> ExitCode {
 
 /// An etcd operation and its file.
 enum EtcdOp {
+    Init,
     Import(PathBuf),
     Export(PathBuf),
     Restore(PathBuf),
@@ -148,13 +152,16 @@ fn main() -> ExitCode {
     // backup, restore and init work on the SQLite `database`, which the
     // etcd backend does not use: refuse rather than copy an unused file.
     if matches!(cfg.store.backend, lifeboat_controller::config::Backend::Etcd)
-        && matches!(cli.cmd, Some(Cmd::Backup { .. } | Cmd::Restore { .. } | Cmd::Init))
+        && matches!(cli.cmd, Some(Cmd::Backup { .. } | Cmd::Restore { .. }))
     {
         eprintln!(
             "lifeboat-controller: [store] backend = \"etcd\": use etcd-export (backup), etcd-restore (restore) or \
              etcd-import (from a SQLite database) instead"
         );
         return ExitCode::from(2);
+    }
+    if matches!(cfg.store.backend, lifeboat_controller::config::Backend::Etcd) && matches!(cli.cmd, Some(Cmd::Init)) {
+        return etcd_op(&cfg, "init", EtcdOp::Init);
     }
     match cli.cmd {
         Some(Cmd::Backup { out, force }) => {

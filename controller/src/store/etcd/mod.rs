@@ -34,6 +34,14 @@ use thiserror::Error;
 
 pub use replica::Replica;
 
+/// Whether `prefix` holds Lifeboat data (its schema key): a controller
+/// never starts on a prefix without it, as it never starts on a missing
+/// SQLite file (`init` or `etcd-import` writes it).
+pub async fn initialized(client: &Client, prefix: &str) -> Result<bool, EtcdError> {
+    let mut c = client.clone();
+    Ok(replica::check_schema(&mut c, prefix).await?.0.is_some())
+}
+
 use super::SCHEMA_VERSION;
 use super::sqlite::SqliteRepos;
 use crate::ha::Leadership;

@@ -124,6 +124,45 @@ async fn write_batches(client: &mut Client, prefix: &str, kvs: Vec<(String, Vec<
     Ok(txns + 1)
 }
 
+/// The host name controller-wide alarms are raised under (as `backup`).
+const CONTROLLER_ALARM_HOST: &str = "controller";
+
+/// Marks data copied in from a file as possibly older than what the hosts
+/// run (the `store-restored` alarm and an audit entry, as a SQLite
+/// restore): the first leader grants no lease and starts or stops nothing
+/// until every host not OFFLINE has reported.
+fn mark_restored(store: &Store, what: &str, from: &Path) -> Result<(), EtcdError> {
+    let detail = format!(
+        "the etcd data was {what} {}: it may be older than what the hosts run (guests moved since, newer \
+         ownership generations). Until every host not OFFLINE has reported, Lifeboat grants no lease and starts or \
+         stops nothing; ownership is then rebuilt from the hosts' reports (highest generation wins). A host that is \
+         gone for good: declare it OFFLINE (`lifeboat hosts set-status HOST OFFLINE`)",
+        from.display()
+    );
+    store.raise_alarm(CONTROLLER_ALARM_HOST, "store-restored", &detail)?;
+    store.audit(&crate::store::AuditRow::by_controller("store.restored", CONTROLLER_ALARM_HOST, "", detail))?;
+    Ok(())
+}
+
+/// Every row of `store`, encoded as keys under `prefix`.
+fn encode_all(store: &Store, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, EtcdError> {
+    let mut kvs = Vec::new();
+    for t in codec::tables(store.conn())? {
+        kvs.extend(codec::encode_table(store.conn(), prefix, &t)?);
+    }
+    Ok(kvs)
+}
+
+/// Writes the schema key into an empty prefix (no leader elected): a new
+/// installation, as `init` creates an empty SQLite database. A controller
+/// never starts on a prefix without it (a typo in `prefix` must not look
+/// like a new, empty pool).
+pub async fn init(client: &mut Client, prefix: &str) -> Result<OpSummary, EtcdError> {
+    require_empty(client, prefix).await?;
+    let txns = write_batches(client, prefix, Vec::new()).await?;
+    Ok(OpSummary { keys: 0, revision_or_txns: txns })
+}
+
 /// Copies a SQLite database (of this controller's schema) into an empty
 /// prefix. Not atomic: re-runnable only after emptying the prefix.
 pub async fn import(client: &mut Client, prefix: &str, db: &Path) -> Result<OpSummary, EtcdError> {
@@ -137,10 +176,19 @@ pub async fn import(client: &mut Client, prefix: &str, db: &Path) -> Result<OpSu
         )));
     }
     require_empty(client, prefix).await?;
-    let mut kvs = Vec::new();
-    for t in codec::tables(&conn)? {
-        kvs.extend(codec::encode_table(&conn, prefix, &t)?);
+    drop(conn);
+    // A scratch copy takes the store-restored mark: the file may be an old
+    // backup rather than the database of a controller just stopped.
+    let scratch = Store::open_in_memory()?;
+    scratch.conn().pragma_update(None, "foreign_keys", "OFF")?;
+    scratch.conn().execute("ATTACH DATABASE ?1 AS src", [db.to_string_lossy().as_ref()])?;
+    for t in codec::tables(scratch.conn())? {
+        let q = codec::quote(&t.name);
+        scratch.conn().execute(&format!("INSERT INTO main.{q} SELECT * FROM src.{q}"), [])?;
     }
+    scratch.conn().execute("DETACH DATABASE src", [])?;
+    mark_restored(&scratch, "imported from", db)?;
+    let kvs = encode_all(&scratch, prefix)?;
     let keys = kvs.len();
     let txns = write_batches(client, prefix, kvs).await?;
     Ok(OpSummary { keys, revision_or_txns: txns })
@@ -220,7 +268,6 @@ pub async fn restore(client: &mut Client, prefix: &str, from: &Path) -> Result<O
     scratch.conn().pragma_update(None, "foreign_keys", "OFF")?;
     let tables = codec::tables(scratch.conn())?;
     let mut cache = Cache { store: scratch, tables, hashes: Default::default(), refused: 0 };
-    let mut kvs = Vec::with_capacity(ex.kvs.len());
     for kv in ex.kvs {
         if kv.key == "schema" {
             continue;
@@ -233,8 +280,9 @@ pub async fn restore(client: &mut Client, prefix: &str, from: &Path) -> Result<O
                 kv.key
             )));
         }
-        kvs.push((full, kv.value));
     }
+    mark_restored(&cache.store, "restored from", from)?;
+    let kvs = encode_all(&cache.store, prefix)?;
     require_empty(client, prefix).await?;
     let keys = kvs.len();
     let txns = write_batches(client, prefix, kvs).await?;

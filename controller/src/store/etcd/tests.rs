@@ -336,7 +336,8 @@ async fn a_replica_of_1000_hosts_with_20_guests_each_loads() {
     let t = std::time::Instant::now();
     let sum = ops::import(&mut c, P, &db).await.unwrap();
     let import = t.elapsed();
-    assert_eq!(sum.keys, 21_000);
+    // Every row, and the store-restored alarm with its audit entry.
+    assert_eq!(sum.keys, 21_002);
     let t = std::time::Instant::now();
     let r = Replica::open(c.clone(), P, &dir.path().join("cache.db")).await.unwrap();
     let load = t.elapsed();
@@ -390,11 +391,14 @@ async fn export_restore_and_import_refuse_a_used_prefix_or_an_elected_leader() {
     assert!(e.to_string().contains("already exist"), "{e}");
     let before = revision(&mut c).await;
     let sum = ops::restore(&mut c, "/r/", &file).await.unwrap();
-    assert_eq!(sum.keys, 3);
+    assert_eq!(sum.keys, 5, "the 3 rows, the store-restored alarm and its audit entry");
     assert!(revision(&mut c).await > before);
     let r = Replica::open(c.clone(), "/r/", &dir.path().join("r.db")).await.unwrap();
     assert_eq!(r.with_store(|s| s.owners().unwrap()).unwrap(), vec![owner("u1", "h1", 7)]);
     assert!(r.with_store(|s| s.host("h1").unwrap().is_some()).unwrap());
+    // An older copy holds the first leader until the hosts have reported.
+    let alarms = r.with_store(|s| s.alarms(false).unwrap()).unwrap();
+    assert!(alarms.iter().any(|a| a.3 == "store-restored"), "{alarms:?}");
 
     // A damaged export writes nothing.
     let mut bytes = std::fs::read(&file).unwrap();
@@ -417,8 +421,8 @@ async fn export_restore_and_import_refuse_a_used_prefix_or_an_elected_leader() {
     let e = ops::import(&mut c, "/i/", &db).await.unwrap_err();
     assert!(e.to_string().contains("elected"), "{e}");
     let sum = ops::import(&mut c, "/j/", &db).await.unwrap();
-    assert_eq!(sum.keys, 1);
-    assert_eq!(keys(&mut c, "/j/").await, ["/j/schema", "/j/v1/hosts/h9"]);
+    assert_eq!(sum.keys, 3, "the host, the store-restored alarm and its audit entry");
+    assert_eq!(keys(&mut c, "/j/").await, ["/j/schema", "/j/v1/alarms/1", "/j/v1/audit/1", "/j/v1/hosts/h9"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
