@@ -38,6 +38,12 @@ pub struct LeaseFile {
     /// When the controller decided it; older decisions do not override it.
     #[serde(default)]
     pub issued_unix_ms: i64,
+    /// The fencing epoch of the controller that decided it (0: a SQLite
+    /// controller, or a file written before epochs). Decisions are ordered
+    /// by (epoch, issued): a newer leader's decision always wins over an
+    /// older leader's, whatever either's clock said.
+    #[serde(default)]
+    pub epoch: u64,
     /// The host's boot id when the lease was granted (read from the agent's
     /// `boot_id_file`): a lease is valid only in the boot it was granted
     /// for. Empty in files written before boot binding: never valid.
@@ -133,6 +139,9 @@ pub struct Renewal {
     pub host: String,
     /// When the controller decided it.
     pub issued_unix_ms: i64,
+    /// The deciding controller's fencing epoch (see [`LeaseFile::epoch`]).
+    #[serde(default)]
+    pub epoch: u64,
     /// Valid until (ms since the epoch).
     pub expires_unix_ms: i64,
     /// The renewed leases: UUID → ownership generation.
@@ -162,10 +171,11 @@ fn renewed(mut lease: LeaseFile, renewal: Option<&Renewal>) -> LeaseFile {
         && r.boot_id == lease.boot_id
         && r.leases.get(&lease.uuid) == Some(&lease.generation)
         && lease.expires_unix_ms > 0
-        && r.issued_unix_ms >= lease.issued_unix_ms
+        && (r.epoch, r.issued_unix_ms) >= (lease.epoch, lease.issued_unix_ms)
     {
         lease.expires_unix_ms = lease.expires_unix_ms.max(r.expires_unix_ms);
         lease.issued_unix_ms = r.issued_unix_ms;
+        lease.epoch = r.epoch;
     }
     lease
 }
@@ -181,6 +191,10 @@ pub struct Applied {
     /// UUIDs whose existing lease file cannot be read: not written (its
     /// generation is unknown, so moving forward cannot be checked).
     pub unreadable: Vec<String>,
+    /// UUIDs whose lease a newer decision (higher epoch, or the same epoch
+    /// and a later issue time) already set: neither granted nor revoked by
+    /// this one. The command fails naming them.
+    pub superseded: Vec<String>,
 }
 
 /// Writes the granted set: every listed lease renewed; unless `merge`,
@@ -201,7 +215,9 @@ pub fn apply(
     leases: &[LeaseFile],
     merge: bool,
     issued_unix_ms: i64,
+    epoch: u64,
 ) -> Result<Applied, LeaseError> {
+    let decision = (epoch, issued_unix_ms);
     let d = dir(state_dir);
     if !exists(&d)? {
         std::fs::create_dir_all(&d).map_err(io_err(&d))?;
@@ -216,7 +232,7 @@ pub fn apply(
     let boot_id = leases.first().map(|l| l.boot_id.clone()).unwrap_or_default();
     let mut out = Applied::default();
     let mut renew =
-        Renewal { host: host.to_string(), issued_unix_ms, expires_unix_ms: 0, leases: BTreeMap::new(), boot_id };
+        Renewal { host: host.to_string(), issued_unix_ms, epoch, expires_unix_ms: 0, leases: BTreeMap::new(), boot_id };
     let granted: BTreeSet<&str> = leases.iter().map(|l| l.uuid.as_str()).collect();
     for l in leases {
         if !valid_uuid(&l.uuid) || l.host != host {
@@ -233,7 +249,13 @@ pub fn apply(
             Ok(None) => out.fresh.push(l.uuid.clone()),
             Ok(Some(file)) => {
                 let old = renewed(file.clone(), renewal.as_ref());
-                if old.issued_unix_ms > l.issued_unix_ms {
+                if (old.epoch, old.issued_unix_ms) > (l.epoch, l.issued_unix_ms) {
+                    tracing::warn!(
+                        uuid = %l.uuid,
+                        "lease not written: a newer decision (epoch {}, issued {}) stands over this one (epoch {}, issued {})",
+                        old.epoch, old.issued_unix_ms, l.epoch, l.issued_unix_ms
+                    );
+                    out.superseded.push(l.uuid.clone());
                     continue;
                 }
                 if l.generation < file.generation {
@@ -248,8 +270,8 @@ pub fn apply(
                 }
                 if is_extension(&old, l) {
                     if !merge
-                        && l.issued_unix_ms == issued_unix_ms
-                        && file.issued_unix_ms <= issued_unix_ms
+                        && (l.epoch, l.issued_unix_ms) == decision
+                        && (file.epoch, file.issued_unix_ms) <= decision
                         && l.boot_id == renew.boot_id
                     {
                         renew.leases.insert(l.uuid.clone(), l.generation);
@@ -273,10 +295,18 @@ pub fn apply(
         }
         match lookup(state_dir, uuid) {
             Ok(Some(mut old)) => {
-                if old.expires_unix_ms > 0 && old.issued_unix_ms <= issued_unix_ms {
+                if old.expires_unix_ms > 0 && (old.epoch, old.issued_unix_ms) <= decision {
                     old.expires_unix_ms = 0;
                     old.issued_unix_ms = issued_unix_ms;
+                    old.epoch = epoch;
                     write_atomic(&e.path(), &serde_json::to_vec(&old).expect("serialisable"), true)?;
+                } else if old.expires_unix_ms > 0 {
+                    tracing::warn!(
+                        %uuid,
+                        "lease not revoked: a newer decision (epoch {}, issued {}) stands over this one (epoch {epoch}, issued {issued_unix_ms})",
+                        old.epoch, old.issued_unix_ms
+                    );
+                    out.superseded.push(uuid.to_string());
                 }
             }
             Ok(None) => {}
@@ -285,7 +315,7 @@ pub fn apply(
         }
     }
     // Replaced only by a newer decision (a stale grant must not drop renewals).
-    let newer = renewal.as_ref().map_or(!renew.leases.is_empty(), |r| r.issued_unix_ms <= issued_unix_ms);
+    let newer = renewal.as_ref().map_or(!renew.leases.is_empty(), |r| (r.epoch, r.issued_unix_ms) <= decision);
     if newer {
         write_atomic(&renewal_path(state_dir), &serde_json::to_vec(&renew).expect("serialisable"), false)?;
     }
@@ -539,6 +569,7 @@ mod tests {
             generation: gen_,
             expires_unix_ms: exp,
             issued_unix_ms: 10,
+            epoch: 0,
             boot_id: "boot-1".into(),
         }
     }
@@ -579,18 +610,18 @@ mod tests {
         let h = Host::new();
         let s = h.s();
         assert_eq!(h.check("prepare", &xml(None), 1000), Verdict::Allow, "never leased: unmanaged");
-        apply(s, "h", &[lease("h", 1, 5000)], false, 10).unwrap();
+        apply(s, "h", &[lease("h", 1, 5000)], false, 10, 0).unwrap();
         assert_eq!(h.check("prepare", &xml(None), 1000), Verdict::Allow);
         let m = h.refused("prepare", &xml(None), 6000);
         assert!(m.contains("Lifeboat start guard: refusing") && m.contains("expired"), "{m}");
         let m = h.refused("migrate", &xml(None), 6000);
         assert!(m.contains("incoming migration"), "{m}");
         // Not granted any more: revoked, still refused.
-        apply(s, "h", &[], true, 11).unwrap();
+        apply(s, "h", &[], true, 11, 0).unwrap();
         assert_eq!(h.check("prepare", &xml(None), 1000), Verdict::Allow, "merge revokes nothing");
-        apply(s, "h", &[], false, 9).unwrap();
+        apply(s, "h", &[], false, 9, 0).unwrap();
         assert_eq!(h.check("prepare", &xml(None), 1000), Verdict::Allow, "an older decision revokes nothing");
-        apply(s, "h", &[], false, 11).unwrap();
+        apply(s, "h", &[], false, 11, 0).unwrap();
         let m = h.refused("prepare", &xml(None), 1000);
         assert!(m.contains("revoked"), "{m}");
     }
@@ -600,7 +631,7 @@ mod tests {
         let h = Host::new();
         let m = h.refused("prepare", &xml(Some(("h", 1))), 1);
         assert!(m.contains("ownership metadata") && m.contains("no lease here"), "{m}");
-        apply(h.s(), "h", &[lease("h", 1, 5000)], false, 10).unwrap();
+        apply(h.s(), "h", &[lease("h", 1, 5000)], false, 10, 0).unwrap();
         let m = h.refused("prepare", &xml(Some(("other", 2))), 1);
         assert!(m.contains("owned by 'other'"), "{m}");
         assert_eq!(h.check("prepare", &xml(Some(("h", 1))), 1), Verdict::Allow);
@@ -609,7 +640,7 @@ mod tests {
     #[test]
     fn other_operations_pass_and_bad_calls_are_named() {
         let h = Host::new();
-        apply(h.s(), "h", &[lease("h", 1, 0)], false, 10).unwrap();
+        apply(h.s(), "h", &[lease("h", 1, 0)], false, 10, 0).unwrap();
         let env = GuardEnv { state_dir: h.s(), host: "h", boot_id_file: &h.boot, now_ms: 1 };
         assert_eq!(guard(&args("stopped", "end"), "", &env), Verdict::Allow);
         assert!(matches!(guard(&args("frobnicate", "begin"), "", &env), Verdict::BadCall(_)));
@@ -650,7 +681,7 @@ mod tests {
     fn an_enrolled_host_without_its_lease_directory_refuses_every_start() {
         let h = Host::new();
         assert!(!enrolled(h.s()).unwrap());
-        apply(h.s(), "h", &[lease("h", 1, 5000)], false, 10).unwrap();
+        apply(h.s(), "h", &[lease("h", 1, 5000)], false, 10, 0).unwrap();
         assert!(enrolled(h.s()).unwrap(), "the first grant enrols the host");
         let marker: serde_json::Value =
             serde_json::from_slice(&std::fs::read(enrolled_marker(h.s())).unwrap()).unwrap();
@@ -671,7 +702,7 @@ mod tests {
     fn a_lease_is_valid_only_in_the_boot_it_was_granted_for() {
         let h = Host::new();
         let s = h.s();
-        apply(s, "h", &[lease("h", 1, 5000)], false, 10).unwrap();
+        apply(s, "h", &[lease("h", 1, 5000)], false, 10, 0).unwrap();
         assert_eq!(h.check("prepare", &xml(None), 1000), Verdict::Allow);
         // The host reboots: the lease on disk is from the old boot.
         std::fs::write(&h.boot, "boot-2\n").unwrap();
@@ -695,15 +726,17 @@ mod tests {
             boot_id: "boot-2".into(),
             expires_unix_ms: exp,
             issued_unix_ms: issued,
+            epoch: 0,
             ..lease("h", 1, 0)
         };
-        apply(s, "h", &[new_boot(9000, 20)], false, 20).unwrap();
+        apply(s, "h", &[new_boot(9000, 20)], false, 20, 0).unwrap();
         assert_eq!(read_file(s, U).unwrap().unwrap().boot_id, "boot-2", "rewritten, not a renewal");
         assert_eq!(h.check("prepare", &xml(None), 7000), Verdict::Allow);
         // A renewal from the old boot does not extend a lease of the new one.
         let r = Renewal {
             host: "h".into(),
             issued_unix_ms: 30,
+            epoch: 0,
             expires_unix_ms: 99_000,
             leases: [(U.to_string(), 1)].into(),
             boot_id: "boot-1".into(),
@@ -725,28 +758,29 @@ mod tests {
         let at = |uuid: &str, gen_: u64, issued: i64| LeaseFile {
             uuid: uuid.into(),
             issued_unix_ms: issued,
+            epoch: 0,
             ..lease("h", gen_, 50_000)
         };
-        let a = apply(s, "h", &[at(U, 3, 10), at(U2, 1, 10)], false, 10).unwrap();
+        let a = apply(s, "h", &[at(U, 3, 10), at(U2, 1, 10)], false, 10, 0).unwrap();
         assert_eq!(a.fresh, vec![U.to_string(), U2.to_string()]);
         // A later grant with a lower generation for U: refused and reported; U2 still applies.
-        let a = apply(s, "h", &[at(U, 2, 20), at(U2, 2, 20)], false, 20).unwrap();
+        let a = apply(s, "h", &[at(U, 2, 20), at(U2, 2, 20)], false, 20, 0).unwrap();
         assert_eq!(a.stale_generation, vec![U.to_string()]);
         assert!(a.fresh.is_empty() && a.unreadable.is_empty());
         assert_eq!(read_file(s, U).unwrap().unwrap().generation, 3, "not written");
         assert_eq!(read_file(s, U2).unwrap().unwrap().generation, 2);
         // Still refused after a revocation (the file keeps its generation).
-        apply(s, "h", &[at(U2, 2, 30)], false, 30).unwrap();
+        apply(s, "h", &[at(U2, 2, 30)], false, 30, 0).unwrap();
         assert_eq!(read_file(s, U).unwrap().unwrap().expires_unix_ms, 0);
-        let a = apply(s, "h", &[at(U, 1, 40)], true, 40).unwrap();
+        let a = apply(s, "h", &[at(U, 1, 40)], true, 40, 0).unwrap();
         assert_eq!(a.stale_generation, vec![U.to_string()]);
         // The same or a higher generation is fine.
-        let a = apply(s, "h", &[at(U, 3, 50)], true, 50).unwrap();
+        let a = apply(s, "h", &[at(U, 3, 50)], true, 50, 0).unwrap();
         assert!(a.stale_generation.is_empty());
         assert_eq!(read_file(s, U).unwrap().unwrap().expires_unix_ms, 50_000);
         // A lease file that cannot be read: that lease is not written, the others are.
         std::fs::write(path(s, U), "garbage").unwrap();
-        let a = apply(s, "h", &[at(U, 4, 60), at(U2, 2, 60)], true, 60).unwrap();
+        let a = apply(s, "h", &[at(U, 4, 60), at(U2, 2, 60)], true, 60, 0).unwrap();
         assert_eq!(a.unreadable, vec![U.to_string()]);
         assert_eq!(std::fs::read_to_string(path(s, U)).unwrap(), "garbage");
     }
@@ -786,10 +820,11 @@ mod tests {
         let at = |exp: i64, issued: i64, gen_: u64| LeaseFile {
             expires_unix_ms: exp,
             issued_unix_ms: issued,
+            epoch: 0,
             ..lease("h", gen_, 0)
         };
-        apply(s, "h", &[at(5000, 10, 1)], false, 10).unwrap();
-        apply(s, "h", &[at(9000, 20, 1)], false, 20).unwrap();
+        apply(s, "h", &[at(5000, 10, 1)], false, 10, 0).unwrap();
+        apply(s, "h", &[at(9000, 20, 1)], false, 20, 0).unwrap();
         assert_eq!(
             read_file(s, U).unwrap().unwrap().expires_unix_ms,
             5000,
@@ -798,27 +833,61 @@ mod tests {
         assert_eq!(read(s, U).unwrap().expires_unix_ms, 9000, "the renewal counts");
         assert_eq!(h.check("prepare", &xml(None), 7000), Verdict::Allow);
         // a stale (older) renewal does not shorten or override
-        apply(s, "h", &[at(8000, 15, 1)], false, 15).unwrap();
+        apply(s, "h", &[at(8000, 15, 1)], false, 15, 0).unwrap();
         assert_eq!(read(s, U).unwrap().expires_unix_ms, 9000);
         // a new generation is written to the lease file
-        apply(s, "h", &[at(12000, 30, 2)], false, 30).unwrap();
+        apply(s, "h", &[at(12000, 30, 2)], false, 30, 0).unwrap();
         assert_eq!(read_file(s, U).unwrap().unwrap(), at(12000, 30, 2));
-        apply(s, "h", &[at(15000, 40, 2)], false, 40).unwrap();
+        apply(s, "h", &[at(15000, 40, 2)], false, 40, 0).unwrap();
         assert_eq!(read(s, U).unwrap().expires_unix_ms, 15000);
         // revoked: the renewal file that still lists it no longer counts
-        apply(s, "h", &[], false, 50).unwrap();
+        apply(s, "h", &[], false, 50, 0).unwrap();
         assert_eq!(read(s, U).unwrap().expires_unix_ms, 0);
         let m = h.refused("prepare", &xml(None), 7000);
         assert!(m.contains("revoked"), "{m}");
         // granted again after the revocation: written to the lease file
-        apply(s, "h", &[at(20000, 60, 2)], false, 60).unwrap();
+        apply(s, "h", &[at(20000, 60, 2)], false, 60, 0).unwrap();
         assert_eq!(read_file(s, U).unwrap().unwrap(), at(20000, 60, 2));
         // a lost or corrupt renewal file only makes leases end sooner
-        apply(s, "h", &[at(25000, 70, 2)], false, 70).unwrap();
+        apply(s, "h", &[at(25000, 70, 2)], false, 70, 0).unwrap();
         std::fs::write(renewal_path(s), "garbage").unwrap();
         assert_eq!(read(s, U).unwrap().expires_unix_ms, 20000);
         // merge grants renew in the lease file and leave the renewal file alone
-        apply(s, "h", &[at(30000, 80, 2)], true, 80).unwrap();
+        apply(s, "h", &[at(30000, 80, 2)], true, 80, 0).unwrap();
         assert_eq!(read_file(s, U).unwrap().unwrap().expires_unix_ms, 30000);
+    }
+
+    #[test]
+    fn a_newer_leaders_decision_wins_whatever_the_clocks_said() {
+        let h = Host::new();
+        let s = h.s();
+        let at = |exp: i64, issued: i64, epoch: u64| LeaseFile {
+            expires_unix_ms: exp,
+            issued_unix_ms: issued,
+            epoch,
+            ..lease("h", 1, 0)
+        };
+        // The old leader (epoch 5) ran with its clock far ahead.
+        apply(s, "h", &[at(1_000_000, 900_000, 5)], false, 900_000, 5).unwrap();
+        apply(s, "h", &[at(1_100_000, 950_000, 5)], false, 950_000, 5).unwrap();
+        assert_eq!(read(s, U).unwrap().expires_unix_ms, 1_100_000);
+        // The new leader (epoch 6, clock behind) revokes: the revocation stands.
+        let a = apply(s, "h", &[], false, 10_000, 6).unwrap();
+        assert!(a.superseded.is_empty(), "{a:?}");
+        assert_eq!(read(s, U).unwrap().expires_unix_ms, 0, "revoked by the newer leader");
+        assert!(h.refused("prepare", &xml(None), 5_000).contains("revoked"));
+        // A late grant of the old leader (later wall clock) changes nothing and says so.
+        let a = apply(s, "h", &[at(2_000_000, 990_000, 5)], false, 990_000, 5).unwrap();
+        assert_eq!(a.superseded, vec![U.to_string()]);
+        assert_eq!(read(s, U).unwrap().expires_unix_ms, 0, "still revoked");
+        // The new leader's own grants and renewals apply with its lower clock.
+        apply(s, "h", &[at(40_000, 20_000, 6)], false, 20_000, 6).unwrap();
+        apply(s, "h", &[at(50_000, 30_000, 6)], false, 30_000, 6).unwrap();
+        assert_eq!(read(s, U).unwrap().expires_unix_ms, 50_000);
+        assert_eq!(h.check("prepare", &xml(None), 45_000), Verdict::Allow);
+        // The old leader's revocation of it is superseded, not applied.
+        let a = apply(s, "h", &[], false, 999_000, 5).unwrap();
+        assert_eq!(a.superseded, vec![U.to_string()]);
+        assert_eq!(h.check("prepare", &xml(None), 45_000), Verdict::Allow);
     }
 }

@@ -188,9 +188,10 @@ mod tests {
             generation: 0,
             expires_unix_ms: i64::MAX,
             issued_unix_ms: 1,
+            epoch: 0,
             boot_id: String::new(),
         };
-        crate::lease::apply(d.path(), "h", &[l], false, 1).unwrap();
+        crate::lease::apply(d.path(), "h", &[l], false, 1, 0).unwrap();
         let t = m.render();
         assert!(t.contains("lifeboat_agent_commands_total{kind=\"define_guest\",result=\"ok\"} 1"), "{t}");
         assert!(t.contains("lifeboat_agent_leases{state=\"valid\"} 1"), "{t}");

@@ -804,6 +804,7 @@ async fn main() -> anyhow::Result<()> {
         // A start never creates the database: a new one is made with `init`
         // (with etcd, the first controller's `init` writes the schema key).
         if k == 0 {
+            // (with etcd: `init` writes the schema key into the empty prefix)
             let init = Command::new(&args.controller_bin).arg("--config").arg(&cfg_path).arg("init").output()?;
             if !init.status.success() {
                 bail!("lifeboat-controller init: {}", String::from_utf8_lossy(&init.stderr));

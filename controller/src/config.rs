@@ -125,7 +125,7 @@ pub struct StoreConfig {
     pub cache_dir: PathBuf,
     /// TTL of the leader's etcd lease: a dead leader is replaced after at
     /// most this long; a leader that cannot renew stops commanding after
-    /// two thirds of it.
+    /// the TTL less 500 ms (at least two thirds of it).
     #[serde(default = "default_leader_ttl")]
     pub leader_ttl_ms: u32,
 }

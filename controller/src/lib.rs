@@ -302,10 +302,15 @@ fn known_hosts(source: metrics::Source) -> Arc<dyn Fn(&str) -> bool + Send + Syn
 }
 
 /// A thread outside every runtime that ends the process (status 3) when
-/// the leadership lapses and the orderly stop has not done so within 2 s:
+/// the leadership lapses and the orderly stop has not done so within
+/// `grace` (before the etcd lease can expire):
 /// however stuck the runtimes are, a controller that no longer leads does
 /// not stay up in its leader's state. Not armed while resigning.
-fn deadline_watchdog(l: Arc<ha::Leadership>, resigning: Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<()> {
+fn deadline_watchdog(
+    l: Arc<ha::Leadership>,
+    resigning: Arc<std::sync::atomic::AtomicBool>,
+    grace: Duration,
+) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("lifeboat-deadline".into())
         .spawn(move || {
@@ -318,13 +323,13 @@ fn deadline_watchdog(l: Arc<ha::Leadership>, resigning: Arc<std::sync::atomic::A
                     std::thread::sleep(left.clamp(Duration::from_millis(20), Duration::from_millis(250)));
                     continue;
                 }
-                std::thread::sleep(Duration::from_secs(2));
+                std::thread::sleep(grace);
                 if resigning.load(std::sync::atomic::Ordering::SeqCst) {
                     return;
                 }
                 tracing::error!(
                     epoch = l.epoch(),
-                    "leadership lapsed and the controller did not stop within 2 s: exiting"
+                    "leadership lapsed and the controller did not stop in time: exiting"
                 );
                 std::process::exit(i32::from(EXIT_LEADERSHIP_LOST));
             }
@@ -404,7 +409,10 @@ async fn serve_etcd_on(
     let (client, replica) = loop {
         let (st2, cache2) = (st.clone(), cache.clone());
         let attempt = io.spawn(async move {
-            let client = ha::election::connect(&st2).await.map_err(|e| (true, e.to_string()))?;
+            let client =
+                ha::election::connect(&st2.endpoints, st2.ca.as_deref(), st2.cert.as_deref(), st2.key.as_deref())
+                    .await
+                    .map_err(|e| (true, e.to_string()))?;
             match store::etcd::initialized(&client, &st2.prefix).await {
                 Ok(true) => {}
                 Ok(false) => {
@@ -520,7 +528,13 @@ async fn serve_etcd_on(
         }
     };
     let resigning = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    deadline_watchdog(leadership.clone(), resigning.clone())?;
+    // The process is gone before the lease can expire (the deadline is at
+    // least 500 ms before it), the orderly stop having a head start.
+    let grace = leader_ttl
+        .saturating_sub(ha::election::local_deadline(leader_ttl))
+        .saturating_sub(Duration::from_millis(150))
+        .max(Duration::from_millis(100));
+    deadline_watchdog(leadership.clone(), resigning.clone(), grace)?;
     metrics::ha_leading(leadership.epoch(), &url);
     let repos = {
         let l = leadership.clone();

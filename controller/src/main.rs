@@ -95,14 +95,22 @@ fn etcd_op(cfg: &ControllerConfig, what: &str, op: EtcdOp) -> ExitCode {
             EtcdOp::Init => etcd::ops::init(&mut client, &prefix)
                 .await
                 .map(|_| format!("wrote the schema key under {prefix} (a new, empty pool); start the controllers")),
-            EtcdOp::Import(from) => etcd::ops::import(&mut client, &prefix, &from).await.map(|s| {
-                format!(
-                    "imported {} keys from {} under {prefix} in {} etcd transactions; start the controllers",
-                    s.keys,
-                    from.display(),
-                    s.revision_or_txns
-                )
-            }),
+            EtcdOp::Import(from) => {
+                // The SQLite controller holds this lock while it runs: an
+                // import of a live database would leave two controllers
+                // commanding (the SQLite one with no epoch fencing).
+                let _held = lifeboat_controller::backup::lock(&from).map_err(|e| {
+                    etcd::EtcdError::Refused(format!("{e}; stop the SQLite controller before importing its database"))
+                })?;
+                etcd::ops::import(&mut client, &prefix, &from).await.map(|s| {
+                    format!(
+                        "imported {} keys from {} under {prefix} in {} etcd transactions; start the controllers",
+                        s.keys,
+                        from.display(),
+                        s.revision_or_txns
+                    )
+                })
+            }
             EtcdOp::Export(to) => etcd::ops::export(&mut client, &prefix, &to).await.map(|s| {
                 format!(
                     "exported {} keys under {prefix} at etcd revision {} to {}",

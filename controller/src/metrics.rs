@@ -104,6 +104,57 @@ fn register_ha(p: &mut PromRegistry) {
         "Changes of the elected leader this controller saw (etcd backend)",
         h.leader_changes.clone(),
     );
+    register_etcd(p);
+}
+
+/// The etcd backend's write figures (all 0 with SQLite).
+fn register_etcd(p: &mut PromRegistry) {
+    use prometheus_client::metrics::counter::Counter;
+    let st = crate::store::etcd::stats();
+    let counter = |v: u64| {
+        let c: Counter = Counter::default();
+        c.inc_by(v);
+        c
+    };
+    p.register(
+        "controller_etcd_txns",
+        "etcd transactions the leader sent (one per store call that changed rows)",
+        counter(st.txns),
+    );
+    p.register(
+        "controller_etcd_txn_failures",
+        "etcd transactions refused or failed (error, timeout, leadership guard)",
+        counter(st.failures),
+    );
+    p.register(
+        "controller_etcd_resends",
+        "etcd requests sent again after a transport failure (an etcd member down)",
+        counter(st.resends),
+    );
+    p.register(
+        "controller_etcd_rows_refused",
+        "Rows read from etcd that did not decode and were not applied to the local cache",
+        counter(st.refused_rows),
+    );
+    let last: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+    // Microseconds as f64: exact far beyond any latency.
+    #[allow(clippy::cast_precision_loss)]
+    last.set(st.last_latency_us as f64 / 1e6);
+    p.register("controller_etcd_txn_latency_last_seconds", "The last etcd transaction's latency", last);
+    let mean: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+    #[allow(clippy::cast_precision_loss)]
+    mean.set(if st.txns == 0 { 0.0 } else { st.latency_sum_us as f64 / 1e6 / st.txns as f64 });
+    p.register("controller_etcd_txn_latency_mean_seconds", "Mean etcd transaction latency since start", mean);
+    let slow: Gauge = Gauge::default();
+    let over_100ms: u64 = st
+        .latency_buckets
+        .iter()
+        .zip(crate::store::etcd::LATENCY_BUCKETS_MS.iter().map(Some).chain(std::iter::once(None)))
+        .filter(|(_, b)| b.is_none_or(|b| *b > 100))
+        .map(|(n, _)| *n)
+        .sum();
+    slow.set(i64::try_from(over_100ms).unwrap_or(i64::MAX));
+    p.register("controller_etcd_txns_over_100ms", "etcd transactions slower than 100 ms since start", slow);
 }
 
 fn render_ha() -> String {

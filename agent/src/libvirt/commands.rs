@@ -69,7 +69,7 @@ impl ActorState {
             return CommandResult { id, ok: true, outcome: "done".into(), paths: check_paths(c), ..Default::default() };
         }
         if let Kind::GrantLeases(g) = &kind {
-            return self.grant_leases(&id, g);
+            return self.grant_leases(&id, g, cmd.epoch);
         }
         if self.conn.is_none() {
             return fail(&id, format!("libvirt is not connected: {}", self.host.libvirt_error));
@@ -193,7 +193,7 @@ impl ActorState {
 impl ActorState {
     /// Writes the granted leases, then makes sure libvirt autostart is off
     /// on every leased guest (Lifeboat decides what starts).
-    fn grant_leases(&mut self, id: &str, g: &GrantLeases) -> CommandResult {
+    fn grant_leases(&mut self, id: &str, g: &GrantLeases, epoch: u64) -> CommandResult {
         // Leases are bound to this boot. Without a boot id they are still
         // written (revocations must apply), bound to no boot: the guard
         // refuses them, and the command reports the failure.
@@ -209,14 +209,32 @@ impl ActorState {
                 generation: l.generation,
                 expires_unix_ms: g.expires_unix_ms,
                 issued_unix_ms: g.issued_unix_ms,
+                epoch,
                 boot_id: boot_id.clone(),
             })
             .collect();
         let applied =
-            match crate::lease::apply(&self.cfg.state_dir, &self.cfg.host_id, &files, g.merge, g.issued_unix_ms) {
+            match crate::lease::apply(&self.cfg.state_dir, &self.cfg.host_id, &files, g.merge, g.issued_unix_ms, epoch)
+            {
                 Ok(a) => a,
                 Err(e) => return fail(id, format!("writing leases to {} failed: {e}", self.cfg.state_dir.display())),
             };
+        if !applied.superseded.is_empty() {
+            // The controller must not take "revoked" for done (a move would
+            // go on while this host may still start the guest).
+            return CommandResult {
+                id: id.into(),
+                ok: false,
+                error: format!(
+                    "a newer decision (a later leader's, or a later one of this leader's) stands over this grant for {}: \
+                     not applied to them",
+                    applied.superseded.join(", ")
+                ),
+                stale_generation: applied.stale_generation,
+                lease_unreadable: applied.unreadable,
+                ..Default::default()
+            };
+        }
         if let Err(e) = boot {
             return CommandResult {
                 id: id.into(),

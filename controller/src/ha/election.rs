@@ -7,7 +7,7 @@
 //! Architecture invariant: a renewal counts only when etcd answered the
 //! keepalive with a TTL above zero, and it counts from the time the
 //! keepalive was SENT: etcd extends the lease when it receives it, so the
-//! local deadline (two thirds of the TTL) always ends before etcd's.
+//! local deadline (the TTL less 500 ms, at least two thirds of it) always ends before etcd's.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -19,7 +19,6 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::Leadership;
-use crate::config::StoreConfig;
 
 /// How long one etcd request of the election may take before it counts as
 /// failed (a keepalive, a leader read, a resign).
@@ -59,23 +58,26 @@ pub enum ElectionError {
 }
 
 /// Connects to the `[store]` endpoints with its TLS settings.
-pub async fn connect(cfg: &StoreConfig) -> Result<Client, ElectionError> {
+pub async fn connect(
+    endpoints: &[String],
+    ca: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<Client, ElectionError> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(ETCD_REQUEST_TIMEOUT)
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-    if let Some(ca) = &cfg.ca {
+    if let Some(ca) = ca {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|source| ElectionError::TlsFile { path: p.to_path_buf(), source })
         };
         let mut tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
-        if let (Some(c), Some(k)) = (&cfg.cert, &cfg.key) {
+        if let (Some(c), Some(k)) = (cert, key) {
             tls = tls.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?));
         }
         opts = opts.with_tls(tls);
     }
-    Client::connect(&cfg.endpoints, Some(opts))
-        .await
-        .map_err(|source| ElectionError::Etcd { what: "connecting", source })
+    Client::connect(endpoints, Some(opts)).await.map_err(|source| ElectionError::Etcd { what: "connecting", source })
 }
 
 /// The election name under a key prefix.
@@ -88,9 +90,15 @@ pub fn lease_ttl_secs(leader_ttl: Duration) -> i64 {
     i64::try_from(leader_ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX).max(1)
 }
 
-/// The local deadline: two thirds of the leader TTL.
+/// The local deadline: the leader TTL less half a second (at least two
+/// thirds of it). It runs from the SEND time of the last answered
+/// keepalive, and etcd runs the lease from when it received it (later), so
+/// this process stops commanding at least half a second before its lease
+/// can expire and anyone else can be elected. The more of the TTL it keeps,
+/// the longer an etcd hiccup it rides out: losing etcd's raft leader stalls
+/// renewals for an election timeout or two (1-2 s with etcd's defaults).
 pub fn local_deadline(leader_ttl: Duration) -> Duration {
-    leader_ttl * 2 / 3
+    leader_ttl.saturating_sub(Duration::from_millis(500)).max(leader_ttl * 2 / 3)
 }
 
 #[derive(Debug, Default)]
@@ -144,7 +152,7 @@ impl Campaign {
         let won: Arc<OnceLock<Arc<Leadership>>> = Arc::new(OnceLock::new());
         let (gone_tx, gone) = watch::channel(None);
         let keeper =
-            tokio::spawn(keep_alive(client.clone(), lease, leader_ttl / 4, renewals.clone(), won.clone(), gone_tx));
+            tokio::spawn(keep_alive(client.clone(), lease, leader_ttl / 6, renewals.clone(), won.clone(), gone_tx));
         info!(
             lease = format!("{lease:x}"),
             ttl_ms = u64::try_from(leader_ttl.as_millis()).unwrap_or(u64::MAX),
@@ -267,8 +275,10 @@ async fn keep_alive(
                 return lost(format!("etcd says lease {lease:x} no longer exists (expired or revoked)"));
             }
             Ok(Err(e)) => {
+                // Often a dead etcd member the client picked: try again at
+                // once (the next pick is likely a live one).
                 warn!("leader lease keepalive stream failed: {e}; retrying");
-                tokio::time::sleep_until(sent + every / 2).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
             Err(_) => {
@@ -300,32 +310,40 @@ async fn keep_alive(
 /// an operator deleting it, another process's write).
 async fn watch_key(client: Client, key: Vec<u8>, rev: i64, l: Arc<Leadership>) {
     let mut wc = client.watch_client();
+    let mut kv = client.kv_client();
+    // Where the next watch starts: after what was last seen of the key.
+    let mut from = rev.saturating_add(1);
     loop {
-        let opts = WatchOptions::new().with_start_revision(rev.saturating_add(1));
-        let mut stream = match wc.watch(key.clone(), Some(opts)).await {
-            Ok(x) => x,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if !l.holds() {
-                    return;
+        let opts = WatchOptions::new().with_start_revision(from);
+        let stream = wc.watch(key.clone(), Some(opts)).await;
+        if let Ok(mut stream) = stream {
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.canceled() {
+                    break;
                 }
-                continue;
-            }
-        };
-        while let Ok(Some(resp)) = stream.message().await {
-            if resp.canceled() {
-                break;
-            }
-            for ev in resp.events() {
-                let replaced = ev.kv().is_some_and(|kv| kv.create_revision() != rev);
-                if ev.event_type() == EventType::Delete || replaced {
-                    l.lose("the leadership key was deleted or replaced in etcd");
-                    return;
+                for ev in resp.events() {
+                    let replaced = ev.kv().is_some_and(|kv| kv.create_revision() != rev);
+                    if ev.event_type() == EventType::Delete || replaced {
+                        l.lose("the leadership key was deleted or replaced in etcd");
+                        return;
+                    }
                 }
             }
         }
         if !l.holds() {
             return;
+        }
+        // The stream broke (a member restarted, or the history from `from`
+        // was compacted): read the key itself before watching again from
+        // after that read, so a deletion meanwhile is never missed.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // (etcd unreachable: the renewals decide, through the local deadline.)
+        if let Ok(r) = kv.get(key.clone(), None).await {
+            if r.kvs().first().is_none_or(|kv| kv.create_revision() != rev) {
+                l.lose("the leadership key was deleted or replaced in etcd");
+                return;
+            }
+            from = r.header().map_or(from, |h| h.revision().saturating_add(1));
         }
     }
 }
@@ -399,7 +417,8 @@ mod tests {
     fn the_lease_is_whole_seconds_rounded_up_and_the_deadline_two_thirds() {
         assert_eq!(lease_ttl_secs(Duration::from_millis(3000)), 3);
         assert_eq!(lease_ttl_secs(Duration::from_millis(2001)), 3);
-        assert_eq!(local_deadline(Duration::from_millis(3000)), Duration::from_millis(2000));
+        assert_eq!(local_deadline(Duration::from_millis(3000)), Duration::from_millis(2500));
+        assert_eq!(local_deadline(Duration::from_millis(1200)), Duration::from_millis(800));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,7 +448,7 @@ mod tests {
         assert_eq!(s.metadata().get(lifeboat_proto::LEADER_METADATA).unwrap(), "https://a:7443");
         // Renewals keep A leading well past its deadline and TTL.
         tokio::time::sleep(TTL + Duration::from_millis(500)).await;
-        assert!(la.holds(), "renewed every TTL/4");
+        assert!(la.holds(), "renewed every TTL/6");
         assert!(!bw.is_finished(), "B waits while A renews");
         // A freezes (its keepalives stop, as when its process stops or loses etcd).
         a.keeper.abort();

@@ -271,8 +271,19 @@ impl AgentSession for AgentService {
                 _ = stopped(stopping) => {}
             }
         };
+        // A command queued while this controller led is dropped here if it
+        // no longer does when the stream hands it to the connection: no
+        // command leaves after the leadership's deadline.
+        let leading = self.reg.clone();
+        let queued = futures::StreamExt::filter(ReceiverStream::new(rx), move |m| {
+            let pass = leading.leads() || !matches!(m.msg, Some(controller_message::Msg::Command(_)));
+            if !pass {
+                tracing::warn!("a queued command was dropped: this controller no longer leads");
+            }
+            futures::future::ready(pass)
+        });
         let out = futures::StreamExt::chain(
-            futures::StreamExt::take_until(ReceiverStream::new(rx).map(|m| Ok(*m)), ended),
+            futures::StreamExt::take_until(queued.map(|m| Ok(*m)), ended),
             futures::stream::once(async move {
                 if *check.borrow() {
                     Some(Status::aborted(format!(

@@ -345,6 +345,16 @@ pub struct EtcdRepos {
     leadership: Option<Arc<Leadership>>,
     limits: WriteLimits,
     timeout: Duration,
+    /// The value of `{prefix}seq` this writer last wrote or read (`None`:
+    /// not read yet). Every write compares it and puts the next, so an
+    /// attempt that etcd applies late (after a re-send went through) fails
+    /// its compare instead of putting older values back.
+    seq: Option<u64>,
+}
+
+/// The write-sequence key under `prefix`.
+pub fn seq_key(prefix: &str) -> String {
+    format!("{prefix}seq")
 }
 
 impl std::fmt::Debug for EtcdRepos {
@@ -442,10 +452,22 @@ impl EtcdRepos {
                 None => ops.push(TxnOp::delete(k.as_bytes(), None)),
             }
         }
+        let seq = match self.seq {
+            Some(n) => n,
+            None => self.read_seq()?,
+        };
+        let skey = seq_key(&self.prefix);
+        let seq_guard = if seq == 0 {
+            Compare::version(skey.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::value(skey.clone(), CompareOp::Equal, seq.to_string())
+        };
+        ops.push(TxnOp::put(skey, (seq + 1).to_string(), None));
         let txn = Txn::new()
             .when([
                 Compare::create_revision(lead.key(), CompareOp::Equal, lead.revision()),
                 Compare::value(schema_key(&self.prefix), CompareOp::Equal, SCHEMA_VERSION.to_string()),
+                seq_guard,
             ])
             .and_then(ops);
         let mut kv = self.client.kv_client();
@@ -509,6 +531,13 @@ impl EtcdRepos {
                 lead.lose(&format!("etcd write failed, outcome unknown: {text}"));
                 Err(failed(EtcdError::Etcd(e)))
             }
+            Ok(Ok(resp)) if !resp.succeeded() && self.applied_before(&lead, seq) => {
+                // A re-sent attempt failed its compare because an earlier
+                // attempt of this same write went through.
+                drop(resp);
+                self.written(changes, bytes, seq);
+                Ok(())
+            }
             Ok(Ok(resp)) if !resp.succeeded() => {
                 let why = format!(
                     "etcd refused the write: the leadership key {} no longer has create revision {} (another \
@@ -521,21 +550,63 @@ impl EtcdRepos {
                 Err(failed(EtcdError::Refused(format!("write refused: {why}"))))
             }
             Ok(Ok(_)) => {
-                COUNTERS.ops.fetch_add(u64::try_from(changes.len()).unwrap_or(u64::MAX), Ordering::Relaxed);
-                COUNTERS.bytes.fetch_add(bytes, Ordering::Relaxed);
-                for (k, v) in changes {
-                    match v {
-                        Some(v) => {
-                            self.hashes.insert(k, codec::digest(&v));
-                        }
-                        None => {
-                            self.hashes.remove(&k);
-                        }
-                    }
-                }
+                self.written(changes, bytes, seq);
                 Ok(())
             }
         }
+    }
+
+    /// Bookkeeping after etcd took write number `seq + 1`.
+    fn written(&mut self, changes: Vec<Change>, bytes: u64, seq: u64) {
+        self.seq = Some(seq + 1);
+        COUNTERS.ops.fetch_add(u64::try_from(changes.len()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        COUNTERS.bytes.fetch_add(bytes, Ordering::Relaxed);
+        for (k, v) in changes {
+            match v {
+                Some(v) => {
+                    self.hashes.insert(k, codec::digest(&v));
+                }
+                None => {
+                    self.hashes.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// The write sequence etcd holds now (0: never written).
+    fn read_seq(&self) -> Result<u64, EtcdError> {
+        let key = seq_key(&self.prefix);
+        let client = self.client.clone();
+        let r = self.rt.block_on(async move {
+            tokio::time::timeout(
+                WRITE_TIMEOUT,
+                resend(|| {
+                    let (mut c, k) = (client.clone(), key.clone());
+                    async move { c.get(k, None).await }
+                }),
+            )
+            .await
+        });
+        let r = r.map_err(|_| EtcdError::Timeout(WRITE_TIMEOUT.as_millis()))??;
+        match r.kvs().first() {
+            None => Ok(0),
+            Some(kv) => std::str::from_utf8(kv.value()).ok().and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| {
+                EtcdError::Schema(format!("{} does not hold a write sequence number", seq_key(&self.prefix)))
+            }),
+        }
+    }
+
+    /// Whether write number `seq + 1` is in etcd under this leadership
+    /// (an earlier attempt of a re-sent write went through).
+    fn applied_before(&self, lead: &Leadership, seq: u64) -> bool {
+        let (client, lkey) = (self.client.clone(), lead.key().to_vec());
+        let held = self.rt.block_on(async move {
+            let mut c = client;
+            tokio::time::timeout(WRITE_TIMEOUT, c.get(lkey, None)).await
+        });
+        let still_ours =
+            matches!(held, Ok(Ok(r)) if r.kvs().first().is_some_and(|kv| kv.create_revision() == lead.revision()));
+        still_ours && matches!(self.read_seq(), Ok(n) if n == seq + 1)
     }
 
     fn commit_inner(&mut self) -> Result<(), EtcdError> {

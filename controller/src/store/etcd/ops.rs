@@ -182,10 +182,13 @@ pub async fn import(client: &mut Client, prefix: &str, db: &Path) -> Result<OpSu
     let scratch = Store::open_in_memory()?;
     scratch.conn().pragma_update(None, "foreign_keys", "OFF")?;
     scratch.conn().execute("ATTACH DATABASE ?1 AS src", [db.to_string_lossy().as_ref()])?;
+    // One transaction: every table is read from the same snapshot.
+    scratch.conn().execute_batch("BEGIN")?;
     for t in codec::tables(scratch.conn())? {
         let q = codec::quote(&t.name);
         scratch.conn().execute(&format!("INSERT INTO main.{q} SELECT * FROM src.{q}"), [])?;
     }
+    scratch.conn().execute_batch("COMMIT")?;
     scratch.conn().execute("DETACH DATABASE src", [])?;
     mark_restored(&scratch, "imported from", db)?;
     let kvs = encode_all(&scratch, prefix)?;
@@ -218,6 +221,9 @@ pub async fn export(client: &mut Client, prefix: &str, to: &Path) -> Result<OpSu
             out.revision = r.header().map_or(0, |h| h.revision());
         }
         for kv in r.kvs() {
+            if kv.key() == super::replica::sync_key(prefix).as_bytes() {
+                continue;
+            }
             let k = std::str::from_utf8(kv.key())
                 .ok()
                 .and_then(|k| k.strip_prefix(prefix))
@@ -267,7 +273,7 @@ pub async fn restore(client: &mut Client, prefix: &str, from: &Path) -> Result<O
     let scratch = Store::open_in_memory()?;
     scratch.conn().pragma_update(None, "foreign_keys", "OFF")?;
     let tables = codec::tables(scratch.conn())?;
-    let mut cache = Cache { store: scratch, tables, hashes: Default::default(), refused: 0 };
+    let mut cache = Cache { store: scratch, tables, hashes: Default::default(), refused: 0, bad: Default::default() };
     for kv in ex.kvs {
         if kv.key == "schema" {
             continue;

@@ -43,12 +43,24 @@ pub(crate) struct Cache {
     pub(crate) hashes: HashMap<String, [u8; 32]>,
     /// Rows etcd holds that did not decode (not in the cache).
     pub(crate) refused: u64,
+    /// Keys whose latest value in etcd is not in the cache (did not decode
+    /// or apply), with why: promotion is refused while any is left.
+    pub(crate) bad: std::collections::BTreeMap<String, String>,
+}
+
+/// The key a promotion writes to learn that the watch has delivered
+/// everything before it (inside the watched range; never a row).
+pub(crate) fn sync_key(prefix: &str) -> String {
+    format!("{}_sync", rows_prefix(prefix))
 }
 
 impl Cache {
     /// Applies one put or delete read from etcd; a key or value that does
     /// not decode is logged, counted and left out (never a panic).
     pub(crate) fn apply(&mut self, prefix: &str, key: &[u8], value: Option<&[u8]>, now_ms: i64) {
+        if key == sync_key(prefix).as_bytes() {
+            return;
+        }
         let Some((t, pk)) = codec::parse_key(prefix, &self.tables, key) else {
             self.refuse(key, "the key does not name a row of a known table");
             return;
@@ -61,9 +73,11 @@ impl Cache {
         };
         match r {
             Ok(Some(h)) => {
+                self.bad.remove(&k);
                 self.hashes.insert(k, h);
             }
             Ok(None) => {
+                self.bad.remove(&k);
                 self.hashes.remove(&k);
             }
             Err(why) => {
@@ -76,6 +90,7 @@ impl Cache {
     }
 
     fn refuse(&mut self, key: &[u8], why: &str) {
+        self.bad.insert(String::from_utf8_lossy(key).into_owned(), why.to_string());
         self.refused += 1;
         super::count_refused_row();
         tracing::error!(key = %String::from_utf8_lossy(key), why, "etcd row not applied to the cache");
@@ -87,6 +102,8 @@ impl Cache {
 struct Progress {
     applied: i64,
     failed: Option<String>,
+    /// The value of the last sync-key event the watch delivered.
+    synced: Option<Vec<u8>>,
 }
 
 /// The local cache of the etcd data (a SQLite file, same schema as the
@@ -180,7 +197,7 @@ impl Replica {
         // A cache: rebuilt at every start, so no fsync per write.
         store.conn().pragma_update(None, "synchronous", "OFF")?;
         let tables = codec::tables(store.conn())?;
-        let mut cache = Cache { store, tables, hashes: HashMap::new(), refused: 0 };
+        let mut cache = Cache { store, tables, hashes: HashMap::new(), refused: 0, bad: Default::default() };
 
         let now = crate::now_ms();
         let p = rows_prefix(prefix);
@@ -227,7 +244,8 @@ impl Replica {
         .await?
         .split();
         let cache = Arc::new(Mutex::new(Some(cache)));
-        let (tx, progress) = watch::channel(Progress { applied: rev, failed: None });
+        let (tx, progress) = watch::channel(Progress { applied: rev, failed: None, synced: None });
+        let sync = sync_key(prefix).into_bytes();
         let task = tokio::spawn({
             let cache = cache.clone();
             let prefix = prefix.to_string();
@@ -241,7 +259,17 @@ impl Replica {
                     if msg.canceled() || msg.compact_revision() > 0 {
                         break format!("the etcd watch was cancelled (compacted at {})", msg.compact_revision());
                     }
-                    let at = msg.header().map_or(0, |h| h.revision());
+                    // Applied up to the events' own revisions: a header's
+                    // revision (a created or progress response, a catch-up
+                    // batch) may run ahead of events still to come.
+                    let at = msg.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max().unwrap_or(0);
+                    let synced = msg
+                        .events()
+                        .iter()
+                        .filter_map(|e| e.kv())
+                        .filter(|kv| kv.key() == sync.as_slice())
+                        .map(|kv| kv.value().to_vec())
+                        .next_back();
                     if !msg.events().is_empty() {
                         let mut guard = cache.lock().unwrap_or_else(|p| p.into_inner());
                         let Some(c) = guard.as_mut() else { return };
@@ -258,7 +286,12 @@ impl Replica {
                             break format!("the cache failed to apply a watch event: {e}");
                         }
                     }
-                    tx.send_modify(|p| p.applied = p.applied.max(at));
+                    tx.send_modify(|p| {
+                        p.applied = p.applied.max(at);
+                        if synced.is_some() {
+                            p.synced = synced;
+                        }
+                    });
                 };
                 tracing::error!(why, "the cache stopped following etcd");
                 tx.send_modify(|p| p.failed = Some(why));
@@ -309,26 +342,34 @@ impl Replica {
     }
 
     /// Waits until the cache has applied everything etcd held when this was
-    /// called (asking etcd for watch progress).
+    /// called: writes the sync key (a fresh value) and waits until the watch
+    /// delivers that write. A watch delivers in revision order, so once it
+    /// has, every earlier write is in the cache. (Revisions in response
+    /// headers do not tell: a created or progress response, or a catch-up
+    /// batch, can carry a revision ahead of events still to come.)
     pub async fn catch_up(&mut self) -> Result<i64, EtcdError> {
-        let (_, current) = check_schema(&mut self.client, &self.prefix).await?;
+        check_schema(&mut self.client, &self.prefix).await?;
+        let nonce = format!("{}-{}", std::process::id(), crate::now_ms()).into_bytes();
+        let key = sync_key(&self.prefix);
+        super::resend(|| {
+            let (mut c, k, v) = (self.client.clone(), key.clone(), nonce.clone());
+            async move { c.put(k, v, None).await }
+        })
+        .await?;
         let deadline = tokio::time::Instant::now() + CATCH_UP;
         loop {
             let p = self.progress.borrow_and_update().clone();
             if let Some(why) = p.failed {
                 return Err(EtcdError::Refused(format!("the cache cannot catch up: {why}")));
             }
-            if p.applied >= current {
+            if p.synced.as_deref() == Some(nonce.as_slice()) {
                 return Ok(p.applied);
-            }
-            if let Some(r) = self.requests.as_mut() {
-                r.request_progress().await?;
             }
             let wait = tokio::time::timeout_at(deadline, self.progress.changed()).await;
             match wait {
                 Err(_) => {
                     return Err(EtcdError::Refused(format!(
-                        "the cache did not reach etcd revision {current} within {} s (at {})",
+                        "the cache did not receive its own sync write through the watch within {} s (at revision {})",
                         CATCH_UP.as_secs(),
                         self.applied_revision()
                     )));
@@ -337,6 +378,11 @@ impl Replica {
                 Ok(Ok(())) => {}
             }
         }
+    }
+
+    /// Keys whose latest value in etcd is not in the cache, with why.
+    pub fn bad_keys(&self) -> Vec<(String, String)> {
+        self.read(|c| c.bad.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
     }
 
     /// Stops following etcd and hands the cache to a store thread whose
@@ -352,6 +398,21 @@ impl Replica {
     /// [`Replica::promote`], with writes checked against `limits` before
     /// they are sent.
     pub async fn promote_with(mut self, leadership: Arc<Leadership>, limits: WriteLimits) -> Result<Repos, EtcdError> {
+        self.catch_up().await?;
+        // What cannot be read refuses: a leader must not act on an older
+        // copy of a row (an ownership generation, a move) than etcd holds.
+        let bad = self.bad_keys();
+        if !bad.is_empty() {
+            let shown: Vec<String> = bad.iter().take(5).map(|(k, why)| format!("{k} ({why})")).collect();
+            leadership.lose("etcd holds rows this controller cannot read");
+            return Err(EtcdError::Refused(format!(
+                "promotion refused: {} etcd key(s) do not decode, so the local copy would act on older values: {}; \
+                 export (etcd-export), then repair or delete each key with etcdctl; every controller refuses to lead \
+                 until then",
+                bad.len(),
+                shown.join("; ")
+            )));
+        }
         let (mut repos, _) = self.take_repos(Some(leadership.clone())).await?;
         let mut client = repos.client.clone();
         let (schema, _) = check_schema(&mut client, &repos.prefix).await?;
@@ -424,6 +485,7 @@ impl Replica {
             leadership,
             limits: WriteLimits::default(),
             timeout: WRITE_TIMEOUT,
+            seq: None,
         };
         Ok((repos, at))
     }
