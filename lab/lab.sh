@@ -1270,6 +1270,10 @@ LAB_CREATED="$(date -Is)"
 LAB_HA=$ha
 EOF
   LAB_HA=$ha
+  # A teardown of an earlier HA lab (load_state) may have set the HA timings:
+  # a single-controller lab always starts from its own.
+  LEASE_TTL_MS=${LAB_LEASE_TTL_MS:-4000}
+  FORCE_GRACE_MS=${LAB_FORCE_GRACE_MS:-5000}
   if [ "$ha" = 1 ]; then
     LAB_CONTROLLERS=$nctl
     LEASE_TTL_MS=${LAB_LEASE_TTL_MS:-$HA_LEASE_TTL_MS_DEFAULT}
