@@ -398,7 +398,7 @@ impl Replica {
     /// [`Replica::promote`], with writes checked against `limits` before
     /// they are sent.
     pub async fn promote_with(mut self, leadership: Arc<Leadership>, limits: WriteLimits) -> Result<Repos, EtcdError> {
-        self.catch_up().await?;
+        let caught_up = self.catch_up().await?;
         // What cannot be read refuses: a leader must not act on an older
         // copy of a row (an ownership generation, a move) than etcd holds.
         let bad = self.bad_keys();
@@ -413,7 +413,7 @@ impl Replica {
                 shown.join("; ")
             )));
         }
-        let (mut repos, _) = self.take_repos(Some(leadership.clone())).await?;
+        let (mut repos, _) = self.take_repos(Some(leadership.clone()), caught_up).await?;
         let mut client = repos.client.clone();
         let (schema, _) = check_schema(&mut client, &repos.prefix).await?;
         if schema.is_none() {
@@ -454,12 +454,18 @@ impl Replica {
     /// A store thread over the cache with no leadership: reads only, every
     /// write refused (tools, tests).
     pub async fn read_only(mut self) -> Result<Repos, EtcdError> {
-        let (repos, _) = self.take_repos(None).await?;
+        let at = self.catch_up().await?;
+        let (repos, _) = self.take_repos(None, at).await?;
         Repos::start(Box::new(repos)).map_err(|e| EtcdError::Refused(e.to_string()))
     }
 
-    async fn take_repos(&mut self, leadership: Option<Arc<Leadership>>) -> Result<(EtcdRepos, i64), EtcdError> {
-        let at = self.catch_up().await?;
+    /// Hands the cache over once it has caught up to revision `at` (the
+    /// caller ran [`Replica::catch_up`] once, not here again).
+    async fn take_repos(
+        &mut self,
+        leadership: Option<Arc<Leadership>>,
+        at: i64,
+    ) -> Result<(EtcdRepos, i64), EtcdError> {
         if let Some(t) = self.task.take() {
             t.abort();
             let _ = t.await;
