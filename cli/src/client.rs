@@ -150,6 +150,9 @@ impl CliError {
             Code::Unauthenticated => CliError::Refused(format!("certificate rejected: {msg}")),
             Code::InvalidArgument => CliError::Usage(msg),
             Code::FailedPrecondition => CliError::Refused6(msg),
+            // The controller lost its leadership mid-call; the message says
+            // whether the change may have been made. Never resent.
+            Code::Aborted => CliError::Unreachable(msg),
             Code::Unavailable | Code::Unknown if msg.contains("transport error") => classify_transport(&msg),
             Code::Unavailable => classify_transport(&msg),
             Code::Cancelled if msg.contains("transport error") => classify_transport(&msg),
@@ -181,6 +184,18 @@ fn classify_transport(detail: &str) -> CliError {
     } else if d.contains("invalid peer certificate") || d.contains("unknownissuer") || d.contains("notvalidforname") {
         CliError::Refused(format!(
             "certificate rejected: the controller's certificate is not trusted ({detail}); check --ca and --server-name"
+        ))
+    } else if ["peer closed connection", "connection reset", "broken pipe", "connection closed"]
+        .iter()
+        .any(|m| d.contains(m))
+    {
+        // The request may have reached the controller before the connection
+        // broke (it stopped, or lost its leadership and closed every
+        // connection): nobody can say whether a change was made.
+        CliError::Unreachable(format!(
+            "the connection to the controller broke during the call ({detail}): the controller stopped or lost its \
+             leadership; a change may or may not have been made: check `lifeboat hosts list`, `lifeboat jobs list` and `lifeboat log` before \
+             trying again"
         ))
     } else {
         CliError::Unreachable(format!(
@@ -268,5 +283,22 @@ impl Connection {
             Ok(r) => r.map_err(|e| classify_transport(&format!("{url}: {}", lifeboat_common::error_chain(&e))))?,
         };
         Ok(AdminClient::new(ch).max_decoding_message_size(256 * 1024 * 1024))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_that_broke_mid_call_says_the_change_may_have_been_made() {
+        let e = classify_transport(
+            "transport error: connection error: peer closed connection without sending TLS close_notify",
+        );
+        let m = e.to_string();
+        assert!(matches!(e, CliError::Unreachable(_)), "{m}");
+        assert!(m.contains("broke during the call") && m.contains("may or may not have been made"), "{m}");
+        let refused = classify_transport("transport error: tcp connect error: Connection refused (os error 111)");
+        assert!(refused.to_string().contains("cannot reach the controller"), "{refused}");
     }
 }

@@ -72,6 +72,8 @@ impl From<ControllerError> for Status {
             ControllerError::Refused(_) => Status::failed_precondition(msg),
             ControllerError::Storage(crate::store::StoreError::Busy { .. }) => Status::failed_precondition(msg),
             ControllerError::Repo(crate::ports::RepoError::Busy { .. }) => Status::failed_precondition(msg),
+            // The call is not resent by clients: the write may have reached etcd.
+            ControllerError::Repo(ref r) if r.lost_leadership() => Status::aborted(msg),
             ControllerError::Repo(_) => Status::internal(msg),
             ControllerError::Storage(_) | ControllerError::Internal(_) => Status::internal(msg),
         }

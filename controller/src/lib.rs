@@ -62,6 +62,13 @@ pub const STREAM_WINDOW: u32 = 4 * 1024;
 /// the controller closes them itself (and then flushes and exits).
 pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(8);
 
+/// How long a controller that lost its leadership keeps its connections
+/// open so that calls already being answered get their answer (a refused
+/// write says why) instead of a broken connection. Nothing is commanded
+/// meanwhile (`Leadership::holds()` is false, the gate refuses new calls),
+/// and it ends well before the deadline watchdog's grace (at least 350 ms).
+pub const LOST_FLUSH: Duration = Duration::from_millis(200);
+
 /// Runs the controller until the future `shutdown` completes, with the
 /// connection limits this process's `RLIMIT_NOFILE` allows.
 pub async fn serve(
@@ -154,7 +161,7 @@ enum Stop {
     No,
     /// The shutdown signal: connections drain for up to [`SHUTDOWN_BOUND`].
     Shutdown,
-    /// Leadership lost: every connection is closed at once.
+    /// Leadership lost: every connection is closed after [`LOST_FLUSH`].
     Lost,
 }
 
@@ -209,8 +216,10 @@ where
         r = &mut server => r,
         _ = async {
             let why = stop.wait_for(|s| *s != Stop::No).await.map(|s| s.clone()).unwrap_or(Stop::Lost);
-            if why == Stop::Shutdown {
-                tokio::time::sleep(SHUTDOWN_BOUND).await;
+            match why {
+                Stop::Shutdown => tokio::time::sleep(SHUTDOWN_BOUND).await,
+                Stop::Lost => tokio::time::sleep(LOST_FLUSH).await,
+                Stop::No => {}
             }
         } => {
             let open = table.describe_open();

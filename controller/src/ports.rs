@@ -70,6 +70,10 @@ pub enum RepoError {
         /// The newest version this controller understands.
         understood: i64,
     },
+    /// This controller lost its leadership during a write (etcd backend):
+    /// the message says whether the write may have been applied.
+    #[error("{0}")]
+    LostLeadership(String),
     /// The store thread has stopped (shut down, or it could not start).
     #[error("the store has stopped")]
     Stopped,
@@ -88,7 +92,12 @@ impl RepoError {
     /// backend can be written again. Anything else is a record that cannot
     /// be used, or a store that is gone.
     pub fn is_write_failure(&self) -> bool {
-        matches!(self, RepoError::Backend { write_failure: true, .. })
+        matches!(self, RepoError::Backend { write_failure: true, .. } | RepoError::LostLeadership(_))
+    }
+
+    /// Whether the write failed because this controller lost its leadership.
+    pub fn lost_leadership(&self) -> bool {
+        matches!(self, RepoError::LostLeadership(_))
     }
 
     /// Whether this is a record that does not read.

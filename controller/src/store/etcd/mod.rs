@@ -80,6 +80,24 @@ pub enum EtcdError {
     /// A write refused before it reached etcd, or an operation refused.
     #[error("{0}")]
     Refused(String),
+    /// This controller lost its leadership during the write (or before it
+    /// was sent): it restarts as a follower. The caller is told whether the
+    /// write may have reached etcd.
+    #[error(
+        "this controller lost its leadership ({why}); {}",
+        if *outcome_unknown {
+            "the change may or may not have been made: check `lifeboat hosts list`, `lifeboat jobs list` and \
+             `lifeboat log` once a leader is elected, before trying again"
+        } else {
+            "nothing was changed: run the command again once a leader is elected"
+        }
+    )]
+    LostLeadership {
+        /// Why (etcd's answer, or none within the budget).
+        why: String,
+        /// Whether an attempt of the write may have been applied.
+        outcome_unknown: bool,
+    },
     /// The configuration or a file it names does not work.
     #[error("etcd configuration: {0}")]
     Config(String),
@@ -92,6 +110,7 @@ impl From<EtcdError> for RepoError {
     fn from(e: EtcdError) -> Self {
         match e {
             EtcdError::TooNew { found, understood } => RepoError::TooNew { found, understood },
+            e @ EtcdError::LostLeadership { .. } => RepoError::LostLeadership(e.to_string()),
             e => RepoError::Backend { write_failure: true, source: Box::new(e) },
         }
     }
@@ -434,11 +453,10 @@ impl EtcdRepos {
             return Err(EtcdError::Refused("write refused: this cache is a read-only replica (no leadership)".into()));
         };
         if !lead.holds() {
-            return Err(EtcdError::Refused(
-                "write refused: this controller no longer holds leadership (its epoch is fenced or its lease lapsed); \
-                 it restarts as a follower"
-                    .into(),
-            ));
+            return Err(EtcdError::LostLeadership {
+                why: "its epoch is fenced or its etcd lease lapsed; it restarts as a follower".into(),
+                outcome_unknown: false,
+            });
         }
         self.check_limits(&changes)?;
         let mut ops = Vec::with_capacity(changes.len());
@@ -511,7 +529,7 @@ impl EtcdRepos {
             Err(_) => {
                 let why = format!("etcd write outcome unknown: no answer within {} ms", timeout.as_millis());
                 lead.lose(&why);
-                Err(failed(EtcdError::Timeout(timeout.as_millis())))
+                Err(failed(EtcdError::LostLeadership { why, outcome_unknown: true }))
             }
             Ok(Err(e)) => {
                 let text = e.to_string();
@@ -528,8 +546,9 @@ impl EtcdRepos {
                          --max-request-bytes on every etcd member ({text})"
                     ))));
                 }
-                lead.lose(&format!("etcd write failed, outcome unknown: {text}"));
-                Err(failed(EtcdError::Etcd(e)))
+                let why = format!("etcd write failed, outcome unknown: {text}");
+                lead.lose(&why);
+                Err(failed(EtcdError::LostLeadership { why, outcome_unknown: true }))
             }
             Ok(Ok(resp)) if !resp.succeeded() && self.applied_before(&lead, seq) => {
                 // A re-sent attempt failed its compare because an earlier
@@ -547,7 +566,7 @@ impl EtcdRepos {
                     schema_key(&self.prefix)
                 );
                 lead.lose(&why);
-                Err(failed(EtcdError::Refused(format!("write refused: {why}"))))
+                Err(failed(EtcdError::LostLeadership { why, outcome_unknown: false }))
             }
             Ok(Ok(_)) => {
                 self.written(changes, bytes, seq);
