@@ -112,11 +112,20 @@ pub enum Decision {
     Raise,
     /// An older leader: refuse, do nothing.
     Stale,
+    /// Above [`MAX_EPOCH`]: no etcd revision can be that high, so it is a
+    /// bug or a forgery; admitting it would make every future leader stale.
+    Invalid,
 }
+
+/// The highest epoch an agent admits: etcd revisions are signed 64-bit.
+pub const MAX_EPOCH: u64 = i64::MAX.unsigned_abs();
 
 /// The pure rule: lower is stale, equal is current, higher raises. Epoch 0
 /// (the single-controller SQLite backend) is just a number.
 pub fn decide(highest: u64, got: u64) -> Decision {
+    if got > MAX_EPOCH {
+        return Decision::Invalid;
+    }
     match got.cmp(&highest) {
         std::cmp::Ordering::Less => Decision::Stale,
         std::cmp::Ordering::Equal => Decision::Current,
@@ -137,6 +146,15 @@ pub enum Refusal {
         got: u64,
         /// The highest seen.
         highest: u64,
+    },
+    /// Its epoch is above [`MAX_EPOCH`].
+    #[error(
+        "controller epoch {got} is above {MAX_EPOCH}, the highest an etcd revision can be: refused (the sender is \
+         broken or forged); nothing was done"
+    )]
+    Invalid {
+        /// The message's epoch.
+        got: u64,
     },
     /// The higher epoch could not be persisted.
     #[error("{0}")]
@@ -167,6 +185,7 @@ impl EpochGuard {
         match decide(self.highest, got) {
             Decision::Current => Ok(()),
             Decision::Stale => Err(Refusal::Stale { got, highest: self.highest }),
+            Decision::Invalid => Err(Refusal::Invalid { got }),
             Decision::Raise => {
                 store(&self.state_dir, got)?;
                 self.highest = got;
@@ -199,8 +218,22 @@ mod tests {
         assert_eq!(load(&s).unwrap(), 7, "refusals change nothing");
         // A restart reads it back.
         assert_eq!(EpochGuard::open(&s).unwrap().highest(), 7);
-        g.admit(u64::MAX).unwrap();
-        assert_eq!(load(&s).unwrap(), u64::MAX);
+        g.admit(MAX_EPOCH).unwrap();
+        assert_eq!(load(&s).unwrap(), MAX_EPOCH);
+    }
+
+    #[test]
+    fn an_epoch_no_etcd_revision_can_reach_is_refused_and_not_stored() {
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path().join("state");
+        let mut g = EpochGuard::open(&s).unwrap();
+        g.admit(9).unwrap();
+        let e = g.admit(MAX_EPOCH + 1).unwrap_err();
+        assert!(matches!(e, Refusal::Invalid { .. }), "{e}");
+        let e = g.admit(u64::MAX).unwrap_err();
+        assert!(e.to_string().contains("above") && e.to_string().contains("nothing was done"), "{e}");
+        assert_eq!(load(&s).unwrap(), 9, "refusals change nothing");
+        g.admit(10).unwrap();
     }
 
     #[test]

@@ -78,7 +78,8 @@ pub fn get() -> &'static AgentMetrics {
         let epoch_file_unreadable = Gauge::default();
         r.register(
             "stale_epoch_refused",
-            "Controller commands refused because their fencing epoch was lower than the highest seen",
+            "Controller commands and session Welcomes refused because their fencing epoch was lower than the highest \
+             seen (or above any etcd revision)",
             stale_epoch_refused.clone(),
         );
         r.register(

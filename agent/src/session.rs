@@ -160,7 +160,12 @@ impl Session {
         // A replaced leader: end the session before anything of it is used
         // (its commands would be refused one by one anyway). A newer leader:
         // its epoch is on disk before the session goes on.
-        epoch.admit(welcome.epoch)?;
+        if let Err(e) = epoch.admit(welcome.epoch) {
+            if !matches!(e, crate::epoch::Refusal::Persist(_)) {
+                crate::metrics::get().stale_epoch_refused.inc();
+            }
+            return Err(e.into());
+        }
         crate::metrics::get().set_epoch(epoch.highest());
         // Established: the next disconnection is retried quickly again.
         *backoff = reconnect_backoff().build();
@@ -271,7 +276,7 @@ impl Session {
 /// Logged at WARN; a stale epoch is counted in
 /// `lifeboat_agent_stale_epoch_refused_total`.
 fn refuse_command(c: &lifeboat_proto::v1::Command, e: &crate::epoch::Refusal) -> lifeboat_proto::v1::CommandResult {
-    if matches!(e, crate::epoch::Refusal::Stale { .. }) {
+    if !matches!(e, crate::epoch::Refusal::Persist(_)) {
         crate::metrics::get().stale_epoch_refused.inc();
     }
     warn!(command = %c.id.escape_debug(), epoch = c.epoch, "refused a controller command: {e}");

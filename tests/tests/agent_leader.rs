@@ -204,8 +204,15 @@ async fn a_welcome_with_a_stale_epoch_ends_the_session_and_the_next_address_is_t
     let stale_url = serve(&pki, stale.clone()).await;
     let current = Fake::leader(10);
     let current_url = serve(&pki, current.clone()).await;
-    let a = Agent::start(&config(&pki, tmp.path(), &[&stale_url, &current_url]));
+    // An epoch no etcd revision reaches (a broken or forged sender) would
+    // make every later leader stale: refused too, and not stored.
+    let forged = Fake::leader(u64::MAX);
+    let forged_url = serve(&pki, forged.clone()).await;
+    let before = lifeboat_agent::metrics::get().stale_epoch_refused.get();
+    let a = Agent::start(&config(&pki, tmp.path(), &[&forged_url, &stale_url, &current_url]));
     wait(Duration::from_secs(10), "a session with the current leader", || current.sessions() >= 1).await;
+    wait(Duration::from_secs(5), "the forged session ended", || forged.ended.load(Ordering::SeqCst) >= 1).await;
+    assert!(lifeboat_agent::metrics::get().stale_epoch_refused.get() >= before + 2, "refused Welcomes are counted");
     // The stale session was ended by the agent, right after its Welcome.
     wait(Duration::from_secs(5), "the stale session ended", || stale.ended.load(Ordering::SeqCst) >= 1).await;
     // The current one stays up (heartbeats answered) and commands work.
@@ -217,6 +224,7 @@ async fn a_welcome_with_a_stale_epoch_ends_the_session_and_the_next_address_is_t
     assert_eq!(current_sessions, 1, "the current leader's session was not ended");
     assert!(stale_sessions >= 1);
     assert!(stale.results.lock().unwrap().is_empty());
+    assert!(forged.results.lock().unwrap().is_empty());
     assert_eq!(lifeboat_agent::epoch::load(&state_dir(&pki)).unwrap(), 10);
 }
 
