@@ -372,7 +372,7 @@ fn answer(c: lifeboat_proto::v1::Command) -> CommandResult {
 /// the phase is Done.
 async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String) {
     let mut delay = Duration::from_millis(200);
-    let mut st = AgentState { url: 0, reconnected: false, leased: false };
+    let mut st = AgentState { url: 0, reconnected: false, leased: false, guests: None };
     loop {
         if *sh.phase.borrow() == Phase::Done {
             return;
@@ -448,15 +448,19 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut 
     }
     let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
     sh.heartbeat_ms.store(hb_ms, Ordering::Relaxed);
-    // Definitions packed as the agent sends them (once here: the load
-    // generator's CPU is not what is measured).
-    let mut guests: Vec<Guest> = (0..sh.guests_per_host)
-        .map(|j| {
-            let mut g = guest(i, j, j % 4 != 0);
-            lifeboat_proto::pack_definition(&mut g);
-            g
-        })
-        .collect();
+    // Definitions packed as the agent sends them, once per simulated agent
+    // and kept across its sessions with their current states: a real agent
+    // reports what runs now (which the controller already holds), and it
+    // packs on its own CPU, not on the 2 cores this measures.
+    let guests = st.guests.get_or_insert_with(|| {
+        (0..sh.guests_per_host)
+            .map(|j| {
+                let mut g = guest(i, j, j % 4 != 0);
+                lifeboat_proto::pack_definition(&mut g);
+                g
+            })
+            .collect()
+    });
     let inv = Inventory { host: Some(host_info(i)), guests: guests.clone(), more: false };
     for page in lifeboat_proto::inventory_pages(inv, lifeboat_proto::INVENTORY_PAGE_BYTES) {
         tx.send(send(agent_message::Msg::Inventory(page))).await?;
@@ -540,6 +544,8 @@ struct AgentState {
     reconnected: bool,
     /// Has been granted leases since the leader was killed.
     leased: bool,
+    /// Its guests (definitions packed), as last reported.
+    guests: Option<Vec<Guest>>,
 }
 
 /// Agent `i`'s own loopback address (127.1.X.Y, Y in 1..=250), so that no
