@@ -79,3 +79,17 @@ impl From<ControllerError> for Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_cut_short_by_lost_leadership_is_aborted_so_clients_do_not_resend_it() {
+        let e = ControllerError::Repo(crate::ports::RepoError::LostLeadership("lost (test)".into()));
+        let st = Status::from(e);
+        assert_eq!(st.code(), tonic::Code::Aborted, "{st:?}");
+        let other = Status::from(ControllerError::Repo(crate::ports::RepoError::Stopped));
+        assert_eq!(other.code(), tonic::Code::Internal);
+    }
+}
