@@ -242,7 +242,6 @@ fn dashboard_lab_pool_live_actions_and_roles() {
         let live = b.text(&format!("tr[data-host=\"{h}\"] .liveness"));
         assert!(live.trim().eq_ignore_ascii_case("reachable"), "{h}: {live}");
     }
-    assert!(b.count("[data-action]") > 0, "an operator's hosts page has action controls");
     b.wait_css("body[data-live-state=open]", Duration::from_secs(10));
     b.screenshot("hosts");
 
@@ -271,10 +270,32 @@ fn dashboard_lab_pool_live_actions_and_roles() {
     assert!(took < Duration::from_secs(1), "took {took:?}");
     b.screenshot("guests");
 
-    // 4. The host page.
+    // 4. The host page and its set-status dialog, clicked as an operator
+    // would: the four statuses explained; AVAILABLE reaches the open page live.
     open_live(&b, &base, "/hosts/host-c");
     assert!(b.count("[data-action]") > 0, "an operator's host page has action controls");
     b.screenshot("host");
+    b.click("[data-action=set-status]");
+    b.wait_css("dialog[open]", Duration::from_secs(5));
+    assert_eq!(b.count("dialog[open] .status-help"), 4, "the dialog explains the four statuses");
+    for st in ["AVAILABLE", "NOT_ACCEPTING", "MAINTENANCE", "OFFLINE"] {
+        let sel = format!("dialog[open] .status-help[data-status={st}] .status-badge.status-{st}");
+        assert_eq!(b.count(&sel), 1, "{sel}");
+    }
+    b.click("dialog[open] .status-help[data-status=AVAILABLE] input[type=radio]");
+    b.fill("dialog[open] input[name=reason]", "dashboard test: back in the pool");
+    b.screenshot("host-status-dialog");
+    b.click("dialog[open] [data-action=confirm-status]");
+    let t = Instant::now();
+    b.wait_js(
+        Duration::from_secs(5),
+        "host-c AVAILABLE on its open page",
+        "document.querySelector('#live table#host .status-badge')?.classList.contains('status-AVAILABLE')",
+    );
+    let took = t.elapsed();
+    println!("set-status dialog: host-c's page reads AVAILABLE {took:?} after the click");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(lab.host("host-c").expect("host-c")["status"], "AVAILABLE");
 
     // 5. The used link: 410, and nothing signed in by it.
     let token = op_link["url"].as_str().unwrap().rsplit_once("token=").unwrap().1.to_string();
@@ -328,8 +349,12 @@ fn dashboard_lab_pool_live_actions_and_roles() {
         assert_eq!(b.count("[data-action]"), 0, "a viewer's {page} has an action control");
     }
     let before = lab.host("host-c").expect("host-c")["status"].clone();
-    let (status, text) =
-        post(&b, "/hosts/host-c/status", "status=AVAILABLE&reason=viewer+tries", json!({"X-Lifeboat-Csrf": csrf(&b)}));
+    let (status, text) = post(
+        &b,
+        "/hosts/host-c/status",
+        "status=MAINTENANCE&reason=viewer+tries",
+        json!({"X-Lifeboat-Csrf": csrf(&b)}),
+    );
     assert_eq!(status, 403, "a viewer's POST: {text}");
     assert!(text.contains("operator"), "the refusal says the operator role is needed: {text}");
     assert_eq!(lab.host("host-c").expect("host-c")["status"], before, "a viewer changed host-c");
@@ -337,7 +362,7 @@ fn dashboard_lab_pool_live_actions_and_roles() {
     // Without the session cookie a POST is 401.
     let r = b.exec_async_js(
         "const done = arguments[0];\n\
-         fetch('/hosts/host-c/status', {method: 'POST', credentials: 'omit', body: 'status=AVAILABLE&reason=x',\n\
+         fetch('/hosts/host-c/status', {method: 'POST', credentials: 'omit', body: 'status=MAINTENANCE&reason=x',\n\
            headers: {'Content-Type': 'application/x-www-form-urlencoded'}})\n\
            .then(r => done(r.status), e => done(String(e)));",
         vec![],
