@@ -111,7 +111,11 @@ fn own_origin(req: &Request) -> Option<String> {
 /// the dashboard's own, or without `Origin`, `Sec-Fetch-Site: same-origin`.
 pub fn origin_check(req: &Request) -> Result<(), &'static str> {
     let h = req.headers();
-    match h.get(header::ORIGIN) {
+    // Under `Referrer-Policy: no-referrer` (ours) Chromium sends `Origin: null`
+    // with same-origin POSTs (the Fetch standard's origin serialization), so
+    // `null` is treated as no Origin: `Sec-Fetch-Site` decides, and a page
+    // cannot forge that header.
+    match h.get(header::ORIGIN).filter(|o| o.as_bytes() != b"null") {
         Some(o) => {
             if own_origin(req).is_some_and(|own| o.as_bytes() == own.as_bytes()) {
                 Ok(())
