@@ -333,11 +333,40 @@ impl Browser {
     /// Waits until an element matches `selector`; returns how long it took.
     pub fn wait_css(&self, selector: &str, timeout: Duration) -> Duration {
         let t = Instant::now();
-        self.run(
-            &format!("wait {timeout:?} for {selector}"),
-            self.client().wait().at_most(timeout).every(Duration::from_millis(25)).for_element(Locator::Css(selector)),
-        );
-        t.elapsed()
+        let wait =
+            self.client().wait().at_most(timeout).every(Duration::from_millis(25)).for_element(Locator::Css(selector));
+        match self.rt.block_on(async { tokio::time::timeout(timeout + CALL_LIMIT, wait).await }) {
+            Ok(Ok(_)) => t.elapsed(),
+            Ok(Err(e)) => panic!("browser: waiting {timeout:?} for {selector}: {e}; {}", self.diagnose()),
+            Err(_) => panic!("browser: waiting {timeout:?} for {selector}: no answer; {}", self.diagnose()),
+        }
+    }
+
+    /// What the page shows now, for a failure message: its URL and the
+    /// start of its text; also saves `target/dashboard-artifacts/failure.png`.
+    pub fn diagnose(&self) -> String {
+        let Some(c) = self.client.as_ref() else { return "no browser session".into() };
+        let (url, text, png) = self.rt.block_on(async {
+            let limit = Duration::from_secs(5);
+            let url = tokio::time::timeout(limit, c.current_url()).await.ok().and_then(Result::ok);
+            let text =
+                tokio::time::timeout(limit, c.execute("return document.body ? document.body.innerText : '';", vec![]))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+            let png = tokio::time::timeout(limit, c.screenshot()).await.ok().and_then(Result::ok);
+            (url, text, png)
+        });
+        if let Some(png) = png {
+            let _ = std::fs::write(self.artifacts.join("failure.png"), png);
+        }
+        let text = text.as_ref().and_then(Value::as_str).unwrap_or("?").chars().take(600).collect::<String>();
+        // The query may hold a sign-in token: the path is enough.
+        let url = url.map(|mut u| {
+            u.set_query(None);
+            u.to_string()
+        });
+        format!("the page is {} and reads: {text:?} (screenshot failure.png)", url.as_deref().unwrap_or("?"))
     }
 
     /// Polls the JavaScript expression `expr` every 25 ms until it is truthy;
@@ -350,7 +379,7 @@ impl Browser {
                 return t.elapsed();
             }
             if t.elapsed() > timeout {
-                panic!("browser: timed out after {timeout:?} waiting for {what} ({expr})");
+                panic!("browser: timed out after {timeout:?} waiting for {what} ({expr}); {}", self.diagnose());
             }
             std::thread::sleep(Duration::from_millis(25));
         }
