@@ -89,13 +89,17 @@ struct TokenQuery {
     token: String,
 }
 
-async fn login_page(Query(q): Query<TokenQuery>) -> Response {
-    // The token is not checked here: a link preview that runs no script
-    // cannot use it up. Its shape is, so garbage is not echoed back.
-    if q.token.len() != super::auth::SECRET_HEX || !q.token.bytes().all(|b| b.is_ascii_hexdigit()) {
+async fn login_page(
+    State(app): State<AppState>,
+    q: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    // The token is looked at, not used: a link preview that runs no script
+    // cannot use it up (the form's POST does).
+    let token = q.map(|q| q.0.token).unwrap_or_default();
+    if !app.auth.pending(&token) {
         return (StatusCode::GONE, Html(views::link_gone().into_string())).into_response();
     }
-    html(views::login(&q.token))
+    html(views::login(&token))
 }
 
 #[derive(Deserialize)]

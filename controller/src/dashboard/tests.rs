@@ -116,8 +116,11 @@ async fn a_link_signs_in_once_and_sets_a_strict_cookie() {
     for attr in ["Path=/", "Secure", "HttpOnly", "SameSite=Strict", "Max-Age=3600"] {
         assert!(cookie.contains(attr), "{cookie} lacks {attr}");
     }
-    // Used: a second POST is refused.
+    // Used: the page and a second POST are refused.
     let (st, _, body) = send(&f.app, post("/login", &format!("token={token}"), None, Some(ORIGIN), None)).await;
+    assert_eq!(st, StatusCode::GONE);
+    assert!(body.contains("used or has expired"), "{body}");
+    let (st, _, body) = send(&f.app, get(&format!("/login?token={token}"), None)).await;
     assert_eq!(st, StatusCode::GONE);
     assert!(body.contains("used or has expired"), "{body}");
     assert!(audit_actions(&f.reg).await.contains(&("olga".into(), "dashboard.login".into())));
