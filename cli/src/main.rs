@@ -645,6 +645,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_sign_in_link_names_the_controller_host_and_the_dashboard_port() {
+        let r = lifeboat_proto::v1::DashboardLogin {
+            token: "ab".repeat(32),
+            expires_unix_ms: 1,
+            port: 8443,
+            name: "olga".into(),
+            role: "operator".into(),
+        };
+        let url = dashboard_url("https://10.77.0.2:7443", &r).unwrap();
+        assert_eq!(url, format!("https://10.77.0.2:8443/login?token={}", "ab".repeat(32)));
+        let url = dashboard_url("https://[fd00::2]:7443", &r).unwrap();
+        assert!(url.starts_with("https://[fd00::2]:8443/login?token="), "{url}");
+        let bad = lifeboat_proto::v1::DashboardLogin { token: "<script>".into(), ..r.clone() };
+        assert!(dashboard_url("https://c:7443", &bad).is_err());
+        assert!(dashboard_url("not a url", &r).is_err());
+    }
+
+    #[test]
     fn a_connection_closed_on_the_first_call_is_a_certificate_refusal() {
         let closed = tonic::Status::cancelled("operation was canceled: transport error: connection closed");
         let e = first_call_refused(closed);

@@ -139,7 +139,7 @@ impl DashboardConfig {
                 self.session_ttl_s
             ));
         }
-        if self.enabled && (self.listen == listen || Some(self.listen) == metrics_listen) {
+        if self.enabled && self.listen.port() != 0 && (self.listen == listen || Some(self.listen) == metrics_listen) {
             return Err(format!(
                 "[dashboard] listen = \"{}\" is also `listen` or `metrics_listen`: \
                  give the dashboard a port of its own",
@@ -586,6 +586,54 @@ mod tests {
         assert!(e.contains("at least twice"), "{e}");
         let e = ControllerConfig::parse("[tls]\nca = 1\n", Path::new("c.toml")).unwrap_err().to_string();
         assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn the_dashboard_section_is_off_by_default_and_checked() {
+        let c = ControllerConfig::parse(GOOD, Path::new("c.toml")).unwrap();
+        assert!(!c.dashboard.enabled);
+        assert_eq!(c.dashboard.listen.to_string(), "0.0.0.0:8443");
+        assert_eq!(c.dashboard.session_ttl_s, 28_800);
+        let parse = |extra: &str| {
+            ControllerConfig::parse(&format!("{GOOD}[dashboard]\n{extra}"), Path::new("c.toml"))
+                .map(|c| c.dashboard)
+                .map_err(|e| e.to_string())
+        };
+        let d = parse("enabled = true\nlisten = \"127.0.0.1:9443\"\nsession_ttl_s = 300\n").unwrap();
+        assert!(d.enabled && d.listen.port() == 9443 && d.session_ttl_s == 300);
+        assert!(parse("session_ttl_s = 299\n").unwrap_err().contains("session_ttl_s = 299"));
+        assert!(parse("session_ttl_s = 604801\n").unwrap_err().contains("604800"));
+        assert!(parse("cert = \"/x.pem\"\n").unwrap_err().contains("cert and key"));
+        assert!(parse("enabled = true\nlisten = \"0.0.0.0:7443\"\n").unwrap_err().contains("port of its own"));
+        assert!(parse("enabeld = true\n").unwrap_err().contains("enabeld"));
+    }
+
+    #[test]
+    fn preflight_checks_the_dashboard_port_and_its_key() {
+        let d = tempfile::tempdir().unwrap();
+        pki(d.path());
+        let db = d.path().join("controller.db");
+        init_database(&db, Path::new("c.toml")).unwrap();
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let base = cfg_text(d.path(), &db, "127.0.0.1:0");
+        let text = format!("{base}[dashboard]\nenabled = true\nlisten = \"{addr}\"\n");
+        let c = ControllerConfig::parse(&text, Path::new("c.toml")).unwrap();
+        let e = c.preflight(Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("[dashboard] listen"), "{e}");
+        drop(held);
+        let key = d.path().join("controller.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let text = format!(
+            "{base}[dashboard]\nenabled = true\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {key:?}\n",
+            d.path().join("controller.pem")
+        );
+        let c = ControllerConfig::parse(&text, Path::new("c.toml")).unwrap();
+        // The [tls] key is the same file: refused by [tls] or [dashboard], either names the key.
+        let e = c.preflight(Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("controller.key"), "{e}");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        c.preflight(Path::new("c.toml")).unwrap();
     }
 
     fn pki(dir: &Path) {

@@ -142,6 +142,13 @@ impl Auth {
         Some((id, s))
     }
 
+    /// Whether `token` is a link that can still be used (without using it).
+    pub fn pending(&self, token: &str) -> bool {
+        let Some(key) = key_of(token) else { return false };
+        let now = self.clock.now_ms();
+        lock(&self.links).get(&key).is_some_and(|l| l.expires_ms > now)
+    }
+
     /// The session with id `id`, while it lasts (an expired one is removed).
     pub fn session(&self, id: &str) -> Option<Session> {
         let key = key_of(id)?;
@@ -209,7 +216,9 @@ mod tests {
         let (_, a) = auth();
         let (t, _) = a.mint("ann", Role::Operator).unwrap();
         assert_eq!(t.len(), SECRET_HEX);
+        assert!(a.pending(&t));
         let (id, s) = a.redeem(&t).expect("first use");
+        assert!(!a.pending(&t));
         assert_eq!((s.name.as_str(), s.role), ("ann", Role::Operator));
         assert!(a.redeem(&t).is_none(), "second use");
         assert_eq!(a.session(&id).unwrap(), s);

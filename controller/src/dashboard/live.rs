@@ -83,6 +83,8 @@ enum View {
     Hosts(HostsQuery),
     Guests(GuestsQuery),
     Host(String, HostQuery),
+    Jobs,
+    Job(String),
 }
 
 async fn render(ctl: &Arc<Ctl>, view: &View, s: &SignedIn) -> Option<(String, String, String)> {
@@ -101,6 +103,8 @@ async fn render(ctl: &Arc<Ctl>, view: &View, s: &SignedIn) -> Option<(String, St
             tokio::task::spawn_blocking(move || routes::guests_fragment(&c, &q)).await.ok()?.ok()?
         }
         View::Host(id, q) => routes::host_fragment(ctl, id, q, s.session.role).await.ok()?,
+        View::Jobs => routes::jobs_fragment(ctl).await.ok()?,
+        View::Job(id) => routes::job_fragment(ctl, id).await.ok()?,
     };
     Some((summary, alarms, live.into_string()))
 }
@@ -120,8 +124,10 @@ pub async fn live(
         "host" if !q.id.is_empty() => {
             View::Host(q.id.chars().take(256).collect(), host.map(|q| q.0).unwrap_or_default())
         }
+        "jobs" => View::Jobs,
+        "job" if !q.id.is_empty() => View::Job(q.id.chars().take(256).collect()),
         _ => {
-            return (axum::http::StatusCode::BAD_REQUEST, "view must be hosts, guests or host (with id)\n")
+            return (axum::http::StatusCode::BAD_REQUEST, "view must be hosts, guests, jobs, host or job (with id)\n")
                 .into_response();
         }
     };

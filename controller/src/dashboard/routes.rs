@@ -39,6 +39,8 @@ pub fn router(app: AppState) -> Router {
         .route("/hosts", get(hosts))
         .route("/hosts/{id}", get(host))
         .route("/guests", get(guests))
+        .route("/jobs", get(jobs))
+        .route("/jobs/{id}", get(job))
         .route("/live", get(super::live::live));
     let any_post = Router::new().route("/logout", post(logout)).route_layer(from_fn(guard::post_guard_any));
     let actions =
@@ -89,13 +91,17 @@ struct TokenQuery {
     token: String,
 }
 
-async fn login_page(Query(q): Query<TokenQuery>) -> Response {
-    // The token is not checked here: a link preview that runs no script
-    // cannot use it up. Its shape is, so garbage is not echoed back.
-    if q.token.len() != super::auth::SECRET_HEX || !q.token.bytes().all(|b| b.is_ascii_hexdigit()) {
+async fn login_page(
+    State(app): State<AppState>,
+    q: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    // The token is looked at, not used: a link preview that runs no script
+    // cannot use it up (the form's POST does).
+    let token = q.map(|q| q.0.token).unwrap_or_default();
+    if !app.auth.pending(&token) {
         return (StatusCode::GONE, Html(views::link_gone().into_string())).into_response();
     }
-    html(views::login(&q.token))
+    html(views::login(&token))
 }
 
 #[derive(Deserialize)]
@@ -444,4 +450,52 @@ async fn set_status(
         Ok(h) => html(views::status_done(&h)),
         Err(e) => err(&e),
     }
+}
+
+/// Jobs on the jobs page.
+pub const JOBS: u32 = 25;
+
+/// The `#live` part of `/jobs`.
+pub async fn jobs_fragment(ctl: &Ctl) -> Result<Markup, ControllerError> {
+    Ok(views::jobs_table(&ctl.engine.jobs(None, JOBS).await?))
+}
+
+/// The `#live` part of `/jobs/<id>`.
+pub async fn job_fragment(ctl: &Ctl, id: &str) -> Result<Markup, ControllerError> {
+    let j = ctl.engine.job_record(id).await?;
+    let arrived: Vec<String> = j
+        .moves
+        .iter()
+        .map(|m| {
+            if m.target.is_empty() {
+                return String::new();
+            }
+            ctl.reg
+                .reported_guest(&m.target, &m.uuid)
+                .map(|g| lifeboat_proto::state_name(g.state).to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    Ok(views::job_detail(&j, &arrived))
+}
+
+async fn jobs(State(app): State<AppState>, Extension(s): Extension<SignedIn>) -> Response {
+    let Some(ctl) = app.leading() else { return no_ctl() };
+    let main = match jobs_fragment(&ctl).await {
+        Ok(m) => m,
+        Err(e) => return err(&e),
+    };
+    let (summary, alarms) = chrome(&ctl);
+    html(views::page("Jobs", &s.session, "/live?view=jobs", summary, alarms, main, maud::html! {}))
+}
+
+async fn job(State(app): State<AppState>, Extension(s): Extension<SignedIn>, Path(id): Path<String>) -> Response {
+    let Some(ctl) = app.leading() else { return no_ctl() };
+    let main = match job_fragment(&ctl, &id).await {
+        Ok(m) => m,
+        Err(e) => return err(&e),
+    };
+    let (summary, alarms) = chrome(&ctl);
+    let live = format!("/live?view=job&id={}", enc(&id));
+    html(views::page(&format!("Job {id}"), &s.session, &live, summary, alarms, main, maud::html! {}))
 }

@@ -116,8 +116,11 @@ async fn a_link_signs_in_once_and_sets_a_strict_cookie() {
     for attr in ["Path=/", "Secure", "HttpOnly", "SameSite=Strict", "Max-Age=3600"] {
         assert!(cookie.contains(attr), "{cookie} lacks {attr}");
     }
-    // Used: a second POST is refused.
+    // Used: the page and a second POST are refused.
     let (st, _, body) = send(&f.app, post("/login", &format!("token={token}"), None, Some(ORIGIN), None)).await;
+    assert_eq!(st, StatusCode::GONE);
+    assert!(body.contains("used or has expired"), "{body}");
+    let (st, _, body) = send(&f.app, get(&format!("/login?token={token}"), None)).await;
     assert_eq!(st, StatusCode::GONE);
     assert!(body.contains("used or has expired"), "{body}");
     assert!(audit_actions(&f.reg).await.contains(&("olga".into(), "dashboard.login".into())));
@@ -438,4 +441,80 @@ async fn the_listener_serves_https_with_h2_and_http1() {
     .expect("served while another connection idles")
     .unwrap();
     drop(tls);
+}
+
+#[tokio::test]
+async fn the_jobs_pages_show_each_move_and_its_step() {
+    use crate::domain::job::{JobState, MoveState};
+    use crate::domain::{JobKind, PowerEvidence};
+    let f = fixture();
+    let now = f.reg.now_ms();
+    let job = crate::ports::JobRow {
+        id: "j-1".into(),
+        kind: JobKind::Move,
+        source: "host-a".into(),
+        state: JobState::Moving,
+        operator: "olga".into(),
+        plan_id: "p-1".into(),
+        power_evidence: PowerEvidence::StoppedByAgent,
+        request: vec![],
+        parallel: 1,
+        created_ms: now,
+        updated_ms: now,
+        error: String::new(),
+    };
+    let mv = crate::ports::MoveRow {
+        job_id: "j-1".into(),
+        uuid: "u1".into(),
+        name: "vm1".into(),
+        source: "host-a".into(),
+        target: "host-a".into(),
+        generation: 2,
+        state: MoveState::Starting,
+        start: true,
+        definition_xml: "<domain/>".into(),
+        error: String::new(),
+        priority: 0,
+        updated_ms: now,
+        memory_kib: 0,
+    };
+    let audit = AuditRowFor::job("olga", "j-1");
+    f.reg.repos().jobs(move |j| j.create(&job, &[mv], &audit)).await.unwrap();
+    let (id, _) = sign_in(&f, "vera", Role::Viewer).await;
+    let (st, _, body) = send(&f.app, get("/jobs", Some(&id))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body.contains(r#"<tr data-job="j-1" data-job-state="MOVING""#), "{body}");
+    let (st, _, body) = send(&f.app, get("/jobs/j-1", Some(&id))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    for want in [
+        r#"data-job-state="MOVING""#,
+        r#"<tr class="move" data-uuid="u1" data-move-state="STARTING""#,
+        r#"<td class="target"><a href="/hosts/host-a">host-a</a>"#,
+        r#"<td class="arrived">running<"#,
+        r#"data-live="/live?view=job&amp;id=j-1""#,
+    ] {
+        assert!(body.contains(want), "{want} not in {body}");
+    }
+    assert!(!body.contains("data-action"));
+    assert_eq!(send(&f.app, get("/jobs/nope", Some(&id))).await.0, StatusCode::NOT_FOUND);
+    let res = routes::router(f.app.clone()).oneshot(get("/live?view=job&id=j-1", Some(&id))).await.unwrap();
+    let mut body = res.into_body();
+    assert!(read_until(&mut body, "data-move-state=\"STARTING\"", Duration::from_secs(5)).await.is_ok());
+}
+
+struct AuditRowFor;
+
+impl AuditRowFor {
+    fn job(actor: &str, job: &str) -> crate::ports::AuditRow {
+        crate::ports::AuditRow {
+            seq: 0,
+            at_ms: 0,
+            actor: actor.into(),
+            action: "job.created".into(),
+            host: "host-a".into(),
+            vm: String::new(),
+            job: job.into(),
+            detail: String::new(),
+        }
+    }
 }

@@ -78,7 +78,7 @@ pub fn page(
             body data-live=(live) {
                 header.top {
                     a.brand href="/hosts" { "Lifeboat" }
-                    nav { a href="/hosts" { "Hosts" } a href="/guests" { "Guests" } }
+                    nav { a href="/hosts" { "Hosts" } a href="/guests" { "Guests" } a href="/jobs" { "Jobs" } }
                     span.user { (s.name) " (" (s.role) ")" }
                     form.post.signout method="post" action="/logout" { button type="submit" { "Sign out" } }
                 }
@@ -335,13 +335,10 @@ pub fn host_detail(
         section {
             h2 { "Jobs" }
             table #jobs {
-                thead { tr { th { "Job" } th { "Kind" } th { "State" } th { "Operator" } th { "Created" } } }
+                (jobs_head())
                 tbody {
                     @for j in jobs {
-                        tr data-job=(j.id) data-job-state=(j.state) {
-                            td { code { (j.id) } } td { (j.kind) } td { (j.state) } td { (j.operator) }
-                            td { (ago(j.created_unix_ms)) }
-                        }
+                        (job_row(j))
                     }
                 }
             }
@@ -405,4 +402,70 @@ pub fn status_done(h: &HostRecord) -> Markup {
 /// Raw HTML already rendered by this module (live fragments).
 pub fn raw(s: &str) -> PreEscaped<String> {
     PreEscaped(s.to_string())
+}
+
+fn jobs_head() -> Markup {
+    html! {
+        thead { tr { th { "Job" } th { "Kind" } th { "Source" } th { "State" } th { "Operator" } th { "Created" } } }
+    }
+}
+
+fn job_row(j: &JobRecord) -> Markup {
+    html! {
+        tr data-job=(j.id) data-job-state=(j.state) {
+            td { a href={ "/jobs/" (j.id) } { code { (j.id) } } }
+            td { (j.kind) }
+            td { a href={ "/hosts/" (j.source) } { (j.source) } }
+            td.job-state { (j.state) }
+            td { (j.operator) }
+            td { (ago(j.created_unix_ms)) }
+        }
+    }
+}
+
+/// The newest jobs.
+pub fn jobs_table(jobs: &[JobRecord]) -> Markup {
+    html! {
+        table #jobs {
+            (jobs_head())
+            tbody { @for j in jobs { (job_row(j)) } }
+        }
+    }
+}
+
+/// One job: its facts and each guest's move, with the state the target
+/// last reported for it (`arrived`).
+pub fn job_detail(j: &JobRecord, arrived: &[String]) -> Markup {
+    html! {
+        table.facts #job data-job=(j.id) data-job-state=(j.state) {
+            tr { th { "State" } td.job-state { (j.state) } }
+            tr { th { "Kind" } td { (j.kind) } }
+            tr { th { "Source" } td { a href={ "/hosts/" (j.source) } { (j.source) } } }
+            tr { th { "Operator" } td { (j.operator) } }
+            tr { th { "Power evidence" } td { (j.power_evidence) } }
+            tr { th { "Plan" } td { code { (j.plan_id) } } }
+            tr { th { "Created" } td { (ago(j.created_unix_ms)) } }
+            tr { th { "Updated" } td { (ago(j.updated_unix_ms)) } }
+            @if !j.paused.is_empty() { tr { th { "Paused" } td.error { (j.paused) } } }
+            @if !j.error.is_empty() { tr { th { "Left behind" } td { pre.error { (j.error) } } } }
+        }
+        h2 { "Moves" }
+        table #moves {
+            thead {
+                tr { th { "Guest" } th { "Target" } th { "Step" } th { "Arrived" } th { "Error" } th { "Updated" } }
+            }
+            tbody {
+                @for (i, m) in j.moves.iter().enumerate() {
+                    tr.move data-uuid=(m.uuid) data-move-state=(m.state) {
+                        td { (m.name) br; small.uuid { (m.uuid) } }
+                        td.target { @if !m.target.is_empty() { a href={ "/hosts/" (m.target) } { (m.target) } } }
+                        td.step { span class={ "step step-" (m.state) } { (m.state) } }
+                        td.arrived { (arrived.get(i).map(String::as_str).unwrap_or("")) }
+                        td.error { (m.error) }
+                        td { (ago(m.updated_unix_ms)) }
+                    }
+                }
+            }
+        }
+    }
 }

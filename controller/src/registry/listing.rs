@@ -463,3 +463,52 @@ mod dashboard_listing_tests {
         assert!(reg.guests_page(&GuestFilter::default(), None, 100).unwrap().0.is_empty());
     }
 }
+
+#[cfg(test)]
+mod view_version_tests {
+    use super::*;
+    use crate::domain::host::Timing;
+    use lifeboat_proto::v1::{Guest, Inventory};
+
+    #[test]
+    fn every_view_change_bumps_the_view_version() {
+        let clock = crate::ports::ManualClock::new(1_000_000);
+        let reg = Registry::load_with_clock(
+            crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(),
+            Timing::default(),
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        let g = |state: GuestState| Guest {
+            uuid: "u1".into(),
+            name: "vm1".into(),
+            state: state as i32,
+            definition_xml: "<domain/>".into(),
+            ..Default::default()
+        };
+        let v = std::cell::Cell::new(reg.view_version());
+        let moved = |what: &str, reg: &Registry| {
+            let now = reg.view_version();
+            assert_ne!(now, v.get(), "{what} did not move the view version");
+            v.set(now);
+        };
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        let sid = reg.open_session("a", "boot", tx).unwrap();
+        moved("a session", &reg);
+        reg.apply_inventory("a", sid, Inventory { host: None, guests: vec![g(GuestState::Running)], more: false })
+            .unwrap();
+        moved("an inventory", &reg);
+        reg.apply_guest("a", sid, g(GuestState::Shutoff)).unwrap();
+        moved("a guest change", &reg);
+        reg.raise_alarm_blocking("a", "split-brain", "test").unwrap();
+        moved("an alarm", &reg);
+        reg.check_liveness();
+        v.set(reg.view_version());
+        clock.advance(600_000);
+        let flipped = reg.check_liveness();
+        assert!(!flipped.is_empty(), "{flipped:?}");
+        moved("a liveness flip", &reg);
+        reg.close_session("a", sid);
+        moved("a session's end", &reg);
+    }
+}

@@ -84,6 +84,12 @@
           location.href = go;
           return;
         }
+        var dialog = form.closest("dialog");
+        if (res.ok && dialog && dialog.close) {
+          // Done: the live update shows the change; the dialog closes.
+          dialog.close();
+          return;
+        }
         if (out) {
           out.innerHTML = res.headers.get("Content-Type") && res.headers.get("Content-Type").indexOf("text/html") === 0
             ? text
