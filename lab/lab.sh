@@ -1474,7 +1474,8 @@ CONTROLLER_DB=$CTL_DB
 CONTROLLER_LOG=$CTL_LOG
 CONTROLLER_METRICS_URL=http://$CTL_IP:9464/metrics
 EOF
-  if dashboard_in_config; then echo "CONTROLLER_DASHBOARD_URL=https://$CTL_IP:$DASHBOARD_PORT"; fi
+  # an HA lab has no controller at $CTL_IP: it prints CTL_<N>_DASHBOARD_URL instead (ha_paths)
+  if ! ha_enabled && dashboard_in_config; then echo "CONTROLLER_DASHBOARD_URL=https://$CTL_IP:$DASHBOARD_PORT"; fi
   local r h V hd
   for r in "${CLIENT_ROLES[@]}"; do
     echo "CLIENT_${r^^}_CERT=$PKI_DIR/client-$r.pem"
