@@ -18,6 +18,7 @@ use crate::domain::host::{HostStatus, Liveness};
 use crate::error::ControllerError;
 use crate::ports::{AuditFilter, AuditRow};
 use crate::registry::{GuestFilter, HostFilter};
+use lifeboat_proto::v1::GuestRecord;
 
 /// Largest request body (forms are a few fields).
 pub const BODY_LIMIT: usize = 16 * 1024;
@@ -249,8 +250,8 @@ fn state_number(name: &str) -> Option<i32> {
     (0..=32).find(|n| lifeboat_proto::state_name(*n) == name)
 }
 
-/// The `#live` part of `/guests`.
-pub fn guests_fragment(ctl: &Ctl, q: &GuestsQuery) -> Result<Markup, ControllerError> {
+/// The rows of `/guests` and its next-page link.
+pub fn guests_rows(ctl: &Ctl, q: &GuestsQuery) -> Result<(Vec<GuestRecord>, Option<String>), ControllerError> {
     let state = match bounded(&q.state) {
         Some(s) => Some(state_number(&s.to_lowercase()).ok_or_else(|| {
             ControllerError::InvalidArgument(format!("state {s:?}: use running, shutoff, paused, ..."))
@@ -273,6 +274,12 @@ pub fn guests_fragment(ctl: &Ctl, q: &GuestsQuery) -> Result<Markup, ControllerE
         link.push_str(&format!("after_host={}&after_name={}&after_uuid={}", enc(&h), enc(&n), enc(&u)));
         link
     });
+    Ok((rows, next))
+}
+
+/// The `#live` part of `/guests`.
+pub fn guests_fragment(ctl: &Ctl, q: &GuestsQuery) -> Result<Markup, ControllerError> {
+    let (rows, next) = guests_rows(ctl, q)?;
     Ok(views::guests_table(&rows, next.as_deref()))
 }
 

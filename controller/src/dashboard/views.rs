@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 
 use lifeboat_common::identity::Role;
 use lifeboat_proto::v1::{GuestRecord, HostRecord, JobRecord};
-use maud::{DOCTYPE, Markup, PreEscaped, html};
+use maud::{DOCTYPE, Markup, html};
 use sha2::{Digest, Sha256};
 
 use super::auth::Session;
@@ -400,11 +400,6 @@ pub fn status_dialog(host: &str) -> Markup {
 /// The answer of a successful status change.
 pub fn status_done(h: &HostRecord) -> Markup {
     html! { div.done { "Status is now " (status_badge(&h.status)) } }
-}
-
-/// Raw HTML already rendered by this module (live fragments).
-pub fn raw(s: &str) -> PreEscaped<String> {
-    PreEscaped(s.to_string())
 }
 
 fn jobs_head() -> Markup {
