@@ -149,5 +149,17 @@ async fn a_link_minted_over_grpc_signs_in_once_over_https() {
     assert!(body.contains("used or has expired"), "{body}");
     let (st, h, _) = https(&ca, port, get("/hosts".into(), None)).await;
     assert_eq!((st, h.get("location").unwrap().to_str().unwrap()), (303, "/signed-out"));
+    // The link and the sign-in are in the audit log under the certificate's name.
+    let log = on
+        .admin(dir, "olga")
+        .await
+        .list_audit(lifeboat_proto::v1::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    for action in ["dashboard.link", "dashboard.login"] {
+        assert!(log.iter().any(|e| e.actor == "olga" && e.action == action), "{action} not in {log:?}");
+    }
     on.stop().await;
 }

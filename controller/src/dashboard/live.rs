@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use super::guard::SignedIn;
 use super::routes::{self, GuestsQuery, HostQuery, HostsQuery};
-use super::{AppState, Ctl};
+use super::{AppState, Ctl, views};
 use crate::migrate::engine::Engine;
 use crate::registry::Registry;
 
@@ -79,15 +79,20 @@ pub struct LiveQuery {
     id: String,
 }
 
+/// The rows a live guests page shows (host id, UUID) and its next-page link.
+type Shown = (Vec<(String, String)>, Option<String>);
+
 enum View {
     Hosts(HostsQuery),
-    Guests(GuestsQuery),
+    /// The filter runs once; then the rows on screen (host, UUID) and the
+    /// next-page link are re-read: new matches appear on reload.
+    Guests(GuestsQuery, Option<Shown>),
     Host(String, HostQuery),
     Jobs,
     Job(String),
 }
 
-async fn render(ctl: &Arc<Ctl>, view: &View, s: &SignedIn) -> Option<(String, String, String)> {
+async fn render(ctl: &Arc<Ctl>, view: &mut View, s: &SignedIn) -> Option<(String, String, String)> {
     let c = ctl.clone();
     let (summary, alarms) = tokio::task::spawn_blocking(move || routes::chrome(&c))
         .await
@@ -98,9 +103,21 @@ async fn render(ctl: &Arc<Ctl>, view: &View, s: &SignedIn) -> Option<(String, St
             let (c, q) = (ctl.clone(), q.clone());
             tokio::task::spawn_blocking(move || routes::hosts_fragment(&c, &q)).await.ok()?.ok()?
         }
-        View::Guests(q) => {
-            let (c, q) = (ctl.clone(), q.clone());
-            tokio::task::spawn_blocking(move || routes::guests_fragment(&c, &q)).await.ok()?.ok()?
+        View::Guests(q, shown) => {
+            let (c, q, keys) = (ctl.clone(), q.clone(), shown.clone());
+            let (rows, next) = tokio::task::spawn_blocking(move || match keys {
+                Some((keys, next)) => Ok((c.reg.guest_rows(&keys), next)),
+                None => routes::guests_rows(&c, &q),
+            })
+            .await
+            .ok()?
+            .ok()?;
+            if shown.is_none() {
+                let keys =
+                    rows.iter().filter_map(|r| r.guest.as_ref().map(|g| (r.host_id.clone(), g.uuid.clone()))).collect();
+                *shown = Some((keys, next.clone()));
+            }
+            views::guests_table(&rows, next.as_deref())
         }
         View::Host(id, q) => routes::host_fragment(ctl, id, q, s.session.role).await.ok()?,
         View::Jobs => routes::jobs_fragment(ctl).await.ok()?,
@@ -118,9 +135,9 @@ pub async fn live(
     guests: Result<Query<GuestsQuery>, axum::extract::rejection::QueryRejection>,
     host: Result<Query<HostQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let view = match q.view.as_str() {
+    let mut view = match q.view.as_str() {
         "hosts" => View::Hosts(hosts.map(|q| q.0).unwrap_or_default()),
-        "guests" => View::Guests(guests.map(|q| q.0).unwrap_or_default()),
+        "guests" => View::Guests(guests.map(|q| q.0).unwrap_or_default(), None),
         "host" if !q.id.is_empty() => {
             View::Host(q.id.chars().take(256).collect(), host.map(|q| q.0).unwrap_or_default())
         }
@@ -144,7 +161,7 @@ pub async fn live(
                 let _ = tx.send(Event::default().event("signed-out").data("")).await;
                 return;
             }
-            if let Some(now) = render(&ctl, &view, &s).await {
+            if let Some(now) = render(&ctl, &mut view, &s).await {
                 let now = [now.0, now.1, now.2];
                 for (i, name) in ["summary", "alarms", "live"].into_iter().enumerate() {
                     if now[i] != last[i] && tx.send(Event::default().event(name).data(now[i].as_str())).await.is_err() {

@@ -18,6 +18,7 @@ use crate::domain::host::{HostStatus, Liveness};
 use crate::error::ControllerError;
 use crate::ports::{AuditFilter, AuditRow};
 use crate::registry::{GuestFilter, HostFilter};
+use lifeboat_proto::v1::GuestRecord;
 
 /// Largest request body (forms are a few fields).
 pub const BODY_LIMIT: usize = 16 * 1024;
@@ -43,8 +44,10 @@ pub fn router(app: AppState) -> Router {
         .route("/jobs/{id}", get(job))
         .route("/live", get(super::live::live));
     let any_post = Router::new().route("/logout", post(logout)).route_layer(from_fn(guard::post_guard_any));
-    let actions =
-        Router::new().route("/hosts/{id}/status", post(set_status)).route_layer(from_fn(guard::post_guard_operator));
+    let actions = Router::new()
+        .route("/hosts/{id}/status", post(set_status))
+        .route("/hosts/{id}/status/plan", post(plan_status))
+        .route_layer(from_fn(guard::post_guard_operator));
     let signed = pages.merge(any_post).merge(actions).route_layer(from_fn_with_state(app.clone(), guard::session));
     let served = Router::new()
         .route("/login", get(login_page).post(login))
@@ -247,8 +250,8 @@ fn state_number(name: &str) -> Option<i32> {
     (0..=32).find(|n| lifeboat_proto::state_name(*n) == name)
 }
 
-/// The `#live` part of `/guests`.
-pub fn guests_fragment(ctl: &Ctl, q: &GuestsQuery) -> Result<Markup, ControllerError> {
+/// The rows of `/guests` and its next-page link.
+pub fn guests_rows(ctl: &Ctl, q: &GuestsQuery) -> Result<(Vec<GuestRecord>, Option<String>), ControllerError> {
     let state = match bounded(&q.state) {
         Some(s) => Some(state_number(&s.to_lowercase()).ok_or_else(|| {
             ControllerError::InvalidArgument(format!("state {s:?}: use running, shutoff, paused, ..."))
@@ -271,6 +274,12 @@ pub fn guests_fragment(ctl: &Ctl, q: &GuestsQuery) -> Result<Markup, ControllerE
         link.push_str(&format!("after_host={}&after_name={}&after_uuid={}", enc(&h), enc(&n), enc(&u)));
         link
     });
+    Ok((rows, next))
+}
+
+/// The `#live` part of `/guests`.
+pub fn guests_fragment(ctl: &Ctl, q: &GuestsQuery) -> Result<Markup, ControllerError> {
+    let (rows, next) = guests_rows(ctl, q)?;
     Ok(views::guests_table(&rows, next.as_deref()))
 }
 
@@ -447,7 +456,84 @@ async fn set_status(
         return err(&e);
     }
     match ctl.reg.get_host(id.trim()) {
-        Ok(h) => html(views::status_done(&h)),
+        Ok(h) => ([("x-lifeboat-done", "1")], html(views::status_done(&h))).into_response(),
+        Err(e) => err(&e),
+    }
+}
+
+/// The checks a status change would meet, read the way `hostops::set_status`
+/// reads them (OFFLINE: the forced-migration plan's silence and power checks;
+/// AVAILABLE and NOT_ACCEPTING: stale definitions, and a return from OFFLINE
+/// needs the host reachable). Changes nothing; the change itself is checked again.
+async fn status_checks(
+    ctl: &Ctl,
+    id: &str,
+    to: HostStatus,
+    reason: &str,
+    attest: bool,
+) -> Result<Vec<lifeboat_proto::v1::Check>, ControllerError> {
+    use crate::domain::checks::CheckId;
+    let rec = ctl.reg.get_host(id)?;
+    let hid = rec.info.as_ref().map(|i| i.host_id.clone()).unwrap_or_else(|| id.to_string());
+    let check = |name: &str, ok: bool, detail: String, remedy: &str| lifeboat_proto::v1::Check {
+        name: name.into(),
+        ok,
+        detail,
+        remedy: remedy.into(),
+        ..Default::default()
+    };
+    Ok(match to {
+        HostStatus::Offline => {
+            let req = lifeboat_proto::v1::MigrateRequest {
+                source: hid,
+                attest_powered_off: attest,
+                attest_reason: reason.to_string(),
+                ..Default::default()
+            };
+            let p = ctl.engine.plan(&req).await?;
+            p.preconditions
+                .into_iter()
+                .filter(|c| matches!(CheckId::of(c), Ok(CheckId::SourceSilent | CheckId::SourcePoweredOff)))
+                .collect()
+        }
+        HostStatus::Available | HostStatus::NotAccepting => {
+            let mut v = vec![check(
+                "no stale definitions",
+                rec.stale_definitions == 0,
+                format!("{} definition(s) of guests moved away from it", rec.stale_definitions),
+                &format!("run `lifeboat cleanup {hid} --yes` first"),
+            )];
+            if rec.status == HostStatus::Offline.as_str() {
+                v.push(check(
+                    "back from OFFLINE",
+                    rec.liveness == "REACHABLE",
+                    format!("the host is {}", rec.liveness.to_lowercase()),
+                    "power it on and wait until it is reachable",
+                ));
+            }
+            v
+        }
+        HostStatus::Maintenance => vec![],
+    })
+}
+
+async fn plan_status(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    f: Result<Form<StatusForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Some(ctl) = app.leading() else { return no_ctl() };
+    let f = match f {
+        Ok(Form(f)) => f,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let to = match HostStatus::from_name(f.status.trim()) {
+        Ok(s) => s,
+        Err(e) => return fail(StatusCode::BAD_REQUEST, &format!("{e}; choose one of the four statuses")),
+    };
+    let attest = f.attest_powered_off.as_deref().is_some_and(|v| v == "true" || v == "on");
+    match status_checks(&ctl, id.trim(), to, f.reason.trim(), attest).await {
+        Ok(checks) => html(views::status_plan(id.trim(), to.as_str(), &checks)),
         Err(e) => err(&e),
     }
 }

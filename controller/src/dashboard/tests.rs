@@ -518,3 +518,31 @@ impl AuditRowFor {
         }
     }
 }
+
+#[tokio::test]
+async fn the_status_plan_shows_the_checks_and_changes_nothing() {
+    let f = fixture();
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    let plan = |form: &str, id: &str, csrf: Option<&str>| {
+        post("/hosts/host-a/status/plan", form, Some(id), Some(ORIGIN), csrf)
+    };
+    let (st, h, body) = send(&f.app, plan("status=OFFLINE&reason=dead", &id, Some(&csrf))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(h.get("x-lifeboat-done").is_none(), "a plan does not close the dialog");
+    assert!(body.contains(r#"class="check failed""#) && body.contains("What to do"), "{body}");
+    assert!(body.contains(r#"data-ok="false""#), "{body}");
+    let (_, _, body) = send(&f.app, plan("status=MAINTENANCE&reason=work", &id, Some(&csrf))).await;
+    assert!(body.contains(r#"data-ok="true""#), "{body}");
+    let (_, _, body) = send(&f.app, plan("status=NOT_ACCEPTING&reason=test", &id, Some(&csrf))).await;
+    assert!(body.contains(r#"class="check ok""#), "{body}");
+    assert_eq!(send(&f.app, plan("status=NOPE&reason=x", &id, Some(&csrf))).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(send(&f.app, plan("status=OFFLINE&reason=x", &id, None)).await.0, StatusCode::FORBIDDEN);
+    let (vid, vcsrf) = sign_in(&f, "vera", Role::Viewer).await;
+    assert_eq!(send(&f.app, plan("status=OFFLINE&reason=x", &vid, Some(&vcsrf))).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(f.reg.status_of("host-a"), Some(HostStatus::Available));
+    // The change itself says it is done (the dialog closes).
+    let (st, h, _) =
+        send(&f.app, post("/hosts/host-a/status", "status=MAINTENANCE&reason=w", Some(&id), Some(ORIGIN), Some(&csrf)))
+            .await;
+    assert_eq!((st, h.get("x-lifeboat-done").map(|v| v.to_str().unwrap())), (StatusCode::OK, Some("1")));
+}

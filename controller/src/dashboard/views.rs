@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 
 use lifeboat_common::identity::Role;
 use lifeboat_proto::v1::{GuestRecord, HostRecord, JobRecord};
-use maud::{DOCTYPE, Markup, PreEscaped, html};
+use maud::{DOCTYPE, Markup, html};
 use sha2::{Digest, Sha256};
 
 use super::auth::Session;
@@ -387,6 +387,9 @@ pub fn status_dialog(host: &str) -> Markup {
                 div.result {}
                 div.buttons {
                     button type="button" data-close="status-dialog" { "Cancel" }
+                    button type="submit" data-action="plan-status" formaction={ "/hosts/" (host) "/status/plan" } {
+                        "Plan"
+                    }
                     button type="submit" data-action="confirm-status" { "Set status" }
                 }
             }
@@ -397,11 +400,6 @@ pub fn status_dialog(host: &str) -> Markup {
 /// The answer of a successful status change.
 pub fn status_done(h: &HostRecord) -> Markup {
     html! { div.done { "Status is now " (status_badge(&h.status)) } }
-}
-
-/// Raw HTML already rendered by this module (live fragments).
-pub fn raw(s: &str) -> PreEscaped<String> {
-    PreEscaped(s.to_string())
 }
 
 fn jobs_head() -> Markup {
@@ -463,6 +461,28 @@ pub fn job_detail(j: &JobRecord, arrived: &[String]) -> Markup {
                         td.arrived { (arrived.get(i).map(String::as_str).unwrap_or("")) }
                         td.error { (m.error) }
                         td { (ago(m.updated_unix_ms)) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a status change would check, before it is made (nothing changes).
+pub fn status_plan(host: &str, to: &str, checks: &[lifeboat_proto::v1::Check]) -> Markup {
+    let ok = checks.iter().all(|c| c.ok);
+    html! {
+        div.plan data-host=(host) data-status=(to) data-ok=(ok) {
+            p { (host) " → " (status_badge(to)) ": "
+                @if ok { "every check passes; press Set status to make the change." }
+                @else { "refused as things stand; nothing was changed." }
+            }
+            @if checks.is_empty() { p { "No checks apply to this change." } }
+            ul.checks {
+                @for c in checks {
+                    li class={ "check " (if c.ok { "ok" } else { "failed" }) } {
+                        strong { (c.name) } ": " (c.detail)
+                        @if !c.ok && !c.remedy.is_empty() { br; span.remedy { "What to do: " (c.remedy) } }
                     }
                 }
             }

@@ -368,6 +368,18 @@ impl Registry {
         page
     }
 
+    /// The current records of the guests `keys` names (host id, UUID), in
+    /// that order; one that is gone is left out. A live page re-reads the
+    /// rows it shows this way instead of running its filter again.
+    pub fn guest_rows(&self, keys: &[(String, String)]) -> Vec<GuestRecord> {
+        keys.iter()
+            .filter_map(|(host, uuid)| {
+                let (rows, _) = self.list_guests_page(Some(host), Some(uuid), false, None, 2).ok()?;
+                rows.into_iter().find(|r| r.host_id == *host && r.guest.as_ref().is_some_and(|g| g.uuid == *uuid))
+            })
+            .collect()
+    }
+
     /// Hosts by status and liveness names (the dashboard's summary).
     pub fn host_counts(&self) -> BTreeMap<(&'static str, &'static str), u32> {
         let now = self.now_ms();
@@ -453,6 +465,33 @@ mod dashboard_listing_tests {
         assert_eq!(reg.hosts_page(&f, None, 100).matching, 0);
         let counts = reg.host_counts();
         assert_eq!(counts.values().sum::<u32>(), 250);
+    }
+
+    #[test]
+    fn guest_rows_reread_the_guests_named() {
+        use lifeboat_proto::v1::{Guest, Inventory};
+        let reg = reg_with(0);
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let sid = reg.open_session("a", "boot", tx).unwrap();
+        let g = |u: &str, n: &str, st: GuestState| Guest {
+            uuid: u.into(),
+            name: n.into(),
+            state: st as i32,
+            definition_xml: "<domain/>".into(),
+            ..Default::default()
+        };
+        let guests = vec![g("u1", "vm1", GuestState::Running), g("u2", "u1", GuestState::Running)];
+        reg.apply_inventory("a", sid, Inventory { host: None, guests, more: false }).unwrap();
+        let keys = vec![("a".to_string(), "u1".to_string()), ("a".into(), "gone".into()), ("b".into(), "u1".into())];
+        let rows = reg.guest_rows(&keys);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].guest.as_ref().unwrap().name, "vm1");
+        reg.apply_guest("a", sid, g("u1", "vm1", GuestState::Shutoff)).unwrap();
+        assert_eq!(reg.guest_rows(&keys)[0].guest.as_ref().unwrap().state, GuestState::Shutoff as i32);
+        let f = GuestFilter { state: Some(GuestState::Shutoff as i32), ..Default::default() };
+        assert_eq!(reg.guests_page(&f, None, 100).unwrap().0.len(), 1);
+        let f = GuestFilter { name: Some("VM".into()), owner: Some("a".into()), ..Default::default() };
+        assert_eq!(reg.guests_page(&f, None, 100).unwrap().0.len(), 1);
     }
 
     #[test]

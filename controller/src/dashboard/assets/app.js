@@ -72,7 +72,9 @@
     ev.preventDefault();
     var out = form.querySelector(".result");
     var body = new URLSearchParams(new FormData(form));
-    fetch(form.getAttribute("action"), {
+    var button = ev.submitter;
+    var action = (button && button.getAttribute("formaction")) || form.getAttribute("action");
+    fetch(action, {
       method: "POST",
       credentials: "same-origin",
       headers: { "X-Lifeboat-Csrf": csrf(), "Content-Type": "application/x-www-form-urlencoded" },
@@ -85,7 +87,7 @@
           return;
         }
         var dialog = form.closest("dialog");
-        if (res.ok && dialog && dialog.close) {
+        if (res.ok && res.headers.get("X-Lifeboat-Done") && dialog && dialog.close) {
           // Done: the live update shows the change; the dialog closes.
           dialog.close();
           return;
