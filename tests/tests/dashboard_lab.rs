@@ -284,6 +284,12 @@ fn dashboard_lab_pool_live_actions_and_roles() {
     }
     b.click("dialog[open] .status-help[data-status=AVAILABLE] input[type=radio]");
     b.fill("dialog[open] input[name=reason]", "dashboard test: back in the pool");
+    // Plan first: the checks the change would meet, and nothing changed yet.
+    b.click("dialog[open] [data-action=plan-status]");
+    b.wait_css("dialog[open] .result .plan[data-status=AVAILABLE]", Duration::from_secs(5));
+    assert_eq!(b.attr("dialog[open] .plan", "data-ok").as_deref(), Some("true"), "the plan passes");
+    assert_eq!(b.count("dialog[open] .plan .check.failed"), 0);
+    assert_eq!(lab.host("host-c").expect("host-c")["status"], "NOT_ACCEPTING", "a plan changes nothing");
     b.screenshot("host-status-dialog");
     b.click("dialog[open] [data-action=confirm-status]");
     let t = Instant::now();
