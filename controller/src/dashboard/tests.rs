@@ -546,3 +546,27 @@ async fn the_status_plan_shows_the_checks_and_changes_nothing() {
             .await;
     assert_eq!((st, h.get("x-lifeboat-done").map(|v| v.to_str().unwrap())), (StatusCode::OK, Some("1")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_hosts_page_by_a_hundred_with_a_next_link() {
+    let f = fixture();
+    let mut rxs = Vec::new();
+    for i in 0..2000 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        f.reg.open_session(&format!("h-{i:05}"), "boot", tx).unwrap();
+        rxs.push(rx);
+    }
+    let (id, _) = sign_in(&f, "vera", Role::Viewer).await;
+    let t0 = std::time::Instant::now();
+    let (st, _, body) = send(&f.app, get("/hosts", Some(&id))).await;
+    let took = t0.elapsed();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body.matches("<tr data-host=").count(), 100);
+    assert!(body.contains("2001 matching"), "the count covers every host");
+    assert!(body.contains(r#"<a class="next" href="/hosts?after=h-00099">"#), "next link");
+    let (_, _, body) = send(&f.app, get("/hosts?after=h-01999", Some(&id))).await;
+    assert!(body.contains(r#"<tr data-host="host-a""#) && !body.contains("class=\"next\""), "last page");
+    let (_, _, body) = send(&f.app, get("/hosts?q=h-0150", Some(&id))).await;
+    assert_eq!(body.matches("<tr data-host=").count(), 10);
+    println!("/hosts with 2001 hosts rendered in {} ms (debug build)", took.as_millis());
+}
