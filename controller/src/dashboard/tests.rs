@@ -192,6 +192,12 @@ async fn the_post_guard_refuses_foreign_origin_missing_or_wrong_csrf_and_viewers
     // Another session's token is not this one's.
     let (st, _, _) = send(&f.app, post(path, form, Some(&id), Some(ORIGIN), Some(&vcsrf))).await;
     assert_eq!(st, StatusCode::FORBIDDEN);
+    // `Origin: null` counts as no Origin: refused without Sec-Fetch-Site.
+    let (st, _, body) = send(&f.app, post(path, form, Some(&id), Some("null"), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body}");
+    let mut req = post(path, form, Some(&id), Some("null"), Some(&csrf));
+    req.headers_mut().insert("sec-fetch-site", "cross-site".parse().unwrap());
+    assert_eq!(send(&f.app, req).await.0, StatusCode::FORBIDDEN);
     // The operator, Sec-Fetch-Site instead of Origin: done, audited under the name.
     let mut req = post(path, form, Some(&id), None, Some(&csrf));
     req.headers_mut().insert("sec-fetch-site", "same-origin".parse().unwrap());
