@@ -576,3 +576,45 @@ async fn two_thousand_hosts_page_by_a_hundred_with_a_next_link() {
     assert_eq!(body.matches("<tr data-host=").count(), 10);
     println!("/hosts with 2001 hosts rendered in {} ms (debug build)", took.as_millis());
 }
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::rustls;
+    let dir = tempfile::tempdir().unwrap();
+    lifeboat_common::tls::install_crypto_provider();
+    lifeboat_common::pki::init(dir.path()).unwrap();
+    lifeboat_common::pki::issue(dir.path(), dir.path(), &lifeboat_common::pki::Leaf::Controller(vec![])).unwrap();
+    let cert = std::fs::read(dir.path().join("controller.pem")).unwrap();
+    let key = std::fs::read(dir.path().join("controller.key")).unwrap();
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let l = listener::DashListener::with_idle(
+        tcp,
+        listener::server_config(&cert, &key).unwrap(),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    let server = tokio::spawn(async move {
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let _ = axum::serve(l, app).await;
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut b = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut b)).await.expect("closed by the server");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(250), "{:?}", t0.elapsed());
+    server.abort();
+}
