@@ -618,3 +618,34 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout() {
     assert!(t0.elapsed() >= Duration::from_millis(250), "{:?}", t0.elapsed());
     server.abort();
 }
+
+#[tokio::test]
+async fn an_operator_acknowledges_an_alarm_and_a_viewer_cannot() {
+    let f = fixture();
+    let reg = f.reg.clone();
+    tokio::task::spawn_blocking(move || reg.raise_alarm_blocking("host-a", "guests-not-moved", "test"))
+        .await
+        .unwrap()
+        .unwrap();
+    let (vid, vcsrf) = sign_in(&f, "vera", Role::Viewer).await;
+    let (_, _, body) = send(&f.app, get("/hosts/host-a", Some(&vid))).await;
+    assert!(body.contains("alarm-banner") && !body.contains("ack-dialog"), "{body}");
+    let form = "host=host-a&kind=guests-not-moved&reason=seen";
+    let (st, _, _) = send(&f.app, post("/alarms/ack", form, Some(&vid), Some(ORIGIN), Some(&vcsrf))).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert_eq!(f.reg.active_alarms().len(), 1);
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    let (_, _, body) = send(&f.app, get("/hosts/host-a", Some(&id))).await;
+    assert!(body.contains(r#"<dialog id="ack-dialog">"#) && body.contains(r#"data-action="ack-alarm""#), "{body}");
+    let empty = "host=host-a&kind=guests-not-moved&reason=";
+    let (st, _, _) = send(&f.app, post("/alarms/ack", empty, Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let wrong = "host=host-a&kind=nope&reason=x";
+    let (st, _, body) = send(&f.app, post("/alarms/ack", wrong, Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::CONFLICT, "{body}");
+    let (st, h, body) = send(&f.app, post("/alarms/ack", form, Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(h.get("x-lifeboat-done").is_some() && body.contains("1 guests-not-moved alarm(s)"), "{body}");
+    assert!(f.reg.active_alarms().is_empty());
+    assert!(audit_actions(&f.reg).await.contains(&("olga".into(), "alarm.cleared".into())));
+}
