@@ -31,7 +31,10 @@ pub async fn security_headers(req: Request, next: Next) -> Response {
     set(h, "content-security-policy", CSP);
     set(h, "x-frame-options", "DENY");
     set(h, "x-content-type-options", "nosniff");
-    set(h, "referrer-policy", "no-referrer");
+    // Not `no-referrer`: under it browsers send `Origin: null` with a
+    // same-origin POST, and the Origin check could not tell it from a
+    // sandboxed or cross-site one. `same-origin` sends nothing elsewhere.
+    set(h, "referrer-policy", "same-origin");
     set(h, "strict-transport-security", "max-age=31536000");
     if !h.contains_key(header::CACHE_CONTROL) {
         set(h, "cache-control", "no-store");
@@ -111,10 +114,8 @@ fn own_origin(req: &Request) -> Option<String> {
 /// the dashboard's own, or without `Origin`, `Sec-Fetch-Site: same-origin`.
 pub fn origin_check(req: &Request) -> Result<(), &'static str> {
     let h = req.headers();
-    // Under `Referrer-Policy: no-referrer` (ours) Chromium sends `Origin: null`
-    // with same-origin POSTs (the Fetch standard's origin serialization), so
-    // `null` is treated as no Origin: `Sec-Fetch-Site` decides, and a page
-    // cannot forge that header.
+    // `Origin: null` (a browser's privacy choice) says nothing: it is
+    // judged like a missing Origin, by Sec-Fetch-Site.
     match h.get(header::ORIGIN).filter(|o| o.as_bytes() != b"null") {
         Some(o) => {
             if own_origin(req).is_some_and(|own| o.as_bytes() == own.as_bytes()) {

@@ -5,6 +5,7 @@
 //! its share of descriptors.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,9 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const MAX_PER_SOURCE: usize = 32;
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with nothing read or written for this long is closed (an
+/// open live page gets a keep-alive every 15 s, so it stays).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why the listener cannot be set up.
 #[derive(Debug, thiserror::Error)]
@@ -105,14 +109,24 @@ impl Drop for DashListener {
 impl DashListener {
     /// Starts accepting on `tcp` with `tls`.
     pub fn new(tcp: TcpListener, tls: rustls::ServerConfig) -> std::io::Result<Self> {
+        Self::with_idle(tcp, tls, IDLE_TIMEOUT)
+    }
+
+    /// [`DashListener::new`] with another idle timeout (tests).
+    pub fn with_idle(tcp: TcpListener, tls: rustls::ServerConfig, idle: Duration) -> std::io::Result<Self> {
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
-        let acceptor = tokio::spawn(accept_loop(tcp, TlsAcceptor::from(Arc::new(tls)), tx));
+        let acceptor = tokio::spawn(accept_loop(tcp, TlsAcceptor::from(Arc::new(tls)), tx, idle));
         Ok(DashListener { ready, local, acceptor })
     }
 }
 
-async fn accept_loop(tcp: TcpListener, acceptor: TlsAcceptor, tx: mpsc::Sender<(DashConn, SocketAddr)>) {
+async fn accept_loop(
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<(DashConn, SocketAddr)>,
+    idle: Duration,
+) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_source: PerSource = Arc::default();
     loop {
@@ -143,7 +157,13 @@ async fn accept_loop(tcp: TcpListener, acceptor: TlsAcceptor, tx: mpsc::Sender<(
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
-                    let conn = DashConn { tls: Box::new(tls), _permit: permit, _slot: slot };
+                    let conn = DashConn {
+                        tls: Box::new(tls),
+                        idle,
+                        deadline: Box::pin(tokio::time::sleep(idle)),
+                        _permit: permit,
+                        _slot: slot,
+                    };
                     let _ = tx.send((conn, peer)).await;
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, "dashboard: TLS handshake failed: {e}"),
@@ -171,22 +191,60 @@ impl axum::serve::Listener for DashListener {
     }
 }
 
-/// One served dashboard connection; holds its place in the bounds.
+/// One served dashboard connection; holds its place in the bounds and is
+/// closed after [`IDLE_TIMEOUT`] without traffic.
 pub struct DashConn {
     tls: Box<TlsStream<TcpStream>>,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
     _permit: OwnedSemaphorePermit,
     _slot: SourceSlot,
 }
 
+impl DashConn {
+    /// Whether the idle deadline passed (registers the waker when not).
+    fn idle_over(&mut self, cx: &mut Context<'_>) -> bool {
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+
+    fn active(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
+    }
+}
+
+fn idle_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "dashboard connection idle")
+}
+
 impl AsyncRead for DashConn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.tls).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut *self.tls).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.active();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if self.idle_over(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
     }
 }
 
 impl AsyncWrite for DashConn {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.tls).poll_write(cx, buf)
+        match Pin::new(&mut *self.tls).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.active();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if self.idle_over(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

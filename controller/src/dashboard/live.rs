@@ -26,7 +26,7 @@ const SESSION_CHECK: Duration = Duration::from_secs(5);
 
 /// The hub: a counter that moves when something a page shows may have changed.
 pub struct Hub {
-    ticks: watch::Receiver<u64>,
+    ticks: Arc<watch::Sender<u64>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -39,7 +39,8 @@ impl Drop for Hub {
 impl Hub {
     /// Watches `reg` (its view version) and `engine` (job changes).
     pub fn start(reg: Arc<Registry>, engine: Arc<Engine>) -> Hub {
-        let (tx, ticks) = watch::channel(0u64);
+        let ticks = Arc::new(watch::Sender::new(0u64));
+        let tx = ticks.clone();
         let task = tokio::spawn(async move {
             let mut jobs = engine.subscribe();
             let mut seen = reg.view_version();
@@ -64,9 +65,9 @@ impl Hub {
         Hub { ticks, task }
     }
 
-    /// Ticks from now on.
+    /// Ticks from now on (no stream subscribed: the hub sends nothing).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.ticks.clone()
+        self.ticks.subscribe()
     }
 }
 

@@ -47,6 +47,7 @@ pub fn router(app: AppState) -> Router {
     let actions = Router::new()
         .route("/hosts/{id}/status", post(set_status))
         .route("/hosts/{id}/status/plan", post(plan_status))
+        .route("/alarms/ack", post(ack_alarm))
         .route_layer(from_fn(guard::post_guard_operator));
     let signed = pages.merge(any_post).merge(actions).route_layer(from_fn_with_state(app.clone(), guard::session));
     let served = Router::new()
@@ -415,7 +416,12 @@ async fn host(
         live.push_str(&r.chars().take(2048).collect::<String>());
     }
     let dialogs = if s.session.role.allows(Role::Operator) {
-        views::status_dialog(&id)
+        let hid = ctl.reg.get_host(&id).ok().and_then(|h| h.info).map(|i| i.host_id).unwrap_or_else(|| id.clone());
+        let mut kinds: Vec<String> =
+            ctl.reg.active_alarms().into_iter().filter(|(h, _, _)| *h == hid).map(|(_, k, _)| k).collect();
+        kinds.sort();
+        kinds.dedup();
+        maud::html! { (views::status_dialog(&id)) @if !kinds.is_empty() { (views::ack_dialog(&hid, &kinds)) } }
     } else {
         maud::html! {}
     };
@@ -584,4 +590,41 @@ async fn job(State(app): State<AppState>, Extension(s): Extension<SignedIn>, Pat
     let (summary, alarms) = chrome(&ctl);
     let live = format!("/live?view=job&id={}", enc(&id));
     html(views::page(&format!("Job {id}"), &s.session, &live, summary, alarms, main, maud::html! {}))
+}
+
+#[derive(Deserialize)]
+struct AckForm {
+    #[serde(default)]
+    host: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn ack_alarm(
+    State(app): State<AppState>,
+    Extension(s): Extension<SignedIn>,
+    f: Result<Form<AckForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Some(ctl) = app.leading() else { return no_ctl() };
+    let f = match f {
+        Ok(Form(f)) => f,
+        Err(rejection) => return rejection.into_response(),
+    };
+    if f.reason.trim().is_empty() {
+        return fail(StatusCode::BAD_REQUEST, "a reason is required (it is recorded in the audit log)");
+    }
+    let name = s.session.name.clone();
+    tracing::info!(operator = %name, host = %f.host, kind = %f.kind, "dashboard: alarm acknowledgement requested");
+    let reg = ctl.reg.clone();
+    let (host, kind) = (f.host.clone(), f.kind.clone());
+    let r = tokio::task::spawn_blocking(move || crate::alarms::clear(&reg, &f.host, &f.kind, &f.reason, &name)).await;
+    match r {
+        Ok(Ok(cleared)) => {
+            ([("x-lifeboat-done", "1")], html(views::ack_done(cleared.len(), kind.trim(), host.trim()))).into_response()
+        }
+        Ok(Err(e)) => err(&e),
+        Err(e) => fail(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
 }

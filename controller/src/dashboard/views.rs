@@ -288,6 +288,10 @@ pub fn host_detail(
         section.facts {
             @if role.allows(Role::Operator) {
                 button type="button" data-action="set-status" data-dialog="status-dialog" { "Set status…" }
+                @if !h.alarms.is_empty() {
+                    " "
+                    button type="button" data-action="ack-alarm" data-dialog="ack-dialog" { "Acknowledge an alarm…" }
+                }
             }
             table.facts #host data-host=(info.host_id) {
                 tr {
@@ -488,4 +492,32 @@ pub fn status_plan(host: &str, to: &str, checks: &[lifeboat_proto::v1::Check]) -
             }
         }
     }
+}
+
+/// The dialog that acknowledges (clears) one kind of a host's active alarms.
+pub fn ack_dialog(host: &str, kinds: &[String]) -> Markup {
+    html! {
+        dialog #ack-dialog {
+            form.post method="post" action="/alarms/ack" {
+                h2 { "Acknowledge an alarm on " (host) }
+                p { "Clears every active alarm of the kind on this host; recorded in the audit log under your name." }
+                input type="hidden" name="host" value=(host);
+                label { "Alarm " select name="kind" required { @for k in kinds { option value=(k) { (k) } } } }
+                label {
+                    "Reason (recorded in the audit log) "
+                    input type="text" name="reason" required maxlength="2048";
+                }
+                div.result {}
+                div.buttons {
+                    button type="button" data-close="ack-dialog" { "Cancel" }
+                    button type="submit" data-action="confirm-ack" { "Acknowledge" }
+                }
+            }
+        }
+    }
+}
+
+/// The answer of acknowledged alarms.
+pub fn ack_done(n: usize, kind: &str, host: &str) -> Markup {
+    html! { div.done { (n) " " (kind) " alarm(s) on " (host) " cleared." } }
 }
