@@ -476,5 +476,8 @@ CTL_${n}_LOG=$(ctl_dir "$n")/controller.log
 CTL_${n}_EXITS=$(ctl_dir "$n")/exits
 CTL_${n}_METRICS_URL=http://$(ctl_ip "$n"):9464/metrics
 EOF
+    if dashboard_in_config "$(ctl_dir "$n")/controller.toml"; then
+      echo "CTL_${n}_DASHBOARD_URL=https://$(ctl_ip "$n"):$DASHBOARD_PORT"
+    fi
   done
 }

@@ -34,6 +34,9 @@ BMC_LISTENER_PORT=8100
 # the controller's forced-migration grace and start-lease TTL in the lab (grace > lease TTL)
 FORCE_GRACE_MS=${LAB_FORCE_GRACE_MS:-5000}
 LEASE_TTL_MS=${LAB_LEASE_TTL_MS:-4000}
+# the web dashboard (docs/dashboard.md): LAB_DASHBOARD=0 leaves it off; every controller uses this port
+LAB_DASHBOARD=${LAB_DASHBOARD:-1}
+DASHBOARD_PORT=8443
 LAB_VENV=$(realpath -m "${LAB_VENV:-/opt/lifeboat-lab/venv}")
 SUSHY_BIN=$LAB_VENV/bin/sushy-emulator
 VENV_PY=$LAB_VENV/bin/python
@@ -352,6 +355,37 @@ write_hosts_file() {
   } >"$(host_dir "$h")/hosts"
 }
 
+# Whether the controller binary knows the [dashboard] section. A controller built before the
+# dashboard refuses unknown sections, so the lab asks it: the probe config names files that do
+# not exist, so --check-config fails either way, and only the reason tells. Asked once per run.
+DASHBOARD_SUPPORTED=
+DASHBOARD_WARNED=
+dashboard_supported() {
+  if [ -z "$DASHBOARD_SUPPORTED" ]; then
+    local probe out
+    probe=$(mktemp "${TMPDIR:-/tmp}/lab-dashboard-probe.XXXXXX")
+    cat >"$probe" <<EOF
+listen = "127.0.0.1:1"
+database = "/nonexistent/lab-probe.db"
+[tls]
+ca = "/nonexistent/ca.pem"
+cert = "/nonexistent/c.pem"
+key = "/nonexistent/c.key"
+[dashboard]
+enabled = true
+listen = "0.0.0.0:$DASHBOARD_PORT"
+EOF
+    out=$("$CTL_BIN" --config "$probe" --check-config 2>&1 || true)
+    rm -f "$probe"
+    if grep -q 'unknown field `dashboard`' <<<"$out"; then DASHBOARD_SUPPORTED=no; else DASHBOARD_SUPPORTED=yes; fi
+  fi
+  [ "$DASHBOARD_SUPPORTED" = yes ]
+}
+# the dashboard is on in this lab: LAB_DASHBOARD is not 0 and the controller knows it
+dashboard_enabled() { [ "$LAB_DASHBOARD" != 0 ] && [ -x "$CTL_BIN" ] && dashboard_supported; }
+# whether a written controller config turned the dashboard on (what `paths` reports)
+dashboard_in_config() { grep -q '^\[dashboard\]' "${1:-$CTL_CONFIG}" 2>/dev/null; }
+
 write_controller_conf() {
   mkdir -p "$CTL_DIR"
   cat >"$CTL_CONFIG" <<EOF
@@ -376,6 +410,13 @@ ca = "$PKI_DIR/ca.pem"
 cert = "$PKI_DIR/controller.pem"
 key = "$PKI_DIR/controller.key"
 EOF
+  if dashboard_enabled; then
+    # the controller's [tls] certificate (it names the controller's IP) serves the pages too
+    printf '\n[dashboard]\nenabled = true\nlisten = "0.0.0.0:%s"\n' "$DASHBOARD_PORT" >>"$CTL_CONFIG"
+  elif [ "$LAB_DASHBOARD" != 0 ] && [ -z "$DASHBOARD_WARNED" ]; then
+    DASHBOARD_WARNED=1
+    log "the controller binary does not know [dashboard] (built before the dashboard): the lab runs without it"
+  fi
   bmc_enabled || return 0
   local h
   for h in "${HOSTS[@]}"; do
@@ -1433,6 +1474,8 @@ CONTROLLER_DB=$CTL_DB
 CONTROLLER_LOG=$CTL_LOG
 CONTROLLER_METRICS_URL=http://$CTL_IP:9464/metrics
 EOF
+  # an HA lab has no controller at $CTL_IP: it prints CTL_<N>_DASHBOARD_URL instead (ha_paths)
+  if ! ha_enabled && dashboard_in_config; then echo "CONTROLLER_DASHBOARD_URL=https://$CTL_IP:$DASHBOARD_PORT"; fi
   local r h V hd
   for r in "${CLIENT_ROLES[@]}"; do
     echo "CLIENT_${r^^}_CERT=$PKI_DIR/client-$r.pem"

@@ -40,6 +40,11 @@ MAIN_PKGS=(
   rpm systemd
   etcd-server etcd-client protobuf-compiler libprotobuf-dev
 )
+# Browser tests of the web dashboard (tests/tests/dashboard_lab.rs, docs/dashboard.md):
+#   chromium + chromium-driver: Debian's headless Chromium and its ChromeDriver
+#     (/usr/bin/chromium, /usr/bin/chromedriver); a browser download at test time is impossible
+#   fonts-dejavu-core: a font, so the dashboard screenshots have glyphs
+BROWSER_PKGS=(chromium chromium-driver fonts-dejavu-core)
 # qemu-utils must come AFTER qemu-system-x86: installing qemu-system-x86 removes a newer
 # (backported) qemu-utils when one is present; we then put Debian's matching one back.
 LATE_PKGS=(qemu-utils)
@@ -68,6 +73,14 @@ else
   apt_update_once
   log "installing: ${MAIN_PKGS[*]}"
   apt-get install -y -q --no-install-recommends "${MAIN_PKGS[@]}"
+fi
+
+if installed "${BROWSER_PKGS[@]}"; then
+  log "browser packages already installed"
+else
+  apt_update_once
+  log "installing: ${BROWSER_PKGS[*]}"
+  apt-get install -y -q --no-install-recommends "${BROWSER_PKGS[@]}"
 fi
 
 # qemu-utils: it must be the same qemu version as qemu-system-x86 (both from Debian).
@@ -119,7 +132,8 @@ fi
 # Sanity checks of what the lab relies on.
 for f in /usr/sbin/libvirtd /usr/bin/virsh /usr/bin/qemu-system-x86_64 /usr/bin/tini \
          /usr/share/qemu/qboot.rom /usr/bin/unshare /usr/bin/nsenter /usr/bin/flock \
-         /usr/sbin/fence_redfish /usr/bin/curl /usr/bin/rpmbuild /usr/bin/systemd-analyze; do
+         /usr/sbin/fence_redfish /usr/bin/curl /usr/bin/rpmbuild /usr/bin/systemd-analyze \
+         /usr/bin/chromium /usr/bin/chromedriver; do
   [ -e "$f" ] || die "expected $f after installing packages, it is missing"
 done
 log "done"

@@ -51,6 +51,9 @@ enum Cmd {
     Vms(VmsCmd),
     /// Show who the controller thinks you are.
     Whoami,
+    /// The web dashboard.
+    #[command(subcommand)]
+    Dashboard(DashboardCmd),
     /// Certificates for controller, agents and operators.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -106,6 +109,12 @@ enum Cmd {
         #[arg(long, value_parser = args::since, value_name = "TIME")]
         since: Option<i64>,
     },
+}
+
+#[derive(Subcommand)]
+enum DashboardCmd {
+    /// Print a one-time sign-in link (works once, within 60 s) for your certificate's name and role.
+    Login,
 }
 
 #[derive(Subcommand)]
@@ -373,6 +382,16 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Log { host, vm, job, since } => {
             migrate::log(&mut connect(&cli.conn).await?, host, vm, job, since, fmt).await
         }
+        Cmd::Dashboard(DashboardCmd::Login) => {
+            let (mut c, url) = connect_with_url(&cli.conn).await?;
+            let r = c
+                .create_dashboard_login(lifeboat_proto::v1::CreateDashboardLoginRequest {})
+                .await
+                .map_err(CliError::from_status)?
+                .into_inner();
+            output::dashboard_login(fmt, &dashboard_url(&url, &r)?, &r);
+            Ok(())
+        }
         Cmd::Whoami => {
             let mut c = connect(&cli.conn).await?;
             let r = c.who_am_i(lifeboat_proto::v1::WhoAmIRequest {}).await.map_err(CliError::from_status)?.into_inner();
@@ -463,6 +482,25 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 async fn connect(
     conn: &Connection,
 ) -> Result<lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>, CliError> {
+    Ok(connect_with_url(conn).await?.0)
+}
+
+/// The sign-in link: the host of the controller URL that answered, the
+/// dashboard's port, the token (brackets of an IPv6 host are kept).
+fn dashboard_url(url: &str, r: &lifeboat_proto::v1::DashboardLogin) -> Result<String, CliError> {
+    let uri: tonic::codegen::http::Uri =
+        url.parse().map_err(|e| CliError::Other(format!("controller URL {url:?}: {e}")))?;
+    let host = uri.host().ok_or_else(|| CliError::Other(format!("controller URL {url:?} has no host")))?;
+    if r.token.len() != 64 || !r.token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CliError::Other("the controller sent a sign-in token that is not 64 hex characters".into()));
+    }
+    Ok(format!("https://{host}:{}/login?token={}", r.port, r.token))
+}
+
+/// [`connect`], and the URL of the controller that answered (the leader).
+async fn connect_with_url(
+    conn: &Connection,
+) -> Result<(lifeboat_proto::v1::admin_client::AdminClient<tonic::transport::Channel>, String), CliError> {
     let target = conn.target()?;
     let ask = |url: String| {
         let target = &target;
@@ -480,7 +518,7 @@ async fn connect(
             }
         }
     };
-    Ok(leader::find(&target.urls, ask).await?.0)
+    leader::find(&target.urls, ask).await
 }
 
 /// Maps the failure of the first call on a fresh connection.
@@ -605,6 +643,24 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sign_in_link_names_the_controller_host_and_the_dashboard_port() {
+        let r = lifeboat_proto::v1::DashboardLogin {
+            token: "ab".repeat(32),
+            expires_unix_ms: 1,
+            port: 8443,
+            name: "olga".into(),
+            role: "operator".into(),
+        };
+        let url = dashboard_url("https://10.77.0.2:7443", &r).unwrap();
+        assert_eq!(url, format!("https://10.77.0.2:8443/login?token={}", "ab".repeat(32)));
+        let url = dashboard_url("https://[fd00::2]:7443", &r).unwrap();
+        assert!(url.starts_with("https://[fd00::2]:8443/login?token="), "{url}");
+        let bad = lifeboat_proto::v1::DashboardLogin { token: "<script>".into(), ..r.clone() };
+        assert!(dashboard_url("https://c:7443", &bad).is_err());
+        assert!(dashboard_url("not a url", &r).is_err());
+    }
 
     #[test]
     fn a_connection_closed_on_the_first_call_is_a_certificate_refusal() {
@@ -740,6 +796,10 @@ mod tests {
         }
         async fn start_vm(&self, _: Request<pb::StartVmRequest>) -> R<pb::GuestRecord> {
             self.gate("start_vm")?;
+            unimpl()
+        }
+        async fn create_dashboard_login(&self, _: Request<pb::CreateDashboardLoginRequest>) -> R<pb::DashboardLogin> {
+            self.gate("create_dashboard_login")?;
             unimpl()
         }
     }

@@ -377,6 +377,17 @@ pub fn forgotten(fmt: crate::Format, r: &lifeboat_proto::v1::ForgetGuestResponse
     );
 }
 
+/// A dashboard sign-in link (`lifeboat dashboard login`).
+pub fn dashboard_login(fmt: crate::Format, url: &str, r: &lifeboat_proto::v1::DashboardLogin) {
+    if fmt == Format::Json {
+        return print_json(&serde_json::json!({
+            "url": url, "name": r.name, "role": r.role, "expires_unix_ms": r.expires_unix_ms
+        }));
+    }
+    out!("{}", clean(url));
+    out!("This link works once, within 60 s; it signs you in as {} ({}).", clean(&r.name), clean(&r.role));
+}
+
 /// `whoami`.
 pub fn whoami(fmt: crate::Format, r: &WhoAmIResponse) {
     if fmt == Format::Json {

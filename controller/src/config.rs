@@ -79,6 +79,92 @@ pub struct ControllerConfig {
     /// Where decided state is kept: `[store]`; absent = SQLite in `database`.
     #[serde(default)]
     pub store: StoreConfig,
+    /// The web dashboard: `[dashboard]` (docs/dashboard.md); off unless enabled.
+    #[serde(default)]
+    pub dashboard: DashboardConfig,
+}
+
+/// The `[dashboard]` section: the web dashboard (docs/dashboard.md); off unless `enabled`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardConfig {
+    /// Serve the dashboard.
+    #[serde(default)]
+    pub enabled: bool,
+    /// HTTPS address; every controller of an HA pool uses the same port.
+    #[serde(default = "default_dashboard_listen")]
+    pub listen: SocketAddr,
+    /// Certificate browsers see (default: the `[tls]` cert); set with `key`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its private key (owner-only; default: the `[tls]` key).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// A sign-in lasts this long, seconds (300 to 604800).
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl_s: u32,
+}
+
+fn default_dashboard_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+
+fn default_session_ttl() -> u32 {
+    28_800
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        DashboardConfig {
+            enabled: false,
+            listen: default_dashboard_listen(),
+            cert: None,
+            key: None,
+            session_ttl_s: default_session_ttl(),
+        }
+    }
+}
+
+impl DashboardConfig {
+    /// Checks the section against the rest of the configuration.
+    pub fn check(&self, listen: SocketAddr, metrics_listen: Option<SocketAddr>) -> Result<(), String> {
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(
+                "[dashboard] cert and key are set together (or neither: the [tls] cert and key are used)".into()
+            );
+        }
+        if !(300..=604_800).contains(&self.session_ttl_s) {
+            return Err(format!(
+                "[dashboard] session_ttl_s = {} is outside 300 to 604800 (5 minutes to 7 days)",
+                self.session_ttl_s
+            ));
+        }
+        if self.enabled && self.listen.port() != 0 && (self.listen == listen || Some(self.listen) == metrics_listen) {
+            return Err(format!(
+                "[dashboard] listen = \"{}\" is also `listen` or `metrics_listen`: \
+                 give the dashboard a port of its own",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
+
+    /// The certificate and key PEM the dashboard serves: its own, or the
+    /// controller's `tls` material. A key that is not owner-only or does not
+    /// match its certificate is refused.
+    pub fn material(
+        &self,
+        tls: &lifeboat_common::tls::TlsMaterial,
+    ) -> Result<(Vec<u8>, Vec<u8>), lifeboat_common::tls::TlsError> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let files = lifeboat_common::tls::TlsFiles { ca: cert.clone(), cert: cert.clone(), key: key.clone() };
+                let m = files.load()?;
+                Ok((m.cert_pem, m.key_pem))
+            }
+            _ => Ok((tls.cert_pem.clone(), tls.key_pem.clone())),
+        }
+    }
 }
 
 /// Which store backend keeps the decided state.
@@ -250,6 +336,7 @@ impl ControllerConfig {
             )));
         }
         cfg.store.check(cfg.lease_ttl_ms).map_err(invalid)?;
+        cfg.dashboard.check(cfg.listen, cfg.metrics_listen).map_err(invalid)?;
         Ok(cfg)
     }
 
@@ -408,6 +495,10 @@ impl ControllerConfig {
         for (host, bmc) in &self.bmc {
             crate::fence::Fencer::new(host, bmc)?;
         }
+        if self.dashboard.enabled {
+            check_bind("[dashboard] listen", self.dashboard.listen)?;
+            self.dashboard.material(&tls)?;
+        }
         Ok(tls)
     }
 }
@@ -495,6 +586,54 @@ mod tests {
         assert!(e.contains("at least twice"), "{e}");
         let e = ControllerConfig::parse("[tls]\nca = 1\n", Path::new("c.toml")).unwrap_err().to_string();
         assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn the_dashboard_section_is_off_by_default_and_checked() {
+        let c = ControllerConfig::parse(GOOD, Path::new("c.toml")).unwrap();
+        assert!(!c.dashboard.enabled);
+        assert_eq!(c.dashboard.listen.to_string(), "0.0.0.0:8443");
+        assert_eq!(c.dashboard.session_ttl_s, 28_800);
+        let parse = |extra: &str| {
+            ControllerConfig::parse(&format!("{GOOD}[dashboard]\n{extra}"), Path::new("c.toml"))
+                .map(|c| c.dashboard)
+                .map_err(|e| e.to_string())
+        };
+        let d = parse("enabled = true\nlisten = \"127.0.0.1:9443\"\nsession_ttl_s = 300\n").unwrap();
+        assert!(d.enabled && d.listen.port() == 9443 && d.session_ttl_s == 300);
+        assert!(parse("session_ttl_s = 299\n").unwrap_err().contains("session_ttl_s = 299"));
+        assert!(parse("session_ttl_s = 604801\n").unwrap_err().contains("604800"));
+        assert!(parse("cert = \"/x.pem\"\n").unwrap_err().contains("cert and key"));
+        assert!(parse("enabled = true\nlisten = \"0.0.0.0:7443\"\n").unwrap_err().contains("port of its own"));
+        assert!(parse("enabeld = true\n").unwrap_err().contains("enabeld"));
+    }
+
+    #[test]
+    fn preflight_checks_the_dashboard_port_and_its_key() {
+        let d = tempfile::tempdir().unwrap();
+        pki(d.path());
+        let db = d.path().join("controller.db");
+        init_database(&db, Path::new("c.toml")).unwrap();
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let base = cfg_text(d.path(), &db, "127.0.0.1:0");
+        let text = format!("{base}[dashboard]\nenabled = true\nlisten = \"{addr}\"\n");
+        let c = ControllerConfig::parse(&text, Path::new("c.toml")).unwrap();
+        let e = c.preflight(Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("[dashboard] listen"), "{e}");
+        drop(held);
+        let key = d.path().join("controller.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let text = format!(
+            "{base}[dashboard]\nenabled = true\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {key:?}\n",
+            d.path().join("controller.pem")
+        );
+        let c = ControllerConfig::parse(&text, Path::new("c.toml")).unwrap();
+        // The [tls] key is the same file: refused by [tls] or [dashboard], either names the key.
+        let e = c.preflight(Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("controller.key"), "{e}");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        c.preflight(Path::new("c.toml")).unwrap();
     }
 
     fn pki(dir: &Path) {

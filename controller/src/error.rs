@@ -60,6 +60,23 @@ fn known_hint(known: &[String]) -> String {
     if known.is_empty() { " (no hosts are registered)".into() } else { format!(" (known hosts: {})", known.join(", ")) }
 }
 
+impl ControllerError {
+    /// The HTTP status of this error (the dashboard), next to the gRPC mapping below.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ControllerError::UnknownHost { .. } | ControllerError::NotFound(_) => 404,
+            ControllerError::InvalidArgument(_) => 400,
+            ControllerError::Unauthenticated(_) => 401,
+            ControllerError::PermissionDenied(_) => 403,
+            ControllerError::Refused(_) => 409,
+            ControllerError::AgentUnavailable(_) => 503,
+            ControllerError::Storage(crate::store::StoreError::Busy { .. }) => 409,
+            ControllerError::Repo(crate::ports::RepoError::Busy { .. }) => 409,
+            _ => 500,
+        }
+    }
+}
+
 impl From<ControllerError> for Status {
     fn from(e: ControllerError) -> Status {
         let msg = e.to_string();

@@ -20,6 +20,7 @@ pub mod alarms;
 pub mod backup;
 pub mod config;
 pub mod conn;
+pub mod dashboard;
 pub mod domain;
 pub mod error;
 pub mod fence;
@@ -123,6 +124,7 @@ async fn start_controller(
     repos: ports::Repos,
     leadership: Option<Arc<ha::Leadership>>,
     stopping: tokio::sync::watch::Receiver<bool>,
+    dash: Option<&dashboard::AppState>,
 ) -> anyhow::Result<Running> {
     let timing = cfg.timing();
     let loading = repos.clone();
@@ -132,7 +134,7 @@ async fn start_controller(
             .await
             .map_err(|e| anyhow::anyhow!("loading the database: {e}"))??,
     );
-    if let Some(l) = leadership {
+    if let Some(l) = leadership.clone() {
         registry.set_leadership(l);
     }
     let watcher = tokio::spawn(registry::watch_liveness(registry.clone()));
@@ -149,7 +151,11 @@ async fn start_controller(
     if resumed > 0 {
         info!(jobs = resumed, "resumed unfinished jobs");
     }
-    let admin = rpc::admin::AdminService::new(registry.clone(), engine);
+    let mut admin = rpc::admin::AdminService::new(registry.clone(), engine.clone());
+    if let Some(app) = dash {
+        admin = admin.with_dashboard(app.auth.clone(), app.port);
+        app.open(dashboard::Ctl { reg: registry.clone(), engine, leadership });
+    }
     let routes = tonic::service::Routes::new(agent.into_server()).add_service(AdminServer::new(admin)).prepare();
     Ok(Running { registry, routes, tasks: vec![watcher, reconciler] })
 }
@@ -261,7 +267,9 @@ async fn serve_sqlite(
     // Set when the shutdown signal comes: agent sessions end their streams
     // with a status saying so, and the connections drain.
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let ctl = start_controller(&cfg, repos.clone(), None, stopping).await?;
+    let dash = dashboard::Dashboard::new(&cfg.dashboard, &tls, Arc::new(ports::SystemClock), None).await?;
+    let ctl = start_controller(&cfg, repos.clone(), None, stopping, dash.as_ref().map(|d| &d.app)).await?;
+    let _dash_task = dash.map(dashboard::Dashboard::spawn);
     info!(
         listen = %listener.local_addr()?,
         database = %cfg.database.display(),
@@ -397,6 +405,11 @@ async fn serve_etcd_on(
     let source = metrics::Source::empty();
     metrics::ha_follower(hint.clone());
     let metrics = start_metrics(&cfg, source.clone()).await?;
+    // A follower's dashboard redirects to the leader's (same port).
+    let dash =
+        dashboard::Dashboard::new(&cfg.dashboard, &tls, Arc::new(ports::SystemClock), Some(hint.clone())).await?;
+    let dash_app = dash.as_ref().map(|d| d.app.clone());
+    let _dash_task = dash.map(dashboard::Dashboard::spawn);
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let (stop_tx, stop) = tokio::sync::watch::channel(Stop::No);
     info!(listen = %listener.local_addr()?, advertise_url = %url, endpoints = ?st.endpoints, "lifeboat-controller serving as a follower");
@@ -552,7 +565,8 @@ async fn serve_etcd_on(
             .map_err(|e| anyhow::anyhow!("promotion task: {e}"))?
             .map_err(|e| anyhow::anyhow!("promoting the local copy of etcd: {e}"))?
     };
-    let ctl = start_controller(&cfg, repos.clone(), Some(leadership.clone()), stopping.clone()).await?;
+    let ctl =
+        start_controller(&cfg, repos.clone(), Some(leadership.clone()), stopping.clone(), dash_app.as_ref()).await?;
     let _ = source.set(ctl.registry.clone());
     gate.open(ctl.routes.clone(), leadership.clone());
     info!(epoch = leadership.epoch(), hosts = ctl.registry.host_count(), "leading: serving agents and clients");

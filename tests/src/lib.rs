@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod browser;
 pub mod lab;
 
 use std::path::{Path, PathBuf};

@@ -92,6 +92,7 @@ impl Registry {
             }
             inner.owners_by_host.entry(host.to_string()).or_default().push(g.uuid.clone());
             inner.owners_version = inner.owners_version.wrapping_add(1);
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let detail = format!(
                 "the database is older than what {host} reports (restored from an older backup?): ownership of the guests \
                  {host} holds with newer generations was taken from their definitions (highest generation wins); see \
@@ -100,6 +101,7 @@ impl Registry {
             Self::raise_locked(inner, host, "store-behind-hosts", &detail)?;
             for e in inner.hosts.values_mut() {
                 e.dirty = true;
+                inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
         Ok(())
@@ -224,6 +226,7 @@ impl Registry {
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.inventory_seen = true;
             e.dirty = true;
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let mut old = inner.guests.remove(host_id).unwrap_or_default();
         let mut map: BTreeMap<String, GuestEntry> = guests
@@ -297,6 +300,7 @@ impl Registry {
         Self::note_desired(&mut inner, host_id, &g, true)?;
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.dirty = true;
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let (uuid, name, state) = (g.uuid.clone(), g.name.clone(), g.state);
         inner.guests.entry(host_id.to_string()).or_default().insert(g.uuid.clone(), GuestEntry::new(g, h, now));
@@ -327,6 +331,7 @@ impl Registry {
         Self::recount(&mut inner, host_id);
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.dirty = true;
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }

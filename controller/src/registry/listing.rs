@@ -281,3 +281,273 @@ impl Registry {
         self.lock().guests.get(host).map_or(0, BTreeMap::len)
     }
 }
+
+/// Which hosts a dashboard page lists.
+#[derive(Debug, Clone, Default)]
+pub struct HostFilter {
+    /// Only hosts with this operators' status.
+    pub status: Option<HostStatus>,
+    /// Only hosts with this liveness.
+    pub liveness: Option<Liveness>,
+    /// Only hosts with an active alarm.
+    pub alarms_only: bool,
+    /// Only hosts whose id or hostname contains this text.
+    pub name: Option<String>,
+}
+
+/// One page of hosts.
+#[derive(Debug, Clone, Default)]
+pub struct HostPage {
+    /// The page's hosts, in id order.
+    pub rows: Vec<HostRecord>,
+    /// How many hosts match the filter in all.
+    pub matching: usize,
+    /// The id after which the next page starts (`None`: no more).
+    pub next: Option<String>,
+}
+
+/// Which guests a dashboard page lists.
+#[derive(Debug, Clone, Default)]
+pub struct GuestFilter {
+    /// Only guests reported by this host (id or unique hostname).
+    pub host: Option<String>,
+    /// Only guests in this reported state (wire number).
+    pub state: Option<i32>,
+    /// Only guests owned by this host id.
+    pub owner: Option<String>,
+    /// Only guests whose name or UUID contains this text.
+    pub name: Option<String>,
+}
+
+/// Guest rows read per step while filtering a guests page.
+const GUEST_SCAN_STEP: usize = 500;
+
+impl Registry {
+    /// Up to `limit` hosts matching `f` after the id `after`, and how many
+    /// match in all. Takes the lock per [`LOCK_CHUNK`] hosts; builds records
+    /// only for the page.
+    pub fn hosts_page(&self, f: &HostFilter, after: Option<&str>, limit: usize) -> HostPage {
+        use std::ops::Bound;
+        let limit = limit.max(1);
+        let now = self.now_ms();
+        let needle = f.name.as_deref().map(str::to_lowercase).filter(|n| !n.is_empty());
+        let mut page = HostPage::default();
+        let mut from: Bound<String> = Bound::Unbounded;
+        loop {
+            let inner = self.lock();
+            let ids: Vec<String> = inner
+                .hosts
+                .range::<String, _>((from.clone(), Bound::Unbounded))
+                .map(|(k, _)| k.clone())
+                .take(LOCK_CHUNK)
+                .collect();
+            let Some(last) = ids.last() else { break };
+            from = Bound::Excluded(last.clone());
+            for id in &ids {
+                let Some(e) = inner.hosts.get(id) else { continue };
+                let ok = f.status.is_none_or(|s| s == e.row.status)
+                    && f.liveness.is_none_or(|l| l == self.liveness_of(e, now))
+                    && (!f.alarms_only || inner.alarms.iter().any(|a| &a.0 == id))
+                    && needle.as_deref().is_none_or(|n| {
+                        id.to_lowercase().contains(n) || e.row.info.hostname.to_lowercase().contains(n)
+                    });
+                if !ok {
+                    continue;
+                }
+                page.matching = page.matching.saturating_add(1);
+                if after.is_some_and(|a| id.as_str() <= a) {
+                    continue;
+                }
+                if page.rows.len() < limit {
+                    page.rows.push(self.record(&inner, e, now));
+                } else if page.next.is_none() {
+                    page.next = page.rows.last().and_then(|r| r.info.as_ref()).map(|i| i.host_id.clone());
+                }
+            }
+        }
+        page
+    }
+
+    /// The current records of the guests `keys` names (host id, UUID), in
+    /// that order; one that is gone is left out. A live page re-reads the
+    /// rows it shows this way instead of running its filter again.
+    pub fn guest_rows(&self, keys: &[(String, String)]) -> Vec<GuestRecord> {
+        keys.iter()
+            .filter_map(|(host, uuid)| {
+                let (rows, _) = self.list_guests_page(Some(host), Some(uuid), false, None, 2).ok()?;
+                rows.into_iter().find(|r| r.host_id == *host && r.guest.as_ref().is_some_and(|g| g.uuid == *uuid))
+            })
+            .collect()
+    }
+
+    /// Hosts by status and liveness names (the dashboard's summary).
+    pub fn host_counts(&self) -> BTreeMap<(&'static str, &'static str), u32> {
+        let now = self.now_ms();
+        let mut out: BTreeMap<(&'static str, &'static str), u32> = BTreeMap::new();
+        let inner = self.lock();
+        for e in inner.hosts.values() {
+            let n = out.entry((e.row.status.as_str(), self.liveness_of(e, now).as_str())).or_insert(0);
+            *n = n.saturating_add(1);
+        }
+        out
+    }
+
+    /// Up to `limit` guests matching `f` after `after`, in the order of
+    /// [`Registry::list_guests_page`] (whose pages it reads, a lock hold per
+    /// 100 hosts), and where the next page starts.
+    pub fn guests_page(
+        &self,
+        f: &GuestFilter,
+        after: Option<&GuestCursor>,
+        limit: usize,
+    ) -> Result<(Vec<GuestRecord>, Option<GuestCursor>), ControllerError> {
+        let limit = limit.max(1);
+        let needle = f.name.as_deref().map(str::to_lowercase).filter(|n| !n.is_empty());
+        let mut out = Vec::new();
+        let mut cursor = after.cloned();
+        loop {
+            let (rows, next) =
+                self.list_guests_page(f.host.as_deref(), None, false, cursor.as_ref(), GUEST_SCAN_STEP)?;
+            for r in rows {
+                let Some(g) = r.guest.as_ref() else { continue };
+                let key = (r.host_id.clone(), g.name.clone(), g.uuid.clone());
+                let ok = f.state.is_none_or(|s| s == g.state)
+                    && f.owner.as_deref().is_none_or(|o| o == r.owner_host)
+                    && needle
+                        .as_deref()
+                        .is_none_or(|n| g.name.to_lowercase().contains(n) || g.uuid.to_lowercase().contains(n));
+                if ok {
+                    if out.len() == limit {
+                        let last = out.last().and_then(|r: &GuestRecord| {
+                            r.guest.as_ref().map(|g| (r.host_id.clone(), g.name.clone(), g.uuid.clone()))
+                        });
+                        return Ok((out, last));
+                    }
+                    out.push(r);
+                }
+                cursor = Some(key);
+            }
+            if next.is_none() {
+                return Ok((out, None));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod dashboard_listing_tests {
+    use super::*;
+    use crate::domain::host::Timing;
+
+    fn reg_with(n: usize) -> Registry {
+        let reg =
+            Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap();
+        for i in 0..n {
+            let (tx, _rx) = tokio::sync::mpsc::channel(1);
+            reg.open_session(&format!("host-{i:04}"), "boot", tx).unwrap();
+        }
+        reg
+    }
+
+    #[test]
+    fn hosts_are_paged_with_a_cursor_and_counted() {
+        let reg = reg_with(250);
+        let p = reg.hosts_page(&HostFilter::default(), None, 100);
+        assert_eq!((p.rows.len(), p.matching), (100, 250));
+        assert_eq!(p.next.as_deref(), Some("host-0099"));
+        let p2 = reg.hosts_page(&HostFilter::default(), p.next.as_deref(), 100);
+        assert_eq!(p2.rows[0].info.as_ref().unwrap().host_id, "host-0100");
+        let p3 = reg.hosts_page(&HostFilter::default(), Some("host-0199"), 100);
+        assert_eq!((p3.rows.len(), p3.next), (50, None));
+        let f = HostFilter { name: Some("0007".into()), ..Default::default() };
+        assert_eq!(reg.hosts_page(&f, None, 100).matching, 1);
+        let f = HostFilter { status: Some(HostStatus::Maintenance), ..Default::default() };
+        assert_eq!(reg.hosts_page(&f, None, 100).matching, 0);
+        let counts = reg.host_counts();
+        assert_eq!(counts.values().sum::<u32>(), 250);
+    }
+
+    #[test]
+    fn guest_rows_reread_the_guests_named() {
+        use lifeboat_proto::v1::{Guest, Inventory};
+        let reg = reg_with(0);
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let sid = reg.open_session("a", "boot", tx).unwrap();
+        let g = |u: &str, n: &str, st: GuestState| Guest {
+            uuid: u.into(),
+            name: n.into(),
+            state: st as i32,
+            definition_xml: "<domain/>".into(),
+            ..Default::default()
+        };
+        let guests = vec![g("u1", "vm1", GuestState::Running), g("u2", "u1", GuestState::Running)];
+        reg.apply_inventory("a", sid, Inventory { host: None, guests, more: false }).unwrap();
+        let keys = vec![("a".to_string(), "u1".to_string()), ("a".into(), "gone".into()), ("b".into(), "u1".into())];
+        let rows = reg.guest_rows(&keys);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].guest.as_ref().unwrap().name, "vm1");
+        reg.apply_guest("a", sid, g("u1", "vm1", GuestState::Shutoff)).unwrap();
+        assert_eq!(reg.guest_rows(&keys)[0].guest.as_ref().unwrap().state, GuestState::Shutoff as i32);
+        let f = GuestFilter { state: Some(GuestState::Shutoff as i32), ..Default::default() };
+        assert_eq!(reg.guests_page(&f, None, 100).unwrap().0.len(), 1);
+        let f = GuestFilter { name: Some("VM".into()), owner: Some("a".into()), ..Default::default() };
+        assert_eq!(reg.guests_page(&f, None, 100).unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn an_empty_registry_lists_nothing() {
+        let reg = reg_with(0);
+        let p = reg.hosts_page(&HostFilter::default(), None, 100);
+        assert!(p.rows.is_empty() && p.next.is_none() && p.matching == 0);
+        assert!(reg.guests_page(&GuestFilter::default(), None, 100).unwrap().0.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod view_version_tests {
+    use super::*;
+    use crate::domain::host::Timing;
+    use lifeboat_proto::v1::{Guest, Inventory};
+
+    #[test]
+    fn every_view_change_bumps_the_view_version() {
+        let clock = crate::ports::ManualClock::new(1_000_000);
+        let reg = Registry::load_with_clock(
+            crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(),
+            Timing::default(),
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        let g = |state: GuestState| Guest {
+            uuid: "u1".into(),
+            name: "vm1".into(),
+            state: state as i32,
+            definition_xml: "<domain/>".into(),
+            ..Default::default()
+        };
+        let v = std::cell::Cell::new(reg.view_version());
+        let moved = |what: &str, reg: &Registry| {
+            let now = reg.view_version();
+            assert_ne!(now, v.get(), "{what} did not move the view version");
+            v.set(now);
+        };
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        let sid = reg.open_session("a", "boot", tx).unwrap();
+        moved("a session", &reg);
+        reg.apply_inventory("a", sid, Inventory { host: None, guests: vec![g(GuestState::Running)], more: false })
+            .unwrap();
+        moved("an inventory", &reg);
+        reg.apply_guest("a", sid, g(GuestState::Shutoff)).unwrap();
+        moved("a guest change", &reg);
+        reg.raise_alarm_blocking("a", "split-brain", "test").unwrap();
+        moved("an alarm", &reg);
+        reg.check_liveness();
+        v.set(reg.view_version());
+        clock.advance(600_000);
+        let flipped = reg.check_liveness();
+        assert!(!flipped.is_empty(), "{flipped:?}");
+        moved("a liveness flip", &reg);
+        reg.close_session("a", sid);
+        moved("a session's end", &reg);
+    }
+}

@@ -291,6 +291,7 @@ impl Registry {
         for h in [source, target] {
             if let Some(e) = inner.hosts.get_mut(h) {
                 e.dirty = true;
+                inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
         Ok(())

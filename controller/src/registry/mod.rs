@@ -33,6 +33,7 @@ mod writes;
 
 pub use bus::SessionId;
 use bus::{CommandBus, SessionHandle};
+pub use listing::{GuestFilter, HostFilter, HostPage};
 pub use missing::missing_detail;
 use view::{GuestEntry, HostEntry, Listed, guest_hash};
 
@@ -58,6 +59,10 @@ struct Inner {
     alarms_version: u64,
     /// Bumped by every change to a host's status in memory (see `owners_version`).
     status_version: u64,
+    /// Bumped by every change a dashboard page may show (hosts, guests,
+    /// owners, statuses, alarms, sessions, liveness): the live updates'
+    /// "something changed" (`Registry::view_version`).
+    view_version: std::sync::atomic::AtomicU64,
     /// UUIDs in `owners` by owning host.
     owners_by_host: BTreeMap<String, Vec<String>>,
     /// Desired state by UUID: (host, "running" | "stopped").
@@ -195,6 +200,7 @@ impl Registry {
                 owners_version: 0,
                 alarms_version: 0,
                 status_version: 0,
+                view_version: std::sync::atomic::AtomicU64::new(0),
                 owners_by_host,
                 desired,
                 alarms,
@@ -251,6 +257,7 @@ impl Registry {
             tracing::error!(host, kind, "ALARM: {detail}");
             inner.alarms.push((host.into(), kind.into(), detail.into()));
             inner.alarms_version = inner.alarms_version.wrapping_add(1);
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
@@ -272,6 +279,7 @@ impl Registry {
         let a = inner.db(|r| r.alarms().list(false))?.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
         inner.alarms = a;
         inner.alarms_version = inner.alarms_version.wrapping_add(1);
+        inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -291,6 +299,7 @@ impl Registry {
         inner.owners_by_host = by_host(owners.values().map(|o| (o.host.as_str(), o.uuid.as_str())));
         inner.owners = owners;
         inner.owners_version = inner.owners_version.wrapping_add(1);
+        inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for e in inner.hosts.values_mut() {
             e.dirty = true;
         }
@@ -410,7 +419,9 @@ impl Registry {
         e.row.status = status;
         e.row.status_reason = reason.into();
         e.dirty = true;
+        inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         inner.status_version = inner.status_version.wrapping_add(1);
+        inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -654,6 +665,7 @@ impl Registry {
         })?;
         inner.alarms.retain(|a| !(a.0 == host && a.1 == kind && a.2 == detail));
         inner.alarms_version = inner.alarms_version.wrapping_add(1);
+        inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -674,6 +686,7 @@ impl Registry {
             inner.in_job.insert(u.clone(), (job.to_string(), src.clone(), dst.clone()));
             if let Some(e) = inner.hosts.get_mut(src) {
                 e.dirty = true;
+                inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -686,6 +699,7 @@ impl Registry {
         for h in hosts {
             if let Some(e) = inner.hosts.get_mut(&h) {
                 e.dirty = true;
+                inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -768,7 +782,16 @@ impl Registry {
                 changed.push((id.clone(), l));
             }
         }
+        if !changed.is_empty() {
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         changed
+    }
+
+    /// A number that changes whenever something a dashboard page shows may
+    /// have changed (it only moves forward, wrapping).
+    pub fn view_version(&self) -> u64 {
+        self.lock().view_version.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// [`Registry::checkpoint`], blocking on the store thread.
@@ -937,6 +960,7 @@ impl Registry {
                 a.2 = detail.to_string();
             }
             inner.alarms_version = inner.alarms_version.wrapping_add(1);
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(());
         }
         Self::raise_locked(&mut inner, host, kind, detail)

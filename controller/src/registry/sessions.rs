@@ -51,6 +51,7 @@ impl Registry {
             inner.hosts.insert(host_id.into(), HostEntry::new(row));
             info!(host = host_id, "new host registered");
         }
+        inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let e = inner.hosts.get_mut(host_id).expect("inserted above");
         let mut duplicate = None;
         if let Some(old) = e.session.take() {
@@ -97,6 +98,7 @@ impl Registry {
             let h = host_id.to_string();
             inner.db(move |r| r.hosts().set_status(&h, HostStatus::Maintenance, reason, Some(&a)))?;
             inner.status_version = inner.status_version.wrapping_add(1);
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             warn!(host = host_id, "{reason}");
             if ev.same_boot_id {
                 let detail = format!(
@@ -119,6 +121,7 @@ impl Registry {
         {
             e.session = None;
             let seen = e.last_heard_ms().unwrap_or(0);
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let seen = vec![(host_id.to_string(), seen)];
             let _ = inner.db(move |r| r.hosts().touch(&seen));
         }

@@ -36,6 +36,7 @@ impl Registry {
                         inner.alarms.push((host.into(), kind.into(), detail.into()));
                     }
                     inner.alarms_version = inner.alarms_version.wrapping_add(1);
+                    inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Ok(());
                 }
             }
@@ -62,6 +63,7 @@ impl Registry {
             if inner.alarms_version == asked {
                 inner.alarms.retain(|a| !(a.0 == host && a.1 == kind && a.2 == detail));
                 inner.alarms_version = inner.alarms_version.wrapping_add(1);
+                inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(());
             }
         }
@@ -83,6 +85,7 @@ impl Registry {
             }
             inner.alarms = rows.into_iter().map(|a| (a.host, a.kind, a.detail)).collect();
             inner.alarms_version = inner.alarms_version.wrapping_add(1);
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(());
         }
         self.reload_alarms_blocking()
@@ -108,6 +111,7 @@ impl Registry {
             inner.owners_by_host = by_host(owners.values().map(|o| (o.host.as_str(), o.uuid.as_str())));
             inner.owners = owners;
             inner.owners_version = inner.owners_version.wrapping_add(1);
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for e in inner.hosts.values_mut() {
                 e.dirty = true;
             }
@@ -157,8 +161,10 @@ impl Registry {
                         e.row.status = status;
                         e.row.status_reason = reason.into();
                         e.dirty = true;
+                        inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     inner.status_version = inner.status_version.wrapping_add(1);
+                    inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Ok(());
                 }
                 inner.status_version
@@ -173,8 +179,10 @@ impl Registry {
                     e.row.status = row.status;
                     e.row.status_reason = row.status_reason;
                     e.dirty = true;
+                    inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 inner.status_version = inner.status_version.wrapping_add(1);
+                inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(());
             }
         }
@@ -187,8 +195,10 @@ impl Registry {
             e.row.status = row.status;
             e.row.status_reason = row.status_reason;
             e.dirty = true;
+            inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         inner.status_version = inner.status_version.wrapping_add(1);
+        inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -216,6 +226,7 @@ impl Registry {
                         a.2 = detail.to_string();
                     }
                     inner.alarms_version = inner.alarms_version.wrapping_add(1);
+                    inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Ok(());
                 }
             }

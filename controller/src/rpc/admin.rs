@@ -26,12 +26,20 @@ use crate::registry::Registry;
 pub struct AdminService {
     reg: Arc<Registry>,
     engine: Arc<Engine>,
+    /// The dashboard's sign-in links and its port, when it is on.
+    dashboard: Option<(Arc<crate::dashboard::auth::Auth>, u16)>,
 }
 
 impl AdminService {
     /// Wraps the registry and the migration engine.
     pub fn new(reg: Arc<Registry>, engine: Arc<Engine>) -> Self {
-        AdminService { reg, engine }
+        AdminService { reg, engine, dashboard: None }
+    }
+
+    /// Mints dashboard sign-in links with `auth` (the dashboard on `port`).
+    pub fn with_dashboard(mut self, auth: Arc<crate::dashboard::auth::Auth>, port: u16) -> Self {
+        self.dashboard = Some((auth, port));
+        self
     }
 }
 
@@ -86,6 +94,39 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn create_dashboard_login(
+        &self,
+        req: Request<lifeboat_proto::v1::CreateDashboardLoginRequest>,
+    ) -> Result<Response<lifeboat_proto::v1::DashboardLogin>, Status> {
+        let (name, role) = authorize(&req, Role::Viewer, "a dashboard sign-in link")?;
+        let Some((auth, port)) = &self.dashboard else {
+            return Err(ControllerError::Refused(
+                "the dashboard is off on this controller: set [dashboard] enabled = true in its configuration".into(),
+            )
+            .into());
+        };
+        let (token, expires) = auth.mint(&name, role).map_err(|e| ControllerError::Internal(e.to_string()))?;
+        let row = crate::ports::AuditRow {
+            seq: 0,
+            at_ms: self.reg.now_ms(),
+            actor: name.clone(),
+            action: "dashboard.link".into(),
+            host: String::new(),
+            vm: String::new(),
+            job: String::new(),
+            detail: format!("one-time sign-in link for role {role}, valid until {expires} (unix ms)"),
+        };
+        self.reg.repos().audit(move |a| a.append(&row)).await.map_err(ControllerError::from)?;
+        info!(operator = %name, %role, "dashboard sign-in link minted");
+        Ok(Response::new(lifeboat_proto::v1::DashboardLogin {
+            token,
+            expires_unix_ms: expires,
+            port: u32::from(*port),
+            name,
+            role: role.as_str().into(),
+        }))
+    }
+
     async fn list_hosts(&self, req: Request<ListHostsRequest>) -> Result<Response<ListHostsResponse>, Status> {
         authorize(&req, Role::Viewer, "listing hosts")?;
         let reg = self.reg.clone();

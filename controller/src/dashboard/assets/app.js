@@ -1,0 +1,138 @@
+// Lifeboat dashboard: live updates (server-sent events), POSTs with the CSRF
+// header, dialogs, relative times. Plain JS, no dependencies; the CSP allows
+// no inline script, so everything the page needs is in data-* attributes.
+"use strict";
+
+(function () {
+  function csrf() {
+    var m = document.querySelector('meta[name="lifeboat-csrf"]');
+    return m ? m.getAttribute("content") : "";
+  }
+
+  // Relative times: <time data-ms="...">.
+  function ago(ms) {
+    var s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+    if (s < 60) return s + " s ago";
+    if (s < 3600) return Math.floor(s / 60) + " min ago";
+    if (s < 86400) return Math.floor(s / 3600) + " h ago";
+    return new Date(ms).toISOString().replace("T", " ").slice(0, 19) + " UTC";
+  }
+  function tickTimes() {
+    var ts = document.querySelectorAll("time[data-ms]");
+    for (var i = 0; i < ts.length; i++) {
+      var ms = Number(ts[i].getAttribute("data-ms"));
+      if (ms > 0) {
+        ts[i].textContent = ago(ms);
+        ts[i].title = new Date(ms).toISOString();
+      }
+    }
+  }
+
+  // Sign-in: the form is submitted on load (a link preview runs no script,
+  // so it cannot use the one-time token up).
+  function autoLogin() {
+    var f = document.forms.namedItem("login");
+    if (f) f.submit();
+  }
+
+  // Live updates.
+  function live() {
+    var url = document.body.dataset.live;
+    if (!url || typeof EventSource === "undefined") return;
+    var errors = 0;
+    var es = new EventSource(url);
+    es.onopen = function () {
+      errors = 0;
+      document.body.dataset.liveState = "open";
+    };
+    es.onerror = function () {
+      document.body.dataset.liveState = "error";
+      errors += 1;
+      if (errors >= 5) location.reload();
+    };
+    ["summary", "alarms", "live"].forEach(function (name) {
+      es.addEventListener(name, function (ev) {
+        var el = document.getElementById(name);
+        if (el) {
+          el.innerHTML = ev.data;
+          tickTimes();
+        }
+      });
+    });
+    es.addEventListener("signed-out", function () {
+      es.close();
+      location.href = "/signed-out";
+    });
+  }
+
+  // POST forms (class "post"): sent with fetch and the CSRF header.
+  function onSubmit(ev) {
+    var form = ev.target;
+    if (!(form instanceof HTMLFormElement) || !form.classList.contains("post")) return;
+    ev.preventDefault();
+    var out = form.querySelector(".result");
+    var body = new URLSearchParams(new FormData(form));
+    var button = ev.submitter;
+    var action = (button && button.getAttribute("formaction")) || form.getAttribute("action");
+    fetch(action, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "X-Lifeboat-Csrf": csrf(), "Content-Type": "application/x-www-form-urlencoded" },
+      body: body.toString()
+    }).then(function (res) {
+      var go = res.headers.get("X-Lifeboat-Location");
+      return res.text().then(function (text) {
+        if (go) {
+          location.href = go;
+          return;
+        }
+        var dialog = form.closest("dialog");
+        if (res.ok && res.headers.get("X-Lifeboat-Done") && dialog && dialog.close) {
+          // Done: the live update shows the change; the dialog closes.
+          dialog.close();
+          return;
+        }
+        if (out) {
+          out.innerHTML = res.headers.get("Content-Type") && res.headers.get("Content-Type").indexOf("text/html") === 0
+            ? text
+            : "";
+          if (!out.innerHTML) out.textContent = text;
+        } else if (!res.ok) {
+          alert(text);
+        }
+      });
+    }).catch(function (e) {
+      if (out) out.textContent = "The request failed: " + e;
+    });
+  }
+
+  // Dialogs: a button with data-dialog opens it, data-close closes it.
+  function onClick(ev) {
+    var t = ev.target;
+    if (!(t instanceof Element)) return;
+    var open = t.closest("[data-dialog]");
+    if (open) {
+      var d = document.getElementById(open.getAttribute("data-dialog"));
+      if (d && d.showModal) {
+        var r = d.querySelector(".result");
+        if (r) r.innerHTML = "";
+        d.showModal();
+      }
+      return;
+    }
+    var close = t.closest("[data-close]");
+    if (close) {
+      var c = document.getElementById(close.getAttribute("data-close"));
+      if (c && c.close) c.close();
+    }
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    autoLogin();
+    tickTimes();
+    setInterval(tickTimes, 1000);
+    live();
+    document.addEventListener("submit", onSubmit);
+    document.addEventListener("click", onClick);
+  });
+})();

@@ -1,0 +1,278 @@
+//! Dashboard sign-in: one-time links minted over gRPC (`CreateDashboardLogin`)
+//! and the sessions they open, both in this process's memory only.
+//!
+//! Secrets (tokens, session ids) are 32 random bytes, hex-encoded; the maps
+//! are keyed by their SHA-256 so a lookup leaks no timing about the secret.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use lifeboat_common::identity::Role;
+use ring::rand::SecureRandom;
+use sha2::{Digest, Sha256};
+
+use crate::ports::clock::Clock;
+
+/// How long a sign-in link works.
+pub const LINK_TTL_MS: i64 = 60_000;
+/// Links waiting to be used at once (the oldest is dropped past it).
+pub const MAX_LINKS: usize = 100;
+/// Sessions at once (expired ones are swept first, then the oldest dropped).
+pub const MAX_SESSIONS: usize = 1000;
+/// The session cookie's name (`__Host-`: Secure, Path=/, no Domain).
+pub const COOKIE: &str = "__Host-lifeboat";
+/// Hex characters of a token or session id.
+pub const SECRET_HEX: usize = 64;
+
+/// A signed-in browser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The certificate name the link was minted for.
+    pub name: String,
+    /// Its role at mint time.
+    pub role: Role,
+    /// The per-session CSRF token (hex), sent back in `X-Lifeboat-Csrf`.
+    pub csrf: String,
+    /// When the session ends (absolute), ms since the epoch.
+    pub expires_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Link {
+    name: String,
+    role: Role,
+    expires_ms: i64,
+    minted_ms: i64,
+}
+
+/// Links and sessions of one controller process.
+pub struct Auth {
+    clock: Arc<dyn Clock>,
+    ttl_ms: i64,
+    rng: ring::rand::SystemRandom,
+    links: Mutex<HashMap<[u8; 32], Link>>,
+    sessions: Mutex<HashMap<[u8; 32], Session>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Hex of `bytes` (lowercase).
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The map key of a secret, or `None` when it is not the right shape
+/// (64 lowercase hex characters): garbage never reaches a map.
+fn key_of(secret: &str) -> Option<[u8; 32]> {
+    if secret.len() != SECRET_HEX || !secret.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
+    Some(Sha256::digest(secret.as_bytes()).into())
+}
+
+impl Auth {
+    /// Links and sessions read the time from `clock`; a session lasts
+    /// `session_ttl_s` from sign-in.
+    pub fn new(clock: Arc<dyn Clock>, session_ttl_s: u32) -> Self {
+        Auth {
+            clock,
+            ttl_ms: i64::from(session_ttl_s).saturating_mul(1000),
+            rng: ring::rand::SystemRandom::new(),
+            links: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The session lifetime, seconds.
+    pub fn session_ttl_s(&self) -> i64 {
+        self.ttl_ms / 1000
+    }
+
+    /// 32 random bytes as hex. The system's generator failing is not
+    /// something a caller can mend; it is reported as `None`.
+    fn secret(&self) -> Option<String> {
+        let mut buf = [0u8; 32];
+        self.rng.fill(&mut buf).ok()?;
+        Some(hex(&buf))
+    }
+
+    /// A one-time link for `name` with `role`: its token and when it expires.
+    pub fn mint(&self, name: &str, role: Role) -> Result<(String, i64), AuthError> {
+        let token = self.secret().ok_or(AuthError::Random)?;
+        let key = key_of(&token).ok_or(AuthError::Random)?;
+        let now = self.clock.now_ms();
+        let expires_ms = now.saturating_add(LINK_TTL_MS);
+        let mut links = lock(&self.links);
+        links.retain(|_, l| l.expires_ms > now);
+        while links.len() >= MAX_LINKS {
+            let Some(oldest) = links.iter().min_by_key(|(_, l)| l.minted_ms).map(|(k, _)| *k) else { break };
+            links.remove(&oldest);
+        }
+        links.insert(key, Link { name: name.to_string(), role, expires_ms, minted_ms: now });
+        Ok((token, expires_ms))
+    }
+
+    /// Uses a link (once: it is gone after this, used or not) and opens a
+    /// session: its id and the session. `None` for an unknown, used or
+    /// expired token.
+    pub fn redeem(&self, token: &str) -> Option<(String, Session)> {
+        let key = key_of(token)?;
+        let link = lock(&self.links).remove(&key)?;
+        let now = self.clock.now_ms();
+        if link.expires_ms <= now {
+            return None;
+        }
+        let id = self.secret()?;
+        let csrf = self.secret()?;
+        let skey = key_of(&id)?;
+        let s = Session { name: link.name, role: link.role, csrf, expires_ms: now.saturating_add(self.ttl_ms) };
+        let mut sessions = lock(&self.sessions);
+        sessions.retain(|_, s| s.expires_ms > now);
+        while sessions.len() >= MAX_SESSIONS {
+            let Some(oldest) = sessions.iter().min_by_key(|(_, s)| s.expires_ms).map(|(k, _)| *k) else { break };
+            sessions.remove(&oldest);
+        }
+        sessions.insert(skey, s.clone());
+        Some((id, s))
+    }
+
+    /// Whether `token` is a link that can still be used (without using it).
+    pub fn pending(&self, token: &str) -> bool {
+        let Some(key) = key_of(token) else { return false };
+        let now = self.clock.now_ms();
+        lock(&self.links).get(&key).is_some_and(|l| l.expires_ms > now)
+    }
+
+    /// The session with id `id`, while it lasts (an expired one is removed).
+    pub fn session(&self, id: &str) -> Option<Session> {
+        let key = key_of(id)?;
+        let now = self.clock.now_ms();
+        let mut sessions = lock(&self.sessions);
+        match sessions.get(&key) {
+            Some(s) if s.expires_ms > now => Some(s.clone()),
+            Some(_) => {
+                sessions.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Ends a session (sign-out).
+    pub fn end(&self, id: &str) {
+        if let Some(key) = key_of(id) {
+            lock(&self.sessions).remove(&key);
+        }
+    }
+
+    /// Links waiting and sessions open (tests, logs).
+    pub fn counts(&self) -> (usize, usize) {
+        (lock(&self.links).len(), lock(&self.sessions).len())
+    }
+}
+
+/// Why a link cannot be minted.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The system's random generator failed.
+    #[error("the system's random number generator failed; try again")]
+    Random,
+}
+
+/// The session id in a `Cookie` header value, if one is there.
+pub fn session_cookie(header: &str) -> Option<&str> {
+    header.split(';').map(str::trim).find_map(|kv| kv.strip_prefix(COOKIE)?.strip_prefix('='))
+}
+
+/// The `Set-Cookie` value that holds session `id` for `max_age_s`.
+pub fn set_cookie(id: &str, max_age_s: i64) -> String {
+    format!("{COOKIE}={id}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age_s}")
+}
+
+/// The `Set-Cookie` value that removes the session cookie.
+pub fn clear_cookie() -> String {
+    format!("{COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::clock::ManualClock;
+
+    fn auth() -> (ManualClock, Auth) {
+        let c = ManualClock::new(1_000_000);
+        let a = Auth::new(Arc::new(c.clone()), 300);
+        (c, a)
+    }
+
+    #[test]
+    fn a_link_works_once() {
+        let (_, a) = auth();
+        let (t, _) = a.mint("ann", Role::Operator).unwrap();
+        assert_eq!(t.len(), SECRET_HEX);
+        assert!(a.pending(&t));
+        let (id, s) = a.redeem(&t).expect("first use");
+        assert!(!a.pending(&t));
+        assert_eq!((s.name.as_str(), s.role), ("ann", Role::Operator));
+        assert!(a.redeem(&t).is_none(), "second use");
+        assert_eq!(a.session(&id).unwrap(), s);
+    }
+
+    #[test]
+    fn an_expired_link_is_refused_and_a_session_ends_at_its_ttl() {
+        let (c, a) = auth();
+        let (t, exp) = a.mint("ann", Role::Viewer).unwrap();
+        assert_eq!(exp, 1_000_000 + LINK_TTL_MS);
+        c.advance(LINK_TTL_MS + 1000);
+        assert!(a.redeem(&t).is_none());
+        let (t, _) = a.mint("ann", Role::Viewer).unwrap();
+        let (id, _) = a.redeem(&t).unwrap();
+        c.advance(299_000);
+        assert!(a.session(&id).is_some());
+        c.advance(1_000);
+        assert!(a.session(&id).is_none(), "absolute expiry");
+        assert_eq!(a.counts().1, 0);
+    }
+
+    #[test]
+    fn garbage_tokens_and_cookies_are_refused() {
+        let (_, a) = auth();
+        for t in ["", "x", &"g".repeat(64), &"A".repeat(64), &"a".repeat(65), &"a".repeat(100_000)] {
+            assert!(a.redeem(t).is_none());
+            assert!(a.session(t).is_none());
+            a.end(t);
+        }
+        assert_eq!(session_cookie("a=b; __Host-lifeboat=abc; c=d"), Some("abc"));
+        assert_eq!(session_cookie("__Host-lifeboatx=abc"), None);
+        assert_eq!(session_cookie(""), None);
+    }
+
+    #[test]
+    fn the_maps_are_bounded() {
+        let (c, a) = auth();
+        for _ in 0..(MAX_LINKS + 20) {
+            a.mint("ann", Role::Viewer).unwrap();
+            c.advance(1);
+        }
+        assert_eq!(a.counts().0, MAX_LINKS);
+        for _ in 0..(MAX_SESSIONS + 5) {
+            let (t, _) = a.mint("ann", Role::Viewer).unwrap();
+            a.redeem(&t).unwrap();
+            c.advance(1);
+        }
+        assert_eq!(a.counts().1, MAX_SESSIONS);
+    }
+
+    #[test]
+    fn the_cookie_has_every_attribute() {
+        let c = set_cookie("ab", 28800);
+        assert_eq!(c, "__Host-lifeboat=ab; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=28800");
+        assert!(clear_cookie().ends_with("Max-Age=0"));
+    }
+}

@@ -1,0 +1,651 @@
+//! The dashboard in process: the router driven with `oneshot` (sign-in,
+//! sessions, the POST guard, pages, the follower redirect, live updates),
+//! and the HTTPS listener with a real client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use lifeboat_common::identity::Role;
+use lifeboat_proto::v1::{Guest, GuestState, Inventory};
+use tower::ServiceExt;
+
+use super::*;
+use crate::domain::host::{HostStatus, Timing};
+use crate::ports::ManualClock;
+
+const HOST: &str = "dash.example:8443";
+const ORIGIN: &str = "https://dash.example:8443";
+
+struct Fixture {
+    app: AppState,
+    reg: Arc<Registry>,
+    clock: ManualClock,
+    sid: crate::registry::SessionId,
+    _rx: tokio::sync::mpsc::Receiver<Box<lifeboat_proto::v1::ControllerMessage>>,
+}
+
+fn guest(state: GuestState) -> Guest {
+    Guest {
+        uuid: "u1".into(),
+        name: "vm1".into(),
+        state: state as i32,
+        definition_xml: "<domain/>".into(),
+        ..Default::default()
+    }
+}
+
+fn fixture() -> Fixture {
+    let reg = Arc::new(
+        Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), Timing::default()).unwrap(),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let sid = reg.open_session("host-a", "boot", tx).unwrap();
+    reg.apply_inventory("host-a", sid, Inventory { host: None, guests: vec![guest(GuestState::Running)], more: false })
+        .unwrap();
+    let engine = Engine::new(reg.clone(), &Default::default(), 60_000, 0, 30_000).unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let app = App::new(Arc::new(Auth::new(Arc::new(clock.clone()), 3600)), 8443, None);
+    app.open(Ctl { reg: reg.clone(), engine, leadership: None });
+    Fixture { app, reg, clock, sid, _rx: rx }
+}
+
+async fn send(app: &AppState, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+    let res = routes::router(app.clone()).oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn get(path: &str, cookie: Option<&str>) -> Request<Body> {
+    let mut b = Request::get(path).header(header::HOST, HOST);
+    if let Some(c) = cookie {
+        b = b.header(header::COOKIE, format!("__Host-lifeboat={c}"));
+    }
+    b.body(Body::empty()).unwrap()
+}
+
+fn post(path: &str, form: &str, cookie: Option<&str>, origin: Option<&str>, csrf: Option<&str>) -> Request<Body> {
+    let mut b = Request::post(path)
+        .header(header::HOST, HOST)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    if let Some(c) = cookie {
+        b = b.header(header::COOKIE, format!("__Host-lifeboat={c}"));
+    }
+    if let Some(o) = origin {
+        b = b.header(header::ORIGIN, o);
+    }
+    if let Some(t) = csrf {
+        b = b.header(guard::CSRF_HEADER, t);
+    }
+    b.body(Body::from(form.to_string())).unwrap()
+}
+
+/// Signs in with a fresh link: (session id, CSRF token).
+async fn sign_in(f: &Fixture, name: &str, role: Role) -> (String, String) {
+    let (token, _) = f.app.auth.mint(name, role).unwrap();
+    let (st, h, _) = send(&f.app, post("/login", &format!("token={token}"), None, Some(ORIGIN), None)).await;
+    assert_eq!(st, StatusCode::SEE_OTHER);
+    let cookie = h.get(header::SET_COOKIE).unwrap().to_str().unwrap().to_string();
+    let id = auth::session_cookie(cookie.split(';').next().unwrap()).unwrap().to_string();
+    let csrf = f.app.auth.session(&id).unwrap().csrf;
+    (id, csrf)
+}
+
+async fn audit_actions(reg: &Registry) -> Vec<(String, String)> {
+    let rows = reg.repos().audit(|a| a.read(&crate::ports::AuditFilter::default())).await.unwrap();
+    rows.into_iter().map(|r| (r.actor, r.action)).collect()
+}
+
+#[tokio::test]
+async fn a_link_signs_in_once_and_sets_a_strict_cookie() {
+    let f = fixture();
+    let (token, _) = f.app.auth.mint("olga", Role::Operator).unwrap();
+    let (st, h, body) = send(&f.app, get(&format!("/login?token={token}"), None)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(body.contains(r#"name="login""#) && body.contains(&token), "{body}");
+    assert_eq!(h.get("cache-control").unwrap(), "no-store");
+    assert!(h.get("content-security-policy").unwrap().to_str().unwrap().contains("script-src 'self'"));
+    let (st, h, _) = send(&f.app, post("/login", &format!("token={token}"), None, Some(ORIGIN), None)).await;
+    assert_eq!(st, StatusCode::SEE_OTHER);
+    assert_eq!(h.get(header::LOCATION).unwrap(), "/hosts");
+    let cookie = h.get(header::SET_COOKIE).unwrap().to_str().unwrap();
+    assert!(cookie.starts_with("__Host-lifeboat="), "{cookie}");
+    for attr in ["Path=/", "Secure", "HttpOnly", "SameSite=Strict", "Max-Age=3600"] {
+        assert!(cookie.contains(attr), "{cookie} lacks {attr}");
+    }
+    // Used: the page and a second POST are refused.
+    let (st, _, body) = send(&f.app, post("/login", &format!("token={token}"), None, Some(ORIGIN), None)).await;
+    assert_eq!(st, StatusCode::GONE);
+    assert!(body.contains("used or has expired"), "{body}");
+    let (st, _, body) = send(&f.app, get(&format!("/login?token={token}"), None)).await;
+    assert_eq!(st, StatusCode::GONE);
+    assert!(body.contains("used or has expired"), "{body}");
+    assert!(audit_actions(&f.reg).await.contains(&("olga".into(), "dashboard.login".into())));
+}
+
+#[tokio::test]
+async fn an_expired_link_and_an_expired_session_are_refused() {
+    let f = fixture();
+    let (token, _) = f.app.auth.mint("olga", Role::Operator).unwrap();
+    f.clock.advance(auth::LINK_TTL_MS + 1);
+    let (st, _, body) = send(&f.app, post("/login", &format!("token={token}"), None, Some(ORIGIN), None)).await;
+    assert_eq!(st, StatusCode::GONE);
+    assert!(body.contains("used or has expired"));
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    assert_eq!(send(&f.app, get("/hosts", Some(&id))).await.0, StatusCode::OK);
+    f.clock.advance(3600 * 1000);
+    let (st, h, _) = send(&f.app, get("/hosts", Some(&id))).await;
+    assert_eq!((st, h.get(header::LOCATION).unwrap().to_str().unwrap()), (StatusCode::SEE_OTHER, "/signed-out"));
+    let form = "status=MAINTENANCE&reason=test";
+    let (st, _, _) = send(&f.app, post("/hosts/host-a/status", form, Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(f.reg.status_of("host-a"), Some(HostStatus::Available));
+}
+
+#[tokio::test]
+async fn without_a_session_pages_redirect_and_posts_and_live_get_401() {
+    let f = fixture();
+    for p in ["/hosts", "/guests", "/hosts/host-a", "/"] {
+        let (st, h, _) = send(&f.app, get(p, None)).await;
+        if p == "/" {
+            assert_eq!(st, StatusCode::SEE_OTHER);
+            continue;
+        }
+        assert_eq!((st, h.get(header::LOCATION).unwrap().to_str().unwrap()), (StatusCode::SEE_OTHER, "/signed-out"));
+    }
+    assert_eq!(send(&f.app, get("/live?view=hosts", None)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(&f.app, get("/live?view=hosts", Some(&"a".repeat(64)))).await.0, StatusCode::UNAUTHORIZED);
+    let (st, _, _) =
+        send(&f.app, post("/hosts/host-a/status", "status=OFFLINE&reason=x", None, Some(ORIGIN), None)).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, _, body) = send(&f.app, get("/signed-out", None)).await;
+    assert!(st == StatusCode::OK && body.contains("lifeboat dashboard login"));
+}
+
+#[tokio::test]
+async fn the_post_guard_refuses_foreign_origin_missing_or_wrong_csrf_and_viewers() {
+    let f = fixture();
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    let form = "status=MAINTENANCE&reason=dashboard+test";
+    let path = "/hosts/host-a/status";
+    let cases: [(Option<&str>, Option<&str>, &str); 4] = [
+        (Some("https://evil.example"), Some(&csrf), "origin"),
+        (None, Some(&csrf), "origin"),
+        (Some(ORIGIN), None, "csrf"),
+        (Some(ORIGIN), Some("0123"), "csrf"),
+    ];
+    for (origin, token, check) in cases {
+        let (st, _, body) = send(&f.app, post(path, form, Some(&id), origin, token)).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{origin:?} {token:?}: {body}");
+        assert!(body.contains(check), "{body}");
+        assert_eq!(f.reg.status_of("host-a"), Some(HostStatus::Available));
+    }
+    // A viewer with a valid token: refused by role, nothing changed.
+    let (vid, vcsrf) = sign_in(&f, "vera", Role::Viewer).await;
+    let (st, _, body) = send(&f.app, post(path, form, Some(&vid), Some(ORIGIN), Some(&vcsrf))).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert!(body.contains("operator role") && body.contains("vera (viewer)"), "{body}");
+    assert_eq!(f.reg.status_of("host-a"), Some(HostStatus::Available));
+    // Another session's token is not this one's.
+    let (st, _, _) = send(&f.app, post(path, form, Some(&id), Some(ORIGIN), Some(&vcsrf))).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    // `Origin: null` counts as no Origin: refused without Sec-Fetch-Site.
+    let (st, _, body) = send(&f.app, post(path, form, Some(&id), Some("null"), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body}");
+    let mut req = post(path, form, Some(&id), Some("null"), Some(&csrf));
+    req.headers_mut().insert("sec-fetch-site", "cross-site".parse().unwrap());
+    assert_eq!(send(&f.app, req).await.0, StatusCode::FORBIDDEN);
+    // The operator, Sec-Fetch-Site instead of Origin: done, audited under the name.
+    let mut req = post(path, form, Some(&id), None, Some(&csrf));
+    req.headers_mut().insert("sec-fetch-site", "same-origin".parse().unwrap());
+    let (st, _, body) = send(&f.app, req).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body.contains("status-MAINTENANCE"), "{body}");
+    assert_eq!(f.reg.status_of("host-a"), Some(HostStatus::Maintenance));
+    assert!(audit_actions(&f.reg).await.iter().any(|(actor, action)| actor == "olga" && action.contains("status")));
+}
+
+#[tokio::test]
+async fn a_refused_status_change_names_the_check_and_what_to_do() {
+    let f = fixture();
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    // host-a was just heard: OFFLINE needs it silent (or attested off).
+    let (st, _, body) =
+        send(&f.app, post("/hosts/host-a/status", "status=OFFLINE&reason=dead", Some(&id), Some(ORIGIN), Some(&csrf)))
+            .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("class=\"refusal\"") && body.contains("what to do"), "{body}");
+    assert_eq!(f.reg.status_of("host-a"), Some(HostStatus::Available));
+    let (st, _, _) =
+        send(&f.app, post("/hosts/host-a/status", "status=BOGUS&reason=x", Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, _, _) =
+        send(&f.app, post("/hosts/nope/status", "status=MAINTENANCE&reason=x", Some(&id), Some(ORIGIN), Some(&csrf)))
+            .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn pages_follow_the_contract_and_viewers_see_no_actions() {
+    let f = fixture();
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    let (st, _, body) = send(&f.app, get("/hosts?status=AVAILABLE&q=host", Some(&id))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    for want in [
+        r#"<table id="hosts""#,
+        r#"<tr data-host="host-a""#,
+        r#"status-badge status-AVAILABLE"#,
+        r#"class="liveness liveness-reachable">reachable<"#,
+        &format!(r#"<meta name="lifeboat-csrf" content="{csrf}">"#),
+        r#"data-live="/live?view=hosts&amp;status=AVAILABLE&amp;q=host""#,
+        r#"id="summary""#,
+        r#"id="alarms""#,
+        r#"id="live""#,
+    ] {
+        assert!(body.contains(want), "{want} not in {body}");
+    }
+    let (_, _, body) = send(&f.app, get("/hosts?status=MAINTENANCE", Some(&id))).await;
+    assert!(!body.contains("data-host="), "{body}");
+    assert_eq!(send(&f.app, get("/hosts?status=nonsense", Some(&id))).await.0, StatusCode::BAD_REQUEST);
+    let (_, _, body) = send(&f.app, get("/guests?state=running&host=host-a", Some(&id))).await;
+    for want in [
+        r#"<table id="guests""#,
+        r#"<tr data-uuid="u1""#,
+        r#"<td class="state">running<"#,
+        r#"class="runs-on""#,
+        r#"<td class="owned-by">host-a<"#,
+    ] {
+        assert!(body.contains(want), "{want} not in {body}");
+    }
+    let (_, _, body) = send(&f.app, get("/guests?state=shutoff", Some(&id))).await;
+    assert!(!body.contains("data-uuid="), "{body}");
+    let (st, _, body) = send(&f.app, get("/hosts/host-a", Some(&id))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body.contains("data-action") && body.contains("status-help"), "{body}");
+    assert!(body.contains(r#"<table id="log""#) && body.contains(r#"id="jobs""#), "{body}");
+    assert_eq!(send(&f.app, get("/hosts/nope", Some(&id))).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(send(&f.app, get("/hosts/host-a?since=garbage", Some(&id))).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(send(&f.app, get("/hosts/host-a?since=2026-01-01T00:00:00Z", Some(&id))).await.0, StatusCode::OK);
+    let (vid, _) = sign_in(&f, "vera", Role::Viewer).await;
+    for p in ["/hosts", "/guests", "/hosts/host-a"] {
+        let (st, _, body) = send(&f.app, get(p, Some(&vid))).await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(!body.contains("data-action"), "{p}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn garbage_is_refused_without_a_panic() {
+    let f = fixture();
+    let long = "a".repeat(100_000);
+    let (st, _, body) = send(&f.app, get(&format!("/login?token={}", &long[..30_000]), None)).await;
+    assert_eq!(st, StatusCode::GONE);
+    assert!(!body.contains(&long[..100]));
+    assert_eq!(send(&f.app, get("/login?token=%ff%00", None)).await.0, StatusCode::GONE);
+    let (st, _, _) = send(&f.app, post("/login", &format!("token={long}"), None, Some(ORIGIN), None)).await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE);
+    let (st, _, _) = send(&f.app, post("/login", "token=%zz&&&=", None, Some(ORIGIN), None)).await;
+    assert!(st == StatusCode::GONE || st == StatusCode::BAD_REQUEST, "{st}");
+    let (st, _, _) = send(&f.app, post("/login", "token=abc", None, Some("https://evil.example"), None)).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let mut req = get("/hosts", None);
+    req.headers_mut().insert(header::COOKIE, format!("x=1; __Host-lifeboat={long}; ;;=").parse().unwrap());
+    assert_eq!(send(&f.app, req).await.0, StatusCode::SEE_OTHER);
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    let big = format!("status=MAINTENANCE&reason={long}");
+    let (st, _, _) = send(&f.app, post("/hosts/host-a/status", &big, Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE);
+    let (st, _, _) =
+        send(&f.app, post("/hosts/host-a/status", "\u{0}\u{ff}", Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(f.reg.status_of("host-a"), Some(HostStatus::Available));
+    for p in ["/hosts?after=%00%ff", "/guests?after_host=zz&after_name=&after_uuid=", "/live?view=nope", "/assets/../x"]
+    {
+        let st = send(&f.app, get(p, Some(&id))).await.0;
+        assert!(st.as_u16() < 500, "{p}: {st}");
+    }
+}
+
+#[tokio::test]
+async fn a_follower_redirects_to_the_leader_on_the_same_port() {
+    let (tx, hint) = tokio::sync::watch::channel(crate::ha::election::LeaderHint::Leader("https://b:7443".into()));
+    let clock = ManualClock::new(0);
+    let app = App::new(Arc::new(Auth::new(Arc::new(clock), 3600)), 8443, Some(hint));
+    let (st, h, _) = send(&app, get("/hosts?x=1", None)).await;
+    assert_eq!(st, StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(h.get(header::LOCATION).unwrap(), "https://b:8443/hosts?x=1");
+    let (st, h, _) = send(&app, post("/login", "token=t", None, Some(ORIGIN), None)).await;
+    assert_eq!(
+        (st, h.get(header::LOCATION).unwrap().to_str().unwrap()),
+        (StatusCode::TEMPORARY_REDIRECT, "https://b:8443/login")
+    );
+    tx.send_replace(crate::ha::election::LeaderHint::Leader("https://[fd00::2]:7443".into()));
+    let (_, h, _) = send(&app, get("/guests", None)).await;
+    assert_eq!(h.get(header::LOCATION).unwrap(), "https://[fd00::2]:8443/guests");
+    tx.send_replace(crate::ha::election::LeaderHint::NoLeader);
+    let (st, h, _) = send(&app, get("/hosts", None)).await;
+    assert_eq!((st, h.get("refresh").unwrap().to_str().unwrap()), (StatusCode::SERVICE_UNAVAILABLE, "2"));
+    // Assets are served by every controller.
+    assert_eq!(send(&app, get("/assets/app.js", None)).await.0, StatusCode::OK);
+}
+
+/// Reads SSE frames until `want` is in the text or `within` passes.
+async fn read_until(body: &mut Body, want: &str, within: Duration) -> Result<String, String> {
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => f,
+            Ok(other) => return Err(format!("stream ended: {:?}; {text}", other.map(|r| r.is_ok()))),
+            Err(_) => return Err(text),
+        };
+        if let Ok(d) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&d));
+            if text.contains(want) {
+                return Ok(text);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_guest_state_change_reaches_an_open_live_stream_within_a_second() {
+    let f = fixture();
+    let (id, _) = sign_in(&f, "olga", Role::Viewer).await;
+    let res = routes::router(f.app.clone()).oneshot(get("/live?view=guests&host=host-a", Some(&id))).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers().get(header::CONTENT_TYPE).unwrap(), "text/event-stream");
+    let mut body = res.into_body();
+    let first = read_until(&mut body, "event: live", Duration::from_secs(5)).await.unwrap();
+    assert!(first.contains(r#"<td class="state">running<"#), "{first}");
+    let v0 = f.reg.view_version();
+    let t0 = std::time::Instant::now();
+    f.reg.apply_guest("host-a", f.sid, guest(GuestState::Shutoff)).unwrap();
+    assert_ne!(f.reg.view_version(), v0, "a guest change moves the view version");
+    let got = read_until(&mut body, r#"<td class="state">shutoff<"#, Duration::from_secs(1)).await;
+    let took = t0.elapsed();
+    assert!(got.is_ok(), "not within 1 s: {got:?}");
+    println!("guest change reached the live stream in {} ms", took.as_millis());
+    // The session's end ends the stream.
+    f.app.auth.end(&id);
+    f.reg.apply_guest("host-a", f.sid, guest(GuestState::Running)).unwrap();
+    assert!(read_until(&mut body, "event: signed-out", Duration::from_secs(2)).await.is_ok());
+}
+
+#[tokio::test]
+async fn the_listener_serves_https_with_h2_and_http1() {
+    use tokio_rustls::rustls;
+    let dir = tempfile::tempdir().unwrap();
+    lifeboat_common::tls::install_crypto_provider();
+    lifeboat_common::pki::init(dir.path()).unwrap();
+    lifeboat_common::pki::issue(dir.path(), dir.path(), &lifeboat_common::pki::Leaf::Controller(vec![])).unwrap();
+    let cert = std::fs::read(dir.path().join("controller.pem")).unwrap();
+    let key = std::fs::read(dir.path().join("controller.key")).unwrap();
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let f = fixture();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let d = Dashboard { app: f.app.clone(), tcp, tls: listener::server_config(&cert, &key).unwrap() };
+    let _task = d.spawn();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = connector.connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/signed-out")
+        .header(header::HOST, format!("localhost:{}", addr.port()))
+        .body(Body::empty())
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers().get("x-frame-options").unwrap(), "DENY");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("Signed out"));
+    // A browser asking for h2 gets it.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // A connection that never handshakes does not stop others being served.
+    let _idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates({
+            let mut r = rustls::RootCertStore::empty();
+            for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+                r.add(c.unwrap()).unwrap();
+            }
+            r
+        })
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .expect("served while another connection idles")
+    .unwrap();
+    drop(tls);
+}
+
+#[tokio::test]
+async fn the_jobs_pages_show_each_move_and_its_step() {
+    use crate::domain::job::{JobState, MoveState};
+    use crate::domain::{JobKind, PowerEvidence};
+    let f = fixture();
+    let now = f.reg.now_ms();
+    let job = crate::ports::JobRow {
+        id: "j-1".into(),
+        kind: JobKind::Move,
+        source: "host-a".into(),
+        state: JobState::Moving,
+        operator: "olga".into(),
+        plan_id: "p-1".into(),
+        power_evidence: PowerEvidence::StoppedByAgent,
+        request: vec![],
+        parallel: 1,
+        created_ms: now,
+        updated_ms: now,
+        error: String::new(),
+    };
+    let mv = crate::ports::MoveRow {
+        job_id: "j-1".into(),
+        uuid: "u1".into(),
+        name: "vm1".into(),
+        source: "host-a".into(),
+        target: "host-a".into(),
+        generation: 2,
+        state: MoveState::Starting,
+        start: true,
+        definition_xml: "<domain/>".into(),
+        error: String::new(),
+        priority: 0,
+        updated_ms: now,
+        memory_kib: 0,
+    };
+    let audit = AuditRowFor::job("olga", "j-1");
+    f.reg.repos().jobs(move |j| j.create(&job, &[mv], &audit)).await.unwrap();
+    let (id, _) = sign_in(&f, "vera", Role::Viewer).await;
+    let (st, _, body) = send(&f.app, get("/jobs", Some(&id))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body.contains(r#"<tr data-job="j-1" data-job-state="MOVING""#), "{body}");
+    let (st, _, body) = send(&f.app, get("/jobs/j-1", Some(&id))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    for want in [
+        r#"data-job-state="MOVING""#,
+        r#"<tr class="move" data-uuid="u1" data-move-state="STARTING""#,
+        r#"<td class="target"><a href="/hosts/host-a">host-a</a>"#,
+        r#"<td class="arrived">running<"#,
+        r#"data-live="/live?view=job&amp;id=j-1""#,
+    ] {
+        assert!(body.contains(want), "{want} not in {body}");
+    }
+    assert!(!body.contains("data-action"));
+    assert_eq!(send(&f.app, get("/jobs/nope", Some(&id))).await.0, StatusCode::NOT_FOUND);
+    let res = routes::router(f.app.clone()).oneshot(get("/live?view=job&id=j-1", Some(&id))).await.unwrap();
+    let mut body = res.into_body();
+    assert!(read_until(&mut body, "data-move-state=\"STARTING\"", Duration::from_secs(5)).await.is_ok());
+}
+
+struct AuditRowFor;
+
+impl AuditRowFor {
+    fn job(actor: &str, job: &str) -> crate::ports::AuditRow {
+        crate::ports::AuditRow {
+            seq: 0,
+            at_ms: 0,
+            actor: actor.into(),
+            action: "job.created".into(),
+            host: "host-a".into(),
+            vm: String::new(),
+            job: job.into(),
+            detail: String::new(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_status_plan_shows_the_checks_and_changes_nothing() {
+    let f = fixture();
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    let plan = |form: &str, id: &str, csrf: Option<&str>| {
+        post("/hosts/host-a/status/plan", form, Some(id), Some(ORIGIN), csrf)
+    };
+    let (st, h, body) = send(&f.app, plan("status=OFFLINE&reason=dead", &id, Some(&csrf))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(h.get("x-lifeboat-done").is_none(), "a plan does not close the dialog");
+    assert!(body.contains(r#"class="check failed""#) && body.contains("What to do"), "{body}");
+    assert!(body.contains(r#"data-ok="false""#), "{body}");
+    let (_, _, body) = send(&f.app, plan("status=MAINTENANCE&reason=work", &id, Some(&csrf))).await;
+    assert!(body.contains(r#"data-ok="true""#), "{body}");
+    let (_, _, body) = send(&f.app, plan("status=NOT_ACCEPTING&reason=test", &id, Some(&csrf))).await;
+    assert!(body.contains(r#"class="check ok""#), "{body}");
+    assert_eq!(send(&f.app, plan("status=NOPE&reason=x", &id, Some(&csrf))).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(send(&f.app, plan("status=OFFLINE&reason=x", &id, None)).await.0, StatusCode::FORBIDDEN);
+    let (vid, vcsrf) = sign_in(&f, "vera", Role::Viewer).await;
+    assert_eq!(send(&f.app, plan("status=OFFLINE&reason=x", &vid, Some(&vcsrf))).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(f.reg.status_of("host-a"), Some(HostStatus::Available));
+    // The change itself says it is done (the dialog closes).
+    let (st, h, _) =
+        send(&f.app, post("/hosts/host-a/status", "status=MAINTENANCE&reason=w", Some(&id), Some(ORIGIN), Some(&csrf)))
+            .await;
+    assert_eq!((st, h.get("x-lifeboat-done").map(|v| v.to_str().unwrap())), (StatusCode::OK, Some("1")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_hosts_page_by_a_hundred_with_a_next_link() {
+    let f = fixture();
+    let mut rxs = Vec::new();
+    for i in 0..2000 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        f.reg.open_session(&format!("h-{i:05}"), "boot", tx).unwrap();
+        rxs.push(rx);
+    }
+    let (id, _) = sign_in(&f, "vera", Role::Viewer).await;
+    let t0 = std::time::Instant::now();
+    let (st, _, body) = send(&f.app, get("/hosts", Some(&id))).await;
+    let took = t0.elapsed();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body.matches("<tr data-host=").count(), 100);
+    assert!(body.contains("2001 matching"), "the count covers every host");
+    assert!(body.contains(r#"<a class="next" href="/hosts?after=h-00099">"#), "next link");
+    let (_, _, body) = send(&f.app, get("/hosts?after=h-01999", Some(&id))).await;
+    assert!(body.contains(r#"<tr data-host="host-a""#) && !body.contains("class=\"next\""), "last page");
+    let (_, _, body) = send(&f.app, get("/hosts?q=h-0150", Some(&id))).await;
+    assert_eq!(body.matches("<tr data-host=").count(), 10);
+    println!("/hosts with 2001 hosts rendered in {} ms (debug build)", took.as_millis());
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::rustls;
+    let dir = tempfile::tempdir().unwrap();
+    lifeboat_common::tls::install_crypto_provider();
+    lifeboat_common::pki::init(dir.path()).unwrap();
+    lifeboat_common::pki::issue(dir.path(), dir.path(), &lifeboat_common::pki::Leaf::Controller(vec![])).unwrap();
+    let cert = std::fs::read(dir.path().join("controller.pem")).unwrap();
+    let key = std::fs::read(dir.path().join("controller.key")).unwrap();
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let l = listener::DashListener::with_idle(
+        tcp,
+        listener::server_config(&cert, &key).unwrap(),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    let server = tokio::spawn(async move {
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let _ = axum::serve(l, app).await;
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut b = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut b)).await.expect("closed by the server");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(250), "{:?}", t0.elapsed());
+    server.abort();
+}
+
+#[tokio::test]
+async fn an_operator_acknowledges_an_alarm_and_a_viewer_cannot() {
+    let f = fixture();
+    let reg = f.reg.clone();
+    tokio::task::spawn_blocking(move || reg.raise_alarm_blocking("host-a", "guests-not-moved", "test"))
+        .await
+        .unwrap()
+        .unwrap();
+    let (vid, vcsrf) = sign_in(&f, "vera", Role::Viewer).await;
+    let (_, _, body) = send(&f.app, get("/hosts/host-a", Some(&vid))).await;
+    assert!(body.contains("alarm-banner") && !body.contains("ack-dialog"), "{body}");
+    let form = "host=host-a&kind=guests-not-moved&reason=seen";
+    let (st, _, _) = send(&f.app, post("/alarms/ack", form, Some(&vid), Some(ORIGIN), Some(&vcsrf))).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert_eq!(f.reg.active_alarms().len(), 1);
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    let (_, _, body) = send(&f.app, get("/hosts/host-a", Some(&id))).await;
+    assert!(body.contains(r#"<dialog id="ack-dialog">"#) && body.contains(r#"data-action="ack-alarm""#), "{body}");
+    let empty = "host=host-a&kind=guests-not-moved&reason=";
+    let (st, _, _) = send(&f.app, post("/alarms/ack", empty, Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let wrong = "host=host-a&kind=nope&reason=x";
+    let (st, _, body) = send(&f.app, post("/alarms/ack", wrong, Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::CONFLICT, "{body}");
+    let (st, h, body) = send(&f.app, post("/alarms/ack", form, Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(h.get("x-lifeboat-done").is_some() && body.contains("1 guests-not-moved alarm(s)"), "{body}");
+    assert!(f.reg.active_alarms().is_empty());
+    assert!(audit_actions(&f.reg).await.contains(&("olga".into(), "alarm.cleared".into())));
+}

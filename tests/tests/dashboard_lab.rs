@@ -1,0 +1,381 @@
+//! The web dashboard in the lab, driven by a real headless Chromium
+//! (Debian's `chromium` + `chromium-driver`, `lifeboat_e2e::browser`).
+//! Chromium runs in the controller's network namespace and trusts the lab
+//! controller's key. Without root, the lab's packages or Chromium each test
+//! prints why it skips; under `CI=true` it fails instead.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lifeboat_e2e::lab::{Lab, skip_or_fail};
+use lifeboat_e2e::{browser_or_skip, lab_or_skip};
+use serde_json::{Value, json};
+
+/// Chromium processes of any browser left in a lab namespace.
+fn browser_pids_in(netns: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "pids", netns]).output().expect("ip netns pids");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            !zombie && (comm.contains("chrom") || comm.contains("headless"))
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// A process killed when dropped (the test's own HTTPS server).
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Serves `dir` over HTTPS with `cert`/`key` on `port` inside `netns`
+/// (Python's http.server wrapped in TLS), once it listens.
+fn https_server(
+    netns: &str,
+    dir: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    port: u16,
+) -> Server {
+    const PY: &str = "import functools, http.server, ssl, sys\n\
+        d, cert, key, port = sys.argv[1:5]\n\
+        h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=d)\n\
+        s = http.server.ThreadingHTTPServer(('0.0.0.0', int(port)), h)\n\
+        c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+        c.load_cert_chain(cert, key)\n\
+        s.socket = c.wrap_socket(s.socket, server_side=True)\n\
+        s.serve_forever()\n";
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns, "python3", "-c", PY])
+        .arg(dir)
+        .arg(cert)
+        .arg(key)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the HTTPS server");
+    let server = Server(child);
+    let t = Instant::now();
+    loop {
+        let ss = Command::new("ip")
+            .args(["netns", "exec", netns, "ss", "-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss");
+        if !String::from_utf8_lossy(&ss.stdout).trim().is_empty() {
+            return server;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the HTTPS server does not listen on {port} in {netns}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The browser works in the lab before any dashboard exists: chromedriver and
+/// Chromium start in the controller's namespace, load a page served there
+/// over HTTPS with the lab controller's certificate (trusted by its key: a
+/// secure context), refuse a page whose certificate has another key, take a
+/// screenshot and leave no process behind.
+#[test]
+fn browser_reaches_the_lab_controller_namespace() {
+    let lab = lab_or_skip!(1, 1);
+    let netns = lab.paths["CONTROLLER_NETNS"].clone();
+    let ip = lab.paths["CONTROLLER_IP"].clone();
+    let pki = lab.path("PKI_DIR");
+    let b = browser_or_skip!(lab);
+    println!("browser started (chromedriver + a Chromium session in {netns}) in {:?}", b.started_in);
+
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(
+        site.path().join("index.html"),
+        "<!doctype html><title>lab check</title><h1 id=\"hello\">Lifeboat lab: Chromium runs in lb-ctl</h1>",
+    )
+    .unwrap();
+    let _good = https_server(&netns, site.path(), &pki.join("controller.pem"), &pki.join("controller.key"), 8444);
+    let t = Instant::now();
+    b.goto(&format!("https://{ip}:8444/"));
+    b.wait_css("#hello", Duration::from_secs(10));
+    println!("first page over HTTPS loaded in {:?}", t.elapsed());
+    assert_eq!(b.text("#hello"), "Lifeboat lab: Chromium runs in lb-ctl");
+    assert_eq!(b.exec_js("return [location.protocol, window.isSecureContext];", vec![]), json!(["https:", true]));
+    let shot = b.screenshot("lab-browser-check");
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "{}", shot.display());
+
+    // Another key: refused, so the browser trusts the lab controller's key only.
+    let other = tempfile::tempdir().unwrap();
+    let (cert, key) = (other.path().join("other.pem"), other.path().join("other.key"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", &format!("/CN={ip}"), "-addext", &format!("subjectAltName=IP:{ip}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl req");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let _bad = https_server(&netns, site.path(), &cert, &key, 8445);
+    match b.try_goto(&format!("https://{ip}:8445/")) {
+        Err(e) => println!("a certificate with another key is refused: {e}"),
+        Ok(()) => {
+            assert_eq!(b.count("#hello"), 0, "a page with an untrusted certificate was shown");
+            let title = b.exec_js("return document.title;", vec![]);
+            println!("a certificate with another key is refused: Chromium shows its error page ({}, {title})", b.url());
+        }
+    }
+
+    let left = b.close();
+    assert!(left.is_empty(), "browser processes left: {left:?}");
+    let strays = browser_pids_in(&netns);
+    assert!(strays.is_empty(), "chromedriver/Chromium processes left in {netns}: {strays:?}");
+}
+
+/// Signs the browser in as `role` with a one-time link from
+/// `lifeboat dashboard login --output json` run with that role's
+/// certificate; returns the link's JSON once the browser is on /hosts.
+fn sign_in(lab: &Lab, b: &lifeboat_e2e::browser::Browser, base: &str, role: &str) -> Value {
+    let (code, out, err) = lab.cli_as(role, &["dashboard", "login", "--output", "json"]);
+    assert_eq!(code, 0, "dashboard login as {role}: {err}");
+    let link: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("dashboard login JSON ({e}): {out}"));
+    let url = link["url"].as_str().expect("url");
+    let token = url.strip_prefix(&format!("{base}/login?token=")).unwrap_or_else(|| panic!("link for {base}: {url}"));
+    assert!(token.len() == 64 && token.bytes().all(|c| c.is_ascii_hexdigit()), "token of {role}");
+    assert_eq!(link["role"], role, "{link}");
+    assert_eq!(link["name"], role, "the lab's {role} certificate is named {role}: {link}");
+    let now = lifeboat_common::now_unix_ms();
+    let expires = link["expires_unix_ms"].as_i64().expect("expires_unix_ms");
+    assert!(expires > now && expires <= now + 61_000, "the link works within 60 s: {link}");
+    let t = Instant::now();
+    b.goto(url);
+    b.wait_js(Duration::from_secs(10), &format!("signed in as {role}: on /hosts"), "location.pathname === '/hosts'");
+    b.wait_css("table#hosts", Duration::from_secs(5));
+    println!("signed in as {role} in {:?}", t.elapsed());
+    // HttpOnly: the page's scripts cannot read the session cookie.
+    let cookies = b.exec_js("return document.cookie;", vec![]);
+    assert!(!cookies.as_str().unwrap_or_default().contains("__Host-lifeboat"), "{cookies}");
+    link
+}
+
+/// POSTs `body` (form-encoded) to `path` from the page with `fetch`, with
+/// the given extra headers; returns (HTTP status, body text).
+fn post(b: &lifeboat_e2e::browser::Browser, path: &str, body: &str, headers: Value) -> (u64, String) {
+    let r = b.exec_async_js(
+        "const [path, body, headers, done] = arguments;\n\
+         headers['Content-Type'] = 'application/x-www-form-urlencoded';\n\
+         fetch(path, {method: 'POST', body, headers, credentials: 'same-origin', redirect: 'manual'})\n\
+           .then(r => r.text().then(t => done([r.status, t])))\n\
+           .catch(e => done([0, String(e)]));",
+        vec![json!(path), json!(body), headers],
+    );
+    (r[0].as_u64().unwrap_or(0), r[1].as_str().unwrap_or_default().to_string())
+}
+
+/// The page's CSRF token.
+fn csrf(b: &lifeboat_e2e::browser::Browser) -> String {
+    b.attr("meta[name=lifeboat-csrf]", "content").filter(|t| !t.is_empty()).expect("<meta name=lifeboat-csrf>")
+}
+
+/// Opens `path` and waits until its live stream is open.
+fn open_live(b: &lifeboat_e2e::browser::Browser, base: &str, path: &str) {
+    b.goto(&format!("{base}{path}"));
+    b.wait_css("body[data-live-state=open]", Duration::from_secs(10));
+}
+
+fn badge(host: &str) -> String {
+    format!("tr[data-host=\"{host}\"] .status-badge")
+}
+
+/// Waits (at most 5 s) until `host`'s badge on the open page has
+/// `status-<status>`; asserts it took under 1 s from `since`.
+fn badge_turns(b: &lifeboat_e2e::browser::Browser, host: &str, status: &str, since: Instant, what: &str) {
+    let sel = badge(host);
+    b.wait_js(
+        Duration::from_secs(5),
+        &format!("{host} {status} on the open page"),
+        &format!("document.querySelector('{sel}')?.classList.contains('status-{status}')"),
+    );
+    let took = since.elapsed();
+    println!("{what}: {host} reads {status} on the open page after {took:?}");
+    assert!(took < Duration::from_secs(1), "{what}: took {took:?}");
+}
+
+/// Pool page, live updates and roles (design §6): the hosts page with its
+/// colours; a CLI status change and a `virsh destroy` reach open pages
+/// within 1 s; the operator's action POST needs the CSRF header and is
+/// audited under the signed-in name; a viewer sees no action control and is
+/// refused even with a valid CSRF token; a used link gives 410.
+#[test]
+fn dashboard_lab_pool_live_actions_and_roles() {
+    let lab = lab_or_skip!(3, 2);
+    let Some(base) = lab.paths.get("CONTROLLER_DASHBOARD_URL").cloned() else {
+        skip_or_fail("the lab's controller has no dashboard (LAB_DASHBOARD=0, or a controller without [dashboard])");
+        return;
+    };
+    let netns = lab.paths["CONTROLLER_NETNS"].clone();
+    let b = browser_or_skip!(lab);
+    println!("browser started in {:?}", b.started_in);
+    lab.wait(Duration::from_secs(20), "6 running guests", || {
+        let v = lab.vms();
+        v.len() == 6 && v.iter().all(|g| g["state"] == "running")
+    });
+    lab.past_startup_grace();
+
+    // Without a session: pages send to /signed-out.
+    b.goto(&format!("{base}/hosts"));
+    b.wait_js(Duration::from_secs(5), "redirected to /signed-out", "location.pathname === '/signed-out'");
+
+    // 1. The operator's hosts page: three green AVAILABLE, reachable hosts.
+    let op_link = sign_in(&lab, &b, &base, "operator");
+    assert_eq!(b.count("table#hosts tr[data-host]"), 3);
+    for h in ["host-a", "host-b", "host-c"] {
+        let class = b.attr(&badge(h), "class").unwrap_or_default();
+        assert!(class.split_whitespace().any(|c| c == "status-AVAILABLE"), "{h}: {class}");
+        let bg = b.css_value(&badge(h), "background-color");
+        assert!(bg.contains("46, 125, 50"), "{h} AVAILABLE is green #2e7d32: {bg}");
+        let live = b.text(&format!("tr[data-host=\"{h}\"] .liveness"));
+        assert!(live.trim().eq_ignore_ascii_case("reachable"), "{h}: {live}");
+    }
+    b.wait_css("body[data-live-state=open]", Duration::from_secs(10));
+    b.screenshot("hosts");
+
+    // 2. A status set with the CLI reaches the open page within 1 s.
+    let (code, _, err) = lab.cli(&["hosts", "set-status", "host-c", "NOT_ACCEPTING", "--reason", "dashboard test"]);
+    assert_eq!(code, 0, "set-status: {err}");
+    badge_turns(&b, "host-c", "NOT_ACCEPTING", Instant::now(), "CLI set-status");
+    let bg = b.css_value(&badge("host-c"), "background-color");
+    assert!(bg.contains("249, 168, 37"), "NOT_ACCEPTING is yellow #f9a825: {bg}");
+
+    // 3. A guest destroyed with virsh reads shutoff on an open /guests page within 1 s.
+    let uuid = lab.vm("vm-b1").expect("vm-b1")["uuid"].as_str().expect("uuid").to_string();
+    open_live(&b, &base, "/guests?host=host-b");
+    let state = format!("tr[data-uuid=\"{uuid}\"] td.state");
+    assert_eq!(b.text(&state).trim(), "running");
+    lab.excuse("vm-b1", "destroyed on purpose (the dashboard shows it shut off)");
+    lab.virsh("host-b", &["destroy", "vm-b1"]);
+    let t = Instant::now();
+    b.wait_js(
+        Duration::from_secs(5),
+        "vm-b1 shutoff on the open page",
+        &format!("document.querySelector('{state}')?.textContent.trim() === 'shutoff'"),
+    );
+    let took = t.elapsed();
+    println!("virsh destroy: vm-b1 reads shutoff on the open /guests page {took:?} after virsh returned");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    b.screenshot("guests");
+
+    // 4. The host page and its set-status dialog, clicked as an operator
+    // would: the four statuses explained; AVAILABLE reaches the open page live.
+    open_live(&b, &base, "/hosts/host-c");
+    assert!(b.count("[data-action]") > 0, "an operator's host page has action controls");
+    b.screenshot("host");
+    b.click("[data-action=set-status]");
+    b.wait_css("dialog[open]", Duration::from_secs(5));
+    assert_eq!(b.count("dialog[open] .status-help"), 4, "the dialog explains the four statuses");
+    for st in ["AVAILABLE", "NOT_ACCEPTING", "MAINTENANCE", "OFFLINE"] {
+        let sel = format!("dialog[open] .status-help[data-status={st}] .status-badge.status-{st}");
+        assert_eq!(b.count(&sel), 1, "{sel}");
+    }
+    b.click("dialog[open] .status-help[data-status=AVAILABLE] input[type=radio]");
+    b.fill("dialog[open] input[name=reason]", "dashboard test: back in the pool");
+    // Plan first: the checks the change would meet, and nothing changed yet.
+    b.click("dialog[open] [data-action=plan-status]");
+    b.wait_css("dialog[open] .result .plan[data-status=AVAILABLE]", Duration::from_secs(5));
+    assert_eq!(b.attr("dialog[open] .plan", "data-ok").as_deref(), Some("true"), "the plan passes");
+    assert_eq!(b.count("dialog[open] .plan .check.failed"), 0);
+    assert_eq!(lab.host("host-c").expect("host-c")["status"], "NOT_ACCEPTING", "a plan changes nothing");
+    b.screenshot("host-status-dialog");
+    b.click("dialog[open] [data-action=confirm-status]");
+    let t = Instant::now();
+    b.wait_js(
+        Duration::from_secs(5),
+        "host-c AVAILABLE on its open page",
+        "document.querySelector('#live table#host .status-badge')?.classList.contains('status-AVAILABLE')",
+    );
+    let took = t.elapsed();
+    println!("set-status dialog: host-c's page reads AVAILABLE {took:?} after the click");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(lab.host("host-c").expect("host-c")["status"], "AVAILABLE");
+
+    // 5. The used link: 410, and nothing signed in by it.
+    let token = op_link["url"].as_str().unwrap().rsplit_once("token=").unwrap().1.to_string();
+    let (status, text) = post(&b, "/login", &format!("token={token}"), json!({}));
+    assert_eq!(status, 410, "a used link: {text}");
+    assert!(text.contains("used or has expired"), "{text}");
+    b.goto(op_link["url"].as_str().unwrap());
+    b.wait_js(
+        Duration::from_secs(10),
+        "the used link's page",
+        "document.body && document.body.innerText.includes('used or has expired')",
+    );
+
+    // 6. CSRF: the operator's POST without the header, or with a wrong one, is
+    // refused and changes nothing; with it, it is done and audited as operator.
+    open_live(&b, &base, "/hosts");
+    let token = csrf(&b);
+    let form = "status=NOT_ACCEPTING&reason=dashboard+csrf+test";
+    let (status, text) = post(&b, "/hosts/host-a/status", form, json!({}));
+    assert_eq!(status, 403, "no CSRF header: {text}");
+    assert!(!text.trim().is_empty(), "a refusal names the failed check");
+    let (status, text) = post(&b, "/hosts/host-a/status", form, json!({"X-Lifeboat-Csrf": "0".repeat(64)}));
+    assert_eq!(status, 403, "a wrong CSRF token: {text}");
+    assert_eq!(lab.host("host-a").expect("host-a")["status"], "AVAILABLE", "a refused POST changed host-a");
+    let (status, text) = post(&b, "/hosts/host-a/status", form, json!({"X-Lifeboat-Csrf": token}));
+    assert_eq!(status, 200, "the operator's POST with its CSRF token: {text}");
+    badge_turns(&b, "host-a", "NOT_ACCEPTING", Instant::now(), "dashboard POST");
+    assert_eq!(lab.host("host-a").expect("host-a")["status"], "NOT_ACCEPTING");
+    let log = lab.cli_json(&["log", "--host", "host-a"]).expect("log --host host-a");
+    let row = log
+        .as_array()
+        .and_then(|l| {
+            l.iter()
+                .find(|e| e["action"] == "host.status" && e["detail"].as_str().is_some_and(|d| d.contains("csrf test")))
+        })
+        .unwrap_or_else(|| panic!("no audit row of the dashboard's status change: {log}"));
+    assert_eq!(row["actor"], "operator", "audited under the signed-in name: {row}");
+    let (status, text) = post(
+        &b,
+        "/hosts/host-a/status",
+        "status=AVAILABLE&reason=dashboard+test+done",
+        json!({"X-Lifeboat-Csrf": csrf(&b)}),
+    );
+    assert_eq!(status, 200, "{text}");
+
+    // 7. A viewer: no action control anywhere, and a POST with the viewer's
+    // valid CSRF token is refused and changes nothing.
+    sign_in(&lab, &b, &base, "viewer");
+    for page in ["/hosts", "/hosts/host-a", "/guests?host=host-b"] {
+        open_live(&b, &base, page);
+        assert_eq!(b.count("[data-action]"), 0, "a viewer's {page} has an action control");
+    }
+    let before = lab.host("host-c").expect("host-c")["status"].clone();
+    let (status, text) = post(
+        &b,
+        "/hosts/host-c/status",
+        "status=MAINTENANCE&reason=viewer+tries",
+        json!({"X-Lifeboat-Csrf": csrf(&b)}),
+    );
+    assert_eq!(status, 403, "a viewer's POST: {text}");
+    assert!(text.contains("operator"), "the refusal says the operator role is needed: {text}");
+    assert_eq!(lab.host("host-c").expect("host-c")["status"], before, "a viewer changed host-c");
+
+    // Without the session cookie a POST is 401.
+    let r = b.exec_async_js(
+        "const done = arguments[0];\n\
+         fetch('/hosts/host-c/status', {method: 'POST', credentials: 'omit', body: 'status=MAINTENANCE&reason=x',\n\
+           headers: {'Content-Type': 'application/x-www-form-urlencoded'}})\n\
+           .then(r => done(r.status), e => done(String(e)));",
+        vec![],
+    );
+    assert_eq!(r, json!(401), "a POST without a session");
+
+    let left = b.close();
+    assert!(left.is_empty(), "browser processes left: {left:?}");
+    assert!(browser_pids_in(&netns).is_empty(), "browser processes left in {netns}");
+}
