@@ -649,3 +649,22 @@ async fn an_operator_acknowledges_an_alarm_and_a_viewer_cannot() {
     assert!(f.reg.active_alarms().is_empty());
     assert!(audit_actions(&f.reg).await.contains(&("olga".into(), "alarm.cleared".into())));
 }
+
+#[tokio::test]
+async fn a_live_stream_sends_only_the_fragments_that_changed() {
+    let f = fixture();
+    let (id, _) = sign_in(&f, "vera", Role::Viewer).await;
+    let res = routes::router(f.app.clone()).oneshot(get("/live?view=guests&host=host-a", Some(&id))).await.unwrap();
+    let mut body = res.into_body();
+    read_until(&mut body, "event: live", Duration::from_secs(5)).await.unwrap();
+    // A new host changes the counts at the top, not host-a's guests.
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    f.reg.open_session("host-b", "boot", tx).unwrap();
+    let got = read_until(&mut body, "event: summary", Duration::from_secs(1)).await.unwrap();
+    assert!(got.contains(r#"data-status="AVAILABLE">2<"#), "{got}");
+    let rest = read_until(&mut body, "event: live", Duration::from_millis(700)).await;
+    assert!(
+        matches!(&rest, Err(t) if !t.starts_with("stream ended")),
+        "the guests fragment did not change and is not sent again; the stream stays open: {rest:?}"
+    );
+}
