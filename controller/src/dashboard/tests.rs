@@ -691,7 +691,20 @@ async fn silent_fixture() -> (Fixture, Vec<tokio::sync::mpsc::Receiver<Box<lifeb
         let sid = reg.open_session(h, "boot", tx).unwrap();
         let guests = if h == "host-a" { vec![guest(GuestState::Running)] } else { vec![] };
         reg.apply_inventory(h, sid, Inventory { host: Some(info(h)), guests, more: false }).unwrap();
-        rxs.push(rx);
+        if h == "host-a" {
+            rxs.push(rx);
+        } else {
+            // The targets' agents answer every command (the plan asks them about disks).
+            let (reg, mut rx) = (reg.clone(), rx);
+            tokio::spawn(async move {
+                while let Some(m) = rx.recv().await {
+                    if let Some(lifeboat_proto::v1::controller_message::Msg::Command(c)) = m.msg {
+                        let ok = lifeboat_proto::v1::CommandResult { id: c.id, ok: true, ..Default::default() };
+                        reg.complete(ok);
+                    }
+                }
+            });
+        }
         sids.push(sid);
     }
     reg.close_session("host-a", sids[0]);
