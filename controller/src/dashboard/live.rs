@@ -118,7 +118,7 @@ async fn render(ctl: &Arc<Ctl>, view: &mut View, s: &SignedIn) -> Option<(String
                     rows.iter().filter_map(|r| r.guest.as_ref().map(|g| (r.host_id.clone(), g.uuid.clone()))).collect();
                 *shown = Some((keys, next.clone()));
             }
-            views::guests_table(&rows, next.as_deref())
+            views::guests_table_for(&rows, next.as_deref(), s.session.role)
         }
         View::Host(id, q) => routes::host_fragment(ctl, id, q, s.session.role).await.ok()?,
         View::Jobs => routes::jobs_fragment(ctl).await.ok()?,

@@ -11,6 +11,7 @@
 //! Architecture invariant: a follower's dashboard serves no state: it
 //! redirects to the leader (or answers 503 while there is none).
 
+pub mod actions;
 pub mod auth;
 pub mod guard;
 pub mod listener;

@@ -42,12 +42,19 @@ pub fn router(app: AppState) -> Router {
         .route("/guests", get(guests))
         .route("/jobs", get(jobs))
         .route("/jobs/{id}", get(job))
-        .route("/live", get(super::live::live));
+        .route("/live", get(super::live::live))
+        .route("/targets", get(super::actions::targets));
     let any_post = Router::new().route("/logout", post(logout)).route_layer(from_fn(guard::post_guard_any));
     let actions = Router::new()
         .route("/hosts/{id}/status", post(set_status))
         .route("/hosts/{id}/status/plan", post(plan_status))
         .route("/alarms/ack", post(ack_alarm))
+        .route("/hosts/{id}/migrate/plan", post(super::actions::plan_migrate))
+        .route("/hosts/{id}/migrate", post(super::actions::start_migrate))
+        .route("/guests/move/plan", post(super::actions::plan_move))
+        .route("/guests/move", post(super::actions::start_move))
+        .route("/hosts/{id}/cleanup/plan", post(super::actions::plan_cleanup))
+        .route("/hosts/{id}/cleanup", post(super::actions::cleanup))
         .route_layer(from_fn(guard::post_guard_operator));
     let signed = pages.merge(any_post).merge(actions).route_layer(from_fn_with_state(app.clone(), guard::session));
     let served = Router::new()
@@ -63,19 +70,19 @@ pub fn router(app: AppState) -> Router {
         .with_state(app)
 }
 
-fn html(m: Markup) -> Response {
+pub(super) fn html(m: Markup) -> Response {
     Html(m.into_string()).into_response()
 }
 
-fn fail(code: StatusCode, msg: &str) -> Response {
+pub(super) fn fail(code: StatusCode, msg: &str) -> Response {
     (code, Html(views::refusal(msg).into_string())).into_response()
 }
 
-fn err(e: &ControllerError) -> Response {
+pub(super) fn err(e: &ControllerError) -> Response {
     fail(StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &e.to_string())
 }
 
-fn no_ctl() -> Response {
+pub(super) fn no_ctl() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, [("refresh", "2")], Html(views::no_leader().into_string())).into_response()
 }
 
@@ -279,9 +286,9 @@ pub fn guests_rows(ctl: &Ctl, q: &GuestsQuery) -> Result<(Vec<GuestRecord>, Opti
 }
 
 /// The `#live` part of `/guests`.
-pub fn guests_fragment(ctl: &Ctl, q: &GuestsQuery) -> Result<Markup, ControllerError> {
+pub fn guests_fragment(ctl: &Ctl, q: &GuestsQuery, role: Role) -> Result<Markup, ControllerError> {
     let (rows, next) = guests_rows(ctl, q)?;
-    Ok(views::guests_table(&rows, next.as_deref()))
+    Ok(views::guests_table_for(&rows, next.as_deref(), role))
 }
 
 /// The query of `/hosts/<id>`.
@@ -376,9 +383,10 @@ async fn guests(
 ) -> Response {
     let Some(ctl) = app.leading() else { return no_ctl() };
     let q = q.map(|q| q.0).unwrap_or_default();
+    let role = s.session.role;
     let r = tokio::task::spawn_blocking(move || {
         let (summary, alarms) = chrome(&ctl);
-        guests_fragment(&ctl, &q).map(|m| (summary, alarms, m))
+        guests_fragment(&ctl, &q, role).map(|m| (summary, alarms, m))
     })
     .await;
     match r {
@@ -389,7 +397,11 @@ async fn guests(
             summary,
             alarms,
             main,
-            maud::html! {},
+            if role.allows(Role::Operator) {
+                views::move_dialog()
+            } else {
+                maud::html! {}
+            },
         )),
         Ok(Err(e)) => err(&e),
         Err(e) => fail(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
@@ -421,7 +433,10 @@ async fn host(
             ctl.reg.active_alarms().into_iter().filter(|(h, _, _)| *h == hid).map(|(_, k, _)| k).collect();
         kinds.sort();
         kinds.dedup();
-        maud::html! { (views::status_dialog(&id)) @if !kinds.is_empty() { (views::ack_dialog(&hid, &kinds)) } }
+        maud::html! {
+            (views::status_dialog(&id)) @if !kinds.is_empty() { (views::ack_dialog(&hid, &kinds)) }
+            (views::migrate_dialog(&id)) (views::cleanup_dialog(&id)) (views::move_dialog())
+        }
     } else {
         maud::html! {}
     };

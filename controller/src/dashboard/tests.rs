@@ -668,3 +668,216 @@ async fn a_live_stream_sends_only_the_fragments_that_changed() {
         "the guests fragment did not change and is not sent again; the stream stays open: {rest:?}"
     );
 }
+
+// ---- plan-then-confirm actions (forced migration, move, cleanup) ----
+
+/// A pool where host-a (guest u1) went silent past the grace (0 here) and
+/// host-b and host-c are reachable targets (heard every 50 ms).
+async fn silent_fixture() -> (Fixture, Vec<tokio::sync::mpsc::Receiver<Box<lifeboat_proto::v1::ControllerMessage>>>) {
+    let timing = Timing { heartbeat_interval_ms: 100, unreachable_after_ms: 300 };
+    let reg = Arc::new(Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), timing).unwrap());
+    let mut rxs = Vec::new();
+    let info = |id: &str| lifeboat_proto::v1::HostInfo {
+        host_id: id.into(),
+        hostname: id.into(),
+        cpus: 8,
+        memory_total_kib: 64 << 20,
+        memory_free_kib: 60 << 20,
+        ..Default::default()
+    };
+    let mut sids = Vec::new();
+    for h in ["host-a", "host-b", "host-c"] {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let sid = reg.open_session(h, "boot", tx).unwrap();
+        let guests = if h == "host-a" { vec![guest(GuestState::Running)] } else { vec![] };
+        reg.apply_inventory(h, sid, Inventory { host: Some(info(h)), guests, more: false }).unwrap();
+        if h == "host-a" {
+            rxs.push(rx);
+        } else {
+            // The targets' agents answer every command (the plan asks them about disks).
+            let (reg, mut rx) = (reg.clone(), rx);
+            tokio::spawn(async move {
+                while let Some(m) = rx.recv().await {
+                    if let Some(lifeboat_proto::v1::controller_message::Msg::Command(c)) = m.msg {
+                        let ok = lifeboat_proto::v1::CommandResult { id: c.id, ok: true, ..Default::default() };
+                        reg.complete(ok);
+                    }
+                }
+            });
+        }
+        sids.push(sid);
+    }
+    reg.close_session("host-a", sids[0]);
+    let cells: Vec<_> = [("host-b", sids[1]), ("host-c", sids[2])]
+        .into_iter()
+        .map(|(h, sid)| reg.heard_cell(h, sid).unwrap())
+        .collect();
+    tokio::spawn(async move {
+        loop {
+            for c in &cells {
+                c.store(lifeboat_common::now_unix_ms(), std::sync::atomic::Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    // Past the startup grace and the detection time: host-a is silent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let engine = Engine::new(reg.clone(), &Default::default(), 0, 0, 30_000).unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let app = App::new(Arc::new(Auth::new(Arc::new(clock.clone()), 3600)), 8443, None);
+    app.open(Ctl { reg: reg.clone(), engine, leadership: None });
+    let rx = rxs.remove(0);
+    (Fixture { app, reg, clock, sid: sids[0], _rx: rx }, rxs)
+}
+
+fn plan_id_of(body: &str) -> String {
+    let at = body.find(r#"name="plan_id" value=""#).unwrap_or_else(|| panic!("no plan id in {body}"));
+    let rest = &body[at + r#"name="plan_id" value=""#.len()..];
+    rest[..rest.find('"').unwrap()].to_string()
+}
+
+async fn job_count(f: &Fixture) -> usize {
+    f.app.leading().unwrap().engine.jobs(None, 100).await.unwrap().len()
+}
+
+#[tokio::test]
+async fn a_forced_migration_plan_is_rendered_and_only_its_exact_plan_id_starts_a_job() {
+    let (f, _rxs) = silent_fixture().await;
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    let p = |path: &str, form: &str| post(path, form, Some(&id), Some(ORIGIN), Some(&csrf));
+    let form = "power=attest&attest_typed=host-a&reason=pulled+the+plug";
+    let (st, _, body) = send(&f.app, p("/hosts/host-a/migrate/plan", form)).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body.contains(r#"id="migrate-plan""#) && body.contains(r#"class="check ok""#), "{body}");
+    assert!(body.contains(r#"<tr data-uuid="u1""#) && body.contains("attestation"), "{body}");
+    let plan = plan_id_of(&body);
+    assert!(body.contains(r#"data-executable="true""#), "{body}");
+    // A plan id that is not the one computed now: the engine's refusal and the plan as it is now.
+    let (st, h, body) = send(&f.app, p("/hosts/host-a/migrate", &format!("{form}&plan_id=0000"))).await;
+    assert_eq!(st, StatusCode::CONFLICT, "{body}");
+    assert!(h.get("x-lifeboat-location").is_none());
+    assert!(body.contains(r#"class="refusal""#) && body.contains(&plan), "{body}");
+    assert_eq!(job_count(&f).await, 0, "nothing started");
+    // No plan id at all: 400, nothing started (the dashboard never sends `yes`).
+    let (st, _, _) = send(&f.app, p("/hosts/host-a/migrate", form)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(job_count(&f).await, 0);
+    // The exact plan id: a job, and the browser is sent to its page.
+    let (st, h, body) = send(&f.app, p("/hosts/host-a/migrate", &format!("{form}&plan_id={plan}"))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let to = h.get("x-lifeboat-location").unwrap().to_str().unwrap().to_string();
+    assert!(to.starts_with("/jobs/"), "{to}");
+    let jobs = f.app.leading().unwrap().engine.jobs(None, 10).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!((jobs[0].operator.as_str(), jobs[0].plan_id.as_str()), ("olga", plan.as_str()));
+    assert_eq!(to, format!("/jobs/{}", jobs[0].id));
+    let rows = f.reg.repos().audit(|a| a.read(&crate::ports::AuditFilter::default())).await.unwrap();
+    assert!(
+        rows.iter().any(|r| r.actor == "olga" && r.detail.contains("dashboard: migrate --force --from host-a")),
+        "{rows:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_forced_migration_is_refused_before_any_call_without_proof_and_for_viewers() {
+    let (f, _rxs) = silent_fixture().await;
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    for (form, want) in [
+        ("power=attest&attest_typed=host-b&reason=r", "does not match"),
+        ("power=attest&attest_typed=&reason=r", "does not match"),
+        ("power=attest&attest_typed=host-a&reason=+", "needs a reason"),
+        ("power=&reason=r", "fence"),
+        ("power=fence&parallel=0", "parallelism"),
+        ("power=fence&parallel=99999999999", "parallelism"),
+    ] {
+        for path in ["/hosts/host-a/migrate/plan", "/hosts/host-a/migrate"] {
+            let full = format!("{form}&plan_id=x");
+            let (st, _, body) = send(&f.app, post(path, &full, Some(&id), Some(ORIGIN), Some(&csrf))).await;
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{form}: {body}");
+            assert!(body.contains(want), "{form}: {body}");
+        }
+    }
+    assert_eq!(job_count(&f).await, 0);
+    // A host that is still talking: the plan says which check failed and what to do.
+    let (st, _, body) =
+        send(&f.app, post("/hosts/host-b/migrate/plan", "power=fence", Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body.contains(r#"class="check failed""#) && body.contains("What to do"), "{body}");
+    assert!(body.contains(r#"data-executable="false""#), "{body}");
+    let (vid, vcsrf) = sign_in(&f, "vera", Role::Viewer).await;
+    for (path, form) in [
+        ("/hosts/host-a/migrate/plan", "power=attest&attest_typed=host-a&reason=r"),
+        ("/hosts/host-a/migrate", "power=attest&attest_typed=host-a&reason=r&plan_id=x"),
+        ("/guests/move/plan", "from=host-b&vm=u1&target=host-c"),
+        ("/guests/move", "from=host-b&vm=u1&target=host-c&plan_id=x"),
+        ("/hosts/host-a/cleanup/plan", ""),
+        ("/hosts/host-a/cleanup", "plan_id=x"),
+    ] {
+        let (st, _, body) = send(&f.app, post(path, form, Some(&vid), Some(ORIGIN), Some(&vcsrf))).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{path}: {body}");
+        // Without the CSRF header an operator is refused too.
+        let (st, _, _) = send(&f.app, post(path, form, Some(&id), Some(ORIGIN), None)).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(job_count(&f).await, 0);
+    for p in ["/hosts/host-a", "/guests"] {
+        let (_, _, body) = send(&f.app, get(p, Some(&vid))).await;
+        assert!(!body.contains("data-action") && !body.contains("migrate-dialog"), "{p}: {body}");
+        let (_, _, body) = send(&f.app, get(p, Some(&id))).await;
+        assert!(body.contains(r#"id="move-dialog""#), "{p}: {body}");
+    }
+    let (_, _, body) = send(&f.app, get("/hosts/host-a", Some(&id))).await;
+    assert!(body.contains(r#"data-action="migrate""#) && body.contains(r#"id="migrate-dialog""#), "{body}");
+    assert!(body.contains(r#"data-action="move-guest""#) && body.contains(r#"data-from="host-a""#), "{body}");
+}
+
+#[tokio::test]
+async fn targets_list_reachable_accepting_and_marked_test_hosts_and_a_move_plans_one_guest() {
+    let (f, _rxs) = silent_fixture().await;
+    f.reg.set_status("host-c", HostStatus::NotAccepting, "test host", "olga").await.unwrap();
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    let (st, _, body) = send(&f.app, get("/targets?from=host-b", Some(&id))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body.contains(r#"<option value="host-c">host-c (NOT ACCEPTING — test host)"#), "{body}");
+    assert!(!body.contains(r#"value="host-b""#), "not the source: {body}");
+    assert!(!body.contains(r#"value="host-a""#), "not an unreachable host: {body}");
+    // A move of a guest off a silent host: refused by the plan (the source must be connected).
+    let form = "from=host-a&vm=u1&target=host-b";
+    let (st, _, body) = send(&f.app, post("/guests/move/plan", form, Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body.contains(r#"data-executable="false""#) && body.contains("What to do"), "{body}");
+    let plan = plan_id_of(&body);
+    let (st, h, body) =
+        send(&f.app, post("/guests/move", &format!("{form}&plan_id={plan}"), Some(&id), Some(ORIGIN), Some(&csrf)))
+            .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{body}");
+    assert!(h.get("x-lifeboat-location").is_none() && body.contains(r#"class="refusal""#), "{body}");
+    assert_eq!(job_count(&f).await, 0);
+    let (st, _, body) =
+        send(&f.app, post("/guests/move/plan", "from=host-a&vm=u1", Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test]
+async fn cleanup_plans_and_confirms_only_the_exact_plan_id() {
+    let f = fixture();
+    let (id, csrf) = sign_in(&f, "olga", Role::Operator).await;
+    let (st, _, body) =
+        send(&f.app, post("/hosts/host-a/cleanup/plan", "", Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body.contains(r#"id="cleanup-plan""#), "{body}");
+    let plan = plan_id_of(&body);
+    let (st, _, body) =
+        send(&f.app, post("/hosts/host-a/cleanup", "plan_id=nope", Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert!(st == StatusCode::CONFLICT || st == StatusCode::BAD_REQUEST, "{st}: {body}");
+    assert!(body.contains(r#"class="refusal""#) && body.contains(&plan), "{body}");
+    let (st, _, _) = send(&f.app, post("/hosts/host-a/cleanup", "", Some(&id), Some(ORIGIN), Some(&csrf))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, _, body) =
+        send(&f.app, post("/hosts/host-a/cleanup", &format!("plan_id={plan}"), Some(&id), Some(ORIGIN), Some(&csrf)))
+            .await;
+    assert!(st == StatusCode::OK || st == StatusCode::CONFLICT, "{st}: {body}");
+    if st == StatusCode::OK {
+        assert!(body.contains(r#"data-done="true""#), "{body}");
+    }
+}

@@ -292,6 +292,12 @@ pub fn host_detail(
                     " "
                     button type="button" data-action="ack-alarm" data-dialog="ack-dialog" { "Acknowledge an alarm…" }
                 }
+                " "
+                button type="button" data-action="migrate" data-dialog="migrate-dialog" { "Forced migration…" }
+                @if h.stale_definitions > 0 {
+                    " "
+                    button type="button" data-action="cleanup" data-dialog="cleanup-dialog" { "Clean up…" }
+                }
             }
             table.facts #host data-host=(info.host_id) {
                 tr {
@@ -335,7 +341,7 @@ pub fn host_detail(
                 tr { th { "Alarms" } td { @for a in &h.alarms { div.alarm { (a) } } } }
             }
         }
-        section { h2 { "Guests" } (guests_table(guests, guests_next)) }
+        section { h2 { "Guests" } (guests_table_for(guests, guests_next, role)) }
         section {
             h2 { "Jobs" }
             table #jobs {
@@ -520,4 +526,212 @@ pub fn ack_dialog(host: &str, kinds: &[String]) -> Markup {
 /// The answer of acknowledged alarms.
 pub fn ack_done(n: usize, kind: &str, host: &str) -> Markup {
     html! { div.done { (n) " " (kind) " alarm(s) on " (host) " cleared." } }
+}
+
+/// The guests table with a "Move…" button per guest for operators.
+pub fn guests_table_for(rows: &[GuestRecord], next: Option<&str>, role: Role) -> Markup {
+    if !role.allows(Role::Operator) {
+        return guests_table(rows, next);
+    }
+    html! {
+        table #guests {
+            thead {
+                tr {
+                    th { "Guest" } th { "State" } th { "Runs on" } th { "Owned by" } th { "Desired" }
+                    th { "vCPUs" } th { "Memory" } th { "Actions" }
+                }
+            }
+            tbody {
+                @for r in rows {
+                    @let g = r.guest.clone().unwrap_or_default();
+                    tr data-uuid=(g.uuid) {
+                        td { (g.name) br; small.uuid { (g.uuid) } }
+                        td.state { (if r.missing { "missing" } else { lifeboat_proto::state_name(g.state) }) }
+                        td.runs-on { a href={ "/hosts/" (r.host_id) } { (r.host_id) } }
+                        td.owned-by { (r.owner_host) }
+                        td { (r.desired_state) }
+                        td { (g.vcpus) }
+                        td { (mib(g.memory_kib)) }
+                        td.actions {
+                            button type="button" data-action="move-guest" data-dialog="move-dialog"
+                                data-uuid=(g.uuid) data-name=(g.name) data-from=(r.host_id) { "Move…" }
+                        }
+                    }
+                }
+            }
+        }
+        @if let Some(n) = next { a.next href=(n) { "Next page →" } }
+    }
+}
+
+fn checks_list(checks: &[lifeboat_proto::v1::Check]) -> Markup {
+    html! {
+        ul.checks {
+            @for c in checks {
+                li class={ "check " (if c.ok { "ok" } else { "failed" }) } {
+                    strong { (c.name) } ": " (c.detail)
+                    @if !c.ok && !c.remedy.is_empty() { br; span.remedy { "What to do: " (c.remedy) } }
+                }
+            }
+        }
+    }
+}
+
+/// A forced-migration or move plan: its checks, the power evidence and each
+/// guest with its target. The hidden `plan_id` sits inside the dialog's form,
+/// so the confirm button posts exactly this plan.
+pub fn migration_plan(p: &lifeboat_proto::v1::MigrationPlan) -> Markup {
+    html! {
+        div.plan #migrate-plan data-plan-id=(p.plan_id) data-executable=(p.executable) {
+            input type="hidden" name="plan_id" value=(p.plan_id);
+            p.summary { (p.summary) }
+            p { "Plan " code.plan-id { (p.plan_id) } ": "
+                @if p.executable { "every check passes; press Confirm to carry out exactly this plan." }
+                @else { "refused as things stand; nothing was changed." }
+            }
+            p.evidence { "Power evidence: "
+                span.power-evidence { (if p.power_evidence.is_empty() { "none" } else { p.power_evidence.as_str() }) }
+            }
+            (checks_list(&p.preconditions))
+            table.plan-guests {
+                thead { tr { th { "Guest" } th { "Target" } th { "Why" } th { "Checks" } } }
+                tbody {
+                    @for g in &p.guests {
+                        tr data-uuid=(g.uuid) data-movable=(g.movable) {
+                            td { (g.name) br; small.uuid { (g.uuid) } }
+                            td.target { @if g.target.is_empty() { "—" } @else { (g.target) } }
+                            td { (g.reason) }
+                            td { (checks_list(&g.checks)) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn power_choice() -> Markup {
+    html! {
+        fieldset.power {
+            legend { "How is the host proven powered off?" }
+            label {
+                input type="radio" name="power" value="fence" required;
+                " Fence: power it off through its BMC first"
+            }
+            label {
+                input type="radio" name="power" value="attest" required;
+                " I attest that it is powered off (type the host id below)"
+            }
+            label { "Host id, typed " input type="text" name="attest_typed" maxlength="256" autocomplete="off"; }
+        }
+    }
+}
+
+/// The forced-migration dialog of a host's page.
+pub fn migrate_dialog(host: &str) -> Markup {
+    html! {
+        dialog #migrate-dialog {
+            form.post method="post" action={ "/hosts/" (host) "/migrate" } {
+                h2 { "Forced migration of " (host) }
+                p { "Recreates every guest of this silent host elsewhere. Plan first; Confirm carries out the plan shown." }
+                (power_choice())
+                label {
+                    "Reason (recorded in the audit log) "
+                    input type="text" name="reason" maxlength="500";
+                }
+                label { "Target host (empty: choose) " input type="text" name="target" maxlength="256"; }
+                label { "Parallelism (empty: default) " input type="number" name="parallel" min="1" max="64"; }
+                div.result {}
+                div.buttons {
+                    button type="button" data-close="migrate-dialog" { "Cancel" }
+                    button type="submit" data-action="plan-migrate" formaction={ "/hosts/" (host) "/migrate/plan" } {
+                        "Plan"
+                    }
+                    button type="submit" data-action="confirm-migrate" { "Confirm" }
+                }
+            }
+        }
+    }
+}
+
+/// The move-one-guest dialog (guests page and host page); app.js fills
+/// `from`, `vm` and the target list from the pressed button.
+pub fn move_dialog() -> Markup {
+    html! {
+        dialog #move-dialog {
+            form.post method="post" action="/guests/move" {
+                h2 { "Move " span.move-name {} }
+                input type="hidden" name="from" value="";
+                input type="hidden" name="vm" value="";
+                label { "Target " select name="target" required { option value="" { "(loading…)" } } }
+                div.result {}
+                div.buttons {
+                    button type="button" data-close="move-dialog" { "Cancel" }
+                    button type="submit" data-action="plan-move" formaction="/guests/move/plan" { "Plan" }
+                    button type="submit" data-action="confirm-move" { "Confirm" }
+                }
+            }
+        }
+    }
+}
+
+/// The target options of a move (`GET /targets?from=`).
+pub fn target_options(targets: &[(String, bool)]) -> Markup {
+    html! {
+        option value="" { "(choose a target)" }
+        @for (id, accepting) in targets {
+            option value=(id) {
+                (id) @if !accepting { " (NOT ACCEPTING — test host)" }
+            }
+        }
+    }
+}
+
+/// The cleanup dialog of a host's page.
+pub fn cleanup_dialog(host: &str) -> Markup {
+    html! {
+        dialog #cleanup-dialog {
+            form.post method="post" action={ "/hosts/" (host) "/cleanup" } {
+                h2 { "Clean up stale definitions on " (host) }
+                p { "Removes the definitions of guests that were moved away. Plan first; Confirm carries out the plan shown." }
+                div.result {}
+                div.buttons {
+                    button type="button" data-close="cleanup-dialog" { "Cancel" }
+                    button type="submit" data-action="plan-cleanup" formaction={ "/hosts/" (host) "/cleanup/plan" } {
+                        "Plan"
+                    }
+                    button type="submit" data-action="confirm-cleanup" { "Confirm" }
+                }
+            }
+        }
+    }
+}
+
+/// A cleanup plan (or its result): checks and each definition with what
+/// happens (or happened) to it.
+pub fn cleanup_plan(p: &lifeboat_proto::v1::CleanupPlan, done: bool) -> Markup {
+    html! {
+        div.plan #cleanup-plan data-plan-id=(p.plan_id) data-executable=(p.executable) data-done=(done) {
+            @if !done { input type="hidden" name="plan_id" value=(p.plan_id); }
+            p.summary { (p.summary) }
+            @if !done {
+                p { "Plan " code.plan-id { (p.plan_id) } ": "
+                    @if p.executable { "every check passes; press Confirm to carry out exactly this plan." }
+                    @else { "refused as things stand; nothing was changed." }
+                }
+            }
+            (checks_list(&p.preconditions))
+            table.cleanup-items {
+                thead { tr { th { "Guest" } th { "Moved to" } th { "State here" } th { "Action" } th { "Detail" } } }
+                tbody {
+                    @for i in &p.items {
+                        tr data-uuid=(i.uuid) data-cleanup-action=(i.action) {
+                            td { (i.name) br; small.uuid { (i.uuid) } }
+                            td { (i.moved_to) } td { (i.state) } td.cleanup-action { (i.action) } td { (i.detail) }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -106,6 +106,28 @@
     });
   }
 
+  // The move dialog: the guest and its host come from the pressed button,
+  // the targets from GET /targets?from=H (<option> elements).
+  function fillMove(d, button) {
+    var f = d.querySelector("form");
+    if (!f) return;
+    var from = button.getAttribute("data-from") || "";
+    f.elements.namedItem("from").value = from;
+    f.elements.namedItem("vm").value = button.getAttribute("data-uuid") || "";
+    var n = d.querySelector(".move-name");
+    if (n) n.textContent = (button.getAttribute("data-name") || "") + " from " + from;
+    var sel = f.elements.namedItem("target");
+    sel.innerHTML = '<option value="">(loading…)</option>';
+    fetch("/targets?from=" + encodeURIComponent(from), { credentials: "same-origin" }).then(function (res) {
+      return res.text().then(function (text) {
+        if (res.ok) {
+          sel.innerHTML = text;
+          sel.dataset.loaded = "true";
+        }
+      });
+    });
+  }
+
   // Dialogs: a button with data-dialog opens it, data-close closes it.
   function onClick(ev) {
     var t = ev.target;
@@ -116,6 +138,7 @@
       if (d && d.showModal) {
         var r = d.querySelector(".result");
         if (r) r.innerHTML = "";
+        if (open.hasAttribute("data-uuid")) fillMove(d, open);
         d.showModal();
       }
       return;
