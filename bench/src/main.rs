@@ -799,7 +799,7 @@ impl Dashboard {
     fn pages(&self, token: &str) -> anyhow::Result<Pages> {
         self.sign_in(token)?;
         let (hosts, hosts_bytes) = self.ttfb_ms("/hosts", 20, "data-host=")?;
-        let (guests, guests_bytes) = self.ttfb_ms("/guests?state=running&q=vm-0004", 20, "data-uuid=")?;
+        let (guests, guests_bytes) = self.ttfb_ms("/guests?state=running&q=vm-0004", 20, "id=\"guests\"")?;
         Ok(Pages { hosts, hosts_bytes, guests, guests_bytes })
     }
 
