@@ -1069,6 +1069,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut streams = Vec::new();
+    let mut dashboard = None;
     if args.dashboard_port != 0 {
         let login = adm.create_dashboard_login(lifeboat_proto::v1::CreateDashboardLoginRequest {}).await?.into_inner();
         let d = Dashboard { pki: pki_dir.clone(), port: args.dashboard_port, jar: dir.join("dashboard-cookies.txt") };
@@ -1091,14 +1092,18 @@ async fn main() -> anyhow::Result<()> {
                 rep.dashboard_guests_ttfb_ms_max
             ),
         );
-        rep.dashboard_rss_before_mib = proc_rss_mib(pid)?.0;
-        for k in 0..20 {
-            streams.push(d.live(&dir.join(format!("live-{k}.txt")), args.warmup_s + args.measure_s + 60)?);
-        }
-        rep.dashboard_streams = streams.len();
+        dashboard = Some(d);
     }
 
     tokio::time::sleep(Duration::from_secs(args.warmup_s)).await;
+    // After the warm-up, so that "before" is the steady size and not the inventories' peak.
+    if let Some(d) = &dashboard {
+        rep.dashboard_rss_before_mib = proc_rss_mib(pid)?.0;
+        for k in 0..20 {
+            streams.push(d.live(&dir.join(format!("live-{k}.txt")), args.measure_s + 60)?);
+        }
+        rep.dashboard_streams = streams.len();
+    }
     log(t0, format!("measuring steady load for {} s", args.measure_s));
     let etcd_writes = |e: &lifeboat_common::etcd_test::Etcd| -> anyhow::Result<(f64, f64)> {
         let w = etcd_metric(&e.url(), "etcd_mvcc_put_total")? + etcd_metric(&e.url(), "etcd_mvcc_delete_total")?;
