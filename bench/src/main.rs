@@ -94,6 +94,10 @@ struct Args {
     /// Controllers sharing the etcd (with --etcd).
     #[arg(long, default_value_t = 2)]
     controllers: usize,
+    /// Turn the web dashboard on at 127.0.0.1:PORT and time its pages and
+    /// live streams with curl over real TLS (0 = off; not with --etcd).
+    #[arg(long, default_value_t = 0)]
+    dashboard_port: u16,
 }
 
 /// The figures, printed as JSON.
@@ -142,6 +146,27 @@ struct Report {
     failover_reconnected_s: f64,
     /// Failover: leader SIGKILLed → every agent got a lease grant from the new leader (s).
     failover_leases_s: f64,
+    /// Dashboard (`--dashboard-port`): time to first byte of `/hosts`, p50 over 20 requests
+    /// (each a new TLS connection, as curl makes it) (ms).
+    dashboard_hosts_ttfb_ms_p50: f64,
+    /// Dashboard: the slowest of those 20 (ms).
+    dashboard_hosts_ttfb_ms_max: f64,
+    /// Dashboard: bytes of one `/hosts` page.
+    dashboard_hosts_bytes: u64,
+    /// Dashboard: time to first byte of `/guests?state=running&q=vm-0004`, p50 over 20 (ms).
+    dashboard_guests_ttfb_ms_p50: f64,
+    /// Dashboard: the slowest of those 20 (ms).
+    dashboard_guests_ttfb_ms_max: f64,
+    /// Dashboard: bytes of one filtered guests page.
+    dashboard_guests_bytes: u64,
+    /// Dashboard: `/live?view=hosts` streams opened for the measure window.
+    dashboard_streams: usize,
+    /// Dashboard: of those, still open at its end with events received.
+    dashboard_streams_alive: usize,
+    /// Dashboard: controller VmRSS before the streams were opened (MiB).
+    dashboard_rss_before_mib: f64,
+    /// Dashboard: controller VmRSS at the end of the measure window, the streams open (MiB).
+    dashboard_rss_with_streams_mib: f64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -711,6 +736,120 @@ fn plan_runs(url: &str, pki: &Path, req: &MigrateRequest, runs: usize) -> anyhow
     })
 }
 
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// First-byte times (ms) and sizes of the two timed pages.
+struct Pages {
+    hosts: Vec<f64>,
+    hosts_bytes: u64,
+    guests: Vec<f64>,
+    guests_bytes: u64,
+}
+
+/// The dashboard, reached with curl (real TLS, the loadgen's CA, the
+/// controller's certificate name resolved to loopback).
+struct Dashboard {
+    pki: PathBuf,
+    port: u16,
+    jar: PathBuf,
+}
+
+impl Dashboard {
+    fn origin(&self) -> String {
+        format!("https://{}:{}", pki::CONTROLLER_NAME, self.port)
+    }
+
+    fn curl(&self) -> Command {
+        let mut c = Command::new("curl");
+        c.arg("--silent")
+            .arg("--show-error")
+            .arg("--cacert")
+            .arg(self.pki.join("ca.pem"))
+            .arg("--resolve")
+            .arg(format!("{}:{}:127.0.0.1", pki::CONTROLLER_NAME, self.port))
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Redeems a sign-in link's token; the session cookie lands in the jar.
+    fn sign_in(&self, token: &str) -> anyhow::Result<()> {
+        let out = self
+            .curl()
+            .args(["-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg(format!("Origin: {}", self.origin()))
+            .arg("-c")
+            .arg(&self.jar)
+            .arg("--data-urlencode")
+            .arg(format!("token={token}"))
+            .arg(format!("{}/login", self.origin()))
+            .output()
+            .context("running curl")?;
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        if code != "303" || !std::fs::read_to_string(&self.jar).unwrap_or_default().contains("__Host-lifeboat") {
+            bail!("dashboard sign-in: HTTP {code}, {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Signs in, then times `/hosts` and a filtered guests page 20 times each.
+    fn pages(&self, token: &str) -> anyhow::Result<Pages> {
+        self.sign_in(token)?;
+        let (hosts, hosts_bytes) = self.ttfb_ms("/hosts", 20, "data-host=")?;
+        let (guests, guests_bytes) = self.ttfb_ms("/guests?state=running&q=vm-0004", 20, "id=\"guests\"")?;
+        Ok(Pages { hosts, hosts_bytes, guests, guests_bytes })
+    }
+
+    /// `runs` GETs of `path`: each one's time to first byte (ms), and the
+    /// page's size; the page must be a 200 containing `needle`.
+    fn ttfb_ms(&self, path: &str, runs: usize, needle: &str) -> anyhow::Result<(Vec<f64>, u64)> {
+        let body = self.jar.with_extension("page");
+        let mut times = Vec::with_capacity(runs);
+        let mut bytes = 0;
+        for _ in 0..runs {
+            let out = self
+                .curl()
+                .arg("-o")
+                .arg(&body)
+                .args(["-w", "%{http_code} %{time_starttransfer} %{size_download}", "-b"])
+                .arg(&self.jar)
+                .arg(format!("{}{path}", self.origin()))
+                .output()
+                .context("running curl")?;
+            let w = String::from_utf8_lossy(&out.stdout).to_string();
+            let mut f = w.split_whitespace();
+            let (code, t, size) = (f.next(), f.next().and_then(|t| t.parse::<f64>().ok()), f.next());
+            let page = std::fs::read_to_string(&body).unwrap_or_default();
+            match (code, t) {
+                (Some("200"), Some(t)) if page.contains(needle) => times.push(t * 1000.0),
+                _ => bail!("dashboard GET {path}: {w} {}", String::from_utf8_lossy(&out.stderr)),
+            }
+            bytes = size.and_then(|s| s.parse().ok()).unwrap_or(0);
+        }
+        Ok((times, bytes))
+    }
+
+    /// A `/live?view=hosts` stream written to `out`, for at most `max_s`.
+    fn live(&self, out: &Path, max_s: u64) -> anyhow::Result<Child> {
+        self.curl()
+            .arg("-N")
+            .arg("--max-time")
+            .arg(max_s.to_string())
+            .arg("-o")
+            .arg(out)
+            .arg("-b")
+            .arg(&self.jar)
+            .arg(format!("{}/live?view=hosts", self.origin()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running curl")
+    }
+}
+
 fn log(t0: Instant, msg: impl AsRef<str>) {
     eprintln!("loadgen [{:7.1}s] {}", t0.elapsed().as_secs_f64(), msg.as_ref());
 }
@@ -720,6 +859,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.hosts == 0 || args.guests_per_host == 0 {
         bail!("--hosts and --guests-per-host must be at least 1");
+    }
+    if args.dashboard_port != 0 && args.etcd {
+        bail!("--dashboard-port needs one controller: leave out --etcd");
     }
     let t0 = Instant::now();
     lifeboat_common::tls::install_crypto_provider();
@@ -794,6 +936,11 @@ async fn main() -> anyhow::Result<()> {
                 )
             }
             None => String::new(),
+        };
+        let store = if args.dashboard_port == 0 {
+            store
+        } else {
+            format!("{store}[dashboard]\nenabled = true\nlisten = \"127.0.0.1:{}\"\n", args.dashboard_port)
         };
         std::fs::write(
             &cfg_path,
@@ -921,7 +1068,42 @@ async fn main() -> anyhow::Result<()> {
         ),
     );
 
+    let mut streams = Vec::new();
+    let mut dashboard = None;
+    if args.dashboard_port != 0 {
+        let login = adm.create_dashboard_login(lifeboat_proto::v1::CreateDashboardLoginRequest {}).await?.into_inner();
+        let d = Dashboard { pki: pki_dir.clone(), port: args.dashboard_port, jar: dir.join("dashboard-cookies.txt") };
+        let (d, pages) = tokio::task::spawn_blocking(move || d.pages(&login.token).map(|p| (d, p))).await??;
+        let Pages { hosts, hosts_bytes, guests, guests_bytes } = pages;
+        rep.dashboard_hosts_ttfb_ms_p50 = median(&hosts);
+        rep.dashboard_hosts_ttfb_ms_max = hosts.iter().copied().fold(0.0, f64::max);
+        rep.dashboard_hosts_bytes = hosts_bytes;
+        rep.dashboard_guests_ttfb_ms_p50 = median(&guests);
+        rep.dashboard_guests_ttfb_ms_max = guests.iter().copied().fold(0.0, f64::max);
+        rep.dashboard_guests_bytes = guests_bytes;
+        log(
+            t0,
+            format!(
+                "dashboard: /hosts first byte p50 {:.1} ms max {:.1} ms ({} bytes); guests page p50 {:.1} ms max {:.1} ms",
+                rep.dashboard_hosts_ttfb_ms_p50,
+                rep.dashboard_hosts_ttfb_ms_max,
+                rep.dashboard_hosts_bytes,
+                rep.dashboard_guests_ttfb_ms_p50,
+                rep.dashboard_guests_ttfb_ms_max
+            ),
+        );
+        dashboard = Some(d);
+    }
+
     tokio::time::sleep(Duration::from_secs(args.warmup_s)).await;
+    // After the warm-up, so that "before" is the steady size and not the inventories' peak.
+    if let Some(d) = &dashboard {
+        rep.dashboard_rss_before_mib = proc_rss_mib(pid)?.0;
+        for k in 0..20 {
+            streams.push(d.live(&dir.join(format!("live-{k}.txt")), args.measure_s + 60)?);
+        }
+        rep.dashboard_streams = streams.len();
+    }
     log(t0, format!("measuring steady load for {} s", args.measure_s));
     let etcd_writes = |e: &lifeboat_common::etcd_test::Etcd| -> anyhow::Result<(f64, f64)> {
         let w = etcd_metric(&e.url(), "etcd_mvcc_put_total")? + etcd_metric(&e.url(), "etcd_mvcc_delete_total")?;
@@ -964,6 +1146,31 @@ async fn main() -> anyhow::Result<()> {
     }
     let (rss, _) = proc_rss_mib(pid)?;
     rep.controller_rss_mib = rss;
+    if !streams.is_empty() {
+        rep.dashboard_rss_with_streams_mib = rss;
+        for (k, mut s) in streams.drain(..).enumerate() {
+            let open = matches!(s.try_wait(), Ok(None));
+            let got = std::fs::read_to_string(dir.join(format!("live-{k}.txt"))).unwrap_or_default();
+            if open && got.contains("event: summary") {
+                rep.dashboard_streams_alive += 1;
+            }
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        log(
+            t0,
+            format!(
+                "dashboard: {} of {} live streams open to the end; controller RSS {:.0} MiB before, {:.0} MiB with them",
+                rep.dashboard_streams_alive,
+                rep.dashboard_streams,
+                rep.dashboard_rss_before_mib,
+                rep.dashboard_rss_with_streams_mib
+            ),
+        );
+        if rep.dashboard_streams_alive != rep.dashboard_streams {
+            bail!("only {} of {} dashboard live streams lasted", rep.dashboard_streams_alive, rep.dashboard_streams);
+        }
+    }
     {
         let mut v = std::mem::take(&mut *sh.rtts_us.lock().unwrap_or_else(|p| p.into_inner()));
         v.sort_unstable();

@@ -125,6 +125,12 @@ fn garbage_arguments_are_usage_errors() {
         (vec!["jobs", "watch", " "], "<ID>"),
         (vec!["jobs", "list", "--host", ""], "--host"),
         (vec!["certs", "issue", "--ca-dir", "/nonexistent", "--agent", ""], "--agent"),
+        (vec!["dashboard"], "login"),
+        (vec!["dashboard", "logon"], "logon"),
+        (vec!["dashboard", "login", "extra"], "extra"),
+        (vec!["dashboard", "login", "--output", "yaml"], "--output"),
+        (vec!["dashboard", "login", "--timeout", "0"], "--timeout"),
+        (vec!["dashboard", "login", "--token", "x"], "--token"),
     ];
     for (args, flag) in &cases {
         let r = run_with(None, args);
@@ -241,6 +247,16 @@ async fn certificate_failures_exit_4_every_time() {
         tokio::task::spawn_blocking(move || run_with(Some((&url, &olga)), &["whoami"])).await.unwrap()
     };
     assert_eq!(good.code, Some(0), "{}{}", good.stdout, good.stderr);
+    // A sign-in link from a controller whose dashboard is off: refused, and the message says what to set.
+    let off = {
+        let (url, olga) = (url.clone(), olga.clone());
+        tokio::task::spawn_blocking(move || run_with(Some((&url, &olga)), &["dashboard", "login", "-o", "json"]))
+            .await
+            .unwrap()
+    };
+    assert_no_crash("dashboard login (dashboard off)", &off);
+    assert_ne!(off.code, Some(0), "{}{}", off.stdout, off.stderr);
+    assert!(off.stdout.is_empty() && off.stderr.contains("[dashboard] enabled = true"), "{}", off.stderr);
 
     // Expired: signed by the right CA, valid only in 2020.
     let expired = openssl_client(dir.path(), "old", "20200101000000Z", "20200201000000Z");

@@ -45,6 +45,8 @@ fn words() -> impl Strategy<Value = Vec<OsString>> {
         "jobs",
         "watch",
         "log",
+        "dashboard",
+        "login",
         "help",
         "host-a",
         "vm-a1",
@@ -160,6 +162,10 @@ fn command() -> impl Strategy<Value = Vec<OsString>> {
         t(&["migrate", "--from", "@", "--plan", "--parallel", "@"]),
         t(&["move", "--vm", "@", "--from", "@", "--to", "@", "--plan"]),
         t(&["whoami", "--timeout", "@"]),
+        t(&["dashboard", "login"]),
+        t(&["dashboard", "login", "-o", "json", "--timeout", "@"]),
+        t(&["dashboard", "login", "@"]),
+        t(&["dashboard", "@", "login"]),
     ];
     (proptest::sample::select(templates), proptest::collection::vec(v(), 3)).prop_map(move |(a, vs)| with(a, vs))
 }
