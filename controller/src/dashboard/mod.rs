@@ -50,6 +50,8 @@ pub struct App {
     pub port: u16,
     /// Live updates, once leading.
     pub hub: OnceLock<live::Hub>,
+    /// Open `/live` streams (bounded per session and in all).
+    pub streams: Arc<live::Streams>,
 }
 
 pub use auth::{Auth, Session};
@@ -60,7 +62,7 @@ pub type AppState = Arc<App>;
 impl App {
     /// A dashboard not serving yet (follower, or before load).
     pub fn new(auth: Arc<Auth>, port: u16, hint: Option<watch::Receiver<LeaderHint>>) -> AppState {
-        Arc::new(App { auth, ctl: OnceLock::new(), hint, port, hub: OnceLock::new() })
+        Arc::new(App { auth, ctl: OnceLock::new(), hint, port, hub: OnceLock::new(), streams: Default::default() })
     }
 
     /// Serves from `ctl` from now on (this process leads and has loaded),

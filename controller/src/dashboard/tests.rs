@@ -359,8 +359,9 @@ async fn a_guest_state_change_reaches_an_open_live_stream_within_a_second() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers().get(header::CONTENT_TYPE).unwrap(), "text/event-stream");
     let mut body = res.into_body();
-    let first = read_until(&mut body, "event: live", Duration::from_secs(5)).await.unwrap();
-    assert!(first.contains(r#"<td class="state">running<"#), "{first}");
+    // The page holds the first render: the stream waits for a change.
+    let first = read_until(&mut body, "event: live", Duration::from_millis(600)).await;
+    assert!(matches!(&first, Err(t) if t.contains(": open")), "{first:?}");
     let v0 = f.reg.view_version();
     let t0 = std::time::Instant::now();
     f.reg.apply_guest("host-a", f.sid, guest(GuestState::Shutoff)).unwrap();
@@ -505,6 +506,8 @@ async fn the_jobs_pages_show_each_move_and_its_step() {
     assert_eq!(send(&f.app, get("/jobs/nope", Some(&id))).await.0, StatusCode::NOT_FOUND);
     let res = routes::router(f.app.clone()).oneshot(get("/live?view=job&id=j-1", Some(&id))).await.unwrap();
     let mut body = res.into_body();
+    read_until(&mut body, ": open", Duration::from_secs(5)).await.unwrap();
+    f.reg.apply_guest("host-a", f.sid, guest(GuestState::Paused)).unwrap();
     assert!(read_until(&mut body, "data-move-state=\"STARTING\"", Duration::from_secs(5)).await.is_ok());
 }
 
@@ -656,7 +659,10 @@ async fn a_live_stream_sends_only_the_fragments_that_changed() {
     let (id, _) = sign_in(&f, "vera", Role::Viewer).await;
     let res = routes::router(f.app.clone()).oneshot(get("/live?view=guests&host=host-a", Some(&id))).await.unwrap();
     let mut body = res.into_body();
-    read_until(&mut body, "event: live", Duration::from_secs(5)).await.unwrap();
+    read_until(&mut body, ": open", Duration::from_secs(5)).await.unwrap();
+    // The first tick sends all three; host-a's guests stay the same after.
+    f.reg.apply_guest("host-a", f.sid, guest(GuestState::Paused)).unwrap();
+    read_until(&mut body, "event: live", Duration::from_secs(2)).await.unwrap();
     // A new host changes the counts at the top, not host-a's guests.
     let (tx, _rx) = tokio::sync::mpsc::channel(1);
     f.reg.open_session("host-b", "boot", tx).unwrap();
@@ -667,4 +673,98 @@ async fn a_live_stream_sends_only_the_fragments_that_changed() {
         matches!(&rest, Err(t) if !t.starts_with("stream ended")),
         "the guests fragment did not change and is not sent again; the stream stays open: {rest:?}"
     );
+}
+
+#[tokio::test]
+async fn live_streams_are_capped_per_session_and_in_all_and_given_back_when_they_end() {
+    let f = fixture();
+    let (id, _) = sign_in(&f, "vera", Role::Viewer).await;
+    let open = |sid: &str| routes::router(f.app.clone()).oneshot(get("/live?view=hosts", Some(sid)));
+    let mut held = Vec::new();
+    for _ in 0..live::MAX_STREAMS_PER_SESSION {
+        let res = open(&id).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        held.push(res);
+    }
+    let (st, _, body) = send(&f.app, get("/live?view=hosts", Some(&id))).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body.contains("this session (4)"), "{body}");
+    // A closed page gives its place back.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while f.app.streams.open(&id).1 == live::MAX_STREAMS_PER_SESSION && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let res = open(&id).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    held.push(res);
+    // In all: other sessions fill the controller up to MAX_STREAMS.
+    let mut n = 1;
+    while f.app.streams.open(&id).0 < live::MAX_STREAMS {
+        let (other, _) = sign_in(&f, &format!("viewer-{n}"), Role::Viewer).await;
+        n += 1;
+        for _ in 0..live::MAX_STREAMS_PER_SESSION.min(live::MAX_STREAMS - f.app.streams.open(&id).0) {
+            let res = open(&other).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            held.push(res);
+        }
+    }
+    let (last, _) = sign_in(&f, "late", Role::Viewer).await;
+    let (st, _, body) = send(&f.app, get("/live?view=hosts", Some(&last))).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body.contains("on this controller (64)"), "{body}");
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while f.app.streams.open(&id).0 > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(f.app.streams.open(&id), (0, 0), "every ended stream gave its place back");
+}
+
+#[tokio::test]
+async fn streams_share_one_chrome_render_per_tick_and_slow_views_render_at_most_once_a_second() {
+    let f = fixture();
+    let (id, _) = sign_in(&f, "vera", Role::Viewer).await;
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let res = routes::router(f.app.clone()).oneshot(get("/live?view=hosts", Some(&id))).await.unwrap();
+        let mut body = res.into_body();
+        read_until(&mut body, ": open", Duration::from_secs(2)).await.unwrap();
+        bodies.push(body);
+    }
+    let hub = f.app.hub.get().unwrap();
+    assert_eq!(hub.renders(), (0, 0), "nothing is rendered again right after the page load");
+    let ticks0 = *hub.subscribe().borrow();
+    for (i, st) in [GuestState::Shutoff, GuestState::Running, GuestState::Paused].into_iter().enumerate() {
+        f.reg.apply_guest("host-a", f.sid, guest(st)).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for b in &mut bodies {
+            let _ = read_until(b, "never", Duration::from_millis(1)).await;
+        }
+        let _ = i;
+    }
+    let ticks = *hub.subscribe().borrow() - ticks0;
+    let (chrome, views) = hub.renders();
+    assert!(ticks >= 2, "{ticks}");
+    assert_eq!(views, 3 * ticks, "each stream renders its view once per tick");
+    assert!(chrome <= ticks, "the summary and alarms are rendered once per tick: {chrome} for {ticks} ticks");
+    drop(bodies);
+
+    // A jobs page (store reads) renders at most once a second however often it ticks.
+    let res = routes::router(f.app.clone()).oneshot(get("/live?view=jobs", Some(&id))).await.unwrap();
+    let mut body = res.into_body();
+    read_until(&mut body, ": open", Duration::from_secs(2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, v0) = hub.renders();
+    let t0 = std::time::Instant::now();
+    let mut st = GuestState::Running;
+    while t0.elapsed() < Duration::from_millis(2_000) {
+        st = if st == GuestState::Running { GuestState::Shutoff } else { GuestState::Running };
+        f.reg.apply_guest("host-a", f.sid, guest(st)).unwrap();
+        let _ = read_until(&mut body, "never", Duration::from_millis(100)).await;
+    }
+    let (_, v1) = hub.renders();
+    println!("jobs view: {} renders in 2 s of changes every 100 ms", v1 - v0);
+    assert!(v1 - v0 <= 3, "throttled to one render a second: {} in 2 s", v1 - v0);
+    assert!(v1 - v0 >= 1);
 }
