@@ -768,3 +768,17 @@ async fn streams_share_one_chrome_render_per_tick_and_slow_views_render_at_most_
     assert!(v1 - v0 <= 3, "throttled to one render a second: {} in 2 s", v1 - v0);
     assert!(v1 - v0 >= 1);
 }
+
+#[test]
+fn a_closed_live_stream_reloads_the_page_and_shows_a_not_live_banner() {
+    let js = views::APP_JS;
+    let at = js.find("es.readyState === EventSource.CLOSED").expect("onerror tells a closed stream apart");
+    let branch = &js[at..js[at..].find("return;").map_or(js.len(), |e| at + e)];
+    assert!(branch.contains("setTimeout") && branch.contains("location.reload()"), "{branch}");
+    assert!(branch.contains("2000"), "reloads after a pause: {branch}");
+    assert!(js.contains(r#"liveState = "error""#));
+    let css = views::APP_CSS;
+    let rule = css.find(r#"body[data-live-state="error"]::before"#).expect("a banner rule for the error state");
+    let rule = &css[rule..css[rule..].find('}').map_or(css.len(), |e| rule + e)];
+    assert!(rule.contains("not live") && rule.contains("reconnecting") && rule.contains("display: block"), "{rule}");
+}
