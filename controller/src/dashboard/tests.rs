@@ -782,3 +782,44 @@ fn a_closed_live_stream_reloads_the_page_and_shows_a_not_live_banner() {
     let rule = &css[rule..css[rule..].find('}').map_or(css.len(), |e| rule + e)];
     assert!(rule.contains("not live") && rule.contains("reconnecting") && rule.contains("display: block"), "{rule}");
 }
+
+#[tokio::test]
+async fn a_hint_naming_this_controller_answers_503_not_a_redirect_to_itself() {
+    let (tx, hint) = tokio::sync::watch::channel(crate::ha::election::LeaderHint::Leader("https://a:7443".into()));
+    let app = App::new(Arc::new(Auth::new(Arc::new(ManualClock::new(0)), 3600)), 8443, Some(hint));
+    app.set_advertise_url("https://A:7443/");
+    // Leading but not loaded yet (no Ctl): 503 and retry, no 307 to itself.
+    let (st, h, body) = send(&app, get("/hosts", None)).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{h:?}");
+    assert!(h.get(header::LOCATION).is_none());
+    assert_eq!(h.get("refresh").unwrap(), "2");
+    assert!(body.contains("tries again every 2 seconds"), "{body}");
+    // Another controller leads: the redirect goes there.
+    tx.send_replace(crate::ha::election::LeaderHint::Leader("https://b:7443".into()));
+    let (st, h, _) = send(&app, get("/hosts", None)).await;
+    assert_eq!(
+        (st, h.get(header::LOCATION).unwrap().to_str().unwrap()),
+        (StatusCode::TEMPORARY_REDIRECT, "https://b:8443/hosts")
+    );
+}
+
+#[tokio::test]
+async fn a_controller_that_lost_leadership_while_the_hint_names_it_answers_503() {
+    let f = fixture();
+    let (tx, hint) = tokio::sync::watch::channel(crate::ha::election::LeaderHint::Leader("https://a:7443".into()));
+    let clock = ManualClock::new(0);
+    let app = App::new(Arc::new(Auth::new(Arc::new(clock), 3600)), 8443, Some(hint));
+    app.set_advertise_url("https://a:7443");
+    let lost =
+        Arc::new(crate::ha::Leadership::new(b"k".to_vec(), 1, Duration::from_secs(10), tokio::time::Instant::now()));
+    lost.lose("test");
+    app.open(Ctl { reg: f.reg.clone(), engine: f.app.ctl.get().unwrap().engine.clone(), leadership: Some(lost) });
+    assert!(app.leading().is_none());
+    let (st, h, _) = send(&app, get("/guests", None)).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(h.get(header::LOCATION).is_none());
+    assert!(crate::dashboard::guard::same_controller("https://a:7443", "https://a:7443/"));
+    assert!(!crate::dashboard::guard::same_controller("https://a:7443", "https://a:7444"));
+    assert!(!crate::dashboard::guard::same_controller("https://a:7443", "garbage"));
+    drop(tx);
+}
