@@ -145,8 +145,10 @@ async fn login(
         // Too large (413) or not a form (400 or 415): axum's own answer.
         Err(rejection) => return rejection.into_response(),
     };
-    let Some((id, s)) = app.auth.redeem(&f.token) else {
-        return (StatusCode::GONE, Html(views::link_gone().into_string())).into_response();
+    let (id, s) = match app.auth.open_session(&f.token) {
+        Ok(v) => v,
+        Err(e @ super::auth::AuthError::Full { .. }) => return fail(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(_) => return (StatusCode::GONE, Html(views::link_gone().into_string())).into_response(),
     };
     let from = peer.as_ref().map(|p| p.0.0.0.ip().to_string()).unwrap_or_else(|| "unknown".into());
     audit(
