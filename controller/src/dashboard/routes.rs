@@ -423,7 +423,7 @@ async fn host(
             ctl.reg.active_alarms().into_iter().filter(|(h, _, _)| *h == hid).map(|(_, k, _)| k).collect();
         kinds.sort();
         kinds.dedup();
-        maud::html! { (views::status_dialog(&id)) @if !kinds.is_empty() { (views::ack_dialog(&hid, &kinds)) } }
+        maud::html! { (views::status_dialog(&hid)) @if !kinds.is_empty() { (views::ack_dialog(&hid, &kinds)) } }
     } else {
         maud::html! {}
     };

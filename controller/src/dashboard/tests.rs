@@ -823,3 +823,20 @@ async fn a_controller_that_lost_leadership_while_the_hint_names_it_answers_503()
     assert!(!crate::dashboard::guard::same_controller("https://a:7443", "garbage"));
     drop(tx);
 }
+
+#[tokio::test]
+async fn host_links_and_actions_use_the_canonical_id_percent_encoded() {
+    let f = fixture();
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let odd = "a b/..?x#y";
+    f.reg.open_session(odd, "boot", tx).unwrap();
+    let (id, _) = sign_in(&f, "olga", Role::Operator).await;
+    let (st, _, body) = send(&f.app, get("/hosts/a%20b%2F..%3Fx%23y", Some(&id))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let enc = "a%20b%2F..%3Fx%23y";
+    assert!(body.contains(&format!(r#"action="/hosts/{enc}/status""#)), "{body}");
+    assert!(body.contains(&format!(r#"formaction="/hosts/{enc}/status/plan""#)), "{body}");
+    assert!(!body.contains(r#"="/hosts/a b"#), "no raw id in an href or action: {body}");
+    let (_, _, body) = send(&f.app, get("/hosts", Some(&id))).await;
+    assert!(body.contains(&format!(r#"href="/hosts/{enc}""#)), "{body}");
+}
