@@ -198,7 +198,7 @@ pub fn alarms(active: &[(String, String, String)]) -> Markup {
                 strong { (active.len()) " active alarm" @if active.len() != 1 { "s" } }
                 ul {
                     @for (host, kind, detail) in active.iter().take(20) {
-                        li { a href={ (host_path(&host)) } { (host) } ": " span.kind { (kind) } " — " (detail) }
+                        li { a href={ (host_path(host)) } { (host) } ": " span.kind { (kind) } " — " (detail) }
                     }
                 }
                 @if active.len() > 20 { p { "… and " (active.len() - 20) " more (" code { "lifeboat alarms" } ")" } }
@@ -378,7 +378,7 @@ pub fn host_path(id: &str) -> String {
 pub fn status_dialog(host: &str) -> Markup {
     html! {
         dialog #status-dialog {
-            form.post method="post" action={ (host_path(&host)) "/status" } {
+            form.post method="post" action={ (host_path(host)) "/status" } {
                 h2 { "Set the status of " (host) }
                 @for (s, help) in STATUS_HELP {
                     label.status-help data-status=(s.as_str()) {
@@ -397,7 +397,7 @@ pub fn status_dialog(host: &str) -> Markup {
                 div.result {}
                 div.buttons {
                     button type="button" data-close="status-dialog" { "Cancel" }
-                    button type="submit" data-action="plan-status" formaction={ (host_path(&host)) "/status/plan" } {
+                    button type="submit" data-action="plan-status" formaction={ (host_path(host)) "/status/plan" } {
                         "Plan"
                     }
                     button type="submit" data-action="confirm-status" { "Set status" }
