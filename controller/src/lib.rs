@@ -409,6 +409,9 @@ async fn serve_etcd_on(
     let dash =
         dashboard::Dashboard::new(&cfg.dashboard, &tls, Arc::new(ports::SystemClock), Some(hint.clone())).await?;
     let dash_app = dash.as_ref().map(|d| d.app.clone());
+    if let Some(app) = &dash_app {
+        app.set_advertise_url(&url);
+    }
     let _dash_task = dash.map(dashboard::Dashboard::spawn);
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let (stop_tx, stop) = tokio::sync::watch::channel(Stop::No);

@@ -15,10 +15,14 @@ use crate::ports::clock::Clock;
 
 /// How long a sign-in link works.
 pub const LINK_TTL_MS: i64 = 60_000;
-/// Links waiting to be used at once (the oldest is dropped past it).
+/// Links waiting to be used at once (past it new links are refused).
 pub const MAX_LINKS: usize = 100;
-/// Sessions at once (expired ones are swept first, then the oldest dropped).
+/// Sessions at once (expired ones are swept first; past it new sign-ins are refused).
 pub const MAX_SESSIONS: usize = 1000;
+/// Links waiting per certificate name (a new one drops that name's oldest).
+pub const MAX_LINKS_PER_NAME: usize = 3;
+/// Sessions per certificate name (a new one ends that name's oldest).
+pub const MAX_SESSIONS_PER_NAME: usize = 10;
 /// The session cookie's name (`__Host-`: Secure, Path=/, no Domain).
 pub const COOKIE: &str = "__Host-lifeboat";
 /// Hex characters of a token or session id.
@@ -110,9 +114,17 @@ impl Auth {
         let expires_ms = now.saturating_add(LINK_TTL_MS);
         let mut links = lock(&self.links);
         links.retain(|_, l| l.expires_ms > now);
-        while links.len() >= MAX_LINKS {
-            let Some(oldest) = links.iter().min_by_key(|(_, l)| l.minted_ms).map(|(k, _)| *k) else { break };
+        // One name's links make room among its own, never among others'.
+        while links.values().filter(|l| l.name == name).count() >= MAX_LINKS_PER_NAME {
+            let Some(oldest) =
+                links.iter().filter(|(_, l)| l.name == name).min_by_key(|(_, l)| l.minted_ms).map(|(k, _)| *k)
+            else {
+                break;
+            };
             links.remove(&oldest);
+        }
+        if links.len() >= MAX_LINKS {
+            return Err(AuthError::Full { what: "sign-in links waiting", max: MAX_LINKS });
         }
         links.insert(key, Link { name: name.to_string(), role, expires_ms, minted_ms: now });
         Ok((token, expires_ms))
@@ -122,24 +134,41 @@ impl Auth {
     /// session: its id and the session. `None` for an unknown, used or
     /// expired token.
     pub fn redeem(&self, token: &str) -> Option<(String, Session)> {
-        let key = key_of(token)?;
-        let link = lock(&self.links).remove(&key)?;
+        self.open_session(token).ok()
+    }
+
+    /// [`Auth::redeem`], saying why not: the link is gone, or the
+    /// controller holds [`MAX_SESSIONS`] (then the link stays usable).
+    pub fn open_session(&self, token: &str) -> Result<(String, Session), AuthError> {
+        let key = key_of(token).ok_or(AuthError::Gone)?;
         let now = self.clock.now_ms();
+        let link = lock(&self.links).get(&key).cloned().ok_or(AuthError::Gone)?;
         if link.expires_ms <= now {
-            return None;
+            lock(&self.links).remove(&key);
+            return Err(AuthError::Gone);
         }
-        let id = self.secret()?;
-        let csrf = self.secret()?;
-        let skey = key_of(&id)?;
-        let s = Session { name: link.name, role: link.role, csrf, expires_ms: now.saturating_add(self.ttl_ms) };
+        let id = self.secret().ok_or(AuthError::Random)?;
+        let csrf = self.secret().ok_or(AuthError::Random)?;
+        let skey = key_of(&id).ok_or(AuthError::Random)?;
+        let s = Session { name: link.name.clone(), role: link.role, csrf, expires_ms: now.saturating_add(self.ttl_ms) };
         let mut sessions = lock(&self.sessions);
         sessions.retain(|_, s| s.expires_ms > now);
-        while sessions.len() >= MAX_SESSIONS {
-            let Some(oldest) = sessions.iter().min_by_key(|(_, s)| s.expires_ms).map(|(k, _)| *k) else { break };
+        let mine = sessions.values().filter(|x| x.name == link.name).count();
+        if mine < MAX_SESSIONS_PER_NAME && sessions.len() >= MAX_SESSIONS {
+            return Err(AuthError::Full { what: "dashboard sessions", max: MAX_SESSIONS });
+        }
+        // Used once: whoever removes it opens the session.
+        lock(&self.links).remove(&key).ok_or(AuthError::Gone)?;
+        while sessions.values().filter(|x| x.name == link.name).count() >= MAX_SESSIONS_PER_NAME {
+            let Some(oldest) =
+                sessions.iter().filter(|(_, x)| x.name == link.name).min_by_key(|(_, x)| x.expires_ms).map(|(k, _)| *k)
+            else {
+                break;
+            };
             sessions.remove(&oldest);
         }
         sessions.insert(skey, s.clone());
-        Some((id, s))
+        Ok((id, s))
     }
 
     /// Whether `token` is a link that can still be used (without using it).
@@ -183,6 +212,17 @@ pub enum AuthError {
     /// The system's random generator failed.
     #[error("the system's random number generator failed; try again")]
     Random,
+    /// The link is unknown, used or expired.
+    #[error("the sign-in link was used or has expired; run `lifeboat dashboard login` again")]
+    Gone,
+    /// The controller holds as many as it keeps.
+    #[error("this controller already holds {max} {what} (the limit); try again when some expire or sign out")]
+    Full {
+        /// What is full.
+        what: &'static str,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// The session id in a `Cookie` header value, if one is there.
@@ -254,19 +294,44 @@ mod tests {
     }
 
     #[test]
-    fn the_maps_are_bounded() {
+    fn the_maps_are_bounded_per_name_and_a_full_map_refuses_without_evicting_others() {
         let (c, a) = auth();
+        let (first, _) = a.mint("olga", Role::Operator).unwrap();
         for _ in 0..(MAX_LINKS + 20) {
-            a.mint("ann", Role::Viewer).unwrap();
+            a.mint("eve", Role::Viewer).unwrap();
             c.advance(1);
         }
-        assert_eq!(a.counts().0, MAX_LINKS);
+        assert_eq!(a.counts().0, 1 + MAX_LINKS_PER_NAME, "eve keeps only her newest links");
+        assert!(a.pending(&first), "another name's link survives");
+        let (olga, _) = a.redeem(&first).unwrap();
         for _ in 0..(MAX_SESSIONS + 5) {
-            let (t, _) = a.mint("ann", Role::Viewer).unwrap();
+            let (t, _) = a.mint("eve", Role::Viewer).unwrap();
             a.redeem(&t).unwrap();
             c.advance(1);
         }
+        assert_eq!(a.counts().1, 1 + MAX_SESSIONS_PER_NAME, "eve keeps only her newest sessions");
+        assert!(a.session(&olga).is_some(), "eve's sign-ins do not sign olga out");
+        // Many names fill the map: the next new name is refused, nobody is evicted.
+        let mut n = 0;
+        while a.counts().1 < MAX_SESSIONS {
+            let (t, _) = a.mint(&format!("u{n}"), Role::Viewer).unwrap();
+            a.redeem(&t).unwrap();
+            n += 1;
+        }
+        let (t, _) = a.mint("late", Role::Viewer).unwrap();
+        let e = a.open_session(&t).unwrap_err();
+        assert!(matches!(e, AuthError::Full { max: MAX_SESSIONS, .. }), "{e}");
+        assert!(e.to_string().contains("1000 dashboard sessions"), "{e}");
+        assert!(a.pending(&t), "a refused sign-in keeps its link");
+        assert!(a.session(&olga).is_some());
         assert_eq!(a.counts().1, MAX_SESSIONS);
+        // Links: a full map refuses a new one.
+        c.advance(LINK_TTL_MS + 1);
+        for i in 0..MAX_LINKS {
+            a.mint(&format!("l{i}"), Role::Viewer).unwrap();
+        }
+        let e = a.mint("one-more", Role::Viewer).unwrap_err();
+        assert!(e.to_string().contains("100 sign-in links"), "{e}");
     }
 
     #[test]

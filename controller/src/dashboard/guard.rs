@@ -51,6 +51,16 @@ pub fn leader_location(leader_url: &str, port: u16, path_q: &str) -> Option<Stri
     Some(format!("https://{host}:{port}{path_q}"))
 }
 
+/// Whether two controller URLs name the same host and port.
+pub fn same_controller(a: &str, b: &str) -> bool {
+    let parse = |u: &str| {
+        let uri: axum::http::Uri = u.trim().parse().ok()?;
+        let port = uri.port_u16().unwrap_or(443);
+        Some((uri.host()?.to_ascii_lowercase(), port))
+    };
+    matches!((parse(a), parse(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// Serves only while this process leads: a follower answers 307 to the
 /// leader (same dashboard port) or 503 while there is none.
 pub async fn leader_only(State(app): State<AppState>, req: Request, next: Next) -> Response {
@@ -59,7 +69,10 @@ pub async fn leader_only(State(app): State<AppState>, req: Request, next: Next) 
     }
     let path_q = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
     let hint = app.hint.as_ref().map(|h| h.borrow().clone());
+    // The hint naming this very process (not loaded yet, or leadership just
+    // lost): a redirect would point at itself, a loop; wait instead.
     if let Some(LeaderHint::Leader(url)) = hint
+        && !app.advertise_url.get().is_some_and(|own| same_controller(own, &url))
         && let Some(loc) = leader_location(&url, app.port, &path_q)
         && let Ok(v) = HeaderValue::from_str(&loc)
     {

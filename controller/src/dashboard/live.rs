@@ -3,9 +3,11 @@
 //! fragments on a tick and sends those that changed, as server-sent events
 //! named `summary`, `alarms` and `live` (data = the HTML fragment).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Extension, Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -23,11 +25,29 @@ use crate::registry::Registry;
 pub const TICK: Duration = Duration::from_millis(250);
 /// How often a quiet stream checks that its session still lasts.
 const SESSION_CHECK: Duration = Duration::from_secs(5);
+/// Open `/live` streams per session.
+pub const MAX_STREAMS_PER_SESSION: usize = 4;
+/// Open `/live` streams in all.
+pub const MAX_STREAMS: usize = 64;
+/// The least time between two renders of a view that reads the store
+/// (a host, the jobs, a job).
+pub const SLOW_VIEW_EVERY: Duration = Duration::from_secs(1);
+/// A stream opened this soon after a tick renders at once: the change may
+/// have come after its page was rendered.
+const OPEN_CATCH_UP: Duration = Duration::from_secs(2);
+
+/// The summary and alarms fragments every page shows, rendered once per tick.
+type Chrome = Arc<(String, String)>;
 
 /// The hub: a counter that moves when something a page shows may have changed.
 pub struct Hub {
     ticks: Arc<watch::Sender<u64>>,
     task: tokio::task::JoinHandle<()>,
+    reg: Arc<Registry>,
+    last_tick: Arc<Mutex<Option<Instant>>>,
+    chrome: tokio::sync::Mutex<Option<(u64, Chrome)>>,
+    chrome_renders: AtomicU64,
+    view_renders: AtomicU64,
 }
 
 impl Drop for Hub {
@@ -41,6 +61,9 @@ impl Hub {
     pub fn start(reg: Arc<Registry>, engine: Arc<Engine>) -> Hub {
         let ticks = Arc::new(watch::Sender::new(0u64));
         let tx = ticks.clone();
+        let last_tick = Arc::new(Mutex::new(None));
+        let last = last_tick.clone();
+        let hub_reg = reg.clone();
         let task = tokio::spawn(async move {
             let mut jobs = engine.subscribe();
             let mut seen = reg.view_version();
@@ -57,12 +80,53 @@ impl Hub {
                     seen = v;
                     changed = true;
                 }
-                if changed && tx.receiver_count() > 0 {
+                if changed {
+                    // Moved with no stream too: the shared chrome is keyed by it.
+                    *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                     tx.send_modify(|n| *n = n.wrapping_add(1));
                 }
             }
         });
-        Hub { ticks, task }
+        Hub {
+            ticks,
+            task,
+            reg: hub_reg,
+            last_tick,
+            chrome: tokio::sync::Mutex::new(None),
+            chrome_renders: AtomicU64::new(0),
+            view_renders: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the hub ticked within `d`.
+    fn ticked_within(&self, d: Duration) -> bool {
+        self.last_tick.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| t.elapsed() < d)
+    }
+
+    /// The summary and alarms for tick `n` (or a later one): rendered by the
+    /// first stream that asks, shared by the others.
+    async fn chrome(&self, n: u64) -> Option<Chrome> {
+        let mut cached = self.chrome.lock().await;
+        if let Some((at, c)) = cached.as_ref()
+            && *at >= n
+        {
+            return Some(c.clone());
+        }
+        let reg = self.reg.clone();
+        let c = tokio::task::spawn_blocking(move || {
+            (views::summary(&reg.host_counts()).into_string(), views::alarms(&reg.active_alarms()).into_string())
+        })
+        .await
+        .ok()?;
+        self.chrome_renders.fetch_add(1, Ordering::Relaxed);
+        let c = Arc::new(c);
+        *cached = Some((n, c.clone()));
+        Some(c)
+    }
+
+    /// Renders so far: (shared chrome, per-stream views).
+    pub fn renders(&self) -> (u64, u64) {
+        (self.chrome_renders.load(Ordering::Relaxed), self.view_renders.load(Ordering::Relaxed))
     }
 
     /// Ticks from now on (no stream subscribed: the hub sends nothing).
@@ -93,12 +157,71 @@ enum View {
     Job(String),
 }
 
-async fn render(ctl: &Arc<Ctl>, view: &mut View, s: &SignedIn) -> Option<(String, String, String)> {
-    let c = ctl.clone();
-    let (summary, alarms) = tokio::task::spawn_blocking(move || routes::chrome(&c))
-        .await
-        .ok()
-        .map(|(a, b)| (a.into_string(), b.into_string()))?;
+impl View {
+    /// Whether rendering it reads the store (throttled to one per second).
+    fn slow(&self) -> bool {
+        matches!(self, View::Host(..) | View::Jobs | View::Job(_))
+    }
+}
+
+/// Open streams, per session and in all.
+#[derive(Default)]
+pub struct Streams {
+    open: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+/// One open stream's place: given back when dropped (the stream ended).
+pub struct StreamSlot {
+    streams: Arc<Streams>,
+    sid: String,
+}
+
+impl Streams {
+    /// A place for one more stream of session `sid`, or why not.
+    pub fn take(self: &Arc<Self>, sid: &str) -> Result<StreamSlot, &'static str> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.0 >= MAX_STREAMS {
+            return Err("too many live pages are open on this controller (64); close some tabs and reload\n");
+        }
+        let mine = open.1.entry(sid.to_string()).or_insert(0);
+        if *mine >= MAX_STREAMS_PER_SESSION {
+            return Err("too many live pages are open in this session (4); close some tabs and reload\n");
+        }
+        *mine += 1;
+        open.0 += 1;
+        Ok(StreamSlot { streams: self.clone(), sid: sid.to_string() })
+    }
+
+    /// Streams open: (in all, of session `sid`).
+    pub fn open(&self, sid: &str) -> (usize, usize) {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        (open.0, open.1.get(sid).copied().unwrap_or(0))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.streams.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.0 = open.0.saturating_sub(1);
+        if let Some(n) = open.1.get_mut(&self.sid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.1.remove(&self.sid);
+            }
+        }
+    }
+}
+
+async fn render(
+    ctl: &Arc<Ctl>,
+    hub: &Hub,
+    tick: u64,
+    view: &mut View,
+    s: &SignedIn,
+) -> Option<(String, String, String)> {
+    let chrome = hub.chrome(tick).await?;
+    let (summary, alarms) = (chrome.0.clone(), chrome.1.clone());
+    hub.view_renders.fetch_add(1, Ordering::Relaxed);
     let live = match view {
         View::Hosts(q) => {
             let (c, q) = (ctl.clone(), q.clone());
@@ -149,31 +272,65 @@ pub async fn live(
                 .into_response();
         }
     };
-    let (Some(ctl), Some(hub)) = (app.leading(), app.hub.get()) else {
+    let (Some(ctl), Some(_)) = (app.leading(), app.hub.get()) else {
         return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not the leader\n").into_response();
     };
-    let mut ticks = hub.subscribe();
+    let slot = match app.streams.take(&s.id) {
+        Ok(slot) => slot,
+        Err(why) => return (axum::http::StatusCode::TOO_MANY_REQUESTS, why).into_response(),
+    };
     let (tx, rx) = mpsc::channel::<Event>(8);
     tokio::spawn(async move {
+        let _slot = slot;
+        let Some(hub) = app.hub.get() else { return };
+        let mut ticks = hub.subscribe();
         let _ = tx.send(Event::default().retry(Duration::from_secs(2)).comment("open")).await;
+        // The page was rendered just now: wait for the next change, unless
+        // one came so recently that the page may have missed it.
+        let mut due = hub.ticked_within(OPEN_CATCH_UP);
         let mut last: [String; 3] = Default::default();
+        let mut rendered: Option<Instant> = None;
         loop {
-            if app.auth.session(&s.id).is_none() || app.leading().is_none() {
-                let _ = tx.send(Event::default().event("signed-out").data("")).await;
-                return;
-            }
-            if let Some(now) = render(&ctl, &mut view, &s).await {
-                let now = [now.0, now.1, now.2];
-                for (i, name) in ["summary", "alarms", "live"].into_iter().enumerate() {
-                    if now[i] != last[i] && tx.send(Event::default().event(name).data(now[i].as_str())).await.is_err() {
-                        return;
+            if due {
+                if app.auth.session(&s.id).is_none() || app.leading().is_none() {
+                    let _ = tx.send(Event::default().event("signed-out").data("")).await;
+                    return;
+                }
+                if view.slow()
+                    && let Some(at) = rendered
+                    && at.elapsed() < SLOW_VIEW_EVERY
+                {
+                    tokio::select! {
+                        _ = tokio::time::sleep(SLOW_VIEW_EVERY - at.elapsed()) => {}
+                        _ = tx.closed() => return,
                     }
                 }
-                last = now;
+                let tick = *ticks.borrow_and_update();
+                rendered = Some(Instant::now());
+                if let Some(now) = render(&ctl, hub, tick, &mut view, &s).await {
+                    let now = [now.0, now.1, now.2];
+                    for (i, name) in ["summary", "alarms", "live"].into_iter().enumerate() {
+                        if now[i] != last[i]
+                            && tx.send(Event::default().event(name).data(now[i].as_str())).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    last = now;
+                }
             }
             tokio::select! {
-                r = ticks.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(SESSION_CHECK) => {}
+                r = ticks.changed() => {
+                    if r.is_err() { return }
+                    due = true;
+                }
+                _ = tokio::time::sleep(SESSION_CHECK) => {
+                    if app.auth.session(&s.id).is_none() || app.leading().is_none() {
+                        let _ = tx.send(Event::default().event("signed-out").data("")).await;
+                        return;
+                    }
+                    due = false;
+                }
                 _ = tx.closed() => return,
             }
         }

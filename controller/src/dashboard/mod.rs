@@ -51,6 +51,11 @@ pub struct App {
     pub port: u16,
     /// Live updates, once leading.
     pub hub: OnceLock<live::Hub>,
+    /// Open `/live` streams (bounded per session and in all).
+    pub streams: Arc<live::Streams>,
+    /// This controller's `[store] advertise_url` (etcd backend): a leader
+    /// hint naming it is no reason to redirect.
+    pub advertise_url: OnceLock<String>,
 }
 
 pub use auth::{Auth, Session};
@@ -61,7 +66,20 @@ pub type AppState = Arc<App>;
 impl App {
     /// A dashboard not serving yet (follower, or before load).
     pub fn new(auth: Arc<Auth>, port: u16, hint: Option<watch::Receiver<LeaderHint>>) -> AppState {
-        Arc::new(App { auth, ctl: OnceLock::new(), hint, port, hub: OnceLock::new() })
+        Arc::new(App {
+            auth,
+            ctl: OnceLock::new(),
+            hint,
+            port,
+            hub: OnceLock::new(),
+            streams: Default::default(),
+            advertise_url: OnceLock::new(),
+        })
+    }
+
+    /// Tells the dashboard this controller's own advertise URL.
+    pub fn set_advertise_url(&self, url: &str) {
+        let _ = self.advertise_url.set(url.to_string());
     }
 
     /// Serves from `ctl` from now on (this process leads and has loaded),

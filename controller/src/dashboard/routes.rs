@@ -152,8 +152,10 @@ async fn login(
         // Too large (413) or not a form (400 or 415): axum's own answer.
         Err(rejection) => return rejection.into_response(),
     };
-    let Some((id, s)) = app.auth.redeem(&f.token) else {
-        return (StatusCode::GONE, Html(views::link_gone().into_string())).into_response();
+    let (id, s) = match app.auth.open_session(&f.token) {
+        Ok(v) => v,
+        Err(e @ super::auth::AuthError::Full { .. }) => return fail(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(_) => return (StatusCode::GONE, Html(views::link_gone().into_string())).into_response(),
     };
     let from = peer.as_ref().map(|p| p.0.0.0.ip().to_string()).unwrap_or_else(|| "unknown".into());
     audit(
@@ -434,8 +436,8 @@ async fn host(
         kinds.sort();
         kinds.dedup();
         maud::html! {
-            (views::status_dialog(&id)) @if !kinds.is_empty() { (views::ack_dialog(&hid, &kinds)) }
-            (views::migrate_dialog(&id)) (views::cleanup_dialog(&id)) (views::move_dialog())
+            (views::status_dialog(&hid)) @if !kinds.is_empty() { (views::ack_dialog(&hid, &kinds)) }
+            (views::migrate_dialog(&hid)) (views::cleanup_dialog(&hid)) (views::move_dialog())
         }
     } else {
         maud::html! {}

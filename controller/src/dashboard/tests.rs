@@ -359,8 +359,9 @@ async fn a_guest_state_change_reaches_an_open_live_stream_within_a_second() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers().get(header::CONTENT_TYPE).unwrap(), "text/event-stream");
     let mut body = res.into_body();
-    let first = read_until(&mut body, "event: live", Duration::from_secs(5)).await.unwrap();
-    assert!(first.contains(r#"<td class="state">running<"#), "{first}");
+    // The page holds the first render: the stream waits for a change.
+    let first = read_until(&mut body, "event: live", Duration::from_millis(600)).await;
+    assert!(matches!(&first, Err(t) if t.contains(": open")), "{first:?}");
     let v0 = f.reg.view_version();
     let t0 = std::time::Instant::now();
     f.reg.apply_guest("host-a", f.sid, guest(GuestState::Shutoff)).unwrap();
@@ -505,6 +506,8 @@ async fn the_jobs_pages_show_each_move_and_its_step() {
     assert_eq!(send(&f.app, get("/jobs/nope", Some(&id))).await.0, StatusCode::NOT_FOUND);
     let res = routes::router(f.app.clone()).oneshot(get("/live?view=job&id=j-1", Some(&id))).await.unwrap();
     let mut body = res.into_body();
+    read_until(&mut body, ": open", Duration::from_secs(5)).await.unwrap();
+    f.reg.apply_guest("host-a", f.sid, guest(GuestState::Paused)).unwrap();
     assert!(read_until(&mut body, "data-move-state=\"STARTING\"", Duration::from_secs(5)).await.is_ok());
 }
 
@@ -656,7 +659,10 @@ async fn a_live_stream_sends_only_the_fragments_that_changed() {
     let (id, _) = sign_in(&f, "vera", Role::Viewer).await;
     let res = routes::router(f.app.clone()).oneshot(get("/live?view=guests&host=host-a", Some(&id))).await.unwrap();
     let mut body = res.into_body();
-    read_until(&mut body, "event: live", Duration::from_secs(5)).await.unwrap();
+    read_until(&mut body, ": open", Duration::from_secs(5)).await.unwrap();
+    // The first tick sends all three; host-a's guests stay the same after.
+    f.reg.apply_guest("host-a", f.sid, guest(GuestState::Paused)).unwrap();
+    read_until(&mut body, "event: live", Duration::from_secs(2)).await.unwrap();
     // A new host changes the counts at the top, not host-a's guests.
     let (tx, _rx) = tokio::sync::mpsc::channel(1);
     f.reg.open_session("host-b", "boot", tx).unwrap();
@@ -880,4 +886,199 @@ async fn cleanup_plans_and_confirms_only_the_exact_plan_id() {
     if st == StatusCode::OK {
         assert!(body.contains(r#"data-done="true""#), "{body}");
     }
+}
+
+#[tokio::test]
+async fn live_streams_are_capped_per_session_and_in_all_and_given_back_when_they_end() {
+    let f = fixture();
+    let (id, _) = sign_in(&f, "vera", Role::Viewer).await;
+    let open = |sid: &str| routes::router(f.app.clone()).oneshot(get("/live?view=hosts", Some(sid)));
+    let mut held = Vec::new();
+    for _ in 0..live::MAX_STREAMS_PER_SESSION {
+        let res = open(&id).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        held.push(res);
+    }
+    let (st, _, body) = send(&f.app, get("/live?view=hosts", Some(&id))).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body.contains("this session (4)"), "{body}");
+    // A closed page gives its place back.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while f.app.streams.open(&id).1 == live::MAX_STREAMS_PER_SESSION && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let res = open(&id).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    held.push(res);
+    // In all: other sessions fill the controller up to MAX_STREAMS.
+    let mut n = 1;
+    while f.app.streams.open(&id).0 < live::MAX_STREAMS {
+        let (other, _) = sign_in(&f, &format!("viewer-{n}"), Role::Viewer).await;
+        n += 1;
+        for _ in 0..live::MAX_STREAMS_PER_SESSION.min(live::MAX_STREAMS - f.app.streams.open(&id).0) {
+            let res = open(&other).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            held.push(res);
+        }
+    }
+    let (last, _) = sign_in(&f, "late", Role::Viewer).await;
+    let (st, _, body) = send(&f.app, get("/live?view=hosts", Some(&last))).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body.contains("on this controller (64)"), "{body}");
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while f.app.streams.open(&id).0 > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(f.app.streams.open(&id), (0, 0), "every ended stream gave its place back");
+}
+
+#[tokio::test]
+async fn streams_share_one_chrome_render_per_tick_and_slow_views_render_at_most_once_a_second() {
+    let f = fixture();
+    let (id, _) = sign_in(&f, "vera", Role::Viewer).await;
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let res = routes::router(f.app.clone()).oneshot(get("/live?view=hosts", Some(&id))).await.unwrap();
+        let mut body = res.into_body();
+        read_until(&mut body, ": open", Duration::from_secs(2)).await.unwrap();
+        bodies.push(body);
+    }
+    let hub = f.app.hub.get().unwrap();
+    assert_eq!(hub.renders(), (0, 0), "nothing is rendered again right after the page load");
+    let ticks0 = *hub.subscribe().borrow();
+    for (i, st) in [GuestState::Shutoff, GuestState::Running, GuestState::Paused].into_iter().enumerate() {
+        f.reg.apply_guest("host-a", f.sid, guest(st)).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for b in &mut bodies {
+            let _ = read_until(b, "never", Duration::from_millis(1)).await;
+        }
+        let _ = i;
+    }
+    let ticks = *hub.subscribe().borrow() - ticks0;
+    let (chrome, views) = hub.renders();
+    assert!(ticks >= 2, "{ticks}");
+    assert_eq!(views, 3 * ticks, "each stream renders its view once per tick");
+    assert!(chrome <= ticks, "the summary and alarms are rendered once per tick: {chrome} for {ticks} ticks");
+    drop(bodies);
+
+    // A jobs page (store reads) renders at most once a second however often it ticks.
+    let res = routes::router(f.app.clone()).oneshot(get("/live?view=jobs", Some(&id))).await.unwrap();
+    let mut body = res.into_body();
+    read_until(&mut body, ": open", Duration::from_secs(2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, v0) = hub.renders();
+    let t0 = std::time::Instant::now();
+    let mut st = GuestState::Running;
+    while t0.elapsed() < Duration::from_millis(2_000) {
+        st = if st == GuestState::Running { GuestState::Shutoff } else { GuestState::Running };
+        f.reg.apply_guest("host-a", f.sid, guest(st)).unwrap();
+        let _ = read_until(&mut body, "never", Duration::from_millis(100)).await;
+    }
+    let (_, v1) = hub.renders();
+    println!("jobs view: {} renders in 2 s of changes every 100 ms", v1 - v0);
+    assert!(v1 - v0 <= 3, "throttled to one render a second: {} in 2 s", v1 - v0);
+    assert!(v1 - v0 >= 1);
+}
+
+#[test]
+fn a_closed_live_stream_reloads_the_page_and_shows_a_not_live_banner() {
+    let js = views::APP_JS;
+    let at = js.find("es.readyState === EventSource.CLOSED").expect("onerror tells a closed stream apart");
+    let branch = &js[at..js[at..].find("return;").map_or(js.len(), |e| at + e)];
+    assert!(branch.contains("setTimeout") && branch.contains("location.reload()"), "{branch}");
+    assert!(branch.contains("2000"), "reloads after a pause: {branch}");
+    assert!(js.contains(r#"liveState = "error""#));
+    let css = views::APP_CSS;
+    let rule = css.find(r#"body[data-live-state="error"]::before"#).expect("a banner rule for the error state");
+    let rule = &css[rule..css[rule..].find('}').map_or(css.len(), |e| rule + e)];
+    assert!(rule.contains("not live") && rule.contains("reconnecting") && rule.contains("display: block"), "{rule}");
+}
+
+#[tokio::test]
+async fn a_hint_naming_this_controller_answers_503_not_a_redirect_to_itself() {
+    let (tx, hint) = tokio::sync::watch::channel(crate::ha::election::LeaderHint::Leader("https://a:7443".into()));
+    let app = App::new(Arc::new(Auth::new(Arc::new(ManualClock::new(0)), 3600)), 8443, Some(hint));
+    app.set_advertise_url("https://A:7443/");
+    // Leading but not loaded yet (no Ctl): 503 and retry, no 307 to itself.
+    let (st, h, body) = send(&app, get("/hosts", None)).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{h:?}");
+    assert!(h.get(header::LOCATION).is_none());
+    assert_eq!(h.get("refresh").unwrap(), "2");
+    assert!(body.contains("tries again every 2 seconds"), "{body}");
+    // Another controller leads: the redirect goes there.
+    tx.send_replace(crate::ha::election::LeaderHint::Leader("https://b:7443".into()));
+    let (st, h, _) = send(&app, get("/hosts", None)).await;
+    assert_eq!(
+        (st, h.get(header::LOCATION).unwrap().to_str().unwrap()),
+        (StatusCode::TEMPORARY_REDIRECT, "https://b:8443/hosts")
+    );
+}
+
+#[tokio::test]
+async fn a_controller_that_lost_leadership_while_the_hint_names_it_answers_503() {
+    let f = fixture();
+    let (tx, hint) = tokio::sync::watch::channel(crate::ha::election::LeaderHint::Leader("https://a:7443".into()));
+    let clock = ManualClock::new(0);
+    let app = App::new(Arc::new(Auth::new(Arc::new(clock), 3600)), 8443, Some(hint));
+    app.set_advertise_url("https://a:7443");
+    let lost =
+        Arc::new(crate::ha::Leadership::new(b"k".to_vec(), 1, Duration::from_secs(10), tokio::time::Instant::now()));
+    lost.lose("test");
+    app.open(Ctl { reg: f.reg.clone(), engine: f.app.ctl.get().unwrap().engine.clone(), leadership: Some(lost) });
+    assert!(app.leading().is_none());
+    let (st, h, _) = send(&app, get("/guests", None)).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(h.get(header::LOCATION).is_none());
+    assert!(crate::dashboard::guard::same_controller("https://a:7443", "https://a:7443/"));
+    assert!(!crate::dashboard::guard::same_controller("https://a:7443", "https://a:7444"));
+    assert!(!crate::dashboard::guard::same_controller("https://a:7443", "garbage"));
+    drop(tx);
+}
+
+#[tokio::test]
+async fn host_links_and_actions_use_the_canonical_id_percent_encoded() {
+    let f = fixture();
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let odd = "a b/..?x#y";
+    f.reg.open_session(odd, "boot", tx).unwrap();
+    let (id, _) = sign_in(&f, "olga", Role::Operator).await;
+    let (st, _, body) = send(&f.app, get("/hosts/a%20b%2F..%3Fx%23y", Some(&id))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let enc = "a%20b%2F..%3Fx%23y";
+    assert!(body.contains(&format!(r#"action="/hosts/{enc}/status""#)), "{body}");
+    assert!(body.contains(&format!(r#"formaction="/hosts/{enc}/status/plan""#)), "{body}");
+    assert!(!body.contains(r#"="/hosts/a b"#), "no raw id in an href or action: {body}");
+    let (_, _, body) = send(&f.app, get("/hosts", Some(&id))).await;
+    assert!(body.contains(&format!(r#"href="/hosts/{enc}""#)), "{body}");
+}
+
+#[tokio::test]
+async fn the_alarms_filter_lists_exactly_the_alarmed_hosts_across_lock_chunks() {
+    let f = fixture();
+    let mut keep = Vec::new();
+    for i in 0..600 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        f.reg.open_session(&format!("h{i:04}"), "boot", tx).unwrap();
+        keep.push(rx);
+    }
+    let reg = f.reg.clone();
+    tokio::task::spawn_blocking(move || {
+        for i in (0..600).step_by(150) {
+            reg.raise_alarm_blocking(&format!("h{i:04}"), "guests-not-moved", "test").unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let filter = crate::registry::HostFilter { alarms_only: true, ..Default::default() };
+    let page = f.reg.hosts_page(&filter, None, 100);
+    let ids: Vec<String> = page.rows.iter().filter_map(|r| r.info.as_ref().map(|i| i.host_id.clone())).collect();
+    assert_eq!(ids, ["h0000", "h0150", "h0300", "h0450"]);
+    assert_eq!(page.matching, 4);
+    let t0 = std::time::Instant::now();
+    for _ in 0..20 {
+        f.reg.hosts_page(&filter, None, 100);
+    }
+    println!("alarms filter over 601 hosts: {} us a call", t0.elapsed().as_micros() / 20);
 }

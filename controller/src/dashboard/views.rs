@@ -198,7 +198,7 @@ pub fn alarms(active: &[(String, String, String)]) -> Markup {
                 strong { (active.len()) " active alarm" @if active.len() != 1 { "s" } }
                 ul {
                     @for (host, kind, detail) in active.iter().take(20) {
-                        li { a href={ "/hosts/" (host) } { (host) } ": " span.kind { (kind) } " — " (detail) }
+                        li { a href={ (host_path(host)) } { (host) } ": " span.kind { (kind) } " — " (detail) }
                     }
                 }
                 @if active.len() > 20 { p { "… and " (active.len() - 20) " more (" code { "lifeboat alarms" } ")" } }
@@ -223,7 +223,7 @@ pub fn hosts_table(rows: &[HostRecord], matching: usize, next: Option<&str>) -> 
                     @let info = h.info.clone().unwrap_or_default();
                     tr data-host=(info.host_id) {
                         td {
-                            a href={ "/hosts/" (info.host_id) } { (info.host_id) }
+                            a href={ (host_path(&info.host_id)) } { (info.host_id) }
                             @if info.hostname != info.host_id && !info.hostname.is_empty() {
                                 br; small { (info.hostname) }
                             }
@@ -261,7 +261,7 @@ pub fn guests_table(rows: &[GuestRecord], next: Option<&str>) -> Markup {
                     tr data-uuid=(g.uuid) {
                         td { (g.name) br; small.uuid { (g.uuid) } }
                         td.state { (if r.missing { "missing" } else { lifeboat_proto::state_name(g.state) }) }
-                        td.runs-on { a href={ "/hosts/" (r.host_id) } { (r.host_id) } }
+                        td.runs-on { a href={ (host_path(&r.host_id)) } { (r.host_id) } }
                         td.owned-by { (r.owner_host) }
                         td { (r.desired_state) }
                         td { (g.vcpus) }
@@ -374,11 +374,17 @@ pub fn host_detail(
     }
 }
 
+/// `/hosts/<id>` with the id percent-encoded: a name holding `/`, `?`,
+/// `#` or `..` cannot make a link or action point elsewhere.
+pub fn host_path(id: &str) -> String {
+    format!("/hosts/{}", super::routes::enc(id))
+}
+
 /// The set-status dialog: the four statuses explained in their colours.
 pub fn status_dialog(host: &str) -> Markup {
     html! {
         dialog #status-dialog {
-            form.post method="post" action={ "/hosts/" (host) "/status" } {
+            form.post method="post" action={ (host_path(host)) "/status" } {
                 h2 { "Set the status of " (host) }
                 @for (s, help) in STATUS_HELP {
                     label.status-help data-status=(s.as_str()) {
@@ -397,7 +403,7 @@ pub fn status_dialog(host: &str) -> Markup {
                 div.result {}
                 div.buttons {
                     button type="button" data-close="status-dialog" { "Cancel" }
-                    button type="submit" data-action="plan-status" formaction={ "/hosts/" (host) "/status/plan" } {
+                    button type="submit" data-action="plan-status" formaction={ (host_path(host)) "/status/plan" } {
                         "Plan"
                     }
                     button type="submit" data-action="confirm-status" { "Set status" }
@@ -423,7 +429,7 @@ fn job_row(j: &JobRecord) -> Markup {
         tr data-job=(j.id) data-job-state=(j.state) {
             td { a href={ "/jobs/" (j.id) } { code { (j.id) } } }
             td { (j.kind) }
-            td { a href={ "/hosts/" (j.source) } { (j.source) } }
+            td { a href={ (host_path(&j.source)) } { (j.source) } }
             td.job-state { (j.state) }
             td { (j.operator) }
             td { (ago(j.created_unix_ms)) }
@@ -448,7 +454,7 @@ pub fn job_detail(j: &JobRecord, arrived: &[String]) -> Markup {
         table.facts #job data-job=(j.id) data-job-state=(j.state) {
             tr { th { "State" } td.job-state { (j.state) } }
             tr { th { "Kind" } td { (j.kind) } }
-            tr { th { "Source" } td { a href={ "/hosts/" (j.source) } { (j.source) } } }
+            tr { th { "Source" } td { a href={ (host_path(&j.source)) } { (j.source) } } }
             tr { th { "Operator" } td { (j.operator) } }
             tr { th { "Power evidence" } td { (j.power_evidence) } }
             tr { th { "Plan" } td { code { (j.plan_id) } } }
@@ -466,7 +472,7 @@ pub fn job_detail(j: &JobRecord, arrived: &[String]) -> Markup {
                 @for (i, m) in j.moves.iter().enumerate() {
                     tr.move data-uuid=(m.uuid) data-move-state=(m.state) {
                         td { (m.name) br; small.uuid { (m.uuid) } }
-                        td.target { @if !m.target.is_empty() { a href={ "/hosts/" (m.target) } { (m.target) } } }
+                        td.target { @if !m.target.is_empty() { a href={ (host_path(&m.target)) } { (m.target) } } }
                         td.step { span class={ "step step-" (m.state) } { (m.state) } }
                         td.arrived { (arrived.get(i).map(String::as_str).unwrap_or("")) }
                         td.error { (m.error) }
@@ -547,7 +553,7 @@ pub fn guests_table_for(rows: &[GuestRecord], next: Option<&str>, role: Role) ->
                     tr data-uuid=(g.uuid) {
                         td { (g.name) br; small.uuid { (g.uuid) } }
                         td.state { (if r.missing { "missing" } else { lifeboat_proto::state_name(g.state) }) }
-                        td.runs-on { a href={ "/hosts/" (r.host_id) } { (r.host_id) } }
+                        td.runs-on { a href=(host_path(&r.host_id)) { (r.host_id) } }
                         td.owned-by { (r.owner_host) }
                         td { (r.desired_state) }
                         td { (g.vcpus) }
@@ -631,7 +637,7 @@ fn power_choice() -> Markup {
 pub fn migrate_dialog(host: &str) -> Markup {
     html! {
         dialog #migrate-dialog {
-            form.post method="post" action={ "/hosts/" (host) "/migrate" } {
+            form.post method="post" action={ (host_path(host)) "/migrate" } {
                 h2 { "Forced migration of " (host) }
                 p { "Recreates every guest of this silent host elsewhere. Plan first; Confirm carries out the plan shown." }
                 (power_choice())
@@ -644,7 +650,7 @@ pub fn migrate_dialog(host: &str) -> Markup {
                 div.result {}
                 div.buttons {
                     button type="button" data-close="migrate-dialog" { "Cancel" }
-                    button type="submit" data-action="plan-migrate" formaction={ "/hosts/" (host) "/migrate/plan" } {
+                    button type="submit" data-action="plan-migrate" formaction={ (host_path(host)) "/migrate/plan" } {
                         "Plan"
                     }
                     button type="submit" data-action="confirm-migrate" { "Confirm" }
@@ -691,13 +697,13 @@ pub fn target_options(targets: &[(String, bool)]) -> Markup {
 pub fn cleanup_dialog(host: &str) -> Markup {
     html! {
         dialog #cleanup-dialog {
-            form.post method="post" action={ "/hosts/" (host) "/cleanup" } {
+            form.post method="post" action={ (host_path(host)) "/cleanup" } {
                 h2 { "Clean up stale definitions on " (host) }
                 p { "Removes the definitions of guests that were moved away. Plan first; Confirm carries out the plan shown." }
                 div.result {}
                 div.buttons {
                     button type="button" data-close="cleanup-dialog" { "Cancel" }
-                    button type="submit" data-action="plan-cleanup" formaction={ "/hosts/" (host) "/cleanup/plan" } {
+                    button type="submit" data-action="plan-cleanup" formaction={ (host_path(host)) "/cleanup/plan" } {
                         "Plan"
                     }
                     button type="submit" data-action="confirm-cleanup" { "Confirm" }

@@ -333,6 +333,9 @@ impl Registry {
         let needle = f.name.as_deref().map(str::to_lowercase).filter(|n| !n.is_empty());
         let mut page = HostPage::default();
         let mut from: Bound<String> = Bound::Unbounded;
+        // Once per call, not a scan of every alarm per host under the lock.
+        let alarmed: std::collections::HashSet<String> =
+            if f.alarms_only { self.lock().alarms.iter().map(|a| a.0.clone()).collect() } else { Default::default() };
         loop {
             let inner = self.lock();
             let ids: Vec<String> = inner
@@ -347,7 +350,7 @@ impl Registry {
                 let Some(e) = inner.hosts.get(id) else { continue };
                 let ok = f.status.is_none_or(|s| s == e.row.status)
                     && f.liveness.is_none_or(|l| l == self.liveness_of(e, now))
-                    && (!f.alarms_only || inner.alarms.iter().any(|a| &a.0 == id))
+                    && (!f.alarms_only || alarmed.contains(id))
                     && needle.as_deref().is_none_or(|n| {
                         id.to_lowercase().contains(n) || e.row.info.hostname.to_lowercase().contains(n)
                     });

@@ -105,7 +105,10 @@ impl Admin for AdminService {
             )
             .into());
         };
-        let (token, expires) = auth.mint(&name, role).map_err(|e| ControllerError::Internal(e.to_string()))?;
+        let (token, expires) = auth.mint(&name, role).map_err(|e| match e {
+            crate::dashboard::auth::AuthError::Full { .. } => ControllerError::Refused(e.to_string()),
+            _ => ControllerError::Internal(e.to_string()),
+        })?;
         let row = crate::ports::AuditRow {
             seq: 0,
             at_ms: self.reg.now_ms(),

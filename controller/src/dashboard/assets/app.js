@@ -48,6 +48,13 @@
     es.onerror = function () {
       document.body.dataset.liveState = "error";
       errors += 1;
+      // A non-200 answer or a redirect (401 after a restart, 503 or 307
+      // in a failover) closes an EventSource for good: reload the page,
+      // after a pause so a 503 page's own refresh is not hammered.
+      if (es.readyState === EventSource.CLOSED) {
+        setTimeout(function () { location.reload(); }, 2000);
+        return;
+      }
       if (errors >= 5) location.reload();
     };
     ["summary", "alarms", "live"].forEach(function (name) {
