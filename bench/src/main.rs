@@ -832,6 +832,11 @@ impl Dashboard {
         Ok((times, bytes))
     }
 
+    /// The same dashboard with another cookie jar (another signed-in page set).
+    fn with_jar(&self, jar: PathBuf) -> Dashboard {
+        Dashboard { pki: self.pki.clone(), port: self.port, jar }
+    }
+
     /// A `/live?view=hosts` stream written to `out`, for at most `max_s`.
     fn live(&self, out: &Path, max_s: u64) -> anyhow::Result<Child> {
         self.curl()
@@ -1099,8 +1104,17 @@ async fn main() -> anyhow::Result<()> {
     // After the warm-up, so that "before" is the steady size and not the inventories' peak.
     if let Some(d) = &dashboard {
         rep.dashboard_rss_before_mib = proc_rss_mib(pid)?.0;
-        for k in 0..20 {
-            streams.push(d.live(&dir.join(format!("live-{k}.txt")), args.measure_s + 60)?);
+        // 20 open pages as 5 sign-ins of 4 pages each: a controller allows
+        // 4 live pages per session (and 10 sessions per name).
+        for session in 0..5 {
+            let login =
+                adm.create_dashboard_login(lifeboat_proto::v1::CreateDashboardLoginRequest {}).await?.into_inner();
+            let ds = d.with_jar(dir.join(format!("dashboard-cookies-{session}.txt")));
+            let ds = tokio::task::spawn_blocking(move || ds.sign_in(&login.token).map(|()| ds)).await??;
+            for page in 0..4 {
+                let k = session * 4 + page;
+                streams.push(ds.live(&dir.join(format!("live-{k}.txt")), args.measure_s + 60)?);
+            }
         }
         rep.dashboard_streams = streams.len();
     }
