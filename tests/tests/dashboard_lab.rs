@@ -206,6 +206,58 @@ fn badge_turns(b: &lifeboat_e2e::browser::Browser, host: &str, status: &str, sin
     assert!(took < Duration::from_secs(1), "{what}: took {took:?}");
 }
 
+/// Moves `vm` from `from` to `to` the way an operator does on the open
+/// guests page of `from`: the row's Move button, the target drop-down
+/// (`to` NOT ACCEPTING, marked so), Plan (every check passes, nothing
+/// changes), Confirm → the job page, live until SUCCEEDED; then the lab
+/// says the guest runs on `to`, once.
+fn move_from_the_page(lab: &Lab, b: &lifeboat_e2e::browser::Browser, vm: &str, from: &str, to: &str) {
+    let g = lab.vm(vm).unwrap_or_else(|| panic!("{vm}"));
+    assert_eq!(g["host_id"], from, "{g}");
+    let uuid = g["uuid"].as_str().expect("uuid").to_string();
+    b.click(&format!("tr[data-uuid=\"{uuid}\"] [data-action=move-guest]"));
+    b.wait_css("dialog[open] select[name=target][data-loaded=true]", Duration::from_secs(5));
+    let option = b.text(&format!("dialog[open] select[name=target] option[value=\"{to}\"]"));
+    assert!(option.contains("NOT ACCEPTING"), "{to} is offered and marked NOT ACCEPTING: {option:?}");
+    assert_eq!(
+        b.count(&format!("dialog[open] select[name=target] option[value=\"{from}\"]")),
+        0,
+        "the source is not a target"
+    );
+    b.select("dialog[open] select[name=target]", to);
+    b.click("dialog[open] [data-action=plan-move]");
+    b.wait_css("dialog[open] .result .plan[data-plan-id]", Duration::from_secs(10));
+    assert_eq!(b.count("dialog[open] .plan .check.failed"), 0, "a failed check:\n{}", b.text("dialog[open] .result"));
+    assert_eq!(b.attr("dialog[open] .plan", "data-executable").as_deref(), Some("true"));
+    assert_eq!(b.text(&format!("dialog[open] .plan-guests tr[data-uuid=\"{uuid}\"] td.target")).trim(), to);
+    assert_eq!(lab.vm(vm).expect(vm)["host_id"], from, "a plan moves nothing");
+    b.screenshot("move-plan");
+    b.click("dialog[open] [data-action=confirm-move]");
+    b.wait_js(Duration::from_secs(10), "on the move's job page", "location.pathname.startsWith('/jobs/')");
+    b.wait_css("body[data-live-state=open]", Duration::from_secs(10));
+    b.exec_js("window.__notReloaded = true; return null;", vec![]);
+    let t = Instant::now();
+    b.wait_js(
+        Duration::from_secs(90),
+        "the move SUCCEEDED on its open job page",
+        "document.querySelector('#job')?.dataset.jobState === 'SUCCEEDED'",
+    );
+    assert_eq!(b.exec_js("return window.__notReloaded === true;", vec![]), json!(true), "shown live, no reload");
+    println!("move of {vm} from the page: SUCCEEDED on the open job page after {:?}", t.elapsed());
+    let row = format!("tr.move[data-uuid=\"{uuid}\"]");
+    b.wait_js(
+        Duration::from_secs(5),
+        "the target reports the guest running",
+        &format!("document.querySelector('{row} td.arrived')?.textContent.trim() === 'running'"),
+    );
+    assert_eq!(b.attr(&row, "data-move-state").as_deref(), Some("RUNNING"));
+    assert_eq!(b.text(&format!("{row} td.target")).trim(), to);
+    let g = lab.vm(vm).expect(vm);
+    assert_eq!(g["host_id"], to, "{g}");
+    assert_eq!(g["state"], "running", "{g}");
+    assert_eq!(lab.copies(&uuid), 1, "{vm} runs exactly once");
+}
+
 /// Pool page, live updates and roles (design §6): the hosts page with its
 /// colours; a CLI status change and a `virsh destroy` reach open pages
 /// within 1 s; the operator's action POST needs the CSRF header and is
@@ -270,7 +322,14 @@ fn dashboard_lab_pool_live_actions_and_roles() {
     assert!(took < Duration::from_secs(1), "took {took:?}");
     b.screenshot("guests");
 
-    // 4. The host page and its set-status dialog, clicked as an operator
+    // 4. Testing a repaired host: vm-b2 moved from the guests page to
+    // host-c, which is NOT ACCEPTING; the drop-down offers it, marked.
+    move_from_the_page(&lab, &b, "vm-b2", "host-b", "host-c");
+    open_live(&b, &base, "/guests?host=host-c");
+    let b2 = lab.vm("vm-b2").expect("vm-b2")["uuid"].as_str().expect("uuid").to_string();
+    assert_eq!(b.text(&format!("tr[data-uuid=\"{b2}\"] td.state")).trim(), "running", "vm-b2 on host-c's list");
+
+    // 5. The host page and its set-status dialog, clicked as an operator
     // would: the four statuses explained; AVAILABLE reaches the open page live.
     open_live(&b, &base, "/hosts/host-c");
     assert!(b.count("[data-action]") > 0, "an operator's host page has action controls");
@@ -303,7 +362,7 @@ fn dashboard_lab_pool_live_actions_and_roles() {
     assert!(took < Duration::from_secs(1), "took {took:?}");
     assert_eq!(lab.host("host-c").expect("host-c")["status"], "AVAILABLE");
 
-    // 5. The used link: 410, and nothing signed in by it.
+    // 6. The used link: 410, and nothing signed in by it.
     let token = op_link["url"].as_str().unwrap().rsplit_once("token=").unwrap().1.to_string();
     let (status, text) = post(&b, "/login", &format!("token={token}"), json!({}));
     assert_eq!(status, 410, "a used link: {text}");
@@ -315,7 +374,7 @@ fn dashboard_lab_pool_live_actions_and_roles() {
         "document.body && document.body.innerText.includes('used or has expired')",
     );
 
-    // 6. CSRF: the operator's POST without the header, or with a wrong one, is
+    // 7. CSRF: the operator's POST without the header, or with a wrong one, is
     // refused and changes nothing; with it, it is done and audited as operator.
     open_live(&b, &base, "/hosts");
     let token = csrf(&b);
@@ -347,7 +406,7 @@ fn dashboard_lab_pool_live_actions_and_roles() {
     );
     assert_eq!(status, 200, "{text}");
 
-    // 7. A viewer: no action control anywhere, and a POST with the viewer's
+    // 8. A viewer: no action control anywhere, and a POST with the viewer's
     // valid CSRF token is refused and changes nothing.
     sign_in(&lab, &b, &base, "viewer");
     for page in ["/hosts", "/hosts/host-a", "/guests?host=host-b"] {
@@ -374,6 +433,167 @@ fn dashboard_lab_pool_live_actions_and_roles() {
         vec![],
     );
     assert_eq!(r, json!(401), "a POST without a session");
+
+    let left = b.close();
+    assert!(left.is_empty(), "browser processes left: {left:?}");
+    assert!(browser_pids_in(&netns).is_empty(), "browser processes left in {netns}");
+}
+
+/// A forced migration started from the failed host's page (design §6): the
+/// page shows the host go unreachable live; the dialog's plan names the
+/// fencing evidence and each guest's target, and changes nothing; Confirm
+/// starts exactly that plan; the job page shows, live and without a reload,
+/// the job succeed and each guest running on its target. Cross-checked
+/// against the lab: each guest runs once, where the page said; the BMC reads
+/// Off; the audit log names the signed-in operator.
+#[test]
+fn dashboard_lab_forced_migration_from_the_page() {
+    let lab = lab_or_skip!(3, 2);
+    if !lab.has_bmcs() {
+        return;
+    }
+    let Some(base) = lab.paths.get("CONTROLLER_DASHBOARD_URL").cloned() else {
+        skip_or_fail("the lab's controller has no dashboard (LAB_DASHBOARD=0, or a controller without [dashboard])");
+        return;
+    };
+    let netns = lab.paths["CONTROLLER_NETNS"].clone();
+    let b = browser_or_skip!(lab);
+    lab.wait(Duration::from_secs(20), "6 running guests", || {
+        let v = lab.vms();
+        v.len() == 6 && v.iter().all(|g| g["state"] == "running")
+    });
+    lab.past_startup_grace();
+    let before: Vec<(String, String)> = lab
+        .vms()
+        .into_iter()
+        .filter(|g| g["host_id"] == "host-a")
+        .map(|g| (g["name"].as_str().unwrap().to_string(), g["uuid"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(before.len(), 2, "host-a's guests");
+
+    sign_in(&lab, &b, &base, "operator");
+    open_live(&b, &base, "/hosts/host-a");
+    let liveness = "#live table#host .liveness";
+    assert_eq!(b.text(liveness).trim(), "reachable");
+
+    // A live host: the plan refuses, naming the check, and nothing changes.
+    b.click("[data-action=migrate]");
+    b.wait_css("dialog[open]#migrate-dialog", Duration::from_secs(5));
+    b.click("dialog[open] input[name=power][value=fence]");
+    b.fill("dialog[open] input[name=reason]", "dashboard test: host-a failed");
+    b.click("dialog[open] [data-action=plan-migrate]");
+    b.wait_css("dialog[open] .result .plan[data-plan-id]", Duration::from_secs(10));
+    assert_eq!(b.attr("dialog[open] .plan", "data-executable").as_deref(), Some("false"));
+    let refused = b.text("dialog[open] .plan .check.failed");
+    assert!(refused.contains("still talking"), "a host that talks is alive: {refused}");
+    b.click("dialog[open] [data-close=migrate-dialog]");
+
+    // host-a hangs: the open page shows it unreachable as soon as the controller says so.
+    lab.ok(&["host-kill", "host-a"]);
+    lab.wait(Duration::from_secs(15), "host-a unreachable", || {
+        lab.host("host-a").is_some_and(|h| h["liveness"] == "UNREACHABLE")
+    });
+    let t = Instant::now();
+    b.wait_js(
+        Duration::from_secs(5),
+        "host-a unreachable on its open page",
+        &format!("document.querySelector('{liveness}')?.textContent.trim() === 'unreachable'"),
+    );
+    let took = t.elapsed();
+    println!("host-a reads unreachable on its open page {took:?} after the controller said so");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    // Past the lab's force grace (5 s of silence).
+    std::thread::sleep(Duration::from_millis(5500));
+    assert_eq!(String::from_utf8_lossy(&lab.ok(&["bmc-state", "host-a"]).stdout).trim(), "On", "a hung host reads On");
+
+    // The plan: fencing evidence, a target for each guest, every check passing; nothing changed.
+    b.click("[data-action=migrate]");
+    b.wait_css("dialog[open]#migrate-dialog", Duration::from_secs(5));
+    assert_eq!(b.count("dialog[open] .result *"), 0, "a reopened dialog starts without the old plan");
+    b.click("dialog[open] input[name=power][value=fence]");
+    b.fill("dialog[open] input[name=reason]", "dashboard test: host-a failed");
+    b.click("dialog[open] [data-action=plan-migrate]");
+    b.wait_css("dialog[open] .result .plan[data-plan-id]", Duration::from_secs(10));
+    let plan_text = b.text("dialog[open] .result");
+    assert_eq!(b.count("dialog[open] .plan .check.failed"), 0, "a failed check:\n{plan_text}");
+    assert_eq!(b.attr("dialog[open] .plan", "data-executable").as_deref(), Some("true"), "{plan_text}");
+    assert_eq!(b.text("dialog[open] .plan .power-evidence").trim(), "bmc-fence", "{plan_text}");
+    let plan_id = b.attr("dialog[open] .plan", "data-plan-id").expect("plan id");
+    let mut planned = Vec::new();
+    for (name, uuid) in &before {
+        let target =
+            b.text(&format!("dialog[open] .plan-guests tr[data-uuid=\"{uuid}\"] td.target")).trim().to_string();
+        assert!(target.starts_with("host-") && target != "host-a", "{name} planned to {target:?}:\n{plan_text}");
+        planned.push((name.clone(), uuid.clone(), target));
+    }
+    assert_eq!(String::from_utf8_lossy(&lab.ok(&["bmc-state", "host-a"]).stdout).trim(), "On", "a plan fences nothing");
+    assert!(lab.cli_json(&["jobs", "list"]).unwrap().as_array().unwrap().is_empty(), "a plan starts no job");
+    b.screenshot("migrate-plan");
+
+    // Confirm: exactly that plan runs; its job page shows the guests arrive, live.
+    b.click("dialog[open] [data-action=confirm-migrate]");
+    b.wait_js(Duration::from_secs(10), "on the job page", "location.pathname.startsWith('/jobs/')");
+    b.wait_css("body[data-live-state=open]", Duration::from_secs(10));
+    b.exec_js("window.__notReloaded = true; window.__seen = []; return null;", vec![]);
+    // Every job state and move step the open page shows, as it shows them.
+    b.exec_js(
+        "setInterval(function () {\n\
+           var j = document.querySelector('#job');\n\
+           var s = (j ? j.dataset.jobState : '') + ':' + Array.from(document.querySelectorAll('tr.move'))\n\
+             .map(function (r) { return r.dataset.moveState; }).join(',');\n\
+           if (window.__seen[window.__seen.length - 1] !== s) window.__seen.push(s);\n\
+         }, 20); return null;",
+        vec![],
+    );
+    let t = Instant::now();
+    b.wait_js(
+        Duration::from_secs(90),
+        "the job SUCCEEDED on its open page",
+        "document.querySelector('#job')?.dataset.jobState === 'SUCCEEDED'",
+    );
+    println!("forced migration from the page: SUCCEEDED on the open job page after {:?}", t.elapsed());
+    let seen = b.exec_js("return window.__seen;", vec![]);
+    println!("states the open job page showed: {seen}");
+    assert_eq!(b.exec_js("return window.__notReloaded === true;", vec![]), json!(true), "shown live, no reload");
+    assert!(seen.as_array().is_some_and(|s| s.len() >= 2), "the page showed progress, not only the end: {seen}");
+    assert_eq!(b.text("#job tr td code").trim(), plan_id, "the job carries the plan shown");
+    for (name, uuid, target) in &planned {
+        let row = format!("tr.move[data-uuid=\"{uuid}\"]");
+        b.wait_js(
+            Duration::from_secs(5),
+            &format!("{name} reported running on its target"),
+            &format!("document.querySelector('{row} td.arrived')?.textContent.trim() === 'running'"),
+        );
+        assert_eq!(b.attr(&row, "data-move-state").as_deref(), Some("RUNNING"), "{name}");
+        assert_eq!(&b.text(&format!("{row} td.target")).trim().to_string(), target, "{name} went where planned");
+    }
+    b.screenshot("migrate-job");
+
+    // The lab agrees with the page.
+    assert_eq!(String::from_utf8_lossy(&lab.ok(&["bmc-state", "host-a"]).stdout).trim(), "Off");
+    for (name, uuid, target) in &planned {
+        // host-a's stale definition stays listed (it is off); the copy elsewhere is on the planned target.
+        let copies: Vec<Value> =
+            lab.vms().into_iter().filter(|g| g["uuid"] == uuid.as_str() && g["host_id"] != "host-a").collect();
+        assert_eq!(copies.len(), 1, "{name}: {copies:?}");
+        assert_eq!(copies[0]["host_id"], target.as_str(), "{name}: {copies:?}");
+        assert_eq!(copies[0]["state"], "running", "{name}: {copies:?}");
+        assert_eq!(lab.copies(uuid), 1, "{name} runs exactly once");
+    }
+    let log = lab.cli_json(&["log", "--host", "host-a"]).expect("log --host host-a");
+    let requested = log
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["action"] == "migrate.requested"))
+        .unwrap_or_else(|| panic!("no migrate.requested row: {log}"));
+    assert_eq!(requested["actor"], "operator", "audited under the signed-in name: {requested}");
+    let jobs = lab.cli_json(&["jobs", "list"]).expect("jobs list");
+    assert_eq!(jobs[0]["state"], "SUCCEEDED", "{jobs}");
+    assert_eq!(jobs[0]["plan_id"], plan_id.as_str(), "{jobs}");
+
+    // The failed host's page says what happened to it: OFFLINE, no guest left running there.
+    open_live(&b, &base, "/hosts/host-a");
+    let badge = "#live table#host .status-badge";
+    assert!(b.attr(badge, "class").unwrap_or_default().contains("status-OFFLINE"), "host-a OFFLINE after the fence");
 
     let left = b.close();
     assert!(left.is_empty(), "browser processes left: {left:?}");

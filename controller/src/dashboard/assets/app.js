@@ -125,6 +125,7 @@
     if (n) n.textContent = (button.getAttribute("data-name") || "") + " from " + from;
     var sel = f.elements.namedItem("target");
     sel.innerHTML = '<option value="">(loading…)</option>';
+    delete sel.dataset.loaded;
     fetch("/targets?from=" + encodeURIComponent(from), { credentials: "same-origin" }).then(function (res) {
       return res.text().then(function (text) {
         if (res.ok) {
