@@ -334,6 +334,21 @@ fn dashboard_lab_pool_live_actions_and_roles() {
     open_live(&b, &base, "/hosts/host-c");
     assert!(b.count("[data-action]") > 0, "an operator's host page has action controls");
     b.screenshot("host");
+    // A live update while the operator types a "since" filter keeps the text and the focus.
+    b.fill("#live form.since input[name=since]", "2026-12");
+    let (code, _, err) = lab.cli(&["hosts", "set-status", "host-c", "MAINTENANCE", "--reason", "dashboard test"]);
+    assert_eq!(code, 0, "set-status: {err}");
+    b.wait_js(
+        Duration::from_secs(5),
+        "host-c MAINTENANCE on its open page",
+        "document.querySelector('#live table#host .status-badge')?.classList.contains('status-MAINTENANCE')",
+    );
+    let kept = b.exec_js(
+        "var i = document.querySelector('#live form.since input[name=since]');\n\
+         return [i.value, document.activeElement === i];",
+        vec![],
+    );
+    assert_eq!(kept, json!(["2026-12", true]), "the typed filter survives a live update");
     b.click("[data-action=set-status]");
     b.wait_css("dialog[open]", Duration::from_secs(5));
     assert_eq!(b.count("dialog[open] .status-help"), 4, "the dialog explains the four statuses");
@@ -348,7 +363,7 @@ fn dashboard_lab_pool_live_actions_and_roles() {
     b.wait_css("dialog[open] .result .plan[data-status=AVAILABLE]", Duration::from_secs(5));
     assert_eq!(b.attr("dialog[open] .plan", "data-ok").as_deref(), Some("true"), "the plan passes");
     assert_eq!(b.count("dialog[open] .plan .check.failed"), 0);
-    assert_eq!(lab.host("host-c").expect("host-c")["status"], "NOT_ACCEPTING", "a plan changes nothing");
+    assert_eq!(lab.host("host-c").expect("host-c")["status"], "MAINTENANCE", "a plan changes nothing");
     b.screenshot("host-status-dialog");
     b.click("dialog[open] [data-action=confirm-status]");
     let t = Instant::now();

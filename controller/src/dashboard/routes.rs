@@ -334,7 +334,8 @@ pub async fn host_fragment(ctl: &Ctl, id: &str, q: &HostQuery, role: Role) -> Re
     let mut log = ctl.reg.repos().audit(move |a| a.read(&filter)).await?;
     log.reverse();
     let more = next.map(|_| format!("/guests?host={}", enc(&hid)));
-    Ok(views::host_detail(&h, &guests, more.as_deref(), &jobs, &log, role))
+    let since = bounded(&q.since).unwrap_or_default();
+    Ok(views::host_detail(&h, &guests, more.as_deref(), &jobs, &log, &since, role))
 }
 
 /// The summary and alarms fragments (every page).

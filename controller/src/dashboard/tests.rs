@@ -268,7 +268,9 @@ async fn pages_follow_the_contract_and_viewers_see_no_actions() {
     assert!(body.contains(r#"<table id="log""#) && body.contains(r#"id="jobs""#), "{body}");
     assert_eq!(send(&f.app, get("/hosts/nope", Some(&id))).await.0, StatusCode::NOT_FOUND);
     assert_eq!(send(&f.app, get("/hosts/host-a?since=garbage", Some(&id))).await.0, StatusCode::BAD_REQUEST);
-    assert_eq!(send(&f.app, get("/hosts/host-a?since=2026-01-01T00:00:00Z", Some(&id))).await.0, StatusCode::OK);
+    let (st, _, body) = send(&f.app, get("/hosts/host-a?since=2026-01-01T00:00:00Z", Some(&id))).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(body.contains(r#"name="since" value="2026-01-01T00:00:00Z""#), "the filter shows in its field: {body}");
     let (vid, _) = sign_in(&f, "vera", Role::Viewer).await;
     for p in ["/hosts", "/guests", "/hosts/host-a"] {
         let (st, _, body) = send(&f.app, get(p, Some(&vid))).await;

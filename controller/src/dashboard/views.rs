@@ -274,13 +274,15 @@ pub fn guests_table(rows: &[GuestRecord], next: Option<&str>) -> Markup {
     }
 }
 
-/// One host's page body.
+/// One host's page body; `since` is the action log's filter as given
+/// (shown in its field).
 pub fn host_detail(
     h: &HostRecord,
     guests: &[GuestRecord],
     guests_next: Option<&str>,
     jobs: &[JobRecord],
     log: &[AuditRow],
+    since: &str,
     role: Role,
 ) -> Markup {
     let info = h.info.clone().unwrap_or_default();
@@ -356,7 +358,10 @@ pub fn host_detail(
         section {
             h2 { "Action log" }
             form.since method="get" {
-                label { "Since " input type="text" name="since" placeholder="RFC 3339 or unix ms"; }
+                label {
+                    "Since "
+                    input type="text" name="since" value=(since) maxlength="64" placeholder="RFC 3339 or unix ms";
+                }
                 button type="submit" { "Show" }
             }
             table #log {

@@ -35,6 +35,29 @@
     if (f) f.submit();
   }
 
+  // A live update replaces a fragment; a filter field the operator is
+  // typing in (a GET form inside it) keeps its text and focus.
+  function replaceKeepingInput(el, html) {
+    var kept = [];
+    var inputs = el.querySelectorAll("form[method=get] input[name]");
+    for (var i = 0; i < inputs.length; i++) {
+      if (inputs[i].value !== inputs[i].defaultValue || inputs[i] === document.activeElement) {
+        kept.push({ name: inputs[i].name, value: inputs[i].value, focus: inputs[i] === document.activeElement,
+                    start: inputs[i].selectionStart, end: inputs[i].selectionEnd });
+      }
+    }
+    el.innerHTML = html;
+    kept.forEach(function (k) {
+      var n = el.querySelector('form[method=get] input[name="' + k.name + '"]');
+      if (!n) return;
+      n.value = k.value;
+      if (k.focus) {
+        n.focus();
+        try { n.setSelectionRange(k.start, k.end); } catch (e) { /* not a text field */ }
+      }
+    });
+  }
+
   // Live updates.
   function live() {
     var url = document.body.dataset.live;
@@ -61,7 +84,7 @@
       es.addEventListener(name, function (ev) {
         var el = document.getElementById(name);
         if (el) {
-          el.innerHTML = ev.data;
+          replaceKeepingInput(el, ev.data);
           tickTimes();
         }
       });
