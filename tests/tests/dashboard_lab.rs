@@ -297,6 +297,14 @@ fn dashboard_lab_pool_live_actions_and_roles() {
     b.wait_css("body[data-live-state=open]", Duration::from_secs(10));
     b.screenshot("hosts");
 
+    // A link to a page, followed from another site (the browser does not
+    // send the SameSite=Strict cookie with it), opens that page signed in.
+    b.goto(&format!("data:text/html,<a id=go href=\"{base}/hosts/host-b\">host-b</a>"));
+    b.click("#go");
+    b.wait_js(Duration::from_secs(10), "host-b's page from a foreign link", "!!document.querySelector('table#host')");
+    assert_eq!(b.url(), format!("{base}/hosts/host-b"), "the page the link named");
+    open_live(&b, &base, "/hosts");
+
     // 2. A status set with the CLI reaches the open page within 1 s.
     let (code, _, err) = lab.cli(&["hosts", "set-status", "host-c", "NOT_ACCEPTING", "--reason", "dashboard test"]);
     assert_eq!(code, 0, "set-status: {err}");

@@ -110,6 +110,13 @@ pub async fn session(State(app): State<AppState>, mut req: Request, next: Next) 
             (StatusCode::UNAUTHORIZED, "not signed in: run `lifeboat dashboard login` and open its link\n")
                 .into_response()
         }
+        // A link followed from another site (a chat, a ticket) arrives
+        // without the SameSite=Strict cookie. Loading the same address
+        // again from this page is a same-site navigation that carries it;
+        // that second request is no longer cross-site, so this runs once.
+        None if req.headers().get("sec-fetch-site").is_some_and(|v| v.as_bytes() == b"cross-site") => {
+            (StatusCode::OK, [("refresh", "0")], axum::response::Html(views::reopening().into_string())).into_response()
+        }
         None => (StatusCode::SEE_OTHER, [(header::LOCATION, "/signed-out")]).into_response(),
     }
 }

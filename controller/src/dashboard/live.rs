@@ -25,7 +25,7 @@ use crate::registry::Registry;
 pub const TICK: Duration = Duration::from_millis(250);
 /// How often a quiet stream checks that its session still lasts.
 const SESSION_CHECK: Duration = Duration::from_secs(5);
-/// Open `/live` streams per session.
+/// Open `/live` streams per session (a newer one ends the oldest).
 pub const MAX_STREAMS_PER_SESSION: usize = 4;
 /// Open `/live` streams in all.
 pub const MAX_STREAMS: usize = 64;
@@ -167,46 +167,72 @@ impl View {
 /// Open streams, per session and in all.
 #[derive(Default)]
 pub struct Streams {
-    open: Mutex<(usize, HashMap<String, usize>)>,
+    open: Mutex<Open>,
+}
+
+/// The open streams: how many in all, and each session's, oldest first.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    next_id: u64,
+    by_session: HashMap<String, Vec<(u64, Arc<tokio::sync::Notify>)>>,
 }
 
 /// One open stream's place: given back when dropped (the stream ended).
 pub struct StreamSlot {
     streams: Arc<Streams>,
     sid: String,
+    id: u64,
+    /// Notified when a newer page of the same session took this place.
+    replaced: Arc<tokio::sync::Notify>,
 }
 
 impl Streams {
-    /// A place for one more stream of session `sid`, or why not.
+    /// A place for one more stream of session `sid`, or why not. A session
+    /// at its cap gets a place all the same: its oldest stream is told to
+    /// end (a page the browser hid or froze can hold one; the page the
+    /// operator just opened is the one that matters). Other sessions' streams
+    /// are never ended for it: at the controller's cap the new one is refused.
     pub fn take(self: &Arc<Self>, sid: &str) -> Result<StreamSlot, &'static str> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.0 >= MAX_STREAMS {
+        let Open { total, next_id, by_session } = &mut *open;
+        let mine = by_session.entry(sid.to_string()).or_default();
+        if mine.len() >= MAX_STREAMS_PER_SESSION {
+            let (_, oldest) = mine.remove(0);
+            oldest.notify_one();
+            *total = total.saturating_sub(1);
+        } else if *total >= MAX_STREAMS {
+            if mine.is_empty() {
+                by_session.remove(sid);
+            }
             return Err("too many live pages are open on this controller (64); close some tabs and reload\n");
         }
-        let mine = open.1.entry(sid.to_string()).or_insert(0);
-        if *mine >= MAX_STREAMS_PER_SESSION {
-            return Err("too many live pages are open in this session (4); close some tabs and reload\n");
-        }
-        *mine += 1;
-        open.0 += 1;
-        Ok(StreamSlot { streams: self.clone(), sid: sid.to_string() })
+        *next_id = next_id.wrapping_add(1);
+        let replaced = Arc::new(tokio::sync::Notify::new());
+        mine.push((*next_id, replaced.clone()));
+        *total += 1;
+        Ok(StreamSlot { streams: self.clone(), sid: sid.to_string(), id: *next_id, replaced })
     }
 
     /// Streams open: (in all, of session `sid`).
     pub fn open(&self, sid: &str) -> (usize, usize) {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        (open.0, open.1.get(sid).copied().unwrap_or(0))
+        (open.total, open.by_session.get(sid).map_or(0, Vec::len))
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         let mut open = self.streams.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.0 = open.0.saturating_sub(1);
-        if let Some(n) = open.1.get_mut(&self.sid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.1.remove(&self.sid);
+        let Open { total, by_session, .. } = &mut *open;
+        // A replaced slot was already taken off the count.
+        if let Some(mine) = by_session.get_mut(&self.sid)
+            && let Some(at) = mine.iter().position(|(id, _)| *id == self.id)
+        {
+            mine.remove(at);
+            *total = total.saturating_sub(1);
+            if mine.is_empty() {
+                by_session.remove(&self.sid);
             }
         }
     }
@@ -281,6 +307,7 @@ pub async fn live(
     };
     let (tx, rx) = mpsc::channel::<Event>(8);
     tokio::spawn(async move {
+        let replaced = slot.replaced.clone();
         let _slot = slot;
         let Some(hub) = app.hub.get() else { return };
         let mut ticks = hub.subscribe();
@@ -332,6 +359,10 @@ pub async fn live(
                     due = false;
                 }
                 _ = tx.closed() => return,
+                _ = replaced.notified() => {
+                    let _ = tx.send(Event::default().event("replaced").data("")).await;
+                    return;
+                }
             }
         }
     });

@@ -163,6 +163,22 @@ async fn without_a_session_pages_redirect_and_posts_and_live_get_401() {
     assert_eq!(st, StatusCode::UNAUTHORIZED);
     let (st, _, body) = send(&f.app, get("/signed-out", None)).await;
     assert!(st == StatusCode::OK && body.contains("lifeboat dashboard login"));
+    // A link from another site arrives without the SameSite=Strict cookie:
+    // the page loads itself again (same-site, with the cookie), once.
+    let from = |site: &str, path: &str| {
+        let mut r = get(path, None);
+        r.headers_mut().insert("sec-fetch-site", site.parse().unwrap());
+        r
+    };
+    let (st, h, body) = send(&f.app, from("cross-site", "/jobs")).await;
+    assert_eq!((st, h.get("refresh").map(|v| v.to_str().unwrap())), (StatusCode::OK, Some("0")), "{body}");
+    assert!(!body.contains("data-action") && !body.contains("lifeboat-csrf"), "nothing of the pool shows: {body}");
+    for site in ["same-origin", "none", "same-site"] {
+        let (st, h, _) = send(&f.app, from(site, "/jobs")).await;
+        assert_eq!(st, StatusCode::SEE_OTHER, "{site}");
+        assert!(h.get("refresh").is_none(), "{site}");
+    }
+    assert_eq!(send(&f.app, from("cross-site", "/live?view=hosts")).await.0, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
@@ -901,15 +917,24 @@ async fn live_streams_are_capped_per_session_and_in_all_and_given_back_when_they
         assert_eq!(res.status(), StatusCode::OK);
         held.push(res);
     }
-    let (st, _, body) = send(&f.app, get("/live?view=hosts", Some(&id))).await;
-    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
-    assert!(body.contains("this session (4)"), "{body}");
+    // A fifth page of the session takes the place of its oldest, which is
+    // told so ("replaced") and ends; the count stays at the cap.
+    let res = open(&id).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut oldest = held.remove(0).into_body();
+    let got = read_until(&mut oldest, "event: replaced", Duration::from_secs(5)).await;
+    assert!(got.is_ok(), "the oldest stream is told it was replaced: {got:?}");
+    held.push(res);
+    assert_eq!(f.app.streams.open(&id).1, live::MAX_STREAMS_PER_SESSION);
+    drop(oldest);
+    assert_eq!(f.app.streams.open(&id).1, live::MAX_STREAMS_PER_SESSION, "a replaced stream's end counts once");
     // A closed page gives its place back.
     drop(held.pop());
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while f.app.streams.open(&id).1 == live::MAX_STREAMS_PER_SESSION && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert_eq!(f.app.streams.open(&id).1, live::MAX_STREAMS_PER_SESSION - 1);
     let res = open(&id).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     held.push(res);

@@ -137,6 +137,12 @@ pub fn signed_out() -> Markup {
     )
 }
 
+/// The page a link from another site gets: it loads the same address again
+/// at once (`Refresh: 0`), now from this site, with the session cookie.
+pub fn reopening() -> Markup {
+    plain("Opening", html! { p { "Opening the dashboard…" } })
+}
+
 /// A follower with no leader to send the browser to (503, refreshed every 2 s).
 pub fn no_leader() -> Markup {
     plain("No leader", html! { p { "No controller leads the pool right now; this page tries again every 2 seconds." } })

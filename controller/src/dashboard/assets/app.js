@@ -93,7 +93,20 @@
       es.close();
       location.href = "/signed-out";
     });
+    // A newer page of this session took this page's place (4 live pages
+    // per session): stay as is, say so, do not reconnect.
+    es.addEventListener("replaced", function () {
+      es.close();
+      document.body.dataset.liveState = "replaced";
+    });
+    // A page the browser hides (navigation, back/forward cache) gives its
+    // stream back at once; shown again from that cache, it opens a new one.
+    window.addEventListener("pagehide", function () { es.close(); }, { once: true });
   }
+
+  window.addEventListener("pageshow", function (ev) {
+    if (ev.persisted) live();
+  });
 
   // POST forms (class "post"): sent with fetch and the CSRF header.
   function onSubmit(ev) {
