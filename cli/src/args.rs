@@ -50,6 +50,11 @@ pub fn id(v: &str) -> Result<String, String> {
     text(v, "an identifier as `lifeboat` printed it", MAX_NAME)
 }
 
+/// A certificate name (CN): non-empty, at most [`MAX_NAME`] bytes, printable.
+pub fn cert_name(v: &str) -> Result<String, String> {
+    text(v, "a certificate name (its CN)", MAX_NAME)
+}
+
 /// A `--reason`: non-empty, at most [`MAX_REASON`] bytes, one printable line.
 pub fn reason(v: &str) -> Result<String, String> {
     text(v, "a reason (one line of text)", MAX_REASON)

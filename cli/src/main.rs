@@ -115,6 +115,15 @@ enum Cmd {
 enum DashboardCmd {
     /// Print a one-time sign-in link (works once, within 60 s) for your certificate's name and role.
     Login,
+    /// End the dashboard sessions and unused sign-in links of one name, or of everybody (admin role).
+    EndSessions {
+        /// The certificate name (CN) whose sessions end.
+        #[arg(long, required_unless_present = "all", conflicts_with = "all", value_parser = args::cert_name)]
+        name: Option<String>,
+        /// Every session of every name.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -390,6 +399,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 .map_err(CliError::from_status)?
                 .into_inner();
             output::dashboard_login(fmt, &dashboard_url(&url, &r)?, &r);
+            Ok(())
+        }
+        Cmd::Dashboard(DashboardCmd::EndSessions { name, all }) => {
+            let mut c = connect(&cli.conn).await?;
+            let req = lifeboat_proto::v1::EndDashboardSessionsRequest { name: name.unwrap_or_default(), all };
+            let r = c.end_dashboard_sessions(req).await.map_err(CliError::from_status)?.into_inner();
+            output::dashboard_sessions_ended(fmt, &r);
             Ok(())
         }
         Cmd::Whoami => {
@@ -800,6 +816,13 @@ mod tests {
         }
         async fn create_dashboard_login(&self, _: Request<pb::CreateDashboardLoginRequest>) -> R<pb::DashboardLogin> {
             self.gate("create_dashboard_login")?;
+            unimpl()
+        }
+        async fn end_dashboard_sessions(
+            &self,
+            _: Request<pb::EndDashboardSessionsRequest>,
+        ) -> R<pb::EndDashboardSessionsResponse> {
+            self.gate("end_dashboard_sessions")?;
             unimpl()
         }
     }

@@ -388,6 +388,14 @@ pub fn dashboard_login(fmt: crate::Format, url: &str, r: &lifeboat_proto::v1::Da
     out!("This link works once, within 60 s; it signs you in as {} ({}).", clean(&r.name), clean(&r.role));
 }
 
+/// `dashboard end-sessions`.
+pub fn dashboard_sessions_ended(fmt: crate::Format, r: &lifeboat_proto::v1::EndDashboardSessionsResponse) {
+    if fmt == Format::Json {
+        return print_json(&serde_json::json!({"sessions": r.sessions, "links": r.links}));
+    }
+    out!("Ended {} dashboard session(s) and {} unused sign-in link(s).", r.sessions, r.links);
+}
+
 /// `whoami`.
 pub fn whoami(fmt: crate::Format, r: &WhoAmIResponse) {
     if fmt == Format::Json {

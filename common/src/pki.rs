@@ -73,11 +73,14 @@ fn valid_name(name: &str) -> Result<(), PkiError> {
     if ok { Ok(()) } else { Err(PkiError::BadName(name.to_string())) }
 }
 
-fn validity(params: &mut CertificateParams, days: i64) {
+fn validity(params: &mut CertificateParams, lasting: time::Duration) {
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(days);
+    params.not_after = now + lasting;
 }
+
+/// How long a leaf certificate lasts by default.
+pub const LEAF_DAYS: i64 = 825;
 
 /// Creates `dir/ca.pem` and `dir/ca.key` (0600). Refuses to overwrite.
 pub fn init(dir: &Path) -> Result<(PathBuf, PathBuf), PkiError> {
@@ -97,7 +100,7 @@ pub fn init(dir: &Path) -> Result<(PathBuf, PathBuf), PkiError> {
     dn.push(DnType::CommonName, "Lifeboat CA");
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    validity(&mut params, 3650);
+    validity(&mut params, time::Duration::days(3650));
     let cert = params.self_signed(&key)?;
     write_file(&key_path, &key.serialize_pem(), 0o600)?;
     write_file(&cert_path, &cert.pem(), 0o644)?;
@@ -130,8 +133,13 @@ impl Authority {
         Ok(Authority { issuer: Issuer::from_ca_cert_pem(&ca_pem, ca_key)? })
     }
 
-    /// Signs a new leaf certificate with a fresh key.
+    /// Signs a new leaf certificate with a fresh key, valid [`LEAF_DAYS`].
     pub fn issue_pem(&self, leaf: &Leaf) -> Result<IssuedPem, PkiError> {
+        self.issue_pem_lasting(leaf, time::Duration::days(LEAF_DAYS))
+    }
+
+    /// [`Authority::issue_pem`], valid for `lasting` from now.
+    pub fn issue_pem_lasting(&self, leaf: &Leaf, lasting: time::Duration) -> Result<IssuedPem, PkiError> {
         let (stem, ou, cn, sans, server) = match leaf {
             Leaf::Agent(host) => {
                 valid_name(host)?;
@@ -167,7 +175,7 @@ impl Authority {
             vec![ExtendedKeyUsagePurpose::ClientAuth]
         };
         params.use_authority_key_identifier_extension = true;
-        validity(&mut params, 825);
+        validity(&mut params, lasting);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedPem { stem, cert_pem: cert.pem(), key_pem: key.serialize_pem() })

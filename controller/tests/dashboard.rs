@@ -10,8 +10,8 @@ use http_body_util::BodyExt;
 use lifeboat_common::identity::Role;
 use lifeboat_common::pki::{self, Leaf};
 use lifeboat_common::tls::TlsFiles;
-use lifeboat_proto::v1::CreateDashboardLoginRequest;
 use lifeboat_proto::v1::admin_client::AdminClient;
+use lifeboat_proto::v1::{CreateDashboardLoginRequest, EndDashboardSessionsRequest};
 use tokio_rustls::rustls;
 
 struct Running {
@@ -92,12 +92,18 @@ async fn https(ca: &[u8], port: u16, req: axum::http::Request<String>) -> (u16, 
     (parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The tests of this file one at a time: a port from [`free_port`] is free
+/// when read, and another test's listener on port 0 could take it before
+/// the controller binds it.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_minted_over_grpc_signs_in_once_over_https() {
+    let _serial = SERIAL.lock().await;
     lifeboat_common::tls::install_crypto_provider();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
@@ -161,5 +167,121 @@ async fn a_link_minted_over_grpc_signs_in_once_over_https() {
     for action in ["dashboard.link", "dashboard.login"] {
         assert!(log.iter().any(|e| e.actor == "olga" && e.action == action), "{action} not in {log:?}");
     }
+    on.stop().await;
+}
+
+/// Signs `link` in over HTTPS; returns the session cookie and its Max-Age.
+async fn redeem(ca: &[u8], port: u16, token: &str) -> (String, i64) {
+    let host = format!("localhost:{port}");
+    let req = axum::http::Request::post("/login")
+        .header("host", &host)
+        .header("origin", format!("https://{host}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .unwrap();
+    let (st, h, body) = https(ca, port, req).await;
+    assert_eq!(st, 303, "{body}");
+    let set = h.get("set-cookie").unwrap().to_str().unwrap().to_string();
+    let max_age = set.rsplit_once("Max-Age=").unwrap().1.parse().unwrap();
+    (set.split(';').next().unwrap().to_string(), max_age)
+}
+
+async fn hosts_page(ca: &[u8], port: u16, cookie: &str) -> u16 {
+    let req = axum::http::Request::get("/hosts")
+        .header("host", format!("localhost:{port}"))
+        .header("cookie", cookie)
+        .body(String::new())
+        .unwrap();
+    https(ca, port, req).await.0
+}
+
+/// A session never outlives the client certificate that asked for its
+/// link; an admin ends one name's sessions (or everybody's), audited, and
+/// nobody else can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_end_with_the_certificate_and_when_an_admin_ends_them() {
+    let _serial = SERIAL.lock().await;
+    lifeboat_common::tls::install_crypto_provider();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    pki::init(dir).unwrap();
+    pki::issue(dir, dir, &Leaf::Controller(vec![])).unwrap();
+    pki::issue(dir, dir, &Leaf::Client("olga".into(), Role::Operator)).unwrap();
+    pki::issue(dir, dir, &Leaf::Client("ada".into(), Role::Admin)).unwrap();
+    // A certificate that lasts two hours (less the hour it is back-dated).
+    let brief = pki::Authority::load(dir)
+        .unwrap()
+        .issue_pem_lasting(&Leaf::Client("brief".into(), Role::Operator), time::Duration::hours(2))
+        .unwrap();
+    std::fs::write(dir.join("client-brief.pem"), &brief.cert_pem).unwrap();
+    std::fs::write(dir.join("client-brief.key"), &brief.key_pem).unwrap();
+    std::fs::set_permissions(dir.join("client-brief.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap();
+    let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+    let port = free_port();
+    let on = start(dir, "on.db", &format!("[dashboard]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n")).await;
+
+    let mint = |name: &'static str| {
+        let on = &on;
+        async move {
+            on.admin(dir, name).await.create_dashboard_login(CreateDashboardLoginRequest {}).await.unwrap().into_inner()
+        }
+    };
+    let (brief_cookie, max_age) = redeem(&ca, port, &mint("brief").await.token).await;
+    assert!((7000..=7200).contains(&max_age), "the session ends with the 2-hour certificate: Max-Age={max_age}");
+    let (olga_cookie, max_age) = redeem(&ca, port, &mint("olga").await.token).await;
+    assert_eq!(max_age, 28_800, "session_ttl_s for a long-lived certificate");
+    assert_eq!(hosts_page(&ca, port, &brief_cookie).await, 200);
+
+    let end = |who: &'static str, name: &'static str, all: bool| {
+        let on = &on;
+        async move {
+            let req = EndDashboardSessionsRequest { name: name.into(), all };
+            on.admin(dir, who).await.end_dashboard_sessions(req).await
+        }
+    };
+    // Only an admin; a name or all, not both, not neither; nothing changes on a refusal.
+    let e = end("olga", "brief", false).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("admin"), "{e}");
+    for (name, all) in [("", false), ("brief", true), ("a\u{7}b", false)] {
+        let e = end("ada", name, all).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{name:?} {all}: {e}");
+    }
+    let long = Box::leak("x".repeat(257).into_boxed_str());
+    assert_eq!(end("ada", long, false).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(hosts_page(&ca, port, &brief_cookie).await, 200, "a refusal ended nothing");
+
+    let pending = mint("brief").await;
+    let r = end("ada", "brief", false).await.unwrap().into_inner();
+    assert_eq!((r.sessions, r.links), (1, 1));
+    assert_eq!(hosts_page(&ca, port, &brief_cookie).await, 303, "brief is signed out");
+    assert_eq!(hosts_page(&ca, port, &olga_cookie).await, 200, "olga is not");
+    let host = format!("localhost:{port}");
+    let req = axum::http::Request::post("/login")
+        .header("host", &host)
+        .header("origin", format!("https://{host}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}", pending.token))
+        .unwrap();
+    assert_eq!(https(&ca, port, req).await.0, 410, "brief's unused link is gone too");
+    let r = end("ada", "", true).await.unwrap().into_inner();
+    assert_eq!(r.sessions, 1, "everybody's: olga's");
+    assert_eq!(hosts_page(&ca, port, &olga_cookie).await, 303);
+
+    let log = on
+        .admin(dir, "ada")
+        .await
+        .list_audit(lifeboat_proto::v1::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let ended: Vec<_> = log.iter().filter(|e| e.action == "dashboard.sessions_ended").collect();
+    assert_eq!(ended.len(), 2, "{log:?}");
+    assert!(ended.iter().all(|e| e.actor == "ada"), "{ended:?}");
+    assert!(
+        ended.iter().any(|e| e.detail.contains("\"brief\"")) && ended.iter().any(|e| e.detail.contains("everybody"))
+    );
     on.stop().await;
 }

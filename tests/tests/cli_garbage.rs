@@ -131,6 +131,11 @@ fn garbage_arguments_are_usage_errors() {
         (vec!["dashboard", "login", "--output", "yaml"], "--output"),
         (vec!["dashboard", "login", "--timeout", "0"], "--timeout"),
         (vec!["dashboard", "login", "--token", "x"], "--token"),
+        (vec!["dashboard", "end-sessions"], "--name"),
+        (vec!["dashboard", "end-sessions", "--name", ""], "--name"),
+        (vec!["dashboard", "end-sessions", "--name", "a\u{7}b"], "--name"),
+        (vec!["dashboard", "end-sessions", "--name", "olga", "--all"], "--all"),
+        (vec!["dashboard", "end-sessions", "--all", "extra"], "extra"),
     ];
     for (args, flag) in &cases {
         let r = run_with(None, args);

@@ -47,6 +47,7 @@ fn words() -> impl Strategy<Value = Vec<OsString>> {
         "log",
         "dashboard",
         "login",
+        "end-sessions",
         "help",
         "host-a",
         "vm-a1",
@@ -166,6 +167,8 @@ fn command() -> impl Strategy<Value = Vec<OsString>> {
         t(&["dashboard", "login", "-o", "json", "--timeout", "@"]),
         t(&["dashboard", "login", "@"]),
         t(&["dashboard", "@", "login"]),
+        t(&["dashboard", "end-sessions", "--name", "@"]),
+        t(&["dashboard", "end-sessions", "--all", "@"]),
     ];
     (proptest::sample::select(templates), proptest::collection::vec(v(), 3)).prop_map(move |(a, vs)| with(a, vs))
 }

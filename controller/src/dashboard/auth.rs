@@ -47,6 +47,8 @@ struct Link {
     role: Role,
     expires_ms: i64,
     minted_ms: i64,
+    /// The latest a session it opens may last (the certificate's expiry).
+    session_until_ms: i64,
 }
 
 /// Links and sessions of one controller process.
@@ -93,6 +95,13 @@ impl Auth {
         }
     }
 
+    /// Seconds until `s` ends, rounded up (at least 1): `session_ttl_s` at
+    /// sign-in, or less when the certificate expires sooner.
+    pub fn seconds_left(&self, s: &Session) -> i64 {
+        let left_ms = s.expires_ms.saturating_sub(self.clock.now_ms());
+        (left_ms.saturating_add(999) / 1000).clamp(1, self.session_ttl_s().max(1))
+    }
+
     /// The session lifetime, seconds.
     pub fn session_ttl_s(&self) -> i64 {
         self.ttl_ms / 1000
@@ -108,6 +117,13 @@ impl Auth {
 
     /// A one-time link for `name` with `role`: its token and when it expires.
     pub fn mint(&self, name: &str, role: Role) -> Result<(String, i64), AuthError> {
+        self.mint_until(name, role, i64::MAX)
+    }
+
+    /// [`Auth::mint`] for a certificate that expires at `until_ms`: the
+    /// session the link opens ends then at the latest, whatever
+    /// `session_ttl_s` says.
+    pub fn mint_until(&self, name: &str, role: Role, until_ms: i64) -> Result<(String, i64), AuthError> {
         let token = self.secret().ok_or(AuthError::Random)?;
         let key = key_of(&token).ok_or(AuthError::Random)?;
         let now = self.clock.now_ms();
@@ -126,7 +142,8 @@ impl Auth {
         if links.len() >= MAX_LINKS {
             return Err(AuthError::Full { what: "sign-in links waiting", max: MAX_LINKS });
         }
-        links.insert(key, Link { name: name.to_string(), role, expires_ms, minted_ms: now });
+        let link = Link { name: name.to_string(), role, expires_ms, minted_ms: now, session_until_ms: until_ms };
+        links.insert(key, link);
         Ok((token, expires_ms))
     }
 
@@ -150,7 +167,12 @@ impl Auth {
         let id = self.secret().ok_or(AuthError::Random)?;
         let csrf = self.secret().ok_or(AuthError::Random)?;
         let skey = key_of(&id).ok_or(AuthError::Random)?;
-        let s = Session { name: link.name.clone(), role: link.role, csrf, expires_ms: now.saturating_add(self.ttl_ms) };
+        let expires_ms = now.saturating_add(self.ttl_ms).min(link.session_until_ms);
+        if expires_ms <= now {
+            lock(&self.links).remove(&key);
+            return Err(AuthError::Gone);
+        }
+        let s = Session { name: link.name.clone(), role: link.role, csrf, expires_ms };
         let mut sessions = lock(&self.sessions);
         sessions.retain(|_, s| s.expires_ms > now);
         let mine = sessions.values().filter(|x| x.name == link.name).count();
@@ -191,6 +213,21 @@ impl Auth {
             }
             None => None,
         }
+    }
+
+    /// Ends every session and drops every unused link of `name` (of
+    /// everybody when `None`): how many of each.
+    pub fn end_all(&self, name: Option<&str>) -> (usize, usize) {
+        let of = |n: &str| name.is_none_or(|want| want == n);
+        let mut sessions = lock(&self.sessions);
+        let before = sessions.len();
+        sessions.retain(|_, s| !of(&s.name));
+        let ended = before - sessions.len();
+        drop(sessions);
+        let mut links = lock(&self.links);
+        let before = links.len();
+        links.retain(|_, l| !of(&l.name));
+        (ended, before - links.len())
     }
 
     /// Ends a session (sign-out).
@@ -244,6 +281,42 @@ pub fn clear_cookie() -> String {
 mod tests {
     use super::*;
     use crate::ports::clock::ManualClock;
+
+    #[test]
+    fn a_session_ends_at_the_certificates_expiry_if_that_comes_first() {
+        let (c, a) = auth();
+        let now = 1_000_000;
+        let (t, _) = a.mint_until("olga", Role::Operator, now + 200_000).unwrap();
+        let (id, s) = a.open_session(&t).unwrap();
+        assert_eq!(s.expires_ms, now + 200_000, "capped at the certificate's expiry");
+        assert_eq!(a.seconds_left(&s), 200);
+        c.advance(200_000);
+        assert!(a.session(&id).is_none(), "over when the certificate is");
+        // A certificate that expires before the link is used opens nothing.
+        let (t, _) = a.mint_until("olga", Role::Operator, now + 201_000).unwrap();
+        c.advance(1_000);
+        assert!(matches!(a.open_session(&t), Err(AuthError::Gone)));
+        assert!(!a.pending(&t), "and the link is gone");
+        // Without an expiry, session_ttl_s.
+        let (t, _) = a.mint("olga", Role::Operator).unwrap();
+        let (_, s) = a.open_session(&t).unwrap();
+        assert_eq!(a.seconds_left(&s), a.session_ttl_s());
+    }
+
+    #[test]
+    fn ending_a_names_sessions_leaves_the_others_and_drops_its_links() {
+        let (_, a) = auth();
+        let open = |name: &str| a.open_session(&a.mint(name, Role::Viewer).unwrap().0).unwrap().0;
+        let (o1, o2, v1) = (open("olga"), open("olga"), open("vera"));
+        let (pending, _) = a.mint("olga", Role::Operator).unwrap();
+        let (vpending, _) = a.mint("vera", Role::Viewer).unwrap();
+        assert_eq!(a.end_all(Some("olga")), (2, 1));
+        assert!(a.session(&o1).is_none() && a.session(&o2).is_none() && !a.pending(&pending));
+        assert!(a.session(&v1).is_some() && a.pending(&vpending), "vera's are untouched");
+        assert_eq!(a.end_all(Some("nobody")), (0, 0));
+        assert_eq!(a.end_all(None), (1, 1));
+        assert!(a.session(&v1).is_none() && !a.pending(&vpending));
+    }
 
     fn auth() -> (ManualClock, Auth) {
         let c = ManualClock::new(1_000_000);

@@ -166,7 +166,7 @@ async fn login(
         format!("role {} from {from}, until {} (unix ms)", s.role, s.expires_ms),
     )
     .await;
-    let cookie = super::auth::set_cookie(&id, app.auth.session_ttl_s());
+    let cookie = super::auth::set_cookie(&id, app.auth.seconds_left(&s));
     let mut res = (StatusCode::SEE_OTHER, [(header::LOCATION, "/hosts")]).into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         res.headers_mut().insert(header::SET_COOKIE, v);

@@ -105,7 +105,9 @@ impl Admin for AdminService {
             )
             .into());
         };
-        let (token, expires) = auth.mint(&name, role).map_err(|e| match e {
+        // A session never outlives the certificate that asked for it.
+        let until = super::peer_not_after_ms(&req).unwrap_or(i64::MAX);
+        let (token, expires) = auth.mint_until(&name, role, until).map_err(|e| match e {
             crate::dashboard::auth::AuthError::Full { .. } => ControllerError::Refused(e.to_string()),
             _ => ControllerError::Internal(e.to_string()),
         })?;
@@ -127,6 +129,58 @@ impl Admin for AdminService {
             port: u32::from(*port),
             name,
             role: role.as_str().into(),
+        }))
+    }
+
+    async fn end_dashboard_sessions(
+        &self,
+        req: Request<lifeboat_proto::v1::EndDashboardSessionsRequest>,
+    ) -> Result<Response<lifeboat_proto::v1::EndDashboardSessionsResponse>, Status> {
+        let (actor, _) = authorize(&req, Role::Admin, "ending dashboard sessions")?;
+        let r = req.get_ref();
+        let name = r.name.trim();
+        let which = match (name.is_empty(), r.all) {
+            (false, false) if name.len() <= 256 && !name.chars().any(char::is_control) => Some(name),
+            (false, false) => {
+                return Err(
+                    ControllerError::InvalidArgument("name: at most 256 bytes, no control characters".into()).into()
+                );
+            }
+            (true, true) => None,
+            _ => {
+                return Err(ControllerError::InvalidArgument(
+                    "say whose sessions end: a name (--name), or --all for everybody's, not both".into(),
+                )
+                .into());
+            }
+        };
+        let Some((auth, _)) = &self.dashboard else {
+            return Err(ControllerError::Refused(
+                "the dashboard is off on this controller: set [dashboard] enabled = true in its configuration".into(),
+            )
+            .into());
+        };
+        // Recorded before it is done: an audit write that fails ends nothing.
+        let row = crate::ports::AuditRow {
+            seq: 0,
+            at_ms: self.reg.now_ms(),
+            actor: actor.clone(),
+            action: "dashboard.sessions_ended".into(),
+            host: String::new(),
+            vm: String::new(),
+            job: String::new(),
+            detail: format!(
+                "every dashboard session and unused sign-in link of {} ends",
+                which.map_or_else(|| "everybody".to_string(), |n| format!("{n:?}"))
+            ),
+        };
+        self.reg.repos().audit(move |a| a.append(&row)).await.map_err(ControllerError::from)?;
+        let (sessions, links) = auth.end_all(which);
+        info!(operator = %actor, sessions, links, of = ?which, "dashboard sessions ended");
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Response::new(lifeboat_proto::v1::EndDashboardSessionsResponse {
+            sessions: count(sessions),
+            links: count(links),
         }))
     }
 

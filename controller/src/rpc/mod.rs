@@ -24,3 +24,11 @@ fn peer_identity_inner<T>(req: &Request<T>) -> Result<Identity, ControllerError>
         certs.first().ok_or_else(|| ControllerError::Unauthenticated("empty client certificate chain".into()))?;
     identity_from_der(leaf.as_ref()).map_err(|e| ControllerError::Unauthenticated(e.to_string()))
 }
+
+/// When the request's client certificate expires (ms since the epoch), if
+/// it can be read.
+pub fn peer_not_after_ms<T>(req: &Request<T>) -> Option<i64> {
+    let certs = req.peer_certs()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    cert.validity().not_after.timestamp().checked_mul(1000)
+}
