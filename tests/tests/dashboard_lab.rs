@@ -617,6 +617,76 @@ fn dashboard_lab_forced_migration_from_the_page() {
     open_live(&b, &base, "/hosts/host-a");
     let badge = "#live table#host .status-badge";
     assert!(b.attr(badge, "class").unwrap_or_default().contains("status-OFFLINE"), "host-a OFFLINE after the fence");
+    // Its stale definitions are known, but cannot be removed while it is off.
+    b.click("#live [data-action=cleanup]");
+    b.wait_css("dialog[open]#cleanup-dialog", Duration::from_secs(5));
+    b.click("dialog[open] [data-action=plan-cleanup]");
+    b.wait_js(
+        Duration::from_secs(10),
+        "a cleanup plan or refusal",
+        "!!document.querySelector('dialog[open] .result #cleanup-plan, dialog[open] .result .refusal')",
+    );
+    let refused = b.text("dialog[open] .result");
+    println!("cleanup while host-a is off: {refused}");
+    assert!(
+        b.attr("dialog[open] #cleanup-plan", "data-executable").as_deref() != Some("true"),
+        "a cleanup of a host that is off cannot be carried out: {refused}"
+    );
+    b.click("dialog[open] [data-close=cleanup-dialog]");
+
+    // host-a is repaired and powered on: its open page shows it back, in
+    // MAINTENANCE, with the two stale definitions and a Clean up button, live.
+    lab.ok(&["bmc-power", "host-a", "on"]);
+    b.wait_js(
+        Duration::from_secs(90),
+        "host-a reachable again, with a Clean up button, on its open page",
+        &format!(
+            "document.querySelector('{liveness}')?.textContent.trim() === 'reachable' && \
+             !!document.querySelector('#live [data-action=cleanup]')"
+        ),
+    );
+    assert!(b.attr(badge, "class").unwrap_or_default().contains("status-MAINTENANCE"), "quarantined on return");
+    assert_eq!(b.text("#live td.stale").split_whitespace().next(), Some("2"), "two stale definitions");
+    for (name, uuid, _) in &planned {
+        assert_eq!(lab.virsh("host-a", &["domstate", name]).trim(), "shut off", "{name} must not run on host-a");
+        assert_eq!(lab.copies(uuid), 1, "{name} runs once");
+    }
+
+    // Cleanup from the page: the plan names exactly the moved guests, and
+    // Confirm removes their definitions from host-a, nothing else.
+    b.click("#live [data-action=cleanup]");
+    b.wait_css("dialog[open]#cleanup-dialog", Duration::from_secs(5));
+    b.click("dialog[open] [data-action=plan-cleanup]");
+    b.wait_css("dialog[open] .result #cleanup-plan[data-plan-id]", Duration::from_secs(10));
+    let cleanup_text = b.text("dialog[open] .result");
+    assert_eq!(b.attr("dialog[open] #cleanup-plan", "data-executable").as_deref(), Some("true"), "{cleanup_text}");
+    assert_eq!(b.count("dialog[open] .cleanup-items tr[data-uuid]"), planned.len(), "{cleanup_text}");
+    for (name, uuid, _) in &planned {
+        let action = b.attr(&format!("dialog[open] .cleanup-items tr[data-uuid=\"{uuid}\"]"), "data-cleanup-action");
+        assert_eq!(action.as_deref(), Some("remove"), "{name}: {cleanup_text}");
+    }
+    let defined_before = lab.defined("host-a");
+    assert!(planned.iter().all(|(n, _, _)| defined_before.contains(n)), "a plan removes nothing: {defined_before:?}");
+    b.screenshot("cleanup-plan");
+    b.click("dialog[open] [data-action=confirm-cleanup]");
+    b.wait_css("dialog[open] .result #cleanup-plan[data-done=true]", Duration::from_secs(30));
+    for (name, uuid, _) in &planned {
+        let action = b.attr(&format!("dialog[open] .cleanup-items tr[data-uuid=\"{uuid}\"]"), "data-cleanup-action");
+        assert_eq!(action.as_deref(), Some("removed"), "{name}: {}", b.text("dialog[open] .result"));
+    }
+    let defined = lab.defined("host-a");
+    for (name, uuid, target) in &planned {
+        assert!(!defined.contains(name), "{name} undefined on host-a: {defined:?}");
+        assert_eq!(lab.copies(uuid), 1, "{name} runs once");
+        let copies: Vec<Value> = lab.vms().into_iter().filter(|g| g["uuid"] == uuid.as_str()).collect();
+        assert_eq!(copies.len(), 1, "{name}: {copies:?}");
+        assert_eq!(copies[0]["host_id"], target.as_str(), "{name} still runs where it was moved");
+    }
+    let log = lab.cli_json(&["log", "--host", "host-a"]).expect("log --host host-a");
+    let removed: Vec<&Value> =
+        log.as_array().map(|l| l.iter().filter(|e| e["action"] == "cleanup.removed").collect()).unwrap_or_default();
+    assert_eq!(removed.len(), planned.len(), "{log}");
+    assert!(removed.iter().all(|e| e["actor"] == "operator"), "audited under the signed-in name: {removed:?}");
 
     let left = b.close();
     assert!(left.is_empty(), "browser processes left: {left:?}");
