@@ -692,3 +692,112 @@ fn dashboard_lab_forced_migration_from_the_page() {
     assert!(left.is_empty(), "browser processes left: {left:?}");
     assert!(browser_pids_in(&netns).is_empty(), "browser processes left in {netns}");
 }
+
+/// The controller leading an HA lab, per etcd (`lab.sh leader`).
+fn ha_leader(lab: &Lab) -> Option<u32> {
+    let o = lab.run(&["leader"]);
+    if !o.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&o.stdout).split_whitespace().next().and_then(|n| n.parse().ok())
+}
+
+/// Signs in with a fresh operator link (whichever controller the CLI found
+/// leading names it); returns the origin the browser landed on.
+fn ha_sign_in(lab: &Lab, b: &lifeboat_e2e::browser::Browser) -> String {
+    let (code, out, err) = lab.cli_as("operator", &["dashboard", "login", "--output", "json"]);
+    assert_eq!(code, 0, "dashboard login: {err}");
+    let link: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("dashboard login JSON ({e}): {out}"));
+    b.goto(link["url"].as_str().expect("url"));
+    b.wait_js(Duration::from_secs(10), "signed in: on /hosts", "location.pathname === '/hosts'");
+    b.wait_css("table#hosts", Duration::from_secs(5));
+    b.exec_js("return location.origin;", vec![]).as_str().expect("origin").to_string()
+}
+
+/// With three controllers on etcd (design §1, issue 16): a browser that opens
+/// a follower's dashboard is sent to the leader's, same page, and an action
+/// there is carried out by the leader. When the leader dies, another
+/// controller's address sends the browser to the new leader, which asks it
+/// to sign in again (sessions live in the leader's memory); a new link works.
+#[test]
+fn dashboard_lab_ha_a_follower_sends_the_browser_to_the_leader() {
+    if !std::path::Path::new("/usr/bin/etcd").exists() {
+        skip_or_fail("/usr/bin/etcd is missing: run scripts/install-deps.sh (Debian's etcd-server)");
+        return;
+    }
+    if let Some(why) = lifeboat_e2e::browser::unavailable() {
+        skip_or_fail(&why);
+        return;
+    }
+    let lab = match Lab::up_with(2, 1, &["--ha", "--controllers", "3"]) {
+        Ok(l) => l,
+        Err(why) => {
+            skip_or_fail(&why);
+            return;
+        }
+    };
+    let url = |n: u32| lab.paths.get(&format!("CTL_{n}_DASHBOARD_URL")).cloned();
+    if url(1).is_none() {
+        skip_or_fail("the HA lab's controllers have no dashboard (LAB_DASHBOARD=0)");
+        return;
+    }
+    lab.wait(Duration::from_secs(30), "a leader", || ha_leader(&lab).is_some());
+    lab.wait(Duration::from_secs(30), "2 running guests", || {
+        let v = lab.vms();
+        v.len() == 2 && v.iter().all(|g| g["state"] == "running")
+    });
+    let leader = ha_leader(&lab).expect("a leader");
+    let follower = (1..=3).find(|n| *n != leader).expect("a follower");
+    let (leader_url, follower_url) = (url(leader).expect("leader URL"), url(follower).expect("follower URL"));
+    // The browser runs in the third controller's namespace, which stays up
+    // when the leader is killed.
+    let survivor = (1..=3).find(|n| *n != leader && *n != follower).expect("a third controller");
+    let netns = lab.paths[&format!("CTL_{survivor}_NETNS")].clone();
+    let b = lifeboat_e2e::browser::Browser::start_in(&netns, &lab.path("PKI_DIR").join("controller.pem"));
+
+    let origin = ha_sign_in(&lab, &b);
+    assert_eq!(origin, leader_url, "the link names the leader");
+    // A follower's address: the same page, on the leader, signed in.
+    b.goto(&format!("{follower_url}/hosts/host-a?since=1"));
+    b.wait_css("body[data-live-state=open]", Duration::from_secs(10));
+    assert_eq!(b.url(), format!("{leader_url}/hosts/host-a?since=1"), "sent to the leader, same page and query");
+    // An action from there is the leader's.
+    b.click("[data-action=set-status]");
+    b.wait_css("dialog[open]", Duration::from_secs(5));
+    b.click("dialog[open] .status-help[data-status=NOT_ACCEPTING] input[type=radio]");
+    b.fill("dialog[open] input[name=reason]", "dashboard HA test");
+    b.click("dialog[open] [data-action=confirm-status]");
+    b.wait_js(
+        Duration::from_secs(5),
+        "host-a NOT_ACCEPTING on its open page",
+        "document.querySelector('#live table#host .status-badge')?.classList.contains('status-NOT_ACCEPTING')",
+    );
+    assert_eq!(lab.host("host-a").expect("host-a")["status"], "NOT_ACCEPTING");
+
+    // The leader dies: a survivor's address leads to the new leader, which
+    // does not know the old session.
+    lab.ok(&["ctl-kill", &leader.to_string()]);
+    lab.wait(Duration::from_secs(30), "a new leader", || ha_leader(&lab).is_some_and(|n| n != leader));
+    let new = ha_leader(&lab).expect("new leader");
+    let new_url = url(new).expect("new leader URL");
+    let other = if new == follower { survivor } else { follower };
+    let t = Instant::now();
+    let entry = url(other).expect("URL");
+    b.wait_js(
+        Duration::from_secs(30),
+        "the new leader's signed-out page through a follower",
+        &format!(
+            "(function () {{ if (location.pathname !== '/signed-out') {{ location.href = '{entry}/hosts'; return false; }} \
+             return location.origin === '{new_url}'; }})()"
+        ),
+    );
+    println!(
+        "after the leader's SIGKILL, {entry} sent the browser to the new leader's sign-in page in {:?}",
+        t.elapsed()
+    );
+    let origin = ha_sign_in(&lab, &b);
+    assert_eq!(origin, new_url, "a new link names the new leader");
+    assert_eq!(b.count("table#hosts tr[data-host]"), 2);
+    let left = b.close();
+    assert!(left.is_empty(), "browser processes left: {left:?}");
+}
