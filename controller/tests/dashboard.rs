@@ -97,13 +97,8 @@ async fn https(ca: &[u8], port: u16, req: axum::http::Request<String>) -> (u16, 
 /// the controller binds it.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_link_minted_over_grpc_signs_in_once_over_https() {
-    let _serial = SERIAL.lock().await;
+/// A CA with the controller's certificate and operator olga's; the CA's PEM.
+fn pki_dir() -> (tempfile::TempDir, Vec<u8>) {
     lifeboat_common::tls::install_crypto_provider();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
@@ -111,6 +106,40 @@ async fn a_link_minted_over_grpc_signs_in_once_over_https() {
     pki::issue(dir, dir, &Leaf::Controller(vec![])).unwrap();
     pki::issue(dir, dir, &Leaf::Client("olga".into(), Role::Operator)).unwrap();
     let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+    (d, ca)
+}
+
+/// `POST /login` with `token`, from the dashboard's own origin.
+fn login_request(port: u16, token: &str) -> axum::http::Request<String> {
+    let host = format!("localhost:{port}");
+    axum::http::Request::post("/login")
+        .header("host", &host)
+        .header("origin", format!("https://{host}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .unwrap()
+}
+
+/// The audit log, read with `name`'s certificate.
+async fn audit_log(on: &Running, dir: &Path, name: &str) -> Vec<lifeboat_proto::v1::AuditEntry> {
+    on.admin(dir, name)
+        .await
+        .list_audit(lifeboat_proto::v1::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_minted_over_grpc_signs_in_once_over_https() {
+    let _serial = SERIAL.lock().await;
+    let (d, ca) = pki_dir();
+    let dir = d.path();
 
     // Off: no link, and the refusal says how to turn it on.
     let off = start(dir, "off.db", "").await;
@@ -136,14 +165,7 @@ async fn a_link_minted_over_grpc_signs_in_once_over_https() {
     let (st, _, body) = https(&ca, port, get(format!("/login?token={}", link.token), None)).await;
     assert_eq!(st, 200, "{body}");
     assert!(body.contains(r#"name="login""#), "{body}");
-    let login = || {
-        axum::http::Request::post("/login")
-            .header("host", &host)
-            .header("origin", format!("https://{host}"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(format!("token={}", link.token))
-            .unwrap()
-    };
+    let login = || login_request(port, &link.token);
     let (st, h, _) = https(&ca, port, login()).await;
     assert_eq!(st, 303);
     let cookie = h.get("set-cookie").unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
@@ -156,14 +178,7 @@ async fn a_link_minted_over_grpc_signs_in_once_over_https() {
     let (st, h, _) = https(&ca, port, get("/hosts".into(), None)).await;
     assert_eq!((st, h.get("location").unwrap().to_str().unwrap()), (303, "/signed-out"));
     // The link and the sign-in are in the audit log under the certificate's name.
-    let log = on
-        .admin(dir, "olga")
-        .await
-        .list_audit(lifeboat_proto::v1::ListAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let log = audit_log(&on, dir, "olga").await;
     for action in ["dashboard.link", "dashboard.login"] {
         assert!(log.iter().any(|e| e.actor == "olga" && e.action == action), "{action} not in {log:?}");
     }
@@ -172,14 +187,7 @@ async fn a_link_minted_over_grpc_signs_in_once_over_https() {
 
 /// Signs `link` in over HTTPS; returns the session cookie and its Max-Age.
 async fn redeem(ca: &[u8], port: u16, token: &str) -> (String, i64) {
-    let host = format!("localhost:{port}");
-    let req = axum::http::Request::post("/login")
-        .header("host", &host)
-        .header("origin", format!("https://{host}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={token}"))
-        .unwrap();
-    let (st, h, body) = https(ca, port, req).await;
+    let (st, h, body) = https(ca, port, login_request(port, token)).await;
     assert_eq!(st, 303, "{body}");
     let set = h.get("set-cookie").unwrap().to_str().unwrap().to_string();
     let max_age = set.rsplit_once("Max-Age=").unwrap().1.parse().unwrap();
@@ -201,12 +209,8 @@ async fn hosts_page(ca: &[u8], port: u16, cookie: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_end_with_the_certificate_and_when_an_admin_ends_them() {
     let _serial = SERIAL.lock().await;
-    lifeboat_common::tls::install_crypto_provider();
-    let d = tempfile::tempdir().unwrap();
+    let (d, ca) = pki_dir();
     let dir = d.path();
-    pki::init(dir).unwrap();
-    pki::issue(dir, dir, &Leaf::Controller(vec![])).unwrap();
-    pki::issue(dir, dir, &Leaf::Client("olga".into(), Role::Operator)).unwrap();
     pki::issue(dir, dir, &Leaf::Client("ada".into(), Role::Admin)).unwrap();
     // A certificate that lasts two hours (less the hour it is back-dated).
     let brief = pki::Authority::load(dir)
@@ -217,7 +221,6 @@ async fn sessions_end_with_the_certificate_and_when_an_admin_ends_them() {
     std::fs::write(dir.join("client-brief.key"), &brief.key_pem).unwrap();
     std::fs::set_permissions(dir.join("client-brief.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .unwrap();
-    let ca = std::fs::read(dir.join("ca.pem")).unwrap();
     let port = free_port();
     let on = start(dir, "on.db", &format!("[dashboard]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n")).await;
 
@@ -257,26 +260,12 @@ async fn sessions_end_with_the_certificate_and_when_an_admin_ends_them() {
     assert_eq!((r.sessions, r.links), (1, 1));
     assert_eq!(hosts_page(&ca, port, &brief_cookie).await, 303, "brief is signed out");
     assert_eq!(hosts_page(&ca, port, &olga_cookie).await, 200, "olga is not");
-    let host = format!("localhost:{port}");
-    let req = axum::http::Request::post("/login")
-        .header("host", &host)
-        .header("origin", format!("https://{host}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={}", pending.token))
-        .unwrap();
-    assert_eq!(https(&ca, port, req).await.0, 410, "brief's unused link is gone too");
+    assert_eq!(https(&ca, port, login_request(port, &pending.token)).await.0, 410, "brief's unused link is gone too");
     let r = end("ada", "", true).await.unwrap().into_inner();
     assert_eq!(r.sessions, 1, "everybody's: olga's");
     assert_eq!(hosts_page(&ca, port, &olga_cookie).await, 303);
 
-    let log = on
-        .admin(dir, "ada")
-        .await
-        .list_audit(lifeboat_proto::v1::ListAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let log = audit_log(&on, dir, "ada").await;
     let ended: Vec<_> = log.iter().filter(|e| e.action == "dashboard.sessions_ended").collect();
     assert_eq!(ended.len(), 2, "{log:?}");
     assert!(ended.iter().all(|e| e.actor == "ada"), "{ended:?}");

@@ -192,18 +192,24 @@ fn badge(host: &str) -> String {
     format!("tr[data-host=\"{host}\"] .status-badge")
 }
 
-/// Waits (at most 5 s) until `host`'s badge on the open page has
-/// `status-<status>`; asserts it took under 1 s from `since`.
+/// Waits (at most 5 s) until `expr` holds on the open page; prints and
+/// asserts that it took under 1 s from `since`.
+fn shown_within_a_second(b: &lifeboat_e2e::browser::Browser, since: Instant, what: &str, expr: &str) {
+    b.wait_js(Duration::from_secs(5), what, expr);
+    let took = since.elapsed();
+    println!("{what} after {took:?}");
+    assert!(took < Duration::from_secs(1), "{what}: took {took:?}");
+}
+
+/// [`shown_within_a_second`] for `host`'s badge reading `status`.
 fn badge_turns(b: &lifeboat_e2e::browser::Browser, host: &str, status: &str, since: Instant, what: &str) {
     let sel = badge(host);
-    b.wait_js(
-        Duration::from_secs(5),
-        &format!("{host} {status} on the open page"),
+    shown_within_a_second(
+        b,
+        since,
+        &format!("{what}: {host} reads {status} on the open page"),
         &format!("document.querySelector('{sel}')?.classList.contains('status-{status}')"),
     );
-    let took = since.elapsed();
-    println!("{what}: {host} reads {status} on the open page after {took:?}");
-    assert!(took < Duration::from_secs(1), "{what}: took {took:?}");
 }
 
 /// Moves `vm` from `from` to `to` the way an operator does on the open
@@ -319,15 +325,12 @@ fn dashboard_lab_pool_live_actions_and_roles() {
     assert_eq!(b.text(&state).trim(), "running");
     lab.excuse("vm-b1", "destroyed on purpose (the dashboard shows it shut off)");
     lab.virsh("host-b", &["destroy", "vm-b1"]);
-    let t = Instant::now();
-    b.wait_js(
-        Duration::from_secs(5),
-        "vm-b1 shutoff on the open page",
+    shown_within_a_second(
+        &b,
+        Instant::now(),
+        "virsh destroy: vm-b1 reads shutoff on the open /guests page, after virsh returned,",
         &format!("document.querySelector('{state}')?.textContent.trim() === 'shutoff'"),
     );
-    let took = t.elapsed();
-    println!("virsh destroy: vm-b1 reads shutoff on the open /guests page {took:?} after virsh returned");
-    assert!(took < Duration::from_secs(1), "took {took:?}");
     b.screenshot("guests");
 
     // 4. Testing a repaired host: vm-b2 moved from the guests page to
@@ -374,15 +377,12 @@ fn dashboard_lab_pool_live_actions_and_roles() {
     assert_eq!(lab.host("host-c").expect("host-c")["status"], "MAINTENANCE", "a plan changes nothing");
     b.screenshot("host-status-dialog");
     b.click("dialog[open] [data-action=confirm-status]");
-    let t = Instant::now();
-    b.wait_js(
-        Duration::from_secs(5),
-        "host-c AVAILABLE on its open page",
+    shown_within_a_second(
+        &b,
+        Instant::now(),
+        "set-status dialog: host-c's page reads AVAILABLE, after the click,",
         "document.querySelector('#live table#host .status-badge')?.classList.contains('status-AVAILABLE')",
     );
-    let took = t.elapsed();
-    println!("set-status dialog: host-c's page reads AVAILABLE {took:?} after the click");
-    assert!(took < Duration::from_secs(1), "took {took:?}");
     assert_eq!(lab.host("host-c").expect("host-c")["status"], "AVAILABLE");
 
     // 6. The used link: 410, and nothing signed in by it.
@@ -516,15 +516,12 @@ fn dashboard_lab_forced_migration_from_the_page() {
     lab.wait(Duration::from_secs(15), "host-a unreachable", || {
         lab.host("host-a").is_some_and(|h| h["liveness"] == "UNREACHABLE")
     });
-    let t = Instant::now();
-    b.wait_js(
-        Duration::from_secs(5),
-        "host-a unreachable on its open page",
+    shown_within_a_second(
+        &b,
+        Instant::now(),
+        "host-a reads unreachable on its open page, after the controller said so,",
         &format!("document.querySelector('{liveness}')?.textContent.trim() === 'unreachable'"),
     );
-    let took = t.elapsed();
-    println!("host-a reads unreachable on its open page {took:?} after the controller said so");
-    assert!(took < Duration::from_secs(1), "took {took:?}");
     // Past the lab's force grace (5 s of silence).
     std::thread::sleep(Duration::from_millis(5500));
     assert_eq!(String::from_utf8_lossy(&lab.ok(&["bmc-state", "host-a"]).stdout).trim(), "On", "a hung host reads On");
