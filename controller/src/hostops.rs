@@ -33,6 +33,9 @@ pub struct CleanupInput {
     pub guests: Vec<Guest>,
     /// Its agent session is open.
     pub connected: bool,
+    /// Its agent sent an inventory in that session: until then, what the
+    /// host is known to run is from before it went away.
+    pub inventory_fresh: bool,
     /// A migrate job on this host is running.
     pub active_job: Option<String>,
     /// `--destroy-running`.
@@ -79,16 +82,24 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
         ));
         return finish(p);
     }
-    p.preconditions.push(check(
-        CheckId::HostConnected,
-        i.connected,
-        if i.connected {
-            format!("{}'s agent is connected", i.host)
-        } else {
-            format!("{}'s agent is not connected", i.host)
-        },
-        "power the repaired host on and wait until `lifeboat hosts show` says REACHABLE",
-    ));
+    p.preconditions.push(match (i.connected, i.inventory_fresh) {
+        (true, true) => check(CheckId::HostConnected, true, format!("{}'s agent is connected", i.host), ""),
+        (true, false) => check(
+            CheckId::HostConnected,
+            false,
+            format!(
+                "{}'s agent is connected but has not sent its inventory yet: what it runs is not known",
+                i.host
+            ),
+            "wait a few seconds and plan again",
+        ),
+        (false, _) => check(
+            CheckId::HostConnected,
+            false,
+            format!("{}'s agent is not connected", i.host),
+            "power the repaired host on and wait until `lifeboat hosts show` says REACHABLE",
+        ),
+    });
     p.preconditions.push(match &i.active_job {
         Some(j) => check(
             CheckId::OneOperationPerHost,
@@ -234,6 +245,7 @@ async fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<Clea
         owners,
         guests: view.as_ref().map(|v| v.guests.clone()).unwrap_or_default(),
         connected: reg.has_session(host),
+        inventory_fresh: reg.inventory_fresh(host),
         active_job,
         destroy_running,
         quarantined: moves.iter().map(|m| m.0.uuid.clone()).filter(|u| reg.is_quarantined(u)).collect(),
@@ -479,10 +491,25 @@ mod tests {
             owners: [("1", "b"), ("2", "b")].iter().map(|(u, h)| (u.to_string(), h.to_string())).collect(),
             guests: vec![g("1", "vm1", false), g("2", "vm2", false), g("9", "other", true)],
             connected: true,
+            inventory_fresh: true,
             active_job: None,
             destroy_running: false,
             quarantined: BTreeSet::new(),
         }
+    }
+
+    #[test]
+    fn a_host_whose_inventory_has_not_arrived_is_refused_not_judged_by_its_old_one() {
+        let mut i = input();
+        i.inventory_fresh = false;
+        let p = plan_cleanup(&i);
+        assert!(!p.executable);
+        let c = p.preconditions.iter().find(|c| !c.ok).expect("a failed check");
+        assert!(c.detail.contains("has not sent its inventory yet") && c.remedy.contains("plan again"), "{c:?}");
+        i.connected = false;
+        let p = plan_cleanup(&i);
+        let c = p.preconditions.iter().find(|c| !c.ok).expect("a failed check");
+        assert!(c.detail.contains("not connected"), "{c:?}");
     }
 
     #[test]

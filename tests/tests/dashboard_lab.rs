@@ -648,6 +648,11 @@ fn dashboard_lab_forced_migration_from_the_page() {
         assert_eq!(lab.virsh("host-a", &["domstate", name]).trim(), "shut off", "{name} must not run on host-a");
         assert_eq!(lab.copies(uuid), 1, "{name} runs once");
     }
+    // The controller knows what host-a runs once its agent's inventory is in
+    // (a cleanup planned before then is refused, not judged on old news).
+    lab.wait(Duration::from_secs(20), "host-a's inventory: the moved guests shut off there", || {
+        lab.vms().iter().filter(|g| g["host_id"] == "host-a").all(|g| g["state"] != "running")
+    });
 
     // Cleanup from the page: the plan names exactly the moved guests, and
     // Confirm removes their definitions from host-a, nothing else.
