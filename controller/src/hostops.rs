@@ -87,10 +87,7 @@ pub fn plan_cleanup(i: &CleanupInput) -> CleanupPlan {
         (true, false) => check(
             CheckId::HostConnected,
             false,
-            format!(
-                "{}'s agent is connected but has not sent its inventory yet: what it runs is not known",
-                i.host
-            ),
+            format!("{}'s agent is connected but has not sent its inventory yet: what it runs is not known", i.host),
             "wait a few seconds and plan again",
         ),
         (false, _) => check(
@@ -225,12 +222,17 @@ fn finish(mut p: CleanupPlan) -> CleanupPlan {
 }
 
 async fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<CleanupInput, ControllerError> {
-    let view = reg.host_view(host);
     let h = host.to_string();
     let (moves, owners, active) = reg
         .repos()
         .call(move |r| Ok((r.jobs().moves_from(&h)?, r.ownership().owners()?, r.jobs().active_checked()?)))
         .await?;
+    // After the store call (it can take a while): the session and whether
+    // its inventory came first, then the guests, so "fresh" never vouches
+    // for a guest list older than itself.
+    let connected = reg.has_session(host);
+    let inventory_fresh = reg.inventory_fresh(host);
+    let view = reg.host_view(host);
     let owners = owners.into_iter().map(|o| (o.uuid, o.host)).collect();
     // A job row that does not read blocks its own source only (see the engine's plan input).
     let (active, corrupt) = active;
@@ -244,8 +246,8 @@ async fn input(reg: &Registry, host: &str, destroy_running: bool) -> Result<Clea
         host_known: view.is_some(),
         owners,
         guests: view.as_ref().map(|v| v.guests.clone()).unwrap_or_default(),
-        connected: reg.has_session(host),
-        inventory_fresh: reg.inventory_fresh(host),
+        connected,
+        inventory_fresh,
         active_job,
         destroy_running,
         quarantined: moves.iter().map(|m| m.0.uuid.clone()).filter(|u| reg.is_quarantined(u)).collect(),

@@ -170,7 +170,7 @@ impl Auth {
         let expires_ms = now.saturating_add(self.ttl_ms).min(link.session_until_ms);
         if expires_ms <= now {
             lock(&self.links).remove(&key);
-            return Err(AuthError::Gone);
+            return Err(AuthError::CertificateExpired { at_ms: link.session_until_ms });
         }
         let s = Session { name: link.name.clone(), role: link.role, csrf, expires_ms };
         let mut sessions = lock(&self.sessions);
@@ -191,6 +191,13 @@ impl Auth {
         }
         sessions.insert(skey, s.clone());
         Ok((id, s))
+    }
+
+    /// Drops an unused link (its minting could not be audited).
+    pub fn forget_link(&self, token: &str) {
+        if let Some(key) = key_of(token) {
+            lock(&self.links).remove(&key);
+        }
     }
 
     /// Whether `token` is a link that can still be used (without using it).
@@ -219,12 +226,13 @@ impl Auth {
     /// everybody when `None`): how many of each.
     pub fn end_all(&self, name: Option<&str>) -> (usize, usize) {
         let of = |n: &str| name.is_none_or(|want| want == n);
+        // Both locks at once, in open_session's order: a link redeemed
+        // meanwhile cannot leave a session behind.
         let mut sessions = lock(&self.sessions);
+        let mut links = lock(&self.links);
         let before = sessions.len();
         sessions.retain(|_, s| !of(&s.name));
         let ended = before - sessions.len();
-        drop(sessions);
-        let mut links = lock(&self.links);
         let before = links.len();
         links.retain(|_, l| !of(&l.name));
         (ended, before - links.len())
@@ -239,7 +247,11 @@ impl Auth {
 
     /// Links waiting and sessions open (tests, logs).
     pub fn counts(&self) -> (usize, usize) {
-        (lock(&self.links).len(), lock(&self.sessions).len())
+        // One lock at a time: holding links while taking sessions would be
+        // the reverse of open_session's order.
+        let links = lock(&self.links).len();
+        let sessions = lock(&self.sessions).len();
+        (links, sessions)
     }
 }
 
@@ -252,6 +264,16 @@ pub enum AuthError {
     /// The link is unknown, used or expired.
     #[error("the sign-in link was used or has expired; run `lifeboat dashboard login` again")]
     Gone,
+    /// The client certificate that asked for the link expired before it
+    /// was used.
+    #[error(
+        "the client certificate that asked for this link expired at {at_ms} (unix ms): get a new certificate \
+         (`lifeboat certs issue --client NAME --role ROLE`), then run `lifeboat dashboard login` again"
+    )]
+    CertificateExpired {
+        /// When it expired, ms since the epoch.
+        at_ms: i64,
+    },
     /// The controller holds as many as it keeps.
     #[error("this controller already holds {max} {what} (the limit); try again when some expire or sign out")]
     Full {
@@ -295,7 +317,9 @@ mod tests {
         // A certificate that expires before the link is used opens nothing.
         let (t, _) = a.mint_until("olga", Role::Operator, now + 201_000).unwrap();
         c.advance(1_000);
-        assert!(matches!(a.open_session(&t), Err(AuthError::Gone)));
+        let e = a.open_session(&t).unwrap_err();
+        assert!(matches!(e, AuthError::CertificateExpired { at_ms: 1_201_000 }), "{e}");
+        assert!(e.to_string().contains("get a new certificate"), "{e}");
         assert!(!a.pending(&t), "and the link is gone");
         // Without an expiry, session_ttl_s.
         let (t, _) = a.mint("olga", Role::Operator).unwrap();

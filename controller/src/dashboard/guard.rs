@@ -82,6 +82,21 @@ pub async fn leader_only(State(app): State<AppState>, req: Request, next: Next) 
         .into_response()
 }
 
+/// The marker of a cross-site page that was asked to load itself again.
+const REOPEN_COOKIE: &str = "__Host-lifeboat-reopen";
+const REOPEN_SET: &str = "__Host-lifeboat-reopen=1; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=10";
+const REOPEN_CLEAR: &str = "__Host-lifeboat-reopen=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0";
+
+/// Whether a `Cookie` header of the request names `name`.
+fn has_cookie(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .any(|c| c.trim().split_once('=').is_some_and(|(k, _)| k == name))
+}
+
 /// The signed-in browser of a request: its session id and session.
 #[derive(Debug, Clone)]
 pub struct SignedIn {
@@ -103,8 +118,15 @@ pub async fn session(State(app): State<AppState>, mut req: Request, next: Next) 
         .and_then(|id| app.auth.session(&id).map(|session| SignedIn { id, session }));
     match found {
         Some(s) => {
+            // The reopen marker did its work: the next link from another
+            // site must be reopened again, not sent to /signed-out.
+            let marked = has_cookie(req.headers(), REOPEN_COOKIE);
             req.extensions_mut().insert(s);
-            next.run(req).await
+            let mut res = next.run(req).await;
+            if marked {
+                res.headers_mut().append(header::SET_COOKIE, HeaderValue::from_static(REOPEN_CLEAR));
+            }
+            res
         }
         None if req.method() != Method::GET || req.uri().path() == "/live" => {
             (StatusCode::UNAUTHORIZED, "not signed in: run `lifeboat dashboard login` and open its link\n")
@@ -112,10 +134,23 @@ pub async fn session(State(app): State<AppState>, mut req: Request, next: Next) 
         }
         // A link followed from another site (a chat, a ticket) arrives
         // without the SameSite=Strict cookie. Loading the same address
-        // again from this page is a same-site navigation that carries it;
-        // that second request is no longer cross-site, so this runs once.
+        // again from this page is a same-site navigation that carries it.
+        // A page that stays cross-site when it reloads (opened from a
+        // sandboxed frame) would loop: the Lax marker set here comes back
+        // with that second request, and then it is sent to /signed-out.
         None if req.headers().get("sec-fetch-site").is_some_and(|v| v.as_bytes() == b"cross-site") => {
-            (StatusCode::OK, [("refresh", "0")], axum::response::Html(views::reopening().into_string())).into_response()
+            if has_cookie(req.headers(), REOPEN_COOKIE) {
+                let mut res = (StatusCode::SEE_OTHER, [(header::LOCATION, "/signed-out")]).into_response();
+                res.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_static(REOPEN_CLEAR));
+                return res;
+            }
+            let here = req.uri().path_and_query().map_or("/hosts", |p| p.as_str()).to_string();
+            (
+                StatusCode::OK,
+                [("refresh", "0"), ("set-cookie", REOPEN_SET)],
+                axum::response::Html(views::reopening(&here).into_string()),
+            )
+                .into_response()
         }
         None => (StatusCode::SEE_OTHER, [(header::LOCATION, "/signed-out")]).into_response(),
     }

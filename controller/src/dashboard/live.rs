@@ -175,10 +175,20 @@ pub struct Streams {
 struct Open {
     total: usize,
     next_id: u64,
-    by_session: HashMap<String, Vec<(u64, Arc<tokio::sync::Notify>)>>,
+    by_session: HashMap<String, Vec<Entry>>,
 }
 
-/// One open stream's place: given back when dropped (the stream ended).
+/// One open stream of a session.
+struct Entry {
+    id: u64,
+    replaced: Arc<tokio::sync::Notify>,
+    /// Told to end (a newer page took its place) but not gone yet: it still
+    /// counts in all until its response body is dropped.
+    ending: bool,
+}
+
+/// One open stream's place: given back when dropped (its response body
+/// was dropped: the page closed, or the stream ended and was read out).
 pub struct StreamSlot {
     streams: Arc<Streams>,
     sid: String,
@@ -192,32 +202,38 @@ impl Streams {
     /// at its cap gets a place all the same: its oldest stream is told to
     /// end (a page the browser hid or froze can hold one; the page the
     /// operator just opened is the one that matters). Other sessions' streams
-    /// are never ended for it: at the controller's cap the new one is refused.
+    /// are never ended for it: at the controller's cap the new one is
+    /// refused. A stream told to end counts in all until it is gone, and a
+    /// session holds at most [`MAX_STREAMS_PER_SESSION`] of those too, so a
+    /// client that never reads cannot open streams without end.
     pub fn take(self: &Arc<Self>, sid: &str) -> Result<StreamSlot, &'static str> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let Open { total, next_id, by_session } = &mut *open;
-        let mine = by_session.entry(sid.to_string()).or_default();
-        if mine.len() >= MAX_STREAMS_PER_SESSION {
-            let (_, oldest) = mine.remove(0);
-            oldest.notify_one();
-            *total = total.saturating_sub(1);
-        } else if *total >= MAX_STREAMS {
-            if mine.is_empty() {
-                by_session.remove(sid);
-            }
+        if *total >= MAX_STREAMS {
             return Err("too many live pages are open on this controller (64); close some tabs and reload\n");
+        }
+        let mine = by_session.entry(sid.to_string()).or_default();
+        let live = mine.iter().filter(|e| !e.ending).count();
+        if live >= MAX_STREAMS_PER_SESSION {
+            if mine.len() - live >= MAX_STREAMS_PER_SESSION {
+                return Err("too many live pages of this session are still closing (4); close some tabs and reload\n");
+            }
+            if let Some(oldest) = mine.iter_mut().find(|e| !e.ending) {
+                oldest.ending = true;
+                oldest.replaced.notify_one();
+            }
         }
         *next_id = next_id.wrapping_add(1);
         let replaced = Arc::new(tokio::sync::Notify::new());
-        mine.push((*next_id, replaced.clone()));
+        mine.push(Entry { id: *next_id, replaced: replaced.clone(), ending: false });
         *total += 1;
         Ok(StreamSlot { streams: self.clone(), sid: sid.to_string(), id: *next_id, replaced })
     }
 
-    /// Streams open: (in all, of session `sid`).
+    /// Streams open: (in all, live ones of session `sid`).
     pub fn open(&self, sid: &str) -> (usize, usize) {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        (open.total, open.by_session.get(sid).map_or(0, Vec::len))
+        (open.total, open.by_session.get(sid).map_or(0, |m| m.iter().filter(|e| !e.ending).count()))
     }
 }
 
@@ -225,9 +241,8 @@ impl Drop for StreamSlot {
     fn drop(&mut self) {
         let mut open = self.streams.open.lock().unwrap_or_else(|p| p.into_inner());
         let Open { total, by_session, .. } = &mut *open;
-        // A replaced slot was already taken off the count.
         if let Some(mine) = by_session.get_mut(&self.sid)
-            && let Some(at) = mine.iter().position(|(id, _)| *id == self.id)
+            && let Some(at) = mine.iter().position(|e| e.id == self.id)
         {
             mine.remove(at);
             *total = total.saturating_sub(1);
@@ -285,7 +300,7 @@ pub async fn live(
     guests: Result<Query<GuestsQuery>, axum::extract::rejection::QueryRejection>,
     host: Result<Query<HostQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let mut view = match q.view.as_str() {
+    let view = match q.view.as_str() {
         "hosts" => View::Hosts(hosts.map(|q| q.0).unwrap_or_default()),
         "guests" => View::Guests(guests.map(|q| q.0).unwrap_or_default(), None),
         "host" if !q.id.is_empty() => {
@@ -306,66 +321,79 @@ pub async fn live(
         Err(why) => return (axum::http::StatusCode::TOO_MANY_REQUESTS, why).into_response(),
     };
     let (tx, rx) = mpsc::channel::<Event>(8);
+    let replaced = slot.replaced.clone();
+    let feed = tx.clone();
     tokio::spawn(async move {
-        let replaced = slot.replaced.clone();
-        let _slot = slot;
-        let Some(hub) = app.hub.get() else { return };
-        let mut ticks = hub.subscribe();
-        let _ = tx.send(Event::default().retry(Duration::from_secs(2)).comment("open")).await;
-        // The page was rendered just now: wait for the next change, unless
-        // one came so recently that the page may have missed it.
-        let mut due = hub.ticked_within(OPEN_CATCH_UP);
-        let mut last: [String; 3] = Default::default();
-        let mut rendered: Option<Instant> = None;
-        loop {
-            if due {
+        tokio::select! {
+            () = stream_updates(app, ctl, s, view, feed) => {}
+            () = replaced.notified() => {
+                // Whatever the feed was waiting for (a render, a full
+                // channel) is dropped; a page that does not read must not
+                // keep this task.
+                let _ = tx.try_send(Event::default().event("replaced").data(""));
+            }
+        }
+    });
+    // The place is given back when the response body is dropped, not when
+    // the task ends: until then the stream holds the connection's resources.
+    let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), move |e| {
+        let _held = &slot;
+        Ok::<_, Infallible>(e)
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+/// Sends the page's fragments as they change, until its page closes, its
+/// session ends or this controller stops leading.
+async fn stream_updates(app: AppState, ctl: Arc<Ctl>, s: SignedIn, mut view: View, tx: mpsc::Sender<Event>) {
+    let Some(hub) = app.hub.get() else { return };
+    let mut ticks = hub.subscribe();
+    let _ = tx.send(Event::default().retry(Duration::from_secs(2)).comment("open")).await;
+    // The page was rendered just now: wait for the next change, unless
+    // one came so recently that the page may have missed it.
+    let mut due = hub.ticked_within(OPEN_CATCH_UP);
+    let mut last: [String; 3] = Default::default();
+    let mut rendered: Option<Instant> = None;
+    loop {
+        if due {
+            if app.auth.session(&s.id).is_none() || app.leading().is_none() {
+                let _ = tx.send(Event::default().event("signed-out").data("")).await;
+                return;
+            }
+            if view.slow()
+                && let Some(at) = rendered
+                && at.elapsed() < SLOW_VIEW_EVERY
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep(SLOW_VIEW_EVERY.saturating_sub(at.elapsed())) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+            let tick = *ticks.borrow_and_update();
+            rendered = Some(Instant::now());
+            if let Some(now) = render(&ctl, hub, tick, &mut view, &s).await {
+                let now = [now.0, now.1, now.2];
+                for (i, name) in ["summary", "alarms", "live"].into_iter().enumerate() {
+                    if now[i] != last[i] && tx.send(Event::default().event(name).data(now[i].as_str())).await.is_err() {
+                        return;
+                    }
+                }
+                last = now;
+            }
+        }
+        tokio::select! {
+            r = ticks.changed() => {
+                if r.is_err() { return }
+                due = true;
+            }
+            _ = tokio::time::sleep(SESSION_CHECK) => {
                 if app.auth.session(&s.id).is_none() || app.leading().is_none() {
                     let _ = tx.send(Event::default().event("signed-out").data("")).await;
                     return;
                 }
-                if view.slow()
-                    && let Some(at) = rendered
-                    && at.elapsed() < SLOW_VIEW_EVERY
-                {
-                    tokio::select! {
-                        _ = tokio::time::sleep(SLOW_VIEW_EVERY - at.elapsed()) => {}
-                        _ = tx.closed() => return,
-                    }
-                }
-                let tick = *ticks.borrow_and_update();
-                rendered = Some(Instant::now());
-                if let Some(now) = render(&ctl, hub, tick, &mut view, &s).await {
-                    let now = [now.0, now.1, now.2];
-                    for (i, name) in ["summary", "alarms", "live"].into_iter().enumerate() {
-                        if now[i] != last[i]
-                            && tx.send(Event::default().event(name).data(now[i].as_str())).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                    last = now;
-                }
+                due = false;
             }
-            tokio::select! {
-                r = ticks.changed() => {
-                    if r.is_err() { return }
-                    due = true;
-                }
-                _ = tokio::time::sleep(SESSION_CHECK) => {
-                    if app.auth.session(&s.id).is_none() || app.leading().is_none() {
-                        let _ = tx.send(Event::default().event("signed-out").data("")).await;
-                        return;
-                    }
-                    due = false;
-                }
-                _ = tx.closed() => return,
-                _ = replaced.notified() => {
-                    let _ = tx.send(Event::default().event("replaced").data("")).await;
-                    return;
-                }
-            }
+            _ = tx.closed() => return,
         }
-    });
-    let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok::<_, Infallible>);
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+    }
 }

@@ -122,6 +122,13 @@ struct LoginForm {
 }
 
 async fn audit(ctl: &Ctl, actor: &str, action: &str, host: &str, detail: String) {
+    if let Err(e) = try_audit(ctl, actor, action, host, detail).await {
+        tracing::warn!("dashboard: cannot write the audit entry: {e}");
+    }
+}
+
+/// [`audit`], saying whether the entry was written.
+async fn try_audit(ctl: &Ctl, actor: &str, action: &str, host: &str, detail: String) -> Result<(), ControllerError> {
     let row = AuditRow {
         seq: 0,
         at_ms: ctl.reg.now_ms(),
@@ -132,9 +139,7 @@ async fn audit(ctl: &Ctl, actor: &str, action: &str, host: &str, detail: String)
         job: String::new(),
         detail,
     };
-    if let Err(e) = ctl.reg.repos().audit(move |a| a.append(&row)).await {
-        tracing::warn!("dashboard: cannot write the audit entry: {e}");
-    }
+    ctl.reg.repos().audit(move |a| a.append(&row)).await.map_err(ControllerError::from)
 }
 
 async fn login(
@@ -155,17 +160,25 @@ async fn login(
     let (id, s) = match app.auth.open_session(&f.token) {
         Ok(v) => v,
         Err(e @ super::auth::AuthError::Full { .. }) => return fail(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e @ super::auth::AuthError::CertificateExpired { .. }) => {
+            return (StatusCode::GONE, Html(views::link_refused(&e.to_string()).into_string())).into_response();
+        }
         Err(_) => return (StatusCode::GONE, Html(views::link_gone().into_string())).into_response(),
     };
     let from = peer.as_ref().map(|p| p.0.0.0.ip().to_string()).unwrap_or_else(|| "unknown".into());
-    audit(
-        &ctl,
-        &s.name,
-        "dashboard.login",
-        "",
-        format!("role {} from {from}, until {} (unix ms)", s.role, s.expires_ms),
-    )
-    .await;
+    let detail = format!("role {} from {from}, until {} (unix ms)", s.role, s.expires_ms);
+    // No session without its audit entry.
+    if let Err(e) = try_audit(&ctl, &s.name, "dashboard.login", "", detail).await {
+        app.auth.end(&id);
+        tracing::warn!("dashboard: sign-in of {} not done, the audit entry cannot be written: {e}", s.name);
+        return fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "not signed in: the audit log cannot be written ({e}); the link is used up: run \
+                 `lifeboat dashboard login` again once the controller's store works"
+            ),
+        );
+    }
     let cookie = super::auth::set_cookie(&id, app.auth.seconds_left(&s));
     let mut res = (StatusCode::SEE_OTHER, [(header::LOCATION, "/hosts")]).into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {

@@ -143,6 +143,14 @@ async fn an_expired_link_and_an_expired_session_are_refused() {
     let (st, _, _) = send(&f.app, post("/hosts/host-a/status", form, Some(&id), Some(ORIGIN), Some(&csrf))).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
     assert_eq!(f.reg.status_of("host-a"), Some(HostStatus::Available));
+    // A link whose certificate expired before it was used: the page says so
+    // and what to do.
+    let until = crate::ports::clock::Clock::now_ms(&f.clock) + 1_000;
+    let (token, _) = f.app.auth.mint_until("brief", Role::Operator, until).unwrap();
+    f.clock.advance(1_000);
+    let (st, _, body) = send(&f.app, post("/login", &format!("token={token}"), None, Some(ORIGIN), None)).await;
+    assert_eq!(st, StatusCode::GONE);
+    assert!(body.contains("certificate") && body.contains("expired") && body.contains("certs issue"), "{body}");
 }
 
 #[tokio::test]
@@ -170,9 +178,28 @@ async fn without_a_session_pages_redirect_and_posts_and_live_get_401() {
         r.headers_mut().insert("sec-fetch-site", site.parse().unwrap());
         r
     };
-    let (st, h, body) = send(&f.app, from("cross-site", "/jobs")).await;
+    let (st, h, body) = send(&f.app, from("cross-site", "/jobs?x=1")).await;
     assert_eq!((st, h.get("refresh").map(|v| v.to_str().unwrap())), (StatusCode::OK, Some("0")), "{body}");
     assert!(!body.contains("data-action") && !body.contains("lifeboat-csrf"), "nothing of the pool shows: {body}");
+    assert!(body.contains(r#"href="/jobs?x=1""#), "a link for a browser that ignores Refresh: {body}");
+    let marker = h.get(header::SET_COOKIE).unwrap().to_str().unwrap().to_string();
+    assert!(marker.starts_with("__Host-lifeboat-reopen=1;") && marker.contains("SameSite=Lax"), "{marker}");
+    // Still cross-site when it reloads (a sandboxed opener): no loop.
+    let mut again = from("cross-site", "/jobs?x=1");
+    again.headers_mut().insert(header::COOKIE, "__Host-lifeboat-reopen=1".parse().unwrap());
+    let (st, h, _) = send(&f.app, again).await;
+    assert_eq!((st, h.get(header::LOCATION).unwrap().to_str().unwrap()), (StatusCode::SEE_OTHER, "/signed-out"));
+    assert!(h.get(header::SET_COOKIE).unwrap().to_str().unwrap().contains("Max-Age=0"), "the marker is cleared");
+    // Signed in, the reload that carries the marker clears it.
+    let (sid, _) = sign_in(&f, "olga", Role::Operator).await;
+    let mut back = get("/jobs?x=1", Some(&sid));
+    let both = format!("{}; __Host-lifeboat-reopen=1", back.headers()[header::COOKIE].to_str().unwrap());
+    back.headers_mut().insert(header::COOKIE, both.parse().unwrap());
+    let (st, h, _) = send(&f.app, back).await;
+    assert_eq!(st, StatusCode::OK);
+    let cleared =
+        h.get_all(header::SET_COOKIE).iter().any(|v| v.to_str().unwrap().starts_with("__Host-lifeboat-reopen=;"));
+    assert!(cleared, "{h:?}");
     for site in ["same-origin", "none", "same-site"] {
         let (st, h, _) = send(&f.app, from(site, "/jobs")).await;
         assert_eq!(st, StatusCode::SEE_OTHER, "{site}");
@@ -925,9 +952,28 @@ async fn live_streams_are_capped_per_session_and_in_all_and_given_back_when_they
     let got = read_until(&mut oldest, "event: replaced", Duration::from_secs(5)).await;
     assert!(got.is_ok(), "the oldest stream is told it was replaced: {got:?}");
     held.push(res);
-    assert_eq!(f.app.streams.open(&id).1, live::MAX_STREAMS_PER_SESSION);
+    assert_eq!(f.app.streams.open(&id), (live::MAX_STREAMS_PER_SESSION + 1, live::MAX_STREAMS_PER_SESSION));
     drop(oldest);
-    assert_eq!(f.app.streams.open(&id).1, live::MAX_STREAMS_PER_SESSION, "a replaced stream's end counts once");
+    assert_eq!(
+        f.app.streams.open(&id),
+        (live::MAX_STREAMS_PER_SESSION, live::MAX_STREAMS_PER_SESSION),
+        "a replaced stream counts in all until its body is gone, and only once"
+    );
+    // A client that never reads what it was told: the replaced streams it
+    // keeps count, and at 4 of them the session gets no more.
+    let mut unread = Vec::new();
+    for _ in 0..live::MAX_STREAMS_PER_SESSION {
+        let res = open(&id).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        held.push(res);
+        unread.push(held.remove(0));
+    }
+    let (st, _, body) = send(&f.app, get("/live?view=hosts", Some(&id))).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body.contains("still closing (4)"), "{body}");
+    assert_eq!(f.app.streams.open(&id).0, 2 * live::MAX_STREAMS_PER_SESSION);
+    drop(unread);
+    assert_eq!(f.app.streams.open(&id), (live::MAX_STREAMS_PER_SESSION, live::MAX_STREAMS_PER_SESSION));
     // A closed page gives its place back.
     drop(held.pop());
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -1014,9 +1060,17 @@ fn a_closed_live_stream_reloads_the_page_and_shows_a_not_live_banner() {
     let js = views::APP_JS;
     let at = js.find("es.readyState === EventSource.CLOSED").expect("onerror tells a closed stream apart");
     let branch = &js[at..js[at..].find("return;").map_or(js.len(), |e| at + e)];
-    assert!(branch.contains("setTimeout") && branch.contains("location.reload()"), "{branch}");
-    assert!(branch.contains("2000"), "reloads after a pause: {branch}");
-    assert!(js.contains(r#"liveState = "error""#));
+    assert!(branch.contains("setTimeout") && branch.contains("whyClosed"), "{branch}");
+    assert!(branch.contains("2000"), "asks why after a pause: {branch}");
+    let why = &js[js.find("function whyClosed").expect("whyClosed")..];
+    let why = &why[..why.find("\n  }\n").unwrap_or(why.len())];
+    assert!(why.contains("res.status === 429") && why.contains("setTimeout(live, 10000)"), "{why}");
+    assert!(why.contains("reloadWhenIdle()"), "anything else reloads: {why}");
+    let idle = &js[js.find("function reloadWhenIdle").expect("reloadWhenIdle")..];
+    let idle = &idle[..idle.find("\n  }\n").unwrap_or(idle.len())];
+    assert!(idle.contains(r#"querySelector("dialog[open]")"#) && idle.contains("location.reload()"), "{idle}");
+    assert!(js.contains(r#"liveState = "error""#) && js.contains(r#"liveState = "full""#));
+    assert!(views::APP_CSS.contains(r#"body[data-live-state="full"]::before"#));
     let css = views::APP_CSS;
     let rule = css.find(r#"body[data-live-state="error"]::before"#).expect("a banner rule for the error state");
     let rule = &css[rule..css[rule..].find('}').map_or(css.len(), |e| rule + e)];

@@ -124,6 +124,11 @@ pub fn link_gone() -> Markup {
     )
 }
 
+/// A sign-in link refused for another reason than use or age: `why`.
+pub fn link_refused(why: &str) -> Markup {
+    plain("Sign-in link not valid", html! { p { (why) } })
+}
+
 /// Signed out (or never signed in).
 pub fn signed_out() -> Markup {
     plain(
@@ -139,8 +144,10 @@ pub fn signed_out() -> Markup {
 
 /// The page a link from another site gets: it loads the same address again
 /// at once (`Refresh: 0`), now from this site, with the session cookie.
-pub fn reopening() -> Markup {
-    plain("Opening", html! { p { "Opening the dashboard…" } })
+/// `here` is the page's own path and query, linked for a browser that does
+/// not follow `Refresh`.
+pub fn reopening(here: &str) -> Markup {
+    plain("Opening", html! { p { "Opening the dashboard… " a href=(here) { "Open it" } } })
 }
 
 /// A follower with no leader to send the browser to (503, refreshed every 2 s).

@@ -121,7 +121,11 @@ impl Admin for AdminService {
             job: String::new(),
             detail: format!("one-time sign-in link for role {role}, valid until {expires} (unix ms)"),
         };
-        self.reg.repos().audit(move |a| a.append(&row)).await.map_err(ControllerError::from)?;
+        // No link without its audit entry.
+        if let Err(e) = self.reg.repos().audit(move |a| a.append(&row)).await {
+            auth.forget_link(&token);
+            return Err(ControllerError::from(e).into());
+        }
         info!(operator = %name, %role, "dashboard sign-in link minted");
         Ok(Response::new(lifeboat_proto::v1::DashboardLogin {
             token,

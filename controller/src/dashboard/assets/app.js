@@ -58,6 +58,33 @@
     });
   }
 
+  // Reloads the page, but never under an open dialog (a plan being
+  // reviewed, an attestation being typed): after it closes.
+  function reloadWhenIdle() {
+    if (document.querySelector("dialog[open]")) {
+      setTimeout(reloadWhenIdle, 2000);
+      return;
+    }
+    location.reload();
+  }
+
+  // Why the live stream closed: 429 (the controller serves as many live
+  // pages as it may) is said in a banner and retried every 10 s without a
+  // reload; any other answer reloads.
+  function whyClosed(url) {
+    var stop = typeof AbortController === "undefined" ? null : new AbortController();
+    fetch(url, { credentials: "same-origin", redirect: "manual", signal: stop ? stop.signal : undefined })
+      .then(function (res) {
+        if (stop) stop.abort();
+        if (res.status === 429) {
+          document.body.dataset.liveState = "full";
+          setTimeout(live, 10000);
+          return;
+        }
+        reloadWhenIdle();
+      }, function () { reloadWhenIdle(); });
+  }
+
   // Live updates.
   function live() {
     var url = document.body.dataset.live;
@@ -72,13 +99,18 @@
       document.body.dataset.liveState = "error";
       errors += 1;
       // A non-200 answer or a redirect (401 after a restart, 503 or 307
-      // in a failover) closes an EventSource for good: reload the page,
-      // after a pause so a 503 page's own refresh is not hammered.
+      // in a failover) closes an EventSource for good. Ask once what it
+      // was: a full controller (429) is retried in place; anything else
+      // reloads the page, after a pause so a 503 page's own refresh is not
+      // hammered.
       if (es.readyState === EventSource.CLOSED) {
-        setTimeout(function () { location.reload(); }, 2000);
+        setTimeout(function () { whyClosed(url); }, 2000);
         return;
       }
-      if (errors >= 5) location.reload();
+      if (errors >= 5) {
+        es.close();
+        reloadWhenIdle();
+      }
     };
     ["summary", "alarms", "live"].forEach(function (name) {
       es.addEventListener(name, function (ev) {
