@@ -70,6 +70,31 @@ pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(8);
 /// and it ends well before the deadline watchdog's grace (at least 350 ms).
 pub const LOST_FLUSH: Duration = Duration::from_millis(200);
 
+/// The runtime that serves agents and clients (the controller's main
+/// runtime): more workers than cores, since a worker waiting for the
+/// registry lock or the database must not leave 10,000 sessions'
+/// heartbeats unread. With the etcd backend its threads, workers and
+/// blocking pool alike, run at [`ha::priority::SERVING_NICE`]: the etcd
+/// runtime [`serve`] starts (from the calling thread, at its priority)
+/// then outranks them, so lease keepalives are sent and read on time
+/// however busy serving is.
+pub fn serving_runtime(backend: config::Backend) -> std::io::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads((cores * 2).max(4)).enable_all();
+    if backend == config::Backend::Etcd {
+        b.on_thread_start(|| {
+            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if let Err(e) = ha::priority::lower_this_thread(ha::priority::SERVING_NICE)
+                && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!("{e}: serving threads run at the etcd runtime's priority");
+            }
+        });
+    }
+    b.build()
+}
+
 /// Runs the controller until the future `shutdown` completes, with the
 /// connection limits this process's `RLIMIT_NOFILE` allows.
 pub async fn serve(
@@ -602,4 +627,33 @@ async fn serve_etcd_on(
     repos.shutdown().await?;
     info!("resigned; stopped");
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_etcd_serving_runtime_runs_below_the_thread_that_builds_it_and_the_sqlite_one_does_not() {
+        let base = ha::priority::this_thread_nice().unwrap();
+        let seen = |backend| {
+            let rt = serving_runtime(backend).unwrap();
+            rt.block_on(async {
+                let worker = tokio::spawn(async { ha::priority::this_thread_nice().unwrap() }).await.unwrap();
+                let blocking = tokio::task::spawn_blocking(|| ha::priority::this_thread_nice().unwrap()).await.unwrap();
+                (worker, blocking)
+            })
+        };
+        let lowered = ha::priority::SERVING_NICE.max(base);
+        assert_eq!(seen(config::Backend::Etcd), (lowered, lowered));
+        assert_eq!(seen(config::Backend::Sqlite), (base, base));
+        // The etcd runtime is built by this (unlowered) thread, as `serve` does.
+        let etcd_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
+        assert_eq!(
+            etcd_rt
+                .block_on(async { tokio::spawn(async { ha::priority::this_thread_nice().unwrap() }).await.unwrap() }),
+            base
+        );
+        assert_eq!(ha::priority::this_thread_nice().unwrap(), base);
+    }
 }
