@@ -153,11 +153,17 @@ async fn start_controller(
 ) -> anyhow::Result<Running> {
     let timing = cfg.timing();
     let loading = repos.clone();
+    let t0 = std::time::Instant::now();
     // Start-up reads block on the store thread: off the async workers.
     let registry = Arc::new(
         tokio::task::spawn_blocking(move || registry::Registry::load(loading, timing))
             .await
             .map_err(|e| anyhow::anyhow!("loading the database: {e}"))??,
+    );
+    info!(
+        ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+        hosts = registry.host_count(),
+        "registry loaded"
     );
     if let Some(l) = leadership.clone() {
         registry.set_leadership(l);
@@ -586,6 +592,7 @@ async fn serve_etcd_on(
         .max(Duration::from_millis(100));
     deadline_watchdog(leadership.clone(), resigning.clone(), grace)?;
     metrics::ha_leading(leadership.epoch(), &url);
+    let t0 = std::time::Instant::now();
     let repos = {
         let l = leadership.clone();
         io.spawn(async move { replica.promote(l).await })
@@ -593,6 +600,7 @@ async fn serve_etcd_on(
             .map_err(|e| anyhow::anyhow!("promotion task: {e}"))?
             .map_err(|e| anyhow::anyhow!("promoting the local copy of etcd: {e}"))?
     };
+    info!(ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX), "local copy caught up and promoted");
     let ctl =
         start_controller(&cfg, repos.clone(), Some(leadership.clone()), stopping.clone(), dash_app.as_ref()).await?;
     let _ = source.set(ctl.registry.clone());
