@@ -583,6 +583,8 @@ async fn serve_etcd_on(
             }
         }
     };
+    // Calls that reach this controller while it loads wait for it to open.
+    gate.elected();
     let resigning = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The process is gone before the lease can expire (the deadline is at
     // least 500 ms before it), the orderly stop having a head start.
