@@ -60,18 +60,8 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
 pub struct Limits {
     /// A TLS handshake not finished by then is dropped.
     pub handshake_timeout: Duration,
-    /// Handshakes in progress at once, from all peers. At the cap the
-    /// accept loop waits for a slot (new connections wait in the kernel's
-    /// accept queue) and evicts the oldest handshake only once it has run
-    /// for `handshake_evict_after`.
+    /// Handshakes in progress at once, from all peers.
     pub max_handshakes: usize,
-    /// How long a handshake runs before a new connection may evict it at
-    /// the handshake cap: longer than an honest handshake takes on a busy
-    /// controller, so that a burst of honest agents (a failover's
-    /// reconnects) is admitted as slots free instead of each newcomer
-    /// cutting short the oldest handshake in progress; a stalled one is
-    /// still evicted after it.
-    pub handshake_evict_after: Duration,
     /// Handshakes in progress at once from one source address.
     pub max_handshakes_per_ip: usize,
     /// Connections (handshaking or established) at most; beyond it a new
@@ -98,7 +88,6 @@ impl Limits {
         Limits {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes,
-            handshake_evict_after: Duration::from_secs(1),
             max_handshakes_per_ip: 32.min(max_handshakes),
             max_connections,
             soft_connections: max_connections.saturating_sub(headroom),
@@ -287,11 +276,10 @@ struct Counts {
     handshaking: usize,
     per_ip: HashMap<IpAddr, usize>,
     open: HashMap<SocketAddr, Arc<ConnState>>,
-    /// Handshakes in progress, oldest first, with when they started: at
-    /// the cap the oldest is dropped for a new one once it has run for
-    /// `handshake_evict_after` (an honest handshake takes milliseconds; a
+    /// Handshakes in progress, oldest first: at the cap the oldest is
+    /// dropped for a new one (an honest handshake takes milliseconds; a
     /// stalled one holds its slot until evicted or its deadline).
-    pending: std::collections::BTreeMap<u64, (IpAddr, Arc<tokio::sync::Notify>, Instant)>,
+    pending: std::collections::BTreeMap<u64, (IpAddr, Arc<tokio::sync::Notify>)>,
     next_id: u64,
     per_who: HashMap<String, usize>,
 }
@@ -301,15 +289,13 @@ pub struct Table {
     limits: Limits,
     counts: Mutex<Counts>,
     log: RateLog,
-    /// Woken whenever a handshake slot is freed.
-    freed: tokio::sync::Notify,
 }
 
 impl Table {
     /// An empty table enforcing `limits`.
     pub fn new(limits: Limits) -> Arc<Table> {
         let log = RateLog::new(limits.log_period);
-        Arc::new(Table { limits, counts: Mutex::new(Counts::default()), log, freed: tokio::sync::Notify::new() })
+        Arc::new(Table { limits, counts: Mutex::new(Counts::default()), log })
     }
 
     fn lock(&self) -> MutexGuard<'_, Counts> {
@@ -359,42 +345,19 @@ impl Table {
         }
     }
 
-    /// How long the accept loop should wait before accepting the next
-    /// connection: `None` while a handshake slot is free or the oldest
-    /// handshake in progress may be evicted; otherwise until it may be (or
-    /// until a slot is freed, which [`Table::freed`] announces).
-    fn admission_wait(&self, now: Instant) -> Option<Duration> {
-        let c = self.lock();
-        if c.handshaking < self.limits.max_handshakes {
-            return None;
-        }
-        let (_, (_, _, started)) = c.pending.first_key_value()?;
-        let evictable_at = *started + self.limits.handshake_evict_after;
-        (evictable_at > now).then(|| evictable_at - now)
-    }
-
     fn start_handshake(self: &Arc<Self>, peer: SocketAddr) -> Result<HandshakeSlot, Refusal> {
-        self.start_handshake_at(peer, Instant::now())
-    }
-
-    fn start_handshake_at(self: &Arc<Self>, peer: SocketAddr, now: Instant) -> Result<HandshakeSlot, Refusal> {
         let mut c = self.lock();
         let ip = source_key(peer.ip());
         let from_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
         let total = c.open.len().saturating_add(c.handshaking);
         // At the handshake cap the oldest handshake still in progress makes
-        // room once it has run for `handshake_evict_after`, unless this
-        // address is over its own cap or there is no room at all: peers
-        // that dial and stall from many addresses cannot keep operators and
-        // agents out, and honest handshakes are not cut short by a burst.
-        let oldest_evictable = c.pending.first_key_value().is_some_and(|(_, (_, _, started))| {
-            now.saturating_duration_since(*started) >= self.limits.handshake_evict_after
-        });
+        // room, unless this address is over its own cap or there is no room
+        // at all: peers that dial and stall from many addresses cannot keep
+        // operators and agents out.
         let evict = c.handshaking >= self.limits.max_handshakes
-            && oldest_evictable
             && total < self.limits.max_connections
             && from_ip < self.limits.max_handshakes_per_ip;
-        if evict && let Some((_, (old_ip, stop, _))) = c.pending.pop_first() {
+        if evict && let Some((_, (old_ip, stop))) = c.pending.pop_first() {
             Self::release(&mut c, old_ip);
             // Its task logs and counts it ("evicted").
             stop.notify_one();
@@ -407,7 +370,7 @@ impl Table {
         let id = c.next_id;
         c.next_id = c.next_id.wrapping_add(1);
         let stop = Arc::new(tokio::sync::Notify::new());
-        c.pending.insert(id, (ip, stop.clone(), now));
+        c.pending.insert(id, (ip, stop.clone()));
         Self::publish(&c);
         Ok(HandshakeSlot { table: self.clone(), id, stop })
     }
@@ -513,9 +476,8 @@ impl Drop for HandshakeSlot {
     fn drop(&mut self) {
         let mut c = self.table.lock();
         // An evicted handshake was released when it was evicted.
-        if let Some((ip, _, _)) = c.pending.remove(&self.id) {
+        if let Some((ip, _)) = c.pending.remove(&self.id) {
             Table::release(&mut c, ip);
-            self.table.freed.notify_waiters();
         }
         Table::publish(&c);
     }
@@ -656,18 +618,8 @@ pub fn incoming(
             table.limits.idle_timeout.div_f64(10.0).clamp(Duration::from_millis(50), Duration::from_secs(5)),
         );
         loop {
-            // At the handshake cap, the next connection waits in the
-            // kernel's accept queue until a slot is freed or the oldest
-            // handshake may be evicted: a burst is admitted at the pace
-            // handshakes finish, none is refused or cut short for it.
-            let freed = table.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            let wait = table.admission_wait(Instant::now());
             let (tcp, peer) = tokio::select! {
                 _ = tx.closed() => return,
-                _ = &mut freed, if wait.is_some() => continue,
-                _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => continue,
                 _ = reaper.tick() => {
                     table.reap_idle();
                     for (reason, n) in table.log.drain(Instant::now()) {
@@ -675,7 +627,7 @@ pub fn incoming(
                     }
                     continue;
                 }
-                r = listener.accept(), if wait.is_none() => match r {
+                r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
                         // EMFILE/ENFILE and the like: the pending connection
@@ -934,19 +886,15 @@ mod tests {
         let t = Table::new(limits());
         let ip = |i: u8, port| SocketAddr::from(([10, 0, 1, i], port));
         // 10 stalled handshakes from 4 addresses fill every slot.
-        let t0 = Instant::now() - Duration::from_secs(5);
         let mut held = Vec::new();
         for i in 0..10u16 {
-            held.push(t.start_handshake_at(ip(u8::try_from(i / 3).unwrap(), i), t0).unwrap());
+            held.push(t.start_handshake(ip(u8::try_from(i / 3).unwrap(), i)).unwrap());
         }
         assert_eq!(t.handshaking(), 10);
-        // An operator dialing from elsewhere still gets a slot once the
-        // oldest has run for `handshake_evict_after`: the oldest stalled one
-        // is told to stop, and its slot is already counted free.
+        // An operator dialing from elsewhere still gets a slot: the oldest
+        // stalled one is told to stop, and its slot is already counted free.
         let first_stop = held[0].stop.clone();
-        let op = t
-            .start_handshake_at(SocketAddr::from(([192, 168, 0, 9], 1)), t0 + limits().handshake_evict_after)
-            .expect("room made");
+        let op = t.start_handshake(SocketAddr::from(([192, 168, 0, 9], 1))).expect("room made");
         assert_eq!(t.handshaking(), 10);
         tokio::time::timeout(Duration::from_secs(1), first_stop.notified()).await.expect("the oldest was told to stop");
         assert_eq!(t.lock().per_ip.get(&ip(0, 0).ip()), Some(&2));
@@ -966,37 +914,6 @@ mod tests {
         let v6s: Vec<_> = (1..=3).map(|i| t.start_handshake(v6(i)).unwrap()).collect();
         assert_eq!(t.start_handshake(v6(99)).err(), Some(Refusal::HandshakeLimitPerIp));
         drop(v6s);
-    }
-
-    #[tokio::test]
-    async fn at_the_handshake_cap_a_burst_waits_for_slots_instead_of_evicting_young_handshakes() {
-        let l = limits();
-        let t = Table::new(l.clone());
-        let ip = |i: u8, port| SocketAddr::from(([10, 0, 3, i], port));
-        let t0 = Instant::now();
-        let mut held: Vec<_> =
-            (0..10u16).map(|i| t.start_handshake_at(ip(u8::try_from(i / 3).unwrap(), i), t0).unwrap()).collect();
-        // Every slot taken by a handshake younger than the eviction age:
-        // the accept loop waits (until the oldest may be evicted at most),
-        // and a connection taken anyway is refused, not given a young slot.
-        let soon = t0 + Duration::from_millis(10);
-        assert_eq!(t.admission_wait(soon), Some(l.handshake_evict_after - Duration::from_millis(10)));
-        assert_eq!(t.start_handshake_at(ip(9, 1), soon).err(), Some(Refusal::HandshakeLimit));
-        assert_eq!(t.handshaking(), 10);
-        assert!(held.iter().all(|h| t.lock().pending.contains_key(&h.id)), "nobody was evicted");
-        // A finished handshake frees its slot and wakes the waiting accept loop.
-        let freed = t.freed.notified();
-        tokio::pin!(freed);
-        freed.as_mut().enable();
-        drop(held.remove(3));
-        tokio::time::timeout(Duration::from_secs(1), freed).await.expect("the accept loop is woken");
-        assert_eq!(t.admission_wait(soon), None);
-        held.push(t.start_handshake_at(ip(9, 2), soon).expect("the freed slot"));
-        // Once the oldest has run long enough, the loop stops waiting: it
-        // will evict it for the next connection.
-        assert_eq!(t.admission_wait(t0 + l.handshake_evict_after), None);
-        drop(held);
-        assert_eq!(t.handshaking(), 0);
     }
 
     #[test]
