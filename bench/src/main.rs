@@ -393,11 +393,19 @@ fn answer(c: lifeboat_proto::v1::Command) -> CommandResult {
     r
 }
 
+/// `d` scaled by a random factor in 2/3..4/3, as the agent's backoff
+/// jitter: agents that lost the same controller do not dial in lockstep.
+fn jittered(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let r = u32::try_from(std::collections::hash_map::RandomState::new().build_hasher().finish() % 1000).unwrap_or(0);
+    d.mul_f64(2.0 / 3.0 + f64::from(r) / 1500.0)
+}
+
 /// One simulated agent: connects (with retries) and runs its session until
 /// the phase is Done.
 async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String) {
     let mut delay = Duration::from_millis(200);
-    let mut st = AgentState { url: 0, reconnected: false, leased: false, guests: None };
+    let mut st = AgentState { url: 0, reconnected: false, leased: false, guests: None, welcomed: false };
     loop {
         if *sh.phase.borrow() == Phase::Done {
             return;
@@ -415,18 +423,24 @@ async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String)
                     return;
                 }
                 if let Some(leader) = leader_hint(&e, &sh.urls) {
-                    // A follower named the leader: dial it at once, as the agent does.
+                    // A follower named the leader: dial it next, after the
+                    // same backoff as any failed attempt, as the agent does
+                    // (a leader still loading names itself: dialling it
+                    // again at once is a storm of handshakes it refuses).
                     st.url = leader;
+                } else {
+                    sh.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if sh.killed_at_us.load(Ordering::Relaxed) == 0 {
+                        eprintln!("loadgen: {} session: {e:#}; retrying", host_id(i));
+                    }
+                    st.url = (st.url + 1) % sh.urls.len().max(1);
+                }
+                if std::mem::take(&mut st.welcomed) {
                     delay = Duration::from_millis(100);
-                    continue;
                 }
-                sh.reconnects.fetch_add(1, Ordering::Relaxed);
-                if sh.killed_at_us.load(Ordering::Relaxed) == 0 {
-                    eprintln!("loadgen: {} session: {e:#}; retrying", host_id(i));
-                }
-                st.url = (st.url + 1) % sh.urls.len().max(1);
-                tokio::time::sleep(delay).await;
-                // The agent's own backoff: 0.1 s doubling to 1 s.
+                tokio::time::sleep(jittered(delay)).await;
+                // The agent's own backoff: 0.1 s doubling to 1 s, starting
+                // over after a session that got its Welcome.
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
         }
@@ -466,6 +480,7 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut 
         other => bail!("expected Welcome, got {other:?}"),
     };
     sh.connected.fetch_add(1, Ordering::Relaxed);
+    st.welcomed = true;
     let killed = sh.killed_at_us.load(Ordering::Relaxed);
     if killed != 0 && opened_us >= killed && !st.reconnected {
         st.reconnected = true;
@@ -571,6 +586,8 @@ struct AgentState {
     leased: bool,
     /// Its guests (definitions packed), as last reported.
     guests: Option<Vec<Guest>>,
+    /// The last session got its Welcome (the backoff starts over).
+    welcomed: bool,
 }
 
 /// Agent `i`'s own loopback address (127.1.X.Y, Y in 1..=250), so that no

@@ -112,6 +112,14 @@ impl Refusal {
         Refusal { kind, field: field.into(), reason: reason.into() }
     }
 
+    /// The same refusal for the field under `prefix` (`guest[3].` +
+    /// `name`): names are built only for a refusal, not for every field
+    /// that passes (every guest of every inventory and of every load).
+    fn under(mut self, prefix: &str) -> Self {
+        self.field.insert_str(0, prefix);
+        self
+    }
+
     /// `kind field`, as sent in `Refused.what`.
     pub fn what(&self) -> String {
         format!("{} {}", self.kind, self.field)
@@ -256,21 +264,22 @@ pub fn check_host_info(kind: &'static str, prefix: &str, h: &HostInfo) -> Result
     check_max_u64(kind, &f("memory_free_kib"), h.memory_free_kib, MAX_MEMORY_KIB)
 }
 
-fn check_disk(kind: &'static str, prefix: &str, d: &Disk) -> Result<(), Refusal> {
-    let f = |n: &str| format!("{prefix}{n}");
+/// A disk's fields, named without a prefix (see [`Refusal::under`]).
+fn check_disk(kind: &'static str, d: &Disk) -> Result<(), Refusal> {
     for (n, v) in [("target", &d.target), ("source_type", &d.source_type), ("device", &d.device)] {
-        check_text(kind, &f(n), v, MAX_TEXT_BYTES)?;
+        check_text(kind, n, v, MAX_TEXT_BYTES)?;
     }
     for (n, v) in [("source", &d.source), ("storage_path", &d.storage_path)] {
-        check_text(kind, &f(n), v, MAX_PATH_BYTES)?;
+        check_text(kind, n, v, MAX_PATH_BYTES)?;
     }
-    check_text(kind, &f("storage"), &d.storage, MAX_STORAGE_TEXT_BYTES)?;
+    check_text(kind, "storage", &d.storage, MAX_STORAGE_TEXT_BYTES)?;
     Ok(())
 }
 
-fn check_nic(kind: &'static str, prefix: &str, n: &Nic) -> Result<(), Refusal> {
+/// A NIC's fields, named without a prefix (see [`Refusal::under`]).
+fn check_nic(kind: &'static str, n: &Nic) -> Result<(), Refusal> {
     for (name, v) in [("mac", &n.mac), ("kind", &n.kind), ("source", &n.source), ("model", &n.model)] {
-        check_text(kind, &format!("{prefix}{name}"), v, MAX_TEXT_BYTES)?;
+        check_text(kind, name, v, MAX_TEXT_BYTES)?;
     }
     Ok(())
 }
@@ -307,13 +316,14 @@ fn check_guest_rest(kind: &'static str, prefix: &str, g: &Guest) -> Result<(), R
             format!("{size} bytes without its definition, more than the limit of {MAX_GUEST_BYTES}"),
         ));
     }
-    check_name(kind, &f("name"), &g.name)?;
+    let at = |r: Result<(), Refusal>| r.map_err(|e| e.under(prefix));
+    at(check_name(kind, "name", &g.name))?;
     if GuestState::try_from(g.state).is_err() {
         return Err(Refusal::new(kind, f("state"), format!("{} is not a guest state this controller knows", g.state)));
     }
-    check_text(kind, &f("state_reason"), &g.state_reason, MAX_TEXT_BYTES)?;
-    check_max_u32(kind, &f("vcpus"), g.vcpus, MAX_VCPUS)?;
-    check_max_u64(kind, &f("memory_kib"), g.memory_kib, MAX_MEMORY_KIB)?;
+    at(check_text(kind, "state_reason", &g.state_reason, MAX_TEXT_BYTES))?;
+    at(check_max_u32(kind, "vcpus", g.vcpus, MAX_VCPUS))?;
+    at(check_max_u64(kind, "memory_kib", g.memory_kib, MAX_MEMORY_KIB))?;
     for (what, n) in [("disks", g.disks.len()), ("nics", g.nics.len())] {
         if n > MAX_DEVICES_PER_GUEST {
             return Err(Refusal::new(
@@ -324,14 +334,14 @@ fn check_guest_rest(kind: &'static str, prefix: &str, g: &Guest) -> Result<(), R
         }
     }
     for (i, d) in g.disks.iter().enumerate() {
-        check_disk(kind, &format!("{prefix}disks[{i}]."), d)?;
+        check_disk(kind, d).map_err(|e| e.under(&format!("{prefix}disks[{i}].")))?;
     }
     for (i, n) in g.nics.iter().enumerate() {
-        check_nic(kind, &format!("{prefix}nics[{i}]."), n)?;
+        check_nic(kind, n).map_err(|e| e.under(&format!("{prefix}nics[{i}].")))?;
     }
-    check_error_text(kind, &f("error"), &g.error)?;
+    at(check_error_text(kind, "error", &g.error))?;
     if !g.owner_host.is_empty() {
-        check_name(kind, &f("owner_host"), &g.owner_host)?;
+        at(check_name(kind, "owner_host", &g.owner_host))?;
     }
     // An owner_generation beyond what SQLite stores (hand-edited metadata)
     // is no refusal: the registry ignores such a claim (`check_claims`).

@@ -70,6 +70,31 @@ pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(8);
 /// and it ends well before the deadline watchdog's grace (at least 350 ms).
 pub const LOST_FLUSH: Duration = Duration::from_millis(200);
 
+/// The runtime that serves agents and clients (the controller's main
+/// runtime): more workers than cores, since a worker waiting for the
+/// registry lock or the database must not leave 10,000 sessions'
+/// heartbeats unread. With the etcd backend its threads, workers and
+/// blocking pool alike, run at [`ha::priority::SERVING_NICE`]: the etcd
+/// runtime [`serve`] starts (from the calling thread, at its priority)
+/// then outranks them, so lease keepalives are sent and read on time
+/// however busy serving is.
+pub fn serving_runtime(backend: config::Backend) -> std::io::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads((cores * 2).max(4)).enable_all();
+    if backend == config::Backend::Etcd {
+        b.on_thread_start(|| {
+            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if let Err(e) = ha::priority::lower_this_thread(ha::priority::SERVING_NICE)
+                && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!("{e}: serving threads run at the etcd runtime's priority");
+            }
+        });
+    }
+    b.build()
+}
+
 /// Runs the controller until the future `shutdown` completes, with the
 /// connection limits this process's `RLIMIT_NOFILE` allows.
 pub async fn serve(
@@ -128,11 +153,17 @@ async fn start_controller(
 ) -> anyhow::Result<Running> {
     let timing = cfg.timing();
     let loading = repos.clone();
+    let t0 = std::time::Instant::now();
     // Start-up reads block on the store thread: off the async workers.
     let registry = Arc::new(
         tokio::task::spawn_blocking(move || registry::Registry::load(loading, timing))
             .await
             .map_err(|e| anyhow::anyhow!("loading the database: {e}"))??,
+    );
+    info!(
+        ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+        hosts = registry.host_count(),
+        "registry loaded"
     );
     if let Some(l) = leadership.clone() {
         registry.set_leadership(l);
@@ -552,6 +583,8 @@ async fn serve_etcd_on(
             }
         }
     };
+    // Calls that reach this controller while it loads wait for it to open.
+    gate.elected();
     let resigning = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The process is gone before the lease can expire (the deadline is at
     // least 500 ms before it), the orderly stop having a head start.
@@ -561,6 +594,7 @@ async fn serve_etcd_on(
         .max(Duration::from_millis(100));
     deadline_watchdog(leadership.clone(), resigning.clone(), grace)?;
     metrics::ha_leading(leadership.epoch(), &url);
+    let t0 = std::time::Instant::now();
     let repos = {
         let l = leadership.clone();
         io.spawn(async move { replica.promote(l).await })
@@ -568,6 +602,7 @@ async fn serve_etcd_on(
             .map_err(|e| anyhow::anyhow!("promotion task: {e}"))?
             .map_err(|e| anyhow::anyhow!("promoting the local copy of etcd: {e}"))?
     };
+    info!(ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX), "local copy caught up and promoted");
     let ctl =
         start_controller(&cfg, repos.clone(), Some(leadership.clone()), stopping.clone(), dash_app.as_ref()).await?;
     let _ = source.set(ctl.registry.clone());
@@ -602,4 +637,33 @@ async fn serve_etcd_on(
     repos.shutdown().await?;
     info!("resigned; stopped");
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_etcd_serving_runtime_runs_below_the_thread_that_builds_it_and_the_sqlite_one_does_not() {
+        let base = ha::priority::this_thread_nice().unwrap();
+        let seen = |backend| {
+            let rt = serving_runtime(backend).unwrap();
+            rt.block_on(async {
+                let worker = tokio::spawn(async { ha::priority::this_thread_nice().unwrap() }).await.unwrap();
+                let blocking = tokio::task::spawn_blocking(|| ha::priority::this_thread_nice().unwrap()).await.unwrap();
+                (worker, blocking)
+            })
+        };
+        let lowered = ha::priority::SERVING_NICE.max(base);
+        assert_eq!(seen(config::Backend::Etcd), (lowered, lowered));
+        assert_eq!(seen(config::Backend::Sqlite), (base, base));
+        // The etcd runtime is built by this (unlowered) thread, as `serve` does.
+        let etcd_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
+        assert_eq!(
+            etcd_rt
+                .block_on(async { tokio::spawn(async { ha::priority::this_thread_nice().unwrap() }).await.unwrap() }),
+            base
+        );
+        assert_eq!(ha::priority::this_thread_nice().unwrap(), base);
+    }
 }

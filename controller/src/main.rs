@@ -223,10 +223,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     lifeboat_common::raise_open_files_limit();
-    // More workers than cores: a worker waiting for the registry lock or
-    // the database must not leave 10,000 sessions' heartbeats unread.
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads((cores * 2).max(4)).enable_all().build() {
+    let rt = match lifeboat_controller::serving_runtime(cfg.store.backend) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lifeboat-controller: cannot start runtime: {e}");

@@ -5,13 +5,23 @@
 //! real services answer. A process that lost its leadership refuses again
 //! (it is about to exit).
 //!
+//! Between winning the election and opening (while it catches up and loads
+//! the pool) the new leader holds calls instead of refusing them: they are
+//! answered by the real services the moment it opens, or refused as before
+//! after [`HOLD_WHILE_LOADING`] or if it never does. Agents reconnecting
+//! after a failover then do their TLS handshakes while the leader loads,
+//! instead of dialling again and again to be told to wait.
+//!
 //! Architecture invariant: a follower changes nothing and serves no state:
-//! its cache may lag, so it only ever names the leader.
+//! its cache may lag, so it only ever names the leader. A held call reaches
+//! the services only once the gate is open and the leadership holds.
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::body::Body;
@@ -25,9 +35,19 @@ struct Open<S> {
     leadership: Option<Arc<Leadership>>,
 }
 
+/// How long a call that reaches a leader still loading waits for it to
+/// open before it is refused as a follower's would be: longer than loading
+/// 10,000 hosts takes, shorter than an agent's wait for its Welcome (10 s
+/// after the call is answered, so the hold does not count against it).
+pub const HOLD_WHILE_LOADING: Duration = Duration::from_secs(15);
+
 struct Shared<S> {
     open: OnceLock<Open<S>>,
     hint: watch::Receiver<LeaderHint>,
+    /// This process won the election and is loading: calls are held.
+    elected: AtomicBool,
+    /// Becomes true when the gate opens.
+    opened: watch::Sender<bool>,
 }
 
 /// The gate (cheap to clone: one state shared by every connection).
@@ -44,7 +64,15 @@ impl<S> Clone for Gate<S> {
 impl<S> Gate<S> {
     /// A closed gate that names the leader `hint` says.
     pub fn follower(hint: watch::Receiver<LeaderHint>) -> Self {
-        Gate { shared: Arc::new(Shared { open: OnceLock::new(), hint }) }
+        let (opened, _) = watch::channel(false);
+        Gate { shared: Arc::new(Shared { open: OnceLock::new(), hint, elected: AtomicBool::new(false), opened }) }
+    }
+
+    /// This process won the election and is loading: from now until the
+    /// gate opens, calls are held (at most [`HOLD_WHILE_LOADING`]) instead
+    /// of refused.
+    pub fn elected(&self) {
+        self.shared.elected.store(true, Ordering::SeqCst);
     }
 
     /// A gate open from the start, with no leadership to hold (the SQLite
@@ -59,6 +87,13 @@ impl<S> Gate<S> {
     /// holds. Only the first call counts.
     pub fn open(&self, routes: S, leadership: Arc<Leadership>) {
         let _ = self.shared.open.set(Open { routes, leadership: Some(leadership) });
+        self.shared.opened.send_replace(true);
+    }
+
+    /// Whether a call refused now should be held instead: elected, and
+    /// not opened yet.
+    fn holds_calls(&self) -> bool {
+        self.shared.elected.load(Ordering::SeqCst) && self.shared.open.get().is_none()
     }
 
     /// Whether calls reach the routes now.
@@ -129,6 +164,21 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if self.holds_calls() {
+            let gate = self.clone();
+            return Box::pin(async move {
+                let mut opened = gate.shared.opened.subscribe();
+                let _ = tokio::time::timeout(HOLD_WHILE_LOADING, opened.wait_for(|o| *o)).await;
+                // Decided again now: open and holding, or refused.
+                if let Some(status) = gate.refusal() {
+                    return Ok(status.into_http::<Body>());
+                }
+                match gate.shared.open.get() {
+                    Some(o) => o.routes.clone().call(req).await,
+                    None => Ok(tonic::Status::unavailable("not the leader").into_http::<Body>()),
+                }
+            });
+        }
         if let Some(status) = self.refusal() {
             return Box::pin(async move { Ok(status.into_http::<Body>()) });
         }
@@ -203,6 +253,55 @@ mod tests {
         let s = grpc_status(&r).expect("refused after losing");
         assert_eq!(s.code(), tonic::Code::Unavailable);
         assert!(s.message().starts_with("not the leader"), "{}", s.message());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_elected_leader_holds_calls_while_it_loads_and_serves_them_once_open() {
+        let (_tx, rx) = watch::channel(LeaderHint::Leader("https://me:7443".into()));
+        let mut g: Gate<Echo> = Gate::follower(rx);
+        g.elected();
+        let held = tokio::spawn({
+            let mut g = g.clone();
+            async move { g.call(Request::new(())).await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!held.is_finished(), "held, not refused, while loading");
+        let l = Arc::new(Leadership::new(b"k".to_vec(), 7, Duration::from_secs(60), tokio::time::Instant::now()));
+        g.open(Echo, l.clone());
+        let r = held.await.unwrap();
+        assert_eq!(r.headers().get("x-served").unwrap(), "yes", "served by the routes once open");
+        // Open: nothing is held any more; lost: refused at once.
+        l.lose("compare failed");
+        let s = grpc_status(&g.call(Request::new(())).await.unwrap()).expect("refused after losing");
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_call_is_refused_if_the_leader_does_not_open_in_time_or_loses_first() {
+        let (_tx, rx) = watch::channel(LeaderHint::Leader("https://me:7443".into()));
+        let mut g: Gate<Echo> = Gate::follower(rx);
+        // Not elected: refused at once, naming the leader.
+        let s = grpc_status(&g.call(Request::new(())).await.unwrap()).unwrap();
+        assert_eq!(s.message(), "not the leader; leader is https://me:7443");
+        g.elected();
+        let t0 = tokio::time::Instant::now();
+        let r = g.call(Request::new(())).await.unwrap();
+        assert_eq!(t0.elapsed(), HOLD_WHILE_LOADING);
+        let s = grpc_status(&r).expect("refused after the hold");
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(r.headers().get("x-served").is_none());
+        // Opened with a leadership already lost: the held call is refused.
+        let held = tokio::spawn({
+            let mut g = g.clone();
+            async move { g.call(Request::new(())).await.unwrap() }
+        });
+        tokio::task::yield_now().await;
+        let l = Arc::new(Leadership::new(b"k".to_vec(), 7, Duration::from_secs(60), tokio::time::Instant::now()));
+        l.lose("the leadership key was deleted");
+        g.open(Echo, l);
+        let r = held.await.unwrap();
+        assert!(r.headers().get("x-served").is_none(), "never served without the leadership");
+        assert_eq!(grpc_status(&r).unwrap().code(), tonic::Code::Unavailable);
     }
 
     #[tokio::test]

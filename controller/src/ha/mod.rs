@@ -11,6 +11,7 @@
 
 pub mod election;
 pub mod gate;
+pub mod priority;
 
 use std::sync::Mutex;
 use std::time::Duration;

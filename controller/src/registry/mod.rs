@@ -131,9 +131,14 @@ impl Registry {
     /// (liveness, leases, holds, attempts): tests pass a
     /// [`crate::ports::ManualClock`] and move time instead of sleeping.
     pub fn load_with_clock(repos: Repos, timing: Timing, clock: Arc<dyn Clock>) -> Result<Self, RepoError> {
-        let (_, bad_hosts) = repos.call_blocking(|r| r.hosts().all_checked())?;
-        Self::quarantine_bad_rows(&repos, bad_hosts)?;
-        let (host_rows, _) = repos.call_blocking(|r| r.hosts().all_checked())?;
+        let (host_rows, bad_hosts) = repos.call_blocking(|r| r.hosts().all_checked())?;
+        // Read again only when quarantining changed the table.
+        let host_rows = if bad_hosts.is_empty() {
+            host_rows
+        } else {
+            Self::quarantine_bad_rows(&repos, bad_hosts)?;
+            repos.call_blocking(|r| r.hosts().all_checked())?.0
+        };
         let mut hosts = BTreeMap::new();
         for row in host_rows {
             hosts.insert(row.info.host_id.clone(), HostEntry::new(row));
@@ -155,11 +160,12 @@ impl Registry {
             let bad = r.guests().each_checked(
                 &mut |g| crate::intake::check_stored_guest(g).map_err(|r| r.to_string()),
                 &mut |g| {
-                    let hash = guest_hash(&prost::Message::encode_to_vec(&g.guest));
-                    guests
-                        .entry(g.host_id)
-                        .or_default()
-                        .insert(g.guest.uuid.clone(), GuestEntry::new(g.guest, hash, g.updated_ms));
+                    // One encoding serves the hash and, usually, the entry.
+                    let encoded = prost::Message::encode_to_vec(&g.guest);
+                    let hash = guest_hash(&encoded);
+                    let uuid = g.guest.uuid.clone();
+                    let entry = GuestEntry::from_encoded(g.guest, encoded, hash, g.updated_ms);
+                    guests.entry(g.host_id).or_default().insert(uuid, entry);
                 },
             )?;
             Ok((guests, bad))

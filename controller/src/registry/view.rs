@@ -100,6 +100,23 @@ impl GuestEntry {
         }
     }
 
+    /// [`GuestEntry::new`] for a guest already encoded as `encoded`: the
+    /// encoding is kept as it is when it holds no plain-text definition
+    /// (packed definitions stay, as with `new`), instead of encoding again.
+    pub(super) fn from_encoded(g: Guest, encoded: Vec<u8>, hash: u64, updated_ms: i64) -> Self {
+        if !g.definition_xml.is_empty() {
+            return GuestEntry::new(g, hash, updated_ms);
+        }
+        GuestEntry {
+            name: g.name.as_str().into(),
+            state: g.state,
+            memory_kib: g.memory_kib,
+            rest: encoded.into_boxed_slice(),
+            hash,
+            updated_ms,
+        }
+    }
+
     /// The guest as reported, without its definition.
     pub(super) fn guest(&self) -> Guest {
         // Encoded by `new` from a valid message: decoding cannot fail.
@@ -111,4 +128,34 @@ impl GuestEntry {
 pub(super) enum Listed<'a> {
     Seen(&'a GuestEntry),
     Gone(&'a crate::ports::MissingRow),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_from_its_encoding_is_the_entry_new_builds() {
+        let packed = Guest {
+            uuid: "u-1".into(),
+            name: "vm-1".into(),
+            state: 1,
+            memory_kib: 4096,
+            definition_deflate: vec![1, 2, 3],
+            ..Default::default()
+        };
+        let plain = Guest { definition_xml: "<domain/>".into(), ..packed.clone() };
+        for g in [packed, plain] {
+            let encoded = prost::Message::encode_to_vec(&g);
+            let hash = guest_hash(&encoded);
+            let (a, b) = (GuestEntry::new(g.clone(), hash, 7), GuestEntry::from_encoded(g.clone(), encoded, hash, 7));
+            assert_eq!(a.rest, b.rest);
+            assert_eq!(
+                (&*a.name, a.state, a.memory_kib, a.hash, a.updated_ms),
+                (&*b.name, b.state, b.memory_kib, b.hash, b.updated_ms)
+            );
+            assert!(b.guest().definition_xml.is_empty(), "no plain-text definition is kept");
+            assert_eq!(b.guest().definition_deflate, g.definition_deflate);
+        }
+    }
 }
