@@ -4,7 +4,6 @@
 //! `hostops::cleanup`); the confirm posts the plan id that was shown, and
 //! the dashboard never sets `MigrateRequest.yes`.
 
-use axum::Form;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -13,7 +12,7 @@ use maud::html;
 use serde::Deserialize;
 
 use super::guard::SignedIn;
-use super::routes::{err, fail, html as page, no_ctl};
+use super::routes::{FormResult, err, fail, html as page, leading_with, no_ctl};
 use super::{AppState, Ctl, views};
 use crate::domain::host::{HostStatus, Liveness};
 use crate::error::ControllerError;
@@ -26,7 +25,10 @@ pub const MAX_TARGETS: usize = 200;
 /// Largest parallelism accepted from the form.
 const MAX_PARALLEL: u32 = 64;
 
-type FormResult<T> = Result<Form<T>, axum::extract::rejection::FormRejection>;
+/// The refusal of a Confirm with no plan id: nothing was planned on screen.
+fn no_plan_shown() -> Response {
+    fail(StatusCode::BAD_REQUEST, "plan first: Confirm carries out the plan shown, and none is shown")
+}
 
 fn bad(msg: &str) -> ControllerError {
     ControllerError::InvalidArgument(msg.to_string())
@@ -126,7 +128,7 @@ async fn plan_and_render(ctl: &Ctl, req: &MigrateRequest) -> Response {
 /// it is now (nothing was changed).
 async fn start_and_answer(ctl: &Ctl, mut req: MigrateRequest, name: &str) -> Response {
     if req.plan_id.is_empty() {
-        return fail(StatusCode::BAD_REQUEST, "plan first: Confirm carries out the plan shown, and none is shown");
+        return no_plan_shown();
     }
     req.yes = false;
     tracing::info!(operator = %name, source = %req.source, plan = %req.plan_id, "dashboard: migration requested");
@@ -157,10 +159,9 @@ async fn start_and_answer(ctl: &Ctl, mut req: MigrateRequest, name: &str) -> Res
 
 /// `POST /hosts/<id>/migrate/plan`.
 pub async fn plan_migrate(State(app): State<AppState>, Path(id): Path<String>, f: FormResult<MigrateForm>) -> Response {
-    let Some(ctl) = app.leading() else { return no_ctl() };
-    let Form(f) = match f {
-        Ok(f) => f,
-        Err(rejection) => return rejection.into_response(),
+    let (ctl, f) = match leading_with(&app, f) {
+        Ok(v) => v,
+        Err(answer) => return *answer,
     };
     match migrate_request(&ctl, &id, &f) {
         Ok(req) => plan_and_render(&ctl, &req).await,
@@ -175,10 +176,9 @@ pub async fn start_migrate(
     Path(id): Path<String>,
     f: FormResult<MigrateForm>,
 ) -> Response {
-    let Some(ctl) = app.leading() else { return no_ctl() };
-    let Form(f) = match f {
-        Ok(f) => f,
-        Err(rejection) => return rejection.into_response(),
+    let (ctl, f) = match leading_with(&app, f) {
+        Ok(v) => v,
+        Err(answer) => return *answer,
     };
     match migrate_request(&ctl, &id, &f) {
         Ok(mut req) => {
@@ -224,10 +224,9 @@ fn move_request(f: &MoveForm) -> Result<MigrateRequest, ControllerError> {
 
 /// `POST /guests/move/plan`.
 pub async fn plan_move(State(app): State<AppState>, f: FormResult<MoveForm>) -> Response {
-    let Some(ctl) = app.leading() else { return no_ctl() };
-    let Form(f) = match f {
-        Ok(f) => f,
-        Err(rejection) => return rejection.into_response(),
+    let (ctl, f) = match leading_with(&app, f) {
+        Ok(v) => v,
+        Err(answer) => return *answer,
     };
     match move_request(&f) {
         Ok(req) => plan_and_render(&ctl, &req).await,
@@ -241,10 +240,9 @@ pub async fn start_move(
     Extension(s): Extension<SignedIn>,
     f: FormResult<MoveForm>,
 ) -> Response {
-    let Some(ctl) = app.leading() else { return no_ctl() };
-    let Form(f) = match f {
-        Ok(f) => f,
-        Err(rejection) => return rejection.into_response(),
+    let (ctl, f) = match leading_with(&app, f) {
+        Ok(v) => v,
+        Err(answer) => return *answer,
     };
     match move_request(&f) {
         Ok(mut req) => {
@@ -315,14 +313,13 @@ pub async fn cleanup(
     Path(id): Path<String>,
     f: FormResult<CleanupForm>,
 ) -> Response {
-    let Some(ctl) = app.leading() else { return no_ctl() };
-    let Form(f) = match f {
-        Ok(f) => f,
-        Err(rejection) => return rejection.into_response(),
+    let (ctl, f) = match leading_with(&app, f) {
+        Ok(v) => v,
+        Err(answer) => return *answer,
     };
     let plan_id = field(&f.plan_id);
     if plan_id.is_empty() {
-        return fail(StatusCode::BAD_REQUEST, "plan first: Confirm carries out the plan shown, and none is shown");
+        return no_plan_shown();
     }
     let name = &s.session.name;
     tracing::info!(operator = %name, host = %id, plan = %plan_id, "dashboard: cleanup requested");

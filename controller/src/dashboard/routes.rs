@@ -82,6 +82,17 @@ pub(super) fn err(e: &ControllerError) -> Response {
     fail(StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &e.to_string())
 }
 
+/// An action's form as axum parsed it (or why it could not).
+pub(super) type FormResult<T> = Result<Form<T>, axum::extract::rejection::FormRejection>;
+
+/// The leading controller and the action's parsed form, or the answer
+/// that says why not: the no-leader page, or axum's own 400/413/415.
+pub(super) fn leading_with<T>(app: &AppState, f: FormResult<T>) -> Result<(std::sync::Arc<Ctl>, T), Box<Response>> {
+    let ctl = app.leading().ok_or_else(|| Box::new(no_ctl()))?;
+    let Form(f) = f.map_err(|rejection| Box::new(rejection.into_response()))?;
+    Ok((ctl, f))
+}
+
 pub(super) fn no_ctl() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, [("refresh", "2")], Html(views::no_leader().into_string())).into_response()
 }
@@ -473,12 +484,11 @@ async fn set_status(
     State(app): State<AppState>,
     Extension(s): Extension<SignedIn>,
     Path(id): Path<String>,
-    f: Result<Form<StatusForm>, axum::extract::rejection::FormRejection>,
+    f: FormResult<StatusForm>,
 ) -> Response {
-    let Some(ctl) = app.leading() else { return no_ctl() };
-    let f = match f {
-        Ok(Form(f)) => f,
-        Err(rejection) => return rejection.into_response(),
+    let (ctl, f) = match leading_with(&app, f) {
+        Ok(v) => v,
+        Err(answer) => return *answer,
     };
     if f.reason.trim().is_empty() {
         return fail(StatusCode::BAD_REQUEST, "a reason is required (it is recorded in the audit log)");
@@ -554,15 +564,10 @@ async fn status_checks(
     })
 }
 
-async fn plan_status(
-    State(app): State<AppState>,
-    Path(id): Path<String>,
-    f: Result<Form<StatusForm>, axum::extract::rejection::FormRejection>,
-) -> Response {
-    let Some(ctl) = app.leading() else { return no_ctl() };
-    let f = match f {
-        Ok(Form(f)) => f,
-        Err(rejection) => return rejection.into_response(),
+async fn plan_status(State(app): State<AppState>, Path(id): Path<String>, f: FormResult<StatusForm>) -> Response {
+    let (ctl, f) = match leading_with(&app, f) {
+        Ok(v) => v,
+        Err(answer) => return *answer,
     };
     let to = match HostStatus::from_name(f.status.trim()) {
         Ok(s) => s,
@@ -633,15 +638,10 @@ struct AckForm {
     reason: String,
 }
 
-async fn ack_alarm(
-    State(app): State<AppState>,
-    Extension(s): Extension<SignedIn>,
-    f: Result<Form<AckForm>, axum::extract::rejection::FormRejection>,
-) -> Response {
-    let Some(ctl) = app.leading() else { return no_ctl() };
-    let f = match f {
-        Ok(Form(f)) => f,
-        Err(rejection) => return rejection.into_response(),
+async fn ack_alarm(State(app): State<AppState>, Extension(s): Extension<SignedIn>, f: FormResult<AckForm>) -> Response {
+    let (ctl, f) = match leading_with(&app, f) {
+        Ok(v) => v,
+        Err(answer) => return *answer,
     };
     if f.reason.trim().is_empty() {
         return fail(StatusCode::BAD_REQUEST, "a reason is required (it is recorded in the audit log)");

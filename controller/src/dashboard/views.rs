@@ -398,6 +398,21 @@ pub fn host_path(id: &str) -> String {
     format!("/hosts/{}", super::routes::enc(id))
 }
 
+/// The end of a plan-then-confirm dialog `<what>-dialog`: where the plan
+/// or the answer shows (`.result`), Cancel, Plan (posts to `plan_url`,
+/// `data-action=plan-<what>`) and the confirm button
+/// (`data-action=confirm-<what>`, posts to the form's action).
+fn plan_confirm(what: &str, plan_url: &str, confirm: &str) -> Markup {
+    html! {
+        div.result {}
+        div.buttons {
+            button type="button" data-close={ (what) "-dialog" } { "Cancel" }
+            button type="submit" data-action={ "plan-" (what) } formaction=(plan_url) { "Plan" }
+            button type="submit" data-action={ "confirm-" (what) } { (confirm) }
+        }
+    }
+}
+
 /// The set-status dialog: the four statuses explained in their colours.
 pub fn status_dialog(host: &str) -> Markup {
     html! {
@@ -418,14 +433,7 @@ pub fn status_dialog(host: &str) -> Markup {
                     input type="checkbox" name="attest_powered_off" value="true";
                     " I attest that this host is powered off (OFFLINE of a host that is not silent)"
                 }
-                div.result {}
-                div.buttons {
-                    button type="button" data-close="status-dialog" { "Cancel" }
-                    button type="submit" data-action="plan-status" formaction={ (host_path(host)) "/status/plan" } {
-                        "Plan"
-                    }
-                    button type="submit" data-action="confirm-status" { "Set status" }
-                }
+                (plan_confirm("status", &format!("{}/status/plan", host_path(host)), "Set status"))
             }
         }
     }
@@ -665,14 +673,7 @@ pub fn migrate_dialog(host: &str) -> Markup {
                 }
                 label { "Target host (empty: choose) " input type="text" name="target" maxlength="256"; }
                 label { "Parallelism (empty: default) " input type="number" name="parallel" min="1" max="64"; }
-                div.result {}
-                div.buttons {
-                    button type="button" data-close="migrate-dialog" { "Cancel" }
-                    button type="submit" data-action="plan-migrate" formaction={ (host_path(host)) "/migrate/plan" } {
-                        "Plan"
-                    }
-                    button type="submit" data-action="confirm-migrate" { "Confirm" }
-                }
+                (plan_confirm("migrate", &format!("{}/migrate/plan", host_path(host)), "Confirm"))
             }
         }
     }
@@ -688,12 +689,7 @@ pub fn move_dialog() -> Markup {
                 input type="hidden" name="from" value="";
                 input type="hidden" name="vm" value="";
                 label { "Target " select name="target" required { option value="" { "(loading…)" } } }
-                div.result {}
-                div.buttons {
-                    button type="button" data-close="move-dialog" { "Cancel" }
-                    button type="submit" data-action="plan-move" formaction="/guests/move/plan" { "Plan" }
-                    button type="submit" data-action="confirm-move" { "Confirm" }
-                }
+                (plan_confirm("move", "/guests/move/plan", "Confirm"))
             }
         }
     }
@@ -718,14 +714,7 @@ pub fn cleanup_dialog(host: &str) -> Markup {
             form.post method="post" action={ (host_path(host)) "/cleanup" } {
                 h2 { "Clean up stale definitions on " (host) }
                 p { "Removes the definitions of guests that were moved away. Plan first; Confirm carries out the plan shown." }
-                div.result {}
-                div.buttons {
-                    button type="button" data-close="cleanup-dialog" { "Cancel" }
-                    button type="submit" data-action="plan-cleanup" formaction={ (host_path(host)) "/cleanup/plan" } {
-                        "Plan"
-                    }
-                    button type="submit" data-action="confirm-cleanup" { "Confirm" }
-                }
+                (plan_confirm("cleanup", &format!("{}/cleanup/plan", host_path(host)), "Confirm"))
             }
         }
     }
