@@ -76,19 +76,22 @@ impl Session {
     /// Keeps a session open forever, reconnecting with capped exponential
     /// backoff and jitter ([`reconnect_backoff`]): the first retry after ~0.1 s, none
     /// later than ~1.3 s, and back to ~0.1 s after every session that was
-    /// established (Welcome received). Each attempt goes to the next
-    /// configured controller, or to the leader a follower named
-    /// ([`next_controller`]).
+    /// established (Welcome received). After an established session ends
+    /// the same controller is dialled again first; otherwise each attempt
+    /// goes to the next configured controller, or to the leader a follower
+    /// named ([`Redial`]).
     pub async fn run(&self, mut updates: mpsc::Receiver<Update>) -> anyhow::Result<()> {
         let mut backoff = reconnect_backoff().build();
         let mut at = 0usize;
+        let mut redial = Redial::default();
         loop {
             let url = self.urls.get(at).map_or("", String::as_str);
-            let r = self.once(url, &mut updates, &mut backoff).await;
+            let mut welcomed = None;
+            let r = self.once(url, &mut updates, &mut backoff, redial.lost_epoch(), &mut welcomed).await;
             // Never exhausted (no limit on attempts); the cap if it were.
             let delay = backoff.next().unwrap_or(RECONNECT_CAP);
             let m = describe_end(&r);
-            let (next, why) = next_controller(&self.urls, at, &r);
+            let (next, why) = redial.next(&self.urls, at, welcomed, &r);
             let then = match self.urls.get(next) {
                 Some(u) if self.urls.len() > 1 => format!("{u} ({why})"),
                 _ => "again".to_string(),
@@ -120,11 +123,16 @@ impl Session {
             .map_err(err)
     }
 
+    /// One session attempt at `url`, naming `lost` (the epoch of a leader
+    /// this agent lost) on the call; `welcomed` is set to the controller's
+    /// epoch once the session is established.
     async fn once(
         &self,
         url: &str,
         updates: &mut mpsc::Receiver<Update>,
         backoff: &mut ExponentialBackoff,
+        lost: Option<u64>,
+        welcomed: &mut Option<u64>,
     ) -> Result<(), SessionError> {
         // Read at every attempt: an operator's repair is picked up without a
         // restart, and nothing is dialled while the highest epoch is unknown.
@@ -149,7 +157,11 @@ impl Session {
                 boot_id,
             })))
             .await;
-        let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        let mut call = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(v) = lost.and_then(|e| e.to_string().parse().ok()) {
+            call.metadata_mut().insert(lifeboat_proto::LOST_LEADER_METADATA, v);
+        }
+        let mut inbound = client.session(call).await?.into_inner();
         let welcome = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
             Err(_) => return Err(SessionError::Protocol("no Welcome within 10 s".into())),
             Ok(r) => match r?.and_then(|m| m.msg) {
@@ -169,6 +181,7 @@ impl Session {
         crate::metrics::get().set_epoch(epoch.highest());
         // Established: the next disconnection is retried quickly again.
         *backoff = reconnect_backoff().build();
+        *welcomed = Some(welcome.epoch);
         let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
         info!(controller = %url, heartbeat_ms = hb_ms, epoch = welcome.epoch, "session established");
         crate::metrics::get().session_up.store(true, Ordering::Relaxed);
@@ -285,6 +298,54 @@ fn refuse_command(c: &lifeboat_proto::v1::Command, e: &crate::epoch::Refusal) ->
         ok: false,
         error: format!("refused by the agent's controller epoch check: {e}"),
         ..Default::default()
+    }
+}
+
+/// Where the agent dials after each attempt, and the leader it lost.
+///
+/// After an established session ends, the same controller is dialled again
+/// first (a broken connection to a leader that is still up costs one
+/// reconnect, not a detour through a follower). If that dial fails (the
+/// process or its machine is gone), the agent has lost that leader: its
+/// epoch goes on every session call
+/// ([`lifeboat_proto::LOST_LEADER_METADATA`]) until a session is
+/// established again, so a follower holds the call while the old leader's
+/// lease runs out instead of sending the agent back to it.
+#[derive(Debug, Default)]
+pub struct Redial {
+    /// The epoch of the session that just ended (the next attempt goes to
+    /// its controller again).
+    ended: Option<u64>,
+    /// The epoch of the leader this agent lost.
+    lost: Option<u64>,
+}
+
+impl Redial {
+    /// The epoch to name on the next session call.
+    pub fn lost_epoch(&self) -> Option<u64> {
+        self.lost
+    }
+
+    /// After an attempt at `urls[at]` that ended with `r` (established at
+    /// epoch `welcomed`, if it was): where to dial next, and why.
+    pub fn next(
+        &mut self,
+        urls: &[String],
+        at: usize,
+        welcomed: Option<u64>,
+        r: &Result<(), SessionError>,
+    ) -> (usize, String) {
+        if let Some(e) = welcomed {
+            self.lost = None;
+            self.ended = Some(e);
+            return (at, "the same controller first, its session having ended".into());
+        }
+        if let Some(e) = self.ended.take()
+            && matches!(r, Err(SessionError::Connect { .. }))
+        {
+            self.lost = Some(e);
+        }
+        next_controller(urls, at, r)
     }
 }
 
@@ -444,6 +505,44 @@ mod tests {
         assert_eq!(describe_end(&Ok(())), "session closed by the controller");
         let m = describe_end(&Err(SessionError::Protocol("no Welcome within 10 s".into())));
         assert!(m.contains("no Welcome"), "{m}");
+    }
+
+    /// A real dial failure: nothing listens on 127.0.0.1:1.
+    async fn refused_dial() -> Result<(), SessionError> {
+        let e = Endpoint::from_static("http://127.0.0.1:1").connect().await.expect_err("nothing listens on port 1");
+        Err(SessionError::Connect { url: "http://127.0.0.1:1".into(), source: e })
+    }
+
+    #[tokio::test]
+    async fn after_a_session_ends_the_same_controller_comes_first_and_only_a_failed_redial_loses_it() {
+        let urls: Vec<String> = ["https://a:1", "https://b:1", "https://c:1"].iter().map(|s| s.to_string()).collect();
+        let mut r = Redial::default();
+        assert_eq!(r.lost_epoch(), None);
+        // A session with a (epoch 7) ended: a again first, nothing lost yet.
+        let (i, why) = r.next(&urls, 0, Some(7), &Ok(()));
+        assert_eq!(i, 0);
+        assert!(why.contains("same controller"), "{why}");
+        assert_eq!(r.lost_epoch(), None);
+        // a cannot be dialled: its leader is lost; b next, told so.
+        assert_eq!(r.next(&urls, 0, None, &refused_dial().await).0, 1);
+        assert_eq!(r.lost_epoch(), Some(7));
+        // b names c: to c, still naming the lost epoch (b may have timed out).
+        assert_eq!(r.next(&urls, 1, None, &follower("https://c:1")).0, 2);
+        assert_eq!(r.lost_epoch(), Some(7));
+        // A dial that fails later does not change which leader was lost.
+        assert_eq!(r.next(&urls, 2, None, &refused_dial().await).0, 0);
+        assert_eq!(r.lost_epoch(), Some(7));
+        // Welcomed by c (epoch 9): nothing lost any more; its end dials c again.
+        assert_eq!(r.next(&urls, 2, Some(9), &Err(SessionError::Protocol("x".into()))).0, 2);
+        assert_eq!(r.lost_epoch(), None);
+        // c answers as a follower now (it resigned): that is no loss, follow its hint.
+        assert_eq!(r.next(&urls, 2, None, &follower("https://a:1")).0, 0);
+        assert_eq!(r.lost_epoch(), None);
+        // A session that ended, then a redial answered by anything but a failed
+        // dial (here a stale-epoch style protocol error): not lost.
+        r.next(&urls, 0, Some(11), &Ok(()));
+        assert_eq!(r.next(&urls, 0, None, &Err(SessionError::Protocol("expected Welcome".into()))).0, 1);
+        assert_eq!(r.lost_epoch(), None);
     }
 
     fn follower(leader: &str) -> Result<(), SessionError> {

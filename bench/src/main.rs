@@ -405,7 +405,16 @@ fn jittered(d: Duration) -> Duration {
 /// the phase is Done.
 async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String) {
     let mut delay = Duration::from_millis(200);
-    let mut st = AgentState { url: 0, reconnected: false, leased: false, guests: None, welcomed: false };
+    let mut st = AgentState {
+        url: 0,
+        reconnected: false,
+        leased: false,
+        guests: None,
+        welcomed: None,
+        ended: None,
+        lost: None,
+        dial_failed: false,
+    };
     loop {
         if *sh.phase.borrow() == Phase::Done {
             return;
@@ -422,7 +431,25 @@ async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String)
                     let _ = phase.wait_for(|p| *p == Phase::Done).await;
                     return;
                 }
-                if let Some(leader) = leader_hint(&e, &sh.urls) {
+                // As the agent's `Redial`: after an established session the
+                // same controller is dialled again first; if that dial
+                // fails, the agent lost that leader and says so to followers.
+                let welcomed = st.welcomed.take();
+                let ended = std::mem::replace(&mut st.ended, welcomed);
+                if welcomed.is_some() {
+                    st.lost = None;
+                } else if let Some(e) = ended
+                    && st.dial_failed
+                {
+                    st.lost = Some(e);
+                }
+                if welcomed.is_some() {
+                    // The same controller again.
+                    sh.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if sh.killed_at_us.load(Ordering::Relaxed) == 0 {
+                        eprintln!("loadgen: {} session: {e:#}; retrying", host_id(i));
+                    }
+                } else if let Some(leader) = leader_hint(&e, &sh.urls) {
                     // A follower named the leader: dial it next, after the
                     // same backoff as any failed attempt, as the agent does
                     // (a leader still loading names itself: dialling it
@@ -435,7 +462,7 @@ async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String)
                     }
                     st.url = (st.url + 1) % sh.urls.len().max(1);
                 }
-                if std::mem::take(&mut st.welcomed) {
+                if welcomed.is_some() {
                     delay = Duration::from_millis(100);
                 }
                 tokio::time::sleep(jittered(delay)).await;
@@ -449,6 +476,7 @@ async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String)
 
 async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut AgentState) -> anyhow::Result<()> {
     let url = sh.urls.get(st.url).or(sh.urls.first()).context("no controller URL")?.clone();
+    st.dial_failed = true;
     let channel: Channel = {
         let _permit = sh.connect_gate.acquire().await?;
         let tls = ClientTlsConfig::new()
@@ -464,6 +492,7 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut 
             .await
             .context("connect")?
     };
+    st.dial_failed = false;
     let mut client = AgentSessionClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
     let send = |m: agent_message::Msg| AgentMessage { msg: Some(m) };
@@ -474,13 +503,17 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut 
     })))
     .await?;
     let opened_us = i64::try_from(sh.base.elapsed().as_micros()).unwrap_or(i64::MAX);
-    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    let mut call = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(v) = st.lost.and_then(|e| e.to_string().parse().ok()) {
+        call.metadata_mut().insert(lifeboat_proto::LOST_LEADER_METADATA, v);
+    }
+    let mut inbound = client.session(call).await?.into_inner();
     let welcome = match inbound.message().await?.and_then(|m| m.msg) {
         Some(controller_message::Msg::Welcome(w)) => w,
         other => bail!("expected Welcome, got {other:?}"),
     };
     sh.connected.fetch_add(1, Ordering::Relaxed);
-    st.welcomed = true;
+    st.welcomed = Some(welcome.epoch);
     let killed = sh.killed_at_us.load(Ordering::Relaxed);
     if killed != 0 && opened_us >= killed && !st.reconnected {
         st.reconnected = true;
@@ -586,8 +619,15 @@ struct AgentState {
     leased: bool,
     /// Its guests (definitions packed), as last reported.
     guests: Option<Vec<Guest>>,
-    /// The last session got its Welcome (the backoff starts over).
-    welcomed: bool,
+    /// The last session got its Welcome, at this epoch (the backoff starts
+    /// over, and the same controller is dialled again first).
+    welcomed: Option<u64>,
+    /// The epoch of the session that ended before this attempt.
+    ended: Option<u64>,
+    /// The epoch of the leader this agent lost (named to followers).
+    lost: Option<u64>,
+    /// The last attempt failed to connect (TCP or TLS).
+    dial_failed: bool,
 }
 
 /// Agent `i`'s own loopback address (127.1.X.Y, Y in 1..=250), so that no

@@ -432,7 +432,11 @@ async fn serve_etcd_on(
     // A follower from the first moment: while etcd cannot be reached every
     // call is refused saying so (not "connection refused").
     let (hint_tx, hint) = tokio::sync::watch::channel(ha::election::LeaderHint::EtcdError("not connected yet".into()));
-    let gate: ha::gate::Gate<Routes> = ha::gate::Gate::follower(hint.clone());
+    // An agent that lost the leader is held while that leader's lease runs
+    // out (at most leader_ttl after its last renewal) and the election and
+    // the next hint poll happen.
+    let follower_hold = leader_ttl + Duration::from_secs(2);
+    let gate: ha::gate::Gate<Routes> = ha::gate::Gate::follower(hint.clone(), follower_hold);
     let source = metrics::Source::empty();
     metrics::ha_follower(hint.clone());
     let metrics = start_metrics(&cfg, source.clone()).await?;

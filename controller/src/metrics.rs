@@ -186,7 +186,7 @@ pub fn ha_follower(mut hint: tokio::sync::watch::Receiver<crate::ha::election::L
     tokio::spawn(async move {
         while hint.changed().await.is_ok() {
             let url = match &*hint.borrow_and_update() {
-                crate::ha::election::LeaderHint::Leader(u) => u.clone(),
+                crate::ha::election::LeaderHint::Leader(u, _) => u.clone(),
                 _ => continue,
             };
             saw_leader(&url);

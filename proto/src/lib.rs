@@ -16,6 +16,17 @@ pub mod v1 {
 /// addresses) and otherwise the next configured address.
 pub const LEADER_METADATA: &str = "lifeboat-leader";
 
+/// The gRPC request metadata key in which an agent that lost its leader
+/// (its session broke and dialling that controller again failed) names the
+/// epoch of the leader it lost (decimal), on its session calls until a new
+/// session is welcomed. A follower that still names that leader (or none)
+/// holds such a call until it leads itself and serves it, or another
+/// controller is elected (refused naming it), instead of refusing it at
+/// once: the agent's TLS handshake is then done while the old leader's
+/// etcd lease runs out, not after. The value only decides how long the
+/// caller's own call waits.
+pub const LOST_LEADER_METADATA: &str = "lifeboat-lost-epoch";
+
 /// Whether a guest in this state may be running and so holds its disks open:
 /// every libvirt state except shut-off. Paused, blocked, crashed (qemu may be
 /// preserved), shutting down, pm-suspended and states Lifeboat cannot name

@@ -71,7 +71,7 @@ pub async fn leader_only(State(app): State<AppState>, req: Request, next: Next) 
     let hint = app.hint.as_ref().map(|h| h.borrow().clone());
     // The hint naming this very process (not loaded yet, or leadership just
     // lost): a redirect would point at itself, a loop; wait instead.
-    if let Some(LeaderHint::Leader(url)) = hint
+    if let Some(LeaderHint::Leader(url, _)) = hint
         && !app.advertise_url.get().is_some_and(|own| same_controller(own, &url))
         && let Some(loc) = leader_location(&url, app.port, &path_q)
         && let Ok(v) = HeaderValue::from_str(&loc)

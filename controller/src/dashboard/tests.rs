@@ -356,7 +356,7 @@ async fn garbage_is_refused_without_a_panic() {
 
 #[tokio::test]
 async fn a_follower_redirects_to_the_leader_on_the_same_port() {
-    let (tx, hint) = tokio::sync::watch::channel(crate::ha::election::LeaderHint::Leader("https://b:7443".into()));
+    let (tx, hint) = tokio::sync::watch::channel(crate::ha::election::LeaderHint::Leader("https://b:7443".into(), 1));
     let clock = ManualClock::new(0);
     let app = App::new(Arc::new(Auth::new(Arc::new(clock), 3600)), 8443, Some(hint));
     let (st, h, _) = send(&app, get("/hosts?x=1", None)).await;
@@ -367,7 +367,7 @@ async fn a_follower_redirects_to_the_leader_on_the_same_port() {
         (st, h.get(header::LOCATION).unwrap().to_str().unwrap()),
         (StatusCode::TEMPORARY_REDIRECT, "https://b:8443/login")
     );
-    tx.send_replace(crate::ha::election::LeaderHint::Leader("https://[fd00::2]:7443".into()));
+    tx.send_replace(crate::ha::election::LeaderHint::Leader("https://[fd00::2]:7443".into(), 1));
     let (_, h, _) = send(&app, get("/guests", None)).await;
     assert_eq!(h.get(header::LOCATION).unwrap(), "https://[fd00::2]:8443/guests");
     tx.send_replace(crate::ha::election::LeaderHint::NoLeader);
@@ -1079,7 +1079,7 @@ fn a_closed_live_stream_reloads_the_page_and_shows_a_not_live_banner() {
 
 #[tokio::test]
 async fn a_hint_naming_this_controller_answers_503_not_a_redirect_to_itself() {
-    let (tx, hint) = tokio::sync::watch::channel(crate::ha::election::LeaderHint::Leader("https://a:7443".into()));
+    let (tx, hint) = tokio::sync::watch::channel(crate::ha::election::LeaderHint::Leader("https://a:7443".into(), 1));
     let app = App::new(Arc::new(Auth::new(Arc::new(ManualClock::new(0)), 3600)), 8443, Some(hint));
     app.set_advertise_url("https://A:7443/");
     // Leading but not loaded yet (no Ctl): 503 and retry, no 307 to itself.
@@ -1089,7 +1089,7 @@ async fn a_hint_naming_this_controller_answers_503_not_a_redirect_to_itself() {
     assert_eq!(h.get("refresh").unwrap(), "2");
     assert!(body.contains("tries again every 2 seconds"), "{body}");
     // Another controller leads: the redirect goes there.
-    tx.send_replace(crate::ha::election::LeaderHint::Leader("https://b:7443".into()));
+    tx.send_replace(crate::ha::election::LeaderHint::Leader("https://b:7443".into(), 1));
     let (st, h, _) = send(&app, get("/hosts", None)).await;
     assert_eq!(
         (st, h.get(header::LOCATION).unwrap().to_str().unwrap()),
@@ -1100,7 +1100,7 @@ async fn a_hint_naming_this_controller_answers_503_not_a_redirect_to_itself() {
 #[tokio::test]
 async fn a_controller_that_lost_leadership_while_the_hint_names_it_answers_503() {
     let f = fixture();
-    let (tx, hint) = tokio::sync::watch::channel(crate::ha::election::LeaderHint::Leader("https://a:7443".into()));
+    let (tx, hint) = tokio::sync::watch::channel(crate::ha::election::LeaderHint::Leader("https://a:7443".into(), 1));
     let clock = ManualClock::new(0);
     let app = App::new(Arc::new(Auth::new(Arc::new(clock), 3600)), 8443, Some(hint));
     app.set_advertise_url("https://a:7443");

@@ -353,8 +353,9 @@ async fn watch_key(client: Client, key: Vec<u8>, rev: i64, l: Arc<Leadership>) {
 pub enum LeaderHint {
     /// Not read yet.
     Unknown,
-    /// The leader's advertise URL.
-    Leader(String),
+    /// The leader's advertise URL and its epoch (the leadership key's
+    /// create revision).
+    Leader(String, u64),
     /// No controller is elected.
     NoLeader,
     /// etcd cannot be read: why.
@@ -372,8 +373,8 @@ pub async fn leader_url(client: &Client, name: &str) -> LeaderHint {
         }
         Ok(Ok(r)) => match r.kv() {
             None => LeaderHint::NoLeader,
-            Some(kv) => match std::str::from_utf8(kv.value()) {
-                Ok(u) if !u.is_empty() && u.len() <= 256 => LeaderHint::Leader(u.to_string()),
+            Some(kv) => match (std::str::from_utf8(kv.value()), u64::try_from(kv.create_revision())) {
+                (Ok(u), Ok(epoch)) if !u.is_empty() && u.len() <= 256 => LeaderHint::Leader(u.to_string(), epoch),
                 _ => LeaderHint::EtcdError("the leader key's value is not a URL".into()),
             },
         },
@@ -443,7 +444,7 @@ mod tests {
             .unwrap()
             .unwrap()
             .clone();
-        assert_eq!(named, LeaderHint::Leader("https://a:7443".into()));
+        assert_eq!(named, LeaderHint::Leader("https://a:7443".into(), la.epoch()));
         let s = crate::ha::gate::refusal_for(&named);
         assert_eq!(s.metadata().get(lifeboat_proto::LEADER_METADATA).unwrap(), "https://a:7443");
         // Renewals keep A leading well past its deadline and TTL.
@@ -461,7 +462,7 @@ mod tests {
         assert!(!la.holds());
         assert!(lb.epoch() > la.epoch(), "epochs only move forward");
         let mut h = hint.clone();
-        tokio::time::timeout(Duration::from_secs(2), h.wait_for(|h| *h == LeaderHint::Leader("https://b:7443".into())))
+        tokio::time::timeout(Duration::from_secs(2), h.wait_for(|h| *h == LeaderHint::Leader("https://b:7443".into(), lb.epoch())))
             .await
             .unwrap()
             .unwrap();

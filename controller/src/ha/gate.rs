@@ -5,12 +5,22 @@
 //! real services answer. A process that lost its leadership refuses again
 //! (it is about to exit).
 //!
-//! Between winning the election and opening (while it catches up and loads
-//! the pool) the new leader holds calls instead of refusing them: they are
-//! answered by the real services the moment it opens, or refused as before
-//! after [`HOLD_WHILE_LOADING`] or if it never does. Agents reconnecting
-//! after a failover then do their TLS handshakes while the leader loads,
-//! instead of dialling again and again to be told to wait.
+//! Two kinds of calls are held instead of refused:
+//! - between winning the election and opening (while it catches up and
+//!   loads the pool), every call: it is answered by the real services the
+//!   moment the gate opens, or refused as before after [`HOLD_WHILE_LOADING`]
+//!   or if it never does;
+//! - on a follower, the call of an agent that lost its leader
+//!   ([`lifeboat_proto::LOST_LEADER_METADATA`] names that leader's epoch)
+//!   while etcd still names that leader (its lease has not run out yet) or
+//!   nobody: held until this process is elected (then as above), another
+//!   controller is elected (refused at once, naming it), or the follower
+//!   hold (about the leader lease and a margin) has passed (refused naming
+//!   whoever leads then).
+//!
+//! Agents reconnecting after a failover thus do their TLS handshakes while
+//! the old leader's lease runs out and the new one loads, instead of
+//! dialling again and again to be told to wait.
 //!
 //! Architecture invariant: a follower changes nothing and serves no state:
 //! its cache may lag, so it only ever names the leader. A held call reaches
@@ -18,7 +28,6 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -41,13 +50,24 @@ struct Open<S> {
 /// after the call is answered, so the hold does not count against it).
 pub const HOLD_WHILE_LOADING: Duration = Duration::from_secs(15);
 
+/// Where the gate is; it only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// A follower: refuses, or holds the calls of agents that lost the
+    /// leader it names.
+    Following,
+    /// Won the election and loading: holds every call.
+    Elected,
+    /// The routes answer (while the leadership holds).
+    Open,
+}
+
 struct Shared<S> {
     open: OnceLock<Open<S>>,
     hint: watch::Receiver<LeaderHint>,
-    /// This process won the election and is loading: calls are held.
-    elected: AtomicBool,
-    /// Becomes true when the gate opens.
-    opened: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
+    /// How long a follower holds the call of an agent that lost its leader.
+    follower_hold: Duration,
 }
 
 /// The gate (cheap to clone: one state shared by every connection).
@@ -61,25 +81,56 @@ impl<S> Clone for Gate<S> {
     }
 }
 
+/// The epoch an agent's call says it lost ([`lifeboat_proto::LOST_LEADER_METADATA`]);
+/// `None` without one or when it is not a decimal epoch (then the call is
+/// treated as any other).
+fn lost_epoch<B>(req: &Request<B>) -> Option<u64> {
+    let v = req.headers().get(lifeboat_proto::LOST_LEADER_METADATA)?;
+    let t = v.to_str().ok()?;
+    if t.is_empty() || t.len() > 20 {
+        return None;
+    }
+    t.parse().ok()
+}
+
+/// Whether a follower holds the call of an agent that lost the leader of
+/// epoch `lost`, given who etcd says leads: that leader (or an older one,
+/// its lease not yet run out as far as this follower read) or nobody.
+fn holds_for_lost(hint: &LeaderHint, lost: u64) -> bool {
+    match hint {
+        LeaderHint::Leader(_, epoch) => *epoch <= lost,
+        LeaderHint::NoLeader => true,
+        LeaderHint::Unknown | LeaderHint::EtcdError(_) => false,
+    }
+}
+
 impl<S> Gate<S> {
-    /// A closed gate that names the leader `hint` says.
-    pub fn follower(hint: watch::Receiver<LeaderHint>) -> Self {
-        let (opened, _) = watch::channel(false);
-        Gate { shared: Arc::new(Shared { open: OnceLock::new(), hint, elected: AtomicBool::new(false), opened }) }
+    /// A closed gate that names the leader `hint` says, holding the calls of
+    /// agents that lost that leader for up to `follower_hold`.
+    pub fn follower(hint: watch::Receiver<LeaderHint>, follower_hold: Duration) -> Self {
+        let (phase, _) = watch::channel(Phase::Following);
+        Gate { shared: Arc::new(Shared { open: OnceLock::new(), hint, phase, follower_hold }) }
     }
 
     /// This process won the election and is loading: from now until the
     /// gate opens, calls are held (at most [`HOLD_WHILE_LOADING`]) instead
     /// of refused.
     pub fn elected(&self) {
-        self.shared.elected.store(true, Ordering::SeqCst);
+        self.shared.phase.send_if_modified(|p| {
+            let moved = *p < Phase::Elected;
+            if moved {
+                *p = Phase::Elected;
+            }
+            moved
+        });
     }
 
     /// A gate open from the start, with no leadership to hold (the SQLite
     /// backend: one controller, always the leader).
     pub fn open_now(routes: S) -> Self {
-        let g = Gate::follower(watch::channel(LeaderHint::Unknown).1);
+        let g = Gate::follower(watch::channel(LeaderHint::Unknown).1, Duration::ZERO);
         let _ = g.shared.open.set(Open { routes, leadership: None });
+        g.shared.phase.send_replace(Phase::Open);
         g
     }
 
@@ -87,13 +138,20 @@ impl<S> Gate<S> {
     /// holds. Only the first call counts.
     pub fn open(&self, routes: S, leadership: Arc<Leadership>) {
         let _ = self.shared.open.set(Open { routes, leadership: Some(leadership) });
-        self.shared.opened.send_replace(true);
+        self.shared.phase.send_replace(Phase::Open);
     }
 
-    /// Whether a call refused now should be held instead: elected, and
-    /// not opened yet.
-    fn holds_calls(&self) -> bool {
-        self.shared.elected.load(Ordering::SeqCst) && self.shared.open.get().is_none()
+    /// Whether a call with `lost` (see [`lost_epoch`]) is held now rather
+    /// than refused.
+    fn holds_call(&self, lost: Option<u64>) -> bool {
+        if self.shared.open.get().is_some() {
+            return false;
+        }
+        match *self.shared.phase.borrow() {
+            Phase::Elected => true,
+            Phase::Following => lost.is_some_and(|e| holds_for_lost(&self.shared.hint.borrow(), e)),
+            Phase::Open => false,
+        }
     }
 
     /// Whether calls reach the routes now.
@@ -117,12 +175,43 @@ impl<S> Gate<S> {
         }
         Some(refusal_for(&self.shared.hint.borrow()))
     }
+
+    /// Waits while the call of an agent that lost epoch `lost` (if any) is
+    /// to be held: until the gate opens, a follower's reason to hold ends or
+    /// its bound passes. The caller decides again afterwards.
+    async fn hold(&self, lost: Option<u64>) {
+        let start = tokio::time::Instant::now();
+        let mut phase = self.shared.phase.subscribe();
+        let mut hint = self.shared.hint.clone();
+        let mut elected_seen: Option<tokio::time::Instant> = None;
+        loop {
+            let now = tokio::time::Instant::now();
+            let until = match *phase.borrow_and_update() {
+                Phase::Open => return,
+                Phase::Elected => *elected_seen.get_or_insert(now) + HOLD_WHILE_LOADING,
+                Phase::Following => {
+                    if !lost.is_some_and(|e| holds_for_lost(&hint.borrow_and_update(), e)) {
+                        return;
+                    }
+                    start + self.shared.follower_hold
+                }
+            };
+            if now >= until {
+                return;
+            }
+            tokio::select! {
+                r = phase.changed() => if r.is_err() { return },
+                r = hint.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep_until(until) => return,
+            }
+        }
+    }
 }
 
 /// The status a follower answers with, given who leads.
 pub fn refusal_for(hint: &LeaderHint) -> tonic::Status {
     match hint {
-        LeaderHint::Leader(url) => {
+        LeaderHint::Leader(url, _) => {
             let mut s = tonic::Status::unavailable(format!("not the leader; leader is {url}"));
             if let Ok(v) = url.parse() {
                 s.metadata_mut().insert(lifeboat_proto::LEADER_METADATA, v);
@@ -164,11 +253,11 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if self.holds_calls() {
+        let lost = lost_epoch(&req);
+        if self.holds_call(lost) {
             let gate = self.clone();
             return Box::pin(async move {
-                let mut opened = gate.shared.opened.subscribe();
-                let _ = tokio::time::timeout(HOLD_WHILE_LOADING, opened.wait_for(|o| *o)).await;
+                gate.hold(lost).await;
                 // Decided again now: open and holding, or refused.
                 if let Some(status) = gate.refusal() {
                     return Ok(status.into_http::<Body>());
@@ -213,6 +302,8 @@ mod tests {
         }
     }
 
+    const HOLD: Duration = Duration::from_secs(6);
+
     fn grpc_status(r: &Response<Body>) -> Option<tonic::Status> {
         tonic::Status::from_header_map(r.headers())
     }
@@ -220,14 +311,14 @@ mod tests {
     #[tokio::test]
     async fn a_follower_refuses_every_call_naming_the_leader_until_it_leads_and_again_once_it_lost() {
         let (tx, rx) = watch::channel(LeaderHint::Unknown);
-        let mut g: Gate<Echo> = Gate::follower(rx);
+        let mut g: Gate<Echo> = Gate::follower(rx, HOLD);
         let r = g.call(Request::new(())).await.unwrap();
         let s = grpc_status(&r).expect("a refusal");
         assert_eq!(s.code(), tonic::Code::Unavailable);
         assert!(s.message().starts_with("not the leader; no leader is elected (etcd: "), "{}", s.message());
         assert!(r.headers().get(lifeboat_proto::LEADER_METADATA).is_none());
 
-        tx.send(LeaderHint::Leader("https://c2:7443".into())).unwrap();
+        tx.send(LeaderHint::Leader("https://c2:7443".into(), 7)).unwrap();
         let r = g.call(Request::new(())).await.unwrap();
         let s = grpc_status(&r).expect("a refusal");
         assert_eq!(s.code(), tonic::Code::Unavailable);
@@ -257,8 +348,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_elected_leader_holds_calls_while_it_loads_and_serves_them_once_open() {
-        let (_tx, rx) = watch::channel(LeaderHint::Leader("https://me:7443".into()));
-        let mut g: Gate<Echo> = Gate::follower(rx);
+        let (_tx, rx) = watch::channel(LeaderHint::Leader("https://me:7443".into(), 7));
+        let mut g: Gate<Echo> = Gate::follower(rx, HOLD);
         g.elected();
         let held = tokio::spawn({
             let mut g = g.clone();
@@ -278,8 +369,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_held_call_is_refused_if_the_leader_does_not_open_in_time_or_loses_first() {
-        let (_tx, rx) = watch::channel(LeaderHint::Leader("https://me:7443".into()));
-        let mut g: Gate<Echo> = Gate::follower(rx);
+        let (_tx, rx) = watch::channel(LeaderHint::Leader("https://me:7443".into(), 7));
+        let mut g: Gate<Echo> = Gate::follower(rx, HOLD);
         // Not elected: refused at once, naming the leader.
         let s = grpc_status(&g.call(Request::new(())).await.unwrap()).unwrap();
         assert_eq!(s.message(), "not the leader; leader is https://me:7443");
@@ -302,6 +393,80 @@ mod tests {
         let r = held.await.unwrap();
         assert!(r.headers().get("x-served").is_none(), "never served without the leadership");
         assert_eq!(grpc_status(&r).unwrap().code(), tonic::Code::Unavailable);
+    }
+
+    /// A call of an agent that lost the leader of epoch `e` (header value).
+    fn lost(e: &str) -> Request<()> {
+        let mut r = Request::new(());
+        r.headers_mut().insert(lifeboat_proto::LOST_LEADER_METADATA, e.parse().unwrap());
+        r
+    }
+
+    fn spawn_call(g: &Gate<Echo>, r: Request<()>) -> tokio::task::JoinHandle<Response<Body>> {
+        let mut g = g.clone();
+        tokio::spawn(async move { g.call(r).await.unwrap() })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_holds_an_agent_that_lost_the_named_leader_until_it_leads_and_serves_it() {
+        let (tx, rx) = watch::channel(LeaderHint::Leader("https://c1:7443".into(), 7));
+        let mut g: Gate<Echo> = Gate::follower(rx, HOLD);
+        // No claim, an older leader than the one named, or a value that is
+        // no epoch: refused at once, naming the leader.
+        for r in [Request::new(()), lost("6"), lost(""), lost("seven"), lost("-7"), lost("99999999999999999999999")] {
+            let t0 = tokio::time::Instant::now();
+            let s = grpc_status(&g.call(r).await.unwrap()).expect("refused");
+            assert_eq!(s.message(), "not the leader; leader is https://c1:7443");
+            assert_eq!(t0.elapsed(), Duration::ZERO);
+        }
+        // Lost the leader etcd still names (its lease has not run out): held.
+        let held = spawn_call(&g, lost("7"));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!held.is_finished(), "held while etcd names the lost leader");
+        // The lease ran out: nobody leads; a newly lost claim is held too.
+        tx.send(LeaderHint::NoLeader).unwrap();
+        let second = spawn_call(&g, lost("7"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!held.is_finished() && !second.is_finished(), "held while nobody leads");
+        // This process is elected at 3 s and loads for 8 s, past the follower
+        // hold: the calls stay held (now by the loading hold) and are served.
+        g.elected();
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert!(!held.is_finished() && !second.is_finished(), "held while loading");
+        let l = Arc::new(Leadership::new(b"k".to_vec(), 8, Duration::from_secs(60), tokio::time::Instant::now()));
+        g.open(Echo, l);
+        for h in [held, second] {
+            let r = h.await.unwrap();
+            assert_eq!(r.headers().get("x-served").unwrap(), "yes", "served by the new leader's routes");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_agent_is_sent_on_at_once_when_another_leads_and_after_the_hold_when_none_changes() {
+        let (tx, rx) = watch::channel(LeaderHint::Leader("https://c1:7443".into(), 7));
+        let g: Gate<Echo> = Gate::follower(rx, HOLD);
+        // The lost leader still named for the whole hold: refused after it,
+        // naming that leader (the agent's own link to it was what broke).
+        let t0 = tokio::time::Instant::now();
+        let r = spawn_call(&g, lost("7")).await.unwrap();
+        assert_eq!(t0.elapsed(), HOLD);
+        assert_eq!(grpc_status(&r).unwrap().message(), "not the leader; leader is https://c1:7443");
+        assert!(r.headers().get("x-served").is_none());
+        // Another controller is elected while a call is held: refused at
+        // once, naming it.
+        let held = spawn_call(&g, lost("7"));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let t1 = tokio::time::Instant::now();
+        tx.send(LeaderHint::Leader("https://c3:7443".into(), 9)).unwrap();
+        let r = held.await.unwrap();
+        assert_eq!(t1.elapsed(), Duration::ZERO);
+        let s = grpc_status(&r).unwrap();
+        assert_eq!(s.message(), "not the leader; leader is https://c3:7443");
+        assert_eq!(r.headers().get(lifeboat_proto::LEADER_METADATA).unwrap(), "https://c3:7443");
+        // etcd unreadable: nothing to wait for, refused at once.
+        tx.send(LeaderHint::EtcdError("connection refused".into())).unwrap();
+        let s = grpc_status(&spawn_call(&g, lost("9")).await.unwrap()).unwrap();
+        assert!(s.message().contains("etcd: connection refused"), "{}", s.message());
     }
 
     #[tokio::test]

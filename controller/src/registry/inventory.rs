@@ -136,8 +136,12 @@ impl Registry {
     pub(super) fn set_host_info(inner: &mut Inner, host_id: &str, mut info: HostInfo, now: i64) -> RepoResult<()> {
         // The authenticated id wins over whatever the message says.
         info.host_id = host_id.to_string();
-        let stored = info.clone();
-        inner.db(move |r| r.hosts().upsert(&stored, now))?;
+        // Unchanged facts are not written again (a reconnect, or 10,000
+        // after a failover): the last-seen time is persisted by the flush.
+        if inner.hosts.get(host_id).is_none_or(|e| e.row.info != info) {
+            let stored = info.clone();
+            inner.db(move |r| r.hosts().upsert(&stored, now))?;
+        }
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.row.info = info;
             e.row.last_seen_ms = now;
@@ -154,21 +158,23 @@ impl Registry {
         sid: SessionId,
         inv: Inventory,
     ) -> Result<Vec<String>, ControllerError> {
-        let now = self.now_ms();
-        let mut inner = self.lock();
-        if Self::current(&mut inner, host_id, sid).is_none() {
-            return Ok(vec![]);
-        }
         let skipped = Vec::new();
         if let Some(m) = inv.guests.iter().find_map(|g| valid_guest(g).err()) {
             return Err(ControllerError::InvalidArgument(format!("inventory refused whole: {m}")));
         }
         let guests: Vec<Guest> = inv.guests;
+        // Encoded and hashed before the registry lock is taken: thousands
+        // of agents reconnecting at once (a failover) do this in parallel.
+        let encoded: Vec<Vec<u8>> = guests.iter().map(prost::Message::encode_to_vec).collect();
+        let hashes: Vec<u64> = encoded.iter().map(|b| guest_hash(b)).collect();
+        let now = self.now_ms();
+        let mut inner = self.lock();
+        if Self::current(&mut inner, host_id, sid).is_none() {
+            return Ok(vec![]);
+        }
         if let Some(h) = inv.host {
             Self::set_host_info(&mut inner, host_id, h, now)?;
         }
-        let encoded: Vec<Vec<u8>> = guests.iter().map(prost::Message::encode_to_vec).collect();
-        let hashes: Vec<u64> = encoded.iter().map(|b| guest_hash(b)).collect();
         let (upserts, deletes) = {
             let old = inner.guests.get(host_id);
             let upserts: Vec<(String, String, Vec<u8>)> = guests
@@ -194,12 +200,14 @@ impl Registry {
         let dels: Vec<String> = deletes.iter().filter(|u| !held.contains(u)).cloned().collect();
         Self::mark_gone(&mut inner, host_id, &kept, now, "absent from its complete inventory")?;
         let h = host_id.to_string();
-        inner.db(move |r| {
-            let writes: Vec<GuestWrite<'_>> =
-                upserts.iter().map(|(uuid, name, data)| GuestWrite { uuid, name, data }).collect();
-            let dels: Vec<&str> = dels.iter().map(String::as_str).collect();
-            r.guests().write(&h, &writes, &dels, now)
-        })?;
+        if !upserts.is_empty() || !dels.is_empty() {
+            inner.db(move |r| {
+                let writes: Vec<GuestWrite<'_>> =
+                    upserts.iter().map(|(uuid, name, data)| GuestWrite { uuid, name, data }).collect();
+                let dels: Vec<&str> = dels.iter().map(String::as_str).collect();
+                r.guests().write(&h, &writes, &dels, now)
+            })?;
+        }
         let back: Vec<(String, String, i32)> =
             guests.iter().map(|g| (g.uuid.clone(), g.name.clone(), g.state)).collect();
         let claims: Vec<&Guest> = guests.iter().filter(|g| g.owner_host == host_id && g.owner_generation > 0).collect();
