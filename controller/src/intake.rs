@@ -284,10 +284,60 @@ fn check_nic(kind: &'static str, n: &Nic) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Every field of a guest except its definition (see [`unpack_guest`]).
+/// Every field of a guest except its definition (see [`unpack_guest`]),
+/// as an agent sends it: `definition_digest` is the controller's own.
 pub fn check_guest(kind: &'static str, prefix: &str, g: &Guest) -> Result<(), Refusal> {
     check_uuid(kind, &format!("{prefix}uuid"), &g.uuid)?;
+    if !g.definition_digest.is_empty() {
+        return Err(Refusal::new(
+            kind,
+            format!("{prefix}definition_digest"),
+            "is set by the controller when it takes a guest in; an agent leaves it empty",
+        ));
+    }
     check_guest_rest(kind, prefix, g)
+}
+
+/// The length of a [`definition_digest`] (SHA-256).
+pub const DIGEST_BYTES: usize = 32;
+
+/// The digest of a guest's definition as it arrived: SHA-256 over a tag and
+/// the packed bytes (`definition_deflate`), or over another tag and the
+/// text when it came unpacked; empty without a definition. The same bytes
+/// always inflate to the same text, so an equal digest is an equal
+/// definition (the tags keep a packed and a plain one apart).
+pub fn definition_digest(g: &Guest) -> Vec<u8> {
+    use sha2::Digest;
+    let (tag, bytes): (&[u8], &[u8]) = if !g.definition_deflate.is_empty() {
+        (b"lifeboat definition deflate\0", &g.definition_deflate)
+    } else if !g.definition_xml.is_empty() {
+        (b"lifeboat definition xml\0", g.definition_xml.as_bytes())
+    } else {
+        return Vec::new();
+    };
+    let mut h = sha2::Sha256::new();
+    h.update(tag);
+    h.update(bytes);
+    h.finalize().to_vec()
+}
+
+/// A reported guest as the registry keeps and compares it: every field but
+/// the definition, which its digest stands for (computed here when the
+/// guest has none). Returns that encoding and its hash; `g` is left as it
+/// was, its digest set.
+pub fn reported_key(g: &mut Guest) -> (Vec<u8>, u64) {
+    use std::hash::{Hash, Hasher};
+    if g.definition_digest.len() != DIGEST_BYTES {
+        g.definition_digest = definition_digest(g);
+    }
+    let xml = std::mem::take(&mut g.definition_xml);
+    let packed = std::mem::take(&mut g.definition_deflate);
+    let encoded = prost::Message::encode_to_vec(&*g);
+    g.definition_xml = xml;
+    g.definition_deflate = packed;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    encoded.hash(&mut h);
+    (encoded, h.finish())
 }
 
 /// A guest read back from the database: as [`check_guest`], except that
@@ -298,6 +348,13 @@ pub fn check_stored_guest(g: &Guest) -> Result<(), Refusal> {
         return Err(Refusal::new("stored guest", "uuid", "empty"));
     }
     check_text("stored guest", "uuid", &g.uuid, MAX_NAME_BYTES)?;
+    if !g.definition_digest.is_empty() && g.definition_digest.len() != DIGEST_BYTES {
+        return Err(Refusal::new(
+            "stored guest",
+            "definition_digest",
+            format!("{} bytes, not a SHA-256 digest ({DIGEST_BYTES} bytes)", g.definition_digest.len()),
+        ));
+    }
     check_guest_rest("stored guest", "", g)
 }
 
@@ -549,7 +606,14 @@ impl SessionIntake {
     /// Adds one inventory page. A page that breaks a rule refuses the whole
     /// inventory: what was gathered is dropped, and so are its remaining
     /// pages, up to and including the one with `more = false`.
-    pub fn page(&mut self, page: Inventory, now_ms: i64) -> Result<Page, Refusal> {
+    ///
+    /// `known` gives the hash ([`reported_key`]) of what the registry holds
+    /// for a UUID of this host: a guest whose key hashes the same is
+    /// unchanged, and its definition is kept packed and not inflated (the
+    /// registry drops it, or inflates it after all with [`unpack_guest`] if
+    /// its entry changed meanwhile). Every other definition is restored
+    /// and checked here.
+    pub fn page(&mut self, page: Inventory, now_ms: i64, known: &dyn Fn(&str) -> Option<u64>) -> Result<Page, Refusal> {
         if self.discarding {
             if !page.more {
                 self.discarding = false;
@@ -558,7 +622,7 @@ impl SessionIntake {
             return Ok(Page::Pending);
         }
         let more = page.more;
-        match self.gather(page, now_ms) {
+        match self.gather(page, now_ms, known) {
             Ok(p) => Ok(p),
             Err(e) => {
                 self.gathering = None;
@@ -568,7 +632,12 @@ impl SessionIntake {
         }
     }
 
-    fn gather(&mut self, mut page: Inventory, now_ms: i64) -> Result<Page, Refusal> {
+    fn gather(
+        &mut self,
+        mut page: Inventory,
+        now_ms: i64,
+        known: &dyn Fn(&str) -> Option<u64>,
+    ) -> Result<Page, Refusal> {
         const K: &str = "Inventory";
         let mut acc = self.gathering.take().unwrap_or_else(|| Gathering {
             inv: Inventory::default(),
@@ -603,6 +672,14 @@ impl SessionIntake {
                     format!("{prefix}uuid"),
                     format!("{} appears twice in one inventory", g.uuid),
                 ));
+            }
+            g.definition_digest = definition_digest(g);
+            // Unchanged (a reconnect, or every agent after a failover): the
+            // packed bytes are what was checked and stored before.
+            if !g.definition_deflate.is_empty() && known(&g.uuid).is_some_and(|h| h == reported_key(g).1) {
+                let n = u64::try_from(g.definition_deflate.len()).unwrap_or(u64::MAX);
+                acc.definition_bytes = acc.definition_bytes.saturating_add(n);
+                continue;
             }
             let left =
                 MAX_INVENTORY_DEFINITION_BYTES.saturating_sub(acc.definition_bytes).min(self.budget.available(now_ms));
@@ -661,6 +738,7 @@ impl SessionIntake {
         let mut g = c.guest.ok_or_else(|| Refusal::new(K, "guest", "missing"))?;
         check_guest(K, "guest.", &g)?;
         self.charge(K, "guest.", guest_bytes(&g), &mut 0, now_ms)?;
+        g.definition_digest = definition_digest(&g);
         let n = unpack_guest(K, "guest.", &mut g, self.budget.available(now_ms))?;
         self.budget.spend(n);
         Ok(g)
@@ -690,6 +768,30 @@ mod tests {
         g.definition_xml = xml.into();
         lifeboat_proto::pack_definition(&mut g);
         g
+    }
+
+    #[test]
+    fn a_definition_digest_is_the_controllers_own_and_an_agent_that_sends_one_is_refused() {
+        let mut g = guest(U);
+        g.definition_digest = vec![0; DIGEST_BYTES];
+        let e = check_guest("Inventory", "guests[0].", &g).unwrap_err();
+        assert_eq!(e.field, "guests[0].definition_digest");
+        let mut s = SessionIntake::new(0);
+        let e = s.guest_changed(GuestChanged { guest: Some(g.clone()) }, 0).expect_err("refused from an agent");
+        assert_eq!(e.field, "guest.definition_digest");
+        // Stored: a SHA-256 or nothing.
+        assert!(check_stored_guest(&g).is_ok());
+        g.definition_digest = vec![1; 5];
+        assert_eq!(check_stored_guest(&g).unwrap_err().field, "definition_digest");
+        // The intake sets it from what arrived, before restoring the text.
+        let mut packed = Guest { definition_xml: "<domain/>".repeat(40), ..guest(U) };
+        lifeboat_proto::pack_definition(&mut packed);
+        let want = definition_digest(&packed);
+        assert_eq!(want.len(), DIGEST_BYTES);
+        let got = s.guest_changed(GuestChanged { guest: Some(packed) }, 0).unwrap();
+        assert_eq!(got.definition_digest, want);
+        assert_eq!(got.definition_xml, "<domain/>".repeat(40));
+        assert!(definition_digest(&guest(U)).is_empty(), "no definition, no digest");
     }
 
     #[test]
@@ -796,16 +898,16 @@ mod tests {
     fn a_refused_inventory_is_discarded_up_to_its_last_page() {
         let mut s = SessionIntake::new(0);
         let page = |gs: Vec<Guest>, more| Inventory { host: None, guests: gs, more };
-        assert!(matches!(s.page(page(vec![guest(&uuid(1))], true), 0), Ok(Page::Pending)));
+        assert!(matches!(s.page(page(vec![guest(&uuid(1))], true), 0, &|_| None), Ok(Page::Pending)));
         let mut bad = guest(&uuid(2));
         bad.name = "x\u{1b}".into();
-        let e = s.page(page(vec![bad], true), 0).unwrap_err();
+        let e = s.page(page(vec![bad], true), 0, &|_| None).unwrap_err();
         assert_eq!(e.field, "guests[1].name");
         assert!(s.discarding());
-        assert!(matches!(s.page(page(vec![guest(&uuid(3))], true), 0), Ok(Page::Pending)));
-        assert!(matches!(s.page(page(vec![guest(&uuid(4))], false), 0), Ok(Page::Discarded)));
+        assert!(matches!(s.page(page(vec![guest(&uuid(3))], true), 0, &|_| None), Ok(Page::Pending)));
+        assert!(matches!(s.page(page(vec![guest(&uuid(4))], false), 0, &|_| None), Ok(Page::Discarded)));
         // The next inventory starts afresh and holds only its own guests.
-        match s.page(page(vec![guest(&uuid(5))], false), 0) {
+        match s.page(page(vec![guest(&uuid(5))], false), 0, &|_| None) {
             Ok(Page::Complete(inv)) => assert_eq!(inv.guests.len(), 1),
             other => panic!("{other:?}"),
         }
@@ -815,7 +917,7 @@ mod tests {
     fn inventory_limits_guests_duplicates_and_bytes() {
         let mut s = SessionIntake::new(0);
         let dup = Inventory { host: None, guests: vec![guest(&uuid(1)), guest(&uuid(1))], more: false };
-        let e = s.page(dup, 0).unwrap_err();
+        let e = s.page(dup, 0, &|_| None).unwrap_err();
         assert_eq!(e.field, "guests[1].uuid");
         assert!(e.reason.contains("twice"));
         let many = Inventory {
@@ -823,13 +925,13 @@ mod tests {
             guests: (0..=MAX_INVENTORY_GUESTS).map(uuid).map(|u| guest(&u)).collect(),
             more: false,
         };
-        assert_eq!(s.page(many, 0).unwrap_err().field, "guests");
+        assert_eq!(s.page(many, 0, &|_| None).unwrap_err().field, "guests");
         let exact = Inventory {
             host: None,
             guests: (0..MAX_INVENTORY_GUESTS).map(uuid).map(|u| guest(&u)).collect(),
             more: false,
         };
-        assert!(matches!(s.page(exact, 0), Ok(Page::Complete(_))));
+        assert!(matches!(s.page(exact, 0, &|_| None), Ok(Page::Complete(_))));
         // Per inventory: 64 MiB of definitions is 256 definitions at the limit; one more refuses.
         let mut s = SessionIntake::new(0);
         let big = "x".repeat(usize::try_from(MAX_DEFINITION_BYTES).unwrap());
@@ -844,9 +946,12 @@ mod tests {
                 })
                 .collect()
         };
-        assert!(matches!(s.page(Inventory { host: None, guests: defs(n), more: false }, 0), Ok(Page::Complete(_))));
+        assert!(matches!(
+            s.page(Inventory { host: None, guests: defs(n), more: false }, 0, &|_| None),
+            Ok(Page::Complete(_))
+        ));
         let mut s = SessionIntake::new(0);
-        let e = s.page(Inventory { host: None, guests: defs(n + 1), more: false }, 0).unwrap_err();
+        let e = s.page(Inventory { host: None, guests: defs(n + 1), more: false }, 0, &|_| None).unwrap_err();
         assert_eq!(e.field, format!("guests[{n}].definition_deflate"));
     }
 
@@ -892,7 +997,7 @@ mod tests {
         let mut refused = None;
         for i in 0..fit + 2 {
             let g = Guest { uuid: format!("00000000-0000-4000-8000-{i:012x}"), ..with_disks(900) };
-            match s.page(Inventory { host: None, guests: vec![g], more: true }, 0) {
+            match s.page(Inventory { host: None, guests: vec![g], more: true }, 0, &|_| None) {
                 Ok(_) => {}
                 Err(e) => {
                     refused = Some((i, e));

@@ -462,10 +462,13 @@ mod tests {
         assert!(!la.holds());
         assert!(lb.epoch() > la.epoch(), "epochs only move forward");
         let mut h = hint.clone();
-        tokio::time::timeout(Duration::from_secs(2), h.wait_for(|h| *h == LeaderHint::Leader("https://b:7443".into(), lb.epoch())))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            h.wait_for(|h| *h == LeaderHint::Leader("https://b:7443".into(), lb.epoch())),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         poll.abort();
         drop(a);
     }

@@ -162,27 +162,45 @@ impl Registry {
         if let Some(m) = inv.guests.iter().find_map(|g| valid_guest(g).err()) {
             return Err(ControllerError::InvalidArgument(format!("inventory refused whole: {m}")));
         }
-        let guests: Vec<Guest> = inv.guests;
-        // Encoded and hashed before the registry lock is taken: thousands
-        // of agents reconnecting at once (a failover) do this in parallel.
-        let encoded: Vec<Vec<u8>> = guests.iter().map(prost::Message::encode_to_vec).collect();
-        let hashes: Vec<u64> = encoded.iter().map(|b| guest_hash(b)).collect();
+        let mut guests: Vec<Guest> = inv.guests;
+        // Keyed before the registry lock is taken: thousands of agents
+        // reconnecting at once (a failover) do this in parallel.
+        let mut keys: Vec<(Vec<u8>, u64)> = guests.iter_mut().map(crate::intake::reported_key).collect();
         let now = self.now_ms();
         let mut inner = self.lock();
         if Self::current(&mut inner, host_id, sid).is_none() {
             return Ok(vec![]);
+        }
+        // A guest the intake found unchanged still has its definition packed
+        // and unchecked. If its entry changed since (a removal, another
+        // report), it is restored and checked now, as the intake would have:
+        // nothing unchecked is ever stored.
+        for (i, g) in guests.iter_mut().enumerate() {
+            if g.definition_deflate.is_empty() {
+                continue;
+            }
+            let same = inner.guests.get(host_id).and_then(|m| m.get(&g.uuid)).is_some_and(|e| e.hash == keys[i].1);
+            if !same {
+                crate::intake::unpack_guest(
+                    "Inventory",
+                    &format!("guests[{i}]."),
+                    g,
+                    crate::intake::MAX_DEFINITION_BYTES,
+                )
+                .map_err(|r| ControllerError::InvalidArgument(format!("inventory refused whole: {r}")))?;
+            }
         }
         if let Some(h) = inv.host {
             Self::set_host_info(&mut inner, host_id, h, now)?;
         }
         let (upserts, deletes) = {
             let old = inner.guests.get(host_id);
+            // Stored whole: the definition's text and its digest.
             let upserts: Vec<(String, String, Vec<u8>)> = guests
                 .iter()
-                .zip(&encoded)
-                .zip(&hashes)
-                .filter(|((g, _), h)| old.and_then(|m| m.get(&g.uuid)).is_none_or(|e| e.hash != **h))
-                .map(|((g, b), _)| (g.uuid.clone(), g.name.clone(), b.clone()))
+                .zip(&keys)
+                .filter(|(g, (_, h))| old.and_then(|m| m.get(&g.uuid)).is_none_or(|e| e.hash != *h))
+                .map(|(g, _)| (g.uuid.clone(), g.name.clone(), prost::Message::encode_to_vec(g)))
                 .collect();
             let new: std::collections::HashSet<&str> = guests.iter().map(|g| g.uuid.as_str()).collect();
             let deletes: Vec<String> =
@@ -239,13 +257,13 @@ impl Registry {
         let mut old = inner.guests.remove(host_id).unwrap_or_default();
         let mut map: BTreeMap<String, GuestEntry> = guests
             .into_iter()
-            .zip(hashes)
-            .map(|(g, h)| {
+            .zip(keys.drain(..))
+            .map(|(g, (rest, h))| {
                 let uuid = g.uuid.clone();
                 // Unchanged guests keep their entry (and its update time).
                 let e = match old.remove(&uuid) {
                     Some(o) if o.hash == h => o,
-                    _ => GuestEntry::new(g, h, now),
+                    _ => GuestEntry::keyed(&g, rest, h, now),
                 };
                 (uuid, e)
             })
@@ -275,15 +293,19 @@ impl Registry {
     }
 
     /// One guest appeared or changed.
-    pub fn apply_guest(&self, host_id: &str, sid: SessionId, g: Guest) -> Result<(), ControllerError> {
+    pub fn apply_guest(&self, host_id: &str, sid: SessionId, mut g: Guest) -> Result<(), ControllerError> {
         valid_guest(&g).map_err(|e| ControllerError::InvalidArgument(e.to_string()))?;
+        if !g.definition_deflate.is_empty() {
+            // The intake restores definitions; a packed one here was not checked.
+            return Err(ControllerError::InvalidArgument("a guest's definition arrived packed and unchecked".into()));
+        }
+        let (rest, h) = crate::intake::reported_key(&mut g);
+        let b = prost::Message::encode_to_vec(&g);
         let now = self.now_ms();
         let mut inner = self.lock();
         if Self::current(&mut inner, host_id, sid).is_none() {
             return Ok(());
         }
-        let b = prost::Message::encode_to_vec(&g);
-        let h = guest_hash(&b);
         // Libvirt autostart switched on (with virsh, say) for a guest that
         // Lifeboat starts: worth a line in the action log, since Lifeboat
         // switches it off again at the next lease renewal.
@@ -311,7 +333,11 @@ impl Registry {
             inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let (uuid, name, state) = (g.uuid.clone(), g.name.clone(), g.state);
-        inner.guests.entry(host_id.to_string()).or_default().insert(g.uuid.clone(), GuestEntry::new(g, h, now));
+        inner
+            .guests
+            .entry(host_id.to_string())
+            .or_default()
+            .insert(g.uuid.clone(), GuestEntry::keyed(&g, rest, h, now));
         Self::recount(&mut inner, host_id);
         Self::note_back(&mut inner, host_id, &uuid, &name, state)?;
         Ok(())
@@ -342,5 +368,124 @@ impl Registry {
             inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intake::SessionIntake;
+    use crate::rpc::agent::take_in;
+    use crate::rpc::unwritten::{Observation, apply_once};
+    use lifeboat_proto::v1::{AgentMessage, GuestState, agent_message::Msg};
+
+    const U: &str = "6f1c7e2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
+
+    fn packed(state: GuestState, xml: &str) -> Guest {
+        let mut g = Guest {
+            uuid: U.into(),
+            name: "vm1".into(),
+            state: state as i32,
+            memory_kib: 1024,
+            vcpus: 1,
+            definition_xml: xml.into(),
+            ..Default::default()
+        };
+        lifeboat_proto::pack_definition(&mut g);
+        assert!(!g.definition_deflate.is_empty() && g.definition_xml.is_empty());
+        g
+    }
+
+    fn inventory(g: Guest) -> AgentMessage {
+        AgentMessage { msg: Some(Msg::Inventory(Inventory { host: None, guests: vec![g], more: false })) }
+    }
+
+    /// What the session reader makes of one inventory message.
+    fn taken(reg: &Registry, intake: &mut SessionIntake, m: AgentMessage) -> Inventory {
+        match take_in(reg, "a", intake, m, reg.now_ms()) {
+            Ok(Some(Observation::Inventory(inv))) => *inv,
+            other => panic!("expected an inventory, got {other:?}"),
+        }
+    }
+
+    fn stored(reg: &Registry) -> Vec<crate::ports::GuestRow> {
+        reg.repos().call_blocking(|r| r.guests().all()).unwrap()
+    }
+
+    #[test]
+    fn an_unchanged_guest_is_neither_inflated_nor_written_and_a_stale_match_is_checked_before_it_is_stored() {
+        let clock = Arc::new(crate::ports::ManualClock::new(1_000));
+        let timing = crate::domain::host::Timing { heartbeat_interval_ms: 1000, unreachable_after_ms: 3000 };
+        let repos = crate::store::sqlite::SqliteRepos::start_in_memory().unwrap();
+        let reg = Registry::load_with_clock(repos, timing, clock.clone()).unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        let sid = reg.open_session("a", "boot", tx).unwrap();
+        let xml = format!("<domain><name>vm1</name><uuid>{U}</uuid>{}</domain>", "<!-- padding -->".repeat(200));
+        let mut intake = SessionIntake::new(reg.now_ms());
+
+        // First report: restored, checked, stored whole with the digest of the bytes that came.
+        let first = packed(GuestState::Running, &xml);
+        let inv = taken(&reg, &mut intake, inventory(first.clone()));
+        assert_eq!(inv.guests[0].definition_xml, xml, "a new guest is restored");
+        assert!(inv.guests[0].definition_deflate.is_empty());
+        apply_once(&reg, "a", sid, Observation::Inventory(Box::new(inv))).unwrap();
+        let rows = stored(&reg);
+        assert_eq!((rows.len(), rows[0].guest.definition_xml.as_str(), rows[0].updated_ms), (1, xml.as_str(), 1_000));
+        assert_eq!(rows[0].guest.definition_digest, crate::intake::definition_digest(&first));
+
+        // The same report again (a reconnect, a failover): kept packed, not written.
+        clock.advance(5_000);
+        let inv = taken(&reg, &mut intake, inventory(first.clone()));
+        assert!(inv.guests[0].definition_xml.is_empty(), "not inflated");
+        assert_eq!(inv.guests[0].definition_deflate, first.definition_deflate);
+        apply_once(&reg, "a", sid, Observation::Inventory(Box::new(inv))).unwrap();
+        let rows = stored(&reg);
+        assert_eq!((rows[0].guest.definition_xml.as_str(), rows[0].updated_ms), (xml.as_str(), 1_000), "not written");
+
+        // The same definition with another state: restored and written (the row is whole).
+        let paused = packed(GuestState::Paused, &xml);
+        let inv = taken(&reg, &mut intake, inventory(paused.clone()));
+        assert_eq!(inv.guests[0].definition_xml, xml);
+        apply_once(&reg, "a", sid, Observation::Inventory(Box::new(inv))).unwrap();
+        assert_eq!(stored(&reg)[0].updated_ms, 6_000);
+        assert_eq!(stored(&reg)[0].guest.state, GuestState::Paused as i32);
+
+        // Found unchanged, but the entry changes before the inventory is
+        // applied (here a report of the guest running): the kept definition is
+        // restored and checked under the lock, and stored whole.
+        let inv = taken(&reg, &mut intake, inventory(paused.clone()));
+        assert!(inv.guests[0].definition_xml.is_empty(), "kept packed");
+        let mut running = packed(GuestState::Running, &xml);
+        running.definition_digest = crate::intake::definition_digest(&running);
+        lifeboat_proto::unpack_definition(&mut running).unwrap();
+        reg.apply_guest("a", sid, running).unwrap();
+        clock.advance(1_000);
+        apply_once(&reg, "a", sid, Observation::Inventory(Box::new(inv))).unwrap();
+        let rows = stored(&reg);
+        assert_eq!(
+            (rows[0].guest.state, rows[0].guest.definition_xml.as_str(), rows[0].updated_ms),
+            (GuestState::Paused as i32, xml.as_str(), 7_000)
+        );
+        assert!(rows[0].guest.definition_deflate.is_empty(), "never stored packed");
+
+        // A kept guest whose packed bytes do not inflate, its entry gone
+        // meanwhile: the inventory is refused whole, nothing changes.
+        let mut corrupt = paused.clone();
+        corrupt.definition_deflate = vec![0x78, 0x9c, 0xff, 0xff, 0xff];
+        corrupt.definition_digest = crate::intake::definition_digest(&corrupt);
+        let before = stored(&reg);
+        let e = apply_once(
+            &reg,
+            "a",
+            sid,
+            Observation::Inventory(Box::new(Inventory { host: None, guests: vec![corrupt], more: false })),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("definition_deflate"), "{e}");
+        assert_eq!(stored(&reg)[0].updated_ms, before[0].updated_ms);
+        assert_eq!(stored(&reg)[0].guest.definition_xml, xml);
+        // And a packed guest change that did not pass the intake is refused.
+        let e = reg.apply_guest("a", sid, paused).unwrap_err();
+        assert!(e.to_string().contains("packed"), "{e}");
     }
 }

@@ -280,6 +280,13 @@ impl Registry {
     pub fn reported_count(&self, host: &str) -> usize {
         self.lock().guests.get(host).map_or(0, BTreeMap::len)
     }
+
+    /// The [`crate::intake::reported_key`] hash of each guest the host's
+    /// last reports hold, by UUID: what the intake compares a new
+    /// inventory with.
+    pub fn reported_hashes(&self, host: &str) -> std::collections::HashMap<String, u64> {
+        self.lock().guests.get(host).map(|m| m.iter().map(|(u, e)| (u.clone(), e.hash)).collect()).unwrap_or_default()
+    }
 }
 
 /// Which hosts a dashboard page lists.

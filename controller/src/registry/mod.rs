@@ -35,7 +35,7 @@ pub use bus::SessionId;
 use bus::{CommandBus, SessionHandle};
 pub use listing::{GuestFilter, HostFilter, HostPage};
 pub use missing::missing_detail;
-use view::{GuestEntry, HostEntry, Listed, guest_hash};
+use view::{GuestEntry, HostEntry, Listed};
 
 pub use crate::domain::policy::{ReturnEvent, classify_return, liveness_since_start};
 
@@ -160,11 +160,11 @@ impl Registry {
             let bad = r.guests().each_checked(
                 &mut |g| crate::intake::check_stored_guest(g).map_err(|r| r.to_string()),
                 &mut |g| {
-                    // One encoding serves the hash and, usually, the entry.
-                    let encoded = prost::Message::encode_to_vec(&g.guest);
-                    let hash = guest_hash(&encoded);
+                    // A row written before definitions had digests gets one
+                    // from its text: unequal to what the agent sends, so its
+                    // next inventory writes it once more, with the digest.
                     let uuid = g.guest.uuid.clone();
-                    let entry = GuestEntry::from_encoded(g.guest, encoded, hash, g.updated_ms);
+                    let entry = GuestEntry::new(g.guest, g.updated_ms);
                     guests.entry(g.host_id).or_default().insert(uuid, entry);
                 },
             )?;

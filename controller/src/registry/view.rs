@@ -63,55 +63,37 @@ impl HostEntry {
 }
 
 /// A guest as held in memory: the fields read on every pass, and the rest
-/// of what the agent reported in encoded form, without the definition XML,
-/// which stays in the database and is read when a move or an operator
-/// needs it. About 0.5 KiB a guest: 200,000 guests in 100 MiB instead of
-/// the 1.2 GB their definitions take.
+/// of what the agent reported in encoded form, its definition replaced by
+/// the definition's digest (the definition stays in the database and is
+/// read when a move or an operator needs it). About 0.5 KiB a guest:
+/// 200,000 guests in 100 MiB instead of the 1.2 GB their definitions take.
 pub(super) struct GuestEntry {
     pub(super) name: Box<str>,
     pub(super) state: i32,
     pub(super) memory_kib: u64,
-    /// The reported `Guest` with `definition_xml` emptied, prost-encoded.
+    /// The reported guest as [`crate::intake::reported_key`] encodes it: no
+    /// definition, its digest instead.
     pub(super) rest: Box<[u8]>,
-    /// Hash of the whole reported guest, definition included: an inventory
-    /// rewrites only the guests whose hash changed.
+    /// Hash of `rest`: an inventory rewrites only the guests whose hash
+    /// changed, and the intake does not even inflate an unchanged one.
     pub(super) hash: u64,
     pub(super) updated_ms: i64,
 }
 
-pub(super) fn guest_hash(encoded: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    encoded.hash(&mut h);
-    h.finish()
-}
-
 impl GuestEntry {
     /// Keeps `g` without its definition.
-    pub(super) fn new(mut g: Guest, hash: u64, updated_ms: i64) -> Self {
-        g.definition_xml = String::new();
-        GuestEntry {
-            name: g.name.as_str().into(),
-            state: g.state,
-            memory_kib: g.memory_kib,
-            rest: prost::Message::encode_to_vec(&g).into_boxed_slice(),
-            hash,
-            updated_ms,
-        }
+    pub(super) fn new(mut g: Guest, updated_ms: i64) -> Self {
+        let (rest, hash) = crate::intake::reported_key(&mut g);
+        GuestEntry::keyed(&g, rest, hash, updated_ms)
     }
 
-    /// [`GuestEntry::new`] for a guest already encoded as `encoded`: the
-    /// encoding is kept as it is when it holds no plain-text definition
-    /// (packed definitions stay, as with `new`), instead of encoding again.
-    pub(super) fn from_encoded(g: Guest, encoded: Vec<u8>, hash: u64, updated_ms: i64) -> Self {
-        if !g.definition_xml.is_empty() {
-            return GuestEntry::new(g, hash, updated_ms);
-        }
+    /// An entry for `g` whose [`crate::intake::reported_key`] is `rest`, `hash`.
+    pub(super) fn keyed(g: &Guest, rest: Vec<u8>, hash: u64, updated_ms: i64) -> Self {
         GuestEntry {
             name: g.name.as_str().into(),
             state: g.state,
             memory_kib: g.memory_kib,
-            rest: encoded.into_boxed_slice(),
+            rest: rest.into_boxed_slice(),
             hash,
             updated_ms,
         }
@@ -135,27 +117,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_entry_from_its_encoding_is_the_entry_new_builds() {
-        let packed = Guest {
+    fn an_entry_keeps_the_definitions_digest_not_the_definition_and_its_hash_follows_every_field() {
+        let xml = "<domain><name>vm-1</name></domain>".repeat(50);
+        let mut packed = Guest {
             uuid: "u-1".into(),
             name: "vm-1".into(),
             state: 1,
             memory_kib: 4096,
-            definition_deflate: vec![1, 2, 3],
+            definition_xml: xml.clone(),
             ..Default::default()
         };
-        let plain = Guest { definition_xml: "<domain/>".into(), ..packed.clone() };
-        for g in [packed, plain] {
-            let encoded = prost::Message::encode_to_vec(&g);
-            let hash = guest_hash(&encoded);
-            let (a, b) = (GuestEntry::new(g.clone(), hash, 7), GuestEntry::from_encoded(g.clone(), encoded, hash, 7));
-            assert_eq!(a.rest, b.rest);
-            assert_eq!(
-                (&*a.name, a.state, a.memory_kib, a.hash, a.updated_ms),
-                (&*b.name, b.state, b.memory_kib, b.hash, b.updated_ms)
-            );
-            assert!(b.guest().definition_xml.is_empty(), "no plain-text definition is kept");
-            assert_eq!(b.guest().definition_deflate, g.definition_deflate);
-        }
+        lifeboat_proto::pack_definition(&mut packed);
+        assert!(!packed.definition_deflate.is_empty());
+        let e = GuestEntry::new(packed.clone(), 7);
+        let kept = e.guest();
+        assert!(kept.definition_xml.is_empty() && kept.definition_deflate.is_empty(), "no definition in memory");
+        assert_eq!(kept.definition_digest, crate::intake::definition_digest(&packed));
+        assert!(e.rest.len() < 200, "{} bytes", e.rest.len());
+        // The same packed bytes restored to text (as the intake does) keep
+        // the digest they arrived with: the same entry.
+        let mut restored = packed.clone();
+        restored.definition_digest = crate::intake::definition_digest(&packed);
+        lifeboat_proto::unpack_definition(&mut restored).unwrap();
+        assert_eq!(restored.definition_xml, xml);
+        assert_eq!(GuestEntry::new(restored.clone(), 7).hash, e.hash);
+        // Another field, or other definition bytes: another hash.
+        assert_ne!(GuestEntry::new(Guest { state: 3, ..packed.clone() }, 7).hash, e.hash);
+        let mut other = Guest { definition_xml: format!("{xml} "), definition_deflate: vec![], ..packed.clone() };
+        lifeboat_proto::pack_definition(&mut other);
+        assert_ne!(GuestEntry::new(other, 7).hash, e.hash);
+        // The same text unpacked is another arrival form: another digest.
+        let plain = Guest { definition_xml: xml, definition_deflate: vec![], ..packed };
+        assert_ne!(GuestEntry::new(plain, 7).hash, e.hash);
     }
 }

@@ -364,10 +364,13 @@ pub fn take_in(
             intake::check_heartbeat(&h)?;
             Ok(None)
         }
-        Some(Msg::Inventory(page)) => match intake.page(page, now_ms)? {
-            Page::Pending | Page::Discarded => Ok(None),
-            Page::Complete(inv) => Ok(Some(Observation::Inventory(inv))),
-        },
+        Some(Msg::Inventory(page)) => {
+            let known = if intake.discarding() { Default::default() } else { reg.reported_hashes(host) };
+            match intake.page(page, now_ms, &|u| known.get(u).copied())? {
+                Page::Pending | Page::Discarded => Ok(None),
+                Page::Complete(inv) => Ok(Some(Observation::Inventory(inv))),
+            }
+        }
         Some(Msg::GuestChanged(c)) => {
             let g = intake.guest_changed(c, now_ms)?;
             if !reg.has_reported(host, &g.uuid) && reg.reported_count(host) >= intake::MAX_INVENTORY_GUESTS {
