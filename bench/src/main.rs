@@ -1278,6 +1278,21 @@ async fn main() -> anyhow::Result<()> {
         url = urls[lead].clone();
         pid = ctls[lead].child.id();
         log(t0, format!("failover: controller {lead} leads {:.2} s after the kill", rep.failover_elected_s));
+        // How the reconnections and lease grants progress, a line a second.
+        let progress = tokio::spawn({
+            let sh = sh.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let (r, l) =
+                        (sh.reconnected_after_kill.load(Ordering::Relaxed), sh.leased_after_kill.load(Ordering::Relaxed));
+                    log(t0, format!("failover +{:.1} s: {r} reconnected, {l} leased", k0.elapsed().as_secs_f64()));
+                    if l >= n {
+                        return;
+                    }
+                }
+            }
+        });
         while sh.reconnected_after_kill.load(Ordering::Relaxed) < n {
             if k0.elapsed() > Duration::from_secs(600) {
                 bail!(
@@ -1295,6 +1310,7 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         rep.failover_leases_s = k0.elapsed().as_secs_f64();
+        progress.abort();
         log(
             t0,
             format!(

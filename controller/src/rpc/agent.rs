@@ -223,6 +223,10 @@ impl AgentSession for AgentService {
                     // hold up the runtime threads other sessions' heartbeats
                     // are read on.
                     let (reg2, host2) = (reg.clone(), host.clone());
+                    let _permit = match &msg.msg {
+                        Some(Msg::Inventory(_)) => inventory_permits().acquire().await.ok(),
+                        _ => None,
+                    };
                     let mut st = intake.take().unwrap_or_else(|| SessionIntake::new(reg.now_ms()));
                     let mut un = unwritten.take().unwrap_or_default();
                     match tokio::task::spawn_blocking(move || {
@@ -299,6 +303,20 @@ impl AgentSession for AgentService {
         );
         Ok(Response::new(Box::pin(out)))
     }
+}
+
+/// Inventory pages taken in at once, across all sessions. Restoring,
+/// checking and applying them is CPU work and the registry's lock: more
+/// than two per core only adds blocking threads queued on that lock
+/// (10,000 agents reconnecting after a failover queued hundreds, and the
+/// inventories then took seconds longer). Other messages (command results,
+/// changes) do not wait for these.
+fn inventory_permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(2);
+        tokio::sync::Semaphore::new(cores.saturating_mul(2).max(4))
+    })
 }
 
 /// Sleeps until `at` (forever when `None`; the caller guards the branch).
