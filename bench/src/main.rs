@@ -1284,8 +1284,10 @@ async fn main() -> anyhow::Result<()> {
             async move {
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    let (r, l) =
-                        (sh.reconnected_after_kill.load(Ordering::Relaxed), sh.leased_after_kill.load(Ordering::Relaxed));
+                    let (r, l) = (
+                        sh.reconnected_after_kill.load(Ordering::Relaxed),
+                        sh.leased_after_kill.load(Ordering::Relaxed),
+                    );
                     log(t0, format!("failover +{:.1} s: {r} reconnected, {l} leased", k0.elapsed().as_secs_f64()));
                     if l >= n {
                         return;

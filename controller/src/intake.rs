@@ -562,7 +562,13 @@ struct Gathering {
     definition_bytes: u64,
     guest_bytes: u64,
     uuids: HashSet<String>,
+    /// What the registry held for this host when the inventory began
+    /// (UUID → [`reported_key`] hash).
+    known: Known,
 }
+
+/// The registry's [`reported_key`] hashes of one host's guests, by UUID.
+pub type Known = std::collections::HashMap<String, u64>;
 
 /// One session's intake: the inventory in progress (at most one), the
 /// pages of a refused inventory still to discard, and the byte budget.
@@ -607,13 +613,13 @@ impl SessionIntake {
     /// inventory: what was gathered is dropped, and so are its remaining
     /// pages, up to and including the one with `more = false`.
     ///
-    /// `known` gives the hash ([`reported_key`]) of what the registry holds
-    /// for a UUID of this host: a guest whose key hashes the same is
-    /// unchanged, and its definition is kept packed and not inflated (the
-    /// registry drops it, or inflates it after all with [`unpack_guest`] if
-    /// its entry changed meanwhile). Every other definition is restored
-    /// and checked here.
-    pub fn page(&mut self, page: Inventory, now_ms: i64, known: &dyn Fn(&str) -> Option<u64>) -> Result<Page, Refusal> {
+    /// `known` gives, once per inventory (at its first page), the hash
+    /// ([`reported_key`]) of each guest the registry holds for this host,
+    /// by UUID: a guest whose key hashes the same is unchanged, and its
+    /// definition is kept packed and not inflated (the registry drops it, or
+    /// inflates it after all with [`unpack_guest`] if its entry changed
+    /// meanwhile). Every other definition is restored and checked here.
+    pub fn page(&mut self, page: Inventory, now_ms: i64, known: &dyn Fn() -> Known) -> Result<Page, Refusal> {
         if self.discarding {
             if !page.more {
                 self.discarding = false;
@@ -632,12 +638,7 @@ impl SessionIntake {
         }
     }
 
-    fn gather(
-        &mut self,
-        mut page: Inventory,
-        now_ms: i64,
-        known: &dyn Fn(&str) -> Option<u64>,
-    ) -> Result<Page, Refusal> {
+    fn gather(&mut self, mut page: Inventory, now_ms: i64, known: &dyn Fn() -> Known) -> Result<Page, Refusal> {
         const K: &str = "Inventory";
         let mut acc = self.gathering.take().unwrap_or_else(|| Gathering {
             inv: Inventory::default(),
@@ -645,6 +646,7 @@ impl SessionIntake {
             definition_bytes: 0,
             guest_bytes: 0,
             uuids: HashSet::new(),
+            known: known(),
         });
         acc.pages = acc.pages.saturating_add(1);
         if acc.pages > MAX_INVENTORY_PAGES {
@@ -676,7 +678,7 @@ impl SessionIntake {
             g.definition_digest = definition_digest(g);
             // Unchanged (a reconnect, or every agent after a failover): the
             // packed bytes are what was checked and stored before.
-            if !g.definition_deflate.is_empty() && known(&g.uuid).is_some_and(|h| h == reported_key(g).1) {
+            if !g.definition_deflate.is_empty() && acc.known.get(&g.uuid).is_some_and(|h| *h == reported_key(g).1) {
                 let n = u64::try_from(g.definition_deflate.len()).unwrap_or(u64::MAX);
                 acc.definition_bytes = acc.definition_bytes.saturating_add(n);
                 continue;
@@ -898,16 +900,16 @@ mod tests {
     fn a_refused_inventory_is_discarded_up_to_its_last_page() {
         let mut s = SessionIntake::new(0);
         let page = |gs: Vec<Guest>, more| Inventory { host: None, guests: gs, more };
-        assert!(matches!(s.page(page(vec![guest(&uuid(1))], true), 0, &|_| None), Ok(Page::Pending)));
+        assert!(matches!(s.page(page(vec![guest(&uuid(1))], true), 0, &Known::new), Ok(Page::Pending)));
         let mut bad = guest(&uuid(2));
         bad.name = "x\u{1b}".into();
-        let e = s.page(page(vec![bad], true), 0, &|_| None).unwrap_err();
+        let e = s.page(page(vec![bad], true), 0, &Known::new).unwrap_err();
         assert_eq!(e.field, "guests[1].name");
         assert!(s.discarding());
-        assert!(matches!(s.page(page(vec![guest(&uuid(3))], true), 0, &|_| None), Ok(Page::Pending)));
-        assert!(matches!(s.page(page(vec![guest(&uuid(4))], false), 0, &|_| None), Ok(Page::Discarded)));
+        assert!(matches!(s.page(page(vec![guest(&uuid(3))], true), 0, &Known::new), Ok(Page::Pending)));
+        assert!(matches!(s.page(page(vec![guest(&uuid(4))], false), 0, &Known::new), Ok(Page::Discarded)));
         // The next inventory starts afresh and holds only its own guests.
-        match s.page(page(vec![guest(&uuid(5))], false), 0, &|_| None) {
+        match s.page(page(vec![guest(&uuid(5))], false), 0, &Known::new) {
             Ok(Page::Complete(inv)) => assert_eq!(inv.guests.len(), 1),
             other => panic!("{other:?}"),
         }
@@ -917,7 +919,7 @@ mod tests {
     fn inventory_limits_guests_duplicates_and_bytes() {
         let mut s = SessionIntake::new(0);
         let dup = Inventory { host: None, guests: vec![guest(&uuid(1)), guest(&uuid(1))], more: false };
-        let e = s.page(dup, 0, &|_| None).unwrap_err();
+        let e = s.page(dup, 0, &Known::new).unwrap_err();
         assert_eq!(e.field, "guests[1].uuid");
         assert!(e.reason.contains("twice"));
         let many = Inventory {
@@ -925,13 +927,13 @@ mod tests {
             guests: (0..=MAX_INVENTORY_GUESTS).map(uuid).map(|u| guest(&u)).collect(),
             more: false,
         };
-        assert_eq!(s.page(many, 0, &|_| None).unwrap_err().field, "guests");
+        assert_eq!(s.page(many, 0, &Known::new).unwrap_err().field, "guests");
         let exact = Inventory {
             host: None,
             guests: (0..MAX_INVENTORY_GUESTS).map(uuid).map(|u| guest(&u)).collect(),
             more: false,
         };
-        assert!(matches!(s.page(exact, 0, &|_| None), Ok(Page::Complete(_))));
+        assert!(matches!(s.page(exact, 0, &Known::new), Ok(Page::Complete(_))));
         // Per inventory: 64 MiB of definitions is 256 definitions at the limit; one more refuses.
         let mut s = SessionIntake::new(0);
         let big = "x".repeat(usize::try_from(MAX_DEFINITION_BYTES).unwrap());
@@ -947,11 +949,11 @@ mod tests {
                 .collect()
         };
         assert!(matches!(
-            s.page(Inventory { host: None, guests: defs(n), more: false }, 0, &|_| None),
+            s.page(Inventory { host: None, guests: defs(n), more: false }, 0, &Known::new),
             Ok(Page::Complete(_))
         ));
         let mut s = SessionIntake::new(0);
-        let e = s.page(Inventory { host: None, guests: defs(n + 1), more: false }, 0, &|_| None).unwrap_err();
+        let e = s.page(Inventory { host: None, guests: defs(n + 1), more: false }, 0, &Known::new).unwrap_err();
         assert_eq!(e.field, format!("guests[{n}].definition_deflate"));
     }
 
@@ -997,7 +999,7 @@ mod tests {
         let mut refused = None;
         for i in 0..fit + 2 {
             let g = Guest { uuid: format!("00000000-0000-4000-8000-{i:012x}"), ..with_disks(900) };
-            match s.page(Inventory { host: None, guests: vec![g], more: true }, 0, &|_| None) {
+            match s.page(Inventory { host: None, guests: vec![g], more: true }, 0, &Known::new) {
                 Ok(_) => {}
                 Err(e) => {
                     refused = Some((i, e));

@@ -441,6 +441,7 @@ mod tests {
         apply_once(&reg, "a", sid, Observation::Inventory(Box::new(inv))).unwrap();
         let rows = stored(&reg);
         assert_eq!((rows[0].guest.definition_xml.as_str(), rows[0].updated_ms), (xml.as_str(), 1_000), "not written");
+        assert!(reg.inventory_fresh("a"), "the kept inventory counts as this session's inventory");
 
         // The same definition with another state: restored and written (the row is whole).
         let paused = packed(GuestState::Paused, &xml);
