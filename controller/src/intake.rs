@@ -11,7 +11,7 @@ use lifeboat_proto::v1::{
 };
 
 /// Largest gRPC message the agent service decodes (bytes). An honest page is
-/// about 1 KiB plus one guest (lifeboat_proto::INVENTORY_PAGE_BYTES) and a
+/// at most 3 KiB or one guest (lifeboat_proto::INVENTORY_PAGE_BYTES) and a
 /// guest with its packed definition a few KiB; 4 MiB leaves room for the
 /// largest legal guest (a definition that does not compress at all).
 pub const MAX_AGENT_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
