@@ -40,6 +40,8 @@ struct Fake {
     ended: Arc<AtomicUsize>,
     out: Arc<Mutex<Option<Out>>>,
     results: Arc<Mutex<Vec<CommandResult>>>,
+    /// The `lifeboat-lost-epoch` of each session call ("" without one).
+    lost: Arc<Mutex<Vec<String>>>,
 }
 
 impl Fake {
@@ -51,6 +53,7 @@ impl Fake {
             ended: Arc::default(),
             out: Arc::default(),
             results: Arc::default(),
+            lost: Arc::default(),
         }
     }
 
@@ -94,6 +97,8 @@ impl AgentSession for Fake {
 
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<OutStream>, Status> {
         self.sessions.fetch_add(1, Ordering::SeqCst);
+        let lost = req.metadata().get(lifeboat_proto::LOST_LEADER_METADATA).and_then(|v| v.to_str().ok());
+        self.lost.lock().unwrap().push(lost.unwrap_or_default().to_string());
         let hint = self.leader_hint.lock().unwrap().clone();
         if let Some(l) = &hint {
             let mut s = Status::unavailable(format!("not the leader; leader is {l}"));
@@ -343,4 +348,41 @@ async fn after_a_failover_the_agent_is_with_the_new_leader_within_seconds() {
     assert!(r.ok, "{r:?}");
     assert_eq!(new.sessions(), 1);
     assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_dial_its_leader_again_names_the_lost_epoch_to_the_follower() {
+    let (tmp, pki) = setup();
+    let old = Fake::leader(40);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old_url = format!("https://{}", listener.local_addr().unwrap());
+    let tls = pki.controller().load().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls.server_config())
+            .unwrap()
+            .add_service(AgentSessionServer::new(old.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let follower = Fake::follower(&old_url);
+    let follower_url = serve(&pki, follower.clone()).await;
+    let a = Agent::start(&config(&pki, tmp.path(), &[&old_url, &follower_url]));
+    let sd = state_dir(&pki);
+    wait(Duration::from_secs(10), "epoch 40 on disk", || lifeboat_agent::epoch::load(&sd).is_ok_and(|e| e == 40)).await;
+    assert_eq!(follower.sessions(), 0, "the first address is tried first");
+    // A session that ends while its controller still listens is taken up
+    // with the same controller again: the follower never hears of it.
+    let out = old.out.lock().unwrap().take().unwrap();
+    out.try_send(Err(Status::unavailable("connection reset"))).unwrap();
+    wait(Duration::from_secs(5), "a second session with the old leader", || old.sessions() == 2).await;
+    assert_eq!(follower.sessions(), 0, "a leader still up is dialled again first");
+    // The old leader's process dies: its session ends and it cannot be dialled.
+    server.abort();
+    let out = old.out.lock().unwrap().take().unwrap();
+    out.try_send(Err(Status::unavailable("connection reset"))).unwrap();
+    wait(Duration::from_secs(5), "a call at the follower", || follower.sessions() >= 1).await;
+    let lost = follower.lost.lock().unwrap().clone();
+    a.stop().await;
+    assert_eq!(lost[0], "40", "the follower is told which leader the agent lost: {lost:?}");
+    assert_eq!(old.sessions(), 2, "nothing more reached the dead leader");
 }
