@@ -43,6 +43,20 @@ pub enum SessionError {
         /// Cause.
         source: tonic::transport::Error,
     },
+    /// The TCP connection was made but the TLS or HTTP/2 handshake did not
+    /// finish within [`DIAL_TIMEOUT`] (a frozen process whose kernel still
+    /// accepts connections).
+    #[error("cannot connect to controller {url}: no handshake within {} s", DIAL_TIMEOUT.as_secs())]
+    DialTimeout {
+        /// Controller URL.
+        url: String,
+    },
+    /// The controller answered nothing (not even heartbeats) for this long.
+    #[error("the controller answered nothing for {ms} ms; reconnecting")]
+    Silent {
+        /// How long it was silent (ms).
+        ms: u128,
+    },
     /// The controller refused or ended the session.
     #[error("controller ended the session: {0}")]
     Status(#[from] tonic::Status),
@@ -109,7 +123,7 @@ impl Session {
 
     async fn channel(&self, url: &str) -> Result<Channel, SessionError> {
         let err = |source| SessionError::Connect { url: url.to_string(), source };
-        Endpoint::from_shared(url.to_string())
+        let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(err)?
             .tls_config(self.tls.client_config(&self.server_name))
             .map_err(err)?
@@ -117,10 +131,13 @@ impl Session {
             .tcp_keepalive(Some(Duration::from_secs(10)))
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect()
-            .await
-            .map_err(err)
+            .keep_alive_while_idle(true);
+        // The connect timeout covers TCP only: the handshakes after it are
+        // bounded here.
+        match tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect()).await {
+            Ok(r) => r.map_err(err),
+            Err(_) => Err(SessionError::DialTimeout { url: url.to_string() }),
+        }
     }
 
     /// One session attempt at `url`, naming `lost` (the epoch of a leader
@@ -214,10 +231,7 @@ impl Session {
             tokio::select! {
                 _ = hb.tick() => {
                     if last_heard.elapsed() > silent_limit {
-                        return Err(SessionError::Protocol(format!(
-                            "the controller answered nothing for {} ms; reconnecting",
-                            last_heard.elapsed().as_millis()
-                        )));
+                        return Err(SessionError::Silent { ms: last_heard.elapsed().as_millis() });
                     }
                     seq += 1;
                     let m = send(agent_message::Msg::Heartbeat(Heartbeat {
@@ -306,11 +320,12 @@ fn refuse_command(c: &lifeboat_proto::v1::Command, e: &crate::epoch::Refusal) ->
 /// After an established session ends, the same controller is dialled again
 /// first (a broken connection to a leader that is still up costs one
 /// reconnect, not a detour through a follower). If that dial fails (the
-/// process or its machine is gone), the agent has lost that leader: its
-/// epoch goes on every session call
-/// ([`lifeboat_proto::LOST_LEADER_METADATA`]) until a session is
-/// established again, so a follower holds the call while the old leader's
-/// lease runs out instead of sending the agent back to it.
+/// process or its machine is gone), or the session ended because the
+/// controller answered nothing (it is frozen or cut off: it is not dialled
+/// again first), the agent has lost that leader: its epoch goes on every
+/// session call ([`lifeboat_proto::LOST_LEADER_METADATA`]) until a session
+/// is established again, so a follower holds the call while the old
+/// leader's lease runs out instead of sending the agent back to it.
 #[derive(Debug, Default)]
 pub struct Redial {
     /// The epoch of the session that just ended (the next attempt goes to
@@ -336,12 +351,17 @@ impl Redial {
         r: &Result<(), SessionError>,
     ) -> (usize, String) {
         if let Some(e) = welcomed {
+            if matches!(r, Err(SessionError::Silent { .. })) {
+                self.ended = None;
+                self.lost = Some(e);
+                return next_controller(urls, at, r);
+            }
             self.lost = None;
             self.ended = Some(e);
             return (at, "the same controller first, its session having ended".into());
         }
         if let Some(e) = self.ended.take()
-            && matches!(r, Err(SessionError::Connect { .. }))
+            && matches!(r, Err(SessionError::Connect { .. } | SessionError::DialTimeout { .. }))
         {
             self.lost = Some(e);
         }
@@ -417,6 +437,9 @@ impl RefusedLog {
         self.unlogged = 0;
     }
 }
+
+/// How long a dial may take, TCP, TLS and HTTP/2 handshakes together.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The first reconnect delay (before jitter).
 pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
@@ -543,6 +566,13 @@ mod tests {
         r.next(&urls, 0, Some(11), &Ok(()));
         assert_eq!(r.next(&urls, 0, None, &Err(SessionError::Protocol("expected Welcome".into()))).0, 1);
         assert_eq!(r.lost_epoch(), None);
+        // A redial whose handshake never finishes (a frozen process) loses it too.
+        r.next(&urls, 1, Some(12), &Ok(()));
+        assert_eq!(r.next(&urls, 1, None, &Err(SessionError::DialTimeout { url: urls[1].clone() })).0, 2);
+        assert_eq!(r.lost_epoch(), Some(12));
+        // A controller that stopped answering is not dialled again first: lost at once.
+        let (i, _) = r.next(&urls, 2, Some(13), &Err(SessionError::Silent { ms: 5000 }));
+        assert_eq!((i, r.lost_epoch()), (0, Some(13)));
     }
 
     fn follower(leader: &str) -> Result<(), SessionError> {

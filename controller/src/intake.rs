@@ -695,10 +695,30 @@ impl SessionIntake {
         acc.inv.guests.append(&mut page.guests);
         if page.more {
             self.gathering = Some(acc);
-            Ok(Page::Pending)
-        } else {
-            Ok(Page::Complete(Box::new(acc.inv)))
+            return Ok(Page::Pending);
         }
+        // Judged again on what the registry holds now: this session's own
+        // messages between the pages (a removal, a change) or the controller
+        // may have changed an entry since the first page. A guest that is no
+        // longer unchanged is restored and checked here, within this
+        // inventory's and this session's budgets, like any other.
+        if acc.pages > 1 && acc.inv.guests.iter().any(|g| !g.definition_deflate.is_empty()) {
+            let now_known = known();
+            for (i, g) in acc.inv.guests.iter_mut().enumerate() {
+                if g.definition_deflate.is_empty() || now_known.get(&g.uuid).is_some_and(|h| *h == reported_key(g).1) {
+                    continue;
+                }
+                let packed = u64::try_from(g.definition_deflate.len()).unwrap_or(u64::MAX);
+                acc.definition_bytes = acc.definition_bytes.saturating_sub(packed);
+                let left = MAX_INVENTORY_DEFINITION_BYTES
+                    .saturating_sub(acc.definition_bytes)
+                    .min(self.budget.available(now_ms));
+                let n = unpack_guest(K, &format!("guests[{i}]."), g, left)?;
+                self.budget.spend(n);
+                acc.definition_bytes = acc.definition_bytes.saturating_add(n);
+            }
+        }
+        Ok(Page::Complete(Box::new(acc.inv)))
     }
 
     /// Takes `n` guest bytes from the session's budget and, for an
@@ -770,6 +790,46 @@ mod tests {
         g.definition_xml = xml.into();
         lifeboat_proto::pack_definition(&mut g);
         g
+    }
+
+    #[test]
+    fn a_guest_found_unchanged_at_the_first_page_is_restored_if_its_entry_changed_before_the_last() {
+        let xml = "<domain/>".repeat(40);
+        let mut g = Guest { definition_xml: xml.clone(), ..guest(&uuid(1)) };
+        lifeboat_proto::pack_definition(&mut g);
+        let hash = reported_key(&mut g.clone()).1;
+        let run = |changed_at_the_end: bool, budget_gone: bool| {
+            let calls = std::cell::Cell::new(0);
+            let known = || {
+                calls.set(calls.get() + 1);
+                if calls.get() > 1 && changed_at_the_end { Known::new() } else { Known::from([(uuid(1), hash)]) }
+            };
+            let mut s = SessionIntake::new(0);
+            if budget_gone {
+                s.budget.spend(u64::MAX);
+            }
+            let first = s.page(Inventory { host: None, guests: vec![g.clone()], more: true }, 0, &known);
+            assert!(matches!(first, Ok(Page::Pending)), "kept packed at the first page, whatever the budget");
+            let last = s.page(Inventory { host: None, guests: vec![guest(&uuid(2))], more: false }, 0, &known);
+            assert_eq!(calls.get(), 2, "asked once at the start and once at the end");
+            last
+        };
+        match run(false, false) {
+            Ok(Page::Complete(inv)) => {
+                assert!(inv.guests[0].definition_xml.is_empty() && !inv.guests[0].definition_deflate.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        match run(true, false) {
+            Ok(Page::Complete(inv)) => {
+                assert_eq!(inv.guests[0].definition_xml, xml, "restored and checked once its entry changed");
+                assert!(inv.guests[0].definition_deflate.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Restoring it draws on the session's budget like any other: none left, refused.
+        let e = run(true, true).unwrap_err();
+        assert_eq!(e.field, "guests[0].definition_deflate");
     }
 
     #[test]

@@ -172,9 +172,11 @@ impl Registry {
             return Ok(vec![]);
         }
         // A guest the intake found unchanged still has its definition packed
-        // and unchecked. If its entry changed since (a removal, another
-        // report), it is restored and checked now, as the intake would have:
-        // nothing unchecked is ever stored.
+        // and unchecked. The intake judged it again when the inventory
+        // completed (against this session's own messages between the pages);
+        // if the controller changed its entry in the microseconds since, it
+        // is restored and checked now, as the intake would have: nothing
+        // unchecked is ever stored.
         for (i, g) in guests.iter_mut().enumerate() {
             if g.definition_deflate.is_empty() {
                 continue;
@@ -469,8 +471,8 @@ mod tests {
         );
         assert!(rows[0].guest.definition_deflate.is_empty(), "never stored packed");
 
-        // A kept guest whose packed bytes do not inflate, its entry gone
-        // meanwhile: the inventory is refused whole, nothing changes.
+        // A kept guest whose packed bytes do not inflate and whose entry
+        // differs by now: the inventory is refused whole, nothing changes.
         let mut corrupt = paused.clone();
         corrupt.definition_deflate = vec![0x78, 0x9c, 0xff, 0xff, 0xff];
         corrupt.definition_digest = crate::intake::definition_digest(&corrupt);

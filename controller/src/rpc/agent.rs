@@ -209,27 +209,14 @@ impl AgentSession for AgentService {
                 // 10,000 hosts must not queue behind inventory writes.
                 heard.store(reg.now_ms(), std::sync::atomic::Ordering::Relaxed);
                 let rs: Vec<Result<(), MessageError>> = if let Some(Msg::Heartbeat(h)) = &msg.msg {
-                    vec![match intake::check_heartbeat(h) {
-                        Ok(()) => {
-                            // A full outbound queue means the agent is not reading:
-                            // drop the ack rather than stall this stream.
-                            let _ = tx.try_send(Box::new(ControllerMessage {
-                                msg: Some(controller_message::Msg::HeartbeatAck(HeartbeatAck {
-                                    seq: h.seq,
-                                    handled_unix_ms: reg.now_ms(),
-                                })),
-                            }));
-                            Ok(())
-                        }
-                        Err(r) => Err(MessageError::Refused(r)),
-                    }]
+                    vec![answer_heartbeat(&reg, &tx, h)]
                 } else {
                     // Inflating, validating and writing run on a blocking
                     // thread: a session busy with a large inventory must not
                     // hold up the runtime threads other sessions' heartbeats
                     // are read on. The messages already received behind this
-                    // one go along (an inventory comes as a page per guest),
-                    // up to a heartbeat, which is answered here.
+                    // one go along (the next inventory pages, say), up to a
+                    // heartbeat, which is answered before any wait.
                     let mut batch = vec![msg];
                     while batch.len() < BATCH {
                         match futures::FutureExt::now_or_never(inbound.message()) {
@@ -241,9 +228,27 @@ impl AgentSession for AgentService {
                             None => break,
                         }
                     }
+                    if let Some(Ok(Some(AgentMessage { msg: Some(Msg::Heartbeat(h)) }))) = &stash {
+                        heard.store(reg.now_ms(), std::sync::atomic::Ordering::Relaxed);
+                        if let Err(MessageError::Refused(r)) = answer_heartbeat(&reg, &tx, h) {
+                            refusals.refused(&reg, &host, &tx, r);
+                        }
+                        stash = None;
+                    }
                     let (reg2, host2) = (reg.clone(), host.clone());
                     let _permit = if batch.iter().any(|m| matches!(m.msg, Some(Msg::Inventory(_)))) {
-                        inventory_permits().acquire().await.ok()
+                        // A session that ends meanwhile stops waiting.
+                        tokio::select! {
+                            p = inventory_permits().acquire() => p.ok(),
+                            _ = reader_superseded.wait_for(|s| *s) => {
+                                info!(host = %host, "session superseded by a newer one: closing it");
+                                break;
+                            }
+                            _ = &mut stop => {
+                                info!(host = %host, "controller shutting down: closing the session");
+                                break;
+                            }
+                        }
                     } else {
                         None
                     };
@@ -332,9 +337,10 @@ impl AgentSession for AgentService {
     }
 }
 
-/// Agent messages already received that one blocking task takes in: an
-/// inventory arrives as a page per guest, and a thread hand-off per page
-/// cost more than the page (200,000 pages after a failover at 10,000 hosts).
+/// Agent messages already received that one blocking task takes in (the
+/// 4 KiB stream window lets a page or two wait behind the one read): a
+/// thread hand-off per message cost more than the message when 10,000
+/// agents sent their inventories at once after a failover.
 const BATCH: usize = 64;
 
 /// Blocking tasks taking in inventory pages at once, across all sessions. Restoring,
@@ -349,6 +355,22 @@ fn inventory_permits() -> &'static tokio::sync::Semaphore {
         let cores = std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(2);
         tokio::sync::Semaphore::new(cores.saturating_mul(2).max(4))
     })
+}
+
+/// Answers a heartbeat (nothing to store: the caller has marked the host
+/// heard).
+fn answer_heartbeat(
+    reg: &Registry,
+    tx: &mpsc::Sender<Box<ControllerMessage>>,
+    h: &lifeboat_proto::v1::Heartbeat,
+) -> Result<(), MessageError> {
+    intake::check_heartbeat(h)?;
+    // A full outbound queue means the agent is not reading: drop the ack
+    // rather than stall this stream.
+    let _ = tx.try_send(Box::new(ControllerMessage {
+        msg: Some(controller_message::Msg::HeartbeatAck(HeartbeatAck { seq: h.seq, handled_unix_ms: reg.now_ms() })),
+    }));
+    Ok(())
 }
 
 /// Sleeps until `at` (forever when `None`; the caller guards the branch).
