@@ -673,3 +673,125 @@ mod tests {
         assert_eq!(names(&reg), ["vm1"]);
     }
 }
+
+#[cfg(test)]
+mod inventory_tests {
+    use super::*;
+    use crate::intake::SessionIntake;
+    use crate::registry::Registry;
+    use crate::rpc::unwritten::{Observation, apply_once};
+    use lifeboat_proto::v1::GuestState;
+    use lifeboat_proto::v1::{Guest, Inventory};
+    use std::sync::Arc;
+
+    const U: &str = "6f1c7e2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
+
+    fn packed(state: GuestState, xml: &str) -> Guest {
+        let mut g = Guest {
+            uuid: U.into(),
+            name: "vm1".into(),
+            state: state as i32,
+            memory_kib: 1024,
+            vcpus: 1,
+            definition_xml: xml.into(),
+            ..Default::default()
+        };
+        lifeboat_proto::pack_definition(&mut g);
+        assert!(!g.definition_deflate.is_empty() && g.definition_xml.is_empty());
+        g
+    }
+
+    fn inventory(g: Guest) -> AgentMessage {
+        AgentMessage { msg: Some(Msg::Inventory(Inventory { host: None, guests: vec![g], more: false })) }
+    }
+
+    /// What the session reader makes of one inventory message.
+    fn taken(reg: &Registry, intake: &mut SessionIntake, m: AgentMessage) -> Inventory {
+        match take_in(reg, "a", intake, m, reg.now_ms()) {
+            Ok(Some(Observation::Inventory(inv))) => *inv,
+            other => panic!("expected an inventory, got {other:?}"),
+        }
+    }
+
+    fn stored(reg: &Registry) -> Vec<crate::ports::GuestRow> {
+        reg.repos().call_blocking(|r| r.guests().all()).unwrap()
+    }
+
+    #[test]
+    fn an_unchanged_guest_is_neither_inflated_nor_written_and_a_stale_match_is_checked_before_it_is_stored() {
+        let clock = Arc::new(crate::ports::ManualClock::new(1_000));
+        let timing = crate::domain::host::Timing { heartbeat_interval_ms: 1000, unreachable_after_ms: 3000 };
+        let repos = crate::store::sqlite::SqliteRepos::start_in_memory().unwrap();
+        let reg = Registry::load_with_clock(repos, timing, clock.clone()).unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        let sid = reg.open_session("a", "boot", tx).unwrap();
+        let xml = format!("<domain><name>vm1</name><uuid>{U}</uuid>{}</domain>", "<!-- padding -->".repeat(200));
+        let mut intake = SessionIntake::new(reg.now_ms());
+
+        // First report: restored, checked, stored whole with the digest of the bytes that came.
+        let first = packed(GuestState::Running, &xml);
+        let inv = taken(&reg, &mut intake, inventory(first.clone()));
+        assert_eq!(inv.guests[0].definition_xml, xml, "a new guest is restored");
+        assert!(inv.guests[0].definition_deflate.is_empty());
+        apply_once(&reg, "a", sid, Observation::Inventory(Box::new(inv))).unwrap();
+        let rows = stored(&reg);
+        assert_eq!((rows.len(), rows[0].guest.definition_xml.as_str(), rows[0].updated_ms), (1, xml.as_str(), 1_000));
+        assert_eq!(rows[0].guest.definition_digest, crate::intake::definition_digest(&first));
+
+        // The same report again (a reconnect, a failover): kept packed, not written.
+        clock.advance(5_000);
+        let inv = taken(&reg, &mut intake, inventory(first.clone()));
+        assert!(inv.guests[0].definition_xml.is_empty(), "not inflated");
+        assert_eq!(inv.guests[0].definition_deflate, first.definition_deflate);
+        apply_once(&reg, "a", sid, Observation::Inventory(Box::new(inv))).unwrap();
+        let rows = stored(&reg);
+        assert_eq!((rows[0].guest.definition_xml.as_str(), rows[0].updated_ms), (xml.as_str(), 1_000), "not written");
+        assert!(reg.inventory_fresh("a"), "the kept inventory counts as this session's inventory");
+
+        // The same definition with another state: restored and written (the row is whole).
+        let paused = packed(GuestState::Paused, &xml);
+        let inv = taken(&reg, &mut intake, inventory(paused.clone()));
+        assert_eq!(inv.guests[0].definition_xml, xml);
+        apply_once(&reg, "a", sid, Observation::Inventory(Box::new(inv))).unwrap();
+        assert_eq!(stored(&reg)[0].updated_ms, 6_000);
+        assert_eq!(stored(&reg)[0].guest.state, GuestState::Paused as i32);
+
+        // Found unchanged, but the entry changes before the inventory is
+        // applied (here a report of the guest running): the kept definition is
+        // restored and checked under the lock, and stored whole.
+        let inv = taken(&reg, &mut intake, inventory(paused.clone()));
+        assert!(inv.guests[0].definition_xml.is_empty(), "kept packed");
+        let mut running = packed(GuestState::Running, &xml);
+        running.definition_digest = crate::intake::definition_digest(&running);
+        lifeboat_proto::unpack_definition(&mut running).unwrap();
+        reg.apply_guest("a", sid, running).unwrap();
+        clock.advance(1_000);
+        apply_once(&reg, "a", sid, Observation::Inventory(Box::new(inv))).unwrap();
+        let rows = stored(&reg);
+        assert_eq!(
+            (rows[0].guest.state, rows[0].guest.definition_xml.as_str(), rows[0].updated_ms),
+            (GuestState::Paused as i32, xml.as_str(), 7_000)
+        );
+        assert!(rows[0].guest.definition_deflate.is_empty(), "never stored packed");
+
+        // A kept guest whose packed bytes do not inflate and whose entry
+        // differs by now: the inventory is refused whole, nothing changes.
+        let mut corrupt = paused.clone();
+        corrupt.definition_deflate = vec![0x78, 0x9c, 0xff, 0xff, 0xff];
+        corrupt.definition_digest = crate::intake::definition_digest(&corrupt);
+        let before = stored(&reg);
+        let e = apply_once(
+            &reg,
+            "a",
+            sid,
+            Observation::Inventory(Box::new(Inventory { host: None, guests: vec![corrupt], more: false })),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("definition_deflate"), "{e}");
+        assert_eq!(stored(&reg)[0].updated_ms, before[0].updated_ms);
+        assert_eq!(stored(&reg)[0].guest.definition_xml, xml);
+        // And a packed guest change that did not pass the intake is refused.
+        let e = reg.apply_guest("a", sid, paused).unwrap_err();
+        assert!(e.to_string().contains("packed"), "{e}");
+    }
+}
