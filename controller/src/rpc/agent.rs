@@ -147,14 +147,7 @@ impl AgentSession for AgentService {
                 } else {
                     tokio::select! {
                         m = inbound.message() => Some(m),
-                        _ = reader_superseded.wait_for(|s| *s) => {
-                            info!(host = %host, "session superseded by a newer one: closing it");
-                            break;
-                        }
-                        _ = &mut stop => {
-                            info!(host = %host, "controller shutting down: closing the session");
-                            break;
-                        }
+                        _ = session_ends(&mut reader_superseded, stop.as_mut(), &host) => break,
                         _ = sleep_until(retry_at), if retry_at.is_some() => None,
                     }
                 };
@@ -240,14 +233,7 @@ impl AgentSession for AgentService {
                         // A session that ends meanwhile stops waiting.
                         tokio::select! {
                             p = inventory_permits().acquire() => p.ok(),
-                            _ = reader_superseded.wait_for(|s| *s) => {
-                                info!(host = %host, "session superseded by a newer one: closing it");
-                                break;
-                            }
-                            _ = &mut stop => {
-                                info!(host = %host, "controller shutting down: closing the session");
-                                break;
-                            }
+                            _ = session_ends(&mut reader_superseded, stop.as_mut(), &host) => break,
                         }
                     } else {
                         None
@@ -371,6 +357,19 @@ fn answer_heartbeat(
         msg: Some(controller_message::Msg::HeartbeatAck(HeartbeatAck { seq: h.seq, handled_unix_ms: reg.now_ms() })),
     }));
     Ok(())
+}
+
+/// Completes, saying why, once the session is superseded by a newer one or
+/// the controller `stop`s.
+async fn session_ends(
+    superseded: &mut tokio::sync::watch::Receiver<bool>,
+    stop: Pin<&mut (impl std::future::Future<Output = ()> + ?Sized)>,
+    host: &str,
+) {
+    tokio::select! {
+        _ = superseded.wait_for(|s| *s) => info!(host, "session superseded by a newer one: closing it"),
+        _ = stop => info!(host, "controller shutting down: closing the session"),
+    }
 }
 
 /// Sleeps until `at` (forever when `None`; the caller guards the branch).
