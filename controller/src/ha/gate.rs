@@ -463,6 +463,13 @@ mod tests {
         let s = grpc_status(&r).unwrap();
         assert_eq!(s.message(), "not the leader; leader is https://c3:7443");
         assert_eq!(r.headers().get(lifeboat_proto::LEADER_METADATA).unwrap(), "https://c3:7443");
+        // A forged claim of the highest epoch (2^64-1) waits no longer than
+        // any other: the follower hold, then refused naming the leader.
+        let t2 = tokio::time::Instant::now();
+        let r = spawn_call(&g, lost("18446744073709551615")).await.unwrap();
+        assert_eq!(t2.elapsed(), HOLD);
+        assert_eq!(grpc_status(&r).unwrap().message(), "not the leader; leader is https://c3:7443");
+        assert!(r.headers().get("x-served").is_none());
         // etcd unreadable: nothing to wait for, refused at once.
         tx.send(LeaderHint::EtcdError("connection refused".into())).unwrap();
         let s = grpc_status(&spawn_call(&g, lost("9")).await.unwrap()).unwrap();
