@@ -166,6 +166,10 @@ impl Registry {
         // Keyed before the registry lock is taken: thousands of agents
         // reconnecting at once (a failover) do this in parallel.
         let mut keys: Vec<(Vec<u8>, u64)> = guests.iter_mut().map(crate::intake::reported_key).collect();
+        // Whole rows (text and digest) of the guests that came restored, the
+        // ones likely to be written; a kept one is encoded only if it must be.
+        let mut rows: Vec<Option<Vec<u8>>> =
+            guests.iter().map(|g| g.definition_deflate.is_empty().then(|| prost::Message::encode_to_vec(g))).collect();
         let now = self.now_ms();
         let mut inner = self.lock();
         if Self::current(&mut inner, host_id, sid).is_none() {
@@ -201,8 +205,12 @@ impl Registry {
             let upserts: Vec<(String, String, Vec<u8>)> = guests
                 .iter()
                 .zip(&keys)
-                .filter(|(g, (_, h))| old.and_then(|m| m.get(&g.uuid)).is_none_or(|e| e.hash != *h))
-                .map(|(g, _)| (g.uuid.clone(), g.name.clone(), prost::Message::encode_to_vec(g)))
+                .zip(rows.iter_mut())
+                .filter(|((g, (_, h)), _)| old.and_then(|m| m.get(&g.uuid)).is_none_or(|e| e.hash != *h))
+                .map(|((g, _), row)| {
+                    let row = row.take().unwrap_or_else(|| prost::Message::encode_to_vec(g));
+                    (g.uuid.clone(), g.name.clone(), row)
+                })
                 .collect();
             let new: std::collections::HashSet<&str> = guests.iter().map(|g| g.uuid.as_str()).collect();
             let deletes: Vec<String> =
