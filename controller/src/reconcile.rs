@@ -549,6 +549,48 @@ mod tests {
     }
 
     #[test]
+    fn leases_are_renewed_from_the_stored_view_before_the_inventory_but_nothing_is_stopped_or_started() {
+        let leases = |a: &[Action]| {
+            a.iter().find_map(|x| if let Action::GrantLeases { leases, .. } = x { Some(leases.clone()) } else { None })
+        };
+        let mut s = snap();
+        s.inventory_seen = false;
+        s.pending_boot_start = true;
+        s.owned_unreported = vec![("7".into(), String::new())];
+        s.generations.insert("7".into(), 9);
+        s.in_job.insert("2".into());
+        let a = decide(&s, 1000, 30_000);
+        let got = leases(&a).expect("a grant before the inventory");
+        assert_eq!(
+            got,
+            [("1".to_string(), "vm-1".to_string(), 3), ("7".to_string(), String::new(), 9)],
+            "owned guests and owned unreported ones with their generations; not 3 (b owns it), not 2 (a job moves it)"
+        );
+        assert_eq!(a.len(), 1, "only the grant: no stale-copy stop, no boot start: {a:?}");
+        s.leases_sent = Some((1000, vec!["1".into(), "7".into()]));
+        assert!(decide(&s, 1500, 30_000).is_empty(), "the same set is not sent again, and still no boot start");
+        // The inventory arrives with the same guests: not due again, and the boot start goes ahead.
+        s.inventory_seen = true;
+        let a = decide(&s, 2000, 30_000);
+        assert!(leases(&a).is_none(), "{a:?}");
+        assert!(a.contains(&Action::BootStartDone { host: "a".into() }), "{a:?}");
+        // A host the store knows no guest of gets no empty grant before its inventory.
+        let mut s = snap();
+        s.inventory_seen = false;
+        s.guests.clear();
+        assert!(decide(&s, 1, 30_000).is_empty());
+        s.inventory_seen = true;
+        assert_eq!(leases(&decide(&s, 1, 30_000)), Some(vec![]), "after it, an empty set is granted (revocation)");
+        // OFFLINE: nothing, before or after the inventory.
+        let mut s = snap();
+        s.status = HostStatus::Offline;
+        for seen in [false, true] {
+            s.inventory_seen = seen;
+            assert!(leases(&decide(&s, 1, 30_000)).is_none());
+        }
+    }
+
+    #[test]
     fn a_rebooted_host_starts_what_should_run_after_its_leases() {
         let mut s = snap();
         s.pending_boot_start = true;

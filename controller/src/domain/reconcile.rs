@@ -149,15 +149,24 @@ pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
             }
         }
     }
-    if s.status == HostStatus::Offline || !s.inventory_seen {
+    if s.status == HostStatus::Offline {
         return out;
     }
+    // Leases are granted before this session's inventory arrives, from what
+    // the store last recorded for the host (its guests, moves, ownership):
+    // after a failover or a restart the leader renews every connected host's
+    // leases at once, not after all their inventories. The inventory changes
+    // the set only for guests defined or undefined there since (a new one
+    // waits for it; one gone holds a lease it cannot use until the inventory
+    // replaces the set). Stops and starts wait for the inventory, and so
+    // does a host the store knows no guest of (a new host: no empty grant
+    // that the inventory would replace at once).
     let unreported = s.owned_unreported.iter().filter(|o| !s.in_job.contains(&o.0));
     let mut uuids: Vec<String> =
         owned.iter().map(|g| g.uuid.clone()).chain(unreported.clone().map(|o| o.0.clone())).collect();
     uuids.sort();
     let due = match &s.leases_sent {
-        None => true,
+        None => s.inventory_seen || !uuids.is_empty(),
         Some((at, set)) => now_ms - at >= lease_ttl_ms / 3 || set != &uuids,
     };
     if due {
@@ -166,6 +175,9 @@ pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
             owned.iter().map(|g| (g.uuid.clone(), g.name.clone(), generation(&g.uuid))).collect();
         leases.extend(unreported.map(|(u, n)| (u.clone(), n.clone(), generation(u))));
         out.push(Action::GrantLeases { host: s.host.clone(), leases, issued_ms: now_ms });
+    }
+    if !s.inventory_seen {
+        return out;
     }
     if s.pending_boot_start && s.leases_sent.is_some() {
         if matches!(s.status, HostStatus::Available | HostStatus::NotAccepting) {
