@@ -207,37 +207,24 @@ impl AgentSession for AgentService {
                     // Inflating, validating and writing run on a blocking
                     // thread: a session busy with a large inventory must not
                     // hold up the runtime threads other sessions' heartbeats
-                    // are read on. The messages already received behind this
-                    // one go along (the next inventory pages, say), up to a
-                    // heartbeat, which is answered before any wait.
-                    let mut batch = vec![msg];
-                    while batch.len() < BATCH {
-                        match futures::FutureExt::now_or_never(inbound.message()) {
-                            Some(Ok(Some(m))) if !matches!(m.msg, Some(Msg::Heartbeat(_))) => batch.push(m),
-                            Some(other) => {
-                                stash = Some(other);
-                                break;
+                    // are read on. The messages received behind this one go
+                    // along; inventory work waits for a permit (see [`gather`]).
+                    let gathered = gather(
+                        msg,
+                        &mut inbound,
+                        &mut stash,
+                        inventory_permits(),
+                        session_ends(&mut reader_superseded, stop.as_mut(), &host),
+                        |h| {
+                            if let Err(MessageError::Refused(r)) = answer_heartbeat(&reg, &tx, h) {
+                                refusals.refused(&reg, &host, &tx, r);
                             }
-                            None => break,
-                        }
-                    }
-                    if let Some(Ok(Some(AgentMessage { msg: Some(Msg::Heartbeat(h)) }))) = &stash {
-                        heard.store(reg.now_ms(), std::sync::atomic::Ordering::Relaxed);
-                        if let Err(MessageError::Refused(r)) = answer_heartbeat(&reg, &tx, h) {
-                            refusals.refused(&reg, &host, &tx, r);
-                        }
-                        stash = None;
-                    }
+                        },
+                        || heard.store(reg.now_ms(), std::sync::atomic::Ordering::Relaxed),
+                    )
+                    .await;
+                    let Some((batch, _permit)) = gathered else { break };
                     let (reg2, host2) = (reg.clone(), host.clone());
-                    let _permit = if batch.iter().any(|m| matches!(m.msg, Some(Msg::Inventory(_)))) {
-                        // A session that ends meanwhile stops waiting.
-                        tokio::select! {
-                            p = inventory_permits().acquire() => p.ok(),
-                            _ = session_ends(&mut reader_superseded, stop.as_mut(), &host) => break,
-                        }
-                    } else {
-                        None
-                    };
                     let mut st = intake.take().unwrap_or_else(|| SessionIntake::new(reg.now_ms()));
                     let mut un = unwritten.take().unwrap_or_default();
                     match tokio::task::spawn_blocking(move || {
@@ -328,6 +315,99 @@ impl AgentSession for AgentService {
 /// thread hand-off per message cost more than the message when 10,000
 /// agents sent their inventories at once after a failover.
 const BATCH: usize = 64;
+
+/// Encoded bytes of agent messages one batch gathers at most (after its
+/// first message, which may be up to [`intake::MAX_AGENT_MESSAGE_BYTES`]):
+/// the inventory of a host with a few dozen guests (definitions packed) in
+/// one batch, and a bound on what 10,000 sessions waiting for an inventory
+/// permit after a failover hold in memory together.
+const BATCH_BYTES: usize = 32 * 1024;
+
+/// Messages one blocking task takes in, in the order they arrived.
+struct Batch {
+    messages: Vec<AgentMessage>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn new(first: AgentMessage) -> Self {
+        Batch { messages: vec![first], bytes: 0 }
+    }
+
+    /// Whether it takes another message (below [`BATCH`] and [`BATCH_BYTES`]).
+    fn wants_more(&self) -> bool {
+        self.messages.len() < BATCH && self.bytes < BATCH_BYTES
+    }
+
+    fn has_inventory(&self) -> bool {
+        self.messages.iter().any(|m| matches!(m.msg, Some(Msg::Inventory(_))))
+    }
+
+    /// Takes one more message read behind the batch: a heartbeat is
+    /// answered at once (`heartbeat`: nothing depends on its order, and it
+    /// must not wait behind inventory work), anything else joins the batch.
+    fn push(&mut self, m: AgentMessage, heartbeat: &mut impl FnMut(&lifeboat_proto::v1::Heartbeat)) {
+        if let Some(Msg::Heartbeat(h)) = &m.msg {
+            heartbeat(h);
+            return;
+        }
+        self.bytes = self.bytes.saturating_add(prost::Message::encoded_len(&m));
+        self.messages.push(m);
+    }
+}
+
+/// Gathers the messages already received behind `first` into one batch
+/// (heartbeats answered at once, `heard` called for every message read). A
+/// batch with inventory work then waits for one of `permits`, reading on
+/// meanwhile up to the batch's bounds: the agent's heartbeats are answered
+/// and keep it reachable however long the wait, and the rest of its
+/// inventory joins the batch, so a whole inventory is taken in at one permit
+/// rather than a page per turn (10,000 inventories after a failover then
+/// complete one after another, not all together at the end). A stream end or
+/// error read is left in `stash`, for after the batch. `None`: the session
+/// ended (`ends` completed) while it waited.
+async fn gather<'p, S>(
+    first: AgentMessage,
+    inbound: &mut S,
+    stash: &mut Option<Result<Option<AgentMessage>, Status>>,
+    permits: &'p tokio::sync::Semaphore,
+    ends: impl std::future::Future<Output = ()>,
+    mut heartbeat: impl FnMut(&lifeboat_proto::v1::Heartbeat),
+    mut heard: impl FnMut(),
+) -> Option<(Vec<AgentMessage>, Option<tokio::sync::SemaphorePermit<'p>>)>
+where
+    S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
+{
+    let mut batch = Batch::new(first);
+    while stash.is_none() && batch.wants_more() {
+        match futures::FutureExt::now_or_never(inbound.next()) {
+            Some(Some(Ok(m))) => {
+                heard();
+                batch.push(m, &mut heartbeat);
+            }
+            Some(other) => *stash = Some(other.transpose()),
+            None => break,
+        }
+    }
+    if !batch.has_inventory() {
+        return Some((batch.messages, None));
+    }
+    tokio::pin!(ends);
+    loop {
+        tokio::select! {
+            biased;
+            p = permits.acquire() => return Some((batch.messages, p.ok())),
+            _ = &mut ends => return None,
+            m = inbound.next(), if stash.is_none() && batch.wants_more() => match m {
+                Some(Ok(m)) => {
+                    heard();
+                    batch.push(m, &mut heartbeat);
+                }
+                other => *stash = Some(other.transpose()),
+            },
+        }
+    }
+}
 
 /// Blocking tasks taking in inventory pages at once, across all sessions. Restoring,
 /// checking and applying them is CPU work and the registry's lock: more
@@ -792,5 +872,204 @@ mod inventory_tests {
         // And a packed guest change that did not pass the intake is refused.
         let e = reg.apply_guest("a", sid, paused).unwrap_err();
         assert!(e.to_string().contains("packed"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod gather_tests {
+    //! The session reader's batching: heartbeats are answered while a batch
+    //! waits for an inventory permit, within the batch's bounds.
+    use super::*;
+    use lifeboat_proto::v1::{Guest, GuestChanged, Heartbeat, Inventory};
+    use std::sync::Mutex;
+
+    type Inbound = mpsc::Sender<Result<AgentMessage, Status>>;
+
+    fn page(n: usize, bytes: usize) -> AgentMessage {
+        let g = Guest { uuid: format!("u{n}"), definition_deflate: vec![7; bytes], ..Default::default() };
+        AgentMessage { msg: Some(Msg::Inventory(Inventory { host: None, guests: vec![g], more: true })) }
+    }
+
+    fn beat(seq: u64) -> AgentMessage {
+        AgentMessage { msg: Some(Msg::Heartbeat(Heartbeat { seq, ..Default::default() })) }
+    }
+
+    fn uuids(batch: &[AgentMessage]) -> Vec<String> {
+        batch
+            .iter()
+            .map(|m| match &m.msg {
+                Some(Msg::Inventory(i)) => i.guests[0].uuid.clone(),
+                Some(Msg::GuestChanged(c)) => {
+                    format!("changed {}", c.guest.as_ref().map(|g| g.uuid.as_str()).unwrap_or(""))
+                }
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// Runs `gather` on its own task; returns the inbound sender, the
+    /// answered heartbeats, the count of messages read, and the task.
+    #[allow(clippy::type_complexity)]
+    fn start(
+        first: AgentMessage,
+        permits: &'static tokio::sync::Semaphore,
+        ends: tokio::sync::oneshot::Receiver<()>,
+    ) -> (
+        Inbound,
+        Arc<Mutex<Vec<u64>>>,
+        Arc<Mutex<usize>>,
+        tokio::task::JoinHandle<Option<(Vec<AgentMessage>, bool, Option<Result<Option<AgentMessage>, Status>>)>>,
+    ) {
+        let (tx, rx) = mpsc::channel(256);
+        let beats = Arc::new(Mutex::new(Vec::new()));
+        let read = Arc::new(Mutex::new(0usize));
+        let (b, r) = (beats.clone(), read.clone());
+        let task = tokio::spawn(async move {
+            let mut inbound = ReceiverStream::new(rx);
+            let mut stash = None;
+            let ends = async move {
+                let _ = ends.await;
+            };
+            let got = gather(
+                first,
+                &mut inbound,
+                &mut stash,
+                permits,
+                ends,
+                |h| b.lock().unwrap().push(h.seq),
+                || {
+                    let mut n = r.lock().unwrap();
+                    *n = (*n).saturating_add(1);
+                },
+            )
+            .await;
+            got.map(|(batch, permit)| (batch, permit.is_some(), stash))
+        });
+        (tx, beats, read, task)
+    }
+
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    fn permits(n: usize) -> &'static tokio::sync::Semaphore {
+        Box::leak(Box::new(tokio::sync::Semaphore::new(n)))
+    }
+
+    #[tokio::test]
+    async fn heartbeats_are_answered_while_an_inventory_waits_for_its_permit_and_its_pages_join_the_batch() {
+        let sem = permits(0);
+        let (_end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let (tx, beats, read, task) = start(page(1, 100), sem, end_rx);
+        tx.send(Ok(beat(1))).await.unwrap();
+        tx.send(Ok(page(2, 100))).await.unwrap();
+        until("the first heartbeat answered", || *beats.lock().unwrap() == [1]).await;
+        // Long after the batch started waiting: still read, still answered.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.send(Ok(beat(2))).await.unwrap();
+        let changed = Guest { uuid: "c".into(), ..Default::default() };
+        tx.send(Ok(AgentMessage { msg: Some(Msg::GuestChanged(GuestChanged { guest: Some(changed) })) }))
+            .await
+            .unwrap();
+        tx.send(Ok(page(3, 100))).await.unwrap();
+        until("the second heartbeat answered", || *beats.lock().unwrap() == [1, 2]).await;
+        until("every message read", || *read.lock().unwrap() == 5).await;
+        assert!(!task.is_finished(), "no permit yet: the batch waits");
+        sem.add_permits(1);
+        let (batch, permit, stash) = task.await.unwrap().expect("not ended");
+        assert!(permit, "it holds the permit");
+        assert!(stash.is_none());
+        assert_eq!(uuids(&batch), ["u1", "u2", "changed c", "u3"], "in arrival order, without the heartbeats");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_batch_reads_no_further_than_its_bounds() {
+        let sem = permits(0);
+        let (_end_tx, end_rx) = tokio::sync::oneshot::channel();
+        // The first message is not counted against the bound (it may be as
+        // large as a message may be).
+        let (tx, beats, read, task) = start(page(0, BATCH_BYTES * 2), sem, end_rx);
+        let per = 10 * 1024;
+        for n in 1..=6 {
+            tx.send(Ok(page(n, per))).await.unwrap();
+        }
+        tx.send(Ok(beat(9))).await.unwrap();
+        // 4 pages of 10 KiB pass 32 KiB: the batch stops reading there.
+        until("four pages read", || *read.lock().unwrap() == 4).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*read.lock().unwrap(), 4, "nothing read past the bound");
+        assert!(beats.lock().unwrap().is_empty(), "the heartbeat behind waits in the stream (flow control)");
+        assert_eq!(tx.max_capacity() - tx.capacity(), 3, "three messages left unread");
+        sem.add_permits(1);
+        let (batch, _, _) = task.await.unwrap().expect("not ended");
+        assert_eq!(uuids(&batch), ["u0", "u1", "u2", "u3", "u4"]);
+        let bytes: usize = batch[1..].iter().map(prost::Message::encoded_len).sum();
+        assert!(bytes < BATCH_BYTES + per + 64, "{bytes}");
+
+        // At most BATCH messages, however small.
+        let sem = permits(0);
+        let (_end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let (tx, _, read, task) = start(page(0, 1), sem, end_rx);
+        for n in 1..=(BATCH + 10) {
+            tx.send(Ok(page(n, 1))).await.unwrap();
+        }
+        until("a full batch read", || *read.lock().unwrap() == BATCH - 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*read.lock().unwrap(), BATCH - 1);
+        sem.add_permits(1);
+        assert_eq!(task.await.unwrap().expect("not ended").0.len(), BATCH);
+    }
+
+    #[tokio::test]
+    async fn a_session_that_ends_while_waiting_stops_and_a_stream_end_waits_for_the_batch() {
+        let sem = permits(0);
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let (_tx, _, _, task) = start(page(1, 10), sem, end_rx);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        end_tx.send(()).unwrap();
+        assert!(task.await.unwrap().is_none(), "ended: no batch, no permit");
+        assert_eq!(sem.available_permits(), 0);
+
+        // The agent closes its stream behind two pages: both are taken in
+        // first, the end is left for after them.
+        let sem = permits(0);
+        let (_end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let (tx, _, _, task) = start(page(1, 10), sem, end_rx);
+        tx.send(Ok(page(2, 10))).await.unwrap();
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sem.add_permits(1);
+        let (batch, permit, stash) = task.await.unwrap().expect("not ended");
+        assert!(permit);
+        assert_eq!(uuids(&batch), ["u1", "u2"]);
+        assert!(matches!(stash, Some(Ok(None))), "{stash:?}");
+
+        // A stream error likewise.
+        let sem = permits(1);
+        let (_end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let (tx, _, _, task) = start(page(1, 10), sem, end_rx);
+        tx.send(Err(Status::internal("reset"))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (batch, _, stash) = task.await.unwrap().expect("not ended");
+        assert_eq!(batch.len(), 1);
+        assert!(matches!(stash, Some(Err(_))));
+    }
+
+    #[tokio::test]
+    async fn a_batch_without_inventory_work_does_not_wait_for_a_permit() {
+        let sem = permits(0);
+        let (_end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let changed = Guest { uuid: "c".into(), ..Default::default() };
+        let first = AgentMessage { msg: Some(Msg::GuestChanged(GuestChanged { guest: Some(changed) })) };
+        let (_tx, _, _, task) = start(first, sem, end_rx);
+        let (batch, permit, _) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap().unwrap();
+        assert_eq!(batch.len(), 1);
+        assert!(!permit);
     }
 }
