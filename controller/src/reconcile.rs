@@ -280,7 +280,9 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                 merge: false,
                 issued_unix_ms: issued_ms,
             };
-            let res = reg.call(&host, Kind::GrantLeases(cmd), timeout).await;
+            // Unordered: granted as soon as the session opens, its answer
+            // would otherwise wait behind the inventory the agent sends then.
+            let res = reg.call_unordered(&host, Kind::GrantLeases(cmd), timeout).await;
             if let Ok(r) = &res {
                 // The agent refused some leases: a generation older than
                 // one it already holds (this controller's view is behind),

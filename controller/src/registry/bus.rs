@@ -29,10 +29,19 @@ pub(super) struct SessionHandle {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionId(pub(super) u64);
 
-/// Commands awaiting their result: id -> (host it was sent to, waiter).
+/// A command awaiting its result.
+struct Pending {
+    /// The host it was sent to.
+    host: String,
+    /// Its result may be taken in ahead of what the agent sent before it.
+    unordered: bool,
+    waiter: oneshot::Sender<CommandResult>,
+}
+
+/// Commands awaiting their result, by id.
 #[derive(Default)]
 pub(super) struct CommandBus {
-    pending: Mutex<HashMap<String, (String, oneshot::Sender<CommandResult>)>>,
+    pending: Mutex<HashMap<String, Pending>>,
     /// The leadership commands are sent under (etcd backend); unset with
     /// SQLite: epoch 0, and nothing to lose.
     leadership: std::sync::OnceLock<std::sync::Arc<crate::ha::Leadership>>,
@@ -55,15 +64,22 @@ impl CommandBus {
         self.leadership.get().is_none_or(|l| l.holds())
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, oneshot::Sender<CommandResult>)>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers command `id` sent to `host`; its answer arrives on the receiver.
-    pub(super) fn expect(&self, id: &str, host: &str) -> oneshot::Receiver<CommandResult> {
-        let (tx, rx) = oneshot::channel();
-        self.pending().insert(id.to_string(), (host.to_string(), tx));
+    /// Registers command `id` sent to `host`; its answer arrives on the
+    /// receiver. `unordered`: see [`CommandBus::unordered`].
+    pub(super) fn expect(&self, id: &str, host: &str, unordered: bool) -> oneshot::Receiver<CommandResult> {
+        let (waiter, rx) = oneshot::channel();
+        self.pending().insert(id.to_string(), Pending { host: host.to_string(), unordered, waiter });
         rx
+    }
+
+    /// Whether command `id`, sent to `host`, awaits a result that may be
+    /// taken in ahead of the messages `host`'s agent sent before it.
+    pub(super) fn unordered(&self, host: &str, id: &str) -> bool {
+        self.pending().get(id).is_some_and(|p| p.unordered && p.host == host)
     }
 
     /// Forgets command `id` (answered, timed out or failed to send).
@@ -73,8 +89,8 @@ impl CommandBus {
 
     /// A command result arrived, from whichever session.
     pub(super) fn complete(&self, r: CommandResult) {
-        if let Some((_, tx)) = self.pending().remove(&r.id) {
-            let _ = tx.send(r);
+        if let Some(p) = self.pending().remove(&r.id) {
+            let _ = p.waiter.send(r);
         }
     }
 
@@ -85,10 +101,10 @@ impl CommandBus {
         let mut pending = self.pending();
         match pending.get(&r.id) {
             None => None,
-            Some((h, _)) if h != host => Some(false),
+            Some(p) if p.host != host => Some(false),
             Some(_) => {
-                if let Some((_, tx)) = pending.remove(&r.id) {
-                    let _ = tx.send(r);
+                if let Some(p) = pending.remove(&r.id) {
+                    let _ = p.waiter.send(r);
                 }
                 Some(true)
             }
@@ -103,14 +119,27 @@ mod tests {
     #[tokio::test]
     async fn an_answer_completes_only_a_command_sent_to_the_host_whose_session_carried_it() {
         let bus = CommandBus::default();
-        let rx = bus.expect("c1", "a");
+        let rx = bus.expect("c1", "a", false);
         let r = CommandResult { id: "c1".into(), ..Default::default() };
         assert_eq!(bus.complete_from("b", r.clone()), Some(false), "another host's answer changes nothing");
         assert_eq!(bus.complete_from("a", r.clone()), Some(true));
         assert_eq!(rx.await.unwrap().id, "c1");
         assert_eq!(bus.complete_from("a", r), None, "answered once");
-        let _rx2 = bus.expect("c2", "a");
+        let _rx2 = bus.expect("c2", "a", false);
         bus.forget("c2");
         assert_eq!(bus.complete_from("a", CommandResult { id: "c2".into(), ..Default::default() }), None);
+    }
+
+    #[test]
+    fn only_a_command_sent_unordered_to_that_host_may_be_answered_out_of_order() {
+        let bus = CommandBus::default();
+        let _a = bus.expect("grant", "a", true);
+        let _b = bus.expect("start", "a", false);
+        assert!(bus.unordered("a", "grant"));
+        assert!(!bus.unordered("b", "grant"), "another host's session cannot claim it");
+        assert!(!bus.unordered("a", "start"), "ordered: behind what the agent sent before");
+        assert!(!bus.unordered("a", "nothing"), "no such command");
+        bus.forget("grant");
+        assert!(!bus.unordered("a", "grant"), "answered or timed out: a late result keeps its place");
     }
 }

@@ -163,6 +163,36 @@ impl Registry {
     /// the result. Refused, with nothing sent, when this controller no
     /// longer leads.
     pub async fn call(&self, host_id: &str, kind: Kind, timeout: Duration) -> Result<CommandResult, ControllerError> {
+        self.call_as(host_id, kind, timeout, false).await
+    }
+
+    /// [`Registry::call`] for a command whose result depends on nothing the
+    /// agent reports (the reconciler's lease grant): the session's reader
+    /// takes that result in as soon as it reads it, ahead of messages the
+    /// agent sent before it (an inventory waiting its turn), so the caller
+    /// does not wait out its timeout behind them.
+    pub async fn call_unordered(
+        &self,
+        host_id: &str,
+        kind: Kind,
+        timeout: Duration,
+    ) -> Result<CommandResult, ControllerError> {
+        self.call_as(host_id, kind, timeout, true).await
+    }
+
+    /// Whether the result of command `id` from `host`'s session may be taken
+    /// in ahead of what the agent sent before it ([`Registry::call_unordered`]).
+    pub fn answers_unordered(&self, host: &str, id: &str) -> bool {
+        self.bus.unordered(host, id)
+    }
+
+    async fn call_as(
+        &self,
+        host_id: &str,
+        kind: Kind,
+        timeout: Duration,
+        unordered: bool,
+    ) -> Result<CommandResult, ControllerError> {
         let (tx, mut ended) = {
             let inner = self.lock();
             let e = inner.hosts.get(host_id).ok_or_else(|| ControllerError::UnknownHost {
@@ -192,7 +222,7 @@ impl Registry {
                 "not sent to '{host_id}': this controller no longer leads (its etcd leadership lapsed or was lost)"
             )));
         }
-        let orx = self.bus.expect(&id, host_id);
+        let orx = self.bus.expect(&id, host_id, unordered);
         let msg = ControllerMessage {
             msg: Some(controller_message::Msg::Command(Command {
                 id: id.clone(),

@@ -215,10 +215,18 @@ impl AgentSession for AgentService {
                         &mut stash,
                         inventory_permits(),
                         session_ends(&mut reader_superseded, stop.as_mut(), &host),
-                        |h| {
-                            if let Err(MessageError::Refused(r)) = answer_heartbeat(&reg, &tx, h) {
+                        |m| {
+                            let answered = match m.msg {
+                                Some(Msg::Heartbeat(ref h)) => answer_heartbeat(&reg, &tx, h),
+                                Some(Msg::CommandResult(r)) if reg.answers_unordered(&host, &r.id) => {
+                                    complete_result(&reg, &host, r)
+                                }
+                                _ => return Some(m),
+                            };
+                            if let Err(MessageError::Refused(r)) = answered {
                                 refusals.refused(&reg, &host, &tx, r);
                             }
+                            None
                         },
                         || heard.store(reg.now_ms(), std::sync::atomic::Ordering::Relaxed),
                     )
@@ -343,21 +351,20 @@ impl Batch {
         self.messages.iter().any(|m| matches!(m.msg, Some(Msg::Inventory(_))))
     }
 
-    /// Takes one more message read behind the batch: a heartbeat is
-    /// answered at once (`heartbeat`: nothing depends on its order, and it
-    /// must not wait behind inventory work), anything else joins the batch.
-    fn push(&mut self, m: AgentMessage, heartbeat: &mut impl FnMut(&lifeboat_proto::v1::Heartbeat)) {
-        if let Some(Msg::Heartbeat(h)) = &m.msg {
-            heartbeat(h);
-            return;
+    /// Takes one more message read behind the batch: `now` answers what
+    /// must not wait behind inventory work and depends on no order (it
+    /// returns `None`), anything else joins the batch.
+    fn push(&mut self, m: AgentMessage, now: &mut impl FnMut(AgentMessage) -> Option<AgentMessage>) {
+        if let Some(m) = now(m) {
+            self.bytes = self.bytes.saturating_add(prost::Message::encoded_len(&m));
+            self.messages.push(m);
         }
-        self.bytes = self.bytes.saturating_add(prost::Message::encoded_len(&m));
-        self.messages.push(m);
     }
 }
 
 /// Gathers the messages already received behind `first` into one batch
-/// (heartbeats answered at once, `heard` called for every message read). A
+/// (`now` takes heartbeats and unordered command results at once, see
+/// [`Batch::push`]; `heard` is called for every message read). A
 /// batch with inventory work then waits for one of `permits`, reading on
 /// meanwhile up to the batch's bounds: the agent's heartbeats are answered
 /// and keep it reachable however long the wait, and the rest of its
@@ -372,7 +379,7 @@ async fn gather<'p, S>(
     stash: &mut Option<Result<Option<AgentMessage>, Status>>,
     permits: &'p tokio::sync::Semaphore,
     ends: impl std::future::Future<Output = ()>,
-    mut heartbeat: impl FnMut(&lifeboat_proto::v1::Heartbeat),
+    mut now: impl FnMut(AgentMessage) -> Option<AgentMessage>,
     mut heard: impl FnMut(),
 ) -> Option<(Vec<AgentMessage>, Option<tokio::sync::SemaphorePermit<'p>>)>
 where
@@ -383,7 +390,7 @@ where
         match futures::FutureExt::now_or_never(inbound.next()) {
             Some(Some(Ok(m))) => {
                 heard();
-                batch.push(m, &mut heartbeat);
+                batch.push(m, &mut now);
             }
             Some(other) => *stash = Some(other.transpose()),
             None => break,
@@ -401,7 +408,7 @@ where
             m = inbound.next(), if stash.is_none() && batch.wants_more() => match m {
                 Some(Ok(m)) => {
                     heard();
-                    batch.push(m, &mut heartbeat);
+                    batch.push(m, &mut now);
                 }
                 other => *stash = Some(other.transpose()),
             },
@@ -421,6 +428,42 @@ fn inventory_permits() -> &'static tokio::sync::Semaphore {
         let cores = std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(2);
         tokio::sync::Semaphore::new(cores.saturating_mul(2).max(4))
     })
+}
+
+/// Takes in a command's result: checked, then it completes the command
+/// sent to `host` that awaits it.
+fn complete_result(reg: &Registry, host: &str, r: CommandResult) -> Result<(), MessageError> {
+    if let Err(refusal) = intake::check_command_result(&r) {
+        // The caller learns at once that the answer was refused,
+        // instead of waiting out its timeout; a result for another
+        // host's command completes nothing.
+        if intake::check_uuid("CommandResult", "id", &r.id).is_ok() {
+            let failed = CommandResult {
+                id: r.id,
+                ok: false,
+                error: format!("the agent's answer was refused by the controller's intake: {refusal}"),
+                ..Default::default()
+            };
+            let _ = reg.complete_from(host, failed);
+        }
+        return Err(refusal.into());
+    }
+    let id = r.id.clone();
+    match reg.complete_from(host, r) {
+        Some(true) => Ok(()),
+        Some(false) => Err(Refusal {
+            kind: "CommandResult",
+            field: "id".into(),
+            reason: format!("command {id} was sent to another host; a host answers only its own commands"),
+        }
+        .into()),
+        // A late answer (the caller timed out, or the session was
+        // replaced) is an honest agent's normal race: dropped quietly.
+        None => {
+            tracing::debug!(host, command = %id, "a result for no awaited command dropped");
+            Ok(())
+        }
+    }
 }
 
 /// Answers a heartbeat (nothing to store: the caller has marked the host
@@ -551,37 +594,8 @@ pub fn take_in(
             Ok(Some(Observation::Host(Box::new(h))))
         }
         Some(Msg::CommandResult(r)) => {
-            if let Err(refusal) = intake::check_command_result(&r) {
-                // The caller learns at once that the answer was refused,
-                // instead of waiting out its timeout; a result for another
-                // host's command completes nothing.
-                if intake::check_uuid("CommandResult", "id", &r.id).is_ok() {
-                    let failed = CommandResult {
-                        id: r.id,
-                        ok: false,
-                        error: format!("the agent's answer was refused by the controller's intake: {refusal}"),
-                        ..Default::default()
-                    };
-                    let _ = reg.complete_from(host, failed);
-                }
-                return Err(refusal.into());
-            }
-            let id = r.id.clone();
-            match reg.complete_from(host, r) {
-                Some(true) => Ok(None),
-                Some(false) => Err(Refusal {
-                    kind: "CommandResult",
-                    field: "id".into(),
-                    reason: format!("command {id} was sent to another host; a host answers only its own commands"),
-                }
-                .into()),
-                // A late answer (the caller timed out, or the session was
-                // replaced) is an honest agent's normal race: dropped quietly.
-                None => {
-                    tracing::debug!(host, command = %id, "a result for no awaited command dropped");
-                    Ok(None)
-                }
-            }
+            complete_result(reg, host, r)?;
+            Ok(None)
         }
         Some(Msg::Hello(_)) => {
             Err(Refusal { kind: "Hello", field: "hello".into(), reason: "Hello sent twice in one session".into() }
@@ -936,7 +950,18 @@ mod gather_tests {
                 &mut stash,
                 permits,
                 ends,
-                |h| b.lock().unwrap().push(h.seq),
+                |m| match m.msg {
+                    Some(Msg::Heartbeat(h)) => {
+                        b.lock().unwrap().push(h.seq);
+                        None
+                    }
+                    // Stands for a result the registry says may jump the queue.
+                    Some(Msg::CommandResult(r)) if r.id.starts_with("unordered") => {
+                        b.lock().unwrap().push(1000);
+                        None
+                    }
+                    _ => Some(m),
+                },
                 || {
                     let mut n = r.lock().unwrap();
                     *n = (*n).saturating_add(1);
@@ -986,6 +1011,23 @@ mod gather_tests {
         assert!(permit, "it holds the permit");
         assert!(stash.is_none());
         assert_eq!(uuids(&batch), ["u1", "u2", "changed c", "u3"], "in arrival order, without the heartbeats");
+    }
+
+    #[tokio::test]
+    async fn an_unordered_result_is_taken_at_once_and_an_ordered_one_keeps_its_place() {
+        let sem = permits(0);
+        let (_end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let (tx, answered, _, task) = start(page(1, 100), sem, end_rx);
+        let result = |id: &str| AgentMessage {
+            msg: Some(Msg::CommandResult(CommandResult { id: id.into(), ok: true, ..Default::default() })),
+        };
+        tx.send(Ok(result("ordered"))).await.unwrap();
+        tx.send(Ok(result("unordered-grant"))).await.unwrap();
+        until("the unordered result taken", || *answered.lock().unwrap() == [1000]).await;
+        sem.add_permits(1);
+        let (batch, _, _) = task.await.unwrap().expect("not ended");
+        assert_eq!(uuids(&batch).len(), 2);
+        assert!(matches!(&batch[1].msg, Some(Msg::CommandResult(r)) if r.id == "ordered"), "{batch:?}");
     }
 
     #[tokio::test]
