@@ -332,11 +332,12 @@ impl AgentSession for AgentService {
 /// agents sent their inventories at once after a failover.
 const BATCH: usize = 64;
 
-/// Encoded bytes of agent messages one batch gathers at most (after its
-/// first message, which may be up to [`intake::MAX_AGENT_MESSAGE_BYTES`]):
-/// the inventory of a host with a few dozen guests (definitions packed) in
-/// one batch, and a bound on what 10,000 sessions waiting for an inventory
-/// permit after a failover hold in memory together.
+/// Encoded bytes of agent messages past which a batch reads no further:
+/// the inventory of a host with a few dozen guests (definitions packed,
+/// about ten 3 KiB pages) in one batch, and a bound on what 10,000 sessions
+/// waiting for an inventory permit after a failover hold in memory
+/// together. A message is sized only once read, so a batch holds at most
+/// this much plus one message (up to [`intake::MAX_AGENT_MESSAGE_BYTES`]).
 const BATCH_BYTES: usize = 32 * 1024;
 
 /// Messages one blocking task takes in, in the order they arrived.
@@ -347,7 +348,8 @@ struct Batch {
 
 impl Batch {
     fn new(first: AgentMessage) -> Self {
-        Batch { messages: vec![first], bytes: 0 }
+        let bytes = prost::Message::encoded_len(&first);
+        Batch { messages: vec![first], bytes }
     }
 
     /// Whether it takes another message (below [`BATCH`] and [`BATCH_BYTES`]).
@@ -408,10 +410,14 @@ where
         return Some((batch.messages, None));
     }
     tokio::pin!(ends);
+    // One acquire for the whole wait: a new one per message read would go
+    // to the back of the semaphore's queue each time.
+    let acquire = permits.acquire();
+    tokio::pin!(acquire);
     loop {
         tokio::select! {
             biased;
-            p = permits.acquire() => return Some((batch.messages, p.ok())),
+            p = &mut acquire => return Some((batch.messages, p.ok())),
             _ = &mut ends => return None,
             m = inbound.next(), if stash.is_none() && batch.wants_more() => match m {
                 Some(Ok(m)) => {
@@ -991,6 +997,15 @@ mod gather_tests {
             .collect()
     }
 
+    /// The permit a batch got (`None`: it needed none).
+    struct Held(Option<tokio::sync::SemaphorePermit<'static>>);
+
+    impl Held {
+        fn is_some(&self) -> bool {
+            self.0.is_some()
+        }
+    }
+
     /// Runs `gather` on its own task; returns the inbound sender, the
     /// answered heartbeats, the count of messages read, and the task.
     #[allow(clippy::type_complexity)]
@@ -1002,7 +1017,7 @@ mod gather_tests {
         Inbound,
         Arc<Mutex<Vec<u64>>>,
         Arc<Mutex<usize>>,
-        tokio::task::JoinHandle<Option<(Vec<AgentMessage>, bool, Option<Result<Option<AgentMessage>, Status>>)>>,
+        tokio::task::JoinHandle<Option<(Vec<AgentMessage>, Held, Option<Result<Option<AgentMessage>, Status>>)>>,
     ) {
         let (tx, rx) = mpsc::channel(256);
         let beats = Arc::new(Mutex::new(Vec::new()));
@@ -1038,7 +1053,7 @@ mod gather_tests {
                 },
             )
             .await;
-            got.map(|(batch, permit)| (batch, permit.is_some(), stash))
+            got.map(|(batch, permit)| (batch, Held(permit), stash))
         });
         (tx, beats, read, task)
     }
@@ -1078,7 +1093,7 @@ mod gather_tests {
         assert!(!task.is_finished(), "no permit yet: the batch waits");
         sem.add_permits(1);
         let (batch, permit, stash) = task.await.unwrap().expect("not ended");
-        assert!(permit, "it holds the permit");
+        assert!(permit.is_some(), "it holds the permit");
         assert!(stash.is_none());
         assert_eq!(uuids(&batch), ["u1", "u2", "changed c", "u3"], "in arrival order, without the heartbeats");
     }
@@ -1104,9 +1119,7 @@ mod gather_tests {
     async fn a_waiting_batch_reads_no_further_than_its_bounds() {
         let sem = permits(0);
         let (_end_tx, end_rx) = tokio::sync::oneshot::channel();
-        // The first message is not counted against the bound (it may be as
-        // large as a message may be).
-        let (tx, beats, read, task) = start(page(0, BATCH_BYTES * 2), sem, end_rx);
+        let (tx, beats, read, task) = start(page(0, 100), sem, end_rx);
         let per = 10 * 1024;
         for n in 1..=6 {
             tx.send(Ok(page(n, per))).await.unwrap();
@@ -1121,8 +1134,19 @@ mod gather_tests {
         sem.add_permits(1);
         let (batch, _, _) = task.await.unwrap().expect("not ended");
         assert_eq!(uuids(&batch), ["u0", "u1", "u2", "u3", "u4"]);
-        let bytes: usize = batch[1..].iter().map(prost::Message::encoded_len).sum();
+        let bytes: usize = batch.iter().map(prost::Message::encoded_len).sum();
         assert!(bytes < BATCH_BYTES + per + 64, "{bytes}");
+
+        // A first message past the bound (it may be as large as a message
+        // may be): nothing more is read while it waits.
+        let sem = permits(0);
+        let (_end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let (tx, _, read, task) = start(page(0, BATCH_BYTES * 2), sem, end_rx);
+        tx.send(Ok(page(1, 10))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*read.lock().unwrap(), 0);
+        sem.add_permits(1);
+        assert_eq!(task.await.unwrap().expect("not ended").0.len(), 1);
 
         // At most BATCH messages, however small.
         let sem = permits(0);
@@ -1158,7 +1182,7 @@ mod gather_tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         sem.add_permits(1);
         let (batch, permit, stash) = task.await.unwrap().expect("not ended");
-        assert!(permit);
+        assert!(permit.is_some());
         assert_eq!(uuids(&batch), ["u1", "u2"]);
         assert!(matches!(stash, Some(Ok(None))), "{stash:?}");
 
@@ -1190,6 +1214,47 @@ mod gather_tests {
     }
 
     #[tokio::test]
+    async fn a_batch_that_reads_while_it_waits_keeps_its_place_in_the_permit_queue() {
+        let sem = permits(0);
+        let (_a_end, a_rx) = tokio::sync::oneshot::channel();
+        let (a_tx, a_beats, _, a) = start(page(1, 10), sem, a_rx);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_b_end, b_rx) = tokio::sync::oneshot::channel();
+        let (_b_tx, _, _, b) = start(page(2, 10), sem, b_rx);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The first to wait reads heartbeats meanwhile, after the second queued.
+        for seq in 1..=3 {
+            a_tx.send(Ok(beat(seq))).await.unwrap();
+        }
+        until("a's heartbeats answered", || a_beats.lock().unwrap().len() == 3).await;
+        sem.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(a.is_finished() && !b.is_finished(), "the first to wait is served first");
+        let (batch, permit, _) = a.await.unwrap().unwrap();
+        assert!(permit.is_some() && uuids(&batch) == ["u1"]);
+        drop(permit);
+        let (batch, _, _) = tokio::time::timeout(Duration::from_secs(5), b).await.unwrap().unwrap().unwrap();
+        assert_eq!(uuids(&batch), ["u2"], "then the second");
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_while_the_batch_waits_is_left_for_after_it() {
+        let sem = permits(0);
+        let (_end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let (tx, _, read, task) = start(page(1, 10), sem, end_rx);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send(Ok(page(2, 10))).await.unwrap();
+        until("the second page read while waiting", || *read.lock().unwrap() == 1).await;
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!task.is_finished(), "the end waits for the batch's permit");
+        sem.add_permits(1);
+        let (batch, _, stash) = task.await.unwrap().expect("not ended");
+        assert_eq!(uuids(&batch), ["u1", "u2"]);
+        assert!(matches!(stash, Some(Ok(None))), "{stash:?}");
+    }
+
+    #[tokio::test]
     async fn a_batch_without_inventory_work_does_not_wait_for_a_permit() {
         let sem = permits(0);
         let (_end_tx, end_rx) = tokio::sync::oneshot::channel();
@@ -1198,6 +1263,6 @@ mod gather_tests {
         let (_tx, _, _, task) = start(first, sem, end_rx);
         let (batch, permit, _) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap().unwrap();
         assert_eq!(batch.len(), 1);
-        assert!(!permit);
+        assert!(!permit.is_some());
     }
 }
