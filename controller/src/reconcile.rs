@@ -265,15 +265,15 @@ fn finish_attempt(attempts: &Attempts, host: &str, uuid: &str, ok: bool, outcome
 async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) {
     let timeout = Duration::from_secs(20);
     match a {
-        Action::GrantLeases { host, leases, issued_ms } => {
+        Action::GrantLeases { host, leases, issued_ms, early } => {
             let now = reg.now_ms();
-            let uuids = {
-                let mut u: Vec<String> = leases.iter().map(|l| l.0.clone()).collect();
+            let set = {
+                let mut u: Vec<(String, u64)> = leases.iter().map(|l| (l.0.clone(), l.2)).collect();
                 u.sort();
                 u
             };
             // Mark first, so the next pass does not send the same again meanwhile.
-            reg.leases_sent(&host, now, uuids);
+            reg.leases_sent(&host, now, set);
             let cmd = GrantLeases {
                 leases: leases.into_iter().map(|(uuid, name, generation)| Lease { uuid, name, generation }).collect(),
                 expires_unix_ms: now + lease_ttl_ms,
@@ -289,6 +289,13 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
                 // or a lease file it cannot read. Either way those guests
                 // cannot start there until someone looks.
                 for uuid in &r.stale_generation {
+                    if early {
+                        // The stored generation may be behind what the host
+                        // holds; its inventory shows it (then the set, and
+                        // the grant, change) and the grant after it judges.
+                        info!(host = %host, uuid = %uuid, "a lease granted before the inventory was refused as older than the host's; the grants after the inventory judge it");
+                        continue;
+                    }
                     let detail = format!(
                         "{host} refused the lease of {uuid}: its generation is older than the one {host} already holds \
                          (generations only move forward); the controller's database may be behind the hosts (a restored \
@@ -466,6 +473,7 @@ mod tests {
             inventory_seen: true,
             pending_boot_start: false,
             leases_sent: None,
+            session_opened_ms: 0,
             guests: vec![g("1", true), g("2", false), g("3", true)],
             owners: [("3".to_string(), OwnerView::Other { host: "b".into(), recorded: true })].into_iter().collect(),
             desired: [("1", "running"), ("2", "running")].iter().map(|(u, d)| (u.to_string(), d.to_string())).collect(),
@@ -485,7 +493,7 @@ mod tests {
         let start2 =
             vec![Action::StartWaiting { host: "a".into(), uuid: "2".into(), name: "vm-2".into(), generation: 0 }];
         assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "no lease sent yet this session: lease first");
-        s.leases_sent = Some((0, vec!["1".into(), "2".into()]));
+        s.leases_sent = Some((0, vec![("1".into(), 3), ("2".into(), 0)]));
         assert_eq!(decide_waiting(&s, &w("2"), &none), start2);
         for st in [HostStatus::Maintenance, HostStatus::Offline] {
             s.status = st;
@@ -509,7 +517,7 @@ mod tests {
         s.owners.insert("2".into(), OwnerView::Unsure);
         assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "owner unsure: nothing");
         s.owners.remove("2");
-        s.leases_sent = Some((0, vec!["1".into()]));
+        s.leases_sent = Some((0, vec![("1".into(), 3)]));
         assert!(decide_waiting(&s, &w("2"), &none).is_empty(), "its lease was not in the set sent");
         assert!(decide_waiting(&s, &w("9"), &none).is_empty(), "not reported: nothing to start");
         // It runs on its owner: it stops waiting (whatever the status).
@@ -542,7 +550,7 @@ mod tests {
         assert_eq!(leases.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["1", "2"]);
         assert_eq!(leases[0].2, 3, "a lease carries the ownership generation");
         let mut s = snap();
-        s.leases_sent = Some((1000, vec!["1".into(), "2".into()]));
+        s.leases_sent = Some((1000, vec![("1".into(), 3), ("2".into(), 0)]));
         assert!(!decide(&s, 5000, 30_000).iter().any(|x| matches!(x, Action::GrantLeases { .. })));
         assert!(
             decide(&s, 11_001, 30_000).iter().any(|x| matches!(x, Action::GrantLeases { .. })),
@@ -569,13 +577,35 @@ mod tests {
             "owned guests and owned unreported ones with their generations; not 3 (b owns it), not 2 (a job moves it)"
         );
         assert_eq!(a.len(), 1, "only the grant: no stale-copy stop, no boot start: {a:?}");
-        s.leases_sent = Some((1000, vec!["1".into(), "7".into()]));
+        s.leases_sent = Some((1000, vec![("1".into(), 3), ("7".into(), 9)]));
         assert!(decide(&s, 1500, 30_000).is_empty(), "the same set is not sent again, and still no boot start");
+        assert!(
+            matches!(a[0], Action::GrantLeases { early: true, .. }),
+            "marked as decided before the inventory: {a:?}"
+        );
         // The inventory arrives with the same guests: not due again, and the boot start goes ahead.
         s.inventory_seen = true;
         let a = decide(&s, 2000, 30_000);
         assert!(leases(&a).is_none(), "{a:?}");
         assert!(a.contains(&Action::BootStartDone { host: "a".into() }), "{a:?}");
+        // The inventory showed the store behind on a generation: granted
+        // again at once, with it, before the boot start.
+        s.generations.insert("1".into(), 4);
+        let a = decide(&s, 2000, 30_000);
+        assert_eq!(leases(&a).unwrap()[0], ("1".to_string(), "vm-1".to_string(), 4));
+        let grant = a.iter().position(|x| matches!(x, Action::GrantLeases { early: false, .. })).expect("a grant");
+        let boot = a.iter().position(|x| matches!(x, Action::BootStartDone { .. })).expect("the boot start");
+        assert!(grant < boot, "{a:?}");
+        // An inventory that never arrives: renewals from the stored view
+        // stop a lease's life after the session opened, and the leases lapse.
+        let mut s = snap();
+        s.inventory_seen = false;
+        s.session_opened_ms = 100_000;
+        assert!(leases(&decide(&s, 129_999, 30_000)).is_some());
+        s.leases_sent = Some((120_000, vec![("1".into(), 3), ("2".into(), 0)]));
+        assert!(decide(&s, 130_000, 30_000).is_empty(), "no renewal without an inventory after 30 s");
+        s.inventory_seen = true;
+        assert!(leases(&decide(&s, 130_000, 30_000)).is_some(), "the inventory brings them back");
         // A host the store knows no guest of gets no empty grant before its inventory.
         let mut s = snap();
         s.inventory_seen = false;
@@ -597,7 +627,7 @@ mod tests {
         let mut s = snap();
         s.pending_boot_start = true;
         assert!(!decide(&s, 1, 30_000).iter().any(|x| matches!(x, Action::StartForBoot { .. })), "leases first");
-        s.leases_sent = Some((1, vec!["1".into(), "2".into()]));
+        s.leases_sent = Some((1, vec![("1".into(), 3), ("2".into(), 0)]));
         let a = decide(&s, 2, 30_000);
         assert_eq!(
             a.iter().filter(|x| matches!(x, Action::StartForBoot { .. })).collect::<Vec<_>>(),
@@ -682,7 +712,7 @@ mod tests {
         );
         let mut s = snap();
         s.pending_boot_start = true;
-        s.leases_sent = Some((1, vec!["1".into(), "2".into()]));
+        s.leases_sent = Some((1, vec![("1".into(), 3), ("2".into(), 0)]));
         s.elsewhere.insert("2".into());
         assert!(!decide(&s, 2, 30_000).iter().any(|x| matches!(x, Action::StartForBoot { .. })), "2 runs elsewhere");
     }

@@ -24,6 +24,9 @@ pub enum Action {
         leases: Vec<(String, String, u64)>,
         /// When this was decided (the snapshot's time).
         issued_ms: i64,
+        /// Decided before the host's inventory of this session arrived
+        /// (from the stored view).
+        early: bool,
     },
     /// A guest holds its disk on a host that does not own it: stop it, raise an alarm.
     StopStale {
@@ -119,7 +122,7 @@ pub fn decide_waiting(
             continue;
         }
         let healthy = matches!(s.status, HostStatus::Available | HostStatus::NotAccepting);
-        let leased = s.leases_sent.as_ref().is_some_and(|(_, set)| set.contains(uuid));
+        let leased = s.leases_sent.as_ref().is_some_and(|(_, set)| set.iter().any(|(u, _)| u == uuid));
         let elsewhere = holders.get(uuid).is_some_and(|h| h.iter().any(|h| h != &s.host));
         if healthy && leased && !elsewhere {
             let generation = s.generations.get(uuid).copied().unwrap_or(0);
@@ -158,23 +161,36 @@ pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
     // leases at once, not after all their inventories. The inventory changes
     // the set only for guests defined or undefined there since (a new one
     // waits for it; one gone holds a lease it cannot use until the inventory
-    // replaces the set). Stops and starts wait for the inventory, and so
-    // does a host the store knows no guest of (a new host: no empty grant
-    // that the inventory would replace at once).
+    // replaces the set) and for generations it shows the store is behind on.
+    // Stops and starts wait for the inventory, and so does a host the store
+    // knows no guest of (no empty grant the inventory would replace at once).
+    // An inventory that has not arrived within a lease's life (refused, never
+    // finished) gets no more renewals: its leases lapse.
+    let early = !s.inventory_seen;
+    if early && now_ms.saturating_sub(s.session_opened_ms) >= lease_ttl_ms {
+        return out;
+    }
+    let generation = |u: &str| s.generations.get(u).copied().unwrap_or(0);
     let unreported = s.owned_unreported.iter().filter(|o| !s.in_job.contains(&o.0));
-    let mut uuids: Vec<String> =
-        owned.iter().map(|g| g.uuid.clone()).chain(unreported.clone().map(|o| o.0.clone())).collect();
-    uuids.sort();
+    let mut set: Vec<(String, u64)> = owned
+        .iter()
+        .map(|g| g.uuid.clone())
+        .chain(unreported.clone().map(|o| o.0.clone()))
+        .map(|u| {
+            let n = generation(&u);
+            (u, n)
+        })
+        .collect();
+    set.sort();
     let due = match &s.leases_sent {
-        None => s.inventory_seen || !uuids.is_empty(),
-        Some((at, set)) => now_ms - at >= lease_ttl_ms / 3 || set != &uuids,
+        None => !early || !set.is_empty(),
+        Some((at, sent)) => now_ms - at >= lease_ttl_ms / 3 || sent != &set,
     };
     if due {
-        let generation = |u: &str| s.generations.get(u).copied().unwrap_or(0);
         let mut leases: Vec<(String, String, u64)> =
             owned.iter().map(|g| (g.uuid.clone(), g.name.clone(), generation(&g.uuid))).collect();
         leases.extend(unreported.map(|(u, n)| (u.clone(), n.clone(), generation(u))));
-        out.push(Action::GrantLeases { host: s.host.clone(), leases, issued_ms: now_ms });
+        out.push(Action::GrantLeases { host: s.host.clone(), leases, issued_ms: now_ms, early });
     }
     if !s.inventory_seen {
         return out;

@@ -65,8 +65,11 @@ pub struct HostSnapshot {
     pub inventory_seen: bool,
     /// Came back from a normal reboot; guests that should run are not started yet.
     pub pending_boot_start: bool,
-    /// When leases were last sent this session, and for which guests.
-    pub leases_sent: Option<(i64, Vec<String>)>,
+    /// When leases were last sent this session, and for which guests at
+    /// which ownership generations (sorted by UUID).
+    pub leases_sent: Option<(i64, Vec<(String, u64)>)>,
+    /// When its current session opened (Unix ms).
+    pub session_opened_ms: i64,
     /// Guests the host reports.
     pub guests: Vec<Guest>,
     /// Reported guests this host does not own (absent: its own).

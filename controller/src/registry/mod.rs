@@ -559,6 +559,7 @@ impl Registry {
             inventory_seen: e.inventory_seen,
             pending_boot_start: e.pending_boot_start,
             leases_sent: e.leases_sent.clone(),
+            session_opened_ms: e.session_opened_ms,
             owners: guests
                 .iter()
                 .filter_map(|g| Self::owner_view(inner, &g.uuid, id).map(|o| (g.uuid.clone(), o)))
@@ -752,9 +753,9 @@ impl Registry {
     }
 
     /// Records that leases were sent.
-    pub fn leases_sent(&self, host: &str, at: i64, uuids: Vec<String>) {
+    pub fn leases_sent(&self, host: &str, at: i64, set: Vec<(String, u64)>) {
         if let Some(e) = self.lock().hosts.get_mut(host) {
-            e.leases_sent = Some((at, uuids));
+            e.leases_sent = Some((at, set));
         }
     }
 
@@ -1076,7 +1077,7 @@ mod tests {
         reg.apply_guest("h", sid, on(true)).unwrap();
         assert_eq!(logged(), 0);
         reg.apply_guest("h", sid, on(false)).unwrap();
-        reg.leases_sent("h", 1, vec!["u1".into()]);
+        reg.leases_sent("h", 1, vec![("u1".into(), 0)]);
         reg.apply_guest("h", sid, on(true)).unwrap();
         assert_eq!(logged(), 1);
         // Still on (another change of the same guest): not logged again.

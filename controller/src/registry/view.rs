@@ -33,8 +33,11 @@ pub(super) struct HostEntry {
     pub(super) pending_boot_start: bool,
     /// An inventory arrived in the current session.
     pub(super) inventory_seen: bool,
-    /// When leases were last sent in this session, and which.
-    pub(super) leases_sent: Option<(i64, Vec<String>)>,
+    /// When leases were last sent in this session, and which (UUID and
+    /// generation, sorted).
+    pub(super) leases_sent: Option<(i64, Vec<(String, u64)>)>,
+    /// When the current session opened (Unix ms; 0 without one).
+    pub(super) session_opened_ms: i64,
 }
 
 impl HostEntry {
@@ -49,6 +52,7 @@ impl HostEntry {
             pending_boot_start: false,
             inventory_seen: false,
             leases_sent: None,
+            session_opened_ms: 0,
         }
     }
 }
