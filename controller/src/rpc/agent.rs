@@ -231,11 +231,11 @@ impl AgentSession for AgentService {
                         || heard.store(reg.now_ms(), std::sync::atomic::Ordering::Relaxed),
                     )
                     .await;
-                    let Some((batch, permit)) = gathered else { break };
+                    let Some((batch, _permit)) = gathered else { break };
                     let (reg2, host2) = (reg.clone(), host.clone());
                     let mut st = intake.take().unwrap_or_else(|| SessionIntake::new(reg.now_ms()));
                     let mut un = unwritten.take().unwrap_or_default();
-                    let work = move || {
+                    match tokio::task::spawn_blocking(move || {
                         let rs: Vec<Result<(), MessageError>> = batch
                             .into_iter()
                             .map(|msg| {
@@ -246,17 +246,9 @@ impl AgentSession for AgentService {
                             })
                             .collect();
                         (st, un, rs)
-                    };
-                    // Inventory work (it holds a permit) runs on the intake
-                    // threads, below the serving threads; the rest on the
-                    // blocking pool.
-                    let done = if permit.is_some() {
-                        on_intake_thread(work).await.ok_or_else(|| "the intake thread failed (a panic)".to_string())
-                    } else {
-                        tokio::task::spawn_blocking(work).await.map_err(|e| e.to_string())
-                    };
-                    drop(permit);
-                    match done {
+                    })
+                    .await
+                    {
                         Ok((st, un, rs)) => {
                             intake = Some(st);
                             unwritten = Some(un);
@@ -438,72 +430,10 @@ where
 /// changes) do not wait for these.
 fn inventory_permits() -> &'static tokio::sync::Semaphore {
     static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    PERMITS.get_or_init(|| tokio::sync::Semaphore::new(intake_threads()))
-}
-
-/// How many inventory batches are taken in at once: two per core, at least 4.
-fn intake_threads() -> usize {
-    let cores = std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(2);
-    cores.saturating_mul(2).max(4)
-}
-
-/// How much lower than the thread that starts them the intake threads run
-/// (nice values): under full load a thread at +5 gets about a third of the
-/// CPU of one at the starting thread's priority. Taking in inventories is
-/// bulk work; opening sessions (their TLS handshakes), answering heartbeats
-/// and sending commands go first, so after a failover the agents reconnect
-/// and are granted their leases while the inventories are taken in behind.
-const INTAKE_NICE_BELOW: i32 = 5;
-
-type IntakeJob = Box<dyn FnOnce() + Send>;
-
-/// The intake threads' queue (started at the first use, one thread per
-/// inventory permit, so a job never waits here for long).
-fn intake_queue() -> &'static std::sync::mpsc::Sender<IntakeJob> {
-    static QUEUE: std::sync::OnceLock<std::sync::mpsc::Sender<IntakeJob>> = std::sync::OnceLock::new();
-    QUEUE.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<IntakeJob>();
-        let rx = Arc::new(std::sync::Mutex::new(rx));
-        for i in 0..intake_threads() {
-            let rx = rx.clone();
-            let spawned = std::thread::Builder::new().name(format!("lifeboat-intake-{i}")).spawn(move || {
-                let lowered = crate::ha::priority::this_thread_nice()
-                    .and_then(|n| crate::ha::priority::lower_this_thread(n.saturating_add(INTAKE_NICE_BELOW)));
-                if let Err(e) = lowered {
-                    warn!("{e}: the intake thread runs at the serving threads' priority");
-                }
-                loop {
-                    let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                        Ok(job) => job,
-                        Err(_) => return,
-                    };
-                    // A job that panics drops its answer (its session ends
-                    // with an error); the thread goes on with the next.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                }
-            });
-            if let Err(e) = spawned {
-                warn!("cannot start an intake thread: {e}");
-            }
-        }
-        tx
+    PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(2);
+        tokio::sync::Semaphore::new(cores.saturating_mul(2).max(4))
     })
-}
-
-/// Runs `f` on an intake thread; `None` if it panicked (or no intake
-/// thread could be started: then it runs on the blocking pool).
-async fn on_intake_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let job: IntakeJob = Box::new(move || {
-        let _ = tx.send(f());
-    });
-    match intake_queue().send(job) {
-        Ok(()) => rx.await.ok(),
-        Err(std::sync::mpsc::SendError(job)) => {
-            tokio::task::spawn_blocking(job).await.ok()?;
-            rx.await.ok()
-        }
-    }
 }
 
 /// Takes in a command's result: checked, then it completes the command
@@ -1195,22 +1125,6 @@ mod gather_tests {
         let (batch, _, stash) = task.await.unwrap().expect("not ended");
         assert_eq!(batch.len(), 1);
         assert!(matches!(stash, Some(Err(_))));
-    }
-
-    #[tokio::test]
-    async fn inventory_work_runs_on_intake_threads_below_the_serving_threads_and_survives_a_panic() {
-        let here = crate::ha::priority::this_thread_nice().unwrap();
-        let there = on_intake_thread(|| {
-            (crate::ha::priority::this_thread_nice().unwrap(), std::thread::current().name().map(String::from))
-        })
-        .await
-        .expect("ran");
-        assert_eq!(there.0, here.saturating_add(INTAKE_NICE_BELOW).min(19), "{there:?}");
-        assert!(there.1.as_deref().is_some_and(|n| n.starts_with("lifeboat-intake-")), "{there:?}");
-        for _ in 0..intake_threads() + 1 {
-            assert!(on_intake_thread(|| -> u8 { panic!("a bug in the intake") }).await.is_none());
-        }
-        assert_eq!(on_intake_thread(|| 7).await, Some(7), "every thread panicked once and still takes work");
     }
 
     #[tokio::test]
