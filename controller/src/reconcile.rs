@@ -473,7 +473,7 @@ mod tests {
             inventory_seen: true,
             pending_boot_start: false,
             leases_sent: None,
-            session_opened_ms: 0,
+            uninventoried_since_ms: 0,
             guests: vec![g("1", true), g("2", false), g("3", true)],
             owners: [("3".to_string(), OwnerView::Other { host: "b".into(), recorded: true })].into_iter().collect(),
             desired: [("1", "running"), ("2", "running")].iter().map(|(u, d)| (u.to_string(), d.to_string())).collect(),
@@ -597,15 +597,16 @@ mod tests {
         let boot = a.iter().position(|x| matches!(x, Action::BootStartDone { .. })).expect("the boot start");
         assert!(grant < boot, "{a:?}");
         // An inventory that never arrives: renewals from the stored view
-        // stop a lease's life after the session opened, and the leases lapse.
+        // stop three lease lives after the first session without one, and
+        // the leases lapse.
         let mut s = snap();
         s.inventory_seen = false;
-        s.session_opened_ms = 100_000;
-        assert!(leases(&decide(&s, 129_999, 30_000)).is_some());
-        s.leases_sent = Some((120_000, vec![("1".into(), 3), ("2".into(), 0)]));
-        assert!(decide(&s, 130_000, 30_000).is_empty(), "no renewal without an inventory after 30 s");
+        s.uninventoried_since_ms = 100_000;
+        assert!(leases(&decide(&s, 189_999, 30_000)).is_some());
+        s.leases_sent = Some((180_000, vec![("1".into(), 3), ("2".into(), 0)]));
+        assert!(decide(&s, 190_000, 30_000).is_empty(), "no renewal without an inventory after 90 s");
         s.inventory_seen = true;
-        assert!(leases(&decide(&s, 130_000, 30_000)).is_some(), "the inventory brings them back");
+        assert!(leases(&decide(&s, 190_000, 30_000)).is_some(), "the inventory brings them back");
         // A host the store knows no guest of gets no empty grant before its inventory.
         let mut s = snap();
         s.inventory_seen = false;

@@ -132,6 +132,13 @@ pub fn decide_waiting(
     out
 }
 
+/// For how many lease lives (`lease_ttl_ms`) a host's leases are renewed
+/// from the stored view while its inventory has not been applied: long
+/// enough for 10,000 inventories to be taken in after a failover on a busy
+/// machine, short enough that a host whose inventory cannot be read is soon
+/// left without leases.
+pub const EARLY_LEASE_LIVES: i64 = 3;
+
 /// Decides what to do for one host. Pure.
 pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
     let mut out = Vec::new();
@@ -164,10 +171,11 @@ pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
     // replaces the set) and for generations it shows the store is behind on.
     // Stops and starts wait for the inventory, and so does a host the store
     // knows no guest of (no empty grant the inventory would replace at once).
-    // An inventory that has not arrived within a lease's life (refused, never
-    // finished) gets no more renewals: its leases lapse.
+    // A host whose inventory has not been applied within three lease lives
+    // of its first session without one (refused, never sent; reconnecting
+    // does not start the count again) gets no more: its leases lapse.
     let early = !s.inventory_seen;
-    if early && now_ms.saturating_sub(s.session_opened_ms) >= lease_ttl_ms {
+    if early && now_ms.saturating_sub(s.uninventoried_since_ms) >= lease_ttl_ms.saturating_mul(EARLY_LEASE_LIVES) {
         return out;
     }
     let generation = |u: &str| s.generations.get(u).copied().unwrap_or(0);

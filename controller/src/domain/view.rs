@@ -68,8 +68,9 @@ pub struct HostSnapshot {
     /// When leases were last sent this session, and for which guests at
     /// which ownership generations (sorted by UUID).
     pub leases_sent: Option<(i64, Vec<(String, u64)>)>,
-    /// When its current session opened (Unix ms).
-    pub session_opened_ms: i64,
+    /// When its first session without an applied inventory opened (Unix ms;
+    /// reconnecting does not move it; 0 once an inventory is applied).
+    pub uninventoried_since_ms: i64,
     /// Guests the host reports.
     pub guests: Vec<Guest>,
     /// Reported guests this host does not own (absent: its own).

@@ -261,6 +261,7 @@ impl Registry {
         }
         if let Some(e) = inner.hosts.get_mut(host_id) {
             e.inventory_seen = true;
+            e.uninventoried_since_ms = 0;
             e.dirty = true;
             inner.view_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }

@@ -559,7 +559,7 @@ impl Registry {
             inventory_seen: e.inventory_seen,
             pending_boot_start: e.pending_boot_start,
             leases_sent: e.leases_sent.clone(),
-            session_opened_ms: e.session_opened_ms,
+            uninventoried_since_ms: e.uninventoried_since_ms,
             owners: guests
                 .iter()
                 .filter_map(|g| Self::owner_view(inner, &g.uuid, id).map(|o| (g.uuid.clone(), o)))
@@ -1478,6 +1478,52 @@ mod tests {
             let alarms: Vec<_> = reg.active_alarms().into_iter().filter(|a| a.1 == "row-quarantined").collect();
             assert!(alarms.iter().any(|a| a.0 == "b" && a.2.contains("table hosts (key b)")), "{bad}: {alarms:?}");
         }
+    }
+
+    #[test]
+    fn a_reconnected_host_is_leased_from_the_stored_view_until_three_lease_lives_pass_without_an_inventory() {
+        use crate::domain::reconcile::{Action, decide};
+        let clock = crate::ports::ManualClock::new(1_000_000);
+        let repos = crate::store::sqlite::SqliteRepos::start_in_memory().unwrap();
+        let reg = Registry::load_with_clock(repos, Timing::default(), Arc::new(clock.clone())).unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        let running = Guest { state: GuestState::Running as i32, ..g("u1", "vm1") };
+        let sid = reg.open_session("h", "boot", tx.clone()).unwrap();
+        reg.apply_inventory("h", sid, Inventory { host: None, guests: vec![running.clone()], more: false }).unwrap();
+        let ttl = 30_000;
+        let grants = || {
+            let now = reg.now_ms();
+            reg.reconcile_each(now, ttl, true, |snap| decide(snap, now, ttl))
+                .into_iter()
+                .flatten()
+                .filter_map(|a| match a {
+                    Action::GrantLeases { leases, early, .. } => Some((leases, early)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let leased = vec![("u1".to_string(), "vm1".to_string(), 0u64)];
+        assert_eq!(grants(), [(leased.clone(), false)], "after the inventory");
+        // The agent reconnects: granted at once from the stored view.
+        reg.close_session("h", sid);
+        clock.advance(1_000);
+        let sid = reg.open_session("h", "boot", tx.clone()).unwrap();
+        assert_eq!(grants(), [(leased.clone(), true)], "before the new session's inventory");
+        // Reconnecting again and again does not start the count again.
+        clock.advance(3 * ttl - 1);
+        reg.close_session("h", sid);
+        let sid = reg.open_session("h", "boot", tx.clone()).unwrap();
+        assert_eq!(grants(), [(leased.clone(), true)]);
+        clock.advance(1);
+        reg.close_session("h", sid);
+        let sid = reg.open_session("h", "boot", tx.clone()).unwrap();
+        assert_eq!(grants(), [], "three lease lives without an inventory: the leases lapse");
+        // An inventory applied: leased again, and the count starts over.
+        reg.apply_inventory("h", sid, Inventory { host: None, guests: vec![running], more: false }).unwrap();
+        assert_eq!(grants(), [(leased.clone(), false)]);
+        reg.close_session("h", sid);
+        let _sid = reg.open_session("h", "boot", tx).unwrap();
+        assert_eq!(grants(), [(leased, true)]);
     }
 
     #[test]

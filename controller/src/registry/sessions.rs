@@ -71,7 +71,9 @@ impl Registry {
         e.dirty = true;
         e.inventory_seen = false;
         e.leases_sent = None;
-        e.session_opened_ms = now;
+        if e.uninventoried_since_ms == 0 {
+            e.uninventoried_since_ms = now;
+        }
         let ev = classify_return(e.row.status.as_str(), &e.row.info.boot_id, &e.row.fenced_boot_id, boot_id);
         if ev.rebooted {
             e.pending_boot_start = true;

@@ -36,8 +36,10 @@ pub(super) struct HostEntry {
     /// When leases were last sent in this session, and which (UUID and
     /// generation, sorted).
     pub(super) leases_sent: Option<(i64, Vec<(String, u64)>)>,
-    /// When the current session opened (Unix ms; 0 without one).
-    pub(super) session_opened_ms: i64,
+    /// When this host's first session without an applied inventory opened
+    /// (Unix ms): a reconnect does not move it, an applied inventory clears
+    /// it (0).
+    pub(super) uninventoried_since_ms: i64,
 }
 
 impl HostEntry {
@@ -52,7 +54,7 @@ impl HostEntry {
             pending_boot_start: false,
             inventory_seen: false,
             leases_sent: None,
-            session_opened_ms: 0,
+            uninventoried_since_ms: 0,
         }
     }
 }

@@ -203,6 +203,12 @@ impl AgentSession for AgentService {
                 heard.store(reg.now_ms(), std::sync::atomic::Ordering::Relaxed);
                 let rs: Vec<Result<(), MessageError>> = if let Some(Msg::Heartbeat(h)) = &msg.msg {
                     vec![answer_heartbeat(&reg, &tx, h)]
+                } else if let Some(Msg::CommandResult(r)) = &msg.msg
+                    && reg.answers_unordered(&host, &r.id)
+                {
+                    // Taken at once, as `gather` does behind a batch.
+                    let Some(Msg::CommandResult(r)) = msg.msg else { continue };
+                    vec![complete_result(&reg, &host, r)]
                 } else {
                     // Inflating, validating and writing run on a blocking
                     // thread: a session busy with a large inventory must not
