@@ -201,15 +201,23 @@ impl AgentSession for AgentService {
                 // Liveness without the registry lock: heartbeats from
                 // 10,000 hosts must not queue behind inventory writes.
                 heard.store(reg.now_ms(), std::sync::atomic::Ordering::Relaxed);
-                let rs: Vec<Result<(), MessageError>> = if let Some(Msg::Heartbeat(h)) = &msg.msg {
-                    vec![answer_heartbeat(&reg, &tx, h)]
-                } else if let Some(Msg::CommandResult(r)) = &msg.msg
-                    && reg.answers_unordered(&host, &r.id)
-                {
-                    // Taken at once, as `gather` does behind a batch.
-                    let Some(Msg::CommandResult(r)) = msg.msg else { continue };
-                    vec![complete_result(&reg, &host, r)]
-                } else {
+                // Heartbeats and unordered command results are answered at
+                // once, here and behind a batch alike.
+                let mut now = |m: AgentMessage| {
+                    let answered = match m.msg {
+                        Some(Msg::Heartbeat(ref h)) => answer_heartbeat(&reg, &tx, h),
+                        Some(Msg::CommandResult(r)) if reg.answers_unordered(&host, &r.id) => {
+                            complete_result(&reg, &host, r)
+                        }
+                        _ => return Some(m),
+                    };
+                    if let Err(MessageError::Refused(r)) = answered {
+                        refusals.refused(&reg, &host, &tx, r);
+                    }
+                    None
+                };
+                let Some(msg) = now(msg) else { continue };
+                let rs: Vec<Result<(), MessageError>> = {
                     // Inflating, validating and writing run on a blocking
                     // thread: a session busy with a large inventory must not
                     // hold up the runtime threads other sessions' heartbeats
@@ -221,19 +229,7 @@ impl AgentSession for AgentService {
                         &mut stash,
                         inventory_permits(),
                         session_ends(&mut reader_superseded, stop.as_mut(), &host),
-                        |m| {
-                            let answered = match m.msg {
-                                Some(Msg::Heartbeat(ref h)) => answer_heartbeat(&reg, &tx, h),
-                                Some(Msg::CommandResult(r)) if reg.answers_unordered(&host, &r.id) => {
-                                    complete_result(&reg, &host, r)
-                                }
-                                _ => return Some(m),
-                            };
-                            if let Err(MessageError::Refused(r)) = answered {
-                                refusals.refused(&reg, &host, &tx, r);
-                            }
-                            None
-                        },
+                        now,
                         || heard.store(reg.now_ms(), std::sync::atomic::Ordering::Relaxed),
                     )
                     .await;
