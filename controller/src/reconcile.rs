@@ -267,13 +267,8 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
     match a {
         Action::GrantLeases { host, leases, issued_ms, early } => {
             let now = reg.now_ms();
-            let set = {
-                let mut u: Vec<(String, u64)> = leases.iter().map(|l| (l.0.clone(), l.2)).collect();
-                u.sort();
-                u
-            };
             // Mark first, so the next pass does not send the same again meanwhile.
-            reg.leases_sent(&host, now, set);
+            reg.leases_sent(&host, now, crate::domain::reconcile::lease_set(&leases));
             let cmd = GrantLeases {
                 leases: leases.into_iter().map(|(uuid, name, generation)| Lease { uuid, name, generation }).collect(),
                 expires_unix_ms: now + lease_ttl_ms,

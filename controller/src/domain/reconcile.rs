@@ -139,6 +139,14 @@ pub fn decide_waiting(
 /// left without leases.
 pub const EARLY_LEASE_LIVES: i64 = 3;
 
+/// What a grant of `leases` (uuid, name, generation) is remembered as: its
+/// (uuid, generation) pairs, sorted.
+pub fn lease_set(leases: &[(String, String, u64)]) -> Vec<(String, u64)> {
+    let mut set: Vec<(String, u64)> = leases.iter().map(|l| (l.0.clone(), l.2)).collect();
+    set.sort();
+    set
+}
+
 /// Decides what to do for one host. Pure.
 pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
     let mut out = Vec::new();
@@ -180,24 +188,15 @@ pub fn decide(s: &HostSnapshot, now_ms: i64, lease_ttl_ms: i64) -> Vec<Action> {
     }
     let generation = |u: &str| s.generations.get(u).copied().unwrap_or(0);
     let unreported = s.owned_unreported.iter().filter(|o| !s.in_job.contains(&o.0));
-    let mut set: Vec<(String, u64)> = owned
-        .iter()
-        .map(|g| g.uuid.clone())
-        .chain(unreported.clone().map(|o| o.0.clone()))
-        .map(|u| {
-            let n = generation(&u);
-            (u, n)
-        })
-        .collect();
-    set.sort();
+    let mut leases: Vec<(String, String, u64)> =
+        owned.iter().map(|g| (g.uuid.clone(), g.name.clone(), generation(&g.uuid))).collect();
+    leases.extend(unreported.map(|(u, n)| (u.clone(), n.clone(), generation(u))));
+    let set = lease_set(&leases);
     let due = match &s.leases_sent {
         None => !early || !set.is_empty(),
         Some((at, sent)) => now_ms - at >= lease_ttl_ms / 3 || sent != &set,
     };
     if due {
-        let mut leases: Vec<(String, String, u64)> =
-            owned.iter().map(|g| (g.uuid.clone(), g.name.clone(), generation(&g.uuid))).collect();
-        leases.extend(unreported.map(|(u, n)| (u.clone(), n.clone(), generation(u))));
         out.push(Action::GrantLeases { host: s.host.clone(), leases, issued_ms: now_ms, early });
     }
     if !s.inventory_seen {
