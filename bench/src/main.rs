@@ -971,7 +971,9 @@ async fn main() -> anyhow::Result<()> {
 
     // With --etcd: one real etcd member and several controllers sharing it.
     let etcd = if args.etcd {
-        let e = lifeboat_common::etcd_test::Etcd::start().map_err(|e| anyhow::anyhow!("starting etcd: {e}"))?;
+        let mut e = lifeboat_common::etcd_test::Etcd::start().map_err(|e| anyhow::anyhow!("starting etcd: {e}"))?;
+        // Kept beside the controllers' logs: a stalled etcd explains itself there.
+        e.keep_log(dir.join("etcd.log"));
         log(t0, format!("etcd at {}", e.url()));
         Some(e)
     } else {

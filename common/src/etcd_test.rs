@@ -24,6 +24,7 @@ pub struct Etcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    keep_log: Option<PathBuf>,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -61,7 +62,7 @@ impl Etcd {
             dir = base.join(format!("lifeboat-etcd-{n}-{stamp}-{i}"));
         }
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let mut e = Etcd { child: None, dir, client_port: 0, peer_port: 0 };
+        let mut e = Etcd { child: None, dir, client_port: 0, peer_port: 0, keep_log: None };
         // A free port found here may be taken by a parallel test before etcd
         // binds it: try fresh ports a few times.
         let mut last = String::new();
@@ -92,6 +93,9 @@ impl Etcd {
             // operations guide asks for these limits (docs/operations.md).
             .args(["--max-txn-ops", "10000", "--max-request-bytes", "10485760"])
             .args(["--quota-backend-bytes", "4294967296"])
+            // Profiles at /debug/pprof on the client URL (127.0.0.1 only):
+            // what a stalled member was doing can be asked.
+            .arg("--enable-pprof")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -121,6 +125,12 @@ impl Etcd {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
+    /// Copies etcd's own log to `to` when this is dropped (the data
+    /// directory, log included, is removed then).
+    pub fn keep_log(&mut self, to: PathBuf) {
+        self.keep_log = Some(to);
+    }
+
     /// Kills the server (SIGKILL); its data stays for [`Etcd::restart`].
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -139,6 +149,9 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
+        if let Some(to) = &self.keep_log {
+            let _ = std::fs::copy(self.dir.join("etcd.log"), to);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

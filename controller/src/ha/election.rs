@@ -311,40 +311,67 @@ async fn keep_alive(
 async fn watch_key(client: Client, key: Vec<u8>, rev: i64, l: Arc<Leadership>) {
     let mut wc = client.watch_client();
     let mut kv = client.kv_client();
-    // Where the next watch starts: after what was last seen of the key.
-    let mut from = rev.saturating_add(1);
     loop {
-        let opts = WatchOptions::new().with_start_revision(from);
-        let stream = wc.watch(key.clone(), Some(opts)).await;
-        if let Ok(mut stream) = stream {
-            while let Ok(Some(resp)) = stream.message().await {
-                if resp.canceled() {
-                    break;
-                }
-                for ev in resp.events() {
-                    let replaced = ev.kv().is_some_and(|kv| kv.create_revision() != rev);
-                    if ev.event_type() == EventType::Delete || replaced {
-                        l.lose("the leadership key was deleted or replaced in etcd");
-                        return;
+        // Read the key, then watch from after that read: a deletion in
+        // between is never missed. Never from the key's creation: a standby
+        // campaigns long before it wins, and etcd would replay every write
+        // since (minutes or days of the pool's rows) to this watch, stalling
+        // every other request, the new leader's keepalives among them.
+        match key_watch_start(&mut kv, &key, rev).await {
+            KeyRead::Holds { from } => {
+                let opts = WatchOptions::new().with_start_revision(from);
+                if let Ok(mut stream) = wc.watch(key.clone(), Some(opts)).await {
+                    while let Ok(Some(resp)) = stream.message().await {
+                        if resp.canceled() {
+                            break;
+                        }
+                        for ev in resp.events() {
+                            let replaced = ev.kv().is_some_and(|kv| kv.create_revision() != rev);
+                            if ev.event_type() == EventType::Delete || replaced {
+                                l.lose("the leadership key was deleted or replaced in etcd");
+                                return;
+                            }
+                        }
                     }
                 }
             }
+            KeyRead::Gone => {
+                l.lose("the leadership key was deleted or replaced in etcd");
+                return;
+            }
+            // etcd unreachable: the renewals decide, through the local deadline.
+            KeyRead::Unknown => {}
         }
         if !l.holds() {
             return;
         }
-        // The stream broke (a member restarted, or the history from `from`
-        // was compacted): read the key itself before watching again from
-        // after that read, so a deletion meanwhile is never missed.
+        // The stream broke (a member restarted, or etcd compacted past it).
         tokio::time::sleep(Duration::from_millis(200)).await;
-        // (etcd unreachable: the renewals decide, through the local deadline.)
-        if let Ok(r) = kv.get(key.clone(), None).await {
-            if r.kvs().first().is_none_or(|kv| kv.create_revision() != rev) {
-                l.lose("the leadership key was deleted or replaced in etcd");
-                return;
-            }
-            from = r.header().map_or(from, |h| h.revision().saturating_add(1));
-        }
+    }
+}
+
+/// What a read of the leadership key found.
+#[derive(Debug, PartialEq, Eq)]
+enum KeyRead {
+    /// Still this leadership's key: watch it from `from` (just after the
+    /// revision of the read).
+    Holds { from: i64 },
+    /// Deleted, or created again by someone else.
+    Gone,
+    /// etcd did not answer (or answered without a revision).
+    Unknown,
+}
+
+/// Reads the leadership `key` (created at revision `rev`) to learn where
+/// its watch starts.
+async fn key_watch_start(kv: &mut etcd_client::KvClient, key: &[u8], rev: i64) -> KeyRead {
+    let Ok(r) = kv.get(key.to_vec(), None).await else { return KeyRead::Unknown };
+    if r.kvs().first().is_none_or(|kv| kv.create_revision() != rev) {
+        return KeyRead::Gone;
+    }
+    match r.header() {
+        Some(h) => KeyRead::Holds { from: h.revision().saturating_add(1) },
+        None => KeyRead::Unknown,
     }
 }
 
@@ -497,5 +524,41 @@ mod tests {
         assert!(!lb.holds());
         assert!(why.contains("lease") || why.contains("leadership key"), "{why}");
         assert_eq!(leader_url(&client(&etcd).await, &election_name("/t/")).await, LeaderHint::NoLeader);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_leader_watches_its_key_from_now_not_from_when_it_began_to_campaign() {
+        let Some(etcd) = Etcd::start_or_skip() else { return };
+        let a = Campaign::start(client(&etcd).await, "/t/", "https://a:7443", TTL).await.unwrap();
+        let la = a.campaign().await.unwrap();
+        let b = Arc::new(Campaign::start(client(&etcd).await, "/t/", "https://b:7443", TTL).await.unwrap());
+        let bw = tokio::spawn({
+            let b = b.clone();
+            async move { b.campaign().await.unwrap() }
+        });
+        // B's key is written now; the pool's writes go on while it waits.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut kv = client(&etcd).await.kv_client();
+        let mut last = 0;
+        for i in 0..50 {
+            last = kv.put(format!("/t/rows/{i}"), vec![7u8; 1024], None).await.unwrap().header().unwrap().revision();
+        }
+        a.resign().await;
+        let lb = tokio::time::timeout(Duration::from_secs(2), bw).await.expect("B leads").unwrap();
+        assert!(lb.revision() < last, "B's key predates the writes");
+        // Its watch starts after them: etcd does not replay what B waited through.
+        match key_watch_start(&mut kv, lb.key(), lb.revision()).await {
+            KeyRead::Holds { from } => assert!(from > last, "watch from {from}, the writes ended at {last}"),
+            other => panic!("B's key should hold: {other:?}"),
+        }
+        // Deleted and created again by another: gone, and B stops leading.
+        assert!(lb.holds());
+        kv.delete(lb.key().to_vec(), None).await.unwrap();
+        kv.put(lb.key().to_vec(), "https://c:7443", None).await.unwrap();
+        assert_eq!(key_watch_start(&mut kv, lb.key(), lb.revision()).await, KeyRead::Gone);
+        let why = tokio::time::timeout(Duration::from_secs(2), lb.lost()).await.expect("noticed within 2 s");
+        assert!(why.contains("leadership key"), "{why}");
+        assert_eq!(key_watch_start(&mut kv, b"/t/nothing-here", lb.revision()).await, KeyRead::Gone);
+        drop(la);
     }
 }
