@@ -140,31 +140,37 @@ struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Loads the registry from `repos` and starts everything that acts: the
-/// liveness watcher, the reconciler, the engine (resuming jobs after the
-/// startup grace) and the services. With `leadership`, every command
-/// carries its epoch and none is sent once it no longer holds.
+/// Loads the registry from `repos` (or takes `loaded`, a registry loaded
+/// ahead from the same rows, and binds it to `repos`) and starts everything
+/// that acts: the liveness watcher, the reconciler, the engine (resuming
+/// jobs after the startup grace) and the services. With `leadership`, every
+/// command carries its epoch and none is sent once it no longer holds.
 async fn start_controller(
     cfg: &config::ControllerConfig,
     repos: ports::Repos,
+    loaded: Option<registry::Registry>,
     leadership: Option<Arc<ha::Leadership>>,
     stopping: tokio::sync::watch::Receiver<bool>,
     dash: Option<&dashboard::AppState>,
 ) -> anyhow::Result<Running> {
     let timing = cfg.timing();
-    let loading = repos.clone();
-    let t0 = std::time::Instant::now();
-    // Start-up reads block on the store thread: off the async workers.
-    let registry = Arc::new(
-        tokio::task::spawn_blocking(move || registry::Registry::load(loading, timing))
-            .await
-            .map_err(|e| anyhow::anyhow!("loading the database: {e}"))??,
-    );
-    info!(
-        ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
-        hosts = registry.host_count(),
-        "registry loaded"
-    );
+    let registry = match loaded {
+        Some(r) => Arc::new(r.rebind(repos.clone())),
+        None => {
+            let loading = repos.clone();
+            let t0 = std::time::Instant::now();
+            // Start-up reads block on the store thread: off the async workers.
+            let r = tokio::task::spawn_blocking(move || registry::Registry::load(loading, timing))
+                .await
+                .map_err(|e| anyhow::anyhow!("loading the database: {e}"))??;
+            info!(
+                ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+                hosts = r.host_count(),
+                "registry loaded"
+            );
+            Arc::new(r)
+        }
+    };
     if let Some(l) = leadership.clone() {
         registry.set_leadership(l);
     }
@@ -299,7 +305,7 @@ async fn serve_sqlite(
     // with a status saying so, and the connections drain.
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let dash = dashboard::Dashboard::new(&cfg.dashboard, &tls, Arc::new(ports::SystemClock), None).await?;
-    let ctl = start_controller(&cfg, repos.clone(), None, stopping, dash.as_ref().map(|d| &d.app)).await?;
+    let ctl = start_controller(&cfg, repos.clone(), None, None, stopping, dash.as_ref().map(|d| &d.app)).await?;
     let _dash_task = dash.map(dashboard::Dashboard::spawn);
     info!(
         listen = %listener.local_addr()?,
@@ -384,6 +390,80 @@ fn deadline_watchdog(
         })
         .map_err(|e| anyhow::anyhow!("starting the deadline watchdog: {e}"))?;
     Ok(())
+}
+
+/// At most one load ahead per this long: an agent that keeps saying the
+/// leader is gone (a flaky network, or a hostile agent) costs a follower
+/// one registry load a minute at most.
+const LOAD_AHEAD_EVERY: Duration = Duration::from_secs(60);
+
+/// How long a follower keeps a registry loaded ahead if it is not elected
+/// (its memory is the pool's in-memory view).
+const LOAD_AHEAD_KEEP: Duration = Duration::from_secs(30);
+
+/// A registry being loaded ahead by a follower through a read-only
+/// connection to its local copy, and the rows revision it was started at.
+struct LoadAhead {
+    at: i64,
+    t0: std::time::Instant,
+    task: tokio::task::JoinHandle<Result<registry::Registry, ports::RepoError>>,
+}
+
+/// Starts loading the registry ahead (at the serving runtime's lowered
+/// priority: it must not slow the election or etcd's answers); `None` if
+/// the local copy cannot be opened for reading (then it loads after
+/// promotion, as always).
+fn load_ahead(
+    replica: &store::etcd::Replica,
+    rows: &store::etcd::RowsRevision,
+    timing: domain::host::Timing,
+) -> Option<LoadAhead> {
+    // Read before the first row is: rows read later are those of this
+    // revision if it has not moved when they are used.
+    let at = rows.get();
+    let reader = match replica.reader() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("cannot read the local copy ahead ({e}); it is loaded once this controller leads");
+            return None;
+        }
+    };
+    info!(revision = at, "an agent says the leader is gone: loading the registry ahead from the local copy");
+    let task = tokio::task::spawn_blocking(move || registry::Registry::load(reader, timing));
+    Some(LoadAhead { at, t0: std::time::Instant::now(), task })
+}
+
+impl LoadAhead {
+    /// The registry loaded ahead, once promotion has caught the local copy
+    /// up to etcd: only if no row changed since it began (else `None`, and
+    /// the registry is loaded from the promoted store). Waits for a load
+    /// still running: it began earlier than a new one would.
+    async fn take(self, rows: &store::etcd::RowsRevision) -> Option<registry::Registry> {
+        if rows.get() != self.at {
+            info!(ahead = self.at, now = rows.get(), "rows changed since the load ahead began: loading again");
+            return None;
+        }
+        match self.task.await {
+            Ok(Ok(r)) if rows.get() == self.at => {
+                info!(
+                    ms = u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    hosts = r.host_count(),
+                    revision = self.at,
+                    "registry loaded ahead and used (no row changed since)"
+                );
+                Some(r)
+            }
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
+                info!("the load ahead failed ({e}): loading again");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("the load ahead did not finish ({e}): loading again");
+                None
+            }
+        }
+    }
 }
 
 /// The etcd backend: serve as a follower (every call refused, naming the
@@ -554,8 +634,20 @@ async fn serve_etcd_on(
         async move { c.campaign().await }
     });
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // An agent held here says the leader is gone: the registry is loaded
+    // ahead from the local copy, and used if no row changed since.
+    let mut suspected = gate.leader_suspected();
+    let rows = replica.rows_revision();
+    let mut ahead: Option<LoadAhead> = None;
+    let mut last_ahead: Option<std::time::Instant> = None;
     let leadership = loop {
         tokio::select! {
+            r = suspected.changed(), if ahead.is_none() && last_ahead.is_none_or(|t| t.elapsed() >= LOAD_AHEAD_EVERY) => {
+                if r.is_ok() {
+                    ahead = load_ahead(&replica, &rows, cfg.timing());
+                    last_ahead = Some(std::time::Instant::now());
+                }
+            }
             l = &mut won => match l.map_err(|e| anyhow::anyhow!("campaign task: {e}"))? {
                 Ok(l) => break l,
                 // Restarting is how a process gets a new lease: exit as if lost.
@@ -568,6 +660,12 @@ async fn serve_etcd_on(
                 Err(e) => return Err(e.into()),
             },
             _ = tick.tick() => {
+                // Not elected after all (the leader lives, or another leads):
+                // a load ahead that can no longer be used is not kept.
+                if ahead.as_ref().is_some_and(|a| a.task.is_finished() && (rows.get() != a.at || a.t0.elapsed() >= LOAD_AHEAD_KEEP)) {
+                    ahead = None;
+                    suspected.mark_unchanged();
+                }
                 if let Some(why) = replica.stopped_following() {
                     won.abort();
                     campaign.resign().await;
@@ -607,8 +705,13 @@ async fn serve_etcd_on(
             .map_err(|e| anyhow::anyhow!("promoting the local copy of etcd: {e}"))?
     };
     info!(ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX), "local copy caught up and promoted");
+    let loaded = match ahead {
+        Some(a) => a.take(&rows).await,
+        None => None,
+    };
     let ctl =
-        start_controller(&cfg, repos.clone(), Some(leadership.clone()), stopping.clone(), dash_app.as_ref()).await?;
+        start_controller(&cfg, repos.clone(), loaded, Some(leadership.clone()), stopping.clone(), dash_app.as_ref())
+            .await?;
     let _ = source.set(ctl.registry.clone());
     gate.open(ctl.routes.clone(), leadership.clone());
     info!(epoch = leadership.epoch(), hosts = ctl.registry.host_count(), "leading: serving agents and clients");
@@ -669,5 +772,45 @@ mod tests {
             base
         );
         assert_eq!(ha::priority::this_thread_nice().unwrap(), base);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_registry_loaded_ahead_is_used_only_if_no_row_changed_since_it_began() {
+        use lifeboat_proto::v1::HostInfo;
+        let Some(etcd) = lifeboat_common::etcd_test::Etcd::start_or_skip() else { return };
+        let c = etcd_client::Client::connect([etcd.url()], None).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut follower = store::etcd::Replica::open(c.clone(), "/t/", &dir.path().join("f.db")).await.unwrap();
+        let leader = store::etcd::Replica::open(c.clone(), "/t/", &dir.path().join("l.db")).await.unwrap();
+        let mut kv = c.clone();
+        let rev = kv.put("/t/leader/a", "https://a", None).await.unwrap().header().unwrap().revision();
+        let lead = Arc::new(ha::Leadership::new(
+            b"/t/leader/a".to_vec(),
+            u64::try_from(rev).unwrap(),
+            Duration::from_secs(600),
+            tokio::time::Instant::now(),
+        ));
+        let repos = leader.promote(lead).await.unwrap();
+        let host = |id: &str| HostInfo { host_id: id.into(), ..Default::default() };
+        repos.hosts(move |h| h.upsert(&host("h1"), 5)).await.unwrap();
+        follower.catch_up().await.unwrap();
+        let rows = follower.rows_revision();
+        let timing = domain::host::Timing::default();
+
+        // Nothing changed since: the load ahead is the registry.
+        let a = load_ahead(&follower, &rows, timing).expect("the local copy opens for reading");
+        let r = a.take(&rows).await.expect("used");
+        assert_eq!(r.host_count(), 1);
+
+        // The old leader wrote after the load began (it was not dead after
+        // all, or its last writes were still arriving): loaded again instead.
+        let a = load_ahead(&follower, &rows, timing).unwrap();
+        while !a.task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        repos.hosts(move |h| h.upsert(&host("h2"), 6)).await.unwrap();
+        follower.catch_up().await.unwrap();
+        assert!(a.take(&rows).await.is_none(), "a registry missing h2 is never used");
+        repos.shutdown().await.unwrap();
     }
 }

@@ -122,6 +122,24 @@ impl Store {
         Self::init(conn)
     }
 
+    /// Opens an existing database for reading only (a second connection
+    /// beside its writer, WAL mode): every write through it fails. Its
+    /// schema must be this controller's (nothing is migrated).
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        use rusqlite::OpenFlags;
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if v != SCHEMA_VERSION {
+            return Err(StoreError::Corrupt {
+                table: "user_version",
+                message: format!("schema {v}, not this controller's {SCHEMA_VERSION}"),
+            });
+        }
+        Ok(Store { conn })
+    }
+
     /// An in-memory database (tests).
     pub fn open_in_memory() -> Result<Self, StoreError> {
         Self::init(Connection::open_in_memory()?)

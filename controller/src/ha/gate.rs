@@ -68,6 +68,9 @@ struct Shared<S> {
     phase: watch::Sender<Phase>,
     /// How long a follower holds the call of an agent that lost its leader.
     follower_hold: Duration,
+    /// Counts the calls a follower held: an agent says the leader is gone,
+    /// so this process may lead soon (it may load ahead).
+    suspect: watch::Sender<u64>,
 }
 
 /// The gate (cheap to clone: one state shared by every connection).
@@ -109,7 +112,8 @@ impl<S> Gate<S> {
     /// agents that lost that leader for up to `follower_hold`.
     pub fn follower(hint: watch::Receiver<LeaderHint>, follower_hold: Duration) -> Self {
         let (phase, _) = watch::channel(Phase::Following);
-        Gate { shared: Arc::new(Shared { open: OnceLock::new(), hint, phase, follower_hold }) }
+        let (suspect, _) = watch::channel(0);
+        Gate { shared: Arc::new(Shared { open: OnceLock::new(), hint, phase, follower_hold, suspect }) }
     }
 
     /// This process won the election and is loading: from now until the
@@ -149,9 +153,21 @@ impl<S> Gate<S> {
         }
         match *self.shared.phase.borrow() {
             Phase::Elected => true,
-            Phase::Following => lost.is_some_and(|e| holds_for_lost(&self.shared.hint.borrow(), e)),
+            Phase::Following => {
+                let held = lost.is_some_and(|e| holds_for_lost(&self.shared.hint.borrow(), e));
+                if held {
+                    self.shared.suspect.send_modify(|n| *n = n.saturating_add(1));
+                }
+                held
+            }
             Phase::Open => false,
         }
+    }
+
+    /// Changes each time this follower holds the call of an agent that lost
+    /// the leader etcd still names (or nobody): that leader may be gone.
+    pub fn leader_suspected(&self) -> watch::Receiver<u64> {
+        self.shared.suspect.subscribe()
     }
 
     /// Whether calls reach the routes now.
@@ -411,6 +427,7 @@ mod tests {
     async fn a_follower_holds_an_agent_that_lost_the_named_leader_until_it_leads_and_serves_it() {
         let (tx, rx) = watch::channel(LeaderHint::Leader("https://c1:7443".into(), 7));
         let mut g: Gate<Echo> = Gate::follower(rx, HOLD);
+        let suspected = g.leader_suspected();
         // No claim, an older leader than the one named, or a value that is
         // no epoch: refused at once, naming the leader.
         for r in [Request::new(()), lost("6"), lost(""), lost("seven"), lost("-7"), lost("99999999999999999999999")] {
@@ -419,10 +436,12 @@ mod tests {
             assert_eq!(s.message(), "not the leader; leader is https://c1:7443");
             assert_eq!(t0.elapsed(), Duration::ZERO);
         }
+        assert_eq!(*suspected.borrow(), 0, "a refused call suspects nothing");
         // Lost the leader etcd still names (its lease has not run out): held.
         let held = spawn_call(&g, lost("7"));
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!held.is_finished(), "held while etcd names the lost leader");
+        assert_eq!(*suspected.borrow(), 1, "a held call says the leader may be gone");
         // The lease ran out: nobody leads; a newly lost claim is held too.
         tx.send(LeaderHint::NoLeader).unwrap();
         let second = spawn_call(&g, lost("7"));

@@ -220,6 +220,17 @@ impl Registry {
         })
     }
 
+    /// The same registry writing through `repos` from now on, its start
+    /// (and so its start-up grace) counted from now: for a registry loaded
+    /// ahead through a read-only store ([`crate::store::etcd::Replica::reader`])
+    /// whose rows are known unchanged since. Only before it is shared.
+    pub fn rebind(mut self, repos: Repos) -> Self {
+        self.started_ms = self.clock.now_ms();
+        self.repos = repos.clone();
+        self.inner.get_mut().unwrap_or_else(|p| p.into_inner()).repos = repos;
+        self
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

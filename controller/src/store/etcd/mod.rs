@@ -32,7 +32,7 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
 use rusqlite::types::Value;
 use thiserror::Error;
 
-pub use replica::Replica;
+pub use replica::{Replica, RowsRevision};
 
 /// Whether `prefix` holds Lifeboat data (its schema key): a controller
 /// never starts on a prefix without it, as it never starts on a missing

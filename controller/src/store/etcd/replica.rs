@@ -101,9 +101,25 @@ impl Cache {
 #[derive(Debug, Clone, Default)]
 struct Progress {
     applied: i64,
+    /// The revision of the last row put or delete applied (the sync key
+    /// and empty answers do not count): unchanged means the cache's rows
+    /// are unchanged.
+    rows: i64,
     failed: Option<String>,
     /// The value of the last sync-key event the watch delivered.
     synced: Option<Vec<u8>>,
+}
+
+/// The revision of the last row change the cache applied; it outlives the
+/// [`Replica`] (its last value stays readable after promotion).
+#[derive(Debug, Clone)]
+pub struct RowsRevision(watch::Receiver<Progress>);
+
+impl RowsRevision {
+    /// The revision of the last row put or delete applied so far.
+    pub fn get(&self) -> i64 {
+        self.0.borrow().rows
+    }
 }
 
 /// The local cache of the etcd data (a SQLite file, same schema as the
@@ -244,7 +260,7 @@ impl Replica {
         .await?
         .split();
         let cache = Arc::new(Mutex::new(Some(cache)));
-        let (tx, progress) = watch::channel(Progress { applied: rev, failed: None, synced: None });
+        let (tx, progress) = watch::channel(Progress { applied: rev, rows: rev, failed: None, synced: None });
         let sync = sync_key(prefix).into_bytes();
         let task = tokio::spawn({
             let cache = cache.clone();
@@ -263,6 +279,13 @@ impl Replica {
                     // revision (a created or progress response, a catch-up
                     // batch) may run ahead of events still to come.
                     let at = msg.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max().unwrap_or(0);
+                    let rows_at = msg
+                        .events()
+                        .iter()
+                        .filter_map(|e| e.kv())
+                        .filter(|kv| kv.key() != sync.as_slice())
+                        .map(|kv| kv.mod_revision())
+                        .max();
                     let synced = msg
                         .events()
                         .iter()
@@ -288,6 +311,9 @@ impl Replica {
                     }
                     tx.send_modify(|p| {
                         p.applied = p.applied.max(at);
+                        if let Some(r) = rows_at {
+                            p.rows = p.rows.max(r);
+                        }
                         if synced.is_some() {
                             p.synced = synced;
                         }
@@ -317,6 +343,21 @@ impl Replica {
     /// The etcd revision the cache has applied everything up to.
     pub fn applied_revision(&self) -> i64 {
         self.progress.borrow().applied
+    }
+
+    /// What tells whether the cache's rows changed: see [`RowsRevision`].
+    pub fn rows_revision(&self) -> RowsRevision {
+        RowsRevision(self.progress.clone())
+    }
+
+    /// The cache's rows through a second, read-only connection, for a load
+    /// that must not hold up the watch (a speculative registry load): a
+    /// store thread whose every write fails. Read the [`RowsRevision`]
+    /// before the first read: the rows read are then the rows at that
+    /// revision if it has not moved since.
+    pub fn reader(&self) -> Result<Repos, EtcdError> {
+        let store = Store::open_read_only(&self.path)?;
+        Repos::start(Box::new(SqliteRepos::new(store))).map_err(|e| EtcdError::Refused(e.to_string()))
     }
 
     /// Why the cache stopped following etcd (watch ended, failed or

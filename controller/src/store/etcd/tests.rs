@@ -496,3 +496,42 @@ async fn a_promoted_follower_holds_every_write_of_the_old_leader_which_is_fenced
     old.shutdown().await.unwrap();
     new.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_beside_the_watch_reads_the_rows_refuses_writes_and_the_rows_revision_moves_only_with_rows() {
+    let Some((_e, c)) = etcd().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut follower = Replica::open(c.clone(), P, &dir.path().join("f.db")).await.unwrap();
+    let (repos, _l) = leading(&c, dir.path()).await;
+    repos.hosts(|h| h.upsert(&host("h1"), 5)).await.unwrap();
+    follower.catch_up().await.unwrap();
+    let rows = follower.rows_revision();
+    let at = rows.get();
+    assert!(at > follower.loaded_revision(), "the host's put moved it");
+    // A sync write (every catch-up and promotion makes one) is not a row.
+    follower.catch_up().await.unwrap();
+    assert_eq!(rows.get(), at);
+    let reader = follower.reader().unwrap();
+    async fn hosts(r: &Repos) -> crate::ports::RepoResult<usize> {
+        r.call(|r| Ok(r.hosts().all_checked()?.0.len())).await
+    }
+    assert_eq!(hosts(&reader).await.unwrap(), 1);
+    let refused = reader.hosts(|h| h.upsert(&host("h9"), 6)).await;
+    assert!(refused.is_err(), "the reader cannot write the cache");
+    // The leader writes on: the watch applies it beside the reader, and the
+    // revision moves.
+    repos.hosts(|h| h.upsert(&host("h2"), 6)).await.unwrap();
+    follower.catch_up().await.unwrap();
+    assert!(rows.get() > at);
+    assert_eq!(hosts(&reader).await.unwrap(), 2);
+    assert_eq!(follower.stopped_following(), None);
+    // It stays readable once the replica is promoted (its last value).
+    let last = rows.get();
+    let l = leader(&mut c.clone(), P).await;
+    let promoted = follower.promote(l).await.unwrap();
+    assert_eq!(rows.get(), last);
+    // Dropped, not shut down: a shutdown checkpoints, which it cannot.
+    drop(reader);
+    promoted.shutdown().await.unwrap();
+    repos.shutdown().await.unwrap();
+}
