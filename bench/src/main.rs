@@ -39,6 +39,12 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// jemalloc, as the controller: the load generator stands for 10,000 other
+/// machines, and glibc malloc made it spend about a tenth of its CPU, on the
+/// controller's cores, in `_int_malloc` during a failover (perf).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Command line.
 #[derive(Parser, Debug)]
 #[command(name = "lifeboat-loadgen", about = "Load a real lifeboat-controller with N simulated agents and measure it")]

@@ -397,8 +397,9 @@ fn deadline_watchdog(
 /// one registry load a minute at most.
 const LOAD_AHEAD_EVERY: Duration = Duration::from_secs(60);
 
-/// How long a follower keeps a registry loaded ahead if it is not elected
-/// (its memory is the pool's in-memory view).
+/// How long a follower keeps a registry loaded ahead, from the last call
+/// that said the leader is gone, if it is not elected (its memory is the
+/// pool's in-memory view).
 const LOAD_AHEAD_KEEP: Duration = Duration::from_secs(30);
 
 /// A registry being loaded ahead by a follower through a read-only
@@ -406,6 +407,12 @@ const LOAD_AHEAD_KEEP: Duration = Duration::from_secs(30);
 struct LoadAhead {
     at: i64,
     t0: std::time::Instant,
+    /// When an agent last said the leader is gone (the load is kept
+    /// [`LOAD_AHEAD_KEEP`] from then).
+    suspected_at: std::time::Instant,
+    /// The read-only store the load reads through: shut down to cut an
+    /// abandoned load short (a blocking task cannot be aborted).
+    reader: ports::Repos,
     task: tokio::task::JoinHandle<Result<registry::Registry, ports::RepoError>>,
 }
 
@@ -429,8 +436,10 @@ fn load_ahead(
         }
     };
     info!(revision = at, "an agent says the leader is gone: loading the registry ahead from the local copy");
-    let task = tokio::task::spawn_blocking(move || registry::Registry::load(reader, timing));
-    Some(LoadAhead { at, t0: std::time::Instant::now(), task })
+    let loading = reader.clone();
+    let task = tokio::task::spawn_blocking(move || registry::Registry::load(loading, timing));
+    let now = std::time::Instant::now();
+    Some(LoadAhead { at, t0: now, suspected_at: now, reader, task })
 }
 
 impl LoadAhead {
@@ -441,6 +450,7 @@ impl LoadAhead {
     async fn take(self, rows: &store::etcd::RowsRevision) -> Option<registry::Registry> {
         if rows.get() != self.at {
             info!(ahead = self.at, now = rows.get(), "rows changed since the load ahead began: loading again");
+            self.abandon();
             return None;
         }
         match self.task.await {
@@ -453,7 +463,10 @@ impl LoadAhead {
                 );
                 Some(r)
             }
-            Ok(Ok(_)) => None,
+            Ok(Ok(r)) => {
+                drop_off_runtime(r);
+                None
+            }
             Ok(Err(e)) => {
                 info!("the load ahead failed ({e}): loading again");
                 None
@@ -464,6 +477,33 @@ impl LoadAhead {
             }
         }
     }
+}
+
+impl LoadAhead {
+    /// Whether it can no longer be used, or has been kept long enough since
+    /// the last suspicion.
+    fn stale(&self, rows: &store::etcd::RowsRevision) -> bool {
+        rows.get() != self.at || (self.task.is_finished() && self.suspected_at.elapsed() >= LOAD_AHEAD_KEEP)
+    }
+
+    /// Lets it go without holding anything up: a load still running is cut
+    /// short (its reads fail once the reader stops), and the registry is
+    /// freed on a blocking thread, not an async worker.
+    fn abandon(self) {
+        let LoadAhead { reader, task, .. } = self;
+        tokio::spawn(async move {
+            let _ = reader.shutdown().await;
+            if let Ok(Ok(r)) = task.await {
+                drop_off_runtime(r);
+            }
+        });
+    }
+}
+
+/// Frees a whole registry (200,000 guests: tens of milliseconds) on a
+/// blocking thread.
+fn drop_off_runtime(r: registry::Registry) {
+    drop(tokio::task::spawn_blocking(move || drop(r)));
 }
 
 /// The etcd backend: serve as a follower (every call refused, naming the
@@ -517,6 +557,8 @@ async fn serve_etcd_on(
     // the next hint poll happen.
     let follower_hold = leader_ttl + Duration::from_secs(2);
     let gate: ha::gate::Gate<Routes> = ha::gate::Gate::follower(hint.clone(), follower_hold);
+    // Calls held before the local copy is loaded count too.
+    let mut suspected = gate.leader_suspected();
     let source = metrics::Source::empty();
     metrics::ha_follower(hint.clone());
     let metrics = start_metrics(&cfg, source.clone()).await?;
@@ -636,16 +678,19 @@ async fn serve_etcd_on(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // An agent held here says the leader is gone: the registry is loaded
     // ahead from the local copy, and used if no row changed since.
-    let mut suspected = gate.leader_suspected();
     let rows = replica.rows_revision();
     let mut ahead: Option<LoadAhead> = None;
     let mut last_ahead: Option<std::time::Instant> = None;
     let leadership = loop {
         tokio::select! {
-            r = suspected.changed(), if ahead.is_none() && last_ahead.is_none_or(|t| t.elapsed() >= LOAD_AHEAD_EVERY) => {
+            r = suspected.changed() => {
                 if r.is_ok() {
-                    ahead = load_ahead(&replica, &rows, cfg.timing());
-                    last_ahead = Some(std::time::Instant::now());
+                    if let Some(a) = ahead.as_mut() {
+                        a.suspected_at = std::time::Instant::now();
+                    } else if last_ahead.is_none_or(|t| t.elapsed() >= LOAD_AHEAD_EVERY) {
+                        ahead = load_ahead(&replica, &rows, cfg.timing());
+                        last_ahead = Some(std::time::Instant::now());
+                    }
                 }
             }
             l = &mut won => match l.map_err(|e| anyhow::anyhow!("campaign task: {e}"))? {
@@ -662,9 +707,8 @@ async fn serve_etcd_on(
             _ = tick.tick() => {
                 // Not elected after all (the leader lives, or another leads):
                 // a load ahead that can no longer be used is not kept.
-                if ahead.as_ref().is_some_and(|a| a.task.is_finished() && (rows.get() != a.at || a.t0.elapsed() >= LOAD_AHEAD_KEEP)) {
-                    ahead = None;
-                    suspected.mark_unchanged();
+                if let Some(a) = ahead.take_if(|a| a.stale(&rows)) {
+                    a.abandon();
                 }
                 if let Some(why) = replica.stopped_following() {
                     won.abort();
@@ -801,6 +845,20 @@ mod tests {
         let a = load_ahead(&follower, &rows, timing).expect("the local copy opens for reading");
         let r = a.take(&rows).await.expect("used");
         assert_eq!(r.host_count(), 1);
+        // Bound to the leader's store: its writes reach etcd, also those made
+        // under the registry's lock.
+        let r = Arc::new(r.rebind(repos.clone()));
+        let r2 = r.clone();
+        tokio::task::spawn_blocking(move || r2.raise_alarm_blocking("h1", "test-alarm", "after rebind"))
+            .await
+            .unwrap()
+            .unwrap();
+        let alarms = repos.call(|r| r.alarms().list(false)).await.unwrap();
+        assert!(alarms.iter().any(|a| a.kind == "test-alarm"), "{alarms:?}");
+        assert!(
+            r.repos().hosts(|h| h.upsert(&HostInfo { host_id: "h3".into(), ..Default::default() }, 7)).await.is_ok()
+        );
+        drop(r);
 
         // The old leader wrote after the load began (it was not dead after
         // all, or its last writes were still arriving): loaded again instead.

@@ -121,6 +121,8 @@ pub struct Campaign {
     gone: watch::Receiver<Option<String>>,
     keeper: tokio::task::JoinHandle<()>,
     key_watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The revision the won key's watch last started from (0: none yet).
+    watched_from: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Drop for Campaign {
@@ -170,7 +172,14 @@ impl Campaign {
             gone,
             keeper,
             key_watch: Mutex::new(None),
+            watched_from: Arc::default(),
         })
+    }
+
+    /// The revision the won key's watch last started from (0 before it
+    /// started): after a fresh read of the key, never its create revision.
+    pub fn key_watched_from(&self) -> i64 {
+        self.watched_from.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The etcd lease id.
@@ -201,8 +210,13 @@ impl Campaign {
         }
         let _ = self.won.set(l.clone());
         *self.won_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(key.clone());
-        *self.key_watch.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(tokio::spawn(watch_key(self.client.clone(), key.key().to_vec(), key.rev(), l.clone())));
+        *self.key_watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokio::spawn(watch_key(
+            self.client.clone(),
+            key.key().to_vec(),
+            key.rev(),
+            l.clone(),
+            self.watched_from.clone(),
+        )));
         info!(epoch, key = %String::from_utf8_lossy(key.key()), "this controller leads");
         Ok(l)
     }
@@ -308,7 +322,13 @@ async fn keep_alive(
 
 /// Loses `l` when its election key is deleted or replaced (revoked lease,
 /// an operator deleting it, another process's write).
-async fn watch_key(client: Client, key: Vec<u8>, rev: i64, l: Arc<Leadership>) {
+async fn watch_key(
+    client: Client,
+    key: Vec<u8>,
+    rev: i64,
+    l: Arc<Leadership>,
+    watched_from: Arc<std::sync::atomic::AtomicI64>,
+) {
     let mut wc = client.watch_client();
     let mut kv = client.kv_client();
     loop {
@@ -319,6 +339,7 @@ async fn watch_key(client: Client, key: Vec<u8>, rev: i64, l: Arc<Leadership>) {
         // every other request, the new leader's keepalives among them.
         match key_watch_start(&mut kv, &key, rev).await {
             KeyRead::Holds { from } => {
+                watched_from.store(from, std::sync::atomic::Ordering::Relaxed);
                 let opts = WatchOptions::new().with_start_revision(from);
                 if let Ok(mut stream) = wc.watch(key.clone(), Some(opts)).await {
                     while let Ok(Some(resp)) = stream.message().await {
@@ -547,6 +568,12 @@ mod tests {
         let lb = tokio::time::timeout(Duration::from_secs(2), bw).await.expect("B leads").unwrap();
         assert!(lb.revision() < last, "B's key predates the writes");
         // Its watch starts after them: etcd does not replay what B waited through.
+        let t0 = Instant::now();
+        while b.key_watched_from() == 0 && t0.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let from = b.key_watched_from();
+        assert!(from > last, "B's key watched from {from}; the writes it waited through ended at {last}");
         match key_watch_start(&mut kv, lb.key(), lb.revision()).await {
             KeyRead::Holds { from } => assert!(from > last, "watch from {from}, the writes ended at {last}"),
             other => panic!("B's key should hold: {other:?}"),
