@@ -521,16 +521,25 @@ mod tests {
         drop(a);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_resigning_leader_hands_over_at_once_and_a_revoked_lease_loses_leadership() {
-        let Some(etcd) = Etcd::start_or_skip() else { return };
-        let a = Campaign::start(client(&etcd).await, "/t/", "https://a:7443", TTL).await.unwrap();
+    /// A campaigns and leads; B campaigns behind it (its key written, its
+    /// campaign waiting in the returned task).
+    async fn a_leads_b_waits(
+        etcd: &Etcd,
+    ) -> (Campaign, Arc<Leadership>, Arc<Campaign>, tokio::task::JoinHandle<Arc<Leadership>>) {
+        let a = Campaign::start(client(etcd).await, "/t/", "https://a:7443", TTL).await.unwrap();
         let la = a.campaign().await.unwrap();
-        let b = Arc::new(Campaign::start(client(&etcd).await, "/t/", "https://b:7443", TTL).await.unwrap());
+        let b = Arc::new(Campaign::start(client(etcd).await, "/t/", "https://b:7443", TTL).await.unwrap());
         let bw = tokio::spawn({
             let b = b.clone();
             async move { b.campaign().await.unwrap() }
         });
+        (a, la, b, bw)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resigning_leader_hands_over_at_once_and_a_revoked_lease_loses_leadership() {
+        let Some(etcd) = Etcd::start_or_skip() else { return };
+        let (a, la, b, bw) = a_leads_b_waits(&etcd).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let t0 = Instant::now();
         a.resign().await;
@@ -550,13 +559,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_new_leader_watches_its_key_from_now_not_from_when_it_began_to_campaign() {
         let Some(etcd) = Etcd::start_or_skip() else { return };
-        let a = Campaign::start(client(&etcd).await, "/t/", "https://a:7443", TTL).await.unwrap();
-        let la = a.campaign().await.unwrap();
-        let b = Arc::new(Campaign::start(client(&etcd).await, "/t/", "https://b:7443", TTL).await.unwrap());
-        let bw = tokio::spawn({
-            let b = b.clone();
-            async move { b.campaign().await.unwrap() }
-        });
+        let (a, la, b, bw) = a_leads_b_waits(&etcd).await;
         // B's key is written now; the pool's writes go on while it waits.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut kv = client(&etcd).await.kv_client();
