@@ -444,9 +444,10 @@ fn load_ahead(
 
 impl LoadAhead {
     /// The registry loaded ahead, once promotion has caught the local copy
-    /// up to etcd: only if no row changed since it began (else `None`, and
-    /// the registry is loaded from the promoted store). Waits for a load
-    /// still running: it began earlier than a new one would.
+    /// up to etcd (its watch is stopped then, so `rows` no longer moves):
+    /// only if no row changed since it began (else `None`, and the registry
+    /// is loaded from the promoted store). Waits for a load still running:
+    /// it began earlier than a new one would.
     async fn take(self, rows: &store::etcd::RowsRevision) -> Option<registry::Registry> {
         if rows.get() != self.at {
             info!(ahead = self.at, now = rows.get(), "rows changed since the load ahead began: loading again");
@@ -454,7 +455,7 @@ impl LoadAhead {
             return None;
         }
         match self.task.await {
-            Ok(Ok(r)) if rows.get() == self.at => {
+            Ok(Ok(r)) => {
                 info!(
                     ms = u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX),
                     hosts = r.host_count(),
@@ -462,10 +463,6 @@ impl LoadAhead {
                     "registry loaded ahead and used (no row changed since)"
                 );
                 Some(r)
-            }
-            Ok(Ok(r)) => {
-                drop_off_runtime(r);
-                None
             }
             Ok(Err(e)) => {
                 info!("the load ahead failed ({e}): loading again");
@@ -477,9 +474,7 @@ impl LoadAhead {
             }
         }
     }
-}
 
-impl LoadAhead {
     /// Whether it can no longer be used, or has been kept long enough since
     /// the last suspicion.
     fn stale(&self, rows: &store::etcd::RowsRevision) -> bool {
