@@ -14,6 +14,10 @@ else
   echo "test.sh: not root: skipping package installation (the lab tests will skip too)" >&2
 fi
 export CARGO_TERM_COLOR=never
+# A clean clone builds once: incremental caches would only take disk (6 GB).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+disk() { df -h --output=avail,target . | tail -1 | awk -v w="$1" '{ printf "test.sh: %s: %s free on %s\n", w, $1, $2 }' >&2; }
+disk "before the build"
 cargo build --workspace --locked --bins
 
 # Lint policy as code: formatting and clippy findings fail the run before any test.
@@ -39,8 +43,10 @@ if ! cargo clippy --workspace --all-targets --locked -- -D warnings; then
   exit 1
 fi
 
+disk "after the build and lints"
 status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.txt || status=$?
 # cargo test's per-binary summaries, added up into one closing line.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.txt
+disk "after the tests"
 exit "$status"

@@ -293,7 +293,10 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     let dir = BUILT.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or("no workspace root")?.to_path_buf();
         let out = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "lifeboat-controller", "-p", "lifeboat-cli", "-p", "lifeboat-agent"])
+            // The same command as scripts/test.sh's first build, so under CI this
+            // finds everything built; `-p` selections unify features differently
+            // and would build a second copy of every dependency.
+            .args(["build", "--workspace", "--locked", "--bins"])
             .current_dir(&root)
             .output()
             .map_err(|e| format!("cannot run cargo build: {e}"))?;
