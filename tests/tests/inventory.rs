@@ -288,3 +288,59 @@ fn a_malformed_agent_config_names_file_and_problem() {
             .to_string();
     assert!(e.contains("/etc/lifeboat/agent.toml") && e.contains("url"), "{e}");
 }
+
+/// A host whose agent has admitted a higher controller epoch than this
+/// controller's (here: 41 against SQLite's 0, as after etcd was restored
+/// from a snapshot into a new cluster) shows that the store is older than
+/// what the hosts have seen. The agent refuses the session, and the
+/// controller holds the pool (`store-restored`: no lease, start or stop)
+/// from its Hello on, before anything could be granted from the old store.
+/// Once the operator removes the host's epoch file, the agent reports and
+/// the hold clears by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_has_seen_a_newer_epoch_holds_a_controller_with_an_older_store() {
+    use lifeboat_proto::v1::ListAlarmsRequest;
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let c = Controller::start(&pki, &tmp.path().join("c.db"), 0, 300, 1000).await;
+    let tls = pki.agent("host-a");
+    let state = tls.ca.parent().unwrap().join("state-host-a");
+    std::fs::create_dir_all(&state).unwrap();
+    let epoch_file = state.join("controller-epoch");
+    std::fs::write(&epoch_file, "41\n").unwrap();
+    let a = Agent::start(&agent_config("host-a", &fixture("host-a.xml"), &c.url(), &tls, ""));
+    let mut adm = c.admin(&pki.client("viewer", Role::Viewer)).await;
+    let (detail, _) = wait_for(Duration::from_secs(10), "the store-restored alarm", || {
+        let mut adm = adm.clone();
+        async move {
+            let alarms = adm.list_alarms(ListAlarmsRequest::default()).await.ok()?.into_inner().alarms;
+            alarms.into_iter().find(|a| a.kind == "store-restored").map(|a| a.detail)
+        }
+    })
+    .await;
+    assert!(
+        detail.contains("host-a") && detail.contains("epoch 41") && detail.contains("this controller's 0"),
+        "{detail}"
+    );
+    // Several refused attempts later: still one alarm, and nothing of the
+    // host was taken (the agent ends the session before its inventory).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let alarms = adm.list_alarms(ListAlarmsRequest::default()).await.unwrap().into_inner().alarms;
+    assert_eq!(alarms.iter().filter(|a| a.kind == "store-restored").count(), 1, "{alarms:?}");
+    assert!(guests(&c, &pki, "host-a").await.is_empty(), "an agent that refused the session reported nothing");
+    assert_eq!(std::fs::read_to_string(&epoch_file).unwrap().trim(), "41", "the agent kept its epoch");
+    // The operator's repair: the agent admits this controller, reports, and
+    // the hold (every host not OFFLINE reported) clears its alarm.
+    std::fs::remove_file(&epoch_file).unwrap();
+    wait_for(Duration::from_secs(15), "host-a's guests and the alarm cleared", || {
+        let (mut adm, c, pki) = (adm.clone(), &c, &pki);
+        async move {
+            let alarms = adm.list_alarms(ListAlarmsRequest::default()).await.ok()?.into_inner().alarms;
+            let reported = !guests(c, pki, "host-a").await.is_empty();
+            (reported && !alarms.iter().any(|a| a.kind == "store-restored")).then_some(())
+        }
+    })
+    .await;
+    a.stop().await;
+    c.stop().await;
+}
