@@ -402,6 +402,12 @@ const LOAD_AHEAD_EVERY: Duration = Duration::from_secs(60);
 /// pool's in-memory view).
 const LOAD_AHEAD_KEEP: Duration = Duration::from_secs(30);
 
+/// How long a newly elected leader waits for a load ahead still running
+/// before it cuts it short and loads again at full priority: a load of
+/// 10,000 hosts takes about 3 s, and this one began before the election.
+/// A read that hangs must not keep the new leader closed.
+const LOAD_AHEAD_WAIT: Duration = Duration::from_secs(5);
+
 /// A registry being loaded ahead by a follower through a read-only
 /// connection to its local copy, and the rows revision it was started at.
 struct LoadAhead {
@@ -448,13 +454,24 @@ impl LoadAhead {
     /// only if no row changed since it began (else `None`, and the registry
     /// is loaded from the promoted store). Waits for a load still running:
     /// it began earlier than a new one would.
-    async fn take(self, rows: &store::etcd::RowsRevision) -> Option<registry::Registry> {
+    async fn take(mut self, rows: &store::etcd::RowsRevision, wait: Duration) -> Option<registry::Registry> {
         if rows.get() != self.at {
             info!(ahead = self.at, now = rows.get(), "rows changed since the load ahead began: loading again");
             self.abandon();
             return None;
         }
-        match self.task.await {
+        let done = match tokio::time::timeout(wait, &mut self.task).await {
+            Ok(done) => done,
+            Err(_) => {
+                tracing::warn!(
+                    waited_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "the load ahead has not finished: cutting it short and loading again"
+                );
+                self.abandon();
+                return None;
+            }
+        };
+        match done {
             Ok(Ok(r)) => {
                 info!(
                     ms = u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -745,7 +762,7 @@ async fn serve_etcd_on(
     };
     info!(ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX), "local copy caught up and promoted");
     let loaded = match ahead {
-        Some(a) => a.take(&rows).await,
+        Some(a) => a.take(&rows, LOAD_AHEAD_WAIT).await,
         None => None,
     };
     let ctl =
@@ -838,7 +855,7 @@ mod tests {
 
         // Nothing changed since: the load ahead is the registry.
         let a = load_ahead(&follower, &rows, timing).expect("the local copy opens for reading");
-        let r = a.take(&rows).await.expect("used");
+        let r = a.take(&rows, LOAD_AHEAD_WAIT).await.expect("used");
         assert_eq!(r.host_count(), 1);
         // Bound to the leader's store: its writes reach etcd, also those made
         // under the registry's lock.
@@ -863,7 +880,31 @@ mod tests {
         }
         repos.hosts(move |h| h.upsert(&host("h2"), 6)).await.unwrap();
         follower.catch_up().await.unwrap();
-        assert!(a.take(&rows).await.is_none(), "a registry missing h2 is never used");
+        assert!(a.take(&rows, LOAD_AHEAD_WAIT).await.is_none(), "a registry missing h2 is never used");
+
+        // A load ahead that does not finish (a read that hangs) is cut short
+        // after the wait, its reader shut down: the new leader loads again.
+        follower.catch_up().await.unwrap();
+        let reader = follower.reader().unwrap();
+        let stuck = LoadAhead {
+            at: rows.get(),
+            t0: std::time::Instant::now(),
+            suspected_at: std::time::Instant::now(),
+            reader: reader.clone(),
+            task: tokio::spawn(std::future::pending()),
+        };
+        let t = std::time::Instant::now();
+        assert!(stuck.take(&rows, Duration::from_millis(200)).await.is_none(), "not used");
+        assert!(t.elapsed() < Duration::from_secs(5), "waited {:?}", t.elapsed());
+        let mut shut = false;
+        for _ in 0..100 {
+            if reader.call(|r| r.alarms().list(false)).await.is_err() {
+                shut = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(shut, "the abandoned load's reader is shut down");
         repos.shutdown().await.unwrap();
     }
 }
