@@ -345,3 +345,59 @@ async fn sigterm_resigns_the_standby_leads_at_once_and_the_old_leader_exits_0() 
     .0;
     assert_eq!(status.code(), Some(0), "{}", leader.log_text());
 }
+
+/// An agent that has admitted a higher epoch than the leader's (the store
+/// went back in time: etcd restored from a snapshot into a new cluster)
+/// makes the leader hold the pool: `store-restored` is written to etcd
+/// through the leader's fenced writes, so the next leader holds too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_ahead_of_the_leaders_epoch_holds_the_pool_and_the_next_leader_keeps_holding() {
+    use lifeboat_proto::v1::ListAlarmsRequest;
+    lifeboat_common::tls::install_crypto_provider();
+    let Some(etcd) = Etcd::start_or_skip() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(&dir.join("pki"));
+    let (mut leader, standby) = two_controllers(&pki, dir, &etcd.url()).await;
+    let epoch = metric_value(&leader.metrics_text().await, "lifeboat_controller_epoch") as u64;
+    assert!(epoch > 0);
+    let ahead = epoch + 1000;
+    let m = pki.agent("host-a").load().unwrap();
+    let ch = Endpoint::from_shared(leader.url())
+        .unwrap()
+        .tls_config(m.client_config(pki::CONTROLLER_NAME))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(8);
+    let hello = Hello { host_id: "host-a".into(), highest_epoch: ahead, ..Default::default() };
+    tx.send(AgentMessage { msg: Some(Msg::Hello(hello)) }).await.unwrap();
+    let mut inbound = AgentSessionClient::new(ch)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(inbound.message().await.unwrap().and_then(|m| m.msg), Some(CMsg::Welcome(_))));
+    let alarm = |url: String| {
+        let pki = &pki;
+        async move {
+            let alarms = admin(pki, &url).await.list_alarms(ListAlarmsRequest::default()).await.ok()?.into_inner();
+            alarms.alarms.into_iter().find(|a| a.kind == "store-restored").map(|a| a.detail)
+        }
+    };
+    let (detail, _) = wait_for(Duration::from_secs(10), "store-restored on the leader", || alarm(leader.url())).await;
+    assert!(
+        detail.contains(&format!(
+            "host host-a has admitted controller epoch {ahead}, higher than this controller's {epoch}"
+        )),
+        "{detail}"
+    );
+    drop((tx, inbound));
+    leader.child.kill().unwrap();
+    let _ = leader.child.wait();
+    wait_for(Duration::from_secs(15), "the standby to lead", || async { leads(&standby).await.then_some(()) }).await;
+    let (kept, _) =
+        wait_for(Duration::from_secs(10), "store-restored on the new leader", || alarm(standby.url())).await;
+    assert_eq!(kept, detail, "the hold was stored in etcd, not only in the old leader's memory");
+}
