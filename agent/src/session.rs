@@ -172,7 +172,6 @@ impl Session {
                 host_id: self.host_id.clone(),
                 agent_version: lifeboat_common::VERSION.to_string(),
                 boot_id,
-                highest_epoch: epoch.highest(),
             })))
             .await;
         let mut call = tonic::Request::new(ReceiverStream::new(rx));

@@ -420,7 +420,6 @@ async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String)
         ended: None,
         lost: None,
         dial_failed: false,
-        highest_epoch: 0,
     };
     loop {
         if *sh.phase.borrow() == Phase::Done {
@@ -507,7 +506,6 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut 
         host_id: host_id(i),
         agent_version: "loadgen".into(),
         boot_id: host_info(i).boot_id,
-        highest_epoch: st.highest_epoch,
     })))
     .await?;
     let opened_us = i64::try_from(sh.base.elapsed().as_micros()).unwrap_or(i64::MAX);
@@ -522,7 +520,6 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut 
     };
     sh.connected.fetch_add(1, Ordering::Relaxed);
     st.welcomed = Some(welcome.epoch);
-    st.highest_epoch = st.highest_epoch.max(welcome.epoch);
     let killed = sh.killed_at_us.load(Ordering::Relaxed);
     if killed != 0 && opened_us >= killed && !st.reconnected {
         st.reconnected = true;
@@ -637,9 +634,6 @@ struct AgentState {
     lost: Option<u64>,
     /// The last attempt failed to connect (TCP or TLS).
     dial_failed: bool,
-    /// The highest epoch it was welcomed at (named in its Hello, as the
-    /// agent's controller-epoch file).
-    highest_epoch: u64,
 }
 
 /// Agent `i`'s own loopback address (127.1.X.Y, Y in 1..=250), so that no

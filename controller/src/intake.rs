@@ -925,13 +925,7 @@ mod tests {
         assert!(check_error_text("K", "error", "x\u{1b}[2J").is_err());
         assert!(check_error_text("K", "error", &"e".repeat(MAX_ERROR_BYTES + 1)).is_err());
         assert!(
-            check_hello(&Hello {
-                host_id: "h".into(),
-                agent_version: "1\n".into(),
-                boot_id: String::new(),
-                ..Default::default()
-            })
-            .is_err()
+            check_hello(&Hello { host_id: "h".into(), agent_version: "1\n".into(), boot_id: String::new() }).is_err()
         );
     }
 

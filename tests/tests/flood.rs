@@ -312,12 +312,7 @@ async fn above_the_soft_limit_only_operators_and_known_agents_get_in() {
             .await
             .map_err(|e| e.to_string())?;
         let hello = AgentMessage {
-            msg: Some(Msg::Hello(Hello {
-                host_id: "stranger".into(),
-                agent_version: "t".into(),
-                boot_id: "b".into(),
-                ..Default::default()
-            })),
+            msg: Some(Msg::Hello(Hello { host_id: "stranger".into(), agent_version: "t".into(), boot_id: "b".into() })),
         };
         let mut s = AgentSessionClient::new(ch)
             .session(tokio_stream::iter(vec![hello]))

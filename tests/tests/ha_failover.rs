@@ -129,12 +129,7 @@ fn hand_agent(
                 continue;
             };
             let (tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(8);
-            let hello = Hello {
-                host_id: "host-a".into(),
-                agent_version: "test".into(),
-                boot_id: "boot-a".into(),
-                ..Default::default()
-            };
+            let hello = Hello { host_id: "host-a".into(), agent_version: "test".into(), boot_id: "boot-a".into() };
             tx.send(AgentMessage { msg: Some(Msg::Hello(hello)) }).await.unwrap();
             let mut inbound =
                 match AgentSessionClient::new(ch).session(tokio_stream::wrappers::ReceiverStream::new(rx)).await {

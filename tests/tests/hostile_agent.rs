@@ -48,14 +48,9 @@ async fn channel(c: &Controller, pki: &Pki, host: &str) -> Channel {
 impl RawSession {
     async fn open(c: &Controller, pki: &Pki, host: &str) -> Self {
         let (tx, rx) = mpsc::channel(8);
-        tx.send(msg(Msg::Hello(Hello {
-            host_id: host.into(),
-            agent_version: "0.1.0".into(),
-            boot_id: "b1".into(),
-            ..Default::default()
-        })))
-        .await
-        .unwrap();
+        tx.send(msg(Msg::Hello(Hello { host_id: host.into(), agent_version: "0.1.0".into(), boot_id: "b1".into() })))
+            .await
+            .unwrap();
         let mut client = AgentSessionClient::new(channel(c, pki, host).await).max_encoding_message_size(64 << 20);
         let mut rx = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
         match rx.message().await.unwrap().and_then(|m| m.msg) {

@@ -43,7 +43,6 @@ async fn sigterm_ends_agent_sessions_flushes_and_exits_within_the_bound() {
             host_id: "host-b".into(),
             agent_version: "test".into(),
             boot_id: "boot-b".into(),
-            ..Default::default()
         })),
     })
     .await

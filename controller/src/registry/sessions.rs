@@ -6,10 +6,6 @@
 
 use super::*;
 
-/// The host name `store-restored` is raised under when a host's agent has
-/// seen a newer epoch (as `restore` and `etcd-restore` raise it).
-const RESTORED_ALARM_HOST: &str = "controller";
-
 impl Registry {
     /// Registers a new session for an authenticated host; supersedes any
     /// older session of the same host.
@@ -158,37 +154,6 @@ impl Registry {
     /// The fencing epoch this controller commands with (0 with SQLite).
     pub fn epoch(&self) -> u64 {
         self.bus.epoch()
-    }
-
-    /// A host's agent says it has admitted controller epoch `seen` (its
-    /// Hello), above this controller's own: the store is older than what
-    /// the hosts have seen (etcd restored from a snapshot into a new
-    /// cluster, a database file copied into place). Raises `store-restored`
-    /// (under `controller`, unless one is active), so nothing is leased,
-    /// started or stopped until every host not OFFLINE has reported, and
-    /// ownership is then rebuilt from the hosts' reports. The agent itself
-    /// refuses this controller until its controller-epoch file is removed.
-    ///
-    /// Blocks on the store thread (a write): for blocking threads.
-    pub fn agent_saw_a_newer_epoch(&self, host_id: &str, seen: u64) -> RepoResult<()> {
-        let own = self.epoch();
-        if seen <= own {
-            return Ok(());
-        }
-        let mut inner = self.lock();
-        if inner.alarms.iter().any(|a| a.0 == RESTORED_ALARM_HOST && a.1 == "store-restored") {
-            tracing::debug!(host = host_id, seen, own, "an agent has seen a newer controller epoch; already held");
-            return Ok(());
-        }
-        let detail = format!(
-            "host {host_id} has admitted controller epoch {seen}, higher than this controller's {own}: the store is \
-             older than what the hosts have seen (etcd restored from a snapshot into a new cluster, or a database \
-             file copied into place). Until every host not OFFLINE has reported, Lifeboat grants no lease and starts \
-             or stops nothing; ownership is then rebuilt from the hosts' reports (highest generation wins). Agents \
-             that have seen a higher epoch refuse this controller: remove controller-epoch in the agent state_dir on \
-             each such host once no older controller can reach it (docs/operations.md, Backup and restore)"
-        );
-        Self::raise_locked(&mut inner, RESTORED_ALARM_HOST, "store-restored", &detail)
     }
 
     /// Whether this controller may command agents now (SQLite: always;
@@ -341,48 +306,5 @@ mod tests {
         assert!(e.to_string().contains("no longer leads"), "{e}");
         assert!(rx.try_recv().is_err(), "nothing was sent");
         assert!(!reg.leads());
-    }
-
-    #[test]
-    fn a_host_that_has_seen_a_newer_epoch_holds_the_pool_once_until_every_host_reported() {
-        let t = Timing { heartbeat_interval_ms: 100, unreachable_after_ms: 300 };
-        let reg = Registry::load(crate::store::sqlite::SqliteRepos::start_in_memory().unwrap(), t).unwrap();
-        let l = Arc::new(crate::ha::Leadership::new(
-            b"k".to_vec(),
-            7,
-            Duration::from_secs(60),
-            tokio::time::Instant::now(),
-        ));
-        reg.set_leadership(l);
-        for seen in [0, 6, 7] {
-            reg.agent_saw_a_newer_epoch("a", seen).unwrap();
-        }
-        assert!(reg.active_alarms().is_empty(), "an epoch not above this controller's proves nothing");
-        let later = crate::now_ms() + 1000;
-        assert_eq!(reg.hold(later), None);
-        reg.agent_saw_a_newer_epoch("a", 8).unwrap();
-        reg.agent_saw_a_newer_epoch("b", u64::MAX).unwrap();
-        let alarms = reg.active_alarms();
-        assert_eq!(alarms.len(), 1, "one hold, raised by the first evidence: {alarms:?}");
-        let (host, kind, detail) = &alarms[0];
-        assert_eq!((host.as_str(), kind.as_str()), ("controller", "store-restored"));
-        assert!(detail.contains("host a has admitted controller epoch 8, higher than this controller's 7"), "{detail}");
-        let audited = reg
-            .repos()
-            .call_blocking(|r| r.audit().read(&crate::ports::AuditFilter::default()))
-            .unwrap()
-            .into_iter()
-            .filter(|e| e.action == "alarm.store-restored")
-            .count();
-        assert_eq!(audited, 1);
-        let (tx, _rx) = mpsc::channel(1);
-        let sa = reg.open_session("a", "boot", tx.clone()).unwrap();
-        let sb = reg.open_session("b", "boot", tx).unwrap();
-        reg.apply_inventory("a", sa, Inventory::default()).unwrap();
-        let why = reg.hold(later).unwrap();
-        assert!(why.contains("restored") && why.contains(": b"), "{why}");
-        reg.apply_inventory("b", sb, Inventory::default()).unwrap();
-        assert_eq!(reg.hold(later), None, "every host reported");
-        assert!(reg.active_alarms().is_empty(), "the alarm is cleared by its cause");
     }
 }

@@ -111,16 +111,9 @@ impl AgentSession for AgentService {
         // It may write (a new host, a return from OFFLINE, an alarm) under the
         // registry lock: on a blocking thread, never on an async worker.
         let (reg, host, boot, stx) = (self.reg.clone(), cert_host.clone(), hello.boot_id.clone(), tx.clone());
-        let seen = hello.highest_epoch;
-        let (sid, mut superseded) = tokio::task::spawn_blocking(move || {
-            // Before the session opens: a store older than what this host has
-            // seen is held before anything could be granted from it.
-            // Not recorded: no session (the agent dials again).
-            reg.agent_saw_a_newer_epoch(&host, seen)?;
-            reg.open_session_from(&host, &boot, stx, peer)
-        })
-        .await
-        .map_err(|e| ControllerError::Internal(format!("opening a session: {e}")))??;
+        let (sid, mut superseded) = tokio::task::spawn_blocking(move || reg.open_session_from(&host, &boot, stx, peer))
+            .await
+            .map_err(|e| ControllerError::Internal(format!("opening a session: {e}")))??;
         info!(host = %cert_host, ?peer, agent_version = %hello.agent_version, boot_id = %hello.boot_id, "agent session opened");
         let welcome = ControllerMessage {
             msg: Some(controller_message::Msg::Welcome(Welcome {
