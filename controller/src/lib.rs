@@ -403,7 +403,7 @@ const LOAD_AHEAD_EVERY: Duration = Duration::from_secs(60);
 const LOAD_AHEAD_KEEP: Duration = Duration::from_secs(30);
 
 /// How long a newly elected leader waits for a load ahead still running
-/// before it cuts it short and loads again at full priority: a load of
+/// before it abandons it and loads again at full priority: a load of
 /// 10,000 hosts takes about 3 s, and this one began before the election.
 /// A read that hangs must not keep the new leader closed.
 const LOAD_AHEAD_WAIT: Duration = Duration::from_secs(5);
@@ -416,8 +416,9 @@ struct LoadAhead {
     /// When an agent last said the leader is gone (the load is kept
     /// [`LOAD_AHEAD_KEEP`] from then).
     suspected_at: std::time::Instant,
-    /// The read-only store the load reads through: shut down to cut an
-    /// abandoned load short (a blocking task cannot be aborted).
+    /// The read-only store the load reads through: shut down when the load
+    /// is abandoned (a blocking task cannot be aborted; the read in
+    /// progress, for the guest scan most of the load, still runs to its end).
     reader: ports::Repos,
     task: tokio::task::JoinHandle<Result<registry::Registry, ports::RepoError>>,
 }
@@ -452,8 +453,8 @@ impl LoadAhead {
     /// The registry loaded ahead, once promotion has caught the local copy
     /// up to etcd (its watch is stopped then, so `rows` no longer moves):
     /// only if no row changed since it began (else `None`, and the registry
-    /// is loaded from the promoted store). Waits for a load still running:
-    /// it began earlier than a new one would.
+    /// is loaded from the promoted store). Waits up to `wait` for a load
+    /// still running (it began earlier than a new one would), then abandons it.
     async fn take(mut self, rows: &store::etcd::RowsRevision, wait: Duration) -> Option<registry::Registry> {
         if rows.get() != self.at {
             info!(ahead = self.at, now = rows.get(), "rows changed since the load ahead began: loading again");
@@ -465,7 +466,7 @@ impl LoadAhead {
             Err(_) => {
                 tracing::warn!(
                     waited_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                    "the load ahead has not finished: cutting it short and loading again"
+                    "the load ahead has not finished: abandoning it and loading again"
                 );
                 self.abandon();
                 return None;
@@ -498,9 +499,10 @@ impl LoadAhead {
         rows.get() != self.at || (self.task.is_finished() && self.suspected_at.elapsed() >= LOAD_AHEAD_KEEP)
     }
 
-    /// Lets it go without holding anything up: a load still running is cut
-    /// short (its reads fail once the reader stops), and the registry is
-    /// freed on a blocking thread, not an async worker.
+    /// Lets it go without holding anything up: a load still running ends
+    /// at its low priority (its reads after the one in progress fail once
+    /// the reader stops), and the registry is freed on a blocking thread,
+    /// not an async worker.
     fn abandon(self) {
         let LoadAhead { reader, task, .. } = self;
         tokio::spawn(async move {
@@ -882,7 +884,7 @@ mod tests {
         follower.catch_up().await.unwrap();
         assert!(a.take(&rows, LOAD_AHEAD_WAIT).await.is_none(), "a registry missing h2 is never used");
 
-        // A load ahead that does not finish (a read that hangs) is cut short
+        // A load ahead that does not finish (a read that hangs) is abandoned
         // after the wait, its reader shut down: the new leader loads again.
         follower.catch_up().await.unwrap();
         let reader = follower.reader().unwrap();

@@ -277,22 +277,11 @@ impl Replica {
                     }
                     // Applied up to the events' own revisions: a header's
                     // revision (a created or progress response, a catch-up
-                    // batch) may run ahead of events still to come.
-                    let at = msg.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max().unwrap_or(0);
-                    let rows_at = msg
-                        .events()
-                        .iter()
-                        .filter_map(|e| e.kv())
-                        .filter(|kv| kv.key() != sync.as_slice())
-                        .map(|kv| kv.mod_revision())
-                        .max();
-                    let synced = msg
-                        .events()
-                        .iter()
-                        .filter_map(|e| e.kv())
-                        .filter(|kv| kv.key() == sync.as_slice())
-                        .map(|kv| kv.value().to_vec())
-                        .next_back();
+                    // batch) may run ahead of events still to come. One pass
+                    // applies the events and notes the revision of the last
+                    // event, of the last row event (the sync key is no row),
+                    // and the last sync value.
+                    let (mut at, mut rows_at, mut synced) = (0, None::<i64>, None);
                     if !msg.events().is_empty() {
                         let mut guard = cache.lock().unwrap_or_else(|p| p.into_inner());
                         let Some(c) = guard.as_mut() else { return };
@@ -300,6 +289,12 @@ impl Replica {
                         let _ = c.store.conn().execute_batch("BEGIN");
                         for ev in msg.events() {
                             let Some(kv) = ev.kv() else { continue };
+                            at = at.max(kv.mod_revision());
+                            if kv.key() == sync.as_slice() {
+                                synced = Some(kv.value().to_vec());
+                            } else {
+                                rows_at = Some(rows_at.map_or(kv.mod_revision(), |r| r.max(kv.mod_revision())));
+                            }
                             match ev.event_type() {
                                 EventType::Put => c.apply(&prefix, kv.key(), Some(kv.value()), now),
                                 EventType::Delete => c.apply(&prefix, kv.key(), None, now),
