@@ -64,6 +64,16 @@ pub struct ControllerConfig {
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
+    /// Keep a standby connection (TLS done, idle) to every controller the
+    /// session is not on, so that a failover costs no handshake: the new
+    /// leader, and the agents around it, have the CPU for the sessions
+    /// themselves. Only with more than one address. Default true.
+    #[serde(default = "default_standby")]
+    pub standby: bool,
+}
+
+fn default_standby() -> bool {
+    true
 }
 
 impl ControllerConfig {
@@ -303,6 +313,11 @@ key = "/a.key"
         assert_eq!(c.libvirt_uri, "qemu:///system");
         assert_eq!(c.controller.server_name, "lifeboat-controller");
         assert_eq!(c.resolve_host_id().unwrap(), "host-a");
+        assert!(c.controller.standby, "standby connections are on unless turned off");
+        let off = AgentConfig::parse(&GOOD.replace("key = ", "standby = false\nkey = "), Path::new("x")).unwrap();
+        assert!(!off.controller.standby);
+        let e = AgentConfig::parse(&GOOD.replace("key = ", "standby = \"no\"\nkey = "), Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("standby"), "{e}");
     }
 
     #[test]

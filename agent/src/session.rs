@@ -30,7 +30,101 @@ pub struct Session {
     tls: TlsMaterial,
     actor: Actor,
     shared: Arc<Shared>,
+    /// Standby connections to the controllers the session is not on (none
+    /// with `[controller] standby = false` or a single address).
+    standby: Option<Standby>,
 }
+
+/// Connections made ahead of need to the controllers the session is not
+/// on, each with its TLS and HTTP/2 handshakes done: when the leader is
+/// lost, the session call to the next one goes out on one of them at once.
+/// A failover then costs the new leader no handshake from the agents it
+/// holds, which at thousands of hosts is most of its CPU while they come
+/// back (docs/benchmarks.md).
+///
+/// The connection to the session's own controller is never kept here, so
+/// the first dial after a lost session is always a fresh one and a dead
+/// leader is told apart from a live one as before ([`Redial`]).
+#[derive(Debug, Default)]
+pub struct Standby {
+    inner: std::sync::Mutex<StandbyInner>,
+}
+
+#[derive(Debug, Default)]
+struct StandbyInner {
+    /// URL → the connection and when it was made.
+    warm: std::collections::HashMap<String, (Channel, tokio::time::Instant)>,
+    /// The controller of the session now established (or last established).
+    current: Option<String>,
+}
+
+impl Standby {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StandbyInner> {
+        // Plain data: a panic elsewhere leaves nothing half-changed in it.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The standby connection to `url`, taken out of the pool.
+    pub fn take(&self, url: &str) -> Option<Channel> {
+        self.lock().warm.remove(url).map(|(c, _)| c)
+    }
+
+    /// A session is established with `url`: its standby connection, if
+    /// any, is closed, and none is made to it while it is the session's.
+    pub fn session_on(&self, url: &str) {
+        let mut g = self.lock();
+        g.warm.remove(url);
+        g.current = Some(url.to_string());
+    }
+
+    /// The addresses of `urls` that need a (new) standby connection now:
+    /// none before the first session, never the session's own, and those
+    /// whose connection is older than [`STANDBY_REFRESH`].
+    pub fn due<'a>(&self, urls: &'a [String], now: tokio::time::Instant) -> Vec<&'a String> {
+        let g = self.lock();
+        let Some(current) = g.current.as_deref() else { return Vec::new() };
+        urls.iter()
+            .filter(|u| u.as_str() != current)
+            .filter(|u| g.warm.get(u.as_str()).is_none_or(|(_, at)| now.duration_since(*at) >= STANDBY_REFRESH))
+            .collect()
+    }
+
+    /// Keeps `channel` as the standby connection to `url`, unless a session
+    /// was established with `url` while it was being made.
+    pub fn put(&self, url: &str, channel: Channel, now: tokio::time::Instant) -> bool {
+        let mut g = self.lock();
+        if g.current.as_deref() == Some(url) {
+            return false;
+        }
+        g.warm.insert(url.to_string(), (channel, now));
+        true
+    }
+
+    /// Forgets the standby connection to `url` (its dial failed).
+    pub fn drop_url(&self, url: &str) {
+        self.lock().warm.remove(url);
+    }
+
+    /// How many standby connections are kept.
+    pub fn len(&self) -> usize {
+        self.lock().warm.len()
+    }
+
+    /// Whether no standby connection is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A standby connection older than this is made again: the controller
+/// closes a connection with no call in flight after 300 s
+/// (`conn::Limits::idle_timeout`), and one it closed would cost the full
+/// handshake at the failover after all.
+pub const STANDBY_REFRESH: Duration = Duration::from_secs(240);
+
+/// How often the standby connections are looked at (± a third, so that
+/// 10,000 agents do not redial in step).
+pub const STANDBY_CHECK: Duration = Duration::from_secs(10);
 
 /// Why one session attempt ended.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +178,32 @@ impl Session {
             tls,
             actor,
             shared,
+            standby: (cfg.controller.standby && cfg.controller.urls().len() > 1).then(Standby::default),
+        }
+    }
+
+    /// Keeps the standby connections ([`Standby`]) until dropped: every
+    /// [`STANDBY_CHECK`] (jittered) each one that is due is dialled again,
+    /// one at a time.
+    async fn keep_standby(&self) -> std::convert::Infallible {
+        let Some(standby) = &self.standby else { return std::future::pending().await };
+        let mut rng =
+            reconnect_backoff().with_min_delay(STANDBY_CHECK * 2 / 3).with_max_delay(STANDBY_CHECK * 2 / 3).build();
+        loop {
+            tokio::time::sleep(rng.next().unwrap_or(STANDBY_CHECK)).await;
+            for url in standby.due(&self.urls, tokio::time::Instant::now()) {
+                match self.channel(url).await {
+                    Ok(ch) => {
+                        if standby.put(url, ch, tokio::time::Instant::now()) {
+                            tracing::debug!(controller = %url, "standby connection made");
+                        }
+                    }
+                    Err(e) => {
+                        standby.drop_url(url);
+                        tracing::debug!(controller = %url, "standby connection not made: {e}");
+                    }
+                }
+            }
         }
     }
 
@@ -94,7 +214,14 @@ impl Session {
     /// the same controller is dialled again first; otherwise each attempt
     /// goes to the next configured controller, or to the leader a follower
     /// named ([`Redial`]).
-    pub async fn run(&self, mut updates: mpsc::Receiver<Update>) -> anyhow::Result<()> {
+    pub async fn run(&self, updates: mpsc::Receiver<Update>) -> anyhow::Result<()> {
+        tokio::select! {
+            r = self.sessions(updates) => r,
+            never = self.keep_standby() => match never {},
+        }
+    }
+
+    async fn sessions(&self, mut updates: mpsc::Receiver<Update>) -> anyhow::Result<()> {
         let mut backoff = reconnect_backoff().build();
         let mut at = 0usize;
         let mut redial = Redial::default();
@@ -127,14 +254,20 @@ impl Session {
             .map_err(err)?
             .tls_config(self.tls.client_config(&self.server_name))
             .map_err(err)?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_keepalive(Some(Duration::from_secs(10)))
+            // With a connector of our own, tonic bounds TCP and TLS
+            // together by this, also when a standby connection that broke
+            // is dialled again inside the channel.
+            .connect_timeout(DIAL_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        // The connect timeout covers TCP only: the handshakes after it are
-        // bounded here.
-        match tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect()).await {
+        let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_keepalive(Some(Duration::from_secs(10)));
+        tcp.set_connect_timeout(Some(TCP_CONNECT_TIMEOUT));
+        // The HTTP/2 handshake after TLS is bounded here too.
+        match tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect_with_connector(tcp)).await {
             Ok(r) => r.map_err(err),
             Err(_) => Err(SessionError::DialTimeout { url: url.to_string() }),
         }
@@ -162,7 +295,12 @@ impl Session {
         };
         crate::metrics::get().epoch_file_unreadable.set(0);
         crate::metrics::get().set_epoch(epoch.highest());
-        let channel = self.channel(url).await?;
+        // A standby connection needs no handshake now; if it broke since,
+        // tonic dials again within the connect timeout ([`Session::channel`]).
+        let channel = match self.standby.as_ref().and_then(|s| s.take(url)) {
+            Some(ch) => ch,
+            None => self.channel(url).await?,
+        };
         let mut client = AgentSessionClient::new(channel);
         let (tx, rx) = mpsc::channel::<AgentMessage>(256);
         let send = |m: agent_message::Msg| AgentMessage { msg: Some(m) };
@@ -199,6 +337,9 @@ impl Session {
         // Established: the next disconnection is retried quickly again.
         *backoff = reconnect_backoff().build();
         *welcomed = Some(welcome.epoch);
+        if let Some(s) = &self.standby {
+            s.session_on(url);
+        }
         let hb_ms = u64::from(welcome.heartbeat_interval_ms.max(100));
         info!(controller = %url, heartbeat_ms = hb_ms, epoch = welcome.epoch, "session established");
         crate::metrics::get().session_up.store(true, Ordering::Relaxed);
@@ -441,6 +582,9 @@ impl RefusedLog {
 /// How long a dial may take, TCP, TLS and HTTP/2 handshakes together.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the TCP connection of a dial may take.
+pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The first reconnect delay (before jitter).
 pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 /// The longest reconnect delay (before jitter).
@@ -490,6 +634,36 @@ pub fn describe_end(r: &Result<(), SessionError>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn standby_connections_go_to_every_controller_but_the_sessions_own_and_are_made_again_when_old() {
+        let urls: Vec<String> = ["https://a:1", "https://b:1", "https://c:1"].map(String::from).to_vec();
+        let ch = || Endpoint::from_static("https://127.0.0.1:1").connect_lazy();
+        let s = Standby::default();
+        let t0 = tokio::time::Instant::now();
+        assert!(s.due(&urls, t0).is_empty(), "none before the first session (the leader is not known yet)");
+        s.session_on(&urls[0]);
+        assert_eq!(s.due(&urls, t0), vec![&urls[1], &urls[2]]);
+        assert!(!s.put(&urls[0], ch(), t0), "never to the session's own controller");
+        assert!(s.put(&urls[1], ch(), t0));
+        assert_eq!(s.due(&urls, t0), vec![&urls[2]]);
+        assert_eq!(s.due(&urls, t0 + STANDBY_REFRESH - Duration::from_millis(1)), vec![&urls[2]]);
+        assert_eq!(s.due(&urls, t0 + STANDBY_REFRESH), vec![&urls[1], &urls[2]], "made again before the idle timeout");
+        assert!(s.put(&urls[2], ch(), t0));
+        assert_eq!(s.len(), 2);
+        // The session moves to b (the failover): b's connection is used for it
+        // and leaves the pool; a, the lost leader, is due.
+        assert!(s.take(&urls[1]).is_some());
+        assert!(s.take(&urls[1]).is_none(), "a connection is handed out once");
+        s.session_on(&urls[1]);
+        assert_eq!(s.due(&urls, t0), vec![&urls[0]]);
+        // A session established on c while its standby connection was kept
+        // (an attempt that dialled afresh): the pool lets it go.
+        s.session_on(&urls[2]);
+        assert!(s.is_empty());
+        s.drop_url(&urls[0]);
+        assert!(s.is_empty());
+    }
 
     #[test]
     fn backoff_starts_near_a_tenth_of_a_second_doubles_to_one_and_resets() {

@@ -3,7 +3,8 @@
 //!
 //! Every simulated agent has its own certificate and its own mutual-TLS
 //! HTTP/2 connection, says Hello, sends a full inventory (host facts and
-//! guests with realistic definition XML), then heartbeats at the interval
+//! guests with realistic definition XML), keeps a standby connection to
+//! every other controller as the agent does, then heartbeats at the interval
 //! the controller asks for, sends a steady trickle of guest changes, and
 //! answers the controller's commands as a healthy host would (every path
 //! visible, every command carried out). The tool then measures, on the
@@ -86,6 +87,18 @@ struct Args {
     /// Simultaneous TLS handshakes while connecting.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Do not keep standby connections to the other controllers (as agents
+    /// before they kept them; with --etcd).
+    #[arg(long)]
+    no_standby: bool,
+    /// Processes the simulated agents run in (0: as few as this process's
+    /// open-files limit allows; each agent needs one file per connection).
+    #[arg(long, default_value_t = 0)]
+    agent_processes: usize,
+    /// Internal: run as one of those processes, with the agents this file
+    /// names (commands on stdin, counters on stdout).
+    #[arg(long, hide = true)]
+    worker: Option<PathBuf>,
     /// Working directory (default: a new temporary directory, removed at the end).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -187,6 +200,8 @@ struct Shared {
     urls: Vec<String>,
     /// One loopback address per agent (false: all from 127.0.0.1).
     own_address: bool,
+    /// Keep standby connections to the controllers a session is not on.
+    standby: bool,
     /// µs since `base` when the leader was killed (0: not yet).
     killed_at_us: AtomicI64,
     /// Agents whose session was opened after the kill.
@@ -420,7 +435,11 @@ async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String)
         ended: None,
         lost: None,
         dial_failed: false,
+        standby: Arc::new(Standby { current: AtomicUsize::new(usize::MAX), ..Default::default() }),
     };
+    if sh.standby && sh.urls.len() > 1 {
+        tokio::spawn(keep_standby(i, sh.clone(), st.standby.clone(), cert_pem.clone(), key_pem.clone()));
+    }
     loop {
         if *sh.phase.borrow() == Phase::Done {
             return;
@@ -480,23 +499,93 @@ async fn sim_agent(i: usize, sh: Arc<Shared>, cert_pem: String, key_pem: String)
     }
 }
 
+/// A new mutual-TLS connection from agent `i` to `url` (one of the
+/// `connect_concurrency` handshakes at a time).
+async fn dial(i: usize, sh: &Shared, url: String, cert_pem: &str, key_pem: &str) -> anyhow::Result<Channel> {
+    let _permit = sh.connect_gate.acquire().await?;
+    let tls = ClientTlsConfig::new()
+        .domain_name(pki::CONTROLLER_NAME)
+        .ca_certificate(Certificate::from_pem(&sh.ca_pem))
+        .identity(Identity::from_pem(cert_pem, key_pem));
+    Endpoint::from_shared(url)?
+        .local_address(sh.own_address.then(|| source_address(i)))
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(30))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect()
+        .await
+        .context("connect")
+}
+
+/// One simulated agent's standby connections, as the agent keeps them
+/// (`agent::session::Standby`): one to every controller its session is not
+/// on, made again before the controller's idle timeout closes it.
+#[derive(Default)]
+struct Standby {
+    warm: Mutex<std::collections::HashMap<usize, (Channel, Instant)>>,
+    /// The controller of the last established session (usize::MAX: none yet).
+    current: AtomicUsize,
+}
+
+impl Standby {
+    fn take(&self, k: usize) -> Option<Channel> {
+        self.warm.lock().unwrap_or_else(|p| p.into_inner()).remove(&k).map(|(c, _)| c)
+    }
+
+    fn on(&self, k: usize) {
+        self.current.store(k, Ordering::Relaxed);
+        self.take(k);
+    }
+}
+
+/// Keeps agent `i`'s standby connections until the run is done.
+async fn keep_standby(i: usize, sh: Arc<Shared>, st: Arc<Standby>, cert_pem: String, key_pem: String) {
+    let mut phase = sh.phase.clone();
+    loop {
+        let wait = jittered(STANDBY_CHECK);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = phase.wait_for(|p| *p == Phase::Done) => return,
+        }
+        let current = st.current.load(Ordering::Relaxed);
+        if current == usize::MAX || sh.silenced.load(Ordering::Relaxed) == i {
+            continue;
+        }
+        for (k, url) in sh.urls.iter().enumerate() {
+            let fresh = |st: &Standby| {
+                st.warm
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&k)
+                    .is_some_and(|(_, at)| at.elapsed() < STANDBY_REFRESH)
+            };
+            if k == st.current.load(Ordering::Relaxed) || fresh(&st) {
+                continue;
+            }
+            if let Ok(ch) = dial(i, &sh, url.clone(), &cert_pem, &key_pem).await
+                && k != st.current.load(Ordering::Relaxed)
+            {
+                st.warm.lock().unwrap_or_else(|p| p.into_inner()).insert(k, (ch, Instant::now()));
+            }
+        }
+    }
+}
+
+/// How often a simulated agent looks at its standby connections.
+const STANDBY_CHECK: Duration = Duration::from_secs(10);
+/// A standby connection older than this is made again (the controller
+/// closes a connection idle for 300 s).
+const STANDBY_REFRESH: Duration = Duration::from_secs(240);
+
 async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut AgentState) -> anyhow::Result<()> {
     let url = sh.urls.get(st.url).or(sh.urls.first()).context("no controller URL")?.clone();
     st.dial_failed = true;
-    let channel: Channel = {
-        let _permit = sh.connect_gate.acquire().await?;
-        let tls = ClientTlsConfig::new()
-            .domain_name(pki::CONTROLLER_NAME)
-            .ca_certificate(Certificate::from_pem(&sh.ca_pem))
-            .identity(Identity::from_pem(cert_pem, key_pem));
-        Endpoint::from_shared(url)?
-            .local_address(sh.own_address.then(|| source_address(i)))
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(30))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect()
-            .await
-            .context("connect")?
+    // A standby connection to this controller, as the agent keeps them: no
+    // handshake now. If it broke meanwhile, tonic dials again on the call.
+    let warm = st.standby.take(st.url);
+    let channel: Channel = match warm {
+        Some(ch) => ch,
+        None => dial(i, sh, url, cert_pem, key_pem).await?,
     };
     st.dial_failed = false;
     let mut client = AgentSessionClient::new(channel);
@@ -520,6 +609,7 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut 
     };
     sh.connected.fetch_add(1, Ordering::Relaxed);
     st.welcomed = Some(welcome.epoch);
+    st.standby.on(st.url);
     let killed = sh.killed_at_us.load(Ordering::Relaxed);
     if killed != 0 && opened_us >= killed && !st.reconnected {
         st.reconnected = true;
@@ -634,6 +724,8 @@ struct AgentState {
     lost: Option<u64>,
     /// The last attempt failed to connect (TCP or TLS).
     dial_failed: bool,
+    /// Standby connections to the other controllers.
+    standby: Arc<Standby>,
 }
 
 /// Agent `i`'s own loopback address (127.1.X.Y, Y in 1..=250), so that no
@@ -925,6 +1017,11 @@ fn log(t0: Instant, msg: impl AsRef<str>) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(spec) = &args.worker {
+        lifeboat_common::tls::install_crypto_provider();
+        lifeboat_common::raise_open_files_limit();
+        return worker(spec).await;
+    }
     if args.hosts == 0 || args.guests_per_host == 0 {
         bail!("--hosts and --guests-per-host must be at least 1");
     }
@@ -934,6 +1031,22 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     lifeboat_common::tls::install_crypto_provider();
     lifeboat_common::raise_open_files_limit();
+    // A session and a standby connection per agent, and the controllers'
+    // own (children inherit the limit): raise the hard limit too (root may).
+    // A session and a standby connection per agent, and the controllers'
+    // own (children inherit the limit): raise the hard limit too (root
+    // may), else spread the agents over as many processes as it takes.
+    let per_agent = if args.etcd && args.controllers > 1 && !args.no_standby { 2 } else { 1 };
+    let want = u64::try_from(args.hosts).unwrap_or(u64::MAX).saturating_mul(per_agent).saturating_add(1024);
+    let processes = {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+        let limit =
+            if soft >= want || setrlimit(Resource::RLIMIT_NOFILE, want, hard.max(want)).is_ok() { want } else { soft };
+        let usable = limit.saturating_sub(1024).max(per_agent);
+        let needed = usize::try_from(want.saturating_sub(1024).div_ceil(usable)).unwrap_or(usize::MAX).max(1);
+        if args.agent_processes == 0 { needed } else { args.agent_processes }
+    };
     let tmp;
     let dir = match &args.work_dir {
         Some(d) => {
@@ -1066,6 +1179,7 @@ async fn main() -> anyhow::Result<()> {
     let sh = Arc::new(Shared {
         urls: urls.clone(),
         own_address: !args.one_source_address,
+        standby: !args.no_standby,
         killed_at_us: AtomicI64::new(0),
         reconnected_after_kill: AtomicUsize::new(0),
         leased_after_kill: AtomicUsize::new(0),
@@ -1098,9 +1212,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let start_connect = Instant::now();
     let mut tasks = Vec::with_capacity(n);
-    for (i, (c, k)) in certs.into_iter().enumerate() {
-        tasks.push(tokio::spawn(sim_agent(i, sh.clone(), c, k)));
-    }
+    let fleet = if processes > 1 {
+        log(t0, format!("the {n} simulated agents run in {processes} processes (open-files limit)"));
+        Some(Fleet::start(&args, &dir, &sh, certs, processes).await?)
+    } else {
+        for (i, (c, k)) in certs.into_iter().enumerate() {
+            tasks.push(tokio::spawn(sim_agent(i, sh.clone(), c, k)));
+        }
+        None
+    };
     let mut last = 0;
     while sh.inventories.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1251,6 +1371,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     {
+        if let Some(f) = &fleet {
+            f.rtts_collected(Duration::from_secs(30)).await?;
+        }
         let mut v = std::mem::take(&mut *sh.rtts_us.lock().unwrap_or_else(|p| p.into_inner()));
         v.sort_unstable();
         rep.heartbeats_measured = v.len();
@@ -1431,6 +1554,318 @@ async fn main() -> anyhow::Result<()> {
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
+    if let Some(f) = fleet {
+        f.finish(Duration::from_secs(10)).await;
+    }
     println!("{}", serde_json::to_string(&rep)?);
+    Ok(())
+}
+
+/// What one agent process is given (`--worker FILE`, JSON).
+#[derive(Serialize, serde::Deserialize)]
+struct WorkerSpec {
+    /// Index of its first agent; its agents are `first..first + certs.len()`.
+    first: usize,
+    /// Each agent's certificate and key (PEM).
+    certs: Vec<(String, String)>,
+    urls: Vec<String>,
+    ca_pem: String,
+    guests_per_host: usize,
+    change_every_us: u64,
+    own_address: bool,
+    standby: bool,
+    connect_concurrency: usize,
+    /// The main process's `base`, in µs since the Unix epoch: times said
+    /// between the processes count from it.
+    base_unix_us: i64,
+}
+
+/// The counters an agent process reports, a line of JSON every 100 ms.
+#[derive(Serialize, serde::Deserialize, Default, Clone, Copy)]
+struct WorkerStatus {
+    connected: usize,
+    inventories: usize,
+    reconnects: usize,
+    changes: u64,
+    heartbeat_ms: u64,
+    reconnected: usize,
+    leased: usize,
+    last_hb_us: i64,
+}
+
+/// A line an agent process writes.
+#[derive(Serialize, serde::Deserialize)]
+enum WorkerLine {
+    Status(WorkerStatus),
+    /// The heartbeat round trips measured while `measure 1` held.
+    Rtts(Vec<u32>),
+}
+
+fn unix_us() -> i64 {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Simulated agents in other processes of this binary (`--worker`), when
+/// one process cannot hold all their connections (its open-files limit).
+/// A bridge task mirrors their counters into the main process's [`Shared`]
+/// and sends them what the main process changes there (measuring, the
+/// silenced host, the kill, the end), so the measuring code is the same.
+struct Fleet {
+    children: Vec<tokio::process::Child>,
+    bridge: tokio::task::JoinHandle<()>,
+    rtts_replies: Arc<AtomicUsize>,
+    /// Replies expected once measuring ends.
+    rtts_wanted: Arc<AtomicUsize>,
+}
+
+impl Fleet {
+    async fn start(
+        args: &Args,
+        dir: &Path,
+        sh: &Arc<Shared>,
+        certs: Vec<(String, String)>,
+        processes: usize,
+    ) -> anyhow::Result<Fleet> {
+        use tokio::io::AsyncBufReadExt;
+        let n = certs.len();
+        let base_unix_us = unix_us() - i64::try_from(sh.base.elapsed().as_micros()).unwrap_or(0);
+        let exe = std::env::current_exe().context("the load generator's own path")?;
+        let mut children = Vec::new();
+        let mut stdins = Vec::new();
+        let statuses = Arc::new(Mutex::new(vec![WorkerStatus::default(); processes]));
+        let rtts_replies = Arc::new(AtomicUsize::new(0));
+        let mut certs = certs.into_iter();
+        for w in 0..processes {
+            let (first, end) = (w * n / processes, (w + 1) * n / processes);
+            let spec = WorkerSpec {
+                first,
+                certs: certs.by_ref().take(end - first).collect(),
+                urls: sh.urls.clone(),
+                ca_pem: sh.ca_pem.clone(),
+                guests_per_host: sh.guests_per_host,
+                change_every_us: u64::try_from(sh.change_every.as_micros()).unwrap_or(u64::MAX),
+                own_address: sh.own_address,
+                standby: sh.standby,
+                connect_concurrency: args.connect_concurrency.div_ceil(processes).max(1),
+                base_unix_us,
+            };
+            let path = dir.join(format!("agents-{w}.json"));
+            std::fs::write(&path, serde_json::to_vec(&spec)?)?;
+            let mut child = tokio::process::Command::new(&exe)
+                .arg("--worker")
+                .arg(&path)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting agent process {w}"))?;
+            stdins.push(child.stdin.take().context("agent process stdin")?);
+            let stdout = child.stdout.take().context("agent process stdout")?;
+            let (statuses, replies, sh) = (statuses.clone(), rtts_replies.clone(), sh.clone());
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stdout).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    match serde_json::from_str::<WorkerLine>(&l) {
+                        Ok(WorkerLine::Status(st)) => {
+                            if let Some(slot) = statuses.lock().unwrap_or_else(|p| p.into_inner()).get_mut(w) {
+                                *slot = st;
+                            }
+                        }
+                        Ok(WorkerLine::Rtts(v)) => {
+                            sh.rtts_us.lock().unwrap_or_else(|p| p.into_inner()).extend(v);
+                            replies.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => eprintln!("loadgen: agent process {w} wrote {l:?}: {e}"),
+                    }
+                }
+            });
+            children.push(child);
+        }
+        let rtts_wanted = Arc::new(AtomicUsize::new(0));
+        let bridge = tokio::spawn(bridge(sh.clone(), stdins, statuses, rtts_wanted.clone()));
+        Ok(Fleet { children, bridge, rtts_replies, rtts_wanted })
+    }
+
+    /// Waits until every agent process sent the round trips it measured.
+    async fn rtts_collected(&self, within: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + within;
+        while self.rtts_replies.load(Ordering::SeqCst) < self.rtts_wanted.load(Ordering::SeqCst)
+            || self.rtts_wanted.load(Ordering::SeqCst) == 0
+        {
+            if Instant::now() > until {
+                bail!("the agent processes did not send their heartbeat round trips within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, async {
+            for c in &mut self.children {
+                let _ = c.wait().await;
+            }
+        })
+        .await;
+        self.bridge.abort();
+    }
+}
+
+/// Mirrors the agent processes' counters into `sh` and sends them what
+/// changed in it, every 20 ms.
+async fn bridge(
+    sh: Arc<Shared>,
+    mut stdins: Vec<tokio::process::ChildStdin>,
+    statuses: Arc<Mutex<Vec<WorkerStatus>>>,
+    rtts_wanted: Arc<AtomicUsize>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let (mut measuring, mut silenced, mut killed, mut done) = (false, usize::MAX, 0i64, false);
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let sum = {
+            let v = statuses.lock().unwrap_or_else(|p| p.into_inner());
+            v.iter().fold(WorkerStatus::default(), |a, b| WorkerStatus {
+                connected: a.connected + b.connected,
+                inventories: a.inventories + b.inventories,
+                reconnects: a.reconnects + b.reconnects,
+                changes: a.changes + b.changes,
+                heartbeat_ms: a.heartbeat_ms.max(b.heartbeat_ms),
+                reconnected: a.reconnected + b.reconnected,
+                leased: a.leased + b.leased,
+                last_hb_us: a.last_hb_us.max(b.last_hb_us),
+            })
+        };
+        sh.connected.store(sum.connected, Ordering::Relaxed);
+        sh.inventories.store(sum.inventories, Ordering::Relaxed);
+        sh.reconnects.store(sum.reconnects, Ordering::Relaxed);
+        sh.changes.store(sum.changes, Ordering::Relaxed);
+        if sum.heartbeat_ms > 0 {
+            sh.heartbeat_ms.store(sum.heartbeat_ms, Ordering::Relaxed);
+        }
+        sh.reconnected_after_kill.store(sum.reconnected, Ordering::Relaxed);
+        sh.leased_after_kill.store(sum.leased, Ordering::Relaxed);
+        sh.last_hb_us.store(sum.last_hb_us, Ordering::Relaxed);
+        let mut say = Vec::new();
+        let m = sh.measuring.load(Ordering::Relaxed);
+        if m != measuring {
+            measuring = m;
+            if !m {
+                rtts_wanted.fetch_add(stdins.len(), Ordering::SeqCst);
+            }
+            say.push(format!("measure {}", u8::from(m)));
+        }
+        let s = sh.silenced.load(Ordering::Relaxed);
+        if s != silenced {
+            silenced = s;
+            say.push(format!("silence {s}"));
+        }
+        let k = sh.killed_at_us.load(Ordering::Relaxed);
+        if k != killed {
+            killed = k;
+            say.push(format!("kill {k}"));
+        }
+        if !done && *sh.phase.borrow() == Phase::Done {
+            done = true;
+            say.push("done".into());
+        }
+        if say.is_empty() {
+            continue;
+        }
+        let text = say.join("\n") + "\n";
+        for w in &mut stdins {
+            let _ = w.write_all(text.as_bytes()).await;
+            let _ = w.flush().await;
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+/// `--worker FILE`: runs the agents FILE names until told `done`.
+async fn worker(spec: &Path) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let spec: WorkerSpec = serde_json::from_slice(&std::fs::read(spec)?)?;
+    let behind = Duration::from_micros(u64::try_from(unix_us().saturating_sub(spec.base_unix_us)).unwrap_or(0));
+    let now = Instant::now();
+    let base = now.checked_sub(behind).unwrap_or(now);
+    let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Load);
+    let sh = Arc::new(Shared {
+        urls: spec.urls,
+        own_address: spec.own_address,
+        standby: spec.standby,
+        killed_at_us: AtomicI64::new(0),
+        reconnected_after_kill: AtomicUsize::new(0),
+        leased_after_kill: AtomicUsize::new(0),
+        ca_pem: spec.ca_pem,
+        guests_per_host: spec.guests_per_host,
+        change_every: Duration::from_micros(spec.change_every_us),
+        base,
+        measuring: AtomicBool::new(false),
+        rtts_us: Mutex::new(Vec::new()),
+        silenced: AtomicUsize::new(usize::MAX),
+        last_hb_us: AtomicI64::new(0),
+        connected: AtomicUsize::new(0),
+        reconnects: AtomicUsize::new(0),
+        inventories: AtomicUsize::new(0),
+        changes: AtomicU64::new(0),
+        heartbeat_ms: AtomicU64::new(0),
+        phase: phase_rx,
+        connect_gate: Semaphore::new(spec.connect_concurrency),
+    });
+    let tasks: Vec<_> = spec
+        .certs
+        .into_iter()
+        .enumerate()
+        .map(|(k, (c, key))| tokio::spawn(sim_agent(spec.first + k, sh.clone(), c, key)))
+        .collect();
+    let mut out = tokio::io::stdout();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let line = |l: &WorkerLine| serde_json::to_string(l).map(|t| t + "\n");
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let st = WorkerStatus {
+                    connected: sh.connected.load(Ordering::Relaxed),
+                    inventories: sh.inventories.load(Ordering::Relaxed),
+                    reconnects: sh.reconnects.load(Ordering::Relaxed),
+                    changes: sh.changes.load(Ordering::Relaxed),
+                    heartbeat_ms: sh.heartbeat_ms.load(Ordering::Relaxed),
+                    reconnected: sh.reconnected_after_kill.load(Ordering::Relaxed),
+                    leased: sh.leased_after_kill.load(Ordering::Relaxed),
+                    last_hb_us: sh.last_hb_us.load(Ordering::Relaxed),
+                };
+                out.write_all(line(&WorkerLine::Status(st))?.as_bytes()).await?;
+                out.flush().await?;
+            }
+            l = lines.next_line() => {
+                // The main process is gone (or said so): end.
+                let Some(l) = l? else { break };
+                let (verb, arg) = l.split_once(' ').unwrap_or((l.as_str(), ""));
+                match verb {
+                    "measure" => {
+                        let on = arg == "1";
+                        sh.measuring.store(on, Ordering::Relaxed);
+                        if !on {
+                            let v = std::mem::take(&mut *sh.rtts_us.lock().unwrap_or_else(|p| p.into_inner()));
+                            out.write_all(line(&WorkerLine::Rtts(v))?.as_bytes()).await?;
+                            out.flush().await?;
+                        }
+                    }
+                    "silence" => sh.silenced.store(arg.parse().unwrap_or(usize::MAX), Ordering::Relaxed),
+                    "kill" => sh.killed_at_us.store(arg.parse().unwrap_or(0), Ordering::Relaxed),
+                    "done" => break,
+                    other => bail!("unknown command {other:?} from the main process"),
+                }
+            }
+        }
+    }
+    let _ = phase_tx.send(Phase::Done);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
     Ok(())
 }

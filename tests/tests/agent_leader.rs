@@ -386,3 +386,67 @@ async fn an_agent_that_cannot_dial_its_leader_again_names_the_lost_epoch_to_the_
     assert_eq!(lost[0], "40", "the follower is told which leader the agent lost: {lost:?}");
     assert_eq!(old.sessions(), 2, "nothing more reached the dead leader");
 }
+
+/// Serves `fake` like [`serve`], counting the TCP connections it accepts.
+async fn serve_counting(pki: &Pki, fake: Fake) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = pki.controller().load().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), move |c| {
+        if c.is_ok() {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+        c
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls.server_config())
+            .unwrap()
+            .add_service(AgentSessionServer::new(fake))
+            .serve_with_incoming(incoming),
+    );
+    (format!("https://{addr}"), accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_with_a_new_leader_goes_out_on_the_standby_connection_made_before_the_failover() {
+    let (tmp, pki) = setup();
+    let old = Fake::leader(50);
+    let (old_url, old_conns) = serve_counting(&pki, old.clone()).await;
+    let new = Fake::leader(51);
+    let (new_url, new_conns) = serve_counting(&pki, new.clone()).await;
+    let a = Agent::start(&config(&pki, tmp.path(), &[&old_url, &new_url]));
+    let sd = state_dir(&pki);
+    wait(Duration::from_secs(10), "epoch 50 on disk", || lifeboat_agent::epoch::load(&sd).is_ok_and(|e| e == 50)).await;
+    // Within one look at the standby connections (10 s ± a third) the agent
+    // holds a connection to the other controller, and calls nothing on it.
+    wait(Duration::from_secs(20), "a standby connection to the other controller", || {
+        new_conns.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(new.sessions(), 0, "a standby connection carries no call");
+    assert_eq!(old_conns.load(Ordering::SeqCst), 1, "none is made to the session's own controller");
+    // The old leader loses its leadership: the agent dials it again (a fresh
+    // dial: a dead leader must be told apart), is sent on, and its session
+    // with the new leader goes out on the standby connection.
+    let lost = Instant::now();
+    old.step_down(&new_url);
+    wait(Duration::from_secs(5), "the new leader's epoch on disk", || {
+        lifeboat_agent::epoch::load(&sd).is_ok_and(|e| e == 51)
+    })
+    .await;
+    let took = lost.elapsed();
+    let r = new.command("c1", 51, Kind::StopGuest(StopGuest { uuid: VM.into(), reason: "t".into() })).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(new.sessions(), 1);
+    assert_eq!(new_conns.load(Ordering::SeqCst), 1, "the session needed no new connection (no handshake)");
+    assert_eq!(old_conns.load(Ordering::SeqCst), 2, "the old leader was dialled again once, afresh");
+    // Now the old controller is the other one: it gets a standby connection.
+    wait(Duration::from_secs(20), "a standby connection to the old leader", || old_conns.load(Ordering::SeqCst) == 3)
+        .await;
+    a.stop().await;
+    println!("with the new leader {} ms after the old one ended its session", took.as_millis());
+    assert_eq!(old.sessions(), 2, "the standby connection carries no call");
+}
