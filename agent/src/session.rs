@@ -52,7 +52,7 @@ pub struct Standby {
 
 #[derive(Debug, Default)]
 struct StandbyInner {
-    /// URL → the connection and when it was made.
+    /// URL → the connection and when it is to be made again.
     warm: std::collections::HashMap<String, (Channel, tokio::time::Instant)>,
     /// The controller of the session now established (or last established).
     current: Option<String>,
@@ -79,24 +79,25 @@ impl Standby {
 
     /// The addresses of `urls` that need a (new) standby connection now:
     /// none before the first session, never the session's own, and those
-    /// whose connection is older than [`STANDBY_REFRESH`].
+    /// whose connection is due to be made again.
     pub fn due<'a>(&self, urls: &'a [String], now: tokio::time::Instant) -> Vec<&'a String> {
         let g = self.lock();
         let Some(current) = g.current.as_deref() else { return Vec::new() };
         urls.iter()
             .filter(|u| u.as_str() != current)
-            .filter(|u| g.warm.get(u.as_str()).is_none_or(|(_, at)| now.duration_since(*at) >= STANDBY_REFRESH))
+            .filter(|u| g.warm.get(u.as_str()).is_none_or(|(_, again)| now >= *again))
             .collect()
     }
 
-    /// Keeps `channel` as the standby connection to `url`, unless a session
-    /// was established with `url` while it was being made.
-    pub fn put(&self, url: &str, channel: Channel, now: tokio::time::Instant) -> bool {
+    /// Keeps `channel` as the standby connection to `url` until `again`
+    /// (then it is due: see [`standby_again`]), unless a session was
+    /// established with `url` while it was being made.
+    pub fn put(&self, url: &str, channel: Channel, again: tokio::time::Instant) -> bool {
         let mut g = self.lock();
         if g.current.as_deref() == Some(url) {
             return false;
         }
-        g.warm.insert(url.to_string(), (channel, now));
+        g.warm.insert(url.to_string(), (channel, again));
         true
     }
 
@@ -116,11 +117,19 @@ impl Standby {
     }
 }
 
-/// A standby connection older than this is made again: the controller
-/// closes a connection with no call in flight after 300 s
+/// A standby connection is made again before it is this old: the
+/// controller closes a connection with no call in flight after 300 s
 /// (`conn::Limits::idle_timeout`), and one it closed would cost the full
 /// handshake at the failover after all.
 pub const STANDBY_REFRESH: Duration = Duration::from_secs(240);
+
+/// When a standby connection made at `now` is to be made again: after
+/// three quarters of [`STANDBY_REFRESH`] to all of it, at random, so that
+/// agents started together (a pool brought up at once) do not all redial
+/// in the same minute ever after. `r` is a random value in 0..1000.
+pub fn standby_again(now: tokio::time::Instant, r: u32) -> tokio::time::Instant {
+    now + STANDBY_REFRESH.mul_f64(0.75 + f64::from(r.min(1000)) / 4000.0)
+}
 
 /// How often the standby connections are looked at (± a third, so that
 /// 10,000 agents do not redial in step).
@@ -194,7 +203,8 @@ impl Session {
             for url in standby.due(&self.urls, tokio::time::Instant::now()) {
                 match self.channel(url).await {
                     Ok(ch) => {
-                        if standby.put(url, ch, tokio::time::Instant::now()) {
+                        let r = u32::try_from(jitter_seed() % 1000).unwrap_or(0);
+                        if standby.put(url, ch, standby_again(tokio::time::Instant::now(), r)) {
                             tracing::debug!(controller = %url, "standby connection made");
                         }
                     }
@@ -644,12 +654,16 @@ mod tests {
         assert!(s.due(&urls, t0).is_empty(), "none before the first session (the leader is not known yet)");
         s.session_on(&urls[0]);
         assert_eq!(s.due(&urls, t0), vec![&urls[1], &urls[2]]);
-        assert!(!s.put(&urls[0], ch(), t0), "never to the session's own controller");
-        assert!(s.put(&urls[1], ch(), t0));
+        let again = standby_again(t0, 1000);
+        assert_eq!(again, t0 + STANDBY_REFRESH, "at most the refresh age");
+        assert_eq!(standby_again(t0, 0), t0 + STANDBY_REFRESH * 3 / 4, "at least three quarters of it");
+        assert_eq!(standby_again(t0, u32::MAX), again, "a random value out of range is capped");
+        assert!(!s.put(&urls[0], ch(), again), "never to the session's own controller");
+        assert!(s.put(&urls[1], ch(), again));
         assert_eq!(s.due(&urls, t0), vec![&urls[2]]);
-        assert_eq!(s.due(&urls, t0 + STANDBY_REFRESH - Duration::from_millis(1)), vec![&urls[2]]);
-        assert_eq!(s.due(&urls, t0 + STANDBY_REFRESH), vec![&urls[1], &urls[2]], "made again before the idle timeout");
-        assert!(s.put(&urls[2], ch(), t0));
+        assert_eq!(s.due(&urls, again - Duration::from_millis(1)), vec![&urls[2]]);
+        assert_eq!(s.due(&urls, again), vec![&urls[1], &urls[2]], "made again before the idle timeout");
+        assert!(s.put(&urls[2], ch(), again));
         assert_eq!(s.len(), 2);
         // The session moves to b (the failover): b's connection is used for it
         // and leaves the pool; a, the lost leader, is due.

@@ -557,7 +557,7 @@ async fn keep_standby(i: usize, sh: Arc<Shared>, st: Arc<Standby>, cert_pem: Str
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&k)
-                    .is_some_and(|(_, at)| at.elapsed() < STANDBY_REFRESH)
+                    .is_some_and(|(_, again)| Instant::now() < *again)
             };
             if k == st.current.load(Ordering::Relaxed) || fresh(&st) {
                 continue;
@@ -565,7 +565,10 @@ async fn keep_standby(i: usize, sh: Arc<Shared>, st: Arc<Standby>, cert_pem: Str
             if let Ok(ch) = dial(i, &sh, url.clone(), &cert_pem, &key_pem).await
                 && k != st.current.load(Ordering::Relaxed)
             {
-                st.warm.lock().unwrap_or_else(|p| p.into_inner()).insert(k, (ch, Instant::now()));
+                // Made again after 140 to 240 s at random (the agent's
+                // `standby_again`: 180 to 240 s), not all in the same minute.
+                let again = Instant::now() + jittered(STANDBY_REFRESH * 7 / 8).min(STANDBY_REFRESH);
+                st.warm.lock().unwrap_or_else(|p| p.into_inner()).insert(k, (ch, again));
             }
         }
     }
@@ -573,8 +576,8 @@ async fn keep_standby(i: usize, sh: Arc<Shared>, st: Arc<Standby>, cert_pem: Str
 
 /// How often a simulated agent looks at its standby connections.
 const STANDBY_CHECK: Duration = Duration::from_secs(10);
-/// A standby connection older than this is made again (the controller
-/// closes a connection idle for 300 s).
+/// A standby connection is made again before it is this old (the
+/// controller closes a connection idle for 300 s).
 const STANDBY_REFRESH: Duration = Duration::from_secs(240);
 
 async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut AgentState) -> anyhow::Result<()> {

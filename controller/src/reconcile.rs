@@ -62,6 +62,21 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut pass = 0u64;
     let attempts: Attempts = Arc::default();
+    // Grants decided as sessions open go out at once, each host's on its
+    // own task, as a pass's would.
+    reg.grant_at_open(lease_ttl_ms);
+    let opened = {
+        let (reg, attempts) = (reg.clone(), attempts.clone());
+        tokio::spawn(async move {
+            loop {
+                for a in reg.take_open_grants().await {
+                    let (reg, attempts) = (reg.clone(), attempts.clone());
+                    tokio::spawn(async move { act(&reg, &attempts, a, lease_ttl_ms).await });
+                }
+            }
+        })
+    };
+    let _stop_with_the_reconciler = AbortOnDrop(opened);
     let mut held_logged = false;
     loop {
         tick.tick().await;
@@ -160,6 +175,15 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
                 }
             });
         }
+    }
+}
+
+/// Aborts a task when dropped (the reconciler's companions end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -268,7 +292,7 @@ async fn act(reg: &Registry, attempts: &Attempts, a: Action, lease_ttl_ms: i64) 
         Action::GrantLeases { host, leases, issued_ms, early } => {
             let now = reg.now_ms();
             // Mark first, so the next pass does not send the same again meanwhile.
-            reg.leases_sent(&host, now, crate::domain::reconcile::lease_set(&leases));
+            reg.leases_sent(&host, now, crate::domain::reconcile::lease_set(&leases), issued_ms);
             let cmd = GrantLeases {
                 leases: leases.into_iter().map(|(uuid, name, generation)| Lease { uuid, name, generation }).collect(),
                 expires_unix_ms: now + lease_ttl_ms,

@@ -412,3 +412,46 @@ async fn the_largest_legal_inventory_does_not_stall_other_sessions() {
     assert!(max_legal_us < 2_000_000, "an honest heartbeat took {max_legal_us} µs");
     c.stop().await;
 }
+
+/// The next command (heartbeat answers skipped) within `limit`.
+async fn next_command(s: &mut RawSession, limit: Duration) -> lifeboat_proto::v1::Command {
+    let until = Instant::now() + limit;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.rx.message()).await.expect("a command in time") {
+            Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::Command(c)) })) => return c,
+            Ok(Some(_)) => {}
+            other => panic!("the session ended without a command: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_host_hears_the_welcome_first_and_its_lease_grant_right_after() {
+    use lifeboat_proto::v1::command::Kind;
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let c = Controller::start(&pki, &tmp.path().join("c.db"), 0, 500, 3000).await;
+    // The host reports a guest: it holds it, and is granted its lease.
+    let mut s = RawSession::open(&c, &pki, "host-r").await;
+    s.send(Msg::Inventory(Inventory { host: None, guests: vec![guest(900, "r0")], more: false })).await;
+    let first = next_command(&mut s, Duration::from_secs(10)).await;
+    assert!(matches!(first.kind, Some(Kind::GrantLeases(_))), "{first:?}");
+    drop(s);
+    // Each new session is granted as it opens, from the stored view. The
+    // grant is decided on another task while the session opens: it must
+    // never reach the agent before the Welcome (`RawSession::open` panics
+    // on anything else first), which agents take as a protocol error.
+    for round in 0..20 {
+        let mut s = RawSession::open(&c, &pki, "host-r").await;
+        let t0 = Instant::now();
+        let cmd = next_command(&mut s, Duration::from_secs(5)).await;
+        match cmd.kind {
+            Some(Kind::GrantLeases(g)) => {
+                assert_eq!(g.leases.iter().map(|l| l.uuid.clone()).collect::<Vec<_>>(), [uuid(900)], "round {round}");
+            }
+            other => panic!("round {round}: the first command is not the grant: {other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "round {round}: granted after {:?}", t0.elapsed());
+    }
+}

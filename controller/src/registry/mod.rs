@@ -108,7 +108,24 @@ pub struct Registry {
     timing: Timing,
     /// Commands awaiting their result.
     bus: CommandBus,
+    /// Lease grants decided as sessions opened, for the reconciler to send
+    /// ([`Registry::grant_at_open`]).
+    open_grants: OpenGrants,
 }
+
+/// Lease grants decided when a session opened: the reconciler enables them
+/// with its lease TTL and sends what is queued here.
+#[derive(Default)]
+struct OpenGrants {
+    /// The lease TTL (ms); 0: not enabled, sessions open without a grant.
+    ttl_ms: std::sync::atomic::AtomicI64,
+    queue: Mutex<Vec<crate::domain::reconcile::Action>>,
+    ready: tokio::sync::Notify,
+}
+
+/// Grants queued at session opens past which more are left to the next
+/// pass (they are decided again there).
+const OPEN_GRANTS_MAX: usize = 100_000;
 
 /// Hosts handled per hold of the registry lock by passes over every host,
 /// so that no pass holds it long with 10,000 hosts.
@@ -217,6 +234,7 @@ impl Registry {
             }),
             timing,
             bus: CommandBus::default(),
+            open_grants: OpenGrants::default(),
         })
     }
 
@@ -763,11 +781,69 @@ impl Registry {
         self.lock().owners.get(uuid).map(|o| o.generation).unwrap_or(0)
     }
 
-    /// Records that leases were sent.
-    pub fn leases_sent(&self, host: &str, at: i64, set: Vec<(String, u64)>) {
-        if let Some(e) = self.lock().hosts.get_mut(host) {
+    /// Records that leases were sent: the set of a decision issued at
+    /// `issued_ms`. A decision issued before the one recorded does not
+    /// replace it (the agent keeps the newer one: see `agent/src/lease.rs`).
+    pub fn leases_sent(&self, host: &str, at: i64, set: Vec<(String, u64)>, issued_ms: i64) {
+        if let Some(e) = self.lock().hosts.get_mut(host)
+            && issued_ms >= e.leases_issued_ms
+        {
             e.leases_sent = Some((at, set));
+            e.leases_issued_ms = issued_ms;
         }
+    }
+
+    /// From now on each session that opens is granted its leases at once
+    /// (decided under the registry lock as it opens, exactly as a
+    /// reconciler pass would decide them then; sent by whoever calls
+    /// [`Registry::take_open_grants`]), instead of at the next pass: with
+    /// 10,000 sessions opening after a failover, a pass waited seconds for
+    /// the lock the openings and their inventories held.
+    pub fn grant_at_open(&self, lease_ttl_ms: i64) {
+        self.open_grants.ttl_ms.store(lease_ttl_ms.max(0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Waits for, then takes, the grants decided as sessions opened.
+    pub async fn take_open_grants(&self) -> Vec<crate::domain::reconcile::Action> {
+        loop {
+            let notified = self.open_grants.ready.notified();
+            let taken = std::mem::take(&mut *self.open_grants.queue.lock().unwrap_or_else(|p| p.into_inner()));
+            if !taken.is_empty() {
+                return taken;
+            }
+            notified.await;
+        }
+    }
+
+    /// Under the lock, as `host`'s session opens: its lease grant, if one
+    /// is due, marked sent and queued for [`Registry::take_open_grants`].
+    /// Nothing while a restored store waits for the hosts' reports or while
+    /// two agents claim the host (as the reconciler).
+    fn decide_grant_at_open(&self, inner: &mut Inner, host: &str, now_ms: i64) {
+        let ttl = self.open_grants.ttl_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if ttl <= 0 || Self::suspect(inner, host) || inner.alarms.iter().any(|a| a.1 == "store-restored") {
+            return;
+        }
+        let Some(e) = inner.hosts.get(host) else { return };
+        let snap = Self::snapshot(inner, &host.to_string(), e);
+        let grant = crate::domain::reconcile::decide(&snap, now_ms, ttl)
+            .into_iter()
+            .find(|a| matches!(a, crate::domain::reconcile::Action::GrantLeases { .. }));
+        let Some(grant) = grant else { return };
+        let mut queue = self.open_grants.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.len() >= OPEN_GRANTS_MAX {
+            return;
+        }
+        if let (crate::domain::reconcile::Action::GrantLeases { leases, issued_ms, .. }, Some(e)) =
+            (&grant, inner.hosts.get_mut(host))
+        {
+            // Marked first, so a pass does not decide the same again meanwhile.
+            e.leases_sent = Some((now_ms, crate::domain::reconcile::lease_set(leases)));
+            e.leases_issued_ms = *issued_ms;
+        }
+        queue.push(grant);
+        drop(queue);
+        self.open_grants.ready.notify_one();
     }
 
     /// The boot start was done (or is no longer wanted).
@@ -1088,7 +1164,7 @@ mod tests {
         reg.apply_guest("h", sid, on(true)).unwrap();
         assert_eq!(logged(), 0);
         reg.apply_guest("h", sid, on(false)).unwrap();
-        reg.leases_sent("h", 1, vec![("u1".into(), 0)]);
+        reg.leases_sent("h", 1, vec![("u1".into(), 0)], 1);
         reg.apply_guest("h", sid, on(true)).unwrap();
         assert_eq!(logged(), 1);
         // Still on (another change of the same guest): not logged again.
@@ -1535,6 +1611,53 @@ mod tests {
         reg.close_session("h", sid);
         let _sid = reg.open_session("h", "boot", tx).unwrap();
         assert_eq!(grants(), [(leased, true)]);
+    }
+
+    #[tokio::test]
+    async fn a_session_that_opens_is_granted_at_once_a_pass_then_sends_nothing_more_and_an_older_decision_changes_no_record()
+     {
+        use crate::domain::reconcile::{Action, decide};
+        let clock = crate::ports::ManualClock::new(1_000_000);
+        let repos = crate::store::sqlite::SqliteRepos::start_in_memory().unwrap();
+        let reg = Registry::load_with_clock(repos, Timing::default(), Arc::new(clock.clone())).unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        let running = Guest { state: GuestState::Running as i32, ..g("u1", "vm1") };
+        let ttl = 30_000;
+        // Not enabled (no reconciler): a session opens with no grant queued.
+        let sid = reg.open_session("h", "boot", tx.clone()).unwrap();
+        reg.apply_inventory("h", sid, Inventory { host: None, guests: vec![running], more: false }).unwrap();
+        assert!(reg.open_grants.queue.lock().unwrap().is_empty());
+        reg.grant_at_open(ttl);
+        reg.close_session("h", sid);
+        clock.advance(1_000);
+        let sid = reg.open_session("h", "boot", tx.clone()).unwrap();
+        let taken = tokio::time::timeout(Duration::from_secs(5), reg.take_open_grants()).await.unwrap();
+        let leased = vec![("u1".to_string(), "vm1".to_string(), 0u64)];
+        match taken.as_slice() {
+            [Action::GrantLeases { host, leases, issued_ms, early: true }] => {
+                assert_eq!((host.as_str(), leases, *issued_ms), ("h", &leased, reg.now_ms()));
+            }
+            other => panic!("one early grant for h, decided as it opened: {other:?}"),
+        }
+        // Marked sent: the pass that follows decides no second grant.
+        let now = reg.now_ms();
+        let again: Vec<Action> =
+            reg.reconcile_each(now, ttl, true, |snap| decide(snap, now, ttl)).into_iter().flatten().collect();
+        assert!(!again.iter().any(|a| matches!(a, Action::GrantLeases { .. })), "{again:?}");
+        // A pass's decision issued before the open's does not replace its record.
+        reg.leases_sent("h", now + 5, vec![], now - 1);
+        assert_eq!(
+            reg.lock().hosts["h"].leases_sent.as_ref().map(|(_, s)| s.clone()),
+            Some(vec![("u1".to_string(), 0)])
+        );
+        reg.leases_sent("h", now + 5, vec![], now + 1);
+        assert_eq!(reg.lock().hosts["h"].leases_sent.as_ref().map(|(_, s)| s.clone()), Some(vec![]));
+        // While two agents claim the host, or a restored store waits for the
+        // hosts' reports, nothing is granted as a session opens.
+        reg.close_session("h", sid);
+        Registry::raise_locked(&mut reg.lock(), "h", "store-restored", "restored").unwrap();
+        let _sid = reg.open_session("h", "boot", tx).unwrap();
+        assert!(reg.open_grants.queue.lock().unwrap().is_empty(), "no grant from a restored store");
     }
 
     #[test]

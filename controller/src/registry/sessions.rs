@@ -71,6 +71,7 @@ impl Registry {
         e.dirty = true;
         e.inventory_seen = false;
         e.leases_sent = None;
+        e.leases_issued_ms = 0;
         if e.uninventoried_since_ms == 0 {
             e.uninventoried_since_ms = now;
         }
@@ -113,6 +114,7 @@ impl Registry {
         if let Some(detail) = duplicate {
             Self::raise_locked(&mut inner, host_id, "duplicate-agent", &detail)?;
         }
+        self.decide_grant_at_open(&mut inner, host_id, now);
         Ok((SessionId(generation), superseded_rx))
     }
 

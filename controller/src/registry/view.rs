@@ -36,6 +36,9 @@ pub(super) struct HostEntry {
     /// When leases were last sent in this session, and which (UUID and
     /// generation, sorted).
     pub(super) leases_sent: Option<(i64, Vec<(String, u64)>)>,
+    /// When the decision behind `leases_sent` was issued (Unix ms; 0: none
+    /// in this session): an older decision does not replace it.
+    pub(super) leases_issued_ms: i64,
     /// When this host's first session without an applied inventory opened
     /// (Unix ms): a reconnect does not move it, an applied inventory clears
     /// it (0).
@@ -54,6 +57,7 @@ impl HostEntry {
             pending_boot_start: false,
             inventory_seen: false,
             leases_sent: None,
+            leases_issued_ms: 0,
             uninventoried_since_ms: 0,
         }
     }

@@ -108,6 +108,16 @@ impl AgentSession for AgentService {
         // Boxed: the queue's blocks hold 32 slots each, and a slot the size
         // of a whole message costs 5.7 KiB per session (heaptrack).
         let (tx, rx) = mpsc::channel::<Box<ControllerMessage>>(64);
+        // The Welcome is queued first: the session's lease grant is decided
+        // as it opens and may be queued by another task at once. (A refused
+        // opening drops the queue unsent.)
+        let welcome = ControllerMessage {
+            msg: Some(controller_message::Msg::Welcome(Welcome {
+                heartbeat_interval_ms: timing.heartbeat_interval_ms,
+                epoch: self.reg.epoch(),
+            })),
+        };
+        tx.try_send(Box::new(welcome)).map_err(|e| ControllerError::Internal(format!("queueing the Welcome: {e}")))?;
         // It may write (a new host, a return from OFFLINE, an alarm) under the
         // registry lock: on a blocking thread, never on an async worker.
         let (reg, host, boot, stx) = (self.reg.clone(), cert_host.clone(), hello.boot_id.clone(), tx.clone());
@@ -115,13 +125,6 @@ impl AgentSession for AgentService {
             .await
             .map_err(|e| ControllerError::Internal(format!("opening a session: {e}")))??;
         info!(host = %cert_host, ?peer, agent_version = %hello.agent_version, boot_id = %hello.boot_id, "agent session opened");
-        let welcome = ControllerMessage {
-            msg: Some(controller_message::Msg::Welcome(Welcome {
-                heartbeat_interval_ms: timing.heartbeat_interval_ms,
-                epoch: self.reg.epoch(),
-            })),
-        };
-        let _ = tx.send(Box::new(welcome)).await;
         let reg = self.reg.clone();
         let heard = reg.heard_cell(&cert_host, sid);
         let mut reader_superseded = superseded.clone();
