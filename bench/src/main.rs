@@ -227,6 +227,46 @@ struct Shared {
     connect_gate: Semaphore,
 }
 
+/// What the simulated agents are told (also sent to agent processes).
+#[derive(Serialize, serde::Deserialize)]
+struct SimConfig {
+    urls: Vec<String>,
+    own_address: bool,
+    standby: bool,
+    ca_pem: String,
+    guests_per_host: usize,
+    change_every_us: u64,
+    connect_concurrency: usize,
+}
+
+impl Shared {
+    fn new(c: SimConfig, base: Instant, heartbeat_ms: u64, phase: tokio::sync::watch::Receiver<Phase>) -> Self {
+        Shared {
+            urls: c.urls,
+            own_address: c.own_address,
+            standby: c.standby,
+            killed_at_us: AtomicI64::new(0),
+            reconnected_after_kill: AtomicUsize::new(0),
+            leased_after_kill: AtomicUsize::new(0),
+            ca_pem: c.ca_pem,
+            guests_per_host: c.guests_per_host,
+            change_every: Duration::from_micros(c.change_every_us),
+            base,
+            measuring: AtomicBool::new(false),
+            rtts_us: Mutex::new(Vec::new()),
+            silenced: AtomicUsize::new(usize::MAX),
+            last_hb_us: AtomicI64::new(0),
+            connected: AtomicUsize::new(0),
+            reconnects: AtomicUsize::new(0),
+            inventories: AtomicUsize::new(0),
+            changes: AtomicU64::new(0),
+            heartbeat_ms: AtomicU64::new(heartbeat_ms),
+            phase,
+            connect_gate: Semaphore::new(c.connect_concurrency.max(1)),
+        }
+    }
+}
+
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = x;
@@ -1179,29 +1219,23 @@ async fn main() -> anyhow::Result<()> {
     log(t0, format!("controller {lead} (pid {pid}) leads, {:.1} s after the last one listened", elected));
 
     let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Load);
-    let sh = Arc::new(Shared {
-        urls: urls.clone(),
-        own_address: !args.one_source_address,
-        standby: !args.no_standby,
-        killed_at_us: AtomicI64::new(0),
-        reconnected_after_kill: AtomicUsize::new(0),
-        leased_after_kill: AtomicUsize::new(0),
-        ca_pem: std::fs::read_to_string(pki_dir.join("ca.pem"))?,
-        guests_per_host: args.guests_per_host,
-        change_every: Duration::from_secs_f64(60.0 / args.changes_per_host_per_min.max(0.001)),
-        base: Instant::now(),
-        measuring: AtomicBool::new(false),
-        rtts_us: Mutex::new(Vec::new()),
-        silenced: AtomicUsize::new(usize::MAX),
-        last_hb_us: AtomicI64::new(0),
-        connected: AtomicUsize::new(0),
-        reconnects: AtomicUsize::new(0),
-        inventories: AtomicUsize::new(0),
-        changes: AtomicU64::new(0),
-        heartbeat_ms: AtomicU64::new(1000),
-        phase: phase_rx,
-        connect_gate: Semaphore::new(args.connect_concurrency.max(1)),
-    });
+    let sh = Arc::new(Shared::new(
+        SimConfig {
+            urls: urls.clone(),
+            own_address: !args.one_source_address,
+            standby: !args.no_standby,
+            ca_pem: std::fs::read_to_string(pki_dir.join("ca.pem"))?,
+            guests_per_host: args.guests_per_host,
+            change_every_us: u64::try_from(
+                Duration::from_secs_f64(60.0 / args.changes_per_host_per_min.max(0.001)).as_micros(),
+            )
+            .unwrap_or(u64::MAX),
+            connect_concurrency: args.connect_concurrency.max(1),
+        },
+        Instant::now(),
+        1000,
+        phase_rx,
+    ));
     let mut rep = Report {
         hosts: n,
         guests: n * args.guests_per_host,
@@ -1571,13 +1605,8 @@ struct WorkerSpec {
     first: usize,
     /// Each agent's certificate and key (PEM).
     certs: Vec<(String, String)>,
-    urls: Vec<String>,
-    ca_pem: String,
-    guests_per_host: usize,
-    change_every_us: u64,
-    own_address: bool,
-    standby: bool,
-    connect_concurrency: usize,
+    /// What every simulated agent is told.
+    sim: SimConfig,
     /// The main process's `base`, in µs since the Unix epoch: times said
     /// between the processes count from it.
     base_unix_us: i64,
@@ -1644,13 +1673,15 @@ impl Fleet {
             let spec = WorkerSpec {
                 first,
                 certs: certs.by_ref().take(end - first).collect(),
-                urls: sh.urls.clone(),
-                ca_pem: sh.ca_pem.clone(),
-                guests_per_host: sh.guests_per_host,
-                change_every_us: u64::try_from(sh.change_every.as_micros()).unwrap_or(u64::MAX),
-                own_address: sh.own_address,
-                standby: sh.standby,
-                connect_concurrency: args.connect_concurrency.div_ceil(processes).max(1),
+                sim: SimConfig {
+                    urls: sh.urls.clone(),
+                    ca_pem: sh.ca_pem.clone(),
+                    guests_per_host: sh.guests_per_host,
+                    change_every_us: u64::try_from(sh.change_every.as_micros()).unwrap_or(u64::MAX),
+                    own_address: sh.own_address,
+                    standby: sh.standby,
+                    connect_concurrency: args.connect_concurrency.div_ceil(processes).max(1),
+                },
                 base_unix_us,
             };
             let path = dir.join(format!("agents-{w}.json"));
@@ -1795,29 +1826,7 @@ async fn worker(spec: &Path) -> anyhow::Result<()> {
     let now = Instant::now();
     let base = now.checked_sub(behind).unwrap_or(now);
     let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Load);
-    let sh = Arc::new(Shared {
-        urls: spec.urls,
-        own_address: spec.own_address,
-        standby: spec.standby,
-        killed_at_us: AtomicI64::new(0),
-        reconnected_after_kill: AtomicUsize::new(0),
-        leased_after_kill: AtomicUsize::new(0),
-        ca_pem: spec.ca_pem,
-        guests_per_host: spec.guests_per_host,
-        change_every: Duration::from_micros(spec.change_every_us),
-        base,
-        measuring: AtomicBool::new(false),
-        rtts_us: Mutex::new(Vec::new()),
-        silenced: AtomicUsize::new(usize::MAX),
-        last_hb_us: AtomicI64::new(0),
-        connected: AtomicUsize::new(0),
-        reconnects: AtomicUsize::new(0),
-        inventories: AtomicUsize::new(0),
-        changes: AtomicU64::new(0),
-        heartbeat_ms: AtomicU64::new(0),
-        phase: phase_rx,
-        connect_gate: Semaphore::new(spec.connect_concurrency),
-    });
+    let sh = Arc::new(Shared::new(spec.sim, base, 0, phase_rx));
     let tasks: Vec<_> = spec
         .certs
         .into_iter()
