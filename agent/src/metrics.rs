@@ -51,6 +51,8 @@ pub struct AgentMetrics {
     /// 1 while the epoch file cannot be read or parsed (every session and
     /// command is refused until it is repaired).
     pub epoch_file_unreadable: Gauge,
+    /// Standby connections that could not be made (`session::Standby`).
+    pub standby_failed: Counter,
 }
 
 /// The process-wide metrics.
@@ -76,6 +78,12 @@ pub fn get() -> &'static AgentMetrics {
         let stale_epoch_refused = Counter::default();
         let controller_epoch = Gauge::default();
         let epoch_file_unreadable = Gauge::default();
+        let standby_failed = Counter::default();
+        r.register(
+            "standby_failed",
+            "Standby connections to a controller the session is not on that could not be made (tried again a minute later)",
+            standby_failed.clone(),
+        );
         r.register(
             "stale_epoch_refused",
             "Controller commands and session Welcomes refused because their fencing epoch was lower than the highest \
@@ -93,6 +101,7 @@ pub fn get() -> &'static AgentMetrics {
             epoch_file_unreadable.clone(),
         );
         AgentMetrics {
+            standby_failed,
             stale_epoch_refused,
             controller_epoch,
             epoch_file_unreadable,

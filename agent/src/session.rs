@@ -52,9 +52,11 @@ pub struct Standby {
 
 #[derive(Debug, Default)]
 struct StandbyInner {
-    /// URL → the connection and when it is to be made again.
-    warm: std::collections::HashMap<String, (Channel, tokio::time::Instant)>,
-    /// The controller of the session now established (or last established).
+    /// URL → its standby connection (if one is kept) and when the address
+    /// is next due (the connection made again, or a failed dial retried).
+    slots: std::collections::HashMap<String, (Option<Channel>, tokio::time::Instant)>,
+    /// The controller of the session attempt under way, or of the session
+    /// established: never given a standby connection.
     current: Option<String>,
 }
 
@@ -64,51 +66,61 @@ impl Standby {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The standby connection to `url`, taken out of the pool.
+    /// A session attempt at `url` begins: its standby connection, if one is
+    /// kept, is handed out (once), and none is made to `url` while the
+    /// attempt or the session it opens lasts (a follower holds the call of
+    /// an agent that lost its leader for seconds: a second connection then
+    /// would cost the new leader the handshake standby saves it).
     pub fn take(&self, url: &str) -> Option<Channel> {
-        self.lock().warm.remove(url).map(|(c, _)| c)
+        let mut g = self.lock();
+        g.current = Some(url.to_string());
+        g.slots.remove(url).and_then(|(c, _)| c)
     }
 
-    /// A session is established with `url`: its standby connection, if
-    /// any, is closed, and none is made to it while it is the session's.
+    /// A session is established with `url` (as [`Standby::take`]).
     pub fn session_on(&self, url: &str) {
         let mut g = self.lock();
-        g.warm.remove(url);
+        g.slots.remove(url);
         g.current = Some(url.to_string());
     }
 
-    /// The addresses of `urls` that need a (new) standby connection now:
-    /// none before the first session, never the session's own, and those
-    /// whose connection is due to be made again.
+    /// The addresses of `urls` due for a (new) standby connection now:
+    /// none before the first session attempt, never the current one's.
     pub fn due<'a>(&self, urls: &'a [String], now: tokio::time::Instant) -> Vec<&'a String> {
         let g = self.lock();
         let Some(current) = g.current.as_deref() else { return Vec::new() };
         urls.iter()
             .filter(|u| u.as_str() != current)
-            .filter(|u| g.warm.get(u.as_str()).is_none_or(|(_, again)| now >= *again))
+            .filter(|u| g.slots.get(u.as_str()).is_none_or(|(_, due)| now >= *due))
             .collect()
     }
 
     /// Keeps `channel` as the standby connection to `url` until `again`
-    /// (then it is due: see [`standby_again`]), unless a session was
-    /// established with `url` while it was being made.
+    /// (then it is due: see [`standby_again`]), unless `url` became the
+    /// current one while it was being made. Replaces the one kept.
     pub fn put(&self, url: &str, channel: Channel, again: tokio::time::Instant) -> bool {
         let mut g = self.lock();
         if g.current.as_deref() == Some(url) {
             return false;
         }
-        g.warm.insert(url.to_string(), (channel, again));
+        g.slots.insert(url.to_string(), (Some(channel), again));
         true
     }
 
-    /// Forgets the standby connection to `url` (its dial failed).
-    pub fn drop_url(&self, url: &str) {
-        self.lock().warm.remove(url);
+    /// A dial of `url` failed: tried again at `retry`. A connection still
+    /// kept is kept meanwhile (it may still work; tonic redials it on use).
+    pub fn failed(&self, url: &str, retry: tokio::time::Instant) {
+        let mut g = self.lock();
+        if g.current.as_deref() == Some(url) {
+            return;
+        }
+        let kept = g.slots.remove(url).and_then(|(c, _)| c);
+        g.slots.insert(url.to_string(), (kept, retry));
     }
 
     /// How many standby connections are kept.
     pub fn len(&self) -> usize {
-        self.lock().warm.len()
+        self.lock().slots.values().filter(|(c, _)| c.is_some()).count()
     }
 
     /// Whether no standby connection is kept.
@@ -122,6 +134,11 @@ impl Standby {
 /// (`conn::Limits::idle_timeout`), and one it closed would cost the full
 /// handshake at the failover after all.
 pub const STANDBY_REFRESH: Duration = Duration::from_secs(240);
+
+/// After a failed standby dial (a controller down or unreachable), the
+/// next one is this much later (± a third): 10,000 agents do not knock at
+/// a dead controller every few seconds.
+pub const STANDBY_RETRY: Duration = Duration::from_secs(60);
 
 /// When a standby connection made at `now` is to be made again: after
 /// three quarters of [`STANDBY_REFRESH`] to all of it, at random, so that
@@ -209,8 +226,11 @@ impl Session {
                         }
                     }
                     Err(e) => {
-                        standby.drop_url(url);
-                        tracing::debug!(controller = %url, "standby connection not made: {e}");
+                        let r = u32::try_from(jitter_seed() % 1000).unwrap_or(0);
+                        let retry = STANDBY_RETRY.mul_f64(2.0 / 3.0 + f64::from(r) / 1500.0);
+                        standby.failed(url, tokio::time::Instant::now() + retry);
+                        crate::metrics::get().standby_failed.inc();
+                        tracing::info!(controller = %url, "standby connection not made (tried again in {} s): {e}", retry.as_secs());
                     }
                 }
             }
@@ -663,20 +683,29 @@ mod tests {
         assert_eq!(s.due(&urls, t0), vec![&urls[2]]);
         assert_eq!(s.due(&urls, again - Duration::from_millis(1)), vec![&urls[2]]);
         assert_eq!(s.due(&urls, again), vec![&urls[1], &urls[2]], "made again before the idle timeout");
+        // A failed dial is tried again only at its retry time, and a
+        // connection still kept stays until a new one replaces it.
+        s.failed(&urls[2], t0 + STANDBY_RETRY);
+        assert_eq!(s.due(&urls, t0), Vec::<&String>::new());
+        assert_eq!(s.due(&urls, t0 + STANDBY_RETRY), vec![&urls[2]]);
         assert!(s.put(&urls[2], ch(), again));
-        assert_eq!(s.len(), 2);
-        // The session moves to b (the failover): b's connection is used for it
-        // and leaves the pool; a, the lost leader, is due.
+        s.failed(&urls[1], t0 + STANDBY_RETRY);
+        assert_eq!(s.len(), 2, "a failed refresh keeps the connection it had");
+        // The leader is lost: the attempt at b takes b's connection, and
+        // while that call is held (seconds, at a follower) b gets no second
+        // one; a, the lost leader, is due.
         assert!(s.take(&urls[1]).is_some());
         assert!(s.take(&urls[1]).is_none(), "a connection is handed out once");
+        assert_eq!(s.due(&urls, t0 + STANDBY_RETRY), vec![&urls[0]]);
+        assert!(!s.put(&urls[1], ch(), again), "none for the address of the attempt under way");
         s.session_on(&urls[1]);
         assert_eq!(s.due(&urls, t0), vec![&urls[0]]);
         // A session established on c while its standby connection was kept
         // (an attempt that dialled afresh): the pool lets it go.
         s.session_on(&urls[2]);
         assert!(s.is_empty());
-        s.drop_url(&urls[0]);
-        assert!(s.is_empty());
+        s.failed(&urls[2], t0);
+        assert!(s.is_empty(), "nothing recorded for the current address");
     }
 
     #[test]

@@ -562,19 +562,20 @@ async fn dial(i: usize, sh: &Shared, url: String, cert_pem: &str, key_pem: &str)
 /// on, made again before the controller's idle timeout closes it.
 #[derive(Default)]
 struct Standby {
-    warm: Mutex<std::collections::HashMap<usize, (Channel, Instant)>>,
+    /// Controller index → its connection (if one is kept) and when it is
+    /// next due (made again, or a failed dial tried again).
+    warm: Mutex<std::collections::HashMap<usize, (Option<Channel>, Instant)>>,
     /// The controller of the last established session (usize::MAX: none yet).
     current: AtomicUsize,
 }
 
 impl Standby {
+    /// An attempt at controller `k` begins (as the agent's `Standby::take`):
+    /// its connection, if kept, is handed out, and none is made to it
+    /// while the attempt (a call a follower holds) or its session lasts.
     fn take(&self, k: usize) -> Option<Channel> {
-        self.warm.lock().unwrap_or_else(|p| p.into_inner()).remove(&k).map(|(c, _)| c)
-    }
-
-    fn on(&self, k: usize) {
         self.current.store(k, Ordering::Relaxed);
-        self.take(k);
+        self.warm.lock().unwrap_or_else(|p| p.into_inner()).remove(&k).and_then(|(c, _)| c)
     }
 }
 
@@ -593,22 +594,28 @@ async fn keep_standby(i: usize, sh: Arc<Shared>, st: Arc<Standby>, cert_pem: Str
         }
         for (k, url) in sh.urls.iter().enumerate() {
             let fresh = |st: &Standby| {
-                st.warm
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&k)
-                    .is_some_and(|(_, again)| Instant::now() < *again)
+                st.warm.lock().unwrap_or_else(|p| p.into_inner()).get(&k).is_some_and(|(_, due)| Instant::now() < *due)
             };
             if k == st.current.load(Ordering::Relaxed) || fresh(&st) {
                 continue;
             }
-            if let Ok(ch) = dial(i, &sh, url.clone(), &cert_pem, &key_pem).await
-                && k != st.current.load(Ordering::Relaxed)
-            {
+            let made = dial(i, &sh, url.clone(), &cert_pem, &key_pem).await;
+            if k == st.current.load(Ordering::Relaxed) {
+                continue;
+            }
+            let mut warm = st.warm.lock().unwrap_or_else(|p| p.into_inner());
+            match made {
                 // Made again after 140 to 240 s at random (the agent's
                 // `standby_again`: 180 to 240 s), not all in the same minute.
-                let again = Instant::now() + jittered(STANDBY_REFRESH * 7 / 8).min(STANDBY_REFRESH);
-                st.warm.lock().unwrap_or_else(|p| p.into_inner()).insert(k, (ch, again));
+                Ok(ch) => {
+                    warm.insert(k, (Some(ch), Instant::now() + jittered(STANDBY_REFRESH * 7 / 8).min(STANDBY_REFRESH)));
+                }
+                // As the agent: tried again a minute later (± a third),
+                // keeping a connection it still has.
+                Err(_) => {
+                    let kept = warm.remove(&k).and_then(|(c, _)| c);
+                    warm.insert(k, (kept, Instant::now() + jittered(STANDBY_RETRY)));
+                }
             }
         }
     }
@@ -619,6 +626,8 @@ const STANDBY_CHECK: Duration = Duration::from_secs(10);
 /// A standby connection is made again before it is this old (the
 /// controller closes a connection idle for 300 s).
 const STANDBY_REFRESH: Duration = Duration::from_secs(240);
+/// A failed standby dial is tried again after this (± a third).
+const STANDBY_RETRY: Duration = Duration::from_secs(60);
 
 async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut AgentState) -> anyhow::Result<()> {
     let url = sh.urls.get(st.url).or(sh.urls.first()).context("no controller URL")?.clone();
@@ -652,7 +661,7 @@ async fn session(i: usize, sh: &Shared, cert_pem: &str, key_pem: &str, st: &mut 
     };
     sh.connected.fetch_add(1, Ordering::Relaxed);
     st.welcomed = Some(welcome.epoch);
-    st.standby.on(st.url);
+
     let killed = sh.killed_at_us.load(Ordering::Relaxed);
     if killed != 0 && opened_us >= killed && !st.reconnected {
         st.reconnected = true;
@@ -1074,8 +1083,6 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     lifeboat_common::tls::install_crypto_provider();
     lifeboat_common::raise_open_files_limit();
-    // A session and a standby connection per agent, and the controllers'
-    // own (children inherit the limit): raise the hard limit too (root may).
     // A session and a standby connection per agent, and the controllers'
     // own (children inherit the limit): raise the hard limit too (root
     // may), else spread the agents over as many processes as it takes.

@@ -139,6 +139,11 @@ pub async fn run(reg: Arc<Registry>, lease_ttl_ms: i64) {
                 }
             }
             r.reconcile_each(now, lease_ttl_ms, full, |snap| {
+                // Stamped when decided, after its snapshot was taken: a pass
+                // that waited for the lock behind a session's opening must
+                // not issue its newer view under an older time than the
+                // grant that opening decided (the agent keeps the later one).
+                let now = r.now_ms();
                 let mut actions = decide(snap, now, lease_ttl_ms);
                 if let Some(w) = by_host.get(&snap.host) {
                     actions.extend(decide_waiting(snap, w, &holders));
