@@ -132,17 +132,7 @@ impl AgentSession for Fake {
 
 /// Serves `fake` with the controller's certificate; returns its URL.
 async fn serve(pki: &Pki, fake: Fake) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tls = pki.controller().load().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .tls_config(tls.server_config())
-            .unwrap()
-            .add_service(AgentSessionServer::new(fake))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    format!("https://{addr}")
+    serve_counting(pki, fake).await.0
 }
 
 /// An agent's configuration with several controller URLs, on a test-driver host with one running guest.
@@ -387,7 +377,8 @@ async fn an_agent_that_cannot_dial_its_leader_again_names_the_lost_epoch_to_the_
     assert_eq!(old.sessions(), 2, "nothing more reached the dead leader");
 }
 
-/// Serves `fake` like [`serve`], counting the TCP connections it accepts.
+/// Serves `fake` with the controller's certificate; returns its URL and
+/// the count of TCP connections it accepted.
 async fn serve_counting(pki: &Pki, fake: Fake) -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
