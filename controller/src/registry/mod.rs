@@ -1654,6 +1654,15 @@ mod tests {
         assert_eq!(reg.lock().hosts["h"].leases_sent.as_ref().map(|(_, s)| s.clone()), Some(vec![]));
         // While two agents claim the host, or a restored store waits for the
         // hosts' reports, nothing is granted as a session opens.
+        let (dtx, _drx) = mpsc::channel(16);
+        let sd = reg.open_session("d", "boot", dtx.clone()).unwrap();
+        let run2 = Guest { state: GuestState::Running as i32, ..g("u2", "vm2") };
+        reg.apply_inventory("d", sd, Inventory { host: None, guests: vec![run2], more: false }).unwrap();
+        reg.close_session("d", sd);
+        reg.open_grants.queue.lock().unwrap().clear();
+        Registry::raise_locked(&mut reg.lock(), "d", "duplicate-agent", "two agents").unwrap();
+        let _sd = reg.open_session("d", "boot", dtx).unwrap();
+        assert!(reg.open_grants.queue.lock().unwrap().is_empty(), "no grant to a host two agents claim");
         reg.close_session("h", sid);
         Registry::raise_locked(&mut reg.lock(), "h", "store-restored", "restored").unwrap();
         let _sid = reg.open_session("h", "boot", tx).unwrap();
